@@ -1,0 +1,453 @@
+#!/usr/bin/env python3
+"""Benchmark repo-engine against peer backup tools on a bench/workload.py work dir.
+
+    python3 bench/run.py --work DIR [--tools repo-engine,restic,borg,borg-fixed,casync,cat,b3sum,zstd]
+                         [--days 7] [--out bench/out/results.json]
+
+Steps run in order (day 0 full backup, days 1..N incremental, restore of day N);
+within each step every tool runs once, so tools are interleaved. Prints one
+markdown table; raw measurements go to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DEFAULT_TOOLS = "repo-engine,restic,borg,borg-fixed,casync,cat,b3sum,zstd"
+MIB = 1024 * 1024
+TIME = "/usr/bin/time"   # GNU time (Debian package `time`)
+
+
+# ---------------------------------------------------------------- measuring
+
+@dataclass
+class Measure:
+    seconds: float          # command wall time + the `sync` after it
+    sync_seconds: float
+    rchar: int              # bytes read via read(2)-like syscalls, child and its descendants
+    maxrss_kb: int          # GNU time %M: max RSS of the command (not of this Python parent)
+    rc: int
+    stdout: str = field(repr=False, default="")
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
+            log: Path | None = None, keep_stdout: bool = True) -> Measure:
+    """Run cmd under /usr/bin/time, timing it plus a trailing sync; read /proc io before reaping.
+
+    The small `time` process forks the command, so the command's ru_maxrss does not start
+    from this Python process's RSS (exec keeps the pre-exec high-water mark)."""
+    subprocess.run(["sync"], check=True)
+    rss_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-rss-{os.getpid()}"
+    log_f = open(log, "w") if log else subprocess.DEVNULL
+    out = subprocess.PIPE if keep_stdout else subprocess.DEVNULL
+    try:
+        start = time.perf_counter()
+        proc = subprocess.Popen([TIME, "-f", "%M", "-o", str(rss_file), *cmd], env=env, cwd=cwd, stdout=out, stderr=log_f)
+        stdout = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)   # zombie: /proc/PID/io still readable
+        ended = time.perf_counter()
+        rchar = read_rchar(proc.pid)
+        _, status, _ = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.stdout:
+            proc.stdout.close()
+        subprocess.run(["sync"], check=True)
+        synced = time.perf_counter()
+    finally:
+        if log:
+            log_f.close()
+    if log and stdout:
+        with open(log, "a") as f:
+            f.write("\n--- stdout ---\n" + stdout[-20000:])
+    maxrss = rss_file.read_text().split()[-1]   # "Command exited with non-zero status N" may precede it
+    rss_file.unlink()
+    return Measure(synced - start, synced - ended, rchar, int(maxrss), proc.returncode, stdout)
+
+
+def read_rchar(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def du_bytes(path: Path) -> int:
+    out = subprocess.run(["du", "-sb", str(path)], check=True, capture_output=True, text=True).stdout
+    return int(out.split()[0])
+
+
+def warm(path: Path) -> None:
+    """Put an image in the page cache (untimed)."""
+    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+
+
+def files_equal(a: Path, b: Path) -> bool:
+    return subprocess.run(["cmp", "-s", str(a), str(b)]).returncode == 0
+
+
+# ---------------------------------------------------------------- tools
+
+class Tool:
+    """A backup tool: init (untimed), backup per day, restore of the last day."""
+    name = ""
+    binary = ""
+    baseline = False
+
+    def __init__(self, root: Path, image: Path, command: list[str] | None = None) -> None:
+        self.root = root                      # private dir: repo/, restore/, caches
+        self.repo = root / "repo"
+        self.image = image                    # the fixed path each day's image is staged at
+        self.command = command or [self.binary]
+
+    def missing(self) -> str | None:
+        return None if shutil.which(self.command[0]) else "not installed"
+
+    def version(self) -> str:
+        try:
+            r = subprocess.run(self.command + ["--version"], capture_output=True, text=True, timeout=30)
+            return (r.stdout or r.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            return "?"
+
+    def restored_path(self, out_dir: Path) -> Path:
+        """Where tools that restore by original path put the image under out_dir."""
+        return out_dir / self.image.relative_to("/")
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def init(self) -> list[list[str]]:
+        return []
+
+    def backup(self, day: int, extents: Path | None) -> list[str]:
+        raise NotImplementedError
+
+    def restore(self, day: int, out_dir: Path) -> tuple[list[str], Path, Path | None]:
+        """Command, path of the restored image, cwd."""
+        raise NotImplementedError
+
+    def bytes_read(self, m: Measure) -> int:
+        return m.rchar
+
+
+class RepoEngine(Tool):
+    name = "repo-engine"
+    binary = "repo-engine"
+    init_args: list[str] = []      # e.g. ["--block-size", "64KiB"] (bench/blocksize.py)
+
+    def init(self) -> list[list[str]]:
+        return [self.command + ["init", str(self.repo)] + self.init_args]
+
+    def backup(self, day: int, extents: Path | None) -> list[str]:
+        cmd = self.command + ["backup", "image", str(self.repo), "--vm", "bench", "--disk", f"sda={self.image}"]
+        if extents is not None:
+            cmd += ["--changed", f"sda={extents}"]
+        return cmd + ["--json"]
+
+    def restore(self, day: int, out_dir: Path) -> tuple[list[str], Path, Path | None]:
+        out = out_dir / "restored.img"
+        return self.command + ["restore", str(self.repo), "bench@latest", "--disk", "sda", "--to", str(out)], out, None
+
+    def bytes_read(self, m: Measure) -> int:
+        return int(parse_json_output(m.stdout)["bytes_read"])
+
+
+def parse_json_output(text: str) -> dict:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        for line in reversed(text.splitlines()):
+            if line.strip().startswith("{"):
+                return json.loads(line)
+        raise
+
+
+class Restic(Tool):
+    name = binary = "restic"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "RESTIC_PASSWORD": "bench", "RESTIC_REPOSITORY": str(self.repo),
+                "RESTIC_CACHE_DIR": str(self.root / "cache")}
+
+    def init(self) -> list[list[str]]:
+        return [["restic", "init"]]
+
+    def backup(self, day: int, extents: Path | None) -> list[str]:
+        return ["restic", "backup", "--host", "bench", str(self.image)]
+
+    def restore(self, day: int, out_dir: Path) -> tuple[list[str], Path, Path | None]:
+        return ["restic", "restore", "latest", "--target", str(out_dir)], self.restored_path(out_dir), None
+
+
+class Borg(Tool):
+    name = binary = "borg"
+    create_args: list[str] = []
+    extract_args: list[str] = []
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "BORG_BASE_DIR": str(self.root / "base"),
+                "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes", "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
+
+    def init(self) -> list[list[str]]:
+        return [["borg", "init", "-e", "none", str(self.repo)]]
+
+    def backup(self, day: int, extents: Path | None) -> list[str]:
+        return ["borg", "create", *self.create_args, f"{self.repo}::day{day}", str(self.image)]
+
+    def restore(self, day: int, out_dir: Path) -> tuple[list[str], Path, Path | None]:
+        return ["borg", "extract", *self.extract_args, f"{self.repo}::day{day}"], self.restored_path(out_dir), out_dir
+
+
+class BorgFixed(Borg):
+    name = "borg-fixed"
+    create_args = ["--chunker-params", "fixed,65536", "--sparse"]
+    extract_args = ["--sparse"]
+
+
+class Casync(Tool):
+    name = binary = "casync"
+
+    def init(self) -> list[list[str]]:
+        self.repo.mkdir(parents=True)       # holds store/ and one .caibx index per day
+        return []
+
+    def backup(self, day: int, extents: Path | None) -> list[str]:
+        return ["casync", "make", f"--store={self.repo / 'store'}", str(self.repo / f"day{day}.caibx"), str(self.image)]
+
+    def restore(self, day: int, out_dir: Path) -> tuple[list[str], Path, Path | None]:
+        out = out_dir / "restored.img"
+        return ["casync", "extract", f"--store={self.repo / 'store'}", str(self.repo / f"day{day}.caibx"),
+                str(out)], out, None
+
+
+class Baseline(Tool):
+    """Just read / hash / compress the day-0 image: a lower bound for a full backup."""
+    baseline = True
+    args: list[str] = []
+
+    def backup(self, day: int, extents: Path | None) -> list[str]:
+        return [*self.command, *self.args, str(self.image)]
+
+
+class Cat(Baseline):
+    name = binary = "cat"
+
+
+class B3sum(Baseline):
+    name = binary = "b3sum"
+
+
+class Zstd(Baseline):
+    name = binary = "zstd"
+    args = ["-T2", "-1", "-c"]
+
+
+TOOLS: dict[str, type[Tool]] = {t.name: t for t in (RepoEngine, Restic, Borg, BorgFixed, Casync, Cat, B3sum, Zstd)}
+
+
+# ---------------------------------------------------------------- running
+
+@dataclass
+class Result:
+    tool: str
+    version: str = ""
+    status: str = "ok"
+    backups: list[dict] = field(default_factory=list)    # per day: Measure fields + bytes_read
+    restore: dict | None = None
+    repo_bytes: int | None = None
+
+
+def day_images(work: Path, days: int) -> list[Path]:
+    imgs = [work / f"day{d}.img" for d in range(days + 1)]
+    missing = [str(p) for p in imgs if not p.exists()] + \
+        [str(work / f"day{d}.extents.json") for d in range(1, days + 1) if not (work / f"day{d}.extents.json").exists()]
+    if missing:
+        sys.exit("missing workload files (run bench/workload.py first): " + ", ".join(missing))
+    return imgs
+
+
+def stage(src: Path, current: Path) -> None:
+    """Copy a day's image onto the fixed path every tool backs up (untimed), then warm the cache."""
+    subprocess.run(["cp", "--sparse=always", str(src), str(current)], check=True)
+    warm(current)
+
+
+def fail(res: Result, what: str, m: Measure | None = None) -> None:
+    res.status = f"FAILED ({what}{f', rc={m.rc}' if m else ''})"
+    print(f"  {res.tool}: {res.status}", file=sys.stderr)
+
+
+def run_backup(tool: Tool, res: Result, day: int, extents: Path | None, logs: Path) -> None:
+    m = measure(tool.backup(day, extents), env=tool.env(), log=logs / f"{tool.name}-day{day}.log",
+                keep_stdout=not tool.baseline)
+    if m.rc != 0:
+        return fail(res, f"backup day {day}", m)
+    try:
+        read = tool.bytes_read(m)
+    except (KeyError, ValueError) as e:
+        return fail(res, f"day {day} --json output: {e!r}")
+    res.backups.append({"day": day, **{k: v for k, v in asdict(m).items() if k != "stdout"}, "bytes_read": read})
+    print(f"  {tool.name:12s} day {day}: {m.seconds:7.2f} s  read {read / MIB:9.1f} MiB  "
+          f"rss {m.maxrss_kb / 1024:7.1f} MB", file=sys.stderr)
+
+
+def run_restore(tool: Tool, res: Result, day: int, expected: Path, logs: Path) -> None:
+    out_dir = tool.root / "restore"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    cmd, restored, cwd = tool.restore(day, out_dir)
+    m = measure(cmd, env=tool.env(), cwd=cwd, log=logs / f"{tool.name}-restore.log")
+    if m.rc != 0:
+        return fail(res, "restore", m)
+    ok = restored.exists() and files_equal(restored, expected)
+    res.restore = {"seconds": m.seconds, "sync_seconds": m.sync_seconds, "maxrss_kb": m.maxrss_kb, "verified": ok}
+    print(f"  {tool.name:12s} restore: {m.seconds:7.2f} s  verified={ok}", file=sys.stderr)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if not ok:
+        fail(res, "restore differs from source")
+
+
+def rotated(items: list, step: int) -> list:
+    k = step % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
+def prepare(tools: list[Tool], logs: Path) -> dict[str, Result]:
+    """Check each tool is installed and init its repository (untimed)."""
+    results: dict[str, Result] = {}
+    for tool in tools:
+        res = results[tool.name] = Result(tool.name)
+        if (why := tool.missing()) is not None:
+            res.status = why
+            continue
+        res.version = tool.version()
+        tool.root.mkdir(parents=True)
+        for cmd in tool.init():
+            if (m := measure(cmd, env=tool.env(), log=logs / f"{tool.name}-init.log")).rc != 0:
+                fail(res, "init", m)
+                break
+    return results
+
+
+def run_backups(imgs: list[Path], current: Path, tools: list[Tool], results: dict[str, Result],
+                logs: Path) -> None:
+    """Day 0 full, days 1..N incremental; all tools on a day before the next day."""
+    for day, img in enumerate(imgs):
+        print(f"step: backup day {day}", file=sys.stderr)
+        stage(img, current)
+        extents = img.with_name(f"day{day}.extents.json") if day else None
+        for tool in rotated(tools, day):
+            if results[tool.name].status == "ok" and not (tool.baseline and day > 0):
+                run_backup(tool, results[tool.name], day, extents, logs)
+
+
+def run_all(work: Path, names: list[str], days: int, repo_engine_cmd: list[str]) -> tuple[list[Result], dict]:
+    imgs = day_images(work, days)
+    root = work / "bench-run"
+    shutil.rmtree(root, ignore_errors=True)
+    logs = root / "logs"
+    logs.mkdir(parents=True)
+    current = root / "current.img"
+    tools = [TOOLS[n](root / n, current, repo_engine_cmd if n == RepoEngine.name else None) for n in names]
+    results = prepare(tools, logs)
+    tools = [t for t in tools if results[t.name].status == "ok"]
+    run_backups(imgs, current, tools, results, logs)
+    print(f"step: restore day {days}", file=sys.stderr)
+    for tool in rotated(tools, days + 1):
+        res = results[tool.name]
+        if not tool.baseline and res.status == "ok":
+            res.repo_bytes = du_bytes(tool.repo)
+            run_restore(tool, res, days, imgs[-1], logs)
+    meta = {"work": str(work), "days": days, "image_bytes": imgs[0].stat().st_size,
+            "host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    manifest = work / "manifest.json"
+    if manifest.exists():
+        meta["workload"] = json.loads(manifest.read_text())
+    return [results[n] for n in names], meta
+
+
+# ---------------------------------------------------------------- reporting
+
+def fmt(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def row(res: Result) -> list[str]:
+    full = next((b for b in res.backups if b["day"] == 0), None)
+    incr = [b for b in res.backups if b["day"] > 0]
+    mean = (lambda key: statistics.mean(b[key] for b in incr)) if incr else (lambda key: None)
+    read = mean("bytes_read")
+    return [res.tool, fmt(full and full["seconds"], 2), fmt(mean("seconds"), 2),
+            fmt(read / MIB if read is not None else None), fmt(res.restore and res.restore["seconds"], 2),
+            fmt(res.repo_bytes / MIB if res.repo_bytes is not None else None),
+            fmt(max(b["maxrss_kb"] for b in res.backups) / 1024 if res.backups else None),
+            res.status]
+
+
+HEADER = ["tool", "full backup s", "incremental s (mean)", "incr. read MiB (mean)", "restore s",
+          "repo MiB", "peak RSS MB", "status"]
+
+
+def table(results: list[Result], meta: dict) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row(r)) + " |" for r in results]
+    size = meta["image_bytes"] / MIB
+    alloc = meta.get("workload", {}).get("per_day", [{}])[0].get("allocated")
+    lines += ["",
+              f"Workload: {size:.0f} MiB ext4 image"
+              + (f" ({alloc / MIB:.0f} MiB allocated on day 0)" if alloc else "")
+              + f", days 1..{meta['days']}; {meta['cpus']} CPUs, kernel {meta['kernel']}, {meta['date']}.",
+              "- Times are wall seconds of the command plus a `sync` after it; images are in the page cache. "
+              "Each day's image is first copied (untimed) to one fixed path that every tool backs up.",
+              "- Incremental = mean over days 1..N. repo-engine is given the day's changed-extent list "
+              "(`--changed`, like hypervisor changed-block tracking); peers have no such input and re-read the image.",
+              "- incr. read: repo-engine = `bytes_read` from its --json summary; peers = `rchar` of the process "
+              "and its children from /proc/PID/io (read syscalls incl. repository/index reads; holes skipped "
+              "via SEEK_HOLE are not read).",
+              "- restore: restore of day N to a file, verified byte for byte with cmp against the source image.",
+              "- repo MiB: `du -sb` (apparent) of the repository after all days; client caches "
+              "(borg cache, restic cache) excluded.",
+              "- peak RSS: max over all backups of the tool's maximum resident set size (GNU time %M); "
+              "b3sum mmaps the image, so its RSS includes mapped file pages (and its rchar is ~0).",
+              "- Baselines cat / b3sum / `zstd -T2 -1 -c` just read, hash or compress the day-0 image.",
+              "- borg: defaults (buzhash CDC, lz4); borg-fixed: `--chunker-params fixed,65536 --sparse`, "
+              "extract `--sparse`. restic and casync: defaults."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True, help="directory made by bench/workload.py")
+    ap.add_argument("--tools", default=DEFAULT_TOOLS)
+    ap.add_argument("--days", type=int, help="default: all days in the work dir's manifest")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "results.json")
+    ap.add_argument("--repo-engine", default="repo-engine", help="command to run repo-engine (shell-split)")
+    args = ap.parse_args()
+    names = [n.strip() for n in args.tools.split(",") if n.strip()]
+    if unknown := [n for n in names if n not in TOOLS]:
+        sys.exit(f"unknown tools: {unknown}; known: {', '.join(TOOLS)}")
+    work = args.work.resolve()
+    days = args.days if args.days is not None else json.loads((work / "manifest.json").read_text())["days"]
+    results, meta = run_all(work, names, days, shlex.split(args.repo_engine))
+    text = table(results, meta)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results], "table": text}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

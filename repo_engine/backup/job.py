@@ -1,0 +1,179 @@
+"""One backup of one VM: plan each disk, read and store its blocks, write its block map, then
+commit the restore point (write order: packs -> index -> maps + manifest -> catalog)."""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import RepoError, SourceError
+from ..repository.blockmap import BlockMap, delta_between
+from ..repository.locks import SHARED
+from ..repository.points import DiskRecord, PointRecord, new_point_id, now_iso
+from ..repository.repo import Repository
+from .chunk_writer import ChunkWriter
+from .pipeline import BlockPipeline
+from .plan import DiskPlan, audit_sample, plan_disk
+from .source import BlockDevice, SourceDisk, VmSnapshot
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class BackupOptions:
+    tags: list[str] = field(default_factory=list)
+    audit_percent: float = 0.0
+    # called once per disk with (disk key, bytes to read); returns the per-chunk progress callback
+    progress: Callable[[str, int], Progress] | None = None
+    seed: int | None = None
+
+
+@dataclass
+class DiskCounters:
+    bytes_read: int = 0
+    blocks_read: int = 0
+    zero_blocks: int = 0
+    dup_blocks: int = 0
+    new_chunks: int = 0
+    new_raw_bytes: int = 0
+    new_stored_bytes: int = 0
+    audit_blocks: int = 0
+    audit_mismatches: int = 0
+
+
+class _DiskBackup:
+    """Backs up one disk into a shared ChunkWriter."""
+
+    def __init__(self, repo: Repository, pipeline: BlockPipeline, writer: ChunkWriter,
+                 options: BackupOptions) -> None:
+        self.repo, self.pipeline, self.writer, self.options = repo, pipeline, writer, options
+
+    def run(self, vm: str, disk: SourceDisk) -> DiskRecord:
+        try:
+            device = disk.open()
+        except OSError as exc:
+            raise SourceError(f"disk {disk.key}: cannot open {disk.description}: "
+                              f"{exc.strerror or exc}") from None
+        try:
+            counters = DiskCounters()
+            plan = plan_disk(self.repo, vm, disk, device)
+            plan = self._audit(plan, device, counters, disk)
+            refs = self._store(plan, device, counters, disk)
+            return self._record(plan, disk, refs, counters)
+        finally:
+            device.close()
+
+    def _progress(self, key: str, nbytes: int) -> Progress | None:
+        return self.options.progress(key, nbytes) if self.options.progress else None
+
+    def _audit(self, plan: DiskPlan, device: BlockDevice, counters: DiskCounters,
+               disk: SourceDisk) -> DiskPlan:
+        if self.options.audit_percent <= 0 or plan.base is None or plan.mode != "changed":
+            return plan
+        sample = audit_sample(plan, self.options.audit_percent,
+                              np.random.default_rng(self.options.seed))
+        counters.audit_blocks = len(sample)
+        mismatched = 0
+        pos = 0
+        with self.repo.index.reader() as lookup:
+            for result in self.pipeline.run(device, plan.block_size, sample, encode=False,
+                                             describe=disk.description):
+                for k, chunk_id in enumerate(result.ids):
+                    ref = int(plan.base[sample[pos + k]])
+                    expected = lookup.chunk_id_of(ref) if ref else None
+                    mismatched += expected != chunk_id
+                pos += len(result.blocks)
+        counters.bytes_read += plan.bytes_of(sample)
+        counters.audit_mismatches = mismatched
+        if not mismatched:
+            return plan
+        return plan.as_full_read(f"audit found {mismatched} of {len(sample)} sampled blocks "
+                                 "changed outside the change list: read the whole disk")
+
+    def _store(self, plan: DiskPlan, device: BlockDevice, counters: DiskCounters,
+               disk: SourceDisk) -> np.ndarray:
+        refs = np.zeros(len(plan.read), dtype=np.uint64)
+        writer, pos = self.writer, 0
+        progress = self._progress(disk.key, len(plan.read) * plan.block_size)
+        for result in self.pipeline.run(device, plan.block_size, plan.read, encode=True,
+                                         describe=disk.description, progress=progress):
+            for k, chunk_id in enumerate(result.ids):
+                if chunk_id is None:
+                    counters.zero_blocks += 1
+                    continue
+                ref = result.refs[k] or writer.known(chunk_id)
+                if ref:
+                    counters.dup_blocks += 1
+                else:
+                    blob = result.blobs[k]
+                    assert blob is not None, "encode=True gives every unindexed chunk its blob"
+                    ref = writer.add(chunk_id, *blob)
+                    counters.new_chunks += 1
+                    counters.new_raw_bytes += blob[2]
+                    counters.new_stored_bytes += len(blob[0])
+                refs[pos + k] = ref
+            pos += len(result.blocks)
+        counters.blocks_read += len(plan.read)
+        counters.bytes_read += plan.bytes_of(plan.read)
+        return refs
+
+    def _record(self, plan: DiskPlan, disk: SourceDisk, refs: np.ndarray,
+                counters: DiskCounters) -> DiskRecord:
+        full = plan.base.copy() if plan.base is not None else np.zeros(plan.nblocks, np.uint64)
+        full[plan.read] = refs
+        parent, parent_disk = plan.parent, plan.parent_disk
+        max_chain = self.repo.config.max_chain
+        if parent is None or parent_disk is None or parent_disk.links + 1 > max_chain:
+            bmap, kind, links, parent_id = BlockMap.full(full), "full", 1, None
+        else:
+            bmap = delta_between(plan.base, full)
+            kind, links, parent_id = "delta", parent_disk.links + 1, parent.id
+        logical = plan.bytes_of(np.flatnonzero(full))
+        return DiskRecord(
+            key=disk.key, capacity=plan.capacity, block_size=plan.block_size,
+            map=self.repo.write_map(bmap), kind=kind, parent=parent_id, links=links,
+            cursor=disk.cursor, read_mode=plan.mode, note=plan.note, logical_bytes=logical,
+            counters=vars(counters).copy())
+
+
+def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions) -> PointRecord:
+    """Store one restore point of `snapshot`; nothing becomes visible unless all of it is stored."""
+    started = time.monotonic()
+    when = now_iso()
+    with repo.lock(SHARED, f"backup {snapshot.vm}"):
+        writer = ChunkWriter(repo)
+        pipeline = BlockPipeline(repo.codec, repo.index)
+        try:
+            step = _DiskBackup(repo, pipeline, writer, options)
+            records = [step.run(snapshot.vm, disk) for disk in snapshot.disks]
+            writer.flush()
+            point = PointRecord(
+                id=new_point_id(snapshot.vm, when), vm=snapshot.vm, time=when,
+                source=snapshot.source, disks=records, tags=sorted(set(options.tags)),
+                consistency=snapshot.consistency, config=snapshot.config,
+                notes=list(snapshot.notes), counters=_totals(records, writer, started))
+            repo.commit_point(point)
+        except OSError as exc:
+            writer.abort()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise RepoError(f"the repository's filesystem is full ({exc.strerror}); "
+                                "no restore point was stored") from None
+            raise
+        except BaseException:
+            writer.abort()
+            raise
+    return point
+
+
+def _totals(records: list[DiskRecord], writer: ChunkWriter, started: float) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for record in records:
+        for name, value in record.counters.items():
+            totals[name] = totals.get(name, 0) + value
+    totals["packs"] = writer.packs
+    totals["seconds"] = round(time.monotonic() - started, 3)
+    return totals

@@ -1,0 +1,129 @@
+"""The threaded read -> hash -> dedup lookup -> compress stage of a backup.
+
+A reader thread pulls batches from the C read loop (GIL released while it reads); a pool of
+workers hashes every non-zero block (keyed BLAKE3), looks its id up in the index and compresses
+only chunks the index lacks (BLAKE3 and zstd release the GIL). Results come back in disk order to
+the caller's thread, which alone writes packs. Memory is bounded by the queue depth: at most
+`depth` batches are in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import SourceError
+from ..repository.chunks import ChunkCodec
+from ..repository.index import Index
+from .source import Batch, BlockDevice
+
+BATCH_BYTES = 4 << 20
+_END = object()
+
+
+@dataclass
+class BlockResult:
+    """One batch, hashed: per block its id (None if zero) and, when the index lacked the id and
+    `encode` was asked, the stored form."""
+
+    blocks: np.ndarray
+    ids: list[bytes | None]
+    refs: list[int | None]
+    blobs: list[tuple[bytes, int, int] | None]  # (blob, codec, raw length)
+
+
+def _reader_thread(device: BlockDevice, block_size: int, blocks: np.ndarray, out: queue.Queue,
+                   stop: threading.Event, describe: str) -> None:
+    try:
+        for batch in device.reader(block_size, blocks, batch_bytes=max(BATCH_BYTES, block_size)):
+            while not stop.is_set():
+                try:
+                    out.put(batch, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+        out.put(_END)
+    except OSError as exc:
+        out.put(SourceError(f"reading {describe} failed: {exc}"))
+    except BaseException as exc:  # handed to the consumer, which re-raises it
+        out.put(exc)
+
+
+class BlockPipeline:
+    def __init__(self, codec: ChunkCodec, index: Index, *, workers: int | None = None) -> None:
+        self._codec = codec
+        self._index = index
+        self._workers = workers or max(2, os.cpu_count() or 2)
+
+    def _hash_batch(self, batch: Batch, encode: bool) -> BlockResult:
+        blocks = np.frombuffer(batch.blocks, dtype=np.uint64).copy()
+        zero = bytes(batch.zero)
+        ids: list[bytes | None] = []
+        refs: list[int | None] = []
+        blobs: list[tuple[bytes, int, int] | None] = []
+        with self._index.reader() as lookup:
+            for k in range(batch.count):
+                if zero[k]:
+                    ids.append(None), refs.append(0), blobs.append(None)
+                    continue
+                data = batch.block(k)
+                chunk_id = self._codec.chunk_id(data)
+                ref = lookup.ref_of(chunk_id) if encode else None
+                ids.append(chunk_id)
+                refs.append(ref)
+                blobs.append((*self._codec.encode(data), len(data))
+                             if encode and ref is None else None)
+        return BlockResult(blocks, ids, refs, blobs)
+
+    def run(self, device: BlockDevice, block_size: int, blocks: np.ndarray, *, encode: bool,
+            describe: str, progress: Callable[[int], None] | None = None) -> Iterator[BlockResult]:
+        """Yield hashed batches of `blocks` in order."""
+        depth = self._workers * 2
+        batches: queue.Queue = queue.Queue(maxsize=depth)
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=_reader_thread, args=(device, block_size, blocks, batches, stop, describe),
+            daemon=True)
+        pending: deque[Future[BlockResult]] = deque()
+        thread.start()
+        try:
+            with ThreadPoolExecutor(self._workers) as pool:
+                yield from self._drive(pool, batches, pending, depth, encode, block_size, progress)
+        finally:
+            stop.set()
+            for fut in pending:
+                fut.cancel()
+            thread.join()
+
+    def _drive(self, pool: ThreadPoolExecutor, batches: queue.Queue,
+               pending: deque[Future[BlockResult]], depth: int, encode: bool, block_size: int,
+               progress: Callable[[int], None] | None) -> Iterator[BlockResult]:
+        while True:
+            item = batches.get()
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            pending.append(pool.submit(self._hash_batch, item, encode))
+            del item
+            while len(pending) >= depth or (pending and pending[0].done()):
+                yield _finished(pending.popleft(), block_size, progress)
+        while pending:
+            yield _finished(pending.popleft(), block_size, progress)
+
+
+def _finished(future: Future[BlockResult], block_size: int,
+              progress: Callable[[int], None] | None) -> BlockResult:
+    result = future.result()
+    if progress:
+        progress(len(result.blocks) * block_size)
+    return result

@@ -1,0 +1,108 @@
+"""Which blocks of a disk a backup reads, and against which parent map."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from ..repository.blockmap import resize
+from ..repository.points import DiskRecord, PointRecord
+from ..repository.repo import Repository
+from .extents import extents_to_blocks
+from .source import BlockDevice, SourceDisk
+
+ALLOCATED, CHANGED, FULL_READ = "allocated", "changed", "full"
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    key: str
+    capacity: int
+    block_size: int
+    parent: PointRecord | None
+    parent_disk: DiskRecord | None
+    base: np.ndarray | None  # the parent's resolved map, resized to this capacity
+    read: np.ndarray         # sorted block numbers to read
+    mode: str
+    note: str = ""
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.capacity // self.block_size)
+
+    def bytes_of(self, blocks: np.ndarray) -> int:
+        """The real byte length of sorted `blocks` (the disk's last block may be short)."""
+        if not len(blocks):
+            return 0
+        size = len(blocks) * self.block_size
+        if int(blocks[-1]) == self.nblocks - 1:
+            size -= self.nblocks * self.block_size - self.capacity
+        return size
+
+    def as_full_read(self, note: str) -> "DiskPlan":
+        return replace(self, read=np.arange(self.nblocks, dtype=np.uint64), mode=FULL_READ,
+                       note=note)
+
+
+def _blocks_in(extents: np.ndarray, block_size: int, nblocks: int) -> np.ndarray:
+    blocks = extents_to_blocks(extents, block_size)
+    return blocks[blocks < nblocks]
+
+
+def _resize_blocks(device: BlockDevice, old_capacity: int, capacity: int,
+                   block_size: int) -> np.ndarray:
+    """Blocks a resize forces us to read: allocated data in a grown tail, and a last block whose
+    length changed."""
+    nblocks = -(-capacity // block_size)
+    old_nblocks = -(-old_capacity // block_size)
+    extra = []
+    if nblocks > old_nblocks:
+        alloc = np.array(device.allocated_extents(), dtype=np.int64).reshape(-1, 2)
+        tail = extents_to_blocks(alloc, block_size)
+        extra.append(tail[tail >= old_nblocks - 1])
+    if capacity != old_capacity and nblocks:
+        extra.append(np.array([min(old_nblocks, nblocks) - 1, nblocks - 1], dtype=np.uint64))
+    if not extra:
+        return np.zeros(0, dtype=np.uint64)
+    return np.unique(np.concatenate(extra)).astype(np.uint64)
+
+
+def plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice) -> DiskPlan:
+    bs = repo.config.block_size
+    nblocks = -(-disk.capacity // bs)
+    parent = repo.latest_with_disk(vm, disk.key)
+    if parent is None:
+        report = disk.allocated()
+        plan = DiskPlan(disk.key, disk.capacity, bs, None, None, None,
+                        np.zeros(0, np.uint64), ALLOCATED, report.note)
+        if report.extents is None:
+            return plan.as_full_read(report.note or "first backup, allocation unknown")
+        return replace(plan, read=_blocks_in(report.extents, bs, nblocks))
+    parent_disk = parent.disk(disk.key)
+    assert parent_disk is not None
+    base = resize(repo.resolve(parent, disk.key), nblocks)
+    report = disk.changes(parent_disk.cursor)
+    plan = DiskPlan(disk.key, disk.capacity, bs, parent, parent_disk, base,
+                    np.zeros(0, np.uint64), CHANGED, report.note)
+    if report.extents is None:
+        return plan.as_full_read(report.note or "no change list: read everything, store only new")
+    changed = _blocks_in(report.extents, bs, nblocks)
+    if parent_disk.capacity != disk.capacity:
+        extra = _resize_blocks(device, parent_disk.capacity, disk.capacity, bs)
+        changed = np.union1d(changed, extra[extra < nblocks]).astype(np.uint64)
+        note = f"capacity changed from {parent_disk.capacity} to {disk.capacity} bytes"
+        plan = replace(plan, note="; ".join(filter(None, (report.note, note))))
+    return replace(plan, read=changed)
+
+
+def audit_sample(plan: DiskPlan, percent: float, rng: np.random.Generator) -> np.ndarray:
+    """A random `percent` share of the blocks the change list calls unchanged."""
+    old_nblocks = min(plan.nblocks, plan.parent_disk.nblocks if plan.parent_disk else 0)
+    unchanged = np.setdiff1d(np.arange(old_nblocks, dtype=np.uint64), plan.read,
+                             assume_unique=True)
+    count = int(round(len(unchanged) * percent / 100))
+    if count == 0:
+        return np.zeros(0, dtype=np.uint64)
+    return np.sort(rng.choice(unchanged, size=count, replace=False)).astype(np.uint64)
+

@@ -1,0 +1,67 @@
+"""The narrow interfaces a source fulfils for the pipeline (sources import only this module)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+class Batch(Protocol):
+    """A run of blocks read in one go (vddk_ext.Batch)."""
+
+    count: int
+    blocks: memoryview
+    zero: memoryview
+
+    def block(self, k: int) -> memoryview: ...
+
+
+class BlockDevice(Protocol):
+    """An open disk the pipeline reads blocks from (vddk_ext.Disk)."""
+
+    capacity: int
+
+    def reader(self, block_size: int, blocks: np.ndarray, *, batch_bytes: int = ...,
+               max_request: int = ...) -> Iterator[Batch]: ...
+
+    def allocated_extents(self) -> list[tuple[int, int]]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class ChangeReport:
+    """What changed since a cursor: byte extents, or None when unknown (read everything)."""
+
+    extents: np.ndarray | None
+    note: str = ""
+
+
+@dataclass
+class SourceDisk:
+    """One disk of a VM as its source presents it for one backup."""
+
+    key: str
+    capacity: int
+    open: Callable[[], BlockDevice]
+    # first backup of the disk: the extents that hold data (VMware: changeId "*")
+    allocated: Callable[[], ChangeReport]
+    # later backups: what changed since the parent point's cursor
+    changes: Callable[[str | None], ChangeReport]
+    cursor: str | None = None
+    description: str = ""
+
+
+@dataclass
+class VmSnapshot:
+    """A VM frozen for one backup: what the pipeline stores as a restore point."""
+
+    vm: str
+    source: str
+    disks: list[SourceDisk]
+    config: dict = field(default_factory=dict)
+    consistency: str = "crash"
+    notes: list[str] = field(default_factory=list)

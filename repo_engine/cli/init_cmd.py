@@ -1,0 +1,38 @@
+"""`repo-engine init`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import repo_argument
+
+
+@click.command()
+@repo_argument
+@click.option("--block-size", default="64KiB", show_default=True,
+              help="Block (chunk) size, a power of two from 16KiB to 4MiB.")
+@click.option("--compression-level", default=3, show_default=True, type=int,
+              help="zstd level for chunks, 1..19.")
+@click.option("--max-chain", default=30, show_default=True, type=int,
+              help="Block maps per chain before a synthetic full.")
+@click.option("--pack-size", default="32MiB", show_default=True, help="Target pack file size.")
+def init(repo: Path, block_size: str, compression_level: int, max_chain: int,
+         pack_size: str) -> None:
+    """Create an empty repository in REPO.
+
+    \b
+    Example:
+      repo-engine init /backup/repo --block-size 64KiB
+    """
+    from ..repository.repo import Repository
+    from ..units import parse_size
+
+    created = Repository.init(repo, block_size=parse_size(block_size),
+                              compression_level=compression_level, max_chain=max_chain,
+                              pack_size=parse_size(pack_size))
+    click.echo(f"created repository {created.config.repo_id[:12]} at {repo} "
+               f"(block size {created.config.block_size}, zstd level "
+               f"{created.config.compression_level})")
+    created.close()

@@ -1,0 +1,51 @@
+"""`repo-engine restore`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from .common import Progress, emit_json, human_bytes, json_option, open_repo, repo_argument
+
+
+@click.command()
+@repo_argument
+@click.argument("point")
+@click.option("--disk", "key", required=True, help="Key of the disk to restore.")
+@click.option("--to", "target", type=click.Path(path_type=Path),
+              help="Write the full image to this new file or block device.")
+@click.option("--onto", type=click.Path(path_type=Path),
+              help="File or device that already holds --base's image: write only what differs.")
+@click.option("--base", help="The point whose image --onto already holds.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --to file.")
+@json_option
+def restore(repo: Path, point: str, key: str, target: Path | None, onto: Path | None,
+            base: str | None, force: bool, as_json: bool) -> None:
+    """Restore disk KEY of POINT (short id, VM@latest or VM@TIME).
+
+    \b
+    Examples:
+      repo-engine restore /backup/repo web1@latest --disk sda --to /restore/sda.img
+      repo-engine restore /backup/repo 3f2a9c1d --disk sda --onto /images/sda.img --base web1@2026-11-24
+    """
+    from ..restore.restorer import restore_disk
+
+    if (target is None) == (onto is None):
+        raise click.UsageError("give exactly one of --to PATH or --onto PATH")
+    if (onto is None) != (base is None):
+        raise click.UsageError("--onto and --base go together")
+    with open_repo(repo) as repository, Progress() as progress:
+        chosen = repository.find_point(point)
+        base_point = repository.find_point(base) if base else None
+        summary = restore_disk(
+            repository, chosen, key, target or onto, base=base_point, force=force,  # type: ignore[arg-type]
+            progress=lambda total: progress.bar(f"disk {key}", total))
+    if as_json:
+        emit_json(asdict(summary))
+        return
+    click.echo(f"restored disk {key} of point {summary.point[:8]} to {summary.target}: "
+               f"{summary.blocks_written} blocks written ({human_bytes(summary.bytes_written)}), "
+               f"{summary.zero_blocks} zero blocks, {summary.chunks_read} chunks read, "
+               f"{summary.seconds:.2f} s")

@@ -1,0 +1,45 @@
+"""The one exception hierarchy of repo-engine.
+
+Every error a user can meet is a `RepoError`; its message says what is wrong and, where it helps,
+what to do. Each class carries the process exit code the CLI returns for it.
+"""
+
+from __future__ import annotations
+
+
+class RepoError(Exception):
+    """Base of all repo-engine errors (exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageError(RepoError):
+    """The request itself is malformed: a bad argument, a bad extents file (exit code 2)."""
+
+    exit_code = 2
+
+
+class NotARepository(RepoError):
+    """The path holds no repository."""
+
+
+class FormatError(RepoError):
+    """A file is of an unknown format or an unsupported version."""
+
+
+class DamageError(RepoError):
+    """Stored data or metadata failed a check: a checksum, a hash, a missing pack (exit code 3)."""
+
+    exit_code = 3
+
+
+class PointNotFound(RepoError):
+    """No restore point matches the given reference."""
+
+
+class LockedError(RepoError):
+    """Another process holds a conflicting repository lock."""
+
+
+class SourceError(RepoError):
+    """A disk source could not be read: missing, unreadable, or reported wrong data."""

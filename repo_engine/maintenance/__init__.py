@@ -1,0 +1,1 @@
+"""Maintenance: statistics now; retention, garbage collection, verify and scrub build on it."""

@@ -1,0 +1,40 @@
+"""Repository statistics: what the points hold against what the packs store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..repository.repo import Repository
+
+
+@dataclass
+class RepoStats:
+    points: int
+    vms: int
+    logical_bytes: int
+    unique_raw_bytes: int
+    stored_bytes: int
+    pack_bytes: int
+    chunks: int
+    packs: int
+    dedup_ratio: float
+    compression_ratio: float
+    total_ratio: float
+
+
+def _ratio(a: int, b: int) -> float:
+    return round(a / b, 3) if b else 0.0
+
+
+def repo_stats(repo: Repository) -> RepoStats:
+    points = repo.points()
+    logical = sum(d.logical_bytes for p in points for d in p.disks)
+    c = repo.index.counters()
+    return RepoStats(
+        points=len(points), vms=len({p.vm for p in points}), logical_bytes=logical,
+        unique_raw_bytes=c["raw_bytes"], stored_bytes=c["stored_bytes"],
+        pack_bytes=c["pack_bytes"], chunks=c["chunks"], packs=c["packs"],
+        dedup_ratio=_ratio(logical, c["raw_bytes"]),
+        compression_ratio=_ratio(c["raw_bytes"], c["stored_bytes"]),
+        total_ratio=_ratio(logical, c["pack_bytes"]),
+    )

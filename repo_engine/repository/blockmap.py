@@ -1,0 +1,130 @@
+"""Block maps: which chunk each block of a disk holds at one restore point.
+
+A map file (`maps/<first two hex>/<name>.map`, named by the BLAKE3 of its sealed bytes) is an
+envelope (envelope.py, magic BLOCK_MAP) whose payload is:
+
+| offset | size | field                                                                |
+|--------|------|----------------------------------------------------------------------|
+| 0      | 1    | kind: 0 FULL, 1 DELTA                                                |
+| 1      | 7    | reserved (0)                                                         |
+| 8      | 8    | nblocks: the disk's block count at this point                        |
+| 16     | 8    | count: entries (FULL: nblocks)                                       |
+| 24     | ...  | zstd frame of: FULL refs u64[nblocks]; DELTA blocks u64[count] (strictly |
+|        |      | increasing, < nblocks) then refs u64[count]                          |
+
+Ref 0 is ZERO (an all-zero block, never stored). A DELTA applies on top of its parent's resolved map
+resized to `nblocks` (blocks past the parent's end start as ZERO).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import numpy as np
+import zstandard
+
+from ..errors import DamageError
+from .atomic import write_atomic
+from .envelope import seal, unseal
+from .formats import BLOCK_MAP
+
+FULL, DELTA = 0, 1
+HEAD = struct.Struct("<B7xQQ")
+assert HEAD.size == 24
+U64 = np.dtype("<u8")
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    kind: int
+    nblocks: int
+    blocks: np.ndarray | None  # DELTA only
+    refs: np.ndarray
+
+    @classmethod
+    def full(cls, refs: np.ndarray) -> "BlockMap":
+        return cls(FULL, len(refs), None, refs.astype(U64, copy=False))
+
+    @classmethod
+    def delta(cls, nblocks: int, blocks: np.ndarray, refs: np.ndarray) -> "BlockMap":
+        return cls(DELTA, nblocks, blocks.astype(U64, copy=False), refs.astype(U64, copy=False))
+
+    def apply(self, base: np.ndarray | None) -> np.ndarray:
+        """The resolved map after this one: FULL replaces, DELTA patches a resized base."""
+        if self.kind == FULL:
+            return self.refs.copy()
+        out = resize(base if base is not None else np.zeros(0, U64), self.nblocks)
+        out[self.blocks] = self.refs
+        return out
+
+
+def resize(refs: np.ndarray, nblocks: int) -> np.ndarray:
+    """A copy of `refs` cut or zero-extended to `nblocks`."""
+    out = np.zeros(nblocks, dtype=U64)
+    keep = min(nblocks, len(refs))
+    out[:keep] = refs[:keep]
+    return out
+
+
+def delta_between(parent: np.ndarray, child: np.ndarray) -> BlockMap:
+    """The DELTA that turns `parent` into `child` (entries where they differ)."""
+    base = resize(parent, len(child))
+    changed = np.flatnonzero(base != child).astype(U64)
+    return BlockMap.delta(len(child), changed, child[changed])
+
+
+def encode(bmap: BlockMap) -> bytes:
+    arrays = [bmap.refs] if bmap.kind == FULL else [bmap.blocks, bmap.refs]
+    raw = b"".join(np.ascontiguousarray(a, dtype=U64).tobytes() for a in arrays)
+    body = zstandard.ZstdCompressor(level=3).compress(raw)
+    return seal(BLOCK_MAP, HEAD.pack(bmap.kind, bmap.nblocks, len(bmap.refs)) + body)
+
+
+def decode(payload: bytes, what: str) -> BlockMap:
+    kind, nblocks, count = HEAD.unpack_from(payload)
+    if kind not in (FULL, DELTA) or (kind == FULL and count != nblocks) or count > nblocks:
+        raise DamageError(f"{what}: block map header is inconsistent")
+    width = 1 if kind == FULL else 2
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(
+            payload[HEAD.size:], max_output_size=count * 8 * width)
+    except zstandard.ZstdError as exc:
+        raise DamageError(f"{what}: block map does not decompress ({exc})") from None
+    if len(raw) != count * 8 * width:
+        raise DamageError(f"{what}: block map body has the wrong length")
+    arrays = np.frombuffer(raw, dtype=U64).reshape(width, count)
+    if kind == FULL:
+        return BlockMap.full(arrays[0])
+    blocks = arrays[0]
+    if count and (blocks[-1] >= nblocks or np.any(np.diff(blocks.astype(np.int64)) <= 0)):
+        raise DamageError(f"{what}: delta block numbers are unsorted or out of range")
+    return BlockMap.delta(nblocks, blocks, arrays[1])
+
+
+def map_path(maps_dir: Path, name: str) -> Path:
+    return maps_dir / name[:2] / f"{name}.map"
+
+
+def write_map(maps_dir: Path, bmap: BlockMap) -> str:
+    """Store a map durably under its content name; returns the name."""
+    data = encode(bmap)
+    name = blake3.blake3(data).hexdigest()
+    path = map_path(maps_dir, name)
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        write_atomic(path, data)
+    return name
+
+
+def read_map(maps_dir: Path, name: str) -> BlockMap:
+    path = map_path(maps_dir, name)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DamageError(f"{path}: block map is missing") from None
+    if blake3.blake3(data).hexdigest() != name:
+        raise DamageError(f"{path}: block map content does not match its name (damaged)")
+    return decode(unseal(BLOCK_MAP, data, str(path)), str(path))

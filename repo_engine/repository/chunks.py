@@ -1,0 +1,62 @@
+"""Chunk ids and chunk encoding: keyed BLAKE3 ids, zstd or raw storage, verified decoding."""
+
+from __future__ import annotations
+
+import threading
+
+import blake3
+import zstandard
+
+from ..errors import DamageError
+from .packs import CODEC_RAW, CODEC_ZSTD
+
+ZERO_REF = 0
+# Store raw when zstd saves less than this share: decompressing for nothing costs restore time.
+MIN_SAVING = 1 / 32
+
+
+class ChunkCodec:
+    """Hashes, compresses and checks chunks; safe to share between threads."""
+
+    def __init__(self, key: bytes, level: int) -> None:
+        self._key = key
+        self._level = level
+        self._local = threading.local()
+
+    def chunk_id(self, data: bytes | memoryview) -> bytes:
+        return blake3.blake3(data, key=self._key).digest()
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        comp = getattr(self._local, "comp", None)
+        if comp is None:
+            comp = self._local.comp = zstandard.ZstdCompressor(level=self._level)
+        return comp
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        dec = getattr(self._local, "dec", None)
+        if dec is None:
+            dec = self._local.dec = zstandard.ZstdDecompressor()
+        return dec
+
+    def encode(self, data: bytes | memoryview) -> tuple[bytes, int]:
+        """Return (stored bytes, codec)."""
+        packed = self._compressor().compress(data)
+        if len(packed) <= len(data) * (1 - MIN_SAVING):
+            return packed, CODEC_ZSTD
+        return bytes(data), CODEC_RAW
+
+    def decode(self, blob: bytes | memoryview, codec: int, raw_len: int, chunk_id: bytes,
+               where: str) -> bytes:
+        """Decompress and check the result against its id; DamageError names `where`."""
+        try:
+            if codec == CODEC_ZSTD:
+                data = self._decompressor().decompress(blob, max_output_size=raw_len)
+            elif codec == CODEC_RAW:
+                data = bytes(blob)
+            else:
+                raise DamageError(f"{where}: unknown chunk codec {codec}")
+        except zstandard.ZstdError as exc:
+            raise DamageError(f"{where}: chunk does not decompress ({exc})") from None
+        if len(data) != raw_len or self.chunk_id(data) != chunk_id:
+            raise DamageError(f"{where}: chunk content does not match its id (damaged data)")
+        return data

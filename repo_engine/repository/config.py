@@ -1,0 +1,73 @@
+"""The repository config: `REPO/config`, a sealed JSON document (envelope.py, magic CONFIG).
+
+Fields: `repo_id` (hex, 16 bytes), `chunk_key` (hex, 32 bytes: the BLAKE3 key of chunk ids),
+`block_size` (bytes, power of two, 16 KiB..4 MiB), `compression_level` (zstd, 1..19), `max_chain`
+(maps per chain before a synthetic full), `pack_size` (target pack bytes), `created` (ISO time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..errors import NotARepository, UsageError
+from .envelope import read_sealed, write_sealed
+from .formats import CONFIG
+
+MIN_BLOCK, MAX_BLOCK = 16 * 1024, 4 * 1024 * 1024
+DEFAULT_BLOCK = 64 * 1024
+DEFAULT_LEVEL = 3
+DEFAULT_MAX_CHAIN = 30
+DEFAULT_PACK_SIZE = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    repo_id: str
+    chunk_key: str
+    block_size: int = DEFAULT_BLOCK
+    compression_level: int = DEFAULT_LEVEL
+    max_chain: int = DEFAULT_MAX_CHAIN
+    pack_size: int = DEFAULT_PACK_SIZE
+    created: str = ""
+
+    @property
+    def key_bytes(self) -> bytes:
+        return bytes.fromhex(self.chunk_key)
+
+    def validate(self) -> None:
+        bs = self.block_size
+        if bs & (bs - 1) or not MIN_BLOCK <= bs <= MAX_BLOCK:
+            raise UsageError(f"block size {bs} must be a power of two from 16KiB to 4MiB")
+        if not 1 <= self.compression_level <= 19:
+            raise UsageError(f"compression level {self.compression_level} must be 1..19")
+        if self.max_chain < 1:
+            raise UsageError(f"max chain {self.max_chain} must be at least 1")
+        if self.pack_size < bs:
+            raise UsageError(f"pack size {self.pack_size} must be at least the block size")
+
+    @classmethod
+    def new(cls, **settings: int) -> "RepoConfig":
+        config = cls(
+            repo_id=os.urandom(16).hex(),
+            chunk_key=os.urandom(32).hex(),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **settings,
+        )
+        config.validate()
+        return config
+
+
+def write_config(path: Path, config: RepoConfig) -> None:
+    write_sealed(path, CONFIG, json.dumps(asdict(config), sort_keys=True).encode(), overwrite=False)
+
+
+def read_config(path: Path) -> RepoConfig:
+    if not path.exists():
+        raise NotARepository(f"{path.parent} is not a repo-engine repository (no config file)")
+    doc = json.loads(read_sealed(path, CONFIG))
+    known = {k: v for k, v in doc.items() if k in RepoConfig.__dataclass_fields__}
+    return RepoConfig(**known)

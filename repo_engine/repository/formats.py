@@ -1,0 +1,40 @@
+"""Every magic number and format version of the repository, in one place.
+
+DO NOT MODIFY a magic or lower a version: files already written carry them. A reader refuses a file
+whose major version it does not know; a minor version bump must stay readable by older readers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import FormatError
+
+
+@dataclass(frozen=True)
+class FileFormat:
+    """One on-disk format: an 8-byte magic and the (major, minor) version this code writes."""
+
+    name: str
+    magic: bytes
+    major: int
+    minor: int = 0
+
+    def __post_init__(self) -> None:
+        assert len(self.magic) == 8, self.name
+
+    def check_version(self, major: int, what: str) -> None:
+        if major != self.major:
+            raise FormatError(
+                f"{what}: {self.name} format version {major} is not supported "
+                f"(this repo-engine reads version {self.major}); upgrade repo-engine"
+            )
+
+
+CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 1)
+POINT = FileFormat("restore point", b"REpnt\x00\x01\x1a", 1)
+BLOCK_MAP = FileFormat("block map", b"REmap\x00\x01\x1a", 1)
+PACK = FileFormat("pack", b"REpak\x00\x01\x1a", 1)
+PACK_TRAILER = FileFormat("pack trailer", b"REtrl\x00\x01\x1a", 1)
+LOCK = FileFormat("lock", b"RElck\x00\x01\x1a", 1)
+INDEX_VERSION = 1

@@ -1,0 +1,195 @@
+"""The LMDB index: chunk id -> ref, ref -> place in a pack, pack numbers, and the point catalog.
+
+It is a cache over packs and point manifests: `rebuild-index` recreates it from them alone.
+
+| database  | key                  | value                                                      |
+|-----------|----------------------|------------------------------------------------------------|
+| meta      | ascii name           | u64 counters: version, next_ref, next_pack, chunks, raw, stored |
+| ids       | chunk id [32]        | ref u64 (the first ref stored with this id wins)           |
+| refs      | ref u64 big endian   | id [32], pack u32, offset u64, stored u32, raw u32, codec u8 |
+| packs     | pack u32 big endian  | name [32], size u64, count u32                             |
+| packnames | name [32]            | pack u32                                                   |
+| points    | point id (ascii)     | catalog record (JSON)                                      |
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from ..errors import DamageError, FormatError
+from .formats import INDEX_VERSION
+from .packs import FinishedPack, PackEntry
+
+REF_KEY = struct.Struct(">Q")
+PACK_KEY = struct.Struct(">I")
+U64 = struct.Struct("<Q")
+REF_REC = struct.Struct("<32sIQIIB")
+PACK_REC = struct.Struct("<32sQI")
+MAP_SIZE = 1 << 40  # address space only: LMDB grows the file as it fills
+
+LOCATION_DTYPE = np.dtype(
+    [("ref", "<u8"), ("id", "S32"), ("pack", "<u4"), ("offset", "<u8"),
+     ("stored", "<u4"), ("raw", "<u4"), ("codec", "u1")]
+)
+COUNTERS = ("chunks", "raw_bytes", "stored_bytes", "packs", "pack_bytes")
+
+
+@dataclass(frozen=True)
+class PackInfo:
+    number: int
+    name: str
+    size: int
+    count: int
+
+
+class Index:
+    def __init__(self, path: Path, *, create: bool = False) -> None:
+        if not create and not (path / "data.mdb").exists():
+            raise DamageError(f"{path}: index is missing; run 'repo-engine rebuild-index'")
+        self.env = lmdb.open(str(path), max_dbs=8, map_size=MAP_SIZE, subdir=True, create=create)
+        self.meta = self.env.open_db(b"meta")
+        self.ids = self.env.open_db(b"ids")
+        self.refs = self.env.open_db(b"refs")
+        self.packs = self.env.open_db(b"packs")
+        self.packnames = self.env.open_db(b"packnames")
+        self.points = self.env.open_db(b"points")
+        self._check_version(create)
+
+    def _check_version(self, create: bool) -> None:
+        with self.env.begin(write=create) as txn:
+            raw = txn.get(b"version", db=self.meta)
+            if raw is None and create:
+                txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
+                return
+        if raw is None or U64.unpack(raw)[0] != INDEX_VERSION:
+            raise FormatError(f"index version {raw and U64.unpack(raw)[0]} is not supported; "
+                              "run 'repo-engine rebuild-index'")
+
+    def close(self) -> None:
+        self.env.close()
+
+    # -- counters -------------------------------------------------------------------------
+    @staticmethod
+    def _get_u64(txn: lmdb.Transaction, key: bytes, db: object) -> int:
+        raw = txn.get(key, db=db)
+        return U64.unpack(raw)[0] if raw else 0
+
+    def _add(self, txn: lmdb.Transaction, key: str, delta: int) -> None:
+        value = self._get_u64(txn, key.encode(), self.meta) + delta
+        txn.put(key.encode(), U64.pack(value), db=self.meta)
+
+    def counters(self) -> dict[str, int]:
+        with self.env.begin() as txn:
+            return {k: self._get_u64(txn, k.encode(), self.meta) for k in COUNTERS}
+
+    def reserve_refs(self, count: int) -> int:
+        """Reserve `count` fresh refs; returns the first. Refs are never handed out twice."""
+        with self.env.begin(write=True) as txn:
+            first = max(self._get_u64(txn, b"next_ref", self.meta), 1)
+            txn.put(b"next_ref", U64.pack(first + count), db=self.meta)
+        return first
+
+    # -- chunks ---------------------------------------------------------------------------
+    @contextmanager
+    def reader(self) -> Iterator["IndexReader"]:
+        with self.env.begin(buffers=False) as txn:
+            yield IndexReader(self, txn)
+
+    def commit_pack(self, pack: FinishedPack) -> int:
+        """Record a published pack and its chunks in one transaction; returns its pack number."""
+        name = bytes.fromhex(pack.name)
+        with self.env.begin(write=True) as txn:
+            existing = txn.get(name, db=self.packnames)
+            if existing is not None:
+                return PACK_KEY.unpack(existing)[0]
+            number = self._get_u64(txn, b"next_pack", self.meta)
+            txn.put(b"next_pack", U64.pack(number + 1), db=self.meta)
+            self._put_pack(txn, number, name, pack.size, pack.entries)
+        return number
+
+    def _put_pack(self, txn: lmdb.Transaction, number: int, name: bytes, size: int,
+                  entries: list[PackEntry]) -> None:
+        count = raw = stored = 0
+        for e in entries:
+            txn.put(e.chunk_id, U64.pack(e.ref), db=self.ids, overwrite=False)
+            txn.put(REF_KEY.pack(e.ref),
+                    REF_REC.pack(e.chunk_id, number, e.offset, e.stored, e.raw, e.codec),
+                    db=self.refs)
+            count, raw, stored = count + 1, raw + e.raw, stored + e.stored
+        txn.put(PACK_KEY.pack(number), PACK_REC.pack(name, size, count), db=self.packs)
+        txn.put(name, PACK_KEY.pack(number), db=self.packnames)
+        for key, delta in zip(COUNTERS, (count, raw, stored, 1, size)):
+            self._add(txn, key, delta)
+        if count:
+            # rebuild-index inserts refs that no reservation of this index handed out
+            top = max(e.ref for e in entries)
+            if self._get_u64(txn, b"next_ref", self.meta) <= top:
+                txn.put(b"next_ref", U64.pack(top + 1), db=self.meta)
+
+    def pack_info(self, number: int) -> PackInfo:
+        with self.env.begin() as txn:
+            raw = txn.get(PACK_KEY.pack(number), db=self.packs)
+        if raw is None:
+            raise DamageError(f"index names pack number {number}, which it does not list")
+        name, size, count = PACK_REC.unpack(raw)
+        return PackInfo(number, name.hex(), size, count)
+
+    def all_packs(self) -> list[PackInfo]:
+        with self.env.begin() as txn:
+            return [PackInfo(PACK_KEY.unpack(k)[0], *_pack_fields(v))
+                    for k, v in txn.cursor(db=self.packs)]
+
+    # -- catalog --------------------------------------------------------------------------
+    def put_point(self, point_id: str, record: dict) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(point_id.encode(), json.dumps(record, sort_keys=True).encode(), db=self.points)
+
+    def delete_point(self, point_id: str) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.delete(point_id.encode(), db=self.points)
+
+    def points_records(self) -> list[dict]:
+        with self.env.begin() as txn:
+            return [json.loads(v) for _, v in txn.cursor(db=self.points)]
+
+
+def _pack_fields(raw: bytes) -> tuple[str, int, int]:
+    name, size, count = PACK_REC.unpack(raw)
+    return name.hex(), size, count
+
+
+class IndexReader:
+    """Lookups inside one read transaction (one per thread)."""
+
+    def __init__(self, index: Index, txn: lmdb.Transaction) -> None:
+        self._index = index
+        self._txn = txn
+
+    def ref_of(self, chunk_id: bytes) -> int | None:
+        raw = self._txn.get(chunk_id, db=self._index.ids)
+        return U64.unpack(raw)[0] if raw is not None else None
+
+    def chunk_id_of(self, ref: int) -> bytes | None:
+        raw = self._txn.get(REF_KEY.pack(ref), db=self._index.refs)
+        return raw[:32] if raw is not None else None
+
+    def locate(self, refs: np.ndarray) -> np.ndarray:
+        """Places of the given refs (ZERO excluded) as a LOCATION_DTYPE array; DamageError if any is
+        unknown."""
+        out = np.empty(len(refs), dtype=LOCATION_DTYPE)
+        get = self._txn.get
+        db = self._index.refs
+        for i, ref in enumerate(refs.tolist()):
+            raw = get(REF_KEY.pack(ref), db=db)
+            if raw is None:
+                raise DamageError(f"chunk ref {ref} is not in the index (missing data)")
+            out[i] = (ref, *REF_REC.unpack(raw))
+        return out

@@ -1,0 +1,112 @@
+"""Repository locks: `locks/<host>-<pid>-<rand>.lock`, one file per holder.
+
+A lock file is an envelope (magic LOCK) holding JSON {kind, host, pid, time, command}. `shared`
+locks (backups, restores) coexist; an `exclusive` lock excludes every other lock. The holder keeps
+an flock on its own file, so a lock of this host whose flock can be taken belongs to a dead process:
+it is stale and is removed. Locks of other hosts are never guessed stale; `unlock` removes them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import DamageError, FormatError, LockedError
+from .envelope import seal, unseal
+from .formats import LOCK
+from .points import now_iso
+
+SHARED, EXCLUSIVE = "shared", "exclusive"
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    kind: str
+    host: str
+    pid: int
+    time: str
+    command: str
+
+
+def _read_info(path: Path) -> LockInfo | None:
+    try:
+        return LockInfo(**json.loads(unseal(LOCK, path.read_bytes(), str(path))))
+    except FileNotFoundError:
+        return None
+    except (DamageError, FormatError, TypeError, ValueError):
+        # a lock file being written right now looks torn; treat it as held
+        return LockInfo("exclusive", "?", -1, "", "unreadable lock file")
+
+
+def is_stale(path: Path, info: LockInfo) -> bool:
+    """True when the holder is a dead process on this host (its flock is free)."""
+    if info.host != socket.gethostname():
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def list_locks(locks_dir: Path) -> list[tuple[Path, LockInfo]]:
+    found = []
+    for path in sorted(locks_dir.glob("*.lock")):
+        info = _read_info(path)
+        if info is not None:
+            found.append((path, info))
+    return found
+
+
+class RepoLock:
+    """A held lock; release it with `release()` or by leaving the `with` block."""
+
+    def __init__(self, locks_dir: Path, kind: str, command: str) -> None:
+        self.kind = kind
+        info = LockInfo(kind, socket.gethostname(), os.getpid(), now_iso(), command)
+        self.path = locks_dir / f"{info.host}-{info.pid}-{os.urandom(4).hex()}.lock"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        os.write(self._fd, seal(LOCK, json.dumps(asdict(info)).encode()))
+        os.fsync(self._fd)
+        try:
+            self._check_conflicts(locks_dir)
+        except BaseException:
+            self.release()
+            raise
+
+    def _check_conflicts(self, locks_dir: Path) -> None:
+        for path, info in list_locks(locks_dir):
+            if path == self.path:
+                continue
+            if is_stale(path, info):
+                path.unlink(missing_ok=True)
+                continue
+            if EXCLUSIVE in (self.kind, info.kind):
+                raise LockedError(
+                    f"repository is locked ({info.kind}) by {info.command!r}, pid {info.pid} on "
+                    f"{info.host} since {info.time}; if that process is gone, run "
+                    "'repo-engine unlock'"
+                )
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "RepoLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,159 @@
+"""Pack files: immutable containers of compressed chunks, named by the BLAKE3 of their content.
+
+Layout (little endian):
+
+| part    | layout                                                                   |
+|---------|--------------------------------------------------------------------------|
+| header  | magic PACK (8), major u16, minor u16, reserved u32 — 16 bytes            |
+| blobs   | the chunks' stored bytes, back to back                                   |
+| trailer | one 60-byte entry per chunk: ref u64, id [32], offset u64, stored u32,   |
+|         | raw u32, codec u8, 3 pad bytes                                           |
+| footer  | magic PACK_TRAILER (8), count u32, major u16, reserved u16,              |
+|         | trailer offset u64, BLAKE3 of the trailer entries [32] — 56 bytes        |
+
+`ref` is the chunk's repository-wide reference number (block maps store refs, not ids); `id` is
+the keyed BLAKE3 of the raw bytes and is the chunk's checksum: readers re-hash every chunk they
+decompress. `codec` 0 = stored raw, 1 = zstd frame. A pack is written to a temporary file, fsynced
+and renamed to `packs/<first two hex>/<name>.pack` (write order: docs/FORMAT.md).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import numpy as np
+
+from ..errors import DamageError
+from .atomic import fsync_dir
+from .formats import PACK, PACK_TRAILER
+
+HEADER = struct.Struct("<8sHHI")
+ENTRY = struct.Struct("<Q32sQIIB3x")
+FOOTER = struct.Struct("<8sIHHQ32s")
+assert (HEADER.size, ENTRY.size, FOOTER.size) == (16, 60, 56)
+
+CODEC_RAW, CODEC_ZSTD = 0, 1
+ENTRY_DTYPE = np.dtype(
+    {
+        "names": ["ref", "id", "offset", "stored", "raw", "codec"],
+        "formats": ["<u8", "S32", "<u8", "<u4", "<u4", "u1"],
+        "offsets": [0, 8, 40, 48, 52, 56],
+        "itemsize": ENTRY.size,
+    }
+)
+
+
+@dataclass(frozen=True)
+class PackEntry:
+    ref: int
+    chunk_id: bytes
+    offset: int
+    stored: int
+    raw: int
+    codec: int
+
+
+@dataclass(frozen=True)
+class FinishedPack:
+    name: str
+    size: int
+    entries: list[PackEntry]
+
+
+def pack_path(packs_dir: Path, name: str) -> Path:
+    return packs_dir / name[:2] / f"{name}.pack"
+
+
+class PackWriter:
+    """Appends chunk blobs to a temporary file; `finish` seals and publishes it."""
+
+    def __init__(self, tmp_dir: Path, packs_dir: Path) -> None:
+        self._packs_dir = packs_dir
+        self._tmp = tmp_dir / f"pack-{os.getpid()}-{os.urandom(6).hex()}.tmp"
+        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._hash = blake3.blake3()
+        self._size = 0
+        self.entries: list[PackEntry] = []
+        self._write(HEADER.pack(PACK.magic, PACK.major, PACK.minor, 0))
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def _write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        self._hash.update(view)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self._size += len(data)
+
+    def add(self, ref: int, chunk_id: bytes, blob: bytes, raw_len: int, codec: int) -> None:
+        self.entries.append(PackEntry(ref, chunk_id, self._size, len(blob), raw_len, codec))
+        self._write(blob)
+
+    def finish(self) -> FinishedPack:
+        """Write trailer and footer, fsync, rename to the content name, fsync the directory."""
+        trailer = b"".join(
+            ENTRY.pack(e.ref, e.chunk_id, e.offset, e.stored, e.raw, e.codec) for e in self.entries
+        )
+        trailer_offset = self._size
+        self._write(trailer)
+        self._write(
+            FOOTER.pack(
+                PACK_TRAILER.magic, len(self.entries), PACK_TRAILER.major, 0,
+                trailer_offset, blake3.blake3(trailer).digest(),
+            )
+        )
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        name = self._hash.hexdigest()
+        final = pack_path(self._packs_dir, name)
+        final.parent.mkdir(exist_ok=True)
+        os.replace(self._tmp, final)
+        fsync_dir(final.parent)
+        return FinishedPack(name, self._size, self.entries)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._tmp.unlink(missing_ok=True)
+
+
+def read_trailer(path: Path) -> np.ndarray:
+    """Read and check a pack's trailer; returns an ENTRY_DTYPE array."""
+    what = str(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < HEADER.size + FOOTER.size:
+                raise DamageError(f"{what}: pack is truncated ({size} bytes)")
+            header = f.read(HEADER.size)
+            magic, major, _minor, _ = HEADER.unpack(header)
+            if magic != PACK.magic:
+                raise DamageError(f"{what}: not a pack file (bad magic)")
+            PACK.check_version(major, what)
+            f.seek(size - FOOTER.size)
+            fmagic, count, fmajor, _, toff, digest = FOOTER.unpack(f.read(FOOTER.size))
+            if fmagic != PACK_TRAILER.magic:
+                raise DamageError(f"{what}: pack footer is damaged or the pack is truncated")
+            PACK_TRAILER.check_version(fmajor, what)
+            if toff + count * ENTRY.size + FOOTER.size != size:
+                raise DamageError(f"{what}: pack trailer does not fit the file size")
+            f.seek(toff)
+            trailer = f.read(count * ENTRY.size)
+    except FileNotFoundError:
+        raise DamageError(f"{what}: pack is missing") from None
+    if blake3.blake3(trailer).digest() != digest:
+        raise DamageError(f"{what}: pack trailer checksum mismatch")
+    entries = np.frombuffer(trailer, dtype=ENTRY_DTYPE)
+    ends = entries["offset"].astype(np.int64) + entries["stored"]
+    if count and (entries["offset"].min() < HEADER.size or ends.max() > toff):
+        raise DamageError(f"{what}: pack trailer points outside the blob area")
+    return entries

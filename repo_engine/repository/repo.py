@@ -1,0 +1,148 @@
+"""The repository: one directory tying config, packs, maps, points, index and locks together.
+
+Layout: `config`, `packs/xx/<name>.pack`, `maps/xx/<name>.map`, `points/<id>.point`, `index/`
+(LMDB), `locks/`, `tmp/` (packs being written). Write order: docs/FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import NotARepository, PointNotFound, UsageError
+from .blockmap import BlockMap, read_map, write_map
+from .chunks import ChunkCodec
+from .config import RepoConfig, read_config, write_config
+from .index import Index
+from .locks import RepoLock
+from .packs import FinishedPack, PackWriter
+from .points import PointRecord, point_path, read_point, write_point
+
+SUBDIRS = ("packs", "maps", "points", "index", "locks", "tmp")
+
+
+class Repository:
+    def __init__(self, path: Path, config: RepoConfig, index: Index) -> None:
+        self.path = path
+        self.config = config
+        self.index = index
+        self.codec = ChunkCodec(config.key_bytes, config.compression_level)
+        self.packs_dir, self.maps_dir, self.points_dir = (path / d for d in SUBDIRS[:3])
+        self.locks_dir, self.tmp_dir = path / "locks", path / "tmp"
+
+    # -- life cycle -----------------------------------------------------------------------
+    @classmethod
+    def init(cls, path: Path, **settings: int) -> "Repository":
+        config = RepoConfig.new(**settings)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise UsageError(f"{path} already exists and is not an empty directory")
+        path.mkdir(parents=True, exist_ok=True)
+        for sub in SUBDIRS:
+            (path / sub).mkdir(exist_ok=True)
+        index = Index(path / "index", create=True)
+        write_config(path / "config", config)  # last: its presence marks a finished init
+        return cls(path, config, index)
+
+    @classmethod
+    def open(cls, path: Path) -> "Repository":
+        if not path.is_dir():
+            raise NotARepository(f"{path} is not a repo-engine repository (no such directory)")
+        config = read_config(path / "config")
+        return cls(path, config, Index(path / "index"))
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> "Repository":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def lock(self, kind: str, command: str) -> RepoLock:
+        return RepoLock(self.locks_dir, kind, command)
+
+    # -- packs and maps -------------------------------------------------------------------
+    def pack_writer(self) -> PackWriter:
+        return PackWriter(self.tmp_dir, self.packs_dir)
+
+    def commit_pack(self, writer: PackWriter) -> FinishedPack:
+        """Publish a pack durably, then record it in the index (write order step 1 -> 2)."""
+        finished = writer.finish()
+        self.index.commit_pack(finished)
+        return finished
+
+    def write_map(self, bmap: BlockMap) -> str:
+        return write_map(self.maps_dir, bmap)
+
+    def read_map(self, name: str) -> BlockMap:
+        return read_map(self.maps_dir, name)
+
+    # -- points ---------------------------------------------------------------------------
+    def commit_point(self, point: PointRecord) -> None:
+        """Manifest durable first, then the catalog entry that makes the point visible."""
+        write_point(self.points_dir, point)
+        self.index.put_point(point.id, point.summary())
+
+    def points(self, vm: str | None = None) -> list[PointRecord]:
+        records = [PointRecord.from_dict(r) for r in self.index.points_records()]
+        return sorted((p for p in records if vm is None or p.vm == vm), key=lambda p: p.time)
+
+    def load_point(self, point_id: str) -> PointRecord:
+        """The full manifest, configuration included, read and checked from disk."""
+        return read_point(point_path(self.points_dir, point_id))
+
+    def find_point(self, ref: str) -> PointRecord:
+        """Resolve a short id, `VM@latest` or `VM@<time prefix>` to one catalogued point."""
+        points = self.points()
+        if "@" in ref:
+            vm, when = ref.rsplit("@", 1)
+            matches = [p for p in points if p.vm == vm]
+            if when != "latest":
+                matches = [p for p in matches if p.time.startswith(when)]
+            elif matches:
+                matches = matches[-1:]
+        else:
+            matches = [p for p in points if p.id.startswith(ref.lower())] if ref else []
+        if not matches:
+            raise PointNotFound(f"no restore point matches {ref!r} (see 'repo-engine points')")
+        if len(matches) > 1:
+            names = ", ".join(f"{p.id[:8]} ({p.vm}@{p.time})" for p in matches[:5])
+            raise UsageError(f"{ref!r} matches {len(matches)} points: {names}; be more specific")
+        return matches[0]
+
+    def latest_with_disk(self, vm: str, key: str) -> PointRecord | None:
+        for point in reversed(self.points(vm)):
+            if point.disk(key) is not None:
+                return point
+        return None
+
+    def resolve(self, point: PointRecord, key: str) -> np.ndarray:
+        """The full block map (one ref per block) of disk `key` at `point`, across its chain."""
+        chain: list[str] = []
+        catalog = {p.id: p for p in self.points()}
+        current: PointRecord | None = point
+        while current is not None:
+            disk = current.disk(key)
+            if disk is None:
+                raise PointNotFound(f"point {current.id[:8]} has no disk {key!r}")
+            chain.append(disk.map)
+            if disk.kind == "full":
+                break
+            current = catalog.get(disk.parent or "")
+            if current is None:
+                raise PointNotFound(f"the chain of disk {key!r} at point {point.id[:8]} is broken: "
+                                    f"parent {disk.parent} is not in the catalog")
+        refs: np.ndarray | None = None
+        for name in reversed(chain):
+            refs = self.read_map(name).apply(refs)
+        assert refs is not None
+        return refs
+
+    def disk_usage(self) -> int:
+        total = 0
+        for root, _dirs, files in os.walk(self.packs_dir):
+            total += sum(os.stat(os.path.join(root, f)).st_size for f in files)
+        return total

@@ -1,0 +1,159 @@
+"""Steps 5-6 of a restore (see the package doc): read, verify, decompress and write."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import vddk_ext
+
+from ..backup.extents import blocks_to_extents
+from ..errors import DamageError, PointNotFound, UsageError
+from ..repository.blockmap import resize
+from ..repository.locks import SHARED
+from ..repository.packs import pack_path
+from ..repository.points import DiskRecord, PointRecord
+from ..repository.repo import Repository
+from .plan import ReadRun, RestorePlan, plan_restore
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class RestoreSummary:
+    point: str
+    disk: str
+    target: str
+    capacity: int
+    blocks_written: int
+    zero_blocks: int
+    chunks_read: int
+    bytes_written: int
+    seconds: float
+
+
+def _disk_of(point: PointRecord, key: str) -> DiskRecord:
+    disk = point.disk(key)
+    if disk is None:
+        keys = ", ".join(d.key for d in point.disks)
+        raise PointNotFound(f"point {point.id[:8]} has no disk {key!r} (its disks: {keys})")
+    return disk
+
+
+def _open_target(target: Path, capacity: int, *, onto: bool, force: bool) -> vddk_ext.Disk:
+    is_device = target.exists() and stat.S_ISBLK(target.stat().st_mode)
+    if is_device:
+        device = vddk_ext.open_local(str(target), writable=True)
+        if device.capacity < capacity:
+            device.close()
+            raise UsageError(f"{target} holds {device.capacity} bytes; the disk needs {capacity}")
+        return device
+    if onto:
+        if not target.is_file():
+            raise UsageError(f"--onto target {target} does not exist or is not a regular file")
+        os.truncate(target, capacity)
+        return vddk_ext.open_local(str(target), writable=True)
+    if target.exists():
+        if not force:
+            raise UsageError(f"{target} already exists; use --force to overwrite it")
+        target.unlink()
+    return vddk_ext.open_local(str(target), writable=True, create_size=capacity)
+
+
+class _RunWriter:
+    """Worker side: read one run, check and write its chunks."""
+
+    def __init__(self, repo: Repository, plan: RestorePlan, device: vddk_ext.Disk,
+                 block_size: int) -> None:
+        self.repo, self.plan, self.device, self.bs = repo, plan, device, block_size
+        self._names: dict[int, Path] = {}
+
+    def pack_file(self, number: int) -> Path:
+        path = self._names.get(number)
+        if path is None:
+            path = self._names[number] = pack_path(self.repo.packs_dir,
+                                                   self.repo.index.pack_info(number).name)
+        return path
+
+    def __call__(self, run: ReadRun, path: Path) -> int:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                span = os.pread(f.fileno(), run.end - run.start, run.start)
+        except FileNotFoundError:
+            raise DamageError(f"pack {path.name} is missing; {len(run.chunks)} chunks of this "
+                              "disk cannot be restored") from None
+        if len(span) != run.end - run.start:
+            raise DamageError(f"pack {path.name} is truncated")
+        view = memoryview(span)
+        written = 0
+        for i, chunk in enumerate(run.chunks):
+            lo = int(chunk["offset"]) - run.start
+            blob = view[lo:lo + int(chunk["stored"])]
+            data = self.repo.codec.decode(blob, int(chunk["codec"]), int(chunk["raw"]),
+                                          bytes(chunk["id"]),
+                                          f"pack {path.name} chunk ref {int(chunk['ref'])}")
+            c = run.first_chunk + i
+            blocks = self.plan.blocks_by_chunk[self.plan.bounds[c]:self.plan.bounds[c + 1]]
+            self.device.write_blocks(self.bs, blocks, data)
+            written += len(blocks)
+        return written
+
+
+def _bounded(pool: ThreadPoolExecutor, fn: Callable, items: list, limit: int) -> Iterator:
+    """pool.map with at most `limit` tasks in flight (bounded memory)."""
+    pending = []
+    for item in items:
+        pending.append(pool.submit(fn, *item))
+        if len(pending) >= limit:
+            yield pending.pop(0).result()
+    for fut in pending:
+        yield fut.result()
+
+
+def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *,
+                 base: PointRecord | None = None, force: bool = False,
+                 progress: Callable[[int], Progress] | None = None) -> RestoreSummary:
+    started = time.monotonic()
+    disk = _disk_of(point, key)
+    with repo.lock(SHARED, f"restore {point.vm}"):
+        refs = repo.resolve(point, key)
+        if base is not None:
+            base_refs = resize(repo.resolve(base, _disk_of(base, key).key), len(refs))
+            todo = np.flatnonzero(refs != base_refs).astype(np.uint64)
+        with repo.index.reader() as lookup:
+            device = _open_target(target, disk.capacity, onto=base is not None, force=force)
+            try:
+                if base is None:
+                    fresh = device.kind == "file"
+                    todo = (np.flatnonzero(refs) if fresh else np.arange(len(refs))).astype(np.uint64)
+                plan = plan_restore(refs, todo, lookup)
+                written = _write(repo, plan, device, disk, progress)
+                device.flush()
+            finally:
+                device.close()
+    return RestoreSummary(point.id, key, str(target), disk.capacity, written,
+                          len(plan.zero_blocks), len(plan.locations),
+                          written * disk.block_size, round(time.monotonic() - started, 3))
+
+
+def _write(repo: Repository, plan: RestorePlan, device: vddk_ext.Disk, disk: DiskRecord,
+           progress: Callable[[int], Progress] | None) -> int:
+    for offset, length in blocks_to_extents(plan.zero_blocks, disk.block_size, disk.capacity):
+        device.write_zeroes(offset, length)
+    tick = progress(plan.data_blocks * disk.block_size) if progress else None
+    writer = _RunWriter(repo, plan, device, disk.block_size)
+    work = [(run, writer.pack_file(run.pack)) for run in plan.runs]
+    workers = max(2, os.cpu_count() or 2)
+    written = 0
+    with ThreadPoolExecutor(workers) as pool:
+        for count in _bounded(pool, writer, work, workers * 2):
+            written += count
+            if tick:
+                tick(count * disk.block_size)
+    return written
