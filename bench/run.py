@@ -52,7 +52,8 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None 
     out = subprocess.PIPE if keep_stdout else subprocess.DEVNULL
     try:
         start = time.perf_counter()
-        proc = subprocess.Popen([TIME, "-f", "%M", "-o", str(rss_file), *cmd], env=env, cwd=cwd, stdout=out, stderr=log_f)
+        proc = subprocess.Popen([TIME, "-f", "%M", "-o", str(rss_file), *cmd], env=env, cwd=cwd,
+                                stdout=out, stderr=log_f)
         stdout = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
         os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)   # zombie: /proc/PID/io still readable
         ended = time.perf_counter()
@@ -416,8 +417,9 @@ def table(results: list[Result], meta: dict) -> str:
               "- Incremental = mean over days 1..N. repo-engine is given the day's changed-extent list "
               "(`--changed`, like hypervisor changed-block tracking); peers have no such input and re-read the image.",
               "- incr. read: repo-engine = `bytes_read` from its --json summary; peers = `rchar` of the process "
-              "and its children from /proc/PID/io (read syscalls incl. repository/index reads; holes skipped "
-              "via SEEK_HOLE are not read).",
+              "and its children from /proc/PID/io: every read syscall, so it includes the tool's own repository, "
+              "index and temp-file reads (restic reads each pack's temp file back when saving it); "
+              "holes skipped via SEEK_HOLE (borg-fixed --sparse) are not read.",
               "- restore: restore of day N to a file, verified byte for byte with cmp against the source image.",
               "- repo MiB: `du -sb` (apparent) of the repository after all days; client caches "
               "(borg cache, restic cache) excluded.",

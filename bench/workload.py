@@ -72,7 +72,7 @@ def source_groups(roots: list[str]) -> list[list[tuple[str, int]]]:
                     continue
                 if os.path.isfile(path) and not os.path.islink(path) and 0 < st.st_size <= MAX_SOURCE_FILE \
                         and os.access(path, os.R_OK):
-                    files.append((path, st.st_size))
+                    files.append((path, -(-st.st_size // 4096) * 4096))   # size on disk, 4 KiB blocks
             if files:
                 groups.append(files)
     return groups
@@ -350,7 +350,8 @@ def print_summary(m: dict) -> None:
     mib = 1024 * 1024
     print(f"capacity {m['capacity'] / mib:.0f} MiB, database {m['db_size'] / mib:.0f} MiB, "
           f"generated in {m['seconds']} s")
-    print(f"{'day':>3} {'fs used MiB':>12} {'allocated MiB':>14} {'changed MiB':>12} {'changed % used':>15} {'extents':>8}")
+    print(f"{'day':>3} {'fs used MiB':>12} {'allocated MiB':>14} {'changed MiB':>12} "
+          f"{'changed % used':>15} {'extents':>8}")
     for d in m["per_day"]:
         ch = d.get("changed_bytes")
         pct = f"{100 * ch / d['fs_used']:.2f}" if ch is not None else "-"

@@ -56,8 +56,7 @@ class _DiskBackup:
         try:
             device = disk.open()
         except OSError as exc:
-            raise SourceError(f"disk {disk.key}: cannot open {disk.description}: "
-                              f"{exc.strerror or exc}") from None
+            raise SourceError(f"disk {disk.key}: {exc.strerror or exc}") from None
         try:
             counters = DiskCounters()
             plan = plan_disk(self.repo, vm, disk, device)

@@ -43,23 +43,28 @@ def cli() -> None:
     """repo-engine: deduplicating backup repository for virtual-machine disks."""
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (errors are printed as one line on stderr)."""
     from ..errors import RepoError
 
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=argv, prog_name="repo-engine", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("repo-engine: interrupted", err=True)
-        sys.exit(130)
+        return 130
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except RepoError as exc:
         click.echo(f"repo-engine: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except KeyboardInterrupt:
         click.echo("repo-engine: interrupted", err=True)
-        sys.exit(130)
-    sys.exit(0)
+        return 130
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())

@@ -36,7 +36,7 @@ PACK_REC = struct.Struct("<32sQI")
 MAP_SIZE = 1 << 40  # address space only: LMDB grows the file as it fills
 
 LOCATION_DTYPE = np.dtype(
-    [("ref", "<u8"), ("id", "S32"), ("pack", "<u4"), ("offset", "<u8"),
+    [("ref", "<u8"), ("id", "V32"), ("pack", "<u4"), ("offset", "<u8"),
      ("stored", "<u4"), ("raw", "<u4"), ("codec", "u1")]
 )
 COUNTERS = ("chunks", "raw_bytes", "stored_bytes", "packs", "pack_bytes")

@@ -37,10 +37,11 @@ FOOTER = struct.Struct("<8sIHHQ32s")
 assert (HEADER.size, ENTRY.size, FOOTER.size) == (16, 60, 56)
 
 CODEC_RAW, CODEC_ZSTD = 0, 1
+# ids are V32, not S32: numpy strips trailing NUL bytes from S fields
 ENTRY_DTYPE = np.dtype(
     {
         "names": ["ref", "id", "offset", "stored", "raw", "codec"],
-        "formats": ["<u8", "S32", "<u8", "<u4", "<u4", "u1"],
+        "formats": ["<u8", "V32", "<u8", "<u4", "<u4", "u1"],
         "offsets": [0, 8, 40, 48, 52, 56],
         "itemsize": ENTRY.size,
     }

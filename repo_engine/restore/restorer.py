@@ -96,7 +96,7 @@ class _RunWriter:
             lo = int(chunk["offset"]) - run.start
             blob = view[lo:lo + int(chunk["stored"])]
             data = self.repo.codec.decode(blob, int(chunk["codec"]), int(chunk["raw"]),
-                                          bytes(chunk["id"]),
+                                          chunk["id"].tobytes(),
                                           f"pack {path.name} chunk ref {int(chunk['ref'])}")
             c = run.first_chunk + i
             blocks = self.plan.blocks_by_chunk[self.plan.bounds[c]:self.plan.bounds[c + 1]]

@@ -35,8 +35,8 @@ def _probe(disk: ImageDisk) -> int:
         with vddk_ext.open_local(str(disk.path)) as device:
             return device.capacity
     except OSError as exc:
-        raise SourceError(f"disk {disk.key}: cannot read {disk.path}: "
-                          f"{exc.strerror or exc}") from None
+        # vddk_ext's message already names the path and the reason
+        raise SourceError(f"disk {disk.key}: {exc.strerror or exc}") from None
 
 
 def _source_disk(disk: ImageDisk) -> SourceDisk:

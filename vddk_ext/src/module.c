@@ -119,6 +119,32 @@ static int disk_check_open(DiskObject *self)
     return 0;
 }
 
+/*
+ * Runs `call`, an int expression using the local `d`, with the GIL released
+ * and the handle locked; rc becomes CLOSED_RC when the disk is closed.
+ */
+#define CLOSED_RC 1
+#define WITH_DISK(self, rc, call)                \
+    Py_BEGIN_ALLOW_THREADS                       \
+    bio_disk *d = lock_disk(self);               \
+    if (d == NULL) {                             \
+        (rc) = CLOSED_RC;                        \
+    } else {                                     \
+        (rc) = (call);                           \
+        pthread_mutex_unlock(&(self)->lock);     \
+    }                                            \
+    Py_END_ALLOW_THREADS
+
+/* None, or the exception for rc: ValueError when closed, else DiskError. */
+static PyObject *disk_result(int rc, const bio_error *e)
+{
+    if (rc == CLOSED_RC)
+        return raise_closed("disk");
+    if (rc != 0)
+        return raise_bio(e);
+    Py_RETURN_NONE;
+}
+
 static PyObject *open_local(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"path", "writable", "create_size", NULL};
@@ -225,26 +251,15 @@ static PyObject *disk_exit(DiskObject *self, PyObject *args)
 static PyObject *disk_allocated_extents(DiskObject *self, PyObject *unused)
 {
     bio_extent_list l = {NULL, 0, 0};
-    bio_disk *d;
     bio_error err;
-    int rc = 0, closed = 0;
+    int rc = 0;
     PyObject *list;
     size_t i;
 
     (void)unused;
-    Py_BEGIN_ALLOW_THREADS
-    d = lock_disk(self);
-    if (d == NULL) {
-        closed = 1;
-    } else {
-        rc = bio_allocated_extents(d, &l, &err);
-        pthread_mutex_unlock(&self->lock);
-    }
-    Py_END_ALLOW_THREADS
-    if (closed)
-        return raise_closed("disk");
+    WITH_DISK(self, rc, bio_allocated_extents(d, &l, &err));
     if (rc != 0)
-        return raise_bio(&err);
+        return disk_result(rc, &err);
     list = PyList_New((Py_ssize_t)l.n);
     for (i = 0; list != NULL && i < l.n; i++) {
         PyObject *t = Py_BuildValue("(KK)", (unsigned long long)l.v[i].offset,
@@ -262,9 +277,8 @@ static PyObject *disk_pwrite(DiskObject *self, PyObject *args)
 {
     long long offset;
     Py_buffer data;
-    bio_disk *d;
     bio_error err;
-    int rc = 0, closed = 0;
+    int rc = 0;
 
     if (!PyArg_ParseTuple(args, "Ly*:pwrite", &offset, &data))
         return NULL;
@@ -273,29 +287,16 @@ static PyObject *disk_pwrite(DiskObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "offset must be >= 0");
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS
-    d = lock_disk(self);
-    if (d == NULL) {
-        closed = 1;
-    } else {
-        rc = bio_pwrite(d, (uint64_t)offset, (size_t)data.len, data.buf, &err);
-        pthread_mutex_unlock(&self->lock);
-    }
-    Py_END_ALLOW_THREADS
+    WITH_DISK(self, rc, bio_pwrite(d, (uint64_t)offset, (size_t)data.len, data.buf, &err));
     PyBuffer_Release(&data);
-    if (closed)
-        return raise_closed("disk");
-    if (rc != 0)
-        return raise_bio(&err);
-    Py_RETURN_NONE;
+    return disk_result(rc, &err);
 }
 
 static PyObject *disk_write_zeroes(DiskObject *self, PyObject *args)
 {
     long long offset, length;
-    bio_disk *d;
     bio_error err;
-    int rc = 0, closed = 0;
+    int rc = 0;
 
     if (!PyArg_ParseTuple(args, "LL:write_zeroes", &offset, &length))
         return NULL;
@@ -303,43 +304,18 @@ static PyObject *disk_write_zeroes(DiskObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "offset and length must be >= 0");
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS
-    d = lock_disk(self);
-    if (d == NULL) {
-        closed = 1;
-    } else {
-        rc = bio_write_zeroes(d, (uint64_t)offset, (uint64_t)length, &err);
-        pthread_mutex_unlock(&self->lock);
-    }
-    Py_END_ALLOW_THREADS
-    if (closed)
-        return raise_closed("disk");
-    if (rc != 0)
-        return raise_bio(&err);
-    Py_RETURN_NONE;
+    WITH_DISK(self, rc, bio_write_zeroes(d, (uint64_t)offset, (uint64_t)length, &err));
+    return disk_result(rc, &err);
 }
 
 static PyObject *disk_flush(DiskObject *self, PyObject *unused)
 {
-    bio_disk *d;
     bio_error err;
-    int rc = 0, closed = 0;
+    int rc = 0;
 
     (void)unused;
-    Py_BEGIN_ALLOW_THREADS
-    d = lock_disk(self);
-    if (d == NULL) {
-        closed = 1;
-    } else {
-        rc = bio_flush(d, &err);
-        pthread_mutex_unlock(&self->lock);
-    }
-    Py_END_ALLOW_THREADS
-    if (closed)
-        return raise_closed("disk");
-    if (rc != 0)
-        return raise_bio(&err);
-    Py_RETURN_NONE;
+    WITH_DISK(self, rc, bio_flush(d, &err));
+    return disk_result(rc, &err);
 }
 
 static PyObject *disk_write_blocks(DiskObject *self, PyObject *args)
@@ -347,9 +323,8 @@ static PyObject *disk_write_blocks(DiskObject *self, PyObject *args)
     Py_ssize_t block_size;
     PyObject *blocks_obj;
     Py_buffer blocks, data;
-    bio_disk *d;
     bio_error err;
-    int rc = 0, closed = 0;
+    int rc = 0;
 
     if (!PyArg_ParseTuple(args, "nOy*:write_blocks", &block_size, &blocks_obj, &data))
         return NULL;
@@ -357,23 +332,12 @@ static PyObject *disk_write_blocks(DiskObject *self, PyObject *args)
         PyBuffer_Release(&data);
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS
-    d = lock_disk(self);
-    if (d == NULL) {
-        closed = 1;
-    } else {
-        rc = bio_write_blocks(d, (uint32_t)block_size, blocks.buf, (size_t)(blocks.len / 8),
-                              data.buf, (size_t)data.len, &err);
-        pthread_mutex_unlock(&self->lock);
-    }
-    Py_END_ALLOW_THREADS
+    WITH_DISK(self, rc, bio_write_blocks(d, (uint32_t)block_size, blocks.buf,
+                                         (size_t)(blocks.len / 8), data.buf, (size_t)data.len,
+                                         &err));
     PyBuffer_Release(&blocks);
     PyBuffer_Release(&data);
-    if (closed)
-        return raise_closed("disk");
-    if (rc != 0)
-        return raise_bio(&err);
-    Py_RETURN_NONE;
+    return disk_result(rc, &err);
 }
 
 static PyObject *disk_reader(DiskObject *self, PyObject *args, PyObject *kwargs);
@@ -516,10 +480,9 @@ static PyObject *disk_reader(DiskObject *self, PyObject *args, PyObject *kwargs)
     PyObject *blocks_obj;
     Py_buffer view;
     ReaderObject *r;
-    bio_disk *d;
     bio_error err;
     size_t n, bad = 0;
-    int rc = 0, closed = 0;
+    int rc = 0;
 
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "nO|$nn:reader", kwlist, &block_size,
                                      &blocks_obj, &batch_bytes, &max_request))
@@ -562,22 +525,12 @@ static PyObject *disk_reader(DiskObject *self, PyObject *args, PyObject *kwargs)
     }
     memcpy(r->blocks, view.buf, n * sizeof(uint64_t));
     PyBuffer_Release(&view);
-    Py_BEGIN_ALLOW_THREADS
-    d = lock_disk(self);
-    if (d == NULL) {
-        closed = 1;
-    } else {
-        rc = bio_check_blocks(d, (uint32_t)block_size, r->blocks, n, &bad, &err);
-        pthread_mutex_unlock(&self->lock);
-    }
-    Py_END_ALLOW_THREADS
-    if (closed || rc != 0) {
+    WITH_DISK(self, rc, bio_check_blocks(d, (uint32_t)block_size, r->blocks, n, &bad, &err));
+    if (rc != 0) {
         Py_DECREF(r);
-        if (closed)
-            return raise_closed("disk");
-        if (rc == -2)
+        if (rc == -2)   /* not strictly increasing */
             return PyErr_Format(PyExc_ValueError, "%s", err.msg);
-        return raise_bio(&err);
+        return disk_result(rc, &err);
     }
     return (PyObject *)r;
 }
@@ -626,10 +579,9 @@ static PyObject *reader_next(ReaderObject *self)
     DiskObject *disk = self->disk;
     size_t n;
     ring_buf *b;
-    bio_disk *d;
     bio_error err;
     uint64_t nread = 0;
-    int rc = 0, closed = 0;
+    int rc = 0;
     BatchObject *batch;
 
     if (self->closed)
@@ -645,21 +597,13 @@ static PyObject *reader_next(ReaderObject *self)
     memcpy(b->blocks, self->blocks + self->pos, n * sizeof(uint64_t));
     self->pos += n;          /* reserved: another thread may call next() meanwhile */
     Py_INCREF(disk);         /* close() may drop the reader's reference */
-    Py_BEGIN_ALLOW_THREADS
-    d = lock_disk(disk);
-    if (d == NULL) {
-        closed = 1;
-    } else {
-        rc = bio_read_blocks(d, (uint32_t)self->block_size, b->blocks, n, self->max_request,
-                             b->data, b->zero, &nread, &err);
-        pthread_mutex_unlock(&disk->lock);
-    }
-    Py_END_ALLOW_THREADS
+    WITH_DISK(disk, rc, bio_read_blocks(d, (uint32_t)self->block_size, b->blocks, n,
+                                        self->max_request, b->data, b->zero, &nread, &err));
     self->bytes_read += nread;
-    if (closed || rc != 0) {
+    if (rc != 0) {
         reader_give_buf(self, b);
         Py_DECREF(disk);
-        return closed ? raise_closed("disk") : raise_bio(&err);
+        return disk_result(rc, &err);
     }
     batch = PyObject_New(BatchObject, &BatchType);
     if (batch == NULL) {

@@ -1,0 +1,120 @@
+"""Shared test helpers: repositories in a temporary directory, random sparse disk images, the CLI
+run in-process, and snapshots of a repository's files for "left untouched" checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from repo_engine.cli.main import run
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> object:
+        return json.loads(self.out)
+
+
+def cli(capsys, *args: object) -> CliResult:
+    """Run `repo-engine ARGS` in this process and capture its output."""
+    capsys.readouterr()
+    code = run([str(a) for a in args])
+    captured = capsys.readouterr()
+    return CliResult(code, captured.out, captured.err)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under `root` with the hash of its content (LMDB's lock file excluded: readers
+    touch it)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != "lock.mdb":
+            out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+@dataclass
+class DiskModel:
+    """A disk image file and the bytes we expect in it, changed through random extents."""
+
+    path: Path
+    capacity: int
+    rng: np.random.Generator
+    content: bytearray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.content = bytearray(self.capacity)
+        with open(self.path, "wb") as f:
+            f.truncate(self.capacity)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.content[offset:offset + len(data)] = data
+        with open(self.path, "r+b") as f:
+            f.seek(offset)
+            f.write(data)
+
+    def random_data(self, length: int) -> bytes:
+        """Half the time compressible text-like bytes, else random; sometimes zeros."""
+        kind = self.rng.integers(0, 4)
+        if kind == 0:
+            return bytes(length)
+        if kind == 1:
+            return self.rng.integers(0, 256, length, dtype=np.uint8).tobytes()
+        words = self.rng.choice([b"alpha ", b"beta ", b"gamma\n", b"delta\t"], size=length // 6 + 1)
+        return b"".join(words)[:length]
+
+    def random_changes(self, count: int, max_len: int = 200 * KIB) -> list[list[int]]:
+        """Write `count` random extents; returns them as a change list."""
+        extents = []
+        for _ in range(count):
+            length = int(self.rng.integers(1, max_len))
+            offset = int(self.rng.integers(0, self.capacity - length))
+            self.write(offset, self.random_data(length))
+            extents.append([offset, length])
+        return extents
+
+    def copy_of_content(self) -> bytes:
+        return bytes(self.content)
+
+
+def write_extents(path: Path, extents: list[list[int]]) -> Path:
+    path.write_text(json.dumps(extents))
+    return path
+
+
+def restore_bytes(capsys, repo: Path, point: str, key: str, target: Path) -> bytes:
+    if target.exists():
+        target.unlink()
+    result = cli(capsys, "restore", repo, point, "--disk", key, "--to", target)
+    assert result.code == 0, result.err
+    return target.read_bytes()
+
+
+def assert_sparse_where_zero(path: Path, block_size: int, content: bytes) -> None:
+    """Every data extent of the restored file overlaps some non-zero block (zero blocks are holes)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = 0
+        size = os.fstat(fd).st_size
+        while offset < size:
+            try:
+                data = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            assert any(content[data:hole]), f"data extent [{data}, {hole}) holds only zeros"
+            offset = hole
+    finally:
+        os.close(fd)
