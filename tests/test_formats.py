@@ -1,0 +1,64 @@
+"""Golden bytes of the on-disk formats: any change to what we write is noticed here."""
+
+from __future__ import annotations
+
+import blake3
+import numpy as np
+import pytest
+
+from repo_engine.errors import DamageError, FormatError
+from repo_engine.repository.blockmap import BlockMap, encode
+from repo_engine.repository.envelope import seal, unseal
+from repo_engine.repository.formats import BLOCK_MAP, CONFIG, PACK
+from repo_engine.repository.packs import HEADER, PackWriter, read_trailer
+
+
+def test_envelope_golden():
+    sealed = seal(CONFIG, b"{}")
+    # magic, major 1, minor 0, flags 0, length 2, payload, BLAKE3 of all before it
+    assert sealed.hex() == (
+        "524563666700011a" "0100" "0000" "00000000" "0200000000000000" "7b7d"
+        "68a064be598cbb10e1e29c4dce6fefce527545bb550ee1b32d1df97609ed2b67")
+    assert sealed[26:] == blake3.blake3(sealed[:26]).digest()
+
+
+def test_envelope_refuses_damage_and_future_versions():
+    sealed = bytearray(seal(CONFIG, b"payload"))
+    with pytest.raises(FormatError, match="not a block map"):
+        unseal(BLOCK_MAP, bytes(sealed), "f")
+    sealed[25] ^= 1
+    with pytest.raises(DamageError, match="checksum"):
+        unseal(CONFIG, bytes(sealed), "f")
+    with pytest.raises(DamageError, match="wrong length"):
+        unseal(CONFIG, seal(CONFIG, b"payload")[:-1], "f")
+
+
+def test_block_map_golden():
+    data = encode(BlockMap.full(np.array([0, 1, 2**64 - 1], dtype=np.uint64)))
+    assert data[:8] == BLOCK_MAP.magic
+    assert data[24:48].hex() == "00" * 8 + "0300000000000000" + "0300000000000000"
+
+
+def test_pack_layout_and_trailing_nul_ids(tmp_path):
+    (tmp_path / "packs").mkdir()
+    writer = PackWriter(tmp_path, tmp_path / "packs")
+    ids = [bytes(31) + b"\x01", b"\x07" * 31 + b"\x00", bytes(32)]
+    for ref, chunk_id in enumerate(ids, start=1):
+        writer.add(ref, chunk_id, b"blob%d" % ref, 5, 0)
+    pack = writer.finish()
+    path = tmp_path / "packs" / pack.name[:2] / f"{pack.name}.pack"
+    raw = path.read_bytes()
+    assert pack.name == blake3.blake3(raw).hexdigest()
+    assert raw[:HEADER.size] == PACK.magic + b"\x01\x00\x00\x00" + bytes(4)
+    assert raw[16:31] == b"blob1blob2blob3"
+    entries = read_trailer(path)
+    assert [e.tobytes() for e in entries["id"]] == ids
+    assert entries["offset"].tolist() == [16, 21, 26]
+    damaged = bytearray(raw)
+    damaged[40] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(DamageError, match="trailer checksum"):
+        read_trailer(path)
+    path.write_bytes(raw[:-3])
+    with pytest.raises(DamageError, match="truncated|damaged"):
+        read_trailer(path)
