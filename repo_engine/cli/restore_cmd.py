@@ -10,7 +10,22 @@ import click
 from .common import Progress, emit_json, human_bytes, json_option, open_repo, repo_argument
 
 
-@click.command()
+class DefaultToImage(click.Group):
+    """`restore REPO POINT ...` is short for `restore image REPO POINT ...`."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):  # type: ignore[no-untyped-def]
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["image", *args]
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=DefaultToImage)
+def restore() -> None:
+    """Restore a disk of a point to a file or block device (`restore image`, the default), or a
+    VM through vSphere (`restore vsphere`)."""
+
+
+@restore.command("image")
 @repo_argument
 @click.argument("point")
 @click.option("--disk", "key", required=True, help="Key of the disk to restore.")
@@ -21,7 +36,7 @@ from .common import Progress, emit_json, human_bytes, json_option, open_repo, re
 @click.option("--base", help="The point whose image --onto already holds.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --to file.")
 @json_option
-def restore(repo: Path, point: str, key: str, target: Path | None, onto: Path | None,
+def restore_image(repo: Path, point: str, key: str, target: Path | None, onto: Path | None,
             base: str | None, force: bool, as_json: bool) -> None:
     """Restore disk KEY of POINT (short id, VM@latest or VM@TIME).
 
