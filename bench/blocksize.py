@@ -78,9 +78,9 @@ def main() -> None:
             results[tool.name].repo_bytes = du_bytes(tool.repo)
             run_restore(tool, results[tool.name], days, imgs[-1], logs)
     text = table(tools, results)
-    print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"results": [asdict(results[t.name]) for t in tools], "table": text}, indent=1))
+    print(text)
 
 
 if __name__ == "__main__":

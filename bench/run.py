@@ -350,9 +350,9 @@ def run_backups(imgs: list[Path], current: Path, tools: list[Tool], results: dic
         print(f"step: backup day {day}", file=sys.stderr)
         stage(img, current)
         extents = img.with_name(f"day{day}.extents.json") if day else None
-        for tool in rotated(tools, day):
-            if results[tool.name].status == "ok" and not (tool.baseline and day > 0):
-                run_backup(tool, results[tool.name], day, extents, logs)
+        active = [t for t in tools if results[t.name].status == "ok" and not (t.baseline and day > 0)]
+        for tool in rotated(active, day):
+            run_backup(tool, results[tool.name], day, extents, logs)
 
 
 def run_all(work: Path, names: list[str], days: int, repo_engine_cmd: list[str]) -> tuple[list[Result], dict]:
@@ -367,11 +367,9 @@ def run_all(work: Path, names: list[str], days: int, repo_engine_cmd: list[str])
     tools = [t for t in tools if results[t.name].status == "ok"]
     run_backups(imgs, current, tools, results, logs)
     print(f"step: restore day {days}", file=sys.stderr)
-    for tool in rotated(tools, days + 1):
-        res = results[tool.name]
-        if not tool.baseline and res.status == "ok":
-            res.repo_bytes = du_bytes(tool.repo)
-            run_restore(tool, res, days, imgs[-1], logs)
+    for tool in rotated([t for t in tools if not t.baseline and results[t.name].status == "ok"], days + 1):
+        results[tool.name].repo_bytes = du_bytes(tool.repo)
+        run_restore(tool, results[tool.name], days, imgs[-1], logs)
     meta = {"work": str(work), "days": days, "image_bytes": imgs[0].stat().st_size,
             "host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -446,9 +444,9 @@ def main() -> None:
     days = args.days if args.days is not None else json.loads((work / "manifest.json").read_text())["days"]
     results, meta = run_all(work, names, days, shlex.split(args.repo_engine))
     text = table(results, meta)
-    print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results], "table": text}, indent=1))
+    print(text)
 
 
 if __name__ == "__main__":
