@@ -35,6 +35,7 @@ HEADER = struct.Struct("<8sHHI")
 ENTRY = struct.Struct("<Q32sQIIB3x")
 FOOTER = struct.Struct("<8sIHHQ32s")
 assert (HEADER.size, ENTRY.size, FOOTER.size) == (16, 60, 56)
+WRITE_CHUNK = 4 << 20
 
 CODEC_RAW, CODEC_ZSTD = 0, 1
 # ids are V32, not S32: numpy strips trailing NUL bytes from S fields
@@ -78,6 +79,8 @@ class PackWriter:
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._hash = blake3.blake3()
         self._size = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self.entries: list[PackEntry] = []
         self._write(HEADER.pack(PACK.magic, PACK.major, PACK.minor, 0))
 
@@ -85,20 +88,38 @@ class PackWriter:
     def size(self) -> int:
         return self._size
 
-    def _write(self, data: bytes | memoryview) -> None:
+    def _write(self, data: bytes) -> None:
+        """Buffer `data`; blobs go to the file and the hash a few MiB at a time (few syscalls,
+        large BLAKE3 updates that release the GIL)."""
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        self._size += len(data)
+        if self._pending_bytes >= WRITE_CHUNK:
+            self._drain()
+
+    def _drain(self) -> None:
+        data = b"".join(self._pending)
+        self._pending, self._pending_bytes = [], 0
+        self._hash.update(data)
         view = memoryview(data)
-        self._hash.update(view)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        self._size += len(data)
 
     def add(self, ref: int, chunk_id: bytes, blob: bytes, raw_len: int, codec: int) -> None:
         self.entries.append(PackEntry(ref, chunk_id, self._size, len(blob), raw_len, codec))
         self._write(blob)
 
     def finish(self) -> FinishedPack:
-        """Write trailer and footer, fsync, rename to the content name, fsync the directory."""
+        """Write trailer and footer, fsync, rename to the content name, fsync the directory. On
+        failure (a full disk, say) the temporary file is removed."""
+        try:
+            return self._finish()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _finish(self) -> FinishedPack:
         trailer = b"".join(
             ENTRY.pack(e.ref, e.chunk_id, e.offset, e.stored, e.raw, e.codec) for e in self.entries
         )
@@ -110,6 +131,7 @@ class PackWriter:
                 trailer_offset, blake3.blake3(trailer).digest(),
             )
         )
+        self._drain()
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
