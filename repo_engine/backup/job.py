@@ -157,14 +157,12 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions) ->
                 notes=list(snapshot.notes), counters=_totals(records, writer, started))
             repo.commit_point(point)
         except OSError as exc:
-            writer.abort()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise RepoError(f"the repository's filesystem is full ({exc.strerror}); "
                                 "no restore point was stored") from None
             raise
-        except BaseException:
-            writer.abort()
-            raise
+        finally:
+            writer.close()
     return point
 
 
