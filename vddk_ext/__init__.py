@@ -1,8 +1,12 @@
 """vddk_ext: block I/O for disks, with the GIL released.
 
 A thin layer over the C extension ``vddk_ext._vddk_ext``: it checks the
-extension's API version at import and re-exports its names. See README.md.
+extension's API version at import, re-exports its names, and shuts VDDK down
+(VixDiskLib_Exit) at interpreter exit when it was initialised. See README.md.
 """
+import atexit as _atexit
+import logging as _logging
+
 from . import _vddk_ext
 
 API_VERSION = 1
@@ -14,6 +18,46 @@ if getattr(_vddk_ext, "API_VERSION", None) != API_VERSION:
         "'python setup.py build_ext --inplace'"
     )
 
-from ._vddk_ext import Batch, BlockReader, Disk, DiskError, open_local  # noqa: E402
+try:
+    from ._vddk_ext import (
+        Batch,
+        BlockReader,
+        Disk,
+        DiskError,
+        VixError,
+        open_local,
+        open_vddk,
+        vddk_exit,
+        vddk_info,
+        vddk_init,
+    )
+except ImportError as _exc:  # an extension built from older sources
+    raise ImportError(f"vddk_ext._vddk_ext is older than this package ({_exc}); rebuild it "
+                      "with 'python setup.py build_ext --inplace'") from None
 
-__all__ = ["API_VERSION", "Batch", "BlockReader", "Disk", "DiskError", "open_local"]
+# VixError.code values (VIX_ERROR_CODE) repo-engine tells apart; see VMWARE.md.
+VIX_E_FAIL = 1
+VIX_E_INVALID_ARG = 3
+VIX_E_FILE_NOT_FOUND = 4
+VIX_E_NOT_SUPPORTED = 6
+VIX_E_HOST_TCP_CONN_LOST = 14011
+VIX_E_DISK_OUTOFRANGE = 16007
+
+
+def _exit_vddk() -> None:
+    if vddk_info()["state"] != "initialised":
+        return
+    try:
+        vddk_exit()
+    except DiskError as exc:  # disks still open at exit: VDDK's Exit is skipped
+        _logging.getLogger("repo_engine.vddk").warning("%s", exc.strerror)
+
+
+_atexit.register(_exit_vddk)
+
+__all__ = [
+    "API_VERSION", "Batch", "BlockReader", "Disk", "DiskError", "VixError", "open_local",
+    "open_vddk", "vddk_exit", "vddk_info", "vddk_init",
+    "VIX_E_FAIL", "VIX_E_INVALID_ARG", "VIX_E_FILE_NOT_FOUND", "VIX_E_NOT_SUPPORTED",
+    "VIX_E_HOST_TCP_CONN_LOST", "VIX_E_DISK_OUTOFRANGE",
+]

@@ -10,6 +10,19 @@ API_VERSION: int
 class DiskError(OSError):
     """An I/O error on a disk; errno is set and the message names the disk."""
 
+class VixError(DiskError):
+    """A VDDK call failed; the message names the disk and the VixDiskLib function."""
+    code: int        # VIX_ERROR_CODE: the low 16 bits, e.g. 14011
+    vix_error: int   # the full 64-bit VixError
+    text: str        # VDDK's GetErrorText, "" when it has none
+
+VIX_E_FAIL: int
+VIX_E_INVALID_ARG: int
+VIX_E_FILE_NOT_FOUND: int
+VIX_E_NOT_SUPPORTED: int
+VIX_E_HOST_TCP_CONN_LOST: int
+VIX_E_DISK_OUTOFRANGE: int
+
 class Batch:
     """Blocks read by one BlockReader.__next__; implements the buffer protocol (its data)."""
     @property
@@ -37,9 +50,11 @@ class Disk:
     @property
     def capacity(self) -> int: ...
     @property
-    def kind(self) -> Literal["file", "blockdev"]: ...
+    def kind(self) -> Literal["file", "blockdev", "vddk"]: ...
     @property
     def path(self) -> str: ...
+    @property
+    def transport(self) -> str | None: ...   # VDDK's transport mode; None for local disks
     @property
     def closed(self) -> bool: ...
     def allocated_extents(self) -> list[tuple[int, int]]: ...
@@ -68,4 +83,32 @@ def open_local(
     path: str | PathLike[str], *, writable: bool = False, create_size: int | None = None
 ) -> Disk: ...
 
-__all__ = ["API_VERSION", "Batch", "BlockReader", "Disk", "DiskError", "open_local"]
+def open_vddk(
+    path: str,
+    *,
+    server: str | None = None,
+    port: int = 443,
+    nfc_port: int = 0,
+    thumbprint: str | None = None,
+    user: str | None = None,
+    password: str | bytes | None = None,
+    cookie: str | bytes | None = None,
+    vmx_spec: str | None = None,
+    snapshot_ref: str | None = None,
+    transports: str | None = None,
+    libdir: str | PathLike[str] | None = None,
+    config_file: str | None = None,
+    readonly: bool = True,
+    single_link: bool = False,
+    async_reads: bool = True,
+) -> Disk: ...
+def vddk_init(libdir: str | PathLike[str] | None = None, *, config_file: str | None = None) -> None: ...
+def vddk_exit() -> None: ...
+def vddk_info() -> dict[str, object]: ...
+
+__all__ = [
+    "API_VERSION", "Batch", "BlockReader", "Disk", "DiskError", "VixError", "open_local",
+    "open_vddk", "vddk_exit", "vddk_info", "vddk_init",
+    "VIX_E_FAIL", "VIX_E_INVALID_ARG", "VIX_E_FILE_NOT_FOUND", "VIX_E_NOT_SUPPORTED",
+    "VIX_E_HOST_TCP_CONN_LOST", "VIX_E_DISK_OUTOFRANGE",
+]

@@ -29,6 +29,8 @@ void bio_fail(bio_error *e, int err, const char *fmt, ...)
     va_list ap;
 
     e->err = err;
+    e->vix = 0;
+    e->vix_text[0] = '\0';
     va_start(ap, fmt);
     vsnprintf(e->msg, sizeof e->msg, fmt, ap);
     va_end(ap);
@@ -42,6 +44,8 @@ void bio_fail_errno(bio_error *e, int err, const char *fmt, ...)
     va_list ap;
 
     e->err = err;
+    e->vix = 0;
+    e->vix_text[0] = '\0';
     va_start(ap, fmt);
     vsnprintf(e->msg, sizeof e->msg, fmt, ap);
     va_end(ap);
@@ -540,6 +544,28 @@ static size_t request_size(const bio_disk *d, uint32_t block_size, size_t max_re
     return req;
 }
 
+/* Reads [start, end) into buf in requests of req bytes, BIO_READV_MAX per readv call. */
+static int read_vectored(bio_disk *d, uint64_t start, uint64_t end, size_t req,
+                         unsigned char *buf, bio_error *e)
+{
+    bio_request reqs[BIO_READV_MAX];
+    uint64_t pos = start;
+
+    while (pos < end) {
+        size_t n = 0;
+        while (n < BIO_READV_MAX && pos < end) {
+            reqs[n].offset = pos;
+            reqs[n].len = end - pos < req ? (size_t)(end - pos) : req;
+            reqs[n].buf = buf + (pos - start);
+            pos += reqs[n].len;
+            n++;
+        }
+        if (d->ops->readv(d->ctx, reqs, n, e) != 0)
+            return -1;
+    }
+    return 0;
+}
+
 /* Reads count contiguous blocks from first into buf; zero-fills past the end. */
 static int read_run(bio_disk *d, uint32_t block_size, uint64_t first, size_t count, size_t req,
                     unsigned char *buf, uint64_t *bytes_read, bio_error *e)
@@ -550,10 +576,15 @@ static int read_run(bio_disk *d, uint32_t block_size, uint64_t first, size_t cou
 
     if (end > d->capacity)
         end = d->capacity;
-    for (pos = start; pos < end; pos += req) {
-        size_t k = end - pos < req ? (size_t)(end - pos) : req;
-        if (d->ops->read(d->ctx, pos, k, buf + (pos - start), e) != 0)
+    if (d->ops->readv != NULL) {
+        if (read_vectored(d, start, end, req, buf, e) != 0)
             return -1;
+    } else {
+        for (pos = start; pos < end; pos += req) {
+            size_t k = end - pos < req ? (size_t)(end - pos) : req;
+            if (d->ops->read(d->ctx, pos, k, buf + (pos - start), e) != 0)
+                return -1;
+        }
     }
     memset(buf + (end - start), 0, (size_t)(count * block_size - (end - start)));
     *bytes_read += end - start;

@@ -27,10 +27,23 @@
 #define BIO_MIN_BLOCK_SIZE 4096u
 #define BIO_MAX_BLOCK_SIZE (16u << 20)
 
+#define BIO_VIXTEXT_MAX 256
+
 typedef struct bio_error {
     int err;                    /* errno value */
     char msg[BIO_ERRMSG_MAX];   /* complete message, e.g. "cannot open /x: No such file or directory" */
+    uint64_t vix;               /* the VixError when VDDK failed, else 0 (bio_fail clears it) */
+    char vix_text[BIO_VIXTEXT_MAX];   /* VDDK's GetErrorText for vix, "" if none */
 } bio_error;
+
+/* One read of a vectored request list (bio_backend_ops.readv). */
+typedef struct bio_request {
+    uint64_t offset;
+    size_t len;
+    void *buf;
+} bio_request;
+
+#define BIO_READV_MAX 16   /* requests handed to one readv call */
 
 typedef struct bio_extent {
     uint64_t offset;
@@ -63,6 +76,12 @@ typedef struct bio_backend_ops {
     int (*flush)(void *ctx, bio_error *e);
     int (*allocated_extents)(void *ctx, uint64_t capacity, bio_extent_list *out, bio_error *e);
     int (*close)(void *ctx, bio_error *e);   /* frees ctx even when it fails */
+    /*
+     * Optional (NULL = one read call per request): reads up to BIO_READV_MAX
+     * requests, which the backend may have in flight at once (VDDK's
+     * ReadAsync + Wait); returns only when none is left in flight.
+     */
+    int (*readv)(void *ctx, const bio_request *reqs, size_t n, bio_error *e);
 } bio_backend_ops;
 
 typedef struct bio_disk {

@@ -24,18 +24,19 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "blockio.h"
+#include "module.h"
 
-#define API_VERSION 1
 #define FREE_LIST_MAX 4   /* buffers kept for reuse per reader */
 
-static PyObject *DiskError;
+PyObject *DiskError;
 
-static PyObject *raise_bio(const bio_error *e)
+PyObject *raise_bio(const bio_error *e)
 {
     PyObject *msg = PyUnicode_DecodeFSDefault(e->msg);
     PyObject *args;
 
+    if (e->vix != 0)
+        return raise_vix(e);
     if (msg == NULL)
         return NULL;
     args = Py_BuildValue("(iN)", e->err, msg);
@@ -87,17 +88,6 @@ static int check_block_size(Py_ssize_t block_size)
 
 /* ===================================================================== Disk */
 
-typedef struct {
-    PyObject_HEAD
-    bio_disk *disk;          /* NULL once closed; changed only with lock held */
-    pthread_mutex_t lock;
-    PyObject *path;          /* str */
-    uint64_t capacity;
-    bio_kind kind;
-} DiskObject;
-
-static PyTypeObject DiskType;
-
 /* Without the GIL: lock the handle and return it, or NULL (unlocked) if closed. */
 static bio_disk *lock_disk(DiskObject *self)
 {
@@ -133,7 +123,9 @@ static int disk_check_open(DiskObject *self)
         (rc) = (call);                           \
         pthread_mutex_unlock(&(self)->lock);     \
     }                                            \
-    Py_END_ALLOW_THREADS
+    Py_END_ALLOW_THREADS                         \
+    if ((self)->kind == BIO_KIND_VDDK)           \
+        pyvddk_drain_log();
 
 /* None, or the exception for rc: ValueError when closed, else DiskError. */
 static PyObject *disk_result(int rc, const bio_error *e)
@@ -153,7 +145,6 @@ static PyObject *open_local(PyObject *module, PyObject *args, PyObject *kwargs)
     long long create_size = 0;
     bio_disk *d = NULL;
     bio_error err;
-    DiskObject *self;
 
     (void)module;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&|$pO:open_local", kwlist,
@@ -181,30 +172,47 @@ static PyObject *open_local(PyObject *module, PyObject *args, PyObject *kwargs)
         raise_bio(&err);
         goto fail;
     }
-    self = PyObject_New(DiskObject, &DiskType);
+    return disk_wrap(d, path, Py_None);
+fail:
+    Py_DECREF(path);
+    return NULL;
+}
+
+PyObject *disk_wrap(bio_disk *d, PyObject *path, PyObject *transport)
+{
+    DiskObject *self = PyObject_New(DiskObject, &DiskType);
+    bio_error err;
+
     if (self == NULL) {
+        Py_BEGIN_ALLOW_THREADS
         bio_close(d, &err);
-        goto fail;
+        Py_END_ALLOW_THREADS
+        Py_DECREF(path);
+        return NULL;
     }
     self->disk = d;
     pthread_mutex_init(&self->lock, NULL);
     self->path = path;
+    self->transport = Py_NewRef(transport);
     self->capacity = d->capacity;
     self->kind = d->kind;
     return (PyObject *)self;
-fail:
-    Py_DECREF(path);
-    return NULL;
 }
 
 static void disk_dealloc(DiskObject *self)
 {
     bio_error err;
 
-    if (self->disk != NULL)
-        bio_close(self->disk, &err);   /* nobody else can hold the lock now */
+    if (self->disk != NULL) {   /* nobody else can hold the lock now */
+        Py_BEGIN_ALLOW_THREADS
+        bio_close(self->disk, &err);
+        Py_END_ALLOW_THREADS
+        if (self->kind == BIO_KIND_VDDK)
+            pyvddk_drain_log();
+    }
     pthread_mutex_destroy(&self->lock);
     Py_XDECREF(self->path);
+    Py_XDECREF(self->transport);
     PyObject_Free(self);
 }
 
@@ -223,6 +231,8 @@ static PyObject *disk_close(DiskObject *self, PyObject *unused)
         pthread_mutex_unlock(&self->lock);
     }
     Py_END_ALLOW_THREADS
+    if (self->kind == BIO_KIND_VDDK)
+        pyvddk_drain_log();
     if (rc != 0)
         return raise_bio(&err);
     Py_RETURN_NONE;
@@ -354,6 +364,12 @@ static PyObject *disk_get_kind(DiskObject *self, void *closure)
     return PyUnicode_FromString(bio_kind_name(self->kind));
 }
 
+static PyObject *disk_get_transport(DiskObject *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->transport);
+}
+
 static PyObject *disk_get_path(DiskObject *self, void *closure)
 {
     (void)closure;
@@ -392,20 +408,22 @@ static PyMethodDef disk_methods[] = {
 
 static PyGetSetDef disk_getset[] = {
     {"capacity", (getter)disk_get_capacity, NULL, "capacity in bytes", NULL},
-    {"kind", (getter)disk_get_kind, NULL, "\"file\" or \"blockdev\"", NULL},
-    {"path", (getter)disk_get_path, NULL, "the path given to open_local", NULL},
+    {"kind", (getter)disk_get_kind, NULL, "\"file\", \"blockdev\" or \"vddk\"", NULL},
+    {"path", (getter)disk_get_path, NULL, "the path given to open_local or open_vddk", NULL},
+    {"transport", (getter)disk_get_transport, NULL,
+     "the VDDK transport in use (\"nbdssl\", \"hotadd\", ...), None for local disks", NULL},
     {"closed", (getter)disk_get_closed, NULL, "True once close() was called", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyTypeObject DiskType = {
+PyTypeObject DiskType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "vddk_ext.Disk",
     .tp_basicsize = sizeof(DiskObject),
     .tp_dealloc = (destructor)disk_dealloc,
     .tp_repr = (reprfunc)disk_repr,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "An open disk; made by open_local().",
+    .tp_doc = "An open disk; made by open_local() or open_vddk().",
     .tp_methods = disk_methods,
     .tp_getset = disk_getset,
 };
@@ -924,13 +942,14 @@ static PyTypeObject BatchIterType = {
 static PyMethodDef module_methods[] = {
     {"open_local", (PyCFunction)(void (*)(void))open_local, METH_VARARGS | METH_KEYWORDS,
      "open_local(path, *, writable=False, create_size=None) -> Disk"},
+    PYVDDK_METHODS
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "vddk_ext._vddk_ext",
-    .m_doc = "Block I/O for vddk_ext: local files and block devices (VDDK to come).",
+    .m_doc = "Block I/O for vddk_ext: local files, block devices and VDDK disks.",
     .m_size = -1,
     .m_methods = module_methods,
 };
@@ -952,7 +971,8 @@ PyMODINIT_FUNC PyInit__vddk_ext(void)
         "vddk_ext.DiskError", "An I/O error on a disk; errno is set and the message names the disk.",
         PyExc_OSError, NULL);
     if (DiskError == NULL || PyModule_AddObjectRef(m, "DiskError", DiskError) != 0
-        || PyModule_AddIntConstant(m, "API_VERSION", API_VERSION) != 0)
+        || PyModule_AddIntConstant(m, "API_VERSION", API_VERSION) != 0
+        || pyvddk_add_to_module(m) != 0)
         goto fail;
     for (i = 0; i < sizeof names / sizeof names[0]; i++)
         if (names[i] != NULL && PyModule_AddObjectRef(m, names[i], (PyObject *)types[i]) != 0)

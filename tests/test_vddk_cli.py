@@ -1,0 +1,170 @@
+"""`repo-engine backup vddk` through the fake libvixDiskLib, then `repo-engine restore`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fake_vddk
+from helpers import MIB, DiskModel, cli, restore_bytes, write_extents
+
+PASSWORD = "pa55 w0rd!"
+
+
+@pytest.fixture(scope="session")
+def libs(tmp_path_factory):
+    return fake_vddk.build(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture
+def setup(libs, tmp_path, monkeypatch, capsys):
+    """A repository, a datastore root with two disks, the fake's expectations in the env."""
+    fake = fake_vddk.Fake(libs["full"], tmp_path / "datastores")
+    fake.env(monkeypatch)
+    (tmp_path / "expected.pw").write_text(PASSWORD + "\n")
+    monkeypatch.setenv("FAKE_VDDK_PASSWORD_FILE", str(tmp_path / "expected.pw"))
+    monkeypatch.setenv("FAKE_VDDK_USER", "backup@vsphere.local")
+    monkeypatch.setenv("VC_PASSWORD", PASSWORD)
+    # in this process: no re-exec (the fake does not need LD_LIBRARY_PATH; a subprocess test does)
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(libs["full"] / "lib64"))
+    rng = np.random.default_rng(11)
+    disks = {"2000": DiskModel(fake.disk_file("ds1", "web1/web1.vmdk"), 6 * MIB + 512 * 3, rng),
+             "2001": DiskModel(fake.disk_file("ds2", "web1/data.vmdk"), 2 * MIB, rng)}
+    for model in disks.values():
+        model.random_changes(5)
+    repo = tmp_path / "repo"
+    result = cli(capsys, "init", repo, "--block-size", "64KiB", "--pack-size", "1MiB")
+    assert result.code == 0, result.err
+    return fake, repo, disks
+
+
+def backup_args(fake, repo, **extra) -> list[object]:
+    args = ["backup", "vddk", repo, "--vm", "web1", "--server", "vc.test",
+            "--user", "backup@vsphere.local", "--password-env", "VC_PASSWORD",
+            "--vmx-spec", "moref=vm-16", "--snapshot", "snapshot-7",
+            "--thumbprint", fake_vddk.THUMBPRINT, "--transports", "nbdssl:nbd",
+            "--vddk-libdir", fake.libdir, "--json",
+            "--disk", "2000=[ds1] web1/web1.vmdk", "--disk", "2001=[ds2] web1/data.vmdk"]
+    for name, value in extra.items():
+        args += [f"--{name.replace('_', '-')}", value]
+    return args
+
+
+def test_backup_then_restore_gives_identical_bytes(setup, capsys, tmp_path):
+    fake, repo, disks = setup
+    result = cli(capsys, *backup_args(fake, repo))
+    assert result.code == 0, result.err
+    first = result.json()
+    assert first["disks"]["2000"]["mode"] == "allocated"
+    for key, model in disks.items():
+        assert restore_bytes(capsys, repo, first["point"][:8], key, tmp_path / "out.img") \
+            == model.copy_of_content()
+    shown = cli(capsys, "points", repo, "--json").json()
+    assert len(shown) == 1 and shown[0]["source"] == "vddk"
+    assert PASSWORD not in json.dumps(shown)
+
+    # a second backup with a change list: a delta that restores to the new bytes
+    changes = disks["2000"].random_changes(3)
+    extents = write_extents(tmp_path / "changes.json", changes)
+    result = cli(capsys, *backup_args(fake, repo), "--changed", f"2000={extents}")
+    assert result.code == 0, result.err
+    second = result.json()
+    assert second["disks"]["2000"]["mode"] == "changed"
+    for key, model in disks.items():
+        assert restore_bytes(capsys, repo, second["point"][:8], key, tmp_path / "out.img") \
+            == model.copy_of_content()
+
+
+@pytest.mark.parametrize("faults, text", [
+    ("read_fail=3:14011", "The network connection to the host was lost (VIX error 14011)"),
+    ("drop_after=2", "The network connection to the host was lost (VIX error 14011)"),
+    ("read_fail=2:1", "Unknown error (VIX error 1)"),
+])
+def test_failing_read_mid_disk_stores_no_point(setup, capsys, monkeypatch, faults, text):
+    fake, repo, _ = setup
+    fake.env(monkeypatch, faults)
+    result = cli(capsys, *backup_args(fake, repo))
+    assert result.code == 1
+    assert "repo-engine: error: reading [ds1] web1/web1.vmdk on vc.test (nbdssl) failed" \
+        in result.err
+    assert "VixDiskLib_ReadAsync" in result.err and text in result.err
+    assert PASSWORD not in result.err
+    assert cli(capsys, "points", repo, "--json").json() == []
+
+
+def test_wrong_thumbprint_is_a_clear_error(setup, capsys):
+    fake, repo, _ = setup
+    args = backup_args(fake, repo)
+    args[args.index("--thumbprint") + 1] = "00:" * 19 + "00"
+    result = cli(capsys, *args)
+    assert result.code == 1
+    assert "disk 2000: cannot open [ds1] web1/web1.vmdk on vc.test: VixDiskLib_Open" in result.err
+    assert "wrong thumbprint" in result.err
+    assert cli(capsys, "points", repo, "--json").json() == []
+
+
+def test_password_file_and_wrong_password(setup, capsys, tmp_path):
+    fake, repo, _ = setup
+    (tmp_path / "pw").write_text(PASSWORD + "\n")
+    args = backup_args(fake, repo)
+    i = args.index("--password-env")
+    args[i:i + 2] = ["--password-file", tmp_path / "pw"]
+    assert cli(capsys, *args).code == 0
+    (tmp_path / "pw").write_text("wrong\n")
+    result = cli(capsys, *args)
+    assert result.code == 1 and "VixDiskLib_Open" in result.err
+
+
+def test_usage_errors(setup, capsys, monkeypatch):
+    fake, repo, _ = setup
+    args = backup_args(fake, repo)
+    i = args.index("--password-env")
+    no_password = args[:i] + args[i + 2:]
+    result = cli(capsys, *no_password)
+    assert result.code == 2 and "--password-file FILE or --password-env VAR" in result.err
+    monkeypatch.delenv("VC_PASSWORD")
+    result = cli(capsys, *args)
+    assert result.code == 2 and "VC_PASSWORD is not set" in result.err
+    j = args.index("--vddk-libdir")
+    monkeypatch.delenv("VDDK_LIBDIR", raising=False)
+    result = cli(capsys, *(args[:j] + args[j + 2:]))
+    assert result.code == 2 and "VDDK_LIBDIR" in result.err
+    monkeypatch.setenv("VC_PASSWORD", PASSWORD)
+    result = cli(capsys, *args[:-2], "--disk", "2001=web1/data.vmdk")
+    assert result.code == 2 and "not a datastore path" in result.err
+
+
+@pytest.mark.parametrize("how", ["env", "file"])
+def test_cli_reexecs_with_ld_library_path_and_no_visible_secret(setup, tmp_path, how):
+    """As a real process: the fake refuses InitEx unless its lib64 is on LD_LIBRARY_PATH (so
+    the CLI must re-execute itself) and aborts if the password shows in /proc/self/cmdline or
+    /proc/self/environ of the process that connects."""
+    fake, repo, disks = setup
+    args = [str(a) for a in backup_args(fake, repo)]
+    if how == "file":
+        (tmp_path / "pw").write_text(PASSWORD + "\n")
+        i = args.index("--password-env")
+        args[i:i + 2] = ["--password-file", str(tmp_path / "pw")]
+    env = dict(os.environ, FAKE_VDDK_REQUIRE_LD_PATH="1", FAKE_VDDK_SECRET_SCAN="1")
+    env.pop("LD_LIBRARY_PATH")
+    if how == "file":
+        env.pop("VC_PASSWORD")
+    r = subprocess.run([sys.executable, "-m", "repo_engine", *args], env=env,
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr
+    point = json.loads(r.stdout)["point"]
+    assert restore_bytes_subprocess(repo, point, tmp_path) == disks["2000"].copy_of_content()
+
+
+def restore_bytes_subprocess(repo: Path, point: str, tmp_path: Path) -> bytes:
+    target = tmp_path / "restored.img"
+    r = subprocess.run([sys.executable, "-m", "repo_engine", "restore", str(repo), point[:8],
+                        "--disk", "2000", "--to", str(target)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return target.read_bytes()
