@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,8 +153,8 @@ def test_init_refuses_nonempty_directory(tmp_path, capsys, setup):
 
 def test_full_filesystem_stores_no_point(tmp_path, capsys):
     """A repository on a tiny tmpfs: the backup fails cleanly, earlier points stay intact."""
-    mount = tmp_path / "small"
-    mount.mkdir()
+    # a private mount point: pytest may rename its own temporary directories while we run
+    mount = Path(tempfile.mkdtemp(prefix="repo-engine-enospc-"))
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mount)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
@@ -173,7 +175,8 @@ def test_full_filesystem_stores_no_point(tmp_path, capsys):
         assert cli(capsys, "restore", repo, points[0]["id"], "--disk", "d", "--to", out).code == 0
         assert out.read_bytes() == small.content
     finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        mount.rmdir()
 
 
 def test_cli_runs_as_a_program(tmp_path):

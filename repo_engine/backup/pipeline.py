@@ -53,7 +53,7 @@ def _reader_thread(device: BlockDevice, block_size: int, blocks: np.ndarray, out
                 return
         out.put(_END)
     except OSError as exc:
-        out.put(SourceError(f"reading {describe} failed: {exc}"))
+        out.put(SourceError(f"reading {describe} failed: {exc.strerror or exc}"))
     except BaseException as exc:  # handed to the consumer, which re-raises it
         out.put(exc)
 
