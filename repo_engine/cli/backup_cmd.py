@@ -180,3 +180,8 @@ def vddk(repo: Path, vm: str, disks: tuple[str, ...], server: str, port: int, us
         point = backup_vm(repository, snapshot_, options)
     report_backup(point, as_json)
 
+
+# `backup vsphere` lives in vsphere_cmd.py (which imports pyvmomi only inside its command body)
+from .vsphere_cmd import backup_vsphere  # noqa: E402
+
+backup.add_command(backup_vsphere)

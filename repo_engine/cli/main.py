@@ -18,6 +18,7 @@ COMMANDS = {
     "show": "repo_engine.cli.inspect_cmd:show",
     "diff": "repo_engine.cli.inspect_cmd:diff",
     "stats": "repo_engine.cli.inspect_cmd:stats",
+    "vsphere": "repo_engine.cli.vsphere_cmd:vsphere",
 }
 
 EPILOG = "Exit codes: 0 ok, 1 error, 2 usage error, 3 damage found."

@@ -64,3 +64,9 @@ def restore_image(repo: Path, point: str, key: str, target: Path | None, onto: P
                f"{summary.blocks_written} blocks written ({human_bytes(summary.bytes_written)}), "
                f"{summary.zero_blocks} zero blocks, {summary.chunks_read} chunks read, "
                f"{summary.seconds:.2f} s")
+
+
+# `restore vsphere` lives in vsphere_cmd.py (which imports pyvmomi only inside its command body)
+from .vsphere_cmd import restore_vsphere  # noqa: E402
+
+restore.add_command(restore_vsphere)

@@ -119,25 +119,51 @@ def _bounded(pool: ThreadPoolExecutor, fn: Callable, items: list, limit: int) ->
 def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *,
                  base: PointRecord | None = None, force: bool = False,
                  progress: Callable[[int], Progress] | None = None) -> RestoreSummary:
-    started = time.monotonic()
+    """Restore disk KEY of POINT to a new file, a block device, or (with `base`) onto a file that
+    holds BASE's image, writing only the blocks that differ."""
     disk = _disk_of(point, key)
     with repo.lock(SHARED, f"restore {point.vm}"):
         refs = repo.resolve(point, key)
+        todo = None
         if base is not None:
             base_refs = resize(repo.resolve(base, _disk_of(base, key).key), len(refs))
             todo = np.flatnonzero(refs != base_refs).astype(np.uint64)
-        with repo.index.reader() as lookup:
-            device = _open_target(target, disk.capacity, onto=base is not None, force=force)
-            try:
-                if base is None:
-                    fresh = device.kind == "file"
-                    todo = (np.flatnonzero(refs) if fresh else np.arange(len(refs))).astype(np.uint64)
-                plan = plan_restore(refs, todo, lookup)
-                written = _write(repo, plan, device, disk, progress)
-                device.flush()
-            finally:
-                device.close()
-    return RestoreSummary(point.id, key, str(target), disk.capacity, written,
+        device = _open_target(target, disk.capacity, onto=base is not None, force=force)
+        try:
+            return _restore_through(repo, point, disk, refs, device, todo,
+                                    fresh=device.kind == "file", target=str(target),
+                                    progress=progress)
+        finally:
+            device.close()
+
+
+def restore_to_device(repo: Repository, point: PointRecord, key: str, device: vddk_ext.Disk, *,
+                      blocks: np.ndarray | None = None, fresh: bool = False, target: str = "",
+                      progress: Callable[[int], Progress] | None = None) -> RestoreSummary:
+    """Write disk KEY of POINT through an already open `device` (a VDDK disk of a VM, ...):
+    the given `blocks`, else every non-zero block when the device reads zero (`fresh`), else
+    every block (zero blocks as zeroes). The caller opens, checks and closes the device."""
+    disk = _disk_of(point, key)
+    with repo.lock(SHARED, f"restore {point.vm}"):
+        refs = repo.resolve(point, key)
+        todo = None if blocks is None else np.asarray(blocks, dtype=np.uint64)
+        return _restore_through(repo, point, disk, refs, device, todo, fresh=fresh,
+                                target=target or device.path, progress=progress)
+
+
+def _restore_through(repo: Repository, point: PointRecord, disk: DiskRecord, refs: np.ndarray,
+                     device: vddk_ext.Disk, todo: np.ndarray | None, *, fresh: bool, target: str,
+                     progress: Callable[[int], Progress] | None) -> RestoreSummary:
+    """Write `todo` blocks (default: every non-ZERO block on a `fresh` zeroed target, else every
+    block) of the resolved map `refs`, then flush."""
+    started = time.monotonic()
+    if todo is None:
+        todo = (np.flatnonzero(refs) if fresh else np.arange(len(refs))).astype(np.uint64)
+    with repo.index.reader() as lookup:
+        plan = plan_restore(refs, todo, lookup)
+    written = _write(repo, plan, device, disk, progress)
+    device.flush()
+    return RestoreSummary(point.id, disk.key, target, disk.capacity, written,
                           len(plan.zero_blocks), len(plan.locations),
                           written * disk.block_size, round(time.monotonic() - started, 3))
 
@@ -157,3 +183,4 @@ def _write(repo: Repository, plan: RestorePlan, device: vddk_ext.Disk, disk: Dis
             if tick:
                 tick(count * disk.block_size)
     return written
+

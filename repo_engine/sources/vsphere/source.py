@@ -1,0 +1,187 @@
+"""The VmSnapshot builder: a VM frozen by our snapshot, its disks as the pipeline reads them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...backup.source import BlockDevice, ChangeReport, SourceDisk, VmSnapshot
+from ...errors import SourceError
+from ...repository.points import PointRecord
+from . import cbt, marks, snapshots, vmconfig
+from .connection import Connection
+from .errors import VSphereError
+from .inventory import INDEPENDENT, DiskInfo, disks_of
+
+log = logging.getLogger("repo_engine.vsphere")
+
+
+@dataclass(frozen=True)
+class DataPlane:
+    """How disks are opened: VDDK's library dir and transports."""
+
+    transports: str | None = None
+    libdir: str | None = None
+
+    def connection(self, conn: Connection, vm_moref: str, snapshot: str | None) -> Any:
+        from ..vddk_disk import VddkConnection
+
+        s = conn.settings
+        return VddkConnection(server=s.server, user=s.user, vmx_spec=f"moref={vm_moref}",
+                              thumbprint=conn.thumbprint, password=conn.password, port=s.port,
+                              snapshot=snapshot, transports=self.transports, libdir=self.libdir)
+
+
+class _Disk:
+    """One disk of the snapshot: decides between CBT extents and a full read."""
+
+    def __init__(self, vm: Any, snap: Any, info: DiskInfo, parent: PointRecord | None,
+                 full_reason: str, vddk: Any, stats: dict) -> None:
+        self.vm, self.snap, self.info, self.parent = vm, snap, info, parent
+        self.full_reason, self.vddk = full_reason, vddk
+        self.stats = stats   # this disk's entry in the point's config: CBT replies counted
+
+    def open(self) -> BlockDevice:
+        try:
+            device = self.vddk.open(self.info.file)
+        except OSError as exc:
+            raise VSphereError(f"VDDK cannot open disk {self.info.key} ({self.info.file}): "
+                               f"{exc.strerror or exc}") from None
+        if device.capacity < self.info.capacity:
+            device.close()
+            raise VSphereError(f"VDDK reports {device.capacity} bytes for disk {self.info.key}, "
+                               f"vSphere {self.info.capacity}")
+        return device
+
+    def _query(self, change_id: str) -> ChangeReport:
+        changes, reason = cbt.query_or_reason(self.vm, self.snap, self.info.key,
+                                              self.info.capacity, change_id)
+        if changes is None:
+            return ChangeReport(None, f"{reason}: full read")
+        self.stats["cbt_replies"] = self.stats.get("cbt_replies", 0) + changes.replies
+        return ChangeReport(changes.extents)
+
+    def allocated(self) -> ChangeReport:
+        if not self.info.change_id:
+            return ChangeReport(None, "CBT gave this disk no changeId: full read")
+        return self._query(cbt.ALL)
+
+    def changes(self, cursor: str | None) -> ChangeReport:
+        reason = self.full_reason or self._distrust(cursor)
+        if reason:
+            return ChangeReport(None, f"{reason}: full read")
+        assert cursor is not None
+        return self._query(cursor)
+
+    def _distrust(self, cursor: str | None) -> str:
+        """Why the stored changeId cannot be used, or ''."""
+        if not self.info.change_id:
+            return "CBT gave this disk no changeId"
+        if not cursor:
+            return "the previous point holds no changeId"
+        if cbt.change_uuid(cursor) != cbt.change_uuid(self.info.change_id):
+            return (f"the changeId's UUID differs from the previous point's ({cursor} -> "
+                    f"{self.info.change_id}): CBT was reset")
+        before = _saved_disk(self.parent, self.info.key)
+        if before is not None:
+            if before.get("file") != self.info.file or before.get("uuid") != self.info.uuid:
+                return (f"the disk was replaced ({before.get('file')} -> {self.info.file})")
+            if before.get("capacity") != self.info.capacity:
+                return (f"the disk was resized from {before.get('capacity')} to "
+                        f"{self.info.capacity} bytes")
+        return ""
+
+    def source_disk(self) -> SourceDisk:
+        return SourceDisk(str(self.info.key), self.info.capacity, self.open, self.allocated,
+                          self.changes, cursor=self.info.change_id or None,
+                          description=f"{self.info.file} ({self.info.label})")
+
+
+def _parent(repo: Any, vm: str, key: str) -> PointRecord | None:
+    """The point plan_disk will build on, with its configuration (the catalog's lacks it)."""
+    point = repo.latest_with_disk(vm, key)
+    return repo.load_point(point.id) if point is not None else None
+
+
+def _saved_disk(point: PointRecord | None, key: int) -> dict | None:
+    if point is None:
+        return None
+    return point.config.get("vsphere", {}).get("disks", {}).get(str(key))
+
+
+def _split(disks: list[DiskInfo]) -> tuple[list[DiskInfo], list[dict]]:
+    kept, skipped = [], []
+    for d in disks:
+        if d.mode in INDEPENDENT:
+            skipped.append({"key": d.key, "file": d.file, "mode": d.mode,
+                            "why": "independent disks are not part of snapshots"})
+        else:
+            kept.append(d)
+    return kept, skipped
+
+
+@dataclass
+class Frozen:
+    """What `frozen_vm` yields: the snapshot for the pipeline, and the VM's identity."""
+
+    snapshot: VmSnapshot
+    vm: Any
+    vm_uuid: str
+    full_read: bool
+
+
+@contextmanager
+def frozen_vm(conn: Connection, vm: Any, repo: Any, *, name: str | None = None,
+              quiesce: bool = True, plane: DataPlane = DataPlane()) -> Iterator[Frozen]:
+    """Snapshot `vm` and yield it as a VmSnapshot; the snapshot is removed whatever happens.
+
+    A VDDK error inside the block becomes a VSphereError saying that no point was stored."""
+    notes = [f"removed leftover snapshot {n}" for n in snapshots.remove_leftovers(vm)]
+    enabled = cbt.ensure_enabled(vm)
+    notes += [enabled] if enabled else []
+    vm_name = name or vm.name
+    vm_uuid = vm.config.instanceUuid
+    mark = marks.load(repo.path, vm_uuid)
+    full_reason = (f"a restore wrote to the VM at {mark.last_write}"
+                   if mark is not None and mark.full_next else "")
+    with snapshots.held(vm, "backup", quiesce) as held:
+        config = held.snap.config
+        disks, skipped = _split(disks_of(config.hardware.device))
+        if not disks:
+            raise VSphereError(f"VM {vm.name} has no disk a snapshot covers")
+        vddk = plane.connection(conn, vm._moId, held.moref)
+        notes += held.notes + [f"skipped disk {s['key']} ({s['file']}): {s['mode']}, {s['why']}"
+                               for s in skipped]
+        record = {
+            "format": vmconfig.FORMAT, "server": conn.settings.server,
+            "api_version": conn.version, "about": conn.about, "moref": vm._moId,
+            "snapshot": {"name": held.name, "moref": held.moref,
+                         "quiesced": held.consistency != "crash"},
+            "summary": vmconfig.summary(config),
+            "disks": {str(d.key): d.public() for d in disks},
+            "skipped_disks": skipped,
+            "config_xml": vmconfig.serialize(config, conn.version),
+        }
+        steps = [_Disk(vm, held.snap, d, _parent(repo, vm_name, str(d.key)), full_reason, vddk,
+                       record["disks"][str(d.key)]) for d in disks]
+        snapshot = VmSnapshot(vm=vm_name, source="vsphere", disks=[s.source_disk() for s in steps],
+                              config={"vsphere": record}, consistency=held.consistency,
+                              notes=notes)
+        try:
+            yield Frozen(snapshot, vm, vm_uuid, bool(full_reason))
+        except VSphereError:
+            raise
+        except (OSError, SourceError) as exc:   # a VDDK read, mostly
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise VSphereError(f"backup of {vm.name} failed: {text}; no restore point was "
+                               "stored and the snapshot was removed") from None
+
+
+def after_backup(repo_path: Path, frozen: Frozen) -> None:
+    """A stored point read everything a restore asked for: CBT can be trusted again."""
+    if frozen.full_read:
+        marks.clear_full_next(repo_path, frozen.vm_uuid)

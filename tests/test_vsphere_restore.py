@@ -1,0 +1,128 @@
+"""`restore vsphere` (in place and as a new VM), `vsphere vms`, and the errors a user meets, all
+against the simulator (tests/vcsim) and the fake VDDK (tests/fake_vddk)."""
+
+from __future__ import annotations
+
+from helpers import KIB, MIB
+from vcsim import find
+from vcsim.fixtures import BS, VM, make_env, pattern, vcsim_binary, vddk_libdir  # noqa: F401
+from vcsim.fixtures import env  # noqa: F401
+
+
+def _wait(task) -> None:   # noqa: ANN001
+    from pyVim.task import WaitForTask
+
+    WaitForTask(task)
+
+
+def power_off(env, vm: str = VM) -> None:
+    with env.sim.session() as content:
+        _wait(find(content, vm).PowerOffVM_Task())
+
+
+def restore(env, *args: object):
+    return env.run("restore", "vsphere", env.repo, *args, *env.sim.args(),
+                   "--vddk-libdir", env.libdir, "--json")
+
+
+def test_in_place_restore_writes_only_changes_and_forces_a_full_backup(env):
+    key = str(env.sim.disk(VM)["key"])
+    env.sim.write(VM, 0, pattern(20, 512 * KIB))
+    wanted = env.sim.read(VM)
+    first = env.backup()["point"]
+    env.sim.write(VM, 100 * KIB, pattern(21, 10))          # block 1
+    env.sim.write(VM, 3 * MIB, pattern(22, 2 * BS))        # blocks 48, 49
+    env.backup()
+    env.sim.write(VM, 2 * MIB + 1, b"after the last backup")   # block 32
+
+    refused = restore(env, first, "--in-place")
+    assert refused.code == 1 and "power it off" in refused.err
+    power_off(env)
+    result = restore(env, first, "--in-place")
+    assert result.code == 0, result.err
+    done = result.json()
+    assert done["mode"] == "in-place" and done["vm"] == VM
+    [disk] = done["disks"]
+    assert disk["mode"] == "changed" and disk["blocks_written"] == 4
+    assert env.sim.read(VM) == wanted
+    assert env.snapshots() == []
+
+    after = env.backup()
+    assert after["disks"][key]["mode"] == "full"
+    assert "a restore wrote to the VM" in after["disks"][key]["note"]
+    assert env.restore_image(after["point"], key) == wanted
+    env.sim.write(VM, 0, b"x")
+    assert env.backup()["disks"][key]["mode"] == "changed"   # CBT is trusted again
+
+
+def test_restore_as_new_vm_holds_the_point_bytes(env):
+    env.sim.write(VM, 64 * KIB, pattern(30, 300 * KIB))
+    env.sim.write(VM, 4 * MIB - 5, b"tail!")
+    wanted = env.sim.read(VM)
+    point = env.backup()["point"]
+    env.sim.write(VM, 0, pattern(31, 1 * MIB))   # the source moves on
+    result = restore(env, point, "--as-new", "restored-vm", "--datastore", "LocalDS_0")
+    assert result.code == 0, result.err
+    done = result.json()
+    assert done["mode"] == "as-new" and done["vm"] == "restored-vm"
+    assert env.sim.read("restored-vm") == wanted
+    with env.sim.session() as content:
+        vm = find(content, "restored-vm")
+        assert vm.config.hardware.memoryMB == 32 and vm.config.guestId == "otherGuest"
+    again = restore(env, point, "--as-new", "restored-vm", "--datastore", "LocalDS_0")
+    assert again.code == 1 and "exists already" in again.err
+    # the new VM backs up like any other
+    assert env.backup(vm="restored-vm")["bytes_read"] == 6 * BS
+
+
+def test_vms_lists_cbt_state_and_disks(env):
+    env.backup()
+    result = env.run("vsphere", "vms", *env.sim.args(), "--json")
+    assert result.code == 0, result.err
+    vms = {vm["name"]: vm for vm in result.json()}
+    assert len(vms) == 4
+    assert vms[VM]["cbt_enabled"] is True and vms["DC0_H0_VM1"]["cbt_enabled"] is False
+    assert vms[VM]["disks"][0]["capacity"] == 4 * MIB
+    assert vms[VM]["disks"][0]["change_id"]
+    text = env.run("vsphere", "vms", *env.sim.args())
+    assert text.code == 0 and "4 VMs" in text.out
+
+
+def _args_without(env, option: str) -> list[str]:
+    args = env.sim.args()
+    i = args.index(option)
+    return args[:i] + args[i + 2:]
+
+
+def test_clear_errors(env):
+    wrong = env.tmp / "wrong-password"
+    wrong.write_text("not the password\n")
+    args = _args_without(env, "--password-file") + ["--password-file", str(wrong)]
+    result = env.run("backup", "vsphere", env.repo, *args, "--vm", VM, "--vddk-libdir", env.libdir)
+    assert result.code == 1 and "wrong user name or password" in result.err
+
+    result = env.backup(vm="no-such-vm", ok=False)
+    assert result.code == 1 and "no VM named 'no-such-vm'" in result.err
+
+    bad = "AA:" * 19 + "AA"
+    args = _args_without(env, "--thumbprint") + ["--thumbprint", bad]
+    result = env.run("backup", "vsphere", env.repo, *args, "--vm", VM, "--vddk-libdir", env.libdir)
+    assert result.code == 1 and "does not match --thumbprint" in result.err
+    assert env.sim.thumbprint in result.err
+
+    args = _args_without(env, "--thumbprint")   # a self-signed certificate, not pinned
+    result = env.run("backup", "vsphere", env.repo, *args, "--vm", VM, "--vddk-libdir", env.libdir)
+    assert result.code == 1 and "is not trusted" in result.err
+
+    env.sim.control(vm=VM, cbt_supported=False)
+    result = env.backup(ok=False)
+    assert result.code == 1 and "does not support Changed Block Tracking" in result.err
+
+    result = env.run("restore", "vsphere", env.repo, "x", *env.sim.args(), "--in-place",
+                     "--as-new", "y")
+    assert result.code == 2 and "exactly one of --in-place or --as-new" in result.err
+    for res in (result,):
+        assert "Traceback" not in res.err
+    assert env.snapshots() == []
+    listed = env.run("points", env.repo, "--json")
+    assert listed.json() == []

@@ -1,0 +1,116 @@
+"""Fixtures of the vSphere tests: the simulator (built once per session), the fake VDDK pointed
+at the simulator's datastores, a repository, and the CLI wired to all three (`Env`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fake_vddk
+import vcsim
+from helpers import KIB, cli
+
+VM = "DC0_H0_VM0"
+BS = 64 * KIB
+
+
+@pytest.fixture(scope="session")
+def vcsim_binary() -> Path:
+    try:
+        return vcsim.build()
+    except vcsim.Unavailable as exc:
+        pytest.skip(f"vCenter simulator unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def vddk_libdir(tmp_path_factory) -> str:
+    return str(fake_vddk.build(tmp_path_factory.getbasetemp())["full"])
+
+
+class Env:
+    """One simulator, one repository, the CLI wired to both."""
+
+    def __init__(self, sim: vcsim.Simulator, repo: Path, libdir: str, trace: Path, capsys,
+                 tmp: Path) -> None:
+        self.sim, self.repo, self.libdir, self.trace, self.capsys, self.tmp = (
+            sim, repo, libdir, trace, capsys, tmp)
+
+    def run(self, *args: object):
+        return cli(self.capsys, *args)
+
+    def backup(self, *extra: object, vm: str = VM, ok: bool = True):
+        self.trace.write_text("")
+        result = self.run("backup", "vsphere", self.repo, *self.sim.args(), "--vm", vm,
+                          "--vddk-libdir", self.libdir, "--json", *extra)
+        if ok:
+            assert result.code == 0, result.err
+            return result.json()
+        return result
+
+    def sectors_read(self) -> int:
+        """Sectors the fake VDDK read since the last backup() started."""
+        total = 0
+        for line in self.trace.read_text().splitlines():
+            parts = line.split()
+            if parts and parts[0] == "read":
+                total += int(parts[2])
+        return total
+
+    def restore_image(self, point: str, key: str) -> bytes:
+        target = self.tmp / f"restored-{point}-{key}.img"
+        target.unlink(missing_ok=True)
+        result = self.run("restore", "image", self.repo, point, "--disk", key, "--to", target)
+        assert result.code == 0, result.err
+        return target.read_bytes()
+
+    def show(self, point: str) -> dict:
+        result = self.run("show", self.repo, point, "--json")
+        assert result.code == 0, result.err
+        return result.json()
+
+    def snapshots(self, vm: str = VM) -> list[str]:
+        """Names of every snapshot the VM has."""
+        with self.sim.session() as content:
+            target = vcsim.find(content, vm)
+            names = []
+
+            def walk(items):
+                for t in items or []:
+                    names.append(t.name)
+                    walk(t.childSnapshotList)
+            walk(target.snapshot.rootSnapshotList if target.snapshot else [])
+            return names
+
+
+@pytest.fixture
+def make_env(vcsim_binary, vddk_libdir, tmp_path, monkeypatch, capsys):
+    started: list[vcsim.Simulator] = []
+
+    def make(**sim_options) -> Env:
+        sim = vcsim.Simulator.start(vcsim_binary, tmp_path / f"vcsim{len(started)}",
+                                    **sim_options)
+        started.append(sim)
+        for key, value in sim.fake_vddk_env().items():
+            monkeypatch.setenv(key, value)
+        trace = tmp_path / "vddk-trace"
+        monkeypatch.setenv("FAKE_VDDK_TRACE", str(trace))
+        monkeypatch.delenv("FAKE_VDDK_FAULTS", raising=False)
+        repo = tmp_path / "repo"
+        if not repo.exists():
+            assert cli(capsys, "init", repo, "--block-size", "64KiB").code == 0
+        return Env(sim, repo, vddk_libdir, trace, capsys, tmp_path)
+
+    yield make
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def env(make_env) -> Env:
+    return make_env()
+
+
+def pattern(seed: int, length: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, length, dtype=np.uint8).tobytes()
