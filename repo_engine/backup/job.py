@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import RepoError, SourceError
 from ..repository.blockmap import BlockMap, delta_between
+from ..repository.index import ParentGone
 from ..repository.locks import SHARED
 from ..repository.points import DiskRecord, PointRecord, new_point_id, now_iso
 from ..repository.repo import Repository
@@ -51,6 +52,10 @@ class _DiskBackup:
     def __init__(self, repo: Repository, pipeline: BlockPipeline, writer: ChunkWriter,
                  options: BackupOptions) -> None:
         self.repo, self.pipeline, self.writer, self.options = repo, pipeline, writer, options
+        # per disk: the resolved map (to turn a delta into a full map if its parent is forgotten
+        # before the commit) and the blocks read because `scrub --repair` asked for them
+        self.resolved: dict[str, np.ndarray] = {}
+        self.rereads: dict[str, np.ndarray] = {}
 
     def run(self, vm: str, disk: SourceDisk) -> DiskRecord:
         try:
@@ -62,6 +67,7 @@ class _DiskBackup:
             plan = plan_disk(self.repo, vm, disk, device)
             plan = self._audit(plan, device, counters, disk)
             refs = self._store(plan, device, counters, disk)
+            self.rereads[disk.key] = plan.rereads
             return self._record(plan, disk, refs, counters)
         finally:
             device.close()
@@ -124,6 +130,7 @@ class _DiskBackup:
                 counters: DiskCounters) -> DiskRecord:
         full = plan.base.copy() if plan.base is not None else np.zeros(plan.nblocks, np.uint64)
         full[plan.read] = refs
+        self.resolved[disk.key] = full
         parent, parent_disk = plan.parent, plan.parent_disk
         max_chain = self.repo.config.max_chain
         if parent is None or parent_disk is None or parent_disk.links + 1 > max_chain:
@@ -155,7 +162,7 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions) ->
                 source=snapshot.source, disks=records, tags=sorted(set(options.tags)),
                 consistency=snapshot.consistency, config=snapshot.config,
                 notes=list(snapshot.notes), counters=_totals(records, writer, started))
-            repo.commit_point(point)
+            _commit(repo, point, step.resolved)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise RepoError(f"the repository's filesystem is full ({exc.strerror}); "
@@ -163,7 +170,26 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions) ->
             raise
         finally:
             writer.close()
+    for key, blocks in step.rereads.items():
+        if len(blocks):
+            repo.index.clear_reread(snapshot.vm, key, blocks)
     return point
+
+
+def _commit(repo: Repository, point: PointRecord, resolved: dict[str, np.ndarray]) -> None:
+    """Commit the point; a disk whose parent a concurrent forget removed becomes a full map (its
+    resolved map is in memory, so no data is read again)."""
+    while True:
+        try:
+            repo.commit_point(point)
+            return
+        except ParentGone as gone:
+            for disk in point.disks:
+                if disk.parent in gone.parents:
+                    disk.map = repo.write_map(BlockMap.full(resolved[disk.key]))
+                    disk.kind, disk.parent, disk.links = "full", None, 1
+                    disk.note = "; ".join(filter(None, (
+                        disk.note, "parent point was forgotten during the backup: full map")))
 
 
 def _totals(records: list[DiskRecord], writer: ChunkWriter, started: float) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -26,6 +26,9 @@ class DiskPlan:
     read: np.ndarray         # sorted block numbers to read
     mode: str
     note: str = ""
+    # blocks read although the change list calls them unchanged: `scrub --repair` found the
+    # chunks they held damaged (cleared once the point is committed)
+    rereads: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
 
     @property
     def nblocks(self) -> int:
@@ -69,6 +72,23 @@ def _resize_blocks(device: BlockDevice, old_capacity: int, capacity: int,
 
 
 def plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice) -> DiskPlan:
+    return _with_rereads(repo, vm, _plan_disk(repo, vm, disk, device))
+
+
+def _with_rereads(repo: Repository, vm: str, plan: DiskPlan) -> DiskPlan:
+    """Add the blocks a repair asked to re-read (a full read covers them already)."""
+    extra = repo.index.reread_blocks(vm, plan.key)
+    extra = extra[extra < plan.nblocks]
+    if not len(extra):
+        return plan
+    if plan.mode == FULL_READ:
+        return replace(plan, rereads=extra)
+    note = f"re-read {len(extra)} blocks whose stored chunks were damaged"
+    return replace(plan, read=np.union1d(plan.read, extra).astype(np.uint64), rereads=extra,
+                   note="; ".join(filter(None, (plan.note, note))))
+
+
+def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice) -> DiskPlan:
     bs = repo.config.block_size
     nblocks = -(-disk.capacity // bs)
     parent = repo.latest_with_disk(vm, disk.key)

@@ -19,6 +19,14 @@ COMMANDS = {
     "diff": "repo_engine.cli.inspect_cmd:diff",
     "stats": "repo_engine.cli.inspect_cmd:stats",
     "vsphere": "repo_engine.cli.vsphere_cmd:vsphere",
+    "forget": "repo_engine.cli.maintenance_cmd:forget",
+    "protect": "repo_engine.cli.maintenance_cmd:protect",
+    "unprotect": "repo_engine.cli.maintenance_cmd:unprotect",
+    "gc": "repo_engine.cli.maintenance_cmd:gc",
+    "verify": "repo_engine.cli.maintenance_cmd:verify",
+    "scrub": "repo_engine.cli.maintenance_cmd:scrub",
+    "rebuild-index": "repo_engine.cli.maintenance_cmd:rebuild_index",
+    "unlock": "repo_engine.cli.maintenance_cmd:unlock",
 }
 
 EPILOG = "Exit codes: 0 ok, 1 error, 2 usage error, 3 damage found."

@@ -10,6 +10,25 @@ It is a cache over packs and point manifests: `rebuild-index` recreates it from 
 | packs     | pack u32 big endian  | name [32], size u64, count u32                             |
 | packnames | name [32]            | pack u32                                                   |
 | points    | point id (ascii)     | catalog record (JSON)                                      |
+
+Reference counting and maintenance state (repo_engine/maintenance/ documents the protocols):
+
+| database   | key                  | value                                                      |
+|------------|----------------------|------------------------------------------------------------|
+| mapuse     | map name [32]        | u64: catalogued disk records naming this map              |
+| refcount   | ref u64 big endian   | u64: map files in use that contain the ref (absent = 0)    |
+| deadmaps   | map name [32]        | u64: decrements still owed for maps whose use reached 0    |
+| gcq        | ref u64 big endian   | empty: refs whose count reached 0 (gc candidates)          |
+| packlive   | pack u32 big endian  | live count u64, live stored bytes u64                      |
+| deadpacks  | name [32]            | empty: packs out of the index, file deleted after a wait   |
+| forgetting | point id (ascii)     | empty: points a forget has started to remove               |
+| scrubbed   | name [32]            | u64: unix time the pack was last scrubbed                  |
+| quarantine | ref u64 big endian   | reason (utf-8): chunk found damaged, not yet healed        |
+| reread     | vm NUL disk key      | u64[]: blocks the next backup must read from the source    |
+
+meta `counts` = 1 when mapuse/refcount are complete (set at init, by `gc --full` and by
+`rebuild-index`); `gc_mark` = the first pack number a later gc must check for uncounted refs.
+A catalog commit (`commit_point`) updates mapuse and refcount in the same transaction.
 """
 
 from __future__ import annotations
@@ -18,13 +37,15 @@ import json
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
 import numpy as np
 
-from ..errors import DamageError, FormatError
+from ..errors import DamageError, FormatError, RepoError
 from .formats import INDEX_VERSION
 from .packs import FinishedPack, PackEntry
 
@@ -33,6 +54,7 @@ PACK_KEY = struct.Struct(">I")
 U64 = struct.Struct("<Q")
 REF_REC = struct.Struct("<32sIQIIB")
 PACK_REC = struct.Struct("<32sQI")
+LIVE_REC = struct.Struct("<QQ")
 MAP_SIZE = 1 << 40  # address space only: LMDB grows the file as it fills
 
 LOCATION_DTYPE = np.dtype(
@@ -40,6 +62,24 @@ LOCATION_DTYPE = np.dtype(
      ("stored", "<u4"), ("raw", "<u4"), ("codec", "u1")]
 )
 COUNTERS = ("chunks", "raw_bytes", "stored_bytes", "packs", "pack_bytes")
+MAINT_DBS = ("mapuse", "refcount", "deadmaps", "gcq", "packlive", "deadpacks", "forgetting",
+             "scrubbed", "quarantine", "reread")
+
+
+class ParentGone(RepoError):
+    """A point's parent left the catalog before the point was committed (a concurrent forget)."""
+
+    def __init__(self, parents: set[str]) -> None:
+        super().__init__(f"parent points {', '.join(sorted(parents))} are no longer catalogued")
+        self.parents = parents
+
+
+class MapMissing(RepoError):
+    """A map file named by a point being committed is gone (gc deleted an unused copy)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"block map {name} is missing")
+        self.name = name
 
 
 @dataclass(frozen=True)
@@ -54,13 +94,15 @@ class Index:
     def __init__(self, path: Path, *, create: bool = False) -> None:
         if not create and not (path / "data.mdb").exists():
             raise DamageError(f"{path}: index is missing; run 'repo-engine rebuild-index'")
-        self.env = lmdb.open(str(path), max_dbs=8, map_size=MAP_SIZE, subdir=True, create=create)
+        self.env = lmdb.open(str(path), max_dbs=32, map_size=MAP_SIZE, subdir=True, create=create)
         self.meta = self.env.open_db(b"meta")
         self.ids = self.env.open_db(b"ids")
         self.refs = self.env.open_db(b"refs")
         self.packs = self.env.open_db(b"packs")
         self.packnames = self.env.open_db(b"packnames")
         self.points = self.env.open_db(b"points")
+        for name in MAINT_DBS:
+            setattr(self, name, self.env.open_db(name.encode()))
         self._check_version(create)
 
     def _check_version(self, create: bool) -> None:
@@ -68,6 +110,7 @@ class Index:
             raw = txn.get(b"version", db=self.meta)
             if raw is None and create:
                 txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
+                txn.put(b"counts", U64.pack(1), db=self.meta)  # an empty index counts exactly
                 return
         if raw is None or U64.unpack(raw)[0] != INDEX_VERSION:
             raise FormatError(f"index version {raw and U64.unpack(raw)[0]} is not supported; "
@@ -126,6 +169,7 @@ class Index:
             count, raw, stored = count + 1, raw + e.raw, stored + e.stored
         txn.put(PACK_KEY.pack(number), PACK_REC.pack(name, size, count), db=self.packs)
         txn.put(name, PACK_KEY.pack(number), db=self.packnames)
+        txn.put(PACK_KEY.pack(number), LIVE_REC.pack(count, stored), db=self.packlive)
         for key, delta in zip(COUNTERS, (count, raw, stored, 1, size)):
             self._add(txn, key, delta)
         if count:
@@ -151,6 +195,111 @@ class Index:
     def put_point(self, point_id: str, record: dict) -> None:
         with self.env.begin(write=True) as txn:
             txn.put(point_id.encode(), json.dumps(record, sort_keys=True).encode(), db=self.points)
+
+    def commit_point(self, point_id: str, record: dict, map_refs: dict[str, np.ndarray],
+                     map_exists: Callable[[str], bool]) -> None:
+        """Put (or replace) a catalog record and, in the same transaction, check that every
+        parent is catalogued (else ParentGone) and every map file exists (else MapMissing), and
+        move the map use and chunk reference counts from the old record's maps to the new's.
+
+        `map_refs`: for each map the record names, its unique non-ZERO refs. The existence check
+        runs inside the write transaction because gc deletes unused map files inside one too."""
+        with self.env.begin(write=True) as txn:
+            parents = {d["parent"] for d in record["disks"] if d.get("parent")}
+            gone = {p for p in parents if txn.get(p.encode(), db=self.points) is None}
+            if gone:
+                raise ParentGone(gone)
+            for name in map_refs:
+                if not map_exists(name):
+                    raise MapMissing(name)
+            old = txn.get(point_id.encode(), db=self.points)
+            use = Counter(d["map"] for d in record["disks"])
+            if old is not None:
+                use.subtract(d["map"] for d in json.loads(old)["disks"])
+            self.change_map_use(txn, use, map_refs)
+            txn.put(point_id.encode(), json.dumps(record, sort_keys=True).encode(), db=self.points)
+
+    def change_map_use(self, txn: lmdb.Transaction, delta: Counter,
+                       map_refs: dict[str, np.ndarray]) -> None:
+        """Apply map use changes: a map going from 0 to 1 use counts its refs once more; one going
+        to 0 owes a decrement of its refs, queued in `deadmaps` for gc (which reads the map)."""
+        for name, change in sorted(delta.items(), key=lambda kv: -kv[1]):
+            if not change:
+                continue
+            key = bytes.fromhex(name)
+            before = self._get_u64(txn, key, self.mapuse)
+            after = before + change
+            if after < 0:
+                raise DamageError(f"map use count of {name} would go negative; run 'gc --full'")
+            if after:
+                txn.put(key, U64.pack(after), db=self.mapuse)
+            else:
+                txn.delete(key, db=self.mapuse)
+            if before == 0 and after > 0:
+                self.add_refs(txn, map_refs[name], 1)
+            elif before > 0 and after == 0:
+                owed = self._get_u64(txn, key, self.deadmaps) + 1
+                txn.put(key, U64.pack(owed), db=self.deadmaps)
+
+    def add_refs(self, txn: lmdb.Transaction, refs: np.ndarray, delta: int) -> list[int]:
+        """Add `delta` to the count of each ref; returns the refs whose count reached 0 (those are
+        queued in `gcq`)."""
+        zeroed = []
+        get, put, delete = txn.get, txn.put, txn.delete
+        for ref in refs.tolist():
+            key = REF_KEY.pack(ref)
+            raw = get(key, db=self.refcount)
+            value = (U64.unpack(raw)[0] if raw else 0) + delta
+            if value > 0:
+                put(key, U64.pack(value), db=self.refcount)
+                if raw is None:
+                    delete(key, db=self.gcq)
+            else:
+                if raw is not None:
+                    delete(key, db=self.refcount)
+                put(key, b"", db=self.gcq)
+                zeroed.append(ref)
+        return zeroed
+
+    def counts_valid(self) -> bool:
+        with self.env.begin() as txn:
+            return self._get_u64(txn, b"counts", self.meta) == 1
+
+    def meta_u64(self, name: str) -> int:
+        with self.env.begin() as txn:
+            return self._get_u64(txn, name.encode(), self.meta)
+
+    # -- repair hooks read by backups ------------------------------------------------------
+    @staticmethod
+    def reread_key(vm: str, disk: str) -> bytes:
+        return f"{vm}\0{disk}".encode()
+
+    def reread_blocks(self, vm: str, disk: str) -> np.ndarray:
+        """Blocks `scrub --repair` asked the next backup of this disk to read from the source."""
+        with self.env.begin() as txn:
+            raw = txn.get(self.reread_key(vm, disk), db=self.reread)
+        return np.frombuffer(raw, dtype="<u8").copy() if raw else np.zeros(0, np.uint64)
+
+    def add_reread(self, vm: str, disk: str, blocks: np.ndarray) -> None:
+        with self.env.begin(write=True) as txn:
+            key = self.reread_key(vm, disk)
+            raw = txn.get(key, db=self.reread)
+            old = np.frombuffer(raw, dtype="<u8") if raw else np.zeros(0, "<u8")
+            merged = np.union1d(old, blocks.astype("<u8")).astype("<u8")
+            txn.put(key, merged.tobytes(), db=self.reread)
+
+    def clear_reread(self, vm: str, disk: str, done: np.ndarray) -> None:
+        """Forget re-read requests a committed backup has fulfilled."""
+        with self.env.begin(write=True) as txn:
+            key = self.reread_key(vm, disk)
+            raw = txn.get(key, db=self.reread)
+            if raw is None:
+                return
+            left = np.setdiff1d(np.frombuffer(raw, dtype="<u8"), done.astype("<u8"))
+            if len(left):
+                txn.put(key, left.astype("<u8").tobytes(), db=self.reread)
+            else:
+                txn.delete(key, db=self.reread)
 
     def delete_point(self, point_id: str) -> None:
         with self.env.begin(write=True) as txn:

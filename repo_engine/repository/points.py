@@ -9,6 +9,7 @@ A point file is an envelope (envelope.py, magic POINT) holding a JSON document:
 | vm, time   | VM name, UTC ISO-8601 time with microseconds (`VM@time` addresses it)         |
 | source     | "image", "vsphere", "nbd"; `config`: the VM's configuration as the source saved it |
 | tags       | list of strings; `consistency`: "crash" or "application" or "file"            |
+| protected  | no retention policy removes the point; `damage`: what scrub found unrestorable |
 | disks      | list of DiskRecord (below)                                                    |
 
 A DiskRecord holds the disk `key`, `capacity` (bytes), `block_size`, `map` (block-map name),
@@ -65,6 +66,8 @@ class PointRecord:
     counters: dict[str, float] = field(default_factory=dict)
     generation: int = 1
     protected: bool = False
+    # set by `scrub --repair`: what of this point cannot be restored (disks and byte ranges)
+    damage: list[str] = field(default_factory=list)
 
     def disk(self, key: str) -> DiskRecord | None:
         return next((d for d in self.disks if d.key == key), None)

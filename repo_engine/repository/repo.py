@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NotARepository, PointNotFound, UsageError
-from .blockmap import BlockMap, read_map, write_map
+from .blockmap import BlockMap, map_path, read_map, write_map
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
-from .index import Index
+from .index import Index, MapMissing
 from .locks import RepoLock
 from .packs import FinishedPack, PackWriter
 from .points import PointRecord, point_path, read_point, write_point
@@ -82,9 +82,25 @@ class Repository:
 
     # -- points ---------------------------------------------------------------------------
     def commit_point(self, point: PointRecord) -> None:
-        """Manifest durable first, then the catalog entry that makes the point visible."""
+        """Manifest durable first, then the catalog entry that makes the point visible.
+
+        Also used to rewrite a catalogued point (chain consolidation, protect, damage marks): the
+        catalog transaction moves map use and chunk reference counts from the old record's maps
+        to the new one's. Raises ParentGone when a disk's parent left the catalog meanwhile (the
+        caller rewrites that disk as a full map); rewrites a map file gc removed meanwhile."""
         write_point(self.points_dir, point)
-        self.index.put_point(point.id, point.summary())
+        maps = {name: self.read_map(name) for name in {d.map for d in point.disks}}
+        refs = {name: unique_refs(bmap) for name, bmap in maps.items()}
+        for _attempt in range(10):
+            try:
+                self.index.commit_point(point.id, point.summary(), refs, self.map_exists)
+                return
+            except MapMissing as gone:
+                write_map(self.maps_dir, maps[gone.name])
+        raise MapMissing(next(iter(maps)))
+
+    def map_exists(self, name: str) -> bool:
+        return map_path(self.maps_dir, name).exists()
 
     def points(self, vm: str | None = None) -> list[PointRecord]:
         records = [PointRecord.from_dict(r) for r in self.index.points_records()]
@@ -123,7 +139,9 @@ class Repository:
         """The full block map (one ref per block) of disk `key` at `point`, across its chain."""
         chain: list[str] = []
         catalog = {p.id: p for p in self.points()}
-        current: PointRecord | None = point
+        # a forget may have consolidated this point's chain since the caller read its record: the
+        # current record resolves to the same content through maps that still exist
+        current: PointRecord | None = catalog.get(point.id, point)
         while current is not None:
             disk = current.disk(key)
             if disk is None:
@@ -146,3 +164,9 @@ class Repository:
         for root, _dirs, files in os.walk(self.packs_dir):
             total += sum(os.stat(os.path.join(root, f)).st_size for f in files)
         return total
+
+
+def unique_refs(bmap: BlockMap) -> np.ndarray:
+    """The distinct non-ZERO refs a map file names (what the reference counts count)."""
+    refs = np.unique(bmap.refs)
+    return refs[refs != 0] if len(refs) and refs[0] == 0 else refs

@@ -1,0 +1,342 @@
+"""`repo-engine forget | protect | unprotect | gc | verify | scrub | rebuild-index | unlock`.
+
+Exit codes: 0 ok, 1 error, 2 usage error, 3 damage found.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from .common import Progress, emit_json, human_bytes, json_option, open_repo, repo_argument
+
+def _exit_damage(what: str) -> None:
+    """Exit code 3 (DamageError), after the report has been printed."""
+    from ..errors import DamageError
+
+    raise DamageError(what)
+
+
+def _spinner(progress: Progress, label: str):
+    """A status line on a terminal for phases without a known total."""
+    import sys
+
+    if not progress.enabled:
+        return None
+    return lambda text: click.echo(f"\r{label}: {text}".ljust(70), nl=False, err=True) \
+        if sys.stderr.isatty() else None
+
+
+@click.command()
+@repo_argument
+@click.argument("point_ids", nargs=-1, metavar="[POINT]...")
+@click.option("--vm", help="Apply the policy to this VM's points only.")
+@click.option("--keep-last", type=int, default=0, help="Keep the N newest points (-1: all).")
+@click.option("--keep-hourly", type=int, default=0, help="Keep the newest point of N hours.")
+@click.option("--keep-daily", type=int, default=0, help="Keep the newest point of N days.")
+@click.option("--keep-weekly", type=int, default=0, help="Keep the newest point of N ISO weeks.")
+@click.option("--keep-monthly", type=int, default=0, help="Keep the newest point of N months.")
+@click.option("--keep-yearly", type=int, default=0, help="Keep the newest point of N years.")
+@click.option("--keep-within", metavar="DURATION",
+              help="Keep points newer than the newest point minus DURATION (e.g. 7d, 2w, 6m, 1y).")
+@click.option("--keep-tag", "keep_tags", multiple=True, help="Keep points with this tag.")
+@click.option("--dry-run", is_flag=True, help="Only show what would be kept and removed.")
+@click.option("--prune", is_flag=True, help="Run gc afterwards to reclaim the space.")
+@json_option
+def forget(repo: Path, point_ids: tuple[str, ...], vm: str | None, keep_last: int,
+           keep_hourly: int, keep_daily: int, keep_weekly: int, keep_monthly: int,
+           keep_yearly: int, keep_within: str | None, keep_tags: tuple[str, ...], dry_run: bool,
+           prune: bool, as_json: bool) -> None:
+    """Remove restore points by policy (per VM and disk set) or by id.
+
+    Rules are OR'd, restic-style: each --keep-* rule keeps the newest point of each of its last N
+    buckets. Protected points are always kept. Removing a point merges its changes into the
+    points that build on it; no data is deleted until gc.
+
+    \b
+    Examples:
+      repo-engine forget /backup/repo --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --dry-run
+      repo-engine forget /backup/repo --vm web1 --keep-last 10 --prune
+      repo-engine forget /backup/repo 3f2a9c1d
+    """
+    from ..maintenance.forget import ForgetReport, forget_points, policy_decisions
+    from ..maintenance.retention import Policy, parse_within
+
+    policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly,
+                    parse_within(keep_within) if keep_within else None, tuple(keep_tags))
+    if point_ids and not policy.empty():
+        raise click.UsageError("give either POINT ids or a --keep-* policy, not both")
+    if not point_ids and policy.empty():
+        raise click.UsageError("no policy given: use --keep-* options or name points to remove")
+    with open_repo(repo) as repository, Progress() as progress:
+        if point_ids:
+            named = [repository.find_point(p) for p in point_ids]
+            remove = [p.id for p in named]
+            decisions = [{"id": p.id, "vm": p.vm, "time": p.time, "keep": False,
+                          "reasons": ["named"]} for p in named]
+        else:
+            found = policy_decisions(repository, policy, vm)
+            decisions = [{"id": d.id, "vm": d.vm, "time": d.time.isoformat(), "keep": d.keep,
+                          "reasons": list(d.reasons)} for d in found]
+            remove = [d.id for d in found if not d.keep]
+        if dry_run:
+            report = ForgetReport(dry_run=True)
+        else:
+            report = forget_points(repository, remove,
+                                   tick=progress.bar("forget", len(remove)))
+        report.decisions = decisions
+        gc_report = None
+        if prune and not dry_run:
+            from ..maintenance.gc import gc
+
+            gc_report = gc(repository)
+    if as_json:
+        doc = asdict(report)
+        if gc_report is not None:
+            doc["gc"] = asdict(gc_report)
+        emit_json(doc)
+        return
+    for d in decisions:
+        action = "keep  " if d["keep"] else "remove"
+        click.echo(f"{action} {d['id'][:8]}  {d.get('vm', '')}@{d.get('time', '')}  "
+                   f"{', '.join(d['reasons'])}")
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {len(remove)} points, kept {sum(d['keep'] for d in decisions)}; "
+               f"{len(set(report.rewritten))} points consolidated")
+    if gc_report is not None:
+        _echo_gc(gc_report)
+
+
+def _protect(repo: Path, point: str, protected: bool, as_json: bool) -> None:
+    from ..maintenance.forget import set_protected
+
+    with open_repo(repo) as repository:
+        record = set_protected(repository, repository.find_point(point), protected)
+    if as_json:
+        emit_json({"id": record.id, "protected": record.protected})
+    else:
+        state = "protected" if record.protected else "not protected"
+        click.echo(f"point {record.id[:8]} ({record.vm}@{record.time}) is {state}")
+
+
+@click.command()
+@repo_argument
+@click.argument("point")
+@json_option
+def protect(repo: Path, point: str, as_json: bool) -> None:
+    """Pin POINT so that no forget policy removes it.
+
+    \b
+    Example:
+      repo-engine protect /backup/repo web1@2026-11-24
+    """
+    _protect(repo, point, True, as_json)
+
+
+@click.command()
+@repo_argument
+@click.argument("point")
+@json_option
+def unprotect(repo: Path, point: str, as_json: bool) -> None:
+    """Unpin POINT (policies may remove it again)."""
+    _protect(repo, point, False, as_json)
+
+
+def _echo_gc(r: object) -> None:
+    from ..maintenance.gc import GcReport
+
+    assert isinstance(r, GcReport)
+    head = "gc (dry run, nothing deleted)" if r.dry_run else f"gc ({r.mode})"
+    click.echo(f"{head}: {r.candidates} candidate chunks, {r.chunks_dropped} dropped "
+               f"({human_bytes(r.stored_bytes_dropped)}), {r.resurrected} kept by running "
+               f"backups; packs: {r.packs_repacked} repacked into {r.packs_written}, "
+               f"{r.packs_deleted} deleted, {r.orphan_packs_deleted} orphans; "
+               f"{r.maps_deleted} maps, {r.manifests_deleted} manifests deleted; "
+               f"freed {human_bytes(max(r.freed_bytes, 0))} in {r.seconds:.2f} s "
+               f"(waited {r.waited_seconds:.2f} s for running sessions)")
+    if r.recount:
+        click.echo(f"  recount: {r.recount}")
+    for msg in r.damaged_packs_skipped:
+        click.echo(f"  not repacked (damaged): {msg}")
+
+
+@click.command()
+@repo_argument
+@click.option("--dry-run", is_flag=True, help="Report what a full gc would reclaim; change nothing.")
+@click.option("--full", is_flag=True, help="Recount every reference (mark and sweep) first.")
+@click.option("--max-unused", type=click.FloatRange(0, 100), default=10.0, show_default=True,
+              help="Repack packs with more than this percentage of unused bytes.")
+@click.option("--wait-timeout", type=float, default=None,
+              help="Give up (safely) after waiting this many seconds for running backups.")
+@json_option
+def gc(repo: Path, dry_run: bool, full: bool, max_unused: float, wait_timeout: float | None,
+       as_json: bool) -> None:
+    """Reclaim chunks, maps and packs no restore point uses. Backups may keep running.
+
+    \b
+    Examples:
+      repo-engine gc /backup/repo
+      repo-engine gc /backup/repo --full --max-unused 5
+    """
+    from ..maintenance.gc import gc as run_gc
+
+    with open_repo(repo) as repository, Progress() as progress:
+        report = run_gc(repository, full=full, dry_run=dry_run, max_unused=max_unused,
+                        wait_timeout=wait_timeout, tick=_spinner(progress, "gc"))
+    if as_json:
+        emit_json(report)
+    else:
+        _echo_gc(report)
+
+
+@click.command()
+@repo_argument
+@click.option("--repair", is_flag=True,
+              help="Rewrite damaged or missing manifests from the catalog and recount "
+                   "references, under the maintenance lock, before verifying.")
+@json_option
+def verify(repo: Path, repair: bool, as_json: bool) -> None:
+    """Check the metadata: every point resolves, every chunk it uses is indexed in a pack whose
+    trailer agrees, the reference counts are right; list orphans. Exit code 3 on damage.
+
+    \b
+    Example:
+      repo-engine verify /backup/repo --json
+    """
+    from ..maintenance.verify import verify as run_verify
+
+    repaired: list[str] = []
+    with open_repo(repo) as repository, Progress() as progress:
+        if repair:
+            from ..maintenance.gc import recount
+            from ..maintenance.verify import repair_manifests
+            from ..repository.locks import MAINTENANCE
+
+            with repository.lock(MAINTENANCE, "verify --repair"):
+                repaired = repair_manifests(repository)
+                recount(repository, strict=False)
+        report = run_verify(repository, tick=progress.bar("packs", len(repository.index.all_packs())))
+    if as_json:
+        doc = asdict(report)
+        doc["ok"] = report.ok
+        doc["manifests_rewritten"] = repaired
+        emit_json(doc)
+    else:
+        for point_id in repaired:
+            click.echo(f"rewrote the manifest of point {point_id} from the catalog")
+        click.echo(f"verified {report.points} points, {report.maps} maps, {report.refs} chunks, "
+                   f"{report.packs} packs in {report.seconds:.2f} s")
+        for msg in report.errors:
+            click.echo(f"ERROR: {msg}")
+        for msg in report.warnings:
+            click.echo(f"warning: {msg}")
+        for kind, names in report.orphans.items():
+            if names:
+                click.echo(f"orphan {kind}: {len(names)} ({', '.join(n[:12] for n in names[:5])})")
+        _echo_affected(report.affected)
+        click.echo("no errors found" if report.ok else f"{len(report.errors)} errors")
+    if not report.ok:
+        _exit_damage(f"verify found {len(report.errors)} errors; affected points: "
+                     f"{', '.join(p[:8] for p in report.damaged_points) or 'none'}")
+
+
+def _echo_affected(affected: list) -> None:
+    for a in affected:
+        ranges = ", ".join(f"[{o}, {o + n})" for o, n in a.extents[:4])
+        more = " ..." if len(a.extents) > 4 else ""
+        click.echo(f"  affects point {a.point[:8]} ({a.vm}@{a.time}) disk {a.disk}: "
+                   f"{a.blocks} blocks at {ranges}{more}")
+
+
+@click.command()
+@repo_argument
+@click.option("--read-data-subset", "subset", metavar="PERCENT|n/t",
+              help="Check only the least recently scrubbed PERCENT of the data, or slice n of t.")
+@click.option("--max-duration", metavar="DURATION", help="Stop starting new packs after e.g. 30m.")
+@click.option("--repair", is_flag=True,
+              help="Quarantine damaged chunks, heal them from good copies, make the next backup "
+                   "re-read the affected blocks, mark points that cannot heal as damaged.")
+@click.option("--workers", type=int, default=None, help="Verification threads (default: CPUs).")
+@json_option
+def scrub(repo: Path, subset: str | None, max_duration: str | None, repair: bool,
+          workers: int | None, as_json: bool) -> None:
+    """Read the chunk data back and check every chunk against its id. Exit code 3 on damage.
+
+    \b
+    Examples:
+      repo-engine scrub /backup/repo --read-data-subset 10% --max-duration 2h
+      repo-engine scrub /backup/repo --repair
+    """
+    from ..maintenance.scrub import scrub as run_scrub
+
+    with open_repo(repo) as repository, Progress() as progress:
+        total = sum(p.size for p in repository.index.all_packs())
+        report = run_scrub(repository, subset=subset, max_duration=max_duration, repair=repair,
+                           workers=workers, tick=progress.bar("scrub", total))
+    if as_json:
+        doc = asdict(report)
+        doc["ok"] = report.ok
+        emit_json(doc)
+    else:
+        click.echo(f"scrubbed {report.packs_scrubbed} of {report.packs_total} packs: "
+                   f"{report.chunks_checked} chunks, {human_bytes(report.raw_bytes)} in "
+                   f"{report.seconds:.2f} s ({report.mb_per_s} MB/s); "
+                   f"{report.packs_never_scrubbed} packs never scrubbed"
+                   + ("; stopped at --max-duration" if report.stopped_early else ""))
+        for d in report.damaged[:20]:
+            click.echo(f"DAMAGED chunk ref {d['ref']}: {d['reason']}")
+        if len(report.damaged) > 20:
+            click.echo(f"... {len(report.damaged) - 20} more damaged chunks")
+        _echo_affected(report.affected)
+        if report.repair:
+            click.echo(f"repair: {report.repair}")
+    if not report.ok:
+        _exit_damage(f"scrub found {len(report.damaged)} damaged chunks affecting "
+                     f"{len({a.point for a in report.affected})} points")
+
+
+@click.command("rebuild-index")
+@repo_argument
+@json_option
+def rebuild_index(repo: Path, as_json: bool) -> None:
+    """Recreate the index (chunks, packs, catalog, counts) from packs and manifests alone.
+
+    \b
+    Example:
+      repo-engine rebuild-index /backup/repo
+    """
+    from ..maintenance.rebuild import rebuild_index as run_rebuild
+
+    report = run_rebuild(repo)
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(f"rebuilt the index: {report.packs} packs, {report.chunks} chunks, "
+               f"{report.points} points in {report.seconds:.2f} s")
+    for msg in report.unreadable_packs + report.unreadable_manifests:
+        click.echo(f"skipped: {msg}")
+
+
+@click.command()
+@repo_argument
+@click.option("--force", is_flag=True, help="Also remove locks of live processes or other hosts.")
+@json_option
+def unlock(repo: Path, force: bool, as_json: bool) -> None:
+    """Remove stale locks left by processes that died.
+
+    \b
+    Example:
+      repo-engine unlock /backup/repo
+    """
+    from ..maintenance.rebuild import unlock as run_unlock
+
+    report = run_unlock(repo, force=force)
+    if as_json:
+        emit_json(report)
+        return
+    for doc in report.removed:
+        click.echo(f"removed {doc['kind']} lock of {doc['command']!r} (pid {doc['pid']} on "
+                   f"{doc['host']})")
+    click.echo(f"removed {len(report.removed)} locks")

@@ -1,0 +1,512 @@
+"""Garbage collection: reclaim chunks, maps, manifests and packs no catalogued point uses, while
+backups keep running (they hold only shared locks; gc holds the maintenance lock).
+
+Reference counts (index.py): `mapuse` counts the catalogued disk records naming each map file;
+`refcount` counts, per ref, the in-use map files containing it. A catalog commit moves both in the
+same transaction, so a ref with a count > 0 is used by a catalogued point and is never a candidate.
+A map whose use drops to 0 owes decrements (`deadmaps`), which gc applies by reading the map; refs
+reaching 0 are queued in `gcq`. Work is proportional to what was forgotten (plus the packs written
+since the last gc, whose refs may never have been counted: a crashed backup's). `gc --full`
+recomputes every count from the catalog (mark) and queues every uncounted ref (sweep), and reports
+how far the kept counts were off.
+
+A run, each step crash-safe (a rerun finishes it):
+
+1. Finish removals a forget left marked (forget.py).
+2. Apply owed decrements (incremental) or recount (full). Candidates = `gcq`.
+3. Make candidates unfindable: delete their `ids` entries, so a backup looking a chunk up from now
+   on stores a fresh copy. List unused map files, manifests not catalogued, pack files not indexed.
+4. Wait until every session that held a lock at that moment has ended: a backup that started
+   before step 3 may have looked up a candidate, or may be about to commit a map or a manifest or
+   a pack we listed. Sessions that start later cannot reach any of them.
+5. In one transaction re-check: a candidate whose count rose (a waited-for backup committed a
+   point using it) gets its `ids` entry back; the rest are dropped from the index; listed files
+   still unused are deleted (map files inside the transaction: a backup's commit checks its maps
+   exist inside its own transaction, and rewrites one gc removed). Packs with no live chunk leave
+   the index and are queued in `deadpacks`.
+6. Repack packs whose unused share exceeds `max_unused`: copy their live chunks (each checked
+   against its id) into new packs, made durable, then move the refs to them in one transaction;
+   the old packs are queued in `deadpacks`.
+7. Wait for the sessions running now (restores may hold places in queued packs), then delete the
+   queued pack files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from ..errors import DamageError, LockedError, RepoError
+from ..repository.index import LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index
+from ..repository.locks import MAINTENANCE
+from ..repository.packs import ENTRY_DTYPE, FinishedPack, PackWriter, pack_path, read_trailer
+from ..repository.points import point_path
+from ..repository.repo import Repository, unique_refs
+from . import forget
+from .inventory import (MapCache, dead_tmp_files, files_under, live_refs, scan_counts,
+                        scan_refs, sessions, wait_for)
+
+Tick = Callable[[str], None]
+
+
+@dataclass
+class GcReport:
+    mode: str = "incremental"
+    dry_run: bool = False
+    forgets_finished: int = 0
+    maps_settled: int = 0
+    candidates: int = 0
+    resurrected: int = 0
+    chunks_dropped: int = 0
+    stored_bytes_dropped: int = 0
+    maps_deleted: int = 0
+    manifests_deleted: int = 0
+    orphan_packs_deleted: int = 0
+    tmp_files_deleted: int = 0
+    packs_repacked: int = 0
+    packs_written: int = 0
+    packs_deleted: int = 0
+    freed_bytes: int = 0
+    damaged_packs_skipped: list[str] = field(default_factory=list)
+    recount: dict = field(default_factory=dict)
+    waited_seconds: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Listed:
+    candidates: list[int]
+    maps: dict[str, Path]
+    manifests: dict[str, Path]
+    packs: dict[str, Path]
+    tmp: list[Path]
+
+
+def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unused: float = 10.0,
+       wait_timeout: float | None = None, tick: Tick | None = None) -> GcReport:
+    started = time.monotonic()
+    report = GcReport(mode="full" if full else "incremental", dry_run=dry_run)
+    if dry_run:
+        _dry_run(repo, report, max_unused)
+        report.seconds = round(time.monotonic() - started, 3)
+        return report
+    with repo.lock(MAINTENANCE, "gc") as lock:
+        report.forgets_finished = len(forget.finish_pending(repo).removed)
+        if full or not repo.index.counts_valid():
+            report.mode = "full"
+            report.recount = recount(repo)
+        else:
+            report.maps_settled = settle_dead_maps(repo)
+            queue_uncounted(repo)
+        listed = _mark(repo)
+        report.candidates = len(listed.candidates)
+        report.waited_seconds += wait_for(repo, sessions(repo, lock.path), timeout=wait_timeout,
+                                          tick=tick)
+        _sweep(repo, listed, report)
+        _repack(repo, max_unused, report, tick)
+        if _dead_packs(repo):
+            report.waited_seconds += wait_for(repo, sessions(repo, lock.path),
+                                              timeout=wait_timeout, tick=tick)
+            _delete_dead_packs(repo, report)
+    report.waited_seconds = round(report.waited_seconds, 3)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+# -- step 2: counts -----------------------------------------------------------------------------
+def settle_dead_maps(repo: Repository) -> int:
+    """Apply the decrements owed by maps whose use dropped to 0; returns maps settled."""
+    index = repo.index
+    with index.env.begin() as txn:
+        owed = [(k, U64.unpack(v)[0]) for k, v in txn.cursor(db=index.deadmaps)]
+    settled = 0
+    for key, _count in owed:
+        try:
+            refs = unique_refs(repo.read_map(key.hex()))
+        except RepoError:
+            continue  # counts stay high: a leak, never a loss; verify reports the map
+        with index.env.begin(write=True) as txn:
+            raw = txn.get(key, db=index.deadmaps)
+            if raw is None:
+                continue
+            index.add_refs(txn, refs, -U64.unpack(raw)[0])
+            txn.delete(key, db=index.deadmaps)
+        settled += 1
+    return settled
+
+
+def queue_uncounted(repo: Repository) -> None:
+    """Queue live refs without a count in packs indexed since the last gc (a crashed or running
+    backup's chunks; a running backup's come back in step 5)."""
+    index = repo.index
+    mark, end = index.meta_u64("gc_mark"), index.meta_u64("next_pack")
+    found = []
+    with index.env.begin() as txn:
+        for number in range(mark, end):
+            raw = txn.get(PACK_KEY.pack(number), db=index.packs)
+            if raw is None:
+                continue
+            name = PACK_REC.unpack(raw)[0].hex()
+            try:
+                entries = read_trailer(pack_path(repo.packs_dir, name))
+            except RepoError:
+                continue
+            for ref, offset in zip(entries["ref"].tolist(), entries["offset"].tolist()):
+                key = REF_KEY.pack(ref)
+                rec = txn.get(key, db=index.refs)
+                if rec is None or txn.get(key, db=index.refcount) is not None:
+                    continue
+                _, pack, off, *_ = REF_REC.unpack(rec)
+                if pack == number and off == offset:
+                    found.append(key)
+    with index.env.begin(write=True) as txn:
+        for key in found:
+            if txn.get(key, db=index.refcount) is None:
+                txn.put(key, b"", db=index.gcq)
+        txn.put(b"gc_mark", U64.pack(end), db=index.meta)
+
+
+def recount(repo: Repository, attempts: int = 5, *, strict: bool = True) -> dict:
+    """Recompute map use and ref counts from the catalog; queue every uncounted ref. `strict`:
+    refuse when a map in use cannot be read (its chunks would look unused)."""
+    index = repo.index
+    for _ in range(attempts):
+        with index.env.begin() as txn:
+            catalog = {k: v for k, v in txn.cursor(db=index.points)}
+            refs_table = scan_refs(index, txn)
+            old_refs, old_counts = scan_counts(txn, index.refcount)
+            next_pack = index._get_u64(txn, b"next_pack", index.meta)
+        use: dict[str, int] = {}
+        for value in catalog.values():
+            for disk in json.loads(value)["disks"]:
+                use[disk["map"]] = use.get(disk["map"], 0) + 1
+        cache = MapCache(repo)
+        refs, counts = live_refs(cache, use)
+        if cache.errors and strict:
+            raise DamageError(f"{len(cache.errors)} block maps in use cannot be read (first: "
+                              f"{next(iter(cache.errors.values()))}); run 'verify'")
+        drift = _drift(old_refs, old_counts, refs, counts)
+        dead = np.setdiff1d(refs_table["ref"], refs, assume_unique=True)
+        if _replace_counts(index, catalog, use, refs, counts, dead, refs_table, next_pack):
+            return drift
+    raise LockedError("the catalog kept changing during gc --full; run it again")
+
+
+def _drift(old_refs: np.ndarray, old_counts: np.ndarray, refs: np.ndarray,
+           counts: np.ndarray) -> dict:
+    all_refs = np.union1d(old_refs, refs)
+    old = np.zeros(len(all_refs), np.int64)
+    new = np.zeros(len(all_refs), np.int64)
+    old[np.searchsorted(all_refs, old_refs)] = old_counts.astype(np.int64)
+    new[np.searchsorted(all_refs, refs)] = counts.astype(np.int64)
+    return {"under_counted": int((old < new).sum()), "over_counted": int((old > new).sum())}
+
+
+def _replace_counts(index: Index, catalog: dict, use: dict[str, int], refs: np.ndarray,
+                    counts: np.ndarray, dead: np.ndarray, refs_table: np.ndarray,
+                    next_pack: int) -> bool:
+    with index.env.begin(write=True) as txn:
+        now = {k: v for k, v in txn.cursor(db=index.points)}
+        if now != catalog:
+            return False
+        for db in (index.mapuse, index.refcount, index.deadmaps, index.gcq, index.packlive):
+            txn.drop(db, delete=False)
+        with txn.cursor(db=index.mapuse) as cur:
+            cur.putmulti(sorted((bytes.fromhex(n), U64.pack(c)) for n, c in use.items()),
+                         append=True)
+        keys = refs.astype(">u8").tobytes()
+        vals = counts.astype("<u8").tobytes()
+        with txn.cursor(db=index.refcount) as cur:
+            cur.putmulti(((keys[i:i + 8], vals[i:i + 8]) for i in range(0, len(keys), 8)),
+                         append=True)
+        dkeys = dead.astype(">u8").tobytes()
+        with txn.cursor(db=index.gcq) as cur:
+            cur.putmulti(((dkeys[i:i + 8], b"") for i in range(0, len(dkeys), 8)), append=True)
+        _write_packlive(txn, index, refs_table)
+        txn.put(b"counts", U64.pack(1), db=index.meta)
+        txn.put(b"gc_mark", U64.pack(next_pack), db=index.meta)
+    return True
+
+
+def _write_packlive(txn: lmdb.Transaction, index: Index, refs_table: np.ndarray) -> None:
+    packs = refs_table["pack"].astype(np.int64)
+    numbers, inverse = np.unique(packs, return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(numbers))
+    stored = np.bincount(inverse, weights=refs_table["stored"].astype(np.float64),
+                         minlength=len(numbers))
+    for number, _ in txn.cursor(db=index.packs):
+        txn.put(number, LIVE_REC.pack(0, 0), db=index.packlive)
+    for number, count, size in zip(numbers.tolist(), counts.tolist(), stored.tolist()):
+        txn.put(PACK_KEY.pack(number), LIVE_REC.pack(count, int(size)), db=index.packlive)
+
+
+# -- step 3: mark ---------------------------------------------------------------------------
+def _mark(repo: Repository) -> _Listed:
+    index = repo.index
+    maps = files_under(repo.maps_dir, ".map")
+    manifests = files_under(repo.points_dir, ".point")
+    packs = files_under(repo.packs_dir, ".pack")
+    tmp = dead_tmp_files(repo)
+    with index.env.begin(write=True) as txn:
+        candidates = []
+        for key, _ in txn.cursor(db=index.gcq):
+            candidates.append(REF_KEY.unpack(key)[0])
+            rec = txn.get(key, db=index.refs)
+            if rec is not None and txn.get(key, db=index.refcount) is None:
+                chunk_id = rec[:32]
+                if txn.get(chunk_id, db=index.ids) == U64.pack(REF_KEY.unpack(key)[0]):
+                    txn.delete(chunk_id, db=index.ids)
+        maps = {n: p for n, p in maps.items() if not _map_used(txn, index, n)}
+        manifests = {i: p for i, p in manifests.items()
+                     if txn.get(i.encode(), db=index.points) is None
+                     and txn.get(i.encode(), db=index.forgetting) is None}
+        packs = {n: p for n, p in packs.items() if not _pack_known(txn, index, n)}
+    return _Listed(candidates, maps, manifests, packs, tmp)
+
+
+def _map_used(txn: lmdb.Transaction, index: Index, name: str) -> bool:
+    try:
+        key = bytes.fromhex(name)
+    except ValueError:
+        return True  # not ours: leave it alone
+    return (txn.get(key, db=index.mapuse) is not None
+            or txn.get(key, db=index.deadmaps) is not None)
+
+
+def _pack_known(txn: lmdb.Transaction, index: Index, name: str) -> bool:
+    try:
+        key = bytes.fromhex(name)
+    except ValueError:
+        return True
+    return (txn.get(key, db=index.packnames) is not None
+            or txn.get(key, db=index.deadpacks) is not None)
+
+
+# -- step 5: sweep ----------------------------------------------------------------------------
+def _sweep(repo: Repository, listed: _Listed, report: GcReport) -> None:
+    index = repo.index
+    touched: set[int] = set()
+    with index.env.begin(write=True) as txn:
+        for ref in listed.candidates:
+            key = REF_KEY.pack(ref)
+            rec = txn.get(key, db=index.refs)
+            txn.delete(key, db=index.gcq)
+            if rec is None:
+                continue
+            chunk_id, pack, _off, stored, raw, _codec = REF_REC.unpack(rec)
+            if txn.get(key, db=index.refcount) is not None:
+                txn.put(chunk_id, U64.pack(ref), db=index.ids, overwrite=False)
+                report.resurrected += 1
+                continue
+            txn.delete(key, db=index.refs)
+            txn.delete(key, db=index.quarantine)
+            if txn.get(chunk_id, db=index.ids) == U64.pack(ref):
+                txn.delete(chunk_id, db=index.ids)
+            _less_live(txn, index, pack, stored)
+            for name, delta in (("chunks", -1), ("raw_bytes", -raw), ("stored_bytes", -stored)):
+                index._add(txn, name, delta)
+            touched.add(pack)
+            report.chunks_dropped += 1
+            report.stored_bytes_dropped += stored
+        for name, path in listed.maps.items():
+            if not _map_used(txn, index, name):
+                path.unlink(missing_ok=True)
+                report.maps_deleted += 1
+        for point_id, path in listed.manifests.items():
+            if (txn.get(point_id.encode(), db=index.points) is None
+                    and txn.get(point_id.encode(), db=index.forgetting) is None):
+                path.unlink(missing_ok=True)
+                report.manifests_deleted += 1
+        for name, path in listed.packs.items():
+            if not _pack_known(txn, index, name):
+                report.freed_bytes += _size(path)
+                path.unlink(missing_ok=True)
+                report.orphan_packs_deleted += 1
+        for number in sorted(touched):
+            live = txn.get(PACK_KEY.pack(number), db=index.packlive)
+            if live is not None and LIVE_REC.unpack(live)[0] == 0:
+                _retire_pack(txn, index, number)
+    for path in listed.tmp:
+        path.unlink(missing_ok=True)
+        report.tmp_files_deleted += 1
+
+
+def _less_live(txn: lmdb.Transaction, index: Index, pack: int, stored: int) -> None:
+    key = PACK_KEY.pack(pack)
+    raw = txn.get(key, db=index.packlive)
+    if raw is None:
+        return
+    count, size = LIVE_REC.unpack(raw)
+    txn.put(key, LIVE_REC.pack(max(count - 1, 0), max(size - stored, 0)), db=index.packlive)
+
+
+def _retire_pack(txn: lmdb.Transaction, index: Index, number: int) -> None:
+    """Take a pack out of the index; its file is deleted after a wait (deadpacks)."""
+    key = PACK_KEY.pack(number)
+    raw = txn.get(key, db=index.packs)
+    if raw is None:
+        return
+    name, size, _count = PACK_REC.unpack(raw)
+    txn.delete(key, db=index.packs)
+    txn.delete(key, db=index.packlive)
+    txn.delete(name, db=index.packnames)
+    txn.put(name, b"", db=index.deadpacks)
+    index._add(txn, "packs", -1)
+    index._add(txn, "pack_bytes", -size)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+# -- step 6: repack ---------------------------------------------------------------------------
+def repack_candidates(repo: Repository, max_unused: float) -> list[int]:
+    """Packs whose unused share of chunk bytes exceeds `max_unused` percent."""
+    index = repo.index
+    out = []
+    with index.env.begin() as txn:
+        for key, raw in txn.cursor(db=index.packs):
+            _name, size, count = PACK_REC.unpack(raw)
+            live = txn.get(key, db=index.packlive)
+            if live is None:
+                continue
+            live_count, live_stored = LIVE_REC.unpack(live)
+            data = max(size - 72 - 60 * count, 1)
+            if live_count and (1 - live_stored / data) * 100 > max_unused:
+                out.append(PACK_KEY.unpack(key)[0])
+    return out
+
+
+def _retire_empty(repo: Repository) -> None:
+    """Packs left with no live chunk (by a sweep, a heal or an earlier repack) leave the index."""
+    index = repo.index
+    with index.env.begin(write=True) as txn:
+        empty = [PACK_KEY.unpack(k)[0] for k, v in txn.cursor(db=index.packlive)
+                 if LIVE_REC.unpack(v)[0] == 0]
+        for number in empty:
+            _retire_pack(txn, index, number)
+
+
+def _repack(repo: Repository, max_unused: float, report: GcReport, tick: Tick | None) -> None:
+    _retire_empty(repo)
+    numbers = repack_candidates(repo, max_unused)
+    writer: PackWriter | None = None
+    moved: list[int] = []
+    for i, number in enumerate(numbers):
+        if tick:
+            tick(f"repacking {i + 1}/{len(numbers)}")
+        try:
+            chunks = _live_chunks(repo, number)
+        except DamageError as exc:
+            report.damaged_packs_skipped.append(str(exc))
+            continue
+        if writer is None:
+            writer = repo.pack_writer()
+        for ref, chunk_id, blob, raw, codec in chunks:
+            writer.add(ref, chunk_id, blob, raw, codec)
+        moved.append(number)
+        if writer.size >= repo.config.pack_size:
+            _swap(repo, writer, moved, report)
+            writer, moved = None, []
+    if writer is not None:
+        _swap(repo, writer, moved, report)
+
+
+def _live_chunks(repo: Repository, number: int) -> list[tuple[int, bytes, bytes, int, int]]:
+    """The live chunks of a pack, each checked against its id (DamageError if one is bad)."""
+    info = repo.index.pack_info(number)
+    path = pack_path(repo.packs_dir, info.name)
+    entries = read_trailer(path)
+    data = path.read_bytes()
+    out = []
+    with repo.index.env.begin() as txn:
+        for e in entries:
+            ref, offset = int(e["ref"]), int(e["offset"])
+            rec = txn.get(REF_KEY.pack(ref), db=repo.index.refs)
+            if rec is None:
+                continue
+            _, pack, off, *_ = REF_REC.unpack(rec)
+            if pack != number or off != offset:
+                continue
+            blob = data[offset:offset + int(e["stored"])]
+            chunk_id = e["id"].tobytes()
+            repo.codec.decode(blob, int(e["codec"]), int(e["raw"]), chunk_id,
+                              f"pack {info.name} chunk ref {ref}")
+            out.append((ref, chunk_id, blob, int(e["raw"]), int(e["codec"])))
+    return out
+
+
+def _swap(repo: Repository, writer: PackWriter, old: list[int], report: GcReport) -> None:
+    """New pack durable first, then one transaction moves the refs and retires the old packs."""
+    finished = writer.finish()
+    index = repo.index
+    with index.env.begin(write=True) as txn:
+        number = index._get_u64(txn, b"next_pack", index.meta)
+        txn.put(b"next_pack", U64.pack(number + 1), db=index.meta)
+        name = bytes.fromhex(finished.name)
+        live = stored = 0
+        for e in finished.entries:
+            key = REF_KEY.pack(e.ref)
+            rec = txn.get(key, db=index.refs)
+            if rec is None or REF_REC.unpack(rec)[1] not in old:
+                continue
+            txn.put(key, REF_REC.pack(e.chunk_id, number, e.offset, e.stored, e.raw, e.codec),
+                    db=index.refs)
+            live, stored = live + 1, stored + e.stored
+        txn.put(PACK_KEY.pack(number), PACK_REC.pack(name, finished.size, len(finished.entries)),
+                db=index.packs)
+        txn.put(name, PACK_KEY.pack(number), db=index.packnames)
+        txn.put(PACK_KEY.pack(number), LIVE_REC.pack(live, stored), db=index.packlive)
+        index._add(txn, "packs", 1)
+        index._add(txn, "pack_bytes", finished.size)
+        for number_old in old:
+            _retire_pack(txn, index, number_old)
+    report.packs_written += 1
+    report.packs_repacked += len(old)
+    report.freed_bytes -= finished.size
+
+
+# -- step 7: delete retired packs -------------------------------------------------------------
+def _dead_packs(repo: Repository) -> list[bytes]:
+    with repo.index.env.begin() as txn:
+        return [k for k, _ in txn.cursor(db=repo.index.deadpacks)]
+
+
+def _delete_dead_packs(repo: Repository, report: GcReport) -> None:
+    index = repo.index
+    for name in _dead_packs(repo):
+        path = pack_path(repo.packs_dir, name.hex())
+        report.freed_bytes += _size(path)
+        path.unlink(missing_ok=True)
+        with index.env.begin(write=True) as txn:
+            txn.delete(name, db=index.deadpacks)
+            txn.delete(name, db=index.scrubbed)
+        report.packs_deleted += 1
+
+
+# -- dry run ----------------------------------------------------------------------------------
+def _dry_run(repo: Repository, report: GcReport, max_unused: float) -> None:
+    """What a full gc would reclaim now, read-only (chunks of running backups count as unused)."""
+    index = repo.index
+    with index.env.begin() as txn:
+        catalog = [json.loads(v) for _, v in txn.cursor(db=index.points)]
+        table = scan_refs(index, txn)
+    cache = MapCache(repo)
+    refs, _ = live_refs(cache, {d["map"] for r in catalog for d in r["disks"]})
+    dead = ~np.isin(table["ref"], refs)
+    report.mode = "full"
+    report.candidates = int(dead.sum())
+    report.chunks_dropped = int(dead.sum())
+    report.stored_bytes_dropped = int(table["stored"][dead].astype(np.int64).sum())
+    packs = np.unique(table["pack"][~dead])
+    report.packs_deleted = len(set(np.unique(table["pack"]).tolist()) - set(packs.tolist()))
+    report.packs_repacked = len(repack_candidates(repo, max_unused))

@@ -1,0 +1,227 @@
+"""What maintenance reads in bulk: the index's ref table as numpy arrays, the files on disk, the
+maps in use, the sessions (lock holders) a deletion must outlast, and which points a set of bad
+refs or maps affects."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from ..backup.extents import blocks_to_extents
+from ..errors import LockedError, RepoError
+from ..repository.index import Index
+from ..repository.locks import is_stale, list_locks
+from ..repository.points import PointRecord
+from ..repository.repo import Repository, unique_refs
+
+# the refs table: key ref u64 big endian, value REF_REC (id, pack, offset, stored, raw, codec)
+REF_ROW = np.dtype({"names": ["id", "pack", "offset", "stored", "raw", "codec"],
+                    "formats": ["V32", "<u4", "<u8", "<u4", "<u4", "u1"],
+                    "offsets": [0, 32, 36, 44, 48, 52], "itemsize": 53})
+REF_TABLE = np.dtype([("ref", "<u8"), ("id", "V32"), ("pack", "<u4"), ("offset", "<u8"),
+                      ("stored", "<u4"), ("raw", "<u4"), ("codec", "u1")])
+
+
+def _scan(txn: lmdb.Transaction, db: object, *, values: bool = True) -> tuple[bytes, bytes]:
+    """All keys and values of a database concatenated (no per-row Python objects kept)."""
+    keys, vals = bytearray(), bytearray()
+    cursor = txn.cursor(db=db)
+    if values:
+        for key, value in cursor.iternext(keys=True, values=True):
+            keys += key
+            vals += value
+    else:
+        for key in cursor.iternext(keys=True, values=False):
+            keys += key
+    return bytes(keys), bytes(vals)
+
+
+def scan_refs(index: Index, txn: lmdb.Transaction) -> np.ndarray:
+    """Every row of the refs table, sorted by ref, as a REF_TABLE array."""
+    keys, values = _scan(txn, index.refs)
+    count = len(keys) // 8
+    out = np.zeros(count, dtype=REF_TABLE)
+    if not count:
+        return out
+    out["ref"] = np.frombuffer(keys, dtype=">u8")
+    rows = np.frombuffer(values, dtype=REF_ROW)
+    for name in REF_ROW.names:
+        out[name] = rows[name]
+    return out
+
+
+def scan_u64_keys(txn: lmdb.Transaction, db: object) -> np.ndarray:
+    """Big-endian u64 keys of a database (refcount, gcq, quarantine) as sorted u64."""
+    keys, _ = _scan(txn, db, values=False)
+    return np.frombuffer(keys, dtype=">u8").astype(np.uint64)
+
+
+def scan_counts(txn: lmdb.Transaction, db: object) -> tuple[np.ndarray, np.ndarray]:
+    keys, values = _scan(txn, db)
+    return (np.frombuffer(keys, dtype=">u8").astype(np.uint64),
+            np.frombuffer(values, dtype="<u8").astype(np.uint64))
+
+
+def files_under(root: Path, suffix: str) -> dict[str, Path]:
+    """{stem: path} of the files with `suffix` one or two levels below `root`."""
+    out: dict[str, Path] = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            if name.endswith(suffix) and not name.startswith(".tmp-"):
+                out[name[:-len(suffix)]] = Path(dirpath) / name
+    return out
+
+
+class MapCache:
+    """Unique refs of map files, read once each."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.refs: dict[str, np.ndarray] = {}
+        self.errors: dict[str, str] = {}
+
+    def get(self, name: str) -> np.ndarray | None:
+        if name not in self.refs and name not in self.errors:
+            try:
+                self.refs[name] = unique_refs(self.repo.read_map(name))
+            except RepoError as exc:
+                self.errors[name] = str(exc)
+        return self.refs.get(name)
+
+
+def live_refs(cache: MapCache, map_names: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(unique refs, counts: in how many of the given maps each appears)."""
+    parts = [r for r in (cache.get(n) for n in set(map_names)) if r is not None]
+    if not parts:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    refs, counts = np.unique(np.concatenate(parts), return_counts=True)
+    return refs.astype(np.uint64), counts.astype(np.uint64)
+
+
+# -- sessions --------------------------------------------------------------------------------
+def sessions(repo: Repository, own: Path | None) -> list[Path]:
+    """Lock files held now by others (backups, restores, scrubs): sessions that may hold refs,
+    map names or pack places they read before our last index change."""
+    return [path for path, _ in list_locks(repo.locks_dir) if path != own]
+
+
+def wait_for(repo: Repository, held: list[Path], *, timeout: float | None,
+             tick: Callable[[str], None] | None = None) -> float:
+    """Wait until every lock in `held` is released (or its holder died); returns seconds."""
+    started = time.monotonic()
+    pending = list(held)
+    while pending:
+        still = []
+        for path in pending:
+            infos = {p: i for p, i in list_locks(repo.locks_dir) if p == path}
+            info = infos.get(path)
+            if info is None:
+                continue
+            if is_stale(path, info):
+                path.unlink(missing_ok=True)
+                continue
+            still.append(path)
+        pending = still
+        if not pending:
+            break
+        waited = time.monotonic() - started
+        if timeout is not None and waited > timeout:
+            raise LockedError(f"gave up after {waited:.0f} s waiting for {len(pending)} sessions "
+                              "(backups or restores) that started before this run; nothing "
+                              "was lost: run the command again later")
+        if tick:
+            tick(f"waiting for {len(pending)} running backups/restores")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def dead_tmp_files(repo: Repository) -> list[Path]:
+    """Temporary pack files of dead processes of this host (`pack-<pid>-...tmp`)."""
+    out = []
+    for path in repo.tmp_dir.glob("pack-*.tmp"):
+        try:
+            pid = int(path.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if not _alive(pid):
+            out.append(path)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+HOST = socket.gethostname()
+
+
+# -- damage attribution ----------------------------------------------------------------------
+@dataclass
+class Affected:
+    point: str
+    vm: str
+    time: str
+    disk: str
+    blocks: int
+    extents: list[list[int]]
+
+
+def affected_by(repo: Repository, bad_refs: np.ndarray, bad_maps: set[str] = frozenset(),
+                points: list[PointRecord] | None = None) -> list[Affected]:
+    """Points, disks and byte extents whose content uses a bad ref or depends on a bad map."""
+    bad_refs = np.unique(np.asarray(bad_refs, dtype=np.uint64))
+    points = repo.points() if points is None else points
+    catalog = {p.id: p for p in points}
+    cache = MapCache(repo)
+    out: list[Affected] = []
+    for point in points:
+        for disk in point.disks:
+            chain = _chain_maps(catalog, point, disk.key)
+            if bad_maps & set(chain) or any(n in cache.errors for n in chain) or chain == []:
+                extents = [[0, disk.capacity]]
+                out.append(Affected(point.id, point.vm, point.time, disk.key,
+                                    disk.nblocks, extents))
+                continue
+            if not len(bad_refs) or not any(
+                    len(np.intersect1d(cache.get(n) if cache.get(n) is not None
+                                       else np.zeros(0, np.uint64), bad_refs)) for n in chain):
+                continue
+            try:
+                refs = repo.resolve(point, disk.key)
+            except RepoError:
+                out.append(Affected(point.id, point.vm, point.time, disk.key, disk.nblocks,
+                                    [[0, disk.capacity]]))
+                continue
+            blocks = np.flatnonzero(np.isin(refs, bad_refs)).astype(np.uint64)
+            if len(blocks):
+                out.append(Affected(point.id, point.vm, point.time, disk.key, len(blocks),
+                                    blocks_to_extents(blocks, disk.block_size, disk.capacity)))
+    return out
+
+
+def _chain_maps(catalog: dict[str, PointRecord], point: PointRecord, key: str) -> list[str]:
+    """Map names of a disk's chain, newest first; [] when the chain is broken."""
+    names: list[str] = []
+    current: PointRecord | None = point
+    while current is not None:
+        disk = current.disk(key)
+        if disk is None or len(names) > 100000:
+            return []
+        names.append(disk.map)
+        if disk.kind == "full":
+            return names
+        current = catalog.get(disk.parent or "")
+    return []

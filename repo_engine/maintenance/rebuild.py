@@ -1,0 +1,173 @@
+"""rebuild-index: recreate the LMDB index from pack trailers and point manifests alone, and
+unlock: remove stale repository locks.
+
+Rebuild, under an exclusive lock:
+1. build a fresh index in `index.rebuild-*`: every pack whose trailer checks out is numbered and
+   its chunks entered (a ref found in two packs — an interrupted repack — keeps the copy that
+   decodes and matches its id);
+2. every manifest that checks out enters the catalog;
+3. map use and reference counts are recounted from the catalog; unused chunks are queued for gc;
+4. the old index directory is renamed away, the new one renamed into place, the old one removed.
+A crash leaves either the old index or none ("run rebuild-index" again). Lost on the way: scrub
+times, quarantine notes, re-read requests and forgets that were not finished (their points come
+back, whole).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LockedError, RepoError
+from ..repository.config import read_config
+from ..repository.index import Index, U64
+from ..repository.locks import EXCLUSIVE, RepoLock, is_stale, list_locks
+from ..repository.packs import PackEntry, FinishedPack, read_trailer
+from ..repository.points import read_point
+from ..repository.repo import Repository
+from .inventory import files_under
+
+
+@dataclass
+class RebuildReport:
+    packs: int = 0
+    chunks: int = 0
+    points: int = 0
+    duplicate_refs: int = 0
+    unreadable_packs: list[str] = field(default_factory=list)
+    unreadable_manifests: list[str] = field(default_factory=list)
+    recount: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def rebuild_index(path: Path) -> RebuildReport:
+    started = time.monotonic()
+    config = read_config(path / "config")
+    report = RebuildReport()
+    with RepoLock(path / "locks", EXCLUSIVE, "rebuild-index"):
+        work = path / f"index.rebuild-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        index = Index(work, create=True)
+        repo = Repository(path, config, index)
+        try:
+            _packs(repo, report)
+            _points(repo, report)
+            from .gc import recount
+
+            report.recount = recount(repo, strict=False)
+        finally:
+            index.close()
+        _swap(path, work)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+def _packs(repo: Repository, report: RebuildReport) -> None:
+    index = repo.index
+    seen: dict[int, int] = {}
+    number = 0
+    for name, pack_file in sorted(files_under(repo.packs_dir, ".pack").items()):
+        try:
+            entries = read_trailer(pack_file)
+        except RepoError as exc:
+            report.unreadable_packs.append(str(exc))
+            continue
+        chosen = []
+        for e in entries:
+            ref = int(e["ref"])
+            entry = PackEntry(ref, e["id"].tobytes(), int(e["offset"]), int(e["stored"]),
+                              int(e["raw"]), int(e["codec"]))
+            if ref in seen:
+                report.duplicate_refs += 1
+                if _decodes(repo, pack_file, entry) and not _current_decodes(repo, ref):
+                    chosen.append(entry)
+                continue
+            seen[ref] = number
+            chosen.append(entry)
+        with index.env.begin(write=True) as txn:
+            index._put_pack(txn, number, bytes.fromhex(name), pack_file.stat().st_size, chosen)
+            txn.put(b"next_pack", U64.pack(number + 1), db=index.meta)
+        report.packs += 1
+        report.chunks += len(chosen)
+        number += 1
+
+
+def _decodes(repo: Repository, pack_file: Path, e: PackEntry) -> bool:
+    try:
+        with open(pack_file, "rb") as f:
+            blob = os.pread(f.fileno(), e.stored, e.offset)
+        repo.codec.decode(blob, e.codec, e.raw, e.chunk_id, str(pack_file))
+        return True
+    except (RepoError, OSError):
+        return False
+
+
+def _current_decodes(repo: Repository, ref: int) -> bool:
+    from .scrub import read_chunk
+
+    return read_chunk(repo, ref) is not None
+
+
+def _points(repo: Repository, report: RebuildReport) -> None:
+    for point_id, manifest in sorted(files_under(repo.points_dir, ".point").items()):
+        try:
+            point = read_point(manifest)
+        except RepoError as exc:
+            report.unreadable_manifests.append(str(exc))
+            continue
+        if point.id != point_id:
+            report.unreadable_manifests.append(f"{manifest}: names point {point.id}")
+            continue
+        repo.index.put_point(point.id, point.summary())
+        report.points += 1
+
+
+def _swap(path: Path, work: Path) -> None:
+    final = path / "index"
+    old = path / f"index.old-{os.getpid()}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(work, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class UnlockReport:
+    removed: list[dict] = field(default_factory=list)
+    kept: list[dict] = field(default_factory=list)
+
+
+def unlock(path: Path, *, force: bool = False) -> UnlockReport:
+    """Remove stale locks (holder dead on this host); live ones or other hosts' only with force."""
+    if not (path / "config").exists():
+        read_config(path / "config")  # raises NotARepository
+    report = UnlockReport()
+    for lock_path in (path / "locks").glob("*.new"):
+        if is_stale(lock_path, _any_info()):
+            lock_path.unlink(missing_ok=True)
+    for lock_path, info in list_locks(path / "locks"):
+        doc = {"file": lock_path.name, "kind": info.kind, "host": info.host, "pid": info.pid,
+               "command": info.command, "since": info.time}
+        if force or is_stale(lock_path, info):
+            lock_path.unlink(missing_ok=True)
+            report.removed.append(doc)
+        else:
+            report.kept.append(doc)
+    if report.kept and not force:
+        first = report.kept[0]
+        raise LockedError(f"{len(report.kept)} locks are held by live processes (e.g. "
+                         f"{first['command']!r}, pid {first['pid']} on {first['host']}); "
+                         "use --force only if you are sure they are gone")
+    return report
+
+
+def _any_info():
+    import socket
+
+    from ..repository.locks import LockInfo
+
+    return LockInfo("shared", socket.gethostname(), -1, "", "")

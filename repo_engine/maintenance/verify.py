@@ -1,0 +1,281 @@
+"""verify: the repository's metadata is consistent (no chunk data is read; that is scrub).
+
+Checks, against one consistent snapshot of the index:
+1. every catalogued point has its manifest, undamaged, of the catalog's generation;
+2. every disk's chain resolves: parents catalogued, map files present and undamaged;
+3. every ref a map in use names is in the index and not quarantined;
+4. every index entry points into an indexed pack whose file exists and whose trailer lists the
+   same ref with the same id, offset, lengths and codec;
+5. the reference counts equal a recount (under-counting is an error: gc could lose data);
+6. orphans are listed: pack files the index does not know, unused map files, manifests not in
+   the catalog (a crash or a running backup leaves these; gc removes them).
+Errors name the points, disks and byte ranges they affect.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import RepoError
+from ..repository.index import PACK_KEY, PACK_REC, U64
+from ..repository.packs import pack_path, read_trailer
+from ..repository.points import PointRecord
+from ..repository.repo import Repository
+from .gc import _drift as _drift_counts
+from .inventory import (Affected, MapCache, _chain_maps, affected_by, files_under, live_refs,
+                        scan_counts, scan_refs, scan_u64_keys)
+
+
+@dataclass
+class VerifyReport:
+    points: int = 0
+    maps: int = 0
+    refs: int = 0
+    packs: int = 0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    orphans: dict[str, list[str]] = field(default_factory=dict)
+    affected: list[Affected] = field(default_factory=list)
+    damaged_points: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+@dataclass
+class _Snapshot:
+    catalog: dict[str, PointRecord]
+    forgetting: set[str]
+    refs: np.ndarray
+    packs: dict[int, tuple[str, int, int]]
+    deadpacks: set[str]
+    quarantine: np.ndarray
+    counts: tuple[np.ndarray, np.ndarray]
+    mapuse: dict[str, int]
+    deadmaps: dict[str, int]
+    counts_valid: bool
+
+
+def _snapshot(repo: Repository) -> _Snapshot:
+    index = repo.index
+    with index.env.begin() as txn:
+        catalog = {k.decode(): PointRecord.from_dict(json.loads(v))
+                   for k, v in txn.cursor(db=index.points)}
+        return _Snapshot(
+            catalog=catalog,
+            forgetting={k.decode() for k, _ in txn.cursor(db=index.forgetting)},
+            refs=scan_refs(index, txn),
+            packs={PACK_KEY.unpack(k)[0]: _pack(v) for k, v in txn.cursor(db=index.packs)},
+            deadpacks={k.hex() for k, _ in txn.cursor(db=index.deadpacks)},
+            quarantine=scan_u64_keys(txn, index.quarantine),
+            counts=scan_counts(txn, index.refcount),
+            mapuse={k.hex(): U64.unpack(v)[0] for k, v in txn.cursor(db=index.mapuse)},
+            deadmaps={k.hex(): U64.unpack(v)[0] for k, v in txn.cursor(db=index.deadmaps)},
+            counts_valid=index._get_u64(txn, b"counts", index.meta) == 1,
+        )
+
+
+def _pack(raw: bytes) -> tuple[str, int, int]:
+    name, size, count = PACK_REC.unpack(raw)
+    return name.hex(), size, count
+
+
+def verify(repo: Repository, *, tick: Callable[[int], None] | None = None) -> VerifyReport:
+    started = time.monotonic()
+    snap = _snapshot(repo)
+    report = VerifyReport(points=len(snap.catalog), refs=len(snap.refs), packs=len(snap.packs))
+    bad_points: set[str] = set()
+    _check_manifests(repo, snap, report, bad_points)
+    cache = MapCache(repo)
+    bad_maps = _check_chains(snap, cache, report)
+    used = {d.map for p in snap.catalog.values() for d in p.disks}
+    report.maps = len(used)
+    live, counts = live_refs(cache, used)
+    bad_refs = _check_refs(snap, live, report)
+    bad_refs = np.union1d(bad_refs, _check_packs(repo, snap, report, tick))
+    if snap.counts_valid:
+        _check_counts(snap, cache, used, live, counts, report)
+    else:
+        report.warnings.append("reference counts are not maintained yet; run 'gc --full'")
+    _orphans(repo, snap, report)
+    live_bad = np.intersect1d(bad_refs, live)
+    if len(live_bad) or bad_maps:
+        report.affected = affected_by(repo, live_bad, bad_maps, list(snap.catalog.values()))
+    elif len(bad_refs):
+        report.warnings.append(f"{len(bad_refs)} damaged index entries or chunks are not used "
+                               "by any point (gc removes them)")
+    bad_points |= {a.point for a in report.affected}
+    report.damaged_points = sorted(bad_points)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+def _check_manifests(repo: Repository, snap: _Snapshot, report: VerifyReport,
+                     bad_points: set[str]) -> None:
+    for point in snap.catalog.values():
+        try:
+            manifest = repo.load_point(point.id)
+        except RepoError as exc:
+            report.errors.append(f"point {point.id} ({point.vm}@{point.time}): {exc}")
+            bad_points.add(point.id)
+            continue
+        if manifest.generation > point.generation:
+            report.warnings.append(f"point {point.id}: manifest generation {manifest.generation} "
+                                   f"is newer than the catalog's {point.generation} (an "
+                                   "interrupted forget; run 'forget' or 'gc' again)")
+        elif manifest.generation < point.generation or manifest.id != point.id:
+            report.errors.append(f"point {point.id}: manifest does not match the catalog "
+                                 f"(generation {manifest.generation} vs {point.generation})")
+            bad_points.add(point.id)
+        if point.damage:
+            report.warnings.append(f"point {point.id} is marked damaged: {'; '.join(point.damage)}")
+
+
+def _check_chains(snap: _Snapshot, cache: MapCache, report: VerifyReport) -> set[str]:
+    bad_maps: set[str] = set()
+    for point in snap.catalog.values():
+        for disk in point.disks:
+            chain = _chain_maps(snap.catalog, point, disk.key)
+            if not chain:
+                report.errors.append(f"point {point.id} disk {disk.key}: chain is broken "
+                                     f"(parent {disk.parent} missing or lacks the disk)")
+                continue
+            for name in chain:
+                if cache.get(name) is None:
+                    bad_maps.add(name)
+    for name in sorted(bad_maps):
+        report.errors.append(f"block map {name}: {cache.errors[name]}")
+    return bad_maps
+
+
+def _check_refs(snap: _Snapshot, live: np.ndarray, report: VerifyReport) -> np.ndarray:
+    missing = np.setdiff1d(live, snap.refs["ref"], assume_unique=True)
+    if len(missing):
+        report.errors.append(f"{len(missing)} chunk refs used by points are not in the index "
+                             f"(first: {missing[:5].tolist()})")
+    quarantined = np.intersect1d(live, snap.quarantine)
+    if len(quarantined):
+        report.errors.append(f"{len(quarantined)} chunks used by points are quarantined as "
+                             f"damaged (first refs: {quarantined[:5].tolist()})")
+    return np.union1d(missing, quarantined)
+
+
+def _check_packs(repo: Repository, snap: _Snapshot, report: VerifyReport,
+                 tick: Callable[[int], None] | None) -> np.ndarray:
+    """Every index entry against its pack's trailer; returns the refs that do not match."""
+    table = snap.refs
+    order = np.argsort(table["pack"], kind="stable")
+    table = table[order]
+    numbers, starts = np.unique(table["pack"], return_index=True)
+    bounds = list(starts) + [len(table)]
+    bad: list[np.ndarray] = []
+    rows_of = {int(n): table[bounds[i]:bounds[i + 1]] for i, n in enumerate(numbers)}
+    for number in sorted(set(snap.packs) | set(rows_of)):
+        rows = rows_of.get(number, table[:0])
+        if tick:
+            tick(1)
+        if number not in snap.packs:
+            report.errors.append(f"{len(rows)} index entries name pack number {number}, which the "
+                                 "index does not list")
+            bad.append(rows["ref"])
+            continue
+        name = snap.packs[number][0]
+        try:
+            entries = read_trailer(pack_path(repo.packs_dir, name))
+        except RepoError as exc:
+            report.errors.append(f"{exc} ({len(rows)} chunks)")
+            bad.append(rows["ref"])
+            continue
+        mismatched = _against_trailer(rows, entries)
+        if len(mismatched):
+            report.errors.append(f"pack {name}: {len(mismatched)} index entries disagree with "
+                                 "its trailer")
+            bad.append(mismatched)
+    return np.unique(np.concatenate(bad)).astype(np.uint64) if bad else np.zeros(0, np.uint64)
+
+
+def _against_trailer(rows: np.ndarray, entries: np.ndarray) -> np.ndarray:
+    if not len(rows):
+        return rows["ref"]
+    by_key = np.lexsort((entries["offset"], entries["ref"]))
+    sorted_entries = entries[by_key]
+    keys = sorted_entries["ref"].astype(np.uint64)
+    pos = np.searchsorted(keys, rows["ref"])
+    pos = np.minimum(pos, max(len(keys) - 1, 0))
+    if not len(keys):
+        return rows["ref"]
+    found = sorted_entries[pos]
+    ok = (keys[pos] == rows["ref"])
+    # several trailer entries may share a ref; compare against the one at the right offset
+    ok &= found["offset"] == rows["offset"]
+    ok &= (found["stored"] == rows["stored"]) & (found["raw"] == rows["raw"])
+    ok &= found["codec"] == rows["codec"]
+    ok &= found["id"] == rows["id"]
+    return rows["ref"][~ok]
+
+
+def _check_counts(snap: _Snapshot, cache: MapCache, used: set[str], live: np.ndarray,
+                  counts: np.ndarray, report: VerifyReport) -> None:
+    parts, weights = [live], [counts]
+    for name, owed in snap.deadmaps.items():
+        refs = cache.get(name)
+        if refs is not None:  # maps whose decrements gc still owes keep counting
+            parts.append(refs)
+            weights.append(np.full(len(refs), owed, np.uint64))
+    all_refs = np.concatenate(parts)
+    uniq, inverse = np.unique(all_refs, return_inverse=True)
+    expected = np.bincount(inverse, weights=np.concatenate(weights).astype(np.float64),
+                           minlength=len(uniq)).astype(np.int64)
+    drift = _drift_counts(snap.counts[0], snap.counts[1], uniq, expected)
+    if drift["under_counted"]:
+        report.errors.append(f"{drift['under_counted']} chunk reference counts are too low (gc "
+                             "could delete live data); run 'gc --full' to recount")
+    if drift["over_counted"]:
+        report.warnings.append(f"{drift['over_counted']} chunk reference counts are too high "
+                               "(space leak); 'gc --full' recounts")
+    use: dict[str, int] = {}
+    for point in snap.catalog.values():
+        for disk in point.disks:
+            use[disk.map] = use.get(disk.map, 0) + 1
+    if use != snap.mapuse:
+        report.errors.append("map use counts disagree with the catalog; run 'gc --full'")
+
+
+def _orphans(repo: Repository, snap: _Snapshot, report: VerifyReport) -> None:
+    names = {v[0] for v in snap.packs.values()}
+    packs = files_under(repo.packs_dir, ".pack")
+    used_maps = set(snap.mapuse) | set(snap.deadmaps)
+    report.orphans = {
+        "packs": sorted(set(packs) - names - snap.deadpacks),
+        "maps": sorted(set(files_under(repo.maps_dir, ".map")) - used_maps),
+        "manifests": sorted(set(files_under(repo.points_dir, ".point")) - set(snap.catalog)
+                            - snap.forgetting),
+        "awaiting_deletion": sorted(snap.deadpacks),
+    }
+
+
+def repair_manifests(repo: Repository) -> list[str]:
+    """Rewrite missing or damaged manifests of catalogued points from their catalog records (the
+    VM configuration, which only the manifest holds, is lost and noted). Returns the point ids."""
+    from ..repository.points import write_point
+
+    fixed = []
+    for point in repo.points():
+        try:
+            manifest = repo.load_point(point.id)
+            if manifest.generation >= point.generation:
+                continue
+        except RepoError:
+            pass
+        point.notes = point.notes + ["manifest rebuilt from the index catalog by 'verify "
+                                     "--repair': the VM configuration was lost"]
+        write_point(repo.points_dir, point)
+        fixed.append(point.id)
+    return fixed

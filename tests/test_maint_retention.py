@@ -1,0 +1,110 @@
+"""Retention policy as a pure function: table tests against hand-computed expectations."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from repo_engine.errors import UsageError
+from repo_engine.maintenance.retention import (Policy, PointInfo, Within, apply_policy,
+                                               parse_within)
+
+
+def P(name: str, when: str, *, vm: str = "vm", tags=(), protected=False, disks=("sda",)):
+    t = datetime.fromisoformat(when).replace(tzinfo=timezone.utc)
+    return PointInfo(name, vm, t, tuple(disks), tuple(tags), protected)
+
+
+def kept(points, policy):
+    return sorted(d.id for d in apply_policy(points, policy) if d.keep)
+
+
+# A week of nightly points plus a few extra the same day; 2026-11-23 is a Monday (ISO week 48).
+DAYS = [
+    P("sun22", "2026-11-22 23:00"), P("mon23a", "2026-11-23 01:00"),
+    P("mon23b", "2026-11-23 13:00"), P("tue24", "2026-11-24 02:00"),
+    P("wed25", "2026-11-25 02:00"), P("thu26", "2026-11-26 02:00"),
+    P("fri27", "2026-11-27 02:00"), P("sat28", "2026-11-28 02:00"),
+    P("sun29", "2026-11-29 23:59"), P("mon30", "2026-11-30 00:00"),
+]
+
+TABLE = [
+    ("last 3", Policy(last=3), ["mon30", "sat28", "sun29"]),
+    # newest per day: mon23b (13:00) wins over mon23a
+    ("daily 3", Policy(daily=3), ["mon30", "sat28", "sun29"]),
+    ("daily 8 keeps newest of each day", Policy(daily=8),
+     ["fri27", "mon23b", "mon30", "sat28", "sun29", "thu26", "tue24", "wed25"]),
+    # counts left after all buckets: the oldest point is kept too (restic >= 0.15)
+    ("daily 20 keeps oldest", Policy(daily=20),
+     ["fri27", "mon23b", "mon30", "sat28", "sun22", "sun29", "thu26", "tue24", "wed25"]),
+    # ISO weeks run Monday..Sunday: sun29 23:59 is week 48, mon30 00:00 week 49, sun22 week 47
+    ("weekly 2", Policy(weekly=2), ["mon30", "sun29"]),
+    ("weekly 3", Policy(weekly=3), ["mon30", "sun22", "sun29"]),
+    ("hourly 2", Policy(hourly=2), ["mon30", "sun29"]),
+    ("monthly 1", Policy(monthly=1), ["mon30"]),
+    ("monthly 2 reaches oldest", Policy(monthly=2), ["mon30", "sun22"]),
+    ("yearly 1", Policy(yearly=1), ["mon30"]),
+    # measured from the newest point (mon30 00:00), strictly newer than the cut
+    ("within 2d", Policy(within=Within(days=2)), ["mon30", "sat28", "sun29"]),
+    ("within 1d1h", Policy(within=Within(days=1, hours=1)), ["mon30", "sun29"]),
+    ("rules are OR'd", Policy(last=1, weekly=3), ["mon30", "sun22", "sun29"]),
+    ("last -1 keeps all", Policy(last=-1), sorted(p.id for p in DAYS)),
+]
+
+
+@pytest.mark.parametrize("name,policy,expected", TABLE, ids=[t[0] for t in TABLE])
+def test_policy_table(name, policy, expected):
+    assert kept(DAYS, policy) == sorted(expected)
+
+
+def test_gaps_between_points():
+    # a two-month gap: monthly buckets only count months that have points
+    points = [P("jan", "2026-01-15 02:00"), P("jan2", "2026-01-20 02:00"),
+              P("apr", "2026-04-02 02:00"), P("may", "2026-05-30 02:00")]
+    assert kept(points, Policy(monthly=2)) == ["apr", "may"]
+    assert kept(points, Policy(monthly=3)) == ["apr", "jan2", "may"]
+    assert kept(points, Policy(daily=3)) == ["apr", "jan2", "may"]
+    assert kept(points, Policy(within=Within(months=2))) == ["apr", "may"]
+    assert kept(points, Policy(within=Within(months=4, days=15))) == ["apr", "jan2", "may"]
+
+
+def test_tags_and_protected():
+    points = [P("a", "2026-01-01 00:00", tags=("monthly",)), P("b", "2026-01-02 00:00"),
+              P("c", "2026-01-03 00:00", protected=True), P("d", "2026-01-04 00:00")]
+    decisions = {d.id: d for d in apply_policy(points, Policy(last=1, tags=("monthly",)))}
+    assert {k for k, d in decisions.items() if d.keep} == {"a", "c", "d"}
+    assert decisions["c"].reasons == ("protected",)
+    assert decisions["a"].reasons == ("tag monthly",)
+    # protected points use no bucket counts: last 2 keeps d and b besides c
+    assert kept(points, Policy(last=2)) == ["b", "c", "d"]
+
+
+def test_groups_by_vm_and_disk_set():
+    points = [P("a1", "2026-01-01 00:00", vm="a"), P("a2", "2026-01-02 00:00", vm="a"),
+              P("b1", "2026-01-01 00:00", vm="b"),
+              P("a3", "2026-01-03 00:00", vm="a", disks=("sda", "sdb"))]
+    assert kept(points, Policy(last=1)) == ["a2", "a3", "b1"]
+
+
+def test_keep_within_is_relative_to_the_newest_point_of_the_group():
+    points = [P("old1", "2020-01-01 00:00"), P("old2", "2020-01-03 00:00"),
+              P("old3", "2020-01-05 00:00")]
+    assert kept(points, Policy(within=Within(days=3))) == ["old2", "old3"]
+
+
+def test_empty_policy_keeps_everything_and_reasons_are_listed():
+    assert kept(DAYS, Policy()) == sorted(p.id for p in DAYS)
+    reasons = {d.id: d.reasons for d in apply_policy(DAYS, Policy(last=1, daily=1))}
+    assert reasons["mon30"] == ("last", "daily")
+    assert reasons["sun22"] == ()
+
+
+def test_parse_within():
+    assert parse_within("1y2m3w4d5h") == Within(1, 2, 25, 5)
+    assert parse_within("7d") == Within(days=7)
+    assert Within(months=1).before(datetime(2026, 3, 31, tzinfo=timezone.utc)) == \
+        datetime(2026, 2, 28, tzinfo=timezone.utc)
+    for bad in ("", "7", "3x", "d7"):
+        with pytest.raises(UsageError):
+            parse_within(bad)
