@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..repository.config import DEFAULT_LEVEL
 from .common import repo_argument
 
 
@@ -13,7 +14,7 @@ from .common import repo_argument
 @repo_argument
 @click.option("--block-size", default="64KiB", show_default=True,
               help="Block (chunk) size, a power of two from 16KiB to 4MiB.")
-@click.option("--compression-level", default=3, show_default=True, type=int,
+@click.option("--compression-level", default=DEFAULT_LEVEL, show_default=True, type=int,
               help="zstd level for chunks, 1..19.")
 @click.option("--max-chain", default=30, show_default=True, type=int,
               help="Block maps per chain before a synthetic full.")

@@ -19,7 +19,9 @@ from .formats import CONFIG
 
 MIN_BLOCK, MAX_BLOCK = 16 * 1024, 4 * 1024 * 1024
 DEFAULT_BLOCK = 64 * 1024
-DEFAULT_LEVEL = 3
+# zstd 1, as Proxmox Backup Server uses: bench/README.md measures 2.7 % more bytes than level 3
+# for 10 % less backup time on a 2-core machine
+DEFAULT_LEVEL = 1
 DEFAULT_MAX_CHAIN = 30
 DEFAULT_PACK_SIZE = 32 * 1024 * 1024
 
