@@ -6,7 +6,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from ..repository.repo import Repository
 from .plan import ReadRun, RestorePlan, plan_restore
 
 Progress = Callable[[int], None]
+WRITEBACK_BYTES = 256 << 20
 
 
 @dataclass
@@ -177,10 +178,39 @@ def _write(repo: Repository, plan: RestorePlan, device: vddk_ext.Disk, disk: Dis
     work = [(run, writer.pack_file(run.pack)) for run in plan.runs]
     workers = max(2, os.cpu_count() or 2)
     written = 0
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(workers) as pool, _Writeback(device) as writeback:
         for count in _bounded(pool, writer, work, workers * 2):
             written += count
+            writeback.wrote(count * disk.block_size)
             if tick:
                 tick(count * disk.block_size)
     return written
+
+
+class _Writeback:
+    """Starts writing dirty pages of a local target to disk while the restore goes on, so the
+    final flush finds little left: an fdatasync on a second descriptor of the same file, run in
+    the background every WRITEBACK_BYTES (never two at once)."""
+
+    def __init__(self, device: vddk_ext.Disk) -> None:
+        self._fd = os.open(device.path, os.O_RDONLY) if device.kind != "vddk" else -1
+        self._pool = ThreadPoolExecutor(1)
+        self._pending = 0
+        self._running: Future | None = None
+
+    def wrote(self, nbytes: int) -> None:
+        self._pending += nbytes
+        if self._fd < 0 or self._pending < WRITEBACK_BYTES:
+            return
+        if self._running is None or self._running.done():
+            self._running = self._pool.submit(os.fdatasync, self._fd)
+            self._pending = 0
+
+    def __enter__(self) -> "_Writeback":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True)
+        if self._fd >= 0:
+            os.close(self._fd)
 
