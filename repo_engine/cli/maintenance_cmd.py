@@ -5,6 +5,8 @@ Exit codes: 0 ok, 1 error, 2 usage error, 3 damage found.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,6 +29,11 @@ def _spinner(progress: Progress, label: str):
         return None
     return lambda text: click.echo(f"\r{label}: {text}".ljust(70), nl=False, err=True) \
         if sys.stderr.isatty() else None
+
+
+def _iso(when: datetime) -> str:
+    """A policy decision's time written as points are (UTC, `Z`)."""
+    return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 @click.command()
@@ -78,7 +85,7 @@ def forget(repo: Path, point_ids: tuple[str, ...], vm: str | None, keep_last: in
                           "reasons": ["named"]} for p in named]
         else:
             found = policy_decisions(repository, policy, vm)
-            decisions = [{"id": d.id, "vm": d.vm, "time": d.time.isoformat(), "keep": d.keep,
+            decisions = [{"id": d.id, "vm": d.vm, "time": _iso(d.time), "keep": d.keep,
                           "reasons": list(d.reasons)} for d in found]
             remove = [d.id for d in found if not d.keep]
         if dry_run:
