@@ -5,14 +5,14 @@ Exit codes: 0 ok, 1 error, 2 usage error, 3 damage found.
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 
 import click
 
 from .common import Progress, emit_json, human_bytes, json_option, open_repo, repo_argument
+
 
 def _exit_damage(what: str) -> None:
     """Exit code 3 (DamageError), after the report has been printed."""
