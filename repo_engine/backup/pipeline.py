@@ -67,21 +67,22 @@ class BlockPipeline:
     def _hash_batch(self, batch: Batch, encode: bool) -> BlockResult:
         blocks = np.frombuffer(batch.blocks, dtype=np.uint64).copy()
         zero = bytes(batch.zero)
-        ids: list[bytes | None] = []
-        refs: list[int | None] = []
-        blobs: list[tuple[bytes, int, int] | None] = []
+        count = batch.count
+        ids: list[bytes | None] = [None] * count
+        refs: list[int | None] = [0] * count
+        blobs: list[tuple[bytes, int, int] | None] = [None] * count
+        new: list[int] = []
         with self._index.reader() as lookup:
-            for k in range(batch.count):
+            for k in range(count):
                 if zero[k]:
-                    ids.append(None), refs.append(0), blobs.append(None)
                     continue
-                data = batch.block(k)
-                chunk_id = self._codec.chunk_id(data)
-                ref = lookup.ref_of(chunk_id) if encode else None
-                ids.append(chunk_id)
-                refs.append(ref)
-                blobs.append((*self._codec.encode(data), len(data))
-                             if encode and ref is None else None)
+                chunk_id = ids[k] = self._codec.chunk_id(batch.block(k))
+                refs[k] = ref = lookup.ref_of(chunk_id) if encode else None
+                if encode and ref is None:
+                    new.append(k)
+        views = [batch.block(k) for k in new]
+        for k, view, (blob, codec) in zip(new, views, self._codec.encode_many(views)):
+            blobs[k] = (blob, codec, len(view))
         return BlockResult(blocks, ids, refs, blobs)
 
     def run(self, device: BlockDevice, block_size: int, blocks: np.ndarray, *, encode: bool,
