@@ -13,6 +13,11 @@ from ..errors import UsageError
 U64 = np.uint64
 
 
+def as_extents(pairs: object) -> np.ndarray:
+    """`(offset, length)` pairs as an (n, 2) int64 array, also when there are none."""
+    return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+
+
 def parse_extents(doc: object, capacity: int, what: str) -> np.ndarray:
     """Validate a JSON-decoded list of [offset, length]; returns an (n, 2) int64 array."""
     if not isinstance(doc, list):
@@ -27,7 +32,7 @@ def parse_extents(doc: object, capacity: int, what: str) -> np.ndarray:
         if offset + length > capacity:
             raise UsageError(f"{what}: entry {i} {item} ends at {offset + length}, beyond the "
                              f"disk's capacity of {capacity} bytes")
-    return np.array(doc, dtype=np.int64).reshape(-1, 2)
+    return as_extents(doc)
 
 
 def load_extents(path: Path, capacity: int) -> np.ndarray:
@@ -72,7 +77,7 @@ def ranges_to_blocks(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
 
 def extents_to_blocks(extents: np.ndarray, block_size: int) -> np.ndarray:
     """Widen byte extents to the sorted, unique blocks they touch."""
-    extents = np.asarray(extents, dtype=np.int64).reshape(-1, 2)
+    extents = as_extents(extents)
     nonempty = extents[extents[:, 1] > 0]
     first = nonempty[:, 0] // block_size
     last = (nonempty[:, 0] + nonempty[:, 1] + block_size - 1) // block_size

@@ -18,7 +18,7 @@ from ..repository.points import DiskRecord, PointRecord, new_point_id, now_iso
 from ..repository.repo import Repository
 from .chunk_writer import ChunkWriter
 from .pipeline import BlockPipeline
-from .plan import DiskPlan, audit_sample, plan_disk
+from .plan import DiskPlan, audit_sample, join_notes, plan_disk
 from .source import BlockDevice, SourceDisk, VmSnapshot
 
 Progress = Callable[[int], None]
@@ -188,8 +188,8 @@ def _commit(repo: Repository, point: PointRecord, resolved: dict[str, np.ndarray
                 if disk.parent in gone.parents:
                     disk.map = repo.write_map(BlockMap.full(resolved[disk.key]))
                     disk.kind, disk.parent, disk.links = "full", None, 1
-                    disk.note = "; ".join(filter(None, (
-                        disk.note, "parent point was forgotten during the backup: full map")))
+                    disk.note = join_notes(
+                        disk.note, "parent point was forgotten during the backup: full map")
 
 
 def _totals(records: list[DiskRecord], writer: ChunkWriter, started: float) -> dict[str, float]:

@@ -9,7 +9,7 @@ import numpy as np
 from ..repository.blockmap import resize
 from ..repository.points import DiskRecord, PointRecord
 from ..repository.repo import Repository
-from .extents import extents_to_blocks
+from .extents import as_extents, extents_to_blocks
 from .source import BlockDevice, SourceDisk
 
 ALLOCATED, CHANGED, FULL_READ = "allocated", "changed", "full"
@@ -48,6 +48,11 @@ class DiskPlan:
                        note=note)
 
 
+def join_notes(*notes: str) -> str:
+    """Notes joined with "; ", empty ones left out."""
+    return "; ".join(filter(None, notes))
+
+
 def _blocks_in(extents: np.ndarray, block_size: int, nblocks: int) -> np.ndarray:
     blocks = extents_to_blocks(extents, block_size)
     return blocks[blocks < nblocks]
@@ -61,8 +66,7 @@ def _resize_blocks(device: BlockDevice, old_capacity: int, capacity: int,
     old_nblocks = -(-old_capacity // block_size)
     extra = []
     if nblocks > old_nblocks:
-        alloc = np.array(device.allocated_extents(), dtype=np.int64).reshape(-1, 2)
-        tail = extents_to_blocks(alloc, block_size)
+        tail = extents_to_blocks(as_extents(device.allocated_extents()), block_size)
         extra.append(tail[tail >= old_nblocks - 1])
     if capacity != old_capacity and nblocks:
         extra.append(np.array([min(old_nblocks, nblocks) - 1, nblocks - 1], dtype=np.uint64))
@@ -85,7 +89,7 @@ def _with_rereads(repo: Repository, vm: str, plan: DiskPlan) -> DiskPlan:
         return replace(plan, rereads=extra)
     note = f"re-read {len(extra)} blocks whose stored chunks were damaged"
     return replace(plan, read=np.union1d(plan.read, extra).astype(np.uint64), rereads=extra,
-                   note="; ".join(filter(None, (plan.note, note))))
+                   note=join_notes(plan.note, note))
 
 
 def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice) -> DiskPlan:
@@ -112,7 +116,7 @@ def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice)
         extra = _resize_blocks(device, parent_disk.capacity, disk.capacity, bs)
         changed = np.union1d(changed, extra[extra < nblocks]).astype(np.uint64)
         note = f"capacity changed from {parent_disk.capacity} to {disk.capacity} bytes"
-        plan = replace(plan, note="; ".join(filter(None, (report.note, note))))
+        plan = replace(plan, note=join_notes(report.note, note))
     return replace(plan, read=changed)
 
 

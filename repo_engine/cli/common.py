@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:  # imported lazily at run time: `--help` must not load the engine
+    from ..repository.repo import Repository
 
 repo_argument = click.argument("repo", type=click.Path(path_type=Path))
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
@@ -24,7 +28,7 @@ def emit_json(doc: object) -> None:
 
 
 @contextmanager
-def open_repo(path: Path) -> Iterator["Repository"]:  # noqa: F821 - lazy import
+def open_repo(path: Path) -> Iterator[Repository]:
     from ..repository.repo import Repository
 
     repo = Repository.open(path)

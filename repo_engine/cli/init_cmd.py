@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..repository.config import DEFAULT_LEVEL
+from ..repository.config import DEFAULT_LEVEL, DEFAULT_MAX_CHAIN
 from .common import repo_argument
 
 
@@ -16,7 +16,7 @@ from .common import repo_argument
               help="Block (chunk) size, a power of two from 16KiB to 4MiB.")
 @click.option("--compression-level", default=DEFAULT_LEVEL, show_default=True, type=int,
               help="zstd level for chunks, 1..19.")
-@click.option("--max-chain", default=30, show_default=True, type=int,
+@click.option("--max-chain", default=DEFAULT_MAX_CHAIN, show_default=True, type=int,
               help="Block maps per chain before a synthetic full.")
 @click.option("--pack-size", default="32MiB", show_default=True, help="Target pack file size.")
 def init(repo: Path, block_size: str, compression_level: int, max_chain: int,

@@ -23,12 +23,9 @@ def _exit_damage(what: str) -> None:
 
 def _spinner(progress: Progress, label: str):
     """A status line on a terminal for phases without a known total."""
-    import sys
-
     if not progress.enabled:
         return None
-    return lambda text: click.echo(f"\r{label}: {text}".ljust(70), nl=False, err=True) \
-        if sys.stderr.isatty() else None
+    return lambda text: click.echo(f"\r{label}: {text}".ljust(70), nl=False, err=True)
 
 
 def _iso(when: datetime) -> str:

@@ -1,1 +1,2 @@
-"""Maintenance: statistics now; retention, garbage collection, verify and scrub build on it."""
+"""Maintenance: statistics, retention and forget, garbage collection, verify, scrub and
+rebuild-index; each module's docstring states its protocol."""

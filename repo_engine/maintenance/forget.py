@@ -89,10 +89,6 @@ def finish_pending(repo: Repository, *,
     return report
 
 
-def _children(repo: Repository, point_id: str) -> list[PointRecord]:
-    return [p for p in repo.points() if any(d.parent == point_id for d in p.disks)]
-
-
 def _forget_one(repo: Repository, point_id: str) -> list[str]:
     rewritten: list[str] = []
     while True:
@@ -132,14 +128,7 @@ def consolidate(repo: Repository, point: PointRecord, child: PointRecord,
             bmap = delta_between(repo.resolve(grand, disk.key), content)
             kind, parent, links = "delta", grand.id, grand_disk.links + 1
         disks.append(replace(disk, map=repo.write_map(bmap), kind=kind, parent=parent, links=links))
-    try:
-        full = repo.load_point(child.id)
-        config = full.config
-    except Exception:  # a damaged manifest: rewrite it from the catalog record
-        config = child.config
-    updated = replace(child, disks=disks, config=config, generation=child.generation + 1)
-    repo.commit_point(updated)
-    return updated
+    return repo.rewrite_point(child, disks=disks)
 
 
 def _delete_if_childless(repo: Repository, point_id: str) -> bool:
@@ -176,11 +165,4 @@ def set_protected(repo: Repository, point: PointRecord, protected: bool) -> Poin
             raise PointNotFound(f"point {point.id} is not in the catalog")
         if current.protected == protected:
             return current
-        try:
-            config = repo.load_point(point.id).config
-        except Exception:
-            config = current.config
-        updated = replace(current, protected=protected, config=config,
-                          generation=current.generation + 1)
-        repo.commit_point(updated)
-        return updated
+        return repo.rewrite_point(current, protected=protected)

@@ -45,8 +45,7 @@ import numpy as np
 from ..errors import DamageError, LockedError, RepoError
 from ..repository.index import LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index
 from ..repository.locks import MAINTENANCE
-from ..repository.packs import ENTRY_DTYPE, FinishedPack, PackWriter, pack_path, read_trailer
-from ..repository.points import point_path
+from ..repository.packs import ENTRY, FOOTER, HEADER, PackWriter, pack_path, read_trailer
 from ..repository.repo import Repository, unique_refs
 from . import forget
 from .inventory import (MapCache, dead_tmp_files, files_under, live_refs, scan_counts,
@@ -191,15 +190,16 @@ def recount(repo: Repository, attempts: int = 5, *, strict: bool = True) -> dict
         if cache.errors and strict:
             raise DamageError(f"{len(cache.errors)} block maps in use cannot be read (first: "
                               f"{next(iter(cache.errors.values()))}); run 'verify'")
-        drift = _drift(old_refs, old_counts, refs, counts)
+        drift = count_drift(old_refs, old_counts, refs, counts)
         dead = np.setdiff1d(refs_table["ref"], refs, assume_unique=True)
         if _replace_counts(index, catalog, use, refs, counts, dead, refs_table, next_pack):
             return drift
     raise LockedError("the catalog kept changing during gc --full; run it again")
 
 
-def _drift(old_refs: np.ndarray, old_counts: np.ndarray, refs: np.ndarray,
-           counts: np.ndarray) -> dict:
+def count_drift(old_refs: np.ndarray, old_counts: np.ndarray, refs: np.ndarray,
+                counts: np.ndarray) -> dict:
+    """How many refs the kept counts (`old_*`) count too low and too high against a recount."""
     all_refs = np.union1d(old_refs, refs)
     old = np.zeros(len(all_refs), np.int64)
     new = np.zeros(len(all_refs), np.int64)
@@ -263,9 +263,7 @@ def _mark(repo: Repository) -> _Listed:
                 if txn.get(chunk_id, db=index.ids) == U64.pack(REF_KEY.unpack(key)[0]):
                     txn.delete(chunk_id, db=index.ids)
         maps = {n: p for n, p in maps.items() if not _map_used(txn, index, n)}
-        manifests = {i: p for i, p in manifests.items()
-                     if txn.get(i.encode(), db=index.points) is None
-                     and txn.get(i.encode(), db=index.forgetting) is None}
+        manifests = {i: p for i, p in manifests.items() if not _point_known(txn, index, i)}
         packs = {n: p for n, p in packs.items() if not _pack_known(txn, index, n)}
     return _Listed(candidates, maps, manifests, packs, tmp)
 
@@ -288,6 +286,13 @@ def _pack_known(txn: lmdb.Transaction, index: Index, name: str) -> bool:
             or txn.get(key, db=index.deadpacks) is not None)
 
 
+def _point_known(txn: lmdb.Transaction, index: Index, point_id: str) -> bool:
+    """Catalogued, or being forgotten (a forget deletes the manifest itself when done)."""
+    key = point_id.encode()
+    return (txn.get(key, db=index.points) is not None
+            or txn.get(key, db=index.forgetting) is not None)
+
+
 # -- step 5: sweep ----------------------------------------------------------------------------
 def _sweep(repo: Repository, listed: _Listed, report: GcReport) -> None:
     index = repo.index
@@ -308,7 +313,7 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport) -> None:
             txn.delete(key, db=index.quarantine)
             if txn.get(chunk_id, db=index.ids) == U64.pack(ref):
                 txn.delete(chunk_id, db=index.ids)
-            _less_live(txn, index, pack, stored)
+            less_live(txn, index, pack, stored)
             for name, delta in (("chunks", -1), ("raw_bytes", -raw), ("stored_bytes", -stored)):
                 index._add(txn, name, delta)
             touched.add(pack)
@@ -319,8 +324,7 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport) -> None:
                 path.unlink(missing_ok=True)
                 report.maps_deleted += 1
         for point_id, path in listed.manifests.items():
-            if (txn.get(point_id.encode(), db=index.points) is None
-                    and txn.get(point_id.encode(), db=index.forgetting) is None):
+            if not _point_known(txn, index, point_id):
                 path.unlink(missing_ok=True)
                 report.manifests_deleted += 1
         for name, path in listed.packs.items():
@@ -337,7 +341,8 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport) -> None:
         report.tmp_files_deleted += 1
 
 
-def _less_live(txn: lmdb.Transaction, index: Index, pack: int, stored: int) -> None:
+def less_live(txn: lmdb.Transaction, index: Index, pack: int, stored: int) -> None:
+    """One chunk of `stored` bytes in `pack` is no longer live there (dropped or moved)."""
     key = PACK_KEY.pack(pack)
     raw = txn.get(key, db=index.packlive)
     if raw is None:
@@ -380,7 +385,7 @@ def repack_candidates(repo: Repository, max_unused: float) -> list[int]:
             if live is None:
                 continue
             live_count, live_stored = LIVE_REC.unpack(live)
-            data = max(size - 72 - 60 * count, 1)
+            data = max(size - HEADER.size - FOOTER.size - ENTRY.size * count, 1)
             if live_count and (1 - live_stored / data) * 100 > max_unused:
                 out.append(PACK_KEY.unpack(key)[0])
     return out
@@ -450,9 +455,7 @@ def _swap(repo: Repository, writer: PackWriter, old: list[int], report: GcReport
     finished = writer.finish()
     index = repo.index
     with index.env.begin(write=True) as txn:
-        number = index._get_u64(txn, b"next_pack", index.meta)
-        txn.put(b"next_pack", U64.pack(number + 1), db=index.meta)
-        name = bytes.fromhex(finished.name)
+        number = index.new_pack_number(txn)
         live = stored = 0
         for e in finished.entries:
             key = REF_KEY.pack(e.ref)
@@ -462,12 +465,8 @@ def _swap(repo: Repository, writer: PackWriter, old: list[int], report: GcReport
             txn.put(key, REF_REC.pack(e.chunk_id, number, e.offset, e.stored, e.raw, e.codec),
                     db=index.refs)
             live, stored = live + 1, stored + e.stored
-        txn.put(PACK_KEY.pack(number), PACK_REC.pack(name, finished.size, len(finished.entries)),
-                db=index.packs)
-        txn.put(name, PACK_KEY.pack(number), db=index.packnames)
-        txn.put(PACK_KEY.pack(number), LIVE_REC.pack(live, stored), db=index.packlive)
-        index._add(txn, "packs", 1)
-        index._add(txn, "pack_bytes", finished.size)
+        index.put_pack_record(txn, number, bytes.fromhex(finished.name), finished.size,
+                              len(finished.entries), live, stored)
         for number_old in old:
             _retire_pack(txn, index, number_old)
     report.packs_written += 1

@@ -5,7 +5,6 @@ refs or maps affects."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -119,9 +118,9 @@ def wait_for(repo: Repository, held: list[Path], *, timeout: float | None,
     pending = list(held)
     while pending:
         still = []
+        held_now = dict(list_locks(repo.locks_dir))
         for path in pending:
-            infos = {p: i for p, i in list_locks(repo.locks_dir) if p == path}
-            info = infos.get(path)
+            info = held_now.get(path)
             if info is None:
                 continue
             if is_stale(path, info):
@@ -161,11 +160,8 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # another user's process
     return True
-
-
-HOST = socket.gethostname()
 
 
 # -- damage attribution ----------------------------------------------------------------------
@@ -189,15 +185,13 @@ def affected_by(repo: Repository, bad_refs: np.ndarray, bad_maps: set[str] = fro
     out: list[Affected] = []
     for point in points:
         for disk in point.disks:
-            chain = _chain_maps(catalog, point, disk.key)
+            chain = chain_maps(catalog, point, disk.key)
             if bad_maps & set(chain) or any(n in cache.errors for n in chain) or chain == []:
                 extents = [[0, disk.capacity]]
                 out.append(Affected(point.id, point.vm, point.time, disk.key,
                                     disk.nblocks, extents))
                 continue
-            if not len(bad_refs) or not any(
-                    len(np.intersect1d(cache.get(n) if cache.get(n) is not None
-                                       else np.zeros(0, np.uint64), bad_refs)) for n in chain):
+            if not len(bad_refs) or not any(_uses_any(cache.get(n), bad_refs) for n in chain):
                 continue
             try:
                 refs = repo.resolve(point, disk.key)
@@ -212,7 +206,11 @@ def affected_by(repo: Repository, bad_refs: np.ndarray, bad_maps: set[str] = fro
     return out
 
 
-def _chain_maps(catalog: dict[str, PointRecord], point: PointRecord, key: str) -> list[str]:
+def _uses_any(refs: np.ndarray | None, bad_refs: np.ndarray) -> bool:
+    return refs is not None and len(np.intersect1d(refs, bad_refs)) > 0
+
+
+def chain_maps(catalog: dict[str, PointRecord], point: PointRecord, key: str) -> list[str]:
     """Map names of a disk's chain, newest first; [] when the chain is broken."""
     names: list[str] = []
     current: PointRecord | None = point

@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LockedError, RepoError
 from ..repository.config import read_config
-from ..repository.index import Index, U64
-from ..repository.locks import EXCLUSIVE, RepoLock, is_stale, list_locks
-from ..repository.packs import PackEntry, FinishedPack, read_trailer
+from ..repository.index import Index
+from ..repository.locks import EXCLUSIVE, SHARED, LockInfo, RepoLock, is_stale, list_locks
+from ..repository.packs import FinishedPack, PackEntry, read_trailer
 from ..repository.points import read_point
 from ..repository.repo import Repository
+from .gc import recount
 from .inventory import files_under
+from .scrub import read_chunk
 
 
 @dataclass
@@ -56,8 +59,6 @@ def rebuild_index(path: Path) -> RebuildReport:
         try:
             _packs(repo, report)
             _points(repo, report)
-            from .gc import recount
-
             report.recount = recount(repo, strict=False)
         finally:
             index.close()
@@ -67,9 +68,7 @@ def rebuild_index(path: Path) -> RebuildReport:
 
 
 def _packs(repo: Repository, report: RebuildReport) -> None:
-    index = repo.index
-    seen: dict[int, int] = {}
-    number = 0
+    seen: set[int] = set()
     for name, pack_file in sorted(files_under(repo.packs_dir, ".pack").items()):
         try:
             entries = read_trailer(pack_file)
@@ -83,17 +82,14 @@ def _packs(repo: Repository, report: RebuildReport) -> None:
                               int(e["raw"]), int(e["codec"]))
             if ref in seen:
                 report.duplicate_refs += 1
-                if _decodes(repo, pack_file, entry) and not _current_decodes(repo, ref):
+                if _decodes(repo, pack_file, entry) and read_chunk(repo, ref) is None:
                     chosen.append(entry)
                 continue
-            seen[ref] = number
+            seen.add(ref)
             chosen.append(entry)
-        with index.env.begin(write=True) as txn:
-            index._put_pack(txn, number, bytes.fromhex(name), pack_file.stat().st_size, chosen)
-            txn.put(b"next_pack", U64.pack(number + 1), db=index.meta)
+        repo.index.commit_pack(FinishedPack(name, pack_file.stat().st_size, chosen))
         report.packs += 1
         report.chunks += len(chosen)
-        number += 1
 
 
 def _decodes(repo: Repository, pack_file: Path, e: PackEntry) -> bool:
@@ -104,12 +100,6 @@ def _decodes(repo: Repository, pack_file: Path, e: PackEntry) -> bool:
         return True
     except (RepoError, OSError):
         return False
-
-
-def _current_decodes(repo: Repository, ref: int) -> bool:
-    from .scrub import read_chunk
-
-    return read_chunk(repo, ref) is not None
 
 
 def _points(repo: Repository, report: RebuildReport) -> None:
@@ -146,8 +136,10 @@ def unlock(path: Path, *, force: bool = False) -> UnlockReport:
     if not (path / "config").exists():
         read_config(path / "config")  # raises NotARepository
     report = UnlockReport()
+    # half-created lock files carry no readable holder: test their flock as if they were ours
+    this_host = LockInfo(SHARED, socket.gethostname(), -1, "", "")
     for lock_path in (path / "locks").glob("*.new"):
-        if is_stale(lock_path, _any_info()):
+        if is_stale(lock_path, this_host):
             lock_path.unlink(missing_ok=True)
     for lock_path, info in list_locks(path / "locks"):
         doc = {"file": lock_path.name, "kind": info.kind, "host": info.host, "pid": info.pid,
@@ -163,11 +155,3 @@ def unlock(path: Path, *, force: bool = False) -> UnlockReport:
                          f"{first['command']!r}, pid {first['pid']} on {first['host']}); "
                          "use --force only if you are sure they are gone")
     return report
-
-
-def _any_info():
-    import socket
-
-    from ..repository.locks import LockInfo
-
-    return LockInfo("shared", socket.gethostname(), -1, "", "")

@@ -28,18 +28,20 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..backup.extents import extents_to_blocks
 from ..errors import DamageError, RepoError, UsageError
-from ..repository.index import LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, PackInfo
+from ..repository.index import REF_KEY, REF_REC, U64, PackInfo
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import pack_path, read_trailer
 from ..repository.repo import Repository
-from .gc import _less_live
+from .gc import less_live
 from .inventory import Affected, affected_by, scan_refs, scan_u64_keys
 
 
@@ -184,14 +186,14 @@ def _scrub(repo: Repository, subset: tuple[str, float, int] | None,
     damaged: dict[int, str] = {}
     unreadable: dict[int, str] = {}
     with ThreadPoolExecutor(workers) as pool:
-        pending: list[Future[_PackResult]] = []
+        pending: deque[Future[_PackResult]] = deque()
         for pack in packs:
             if deadline is not None and time.monotonic() > deadline:
                 report.stopped_early = True
                 break
             pending.append(pool.submit(_scrub_pack, repo, pack))
             while len(pending) >= workers * 2:
-                _collect(repo, pending.pop(0).result(), report, damaged, unreadable, tick)
+                _collect(repo, pending.popleft().result(), report, damaged, unreadable, tick)
         for fut in pending:
             _collect(repo, fut.result(), report, damaged, unreadable, tick)
     if unreadable:
@@ -299,45 +301,39 @@ def _heal(repo: Repository) -> int:
         writer.add(ref, chunk_id, blob, raw, codec)
     finished = writer.finish()
     with index.env.begin(write=True) as txn:
-        number = index._get_u64(txn, b"next_pack", index.meta)
-        txn.put(b"next_pack", U64.pack(number + 1), db=index.meta)
-        name = bytes.fromhex(finished.name)
+        number = index.new_pack_number(txn)
         stored_total = 0
         for e in finished.entries:
             key = REF_KEY.pack(e.ref)
             old = txn.get(key, db=index.refs)
             if old is not None:
-                _less_live(txn, index, REF_REC.unpack(old)[1], REF_REC.unpack(old)[3])
+                _, old_pack, _, old_stored, *_ = REF_REC.unpack(old)
+                less_live(txn, index, old_pack, old_stored)
             txn.put(key, REF_REC.pack(e.chunk_id, number, e.offset, e.stored, e.raw, e.codec),
                     db=index.refs)
             txn.delete(key, db=index.quarantine)
             stored_total += e.stored
-        txn.put(PACK_KEY.pack(number), PACK_REC.pack(name, finished.size, len(finished.entries)),
-                db=index.packs)
-        txn.put(name, PACK_KEY.pack(number), db=index.packnames)
-        txn.put(PACK_KEY.pack(number), LIVE_REC.pack(len(finished.entries), stored_total),
-                db=index.packlive)
-        index._add(txn, "packs", 1)
-        index._add(txn, "pack_bytes", finished.size)
+        count = len(finished.entries)
+        index.put_pack_record(txn, number, bytes.fromhex(finished.name), finished.size, count,
+                              count, stored_total)
     return len(good)
 
 
 def _request_rereads(repo: Repository, affected: list[Affected]) -> int:
     """For each (VM, disk) whose newest point uses a quarantined chunk: re-read those blocks."""
+    points = repo.points()
+    catalog = {p.id: p for p in points}
     newest: dict[tuple[str, str], str] = {}
-    for point in repo.points():
+    for point in points:
         for disk in point.disks:
             newest[(point.vm, disk.key)] = point.id
     total = 0
     for a in affected:
         if newest.get((a.vm, a.disk)) != a.point:
             continue
-        point = next(p for p in repo.points(a.vm) if p.id == a.point)
-        disk = point.disk(a.disk)
+        disk = catalog[a.point].disk(a.disk)
         assert disk is not None
-        blocks = np.concatenate([np.arange(o // disk.block_size,
-                                           -(-(o + n) // disk.block_size), dtype=np.uint64)
-                                 for o, n in a.extents]) if a.extents else np.zeros(0, np.uint64)
+        blocks = extents_to_blocks(np.array(a.extents, dtype=np.int64), disk.block_size)
         repo.index.add_reread(a.vm, a.disk, blocks)
         total += len(blocks)
     return total
@@ -355,12 +351,7 @@ def _mark_points(repo: Repository, affected: list[Affected]) -> tuple[int, int]:
         want = damage.get(point.id, [])
         if want == point.damage:
             continue
-        try:
-            config = repo.load_point(point.id).config
-        except RepoError:
-            config = point.config
-        repo.commit_point(replace(point, damage=want, config=config,
-                                  generation=point.generation + 1))
+        repo.rewrite_point(point, damage=want)
         marked += bool(want)
         cleared += not want
     return marked, cleared

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import RepoError
-from ..repository.index import PACK_KEY, PACK_REC, U64
+from ..repository.index import PACK_KEY, U64, pack_fields
 from ..repository.packs import pack_path, read_trailer
-from ..repository.points import PointRecord
+from ..repository.points import PointRecord, write_point
 from ..repository.repo import Repository
-from .gc import _drift as _drift_counts
-from .inventory import (Affected, MapCache, _chain_maps, affected_by, files_under, live_refs,
+from .gc import count_drift
+from .inventory import (Affected, MapCache, affected_by, chain_maps, files_under, live_refs,
                         scan_counts, scan_refs, scan_u64_keys)
 
 
@@ -72,7 +72,7 @@ def _snapshot(repo: Repository) -> _Snapshot:
             catalog=catalog,
             forgetting={k.decode() for k, _ in txn.cursor(db=index.forgetting)},
             refs=scan_refs(index, txn),
-            packs={PACK_KEY.unpack(k)[0]: _pack(v) for k, v in txn.cursor(db=index.packs)},
+            packs={PACK_KEY.unpack(k)[0]: pack_fields(v) for k, v in txn.cursor(db=index.packs)},
             deadpacks={k.hex() for k, _ in txn.cursor(db=index.deadpacks)},
             quarantine=scan_u64_keys(txn, index.quarantine),
             counts=scan_counts(txn, index.refcount),
@@ -80,11 +80,6 @@ def _snapshot(repo: Repository) -> _Snapshot:
             deadmaps={k.hex(): U64.unpack(v)[0] for k, v in txn.cursor(db=index.deadmaps)},
             counts_valid=index._get_u64(txn, b"counts", index.meta) == 1,
         )
-
-
-def _pack(raw: bytes) -> tuple[str, int, int]:
-    name, size, count = PACK_REC.unpack(raw)
-    return name.hex(), size, count
 
 
 def verify(repo: Repository, *, tick: Callable[[int], None] | None = None) -> VerifyReport:
@@ -142,7 +137,7 @@ def _check_chains(snap: _Snapshot, cache: MapCache, report: VerifyReport) -> set
     bad_maps: set[str] = set()
     for point in snap.catalog.values():
         for disk in point.disks:
-            chain = _chain_maps(snap.catalog, point, disk.key)
+            chain = chain_maps(snap.catalog, point, disk.key)
             if not chain:
                 report.errors.append(f"point {point.id} disk {disk.key}: chain is broken "
                                      f"(parent {disk.parent} missing or lacks the disk)")
@@ -202,15 +197,11 @@ def _check_packs(repo: Repository, snap: _Snapshot, report: VerifyReport,
 
 
 def _against_trailer(rows: np.ndarray, entries: np.ndarray) -> np.ndarray:
-    if not len(rows):
+    if not len(rows) or not len(entries):
         return rows["ref"]
-    by_key = np.lexsort((entries["offset"], entries["ref"]))
-    sorted_entries = entries[by_key]
+    sorted_entries = entries[np.lexsort((entries["offset"], entries["ref"]))]
     keys = sorted_entries["ref"].astype(np.uint64)
-    pos = np.searchsorted(keys, rows["ref"])
-    pos = np.minimum(pos, max(len(keys) - 1, 0))
-    if not len(keys):
-        return rows["ref"]
+    pos = np.minimum(np.searchsorted(keys, rows["ref"]), len(keys) - 1)
     found = sorted_entries[pos]
     ok = (keys[pos] == rows["ref"])
     # several trailer entries may share a ref; compare against the one at the right offset
@@ -233,7 +224,7 @@ def _check_counts(snap: _Snapshot, cache: MapCache, used: set[str], live: np.nda
     uniq, inverse = np.unique(all_refs, return_inverse=True)
     expected = np.bincount(inverse, weights=np.concatenate(weights).astype(np.float64),
                            minlength=len(uniq)).astype(np.int64)
-    drift = _drift_counts(snap.counts[0], snap.counts[1], uniq, expected)
+    drift = count_drift(snap.counts[0], snap.counts[1], uniq, expected)
     if drift["under_counted"]:
         report.errors.append(f"{drift['under_counted']} chunk reference counts are too low (gc "
                              "could delete live data); run 'gc --full' to recount")
@@ -264,8 +255,6 @@ def _orphans(repo: Repository, snap: _Snapshot, report: VerifyReport) -> None:
 def repair_manifests(repo: Repository) -> list[str]:
     """Rewrite missing or damaged manifests of catalogued points from their catalog records (the
     VM configuration, which only the manifest holds, is lost and noted). Returns the point ids."""
-    from ..repository.points import write_point
-
     fixed = []
     for point in repo.points():
         try:

@@ -23,15 +23,20 @@ def temp_name(final: Path) -> Path:
     return final.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{final.name}")
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is written (a write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
 def write_atomic(final: Path, data: bytes, *, overwrite: bool = True) -> None:
     """Write `data` to `final` durably and atomically."""
     tmp = temp_name(final)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -152,42 +152,57 @@ class Index:
             existing = txn.get(name, db=self.packnames)
             if existing is not None:
                 return PACK_KEY.unpack(existing)[0]
-            number = self._get_u64(txn, b"next_pack", self.meta)
-            txn.put(b"next_pack", U64.pack(number + 1), db=self.meta)
-            self._put_pack(txn, number, name, pack.size, pack.entries)
+            number = self.new_pack_number(txn)
+            stored = self._put_chunks(txn, number, pack.entries)
+            count = len(pack.entries)
+            self.put_pack_record(txn, number, name, pack.size, count, count, stored)
         return number
 
-    def _put_pack(self, txn: lmdb.Transaction, number: int, name: bytes, size: int,
-                  entries: list[PackEntry]) -> None:
-        count = raw = stored = 0
+    def new_pack_number(self, txn: lmdb.Transaction) -> int:
+        """Hand out the next pack number (numbers are never reused)."""
+        number = self._get_u64(txn, b"next_pack", self.meta)
+        txn.put(b"next_pack", U64.pack(number + 1), db=self.meta)
+        return number
+
+    def put_pack_record(self, txn: lmdb.Transaction, number: int, name: bytes, size: int,
+                        count: int, live_count: int, live_stored: int) -> None:
+        """List a published pack (packs, packnames, packlive) and add it to the pack counters;
+        the refs that point into it are the caller's to write."""
+        txn.put(PACK_KEY.pack(number), PACK_REC.pack(name, size, count), db=self.packs)
+        txn.put(name, PACK_KEY.pack(number), db=self.packnames)
+        txn.put(PACK_KEY.pack(number), LIVE_REC.pack(live_count, live_stored), db=self.packlive)
+        self._add(txn, "packs", 1)
+        self._add(txn, "pack_bytes", size)
+
+    def _put_chunks(self, txn: lmdb.Transaction, number: int, entries: list[PackEntry]) -> int:
+        """Index new chunks of pack `number`: ids, places and the chunk counters; returns their
+        stored bytes."""
+        raw = stored = 0
         for e in entries:
             txn.put(e.chunk_id, U64.pack(e.ref), db=self.ids, overwrite=False)
             txn.put(REF_KEY.pack(e.ref),
                     REF_REC.pack(e.chunk_id, number, e.offset, e.stored, e.raw, e.codec),
                     db=self.refs)
-            count, raw, stored = count + 1, raw + e.raw, stored + e.stored
-        txn.put(PACK_KEY.pack(number), PACK_REC.pack(name, size, count), db=self.packs)
-        txn.put(name, PACK_KEY.pack(number), db=self.packnames)
-        txn.put(PACK_KEY.pack(number), LIVE_REC.pack(count, stored), db=self.packlive)
-        for key, delta in zip(COUNTERS, (count, raw, stored, 1, size)):
+            raw, stored = raw + e.raw, stored + e.stored
+        for key, delta in (("chunks", len(entries)), ("raw_bytes", raw), ("stored_bytes", stored)):
             self._add(txn, key, delta)
-        if count:
+        if entries:
             # rebuild-index inserts refs that no reservation of this index handed out
             top = max(e.ref for e in entries)
             if self._get_u64(txn, b"next_ref", self.meta) <= top:
                 txn.put(b"next_ref", U64.pack(top + 1), db=self.meta)
+        return stored
 
     def pack_info(self, number: int) -> PackInfo:
         with self.env.begin() as txn:
             raw = txn.get(PACK_KEY.pack(number), db=self.packs)
         if raw is None:
             raise DamageError(f"index names pack number {number}, which it does not list")
-        name, size, count = PACK_REC.unpack(raw)
-        return PackInfo(number, name.hex(), size, count)
+        return PackInfo(number, *pack_fields(raw))
 
     def all_packs(self) -> list[PackInfo]:
         with self.env.begin() as txn:
-            return [PackInfo(PACK_KEY.unpack(k)[0], *_pack_fields(v))
+            return [PackInfo(PACK_KEY.unpack(k)[0], *pack_fields(v))
                     for k, v in txn.cursor(db=self.packs)]
 
     # -- catalog --------------------------------------------------------------------------
@@ -309,7 +324,8 @@ class Index:
             return [json.loads(v) for _, v in txn.cursor(db=self.points)]
 
 
-def _pack_fields(raw: bytes) -> tuple[str, int, int]:
+def pack_fields(raw: bytes) -> tuple[str, int, int]:
+    """(name hex, size, chunk count) of a `packs` record."""
     name, size, count = PACK_REC.unpack(raw)
     return name.hex(), size, count
 

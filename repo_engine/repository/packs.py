@@ -28,7 +28,7 @@ import blake3
 import numpy as np
 
 from ..errors import DamageError
-from .atomic import fsync_dir
+from .atomic import publish, write_all
 from .formats import PACK, PACK_TRAILER
 
 HEADER = struct.Struct("<8sHHI")
@@ -101,10 +101,7 @@ class PackWriter:
         data = b"".join(self._pending)
         self._pending, self._pending_bytes = [], 0
         self._hash.update(data)
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        write_all(self._fd, data)
 
     def add(self, ref: int, chunk_id: bytes, blob: bytes, raw_len: int, codec: int) -> None:
         self.entries.append(PackEntry(ref, chunk_id, self._size, len(blob), raw_len, codec))
@@ -138,8 +135,7 @@ class PackWriter:
         name = self._hash.hexdigest()
         final = pack_path(self._packs_dir, name)
         final.parent.mkdir(exist_ok=True)
-        os.replace(self._tmp, final)
-        fsync_dir(final.parent)
+        publish(self._tmp, final)
         return FinishedPack(name, self._size, self.entries)
 
     def abort(self) -> None:

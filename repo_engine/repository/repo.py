@@ -7,11 +7,12 @@ Layout: `config`, `packs/xx/<name>.pack`, `maps/xx/<name>.map`, `points/<id>.poi
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import NotARepository, PointNotFound, UsageError
+from ..errors import NotARepository, PointNotFound, RepoError, UsageError
 from .blockmap import BlockMap, map_path, read_map, write_map
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
@@ -29,8 +30,11 @@ class Repository:
         self.config = config
         self.index = index
         self.codec = ChunkCodec(config.key_bytes, config.compression_level)
-        self.packs_dir, self.maps_dir, self.points_dir = (path / d for d in SUBDIRS[:3])
-        self.locks_dir, self.tmp_dir = path / "locks", path / "tmp"
+        self.packs_dir = path / "packs"
+        self.maps_dir = path / "maps"
+        self.points_dir = path / "points"
+        self.locks_dir = path / "locks"
+        self.tmp_dir = path / "tmp"
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
@@ -98,6 +102,18 @@ class Repository:
             except MapMissing as gone:
                 write_map(self.maps_dir, maps[gone.name])
         raise MapMissing(next(iter(maps)))
+
+    def rewrite_point(self, point: PointRecord, **changes: object) -> PointRecord:
+        """Commit the next generation of a catalogued point with `changes` applied. The VM
+        configuration (which the catalog record lacks) comes from the manifest; a damaged or
+        missing manifest is rewritten from the catalog record."""
+        try:
+            config = self.load_point(point.id).config
+        except (RepoError, OSError):
+            config = point.config
+        updated = replace(point, config=config, generation=point.generation + 1, **changes)
+        self.commit_point(updated)
+        return updated
 
     def map_exists(self, name: str) -> bool:
         return map_path(self.maps_dir, name).exists()

@@ -15,8 +15,8 @@ MAX_GAP = 256 << 10
 
 @dataclass(frozen=True)
 class ReadRun:
-    """Chunks of one pack read with one pread: `chunks` rows of LOCATION_DTYPE, and per chunk the
-    blocks it fills (`block_slices` index `blocks_by_chunk`)."""
+    """Chunks of one pack read with one pread: `chunks` rows of LOCATION_DTYPE, which are the
+    plan's chunks `first_chunk`, `first_chunk + 1`, ... (their blocks: `RestorePlan.bounds`)."""
 
     pack: int
     start: int

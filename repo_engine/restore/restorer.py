@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -108,11 +109,11 @@ class _RunWriter:
 
 def _bounded(pool: ThreadPoolExecutor, fn: Callable, items: list, limit: int) -> Iterator:
     """pool.map with at most `limit` tasks in flight (bounded memory)."""
-    pending = []
+    pending: deque[Future] = deque()
     for item in items:
         pending.append(pool.submit(fn, *item))
         if len(pending) >= limit:
-            yield pending.pop(0).result()
+            yield pending.popleft().result()
     for fut in pending:
         yield fut.result()
 

@@ -7,13 +7,14 @@ and stores only new chunks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import vddk_ext
 
-from ..backup.extents import load_extents
+from ..backup.extents import as_extents, load_extents
 from ..backup.source import BlockDevice, ChangeReport, SourceDisk, VmSnapshot
 from ..errors import SourceError, UsageError
 
@@ -39,35 +40,41 @@ def _probe(disk: ImageDisk) -> int:
         raise SourceError(f"disk {disk.key}: {exc.strerror or exc}") from None
 
 
-def _source_disk(disk: ImageDisk) -> SourceDisk:
-    capacity = _probe(disk)
-    # validated now, before anything is written, so bad input leaves the repository untouched
-    extents = load_extents(disk.changed, capacity) if disk.changed else None
+def listed_disk(key: str, capacity: int, open_device: Callable[[], BlockDevice],
+                extents: np.ndarray | None, description: str) -> SourceDisk:
+    """A disk whose change list is given up front: a first backup reads the allocated extents,
+    a later one `extents` (None: everything, storing only new chunks). The VDDK source too."""
 
     def allocated() -> ChangeReport:
-        with _open(disk.path) as device:
-            return ChangeReport(_as_array(device.allocated_extents()))
+        with open_device() as device:
+            return ChangeReport(as_extents(device.allocated_extents()))
 
     def changes(_cursor: str | None) -> ChangeReport:
         if extents is None:
             return ChangeReport(None, "no change list given: read everything, store only new")
         return ChangeReport(extents)
 
-    return SourceDisk(disk.key, capacity, lambda: _open(disk.path), allocated, changes,
-                      description=str(disk.path))
+    return SourceDisk(key, capacity, open_device, allocated, changes, description=description)
 
 
-def _as_array(extents: list[tuple[int, int]]) -> np.ndarray:
-    return np.array(extents, dtype=np.int64).reshape(-1, 2)
+def check_disks(vm: str, keys: list[str], disk_option: str) -> None:
+    """A VM name and at least one disk, with unique keys; `disk_option` shows the --disk form."""
+    if not vm:
+        raise UsageError("a VM name is required (--vm NAME)")
+    if not keys:
+        raise UsageError(f"at least one disk is required ({disk_option})")
+    if len(set(keys)) != len(keys):
+        raise UsageError(f"disk keys must be unique, got {', '.join(keys)}")
+
+
+def _source_disk(disk: ImageDisk) -> SourceDisk:
+    capacity = _probe(disk)
+    # validated now, before anything is written, so bad input leaves the repository untouched
+    extents = load_extents(disk.changed, capacity) if disk.changed else None
+    return listed_disk(disk.key, capacity, lambda: _open(disk.path), extents, str(disk.path))
 
 
 def image_snapshot(vm: str, disks: list[ImageDisk]) -> VmSnapshot:
-    if not vm:
-        raise UsageError("a VM name is required (--vm NAME)")
-    if not disks:
-        raise UsageError("at least one disk is required (--disk KEY=PATH)")
-    keys = [d.key for d in disks]
-    if len(set(keys)) != len(keys):
-        raise UsageError(f"disk keys must be unique, got {', '.join(keys)}")
+    check_disks(vm, [d.key for d in disks], "--disk KEY=PATH")
     return VmSnapshot(vm=vm, source="image", disks=[_source_disk(d) for d in disks],
                       config={"disks": {d.key: str(d.path) for d in disks}})

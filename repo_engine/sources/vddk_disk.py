@@ -22,8 +22,9 @@ import numpy as np
 import vddk_ext
 
 from ..backup.extents import load_extents
-from ..backup.source import BlockDevice, ChangeReport, SourceDisk, VmSnapshot
+from ..backup.source import BlockDevice, SourceDisk, VmSnapshot
 from ..errors import SourceError, UsageError
+from .image import check_disks, listed_disk
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,6 @@ def _probe(connection: VddkConnection, disk: VddkDisk) -> tuple[int, str | None]
         raise SourceError(f"disk {disk.key}: {exc.strerror or exc}") from None
 
 
-def _as_array(extents: list[tuple[int, int]]) -> np.ndarray:
-    return np.array(extents, dtype=np.int64).reshape(-1, 2)
-
-
 def vddk_source_disk(connection: VddkConnection, disk: VddkDisk,
                      extents: np.ndarray | None = None) -> SourceDisk:
     """One disk as the pipeline sees it; `extents` (bytes) override disk.changed."""
@@ -86,27 +83,12 @@ def vddk_source_disk(connection: VddkConnection, disk: VddkDisk,
     def open_device() -> BlockDevice:
         return connection.open(disk.path)
 
-    def allocated() -> ChangeReport:
-        with connection.open(disk.path) as device:
-            return ChangeReport(_as_array(device.allocated_extents()))
-
-    def changes(_cursor: str | None) -> ChangeReport:
-        if extents is None:
-            return ChangeReport(None, "no change list given: read everything, store only new")
-        return ChangeReport(extents)
-
-    return SourceDisk(disk.key, capacity, open_device, allocated, changes,
-                      description=f"{disk.path} on {connection.server} ({transport})")
+    return listed_disk(disk.key, capacity, open_device, extents,
+                       f"{disk.path} on {connection.server} ({transport})")
 
 
 def vddk_snapshot(vm: str, connection: VddkConnection, disks: list[VddkDisk]) -> VmSnapshot:
-    if not vm:
-        raise UsageError("a VM name is required (--vm NAME)")
-    if not disks:
-        raise UsageError("at least one disk is required (--disk KEY=[datastore] path.vmdk)")
-    keys = [d.key for d in disks]
-    if len(set(keys)) != len(keys):
-        raise UsageError(f"disk keys must be unique, got {', '.join(keys)}")
+    check_disks(vm, [d.key for d in disks], "--disk KEY=[datastore] path.vmdk")
     for d in disks:
         if not d.path.startswith("[") or "]" not in d.path:
             raise UsageError(f"disk {d.key}: {d.path!r} is not a datastore path "

@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from ...backup.extents import as_extents
 from .errors import VSphereError, fault_text
-from .snapshots import create, remove
+from .snapshots import create, remove, wait
 
 ALL = "*"
 
@@ -32,19 +33,13 @@ def ensure_enabled(vm: Any) -> str | None:
     if vm.config.changeTrackingEnabled:
         return None
     try:
-        _wait(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=True)))
+        wait(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=True)))
     except vim.fault.VimFault as exc:
         raise VSphereError(f"cannot enable Changed Block Tracking on {vm.name}: "
                            f"{fault_text(exc)}") from None
     cycle = create(vm, "cbt-enable", quiesce=False)   # the stun/unstun makes it take effect
     remove(vm, cycle.snap)
     return "Changed Block Tracking was off: enabled it (this backup reads all allocated data)"
-
-
-def _wait(task: Any) -> None:
-    from pyVim.task import WaitForTask
-
-    WaitForTask(task)
 
 
 @dataclass
@@ -72,7 +67,7 @@ def query(vm: Any, snap: Any, key: int, capacity: int, change_id: str) -> Change
             raise VSphereError(f"QueryChangedDiskAreas on disk {key} of {vm.name} did not "
                                f"advance past offset {offset}")
         offset = following
-    extents = np.array(found, dtype=np.int64).reshape(-1, 2)
+    extents = as_extents(found)
     if len(extents):   # clip to the disk (replies may over-report, never under-report)
         ends = np.minimum(extents[:, 0] + extents[:, 1], capacity)
         extents = np.stack([extents[:, 0], ends - extents[:, 0]], axis=1)

@@ -30,7 +30,8 @@ class Held:
         return str(self.snap._moId)
 
 
-def _wait(task: Any) -> Any:
+def wait(task: Any) -> Any:
+    """Wait for a vSphere task; returns its result (a fault is raised as is)."""
     from pyVim.task import WaitForTask
 
     WaitForTask(task)
@@ -53,9 +54,9 @@ def ours(vm: Any) -> list[Any]:
 
 def remove(vm: Any, snap: Any) -> None:
     """Remove one snapshot and consolidate when vCenter asks for it."""
-    _wait(snap.RemoveSnapshot_Task(removeChildren=False))
+    wait(snap.RemoveSnapshot_Task(removeChildren=False))
     if vm.runtime.consolidationNeeded:
-        _wait(vm.ConsolidateVMDisks_Task())
+        wait(vm.ConsolidateVMDisks_Task())
 
 
 def remove_leftovers(vm: Any) -> list[str]:
@@ -74,7 +75,7 @@ def remove_leftovers(vm: Any) -> list[str]:
 def _create(vm: Any, name: str, quiesce: bool) -> Any:
     task = vm.CreateSnapshot_Task(name=name, description="repo-engine backup; removed when done",
                                   memory=False, quiesce=quiesce)
-    return _wait(task)
+    return wait(task)
 
 
 def _find(vm: Any, name: str) -> Any | None:
