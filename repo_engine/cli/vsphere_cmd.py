@@ -185,7 +185,7 @@ def restore_vsphere(repo: Path, point: str, in_place: bool, as_new: str | None,
     """
     from ..sources.vsphere.connection import connect
     from ..sources.vsphere.inventory import find_vm
-    from ..sources.vsphere.restore import restore_as_new, restore_in_place
+    from ..restore.vsphere import restore_as_new, restore_in_place
     from ..sources.vsphere.source import DataPlane
 
     if in_place == bool(as_new):

@@ -7,15 +7,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...backup.source import BlockDevice, ChangeReport, SourceDisk, VmSnapshot
 from ...errors import SourceError
-from ...repository.points import PointRecord
 from . import cbt, marks, snapshots, vmconfig
 from .connection import Connection
 from .errors import VSphereError
 from .inventory import INDEPENDENT, DiskInfo, disks_of
+
+if TYPE_CHECKING:  # the parent point comes in through the duck-typed `repo` argument
+    from ...repository.points import PointRecord
 
 log = logging.getLogger("repo_engine.vsphere")
 

@@ -7,15 +7,15 @@ from typing import Any
 
 import numpy as np
 
-from ...backup.extents import extents_to_blocks
-from ...repository.points import PointRecord
-from ...repository.repo import Repository
-from ...restore.restorer import restore_to_device
-from . import cbt, marks, snapshots, vmconfig
-from .connection import Connection
-from .errors import VSphereError, fault_text
-from .inventory import DiskInfo, disks_of, find_by_name
-from .source import DataPlane
+from ..backup.extents import extents_to_blocks
+from ..repository.points import PointRecord
+from ..repository.repo import Repository
+from ..sources.vsphere import cbt, marks, snapshots, vmconfig
+from ..sources.vsphere.connection import Connection
+from ..sources.vsphere.errors import VSphereError, fault_text
+from ..sources.vsphere.inventory import DiskInfo, disks_of, find_by_name
+from ..sources.vsphere.source import DataPlane
+from .restorer import restore_to_device
 
 
 @dataclass
