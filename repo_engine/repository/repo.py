@@ -100,8 +100,9 @@ class Repository:
                 self.index.commit_point(point.id, point.summary(), refs, self.map_exists)
                 return
             except MapMissing as gone:
+                missing = gone
                 write_map(self.maps_dir, maps[gone.name])
-        raise MapMissing(next(iter(maps)))
+        raise missing
 
     def rewrite_point(self, point: PointRecord, **changes: object) -> PointRecord:
         """Commit the next generation of a catalogued point with `changes` applied. The VM

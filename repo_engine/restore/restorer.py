@@ -161,9 +161,14 @@ def _restore_through(repo: Repository, point: PointRecord, disk: DiskRecord, ref
     started = time.monotonic()
     if todo is None:
         todo = (np.flatnonzero(refs) if fresh else np.arange(len(refs))).astype(np.uint64)
-    with repo.index.reader() as lookup:
-        plan = plan_restore(refs, todo, lookup)
-    written = _write(repo, plan, device, disk, progress)
+    try:
+        with repo.index.reader() as lookup:
+            plan = plan_restore(refs, todo, lookup)
+        written = _write(repo, plan, device, disk, progress)
+    except DamageError as exc:
+        raise DamageError(f"{exc}; disk {disk.key} of point {point.id[:8]} cannot be restored "
+                          "whole: 'repo-engine scrub --repair' finds all damage and heals what "
+                          "the next backup reads again") from None
     device.flush()
     return RestoreSummary(point.id, disk.key, target, disk.capacity, written,
                           len(plan.zero_blocks), len(plan.locations),
