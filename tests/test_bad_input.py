@@ -188,3 +188,15 @@ def test_cli_runs_as_a_program(tmp_path):
     result = subprocess.run([sys.executable, "-m", "repo_engine", "init", str(tmp_path / "r")],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "created repository" in result.stdout
+
+
+def test_restore_of_damaged_chunk_fails_and_leaves_no_image(tmp_path, capsys, setup):
+    repo, _ = setup
+    pack = next((repo / "packs").rglob("*.pack"))
+    data = bytearray(pack.read_bytes())
+    data[200] ^= 0xFF  # inside the first chunk's blob
+    pack.write_bytes(bytes(data))
+    target = tmp_path / "o.img"
+    result = cli(capsys, "restore", repo, "v@latest", "--disk", "d", "--to", target)
+    _assert_one_line_error(result, 3, "chunk ref", "cannot be restored whole", "scrub --repair")
+    assert not target.exists()

@@ -131,10 +131,14 @@ def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *
             base_refs = resize(repo.resolve(base, _disk_of(base, key).key), len(refs))
             todo = np.flatnonzero(refs != base_refs).astype(np.uint64)
         device = _open_target(target, disk.capacity, onto=base is not None, force=force)
+        created = base is None and device.kind == "file"
         try:
-            return _restore_through(repo, point, disk, refs, device, todo,
-                                    fresh=device.kind == "file", target=str(target),
-                                    progress=progress)
+            return _restore_through(repo, point, disk, refs, device, todo, fresh=created,
+                                    target=str(target), progress=progress)
+        except BaseException:
+            if created:  # a half-written new image must not pass for a restore
+                target.unlink(missing_ok=True)
+            raise
         finally:
             device.close()
 
