@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import RepoError, SourceError
-from ..repository.blockmap import BlockMap, delta_between
+from ..repository.blockmap import BlockMap
 from ..repository.index import ParentGone
 from ..repository.locks import SHARED
 from ..repository.points import DiskRecord, PointRecord, new_point_id, now_iso
@@ -128,17 +128,21 @@ class _DiskBackup:
 
     def _record(self, plan: DiskPlan, disk: SourceDisk, refs: np.ndarray,
                 counters: DiskCounters) -> DiskRecord:
-        full = plan.base.copy() if plan.base is not None else np.zeros(plan.nblocks, np.uint64)
-        full[plan.read] = refs
-        self.resolved[disk.key] = full
+        # plan.base is this backup's own copy: it becomes the new full map in place (one map in
+        # memory, not three: maps are 8 bytes a block, the memory a large disk costs)
+        full = plan.base if plan.base is not None else np.zeros(plan.nblocks, np.uint64)
         parent, parent_disk = plan.parent, plan.parent_disk
         max_chain = self.repo.config.max_chain
         if parent is None or parent_disk is None or parent_disk.links + 1 > max_chain:
+            full[plan.read] = refs
             bmap, kind, links, parent_id = BlockMap.full(full), "full", 1, None
         else:
-            bmap = delta_between(plan.base, full)
+            differs = full[plan.read] != refs
+            bmap = BlockMap.delta(plan.nblocks, plan.read[differs], refs[differs])
+            full[plan.read] = refs
             kind, links, parent_id = "delta", parent_disk.links + 1, parent.id
-        logical = plan.bytes_of(np.flatnonzero(full))
+        self.resolved[disk.key] = full
+        logical = plan.map_bytes(full)
         return DiskRecord(
             key=disk.key, capacity=plan.capacity, block_size=plan.block_size,
             map=self.repo.write_map(bmap), kind=kind, parent=parent_id, links=links,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..repository.blockmap import resize
+from ..repository.blockmap import fit
 from ..repository.points import DiskRecord, PointRecord
 from ..repository.repo import Repository
 from .extents import as_extents, extents_to_blocks
@@ -40,6 +40,13 @@ class DiskPlan:
             return 0
         size = len(blocks) * self.block_size
         if int(blocks[-1]) == self.nblocks - 1:
+            size -= self.nblocks * self.block_size - self.capacity
+        return size
+
+    def map_bytes(self, refs: np.ndarray) -> int:
+        """The real byte length of the non-ZERO blocks of a full map of this disk."""
+        size = int(np.count_nonzero(refs)) * self.block_size
+        if len(refs) and refs[-1]:
             size -= self.nblocks * self.block_size - self.capacity
         return size
 
@@ -105,7 +112,7 @@ def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice)
         return replace(plan, read=_blocks_in(report.extents, bs, nblocks))
     parent_disk = parent.disk(disk.key)
     assert parent_disk is not None
-    base = resize(repo.resolve(parent, disk.key), nblocks)
+    base = fit(repo.resolve(parent, disk.key), nblocks)
     report = disk.changes(parent_disk.cursor)
     plan = DiskPlan(disk.key, disk.capacity, bs, parent, parent_disk, base,
                     np.zeros(0, np.uint64), CHANGED, report.note)

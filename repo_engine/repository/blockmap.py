@@ -52,11 +52,13 @@ class BlockMap:
     def delta(cls, nblocks: int, blocks: np.ndarray, refs: np.ndarray) -> "BlockMap":
         return cls(DELTA, nblocks, blocks.astype(U64, copy=False), refs.astype(U64, copy=False))
 
-    def apply(self, base: np.ndarray | None) -> np.ndarray:
-        """The resolved map after this one: FULL replaces, DELTA patches a resized base."""
+    def apply(self, base: np.ndarray | None, *, consume: bool = False) -> np.ndarray:
+        """The resolved map after this one: FULL replaces, DELTA patches a copy of the base
+        resized to `nblocks` — or, with `consume`, the base itself when its size is right."""
         if self.kind == FULL:
             return self.refs.copy()
-        out = resize(base if base is not None else np.zeros(0, U64), self.nblocks)
+        base = base if base is not None else np.zeros(0, U64)
+        out = fit(base, self.nblocks) if consume else resize(base, self.nblocks)
         out[self.blocks] = self.refs
         return out
 
@@ -67,6 +69,13 @@ def resize(refs: np.ndarray, nblocks: int) -> np.ndarray:
     keep = min(nblocks, len(refs))
     out[:keep] = refs[:keep]
     return out
+
+
+def fit(refs: np.ndarray, nblocks: int) -> np.ndarray:
+    """`refs` itself when it has `nblocks` entries and may be written, else a resized copy."""
+    if len(refs) == nblocks and refs.flags.writeable:
+        return refs
+    return resize(refs, nblocks)
 
 
 def delta_between(parent: np.ndarray, child: np.ndarray) -> BlockMap:

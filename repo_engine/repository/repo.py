@@ -172,7 +172,7 @@ class Repository:
                                     f"parent {disk.parent} is not in the catalog")
         refs: np.ndarray | None = None
         for name in reversed(chain):
-            refs = self.read_map(name).apply(refs)
+            refs = self.read_map(name).apply(refs, consume=True)  # each step's array is ours
         assert refs is not None
         return refs
 
