@@ -56,6 +56,7 @@ class _DiskBackup:
         # before the commit) and the blocks read because `scrub --repair` asked for them
         self.resolved: dict[str, np.ndarray] = {}
         self.rereads: dict[str, np.ndarray] = {}
+        self.maps: dict[str, BlockMap] = {}  # written this run, by name: not read back at commit
 
     def run(self, vm: str, disk: SourceDisk) -> DiskRecord:
         try:
@@ -143,9 +144,11 @@ class _DiskBackup:
             kind, links, parent_id = "delta", parent_disk.links + 1, parent.id
         self.resolved[disk.key] = full
         logical = plan.map_bytes(full)
+        name = self.repo.write_map(bmap)
+        self.maps[name] = bmap
         return DiskRecord(
             key=disk.key, capacity=plan.capacity, block_size=plan.block_size,
-            map=self.repo.write_map(bmap), kind=kind, parent=parent_id, links=links,
+            map=name, kind=kind, parent=parent_id, links=links,
             cursor=disk.cursor, read_mode=plan.mode, note=plan.note, logical_bytes=logical,
             counters=vars(counters).copy())
 
@@ -166,7 +169,7 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions) ->
                 source=snapshot.source, disks=records, tags=sorted(set(options.tags)),
                 consistency=snapshot.consistency, config=snapshot.config,
                 notes=list(snapshot.notes), counters=_totals(records, writer, started))
-            _commit(repo, point, step.resolved)
+            _commit(repo, point, step.resolved, step.maps)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise RepoError(f"the repository's filesystem is full ({exc.strerror}); "
@@ -180,17 +183,20 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions) ->
     return point
 
 
-def _commit(repo: Repository, point: PointRecord, resolved: dict[str, np.ndarray]) -> None:
+def _commit(repo: Repository, point: PointRecord, resolved: dict[str, np.ndarray],
+            maps: dict[str, BlockMap]) -> None:
     """Commit the point; a disk whose parent a concurrent forget removed becomes a full map (its
     resolved map is in memory, so no data is read again)."""
     while True:
         try:
-            repo.commit_point(point)
+            repo.commit_point(point, maps)
             return
         except ParentGone as gone:
             for disk in point.disks:
                 if disk.parent in gone.parents:
-                    disk.map = repo.write_map(BlockMap.full(resolved[disk.key]))
+                    full = BlockMap.full(resolved[disk.key])
+                    disk.map = repo.write_map(full)
+                    maps[disk.map] = full
                     disk.kind, disk.parent, disk.links = "full", None, 1
                     disk.note = join_notes(
                         disk.note, "parent point was forgotten during the backup: full map")

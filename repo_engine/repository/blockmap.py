@@ -54,9 +54,10 @@ class BlockMap:
 
     def apply(self, base: np.ndarray | None, *, consume: bool = False) -> np.ndarray:
         """The resolved map after this one: FULL replaces, DELTA patches a copy of the base
-        resized to `nblocks` — or, with `consume`, the base itself when its size is right."""
+        resized to `nblocks`. With `consume` the caller gives up the base and this map, whose
+        arrays are then reused instead of copied."""
         if self.kind == FULL:
-            return self.refs.copy()
+            return self.refs if consume and self.refs.flags.writeable else self.refs.copy()
         base = base if base is not None else np.zeros(0, U64)
         out = fit(base, self.nblocks) if consume else resize(base, self.nblocks)
         out[self.blocks] = self.refs
@@ -87,8 +88,11 @@ def delta_between(parent: np.ndarray, child: np.ndarray) -> BlockMap:
 
 def encode(bmap: BlockMap) -> bytes:
     arrays = [bmap.refs] if bmap.kind == FULL else [bmap.blocks, bmap.refs]
-    raw = b"".join(np.ascontiguousarray(a, dtype=U64).tobytes() for a in arrays)
-    body = zstandard.ZstdCompressor(level=3).compress(raw)
+    # streamed from the arrays' own memory: a large disk's full map is not copied first
+    compressor = zstandard.ZstdCompressor(level=3).compressobj()
+    parts = [compressor.compress(memoryview(np.ascontiguousarray(a, dtype=U64)).cast("B"))
+             for a in arrays]
+    body = b"".join(parts) + compressor.flush()
     return seal(BLOCK_MAP, HEAD.pack(bmap.kind, bmap.nblocks, len(bmap.refs)) + body)
 
 
@@ -97,20 +101,34 @@ def decode(payload: bytes, what: str) -> BlockMap:
     if kind not in (FULL, DELTA) or (kind == FULL and count != nblocks) or count > nblocks:
         raise DamageError(f"{what}: block map header is inconsistent")
     width = 1 if kind == FULL else 2
+    # decompressed straight into the array: a full map of a large disk is not copied twice
+    body = np.empty(count * width, dtype=U64)
     try:
-        raw = zstandard.ZstdDecompressor().decompress(
-            payload[HEAD.size:], max_output_size=count * 8 * width)
+        got = _read_into(memoryview(payload)[HEAD.size:], memoryview(body).cast("B"))
     except zstandard.ZstdError as exc:
         raise DamageError(f"{what}: block map does not decompress ({exc})") from None
-    if len(raw) != count * 8 * width:
+    if got != body.nbytes:
         raise DamageError(f"{what}: block map body has the wrong length")
-    arrays = np.frombuffer(raw, dtype=U64).reshape(width, count)
+    arrays = body.reshape(width, count)
     if kind == FULL:
         return BlockMap.full(arrays[0])
     blocks = arrays[0]
     if count and (blocks[-1] >= nblocks or np.any(np.diff(blocks.astype(np.int64)) <= 0)):
         raise DamageError(f"{what}: delta block numbers are unsorted or out of range")
     return BlockMap.delta(nblocks, blocks, arrays[1])
+
+
+def _read_into(frame: memoryview, out: memoryview) -> int:
+    """Decompress `frame` into `out`; returns the bytes the frame holds (more than `out` holds
+    counts as one more, so a longer frame is caught)."""
+    with zstandard.ZstdDecompressor().stream_reader(frame) as reader:
+        got = 0
+        while got < len(out):
+            n = reader.readinto(out[got:])
+            if n == 0:
+                return got
+            got += n
+        return got + len(reader.read(1))
 
 
 def map_path(maps_dir: Path, name: str) -> Path:

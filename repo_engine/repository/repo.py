@@ -85,15 +85,18 @@ class Repository:
         return read_map(self.maps_dir, name)
 
     # -- points ---------------------------------------------------------------------------
-    def commit_point(self, point: PointRecord) -> None:
+    def commit_point(self, point: PointRecord, maps: dict[str, BlockMap] | None = None) -> None:
         """Manifest durable first, then the catalog entry that makes the point visible.
 
         Also used to rewrite a catalogued point (chain consolidation, protect, damage marks): the
         catalog transaction moves map use and chunk reference counts from the old record's maps
         to the new one's. Raises ParentGone when a disk's parent left the catalog meanwhile (the
-        caller rewrites that disk as a full map); rewrites a map file gc removed meanwhile."""
+        caller rewrites that disk as a full map); rewrites a map file gc removed meanwhile.
+        `maps`: block maps, by name, that the caller still holds (not read back from disk)."""
         write_point(self.points_dir, point)
-        maps = {name: self.read_map(name) for name in {d.map for d in point.disks}}
+        known = maps or {}
+        maps = {name: known[name] if name in known else self.read_map(name)
+                for name in {d.map for d in point.disks}}
         refs = {name: unique_refs(bmap) for name, bmap in maps.items()}
         for _attempt in range(10):
             try:
@@ -185,5 +188,4 @@ class Repository:
 
 def unique_refs(bmap: BlockMap) -> np.ndarray:
     """The distinct non-ZERO refs a map file names (what the reference counts count)."""
-    refs = np.unique(bmap.refs)
-    return refs[refs != 0] if len(refs) and refs[0] == 0 else refs
+    return np.unique(bmap.refs[bmap.refs != 0])  # zeros out first: a sparse disk sorts little
