@@ -10,7 +10,7 @@ from ..repository.blockmap import fit
 from ..repository.points import DiskRecord, PointRecord
 from ..repository.repo import Repository
 from .extents import as_extents, extents_to_blocks
-from .source import BlockDevice, SourceDisk
+from .source import BlockDevice, Parent, SourceDisk
 
 ALLOCATED, CHANGED, FULL_READ = "allocated", "changed", "full"
 
@@ -113,7 +113,8 @@ def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice)
     parent_disk = parent.disk(disk.key)
     assert parent_disk is not None
     base = fit(repo.resolve(parent, disk.key), nblocks)
-    report = disk.changes(parent_disk.cursor)
+    report = disk.changes(Parent(parent_disk.cursor, parent_disk.capacity,
+                                 lambda: repo.load_point(parent.id).config))
     plan = DiskPlan(disk.key, disk.capacity, bs, parent, parent_disk, base,
                     np.zeros(0, np.uint64), CHANGED, report.note)
     if report.extents is None:

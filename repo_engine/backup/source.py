@@ -40,6 +40,15 @@ class ChangeReport:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class Parent:
+    """The point a new backup of a disk builds on, as far as its source needs to know it."""
+
+    cursor: str | None          # the source's change cursor stored with it (a changeId, ...)
+    capacity: int
+    load_config: Callable[[], dict]  # the source configuration saved with it, read on demand
+
+
 @dataclass
 class SourceDisk:
     """One disk of a VM as its source presents it for one backup."""
@@ -49,8 +58,8 @@ class SourceDisk:
     open: Callable[[], BlockDevice]
     # first backup of the disk: the extents that hold data (VMware: changeId "*")
     allocated: Callable[[], ChangeReport]
-    # later backups: what changed since the parent point's cursor
-    changes: Callable[[str | None], ChangeReport]
+    # later backups: what changed since the parent point
+    changes: Callable[[Parent], ChangeReport]
     cursor: str | None = None
     description: str = ""
 

@@ -15,7 +15,7 @@ import numpy as np
 import vddk_ext
 
 from ..backup.extents import as_extents, load_extents
-from ..backup.source import BlockDevice, ChangeReport, SourceDisk, VmSnapshot
+from ..backup.source import BlockDevice, ChangeReport, Parent, SourceDisk, VmSnapshot
 from ..errors import SourceError, UsageError
 
 
@@ -49,7 +49,7 @@ def listed_disk(key: str, capacity: int, open_device: Callable[[], BlockDevice],
         with open_device() as device:
             return ChangeReport(as_extents(device.allocated_extents()))
 
-    def changes(_cursor: str | None) -> ChangeReport:
+    def changes(_parent: Parent) -> ChangeReport:
         if extents is None:
             return ChangeReport(None, "no change list given: read everything, store only new")
         return ChangeReport(extents)

@@ -7,17 +7,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ...backup.source import BlockDevice, ChangeReport, SourceDisk, VmSnapshot
+from ...backup.source import BlockDevice, ChangeReport, Parent, SourceDisk, VmSnapshot
 from ...errors import SourceError
 from . import cbt, marks, snapshots, vmconfig
 from .connection import Connection
 from .errors import VSphereError
 from .inventory import INDEPENDENT, DiskInfo, disks_of
 
-if TYPE_CHECKING:  # the parent point comes in through the duck-typed `repo` argument
-    from ...repository.points import PointRecord
 
 log = logging.getLogger("repo_engine.vsphere")
 
@@ -41,9 +39,9 @@ class DataPlane:
 class _Disk:
     """One disk of the snapshot: decides between CBT extents and a full read."""
 
-    def __init__(self, vm: Any, snap: Any, info: DiskInfo, parent: PointRecord | None,
-                 full_reason: str, vddk: Any, stats: dict) -> None:
-        self.vm, self.snap, self.info, self.parent = vm, snap, info, parent
+    def __init__(self, vm: Any, snap: Any, info: DiskInfo, full_reason: str, vddk: Any,
+                 stats: dict) -> None:
+        self.vm, self.snap, self.info = vm, snap, info
         self.full_reason, self.vddk = full_reason, vddk
         self.stats = stats   # this disk's entry in the point's config: CBT replies counted
 
@@ -72,15 +70,16 @@ class _Disk:
             return ChangeReport(None, "CBT gave this disk no changeId: full read")
         return self._query(cbt.ALL)
 
-    def changes(self, cursor: str | None) -> ChangeReport:
-        reason = self.full_reason or self._distrust(cursor)
+    def changes(self, parent: Parent) -> ChangeReport:
+        reason = self.full_reason or self._distrust(parent)
         if reason:
             return ChangeReport(None, f"{reason}: full read")
-        assert cursor is not None
-        return self._query(cursor)
+        assert parent.cursor is not None
+        return self._query(parent.cursor)
 
-    def _distrust(self, cursor: str | None) -> str:
+    def _distrust(self, parent: Parent) -> str:
         """Why the stored changeId cannot be used, or ''."""
+        cursor = parent.cursor
         if not self.info.change_id:
             return "CBT gave this disk no changeId"
         if not cursor:
@@ -88,7 +87,7 @@ class _Disk:
         if cbt.change_uuid(cursor) != cbt.change_uuid(self.info.change_id):
             return (f"the changeId's UUID differs from the previous point's ({cursor} -> "
                     f"{self.info.change_id}): CBT was reset")
-        before = _saved_disk(self.parent, self.info.key)
+        before = _saved_disk(parent.load_config(), self.info.key)
         if before is not None:
             if before.get("file") != self.info.file or before.get("uuid") != self.info.uuid:
                 return (f"the disk was replaced ({before.get('file')} -> {self.info.file})")
@@ -103,16 +102,9 @@ class _Disk:
                           description=f"{self.info.file} ({self.info.label})")
 
 
-def _parent(repo: Any, vm: str, key: str) -> PointRecord | None:
-    """The point plan_disk will build on, with its configuration (the catalog's lacks it)."""
-    point = repo.latest_with_disk(vm, key)
-    return repo.load_point(point.id) if point is not None else None
-
-
-def _saved_disk(point: PointRecord | None, key: int) -> dict | None:
-    if point is None:
-        return None
-    return point.config.get("vsphere", {}).get("disks", {}).get(str(key))
+def _saved_disk(config: dict, key: int) -> dict | None:
+    """This disk as the parent point's saved configuration describes it."""
+    return config.get("vsphere", {}).get("disks", {}).get(str(key))
 
 
 def _split(disks: list[DiskInfo]) -> tuple[list[DiskInfo], list[dict]]:
@@ -140,6 +132,7 @@ class Frozen:
 def frozen_vm(conn: Connection, vm: Any, repo: Any, *, name: str | None = None,
               quiesce: bool = True, plane: DataPlane = DataPlane()) -> Iterator[Frozen]:
     """Snapshot `vm` and yield it as a VmSnapshot; the snapshot is removed whatever happens.
+    Of `repo` only its path is used: where this source keeps its per-VM marks.
 
     A VDDK error inside the block becomes a VSphereError saying that no point was stored."""
     notes = [f"removed leftover snapshot {n}" for n in snapshots.remove_leftovers(vm)]
@@ -168,8 +161,8 @@ def frozen_vm(conn: Connection, vm: Any, repo: Any, *, name: str | None = None,
             "skipped_disks": skipped,
             "config_xml": vmconfig.serialize(config, conn.version),
         }
-        steps = [_Disk(vm, held.snap, d, _parent(repo, vm_name, str(d.key)), full_reason, vddk,
-                       record["disks"][str(d.key)]) for d in disks]
+        steps = [_Disk(vm, held.snap, d, full_reason, vddk, record["disks"][str(d.key)])
+                 for d in disks]
         snapshot = VmSnapshot(vm=vm_name, source="vsphere", disks=[s.source_disk() for s in steps],
                               config={"vsphere": record}, consistency=held.consistency,
                               notes=notes)
