@@ -340,6 +340,86 @@ def test_exit_refused_while_a_disk_is_open(fake):
     assert vddk_ext.vddk_info()["state"] == "initialised"
 
 
+# ------------------------------------------------- PrepareForAccess / EndAccess
+
+ACCESS_KEYS = ("libdir", "server", "thumbprint", "user", "password", "vmx_spec")
+
+
+def access_kwargs(fake, **overrides) -> dict[str, object]:
+    kw = {k: v for k, v in fake.kwargs().items() if k in ACCESS_KEYS}
+    kw.update(overrides)
+    return kw
+
+
+def trace_text(path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_prepare_then_end_access_gates_open(fake, monkeypatch, tmp_path):
+    make_disk(fake, 1 * MiB, {})
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("FAKE_VDDK_TRACE", str(trace))
+    monkeypatch.setenv("FAKE_VDDK_REQUIRE_PREPARE", "1")
+    kw = access_kwargs(fake, vmx_spec="moref=vm-101")
+    assert vddk_ext.vddk_info()["functions"]["PrepareForAccess"] is True
+    with pytest.raises(vddk_ext.VixError) as info:
+        open_disk(fake, vmx_spec="moref=vm-101")
+    assert info.value.code == vddk_ext.VIX_E_FAIL
+    assert vddk_ext.vddk_prepare_for_access(**kw) is True
+    with open_disk(fake, vmx_spec="moref=vm-101") as disk:
+        assert disk.capacity == 1 * MiB
+    assert vddk_ext.vddk_end_access(**kw) is True
+    with pytest.raises(vddk_ext.VixError):
+        open_disk(fake, vmx_spec="moref=vm-101")
+    calls = [line.split()[0] for line in trace_text(trace)]
+    assert [c for c in calls if c in ("prepare", "end_access", "open")] == [
+        "open", "prepare", "open", "end_access", "open"]
+    assert "prepare moref=vm-101 repo-engine" in trace_text(trace)
+
+
+def test_end_access_without_prepare_and_own_identity(fake, monkeypatch, tmp_path):
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("FAKE_VDDK_TRACE", str(trace))
+    kw = access_kwargs(fake, vmx_spec="moref=vm-102", identity="nightly")
+    assert vddk_ext.vddk_end_access(**kw) is True
+    assert trace_text(trace) == ["end_access moref=vm-102 nightly"]
+    # a session cookie instead of a password works too
+    assert vddk_ext.vddk_prepare_for_access(**access_kwargs(
+        fake, vmx_spec="moref=vm-102", password=None, cookie="c00kie")) is True
+    assert vddk_ext.vddk_end_access(**access_kwargs(
+        fake, vmx_spec="moref=vm-102", password=None, cookie="c00kie")) is True
+
+
+def test_access_errors(fake, monkeypatch):
+    kw = access_kwargs(fake, vmx_spec="moref=vm-103")
+    monkeypatch.setenv("FAKE_VDDK_FAULTS", "prepare_fail=14011,end_access_fail=3")
+    with pytest.raises(vddk_ext.VixError, match="VixDiskLib_PrepareForAccess") as info:
+        vddk_ext.vddk_prepare_for_access(**kw)
+    assert info.value.code == vddk_ext.VIX_E_HOST_TCP_CONN_LOST
+    assert info.value.errno == errno.ECONNRESET and "moref=vm-103" in str(info.value)
+    with pytest.raises(vddk_ext.VixError, match="VixDiskLib_EndAccess") as info:
+        vddk_ext.vddk_end_access(**kw)
+    assert info.value.code == vddk_ext.VIX_E_INVALID_ARG
+    monkeypatch.delenv("FAKE_VDDK_FAULTS")
+    with pytest.raises(vddk_ext.VixError) as info:   # as vCenter: a wrong thumbprint
+        vddk_ext.vddk_prepare_for_access(**dict(kw, thumbprint="00:11"))
+    assert info.value.code == vddk_ext.VIX_E_FAIL
+    with pytest.raises(vddk_ext.VixError) as info:   # not "moref=..."
+        vddk_ext.vddk_prepare_for_access(**dict(kw, vmx_spec="vm-103"))
+    assert info.value.code == vddk_ext.VIX_E_INVALID_ARG
+    with pytest.raises(vddk_ext.DiskError, match="thumbprint .* is required") as info:
+        vddk_ext.vddk_prepare_for_access(**dict(kw, thumbprint=None))
+    assert info.value.errno == errno.EINVAL and not isinstance(info.value, vddk_ext.VixError)
+    with pytest.raises(vddk_ext.DiskError, match="password or cookie is required"):
+        vddk_ext.vddk_end_access(**dict(kw, password=None))
+    with pytest.raises(TypeError, match="server"):
+        vddk_ext.vddk_prepare_for_access(**{k: v for k, v in kw.items() if k != "server"})
+    with pytest.raises(TypeError):
+        vddk_ext.vddk_prepare_for_access("vc.test")   # keyword-only
+    with pytest.raises(vddk_ext.DiskError, match="already initialised from"):
+        vddk_ext.vddk_prepare_for_access(**dict(kw, libdir=str(fake.libdir.parent / "noaccess")))
+
+
 # ------------------------------------------------------------------ logging
 
 

@@ -120,7 +120,7 @@ def test_without_query_allocated_blocks_the_whole_disk_is_allocated(libs, disk):
     assert r.returncode == 0, r.stderr
     functions, extents = json.loads(r.stdout)
     assert functions == {"ReadAsync": True, "QueryAllocatedBlocks": False,
-                         "AllocateConnectParams": True}
+                         "AllocateConnectParams": True, "PrepareForAccess": True}
     assert extents == [[0, 3 * MiB + 4096]]
 
 
@@ -135,6 +135,22 @@ def test_without_async_reads_use_read(libs, disk):
         print("ok")
     """, disk)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_without_prepare_for_access_it_is_a_no_op(libs, disk, tmp_path):
+    trace = tmp_path / "trace"
+    r = run(f"""
+        libdir = {str(libs['noaccess'])!r}
+        assert vddk_ext.vddk_prepare_for_access(libdir=libdir, **KW) is False
+        assert vddk_ext.vddk_info()["functions"]["PrepareForAccess"] is False
+        d = vddk_ext.open_vddk("[ds1] vm/disk.vmdk", libdir=libdir, **KW)
+        d.close()
+        assert vddk_ext.vddk_end_access(**KW) is False
+        print("ok")
+    """, disk, FAKE_VDDK_TRACE=str(trace))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    assert not any(line.startswith(("prepare", "end_access"))
+                   for line in trace.read_text().splitlines())
 
 
 def test_init_only_on_the_main_thread(libs, disk):

@@ -164,6 +164,37 @@ def test_vddk_read_failing_mid_disk_stores_nothing(env, monkeypatch):
     assert env.backup()["bytes_read"] == 4 * MIB
 
 
+def test_vm_is_prepared_for_access_around_the_disk_reads(env, monkeypatch):
+    """PrepareForAccess (vCenter: no migration) before the first Open, EndAccess after the
+    last Close; the fake refuses Open without it. EndAccess runs when the backup fails too."""
+    monkeypatch.setenv("FAKE_VDDK_REQUIRE_PREPARE", "1")
+    env.sim.write(VM, 0, pattern(13, 256 * KIB))
+    env.backup()
+    calls = [line.split()[:2] for line in env.trace.read_text().splitlines()]
+    names = [c[0] for c in calls]
+    assert names.count("prepare") == 1 and names.count("end_access") == 1
+    prepare, end = names.index("prepare"), names.index("end_access")
+    opens = [i for i, n in enumerate(names) if n == "open"]
+    closes = [i for i, n in enumerate(names) if n == "close"]
+    assert opens and prepare < opens[0] and closes[-1] < end
+    assert calls[prepare][1] == calls[end][1] and calls[prepare][1].startswith("moref=vm-")
+    env.sim.write(VM, 1 * MIB, pattern(14, 128 * KIB))
+    monkeypatch.setenv("FAKE_VDDK_FAULTS", "read_fail=1:1")
+    result = env.backup(ok=False)
+    assert result.code == 1 and "no restore point was stored" in result.err, result.err
+    names = [line.split()[0] for line in env.trace.read_text().splitlines()]
+    assert names.count("prepare") == 1 and names.count("end_access") == 1
+    assert "read" in names
+    assert names.index("end_access") > max(i for i, n in enumerate(names) if n == "close")
+    # PrepareForAccess refused (say, no privilege to disable migration): the backup goes on
+    monkeypatch.setenv("FAKE_VDDK_FAULTS", "prepare_fail=1")
+    monkeypatch.delenv("FAKE_VDDK_REQUIRE_PREPARE")
+    point = env.backup()
+    notes = env.show(point["point"])["notes"]
+    assert any(n.startswith("PrepareForAccess failed") for n in notes), notes
+    assert env.snapshots() == []
+
+
 def test_leftover_snapshots_of_ours_are_removed(env):
     with env.sim.session() as content:
         vm = vcsim_find(content)

@@ -27,9 +27,11 @@ try:
         VixError,
         open_local,
         open_vddk,
+        vddk_end_access,
         vddk_exit,
         vddk_info,
         vddk_init,
+        vddk_prepare_for_access,
     )
 except ImportError as _exc:  # an extension built from older sources
     raise ImportError(f"vddk_ext._vddk_ext is older than this package ({_exc}); rebuild it "
@@ -57,7 +59,8 @@ _atexit.register(_exit_vddk)
 
 __all__ = [
     "API_VERSION", "Batch", "BlockReader", "Disk", "DiskError", "VixError", "open_local",
-    "open_vddk", "vddk_exit", "vddk_info", "vddk_init",
+    "open_vddk", "vddk_end_access", "vddk_exit", "vddk_info", "vddk_init",
+    "vddk_prepare_for_access",
     "VIX_E_FAIL", "VIX_E_INVALID_ARG", "VIX_E_FILE_NOT_FOUND", "VIX_E_NOT_SUPPORTED",
     "VIX_E_HOST_TCP_CONN_LOST", "VIX_E_DISK_OUTOFRANGE",
 ]

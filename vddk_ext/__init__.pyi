@@ -105,10 +105,39 @@ def open_vddk(
 def vddk_init(libdir: str | PathLike[str] | None = None, *, config_file: str | None = None) -> None: ...
 def vddk_exit() -> None: ...
 def vddk_info() -> dict[str, object]: ...
+# VixDiskLib_PrepareForAccess / EndAccess around a backup (vCenter then does not migrate the VM);
+# True when VDDK was called, False when the library lacks the pair (a no-op).
+def vddk_prepare_for_access(
+    *,
+    server: str,
+    port: int = 443,
+    thumbprint: str | None = None,
+    user: str | None = None,
+    password: str | bytes | None = None,
+    cookie: str | bytes | None = None,
+    vmx_spec: str | None = None,
+    identity: str = "repo-engine",
+    libdir: str | PathLike[str] | None = None,
+    config_file: str | None = None,
+) -> bool: ...
+def vddk_end_access(
+    *,
+    server: str,
+    port: int = 443,
+    thumbprint: str | None = None,
+    user: str | None = None,
+    password: str | bytes | None = None,
+    cookie: str | bytes | None = None,
+    vmx_spec: str | None = None,
+    identity: str = "repo-engine",
+    libdir: str | PathLike[str] | None = None,
+    config_file: str | None = None,
+) -> bool: ...
 
 __all__ = [
     "API_VERSION", "Batch", "BlockReader", "Disk", "DiskError", "VixError", "open_local",
-    "open_vddk", "vddk_exit", "vddk_info", "vddk_init",
+    "open_vddk", "vddk_end_access", "vddk_exit", "vddk_info", "vddk_init",
+    "vddk_prepare_for_access",
     "VIX_E_FAIL", "VIX_E_INVALID_ARG", "VIX_E_FILE_NOT_FOUND", "VIX_E_NOT_SUPPORTED",
     "VIX_E_HOST_TCP_CONN_LOST", "VIX_E_DISK_OUTOFRANGE",
 ]

@@ -49,6 +49,20 @@ class VddkConnection:
             vmx_spec=self.vmx_spec, snapshot_ref=self.snapshot, transports=self.transports,
             libdir=self.libdir, readonly=readonly)
 
+    def _access_kwargs(self, identity: str) -> dict[str, object]:
+        return dict(server=self.server, port=self.port, thumbprint=self.thumbprint,
+                    user=self.user, password=self.password, cookie=self.cookie,
+                    vmx_spec=self.vmx_spec, identity=identity, libdir=self.libdir)
+
+    def prepare_for_access(self, identity: str = "repo-engine") -> bool:
+        """VixDiskLib_PrepareForAccess: vCenter keeps the VM from migrating until end_access.
+        False when this VDDK lacks the function (nothing was done); VixError on failure."""
+        return vddk_ext.vddk_prepare_for_access(**self._access_kwargs(identity))
+
+    def end_access(self, identity: str = "repo-engine") -> bool:
+        """VixDiskLib_EndAccess, undoing prepare_for_access (harmless without it)."""
+        return vddk_ext.vddk_end_access(**self._access_kwargs(identity))
+
     def public(self) -> dict[str, object]:
         """What a restore point may record: everything but the secrets."""
         return {"server": self.server, "port": self.port, "user": self.user,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("full", "noquery", "noasync", "broken", "flat")
+VARIANTS = ("full", "noquery", "noasync", "broken", "noaccess", "flat")
 THUMBPRINT = "12:34:56:78:9A:BC:DE:F0:12:34:56:78:9A:BC:DE:F0:12:34:56:78"
 
 _built: dict[str, Path] = {}

@@ -4,6 +4,7 @@
 #   OUTDIR/noquery/lib64/libvixDiskLib.so.8  without QueryAllocatedBlocks/FreeBlockList
 #   OUTDIR/noasync/lib64/libvixDiskLib.so.8  without ReadAsync/WriteAsync/Wait
 #   OUTDIR/broken/lib64/libvixDiskLib.so.8   without VixDiskLib_GetInfo (a required function)
+#   OUTDIR/noaccess/lib64/libvixDiskLib.so.8 without PrepareForAccess/EndAccess
 #   OUTDIR/flat/libvixDiskLib.so.7           no lib64/ directory, an older soname
 # Pass the directory as --vddk-libdir / libdir=. Needs only gcc.
 set -eu
@@ -26,5 +27,6 @@ build "$out/full/lib64" libvixDiskLib.so.8
 build "$out/noquery/lib64" libvixDiskLib.so.8 -DFAKE_NO_QUERY
 build "$out/noasync/lib64" libvixDiskLib.so.8 -DFAKE_NO_ASYNC
 build "$out/broken/lib64" libvixDiskLib.so.8 -DFAKE_BROKEN
+build "$out/noaccess/lib64" libvixDiskLib.so.8 -DFAKE_NO_ACCESS
 build "$out/flat" libvixDiskLib.so.7
 echo "$out"

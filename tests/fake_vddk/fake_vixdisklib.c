@@ -33,10 +33,15 @@
  *                               LD_LIBRARY_PATH (as the real VDDK needs for its own libraries)
  *   FAKE_VDDK_SECRET_SCAN=1     ConnectEx aborts if the password is in /proc/self/cmdline or
  *                               /proc/self/environ
- *   FAKE_VDDK_TRACE=FILE        appends one line per call: "read START COUNT", "query ...", ...
+ *   FAKE_VDDK_REQUIRE_PREPARE=1 a remote Open fails with VIX_E_FAIL unless PrepareForAccess was
+ *                               called for the connection's vmxSpec more often than EndAccess
+ *   FAKE_VDDK_FAULTS also: prepare_fail=CODE end_access_fail=CODE
+ *   FAKE_VDDK_TRACE=FILE        appends one line per call: "read START COUNT", "query ...",
+ *                               "prepare VMXSPEC IDENTITY", "end_access VMXSPEC IDENTITY", ...
  *
  * Build variants (build.sh): -DFAKE_NO_QUERY (no QueryAllocatedBlocks/FreeBlockList),
- * -DFAKE_NO_ASYNC (no ReadAsync/WriteAsync/Wait), -DFAKE_BROKEN (no VixDiskLib_GetInfo).
+ * -DFAKE_NO_ASYNC (no ReadAsync/WriteAsync/Wait), -DFAKE_BROKEN (no VixDiskLib_GetInfo),
+ * -DFAKE_NO_ACCESS (no PrepareForAccess/EndAccess).
  */
 #define _GNU_SOURCE
 
@@ -135,13 +140,14 @@ _Static_assert(__builtin_offsetof(VixDiskLibBlockList, blocks) == 8, "");
 typedef struct {
     int read_fail_n, write_fail_n, drop_after, slow_read_ms, slow_open_ms;
     VixError read_fail, write_fail, connect_fail, open_fail, info_fail, flush_fail;
-    VixError query_fail, close_fail;
+    VixError query_fail, close_fail, prepare_fail, end_access_fail;
     uint64_t extra_sectors;
 } faults;
 
 typedef struct conn {
     int remote, readonly, lost, handles;
     char *thumbprint, *user, *password;   /* copies of what ConnectEx was given */
+    char *vmx;                            /* its vmxSpec */
     char *transport;               /* the mode Open will report */
     faults f;
     int reads, writes;
@@ -286,6 +292,8 @@ static void parse_faults(faults *f)
         else if (strcmp(item, "flush_fail") == 0) f->flush_fail = parse_code(v);
         else if (strcmp(item, "query_fail") == 0) f->query_fail = parse_code(v);
         else if (strcmp(item, "close_fail") == 0) f->close_fail = parse_code(v);
+        else if (strcmp(item, "prepare_fail") == 0) f->prepare_fail = parse_code(v);
+        else if (strcmp(item, "end_access_fail") == 0) f->end_access_fail = parse_code(v);
         else if (strcmp(item, "extra_sectors") == 0) f->extra_sectors = strtoull(v, NULL, 0);
         else die("unknown FAKE_VDDK_FAULTS item %s", item);
     }
@@ -420,16 +428,6 @@ API void VixDiskLib_FreeConnectParams(VixDiskLibConnectParams *p)
     free(p);
 }
 
-API VixError VixDiskLib_PrepareForAccess(const VixDiskLibConnectParams *p, const char *identity)
-{
-    return p && identity ? VIX_OK : VIX_E_INVALID_ARG;
-}
-
-API VixError VixDiskLib_EndAccess(const VixDiskLibConnectParams *p, const char *identity)
-{
-    return p && identity ? VIX_OK : VIX_E_INVALID_ARG;
-}
-
 /* ------------------------------------------------------------ connections */
 
 static int file_contains(const char *path, const char *needle)
@@ -507,6 +505,7 @@ API VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *p, char readOnl
         c->thumbprint = p->thumbPrint ? strdup(p->thumbPrint) : NULL;
         c->user = user ? strdup(user) : NULL;
         c->password = pw ? strdup(pw) : NULL;
+        c->vmx = strdup(p->vmxSpec);
     }
     c->readonly = readOnly != 0;
     c->transport = mode ? strdup(mode) : NULL;
@@ -527,6 +526,7 @@ API VixError VixDiskLib_Disconnect(conn *c)
     free(c->transport);
     free(c->thumbprint);
     free(c->user);
+    free(c->vmx);
     if (c->password)
         explicit_bzero(c->password, strlen(c->password));
     free(c->password);
@@ -534,6 +534,96 @@ API VixError VixDiskLib_Disconnect(conn *c)
     leave_open_close();
     return VIX_OK;
 }
+
+/* ------------------------------------------------------ prepare / end access */
+
+#ifndef FAKE_NO_ACCESS
+/* PrepareForAccess minus EndAccess calls, per vmxSpec (vCenter's "migration disabled"). */
+#define ACCESS_MAX 64
+static struct { char *vmx; int count; } access_table[ACCESS_MAX];
+static pthread_mutex_t access_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int *access_count(const char *vmx, int create)
+{
+    int i, free_slot = -1;
+
+    for (i = 0; i < ACCESS_MAX; i++) {
+        if (access_table[i].vmx && strcmp(access_table[i].vmx, vmx) == 0)
+            return &access_table[i].count;
+        if (!access_table[i].vmx && free_slot < 0)
+            free_slot = i;
+    }
+    if (!create || free_slot < 0)
+        return NULL;
+    access_table[free_slot].vmx = strdup(vmx);
+    return &access_table[free_slot].count;
+}
+
+static VixError check_remote(conn *c);
+
+/* As vCenter would: valid parameters and a login, then the count for the VM. */
+static VixError access_call(const VixDiskLibConnectParams *p, const char *identity, int end)
+{
+    const char *fn = end ? "end_access" : "prepare";
+    conn c = {0};
+    faults f;
+    VixError err;
+    int *n;
+
+    trace("%s %s %s", fn, p && p->vmxSpec ? p->vmxSpec : "(null)", identity ? identity : "(null)");
+    if (!initialised)
+        return VIX_E_FAIL;
+    if (p == NULL || identity == NULL || !*identity || p->serverName == NULL
+        || p->vmxSpec == NULL || strncmp(p->vmxSpec, "moref=", 6) != 0
+        || (p->credType != 1 && p->credType != 2))
+        return VIX_E_INVALID_ARG;
+    parse_faults(&f);
+    if ((err = end ? f.end_access_fail : f.prepare_fail) != VIX_OK)
+        return err;
+    c.remote = 1;
+    c.thumbprint = p->thumbPrint;
+    c.user = p->credType == 1 ? p->creds.uid.userName : p->creds.sessionId.userName;
+    c.password = p->credType == 1 ? p->creds.uid.password : p->creds.sessionId.key;
+    if ((err = check_remote(&c)) != VIX_OK)
+        return err;
+    pthread_mutex_lock(&access_lock);
+    n = access_count(p->vmxSpec, !end);
+    if (n != NULL && (!end || *n > 0))
+        *n += end ? -1 : 1;
+    pthread_mutex_unlock(&access_lock);
+    say(log_fn, "VixDiskLib: %s %s for %s\n", end ? "EndAccess" : "PrepareForAccess",
+        p->vmxSpec, identity);
+    return VIX_OK;
+}
+
+API VixError VixDiskLib_PrepareForAccess(const VixDiskLibConnectParams *p, const char *identity)
+{
+    return access_call(p, identity, 0);
+}
+
+/* Without a PrepareForAccess first: VIX_OK, as vCenter has nothing to re-enable. */
+API VixError VixDiskLib_EndAccess(const VixDiskLibConnectParams *p, const char *identity)
+{
+    return access_call(p, identity, 1);
+}
+
+static int access_prepared(const char *vmx)
+{
+    int *n, ok;
+
+    pthread_mutex_lock(&access_lock);
+    n = vmx ? access_count(vmx, 0) : NULL;
+    ok = n != NULL && *n > 0;
+    pthread_mutex_unlock(&access_lock);
+    return ok;
+}
+#else
+static int access_prepared(const char *vmx)
+{
+    (void)vmx;
+    return 0;
+}
+#endif
 
 /* ------------------------------------------------------------ open/close */
 
@@ -650,6 +740,11 @@ API VixError VixDiskLib_Open(conn *c, const char *path, uint32_t flags, handle *
     }
     if (c->remote && (err = check_remote(c)) != VIX_OK)
         goto done;
+    if (c->remote && getenv("FAKE_VDDK_REQUIRE_PREPARE") && !access_prepared(c->vmx)) {
+        say(warn_fn, "VixDiskLib: %s: no PrepareForAccess in effect for this VM\n", c->vmx);
+        err = VIX_E_FAIL;
+        goto done;
+    }
     file = map_path(path);
     if (file == NULL) {
         err = VIX_E_FILE_NOT_FOUND;

@@ -40,6 +40,8 @@ PyObject *pyvddk_open(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *pyvddk_init(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *pyvddk_exit(PyObject *module, PyObject *unused);
 PyObject *pyvddk_info(PyObject *module, PyObject *unused);
+PyObject *pyvddk_prepare_for_access(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *pyvddk_end_access(PyObject *module, PyObject *args, PyObject *kwargs);
 
 #define PYVDDK_METHODS                                                                         \
     {"open_vddk", (PyCFunction)(void (*)(void))pyvddk_open, METH_VARARGS | METH_KEYWORDS,      \
@@ -49,6 +51,14 @@ PyObject *pyvddk_info(PyObject *module, PyObject *unused);
     {"vddk_exit", (PyCFunction)pyvddk_exit, METH_NOARGS,                                      \
      "vddk_exit(): VixDiskLib_Exit once no VDDK disk is open; final for the process"},        \
     {"vddk_info", (PyCFunction)pyvddk_info, METH_NOARGS,                                      \
-     "vddk_info() -> dict: state, library path, optional functions in use"},
+     "vddk_info() -> dict: state, library path, optional functions in use"},                 \
+    {"vddk_prepare_for_access", (PyCFunction)(void (*)(void))pyvddk_prepare_for_access,       \
+     METH_VARARGS | METH_KEYWORDS,                                                             \
+     "vddk_prepare_for_access(*, server, ..., identity='repo-engine') -> bool: "              \
+     "VixDiskLib_PrepareForAccess (False: the library lacks it)"},                             \
+    {"vddk_end_access", (PyCFunction)(void (*)(void))pyvddk_end_access,                       \
+     METH_VARARGS | METH_KEYWORDS,                                                             \
+     "vddk_end_access(*, server, ..., identity='repo-engine') -> bool: "                      \
+     "VixDiskLib_EndAccess (False: the library lacks it)"},
 
 #endif /* VDDK_EXT_MODULE_H */

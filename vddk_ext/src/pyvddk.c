@@ -166,7 +166,7 @@ PyObject *pyvddk_info(PyObject *module, PyObject *unused)
 {
     static const char *const states[] = {"unloaded", "initialised", "exited"};
     static const char *const optional[] = {"ReadAsync", "QueryAllocatedBlocks",
-                                           "AllocateConnectParams"};
+                                           "AllocateConnectParams", "PrepareForAccess"};
     const char *path = bio_vddk_library();
     PyObject *library = path ? PyUnicode_DecodeFSDefault(path) : Py_NewRef(Py_None);
     PyObject *functions = library ? PyDict_New() : NULL;
@@ -290,6 +290,65 @@ PyObject *pyvddk_open(PyObject *module, PyObject *args, PyObject *kwargs)
     path = disk_wrap(d, Py_NewRef(path), transport);
     Py_DECREF(transport);
     return path;
+}
+
+/* vddk_prepare_for_access / vddk_end_access: True when VDDK was called, False without the pair. */
+static PyObject *access_call(PyObject *args, PyObject *kwargs, int end)
+{
+    static char *kwlist[] = {"server", "port", "thumbprint", "user", "password", "cookie",
+                             "vmx_spec", "identity", "libdir", "config_file", NULL};
+    bio_vddk_params p = {0};
+    PyObject *password_obj = Py_None, *cookie_obj = Py_None, *libdir = Py_None;
+    const char *identity = "repo-engine", *config_file = NULL;
+    unsigned int port = 443;
+    char *password = NULL, *cookie = NULL;
+    int rc, called = 0;
+    bio_error err;
+
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, end ? "|$sIzzOOzsOz:vddk_end_access" : "|$sIzzOOzsOz:vddk_prepare_for_access",
+            kwlist, &p.server, &port, &p.thumbprint, &p.user, &password_obj, &cookie_obj,
+            &p.vmx_spec, &identity, &libdir, &config_file))
+        return NULL;
+    if (p.server == NULL) {
+        PyErr_SetString(PyExc_TypeError, "server= is required");
+        return NULL;
+    }
+    if (port == 0 || port > 65535) {
+        PyErr_Format(PyExc_ValueError, "port must be 1-65535");
+        return NULL;
+    }
+    if ((bio_vddk_state() == 0 || libdir != Py_None) && init_from(libdir, config_file) != 0)
+        return NULL;
+    if (copy_secret(password_obj, "password", &password) != 0
+        || copy_secret(cookie_obj, "cookie", &cookie) != 0) {
+        free_secret(password);
+        return NULL;
+    }
+    p.password = password;
+    p.cookie = cookie;
+    p.port = port;
+    Py_BEGIN_ALLOW_THREADS
+    rc = bio_vddk_access(&p, identity, end, &called, &err);
+    Py_END_ALLOW_THREADS
+    free_secret(password);
+    free_secret(cookie);
+    if (rc != 0)
+        return raise_and_drain(&err);
+    pyvddk_drain_log();
+    return PyBool_FromLong(called);
+}
+
+PyObject *pyvddk_prepare_for_access(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    (void)module;
+    return access_call(args, kwargs, 0);
+}
+
+PyObject *pyvddk_end_access(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    (void)module;
+    return access_call(args, kwargs, 1);
 }
 
 int pyvddk_add_to_module(PyObject *m)

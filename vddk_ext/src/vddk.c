@@ -171,6 +171,8 @@ static int lib_resolve(void *dl, const char *soname, bio_error *e)
         FN.QueryAllocatedBlocks = NULL, FN.FreeBlockList = NULL;
     if (FN.AllocateConnectParams == NULL || FN.FreeConnectParams == NULL)
         FN.AllocateConnectParams = NULL, FN.FreeConnectParams = NULL;
+    if (FN.PrepareForAccess == NULL || FN.EndAccess == NULL)
+        FN.PrepareForAccess = NULL, FN.EndAccess = NULL;
     return 0;
 }
 
@@ -315,22 +317,28 @@ static void ctx_free_params(vddk_ctx *c)
     c->nstrings = 0;
 }
 
+/* What is missing from p for a remote connection (path only when need_path), or NULL. */
+static const char *missing_param(const bio_vddk_params *p, int need_path)
+{
+    if (need_path && (p->path == NULL || !*p->path))
+        return "path";
+    if (p->server == NULL)
+        return need_path ? NULL : "server";
+    if (p->thumbprint == NULL)
+        return "thumbprint (the SHA-1 fingerprint of the server's certificate)";
+    if (p->vmx_spec == NULL)
+        return "vmx_spec (\"moref=vm-N\")";
+    if (p->user == NULL)
+        return "user";
+    if (p->password == NULL && p->cookie == NULL)
+        return "password or cookie";
+    return NULL;
+}
+
 static int check_params(const bio_vddk_params *p, bio_error *e)
 {
-    const char *missing = NULL;
+    const char *missing = missing_param(p, 1);
 
-    if (p->path == NULL || !*p->path)
-        missing = "path";
-    else if (p->server == NULL)
-        return 0;
-    else if (p->thumbprint == NULL)
-        missing = "thumbprint (the SHA-1 fingerprint of the server's certificate)";
-    else if (p->vmx_spec == NULL)
-        missing = "vmx_spec (\"moref=vm-N\")";
-    else if (p->user == NULL)
-        missing = "user";
-    else if (p->password == NULL && p->cookie == NULL)
-        missing = "password or cookie";
     if (missing != NULL) {
         bio_fail(e, EINVAL, "cannot open %s on %s: %s is required", p->path ? p->path : "a disk",
                  p->server ? p->server : "a local host", missing);
@@ -442,6 +450,44 @@ static int ctx_open(vddk_ctx *c, const bio_vddk_params *p, uint64_t *capacity, b
     snprintf(c->transport, sizeof c->transport, "%s", mode ? mode : "unknown");
     c->use_async = FN.ReadAsync != NULL && !p->no_async;
     return 0;
+}
+
+/* ================================================================ access */
+
+int bio_vddk_access(const bio_vddk_params *p, const char *identity, int end, int *called,
+                    bio_error *e)
+{
+    const char *fn = end ? "EndAccess" : "PrepareForAccess";
+    const char *vm = p->vmx_spec ? p->vmx_spec : "a VM";
+    const char *missing = missing_param(p, 0);
+    vddk_ctx c = {0};
+    VixError err;
+    int rc = -1;
+
+    *called = 0;
+    if (missing != NULL || identity == NULL || !*identity) {
+        bio_fail(e, EINVAL, "cannot call VixDiskLib_%s for %s: %s is required", fn, vm,
+                 missing ? missing : "identity");
+        return -1;
+    }
+    pthread_mutex_lock(&lib.lock);
+    if (lib.state != 1) {
+        bio_fail(e, EINVAL, "cannot call VixDiskLib_%s for %s: VDDK is %s", fn, vm,
+                 lib.state == 0 ? "not initialised (call vddk_init first)" : "shut down");
+    } else if (FN.PrepareForAccess == NULL) {
+        rc = 0;   /* an older VDDK: nothing to tell vCenter */
+    } else if (ctx_make_params(&c, p, e) == 0) {
+        err = end ? FN.EndAccess(c.params, identity) : FN.PrepareForAccess(c.params, identity);
+        *called = 1;
+        if (err != VIX_OK)
+            vix_fail(e, err, fn, NULL, "%s of %s on %s failed", end ? "ending access" :
+                     "preparing for access", vm, p->server);
+        else
+            rc = 0;
+    }
+    ctx_free_params(&c);
+    pthread_mutex_unlock(&lib.lock);
+    return rc;
 }
 
 /* ================================================================ backend */

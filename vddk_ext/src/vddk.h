@@ -59,6 +59,13 @@ int bio_vddk_init(const char *libdir, const char *config_file, bio_error *e);
 int bio_vddk_exit(bio_error *e);
 
 int bio_open_vddk(const bio_vddk_params *p, bio_disk **out, bio_error *e);
+/*
+ * PrepareForAccess (end = 0) or EndAccess (end = 1) for p's VM (p->server, thumbprint, vmx_spec,
+ * user, password/cookie; path and snapshot_ref unused), identifying the application as identity.
+ * A no-op (0, *called = 0) when the library lacks the pair; else *called = 1.
+ */
+int bio_vddk_access(const bio_vddk_params *p, const char *identity, int end, int *called,
+                    bio_error *e);
 /* The transport VDDK chose for a disk of kind BIO_KIND_VDDK ("nbdssl", "file", ...). */
 const char *bio_vddk_transport(const bio_disk *d);
 

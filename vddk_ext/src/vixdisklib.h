@@ -93,7 +93,7 @@ _Static_assert(offsetof(VixDiskLibBlockList, blocks) == 8, "blocks @8");
  * The functions, as X(name, return type, parameters). Required ones must all
  * resolve; an optional one may be missing (older VDDK), and is used only
  * when its partner (QueryAllocatedBlocks/FreeBlockList, ReadAsync/Wait,
- * AllocateConnectParams/FreeConnectParams) resolved too.
+ * AllocateConnectParams/FreeConnectParams, PrepareForAccess/EndAccess) resolved too.
  */
 #define VDDK_REQUIRED_FUNCTIONS(X)                                                              \
     X(InitEx, VixError, (uint32_t major, uint32_t minor, VixDiskLibGenericLogFunc *log,        \
@@ -128,6 +128,9 @@ _Static_assert(offsetof(VixDiskLibBlockList, blocks) == 8, "blocks @8");
                                        VixDiskLibBlockList **blockList))                       \
     X(FreeBlockList, VixError, (VixDiskLibBlockList *blockList))                                \
     X(AllocateConnectParams, VixDiskLibConnectParams *, (void))                                 \
-    X(FreeConnectParams, void, (VixDiskLibConnectParams *params))
+    X(FreeConnectParams, void, (VixDiskLibConnectParams *params))                               \
+    X(PrepareForAccess, VixError, (const VixDiskLibConnectParams *params,                      \
+                                   const char *identity))                                      \
+    X(EndAccess, VixError, (const VixDiskLibConnectParams *params, const char *identity))
 
 #endif /* VDDK_EXT_VIXDISKLIB_H */

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import vddk_ext
+
 from ...backup.source import BlockDevice, ChangeReport, Parent, SourceDisk, VmSnapshot
 from ...errors import SourceError
 from . import cbt, marks, snapshots, vmconfig
@@ -118,6 +120,36 @@ def _split(disks: list[DiskInfo]) -> tuple[list[DiskInfo], list[dict]]:
     return kept, skipped
 
 
+@contextmanager
+def _no_migration(plane: DataPlane, conn: Connection, vm: Any, notes: list[str]) -> Iterator[None]:
+    """VDDK's PrepareForAccess before the snapshot, EndAccess after it is gone (also on failure):
+    meanwhile vCenter does not migrate the VM (vMotion, Storage vMotion) under the backup."""
+    access = plane.connection(conn, vm._moId, None)
+    try:
+        prepared = access.prepare_for_access()
+    except vddk_ext.VixError as exc:
+        # advisory only (a user without the privilege to disable migration can still back up)
+        prepared = False
+        notes.append(f"PrepareForAccess failed ({exc.strerror or exc}): vCenter was not asked "
+                     "to keep the VM from migrating during the backup")
+    except OSError as exc:   # VDDK not loadable: no disk could be read either
+        raise VSphereError(f"VDDK cannot prepare {vm.name} for access (PrepareForAccess): "
+                           f"{exc.strerror or exc}; nothing was backed up") from None
+    else:
+        if not prepared:
+            notes.append("this VDDK has no PrepareForAccess: vCenter was not asked to keep the "
+                         "VM from migrating during the backup")
+    try:
+        yield
+    finally:
+        if prepared:
+            try:
+                access.end_access()
+            except OSError as exc:
+                log.warning("VDDK EndAccess for %s failed (%s): vCenter may still keep it from "
+                            "migrating", vm.name, exc.strerror or exc)
+
+
 @dataclass
 class Frozen:
     """What `frozen_vm` yields: the snapshot for the pipeline, and the VM's identity."""
@@ -143,7 +175,7 @@ def frozen_vm(conn: Connection, vm: Any, repo: Any, *, name: str | None = None,
     mark = marks.load(repo.path, vm_uuid)
     full_reason = (f"a restore wrote to the VM at {mark.last_write}"
                    if mark is not None and mark.full_next else "")
-    with snapshots.held(vm, "backup", quiesce) as held:
+    with _no_migration(plane, conn, vm, notes), snapshots.held(vm, "backup", quiesce) as held:
         config = held.snap.config
         disks, skipped = _split(disks_of(config.hardware.device))
         if not disks:
