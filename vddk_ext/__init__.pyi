@@ -1,7 +1,7 @@
 from collections.abc import Iterator
 from os import PathLike
 from types import TracebackType
-from typing import Literal
+from typing import Literal, Protocol
 
 from typing_extensions import Buffer
 
@@ -105,34 +105,27 @@ def open_vddk(
 def vddk_init(libdir: str | PathLike[str] | None = None, *, config_file: str | None = None) -> None: ...
 def vddk_exit() -> None: ...
 def vddk_info() -> dict[str, object]: ...
-# VixDiskLib_PrepareForAccess / EndAccess around a backup (vCenter then does not migrate the VM);
-# True when VDDK was called, False when the library lacks the pair (a no-op).
-def vddk_prepare_for_access(
-    *,
-    server: str,
-    port: int = 443,
-    thumbprint: str | None = None,
-    user: str | None = None,
-    password: str | bytes | None = None,
-    cookie: str | bytes | None = None,
-    vmx_spec: str | None = None,
-    identity: str = "repo-engine",
-    libdir: str | PathLike[str] | None = None,
-    config_file: str | None = None,
-) -> bool: ...
-def vddk_end_access(
-    *,
-    server: str,
-    port: int = 443,
-    thumbprint: str | None = None,
-    user: str | None = None,
-    password: str | bytes | None = None,
-    cookie: str | bytes | None = None,
-    vmx_spec: str | None = None,
-    identity: str = "repo-engine",
-    libdir: str | PathLike[str] | None = None,
-    config_file: str | None = None,
-) -> bool: ...
+class _AccessCall(Protocol):
+    """VixDiskLib_PrepareForAccess / EndAccess around a backup (vCenter then does not migrate the
+    VM): True when VDDK was called, False when the library lacks the pair (a no-op)."""
+
+    def __call__(
+        self,
+        *,
+        server: str,
+        port: int = 443,
+        thumbprint: str | None = None,
+        user: str | None = None,
+        password: str | bytes | None = None,
+        cookie: str | bytes | None = None,
+        vmx_spec: str | None = None,
+        identity: str = "repo-engine",
+        libdir: str | PathLike[str] | None = None,
+        config_file: str | None = None,
+    ) -> bool: ...
+
+vddk_prepare_for_access: _AccessCall
+vddk_end_access: _AccessCall
 
 __all__ = [
     "API_VERSION", "Batch", "BlockReader", "Disk", "DiskError", "VixError", "open_local",

@@ -228,6 +228,31 @@ static void free_secret(char *s)
     }
 }
 
+/* What open_vddk and the access calls share before calling VDDK: load it if needed (or again
+ * from another libdir), then copy the secrets into C memory that free_params wipes. */
+static int ready_params(PyObject *libdir, const char *config_file, PyObject *password_obj,
+                        PyObject *cookie_obj, bio_vddk_params *p)
+{
+    char *password = NULL, *cookie = NULL;
+
+    if ((bio_vddk_state() == 0 || libdir != Py_None) && init_from(libdir, config_file) != 0)
+        return -1;
+    if (copy_secret(password_obj, "password", &password) != 0
+        || copy_secret(cookie_obj, "cookie", &cookie) != 0) {
+        free_secret(password);
+        return -1;
+    }
+    p->password = password;
+    p->cookie = cookie;
+    return 0;
+}
+
+static void free_params(bio_vddk_params *p)
+{
+    free_secret((char *)p->password);
+    free_secret((char *)p->cookie);
+}
+
 PyObject *pyvddk_open(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"path", "server", "port", "nfc_port", "thumbprint", "user",
@@ -240,7 +265,6 @@ PyObject *pyvddk_open(PyObject *module, PyObject *args, PyObject *kwargs)
     const char *config_file = NULL;
     unsigned int port = 443, nfc_port = 0;
     int readonly = 1, single_link = 0, async_reads = 1, rc;
-    char *password = NULL, *cookie = NULL;
     bio_disk *d = NULL;
     bio_error err;
 
@@ -258,15 +282,8 @@ PyObject *pyvddk_open(PyObject *module, PyObject *args, PyObject *kwargs)
     p.path = PyUnicode_AsUTF8(path);
     if (p.path == NULL)
         return NULL;
-    if ((bio_vddk_state() == 0 || libdir != Py_None) && init_from(libdir, config_file) != 0)
+    if (ready_params(libdir, config_file, password_obj, cookie_obj, &p) != 0)
         return NULL;
-    if (copy_secret(password_obj, "password", &password) != 0
-        || copy_secret(cookie_obj, "cookie", &cookie) != 0) {
-        free_secret(password);
-        return NULL;
-    }
-    p.password = password;
-    p.cookie = cookie;
     p.port = port;
     p.nfc_port = nfc_port;
     p.readonly = readonly;
@@ -275,8 +292,7 @@ PyObject *pyvddk_open(PyObject *module, PyObject *args, PyObject *kwargs)
     Py_BEGIN_ALLOW_THREADS
     rc = bio_open_vddk(&p, &d, &err);
     Py_END_ALLOW_THREADS
-    free_secret(password);
-    free_secret(cookie);
+    free_params(&p);
     if (rc != 0)
         return raise_and_drain(&err);
     pyvddk_drain_log();
@@ -301,7 +317,6 @@ static PyObject *access_call(PyObject *args, PyObject *kwargs, int end)
     PyObject *password_obj = Py_None, *cookie_obj = Py_None, *libdir = Py_None;
     const char *identity = "repo-engine", *config_file = NULL;
     unsigned int port = 443;
-    char *password = NULL, *cookie = NULL;
     int rc, called = 0;
     bio_error err;
 
@@ -318,21 +333,13 @@ static PyObject *access_call(PyObject *args, PyObject *kwargs, int end)
         PyErr_Format(PyExc_ValueError, "port must be 1-65535");
         return NULL;
     }
-    if ((bio_vddk_state() == 0 || libdir != Py_None) && init_from(libdir, config_file) != 0)
+    if (ready_params(libdir, config_file, password_obj, cookie_obj, &p) != 0)
         return NULL;
-    if (copy_secret(password_obj, "password", &password) != 0
-        || copy_secret(cookie_obj, "cookie", &cookie) != 0) {
-        free_secret(password);
-        return NULL;
-    }
-    p.password = password;
-    p.cookie = cookie;
     p.port = port;
     Py_BEGIN_ALLOW_THREADS
     rc = bio_vddk_access(&p, identity, end, &called, &err);
     Py_END_ALLOW_THREADS
-    free_secret(password);
-    free_secret(cookie);
+    free_params(&p);
     if (rc != 0)
         return raise_and_drain(&err);
     pyvddk_drain_log();
