@@ -16,7 +16,7 @@ import numpy as np
 from helpers import MIB, DiskModel, cli
 
 KILLS = 20
-MAX_ATTEMPTS = 40
+MAX_ATTEMPTS = 80
 
 
 def _backup_cmd(repo, image):
@@ -62,6 +62,10 @@ def test_sigkill_during_backup(tmp_path, capsys):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             kills_landed += 1
+        else:
+            # the backup beat the kill: later backups (incrementals, a less loaded machine) run
+            # faster than the first one timed, so aim earlier
+            duration *= 0.8
         proc.communicate()
 
         points = _points(capsys, repo)
