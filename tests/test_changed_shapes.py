@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 from pyVmomi import vim
 from pyVmomi.VmomiJSONEncoder import VmomiJSONEncoder
 
-from helpers import MIB, DiskModel, cli, restore_bytes, tree_digest
+from helpers import cli, restore_bytes, tree_digest
 from repo_engine.backup.extents import parse_extents
 from repo_engine.errors import UsageError
+from test_bad_input import setup  # noqa: F401  (fixture: a repository with one backup of a disk)
 
 Info = vim.VirtualMachine.DiskChangeInfo
 Extent = vim.VirtualMachine.DiskChangeInfo.DiskChangeExtent
@@ -84,16 +84,6 @@ def test_bad_shapes_are_named(name, doc, message):
     with pytest.raises(UsageError) as ei:
         parse_extents(doc, CAP, "x")
     assert message in str(ei.value) and "\n" not in str(ei.value)
-
-
-@pytest.fixture
-def setup(tmp_path, capsys):
-    repo = tmp_path / "repo"
-    assert cli(capsys, "init", repo, "--block-size", "16KiB").code == 0
-    model = DiskModel(tmp_path / "d.img", 2 * MIB, np.random.default_rng(8))
-    model.random_changes(5)
-    assert cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}").code == 0
-    return repo, model
 
 
 def _clip(changes: list[list[int]], lo: int, hi: int) -> list[tuple[int, int]]:

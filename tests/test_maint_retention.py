@@ -135,8 +135,8 @@ LOSES_NEWEST = [
     ("tag nobody carries", Policy(tags=("nope",))),
 ]
 
-GROUPS = [P("a1", "2026-01-01 00:00", vm="a", tags=("monthly",)), P("a2", "2026-01-02 00:00", vm="a"),
-          P("a3", "2026-01-03 00:00", vm="a"), P("b1", "2026-01-01 00:00", vm="b"),
+GROUPS = [P("a1", "2026-01-01 00:00", vm="a", tags=("monthly",)),
+          P("a2", "2026-01-02 00:00", vm="a"), P("a3", "2026-01-03 00:00", vm="a"), P("b1", "2026-01-01 00:00", vm="b"),
           P("b2", "2026-01-02 00:00", vm="b", tags=("monthly",)),
           P("c1", "2026-01-01 00:00", vm="a", disks=("sda", "sdb"))]
 NEWEST_OF_EACH_GROUP = {"a3", "b2", "c1"}

@@ -60,7 +60,8 @@ def _backup(capsys, repo: Path, image: Path, changed: Path | None) -> str:
 
 
 @given(histories())
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_every_point_restores_exactly_across_resizes(capsys, history):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
