@@ -1,6 +1,7 @@
 """Disks whose capacity changes between backups, including to and from 0 bytes, sizes below one
 block and sizes that are not a multiple of the block size: every point restores to the exact
-bytes the disk held when it was backed up (hypothesis over capacity sequences)."""
+bytes the disk held when it was backed up, whole and onto the point before it (hypothesis over
+capacity sequences)."""
 
 from __future__ import annotations
 
@@ -79,10 +80,24 @@ def test_every_point_restores_exactly_across_resizes(capsys, history):
                                                       else min(previous, capacity))))
             previous = capacity
             expected[_backup(capsys, repo, image, changed)] = content
-        for point, content in expected.items():
-            target = root / "restored.img"
-            if target.exists():
-                os.unlink(target)
-            result = cli(capsys, "restore", repo, point[:12], "--disk", "sda", "--to", target)
+        _assert_restores(capsys, repo, root, expected)
+
+
+def _assert_restores(capsys, repo: Path, root: Path, expected: dict[str, bytes]) -> None:
+    """Each point restored whole (`--to`), and onto the image of the point before it (`--onto`,
+    writing only the blocks that differ, across the resize)."""
+    target, previous = root / "restored.img", None
+    for point, content in expected.items():
+        if target.exists():
+            os.unlink(target)
+        result = cli(capsys, "restore", repo, point[:12], "--disk", "sda", "--to", target)
+        assert result.code == 0, result.err
+        assert target.read_bytes() == content, f"point {point[:8]} restored wrong bytes"
+        if previous is not None:
+            onto = root / "onto.img"
+            onto.write_bytes(expected[previous])
+            result = cli(capsys, "restore", repo, point[:12], "--disk", "sda", "--onto", onto,
+                         "--base", previous[:12])
             assert result.code == 0, result.err
-            assert target.read_bytes() == content, f"point {point[:8]} restored wrong bytes"
+            assert onto.read_bytes() == content, f"point {point[:8]} onto {previous[:8]} wrong"
+        previous = point
