@@ -93,11 +93,78 @@ def test_keep_within_is_relative_to_the_newest_point_of_the_group():
     assert kept(points, Policy(within=Within(days=3))) == ["old2", "old3"]
 
 
-def test_empty_policy_keeps_everything_and_reasons_are_listed():
-    assert kept(DAYS, Policy()) == sorted(p.id for p in DAYS)
+def test_reasons_are_listed():
     reasons = {d.id: d.reasons for d in apply_policy(DAYS, Policy(last=1, daily=1))}
     assert reasons["mon30"] == ("last", "daily")
     assert reasons["sun22"] == ()
+
+
+# Policies with no effective rule: zero counts and zero durations are no rules (restic: `0d`).
+KEEPS_NOTHING = [
+    ("empty", Policy()),
+    ("zero counts", Policy(last=0, daily=0, yearly=0)),
+    ("within 0h", Policy(within=Within())),
+    ("within 0d0m", Policy(within=parse_within("0d0m"))),
+    ("within 0y and zero counts", Policy(within=parse_within("0y"), weekly=0)),
+]
+
+
+@pytest.mark.parametrize("name,policy", KEEPS_NOTHING, ids=[t[0] for t in KEEPS_NOTHING])
+def test_a_policy_that_keeps_nothing_is_refused(name, policy):
+    assert policy.empty()
+    for allow in (False, True):
+        with pytest.raises(UsageError, match="keeps nothing"):
+            apply_policy(DAYS, policy, allow_remove_latest=allow)
+
+
+@pytest.mark.parametrize("bucket", ["last", "hourly", "daily", "weekly", "monthly", "yearly"])
+def test_counts_below_minus_one_are_refused(bucket):
+    with pytest.raises(UsageError, match=f"--keep-{bucket} -2"):
+        apply_policy(DAYS, Policy(**{bucket: -2}))
+
+
+def test_a_zero_duration_beside_a_real_rule_is_ignored():
+    assert kept(DAYS, Policy(last=2, within=Within())) == ["mon30", "sun29"]
+    reasons = {d.id: d.reasons for d in apply_policy(DAYS, Policy(last=1, within=Within()))}
+    assert reasons["mon30"] == ("last",)
+
+
+# Policies that would keep none of a group's points, or not its newest one.
+LOSES_NEWEST = [
+    ("tag only, newest untagged", Policy(tags=("monthly",))),
+    ("tag nobody carries", Policy(tags=("nope",))),
+]
+
+GROUPS = [P("a1", "2026-01-01 00:00", vm="a", tags=("monthly",)),
+          P("a2", "2026-01-02 00:00", vm="a"), P("a3", "2026-01-03 00:00", vm="a"),
+          P("b1", "2026-01-01 00:00", vm="b"),
+          P("b2", "2026-01-02 00:00", vm="b", tags=("monthly",)),
+          P("c1", "2026-01-01 00:00", vm="a", disks=("sda", "sdb"))]
+NEWEST_OF_EACH_GROUP = {"a3", "b2", "c1"}
+
+
+@pytest.mark.parametrize("name,policy", LOSES_NEWEST, ids=[t[0] for t in LOSES_NEWEST])
+def test_the_newest_point_of_each_group_is_kept_unless_allowed(name, policy):
+    decisions = {d.id: d for d in apply_policy(GROUPS, policy)}
+    strict = {d.id for d in apply_policy(GROUPS, policy, allow_remove_latest=True) if d.keep}
+    assert NEWEST_OF_EACH_GROUP <= {i for i, d in decisions.items() if d.keep}
+    assert {i for i, d in decisions.items() if d.keep} == strict | NEWEST_OF_EACH_GROUP
+    for point_id in NEWEST_OF_EACH_GROUP - strict:
+        assert decisions[point_id].reasons == ("newest of its VM and disk set",)
+    assert not NEWEST_OF_EACH_GROUP <= strict, "the table should exercise the guard"
+
+
+@pytest.mark.parametrize("name,policy,expected", TABLE, ids=[t[0] for t in TABLE])
+def test_every_real_policy_keeps_the_newest_point(name, policy, expected):
+    """No policy of the main table removes the newest point, with or without the guard."""
+    for allow in (False, True):
+        assert "mon30" in {d.id for d in apply_policy(DAYS, policy, allow_remove_latest=allow)
+                           if d.keep}
+
+
+def test_huge_durations_keep_everything():
+    for text in ("9999y", "99999999d", "12000m", "999999999999h"):
+        assert kept(DAYS, Policy(within=parse_within(text))) == sorted(p.id for p in DAYS)
 
 
 def test_parse_within():

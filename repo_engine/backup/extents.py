@@ -18,21 +18,103 @@ def as_extents(pairs: object) -> np.ndarray:
     return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 
 
-def parse_extents(doc: object, capacity: int, what: str) -> np.ndarray:
-    """Validate a JSON-decoded list of [offset, length]; returns an (n, 2) int64 array."""
-    if not isinstance(doc, list):
-        raise UsageError(f"{what}: expected a JSON list of [offset, length] pairs")
+# VMware's QueryChangedDiskAreas result as pyVmomi's JSON encoder writes it (the `_vimtype` tags
+# are optional; a disk is covered by one result or by the list of successive calls' results)
+DISK_CHANGE_INFO = "vim.VirtualMachine.DiskChangeInfo"
+DISK_CHANGE_EXTENT = "vim.VirtualMachine.DiskChangeInfo.DiskChangeExtent"
+SHAPES = ("[[offset, length], ...] or VMware's DiskChangeInfo {startOffset, length, "
+          "changedArea: [{start, length}, ...]} (or a list of them)")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_extent(offset: int, length: int, capacity: int, what: str, label: str) -> None:
+    if offset < 0 or length < 0:
+        raise UsageError(f"{what}: {label} [{offset}, {length}] has a negative offset or length")
+    if offset + length > capacity:
+        raise UsageError(f"{what}: {label} [{offset}, {length}] ends at {offset + length}, "
+                         f"beyond the disk's capacity of {capacity} bytes")
+
+
+def _pairs(doc: list, capacity: int, what: str) -> list[list[int]]:
     for i, item in enumerate(doc):
-        if (not isinstance(item, list) or len(item) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
+        if not isinstance(item, list) or len(item) != 2 or not all(map(_is_int, item)):
             raise UsageError(f"{what}: entry {i} is not an [offset, length] pair of integers")
-        offset, length = item
-        if offset < 0 or length < 0:
-            raise UsageError(f"{what}: entry {i} {item} has a negative offset or length")
-        if offset + length > capacity:
-            raise UsageError(f"{what}: entry {i} {item} ends at {offset + length}, beyond the "
-                             f"disk's capacity of {capacity} bytes")
-    return as_extents(doc)
+        _check_extent(item[0], item[1], capacity, what, f"entry {i}")
+    return doc
+
+
+def _field(obj: dict, name: str, what: str, label: str) -> int:
+    value = obj.get(name)
+    if not _is_int(value) or value < 0:
+        raise UsageError(f"{what}: {label}: {name} is missing or not a non-negative integer "
+                         f"(expected {SHAPES})")
+    return value
+
+
+def _object(obj: object, vimtype: str, what: str, label: str) -> dict:
+    """`obj` as a dict whose `_vimtype`, if any, is `vimtype`."""
+    if not isinstance(obj, dict):
+        raise UsageError(f"{what}: {label} is not an object (expected {SHAPES})")
+    found = obj.get("_vimtype", vimtype)
+    if found != vimtype:
+        raise UsageError(f"{what}: {label}: _vimtype is {str(found)[:80]!r}, expected {vimtype}")
+    return obj
+
+
+def _change_area(area: object, span: tuple[int, int], capacity: int, what: str,
+                 label: str) -> list[int]:
+    area = _object(area, DISK_CHANGE_EXTENT, what, label)
+    offset, length = _field(area, "start", what, label), _field(area, "length", what, label)
+    _check_extent(offset, length, capacity, what, label)
+    if offset < span[0] or offset + length > span[1]:
+        raise UsageError(f"{what}: {label} [{offset}, {length}] lies outside the range "
+                         f"[{span[0]}, {span[1]}) its DiskChangeInfo covers")
+    return [offset, length]
+
+
+def _change_info(info: object, capacity: int, what: str,
+                 label: str) -> tuple[list[list[int]], tuple[int, int]]:
+    """One DiskChangeInfo: its changed areas, and the byte range [start, end) it covers."""
+    info = _object(info, DISK_CHANGE_INFO, what, label)
+    start = _field(info, "startOffset", what, label)
+    span = (start, start + _field(info, "length", what, label))
+    areas = info.get("changedArea", [])
+    if not isinstance(areas, list):
+        raise UsageError(f"{what}: {label}: changedArea is not a list")
+    return [_change_area(area, span, capacity, what, f"{label} changedArea {j}")
+            for j, area in enumerate(areas)], span
+
+
+def _change_infos(infos: list, capacity: int, what: str) -> list[list[int]]:
+    """Successive DiskChangeInfo results; together they must cover the whole disk, since what
+    they leave out is not known to be unchanged."""
+    pairs: list[list[int]] = []
+    covered: list[list[int]] = []
+    for i, info in enumerate(infos):
+        areas, span = _change_info(info, capacity, what, f"DiskChangeInfo {i}")
+        pairs += areas
+        covered.append([min(end, capacity) for end in span])   # a span may run past the end
+    starts, ends = merge_ranges(*np.array(covered, dtype=np.int64).reshape(-1, 2).T)
+    if capacity and not (len(starts) == 1 and starts[0] == 0 and ends[0] >= capacity):
+        gap = 0 if not len(starts) or starts[0] > 0 else int(ends[0])
+        raise UsageError(f"{what}: the DiskChangeInfo results do not cover the disk (nothing "
+                         f"is known from byte {gap} of {capacity}): query QueryChangedDiskAreas "
+                         "again from startOffset + length until the capacity is reached")
+    return pairs
+
+
+def parse_extents(doc: object, capacity: int, what: str) -> np.ndarray:
+    """Validate a JSON-decoded change list (see SHAPES); returns an (n, 2) int64 array."""
+    if isinstance(doc, dict):
+        return as_extents(_change_infos([doc], capacity, what))
+    if isinstance(doc, list) and doc and isinstance(doc[0], dict):
+        return as_extents(_change_infos(doc, capacity, what))
+    if isinstance(doc, list):
+        return as_extents(_pairs(doc, capacity, what))
+    raise UsageError(f"{what}: expected {SHAPES}")
 
 
 def load_extents(path: Path, capacity: int) -> np.ndarray:
@@ -41,8 +123,13 @@ def load_extents(path: Path, capacity: int) -> np.ndarray:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         raise UsageError(f"{what} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"{what} cannot be read: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"{what} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise UsageError(f"{what} is nested too deeply to be a change list "
+                         f"(expected {SHAPES})") from None
     return parse_extents(doc, capacity, what)
 
 

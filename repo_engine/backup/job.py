@@ -163,6 +163,9 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions) ->
         try:
             step = _DiskBackup(repo, pipeline, writer, options)
             records = [step.run(snapshot.vm, disk) for disk in snapshot.disks]
+            for disk in snapshot.disks:
+                if disk.check is not None:
+                    disk.check()
             writer.flush()
             point = PointRecord(
                 id=new_point_id(snapshot.vm, when), vm=snapshot.vm, time=when,

@@ -67,19 +67,16 @@ def _blocks_in(extents: np.ndarray, block_size: int, nblocks: int) -> np.ndarray
 
 def _resize_blocks(device: BlockDevice, old_capacity: int, capacity: int,
                    block_size: int) -> np.ndarray:
-    """Blocks a resize forces us to read: allocated data in a grown tail, and a last block whose
-    length changed."""
+    """Blocks a resize forces us to read: allocated data past the old end, and the old and the
+    new last block (their length, or their bytes past the old end, changed). Either capacity may
+    be 0 or not a multiple of the block size."""
     nblocks = -(-capacity // block_size)
     old_nblocks = -(-old_capacity // block_size)
-    extra = []
+    parts = [np.array([n - 1 for n in (old_nblocks, nblocks) if 0 < n <= nblocks], dtype=np.uint64)]
     if nblocks > old_nblocks:
         tail = extents_to_blocks(as_extents(device.allocated_extents()), block_size)
-        extra.append(tail[tail >= old_nblocks - 1])
-    if capacity != old_capacity and nblocks:
-        extra.append(np.array([min(old_nblocks, nblocks) - 1, nblocks - 1], dtype=np.uint64))
-    if not extra:
-        return np.zeros(0, dtype=np.uint64)
-    return np.unique(np.concatenate(extra)).astype(np.uint64)
+        parts.append(tail[tail >= max(old_nblocks - 1, 0)])
+    return np.unique(np.concatenate(parts)).astype(np.uint64)
 
 
 def plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice) -> DiskPlan:

@@ -62,6 +62,9 @@ class SourceDisk:
     changes: Callable[[Parent], ChangeReport]
     cursor: str | None = None
     description: str = ""
+    # called once every disk of the VM was read, before the point is committed: raises a
+    # SourceError if the disk changed under the backup (a live image file grew or was replaced)
+    check: Callable[[], None] | None = None
 
 
 @dataclass

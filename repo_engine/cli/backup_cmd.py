@@ -32,7 +32,8 @@ def backup() -> None:
 @click.option("--disk", "disks", multiple=True, required=True, metavar="KEY=PATH",
               help="A disk: its stable key and an image file or block device. Repeatable.")
 @click.option("--changed", multiple=True, metavar="KEY=EXTENTS.json",
-              help="Changed extents of a disk since its last backup: JSON [[offset, length], ...].")
+              help="Changed extents of a disk since its last backup: JSON [[offset, length], "
+                   "...] or VMware's DiskChangeInfo as pyVmomi writes it.")
 @click.option("--tag", "tags", multiple=True, help="Tag the point. Repeatable.")
 @click.option("--audit", "audit_percent", type=click.FloatRange(0, 100), default=0.0,
               help="Also re-read this percentage of blocks the change list calls unchanged and "
@@ -134,7 +135,8 @@ def _datastore_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--vddk-libdir", envvar="VDDK_LIBDIR", metavar="DIR",
               help="VDDK's directory (holding lib64/). Default: $VDDK_LIBDIR.")
 @click.option("--changed", multiple=True, metavar="KEY=EXTENTS.json",
-              help="Changed extents of a disk since its last backup: JSON [[offset, length], ...].")
+              help="Changed extents of a disk since its last backup: JSON [[offset, length], "
+                   "...] or VMware's DiskChangeInfo as pyVmomi writes it.")
 @click.option("--tag", "tags", multiple=True, help="Tag the point. Repeatable.")
 @json_option
 def vddk(repo: Path, vm: str, disks: tuple[str, ...], server: str, port: int, user: str,

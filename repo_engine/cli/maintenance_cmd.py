@@ -46,18 +46,23 @@ def _iso(when: datetime) -> str:
 @click.option("--keep-within", metavar="DURATION",
               help="Keep points newer than the newest point minus DURATION (e.g. 7d, 2w, 6m, 1y).")
 @click.option("--keep-tag", "keep_tags", multiple=True, help="Keep points with this tag.")
+@click.option("--allow-remove-latest", is_flag=True,
+              help="Let the policy remove the newest point of a VM and disk set too (by default "
+                   "it is always kept).")
 @click.option("--dry-run", is_flag=True, help="Only show what would be kept and removed.")
 @click.option("--prune", is_flag=True, help="Run gc afterwards to reclaim the space.")
 @json_option
 def forget(repo: Path, point_ids: tuple[str, ...], vm: str | None, keep_last: int,
            keep_hourly: int, keep_daily: int, keep_weekly: int, keep_monthly: int,
-           keep_yearly: int, keep_within: str | None, keep_tags: tuple[str, ...], dry_run: bool,
-           prune: bool, as_json: bool) -> None:
+           keep_yearly: int, keep_within: str | None, keep_tags: tuple[str, ...],
+           allow_remove_latest: bool, dry_run: bool, prune: bool, as_json: bool) -> None:
     """Remove restore points by policy (per VM and disk set) or by id.
 
     Rules are OR'd, restic-style: each --keep-* rule keeps the newest point of each of its last N
-    buckets. Protected points are always kept. Removing a point merges its changes into the
-    points that build on it; no data is deleted until gc.
+    buckets. A count of 0 or a duration of 0 is no rule; a policy with no rule is refused. The
+    newest point of each VM and disk set is always kept unless --allow-remove-latest is given
+    (naming a point removes it whatever it is). Protected points are always kept. Removing a
+    point merges its changes into the points that build on it; no data is deleted until gc.
 
     \b
     Examples:
@@ -70,10 +75,10 @@ def forget(repo: Path, point_ids: tuple[str, ...], vm: str | None, keep_last: in
 
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly,
                     parse_within(keep_within) if keep_within else None, tuple(keep_tags))
-    if point_ids and not policy.empty():
+    if point_ids and policy != Policy():
         raise click.UsageError("give either POINT ids or a --keep-* policy, not both")
-    if not point_ids and policy.empty():
-        raise click.UsageError("no policy given: use --keep-* options or name points to remove")
+    if not point_ids:
+        policy.check()
     with open_repo(repo) as repository, Progress() as progress:
         if point_ids:
             named = [repository.find_point(p) for p in point_ids]
@@ -81,7 +86,8 @@ def forget(repo: Path, point_ids: tuple[str, ...], vm: str | None, keep_last: in
             decisions = [{"id": p.id, "vm": p.vm, "time": p.time, "keep": False,
                           "reasons": ["named"]} for p in named]
         else:
-            found = policy_decisions(repository, policy, vm)
+            found = policy_decisions(repository, policy, vm,
+                                     allow_remove_latest=allow_remove_latest)
             decisions = [{"id": d.id, "vm": d.vm, "time": _iso(d.time), "keep": d.keep,
                           "reasons": list(d.reasons)} for d in found]
             remove = [d.id for d in found if not d.keep]

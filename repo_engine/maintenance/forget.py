@@ -41,10 +41,12 @@ class ForgetReport:
     dry_run: bool = False
 
 
-def policy_decisions(repo: Repository, policy: Policy, vm: str | None = None) -> list[Decision]:
+def policy_decisions(repo: Repository, policy: Policy, vm: str | None = None, *,
+                     allow_remove_latest: bool = False) -> list[Decision]:
+    """What `policy` keeps of the catalogued points (of `vm`); UsageError if it keeps nothing."""
     infos = [PointInfo(p.id, p.vm, parse_time(p.time), tuple(d.key for d in p.disks),
                        tuple(p.tags), p.protected) for p in repo.points(vm)]
-    return apply_policy(infos, policy)
+    return apply_policy(infos, policy, allow_remove_latest=allow_remove_latest)
 
 
 def forget_points(repo: Repository, ids: list[str], *,

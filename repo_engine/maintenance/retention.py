@@ -13,8 +13,13 @@ Semantics follow restic's `forget`:
    (years and months are calendar months, clamped to the month's last day).
 4. `tags` keeps every point carrying one of the tags.
 5. Protected points are always kept and do not use up bucket counts.
-6. Rules are OR'd; a point no rule keeps is removed. An empty policy keeps everything (the CLI
-   refuses to run one).
+6. Rules are OR'd; a point no rule keeps is removed.
+7. The newest point of each group is always kept ("newest of its VM and disk set"), unless the
+   caller allows it to go (`allow_remove_latest`): a policy never silently leaves a VM with no
+   recent point.
+
+A policy with no effective rule is refused (UsageError), as it would keep nothing: a count of 0
+and a duration of zero (`0h`, as restic treats `0d`) are no rules. Counts below -1 are refused.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import calendar
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 from ..errors import UsageError
@@ -40,12 +45,18 @@ class Within:
     hours: int = 0
 
     def before(self, when: datetime) -> datetime:
-        """`when` minus this duration."""
+        """`when` minus this duration (the earliest time there is, when it reaches further)."""
         month = when.year * 12 + (when.month - 1) - self.years * 12 - self.months
         year, month0 = divmod(month, 12)
-        day = min(when.day, calendar.monthrange(year, month0 + 1)[1])
-        return when.replace(year=year, month=month0 + 1, day=day) - timedelta(
-            days=self.days, hours=self.hours)
+        try:
+            day = min(when.day, calendar.monthrange(year, month0 + 1)[1])
+            return when.replace(year=year, month=month0 + 1, day=day) - timedelta(
+                days=self.days, hours=self.hours)
+        except (ValueError, OverflowError):   # before year 1: every point is within
+            return datetime.min.replace(tzinfo=when.tzinfo)
+
+    def is_zero(self) -> bool:
+        return not (self.years or self.months or self.days or self.hours)
 
     def __str__(self) -> str:
         parts = [(self.years, "y"), (self.months, "m"), (self.days, "d"), (self.hours, "h")]
@@ -77,8 +88,27 @@ class Policy:
     within: Within | None = None
     tags: tuple[str, ...] = ()
 
+    def rules(self) -> list[str]:
+        """The rules that can keep a point, as the CLI spells them (zero counts and a zero
+        duration keep nothing, so they are left out)."""
+        out = [f"--keep-{b} {getattr(self, b)}" for b in BUCKETS if getattr(self, b)]
+        if self.within is not None and not self.within.is_zero():
+            out.append(f"--keep-within {self.within}")
+        return out + [f"--keep-tag {t}" for t in self.tags]
+
     def empty(self) -> bool:
-        return not any(getattr(self, b) for b in BUCKETS) and self.within is None and not self.tags
+        return not self.rules()
+
+    def check(self) -> None:
+        """Refuse a policy that would keep nothing, or a count that means nothing."""
+        for bucket in BUCKETS:
+            if getattr(self, bucket) < -1:
+                raise UsageError(f"--keep-{bucket} {getattr(self, bucket)}: a count is a number "
+                                 "of points to keep, or -1 for no limit")
+        if self.empty():
+            raise UsageError("the policy keeps nothing (a count of 0 or a duration of 0 is no "
+                             "rule): give at least one --keep-* rule, or name the points to "
+                             "remove")
 
 
 @dataclass(frozen=True)
@@ -122,23 +152,37 @@ _BUCKETERS: dict[str, Callable[[datetime, int], object]] = {
 }
 
 
-def apply_policy(points: list[PointInfo], policy: Policy) -> list[Decision]:
-    """Keep/remove decisions for every point, newest first within each group, groups by name."""
+NEWEST = "newest of its VM and disk set"
+
+
+def apply_policy(points: list[PointInfo], policy: Policy, *,
+                 allow_remove_latest: bool = False) -> list[Decision]:
+    """Keep/remove decisions for every point, newest first within each group, groups by name.
+    Raises UsageError for a policy that keeps nothing (see `Policy.check`)."""
+    policy.check()
     groups: dict[tuple[str, tuple[str, ...]], list[PointInfo]] = {}
     for point in points:
         groups.setdefault(point.group, []).append(point)
     decisions: list[Decision] = []
     for key in sorted(groups):
-        decisions += _decide_group(sorted(groups[key], key=lambda p: p.time, reverse=True), policy)
+        group = _decide_group(sorted(groups[key], key=lambda p: p.time, reverse=True), policy)
+        decisions += group if allow_remove_latest else _keep_newest(group)
     return decisions
 
 
+def _keep_newest(newest_first: list[Decision]) -> list[Decision]:
+    """The group's newest point stays, whatever the rules said."""
+    first = newest_first[0]
+    if first.keep:
+        return newest_first
+    return [replace(first, keep=True, reasons=(NEWEST,))] + newest_first[1:]
+
+
 def _decide_group(newest_first: list[PointInfo], policy: Policy) -> list[Decision]:
-    if policy.empty():
-        return [Decision(p.id, p.vm, p.time, True, ("no policy",)) for p in newest_first]
     counts = {b: getattr(policy, b) for b in BUCKETS}
     last_bucket: dict[str, object] = {b: None for b in BUCKETS}
-    since = policy.within.before(newest_first[0].time) if policy.within else None
+    within = None if policy.within is None or policy.within.is_zero() else policy.within
+    since = within.before(newest_first[0].time) if within else None
     ordinary = [p for p in newest_first if not p.protected]
     oldest = ordinary[-1].id if ordinary else None
     out = []
@@ -150,7 +194,7 @@ def _decide_group(newest_first: list[PointInfo], policy: Policy) -> list[Decisio
             continue
         reasons += [f"tag {t}" for t in policy.tags if t in point.tags]
         if since is not None and point.time > since:
-            reasons.append(f"within {policy.within}")
+            reasons.append(f"within {within}")
         for rule in BUCKETS:
             if counts[rule] == 0:
                 continue

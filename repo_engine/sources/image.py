@@ -1,5 +1,10 @@
 """The image source: raw disk image files and block devices, read through vddk_ext.
 
+An image is not frozen while it is read: each open checks that the path still names the file
+first probed (device and inode) at the capacity first read, and so does a last check after every
+disk was read, so a file that grows, shrinks or is replaced during a backup fails it (a short
+read fails it too, in vddk_ext) instead of storing bytes the disk never held.
+
 Change lists come from a JSON file of `[offset, length]` extents per disk; without one, a first
 backup reads the file's allocated extents (SEEK_DATA/SEEK_HOLE) and a later one reads everything
 and stores only new chunks.
@@ -7,8 +12,10 @@ and stores only new chunks.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +33,87 @@ class ImageDisk:
     changed: Path | None = None
 
 
-def _open(path: Path) -> BlockDevice:
-    return vddk_ext.open_local(str(path))
+@dataclass(frozen=True)
+class _Identity:
+    """What must not change while a disk is backed up: which file it is, and its size."""
+
+    device: int
+    inode: int
+    rdev: int
+    capacity: int
 
 
-def _probe(disk: ImageDisk) -> int:
-    """The capacity, checking up front that the image can be opened for reading."""
+_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+          (stat.S_ISDIR, "directory"))
+
+
+def _stat(disk: ImageDisk) -> os.stat_result:
+    """The image's status; only regular files and block devices are disks (a FIFO would hang a
+    reader, a directory or a character device has no capacity)."""
     try:
-        with vddk_ext.open_local(str(disk.path)) as device:
-            return device.capacity
+        st = os.stat(disk.path)
+    except OSError as exc:
+        raise SourceError(f"disk {disk.key}: cannot open {disk.path}: {exc.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "special file")
+        raise SourceError(f"disk {disk.key}: {disk.path} is a {kind}; only regular files and "
+                          "block devices can be backed up")
+    return st
+
+
+def _identify(disk: ImageDisk, device: BlockDevice) -> _Identity:
+    st = _stat(disk)
+    return _Identity(st.st_dev, st.st_ino, st.st_rdev, device.capacity)
+
+
+def _open(disk: ImageDisk) -> BlockDevice:
+    try:
+        return vddk_ext.open_local(str(disk.path))
     except OSError as exc:
         # vddk_ext's message already names the path and the reason
         raise SourceError(f"disk {disk.key}: {exc.strerror or exc}") from None
+
+
+def _probe(disk: ImageDisk) -> _Identity:
+    """The image's identity and capacity, checking up front that it can be opened for reading."""
+    _stat(disk)   # refuses a FIFO before opening it
+    device = _open(disk)
+    try:
+        return _identify(disk, device)
+    finally:
+        device.close()
+
+
+def _changed(disk: ImageDisk, was: _Identity, now: _Identity) -> SourceError:
+    if (now.device, now.inode, now.rdev) != (was.device, was.inode, was.rdev):
+        what = "was replaced by another file"
+    else:
+        verb = "grew" if now.capacity > was.capacity else "shrank"
+        what = f"{verb} from {was.capacity} to {now.capacity} bytes"
+    return SourceError(f"disk {disk.key}: {disk.path} {what} during the backup; no restore point "
+                       "was stored (back up a snapshot of an image that is in use)")
+
+
+def _check(disk: ImageDisk, was: _Identity, device: BlockDevice) -> None:
+    now = _identify(disk, device)
+    if now != was:
+        raise _changed(disk, was, now)
+
+
+def _open_checked(disk: ImageDisk, was: _Identity) -> BlockDevice:
+    """Open the image, refusing it if it is no longer the file (and size) first probed."""
+    device = _open(disk)
+    try:
+        _check(disk, was, device)
+    except BaseException:
+        device.close()
+        raise
+    return device
+
+
+def _check_unchanged(disk: ImageDisk, was: _Identity) -> None:
+    """After the disk was read: still the same file, of the same size."""
+    _open_checked(disk, was).close()
 
 
 def listed_disk(key: str, capacity: int, open_device: Callable[[], BlockDevice],
@@ -68,10 +144,12 @@ def check_disks(vm: str, keys: list[str], disk_option: str) -> None:
 
 
 def _source_disk(disk: ImageDisk) -> SourceDisk:
-    capacity = _probe(disk)
+    identity = _probe(disk)
     # validated now, before anything is written, so bad input leaves the repository untouched
-    extents = load_extents(disk.changed, capacity) if disk.changed else None
-    return listed_disk(disk.key, capacity, lambda: _open(disk.path), extents, str(disk.path))
+    extents = load_extents(disk.changed, identity.capacity) if disk.changed else None
+    source = listed_disk(disk.key, identity.capacity, lambda: _open_checked(disk, identity),
+                         extents, str(disk.path))
+    return replace(source, check=lambda: _check_unchanged(disk, identity))
 
 
 def image_snapshot(vm: str, disks: list[ImageDisk]) -> VmSnapshot:

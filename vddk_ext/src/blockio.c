@@ -309,6 +309,17 @@ static const bio_backend_ops local_ops = {
     .close = local_close,
 };
 
+static const char *file_type_name(mode_t mode)
+{
+    if (S_ISFIFO(mode))
+        return "FIFO";
+    if (S_ISSOCK(mode))
+        return "socket";
+    if (S_ISCHR(mode))
+        return "character device";
+    return "special file";
+}
+
 /* Capacity and kind of an open fd; creates to create_size when asked. */
 static int local_probe(int fd, const char *path, int create, uint64_t create_size,
                        uint64_t *capacity, int *blockdev, bio_error *e)
@@ -336,7 +347,8 @@ static int local_probe(int fd, const char *path, int create, uint64_t create_siz
         return 0;
     }
     if (!S_ISREG(st.st_mode)) {
-        bio_fail(e, EINVAL, "cannot open %s: not a regular file or block device", path);
+        bio_fail(e, EINVAL, "cannot open %s: it is a %s, not a regular file or block device",
+                 path, file_type_name(st.st_mode));
         return -1;
     }
     if (create && ftruncate(fd, (off_t)create_size) != 0) {
@@ -348,10 +360,24 @@ static int local_probe(int fd, const char *path, int create, uint64_t create_siz
     return 0;
 }
 
+/* Back to blocking I/O once the fd is known to be a file or a block device. */
+static int clear_nonblock(int fd, const char *path, bio_error *e)
+{
+    int fl = fcntl(fd, F_GETFL);
+
+    if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) != 0) {
+        bio_fail_errno(e, errno, "cannot open %s", path);
+        return -1;
+    }
+    return 0;
+}
+
 int bio_open_local(const char *path, int writable, int create, uint64_t create_size,
                    bio_disk **out, bio_error *e)
 {
-    int flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | (create ? O_CREAT : 0);
+    /* O_NONBLOCK: opening a FIFO with no writer must not hang; its type is refused below */
+    int flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NOCTTY | O_NONBLOCK
+                | (create ? O_CREAT : 0);
     int fd, blockdev = 0;
     uint64_t capacity = 0;
     local_ctx *c;
@@ -368,7 +394,8 @@ int bio_open_local(const char *path, int writable, int create, uint64_t create_s
         bio_fail_errno(e, errno, "cannot open %s", path);
         return -1;
     }
-    if (local_probe(fd, path, create, create_size, &capacity, &blockdev, e) != 0)
+    if (local_probe(fd, path, create, create_size, &capacity, &blockdev, e) != 0
+        || clear_nonblock(fd, path, e) != 0)
         goto fail;
     c = malloc(sizeof *c);
     if (c == NULL) {

@@ -1,0 +1,85 @@
+"""`forget` by policy through the CLI: a policy that keeps nothing is refused before anything is
+touched, and the newest point of each VM and disk set stays unless --allow-remove-latest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import MIB, DiskModel, cli, restore_bytes, tree_digest
+
+
+@pytest.fixture
+def repo_with_points(tmp_path, capsys):
+    """Three points of VM `a` (the last one tagged `keep`) and one of VM `b`."""
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo, "--block-size", "16KiB").code == 0
+    model = DiskModel(tmp_path / "a.img", 1 * MIB, np.random.default_rng(3))
+    ids, content = [], {}
+    for n in range(3):
+        model.random_changes(2, 50_000)
+        tags = ["--tag", "keep"] if n == 0 else []
+        result = cli(capsys, "backup", "image", repo, "--vm", "a", "--disk", f"sda={model.path}",
+                     "--json", *tags)
+        assert result.code == 0, result.err
+        ids.append(result.json()["point"])
+        content[ids[-1]] = model.copy_of_content()
+    other = DiskModel(tmp_path / "b.img", 1 * MIB, np.random.default_rng(4))
+    result = cli(capsys, "backup", "image", repo, "--vm", "b", "--disk", f"sda={other.path}",
+                 "--json")
+    assert result.code == 0, result.err
+    return repo, ids, content, result.json()["point"]
+
+
+def _listed(capsys, repo) -> set[str]:
+    return {p["id"] for p in cli(capsys, "points", repo, "--json").json()}
+
+
+@pytest.mark.parametrize("args", [
+    ["--keep-within", "0h"], ["--keep-within", "0d"], ["--keep-within", "0y0m"],
+    ["--keep-last", "0"], ["--keep-daily", "0", "--keep-within", "0h"],
+    ["--keep-within", "0h", "--allow-remove-latest"], ["--keep-last", "-3"],
+])
+def test_a_policy_that_keeps_nothing_is_a_usage_error(repo_with_points, capsys, args):
+    repo, ids, _, b_point = repo_with_points
+    before = tree_digest(repo)
+    result = cli(capsys, "forget", repo, *args)
+    assert result.code == 2, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("repo-engine: error: "), result.err
+    assert "Traceback" not in result.err
+    assert _listed(capsys, repo) == {*ids, b_point}
+    assert tree_digest(repo) == before
+
+
+def test_the_newest_point_of_each_vm_stays_unless_allowed(repo_with_points, capsys, tmp_path):
+    repo, ids, content, b_point = repo_with_points
+    dry = cli(capsys, "forget", repo, "--keep-tag", "keep", "--dry-run", "--json")
+    assert dry.code == 0, dry.err
+    reasons = {d["id"]: d["reasons"] for d in dry.json()["decisions"]}
+    assert reasons[ids[2]] == ["newest of its VM and disk set"]
+    assert reasons[b_point] == ["newest of its VM and disk set"]
+    assert reasons[ids[0]] == ["tag keep"] and reasons[ids[1]] == []
+
+    result = cli(capsys, "forget", repo, "--keep-tag", "keep")
+    assert result.code == 0, result.err
+    assert _listed(capsys, repo) == {ids[0], ids[2], b_point}
+    assert restore_bytes(capsys, repo, ids[2][:12], "sda", tmp_path / "o.img") == content[ids[2]]
+
+    result = cli(capsys, "forget", repo, "--vm", "a", "--keep-tag", "keep",
+                 "--allow-remove-latest")
+    assert result.code == 0, result.err
+    assert _listed(capsys, repo) == {ids[0], b_point}
+    assert restore_bytes(capsys, repo, ids[0][:12], "sda", tmp_path / "o.img") == content[ids[0]]
+
+
+def test_an_enormous_duration_keeps_everything(repo_with_points, capsys):
+    repo, ids, _, b_point = repo_with_points
+    result = cli(capsys, "forget", repo, "--keep-within", "9999y")
+    assert result.code == 0, result.err
+    assert _listed(capsys, repo) == {*ids, b_point}
+
+
+def test_help_names_the_flag(capsys):
+    result = cli(capsys, "forget", "--help")
+    assert "--allow-remove-latest" in result.out
