@@ -280,6 +280,7 @@ typedef struct vddk_ctx {
     char *strings[8];                  /* our copies the params point to */
     size_t nstrings;
     int use_async;
+    size_t queue_depth;                /* async reads in flight at once */
     char transport[32];
     const char *path;                  /* the owning disk's path */
 } vddk_ctx;
@@ -449,6 +450,7 @@ static int ctx_open(vddk_ctx *c, const bio_vddk_params *p, uint64_t *capacity, b
     mode = FN.GetTransportMode(c->handle);
     snprintf(c->transport, sizeof c->transport, "%s", mode ? mode : "unknown");
     c->use_async = FN.ReadAsync != NULL && !p->no_async;
+    c->queue_depth = p->queue_depth ? p->queue_depth : BIO_VDDK_QUEUE_DEPTH;
     return 0;
 }
 
@@ -525,58 +527,73 @@ static void async_done(void *data, VixError result)
     __atomic_store_n((uint64_t *)data, (uint64_t)result, __ATOMIC_RELEASE);
 }
 
-static int vddk_readv(void *ctx, const bio_request *reqs, size_t n, bio_error *e)
+/* Fills e for request r, whose ReadAsync failed with (or whose callback reported) result. */
+static int read_failed(vddk_ctx *c, const bio_request *r, uint64_t result, bio_error *e)
 {
-    vddk_ctx *c = ctx;
-    uint64_t result[BIO_READV_MAX];
-    size_t i, submitted = 0;
-    VixError err = VIX_OK, werr;
-    int failed = -1;   /* index of the first failed request */
+    if (result == ASYNC_PENDING)
+        bio_fail(e, EIO, "cannot read %zu bytes at offset %" PRIu64 " of %s: VDDK's Wait "
+                 "returned before the read completed", r->len, r->offset, c->path);
+    else
+        vix_fail(e, (VixError)result, "ReadAsync", NULL, "cannot read %zu bytes at offset %"
+                 PRIu64 " of %s", r->len, r->offset, c->path);
+    return -1;
+}
 
-    if (!c->use_async) {
-        for (i = 0; i < n; i++)
-            if (vddk_read(ctx, reqs[i].offset, reqs[i].len, reqs[i].buf, e) != 0)
-                return -1;
-        return 0;
-    }
-    for (i = 0; i < n; i++)
-        if (check_sectors(c, "read", reqs[i].offset, reqs[i].len, e) != 0)
-            return -1;
-    for (i = 0; i < n; i++, submitted++) {
-        result[i] = ASYNC_PENDING;
-        err = FN.ReadAsync(c->handle, reqs[i].offset / SECTOR, reqs[i].len / SECTOR,
-                           reqs[i].buf, async_done, &result[i]);
+/*
+ * One wave: submits reqs[0..n) with ReadAsync (all in flight together), then
+ * Waits, always, so that no request outlives the call even when one was
+ * refused. Fails with the first failed request in offset order.
+ */
+static int read_wave(vddk_ctx *c, const bio_request *reqs, size_t n, bio_error *e)
+{
+    uint64_t result[BIO_READV_MAX];
+    size_t i, submitted;
+    VixError err = VIX_OK, werr;
+
+    for (submitted = 0; submitted < n; submitted++) {
+        const bio_request *r = &reqs[submitted];
+        result[submitted] = ASYNC_PENDING;
+        err = FN.ReadAsync(c->handle, r->offset / SECTOR, r->len / SECTOR, r->buf, async_done,
+                           &result[submitted]);
         if (err == VIX_OK)   /* completed at once; the callback may or may not have run */
-            result[i] = VIX_OK;
+            __atomic_store_n(&result[submitted], (uint64_t)VIX_OK, __ATOMIC_RELEASE);
         else if (err != VIX_ASYNC)
             break;
     }
-    werr = FN.Wait(c->handle);   /* always: no request may outlive this call */
-    if (submitted < n) {
-        failed = (int)submitted;
-    } else {
-        for (i = 0; i < n && failed < 0; i++) {
-            err = __atomic_load_n(&result[i], __ATOMIC_ACQUIRE);
-            if (err != VIX_OK)
-                failed = (int)i;
-        }
-        if (failed < 0 && werr != VIX_OK) {
-            vix_fail(e, werr, "Wait", NULL, "cannot read from %s", c->path);
-            return -1;
-        }
+    werr = FN.Wait(c->handle);
+    for (i = 0; i < submitted; i++) {
+        uint64_t res = __atomic_load_n(&result[i], __ATOMIC_ACQUIRE);
+        if (res != VIX_OK)
+            return read_failed(c, &reqs[i], res, e);
     }
-    if (failed < 0)
-        return 0;
-    if (err == ASYNC_PENDING) {
-        bio_fail(e, EIO, "cannot read %zu bytes at offset %" PRIu64 " of %s: VDDK's Wait "
-                 "returned before the read completed", reqs[failed].len, reqs[failed].offset,
-                 c->path);
+    if (submitted < n)
+        return read_failed(c, &reqs[submitted], err, e);
+    if (werr != VIX_OK) {
+        vix_fail(e, werr, "Wait", NULL, "cannot read from %s", c->path);
         return -1;
     }
-    vix_fail(e, err, "ReadAsync", NULL,
-             "cannot read %zu bytes at offset %" PRIu64 " of %s", reqs[failed].len,
-             reqs[failed].offset, c->path);
-    return -1;
+    return 0;
+}
+
+/*
+ * Up to queue_depth requests in flight. VDDK's Wait waits for every request
+ * of the handle, so the window is refilled a wave at a time.
+ */
+static int vddk_readv(void *ctx, const bio_request *reqs, size_t n, bio_error *e)
+{
+    vddk_ctx *c = ctx;
+    size_t i, k;
+
+    for (i = 0; i < n; i++)
+        if (check_sectors(c, "read", reqs[i].offset, reqs[i].len, e) != 0)
+            return -1;
+    for (i = 0; i < n; i += k) {
+        k = c->use_async ? (n - i < c->queue_depth ? n - i : c->queue_depth) : 1;
+        if (c->use_async ? read_wave(c, reqs + i, k, e) != 0
+                         : vddk_read(ctx, reqs[i].offset, reqs[i].len, reqs[i].buf, e) != 0)
+            return -1;
+    }
+    return 0;
 }
 
 static int vddk_write(void *ctx, uint64_t offset, size_t len, const void *buf, bio_error *e)
