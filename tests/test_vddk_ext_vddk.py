@@ -350,11 +350,34 @@ def test_every_vix_error_raises_with_its_text(fake, monkeypatch, faults, call, f
                          14011: errno.ECONNRESET, 16007: errno.ERANGE}.get(code, errno.EIO)
 
 
-def test_wrong_thumbprint_fails_at_open_with_a_hint(fake):
+LIKELY_CAUSE = ("; the likely cause: the server's certificate thumbprint does not match the one "
+                "given ({}), or the user name or password is wrong; check the thumbprint with: "
+                "openssl s_client -connect vc.test:443 </dev/null | openssl x509 -noout "
+                "-fingerprint -sha1")
+
+
+@pytest.mark.parametrize("where, faults", [("ConnectEx", "login_at_connect=1"), ("Open", None)])
+def test_wrong_thumbprint_or_login_names_the_likely_cause(fake, monkeypatch, tmp_path, where,
+                                                          faults):
+    """VDDK reports a certificate that does not match the thumbprint, and a refused login, as
+    VIX_E_FAIL "Unknown error", from ConnectEx (vCenter) or Open: the message names both."""
     make_disk(fake, 1 * MiB, {})
-    with pytest.raises(vddk_ext.VixError, match="wrong thumbprint") as ei:
-        open_disk(fake, thumbprint="00:" * 19 + "00")
-    assert ei.value.code == vddk_ext.VIX_E_FAIL and "VixDiskLib_Open" in str(ei.value)
+    fake.env(monkeypatch, faults)
+    wrong = "00:" * 19 + "00"
+    with pytest.raises(vddk_ext.VixError) as ei:
+        open_disk(fake, thumbprint=wrong)
+    assert ei.value.code == vddk_ext.VIX_E_FAIL
+    assert (f"VixDiskLib_{where}: Unknown error (VIX error 1)" + LIKELY_CAUSE.format(wrong)) \
+        in str(ei.value)
+    (tmp_path / "pw").write_text("right\n")
+    monkeypatch.setenv("FAKE_VDDK_PASSWORD_FILE", str(tmp_path / "pw"))
+    with pytest.raises(vddk_ext.VixError, match=f"VixDiskLib_{where}: .*or the user name or "
+                                                "password is wrong"):
+        open_disk(fake, password="wrong")
+    fake.env(monkeypatch, "connect_fail=3" if where == "ConnectEx" else "open_fail=4")
+    with pytest.raises(vddk_ext.VixError, match=f"VixDiskLib_{where}") as ei:
+        open_disk(fake, password="right")
+    assert "likely cause" not in str(ei.value)   # other errors: no guess
 
 
 def test_wrong_password_fails_at_open(fake, monkeypatch, tmp_path):
@@ -482,6 +505,9 @@ def test_access_errors(fake, monkeypatch):
     with pytest.raises(vddk_ext.VixError) as info:   # as vCenter: a wrong thumbprint
         vddk_ext.vddk_prepare_for_access(**dict(kw, thumbprint="00:11"))
     assert info.value.code == vddk_ext.VIX_E_FAIL
+    assert str(info.value).endswith(LIKELY_CAUSE.format("00:11"))
+    with pytest.raises(vddk_ext.VixError, match="VixDiskLib_EndAccess: .*likely cause"):
+        vddk_ext.vddk_end_access(**dict(kw, thumbprint="00:11"))
     with pytest.raises(vddk_ext.VixError) as info:   # not "moref=..."
         vddk_ext.vddk_prepare_for_access(**dict(kw, vmx_spec="vm-103"))
     assert info.value.code == vddk_ext.VIX_E_INVALID_ARG

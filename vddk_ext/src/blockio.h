@@ -22,7 +22,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define BIO_ERRMSG_MAX 512
+#define BIO_ERRMSG_MAX 1024
 #define BIO_ALIGN 4096                   /* buffer and request alignment */
 #define BIO_MIN_BLOCK_SIZE 4096u
 #define BIO_MAX_BLOCK_SIZE (16u << 20)

@@ -404,8 +404,23 @@ static int ctx_teardown(vddk_ctx *c, const char *path, bio_error *e)
     return rc;
 }
 
-static const char thumbprint_hint[] =
-    " (a wrong thumbprint shows as this error: check the server's SHA-1 fingerprint)";
+/*
+ * A VIX_E_FAIL ("Unknown error") from a call that logs in to a server
+ * (ConnectEx, Open, PrepareForAccess, EndAccess) is, in practice, a
+ * certificate that does not match the thumbprint or a refused login: say so,
+ * and how to check the thumbprint. NULL for other errors.
+ */
+static const char *login_hint(const bio_vddk_params *p, VixError err, char *buf, size_t size)
+{
+    if (p->server == NULL || VIX_ERROR_CODE(err) != VIX_E_FAIL)
+        return NULL;
+    snprintf(buf, size, "; the likely cause: the server's certificate thumbprint does not match "
+             "the one given (%s), or the user name or password is wrong; check the thumbprint "
+             "with: openssl s_client -connect %s:%" PRIu32 " </dev/null | openssl x509 -noout "
+             "-fingerprint -sha1", p->thumbprint ? p->thumbprint : "none", p->server,
+             p->port ? p->port : 443);
+    return buf;
+}
 
 /* With lib.lock held: connect, open, read the capacity and the transport. */
 static int ctx_open(vddk_ctx *c, const bio_vddk_params *p, uint64_t *capacity, bio_error *e)
@@ -415,6 +430,7 @@ static int ctx_open(vddk_ctx *c, const bio_vddk_params *p, uint64_t *capacity, b
                      | (p->single_link ? VIXDISKLIB_FLAG_OPEN_SINGLE_LINK : 0);
     VixDiskLibInfo *info = NULL;
     const char *mode;
+    char hint[BIO_ERRMSG_MAX / 2];
     VixError err;
 
     if (ctx_make_params(c, p, e) != 0)
@@ -423,15 +439,15 @@ static int ctx_open(vddk_ctx *c, const bio_vddk_params *p, uint64_t *capacity, b
                        &c->conn);
     if (err != VIX_OK) {
         c->conn = NULL;
-        vix_fail(e, err, "ConnectEx", NULL, "cannot connect to %s for %s", where, p->path);
+        vix_fail(e, err, "ConnectEx", login_hint(p, err, hint, sizeof hint),
+                 "cannot connect to %s for %s", where, p->path);
         return -1;
     }
     err = FN.Open(c->conn, p->path, flags, &c->handle);
     if (err != VIX_OK) {
         c->handle = NULL;
-        vix_fail(e, err, "Open", VIX_ERROR_CODE(err) == VIX_E_FAIL && p->server ? thumbprint_hint
-                                                                                : NULL,
-                 "cannot open %s on %s", p->path, where);
+        vix_fail(e, err, "Open", login_hint(p, err, hint, sizeof hint), "cannot open %s on %s",
+                 p->path, where);
         return -1;
     }
     err = FN.GetInfo(c->handle, &info);
@@ -463,6 +479,7 @@ int bio_vddk_access(const bio_vddk_params *p, const char *identity, int end, int
     const char *vm = p->vmx_spec ? p->vmx_spec : "a VM";
     const char *missing = missing_param(p, 0);
     vddk_ctx c = {0};
+    char hint[BIO_ERRMSG_MAX / 2];
     VixError err;
     int rc = -1;
 
@@ -482,8 +499,8 @@ int bio_vddk_access(const bio_vddk_params *p, const char *identity, int end, int
         err = end ? FN.EndAccess(c.params, identity) : FN.PrepareForAccess(c.params, identity);
         *called = 1;
         if (err != VIX_OK)
-            vix_fail(e, err, fn, NULL, "%s of %s on %s failed", end ? "ending access" :
-                     "preparing for access", vm, p->server);
+            vix_fail(e, err, fn, login_hint(p, err, hint, sizeof hint), "%s of %s on %s failed",
+                     end ? "ending access" : "preparing for access", vm, p->server);
         else
             rc = 0;
     }
