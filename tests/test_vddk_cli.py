@@ -97,14 +97,26 @@ def test_failing_read_mid_disk_stores_no_point(setup, capsys, monkeypatch, fault
     assert cli(capsys, "points", repo, "--json").json() == []
 
 
-def test_wrong_thumbprint_is_a_clear_error(setup, capsys):
+@pytest.mark.parametrize("faults, failed", [
+    (None, "cannot open [ds1] web1/web1.vmdk on vc.test: VixDiskLib_Open"),
+    ("login_at_connect=1", "cannot connect to vc.test for [ds1] web1/web1.vmdk: "
+                           "VixDiskLib_ConnectEx"),
+])
+def test_wrong_thumbprint_is_a_clear_error(setup, capsys, monkeypatch, faults, failed):
+    """Whichever call VDDK checks the certificate in, one line names the likely cause and how
+    to check the thumbprint."""
     fake, repo, _ = setup
+    fake.env(monkeypatch, faults)
     args = backup_args(fake, repo)
     args[args.index("--thumbprint") + 1] = "00:" * 19 + "00"
     result = cli(capsys, *args)
     assert result.code == 1
-    assert "disk 2000: cannot open [ds1] web1/web1.vmdk on vc.test: VixDiskLib_Open" in result.err
-    assert "wrong thumbprint" in result.err
+    assert result.err.splitlines() == [
+        f"repo-engine: error: disk 2000: {failed}: Unknown error (VIX error 1); the likely "
+        "cause: the server's certificate thumbprint does not match the one given "
+        f"({'00:' * 19}00), or the user name or password is wrong; check the thumbprint with: "
+        "openssl s_client -connect vc.test:443 </dev/null | openssl x509 -noout -fingerprint "
+        "-sha1"]
     assert cli(capsys, "points", repo, "--json").json() == []
 
 

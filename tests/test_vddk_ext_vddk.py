@@ -137,6 +137,84 @@ def test_requests_capped_at_2_mib_and_sector_units(fake, monkeypatch, tmp_path):
     assert [s for s, _ in reads] == sorted(s for s, _ in reads)
 
 
+def close_counts(trace) -> dict[str, int]:
+    """The fake's per-handle counters from the trace's last "close" line."""
+    line = [t for t in trace_lines(trace) if t[0] == "close"][-1]
+    return {k: int(v) for k, v in (item.split("=") for item in line[1:])}
+
+
+@pytest.mark.parametrize("queue_depth", [None, 4, 1])
+def test_async_reads_overlap_up_to_the_queue_depth(fake, monkeypatch, tmp_path, queue_depth):
+    """Every read of a batch is in flight at once, up to the queue depth, whether the blocks
+    are one contiguous run or scattered; slow reads (5 ms each) still give the right bytes."""
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("FAKE_VDDK_TRACE", str(trace))
+    size = 20 * MiB
+    content = make_disk(fake, size, {0: np.random.default_rng(4).integers(
+        0, 256, size, dtype=np.uint8).tobytes()})
+    fake.env(monkeypatch, "slow_read_ms=5")
+    depth = queue_depth or 16
+    kw = {} if queue_depth is None else {"queue_depth": queue_depth}
+    with open_disk(fake, **kw) as disk:
+        # one run of 20 requests of 1 MiB in one batch
+        assert read_everything(disk, 64 * KiB, batch_bytes=32 * MiB) == content
+    counts = close_counts(trace)
+    assert counts == {"read_async": 20, "wait": -(-20 // depth), "max_in_flight": depth}
+    with open_disk(fake, **kw) as disk:
+        # the backup pipeline's shape: 4 MiB batches of scattered 64 KiB blocks (64 requests)
+        picks = np.arange(0, size // (64 * KiB), 2, dtype=np.uint64)
+        got = {n: bytes(v) for batch in disk.reader(64 * KiB, picks) for n, v in batch}
+    assert got == {int(n): content[int(n) * 64 * KiB:(int(n) + 1) * 64 * KiB] for n in picks}
+    counts = close_counts(trace)
+    assert counts["read_async"] == len(picks) and counts["max_in_flight"] == depth
+    assert counts["wait"] == sum(-(-n // depth) for n in (64, 64, 32))   # 3 batches
+    reads = [t for t in trace_lines(trace) if t[0] == "read"]
+    assert len(reads) == 20 + len(picks)
+
+
+def test_queue_depth_is_checked_and_unused_without_async_reads(fake, monkeypatch, tmp_path):
+    content = make_disk(fake, 4 * MiB, {5: b"sync"})
+    for bad in (0, 65, -1):
+        with pytest.raises(ValueError, match="queue_depth must be 1-64"):
+            open_disk(fake, queue_depth=bad)
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("FAKE_VDDK_TRACE", str(trace))
+    with open_disk(fake, async_reads=False, queue_depth=8) as disk:
+        assert read_everything(disk, 64 * KiB, batch_bytes=4 * MiB) == content
+    assert close_counts(trace) == {"read_async": 0, "wait": 0, "max_in_flight": 0}
+
+
+@pytest.mark.parametrize("faults, code, failed", [
+    ("read_fail=5:14011", 14011, 5),        # the 5th read of a wave of 16 completes in error
+    ("read_async_fail=3:1", 1, 3),          # the 3rd ReadAsync is refused at once
+])
+def test_error_mid_pipeline_drains_and_reports(fake, monkeypatch, tmp_path, faults, code,
+                                               failed):
+    """A failed request fails the batch with its own VixError, after every request already
+    in flight was waited for (the fake aborts a Close with requests pending); no request is
+    issued after the failure, and the handle stays usable."""
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("FAKE_VDDK_TRACE", str(trace))
+    size = 20 * MiB
+    content = make_disk(fake, size, {0: np.random.default_rng(6).integers(
+        0, 256, size, dtype=np.uint8).tobytes()})
+    fake.env(monkeypatch, f"{faults},slow_read_ms=1")
+    with open_disk(fake) as disk:
+        with pytest.raises(vddk_ext.VixError) as ei:
+            read_everything(disk, 64 * KiB, batch_bytes=32 * MiB)
+        offset = (failed - 1) * MiB
+        assert ei.value.code == code
+        assert (f"cannot read 1048576 bytes at offset {offset} of [ds1] vm/disk.vmdk: "
+                f"VixDiskLib_ReadAsync: {TEXTS[code]} (VIX error {code})") in str(ei.value)
+        reads = [t for t in trace_lines(trace) if t[0] == "read"]
+        # a completion error: the whole first wave was drained; a refused submission: only
+        # the requests submitted before it
+        assert len(reads) == (16 if "read_fail" in faults else failed - 1)
+        assert read_everything(disk, 64 * KiB, batch_bytes=32 * MiB) == content
+    counts = close_counts(trace)
+    assert counts["max_in_flight"] == 16
+
+
 def test_local_vmdk_without_server(fake):
     """VDDK's local mode: no connection parameters, a file path, transport "file"."""
     content = make_disk(fake, 1 * MiB, {5000: b"local"})
@@ -272,11 +350,34 @@ def test_every_vix_error_raises_with_its_text(fake, monkeypatch, faults, call, f
                          14011: errno.ECONNRESET, 16007: errno.ERANGE}.get(code, errno.EIO)
 
 
-def test_wrong_thumbprint_fails_at_open_with_a_hint(fake):
+LIKELY_CAUSE = ("; the likely cause: the server's certificate thumbprint does not match the one "
+                "given ({}), or the user name or password is wrong; check the thumbprint with: "
+                "openssl s_client -connect vc.test:443 </dev/null | openssl x509 -noout "
+                "-fingerprint -sha1")
+
+
+@pytest.mark.parametrize("where, faults", [("ConnectEx", "login_at_connect=1"), ("Open", None)])
+def test_wrong_thumbprint_or_login_names_the_likely_cause(fake, monkeypatch, tmp_path, where,
+                                                          faults):
+    """VDDK reports a certificate that does not match the thumbprint, and a refused login, as
+    VIX_E_FAIL "Unknown error", from ConnectEx (vCenter) or Open: the message names both."""
     make_disk(fake, 1 * MiB, {})
-    with pytest.raises(vddk_ext.VixError, match="wrong thumbprint") as ei:
-        open_disk(fake, thumbprint="00:" * 19 + "00")
-    assert ei.value.code == vddk_ext.VIX_E_FAIL and "VixDiskLib_Open" in str(ei.value)
+    fake.env(monkeypatch, faults)
+    wrong = "00:" * 19 + "00"
+    with pytest.raises(vddk_ext.VixError) as ei:
+        open_disk(fake, thumbprint=wrong)
+    assert ei.value.code == vddk_ext.VIX_E_FAIL
+    assert (f"VixDiskLib_{where}: Unknown error (VIX error 1)" + LIKELY_CAUSE.format(wrong)) \
+        in str(ei.value)
+    (tmp_path / "pw").write_text("right\n")
+    monkeypatch.setenv("FAKE_VDDK_PASSWORD_FILE", str(tmp_path / "pw"))
+    with pytest.raises(vddk_ext.VixError, match=f"VixDiskLib_{where}: .*or the user name or "
+                                                "password is wrong"):
+        open_disk(fake, password="wrong")
+    fake.env(monkeypatch, "connect_fail=3" if where == "ConnectEx" else "open_fail=4")
+    with pytest.raises(vddk_ext.VixError, match=f"VixDiskLib_{where}") as ei:
+        open_disk(fake, password="right")
+    assert "likely cause" not in str(ei.value)   # other errors: no guess
 
 
 def test_wrong_password_fails_at_open(fake, monkeypatch, tmp_path):
@@ -404,6 +505,9 @@ def test_access_errors(fake, monkeypatch):
     with pytest.raises(vddk_ext.VixError) as info:   # as vCenter: a wrong thumbprint
         vddk_ext.vddk_prepare_for_access(**dict(kw, thumbprint="00:11"))
     assert info.value.code == vddk_ext.VIX_E_FAIL
+    assert str(info.value).endswith(LIKELY_CAUSE.format("00:11"))
+    with pytest.raises(vddk_ext.VixError, match="VixDiskLib_EndAccess: .*likely cause"):
+        vddk_ext.vddk_end_access(**dict(kw, thumbprint="00:11"))
     with pytest.raises(vddk_ext.VixError) as info:   # not "moref=..."
         vddk_ext.vddk_prepare_for_access(**dict(kw, vmx_spec="vm-103"))
     assert info.value.code == vddk_ext.VIX_E_INVALID_ARG

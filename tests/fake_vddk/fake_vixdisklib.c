@@ -17,6 +17,8 @@
  *   QueryAllocatedBlocks wants chunk >= 128 sectors, aligned ranges, <= 512 Ki chunks.
  *   ReadAsync/WriteAsync return VIX_ASYNC and complete in Wait (or when 64 are queued),
  *   calling the callback; GetErrorText returns a strdup'd string (NULL for unknown codes).
+ *   Per handle it counts ReadAsync and Wait calls and the most requests ever in flight (queued
+ *   and not yet completed); Close traces them: "close read_async=A wait=W max_in_flight=M".
  *
  * Environment (read at ConnectEx; counters are per connection):
  *   FAKE_VDDK_ROOT, FAKE_VDDK_DATASTORES   the path mapping above
@@ -25,7 +27,13 @@
  *   FAKE_VDDK_FAULTS            comma list of:
  *       read_fail=N:CODE  write_fail=N:CODE   the Nth read/write (from 1) fails with CODE
  *       drop_after=N        reads after the Nth find the connection lost (HOST_TCP_CONN_LOST)
- *       slow_read_ms=M  slow_open_ms=M
+ *       read_async_fail=N:CODE  the Nth ReadAsync call returns CODE at once (nothing queued)
+ *       slow_read_ms=M      a read completes M ms after it was issued: Read sleeps M ms; async
+ *                           reads in flight together wait out their latencies side by side
+ *                           (a network round trip each, not a queue of them)
+ *       slow_open_ms=M
+ *       login_at_connect=1  the thumbprint and login are checked by ConnectEx (as a vCenter
+ *                           connection does) instead of by Open
  *       connect_fail=CODE open_fail=CODE info_fail=CODE flush_fail=CODE query_fail=CODE
  *       close_fail=CODE
  *       extra_sectors=N     GetInfo claims N sectors more than the file holds
@@ -138,8 +146,10 @@ _Static_assert(__builtin_offsetof(VixDiskLibBlockList, blocks) == 8, "");
 /* ------------------------------------------------------------------ state */
 
 typedef struct {
-    int read_fail_n, write_fail_n, drop_after, slow_read_ms, slow_open_ms;
-    VixError read_fail, write_fail, connect_fail, open_fail, info_fail, flush_fail;
+    int read_fail_n, write_fail_n, read_async_fail_n, drop_after, slow_read_ms, slow_open_ms;
+    int login_at_connect;
+    VixError read_fail, write_fail, read_async_fail, connect_fail, open_fail, info_fail;
+    VixError flush_fail;
     VixError query_fail, close_fail, prepare_fail, end_access_fail;
     uint64_t extra_sectors;
 } faults;
@@ -150,7 +160,7 @@ typedef struct conn {
     char *vmx;                            /* its vmxSpec */
     char *transport;               /* the mode Open will report */
     faults f;
-    int reads, writes;
+    int reads, writes, read_asyncs;
 } conn;
 
 typedef struct async_req {
@@ -159,6 +169,7 @@ typedef struct async_req {
     uint8_t *buf;
     VixDiskLibCompletionCB cb;
     void *data;
+    struct timespec due;            /* when the (simulated) server's answer arrives */
 } async_req;
 
 #define ASYNC_MAX 64
@@ -170,6 +181,7 @@ typedef struct handle {
     int busy;                       /* entered by a thread */
     async_req q[ASYNC_MAX];
     int nq;
+    int read_asyncs, waits, max_in_flight;   /* traced by Close */
 } handle;
 
 static VixDiskLibGenericLogFunc *log_fn, *warn_fn, *panic_fn;
@@ -232,6 +244,27 @@ static void sleep_ms(int ms)
         nanosleep(&ts, NULL);
 }
 
+#ifndef FAKE_NO_ASYNC
+/* now + ms on CLOCK_MONOTONIC */
+static struct timespec deadline_ms(int ms)
+{
+    struct timespec t;
+
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    t.tv_sec += ms / 1000;
+    t.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (t.tv_nsec >= 1000000000L)
+        t.tv_sec++, t.tv_nsec -= 1000000000L;
+    return t;
+}
+
+static void sleep_until(struct timespec t)
+{
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &t, NULL) == EINTR)
+        ;
+}
+#endif
+
 static void enter(handle *h, const char *fn)
 {
     if (__atomic_exchange_n(&h->busy, 1, __ATOMIC_SEQ_CST))
@@ -275,17 +308,21 @@ static void parse_faults(faults *f)
         if (v == NULL)
             die("bad FAKE_VDDK_FAULTS item %s", item);
         *v++ = '\0';
-        if (strcmp(item, "read_fail") == 0 || strcmp(item, "write_fail") == 0) {
+        if (strcmp(item, "read_fail") == 0 || strcmp(item, "write_fail") == 0
+            || strcmp(item, "read_async_fail") == 0) {
             char *colon = strchr(v, ':');
             int n = atoi(v);
             VixError code = colon ? parse_code(colon + 1) : VIX_E_FAIL;
-            if (item[0] == 'r')
+            if (strcmp(item, "read_fail") == 0)
                 f->read_fail_n = n, f->read_fail = code;
-            else
+            else if (item[0] == 'w')
                 f->write_fail_n = n, f->write_fail = code;
+            else
+                f->read_async_fail_n = n, f->read_async_fail = code;
         } else if (strcmp(item, "drop_after") == 0) f->drop_after = atoi(v);
         else if (strcmp(item, "slow_read_ms") == 0) f->slow_read_ms = atoi(v);
         else if (strcmp(item, "slow_open_ms") == 0) f->slow_open_ms = atoi(v);
+        else if (strcmp(item, "login_at_connect") == 0) f->login_at_connect = atoi(v);
         else if (strcmp(item, "connect_fail") == 0) f->connect_fail = parse_code(v);
         else if (strcmp(item, "open_fail") == 0) f->open_fail = parse_code(v);
         else if (strcmp(item, "info_fail") == 0) f->info_fail = parse_code(v);
@@ -464,6 +501,20 @@ static const char *pick_transport(const char *modes)
     return found;
 }
 
+static VixError check_remote(conn *c);
+
+static void conn_free(conn *c)
+{
+    free(c->transport);
+    free(c->thumbprint);
+    free(c->user);
+    free(c->vmx);
+    if (c->password)
+        explicit_bzero(c->password, strlen(c->password));
+    free(c->password);
+    free(c);
+}
+
 API VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *p, char readOnly,
                                   const char *snapshotRef, const char *transportModes,
                                   conn **out)
@@ -509,6 +560,13 @@ API VixError VixDiskLib_ConnectEx(const VixDiskLibConnectParams *p, char readOnl
     }
     c->readonly = readOnly != 0;
     c->transport = mode ? strdup(mode) : NULL;
+    if (c->remote && c->f.login_at_connect) {
+        VixError err = check_remote(c);
+        if (err != VIX_OK) {
+            conn_free(c);
+            return err;
+        }
+    }
     *out = c;
     say(log_fn, "VixDiskLib: connected to %s (%s)\n", c->remote ? p->serverName : "local host",
         readOnly ? "read-only" : "read-write");
@@ -523,14 +581,7 @@ API VixError VixDiskLib_Disconnect(conn *c)
     enter_open_close("Disconnect");
     if (c->handles != 0)
         die("VixDiskLib_Disconnect: %d handle(s) of this connection still open", c->handles);
-    free(c->transport);
-    free(c->thumbprint);
-    free(c->user);
-    free(c->vmx);
-    if (c->password)
-        explicit_bzero(c->password, strlen(c->password));
-    free(c->password);
-    free(c);
+    conn_free(c);
     leave_open_close();
     return VIX_OK;
 }
@@ -558,8 +609,6 @@ static int *access_count(const char *vmx, int create)
     access_table[free_slot].vmx = strdup(vmx);
     return &access_table[free_slot].count;
 }
-
-static VixError check_remote(conn *c);
 
 /* As vCenter would: valid parameters and a login, then the count for the VM. */
 static VixError access_call(const VixDiskLibConnectParams *p, const char *identity, int end)
@@ -780,9 +829,10 @@ API VixError VixDiskLib_Close(handle *h)
 {
     VixError err;
 
-    trace("close");
     if (h == NULL)
         return VIX_E_INVALID_ARG;
+    trace("close read_async=%d wait=%d max_in_flight=%d", h->read_asyncs, h->waits,
+          h->max_in_flight);
     enter_open_close("Close");
     enter(h, "Close");
     if (h->nq)
@@ -868,7 +918,6 @@ static VixError do_read(handle *h, VixDiskLibSectorType start, VixDiskLibSectorT
     if (err != VIX_OK)
         return err;
     c->reads++;
-    sleep_ms(c->f.slow_read_ms);
     if (c->f.drop_after && c->reads > c->f.drop_after) {
         c->lost = 1;
         say(warn_fn, "VixDiskLib: NBD_ClientOpen: connection to host lost after %d reads\n",
@@ -926,6 +975,7 @@ API VixError VixDiskLib_Read(handle *h, VixDiskLibSectorType start, VixDiskLibSe
     if (h == NULL || buf == NULL)
         return VIX_E_INVALID_ARG;
     enter(h, "Read");
+    sleep_ms(h->c->f.slow_read_ms);
     err = do_read(h, start, n, buf);
     leave(h);
     return err;
@@ -967,6 +1017,7 @@ static void complete_one(handle *h)
 
     memmove(h->q, h->q + 1, (size_t)(h->nq - 1) * sizeof h->q[0]);
     h->nq--;
+    sleep_until(r.due);
     err = r.write ? do_write(h, r.start, r.count, r.buf) : do_read(h, r.start, r.count, r.buf);
     r.cb(r.data, err);
 }
@@ -978,9 +1029,20 @@ static VixError submit(handle *h, int write, VixDiskLibSectorType start,
     if (h == NULL || buf == NULL || cb == NULL)
         return VIX_E_INVALID_ARG;
     enter(h, write ? "WriteAsync" : "ReadAsync");
+    if (!write) {
+        conn *c = h->c;
+        h->read_asyncs++;
+        if (c->f.read_async_fail_n && ++c->read_asyncs == c->f.read_async_fail_n) {
+            leave(h);
+            return c->f.read_async_fail;
+        }
+    }
     if (h->nq == ASYNC_MAX)
         complete_one(h);
-    h->q[h->nq++] = (async_req){write, start, n, buf, cb, data};
+    h->q[h->nq++] = (async_req){write, start, n, buf, cb, data,
+                                deadline_ms(write ? 0 : h->c->f.slow_read_ms)};
+    if (h->nq > h->max_in_flight)
+        h->max_in_flight = h->nq;
     leave(h);
     return VIX_ASYNC;
 }
@@ -1004,6 +1066,7 @@ API VixError VixDiskLib_Wait(handle *h)
     if (h == NULL)
         return VIX_E_INVALID_ARG;
     enter(h, "Wait");
+    h->waits++;
     while (h->nq > 0)
         complete_one(h);
     leave(h);

@@ -571,50 +571,60 @@ static size_t request_size(const bio_disk *d, uint32_t block_size, size_t max_re
     return req;
 }
 
-/* Reads [start, end) into buf in requests of req bytes, BIO_READV_MAX per readv call. */
-static int read_vectored(bio_disk *d, uint64_t start, uint64_t end, size_t req,
-                         unsigned char *buf, bio_error *e)
-{
+/*
+ * Requests of one batch waiting for the backend's readv: a backend with readv
+ * gets all of a batch's requests together (BIO_READV_MAX per call) so that it
+ * can keep several in flight; over a network each request then no longer
+ * waits for the previous one's round trip.
+ */
+typedef struct read_queue {
+    bio_disk *d;
     bio_request reqs[BIO_READV_MAX];
-    uint64_t pos = start;
+    size_t n;
+} read_queue;
 
-    while (pos < end) {
-        size_t n = 0;
-        while (n < BIO_READV_MAX && pos < end) {
-            reqs[n].offset = pos;
-            reqs[n].len = end - pos < req ? (size_t)(end - pos) : req;
-            reqs[n].buf = buf + (pos - start);
-            pos += reqs[n].len;
-            n++;
+static int queue_flush(read_queue *q, bio_error *e)
+{
+    size_t n = q->n;
+
+    q->n = 0;
+    return n ? q->d->ops->readv(q->d->ctx, q->reqs, n, e) : 0;
+}
+
+/* Reads [start, end) into buf in requests of req bytes: queued for readv, else read at once. */
+static int read_range(read_queue *q, uint64_t start, uint64_t end, size_t req,
+                      unsigned char *buf, bio_error *e)
+{
+    bio_disk *d = q->d;
+    uint64_t pos;
+
+    for (pos = start; pos < end; pos += req) {
+        size_t k = end - pos < req ? (size_t)(end - pos) : req;
+        if (d->ops->readv == NULL) {
+            if (d->ops->read(d->ctx, pos, k, buf + (pos - start), e) != 0)
+                return -1;
+            continue;
         }
-        if (d->ops->readv(d->ctx, reqs, n, e) != 0)
+        if (q->n == BIO_READV_MAX && queue_flush(q, e) != 0)
             return -1;
+        q->reqs[q->n++] = (bio_request){.offset = pos, .len = k, .buf = buf + (pos - start)};
     }
     return 0;
 }
 
-/* Reads count contiguous blocks from first into buf; zero-fills past the end. */
-static int read_run(bio_disk *d, uint32_t block_size, uint64_t first, size_t count, size_t req,
-                    unsigned char *buf, uint64_t *bytes_read, bio_error *e)
+/* Reads (or queues) count contiguous blocks from first into buf; zero-fills past the end. */
+static int read_run(read_queue *q, uint32_t block_size, uint64_t first, size_t count, size_t req,
+                    unsigned char *buf, uint64_t *bytes, bio_error *e)
 {
     uint64_t start = first * block_size;
     uint64_t end = (first + count) * block_size;
-    uint64_t pos;
 
-    if (end > d->capacity)
-        end = d->capacity;
-    if (d->ops->readv != NULL) {
-        if (read_vectored(d, start, end, req, buf, e) != 0)
-            return -1;
-    } else {
-        for (pos = start; pos < end; pos += req) {
-            size_t k = end - pos < req ? (size_t)(end - pos) : req;
-            if (d->ops->read(d->ctx, pos, k, buf + (pos - start), e) != 0)
-                return -1;
-        }
-    }
+    if (end > q->d->capacity)
+        end = q->d->capacity;
     memset(buf + (end - start), 0, (size_t)(count * block_size - (end - start)));
-    *bytes_read += end - start;
+    if (read_range(q, start, end, req, buf, e) != 0)
+        return -1;
+    *bytes += end - start;
     return 0;
 }
 
@@ -625,6 +635,8 @@ int bio_read_blocks(bio_disk *d, uint32_t block_size, const uint64_t *blocks, si
     size_t req = request_size(d, block_size, max_request);
     size_t per_request = req >= block_size ? req / block_size : 1;
     size_t i = 0, j, k, bad;
+    read_queue q = {.d = d, .n = 0};
+    uint64_t bytes = 0;
 
     if (!bio_block_size_valid(block_size)) {
         bio_fail(e, EINVAL, "invalid block size %" PRIu32, block_size);
@@ -635,12 +647,15 @@ int bio_read_blocks(bio_disk *d, uint32_t block_size, const uint64_t *blocks, si
     while (i < n) {
         for (j = i + 1; j < n && j - i < per_request && blocks[j] == blocks[j - 1] + 1; j++)
             ;
-        if (read_run(d, block_size, blocks[i], j - i, req, buf + i * block_size, bytes_read, e) != 0)
+        if (read_run(&q, block_size, blocks[i], j - i, req, buf + i * block_size, &bytes, e) != 0)
             return -1;
-        for (k = i; k < j; k++)
-            zero[k] = (unsigned char)bio_is_zero(buf + k * block_size, block_size);
         i = j;
     }
+    if (queue_flush(&q, e) != 0)
+        return -1;
+    for (k = 0; k < n; k++)
+        zero[k] = (unsigned char)bio_is_zero(buf + k * block_size, block_size);
+    *bytes_read += bytes;
     return 0;
 }
 

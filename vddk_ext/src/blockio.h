@@ -22,7 +22,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define BIO_ERRMSG_MAX 512
+#define BIO_ERRMSG_MAX 1024
 #define BIO_ALIGN 4096                   /* buffer and request alignment */
 #define BIO_MIN_BLOCK_SIZE 4096u
 #define BIO_MAX_BLOCK_SIZE (16u << 20)
@@ -43,7 +43,7 @@ typedef struct bio_request {
     void *buf;
 } bio_request;
 
-#define BIO_READV_MAX 16   /* requests handed to one readv call */
+#define BIO_READV_MAX 64   /* requests handed to one readv call; the most a backend keeps in flight */
 
 typedef struct bio_extent {
     uint64_t offset;
@@ -79,7 +79,8 @@ typedef struct bio_backend_ops {
     /*
      * Optional (NULL = one read call per request): reads up to BIO_READV_MAX
      * requests, which the backend may have in flight at once (VDDK's
-     * ReadAsync + Wait); returns only when none is left in flight.
+     * ReadAsync + Wait); returns only when none is left in flight, failing
+     * with the error of the first request that failed.
      */
     int (*readv)(void *ctx, const bio_request *reqs, size_t n, bio_error *e);
 } bio_backend_ops;
@@ -126,9 +127,10 @@ int bio_check_blocks(const bio_disk *d, uint32_t block_size, const uint64_t *blo
 /*
  * The block read loop: reads blocks[0..n) (strictly increasing, on the disk)
  * into buf (n * block_size bytes, BIO_ALIGN-aligned), slot k for blocks[k].
- * Contiguous blocks are merged into requests of at most max_request bytes.
- * zero[k] is set to 1 when block k is all zero. *bytes_read grows by the
- * bytes actually read (each block's real length).
+ * Contiguous blocks are merged into requests of at most max_request bytes;
+ * a backend with readv gets all of them together (BIO_READV_MAX per call).
+ * zero[k] is set to 1 when block k is all zero. On success *bytes_read grows
+ * by the bytes read (each block's real length).
  */
 int bio_read_blocks(bio_disk *d, uint32_t block_size, const uint64_t *blocks, size_t n,
                     size_t max_request, unsigned char *buf, unsigned char *zero,

@@ -258,23 +258,28 @@ PyObject *pyvddk_open(PyObject *module, PyObject *args, PyObject *kwargs)
     static char *kwlist[] = {"path", "server", "port", "nfc_port", "thumbprint", "user",
                              "password", "cookie", "vmx_spec", "snapshot_ref", "transports",
                              "libdir", "config_file", "readonly", "single_link", "async_reads",
-                             NULL};
+                             "queue_depth", NULL};
     bio_vddk_params p = {0};
     PyObject *path, *password_obj = Py_None, *cookie_obj = Py_None, *libdir = Py_None;
     PyObject *transport;
     const char *config_file = NULL;
     unsigned int port = 443, nfc_port = 0;
-    int readonly = 1, single_link = 0, async_reads = 1, rc;
+    int readonly = 1, single_link = 0, async_reads = 1, queue_depth = BIO_VDDK_QUEUE_DEPTH, rc;
     bio_disk *d = NULL;
     bio_error err;
 
     (void)module;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "U|$zIIzzOOzzzOzppp:open_vddk", kwlist, &path, &p.server, &port,
+            args, kwargs, "U|$zIIzzOOzzzOzpppi:open_vddk", kwlist, &path, &p.server, &port,
             &nfc_port, &p.thumbprint, &p.user, &password_obj, &cookie_obj, &p.vmx_spec,
             &p.snapshot_ref, &p.transports, &libdir, &config_file, &readonly, &single_link,
-            &async_reads))
+            &async_reads, &queue_depth))
         return NULL;
+    if (queue_depth < 1 || queue_depth > BIO_READV_MAX) {
+        PyErr_Format(PyExc_ValueError, "queue_depth must be 1-%d, not %d", BIO_READV_MAX,
+                     queue_depth);
+        return NULL;
+    }
     if (port == 0 || port > 65535 || nfc_port > 65535) {
         PyErr_Format(PyExc_ValueError, "port must be 1-65535 and nfc_port 0-65535");
         return NULL;
@@ -289,6 +294,7 @@ PyObject *pyvddk_open(PyObject *module, PyObject *args, PyObject *kwargs)
     p.readonly = readonly;
     p.single_link = single_link;
     p.no_async = !async_reads;
+    p.queue_depth = (unsigned)queue_depth;
     Py_BEGIN_ALLOW_THREADS
     rc = bio_open_vddk(&p, &d, &err);
     Py_END_ALLOW_THREADS

@@ -280,6 +280,7 @@ typedef struct vddk_ctx {
     char *strings[8];                  /* our copies the params point to */
     size_t nstrings;
     int use_async;
+    size_t queue_depth;                /* async reads in flight at once */
     char transport[32];
     const char *path;                  /* the owning disk's path */
 } vddk_ctx;
@@ -403,8 +404,23 @@ static int ctx_teardown(vddk_ctx *c, const char *path, bio_error *e)
     return rc;
 }
 
-static const char thumbprint_hint[] =
-    " (a wrong thumbprint shows as this error: check the server's SHA-1 fingerprint)";
+/*
+ * A VIX_E_FAIL ("Unknown error") from a call that logs in to a server
+ * (ConnectEx, Open, PrepareForAccess, EndAccess) is, in practice, a
+ * certificate that does not match the thumbprint or a refused login: say so,
+ * and how to check the thumbprint. NULL for other errors.
+ */
+static const char *login_hint(const bio_vddk_params *p, VixError err, char *buf, size_t size)
+{
+    if (p->server == NULL || VIX_ERROR_CODE(err) != VIX_E_FAIL)
+        return NULL;
+    snprintf(buf, size, "; the likely cause: the server's certificate thumbprint does not match "
+             "the one given (%s), or the user name or password is wrong; check the thumbprint "
+             "with: openssl s_client -connect %s:%" PRIu32 " </dev/null | openssl x509 -noout "
+             "-fingerprint -sha1", p->thumbprint ? p->thumbprint : "none", p->server,
+             p->port ? p->port : 443);
+    return buf;
+}
 
 /* With lib.lock held: connect, open, read the capacity and the transport. */
 static int ctx_open(vddk_ctx *c, const bio_vddk_params *p, uint64_t *capacity, bio_error *e)
@@ -414,6 +430,7 @@ static int ctx_open(vddk_ctx *c, const bio_vddk_params *p, uint64_t *capacity, b
                      | (p->single_link ? VIXDISKLIB_FLAG_OPEN_SINGLE_LINK : 0);
     VixDiskLibInfo *info = NULL;
     const char *mode;
+    char hint[BIO_ERRMSG_MAX / 2];
     VixError err;
 
     if (ctx_make_params(c, p, e) != 0)
@@ -422,15 +439,15 @@ static int ctx_open(vddk_ctx *c, const bio_vddk_params *p, uint64_t *capacity, b
                        &c->conn);
     if (err != VIX_OK) {
         c->conn = NULL;
-        vix_fail(e, err, "ConnectEx", NULL, "cannot connect to %s for %s", where, p->path);
+        vix_fail(e, err, "ConnectEx", login_hint(p, err, hint, sizeof hint),
+                 "cannot connect to %s for %s", where, p->path);
         return -1;
     }
     err = FN.Open(c->conn, p->path, flags, &c->handle);
     if (err != VIX_OK) {
         c->handle = NULL;
-        vix_fail(e, err, "Open", VIX_ERROR_CODE(err) == VIX_E_FAIL && p->server ? thumbprint_hint
-                                                                                : NULL,
-                 "cannot open %s on %s", p->path, where);
+        vix_fail(e, err, "Open", login_hint(p, err, hint, sizeof hint), "cannot open %s on %s",
+                 p->path, where);
         return -1;
     }
     err = FN.GetInfo(c->handle, &info);
@@ -449,6 +466,7 @@ static int ctx_open(vddk_ctx *c, const bio_vddk_params *p, uint64_t *capacity, b
     mode = FN.GetTransportMode(c->handle);
     snprintf(c->transport, sizeof c->transport, "%s", mode ? mode : "unknown");
     c->use_async = FN.ReadAsync != NULL && !p->no_async;
+    c->queue_depth = p->queue_depth ? p->queue_depth : BIO_VDDK_QUEUE_DEPTH;
     return 0;
 }
 
@@ -461,6 +479,7 @@ int bio_vddk_access(const bio_vddk_params *p, const char *identity, int end, int
     const char *vm = p->vmx_spec ? p->vmx_spec : "a VM";
     const char *missing = missing_param(p, 0);
     vddk_ctx c = {0};
+    char hint[BIO_ERRMSG_MAX / 2];
     VixError err;
     int rc = -1;
 
@@ -480,8 +499,8 @@ int bio_vddk_access(const bio_vddk_params *p, const char *identity, int end, int
         err = end ? FN.EndAccess(c.params, identity) : FN.PrepareForAccess(c.params, identity);
         *called = 1;
         if (err != VIX_OK)
-            vix_fail(e, err, fn, NULL, "%s of %s on %s failed", end ? "ending access" :
-                     "preparing for access", vm, p->server);
+            vix_fail(e, err, fn, login_hint(p, err, hint, sizeof hint), "%s of %s on %s failed",
+                     end ? "ending access" : "preparing for access", vm, p->server);
         else
             rc = 0;
     }
@@ -525,58 +544,73 @@ static void async_done(void *data, VixError result)
     __atomic_store_n((uint64_t *)data, (uint64_t)result, __ATOMIC_RELEASE);
 }
 
-static int vddk_readv(void *ctx, const bio_request *reqs, size_t n, bio_error *e)
+/* Fills e for request r, whose ReadAsync failed with (or whose callback reported) result. */
+static int read_failed(vddk_ctx *c, const bio_request *r, uint64_t result, bio_error *e)
 {
-    vddk_ctx *c = ctx;
-    uint64_t result[BIO_READV_MAX];
-    size_t i, submitted = 0;
-    VixError err = VIX_OK, werr;
-    int failed = -1;   /* index of the first failed request */
+    if (result == ASYNC_PENDING)
+        bio_fail(e, EIO, "cannot read %zu bytes at offset %" PRIu64 " of %s: VDDK's Wait "
+                 "returned before the read completed", r->len, r->offset, c->path);
+    else
+        vix_fail(e, (VixError)result, "ReadAsync", NULL, "cannot read %zu bytes at offset %"
+                 PRIu64 " of %s", r->len, r->offset, c->path);
+    return -1;
+}
 
-    if (!c->use_async) {
-        for (i = 0; i < n; i++)
-            if (vddk_read(ctx, reqs[i].offset, reqs[i].len, reqs[i].buf, e) != 0)
-                return -1;
-        return 0;
-    }
-    for (i = 0; i < n; i++)
-        if (check_sectors(c, "read", reqs[i].offset, reqs[i].len, e) != 0)
-            return -1;
-    for (i = 0; i < n; i++, submitted++) {
-        result[i] = ASYNC_PENDING;
-        err = FN.ReadAsync(c->handle, reqs[i].offset / SECTOR, reqs[i].len / SECTOR,
-                           reqs[i].buf, async_done, &result[i]);
+/*
+ * One wave: submits reqs[0..n) with ReadAsync (all in flight together), then
+ * Waits, always, so that no request outlives the call even when one was
+ * refused. Fails with the first failed request in offset order.
+ */
+static int read_wave(vddk_ctx *c, const bio_request *reqs, size_t n, bio_error *e)
+{
+    uint64_t result[BIO_READV_MAX];
+    size_t i, submitted;
+    VixError err = VIX_OK, werr;
+
+    for (submitted = 0; submitted < n; submitted++) {
+        const bio_request *r = &reqs[submitted];
+        result[submitted] = ASYNC_PENDING;
+        err = FN.ReadAsync(c->handle, r->offset / SECTOR, r->len / SECTOR, r->buf, async_done,
+                           &result[submitted]);
         if (err == VIX_OK)   /* completed at once; the callback may or may not have run */
-            result[i] = VIX_OK;
+            __atomic_store_n(&result[submitted], (uint64_t)VIX_OK, __ATOMIC_RELEASE);
         else if (err != VIX_ASYNC)
             break;
     }
-    werr = FN.Wait(c->handle);   /* always: no request may outlive this call */
-    if (submitted < n) {
-        failed = (int)submitted;
-    } else {
-        for (i = 0; i < n && failed < 0; i++) {
-            err = __atomic_load_n(&result[i], __ATOMIC_ACQUIRE);
-            if (err != VIX_OK)
-                failed = (int)i;
-        }
-        if (failed < 0 && werr != VIX_OK) {
-            vix_fail(e, werr, "Wait", NULL, "cannot read from %s", c->path);
-            return -1;
-        }
+    werr = FN.Wait(c->handle);
+    for (i = 0; i < submitted; i++) {
+        uint64_t res = __atomic_load_n(&result[i], __ATOMIC_ACQUIRE);
+        if (res != VIX_OK)
+            return read_failed(c, &reqs[i], res, e);
     }
-    if (failed < 0)
-        return 0;
-    if (err == ASYNC_PENDING) {
-        bio_fail(e, EIO, "cannot read %zu bytes at offset %" PRIu64 " of %s: VDDK's Wait "
-                 "returned before the read completed", reqs[failed].len, reqs[failed].offset,
-                 c->path);
+    if (submitted < n)
+        return read_failed(c, &reqs[submitted], err, e);
+    if (werr != VIX_OK) {
+        vix_fail(e, werr, "Wait", NULL, "cannot read from %s", c->path);
         return -1;
     }
-    vix_fail(e, err, "ReadAsync", NULL,
-             "cannot read %zu bytes at offset %" PRIu64 " of %s", reqs[failed].len,
-             reqs[failed].offset, c->path);
-    return -1;
+    return 0;
+}
+
+/*
+ * Up to queue_depth requests in flight. VDDK's Wait waits for every request
+ * of the handle, so the window is refilled a wave at a time.
+ */
+static int vddk_readv(void *ctx, const bio_request *reqs, size_t n, bio_error *e)
+{
+    vddk_ctx *c = ctx;
+    size_t i, k;
+
+    for (i = 0; i < n; i++)
+        if (check_sectors(c, "read", reqs[i].offset, reqs[i].len, e) != 0)
+            return -1;
+    for (i = 0; i < n; i += k) {
+        k = c->use_async ? (n - i < c->queue_depth ? n - i : c->queue_depth) : 1;
+        if (c->use_async ? read_wave(c, reqs + i, k, e) != 0
+                         : vddk_read(ctx, reqs[i].offset, reqs[i].len, reqs[i].buf, e) != 0)
+            return -1;
+    }
+    return 0;
 }
 
 static int vddk_write(void *ctx, uint64_t offset, size_t len, const void *buf, bio_error *e)

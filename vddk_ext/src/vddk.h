@@ -10,9 +10,11 @@
  *
  * Disks: bio_open_vddk makes one connection (ConnectEx) and one handle
  * (Open) per disk; ConnectEx/Open/Close/Disconnect run under one global
- * mutex. Reads use ReadAsync + Wait when the library has them (up to
- * BIO_READV_MAX requests in flight), else Read; every request is at most
- * 2 MiB. Errors carry the VixError and VDDK's text in bio_error.vix*.
+ * mutex. Reads use ReadAsync + Wait when the library has them, else Read:
+ * the requests of a batch go out in waves of up to queue_depth in flight
+ * (default BIO_VDDK_QUEUE_DEPTH), each wave drained by one Wait; a failed
+ * request fails the batch once its wave is drained. Every request is at
+ * most 2 MiB. Errors carry the VixError and VDDK's text in bio_error.vix*.
  *
  * Logging: VDDK's log/warn/panic callbacks may run on any thread, VDDK's
  * own included. They format the message and append it to a bounded queue
@@ -25,6 +27,7 @@
 #include "blockio.h"
 
 #define BIO_VDDK_MAX_REQUEST (2u << 20)
+#define BIO_VDDK_QUEUE_DEPTH 16     /* default async reads in flight per handle */
 #define BIO_VDDK_LOG_MAX 1024       /* bytes per queued message */
 
 typedef enum { BIO_VDDK_LOG_INFO = 0, BIO_VDDK_LOG_WARN = 1, BIO_VDDK_LOG_PANIC = 2 } bio_vddk_level;
@@ -44,6 +47,7 @@ typedef struct bio_vddk_params {
     int readonly;
     int single_link;             /* VIXDISKLIB_FLAG_OPEN_SINGLE_LINK */
     int no_async;                /* read with Read even when ReadAsync exists */
+    unsigned queue_depth;        /* async reads in flight, 1..BIO_READV_MAX; 0 = the default */
 } bio_vddk_params;
 
 /* 0 = not loaded, 1 = initialised, 2 = exited. */
