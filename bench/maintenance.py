@@ -118,7 +118,7 @@ elif what == "verify":
 elif what == "scrub":
     from repo_engine.maintenance.scrub import scrub
     r = scrub(repo)
-    extra.update(ok=r.ok, raw=r.raw_bytes, mbps=r.mb_per_s)
+    extra.update(ok=r.ok, raw=r.raw_bytes, mbps=r.mib_per_s)
 secs = time.monotonic() - t
 print(json.dumps({"seconds": round(secs, 3),
                   "rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
