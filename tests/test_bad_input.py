@@ -13,7 +13,7 @@ import pytest
 from repo_engine.repository.envelope import seal, unseal
 from repo_engine.repository.formats import CONFIG, FileFormat
 
-from helpers import MIB, DiskModel, cli, tree_digest, write_extents
+from helpers import MIB, DiskModel, cli, disk_of, tree_digest, write_extents
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_unsorted_overlapping_extents_are_merged(tmp_path, capsys, setup):
                  "--changed", f"d={write_extents(tmp_path / 'e.json', extents)}", "--json")
     assert result.code == 0, result.err
     # blocks 0 (10_000), 1 and 2 (100_000..170_000) at 64 KiB
-    assert result.json()["disks"]["d"]["blocks_read"] == 3
+    assert disk_of(result.json()["point"], "d")["counters"]["blocks_read"] == 3
     out = tmp_path / "out.img"
     assert cli(capsys, "restore", repo, "v@latest", "--disk", "d", "--to", out).code == 0
     assert out.read_bytes() == model.content
@@ -168,7 +168,7 @@ def test_full_filesystem_stores_no_point(tmp_path, capsys):
         big.write_bytes(np.random.default_rng(7).integers(0, 256, 8 * MIB, dtype=np.uint8).tobytes())
         result = cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={big}")
         _assert_one_line_error(result, 1, "filesystem is full", "no restore point was stored")
-        points = cli(capsys, "points", repo, "--json").json()
+        points = cli(capsys, "points", repo, "--json").json()["points"]
         assert len(points) == 1
         assert not list((repo / "tmp").iterdir()), "temporary pack left behind"
         out = tmp_path / "o.img"
