@@ -164,10 +164,16 @@ def test_full_filesystem_stores_no_point(tmp_path, capsys):
         small = DiskModel(tmp_path / "small.img", 256 * 1024, np.random.default_rng(5))
         small.write(0, np.random.default_rng(6).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
         assert cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={small.path}").code == 0
+        before = cli(capsys, "stats", repo, "--json").json()["pack_bytes"]
         big = tmp_path / "big.img"
         big.write_bytes(np.random.default_rng(7).integers(0, 256, 8 * MIB, dtype=np.uint8).tobytes())
         result = cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={big}")
-        _assert_one_line_error(result, 1, "filesystem is full", "no restore point was stored")
+        _assert_one_line_error(result, 1, "filesystem is full", "no restore point was stored",
+                               f"'repo-engine gc {repo}' frees what this backup wrote")
+        assert cli(capsys, "stats", repo, "--json").json()["pack_bytes"] > before
+        assert cli(capsys, "gc", repo).code == 0
+        assert cli(capsys, "stats", repo, "--json").json()["pack_bytes"] == before, \
+            "gc frees what the failed backup wrote, as the message says"
         points = cli(capsys, "points", repo, "--json").json()["points"]
         assert len(points) == 1
         assert not list((repo / "tmp").iterdir()), "temporary pack left behind"

@@ -108,8 +108,9 @@ def backup_lines(s: dict) -> list[str]:
                   f"compressed; dedup {format_ratio(s['dedup_ratio'])} (non-zero blocks read "
                   f"per new chunk), compression {format_ratio(s['compression_ratio'])}")
     elif s["nonzero_blocks_read"]:
-        stored = (f"stored nothing new: all {plural(s['nonzero_blocks_read'], 'non-zero block')} "
-                  f"read were already in the repository")
+        stored = (f"stored nothing new: the {plural(s['nonzero_blocks_read'], 'non-zero block')} "
+                  f"read {'was' if s['nonzero_blocks_read'] == 1 else 'were'} already in the "
+                  "repository")
     else:
         stored = "stored nothing new: every block read was zero" if s["bytes_read"] else \
             "stored nothing new: nothing to read"

@@ -78,6 +78,6 @@ def disk_line(d: object) -> str:
 
     assert isinstance(d, DiskRecord)
     stored = f"delta on {d.parent[:8]}" if d.kind == "delta" and d.parent else "full map"
-    links = f" ({d.links} links)" if d.links > 1 else ""
+    links = f" (a chain of {d.links} maps)" if d.links > 1 else ""
     note = f"  ({d.note})" if d.note else ""
     return f"{READ_MODES.get(d.read_mode, d.read_mode + ' read')}, {stored}{links}{note}"

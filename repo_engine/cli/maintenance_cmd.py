@@ -202,7 +202,7 @@ def _echo_gc(r: object) -> None:
                f"({human_bytes(r.stored_bytes_dropped)}), {r.resurrected} kept for running "
                f"backups")
     click.echo(f"  packs: {r.packs_repacked} repacked into {r.packs_written}, "
-               f"{r.packs_deleted} deleted, {plural(r.orphan_packs_deleted, 'orphan')} deleted")
+               f"{r.packs_deleted} deleted, {plural(r.orphan_packs_deleted, 'orphan pack')} deleted")
     click.echo(f"  {plural(r.maps_deleted, 'block map')} and "
                f"{plural(r.manifests_deleted, 'manifest')} deleted")
     if r.waited_seconds >= 0.01:

@@ -48,7 +48,7 @@ class Within:
             days=self.days, hours=self.hours)
 
     def __str__(self) -> str:
-        parts = [(self.years, "y"), (self.months, "m"), (self.days, "d"), (self.hours, "h")]
+        parts = [(self.years, "y"), (self.months, "mo"), (self.days, "d"), (self.hours, "h")]
         return "".join(f"{n}{u}" for n, u in parts if n) or "0h"
 
 
