@@ -28,7 +28,7 @@ def _spinner(progress: Progress, label: str):
     return lambda text: click.echo(f"\r{label}: {text}".ljust(70), nl=False, err=True)
 
 
-def _months(text: str | None) -> str | None:
+def _months(_ctx: click.Context, _param: click.Parameter, text: str | None) -> str | None:
     """--keep-within spells months `mo` (`m` alone could be minutes); the policy reads `m`."""
     from ..units import refuse_bare_m
 
@@ -36,6 +36,12 @@ def _months(text: str | None) -> str | None:
         return None
     refuse_bare_m(text, "--keep-within", "6mo")
     return text.lower().replace("mo", "m")
+
+
+def _keep_bucket(bucket: str, buckets: str):  # type: ignore[no-untyped-def]
+    """`--keep-daily N` and its siblings."""
+    return click.option(f"--keep-{bucket}", type=int, default=0, show_default=True, metavar="N",
+                        help=f"Keep the newest point of each of the last N {buckets}.")
 
 
 def _iso(when: datetime) -> str:
@@ -49,17 +55,12 @@ def _iso(when: datetime) -> str:
 @click.option("--vm", help="Apply the policy to this VM's points only.")
 @click.option("--keep-last", type=int, default=0, show_default=True, metavar="N",
               help="Keep the N newest points (-1: all).")
-@click.option("--keep-hourly", type=int, default=0, show_default=True, metavar="N",
-              help="Keep the newest point of each of the last N hours.")
-@click.option("--keep-daily", type=int, default=0, show_default=True, metavar="N",
-              help="Keep the newest point of each of the last N days.")
-@click.option("--keep-weekly", type=int, default=0, show_default=True, metavar="N",
-              help="Keep the newest point of each of the last N ISO weeks.")
-@click.option("--keep-monthly", type=int, default=0, show_default=True, metavar="N",
-              help="Keep the newest point of each of the last N months.")
-@click.option("--keep-yearly", type=int, default=0, show_default=True, metavar="N",
-              help="Keep the newest point of each of the last N years.")
-@click.option("--keep-within", metavar="DURATION", callback=lambda _c, _p, v: _months(v),
+@_keep_bucket("hourly", "hours")
+@_keep_bucket("daily", "days")
+@_keep_bucket("weekly", "ISO weeks")
+@_keep_bucket("monthly", "months")
+@_keep_bucket("yearly", "years")
+@click.option("--keep-within", metavar="DURATION", callback=_months,
               help="Keep points newer than the newest point minus DURATION: numbers with y "
                    "(years), mo (months), w (weeks), d (days), h (hours), e.g. 7d, 2w, 6mo, "
                    "1y6mo. A bare 'm' is refused as ambiguous.")
