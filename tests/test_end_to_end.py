@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import KIB, MIB, DiskModel, assert_sparse_where_zero, cli, disk_of, restore_bytes, write_extents
+from helpers import (KIB, MIB, DiskModel, assert_sparse_where_zero, cli, disk_of, restore_bytes,
+                     write_extents)
 
 
 @pytest.fixture
@@ -34,7 +35,8 @@ def test_forty_point_chain_restores_every_point(tmp_path, capsys, repo):
         result = cli(capsys, *args)
         assert result.code == 0, result.err
         summary = result.json()
-        expected.append((summary["point"]["id"], {k: m.copy_of_content() for k, m in disks.items()}))
+        expected.append((summary["point"]["id"],
+                         {k: m.copy_of_content() for k, m in disks.items()}))
     points = cli(capsys, "points", repo, "--json").json()["points"]
     assert [p["id"] for p in points] == [p for p, _ in expected]
     links = [d["links"] for p in points for d in p["disks"]]

@@ -102,7 +102,8 @@ def test_policy_forget_with_prune_and_protect(tmp_path, capsys):
     decided = {d["id"]: d for d in dry["decisions"]}
     assert decided[ids[1]]["reasons"] == ["protected"]
     assert [i for i in ids if not decided[i]["keep"]] == [ids[0], ids[2], ids[3]]
-    assert len(cli(capsys, "points", repo, "--json").json()["points"]) == 6, "dry run removed points"
+    listed = cli(capsys, "points", repo, "--json").json()["points"]
+    assert len(listed) == 6, "dry run removed points"
     protected_forget = cli(capsys, "forget", repo, ids[1][:12])
     assert protected_forget.code == 2 and "protected" in protected_forget.err
     before = cli(capsys, "stats", repo, "--json").json()

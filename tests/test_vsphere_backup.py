@@ -82,7 +82,8 @@ def test_invalid_change_id_falls_back_to_a_full_read(env):
     assert "rejected the stored changeId (changeId" in disk["note"]
     assert point["backup"]["bytes_read"] == 4 * MIB
     assert env.restore_image(point["point"]["id"], key) == expected
-    assert disk_of(env.backup()["point"], key)["read_mode"] == "changed"   # the new changeId works again
+    # the new changeId works again
+    assert disk_of(env.backup()["point"], key)["read_mode"] == "changed"
 
 
 def test_cbt_turned_off_and_on_changes_the_uuid(env):

@@ -35,7 +35,8 @@ def backup() -> None:
               help="Changed extents of a disk since its last backup: JSON [[offset, length], ...].")
 @click.option("--tag", "tags", multiple=True, help="Tag the point. Repeatable.")
 @click.option("--audit", "audit_percent", type=click.FloatRange(0, 100), default=0.0,
-              show_default=True, metavar="PERCENT", help="Also re-read this percentage of blocks the change list calls unchanged and "
+              show_default=True, metavar="PERCENT",
+              help="Also re-read this percentage of blocks the change list calls unchanged and "
                    "check them; a mismatch makes the disk a full read.")
 @json_option
 def image(repo: Path, vm: str, disks: tuple[str, ...], changed: tuple[str, ...],

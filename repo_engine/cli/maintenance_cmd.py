@@ -64,7 +64,8 @@ def _iso(when: datetime) -> str:
               help="Keep points newer than the newest point minus DURATION: numbers with y "
                    "(years), mo (months), w (weeks), d (days), h (hours), e.g. 7d, 2w, 6mo, "
                    "1y6mo. A bare 'm' is refused as ambiguous.")
-@click.option("--keep-tag", "keep_tags", multiple=True, help="Keep points with this tag. Repeatable.")
+@click.option("--keep-tag", "keep_tags", multiple=True,
+              help="Keep points with this tag. Repeatable.")
 @click.option("--dry-run", is_flag=True, help="Only show what would be kept and removed.")
 @click.option("--prune", is_flag=True, help="Run gc afterwards to reclaim the space.")
 @json_option
@@ -203,7 +204,8 @@ def _echo_gc(r: object) -> None:
                f"({human_bytes(r.stored_bytes_dropped)}), {r.resurrected} kept for running "
                f"backups")
     click.echo(f"  packs: {r.packs_repacked} repacked into {r.packs_written}, "
-               f"{r.packs_deleted} deleted, {plural(r.orphan_packs_deleted, 'orphan pack')} deleted")
+               f"{r.packs_deleted} deleted, "
+               f"{plural(r.orphan_packs_deleted, 'orphan pack')} deleted")
     click.echo(f"  {plural(r.maps_deleted, 'block map')} and "
                f"{plural(r.manifests_deleted, 'manifest')} deleted")
     if r.waited_seconds >= 0.01:
