@@ -118,7 +118,7 @@ elif what == "verify":
 elif what == "scrub":
     from repo_engine.maintenance.scrub import scrub
     r = scrub(repo)
-    extra.update(ok=r.ok, raw=r.raw_bytes, mbps=r.mb_per_s)
+    extra.update(ok=r.ok, raw=r.raw_bytes, mbps=r.mib_per_s)
 secs = time.monotonic() - t
 print(json.dumps({"seconds": round(secs, 3),
                   "rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -192,7 +192,9 @@ def main() -> None:
                  f"forget {r['forget_s']} s; {r['dropped']} chunks dropped"))
     r = child(large, "gc-full")
     rows.append(("gc --full", f"{r['seconds']:.2f} s, peak RSS {r['rss_mib']} MiB",
-                 f"recount drift {r['recount']}; target < 60 s, < 1 GiB"))
+                 "recount drift: " + ", ".join(f"{k.replace('_', ' ')} {v}"
+                                               for k, v in r["recount"].items())
+                 + "; target < 60 s, < 1 GiB"))
     r = child(large, "verify")
     rows.append(("verify", f"{r['seconds']:.2f} s, peak RSS {r['rss_mib']} MiB",
                  "ok" if r["ok"] else f"ERRORS {r['errors']}"))

@@ -163,7 +163,7 @@ class RepoEngine(Tool):
         return self.command + ["restore", str(self.repo), "bench@latest", "--disk", "sda", "--to", str(out)], out, None
 
     def bytes_read(self, m: Measure) -> int:
-        return int(parse_json_output(m.stdout)["bytes_read"])
+        return int(parse_json_output(m.stdout)["backup"]["bytes_read"])
 
 
 def parse_json_output(text: str) -> dict:

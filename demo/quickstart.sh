@@ -41,7 +41,7 @@ repo-engine backup image "$work/repo" --vm demo --disk sda="$work/disk.img" \
 
 echo "== restore both points and compare"
 repo-engine points "$work/repo"
-first=$(repo-engine points "$work/repo" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+first=$(repo-engine points "$work/repo" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["points"][0]["id"])')
 repo-engine restore "$work/repo" "$first" --disk sda --to "$work/restored-1.img"
 repo-engine restore "$work/repo" demo@latest --disk sda --to "$work/restored-2.img"
 cmp "$work/day1.img" "$work/restored-1.img"

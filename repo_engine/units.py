@@ -1,4 +1,10 @@
-"""Parsing and formatting of byte sizes and durations as users write them."""
+"""Parsing and formatting of the quantities users read and write: sizes, rates, ratios, counts
+and durations.
+
+One unit system everywhere: binary (IEC) multiples, `KiB`, `MiB`, `GiB`, and rates in `MiB/s`.
+Durations spell minutes `min` and months `mo`; a bare `m` is refused because `6m` reads as six
+months to some and six minutes to others.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from .errors import UsageError
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B?)\s*$", re.IGNORECASE)
 _POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
+MIB = 1024 * 1024
 
 
 def parse_size(text: str | int) -> int:
@@ -28,3 +35,50 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def mib_per_s(n_bytes: float, seconds: float) -> float:
+    """A rate in MiB/s, rounded to 0.1 (0 when no time passed)."""
+    return round(n_bytes / seconds / MIB, 1) if seconds > 0 else 0.0
+
+
+def format_rate(n_bytes: float, seconds: float) -> str:
+    return f"{mib_per_s(n_bytes, seconds)} MiB/s"
+
+
+def ratio(a: float, b: float) -> float | None:
+    """a / b rounded to 0.001; None when b is 0 (there is nothing to compare with)."""
+    return round(a / b, 3) if b else None
+
+
+def format_ratio(value: float | None) -> str:
+    """`2.5x`, or `-` for a ratio that has no meaning (nothing stored)."""
+    return "-" if value is None else f"{value:g}x"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """`1 point`, `2 points`; `many` for irregular plurals (`1 VM`, `2 VMs` need none)."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
+_BARE_M = re.compile(r"\d\s*m(?![a-z])", re.IGNORECASE)
+
+
+def refuse_bare_m(text: str, option: str, example: str) -> None:
+    """A duration unit `m` could mean minutes or months: ask for `min` or `mo`."""
+    if _BARE_M.search(text):
+        raise UsageError(f"{option} {text!r}: 'm' is ambiguous; write 'min' for minutes or 'mo' "
+                         f"for months (e.g. {example})")
+
+
+_SECONDS_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(min|s|h|d)")
+_SECONDS = {"s": 1, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_seconds(text: str, option: str = "duration") -> float:
+    """`90s`, `30min`, `2h`, `1h30min`, `1d` -> seconds."""
+    clean = text.strip().lower()
+    refuse_bare_m(clean, option, "30min")
+    if not clean or _SECONDS_RE.sub("", clean).strip():
+        raise UsageError(f"{option}: not a duration: {text!r} (examples: 90s, 30min, 2h, 1h30min)")
+    return sum(float(n) * _SECONDS[u] for n, u in _SECONDS_RE.findall(clean))

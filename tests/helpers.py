@@ -118,3 +118,8 @@ def assert_sparse_where_zero(path: Path, block_size: int, content: bytes) -> Non
             offset = hole
     finally:
         os.close(fd)
+
+
+def disk_of(point: dict, key: str) -> dict:
+    """Disk `key` of a point as `--json` prints it (a list of disks, each with its key)."""
+    return next(d for d in point["disks"] if d["key"] == key)

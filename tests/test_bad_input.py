@@ -13,7 +13,7 @@ import pytest
 from repo_engine.repository.envelope import seal, unseal
 from repo_engine.repository.formats import CONFIG, FileFormat
 
-from helpers import MIB, DiskModel, cli, tree_digest, write_extents
+from helpers import MIB, DiskModel, cli, disk_of, tree_digest, write_extents
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_unsorted_overlapping_extents_are_merged(tmp_path, capsys, setup):
                  "--changed", f"d={write_extents(tmp_path / 'e.json', extents)}", "--json")
     assert result.code == 0, result.err
     # blocks 0 (10_000), 1 and 2 (100_000..170_000) at 64 KiB
-    assert result.json()["disks"]["d"]["blocks_read"] == 3
+    assert disk_of(result.json()["point"], "d")["counters"]["blocks_read"] == 3
     out = tmp_path / "out.img"
     assert cli(capsys, "restore", repo, "v@latest", "--disk", "d", "--to", out).code == 0
     assert out.read_bytes() == model.content
@@ -165,11 +165,17 @@ def test_full_filesystem_stores_no_point(tmp_path, capsys):
         small = DiskModel(tmp_path / "small.img", 256 * 1024, np.random.default_rng(5))
         small.write(0, np.random.default_rng(6).integers(0, 256, 200_000, dtype=np.uint8).tobytes())
         assert cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={small.path}").code == 0
+        before = cli(capsys, "stats", repo, "--json").json()["pack_bytes"]
         big = tmp_path / "big.img"
         big.write_bytes(np.random.default_rng(7).integers(0, 256, 8 * MIB, dtype=np.uint8).tobytes())
         result = cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={big}")
-        _assert_one_line_error(result, 1, "filesystem is full", "no restore point was stored")
-        points = cli(capsys, "points", repo, "--json").json()
+        _assert_one_line_error(result, 1, "filesystem is full", "no restore point was stored",
+                               f"'repo-engine gc {repo}' frees what this backup wrote")
+        assert cli(capsys, "stats", repo, "--json").json()["pack_bytes"] > before
+        assert cli(capsys, "gc", repo).code == 0
+        assert cli(capsys, "stats", repo, "--json").json()["pack_bytes"] == before, \
+            "gc frees what the failed backup wrote, as the message says"
+        points = cli(capsys, "points", repo, "--json").json()["points"]
         assert len(points) == 1
         assert not list((repo / "tmp").iterdir()), "temporary pack left behind"
         out = tmp_path / "o.img"

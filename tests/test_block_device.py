@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from helpers import MIB, cli
+from helpers import MIB, cli, disk_of
 
 
 @pytest.fixture
@@ -36,9 +36,10 @@ def test_block_device_backup_and_restore_in_place(tmp_path, capsys, loop_device)
     assert cli(capsys, "init", repo).code == 0
     result = cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={device}", "--json")
     assert result.code == 0, result.err
-    disk = result.json()["disks"]["d"]
-    assert disk["blocks_read"] == 64, "a block device is read whole on a first backup"
-    assert disk["zero_blocks"] == 48
+    disk = disk_of(result.json()["point"], "d")
+    assert disk["counters"]["blocks_read"] == 64, "a block device is read whole on a first backup"
+    assert disk["read_mode"] == "full", "reading a device whole is not an allocated read"
+    assert disk["counters"]["zero_blocks"] == 48
 
     # wreck the device, then restore the point onto it in place
     with open(device, "r+b") as f:

@@ -27,7 +27,7 @@ def _backup_cmd(repo, image):
 def _points(capsys, repo) -> list[dict]:
     result = cli(capsys, "points", repo, "--json")
     assert result.code == 0, result.err
-    return result.json()
+    return result.json()["points"]
 
 
 def _restored_digest(capsys, repo, point_id, tmp_path) -> str:
@@ -82,7 +82,7 @@ def test_sigkill_during_backup(tmp_path, capsys):
     assert kills_landed >= KILLS, f"only {kills_landed} kills landed during a backup"
     final = subprocess.run(_backup_cmd(repo, model.path), capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
-    expected[json.loads(final.stdout)["point"]] = hashlib.sha256(model.content).hexdigest()
+    expected[json.loads(final.stdout)["point"]["id"]] = hashlib.sha256(model.content).hexdigest()
     for point in _points(capsys, repo):
         assert _restored_digest(capsys, repo, point["id"], tmp_path) == expected[point["id"]]
     assert not list((repo / "locks").iterdir()), "stale locks were not cleaned"

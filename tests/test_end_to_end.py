@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import KIB, MIB, DiskModel, assert_sparse_where_zero, cli, restore_bytes, write_extents
+from helpers import (KIB, MIB, DiskModel, assert_sparse_where_zero, cli, disk_of, restore_bytes,
+                     write_extents)
 
 
 @pytest.fixture
@@ -34,8 +35,9 @@ def test_forty_point_chain_restores_every_point(tmp_path, capsys, repo):
         result = cli(capsys, *args)
         assert result.code == 0, result.err
         summary = result.json()
-        expected.append((summary["point"], {k: m.copy_of_content() for k, m in disks.items()}))
-    points = cli(capsys, "points", repo, "--json").json()
+        expected.append((summary["point"]["id"],
+                         {k: m.copy_of_content() for k, m in disks.items()}))
+    points = cli(capsys, "points", repo, "--json").json()["points"]
     assert [p["id"] for p in points] == [p for p, _ in expected]
     links = [d["links"] for p in points for d in p["disks"]]
     assert max(links) == 6 and links.count(1) > 2, "synthetic fulls must cut the chains"
@@ -62,8 +64,9 @@ def test_unchanged_second_backup_stores_nothing_new(tmp_path, capsys, repo):
     first = cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}", "--json")
     second = cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}", "--json")
     assert first.code == second.code == 0
-    assert first.json()["new_chunks"] > 0
-    assert second.json()["new_chunks"] == 0
-    assert second.json()["disks"]["d"]["mode"] == "full"
-    assert second.json()["bytes_read"] == 3 * MIB
+    assert first.json()["backup"]["new_chunks"] > 0
+    assert second.json()["backup"]["new_chunks"] == 0
+    assert second.json()["backup"]["dedup_ratio"] is None, "no ratio when nothing new is stored"
+    assert disk_of(second.json()["point"], "d")["read_mode"] == "full"
+    assert second.json()["backup"]["bytes_read"] == 3 * MIB
     assert restore_bytes(capsys, repo, "v@latest", "d", tmp_path / "o.img") == model.content

@@ -45,7 +45,7 @@ def base(tmp_path_factory):
             args += ["--changed", f"sda={write_extents(tmp / f'e{day}.json', extents)}"]
         done = _run(*args)
         assert done.returncode == 0, done.stderr
-        expected[json.loads(done.stdout)["point"]] = hashlib.sha256(model.content).hexdigest()
+        expected[json.loads(done.stdout)["point"]["id"]] = hashlib.sha256(model.content).hexdigest()
     return repo, expected
 
 

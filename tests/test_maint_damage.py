@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import KIB, MIB, DiskModel, cli, restore_bytes, write_extents
+from helpers import KIB, MIB, DiskModel, cli, disk_of, restore_bytes, write_extents
 from repo_engine.repository.index import REF_KEY, REF_REC
 from repo_engine.repository.packs import pack_path
 from repo_engine.repository.repo import Repository
@@ -39,7 +39,7 @@ def damaged_setup(tmp_path, capsys):
                 args += ["--changed", f"sda={path}"]
             result = cli(capsys, *args)
             assert result.code == 0, result.err
-            expected[result.json()["point"]] = (vm, model.copy_of_content())
+            expected[result.json()["point"]["id"]] = (vm, model.copy_of_content())
     return repo, models, expected
 
 
@@ -87,15 +87,15 @@ def test_flipped_bytes_found_by_scrub_and_healed(damaged_setup, tmp_path, capsys
     assert repair.code == 3
     assert repair.json()["repair"]["reread_blocks"] == 1
     assert repair.json()["repair"]["points_marked_damaged"] == 3
-    shown = cli(capsys, "points", repo, "--json").json()
+    shown = cli(capsys, "points", repo, "--json").json()["points"]
     assert all(p["damage"] for p in shown if p["vm"] == "a")
     # the next backup re-reads block 0 although the change list says nothing changed
     empty = write_extents(tmp_path / "none.json", [])
     backup = cli(capsys, "backup", "image", repo, "--vm", "a", "--disk",
                  f"sda={models['a'].path}", "--changed", f"sda={empty}", "--json")
     assert backup.code == 0, backup.err
-    assert backup.json()["disks"]["sda"]["blocks_read"] == 1
-    expected[backup.json()["point"]] = ("a", models["a"].copy_of_content())
+    assert disk_of(backup.json()["point"], "sda")["counters"]["blocks_read"] == 1
+    expected[backup.json()["point"]["id"]] = ("a", models["a"].copy_of_content())
     healed = cli(capsys, "scrub", repo, "--repair", "--json")
     assert healed.code == 0, healed.out
     assert healed.json()["repair"]["healed"] == 1
@@ -131,7 +131,7 @@ def test_truncated_or_deleted_pack(damaged_setup, tmp_path, capsys, damage):
     backup = cli(capsys, "backup", "image", repo, "--vm", "a", "--disk",
                  f"sda={models['a'].path}", "--changed", f"sda={empty}", "--json")
     assert backup.code == 0, backup.err
-    expected[backup.json()["point"]] = ("a", models["a"].copy_of_content())
+    expected[backup.json()["point"]["id"]] = ("a", models["a"].copy_of_content())
     cli(capsys, "scrub", repo, "--repair")
     # chunks of a's unchanged blocks healed from the re-read copies; the pack also held
     # first versions of blocks that later points overwrote: the points using those stay damaged
@@ -139,7 +139,7 @@ def test_truncated_or_deleted_pack(damaged_setup, tmp_path, capsys, damage):
     unhealed = {a["point"] for a in final.json()["affected"]}
     assert a_points[-1] not in unhealed
     assert (final.code == 3) == bool(unhealed)
-    shown = {p["id"]: p for p in cli(capsys, "points", repo, "--json").json()}
+    shown = {p["id"]: p for p in cli(capsys, "points", repo, "--json").json()["points"]}
     assert {p for p in shown if shown[p]["damage"]} == unhealed
     assert cli(capsys, "gc", repo, "--max-unused", "0").code == 0
     assert cli(capsys, "verify", repo).code == (3 if unhealed else 0)
@@ -161,7 +161,7 @@ def test_points_that_cannot_heal_are_marked_not_deleted(damaged_setup, tmp_path,
     result = cli(capsys, "scrub", repo, "--repair", "--json")
     assert result.code == 3
     assert {a["point"] for a in result.json()["affected"]} == {a_points[0]}
-    shown = {p["id"]: p for p in cli(capsys, "points", repo, "--json").json()}
+    shown = {p["id"]: p for p in cli(capsys, "points", repo, "--json").json()["points"]}
     assert shown[a_points[0]]["damage"] and "disk sda" in shown[a_points[0]]["damage"][0]
     assert not shown[a_points[1]]["damage"]
     assert_restores(capsys, repo, expected, a_points[1:], tmp_path)
@@ -197,7 +197,7 @@ def test_corrupt_manifest(damaged_setup, tmp_path, capsys):
     repaired = cli(capsys, "verify", repo, "--repair", "--json")
     assert repaired.code == 0, repaired.json()["errors"]
     assert repaired.json()["manifests_rewritten"] == [victim]
-    shown = cli(capsys, "show", repo, victim[:12], "--json").json()
+    shown = cli(capsys, "show", repo, victim[:12], "--json").json()["point"]
     assert any("manifest rebuilt" in n for n in shown["notes"])
 
 

@@ -42,7 +42,7 @@ def backup(capsys, repo: Path, vm: str, model: DiskModel, extents=None, tmp: Pat
         args += ["--changed", f"{key}={path}"]
     result = cli(capsys, *args)
     assert result.code == 0, result.err
-    return result.json()["point"]
+    return result.json()["point"]["id"]
 
 
 def assert_clean(capsys, repo: Path) -> dict:
@@ -102,7 +102,8 @@ def test_policy_forget_with_prune_and_protect(tmp_path, capsys):
     decided = {d["id"]: d for d in dry["decisions"]}
     assert decided[ids[1]]["reasons"] == ["protected"]
     assert [i for i in ids if not decided[i]["keep"]] == [ids[0], ids[2], ids[3]]
-    assert len(cli(capsys, "points", repo, "--json").json()) == 6, "dry run removed points"
+    listed = cli(capsys, "points", repo, "--json").json()["points"]
+    assert len(listed) == 6, "dry run removed points"
     protected_forget = cli(capsys, "forget", repo, ids[1][:12])
     assert protected_forget.code == 2 and "protected" in protected_forget.err
     before = cli(capsys, "stats", repo, "--json").json()
@@ -115,7 +116,7 @@ def test_policy_forget_with_prune_and_protect(tmp_path, capsys):
         assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "o.img") == expected[point]
     assert cli(capsys, "unprotect", repo, ids[1][:12]).code == 0
     assert cli(capsys, "forget", repo, "--keep-last", "1").code == 0
-    assert [p["id"] for p in cli(capsys, "points", repo, "--json").json()] == [ids[5]]
+    assert [p["id"] for p in cli(capsys, "points", repo, "--json").json()["points"]] == [ids[5]]
     assert_clean(capsys, repo)
 
 
@@ -125,7 +126,7 @@ class _GatedDevice:
 
     def __init__(self, path: Path, gate: threading.Event, reached: threading.Event) -> None:
         self._dev = vddk_ext.open_local(str(path))
-        self.capacity = self._dev.capacity
+        self.capacity, self.kind = self._dev.capacity, self._dev.kind
         self._gate, self._reached = gate, reached
 
     def reader(self, *args, **kwargs):
@@ -216,7 +217,7 @@ WORKER = textwrap.dedent("""
         with contextlib.redirect_stdout(buf):
             code = run(args)
         assert code == 0, code
-        point = json.loads(buf.getvalue())["point"]
+        point = json.loads(buf.getvalue())["point"]["id"]
         results[point] = hashlib.sha256(model.content).hexdigest()
         Path(out).write_text(json.dumps(results))
 """)
@@ -246,7 +247,7 @@ def test_parallel_backups_of_several_vms_with_forget_gc_loops(tmp_path, capsys):
     assert loops >= 2
     assert_clean(capsys, repo)
     assert cli(capsys, "forget", repo, "--keep-last", "2", "--prune").code == 0
-    points = cli(capsys, "points", repo, "--json").json()
+    points = cli(capsys, "points", repo, "--json").json()["points"]
     assert len(points) == 6
     for point in points:
         data = restore_bytes(capsys, repo, point["id"][:12], "sda", tmp_path / "o.img")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fake_vddk
-from helpers import MIB, DiskModel, cli, restore_bytes, write_extents
+from helpers import MIB, DiskModel, cli, disk_of, restore_bytes, write_extents
 
 PASSWORD = "pa55 w0rd!"
 
@@ -59,12 +59,12 @@ def test_backup_then_restore_gives_identical_bytes(setup, capsys, tmp_path):
     fake, repo, disks = setup
     result = cli(capsys, *backup_args(fake, repo))
     assert result.code == 0, result.err
-    first = result.json()
-    assert first["disks"]["2000"]["mode"] == "allocated"
+    first = result.json()["point"]
+    assert disk_of(first, "2000")["read_mode"] == "allocated"
     for key, model in disks.items():
-        assert restore_bytes(capsys, repo, first["point"][:8], key, tmp_path / "out.img") \
+        assert restore_bytes(capsys, repo, first["id"][:8], key, tmp_path / "out.img") \
             == model.copy_of_content()
-    shown = cli(capsys, "points", repo, "--json").json()
+    shown = cli(capsys, "points", repo, "--json").json()["points"]
     assert len(shown) == 1 and shown[0]["source"] == "vddk"
     assert PASSWORD not in json.dumps(shown)
 
@@ -73,10 +73,10 @@ def test_backup_then_restore_gives_identical_bytes(setup, capsys, tmp_path):
     extents = write_extents(tmp_path / "changes.json", changes)
     result = cli(capsys, *backup_args(fake, repo), "--changed", f"2000={extents}")
     assert result.code == 0, result.err
-    second = result.json()
-    assert second["disks"]["2000"]["mode"] == "changed"
+    second = result.json()["point"]
+    assert disk_of(second, "2000")["read_mode"] == "changed"
     for key, model in disks.items():
-        assert restore_bytes(capsys, repo, second["point"][:8], key, tmp_path / "out.img") \
+        assert restore_bytes(capsys, repo, second["id"][:8], key, tmp_path / "out.img") \
             == model.copy_of_content()
 
 
@@ -94,7 +94,7 @@ def test_failing_read_mid_disk_stores_no_point(setup, capsys, monkeypatch, fault
         in result.err
     assert "VixDiskLib_ReadAsync" in result.err and text in result.err
     assert PASSWORD not in result.err
-    assert cli(capsys, "points", repo, "--json").json() == []
+    assert cli(capsys, "points", repo, "--json").json()["points"] == []
 
 
 @pytest.mark.parametrize("faults, failed", [
@@ -117,7 +117,7 @@ def test_wrong_thumbprint_is_a_clear_error(setup, capsys, monkeypatch, faults, f
         f"({'00:' * 19}00), or the user name or password is wrong; check the thumbprint with: "
         "openssl s_client -connect vc.test:443 </dev/null | openssl x509 -noout -fingerprint "
         "-sha1"]
-    assert cli(capsys, "points", repo, "--json").json() == []
+    assert cli(capsys, "points", repo, "--json").json()["points"] == []
 
 
 def test_password_file_and_wrong_password(setup, capsys, tmp_path):
@@ -169,7 +169,7 @@ def test_cli_reexecs_with_ld_library_path_and_no_visible_secret(setup, tmp_path,
     r = subprocess.run([sys.executable, "-m", "repo_engine", *args], env=env,
                        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
     assert r.returncode == 0, r.stderr
-    point = json.loads(r.stdout)["point"]
+    point = json.loads(r.stdout)["point"]["id"]
     assert restore_bytes_subprocess(repo, point, tmp_path) == disks["2000"].copy_of_content()
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import KIB, MIB
+from helpers import KIB, MIB, disk_of
 from vcsim.fixtures import BS, VM, make_env, pattern, vcsim_binary, vddk_libdir  # noqa: F401
 from vcsim.fixtures import env  # noqa: F401
 
@@ -17,12 +17,12 @@ def test_full_then_three_incrementals_read_only_changes(env):
     env.sim.write(VM, 3 * MIB, pattern(2, 100 * KIB))
     expected = [env.sim.read(VM)]
     first = env.backup()
-    disk = first["disks"][key]
-    assert disk["mode"] == "allocated" and disk["kind"] == "full"
+    disk = disk_of(first["point"], key)
+    assert disk["read_mode"] == "allocated" and disk["kind"] == "full"
     # allocated data: blocks 0-3 (200 KiB) and 48-49 (100 KiB from 3 MiB)
-    assert first["bytes_read"] == 6 * BS
+    assert first["backup"]["bytes_read"] == 6 * BS
     assert env.sectors_read() * 512 == 6 * BS
-    points = [first["point"]]
+    points = [first["point"]["id"]]
     writes = [[(64 * KIB + 10, 5)], [(2 * MIB, 128 * KIB), (4 * MIB - 100, 100)],
               [(0, 1), (1 * MIB + 3, 70 * KIB)]]
     for n, extents in enumerate(writes):
@@ -32,11 +32,11 @@ def test_full_then_three_incrementals_read_only_changes(env):
             blocks.update(range(offset // BS, (offset + length - 1) // BS + 1))
         expected.append(env.sim.read(VM))
         point = env.backup()
-        disk = point["disks"][key]
-        assert disk["mode"] == "changed" and disk["kind"] == "delta", disk
-        assert point["bytes_read"] == len(blocks) * BS
+        disk = disk_of(point["point"], key)
+        assert disk["read_mode"] == "changed" and disk["kind"] == "delta", disk
+        assert point["backup"]["bytes_read"] == len(blocks) * BS
         assert env.sectors_read() * 512 == len(blocks) * BS
-        points.append(point["point"])
+        points.append(point["point"]["id"])
     for point, content in zip(points, expected):
         assert env.restore_image(point, key) == content
     assert env.snapshots() == []
@@ -57,16 +57,16 @@ def test_paging_across_several_replies(make_env):
     env.sim.write(VM, 10, pattern(3, 1000))
     env.sim.write(VM, 4 * MIB - 70 * KIB, pattern(4, 70 * KIB))   # in the last reply only
     first = env.backup()
-    assert first["bytes_read"] == 3 * BS
-    config = env.show(first["point"])["config"]["vsphere"]
+    assert first["backup"]["bytes_read"] == 3 * BS
+    config = env.show(first["point"]["id"])["config"]["vsphere"]
     assert config["disks"][key]["cbt_replies"] == 4
     env.sim.write(VM, 3 * MIB + 5, b"late")
     env.sim.write(VM, 1 * MIB - 1, b"xy")   # straddles the first two replies
     expected = env.sim.read(VM)
     second = env.backup()
-    assert second["bytes_read"] == 3 * BS
-    assert env.show(second["point"])["config"]["vsphere"]["disks"][key]["cbt_replies"] == 4
-    assert env.restore_image(second["point"], key) == expected
+    assert second["backup"]["bytes_read"] == 3 * BS
+    assert env.show(second["point"]["id"])["config"]["vsphere"]["disks"][key]["cbt_replies"] == 4
+    assert env.restore_image(second["point"]["id"], key) == expected
 
 
 def test_invalid_change_id_falls_back_to_a_full_read(env):
@@ -77,12 +77,13 @@ def test_invalid_change_id_falls_back_to_a_full_read(env):
     env.sim.write(VM, 2 * MIB, b"after the reset")
     expected = env.sim.read(VM)
     point = env.backup()
-    disk = point["disks"][key]
-    assert disk["mode"] == "full"
+    disk = disk_of(point["point"], key)
+    assert disk["read_mode"] == "full"
     assert "rejected the stored changeId (changeId" in disk["note"]
-    assert point["bytes_read"] == 4 * MIB
-    assert env.restore_image(point["point"], key) == expected
-    assert env.backup()["disks"][key]["mode"] == "changed"   # the new changeId works again
+    assert point["backup"]["bytes_read"] == 4 * MIB
+    assert env.restore_image(point["point"]["id"], key) == expected
+    # the new changeId works again
+    assert disk_of(env.backup()["point"], key)["read_mode"] == "changed"
 
 
 def test_cbt_turned_off_and_on_changes_the_uuid(env):
@@ -96,9 +97,9 @@ def test_cbt_turned_off_and_on_changes_the_uuid(env):
         _wait(vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=False)))
     point = env.backup()
     assert any("Changed Block Tracking was off: enabled it" in n
-               for n in env.show(point["point"])["notes"])
-    assert point["disks"][key]["mode"] == "full"
-    assert "UUID differs" in point["disks"][key]["note"]
+               for n in env.show(point["point"]["id"])["notes"])
+    assert disk_of(point["point"], key)["read_mode"] == "full"
+    assert "UUID differs" in disk_of(point["point"], key)["note"]
 
 
 def vcsim_find(content, name: str = VM):   # noqa: ANN001, ANN201
@@ -126,28 +127,29 @@ def test_grown_disk_gives_the_right_map(env):
     expected = env.sim.read(VM)
     assert len(expected) == 6 * MIB
     grown = env.backup()
-    disk = grown["disks"][key]
+    disk = disk_of(grown["point"], key)
     assert "resized from 4194304 to 6291456 bytes" in disk["note"]
-    assert disk["mode"] == "full"
-    shown = env.show(grown["point"])
+    assert disk["read_mode"] == "full"
+    shown = env.show(grown["point"]["id"])
     assert shown["disks"][0]["capacity"] == 6 * MIB
-    assert env.restore_image(grown["point"], key) == expected
-    assert len(env.restore_image(first["point"], key)) == 4 * MIB
+    assert env.restore_image(grown["point"]["id"], key) == expected
+    assert len(env.restore_image(first["point"]["id"], key)) == 4 * MIB
     after = env.backup()
-    assert after["disks"][key]["mode"] == "changed" and after["bytes_read"] == 0
+    assert disk_of(after["point"], key)["read_mode"] == "changed"
+    assert after["backup"]["bytes_read"] == 0
 
 
 def test_quiesce_fault_gives_a_crash_consistent_point(env):
     env.sim.write(VM, 0, pattern(9, 64 * KIB))
     env.sim.control(vm=VM, quiesce_fault=True)
     point = env.backup()
-    shown = env.show(point["point"])
+    shown = env.show(point["point"]["id"])
     assert shown["consistency"] == "crash"
     assert any("could not quiesce (ApplicationQuiesceFault" in n for n in shown["notes"])
     assert env.snapshots() == []
     env.sim.control(vm=VM, quiesce_fault=False)
-    assert env.show(env.backup()["point"])["consistency"] == "file"
-    assert env.show(env.backup("--no-quiesce")["point"])["consistency"] == "crash"
+    assert env.show(env.backup()["point"]["id"])["consistency"] == "file"
+    assert env.show(env.backup("--no-quiesce")["point"]["id"])["consistency"] == "crash"
 
 
 def test_vddk_read_failing_mid_disk_stores_nothing(env, monkeypatch):
@@ -159,9 +161,9 @@ def test_vddk_read_failing_mid_disk_stores_nothing(env, monkeypatch):
     assert "Traceback" not in result.err
     assert env.snapshots() == []
     listed = env.run("points", env.repo, "--json")
-    assert listed.code == 0 and listed.json() == []
+    assert listed.code == 0 and listed.json()["points"] == []
     monkeypatch.delenv("FAKE_VDDK_FAULTS")
-    assert env.backup()["bytes_read"] == 4 * MIB
+    assert env.backup()["backup"]["bytes_read"] == 4 * MIB
 
 
 def test_vm_is_prepared_for_access_around_the_disk_reads(env, monkeypatch):
@@ -190,7 +192,7 @@ def test_vm_is_prepared_for_access_around_the_disk_reads(env, monkeypatch):
     monkeypatch.setenv("FAKE_VDDK_FAULTS", "prepare_fail=1")
     monkeypatch.delenv("FAKE_VDDK_REQUIRE_PREPARE")
     point = env.backup()
-    notes = env.show(point["point"])["notes"]
+    notes = env.show(point["point"]["id"])["notes"]
     assert any(n.startswith("PrepareForAccess failed") for n in notes), notes
     assert env.snapshots() == []
 
@@ -203,7 +205,7 @@ def test_leftover_snapshots_of_ours_are_removed(env):
         _wait(vm.CreateSnapshot_Task(name="admin-snapshot", description="", memory=False,
                                      quiesce=False))
     point = env.backup()
-    notes = env.show(point["point"])["notes"]
+    notes = env.show(point["point"]["id"])["notes"]
     assert "removed leftover snapshot repo-engine-backup-crashed" in notes
     assert env.snapshots() == ["admin-snapshot"]
 
@@ -241,7 +243,7 @@ def test_config_file_holds_every_setting(env):
         f'tags = ["nightly"]\n')
     result = env.run("backup", "vsphere", env.repo, "--config", config, "--json")
     assert result.code == 0, result.err
-    assert env.show(result.json()["point"])["tags"] == ["nightly"]
+    assert env.show(result.json()["point"]["id"])["tags"] == ["nightly"]
     bad = env.tmp / "bad.toml"
     bad.write_text('server = "x"\npasword-file = "typo"\n')
     result = env.run("backup", "vsphere", env.repo, "--config", bad)
@@ -271,4 +273,4 @@ def test_nightly_job_as_a_process_keeps_the_password_secret(make_env, tmp_path):
     assert done.returncode == 0, done.stderr
     assert env.snapshots() == []
     import json
-    assert json.loads(done.stdout)["bytes_read"] == 2 * BS
+    assert json.loads(done.stdout)["backup"]["bytes_read"] == 2 * BS

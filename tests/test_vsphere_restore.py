@@ -3,7 +3,7 @@ against the simulator (tests/vcsim) and the fake VDDK (tests/fake_vddk)."""
 
 from __future__ import annotations
 
-from helpers import KIB, MIB
+from helpers import KIB, MIB, disk_of
 from vcsim import find
 from vcsim.fixtures import BS, VM, make_env, pattern, vcsim_binary, vddk_libdir  # noqa: F401
 from vcsim.fixtures import env  # noqa: F401
@@ -29,7 +29,7 @@ def test_in_place_restore_writes_only_changes_and_forces_a_full_backup(env):
     key = str(env.sim.disk(VM)["key"])
     env.sim.write(VM, 0, pattern(20, 512 * KIB))
     wanted = env.sim.read(VM)
-    first = env.backup()["point"]
+    first = env.backup()["point"]["id"]
     env.sim.write(VM, 100 * KIB, pattern(21, 10))          # block 1
     env.sim.write(VM, 3 * MIB, pattern(22, 2 * BS))        # blocks 48, 49
     env.backup()
@@ -48,18 +48,18 @@ def test_in_place_restore_writes_only_changes_and_forces_a_full_backup(env):
     assert env.snapshots() == []
 
     after = env.backup()
-    assert after["disks"][key]["mode"] == "full"
-    assert "a restore wrote to the VM" in after["disks"][key]["note"]
-    assert env.restore_image(after["point"], key) == wanted
+    assert disk_of(after["point"], key)["read_mode"] == "full"
+    assert "a restore wrote to the VM" in disk_of(after["point"], key)["note"]
+    assert env.restore_image(after["point"]["id"], key) == wanted
     env.sim.write(VM, 0, b"x")
-    assert env.backup()["disks"][key]["mode"] == "changed"   # CBT is trusted again
+    assert disk_of(env.backup()["point"], key)["read_mode"] == "changed"   # CBT is trusted again
 
 
 def test_restore_as_new_vm_holds_the_point_bytes(env):
     env.sim.write(VM, 64 * KIB, pattern(30, 300 * KIB))
     env.sim.write(VM, 4 * MIB - 5, b"tail!")
     wanted = env.sim.read(VM)
-    point = env.backup()["point"]
+    point = env.backup()["point"]["id"]
     env.sim.write(VM, 0, pattern(31, 1 * MIB))   # the source moves on
     result = restore(env, point, "--as-new", "restored-vm", "--datastore", "LocalDS_0")
     assert result.code == 0, result.err
@@ -72,14 +72,14 @@ def test_restore_as_new_vm_holds_the_point_bytes(env):
     again = restore(env, point, "--as-new", "restored-vm", "--datastore", "LocalDS_0")
     assert again.code == 1 and "exists already" in again.err
     # the new VM backs up like any other
-    assert env.backup(vm="restored-vm")["bytes_read"] == 6 * BS
+    assert env.backup(vm="restored-vm")["backup"]["bytes_read"] == 6 * BS
 
 
 def test_vms_lists_cbt_state_and_disks(env):
     env.backup()
     result = env.run("vsphere", "vms", *env.sim.args(), "--json")
     assert result.code == 0, result.err
-    vms = {vm["name"]: vm for vm in result.json()}
+    vms = {vm["name"]: vm for vm in result.json()["vms"]}
     assert len(vms) == 4
     assert vms[VM]["cbt_enabled"] is True and vms["DC0_H0_VM1"]["cbt_enabled"] is False
     assert vms[VM]["disks"][0]["capacity"] == 4 * MIB
@@ -125,4 +125,4 @@ def test_clear_errors(env):
         assert "Traceback" not in res.err
     assert env.snapshots() == []
     listed = env.run("points", env.repo, "--json")
-    assert listed.json() == []
+    assert listed.json()["points"] == []

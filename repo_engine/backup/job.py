@@ -176,7 +176,8 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions) ->
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise RepoError(f"the repository's filesystem is full ({exc.strerror}); "
-                                "no restore point was stored") from None
+                                "no restore point was stored; 'repo-engine gc "
+                                f"{repo.path}' frees what this backup wrote") from None
             raise
         finally:
             writer.close()

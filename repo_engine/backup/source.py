@@ -23,6 +23,7 @@ class BlockDevice(Protocol):
     """An open disk the pipeline reads blocks from (vddk_ext.Disk)."""
 
     capacity: int
+    kind: str   # "file", "blockdev" or "vddk"
 
     def reader(self, block_size: int, blocks: np.ndarray, *, batch_bytes: int = ...,
                max_request: int = ...) -> Iterator[Batch]: ...

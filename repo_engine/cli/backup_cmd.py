@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import Progress, emit_json, human_bytes, json_option, open_repo, repo_argument
+from .common import Progress, disk_line, emit_json, json_option, open_repo, repo_argument
 
 
 def _pairs(values: tuple[str, ...], option: str) -> dict[str, Path]:
@@ -36,6 +36,7 @@ def backup() -> None:
                    "...] or VMware's DiskChangeInfo as pyVmomi writes it.")
 @click.option("--tag", "tags", multiple=True, help="Tag the point. Repeatable.")
 @click.option("--audit", "audit_percent", type=click.FloatRange(0, 100), default=0.0,
+              show_default=True, metavar="PERCENT",
               help="Also re-read this percentage of blocks the change list calls unchanged and "
                    "check them; a mismatch makes the disk a full read.")
 @json_option
@@ -65,41 +66,57 @@ def image(repo: Path, vm: str, disks: tuple[str, ...], changed: tuple[str, ...],
     report_backup(point, as_json)
 
 
-def _ratio(a: float, b: float) -> float:
-    return round(a / b, 3) if b else 0.0
-
-
 def report_backup(point: object, as_json: bool) -> None:
     from ..repository.points import PointRecord
+    from ..units import mib_per_s, ratio
+    from .schema import point_doc
 
     assert isinstance(point, PointRecord)
     c = point.counters
-    seconds = max(c.get("seconds", 0), 1e-9)
+    nonzero = int(c.get("blocks_read", 0) - c.get("zero_blocks", 0))
+    new_chunks = int(c.get("new_chunks", 0))
     summary = {
-        "point": point.id, "vm": point.vm, "time": point.time,
         "bytes_read": int(c.get("bytes_read", 0)),
-        "new_chunks": int(c.get("new_chunks", 0)),
+        "nonzero_blocks_read": nonzero,
+        "new_chunks": new_chunks,
+        "new_raw_bytes": int(c.get("new_raw_bytes", 0)),
         "new_bytes_stored": int(c.get("new_stored_bytes", 0)),
-        # non-zero blocks read per new chunk stored, and raw per stored bytes of the new chunks
-        "dedup_ratio": _ratio(c.get("blocks_read", 0) - c.get("zero_blocks", 0),
-                              c.get("new_chunks", 0)),
-        "compression_ratio": _ratio(c.get("new_raw_bytes", 0), c.get("new_stored_bytes", 0)),
-        "seconds": c.get("seconds", 0),
-        "mb_per_s": round(c.get("bytes_read", 0) / seconds / 1e6, 1),
-        "disks": {d.key: {"mode": d.read_mode, "kind": d.kind, "note": d.note, **d.counters}
-                  for d in point.disks},
+        # non-zero blocks read per new chunk stored, and raw per stored bytes of the new chunks;
+        # null when nothing new was stored (there is no ratio to speak of)
+        "dedup_ratio": ratio(nonzero, new_chunks),
+        "compression_ratio": ratio(c.get("new_raw_bytes", 0), c.get("new_stored_bytes", 0)),
+        "seconds": float(c.get("seconds", 0)),
+        "mib_per_s": mib_per_s(c.get("bytes_read", 0), c.get("seconds", 0)),
     }
     if as_json:
-        emit_json(summary)
+        emit_json(point=point_doc(point), backup=summary)
         return
     click.echo(f"point {point.id[:8]}  {point.vm}@{point.time}")
     for d in point.disks:
-        note = f"  ({d.note})" if d.note else ""
-        click.echo(f"  disk {d.key}: {d.read_mode} read, {d.kind} map{note}")
-    click.echo(f"  read {human_bytes(summary['bytes_read'])} in {summary['seconds']:.2f} s "
-               f"({summary['mb_per_s']} MB/s); {summary['new_chunks']} new chunks, "
-               f"{human_bytes(summary['new_bytes_stored'])} stored; dedup "
-               f"{summary['dedup_ratio']}x, compression {summary['compression_ratio']}x")
+        click.echo(f"  disk {d.key}: {disk_line(d)}")
+    for line in backup_lines(summary):
+        click.echo(f"  {line}")
+
+
+def backup_lines(s: dict) -> list[str]:
+    """What a backup read and stored, in words (ratios only when something new was stored)."""
+    from ..units import format_rate, format_ratio, format_size, plural
+
+    read = (f"read {format_size(s['bytes_read'])} in {s['seconds']:.2f} s "
+            f"({format_rate(s['bytes_read'], s['seconds'])})")
+    if s["new_chunks"]:
+        stored = (f"stored {plural(s['new_chunks'], 'new chunk')}: "
+                  f"{format_size(s['new_raw_bytes'])}, {format_size(s['new_bytes_stored'])} "
+                  f"compressed; dedup {format_ratio(s['dedup_ratio'])} (non-zero blocks read "
+                  f"per new chunk), compression {format_ratio(s['compression_ratio'])}")
+    elif s["nonzero_blocks_read"]:
+        stored = (f"stored nothing new: the {plural(s['nonzero_blocks_read'], 'non-zero block')} "
+                  f"read {'was' if s['nonzero_blocks_read'] == 1 else 'were'} already in the "
+                  "repository")
+    else:
+        stored = "stored nothing new: every block read was zero" if s["bytes_read"] else \
+            "stored nothing new: nothing to read"
+    return [read, stored]
 
 
 def _datastore_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -121,8 +138,9 @@ def _datastore_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--disk", "disks", multiple=True, required=True, metavar="KEY=[DS] PATH.vmdk",
               help="A disk: its stable key (deviceKey) and datastore path. Repeatable.")
 @click.option("--server", required=True, help="vCenter or ESXi host.")
-@click.option("--port", type=click.IntRange(1, 65535), default=443, show_default=True)
-@click.option("--user", required=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=443, show_default=True,
+              help="HTTPS port of the server.")
+@click.option("--user", required=True, help="User name, e.g. backup@vsphere.local.")
 @click.option("--password-file", type=click.Path(path_type=Path, dir_okay=False),
               help="File holding the password (one trailing newline is dropped).")
 @click.option("--password-env", metavar="VAR", help="Environment variable holding the password.")
@@ -132,8 +150,8 @@ def _datastore_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
               help="The server certificate's SHA-1 fingerprint; without it, taken from a "
                    "certificate the system's CAs trust.")
 @click.option("--transports", metavar="MODES", help="VDDK transport modes, e.g. nbdssl:nbd.")
-@click.option("--vddk-libdir", envvar="VDDK_LIBDIR", metavar="DIR",
-              help="VDDK's directory (holding lib64/). Default: $VDDK_LIBDIR.")
+@click.option("--vddk-libdir", envvar="VDDK_LIBDIR", show_envvar=True, metavar="DIR",
+              help="VDDK's directory (holding lib64/).")
 @click.option("--changed", multiple=True, metavar="KEY=EXTENTS.json",
               help="Changed extents of a disk since its last backup: JSON [[offset, length], "
                    "...] or VMware's DiskChangeInfo as pyVmomi writes it.")

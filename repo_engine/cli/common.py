@@ -6,7 +6,6 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,15 +15,15 @@ if TYPE_CHECKING:  # imported lazily at run time: `--help` must not load the eng
     from ..repository.repo import Repository
 
 repo_argument = click.argument("repo", type=click.Path(path_type=Path))
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print a versioned JSON document instead of text (docs/JSON.md).")
 
 
-def emit_json(doc: object) -> None:
-    if is_dataclass(doc) and not isinstance(doc, type):
-        doc = asdict(doc)
-    elif isinstance(doc, list):
-        doc = [asdict(d) if is_dataclass(d) and not isinstance(d, type) else d for d in doc]
-    click.echo(json.dumps(doc, indent=2, sort_keys=True))
+def emit_json(doc: object = None, **fields: object) -> None:
+    """Print a versioned document (see schema.py): a report dataclass or dict, plus `fields`."""
+    from .schema import document
+
+    click.echo(json.dumps(document(doc, **fields), indent=2, sort_keys=True))
 
 
 @contextmanager
@@ -66,3 +65,19 @@ def human_bytes(n: float) -> str:
     from ..units import format_size
 
     return format_size(n)
+
+
+# how a backup read a disk (DiskRecord.read_mode), in words
+READ_MODES = {"allocated": "read its allocated extents", "changed": "read the changed extents",
+              "full": "read whole"}
+
+
+def disk_line(d: object) -> str:
+    """`read the changed extents, delta on 3f2a9c1d (2 links)`, and the disk's note."""
+    from ..repository.points import DiskRecord
+
+    assert isinstance(d, DiskRecord)
+    stored = f"delta on {d.parent[:8]}" if d.kind == "delta" and d.parent else "full map"
+    links = f" (a chain of {d.links} maps)" if d.links > 1 else ""
+    note = f"  ({d.note})" if d.note else ""
+    return f"{READ_MODES.get(d.read_mode, d.read_mode + ' read')}, {stored}{links}{note}"

@@ -19,21 +19,23 @@ from .common import repo_argument
 @click.option("--max-chain", default=DEFAULT_MAX_CHAIN, show_default=True, type=int,
               help="Block maps per chain before a synthetic full.")
 @click.option("--pack-size", default="32MiB", show_default=True, help="Target pack file size.")
+@click.option("--parents", is_flag=True,
+              help="Also create REPO's missing parent directories (like mkdir -p).")
 def init(repo: Path, block_size: str, compression_level: int, max_chain: int,
-         pack_size: str) -> None:
-    """Create an empty repository in REPO.
+         pack_size: str, parents: bool) -> None:
+    """Create an empty repository in REPO (a new or empty directory whose parent exists).
 
     \b
     Example:
       repo-engine init /backup/repo --block-size 64KiB
     """
     from ..repository.repo import Repository
-    from ..units import parse_size
+    from ..units import format_size, parse_size
 
-    created = Repository.init(repo, block_size=parse_size(block_size),
+    created = Repository.init(repo, parents=parents, block_size=parse_size(block_size),
                               compression_level=compression_level, max_chain=max_chain,
                               pack_size=parse_size(pack_size))
     click.echo(f"created repository {created.config.repo_id[:12]} at {repo} "
-               f"(block size {created.config.block_size}, zstd level "
+               f"(block size {format_size(created.config.block_size)}, zstd level "
                f"{created.config.compression_level})")
     created.close()

@@ -7,26 +7,34 @@ from pathlib import Path
 
 import click
 
-from .common import emit_json, human_bytes, json_option, open_repo, repo_argument
+from .common import disk_line, emit_json, human_bytes, json_option, open_repo, repo_argument
 
 
 @click.command()
 @repo_argument
-@click.option("--vm", help="Only this VM's points.")
+@click.option("--vm", help="Only this VM's points; without it, every VM's.")
 @json_option
 def points(repo: Path, vm: str | None, as_json: bool) -> None:
-    """List restore points, oldest first."""
+    """List restore points, oldest first.
+
+    \b
+    Example:
+      repo-engine points /backup/repo --vm web1
+    """
+    from ..units import plural
+    from .schema import point_doc
+
     with open_repo(repo) as repository:
         found = repository.points(vm)
     if as_json:
-        emit_json([p.summary() for p in found])
+        emit_json(points=[point_doc(p) for p in found])
         return
     click.echo(f"{'ID':8}  {'VM@TIME':45}  {'DISKS':>5}  {'LOGICAL':>10}  TAGS")
     for p in found:
         logical = human_bytes(sum(d.logical_bytes for d in p.disks))
         click.echo(f"{p.id[:8]}  {p.vm + '@' + p.time:45}  {len(p.disks):>5}  {logical:>10}  "
                    f"{','.join(p.tags)}")
-    click.echo(f"{len(found)} points")
+    click.echo(plural(len(found), "point"))
 
 
 @click.command()
@@ -34,25 +42,32 @@ def points(repo: Path, vm: str | None, as_json: bool) -> None:
 @click.argument("point")
 @json_option
 def show(repo: Path, point: str, as_json: bool) -> None:
-    """Show one restore point in full (POINT: short id, VM@latest or VM@TIME)."""
+    """Show one restore point in full (POINT: short id, VM@latest or VM@TIME).
+
+    \b
+    Example:
+      repo-engine show /backup/repo web1@latest
+    """
+    from ..units import plural
+    from .schema import point_doc
+
     with open_repo(repo) as repository:
         record = repository.load_point(repository.find_point(point).id)
     if as_json:
-        emit_json(asdict(record))
+        emit_json(point=point_doc(record), config=record.config)
         return
     click.echo(f"point {record.id}\n  vm: {record.vm}\n  time: {record.time}\n"
                f"  source: {record.source}\n  consistency: {record.consistency}\n"
-               f"  tags: {', '.join(record.tags) or '-'}")
+               f"  tags: {', '.join(record.tags) or '-'}"
+               + ("\n  protected: yes" if record.protected else ""))
     for note in record.notes:
         click.echo(f"  note: {note}")
+    for damage in record.damage:
+        click.echo(f"  damaged: {damage}")
     for d in record.disks:
-        parent = f" on {d.parent[:8]}" if d.parent else ""
-        click.echo(f"  disk {d.key}: {human_bytes(d.capacity)}, {d.kind}{parent} "
-                   f"({d.links} links), {d.read_mode} read, "
-                   f"{human_bytes(d.counters.get('bytes_read', 0))} read, "
-                   f"{d.counters.get('new_chunks', 0)} new chunks")
-        if d.note:
-            click.echo(f"    note: {d.note}")
+        click.echo(f"  disk {d.key}: {human_bytes(d.capacity)}, {disk_line(d)}")
+        click.echo(f"    {human_bytes(d.counters.get('bytes_read', 0))} read, "
+                   f"{plural(d.counters.get('new_chunks', 0), 'new chunk')} stored")
 
 
 @click.command()
@@ -61,36 +76,49 @@ def show(repo: Path, point: str, as_json: bool) -> None:
 @click.argument("point_b")
 @json_option
 def diff(repo: Path, point_a: str, point_b: str, as_json: bool) -> None:
-    """Blocks that differ between POINT_A and POINT_B, per disk (--json lists byte extents)."""
+    """Blocks that differ between POINT_A and POINT_B, per disk (--json lists byte extents).
+
+    \b
+    Example:
+      repo-engine diff /backup/repo web1@2026-11-24 web1@latest
+    """
     from ..restore.diff import diff_points
+    from ..units import plural
 
     with open_repo(repo) as repository:
         diffs = diff_points(repository, repository.find_point(point_a),
                             repository.find_point(point_b))
     if as_json:
-        emit_json([asdict(d) for d in diffs])
+        emit_json(disks=[asdict(d) for d in diffs])
         return
     for d in diffs:
-        click.echo(f"disk {d.disk}: {d.changed_blocks} blocks changed "
-                   f"({human_bytes(d.changed_bytes)}) in {len(d.extents)} extents")
+        click.echo(f"disk {d.disk}: {plural(d.changed_blocks, 'block')} changed "
+                   f"({human_bytes(d.changed_bytes)}) in {plural(len(d.extents), 'extent')}")
 
 
 @click.command()
 @repo_argument
 @json_option
 def stats(repo: Path, as_json: bool) -> None:
-    """Logical versus stored bytes, dedup and compression ratios."""
+    """Logical versus stored bytes, dedup and compression ratios.
+
+    \b
+    Example:
+      repo-engine stats /backup/repo
+    """
     from ..maintenance.stats import repo_stats
+    from ..units import format_ratio, plural
 
     with open_repo(repo) as repository:
         result = repo_stats(repository)
     if as_json:
-        emit_json(asdict(result))
+        emit_json(result)
         return
-    click.echo(f"points: {result.points} ({result.vms} VMs)\n"
+    click.echo(f"points: {result.points} ({plural(result.vms, 'VM')})\n"
                f"logical data: {human_bytes(result.logical_bytes)}\n"
                f"unique chunks: {result.chunks} ({human_bytes(result.unique_raw_bytes)} raw, "
                f"{human_bytes(result.stored_bytes)} compressed)\n"
                f"packs: {result.packs} ({human_bytes(result.pack_bytes)})\n"
-               f"dedup ratio: {result.dedup_ratio}x  compression ratio: "
-               f"{result.compression_ratio}x  overall: {result.total_ratio}x")
+               f"dedup ratio: {format_ratio(result.dedup_ratio)}  compression ratio: "
+               f"{format_ratio(result.compression_ratio)}  overall: "
+               f"{format_ratio(result.total_ratio)}")

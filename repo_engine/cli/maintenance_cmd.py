@@ -28,6 +28,22 @@ def _spinner(progress: Progress, label: str):
     return lambda text: click.echo(f"\r{label}: {text}".ljust(70), nl=False, err=True)
 
 
+def _months(_ctx: click.Context, _param: click.Parameter, text: str | None) -> str | None:
+    """--keep-within spells months `mo` (`m` alone could be minutes); the policy reads `m`."""
+    from ..units import refuse_bare_m
+
+    if text is None:
+        return None
+    refuse_bare_m(text, "--keep-within", "6mo")
+    return text.lower().replace("mo", "m")
+
+
+def _keep_bucket(bucket: str, buckets: str):  # type: ignore[no-untyped-def]
+    """`--keep-daily N` and its siblings."""
+    return click.option(f"--keep-{bucket}", type=int, default=0, show_default=True, metavar="N",
+                        help=f"Keep the newest point of each of the last N {buckets}.")
+
+
 def _iso(when: datetime) -> str:
     """A policy decision's time written as points are (UTC, `Z`)."""
     return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
@@ -37,15 +53,19 @@ def _iso(when: datetime) -> str:
 @repo_argument
 @click.argument("point_ids", nargs=-1, metavar="[POINT]...")
 @click.option("--vm", help="Apply the policy to this VM's points only.")
-@click.option("--keep-last", type=int, default=0, help="Keep the N newest points (-1: all).")
-@click.option("--keep-hourly", type=int, default=0, help="Keep the newest point of N hours.")
-@click.option("--keep-daily", type=int, default=0, help="Keep the newest point of N days.")
-@click.option("--keep-weekly", type=int, default=0, help="Keep the newest point of N ISO weeks.")
-@click.option("--keep-monthly", type=int, default=0, help="Keep the newest point of N months.")
-@click.option("--keep-yearly", type=int, default=0, help="Keep the newest point of N years.")
-@click.option("--keep-within", metavar="DURATION",
-              help="Keep points newer than the newest point minus DURATION (e.g. 7d, 2w, 6m, 1y).")
-@click.option("--keep-tag", "keep_tags", multiple=True, help="Keep points with this tag.")
+@click.option("--keep-last", type=int, default=0, show_default=True, metavar="N",
+              help="Keep the N newest points (-1: all).")
+@_keep_bucket("hourly", "hours")
+@_keep_bucket("daily", "days")
+@_keep_bucket("weekly", "ISO weeks")
+@_keep_bucket("monthly", "months")
+@_keep_bucket("yearly", "years")
+@click.option("--keep-within", metavar="DURATION", callback=_months,
+              help="Keep points newer than the newest point minus DURATION: numbers with y "
+                   "(years), mo (months), w (weeks), d (days), h (hours), e.g. 7d, 2w, 6mo, "
+                   "1y6mo. A bare 'm' is refused as ambiguous.")
+@click.option("--keep-tag", "keep_tags", multiple=True,
+              help="Keep points with this tag. Repeatable.")
 @click.option("--allow-remove-latest", is_flag=True,
               help="Let the policy remove the newest point of a VM and disk set too (by default "
                    "it is always kept).")
@@ -103,20 +123,39 @@ def forget(repo: Path, point_ids: tuple[str, ...], vm: str | None, keep_last: in
 
             gc_report = gc(repository)
     if as_json:
-        doc = asdict(report)
-        if gc_report is not None:
-            doc["gc"] = asdict(gc_report)
-        emit_json(doc)
+        emit_json(report, gc=None if gc_report is None else asdict(gc_report))
         return
     for d in decisions:
         action = "keep  " if d["keep"] else "remove"
         click.echo(f"{action} {d['id'][:8]}  {d.get('vm', '')}@{d.get('time', '')}  "
                    f"{', '.join(d['reasons'])}")
-    verb = "would remove" if dry_run else "removed"
-    click.echo(f"{verb} {len(remove)} points, kept {sum(d['keep'] for d in decisions)}; "
-               f"{len(set(report.rewritten))} points consolidated")
+    for line in _forget_summary(len(remove), sum(d["keep"] for d in decisions),
+                                len(set(report.rewritten)), dry_run, gc_report is not None):
+        click.echo(line)
     if gc_report is not None:
         _echo_gc(gc_report)
+
+
+def _forget_summary(removed: int, kept: int, merged: int, dry_run: bool,
+                    pruned: bool) -> list[str]:
+    """What forget did or would do, including what happens to the points built on a removed
+    one: they take over its changes (its delta is merged into theirs), so they still restore."""
+    from ..units import plural
+
+    if dry_run:
+        lines = [f"would remove {plural(removed, 'point')} and keep {kept} (dry run, nothing "
+                 "changed)"]
+        if removed:
+            lines.append("points built on a removed point would take over its changes, so they "
+                         "still restore; no data is deleted until gc")
+        return lines
+    lines = [f"removed {plural(removed, 'point')}, kept {kept}"]
+    if merged:
+        lines.append(f"{plural(merged, 'point')} built on removed points took over their "
+                     "changes (merged into their own block maps)")
+    if removed and not pruned:
+        lines.append("no data is deleted until gc: run 'repo-engine gc' (or forget --prune)")
+    return lines
 
 
 def _protect(repo: Path, point: str, protected: bool, as_json: bool) -> None:
@@ -125,7 +164,7 @@ def _protect(repo: Path, point: str, protected: bool, as_json: bool) -> None:
     with open_repo(repo) as repository:
         record = set_protected(repository, repository.find_point(point), protected)
     if as_json:
-        emit_json({"id": record.id, "protected": record.protected})
+        emit_json(id=record.id, protected=record.protected)
     else:
         state = "protected" if record.protected else "not protected"
         click.echo(f"point {record.id[:8]} ({record.vm}@{record.time}) is {state}")
@@ -154,20 +193,31 @@ def unprotect(repo: Path, point: str, as_json: bool) -> None:
     _protect(repo, point, False, as_json)
 
 
+def _counts(doc: dict) -> str:
+    """`under counted 0, over counted 2`: a dict of counters in words, not a Python repr."""
+    return ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in doc.items())
+
+
 def _echo_gc(r: object) -> None:
     from ..maintenance.gc import GcReport
+    from ..units import plural
 
     assert isinstance(r, GcReport)
     head = "gc (dry run, nothing deleted)" if r.dry_run else f"gc ({r.mode})"
-    click.echo(f"{head}: {r.candidates} candidate chunks, {r.chunks_dropped} dropped "
-               f"({human_bytes(r.stored_bytes_dropped)}), {r.resurrected} kept by running "
-               f"backups; packs: {r.packs_repacked} repacked into {r.packs_written}, "
-               f"{r.packs_deleted} deleted, {r.orphan_packs_deleted} orphans; "
-               f"{r.maps_deleted} maps, {r.manifests_deleted} manifests deleted; "
-               f"freed {human_bytes(max(r.freed_bytes, 0))} in {r.seconds:.2f} s "
-               f"(waited {r.waited_seconds:.2f} s for running sessions)")
+    verb = "would free" if r.dry_run else "freed"
+    click.echo(f"{head}: {verb} {human_bytes(max(r.freed_bytes, 0))} in {r.seconds:.2f} s")
+    click.echo(f"  chunks: {r.candidates} unused, {r.chunks_dropped} dropped "
+               f"({human_bytes(r.stored_bytes_dropped)}), {r.resurrected} kept for running "
+               f"backups")
+    click.echo(f"  packs: {r.packs_repacked} repacked into {r.packs_written}, "
+               f"{r.packs_deleted} deleted, "
+               f"{plural(r.orphan_packs_deleted, 'orphan pack')} deleted")
+    click.echo(f"  {plural(r.maps_deleted, 'block map')} and "
+               f"{plural(r.manifests_deleted, 'manifest')} deleted")
+    if r.waited_seconds >= 0.01:
+        click.echo(f"  waited {r.waited_seconds:.2f} s for running backups")
     if r.recount:
-        click.echo(f"  recount: {r.recount}")
+        click.echo(f"  recount: {_counts(r.recount)}")
     for msg in r.damaged_packs_skipped:
         click.echo(f"  not repacked (damaged): {msg}")
 
@@ -178,8 +228,9 @@ def _echo_gc(r: object) -> None:
 @click.option("--full", is_flag=True, help="Recount every reference (mark and sweep) first.")
 @click.option("--max-unused", type=click.FloatRange(0, 100), default=10.0, show_default=True,
               help="Repack packs with more than this percentage of unused bytes.")
-@click.option("--wait-timeout", type=float, default=None,
-              help="Give up (safely) after waiting this many seconds for running backups.")
+@click.option("--wait-timeout", type=float, default=None, metavar="SECONDS",
+              show_default="wait as long as it takes",
+              help="Give up (safely) after waiting this long for running backups.")
 @json_option
 def gc(repo: Path, dry_run: bool, full: bool, max_unused: float, wait_timeout: float | None,
        as_json: bool) -> None:
@@ -216,6 +267,7 @@ def verify(repo: Path, repair: bool, as_json: bool) -> None:
       repo-engine verify /backup/repo --json
     """
     from ..maintenance.verify import verify as run_verify
+    from ..units import plural
 
     repaired: list[str] = []
     with open_repo(repo) as repository, Progress() as progress:
@@ -229,46 +281,50 @@ def verify(repo: Path, repair: bool, as_json: bool) -> None:
                 recount(repository, strict=False)
         report = run_verify(repository, tick=progress.bar("packs", len(repository.index.all_packs())))
     if as_json:
-        doc = asdict(report)
-        doc["ok"] = report.ok
-        doc["manifests_rewritten"] = repaired
-        emit_json(doc)
+        emit_json(report, ok=report.ok, manifests_rewritten=repaired)
     else:
         for point_id in repaired:
             click.echo(f"rewrote the manifest of point {point_id} from the catalog")
-        click.echo(f"verified {report.points} points, {report.maps} maps, {report.refs} chunks, "
-                   f"{report.packs} packs in {report.seconds:.2f} s")
+        click.echo(f"verified {plural(report.points, 'point')}, "
+                   f"{plural(report.maps, 'block map')}, {plural(report.refs, 'chunk')}, "
+                   f"{plural(report.packs, 'pack')} in {report.seconds:.2f} s")
         for msg in report.errors:
             click.echo(f"ERROR: {msg}")
         for msg in report.warnings:
             click.echo(f"warning: {msg}")
         for kind, names in report.orphans.items():
             if names:
-                click.echo(f"orphan {kind}: {len(names)} ({', '.join(n[:12] for n in names[:5])})")
+                click.echo(f"orphan {kind} (unused; gc removes them): {len(names)} "
+                           f"({', '.join(n[:12] for n in names[:5])})")
         _echo_affected(report.affected)
-        click.echo("no errors found" if report.ok else f"{len(report.errors)} errors")
+        click.echo("no errors found" if report.ok else plural(len(report.errors), "error"))
     if not report.ok:
         _exit_damage(f"verify found {len(report.errors)} errors; affected points: "
                      f"{', '.join(p[:8] for p in report.damaged_points) or 'none'}")
 
 
 def _echo_affected(affected: list) -> None:
+    from ..units import plural
+
     for a in affected:
         ranges = ", ".join(f"[{o}, {o + n})" for o, n in a.extents[:4])
         more = " ..." if len(a.extents) > 4 else ""
         click.echo(f"  affects point {a.point[:8]} ({a.vm}@{a.time}) disk {a.disk}: "
-                   f"{a.blocks} blocks at {ranges}{more}")
+                   f"{plural(a.blocks, 'block')} at bytes {ranges}{more}")
 
 
 @click.command()
 @repo_argument
 @click.option("--read-data-subset", "subset", metavar="PERCENT|n/t",
               help="Check only the least recently scrubbed PERCENT of the data, or slice n of t.")
-@click.option("--max-duration", metavar="DURATION", help="Stop starting new packs after e.g. 30m.")
+@click.option("--max-duration", metavar="DURATION",
+              help="Stop starting new packs after this long: numbers with s, min, h, d, e.g. "
+                   "30min, 2h, 1h30min. A bare 'm' is refused as ambiguous.")
 @click.option("--repair", is_flag=True,
               help="Quarantine damaged chunks, heal them from good copies, make the next backup "
                    "re-read the affected blocks, mark points that cannot heal as damaged.")
-@click.option("--workers", type=int, default=None, help="Verification threads (default: CPUs).")
+@click.option("--workers", type=int, default=None, show_default="the number of CPUs",
+              help="Verification threads.")
 @json_option
 def scrub(repo: Path, subset: str | None, max_duration: str | None, repair: bool,
           workers: int | None, as_json: bool) -> None:
@@ -281,30 +337,41 @@ def scrub(repo: Path, subset: str | None, max_duration: str | None, repair: bool
     """
     from ..maintenance.scrub import scrub as run_scrub
 
+    from ..units import parse_seconds
+
+    limit = parse_seconds(max_duration, "--max-duration") if max_duration else None
     with open_repo(repo) as repository, Progress() as progress:
         total = sum(p.size for p in repository.index.all_packs())
-        report = run_scrub(repository, subset=subset, max_duration=max_duration, repair=repair,
+        report = run_scrub(repository, subset=subset, max_duration=limit, repair=repair,
                            workers=workers, tick=progress.bar("scrub", total))
     if as_json:
-        doc = asdict(report)
-        doc["ok"] = report.ok
-        emit_json(doc)
+        emit_json(report, ok=report.ok)
     else:
-        click.echo(f"scrubbed {report.packs_scrubbed} of {report.packs_total} packs: "
-                   f"{report.chunks_checked} chunks, {human_bytes(report.raw_bytes)} in "
-                   f"{report.seconds:.2f} s ({report.mb_per_s} MB/s); "
-                   f"{report.packs_never_scrubbed} packs never scrubbed"
-                   + ("; stopped at --max-duration" if report.stopped_early else ""))
-        for d in report.damaged[:20]:
-            click.echo(f"DAMAGED chunk ref {d['ref']}: {d['reason']}")
-        if len(report.damaged) > 20:
-            click.echo(f"... {len(report.damaged) - 20} more damaged chunks")
-        _echo_affected(report.affected)
-        if report.repair:
-            click.echo(f"repair: {report.repair}")
+        _echo_scrub(report)
     if not report.ok:
         _exit_damage(f"scrub found {len(report.damaged)} damaged chunks affecting "
                      f"{len({a.point for a in report.affected})} points")
+
+
+def _echo_scrub(report: object) -> None:
+    from ..maintenance.scrub import ScrubReport
+    from ..units import format_rate, plural
+
+    assert isinstance(report, ScrubReport)
+    click.echo(f"scrubbed {report.packs_scrubbed} of {plural(report.packs_total, 'pack')}: "
+               f"{plural(report.chunks_checked, 'chunk')}, {human_bytes(report.raw_bytes)} in "
+               f"{report.seconds:.2f} s ({format_rate(report.raw_bytes, report.seconds)}); "
+               f"{report.packs_never_scrubbed} never scrubbed"
+               + ("; stopped at --max-duration" if report.stopped_early else ""))
+    for d in report.damaged[:20]:
+        click.echo(f"DAMAGED chunk ref {d['ref']}: {d['reason']}")
+    if len(report.damaged) > 20:
+        click.echo(f"... {plural(len(report.damaged) - 20, 'more damaged chunk')}")
+    _echo_affected(report.affected)
+    if report.repair:
+        click.echo(f"repair: {_counts(report.repair)}")
+    if report.ok:
+        click.echo("no damage found")
 
 
 @click.command("rebuild-index")
@@ -318,13 +385,15 @@ def rebuild_index(repo: Path, as_json: bool) -> None:
       repo-engine rebuild-index /backup/repo
     """
     from ..maintenance.rebuild import rebuild_index as run_rebuild
+    from ..units import plural
 
     report = run_rebuild(repo)
     if as_json:
         emit_json(report)
         return
-    click.echo(f"rebuilt the index: {report.packs} packs, {report.chunks} chunks, "
-               f"{report.points} points in {report.seconds:.2f} s")
+    click.echo(f"rebuilt the index: {plural(report.packs, 'pack')}, "
+               f"{plural(report.chunks, 'chunk')}, {plural(report.points, 'point')} in "
+               f"{report.seconds:.2f} s")
     for msg in report.unreadable_packs + report.unreadable_manifests:
         click.echo(f"skipped: {msg}")
 
@@ -341,12 +410,13 @@ def unlock(repo: Path, force: bool, as_json: bool) -> None:
       repo-engine unlock /backup/repo
     """
     from ..maintenance.rebuild import unlock as run_unlock
+    from ..units import plural
 
     report = run_unlock(repo, force=force)
     if as_json:
         emit_json(report)
         return
     for doc in report.removed:
-        click.echo(f"removed {doc['kind']} lock of {doc['command']!r} (pid {doc['pid']} on "
-                   f"{doc['host']})")
-    click.echo(f"removed {len(report.removed)} locks")
+        click.echo(f"removed the {doc['kind']} lock of \"{doc['command']}\" (pid {doc['pid']} "
+                   f"on {doc['host']})")
+    click.echo(f"removed {plural(len(report.removed), 'lock')}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -22,13 +21,23 @@ class DefaultToImage(click.Group):
 @click.group(cls=DefaultToImage)
 def restore() -> None:
     """Restore a disk of a point to a file or block device (`restore image`, the default), or a
-    VM through vSphere (`restore vsphere`)."""
+    VM through vSphere (`restore vsphere`).
+
+    \b
+    Examples (restore disk sda of web1's newest point as an image file, or onto a device):
+      repo-engine restore /backup/repo web1@latest --disk sda --to /restore/sda.img
+      repo-engine restore /backup/repo web1@2026-11-24 --disk sda --to /dev/vg/web1-sda
+    \b
+    Points are named by short id (3f2a9c1d), VM@latest or VM@TIME (any prefix of the UTC time);
+    `repo-engine points REPO` lists them and `repo-engine show REPO POINT` lists a point's disks.
+    """
 
 
 @restore.command("image")
 @repo_argument
 @click.argument("point")
-@click.option("--disk", "key", required=True, help="Key of the disk to restore.")
+@click.option("--disk", "key", required=True,
+              help="Key of the disk to restore (as given at backup; `show` lists them).")
 @click.option("--to", "target", type=click.Path(path_type=Path),
               help="Write the full image to this new file or block device.")
 @click.option("--onto", type=click.Path(path_type=Path),
@@ -38,14 +47,16 @@ def restore() -> None:
 @json_option
 def restore_image(repo: Path, point: str, key: str, target: Path | None, onto: Path | None,
             base: str | None, force: bool, as_json: bool) -> None:
-    """Restore disk KEY of POINT (short id, VM@latest or VM@TIME).
+    """Restore disk KEY of POINT (short id, VM@latest or VM@TIME) as an image.
 
     \b
     Examples:
       repo-engine restore /backup/repo web1@latest --disk sda --to /restore/sda.img
+      repo-engine restore image /backup/repo web1@latest --disk sda --to /dev/vg/web1-sda
       repo-engine restore /backup/repo 3f2a9c1d --disk sda --onto /images/sda.img --base web1@2026-11-24
     """
     from ..restore.restorer import restore_disk
+    from ..units import format_rate, plural
 
     if (target is None) == (onto is None):
         raise click.UsageError("give exactly one of --to PATH or --onto PATH")
@@ -58,12 +69,14 @@ def restore_image(repo: Path, point: str, key: str, target: Path | None, onto: P
             repository, chosen, key, target or onto, base=base_point, force=force,  # type: ignore[arg-type]
             progress=lambda total: progress.bar(f"disk {key}", total))
     if as_json:
-        emit_json(asdict(summary))
+        emit_json(summary)
         return
     click.echo(f"restored disk {key} of point {summary.point[:8]} to {summary.target}: "
-               f"{summary.blocks_written} blocks written ({human_bytes(summary.bytes_written)}), "
-               f"{summary.zero_blocks} zero blocks, {summary.chunks_read} chunks read, "
-               f"{summary.seconds:.2f} s")
+               f"{plural(summary.blocks_written, 'block')} written "
+               f"({human_bytes(summary.bytes_written)}), "
+               f"{plural(summary.zero_blocks, 'zero block')}, "
+               f"{plural(summary.chunks_read, 'chunk')} read, {summary.seconds:.2f} s "
+               f"({format_rate(summary.bytes_written, summary.seconds)})")
 
 
 # `restore vsphere` lives in vsphere_cmd.py (which imports pyvmomi only inside its command body)

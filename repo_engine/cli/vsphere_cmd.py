@@ -20,9 +20,13 @@ from .common import Progress, emit_json, human_bytes, json_option, open_repo, re
 def connection_options(fn: Callable) -> Callable:
     options = [
         click.option("--config", "config", type=click.Path(path_type=Path, dir_okay=False),
-                     help="TOML file with any of these settings (keys as the long options)."),
+                     help="TOML file of settings, options given on the command line win. Keys: "
+                          "server, port, user, password-file, password-env, thumbprint, "
+                          "insecure, vm, vm-uuid, quiesce (true/false), transports, "
+                          "vddk-libdir, tags (a list), audit; see docs/VSPHERE.md."),
         click.option("--server", help="vCenter or ESXi host."),
-        click.option("--port", type=click.IntRange(1, 65535), help="HTTPS port (443)."),
+        click.option("--port", type=click.IntRange(1, 65535), show_default="443",
+                     help="HTTPS port of the server."),
         click.option("--user", help="User name, e.g. backup@vsphere.local."),
         click.option("--password-file", type=click.Path(path_type=Path, dir_okay=False),
                      help="File holding the password (one trailing newline is dropped)."),
@@ -31,7 +35,7 @@ def connection_options(fn: Callable) -> Callable:
         click.option("--thumbprint", metavar="SHA1",
                      help="Pin the server certificate's SHA-1 fingerprint (AB:CD:...)."),
         click.option("--insecure", is_flag=True, default=None,
-                     help="Skip certificate checks (tests only)."),
+                     help="Skip certificate checks (for test servers only)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -41,8 +45,8 @@ def connection_options(fn: Callable) -> Callable:
 def data_options(fn: Callable) -> Callable:
     options = [
         click.option("--transports", metavar="MODES", help="VDDK transport modes, e.g. nbdssl:nbd."),
-        click.option("--vddk-libdir", metavar="DIR",
-                     help="VDDK's directory (holding lib64/). Default: $VDDK_LIBDIR."),
+        click.option("--vddk-libdir", metavar="DIR", show_default="$VDDK_LIBDIR",
+                     help="VDDK's directory (holding lib64/)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -88,13 +92,14 @@ def vms(as_json: bool, **params: Any) -> None:
     """
     from ..sources.vsphere.connection import connect
     from ..sources.vsphere.inventory import list_vms
+    from ..units import plural
 
     settings = _settings(params)
     password, _ = _password(settings, vddk=False)
     with connect(settings, password) as conn:
         found = list_vms(conn.content)
     if as_json:
-        emit_json(found)
+        emit_json(vms=found)
         return
     click.echo(f"{'NAME':30}  {'MOREF':10}  {'POWER':10}  {'CBT':12}  DISKS")
     for vm in found:
@@ -102,7 +107,7 @@ def vms(as_json: bool, **params: Any) -> None:
         disks = ", ".join(f"{d['key']}:{human_bytes(d['capacity'])}" for d in vm["disks"])
         click.echo(f"{vm['name']:30}  {vm['moref']:10}  {vm['power_state']:10}  {cbt:12}  "
                    f"{disks}")
-    click.echo(f"{len(found)} VMs")
+    click.echo(plural(len(found), "VM"))
 
 
 @click.command("vsphere")
@@ -114,7 +119,7 @@ def vms(as_json: bool, **params: Any) -> None:
               help="Do not quiesce the guest (crash-consistent point).")
 @data_options
 @click.option("--tag", "tags", multiple=True, help="Tag the point. Repeatable.")
-@click.option("--audit", type=click.FloatRange(0, 100),
+@click.option("--audit", type=click.FloatRange(0, 100), metavar="PERCENT", show_default="0",
               help="Also re-read this percentage of blocks CBT calls unchanged and check them.")
 @json_option
 def backup_vsphere(repo: Path, as_json: bool, **params: Any) -> None:
@@ -159,12 +164,13 @@ def backup_vsphere(repo: Path, as_json: bool, **params: Any) -> None:
 @connection_options
 @click.option("--in-place", is_flag=True,
               help="Roll the (powered-off) VM back to POINT, writing only what changed since.")
-@click.option("--vm", help="In place: the VM to roll back (default: the point's VM).")
+@click.option("--vm", show_default="the point's VM", help="In place: the VM to roll back.")
 @click.option("--vm-uuid", help="In place: the VM's UUID, instead of --vm.")
 @click.option("--as-new", metavar="NAME", help="Create a new VM NAME from the point.")
 @click.option("--datastore", help="As new: the datastore for the VM and its disks.")
-@click.option("--resource-pool", help="As new: resource pool (default: the datastore host's).")
-@click.option("--folder", help="As new: VM folder (default: the datacenter's).")
+@click.option("--resource-pool", show_default="the datastore host's",
+              help="As new: the resource pool.")
+@click.option("--folder", show_default="the datacenter's", help="As new: the VM folder.")
 @data_options
 @json_option
 def restore_vsphere(repo: Path, point: str, in_place: bool, as_new: str | None,
@@ -187,6 +193,7 @@ def restore_vsphere(repo: Path, point: str, in_place: bool, as_new: str | None,
     from ..sources.vsphere.inventory import find_vm
     from ..restore.vsphere import restore_as_new, restore_in_place
     from ..sources.vsphere.source import DataPlane
+    from ..units import plural
 
     if in_place == bool(as_new):
         raise click.UsageError("give exactly one of --in-place or --as-new NAME")
@@ -215,7 +222,7 @@ def restore_vsphere(repo: Path, point: str, in_place: bool, as_new: str | None,
                f"({result.moref})")
     for d in result.disks:
         note = f"  ({d.note})" if d.note else ""
-        click.echo(f"  disk {d.key} {d.file}: {d.blocks_written} blocks "
+        click.echo(f"  disk {d.key} {d.file}: {plural(d.blocks_written, 'block')} "
                    f"({human_bytes(d.bytes_written)}), {d.mode}{note}")
     for note in result.notes:
         click.echo(f"  note: {note}")

@@ -59,7 +59,7 @@ class Within:
         return not (self.years or self.months or self.days or self.hours)
 
     def __str__(self) -> str:
-        parts = [(self.years, "y"), (self.months, "m"), (self.days, "d"), (self.hours, "h")]
+        parts = [(self.years, "y"), (self.months, "mo"), (self.days, "d"), (self.hours, "h")]
         return "".join(f"{n}{u}" for n, u in parts if n) or "0h"
 
 

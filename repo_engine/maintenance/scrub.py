@@ -41,6 +41,7 @@ from ..repository.index import REF_KEY, REF_REC, U64, PackInfo
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import pack_path, read_trailer
 from ..repository.repo import Repository
+from ..units import mib_per_s, parse_seconds
 from .gc import less_live
 from .inventory import Affected, affected_by, scan_refs, scan_u64_keys
 
@@ -54,7 +55,7 @@ class ScrubReport:
     bytes_read: int = 0
     raw_bytes: int = 0
     seconds: float = 0.0
-    mb_per_s: float = 0.0
+    mib_per_s: float = 0.0
     stopped_early: bool = False
     damaged: list[dict] = field(default_factory=list)
     affected: list[Affected] = field(default_factory=list)
@@ -89,20 +90,6 @@ def parse_subset(text: str | None) -> tuple[str, float, int] | None:
     if not match or not 0 < float(match.group(1)) <= 100:
         raise UsageError(f"subset {text!r}: give PERCENT (0-100, e.g. 10%) or n/t (e.g. 1/7)")
     return "percent", float(match.group(1)), 0
-
-
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(s|m|h|d)")
-
-
-def parse_duration(text: str | None) -> float | None:
-    """`90s`, `30m`, `2h`, `1h30m`, `1d` -> seconds."""
-    if not text:
-        return None
-    clean = text.strip().lower()
-    if not clean or _DURATION_RE.sub("", clean).strip():
-        raise UsageError(f"not a duration: {text!r} (examples: 90s, 30m, 2h, 1h30m)")
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    return sum(float(n) * units[u] for n, u in _DURATION_RE.findall(clean))
 
 
 def select_packs(repo: Repository, subset: tuple[str, float, int] | None) -> list[PackInfo]:
@@ -178,7 +165,8 @@ def _scrub(repo: Repository, subset: tuple[str, float, int] | None,
            max_duration: str | float | None, workers: int | None,
            tick: Callable[[int], None] | None) -> ScrubReport:
     started = time.monotonic()
-    limit = parse_duration(max_duration) if isinstance(max_duration, str) else max_duration
+    limit = (parse_seconds(max_duration, "--max-duration") if isinstance(max_duration, str)
+             else max_duration)
     deadline = started + limit if limit is not None else None
     packs = select_packs(repo, subset)
     report = ScrubReport(packs_total=len(repo.index.all_packs()))
@@ -210,7 +198,7 @@ def _scrub(repo: Repository, subset: tuple[str, float, int] | None,
             1 for p in repo.index.all_packs()
             if txn.get(bytes.fromhex(p.name), db=repo.index.scrubbed) is None)
     report.seconds = round(time.monotonic() - started, 3)
-    report.mb_per_s = round(report.raw_bytes / max(report.seconds, 1e-9) / 1e6, 1)
+    report.mib_per_s = mib_per_s(report.raw_bytes, report.seconds)
     return report
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..repository.repo import Repository
+from ..units import ratio
 
 
 @dataclass
@@ -17,13 +18,10 @@ class RepoStats:
     pack_bytes: int
     chunks: int
     packs: int
-    dedup_ratio: float
-    compression_ratio: float
-    total_ratio: float
-
-
-def _ratio(a: int, b: int) -> float:
-    return round(a / b, 3) if b else 0.0
+    # None when there is nothing stored to compare with
+    dedup_ratio: float | None
+    compression_ratio: float | None
+    total_ratio: float | None
 
 
 def repo_stats(repo: Repository) -> RepoStats:
@@ -34,7 +32,7 @@ def repo_stats(repo: Repository) -> RepoStats:
         points=len(points), vms=len({p.vm for p in points}), logical_bytes=logical,
         unique_raw_bytes=c["raw_bytes"], stored_bytes=c["stored_bytes"],
         pack_bytes=c["pack_bytes"], chunks=c["chunks"], packs=c["packs"],
-        dedup_ratio=_ratio(logical, c["raw_bytes"]),
-        compression_ratio=_ratio(c["raw_bytes"], c["stored_bytes"]),
-        total_ratio=_ratio(logical, c["pack_bytes"]),
+        dedup_ratio=ratio(logical, c["raw_bytes"]),
+        compression_ratio=ratio(c["raw_bytes"], c["stored_bytes"]),
+        total_ratio=ratio(logical, c["pack_bytes"]),
     )

@@ -69,7 +69,8 @@ def write_config(path: Path, config: RepoConfig) -> None:
 
 def read_config(path: Path) -> RepoConfig:
     if not path.exists():
-        raise NotARepository(f"{path.parent} is not a repo-engine repository (no config file)")
+        raise NotARepository(f"{path.parent} is not a repo-engine repository (no config file); "
+                             f"to create one there: repo-engine init {path.parent}")
     doc = json.loads(read_sealed(path, CONFIG))
     known = {k: v for k, v in doc.items() if k in RepoConfig.__dataclass_fields__}
     return RepoConfig(**known)

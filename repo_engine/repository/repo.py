@@ -38,11 +38,16 @@ class Repository:
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
-    def init(cls, path: Path, **settings: int) -> "Repository":
+    def init(cls, path: Path, *, parents: bool = False, **settings: int) -> "Repository":
+        """Create a repository in `path`, a new or empty directory; its parent directory must
+        exist unless `parents` (a mistyped path must not silently become a directory tree)."""
         config = RepoConfig.new(**settings)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise UsageError(f"{path} already exists and is not an empty directory")
-        path.mkdir(parents=True, exist_ok=True)
+        if not parents and not path.absolute().parent.is_dir():
+            raise UsageError(f"cannot create {path}: the directory {path.absolute().parent} does "
+                             "not exist (check the path, or give --parents to create it)")
+        path.mkdir(parents=parents, exist_ok=True)
         for sub in SUBDIRS:
             (path / sub).mkdir(exist_ok=True)
         index = Index(path / "index", create=True)
@@ -52,7 +57,8 @@ class Repository:
     @classmethod
     def open(cls, path: Path) -> "Repository":
         if not path.is_dir():
-            raise NotARepository(f"{path} is not a repo-engine repository (no such directory)")
+            raise NotARepository(f"{path} is not a repo-engine repository (no such directory); "
+                                 f"to create one: repo-engine init {path}")
         config = read_config(path / "config")
         return cls(path, config, Index(path / "index"))
 

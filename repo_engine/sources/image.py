@@ -123,6 +123,9 @@ def listed_disk(key: str, capacity: int, open_device: Callable[[], BlockDevice],
 
     def allocated() -> ChangeReport:
         with open_device() as device:
+            if device.kind == "blockdev":
+                # a block device has no holes to find: it is read whole, and the point says so
+                return ChangeReport(None, "a block device has no allocation map")
             return ChangeReport(as_extents(device.allocated_extents()))
 
     def changes(_parent: Parent) -> ChangeReport:

@@ -66,9 +66,11 @@ class Env:
         return target.read_bytes()
 
     def show(self, point: str) -> dict:
+        """The point as `show --json` prints it, with its VM configuration as `config`."""
         result = self.run("show", self.repo, point, "--json")
         assert result.code == 0, result.err
-        return result.json()
+        doc = result.json()
+        return {**doc["point"], "config": doc["config"]}
 
     def snapshots(self, vm: str = VM) -> list[str]:
         """Names of every snapshot the VM has."""
