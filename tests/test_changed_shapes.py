@@ -10,7 +10,7 @@ import pytest
 from pyVmomi import vim
 from pyVmomi.VmomiJSONEncoder import VmomiJSONEncoder
 
-from helpers import cli, restore_bytes, tree_digest
+from helpers import cli, disk_of, restore_bytes, tree_digest
 from repo_engine.backup.extents import parse_extents
 from repo_engine.errors import UsageError
 from test_bad_input import setup  # noqa: F401  (fixture: a repository with one backup of a disk)
@@ -104,8 +104,8 @@ def test_backup_with_a_pyvmomi_change_info_restores_exactly(tmp_path, capsys, se
     result = cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}",
                  "--changed", f"d={path}", "--json")
     assert result.code == 0, result.err
-    assert result.json()["disks"]["d"]["mode"] == "changed"
-    restored = restore_bytes(capsys, repo, result.json()["point"][:12], "d", tmp_path / "o.img")
+    assert disk_of(result.json()["point"], "d")["read_mode"] == "changed"
+    restored = restore_bytes(capsys, repo, result.json()["point"]["id"][:12], "d", tmp_path / "o.img")
     assert restored == model.copy_of_content()
 
 

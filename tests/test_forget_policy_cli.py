@@ -22,17 +22,17 @@ def repo_with_points(tmp_path, capsys):
         result = cli(capsys, "backup", "image", repo, "--vm", "a", "--disk", f"sda={model.path}",
                      "--json", *tags)
         assert result.code == 0, result.err
-        ids.append(result.json()["point"])
+        ids.append(result.json()["point"]["id"])
         content[ids[-1]] = model.copy_of_content()
     other = DiskModel(tmp_path / "b.img", 1 * MIB, np.random.default_rng(4))
     result = cli(capsys, "backup", "image", repo, "--vm", "b", "--disk", f"sda={other.path}",
                  "--json")
     assert result.code == 0, result.err
-    return repo, ids, content, result.json()["point"]
+    return repo, ids, content, result.json()["point"]["id"]
 
 
 def _listed(capsys, repo) -> set[str]:
-    return {p["id"] for p in cli(capsys, "points", repo, "--json").json()}
+    return {p["id"] for p in cli(capsys, "points", repo, "--json").json()["points"]}
 
 
 @pytest.mark.parametrize("args", [

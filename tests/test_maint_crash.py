@@ -106,7 +106,9 @@ def _window(cmd: list[str], idle: list[str]) -> tuple[float, float]:
     started = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    return startup * 0.8, (time.monotonic() - started) * 0.9
+    end = (time.monotonic() - started) * 0.9
+    # on a loaded machine the idle command's start-up can outlast the whole timed run
+    return min(startup * 0.8, end * 0.5), end
 
 
 @pytest.mark.parametrize("mode", ["forget", "gc", "repack"])

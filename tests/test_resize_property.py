@@ -57,7 +57,7 @@ def _backup(capsys, repo: Path, image: Path, changed: Path | None) -> str:
         args += ["--changed", f"sda={changed}"]
     result = cli(capsys, *args)
     assert result.code == 0, result.err
-    return result.json()["point"]
+    return result.json()["point"]["id"]
 
 
 @given(histories())
