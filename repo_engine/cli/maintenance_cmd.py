@@ -14,6 +14,9 @@ import click
 from .common import Progress, emit_json, human_bytes, json_option, open_repo, repo_argument
 
 
+KEEP_COUNT = click.IntRange(min=-1)
+
+
 def _exit_damage(what: str) -> None:
     """Exit code 3 (DamageError), after the report has been printed."""
     from ..errors import DamageError
@@ -37,12 +40,12 @@ def _iso(when: datetime) -> str:
 @repo_argument
 @click.argument("point_ids", nargs=-1, metavar="[POINT]...")
 @click.option("--vm", help="Apply the policy to this VM's points only.")
-@click.option("--keep-last", type=int, default=0, help="Keep the N newest points (-1: all).")
-@click.option("--keep-hourly", type=int, default=0, help="Keep the newest point of N hours.")
-@click.option("--keep-daily", type=int, default=0, help="Keep the newest point of N days.")
-@click.option("--keep-weekly", type=int, default=0, help="Keep the newest point of N ISO weeks.")
-@click.option("--keep-monthly", type=int, default=0, help="Keep the newest point of N months.")
-@click.option("--keep-yearly", type=int, default=0, help="Keep the newest point of N years.")
+@click.option("--keep-last", type=KEEP_COUNT, default=0, help="Keep the N newest points (-1: all).")
+@click.option("--keep-hourly", type=KEEP_COUNT, default=0, help="Keep the newest point of N hours.")
+@click.option("--keep-daily", type=KEEP_COUNT, default=0, help="Keep the newest point of N days.")
+@click.option("--keep-weekly", type=KEEP_COUNT, default=0, help="Keep the newest point of N ISO weeks.")
+@click.option("--keep-monthly", type=KEEP_COUNT, default=0, help="Keep the newest point of N months.")
+@click.option("--keep-yearly", type=KEEP_COUNT, default=0, help="Keep the newest point of N years.")
 @click.option("--keep-within", metavar="DURATION",
               help="Keep points newer than the newest point minus DURATION (e.g. 7d, 2w, 6m, 1y).")
 @click.option("--keep-tag", "keep_tags", multiple=True, help="Keep points with this tag.")
@@ -172,7 +175,7 @@ def _echo_gc(r: object) -> None:
 @click.option("--full", is_flag=True, help="Recount every reference (mark and sweep) first.")
 @click.option("--max-unused", type=click.FloatRange(0, 100), default=10.0, show_default=True,
               help="Repack packs with more than this percentage of unused bytes.")
-@click.option("--wait-timeout", type=float, default=None,
+@click.option("--wait-timeout", type=click.FloatRange(min=0), default=None,
               help="Give up (safely) after waiting this many seconds for running backups.")
 @json_option
 def gc(repo: Path, dry_run: bool, full: bool, max_unused: float, wait_timeout: float | None,
@@ -262,7 +265,8 @@ def _echo_affected(affected: list) -> None:
 @click.option("--repair", is_flag=True,
               help="Quarantine damaged chunks, heal them from good copies, make the next backup "
                    "re-read the affected blocks, mark points that cannot heal as damaged.")
-@click.option("--workers", type=int, default=None, help="Verification threads (default: CPUs).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Verification threads (default: CPUs).")
 @json_option
 def scrub(repo: Path, subset: str | None, max_duration: str | None, repair: bool,
           workers: int | None, as_json: bool) -> None:

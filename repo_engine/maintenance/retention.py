@@ -40,12 +40,16 @@ class Within:
     hours: int = 0
 
     def before(self, when: datetime) -> datetime:
-        """`when` minus this duration."""
+        """`when` minus this duration; the earliest time there is when it reaches before year 1
+        (a duration longer than any history keeps every point)."""
         month = when.year * 12 + (when.month - 1) - self.years * 12 - self.months
         year, month0 = divmod(month, 12)
-        day = min(when.day, calendar.monthrange(year, month0 + 1)[1])
-        return when.replace(year=year, month=month0 + 1, day=day) - timedelta(
-            days=self.days, hours=self.hours)
+        try:
+            day = min(when.day, calendar.monthrange(year, month0 + 1)[1])
+            return when.replace(year=year, month=month0 + 1, day=day) - timedelta(
+                days=self.days, hours=self.hours)
+        except (ValueError, OverflowError):
+            return datetime.min.replace(tzinfo=when.tzinfo)
 
     def __str__(self) -> str:
         parts = [(self.years, "y"), (self.months, "m"), (self.days, "d"), (self.hours, "h")]
