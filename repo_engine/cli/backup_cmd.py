@@ -87,6 +87,7 @@ def report_backup(point: object, as_json: bool) -> None:
         "mb_per_s": round(c.get("bytes_read", 0) / seconds / 1e6, 1),
         "disks": {d.key: {"mode": d.read_mode, "kind": d.kind, "note": d.note, **d.counters}
                   for d in point.disks},
+        "notes": point.notes,
     }
     if as_json:
         emit_json(summary)
@@ -99,6 +100,8 @@ def report_backup(point: object, as_json: bool) -> None:
                f"({summary['mb_per_s']} MB/s); {summary['new_chunks']} new chunks, "
                f"{human_bytes(summary['new_bytes_stored'])} stored; dedup "
                f"{summary['dedup_ratio']}x, compression {summary['compression_ratio']}x")
+    for note in point.notes:
+        click.echo(f"  note: {note}")
 
 
 def _datastore_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:

@@ -298,11 +298,16 @@ def scrub(repo: Path, subset: str | None, max_duration: str | None, repair: bool
         if len(report.damaged) > 20:
             click.echo(f"... {len(report.damaged) - 20} more damaged chunks")
         _echo_affected(report.affected)
-        if report.repair:
-            click.echo(f"repair: {report.repair}")
+        for line in report.repair.summary() if report.repair else []:
+            click.echo(f"repair: {line}")
+        if report.ok and report.repair:
+            click.echo("repair: nothing is left damaged")
     if not report.ok:
-        _exit_damage(f"scrub found {len(report.damaged)} damaged chunks affecting "
-                     f"{len({a.point for a in report.affected})} points")
+        chunks, points = len(report.damaged), len({a.point for a in report.affected})
+        found = "left" if repair else "found"
+        _exit_damage(f"scrub {found} {chunks} damaged chunk{'s' * (chunks != 1)} used by "
+                     f"{points} point{'s' * (points != 1)}"
+                     + ("" if repair else "; 'repo-engine scrub --repair' heals what it can"))
 
 
 @click.command("rebuild-index")
