@@ -22,6 +22,7 @@ from repo_engine.cli.main import cli as cli_group
 from repo_engine.maintenance.retention import Policy, PointInfo, Within, apply_policy
 
 from helpers import MIB, DiskModel, cli, tree_digest
+from test_bad_input import setup  # noqa: F401 (a fixture)
 
 REPO_OPEN = "repo_engine.repository.repo.Repository.open"
 
@@ -142,16 +143,6 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch, how):
     assert result.err.rstrip().splitlines()[-1] == (
         "repo-engine: error: internal error: RuntimeError: boom (run with --debug for the "
         "traceback)")
-
-
-@pytest.fixture
-def setup(tmp_path, capsys):
-    repo = tmp_path / "repo"
-    assert cli(capsys, "init", repo, "--block-size", "64KiB").code == 0
-    model = DiskModel(tmp_path / "d.img", 2 * MIB, np.random.default_rng(3))
-    model.random_changes(5)
-    assert cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}").code == 0
-    return repo, model
 
 
 def test_restore_into_a_missing_directory(tmp_path, capsys, setup):

@@ -264,7 +264,8 @@ def _echo_affected(affected: list) -> None:
 @click.option("--max-duration", metavar="DURATION", help="Stop starting new packs after e.g. 30m.")
 @click.option("--repair", is_flag=True,
               help="Quarantine damaged chunks, heal them from good copies, make the next backup "
-                   "re-read the affected blocks, mark points that cannot heal as damaged.")
+                   "re-read the affected blocks (that backup heals the points using them), mark "
+                   "points that cannot heal yet as damaged.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Verification threads (default: CPUs).")
 @json_option

@@ -76,7 +76,8 @@ class RepairReport:
                          "deduplicates against it any more")
         if self.healed:
             lines.append(f"healed {_count(self.healed, 'damaged chunk')} from good copies"
-                         + (f"; {_count(self.points_cleared, 'point')} restore whole again: "
+                         + (f"; {_count(self.points_cleared, 'point')} "
+                            f"{_verb(self.points_cleared, 'restore')} whole again: "
                             f"{_ids(self.cleared_points)}" if self.points_cleared else ""))
         if self.postponed:
             lines.append(f"damaged chunks this backup stored again were not healed yet "
@@ -89,7 +90,8 @@ class RepairReport:
         if self.damaged_points:
             what = ("until then" if self.rereads else
                     "(no backup is due to read their content again)")
-            lines.append(f"{_count(len(self.damaged_points), 'point')} stay marked damaged "
+            n = len(self.damaged_points)
+            lines.append(f"{_count(n, 'point')} {_verb(n, 'stay')} marked damaged "
                          f"{what}: {_ids(self.damaged_points)}; restoring their damaged disks fails "
                          "until they heal; 'forget' those not needed")
         return lines
@@ -97,6 +99,10 @@ class RepairReport:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _verb(n: int, verb: str) -> str:
+    return f"{verb}s" if n == 1 else verb
 
 
 def _ids(points: list[str], limit: int = 10) -> str:
