@@ -72,6 +72,9 @@ FAULTS: dict[str, tuple[Callable[[], BaseException], int, list[str]]] = {
     "vddk_ext": (lambda: vddk_ext.DiskError(errno.ENOSPC, "writing disk /t/o.img at 65536: "
                                             "No space left on device"), 1,
                  ["filesystem full", "writing disk /t/o.img at 65536"]),
+    "VixError": (lambda: vddk_ext.VixError(errno.EIO, "VixDiskLib_QueryAllocatedBlocks on "
+                                           "[ds] v.vmdk: A general error occurred (VIX error 1)"),
+                 1, ["VixDiskLib_QueryAllocatedBlocks on [ds] v.vmdk: A general error occurred"]),
     "lmdb": (lambda: lmdb.DiskError("mdb_txn_commit: No space left on device"), 1,
              ["filesystem full", "repository index", "mdb_txn_commit"]),
     "pyVmomi": (lambda: vmodl.fault.SystemError(msg="QueryChangedDiskAreas failed"), 1,

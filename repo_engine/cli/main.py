@@ -131,6 +131,9 @@ def error_line(exc: BaseException) -> tuple[str, int]:
 
     if isinstance(exc, RepoError):
         return str(exc), exc.exit_code
+    vddk = sys.modules.get("vddk_ext")
+    if vddk is not None and isinstance(exc, vddk.VixError):  # names the disk and the VDDK call
+        return exc.strerror or str(exc), 1
     if isinstance(exc, OSError):
         return os_error_text(exc), 1
     text = _vsphere_fault_text(exc) or _index_error_text(exc)
