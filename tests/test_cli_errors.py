@@ -19,7 +19,6 @@ import vddk_ext
 from pyVmomi import vmodl
 
 from repo_engine.cli.main import cli as cli_group
-from repo_engine.maintenance.retention import Policy, PointInfo, Within, apply_policy
 
 from helpers import MIB, DiskModel, cli, tree_digest
 from test_bad_input import setup  # noqa: F401 (a fixture)
@@ -166,23 +165,9 @@ def test_restore_to_a_directory(tmp_path, capsys, setup, force):
     assert (tmp_path / "adir").is_dir()
 
 
-@pytest.mark.parametrize("content", [None, "[" * 100_000])
-def test_extents_file_that_cannot_be_parsed_is_a_usage_error(tmp_path, capsys, setup, content):
-    repo, model = setup
-    changed = tmp_path / "changed.json"
-    if content is None:
-        changed.mkdir()
-    else:
-        changed.write_text(content)
-    result = cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}",
-                 "--changed", f"d={changed}")
-    assert_one_line_error(result, 2, f"extents file {changed}")
-
-
 @pytest.mark.parametrize("args, fragment", [
     (["scrub", "{repo}", "--workers", "-1"], "--workers"),
     (["scrub", "{repo}", "--workers", "0"], "--workers"),
-    (["forget", "{repo}", "--keep-last", "-2"], "--keep-last"),
     (["gc", "{repo}", "--wait-timeout", "-1"], "--wait-timeout"),
 ])
 def test_option_ranges_are_usage_errors(tmp_path, capsys, setup, args, fragment):
@@ -190,24 +175,6 @@ def test_option_ranges_are_usage_errors(tmp_path, capsys, setup, args, fragment)
     result = cli(capsys, *[a.format(repo=repo) for a in args])
     assert result.code == 2, result.err
     assert fragment in result.err and "Traceback" not in result.err
-
-
-@pytest.mark.parametrize("within", ["9999y", "99999999d", "1000000000000h"])
-def test_keep_within_longer_than_any_history_keeps_everything(tmp_path, capsys, setup, within):
-    repo, _ = setup
-    result = cli(capsys, "forget", repo, "--keep-within", within, "--dry-run")
-    assert result.code == 0, result.err
-    assert "would remove 0 points" in result.out
-
-
-def test_within_reaching_before_year_one_keeps_every_point():
-    from datetime import datetime, timezone
-
-    points = [PointInfo(id=f"p{y}", vm="v", disks=("d",),
-                        time=datetime(y, 2, 1, tzinfo=timezone.utc)) for y in (1, 2000, 2026)]
-    for within in (Within(years=9999), Within(days=10**9), Within(hours=10**15)):
-        decisions = apply_policy(points, Policy(within=within))
-        assert all(d.keep for d in decisions), within
 
 
 def _mount_tmpfs(size: str) -> Path:

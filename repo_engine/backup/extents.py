@@ -41,13 +41,8 @@ def load_extents(path: Path, capacity: int) -> np.ndarray:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         raise UsageError(f"{what} does not exist") from None
-    except OSError as exc:  # a directory, no permission: a bad argument, not a failed backup
-        raise UsageError(f"{what} cannot be read: {exc.strerror}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"{what} is not valid JSON ({exc})") from None
-    except RecursionError:
-        raise UsageError(f"{what} is nested too deeply: expected a flat list of "
-                         f"[offset, length] pairs") from None
     return parse_extents(doc, capacity, what)
 
 

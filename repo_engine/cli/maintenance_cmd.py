@@ -14,9 +14,6 @@ import click
 from .common import Progress, emit_json, human_bytes, json_option, open_repo, repo_argument
 
 
-KEEP_COUNT = click.IntRange(min=-1)
-
-
 def _exit_damage(what: str) -> None:
     """Exit code 3 (DamageError), after the report has been printed."""
     from ..errors import DamageError
@@ -40,12 +37,12 @@ def _iso(when: datetime) -> str:
 @repo_argument
 @click.argument("point_ids", nargs=-1, metavar="[POINT]...")
 @click.option("--vm", help="Apply the policy to this VM's points only.")
-@click.option("--keep-last", type=KEEP_COUNT, default=0, help="Keep the N newest points (-1: all).")
-@click.option("--keep-hourly", type=KEEP_COUNT, default=0, help="Keep the newest point of N hours.")
-@click.option("--keep-daily", type=KEEP_COUNT, default=0, help="Keep the newest point of N days.")
-@click.option("--keep-weekly", type=KEEP_COUNT, default=0, help="Keep the newest point of N ISO weeks.")
-@click.option("--keep-monthly", type=KEEP_COUNT, default=0, help="Keep the newest point of N months.")
-@click.option("--keep-yearly", type=KEEP_COUNT, default=0, help="Keep the newest point of N years.")
+@click.option("--keep-last", type=int, default=0, help="Keep the N newest points (-1: all).")
+@click.option("--keep-hourly", type=int, default=0, help="Keep the newest point of N hours.")
+@click.option("--keep-daily", type=int, default=0, help="Keep the newest point of N days.")
+@click.option("--keep-weekly", type=int, default=0, help="Keep the newest point of N ISO weeks.")
+@click.option("--keep-monthly", type=int, default=0, help="Keep the newest point of N months.")
+@click.option("--keep-yearly", type=int, default=0, help="Keep the newest point of N years.")
 @click.option("--keep-within", metavar="DURATION",
               help="Keep points newer than the newest point minus DURATION (e.g. 7d, 2w, 6m, 1y).")
 @click.option("--keep-tag", "keep_tags", multiple=True, help="Keep points with this tag.")

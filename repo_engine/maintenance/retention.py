@@ -40,16 +40,12 @@ class Within:
     hours: int = 0
 
     def before(self, when: datetime) -> datetime:
-        """`when` minus this duration; the earliest time there is when it reaches before year 1
-        (a duration longer than any history keeps every point)."""
+        """`when` minus this duration."""
         month = when.year * 12 + (when.month - 1) - self.years * 12 - self.months
         year, month0 = divmod(month, 12)
-        try:
-            day = min(when.day, calendar.monthrange(year, month0 + 1)[1])
-            return when.replace(year=year, month=month0 + 1, day=day) - timedelta(
-                days=self.days, hours=self.hours)
-        except (ValueError, OverflowError):
-            return datetime.min.replace(tzinfo=when.tzinfo)
+        day = min(when.day, calendar.monthrange(year, month0 + 1)[1])
+        return when.replace(year=year, month=month0 + 1, day=day) - timedelta(
+            days=self.days, hours=self.hours)
 
     def __str__(self) -> str:
         parts = [(self.years, "y"), (self.months, "m"), (self.days, "d"), (self.hours, "h")]

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backup.extents import extents_to_blocks
-from ..errors import DamageError, LockedError, RepoError, UsageError
+from ..errors import DamageError, RepoError, UsageError
 from ..repository.index import REF_KEY, REF_REC, U64, PackInfo
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import pack_path, read_trailer
@@ -324,8 +324,8 @@ def heal_after_backup(repo: Repository, command: str, reread: bool) -> RepairRep
             report = RepairReport(healed=_heal(repo))
             _settle(repo, report, rereads=False)
             return report
-    except LockedError as exc:
-        return RepairReport(postponed=str(exc).split(";")[0])
+    except RepoError as exc:  # the lock is taken (or a point's marks could not be rewritten):
+        return RepairReport(postponed=str(exc).split(";")[0])  # the backup itself goes on
 
 
 def _left(repo: Repository, report: RepairReport) -> list[Affected]:
