@@ -88,7 +88,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def os_error_text(exc: OSError) -> str:
-    """`filesystem full: /repo/index/data.mdb (No space left on device); free some space ...`."""
+    """`filesystem full: /repo/index/data.mdb; free some space ...`: the errno's meaning, the
+    paths, what the message adds to the OS wording, and what to do."""
     label, hint = _ERRNO_TEXT.get(exc.errno or 0, (None, None))
     detail = exc.strerror or str(exc) or type(exc).__name__
     where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
