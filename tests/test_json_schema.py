@@ -55,7 +55,7 @@ SCHEMAS = {
     "scrub": {"packs_total": int, "packs_scrubbed": int, "packs_never_scrubbed": int,
               "chunks_checked": int, "bytes_read": int, "raw_bytes": int, "seconds": NUM,
               "mib_per_s": NUM, "stopped_early": bool, "damaged": [dict],
-              "affected": [AFFECTED], "repair": dict, "ok": bool},
+              "affected": [AFFECTED], "repair": (dict, type(None)), "ok": bool},
     "rebuild-index": {"packs": int, "chunks": int, "points": int, "duplicate_refs": int,
                       "unreadable_packs": [str], "unreadable_manifests": [str],
                       "recount": dict, "seconds": NUM},

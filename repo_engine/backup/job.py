@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import RepoError, SourceError
+from ..maintenance.scrub import heal_after_backup
 from ..repository.blockmap import BlockMap
 from ..repository.index import ParentGone
 from ..repository.locks import SHARED
@@ -167,11 +168,14 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions) ->
                 if disk.check is not None:
                     disk.check()
             writer.flush()
+            healed = heal_after_backup(repo, f"backup {snapshot.vm}: heal damaged chunks",
+                                       reread=any(len(b) for b in step.rereads.values()))
             point = PointRecord(
                 id=new_point_id(snapshot.vm, when), vm=snapshot.vm, time=when,
                 source=snapshot.source, disks=records, tags=sorted(set(options.tags)),
                 consistency=snapshot.consistency, config=snapshot.config,
-                notes=list(snapshot.notes), counters=_totals(records, writer, started))
+                notes=list(snapshot.notes) + (healed.summary() if healed else []),
+                counters=_totals(records, writer, started))
             _commit(repo, point, step.resolved, step.maps)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -97,6 +97,8 @@ def report_backup(point: object, as_json: bool) -> None:
     for line in backup_lines(summary):
         click.echo(f"  {line}")
 
+    for note in point.notes:
+        click.echo(f"  note: {note}")
 
 def backup_lines(s: dict) -> list[str]:
     """What a backup read and stored, in words (ratios only when something new was stored)."""

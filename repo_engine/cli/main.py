@@ -1,12 +1,20 @@
 """Entry point: the command group, lazy command loading and the exit-code contract.
 
 Exit codes: 0 success, 1 error, 2 usage error (bad arguments or input files), 3 damage found.
+
+Every command ends in `run`, the one place that turns an exception into the one-line
+`repo-engine: error: ...` message and its exit code; `--debug` (or `REPO_ENGINE_DEBUG=1`) adds the
+traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
+import traceback
+from dataclasses import dataclass
 
 import click
 
@@ -30,6 +38,28 @@ COMMANDS = {
 }
 
 EPILOG = "Exit codes: 0 ok, 1 error, 2 usage error, 3 damage found."
+DEBUG_ENV = "REPO_ENGINE_DEBUG"
+
+# errno -> (what happened, what to do); the OS's own wording is kept next to it
+_ERRNO_TEXT = {
+    errno.ENOSPC: ("filesystem full", "free some space and run the command again"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space and run the command again"),
+    errno.EACCES: ("permission denied", "check the owner and permissions of that path"),
+    errno.EPERM: ("operation not permitted", "check the owner and permissions of that path"),
+    errno.EROFS: ("read-only filesystem", "use a writable location or remount it read-write"),
+    errno.ENOENT: ("no such file or directory", "check the path"),
+    errno.ENOTDIR: ("not a directory", "check the path"),
+    errno.EISDIR: ("is a directory", "name a file, not a directory"),
+    errno.EIO: ("input/output error", "the device reported a failure; check its health"),
+    errno.EMFILE: ("too many open files", "raise the open-file limit (ulimit -n)"),
+}
+
+
+@dataclass
+class RunState:
+    """What `run` needs to know about the invocation once a command has failed."""
+
+    debug: bool = False
 
 
 class LazyGroup(click.Group):
@@ -48,31 +78,100 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="repo-engine")
-def cli() -> None:
+@click.option("--debug", is_flag=True, envvar=DEBUG_ENV,
+              help=f"Print the Python traceback of an error (also: {DEBUG_ENV}=1).")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """repo-engine: deduplicating backup repository for virtual-machine disks."""
+    if isinstance(ctx.obj, RunState):
+        ctx.obj.debug = debug
+
+
+def os_error_text(exc: OSError) -> str:
+    """`filesystem full: /repo/index/data.mdb; free some space ...`: the errno's meaning, the
+    paths, what the message adds to the OS wording, and what to do."""
+    label, hint = _ERRNO_TEXT.get(exc.errno or 0, (None, None))
+    detail = exc.strerror or str(exc) or type(exc).__name__
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    if label is None:
+        return f"{detail}: {where}" if where else detail
+    # the OS wording is the label's: keep only what the message adds ("writing disk x")
+    detail = detail.removesuffix(os.strerror(exc.errno or 0)).removesuffix(": ")
+    text = ": ".join(part for part in (label, where, detail) if part)
+    return f"{text}; {hint}"
+
+
+def _vsphere_fault_text(exc: BaseException) -> str | None:
+    """A pyVmomi fault's own message, or None when `exc` is not one (pyVmomi is never imported
+    here: a fault can only exist if it already is)."""
+    vmodl = getattr(sys.modules.get("pyVmomi"), "vmodl", None)
+    if vmodl is None or not isinstance(exc, vmodl.MethodFault):
+        return None
+    messages = [getattr(m, "message", None) for m in getattr(exc, "faultMessage", None) or []]
+    msg = getattr(exc, "msg", None) or "; ".join(m for m in messages if m)
+    msg = msg or getattr(exc, "reason", None) or ""
+    name = type(exc).__name__.rsplit(".", 1)[-1]
+    return f"vSphere fault {name}: {msg}" if msg else f"vSphere fault {name}"
+
+
+def _index_error_text(exc: BaseException) -> str | None:
+    """An LMDB (repository index) error's message, with the errno wording where LMDB has one;
+    None when `exc` is not one (lmdb is never imported here)."""
+    lmdb = sys.modules.get("lmdb")
+    if lmdb is None or not isinstance(exc, lmdb.Error):
+        return None
+    code = {lmdb.DiskError: errno.ENOSPC, lmdb.ReadonlyError: errno.EACCES}.get(type(exc))
+    if code is not None:
+        return os_error_text(OSError(code, f"repository index: {exc}"))
+    return f"repository index: {exc}"
+
+
+def error_line(exc: BaseException) -> tuple[str, int]:
+    """The one-line message and exit code for any exception a command can end with."""
+    from ..errors import RepoError
+
+    if isinstance(exc, RepoError):
+        return str(exc), exc.exit_code
+    vddk = sys.modules.get("vddk_ext")
+    if vddk is not None and isinstance(exc, vddk.VixError):  # names the disk and the VDDK call
+        return exc.strerror or str(exc), 1
+    if isinstance(exc, OSError):
+        return os_error_text(exc), 1
+    text = _vsphere_fault_text(exc) or _index_error_text(exc)
+    if text is not None:
+        return text, 1
+    if isinstance(exc, RecursionError):
+        return "input nested too deeply to process (Python's recursion limit was reached)", 1
+    if isinstance(exc, MemoryError):
+        return "out of memory; close other programs or use a machine with more memory", 1
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return f"internal error: {text} (run with --debug for the traceback)", 1
 
 
 def run(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (errors are printed as one line on stderr)."""
-    from ..errors import RepoError
-
+    state = RunState(debug=os.environ.get(DEBUG_ENV, "") not in ("", "0"))
     try:
-        cli.main(args=argv, prog_name="repo-engine", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("repo-engine: interrupted", err=True)
-        return 130
+        cli.main(args=argv, prog_name="repo-engine", standalone_mode=False, obj=state)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except RepoError as exc:
-        click.echo(f"repo-engine: error: {exc}", err=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("repo-engine: interrupted", err=True)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the one place every error becomes one line
+        return _report(exc, state.debug)
     return 0
+
+
+def _report(exc: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    text, code = error_line(exc)
+    click.echo(f"repo-engine: error: {' '.join(text.split())}", err=True)
+    return code
 
 
 def main() -> None:

@@ -228,7 +228,7 @@ def _echo_gc(r: object) -> None:
 @click.option("--full", is_flag=True, help="Recount every reference (mark and sweep) first.")
 @click.option("--max-unused", type=click.FloatRange(0, 100), default=10.0, show_default=True,
               help="Repack packs with more than this percentage of unused bytes.")
-@click.option("--wait-timeout", type=float, default=None, metavar="SECONDS",
+@click.option("--wait-timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               show_default="wait as long as it takes",
               help="Give up (safely) after waiting this long for running backups.")
 @json_option
@@ -322,8 +322,10 @@ def _echo_affected(affected: list) -> None:
                    "30min, 2h, 1h30min. A bare 'm' is refused as ambiguous.")
 @click.option("--repair", is_flag=True,
               help="Quarantine damaged chunks, heal them from good copies, make the next backup "
-                   "re-read the affected blocks, mark points that cannot heal as damaged.")
-@click.option("--workers", type=int, default=None, show_default="the number of CPUs",
+                   "re-read the affected blocks (that backup heals the points using them), mark "
+                   "points that cannot heal yet as damaged.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              show_default="the number of CPUs",
               help="Verification threads.")
 @json_option
 def scrub(repo: Path, subset: str | None, max_duration: str | None, repair: bool,
@@ -349,8 +351,11 @@ def scrub(repo: Path, subset: str | None, max_duration: str | None, repair: bool
     else:
         _echo_scrub(report)
     if not report.ok:
-        _exit_damage(f"scrub found {len(report.damaged)} damaged chunks affecting "
-                     f"{len({a.point for a in report.affected})} points")
+        chunks, points = len(report.damaged), len({a.point for a in report.affected})
+        found = "left" if repair else "found"
+        _exit_damage(f"scrub {found} {chunks} damaged chunk{'s' * (chunks != 1)} used by "
+                     f"{points} point{'s' * (points != 1)}"
+                     + ("" if repair else "; 'repo-engine scrub --repair' heals what it can"))
 
 
 def _echo_scrub(report: object) -> None:
@@ -368,8 +373,8 @@ def _echo_scrub(report: object) -> None:
     if len(report.damaged) > 20:
         click.echo(f"... {plural(len(report.damaged) - 20, 'more damaged chunk')}")
     _echo_affected(report.affected)
-    if report.repair:
-        click.echo(f"repair: {_counts(report.repair)}")
+    for line in report.repair.summary() if report.repair else []:
+        click.echo(f"repair: {line}")
     if report.ok:
         click.echo("no damage found")
 

@@ -43,7 +43,9 @@ def restore() -> None:
 @click.option("--onto", type=click.Path(path_type=Path),
               help="File or device that already holds --base's image: write only what differs.")
 @click.option("--base", help="The point whose image --onto already holds.")
-@click.option("--force", is_flag=True, help="Overwrite an existing --to file.")
+@click.option("--force", is_flag=True,
+              help="Overwrite an existing --to file; with --onto, write every block into a file "
+                   "whose size is not --base's disk (a full restore).")
 @json_option
 def restore_image(repo: Path, point: str, key: str, target: Path | None, onto: Path | None,
             base: str | None, force: bool, as_json: bool) -> None:

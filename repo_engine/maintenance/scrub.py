@@ -17,10 +17,18 @@ b. heal each quarantined ref for which a good copy of the same chunk id exists (
    there in one transaction; every point using the ref restores again;
 c. ask the next backup of each affected disk to re-read, from the source, the blocks that hold a
    still-quarantined chunk in the disk's newest point (`reread`: the block list the backup plan
-   adds to the changed extents even though the change list calls them unchanged); after that
-   backup, a later repair heals older points whose chunk content is unchanged (step b);
+   adds to the changed extents even though the change list calls them unchanged);
 d. mark points that still use quarantined chunks as damaged (their manifest's `damage`), and
    clear the mark of points healed. Nothing is deleted.
+
+Heal after a backup (`heal_after_backup`): a backup that stored a chunk again whose damaged copy
+is quarantined (the re-read of step c, or any backup that read the same content) runs steps b
+and d before it commits its point, so every older point using the damaged ref restores whole
+again without another repair. The good copy is written into a new pack under the damaged ref,
+not shared by pointing the ref at the backup's copy: every ref's place stays a pack trailer entry
+of that ref (`rebuild-index` recreates it) and every place has one ref (gc's live counts and
+repacking stay exact); the copies are only the damaged chunks. It needs the maintenance lock and
+is postponed to the next backup or repair when another maintenance command holds it.
 """
 
 from __future__ import annotations
@@ -41,9 +49,62 @@ from ..repository.index import REF_KEY, REF_REC, U64, PackInfo
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import pack_path, read_trailer
 from ..repository.repo import Repository
-from ..units import mib_per_s, parse_seconds
+from ..units import mib_per_s, parse_seconds, plural
 from .gc import less_live
 from .inventory import Affected, affected_by, scan_refs, scan_u64_keys
+
+
+@dataclass
+class RepairReport:
+    """What a repair (`scrub --repair`, or the heal step of a backup) did, and what is left."""
+
+    quarantined: int = 0            # damaged chunks taken out of deduplication by this run
+    healed: int = 0                 # quarantined chunks given a good copy again
+    still_damaged: int = 0          # chunks that stay quarantined
+    reread_blocks: int = 0          # blocks the next backups re-read from their sources
+    rereads: list[dict] = field(default_factory=list)   # per disk: vm, disk, blocks
+    points_marked_damaged: int = 0  # points newly marked damaged
+    points_cleared: int = 0         # points whose damage mark was cleared
+    damaged_points: list[str] = field(default_factory=list)   # points that stay damaged
+    cleared_points: list[str] = field(default_factory=list)
+    postponed: str = ""             # why the heal could not run now
+
+    def summary(self) -> list[str]:
+        """What happened and what is left to do, in sentences a user reads."""
+        lines = []
+        if self.quarantined:
+            lines.append(f"quarantined {plural(self.quarantined, 'damaged chunk')}: no backup "
+                         "deduplicates against it any more")
+        if self.healed:
+            lines.append(f"healed {plural(self.healed, 'damaged chunk')} from good copies"
+                         + (f"; {plural(self.points_cleared, 'point')} "
+                            f"{_verb(self.points_cleared, 'restore')} whole again: "
+                            f"{_ids(self.cleared_points)}" if self.points_cleared else ""))
+        if self.postponed:
+            lines.append(f"damaged chunks this backup stored again were not healed yet "
+                         f"({self.postponed}); the next backup or 'repo-engine scrub --repair' "
+                         "heals them")
+        for r in self.rereads:
+            lines.append(f"the next backup of VM {r['vm']} disk {r['disk']} re-reads "
+                         f"{plural(r['blocks'], 'block')} from the source and heals the points "
+                         "whose data the disk still holds")
+        if self.damaged_points:
+            what = ("until then" if self.rereads else
+                    "(no backup is due to read their content again)")
+            n = len(self.damaged_points)
+            lines.append(f"{plural(n, 'point')} {_verb(n, 'stay')} marked damaged "
+                         f"{what}: {_ids(self.damaged_points)}; restoring their damaged disks fails "
+                         "until they heal; 'forget' those not needed")
+        return lines
+
+
+def _verb(n: int, verb: str) -> str:
+    return f"{verb}s" if n == 1 else verb
+
+
+def _ids(points: list[str], limit: int = 10) -> str:
+    more = f" and {len(points) - limit} more" if len(points) > limit else ""
+    return ", ".join(p[:8] for p in points[:limit]) + more
 
 
 @dataclass
@@ -59,7 +120,7 @@ class ScrubReport:
     stopped_early: bool = False
     damaged: list[dict] = field(default_factory=list)
     affected: list[Affected] = field(default_factory=list)
-    repair: dict = field(default_factory=dict)
+    repair: RepairReport | None = None
 
     @property
     def ok(self) -> bool:
@@ -224,17 +285,51 @@ def _quarantined(repo: Repository) -> np.ndarray:
         return scan_u64_keys(txn, repo.index.quarantine)
 
 
-def repair_damage(repo: Repository, damaged: dict[int, str]) -> dict:
+def repair_damage(repo: Repository, damaged: dict[int, str]) -> RepairReport:
     """Quarantine, heal from good copies, ask for re-reads, mark damaged points (steps a-d)."""
     _quarantine(repo, damaged)
-    healed = _heal(repo)
+    report = RepairReport(quarantined=len(damaged), healed=_heal(repo))
+    _settle(repo, report, rereads=True)
+    return report
+
+
+def heal_after_backup(repo: Repository, command: str, reread: bool) -> RepairReport | None:
+    """Steps b and d once a backup's chunks are indexed, when it stored again a chunk whose damaged
+    copy is quarantined. After a backup that re-read blocks for a repair (`reread`), also what
+    stays damaged. None when there is nothing to say (the usual case costs one look-up)."""
+    if not _donors(repo):
+        if not reread or not len(_quarantined(repo)):
+            return None
+        report = RepairReport()
+        _left(repo, report)   # read-only: the marks already say this
+        return report if report.damaged_points else None
+    try:
+        with repo.lock(MAINTENANCE, command):
+            report = RepairReport(healed=_heal(repo))
+            _settle(repo, report, rereads=False)
+            return report
+    except RepoError as exc:  # the lock is taken (or a point's marks could not be rewritten):
+        return RepairReport(postponed=str(exc).split(";")[0])  # the backup itself goes on
+
+
+def _left(repo: Repository, report: RepairReport) -> list[Affected]:
+    """The chunks that stay quarantined and the points using them, into `report`."""
     left = _quarantined(repo)
     affected = affected_by(repo, left) if len(left) else []
-    rereads = _request_rereads(repo, affected)
+    report.still_damaged = len(left)
+    report.damaged_points = sorted({a.point for a in affected})
+    return affected
+
+
+def _settle(repo: Repository, report: RepairReport, *, rereads: bool) -> None:
+    """Steps c (when `rereads`) and d, and what is left, into `report`."""
+    affected = _left(repo, report)
+    if rereads:
+        report.rereads = _request_rereads(repo, affected)
+        report.reread_blocks = sum(r["blocks"] for r in report.rereads)
     marked, cleared = _mark_points(repo, affected)
-    return {"quarantined": len(damaged), "healed": healed, "still_damaged": len(left),
-            "reread_blocks": rereads, "points_marked_damaged": marked,
-            "points_cleared": cleared}
+    report.points_marked_damaged, report.points_cleared = len(marked), len(cleared)
+    report.cleared_points = cleared
 
 
 def _quarantine(repo: Repository, damaged: dict[int, str]) -> None:
@@ -265,20 +360,25 @@ def read_chunk(repo: Repository, ref: int) -> tuple[bytes, bytes, int, int] | No
     return chunk_id, blob, raw, codec
 
 
-def _heal(repo: Repository) -> int:
+def _donors(repo: Repository) -> list[tuple[int, int]]:
+    """(quarantined ref, ref of a good copy of the same chunk id) for each ref that can heal."""
     index = repo.index
-    good: list[tuple[int, bytes, bytes, int, int]] = []
+    todo = []
     with index.env.begin() as txn:
-        todo = []
         for key, _ in txn.cursor(db=index.quarantine):
             rec = txn.get(key, db=index.refs)
-            if rec is None:
-                continue
-            other = txn.get(rec[:32], db=index.ids)
+            other = txn.get(rec[:32], db=index.ids) if rec is not None else None
             ref = REF_KEY.unpack(key)[0]
             if other is not None and U64.unpack(other)[0] != ref:
                 todo.append((ref, U64.unpack(other)[0]))
-    for ref, donor in todo:
+    return todo
+
+
+def _heal(repo: Repository) -> int:
+    """Step b: copy a good copy of each healable quarantined chunk into a new pack under the
+    damaged ref and point the ref there; returns how many refs healed."""
+    good = []
+    for ref, donor in _donors(repo):
         chunk = read_chunk(repo, donor)
         if chunk is not None:
             good.append((ref, *chunk))
@@ -288,26 +388,30 @@ def _heal(repo: Repository) -> int:
     for ref, chunk_id, blob, raw, codec in good:
         writer.add(ref, chunk_id, blob, raw, codec)
     finished = writer.finish()
+    index = repo.index
     with index.env.begin(write=True) as txn:
         number = index.new_pack_number(txn)
-        stored_total = 0
+        healed = stored_total = 0
         for e in finished.entries:
             key = REF_KEY.pack(e.ref)
             old = txn.get(key, db=index.refs)
-            if old is not None:
-                _, old_pack, _, old_stored, *_ = REF_REC.unpack(old)
-                less_live(txn, index, old_pack, old_stored)
+            # healed or dropped meanwhile: this copy stays unused in the pack, for gc
+            if old is None or txn.get(key, db=index.quarantine) is None:
+                continue
+            _, old_pack, _, old_stored, *_ = REF_REC.unpack(old)
+            less_live(txn, index, old_pack, old_stored)
             txn.put(key, REF_REC.pack(e.chunk_id, number, e.offset, e.stored, e.raw, e.codec),
                     db=index.refs)
             txn.delete(key, db=index.quarantine)
+            healed += 1
             stored_total += e.stored
         count = len(finished.entries)
         index.put_pack_record(txn, number, bytes.fromhex(finished.name), finished.size, count,
-                              count, stored_total)
-    return len(good)
+                              healed, stored_total)
+    return healed
 
 
-def _request_rereads(repo: Repository, affected: list[Affected]) -> int:
+def _request_rereads(repo: Repository, affected: list[Affected]) -> list[dict]:
     """For each (VM, disk) whose newest point uses a quarantined chunk: re-read those blocks."""
     points = repo.points()
     catalog = {p.id: p for p in points}
@@ -315,7 +419,7 @@ def _request_rereads(repo: Repository, affected: list[Affected]) -> int:
     for point in points:
         for disk in point.disks:
             newest[(point.vm, disk.key)] = point.id
-    total = 0
+    out = []
     for a in affected:
         if newest.get((a.vm, a.disk)) != a.point:
             continue
@@ -323,23 +427,24 @@ def _request_rereads(repo: Repository, affected: list[Affected]) -> int:
         assert disk is not None
         blocks = extents_to_blocks(np.array(a.extents, dtype=np.int64), disk.block_size)
         repo.index.add_reread(a.vm, a.disk, blocks)
-        total += len(blocks)
-    return total
+        out.append({"vm": a.vm, "disk": a.disk, "blocks": len(blocks)})
+    return out
 
 
-def _mark_points(repo: Repository, affected: list[Affected]) -> tuple[int, int]:
+def _mark_points(repo: Repository, affected: list[Affected]) -> tuple[list[str], list[str]]:
+    """Set each point's damage mark to what `affected` says; returns the ids newly marked and
+    cleared."""
     damage: dict[str, list[str]] = {}
     for a in affected:
         ranges = ", ".join(f"{o}+{n}" for o, n in a.extents[:20])
         more = f" and {len(a.extents) - 20} more" if len(a.extents) > 20 else ""
         damage.setdefault(a.point, []).append(
             f"disk {a.disk}: {a.blocks} blocks unreadable at bytes {ranges}{more}")
-    marked = cleared = 0
+    marked, cleared = [], []
     for point in repo.points():
         want = damage.get(point.id, [])
         if want == point.damage:
             continue
         repo.rewrite_point(point, damage=want)
-        marked += bool(want)
-        cleared += not want
+        (marked if want else cleared).append(point.id)
     return marked, cleared

@@ -68,6 +68,24 @@ def _open_target(target: Path, capacity: int, *, onto: bool, force: bool) -> vdd
     return vddk_ext.open_local(str(target), writable=True, create_size=capacity)
 
 
+def _onto_needs_whole(target: Path, base: PointRecord, disk: DiskRecord, force: bool) -> bool:
+    """Check that an --onto file can hold BASE's image: its size must be the base disk's
+    capacity (or the restored point's, for a disk that grew and was grown already). With
+    `force`, a file of another size gets the whole disk written (True), as a full restore would.
+    Devices and missing files are left to the target checks."""
+    base_capacity = _disk_of(base, disk.key).capacity
+    if not target.is_file() or target.stat().st_size in (base_capacity, disk.capacity):
+        return False
+    if force:
+        return True
+    size = target.stat().st_size
+    raise UsageError(
+        f"--onto target {target} is {size} bytes, but disk {disk.key} of base point "
+        f"{base.id[:8]} is {base_capacity} bytes, so it cannot hold that point's image; check "
+        f"--onto and --base, or add --force to write every block of the disk into it (a full "
+        f"restore; the file becomes {disk.capacity} bytes)")
+
+
 class _RunWriter:
     """Worker side: read one run, check and write its chunks."""
 
@@ -127,7 +145,7 @@ def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *
     with repo.lock(SHARED, f"restore {point.vm}"):
         refs = repo.resolve(point, key)
         todo = None
-        if base is not None:
+        if base is not None and not _onto_needs_whole(target, base, disk, force):
             base_refs = resize(repo.resolve(base, _disk_of(base, key).key), len(refs))
             todo = np.flatnonzero(refs != base_refs).astype(np.uint64)
         device = _open_target(target, disk.capacity, onto=base is not None, force=force)

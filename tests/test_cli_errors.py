@@ -1,0 +1,285 @@
+"""Whatever fails inside a command, the user sees one line `repo-engine: error: ...` and the
+documented exit code, never a Python traceback; `--debug` (or REPO_ENGINE_DEBUG=1) shows it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import lmdb
+import numpy as np
+import pytest
+import vddk_ext
+from pyVmomi import vmodl
+
+from repo_engine.cli.main import cli as cli_group
+
+from helpers import MIB, DiskModel, cli, tree_digest
+from test_bad_input import setup  # noqa: F401 (a fixture)
+
+REPO_OPEN = "repo_engine.repository.repo.Repository.open"
+
+# every leaf command, with arguments that pass option parsing, and the engine function it reaches
+# first (the fault is injected there)
+COMMANDS: dict[str, tuple[list[str], str]] = {
+    "init": (["init", "{tmp}/new"], "repo_engine.repository.repo.Repository.init"),
+    "backup image": (["backup", "image", "{repo}", "--vm", "v", "--disk", "d={img}"], REPO_OPEN),
+    "backup vddk": (["backup", "vddk", "{repo}", "--vm", "v", "--disk", "2000=[ds] v.vmdk",
+                     "--server", "vc", "--user", "u", "--password-env", "PW", "--vmx-spec",
+                     "moref=vm-1", "--thumbprint", "AB:CD", "--vddk-libdir", "{tmp}"],
+                    REPO_OPEN),
+    "backup vsphere": (["backup", "vsphere", "{repo}", "--server", "vc", "--user", "u",
+                        "--password-env", "PW", "--vm", "v", "--vddk-libdir", "{tmp}"],
+                       REPO_OPEN),
+    "restore image": (["restore", "{repo}", "v@latest", "--disk", "d", "--to", "{tmp}/o.img"],
+                      REPO_OPEN),
+    "restore vsphere": (["restore", "vsphere", "{repo}", "v@latest", "--server", "vc", "--user",
+                         "u", "--password-env", "PW", "--in-place", "--vddk-libdir", "{tmp}"],
+                        REPO_OPEN),
+    "vsphere vms": (["vsphere", "vms", "--server", "vc", "--user", "u", "--password-env", "PW"],
+                    "repo_engine.sources.vsphere.connection.connect"),
+    "points": (["points", "{repo}"], REPO_OPEN),
+    "show": (["show", "{repo}", "v@latest"], REPO_OPEN),
+    "diff": (["diff", "{repo}", "v@latest", "v@latest"], REPO_OPEN),
+    "stats": (["stats", "{repo}"], REPO_OPEN),
+    "forget": (["forget", "{repo}", "--keep-last", "1"], REPO_OPEN),
+    "protect": (["protect", "{repo}", "v@latest"], REPO_OPEN),
+    "unprotect": (["unprotect", "{repo}", "v@latest"], REPO_OPEN),
+    "gc": (["gc", "{repo}"], REPO_OPEN),
+    "verify": (["verify", "{repo}"], REPO_OPEN),
+    "scrub": (["scrub", "{repo}"], REPO_OPEN),
+    "rebuild-index": (["rebuild-index", "{repo}"], "repo_engine.maintenance.rebuild.read_config"),
+    "unlock": (["unlock", "{repo}"], "repo_engine.maintenance.rebuild.read_config"),
+}
+
+# fault -> (exit code, what the line must say)
+FAULTS: dict[str, tuple[Callable[[], BaseException], int, list[str]]] = {
+    "ENOSPC": (lambda: OSError(errno.ENOSPC, "No space left on device", "/r/index/data.mdb"), 1,
+               ["filesystem full", "/r/index/data.mdb", "free some space"]),
+    "EACCES": (lambda: OSError(errno.EACCES, "Permission denied", "/r/locks"), 1,
+               ["permission denied", "/r/locks"]),
+    "EROFS": (lambda: OSError(errno.EROFS, "Read-only file system", "/r/tmp/x"), 1,
+              ["read-only filesystem", "/r/tmp/x"]),
+    "ENOENT": (lambda: FileNotFoundError(errno.ENOENT, "No such file or directory", "/r/p"), 1,
+               ["no such file or directory", "/r/p"]),
+    "vddk_ext": (lambda: vddk_ext.DiskError(errno.ENOSPC, "writing disk /t/o.img at 65536: "
+                                            "No space left on device"), 1,
+                 ["filesystem full", "writing disk /t/o.img at 65536"]),
+    "VixError": (lambda: vddk_ext.VixError(errno.EIO, "VixDiskLib_QueryAllocatedBlocks on "
+                                           "[ds] v.vmdk: A general error occurred (VIX error 1)"),
+                 1, ["VixDiskLib_QueryAllocatedBlocks on [ds] v.vmdk: A general error occurred"]),
+    "lmdb": (lambda: lmdb.DiskError("mdb_txn_commit: No space left on device"), 1,
+             ["filesystem full", "repository index", "mdb_txn_commit"]),
+    "pyVmomi": (lambda: vmodl.fault.SystemError(msg="QueryChangedDiskAreas failed"), 1,
+                ["vSphere fault SystemError", "QueryChangedDiskAreas failed"]),
+    "RecursionError": (lambda: RecursionError("maximum recursion depth exceeded"), 1,
+                       ["nested too deeply"]),
+    "MemoryError": (lambda: MemoryError(), 1, ["out of memory"]),
+    "RuntimeError": (lambda: RuntimeError("boom"), 1,
+                     ["internal error: RuntimeError: boom", "--debug"]),
+}
+
+
+def assert_one_line_error(result, code: int, *fragments: str) -> None:
+    assert "Traceback" not in result.err, result.err
+    assert result.code == code, (result.code, result.err)
+    lines = [line for line in result.err.splitlines() if line.strip()]
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith("repo-engine: error: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def _leaf_commands(group: click.Group, prefix: str = "") -> set[str]:
+    ctx = click.Context(group)
+    found = set()
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        if isinstance(command, click.Group):
+            found |= _leaf_commands(command, f"{prefix}{name} ")
+        else:
+            found.add(f"{prefix}{name}")
+    return found
+
+
+def test_the_fault_table_covers_every_command():
+    assert _leaf_commands(cli_group) == set(COMMANDS)
+
+
+def _raiser(make: Callable[[], BaseException]) -> Callable[..., object]:
+    def fail(*_args: object, **_kwargs: object) -> object:
+        raise make()
+    return fail
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_turns_every_fault_into_one_line(tmp_path, capsys, monkeypatch, command,
+                                                       fault):
+    argv, target = COMMANDS[command]
+    make, code, fragments = FAULTS[fault]
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(4096))
+    monkeypatch.setenv("PW", "secret")
+    monkeypatch.setattr(target, _raiser(make))
+    args = [a.format(tmp=tmp_path, repo=tmp_path / "repo", img=img) for a in argv]
+    assert_one_line_error(cli(capsys, *args), code, *fragments)
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch, how):
+    monkeypatch.setattr(REPO_OPEN, _raiser(lambda: RuntimeError("boom")))
+    if how == "env":
+        monkeypatch.setenv("REPO_ENGINE_DEBUG", "1")
+        result = cli(capsys, "points", tmp_path)
+    else:
+        result = cli(capsys, "--debug", "points", tmp_path)
+    assert result.code == 1
+    assert "Traceback (most recent call last)" in result.err
+    assert result.err.rstrip().splitlines()[-1] == (
+        "repo-engine: error: internal error: RuntimeError: boom (run with --debug for the "
+        "traceback)")
+
+
+def test_restore_into_a_missing_directory(tmp_path, capsys, setup):
+    repo, _ = setup
+    result = cli(capsys, "restore", repo, "v@latest", "--disk", "d", "--to",
+                 tmp_path / "nosuchdir" / "x.img")
+    assert_one_line_error(result, 1, "nosuchdir")
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_restore_to_a_directory(tmp_path, capsys, setup, force):
+    repo, _ = setup
+    (tmp_path / "adir").mkdir()
+    result = cli(capsys, "restore", repo, "v@latest", "--disk", "d", "--to", tmp_path / "adir",
+                 *force)
+    assert result.code in (1, 2)
+    assert_one_line_error(result, result.code, "adir")
+    assert (tmp_path / "adir").is_dir()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["scrub", "{repo}", "--workers", "-1"], "--workers"),
+    (["scrub", "{repo}", "--workers", "0"], "--workers"),
+    (["gc", "{repo}", "--wait-timeout", "-1"], "--wait-timeout"),
+])
+def test_option_ranges_are_usage_errors(tmp_path, capsys, setup, args, fragment):
+    repo, _ = setup
+    result = cli(capsys, *[a.format(repo=repo) for a in args])
+    assert result.code == 2, result.err
+    assert fragment in result.err and "Traceback" not in result.err
+
+
+def _mount_tmpfs(size: str) -> Path:
+    mount = Path(tempfile.mkdtemp(prefix="repo-engine-enospc-"))
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        mount.rmdir()
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    return mount
+
+
+def _umount(mount: Path) -> None:
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+    mount.rmdir()
+
+
+def test_restore_onto_a_full_filesystem(tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo, "--block-size", "64KiB").code == 0
+    img = tmp_path / "d.img"
+    img.write_bytes(np.random.default_rng(1).integers(0, 256, 4 * MIB, dtype=np.uint8).tobytes())
+    assert cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={img}").code == 0
+    mount = _mount_tmpfs("1M")
+    try:
+        result = cli(capsys, "restore", repo, "v@latest", "--disk", "d", "--to", mount / "o.img")
+        assert_one_line_error(result, 1, "filesystem full")
+    finally:
+        _umount(mount)
+
+
+def _fill(directory: Path) -> None:
+    """Fill the filesystem holding `directory` to the last page."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (64 * 1024, 4096, 1):
+            try:
+                while os.write(fd, bytes(size)):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("args", [
+    ["backup", "image", "{repo}", "--vm", "v", "--disk", "d={img}"],   # lock, packs, manifest
+    ["protect", "{repo}", "v@latest"],                                # manifest + index commit
+    ["forget", "{repo}", "--keep-last", "1"],
+    ["gc", "{repo}"],
+    ["rebuild-index", "{repo}"],
+])
+def test_repository_filesystem_full(tmp_path, capsys, args):
+    """The repository's filesystem fills up; every command says so in one line."""
+    mount = _mount_tmpfs("4M")
+    try:
+        repo = mount / "repo"
+        assert cli(capsys, "init", repo, "--block-size", "16KiB", "--pack-size", "256KiB").code == 0
+        model = DiskModel(tmp_path / "d.img", MIB, np.random.default_rng(2))
+        model.random_changes(4)
+        for _ in range(2):
+            assert cli(capsys, "backup", "image", repo, "--vm", "v", "--disk",
+                       f"d={model.path}").code == 0
+            model.random_changes(2)
+        _fill(mount)
+        before = tree_digest(repo / "points")
+        result = cli(capsys, *[a.format(repo=repo, img=model.path) for a in args])
+        assert_one_line_error(result, 1, "filesystem full", "free some space")
+        assert tree_digest(repo / "points") == before
+    finally:
+        _umount(mount)
+
+
+@pytest.mark.parametrize("target, fault", [
+    ("repo_engine.repository.atomic.write_all",            # block maps and the manifest
+     lambda: OSError(errno.ENOSPC, "No space left on device")),
+    ("repo_engine.repository.index.Index.commit_pack",     # the index commit
+     lambda: lmdb.DiskError("mdb_txn_commit: No space left on device")),
+])
+def test_repository_full_mid_backup_keeps_it_sound(tmp_path, capsys, setup, monkeypatch, target,
+                                                   fault):
+    repo, model = setup
+    model.random_changes(3)
+    with monkeypatch.context() as patch:
+        patch.setattr(target, _raiser(fault))
+        result = cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}")
+    assert_one_line_error(result, 1, "full")
+    assert len(cli(capsys, "points", repo, "--json").json()["points"]) == 1
+    assert cli(capsys, "verify", repo).code == 0
+
+
+def test_permission_denied_on_the_repository(tmp_path, capsys, setup, monkeypatch):
+    """Root ignores file modes: the denial is injected where the index is opened."""
+    repo, _ = setup
+
+    def denied(*_a: object, **_k: object) -> object:
+        raise lmdb.ReadonlyError(f"{repo}/index: Permission denied")
+
+    monkeypatch.setattr(lmdb, "open", denied)
+    result = cli(capsys, "points", repo)
+    assert_one_line_error(result, 1, "permission denied", "repository index")
+
+
+def test_program_exit_code_and_single_line(tmp_path):
+    """The installed program, not only `run`: a missing target directory is one line, exit 1."""
+    result = subprocess.run([sys.executable, "-m", "repo_engine", "points", str(tmp_path / "x")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
