@@ -134,7 +134,11 @@ def test_sigkill_maintenance(base, tmp_path, mode):
         if window is None:
             window = _window(cmd, _cmd("points", repo))
             continue  # the calibration run finished the job; take a fresh copy
-        landed += _kill_at_random(cmd, rng, window)
+        if _kill_at_random(cmd, rng, window):
+            landed += 1
+        else:
+            # the run beat the kill (the machine got less busy since the calibration): aim earlier
+            window = (window[0] * 0.8, window[1] * 0.8)
         keep = set(ids) - set(victims)
         _check(repo, expected, keep, tmp_path)
         if mode == "forget":
