@@ -80,6 +80,23 @@ def test_backup_then_restore_gives_identical_bytes(setup, capsys, tmp_path):
             == model.copy_of_content()
 
 
+def test_backup_keeps_the_full_queue_of_reads_in_flight(setup, capsys, monkeypatch, tmp_path):
+    """A disk read through VDDK is read in batches large enough for every request of the queue
+    (16 by default) to be in flight at once: over a network each batch pays one round trip."""
+    fake, repo, disks = setup
+    disks["2000"].write(0, np.random.default_rng(5).bytes(6 * MIB))  # 6 contiguous 1 MiB reads
+    trace = tmp_path / "trace"
+    monkeypatch.setenv("FAKE_VDDK_TRACE", str(trace))
+    result = cli(capsys, *backup_args(fake, repo))
+    assert result.code == 0, result.err
+    closes = [line.split() for line in trace.read_text().splitlines() if line.startswith("close")]
+    in_flight = [int(item.split("=")[1]) for line in closes for item in line
+                 if item.startswith("max_in_flight=")]
+    assert max(in_flight) >= 6, closes
+    assert restore_bytes(capsys, repo, result.json()["point"]["id"][:8], "2000",
+                         tmp_path / "out.img") == disks["2000"].copy_of_content()
+
+
 @pytest.mark.parametrize("faults, text", [
     ("read_fail=3:14011", "The network connection to the host was lost (VIX error 14011)"),
     ("drop_after=2", "The network connection to the host was lost (VIX error 14011)"),

@@ -25,6 +25,9 @@ from ..repository.index import Index
 from .source import Batch, BlockDevice
 
 BATCH_BYTES = 4 << 20
+# a VDDK disk keeps up to 16 requests of 1 MiB in flight only if a batch holds that many: over a
+# network each batch otherwise waits several round trips (bench/README.md, queue depth table)
+REMOTE_BATCH_BYTES = 16 << 20
 _END = object()
 
 
@@ -42,7 +45,8 @@ class BlockResult:
 def _reader_thread(device: BlockDevice, block_size: int, blocks: np.ndarray, out: queue.Queue,
                    stop: threading.Event, describe: str) -> None:
     try:
-        for batch in device.reader(block_size, blocks, batch_bytes=max(BATCH_BYTES, block_size)):
+        batch_bytes = REMOTE_BATCH_BYTES if device.kind == "vddk" else BATCH_BYTES
+        for batch in device.reader(block_size, blocks, batch_bytes=max(batch_bytes, block_size)):
             while not stop.is_set():
                 try:
                     out.put(batch, timeout=0.1)
