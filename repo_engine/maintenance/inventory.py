@@ -16,9 +16,10 @@ import numpy as np
 from ..backup.extents import blocks_to_extents
 from ..errors import LockedError, RepoError
 from ..repository.index import Index
-from ..repository.locks import is_stale, list_locks
+from ..repository.locks import list_locks, remove_if_stale
 from ..repository.points import PointRecord
 from ..repository.repo import Repository, unique_refs
+from ..repository.safefile import is_regular
 
 # the refs table: key ref u64 big endian, value REF_REC (id, pack, offset, stored, raw, codec)
 REF_ROW = np.dtype({"names": ["id", "pack", "offset", "stored", "raw", "codec"],
@@ -68,13 +69,20 @@ def scan_counts(txn: lmdb.Transaction, db: object) -> tuple[np.ndarray, np.ndarr
             np.frombuffer(values, dtype="<u8").astype(np.uint64))
 
 
-def files_under(root: Path, suffix: str) -> dict[str, Path]:
-    """{stem: path} of the files with `suffix` one or two levels below `root`."""
+def files_under(root: Path, suffix: str, skipped: list[str] | None = None) -> dict[str, Path]:
+    """{stem: path} of the regular files with `suffix` one or two levels below `root`. Anything
+    else (a symlink, FIFO, device; a symlinked directory is never entered) is left alone and
+    described in `skipped`: maintenance never reads or deletes through it."""
     out: dict[str, Path] = {}
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
-            if name.endswith(suffix) and not name.startswith(".tmp-"):
-                out[name[:-len(suffix)]] = Path(dirpath) / name
+            path = Path(dirpath) / name
+            if not name.endswith(suffix) or name.startswith(".tmp-"):
+                continue
+            if is_regular(path):
+                out[name[:-len(suffix)]] = path
+            elif skipped is not None:
+                skipped.append(f"{path} is not a regular file; skipped (remove it)")
     return out
 
 
@@ -123,8 +131,7 @@ def wait_for(repo: Repository, held: list[Path], *, timeout: float | None,
             info = held_now.get(path)
             if info is None:
                 continue
-            if is_stale(path, info):
-                path.unlink(missing_ok=True)
+            if remove_if_stale(path, info):
                 continue
             still.append(path)
         pending = still

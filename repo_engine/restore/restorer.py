@@ -21,6 +21,7 @@ from ..repository.locks import SHARED
 from ..repository.packs import pack_path
 from ..repository.points import DiskRecord, PointRecord
 from ..repository.repo import Repository
+from ..repository.safefile import open_reader
 from .plan import ReadRun, RestorePlan, plan_restore
 
 Progress = Callable[[int], None]
@@ -85,7 +86,7 @@ class _RunWriter:
 
     def __call__(self, run: ReadRun, path: Path) -> int:
         try:
-            with open(path, "rb", buffering=0) as f:
+            with open_reader(path) as f:
                 span = os.pread(f.fileno(), run.end - run.start, run.start)
         except FileNotFoundError:
             raise DamageError(f"pack {path.name} is missing; {len(run.chunks)} chunks of this "
