@@ -146,7 +146,8 @@ def unlock(path: Path, *, force: bool = False) -> UnlockReport:
             lock_path.unlink(missing_ok=True)
     for stray in strays(path / "locks"):  # a symlink, FIFO, ...: never a lock, never followed
         stray.unlink(missing_ok=True)
-        report.removed.append({"file": stray.name, "kind": "not a lock file"})
+        report.removed.append({"file": stray.name, "kind": "stray", "host": "?", "pid": -1,
+                               "command": "not a lock file", "since": ""})
     for lock_path, info in list_locks(path / "locks"):
         doc = {"file": lock_path.name, "kind": info.kind, "host": info.host, "pid": info.pid,
                "command": info.command, "since": info.time}
