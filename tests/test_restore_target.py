@@ -12,22 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from helpers import MIB, DiskModel, cli
+from helpers import repo_with_point
 
 TIMEOUT = 60
 
 
 @pytest.fixture
 def setup(tmp_path, capsys):
-    repo = tmp_path / "repo"
-    assert cli(capsys, "init", repo, "--block-size", "64KiB").code == 0
-    model = DiskModel(tmp_path / "d.img", 2 * MIB, np.random.default_rng(11))
-    model.random_changes(5)
-    assert cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}").code == 0
-    return repo, model
+    return repo_with_point(tmp_path, capsys, 11)
 
 
 def restore_to(repo: Path, target: Path, *extra: str) -> subprocess.CompletedProcess:
