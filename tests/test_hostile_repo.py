@@ -277,7 +277,7 @@ def test_verify_reports_what_it_skips(hostile):
     _link(repo / "points" / f"{'2' * 16}.point", outside / "secret")
     result = run_cli("verify", repo)
     assert result.returncode == 0, result.stderr
-    assert "not a regular file; skipped" in result.stdout
+    assert "not a regular file: left alone" in result.stdout
 
 
 # -- locks ------------------------------------------------------------------------------------------
@@ -366,3 +366,13 @@ def test_names_from_disk_never_become_paths_outside(tmp_path):
             point_path(tmp_path, bad)
         with pytest.raises(DamageError, match="not a valid name"):
             map_path(tmp_path, bad)
+
+
+def test_rebuild_index_reports_what_it_skips(hostile):
+    repo, _image, outside = hostile
+    _fifo(repo / "points" / f"{'3' * 16}.point")
+    _link(_first(repo / "packs", ".pack").parent / f"{'4' * 64}.pack", outside / "secret")
+    result = run_cli("rebuild-index", repo)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("not a regular file: left alone") == 2, result.stdout
+    assert run_cli("verify", repo).returncode == 0

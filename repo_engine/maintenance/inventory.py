@@ -82,7 +82,7 @@ def files_under(root: Path, suffix: str, skipped: list[str] | None = None) -> di
             if is_regular(path):
                 out[name[:-len(suffix)]] = path
             elif skipped is not None:
-                skipped.append(f"{path} is not a regular file; skipped (remove it)")
+                skipped.append(f"{path} is not a regular file: left alone, never read (remove it)")
     return out
 
 

@@ -71,7 +71,8 @@ def rebuild_index(path: Path) -> RebuildReport:
 
 def _packs(repo: Repository, report: RebuildReport) -> None:
     seen: set[int] = set()
-    for name, pack_file in sorted(files_under(repo.packs_dir, ".pack").items()):
+    skipped = report.unreadable_packs  # symlinks, FIFOs, ...: never read
+    for name, pack_file in sorted(files_under(repo.packs_dir, ".pack", skipped).items()):
         try:
             entries = read_trailer(pack_file)
         except RepoError as exc:
@@ -105,7 +106,8 @@ def _decodes(repo: Repository, pack_file: Path, e: PackEntry) -> bool:
 
 
 def _points(repo: Repository, report: RebuildReport) -> None:
-    for point_id, manifest in sorted(files_under(repo.points_dir, ".point").items()):
+    skipped = report.unreadable_manifests
+    for point_id, manifest in sorted(files_under(repo.points_dir, ".point", skipped).items()):
         try:
             point = read_point(manifest)
         except RepoError as exc:
