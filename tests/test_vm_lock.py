@@ -124,3 +124,18 @@ def test_any_vm_name_locks_inside_locks_dir(setup, capsys, vm):
     assert result.code == 0, result.err
     assert sorted(p.name for p in repo.parent.iterdir()) == ["big.img", "repo", "small.img"]
     assert list((repo / "locks").iterdir()) == []
+
+
+def test_release_never_removes_a_lock_that_replaced_ours(setup):
+    """After `unlock --force` removed a running backup's VM lock and a new backup took the name,
+    the first backup's release leaves the new lock in place."""
+    from repo_engine.repository.repo import Repository
+    repo, _small, _big = setup
+    with Repository.open(repo) as opened:
+        first = opened.vm_lock("v", "backup v")
+        first.path.unlink()  # what unlock --force does
+        second = opened.vm_lock("v", "backup v")
+        first.release()
+        assert second.path.exists()
+        second.release()
+        assert not second.path.exists()

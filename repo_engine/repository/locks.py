@@ -239,7 +239,12 @@ class RepoLock:
 
     def release(self) -> None:
         if self._fd >= 0:
-            self.path.unlink(missing_ok=True)
+            # only our own file: after an `unlock --force`, the name may be another holder's
+            try:
+                if os.path.samestat(os.fstat(self._fd), os.lstat(self.path)):
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
             os.close(self._fd)
             self._fd = -1
 
