@@ -3,7 +3,7 @@
 A lock file is an envelope (magic LOCK) holding JSON {kind, host, pid, time, command}. `shared`
 locks (backups, restores) coexist; an `exclusive` lock excludes every other lock; a `maintenance`
 lock (forget, gc, repair) coexists with shared locks but excludes other maintenance and exclusive
-locks. A lock file is written under a temporary name, flocked, then renamed into place, so a lock
+locks. A lock file is written under a temporary name, flocked, then linked into place, so a lock
 file that can be listed always carries its holder's flock. The holder keeps
 an flock on its own file, so a lock of this host whose flock can be taken belongs to a dead process:
 it is stale and is removed. Locks of other hosts are never guessed stale; `unlock` removes them.
@@ -122,7 +122,7 @@ def strays(locks_dir: Path) -> list[Path]:
 
 def _create_flocked(path: Path, content: bytes) -> int:
     """Create `path` holding `content` with our flock already on it when it appears: an unnamed
-    file (O_TMPFILE) linked into place, else a `.new` name renamed into place."""
+    file (O_TMPFILE) linked into place, else a `.new` name linked into place."""
     try:
         fd = os.open(path.parent, os.O_TMPFILE | os.O_RDWR, FILE_MODE)
     except (AttributeError, OSError):

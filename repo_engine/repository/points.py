@@ -16,6 +16,10 @@ A DiskRecord holds the disk `key`, `capacity` (bytes), `block_size`, `map` (bloc
 `kind` ("full"/"delta"), `parent` (point id the delta applies to, or null), `links` (maps to read
 to resolve, 1 for a full), `cursor` (source change cursor, e.g. a VMware changeId), `read_mode`,
 `note` (why a full read happened, skipped disks) and `counters`.
+
+Records read from disk (manifests and catalog records) are checked before use (`from_dict`): ids
+and map names are hex of the right length, block size, capacity and links within the format's
+bounds; a bad one is damage, never a path or an array size.
 """
 
 from __future__ import annotations
@@ -69,13 +73,13 @@ class DiskRecord:
         if not isinstance(bs, int) or bs & (bs - 1) or not MIN_BLOCK <= bs <= MAX_BLOCK:
             raise ValueError(f"disk {self.key!r}: block size {bs!r} is not a power of two "
                              f"from {MIN_BLOCK} to {MAX_BLOCK}")
-        _positive(self.capacity + 1, f"disk {self.key!r}: capacity", MAX_CAPACITY + 1)
-        _positive(self.links, f"disk {self.key!r}: links", 1 << 32)
+        _in_range(self.capacity, f"disk {self.key!r}: capacity", 0, MAX_CAPACITY)
+        _in_range(self.links, f"disk {self.key!r}: links", 1, 1 << 32)
 
 
-def _positive(value: object, what: str, limit: int) -> None:
-    if not isinstance(value, int) or not 1 <= value <= limit:
-        raise ValueError(f"{what} {value!r} is out of range")
+def _in_range(value: object, what: str, low: int, high: int) -> None:
+    if not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} {value!r} is out of range {low}..{high}")
 
 
 @dataclass
@@ -120,7 +124,7 @@ class PointRecord:
     def check(self) -> None:
         """ValueError unless ids, names and numbers are within the format's bounds."""
         checked_name(self.id, 16, "point id")
-        _positive(self.generation, "generation", 1 << 62)
+        _in_range(self.generation, "generation", 1, 1 << 62)
         for disk in self.disks:
             disk.check()
 
