@@ -115,6 +115,10 @@ PLANTS: dict[str, Plant] = {
     "pack-symlink": lambda r, o: _link(_first(r / "packs", ".pack"), o / "secret"),
     "pack-fifo": lambda r, o: _fifo(_first(r / "packs", ".pack")),
     "pack-chardev": lambda r, o: _chardev(_first(r / "packs", ".pack")),
+    "pack-badname": lambda r, o: (_first(r / "packs", ".pack").parent / "EVIL.pack").write_bytes(
+        b"x" * 100),
+    "map-badname": lambda r, o: (_first(r / "maps", ".map").parent / "zz.map").write_bytes(b"x"),
+    "point-badname": lambda r, o: (r / "points" / "..evil.point").write_bytes(b"x"),
     "packs-subdir-symlink": lambda r, o: _swap_dir(_first(r / "packs", ".pack").parent, o),
     "packs-dir-symlink": lambda r, o: _swap_dir(r / "packs", o),
     "map-symlink": lambda r, o: _link(_first(r / "maps", ".map"), o / "secret"),

@@ -19,7 +19,7 @@ from ..repository.index import Index
 from ..repository.locks import list_locks, remove_if_stale
 from ..repository.points import PointRecord
 from ..repository.repo import Repository, unique_refs
-from ..repository.safefile import is_regular
+from ..repository.safefile import is_name, is_regular
 
 # the refs table: key ref u64 big endian, value REF_REC (id, pack, offset, stored, raw, codec)
 REF_ROW = np.dtype({"names": ["id", "pack", "offset", "stored", "raw", "codec"],
@@ -69,20 +69,29 @@ def scan_counts(txn: lmdb.Transaction, db: object) -> tuple[np.ndarray, np.ndarr
             np.frombuffer(values, dtype="<u8").astype(np.uint64))
 
 
+NAME_LENGTH = {".pack": 64, ".map": 64, ".point": 16}  # hex digits of each kind's names
+
+
 def files_under(root: Path, suffix: str, skipped: list[str] | None = None) -> dict[str, Path]:
-    """{stem: path} of the regular files with `suffix` one or two levels below `root`. Anything
-    else (a symlink, FIFO, device; a symlinked directory is never entered) is left alone and
-    described in `skipped`: maintenance never reads or deletes through it."""
+    """{stem: path} of the regular files with `suffix` one or two levels below `root` whose stem
+    is a name the repository gives (NAME_LENGTH hex digits). Anything else (a symlink, FIFO,
+    device, a stray name; a symlinked directory is never entered) is left alone and described in
+    `skipped`: maintenance never reads or deletes through it."""
     out: dict[str, Path] = {}
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
-            path = Path(dirpath) / name
+            path, stem = Path(dirpath) / name, name[:-len(suffix)]
             if not name.endswith(suffix) or name.startswith(".tmp-"):
                 continue
-            if is_regular(path):
-                out[name[:-len(suffix)]] = path
-            elif skipped is not None:
-                skipped.append(f"{path} is not a regular file: left alone, never read (remove it)")
+            if not is_regular(path):
+                problem = "is not a regular file"
+            elif not is_name(stem, NAME_LENGTH[suffix]):
+                problem = "does not have a repository file name"
+            else:
+                out[stem] = path
+                continue
+            if skipped is not None:
+                skipped.append(f"{path} {problem}: left alone, never read (remove it)")
     return out
 
 

@@ -94,11 +94,17 @@ def read_limited(path: Path, limit: int) -> bytes:
         os.close(fd)
 
 
+def is_name(value: object, length: int) -> bool:
+    """True when `value` is `length` lowercase hex digits: the only names the repository gives
+    its files."""
+    return (isinstance(value, str) and len(value) == length
+            and all(c in "0123456789abcdef" for c in value))
+
+
 def checked_name(value: object, length: int, what: str) -> str:
-    """`value` when it is `length` lowercase hex digits (the only names the repository gives
-    its files), else DamageError: a name read from disk becomes a path, and `../x` must never."""
-    if not (isinstance(value, str) and len(value) == length
-            and all(c in "0123456789abcdef" for c in value)):
+    """`value` when it is a name (is_name), else DamageError: a name read from disk becomes a
+    path, and `../x` must never."""
+    if not is_name(value, length):
         raise DamageError(f"{what}: {value!r} is not a valid name ({length} hex digits); "
                           "the metadata is damaged")
     return value
