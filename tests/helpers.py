@@ -123,3 +123,14 @@ def assert_sparse_where_zero(path: Path, block_size: int, content: bytes) -> Non
 def disk_of(point: dict, key: str) -> dict:
     """Disk `key` of a point as `--json` prints it (a list of disks, each with its key)."""
     return next(d for d in point["disks"] if d["key"] == key)
+
+
+def repo_with_point(tmp_path: Path, capsys, seed: int) -> tuple[Path, DiskModel]:
+    """A 64 KiB-block repository holding one point of VM `v` (disk `d`, 2 MiB of random
+    changes)."""
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo, "--block-size", "64KiB").code == 0
+    model = DiskModel(tmp_path / "d.img", 2 * MIB, np.random.default_rng(seed))
+    model.random_changes(5)
+    assert cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}").code == 0
+    return repo, model

@@ -13,17 +13,12 @@ import pytest
 from repo_engine.repository.envelope import seal, unseal
 from repo_engine.repository.formats import CONFIG, FileFormat
 
-from helpers import MIB, DiskModel, cli, disk_of, tree_digest, write_extents
+from helpers import MIB, DiskModel, cli, disk_of, repo_with_point, tree_digest, write_extents
 
 
 @pytest.fixture
 def setup(tmp_path, capsys):
-    repo = tmp_path / "repo"
-    assert cli(capsys, "init", repo, "--block-size", "64KiB").code == 0
-    model = DiskModel(tmp_path / "d.img", 2 * MIB, np.random.default_rng(3))
-    model.random_changes(5)
-    assert cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}").code == 0
-    return repo, model
+    return repo_with_point(tmp_path, capsys, 3)
 
 
 def _assert_one_line_error(result, code: int, *fragments: str) -> None:

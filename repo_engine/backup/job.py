@@ -158,7 +158,8 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions) ->
     """Store one restore point of `snapshot`; nothing becomes visible unless all of it is stored."""
     started = time.monotonic()
     when = now_iso()
-    with repo.lock(SHARED, f"backup {snapshot.vm}"):
+    command = f"backup {snapshot.vm}"
+    with repo.lock(SHARED, command), repo.vm_lock(snapshot.vm, command):
         writer = ChunkWriter(repo)
         pipeline = BlockPipeline(repo.codec, repo.index)
         try:

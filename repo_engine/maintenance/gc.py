@@ -47,6 +47,7 @@ from ..repository.index import LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U
 from ..repository.locks import MAINTENANCE
 from ..repository.packs import ENTRY, FOOTER, HEADER, PackWriter, pack_path, read_trailer
 from ..repository.repo import Repository, unique_refs
+from ..repository.safefile import read_limited, remove
 from . import forget
 from .inventory import (MapCache, dead_tmp_files, files_under, live_refs, scan_counts,
                         scan_refs, sessions, wait_for)
@@ -368,7 +369,7 @@ def _retire_pack(txn: lmdb.Transaction, index: Index, number: int) -> None:
 
 def _size(path: Path) -> int:
     try:
-        return path.stat().st_size
+        return path.lstat().st_size
     except FileNotFoundError:
         return 0
 
@@ -431,7 +432,7 @@ def _live_chunks(repo: Repository, number: int) -> list[tuple[int, bytes, bytes,
     info = repo.index.pack_info(number)
     path = pack_path(repo.packs_dir, info.name)
     entries = read_trailer(path)
-    data = path.read_bytes()
+    data = read_limited(path, info.size)
     out = []
     with repo.index.env.begin() as txn:
         for e in entries:
@@ -485,7 +486,7 @@ def _delete_dead_packs(repo: Repository, report: GcReport) -> None:
     for name in _dead_packs(repo):
         path = pack_path(repo.packs_dir, name.hex())
         report.freed_bytes += _size(path)
-        path.unlink(missing_ok=True)
+        remove(path)
         with index.env.begin(write=True) as txn:
             txn.delete(name, db=index.deadpacks)
             txn.delete(name, db=index.scrubbed)

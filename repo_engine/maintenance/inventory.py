@@ -16,9 +16,10 @@ import numpy as np
 from ..backup.extents import blocks_to_extents
 from ..errors import LockedError, RepoError
 from ..repository.index import Index
-from ..repository.locks import is_stale, list_locks
+from ..repository.locks import list_locks, remove_if_stale
 from ..repository.points import PointRecord
 from ..repository.repo import Repository, unique_refs
+from ..repository.safefile import is_name, is_regular
 
 # the refs table: key ref u64 big endian, value REF_REC (id, pack, offset, stored, raw, codec)
 REF_ROW = np.dtype({"names": ["id", "pack", "offset", "stored", "raw", "codec"],
@@ -68,13 +69,29 @@ def scan_counts(txn: lmdb.Transaction, db: object) -> tuple[np.ndarray, np.ndarr
             np.frombuffer(values, dtype="<u8").astype(np.uint64))
 
 
-def files_under(root: Path, suffix: str) -> dict[str, Path]:
-    """{stem: path} of the files with `suffix` one or two levels below `root`."""
+NAME_LENGTH = {".pack": 64, ".map": 64, ".point": 16}  # hex digits of each kind's names
+
+
+def files_under(root: Path, suffix: str, skipped: list[str] | None = None) -> dict[str, Path]:
+    """{stem: path} of the regular files with `suffix` one or two levels below `root` whose stem
+    is a name the repository gives (NAME_LENGTH hex digits). Anything else (a symlink, FIFO,
+    device, a stray name; a symlinked directory is never entered) is left alone and described in
+    `skipped`: maintenance never reads or deletes through it."""
     out: dict[str, Path] = {}
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
-            if name.endswith(suffix) and not name.startswith(".tmp-"):
-                out[name[:-len(suffix)]] = Path(dirpath) / name
+            path, stem = Path(dirpath) / name, name[:-len(suffix)]
+            if not name.endswith(suffix) or name.startswith(".tmp-"):
+                continue
+            if not is_regular(path):
+                problem = "is not a regular file"
+            elif not is_name(stem, NAME_LENGTH[suffix]):
+                problem = "does not have a repository file name"
+            else:
+                out[stem] = path
+                continue
+            if skipped is not None:
+                skipped.append(f"{path} {problem}: left alone, never read (remove it)")
     return out
 
 
@@ -123,8 +140,7 @@ def wait_for(repo: Repository, held: list[Path], *, timeout: float | None,
             info = held_now.get(path)
             if info is None:
                 continue
-            if is_stale(path, info):
-                path.unlink(missing_ok=True)
+            if remove_if_stale(path, info):
                 continue
             still.append(path)
         pending = still

@@ -25,10 +25,12 @@ from pathlib import Path
 from ..errors import LockedError, RepoError
 from ..repository.config import read_config
 from ..repository.index import Index
-from ..repository.locks import EXCLUSIVE, SHARED, LockInfo, RepoLock, is_stale, list_locks
+from ..repository.locks import (EXCLUSIVE, SHARED, TORN_HOST, LockInfo, RepoLock, is_stale,
+                                list_locks, remove_if_stale, strays)
 from ..repository.packs import FinishedPack, PackEntry, read_trailer
 from ..repository.points import read_point
-from ..repository.repo import Repository
+from ..repository.repo import Repository, check_layout
+from ..repository.safefile import open_reader
 from .gc import recount
 from .inventory import files_under
 from .scrub import read_chunk
@@ -49,11 +51,11 @@ class RebuildReport:
 def rebuild_index(path: Path) -> RebuildReport:
     started = time.monotonic()
     config = read_config(path / "config")
+    check_layout(path)
     report = RebuildReport()
     with RepoLock(path / "locks", EXCLUSIVE, "rebuild-index"):
         work = path / f"index.rebuild-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
         index = Index(work, create=True)
         repo = Repository(path, config, index)
         try:
@@ -69,7 +71,8 @@ def rebuild_index(path: Path) -> RebuildReport:
 
 def _packs(repo: Repository, report: RebuildReport) -> None:
     seen: set[int] = set()
-    for name, pack_file in sorted(files_under(repo.packs_dir, ".pack").items()):
+    skipped = report.unreadable_packs  # symlinks, FIFOs, ...: never read
+    for name, pack_file in sorted(files_under(repo.packs_dir, ".pack", skipped).items()):
         try:
             entries = read_trailer(pack_file)
         except RepoError as exc:
@@ -94,7 +97,7 @@ def _packs(repo: Repository, report: RebuildReport) -> None:
 
 def _decodes(repo: Repository, pack_file: Path, e: PackEntry) -> bool:
     try:
-        with open(pack_file, "rb") as f:
+        with open_reader(pack_file) as f:
             blob = os.pread(f.fileno(), e.stored, e.offset)
         repo.codec.decode(blob, e.codec, e.raw, e.chunk_id, str(pack_file))
         return True
@@ -103,7 +106,8 @@ def _decodes(repo: Repository, pack_file: Path, e: PackEntry) -> bool:
 
 
 def _points(repo: Repository, report: RebuildReport) -> None:
-    for point_id, manifest in sorted(files_under(repo.points_dir, ".point").items()):
+    skipped = report.unreadable_manifests
+    for point_id, manifest in sorted(files_under(repo.points_dir, ".point", skipped).items()):
         try:
             point = read_point(manifest)
         except RepoError as exc:
@@ -133,25 +137,34 @@ class UnlockReport:
 
 def unlock(path: Path, *, force: bool = False) -> UnlockReport:
     """Remove stale locks (holder dead on this host); live ones or other hosts' only with force."""
-    if not (path / "config").exists():
+    if not os.path.lexists(path / "config"):
         read_config(path / "config")  # raises NotARepository
+    check_layout(path)
     report = UnlockReport()
     # half-created lock files carry no readable holder: test their flock as if they were ours
     this_host = LockInfo(SHARED, socket.gethostname(), -1, "", "")
     for lock_path in (path / "locks").glob("*.new"):
         if is_stale(lock_path, this_host):
             lock_path.unlink(missing_ok=True)
+    for stray in strays(path / "locks"):  # a symlink, FIFO, ...: never a lock, never followed
+        stray.unlink(missing_ok=True)
+        report.removed.append({"file": stray.name, "kind": "stray", "host": "?", "pid": -1,
+                               "command": "not a lock file", "since": ""})
     for lock_path, info in list_locks(path / "locks"):
         doc = {"file": lock_path.name, "kind": info.kind, "host": info.host, "pid": info.pid,
                "command": info.command, "since": info.time}
-        if force or is_stale(lock_path, info):
+        if force:
             lock_path.unlink(missing_ok=True)
+        if force or remove_if_stale(lock_path, info):
             report.removed.append(doc)
         else:
             report.kept.append(doc)
     if report.kept and not force:
         first = report.kept[0]
-        raise LockedError(f"{len(report.kept)} locks are held by live processes (e.g. "
-                         f"{first['command']!r}, pid {first['pid']} on {first['host']}); "
-                         "use --force only if you are sure they are gone")
+        holder = (f"{first['command']!r}, pid {first['pid']} on {first['host']}"
+                  if first["host"] != TORN_HOST else
+                  f"{first['file']}, which cannot be read: a lock being written, or one held on "
+                  "another host")
+        raise LockedError(f"{len(report.kept)} locks are held by live processes (e.g. {holder}); "
+                          "use --force only if you are sure they are gone")
     return report

@@ -49,6 +49,7 @@ from ..repository.index import REF_KEY, REF_REC, U64, PackInfo
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import pack_path, read_trailer
 from ..repository.repo import Repository
+from ..repository.safefile import open_reader, read_limited
 from ..units import mib_per_s, parse_seconds, plural
 from .gc import less_live
 from .inventory import Affected, affected_by, scan_refs, scan_u64_keys
@@ -180,8 +181,7 @@ def _scrub_pack(repo: Repository, pack: PackInfo) -> _PackResult:
     path = pack_path(repo.packs_dir, pack.name)
     try:
         entries = read_trailer(path)
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_limited(path, pack.size)
     except (DamageError, OSError) as exc:
         result.unreadable = str(exc)
         return result
@@ -352,7 +352,7 @@ def read_chunk(repo: Repository, ref: int) -> tuple[bytes, bytes, int, int] | No
     chunk_id, number, offset, stored, raw, codec = REF_REC.unpack(rec)
     try:
         path = pack_path(repo.packs_dir, repo.index.pack_info(number).name)
-        with open(path, "rb") as f:
+        with open_reader(path) as f:
             blob = os.pread(f.fileno(), stored, offset)
         repo.codec.decode(blob, codec, raw, chunk_id, f"ref {ref}")
     except (RepoError, OSError):

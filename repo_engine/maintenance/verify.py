@@ -241,12 +241,13 @@ def _check_counts(snap: _Snapshot, cache: MapCache, used: set[str], live: np.nda
 
 def _orphans(repo: Repository, snap: _Snapshot, report: VerifyReport) -> None:
     names = {v[0] for v in snap.packs.values()}
-    packs = files_under(repo.packs_dir, ".pack")
+    skipped = report.warnings  # symlinks, FIFOs, ... where files belong: never followed
+    packs = files_under(repo.packs_dir, ".pack", skipped)
     used_maps = set(snap.mapuse) | set(snap.deadmaps)
     report.orphans = {
         "packs": sorted(set(packs) - names - snap.deadpacks),
-        "maps": sorted(set(files_under(repo.maps_dir, ".map")) - used_maps),
-        "manifests": sorted(set(files_under(repo.points_dir, ".point")) - set(snap.catalog)
+        "maps": sorted(set(files_under(repo.maps_dir, ".map", skipped)) - used_maps),
+        "manifests": sorted(set(files_under(repo.points_dir, ".point", skipped)) - set(snap.catalog)
                             - snap.forgetting),
         "awaiting_deletion": sorted(snap.deadpacks),
     }

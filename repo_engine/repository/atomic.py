@@ -2,13 +2,16 @@
 
 Write order (docs/FORMAT.md, "Write and read ordering"): data goes to a temporary file in the
 destination's directory, is fsynced, renamed over the final name, and the directory is fsynced, so a
-crash leaves either the old state or the complete new file, never a torn one.
+crash leaves either the old state or the complete new file, never a torn one. Files are created
+owner-only (safefile.FILE_MODE).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from .safefile import FILE_MODE
 
 
 def fsync_dir(path: Path) -> None:
@@ -34,7 +37,7 @@ def write_all(fd: int, data: bytes) -> None:
 def write_atomic(final: Path, data: bytes, *, overwrite: bool = True) -> None:
     """Write `data` to `final` durably and atomically."""
     tmp = temp_name(final)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         write_all(fd, data)
         os.fsync(fd)

@@ -29,12 +29,19 @@ import zstandard
 from ..errors import DamageError
 from .atomic import write_atomic
 from .envelope import seal, unseal
+from .config import MIN_BLOCK
 from .formats import BLOCK_MAP
+from .points import MAX_CAPACITY
+from .safefile import MAP_MAX, checked_name, make_dir, read_limited
 
 FULL, DELTA = 0, 1
 HEAD = struct.Struct("<B7xQQ")
 assert HEAD.size == 24
 U64 = np.dtype("<u8")
+# a zstd block regenerates at most 128 KiB from at least 4 bytes (3-byte header, 1 RLE byte): a
+# header claiming more entries than the frame can hold is damage, caught before allocating them
+MAX_RATIO = (128 << 10) // 4
+MAX_BLOCKS = MAX_CAPACITY // MIN_BLOCK
 
 
 @dataclass(frozen=True)
@@ -98,9 +105,13 @@ def encode(bmap: BlockMap) -> bytes:
 
 def decode(payload: bytes, what: str) -> BlockMap:
     kind, nblocks, count = HEAD.unpack_from(payload)
-    if kind not in (FULL, DELTA) or (kind == FULL and count != nblocks) or count > nblocks:
+    if (kind not in (FULL, DELTA) or (kind == FULL and count != nblocks) or count > nblocks
+            or nblocks > MAX_BLOCKS):
         raise DamageError(f"{what}: block map header is inconsistent")
     width = 1 if kind == FULL else 2
+    if count * width * U64.itemsize > (len(payload) - HEAD.size) * MAX_RATIO:
+        raise DamageError(f"{what}: block map header claims {count} entries, more than its "
+                          "body can hold")
     # decompressed straight into the array: a full map of a large disk is not copied twice
     body = np.empty(count * width, dtype=U64)
     try:
@@ -132,6 +143,7 @@ def _read_into(frame: memoryview, out: memoryview) -> int:
 
 
 def map_path(maps_dir: Path, name: str) -> Path:
+    checked_name(name, 64, "block map")
     return maps_dir / name[:2] / f"{name}.map"
 
 
@@ -141,7 +153,7 @@ def write_map(maps_dir: Path, bmap: BlockMap) -> str:
     name = blake3.blake3(data).hexdigest()
     path = map_path(maps_dir, name)
     if not path.exists():
-        path.parent.mkdir(exist_ok=True)
+        make_dir(path.parent)
         write_atomic(path, data)
     return name
 
@@ -149,7 +161,7 @@ def write_map(maps_dir: Path, bmap: BlockMap) -> str:
 def read_map(maps_dir: Path, name: str) -> BlockMap:
     path = map_path(maps_dir, name)
     try:
-        data = path.read_bytes()
+        data = read_limited(path, MAP_MAX)
     except FileNotFoundError:
         raise DamageError(f"{path}: block map is missing") from None
     if blake3.blake3(data).hexdigest() != name:

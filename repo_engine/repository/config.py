@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..errors import NotARepository, UsageError
+from ..errors import DamageError, NotARepository, UsageError
 from .envelope import read_sealed, write_sealed
 from .formats import CONFIG
+from .safefile import CONFIG_MAX
 
 MIN_BLOCK, MAX_BLOCK = 16 * 1024, 4 * 1024 * 1024
 DEFAULT_BLOCK = 64 * 1024
@@ -68,9 +69,15 @@ def write_config(path: Path, config: RepoConfig) -> None:
 
 
 def read_config(path: Path) -> RepoConfig:
-    if not path.exists():
+    if not os.path.lexists(path):
         raise NotARepository(f"{path.parent} is not a repo-engine repository (no config file); "
                              f"to create one there: repo-engine init {path.parent}")
-    doc = json.loads(read_sealed(path, CONFIG))
-    known = {k: v for k, v in doc.items() if k in RepoConfig.__dataclass_fields__}
-    return RepoConfig(**known)
+    try:
+        doc = json.loads(read_sealed(path, CONFIG, CONFIG_MAX))
+        config = RepoConfig(**{k: v for k, v in doc.items() if k in RepoConfig.__dataclass_fields__})
+        config.validate()
+        if len(config.key_bytes) != 32:
+            raise ValueError("the chunk key is not 32 bytes")
+    except (UsageError, TypeError, ValueError, AttributeError) as exc:
+        raise DamageError(f"{path}: the config holds invalid settings ({exc})") from None
+    return config

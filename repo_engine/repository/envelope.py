@@ -23,6 +23,7 @@ import blake3
 from ..errors import DamageError, FormatError
 from .atomic import write_atomic
 from .formats import FileFormat
+from .safefile import read_limited
 
 HEADER = struct.Struct("<8sHHIQ")
 assert HEADER.size == 24
@@ -55,9 +56,11 @@ def write_sealed(path: Path, fmt: FileFormat, payload: bytes, *, overwrite: bool
     write_atomic(path, seal(fmt, payload), overwrite=overwrite)
 
 
-def read_sealed(path: Path, fmt: FileFormat) -> bytes:
+def read_sealed(path: Path, fmt: FileFormat, limit: int) -> bytes:
+    """The checked payload of the sealed file `path`, which may be at most `limit` bytes long
+    (safefile.py: a symlink, FIFO, device or oversized file is damage)."""
     try:
-        data = path.read_bytes()
+        data = read_limited(path, limit)
     except FileNotFoundError:
         raise DamageError(f"{path}: {fmt.name} file is missing") from None
     return unseal(fmt, data, str(path))

@@ -47,6 +47,7 @@ import numpy as np
 from ..errors import DamageError, FormatError, RepoError
 from .formats import INDEX_VERSION
 from .packs import FinishedPack, PackEntry
+from .safefile import FILE_MODE, make_dir
 
 REF_KEY = struct.Struct(">Q")
 PACK_KEY = struct.Struct(">I")
@@ -93,7 +94,10 @@ class Index:
     def __init__(self, path: Path, *, create: bool = False) -> None:
         if not create and not (path / "data.mdb").exists():
             raise DamageError(f"{path}: index is missing; run 'repo-engine rebuild-index'")
-        self.env = lmdb.open(str(path), max_dbs=32, map_size=MAP_SIZE, subdir=True, create=create)
+        if create:
+            make_dir(path)  # owner-only; LMDB's files are created FILE_MODE
+        self.env = lmdb.open(str(path), max_dbs=32, map_size=MAP_SIZE, subdir=True, create=create,
+                             mode=FILE_MODE)
         self.meta = self.env.open_db(b"meta")
         self.ids = self.env.open_db(b"ids")
         self.refs = self.env.open_db(b"refs")

@@ -3,10 +3,20 @@
 A lock file is an envelope (magic LOCK) holding JSON {kind, host, pid, time, command}. `shared`
 locks (backups, restores) coexist; an `exclusive` lock excludes every other lock; a `maintenance`
 lock (forget, gc, repair) coexists with shared locks but excludes other maintenance and exclusive
-locks. A lock file is written under a temporary name, flocked, then renamed into place, so a lock
+locks. A lock file is written under a temporary name, flocked, then linked into place, so a lock
 file that can be listed always carries its holder's flock. The holder keeps
 an flock on its own file, so a lock of this host whose flock can be taken belongs to a dead process:
 it is stale and is removed. Locks of other hosts are never guessed stale; `unlock` removes them.
+
+A lock file that cannot be read (torn: empty or cut short by a crash of its writer's machine) names
+no holder: when its flock is free it is stale whatever host wrote it, else it counts as an
+exclusive lock. An entry of `locks/` that is not a regular file (a symlink, FIFO, device) is never
+opened for reading nor followed; it is not a lock, and `unlock` removes it.
+
+A VM lock (`locks/vm-<hash of the VM name>.lock`, a shared lock file like the others) is held by a
+backup for the whole backup of that VM. It is created under its fixed name only if absent (a link,
+not a rename), so of two backups of one VM, on one host or on two hosts sharing the repository,
+exactly one gets it; the other is refused with the holder's host, pid and start time.
 """
 
 from __future__ import annotations
@@ -19,12 +29,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import blake3
+
 from ..errors import DamageError, FormatError, LockedError
 from .envelope import seal, unseal
 from .formats import LOCK
 from .points import now_iso
+from .safefile import FILE_MODE, LOCK_MAX, is_regular, open_regular, read_limited
 
 SHARED, EXCLUSIVE, MAINTENANCE = "shared", "exclusive", "maintenance"
+TORN_HOST = "?"  # the holder of a lock file that cannot be read
 
 
 @dataclass(frozen=True)
@@ -37,30 +51,58 @@ class LockInfo:
 
 
 def _read_info(path: Path) -> LockInfo | None:
+    """The holder named in a lock file; None when it is gone or not a regular file."""
+    if not is_regular(path):
+        return None
     try:
-        return LockInfo(**json.loads(unseal(LOCK, path.read_bytes(), str(path))))
+        info = LockInfo(**json.loads(unseal(LOCK, read_limited(path, LOCK_MAX), str(path))))
     except FileNotFoundError:
         return None
     except (DamageError, FormatError, TypeError, ValueError):
-        # a lock file being written right now looks torn; treat it as held
-        return LockInfo("exclusive", "?", -1, "", "unreadable lock file")
+        return LockInfo(EXCLUSIVE, TORN_HOST, -1, "", "unreadable (torn) lock file")
+    if not isinstance(info.pid, int) or not all(isinstance(v, str) for v in
+                                                 (info.kind, info.host, info.time, info.command)):
+        return LockInfo(EXCLUSIVE, TORN_HOST, -1, "", "unreadable (torn) lock file")
+    return info
+
+
+def _may_be_stale(info: LockInfo) -> bool:
+    """Only locks of this host, or torn ones naming no host, are tested by their flock."""
+    return info.host in (socket.gethostname(), TORN_HOST)
 
 
 def is_stale(path: Path, info: LockInfo) -> bool:
     """True when the holder is a dead process on this host (its flock is free)."""
-    if info.host != socket.gethostname():
+    return _stale(path, info, remove=False)
+
+
+def remove_if_stale(path: Path, info: LockInfo) -> bool:
+    """Remove `path` when its holder is dead (see is_stale); True when it is gone. The file is
+    removed while we hold its flock and only if the name still denotes the file we tested, so a
+    lock another process creates under the same name meanwhile (a VM lock) is never removed."""
+    return _stale(path, info, remove=True)
+
+
+def _stale(path: Path, info: LockInfo, *, remove: bool) -> bool:
+    if not _may_be_stale(info):
         return False
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_regular(path)
     except FileNotFoundError:
         return True
+    except DamageError:  # replaced by something that is not a lock: not ours to judge
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if remove and os.path.samestat(os.fstat(fd), os.lstat(path)):
+            path.unlink()
+        return True
     except BlockingIOError:
         return False
+    except FileNotFoundError:
+        return True
     finally:
         os.close(fd)
-    return True
 
 
 def list_locks(locks_dir: Path) -> list[tuple[Path, LockInfo]]:
@@ -72,31 +114,53 @@ def list_locks(locks_dir: Path) -> list[tuple[Path, LockInfo]]:
     return found
 
 
+def strays(locks_dir: Path) -> list[Path]:
+    """Entries named like locks that are not regular files (never a lock: nothing flocks them)."""
+    return [path for path in sorted(locks_dir.glob("*.lock"))
+            if not is_regular(path) and not path.is_dir()]
+
+
 def _create_flocked(path: Path, content: bytes) -> int:
     """Create `path` holding `content` with our flock already on it when it appears: an unnamed
-    file (O_TMPFILE) linked into place, else a `.new` name renamed into place."""
+    file (O_TMPFILE) linked into place, else a `.new` name linked into place."""
     try:
-        fd = os.open(path.parent, os.O_TMPFILE | os.O_RDWR, 0o644)
+        fd = os.open(path.parent, os.O_TMPFILE | os.O_RDWR, FILE_MODE)
     except (AttributeError, OSError):
         fd = -1
-    tmp = path.with_suffix(".new")
+    tmp = path.parent / f"{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}.new"
     named = fd < 0
     if named:
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    os.write(fd, content)
-    os.fsync(fd)
-    if named:
-        os.rename(tmp, path)
-    else:
-        # linkat(AT_SYMLINK_FOLLOW) on the /proc link names the unnamed file (a dir fd forces
-        # CPython to call linkat rather than link)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=dir_fd, follow_symlinks=True)
-        finally:
-            os.close(dir_fd)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, content)
+        os.fsync(fd)
+        if named:
+            _link_named(tmp, path)
+        else:
+            _link_unnamed(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
+
+
+def _link_named(tmp: Path, path: Path) -> None:
+    """A link, not a rename: a name that exists already (a VM lock) is not replaced."""
+    try:
+        os.link(tmp, path)
+    finally:
+        tmp.unlink()
+
+
+def _link_unnamed(fd: int, path: Path) -> None:
+    # linkat(AT_SYMLINK_FOLLOW) on the /proc link names the unnamed file (a dir fd forces
+    # CPython to call linkat rather than link)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=dir_fd, follow_symlinks=True)
+    finally:
+        os.close(dir_fd)
 
 
 def remove_stale_partials(locks_dir: Path) -> None:
@@ -105,11 +169,15 @@ def remove_stale_partials(locks_dir: Path) -> None:
     host = socket.gethostname()
     for path in locks_dir.glob(f"{host}-*.new"):
         try:
-            young = time.time() - path.stat().st_mtime < 5
+            young = time.time() - path.lstat().st_mtime < 5
         except FileNotFoundError:
             continue
         if not young and is_stale(path, LockInfo(SHARED, host, -1, "", "")):
             path.unlink(missing_ok=True)
+
+
+def _holder(kind: str, command: str) -> LockInfo:
+    return LockInfo(kind, socket.gethostname(), os.getpid(), now_iso(), command)
 
 
 class RepoLock:
@@ -117,7 +185,7 @@ class RepoLock:
 
     def __init__(self, locks_dir: Path, kind: str, command: str) -> None:
         self.kind = kind
-        info = LockInfo(kind, socket.gethostname(), os.getpid(), now_iso(), command)
+        info = _holder(kind, command)
         self.path = locks_dir / f"{info.host}-{info.pid}-{os.urandom(4).hex()}.lock"
         self._fd = _create_flocked(self.path, seal(LOCK, json.dumps(asdict(info)).encode()))
         try:
@@ -126,14 +194,42 @@ class RepoLock:
             self.release()
             raise
 
+    @classmethod
+    def for_vm(cls, locks_dir: Path, vm: str, command: str) -> "RepoLock":
+        """Take the VM lock of `vm` (module doc); LockedError naming the backup that holds it."""
+        path = locks_dir / f"vm-{blake3.blake3(vm.encode()).hexdigest()[:32]}.lock"
+        content = seal(LOCK, json.dumps(asdict(_holder(SHARED, command))).encode())
+        for _attempt in range(3):
+            try:
+                fd = _create_flocked(path, content)
+            except FileExistsError:
+                info = _read_info(path)
+                if info is None and os.path.lexists(path):
+                    raise DamageError(f"{path} is not a lock file; remove it (or run "
+                                      "'repo-engine unlock')") from None
+                if info is None or remove_if_stale(path, info):
+                    continue
+                raise LockedError(f"VM {vm!r} is being backed up by {info.command!r}, pid "
+                                  f"{info.pid} on {info.host} since {info.time}; wait for it to "
+                                  "finish (if that process is gone, run 'repo-engine unlock')"
+                                  ) from None
+            held = cls.__new__(cls)
+            held.kind, held.path, held._fd = SHARED, path, fd
+            return held
+        raise LockedError(f"the lock of VM {vm!r} ({path}) keeps changing; try again")
+
     def _check_conflicts(self, locks_dir: Path) -> None:
         remove_stale_partials(locks_dir)
         for path, info in list_locks(locks_dir):
             if path == self.path:
                 continue
-            if is_stale(path, info):
-                path.unlink(missing_ok=True)
+            if remove_if_stale(path, info):
                 continue
+            if info.host == TORN_HOST:
+                raise LockedError(f"repository is locked: lock file {path} cannot be read and "
+                                  "its holder is alive (a lock being written, or a holder on "
+                                  "another host); try again, or if no other repo-engine runs, "
+                                  "'repo-engine unlock --force'")
             if EXCLUSIVE in (self.kind, info.kind) or self.kind == info.kind == MAINTENANCE:
                 raise LockedError(
                     f"repository is locked ({info.kind}) by {info.command!r}, pid {info.pid} on "
@@ -143,7 +239,12 @@ class RepoLock:
 
     def release(self) -> None:
         if self._fd >= 0:
-            self.path.unlink(missing_ok=True)
+            # only our own file: after an `unlock --force`, the name may be another holder's
+            try:
+                if os.path.samestat(os.fstat(self._fd), os.lstat(self.path)):
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
             os.close(self._fd)
             self._fd = -1
 

@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import DamageError
 from .atomic import publish, write_all
 from .formats import PACK, PACK_TRAILER
+from .safefile import FILE_MODE, checked_name, make_dir, open_reader
 
 HEADER = struct.Struct("<8sHHI")
 ENTRY = struct.Struct("<Q32sQIIB3x")
@@ -67,6 +68,7 @@ class FinishedPack:
 
 
 def pack_path(packs_dir: Path, name: str) -> Path:
+    checked_name(name, 64, "pack")
     return packs_dir / name[:2] / f"{name}.pack"
 
 
@@ -76,7 +78,7 @@ class PackWriter:
     def __init__(self, tmp_dir: Path, packs_dir: Path) -> None:
         self._packs_dir = packs_dir
         self._tmp = tmp_dir / f"pack-{os.getpid()}-{os.urandom(6).hex()}.tmp"
-        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         self._hash = blake3.blake3()
         self._size = 0
         self._pending: list[bytes] = []
@@ -134,7 +136,7 @@ class PackWriter:
         self._fd = -1
         name = self._hash.hexdigest()
         final = pack_path(self._packs_dir, name)
-        final.parent.mkdir(exist_ok=True)
+        make_dir(final.parent)
         publish(self._tmp, final)
         return FinishedPack(name, self._size, self.entries)
 
@@ -149,7 +151,7 @@ def read_trailer(path: Path) -> np.ndarray:
     """Read and check a pack's trailer; returns an ENTRY_DTYPE array."""
     what = str(path)
     try:
-        with open(path, "rb") as f:
+        with open_reader(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size < HEADER.size + FOOTER.size:
                 raise DamageError(f"{what}: pack is truncated ({size} bytes)")

@@ -16,6 +16,10 @@ A DiskRecord holds the disk `key`, `capacity` (bytes), `block_size`, `map` (bloc
 `kind` ("full"/"delta"), `parent` (point id the delta applies to, or null), `links` (maps to read
 to resolve, 1 for a full), `cursor` (source change cursor, e.g. a VMware changeId), `read_mode`,
 `note` (why a full read happened, skipped disks) and `counters`.
+
+Records read from disk (manifests and catalog records) are checked before use (`from_dict`): ids
+and map names are hex of the right length, block size, capacity and links within the format's
+bounds; a bad one is damage, never a path or an array size.
 """
 
 from __future__ import annotations
@@ -28,8 +32,15 @@ from pathlib import Path
 
 import blake3
 
+from ..errors import DamageError
+from .config import MAX_BLOCK, MIN_BLOCK
 from .envelope import read_sealed, write_sealed
 from .formats import POINT
+from .safefile import MANIFEST_MAX, checked_name
+
+# the largest disk a record may describe (VMware's limit is 62 TiB): bounds every array sized
+# from a capacity read from disk
+MAX_CAPACITY = 1 << 50
 
 
 @dataclass
@@ -50,6 +61,25 @@ class DiskRecord:
     @property
     def nblocks(self) -> int:
         return -(-self.capacity // self.block_size)
+
+    def check(self) -> None:
+        """ValueError (DamageError for a bad name) unless the record is within bounds."""
+        checked_name(self.map, 64, f"disk {self.key!r}: block map")
+        if self.parent is not None:
+            checked_name(self.parent, 16, f"disk {self.key!r}: parent point")
+        if self.kind not in ("full", "delta") or (self.kind == "delta") != (self.parent is not None):
+            raise ValueError(f"disk {self.key!r}: kind {self.kind!r} with parent {self.parent!r}")
+        bs = self.block_size
+        if not isinstance(bs, int) or bs & (bs - 1) or not MIN_BLOCK <= bs <= MAX_BLOCK:
+            raise ValueError(f"disk {self.key!r}: block size {bs!r} is not a power of two "
+                             f"from {MIN_BLOCK} to {MAX_BLOCK}")
+        _in_range(self.capacity, f"disk {self.key!r}: capacity", 0, MAX_CAPACITY)
+        _in_range(self.links, f"disk {self.key!r}: links", 1, 1 << 32)
+
+
+def _in_range(value: object, what: str, low: int, high: int) -> None:
+    if not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} {value!r} is out of range {low}..{high}")
 
 
 @dataclass
@@ -79,11 +109,24 @@ class PointRecord:
         return doc
 
     @classmethod
-    def from_dict(cls, doc: dict) -> "PointRecord":
-        doc = dict(doc)
-        doc["disks"] = [DiskRecord(**d) for d in doc["disks"]]
-        known = {k: v for k, v in doc.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+    def from_dict(cls, doc: dict, what: str = "catalog record") -> "PointRecord":
+        """A record read from disk (manifest or catalog), every name and number checked before
+        anything uses it (DamageError naming `what` otherwise)."""
+        try:
+            doc = dict(doc)
+            doc["disks"] = [DiskRecord(**d) for d in doc["disks"]]
+            point = cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
+            point.check()
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DamageError(f"{what}: restore point record is malformed ({exc})") from None
+        return point
+
+    def check(self) -> None:
+        """ValueError unless ids, names and numbers are within the format's bounds."""
+        checked_name(self.id, 16, "point id")
+        _in_range(self.generation, "generation", 1, 1 << 62)
+        for disk in self.disks:
+            disk.check()
 
 
 def new_point_id(vm: str, when: str) -> str:
@@ -95,7 +138,7 @@ def now_iso() -> str:
 
 
 def point_path(points_dir: Path, point_id: str) -> Path:
-    return points_dir / f"{point_id}.point"
+    return points_dir / f"{checked_name(point_id, 16, 'point id')}.point"
 
 
 def write_point(points_dir: Path, point: PointRecord) -> None:
@@ -104,4 +147,8 @@ def write_point(points_dir: Path, point: PointRecord) -> None:
 
 
 def read_point(path: Path) -> PointRecord:
-    return PointRecord.from_dict(json.loads(read_sealed(path, POINT)))
+    try:
+        doc = json.loads(read_sealed(path, POINT, MANIFEST_MAX))
+    except (ValueError, RecursionError) as exc:
+        raise DamageError(f"{path}: restore point manifest is not valid JSON ({exc})") from None
+    return PointRecord.from_dict(doc, str(path))

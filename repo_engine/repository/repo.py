@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import NotARepository, PointNotFound, RepoError, UsageError
+from ..errors import DamageError, NotARepository, PointNotFound, RepoError, UsageError
 from .blockmap import BlockMap, map_path, read_map, write_map
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
@@ -20,8 +20,10 @@ from .index import Index, MapMissing
 from .locks import RepoLock
 from .packs import FinishedPack, PackWriter
 from .points import PointRecord, point_path, read_point, write_point
+from .safefile import DIR_MODE, check_dir, is_regular, make_dir
 
 SUBDIRS = ("packs", "maps", "points", "index", "locks", "tmp")
+INDEX_FILES = ("data.mdb", "lock.mdb")
 
 
 class Repository:
@@ -47,9 +49,10 @@ class Repository:
         if not parents and not path.absolute().parent.is_dir():
             raise UsageError(f"cannot create {path}: the directory {path.absolute().parent} does "
                              "not exist (check the path, or give --parents to create it)")
-        path.mkdir(parents=parents, exist_ok=True)
+        path.mkdir(mode=DIR_MODE, parents=parents, exist_ok=True)
+        os.chmod(path, DIR_MODE)  # owner-only, like everything below it (safefile.py)
         for sub in SUBDIRS:
-            (path / sub).mkdir(exist_ok=True)
+            make_dir(path / sub)
         index = Index(path / "index", create=True)
         write_config(path / "config", config)  # last: its presence marks a finished init
         return cls(path, config, index)
@@ -60,6 +63,7 @@ class Repository:
             raise NotARepository(f"{path} is not a repo-engine repository (no such directory); "
                                  f"to create one: repo-engine init {path}")
         config = read_config(path / "config")
+        check_layout(path)
         return cls(path, config, Index(path / "index"))
 
     def close(self) -> None:
@@ -73,6 +77,10 @@ class Repository:
 
     def lock(self, kind: str, command: str) -> RepoLock:
         return RepoLock(self.locks_dir, kind, command)
+
+    def vm_lock(self, vm: str, command: str) -> RepoLock:
+        """Held by a backup of `vm` for its whole run: a second backup of it is refused."""
+        return RepoLock.for_vm(self.locks_dir, vm, command)
 
     # -- packs and maps -------------------------------------------------------------------
     def pack_writer(self) -> PackWriter:
@@ -163,7 +171,7 @@ class Repository:
 
     def resolve(self, point: PointRecord, key: str) -> np.ndarray:
         """The full block map (one ref per block) of disk `key` at `point`, across its chain."""
-        chain: list[str] = []
+        chain: list[tuple[str, int]] = []
         catalog = {p.id: p for p in self.points()}
         # a forget may have consolidated this point's chain since the caller read its record: the
         # current record resolves to the same content through maps that still exist
@@ -172,7 +180,7 @@ class Repository:
             disk = current.disk(key)
             if disk is None:
                 raise PointNotFound(f"point {current.id[:8]} has no disk {key!r}")
-            chain.append(disk.map)
+            chain.append((disk.map, disk.nblocks))
             if disk.kind == "full":
                 break
             current = catalog.get(disk.parent or "")
@@ -180,16 +188,33 @@ class Repository:
                 raise PointNotFound(f"the chain of disk {key!r} at point {point.id[:8]} is broken: "
                                     f"parent {disk.parent} is not in the catalog")
         refs: np.ndarray | None = None
-        for name in reversed(chain):
-            refs = self.read_map(name).apply(refs, consume=True)  # each step's array is ours
+        for name, nblocks in reversed(chain):
+            bmap = self.read_map(name)
+            if bmap.nblocks != nblocks:  # never size an array from an unchecked number
+                raise DamageError(f"block map {name} holds {bmap.nblocks} blocks; its disk "
+                                  f"record says {nblocks}: the metadata is damaged")
+            refs = bmap.apply(refs, consume=True)  # each step's array is ours
         assert refs is not None
         return refs
 
     def disk_usage(self) -> int:
         total = 0
         for root, _dirs, files in os.walk(self.packs_dir):
-            total += sum(os.stat(os.path.join(root, f)).st_size for f in files)
+            total += sum(os.lstat(os.path.join(root, f)).st_size for f in files)
         return total
+
+
+def check_layout(path: Path) -> None:
+    """Refuse (as damage) a repository whose own directories are not real directories: a
+    symlinked `points/` or `packs/` would make reads, writes and deletions land elsewhere.
+    (The repository path itself may be a symlink: the user chose it.)"""
+    for sub in SUBDIRS:
+        if os.path.lexists(path / sub):  # a missing one is reported by whoever needs it
+            check_dir(path / sub)
+    for name in INDEX_FILES:  # LMDB follows symlinks and blocks on FIFOs
+        if os.path.lexists(path / "index" / name) and not is_regular(path / "index" / name):
+            raise DamageError(f"{path / 'index' / name} is not a regular file: the index is "
+                              "damaged; run 'repo-engine rebuild-index'")
 
 
 def unique_refs(bmap: BlockMap) -> np.ndarray:

@@ -21,6 +21,8 @@ from ..repository.locks import SHARED
 from ..repository.packs import pack_path
 from ..repository.points import DiskRecord, PointRecord
 from ..repository.repo import Repository
+from ..repository.atomic import fsync_dir
+from ..repository.safefile import kind_of, open_reader
 from .plan import ReadRun, RestorePlan, plan_restore
 
 Progress = Callable[[int], None]
@@ -48,24 +50,67 @@ def _disk_of(point: PointRecord, key: str) -> DiskRecord:
     return disk
 
 
-def _open_target(target: Path, capacity: int, *, onto: bool, force: bool) -> vddk_ext.Disk:
-    is_device = target.exists() and stat.S_ISBLK(target.stat().st_mode)
-    if is_device:
+def _target_kind(target: Path) -> str:
+    """What a restore target is: "new" (nothing there), "file" (a regular file) or "device" (a
+    block device, or a symlink to one such as /dev/disk/by-id/...). Anything else is refused:
+    restore never writes through another symlink (a dangling one would create a file elsewhere),
+    and never replaces a FIFO, socket, character device or directory."""
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return "new"
+    if stat.S_ISLNK(mode):
+        try:
+            mode = os.stat(target).st_mode
+        except FileNotFoundError:
+            raise UsageError(f"{target} is a symlink to nothing; restore does not write through "
+                             "symlinks: give the path of a new file") from None
+        if stat.S_ISBLK(mode):
+            return "device"
+        raise UsageError(f"{target} is a symlink; restore writes through a symlink only to a "
+                         "block device: give the real path")
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISBLK(mode):
+        return "device"
+    raise UsageError(f"{target} is {kind_of(mode)}; restore writes only to a new file, an "
+                     "existing regular file (with --force) or a block device")
+
+
+def _open_target(target: Path, capacity: int, *, onto: bool,
+                 force: bool) -> tuple[vddk_ext.Disk, Path | None]:
+    """The open target, and the temporary file a new image is written to (renamed over
+    `target` when complete; None when the target is written in place)."""
+    kind = _target_kind(target)
+    if kind == "device":
         device = vddk_ext.open_local(str(target), writable=True)
         if device.capacity < capacity:
             device.close()
             raise UsageError(f"{target} holds {device.capacity} bytes; the disk needs {capacity}")
-        return device
+        return device, None
     if onto:
-        if not target.is_file():
-            raise UsageError(f"--onto target {target} does not exist or is not a regular file")
+        if kind != "file":
+            raise UsageError(f"--onto target {target} does not exist")
         os.truncate(target, capacity)
-        return vddk_ext.open_local(str(target), writable=True)
-    if target.exists():
-        if not force:
-            raise UsageError(f"{target} already exists; use --force to overwrite it")
-        target.unlink()
-    return vddk_ext.open_local(str(target), writable=True, create_size=capacity)
+        return vddk_ext.open_local(str(target), writable=True), None
+    if kind == "file" and not force:
+        raise UsageError(f"{target} already exists; use --force to replace it")
+    staged = target.with_name(f".{target.name}.restore-{os.getpid()}-{os.urandom(4).hex()}")
+    return vddk_ext.open_local(str(staged), writable=True, create_size=capacity), staged
+
+
+def _publish(staged: Path, target: Path) -> None:
+    """Replace `target` by the complete image in one rename (a failed restore leaves the old
+    file as it was); the target may have become something else meanwhile: check again."""
+    try:
+        if _target_kind(target) == "device":
+            raise UsageError(f"{target} became a block device during the restore; nothing was "
+                             "written to it")
+        os.replace(staged, target)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
 
 
 def _onto_needs_whole(target: Path, base: PointRecord, disk: DiskRecord, force: bool) -> bool:
@@ -103,7 +148,7 @@ class _RunWriter:
 
     def __call__(self, run: ReadRun, path: Path) -> int:
         try:
-            with open(path, "rb", buffering=0) as f:
+            with open_reader(path) as f:
                 span = os.pread(f.fileno(), run.end - run.start, run.start)
         except FileNotFoundError:
             raise DamageError(f"pack {path.name} is missing; {len(run.chunks)} chunks of this "
@@ -148,17 +193,20 @@ def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *
         if base is not None and not _onto_needs_whole(target, base, disk, force):
             base_refs = resize(repo.resolve(base, _disk_of(base, key).key), len(refs))
             todo = np.flatnonzero(refs != base_refs).astype(np.uint64)
-        device = _open_target(target, disk.capacity, onto=base is not None, force=force)
-        created = base is None and device.kind == "file"
+        device, staged = _open_target(target, disk.capacity, onto=base is not None, force=force)
         try:
-            return _restore_through(repo, point, disk, refs, device, todo, fresh=created,
-                                    target=str(target), progress=progress)
+            summary = _restore_through(repo, point, disk, refs, device, todo,
+                                       fresh=staged is not None, target=str(target),
+                                       progress=progress)
         except BaseException:
-            if created:  # a half-written new image must not pass for a restore
-                target.unlink(missing_ok=True)
+            if staged is not None:  # a half-written new image must not pass for a restore
+                staged.unlink(missing_ok=True)
             raise
         finally:
             device.close()
+        if staged is not None:
+            _publish(staged, target)
+        return summary
 
 
 def restore_to_device(repo: Repository, point: PointRecord, key: str, device: vddk_ext.Disk, *,
