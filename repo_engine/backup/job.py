@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import RepoError, SourceError
+from ..pause import pause_point
 from ..repository.blockmap import BlockMap
 from ..repository.index import ParentGone
 from ..repository.locks import SHARED
@@ -169,6 +170,7 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions) ->
                 source=snapshot.source, disks=records, tags=sorted(set(options.tags)),
                 consistency=snapshot.consistency, config=snapshot.config,
                 notes=list(snapshot.notes), counters=_totals(records, writer, started))
+            pause_point("backup.before_commit")
             _commit(repo, point, step.resolved, step.maps)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -43,6 +43,7 @@ import lmdb
 import numpy as np
 
 from ..errors import DamageError, LockedError, RepoError
+from ..pause import pause_point
 from ..repository.index import LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index
 from ..repository.locks import MAINTENANCE
 from ..repository.packs import ENTRY, FOOTER, HEADER, PackWriter, pack_path, read_trailer
@@ -181,6 +182,7 @@ def recount(repo: Repository, attempts: int = 5, *, strict: bool = True) -> dict
             refs_table = scan_refs(index, txn)
             old_refs, old_counts = scan_counts(txn, index.refcount)
             next_pack = index._get_u64(txn, b"next_pack", index.meta)
+        pause_point("gc.recount")
         use: dict[str, int] = {}
         for value in catalog.values():
             for disk in json.loads(value)["disks"]:

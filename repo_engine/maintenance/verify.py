@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import RepoError
+from ..pause import pause_point
 from ..repository.index import PACK_KEY, U64, pack_fields
 from ..repository.packs import pack_path, read_trailer
 from ..repository.points import PointRecord, write_point
@@ -85,6 +86,7 @@ def _snapshot(repo: Repository) -> _Snapshot:
 def verify(repo: Repository, *, tick: Callable[[int], None] | None = None) -> VerifyReport:
     started = time.monotonic()
     snap = _snapshot(repo)
+    pause_point("verify.snapshot")
     report = VerifyReport(points=len(snap.catalog), refs=len(snap.refs), packs=len(snap.packs))
     bad_points: set[str] = set()
     _check_manifests(repo, snap, report, bad_points)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import NotARepository, PointNotFound, RepoError, UsageError
+from ..pause import pause_point
 from .blockmap import BlockMap, map_path, read_map, write_map
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
@@ -66,6 +67,7 @@ class Repository:
         self.close()
 
     def lock(self, kind: str, command: str) -> RepoLock:
+        pause_point("repository.before_lock")
         return RepoLock(self.locks_dir, kind, command)
 
     # -- packs and maps -------------------------------------------------------------------
