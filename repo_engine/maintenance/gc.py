@@ -213,11 +213,18 @@ def count_drift(old_refs: np.ndarray, old_counts: np.ndarray, refs: np.ndarray,
 def _replace_counts(index: Index, catalog: dict, use: dict[str, int], refs: np.ndarray,
                     counts: np.ndarray, dead: np.ndarray, refs_table: np.ndarray,
                     next_pack: int) -> bool:
+    """Write the recount, unless the catalog changed since it was read (returns False).
+
+    Everything written here was derived from the snapshot read before, so it covers exactly what
+    the snapshot saw: map use and ref counts (from its catalog, checked unchanged), candidates
+    (refs it listed), live counts (packs numbered below its `next_pack`). Packs and refs indexed
+    since then, by a running backup, are left as they are: `gc_mark` = the snapshot's
+    `next_pack` has the next gc check them."""
     with index.env.begin(write=True) as txn:
         now = {k: v for k, v in txn.cursor(db=index.points)}
         if now != catalog:
             return False
-        for db in (index.mapuse, index.refcount, index.deadmaps, index.gcq, index.packlive):
+        for db in (index.mapuse, index.refcount, index.deadmaps, index.gcq):
             txn.drop(db, delete=False)
         with txn.cursor(db=index.mapuse) as cur:
             cur.putmulti(sorted((bytes.fromhex(n), U64.pack(c)) for n, c in use.items()),
@@ -230,20 +237,28 @@ def _replace_counts(index: Index, catalog: dict, use: dict[str, int], refs: np.n
         dkeys = dead.astype(">u8").tobytes()
         with txn.cursor(db=index.gcq) as cur:
             cur.putmulti(((dkeys[i:i + 8], b"") for i in range(0, len(dkeys), 8)), append=True)
-        _write_packlive(txn, index, refs_table)
+        _write_packlive(txn, index, refs_table, next_pack)
         txn.put(b"counts", U64.pack(1), db=index.meta)
         txn.put(b"gc_mark", U64.pack(next_pack), db=index.meta)
     return True
 
 
-def _write_packlive(txn: lmdb.Transaction, index: Index, refs_table: np.ndarray) -> None:
+def _write_packlive(txn: lmdb.Transaction, index: Index, refs_table: np.ndarray,
+                    next_pack: int) -> None:
+    """Live counts of the packs the snapshot `refs_table` saw (numbers below its `next_pack`).
+    Packs indexed since (a running backup's) keep theirs: the snapshot knows none of their
+    chunks, and a count of 0 would get them retired and deleted."""
     packs = refs_table["pack"].astype(np.int64)
     numbers, inverse = np.unique(packs, return_inverse=True)
     counts = np.bincount(inverse, minlength=len(numbers))
     stored = np.bincount(inverse, weights=refs_table["stored"].astype(np.float64),
                          minlength=len(numbers))
-    for number, _ in txn.cursor(db=index.packs):
-        txn.put(number, LIVE_REC.pack(0, 0), db=index.packlive)
+    seen = [k for k, _ in txn.cursor(db=index.packlive) if PACK_KEY.unpack(k)[0] < next_pack]
+    for key in seen:
+        txn.delete(key, db=index.packlive)
+    for key, _ in txn.cursor(db=index.packs):
+        if PACK_KEY.unpack(key)[0] < next_pack:
+            txn.put(key, LIVE_REC.pack(0, 0), db=index.packlive)
     for number, count, size in zip(numbers.tolist(), counts.tolist(), stored.tolist()):
         txn.put(PACK_KEY.pack(number), LIVE_REC.pack(count, int(size)), db=index.packlive)
 
