@@ -16,7 +16,7 @@ from .common import emit_json, human_bytes, json_option, open_repo, repo_argumen
 @json_option
 def points(repo: Path, vm: str | None, as_json: bool) -> None:
     """List restore points, oldest first."""
-    with open_repo(repo) as repository:
+    with open_repo(repo, shared="points") as repository:
         found = repository.points(vm)
     if as_json:
         emit_json([p.summary() for p in found])
@@ -35,7 +35,7 @@ def points(repo: Path, vm: str | None, as_json: bool) -> None:
 @json_option
 def show(repo: Path, point: str, as_json: bool) -> None:
     """Show one restore point in full (POINT: short id, VM@latest or VM@TIME)."""
-    with open_repo(repo) as repository:
+    with open_repo(repo, shared="show") as repository:
         record = repository.load_point(repository.find_point(point).id)
     if as_json:
         emit_json(asdict(record))
@@ -64,7 +64,7 @@ def diff(repo: Path, point_a: str, point_b: str, as_json: bool) -> None:
     """Blocks that differ between POINT_A and POINT_B, per disk (--json lists byte extents)."""
     from ..restore.diff import diff_points
 
-    with open_repo(repo) as repository:
+    with open_repo(repo, shared="diff") as repository:
         diffs = diff_points(repository, repository.find_point(point_a),
                             repository.find_point(point_b))
     if as_json:
@@ -82,7 +82,7 @@ def stats(repo: Path, as_json: bool) -> None:
     """Logical versus stored bytes, dedup and compression ratios."""
     from ..maintenance.stats import repo_stats
 
-    with open_repo(repo) as repository:
+    with open_repo(repo, shared="stats") as repository:
         result = repo_stats(repository)
     if as_json:
         emit_json(asdict(result))

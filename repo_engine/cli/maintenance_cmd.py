@@ -212,7 +212,7 @@ def verify(repo: Path, repair: bool, as_json: bool) -> None:
     from ..maintenance.verify import verify as run_verify
 
     repaired: list[str] = []
-    with open_repo(repo) as repository, Progress() as progress:
+    with open_repo(repo, shared="verify") as repository, Progress() as progress:
         if repair:
             from ..maintenance.gc import recount
             from ..maintenance.verify import repair_manifests
@@ -275,7 +275,7 @@ def scrub(repo: Path, subset: str | None, max_duration: str | None, repair: bool
     """
     from ..maintenance.scrub import scrub as run_scrub
 
-    with open_repo(repo) as repository, Progress() as progress:
+    with open_repo(repo, shared="scrub") as repository, Progress() as progress:
         total = sum(p.size for p in repository.index.all_packs())
         report = run_scrub(repository, subset=subset, max_duration=max_duration, repair=repair,
                            workers=workers, tick=progress.bar("scrub", total))
