@@ -11,15 +11,20 @@ until `<REPO_ENGINE_PAUSE_DIR>/<name>.go` exists, then goes on. The go file stay
 through the same point do not wait. A process that is never released goes on by itself after
 `REPO_ENGINE_PAUSE_TIMEOUT` seconds (default 120), so a failed test cannot leave it hanging.
 
-Names in use: `repository.before_lock`, `backup.before_commit`, `gc.recount`, `gc.waiting` (gc
-waits for a running session), `verify.snapshot`.
+Without `REPO_ENGINE_PAUSE_DIR`, `REPO_ENGINE_PAUSE_JITTER` = S makes a named point sleep a random
+0 to S seconds instead: a soak widens every race window this way.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
 from pathlib import Path
+
+# every pause point (`gc.waiting`: gc waits for a running session)
+NAMES = ("repository.before_lock", "backup.before_commit", "gc.recount", "gc.waiting",
+         "verify.snapshot")
 
 _NAMES = frozenset(n for n in os.environ.get("REPO_ENGINE_PAUSE", "").split(",") if n)
 
@@ -31,7 +36,10 @@ def pause_point(name: str) -> None:
 
 
 def _wait(name: str) -> None:
-    folder = Path(os.environ.get("REPO_ENGINE_PAUSE_DIR", "."))
+    if "REPO_ENGINE_PAUSE_DIR" not in os.environ:
+        time.sleep(random.uniform(0, float(os.environ.get("REPO_ENGINE_PAUSE_JITTER", "0"))))
+        return
+    folder = Path(os.environ["REPO_ENGINE_PAUSE_DIR"])
     (folder / f"{name}.reached").write_text(str(os.getpid()))
     deadline = time.monotonic() + float(os.environ.get("REPO_ENGINE_PAUSE_TIMEOUT", "120"))
     while not (folder / f"{name}.go").exists() and time.monotonic() < deadline:

@@ -145,3 +145,21 @@ def test_verify_reports_no_damage_while_forget_and_gc_remove_a_point(tmp_path, c
     assert done.code == 0, done.err
     _assert_restores(capsys, repo, tmp_path, kept)
     _assert_verifies(capsys, repo)
+
+
+def test_index_missing_while_rebuild_index_holds_its_lock_is_a_conflict_not_damage(tmp_path,
+                                                                                   capsys):
+    """rebuild-index swaps the index directory by two renames under its exclusive lock; a
+    command opening the index between them must report the conflict (exit 1), not damage."""
+    from repo_engine.repository.locks import EXCLUSIVE, RepoLock
+
+    repo = _init(capsys, tmp_path / "repo")
+    point = _backup(capsys, repo, "vm", _model(tmp_path, "a", 6))
+    (repo / "index").rename(repo / "index.old")
+    with RepoLock(repo / "locks", EXCLUSIVE, "rebuild-index"):
+        result = cli(capsys, "forget", repo, point[:12])
+    assert result.code == 1 and "rebuild-index is replacing the index" in result.err, result.err
+    result = cli(capsys, "forget", repo, point[:12])
+    assert result.code == 3 and "rebuild-index" in result.err, result.err  # no lock: damage
+    (repo / "index.old").rename(repo / "index")
+    assert cli(capsys, "forget", repo, point[:12]).code == 0

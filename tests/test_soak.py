@@ -5,8 +5,9 @@ byte-identical to the bytes backed up, and verify passes. While it runs, a comma
 because of a lock conflict (exit 1, saying so), never with exit 3 on this healthy repository, and
 never with a traceback.
 
-`REPO_ENGINE_SOAK_SECONDS` (default 40) sets how long the loops run; `REPO_ENGINE_SOAK_SEED` the
-random seed (printed on failure)."""
+Every command sleeps up to `JITTER` seconds at each pause point (repo_engine/pause.py) to widen
+the race windows. `REPO_ENGINE_SOAK_SECONDS` (default 40) sets how long the loops run;
+`REPO_ENGINE_SOAK_SEED` the random seed (printed on failure)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from repo_engine.pause import NAMES
+
 from helpers import MIB, DiskModel, cli, restore_bytes, write_extents
 
 SECONDS = float(os.environ.get("REPO_ENGINE_SOAK_SECONDS", "40"))
 SEED = int(os.environ.get("REPO_ENGINE_SOAK_SEED", str(int.from_bytes(os.urandom(3), "big"))))
 VMS = ("alpha", "beta", "gamma")
+JITTER = "0.3"
 # what a command may say when it exits 1 because another command holds the repository
 CONFLICTS = ("repository is locked", "rebuild-index is replacing the index",
              "the catalog kept changing")
@@ -58,8 +62,10 @@ def _run(ledger: Ledger, *args: object,
     """Run `repo-engine ARGS`; the result when it exited 0, None after an allowed failure (a lock
     conflict, or one of `allowed`); any other outcome is recorded as a failure."""
     argv = [str(a) for a in args]
+    env = dict(os.environ, REPO_ENGINE_PAUSE=",".join(NAMES), REPO_ENGINE_PAUSE_JITTER=JITTER)
+    env.pop("REPO_ENGINE_PAUSE_DIR", None)
     done = subprocess.run([sys.executable, "-m", "repo_engine", *argv], capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
     ledger.note(argv[0] if argv[0] != "backup" else "backup")
     what = " ".join(argv[:1] + argv[2:])
     if "Traceback" in done.stderr:
@@ -76,17 +82,19 @@ def _run(ledger: Ledger, *args: object,
 def _backups(ledger: Ledger, repo: Path, tmp: Path, vm: str, seed: int, stop: float) -> None:
     rng = np.random.default_rng(seed)
     model = DiskModel(tmp / f"{vm}.img", 2 * MIB, rng)
+    unsaved: list[list[int]] = []  # changes since the last backup that exited 0
     while time.monotonic() < stop:
-        extents = model.random_changes(int(rng.integers(1, 12)), max_len=96 * 1024)
+        unsaved += model.random_changes(int(rng.integers(1, 12)), max_len=96 * 1024)
         args: list[object] = ["backup", "image", repo, "--vm", vm, "--disk",
                               f"sda={model.path}", "--json"]
         if rng.random() < 0.5:
-            changes = write_extents(tmp / f"{vm}-changes.json", extents)
+            changes = write_extents(tmp / f"{vm}-changes.json", unsaved)
             args += ["--changed", f"sda={changes}"]
         digest = hashlib.sha256(model.content).hexdigest()
         done = _run(ledger, *args)
         if done is not None:
             point = json.loads(done.stdout)["point"]
+            unsaved = []
             with ledger.lock:
                 ledger.expected[point] = digest
                 ledger.newest[vm] = point
