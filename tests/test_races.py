@@ -163,3 +163,22 @@ def test_index_missing_while_rebuild_index_holds_its_lock_is_a_conflict_not_dama
     assert result.code == 3 and "rebuild-index" in result.err, result.err  # no lock: damage
     (repo / "index.old").rename(repo / "index")
     assert cli(capsys, "forget", repo, point[:12]).code == 0
+
+
+def test_a_manifest_gone_with_its_forgotten_point_is_not_damage(tmp_path, capsys):
+    """A reader that found a point in the catalog, then read its manifest after a forget removed
+    both, reports the point gone (exit 1), not damage; a catalogued point's missing manifest
+    stays damage."""
+    from repo_engine.errors import DamageError, PointNotFound
+    from repo_engine.repository.repo import Repository
+
+    repo = _init(capsys, tmp_path / "repo")
+    gone = _backup(capsys, repo, "vm", _model(tmp_path, "a", 7))
+    kept = _backup(capsys, repo, "other", _model(tmp_path, "b", 8))
+    assert cli(capsys, "forget", repo, gone[:12]).code == 0
+    (repo / "points" / f"{kept}.point").unlink()
+    with Repository.open(repo) as repository:
+        with pytest.raises(PointNotFound, match="forgotten meanwhile"):
+            repository.load_catalogued(gone)
+        with pytest.raises(DamageError, match="missing"):
+            repository.load_catalogued(kept)

@@ -36,7 +36,7 @@ def points(repo: Path, vm: str | None, as_json: bool) -> None:
 def show(repo: Path, point: str, as_json: bool) -> None:
     """Show one restore point in full (POINT: short id, VM@latest or VM@TIME)."""
     with open_repo(repo, shared="show") as repository:
-        record = repository.load_point(repository.find_point(point).id)
+        record = repository.load_catalogued(repository.find_point(point).id)
     if as_json:
         emit_json(asdict(record))
         return

@@ -200,7 +200,7 @@ def restore_vsphere(repo: Path, point: str, in_place: bool, as_new: str | None,
     plane = DataPlane(settings.transports, libdir)
     with open_repo(repo, shared=f"restore {point}") as repository, \
             connect(settings, password) as conn:
-        chosen = repository.load_point(repository.find_point(point).id)   # with its config
+        chosen = repository.load_catalogued(repository.find_point(point).id)   # with its config
         if as_new:
             result = restore_as_new(repository, chosen, conn, as_new, datastore,  # type: ignore[arg-type]
                                     plane, pool=resource_pool, folder=folder)

@@ -152,6 +152,17 @@ class Repository:
         """The full manifest, configuration included, read and checked from disk."""
         return read_point(point_path(self.points_dir, point_id))
 
+    def load_catalogued(self, point_id: str) -> PointRecord:
+        """`load_point` for a point the caller found in the catalog: when a forget removed it
+        since (and deleted its manifest), that is PointNotFound, not damage."""
+        try:
+            return self.load_point(point_id)
+        except DamageError:
+            with self.index.env.begin() as txn:
+                if txn.get(point_id.encode(), db=self.index.points) is not None:
+                    raise
+            raise PointNotFound(f"point {point_id[:8]} was forgotten meanwhile") from None
+
     def find_point(self, ref: str) -> PointRecord:
         """Resolve a short id, `VM@latest` or `VM@<time prefix>` to one catalogued point."""
         points = self.points()
