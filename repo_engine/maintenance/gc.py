@@ -18,7 +18,8 @@ A run, each step crash-safe (a rerun finishes it):
    on stores a fresh copy. List unused map files, manifests not catalogued, pack files not indexed.
 4. Wait until every session that held a lock at that moment has ended: a backup that started
    before step 3 may have looked up a candidate, or may be about to commit a map or a manifest or
-   a pack we listed. Sessions that start later cannot reach any of them.
+   a pack we listed; a restore, verify, scrub or read-only command may be reading what we are
+   about to delete. Sessions that start later cannot reach any of them.
 5. In one transaction re-check: a candidate whose count rose (a waited-for backup committed a
    point using it) gets its `ids` entry back; the rest are dropped from the index; listed files
    still unused are deleted (map files inside the transaction: a backup's commit checks its maps
