@@ -11,6 +11,7 @@ the lock) gets it reopened by `lock()`: nothing is ever written into a replaced 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class Repository:
         self.config = config
         self._index = index
         self._opened: FileId | None = None  # the index file we opened ourselves
+        self._opening = threading.Lock()  # threads of one process share one environment
         self.codec = ChunkCodec(config.key_bytes, config.compression_level)
         self.packs_dir = path / "packs"
         self.maps_dir = path / "maps"
@@ -65,14 +67,15 @@ class Repository:
 
     @property
     def index(self) -> Index:
-        if self._index is None:
-            self._index, self._opened = _open_index(self.path / "index", self.locks_dir)
-        return self._index
+        with self._opening:
+            if self._index is None:
+                self._index, self._opened = _open_index(self.path / "index", self.locks_dir)
+            return self._index
 
     def close(self) -> None:
         if self._index is not None:
             self._index.close()
-            self._index = None
+            self._index, self._opened = None, None
 
     def __enter__(self) -> "Repository":
         return self
