@@ -123,21 +123,23 @@ def test_forget_that_read_the_index_before_rebuild_index_writes_into_the_new_one
     _assert_verifies(capsys, repo)
 
 
-@pytest.mark.parametrize("prune", [True, False])
-def test_verify_reports_no_damage_while_forget_and_gc_remove_a_point(tmp_path, capsys, prune):
-    """verify took its snapshot, then forget removed a point (manifest deleted) and gc reclaimed
-    its maps and packs: verify must not report what they removed as damage."""
+@pytest.mark.parametrize("checker,prune", [("verify", True), ("verify", False),
+                                           ("scrub", True)])
+def test_checks_report_no_damage_while_forget_and_gc_remove_a_point(tmp_path, capsys, checker,
+                                                                    prune):
+    """verify (scrub) took its snapshot, then forget removed a point (manifest deleted) and gc
+    reclaimed its maps and packs: what they removed must not be reported as damage."""
     repo = _init(capsys, tmp_path / "repo")
     gone = _backup(capsys, repo, "old", _model(tmp_path, "a", 4))
     other = _model(tmp_path, "b", 5)
     kept = {_backup(capsys, repo, "vm", other): other.copy_of_content()}
-    verifying = Command(tmp_path, "verify", repo, "--json", pauses=("verify.snapshot",))
-    assert verifying.reached("verify.snapshot")
+    verifying = Command(tmp_path, checker, repo, "--json", pauses=(f"{checker}.snapshot",))
+    assert verifying.reached(f"{checker}.snapshot")
     args = ["forget", repo, gone[:12]] + (["--prune"] if prune else [])
     forget = Command(tmp_path, *args, pauses=("gc.waiting",))
     forget.release("gc.waiting")
-    forget.reached("gc.waiting")  # gc waits for verify, or (no lock) finishes
-    verifying.release("verify.snapshot")
+    forget.reached("gc.waiting")  # gc waits for the check, or (no lock) finishes
+    verifying.release(f"{checker}.snapshot")
     result = verifying.finish()
     assert result.code == 0, result.out + result.err
     assert result.json()["ok"]
