@@ -1,6 +1,6 @@
 """Randomized soak: backups of several VMs, forget (with and without --prune), gc, gc --full,
-verify, scrub, rebuild-index and restore run as real processes, concurrently, in loops, for a
-bounded time. Afterwards every point whose backup exited 0 and that no forget removed restores
+verify, verify --repair, scrub, rebuild-index, restore and the read-only commands run as real
+processes, concurrently, in loops, for a bounded time. Afterwards every point whose backup exited 0 and that no forget removed restores
 byte-identical to the bytes backed up, and verify passes. While it runs, a command may fail
 because of a lock conflict (exit 1, saying so), never with exit 3 on this healthy repository, and
 never with a traceback.
@@ -102,8 +102,8 @@ def _backups(ledger: Ledger, repo: Path, tmp: Path, vm: str, seed: int, stop: fl
 
 def _maintenance(ledger: Ledger, repo: Path, tmp: Path, seed: int, stop: float) -> None:
     rng = np.random.default_rng(seed)
-    actions = ("forget", "forget", "gc", "gc-full", "verify", "scrub", "rebuild", "restore",
-               "restore")
+    actions = ("forget", "forget", "gc", "gc-full", "verify", "verify-repair", "scrub", "rebuild",
+               "restore", "read")
     while time.monotonic() < stop:
         action = actions[int(rng.integers(len(actions)))]
         if action == "forget":
@@ -120,6 +120,11 @@ def _maintenance(ledger: Ledger, repo: Path, tmp: Path, seed: int, stop: float) 
                  "--max-unused", "0")
         elif action in ("verify", "scrub"):
             _run(ledger, action, repo)
+        elif action == "verify-repair":
+            _run(ledger, "verify", repo, "--repair")
+        elif action == "read":
+            for args in (("points", repo), ("stats", repo), ("gc", repo, "--dry-run")):
+                _run(ledger, *args)
         elif action == "rebuild":
             _run(ledger, "rebuild-index", repo)
         else:

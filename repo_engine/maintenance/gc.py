@@ -46,7 +46,7 @@ import numpy as np
 from ..errors import DamageError, LockedError, RepoError
 from ..pause import pause_point
 from ..repository.index import LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index
-from ..repository.locks import MAINTENANCE
+from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import ENTRY, FOOTER, HEADER, PackWriter, pack_path, read_trailer
 from ..repository.repo import Repository, unique_refs
 from . import forget
@@ -94,7 +94,8 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
     started = time.monotonic()
     report = GcReport(mode="full" if full else "incremental", dry_run=dry_run)
     if dry_run:
-        _dry_run(repo, report, max_unused)
+        with repo.lock(SHARED, "gc --dry-run"):  # a reader: the maps it reads stay
+            _dry_run(repo, report, max_unused)
         report.seconds = round(time.monotonic() - started, 3)
         return report
     with repo.lock(MAINTENANCE, "gc") as lock:
