@@ -3,9 +3,9 @@ rebuild-index; each module's docstring states its protocol.
 
 Concurrency rules (docs/FORMAT.md, "Concurrency", has them in full):
 
-- Locks: backup, restore, points, show, diff, stats, verify and scrub take a *shared* lock;
-  forget, protect, gc, the repair step of `verify --repair` and `scrub --repair` the
-  *maintenance* lock (one holder at a time, beside any shared ones); rebuild-index the
+- Locks: backup, restore, points, show, diff, stats, verify, scrub and `gc --dry-run` take a
+  *shared* lock; forget, protect, gc, the repair step of `verify --repair` and `scrub --repair`
+  the *maintenance* lock (one holder at a time, beside any shared ones); rebuild-index the
   *exclusive* lock. A conflict fails at once (exit 1). forget and gc take no outer shared lock:
   gc waits for every lock but its own.
 - Lock, then read: the index opens on first use; `Repository.lock` reopens an index that
