@@ -184,3 +184,26 @@ def test_a_manifest_gone_with_its_forgotten_point_is_not_damage(tmp_path, capsys
             repository.load_catalogued(gone)
         with pytest.raises(DamageError, match="missing"):
             repository.load_catalogued(kept)
+
+
+def test_forget_whose_choice_another_forget_carried_out_meanwhile_succeeds(tmp_path, capsys):
+    """Two forgets chose the same point before locking: the second to lock finds it gone and
+    removes the rest of its choice (exit 0), not "not in the catalog"."""
+    repo = _init(capsys, tmp_path / "repo")
+    model = _model(tmp_path, "a", 9)
+    old = []
+    for _ in range(3):
+        old.append(_backup(capsys, repo, "vm", model))
+        model.random_changes(10)
+    kept = {_backup(capsys, repo, "vm", model): model.copy_of_content()}
+    policy = Command(tmp_path, "forget", repo, "--keep-last", "1", "--json",
+                     pauses=("repository.before_lock",))
+    assert policy.reached("repository.before_lock")
+    assert cli(capsys, "forget", repo, old[0][:12]).code == 0
+    policy.release("repository.before_lock")
+    result = policy.finish()
+    assert result.code == 0, result.err
+    assert sorted(result.json()["removed"]) == sorted(old[1:])
+    assert [p["id"] for p in cli(capsys, "points", repo, "--json").json()] == list(kept)
+    _assert_restores(capsys, repo, tmp_path, kept)
+    _assert_verifies(capsys, repo)
