@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import RepoError, SourceError
 from ..maintenance.scrub import heal_after_backup
+from ..pause import pause_point
 from ..repository.blockmap import BlockMap
 from ..repository.index import ParentGone
 from ..repository.locks import SHARED
@@ -177,6 +178,7 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions) ->
                 consistency=snapshot.consistency, config=snapshot.config,
                 notes=list(snapshot.notes) + (healed.summary() if healed else []),
                 counters=_totals(records, writer, started))
+            pause_point("backup.before_commit")
             _commit(repo, point, step.resolved, step.maps)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):

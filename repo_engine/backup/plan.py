@@ -111,7 +111,7 @@ def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice)
     assert parent_disk is not None
     base = fit(repo.resolve(parent, disk.key), nblocks)
     report = disk.changes(Parent(parent_disk.cursor, parent_disk.capacity,
-                                 lambda: repo.load_point(parent.id).config))
+                                 lambda: repo.load_catalogued(parent.id).config))
     plan = DiskPlan(disk.key, disk.capacity, bs, parent, parent_disk, base,
                     np.zeros(0, np.uint64), CHANGED, report.note)
     if report.extents is None:

@@ -57,7 +57,7 @@ def image(repo: Path, vm: str, disks: tuple[str, ...], changed: tuple[str, ...],
     unknown = sorted(set(changed_paths) - set(disk_paths))
     if unknown:
         raise click.BadParameter(f"no --disk named {', '.join(unknown)}", param_hint="--changed")
-    with open_repo(repo) as repository, Progress() as progress:
+    with open_repo(repo, shared=f"backup {vm}") as repository, Progress() as progress:
         snapshot = image_snapshot(
             vm, [ImageDisk(k, p, changed_paths.get(k)) for k, p in disk_paths.items()])
         options = BackupOptions(tags=list(tags), audit_percent=audit_percent,
@@ -194,7 +194,7 @@ def vddk(repo: Path, vm: str, disks: tuple[str, ...], server: str, port: int, us
         server=server, port=port, user=user, password=read_secret(secret), vmx_spec=vmx_spec,
         thumbprint=thumbprint or server_thumbprint(server, port), snapshot=snapshot,
         transports=transports, libdir=vddk_libdir)
-    with open_repo(repo) as repository, Progress() as progress:
+    with open_repo(repo, shared=f"backup {vm}") as repository, Progress() as progress:
         snapshot_ = vddk_snapshot(
             vm, connection, [VddkDisk(k, p, changed_paths.get(k)) for k, p in disk_paths.items()])
         options = BackupOptions(tags=list(tags),

@@ -27,12 +27,19 @@ def emit_json(doc: object = None, **fields: object) -> None:
 
 
 @contextmanager
-def open_repo(path: Path) -> Iterator[Repository]:
+def open_repo(path: Path, shared: str | None = None) -> Iterator[Repository]:
+    """The repository at `path`; with `shared` (the command's name), under a shared lock taken
+    before anything is read, so that gc waits for the command and rebuild-index excludes it."""
+    from ..repository.locks import SHARED
     from ..repository.repo import Repository
 
     repo = Repository.open(path)
     try:
-        yield repo
+        if shared is None:
+            yield repo
+        else:
+            with repo.lock(SHARED, shared):
+                yield repo
     finally:
         repo.close()
 

@@ -24,7 +24,7 @@ def points(repo: Path, vm: str | None, as_json: bool) -> None:
     from ..units import plural
     from .schema import point_doc
 
-    with open_repo(repo) as repository:
+    with open_repo(repo, shared="points") as repository:
         found = repository.points(vm)
     if as_json:
         emit_json(points=[point_doc(p) for p in found])
@@ -51,8 +51,8 @@ def show(repo: Path, point: str, as_json: bool) -> None:
     from ..units import plural
     from .schema import point_doc
 
-    with open_repo(repo) as repository:
-        record = repository.load_point(repository.find_point(point).id)
+    with open_repo(repo, shared="show") as repository:
+        record = repository.load_catalogued(repository.find_point(point).id)
     if as_json:
         emit_json(point=point_doc(record), config=record.config)
         return
@@ -85,7 +85,7 @@ def diff(repo: Path, point_a: str, point_b: str, as_json: bool) -> None:
     from ..restore.diff import diff_points
     from ..units import plural
 
-    with open_repo(repo) as repository:
+    with open_repo(repo, shared="diff") as repository:
         diffs = diff_points(repository, repository.find_point(point_a),
                             repository.find_point(point_b))
     if as_json:
@@ -109,7 +109,7 @@ def stats(repo: Path, as_json: bool) -> None:
     from ..maintenance.stats import repo_stats
     from ..units import format_ratio, plural
 
-    with open_repo(repo) as repository:
+    with open_repo(repo, shared="stats") as repository:
         result = repo_stats(repository)
     if as_json:
         emit_json(result)

@@ -270,7 +270,7 @@ def verify(repo: Path, repair: bool, as_json: bool) -> None:
     from ..units import plural
 
     repaired: list[str] = []
-    with open_repo(repo) as repository, Progress() as progress:
+    with open_repo(repo, shared="verify") as repository, Progress() as progress:
         if repair:
             from ..maintenance.gc import recount
             from ..maintenance.verify import repair_manifests
@@ -342,7 +342,7 @@ def scrub(repo: Path, subset: str | None, max_duration: str | None, repair: bool
     from ..units import parse_seconds
 
     limit = parse_seconds(max_duration, "--max-duration") if max_duration else None
-    with open_repo(repo) as repository, Progress() as progress:
+    with open_repo(repo, shared="scrub") as repository, Progress() as progress:
         total = sum(p.size for p in repository.index.all_packs())
         report = run_scrub(repository, subset=subset, max_duration=limit, repair=repair,
                            workers=workers, tick=progress.bar("scrub", total))

@@ -64,7 +64,7 @@ def restore_image(repo: Path, point: str, key: str, target: Path | None, onto: P
         raise click.UsageError("give exactly one of --to PATH or --onto PATH")
     if (onto is None) != (base is None):
         raise click.UsageError("--onto and --base go together")
-    with open_repo(repo) as repository, Progress() as progress:
+    with open_repo(repo, shared=f"restore {point}") as repository, Progress() as progress:
         chosen = repository.find_point(point)
         base_point = repository.find_point(base) if base else None
         summary = restore_disk(

@@ -146,8 +146,8 @@ def backup_vsphere(repo: Path, as_json: bool, **params: Any) -> None:
 
     settings = _settings(params)
     password, libdir = _password(settings, vddk=True)
-    with open_repo(repo) as repository, connect(settings, password) as conn, \
-            Progress() as progress:
+    with open_repo(repo, shared=f"backup {settings.vm}") as repository, \
+            connect(settings, password) as conn, Progress() as progress:
         vm = find_vm(conn.content, settings.vm, settings.vm_uuid)
         options = BackupOptions(tags=settings.tags, audit_percent=settings.audit,
                                 progress=lambda key, total: progress.bar(f"disk {key}", total))
@@ -205,8 +205,9 @@ def restore_vsphere(repo: Path, point: str, in_place: bool, as_new: str | None,
     settings = _settings(params)
     password, libdir = _password(settings, vddk=True)
     plane = DataPlane(settings.transports, libdir)
-    with open_repo(repo) as repository, connect(settings, password) as conn:
-        chosen = repository.load_point(repository.find_point(point).id)   # with its config
+    with open_repo(repo, shared=f"restore {point}") as repository, \
+            connect(settings, password) as conn:
+        chosen = repository.load_catalogued(repository.find_point(point).id)   # with its config
         if as_new:
             result = restore_as_new(repository, chosen, conn, as_new, datastore,  # type: ignore[arg-type]
                                     plane, pool=resource_pool, folder=folder)

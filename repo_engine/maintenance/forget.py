@@ -51,14 +51,14 @@ def policy_decisions(repo: Repository, policy: Policy, vm: str | None = None, *,
 
 def forget_points(repo: Repository, ids: list[str], *,
                   tick: Callable[[int], None] | None = None) -> ForgetReport:
-    """Remove the given catalogued points (full ids), under the maintenance lock."""
+    """Remove the given points (full ids, which the caller found in the catalog), under the
+    maintenance lock. One that a concurrent forget removed since the caller chose it is skipped:
+    it is gone, as asked."""
     with repo.lock(MAINTENANCE, "forget"):
         catalog = {p.id: p for p in repo.points()}
+        ids = [point_id for point_id in ids if point_id in catalog]
         for point_id in ids:
-            point = catalog.get(point_id)
-            if point is None:
-                raise PointNotFound(f"point {point_id} is not in the catalog")
-            if point.protected:
+            if catalog[point_id].protected:
                 raise UsageError(f"point {point_id[:8]} is protected; 'unprotect' it first")
         mark_forgetting(repo, ids)
         return finish_pending(repo, tick=tick)

@@ -18,7 +18,8 @@ A run, each step crash-safe (a rerun finishes it):
    on stores a fresh copy. List unused map files, manifests not catalogued, pack files not indexed.
 4. Wait until every session that held a lock at that moment has ended: a backup that started
    before step 3 may have looked up a candidate, or may be about to commit a map or a manifest or
-   a pack we listed. Sessions that start later cannot reach any of them.
+   a pack we listed; a restore, verify, scrub or read-only command may be reading what we are
+   about to delete. Sessions that start later cannot reach any of them.
 5. In one transaction re-check: a candidate whose count rose (a waited-for backup committed a
    point using it) gets its `ids` entry back; the rest are dropped from the index; listed files
    still unused are deleted (map files inside the transaction: a backup's commit checks its maps
@@ -43,8 +44,9 @@ import lmdb
 import numpy as np
 
 from ..errors import DamageError, LockedError, RepoError
+from ..pause import pause_point
 from ..repository.index import LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index
-from ..repository.locks import MAINTENANCE
+from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import ENTRY, FOOTER, HEADER, PackWriter, pack_path, read_trailer
 from ..repository.repo import Repository, unique_refs
 from ..repository.safefile import read_limited, remove
@@ -93,7 +95,8 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
     started = time.monotonic()
     report = GcReport(mode="full" if full else "incremental", dry_run=dry_run)
     if dry_run:
-        _dry_run(repo, report, max_unused)
+        with repo.lock(SHARED, "gc --dry-run"):  # a reader: the maps it reads stay
+            _dry_run(repo, report, max_unused)
         report.seconds = round(time.monotonic() - started, 3)
         return report
     with repo.lock(MAINTENANCE, "gc") as lock:
@@ -182,6 +185,7 @@ def recount(repo: Repository, attempts: int = 5, *, strict: bool = True) -> dict
             refs_table = scan_refs(index, txn)
             old_refs, old_counts = scan_counts(txn, index.refcount)
             next_pack = index._get_u64(txn, b"next_pack", index.meta)
+        pause_point("gc.recount")
         use: dict[str, int] = {}
         for value in catalog.values():
             for disk in json.loads(value)["disks"]:
@@ -212,11 +216,18 @@ def count_drift(old_refs: np.ndarray, old_counts: np.ndarray, refs: np.ndarray,
 def _replace_counts(index: Index, catalog: dict, use: dict[str, int], refs: np.ndarray,
                     counts: np.ndarray, dead: np.ndarray, refs_table: np.ndarray,
                     next_pack: int) -> bool:
+    """Write the recount, unless the catalog changed since it was read (returns False).
+
+    Everything written here was derived from the snapshot read before, so it covers exactly what
+    the snapshot saw: map use and ref counts (from its catalog, checked unchanged), candidates
+    (refs it listed), live counts (packs numbered below its `next_pack`). Packs and refs indexed
+    since then, by a running backup, are left as they are: `gc_mark` = the snapshot's
+    `next_pack` has the next gc check them."""
     with index.env.begin(write=True) as txn:
         now = {k: v for k, v in txn.cursor(db=index.points)}
         if now != catalog:
             return False
-        for db in (index.mapuse, index.refcount, index.deadmaps, index.gcq, index.packlive):
+        for db in (index.mapuse, index.refcount, index.deadmaps, index.gcq):
             txn.drop(db, delete=False)
         with txn.cursor(db=index.mapuse) as cur:
             cur.putmulti(sorted((bytes.fromhex(n), U64.pack(c)) for n, c in use.items()),
@@ -229,20 +240,28 @@ def _replace_counts(index: Index, catalog: dict, use: dict[str, int], refs: np.n
         dkeys = dead.astype(">u8").tobytes()
         with txn.cursor(db=index.gcq) as cur:
             cur.putmulti(((dkeys[i:i + 8], b"") for i in range(0, len(dkeys), 8)), append=True)
-        _write_packlive(txn, index, refs_table)
+        _write_packlive(txn, index, refs_table, next_pack)
         txn.put(b"counts", U64.pack(1), db=index.meta)
         txn.put(b"gc_mark", U64.pack(next_pack), db=index.meta)
     return True
 
 
-def _write_packlive(txn: lmdb.Transaction, index: Index, refs_table: np.ndarray) -> None:
+def _write_packlive(txn: lmdb.Transaction, index: Index, refs_table: np.ndarray,
+                    next_pack: int) -> None:
+    """Live counts of the packs the snapshot `refs_table` saw (numbers below its `next_pack`).
+    Packs indexed since (a running backup's) keep theirs: the snapshot knows none of their
+    chunks, and a count of 0 would get them retired and deleted."""
     packs = refs_table["pack"].astype(np.int64)
     numbers, inverse = np.unique(packs, return_inverse=True)
     counts = np.bincount(inverse, minlength=len(numbers))
     stored = np.bincount(inverse, weights=refs_table["stored"].astype(np.float64),
                          minlength=len(numbers))
-    for number, _ in txn.cursor(db=index.packs):
-        txn.put(number, LIVE_REC.pack(0, 0), db=index.packlive)
+    seen = [k for k, _ in txn.cursor(db=index.packlive) if PACK_KEY.unpack(k)[0] < next_pack]
+    for key in seen:
+        txn.delete(key, db=index.packlive)
+    for key, _ in txn.cursor(db=index.packs):
+        if PACK_KEY.unpack(key)[0] < next_pack:
+            txn.put(key, LIVE_REC.pack(0, 0), db=index.packlive)
     for number, count, size in zip(numbers.tolist(), counts.tolist(), stored.tolist()):
         txn.put(PACK_KEY.pack(number), LIVE_REC.pack(count, int(size)), db=index.packlive)
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..backup.extents import blocks_to_extents
 from ..errors import LockedError, RepoError
+from ..pause import pause_point
 from ..repository.index import Index
 from ..repository.locks import list_locks, remove_if_stale
 from ..repository.points import PointRecord
@@ -151,6 +152,7 @@ def wait_for(repo: Repository, held: list[Path], *, timeout: float | None,
             raise LockedError(f"gave up after {waited:.0f} s waiting for {len(pending)} sessions "
                               "(backups or restores) that started before this run; nothing "
                               "was lost: run the command again later")
+        pause_point("gc.waiting")
         if tick:
             tick(f"waiting for {len(pending)} running backups/restores")
         time.sleep(0.05)

@@ -45,6 +45,7 @@ import numpy as np
 
 from ..backup.extents import extents_to_blocks
 from ..errors import DamageError, RepoError, UsageError
+from ..pause import pause_point
 from ..repository.index import REF_KEY, REF_REC, U64, PackInfo
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import pack_path, read_trailer
@@ -230,6 +231,7 @@ def _scrub(repo: Repository, subset: tuple[str, float, int] | None,
              else max_duration)
     deadline = started + limit if limit is not None else None
     packs = select_packs(repo, subset)
+    pause_point("scrub.snapshot")
     report = ScrubReport(packs_total=len(repo.index.all_packs()))
     workers = workers or max(2, os.cpu_count() or 2)
     damaged: dict[int, str] = {}

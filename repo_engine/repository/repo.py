@@ -1,23 +1,30 @@
 """The repository: one directory tying config, packs, maps, points, index and locks together.
 
 Layout: `config`, `packs/xx/<name>.pack`, `maps/xx/<name>.map`, `points/<id>.point`, `index/`
-(LMDB), `locks/`, `tmp/` (packs being written). Write order: docs/FORMAT.md.
+(LMDB), `locks/`, `tmp/` (packs being written). Write order and concurrency: docs/FORMAT.md.
+
+The index is opened on first use, so a command that locks before it reads opens the index in
+place under its lock. One that read it earlier (an index `rebuild-index` may have replaced before
+the lock) gets it reopened by `lock()`: nothing is ever written into a replaced index.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DamageError, NotARepository, PointNotFound, RepoError, UsageError
+from ..errors import (DamageError, LockedError, NotARepository, PointNotFound, RepoError,
+                      UsageError)
+from ..pause import pause_point
 from .blockmap import BlockMap, map_path, read_map, write_map
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
 from .index import Index, MapMissing
-from .locks import RepoLock
+from .locks import EXCLUSIVE, RepoLock, is_stale, list_locks
 from .packs import FinishedPack, PackWriter
 from .points import PointRecord, point_path, read_point, write_point
 from .safefile import DIR_MODE, check_dir, is_regular, make_dir
@@ -27,10 +34,14 @@ INDEX_FILES = ("data.mdb", "lock.mdb")
 
 
 class Repository:
-    def __init__(self, path: Path, config: RepoConfig, index: Index) -> None:
+    def __init__(self, path: Path, config: RepoConfig, index: Index | None = None) -> None:
+        """`index`: an index the caller opened (kept as it is); else `path/index`, opened on
+        first use."""
         self.path = path
         self.config = config
-        self.index = index
+        self._index = index
+        self._opened: FileId | None = None  # the index file we opened ourselves
+        self._opening = threading.Lock()  # threads of one process share one environment
         self.codec = ChunkCodec(config.key_bytes, config.compression_level)
         self.packs_dir = path / "packs"
         self.maps_dir = path / "maps"
@@ -64,10 +75,19 @@ class Repository:
                                  f"to create one: repo-engine init {path}")
         config = read_config(path / "config")
         check_layout(path)
-        return cls(path, config, Index(path / "index"))
+        return cls(path, config)
+
+    @property
+    def index(self) -> Index:
+        with self._opening:
+            if self._index is None:
+                self._index, self._opened = _open_index(self.path / "index", self.locks_dir)
+            return self._index
 
     def close(self) -> None:
-        self.index.close()
+        if self._index is not None:
+            self._index.close()
+            self._index, self._opened = None, None
 
     def __enter__(self) -> "Repository":
         return self
@@ -76,7 +96,14 @@ class Repository:
         self.close()
 
     def lock(self, kind: str, command: str) -> RepoLock:
-        return RepoLock(self.locks_dir, kind, command)
+        """Take a lock; then make sure the index we read from now on is the one in place (an
+        index opened before the lock may have been replaced by `rebuild-index`, which held the
+        exclusive lock, and can no longer be replaced while we hold ours)."""
+        pause_point("repository.before_lock")
+        lock = RepoLock(self.locks_dir, kind, command)
+        if self._opened is not None and _file_id(self.path / "index") != self._opened:
+            self.close()  # reopened on next use
+        return lock
 
     def vm_lock(self, vm: str, command: str) -> RepoLock:
         """Held by a backup of `vm` for its whole run: a second backup of it is refused."""
@@ -143,6 +170,17 @@ class Repository:
     def load_point(self, point_id: str) -> PointRecord:
         """The full manifest, configuration included, read and checked from disk."""
         return read_point(point_path(self.points_dir, point_id))
+
+    def load_catalogued(self, point_id: str) -> PointRecord:
+        """`load_point` for a point the caller found in the catalog: when a forget removed it
+        since (and deleted its manifest), that is PointNotFound, not damage."""
+        try:
+            return self.load_point(point_id)
+        except DamageError:
+            with self.index.env.begin() as txn:
+                if txn.get(point_id.encode(), db=self.index.points) is not None:
+                    raise
+            raise PointNotFound(f"point {point_id[:8]} was forgotten meanwhile") from None
 
     def find_point(self, ref: str) -> PointRecord:
         """Resolve a short id, `VM@latest` or `VM@<time prefix>` to one catalogued point."""
@@ -215,6 +253,42 @@ def check_layout(path: Path) -> None:
         if os.path.lexists(path / "index" / name) and not is_regular(path / "index" / name):
             raise DamageError(f"{path / 'index' / name} is not a regular file: the index is "
                               "damaged; run 'repo-engine rebuild-index'")
+
+
+FileId = tuple[int, int] | None
+
+
+def _file_id(index_dir: Path) -> FileId:
+    """Identity of the index's data file (device, inode); None when it is missing. The file an
+    open environment maps stays allocated, so its inode cannot name another file meanwhile."""
+    try:
+        st = os.stat(index_dir / "data.mdb")
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _open_index(index_dir: Path, locks_dir: Path) -> tuple[Index, FileId]:
+    """Open the index in place and say which file that is (it must not change while opening)."""
+    for _attempt in range(3):
+        before = _file_id(index_dir)
+        try:
+            index = Index(index_dir)
+        except DamageError:
+            if _rebuild_running(locks_dir):
+                break
+            raise
+        if _file_id(index_dir) == before:
+            return index, before
+        index.close()
+    raise LockedError("rebuild-index is replacing the index; run the command again when it ends")
+
+
+def _rebuild_running(locks_dir: Path) -> bool:
+    """Whether a live exclusive lock is held (rebuild-index swaps the index directory under one:
+    a missing index is then no damage)."""
+    return any(info.kind == EXCLUSIVE and not is_stale(path, info)
+               for path, info in list_locks(locks_dir))
 
 
 def unique_refs(bmap: BlockMap) -> np.ndarray:
