@@ -33,7 +33,6 @@ A run, each step crash-safe (a rerun finishes it):
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -182,8 +181,8 @@ def recount(repo: Repository, attempts: int = 5, *, strict: bool = True) -> dict
             old_refs, old_counts = scan_counts(txn, index.refcount)
             next_pack = index._get_u64(txn, b"next_pack", index.meta)
         use: dict[str, int] = {}
-        for value in catalog.values():
-            for disk in json.loads(value)["disks"]:
+        for key, value in catalog.items():
+            for disk in index.record(key, value)["disks"]:
                 use[disk["map"]] = use.get(disk["map"], 0) + 1
         cache = MapCache(repo)
         refs, counts = live_refs(cache, use)
@@ -497,7 +496,7 @@ def _dry_run(repo: Repository, report: GcReport, max_unused: float) -> None:
     """What a full gc would reclaim now, read-only (chunks of running backups count as unused)."""
     index = repo.index
     with index.env.begin() as txn:
-        catalog = [json.loads(v) for _, v in txn.cursor(db=index.points)]
+        catalog = [index.record(k, v) for k, v in txn.cursor(db=index.points)]
         table = scan_refs(index, txn)
     cache = MapCache(repo)
     refs, _ = live_refs(cache, {d["map"] for r in catalog for d in r["disks"]})

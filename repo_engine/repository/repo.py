@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -86,21 +87,22 @@ class Repository:
 
     # -- points ---------------------------------------------------------------------------
     def commit_point(self, point: PointRecord, maps: dict[str, BlockMap] | None = None) -> None:
-        """Manifest durable first, then the catalog entry that makes the point visible.
+        """Manifest durable first, then the catalog entry that makes the point visible (both
+        inside the catalog transaction, which assigns the point's commit sequence).
 
         Also used to rewrite a catalogued point (chain consolidation, protect, damage marks): the
         catalog transaction moves map use and chunk reference counts from the old record's maps
         to the new one's. Raises ParentGone when a disk's parent left the catalog meanwhile (the
         caller rewrites that disk as a full map); rewrites a map file gc removed meanwhile.
         `maps`: block maps, by name, that the caller still holds (not read back from disk)."""
-        write_point(self.points_dir, point)
         known = maps or {}
         maps = {name: known[name] if name in known else self.read_map(name)
                 for name in {d.map for d in point.disks}}
         refs = {name: unique_refs(bmap) for name, bmap in maps.items()}
         for _attempt in range(10):
             try:
-                self.index.commit_point(point.id, point.summary(), refs, self.map_exists)
+                self.index.commit_point(point.id, point.vm, partial(_seal, self.points_dir, point),
+                                        refs, self.map_exists)
                 return
             except MapMissing as gone:
                 missing = gone
@@ -123,8 +125,10 @@ class Repository:
         return map_path(self.maps_dir, name).exists()
 
     def points(self, vm: str | None = None) -> list[PointRecord]:
+        """Catalogued points in commit order (the sequence the catalog commit assigned, never
+        wall-clock time; points from before sequences existed have 0 and come first, by time)."""
         records = [PointRecord.from_dict(r) for r in self.index.points_records()]
-        return sorted((p for p in records if vm is None or p.vm == vm), key=lambda p: p.time)
+        return sorted((p for p in records if vm is None or p.vm == vm), key=commit_order)
 
     def load_point(self, point_id: str) -> PointRecord:
         """The full manifest, configuration included, read and checked from disk."""
@@ -184,6 +188,23 @@ class Repository:
         for root, _dirs, files in os.walk(self.packs_dir):
             total += sum(os.stat(os.path.join(root, f)).st_size for f in files)
         return total
+
+
+def commit_order(point: PointRecord) -> tuple[int, str, str]:
+    return point.seq, point.time, point.id
+
+
+def _seal(points_dir: Path, point: PointRecord, seq: int, newest: str) -> dict:
+    """Inside the catalog transaction: give a point its commit sequence, note a clock that went
+    backwards, make its manifest durable; returns its catalog record."""
+    point.seq = seq
+    if newest and point.time < newest:
+        note = (f"the clock went backwards: this point's time is before {newest}, the time of "
+                f"an earlier point of {point.vm}; points are ordered by commit, not by time")
+        if note not in point.notes:
+            point.notes.append(note)
+    write_point(points_dir, point)
+    return point.summary()
 
 
 def unique_refs(bmap: BlockMap) -> np.ndarray:
