@@ -198,6 +198,9 @@ class Index:
     def new_pack_number(self, txn: lmdb.Transaction) -> int:
         """Hand out the next pack number (numbers are never reused)."""
         number = max(self._get_u64(txn, b"next_pack", self.meta), _last_key(txn, self.packs) + 1)
+        if number >= 1 << 32:
+            raise DamageError(f"the index's pack counter is damaged ({number}); run "
+                              "'repo-engine rebuild-index'")
         txn.put(b"next_pack", U64.pack(number + 1), db=self.meta)
         return number
 
