@@ -216,6 +216,9 @@ def _check_damaged_repository(chain: Chain, capsys, what: str) -> None:
     if result.code == 0:
         chain.expected[result.json()["point"]] = model.copy_of_content()
     chain.assert_never_wrong(sample=True)
+    gc = cli(capsys, "gc", chain.repo, "--max-unused", "0")
+    assert gc.code in (0, 3), (what, gc.err)
+    chain.assert_never_wrong(sample=True)
 
 
 # -- the LMDB file itself -----------------------------------------------------------------------
@@ -305,3 +308,47 @@ def test_index_of_version_1_still_opens(chain, capsys):
     assert cli(capsys, "show", chain.repo, "a@latest", "--json").json()["id"] == new
     assert cli(capsys, "verify", chain.repo).code == 0
     assert chain.assert_never_wrong() == [0] * len(chain.expected)
+
+
+# -- read-only media ----------------------------------------------------------------------------
+@pytest.fixture
+def read_only_repo(chain, tmp_path):
+    """The chain's repository seen through a read-only bind mount."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "--bind", chain.repo, mount], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here")
+    try:
+        remount = subprocess.run(["mount", "-o", "remount,ro,bind", mount], capture_output=True)
+        if remount.returncode:
+            pytest.skip("cannot remount read-only here")
+        yield mount
+    finally:
+        subprocess.run(["umount", mount], check=True)
+
+
+def test_read_only_repository_restores_and_refuses_writes(chain, capsys, tmp_path,
+                                                          read_only_repo):
+    ro = read_only_repo
+    with pytest.raises(OSError):
+        (ro / "probe").write_bytes(b"")
+    points = list(chain.expected)
+    for args in (["points", ro], ["show", ro, "a@latest"], ["diff", ro, points[0][:12],
+                 points[2][:12]], ["stats", ro], ["verify", ro], ["scrub", ro]):
+        result = cli(capsys, *args)
+        assert result.code == 0, (args[0], result.err)
+    for point, content in chain.expected.items():
+        target = tmp_path / "out.img"
+        target.unlink(missing_ok=True)
+        result = cli(capsys, "restore", ro, point[:12], "--disk", "sda", "--to", target)
+        assert result.code == 0, result.err
+        assert target.read_bytes() == content
+    model = chain.models["a"]
+    for args in (["backup", "image", ro, "--vm", "a", "--disk", f"sda={model.path}"],
+                 ["gc", ro], ["forget", ro, "--keep-last", "1"], ["rebuild-index", ro],
+                 ["scrub", ro, "--repair"], ["verify", ro, "--repair"],
+                 ["protect", ro, points[0][:12]]):
+        result = cli(capsys, *args)
+        assert result.code == 1, (args[0], result.err)
+        assert result.err.startswith("repo-engine: error: ") and "read-only" in result.err
+        assert len(result.err.strip().splitlines()) == 1, result.err

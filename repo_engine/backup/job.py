@@ -164,6 +164,7 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions) ->
     """Store one restore point of `snapshot`; nothing becomes visible unless all of it is stored."""
     started = time.monotonic()
     when = now_iso()
+    repo.require_writable(f"backup {snapshot.vm}")
     with repo.lock(SHARED, f"backup {snapshot.vm}"):
         writer = ChunkWriter(repo)
         pipeline = BlockPipeline(repo.codec, repo.index)

@@ -34,7 +34,7 @@ A run, each step crash-safe (a rerun finishes it):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,10 +146,7 @@ def queue_uncounted(repo: Repository) -> None:
     mark, end = index.meta_u64("gc_mark"), index.meta_u64("next_pack")
     found = []
     with index.env.begin() as txn:
-        for number in range(mark, end):
-            raw = txn.get(PACK_KEY.pack(number), db=index.packs)
-            if raw is None:
-                continue
+        for number, raw in _packs_from(txn, index, mark, end):
             name = PACK_REC.unpack(raw)[0].hex()
             try:
                 entries = read_trailer(pack_path(repo.packs_dir, name))
@@ -168,6 +165,20 @@ def queue_uncounted(repo: Repository) -> None:
             if txn.get(key, db=index.refcount) is None:
                 txn.put(key, b"", db=index.gcq)
         txn.put(b"gc_mark", U64.pack(end), db=index.meta)
+
+
+def _packs_from(txn: lmdb.Transaction, index: Index, first: int,
+                end: int) -> Iterator[tuple[int, bytes]]:
+    """(number, record) of the listed packs numbered in [first, end): walks the table, not the
+    range, so a damaged counter costs no endless loop."""
+    cursor = txn.cursor(db=index.packs)
+    if first >= 1 << 32 or not cursor.set_range(PACK_KEY.pack(first)):
+        return
+    for key, raw in cursor.iternext():
+        number = PACK_KEY.unpack(key)[0]
+        if number >= end:
+            return
+        yield number, raw
 
 
 def recount(repo: Repository, attempts: int = 5, *, strict: bool = True) -> dict:
@@ -261,9 +272,15 @@ def _mark(repo: Repository) -> _Listed:
                 chunk_id = rec[:32]
                 if txn.get(chunk_id, db=index.ids) == U64.pack(REF_KEY.unpack(key)[0]):
                     txn.delete(chunk_id, db=index.ids)
-        maps = {n: p for n, p in maps.items() if not _map_used(txn, index, n)}
+        # a file is deleted only when two tables agree it is unused: one damaged table (mapuse,
+        # packnames) must not cost data
+        named = {d["map"] for k, v in txn.cursor(db=index.points)
+                 for d in index.record(k, v)["disks"]}
+        listed = {PACK_REC.unpack(v)[0].hex() for _, v in txn.cursor(db=index.packs)}
+        maps = {n: p for n, p in maps.items() if n not in named and not _map_used(txn, index, n)}
         manifests = {i: p for i, p in manifests.items() if not _point_known(txn, index, i)}
-        packs = {n: p for n, p in packs.items() if not _pack_known(txn, index, n)}
+        packs = {n: p for n, p in packs.items()
+                 if n not in listed and not _pack_known(txn, index, n)}
     return _Listed(candidates, maps, manifests, packs, tmp)
 
 

@@ -7,10 +7,13 @@ locks. A lock file is written under a temporary name, flocked, then renamed into
 file that can be listed always carries its holder's flock. The holder keeps
 an flock on its own file, so a lock of this host whose flock can be taken belongs to a dead process:
 it is stale and is removed. Locks of other hosts are never guessed stale; `unlock` removes them.
+On a read-only filesystem (read-only media, a read-only snapshot) nobody can write, so a shared
+lock is not needed: taking one is a no-op with a note; any other lock is refused there.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -19,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import DamageError, FormatError, LockedError
+from ..errors import DamageError, FormatError, LockedError, RepoError
 from .envelope import seal, unseal
 from .formats import LOCK
 from .points import now_iso
@@ -119,7 +122,18 @@ class RepoLock:
         self.kind = kind
         info = LockInfo(kind, socket.gethostname(), os.getpid(), now_iso(), command)
         self.path = locks_dir / f"{info.host}-{info.pid}-{os.urandom(4).hex()}.lock"
-        self._fd = _create_flocked(self.path, seal(LOCK, json.dumps(asdict(info)).encode()))
+        self.note = ""
+        try:
+            self._fd = _create_flocked(self.path, seal(LOCK, json.dumps(asdict(info)).encode()))
+        except OSError as exc:
+            if exc.errno != errno.EROFS:
+                raise
+            if kind != SHARED:
+                raise RepoError(f"the repository at {locks_dir.parent} is on a read-only "
+                                f"filesystem; {command!r} needs to write to it") from None
+            self._fd = -1
+            self.note = "read-only filesystem: no lock taken (nobody can write there)"
+            return
         try:
             self._check_conflicts(locks_dir)
         except BaseException:

@@ -69,6 +69,12 @@ class Repository:
     def lock(self, kind: str, command: str) -> RepoLock:
         return RepoLock(self.locks_dir, kind, command)
 
+    def require_writable(self, command: str) -> None:
+        """RepoError when the repository can only be read (read-only media or snapshot)."""
+        if self.index.read_only:
+            raise RepoError(f"the repository at {self.path} is read-only; {command!r} needs to "
+                            "write to it")
+
     # -- packs and maps -------------------------------------------------------------------
     def pack_writer(self) -> PackWriter:
         return PackWriter(self.tmp_dir, self.packs_dir)
