@@ -4,12 +4,12 @@ It is a cache over packs and point manifests: `rebuild-index` recreates it from 
 
 | database  | key                  | value                                                      |
 |-----------|----------------------|------------------------------------------------------------|
-| meta      | ascii name           | u64 counters: version, next_ref, next_pack, chunks, raw, stored |
+| meta      | ascii name           | u64 counters: version, next_ref, next_pack, next_seq, chunks, raw, stored |
 | ids       | chunk id [32]        | ref u64 (the first ref stored with this id wins)           |
 | refs      | ref u64 big endian   | id [32], pack u32, offset u64, stored u32, raw u32, codec u8 |
 | packs     | pack u32 big endian  | name [32], size u64, count u32                             |
 | packnames | name [32]            | pack u32                                                   |
-| points    | point id (ascii)     | catalog record (JSON)                                      |
+| points    | point id (ascii)     | catalog record (JSON, sealed with `check`)                 |
 
 Reference counting and maintenance state (repo_engine/maintenance/ documents the protocols):
 
@@ -28,7 +28,11 @@ Reference counting and maintenance state (repo_engine/maintenance/ documents the
 
 meta `counts` = 1 when mapuse/refcount are complete (set at init, by `gc --full` and by
 `rebuild-index`); `gc_mark` = the first pack number a later gc must check for uncounted refs.
-A catalog commit (`commit_point`) updates mapuse and refcount in the same transaction.
+A catalog commit (`commit_point`) updates mapuse and refcount in the same transaction, and
+assigns a new point its commit sequence (`seq`), which orders a VM's points.
+Version 2 (docs/FORMAT.md): catalog records carry `check` (BLAKE3 of the rest) and `seq`; a
+writable version 1 index is converted on open, a read-only one read unchecked. The data file is
+checked before LMDB maps it (lmdbfile.py).
 """
 
 from __future__ import annotations
