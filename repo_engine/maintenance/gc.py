@@ -350,7 +350,8 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport) -> None:
                 report.orphan_packs_deleted += 1
         for number in sorted(touched):
             live = txn.get(PACK_KEY.pack(number), db=index.packlive)
-            if live is not None and LIVE_REC.unpack(live)[0] == 0:
+            if (live is not None and LIVE_REC.unpack(live)[0] == 0
+                    and not _places_chunks(repo, txn, number)):
                 _retire_pack(txn, index, number)
     for path in listed.tmp:
         path.unlink(missing_ok=True)
@@ -365,6 +366,24 @@ def less_live(txn: lmdb.Transaction, index: Index, pack: int, stored: int) -> No
         return
     count, size = LIVE_REC.unpack(raw)
     txn.put(key, LIVE_REC.pack(max(count - 1, 0), max(size - stored, 0)), db=index.packlive)
+
+
+def _places_chunks(repo: Repository, txn: lmdb.Transaction, number: int) -> bool:
+    """Whether a ref record still places a chunk in pack `number` (the refs its trailer lists):
+    a damaged live count must not retire a pack that holds live data."""
+    index = repo.index
+    raw = txn.get(PACK_KEY.pack(number), db=index.packs)
+    if raw is None:
+        return False
+    try:
+        entries = read_trailer(pack_path(repo.packs_dir, PACK_REC.unpack(raw)[0].hex()))
+    except RepoError:
+        return False  # unreadable: its chunks are lost anyway (verify and scrub report them)
+    for ref in entries["ref"].tolist():
+        rec = txn.get(REF_KEY.pack(ref), db=index.refs)
+        if rec is not None and REF_REC.unpack(rec)[1] == number:
+            return True
+    return False
 
 
 def _retire_pack(txn: lmdb.Transaction, index: Index, number: int) -> None:
@@ -414,7 +433,8 @@ def _retire_empty(repo: Repository) -> None:
         empty = [PACK_KEY.unpack(k)[0] for k, v in txn.cursor(db=index.packlive)
                  if LIVE_REC.unpack(v)[0] == 0]
         for number in empty:
-            _retire_pack(txn, index, number)
+            if not _places_chunks(repo, txn, number):
+                _retire_pack(txn, index, number)
 
 
 def _repack(repo: Repository, max_unused: float, report: GcReport, tick: Tick | None) -> None:
