@@ -50,7 +50,7 @@ import blake3
 import lmdb
 import numpy as np
 
-from ..errors import DamageError, FormatError, RepoError
+from ..errors import DamageError, RepoError
 from .formats import INDEX_VERSION
 from .lmdbfile import check_data_file
 from .packs import FinishedPack, PackEntry
