@@ -1,0 +1,182 @@
+"""`restore vsphere --in-place` when something fails midway, against the simulator's delta disks
+(a snapshot moves the VM onto a delta, revert discards it, removal merges it) and the fake VDDK's
+faults. Every failure must end in one error line, the exit code of docs/VSPHERE.md ("When a
+restore fails"), a known snapshot state and known disk bytes; what the docs say to do next is
+then done and checked too."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import MIB, disk_of
+from vcsim.fixtures import BS, VM, make_env, pattern, vcsim_binary, vddk_libdir  # noqa: F401
+from vcsim.fixtures import env  # noqa: F401
+
+SECTORS = BS // 512
+CHANGED = 7          # blocks written after the point, apart, so the restore makes 7 writes
+FILLED = 1 * MIB     # the point holds data there, zeros after
+
+
+@pytest.fixture
+def scene(env):
+    """A point, then CHANGED blocks changed (one of them past FILLED, where the point reads
+    zero), the VM powered off: (point id, the point's bytes, the bytes before the restore)."""
+    env.sim.write(VM, 0, pattern(40, FILLED))
+    wanted = env.sim.read(VM)
+    point = env.backup()["point"]["id"]
+    for i in range(CHANGED - 1):
+        env.sim.write(VM, 2 * i * BS + 7, pattern(41 + i, 100))
+    env.sim.write(VM, FILLED + 5 * BS, pattern(50, 300))
+    env.power_off()
+    before = env.sim.read(VM)
+    assert before != wanted
+    return point, wanted, before
+
+
+def one_error_line(result, code: int = 1) -> str:
+    assert result.code == code, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("repo-engine: error: "), result.err
+    return lines[0]
+
+
+def restore_snapshot(env) -> str:
+    [name] = env.snapshots()
+    assert name.startswith("repo-engine-restore-")
+    return name
+
+
+def finishes(env, point: str, wanted: bytes) -> None:
+    """Running the same restore again finishes it and leaves no snapshot."""
+    again = env.restore(point, "--in-place")
+    assert again.code == 0, again.err
+    assert env.sim.read(VM) == wanted and env.snapshots() == []
+
+
+@pytest.mark.parametrize("fault", ["write_fail=3", "drop_after_writes=3"])
+def test_failed_write_is_undone(env, scene, monkeypatch, fault):
+    point, wanted, before = scene
+    monkeypatch.setenv("FAKE_VDDK_FAULTS", fault)
+    line = one_error_line(env.restore(point, "--in-place"))
+    assert "through VDDK failed" in line and "the restore was undone" in line
+    assert "no snapshot is left; run the same restore again" in line
+    assert env.sectors_written() >= 3 * SECTORS            # it did write before failing
+    assert env.sim.read(VM) == before and env.snapshots() == []
+    monkeypatch.delenv("FAKE_VDDK_FAULTS")
+    finishes(env, point, wanted)
+
+
+def test_connection_lost_before_anything_was_written(env, scene):
+    point, wanted, before = scene
+    env.sim.control(drop_at="QueryChangedDiskAreas")
+    result = env.restore(point, "--in-place")
+    line = one_error_line(result)
+    snap = restore_snapshot(env)
+    assert "the connection to 127.0.0.1 was lost while reading the disks" in line
+    assert f"are as before the restore, but it keeps snapshot {snap}: delete it" in line
+    assert env.sectors_written() == 0 and env.sim.read(VM) == before
+    env.sim.control(drop_at="")
+    finishes(env, point, wanted)
+
+
+@pytest.mark.parametrize("go", ["back", "on"])
+def test_connection_lost_before_the_revert(env, scene, monkeypatch, go):
+    point, wanted, before = scene
+    monkeypatch.setenv("FAKE_VDDK_FAULTS", "write_fail=3")
+    env.sim.control(drop_at="RevertToSnapshot_Task")
+    line = one_error_line(env.restore(point, "--in-place"))
+    snap = restore_snapshot(env)
+    assert "through VDDK failed" in line
+    assert (f"partly restored and its snapshot {snap} holds them as they were before: revert "
+            "to that snapshot in vSphere and delete it to go back, or run the same restore "
+            "again to finish it") in line
+    assert env.sim.read(VM) not in (before, wanted)   # mixed, and the message says so
+    monkeypatch.delenv("FAKE_VDDK_FAULTS")
+    env.sim.control(drop_at="")
+    if go == "back":
+        env.revert_and_delete(snap)
+        assert env.sim.read(VM) == before and env.snapshots() == []
+    else:
+        finishes(env, point, wanted)
+
+
+@pytest.mark.parametrize("fault", ["NoPermission", "SystemError"])
+def test_revert_refused_by_the_call(env, scene, monkeypatch, fault):
+    point, wanted, before = scene
+    env.sim.control(call_faults={"RevertToSnapshot_Task": fault})
+    done = env.restore(point, "--in-place")              # a restore that works never reverts
+    assert done.code == 0 and done.err == "", done.err
+    assert env.sim.read(VM) == wanted and env.snapshots() == []
+
+    env.sim.write(VM, 3 * BS, b"changed again")
+    env.sim.write(VM, 9 * BS, b"and here")
+    monkeypatch.setenv("FAKE_VDDK_FAULTS", "write_fail=2")
+    before = env.sim.read(VM)
+    line = one_error_line(env.restore(point, "--in-place"))
+    snap = restore_snapshot(env)
+    assert f"then reverting {VM} to snapshot {snap} failed: {fault}" in line
+    assert "partly restored" in line
+    env.sim.control(call_faults={"RevertToSnapshot_Task": ""})
+    env.revert_and_delete(snap)
+    assert env.sim.read(VM) == before
+
+
+def test_snapshot_removal_refused_after_a_complete_restore(env, scene):
+    point, wanted, _ = scene
+    env.sim.control(call_faults={"RemoveSnapshot_Task": "NoPermission"})
+    line = one_error_line(env.restore(point, "--in-place"))
+    snap = restore_snapshot(env)
+    assert f"removing snapshot {snap} failed: NoPermission" in line
+    assert "the restore itself is complete" in line and "do not revert to it" in line
+    assert env.sim.read(VM) == wanted
+    env.sim.control(call_faults={"RemoveSnapshot_Task": ""})
+    finishes(env, point, wanted)
+
+
+@pytest.mark.parametrize("fault", ["SystemError", "FileFault"])
+def test_cbt_failing_compares_and_writes_only_what_differs(env, scene, fault):
+    point, wanted, _ = scene
+    env.sim.control(vm=VM, query_fault=fault)
+    result = env.restore(point, "--in-place")
+    assert result.code == 0 and result.err == "", result.err
+    [disk] = result.json()["disks"]
+    assert disk["mode"] == "compared" and fault in disk["note"]
+    assert disk["blocks_written"] == CHANGED
+    # only the changed blocks, the one past FILLED as zeros; no zeros where the disk reads zero
+    assert env.sectors_written() == CHANGED * SECTORS
+    assert env.sim.read(VM) == wanted and env.snapshots() == []
+
+
+def test_cbt_reset_compares_too(env, scene):
+    point, wanted, _ = scene
+    env.sim.control(vm=VM, cbt_reset=True)
+    result = env.restore(point, "--in-place")
+    assert result.code == 0, result.err
+    assert result.json()["disks"][0]["mode"] == "compared"
+    assert env.sectors_written() == CHANGED * SECTORS and env.sim.read(VM) == wanted
+
+
+def test_restore_asks_vcenter_not_to_migrate(env, scene, monkeypatch):
+    point, wanted, _ = scene
+    monkeypatch.setenv("FAKE_VDDK_REQUIRE_PREPARE", "1")   # Open fails without PrepareForAccess
+    result = env.restore(point, "--in-place")
+    assert result.code == 0, result.err
+    calls = [line.split()[0] for line in env.trace.read_text().splitlines()]
+    assert calls.index("prepare") < calls.index("open")
+    assert calls.index("end_access") > max(i for i, c in enumerate(calls) if c == "write")
+    assert env.sim.read(VM) == wanted
+
+
+def test_noop_restore_writes_nothing_and_keeps_cbt_trusted(env):
+    key = str(env.sim.disk(VM)["key"])
+    env.sim.write(VM, 0, pattern(60, FILLED))
+    point = env.backup()["point"]["id"]
+    wanted = env.sim.read(VM)
+    env.power_off()
+    result = env.restore(point, "--in-place")
+    assert result.code == 0, result.err
+    assert result.json()["disks"][0]["blocks_written"] == 0
+    assert env.sectors_written() == 0 and env.snapshots() == []
+    assert env.sim.read(VM) == wanted
+    after = env.backup()["point"]
+    assert disk_of(after, key)["read_mode"] == "changed"
