@@ -6,6 +6,9 @@ then done and checked too."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from helpers import MIB, disk_of
@@ -33,10 +36,24 @@ def scene(env):
     return point, wanted, before
 
 
+def _documented() -> list[re.Pattern]:
+    """The endings of a failed restore's line that docs/VSPHERE.md lists (V, S, NAME: any)."""
+    text = (Path(__file__).parent.parent / "docs" / "VSPHERE.md").read_text()
+    section = text[text.index("### When a restore fails"):text.index("## Tests")]
+    endings = [q.removeprefix("...; ") for q in re.findall(r'"([^"]+)"', " ".join(section.split()))]
+    return [re.compile(re.sub(r"\b(V|S|NAME)\b", r"\\S+", re.escape(e))
+                       + "(; run the same restore again)?$") for e in endings]
+
+
+DOCUMENTED = _documented()
+
+
 def one_error_line(result, code: int = 1) -> str:
+    """The one error line; it ends as docs/VSPHERE.md says."""
     assert result.code == code, result.err
     lines = result.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("repo-engine: error: "), result.err
+    assert any(p.search(lines[0]) for p in DOCUMENTED), f"not in docs/VSPHERE.md: {lines[0]}"
     return lines[0]
 
 
@@ -62,6 +79,18 @@ def test_failed_write_is_undone(env, scene, monkeypatch, fault):
     assert "no snapshot is left; run the same restore again" in line
     assert env.sectors_written() >= 3 * SECTORS            # it did write before failing
     assert env.sim.read(VM) == before and env.snapshots() == []
+    monkeypatch.delenv("FAKE_VDDK_FAULTS")
+    finishes(env, point, wanted)
+
+
+def test_failed_compare_writes_nothing(env, scene, monkeypatch):
+    point, wanted, before = scene
+    env.sim.control(vm=VM, query_fault="FileFault")
+    monkeypatch.setenv("FAKE_VDDK_FAULTS", "read_fail=2")
+    line = one_error_line(env.restore(point, "--in-place"))
+    assert "read failed" in line or "reading" in line
+    assert "nothing was written: " in line and "no snapshot is left" in line
+    assert env.sectors_written() == 0 and env.sim.read(VM) == before and env.snapshots() == []
     monkeypatch.delenv("FAKE_VDDK_FAULTS")
     finishes(env, point, wanted)
 
@@ -121,16 +150,61 @@ def test_revert_refused_by_the_call(env, scene, monkeypatch, fault):
     assert env.sim.read(VM) == before
 
 
-def test_snapshot_removal_refused_after_a_complete_restore(env, scene):
+def test_connection_lost_at_the_snapshot(env, scene):
+    point, wanted, before = scene
+    env.sim.control(drop_at="CreateSnapshot_Task")
+    line = one_error_line(env.restore(point, "--in-place"))
+    assert "was lost while snapshotting" in line and "nothing was written" in line
+    assert env.snapshots() == [] and env.sim.read(VM) == before
+    env.sim.control(drop_at="")
+    finishes(env, point, wanted)
+
+
+@pytest.mark.parametrize("fault", ["NoPermission", "dropped"])
+def test_snapshot_removal_failing_after_a_complete_restore(env, scene, fault):
     point, wanted, _ = scene
-    env.sim.control(call_faults={"RemoveSnapshot_Task": "NoPermission"})
+    if fault == "dropped":
+        env.sim.control(drop_at="RemoveSnapshot_Task")
+    else:
+        env.sim.control(call_faults={"RemoveSnapshot_Task": fault})
     line = one_error_line(env.restore(point, "--in-place"))
     snap = restore_snapshot(env)
-    assert f"removing snapshot {snap} failed: NoPermission" in line
+    why = "was lost while removing snapshot" if fault == "dropped" else \
+        f"removing snapshot {snap} failed: {fault}"
+    assert why in line
     assert "the restore itself is complete" in line and "do not revert to it" in line
     assert env.sim.read(VM) == wanted
-    env.sim.control(call_faults={"RemoveSnapshot_Task": ""})
+    env.sim.control(drop_at="", call_faults={"RemoveSnapshot_Task": ""})
     finishes(env, point, wanted)
+
+
+def test_damaged_repository_is_undone_with_exit_3(env, scene):
+    point, _, before = scene
+    for pack in (env.repo / "packs").rglob("*"):
+        if pack.is_file():
+            data = bytearray(pack.read_bytes())
+            for at in range(64, len(data) * 9 // 10, 4096):   # every chunk, not the trailer
+                data[at] ^= 0xFF
+            pack.write_bytes(bytes(data))
+    line = one_error_line(env.restore(point, "--in-place"), code=3)
+    assert "no snapshot is left" in line
+    assert env.sim.read(VM) == before and env.snapshots() == []
+
+
+@pytest.mark.parametrize("fault", ["write", "write+dropped"])
+def test_failed_as_new_restore_leaves_no_half_made_vm(env, monkeypatch, fault):
+    env.sim.write(VM, 0, pattern(70, FILLED))
+    point = env.backup()["point"]["id"]
+    monkeypatch.setenv("FAKE_VDDK_FAULTS", "write_fail=2")
+    if fault == "write+dropped":
+        env.sim.control(drop_at="Destroy_Task")
+    line = one_error_line(env.restore(point, "--as-new", "copy", "--datastore", "LocalDS_0"))
+    assert "through VDDK failed" in line
+    exists = "copy" in env.sim.vms()
+    if fault == "write":
+        assert line.endswith("the incomplete VM copy was deleted") and not exists
+    else:
+        assert line.endswith("delete the incomplete VM copy in vSphere") and exists
 
 
 @pytest.mark.parametrize("fault", ["SystemError", "FileFault"])

@@ -33,7 +33,8 @@ from ..repository.points import DiskRecord, PointRecord
 from ..repository.repo import Repository
 from ..sources.vsphere import cbt, marks, snapshots, vmconfig
 from ..sources.vsphere.connection import Connection
-from ..sources.vsphere.errors import VSphereError, asking, connection_broke, fault_text
+from ..sources.vsphere.errors import (ConnectionLost, VSphereError, asking, connection_broke,
+                                       fault_text)
 from ..sources.vsphere.inventory import DiskInfo, disks_of, find_by_name
 from ..sources.vsphere.source import DataPlane, no_migration
 from .restorer import restore_to_device
@@ -215,8 +216,13 @@ class _InPlace:
             left = snapshots.remove_leftovers(self.vm)
         self.result.notes += [f"removed leftover snapshot {n}" for n in left]
         with no_migration(self.plane, self.conn, self.vm, self.result.notes, "restore"):
-            with asking(self.server, f"snapshotting {self.name}"):
-                self.held = snapshots.create(self.vm, "restore", quiesce=False)
+            try:
+                with asking(self.server, f"snapshotting {self.name}"):
+                    self.held = snapshots.create(self.vm, "restore", quiesce=False)
+            except ConnectionLost as exc:
+                raise ConnectionLost(f"{exc}; nothing was written; a snapshot vSphere may have "
+                                     "made meanwhile is removed by the next backup or "
+                                     "restore") from None
             try:
                 self._restore()
             except Exception as exc:  # noqa: BLE001 - every failure is reported with the state
@@ -273,16 +279,13 @@ class _InPlace:
                 "merges the restored disks (do not revert to it: that would undo the restore), "
                 "or run the same restore again") from None
 
-    def _undo(self, exc: BaseException) -> RepoError:
+    def _undo(self, exc: BaseException) -> VSphereError:
         """After a failure: go back to the snapshot if anything was written, remove it, and
-        say what the VM is left with (in an error of the failure's kind, for its exit code)."""
+        say what the VM is left with."""
         assert self.held is not None
-        kind = type(exc) if isinstance(exc, RepoError) else VSphereError
-        cause = "interrupted" if not isinstance(exc, Exception) else (
-            str(exc) if isinstance(exc, RepoError) else f"{type(exc).__name__}: {exc}")
         snap = self.held.name
         if connection_broke(exc):   # the session is gone: ask it nothing more
-            return kind(f"{cause}; {self._left(snap)}")
+            return _failed(exc, self._left(snap))
         undone = "the restore was undone" if self.wrote else "nothing was written"
         try:
             if self.wrote:
@@ -292,9 +295,10 @@ class _InPlace:
             with asking(self.server, f"removing snapshot {snap}"):
                 snapshots.remove(self.vm, self.held.snap)
         except VSphereError as again:
-            return kind(f"{cause}; then {again}; {self._left(snap)}")
-        return kind(f"{cause}; {undone}: the disks of VM {self.name} are as before the restore "
-                    "and no snapshot is left; run the same restore again")
+            return _failed(exc, f"then {again}; {self._left(snap)}")
+        again = "; run the same restore again" if isinstance(exc, VSphereError) else ""
+        return _failed(exc, f"{undone}: the disks of VM {self.name} are as before the restore "
+                            f"and no snapshot is left{again}")
 
     def _left(self, snap: str) -> str:
         """What the VM is left with when vSphere can no longer be asked."""
@@ -417,21 +421,30 @@ def _new_disks(vm: Any) -> dict[tuple, DiskInfo]:
 def restore_as_new(repo: Repository, point: PointRecord, conn: Connection, name: str,
                    datastore: str, plane: DataPlane, *, pool: str | None = None,
                    folder: str | None = None) -> VmRestoreResult:
-    """Create VM `name` from the point's configuration and write its disks."""
+    """Create VM `name` from the point's configuration and write its disks; on failure delete
+    the half-made VM (a half-written VM is worse than none)."""
     from pyVmomi import vim
 
-    content = conn.content
-    if find_by_name(content, vim.VirtualMachine, name) is not None:
-        raise VSphereError(f"a VM named {name!r} exists already; choose another --as-new name")
-    ds, rp, target = _placement(content, datastore, pool, folder)
-    spec, where = _new_vm_spec(point, name, ds.name)
+    server = conn.settings.server
+    with asking(server, f"preparing VM {name}"):
+        content = conn.content
+        if find_by_name(content, vim.VirtualMachine, name) is not None:
+            raise VSphereError(f"a VM named {name!r} exists already; choose another --as-new "
+                               "name")
+        ds, rp, target = _placement(content, datastore, pool, folder)
+        spec, where = _new_vm_spec(point, name, ds.name)
     try:
-        vm = _wait(target.CreateVM_Task(config=spec, pool=rp))
+        with asking(server, f"creating VM {name}"):
+            vm = _wait(target.CreateVM_Task(config=spec, pool=rp))
+    except ConnectionLost as exc:
+        raise ConnectionLost(f"{exc}; if vSphere created VM {name} before that, delete it "
+                             "there") from None
     except VSphereError as exc:
         raise VSphereError(f"cannot create VM {name}: {exc}") from None
     result = VmRestoreResult(point.id, name, vm._moId, "as-new")
     try:
-        created = _new_disks(vm)
+        with asking(server, f"reading the disks of the new VM {name}"):
+            created = _new_disks(vm)
         vddk = plane.connection(conn, vm._moId, None)
         for disk in point.disks:
             new = created.get(where[disk.key])
@@ -440,10 +453,30 @@ def restore_as_new(repo: Repository, point: PointRecord, conn: Connection, name:
             count, nbytes = _write(repo, point, disk.key, vddk, new.file, None, fresh=True)
             result.disks.append(DiskResult(disk.key, new.file, count, nbytes, "all",
                                            f"new disk {new.key}"))
-    except BaseException:
-        try:   # a half-written VM is worse than none
-            _wait(vm.Destroy_Task())
-        except VSphereError:
-            result.notes.append(f"could not delete the incomplete VM {name}")
+    except Exception as exc:  # noqa: BLE001 - reported with what became of the new VM
+        raise _failed(exc, _discard(vm, name, server, exc)) from None
+    except BaseException as exc:   # Ctrl-C: delete the half-made VM, then stop
+        log.error("%s", _failed(exc, _discard(vm, name, server, exc)))
         raise
     return result
+
+
+def _discard(vm: Any, name: str, server: str, exc: BaseException) -> str:
+    """Delete the half-made VM; what became of it."""
+    if connection_broke(exc):
+        return f"the incomplete VM {name} is left: delete it in vSphere"
+    try:
+        with asking(server, f"deleting the incomplete VM {name}"):
+            _wait(vm.Destroy_Task())
+    except VSphereError as again:
+        return f"then {again}: delete the incomplete VM {name} in vSphere"
+    return f"the incomplete VM {name} was deleted"
+
+
+def _failed(exc: BaseException, what: str) -> VSphereError:
+    """The error `exc` extended by `what`, with its exit code (3 for damage found)."""
+    cause = "interrupted" if not isinstance(exc, Exception) else (
+        str(exc) if isinstance(exc, RepoError) else f"{type(exc).__name__}: {exc}")
+    error = VSphereError(f"{cause}; {what}")
+    error.exit_code = getattr(exc, "exit_code", VSphereError.exit_code)
+    return error
