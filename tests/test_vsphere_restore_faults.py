@@ -241,16 +241,24 @@ def test_restore_asks_vcenter_not_to_migrate(env, scene, monkeypatch):
     assert env.sim.read(VM) == wanted
 
 
-def test_noop_restore_writes_nothing_and_keeps_cbt_trusted(env):
+@pytest.mark.parametrize("removal", ["works", "refused"])
+def test_noop_restore_writes_nothing_and_keeps_cbt_trusted(env, removal):
     key = str(env.sim.disk(VM)["key"])
     env.sim.write(VM, 0, pattern(60, FILLED))
     point = env.backup()["point"]["id"]
     wanted = env.sim.read(VM)
     env.power_off()
-    result = env.restore(point, "--in-place")
-    assert result.code == 0, result.err
-    assert result.json()["disks"][0]["blocks_written"] == 0
-    assert env.sectors_written() == 0 and env.snapshots() == []
-    assert env.sim.read(VM) == wanted
+    if removal == "refused":
+        env.sim.control(call_faults={"RemoveSnapshot_Task": "SystemError"})
+        line = one_error_line(env.restore(point, "--in-place"))
+        assert "nothing needed writing: " in line
+        restore_snapshot(env)
+        env.sim.control(call_faults={"RemoveSnapshot_Task": ""})
+    else:
+        result = env.restore(point, "--in-place")
+        assert result.code == 0, result.err
+        assert result.json()["disks"][0]["blocks_written"] == 0
+        assert env.snapshots() == []
+    assert env.sectors_written() == 0 and env.sim.read(VM) == wanted
     after = env.backup()["point"]
-    assert disk_of(after, key)["read_mode"] == "changed"
+    assert disk_of(after, key)["read_mode"] == "changed" and env.snapshots() == []

@@ -244,8 +244,8 @@ class _InPlace:
         marks.mark_written(self.repo.path, self.uuid, self.name,
                            f"in-place restore of point {self.point.id[:16]}")
         vddk = self.plane.connection(self.conn, self.vm._moId, None)
+        self.wrote = True   # from the first write on, only a revert restores the state before
         for t in todo:
-            self.wrote = True
             count, nbytes = _write(self.repo, self.point, t.disk.key, vddk, t.file, t.blocks,
                                    fresh=False)
             self.result.disks.append(DiskResult(t.disk.key, t.file, count, nbytes, t.mode, t.note))
@@ -269,10 +269,8 @@ class _InPlace:
                 snapshots.remove(self.vm, self.held.snap)
         except VSphereError as exc:
             if not self.wrote:
-                raise VSphereError(f"{exc}; nothing needed writing, so VM {self.name} is as "
-                                   f"it was, but it keeps snapshot {self.held.name}: delete "
-                                   "it in vSphere (the next backup or restore removes it "
-                                   "too)") from None
+                raise VSphereError(f"{exc}; nothing needed writing: "
+                                   f"{self._left(self.held.name)}") from None
             raise VSphereError(
                 f"{exc}; the restore itself is complete (VM {self.name} runs on the restored "
                 f"disks), but it keeps snapshot {self.held.name}: delete it in vSphere, which "
