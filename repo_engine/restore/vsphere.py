@@ -27,14 +27,13 @@ import numpy as np
 
 from ..backup.extents import extents_to_blocks
 from ..backup.pipeline import BlockPipeline
-from ..errors import RepoError
 from ..repository.locks import SHARED
 from ..repository.points import DiskRecord, PointRecord
 from ..repository.repo import Repository
 from ..sources.vsphere import cbt, marks, snapshots, vmconfig
 from ..sources.vsphere.connection import Connection
 from ..sources.vsphere.errors import (ConnectionLost, VSphereError, asking, connection_broke,
-                                       fault_text)
+                                       extended, fault_text)
 from ..sources.vsphere.inventory import DiskInfo, disks_of, find_by_name
 from ..sources.vsphere.source import DataPlane, no_migration
 from .restorer import restore_to_device
@@ -84,7 +83,7 @@ def _wait(task: Any) -> Any:
     return task.info.result
 
 
-def _vddk_failed(key: str, file: str, exc: OSError) -> VSphereError:
+def _vddkextended(key: str, file: str, exc: OSError) -> VSphereError:
     return VSphereError(f"writing disk {key} ({file}) through VDDK failed: {exc.strerror or exc}")
 
 
@@ -106,7 +105,7 @@ def _write(repo: Repository, point: PointRecord, key: str, vddk: Any, file: str,
             summary = restore_to_device(repo, point, key, device, blocks=blocks, fresh=fresh,
                                         target=file)
     except OSError as exc:
-        raise _vddk_failed(key, file, exc) from None
+        raise _vddkextended(key, file, exc) from None
     return summary.blocks_written + summary.zero_blocks, summary.bytes_written
 
 
@@ -283,7 +282,7 @@ class _InPlace:
         assert self.held is not None
         snap = self.held.name
         if connection_broke(exc):   # the session is gone: ask it nothing more
-            return _failed(exc, self._left(snap))
+            return extended(exc, self._left(snap))
         undone = "the restore was undone" if self.wrote else "nothing was written"
         try:
             if self.wrote:
@@ -293,9 +292,9 @@ class _InPlace:
             with asking(self.server, f"removing snapshot {snap}"):
                 snapshots.remove(self.vm, self.held.snap)
         except VSphereError as again:
-            return _failed(exc, f"then {again}; {self._left(snap)}")
+            return extended(exc, f"then {again}; {self._left(snap)}")
         again = "; run the same restore again" if isinstance(exc, VSphereError) else ""
-        return _failed(exc, f"{undone}: the disks of VM {self.name} are as before the restore "
+        return extended(exc, f"{undone}: the disks of VM {self.name} are as before the restore "
                             f"and no snapshot is left{again}")
 
     def _left(self, snap: str) -> str:
@@ -452,9 +451,9 @@ def restore_as_new(repo: Repository, point: PointRecord, conn: Connection, name:
             result.disks.append(DiskResult(disk.key, new.file, count, nbytes, "all",
                                            f"new disk {new.key}"))
     except Exception as exc:  # noqa: BLE001 - reported with what became of the new VM
-        raise _failed(exc, _discard(vm, name, server, exc)) from None
+        raise extended(exc, _discard(vm, name, server, exc)) from None
     except BaseException as exc:   # Ctrl-C: delete the half-made VM, then stop
-        log.error("%s", _failed(exc, _discard(vm, name, server, exc)))
+        log.error("%s", extended(exc, _discard(vm, name, server, exc)))
         raise
     return result
 
@@ -469,12 +468,3 @@ def _discard(vm: Any, name: str, server: str, exc: BaseException) -> str:
     except VSphereError as again:
         return f"then {again}: delete the incomplete VM {name} in vSphere"
     return f"the incomplete VM {name} was deleted"
-
-
-def _failed(exc: BaseException, what: str) -> VSphereError:
-    """The error `exc` extended by `what`, with its exit code (3 for damage found)."""
-    cause = "interrupted" if not isinstance(exc, Exception) else (
-        str(exc) if isinstance(exc, RepoError) else f"{type(exc).__name__}: {exc}")
-    error = VSphereError(f"{cause}; {what}")
-    error.exit_code = getattr(exc, "exit_code", VSphereError.exit_code)
-    return error

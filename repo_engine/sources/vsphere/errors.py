@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import http.client
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ...errors import SourceError
+from ...errors import RepoError, SourceError
 
 
 class VSphereError(SourceError):
@@ -28,8 +29,26 @@ def fault_text(exc: BaseException) -> str:
 
 def connection_broke(exc: BaseException) -> bool:
     """A pyvmomi call failed because the connection did (reset, closed, timed out, TLS), not
-    because vSphere answered with a fault."""
+    because vSphere answered with a fault. VDDK's errors (OSErrors too) are not counted: its
+    connections are its own."""
+    vddk = sys.modules.get("vddk_ext")
+    if vddk is not None and isinstance(exc, vddk.VixError):
+        return False
     return isinstance(exc, (ConnectionLost, OSError, http.client.HTTPException))
+
+
+def extended(exc: BaseException, what: str) -> VSphereError:
+    """The error `exc` followed by `what` (what a failure left behind), keeping its exit code
+    (3 for damage found)."""
+    if not isinstance(exc, Exception):
+        cause = "interrupted"
+    elif isinstance(exc, RepoError):
+        cause = str(exc)
+    else:
+        cause = fault_text(exc) if hasattr(exc, "msg") else f"{type(exc).__name__}: {exc}"
+    error = VSphereError(f"{cause}; {what}")
+    error.exit_code = getattr(exc, "exit_code", VSphereError.exit_code)
+    return error
 
 
 @contextmanager

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from .errors import VSphereError, connection_broke, fault_text
+from .errors import VSphereError, connection_broke, extended, fault_text
 
 PREFIX = "repo-engine-"
 log = logging.getLogger("repo_engine.vsphere")
@@ -138,17 +137,30 @@ def _safe_remove(vm: Any, snap: Any, name: str, vm_name: str) -> str | None:
 
 @contextmanager
 def held(vm: Any, purpose: str, quiesce: bool) -> Iterator[Held]:
-    """Create our snapshot; remove it however the block ends (errors, Ctrl-C included)."""
+    """Create our snapshot; remove it however the block ends (errors, Ctrl-C included). An
+    error of the block comes out saying whether the snapshot was removed; after a lost
+    connection nothing more is asked of it and the snapshot is left for the next run."""
     vm_name = vm.name
     snapshot = create(vm, purpose, quiesce)
     try:
         yield snapshot
-    finally:
-        try:
-            failure = _safe_remove(vm, snapshot.snap, snapshot.name, vm_name)
-        except KeyboardInterrupt:   # a second Ctrl-C: finish the removal anyway
-            failure = _safe_remove(vm, snapshot.snap, snapshot.name, vm_name)
-        if failure:
-            snapshot.notes.append(failure)
-            if sys.exc_info()[0] is None:   # the work succeeded: do not hide the leftover
-                raise VSphereError(failure)
+    except BaseException as exc:
+        if connection_broke(exc):
+            failure = (f"snapshot {snapshot.name!r} of {vm_name} is left: the next run removes "
+                       "it (or delete it in vSphere)")
+        else:
+            failure = _removed_anyway(vm, snapshot, vm_name)
+        if isinstance(exc, Exception):
+            raise extended(exc, failure or f"snapshot {snapshot.name!r} was removed") from None
+        raise
+    failure = _removed_anyway(vm, snapshot, vm_name)
+    if failure:   # the work succeeded: do not hide the leftover
+        raise VSphereError(f"the {purpose} itself completed, but {failure}")
+
+
+def _removed_anyway(vm: Any, snapshot: Held, vm_name: str) -> str | None:
+    """_safe_remove, finished even through a second Ctrl-C."""
+    try:
+        return _safe_remove(vm, snapshot.snap, snapshot.name, vm_name)
+    except KeyboardInterrupt:
+        return _safe_remove(vm, snapshot.snap, snapshot.name, vm_name)

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from ...backup.source import BlockDevice, ChangeReport, Parent, SourceDisk, VmSn
 from ...errors import SourceError
 from . import cbt, marks, snapshots, vmconfig
 from .connection import Connection
-from .errors import VSphereError
+from .errors import ConnectionLost, VSphereError, connection_broke
 from .inventory import INDEPENDENT, DiskInfo, disks_of
 
 
@@ -205,10 +206,11 @@ def frozen_vm(conn: Connection, vm: Any, repo: Any, *, name: str | None = None,
             yield Frozen(snapshot, vm, vm_uuid, bool(full_reason))
         except VSphereError:
             raise
-        except (OSError, SourceError) as exc:   # a VDDK read, mostly
+        except (OSError, SourceError, HTTPException) as exc:   # a VDDK read, mostly
             text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise VSphereError(f"backup of {vm.name} failed: {text}; no restore point was "
-                               "stored and the snapshot was removed") from None
+            kind = ConnectionLost if connection_broke(exc) else VSphereError
+            raise kind(f"backup of {vm_name} failed: {text or type(exc).__name__}; no restore "
+                       "point was stored") from None
 
 
 def after_backup(repo_path: Path, frozen: Frozen) -> None:
