@@ -235,6 +235,23 @@ def test_leftover_snapshots_of_ours_are_removed(env):
     assert env.snapshots() == ["admin-snapshot"]
 
 
+def test_a_second_backup_of_a_vm_leaves_the_running_ones_snapshot_alone(env):
+    """While a backup of the VM runs (its VM lock held, its snapshot taken), another backup of
+    that VM is refused before it touches the VM: the running backup's snapshot stays."""
+    from repo_engine.repository.repo import Repository
+
+    with env.sim.session() as content:
+        _wait(vcsim_find(content).CreateSnapshot_Task(
+            name="repo-engine-backup-running", description="", memory=False, quiesce=False))
+    with Repository.open(env.repo) as repo, repo.vm_lock(VM, f"backup {VM}"):
+        result = env.backup(ok=False)
+    assert result.code == 1
+    assert result.err.startswith(f"repo-engine: error: VM '{VM}' is being backed up by "
+                                 f"'backup {VM}', pid ")
+    assert len(result.err.splitlines()) == 1
+    assert env.snapshots() == ["repo-engine-backup-running"]
+
+
 def test_interrupt_inside_the_backup_removes_the_snapshot(env, monkeypatch):
     from repo_engine.repository.repo import Repository
     from repo_engine.sources.vsphere.connection import connect

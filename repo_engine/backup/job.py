@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -162,13 +163,17 @@ class _DiskBackup:
             counters=vars(counters).copy())
 
 
-def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions) -> PointRecord:
-    """Store one restore point of `snapshot`; nothing becomes visible unless all of it is stored."""
+def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
+              vm_locked: bool = False) -> PointRecord:
+    """Store one restore point of `snapshot`; nothing becomes visible unless all of it is stored.
+    `vm_locked`: the caller already holds the VM lock (`repo.vm_lock`), taken before it froze
+    the VM (a source that snapshots the VM must not touch a VM another backup is reading)."""
     started = time.monotonic()
     when = now_iso()
     repo.require_writable(f"backup {snapshot.vm}")
     command = f"backup {snapshot.vm}"
-    with repo.lock(SHARED, command), repo.vm_lock(snapshot.vm, command):
+    vm_lock = nullcontext() if vm_locked else repo.vm_lock(snapshot.vm, command)
+    with repo.lock(SHARED, command), vm_lock:
         writer = ChunkWriter(repo)
         pipeline = BlockPipeline(repo.codec, repo.index)
         try:

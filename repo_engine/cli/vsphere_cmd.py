@@ -152,8 +152,11 @@ def backup_vsphere(repo: Path, as_json: bool, **params: Any) -> None:
         options = BackupOptions(tags=settings.tags, audit_percent=settings.audit,
                                 progress=lambda key, total: progress.bar(f"disk {key}", total))
         plane = DataPlane(settings.transports, libdir)
-        with frozen_vm(conn, vm, repository, quiesce=settings.quiesce, plane=plane) as frozen:
-            point = backup_vm(repository, frozen.snapshot, options)
+        # the VM lock before the snapshot: a second backup would remove the running one's
+        # snapshot as a leftover
+        with repository.vm_lock(vm.name, f"backup {vm.name}"), \
+                frozen_vm(conn, vm, repository, quiesce=settings.quiesce, plane=plane) as frozen:
+            point = backup_vm(repository, frozen.snapshot, options, vm_locked=True)
         after_backup(repository.path, frozen)
     report_backup(point, as_json)
 
