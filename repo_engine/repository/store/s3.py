@@ -82,7 +82,7 @@ class _Requests:
 
     def __init__(self, location: str, bucket: str, settings: S3Settings) -> None:
         self.location, self.bucket, self.settings = location, bucket, settings
-        self.client = _make_client(settings)
+        self.client = _client_for(location, settings)
 
     def call(self, op: str, name: str, fn: Callable[[], T]) -> T:
         """`fn()` retried on transient failures; any failure left becomes a store error."""
@@ -154,6 +154,15 @@ def _make_client(s: S3Settings) -> Any:
         aws_session_token=s.session_token, region_name=s.region)
     verify: bool | str = s.ca_bundle if (s.ca_bundle and s.verify_tls) else s.verify_tls
     return session.client("s3", endpoint_url=s.endpoint, config=config, verify=verify)
+
+
+def _client_for(location: str, s: S3Settings) -> Any:
+    """`_make_client`, its refusals (a bad AWS_PROFILE, a bad endpoint) made store errors."""
+    try:
+        return _make_client(s)
+    except (bexc.BotoCoreError, ValueError) as exc:
+        raise StoreError(f"{location}: cannot set up the S3 client for {s.endpoint_text}: "
+                         f"{one_line(exc)}") from None
 
 
 def _code(exc: bexc.ClientError) -> str:
