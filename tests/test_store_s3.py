@@ -298,6 +298,26 @@ class TestRetries:
         assert store.get("packs/00/p.pack", limit=len(data)) == data
         assert proxy.served == 2
 
+    @pytest.mark.parametrize("if_absent", [True, False])
+    def test_lost_reply_of_a_multipart_completion(self, proxy, s3_bucket, monkeypatch, if_absent):
+        """The completion's answer is lost: its retry meets 412 (if_absent) or a completed
+        upload; the object's ETag shows it is this upload's, so the put succeeds."""
+        store = S3Store(f"s3://{s3_bucket}/r", settings_for(proxy.endpoint))
+        upload_parts = store._upload_parts
+
+        def then_lose_the_next_reply(*args):
+            parts = upload_parts(*args)
+            proxy.arm("lost-reply", 1)  # the completion's connection
+            return parts
+        monkeypatch.setattr(store, "_upload_parts", then_lose_the_next_reply)
+        data = os.urandom(7 * MIB)
+        path = store.spool_dir() / "p"
+        path.write_bytes(data)
+        store.put_file("packs/00/p.pack", path, if_absent=if_absent)
+        assert proxy.served == 1 and not path.exists()
+        assert store.get("packs/00/p.pack", limit=len(data)) == data
+        assert list(store.pending_uploads()) == []
+
     def test_lost_reply_of_a_conditional_put(self, proxy, s3_bucket):
         """The server stored the object but the answer was lost: the retry meets 412 on the
         object the first attempt wrote, which is the put's own success; a different object

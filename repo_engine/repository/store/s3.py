@@ -19,6 +19,7 @@ a process that died are listed by `pending_uploads` and removed by `abort_upload
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -48,6 +49,7 @@ _RETRY_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "Re
                           "Throttling", "ThrottlingException", "RequestTimeTooSkewed"})
 _AUTH_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
                          "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed"})
+_HEAD = "look up"  # the operation name of a HEAD request, in messages
 _TRANSIENT = (bexc.ConnectionError, bexc.HTTPClientError, bexc.IncompleteReadError)
 
 
@@ -108,7 +110,7 @@ class _Requests:
         if code == "NoSuchBucket":
             return StoreError(f"{self.location}: bucket {self.bucket!r} does not exist at "
                               f"{endpoint}; create it or correct the location")
-        if code in ("NoSuchKey", "NoSuchUpload") or (code == "404" and op == "size of"):
+        if code in ("NoSuchKey", "NoSuchUpload") or (code == "404" and op == _HEAD):
             return ObjectMissing(f"{where}: the object is missing")  # HEAD has no error body
         if code in ("PreconditionFailed", "412"):
             return ObjectExists(f"{where}: the object already exists")
@@ -173,6 +175,22 @@ def _status(exc: bexc.ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
+def _counted(fn: Callable[[], T]) -> tuple[Callable[[], T], list[int]]:
+    """`fn` and a list that grows by one per call: how many attempts a request took."""
+    calls: list[int] = []
+
+    def once() -> T:
+        calls.append(1)
+        return fn()
+    return once, calls
+
+
+def _multipart_etag(parts: list[dict[str, Any]]) -> str:
+    """The ETag S3 gives an object completed from `parts`: MD5 of the parts' MD5s, "-", count."""
+    digests = b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts)
+    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
+
+
 def _retryable(exc: bexc.ClientError) -> bool:
     return _status(exc) in _RETRY_STATUS or _code(exc) in _RETRY_CODES
 
@@ -210,11 +228,7 @@ class S3Store:
         args = {"Bucket": self.bucket, "Key": key, "Body": body}
         if if_absent:
             args["IfNoneMatch"] = "*"
-        attempts = []
-
-        def once() -> None:
-            attempts.append(1)
-            self._client.put_object(**args)
+        once, attempts = _counted(lambda: self._client.put_object(**args))
         try:
             self._call("put", name, once)
         except ObjectExists:
@@ -245,15 +259,36 @@ class S3Store:
                                .create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"])
         try:
             parts = self._upload_parts(name, key, upload_id, path, size)
-            args = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id,
-                    "MultipartUpload": {"Parts": parts}}
-            if if_absent:
-                args["IfNoneMatch"] = "*"
-            self._call("complete multipart upload of", name,
-                       lambda: self._client.complete_multipart_upload(**args))
+            self._complete(name, key, upload_id, parts, if_absent)
         except BaseException:
             self._abort_quietly(key, upload_id)
             raise
+
+    def _complete(self, name: str, key: str, upload_id: str, parts: list[dict[str, Any]],
+                  if_absent: bool) -> None:
+        args = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id,
+                "MultipartUpload": {"Parts": parts}}
+        if if_absent:
+            args["IfNoneMatch"] = "*"
+        once, attempts = _counted(lambda: self._client.complete_multipart_upload(**args))
+        try:
+            self._call("complete multipart upload of", name, once)
+        except (ObjectExists, ObjectMissing):
+            # A retry after a lost answer finds the upload gone (NoSuchUpload) or, with
+            # if_absent, the object it completed (412): the object's ETag tells whose it is.
+            if len(attempts) == 1 or self._etag(name) != _multipart_etag(parts):
+                raise
+
+    def _etag(self, name: str) -> str | None:
+        try:
+            return self._head(name)["ETag"].strip('"')
+        except ObjectMissing:
+            return None
+
+    def _head(self, name: str) -> dict[str, Any]:
+        key = self._key(name)
+        return self._call(_HEAD, name, lambda: self._client.head_object(Bucket=self.bucket,
+                                                                        Key=key))
 
     def _upload_parts(self, name: str, key: str, upload_id: str, path: Path,
                       size: int) -> list[dict[str, Any]]:
@@ -335,9 +370,7 @@ class S3Store:
         return data
 
     def size(self, name: str) -> int:
-        key = self._key(name)
-        return self._call("size of", name, lambda: self._client
-                          .head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        return int(self._head(name)["ContentLength"])
 
     def exists(self, name: str) -> bool:
         try:
