@@ -79,7 +79,7 @@ class FaultProxy:
             self._open.add(upstream)
         threading.Thread(target=_pump, args=(client, upstream), daemon=True).start()
         if fault == "lost-reply":
-            upstream.recv(1)  # the server answered: it did the work
+            _relay_interim_answers(upstream, client)  # the server answered: it did the work
             self._count()
             _reset(client)
             upstream.close()
@@ -112,6 +112,22 @@ def _read_request(sock: socket.socket) -> None:
         if not chunk:
             return
         body += chunk
+
+
+def _relay_interim_answers(upstream: socket.socket, client: socket.socket) -> None:
+    """Relay `100 Continue` answers (so the client sends its body) until the server starts its
+    final answer."""
+    data = b""
+    while True:
+        chunk = upstream.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+        while b"\r\n\r\n" in data and data.startswith(b"HTTP/1.1 1"):
+            interim, _, data = data.partition(b"\r\n\r\n")
+            client.sendall(interim + b"\r\n\r\n")
+        if data and not b"HTTP/1.1 1".startswith(data[:10]):
+            return
 
 
 def _pump(source: socket.socket, sink: socket.socket) -> None:
