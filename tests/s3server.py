@@ -64,11 +64,15 @@ def free_ports(count: int) -> list[int]:
 
 @dataclass
 class SeaweedServer:
-    """A running `weed server` with S3, its data under `workdir`."""
+    """A running `weed server` with S3, its data under `workdir`. With `separate_volume` its
+    volume server runs as a process of its own, which a test can kill and restart (a second;
+    restarting the whole server takes some 15 s before the master finds its volumes again)."""
 
     workdir: Path
     ports: dict[str, int]
+    separate_volume: bool = False
     process: subprocess.Popen | None = None
+    volume: subprocess.Popen | None = None
 
     @property
     def endpoint(self) -> str:
@@ -76,35 +80,46 @@ class SeaweedServer:
 
     def start(self) -> None:
         self._write_config()
-        log = open(self.workdir / "weed.log", "ab")
-        args = [weed_binary(), "server", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1", "-filer", "-s3", f"-s3.config={self.workdir / 's3.json'}",
-                "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false", "-volume.max=0",
+        args = ["server", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                "-filer", "-s3", f"-s3.config={self.workdir / 's3.json'}", "-s3.port.iceberg=0",
+                "-s3.port.lance=0", "-s3.autoCreateBucket=false", "-volume.max=0",
                 "-master.volumeSizeLimitMB=64", "-volume.preStopSeconds=0",
+                f"-volume={str(not self.separate_volume).lower()}",
                 f"-filer.localSocket={self.workdir / 'filer.sock'}",
                 f"-s3.localSocket={self.workdir / 's3.sock'}"]
-        args += [f"-{flag}={port}" for flag, port in self.ports.items()]
-        # Its own process group, so stopping it also stops anything it forked.
-        self.process = subprocess.Popen(args, cwd=self.workdir, stdout=log, stderr=log,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
+        self.process = self._spawn(args + [f"-{flag}={port}" for flag, port in self.ports.items()])
+        if self.separate_volume:
+            self.start_volume()
         self._wait_ready()
 
+    def start_volume(self) -> None:
+        (self.workdir / "volume").mkdir(exist_ok=True)
+        p = self.ports
+        self.volume = self._spawn([
+            "volume", f"-dir={self.workdir / 'volume'}", "-ip=127.0.0.1", "-max=0",
+            f"-port={p['volume.port']}", f"-port.grpc={p['volume.port.grpc']}",
+            "-preStopSeconds=0", f"-master=127.0.0.1:{p['master.port']}.{p['master.port.grpc']}"])
+        self._wait_ready()
+
+    def kill_volume(self) -> None:
+        """Kill the separate volume server at once, as a crash would."""
+        _kill(self.volume, signal.SIGKILL)
+
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
         # A throwaway server: it takes 15 s to shut down politely, and nothing of it is kept.
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        for process in (self.volume, self.process):
+            _kill(process, signal.SIGTERM)
 
     def log_tail(self, lines: int = 30) -> str:
         path = self.workdir / "weed.log"
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def _spawn(self, args: list[str]) -> subprocess.Popen:
+        with open(self.workdir / "weed.log", "ab") as log:
+            # Its own process group, so stopping it also stops anything it forked.
+            return subprocess.Popen([weed_binary(), *args], cwd=self.workdir, stdout=log,
+                                    stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def _write_config(self) -> None:
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
@@ -119,13 +134,13 @@ class SeaweedServer:
             "expires_after_seconds = 60\n")
 
     def _wait_ready(self) -> None:
-        """Until the S3 port answers and a volume can be written (the master needs a few seconds
-        after the S3 port opens before it can grow volumes)."""
+        """Until the S3 port answers and the master knows a volume server to write to."""
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"weed server exited {self.process.returncode}:\n"
-                                   + self.log_tail())
+            for process in (self.process, self.volume):
+                if process is not None and process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"weed exited {process.returncode}:\n" + self.log_tail())
             if self._answers():
                 return
             time.sleep(0.2)
@@ -136,17 +151,29 @@ class SeaweedServer:
         try:
             with urllib.request.urlopen(self.endpoint + "/status", timeout=2) as response:
                 response.read()
-            with urllib.request.urlopen(
-                    f"http://127.0.0.1:{self.ports['master.port']}/cluster/healthz",
-                    timeout=2) as response:
-                response.read()
-        except (urllib.error.URLError, OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['master.port']}"
+                                        "/dir/status", timeout=2) as response:
+                topology = json.load(response)["Topology"]
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
             return False
-        return True
+        return any(rack.get("DataNodes") for dc in topology.get("DataCenters") or []
+                   for rack in dc.get("Racks") or [])
 
 
-def start_server(workdir: Path) -> SeaweedServer:
-    server = SeaweedServer(workdir, dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)))))
+def _kill(process: subprocess.Popen | None, sig: int) -> None:
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def start_server(workdir: Path, separate_volume: bool = False) -> SeaweedServer:
+    server = SeaweedServer(workdir, dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)))),
+                           separate_volume)
     server.start()
     return server
 

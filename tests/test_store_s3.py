@@ -5,6 +5,7 @@ and retries through a fault-injecting proxy (tests/s3proxy.py)."""
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from repo_engine.repository.store import (ObjectExists, ObjectInfo, ObjectMissin
 from repo_engine.repository.store.s3 import S3Store
 from repo_engine.repository.store.s3_settings import MIB, S3Settings
 from s3proxy import FaultProxy
-from s3server import ACCESS_KEY, SECRET_KEY, admin_client, free_ports
+from s3server import ACCESS_KEY, SECRET_KEY, admin_client, free_ports, start_server
 
 # Small pages, parts and backoffs, so paging, multipart and retries show in a few seconds.
 FAST = dict(access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY, max_attempts=4,
@@ -330,6 +331,30 @@ class TestRetries:
         proxy.arm("lost-reply", 1)
         with pytest.raises(ObjectExists):
             store.put("points/0000000000000002.point", b"another", if_absent=True)
+
+
+def test_volume_server_restarts_during_puts_and_gets(tmp_path):
+    """On a server of its own: its volume server is killed, as a crash would, and restarted a
+    second later while puts and gets go on; every put lands, every object reads back whole."""
+    server = start_server(tmp_path, separate_volume=True)
+    try:
+        admin_client(server).create_bucket(Bucket="restarts")
+        store = S3Store("s3://restarts/r", settings_for(server.endpoint))
+        written = {f"packs/00/{i:064x}.pack": os.urandom(1000 + i) for i in range(12)}
+        for i, (name, data) in enumerate(written.items()):
+            if i == 4:
+                server.kill_volume()
+                restart = threading.Timer(1.0, server.start_volume)
+                restart.start()
+            store.put(name, data, if_absent=True)
+            assert store.get(name, limit=len(data)) == data
+        restart.join()
+        assert server.volume.poll() is None  # the restart really happened
+        for name, data in written.items():
+            assert store.get(name, limit=len(data)) == data
+        assert {o.name for o in store.list("packs/")} == set(written)
+    finally:
+        server.stop()
 
 
 def test_open_store_maps_s3_locations(seaweedfs, s3_bucket):
