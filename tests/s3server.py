@@ -33,7 +33,7 @@ START_TIMEOUT = 60.0
 # switched off (iceberg, lance) or not started.
 PORT_FLAGS = (
     "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-    "filer.port.grpc", "s3.port", "s3.port.grpc",
+    "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.https",
 )
 
 
@@ -78,6 +78,15 @@ class SeaweedServer:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.ports['s3.port']}"
 
+    @property
+    def tls_endpoint(self) -> str:
+        """The same S3 service over TLS, its certificate (self-signed) in `certificate`."""
+        return f"https://127.0.0.1:{self.ports['s3.port.https']}"
+
+    @property
+    def certificate(self) -> Path:
+        return self.workdir / "s3-cert.pem"
+
     def start(self) -> None:
         self._write_config()
         args = ["server", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -86,7 +95,8 @@ class SeaweedServer:
                 "-master.volumeSizeLimitMB=64", "-volume.preStopSeconds=0",
                 f"-volume={str(not self.separate_volume).lower()}",
                 f"-filer.localSocket={self.workdir / 'filer.sock'}",
-                f"-s3.localSocket={self.workdir / 's3.sock'}"]
+                f"-s3.localSocket={self.workdir / 's3.sock'}",
+                f"-s3.cert.file={self.certificate}", f"-s3.key.file={self.workdir / 's3-key.pem'}"]
         self.process = self._spawn(args + [f"-{flag}={port}" for flag, port in self.ports.items()])
         if self.separate_volume:
             self.start_volume()
@@ -132,6 +142,12 @@ class SeaweedServer:
         (self.workdir / "security.toml").write_text(
             '[jwt.filer_signing]\nkey = "repo-engine-tests-filer-signing-key"\n'
             "expires_after_seconds = 60\n")
+        if not self.certificate.exists():
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                            "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                            "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                            "-keyout", str(self.workdir / "s3-key.pem"),
+                            "-out", str(self.certificate)], check=True, capture_output=True)
 
     def _wait_ready(self) -> None:
         """Until the S3 port answers and the master knows a volume server to write to."""

@@ -26,6 +26,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from typing import Any, TypeVar
 import boto3
 import botocore.config
 import botocore.exceptions as bexc
+import urllib3.exceptions
 
 from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, ShortRead, StoreAuthError,
                StoreError, StoreUnreachable, check_name)
@@ -79,6 +81,10 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _attempts(n: int) -> str:
+    return "after 1 attempt" if n == 1 else f"after {n} attempts"
+
+
 class _Requests:
     """One S3 client and the retry loop every request goes through."""
 
@@ -97,7 +103,7 @@ class _Requests:
                 if not _retryable(exc) or attempt + 1 == s.max_attempts:
                     raise self._client_error(exc, op, name, attempt + 1, started) from None
             except _TRANSIENT as exc:
-                if attempt + 1 == s.max_attempts:
+                if attempt + 1 == s.max_attempts or isinstance(exc, bexc.SSLError):
                     raise self._transport_error(exc, op, name, attempt + 1, started) from None
             time.sleep(random.uniform(0, min(s.backoff_cap, s.backoff_base * 2 ** attempt)))
         raise AssertionError("unreachable")
@@ -124,7 +130,7 @@ class _Requests:
         detail = one_line(exc.response.get("Error", {}).get("Message") or code)
         if _retryable(exc):
             return StoreError(f"{where}: {endpoint} kept failing ({code}, HTTP {status}: "
-                              f"{detail}) after {attempts} attempts in "
+                              f"{detail}) {_attempts(attempts)} in "
                               f"{time.monotonic() - started:.1f} s; try again later")
         if code.isdigit():  # no S3 error document: something else answers there
             return StoreError(f"{where}: {endpoint} answered HTTP {status} without an S3 error; "
@@ -134,9 +140,9 @@ class _Requests:
     def _transport_error(self, exc: Exception, op: str, name: str, attempts: int,
                          started: float) -> StoreError:
         endpoint = self.settings.endpoint_text
-        tail = f"after {attempts} attempts in {time.monotonic() - started:.1f} s"
-        if isinstance(exc, bexc.SSLError):
-            return StoreUnreachable(f"{self.location}: TLS with {endpoint} failed ({tail}): "
+        tail = f"{_attempts(attempts)} in {time.monotonic() - started:.1f} s"
+        if isinstance(exc, bexc.SSLError):  # not retried: a certificate does not heal
+            return StoreUnreachable(f"{self.location}: TLS with {endpoint} failed: "
                                     f"{one_line(exc)}; check the ca_bundle / verify_tls settings")
         if isinstance(exc, (bexc.ReadTimeoutError, bexc.ConnectTimeoutError)):
             return StoreUnreachable(f"{self.location}: {endpoint} did not answer {op} {name} in "
@@ -155,6 +161,8 @@ def _make_client(s: S3Settings) -> Any:
         aws_access_key_id=s.access_key_id, aws_secret_access_key=s.secret_access_key,
         aws_session_token=s.session_token, region_name=s.region)
     verify: bool | str = s.ca_bundle if (s.ca_bundle and s.verify_tls) else s.verify_tls
+    if not s.verify_tls:  # asked for in the settings: no warning on every request
+        warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
     return session.client("s3", endpoint_url=s.endpoint, config=config, verify=verify)
 
 
