@@ -161,7 +161,8 @@ class SeaweedServer:
                 return
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"weed server not ready after {START_TIMEOUT:.0f} s:\n" + self.log_tail())
+        raise RuntimeError(f"weed server not ready after {START_TIMEOUT:.0f} s:\n"
+                           + self.log_tail())
 
     def _answers(self) -> bool:
         try:

@@ -48,7 +48,7 @@ DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _RETRY_STATUS = frozenset({500, 502, 503, 504})
 _RETRY_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
-                          "Throttling", "ThrottlingException", "RequestTimeTooSkewed"})
+                          "Throttling", "ThrottlingException"})
 _AUTH_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
                          "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed"})
 _HEAD = "look up"  # the operation name of a HEAD request, in messages
@@ -124,7 +124,8 @@ class _Requests:
             return ShortRead(f"{where}: the object is shorter than the range read")
         if code in _AUTH_CODES or status in (401, 403):
             return StoreAuthError(
-                f"{self.location}: {endpoint} refused the credentials ({code}); check "
+                f"{self.location}: {endpoint} refused the credentials or denied access ({code}); "
+                "check "
                 "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the S3 settings file, and that "
                 "they may use this bucket")
         detail = one_line(exc.response.get("Error", {}).get("Message") or code)
