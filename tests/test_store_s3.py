@@ -316,6 +316,25 @@ class TestRetries:
         assert store.get("packs/00/p.pack", limit=len(data)) == data
         assert proxy.served == 2
 
+    def test_failed_part_aborts_the_upload(self, proxy, s3_bucket, monkeypatch):
+        """A part that fails past the retry cap: the upload is aborted (nothing pending), no
+        object appears, the spool file stays for the caller."""
+        store = S3Store(f"s3://{s3_bucket}/r", settings_for(proxy.endpoint,
+                                                            multipart_concurrency=1))
+        upload_parts = store._upload_parts
+
+        def parts_failing(*args):
+            proxy.arm("503", 4)  # every attempt of the first part
+            return upload_parts(*args)
+        monkeypatch.setattr(store, "_upload_parts", parts_failing)
+        path = store.spool_dir() / "p"
+        path.write_bytes(os.urandom(11 * MIB))
+        with pytest.raises(StoreError, match="upload part 1 of packs/00/p.pack: .* kept failing"):
+            store.put_file("packs/00/p.pack", path)
+        assert proxy.served == 4 and path.exists()
+        assert not store.exists("packs/00/p.pack")
+        assert list(store.pending_uploads()) == []
+
     @pytest.mark.parametrize("if_absent", [True, False])
     def test_lost_reply_of_a_multipart_completion(self, proxy, s3_bucket, monkeypatch, if_absent):
         """The completion's answer is lost: its retry meets 412 (if_absent) or a completed

@@ -312,8 +312,11 @@ class S3Store:
                                   .upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                                PartNumber=number, Body=body)["ETag"])
                 return {"PartNumber": number, "ETag": etag}
-            with ThreadPoolExecutor(self.settings.multipart_concurrency) as pool:
+            pool = ThreadPoolExecutor(self.settings.multipart_concurrency)
+            try:
                 return list(pool.map(upload, enumerate(offsets, start=1)))
+            finally:  # after a failure, parts not begun are not sent
+                pool.shutdown(cancel_futures=True)
         finally:
             os.close(fd)
 
