@@ -5,6 +5,7 @@ and retries through a fault-injecting proxy (tests/s3proxy.py)."""
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +25,12 @@ from s3server import ACCESS_KEY, SECRET_KEY, admin_client, free_ports, start_ser
 FAST = dict(access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY, max_attempts=4,
             backoff_base=0.01, backoff_cap=0.05, connect_timeout=2.0, read_timeout=10.0,
             list_page_size=7, multipart_threshold=6 * MIB, multipart_part_size=5 * MIB)
+
+
+@pytest.fixture(autouse=True)
+def spool_in_tmp_path(tmp_path, monkeypatch):
+    """Spool directories (the temp dir's by default) under the test's own directory."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 def settings_for(endpoint: str, **changes) -> S3Settings:
