@@ -198,6 +198,26 @@ class TestMultipart:
         assert store.get("packs/ff/race.pack", limit=100) == b"the winner"
         assert list(store.pending_uploads()) == []
 
+    def test_upload_aborted_meanwhile(self, store, monkeypatch):
+        """A cleanup of stale uploads aborts one still running: the put fails with one line
+        saying so (exit 1, no damage), and nothing is left."""
+        upload_parts = store._upload_parts
+
+        def then_cleanup(*args):
+            parts = upload_parts(*args)
+            for pending in store.pending_uploads():
+                store.abort_upload(pending)
+            return parts
+        monkeypatch.setattr(store, "_upload_parts", then_cleanup)
+        path, _ = self.big_file(store, 7 * MIB)
+        with pytest.raises(StoreError) as excinfo:
+            store.put_file("packs/ff/p.pack", path)
+        assert excinfo.value.exit_code == 1 and not isinstance(excinfo.value, DamageError)
+        assert one_line_error(excinfo).endswith(
+            "complete multipart upload of packs/ff/p.pack: the multipart upload was aborted "
+            "meanwhile (a cleanup of stale uploads?); run the command again")
+        assert not store.exists("packs/ff/p.pack") and list(store.pending_uploads()) == []
+
     def test_stale_uploads_are_listed_and_aborted(self, store, seaweedfs):
         """An upload left by a process that died: found under the store's prefix only."""
         admin = admin_client(seaweedfs)

@@ -55,6 +55,10 @@ _HEAD = "look up"  # the operation name of a HEAD request, in messages
 _TRANSIENT = (bexc.ConnectionError, bexc.HTTPClientError, bexc.IncompleteReadError)
 
 
+class UploadGone(StoreError):
+    """A multipart upload no longer exists: completed, or aborted by someone else."""
+
+
 @dataclass(frozen=True)
 class PendingUpload:
     """A multipart upload begun and neither completed nor aborted."""
@@ -116,7 +120,10 @@ class _Requests:
         if code == "NoSuchBucket":
             return StoreError(f"{self.location}: bucket {self.bucket!r} does not exist at "
                               f"{endpoint}; create it or correct the location")
-        if code in ("NoSuchKey", "NoSuchUpload") or (code == "404" and op == _HEAD):
+        if code == "NoSuchUpload":
+            return UploadGone(f"{where}: the multipart upload was aborted meanwhile (a cleanup "
+                              "of stale uploads?); run the command again")
+        if code == "NoSuchKey" or (code == "404" and op == _HEAD):
             return ObjectMissing(f"{where}: the object is missing")  # HEAD has no error body
         if code in ("PreconditionFailed", "412"):
             return ObjectExists(f"{where}: the object already exists")
@@ -125,9 +132,8 @@ class _Requests:
         if code in _AUTH_CODES or status in (401, 403):
             return StoreAuthError(
                 f"{self.location}: {endpoint} refused the credentials or denied access ({code}); "
-                "check "
-                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the S3 settings file, and that "
-                "they may use this bucket")
+                "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the S3 settings file, and "
+                "that they may use this bucket")
         detail = one_line(exc.response.get("Error", {}).get("Message") or code)
         if _retryable(exc):
             return StoreError(f"{where}: {endpoint} kept failing ({code}, HTTP {status}: "
@@ -282,7 +288,7 @@ class S3Store:
         once, attempts = _counted(lambda: self._client.complete_multipart_upload(**args))
         try:
             self._call("complete multipart upload of", name, once)
-        except (ObjectExists, ObjectMissing):
+        except (ObjectExists, UploadGone):
             # A retry after a lost answer finds the upload gone (NoSuchUpload) or, with
             # if_absent, the object it completed (412): the object's ETag tells whose it is.
             if len(attempts) == 1 or self._etag(name) != _multipart_etag(parts):
@@ -429,7 +435,7 @@ class S3Store:
             self._call("abort multipart upload of", upload.name, lambda: self._client
                        .abort_multipart_upload(Bucket=self.bucket, Key=key,
                                                UploadId=upload.upload_id))
-        except ObjectMissing:
+        except UploadGone:
             pass  # already gone: completed or aborted by someone else
 
     def close(self) -> None:
