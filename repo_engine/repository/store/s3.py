@@ -1,0 +1,445 @@
+"""S3Store: a repository's objects as keys `PREFIX/NAME` in a bucket of an S3-compatible server.
+
+Client: boto3 (botocore), imported only when an `s3://` location is opened. Its own retries are
+switched off; `_Requests.call` retries every request itself so the cap, the backoff and the final
+message are ours:
+- retried: HTTP 500/502/503/504, SlowDown and kin, connection refused/reset/closed, timeouts;
+  attempt n (from 0) first sleeps uniform(0, min(cap, base * 2**n)) ("full jitter");
+- not retried: everything else, mapped to the store errors (404 ObjectMissing, 412 ObjectExists,
+  403 StoreAuthError, NoSuchBucket StoreError naming the bucket).
+
+What a put guarantees: S3 makes an object visible only once its PUT (or CompleteMultipartUpload)
+succeeded, whole; `if_absent` sends `If-None-Match: *` so the server refuses (412) to replace a key.
+A put retried after a lost answer may meet its own first attempt: `put` then compares the bytes
+and counts an identical object as its own.
+
+Multipart uploads (put_file above `multipart_threshold`) are aborted when they fail; uploads left by
+a process that died are listed by `pending_uploads` and removed by `abort_upload`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions as bexc
+import urllib3.exceptions
+
+from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, ShortRead, StoreAuthError,
+               StoreError, StoreUnreachable, check_name)
+from .s3_settings import MAX_PARTS, S3Settings, load_s3_settings
+
+T = TypeVar("T")
+DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_RETRY_STATUS = frozenset({500, 502, 503, 504})
+_RETRY_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
+                          "Throttling", "ThrottlingException"})
+_AUTH_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
+                         "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed"})
+_HEAD = "look up"  # the operation name of a HEAD request, in messages
+_TRANSIENT = (bexc.ConnectionError, bexc.HTTPClientError, bexc.IncompleteReadError)
+
+
+class UploadGone(StoreError):
+    """A multipart upload no longer exists: completed, or aborted by someone else."""
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """A multipart upload begun and neither completed nor aborted."""
+
+    name: str
+    upload_id: str
+    initiated: datetime
+
+
+def parse_location(location: str) -> tuple[str, str]:
+    """(bucket, prefix) of `s3://BUCKET/PREFIX`; the prefix has no leading or trailing `/`."""
+    rest = location.removeprefix("s3://")
+    bucket, _, prefix = rest.partition("/")
+    prefix = prefix.strip("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise StoreError(f"{location}: {bucket!r} is not a bucket name (3 to 63 lowercase "
+                         "letters, digits, '.' and '-'); the location is s3://BUCKET/PREFIX")
+    if prefix:
+        check_name(prefix)
+    return bucket, prefix
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _attempts(n: int) -> str:
+    return "after 1 attempt" if n == 1 else f"after {n} attempts"
+
+
+class _Requests:
+    """One S3 client and the retry loop every request goes through."""
+
+    def __init__(self, location: str, bucket: str, settings: S3Settings) -> None:
+        self.location, self.bucket, self.settings = location, bucket, settings
+        self.client = _client_for(location, settings)
+
+    def call(self, op: str, name: str, fn: Callable[[], T]) -> T:
+        """`fn()` retried on transient failures; any failure left becomes a store error."""
+        s = self.settings
+        started = time.monotonic()
+        for attempt in range(s.max_attempts):
+            try:
+                return fn()
+            except bexc.ClientError as exc:
+                if not _retryable(exc) or attempt + 1 == s.max_attempts:
+                    raise self._client_error(exc, op, name, attempt + 1, started) from None
+            except _TRANSIENT as exc:
+                if attempt + 1 == s.max_attempts or isinstance(exc, bexc.SSLError):
+                    raise self._transport_error(exc, op, name, attempt + 1, started) from None
+            time.sleep(random.uniform(0, min(s.backoff_cap, s.backoff_base * 2 ** attempt)))
+        raise AssertionError("unreachable")
+
+    def _client_error(self, exc: bexc.ClientError, op: str, name: str, attempts: int,
+                      started: float) -> StoreError:
+        code, status = _code(exc), _status(exc)
+        where = f"{self.location}: {op} {name}" if name else f"{self.location}: {op}"
+        endpoint = self.settings.endpoint_text
+        if code == "NoSuchBucket":
+            return StoreError(f"{self.location}: bucket {self.bucket!r} does not exist at "
+                              f"{endpoint}; create it or correct the location")
+        if code == "NoSuchUpload":
+            return UploadGone(f"{where}: the multipart upload was aborted meanwhile (a cleanup "
+                              "of stale uploads?); run the command again")
+        if code == "NoSuchKey" or (code == "404" and op == _HEAD):
+            return ObjectMissing(f"{where}: the object is missing")  # HEAD has no error body
+        if code in ("PreconditionFailed", "412"):
+            return ObjectExists(f"{where}: the object already exists")
+        if code in ("InvalidRange", "416"):
+            return ShortRead(f"{where}: the object is shorter than the range read")
+        if code in _AUTH_CODES or status in (401, 403):
+            return StoreAuthError(
+                f"{self.location}: {endpoint} refused the credentials or denied access ({code}); "
+                "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the S3 settings file, and "
+                "that they may use this bucket")
+        detail = one_line(exc.response.get("Error", {}).get("Message") or code)
+        if _retryable(exc):
+            return StoreError(f"{where}: {endpoint} kept failing ({code}, HTTP {status}: "
+                              f"{detail}) {_attempts(attempts)} in "
+                              f"{time.monotonic() - started:.1f} s; try again later")
+        if code.isdigit():  # no S3 error document: something else answers there
+            return StoreError(f"{where}: {endpoint} answered HTTP {status} without an S3 error; "
+                              "check that the endpoint is an S3 server")
+        return StoreError(f"{where}: {endpoint} answered {code} (HTTP {status}): {detail}")
+
+    def _transport_error(self, exc: Exception, op: str, name: str, attempts: int,
+                         started: float) -> StoreError:
+        endpoint = self.settings.endpoint_text
+        tail = f"{_attempts(attempts)} in {time.monotonic() - started:.1f} s"
+        if isinstance(exc, bexc.SSLError):  # not retried: a certificate does not heal
+            return StoreUnreachable(f"{self.location}: TLS with {endpoint} failed: "
+                                    f"{one_line(exc)}; check the ca_bundle / verify_tls settings")
+        if isinstance(exc, (bexc.ReadTimeoutError, bexc.ConnectTimeoutError)):
+            return StoreUnreachable(f"{self.location}: {endpoint} did not answer {op} {name} in "
+                                    f"time ({tail}); check the endpoint and the network")
+        return StoreUnreachable(f"{self.location}: cannot reach the S3 endpoint {endpoint} "
+                                f"({type(exc).__name__}, {tail}); check the endpoint setting "
+                                "(--endpoint, AWS_ENDPOINT_URL) and that the server is up")
+
+
+def _make_client(s: S3Settings) -> Any:
+    config = botocore.config.Config(
+        region_name=s.region, s3={"addressing_style": s.style},
+        retries={"total_max_attempts": 1}, connect_timeout=s.connect_timeout,
+        read_timeout=s.read_timeout, max_pool_connections=max(10, 2 * s.multipart_concurrency))
+    session = boto3.session.Session(
+        aws_access_key_id=s.access_key_id, aws_secret_access_key=s.secret_access_key,
+        aws_session_token=s.session_token, region_name=s.region)
+    verify: bool | str = s.ca_bundle if (s.ca_bundle and s.verify_tls) else s.verify_tls
+    if not s.verify_tls:  # asked for in the settings: no warning on every request
+        warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
+    return session.client("s3", endpoint_url=s.endpoint, config=config, verify=verify)
+
+
+def _client_for(location: str, s: S3Settings) -> Any:
+    """`_make_client`, its refusals (a bad AWS_PROFILE, a bad endpoint) made store errors."""
+    try:
+        return _make_client(s)
+    except (bexc.BotoCoreError, ValueError) as exc:
+        raise StoreError(f"{location}: cannot set up the S3 client for {s.endpoint_text}: "
+                         f"{one_line(exc)}") from None
+
+
+def _code(exc: bexc.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "")) or str(_status(exc))
+
+
+def _status(exc: bexc.ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def _counted(fn: Callable[[], T]) -> tuple[Callable[[], T], list[int]]:
+    """`fn` and a list that grows by one per call: how many attempts a request took."""
+    calls: list[int] = []
+
+    def once() -> T:
+        calls.append(1)
+        return fn()
+    return once, calls
+
+
+def _multipart_etag(parts: list[dict[str, Any]]) -> str:
+    """The ETag S3 gives an object completed from `parts`: MD5 of the parts' MD5s, "-", count."""
+    digests = b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts)
+    return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
+
+
+def _retryable(exc: bexc.ClientError) -> bool:
+    return _status(exc) in _RETRY_STATUS or _code(exc) in _RETRY_CODES
+
+
+class S3Store:
+    """The Store protocol on an S3-compatible bucket (see the module docstring)."""
+
+    def __init__(self, location: str, settings: S3Settings | None = None) -> None:
+        self.bucket, self.prefix = parse_location(location)
+        self.location = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.settings = settings if settings is not None else load_s3_settings()
+        if self.settings.access_key_id is None:
+            raise StoreAuthError(f"{self.location}: no S3 credentials; set AWS_ACCESS_KEY_ID and "
+                                 "AWS_SECRET_ACCESS_KEY, or put them in the S3 settings file")
+        self._requests = _Requests(self.location, self.bucket, self.settings)
+        self._client = self._requests.client
+        self._spool: Path | None = None
+
+    # -- names -------------------------------------------------------------------------------
+
+    def _key(self, name: str, *, prefix: bool = False) -> str:
+        check_name(name, prefix=prefix)
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _name(self, key: str) -> str:
+        return key[len(self.prefix) + 1:] if self.prefix else key
+
+    def _call(self, op: str, name: str, fn: Callable[[], T]) -> T:
+        return self._requests.call(op, name, fn)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> None:
+        key, body = self._key(name), bytes(data)
+        args = {"Bucket": self.bucket, "Key": key, "Body": body}
+        if if_absent:
+            args["IfNoneMatch"] = "*"
+        once, attempts = _counted(lambda: self._client.put_object(**args))
+        try:
+            self._call("put", name, once)
+        except ObjectExists:
+            # A retry may have met the object its own lost first attempt wrote.
+            if len(attempts) == 1 or not self._holds(name, body):
+                raise
+
+    def _holds(self, name: str, body: bytes) -> bool:
+        try:
+            return self.get(name, limit=len(body)) == body
+        except ObjectDamaged:
+            return False
+
+    def put_file(self, name: str, path: Path, *, if_absent: bool = False) -> None:
+        """Upload the spool file `path` as `name` (in parts above the threshold), then delete it."""
+        size = path.stat().st_size
+        if size <= self.settings.multipart_threshold:
+            self.put(name, path.read_bytes(), if_absent=if_absent)
+        else:
+            if if_absent and self.exists(name):  # spare the upload; the complete is conditional
+                raise ObjectExists(f"{self.location}: put {name}: the object already exists")
+            self._multipart(name, path, size, if_absent)
+        path.unlink()
+
+    def _multipart(self, name: str, path: Path, size: int, if_absent: bool) -> None:
+        key = self._key(name)
+        upload_id = self._call("start multipart upload of", name, lambda: self._client
+                               .create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"])
+        try:
+            parts = self._upload_parts(name, key, upload_id, path, size)
+            self._complete(name, key, upload_id, parts, if_absent)
+        except BaseException:
+            self._abort_quietly(key, upload_id)
+            raise
+
+    def _complete(self, name: str, key: str, upload_id: str, parts: list[dict[str, Any]],
+                  if_absent: bool) -> None:
+        args = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id,
+                "MultipartUpload": {"Parts": parts}}
+        if if_absent:
+            args["IfNoneMatch"] = "*"
+        once, attempts = _counted(lambda: self._client.complete_multipart_upload(**args))
+        try:
+            self._call("complete multipart upload of", name, once)
+        except (ObjectExists, UploadGone):
+            # A retry after a lost answer finds the upload gone (NoSuchUpload) or, with
+            # if_absent, the object it completed (412): the object's ETag tells whose it is.
+            if len(attempts) == 1 or self._etag(name) != _multipart_etag(parts):
+                raise
+
+    def _etag(self, name: str) -> str | None:
+        try:
+            return self._head(name)["ETag"].strip('"')
+        except ObjectMissing:
+            return None
+
+    def _head(self, name: str) -> dict[str, Any]:
+        key = self._key(name)
+        return self._call(_HEAD, name, lambda: self._client.head_object(Bucket=self.bucket,
+                                                                        Key=key))
+
+    def _upload_parts(self, name: str, key: str, upload_id: str, path: Path,
+                      size: int) -> list[dict[str, Any]]:
+        part_size = max(self.settings.multipart_part_size, -(-size // MAX_PARTS))
+        offsets = range(0, size, part_size)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            def upload(number_offset: tuple[int, int]) -> dict[str, Any]:
+                number, offset = number_offset
+                body = os.pread(fd, min(part_size, size - offset), offset)
+                etag = self._call(f"upload part {number} of", name, lambda: self._client
+                                  .upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                               PartNumber=number, Body=body)["ETag"])
+                return {"PartNumber": number, "ETag": etag}
+            pool = ThreadPoolExecutor(self.settings.multipart_concurrency)
+            try:
+                return list(pool.map(upload, enumerate(offsets, start=1)))
+            finally:  # after a failure, parts not begun are not sent
+                pool.shutdown(cancel_futures=True)
+        finally:
+            os.close(fd)
+
+    def _abort_quietly(self, key: str, upload_id: str) -> None:
+        """Abort after a failure; if even that fails, `pending_uploads` finds it later."""
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except (bexc.BotoCoreError, bexc.ClientError):
+            pass
+
+    def spool_dir(self) -> Path:
+        """A private local directory for packs being built, removed by `close`."""
+        if self._spool is None:
+            self._spool = Path(tempfile.mkdtemp(prefix="repo-engine-spool-",
+                                                dir=self.settings.spool_dir))
+        return self._spool
+
+    def delete(self, names: Iterable[str]) -> None:
+        keys = [self._key(n) for n in names]
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = [{"Key": k} for k in keys[start:start + DELETE_BATCH]]
+            answer = self._call("delete", f"{len(batch)} objects", lambda: self._client
+                                .delete_objects(Bucket=self.bucket,
+                                                Delete={"Objects": batch, "Quiet": True}))
+            failed = [e for e in answer.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+            if failed:
+                first = failed[0]
+                raise StoreError(f"{self.location}: delete {self._name(first['Key'])} failed "
+                                 f"({first.get('Code')}: {one_line(first.get('Message', ''))}); "
+                                 f"{len(failed)} of {len(batch)} in the batch failed")
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def get(self, name: str, *, limit: int) -> bytes:
+        key = self._key(name)
+
+        def once() -> bytes:
+            answer = self._client.get_object(Bucket=self.bucket, Key=key)
+            with answer["Body"] as body:
+                if answer["ContentLength"] > limit:
+                    raise ObjectDamaged(f"{self.location}: {name} holds {answer['ContentLength']}"
+                                        f" bytes, more than the {limit} its format allows")
+                return body.read()
+        return self._call("get", name, once)
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise StoreError(f"{self.location}: get {name}: bad range {offset}+{length}")
+        if length == 0:
+            if self.size(name) < offset:
+                raise ShortRead(f"{self.location}: get {name}: the object ends before {offset}")
+            return b""
+        key, byte_range = self._key(name), f"bytes={offset}-{offset + length - 1}"
+
+        def once() -> bytes:
+            answer = self._client.get_object(Bucket=self.bucket, Key=key, Range=byte_range)
+            with answer["Body"] as body:
+                return body.read()
+        data = self._call("get", name, once)
+        if len(data) != length:
+            raise ShortRead(f"{self.location}: get {name}: {len(data)} bytes at {offset} where "
+                            f"{length} were asked; the object is truncated")
+        return data
+
+    def size(self, name: str) -> int:
+        return int(self._head(name)["ContentLength"])
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.size(name)
+        except ObjectMissing:
+            return False
+        return True
+
+    def list(self, prefix: str, skipped: list[str] | None = None) -> Iterator[ObjectInfo]:
+        """Every object under `prefix` (a bucket holds only objects: nothing is ever skipped)."""
+        key_prefix = self._key(prefix, prefix=True)
+        token: dict[str, str] = {}
+        while True:
+            args = {"Bucket": self.bucket, "Prefix": key_prefix,
+                    "MaxKeys": self.settings.list_page_size, **token}
+            page = self._call("list", prefix or "(all)",
+                              lambda: self._client.list_objects_v2(**args))
+            for item in page.get("Contents", []):
+                yield ObjectInfo(self._name(item["Key"]), int(item["Size"]))
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    # -- multipart leftovers -----------------------------------------------------------------
+
+    def pending_uploads(self) -> Iterator[PendingUpload]:
+        """Multipart uploads under this store's prefix that were neither completed nor aborted."""
+        key_prefix = self._key("", prefix=True)
+        marker: dict[str, str] = {}
+        while True:
+            args = {"Bucket": self.bucket, "Prefix": key_prefix, **marker}
+            page = self._call("list multipart uploads", "",
+                              lambda: self._client.list_multipart_uploads(**args))
+            for item in page.get("Uploads", []):
+                yield PendingUpload(self._name(item["Key"]), item["UploadId"], item["Initiated"])
+            if not page.get("IsTruncated"):
+                return
+            marker = {"KeyMarker": page["NextKeyMarker"],
+                      "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        key = self._key(upload.name)
+        try:
+            self._call("abort multipart upload of", upload.name, lambda: self._client
+                       .abort_multipart_upload(Bucket=self.bucket, Key=key,
+                                               UploadId=upload.upload_id))
+        except UploadGone:
+            pass  # already gone: completed or aborted by someone else
+
+    def close(self) -> None:
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
+            self._spool = None
+        self._client.close()

