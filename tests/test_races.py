@@ -186,6 +186,32 @@ def test_a_manifest_gone_with_its_forgotten_point_is_not_damage(tmp_path, capsys
             repository.load_catalogued(kept)
 
 
+def test_a_point_forgotten_while_it_is_read_is_gone_not_broken(tmp_path, capsys):
+    """A reader that found a point, then resolved its map after a forget removed it (and its
+    parent), reports the point gone (what a concurrent restore may meet); while its chain is
+    still catalogued it still resolves to its own content."""
+    from repo_engine.errors import PointNotFound
+    from repo_engine.repository.repo import Repository
+
+    repo = _init(capsys, tmp_path / "repo")
+    model = _model(tmp_path, "a", 10)
+    ids = []
+    for _ in range(3):
+        ids.append(_backup(capsys, repo, "vm", model))
+        model.random_changes(10)
+    _backup(capsys, repo, "vm", model)
+    with Repository.open(repo) as repository:
+        stale = {p.id: p for p in repository.points()}
+        before = repository.resolve(stale[ids[2]], "sda")
+    assert cli(capsys, "forget", repo, ids[2][:12]).code == 0
+    with Repository.open(repo) as repository:   # its parent is still catalogued
+        assert np.array_equal(repository.resolve(stale[ids[2]], "sda"), before)
+    assert cli(capsys, "forget", repo, ids[1][:12]).code == 0
+    with Repository.open(repo) as repository:
+        with pytest.raises(PointNotFound, match="a forget removed it while this command ran"):
+            repository.resolve(stale[ids[2]], "sda")
+
+
 def test_forget_whose_choice_another_forget_carried_out_meanwhile_succeeds(tmp_path, capsys):
     """Two forgets chose the same point before locking: the second to lock finds it gone and
     removes the rest of its choice (exit 0), not "not in the catalog"."""

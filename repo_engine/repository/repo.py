@@ -232,6 +232,9 @@ class Repository:
             if disk.kind == "full":
                 break
             current = catalog.get(disk.parent or "")
+            if current is None and point.id not in catalog:
+                raise PointNotFound(f"no restore point matches {point.id[:8]} any more: a "
+                                    "forget removed it while this command ran")
             if current is None:
                 raise PointNotFound(f"the chain of disk {key!r} at point {point.id[:8]} is broken: "
                                     f"parent {disk.parent} is not in the catalog")
