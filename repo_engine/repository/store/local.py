@@ -51,40 +51,39 @@ class LocalStore:
 
     # -- writing ----------------------------------------------------------------------------
     def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> None:
-        path = self._parent_made(name)
-        with self._exists_as(name):
+        with self._writing(name) as path:
             write_atomic(path, data, overwrite=not if_absent)
 
     def put_file(self, name: str, path: Path, *, if_absent: bool = False) -> None:
         """Make the spool file `path` durable and rename it to `name` (same filesystem)."""
-        final = self._parent_made(name)
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)  # cheap when the writer fsynced already; the guarantee is ours
         finally:
             os.close(fd)
-        with self._exists_as(name):
+        with self._writing(name) as final:
             publish(path, final, overwrite=not if_absent)
 
     def spool_dir(self) -> Path:
-        return self.root / "tmp"
-
-    def _parent_made(self, name: str) -> Path:
-        """The path of `name`, its directories created owner-only (or checked to be real)."""
-        path = self.path_of(name)
-        parent = self.root
-        for part in name.split("/")[:-1]:
-            parent = parent / part
-            make_dir(parent)
-        return path
+        """`ROOT/tmp`, on the objects' filesystem, so a spool file is published by a rename."""
+        spool = self.root / "tmp"
+        make_dir(spool)
+        return spool
 
     @contextmanager
-    def _exists_as(self, name: str) -> Iterator[None]:
+    def _writing(self, name: str) -> Iterator[Path]:
+        """The path of `name`, its directories created owner-only (or checked to be real
+        directories: ObjectDamaged otherwise); a name taken under `if_absent` is ObjectExists."""
+        path = self.path_of(name)
+        with _damage_as_object():
+            parent = self.root
+            for part in name.split("/")[:-1]:
+                parent = parent / part
+                make_dir(parent)
         try:
-            yield
+            yield path
         except FileExistsError:
-            raise ObjectExists(f"{self.path_of(name)} exists already; it was left as it "
-                               "was") from None
+            raise ObjectExists(f"{path} exists already; it was left as it was") from None
 
     # -- reading ----------------------------------------------------------------------------
     def get(self, name: str, *, limit: int) -> bytes:
@@ -138,13 +137,10 @@ class LocalStore:
         repository wrote (safefile.py) ObjectDamaged."""
         path = self.path_of(name)
         try:
-            yield path
+            with _damage_as_object():
+                yield path
         except (FileNotFoundError, NotADirectoryError):
             raise ObjectMissing(f"{path} is missing") from None
-        except ObjectDamaged:
-            raise
-        except DamageError as exc:
-            raise ObjectDamaged(str(exc)) from None
 
     # -- listing and deleting ---------------------------------------------------------------
     def list(self, prefix: str, skipped: list[str] | None = None) -> Iterator[ObjectInfo]:
@@ -165,7 +161,8 @@ class LocalStore:
         for name in names:
             path = self.path_of(name)
             try:
-                remove(path)
+                with _damage_as_object():
+                    remove(path)
             except FileNotFoundError:
                 continue
             parents.add(path.parent)
@@ -177,6 +174,18 @@ class LocalStore:
             fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
+
+
+@contextmanager
+def _damage_as_object() -> Iterator[None]:
+    """safefile.py's damage (a symlink, FIFO or device where the store's files belong) as the
+    store's ObjectDamaged."""
+    try:
+        yield
+    except ObjectDamaged:
+        raise
+    except DamageError as exc:
+        raise ObjectDamaged(str(exc)) from None
 
 
 def _walk(top: Path, base: str, skipped: list[str] | None) -> Iterator[tuple[str, os.DirEntry]]:
