@@ -1,6 +1,6 @@
 """What maintenance reads in bulk: the index's ref table as numpy arrays, the objects in the
-store, the maps in use, the sessions (lock holders) a deletion must outlast, and which points a set of bad
-refs or maps affects."""
+store, the maps in use, the sessions (lock holders) a deletion must outlast, and which points a
+set of bad refs or maps affects."""
 
 from __future__ import annotations
 
