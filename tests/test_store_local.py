@@ -8,8 +8,10 @@ import stat
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from helpers import MIB, DiskModel, cli, restore_bytes
 from repo_engine.repository.store import (ObjectDamaged, ObjectMissing, ShortRead, StoreError,
                                           open_store)
 from repo_engine.repository.store.local import LocalStore
@@ -124,3 +126,27 @@ def test_open_store_maps_locations(tmp_path, monkeypatch):
     with pytest.raises(StoreError, match="S3 support is not available") as caught:
         open_store("s3://bucket/prefix")
     assert "\n" not in str(caught.value) and "s3://bucket/prefix" in str(caught.value)
+
+
+def test_restore_reads_each_coalesced_run_with_one_large_ranged_read(tmp_path, capsys,
+                                                                     monkeypatch):
+    """Restore goes through the store, and the planner's runs (several MiB of one pack) reach it
+    whole: 24 MiB of incompressible data come back in a few reads, not one per chunk."""
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo).code == 0
+    model = DiskModel(tmp_path / "d.img", 24 * MIB, np.random.default_rng(5))
+    model.write(0, model.rng.integers(0, 256, 24 * MIB, dtype=np.uint8).tobytes())
+    assert cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}").code == 0
+    reads: list[tuple[str, int]] = []
+    plain = LocalStore.get_range
+
+    def counted(self, name, offset, length):
+        reads.append((name, length))
+        return plain(self, name, offset, length)
+
+    monkeypatch.setattr(LocalStore, "get_range", counted)
+    assert restore_bytes(capsys, repo, "v@latest", "d", tmp_path / "out.img") == \
+        model.copy_of_content()
+    assert reads and all(name.startswith("packs/") for name, _ in reads)
+    assert sum(length for _, length in reads) >= 24 * MIB
+    assert len(reads) <= 6 and max(length for _, length in reads) >= 4 * MIB, reads
