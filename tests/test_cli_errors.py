@@ -76,6 +76,9 @@ FAULTS: dict[str, tuple[Callable[[], BaseException], int, list[str]]] = {
                  1, ["VixDiskLib_QueryAllocatedBlocks on [ds] v.vmdk: A general error occurred"]),
     "lmdb": (lambda: lmdb.DiskError("mdb_txn_commit: No space left on device"), 1,
              ["filesystem full", "repository index", "mdb_txn_commit"]),
+    "lmdb-corrupt": (lambda: lmdb.CorruptedError("mdb_get: MDB_CORRUPTED: Located page was "
+                                                 "wrong type"), 3,
+                     ["repository index is damaged", "MDB_CORRUPTED", "rebuild-index"]),
     "pyVmomi": (lambda: vmodl.fault.SystemError(msg="QueryChangedDiskAreas failed"), 1,
                 ["vSphere fault SystemError", "QueryChangedDiskAreas failed"]),
     "RecursionError": (lambda: RecursionError("maximum recursion depth exceeded"), 1,

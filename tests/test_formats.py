@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import blake3
+import lmdb
 import numpy as np
 import pytest
 
@@ -10,6 +11,8 @@ from repo_engine.errors import DamageError, FormatError
 from repo_engine.repository.blockmap import BlockMap, encode
 from repo_engine.repository.envelope import seal, unseal
 from repo_engine.repository.formats import BLOCK_MAP, CONFIG, PACK
+from repo_engine.repository.index import decode_record, encode_record
+from repo_engine.repository.lmdbfile import META, MetaPage, check_data_file
 from repo_engine.repository.packs import HEADER, PackWriter, pack_object, read_trailer
 from repo_engine.repository.store.local import LocalStore
 
@@ -64,3 +67,38 @@ def test_pack_layout_and_trailing_nul_ids(tmp_path):
     path.write_bytes(raw[:-3])
     with pytest.raises(DamageError, match="truncated|damaged"):
         read_trailer(store, pack_object(pack.name))
+
+
+def test_catalog_record_golden():
+    record = {"id": "00112233aabbccdd", "seq": 7, "time": "2026-01-01T00:00:00.000000Z",
+              "vm": "web1"}
+    raw = encode_record(record)
+    # the JSON with sorted keys; `check` = BLAKE3 (first 16 bytes, hex) of the JSON without it
+    assert raw == (b'{"check": "835dc1aee2fe8e5bd604ba2cb92f5e59", "id": "00112233aabbccdd", '
+                   b'"seq": 7, "time": "2026-01-01T00:00:00.000000Z", "vm": "web1"}')
+    assert decode_record(b"00112233aabbccdd", raw) == record
+    for spot in range(len(raw)):
+        damaged = bytearray(raw)
+        damaged[spot] ^= 0x04
+        with pytest.raises(DamageError, match="catalog record of point 00112233aabbccdd"):
+            decode_record(b"00112233aabbccdd", bytes(damaged))
+    with pytest.raises(DamageError, match="names point"):
+        decode_record(b"00112233aabbccde", raw)
+    legacy = b'{"id": "00112233aabbccdd", "time": "2026-01-01T00:00:00.000000Z"}'
+    assert decode_record(b"00112233aabbccdd", legacy, checked=False)["id"] == "00112233aabbccdd"
+
+
+def test_lmdb_meta_layout(tmp_path):
+    """The fields check_data_file reads sit where the LMDB this build links writes them."""
+    env = lmdb.open(str(tmp_path), max_dbs=2, map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i in range(500):
+            txn.put(b"%06d" % i, bytes(100))
+    env.close()
+    data = (tmp_path / "data.mdb").read_bytes()
+    metas = [MetaPage(*META.unpack_from(data, offset)) for offset in (0, 4096)]
+    assert [m.valid(n) for n, m in enumerate(metas)] == [True, True]
+    assert metas[0].page_size == 4096
+    current = max(metas, key=lambda m: m.txn_id)
+    assert (current.last_page + 1) * 4096 == len(data)
+    check_data_file(tmp_path / "data.mdb")

@@ -34,7 +34,7 @@ def _backup_args(repo: Path, vm: str, model: DiskModel) -> list[object]:
 def _backup(capsys, repo: Path, vm: str, model: DiskModel) -> str:
     result = cli(capsys, *_backup_args(repo, vm, model))
     assert result.code == 0, result.err
-    return result.json()["point"]
+    return result.json()["point"]["id"]
 
 
 def _assert_restores(capsys, repo: Path, tmp: Path, expected: dict[str, bytes]) -> None:
@@ -70,7 +70,7 @@ def test_recount_keeps_packs_a_backup_commits_after_its_snapshot(tmp_path, capsy
     backup.release("backup.before_commit")
     done = backup.finish()
     assert done.code == 0, done.err
-    expected[done.json()["point"]] = model.copy_of_content()
+    expected[done.json()["point"]["id"]] = model.copy_of_content()
     result = counting.finish()
     assert result.code == 0, result.out + result.err
     for _ in range(2):  # a later gc retires packs whose live count is 0
@@ -93,9 +93,9 @@ def test_backup_opening_while_rebuild_index_runs_commits_into_the_new_index(tmp_
     backup.release("repository.before_lock")
     done = backup.finish()
     assert done.code == 0, done.err
-    point = done.json()["point"]
+    point = done.json()["point"]["id"]
     expected[point] = model.copy_of_content()
-    listed = [p["id"] for p in cli(capsys, "points", repo, "--json").json()]
+    listed = [p["id"] for p in cli(capsys, "points", repo, "--json").json()["points"]]
     assert point in listed
     assert cli(capsys, "gc", repo, "--full").code == 0
     _assert_restores(capsys, repo, tmp_path, expected)
@@ -117,7 +117,7 @@ def test_forget_that_read_the_index_before_rebuild_index_writes_into_the_new_one
     forget.release("repository.before_lock")
     result = forget.finish()
     assert result.code == 0, result.err
-    listed = [p["id"] for p in cli(capsys, "points", repo, "--json").json()]
+    listed = [p["id"] for p in cli(capsys, "points", repo, "--json").json()["points"]]
     assert listed == list(kept)
     _assert_restores(capsys, repo, tmp_path, kept)
     _assert_verifies(capsys, repo)
@@ -204,6 +204,6 @@ def test_forget_whose_choice_another_forget_carried_out_meanwhile_succeeds(tmp_p
     result = policy.finish()
     assert result.code == 0, result.err
     assert sorted(result.json()["removed"]) == sorted(old[1:])
-    assert [p["id"] for p in cli(capsys, "points", repo, "--json").json()] == list(kept)
+    assert [p["id"] for p in cli(capsys, "points", repo, "--json").json()["points"]] == list(kept)
     _assert_restores(capsys, repo, tmp_path, kept)
     _assert_verifies(capsys, repo)

@@ -93,7 +93,7 @@ def _backups(ledger: Ledger, repo: Path, tmp: Path, vm: str, seed: int, stop: fl
         digest = hashlib.sha256(model.content).hexdigest()
         done = _run(ledger, *args)
         if done is not None:
-            point = json.loads(done.stdout)["point"]
+            point = json.loads(done.stdout)["point"]["id"]
             unsaved = []
             with ledger.lock:
                 ledger.expected[point] = digest
@@ -171,7 +171,7 @@ def test_concurrent_commands_keep_every_point(tmp_path, capsys):
         assert result.code == 0, (SEED, result.err)
     result = cli(capsys, "verify", repo, "--json")
     assert result.code == 0 and result.json()["ok"], (SEED, result.out)
-    listed = {p["id"] for p in cli(capsys, "points", repo, "--json").json()}
+    listed = {p["id"] for p in cli(capsys, "points", repo, "--json").json()["points"]}
     alive = set(ledger.expected) - ledger.removed
     assert listed <= alive, (SEED, sorted(listed - alive))
     assert ledger.unsure or listed == alive, (SEED, ledger.runs, sorted(alive - listed))

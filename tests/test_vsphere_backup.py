@@ -157,13 +157,38 @@ def test_vddk_read_failing_mid_disk_stores_nothing(env, monkeypatch):
     monkeypatch.setenv("FAKE_VDDK_FAULTS", "read_fail=2:1")
     result = env.backup(ok=False)
     assert result.code == 1
-    assert "no restore point was stored and the snapshot was removed" in result.err
+    assert "no restore point was stored; snapshot 'repo-engine-backup-" in result.err
+    assert result.err.rstrip().endswith("' was removed")
     assert "Traceback" not in result.err
     assert env.snapshots() == []
     listed = env.run("points", env.repo, "--json")
     assert listed.code == 0 and listed.json()["points"] == []
     monkeypatch.delenv("FAKE_VDDK_FAULTS")
     assert env.backup()["backup"]["bytes_read"] == 4 * MIB
+
+
+@pytest.mark.parametrize("call", ["QueryChangedDiskAreas", "RemoveSnapshot_Task"])
+def test_connection_lost_mid_backup_says_what_is_left(env, call):
+    env.sim.write(VM, 0, pattern(15, 256 * KIB))
+    env.backup()
+    env.sim.write(VM, 1 * MIB, pattern(16, 64 * KIB))
+    env.sim.control(drop_at=call)
+    result = env.backup(ok=False)
+    assert result.code == 1
+    [line] = result.err.strip().splitlines()
+    [snap] = env.snapshots()
+    if call == "QueryChangedDiskAreas":
+        assert "no restore point was stored" in line
+        assert line.endswith(f"snapshot {snap!r} of {VM} is left: the next run removes it (or "
+                             "delete it in vSphere)")
+    else:
+        assert line.endswith(f"the backup itself completed, but could not remove snapshot "
+                             f"{snap!r} of {VM}: the connection was lost; the next run removes it")
+    listed = env.run("points", env.repo, "--json")
+    assert len(listed.json()["points"]) == (2 if call == "RemoveSnapshot_Task" else 1)
+    env.sim.control(drop_at="")
+    env.backup()
+    assert env.snapshots() == []
 
 
 def test_vm_is_prepared_for_access_around_the_disk_reads(env, monkeypatch):
@@ -208,6 +233,23 @@ def test_leftover_snapshots_of_ours_are_removed(env):
     notes = env.show(point["point"]["id"])["notes"]
     assert "removed leftover snapshot repo-engine-backup-crashed" in notes
     assert env.snapshots() == ["admin-snapshot"]
+
+
+def test_a_second_backup_of_a_vm_leaves_the_running_ones_snapshot_alone(env):
+    """While a backup of the VM runs (its VM lock held, its snapshot taken), another backup of
+    that VM is refused before it touches the VM: the running backup's snapshot stays."""
+    from repo_engine.repository.repo import Repository
+
+    with env.sim.session() as content:
+        _wait(vcsim_find(content).CreateSnapshot_Task(
+            name="repo-engine-backup-running", description="", memory=False, quiesce=False))
+    with Repository.open(env.repo) as repo, repo.vm_lock(VM, f"backup {VM}"):
+        result = env.backup(ok=False)
+    assert result.code == 1
+    assert result.err.startswith(f"repo-engine: error: VM '{VM}' is being backed up by "
+                                 f"'backup {VM}', pid ")
+    assert len(result.err.splitlines()) == 1
+    assert env.snapshots() == ["repo-engine-backup-running"]
 
 
 def test_interrupt_inside_the_backup_removes_the_snapshot(env, monkeypatch):

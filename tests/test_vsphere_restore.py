@@ -9,22 +9,6 @@ from vcsim.fixtures import BS, VM, make_env, pattern, vcsim_binary, vddk_libdir 
 from vcsim.fixtures import env  # noqa: F401
 
 
-def _wait(task) -> None:   # noqa: ANN001
-    from pyVim.task import WaitForTask
-
-    WaitForTask(task)
-
-
-def power_off(env, vm: str = VM) -> None:
-    with env.sim.session() as content:
-        _wait(find(content, vm).PowerOffVM_Task())
-
-
-def restore(env, *args: object):
-    return env.run("restore", "vsphere", env.repo, *args, *env.sim.args(),
-                   "--vddk-libdir", env.libdir, "--json")
-
-
 def test_in_place_restore_writes_only_changes_and_forces_a_full_backup(env):
     key = str(env.sim.disk(VM)["key"])
     env.sim.write(VM, 0, pattern(20, 512 * KIB))
@@ -35,10 +19,10 @@ def test_in_place_restore_writes_only_changes_and_forces_a_full_backup(env):
     env.backup()
     env.sim.write(VM, 2 * MIB + 1, b"after the last backup")   # block 32
 
-    refused = restore(env, first, "--in-place")
+    refused = env.restore(first, "--in-place")
     assert refused.code == 1 and "power it off" in refused.err
-    power_off(env)
-    result = restore(env, first, "--in-place")
+    env.power_off()
+    result = env.restore(first, "--in-place")
     assert result.code == 0, result.err
     done = result.json()
     assert done["mode"] == "in-place" and done["vm"] == VM
@@ -61,7 +45,7 @@ def test_restore_as_new_vm_holds_the_point_bytes(env):
     wanted = env.sim.read(VM)
     point = env.backup()["point"]["id"]
     env.sim.write(VM, 0, pattern(31, 1 * MIB))   # the source moves on
-    result = restore(env, point, "--as-new", "restored-vm", "--datastore", "LocalDS_0")
+    result = env.restore(point, "--as-new", "restored-vm", "--datastore", "LocalDS_0")
     assert result.code == 0, result.err
     done = result.json()
     assert done["mode"] == "as-new" and done["vm"] == "restored-vm"
@@ -69,7 +53,7 @@ def test_restore_as_new_vm_holds_the_point_bytes(env):
     with env.sim.session() as content:
         vm = find(content, "restored-vm")
         assert vm.config.hardware.memoryMB == 32 and vm.config.guestId == "otherGuest"
-    again = restore(env, point, "--as-new", "restored-vm", "--datastore", "LocalDS_0")
+    again = env.restore(point, "--as-new", "restored-vm", "--datastore", "LocalDS_0")
     assert again.code == 1 and "exists already" in again.err
     # the new VM backs up like any other
     assert env.backup(vm="restored-vm")["backup"]["bytes_read"] == 6 * BS

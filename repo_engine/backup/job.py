@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,7 @@ class DiskCounters:
     new_stored_bytes: int = 0
     audit_blocks: int = 0
     audit_mismatches: int = 0
+    index_mismatches: int = 0
 
 
 class _DiskBackup:
@@ -109,6 +111,7 @@ class _DiskBackup:
         progress = self._progress(disk.key, len(plan.read) * plan.block_size)
         for result in self.pipeline.run(device, plan.block_size, plan.read, encode=True,
                                          describe=disk.description, progress=progress):
+            counters.index_mismatches += result.mismatched
             for k, chunk_id in enumerate(result.ids):
                 if chunk_id is None:
                     counters.zero_blocks += 1
@@ -148,19 +151,29 @@ class _DiskBackup:
         logical = plan.map_bytes(full)
         name = self.repo.write_map(bmap)
         self.maps[name] = bmap
+        note = plan.note
+        if counters.index_mismatches:
+            note = join_notes(note, f"{counters.index_mismatches} index lookups named a chunk "
+                              "with another id (damaged index): those blocks were stored again; "
+                              "run 'repo-engine verify'")
         return DiskRecord(
             key=disk.key, capacity=plan.capacity, block_size=plan.block_size,
             map=name, kind=kind, parent=parent_id, links=links,
-            cursor=disk.cursor, read_mode=plan.mode, note=plan.note, logical_bytes=logical,
+            cursor=disk.cursor, read_mode=plan.mode, note=note, logical_bytes=logical,
             counters=vars(counters).copy())
 
 
-def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions) -> PointRecord:
-    """Store one restore point of `snapshot`; nothing becomes visible unless all of it is stored."""
+def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
+              vm_locked: bool = False) -> PointRecord:
+    """Store one restore point of `snapshot`; nothing becomes visible unless all of it is stored.
+    `vm_locked`: the caller already holds the VM lock (`repo.vm_lock`), taken before it froze
+    the VM (a source that snapshots the VM must not touch a VM another backup is reading)."""
     started = time.monotonic()
     when = now_iso()
+    repo.require_writable(f"backup {snapshot.vm}")
     command = f"backup {snapshot.vm}"
-    with repo.lock(SHARED, command), repo.vm_lock(snapshot.vm, command):
+    vm_lock = nullcontext() if vm_locked else repo.vm_lock(snapshot.vm, command)
+    with repo.lock(SHARED, command), vm_lock:
         writer = ChunkWriter(repo)
         pipeline = BlockPipeline(repo.codec, repo.index)
         try:

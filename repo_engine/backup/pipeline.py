@@ -40,6 +40,8 @@ class BlockResult:
     ids: list[bytes | None]
     refs: list[int | None]
     blobs: list[tuple[bytes, int, int] | None]  # (blob, codec, raw length)
+    # index hits refused because the ids and refs tables disagreed (stored again instead)
+    mismatched: int = 0
 
 
 def _reader_thread(device: BlockDevice, block_size: int, blocks: np.ndarray, out: queue.Queue,
@@ -76,18 +78,23 @@ class BlockPipeline:
         refs: list[int | None] = [0] * count
         blobs: list[tuple[bytes, int, int] | None] = [None] * count
         new: list[int] = []
+        mismatched = 0
         with self._index.reader() as lookup:
             for k in range(count):
                 if zero[k]:
                     continue
                 chunk_id = ids[k] = self._codec.chunk_id(batch.block(k))
-                refs[k] = ref = lookup.ref_of(chunk_id) if encode else None
-                if encode and ref is None:
+                if not encode:
+                    refs[k] = None
+                    continue
+                refs[k], wrong = lookup.dedup_ref(chunk_id)
+                mismatched += wrong
+                if refs[k] is None:
                     new.append(k)
         views = [batch.block(k) for k in new]
         for k, view, (blob, codec) in zip(new, views, self._codec.encode_many(views)):
             blobs[k] = (blob, codec, len(view))
-        return BlockResult(blocks, ids, refs, blobs)
+        return BlockResult(blocks, ids, refs, blobs, mismatched)
 
     def run(self, device: BlockDevice, block_size: int, blocks: np.ndarray, *, encode: bool,
             describe: str, progress: Callable[[int], None] | None = None) -> Iterator[BlockResult]:

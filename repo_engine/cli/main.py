@@ -114,16 +114,23 @@ def _vsphere_fault_text(exc: BaseException) -> str | None:
     return f"vSphere fault {name}: {msg}" if msg else f"vSphere fault {name}"
 
 
-def _index_error_text(exc: BaseException) -> str | None:
-    """An LMDB (repository index) error's message, with the errno wording where LMDB has one;
-    None when `exc` is not one (lmdb is never imported here)."""
+def _index_error(exc: BaseException) -> tuple[str, int] | None:
+    """An LMDB (repository index) error's message and exit code, with the errno wording where
+    LMDB has one; a corrupt page is damage (exit 3). None when `exc` is not one (lmdb is never
+    imported here)."""
+    from ..errors import DamageError
+
     lmdb = sys.modules.get("lmdb")
     if lmdb is None or not isinstance(exc, lmdb.Error):
         return None
     code = {lmdb.DiskError: errno.ENOSPC, lmdb.ReadonlyError: errno.EACCES}.get(type(exc))
     if code is not None:
-        return os_error_text(OSError(code, f"repository index: {exc}"))
-    return f"repository index: {exc}"
+        return os_error_text(OSError(code, f"repository index: {exc}")), 1
+    if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError,
+                        lmdb.VersionMismatchError)):
+        return (f"the repository index is damaged ({exc}); run 'repo-engine rebuild-index'",
+                DamageError.exit_code)
+    return f"repository index: {exc}", 1
 
 
 def error_line(exc: BaseException) -> tuple[str, int]:
@@ -137,9 +144,12 @@ def error_line(exc: BaseException) -> tuple[str, int]:
         return exc.strerror or str(exc), 1
     if isinstance(exc, OSError):
         return os_error_text(exc), 1
-    text = _vsphere_fault_text(exc) or _index_error_text(exc)
+    text = _vsphere_fault_text(exc)
     if text is not None:
         return text, 1
+    index_error = _index_error(exc)
+    if index_error is not None:
+        return index_error
     if isinstance(exc, RecursionError):
         return "input nested too deeply to process (Python's recursion limit was reached)", 1
     if isinstance(exc, MemoryError):

@@ -152,8 +152,11 @@ def backup_vsphere(repo: Path, as_json: bool, **params: Any) -> None:
         options = BackupOptions(tags=settings.tags, audit_percent=settings.audit,
                                 progress=lambda key, total: progress.bar(f"disk {key}", total))
         plane = DataPlane(settings.transports, libdir)
-        with frozen_vm(conn, vm, repository, quiesce=settings.quiesce, plane=plane) as frozen:
-            point = backup_vm(repository, frozen.snapshot, options)
+        # the VM lock before the snapshot: a second backup would remove the running one's
+        # snapshot as a leftover
+        with repository.vm_lock(vm.name, f"backup {vm.name}"), \
+                frozen_vm(conn, vm, repository, quiesce=settings.quiesce, plane=plane) as frozen:
+            point = backup_vm(repository, frozen.snapshot, options, vm_locked=True)
         after_backup(repository.path, frozen)
     report_backup(point, as_json)
 
@@ -163,7 +166,7 @@ def backup_vsphere(repo: Path, as_json: bool, **params: Any) -> None:
 @click.argument("point")
 @connection_options
 @click.option("--in-place", is_flag=True,
-              help="Roll the (powered-off) VM back to POINT, writing only what changed since.")
+              help="Roll the (powered-off) VM back to POINT, writing only what differs.")
 @click.option("--vm", show_default="the point's VM", help="In place: the VM to roll back.")
 @click.option("--vm-uuid", help="In place: the VM's UUID, instead of --vm.")
 @click.option("--as-new", metavar="NAME", help="Create a new VM NAME from the point.")
@@ -179,9 +182,13 @@ def restore_vsphere(repo: Path, point: str, in_place: bool, as_new: str | None,
     """Restore a VM from POINT (short id, VM@latest or VM@TIME) into vSphere.
 
     \b
-    --in-place: the VM must be powered off; snapshot, write the blocks CBT reports changed
-    since the point, revert, remove the snapshot; the VM's next backup reads everything.
-    --as-new NAME --datastore DS: create a VM from the saved configuration, write its disks.
+    --in-place: the VM must be powered off; snapshot it, write the blocks that differ from
+    the point (CBT since the point, else read and compared) into the deltas under the
+    snapshot, remove the snapshot; on failure revert to it, so the disks are as before (the
+    error line says when vSphere could not be asked and what to do). After a restore that
+    wrote something the VM's next backup reads everything.
+    --as-new NAME --datastore DS: create a VM from the saved configuration, write its disks;
+    on failure the half-made VM is deleted.
 
     \b
     Examples:

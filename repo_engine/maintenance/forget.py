@@ -19,7 +19,6 @@ gc reclaims what the counts free. `links` of C's descendants are left as they we
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -137,12 +136,12 @@ def _delete_if_childless(repo: Repository, point_id: str) -> bool:
         if raw is None:
             txn.delete(key, db=index.forgetting)
             return True
-        for _, value in txn.cursor(db=index.points):
-            record = json.loads(value)
+        for other, value in txn.cursor(db=index.points):
+            record = index.record(other, value)
             if any(d.get("parent") == point_id for d in record["disks"]):
                 return False
         use = Counter()
-        use.subtract(d["map"] for d in json.loads(raw)["disks"])
+        use.subtract(d["map"] for d in index.record(key, raw)["disks"])
         index.change_map_use(txn, use, {})
         txn.delete(key, db=index.points)
         txn.delete(key, db=index.forgetting)

@@ -34,9 +34,8 @@ A run, each step crash-safe (a rerun finishes it):
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,10 +152,7 @@ def queue_uncounted(repo: Repository) -> None:
     mark, end = index.meta_u64("gc_mark"), index.meta_u64("next_pack")
     found = []
     with index.env.begin() as txn:
-        for number in range(mark, end):
-            raw = txn.get(PACK_KEY.pack(number), db=index.packs)
-            if raw is None:
-                continue
+        for number, raw in _packs_from(txn, index, mark, end):
             name = PACK_REC.unpack(raw)[0].hex()
             try:
                 entries = repo.read_trailer(name)
@@ -177,6 +173,20 @@ def queue_uncounted(repo: Repository) -> None:
         txn.put(b"gc_mark", U64.pack(end), db=index.meta)
 
 
+def _packs_from(txn: lmdb.Transaction, index: Index, first: int,
+                end: int) -> Iterator[tuple[int, bytes]]:
+    """(number, record) of the listed packs numbered in [first, end): walks the table, not the
+    range, so a damaged counter costs no endless loop."""
+    cursor = txn.cursor(db=index.packs)
+    if first >= 1 << 32 or not cursor.set_range(PACK_KEY.pack(first)):
+        return
+    for key, raw in cursor.iternext():
+        number = PACK_KEY.unpack(key)[0]
+        if number >= end:
+            return
+        yield number, raw
+
+
 def recount(repo: Repository, attempts: int = 5, *, strict: bool = True) -> dict:
     """Recompute map use and ref counts from the catalog; queue every uncounted ref. `strict`:
     refuse when a map in use cannot be read (its chunks would look unused)."""
@@ -189,8 +199,8 @@ def recount(repo: Repository, attempts: int = 5, *, strict: bool = True) -> dict
             next_pack = index._get_u64(txn, b"next_pack", index.meta)
         pause_point("gc.recount")
         use: dict[str, int] = {}
-        for value in catalog.values():
-            for disk in json.loads(value)["disks"]:
+        for key, value in catalog.items():
+            for disk in index.record(key, value)["disks"]:
                 use[disk["map"]] = use.get(disk["map"], 0) + 1
         cache = MapCache(repo)
         refs, counts = live_refs(cache, use)
@@ -284,9 +294,15 @@ def _mark(repo: Repository) -> _Listed:
                 chunk_id = rec[:32]
                 if txn.get(chunk_id, db=index.ids) == U64.pack(REF_KEY.unpack(key)[0]):
                     txn.delete(chunk_id, db=index.ids)
-        maps = [n for n in maps if not _map_used(txn, index, n)]
+        # a file is deleted only when two tables agree it is unused: one damaged table (mapuse,
+        # packnames) must not cost data
+        named = {d["map"] for k, v in txn.cursor(db=index.points)
+                 for d in index.record(k, v)["disks"]}
+        listed = {PACK_REC.unpack(v)[0].hex() for _, v in txn.cursor(db=index.packs)}
+        maps = [n for n in maps if n not in named and not _map_used(txn, index, n)]
         manifests = [i for i in manifests if not _point_known(txn, index, i)]
-        packs = {n: size for n, size in packs.items() if not _pack_known(txn, index, n)}
+        packs = {n: size for n, size in packs.items()
+                 if n not in listed and not _pack_known(txn, index, n)}
     return _Listed(candidates, maps, manifests, packs, tmp)
 
 
@@ -351,7 +367,8 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport) -> None:
         report.freed_bytes += sum(packs.values())
         for number in sorted(touched):
             live = txn.get(PACK_KEY.pack(number), db=index.packlive)
-            if live is not None and LIVE_REC.unpack(live)[0] == 0:
+            if (live is not None and LIVE_REC.unpack(live)[0] == 0
+                    and not _places_chunks(repo, txn, number)):
                 _retire_pack(txn, index, number)
     for path in listed.tmp:
         path.unlink(missing_ok=True)
@@ -366,6 +383,24 @@ def less_live(txn: lmdb.Transaction, index: Index, pack: int, stored: int) -> No
         return
     count, size = LIVE_REC.unpack(raw)
     txn.put(key, LIVE_REC.pack(max(count - 1, 0), max(size - stored, 0)), db=index.packlive)
+
+
+def _places_chunks(repo: Repository, txn: lmdb.Transaction, number: int) -> bool:
+    """Whether a ref record still places a chunk in pack `number` (the refs its trailer lists):
+    a damaged live count must not retire a pack that holds live data."""
+    index = repo.index
+    raw = txn.get(PACK_KEY.pack(number), db=index.packs)
+    if raw is None:
+        return False
+    try:
+        entries = repo.read_trailer(PACK_REC.unpack(raw)[0].hex())
+    except RepoError:
+        return False  # unreadable: its chunks are lost anyway (verify and scrub report them)
+    for ref in entries["ref"].tolist():
+        rec = txn.get(REF_KEY.pack(ref), db=index.refs)
+        if rec is not None and REF_REC.unpack(rec)[1] == number:
+            return True
+    return False
 
 
 def _retire_pack(txn: lmdb.Transaction, index: Index, number: int) -> None:
@@ -408,7 +443,8 @@ def _retire_empty(repo: Repository) -> None:
         empty = [PACK_KEY.unpack(k)[0] for k, v in txn.cursor(db=index.packlive)
                  if LIVE_REC.unpack(v)[0] == 0]
         for number in empty:
-            _retire_pack(txn, index, number)
+            if not _places_chunks(repo, txn, number):
+                _retire_pack(txn, index, number)
 
 
 def _repack(repo: Repository, max_unused: float, report: GcReport, tick: Tick | None) -> None:
@@ -516,7 +552,7 @@ def _dry_run(repo: Repository, report: GcReport, max_unused: float) -> None:
     """What a full gc would reclaim now, read-only (chunks of running backups count as unused)."""
     index = repo.index
     with index.env.begin() as txn:
-        catalog = [json.loads(v) for _, v in txn.cursor(db=index.points)]
+        catalog = [index.record(k, v) for k, v in txn.cursor(db=index.points)]
         table = scan_refs(index, txn)
     cache = MapCache(repo)
     refs, _ = live_refs(cache, {d["map"] for r in catalog for d in r["disks"]})

@@ -59,6 +59,12 @@ def scan_refs(index: Index, txn: lmdb.Transaction) -> np.ndarray:
     return out
 
 
+def scan_ids(index: Index, txn: lmdb.Transaction) -> tuple[np.ndarray, np.ndarray]:
+    """The ids table: (chunk ids as V32, refs as u64), in key order."""
+    keys, values = _scan(txn, index.ids)
+    return np.frombuffer(keys, dtype="V32"), np.frombuffer(values, dtype="<u8").astype(np.uint64)
+
+
 def scan_u64_keys(txn: lmdb.Transaction, db: object) -> np.ndarray:
     """Big-endian u64 keys of a database (refcount, gcq, quarantine) as sorted u64."""
     keys, _ = _scan(txn, db, values=False)

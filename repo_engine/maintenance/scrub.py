@@ -271,9 +271,10 @@ def _collect(repo: Repository, result: _PackResult, report: ScrubReport, damaged
     damaged.update(result.damaged)
     if result.unreadable:
         unreadable[result.pack.number] = result.unreadable
-    with repo.index.env.begin(write=True) as txn:
-        txn.put(bytes.fromhex(result.pack.name), U64.pack(int(time.time())),
-                db=repo.index.scrubbed)
+    if not repo.index.read_only:  # read-only media: checked, though the time is not kept
+        with repo.index.env.begin(write=True) as txn:
+            txn.put(bytes.fromhex(result.pack.name), U64.pack(int(time.time())),
+                    db=repo.index.scrubbed)
     if tick:
         tick(result.pack.size)
 

@@ -1,35 +1,41 @@
 """verify: the repository's metadata is consistent (no chunk data is read; that is scrub).
 
 Checks, against one consistent snapshot of the index:
-1. every catalogued point has its manifest, undamaged, of the catalog's generation;
+1. every catalog record passes its check, and every catalogued point has its manifest,
+   undamaged, of the catalog's generation and saying what the catalog record says;
 2. every disk's chain resolves: parents catalogued, map files present and undamaged;
 3. every ref a map in use names is in the index and not quarantined;
 4. every index entry points into an indexed pack whose file exists and whose trailer lists the
    same ref with the same id, offset, lengths and codec;
-5. the reference counts equal a recount (under-counting is an error: gc could lose data);
-6. orphans are listed: pack files the index does not know, unused map files, manifests not in
+5. the index's tables agree with each other: each `ids` entry names a ref whose place record
+   holds the same id (else a backup could deduplicate a block to another chunk), `packs` and
+   `packnames` map names and numbers both ways;
+6. the reference counts equal a recount (under-counting is an error: gc could lose data);
+7. orphans are listed: pack files the index does not know, unused map files, manifests not in
    the catalog (a crash or a running backup leaves these; gc removes them).
 Errors name the points, disks and byte ranges they affect.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import lmdb
 import numpy as np
 
 from ..errors import RepoError
 from ..pause import pause_point
-from ..repository.index import PACK_KEY, U64, pack_fields
+from ..repository.index import PACK_KEY, U64, DamagedRecord, Index, pack_fields
 from ..repository.locks import SHARED
 from ..repository.points import PointRecord
 from ..repository.repo import Repository
 from .gc import count_drift
 from .inventory import (Affected, MapCache, affected_by, chain_maps, live_refs, objects_under,
-                        scan_counts, scan_refs, scan_u64_keys)
+                        scan_counts, scan_ids, scan_refs, scan_u64_keys)
+
+REBUILD = "run 'repo-engine rebuild-index'"
 
 
 @dataclass
@@ -53,8 +59,11 @@ class VerifyReport:
 @dataclass
 class _Snapshot:
     catalog: dict[str, PointRecord]
+    bad_records: list[str]
     forgetting: set[str]
     refs: np.ndarray
+    ids: tuple[np.ndarray, np.ndarray]
+    packnames: dict[str, int]
     packs: dict[int, tuple[str, int, int]]
     deadpacks: set[str]
     quarantine: np.ndarray
@@ -67,12 +76,15 @@ class _Snapshot:
 def _snapshot(repo: Repository) -> _Snapshot:
     index = repo.index
     with index.env.begin() as txn:
-        catalog = {k.decode(): PointRecord.from_dict(json.loads(v))
-                   for k, v in txn.cursor(db=index.points)}
+        catalog, bad_records = _catalog(index, txn)
         return _Snapshot(
             catalog=catalog,
+            bad_records=bad_records,
             forgetting={k.decode() for k, _ in txn.cursor(db=index.forgetting)},
             refs=scan_refs(index, txn),
+            ids=scan_ids(index, txn),
+            packnames={k.hex(): PACK_KEY.unpack(v)[0] if len(v) == PACK_KEY.size else -1
+                       for k, v in txn.cursor(db=index.packnames)},
             packs={PACK_KEY.unpack(k)[0]: pack_fields(v) for k, v in txn.cursor(db=index.packs)},
             deadpacks={k.hex() for k, _ in txn.cursor(db=index.deadpacks)},
             quarantine=scan_u64_keys(txn, index.quarantine),
@@ -81,6 +93,19 @@ def _snapshot(repo: Repository) -> _Snapshot:
             deadmaps={k.hex(): U64.unpack(v)[0] for k, v in txn.cursor(db=index.deadmaps)},
             counts_valid=index._get_u64(txn, b"counts", index.meta) == 1,
         )
+
+
+def _catalog(index: Index, txn: lmdb.Transaction) -> tuple[dict[str, PointRecord], list[str]]:
+    """The catalog records that pass their check, and the errors of those that do not."""
+    catalog, bad = {}, []
+    for key, value in txn.cursor(db=index.points):
+        try:
+            catalog[key.decode()] = PointRecord.from_dict(index.record(key, value))
+        except DamagedRecord as exc:
+            bad.append(str(exc))
+        except (TypeError, KeyError, ValueError) as exc:  # checked, yet not a point record
+            bad.append(f"the catalog record {key!r} is not a point record ({exc}); {REBUILD}")
+    return catalog, bad
 
 
 def verify(repo: Repository, *, tick: Callable[[int], None] | None = None) -> VerifyReport:
@@ -96,7 +121,9 @@ def _verify(repo: Repository, tick: Callable[[int], None] | None) -> VerifyRepor
     pause_point("verify.snapshot")
     report = VerifyReport(points=len(snap.catalog), refs=len(snap.refs), packs=len(snap.packs))
     bad_points: set[str] = set()
+    report.errors += snap.bad_records
     _check_manifests(repo, snap, report, bad_points)
+    _check_tables(snap, report)
     cache = MapCache(repo)
     bad_maps = _check_chains(snap, cache, report)
     used = {d.map for p in snap.catalog.values() for d in p.disks}
@@ -145,6 +172,12 @@ def _check_manifests(repo: Repository, snap: _Snapshot, report: VerifyReport,
             report.errors.append(f"point {point.id}: manifest does not match the catalog "
                                  f"(generation {manifest.generation} vs {point.generation})")
             bad_points.add(point.id)
+        else:
+            differ = _record_differences(point, manifest)
+            if differ:
+                report.errors.append(f"point {point.id}: the catalog record disagrees with the "
+                                     f"manifest in {', '.join(differ)}; {REBUILD}")
+                bad_points.add(point.id)
         if point.damage:
             report.warnings.append(f"point {point.id} is marked damaged: {'; '.join(point.damage)}")
 
@@ -156,6 +189,32 @@ def _changed_since(repo: Repository, point: PointRecord) -> bool:
         raw = txn.get(point.id.encode(), db=index.points)
         forgetting = txn.get(point.id.encode(), db=index.forgetting) is not None
     return forgetting or raw is None or json.loads(raw).get("generation") != point.generation
+
+
+def _record_differences(record: PointRecord, manifest: PointRecord) -> list[str]:
+    """Fields in which a catalog record differs from its manifest (notes aside: 'verify
+    --repair' notes a rebuilt manifest)."""
+    a, b = record.summary(), manifest.summary()
+    return sorted(k for k in a.keys() | b.keys() if k != "notes" and a.get(k) != b.get(k))
+
+
+def _check_tables(snap: _Snapshot, report: VerifyReport) -> None:
+    """The index's tables against each other: ids -> refs, packs <-> packnames."""
+    ids, refs = snap.ids
+    table = snap.refs
+    pos = np.minimum(np.searchsorted(table["ref"], refs), max(len(table) - 1, 0))
+    agree = np.zeros(len(refs), bool)
+    if len(table):
+        agree = (table["ref"][pos] == refs) & (table["id"][pos] == ids)
+    if not agree.all():
+        report.errors.append(f"{int((~agree).sum())} entries of the index's ids table name a "
+                             "chunk ref whose place record holds another chunk id (a backup "
+                             f"could deduplicate to the wrong chunk); {REBUILD}")
+    by_name = {name: number for number, (name, _size, _count) in snap.packs.items()}
+    if by_name != snap.packnames:
+        wrong = len(set(by_name.items()) ^ set(snap.packnames.items()))
+        report.errors.append(f"the index's packs and packnames tables disagree ({wrong} "
+                             f"entries); {REBUILD}")
 
 
 def _check_chains(snap: _Snapshot, cache: MapCache, report: VerifyReport) -> set[str]:

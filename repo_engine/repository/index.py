@@ -4,12 +4,12 @@ It is a cache over packs and point manifests: `rebuild-index` recreates it from 
 
 | database  | key                  | value                                                      |
 |-----------|----------------------|------------------------------------------------------------|
-| meta      | ascii name           | u64 counters: version, next_ref, next_pack, chunks, raw, stored |
+| meta      | ascii name           | u64 counters: version, next_ref, next_pack, next_seq, chunks, raw, stored |
 | ids       | chunk id [32]        | ref u64 (the first ref stored with this id wins)           |
 | refs      | ref u64 big endian   | id [32], pack u32, offset u64, stored u32, raw u32, codec u8 |
 | packs     | pack u32 big endian  | name [32], size u64, count u32                             |
 | packnames | name [32]            | pack u32                                                   |
-| points    | point id (ascii)     | catalog record (JSON)                                      |
+| points    | point id (ascii)     | catalog record (JSON, sealed with `check`)                 |
 
 Reference counting and maintenance state (repo_engine/maintenance/ documents the protocols):
 
@@ -28,12 +28,17 @@ Reference counting and maintenance state (repo_engine/maintenance/ documents the
 
 meta `counts` = 1 when mapuse/refcount are complete (set at init, by `gc --full` and by
 `rebuild-index`); `gc_mark` = the first pack number a later gc must check for uncounted refs.
-A catalog commit (`commit_point`) updates mapuse and refcount in the same transaction.
+A catalog commit (`commit_point`) updates mapuse and refcount in the same transaction, and
+assigns a new point its commit sequence (`seq`), which orders a VM's points.
+Version 2 (docs/FORMAT.md): catalog records carry `check` (BLAKE3 of the rest) and `seq`; a
+writable version 1 index is converted on open, a read-only one read unchecked. The data file is
+checked before LMDB maps it (lmdbfile.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -41,11 +46,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
 import lmdb
 import numpy as np
 
-from ..errors import DamageError, FormatError, RepoError
+from ..errors import DamageError, RepoError
 from .formats import INDEX_VERSION
+from .lmdbfile import check_data_file
 from .packs import FinishedPack, PackEntry
 from .safefile import FILE_MODE, make_dir
 
@@ -74,6 +81,15 @@ class ParentGone(RepoError):
         self.parents = parents
 
 
+class DamagedRecord(DamageError):
+    """A catalog record failed its check."""
+
+    def __init__(self, point: str, why: str) -> None:
+        super().__init__(f"the catalog record of point {point} is damaged ({why}); run "
+                         "'repo-engine rebuild-index'")
+        self.point = point
+
+
 class MapMissing(RepoError):
     """A map file named by a point being committed is gone (gc deleted an unused copy)."""
 
@@ -92,32 +108,54 @@ class PackInfo:
 
 class Index:
     def __init__(self, path: Path, *, create: bool = False) -> None:
-        if not create and not (path / "data.mdb").exists():
-            raise DamageError(f"{path}: index is missing; run 'repo-engine rebuild-index'")
+        if not create:
+            if not (path / "data.mdb").exists():
+                raise DamageError(f"{path}: index is missing; run 'repo-engine rebuild-index'")
+            check_data_file(path / "data.mdb")
         if create:
             make_dir(path)  # owner-only; LMDB's files are created FILE_MODE
-        self.env = lmdb.open(str(path), max_dbs=32, map_size=MAP_SIZE, subdir=True, create=create,
-                             mode=FILE_MODE)
-        self.meta = self.env.open_db(b"meta")
-        self.ids = self.env.open_db(b"ids")
-        self.refs = self.env.open_db(b"refs")
-        self.packs = self.env.open_db(b"packs")
-        self.packnames = self.env.open_db(b"packnames")
-        self.points = self.env.open_db(b"points")
-        for name in MAINT_DBS:
-            setattr(self, name, self.env.open_db(name.encode()))
-        self._check_version(create)
+        # read-only media or snapshot: nobody can write there, so no lock file is needed
+        self.read_only = not create and not os.access(path, os.W_OK)
+        try:
+            self.env = lmdb.open(str(path), max_dbs=32, map_size=MAP_SIZE, subdir=True,
+                                 create=create, readonly=self.read_only,
+                                 lock=not self.read_only, mode=FILE_MODE)
+            for name in ("meta", "ids", "refs", "packs", "packnames", "points", *MAINT_DBS):
+                setattr(self, name, self.env.open_db(name.encode(), create=not self.read_only))
+            self.checked = self._check_version(create)
+        except lmdb.Error as exc:
+            raise DamageError(f"{path}: the index cannot be read ({exc}); run "
+                              "'repo-engine rebuild-index'") from None
 
-    def _check_version(self, create: bool) -> None:
+    def _check_version(self, create: bool) -> bool:
+        """Set up or check the format version; returns whether catalog records carry checks
+        (version 1 records do not: a writable version 1 index is converted in place)."""
         with self.env.begin(write=create) as txn:
             raw = txn.get(b"version", db=self.meta)
             if raw is None and create:
                 txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
                 txn.put(b"counts", U64.pack(1), db=self.meta)  # an empty index counts exactly
-                return
-        if raw is None or U64.unpack(raw)[0] != INDEX_VERSION:
-            raise FormatError(f"index version {raw and U64.unpack(raw)[0]} is not supported; "
-                              "run 'repo-engine rebuild-index'")
+                return True
+        version = U64.unpack(raw)[0] if raw is not None and len(raw) == U64.size else None
+        if version == INDEX_VERSION:
+            return True
+        if version == 1:
+            if self.read_only:
+                return False
+            self._upgrade_from_1()
+            return True
+        raise DamageError(f"index format version {version} is not one this repo-engine reads "
+                          f"(1, {INDEX_VERSION}): the index is damaged or from a newer "
+                          "repo-engine; run 'repo-engine rebuild-index'")
+
+    def _upgrade_from_1(self) -> None:
+        """Version 1 -> 2: seal every catalog record with its check. Records keep no sequence:
+        they rank before every sequenced point, by time (see Repository.points)."""
+        with self.env.begin(write=True) as txn:
+            for key, value in list(txn.cursor(db=self.points)):
+                record = decode_record(key, value, checked=False)
+                txn.put(key, encode_record(record), db=self.points)
+            txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
 
     def close(self) -> None:
         self.env.close()
@@ -139,7 +177,9 @@ class Index:
     def reserve_refs(self, count: int) -> int:
         """Reserve `count` fresh refs; returns the first. Refs are never handed out twice."""
         with self.env.begin(write=True) as txn:
-            first = max(self._get_u64(txn, b"next_ref", self.meta), 1)
+            # never below a ref the index holds: a damaged counter must not hand one out again
+            first = max(self._get_u64(txn, b"next_ref", self.meta),
+                        _last_key(txn, self.refs) + 1, 1)
             txn.put(b"next_ref", U64.pack(first + count), db=self.meta)
         return first
 
@@ -164,7 +204,10 @@ class Index:
 
     def new_pack_number(self, txn: lmdb.Transaction) -> int:
         """Hand out the next pack number (numbers are never reused)."""
-        number = self._get_u64(txn, b"next_pack", self.meta)
+        number = max(self._get_u64(txn, b"next_pack", self.meta), _last_key(txn, self.packs) + 1)
+        if number >= 1 << 32:
+            raise DamageError(f"the index's pack counter is damaged ({number}); run "
+                              "'repo-engine rebuild-index'")
         txn.put(b"next_pack", U64.pack(number + 1), db=self.meta)
         return number
 
@@ -210,32 +253,64 @@ class Index:
                     for k, v in txn.cursor(db=self.packs)]
 
     # -- catalog --------------------------------------------------------------------------
-    def put_point(self, point_id: str, record: dict) -> None:
-        with self.env.begin(write=True) as txn:
-            txn.put(point_id.encode(), json.dumps(record, sort_keys=True).encode(), db=self.points)
+    def record(self, key: bytes, raw: bytes) -> dict:
+        """A catalog record, checked (DamageError names the point and advises rebuild-index)."""
+        return decode_record(key, raw, checked=self.checked)
 
-    def commit_point(self, point_id: str, record: dict, map_refs: dict[str, np.ndarray],
+    def put_point(self, point_id: str, record: dict) -> None:
+        """Catalog a record as it is (rebuild-index: from a manifest, sequence included)."""
+        with self.env.begin(write=True) as txn:
+            txn.put(point_id.encode(), encode_record(record), db=self.points)
+            self._seq_used(txn, record.get("seq", 0))
+
+    def _seq_used(self, txn: lmdb.Transaction, seq: int) -> None:
+        if seq >= self._get_u64(txn, b"next_seq", self.meta):
+            txn.put(b"next_seq", U64.pack(seq + 1), db=self.meta)
+
+    def _catalog(self, txn: lmdb.Transaction) -> dict[str, dict]:
+        return {k.decode(): self.record(k, v) for k, v in txn.cursor(db=self.points)}
+
+    def _next_seq(self, txn: lmdb.Transaction, catalog: dict[str, dict]) -> int:
+        """The commit sequence of a new point: above the counter and above every catalogued
+        point (so a damaged counter cannot reorder points)."""
+        top = max((r.get("seq", 0) for r in catalog.values()), default=0)
+        return max(self._get_u64(txn, b"next_seq", self.meta), top + 1)
+
+    def commit_point(self, point_id: str, vm: str, seal: Callable[[int, str], dict],
+                     map_refs: dict[str, np.ndarray],
                      map_exists: Callable[[str], bool]) -> None:
         """Put (or replace) a catalog record and, in the same transaction, check that every
         parent is catalogued (else ParentGone) and every map file exists (else MapMissing), and
         move the map use and chunk reference counts from the old record's maps to the new's.
 
+        The commit sequence is assigned here: a new point gets the next one, a rewritten point
+        keeps its own. `seal(seq, newest)` makes the point's manifest durable with that sequence
+        and returns its catalog record; `newest` is the latest time of the VM's catalogued points
+        ("" for a rewrite), so the caller can note a clock that went backwards.
         `map_refs`: for each map the record names, its unique non-ZERO refs. The existence check
         runs inside the write transaction because gc deletes unused map files inside one too."""
         with self.env.begin(write=True) as txn:
-            parents = {d["parent"] for d in record["disks"] if d.get("parent")}
-            gone = {p for p in parents if txn.get(p.encode(), db=self.points) is None}
-            if gone:
-                raise ParentGone(gone)
+            catalog = self._catalog(txn)
             for name in map_refs:
                 if not map_exists(name):
                     raise MapMissing(name)
-            old = txn.get(point_id.encode(), db=self.points)
+            old = catalog.pop(point_id, None)
+            if old is not None:
+                seq, newest = old.get("seq", 0), ""
+            else:
+                seq = self._next_seq(txn, catalog)
+                newest = max((r["time"] for r in catalog.values() if r["vm"] == vm), default="")
+            record = seal(seq, newest)
+            parents = {d["parent"] for d in record["disks"] if d.get("parent")}
+            gone = parents - set(catalog)
+            if gone:
+                raise ParentGone(gone)
             use = Counter(d["map"] for d in record["disks"])
             if old is not None:
-                use.subtract(d["map"] for d in json.loads(old)["disks"])
+                use.subtract(d["map"] for d in old["disks"])
             self.change_map_use(txn, use, map_refs)
-            txn.put(point_id.encode(), json.dumps(record, sort_keys=True).encode(), db=self.points)
+            txn.put(point_id.encode(), encode_record(record), db=self.points)
+            self._seq_used(txn, seq)
 
     def change_map_use(self, txn: lmdb.Transaction, delta: Counter,
                        map_refs: dict[str, np.ndarray]) -> None:
@@ -324,8 +399,46 @@ class Index:
             txn.delete(point_id.encode(), db=self.points)
 
     def points_records(self) -> list[dict]:
+        """Every catalog record, checked."""
         with self.env.begin() as txn:
-            return [json.loads(v) for _, v in txn.cursor(db=self.points)]
+            return list(self._catalog(txn).values())
+
+
+def encode_record(record: dict) -> bytes:
+    """A catalog record as stored: its JSON with `check`, the BLAKE3 of the JSON without it."""
+    body = {k: v for k, v in record.items() if k != "check"}
+    body["check"] = _record_check(body)
+    return json.dumps(body, sort_keys=True).encode()
+
+
+def _record_check(body: dict) -> str:
+    return blake3.blake3(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def decode_record(key: bytes, raw: bytes, *, checked: bool = True) -> dict:
+    """A stored catalog record without its `check`; DamageError when it does not parse, its
+    check does not match (`checked`: version 1 records carry none) or it names another point."""
+    name = key.decode("ascii", "replace")
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DamagedRecord(name, f"unreadable: {exc}") from None
+    check = doc.pop("check", None)
+    if checked and check != _record_check(doc):
+        raise DamagedRecord(name, "checksum mismatch")
+    if doc.get("id") != name:
+        raise DamagedRecord(name, f"it names point {doc.get('id')!r}")
+    return doc
+
+
+def _last_key(txn: lmdb.Transaction, db: object) -> int:
+    """The largest big-endian integer key of `db` (-1 when empty)."""
+    cursor = txn.cursor(db=db)
+    if not cursor.last():
+        return -1
+    return int.from_bytes(cursor.key(), "big")
 
 
 def pack_fields(raw: bytes) -> tuple[str, int, int]:
@@ -348,6 +461,17 @@ class IndexReader:
     def chunk_id_of(self, ref: int) -> bytes | None:
         raw = self._txn.get(REF_KEY.pack(ref), db=self._index.refs)
         return raw[:32] if raw is not None else None
+
+    def dedup_ref(self, chunk_id: bytes) -> tuple[int | None, bool]:
+        """(ref of a stored chunk with this id or None, whether the ids table named a ref whose
+        place record holds another id). The index is a cache: a hit counts only when both of its
+        tables agree, else the chunk is stored again."""
+        ref = self.ref_of(chunk_id)
+        if ref is None:
+            return None, False
+        if self.chunk_id_of(ref) != chunk_id:
+            return None, True
+        return ref, False
 
     def locate(self, refs: np.ndarray) -> np.ndarray:
         """Places of the given refs (ZERO excluded) as a LOCATION_DTYPE array; DamageError if any is

@@ -17,10 +17,14 @@ A VM lock (`locks/vm-<hash of the VM name>.lock`, a shared lock file like the ot
 backup for the whole backup of that VM. It is created under its fixed name only if absent (a link,
 not a rename), so of two backups of one VM, on one host or on two hosts sharing the repository,
 exactly one gets it; the other is refused with the holder's host, pid and start time.
+
+On a read-only filesystem (read-only media, a read-only snapshot) nobody can write, so a shared
+lock is not needed: taking one is a no-op with a note; any other lock is refused there.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import blake3
 
-from ..errors import DamageError, FormatError, LockedError
+from ..errors import DamageError, FormatError, LockedError, RepoError
 from .envelope import seal, unseal
 from .formats import LOCK
 from .points import now_iso
@@ -187,7 +191,18 @@ class RepoLock:
         self.kind = kind
         info = _holder(kind, command)
         self.path = locks_dir / f"{info.host}-{info.pid}-{os.urandom(4).hex()}.lock"
-        self._fd = _create_flocked(self.path, seal(LOCK, json.dumps(asdict(info)).encode()))
+        self.note = ""
+        try:
+            self._fd = _create_flocked(self.path, seal(LOCK, json.dumps(asdict(info)).encode()))
+        except OSError as exc:
+            if exc.errno != errno.EROFS:
+                raise
+            if kind != SHARED:
+                raise RepoError(f"the repository at {locks_dir.parent} is on a read-only "
+                                f"filesystem; {command!r} needs to write to it") from None
+            self._fd = -1
+            self.note = "read-only filesystem: no lock taken (nobody can write there)"
+            return
         try:
             self._check_conflicts(locks_dir)
         except BaseException:

@@ -6,6 +6,7 @@ A point file is an envelope (envelope.py, magic POINT) holding a JSON document:
 |------------|-------------------------------------------------------------------------------|
 | id         | 16 hex digits, fixed at creation                                              |
 | generation | bumped each time maintenance rewrites the point (chain consolidation)         |
+| seq        | commit sequence, assigned in the catalog commit (0: written before sequences)  |
 | vm, time   | VM name, UTC ISO-8601 time with microseconds (`VM@time` addresses it)         |
 | source     | "image", "vsphere", "nbd"; `config`: the VM's configuration as the source saved it |
 | tags       | list of strings; `consistency`: "crash" or "application" or "file"            |
@@ -95,6 +96,8 @@ class PointRecord:
     notes: list[str] = field(default_factory=list)
     counters: dict[str, float] = field(default_factory=dict)
     generation: int = 1
+    # commit sequence: assigned by the catalog commit, kept by rewrites; orders a VM's points
+    seq: int = 0
     protected: bool = False
     # set by `scrub --repair`: what of this point cannot be restored (disks and byte ranges)
     damage: list[str] = field(default_factory=list)

@@ -17,6 +17,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from .locks import EXCLUSIVE, RepoLock, is_stale, list_locks
 from .packs import FinishedPack, PackWriter, pack_object, read_trailer
 from .points import PointRecord, point_object, read_point, write_point
 from .safefile import DIR_MODE, check_dir, is_regular, make_dir
-from .store import ObjectInfo
+from .store import ObjectInfo, Store
 from .store.local import LocalStore
 
 SUBDIRS = ("packs", "maps", "points", "index", "locks", "tmp")
@@ -118,6 +119,12 @@ class Repository:
         """Held by a backup of `vm` for its whole run: a second backup of it is refused."""
         return RepoLock.for_vm(self.locks_dir, vm, command)
 
+    def require_writable(self, command: str) -> None:
+        """RepoError when the repository can only be read (read-only media or snapshot)."""
+        if self.index.read_only:
+            raise RepoError(f"the repository at {self.path} is read-only; {command!r} needs to "
+                            "write to it")
+
     # -- packs and maps -------------------------------------------------------------------
     def pack_writer(self) -> PackWriter:
         return PackWriter(self.store)
@@ -156,21 +163,22 @@ class Repository:
 
     # -- points ---------------------------------------------------------------------------
     def commit_point(self, point: PointRecord, maps: dict[str, BlockMap] | None = None) -> None:
-        """Manifest durable first, then the catalog entry that makes the point visible.
+        """Manifest durable first, then the catalog entry that makes the point visible (both
+        inside the catalog transaction, which assigns the point's commit sequence).
 
         Also used to rewrite a catalogued point (chain consolidation, protect, damage marks): the
         catalog transaction moves map use and chunk reference counts from the old record's maps
         to the new one's. Raises ParentGone when a disk's parent left the catalog meanwhile (the
         caller rewrites that disk as a full map); rewrites a map file gc removed meanwhile.
         `maps`: block maps, by name, that the caller still holds (not read back from disk)."""
-        write_point(self.store, point)
         known = maps or {}
         maps = {name: known[name] if name in known else self.read_map(name)
                 for name in {d.map for d in point.disks}}
         refs = {name: unique_refs(bmap) for name, bmap in maps.items()}
         for _attempt in range(10):
             try:
-                self.index.commit_point(point.id, point.summary(), refs, self.map_exists)
+                self.index.commit_point(point.id, point.vm, partial(_seal, self.store, point),
+                                        refs, self.map_exists)
                 return
             except MapMissing as gone:
                 missing = gone
@@ -193,8 +201,10 @@ class Repository:
         return self.store.exists(map_object(name))
 
     def points(self, vm: str | None = None) -> list[PointRecord]:
+        """Catalogued points in commit order (the sequence the catalog commit assigned, never
+        wall-clock time; points from before sequences existed have 0 and come first, by time)."""
         records = [PointRecord.from_dict(r) for r in self.index.points_records()]
-        return sorted((p for p in records if vm is None or p.vm == vm), key=lambda p: p.time)
+        return sorted((p for p in records if vm is None or p.vm == vm), key=commit_order)
 
     def load_point(self, point_id: str) -> PointRecord:
         """The full manifest, configuration included, read and checked from disk."""
@@ -322,6 +332,23 @@ def _rebuild_running(locks_dir: Path) -> bool:
     a missing index is then no damage)."""
     return any(info.kind == EXCLUSIVE and not is_stale(path, info)
                for path, info in list_locks(locks_dir))
+
+
+def commit_order(point: PointRecord) -> tuple[int, str, str]:
+    return point.seq, point.time, point.id
+
+
+def _seal(store: Store, point: PointRecord, seq: int, newest: str) -> dict:
+    """Inside the catalog transaction: give a point its commit sequence, note a clock that went
+    backwards, make its manifest durable; returns its catalog record."""
+    point.seq = seq
+    if newest and point.time < newest:
+        note = (f"the clock went backwards: this point's time is before {newest}, the time of "
+                f"an earlier point of {point.vm}; points are ordered by commit, not by time")
+        if note not in point.notes:
+            point.notes.append(note)
+    write_point(store, point)
+    return point.summary()
 
 
 def unique_refs(bmap: BlockMap) -> np.ndarray:

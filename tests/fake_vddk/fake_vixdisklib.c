@@ -27,6 +27,8 @@
  *   FAKE_VDDK_FAULTS            comma list of:
  *       read_fail=N:CODE  write_fail=N:CODE   the Nth read/write (from 1) fails with CODE
  *       drop_after=N        reads after the Nth find the connection lost (HOST_TCP_CONN_LOST)
+ *       drop_after_writes=N writes after the Nth find the connection lost, and so does every
+ *                           later call of the connection
  *       read_async_fail=N:CODE  the Nth ReadAsync call returns CODE at once (nothing queued)
  *       slow_read_ms=M      a read completes M ms after it was issued: Read sleeps M ms; async
  *                           reads in flight together wait out their latencies side by side
@@ -146,7 +148,8 @@ _Static_assert(__builtin_offsetof(VixDiskLibBlockList, blocks) == 8, "");
 /* ------------------------------------------------------------------ state */
 
 typedef struct {
-    int read_fail_n, write_fail_n, read_async_fail_n, drop_after, slow_read_ms, slow_open_ms;
+    int read_fail_n, write_fail_n, read_async_fail_n, drop_after, drop_after_writes;
+    int slow_read_ms, slow_open_ms;
     int login_at_connect;
     VixError read_fail, write_fail, read_async_fail, connect_fail, open_fail, info_fail;
     VixError flush_fail;
@@ -320,6 +323,7 @@ static void parse_faults(faults *f)
             else
                 f->read_async_fail_n = n, f->read_async_fail = code;
         } else if (strcmp(item, "drop_after") == 0) f->drop_after = atoi(v);
+        else if (strcmp(item, "drop_after_writes") == 0) f->drop_after_writes = atoi(v);
         else if (strcmp(item, "slow_read_ms") == 0) f->slow_read_ms = atoi(v);
         else if (strcmp(item, "slow_open_ms") == 0) f->slow_open_ms = atoi(v);
         else if (strcmp(item, "login_at_connect") == 0) f->login_at_connect = atoi(v);
@@ -952,6 +956,12 @@ static VixError do_write(handle *h, VixDiskLibSectorType start, VixDiskLibSector
     if (h->readonly)
         return VIX_E_FAIL;
     c->writes++;
+    if (c->f.drop_after_writes && c->writes > c->f.drop_after_writes) {
+        c->lost = 1;
+        say(warn_fn, "VixDiskLib: NBD_ClientWrite: connection to host lost after %d writes\n",
+            c->f.drop_after_writes);
+        return VIX_E_HOST_TCP_CONN_LOST;
+    }
     if (c->f.write_fail_n && c->writes == c->f.write_fail_n)
         return c->f.write_fail;
     while (done < len) {

@@ -4,8 +4,10 @@
 with apt-get when missing and this runs as root) and returns the binary, or raises
 `Unavailable` with the reason. `Simulator.start(workdir)` runs one instance on 127.0.0.1 with its
 datastores under `workdir` (TMPDIR), reads the JSON line it prints, and offers: connection
-settings, the local data file of each VM disk (which the fake libvixDiskLib serves), and the
-test controls of main.go (quiesce faults, CBT reset/support, reply window).
+settings, the local data file of each VM disk (the one the VM runs on: a delta while it has a
+snapshot; the fake libvixDiskLib serves the same files), and the test controls of main.go
+(quiesce faults, CBT reset/support/query faults, reply window, a session dropped at a named
+call, faults from a call itself).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pyVim.task import WaitForTask
 
 import fake_vddk
 import vcsim
@@ -50,13 +51,30 @@ class Env:
         return result
 
     def sectors_read(self) -> int:
-        """Sectors the fake VDDK read since the last backup() started."""
-        total = 0
-        for line in self.trace.read_text().splitlines():
-            parts = line.split()
-            if parts and parts[0] == "read":
-                total += int(parts[2])
-        return total
+        """Sectors the fake VDDK read since the last backup() or restore() started."""
+        return self._sectors("read")
+
+    def sectors_written(self) -> int:
+        """Sectors the fake VDDK was asked to write since the last backup() or restore()."""
+        return self._sectors("write")
+
+    def traced(self, call: str) -> list[str]:
+        """The fake VDDK's trace lines of `call` since the last backup() or restore()."""
+        return [line for line in self.trace.read_text().splitlines()
+                if line.split(" ", 1)[0] == call]
+
+    def _sectors(self, call: str) -> int:
+        return sum(int(line.split()[2]) for line in self.traced(call))
+
+    def restore(self, *args: object):
+        """`restore vsphere` of the repository with the simulator's connection options."""
+        self.trace.write_text("")
+        return self.run("restore", "vsphere", self.repo, *args, *self.sim.args(),
+                        "--vddk-libdir", self.libdir, "--json")
+
+    def power_off(self, vm: str = VM) -> None:
+        with self.sim.session() as content:
+            WaitForTask(vcsim.find(content, vm).PowerOffVM_Task())
 
     def restore_image(self, point: str, key: str) -> bytes:
         target = self.tmp / f"restored-{point}-{key}.img"
@@ -75,15 +93,25 @@ class Env:
     def snapshots(self, vm: str = VM) -> list[str]:
         """Names of every snapshot the VM has."""
         with self.sim.session() as content:
-            target = vcsim.find(content, vm)
-            names = []
+            return [t.name for t in _tree(vcsim.find(content, vm))]
 
-            def walk(items):
-                for t in items or []:
-                    names.append(t.name)
-                    walk(t.childSnapshotList)
-            walk(target.snapshot.rootSnapshotList if target.snapshot else [])
-            return names
+    def revert_and_delete(self, name: str, vm: str = VM) -> None:
+        """What an administrator does to go back: revert to snapshot `name`, then delete it."""
+        with self.sim.session() as content:
+            snap = next(t.snapshot for t in _tree(vcsim.find(content, vm)) if t.name == name)
+            WaitForTask(snap.RevertToSnapshot_Task())
+            WaitForTask(snap.RemoveSnapshot_Task(removeChildren=False))
+
+
+def _tree(vm) -> list:   # noqa: ANN001 - a pyvmomi VM
+    out = []
+
+    def walk(items) -> None:   # noqa: ANN001
+        for t in items or []:
+            out.append(t)
+            walk(t.childSnapshotList)
+    walk(vm.snapshot.rootSnapshotList if vm.snapshot else [])
+    return out
 
 
 @pytest.fixture

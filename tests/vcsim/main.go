@@ -9,17 +9,29 @@
 //     InvalidArgument with invalidProperty, as vSphere does.
 //   - CreateSnapshot_Task: post-processed (freeze data, deep-copy the snapshot's disks, new
 //     changeIds); a quiesce fault can be armed per VM.
+//   - Delta disks: a snapshot moves each disk of the VM onto a new delta ("NAME-00000N.vmdk",
+//     its data file a copy of the parent's, so a reader sees the whole disk through one file);
+//     the snapshot's config keeps the parent, which no longer changes. Reverting to a snapshot
+//     discards the VM's delta (it restarts as a copy of the snapshot's disk); removing the
+//     current snapshot merges the VM's delta into the snapshot's disk, and the VM runs on that
+//     again.
 //   - RemoveSnapshot_Task / RevertToSnapshot_Task: the task's entity is rewritten to the VM
-//     (pyvmomi rejects a snapshot there). Revert leaves the data file alone: the simulator has one
-//     data file per disk, which plays the base disk; an in-place restore writes it with the VM
-//     powered off, so the delta a revert discards is empty.
+//     (pyvmomi rejects a snapshot there).
 //   - Fetch of an unset property (vm.snapshot without snapshots) panics in the simulator: answered
 //     with an empty FetchResponse.
 //   - Disk data files are kept at the disk's capacity (sparse) after create/reconfigure.
 //
 // Test control (plain JSON over the same https port): POST /vcsim/control with
 // {"vm": NAME, "quiesce_fault": bool, "cbt_supported": bool, "cbt_reset": bool,
-//  "query_fault": "FileFault"|"", "cbt_window": BYTES}; GET /vcsim/info.
+//
+//	"query_fault": "FileFault"|"SystemError"|"", "cbt_window": BYTES,
+//	"drop_at": METHOD|"",   the session calling METHOD (e.g. "RevertToSnapshot_Task") loses its
+//	                        connection there and on every later call (the call is not run;
+//	                        another session, such as a test's own, still works)
+//	"call_faults": {METHOD: FAULT|""}}   METHOD's call itself answers the vim fault FAULT
+//	                        (NoPermission, SystemError, ...) without creating a task;
+//
+// GET /vcsim/info (per VM its disks: key, file, the data file the VM currently runs on, capacity).
 //
 // On start it prints one JSON line to stdout: url, host, port, user, password, thumbprint (SHA-1
 // of the certificate, xx:xx:..), datastores (name -> local directory), and runs until stdin closes
@@ -91,16 +103,23 @@ type cbt struct {
 	snapDisks map[string]map[int32]string // snapshot moref -> deviceKey -> changeId ("" untracked)
 	snapVM    map[string]string           // snapshot moref -> vm moref
 	epochs    map[string]*epoch           // "vm/key" -> current change-tracking epoch
+	snapFiles map[string]map[int32]string // snapshot moref -> deviceKey -> the disk it froze
 	control   map[string]*vmControl       // VM name -> armed faults
 	window    int64
+	dropAt    string            // SOAP method at which the calling session's connection drops
+	dead      map[string]bool   // session cookies whose connection dropped
+	faults    map[string]string // SOAP method -> fault its call answers
 }
 
 var state = &cbt{
 	frozen:    map[string][]byte{},
 	snapDisks: map[string]map[int32]string{},
 	snapVM:    map[string]string{},
+	snapFiles: map[string]map[int32]string{},
 	epochs:    map[string]*epoch{},
 	control:   map[string]*vmControl{},
+	dead:      map[string]bool{},
+	faults:    map[string]string{},
 }
 
 func (c *cbt) ctl(vm string) *vmControl {
@@ -340,6 +359,9 @@ func (h *wrapper) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if injected(w, r, method.Body) {
+		return
+	}
 	switch req := method.Body.(type) {
 	case *types.QueryChangedDiskAreas:
 		queryChangedDiskAreas(w, req)
@@ -358,6 +380,46 @@ func (h *wrapper) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	default:
 		h.inner.ServeHTTP(w, r)
 	}
+}
+
+// injected answers a call the test armed a fault for: a dropped connection or a vim fault from
+// the call itself. It returns whether it answered.
+func injected(w http.ResponseWriter, r *http.Request, body interface{}) bool {
+	name := reflect.TypeOf(body).Elem().Name()
+	session := r.Header.Get("Cookie")
+	state.mu.Lock()
+	if name == state.dropAt && session != "" {
+		state.dead[session] = true
+	}
+	drop := session != "" && state.dead[session]
+	fault := state.faults[name]
+	state.mu.Unlock()
+	if drop {
+		if hj, ok := w.(http.Hijacker); ok {
+			if conn, _, err := hj.Hijack(); err == nil {
+				_ = conn.Close()
+				return true
+			}
+		}
+		w.WriteHeader(http.StatusServiceUnavailable)
+		return true
+	}
+	if fault != "" {
+		writeFault(w, fault, "injected "+fault+" for "+name, faultDetail(fault))
+		return true
+	}
+	return false
+}
+
+// faultDetail fills the properties pyvmomi requires of a fault.
+func faultDetail(kind string) string {
+	switch kind {
+	case "SystemError":
+		return "<reason>simulated system error</reason>"
+	case "NoPermission":
+		return "<object type=\"Folder\">group-d1</object><privilegeId>VirtualMachine.State.RevertToSnapshot</privilegeId>"
+	}
+	return ""
 }
 
 func (h *wrapper) record(r *http.Request) *httptest.ResponseRecorder {
@@ -427,6 +489,7 @@ func freeze(vm *simulator.VirtualMachine, snapRef types.ManagedObjectReference) 
 	simulator.Map.WithLock(vm, func() {
 		tracked := vm.Config.ChangeTrackingEnabled != nil && *vm.Config.ChangeTrackingEnabled
 		keys := map[int32]string{}
+		files := map[int32]string{}
 		devices := make([]types.BaseVirtualDevice, 0, len(vm.Config.Hardware.Device))
 		for _, d := range vm.Config.Hardware.Device {
 			disk, ok := d.(*types.VirtualDisk)
@@ -448,6 +511,7 @@ func freeze(vm *simulator.VirtualMachine, snapRef types.ManagedObjectReference) 
 			}
 			keys[disk.Key] = cid
 			setChangeID(disk, cid)
+			files[disk.Key] = backingFile(disk)
 			clone := *disk
 			clone.CapacityInBytes = capacityOf(disk)
 			clone.Backing = cloneBacking(disk.Backing)
@@ -458,7 +522,89 @@ func freeze(vm *simulator.VirtualMachine, snapRef types.ManagedObjectReference) 
 		snap.Config.Hardware = hw
 		state.snapDisks[snapRef.Value] = keys
 		state.snapVM[snapRef.Value] = vm.Self.Value
+		state.snapFiles[snapRef.Value] = files
+		for _, disk := range disksOf(vm.Config.Hardware.Device) {
+			onDelta(vm, disk)
+		}
 	})
+}
+
+// onDelta moves a disk of vm onto a new delta: "[ds] dir/name.vmdk" (or a delta of it) ->
+// "[ds] dir/name-00000N.vmdk" with the first N not in use, its data a copy of the parent's.
+func onDelta(vm *simulator.VirtualMachine, disk *types.VirtualDisk) {
+	parent := backingFile(disk)
+	stem := strings.TrimSuffix(parent, ".vmdk")
+	if i := strings.LastIndex(stem, "-"); i > 0 && len(stem)-i == 7 {
+		if _, err := strconv.Atoi(stem[i+1:]); err == nil {
+			stem = stem[:i]
+		}
+	}
+	for n := 1; ; n++ {
+		name := fmt.Sprintf("%s-%06d.vmdk", stem, n)
+		p, err := dataPath(vm, name)
+		if err != nil {
+			log.Print(err)
+			return
+		}
+		if _, err := os.Stat(p); err == nil {
+			continue
+		}
+		copyData(vm, parent, name)
+		setBackingFile(disk, name)
+		return
+	}
+}
+
+// copyData makes the data file of `to` a copy of the data file of `from`.
+func copyData(vm *simulator.VirtualMachine, from, to string) {
+	src, err1 := dataPath(vm, from)
+	dst, err2 := dataPath(vm, to)
+	if err1 != nil || err2 != nil {
+		log.Print(err1, err2)
+		return
+	}
+	data, err := ioutil.ReadFile(src)
+	if err != nil {
+		log.Print(err)
+		return
+	}
+	if err := ioutil.WriteFile(dst, data, 0o644); err != nil {
+		log.Print(err)
+	}
+}
+
+func setBackingFile(disk *types.VirtualDisk, name string) {
+	if b, ok := disk.Backing.(types.BaseVirtualDeviceFileBackingInfo); ok {
+		b.GetVirtualDeviceFileBackingInfo().FileName = name
+	}
+}
+
+// revertDisks discards the VM's deltas: each restarts as a copy of the snapshot's disk.
+func revertDisks(vm *simulator.VirtualMachine, snap string) {
+	files := state.snapFiles[snap]
+	for _, disk := range disksOf(vm.Config.Hardware.Device) {
+		if frozen, ok := files[disk.Key]; ok {
+			copyData(vm, frozen, backingFile(disk))
+		}
+	}
+}
+
+// mergeDisks folds the VM's deltas into the (current) snapshot's disks, which the VM runs on
+// again.
+func mergeDisks(vm *simulator.VirtualMachine, snap string) {
+	files := state.snapFiles[snap]
+	for _, disk := range disksOf(vm.Config.Hardware.Device) {
+		frozen, ok := files[disk.Key]
+		delta := backingFile(disk)
+		if !ok || frozen == delta {
+			continue
+		}
+		copyData(vm, delta, frozen)
+		if p, err := dataPath(vm, delta); err == nil {
+			_ = os.Remove(p)
+		}
+		setBackingFile(disk, frozen)
+	}
 }
 
 func cloneBacking(b types.BaseVirtualDeviceBackingInfo) types.BaseVirtualDeviceBackingInfo {
@@ -483,9 +629,15 @@ func setChangeID(disk *types.VirtualDisk, cid string) {
 }
 
 func (h *wrapper) snapshotTask(w http.ResponseWriter, r *http.Request, snap types.ManagedObjectReference, remove bool) {
-	vmRef := ""
+	vmRef, current := "", false
 	if s, ok := simulator.Map.Get(snap).(*simulator.VirtualMachineSnapshot); ok {
 		vmRef = s.Vm.Value
+		if vm := vmByRef(s.Vm); vm != nil {
+			simulator.Map.WithLock(vm, func() {
+				current = vm.Snapshot != nil && vm.Snapshot.CurrentSnapshot != nil &&
+					*vm.Snapshot.CurrentSnapshot == snap
+			})
+		}
 	}
 	rec := h.record(r)
 	if task := taskOf(rec); task != nil && vmRef != "" {
@@ -496,14 +648,32 @@ func (h *wrapper) snapshotTask(w http.ResponseWriter, r *http.Request, snap type
 				task.Info.EntityName = vm.Name
 			}
 		})
-		if remove && task.Info.State == types.TaskInfoStateSuccess {
-			state.mu.Lock()
-			delete(state.snapDisks, snap.Value)
-			delete(state.snapVM, snap.Value)
-			state.mu.Unlock()
+		if task.Info.State == types.TaskInfoStateSuccess {
+			h.snapshotDone(vmByRef(ref), snap.Value, remove, current)
 		}
 	}
 	copyRecorded(w, rec)
+}
+
+// snapshotDone applies a finished revert or removal to the disks and forgets a removed snapshot.
+func (h *wrapper) snapshotDone(vm *simulator.VirtualMachine, snap string, remove, current bool) {
+	state.mu.Lock()
+	defer state.mu.Unlock()
+	if vm != nil {
+		simulator.Map.WithLock(vm, func() {
+			switch {
+			case !remove:
+				revertDisks(vm, snap)
+			case current:
+				mergeDisks(vm, snap)
+			}
+		})
+	}
+	if remove {
+		delete(state.snapDisks, snap)
+		delete(state.snapVM, snap)
+		delete(state.snapFiles, snap)
+	}
 }
 
 func (h *wrapper) reconfigure(w http.ResponseWriter, r *http.Request, req *types.ReconfigVM_Task) {
@@ -562,7 +732,7 @@ func queryChangedDiskAreas(w http.ResponseWriter, req *types.QueryChangedDiskAre
 		return
 	}
 	if fault := state.ctl(vm.Name).queryFault; fault != "" {
-		writeFault(w, fault, "change tracking data is not usable", "")
+		writeFault(w, fault, "change tracking data is not usable", faultDetail(fault))
 		return
 	}
 	if cur == "" {
@@ -638,12 +808,14 @@ func min64(a, b int64) int64 {
 // ---- test control ----
 
 type controlReq struct {
-	VM           string  `json:"vm"`
-	QuiesceFault *bool   `json:"quiesce_fault"`
-	CBTSupported *bool   `json:"cbt_supported"`
-	CBTReset     bool    `json:"cbt_reset"`
-	QueryFault   *string `json:"query_fault"`
-	CBTWindow    *int64  `json:"cbt_window"`
+	VM           string            `json:"vm"`
+	QuiesceFault *bool             `json:"quiesce_fault"`
+	CBTSupported *bool             `json:"cbt_supported"`
+	CBTReset     bool              `json:"cbt_reset"`
+	QueryFault   *string           `json:"query_fault"`
+	CBTWindow    *int64            `json:"cbt_window"`
+	DropAt       *string           `json:"drop_at"`
+	CallFaults   map[string]string `json:"call_faults"`
 }
 
 func findVM(name string) *simulator.VirtualMachine {
@@ -665,6 +837,12 @@ func control(w http.ResponseWriter, r *http.Request) {
 	defer state.mu.Unlock()
 	if req.CBTWindow != nil {
 		state.window = *req.CBTWindow
+	}
+	if req.DropAt != nil {
+		state.dropAt = *req.DropAt
+	}
+	for method, fault := range req.CallFaults {
+		state.faults[method] = fault
 	}
 	if req.VM != "" {
 		vm := findVM(req.VM)

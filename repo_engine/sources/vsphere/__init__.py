@@ -18,9 +18,12 @@ Backup (`frozen_vm` in source.py, driven by `repo-engine backup vsphere`):
    serialized with the connection's API version, each disk's changeId.
 7. Always remove the snapshot (also on errors and Ctrl-C), consolidate if vCenter asks.
 
-Restore (restore.py): in place — VM off, snapshot, write the blocks CBT says changed since the
-point, revert, remove, mark the VM for a full next backup; or as a new VM from the saved
-configuration, writing every non-zero block.
+Restore (repo_engine/restore/vsphere.py): in place — VM off, PrepareForAccess, snapshot (the VM
+now runs on deltas), write the blocks that differ from the point (CBT since the point, else read
+and compared) into the deltas, remove the snapshot (merging them); on failure revert to the
+snapshot, so a restore is all or nothing; the VM is marked for a full next backup only when
+something was written. Or as a new VM from the saved configuration, writing every non-zero
+block, deleting the half-made VM on failure.
 """
 
 from .errors import VSphereError

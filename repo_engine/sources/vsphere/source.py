@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from ...backup.source import BlockDevice, ChangeReport, Parent, SourceDisk, VmSn
 from ...errors import SourceError
 from . import cbt, marks, snapshots, vmconfig
 from .connection import Connection
-from .errors import VSphereError
+from .errors import ConnectionLost, VSphereError, connection_broke
 from .inventory import INDEPENDENT, DiskInfo, disks_of
 
 
@@ -121,24 +122,27 @@ def _split(disks: list[DiskInfo]) -> tuple[list[DiskInfo], list[dict]]:
 
 
 @contextmanager
-def _no_migration(plane: DataPlane, conn: Connection, vm: Any, notes: list[str]) -> Iterator[None]:
+def no_migration(plane: DataPlane, conn: Connection, vm: Any, notes: list[str],
+                 purpose: str) -> Iterator[None]:
     """VDDK's PrepareForAccess before the snapshot, EndAccess after it is gone (also on failure):
-    meanwhile vCenter does not migrate the VM (vMotion, Storage vMotion) under the backup."""
+    meanwhile vCenter does not migrate the VM (vMotion, Storage vMotion) under the `purpose`
+    ("backup", "restore")."""
+    vm_name = vm.name
     access = plane.connection(conn, vm._moId, None)
     try:
         prepared = access.prepare_for_access()
     except vddk_ext.VixError as exc:
-        # advisory only (a user without the privilege to disable migration can still back up)
+        # advisory only (a user without the privilege to disable migration can still go on)
         prepared = False
         notes.append(f"PrepareForAccess failed ({exc.strerror or exc}): vCenter was not asked "
-                     "to keep the VM from migrating during the backup")
-    except OSError as exc:   # VDDK not loadable: no disk could be read either
-        raise VSphereError(f"VDDK cannot prepare {vm.name} for access (PrepareForAccess): "
-                           f"{exc.strerror or exc}; nothing was backed up") from None
+                     f"to keep the VM from migrating during the {purpose}")
+    except OSError as exc:   # VDDK not loadable: no disk could be opened either
+        raise VSphereError(f"VDDK cannot prepare {vm_name} for access (PrepareForAccess): "
+                           f"{exc.strerror or exc}; the {purpose} did not start") from None
     else:
         if not prepared:
             notes.append("this VDDK has no PrepareForAccess: vCenter was not asked to keep the "
-                         "VM from migrating during the backup")
+                         f"VM from migrating during the {purpose}")
     try:
         yield
     finally:
@@ -147,7 +151,7 @@ def _no_migration(plane: DataPlane, conn: Connection, vm: Any, notes: list[str])
                 access.end_access()
             except OSError as exc:
                 log.warning("VDDK EndAccess for %s failed (%s): vCenter may still keep it from "
-                            "migrating", vm.name, exc.strerror or exc)
+                            "migrating", vm_name, exc.strerror or exc)
 
 
 @dataclass
@@ -175,7 +179,7 @@ def frozen_vm(conn: Connection, vm: Any, repo: Any, *, name: str | None = None,
     mark = marks.load(repo.path, vm_uuid)
     full_reason = (f"a restore wrote to the VM at {mark.last_write}"
                    if mark is not None and mark.full_next else "")
-    with _no_migration(plane, conn, vm, notes), snapshots.held(vm, "backup", quiesce) as held:
+    with no_migration(plane, conn, vm, notes, "backup"), snapshots.held(vm, "backup", quiesce) as held:
         config = held.snap.config
         disks, skipped = _split(disks_of(config.hardware.device))
         if not disks:
@@ -202,10 +206,11 @@ def frozen_vm(conn: Connection, vm: Any, repo: Any, *, name: str | None = None,
             yield Frozen(snapshot, vm, vm_uuid, bool(full_reason))
         except VSphereError:
             raise
-        except (OSError, SourceError) as exc:   # a VDDK read, mostly
+        except (OSError, SourceError, HTTPException) as exc:   # a VDDK read, mostly
             text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise VSphereError(f"backup of {vm.name} failed: {text}; no restore point was "
-                               "stored and the snapshot was removed") from None
+            kind = ConnectionLost if connection_broke(exc) else VSphereError
+            raise kind(f"backup of {vm_name} failed: {text or type(exc).__name__}; no restore "
+                       "point was stored") from None
 
 
 def after_backup(repo_path: Path, frozen: Frozen) -> None:

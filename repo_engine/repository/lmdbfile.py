@@ -1,0 +1,79 @@
+"""A check of LMDB's data file (`index/data.mdb`) before it is mapped.
+
+LMDB maps the file and trusts it: a truncated file kills the process with SIGBUS when a page past
+its end is touched, a zeroed or garbage one fails deep inside the library. Both meta pages are
+read with plain reads first:
+
+| offset (in a meta page) | size | field                                                  |
+|-------------------------|------|--------------------------------------------------------|
+| 0                       | 8    | page number (0 or 1)                                   |
+| 10                      | 2    | page flags (P_META = 0x08)                             |
+| 16                      | 4    | magic 0xBEEFC0DE                                       |
+| 20                      | 4    | data format version (1)                                |
+| 40                      | 4    | the free-page database's pad field: the page size      |
+| 136                     | 8    | last page number in use                                |
+| 144                     | 8    | id of the transaction that wrote this meta page        |
+
+Meta page 0 sits at offset 0, meta page 1 at offset page size; LMDB uses the one with the higher
+transaction id, and the file must hold every page up to that meta page's last page.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DamageError
+
+MAGIC = 0xBEEFC0DE
+DATA_VERSION = 1
+P_META = 0x08
+META = struct.Struct("<Q2xH4xII16xI92xQQ")
+assert META.size == 152
+
+
+@dataclass(frozen=True)
+class MetaPage:
+    page: int
+    flags: int
+    magic: int
+    version: int
+    page_size: int
+    last_page: int
+    txn_id: int
+
+    def valid(self, number: int) -> bool:
+        return (self.page == number and self.flags & P_META and self.magic == MAGIC
+                and self.version == DATA_VERSION)
+
+
+def _damaged(path: Path, why: str) -> DamageError:
+    return DamageError(f"index file {path} is damaged ({why}); run 'repo-engine rebuild-index'")
+
+
+def _meta_at(data: bytes) -> MetaPage:
+    return MetaPage(*META.unpack_from(data))
+
+
+def check_data_file(path: Path) -> None:
+    """DamageError unless `path` looks like an LMDB data file whose pages are all present."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        first = f.read(META.size)
+        if len(first) < META.size:
+            raise _damaged(path, f"{size} bytes, shorter than a meta page")
+        meta0 = _meta_at(first)
+        page_size = meta0.page_size
+        if not meta0.valid(0) or not 512 <= page_size <= 65536 or page_size & (page_size - 1):
+            raise _damaged(path, "no LMDB meta page at its start")
+        f.seek(page_size)
+        second = f.read(META.size)
+    if len(second) < META.size or not _meta_at(second).valid(1):
+        raise _damaged(path, "its second meta page is missing or not a meta page")
+    meta1 = _meta_at(second)
+    current = meta1 if meta1.txn_id > meta0.txn_id else meta0
+    needed = (current.last_page + 1) * page_size
+    if size < needed:
+        raise _damaged(path, f"{size} bytes, but its pages need {needed}: truncated")
