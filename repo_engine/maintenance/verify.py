@@ -188,7 +188,9 @@ def _changed_since(repo: Repository, point: PointRecord) -> bool:
     with index.env.begin() as txn:
         raw = txn.get(point.id.encode(), db=index.points)
         forgetting = txn.get(point.id.encode(), db=index.forgetting) is not None
-    return forgetting or raw is None or json.loads(raw).get("generation") != point.generation
+    if forgetting or raw is None:
+        return True
+    return index.record(point.id.encode(), raw).get("generation") != point.generation
 
 
 def _record_differences(record: PointRecord, manifest: PointRecord) -> list[str]:

@@ -123,6 +123,8 @@ class Index:
             for name in ("meta", "ids", "refs", "packs", "packnames", "points", *MAINT_DBS):
                 setattr(self, name, self.env.open_db(name.encode(), create=not self.read_only))
             self.checked = self._check_version(create)
+        except (lmdb.ReadonlyError, lmdb.DiskError):
+            raise  # permission denied, disk full: no damage (the CLI says what it is)
         except lmdb.Error as exc:
             raise DamageError(f"{path}: the index cannot be read ({exc}); run "
                               "'repo-engine rebuild-index'") from None

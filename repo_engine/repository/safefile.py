@@ -132,5 +132,8 @@ def remove(path: Path) -> None:
     """Delete `path` from its directory, which must be a real directory (a symlinked directory
     would make the deletion land outside the repository). A symlink itself is removed, never
     what it points to."""
-    check_dir(path.parent)
+    try:
+        check_dir(path.parent)
+    except FileNotFoundError:
+        return  # no directory, no file: nothing to delete
     path.unlink(missing_ok=True)
