@@ -167,7 +167,10 @@ class LocalStore:
                 continue
             parents.add(path.parent)
         for parent in parents:
-            fsync_dir(parent)
+            try:
+                fsync_dir(parent)
+            except FileNotFoundError:
+                pass  # no directory: nothing was removed from it
 
     def close(self) -> None:
         with self._fds_lock:
