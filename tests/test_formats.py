@@ -13,7 +13,8 @@ from repo_engine.repository.envelope import seal, unseal
 from repo_engine.repository.formats import BLOCK_MAP, CONFIG, PACK
 from repo_engine.repository.index import decode_record, encode_record
 from repo_engine.repository.lmdbfile import META, MetaPage, check_data_file
-from repo_engine.repository.packs import HEADER, PackWriter, read_trailer
+from repo_engine.repository.packs import HEADER, PackWriter, pack_object, read_trailer
+from repo_engine.repository.store.local import LocalStore
 
 
 def test_envelope_golden():
@@ -43,8 +44,9 @@ def test_block_map_golden():
 
 
 def test_pack_layout_and_trailing_nul_ids(tmp_path):
-    (tmp_path / "packs").mkdir()
-    writer = PackWriter(tmp_path, tmp_path / "packs")
+    (tmp_path / "tmp").mkdir()
+    store = LocalStore(tmp_path)
+    writer = PackWriter(store)
     ids = [bytes(31) + b"\x01", b"\x07" * 31 + b"\x00", bytes(32)]
     for ref, chunk_id in enumerate(ids, start=1):
         writer.add(ref, chunk_id, b"blob%d" % ref, 5, 0)
@@ -54,17 +56,17 @@ def test_pack_layout_and_trailing_nul_ids(tmp_path):
     assert pack.name == blake3.blake3(raw).hexdigest()
     assert raw[:HEADER.size] == PACK.magic + b"\x01\x00\x00\x00" + bytes(4)
     assert raw[16:31] == b"blob1blob2blob3"
-    entries = read_trailer(path)
+    entries = read_trailer(store, pack_object(pack.name))
     assert [e.tobytes() for e in entries["id"]] == ids
     assert entries["offset"].tolist() == [16, 21, 26]
     damaged = bytearray(raw)
     damaged[40] ^= 0xFF
     path.write_bytes(bytes(damaged))
     with pytest.raises(DamageError, match="trailer checksum"):
-        read_trailer(path)
+        read_trailer(store, pack_object(pack.name))
     path.write_bytes(raw[:-3])
     with pytest.raises(DamageError, match="truncated|damaged"):
-        read_trailer(path)
+        read_trailer(store, pack_object(pack.name))
 
 
 def test_catalog_record_golden():

@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 
 from repo_engine.errors import DamageError
-from repo_engine.repository.blockmap import HEAD, decode, map_path
+from repo_engine.repository.blockmap import HEAD, decode, map_object
 from repo_engine.repository.envelope import seal, write_sealed
 from repo_engine.repository.formats import BLOCK_MAP, POINT
-from repo_engine.repository.points import point_path, read_point
+from repo_engine.repository.points import point_object, read_point
+from repo_engine.repository.store.local import LocalStore
 
 from helpers import MIB, DiskModel, cli, tree_digest
 
@@ -177,10 +178,11 @@ def _rewrite_manifest(repo: Path, change: Callable[[dict], None]) -> str:
     """Change the newest point's manifest (resealed: only the content is hostile) and rebuild
     the index from it, as an attacker who can write the repository would."""
     manifest = max((repo / "points").glob("*.point"), key=lambda p: p.stat().st_mtime)
-    point = read_point(manifest)
+    store, name = LocalStore(repo), f"points/{manifest.name}"
+    point = read_point(store, name)
     doc = asdict(point)
     change(doc)
-    write_sealed(manifest, POINT, json.dumps(doc, sort_keys=True).encode())
+    write_sealed(store, name, POINT, json.dumps(doc, sort_keys=True).encode())
     return point.id
 
 
@@ -253,7 +255,7 @@ def test_absurd_map_file_restores_as_damage(hostile, tmp_path):
     data = seal(BLOCK_MAP, HEAD.pack(0, 1 << 40, 1 << 40)
                 + zstandard.ZstdCompressor().compress(bytes(64)))
     name = blake3.blake3(data).hexdigest()
-    path = map_path(repo / "maps", name)
+    path = repo / map_object(name)
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(data)
     _rewrite_manifest(repo, _disk0(lambda d: d.update(map=name, kind="full", parent=None,
@@ -367,9 +369,9 @@ def test_existing_world_readable_repository_still_opens(tmp_path, capsys):
 def test_names_from_disk_never_become_paths_outside(tmp_path):
     for bad in ("../x", "0123456789abcdeF", "/etc/passwd0000", ""):
         with pytest.raises(DamageError, match="not a valid name"):
-            point_path(tmp_path, bad)
+            point_object(bad)
         with pytest.raises(DamageError, match="not a valid name"):
-            map_path(tmp_path, bad)
+            map_object(bad)
 
 
 def test_rebuild_index_reports_what_it_skips(hostile):

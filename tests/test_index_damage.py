@@ -17,7 +17,6 @@ import pytest
 
 from helpers import KIB, MIB, DiskModel, cli, write_extents
 from repo_engine.repository.index import U64
-from repo_engine.repository.points import write_point
 from repo_engine.repository.repo import Repository
 
 BS = 16 * KIB
@@ -317,7 +316,7 @@ def test_index_of_version_1_still_opens(chain, capsys):
         for point in chain.expected:
             manifest = repo.load_point(point)
             manifest.seq = 0
-            write_point(repo.points_dir, manifest)
+            repo.write_manifest(manifest)
     listed = cli(capsys, "points", chain.repo, "--json")
     assert listed.code == 0, listed.err
     old = [p["id"] for p in listed.json()["points"]]

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import KIB, MIB, DiskModel, cli, disk_of, restore_bytes, write_extents
 from repo_engine.repository.index import REF_KEY, REF_REC
-from repo_engine.repository.packs import pack_path
+from repo_engine.repository.packs import pack_object
 from repo_engine.repository.repo import Repository
 
 BS = 16 * KIB
@@ -54,7 +54,8 @@ def place_of_block(repo_path: Path, point_id: str, block: int) -> tuple[Path, in
         with repo.index.env.begin() as txn:
             _id, number, offset, stored, _raw, _codec = REF_REC.unpack(
                 txn.get(REF_KEY.pack(ref), db=repo.index.refs))
-        return pack_path(repo.packs_dir, repo.index.pack_info(number).name), offset, stored
+        name = repo.index.pack_info(number).name
+        return repo.store.path_of(pack_object(name)), offset, stored
 
 
 def assert_restores(capsys, repo, expected, ids, tmp_path):

@@ -1,6 +1,10 @@
 """Maintenance: statistics, retention and forget, garbage collection, verify, scrub and
 rebuild-index; each module's docstring states its protocol.
 
+Maintenance reads and deletes the repository's objects only through the repository and its
+store (names, never paths): walks list the store (`inventory.objects_under`), deletions are
+batched (`Store.delete`). What stays local: the index, the lock files, the pack spool.
+
 Concurrency rules (docs/FORMAT.md, "Concurrency", has them in full):
 
 - Locks: backup, restore, points, show, diff, stats, verify, scrub and `gc --dry-run` take a
@@ -11,14 +15,14 @@ Concurrency rules (docs/FORMAT.md, "Concurrency", has them in full):
 - Lock, then read: the index opens on first use; `Repository.lock` reopens an index that
   rebuild-index replaced before the lock was taken, and decisions read before the lock are
   checked again under it.
-- A shared holder may assume that no file the index named while it held the lock is deleted
+- A shared holder may assume that no object the index named while it held the lock is deleted
   before it releases it; the catalog may still change (forget), so a finding about a point whose
   record changed since it was read is not reported as damage.
 - A maintenance holder shares the repository with running backups: whatever it writes in a
   write transaction is derived from that transaction's own reads, or limited to what its earlier
   snapshot saw (the recount: unchanged catalog, live counts for packs below the snapshot's
   `next_pack`, `gc_mark` set to it).
-- gc deletes a file only after waiting for every session that held a lock when it made the file
+- gc deletes an object only after waiting for every session that held a lock when it made the file
   unreachable (gc.py, steps 4 and 7); verify and scrub hold their shared lock from before their
   snapshot to their report, so they never report what gc or forget removed meanwhile as damage.
 """

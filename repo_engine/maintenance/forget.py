@@ -24,10 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ..errors import PointNotFound, UsageError
-from ..repository.atomic import fsync_dir
 from ..repository.blockmap import BlockMap, delta_between
 from ..repository.locks import MAINTENANCE
-from ..repository.points import PointRecord, point_path
+from ..repository.points import PointRecord
 from ..repository.repo import Repository
 from .retention import Decision, Policy, PointInfo, apply_policy, parse_time
 
@@ -104,10 +103,7 @@ def _forget_one(repo: Repository, point_id: str) -> list[str]:
             rewritten.append(child.id)
         if not children and _delete_if_childless(repo, point_id):
             break
-    path = point_path(repo.points_dir, point_id)
-    if path.exists():
-        path.unlink()
-        fsync_dir(path.parent)
+    repo.delete_manifest(point_id)
     return rewritten
 
 

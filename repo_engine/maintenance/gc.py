@@ -43,14 +43,16 @@ import lmdb
 import numpy as np
 
 from ..errors import DamageError, LockedError, RepoError
+from ..repository.store import ObjectMissing
 from ..pause import pause_point
 from ..repository.index import LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index
 from ..repository.locks import MAINTENANCE, SHARED
-from ..repository.packs import ENTRY, FOOTER, HEADER, PackWriter, pack_path, read_trailer
+from ..repository.blockmap import map_object
+from ..repository.packs import ENTRY, FOOTER, HEADER, PackWriter, pack_object
+from ..repository.points import point_object
 from ..repository.repo import Repository, unique_refs
-from ..repository.safefile import read_limited, remove
 from . import forget
-from .inventory import (MapCache, dead_tmp_files, files_under, live_refs, scan_counts,
+from .inventory import (MapCache, dead_tmp_files, live_refs, objects_under, scan_counts,
                         scan_refs, sessions, wait_for)
 
 Tick = Callable[[str], None]
@@ -83,10 +85,10 @@ class GcReport:
 @dataclass
 class _Listed:
     candidates: list[int]
-    maps: dict[str, Path]
-    manifests: dict[str, Path]
-    packs: dict[str, Path]
-    tmp: list[Path]
+    maps: list[str]  # names
+    manifests: list[str]  # point ids
+    packs: dict[str, int]  # name: size
+    tmp: list[Path]  # spool files
 
 
 def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unused: float = 10.0,
@@ -153,7 +155,7 @@ def queue_uncounted(repo: Repository) -> None:
         for number, raw in _packs_from(txn, index, mark, end):
             name = PACK_REC.unpack(raw)[0].hex()
             try:
-                entries = read_trailer(pack_path(repo.packs_dir, name))
+                entries = repo.read_trailer(name)
             except RepoError:
                 continue
             for ref, offset in zip(entries["ref"].tolist(), entries["offset"].tolist()):
@@ -279,9 +281,9 @@ def _write_packlive(txn: lmdb.Transaction, index: Index, refs_table: np.ndarray,
 # -- step 3: mark ---------------------------------------------------------------------------
 def _mark(repo: Repository) -> _Listed:
     index = repo.index
-    maps = files_under(repo.maps_dir, ".map")
-    manifests = files_under(repo.points_dir, ".point")
-    packs = files_under(repo.packs_dir, ".pack")
+    maps = objects_under(repo, "maps")
+    manifests = objects_under(repo, "points")
+    packs = {n: info.size for n, info in objects_under(repo, "packs").items()}
     tmp = dead_tmp_files(repo)
     with index.env.begin(write=True) as txn:
         candidates = []
@@ -297,9 +299,9 @@ def _mark(repo: Repository) -> _Listed:
         named = {d["map"] for k, v in txn.cursor(db=index.points)
                  for d in index.record(k, v)["disks"]}
         listed = {PACK_REC.unpack(v)[0].hex() for _, v in txn.cursor(db=index.packs)}
-        maps = {n: p for n, p in maps.items() if n not in named and not _map_used(txn, index, n)}
-        manifests = {i: p for i, p in manifests.items() if not _point_known(txn, index, i)}
-        packs = {n: p for n, p in packs.items()
+        maps = [n for n in maps if n not in named and not _map_used(txn, index, n)]
+        manifests = [i for i in manifests if not _point_known(txn, index, i)]
+        packs = {n: size for n, size in packs.items()
                  if n not in listed and not _pack_known(txn, index, n)}
     return _Listed(candidates, maps, manifests, packs, tmp)
 
@@ -355,19 +357,14 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport) -> None:
             touched.add(pack)
             report.chunks_dropped += 1
             report.stored_bytes_dropped += stored
-        for name, path in listed.maps.items():
-            if not _map_used(txn, index, name):
-                path.unlink(missing_ok=True)
-                report.maps_deleted += 1
-        for point_id, path in listed.manifests.items():
-            if not _point_known(txn, index, point_id):
-                path.unlink(missing_ok=True)
-                report.manifests_deleted += 1
-        for name, path in listed.packs.items():
-            if not _pack_known(txn, index, name):
-                report.freed_bytes += _size(path)
-                path.unlink(missing_ok=True)
-                report.orphan_packs_deleted += 1
+        maps = [map_object(n) for n in listed.maps if not _map_used(txn, index, n)]
+        manifests = [point_object(i) for i in listed.manifests if not _point_known(txn, index, i)]
+        packs = {n: size for n, size in listed.packs.items() if not _pack_known(txn, index, n)}
+        repo.store.delete(maps + manifests + [pack_object(n) for n in packs])
+        report.maps_deleted += len(maps)
+        report.manifests_deleted += len(manifests)
+        report.orphan_packs_deleted += len(packs)
+        report.freed_bytes += sum(packs.values())
         for number in sorted(touched):
             live = txn.get(PACK_KEY.pack(number), db=index.packlive)
             if (live is not None and LIVE_REC.unpack(live)[0] == 0
@@ -396,7 +393,7 @@ def _places_chunks(repo: Repository, txn: lmdb.Transaction, number: int) -> bool
     if raw is None:
         return False
     try:
-        entries = read_trailer(pack_path(repo.packs_dir, PACK_REC.unpack(raw)[0].hex()))
+        entries = repo.read_trailer(PACK_REC.unpack(raw)[0].hex())
     except RepoError:
         return False  # unreadable: its chunks are lost anyway (verify and scrub report them)
     for ref in entries["ref"].tolist():
@@ -419,13 +416,6 @@ def _retire_pack(txn: lmdb.Transaction, index: Index, number: int) -> None:
     txn.put(name, b"", db=index.deadpacks)
     index._add(txn, "packs", -1)
     index._add(txn, "pack_bytes", -size)
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.lstat().st_size
-    except FileNotFoundError:
-        return 0
 
 
 # -- step 6: repack ---------------------------------------------------------------------------
@@ -485,9 +475,8 @@ def _repack(repo: Repository, max_unused: float, report: GcReport, tick: Tick | 
 def _live_chunks(repo: Repository, number: int) -> list[tuple[int, bytes, bytes, int, int]]:
     """The live chunks of a pack, each checked against its id (DamageError if one is bad)."""
     info = repo.index.pack_info(number)
-    path = pack_path(repo.packs_dir, info.name)
-    entries = read_trailer(path)
-    data = read_limited(path, info.size)
+    entries = repo.read_trailer(info.name)
+    data = repo.read_pack(info.name, info.size)
     out = []
     with repo.index.env.begin() as txn:
         for e in entries:
@@ -537,15 +526,25 @@ def _dead_packs(repo: Repository) -> list[bytes]:
 
 
 def _delete_dead_packs(repo: Repository, report: GcReport) -> None:
+    """Delete the queued pack objects in one batch, then forget them in the index (a crash in
+    between leaves them queued: a rerun deletes nothing twice, since a missing name is fine)."""
     index = repo.index
-    for name in _dead_packs(repo):
-        path = pack_path(repo.packs_dir, name.hex())
-        report.freed_bytes += _size(path)
-        remove(path)
-        with index.env.begin(write=True) as txn:
+    names = _dead_packs(repo)
+    report.freed_bytes += sum(_size(repo, name.hex()) for name in names)
+    repo.delete_packs([name.hex() for name in names])
+    with index.env.begin(write=True) as txn:
+        for name in names:
             txn.delete(name, db=index.deadpacks)
             txn.delete(name, db=index.scrubbed)
-        report.packs_deleted += 1
+    report.packs_deleted += len(names)
+
+
+def _size(repo: Repository, name: str) -> int:
+    """The stored size of pack `name`, 0 when it is gone already."""
+    try:
+        return repo.store.size(pack_object(name))
+    except ObjectMissing:
+        return 0
 
 
 # -- dry run ----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""What maintenance reads in bulk: the index's ref table as numpy arrays, the files on disk, the
-maps in use, the sessions (lock holders) a deletion must outlast, and which points a set of bad
-refs or maps affects."""
+"""What maintenance reads in bulk: the index's ref table as numpy arrays, the objects in the
+store, the maps in use, the sessions (lock holders) a deletion must outlast, and which points a
+set of bad refs or maps affects."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import lmdb
 import numpy as np
@@ -20,7 +20,8 @@ from ..repository.index import Index
 from ..repository.locks import list_locks, remove_if_stale
 from ..repository.points import PointRecord
 from ..repository.repo import Repository, unique_refs
-from ..repository.safefile import is_name, is_regular
+from ..repository.safefile import is_name
+from ..repository.store import ObjectInfo
 
 # the refs table: key ref u64 big endian, value REF_REC (id, pack, offset, stored, raw, codec)
 REF_ROW = np.dtype({"names": ["id", "pack", "offset", "stored", "raw", "codec"],
@@ -76,29 +77,26 @@ def scan_counts(txn: lmdb.Transaction, db: object) -> tuple[np.ndarray, np.ndarr
             np.frombuffer(values, dtype="<u8").astype(np.uint64))
 
 
-NAME_LENGTH = {".pack": 64, ".map": 64, ".point": 16}  # hex digits of each kind's names
+KINDS = {"packs": (".pack", 64), "maps": (".map", 64), "points": (".point", 16)}
 
 
-def files_under(root: Path, suffix: str, skipped: list[str] | None = None) -> dict[str, Path]:
-    """{stem: path} of the regular files with `suffix` one or two levels below `root` whose stem
-    is a name the repository gives (NAME_LENGTH hex digits). Anything else (a symlink, FIFO,
-    device, a stray name; a symlinked directory is never entered) is left alone and described in
-    `skipped`: maintenance never reads or deletes through it."""
-    out: dict[str, Path] = {}
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            path, stem = Path(dirpath) / name, name[:-len(suffix)]
-            if not name.endswith(suffix) or name.startswith(".tmp-"):
-                continue
-            if not is_regular(path):
-                problem = "is not a regular file"
-            elif not is_name(stem, NAME_LENGTH[suffix]):
-                problem = "does not have a repository file name"
-            else:
-                out[stem] = path
-                continue
-            if skipped is not None:
-                skipped.append(f"{path} {problem}: left alone, never read (remove it)")
+def objects_under(repo: Repository, kind: str,
+                  skipped: list[str] | None = None) -> dict[str, ObjectInfo]:
+    """{name: object} of the objects of `kind` ("packs", "maps", "points") whose names are
+    ones the repository gives (KINDS: suffix and hex length). Anything else (in a directory
+    store: a symlink, FIFO, device, never followed; anywhere: a stray name) is left alone and
+    described in `skipped`: maintenance never reads or deletes through it."""
+    suffix, length = KINDS[kind]
+    out: dict[str, ObjectInfo] = {}
+    for info in repo.objects(kind, skipped):
+        stem = PurePosixPath(info.name).name.removesuffix(suffix)
+        if not info.name.endswith(suffix):
+            continue
+        if is_name(stem, length):
+            out[stem] = info
+        elif skipped is not None:
+            skipped.append(f"{repo.store.location}/{info.name} does not have a repository "
+                           "object name: left alone, never read (remove it)")
     return out
 
 
@@ -166,9 +164,9 @@ def wait_for(repo: Repository, held: list[Path], *, timeout: float | None,
 
 
 def dead_tmp_files(repo: Repository) -> list[Path]:
-    """Temporary pack files of dead processes of this host (`pack-<pid>-...tmp`)."""
+    """Spool files of packs that dead processes of this host were writing (`pack-<pid>-...tmp`)."""
     out = []
-    for path in repo.tmp_dir.glob("pack-*.tmp"):
+    for path in repo.store.spool_dir().glob("pack-*.tmp"):
         try:
             pid = int(path.name.split("-")[1])
         except (IndexError, ValueError):

@@ -23,16 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LockedError, RepoError
-from ..repository.config import read_config
+from ..repository.config import CONFIG_NAME, read_config
 from ..repository.index import Index
 from ..repository.locks import (EXCLUSIVE, SHARED, TORN_HOST, LockInfo, RepoLock, is_stale,
                                 list_locks, remove_if_stale, strays)
-from ..repository.packs import FinishedPack, PackEntry, read_trailer
+from ..repository.packs import FinishedPack, PackEntry
 from ..repository.points import read_point
 from ..repository.repo import Repository, check_layout
-from ..repository.safefile import open_reader
+from ..repository.store.local import LocalStore
 from .gc import recount
-from .inventory import files_under
+from .inventory import objects_under
 from .scrub import read_chunk
 
 
@@ -50,20 +50,21 @@ class RebuildReport:
 
 def rebuild_index(path: Path) -> RebuildReport:
     started = time.monotonic()
-    config = read_config(path / "config")
+    store = LocalStore(path)
+    config = read_config(store)
     check_layout(path)
     report = RebuildReport()
     with RepoLock(path / "locks", EXCLUSIVE, "rebuild-index"):
         work = path / f"index.rebuild-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         index = Index(work, create=True)
-        repo = Repository(path, config, index)
+        repo = Repository(store, config, index)
         try:
             _packs(repo, report)
             _points(repo, report)
             report.recount = recount(repo, strict=False)
         finally:
-            index.close()
+            repo.close()
         _swap(path, work)
     report.seconds = round(time.monotonic() - started, 3)
     return report
@@ -72,9 +73,9 @@ def rebuild_index(path: Path) -> RebuildReport:
 def _packs(repo: Repository, report: RebuildReport) -> None:
     seen: set[int] = set()
     skipped = report.unreadable_packs  # symlinks, FIFOs, ...: never read
-    for name, pack_file in sorted(files_under(repo.packs_dir, ".pack", skipped).items()):
+    for name, info in sorted(objects_under(repo, "packs", skipped).items()):
         try:
-            entries = read_trailer(pack_file)
+            entries = repo.read_trailer(name)
         except RepoError as exc:
             report.unreadable_packs.append(str(exc))
             continue
@@ -85,21 +86,20 @@ def _packs(repo: Repository, report: RebuildReport) -> None:
                               int(e["raw"]), int(e["codec"]))
             if ref in seen:
                 report.duplicate_refs += 1
-                if _decodes(repo, pack_file, entry) and read_chunk(repo, ref) is None:
+                if _decodes(repo, name, entry) and read_chunk(repo, ref) is None:
                     chosen.append(entry)
                 continue
             seen.add(ref)
             chosen.append(entry)
-        repo.index.commit_pack(FinishedPack(name, pack_file.stat().st_size, chosen))
+        repo.index.commit_pack(FinishedPack(name, info.size, chosen))
         report.packs += 1
         report.chunks += len(chosen)
 
 
-def _decodes(repo: Repository, pack_file: Path, e: PackEntry) -> bool:
+def _decodes(repo: Repository, name: str, e: PackEntry) -> bool:
     try:
-        with open_reader(pack_file) as f:
-            blob = os.pread(f.fileno(), e.stored, e.offset)
-        repo.codec.decode(blob, e.codec, e.raw, e.chunk_id, str(pack_file))
+        blob = repo.read_chunk_range(name, e.offset, e.stored)
+        repo.codec.decode(blob, e.codec, e.raw, e.chunk_id, f"pack {name}")
         return True
     except (RepoError, OSError):
         return False
@@ -107,14 +107,15 @@ def _decodes(repo: Repository, pack_file: Path, e: PackEntry) -> bool:
 
 def _points(repo: Repository, report: RebuildReport) -> None:
     skipped = report.unreadable_manifests
-    for point_id, manifest in sorted(files_under(repo.points_dir, ".point", skipped).items()):
+    for point_id, info in sorted(objects_under(repo, "points", skipped).items()):
         try:
-            point = read_point(manifest)
+            point = read_point(repo.store, info.name)
         except RepoError as exc:
             report.unreadable_manifests.append(str(exc))
             continue
         if point.id != point_id:
-            report.unreadable_manifests.append(f"{manifest}: names point {point.id}")
+            report.unreadable_manifests.append(f"{repo.store.location}/{info.name}: names "
+                                               f"point {point.id}")
             continue
         repo.index.put_point(point.id, point.summary())
         report.points += 1
@@ -137,8 +138,9 @@ class UnlockReport:
 
 def unlock(path: Path, *, force: bool = False) -> UnlockReport:
     """Remove stale locks (holder dead on this host); live ones or other hosts' only with force."""
-    if not os.path.lexists(path / "config"):
-        read_config(path / "config")  # raises NotARepository
+    store = LocalStore(path)
+    if not store.exists(CONFIG_NAME):  # a damaged config does not stop unlock; none does
+        read_config(store)  # raises NotARepository (or damage: not a regular file)
     check_layout(path)
     report = UnlockReport()
     # half-created lock files carry no readable holder: test their flock as if they were ours

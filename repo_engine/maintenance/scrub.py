@@ -48,9 +48,7 @@ from ..errors import DamageError, RepoError, UsageError
 from ..pause import pause_point
 from ..repository.index import REF_KEY, REF_REC, U64, PackInfo
 from ..repository.locks import MAINTENANCE, SHARED
-from ..repository.packs import pack_path, read_trailer
 from ..repository.repo import Repository
-from ..repository.safefile import open_reader, read_limited
 from ..units import mib_per_s, parse_seconds, plural
 from .gc import less_live
 from .inventory import Affected, affected_by, scan_refs, scan_u64_keys
@@ -179,10 +177,9 @@ def select_packs(repo: Repository, subset: tuple[str, float, int] | None) -> lis
 
 def _scrub_pack(repo: Repository, pack: PackInfo) -> _PackResult:
     result = _PackResult(pack)
-    path = pack_path(repo.packs_dir, pack.name)
     try:
-        entries = read_trailer(path)
-        data = read_limited(path, pack.size)
+        entries = repo.read_trailer(pack.name)
+        data = repo.read_pack(pack.name, pack.size)
     except (DamageError, OSError) as exc:
         result.unreadable = str(exc)
         return result
@@ -354,9 +351,7 @@ def read_chunk(repo: Repository, ref: int) -> tuple[bytes, bytes, int, int] | No
         return None
     chunk_id, number, offset, stored, raw, codec = REF_REC.unpack(rec)
     try:
-        path = pack_path(repo.packs_dir, repo.index.pack_info(number).name)
-        with open_reader(path) as f:
-            blob = os.pread(f.fileno(), stored, offset)
+        blob = repo.read_chunk_range(repo.index.pack_info(number).name, offset, stored)
         repo.codec.decode(blob, codec, raw, chunk_id, f"ref {ref}")
     except (RepoError, OSError):
         return None

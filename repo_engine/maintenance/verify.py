@@ -29,11 +29,10 @@ from ..errors import RepoError
 from ..pause import pause_point
 from ..repository.index import PACK_KEY, U64, DamagedRecord, Index, pack_fields
 from ..repository.locks import SHARED
-from ..repository.packs import pack_path, read_trailer
-from ..repository.points import PointRecord, write_point
+from ..repository.points import PointRecord
 from ..repository.repo import Repository
 from .gc import count_drift
-from .inventory import (Affected, MapCache, affected_by, chain_maps, files_under, live_refs,
+from .inventory import (Affected, MapCache, affected_by, chain_maps, live_refs, objects_under,
                         scan_counts, scan_ids, scan_refs, scan_u64_keys)
 
 REBUILD = "run 'repo-engine rebuild-index'"
@@ -270,7 +269,7 @@ def _check_packs(repo: Repository, snap: _Snapshot, report: VerifyReport,
             continue
         name = snap.packs[number][0]
         try:
-            entries = read_trailer(pack_path(repo.packs_dir, name))
+            entries = repo.read_trailer(name)
         except RepoError as exc:
             report.errors.append(f"{exc} ({len(rows)} chunks)")
             bad.append(rows["ref"])
@@ -329,12 +328,12 @@ def _check_counts(snap: _Snapshot, cache: MapCache, used: set[str], live: np.nda
 def _orphans(repo: Repository, snap: _Snapshot, report: VerifyReport) -> None:
     names = {v[0] for v in snap.packs.values()}
     skipped = report.warnings  # symlinks, FIFOs, ... where files belong: never followed
-    packs = files_under(repo.packs_dir, ".pack", skipped)
+    packs = objects_under(repo, "packs", skipped)
     used_maps = set(snap.mapuse) | set(snap.deadmaps)
     report.orphans = {
         "packs": sorted(set(packs) - names - snap.deadpacks),
-        "maps": sorted(set(files_under(repo.maps_dir, ".map", skipped)) - used_maps),
-        "manifests": sorted(set(files_under(repo.points_dir, ".point", skipped)) - set(snap.catalog)
+        "maps": sorted(set(objects_under(repo, "maps", skipped)) - used_maps),
+        "manifests": sorted(set(objects_under(repo, "points", skipped)) - set(snap.catalog)
                             - snap.forgetting),
         "awaiting_deletion": sorted(snap.deadpacks),
     }
@@ -353,6 +352,6 @@ def repair_manifests(repo: Repository) -> list[str]:
             pass
         point.notes = point.notes + ["manifest rebuilt from the index catalog by 'verify "
                                      "--repair': the VM configuration was lost"]
-        write_point(repo.points_dir, point)
+        repo.write_manifest(point)
         fixed.append(point.id)
     return fixed

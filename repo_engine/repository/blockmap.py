@@ -1,6 +1,6 @@
 """Block maps: which chunk each block of a disk holds at one restore point.
 
-A map file (`maps/<first two hex>/<name>.map`, named by the BLAKE3 of its sealed bytes) is an
+A map (the object `maps/<first two hex>/<name>.map`, named by the BLAKE3 of its sealed bytes) is an
 envelope (envelope.py, magic BLOCK_MAP) whose payload is:
 
 | offset | size | field                                                                |
@@ -20,19 +20,18 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 import blake3
 import numpy as np
 import zstandard
 
 from ..errors import DamageError
-from .atomic import write_atomic
 from .envelope import seal, unseal
 from .config import MIN_BLOCK
 from .formats import BLOCK_MAP
 from .points import MAX_CAPACITY
-from .safefile import MAP_MAX, checked_name, make_dir, read_limited
+from .safefile import MAP_MAX, checked_name
+from .store import Store
 
 FULL, DELTA = 0, 1
 HEAD = struct.Struct("<B7xQQ")
@@ -142,28 +141,23 @@ def _read_into(frame: memoryview, out: memoryview) -> int:
         return got + len(reader.read(1))
 
 
-def map_path(maps_dir: Path, name: str) -> Path:
+def map_object(name: str) -> str:
     checked_name(name, 64, "block map")
-    return maps_dir / name[:2] / f"{name}.map"
+    return f"maps/{name[:2]}/{name}.map"
 
 
-def write_map(maps_dir: Path, bmap: BlockMap) -> str:
+def write_map(store: Store, bmap: BlockMap) -> str:
     """Store a map durably under its content name; returns the name."""
     data = encode(bmap)
     name = blake3.blake3(data).hexdigest()
-    path = map_path(maps_dir, name)
-    if not path.exists():
-        make_dir(path.parent)
-        write_atomic(path, data)
+    if not store.exists(map_object(name)):
+        store.put(map_object(name), data)
     return name
 
 
-def read_map(maps_dir: Path, name: str) -> BlockMap:
-    path = map_path(maps_dir, name)
-    try:
-        data = read_limited(path, MAP_MAX)
-    except FileNotFoundError:
-        raise DamageError(f"{path}: block map is missing") from None
+def read_map(store: Store, name: str) -> BlockMap:
+    what = f"{store.location}/{map_object(name)}"
+    data = store.get(map_object(name), limit=MAP_MAX)
     if blake3.blake3(data).hexdigest() != name:
-        raise DamageError(f"{path}: block map content does not match its name (damaged)")
-    return decode(unseal(BLOCK_MAP, data, str(path)), str(path))
+        raise DamageError(f"{what}: block map content does not match its name (damaged)")
+    return decode(unseal(BLOCK_MAP, data, what), what)

@@ -1,4 +1,4 @@
-"""The repository config: `REPO/config`, a sealed JSON document (envelope.py, magic CONFIG).
+"""The repository config: the object `config`, a sealed JSON document (envelope.py, magic CONFIG).
 
 Fields: `repo_id` (hex, 16 bytes), `chunk_key` (hex, 32 bytes: the BLAKE3 key of chunk ids),
 `block_size` (bytes, power of two, 16 KiB..4 MiB), `compression_level` (zstd, 1..19), `max_chain`
@@ -11,12 +11,13 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
-
 from ..errors import DamageError, NotARepository, UsageError
 from .envelope import read_sealed, write_sealed
 from .formats import CONFIG
 from .safefile import CONFIG_MAX
+from .store import ObjectMissing, Store
+
+CONFIG_NAME = "config"
 
 MIN_BLOCK, MAX_BLOCK = 16 * 1024, 4 * 1024 * 1024
 DEFAULT_BLOCK = 64 * 1024
@@ -64,20 +65,24 @@ class RepoConfig:
         return config
 
 
-def write_config(path: Path, config: RepoConfig) -> None:
-    write_sealed(path, CONFIG, json.dumps(asdict(config), sort_keys=True).encode(), overwrite=False)
+def write_config(store: Store, config: RepoConfig) -> None:
+    write_sealed(store, CONFIG_NAME, CONFIG, json.dumps(asdict(config), sort_keys=True).encode(),
+                 if_absent=True)
 
 
-def read_config(path: Path) -> RepoConfig:
-    if not os.path.lexists(path):
-        raise NotARepository(f"{path.parent} is not a repo-engine repository (no config file); "
-                             f"to create one there: repo-engine init {path.parent}")
+def read_config(store: Store) -> RepoConfig:
+    what = f"{store.location}/{CONFIG_NAME}"
     try:
-        doc = json.loads(read_sealed(path, CONFIG, CONFIG_MAX))
+        payload = read_sealed(store, CONFIG_NAME, CONFIG, CONFIG_MAX)
+    except ObjectMissing:
+        raise NotARepository(f"{store.location} is not a repo-engine repository (no config file); "
+                             f"to create one there: repo-engine init {store.location}") from None
+    try:
+        doc = json.loads(payload)
         config = RepoConfig(**{k: v for k, v in doc.items() if k in RepoConfig.__dataclass_fields__})
         config.validate()
         if len(config.key_bytes) != 32:
             raise ValueError("the chunk key is not 32 bytes")
     except (UsageError, TypeError, ValueError, AttributeError) as exc:
-        raise DamageError(f"{path}: the config holds invalid settings ({exc})") from None
+        raise DamageError(f"{what}: the config holds invalid settings ({exc})") from None
     return config

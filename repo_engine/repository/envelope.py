@@ -16,14 +16,12 @@ Layout (little endian):
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import blake3
 
 from ..errors import DamageError, FormatError
-from .atomic import write_atomic
 from .formats import FileFormat
-from .safefile import read_limited
+from .store import Store
 
 HEADER = struct.Struct("<8sHHIQ")
 assert HEADER.size == 24
@@ -52,15 +50,12 @@ def unseal(fmt: FileFormat, data: bytes, what: str) -> bytes:
     return data[HEADER.size:end]
 
 
-def write_sealed(path: Path, fmt: FileFormat, payload: bytes, *, overwrite: bool = True) -> None:
-    write_atomic(path, seal(fmt, payload), overwrite=overwrite)
+def write_sealed(store: Store, name: str, fmt: FileFormat, payload: bytes, *,
+                 if_absent: bool = False) -> None:
+    store.put(name, seal(fmt, payload), if_absent=if_absent)
 
 
-def read_sealed(path: Path, fmt: FileFormat, limit: int) -> bytes:
-    """The checked payload of the sealed file `path`, which may be at most `limit` bytes long
-    (safefile.py: a symlink, FIFO, device or oversized file is damage)."""
-    try:
-        data = read_limited(path, limit)
-    except FileNotFoundError:
-        raise DamageError(f"{path}: {fmt.name} file is missing") from None
-    return unseal(fmt, data, str(path))
+def read_sealed(store: Store, name: str, fmt: FileFormat, limit: int) -> bytes:
+    """The checked payload of the sealed object `name`, which may be at most `limit` bytes long
+    (a missing, oversized or, in a directory, non-regular object is damage)."""
+    return unseal(fmt, store.get(name, limit=limit), f"{store.location}/{name}")

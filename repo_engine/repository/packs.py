@@ -13,8 +13,9 @@ Layout (little endian):
 
 `ref` is the chunk's repository-wide reference number (block maps store refs, not ids); `id` is
 the keyed BLAKE3 of the raw bytes and is the chunk's checksum: readers re-hash every chunk they
-decompress. `codec` 0 = stored raw, 1 = zstd frame. A pack is written to a temporary file, fsynced
-and renamed to `packs/<first two hex>/<name>.pack` (write order: docs/FORMAT.md).
+decompress. `codec` 0 = stored raw, 1 = zstd frame. A pack is built in a spool file of the store
+(`Store.spool_dir`) and published durably as the object `packs/<first two hex>/<name>.pack`
+(`Store.put_file`; write order: docs/FORMAT.md).
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 import blake3
 import numpy as np
 
 from ..errors import DamageError
-from .atomic import publish, write_all
+from .atomic import write_all
 from .formats import PACK, PACK_TRAILER
-from .safefile import FILE_MODE, checked_name, make_dir, open_reader
+from .safefile import FILE_MODE, checked_name
+from .store import Store
 
 HEADER = struct.Struct("<8sHHI")
 ENTRY = struct.Struct("<Q32sQIIB3x")
@@ -67,17 +68,17 @@ class FinishedPack:
     entries: list[PackEntry]
 
 
-def pack_path(packs_dir: Path, name: str) -> Path:
+def pack_object(name: str) -> str:
     checked_name(name, 64, "pack")
-    return packs_dir / name[:2] / f"{name}.pack"
+    return f"packs/{name[:2]}/{name}.pack"
 
 
 class PackWriter:
-    """Appends chunk blobs to a temporary file; `finish` seals and publishes it."""
+    """Appends chunk blobs to a spool file; `finish` seals it and publishes it to the store."""
 
-    def __init__(self, tmp_dir: Path, packs_dir: Path) -> None:
-        self._packs_dir = packs_dir
-        self._tmp = tmp_dir / f"pack-{os.getpid()}-{os.urandom(6).hex()}.tmp"
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._tmp = store.spool_dir() / f"pack-{os.getpid()}-{os.urandom(6).hex()}.tmp"
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         self._hash = blake3.blake3()
         self._size = 0
@@ -110,8 +111,8 @@ class PackWriter:
         self._write(blob)
 
     def finish(self) -> FinishedPack:
-        """Write trailer and footer, fsync, rename to the content name, fsync the directory. On
-        failure (a full disk, say) the temporary file is removed."""
+        """Write trailer and footer and publish the pack under its content name, durably
+        (`Store.put_file`). On failure (a full disk, say) the spool file is removed."""
         try:
             return self._finish()
         except BaseException:
@@ -131,13 +132,10 @@ class PackWriter:
             )
         )
         self._drain()
-        os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1
         name = self._hash.hexdigest()
-        final = pack_path(self._packs_dir, name)
-        make_dir(final.parent)
-        publish(self._tmp, final)
+        self._store.put_file(pack_object(name), self._tmp)
         return FinishedPack(name, self._size, self.entries)
 
     def abort(self) -> None:
@@ -147,30 +145,24 @@ class PackWriter:
         self._tmp.unlink(missing_ok=True)
 
 
-def read_trailer(path: Path) -> np.ndarray:
-    """Read and check a pack's trailer; returns an ENTRY_DTYPE array."""
-    what = str(path)
-    try:
-        with open_reader(path) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < HEADER.size + FOOTER.size:
-                raise DamageError(f"{what}: pack is truncated ({size} bytes)")
-            header = f.read(HEADER.size)
-            magic, major, _minor, _ = HEADER.unpack(header)
-            if magic != PACK.magic:
-                raise DamageError(f"{what}: not a pack file (bad magic)")
-            PACK.check_version(major, what)
-            f.seek(size - FOOTER.size)
-            fmagic, count, fmajor, _, toff, digest = FOOTER.unpack(f.read(FOOTER.size))
-            if fmagic != PACK_TRAILER.magic:
-                raise DamageError(f"{what}: pack footer is damaged or the pack is truncated")
-            PACK_TRAILER.check_version(fmajor, what)
-            if toff + count * ENTRY.size + FOOTER.size != size:
-                raise DamageError(f"{what}: pack trailer does not fit the file size")
-            f.seek(toff)
-            trailer = f.read(count * ENTRY.size)
-    except FileNotFoundError:
-        raise DamageError(f"{what}: pack is missing") from None
+def read_trailer(store: Store, name: str) -> np.ndarray:
+    """Read and check the trailer of pack object `name`; returns an ENTRY_DTYPE array."""
+    what = f"{store.location}/{name}"
+    size = store.size(name)
+    if size < HEADER.size + FOOTER.size:
+        raise DamageError(f"{what}: pack is truncated ({size} bytes)")
+    magic, major, _minor, _ = HEADER.unpack(store.get_range(name, 0, HEADER.size))
+    if magic != PACK.magic:
+        raise DamageError(f"{what}: not a pack file (bad magic)")
+    PACK.check_version(major, what)
+    footer = store.get_range(name, size - FOOTER.size, FOOTER.size)
+    fmagic, count, fmajor, _, toff, digest = FOOTER.unpack(footer)
+    if fmagic != PACK_TRAILER.magic:
+        raise DamageError(f"{what}: pack footer is damaged or the pack is truncated")
+    PACK_TRAILER.check_version(fmajor, what)
+    if toff + count * ENTRY.size + FOOTER.size != size:
+        raise DamageError(f"{what}: pack trailer does not fit the file size")
+    trailer = store.get_range(name, toff, count * ENTRY.size)
     if blake3.blake3(trailer).digest() != digest:
         raise DamageError(f"{what}: pack trailer checksum mismatch")
     entries = np.frombuffer(trailer, dtype=ENTRY_DTYPE)

@@ -1,4 +1,4 @@
-"""Restore points: one backup of one VM at one time, stored as `points/<id>.point`.
+"""Restore points: one backup of one VM at one time, stored as the object `points/<id>.point`.
 
 A point file is an envelope (envelope.py, magic POINT) holding a JSON document:
 
@@ -29,7 +29,6 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import blake3
 
@@ -38,6 +37,7 @@ from .config import MAX_BLOCK, MIN_BLOCK
 from .envelope import read_sealed, write_sealed
 from .formats import POINT
 from .safefile import MANIFEST_MAX, checked_name
+from .store import Store
 
 # the largest disk a record may describe (VMware's limit is 62 TiB): bounds every array sized
 # from a capacity read from disk
@@ -140,18 +140,20 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def point_path(points_dir: Path, point_id: str) -> Path:
-    return points_dir / f"{checked_name(point_id, 16, 'point id')}.point"
+def point_object(point_id: str) -> str:
+    return f"points/{checked_name(point_id, 16, 'point id')}.point"
 
 
-def write_point(points_dir: Path, point: PointRecord) -> None:
+def write_point(store: Store, point: PointRecord) -> None:
     payload = json.dumps(asdict(point), sort_keys=True).encode()
-    write_sealed(point_path(points_dir, point.id), POINT, payload)
+    write_sealed(store, point_object(point.id), POINT, payload)
 
 
-def read_point(path: Path) -> PointRecord:
+def read_point(store: Store, name: str) -> PointRecord:
+    """The manifest stored as object `name` (a point's `point_object`, or one a walk found)."""
+    what = f"{store.location}/{name}"
     try:
-        doc = json.loads(read_sealed(path, POINT, MANIFEST_MAX))
+        doc = json.loads(read_sealed(store, name, POINT, MANIFEST_MAX))
     except (ValueError, RecursionError) as exc:
-        raise DamageError(f"{path}: restore point manifest is not valid JSON ({exc})") from None
-    return PointRecord.from_dict(doc, str(path))
+        raise DamageError(f"{what}: restore point manifest is not valid JSON ({exc})") from None
+    return PointRecord.from_dict(doc, what)

@@ -1,7 +1,10 @@
-"""The repository: one directory tying config, packs, maps, points, index and locks together.
+"""The repository: config, packs, maps, points, index and locks tied together.
 
-Layout: `config`, `packs/xx/<name>.pack`, `maps/xx/<name>.map`, `points/<id>.point`, `index/`
-(LMDB), `locks/`, `tmp/` (packs being written). Write order and concurrency: docs/FORMAT.md.
+Objects (config, packs, maps, points) live in a store (store/): `config`, `packs/xx/<name>.pack`,
+`maps/xx/<name>.map`, `points/<id>.point`; nothing above this package names them or knows where
+their bytes are. The LMDB index (`index/`), the lock files (`locks/`) and the spool of packs being
+written (`tmp/`) are local files under the local store's root. Write order and concurrency:
+docs/FORMAT.md.
 
 The index is opened on first use, so a command that locks before it reads opens the index in
 place under its lock. One that read it earlier (an index `rebuild-index` may have replaced before
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -21,34 +25,33 @@ import numpy as np
 from ..errors import (DamageError, LockedError, NotARepository, PointNotFound, RepoError,
                       UsageError)
 from ..pause import pause_point
-from .blockmap import BlockMap, map_path, read_map, write_map
+from .blockmap import BlockMap, map_object, read_map, write_map
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
 from .index import Index, MapMissing
 from .locks import EXCLUSIVE, RepoLock, is_stale, list_locks
-from .packs import FinishedPack, PackWriter
-from .points import PointRecord, point_path, read_point, write_point
+from .packs import FinishedPack, PackWriter, pack_object, read_trailer
+from .points import PointRecord, point_object, read_point, write_point
 from .safefile import DIR_MODE, check_dir, is_regular, make_dir
+from .store import ObjectInfo, Store
+from .store.local import LocalStore
 
 SUBDIRS = ("packs", "maps", "points", "index", "locks", "tmp")
 INDEX_FILES = ("data.mdb", "lock.mdb")
 
 
 class Repository:
-    def __init__(self, path: Path, config: RepoConfig, index: Index | None = None) -> None:
-        """`index`: an index the caller opened (kept as it is); else `path/index`, opened on
+    def __init__(self, store: LocalStore, config: RepoConfig, index: Index | None = None) -> None:
+        """`index`: an index the caller opened (kept as it is); else `root/index`, opened on
         first use."""
-        self.path = path
+        self.store = store
+        self.path = store.root  # the local files: index and locks
         self.config = config
         self._index = index
         self._opened: FileId | None = None  # the index file we opened ourselves
         self._opening = threading.Lock()  # threads of one process share one environment
         self.codec = ChunkCodec(config.key_bytes, config.compression_level)
-        self.packs_dir = path / "packs"
-        self.maps_dir = path / "maps"
-        self.points_dir = path / "points"
-        self.locks_dir = path / "locks"
-        self.tmp_dir = path / "tmp"
+        self.locks_dir = self.path / "locks"
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
@@ -66,17 +69,19 @@ class Repository:
         for sub in SUBDIRS:
             make_dir(path / sub)
         index = Index(path / "index", create=True)
-        write_config(path / "config", config)  # last: its presence marks a finished init
-        return cls(path, config, index)
+        store = LocalStore(path)
+        write_config(store, config)  # last: its presence marks a finished init
+        return cls(store, config, index)
 
     @classmethod
     def open(cls, path: Path) -> "Repository":
         if not path.is_dir():
             raise NotARepository(f"{path} is not a repo-engine repository (no such directory); "
                                  f"to create one: repo-engine init {path}")
-        config = read_config(path / "config")
+        store = LocalStore(path)
+        config = read_config(store)
         check_layout(path)
-        return cls(path, config)
+        return cls(store, config)
 
     @property
     def index(self) -> Index:
@@ -86,6 +91,10 @@ class Repository:
             return self._index
 
     def close(self) -> None:
+        self._close_index()
+        self.store.close()
+
+    def _close_index(self) -> None:
         if self._index is not None:
             self._index.close()
             self._index, self._opened = None, None
@@ -103,7 +112,7 @@ class Repository:
         pause_point("repository.before_lock")
         lock = RepoLock(self.locks_dir, kind, command)
         if self._opened is not None and _file_id(self.path / "index") != self._opened:
-            self.close()  # reopened on next use
+            self._close_index()  # reopened on next use
         return lock
 
     def vm_lock(self, vm: str, command: str) -> RepoLock:
@@ -118,7 +127,7 @@ class Repository:
 
     # -- packs and maps -------------------------------------------------------------------
     def pack_writer(self) -> PackWriter:
-        return PackWriter(self.tmp_dir, self.packs_dir)
+        return PackWriter(self.store)
 
     def commit_pack(self, writer: PackWriter) -> FinishedPack:
         """Publish a pack durably, then record it in the index (write order step 1 -> 2)."""
@@ -127,10 +136,30 @@ class Repository:
         return finished
 
     def write_map(self, bmap: BlockMap) -> str:
-        return write_map(self.maps_dir, bmap)
+        return write_map(self.store, bmap)
 
     def read_map(self, name: str) -> BlockMap:
-        return read_map(self.maps_dir, name)
+        return read_map(self.store, name)
+
+    def read_trailer(self, name: str) -> np.ndarray:
+        """The checked trailer of pack `name` (packs.py)."""
+        return read_trailer(self.store, pack_object(name))
+
+    def read_pack(self, name: str, size: int) -> bytes:
+        """All bytes of pack `name`, which the index says is `size` bytes long (a larger object
+        is not that pack: damage)."""
+        return self.store.get(pack_object(name), limit=size)
+
+    def read_chunk_range(self, name: str, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` of pack `name` (one chunk, or a run of them)."""
+        return self.store.get_range(pack_object(name), offset, length)
+
+    def delete_packs(self, names: list[str]) -> None:
+        self.store.delete(pack_object(n) for n in names)
+
+    def objects(self, kind: str, skipped: list[str] | None = None) -> Iterator[ObjectInfo]:
+        """Every object of `kind` ("packs", "maps", "points") in the store."""
+        return self.store.list(f"{kind}/", skipped)
 
     # -- points ---------------------------------------------------------------------------
     def commit_point(self, point: PointRecord, maps: dict[str, BlockMap] | None = None) -> None:
@@ -148,12 +177,12 @@ class Repository:
         refs = {name: unique_refs(bmap) for name, bmap in maps.items()}
         for _attempt in range(10):
             try:
-                self.index.commit_point(point.id, point.vm, partial(_seal, self.points_dir, point),
+                self.index.commit_point(point.id, point.vm, partial(_seal, self.store, point),
                                         refs, self.map_exists)
                 return
             except MapMissing as gone:
                 missing = gone
-                write_map(self.maps_dir, maps[gone.name])
+                write_map(self.store, maps[gone.name])
         raise missing
 
     def rewrite_point(self, point: PointRecord, **changes: object) -> PointRecord:
@@ -169,7 +198,7 @@ class Repository:
         return updated
 
     def map_exists(self, name: str) -> bool:
-        return map_path(self.maps_dir, name).exists()
+        return self.store.exists(map_object(name))
 
     def points(self, vm: str | None = None) -> list[PointRecord]:
         """Catalogued points in commit order (the sequence the catalog commit assigned, never
@@ -179,7 +208,14 @@ class Repository:
 
     def load_point(self, point_id: str) -> PointRecord:
         """The full manifest, configuration included, read and checked from disk."""
-        return read_point(point_path(self.points_dir, point_id))
+        return read_point(self.store, point_object(point_id))
+
+    def write_manifest(self, point: PointRecord) -> None:
+        """Write a point's manifest without touching the catalog (repairs)."""
+        write_point(self.store, point)
+
+    def delete_manifest(self, point_id: str) -> None:
+        self.store.delete([point_object(point_id)])
 
     def load_catalogued(self, point_id: str) -> PointRecord:
         """`load_point` for a point the caller found in the catalog: when a forget removed it
@@ -249,10 +285,7 @@ class Repository:
         return refs
 
     def disk_usage(self) -> int:
-        total = 0
-        for root, _dirs, files in os.walk(self.packs_dir):
-            total += sum(os.lstat(os.path.join(root, f)).st_size for f in files)
-        return total
+        return sum(info.size for info in self.objects("packs"))
 
 
 def check_layout(path: Path) -> None:
@@ -308,7 +341,7 @@ def commit_order(point: PointRecord) -> tuple[int, str, str]:
     return point.seq, point.time, point.id
 
 
-def _seal(points_dir: Path, point: PointRecord, seq: int, newest: str) -> dict:
+def _seal(store: Store, point: PointRecord, seq: int, newest: str) -> dict:
     """Inside the catalog transaction: give a point its commit sequence, note a clock that went
     backwards, make its manifest durable; returns its catalog record."""
     point.seq = seq
@@ -317,7 +350,7 @@ def _seal(points_dir: Path, point: PointRecord, seq: int, newest: str) -> dict:
                 f"an earlier point of {point.vm}; points are ordered by commit, not by time")
         if note not in point.notes:
             point.notes.append(note)
-    write_point(points_dir, point)
+    write_point(store, point)
     return point.summary()
 
 

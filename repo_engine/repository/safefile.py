@@ -21,7 +21,6 @@ can only narrow them.
 from __future__ import annotations
 
 import errno
-import io
 import os
 import stat
 from pathlib import Path
@@ -66,11 +65,6 @@ def open_regular(path: Path) -> int:
         os.close(fd)
         raise _not_ours(path, mode, "a regular file")
     return fd
-
-
-def open_reader(path: Path) -> io.FileIO:
-    """`open_regular` as an unbuffered binary file object (for `with`)."""
-    return io.FileIO(open_regular(path), "rb")
 
 
 def read_limited(path: Path, limit: int) -> bytes:

@@ -18,11 +18,11 @@ from ..backup.extents import blocks_to_extents
 from ..errors import DamageError, PointNotFound, UsageError
 from ..repository.blockmap import resize
 from ..repository.locks import SHARED
-from ..repository.packs import pack_path
 from ..repository.points import DiskRecord, PointRecord
 from ..repository.repo import Repository
 from ..repository.atomic import fsync_dir
-from ..repository.safefile import kind_of, open_reader
+from ..repository.safefile import kind_of
+from ..repository.store import ObjectMissing
 from .plan import ReadRun, RestorePlan, plan_restore
 
 Progress = Callable[[int], None]
@@ -137,24 +137,20 @@ class _RunWriter:
     def __init__(self, repo: Repository, plan: RestorePlan, device: vddk_ext.Disk,
                  block_size: int) -> None:
         self.repo, self.plan, self.device, self.bs = repo, plan, device, block_size
-        self._names: dict[int, Path] = {}
+        self._names: dict[int, str] = {}
 
-    def pack_file(self, number: int) -> Path:
-        path = self._names.get(number)
-        if path is None:
-            path = self._names[number] = pack_path(self.repo.packs_dir,
-                                                   self.repo.index.pack_info(number).name)
-        return path
+    def pack_name(self, number: int) -> str:
+        name = self._names.get(number)
+        if name is None:
+            name = self._names[number] = self.repo.index.pack_info(number).name
+        return name
 
-    def __call__(self, run: ReadRun, path: Path) -> int:
-        try:
-            with open_reader(path) as f:
-                span = os.pread(f.fileno(), run.end - run.start, run.start)
-        except FileNotFoundError:
-            raise DamageError(f"pack {path.name} is missing; {len(run.chunks)} chunks of this "
+    def __call__(self, run: ReadRun, name: str) -> int:
+        try:  # one read per run: the planner coalesced it (plan.py)
+            span = self.repo.read_chunk_range(name, run.start, run.end - run.start)
+        except ObjectMissing:
+            raise DamageError(f"pack {name} is missing; {len(run.chunks)} chunks of this "
                               "disk cannot be restored") from None
-        if len(span) != run.end - run.start:
-            raise DamageError(f"pack {path.name} is truncated")
         view = memoryview(span)
         written = 0
         for i, chunk in enumerate(run.chunks):
@@ -162,7 +158,7 @@ class _RunWriter:
             blob = view[lo:lo + int(chunk["stored"])]
             data = self.repo.codec.decode(blob, int(chunk["codec"]), int(chunk["raw"]),
                                           chunk["id"].tobytes(),
-                                          f"pack {path.name} chunk ref {int(chunk['ref'])}")
+                                          f"pack {name} chunk ref {int(chunk['ref'])}")
             c = run.first_chunk + i
             blocks = self.plan.blocks_by_chunk[self.plan.bounds[c]:self.plan.bounds[c + 1]]
             self.device.write_blocks(self.bs, blocks, data)
@@ -251,7 +247,7 @@ def _write(repo: Repository, plan: RestorePlan, device: vddk_ext.Disk, disk: Dis
         device.write_zeroes(offset, length)
     tick = progress(plan.data_blocks * disk.block_size) if progress else None
     writer = _RunWriter(repo, plan, device, disk.block_size)
-    work = [(run, writer.pack_file(run.pack)) for run in plan.runs]
+    work = [(run, writer.pack_name(run.pack)) for run in plan.runs]
     workers = max(2, os.cpu_count() or 2)
     written = 0
     with ThreadPoolExecutor(workers) as pool, _Writeback(device) as writeback:

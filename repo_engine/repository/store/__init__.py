@@ -1,8 +1,20 @@
 """The store: where the repository's bytes live, as immutable named objects.
 
-Object names are `/`-separated relative names (`config`, `packs/xx/<64 hex>.pack`, ...). A store
-interprets nothing in a name beyond refusing one that is empty, absolute, or contains `..`, `//`,
-NUL or a backslash (`check_name`).
+The repository format (config, packs, maps, points) is written against the `Store` protocol
+below and never learns whether its objects are files in a directory (`local.LocalStore`) or keys
+in an S3-compatible bucket (`s3.S3Store`, imported only when a location asks for it).
+
+Object names are `/`-separated relative names, the repository layout of docs/FORMAT.md:
+`config`, `packs/xx/<64 hex>.pack`, `maps/xx/<64 hex>.map`, `points/<16 hex>.point`,
+`sources/...`. A store interprets nothing in a name beyond refusing one that could escape its
+home (`check_name`). What a store guarantees (docs/FORMAT.md, "Store"):
+
+- `put` and `put_file` are atomic and durable when they return: an object is either absent or
+  whole under its name, never partial; with `if_absent` an existing object is kept (ObjectExists);
+- `get` reads a whole object, refusing one larger than the caller's bound; `get_range` returns
+  exactly the bytes asked or fails (ObjectMissing, ShortRead);
+- `list` yields every object under a prefix, in any order; `delete` removes a batch, a missing
+  name being no error.
 """
 
 from __future__ import annotations
@@ -20,8 +32,8 @@ class StoreError(RepoError):
 
 
 class ObjectDamaged(StoreError, DamageError):
-    """An object is not what its name promises: larger than its format allows, shorter than a
-    read needs (exit code 3)."""
+    """An object is not what its name promises: not a regular file, larger than its format
+    allows, shorter than a read needs (exit code 3)."""
 
     exit_code = 3
 
@@ -31,7 +43,7 @@ class ObjectMissing(ObjectDamaged):
 
 
 class ShortRead(ObjectDamaged):
-    """An object ends before the byte range a reader asked for (exit code 3)."""
+    """An object ends before the byte range a reader asked for: it is truncated (exit code 3)."""
 
 
 class ObjectExists(StoreError):
@@ -81,7 +93,8 @@ _FORBIDDEN = ("..", "//", "\0", "\\")
 
 def check_name(name: str, *, prefix: bool = False) -> str:
     """`name` when a store may use it: relative, non-empty (a list `prefix` may be empty), with no
-    `..`, `//`, NUL or backslash; otherwise StoreError."""
+    `..`, `//`, NUL or backslash. A name is built from checked hex names, so a bad one is a bug or
+    tampering: StoreError, never a path outside the store."""
     bad = (not isinstance(name, str) or name.startswith("/") or (not name and not prefix)
            or any(part in name for part in _FORBIDDEN))
     if bad:
@@ -91,14 +104,15 @@ def check_name(name: str, *, prefix: bool = False) -> str:
 
 
 def open_store(location: str, settings: Any = None) -> Store:
-    """The store at `location`: `s3://BUCKET/PREFIX` is an S3-compatible bucket (endpoint and
-    credentials from `settings`), anything else a local directory."""
+    """The store at `location`: `s3://BUCKET/PREFIX` is an S3-compatible bucket (its settings,
+    endpoint and credentials, from `settings`), anything else a local directory."""
     if location.startswith("s3://"):
         try:
             from . import s3
         except ImportError as exc:
-            raise StoreError(f"cannot open {location}: S3 support is not installed ({exc}); "
-                             "install repo-engine with the 's3' extra") from None
+            raise StoreError(f"cannot open {location}: S3 support is not available in this "
+                             f"installation ({exc}); install repo-engine with its S3 "
+                             "dependencies") from None
         return s3.S3Store(location, settings)
     from .local import LocalStore
 

@@ -1,0 +1,230 @@
+"""LocalStore: the repository's objects as files under one local directory.
+
+An object `a/b/c` is the file `ROOT/a/b/c`; the layout is the one repositories have always had,
+so existing repositories open unchanged. Writes keep invariant 3's durability (atomic.py): a
+temporary file in the destination directory, fsync, rename (or link, for `if_absent`), fsync of
+the directory. Files and directories are created owner-only (safefile.FILE_MODE, DIR_MODE).
+
+Nothing found under ROOT is trusted (safefile.py): a file is opened with O_NOFOLLOW|O_NONBLOCK and
+must be regular, a whole read is bounded by the caller's limit, deletions happen only in real
+directories, and `list` never follows a symlink (what is not a regular file is reported through
+`skipped`, never yielded).
+
+Not objects, and never listed: the LMDB index (`index/`), the lock files (`locks/`) and the spool
+directory of packs being written (`tmp/`) stay local files under `root`, which their modules use
+directly.
+
+`get_range` keeps the descriptors of the files it read open (up to FD_CACHE of them, until
+`close`): a restore reads each pack in many ranges, and packs are immutable, so a cached
+descriptor always reads the bytes its name was written with.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ...errors import DamageError
+from ..atomic import fsync_dir, publish, write_atomic
+from ..safefile import kind_of, make_dir, open_regular, read_limited, remove
+from . import ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, ShortRead, check_name
+
+LOCAL_ONLY = ("index", "locks", "tmp")  # directories of local files, not objects
+FD_CACHE = 256
+TEMP_PREFIX = ".tmp-"  # atomic.temp_name: a write in progress, not an object yet
+
+
+class LocalStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.location = str(root)
+        self._fds: dict[str, int] = {}
+        self._fds_lock = threading.Lock()
+
+    def path_of(self, name: str) -> Path:
+        """The file holding object `name` (for this store's own files and for tests)."""
+        return self.root / check_name(name)
+
+    # -- writing ----------------------------------------------------------------------------
+    def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> None:
+        with self._writing(name) as path:
+            write_atomic(path, data, overwrite=not if_absent)
+
+    def put_file(self, name: str, path: Path, *, if_absent: bool = False) -> None:
+        """Make the spool file `path` durable and rename it to `name` (same filesystem)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # cheap when the writer fsynced already; the guarantee is ours
+        finally:
+            os.close(fd)
+        with self._writing(name) as final:
+            publish(path, final, overwrite=not if_absent)
+
+    def spool_dir(self) -> Path:
+        """`ROOT/tmp`, on the objects' filesystem, so a spool file is published by a rename."""
+        spool = self.root / "tmp"
+        make_dir(spool)
+        return spool
+
+    @contextmanager
+    def _writing(self, name: str) -> Iterator[Path]:
+        """The path of `name`, its directories created owner-only (or checked to be real
+        directories: ObjectDamaged otherwise); a name taken under `if_absent` is ObjectExists."""
+        path = self.path_of(name)
+        with _damage_as_object():
+            parent = self.root
+            for part in name.split("/")[:-1]:
+                parent = parent / part
+                make_dir(parent)
+        try:
+            yield path
+        except FileExistsError:
+            raise ObjectExists(f"{path} exists already; it was left as it was") from None
+
+    # -- reading ----------------------------------------------------------------------------
+    def get(self, name: str, *, limit: int) -> bytes:
+        with self._reading(name) as path:
+            return read_limited(path, limit)
+
+    def get_range(self, name: str, offset: int, length: int) -> bytes:
+        fd, cached = self._fd(name)
+        try:
+            data = _pread_all(fd, length, offset)
+        finally:
+            if not cached:
+                os.close(fd)
+        if len(data) != length:
+            raise ShortRead(f"{self.path_of(name)} is truncated: {length} bytes at offset "
+                            f"{offset} asked, {len(data)} there")
+        return data
+
+    def _fd(self, name: str) -> tuple[int, bool]:
+        """A descriptor of `name` and whether it stays cached (cached ones are closed only by
+        `close`, so a concurrent reader never loses its descriptor)."""
+        with self._fds_lock:
+            fd = self._fds.get(name)
+            if fd is not None:
+                return fd, True
+        with self._reading(name) as path:
+            fd = open_regular(path)
+        with self._fds_lock:
+            if name not in self._fds and len(self._fds) < FD_CACHE:
+                self._fds[name] = fd
+                return fd, True
+        return fd, False
+
+    def size(self, name: str) -> int:
+        with self._reading(name) as path:
+            mode = os.lstat(path)
+        if not stat.S_ISREG(mode.st_mode):
+            raise ObjectDamaged(f"{path} is {kind_of(mode.st_mode)}, not a regular file: the "
+                                "repository is damaged or was tampered with")
+        return mode.st_size
+
+    def exists(self, name: str) -> bool:
+        try:
+            return stat.S_ISREG(os.lstat(self.path_of(name)).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    @contextmanager
+    def _reading(self, name: str) -> Iterator[Path]:
+        """The path of `name`; a missing file is ObjectMissing, a file that is not what the
+        repository wrote (safefile.py) ObjectDamaged."""
+        path = self.path_of(name)
+        try:
+            with _damage_as_object():
+                yield path
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectMissing(f"{path} is missing") from None
+
+    # -- listing and deleting ---------------------------------------------------------------
+    def list(self, prefix: str, skipped: list[str] | None = None) -> Iterator[ObjectInfo]:
+        """Objects whose names start with `prefix`: regular files only, temporary files of writes
+        in progress left out; a symlink (to a file or a directory), FIFO, socket or device is
+        described in `skipped` and never followed."""
+        check_name(prefix, prefix=True)
+        base = prefix.rpartition("/")[0]
+        top = self.root / base if base else self.root
+        for name, entry in _walk(top, base, skipped):
+            if name.startswith(prefix):
+                yield ObjectInfo(name, entry.stat(follow_symlinks=False).st_size)
+
+    def delete(self, names: Iterable[str]) -> None:
+        """Remove each named file (only from a real directory, never through a symlink), then
+        make the removals durable (one fsync per directory)."""
+        parents = set()
+        for name in names:
+            path = self.path_of(name)
+            try:
+                with _damage_as_object():
+                    remove(path)
+            except FileNotFoundError:
+                continue
+            parents.add(path.parent)
+        for parent in parents:
+            try:
+                fsync_dir(parent)
+            except FileNotFoundError:
+                pass  # no directory: nothing was removed from it
+
+    def close(self) -> None:
+        with self._fds_lock:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+
+@contextmanager
+def _damage_as_object() -> Iterator[None]:
+    """safefile.py's damage (a symlink, FIFO or device where the store's files belong) as the
+    store's ObjectDamaged."""
+    try:
+        yield
+    except ObjectDamaged:
+        raise
+    except DamageError as exc:
+        raise ObjectDamaged(str(exc)) from None
+
+
+def _walk(top: Path, base: str, skipped: list[str] | None) -> Iterator[tuple[str, os.DirEntry]]:
+    """(object name, entry) of every regular file below `top` (a real directory: a symlinked or
+    missing one yields nothing); what is neither a file nor a directory goes to `skipped`. The
+    local-only directories at the top are not walked."""
+    try:
+        entries = list(os.scandir(top)) if not top.is_symlink() else []
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if not base and entry.name in LOCAL_ONLY:
+            continue
+        name = f"{base}/{entry.name}" if base else entry.name
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(Path(entry.path), name, skipped)
+        elif entry.is_file(follow_symlinks=False):
+            if not entry.name.startswith(TEMP_PREFIX):
+                yield name, entry
+        elif skipped is not None:
+            mode = entry.stat(follow_symlinks=False).st_mode
+            skipped.append(f"{entry.path} is {kind_of(mode)}, not a regular file: left alone, "
+                           "never read (remove it)")
+
+
+def _pread_all(fd: int, length: int, offset: int) -> bytes:
+    """`length` bytes at `offset`, fewer only at the end of the file."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        part = os.pread(fd, length - got, offset + got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)

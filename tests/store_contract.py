@@ -1,0 +1,125 @@
+"""The contract every store keeps (repo_engine/repository/store/__init__.py), as a test class.
+
+A store's test module subclasses `StoreContract` and provides a `store` fixture: an empty store
+of its kind, closed by the fixture afterwards. Only the interface is used here, so the same tests
+hold a directory and a bucket to the same promises.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from repo_engine.errors import DamageError
+from repo_engine.repository.store import (ObjectExists, ObjectInfo, ObjectMissing, ShortRead,
+                                          StoreError)
+
+BAD_NAMES = ["", "/packs/x", "..", "packs/../config", "packs//x", "pa\0cks", "packs\\x"]
+
+
+def _listed(store, prefix: str) -> dict[str, int]:
+    return {info.name: info.size for info in store.list(prefix)}
+
+
+class StoreContract:
+    # -- put and get ------------------------------------------------------------------------
+    def test_put_then_get_returns_the_bytes(self, store):
+        store.put("config", b"abc")
+        store.put("packs/ab/one.pack", memoryview(b"0123456789"))
+        assert store.get("config", limit=3) == b"abc"
+        assert store.get("packs/ab/one.pack", limit=1 << 20) == b"0123456789"
+        assert store.size("packs/ab/one.pack") == 10
+        assert store.exists("config") and not store.exists("points/none.point")
+
+    def test_put_replaces_unless_if_absent(self, store):
+        store.put("points/p.point", b"old")
+        store.put("points/p.point", b"newer")
+        assert store.get("points/p.point", limit=100) == b"newer"
+        with pytest.raises(ObjectExists):
+            store.put("points/p.point", b"third", if_absent=True)
+        assert store.get("points/p.point", limit=100) == b"newer"
+        store.put("points/q.point", b"first", if_absent=True)
+        assert store.get("points/q.point", limit=100) == b"first"
+
+    def test_put_file_publishes_and_consumes_the_spool_file(self, store):
+        spool = store.spool_dir() / "pack-1.tmp"
+        spool.write_bytes(b"x" * 5000)
+        store.put_file("packs/cd/two.pack", spool)
+        assert not spool.exists()
+        assert store.get("packs/cd/two.pack", limit=5000) == b"x" * 5000
+        again = store.spool_dir() / "pack-2.tmp"
+        again.write_bytes(b"y")
+        with pytest.raises(ObjectExists):
+            store.put_file("packs/cd/two.pack", again, if_absent=True)
+        assert store.get("packs/cd/two.pack", limit=5000) == b"x" * 5000
+
+    def test_get_refuses_an_object_larger_than_its_limit(self, store):
+        store.put("maps/ab/m.map", b"m" * 100)
+        assert store.get("maps/ab/m.map", limit=100) == b"m" * 100
+        with pytest.raises(StoreError) as caught:
+            store.get("maps/ab/m.map", limit=99)
+        assert isinstance(caught.value, DamageError) and caught.value.exit_code == 3
+
+    def test_a_missing_object_is_damage_for_a_reader(self, store):
+        for read in (lambda: store.get("maps/ab/gone.map", limit=10),
+                     lambda: store.get_range("packs/ab/gone.pack", 0, 1),
+                     lambda: store.size("packs/ab/gone.pack")):
+            with pytest.raises(ObjectMissing) as caught:
+                read()
+            assert isinstance(caught.value, DamageError) and caught.value.exit_code == 3
+            assert "gone" in str(caught.value)
+
+    # -- ranges -----------------------------------------------------------------------------
+    def test_get_range_returns_exactly_the_range(self, store):
+        data = bytes(range(256)) * 64
+        store.put("packs/ef/r.pack", data)
+        for offset, length in ((0, 16), (100, 1000), (len(data) - 56, 56), (0, len(data)),
+                               (5, 0)):
+            assert store.get_range("packs/ef/r.pack", offset, length) == \
+                data[offset:offset + length]
+
+    def test_get_range_past_the_end_is_a_short_read(self, store):
+        store.put("packs/ef/s.pack", b"0123456789")
+        for offset, length in ((5, 6), (10, 1), (20, 4)):
+            with pytest.raises(ShortRead) as caught:
+                store.get_range("packs/ef/s.pack", offset, length)
+            assert isinstance(caught.value, DamageError)
+
+    # -- list and delete --------------------------------------------------------------------
+    def test_list_yields_every_object_under_a_prefix(self, store):
+        names = {"packs/ab/1.pack": 1, "packs/ab/2.pack": 2, "packs/ac/3.pack": 3,
+                 "maps/ab/4.map": 4, "mapsx/5": 5, "config": 6}
+        for name, size in names.items():
+            store.put(name, b"z" * size)
+        packs = _listed(store, "packs/")
+        assert packs == {n: s for n, s in names.items() if n.startswith("packs/")}
+        assert _listed(store, "packs/ab/") == {"packs/ab/1.pack": 1, "packs/ab/2.pack": 2}
+        assert _listed(store, "packs/ab") == {"packs/ab/1.pack": 1, "packs/ab/2.pack": 2}
+        assert _listed(store, "maps/") == {"maps/ab/4.map": 4}
+        assert _listed(store, "points/") == {}
+        assert _listed(store, "") == names
+        assert all(isinstance(info, ObjectInfo) for info in store.list(""))
+
+    def test_delete_removes_a_batch_and_ignores_missing_names(self, store):
+        for name in ("maps/ab/1.map", "maps/ab/2.map", "points/3.point"):
+            store.put(name, b"d")
+        store.delete(["maps/ab/1.map", "points/3.point", "maps/ab/never.map", "packs/zz/x.pack"])
+        assert _listed(store, "") == {"maps/ab/2.map": 1}
+        store.delete([])
+        store.delete(iter(["maps/ab/2.map"]))
+        assert _listed(store, "") == {}
+
+    # -- names ------------------------------------------------------------------------------
+    @pytest.mark.parametrize("bad", BAD_NAMES)
+    def test_names_that_could_escape_are_refused(self, store, bad):
+        calls = (lambda: store.put(bad, b"x"), lambda: store.get(bad, limit=10),
+                 lambda: store.get_range(bad, 0, 1), lambda: store.size(bad),
+                 lambda: store.exists(bad), lambda: store.delete([bad]))
+        for call in calls:
+            with pytest.raises(StoreError, match="not a valid object name"):
+                call()
+        assert _listed(store, "") == {}
+
+    def test_errors_name_the_store(self, store):
+        with pytest.raises(ObjectMissing) as caught:
+            store.get("config", limit=10)
+        assert store.location in str(caught.value)
