@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from repo_engine.errors import DamageError
-from repo_engine.repository.store import (ObjectExists, ObjectInfo, ObjectMissing, ShortRead,
-                                          StoreAuthError, StoreError, StoreUnreachable,
-                                          open_store)
+from repo_engine.repository.store import (ObjectExists, ObjectInfo, StoreAuthError, StoreError,
+                                          StoreUnreachable, open_store)
 from repo_engine.repository.store.s3 import S3Store
 from repo_engine.repository.store.s3_settings import MIB, S3Settings
 from s3proxy import FaultProxy
 from s3server import ACCESS_KEY, SECRET_KEY, admin_client, free_ports, start_server
+from store_contract import StoreContract
 
 # Small pages, parts and backoffs, so paging, multipart and retries show in a few seconds.
 FAST = dict(access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY, max_attempts=4,
@@ -57,63 +57,14 @@ def one_line_error(excinfo) -> str:
     return text
 
 
-class TestS3StoreContract:
-    """The Store semantics of docs/FORMAT.md ("Store"), each test on a fresh bucket."""
-
-    def test_contract_put_get_roundtrip(self, store):
-        store.put("config", b"abc")
-        store.put("packs/ab/" + "ab" * 32 + ".pack", memoryview(b"\x00\xff" * 1000))
-        assert store.get("config", limit=3) == b"abc"
-        assert store.get("packs/ab/" + "ab" * 32 + ".pack", limit=2000) == b"\x00\xff" * 1000
-        store.put("config", b"replaced")  # without if_absent a put replaces, whole
-        assert store.get("config", limit=100) == b"replaced"
+class TestS3StoreContract(StoreContract):
+    """The contract every store keeps (tests/store_contract.py), plus what only a bucket shows:
+    paging, empty objects, prefixes of one bucket kept apart. Each test on a fresh bucket."""
 
     def test_contract_put_empty_object(self, store):
         store.put("locks/x.lock", b"")
         assert store.get("locks/x.lock", limit=0) == b""
         assert store.size("locks/x.lock") == 0
-
-    def test_contract_put_if_absent(self, store):
-        store.put("points/0000000000000001.point", b"first", if_absent=True)
-        with pytest.raises(ObjectExists) as excinfo:
-            store.put("points/0000000000000001.point", b"second", if_absent=True)
-        assert "points/0000000000000001.point" in one_line_error(excinfo)
-        assert store.get("points/0000000000000001.point", limit=10) == b"first"
-
-    def test_contract_missing_object(self, store):
-        for read in (lambda: store.get("maps/00/x.map", limit=10),
-                     lambda: store.get_range("maps/00/x.map", 0, 1),
-                     lambda: store.size("maps/00/x.map")):
-            with pytest.raises(ObjectMissing) as excinfo:
-                read()
-            assert excinfo.value.exit_code == 3 and isinstance(excinfo.value, DamageError)
-            assert "maps/00/x.map" in one_line_error(excinfo)
-        assert not store.exists("maps/00/x.map")
-
-    def test_contract_get_over_limit_is_damage(self, store):
-        store.put("config", b"x" * 101)
-        with pytest.raises(StoreError) as excinfo:
-            store.get("config", limit=100)
-        assert isinstance(excinfo.value, DamageError) and excinfo.value.exit_code == 3
-        assert "101 bytes" in one_line_error(excinfo)
-        assert store.get("config", limit=101) == b"x" * 101
-
-    def test_contract_get_range(self, store):
-        data = bytes(range(256)) * 4
-        store.put("p", data)
-        assert store.get_range("p", 0, 1024) == data
-        assert store.get_range("p", 1000, 24) == data[1000:]
-        assert store.get_range("p", 5, 0) == b""
-        for offset, length in ((1000, 25), (1024, 1), (5000, 10)):
-            with pytest.raises(ShortRead) as excinfo:
-                store.get_range("p", offset, length)
-            assert excinfo.value.exit_code == 3
-            one_line_error(excinfo)
-
-    def test_contract_size_exists(self, store):
-        store.put("a/b", b"12345")
-        assert store.size("a/b") == 5 and store.exists("a/b")
-        assert not store.exists("a/c") and not store.exists("a")
 
     def test_contract_list_by_prefix_paged(self, store):
         names = {f"packs/{i % 3:02x}/{i:064x}.pack": i for i in range(20)}
@@ -126,40 +77,6 @@ class TestS3StoreContract:
         assert {o.name for o in store.list("")} == set(names)
         assert {o.name for o in store.list("packs/01/")} == {n for n in names if "/01/" in n}
         assert list(store.list("maps/")) == []
-
-    def test_contract_delete_batched_missing_is_fine(self, store):
-        kept = [f"maps/00/{i:064x}.map" for i in range(5)]
-        doomed = [f"maps/01/{i:064x}.map" for i in range(5)]
-        for name in kept + doomed:
-            store.put(name, b"m")
-        # 2,500 names: three DeleteObjects calls, most names absent.
-        absent = [f"maps/02/{i:064x}.map" for i in range(2495)]
-        store.delete(iter(doomed + absent))
-        assert sorted(o.name for o in store.list("maps/")) == kept
-        store.delete([])
-
-    def test_contract_bad_names_refused(self, store):
-        for name in ("", "/config", "a/../b", "..", "a//b", "a\0b", "a\\b"):
-            calls = [lambda: store.put(name, b"x"), lambda: store.get(name, limit=1),
-                     lambda: store.exists(name), lambda: store.delete([name])]
-            if name:
-                calls.append(lambda: list(store.list(name)))
-            for call in calls:
-                with pytest.raises(StoreError, match="not a valid object name"):
-                    call()
-
-    def test_contract_put_file_publishes_and_removes_spool(self, store):
-        spool = store.spool_dir()
-        assert spool.is_dir()
-        path = spool / "pack.tmp"
-        path.write_bytes(b"pack bytes")
-        store.put_file("packs/00/a.pack", path)
-        assert not path.exists()
-        assert store.get("packs/00/a.pack", limit=100) == b"pack bytes"
-        path.write_bytes(b"other bytes")
-        with pytest.raises(ObjectExists):
-            store.put_file("packs/00/a.pack", path, if_absent=True)
-        assert store.get("packs/00/a.pack", limit=100) == b"pack bytes"
 
     def test_contract_prefix_isolates_stores(self, store, seaweedfs, s3_bucket):
         other = S3Store(f"s3://{s3_bucket}/other", settings_for(seaweedfs.endpoint))

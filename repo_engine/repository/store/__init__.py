@@ -110,9 +110,8 @@ def open_store(location: str, settings: Any = None) -> Store:
         try:
             from . import s3
         except ImportError as exc:
-            raise StoreError(f"cannot open {location}: S3 support is not available in this "
-                             f"installation ({exc}); install repo-engine with its S3 "
-                             "dependencies") from None
+            raise StoreError(f"cannot open {location}: S3 support is not installed ({exc}); "
+                             "install repo-engine with the 's3' extra") from None
         return s3.S3Store(location, settings)
     from .local import LocalStore
 
