@@ -183,11 +183,7 @@ def test_verify_compares_catalog_records_with_manifests(chain, capsys):
 
 
 # -- every table --------------------------------------------------------------------------------
-@pytest.mark.parametrize("table", [
-    pytest.param(t, marks=pytest.mark.xfail(reason="gc trusts reference counts: a count lowered "
-                                                   "by damage, then a forget, drops live chunks "
-                                                   "(verify reports the under-count)"))
-    if t == "refcount" else t for t in TABLES])
+@pytest.mark.parametrize("table", TABLES)
 def test_bit_flips_in_every_table_are_found_or_harmless(chain, capsys, table):
     items = table_items(chain.repo, table)
     assert items
