@@ -56,7 +56,7 @@ class Chain:
             args += ["--changed", f"sda={path}"]
         result = cli(self.capsys, *args, *extra)
         assert result.code == 0, result.err
-        point = result.json()["point"]
+        point = result.json()["point"]["id"]
         self.expected[point] = model.copy_of_content()
         return point
 
@@ -129,7 +129,7 @@ def test_flipped_ids_never_dedup_a_block_to_another_chunk(chain, capsys):
     assert "rebuild-index" in verify.err + verify.out
     # a full read of a's disk looks every block up: each damaged hit must be refused
     point = chain.backup("a")
-    shown = cli(capsys, "show", chain.repo, point[:12], "--json").json()
+    shown = cli(capsys, "show", chain.repo, point[:12], "--json").json()["point"]
     assert shown["disks"][0]["counters"]["index_mismatches"] > 0
     assert "stored again" in shown["disks"][0]["note"]
     assert chain.assert_never_wrong() == [0] * len(chain.expected)
@@ -222,7 +222,7 @@ def _check_damaged_repository(chain: Chain, capsys, what: str) -> None:
                  f"sda={model.path}", "--json")
     assert result.code in (0, 3), (what, result.err)
     if result.code == 0:
-        chain.expected[result.json()["point"]] = model.copy_of_content()
+        chain.expected[result.json()["point"]["id"]] = model.copy_of_content()
     chain.assert_never_wrong(sample=True)
     if len(chain.expected) > 3:
         victim = list(chain.expected)[1]
@@ -279,20 +279,21 @@ def test_latest_and_parents_follow_commit_order_when_the_clock_steps_back(chain,
     future = chain.backup("a", 2)
     stepped = chain.backup("a", 2)  # the clock went back before this one
     after = chain.backup("a", 2)    # its change list is relative to `stepped`
-    shown = cli(capsys, "show", chain.repo, stepped[:12], "--json").json()
+    shown = cli(capsys, "show", chain.repo, stepped[:12], "--json").json()["point"]
     assert any("clock went backwards" in n for n in shown["notes"])
-    disk = cli(capsys, "show", chain.repo, after[:12], "--json").json()["disks"][0]
+    disk = cli(capsys, "show", chain.repo, after[:12], "--json").json()["point"]["disks"][0]
     assert disk["parent"] == stepped
-    latest = cli(capsys, "show", chain.repo, "a@latest", "--json").json()
+    latest = cli(capsys, "show", chain.repo, "a@latest", "--json").json()["point"]
     assert latest["id"] == after
-    listed = [p["id"] for p in cli(capsys, "points", chain.repo, "--vm", "a", "--json").json()]
+    listed = [p["id"] for p in cli(capsys, "points", chain.repo, "--vm", "a",
+                                      "--json").json()["points"]]
     assert listed[-3:] == [future, stepped, after]
     assert chain.assert_never_wrong() == [0] * len(chain.expected)
     # the order survives a rebuild of the index (manifests carry the sequence)
     assert cli(capsys, "rebuild-index", chain.repo).code == 0
-    assert cli(capsys, "show", chain.repo, "a@latest", "--json").json()["id"] == after
+    assert cli(capsys, "show", chain.repo, "a@latest", "--json").json()["point"]["id"] == after
     final = chain.backup("a", 2)
-    disk = cli(capsys, "show", chain.repo, final[:12], "--json").json()["disks"][0]
+    disk = cli(capsys, "show", chain.repo, final[:12], "--json").json()["point"]["disks"][0]
     assert disk["parent"] == after
     assert chain.assert_never_wrong() == [0] * len(chain.expected)
 
@@ -316,10 +317,10 @@ def test_index_of_version_1_still_opens(chain, capsys):
             write_point(repo.points_dir, manifest)
     listed = cli(capsys, "points", chain.repo, "--json")
     assert listed.code == 0, listed.err
-    old = [p["id"] for p in listed.json()]
+    old = [p["id"] for p in listed.json()["points"]]
     assert old == list(chain.expected)
     new = chain.backup("a", 2)
-    assert cli(capsys, "show", chain.repo, "a@latest", "--json").json()["id"] == new
+    assert cli(capsys, "show", chain.repo, "a@latest", "--json").json()["point"]["id"] == new
     assert cli(capsys, "verify", chain.repo).code == 0
     assert chain.assert_never_wrong() == [0] * len(chain.expected)
 
