@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 
 from helpers import KIB, MIB, DiskModel, cli, write_extents
+from repo_engine.repository.formats import INDEX_VERSION
 from repo_engine.repository.index import U64
 from repo_engine.repository.points import write_point
 from repo_engine.repository.repo import Repository
+from repo_engine.repository.seals import PAYLOAD
 
 BS = 16 * KIB
 TABLES = ("meta", "ids", "refs", "packs", "packnames", "points", "mapuse", "refcount",
@@ -298,31 +300,98 @@ def test_latest_and_parents_follow_commit_order_when_the_clock_steps_back(chain,
     assert chain.assert_never_wrong() == [0] * len(chain.expected)
 
 
-def test_index_of_version_1_still_opens(chain, capsys):
-    """An index written before catalog checks and sequences: records in time order, no seq."""
-    env = lmdb.open(str(chain.repo / "index"), max_dbs=32, map_size=1 << 40)
+def downgrade(repo: Path, version: int) -> None:
+    """Rewrite the index as an older repo-engine wrote it: version 2 has no seals on the count
+    tables; version 1 also no checks and no sequences in the catalog (nor in the manifests)."""
+    env = lmdb.open(str(repo / "index"), max_dbs=32, map_size=1 << 40)
     with env.begin(write=True) as txn:
-        points = env.open_db(b"points", txn=txn)
-        for key, value in list(txn.cursor(db=points)):
-            record = json.loads(value)
-            del record["check"], record["seq"]
-            txn.put(key, json.dumps(record, sort_keys=True).encode(), db=points)
-        txn.put(b"version", U64.pack(1), db=env.open_db(b"meta", txn=txn))
-        txn.delete(b"next_seq", db=env.open_db(b"meta", txn=txn))
+        for table, size in PAYLOAD.items():
+            db = env.open_db(table.encode(), txn=txn)
+            for key, value in list(txn.cursor(db=db)):
+                txn.put(key, value[:size], db=db)
+        meta = env.open_db(b"meta", txn=txn)
+        txn.put(b"version", U64.pack(version), db=meta)
+        if version == 1:
+            points = env.open_db(b"points", txn=txn)
+            for key, value in list(txn.cursor(db=points)):
+                record = json.loads(value)
+                del record["check"], record["seq"]
+                txn.put(key, json.dumps(record, sort_keys=True).encode(), db=points)
+            txn.delete(b"next_seq", db=meta)
     env.close()
-    with Repository.open(chain.repo) as repo:  # manifests of that time had no sequence either
-        for point in chain.expected:
-            manifest = repo.load_point(point)
-            manifest.seq = 0
-            write_point(repo.points_dir, manifest)
+    if version == 1:
+        with Repository.open(repo) as opened:  # manifests of that time had no sequence either
+            for point in opened.points():
+                manifest = opened.load_point(point.id)
+                manifest.seq = 0
+                write_point(opened.points_dir, manifest)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_index_of_an_older_version_still_opens(chain, capsys, version):
+    """Converted in place on open (1 via 2): records sealed with checks, counts with seals."""
+    downgrade(chain.repo, version)
     listed = cli(capsys, "points", chain.repo, "--json")
     assert listed.code == 0, listed.err
     old = [p["id"] for p in listed.json()["points"]]
     assert old == list(chain.expected)
+    assert table_items(chain.repo, "meta")[-1] == (b"version", U64.pack(INDEX_VERSION))
+    for table, size in PAYLOAD.items():
+        assert {len(v) for _, v in table_items(chain.repo, table)} <= {size + 8}, table
     new = chain.backup("a", 2)
     assert cli(capsys, "show", chain.repo, "a@latest", "--json").json()["point"]["id"] == new
     assert cli(capsys, "verify", chain.repo).code == 0
+    # the converted counts are trusted: forget + gc run incrementally and keep every point whole
+    victim = list(chain.expected)[1]
+    assert cli(capsys, "forget", chain.repo, victim[:12]).code == 0
+    del chain.expected[victim]
+    gc = cli(capsys, "gc", chain.repo, "--json")
+    assert gc.code == 0 and gc.json()["mode"] == "incremental", gc.out
+    assert gc.json()["counts_damaged"] == [] and gc.json()["chunks_dropped"] > 0
+    assert cli(capsys, "verify", chain.repo).code == 0
     assert chain.assert_never_wrong() == [0] * len(chain.expected)
+
+
+# -- counts gc trusts ---------------------------------------------------------------------------
+def _flip_every_row(repo: Path, table: str, in_key: bool) -> int:
+    """Flip a bit in every row of a count table: in the key, or the lowest set bit of the value's
+    first u64 (a count lowered, the damage that would cost data). Returns the rows flipped."""
+    flipped = 0
+    for key, value in table_items(repo, table):
+        first = U64.unpack(value[:8])[0]
+        bit = 30 if in_key else (first & -first).bit_length() - 1
+        if bit >= 0 and flip(repo, table, key, bit=bit, in_key=in_key):
+            flipped += 1
+    return flipped
+
+
+@pytest.mark.parametrize("in_key", [False, True], ids=["value", "key"])
+@pytest.mark.parametrize("table", list(PAYLOAD))
+def test_damaged_counts_make_gc_recount_before_deleting(chain, capsys, table, in_key):
+    """A count lowered or moved by damage, then a forget and a gc: gc notices (the seal fails,
+    or a decrement finds no count), recounts from the catalog first, reports it, and every
+    remaining point restores byte-identical."""
+    victim = list(chain.expected)[1]
+    if table == "deadmaps":  # owed decrements exist between a forget and the next gc
+        assert cli(capsys, "forget", chain.repo, victim[:12]).code == 0
+        del chain.expected[victim]
+    assert _flip_every_row(chain.repo, table, in_key)
+    verify = cli(capsys, "verify", chain.repo)
+    assert verify.code == 3 and f"{table} entries of the index fail their check" in verify.out
+    assert "gc --full" in verify.out
+    if victim in chain.expected:
+        forget = cli(capsys, "forget", chain.repo, victim[:12])
+        assert forget.code == 0, forget.err
+        del chain.expected[victim]
+    gc = cli(capsys, "gc", chain.repo, "--max-unused", "0", "--json")
+    assert gc.code == 0, gc.err
+    report = gc.json()
+    assert report["mode"] == "full" and report["counts_damaged"], report
+    assert any(table in damage for damage in report["counts_damaged"]), report
+    assert chain.assert_never_wrong() == [0] * len(chain.expected)
+    assert cli(capsys, "verify", chain.repo).code == 0
+    again = cli(capsys, "gc", chain.repo, "--json").json()
+    assert again["mode"] == "incremental" and again["counts_damaged"] == []
 
 
 # -- read-only media ----------------------------------------------------------------------------

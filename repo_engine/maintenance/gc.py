@@ -285,15 +285,18 @@ def _write_packlive(txn: lmdb.Transaction, index: Index, refs_table: np.ndarray,
                     next_pack: int) -> None:
     """Live counts of the packs the snapshot `refs_table` saw (numbers below its `next_pack`).
     Packs indexed since (a running backup's) keep theirs: the snapshot knows none of their
-    chunks, and a count of 0 would get them retired and deleted."""
+    chunks, and a count of 0 would get them retired and deleted. Damaged rows and rows of
+    unlisted packs go."""
     packs = refs_table["pack"].astype(np.int64)
     numbers, inverse = np.unique(packs, return_inverse=True)
     counts = np.bincount(inverse, minlength=len(numbers))
     stored = np.bincount(inverse, weights=refs_table["stored"].astype(np.float64),
                          minlength=len(numbers))
-    seen = [k for k, _ in txn.cursor(db=index.packlive) if PACK_KEY.unpack(k)[0] < next_pack]
-    for key in seen:
-        txn.delete(key, db=index.packlive)
+    rows = scan_sealed(index, txn, "packlive")
+    for key, ok in zip(map(bytes, rows.keys), rows.ok.tolist()):
+        # kept: sound counts of listed packs indexed since the snapshot
+        if not ok or PACK_KEY.unpack(key)[0] < next_pack or txn.get(key, db=index.packs) is None:
+            txn.delete(key, db=index.packlive)
     listed = np.array([PACK_KEY.unpack(k)[0] for k, _ in txn.cursor(db=index.packs)], np.int64)
     listed = np.union1d(listed[listed < next_pack], numbers)
     live = np.zeros((len(listed), 2), "<u8")  # a listed pack no ref places a chunk in: 0, 0
