@@ -16,7 +16,7 @@ or a key moved by damage fails its check, and a decrement that finds no count to
 damage too. Either makes the run a full one: it recounts from the catalog before it deletes
 anything, and reports the damage (`counts_damaged`). gcq and deadpacks need no seal: a queued ref
 is dropped only when it has no count (a flipped gcq key names a ref no point uses, or none), and a
-queued pack file is deleted only when the pack is not listed.
+queued pack file is deleted only when its name is not listed in `packnames`.
 
 A run, each step crash-safe (a rerun finishes it):
 
@@ -580,8 +580,11 @@ def _swap(repo: Repository, writer: PackWriter, old: list[int], report: GcReport
 
 # -- step 7: delete retired packs -------------------------------------------------------------
 def _dead_packs(repo: Repository) -> list[bytes]:
-    with repo.index.env.begin() as txn:
-        return [k for k, _ in txn.cursor(db=repo.index.deadpacks)]
+    """Queued packs whose name is not listed (a damaged deadpacks key must not name a live one)."""
+    index = repo.index
+    with index.env.begin() as txn:
+        return [k for k, _ in txn.cursor(db=index.deadpacks)
+                if txn.get(k, db=index.packnames) is None]
 
 
 def _delete_dead_packs(repo: Repository, report: GcReport) -> None:
