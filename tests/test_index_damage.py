@@ -436,3 +436,20 @@ def test_read_only_repository_restores_and_refuses_writes(chain, capsys, tmp_pat
         assert result.code == 1, (args[0], result.err)
         assert result.err.startswith("repo-engine: error: ") and "read-only" in result.err
         assert len(result.err.strip().splitlines()) == 1, result.err
+
+
+def test_queue_keys_naming_live_things_are_harmless(chain, capsys):
+    """gcq and deadpacks carry no seal: a damaged key there may name any ref or pack. Every live
+    ref queued as a gc candidate and every listed pack queued for deletion cost nothing."""
+    env = lmdb.open(str(chain.repo / "index"), max_dbs=32, map_size=1 << 40)
+    with env.begin(write=True) as txn:
+        gcq, deadpacks = env.open_db(b"gcq", txn=txn), env.open_db(b"deadpacks", txn=txn)
+        for key, _ in txn.cursor(db=env.open_db(b"refs", txn=txn)):
+            txn.put(key, b"", db=gcq)
+        for name, _ in txn.cursor(db=env.open_db(b"packnames", txn=txn)):
+            txn.put(name, b"", db=deadpacks)
+    env.close()
+    gc = cli(capsys, "gc", chain.repo, "--max-unused", "0", "--json")
+    assert gc.code == 0, gc.err
+    assert gc.json()["resurrected"] > 0
+    assert chain.assert_never_wrong() == [0] * len(chain.expected)
