@@ -60,7 +60,7 @@ from .formats import INDEX_VERSION
 from .lmdbfile import check_data_file
 from .packs import FinishedPack, PackEntry
 from .safefile import FILE_MODE, make_dir
-from .seals import CHECK_SIZE, PAYLOAD, CountDamaged, seal, seal_rows, unseal, unsealed_rows
+from .seals import CHECK_SIZE, KEY, PAYLOAD, CountDamaged, seal, seal_rows, unseal, unsealed_rows
 
 REF_KEY = struct.Struct(">Q")
 PACK_KEY = struct.Struct(">I")
@@ -176,10 +176,11 @@ class Index:
                 rows = list(txn.cursor(db=db))
                 if not rows:
                     continue
-                if {len(v) for _, v in rows} != {PAYLOAD[table]}:
+                if {(len(k), len(v)) for k, v in rows} != {(KEY[table], PAYLOAD[table])}:
                     raise DamageError(f"the index's {table} table is damaged; run "
                                       "'repo-engine rebuild-index'")
-                keys = np.frombuffer(b"".join(k for k, _ in rows), np.uint8).reshape(len(rows), -1)
+                keys = np.frombuffer(b"".join(k for k, _ in rows), np.uint8).reshape(
+                    len(rows), KEY[table])
                 payloads = np.frombuffer(b"".join(v for _, v in rows), np.uint8).reshape(
                     len(rows), PAYLOAD[table])
                 values = seal_rows(table, keys, payloads)
