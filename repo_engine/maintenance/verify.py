@@ -18,6 +18,7 @@ Errors name the points, disks and byte ranges they affect.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
