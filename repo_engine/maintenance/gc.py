@@ -115,7 +115,8 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
         if not full and not report.counts_damaged and repo.index.counts_valid():
             report.maps_settled = settle_dead_maps(repo)
             queue_uncounted(repo)
-        report.counts_damaged += repo.index.damage_seen
+        report.counts_damaged += repo.index.damage_seen  # reported once
+        repo.index.damage_seen.clear()
         if full or report.counts_damaged or not repo.index.counts_valid():
             report.mode = "full"
             report.recount = recount(repo)
