@@ -453,3 +453,16 @@ def test_queue_keys_naming_live_things_are_harmless(chain, capsys):
     assert gc.code == 0, gc.err
     assert gc.json()["resurrected"] > 0
     assert chain.assert_never_wrong() == [0] * len(chain.expected)
+
+
+def test_read_only_index_of_version_2_is_read_unsealed(chain, capsys, tmp_path, read_only_repo):
+    downgrade(chain.repo, 2)  # through the writable path; the read-only mount sees it
+    verify = cli(capsys, "verify", read_only_repo, "--json")
+    assert verify.code == 0, verify.out
+    for point, content in chain.expected.items():
+        target = tmp_path / "out.img"
+        target.unlink(missing_ok=True)
+        assert cli(capsys, "restore", read_only_repo, point[:12], "--disk", "sda", "--to",
+                   target).code == 0
+        assert target.read_bytes() == content
+    assert dict(table_items(chain.repo, "meta"))[b"version"] == U64.pack(2)  # left as it was
