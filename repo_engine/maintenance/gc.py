@@ -235,7 +235,9 @@ def count_drift(old_refs: np.ndarray, old_counts: np.ndarray, refs: np.ndarray,
                 counts: np.ndarray) -> dict:
     """How many refs the kept counts (`old_*`) count too low and too high against a recount."""
     all_refs = np.sort(np.concatenate([old_refs, refs]))  # a sort: np.union1d hashes, slower
-    all_refs = all_refs[np.r_[True, all_refs[1:] != all_refs[:-1]]]
+    first = np.ones(len(all_refs), bool)
+    first[1:] = all_refs[1:] != all_refs[:-1]
+    all_refs = all_refs[first]
     old = np.zeros(len(all_refs), np.int64)
     new = np.zeros(len(all_refs), np.int64)
     old[np.searchsorted(all_refs, old_refs)] = old_counts.astype(np.int64)
