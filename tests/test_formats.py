@@ -15,6 +15,7 @@ from repo_engine.repository.index import decode_record, encode_record
 from repo_engine.repository.lmdbfile import META, MetaPage, check_data_file
 from repo_engine.repository.packs import HEADER, PackWriter, pack_object, read_trailer
 from repo_engine.repository.store.local import LocalStore
+from repo_engine.repository import seals
 
 
 def test_envelope_golden():
@@ -86,6 +87,56 @@ def test_catalog_record_golden():
         decode_record(b"00112233aabbccde", raw)
     legacy = b'{"id": "00112233aabbccdd", "time": "2026-01-01T00:00:00.000000Z"}'
     assert decode_record(b"00112233aabbccdd", legacy, checked=False)["id"] == "00112233aabbccdd"
+
+
+def _fmix64(h: int) -> int:
+    mask = (1 << 64) - 1
+    h ^= h >> 33
+    h = h * 0xFF51AFD7ED558CCD & mask
+    h ^= h >> 33
+    h = h * 0xC4CEB9FE1A85EC53 & mask
+    return h ^ h >> 33
+
+
+def _spec_check(table: str, key: bytes, payload: bytes) -> bytes:
+    """The seal as docs/FORMAT.md states it, written out independently of seals.py."""
+    h = int.from_bytes(blake3.blake3(b"repo-engine seal " + table.encode()).digest()[:8], "little")
+    for part in (key, payload):
+        part += bytes(-len(part) % 8)
+        for i in range(0, len(part), 8):
+            h = _fmix64(h ^ int.from_bytes(part[i:i + 8], "little"))
+    return h.to_bytes(8, "little")
+
+
+def test_count_seal_golden():
+    ref5, count3 = (5).to_bytes(8, "big"), (3).to_bytes(8, "little")
+    assert seals.seal("refcount", ref5, count3).hex() == "0300000000000000c44981cf495e1dcc"
+    live = (2).to_bytes(8, "little") + (100).to_bytes(8, "little")
+    assert seals.seal("packlive", (7).to_bytes(4, "big"), live).hex() == (
+        "02000000000000006400000000000000218539e88e66c9be")
+    rows = [("refcount", ref5, count3), ("packlive", (7).to_bytes(4, "big"), live),
+            ("mapuse", bytes(range(32)), (1).to_bytes(8, "little")),
+            ("deadmaps", bytes(range(32)), (2).to_bytes(8, "little"))]
+    for table, key, payload in rows:
+        sealed = seals.seal(table, key, payload)
+        assert sealed == payload + _spec_check(table, key, payload)
+        assert seals.unseal(table, key, sealed) == payload
+        # every single flipped bit, in the key or the value (check included), is found
+        for bit in range(len(sealed) * 8):
+            damaged = bytearray(sealed)
+            damaged[bit // 8] ^= 1 << bit % 8
+            with pytest.raises(DamageError, match=f"{table} entry {key.hex()} is damaged"):
+                seals.unseal(table, key, bytes(damaged))
+        for bit in range(len(key) * 8):
+            moved = bytearray(key)
+            moved[bit // 8] ^= 1 << bit % 8
+            with pytest.raises(DamageError, match="gc --full"):
+                seals.unseal(table, bytes(moved), sealed)
+    # the tables differ: a value moved into another table fails there
+    with pytest.raises(DamageError):
+        seals.unseal("deadmaps", bytes(range(32)), seals.seal("mapuse", bytes(range(32)), count3))
+    with pytest.raises(DamageError):
+        seals.unseal("refcount", ref5, count3)  # an unsealed (version 2) value
 
 
 def test_lmdb_meta_layout(tmp_path):

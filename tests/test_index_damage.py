@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 
 from helpers import KIB, MIB, DiskModel, cli, write_extents
+from repo_engine.repository.formats import INDEX_VERSION
 from repo_engine.repository.index import U64
 from repo_engine.repository.repo import Repository
+from repo_engine.repository.seals import PAYLOAD
 
 BS = 16 * KIB
 TABLES = ("meta", "ids", "refs", "packs", "packnames", "points", "mapuse", "refcount",
@@ -182,11 +184,7 @@ def test_verify_compares_catalog_records_with_manifests(chain, capsys):
 
 
 # -- every table --------------------------------------------------------------------------------
-@pytest.mark.parametrize("table", [
-    pytest.param(t, marks=pytest.mark.xfail(reason="gc trusts reference counts: a count lowered "
-                                                   "by damage, then a forget, drops live chunks "
-                                                   "(verify reports the under-count)"))
-    if t == "refcount" else t for t in TABLES])
+@pytest.mark.parametrize("table", TABLES)
 def test_bit_flips_in_every_table_are_found_or_harmless(chain, capsys, table):
     items = table_items(chain.repo, table)
     assert items
@@ -288,7 +286,8 @@ def test_latest_and_parents_follow_commit_order_when_the_clock_steps_back(chain,
     assert disk["parent"] == stepped
     latest = cli(capsys, "show", chain.repo, "a@latest", "--json").json()["point"]
     assert latest["id"] == after
-    listed = [p["id"] for p in cli(capsys, "points", chain.repo, "--vm", "a", "--json").json()["points"]]
+    listed = [p["id"] for p in cli(capsys, "points", chain.repo, "--vm", "a",
+                                      "--json").json()["points"]]
     assert listed[-3:] == [future, stepped, after]
     assert chain.assert_never_wrong() == [0] * len(chain.expected)
     # the order survives a rebuild of the index (manifests carry the sequence)
@@ -300,31 +299,98 @@ def test_latest_and_parents_follow_commit_order_when_the_clock_steps_back(chain,
     assert chain.assert_never_wrong() == [0] * len(chain.expected)
 
 
-def test_index_of_version_1_still_opens(chain, capsys):
-    """An index written before catalog checks and sequences: records in time order, no seq."""
-    env = lmdb.open(str(chain.repo / "index"), max_dbs=32, map_size=1 << 40)
+def downgrade(repo: Path, version: int) -> None:
+    """Rewrite the index as an older repo-engine wrote it: version 2 has no seals on the count
+    tables; version 1 also no checks and no sequences in the catalog (nor in the manifests)."""
+    env = lmdb.open(str(repo / "index"), max_dbs=32, map_size=1 << 40)
     with env.begin(write=True) as txn:
-        points = env.open_db(b"points", txn=txn)
-        for key, value in list(txn.cursor(db=points)):
-            record = json.loads(value)
-            del record["check"], record["seq"]
-            txn.put(key, json.dumps(record, sort_keys=True).encode(), db=points)
-        txn.put(b"version", U64.pack(1), db=env.open_db(b"meta", txn=txn))
-        txn.delete(b"next_seq", db=env.open_db(b"meta", txn=txn))
+        for table, size in PAYLOAD.items():
+            db = env.open_db(table.encode(), txn=txn)
+            for key, value in list(txn.cursor(db=db)):
+                txn.put(key, value[:size], db=db)
+        meta = env.open_db(b"meta", txn=txn)
+        txn.put(b"version", U64.pack(version), db=meta)
+        if version == 1:
+            points = env.open_db(b"points", txn=txn)
+            for key, value in list(txn.cursor(db=points)):
+                record = json.loads(value)
+                del record["check"], record["seq"]
+                txn.put(key, json.dumps(record, sort_keys=True).encode(), db=points)
+            txn.delete(b"next_seq", db=meta)
     env.close()
-    with Repository.open(chain.repo) as repo:  # manifests of that time had no sequence either
-        for point in chain.expected:
-            manifest = repo.load_point(point)
-            manifest.seq = 0
-            repo.write_manifest(manifest)
+    if version == 1:
+        with Repository.open(repo) as opened:  # manifests of that time had no sequence either
+            for point in opened.points():
+                manifest = opened.load_point(point.id)
+                manifest.seq = 0
+                opened.write_manifest(manifest)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_index_of_an_older_version_still_opens(chain, capsys, version):
+    """Converted in place on open (1 via 2): records sealed with checks, counts with seals."""
+    downgrade(chain.repo, version)
     listed = cli(capsys, "points", chain.repo, "--json")
     assert listed.code == 0, listed.err
     old = [p["id"] for p in listed.json()["points"]]
     assert old == list(chain.expected)
+    assert dict(table_items(chain.repo, "meta"))[b"version"] == U64.pack(INDEX_VERSION)
+    for table, size in PAYLOAD.items():
+        assert {len(v) for _, v in table_items(chain.repo, table)} <= {size + 8}, table
     new = chain.backup("a", 2)
     assert cli(capsys, "show", chain.repo, "a@latest", "--json").json()["point"]["id"] == new
     assert cli(capsys, "verify", chain.repo).code == 0
+    # the converted counts are trusted: forget + gc run incrementally and keep every point whole
+    victim = list(chain.expected)[1]
+    assert cli(capsys, "forget", chain.repo, victim[:12]).code == 0
+    del chain.expected[victim]
+    gc = cli(capsys, "gc", chain.repo, "--json")
+    assert gc.code == 0 and gc.json()["mode"] == "incremental", gc.out
+    assert gc.json()["counts_damaged"] == [] and gc.json()["chunks_dropped"] > 0
+    assert cli(capsys, "verify", chain.repo).code == 0
     assert chain.assert_never_wrong() == [0] * len(chain.expected)
+
+
+# -- counts gc trusts ---------------------------------------------------------------------------
+def _flip_every_row(repo: Path, table: str, in_key: bool) -> int:
+    """Flip a bit in every row of a count table: in the key, or the lowest set bit of the value's
+    first u64 (a count lowered, the damage that would cost data). Returns the rows flipped."""
+    flipped = 0
+    for key, value in table_items(repo, table):
+        first = U64.unpack(value[:8])[0]
+        bit = 30 if in_key else (first & -first).bit_length() - 1
+        if bit >= 0 and flip(repo, table, key, bit=bit, in_key=in_key):
+            flipped += 1
+    return flipped
+
+
+@pytest.mark.parametrize("in_key", [False, True], ids=["value", "key"])
+@pytest.mark.parametrize("table", list(PAYLOAD))
+def test_damaged_counts_make_gc_recount_before_deleting(chain, capsys, table, in_key):
+    """A count lowered or moved by damage, then a forget and a gc: gc notices (the seal fails,
+    or a decrement finds no count), recounts from the catalog first, reports it, and every
+    remaining point restores byte-identical."""
+    victim = list(chain.expected)[1]
+    if table == "deadmaps":  # owed decrements exist between a forget and the next gc
+        assert cli(capsys, "forget", chain.repo, victim[:12]).code == 0
+        del chain.expected[victim]
+    assert _flip_every_row(chain.repo, table, in_key)
+    verify = cli(capsys, "verify", chain.repo)
+    assert verify.code == 3 and f"{table} entries of the index fail their check" in verify.out
+    assert "gc --full" in verify.out
+    if victim in chain.expected:
+        forget = cli(capsys, "forget", chain.repo, victim[:12])
+        assert forget.code == 0, forget.err
+        del chain.expected[victim]
+    gc = cli(capsys, "gc", chain.repo, "--max-unused", "0", "--json")
+    assert gc.code == 0, gc.err
+    report = gc.json()
+    assert report["mode"] == "full" and report["counts_damaged"], report
+    assert any(table in damage for damage in report["counts_damaged"]), report
+    assert chain.assert_never_wrong() == [0] * len(chain.expected)
+    assert cli(capsys, "verify", chain.repo).code == 0
+    again = cli(capsys, "gc", chain.repo, "--json").json()
+    assert again["mode"] == "incremental" and again["counts_damaged"] == []
 
 
 # -- read-only media ----------------------------------------------------------------------------
@@ -369,3 +435,33 @@ def test_read_only_repository_restores_and_refuses_writes(chain, capsys, tmp_pat
         assert result.code == 1, (args[0], result.err)
         assert result.err.startswith("repo-engine: error: ") and "read-only" in result.err
         assert len(result.err.strip().splitlines()) == 1, result.err
+
+
+def test_queue_keys_naming_live_things_are_harmless(chain, capsys):
+    """gcq and deadpacks carry no seal: a damaged key there may name any ref or pack. Every live
+    ref queued as a gc candidate and every listed pack queued for deletion cost nothing."""
+    env = lmdb.open(str(chain.repo / "index"), max_dbs=32, map_size=1 << 40)
+    with env.begin(write=True) as txn:
+        gcq, deadpacks = env.open_db(b"gcq", txn=txn), env.open_db(b"deadpacks", txn=txn)
+        for key, _ in txn.cursor(db=env.open_db(b"refs", txn=txn)):
+            txn.put(key, b"", db=gcq)
+        for name, _ in txn.cursor(db=env.open_db(b"packnames", txn=txn)):
+            txn.put(name, b"", db=deadpacks)
+    env.close()
+    gc = cli(capsys, "gc", chain.repo, "--max-unused", "0", "--json")
+    assert gc.code == 0, gc.err
+    assert gc.json()["resurrected"] > 0
+    assert chain.assert_never_wrong() == [0] * len(chain.expected)
+
+
+def test_read_only_index_of_version_2_is_read_unsealed(chain, capsys, tmp_path, read_only_repo):
+    downgrade(chain.repo, 2)  # through the writable path; the read-only mount sees it
+    verify = cli(capsys, "verify", read_only_repo, "--json")
+    assert verify.code == 0, verify.out
+    for point, content in chain.expected.items():
+        target = tmp_path / "out.img"
+        target.unlink(missing_ok=True)
+        assert cli(capsys, "restore", read_only_repo, point[:12], "--disk", "sda", "--to",
+                   target).code == 0
+        assert target.read_bytes() == content
+    assert dict(table_items(chain.repo, "meta"))[b"version"] == U64.pack(2)  # left as it was

@@ -30,7 +30,7 @@ GC = {"mode": str, "dry_run": bool, "forgets_finished": int, "maps_settled": int
       "maps_deleted": int, "manifests_deleted": int, "orphan_packs_deleted": int,
       "tmp_files_deleted": int, "packs_repacked": int, "packs_written": int,
       "packs_deleted": int, "freed_bytes": int, "damaged_packs_skipped": [str],
-      "recount": dict, "waited_seconds": NUM, "seconds": NUM}
+      "recount": dict, "counts_damaged": [str], "waited_seconds": NUM, "seconds": NUM}
 
 SCHEMAS = {
     "backup": {"point": POINT, "backup": BACKUP},

@@ -22,7 +22,7 @@ from helpers import MIB, DiskModel, cli, restore_bytes, write_extents
 from repo_engine.backup.job import BackupOptions, backup_vm
 from repo_engine.backup.source import ChangeReport, SourceDisk, VmSnapshot
 from repo_engine.maintenance.forget import forget_points
-from repo_engine.maintenance.gc import gc
+from repo_engine.maintenance.gc import count_drift, gc
 from repo_engine.maintenance.verify import verify
 from repo_engine.repository.repo import Repository
 
@@ -254,3 +254,17 @@ def test_parallel_backups_of_several_vms_with_forget_gc_loops(tmp_path, capsys):
         assert hashlib.sha256(data).hexdigest() == expected[point["id"]], point["id"]
     full = cli(capsys, "gc", repo, "--full", "--json").json()
     assert full["recount"] == {"under_counted": 0, "over_counted": 0}
+
+
+@pytest.mark.parametrize("old, new, drift", [
+    ([], [], (0, 0)),                                      # an empty repository
+    ([(1, 1), (3, 1), (5, 2)], [(1, 2), (2, 1), (5, 2)], (2, 1)),
+    ([(4, 1)], [], (0, 1)),
+    ([], [(4, 1)], (1, 0)),
+])
+def test_count_drift(old, new, drift):
+    def arrays(pairs):
+        return (np.array([r for r, _ in pairs], np.uint64),
+                np.array([c for _, c in pairs], np.uint64))
+    found = count_drift(*arrays(old), *arrays(new))
+    assert (found["under_counted"], found["over_counted"]) == drift

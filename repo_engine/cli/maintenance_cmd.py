@@ -216,6 +216,8 @@ def _echo_gc(r: object) -> None:
                f"{plural(r.manifests_deleted, 'manifest')} deleted")
     if r.waited_seconds >= 0.01:
         click.echo(f"  waited {r.waited_seconds:.2f} s for running backups")
+    for msg in r.counts_damaged:
+        click.echo(f"  counts damaged, recounted first: {msg}")
     if r.recount:
         click.echo(f"  recount: {_counts(r.recount)}")
     for msg in r.damaged_packs_skipped:

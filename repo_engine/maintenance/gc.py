@@ -10,6 +10,14 @@ since the last gc, whose refs may never have been counted: a crashed backup's). 
 recomputes every count from the catalog (mark) and queues every uncounted ref (sweep), and reports
 how far the kept counts were off.
 
+The counts gc trusts are sealed (repository/seals.py). Before an incremental run trusts them, gc
+checks every seal of mapuse, refcount, deadmaps and packlive (all rows at once): a value lowered
+or a key moved by damage fails its check, and a decrement that finds no count to take from is
+damage too. Either makes the run a full one: it recounts from the catalog before it deletes
+anything, and reports the damage (`counts_damaged`). gcq and deadpacks need no seal: a queued ref
+is dropped only when it has no count (a flipped gcq key names a ref no point uses, or none), and a
+queued pack file is deleted only when its name is not listed in `packnames`.
+
 A run, each step crash-safe (a rerun finishes it):
 
 1. Finish removals a forget left marked (forget.py).
@@ -51,9 +59,10 @@ from ..repository.blockmap import map_object
 from ..repository.packs import ENTRY, FOOTER, HEADER, PackWriter, pack_object
 from ..repository.points import point_object
 from ..repository.repo import Repository, unique_refs
+from ..repository.seals import KEY, CountDamaged, seal_rows
 from . import forget
-from .inventory import (MapCache, dead_tmp_files, live_refs, objects_under, scan_counts,
-                        scan_refs, sessions, wait_for)
+from .inventory import (MapCache, count_damage, dead_tmp_files, live_refs, objects_under,
+                        scan_counts, scan_refs, scan_sealed, sessions, wait_for)
 
 Tick = Callable[[str], None]
 
@@ -78,6 +87,7 @@ class GcReport:
     freed_bytes: int = 0
     damaged_packs_skipped: list[str] = field(default_factory=list)
     recount: dict = field(default_factory=dict)
+    counts_damaged: list[str] = field(default_factory=list)
     waited_seconds: float = 0.0
     seconds: float = 0.0
 
@@ -102,12 +112,16 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
         return report
     with repo.lock(MAINTENANCE, "gc") as lock:
         report.forgets_finished = len(forget.finish_pending(repo).removed)
-        if full or not repo.index.counts_valid():
-            report.mode = "full"
-            report.recount = recount(repo)
-        else:
+        with repo.index.env.begin() as txn:
+            report.counts_damaged = count_damage(repo.index, txn)
+        if not full and not report.counts_damaged and repo.index.counts_valid():
             report.maps_settled = settle_dead_maps(repo)
             queue_uncounted(repo)
+        report.counts_damaged += repo.index.damage_seen  # reported once
+        repo.index.damage_seen.clear()
+        if full or report.counts_damaged or not repo.index.counts_valid():
+            report.mode = "full"
+            report.recount = recount(repo)
         listed = _mark(repo)
         report.candidates = len(listed.candidates)
         report.waited_seconds += wait_for(repo, sessions(repo, lock.path), timeout=wait_timeout,
@@ -125,18 +139,23 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
 
 # -- step 2: counts -----------------------------------------------------------------------------
 def settle_dead_maps(repo: Repository) -> int:
-    """Apply the decrements owed by maps whose use dropped to 0; returns maps settled."""
+    """Apply the decrements owed by maps whose use dropped to 0; returns maps settled. A damaged
+    count met on the way distrusts the counts (Index.add_refs), and gc recounts."""
     index = repo.index
     with index.env.begin() as txn:
-        owed = [(k, U64.unpack(v)[0]) for k, v in txn.cursor(db=index.deadmaps)]
+        owed = [k for k, _ in txn.cursor(db=index.deadmaps)]
     settled = 0
-    for key, _count in owed:
+    for key in owed:
         try:
             refs = unique_refs(repo.read_map(key.hex()))
         except RepoError:
             continue  # counts stay high: a leak, never a loss; verify reports the map
         with index.env.begin(write=True) as txn:
-            raw = txn.get(key, db=index.deadmaps)
+            try:
+                raw = index.get_sealed(txn, "deadmaps", key)
+            except CountDamaged as exc:
+                index.distrust_counts(txn, exc)
+                continue
             if raw is None:
                 continue
             index.add_refs(txn, refs, -U64.unpack(raw)[0])
@@ -195,7 +214,7 @@ def recount(repo: Repository, attempts: int = 5, *, strict: bool = True) -> dict
         with index.env.begin() as txn:
             catalog = {k: v for k, v in txn.cursor(db=index.points)}
             refs_table = scan_refs(index, txn)
-            old_refs, old_counts = scan_counts(txn, index.refcount)
+            old_refs, old_counts = scan_counts(index, txn)
             next_pack = index._get_u64(txn, b"next_pack", index.meta)
         pause_point("gc.recount")
         use: dict[str, int] = {}
@@ -217,7 +236,10 @@ def recount(repo: Repository, attempts: int = 5, *, strict: bool = True) -> dict
 def count_drift(old_refs: np.ndarray, old_counts: np.ndarray, refs: np.ndarray,
                 counts: np.ndarray) -> dict:
     """How many refs the kept counts (`old_*`) count too low and too high against a recount."""
-    all_refs = np.union1d(old_refs, refs)
+    all_refs = np.sort(np.concatenate([old_refs, refs]))  # a sort: np.union1d hashes, slower
+    first = np.ones(len(all_refs), bool)
+    first[1:] = all_refs[1:] != all_refs[:-1]
+    all_refs = all_refs[first]
     old = np.zeros(len(all_refs), np.int64)
     new = np.zeros(len(all_refs), np.int64)
     old[np.searchsorted(all_refs, old_refs)] = old_counts.astype(np.int64)
@@ -241,14 +263,10 @@ def _replace_counts(index: Index, catalog: dict, use: dict[str, int], refs: np.n
             return False
         for db in (index.mapuse, index.refcount, index.deadmaps, index.gcq):
             txn.drop(db, delete=False)
-        with txn.cursor(db=index.mapuse) as cur:
-            cur.putmulti(sorted((bytes.fromhex(n), U64.pack(c)) for n, c in use.items()),
-                         append=True)
-        keys = refs.astype(">u8").tobytes()
-        vals = counts.astype("<u8").tobytes()
-        with txn.cursor(db=index.refcount) as cur:
-            cur.putmulti(((keys[i:i + 8], vals[i:i + 8]) for i in range(0, len(keys), 8)),
-                         append=True)
+        names = sorted(use)
+        _put_sealed_rows(txn, index, "mapuse", b"".join(map(bytes.fromhex, names)),
+                         np.array([use[n] for n in names], "<u8"))
+        _put_sealed_rows(txn, index, "refcount", refs.astype(">u8").tobytes(), counts)
         dkeys = dead.astype(">u8").tobytes()
         with txn.cursor(db=index.gcq) as cur:
             cur.putmulti(((dkeys[i:i + 8], b"") for i in range(0, len(dkeys), 8)), append=True)
@@ -258,24 +276,42 @@ def _replace_counts(index: Index, catalog: dict, use: dict[str, int], refs: np.n
     return True
 
 
+def _put_sealed_rows(txn: lmdb.Transaction, index: Index, table: str, keys: bytes,
+                     counts: np.ndarray) -> None:
+    """Append rows of u64 counts, sealed, to an emptied table (`keys` concatenated, sorted)."""
+    rows = np.frombuffer(keys, np.uint8).reshape(-1, KEY[table])
+    sealed = seal_rows(table, rows, np.asarray(counts, "<u8").view(np.uint8).reshape(-1, 8))
+    size, width, values = rows.shape[1], sealed.shape[1], sealed.tobytes()
+    with txn.cursor(db=getattr(index, table)) as cur:
+        cur.putmulti(((keys[i * size:(i + 1) * size], values[i * width:(i + 1) * width])
+                      for i in range(len(counts))), append=True)
+
+
 def _write_packlive(txn: lmdb.Transaction, index: Index, refs_table: np.ndarray,
                     next_pack: int) -> None:
     """Live counts of the packs the snapshot `refs_table` saw (numbers below its `next_pack`).
     Packs indexed since (a running backup's) keep theirs: the snapshot knows none of their
-    chunks, and a count of 0 would get them retired and deleted."""
+    chunks, and a count of 0 would get them retired and deleted. Damaged rows and rows of
+    unlisted packs go."""
     packs = refs_table["pack"].astype(np.int64)
     numbers, inverse = np.unique(packs, return_inverse=True)
     counts = np.bincount(inverse, minlength=len(numbers))
     stored = np.bincount(inverse, weights=refs_table["stored"].astype(np.float64),
                          minlength=len(numbers))
-    seen = [k for k, _ in txn.cursor(db=index.packlive) if PACK_KEY.unpack(k)[0] < next_pack]
-    for key in seen:
-        txn.delete(key, db=index.packlive)
-    for key, _ in txn.cursor(db=index.packs):
-        if PACK_KEY.unpack(key)[0] < next_pack:
-            txn.put(key, LIVE_REC.pack(0, 0), db=index.packlive)
-    for number, count, size in zip(numbers.tolist(), counts.tolist(), stored.tolist()):
-        txn.put(PACK_KEY.pack(number), LIVE_REC.pack(count, int(size)), db=index.packlive)
+    rows = scan_sealed(index, txn, "packlive")
+    for key, ok in zip(map(bytes, rows.keys), rows.ok.tolist()):
+        # kept: sound counts of listed packs indexed since the snapshot
+        if not ok or PACK_KEY.unpack(key)[0] < next_pack or txn.get(key, db=index.packs) is None:
+            txn.delete(key, db=index.packlive)
+    listed = np.array([PACK_KEY.unpack(k)[0] for k, _ in txn.cursor(db=index.packs)], np.int64)
+    listed = np.union1d(listed[listed < next_pack], numbers)
+    live = np.zeros((len(listed), 2), "<u8")  # a listed pack no ref places a chunk in: 0, 0
+    at = np.searchsorted(listed, numbers)
+    live[at, 0], live[at, 1] = counts, stored.astype(np.int64)
+    keys = listed.astype(">u4").view(np.uint8).reshape(-1, 4)
+    values = seal_rows("packlive", keys, live.view(np.uint8).reshape(-1, 16))
+    for key, value in zip(keys, values):
+        txn.put(key.tobytes(), value.tobytes(), db=index.packlive)
 
 
 # -- step 3: mark ---------------------------------------------------------------------------
@@ -334,7 +370,7 @@ def _point_known(txn: lmdb.Transaction, index: Index, point_id: str) -> bool:
 # -- step 5: sweep ----------------------------------------------------------------------------
 def _sweep(repo: Repository, listed: _Listed, report: GcReport) -> None:
     index = repo.index
-    touched: set[int] = set()
+    touched: dict[int, list[int]] = {}  # pack -> [chunks dropped, stored bytes dropped]
     with index.env.begin(write=True) as txn:
         for ref in listed.candidates:
             key = REF_KEY.pack(ref)
@@ -351,10 +387,10 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport) -> None:
             txn.delete(key, db=index.quarantine)
             if txn.get(chunk_id, db=index.ids) == U64.pack(ref):
                 txn.delete(chunk_id, db=index.ids)
-            less_live(txn, index, pack, stored)
             for name, delta in (("chunks", -1), ("raw_bytes", -raw), ("stored_bytes", -stored)):
                 index._add(txn, name, delta)
-            touched.add(pack)
+            dropped = touched.setdefault(pack, [0, 0])
+            dropped[0], dropped[1] = dropped[0] + 1, dropped[1] + stored
             report.chunks_dropped += 1
             report.stored_bytes_dropped += stored
         maps = [map_object(n) for n in listed.maps if not _map_used(txn, index, n)]
@@ -365,8 +401,9 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport) -> None:
         report.manifests_deleted += len(manifests)
         report.orphan_packs_deleted += len(packs)
         report.freed_bytes += sum(packs.values())
-        for number in sorted(touched):
-            live = txn.get(PACK_KEY.pack(number), db=index.packlive)
+        for number, (chunks, stored) in sorted(touched.items()):
+            less_live(txn, index, number, stored, chunks)
+            live = index.get_sealed(txn, "packlive", PACK_KEY.pack(number))
             if (live is not None and LIVE_REC.unpack(live)[0] == 0
                     and not _places_chunks(repo, txn, number)):
                 _retire_pack(txn, index, number)
@@ -375,14 +412,21 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport) -> None:
         report.tmp_files_deleted += 1
 
 
-def less_live(txn: lmdb.Transaction, index: Index, pack: int, stored: int) -> None:
-    """One chunk of `stored` bytes in `pack` is no longer live there (dropped or moved)."""
+def less_live(txn: lmdb.Transaction, index: Index, pack: int, stored: int,
+              chunks: int = 1) -> None:
+    """`chunks` chunks of `stored` bytes in all in `pack` are no longer live there (dropped or
+    moved). A damaged live count is left for the next gc's recount."""
     key = PACK_KEY.pack(pack)
-    raw = txn.get(key, db=index.packlive)
+    try:
+        raw = index.get_sealed(txn, "packlive", key)
+    except CountDamaged as exc:
+        index.distrust_counts(txn, exc)
+        return
     if raw is None:
         return
     count, size = LIVE_REC.unpack(raw)
-    txn.put(key, LIVE_REC.pack(max(count - 1, 0), max(size - stored, 0)), db=index.packlive)
+    index.put_sealed(txn, "packlive", key,
+                     LIVE_REC.pack(max(count - chunks, 0), max(size - stored, 0)))
 
 
 def _places_chunks(repo: Repository, txn: lmdb.Transaction, number: int) -> bool:
@@ -424,24 +468,32 @@ def repack_candidates(repo: Repository, max_unused: float) -> list[int]:
     index = repo.index
     out = []
     with index.env.begin() as txn:
+        lives = live_counts(index, txn)
         for key, raw in txn.cursor(db=index.packs):
             _name, size, count = PACK_REC.unpack(raw)
-            live = txn.get(key, db=index.packlive)
-            if live is None:
+            if key not in lives:
                 continue
-            live_count, live_stored = LIVE_REC.unpack(live)
+            live_count, live_stored = lives[key]
             data = max(size - HEADER.size - FOOTER.size - ENTRY.size * count, 1)
             if live_count and (1 - live_stored / data) * 100 > max_unused:
                 out.append(PACK_KEY.unpack(key)[0])
     return out
 
 
+def live_counts(index: Index, txn: lmdb.Transaction) -> dict[bytes, tuple[int, int]]:
+    """pack key -> (live count, live stored bytes) of the packlive rows that pass their check
+    (gc checked them all before; one damaged since is not acted on)."""
+    rows = scan_sealed(index, txn, "packlive")
+    values = rows.payloads.copy().view("<u8")[rows.ok].tolist()
+    return {k.tobytes(): (c, s) for k, (c, s) in zip(rows.keys[rows.ok], values)}
+
+
 def _retire_empty(repo: Repository) -> None:
     """Packs left with no live chunk (by a sweep, a heal or an earlier repack) leave the index."""
     index = repo.index
     with index.env.begin(write=True) as txn:
-        empty = [PACK_KEY.unpack(k)[0] for k, v in txn.cursor(db=index.packlive)
-                 if LIVE_REC.unpack(v)[0] == 0]
+        empty = [PACK_KEY.unpack(k)[0] for k, (count, _) in live_counts(index, txn).items()
+                 if count == 0]
         for number in empty:
             if not _places_chunks(repo, txn, number):
                 _retire_pack(txn, index, number)
@@ -521,8 +573,11 @@ def _swap(repo: Repository, writer: PackWriter, old: list[int], report: GcReport
 
 # -- step 7: delete retired packs -------------------------------------------------------------
 def _dead_packs(repo: Repository) -> list[bytes]:
-    with repo.index.env.begin() as txn:
-        return [k for k, _ in txn.cursor(db=repo.index.deadpacks)]
+    """Queued packs whose name is not listed (a damaged deadpacks key must not name a live one)."""
+    index = repo.index
+    with index.env.begin() as txn:
+        return [k for k, _ in txn.cursor(db=index.deadpacks)
+                if txn.get(k, db=index.packnames) is None]
 
 
 def _delete_dead_packs(repo: Repository, report: GcReport) -> None:

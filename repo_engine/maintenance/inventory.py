@@ -16,12 +16,13 @@ import numpy as np
 from ..backup.extents import blocks_to_extents
 from ..errors import LockedError, RepoError
 from ..pause import pause_point
-from ..repository.index import Index
+from ..repository.index import SEALED_DBS, Index
 from ..repository.locks import list_locks, remove_if_stale
 from ..repository.points import PointRecord
 from ..repository.repo import Repository, unique_refs
 from ..repository.safefile import is_name
 from ..repository.store import ObjectInfo
+from ..repository.seals import CHECK_SIZE, KEY, PAYLOAD, unsealed_rows
 
 # the refs table: key ref u64 big endian, value REF_REC (id, pack, offset, stored, raw, codec)
 REF_ROW = np.dtype({"names": ["id", "pack", "offset", "stored", "raw", "codec"],
@@ -71,10 +72,65 @@ def scan_u64_keys(txn: lmdb.Transaction, db: object) -> np.ndarray:
     return np.frombuffer(keys, dtype=">u8").astype(np.uint64)
 
 
-def scan_counts(txn: lmdb.Transaction, db: object) -> tuple[np.ndarray, np.ndarray]:
+@dataclass
+class SealedRows:
+    """A count table read whole: keys (n, key size) and payloads (n, payload size) as uint8,
+    and which rows pass their check (seals.py)."""
+
+    keys: np.ndarray
+    payloads: np.ndarray
+    ok: np.ndarray
+
+    def damaged(self, table: str) -> list[str]:
+        """One message per table with rows that fail their check."""
+        bad = np.flatnonzero(~self.ok)
+        if not len(bad):
+            return []
+        return [f"{len(bad)} {table} entries of the index fail their check (first: "
+                f"{self.keys[bad[0]].tobytes().hex()})"]
+
+
+def scan_sealed(index: Index, txn: lmdb.Transaction, table: str) -> SealedRows:
+    """Every row of a count table with its check verified (all rows at once; rows of a wrong
+    size, which no single flipped bit makes, fail without being looked at)."""
+    key_size, size = KEY[table], PAYLOAD[table]
+    width = size + CHECK_SIZE if index.sealed else size
+    db = getattr(index, table)
+    count = txn.stat(db)["entries"]
     keys, values = _scan(txn, db)
-    return (np.frombuffer(keys, dtype=">u8").astype(np.uint64),
-            np.frombuffer(values, dtype="<u8").astype(np.uint64))
+    if len(keys) == count * key_size and len(values) == count * width:
+        fits = np.ones(count, bool)
+    else:
+        rows = list(txn.cursor(db=db))
+        fits = np.array([len(k) == key_size and len(v) == width for k, v in rows], bool)
+        keys = b"".join(k if fit else bytes(key_size) for (k, _), fit in zip(rows, fits))
+        values = b"".join(v if fit else bytes(width) for (_, v), fit in zip(rows, fits))
+    keys = np.frombuffer(keys, np.uint8).reshape(-1, key_size)
+    values = np.frombuffer(values, np.uint8).reshape(-1, width)
+    if not index.sealed:
+        return SealedRows(keys, values, fits)
+    payloads, ok = unsealed_rows(table, keys, values)
+    return SealedRows(keys, payloads.copy(), ok & fits)
+
+
+def count_damage(index: Index, txn: lmdb.Transaction) -> list[str]:
+    """What fails its check in the count tables gc trusts (empty: the counts are as written)."""
+    return [message for table in SEALED_DBS
+            for message in scan_sealed(index, txn, table).damaged(table)]
+
+
+def sealed_u64(index: Index, txn: lmdb.Transaction, table: str) -> dict[str, int]:
+    """A count table of u64 values by hex key, as read (mapuse, deadmaps)."""
+    rows = scan_sealed(index, txn, table)
+    return dict(zip((k.tobytes().hex() for k in rows.keys),
+                    rows.payloads.copy().view("<u8")[:, 0].tolist()))
+
+
+def scan_counts(index: Index, txn: lmdb.Transaction) -> tuple[np.ndarray, np.ndarray]:
+    """The refcount table: (refs, counts) as sorted u64, damaged rows included as read."""
+    rows = scan_sealed(index, txn, "refcount")
+    return (rows.keys.copy().view(">u8")[:, 0].astype(np.uint64),
+            rows.payloads.copy().view("<u8")[:, 0].astype(np.uint64))
 
 
 KINDS = {"packs": (".pack", 64), "maps": (".map", 64), "points": (".point", 16)}

@@ -27,13 +27,14 @@ import numpy as np
 
 from ..errors import RepoError
 from ..pause import pause_point
-from ..repository.index import PACK_KEY, U64, DamagedRecord, Index, pack_fields
+from ..repository.index import PACK_KEY, DamagedRecord, Index, pack_fields
 from ..repository.locks import SHARED
 from ..repository.points import PointRecord
 from ..repository.repo import Repository
 from .gc import count_drift
-from .inventory import (Affected, MapCache, affected_by, chain_maps, live_refs, objects_under,
-                        scan_counts, scan_ids, scan_refs, scan_u64_keys)
+from .inventory import (Affected, MapCache, affected_by, chain_maps, count_damage, live_refs,
+                        objects_under, scan_counts, scan_ids, scan_refs, scan_u64_keys,
+                        sealed_u64)
 
 REBUILD = "run 'repo-engine rebuild-index'"
 
@@ -71,6 +72,7 @@ class _Snapshot:
     mapuse: dict[str, int]
     deadmaps: dict[str, int]
     counts_valid: bool
+    count_damage: list[str]
 
 
 def _snapshot(repo: Repository) -> _Snapshot:
@@ -88,9 +90,10 @@ def _snapshot(repo: Repository) -> _Snapshot:
             packs={PACK_KEY.unpack(k)[0]: pack_fields(v) for k, v in txn.cursor(db=index.packs)},
             deadpacks={k.hex() for k, _ in txn.cursor(db=index.deadpacks)},
             quarantine=scan_u64_keys(txn, index.quarantine),
-            counts=scan_counts(txn, index.refcount),
-            mapuse={k.hex(): U64.unpack(v)[0] for k, v in txn.cursor(db=index.mapuse)},
-            deadmaps={k.hex(): U64.unpack(v)[0] for k, v in txn.cursor(db=index.deadmaps)},
+            counts=scan_counts(index, txn),
+            mapuse=sealed_u64(index, txn, "mapuse"),
+            deadmaps=sealed_u64(index, txn, "deadmaps"),
+            count_damage=count_damage(index, txn),
             counts_valid=index._get_u64(txn, b"counts", index.meta) == 1,
         )
 
@@ -131,6 +134,8 @@ def _verify(repo: Repository, tick: Callable[[int], None] | None) -> VerifyRepor
     live, counts = live_refs(cache, used)
     bad_refs = _check_refs(snap, live, report)
     bad_refs = np.union1d(bad_refs, _check_packs(repo, snap, report, tick))
+    report.errors += [f"{damage}: gc would not trust the counts; run 'repo-engine gc --full' "
+                      "(or 'repo-engine rebuild-index')" for damage in snap.count_damage]
     if snap.counts_valid:
         _check_counts(snap, cache, used, live, counts, report)
     else:

@@ -15,11 +15,11 @@ Reference counting and maintenance state (repo_engine/maintenance/ documents the
 
 | database   | key                  | value                                                      |
 |------------|----------------------|------------------------------------------------------------|
-| mapuse     | map name [32]        | u64: catalogued disk records naming this map              |
-| refcount   | ref u64 big endian   | u64: map files in use that contain the ref (absent = 0)    |
-| deadmaps   | map name [32]        | u64: decrements still owed for maps whose use reached 0    |
+| mapuse     | map name [32]        | sealed u64: catalogued disk records naming this map        |
+| refcount   | ref u64 big endian   | sealed u64: map files in use containing the ref (absent = 0) |
+| deadmaps   | map name [32]        | sealed u64: decrements owed for maps whose use reached 0   |
 | gcq        | ref u64 big endian   | empty: refs whose count reached 0 (gc candidates)          |
-| packlive   | pack u32 big endian  | live count u64, live stored bytes u64                      |
+| packlive   | pack u32 big endian  | sealed: live count u64, live stored bytes u64              |
 | deadpacks  | name [32]            | empty: packs out of the index, file deleted after a wait   |
 | forgetting | point id (ascii)     | empty: points a forget has started to remove               |
 | scrubbed   | name [32]            | u64: unix time the pack was last scrubbed                  |
@@ -33,6 +33,11 @@ assigns a new point its commit sequence (`seq`), which orders a VM's points.
 Version 2 (docs/FORMAT.md): catalog records carry `check` (BLAKE3 of the rest) and `seq`; a
 writable version 1 index is converted on open, a read-only one read unchecked. The data file is
 checked before LMDB maps it (lmdbfile.py).
+Version 3: the values gc trusts to delete things (mapuse, refcount, deadmaps, packlive) are sealed
+with a check over table, key and value (seals.py); a writer meeting a value that fails it, or a
+decrement with no count to take from, stops trusting the counts (meta `counts` = 0), and gc
+checks every seal before it deletes anything: either way it recounts from the catalog first.
+A writable version 2 index is sealed on open; a read-only one is read unsealed.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from .formats import INDEX_VERSION
 from .lmdbfile import check_data_file
 from .packs import FinishedPack, PackEntry
 from .safefile import FILE_MODE, make_dir
+from .seals import CHECK_SIZE, KEY, PAYLOAD, CountDamaged, seal, seal_rows, unseal, unsealed_rows
 
 REF_KEY = struct.Struct(">Q")
 PACK_KEY = struct.Struct(">I")
@@ -69,6 +75,7 @@ LOCATION_DTYPE = np.dtype(
      ("stored", "<u4"), ("raw", "<u4"), ("codec", "u1")]
 )
 COUNTERS = ("chunks", "raw_bytes", "stored_bytes", "packs", "pack_bytes")
+SEALED_DBS = tuple(PAYLOAD)  # mapuse, refcount, deadmaps, packlive
 MAINT_DBS = ("mapuse", "refcount", "deadmaps", "gcq", "packlive", "deadpacks", "forgetting",
              "scrubbed", "quarantine", "reread")
 
@@ -122,33 +129,37 @@ class Index:
                                  lock=not self.read_only, mode=FILE_MODE)
             for name in ("meta", "ids", "refs", "packs", "packnames", "points", *MAINT_DBS):
                 setattr(self, name, self.env.open_db(name.encode(), create=not self.read_only))
-            self.checked = self._check_version(create)
+            self.damage_seen: list[str] = []  # count damage writers met (gc reports it)
+            self.checked, self.sealed = self._check_version(create)
         except (lmdb.ReadonlyError, lmdb.DiskError):
             raise  # permission denied, disk full: no damage (the CLI says what it is)
         except lmdb.Error as exc:
             raise DamageError(f"{path}: the index cannot be read ({exc}); run "
                               "'repo-engine rebuild-index'") from None
 
-    def _check_version(self, create: bool) -> bool:
-        """Set up or check the format version; returns whether catalog records carry checks
-        (version 1 records do not: a writable version 1 index is converted in place)."""
+    def _check_version(self, create: bool) -> tuple[bool, bool]:
+        """Set up or check the format version; returns whether catalog records carry checks and
+        whether counts carry seals (older versions do not: a writable index is converted in
+        place, a read-only one read as it is)."""
         with self.env.begin(write=create) as txn:
             raw = txn.get(b"version", db=self.meta)
             if raw is None and create:
                 txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
                 txn.put(b"counts", U64.pack(1), db=self.meta)  # an empty index counts exactly
-                return True
+                return True, True
         version = U64.unpack(raw)[0] if raw is not None and len(raw) == U64.size else None
+        if version not in (1, 2, INDEX_VERSION):
+            raise DamageError(f"index format version {version} is not one this repo-engine "
+                              f"reads (1 to {INDEX_VERSION}): the index is damaged or from a "
+                              "newer repo-engine; run 'repo-engine rebuild-index'")
         if version == INDEX_VERSION:
-            return True
+            return True, True
+        if self.read_only:
+            return version > 1, False
         if version == 1:
-            if self.read_only:
-                return False
             self._upgrade_from_1()
-            return True
-        raise DamageError(f"index format version {version} is not one this repo-engine reads "
-                          f"(1, {INDEX_VERSION}): the index is damaged or from a newer "
-                          "repo-engine; run 'repo-engine rebuild-index'")
+        self._upgrade_from_2()
+        return True, True
 
     def _upgrade_from_1(self) -> None:
         """Version 1 -> 2: seal every catalog record with its check. Records keep no sequence:
@@ -157,6 +168,26 @@ class Index:
             for key, value in list(txn.cursor(db=self.points)):
                 record = decode_record(key, value, checked=False)
                 txn.put(key, encode_record(record), db=self.points)
+            txn.put(b"version", U64.pack(2), db=self.meta)
+
+    def _upgrade_from_2(self) -> None:
+        """Version 2 -> 3: seal every value of the count tables."""
+        with self.env.begin(write=True) as txn:
+            for table in SEALED_DBS:
+                db = getattr(self, table)
+                rows = list(txn.cursor(db=db))
+                if not rows:
+                    continue
+                if {(len(k), len(v)) for k, v in rows} != {(KEY[table], PAYLOAD[table])}:
+                    raise DamageError(f"the index's {table} table is damaged; run "
+                                      "'repo-engine rebuild-index'")
+                keys = np.frombuffer(b"".join(k for k, _ in rows), np.uint8).reshape(
+                    len(rows), KEY[table])
+                payloads = np.frombuffer(b"".join(v for _, v in rows), np.uint8).reshape(
+                    len(rows), PAYLOAD[table])
+                values = seal_rows(table, keys, payloads)
+                for (key, _), value in zip(rows, values):
+                    txn.put(key, value.tobytes(), db=db)
             txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
 
     def close(self) -> None:
@@ -219,7 +250,8 @@ class Index:
         the refs that point into it are the caller's to write."""
         txn.put(PACK_KEY.pack(number), PACK_REC.pack(name, size, count), db=self.packs)
         txn.put(name, PACK_KEY.pack(number), db=self.packnames)
-        txn.put(PACK_KEY.pack(number), LIVE_REC.pack(live_count, live_stored), db=self.packlive)
+        self.put_sealed(txn, "packlive", PACK_KEY.pack(number),
+                        LIVE_REC.pack(live_count, live_stored))
         self._add(txn, "packs", 1)
         self._add(txn, "pack_bytes", size)
 
@@ -314,47 +346,98 @@ class Index:
             txn.put(point_id.encode(), encode_record(record), db=self.points)
             self._seq_used(txn, seq)
 
+    # -- sealed counts (seals.py) ----------------------------------------------------------
+    def get_sealed(self, txn: lmdb.Transaction, table: str, key: bytes) -> bytes | None:
+        """The payload of a count table's value (None when absent); CountDamaged when it fails
+        its check."""
+        raw = txn.get(key, db=getattr(self, table))
+        if raw is None or not self.sealed:
+            return raw
+        return unseal(table, key, raw)
+
+    def put_sealed(self, txn: lmdb.Transaction, table: str, key: bytes, payload: bytes) -> None:
+        txn.put(key, seal(table, key, payload), db=getattr(self, table))
+
+    def distrust_counts(self, txn: lmdb.Transaction, damage: CountDamaged) -> None:
+        """A count met damaged: the next gc recounts from the catalog before deleting anything
+        (the damaged value stays for gc and verify to report)."""
+        txn.put(b"counts", U64.pack(0), db=self.meta)
+        self.damage_seen.append(str(damage))
+
     def change_map_use(self, txn: lmdb.Transaction, delta: Counter,
                        map_refs: dict[str, np.ndarray]) -> None:
         """Apply map use changes: a map going from 0 to 1 use counts its refs once more; one going
-        to 0 owes a decrement of its refs, queued in `deadmaps` for gc (which reads the map)."""
+        to 0 owes a decrement of its refs, queued in `deadmaps` for gc (which reads the map).
+        A damaged or too low use count is left as it is, and the counts distrusted."""
         for name, change in sorted(delta.items(), key=lambda kv: -kv[1]):
             if not change:
                 continue
             key = bytes.fromhex(name)
-            before = self._get_u64(txn, key, self.mapuse)
-            after = before + change
-            if after < 0:
-                raise DamageError(f"map use count of {name} would go negative; run 'gc --full'")
+            try:
+                before = self._sealed_u64(txn, "mapuse", key)
+                after = before + change
+                if after < 0:
+                    raise CountDamaged("mapuse", key, "the use would go negative")
+                owed = self._sealed_u64(txn, "deadmaps", key) + 1
+            except CountDamaged as exc:
+                self.distrust_counts(txn, exc)
+                continue
             if after:
-                txn.put(key, U64.pack(after), db=self.mapuse)
+                self.put_sealed(txn, "mapuse", key, U64.pack(after))
             else:
                 txn.delete(key, db=self.mapuse)
             if before == 0 and after > 0:
                 self.add_refs(txn, map_refs[name], 1)
             elif before > 0 and after == 0:
-                owed = self._get_u64(txn, key, self.deadmaps) + 1
-                txn.put(key, U64.pack(owed), db=self.deadmaps)
+                self.put_sealed(txn, "deadmaps", key, U64.pack(owed))
+
+    def _sealed_u64(self, txn: lmdb.Transaction, table: str, key: bytes) -> int:
+        raw = self.get_sealed(txn, table, key)
+        return U64.unpack(raw)[0] if raw else 0
 
     def add_refs(self, txn: lmdb.Transaction, refs: np.ndarray, delta: int) -> list[int]:
         """Add `delta` to the count of each ref; returns the refs whose count reached 0 (those are
-        queued in `gcq`)."""
+        queued in `gcq`). A count that fails its check, or a decrement below 0 (a count lost or
+        lowered by damage), leaves that count as it is and distrusts the counts."""
+        keys = np.ascontiguousarray(refs, dtype=">u8").view(np.uint8).reshape(-1, 8)
+        counts, good = self._ref_counts(txn, keys)
+        new = counts.astype(np.int64) + delta
+        if not (good & (new >= 0)).all():
+            bad = int(np.flatnonzero(~good | (new < 0))[0])
+            why = "check mismatch" if not good[bad] else "a decrement found no count to take"
+            self.distrust_counts(txn, CountDamaged("refcount", keys[bad].tobytes(), why))
+        sealed = seal_rows("refcount", keys,
+                           np.maximum(new, 0).astype("<u8").view(np.uint8).reshape(-1, 8))
         zeroed = []
-        get, put, delete = txn.get, txn.put, txn.delete
-        for ref in refs.tolist():
-            key = REF_KEY.pack(ref)
-            raw = get(key, db=self.refcount)
-            value = (U64.unpack(raw)[0] if raw else 0) + delta
-            if value > 0:
-                put(key, U64.pack(value), db=self.refcount)
-                if raw is None:
+        put, delete = txn.put, txn.delete
+        for i in np.flatnonzero(good & (new >= 0)).tolist():
+            key = keys[i].tobytes()
+            if new[i] > 0:
+                put(key, sealed[i].tobytes(), db=self.refcount)
+                if counts[i] == 0:
                     delete(key, db=self.gcq)
             else:
-                if raw is not None:
+                if counts[i]:
                     delete(key, db=self.refcount)
                 put(key, b"", db=self.gcq)
-                zeroed.append(ref)
+                zeroed.append(int(refs[i]))
         return zeroed
+
+    def _ref_counts(self, txn: lmdb.Transaction, keys: np.ndarray) -> tuple[np.ndarray,
+                                                                           np.ndarray]:
+        """(count, passes its check) of each ref key (an absent count is 0 and passes), the
+        checks run over all keys at once."""
+        get, db = txn.get, self.refcount
+        raws = [get(key, db=db) for key in map(bytes, keys)]
+        width = PAYLOAD["refcount"] + CHECK_SIZE
+        counts = np.zeros(len(keys), np.uint64)
+        good = np.array([raw is None or len(raw) == width for raw in raws], bool)
+        found = np.flatnonzero(np.array([raw is not None for raw in raws], bool) & good)
+        values = np.frombuffer(b"".join(raws[i] for i in found.tolist()), np.uint8)
+        payloads, ok = unsealed_rows("refcount", keys[found], values.reshape(-1, width))
+        counts[found] = payloads.copy().view("<u8")[:, 0]
+        good[found] = ok
+        return counts, good
 
     def counts_valid(self) -> bool:
         with self.env.begin() as txn:

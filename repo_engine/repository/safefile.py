@@ -131,9 +131,10 @@ def is_regular(path: Path) -> bool:
 def remove(path: Path) -> None:
     """Delete `path` from its directory, which must be a real directory (a symlinked directory
     would make the deletion land outside the repository). A symlink itself is removed, never
-    what it points to."""
+    what it points to. No directory, no file: nothing to do (a damaged index may name a pack
+    whose directory never existed)."""
     try:
         check_dir(path.parent)
     except FileNotFoundError:
-        return  # no directory, no file: nothing to delete
+        return
     path.unlink(missing_ok=True)
