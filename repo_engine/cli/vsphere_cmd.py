@@ -157,7 +157,7 @@ def backup_vsphere(repo: Path, as_json: bool, **params: Any) -> None:
         with repository.vm_lock(vm.name, f"backup {vm.name}"), \
                 frozen_vm(conn, vm, repository, quiesce=settings.quiesce, plane=plane) as frozen:
             point = backup_vm(repository, frozen.snapshot, options, vm_locked=True)
-        after_backup(repository.path, frozen)
+        after_backup(repository.store, frozen)
     report_backup(point, as_json)
 
 

@@ -37,4 +37,5 @@ BLOCK_MAP = FileFormat("block map", b"REmap\x00\x01\x1a", 1)
 PACK = FileFormat("pack", b"REpak\x00\x01\x1a", 1)
 PACK_TRAILER = FileFormat("pack trailer", b"REtrl\x00\x01\x1a", 1)
 LOCK = FileFormat("lock", b"RElck\x00\x01\x1a", 1)
+VM_MARK = FileFormat("vsphere vm mark", b"REvmk\x00\x01\x1a", 1)
 INDEX_VERSION = 3  # 2: catalog records carry a check and a commit sequence; 3: sealed counts

@@ -2,9 +2,10 @@
 next backup must read everything, and an in-place restore from a point older than that write
 cannot trust CBT either.
 
-Stored in the repository as `sources/vsphere/vms/<instance uuid>.json` (plain JSON, replaced
-atomically): {"format": "repo-engine vsphere vm mark", "version": 1, "vm": NAME,
-"full_next": bool, "last_write": ISO time or null, "why": TEXT}.
+Kept in the repository's store as `sources/vsphere/vms/<instance uuid>.mark`: an envelope (magic
+VM_MARK) holding JSON {"vm": NAME, "full_next": bool, "last_write": ISO time or null,
+"why": TEXT}, replaced atomically. A mark that cannot be read (damaged, not a regular file, or the
+plain-JSON `.json` mark of earlier versions) means a full read, to be safe.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from ...repository.atomic import write_atomic
+from ...errors import RepoError
+from ...repository.envelope import read_sealed, write_sealed
+from ...repository.formats import VM_MARK
 from ...repository.points import now_iso
+from ...repository.store import ObjectMissing, Store
 
-FORMAT = "repo-engine vsphere vm mark"
+MARK_MAX = 64 * 1024
 
 
 @dataclass
@@ -28,37 +31,36 @@ class VmMark:
     why: str = ""
 
 
-def _path(repo_path: Path, vm_uuid: str) -> Path:
-    safe = re.sub(r"[^0-9A-Za-z._-]", "_", vm_uuid)
-    return repo_path / "sources" / "vsphere" / "vms" / f"{safe}.json"
+def _name(vm_uuid: str, suffix: str = ".mark") -> str:
+    safe = re.sub(r"[^0-9A-Za-z._-]", "_", vm_uuid).strip(".") or "_"
+    return f"sources/vsphere/vms/{safe}{suffix}"
 
 
-def load(repo_path: Path, vm_uuid: str) -> VmMark | None:
+def load(store: Store, vm_uuid: str) -> VmMark | None:
     try:
-        doc = json.loads(_path(repo_path, vm_uuid).read_text())
-    except FileNotFoundError:
+        doc = json.loads(read_sealed(store, _name(vm_uuid), VM_MARK, MARK_MAX))
+        return VmMark(str(doc["vm"]), bool(doc["full_next"]), doc["last_write"], str(doc["why"]))
+    except ObjectMissing:
+        if store.exists(_name(vm_uuid, ".json")):
+            return VmMark("?", True, why="mark of an earlier version: full read to be safe")
         return None
-    if doc.get("format") != FORMAT or doc.get("version") != 1:
-        return VmMark(vm="?", full_next=True, why="unreadable mark file: full read to be safe")
-    return VmMark(doc.get("vm", "?"), bool(doc.get("full_next")), doc.get("last_write"),
-                  doc.get("why", ""))
+    except (RepoError, ValueError, TypeError, KeyError):
+        return VmMark("?", True, why="unreadable mark: full read to be safe")
 
 
-def _store(repo_path: Path, vm_uuid: str, mark: VmMark) -> None:
-    path = _path(repo_path, vm_uuid)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps({"format": FORMAT, "version": 1, **asdict(mark)},
-                                  indent=1).encode())
+def _save(store: Store, vm_uuid: str, mark: VmMark) -> None:
+    write_sealed(store, _name(vm_uuid), VM_MARK, json.dumps(asdict(mark)).encode())
+    store.delete([_name(vm_uuid, ".json")])   # an earlier version's mark, now replaced
 
 
-def mark_written(repo_path: Path, vm_uuid: str, vm_name: str, why: str) -> None:
+def mark_written(store: Store, vm_uuid: str, vm_name: str, why: str) -> None:
     """Before a restore writes to the VM: its next backup reads everything."""
-    _store(repo_path, vm_uuid, VmMark(vm_name, True, now_iso(), why))
+    _save(store, vm_uuid, VmMark(vm_name, True, now_iso(), why))
 
 
-def clear_full_next(repo_path: Path, vm_uuid: str) -> None:
+def clear_full_next(store: Store, vm_uuid: str) -> None:
     """After a backup that read everything was stored."""
-    mark = load(repo_path, vm_uuid)
+    mark = load(store, vm_uuid)
     if mark is not None and mark.full_next:
         mark.full_next, mark.why = False, ""
-        _store(repo_path, vm_uuid, mark)
+        _save(store, vm_uuid, mark)
