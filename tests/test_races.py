@@ -37,6 +37,15 @@ def _backup(capsys, repo: Path, vm: str, model: DiskModel) -> str:
     return result.json()["point"]["id"]
 
 
+def _chain(capsys, repo: Path, model: DiskModel, count: int) -> list[str]:
+    """`count` backups of VM `vm`, the disk changed after each; their point ids, oldest first."""
+    ids = []
+    for _ in range(count):
+        ids.append(_backup(capsys, repo, "vm", model))
+        model.random_changes(10)
+    return ids
+
+
 def _assert_restores(capsys, repo: Path, tmp: Path, expected: dict[str, bytes]) -> None:
     for point, content in expected.items():
         data = restore_bytes(capsys, repo, point[:12], "sda", tmp / "restored.img")
@@ -195,10 +204,7 @@ def test_a_point_forgotten_while_it_is_read_is_gone_not_broken(tmp_path, capsys)
 
     repo = _init(capsys, tmp_path / "repo")
     model = _model(tmp_path, "a", 10)
-    ids = []
-    for _ in range(3):
-        ids.append(_backup(capsys, repo, "vm", model))
-        model.random_changes(10)
+    ids = _chain(capsys, repo, model, 3)
     _backup(capsys, repo, "vm", model)
     with Repository.open(repo) as repository:
         stale = {p.id: p for p in repository.points()}
@@ -217,10 +223,7 @@ def test_forget_whose_choice_another_forget_carried_out_meanwhile_succeeds(tmp_p
     removes the rest of its choice (exit 0), not "not in the catalog"."""
     repo = _init(capsys, tmp_path / "repo")
     model = _model(tmp_path, "a", 9)
-    old = []
-    for _ in range(3):
-        old.append(_backup(capsys, repo, "vm", model))
-        model.random_changes(10)
+    old = _chain(capsys, repo, model, 3)
     kept = {_backup(capsys, repo, "vm", model): model.copy_of_content()}
     policy = Command(tmp_path, "forget", repo, "--keep-last", "1", "--json",
                      pauses=("repository.before_lock",))
