@@ -158,8 +158,9 @@ def _cbt_blocks(vm: Any, snap: Any, disk: DiskRecord, frozen: DiskInfo,
 
 
 def _differing(repo: Repository, point: PointRecord, disk: DiskRecord, device: Any) -> np.ndarray:
-    """Blocks whose content on `device` is not the point's: every block read, hashed and looked
-    up; a block that reads zero matches a ZERO block of the point."""
+    """Blocks whose content on `device` is not the point's: every block read and hashed, its id
+    compared with the id the point's chunk was stored under (not looked up in the ids table, a
+    cache that may name another copy of the chunk); a block that reads zero matches ZERO."""
     with repo.lock(SHARED, f"restore {point.vm}"):
         refs = repo.resolve(point, disk.key)
     found: list[np.ndarray] = []
@@ -168,10 +169,14 @@ def _differing(repo: Repository, point: PointRecord, disk: DiskRecord, device: A
     with repo.index.reader() as lookup:
         for batch in pipeline.run(device, disk.block_size, everything, encode=False,
                                   describe=f"disk {disk.key} ({device.path})"):
-            now = np.array([0 if i is None else (lookup.ref_of(i) or -1) for i in batch.ids],
-                           dtype=np.int64)
-            wanted = refs[batch.blocks.astype(np.int64)].astype(np.int64)
-            found.append(batch.blocks[now != wanted])
+            wanted = refs[batch.blocks.astype(np.int64)]
+            stored = wanted != 0
+            wanted_ids = np.zeros(len(wanted), "V32")
+            wanted_ids[stored] = lookup.locate(wanted[stored])["id"]
+            read_zero = np.array([i is None for i in batch.ids], bool)
+            read_ids = np.frombuffer(b"".join(i or bytes(32) for i in batch.ids), "V32")
+            differs = np.where(stored, read_zero | (read_ids != wanted_ids), ~read_zero)
+            found.append(batch.blocks[differs])
     return np.concatenate(found).astype(np.uint64) if found else everything[:0]
 
 
