@@ -197,7 +197,7 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise RepoError(f"the repository's filesystem is full ({exc.strerror}); "
                                 "no restore point was stored; 'repo-engine gc "
-                                f"{repo.path}' frees what this backup wrote") from None
+                                f"{repo.location}' frees what this backup wrote") from None
             raise
         finally:
             writer.close()

@@ -58,7 +58,7 @@ def rebuild_index(path: Path) -> RebuildReport:
         work = path / f"index.rebuild-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         index = Index(work, create=True)
-        repo = Repository(store, config, index)
+        repo = Repository(store, config, path, index)
         try:
             _packs(repo, report)
             _points(repo, report)

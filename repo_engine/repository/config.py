@@ -2,7 +2,9 @@
 
 Fields: `repo_id` (hex, 16 bytes), `chunk_key` (hex, 32 bytes: the BLAKE3 key of chunk ids),
 `block_size` (bytes, power of two, 16 KiB..4 MiB), `compression_level` (zstd, 1..19), `max_chain`
-(maps per chain before a synthetic full), `pack_size` (target pack bytes), `created` (ISO time).
+(maps per chain before a synthetic full), `pack_size` (target pack bytes), `created` (ISO time),
+`shared` (many hosts write the repository, through its journal; such a config is written with
+major version 2, which versions that know one writer refuse).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from ..errors import DamageError, NotARepository, UsageError
 from .envelope import read_sealed, write_sealed
-from .formats import CONFIG
+from .formats import CONFIG, SHARED_CONFIG
 from .safefile import CONFIG_MAX
 from .store import ObjectMissing, Store
 
@@ -37,6 +39,7 @@ class RepoConfig:
     max_chain: int = DEFAULT_MAX_CHAIN
     pack_size: int = DEFAULT_PACK_SIZE
     created: str = ""
+    shared: bool = False
 
     @property
     def key_bytes(self) -> bytes:
@@ -50,11 +53,13 @@ class RepoConfig:
             raise UsageError(f"compression level {self.compression_level} must be 1..19")
         if self.max_chain < 1:
             raise UsageError(f"max chain {self.max_chain} must be at least 1")
+        if not isinstance(self.shared, bool):
+            raise UsageError(f"shared must be true or false, not {self.shared!r}")
         if self.pack_size < bs:
             raise UsageError(f"pack size {self.pack_size} must be at least the block size")
 
     @classmethod
-    def new(cls, **settings: int) -> "RepoConfig":
+    def new(cls, **settings: int | bool) -> "RepoConfig":
         config = cls(
             repo_id=os.urandom(16).hex(),
             chunk_key=os.urandom(32).hex(),
@@ -66,7 +71,7 @@ class RepoConfig:
 
 
 def write_config(store: Store, config: RepoConfig) -> None:
-    write_sealed(store, CONFIG_NAME, CONFIG, json.dumps(asdict(config), sort_keys=True).encode(),
+    write_sealed(store, CONFIG_NAME, SHARED_CONFIG if config.shared else CONFIG, json.dumps(asdict(config), sort_keys=True).encode(),
                  if_absent=True)
 
 

@@ -19,19 +19,23 @@ class FileFormat:
     magic: bytes
     major: int
     minor: int = 0
+    also_reads: tuple[int, ...] = ()  # other major versions this code reads
 
     def __post_init__(self) -> None:
         assert len(self.magic) == 8, self.name
 
     def check_version(self, major: int, what: str) -> None:
-        if major != self.major:
+        if major != self.major and major not in self.also_reads:
             raise FormatError(
                 f"{what}: {self.name} format version {major} is not supported "
                 f"(this repo-engine reads version {self.major}); upgrade repo-engine"
             )
 
 
-CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 1)
+CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 1, also_reads=(2,))
+# a repository many hosts write (`shared`) has a config of major version 2, so that a version of
+# repo-engine that knows only one writer refuses it instead of writing around the journal
+SHARED_CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 2, also_reads=(1,))
 POINT = FileFormat("restore point", b"REpnt\x00\x01\x1a", 1)
 BLOCK_MAP = FileFormat("block map", b"REmap\x00\x01\x1a", 1)
 PACK = FileFormat("pack", b"REpak\x00\x01\x1a", 1)

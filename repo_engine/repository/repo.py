@@ -41,11 +41,15 @@ INDEX_FILES = ("data.mdb", "lock.mdb")
 
 
 class Repository:
-    def __init__(self, store: LocalStore, config: RepoConfig, index: Index | None = None) -> None:
-        """`index`: an index the caller opened (kept as it is); else `root/index`, opened on
+    def __init__(self, store: Store, config: RepoConfig, local: Path,
+                 index: Index | None = None) -> None:
+        """`local`: the directory of this host's local files (`index/`, `locks/`): the local
+        store's own root, or a per-host cache directory for a repository in a remote store.
+        `index`: an index the caller opened (kept as it is); else `local/index`, opened on
         first use."""
         self.store = store
-        self.path = store.root  # the local files: index and locks
+        self.location = store.location  # what messages call the repository
+        self.path = local
         self.config = config
         self._index = index
         self._opened: FileId | None = None  # the index file we opened ourselves
@@ -71,7 +75,7 @@ class Repository:
         index = Index(path / "index", create=True)
         store = LocalStore(path)
         write_config(store, config)  # last: its presence marks a finished init
-        return cls(store, config, index)
+        return cls(store, config, path, index)
 
     @classmethod
     def open(cls, path: Path) -> "Repository":
@@ -81,7 +85,7 @@ class Repository:
         store = LocalStore(path)
         config = read_config(store)
         check_layout(path)
-        return cls(store, config)
+        return cls(store, config, path)
 
     @property
     def index(self) -> Index:
@@ -122,7 +126,7 @@ class Repository:
     def require_writable(self, command: str) -> None:
         """RepoError when the repository can only be read (read-only media or snapshot)."""
         if self.index.read_only:
-            raise RepoError(f"the repository at {self.path} is read-only; {command!r} needs to "
+            raise RepoError(f"the repository at {self.location} is read-only; {command!r} needs to "
                             "write to it")
 
     # -- packs and maps -------------------------------------------------------------------
