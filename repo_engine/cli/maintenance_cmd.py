@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from .common import Progress, emit_json, human_bytes, json_option, open_repo, repo_argument
+from .common import (Progress, emit_json, human_bytes, json_option, open_repo,
+                      RepoAddress, repo_argument)
 
 
 def _exit_damage(what: str) -> None:
@@ -72,7 +73,7 @@ def _iso(when: datetime) -> str:
 @click.option("--dry-run", is_flag=True, help="Only show what would be kept and removed.")
 @click.option("--prune", is_flag=True, help="Run gc afterwards to reclaim the space.")
 @json_option
-def forget(repo: Path, point_ids: tuple[str, ...], vm: str | None, keep_last: int,
+def forget(repo: RepoAddress, point_ids: tuple[str, ...], vm: str | None, keep_last: int,
            keep_hourly: int, keep_daily: int, keep_weekly: int, keep_monthly: int,
            keep_yearly: int, keep_within: str | None, keep_tags: tuple[str, ...],
            allow_remove_latest: bool, dry_run: bool, prune: bool, as_json: bool) -> None:
@@ -158,7 +159,7 @@ def _forget_summary(removed: int, kept: int, merged: int, dry_run: bool,
     return lines
 
 
-def _protect(repo: Path, point: str, protected: bool, as_json: bool) -> None:
+def _protect(repo: RepoAddress, point: str, protected: bool, as_json: bool) -> None:
     from ..maintenance.forget import set_protected
 
     with open_repo(repo) as repository:
@@ -174,7 +175,7 @@ def _protect(repo: Path, point: str, protected: bool, as_json: bool) -> None:
 @repo_argument
 @click.argument("point")
 @json_option
-def protect(repo: Path, point: str, as_json: bool) -> None:
+def protect(repo: RepoAddress, point: str, as_json: bool) -> None:
     """Pin POINT so that no forget policy removes it.
 
     \b
@@ -188,7 +189,7 @@ def protect(repo: Path, point: str, as_json: bool) -> None:
 @repo_argument
 @click.argument("point")
 @json_option
-def unprotect(repo: Path, point: str, as_json: bool) -> None:
+def unprotect(repo: RepoAddress, point: str, as_json: bool) -> None:
     """Unpin POINT (policies may remove it again)."""
     _protect(repo, point, False, as_json)
 
@@ -234,7 +235,7 @@ def _echo_gc(r: object) -> None:
               show_default="wait as long as it takes",
               help="Give up (safely) after waiting this long for running backups.")
 @json_option
-def gc(repo: Path, dry_run: bool, full: bool, max_unused: float, wait_timeout: float | None,
+def gc(repo: RepoAddress, dry_run: bool, full: bool, max_unused: float, wait_timeout: float | None,
        as_json: bool) -> None:
     """Reclaim chunks, maps and packs no restore point uses. Backups may keep running.
 
@@ -260,7 +261,7 @@ def gc(repo: Path, dry_run: bool, full: bool, max_unused: float, wait_timeout: f
               help="Rewrite damaged or missing manifests from the catalog and recount "
                    "references, under the maintenance lock, before verifying.")
 @json_option
-def verify(repo: Path, repair: bool, as_json: bool) -> None:
+def verify(repo: RepoAddress, repair: bool, as_json: bool) -> None:
     """Check the metadata: every point resolves, every chunk it uses is indexed in a pack whose
     trailer agrees, the reference counts are right; list orphans. Exit code 3 on damage.
 
@@ -330,7 +331,7 @@ def _echo_affected(affected: list) -> None:
               show_default="the number of CPUs",
               help="Verification threads.")
 @json_option
-def scrub(repo: Path, subset: str | None, max_duration: str | None, repair: bool,
+def scrub(repo: RepoAddress, subset: str | None, max_duration: str | None, repair: bool,
           workers: int | None, as_json: bool) -> None:
     """Read the chunk data back and check every chunk against its id. Exit code 3 on damage.
 
@@ -381,10 +382,29 @@ def _echo_scrub(report: object) -> None:
         click.echo("no damage found")
 
 
+def _unshared_directory(repo: RepoAddress, command: str) -> Path:
+    """The directory of a local repository of one writer: what `command` works on (it reports
+    a missing or damaged config its own way)."""
+    from ..errors import RepoError, UsageError
+    from ..repository.config import read_config
+    from ..repository.location import is_remote
+    from ..repository.store.local import LocalStore
+
+    path = Path(repo.location)
+    try:
+        shared = is_remote(repo.location) or read_config(LocalStore(path)).shared
+    except RepoError:
+        shared = False
+    if shared:
+        raise UsageError(f"{command} of a shared repository ({repo.location}) is not supported "
+                         "by this version")
+    return path
+
+
 @click.command("rebuild-index")
 @repo_argument
 @json_option
-def rebuild_index(repo: Path, as_json: bool) -> None:
+def rebuild_index(repo: RepoAddress, as_json: bool) -> None:
     """Recreate the index (chunks, packs, catalog, counts) from packs and manifests alone.
 
     \b
@@ -394,7 +414,7 @@ def rebuild_index(repo: Path, as_json: bool) -> None:
     from ..maintenance.rebuild import rebuild_index as run_rebuild
     from ..units import plural
 
-    report = run_rebuild(repo)
+    report = run_rebuild(_unshared_directory(repo, "rebuild-index"))
     if as_json:
         emit_json(report)
         return
@@ -409,7 +429,7 @@ def rebuild_index(repo: Path, as_json: bool) -> None:
 @repo_argument
 @click.option("--force", is_flag=True, help="Also remove locks of live processes or other hosts.")
 @json_option
-def unlock(repo: Path, force: bool, as_json: bool) -> None:
+def unlock(repo: RepoAddress, force: bool, as_json: bool) -> None:
     """Remove stale locks left by processes that died.
 
     \b
@@ -419,7 +439,7 @@ def unlock(repo: Path, force: bool, as_json: bool) -> None:
     from ..maintenance.rebuild import unlock as run_unlock
     from ..units import plural
 
-    report = run_unlock(repo, force=force)
+    report = run_unlock(_unshared_directory(repo, "unlock"), force=force)
     if as_json:
         emit_json(report)
         return
