@@ -115,6 +115,11 @@ class SeaweedServer:
         """Kill the separate volume server at once, as a crash would."""
         _kill(self.volume, signal.SIGKILL)
 
+    def restart_volume(self) -> None:
+        """Start the separate volume server again (on its data), after `kill_volume`."""
+        _kill(self.volume, signal.SIGKILL)
+        self.start_volume()
+
     def stop(self) -> None:
         # A throwaway server: it takes 15 s to shut down politely, and nothing of it is kept.
         for process in (self.volume, self.process):
@@ -214,12 +219,17 @@ def seaweedfs(tmp_path_factory) -> Iterator[SeaweedServer]:
         server.stop()
 
 
+def new_bucket(server: SeaweedServer) -> str:
+    """A new, empty bucket of `server`, named so that no other test's collides."""
+    name = f"test-{next(_BUCKETS)}-{os.urandom(4).hex()}"
+    admin_client(server).create_bucket(Bucket=name)
+    return name
+
+
 @pytest.fixture
 def s3_bucket(seaweedfs) -> str:
     """A new, empty bucket of the session's server for this test alone."""
-    name = f"test-{next(_BUCKETS)}-{os.urandom(4).hex()}"
-    admin_client(seaweedfs).create_bucket(Bucket=name)
-    return name
+    return new_bucket(seaweedfs)
 
 
 _BUCKETS = itertools.count()

@@ -14,28 +14,16 @@ import numpy as np
 import pytest
 
 from helpers import MIB, CliResult, DiskModel, cli, restore_bytes
+from s3cli import assert_one_line_error, bucket_objects, s3_environment
 from s3proxy import FaultProxy
-from s3server import ACCESS_KEY, SECRET_KEY, admin_client, free_ports
-
-# fast retries, so that the failures below take a second, not a minute
-FAST_SETTINGS = ("[s3]\nmax_attempts = 3\nbackoff_base = 0.01\nbackoff_cap = 0.05\n"
-                 "connect_timeout = 1.0\nread_timeout = 1.0\n")
+from s3server import SECRET_KEY, admin_client, free_ports
 
 
 @pytest.fixture(autouse=True)
-def s3_environment(tmp_path, monkeypatch, seaweedfs):
-    """Credentials in the environment (AWS conventions), fast retries in the settings file, and
-    the caches under this test's directory (the default rule: $XDG_CACHE_HOME)."""
-    settings = tmp_path / "s3.toml"
-    settings.write_text(FAST_SETTINGS)
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "REPO_ENGINE_CACHE_DIR",
-                 "AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    monkeypatch.setenv("REPO_ENGINE_S3_CONFIG", str(settings))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
+def environment(tmp_path, monkeypatch):
+    """Credentials in the environment, fast retries, caches under the test's directory (the
+    default rule: $XDG_CACHE_HOME); the endpoint is each command's --endpoint."""
+    s3_environment(monkeypatch, tmp_path)
 
 
 @pytest.fixture
@@ -59,23 +47,13 @@ def ok(capsys, *args: object) -> CliResult:
 
 def failure(capsys, code: int, *args: object) -> str:
     """The one error line of a command that must fail with exit code `code`."""
-    result = run(capsys, *args)
-    assert result.code == code, (result.out, result.err)
-    assert result.err.startswith("repo-engine: error: ") and result.err.count("\n") == 1, \
-        result.err
-    assert "Traceback" not in result.err
-    return result.err
+    return assert_one_line_error(run(capsys, *args), code)
 
 
 def disk(tmp_path: Path, seed: int, size: int = 4 * MIB) -> DiskModel:
     model = DiskModel(tmp_path / f"disk-{seed}.img", size, np.random.default_rng(seed))
     model.random_changes(6)
     return model
-
-
-def objects(server, bucket: str, prefix: str) -> list[str]:
-    page = admin_client(server).list_objects_v2(Bucket=bucket, Prefix=prefix)
-    return [item["Key"] for item in page.get("Contents", [])]
 
 
 def test_init_backup_restore_on_s3(tmp_path, capsys, seaweedfs, s3_bucket, s3_repo):
@@ -93,7 +71,7 @@ def test_init_backup_restore_on_s3(tmp_path, capsys, seaweedfs, s3_bucket, s3_re
     os.environ["AWS_ENDPOINT_URL"] = seaweedfs.endpoint
     restored = restore_bytes(capsys, s3_repo, "web1@latest", "sda", tmp_path / "sda.img")
     assert restored == model.copy_of_content()
-    keys = objects(seaweedfs, s3_bucket, "site1/repo/")
+    keys = bucket_objects(seaweedfs, s3_bucket, "site1/repo/")
     assert "site1/repo/config" in keys
     assert any(k.startswith("site1/repo/packs/") for k in keys)
     assert not any("/index/" in k or "/locks/" in k for k in keys)  # local files stay local
@@ -127,7 +105,7 @@ def test_init_refuses_a_prefix_in_use(tmp_path, capsys, seaweedfs, s3_bucket, s3
     ok(capsys, "init", f"s3://{s3_bucket}/site1/re", *ep)
     err = failure(capsys, 2, "init", f"s3://{s3_bucket}/site1/re", *ep)
     assert "already holds a repository" in err
-    assert objects(seaweedfs, s3_bucket, "site1/repo/") == ["site1/repo/notes.txt"]
+    assert list(bucket_objects(seaweedfs, s3_bucket, "site1/repo/")) == ["site1/repo/notes.txt"]
 
 
 def test_open_what_is_not_a_repository(tmp_path, capsys, seaweedfs, s3_bucket, s3_repo):
