@@ -466,7 +466,7 @@ class Index:
         raw = txn.get(plan_id.encode(), db=self.plans)
         return None if raw is None else _decode_plan(plan_id, raw)
 
-    def plans(self) -> list[PendingPlan]:
+    def pending_plans(self) -> list[PendingPlan]:
         """The pending plans (committed, not swept yet), in id order."""
         with self.env.begin() as txn:
             return list(self.plans_in(txn))

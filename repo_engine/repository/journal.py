@@ -28,7 +28,7 @@ Ops, built with the dataclasses below (maintenance emits the last three):
 | `waits`  | WaitsOp(plan, leases)                                  | the plan's leases noted         |
 | `sweep`  | SweepOp(plan, refs, packs, maps)                       | refs and packs removed, maps noted swept, plan dropped |
 
-`new_plan_id()` makes a plan id (16 hex). `Index.plans()` lists pending plans (PendingPlan).
+`new_plan_id()` makes a plan id (16 hex). `Index.pending_plans()` lists them (PendingPlan).
 """
 
 from __future__ import annotations

@@ -127,10 +127,10 @@ class Repository:
             return self._index
 
     def close(self) -> None:
-        self._close_index()
+        self.close_index()
         self.store.close()
 
-    def _close_index(self) -> None:
+    def close_index(self) -> None:
         if self._index is not None:
             self._index.close()
             self._index, self._opened = None, None
@@ -148,7 +148,7 @@ class Repository:
         pause_point("repository.before_lock")
         lock = RepoLock(self.locks_dir, kind, command)
         if self._opened is not None and _file_id(self.path / "index") != self._opened:
-            self._close_index()  # reopened on next use
+            self.close_index()  # reopened on next use
         try:
             self.refresh()
         except BaseException:
