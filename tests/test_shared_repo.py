@@ -23,8 +23,8 @@ from repo_engine.sources.image import ImageDisk, image_snapshot
 class Host:
     """One backup host: its own cache directory and Repository on the shared store."""
 
-    def __init__(self, root: Path, cache: Path, repo: Repository | None = None) -> None:
-        self.repo = repo or attach_shared(LocalStore(root), cache)
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
 
     def backup(self, vm: str, model: DiskModel):
         return backup_vm(self.repo, image_snapshot(vm, [ImageDisk("d", model.path)]),
@@ -45,8 +45,8 @@ class Host:
 @pytest.fixture
 def hosts(tmp_path):
     root = tmp_path / "repo"
-    first = Host(root, tmp_path / "cache-a", shared_repo(root, tmp_path / "cache-a"))
-    second = Host(root, tmp_path / "cache-b")
+    first = Host(shared_repo(root, tmp_path / "cache-a"))
+    second = Host(attach_shared(LocalStore(root), tmp_path / "cache-b"))
     yield root, first, second
     first.repo.close()
     second.repo.close()
@@ -60,6 +60,13 @@ def disk(tmp_path: Path, name: str, seed: int, size: int = 2 * MIB) -> DiskModel
 
 def test_two_hosts_back_up_concurrently_and_restore_everything(hosts, tmp_path):
     root, a, b = hosts
+    two_hosts_back_up_concurrently(a, b, Host(attach_shared(LocalStore(root),
+                                                            tmp_path / "cache-c")), tmp_path)
+
+
+def two_hosts_back_up_concurrently(a: Host, b: Host, fresh: Host, tmp_path: Path) -> None:
+    """a and b back up a VM each, 3 times, at the same time; then a, b and a host that has
+    never seen the repository restore every point byte-identical."""
     disks = {"vm1": disk(tmp_path, "vm1", 1), "vm2": disk(tmp_path, "vm2", 2)}
     points: list = []
     errors: list = []
@@ -79,7 +86,6 @@ def test_two_hosts_back_up_concurrently_and_restore_everything(hosts, tmp_path):
     for t in threads:
         t.join()
     assert not errors, errors
-    fresh = Host(root, tmp_path / "cache-c")
     for host in (a, b, fresh):
         host.repo.refresh()
         assert {p.id for p in host.repo.points()} == {p.id for p, _ in points}
