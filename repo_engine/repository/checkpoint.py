@@ -38,8 +38,8 @@ import os
 import struct
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 import socket
+from datetime import datetime, timezone
 
 import blake3
 import lmdb
@@ -222,10 +222,13 @@ class _Reader:
 
 def load_checkpoint(store: Store, index: Index, seq: int) -> None:
     """Replace the cache's replayed state by checkpoint `seq`, in one transaction that commits
-    only when the whole checkpoint checked out (DamageError otherwise, the cache unchanged)."""
+    only when the whole checkpoint checked out (DamageError otherwise, the cache unchanged); a
+    cache that holds entry `seq` already is left as it is."""
     reader = _Reader(store, checkpoint_object(seq))
     try:
         with index.env.begin(write=True) as txn:
+            if index.journal_seq_in(txn) >= seq:
+                return  # another process of this host got there first: never go back
             for table in REPLAYED:
                 txn.drop(getattr(index, table), delete=False)
             for tag, doc, binary in reader.records():
