@@ -5,6 +5,7 @@ and no map, and the gc operations (plan, waits, sweep) as the cache applies them
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -112,6 +113,23 @@ def test_checkpoint_and_deleted_entries_a_fresh_host_still_rebuilds(shared, tmp_
     # it deduplicates against what it loaded from the checkpoint
     again, _ = back_up(host, tmp_path, "vm3", 3)
     assert again.counters["new_chunks"] == 0
+    host.close()
+
+
+def test_compaction_waits_for_the_checkpoint_to_age(shared, tmp_path):
+    store = LocalStore(tmp_path / "repo")
+    back_up(shared, tmp_path, "vm", 14)
+    assert not checkpoint.checkpoint_due(store, shared.index, every=100)
+    assert checkpoint.checkpoint_due(store, shared.index, every=1)
+    seq = write_checkpoint(store, shared.index)
+    assert not checkpoint.checkpoint_due(store, shared.index, every=1)
+    assert checkpoint.compact(store, grace=0) == 0  # younger than STALE_AFTER
+    later = time.time() + checkpoint.STALE_AFTER + 1
+    assert checkpoint.compact(store, grace=7 * 86400, now=later) == 0  # younger than the grace
+    assert checkpoint.compact(store, grace=0, now=later) == seq
+    assert sorted(entry_seqs(store)) == []
+    host = fresh_host(tmp_path)
+    assert host.refresh() == seq
     host.close()
 
 

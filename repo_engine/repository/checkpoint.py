@@ -50,7 +50,7 @@ from ..errors import DamageError
 from .formats import CHECKPOINT
 from .index import (COUNTERS, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index, PendingPlan,
                     encode_record)
-from .journal import PREFIX, PlanOp, entry_seqs, read_entry
+from .journal import PREFIX, PlanOp, entry_object, entry_seqs, read_entry
 from .points import PointRecord
 from .safefile import FILE_MODE
 from .store import ObjectExists, Store
@@ -65,6 +65,7 @@ BATCH = 1 << 16  # rows or records per frame: bounds memory on both sides
 READ_PIECE = 8 << 20
 MAX_FRAME = 1 << 30
 STALE_AFTER = 3600.0
+CHECKPOINT_EVERY = 200
 # what a checkpoint replaces in a cache (other tables are this host's own notes)
 REPLAYED = ("ids", "refs", "packs", "packnames", "packlive", "points", "plans", "sweptmaps")
 
@@ -167,6 +168,27 @@ def _batches(cursor: lmdb.Cursor) -> Iterator[list[tuple[bytes, bytes]]]:
 def _pack_fields(raw: bytes) -> list:
     name, size, count = PACK_REC.unpack(raw)
     return [name.hex(), size, count]
+
+
+def checkpoint_due(store: Store, index: Index, every: int = CHECKPOINT_EVERY) -> bool:
+    """Whether more than `every` entries were replayed since the newest checkpoint (gc then
+    writes one)."""
+    return index.journal_seq - (newest_checkpoint(store) or 0) > every
+
+
+def compact(store: Store, grace: float, now: float | None = None) -> int:
+    """Delete the entries at or below the newest checkpoint once it is older than `grace`
+    seconds and STALE_AFTER (module doc); returns how many were deleted."""
+    seq = newest_checkpoint(store)
+    if seq is None:
+        return 0
+    meta = next(_Reader(store, checkpoint_object(seq)).records())[1]
+    written = datetime.fromisoformat(meta["time"]).timestamp()
+    if (now if now is not None else time.time()) < written + max(grace, STALE_AFTER):
+        return 0
+    doomed = sorted(s for s in entry_seqs(store) if s <= seq)
+    store.delete(entry_object(s) for s in doomed)
+    return len(doomed)
 
 
 # -- reading ----------------------------------------------------------------------------------
