@@ -202,7 +202,8 @@ def test_plan_makes_refs_unfindable_and_sweep_removes_them(shared, tmp_path):
     refs = np.unique(bmap.refs[bmap.refs != 0])
     doomed = refs[:3]
     plan = new_plan_id()
-    shared._commit(lambda _seq: [PlanOp(plan, "2026-01-01T00:00:00", doomed, [], ["ab" * 32], [])])
+    shared.commit_journal(lambda _seq: [PlanOp(plan, "2026-01-01T00:00:00", doomed, [],
+                                               ["ab" * 32], [])])
     host = fresh_host(tmp_path)
     host.refresh()
     for repo in (shared, host):
@@ -211,11 +212,11 @@ def test_plan_makes_refs_unfindable_and_sweep_removes_them(shared, tmp_path):
             assert all(lookup.ref_of(lookup.chunk_id_of(int(r))) is None for r in doomed)
         assert [p.op.plan for p in repo.index.pending_plans()] == [plan]
         assert repo.index.doomed_maps({"ab" * 32, "cd" * 32}) == {"ab" * 32}
-    shared._commit(lambda _seq: [WaitsOp(plan, ["h-1-00000000.lease"])])
+    shared.commit_journal(lambda _seq: [WaitsOp(plan, ["h-1-00000000.lease"])])
     host.refresh()
     assert host.index.pending_plans()[0].leases == ["h-1-00000000.lease"]
     chunks = host.index.counters()["chunks"]
-    shared._commit(lambda _seq: [SweepOp(plan, doomed, [], [point.disks[0].map])])
+    shared.commit_journal(lambda _seq: [SweepOp(plan, doomed, [], [point.disks[0].map])])
     host.refresh()
     assert host.index.pending_plans() == []
     assert host.index.counters()["chunks"] == chunks - 3
@@ -231,8 +232,8 @@ def test_plan_makes_refs_unfindable_and_sweep_removes_them(shared, tmp_path):
 def test_a_commit_naming_a_doomed_map_writes_it_salted(shared, tmp_path):
     point, content = back_up(shared, tmp_path, "vm", 13)
     name = point.disks[0].map
-    shared._commit(lambda _seq: [PlanOp(new_plan_id(), "t", np.zeros(0, np.uint64), [], [name],
-                                        [])])
+    shared.commit_journal(lambda _seq: [PlanOp(new_plan_id(), "t", np.zeros(0, np.uint64), [],
+                                               [name], [])])
     rewritten = shared.rewrite_point(point, tags=["kept"])
     assert rewritten.disks[0].map != name
     assert shared.read_map(rewritten.disks[0].map).refs.tolist() == \

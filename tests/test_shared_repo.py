@@ -4,6 +4,9 @@ ref, and every host (and a fresh one) restores every point byte-identical."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -178,3 +181,43 @@ def test_the_local_store_layout_of_a_shared_repository(hosts, tmp_path):
     assert not (root / "index").exists()  # the index lives in each host's cache
     assert (tmp_path / "cache-a" / "index" / "data.mdb").is_file()
     assert (root / entry_object(1)).is_file()
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from helpers import attach_shared
+from repo_engine.backup.job import BackupOptions, backup_vm
+from repo_engine.repository.store.local import LocalStore
+from repo_engine.sources.image import ImageDisk, image_snapshot
+
+root, cache, vm, image = sys.argv[1:]
+with attach_shared(LocalStore(Path(root)), Path(cache)) as repo:
+    for _ in range(2):
+        backup_vm(repo, image_snapshot(vm, [ImageDisk("d", Path(image))]), BackupOptions())
+"""
+
+
+def test_processes_sharing_a_cache_and_hosts_with_their_own(hosts, tmp_path):
+    """Two processes on one cache (the same host) and one on another back up at once: each
+    entry is applied once to each cache, and every point restores from a fresh host."""
+    root, a, _b = hosts
+    models = {vm: disk(tmp_path, vm, seed) for vm, seed in (("p1", 11), ("p2", 12), ("p3", 13))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(tmp_path / cache),
+                               vm, str(models[vm].path)], env=env, stderr=subprocess.PIPE)
+             for vm, cache in (("p1", "cache-a"), ("p2", "cache-a"), ("p3", "cache-b"))]
+    for proc in procs:
+        _out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()
+    fresh = Host(attach_shared(LocalStore(root), tmp_path / "cache-c"))
+    head = fresh.repo.refresh()
+    assert a.repo.refresh() == head
+    points = fresh.repo.points()
+    assert sorted(p.vm for p in points) == ["p1", "p1", "p2", "p2", "p3", "p3"]
+    for point in points:
+        if point.id == max((p for p in points if p.vm == point.vm), key=lambda p: p.seq).id:
+            assert fresh.restored(point, tmp_path) == models[point.vm].copy_of_content()
+    assert a.refs() == fresh.refs()
+    fresh.repo.close()

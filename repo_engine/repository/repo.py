@@ -163,10 +163,12 @@ class Repository:
             return 0
         return catch_up(self.store, self.index)
 
-    def _commit(self, build: Callable[[int], list[Op]]) -> Entry:
+    def commit_journal(self, build: Callable[[int], list[Op]]) -> Entry:
         """Commit the ops `build(seq)` returns as journal entry `seq` (see journal.append:
-        `build` runs with the cache caught up to seq - 1, and again after a lost race), then
-        apply the entry to the cache, so this host's next lookups see it."""
+        `build` runs with the cache caught up to seq - 1, and again after a lost race; raising
+        gives up), then apply the entry to the cache, so this host's next lookups see it.
+        Maintenance commits its own ops this way, e.g.
+        `repo.commit_journal(lambda seq: [PlanOp(new_plan_id(), now, refs, packs, maps, objs)])`."""
         entry = append(self.store, self.refresh, build)
         self.index.apply_entry(entry)
         return entry
@@ -189,7 +191,7 @@ class Repository:
         """Publish a pack durably, then record it in the index (write order step 1 -> 2)."""
         finished = writer.finish()
         if self.config.shared:
-            self._commit(lambda _seq: [PackOp.of(finished)])
+            self.commit_journal(lambda _seq: [PackOp.of(finished)])
         else:
             self.index.commit_pack(finished)
         return finished
@@ -201,8 +203,8 @@ class Repository:
         if not self.config.shared:
             first = self.index.reserve_refs(count)
             return range(first, first + count)
-        claim = self._commit(lambda _seq: [RefsOp(max(self.index.meta_u64("next_ref"), 1),
-                                                  SHARED_REFS)]).ops[0]
+        claim = self.commit_journal(
+            lambda _seq: [RefsOp(max(self.index.meta_u64("next_ref"), 1), SHARED_REFS)]).ops[0]
         assert isinstance(claim, RefsOp)
         return range(claim.first, claim.first + claim.count)
 
@@ -251,7 +253,7 @@ class Repository:
         maps = {name: known[name] if name in known else self.read_map(name)
                 for name in {d.map for d in point.disks}}
         if self.config.shared:
-            self._commit(partial(self._point_ops, point, maps, _Written()))
+            self.commit_journal(partial(self._point_ops, point, maps, _Written()))
             return
         refs = {name: unique_refs(bmap) for name, bmap in maps.items()}
         for _attempt in range(10):
@@ -314,7 +316,7 @@ class Repository:
         if not self.config.shared:
             return self.index.remove_if_childless(point_id)
         try:
-            self._commit(partial(self._forget_ops, point_id))
+            self.commit_journal(partial(self._forget_ops, point_id))
         except _NothingToDo as done:
             return done.result
         return True
