@@ -260,3 +260,20 @@ def test_salted_map_reads_like_the_unsalted_one(tmp_path):
 def test_catch_up_without_a_checkpoint_and_an_empty_journal(shared):
     assert shared.refresh() == 0
     assert checkpoint.newest_checkpoint(shared.store) is None
+
+
+def test_a_read_only_index_of_an_earlier_version_still_opens(tmp_path, monkeypatch):
+    """An index written before the journal's tables existed, on read-only media, opens (the
+    tables a shared cache alone uses are absent)."""
+    from repo_engine.repository import index as index_module
+    from repo_engine.repository.index import Index
+
+    old = Index(tmp_path / "index", create=True)
+    with old.env.begin(write=True) as txn:
+        for name in ("plans", "sweptmaps"):
+            txn.drop(getattr(old, name), delete=True)
+    old.close()
+    monkeypatch.setattr(index_module.os, "access", lambda path, mode: False)
+    again = Index(tmp_path / "index")
+    assert again.read_only and again.plans is None and again.points_records() == []
+    again.close()

@@ -9,8 +9,8 @@ docs/FORMAT.md.
 A shared repository (config `shared`: several hosts write it) keeps its index and catalog in the
 store as a journal (journal.py); the LMDB index under `local` is this host's cache of it, brought
 up to date by `refresh()` (checkpoint.catch_up), which every command runs after taking its lock.
-Each change (a pack, a ref range, a point, a forget) is a journal commit (`_commit`), applied to
-the cache right after (docs/FORMAT.md, "Journal").
+Each change (a pack, a ref range, a point, a forget) is a journal commit (`commit_journal`),
+applied to the cache right after (docs/FORMAT.md, "Journal").
 
 The index is opened on first use, so a command that locks before it reads opens the index in
 place under its lock. One that read it earlier (an index `rebuild-index` may have replaced before
@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -248,7 +248,8 @@ class Repository:
         catalog transaction moves map use and chunk reference counts from the old record's maps
         to the new one's. Raises ParentGone when a disk's parent left the catalog meanwhile (the
         caller rewrites that disk as a full map); rewrites a map file gc removed meanwhile.
-        `maps`: block maps, by name, that the caller still holds (not read back from disk)."""
+        `maps`: block maps, by name, that the caller still holds (not read back from disk).
+        In a shared repository the commit is a journal entry (`_point_ops` says what it checks)."""
         known = maps or {}
         maps = {name: known[name] if name in known else self.read_map(name)
                 for name in {d.map for d in point.disks}}
@@ -481,10 +482,11 @@ def _rebuild_running(locks_dir: Path) -> bool:
                for path, info in list_locks(locks_dir))
 
 
+@dataclass
 class _Written:
     """The commit sequence a point's manifest was last written with (0: not yet)."""
 
-    seq = 0
+    seq: int = 0
 
 
 class _NothingToDo(Exception):
