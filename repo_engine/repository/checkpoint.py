@@ -33,11 +33,13 @@ STALE_AFTER (and gc's grace), so a cache refreshed more recently still finds the
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 import socket
 from datetime import datetime, timezone
 
@@ -50,7 +52,7 @@ from ..errors import DamageError
 from .formats import CHECKPOINT
 from .index import (COUNTERS, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index, PendingPlan,
                     encode_record)
-from .journal import PREFIX, PlanOp, entry_object, entry_seqs, read_entry
+from .journal import PREFIX, Entry, PlanOp, entry_object, entry_seqs, read_entry
 from .points import PointRecord
 from .safefile import FILE_MODE
 from .store import ObjectExists, Store
@@ -65,6 +67,7 @@ BATCH = 1 << 16  # rows or records per frame: bounds memory on both sides
 READ_PIECE = 8 << 20
 MAX_FRAME = 1 << 30
 STALE_AFTER = 3600.0
+READ_AHEAD = 8  # journal entries fetched at once by a long replay
 CHECKPOINT_EVERY = 200
 # what a checkpoint replaces in a cache (other tables are this host's own notes)
 REPLAYED = ("ids", "refs", "packs", "packnames", "packlive", "points", "plans", "sweptmaps")
@@ -315,8 +318,25 @@ def catch_up(store: Store, index: Index) -> int:
         if newest is not None and newest > seq:
             load_checkpoint(store, index, newest)
             seq = newest
-    while (entry := read_entry(store, seq + 1)) is not None:
-        index.apply_entry(entry)
-        seq = max(entry.seq, index.journal_seq)  # another process may have gone further
+    for entry in _new_entries(store, seq):
+        index.apply_entry(entry)  # a no-op for one another process of this host applied
     index.set_meta_u64("refreshed", int(time.time()))
-    return seq
+    return index.journal_seq
+
+
+def _new_entries(store: Store, seq: int) -> Iterator[Entry]:
+    """Entries seq + 1, seq + 2, ... up to the first missing one: one GET when nothing is new,
+    else READ_AHEAD requests in flight (the store's latency, not its bandwidth, bounds a long
+    replay), in bounded memory."""
+    entry = read_entry(store, seq + 1)
+    if entry is None:
+        return
+    yield entry
+    with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="journal-read") as pool:
+        for start in itertools.count(seq + 2, READ_AHEAD):
+            window = [pool.submit(read_entry, store, s) for s in range(start, start + READ_AHEAD)]
+            for future in window:
+                entry = future.result()
+                if entry is None:
+                    return
+                yield entry

@@ -211,10 +211,9 @@ class Repository:
     def write_map(self, bmap: BlockMap) -> str:
         """Store a map durably; returns its name. In a shared repository a name that gc doomed
         (a pending plan or a sweep lists it) is avoided: the map is written salted."""
-        name = write_map(self.store, bmap)
-        if self.config.shared and self.index.doomed_maps({name}):
-            name = write_map(self.store, bmap, salted=True)
-        return name
+        if not self.config.shared:
+            return write_map(self.store, bmap)
+        return write_map(self.store, bmap, doomed=lambda name: bool(self.index.doomed_maps({name})))
 
     def read_map(self, name: str) -> BlockMap:
         return read_map(self.store, name)
