@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 
@@ -277,3 +278,15 @@ def test_a_read_only_index_of_an_earlier_version_still_opens(tmp_path, monkeypat
     again = Index(tmp_path / "index")
     assert again.read_only and again.plans is None and again.points_records() == []
     again.close()
+
+
+def test_a_backup_never_writes_a_map_under_a_name_gc_doomed(shared, tmp_path):
+    from repo_engine.repository.blockmap import encode, map_object
+
+    bmap = BlockMap.full(np.arange(1, 9, dtype=np.uint64))
+    doomed = blake3.blake3(encode(bmap)).hexdigest()
+    shared.commit_journal(lambda _seq: [PlanOp(new_plan_id(), "t", np.zeros(0, np.uint64), [],
+                                               [doomed], [])])
+    name = shared.write_map(bmap)
+    assert name != doomed and not shared.store.exists(map_object(doomed))
+    assert shared.read_map(name).refs.tolist() == list(range(1, 9))
