@@ -136,10 +136,10 @@ def write_checkpoint(store: Store, index: Index) -> int:
 
 
 def _write_state(writer: _Writer, index: Index, txn: lmdb.Transaction) -> None:
-    for batch in _batches(txn.cursor(db=index.packs)):
+    for batch in _batches(txn.cursor(db=index.packs), BATCH):
         writer.record(b"PACK", [[PACK_KEY.unpack(k)[0], *_pack_fields(v)] for k, v in batch])
     ids = index.ids
-    for batch in _batches(txn.cursor(db=index.refs)):
+    for batch in _batches(txn.cursor(db=index.refs), BATCH):
         rows = np.zeros(len(batch), REF_ROW)
         for i, (key, raw) in enumerate(batch):
             ref = REF_KEY.unpack(key)[0]
@@ -153,12 +153,12 @@ def _write_state(writer: _Writer, index: Index, txn: lmdb.Transaction) -> None:
         writer.record(b"PLAN", {"plan": op.plan, "time": op.time, "packs": op.packs,
                                 "maps": op.maps, "objects": op.objects, "leases": plan.leases},
                       np.ascontiguousarray(op.refs, "<u8").tobytes())
-    for batch in _batches(txn.cursor(db=index.sweptmaps)):
+    for batch in _batches(txn.cursor(db=index.sweptmaps), BATCH):
         names = b"".join(k for k, _ in batch)
         writer.record(b"SWPT", {}, names + b"".join(v for _, v in batch))
 
 
-def _batches(cursor: lmdb.Cursor, size: int = BATCH) -> Iterator[list[tuple[bytes, bytes]]]:
+def _batches(cursor: lmdb.Cursor, size: int) -> Iterator[list[tuple[bytes, bytes]]]:
     batch: list[tuple[bytes, bytes]] = []
     for item in cursor:
         batch.append(item)
