@@ -382,23 +382,22 @@ def _echo_scrub(report: object) -> None:
         click.echo("no damage found")
 
 
-def _unshared_directory(repo: RepoAddress, command: str) -> Path:
-    """The directory of a local repository of one writer: what `command` works on (it reports
-    a missing or damaged config its own way)."""
-    from ..errors import RepoError, UsageError
+def _unshared_directory(repo: RepoAddress) -> Path | None:
+    """The directory of a local repository of one writer, which rebuild-index and unlock work
+    on by path (they report a missing or damaged config their own way); None for a shared
+    repository, which is opened instead."""
+    from ..errors import RepoError
     from ..repository.config import read_config
     from ..repository.location import is_remote
     from ..repository.store.local import LocalStore
 
+    if is_remote(repo.location):
+        return None
     path = Path(repo.location)
     try:
-        shared = is_remote(repo.location) or read_config(LocalStore(path)).shared
+        return None if read_config(LocalStore(path)).shared else path
     except RepoError:
-        shared = False
-    if shared:
-        raise UsageError(f"{command} of a shared repository ({repo.location}) is not supported "
-                         "by this version")
-    return path
+        return path
 
 
 @click.command("rebuild-index")
@@ -411,10 +410,16 @@ def rebuild_index(repo: RepoAddress, as_json: bool) -> None:
     Example:
       repo-engine rebuild-index /backup/repo
     """
+    from ..maintenance.rebuild import rebuild_cache
     from ..maintenance.rebuild import rebuild_index as run_rebuild
     from ..units import plural
 
-    report = run_rebuild(_unshared_directory(repo, "rebuild-index"))
+    path = _unshared_directory(repo)
+    if path is None:  # this host's cache, from the journal
+        with repo.open() as repository:
+            report = rebuild_cache(repository)
+    else:
+        report = run_rebuild(path)
     if as_json:
         emit_json(report)
         return
@@ -436,10 +441,15 @@ def unlock(repo: RepoAddress, force: bool, as_json: bool) -> None:
     Example:
       repo-engine unlock /backup/repo
     """
+    from ..errors import UsageError
     from ..maintenance.rebuild import unlock as run_unlock
     from ..units import plural
 
-    report = run_unlock(_unshared_directory(repo, "unlock"), force=force)
+    path = _unshared_directory(repo)
+    if path is None:
+        raise UsageError(f"unlock of a shared repository ({repo.location}) is not supported by "
+                         "this version")
+    report = run_unlock(path, force=force)
     if as_json:
         emit_json(report)
         return

@@ -25,16 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DamageError, NotARepository, UsageError
-from .config import CONFIG_NAME, RepoConfig, read_config, write_config
-from .index import Index
+from .config import CONFIG_NAME, RepoConfig, read_config
 from .repo import Repository, new_directory
-from .safefile import DIR_MODE, make_dir
+from .safefile import DIR_MODE
 from .store import ObjectExists, Store, open_store
 from .store.local import LocalStore
 
 S3_SCHEME = "s3://"
 CACHE_ENV = "REPO_ENGINE_CACHE_DIR"
-LOCAL_DIRS = ("index", "locks")
 
 
 def is_remote(location: str) -> bool:
@@ -55,31 +53,23 @@ def cache_base(cache_dir: Path | None = None,
 
 
 def cache_directory(repo_id: str, cache_dir: Path | None = None) -> Path:
-    """This host's local directory for the shared repository `repo_id`, created owner-only (its
-    base too, when missing: the base of the default rule is the user's own cache)."""
+    """This host's local directory for the shared repository `repo_id` (`Repository.create` and
+    `attach` make it, owner-only); its base is made owner-only here when missing (the base of
+    the default rule is the user's own cache)."""
     base = cache_base(cache_dir)
     base.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    local = base / repo_id
-    make_dir(local)
-    for sub in LOCAL_DIRS:
-        make_dir(local / sub)
-    return local
+    return base / repo_id
 
 
 def open_repository(location: str, *, settings: Any = None,
                     cache_dir: Path | None = None) -> Repository:
     """The repository at `location` (with `settings` for an `s3://` one; None: from the
     environment and the settings file)."""
-    if not is_remote(location):
-        repo = Repository.open(Path(location))
-        if not repo.config.shared:
-            return repo
-        store, config = repo.store, repo.config
-    else:
-        store = open_store(location, settings)
-        config = _closing_on_error(store, _remote_config, store)
-    return _closing_on_error(store, _attach, store, config,
-                             cache_directory(config.repo_id, cache_dir))
+    store = open_store(location, settings)
+    config = _closing_on_error(store, _remote_config if is_remote(location) else _local_config,
+                               store)
+    local = cache_directory(config.repo_id, cache_dir) if config.shared else Path(location)
+    return _closing_on_error(store, Repository.attach, store, local, config)
 
 
 def init_repository(location: str, *, settings: Any = None, cache_dir: Path | None = None,
@@ -108,6 +98,13 @@ def _closing_on_error(store: Store, fn: Any, *args: Any) -> Any:
     except BaseException:
         store.close()
         raise
+
+
+def _local_config(store: Store) -> RepoConfig:
+    if not Path(store.location).is_dir():
+        raise NotARepository(f"{store.location} is not a repo-engine repository (no such "
+                             f"directory); to create one: repo-engine init {store.location}")
+    return read_config(store)
 
 
 def _remote_config(store: Store) -> RepoConfig:
@@ -143,21 +140,9 @@ def _refuse_used_prefix(store: Store) -> None:
 
 
 def _create(store: Store, config: RepoConfig, local: Path) -> Repository:
-    """A new shared repository: its (empty) cache index, then its config, written only if no
-    other init got there first."""
-    index = Index(local / "index", create=True)
+    """A new shared repository; its config is written only if no other init got there first."""
     try:
-        write_config(store, config)
+        return Repository.create(store, local, config)
     except ObjectExists:
-        index.close()
         raise UsageError(f"{store.location} already holds a repository: another init created "
                          "one there meanwhile") from None
-    return Repository(store, config, local, index)
-
-
-def _attach(store: Store, config: RepoConfig, local: Path) -> Repository:
-    """A shared repository opened with this host's cache in `local` (an empty one on a host
-    that never used it)."""
-    if not (local / "index" / "data.mdb").exists():
-        Index(local / "index", create=True).close()
-    return Repository(store, config, local)
