@@ -198,3 +198,4 @@ def test_init_shared_local_directory(tmp_path, capsys):
         assert ok(capsys, "points", repo, "--cache-dir", tmp_path / host, "--json").json() == point
         rebuilt = ok(capsys, "rebuild-index", repo, "--cache-dir", tmp_path / host, "--json")
         assert rebuilt.json()["points"] == 1
+    assert not (repo / "index").exists() and not (repo / "locks").exists()  # hosts' caches
