@@ -410,7 +410,8 @@ def rebuild_index(repo: Path, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Also remove locks of live processes or other hosts.")
 @json_option
 def unlock(repo: Path, force: bool, as_json: bool) -> None:
-    """Remove stale locks left by processes that died.
+    """Remove stale locks left by processes that died (and, in a shared repository, expired
+    leases of any host).
 
     \b
     Example:
@@ -424,6 +425,7 @@ def unlock(repo: Path, force: bool, as_json: bool) -> None:
         emit_json(report)
         return
     for doc in report.removed:
-        click.echo(f"removed the {doc['kind']} lock of \"{doc['command']}\" (pid {doc['pid']} "
+        what = "lease" if doc["kind"] == "lease" else f"{doc['kind']} lock"
+        click.echo(f"removed the {what} of \"{doc['command']}\" (pid {doc['pid']} "
                    f"on {doc['host']})")
     click.echo(f"removed {plural(len(report.removed), 'lock')}")

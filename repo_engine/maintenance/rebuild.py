@@ -25,6 +25,7 @@ from pathlib import Path
 from ..errors import LockedError, RepoError
 from ..repository.config import CONFIG_NAME, read_config
 from ..repository.index import Index
+from ..repository.leases import clear_leases
 from ..repository.locks import (EXCLUSIVE, SHARED, TORN_HOST, LockInfo, RepoLock, is_stale,
                                 list_locks, remove_if_stale, strays)
 from ..repository.packs import FinishedPack, PackEntry
@@ -137,7 +138,9 @@ class UnlockReport:
 
 
 def unlock(path: Path, *, force: bool = False) -> UnlockReport:
-    """Remove stale locks (holder dead on this host); live ones or other hosts' only with force."""
+    """Remove stale locks (holder dead on this host); live ones or other hosts' only with force.
+    Also the leases and maintenance locks in the store (a shared repository's) that expired; all
+    of them with force. Live leases of other hosts are running commands, no reason to refuse."""
     store = LocalStore(path)
     if not store.exists(CONFIG_NAME):  # a damaged config does not stop unlock; none does
         read_config(store)  # raises NotARepository (or damage: not a regular file)
@@ -161,12 +164,16 @@ def unlock(path: Path, *, force: bool = False) -> UnlockReport:
             report.removed.append(doc)
         else:
             report.kept.append(doc)
-    if report.kept and not force:
-        first = report.kept[0]
+    live_locks = list(report.kept)
+    cleared = clear_leases(store, force=force)
+    report.removed += [found.doc() for found in cleared.removed]
+    report.kept += [found.doc() for found in cleared.kept]
+    if live_locks and not force:
+        first = live_locks[0]
         holder = (f"{first['command']!r}, pid {first['pid']} on {first['host']}"
                   if first["host"] != TORN_HOST else
                   f"{first['file']}, which cannot be read: a lock being written, or one held on "
                   "another host")
-        raise LockedError(f"{len(report.kept)} locks are held by live processes (e.g. {holder}); "
+        raise LockedError(f"{len(live_locks)} locks are held by live processes (e.g. {holder}); "
                           "use --force only if you are sure they are gone")
     return report

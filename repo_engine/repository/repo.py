@@ -29,6 +29,7 @@ from .blockmap import BlockMap, map_object, read_map, write_map
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
 from .index import Index, MapMissing
+from .leases import SharedLock, lease_seconds, with_leases
 from .locks import EXCLUSIVE, RepoLock, is_stale, list_locks
 from .packs import FinishedPack, PackWriter, pack_object, read_trailer
 from .points import PointRecord, point_object, read_point, write_point
@@ -56,6 +57,9 @@ class Repository:
         self._opening = threading.Lock()  # threads of one process share one environment
         self.codec = ChunkCodec(config.key_bytes, config.compression_level)
         self.locks_dir = self.path / "locks"
+        # a shared repository's locks also hold leases in the store (leases.py)
+        self.lease_seconds = lease_seconds() if config.shared else 0.0
+        self.held: list[SharedLock] = []
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
@@ -109,15 +113,25 @@ class Repository:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def lock(self, kind: str, command: str) -> RepoLock:
+    def lock(self, kind: str, command: str) -> RepoLock | SharedLock:
         """Take a lock; then make sure the index we read from now on is the one in place (an
         index opened before the lock may have been replaced by `rebuild-index`, which held the
-        exclusive lock, and can no longer be replaced while we hold ours)."""
+        exclusive lock, and can no longer be replaced while we hold ours). On a shared
+        repository the lock also writes this session's lease, and a maintenance lock takes the
+        store's maintenance lock (leases.py), before anything is read."""
         pause_point("repository.before_lock")
-        lock = RepoLock(self.locks_dir, kind, command)
+        lock: RepoLock | SharedLock = RepoLock(self.locks_dir, kind, command)
+        if self.config.shared and not lock.note:
+            lock = with_leases(self.store, lock, command, self.lease_seconds, self.held)
         if self._opened is not None and _file_id(self.path / "index") != self._opened:
             self._close_index()  # reopened on next use
         return lock
+
+    def check_leases(self) -> None:
+        """LeaseLost when a lease of a lock this process holds was lost: called before every
+        journal commit and every batch of deletes on a shared repository."""
+        for held in self.held:
+            held.check()
 
     def vm_lock(self, vm: str, command: str) -> RepoLock:
         """Held by a backup of `vm` for its whole run: a second backup of it is refused."""
