@@ -19,7 +19,6 @@ gc reclaims what the counts free. `links` of C's descendants are left as they we
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -101,7 +100,7 @@ def _forget_one(repo: Repository, point_id: str) -> list[str]:
         for child in children:
             consolidate(repo, point, child, catalog)
             rewritten.append(child.id)
-        if not children and _delete_if_childless(repo, point_id):
+        if not children and repo.remove_point(point_id):
             break
     repo.delete_manifest(point_id)
     return rewritten
@@ -126,26 +125,6 @@ def consolidate(repo: Repository, point: PointRecord, child: PointRecord,
             kind, parent, links = "delta", grand.id, grand_disk.links + 1
         disks.append(replace(disk, map=repo.write_map(bmap), kind=kind, parent=parent, links=links))
     return repo.rewrite_point(child, disks=disks)
-
-
-def _delete_if_childless(repo: Repository, point_id: str) -> bool:
-    index = repo.index
-    key = point_id.encode()
-    with index.env.begin(write=True) as txn:
-        raw = txn.get(key, db=index.points)
-        if raw is None:
-            txn.delete(key, db=index.forgetting)
-            return True
-        for other, value in txn.cursor(db=index.points):
-            record = index.record(other, value)
-            if any(d.get("parent") == point_id for d in record["disks"]):
-                return False
-        use = Counter()
-        use.subtract(d["map"] for d in index.record(key, raw)["disks"])
-        index.change_map_use(txn, use, {})
-        txn.delete(key, db=index.points)
-        txn.delete(key, db=index.forgetting)
-    return True
 
 
 def _drop_mark(repo: Repository, point_id: str) -> None:

@@ -11,6 +11,10 @@ Rebuild, under an exclusive lock:
 A crash leaves either the old index or none ("run rebuild-index" again). Lost on the way: scrub
 times, quarantine notes, re-read requests and forgets that were not finished (their points come
 back, whole).
+
+A shared repository's index is this host's cache of its journal (`rebuild_cache`): the new one is
+the newest checkpoint plus the entries after it, swapped in the same way; it reads no pack and
+no map.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LockedError, RepoError
+from ..repository.checkpoint import catch_up
 from ..repository.config import CONFIG_NAME, read_config
 from ..repository.index import Index
 from ..repository.leases import clear_leases
@@ -47,6 +52,7 @@ class RebuildReport:
     unreadable_manifests: list[str] = field(default_factory=list)
     recount: dict = field(default_factory=dict)
     seconds: float = 0.0
+    journal_seq: int = 0  # a shared repository: the journal entry the new cache holds
 
 
 def rebuild_index(path: Path) -> RebuildReport:
@@ -67,6 +73,28 @@ def rebuild_index(path: Path) -> RebuildReport:
         finally:
             repo.close()
         _swap(path, work)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+def rebuild_cache(repo: Repository) -> RebuildReport:
+    """rebuild-index of a shared repository: this host's cache anew from the store's newest
+    checkpoint and the journal entries after it, under this host's exclusive lock."""
+    started = time.monotonic()
+    report = RebuildReport()
+    with RepoLock(repo.locks_dir, EXCLUSIVE, "rebuild-index"):
+        work = repo.path / f"index.rebuild-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        index = Index(work, create=True)
+        try:
+            report.journal_seq = catch_up(repo.store, index)
+            report.packs = len(index.all_packs())
+            report.chunks = index.counters()["chunks"]
+            report.points = len(index.points_records())
+        finally:
+            index.close()
+        repo.close_index()
+        _swap(repo.path, work)
     report.seconds = round(time.monotonic() - started, 3)
     return report
 
