@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import cli
+from helpers import attach_shared, cli
 from repo_engine.errors import LockedError
 from repo_engine.maintenance.rebuild import unlock
 from repo_engine.repository import leases
@@ -44,12 +44,7 @@ def store(request, tmp_path):
 
 def host(store, tmp_path: Path, name: str, seconds: float = 600.0) -> Repository:
     """The repository as one host sees it: the shared store, its own local directory."""
-    from repo_engine.repository.config import read_config
-
-    local = tmp_path / name
-    for sub in ("index", "locks"):
-        (local / sub).mkdir(parents=True, mode=0o700)
-    repo = Repository(store, read_config(store), local)
+    repo = attach_shared(store, tmp_path / name)
     repo.lease_seconds = seconds
     return repo
 

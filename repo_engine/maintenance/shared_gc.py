@@ -111,7 +111,7 @@ def _run(repo: Repository, cache: MapCache, report: SharedGcReport, grace: float
         if grace <= 0:
             _sweep_ready(repo, cache, report, grace, tick)
     _repack_cost(repo, _mark(repo, cache), report, max_unused)
-    report.plans_pending = len(repo.index.plans())
+    report.plans_pending = len(repo.index.pending_plans())
     report.checkpoint = _checkpoint(repo)
 
 
@@ -189,7 +189,7 @@ def _plan_op(repo: Repository, cache: MapCache, listed: _Listed) -> PlanOp:
     """The plan of what is unused in the caught-up cache and not doomed by a pending plan."""
     mark = _mark(repo, cache)
     packs = _Packs.read(repo)
-    pending = repo.index.plans()
+    pending = repo.index.pending_plans()
     dead = ~np.isin(packs.refs["ref"], mark.refs)
     doomed = np.concatenate([p.op.refs for p in pending] or [np.zeros(0, np.uint64)])
     refs = np.setdiff1d(packs.refs["ref"][dead], doomed)
@@ -229,7 +229,7 @@ def ready(plan: PendingPlan, leases: dict[str, LeaseInfo], grace: float, at: dat
 
 def _sweep_ready(repo: Repository, cache: MapCache, report: SharedGcReport, grace: float,
                  tick: Callable[[str], None] | None) -> None:
-    plans = repo.index.plans()
+    plans = repo.index.pending_plans()
     if not plans:
         return
     leases = {f.name: f.info for f in list_leases(repo.store)}
@@ -398,5 +398,5 @@ def _dry_run(repo: Repository, cache: MapCache, report: SharedGcReport,
         report.candidates = len(op.refs)
         report.planned_packs, report.planned_maps = len(op.packs), len(op.maps)
         report.planned_objects = len(op.objects)
-    report.plans_pending = len(repo.index.plans())
+    report.plans_pending = len(repo.index.pending_plans())
     _repack_cost(repo, _mark(repo, cache), report, max_unused)
