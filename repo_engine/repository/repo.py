@@ -347,16 +347,41 @@ class Repository:
         return [ForgetOp(point_id)]
 
     def rewrite_point(self, point: PointRecord, **changes: object) -> PointRecord:
-        """Commit the next generation of a catalogued point with `changes` applied. The VM
+        """Commit the next generation of a catalogued point with `changes` applied."""
+        updated = self.next_generation(point, **changes)
+        self.commit_point(updated)
+        return updated
+
+    def next_generation(self, point: PointRecord, **changes: object) -> PointRecord:
+        """The next generation of a catalogued point with `changes` applied. The VM
         configuration (which the catalog record lacks) comes from the manifest; a damaged or
         missing manifest is rewritten from the catalog record."""
         try:
             config = self.load_point(point.id).config
         except (RepoError, OSError):
             config = point.config
-        updated = replace(point, config=config, generation=point.generation + 1, **changes)
-        self.commit_point(updated)
-        return updated
+        return replace(point, config=config, generation=point.generation + 1, **changes)
+
+    def commit_forget(self, rewrites: list[PointRecord], forgets: list[str],
+                      check: Callable[[list[dict]], None],
+                      maps: dict[str, BlockMap] | None = None) -> Entry:
+        """A shared repository's forget as one journal entry: the rewritten points (children
+        consolidated onto new maps, written already; `maps` by name, those the caller holds),
+        then the removal of `forgets`. `check(records)` sees the caught-up catalog before each
+        attempt and raises to give up (a backup committed a child of a forgotten point)."""
+        known = maps or {}
+        held = [{n: known[n] if n in known else self.read_map(n) for n in {d.map for d in p.disks}}
+                for p in rewrites]
+        written = [_Written() for _ in rewrites]
+
+        def build(seq: int) -> list[Op]:
+            check(self.index.points_records())
+            ops: list[Op] = []
+            for point, point_maps, done in zip(rewrites, held, written):
+                ops += self._point_ops(point, point_maps, done, seq)
+            return ops + [ForgetOp(point_id) for point_id in forgets]
+
+        return self._commit(build)
 
     def map_exists(self, name: str) -> bool:
         return self.store.exists(map_object(name))
