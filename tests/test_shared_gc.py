@@ -1,0 +1,264 @@
+"""gc and forget on a shared repository (maintenance/shared_gc.py, forget.py): plans, leases,
+the grace period and sweeps, with hosts that have their own caches writing one local shared
+repository (and one run on S3). Every test ends by restoring what is catalogued."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import attach_shared, cli, shared_repo
+from repo_engine import pause
+from repo_engine.maintenance.forget import forget_points
+from repo_engine.maintenance.gc import gc
+from repo_engine.repository import journal
+from repo_engine.repository.journal import PlanOp, SweepOp, entry_seqs, read_entry
+from repo_engine.repository.locks import SHARED
+from repo_engine.repository.points import new_point_id, now_iso
+from repo_engine.repository.store.local import LocalStore
+from test_shared_repo import Host, disk
+
+
+@pytest.fixture
+def hosts(tmp_path):
+    root = tmp_path / "repo"
+    first = Host(root, tmp_path / "cache-a", shared_repo(root, tmp_path / "cache-a"))
+    second = Host(root, tmp_path / "cache-b")
+    yield root, first, second
+    first.repo.close()
+    second.repo.close()
+
+
+def pack_bytes(store) -> int:
+    return sum(info.size for info in store.list("packs/"))
+
+
+def head(store) -> int:
+    return max(entry_seqs(store), default=0)
+
+
+def map_refs(repo, point) -> np.ndarray:
+    """The chunk refs a point's maps name (ZERO, ref 0, is no chunk)."""
+    refs = np.unique(np.concatenate([repo.read_map(d.map).refs for d in point.disks]))
+    return refs[refs != 0]
+
+
+def plans_in_journal(store) -> list[PlanOp]:
+    return [op for seq in sorted(entry_seqs(store)) for op in read_entry(store, seq).ops
+            if isinstance(op, PlanOp)]
+
+
+def restores_everything(root: Path, tmp_path: Path, contents: dict) -> None:
+    """A fresh host sees exactly the points of `contents` and restores each byte-identical."""
+    fresh = Host(root, tmp_path / f"cache-fresh-{os.urandom(4).hex()}")
+    fresh.repo.refresh()
+    assert {p.id for p in fresh.repo.points()} == set(contents)
+    for point in fresh.repo.points():
+        assert fresh.restored(point, tmp_path) == contents[point.id]
+    fresh.repo.close()
+
+
+def backups(host: Host, tmp_path: Path, vms: int, chain: int) -> tuple[list, dict]:
+    """`vms` VMs of `chain` points each (changes between them): the points, their contents by
+    id."""
+    points, contents = [], {}
+    for v in range(vms):
+        model = disk(tmp_path, f"vm{v}", 100 + v)
+        for _ in range(chain):
+            point = host.backup(f"vm{v}", model)
+            points.append(point)
+            contents[point.id] = model.copy_of_content()
+            model.random_changes(3)
+    return points, contents
+
+
+def test_forget_half_then_gc_reclaims_their_packs_and_the_rest_restores(hosts, tmp_path):
+    root, a, b = hosts
+    points, contents = backups(a, tmp_path, vms=4, chain=3)
+    store = a.repo.store
+    # half: two whole VMs (their packs die whole) and the middle point of each other chain
+    # (its child is consolidated onto the first point in the same journal entry)
+    forgotten = [p.id for p in points if p.vm in ("vm0", "vm1")]
+    forgotten += [p.id for p in points if p.vm in ("vm2", "vm3")][1::3]
+    before_head = head(store)
+    report = forget_points(b.repo, forgotten)
+    assert sorted(report.removed) == sorted(forgotten) and len(report.rewritten) == 2
+    assert head(store) == before_head + 1  # the whole forget is one journal entry
+    kept = {i: content for i, content in contents.items() if i not in forgotten}
+    restores_everything(root, tmp_path, kept)
+
+    before = pack_bytes(store)
+    result = gc(a.repo, grace=0)
+    assert result.plans_swept == 1 and result.plans_pending == 0
+    assert result.packs_deleted >= 2 and result.chunks_dropped > 0
+    assert result.freed_bytes > 0 and pack_bytes(store) == before - result.freed_bytes
+    assert result.manifests_deleted == len(forgotten)  # left by forget, removed by gc
+    restores_everything(root, tmp_path, kept)
+
+    # a second run finds nothing: no entry, no object removed
+    before, seq = pack_bytes(store), head(store)
+    again = gc(b.repo, grace=0)
+    assert (again.candidates, again.plans_swept, again.freed_bytes) == (0, 0, 0)
+    assert head(store) == seq and pack_bytes(store) == before
+    restores_everything(root, tmp_path, kept)
+
+
+def test_a_plan_waits_for_the_grace_period(hosts, tmp_path):
+    root, a, _b = hosts
+    (doomed, kept), contents = backups(a, tmp_path, vms=2, chain=1)
+    forget_points(a.repo, [doomed.id])
+    before = pack_bytes(a.repo.store)
+    planned = gc(a.repo, grace=3600)
+    assert planned.planned_packs >= 1 and (planned.plans_swept, planned.plans_pending) == (0, 1)
+    assert pack_bytes(a.repo.store) == before
+    assert gc(a.repo, grace=3600).plans_swept == 0  # still within the grace period
+    swept = gc(a.repo, grace=0)  # the same plan, now past a grace period of 0
+    assert swept.plans_swept == 1 and swept.candidates == 0
+    assert pack_bytes(a.repo.store) < before
+    restores_everything(root, tmp_path, {kept.id: contents[kept.id]})
+
+
+def test_a_session_holding_a_lease_from_before_the_plan_keeps_it_from_being_swept(hosts,
+                                                                                    tmp_path):
+    root, a, b = hosts
+    (doomed, kept), contents = backups(a, tmp_path, vms=2, chain=1)
+    forget_points(a.repo, [doomed.id])
+    before = pack_bytes(a.repo.store)
+    with b.repo.lock(SHARED, "backup image vm9") as session:
+        planned = gc(a.repo, grace=0)
+        assert (planned.plans_swept, planned.plans_pending) == (0, 1)
+        [plan] = a.repo.index.pending_plans()
+        assert plan.leases == [session.leases[0].name]  # gc's own leases are not waited for
+        assert gc(a.repo, grace=0).plans_swept == 0
+        assert pack_bytes(a.repo.store) == before
+    swept = gc(a.repo, grace=0)
+    assert swept.plans_swept == 1 and pack_bytes(a.repo.store) < before
+    restores_everything(root, tmp_path, {kept.id: contents[kept.id]})
+
+
+def test_a_backup_started_after_the_plan_never_dedups_against_doomed_chunks(hosts, tmp_path):
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 7)
+    first = a.backup("vm", model)
+    content = model.copy_of_content()
+    forget_points(a.repo, [first.id])
+    with b.repo.lock(SHARED, "restore vm8"):  # keeps the plan pending
+        gc(a.repo, grace=0)
+        [plan] = plans_in_journal(a.repo.store)
+        again = b.backup("vm", model)  # same content, after the plan: stored afresh
+    assert again.counters["new_chunks"] > 0 and again.counters["dup_blocks"] == 0
+    assert not np.isin(map_refs(b.repo, again), plan.refs).any()
+    assert again.disks[0].map not in plan.maps  # same content, salted name
+    assert gc(a.repo, grace=0).plans_swept == 1
+    restores_everything(root, tmp_path, {again.id: content})
+
+
+def test_a_chunk_used_again_by_a_backup_from_before_the_plan_is_never_deleted(
+        hosts, tmp_path, monkeypatch):
+    """b's backup looks its chunks up (finding the ones of a point about to be forgotten), then
+    stops before its commit; the point is forgotten and gc plans; b commits using doomed chunks.
+    The sweep recounts: those chunks and their pack stay."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 8)
+    first = a.backup("vm", model)
+    content = model.copy_of_content()
+    monkeypatch.setenv("REPO_ENGINE_PAUSE_DIR", str(tmp_path))
+    monkeypatch.setattr(pause, "_NAMES", frozenset({"backup.before_commit"}))
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(b.backup("vm2", model)))
+    thread.start()
+    while not (tmp_path / "backup.before_commit.reached").exists():
+        assert thread.is_alive()
+        threading.Event().wait(0.01)
+    forget_points(a.repo, [first.id])
+    planned = gc(a.repo, grace=0)
+    assert planned.plans_pending == 1 and planned.packs_deleted == 0  # waits for b's lease
+    (tmp_path / "backup.before_commit.go").touch()
+    thread.join()
+    [late] = done
+    [plan] = plans_in_journal(a.repo.store)
+    assert np.isin(map_refs(b.repo, late), plan.refs).all()  # deduplicated before the plan
+    swept = gc(a.repo, grace=0)
+    assert swept.plans_swept == 1 and swept.resurrected == len(plan.refs)
+    assert swept.packs_kept_live == len(plan.packs) and swept.packs_deleted == 0
+    restores_everything(root, tmp_path, {late.id: content})
+
+
+def test_a_sweep_racing_a_commit_recounts_and_keeps_what_the_commit_uses(hosts, tmp_path,
+                                                                         monkeypatch):
+    """A point using doomed chunks (a backup stalled past its lease) is committed by b between
+    gc's catch-up and its sweep entry: gc loses the seq, catches up, marks again and keeps them."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 9)
+    first = a.backup("vm", model)
+    content = model.copy_of_content()
+    b.repo.refresh()  # b's cache still finds the chunks
+    stalled = replace(first, id=new_point_id("vm", now_iso()), seq=0,
+                      disks=[replace(d) for d in first.disks])
+    forget_points(a.repo, [first.id])
+    with b.repo.lock(SHARED, "restore vm8"):
+        gc(a.repo, grace=0)  # the plan, pending
+    write = journal.write_entry
+    raced: list[int] = []
+
+    def racing(store, entry):
+        if not raced and any(isinstance(op, SweepOp) for op in entry.ops):
+            raced.append(entry.seq)
+            b.repo.commit_point(stalled)
+        write(store, entry)
+
+    monkeypatch.setattr(journal, "write_entry", racing)
+    swept = gc(a.repo, grace=0)
+    assert raced and swept.plans_swept == 1 and swept.resurrected > 0
+    sweep = next(op for op in read_entry(a.repo.store, raced[0] + 1).ops)
+    assert isinstance(sweep, SweepOp) and len(sweep.refs) == 0 and sweep.packs == []
+    restores_everything(root, tmp_path, {stalled.id: content})
+
+
+def test_gc_and_forget_commands_on_a_shared_repository(tmp_path, capsys):
+    root = tmp_path / "repo"
+    host = Host(root, tmp_path / "cache-a", shared_repo(root, root))  # the CLI's cache: root
+    (doomed, kept), contents = backups(host, tmp_path, vms=2, chain=1)
+    host.repo.close()
+    removed = cli(capsys, "forget", root, doomed.id[:8])
+    assert removed.code == 0, removed.err
+    planned = cli(capsys, "gc", root)
+    assert planned.code == 0, planned.err
+    assert "0 swept, 1 pending (grace 86400 s); planned " in planned.out
+    swept = cli(capsys, "gc", root, "--grace", "0s", "--json")
+    assert swept.code == 0, swept.err
+    doc = swept.json()
+    assert doc["plans_swept"] == 1 and doc["packs_deleted"] >= 1
+    refused = cli(capsys, "gc", root, "--grace", "soon")
+    assert refused.code == 2 and "--grace: not a duration" in refused.err
+    restores_everything(root, tmp_path, {kept.id: contents[kept.id]})
+
+
+def test_forget_and_gc_on_s3(seaweedfs, s3_bucket, tmp_path, monkeypatch):
+    from repo_engine.repository.config import RepoConfig
+    from repo_engine.repository.repo import Repository
+    from repo_engine.repository.store.s3 import S3Store
+    from test_store_s3 import settings_for
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    store = S3Store(f"s3://{s3_bucket}/repo", settings_for(seaweedfs.endpoint))
+    first = Repository.create(store, tmp_path / "cache-a", RepoConfig.new(shared=True))
+    a = Host(tmp_path, tmp_path / "cache-a", first)
+    b = Host(tmp_path, tmp_path / "cache-b", attach_shared(store, tmp_path / "cache-b"))
+    points, contents = backups(a, tmp_path, vms=2, chain=2)
+    forget_points(b.repo, [points[0].id, points[1].id, points[2].id])  # vm0, and vm1's base
+    before = pack_bytes(store)
+    result = gc(b.repo, grace=0)
+    assert result.plans_swept == 1 and pack_bytes(store) < before
+    a.repo.refresh()
+    assert {p.id for p in a.repo.points()} == {points[3].id}
+    for point in a.repo.points():
+        assert a.restored(point, tmp_path) == contents[point.id]
+    assert gc(a.repo, grace=0).candidates == 0
+    a.repo.close()
+    b.repo.close()
