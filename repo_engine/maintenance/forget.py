@@ -15,6 +15,10 @@ Removing point P (each step crash-safe; a rerun of forget or gc finishes an inte
 Every point keeps resolving to the same bytes at each step: C's old and new records both resolve
 to C's content, and P stays catalogued until nothing depends on it. Data is never deleted here;
 gc reclaims what the counts free. `links` of C's descendants are left as they were (an upper bound).
+
+On a shared repository the same consolidations are computed first (new maps written), then the
+children's new records and the removals go into ONE journal entry (`_forget_shared`), so every
+host sees the whole forget or none of it; P's manifest is left to gc (shared_gc.py).
 """
 
 from __future__ import annotations
