@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -70,7 +70,6 @@ class SharedGcReport(GcReport):
     repack_requests: int = 0
     repack_reclaims_bytes: int = 0
     checkpoint: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
