@@ -10,7 +10,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from helpers import attach_shared, cli, shared_repo
 from repo_engine import pause
@@ -20,18 +19,7 @@ from repo_engine.repository import journal
 from repo_engine.repository.journal import PlanOp, SweepOp, entry_seqs, read_entry
 from repo_engine.repository.locks import SHARED
 from repo_engine.repository.points import new_point_id, now_iso
-from repo_engine.repository.store.local import LocalStore
-from test_shared_repo import Host, disk
-
-
-@pytest.fixture
-def hosts(tmp_path):
-    root = tmp_path / "repo"
-    first = Host(root, tmp_path / "cache-a", shared_repo(root, tmp_path / "cache-a"))
-    second = Host(root, tmp_path / "cache-b")
-    yield root, first, second
-    first.repo.close()
-    second.repo.close()
+from test_shared_repo import Host, disk, hosts  # noqa: F401 (the two hosts fixture)
 
 
 def pack_bytes(store) -> int:

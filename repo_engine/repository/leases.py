@@ -40,7 +40,6 @@ from ..errors import DamageError, FormatError, LockedError, RepoError
 from .envelope import read_sealed, write_sealed
 from .formats import LEASE
 from .locks import MAINTENANCE, RepoLock
-from .points import now_iso
 from .safefile import LOCK_MAX
 from .store import ObjectExists, ObjectMissing, Store
 
