@@ -5,6 +5,7 @@ and no map, and the gc operations (plan, waits, sweep) as the cache applies them
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -115,6 +116,23 @@ def test_checkpoint_and_deleted_entries_a_fresh_host_still_rebuilds(shared, tmp_
     host.close()
 
 
+def test_compaction_waits_for_the_checkpoint_to_age(shared, tmp_path):
+    store = LocalStore(tmp_path / "repo")
+    back_up(shared, tmp_path, "vm", 14)
+    assert not checkpoint.checkpoint_due(store, shared.index, every=100)
+    assert checkpoint.checkpoint_due(store, shared.index, every=1)
+    seq = write_checkpoint(store, shared.index)
+    assert not checkpoint.checkpoint_due(store, shared.index, every=1)
+    assert checkpoint.compact(store, grace=0) == 0  # younger than STALE_AFTER
+    later = time.time() + checkpoint.STALE_AFTER + 1
+    assert checkpoint.compact(store, grace=7 * 86400, now=later) == 0  # younger than the grace
+    assert checkpoint.compact(store, grace=0, now=later) == seq
+    assert sorted(entry_seqs(store)) == []
+    host = fresh_host(tmp_path)
+    assert host.refresh() == seq
+    host.close()
+
+
 def test_a_stale_host_loads_the_newer_checkpoint(shared, tmp_path):
     store = LocalStore(tmp_path / "repo")
     back_up(shared, tmp_path, "vm1", 6)
@@ -184,7 +202,8 @@ def test_plan_makes_refs_unfindable_and_sweep_removes_them(shared, tmp_path):
     refs = np.unique(bmap.refs[bmap.refs != 0])
     doomed = refs[:3]
     plan = new_plan_id()
-    shared._commit(lambda _seq: [PlanOp(plan, "2026-01-01T00:00:00", doomed, [], ["ab" * 32], [])])
+    shared.commit_journal(lambda _seq: [PlanOp(plan, "2026-01-01T00:00:00", doomed, [],
+                                               ["ab" * 32], [])])
     host = fresh_host(tmp_path)
     host.refresh()
     for repo in (shared, host):
@@ -193,11 +212,11 @@ def test_plan_makes_refs_unfindable_and_sweep_removes_them(shared, tmp_path):
             assert all(lookup.ref_of(lookup.chunk_id_of(int(r))) is None for r in doomed)
         assert [p.op.plan for p in repo.index.pending_plans()] == [plan]
         assert repo.index.doomed_maps({"ab" * 32, "cd" * 32}) == {"ab" * 32}
-    shared._commit(lambda _seq: [WaitsOp(plan, ["h-1-00000000.lease"])])
+    shared.commit_journal(lambda _seq: [WaitsOp(plan, ["h-1-00000000.lease"])])
     host.refresh()
     assert host.index.pending_plans()[0].leases == ["h-1-00000000.lease"]
     chunks = host.index.counters()["chunks"]
-    shared._commit(lambda _seq: [SweepOp(plan, doomed, [], [point.disks[0].map])])
+    shared.commit_journal(lambda _seq: [SweepOp(plan, doomed, [], [point.disks[0].map])])
     host.refresh()
     assert host.index.pending_plans() == []
     assert host.index.counters()["chunks"] == chunks - 3
@@ -213,8 +232,8 @@ def test_plan_makes_refs_unfindable_and_sweep_removes_them(shared, tmp_path):
 def test_a_commit_naming_a_doomed_map_writes_it_salted(shared, tmp_path):
     point, content = back_up(shared, tmp_path, "vm", 13)
     name = point.disks[0].map
-    shared._commit(lambda _seq: [PlanOp(new_plan_id(), "t", np.zeros(0, np.uint64), [], [name],
-                                        [])])
+    shared.commit_journal(lambda _seq: [PlanOp(new_plan_id(), "t", np.zeros(0, np.uint64), [],
+                                               [name], [])])
     rewritten = shared.rewrite_point(point, tags=["kept"])
     assert rewritten.disks[0].map != name
     assert shared.read_map(rewritten.disks[0].map).refs.tolist() == \
@@ -241,3 +260,20 @@ def test_salted_map_reads_like_the_unsalted_one(tmp_path):
 def test_catch_up_without_a_checkpoint_and_an_empty_journal(shared):
     assert shared.refresh() == 0
     assert checkpoint.newest_checkpoint(shared.store) is None
+
+
+def test_a_read_only_index_of_an_earlier_version_still_opens(tmp_path, monkeypatch):
+    """An index written before the journal's tables existed, on read-only media, opens (the
+    tables a shared cache alone uses are absent)."""
+    from repo_engine.repository import index as index_module
+    from repo_engine.repository.index import Index
+
+    old = Index(tmp_path / "index", create=True)
+    with old.env.begin(write=True) as txn:
+        for name in ("plans", "sweptmaps"):
+            txn.drop(getattr(old, name), delete=True)
+    old.close()
+    monkeypatch.setattr(index_module.os, "access", lambda path, mode: False)
+    again = Index(tmp_path / "index")
+    assert again.read_only and again.plans is None and again.points_records() == []
+    again.close()

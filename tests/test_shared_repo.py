@@ -4,6 +4,9 @@ ref, and every host (and a fresh one) restores every point byte-identical."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -23,8 +26,8 @@ from repo_engine.sources.image import ImageDisk, image_snapshot
 class Host:
     """One backup host: its own cache directory and Repository on the shared store."""
 
-    def __init__(self, root: Path, cache: Path, repo: Repository | None = None) -> None:
-        self.repo = repo or attach_shared(LocalStore(root), cache)
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
 
     def backup(self, vm: str, model: DiskModel):
         return backup_vm(self.repo, image_snapshot(vm, [ImageDisk("d", model.path)]),
@@ -45,8 +48,8 @@ class Host:
 @pytest.fixture
 def hosts(tmp_path):
     root = tmp_path / "repo"
-    first = Host(root, tmp_path / "cache-a", shared_repo(root, tmp_path / "cache-a"))
-    second = Host(root, tmp_path / "cache-b")
+    first = Host(shared_repo(root, tmp_path / "cache-a"))
+    second = Host(attach_shared(LocalStore(root), tmp_path / "cache-b"))
     yield root, first, second
     first.repo.close()
     second.repo.close()
@@ -60,6 +63,13 @@ def disk(tmp_path: Path, name: str, seed: int, size: int = 2 * MIB) -> DiskModel
 
 def test_two_hosts_back_up_concurrently_and_restore_everything(hosts, tmp_path):
     root, a, b = hosts
+    two_hosts_back_up_concurrently(a, b, Host(attach_shared(LocalStore(root),
+                                                            tmp_path / "cache-c")), tmp_path)
+
+
+def two_hosts_back_up_concurrently(a: Host, b: Host, fresh: Host, tmp_path: Path) -> None:
+    """a and b back up a VM each, 3 times, at the same time; then a, b and a host that has
+    never seen the repository restore every point byte-identical."""
     disks = {"vm1": disk(tmp_path, "vm1", 1), "vm2": disk(tmp_path, "vm2", 2)}
     points: list = []
     errors: list = []
@@ -79,7 +89,6 @@ def test_two_hosts_back_up_concurrently_and_restore_everything(hosts, tmp_path):
     for t in threads:
         t.join()
     assert not errors, errors
-    fresh = Host(root, tmp_path / "cache-c")
     for host in (a, b, fresh):
         host.repo.refresh()
         assert {p.id for p in host.repo.points()} == {p.id for p, _ in points}
@@ -172,3 +181,43 @@ def test_the_local_store_layout_of_a_shared_repository(hosts, tmp_path):
     assert not (root / "index").exists()  # the index lives in each host's cache
     assert (tmp_path / "cache-a" / "index" / "data.mdb").is_file()
     assert (root / entry_object(1)).is_file()
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from helpers import attach_shared
+from repo_engine.backup.job import BackupOptions, backup_vm
+from repo_engine.repository.store.local import LocalStore
+from repo_engine.sources.image import ImageDisk, image_snapshot
+
+root, cache, vm, image = sys.argv[1:]
+with attach_shared(LocalStore(Path(root)), Path(cache)) as repo:
+    for _ in range(2):
+        backup_vm(repo, image_snapshot(vm, [ImageDisk("d", Path(image))]), BackupOptions())
+"""
+
+
+def test_processes_sharing_a_cache_and_hosts_with_their_own(hosts, tmp_path):
+    """Two processes on one cache (the same host) and one on another back up at once: each
+    entry is applied once to each cache, and every point restores from a fresh host."""
+    root, a, _b = hosts
+    models = {vm: disk(tmp_path, vm, seed) for vm, seed in (("p1", 11), ("p2", 12), ("p3", 13))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(tmp_path / cache),
+                               vm, str(models[vm].path)], env=env, stderr=subprocess.PIPE)
+             for vm, cache in (("p1", "cache-a"), ("p2", "cache-a"), ("p3", "cache-b"))]
+    for proc in procs:
+        _out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()
+    fresh = Host(attach_shared(LocalStore(root), tmp_path / "cache-c"))
+    head = fresh.repo.refresh()
+    assert a.repo.refresh() == head
+    points = fresh.repo.points()
+    assert sorted(p.vm for p in points) == ["p1", "p1", "p2", "p2", "p3", "p3"]
+    for point in points:
+        if point.id == max((p for p in points if p.vm == point.vm), key=lambda p: p.seq).id:
+            assert fresh.restored(point, tmp_path) == models[point.vm].copy_of_content()
+    assert a.refs() == fresh.refs()
+    fresh.repo.close()

@@ -172,7 +172,7 @@ class _Listed:
 def _plan(repo: Repository, cache: MapCache, report: SharedGcReport) -> PlanOp | None:
     listed = _Listed.read(repo)
     try:
-        entry = repo.commit_ops(lambda _seq: [_plan_op(repo, cache, listed)])
+        entry = repo.commit_journal(lambda _seq: [_plan_op(repo, cache, listed)])
     except _Nothing:
         return None
     op = entry.ops[0]
@@ -212,7 +212,7 @@ def _commit_waits(repo: Repository, plan: PlanOp) -> None:
     own = {lease.name for held in repo.held for lease in held.leases}
     names = sorted(f.name for f in list_leases(repo.store)
                    if f.info.kind == SESSION and f.name not in own)
-    repo.commit_ops(lambda _seq: [WaitsOp(plan.plan, names)])
+    repo.commit_journal(lambda _seq: [WaitsOp(plan.plan, names)])
 
 
 # -- phase 2: sweep ----------------------------------------------------------------------------
@@ -266,7 +266,7 @@ def _sweep(repo: Repository, cache: MapCache, plan: PendingPlan,
         decided[:] = [_sweep_op(repo, cache, plan.op)]
         return [decided[0].op]
 
-    repo.commit_ops(build)
+    repo.commit_journal(build)
     doomed = decided[0]
     orphans = [o for o in doomed.objects if o.startswith("packs/")]
     orphan_bytes = sum(_size(repo, o) for o in orphans)

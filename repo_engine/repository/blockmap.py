@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import blake3
@@ -152,11 +153,15 @@ def map_object(name: str) -> str:
     return f"maps/{name[:2]}/{name}.map"
 
 
-def write_map(store: Store, bmap: BlockMap, *, salted: bool = False) -> str:
-    """Store a map durably under its content name; returns the name. `salted`: under a new,
-    random name (minor version 1)."""
+def write_map(store: Store, bmap: BlockMap, *, salted: bool = False,
+              doomed: Callable[[str], bool] | None = None) -> str:
+    """Store a map durably under its content name; returns the name. `salted`, or when
+    `doomed(name)` says that gc may delete the object of that name: under a new, random name
+    (minor version 1)."""
     data = encode(bmap, os.urandom(SALT_SIZE) if salted else b"")
     name = blake3.blake3(data).hexdigest()
+    if not salted and doomed is not None and doomed(name):
+        return write_map(store, bmap, salted=True)
     if not store.exists(map_object(name)):
         store.put(map_object(name), data)
     return name

@@ -33,13 +33,15 @@ STALE_AFTER (and gc's grace), so a cache refreshed more recently still finds the
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from concurrent.futures import ThreadPoolExecutor
 import socket
+from datetime import datetime, timezone
 
 import blake3
 import lmdb
@@ -50,7 +52,7 @@ from ..errors import DamageError
 from .formats import CHECKPOINT
 from .index import (COUNTERS, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index, PendingPlan,
                     encode_record)
-from .journal import PREFIX, PlanOp, entry_seqs, read_entry
+from .journal import PREFIX, Entry, PlanOp, entry_object, entry_seqs, read_entry
 from .points import PointRecord
 from .safefile import FILE_MODE
 from .store import ObjectExists, Store
@@ -65,6 +67,8 @@ BATCH = 1 << 16  # rows or records per frame: bounds memory on both sides
 READ_PIECE = 8 << 20
 MAX_FRAME = 1 << 30
 STALE_AFTER = 3600.0
+READ_AHEAD = 8  # journal entries fetched at once by a long replay
+CHECKPOINT_EVERY = 200
 # what a checkpoint replaces in a cache (other tables are this host's own notes)
 REPLAYED = ("ids", "refs", "packs", "packnames", "packlive", "points", "plans", "sweptmaps")
 
@@ -169,6 +173,27 @@ def _pack_fields(raw: bytes) -> list:
     return [name.hex(), size, count]
 
 
+def checkpoint_due(store: Store, index: Index, every: int = CHECKPOINT_EVERY) -> bool:
+    """Whether more than `every` entries were replayed since the newest checkpoint (gc then
+    writes one)."""
+    return index.journal_seq - (newest_checkpoint(store) or 0) > every
+
+
+def compact(store: Store, grace: float, now: float | None = None) -> int:
+    """Delete the entries at or below the newest checkpoint once it is older than `grace`
+    seconds and STALE_AFTER (module doc); returns how many were deleted."""
+    seq = newest_checkpoint(store)
+    if seq is None:
+        return 0
+    meta = next(_Reader(store, checkpoint_object(seq)).records())[1]
+    written = datetime.fromisoformat(meta["time"]).timestamp()
+    if (now if now is not None else time.time()) < written + max(grace, STALE_AFTER):
+        return 0
+    doomed = sorted(s for s in entry_seqs(store) if s <= seq)
+    store.delete(entry_object(s) for s in doomed)
+    return len(doomed)
+
+
 # -- reading ----------------------------------------------------------------------------------
 class _Reader:
     """Sequential, hashed reads of a checkpoint object, a piece at a time."""
@@ -222,10 +247,13 @@ class _Reader:
 
 def load_checkpoint(store: Store, index: Index, seq: int) -> None:
     """Replace the cache's replayed state by checkpoint `seq`, in one transaction that commits
-    only when the whole checkpoint checked out (DamageError otherwise, the cache unchanged)."""
+    only when the whole checkpoint checked out (DamageError otherwise, the cache unchanged); a
+    cache that holds entry `seq` already is left as it is."""
     reader = _Reader(store, checkpoint_object(seq))
     try:
         with index.env.begin(write=True) as txn:
+            if index.journal_seq_in(txn) >= seq:
+                return  # another process of this host got there first: never go back
             for table in REPLAYED:
                 txn.drop(getattr(index, table), delete=False)
             for tag, doc, binary in reader.records():
@@ -290,8 +318,25 @@ def catch_up(store: Store, index: Index) -> int:
         if newest is not None and newest > seq:
             load_checkpoint(store, index, newest)
             seq = newest
-    while (entry := read_entry(store, seq + 1)) is not None:
-        index.apply_entry(entry)
-        seq = max(entry.seq, index.journal_seq)  # another process may have gone further
+    for entry in _new_entries(store, seq):
+        index.apply_entry(entry)  # a no-op for one another process of this host applied
     index.set_meta_u64("refreshed", int(time.time()))
-    return seq
+    return index.journal_seq
+
+
+def _new_entries(store: Store, seq: int) -> Iterator[Entry]:
+    """Entries seq + 1, seq + 2, ... up to the first missing one: one GET when nothing is new,
+    else READ_AHEAD requests in flight (the store's latency, not its bandwidth, bounds a long
+    replay), in bounded memory."""
+    entry = read_entry(store, seq + 1)
+    if entry is None:
+        return
+    yield entry
+    with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="journal-read") as pool:
+        for start in itertools.count(seq + 2, READ_AHEAD):
+            window = [pool.submit(read_entry, store, s) for s in range(start, start + READ_AHEAD)]
+            for future in window:
+                entry = future.result()
+                if entry is None:
+                    return
+                yield entry

@@ -142,9 +142,10 @@ class Index:
             self.env = lmdb.open(str(path), max_dbs=32, map_size=MAP_SIZE, subdir=True,
                                  create=create, readonly=self.read_only,
                                  lock=not self.read_only, mode=FILE_MODE)
-            for name in ("meta", "ids", "refs", "packs", "packnames", "points", *MAINT_DBS,
-                         *JOURNAL_DBS):
+            for name in ("meta", "ids", "refs", "packs", "packnames", "points", *MAINT_DBS):
                 setattr(self, name, self.env.open_db(name.encode(), create=not self.read_only))
+            for name in JOURNAL_DBS:  # absent from a read-only index of an earlier version
+                setattr(self, name, self._open_new_db(name))
             self.damage_seen: list[str] = []  # count damage writers met (gc reports it)
             self.checked, self.sealed = self._check_version(create)
         except (lmdb.ReadonlyError, lmdb.DiskError):
@@ -152,6 +153,14 @@ class Index:
         except lmdb.Error as exc:
             raise DamageError(f"{path}: the index cannot be read ({exc}); run "
                               "'repo-engine rebuild-index'") from None
+
+    def _open_new_db(self, name: str) -> object:
+        """A database later versions added; None when a read-only index lacks it (a shared
+        repository's cache, which alone uses them, is never read-only)."""
+        try:
+            return self.env.open_db(name.encode(), create=not self.read_only)
+        except lmdb.NotFoundError:
+            return None
 
     def _check_version(self, create: bool) -> tuple[bool, bool]:
         """Set up or check the format version; returns whether catalog records carry checks and

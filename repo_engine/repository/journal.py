@@ -16,19 +16,28 @@ trailer rows (packs.ENTRY_DTYPE, 60 bytes), `refs` u64 little endian. A reader c
 header's `seq` is the one its name says (a moved entry is damage) and refuses an op it does not
 know (FormatError: upgrade repo-engine).
 
-Ops, built with the dataclasses below (maintenance emits the last three):
+Ops, built with the dataclasses below (maintenance builds the last three), and what the cache
+applies (index.py, `Index.apply_entry`):
 
-| op       | dataclass                                              | the cache (index.py) applies    |
-|----------|--------------------------------------------------------|---------------------------------|
-| `refs`   | RefsOp(first, count): a ref range one writer claimed   | next_ref = max(next_ref, end)   |
-| `pack`   | PackOp(name, size, entries)                            | the pack and its chunks         |
-| `point`  | PointOp(record): a catalog record, new or rewritten    | put/replace the record          |
-| `forget` | ForgetOp(id)                                           | remove the record               |
-| `plan`   | PlanOp(plan, time, refs, packs, maps, objects)         | ids entries of `refs` removed; plan kept in `plans` |
-| `waits`  | WaitsOp(plan, leases)                                  | the plan's leases noted         |
-| `sweep`  | SweepOp(plan, refs, packs, maps)                       | refs and packs removed, maps noted swept, plan dropped |
+| op       | dataclass                                  | the cache applies                        |
+|----------|--------------------------------------------|------------------------------------------|
+| `refs`   | RefsOp(first, count): a claimed ref range  | next_ref = max(next_ref, first + count)  |
+| `pack`   | PackOp(name, size, entries)                | the pack and its chunks                  |
+| `point`  | PointOp(record): new or rewritten record   | put or replace the catalog record        |
+| `forget` | ForgetOp(id)                               | remove the catalog record                |
+| `plan`   | PlanOp(plan, time, refs, packs, maps,      | `ids` entries of `refs` removed (no more |
+|          | objects): gc's candidates                  | dedup against them); plan kept in `plans`|
+| `waits`  | WaitsOp(plan, leases)                      | the plan's leases noted                  |
+| `sweep`  | SweepOp(plan, refs, packs, maps); `refs`   | refs and packs removed, maps noted in    |
+|          | lists every ref of a swept pack            | `sweptmaps`, the plan dropped            |
 
-`new_plan_id()` makes a plan id (16 hex). `Index.pending_plans()` lists them (PendingPlan).
+A caller commits ops with `Repository.commit_journal(build)` (`append` below, then the entry
+applied to the cache): `build(seq)` returns the ops to commit at `seq`, checked against the
+cache caught up to seq - 1.
+
+`new_plan_id()` makes a plan id (16 hex); `Index.pending_plans()` lists the pending plans
+(PendingPlan: the op and the leases gc waits for); `Index.doomed_maps(names)` says which map
+names a pending plan or a sweep lists; `Index.missing_refs(refs)` which refs a sweep removed.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ docs/FORMAT.md.
 A shared repository (config `shared`: several hosts write it) keeps its index and catalog in the
 store as a journal (journal.py); the LMDB index under `local` is this host's cache of it, brought
 up to date by `refresh()` (checkpoint.catch_up), which every command runs after taking its lock.
-Each change (a pack, a ref range, a point, a forget) is a journal commit (`_commit`), applied to
-the cache right after (docs/FORMAT.md, "Journal").
+Each change (a pack, a ref range, a point, a forget) is a journal commit (`commit_journal`),
+applied to the cache right after (docs/FORMAT.md, "Journal").
 
 The index is opened on first use, so a command that locks before it reads opens the index in
 place under its lock. One that read it earlier (an index `rebuild-index` may have replaced before
@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -177,18 +177,16 @@ class Repository:
             return 0
         return catch_up(self.store, self.index)
 
-    def _commit(self, build: Callable[[int], list[Op]]) -> Entry:
+    def commit_journal(self, build: Callable[[int], list[Op]]) -> Entry:
         """Commit the ops `build(seq)` returns as journal entry `seq` (see journal.append:
-        `build` runs with the cache caught up to seq - 1, and again after a lost race), then
-        apply the entry to the cache, so this host's next lookups see it."""
+        `build` runs with the cache caught up to seq - 1, and again after a lost race; raising
+        gives up), then apply the entry to the cache, so this host's next lookups see it.
+        Maintenance commits its own ops this way, e.g.
+        `repo.commit_journal(lambda seq: [PlanOp(new_plan_id(), now, refs, packs, maps, objs)])`."""
         self.check_leases()
         entry = append(self.store, self.refresh, build)
         self.index.apply_entry(entry)
         return entry
-
-    def commit_ops(self, build: Callable[[int], list[Op]]) -> Entry:
-        """`_commit` for maintenance (gc's plan, waits and sweep; forget's one entry)."""
-        return self._commit(build)
 
     def vm_lock(self, vm: str, command: str) -> RepoLock:
         """Held by a backup of `vm` for its whole run: a second backup of it is refused."""
@@ -208,7 +206,7 @@ class Repository:
         """Publish a pack durably, then record it in the index (write order step 1 -> 2)."""
         finished = writer.finish()
         if self.config.shared:
-            self._commit(lambda _seq: [PackOp.of(finished)])
+            self.commit_journal(lambda _seq: [PackOp.of(finished)])
         else:
             self.index.commit_pack(finished)
         return finished
@@ -220,18 +218,17 @@ class Repository:
         if not self.config.shared:
             first = self.index.reserve_refs(count)
             return range(first, first + count)
-        claim = self._commit(lambda _seq: [RefsOp(max(self.index.meta_u64("next_ref"), 1),
-                                                  SHARED_REFS)]).ops[0]
+        claim = self.commit_journal(
+            lambda _seq: [RefsOp(max(self.index.meta_u64("next_ref"), 1), SHARED_REFS)]).ops[0]
         assert isinstance(claim, RefsOp)
         return range(claim.first, claim.first + claim.count)
 
     def write_map(self, bmap: BlockMap) -> str:
         """Store a map durably; returns its name. In a shared repository a name that gc doomed
         (a pending plan or a sweep lists it) is avoided: the map is written salted."""
-        name = write_map(self.store, bmap)
-        if self.config.shared and self.index.doomed_maps({name}):
-            name = write_map(self.store, bmap, salted=True)
-        return name
+        if not self.config.shared:
+            return write_map(self.store, bmap)
+        return write_map(self.store, bmap, doomed=lambda name: bool(self.index.doomed_maps({name})))
 
     def read_map(self, name: str) -> BlockMap:
         return read_map(self.store, name)
@@ -265,12 +262,13 @@ class Repository:
         catalog transaction moves map use and chunk reference counts from the old record's maps
         to the new one's. Raises ParentGone when a disk's parent left the catalog meanwhile (the
         caller rewrites that disk as a full map); rewrites a map file gc removed meanwhile.
-        `maps`: block maps, by name, that the caller still holds (not read back from disk)."""
+        `maps`: block maps, by name, that the caller still holds (not read back from disk).
+        In a shared repository the commit is a journal entry (`_point_ops` says what it checks)."""
         known = maps or {}
         maps = {name: known[name] if name in known else self.read_map(name)
                 for name in {d.map for d in point.disks}}
         if self.config.shared:
-            self._commit(partial(self._point_ops, point, maps, _Written()))
+            self.commit_journal(partial(self._point_ops, point, maps, _Written()))
             return
         refs = {name: unique_refs(bmap) for name, bmap in maps.items()}
         for _attempt in range(10):
@@ -333,7 +331,7 @@ class Repository:
         if not self.config.shared:
             return self.index.remove_if_childless(point_id)
         try:
-            self._commit(partial(self._forget_ops, point_id))
+            self.commit_journal(partial(self._forget_ops, point_id))
         except _NothingToDo as done:
             return done.result
         return True
@@ -381,7 +379,7 @@ class Repository:
                 ops += self._point_ops(point, point_maps, done, seq)
             return ops + [ForgetOp(point_id) for point_id in forgets]
 
-        return self._commit(build)
+        return self.commit_journal(build)
 
     def map_exists(self, name: str) -> bool:
         return self.store.exists(map_object(name))
@@ -523,10 +521,11 @@ def _rebuild_running(locks_dir: Path) -> bool:
                for path, info in list_locks(locks_dir))
 
 
+@dataclass
 class _Written:
     """The commit sequence a point's manifest was last written with (0: not yet)."""
 
-    seq = 0
+    seq: int = 0
 
 
 class _NothingToDo(Exception):
