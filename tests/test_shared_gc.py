@@ -19,6 +19,7 @@ from repo_engine.repository import journal
 from repo_engine.repository.journal import PlanOp, SweepOp, entry_seqs, read_entry
 from repo_engine.repository.locks import SHARED
 from repo_engine.repository.points import new_point_id, now_iso
+from repo_engine.repository.store.local import LocalStore
 from test_shared_repo import Host, disk, hosts  # noqa: F401 (the two hosts fixture)
 
 
@@ -43,7 +44,7 @@ def plans_in_journal(store) -> list[PlanOp]:
 
 def restores_everything(root: Path, tmp_path: Path, contents: dict) -> None:
     """A fresh host sees exactly the points of `contents` and restores each byte-identical."""
-    fresh = Host(root, tmp_path / f"cache-fresh-{os.urandom(4).hex()}")
+    fresh = Host(attach_shared(LocalStore(root), tmp_path / f"cache-{os.urandom(4).hex()}"))
     fresh.repo.refresh()
     assert {p.id for p in fresh.repo.points()} == set(contents)
     for point in fresh.repo.points():
@@ -210,7 +211,7 @@ def test_a_sweep_racing_a_commit_recounts_and_keeps_what_the_commit_uses(hosts, 
 
 def test_gc_and_forget_commands_on_a_shared_repository(tmp_path, capsys):
     root = tmp_path / "repo"
-    host = Host(root, tmp_path / "cache-a", shared_repo(root, root))  # the CLI's cache: root
+    host = Host(shared_repo(root, root))  # the CLI's cache: the repository's directory
     (doomed, kept), contents = backups(host, tmp_path, vms=2, chain=1)
     host.repo.close()
     removed = cli(capsys, "forget", root, doomed.id[:8])
@@ -236,8 +237,7 @@ def test_forget_and_gc_on_s3(seaweedfs, s3_bucket, tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     store = S3Store(f"s3://{s3_bucket}/repo", settings_for(seaweedfs.endpoint))
     first = Repository.create(store, tmp_path / "cache-a", RepoConfig.new(shared=True))
-    a = Host(tmp_path, tmp_path / "cache-a", first)
-    b = Host(tmp_path, tmp_path / "cache-b", attach_shared(store, tmp_path / "cache-b"))
+    a, b = Host(first), Host(attach_shared(store, tmp_path / "cache-b"))
     points, contents = backups(a, tmp_path, vms=2, chain=2)
     forget_points(b.repo, [points[0].id, points[1].id, points[2].id])  # vm0, and vm1's base
     before = pack_bytes(store)
