@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import attach_shared, cli
-from repo_engine.errors import LockedError
+from repo_engine.errors import LockedError, RepoError
 from repo_engine.maintenance.rebuild import unlock
 from repo_engine.repository import leases
 from repo_engine.repository.config import RepoConfig, write_config
@@ -233,3 +233,19 @@ def test_unlock_command_on_a_shared_local_repository(tmp_path, capsys):
         assert {d["kind"] for d in forced["removed"]} == {"lease", "maintenance"}
         assert list_leases(store) == []
     assert unlock(path).removed == []
+
+
+def test_the_lease_duration_comes_from_the_environment(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path / "repo")
+    (tmp_path / "repo").mkdir(mode=0o700)
+    write_config(store, RepoConfig.new(shared=True))
+    monkeypatch.setenv("REPO_ENGINE_LEASE_SECONDS", "30")
+    repo = attach_shared(store, tmp_path / "a")
+    with repo.lock(SHARED, "verify") as held:
+        info = held.leases[0].info
+        assert (leases.datetime.fromisoformat(info.expires)
+                - leases.datetime.fromisoformat(info.started)).total_seconds() == 30
+    for bad in ("soon", "0", "-5"):
+        monkeypatch.setenv("REPO_ENGINE_LEASE_SECONDS", bad)
+        with pytest.raises(RepoError, match=f"REPO_ENGINE_LEASE_SECONDS='{bad}' is not a positive"):
+            attach_shared(store, tmp_path / "b")

@@ -250,3 +250,23 @@ def test_forget_and_gc_on_s3(seaweedfs, s3_bucket, tmp_path, monkeypatch):
     assert gc(a.repo, grace=0).candidates == 0
     a.repo.close()
     b.repo.close()
+
+
+def test_gc_writes_a_checkpoint_and_compacts_the_journal_a_fresh_host_starts_from(
+        hosts, tmp_path, monkeypatch):
+    from repo_engine.repository import checkpoint
+    from repo_engine.repository.journal import RefsOp
+
+    root, a, b = hosts
+    points, contents = backups(a, tmp_path, vms=2, chain=2)
+    forget_points(b.repo, [points[0].id])
+    for _ in range(checkpoint.CHECKPOINT_EVERY):  # other hosts' commits: ref claims
+        b.repo.commit_journal(lambda _seq: [RefsOp(b.repo.index.meta_u64("next_ref"), 1)])
+    store = a.repo.store
+    first = gc(a.repo, grace=0)
+    assert first.checkpoint == head(store) and first.entries_compacted == 0  # an hour first
+    monkeypatch.setattr(checkpoint, "STALE_AFTER", 0.0)
+    second = gc(a.repo, grace=0)
+    assert second.checkpoint == 0 and second.entries_compacted == first.checkpoint
+    assert min(entry_seqs(store), default=first.checkpoint + 1) > first.checkpoint
+    restores_everything(root, tmp_path, {p.id: contents[p.id] for p in points[1:]})

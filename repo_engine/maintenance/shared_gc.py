@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import DamageError
 from ..repository.blockmap import map_object
-from ..repository.checkpoint import newest_checkpoint, write_checkpoint
+from ..repository.checkpoint import checkpoint_due, compact, write_checkpoint
 from ..repository.index import PACK_REC
 from ..repository.journal import PendingPlan, PlanOp, SweepOp, WaitsOp, new_plan_id
 from ..repository.leases import SESSION, LeaseInfo, iso, list_leases, now
@@ -50,7 +50,6 @@ from .gc import GcReport
 from .inventory import MapCache, live_refs, objects_under, scan_refs
 
 DEFAULT_GRACE = 24 * 3600.0
-CHECKPOINT_EVERY = 200  # journal entries between checkpoints
 DELETE_BATCH = 1000  # names per Store.delete: one DeleteObjects request on S3
 
 
@@ -70,6 +69,7 @@ class SharedGcReport(GcReport):
     repack_requests: int = 0
     repack_reclaims_bytes: int = 0
     checkpoint: int = 0
+    entries_compacted: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def _run(repo: Repository, cache: MapCache, report: SharedGcReport, grace: float
             _sweep_ready(repo, cache, report, grace, tick)
     _repack_cost(repo, _mark(repo, cache), report, max_unused)
     report.plans_pending = len(repo.index.pending_plans())
-    report.checkpoint = _checkpoint(repo)
+    _checkpoint(repo, grace, report)
 
 
 # -- the mark ----------------------------------------------------------------------------------
@@ -374,14 +374,15 @@ def _repack_cost(repo: Repository, mark: Mark, report: SharedGcReport,
 
 
 # -- checkpoints -------------------------------------------------------------------------------
-def _checkpoint(repo: Repository) -> int:
-    """Write a checkpoint when CHECKPOINT_EVERY entries were added since the newest one; returns
-    its seq (0: none written)."""
-    head = repo.refresh()
-    if head - (newest_checkpoint(repo.store) or 0) < CHECKPOINT_EVERY:
-        return 0
+def _checkpoint(repo: Repository, grace: float, report: SharedGcReport) -> None:
+    """Write a checkpoint when one is due (checkpoint.py); delete the journal entries the newest
+    checkpoint covers once it is older than the grace period (and the staleness bound)."""
+    repo.refresh()
+    if checkpoint_due(repo.store, repo.index):
+        repo.check_leases()
+        report.checkpoint = write_checkpoint(repo.store, repo.index)
     repo.check_leases()
-    return write_checkpoint(repo.store, repo.index)
+    report.entries_compacted = compact(repo.store, grace)
 
 
 # -- dry run -----------------------------------------------------------------------------------
