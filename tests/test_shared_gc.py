@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from helpers import attach_shared, cli, shared_repo
 from repo_engine import pause
@@ -270,3 +271,48 @@ def test_gc_writes_a_checkpoint_and_compacts_the_journal_a_fresh_host_starts_fro
     assert second.checkpoint == 0 and second.entries_compacted == first.checkpoint
     assert min(entry_seqs(store), default=first.checkpoint + 1) > first.checkpoint
     restores_everything(root, tmp_path, {p.id: contents[p.id] for p in points[1:]})
+
+
+def test_a_gc_that_died_between_plan_and_waits_is_finished_by_the_next(hosts, tmp_path,
+                                                                       monkeypatch):
+    """The next gc waits for every session of its own time instead (any session of the plan's
+    time still running is among them), and sweeps in the same run when there is none."""
+    from repo_engine.maintenance import shared_gc
+
+    _root, a, b = hosts
+    points, _contents = backups(a, tmp_path, vms=2, chain=1)
+
+    def plan_and_die(point) -> None:
+        forget_points(a.repo, [point.id])
+        with monkeypatch.context() as patched:
+            patched.setattr(shared_gc, "_commit_waits", _killed)
+            with pytest.raises(KeyboardInterrupt):
+                gc(a.repo, grace=0)
+        b.repo.refresh()
+        assert [p.leases for p in b.repo.index.pending_plans()] == [None]
+
+    plan_and_die(points[0])
+    before = pack_bytes(a.repo.store)
+    with a.repo.lock(SHARED, "restore vm1") as session:
+        assert gc(b.repo, grace=0).plans_swept == 0
+        assert b.repo.index.pending_plans()[0].leases == [session.leases[0].name]
+    assert gc(b.repo, grace=0).plans_swept == 1 and pack_bytes(a.repo.store) < before
+    plan_and_die(points[1])
+    assert gc(b.repo, grace=0).plans_swept == 1  # no session: swept in the same run
+    assert pack_bytes(a.repo.store) == 0 and b.repo.index.pending_plans() == []
+
+
+def _killed(*_args: object) -> None:
+    raise KeyboardInterrupt  # the process is killed right after the plan's commit
+
+
+def test_gc_dry_run_on_a_shared_repository_commits_nothing(hosts, tmp_path):
+    root, a, _b = hosts
+    (doomed, kept), contents = backups(a, tmp_path, vms=2, chain=1)
+    forget_points(a.repo, [doomed.id])
+    seq, before = head(a.repo.store), pack_bytes(a.repo.store)
+    report = gc(a.repo, grace=0, dry_run=True)
+    assert report.dry_run and report.candidates > 0 and report.planned_packs >= 1
+    assert head(a.repo.store) == seq and pack_bytes(a.repo.store) == before
+    assert a.repo.index.pending_plans() == []
+    restores_everything(root, tmp_path, {kept.id: contents[kept.id]})

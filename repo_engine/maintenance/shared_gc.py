@@ -206,13 +206,14 @@ def _plan_op(repo: Repository, cache: MapCache, listed: _Listed) -> PlanOp:
     return PlanOp(new_plan_id(), iso(now()), refs.astype(np.uint64), dead_packs, maps, objects)
 
 
-def _commit_waits(repo: Repository, plan: PlanOp) -> None:
+def _commit_waits(repo: Repository, plan: PlanOp) -> PendingPlan:
     """The sessions that may have seen the cache before the plan: every lease now in the store
     but this process's own (listed after the plan's commit)."""
     own = {lease.name for held in repo.held for lease in held.leases}
     names = sorted(f.name for f in list_leases(repo.store)
                    if f.info.kind == SESSION and f.name not in own)
     repo.commit_journal(lambda _seq: [WaitsOp(plan.plan, names)])
+    return PendingPlan(plan, names)
 
 
 # -- phase 2: sweep ----------------------------------------------------------------------------
@@ -234,8 +235,7 @@ def _sweep_ready(repo: Repository, cache: MapCache, report: SharedGcReport, grac
     leases = {f.name: f.info for f in list_leases(repo.store)}
     for plan in plans:
         if plan.leases is None:  # a gc died between plan and waits: wait for everyone now
-            _commit_waits(repo, plan.op)
-            continue
+            plan = _commit_waits(repo, plan.op)
         if ready(plan, leases, grace, now()):
             if tick:
                 tick(f"sweeping plan {plan.op.plan}")
