@@ -14,7 +14,7 @@ import pytest
 
 from helpers import attach_shared, cli
 from repo_engine.errors import LockedError, RepoError
-from repo_engine.maintenance.rebuild import unlock
+from repo_engine.maintenance.rebuild import unlock, unlock_shared
 from repo_engine.repository import leases
 from repo_engine.repository.config import RepoConfig, write_config
 from repo_engine.repository.leases import (MAINT, SESSION, Lease, LeaseInfo, LeaseLost,
@@ -249,3 +249,18 @@ def test_the_lease_duration_comes_from_the_environment(tmp_path, monkeypatch):
         monkeypatch.setenv("REPO_ENGINE_LEASE_SECONDS", bad)
         with pytest.raises(RepoError, match=f"REPO_ENGINE_LEASE_SECONDS='{bad}' is not a positive"):
             attach_shared(store, tmp_path / "b")
+
+
+def test_unlock_of_a_shared_repository_in_any_store(store, tmp_path):
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    crashed(store, session_name(), SESSION, "backup image db1")
+    crashed(store, maintenance_name(2), MAINT, "forget")
+    with a.lock(SHARED, "backup image web1") as held:
+        report = unlock_shared(b)
+        assert sorted((d["kind"], d["command"]) for d in report.removed) == [
+            ("lease", "backup image db1"), (MAINTENANCE, "forget")]
+        assert [d["file"] for d in report.kept] == [held.leases[0].name]
+        assert all(d["expires"] for d in report.removed + report.kept)
+        forced = unlock_shared(b, force=True)
+        assert [d["file"] for d in forced.removed] == [held.leases[0].name]
+    assert list_leases(store) == []

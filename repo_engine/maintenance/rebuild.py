@@ -36,6 +36,7 @@ from ..repository.locks import (EXCLUSIVE, SHARED, TORN_HOST, LockInfo, RepoLock
 from ..repository.packs import FinishedPack, PackEntry
 from ..repository.points import read_point
 from ..repository.repo import Repository, check_layout
+from ..repository.store import Store
 from ..repository.store.local import LocalStore
 from .gc import recount
 from .inventory import objects_under
@@ -173,17 +174,27 @@ def unlock(path: Path, *, force: bool = False) -> UnlockReport:
     if not store.exists(CONFIG_NAME):  # a damaged config does not stop unlock; none does
         read_config(store)  # raises NotARepository (or damage: not a regular file)
     check_layout(path)
+    return _unlock(path / "locks", store, force)
+
+
+def unlock_shared(repo: Repository, *, force: bool = False) -> UnlockReport:
+    """`unlock` of a shared repository in any store: this host's stale locks (in its cache
+    directory) and the expired leases of every host (all of both with force)."""
+    return _unlock(repo.locks_dir, repo.store, force)
+
+
+def _unlock(locks_dir: Path, store: Store, force: bool) -> UnlockReport:
     report = UnlockReport()
     # half-created lock files carry no readable holder: test their flock as if they were ours
     this_host = LockInfo(SHARED, socket.gethostname(), -1, "", "")
-    for lock_path in (path / "locks").glob("*.new"):
+    for lock_path in locks_dir.glob("*.new"):
         if is_stale(lock_path, this_host):
             lock_path.unlink(missing_ok=True)
-    for stray in strays(path / "locks"):  # a symlink, FIFO, ...: never a lock, never followed
+    for stray in strays(locks_dir):  # a symlink, FIFO, ...: never a lock, never followed
         stray.unlink(missing_ok=True)
         report.removed.append({"file": stray.name, "kind": "stray", "host": "?", "pid": -1,
                                "command": "not a lock file", "since": ""})
-    for lock_path, info in list_locks(path / "locks"):
+    for lock_path, info in list_locks(locks_dir):
         doc = {"file": lock_path.name, "kind": info.kind, "host": info.host, "pid": info.pid,
                "command": info.command, "since": info.time}
         if force:
