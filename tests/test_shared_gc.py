@@ -316,3 +316,22 @@ def test_gc_dry_run_on_a_shared_repository_commits_nothing(hosts, tmp_path):
     assert head(a.repo.store) == seq and pack_bytes(a.repo.store) == before
     assert a.repo.index.pending_plans() == []
     restores_everything(root, tmp_path, {kept.id: contents[kept.id]})
+
+
+def test_a_gc_that_died_after_its_sweep_entry_leaves_objects_the_next_one_removes(
+        hosts, tmp_path, monkeypatch):
+    from repo_engine.maintenance import shared_gc
+
+    root, a, b = hosts
+    (doomed, kept), contents = backups(a, tmp_path, vms=2, chain=1)
+    forget_points(a.repo, [doomed.id])
+    before = pack_bytes(a.repo.store)
+    with monkeypatch.context() as patched:
+        patched.setattr(shared_gc, "_delete", _killed)
+        with pytest.raises(KeyboardInterrupt):
+            gc(a.repo, grace=0)
+    assert pack_bytes(a.repo.store) == before  # swept in the journal, still in the store
+    again = gc(b.repo, grace=0)
+    assert again.plans_swept == 1 and again.orphan_packs_deleted >= 1
+    assert again.freed_bytes > 0 and pack_bytes(a.repo.store) == before - again.freed_bytes
+    restores_everything(root, tmp_path, {kept.id: contents[kept.id]})
