@@ -335,3 +335,28 @@ def test_a_gc_that_died_after_its_sweep_entry_leaves_objects_the_next_one_remove
     assert again.plans_swept == 1 and again.orphan_packs_deleted >= 1
     assert again.freed_bytes > 0 and pack_bytes(a.repo.store) == before - again.freed_bytes
     restores_everything(root, tmp_path, {kept.id: contents[kept.id]})
+
+
+def test_partly_used_packs_are_kept_and_what_a_repack_would_cost_is_reported(hosts, tmp_path):
+    from repo_engine.maintenance.inventory import scan_refs
+
+    root, a, _b = hosts
+    model = disk(tmp_path, "vm", 11)
+    first = a.backup("vm", model)
+    model.random_changes(8)  # the second point overwrites part of the first's chunks
+    second = a.backup("vm", model)
+    forget_points(a.repo, [first.id])  # the second becomes a full map: part of pack 1 dies
+    with a.repo.index.env.begin() as txn:
+        table = scan_refs(a.repo.index, txn)
+    used = np.isin(table["ref"], map_refs(a.repo, a.repo.points()[0]))
+    first_pack = table["pack"] == table["pack"][table["ref"] == map_refs(a.repo, first)[0]]
+    live = int(table["stored"][first_pack & used].sum())
+    assert 0 < live < int(table["stored"][first_pack].sum())
+    before = pack_bytes(a.repo.store)
+    report = gc(a.repo, grace=0, max_unused=0)
+    assert report.plans_swept == 1 and report.packs_deleted == 0  # nothing dies whole
+    assert (report.repack_packs, report.repack_read_bytes, report.repack_write_bytes) == (
+        1, live, live)
+    assert report.repack_requests == 3  # one GET, one PUT, one DELETE
+    assert pack_bytes(a.repo.store) == before  # a report only: no pack rewritten
+    restores_everything(root, tmp_path, {second.id: model.copy_of_content()})

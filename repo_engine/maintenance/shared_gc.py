@@ -133,7 +133,7 @@ def _mark(repo: Repository, cache: MapCache) -> Mark:
 class _Packs:
     """The packs of the cache: number -> (name, size), and the ref table's pack column."""
 
-    names: dict[int, tuple[str, int]]
+    names: dict[int, tuple[str, int, int]]  # name, size, chunk count
     refs: np.ndarray  # scan_refs rows
 
     @classmethod
@@ -146,12 +146,12 @@ class _Packs:
         return cls(names, table)
 
     def by_name(self) -> dict[str, int]:
-        return {name: number for number, (name, _size) in self.names.items()}
+        return {name: number for number, (name, _size, _count) in self.names.items()}
 
 
-def _pack_fields(raw: bytes) -> tuple[str, int]:
-    name, size, _count = PACK_REC.unpack(raw)
-    return name.hex(), size
+def _pack_fields(raw: bytes) -> tuple[str, int, int]:
+    name, size, count = PACK_REC.unpack(raw)
+    return name.hex(), size, count
 
 
 # -- phase 1: plan -----------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def _plan_op(repo: Repository, cache: MapCache, listed: _Listed) -> PlanOp:
     refs = np.setdiff1d(packs.refs["ref"][dead], doomed)
     live_packs = set(np.unique(packs.refs["pack"][~dead]).tolist())
     taken = {name for p in pending for name in (*p.op.packs, *p.op.maps, *p.op.objects)}
-    dead_packs = sorted(name for number, (name, _) in packs.names.items()
+    dead_packs = sorted(name for number, (name, _, _) in packs.names.items()
                         if number not in live_packs and name not in taken)
     indexed = packs.by_name()
     maps = sorted(n for n in listed.maps if n not in mark.maps and n not in taken)
@@ -343,30 +343,23 @@ def _batches(names: Iterable[str], size: int) -> Iterator[list[str]]:
 def _repack_cost(repo: Repository, mark: Mark, report: SharedGcReport,
                  max_unused: float) -> None:
     """For each pack with live chunks whose unused share of chunk bytes exceeds `max_unused`
-    percent: one ranged GET per run of its live chunks to read (counted as one per pack), the
-    live bytes written again into new packs, and one DELETE batch."""
+    percent: its live bytes read back (one ranged GET per pack, its live chunks coalesced) and
+    written again into new packs, and one DELETE batch for the old ones."""
     packs = _Packs.read(repo)
     table = packs.refs
-    if not len(table):
-        return
-    live = np.isin(table["ref"], mark.refs)
-    stored = table["stored"].astype(np.int64)
-    numbers, inverse = np.unique(table["pack"], return_inverse=True)
-    live_bytes = np.bincount(inverse, weights=stored * live, minlength=len(numbers))
-    all_bytes = np.bincount(inverse, weights=stored, minlength=len(numbers))
-    counts = np.bincount(inverse, minlength=len(numbers))
-    for number, kept, total, count in zip(numbers.tolist(), live_bytes.tolist(),
-                                          all_bytes.tolist(), counts.tolist()):
-        name_size = packs.names.get(number)
-        if name_size is None or not kept or kept == total:
-            continue
-        data = max(name_size[1] - HEADER.size - FOOTER.size - ENTRY.size * count, 1)
-        if (1 - kept / data) * 100 <= max_unused:
+    live = table[np.isin(table["ref"], mark.refs)]
+    numbers, inverse = np.unique(live["pack"], return_inverse=True)
+    live_bytes = np.bincount(inverse, weights=live["stored"].astype(np.float64),
+                             minlength=len(numbers))
+    for number, kept in zip(numbers.tolist(), live_bytes.astype(np.int64).tolist()):
+        _name, size, count = packs.names.get(number, ("", 0, 0))
+        data = max(size - HEADER.size - FOOTER.size - ENTRY.size * count, 1)
+        if not size or (1 - kept / data) * 100 <= max_unused:
             continue
         report.repack_packs += 1
-        report.repack_read_bytes += int(kept)
-        report.repack_write_bytes += int(kept)
-        report.repack_reclaims_bytes += name_size[1] - int(kept)
+        report.repack_read_bytes += kept
+        report.repack_write_bytes += kept
+        report.repack_reclaims_bytes += size - kept
     if report.repack_packs:
         puts = -(-report.repack_write_bytes // repo.config.pack_size)
         deletes = -(-report.repack_packs // DELETE_BATCH)
