@@ -28,6 +28,11 @@ def pack_bytes(store) -> int:
     return sum(info.size for info in store.list("packs/"))
 
 
+def objects(store) -> set[str]:
+    """The names of the store's packs, maps and manifests."""
+    return {i.name for kind in ("packs/", "maps/", "points/") for i in store.list(kind)}
+
+
 def head(store) -> int:
     return max(entry_seqs(store), default=0)
 
@@ -360,3 +365,37 @@ def test_partly_used_packs_are_kept_and_what_a_repack_would_cost_is_reported(hos
     assert report.repack_requests == 3  # one GET, one PUT, one DELETE
     assert pack_bytes(a.repo.store) == before  # a report only: no pack rewritten
     restores_everything(root, tmp_path, {second.id: model.copy_of_content()})
+
+
+def test_gc_checks_its_leases_before_each_batch_of_deletes(hosts, tmp_path, monkeypatch):
+    """After `unlock --force` removed its leases, gc stops before its next batch; what it had
+    not deleted yet, the next gc removes."""
+    from repo_engine.maintenance import shared_gc
+    from repo_engine.repository.leases import LeaseLost, clear_leases
+
+    root, a, b = hosts
+    points, contents = backups(a, tmp_path, vms=3, chain=1)
+    forget_points(a.repo, [points[0].id, points[1].id])
+    store = a.repo.store
+    before, listed = pack_bytes(store), objects(store)
+    delete, batches = store.delete, []
+
+    def forced_unlock_after_one(names):
+        names = list(names)
+        delete(names)
+        if names and not any(n.startswith("leases/") for n in names):  # one of gc's batches
+            batches.append(names)
+            clear_leases(store, force=True)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(shared_gc, "DELETE_BATCH", 1)
+        patched.setattr(store, "delete", forced_unlock_after_one)
+        with pytest.raises(LeaseLost, match="was removed .* this 'gc' stops before it writes"):
+            gc(a.repo, grace=0)
+    assert len(batches) == 1 and len(batches[0]) == 1
+    assert objects(store) == listed - set(batches[0])  # the rest was left for the next gc
+    again = gc(b.repo, grace=0)
+    assert again.plans_swept == 1 and pack_bytes(store) < before
+    assert not any(name.endswith(".point") and points[0].id in name
+                   for name in (i.name for i in store.list("points/")))
+    restores_everything(root, tmp_path, {points[2].id: contents[points[2].id]})

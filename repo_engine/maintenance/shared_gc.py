@@ -29,7 +29,7 @@ plans again.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -323,20 +323,9 @@ def _known(name: str, indexed: dict[str, int], mark: Mark) -> bool:
 
 def _delete(repo: Repository, names: list[str]) -> None:
     """Delete in batches, each after checking that this gc still holds its leases."""
-    for batch in _batches(names, DELETE_BATCH):
+    for start in range(0, len(names), DELETE_BATCH):
         repo.check_leases()
-        repo.store.delete(batch)
-
-
-def _batches(names: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for name in names:
-        batch.append(name)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        repo.store.delete(names[start:start + DELETE_BATCH])
 
 
 # -- report: what a repack would cost --------------------------------------------------------
