@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import blake3
 import numpy as np
 import pytest
 
@@ -97,9 +98,19 @@ def test_replay_applies_each_entry_once_in_order(shared, tmp_path):
     other.close()
 
 
-def test_checkpoint_and_deleted_entries_a_fresh_host_still_rebuilds(shared, tmp_path):
+@pytest.mark.parametrize("batch", [1 << 16, 5])
+def test_checkpoint_and_deleted_entries_a_fresh_host_still_rebuilds(shared, tmp_path,
+                                                                   monkeypatch, batch):
+    monkeypatch.setattr(checkpoint, "BATCH", batch)  # 5: many records of each kind
+    monkeypatch.setattr(checkpoint, "RECORDS_BATCH", min(batch, 1))
     store = LocalStore(tmp_path / "repo")
     kept = [back_up(shared, tmp_path, "vm1", 3), back_up(shared, tmp_path, "vm2", 4)]
+    swept, pending = new_plan_id(), new_plan_id()
+    shared.commit_journal(lambda _seq: [
+        PlanOp(swept, "t", np.zeros(0, np.uint64), [], ["ab" * 32], []),
+        SweepOp(swept, np.zeros(0, np.uint64), [], ["ab" * 32]),
+        PlanOp(pending, "t", np.array([2**40], np.uint64), ["cd" * 32], ["ef" * 32], ["x/y"]),
+        WaitsOp(pending, ["l.lease"])])
     shared.refresh()
     seq = write_checkpoint(store, shared.index)
     store.delete(entry_object(s) for s in range(1, seq + 1))
@@ -108,6 +119,9 @@ def test_checkpoint_and_deleted_entries_a_fresh_host_still_rebuilds(shared, tmp_
     assert host.refresh() == shared.index.journal_seq
     assert [p.id for p in host.points()] == [p.id for p in shared.points()]
     assert host.index.counters() == shared.index.counters()
+    assert [plan_fields(p) for p in host.index.pending_plans()] == \
+        [(pending, "t", [2**40], ["cd" * 32], ["ef" * 32], ["x/y"], ["l.lease"])]
+    assert host.index.doomed_maps({"ab" * 32, "ef" * 32, "12" * 32}) == {"ab" * 32, "ef" * 32}
     for point, content in kept:
         assert restores(host, point, content, tmp_path)
     # it deduplicates against what it loaded from the checkpoint
@@ -131,6 +145,11 @@ def test_compaction_waits_for_the_checkpoint_to_age(shared, tmp_path):
     host = fresh_host(tmp_path)
     assert host.refresh() == seq
     host.close()
+
+
+def plan_fields(plan) -> tuple:
+    op = plan.op
+    return op.plan, op.time, op.refs.tolist(), op.packs, op.maps, op.objects, plan.leases
 
 
 def test_a_stale_host_loads_the_newer_checkpoint(shared, tmp_path):
@@ -277,3 +296,15 @@ def test_a_read_only_index_of_an_earlier_version_still_opens(tmp_path, monkeypat
     again = Index(tmp_path / "index")
     assert again.read_only and again.plans is None and again.points_records() == []
     again.close()
+
+
+def test_a_backup_never_writes_a_map_under_a_name_gc_doomed(shared, tmp_path):
+    from repo_engine.repository.blockmap import encode, map_object
+
+    bmap = BlockMap.full(np.arange(1, 9, dtype=np.uint64))
+    doomed = blake3.blake3(encode(bmap)).hexdigest()
+    shared.commit_journal(lambda _seq: [PlanOp(new_plan_id(), "t", np.zeros(0, np.uint64), [],
+                                               [doomed], [])])
+    name = shared.write_map(bmap)
+    assert name != doomed and not shared.store.exists(map_object(doomed))
+    assert shared.read_map(name).refs.tolist() == list(range(1, 9))

@@ -63,7 +63,8 @@ assert (HEADER.size, RECORD.size) == (16, 16)
 CHECKSUM_SIZE = 32
 REF_ROW = np.dtype([("ref", "<u8"), ("id", "V32"), ("pack", "<u4"), ("offset", "<u8"),
                     ("stored", "<u4"), ("raw", "<u4"), ("codec", "u1"), ("indexed", "u1")])
-BATCH = 1 << 16  # rows or records per frame: bounds memory on both sides
+BATCH = 1 << 16  # rows per frame: bounds memory on both sides (4 MiB of refs)
+RECORDS_BATCH = 1 << 10  # catalog records per frame (a record is up to a few KiB)
 READ_PIECE = 8 << 20
 MAX_FRAME = 1 << 30
 STALE_AFTER = 3600.0
@@ -135,33 +136,33 @@ def write_checkpoint(store: Store, index: Index) -> int:
 
 
 def _write_state(writer: _Writer, index: Index, txn: lmdb.Transaction) -> None:
-    for batch in _batches(txn.cursor(db=index.packs)):
+    for batch in _batches(txn.cursor(db=index.packs), BATCH):
         writer.record(b"PACK", [[PACK_KEY.unpack(k)[0], *_pack_fields(v)] for k, v in batch])
     ids = index.ids
-    for batch in _batches(txn.cursor(db=index.refs)):
+    for batch in _batches(txn.cursor(db=index.refs), BATCH):
         rows = np.zeros(len(batch), REF_ROW)
         for i, (key, raw) in enumerate(batch):
             ref = REF_KEY.unpack(key)[0]
             place = REF_REC.unpack(raw)
             rows[i] = (ref, *place, txn.get(place[0], db=ids) == U64.pack(ref))
         writer.record(b"REFS", {}, rows.tobytes())
-    for batch in _batches(txn.cursor(db=index.points)):
+    for batch in _batches(txn.cursor(db=index.points), RECORDS_BATCH):
         writer.record(b"PNTS", [index.record(k, v) for k, v in batch])
     for plan in index.plans_in(txn):
         op = plan.op
         writer.record(b"PLAN", {"plan": op.plan, "time": op.time, "packs": op.packs,
                                 "maps": op.maps, "objects": op.objects, "leases": plan.leases},
                       np.ascontiguousarray(op.refs, "<u8").tobytes())
-    for batch in _batches(txn.cursor(db=index.sweptmaps)):
+    for batch in _batches(txn.cursor(db=index.sweptmaps), BATCH):
         names = b"".join(k for k, _ in batch)
         writer.record(b"SWPT", {}, names + b"".join(v for _, v in batch))
 
 
-def _batches(cursor: lmdb.Cursor) -> Iterator[list[tuple[bytes, bytes]]]:
+def _batches(cursor: lmdb.Cursor, size: int) -> Iterator[list[tuple[bytes, bytes]]]:
     batch: list[tuple[bytes, bytes]] = []
     for item in cursor:
         batch.append(item)
-        if len(batch) == BATCH:
+        if len(batch) == size:
             yield batch
             batch = []
     if batch:

@@ -96,9 +96,7 @@ class Repository:
             raise NotARepository(f"{path} is not a repo-engine repository (no such directory); "
                                  f"to create one: repo-engine init {path}")
         store = LocalStore(path)
-        config = read_config(store)
-        check_layout(path)
-        return cls(store, config, path)
+        return cls.attach(store, path, read_config(store))
 
     @classmethod
     def create(cls, store: Store, local: Path, config: RepoConfig) -> "Repository":
@@ -116,11 +114,15 @@ class Repository:
     @classmethod
     def attach(cls, store: Store, local: Path, config: RepoConfig) -> "Repository":
         """Open the repository in `store` whose config the caller read; `local` holds this
-        host's files, created when missing (a shared repository's cache starts empty and is
-        filled from the journal by `refresh`)."""
-        make_local(local)
-        if config.shared and not (local / "index" / "data.mdb").exists():
-            Index(local / "index", create=True).close()
+        host's files. A shared repository's are created when missing (its cache starts empty
+        and is filled from the journal by `refresh`); an unshared one's are its store's own
+        directory, checked as `open` checks it."""
+        if not config.shared:
+            check_layout(local)
+        else:
+            make_local(local)
+            if not (local / "index" / "data.mdb").exists():
+                Index(local / "index", create=True).close()
         return cls(store, config, local)
 
     @property
