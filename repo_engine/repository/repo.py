@@ -266,9 +266,7 @@ class Repository:
         caller rewrites that disk as a full map); rewrites a map file gc removed meanwhile.
         `maps`: block maps, by name, that the caller still holds (not read back from disk).
         In a shared repository the commit is a journal entry (`_point_ops` says what it checks)."""
-        known = maps or {}
-        maps = {name: known[name] if name in known else self.read_map(name)
-                for name in {d.map for d in point.disks}}
+        maps = self._maps_of(point, maps or {})
         if self.config.shared:
             self.commit_journal(partial(self._point_ops, point, maps, _Written()))
             return
@@ -282,6 +280,11 @@ class Repository:
                 missing = gone
                 write_map(self.store, maps[gone.name])
         raise missing
+
+    def _maps_of(self, point: PointRecord, known: dict[str, BlockMap]) -> dict[str, BlockMap]:
+        """The block maps `point` names, by name: those in `known`, the others read."""
+        return {name: known[name] if name in known else self.read_map(name)
+                for name in {d.map for d in point.disks}}
 
     def _point_ops(self, point: PointRecord, maps: dict[str, BlockMap], written: "_Written",
                    seq: int) -> list[Op]:
@@ -369,9 +372,7 @@ class Repository:
         consolidated onto new maps, written already; `maps` by name, those the caller holds),
         then the removal of `forgets`. `check(records)` sees the caught-up catalog before each
         attempt and raises to give up (a backup committed a child of a forgotten point)."""
-        known = maps or {}
-        held = [{n: known[n] if n in known else self.read_map(n) for n in {d.map for d in p.disks}}
-                for p in rewrites]
+        held = [self._maps_of(point, maps or {}) for point in rewrites]
         written = [_Written() for _ in rewrites]
 
         def build(seq: int) -> list[Op]:
