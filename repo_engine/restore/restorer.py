@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import queue
 import stat
+import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +18,22 @@ import vddk_ext
 from ..backup.extents import blocks_to_extents
 from ..errors import DamageError, PointNotFound, UsageError
 from ..repository.blockmap import resize
+from ..repository.packs import pack_object
 from ..repository.locks import SHARED
 from ..repository.points import DiskRecord, PointRecord
 from ..repository.repo import Repository
 from ..repository.atomic import fsync_dir
 from ..repository.safefile import kind_of
-from ..repository.store import ObjectMissing
-from .plan import ReadRun, RestorePlan, plan_restore
+from ..repository.store import ObjectDamaged, ObjectMissing, ShortRead
+from ..units import format_size, plural
+from .plan import ReadRun, ReadSettings, RestorePlan, plan_restore
 
 Progress = Callable[[int], None]
 WRITEBACK_BYTES = 256 << 20
+SHOWN_RANGES = 4  # damaged byte ranges a restore error lists (then a count of the others)
+SHOWN_PACKS = 2  # damaged packs it describes
+_REPAIR = ("'repo-engine scrub --repair' finds all damage and heals what the next backup reads "
+           "again")
 
 
 @dataclass
@@ -131,8 +138,20 @@ def _onto_needs_whole(target: Path, base: PointRecord, disk: DiskRecord, force: 
         f"restore; the file becomes {disk.capacity} bytes)")
 
 
-class _RunWriter:
-    """Worker side: read one run, check and write its chunks."""
+@dataclass(frozen=True)
+class _RunDone:
+    """What a worker did with one run: blocks written, and the plan's chunks it could not
+    restore with what is wrong with their pack."""
+
+    pack: str
+    blocks: int
+    damaged: list[int]
+    cause: str | None
+
+
+class _RunReader:
+    """Worker side: read one run, check its chunks, write their blocks. Damage is reported in
+    the result, not raised, so that the restore goes on and names every damaged range."""
 
     def __init__(self, repo: Repository, plan: RestorePlan, device: vddk_ext.Disk,
                  block_size: int) -> None:
@@ -145,41 +164,110 @@ class _RunWriter:
             name = self._names[number] = self.repo.index.pack_info(number).name
         return name
 
-    def __call__(self, run: ReadRun, name: str) -> int:
-        try:  # one read per run: the planner coalesced it (plan.py)
-            span = self.repo.read_chunk_range(name, run.start, run.end - run.start)
-        except ObjectMissing:
-            raise DamageError(f"pack {name} is missing; {len(run.chunks)} chunks of this "
-                              "disk cannot be restored") from None
+    def __call__(self, run: ReadRun, name: str) -> _RunDone:
+        span, whole, cause = self._read(run, name)
+        damaged = list(range(run.first_chunk + whole, run.first_chunk + len(run.chunks)))
         view = memoryview(span)
         written = 0
-        for i, chunk in enumerate(run.chunks):
+        for i, chunk in enumerate(run.chunks[:whole]):
             lo = int(chunk["offset"]) - run.start
-            blob = view[lo:lo + int(chunk["stored"])]
-            data = self.repo.codec.decode(blob, int(chunk["codec"]), int(chunk["raw"]),
-                                          chunk["id"].tobytes(),
-                                          f"pack {name} chunk ref {int(chunk['ref'])}")
             c = run.first_chunk + i
+            try:
+                data = self.repo.codec.decode(view[lo:lo + int(chunk["stored"])],
+                                              int(chunk["codec"]), int(chunk["raw"]),
+                                              chunk["id"].tobytes(),
+                                              f"pack {name} chunk ref {int(chunk['ref'])}")
+            except DamageError as exc:
+                damaged.append(c)
+                cause = cause or str(exc)
+                continue
             blocks = self.plan.blocks_by_chunk[self.plan.bounds[c]:self.plan.bounds[c + 1]]
             self.device.write_blocks(self.bs, blocks, data)
             written += len(blocks)
-        return written
+        return _RunDone(name, written, damaged, cause)
+
+    def _read(self, run: ReadRun, name: str) -> tuple[bytes, int, str | None]:
+        """The run's bytes with one request (the planner coalesced it: plan.py), the number of
+        its chunks they hold whole, and what is wrong with the pack when that is not all."""
+        try:
+            return self.repo.read_chunk_range(name, run.start, run.size), len(run.chunks), None
+        except ShortRead:
+            return self._read_truncated(run, name)
+        except ObjectDamaged as exc:
+            return b"", 0, _pack_damage(name, exc)
+
+    def _read_truncated(self, run: ReadRun, name: str) -> tuple[bytes, int, str]:
+        """A truncated pack: read again the chunks of the run that lie wholly before its end."""
+        try:
+            size = self.repo.store.size(pack_object(name))
+            ends = run.chunks["offset"].astype(np.int64) + run.chunks["stored"]
+            whole = int(np.count_nonzero(ends <= size))  # a prefix: ends never fall in a run
+            cause = f"pack {name} is truncated (it ends at byte {size})"
+            if not whole:
+                return b"", 0, cause
+            return (self.repo.read_chunk_range(name, run.start, int(ends[whole - 1]) - run.start),
+                    whole, cause)
+        except ObjectDamaged as exc:  # changed again meanwhile
+            return b"", 0, _pack_damage(name, exc)
 
 
-def _bounded(pool: ThreadPoolExecutor, fn: Callable, items: list, limit: int) -> Iterator:
-    """pool.map with at most `limit` tasks in flight (bounded memory)."""
-    pending: deque[Future] = deque()
-    for item in items:
-        pending.append(pool.submit(fn, *item))
-        if len(pending) >= limit:
-            yield pending.popleft().result()
-    for fut in pending:
-        yield fut.result()
+def _pack_damage(name: str, exc: ObjectDamaged) -> str:
+    return f"pack {name} is missing" if isinstance(exc, ObjectMissing) else str(exc)
+
+
+class _Budget:
+    """Bytes of reads held at once: taken before a run's request is issued, given back when its
+    chunks are written. One run larger than the whole cap is let through alone."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.used = cap, 0
+        self._changed = threading.Condition()
+
+    def take(self, nbytes: int) -> None:
+        with self._changed:
+            while self.used and self.used + nbytes > self.cap:
+                self._changed.wait()
+            self.used += nbytes
+
+    def give(self, nbytes: int) -> None:
+        with self._changed:
+            self.used -= nbytes
+            self._changed.notify_all()
+
+
+def _completed(pool: ThreadPoolExecutor, fn: Callable, work: Iterable[tuple[int, tuple]],
+               budget: _Budget) -> Iterator:
+    """`fn(*args)` for each `(nbytes, args)` of `work`, results in the order they complete;
+    a task holds `nbytes` of `budget` from before it is submitted until it ends, so the
+    bytes held at once never pass the cap whatever the number of tasks."""
+    done: queue.SimpleQueue[Future] = queue.SimpleQueue()
+    outstanding = 0
+
+    def task(nbytes: int, args: tuple) -> object:
+        try:
+            return fn(*args)
+        finally:
+            budget.give(nbytes)
+
+    try:
+        for nbytes, args in work:
+            budget.take(nbytes)
+            pool.submit(task, nbytes, args).add_done_callback(done.put)
+            outstanding += 1
+            while not done.empty():
+                outstanding -= 1
+                yield done.get().result()
+        for _ in range(outstanding):
+            yield done.get().result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # stop queued runs: the restore failed
+        raise
 
 
 def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *,
                  base: PointRecord | None = None, force: bool = False,
-                 progress: Callable[[int], Progress] | None = None) -> RestoreSummary:
+                 progress: Callable[[int], Progress] | None = None,
+                 reads: ReadSettings = ReadSettings()) -> RestoreSummary:
     """Restore disk KEY of POINT to a new file, a block device, or (with `base`) onto a file that
     holds BASE's image, writing only the blocks that differ."""
     disk = _disk_of(point, key)
@@ -193,7 +281,7 @@ def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *
         try:
             summary = _restore_through(repo, point, disk, refs, device, todo,
                                        fresh=staged is not None, target=str(target),
-                                       progress=progress)
+                                       progress=progress, reads=reads)
         except BaseException:
             if staged is not None:  # a half-written new image must not pass for a restore
                 staged.unlink(missing_ok=True)
@@ -207,7 +295,8 @@ def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *
 
 def restore_to_device(repo: Repository, point: PointRecord, key: str, device: vddk_ext.Disk, *,
                       blocks: np.ndarray | None = None, fresh: bool = False, target: str = "",
-                      progress: Callable[[int], Progress] | None = None) -> RestoreSummary:
+                      progress: Callable[[int], Progress] | None = None,
+                      reads: ReadSettings = ReadSettings()) -> RestoreSummary:
     """Write disk KEY of POINT through an already open `device` (a VDDK disk of a VM, ...):
     the given `blocks`, else every non-zero block when the device reads zero (`fresh`), else
     every block (zero blocks as zeroes). The caller opens, checks and closes the device."""
@@ -216,12 +305,13 @@ def restore_to_device(repo: Repository, point: PointRecord, key: str, device: vd
         refs = repo.resolve(point, key)
         todo = None if blocks is None else np.asarray(blocks, dtype=np.uint64)
         return _restore_through(repo, point, disk, refs, device, todo, fresh=fresh,
-                                target=target or device.path, progress=progress)
+                                target=target or device.path, progress=progress, reads=reads)
 
 
 def _restore_through(repo: Repository, point: PointRecord, disk: DiskRecord, refs: np.ndarray,
                      device: vddk_ext.Disk, todo: np.ndarray | None, *, fresh: bool, target: str,
-                     progress: Callable[[int], Progress] | None) -> RestoreSummary:
+                     progress: Callable[[int], Progress] | None,
+                     reads: ReadSettings) -> RestoreSummary:
     """Write `todo` blocks (default: every non-ZERO block on a `fresh` zeroed target, else every
     block) of the resolved map `refs`, then flush."""
     started = time.monotonic()
@@ -229,34 +319,76 @@ def _restore_through(repo: Repository, point: PointRecord, disk: DiskRecord, ref
         todo = (np.flatnonzero(refs) if fresh else np.arange(len(refs))).astype(np.uint64)
     try:
         with repo.index.reader() as lookup:
-            plan = plan_restore(refs, todo, lookup)
-        written = _write(repo, plan, device, disk, progress)
+            plan = plan_restore(refs, todo, lookup, reads)
+        written, damage = _write(repo, plan, device, disk, progress, reads)
     except DamageError as exc:
         raise DamageError(f"{exc}; disk {disk.key} of point {point.id[:8]} cannot be restored "
-                          "whole: 'repo-engine scrub --repair' finds all damage and heals what "
-                          "the next backup reads again") from None
-    device.flush()
+                          f"whole: {_REPAIR}") from None
+    device.flush()  # also on damage: a device or --onto target keeps every block written
+    if damage.chunks:
+        raise damage.error(plan, point, disk)
     return RestoreSummary(point.id, disk.key, target, disk.capacity, written,
                           len(plan.zero_blocks), len(plan.locations),
                           written * disk.block_size, round(time.monotonic() - started, 3))
 
 
 def _write(repo: Repository, plan: RestorePlan, device: vddk_ext.Disk, disk: DiskRecord,
-           progress: Callable[[int], Progress] | None) -> int:
+           progress: Callable[[int], Progress] | None,
+           reads: ReadSettings) -> tuple[int, _Damage]:
     for offset, length in blocks_to_extents(plan.zero_blocks, disk.block_size, disk.capacity):
         device.write_zeroes(offset, length)
     tick = progress(plan.data_blocks * disk.block_size) if progress else None
-    writer = _RunWriter(repo, plan, device, disk.block_size)
-    work = [(run, writer.pack_name(run.pack)) for run in plan.runs]
-    workers = max(2, os.cpu_count() or 2)
-    written = 0
-    with ThreadPoolExecutor(workers) as pool, _Writeback(device) as writeback:
-        for count in _bounded(pool, writer, work, workers * 2):
-            written += count
-            writeback.wrote(count * disk.block_size)
+    reader = _RunReader(repo, plan, device, disk.block_size)
+    work = [(run.size, (run, reader.pack_name(run.pack))) for run in plan.runs]
+    written, damage = 0, _Damage()
+    with ThreadPoolExecutor(reads.in_flight) as pool, _Writeback(device) as writeback:
+        for done in _completed(pool, reader, work, _Budget(reads.memory)):
+            written += done.blocks
+            damage.add(done)
+            writeback.wrote(done.blocks * disk.block_size)
             if tick:
-                tick(count * disk.block_size)
-    return written
+                tick(done.blocks * disk.block_size)
+    return written, damage
+
+
+@dataclass
+class _Damage:
+    """The chunks a restore could not write, and what is wrong with each pack they are in."""
+
+    chunks: list[int] = field(default_factory=list)
+    causes: dict[str, str] = field(default_factory=dict)
+
+    def add(self, done: _RunDone) -> None:
+        self.chunks += done.damaged
+        if done.cause:
+            self.causes.setdefault(done.pack, done.cause)
+
+    def error(self, plan: RestorePlan, point: PointRecord, disk: DiskRecord) -> RestoreDamaged:
+        """One line: the point, the disk, the byte ranges of the disk hit (a few, and a
+        count) and the damaged packs."""
+        extents = blocks_to_extents(plan.blocks_of(np.asarray(self.chunks, dtype=np.int64)),
+                                    disk.block_size, disk.capacity)
+        ranges = ", ".join(f"[{o}, {o + n})" for o, n in extents[:SHOWN_RANGES])
+        if len(extents) > SHOWN_RANGES:
+            ranges += f" and {len(extents) - SHOWN_RANGES} more"
+        causes = "; ".join(list(self.causes.values())[:SHOWN_PACKS])
+        if len(self.causes) > SHOWN_PACKS:
+            causes += f"; and {plural(len(self.causes) - SHOWN_PACKS, 'more damaged pack')}"
+        lost = sum(n for _, n in extents)
+        return RestoreDamaged(
+            f"disk {disk.key} of point {point.id[:8]} ({point.vm}@{point.time}) cannot be "
+            f"restored whole: {format_size(lost)} of it in {plural(len(extents), 'byte range')} "
+            f"cannot be read, at disk bytes {ranges} ({causes}); {_REPAIR}",
+            point.id, disk.key, extents)
+
+
+class RestoreDamaged(DamageError):
+    """Damaged or missing pack data met by a restore; the byte ranges of the disk it hits
+    (`[offset, length]` pairs) are in `extents`."""
+
+    def __init__(self, message: str, point: str, disk: str, extents: list[list[int]]) -> None:
+        super().__init__(message)
+        self.point, self.disk, self.extents = point, disk, extents
 
 
 class _Writeback:
