@@ -19,13 +19,13 @@ class ReadSettings:
     reads the same way (a pread per request, several threads)."""
 
     in_flight: int = 8  # requests outstanding at once (one thread each)
-    max_request: int = 8 * MIB  # bytes one request may span (one chunk larger than this: alone)
+    max_request: int = 4 * MIB  # bytes one request may span (one chunk larger than this: alone)
     # two chunks of a pack separated by at most this many bytes are read with one request: the
     # gap costs less than another round trip
     max_gap: int = 256 << 10
     # bytes of requests issued whose chunks are not written yet; with the defaults every
     # request in flight may be of the largest size
-    memory: int = 64 * MIB
+    memory: int = 32 * MIB
 
     def __post_init__(self) -> None:
         if self.in_flight < 1 or self.max_request < 1 or self.max_gap < 0:
