@@ -1,4 +1,4 @@
-"""Steps 5-7 of a restore (see the package doc): read, verify, decompress and write; collect damage."""
+"""Steps 5-7 of a restore (see the package doc): read, check, decompress, write, collect damage."""
 
 from __future__ import annotations
 
