@@ -10,6 +10,7 @@ import pytest
 
 from helpers import KIB, MIB, DiskModel, cli, write_extents
 from repo_engine.errors import UsageError
+from repo_engine.repository.blockmap import map_object
 from repo_engine.repository.config import read_config
 from repo_engine.repository.index import LOCATION_DTYPE
 from repo_engine.repository.repo import Repository
@@ -146,3 +147,18 @@ def test_damaged_pack_names_point_disk_and_byte_ranges(two_points, tmp_path, cap
     # the first point does not use the damaged pack: it restores whole
     assert cli(capsys, "restore", path, first.id[:12], "--disk", "sda", "--to",
                tmp_path / "first.img").code == 0
+
+
+def test_missing_block_map_names_point_and_disk(two_points, tmp_path, capsys):
+    path, _model, first, second = two_points
+    name = second.disk("sda").map
+    with Repository.open(path) as repo:
+        repo.store.delete([map_object(name)])
+    result = cli(capsys, "restore", path, second.id[:12], "--disk", "sda",
+                 "--to", tmp_path / "out.img")
+    line = result.err.strip()
+    assert result.code == 3 and "\n" not in line
+    assert f"{name}.map is missing" in line
+    assert f"disk sda of point {second.id[:8]} cannot be restored whole" in line
+    assert cli(capsys, "restore", path, first.id[:12], "--disk", "sda",
+               "--to", tmp_path / "out.img").code == 0

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,10 +273,10 @@ def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *
     holds BASE's image, writing only the blocks that differ."""
     disk = _disk_of(point, key)
     with repo.lock(SHARED, f"restore {point.vm}"):
-        refs = repo.resolve(point, key)
+        refs = _resolve(repo, point, key)
         todo = None
         if base is not None and not _onto_needs_whole(target, base, disk, force):
-            base_refs = resize(repo.resolve(base, _disk_of(base, key).key), len(refs))
+            base_refs = resize(_resolve(repo, base, _disk_of(base, key).key), len(refs))
             todo = np.flatnonzero(refs != base_refs).astype(np.uint64)
         device, staged = _open_target(target, disk.capacity, onto=base is not None, force=force)
         try:
@@ -302,7 +303,7 @@ def restore_to_device(repo: Repository, point: PointRecord, key: str, device: vd
     every block (zero blocks as zeroes). The caller opens, checks and closes the device."""
     disk = _disk_of(point, key)
     with repo.lock(SHARED, f"restore {point.vm}"):
-        refs = repo.resolve(point, key)
+        refs = _resolve(repo, point, key)
         todo = None if blocks is None else np.asarray(blocks, dtype=np.uint64)
         return _restore_through(repo, point, disk, refs, device, todo, fresh=fresh,
                                 target=target or device.path, progress=progress, reads=reads)
@@ -317,19 +318,31 @@ def _restore_through(repo: Repository, point: PointRecord, disk: DiskRecord, ref
     started = time.monotonic()
     if todo is None:
         todo = (np.flatnonzero(refs) if fresh else np.arange(len(refs))).astype(np.uint64)
-    try:
+    with _naming(point, disk.key):
         with repo.index.reader() as lookup:
             plan = plan_restore(refs, todo, lookup, reads)
         written, damage = _write(repo, plan, device, disk, progress, reads)
-    except DamageError as exc:
-        raise DamageError(f"{exc}; disk {disk.key} of point {point.id[:8]} cannot be restored "
-                          f"whole: {_REPAIR}") from None
     device.flush()  # also on damage: a device or --onto target keeps every block written
     if damage.chunks:
         raise damage.error(plan, point, disk)
     return RestoreSummary(point.id, disk.key, target, disk.capacity, written,
                           len(plan.zero_blocks), len(plan.locations),
                           written * disk.block_size, round(time.monotonic() - started, 3))
+
+
+def _resolve(repo: Repository, point: PointRecord, key: str) -> np.ndarray:
+    with _naming(point, key):
+        return repo.resolve(point, key)
+
+
+@contextmanager
+def _naming(point: PointRecord, key: str) -> Iterator[None]:
+    """Damage met (a missing block map, an index entry, ...) also names the point and disk."""
+    try:
+        yield
+    except DamageError as exc:
+        raise DamageError(f"{exc}; disk {key} of point {point.id[:8]} cannot be restored "
+                          f"whole: {_REPAIR}") from None
 
 
 def _write(repo: Repository, plan: RestorePlan, device: vddk_ext.Disk, disk: DiskRecord,
