@@ -100,8 +100,8 @@ def test_several_reads_in_flight(two_points, tmp_path):
 
 @pytest.mark.parametrize("size", [1 * MIB, 8 * MIB])
 def test_bytes_held_stay_under_the_cap_whatever_the_disk_size(tmp_path, size):
-    """Runs of 128 KiB, 8 workers, a cap of 3 runs: three reads are in flight at once (the
-    store holds the first three until they are), never more, and the bytes read and not yet
+    """Runs of up to 128 KiB, 8 workers, a cap of three full runs: three reads are in flight
+    at once (the store holds the first three until they are), and the bytes read and not yet
     written (as the store sees them freed) never pass the cap."""
     rng = np.random.default_rng(size)
     model = DiskModel(tmp_path / "a.img", size, rng)
@@ -112,7 +112,7 @@ def test_bytes_held_stay_under_the_cap_whatever_the_disk_size(tmp_path, size):
     with watched(tmp_path / "repo", gather=3) as repo:
         restore_disk(repo, point, "sda", tmp_path / "out.img",
                      reads=ReadSettings(in_flight=8, max_request=128 * KIB, memory=cap))
-        assert repo.store.most_outstanding == 3
+        assert repo.store.most_outstanding >= 3  # (more when some runs are short)
         assert 0 < repo.store.most_held <= cap
         assert repo.store.held == 0
     assert (tmp_path / "out.img").read_bytes() == bytes(model.content)
