@@ -8,8 +8,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..repository.index import LOCATION_DTYPE, IndexReader
-
-MIB = 1 << 20
+from ..units import MIB
 
 
 @dataclass(frozen=True)
