@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import vddk_ext
 
 from helpers import KIB, MIB, DiskModel, cli, write_extents
 from repo_engine.errors import UsageError
@@ -16,7 +17,7 @@ from repo_engine.repository.index import LOCATION_DTYPE
 from repo_engine.repository.repo import Repository
 from repo_engine.repository.store.local import LocalStore
 from repo_engine.restore.plan import ReadSettings, read_runs
-from repo_engine.restore.restorer import RestoreDamaged, restore_disk
+from repo_engine.restore.restorer import RestoreDamaged, restore_disk, restore_to_device
 from restore_helpers import WatchedStore, backup_image, damage_pack, pack_of_block
 
 BS = 16 * KIB
@@ -162,3 +163,25 @@ def test_missing_block_map_names_point_and_disk(two_points, tmp_path, capsys):
     assert f"disk sda of point {second.id[:8]} cannot be restored whole" in line
     assert cli(capsys, "restore", path, first.id[:12], "--disk", "sda",
                "--to", tmp_path / "out.img").code == 0
+
+
+def test_damage_leaves_every_other_block_written_on_a_device(two_points, tmp_path):
+    """A device (or --onto) target is written in place: the restore goes on past the damaged
+    pack and every block outside the ranges it names holds the point's content."""
+    path, model, _first, second = two_points
+    target = tmp_path / "device.img"
+    target.write_bytes(b"\xaa" * model.capacity)
+    with Repository.open(path) as repo:
+        lost = damage_pack("delete", repo, repo.store, second, pack_of_block(repo, second, 40))
+        with vddk_ext.open_local(str(target), writable=True) as device, \
+                pytest.raises(RestoreDamaged) as raised:
+            restore_to_device(repo, second, "sda", device,
+                              reads=ReadSettings(max_request=64 * KIB))
+    assert raised.value.extents == lost
+    got = np.frombuffer(target.read_bytes(), dtype=np.uint8)
+    want = np.frombuffer(bytes(model.content), dtype=np.uint8)
+    unwritten = np.zeros(len(got), dtype=bool)
+    for offset, length in lost:
+        unwritten[offset:offset + length] = True
+    assert (got[unwritten] == 0xAA).all()
+    assert (got[~unwritten] == want[~unwritten]).all()
