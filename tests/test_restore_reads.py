@@ -119,6 +119,15 @@ def test_bytes_held_stay_under_the_cap_whatever_the_disk_size(tmp_path, size):
     assert (tmp_path / "out.img").read_bytes() == bytes(model.content)
 
 
+def test_blocks_planned_a_slice_at_a_time_restore_whole(two_points, tmp_path):
+    path, model, _first, second = two_points
+    with Repository.open(path) as repo:
+        summary = restore_disk(repo, second, "sda", tmp_path / "out.img",
+                               reads=ReadSettings(plan_blocks=5))
+    assert (tmp_path / "out.img").read_bytes() == bytes(model.content)
+    assert summary.blocks_written == model.capacity // BS
+
+
 @pytest.mark.parametrize("kind", ["delete", "truncate", "flip"])
 def test_damaged_pack_names_point_disk_and_byte_ranges(two_points, tmp_path, capsys, kind):
     path, model, first, second = two_points
@@ -126,10 +135,11 @@ def test_damaged_pack_names_point_disk_and_byte_ranges(two_points, tmp_path, cap
         victim = pack_of_block(repo, second, 3)
         lost = damage_pack(kind, repo, repo.store, second, victim)
         assert lost and (kind == "flip" or len(lost) > 1)
-        with pytest.raises(RestoreDamaged) as raised:
-            restore_disk(repo, second, "sda", tmp_path / "out.img",
-                         reads=ReadSettings(max_request=64 * KIB))
-        assert raised.value.extents == lost
+        for plan_blocks in (ReadSettings().plan_blocks, 5):  # ranges across slices too
+            with pytest.raises(RestoreDamaged) as raised:
+                restore_disk(repo, second, "sda", tmp_path / "out.img",
+                             reads=ReadSettings(max_request=64 * KIB, plan_blocks=plan_blocks))
+            assert raised.value.extents == lost
         assert (raised.value.point, raised.value.disk) == (second.id, "sda")
     assert not (tmp_path / "out.img").exists()
 
@@ -176,7 +186,7 @@ def test_damage_leaves_every_other_block_written_on_a_device(two_points, tmp_pat
         with vddk_ext.open_local(str(target), writable=True) as device, \
                 pytest.raises(RestoreDamaged) as raised:
             restore_to_device(repo, second, "sda", device,
-                              reads=ReadSettings(max_request=64 * KIB))
+                              reads=ReadSettings(max_request=64 * KIB, plan_blocks=7))
     assert raised.value.extents == lost
     got = np.frombuffer(target.read_bytes(), dtype=np.uint8)
     want = np.frombuffer(bytes(model.content), dtype=np.uint8)

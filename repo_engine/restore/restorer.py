@@ -157,13 +157,6 @@ class _RunReader:
     def __init__(self, repo: Repository, plan: RestorePlan, device: vddk_ext.Disk,
                  block_size: int) -> None:
         self.repo, self.plan, self.device, self.bs = repo, plan, device, block_size
-        self._names: dict[int, str] = {}
-
-    def pack_name(self, number: int) -> str:
-        name = self._names.get(number)
-        if name is None:
-            name = self._names[number] = self.repo.index.pack_info(number).name
-        return name
 
     def __call__(self, run: ReadRun, name: str) -> _RunDone:
         span, whole, cause = self._read(run, name)
@@ -314,20 +307,27 @@ def _restore_through(repo: Repository, point: PointRecord, disk: DiskRecord, ref
                      progress: Callable[[int], Progress] | None,
                      reads: ReadSettings) -> RestoreSummary:
     """Write `todo` blocks (default: every non-ZERO block on a `fresh` zeroed target, else every
-    block) of the resolved map `refs`, then flush."""
+    block) of the resolved map `refs`, then flush. The blocks are planned and written
+    `reads.plan_blocks` at a time, so that the plan's memory does not grow with the disk (a
+    chunk that blocks of two slices share is read twice)."""
     started = time.monotonic()
     if todo is None:
         todo = (np.flatnonzero(refs) if fresh else np.arange(len(refs))).astype(np.uint64)
-    with _naming(point, disk.key):
-        with repo.index.reader() as lookup:
-            plan = plan_restore(refs, todo, lookup, reads)
-        written, damage = _write(repo, plan, device, disk, progress, reads)
+    data_bytes = int(np.count_nonzero(refs[todo])) * disk.block_size
+    with _naming(point, disk.key), _Writeback(device) as writeback:
+        writer = _Writer(repo, device, disk, reads, writeback,
+                         progress(data_bytes) if progress else None)
+        for lo in range(0, len(todo), reads.plan_blocks):
+            with repo.index.reader() as lookup:
+                plan = plan_restore(refs, todo[lo:lo + reads.plan_blocks], lookup, reads)
+            writer.write(plan)
     device.flush()  # also on damage: a device or --onto target keeps every block written
-    if damage.chunks:
-        raise damage.error(plan, point, disk)
-    return RestoreSummary(point.id, disk.key, target, disk.capacity, written,
-                          len(plan.zero_blocks), len(plan.locations),
-                          written * disk.block_size, round(time.monotonic() - started, 3))
+    if writer.damage.blocks:
+        raise writer.damage.error(point, disk)
+    return RestoreSummary(point.id, disk.key, target, disk.capacity, writer.written,
+                          writer.zero_blocks, writer.chunks_read,
+                          writer.written * disk.block_size,
+                          round(time.monotonic() - started, 3))
 
 
 def _resolve(repo: Repository, point: PointRecord, key: str) -> np.ndarray:
@@ -345,42 +345,58 @@ def _naming(point: PointRecord, key: str) -> Iterator[None]:
                           f"whole: {_REPAIR}") from None
 
 
-def _write(repo: Repository, plan: RestorePlan, device: vddk_ext.Disk, disk: DiskRecord,
-           progress: Callable[[int], Progress] | None,
-           reads: ReadSettings) -> tuple[int, _Damage]:
-    for offset, length in blocks_to_extents(plan.zero_blocks, disk.block_size, disk.capacity):
-        device.write_zeroes(offset, length)
-    tick = progress(plan.data_blocks * disk.block_size) if progress else None
-    reader = _RunReader(repo, plan, device, disk.block_size)
-    work = [(run.size, (run, reader.pack_name(run.pack))) for run in plan.runs]
-    written, damage = 0, _Damage()
-    with ThreadPoolExecutor(reads.in_flight) as pool, _Writeback(device) as writeback:
-        for done in _completed(pool, reader, work, _Budget(reads.memory)):
-            written += done.blocks
-            damage.add(done)
-            writeback.wrote(done.blocks * disk.block_size)
-            if tick:
-                tick(done.blocks * disk.block_size)
-    return written, damage
+class _Writer:
+    """Main side: writes the plans of one disk's restore through one device and adds up what
+    was written and the damage met."""
+
+    def __init__(self, repo: Repository, device: vddk_ext.Disk, disk: DiskRecord,
+                 reads: ReadSettings, writeback: _Writeback, tick: Progress | None) -> None:
+        self.repo, self.device, self.disk, self.reads = repo, device, disk, reads
+        self.writeback, self.tick = writeback, tick
+        self.written = self.zero_blocks = self.chunks_read = 0
+        self.damage = _Damage()
+        self._names: dict[int, str] = {}
+
+    def write(self, plan: RestorePlan) -> None:
+        bs = self.disk.block_size
+        for offset, length in blocks_to_extents(plan.zero_blocks, bs, self.disk.capacity):
+            self.device.write_zeroes(offset, length)
+        reader = _RunReader(self.repo, plan, self.device, bs)
+        work = [(run.size, (run, self._pack_name(run.pack))) for run in plan.runs]
+        damaged: list[int] = []
+        with ThreadPoolExecutor(self.reads.in_flight) as pool:
+            for done in _completed(pool, reader, work, _Budget(self.reads.memory)):
+                self.written += done.blocks
+                damaged += done.damaged
+                if done.cause:
+                    self.damage.causes.setdefault(done.pack, done.cause)
+                self.writeback.wrote(done.blocks * bs)
+                if self.tick:
+                    self.tick(done.blocks * bs)
+        if damaged:
+            self.damage.blocks.append(plan.blocks_of(np.asarray(damaged, dtype=np.int64)))
+        self.zero_blocks += len(plan.zero_blocks)
+        self.chunks_read += len(plan.locations)
+
+    def _pack_name(self, number: int) -> str:
+        name = self._names.get(number)
+        if name is None:
+            name = self._names[number] = self.repo.index.pack_info(number).name
+        return name
 
 
 @dataclass
 class _Damage:
-    """The chunks a restore could not write, and what is wrong with each pack they are in."""
+    """The blocks a restore could not write, and what is wrong with each pack they are in."""
 
-    chunks: list[int] = field(default_factory=list)
+    blocks: list[np.ndarray] = field(default_factory=list)
     causes: dict[str, str] = field(default_factory=dict)
 
-    def add(self, done: _RunDone) -> None:
-        self.chunks += done.damaged
-        if done.cause:
-            self.causes.setdefault(done.pack, done.cause)
-
-    def error(self, plan: RestorePlan, point: PointRecord, disk: DiskRecord) -> RestoreDamaged:
+    def error(self, point: PointRecord, disk: DiskRecord) -> RestoreDamaged:
         """One line: the point, the disk, the byte ranges of the disk hit (a few, and a
         count) and the damaged packs."""
-        extents = blocks_to_extents(plan.blocks_of(np.asarray(self.chunks, dtype=np.int64)),
-                                    disk.block_size, disk.capacity)
+        extents = blocks_to_extents(np.sort(np.concatenate(self.blocks)), disk.block_size,
+                                    disk.capacity)
         ranges = ", ".join(f"[{o}, {o + n})" for o, n in extents[:SHOWN_RANGES])
         if len(extents) > SHOWN_RANGES:
             ranges += f" and {len(extents) - SHOWN_RANGES} more"
