@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import KIB, MIB, DiskModel, attach_shared, shared_repo
+from helpers import MIB, DiskModel, attach_shared, shared_repo
 from repo_engine.backup.job import BackupOptions, backup_vm
 from repo_engine.repository.index import ParentGone
 from repo_engine.repository.journal import entry_object, read_entry

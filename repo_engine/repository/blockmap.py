@@ -39,9 +39,10 @@ from .safefile import MAP_MAX, checked_name
 from .store import Store
 
 FULL, DELTA = 0, 1
-HEAD = struct.Struct("<B7sQQ")
+HEAD = struct.Struct("<B7xQQ")  # as read: the salt is skipped
+SALTED_HEAD = struct.Struct("<B7sQQ")  # as written
 SALT_SIZE = 7
-assert HEAD.size == 24
+assert HEAD.size == SALTED_HEAD.size == 24
 U64 = np.dtype("<u8")
 # a zstd block regenerates at most 128 KiB from at least 4 bytes (3-byte header, 1 RLE byte): a
 # header claiming more entries than the frame can hold is damage, caught before allocating them
@@ -106,11 +107,11 @@ def encode(bmap: BlockMap, salt: bytes = b"") -> bytes:
              for a in arrays]
     body = b"".join(parts) + compressor.flush()
     fmt = SALTED_BLOCK_MAP if salt else BLOCK_MAP
-    return seal(fmt, HEAD.pack(bmap.kind, salt, bmap.nblocks, len(bmap.refs)) + body)
+    return seal(fmt, SALTED_HEAD.pack(bmap.kind, salt, bmap.nblocks, len(bmap.refs)) + body)
 
 
 def decode(payload: bytes, what: str) -> BlockMap:
-    kind, _salt, nblocks, count = HEAD.unpack_from(payload)
+    kind, nblocks, count = HEAD.unpack_from(payload)
     if (kind not in (FULL, DELTA) or (kind == FULL and count != nblocks) or count > nblocks
             or nblocks > MAX_BLOCKS):
         raise DamageError(f"{what}: block map header is inconsistent")
