@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers import MIB, CliResult, DiskModel, cli, restore_bytes
+from race import Command
 from s3cli import assert_one_line_error, bucket_objects, s3_environment
 from s3proxy import FaultProxy
 from s3server import SECRET_KEY, admin_client, free_ports
@@ -199,3 +201,23 @@ def test_init_shared_local_directory(tmp_path, capsys):
         rebuilt = ok(capsys, "rebuild-index", repo, "--cache-dir", tmp_path / host, "--json")
         assert rebuilt.json()["points"] == 1
     assert not (repo / "index").exists() and not (repo / "locks").exists()  # hosts' caches
+
+
+def test_unlock_removes_what_a_killed_backup_left(tmp_path, capsys, monkeypatch, seaweedfs,
+                                                  s3_bucket, s3_repo):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", seaweedfs.endpoint)
+    monkeypatch.setenv("REPO_ENGINE_LEASE_SECONDS", "1")
+    ok(capsys, "init", s3_repo)
+    model = disk(tmp_path, 3)
+    cmd = Command(tmp_path, "backup", "image", s3_repo, "--vm", "web1", "--disk",
+                  f"sda={model.path}", pauses=("backup.before_commit",))
+    assert cmd.reached("backup.before_commit")
+    cmd.proc.kill()
+    cmd.finish()
+    assert bucket_objects(seaweedfs, s3_bucket, "site1/repo/leases/")
+    time.sleep(1.1)  # its lease expired
+    out = ok(capsys, "unlock", s3_repo).out
+    assert 'removed the lease of "backup web1"' in out
+    assert 'lock of "backup web1"' in out  # this host's lock file, in its cache
+    assert not bucket_objects(seaweedfs, s3_bucket, "site1/repo/leases/")
+    ok(capsys, "backup", "image", s3_repo, "--vm", "web1", "--disk", f"sda={model.path}")

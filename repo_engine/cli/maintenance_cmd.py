@@ -466,15 +466,16 @@ def unlock(repo: RepoAddress, force: bool, as_json: bool) -> None:
     Example:
       repo-engine unlock /backup/repo
     """
-    from ..errors import UsageError
     from ..maintenance.rebuild import unlock as run_unlock
+    from ..maintenance.rebuild import unlock_shared
     from ..units import plural
 
     path = _unshared_directory(repo)
-    if path is None:
-        raise UsageError(f"unlock of a shared repository ({repo.location}) is not supported by "
-                         "this version")
-    report = run_unlock(path, force=force)
+    if path is None:  # this host's locks in its cache, every host's leases in the store
+        with repo.open() as repository:
+            report = unlock_shared(repository, force=force)
+    else:
+        report = run_unlock(path, force=force)
     if as_json:
         emit_json(report)
         return
