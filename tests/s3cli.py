@@ -1,17 +1,21 @@
 """What the tests of `repo-engine` on an `s3://` repository share: the environment a command finds
 (credentials and endpoint by the AWS conventions, fast retries in the settings file, caches and
 spool files under the test's directory), real `repo-engine` processes, the objects in a bucket,
-and which packs in a bucket no catalogued point uses."""
+and the objects of a repository that no catalogued point uses."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from helpers import CliResult
+from repo_engine.cli.main import run
 from race import GIVE_UP
 from s3server import ACCESS_KEY, SECRET_KEY, SeaweedServer, admin_client
 
@@ -46,6 +50,14 @@ def repo_engine(*args: object) -> CliResult:
     return CliResult(done.returncode, done.stdout, done.stderr)
 
 
+def in_process(*args: object) -> CliResult:
+    """`repo-engine ARGS` run in this process (a second faster than a process of its own)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = run([str(a) for a in args])
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
 def assert_one_line_error(result: CliResult, code: int = 1) -> str:
     assert result.code == code, (result.out, result.err)
     assert result.err.startswith("repo-engine: error: ") and result.err.count("\n") == 1, \
@@ -60,17 +72,29 @@ def bucket_objects(server: SeaweedServer, bucket: str, prefix: str) -> dict[str,
     return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
 
 
-def dead_packs(location: str, cache: Path) -> list[str]:
-    """Packs in the store of the repository at `location` holding no chunk a catalogued point
-    uses (read through a cache of its own in `cache`): what gc, which drops whole dead packs,
-    must have removed."""
+@dataclass
+class Leftovers:
+    """Objects in a repository's store that no catalogued point uses."""
+
+    packs: list[str]  # packs holding no chunk a point uses (gc drops whole dead packs)
+    maps: list[str]
+    manifests: list[str]
+
+
+def leftovers(location: str, cache: Path) -> Leftovers:
+    """What gc must have removed from the repository at `location`, read through a cache of its
+    own in `cache` (a host that never saw the repository: everything comes from the store)."""
     from repo_engine.maintenance.inventory import objects_under
     from repo_engine.repository.location import open_repository
     from repo_engine.repository.locks import SHARED
 
     with open_repository(location, cache_dir=cache) as repo, repo.lock(SHARED, "test"):
+        points = repo.points()
         live = [np.unique(repo.resolve(point, disk.key))
-                for point in repo.points() for disk in point.disks]
+                for point in points for disk in point.disks]
         used = np.unique(np.concatenate(live)) if live else np.zeros(0, np.uint64)
-        return sorted(name for name in objects_under(repo, "packs")
-                      if not np.isin(repo.read_trailer(name)["ref"], used).any())
+        packs = [name for name in objects_under(repo, "packs")
+                 if not np.isin(repo.read_trailer(name)["ref"], used).any()]
+        maps = set(objects_under(repo, "maps")) - {d.map for p in points for d in p.disks}
+        manifests = set(objects_under(repo, "points")) - {p.id for p in points}
+        return Leftovers(sorted(packs), sorted(maps), sorted(manifests))
