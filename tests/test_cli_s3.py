@@ -203,6 +203,23 @@ def test_init_shared_local_directory(tmp_path, capsys):
     assert not (repo / "index").exists() and not (repo / "locks").exists()  # hosts' caches
 
 
+def test_commands_name_points_another_host_stored(tmp_path, capsys):
+    """forget and protect find a point before they lock: in a cache brought up to date."""
+    repo, host = tmp_path / "repo", ("--cache-dir", tmp_path / "host1")
+    ok(capsys, "init", repo, "--shared", *host)
+    model = disk(tmp_path, 4, size=MIB)
+    ids = []
+    for _ in range(2):
+        model.random_changes(2)
+        ids.append(ok(capsys, "backup", "image", repo, *host, "--vm", "v", "--disk",
+                      f"d={model.path}", "--json").json()["point"]["id"])
+    ok(capsys, "protect", repo, ids[0][:8], "--cache-dir", tmp_path / "host2")
+    ok(capsys, "unprotect", repo, ids[0][:8], "--cache-dir", tmp_path / "host3")
+    ok(capsys, "forget", repo, ids[0][:8], "--cache-dir", tmp_path / "host4")
+    points = ok(capsys, "points", repo, *host, "--json").json()["points"]
+    assert [p["id"] for p in points] == ids[1:]
+
+
 def test_unlock_removes_what_a_killed_backup_left(tmp_path, capsys, monkeypatch, seaweedfs,
                                                   s3_bucket, s3_repo):
     monkeypatch.setenv("AWS_ENDPOINT_URL", seaweedfs.endpoint)

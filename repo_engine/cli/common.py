@@ -93,12 +93,14 @@ def emit_json(doc: object = None, **fields: object) -> None:
 def open_repo(address: RepoAddress, shared: str | None = None) -> Iterator[Repository]:
     """The repository at `address`; with `shared` (the command's name), under a shared lock
     taken before anything is read, so that gc waits for the command and rebuild-index excludes
-    it."""
+    it. Without, the command takes its own locks later: a shared repository's cache is brought
+    up to date first, for what the command reads before (the points a forget names)."""
     from ..repository.locks import SHARED
 
     repo = address.open()
     try:
         if shared is None:
+            repo.refresh()
             yield repo
         else:
             with repo.lock(SHARED, shared):
