@@ -29,6 +29,7 @@ import pytest
 ACCESS_KEY = "repoengineaccess"
 SECRET_KEY = "repoenginesecret0123456789"
 START_TIMEOUT = 60.0
+RESTARTS, RESTART_CHECK = 4, 0.5  # a restarted volume server still running after RESTART_CHECK s is waited for
 # -name value flags that each need a port of their own; everything else this server could open is
 # switched off (iceberg, lance) or not started.
 PORT_FLAGS = (
@@ -103,22 +104,32 @@ class SeaweedServer:
         self._wait_ready()
 
     def start_volume(self) -> None:
+        self._spawn_volume()
+        self._wait_ready()
+
+    def _spawn_volume(self) -> None:
         (self.workdir / "volume").mkdir(exist_ok=True)
         p = self.ports
         self.volume = self._spawn([
             "volume", f"-dir={self.workdir / 'volume'}", "-ip=127.0.0.1", "-max=0",
             f"-port={p['volume.port']}", f"-port.grpc={p['volume.port.grpc']}",
             "-preStopSeconds=0", f"-master=127.0.0.1:{p['master.port']}.{p['master.port.grpc']}"])
-        self._wait_ready()
 
     def kill_volume(self) -> None:
         """Kill the separate volume server at once, as a crash would."""
         _kill(self.volume, signal.SIGKILL)
 
     def restart_volume(self) -> None:
-        """Start the separate volume server again (on its data), after `kill_volume`."""
+        """Start the separate volume server again (on its data), after `kill_volume`. On a busy
+        machine a volume server started right after the kill can exit at once (the master has
+        not let go of the killed one yet): it is started again, a few times."""
         _kill(self.volume, signal.SIGKILL)
-        self.start_volume()
+        for _attempt in range(RESTARTS):
+            self._spawn_volume()
+            time.sleep(RESTART_CHECK)
+            if self.volume.poll() is None:
+                break
+        self._wait_ready()
 
     def stop(self) -> None:
         # A throwaway server: it takes 15 s to shut down politely, and nothing of it is kept.
