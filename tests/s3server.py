@@ -29,7 +29,8 @@ import pytest
 ACCESS_KEY = "repoengineaccess"
 SECRET_KEY = "repoenginesecret0123456789"
 START_TIMEOUT = 60.0
-RESTARTS, RESTART_CHECK = 4, 0.5  # a restarted volume server still running after RESTART_CHECK s is waited for
+# a restarted volume server still running after RESTART_CHECK seconds is waited for
+RESTARTS, RESTART_CHECK = 4, 0.5
 # -name value flags that each need a port of their own; everything else this server could open is
 # switched off (iceberg, lance) or not started.
 PORT_FLAGS = (

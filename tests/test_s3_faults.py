@@ -1,9 +1,9 @@
 """The S3 server fails in the middle of a command, run as a real `repo-engine` process: its volume
 server (SeaweedFS's data) is killed while a backup or a restore runs, and a gc loses its
-connection to the server (tests/s3proxy.py) between committing a sweep and deleting. Each command ends with one
-clear line (exit code 1, no damage claimed), a failed backup stores no point, a failed restore
-leaves no file at its target, gc cleans up what the failed backup left, and once the server is
-back the same command succeeds."""
+connection to the server (tests/s3proxy.py) between committing a sweep and deleting. Each
+command ends with one clear line (exit code 1, no damage claimed), a failed backup stores no
+point, a failed restore leaves no file at its target, a later gc deletes what the failed backup
+or gc left, and once the server is back the same command succeeds."""
 
 from __future__ import annotations
 
