@@ -159,6 +159,10 @@ class SeaweedServer:
         (self.workdir / "security.toml").write_text(
             '[jwt.filer_signing]\nkey = "repo-engine-tests-filer-signing-key"\n'
             "expires_after_seconds = 60\n")
+        # Each bucket is a collection with volumes of its own, by default grown 7 at a time: a
+        # session's hundred buckets would use up the volumes the server allows itself.
+        (self.workdir / "master.toml").write_text(
+            "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n")
         if not self.certificate.exists():
             subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                             "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
