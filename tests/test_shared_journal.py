@@ -202,7 +202,7 @@ def test_rebuild_index_of_a_shared_repository_reads_no_pack_and_no_map(shared, t
     store = LocalStore(tmp_path / "repo")
     points = [back_up(shared, tmp_path, "vm", seed) for seed in (9, 10)]
     shared.refresh()
-    write_checkpoint(store, shared.index)
+    seq = write_checkpoint(store, shared.index)
     points.append(back_up(shared, tmp_path, "vm", 11))
     counting = CountingStore(tmp_path / "repo")
     host = attach_shared(counting, tmp_path / "cache-b")
@@ -210,6 +210,7 @@ def test_rebuild_index_of_a_shared_repository_reads_no_pack_and_no_map(shared, t
     report = rebuild_cache(host)
     assert set(counting.reads) <= {"journal", "config"} and counting.reads["journal"] > 0
     assert report.points == 3 and report.journal_seq == shared.index.journal_seq
+    assert report.checkpoint == seq
     for point, content in points:
         assert restores(host, point, content, tmp_path)
     host.close()

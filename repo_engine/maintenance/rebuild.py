@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LockedError, RepoError
-from ..repository.checkpoint import catch_up
+from ..repository.checkpoint import catch_up, newest_checkpoint
 from ..repository.config import CONFIG_NAME, read_config
 from ..repository.index import Index
 from ..repository.locks import (EXCLUSIVE, SHARED, TORN_HOST, LockInfo, RepoLock, is_stale,
@@ -51,7 +51,18 @@ class RebuildReport:
     unreadable_manifests: list[str] = field(default_factory=list)
     recount: dict = field(default_factory=dict)
     seconds: float = 0.0
-    journal_seq: int = 0  # a shared repository: the journal entry the new cache holds
+
+
+@dataclass
+class CacheReport:
+    """What `rebuild_cache` built: the cache holds journal entries up to `journal_seq`."""
+
+    journal_seq: int = 0
+    checkpoint: int | None = None  # the checkpoint it started from
+    packs: int = 0
+    chunks: int = 0
+    points: int = 0
+    seconds: float = 0.0
 
 
 def rebuild_index(path: Path) -> RebuildReport:
@@ -76,11 +87,11 @@ def rebuild_index(path: Path) -> RebuildReport:
     return report
 
 
-def rebuild_cache(repo: Repository) -> RebuildReport:
+def rebuild_cache(repo: Repository) -> CacheReport:
     """rebuild-index of a shared repository: this host's cache anew from the store's newest
     checkpoint and the journal entries after it, under this host's exclusive lock."""
     started = time.monotonic()
-    report = RebuildReport()
+    report = CacheReport(checkpoint=newest_checkpoint(repo.store))
     with RepoLock(repo.locks_dir, EXCLUSIVE, "rebuild-index"):
         work = repo.path / f"index.rebuild-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
