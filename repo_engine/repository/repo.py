@@ -250,12 +250,10 @@ class Repository:
         to the new one's. Raises ParentGone when a disk's parent left the catalog meanwhile (the
         caller rewrites that disk as a full map); rewrites a map file gc removed meanwhile.
         `maps`: block maps, by name, that the caller still holds (not read back from disk).
-        In a shared repository the commit is a journal entry (`_point_ops` says what it checks)."""
-        known = maps or {}
-        maps = {name: known[name] if name in known else self.read_map(name)
-                for name in {d.map for d in point.disks}}
+        In a shared repository the commit is a journal entry (`point_ops` says what it checks)."""
+        maps = self.maps_of(point, maps)
         if self.config.shared:
-            self.commit_journal(partial(self._point_ops, point, maps, _Written()))
+            self.commit_journal(partial(self.point_ops, point, maps, written=_Written()))
             return
         refs = {name: unique_refs(bmap) for name, bmap in maps.items()}
         for _attempt in range(10):
@@ -268,12 +266,22 @@ class Repository:
                 write_map(self.store, maps[gone.name])
         raise missing
 
-    def _point_ops(self, point: PointRecord, maps: dict[str, BlockMap], written: "_Written",
-                   seq: int) -> list[Op]:
-        """The journal commit of `point` at `seq`, with the cache caught up to seq - 1: every
-        parent still catalogued (else ParentGone), no map gc doomed or deleted (such a map is
-        written again, salted when doomed), no ref swept (the backup stalled past its lease);
-        then the manifest, with the point's commit sequence, durable before the entry."""
+    def maps_of(self, point: PointRecord,
+                known: dict[str, BlockMap] | None = None) -> dict[str, BlockMap]:
+        """Every block map `point` names, by name: from `known`, else read from the store."""
+        known = known or {}
+        return {name: known[name] if name in known else self.read_map(name)
+                for name in {d.map for d in point.disks}}
+
+    def point_ops(self, point: PointRecord, maps: dict[str, BlockMap], seq: int, *,
+                  written: "_Written | None" = None) -> list[Op]:
+        """The journal ops that commit `point` (new, or rewritten) at `seq`, with the cache caught
+        up to seq - 1, for `commit_journal` (maintenance may put them in one entry with others):
+        checks every parent still catalogued (else ParentGone), no map gc doomed or deleted
+        (such a map is written again, salted when doomed: `point` and `maps`, from `maps_of`,
+        are updated), no ref swept (the backup stalled past its lease); then writes the manifest
+        with the point's commit sequence (`written`: skipped when written with it already)."""
+        written = written or _Written()
         catalog = {r["id"]: r for r in self.index.points_records()}
         gone = {d.parent for d in point.disks if d.parent} - set(catalog)
         if gone:
