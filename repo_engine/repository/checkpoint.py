@@ -36,11 +36,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import socket
 import struct
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-import socket
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,12 +50,12 @@ import numpy as np
 import zstandard
 
 from ..errors import DamageError
+from .atomic import write_all
 from .formats import CHECKPOINT
 from .index import (COUNTERS, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index, PendingPlan,
                     encode_record)
 from .journal import PREFIX, Entry, PlanOp, entry_object, entry_seqs, read_entry
 from .points import PointRecord
-from .atomic import write_all
 from .safefile import FILE_MODE
 from .store import ObjectExists, Store
 
