@@ -158,6 +158,21 @@ def test_lmdb_meta_layout(tmp_path):
     check_data_file(tmp_path / "data.mdb")
 
 
+def test_lease_record_golden(tmp_path):
+    from repo_engine.repository.leases import LeaseInfo, read_lease, write_lease
+
+    store = LocalStore(tmp_path)
+    info = LeaseInfo("session", "h1", 7, "gc", "2026-11-30T00:00:00.000000Z",
+                     "2026-11-30T00:10:00.000000Z", "00112233aabbccdd")
+    write_lease(store, "leases/h1-7-01234567.lease", info)
+    data = (tmp_path / "leases" / "h1-7-01234567.lease").read_bytes()
+    assert data[:12].hex() == "52456c736500011a" "0100" "0000"
+    assert data[24:-32] == (b'{"kind": "session", "host": "h1", "pid": 7, "command": "gc", '
+                            b'"started": "2026-11-30T00:00:00.000000Z", "expires": '
+                            b'"2026-11-30T00:10:00.000000Z", "token": "00112233aabbccdd"}')
+    assert read_lease(store, "leases/h1-7-01234567.lease") == info
+
+
 def test_journal_entry_golden():
     from repo_engine.repository.formats import JOURNAL
     from repo_engine.repository.journal import (Entry, PackOp, RefsOp, SweepOp, decode,

@@ -44,6 +44,7 @@ PACK = FileFormat("pack", b"REpak\x00\x01\x1a", 1)
 PACK_TRAILER = FileFormat("pack trailer", b"REtrl\x00\x01\x1a", 1)
 LOCK = FileFormat("lock", b"RElck\x00\x01\x1a", 1)
 VM_MARK = FileFormat("vsphere vm mark", b"REvmk\x00\x01\x1a", 1)
+LEASE = FileFormat("lease", b"RElse\x00\x01\x1a", 1)
 JOURNAL = FileFormat("journal entry", b"REjnl\x00\x01\x1a", 1)
 CHECKPOINT = FileFormat("journal checkpoint", b"REckp\x00\x01\x1a", 1)
 INDEX_VERSION = 3  # 2: catalog records carry a check and a commit sequence; 3: sealed counts

@@ -37,6 +37,7 @@ from .config import RepoConfig, read_config, write_config
 from .checkpoint import catch_up
 from .index import Index, MapMissing, ParentGone
 from .journal import Entry, ForgetOp, Op, PackOp, PointOp, RefsOp, append
+from .leases import SharedLock, lease_seconds, with_leases
 from .locks import EXCLUSIVE, RepoLock, is_stale, list_locks
 from .packs import FinishedPack, PackWriter, pack_object, read_trailer
 from .points import PointRecord, point_object, read_point, write_point
@@ -65,6 +66,9 @@ class Repository:
         self._opening = threading.Lock()  # threads of one process share one environment
         self.codec = ChunkCodec(config.key_bytes, config.compression_level)
         self.locks_dir = self.path / "locks"
+        # a shared repository's locks also hold leases in the store (leases.py)
+        self.lease_seconds = lease_seconds() if config.shared else 0.0
+        self.held: list[SharedLock] = []
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
@@ -143,12 +147,16 @@ class Repository:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def lock(self, kind: str, command: str) -> RepoLock:
+    def lock(self, kind: str, command: str) -> RepoLock | SharedLock:
         """Take a lock; then make sure the index we read from now on is the one in place (an
         index opened before the lock may have been replaced by `rebuild-index`, which held the
-        exclusive lock, and can no longer be replaced while we hold ours)."""
+        exclusive lock, and can no longer be replaced while we hold ours). On a shared
+        repository the lock also writes this session's lease, and a maintenance lock takes the
+        store's maintenance lock (leases.py), before anything is read."""
         pause_point("repository.before_lock")
-        lock = RepoLock(self.locks_dir, kind, command)
+        lock: RepoLock | SharedLock = RepoLock(self.locks_dir, kind, command)
+        if self.config.shared and not lock.note:
+            lock = with_leases(self.store, lock, command, self.lease_seconds, self.held)
         if self._opened is not None and _file_id(self.path / "index") != self._opened:
             self.close_index()  # reopened on next use
         try:
@@ -157,6 +165,12 @@ class Repository:
             lock.release()
             raise
         return lock
+
+    def check_leases(self) -> None:
+        """LeaseLost when a lease of a lock this process holds was lost: called before every
+        journal commit and every batch of deletes on a shared repository."""
+        for held in self.held:
+            held.check()
 
     def refresh(self) -> int:
         """Bring this host's cache up to the journal's head; returns the head's seq (0 for a
@@ -171,6 +185,7 @@ class Repository:
         gives up), then apply the entry to the cache, so this host's next lookups see it.
         Maintenance commits its own ops this way, e.g.
         `repo.commit_journal(lambda seq: [PlanOp(new_plan_id(), now, refs, packs, maps, objs)])`."""
+        self.check_leases()
         entry = append(self.store, self.refresh, build)
         self.index.apply_entry(entry)
         return entry
@@ -250,10 +265,10 @@ class Repository:
         to the new one's. Raises ParentGone when a disk's parent left the catalog meanwhile (the
         caller rewrites that disk as a full map); rewrites a map file gc removed meanwhile.
         `maps`: block maps, by name, that the caller still holds (not read back from disk).
-        In a shared repository the commit is a journal entry (`point_ops` says what it checks)."""
-        maps = self.maps_of(point, maps)
+        In a shared repository the commit is a journal entry (`_point_ops` says what it checks)."""
+        maps = self._maps_of(point, maps or {})
         if self.config.shared:
-            self.commit_journal(partial(self.point_ops, point, maps, written=_Written()))
+            self.commit_journal(partial(self._point_ops, point, maps, _Written()))
             return
         refs = {name: unique_refs(bmap) for name, bmap in maps.items()}
         for _attempt in range(10):
@@ -266,22 +281,17 @@ class Repository:
                 write_map(self.store, maps[gone.name])
         raise missing
 
-    def maps_of(self, point: PointRecord,
-                known: dict[str, BlockMap] | None = None) -> dict[str, BlockMap]:
-        """Every block map `point` names, by name: from `known`, else read from the store."""
-        known = known or {}
+    def _maps_of(self, point: PointRecord, known: dict[str, BlockMap]) -> dict[str, BlockMap]:
+        """The block maps `point` names, by name: those in `known`, the others read."""
         return {name: known[name] if name in known else self.read_map(name)
                 for name in {d.map for d in point.disks}}
 
-    def point_ops(self, point: PointRecord, maps: dict[str, BlockMap], seq: int, *,
-                  written: "_Written | None" = None) -> list[Op]:
-        """The journal ops that commit `point` (new, or rewritten) at `seq`, with the cache caught
-        up to seq - 1, for `commit_journal` (maintenance may put them in one entry with others):
-        checks every parent still catalogued (else ParentGone), no map gc doomed or deleted
-        (such a map is written again, salted when doomed: `point` and `maps`, from `maps_of`,
-        are updated), no ref swept (the backup stalled past its lease); then writes the manifest
-        with the point's commit sequence (`written`: skipped when written with it already)."""
-        written = written or _Written()
+    def _point_ops(self, point: PointRecord, maps: dict[str, BlockMap], written: "_Written",
+                   seq: int) -> list[Op]:
+        """The journal commit of `point` at `seq`, with the cache caught up to seq - 1: every
+        parent still catalogued (else ParentGone), no map gc doomed or deleted (such a map is
+        written again, salted when doomed), no ref swept (the backup stalled past its lease);
+        then the manifest, with the point's commit sequence, durable before the entry."""
         catalog = {r["id"]: r for r in self.index.points_records()}
         gone = {d.parent for d in point.disks if d.parent} - set(catalog)
         if gone:
@@ -340,16 +350,39 @@ class Repository:
         return [ForgetOp(point_id)]
 
     def rewrite_point(self, point: PointRecord, **changes: object) -> PointRecord:
-        """Commit the next generation of a catalogued point with `changes` applied. The VM
+        """Commit the next generation of a catalogued point with `changes` applied."""
+        updated = self.next_generation(point, **changes)
+        self.commit_point(updated)
+        return updated
+
+    def next_generation(self, point: PointRecord, **changes: object) -> PointRecord:
+        """The next generation of a catalogued point with `changes` applied. The VM
         configuration (which the catalog record lacks) comes from the manifest; a damaged or
         missing manifest is rewritten from the catalog record."""
         try:
             config = self.load_point(point.id).config
         except (RepoError, OSError):
             config = point.config
-        updated = replace(point, config=config, generation=point.generation + 1, **changes)
-        self.commit_point(updated)
-        return updated
+        return replace(point, config=config, generation=point.generation + 1, **changes)
+
+    def commit_forget(self, rewrites: list[PointRecord], forgets: list[str],
+                      check: Callable[[list[dict]], None],
+                      maps: dict[str, BlockMap] | None = None) -> Entry:
+        """A shared repository's forget as one journal entry: the rewritten points (children
+        consolidated onto new maps, written already; `maps` by name, those the caller holds),
+        then the removal of `forgets`. `check(records)` sees the caught-up catalog before each
+        attempt and raises to give up (a backup committed a child of a forgotten point)."""
+        held = [self._maps_of(point, maps or {}) for point in rewrites]
+        written = [_Written() for _ in rewrites]
+
+        def build(seq: int) -> list[Op]:
+            check(self.index.points_records())
+            ops: list[Op] = []
+            for point, point_maps, done in zip(rewrites, held, written):
+                ops += self._point_ops(point, point_maps, done, seq)
+            return ops + [ForgetOp(point_id) for point_id in forgets]
+
+        return self.commit_journal(build)
 
     def map_exists(self, name: str) -> bool:
         return self.store.exists(map_object(name))
