@@ -332,3 +332,15 @@ def test_a_rewrite_and_a_forget_in_one_entry(shared, tmp_path):
     assert host.load_point(child.id).generation == child.generation + 1
     assert restores(host, child, model.copy_of_content(), tmp_path)
     host.close()
+
+
+def test_listing_the_journal_while_compaction_deletes_entries(tmp_path):
+    """A local store's listing skips a file deleted after its directory was read (a refresh
+    looks for checkpoints while gc deletes the entries they cover)."""
+    store = LocalStore(tmp_path)
+    for seq in (1, 2, 3):
+        store.put(entry_object(seq), b"x")
+    listing = store.list("journal/")
+    first = next(listing)
+    store.delete(entry_object(seq) for seq in (1, 2, 3) if entry_object(seq) != first.name)
+    assert list(listing) == []
