@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark repo-engine against peer backup tools on a bench/workload.py work dir.
 
-    python3 bench/run.py --work DIR [--tools repo-engine,restic,borg,borg-fixed,casync,cat,b3sum,zstd]
+    python3 bench/run.py --work DIR [--tools repo-engine,benji,restic,borg,borg-fixed,casync,cat,b3sum,zstd]
                          [--days 7] [--out bench/out/results.json]
 
 Steps run in order (day 0 full backup, days 1..N incremental, restore of day N);
@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-DEFAULT_TOOLS = "repo-engine,restic,borg,borg-fixed,casync,cat,b3sum,zstd"
+DEFAULT_TOOLS = "repo-engine,benji,restic,borg,borg-fixed,casync,cat,b3sum,zstd"
 MIB = 1024 * 1024
 TIME = "/usr/bin/time"   # GNU time (Debian package `time`)
 
@@ -93,6 +93,19 @@ def du_bytes(path: Path) -> int:
 def warm(path: Path) -> None:
     """Put an image in the page cache (untimed)."""
     subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+
+
+def evict(path: Path) -> None:
+    """Drop every file under `path` from the page cache (POSIX_FADV_DONTNEED after a sync), so a
+    restore reads its repository cold without dropping the whole machine's caches."""
+    subprocess.run(["sync"], check=True)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def files_equal(a: Path, b: Path) -> bool:
@@ -234,6 +247,62 @@ class Casync(Tool):
                 str(out)], out, None
 
 
+BENJI_BLOCK = 4 << 20
+BENJI_CONFIG = """configurationVersion: '1'
+databaseEngine: sqlite:///{root}/benji.sqlite
+defaultStorage: storage-1
+blockSize: {block}
+storages:
+  - name: storage-1
+    storageId: 1
+    module: file
+    configuration:
+      path: {repo}
+      activeTransforms: [zstd]
+transforms:
+  - name: zstd
+    module: zstd
+    configuration:
+      level: 1
+ios:
+  - name: file
+    module: file
+"""
+
+
+class Benji(Tool):
+    """Benji 0.17 (4 MiB blocks, zstd level 1); incrementals get the changed extents as rbd-diff
+    hints (`-r`) on top of the previous version (`-f`), as Ceph RBD changed-block tracking gives."""
+    name = binary = "benji"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "benji.yaml"
+
+    def init(self) -> list[list[str]]:
+        self.config.write_text(BENJI_CONFIG.format(root=self.root, repo=self.repo, block=BENJI_BLOCK))
+        return [[*self.command, "-c", str(self.config), "database-init"]]
+
+    def backup(self, day: int, extents: Path | None) -> list[str]:
+        cmd = [*self.command, "-c", str(self.config), "--log-level", "WARNING", "backup",
+               "-u", f"day{day}"]
+        if extents is not None:
+            hints = self.root / f"day{day}.hints.json"
+            hints.write_text(json.dumps(rbd_hints(json.loads(extents.read_text()))))
+            cmd += ["-r", str(hints), "-f", f"day{day - 1}"]
+        return cmd + [f"file:{self.image}", "bench"]
+
+    def restore(self, day: int, out_dir: Path) -> tuple[list[str], Path, Path | None]:
+        out = out_dir / "restored.img"
+        return [*self.command, "-c", str(self.config), "--log-level", "WARNING", "restore", "-s",
+                f"day{day}", f"file:{out}"], out, None
+
+
+def rbd_hints(extents: list[list[int]]) -> list[dict]:
+    """`rbd diff --format json` entries for byte extents (Benji reads every block a hint touches)."""
+    return [{"offset": off, "length": length, "exists": "true"} for off, length in extents]
+
+
 class Baseline(Tool):
     """Just read / hash / compress the day-0 image: a lower bound for a full backup."""
     baseline = True
@@ -256,7 +325,7 @@ class Zstd(Baseline):
     args = ["-T2", "-1", "-c"]
 
 
-TOOLS: dict[str, type[Tool]] = {t.name: t for t in (RepoEngine, Restic, Borg, BorgFixed, Casync, Cat, B3sum, Zstd)}
+TOOLS: dict[str, type[Tool]] = {t.name: t for t in (RepoEngine, Benji, Restic, Borg, BorgFixed, Casync, Cat, B3sum, Zstd)}
 
 
 # ---------------------------------------------------------------- running
@@ -310,6 +379,7 @@ def run_restore(tool: Tool, res: Result, day: int, expected: Path, logs: Path) -
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     cmd, restored, cwd = tool.restore(day, out_dir)
+    evict(tool.root)     # cold: the repository (and caches) come from disk
     m = measure(cmd, env=tool.env(), cwd=cwd, log=logs / f"{tool.name}-restore.log")
     if m.rc != 0:
         return fail(res, "restore", m)
@@ -418,14 +488,18 @@ def table(results: list[Result], meta: dict) -> str:
               "and its children from /proc/PID/io: every read syscall, so it includes the tool's own repository, "
               "index and temp-file reads (restic reads each pack's temp file back when saving it); "
               "holes skipped via SEEK_HOLE (borg-fixed --sparse) are not read.",
-              "- restore: restore of day N to a file, verified byte for byte with cmp against the source image.",
+              "- restore: restore of day N to a file, cold (every file under the tool's directory dropped from "
+              "the page cache first, POSIX_FADV_DONTNEED) and timed until durable (trailing `sync`), verified "
+              "byte for byte with cmp against the source image.",
               "- repo MiB: `du -sb` (apparent) of the repository after all days; client caches "
               "(borg cache, restic cache) excluded.",
               "- peak RSS: max over all backups of the tool's maximum resident set size (GNU time %M); "
               "b3sum mmaps the image, so its RSS includes mapped file pages (and its rchar is ~0).",
               "- Baselines cat / b3sum / `zstd -T2 -1 -c` just read, hash or compress the day-0 image.",
               "- borg: defaults (buzhash CDC, lz4); borg-fixed: `--chunker-params fixed,65536 --sparse`, "
-              "extract `--sparse`. restic and casync: defaults."]
+              "extract `--sparse`. restic and casync: defaults.",
+              "- benji: 4 MiB blocks, zstd level 1, file storage, sqlite; incrementals get the changed extents "
+              "as rbd-diff hints on the previous version (`backup -r HINTS -f dayK-1`); restore `-s` (sparse)."]
     return "\n".join(lines)
 
 
