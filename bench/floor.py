@@ -158,6 +158,7 @@ class EngineRun:
     full: float = 0.0
     incr: list[float] = field(default_factory=list)
     restore: float = 0.0
+    cpu: dict[str, list[float]] = field(default_factory=dict)   # CPU seconds per operation
     ok: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -186,6 +187,7 @@ def run_engines(engines: list[EngineRun], work: Path, days: int, root: Path) -> 
                 e.full = m.seconds
             else:
                 e.incr.append(m.seconds)
+            e.cpu.setdefault("incremental" if day else "full", []).append(m.cpu_seconds)
             print(f"  {e.label:10s} day {day}: {m.seconds:6.2f} s "
                   f"(engine {parse_json_output(m.stdout)['backup'].get('seconds', '?')} s)",
                   file=sys.stderr)
@@ -197,6 +199,7 @@ def run_engines(engines: list[EngineRun], work: Path, days: int, root: Path) -> 
         evict(tools[e.label].repo)
         m = measure(cmd)
         e.restore = m.seconds
+        e.cpu["restore"] = [m.cpu_seconds]
         same = subprocess.run(["cmp", "-s", str(restored), str(expected)]).returncode == 0
         if m.rc != 0 or not same:
             e.ok = False
@@ -219,15 +222,17 @@ def report(floors: dict[str, Floor], engines: list[EngineRun], loads: dict[str, 
         cells = [f"{fl.phases[p]:.2f}" if p in fl.phases else "—" for p in phases]
         lines.append(f"| {op} floor | " + " | ".join(cells)
                      + f" | {fl.serial:.2f} | {fl.overlapped:.2f} | {loads[op]} |")
-    lines += ["", "| command | full s | × floor sum / overlapped | incremental s (mean) | "
-              "× floor sum / overlapped | restore s (cold) | × floor sum / overlapped | status |",
+    lines += ["", "| command | full s (CPU s) | × floor sum / overlapped | incremental s (mean) | "
+              "× floor sum / overlapped | restore s, cold | × floor sum / overlapped | status |",
               "|---|---|---|---|---|---|---|---|"]
     for e in engines:
         incr = statistics.mean(e.incr) if e.incr else float("nan")
         cells = []
         for secs, op in ((e.full, "full"), (incr, "incremental"), (e.restore, "restore")):
             fl = floors[op]
-            cells += [f"{secs:.2f}", f"{secs / fl.serial:.2f}× / {secs / fl.overlapped:.2f}×"]
+            cpu = statistics.mean(e.cpu.get(op, [float("nan")]))
+            cells += [f"{secs:.2f} ({cpu:.2f})",
+                      f"{secs / fl.serial:.2f}× / {secs / fl.overlapped:.2f}×"]
         lines.append(f"| {e.label} | " + " | ".join(cells) + " | "
                      + ("ok" if e.ok else "FAILED: " + "; ".join(e.notes)) + " |")
     lines += ["", f"load average (1, 5, 15 min) after the engines ran: {loads['engines']}; floor "

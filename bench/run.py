@@ -26,6 +26,9 @@ from pathlib import Path
 DEFAULT_TOOLS = "repo-engine,benji,restic,borg,borg-fixed,casync,cat,b3sum,zstd"
 MIB = 1024 * 1024
 TIME = "/usr/bin/time"   # GNU time (Debian package `time`)
+# Python tools run with their byte code cached, as an installed package's is (a shell that sets
+# PYTHONDONTWRITEBYTECODE would make every run compile the tool's modules again)
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 # ---------------------------------------------------------------- measuring
@@ -37,6 +40,7 @@ class Measure:
     rchar: int              # bytes read via read(2)-like syscalls, child and its descendants
     maxrss_kb: int          # GNU time %M: max RSS of the command (not of this Python parent)
     rc: int
+    cpu_seconds: float = 0.0   # user + system CPU of the command and its children
     stdout: str = field(repr=False, default="")
 
 
@@ -58,7 +62,7 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None 
         os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)   # zombie: /proc/PID/io still readable
         ended = time.perf_counter()
         rchar = read_rchar(proc.pid)
-        _, status, _ = os.wait4(proc.pid, 0)
+        _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.stdout:
             proc.stdout.close()
@@ -72,7 +76,8 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None 
             f.write("\n--- stdout ---\n" + stdout[-20000:])
     maxrss = rss_file.read_text().split()[-1]   # "Command exited with non-zero status N" may precede it
     rss_file.unlink()
-    return Measure(synced - start, synced - ended, rchar, int(maxrss), proc.returncode, stdout)
+    return Measure(synced - start, synced - ended, rchar, int(maxrss), proc.returncode,
+                   usage.ru_utime + usage.ru_stime, stdout)
 
 
 def read_rchar(pid: int) -> int:
