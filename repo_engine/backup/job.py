@@ -8,11 +8,11 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import RepoError, SourceError
-from ..maintenance.scrub import heal_after_backup
 from ..pause import pause_point
 from ..repository.blockmap import BlockMap
 from ..repository.index import ParentGone
@@ -23,6 +23,9 @@ from .chunk_writer import ChunkWriter
 from .pipeline import BlockPipeline
 from .plan import DiskPlan, audit_sample, join_notes, plan_disk
 from .source import BlockDevice, SourceDisk, VmSnapshot
+
+if TYPE_CHECKING:
+    from ..maintenance.scrub import RepairReport
 
 Progress = Callable[[int], None]
 
@@ -183,8 +186,8 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
                 if disk.check is not None:
                     disk.check()
             writer.flush()
-            healed = heal_after_backup(repo, f"backup {snapshot.vm}: heal damaged chunks",
-                                       reread=any(len(b) for b in step.rereads.values()))
+            healed = _heal(repo, f"backup {snapshot.vm}: heal damaged chunks",
+                           reread=any(len(b) for b in step.rereads.values()))
             point = PointRecord(
                 id=new_point_id(snapshot.vm, when), vm=snapshot.vm, time=when,
                 source=snapshot.source, disks=records, tags=sorted(set(options.tags)),
@@ -205,6 +208,17 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
         if len(blocks):
             repo.index.clear_reread(snapshot.vm, key, blocks)
     return point
+
+
+def _heal(repo: Repository, command: str, reread: bool) -> RepairReport | None:
+    """`heal_after_backup`, imported only when some chunk is quarantined: with none there is
+    nothing to heal or report, and a backup need not load the maintenance modules (gc,
+    forget, inventory: a tenth of an incremental's start-up)."""
+    with repo.index.env.begin() as txn:
+        if not txn.stat(repo.index.quarantine)["entries"]:
+            return None
+    from ..maintenance.scrub import heal_after_backup
+    return heal_after_backup(repo, command, reread)
 
 
 def _commit(repo: Repository, point: PointRecord, resolved: dict[str, np.ndarray],
