@@ -374,7 +374,8 @@ def run_backup(tool: Tool, res: Result, day: int, extents: Path | None, logs: Pa
         read = tool.bytes_read(m)
     except (KeyError, ValueError) as e:
         return fail(res, f"day {day} --json output: {e!r}")
-    res.backups.append({"day": day, **{k: v for k, v in asdict(m).items() if k != "stdout"}, "bytes_read": read})
+    res.backups.append({"day": day, **{k: v for k, v in asdict(m).items() if k != "stdout"}, "bytes_read": read,
+                        "load": os.getloadavg()[0]})
     print(f"  {tool.name:12s} day {day}: {m.seconds:7.2f} s  read {read / MIB:9.1f} MiB  "
           f"rss {m.maxrss_kb / 1024:7.1f} MB", file=sys.stderr)
 
@@ -389,7 +390,8 @@ def run_restore(tool: Tool, res: Result, day: int, expected: Path, logs: Path) -
     if m.rc != 0:
         return fail(res, "restore", m)
     ok = restored.exists() and files_equal(restored, expected)
-    res.restore = {"seconds": m.seconds, "sync_seconds": m.sync_seconds, "maxrss_kb": m.maxrss_kb, "verified": ok}
+    res.restore = {"seconds": m.seconds, "sync_seconds": m.sync_seconds, "maxrss_kb": m.maxrss_kb, "verified": ok,
+                   "cpu_seconds": m.cpu_seconds, "load": os.getloadavg()[0]}
     print(f"  {tool.name:12s} restore: {m.seconds:7.2f} s  verified={ok}", file=sys.stderr)
     shutil.rmtree(out_dir, ignore_errors=True)
     if not ok:
@@ -476,6 +478,14 @@ HEADER = ["tool", "full backup s", "incremental s (mean)", "incr. read MiB (mean
           "repo MiB", "peak RSS MB", "status"]
 
 
+def load_range(results: list[Result]) -> str:
+    """The 1-minute load average seen after the commands, lowest to highest (0 to 2 on an idle
+    2-CPU machine running one command at a time)."""
+    loads = [b["load"] for r in results for b in r.backups]
+    loads += [r.restore["load"] for r in results if r.restore]
+    return f"{min(loads):.2f}-{max(loads):.2f}" if loads else "—"
+
+
 def table(results: list[Result], meta: dict) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row(r)) + " |" for r in results]
@@ -484,7 +494,8 @@ def table(results: list[Result], meta: dict) -> str:
     lines += ["",
               f"Workload: {size:.0f} MiB ext4 image"
               + (f" ({alloc / MIB:.0f} MiB allocated on day 0)" if alloc else "")
-              + f", days 1..{meta['days']}; {meta['cpus']} CPUs, kernel {meta['kernel']}, {meta['date']}.",
+              + f", days 1..{meta['days']}; {meta['cpus']} CPUs, kernel {meta['kernel']}, {meta['date']}; "
+              f"1-minute load average after the commands {load_range(results)}.",
               "- Times are wall seconds of the command plus a `sync` after it; images are in the page cache. "
               "Each day's image is first copied (untimed) to one fixed path that every tool backs up.",
               "- Incremental = mean over days 1..N. repo-engine is given the day's changed-extent list "
