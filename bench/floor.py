@@ -14,8 +14,8 @@ On a bench/workload.py work dir, times (wall seconds, each command followed by `
 where the data is what the operation must hash, compress and store: day 0's non-zero 64 KiB
 blocks (full backup), the last day's changed extents (incremental), the last day's non-zero
 blocks (restore), each copied into one file untimed. The floors are measured twice, after the
-engines ran, and each phase keeps its faster round; CPU seconds are printed too. Each `--repo-engine` command (several are
-run side by side, interleaved) makes a day 0 full backup, days 1..N incrementals and two cold
+engines ran, and each phase keeps its faster round; CPU seconds are printed too. Each
+`--repo-engine` command (several are run side by side, interleaved) makes a day 0 full backup, days 1..N incrementals and two cold
 restores of day N (in ABBA order; its repository dropped from the page cache, timed until
 durable); every time is printed as a multiple of the floor: the sum of the phases (serial) and
 the overlapped floor (start-up + max(read + hash + compress, write)), which a perfect pipeline
@@ -273,7 +273,8 @@ def measure_floors(work: Path, days: int, repo: Path, scratch: Path, python: str
     for _ in range(FLOOR_ROUNDS):
         start = startup(python)
         rounds = {"full": cpu_floor(work / "day0.img", data["full"], scratch, start),
-                  "incremental": cpu_floor(data["incremental"], data["incremental"], scratch, start),
+                  "incremental": cpu_floor(data["incremental"], data["incremental"], scratch,
+                                           start),
                   "restore": restore_floor(data["restore"], repo, scratch, start)}
         for op, fl in rounds.items():
             best = floors.setdefault(op, fl)
