@@ -217,7 +217,7 @@ def test_a_sweep_racing_a_commit_recounts_and_keeps_what_the_commit_uses(hosts, 
 
 def test_gc_and_forget_commands_on_a_shared_repository(tmp_path, capsys):
     root = tmp_path / "repo"
-    host = Host(shared_repo(root, root))  # the CLI's cache: the repository's directory
+    host = Host(shared_repo(root, root))  # the CLI's commands catch up in caches of their own
     (doomed, kept), contents = backups(host, tmp_path, vms=2, chain=1)
     host.repo.close()
     removed = cli(capsys, "forget", root, doomed.id[:8])

@@ -73,16 +73,9 @@ class Repository:
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
     def init(cls, path: Path, *, parents: bool = False, **settings: int) -> "Repository":
-        """Create a repository in `path`, a new or empty directory; its parent directory must
-        exist unless `parents` (a mistyped path must not silently become a directory tree)."""
+        """Create a repository in `path` (see `new_directory`)."""
         config = RepoConfig.new(**settings)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise UsageError(f"{path} already exists and is not an empty directory")
-        if not parents and not path.absolute().parent.is_dir():
-            raise UsageError(f"cannot create {path}: the directory {path.absolute().parent} does "
-                             "not exist (check the path, or give --parents to create it)")
-        path.mkdir(mode=DIR_MODE, parents=parents, exist_ok=True)
-        os.chmod(path, DIR_MODE)  # owner-only, like everything below it (safefile.py)
+        new_directory(path, parents)
         for sub in SUBDIRS:
             make_dir(path / sub)
         index = Index(path / "index", create=True)
@@ -473,6 +466,19 @@ class Repository:
 
     def disk_usage(self) -> int:
         return sum(info.size for info in self.objects("packs"))
+
+
+def new_directory(path: Path, parents: bool) -> None:
+    """Make `path`, a new or empty directory, the owner-only home of a new repository; its parent
+    directory must exist unless `parents` (a mistyped path must not silently become a directory
+    tree)."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"{path} already exists and is not an empty directory")
+    if not parents and not path.absolute().parent.is_dir():
+        raise UsageError(f"cannot create {path}: the directory {path.absolute().parent} does "
+                         "not exist (check the path, or give --parents to create it)")
+    path.mkdir(mode=DIR_MODE, parents=parents, exist_ok=True)
+    os.chmod(path, DIR_MODE)  # owner-only, like everything below it (safefile.py)
 
 
 def check_layout(path: Path) -> None:
