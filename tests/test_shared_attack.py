@@ -5,12 +5,15 @@ refusal, never with a point naming data that is gone."""
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
 
 from helpers import attach_shared
+from repo_engine.errors import DamageError
 from repo_engine.maintenance.gc import gc
+from repo_engine.repository.checkpoint import STALE_AFTER, compact, write_checkpoint
 from repo_engine.repository import leases
 from repo_engine.repository.leases import LeaseLost
 from repo_engine.repository.locks import SHARED
@@ -88,3 +91,85 @@ def test_a_backup_suspended_past_its_lease_stores_no_point_naming_a_swept_pack(
     thread.join(60)
     assert len(failed) == 1 and isinstance(failed[0], LeaseLost)
     restores_everything(root, tmp_path, {kept.id: content})
+
+
+# -- a cache the journal does not back ---------------------------------------------------------
+def journal_names(root) -> set[str]:
+    return {p.name for p in (root / "journal").iterdir()}
+
+
+def refused(host: Host, tmp_path, match: str) -> None:
+    """Every command of `host` refuses at its lock, and a backup writes no journal entry."""
+    root = host.repo.store.root
+    before = journal_names(root)
+    with pytest.raises(DamageError, match=match):
+        host.repo.lock(SHARED, "points").release()
+    with pytest.raises(DamageError, match=match):
+        host.backup("late", disk(tmp_path, "late", 31))
+    assert journal_names(root) == before
+
+
+def test_a_cache_ahead_of_the_journal_is_refused(hosts, tmp_path):
+    """The journal was restored from an older copy (entries the cache replayed are gone): the
+    host must not commit at a seq it takes for the head, nor dedup against the lost entries'
+    chunks."""
+    root, a, _b = hosts
+    model = disk(tmp_path, "vm", 23)
+    first = a.backup("vm", model)
+    content = model.copy_of_content()
+    older = journal_names(root)
+    model.random_changes(4)
+    a.backup("vm", model)
+    for name in journal_names(root) - older:
+        (root / "journal" / name).unlink()
+    refused(a, tmp_path, "restored from an older copy")
+    restores_everything(root, tmp_path, {first.id: content})
+
+
+@pytest.mark.parametrize("missing", [1, 2])
+def test_an_entry_missing_in_the_middle_of_the_journal_is_refused(hosts, tmp_path, missing):
+    """b's cache is at seq S; entry S + `missing` is deleted while later ones exist: b must not
+    stop at the gap as if it were the head (its next commit would take the missing seq)."""
+    root, a, b = hosts
+    a.backup("vm", disk(tmp_path, "vm", 24))
+    seq = b.repo.refresh()
+    a.backup("vm2", disk(tmp_path, "vm2", 25))
+    (root / "journal" / f"{seq + missing:016x}.jnl").unlink()
+    refused(b, tmp_path, f"entry {seq + missing} is missing")
+
+
+def test_entries_compacted_past_a_recently_refreshed_cache_are_read_from_the_checkpoint(
+        hosts, tmp_path):
+    """gc compacted the entries b's cache had not replayed yet (a host whose clock runs an
+    hour ahead judged the checkpoint old enough): b, refreshed a minute ago, loads the
+    checkpoint instead of taking the gap for the head."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 26)
+    first = a.backup("vm", model)
+    contents = {first.id: model.copy_of_content()}
+    b.repo.refresh()
+    model.random_changes(4)
+    second = a.backup("vm", model)
+    contents[second.id] = model.copy_of_content()
+    seq = write_checkpoint(a.repo.store, a.repo.index)
+    assert compact(a.repo.store, grace=0, now=time.time() + 2 * STALE_AFTER) == seq
+    with b.repo.lock(SHARED, "points"):
+        assert {p.id for p in b.repo.points()} == set(contents)
+    third = b.backup("vm", model)
+    contents[third.id] = model.copy_of_content()
+    restores_everything(root, tmp_path, contents)
+
+
+def test_an_object_deleted_while_a_local_store_lists_it_is_left_out(tmp_path):
+    """Another host's gc, or a command releasing its lease, deletes objects while this one
+    lists them (two takers of the maintenance lock met this): the listing leaves the deleted
+    object out, it never fails."""
+    (tmp_path / "repo").mkdir()
+    store = LocalStore(tmp_path / "repo")
+    names = {f"leases/h-1-{i:08x}.lease" for i in range(2)}
+    for name in names:
+        store.put(name, b"lease")
+    listing = store.list("leases/")
+    first = next(listing).name
+    store.delete(names - {first})
+    assert list(listing) == []

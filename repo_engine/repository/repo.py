@@ -160,7 +160,7 @@ class Repository:
         if self._opened is not None and _file_id(self.path / "index") != self._opened:
             self.close_index()  # reopened on next use
         try:
-            self.refresh()
+            self.refresh(check=True)
         except BaseException:
             lock.release()
             raise
@@ -172,12 +172,13 @@ class Repository:
         for held in self.held:
             held.check()
 
-    def refresh(self) -> int:
+    def refresh(self, check: bool = False) -> int:
         """Bring this host's cache up to the journal's head; returns the head's seq (0 for a
-        repository that is not shared: its index is the truth)."""
+        repository that is not shared: its index is the truth). `check`: also make sure the
+        journal still holds what the cache holds (checkpoint.catch_up), as `lock` does."""
         if not self.config.shared:
             return 0
-        return catch_up(self.store, self.index)
+        return catch_up(self.store, self.index, check=check)
 
     def commit_journal(self, build: Callable[[int], list[Op]]) -> Entry:
         """Commit the ops `build(seq)` returns as journal entry `seq` (see journal.append:

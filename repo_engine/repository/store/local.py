@@ -152,7 +152,11 @@ class LocalStore:
         top = self.root / base if base else self.root
         for name, entry in _walk(top, base, skipped):
             if name.startswith(prefix):
-                yield ObjectInfo(name, entry.stat(follow_symlinks=False).st_size)
+                try:
+                    size = entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue  # deleted since the directory was read (by another process)
+                yield ObjectInfo(name, size)
 
     def delete(self, names: Iterable[str]) -> None:
         """Remove each named file (only from a real directory, never through a symlink), then
@@ -209,7 +213,10 @@ def _walk(top: Path, base: str, skipped: list[str] | None) -> Iterator[tuple[str
             if not entry.name.startswith(TEMP_PREFIX):
                 yield name, entry
         elif skipped is not None:
-            mode = entry.stat(follow_symlinks=False).st_mode
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                continue
             skipped.append(f"{entry.path} is {kind_of(mode)}, not a regular file: left alone, "
                            "never read (remove it)")
 
