@@ -10,8 +10,8 @@ from datetime import timedelta
 
 import pytest
 
-from helpers import attach_shared
-from repo_engine.errors import DamageError
+from helpers import attach_shared, shared_repo
+from repo_engine.errors import DamageError, RepoError
 from repo_engine.maintenance.gc import gc
 from repo_engine.repository.checkpoint import STALE_AFTER, compact, write_checkpoint
 from repo_engine.repository import leases
@@ -173,3 +173,21 @@ def test_an_object_deleted_while_a_local_store_lists_it_is_left_out(tmp_path):
     first = next(listing).name
     store.delete(names - {first})
     assert list(listing) == []
+
+
+def test_a_cache_of_another_repository_is_refused(hosts, tmp_path):
+    """A cache directory given to a second repository (a copied --cache-dir, two repositories
+    on one cache path) would replay one journal on top of the other's state: refused, whatever
+    the two heads."""
+    root, a, _b = hosts
+    first = a.backup("vm", disk(tmp_path, "vm", 27))
+    other_root = tmp_path / "other"
+    other = Host(shared_repo(other_root, tmp_path / "cache-other"))
+    for i in range(3):  # ahead of a's journal
+        other.backup(f"o{i}", disk(tmp_path, f"o{i}", 40 + i))
+    other.repo.close()
+    a.repo.close_index()  # one process opens one LMDB environment once
+    with pytest.raises(RepoError, match="holds the cache of another repository"):
+        intruder = attach_shared(LocalStore(other_root), a.repo.path)
+        intruder.lock(SHARED, "points").release()
+    assert {p.id for p in a.repo.points()} == {first.id}
