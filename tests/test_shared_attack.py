@@ -8,15 +8,18 @@ import threading
 import time
 from datetime import timedelta
 
+import numpy as np
 import pytest
 
 from helpers import attach_shared, shared_repo
 from repo_engine.errors import DamageError, RepoError
 from repo_engine.maintenance.gc import gc
+from repo_engine.maintenance.scrub import scrub
 from repo_engine.repository.checkpoint import STALE_AFTER, compact, write_checkpoint
 from repo_engine.repository import leases
 from repo_engine.repository.leases import LeaseLost
 from repo_engine.repository.locks import SHARED
+from repo_engine.repository.packs import pack_object
 from repo_engine.repository.repo import Repository
 from repo_engine.repository.store.local import LocalStore
 from test_shared_gc import pack_bytes, restores_everything
@@ -191,3 +194,37 @@ def test_a_cache_of_another_repository_is_refused(hosts, tmp_path):
         intruder = attach_shared(LocalStore(other_root), a.repo.path)
         intruder.lock(SHARED, "points").release()
     assert {p.id for p in a.repo.points()} == {first.id}
+
+
+# -- maintenance commands on a shared repository -------------------------------------------------
+def flip_first_chunk(repo: Repository, point) -> None:
+    """Damage, in its pack, the stored chunk of the first block of `point`'s disk that holds
+    one."""
+    refs = repo.resolve(point, "d")
+    ref = int(refs[refs != 0][0])
+    with repo.index.reader() as reader:
+        [place] = reader.locate(np.array([ref], np.uint64))
+    path = repo.store.path_of(pack_object(repo.index.pack_info(int(place["pack"])).name))
+    with open(path, "r+b") as f:
+        f.seek(int(place["offset"]) + int(place["stored"]) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_heal_by_scrub_repair_reaches_every_host_and_survives_gc(hosts, tmp_path):
+    """scrub --repair quarantines a damaged chunk; the next backup stores it again and heals
+    the damaged ref from that copy into a new pack. The heal must be a journal commit: else
+    other hosts keep reading the damaged copy and gc deletes the healed pack as unknown."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 28)
+    first = a.backup("vm", model)
+    content = model.copy_of_content()
+    flip_first_chunk(a.repo, first)
+    found = scrub(a.repo, repair=True)
+    assert len(found.damaged) == 1 and found.repair.points_marked_damaged == 1
+    second = a.backup("vm", model)
+    swept = gc(b.repo, grace=0)
+    assert swept.planned_objects == 0 and swept.orphan_packs_deleted == 0  # the healed pack
+    assert not any(p.damage for p in a.repo.points())
+    restores_everything(root, tmp_path, {first.id: content, second.id: content})
