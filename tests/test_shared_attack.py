@@ -11,7 +11,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from helpers import attach_shared, shared_repo
+from helpers import attach_shared, cli, shared_repo
 from repo_engine.errors import DamageError, RepoError
 from repo_engine.maintenance.gc import gc
 from repo_engine.maintenance.scrub import scrub
@@ -228,3 +228,33 @@ def test_a_heal_by_scrub_repair_reaches_every_host_and_survives_gc(hosts, tmp_pa
     assert swept.planned_objects == 0 and swept.orphan_packs_deleted == 0  # the healed pack
     assert not any(p.damage for p in a.repo.points())
     restores_everything(root, tmp_path, {first.id: content, second.id: content})
+
+
+def test_maintenance_commands_on_a_shared_repository(tmp_path, capsys):
+    """verify, scrub (and --repair), rebuild-index and unlock through the CLI on a local shared
+    repository: a clean one reports no damage and no false orphans; damage is found and named."""
+    root = tmp_path / "repo"
+    host = Host(shared_repo(root, root))  # the CLI's cache: the repository's directory
+    model = disk(tmp_path, "vm", 29)
+    host.backup("vm", model)
+    model.random_changes(3)
+    second = host.backup("vm", model)
+    host.repo.close()
+    for command in (["verify"], ["scrub"], ["verify", "--repair"], ["scrub", "--repair"],
+                    ["rebuild-index"], ["unlock"], ["verify"]):
+        result = cli(capsys, *command, root)
+        assert result.code == 0, (command, result.out, result.err)
+        assert "orphan" not in result.out and "gc --full" not in result.out, result.out
+    assert cli(capsys, "verify", root, "--json").json()["orphans"]["maps"] == []
+    with Repository.open(root) as repo:
+        flip_first_chunk(repo, repo.find_point(second.id))
+    found = cli(capsys, "scrub", root)
+    assert found.code == 3 and second.id[:8] in found.out + found.err, found.out + found.err
+    repaired = cli(capsys, "scrub", root, "--repair")
+    assert repaired.code == 3 and "marked damaged" in repaired.out, repaired.out
+    marked = cli(capsys, "points", root, "--json").json()["points"]
+    assert [p["id"] for p in marked if p["damage"]] == [second.id]
+    with Repository.open(root) as repo:
+        repo.store.delete([pack_object(p.name) for p in repo.index.all_packs()][:1])
+    broken = cli(capsys, "verify", root)
+    assert broken.code == 3 and "affects point" in broken.out, broken.out
