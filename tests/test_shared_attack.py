@@ -13,10 +13,11 @@ import pytest
 
 from helpers import attach_shared, cli, shared_repo
 from repo_engine.errors import DamageError, RepoError
+from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.gc import gc
 from repo_engine.maintenance.scrub import scrub
 from repo_engine.repository.checkpoint import STALE_AFTER, compact, write_checkpoint
-from repo_engine.repository import leases
+from repo_engine.repository import journal, leases
 from repo_engine.repository.leases import LeaseLost
 from repo_engine.repository.locks import SHARED
 from repo_engine.repository.packs import pack_object
@@ -47,6 +48,13 @@ def stall_after_upload(repo: Repository, monkeypatch) -> tuple[threading.Event, 
     return reached, go
 
 
+def clock_ahead(monkeypatch, seconds: float) -> None:
+    """Every host's clock (the leases' holders' and gc's) moves `seconds` ahead."""
+    later = leases.now() + timedelta(seconds=seconds)
+    for module in (leases, shared_gc):  # shared_gc holds its own name for the clock
+        monkeypatch.setattr(module, "now", lambda: later)
+
+
 def test_a_lease_renewed_after_it_expired_stays_lost(hosts, monkeypatch):
     """A holder suspended past its expiry resumes; its renewal thread may run before the
     command's next check: the renewal must not bring the lease back (gc may have judged it
@@ -54,8 +62,7 @@ def test_a_lease_renewed_after_it_expired_stays_lost(hosts, monkeypatch):
     _root, a, _b = hosts
     with a.repo.lock(SHARED, "backup image web1") as held:
         [lease] = held.leases
-        later = leases.now() + timedelta(seconds=a.repo.lease_seconds + 1)
-        monkeypatch.setattr(leases, "now", lambda: later)
+        clock_ahead(monkeypatch, a.repo.lease_seconds + 1)
         lease.renew()  # the daemon, first to run after the resume
         with pytest.raises(LeaseLost, match="expired"):
             a.repo.check_leases()
@@ -83,8 +90,7 @@ def test_a_backup_suspended_past_its_lease_stores_no_point_naming_a_swept_pack(
     thread.start()
     assert reached.wait(60)
     uploaded = pack_bytes(a.repo.store)
-    later = leases.now() + timedelta(seconds=b.repo.lease_seconds + 1)
-    monkeypatch.setattr(leases, "now", lambda: later)
+    clock_ahead(monkeypatch, b.repo.lease_seconds + 1)
     swept = gc(a.repo, grace=0)
     assert swept.orphan_packs_deleted == 1 and pack_bytes(a.repo.store) < uploaded
     for held in list(b.repo.held):
@@ -287,3 +293,47 @@ def test_the_journal_head_check_on_s3(seaweedfs, s3_bucket, tmp_path, monkeypatc
             assert b.restored(point, tmp_path) == points[point.id]
     a.repo.close()
     b.repo.close()
+
+
+def crash_before_point_entry(host: Host, vm: str, model, monkeypatch) -> None:
+    """A backup killed after its packs, maps and manifest are in the store, before the journal
+    entry that would have catalogued its point."""
+    from repo_engine.repository.journal import PointOp
+
+    write = journal.write_entry
+
+    def killed(store, entry):
+        if any(isinstance(op, PointOp) for op in entry.ops):
+            raise KeyboardInterrupt
+        write(store, entry)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(journal, "write_entry", killed)
+        with pytest.raises(KeyboardInterrupt):
+            host.backup(vm, model)
+
+
+def test_rebuild_index_of_a_shared_repository_is_the_journal_not_the_manifests(
+        tmp_path, capsys, monkeypatch):
+    """rebuild-index of a shared repository rebuilds this host's cache from the journal: a
+    manifest a killed backup left is no point (gc deletes it and its maps on other hosts), and a
+    damaged cache, which every other command refuses, is rebuilt."""
+    root = tmp_path / "repo"
+    host = Host(shared_repo(root, root))
+    model = disk(tmp_path, "vm", 30)
+    kept = host.backup("vm", model)
+    content = model.copy_of_content()
+    model.random_changes(3)
+    crash_before_point_entry(host, "vm", model, monkeypatch)
+    host.repo.close()
+    assert len(list((root / "points").iterdir())) == 2
+    with open(root / "index" / "data.mdb", "r+b") as f:
+        f.truncate(4096)
+    damaged = cli(capsys, "points", root)
+    assert damaged.code == 3 and "rebuild-index" in damaged.err, damaged.err
+    rebuilt = cli(capsys, "rebuild-index", root, "--json")
+    assert rebuilt.code == 0, rebuilt.err
+    assert rebuilt.json()["journal_seq"] == max(journal.entry_seqs(LocalStore(root)))
+    listed = cli(capsys, "points", root, "--json").json()["points"]
+    assert [p["id"] for p in listed] == [kept.id]
+    restores_everything(root, tmp_path, {kept.id: content})

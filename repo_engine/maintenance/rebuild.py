@@ -61,6 +61,12 @@ def rebuild_index(path: Path) -> RebuildReport:
     store = LocalStore(path)
     config = read_config(store)
     check_layout(path)
+    if config.shared:  # the journal is the truth: a manifest it never committed is no point
+        repo = Repository(store, config, path)  # not attach: the old cache is never opened
+        try:
+            return rebuild_cache(repo)
+        finally:
+            repo.close()
     report = RebuildReport()
     with RepoLock(path / "locks", EXCLUSIVE, "rebuild-index"):
         work = path / f"index.rebuild-{os.getpid()}"
