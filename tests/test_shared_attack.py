@@ -4,19 +4,25 @@ refusal, never with a point naming data that is gone."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from datetime import timedelta
 
+import blake3
 import numpy as np
 import pytest
 
 from helpers import attach_shared, cli, shared_repo
-from repo_engine.errors import DamageError, RepoError
+from repo_engine import pause
+from repo_engine.errors import DamageError, FormatError, RepoError
+from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.gc import gc
 from repo_engine.maintenance.scrub import scrub
 from repo_engine.repository.checkpoint import STALE_AFTER, compact, write_checkpoint
+from repo_engine.repository.envelope import seal
+from repo_engine.repository.formats import JOURNAL
 from repo_engine.repository import journal, leases
 from repo_engine.repository.leases import LeaseLost
 from repo_engine.repository.locks import SHARED
@@ -337,3 +343,58 @@ def test_rebuild_index_of_a_shared_repository_is_the_journal_not_the_manifests(
     listed = cli(capsys, "points", root, "--json").json()["points"]
     assert [p["id"] for p in listed] == [kept.id]
     restores_everything(root, tmp_path, {kept.id: content})
+
+
+def test_a_backup_whose_parent_another_host_forgets_meanwhile_commits_a_full_map(
+        hosts, tmp_path, monkeypatch):
+    """a's backup of vm computes a delta on the newest point and stops before its commit; b
+    forgets that point and gc sweeps it (grace 0, after a ended); a's commit finds its parent
+    gone and writes the disk as a full map: every point restores, before and after gc."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 32)
+    parent = a.backup("vm", model)
+    model.random_changes(3)
+    monkeypatch.setenv("REPO_ENGINE_PAUSE_DIR", str(tmp_path))
+    monkeypatch.setattr(pause, "_NAMES", frozenset({"backup.before_commit"}))
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(a.backup("vm", model)))
+    thread.start()
+    while not (tmp_path / "backup.before_commit.reached").exists():
+        assert thread.is_alive()
+        threading.Event().wait(0.01)
+    forget_points(b.repo, [parent.id])
+    (tmp_path / "backup.before_commit.go").touch()
+    thread.join()
+    [child] = done
+    [record] = a.repo.points()
+    assert record.id == child.id and record.disks[0].kind == "full"
+    assert "parent point was forgotten" in record.disks[0].note
+    assert gc(b.repo, grace=0).plans_swept == 1
+    restores_everything(root, tmp_path, {child.id: model.copy_of_content()})
+
+
+def newer_entry(seq: int, what: str) -> bytes:
+    """Entry `seq` as a newer repo-engine could write it: a new op, or a new major version."""
+    if what == "op":
+        header = json.dumps({"seq": seq, "time": "", "host": "h", "pid": 1,
+                             "ops": [{"op": "moved", "refs": [0, 0]}]}).encode()
+        return seal(JOURNAL, journal.HEAD_LEN.pack(len(header)) + header)
+    body = bytearray(journal.encode(journal.Entry.new(seq, [journal.RefsOp(1, 1)]))[:-32])
+    body[8:10] = (JOURNAL.major + 1).to_bytes(2, "little")
+    return bytes(body) + blake3.blake3(bytes(body)).digest()
+
+
+@pytest.mark.parametrize("what", ["op", "version"])
+def test_a_journal_entry_of_a_newer_version_is_refused_not_skipped(hosts, tmp_path, what):
+    """An entry a newer repo-engine wrote (a newer envelope version, or an op this one does not
+    know) stops every command with the advice to upgrade; nothing is committed past it."""
+    root, a, b = hosts
+    a.backup("vm", disk(tmp_path, "vm", 33))
+    seq = b.repo.refresh()
+    (root / "journal" / f"{seq + 1:016x}.jnl").write_bytes(newer_entry(seq + 1, what))
+    before = journal_names(root)
+    with pytest.raises(FormatError, match="upgrade repo-engine"):
+        b.repo.lock(SHARED, "points").release()
+    with pytest.raises(FormatError, match="upgrade repo-engine"):
+        b.backup("vm2", disk(tmp_path, "vm2", 34))
+    assert journal_names(root) == before
