@@ -16,14 +16,14 @@ import pytest
 from helpers import attach_shared, cli, shared_repo
 from repo_engine import pause
 from repo_engine.errors import DamageError, FormatError, RepoError
-from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance import shared_gc
+from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import gc
 from repo_engine.maintenance.scrub import scrub
+from repo_engine.repository import journal, leases
 from repo_engine.repository.checkpoint import STALE_AFTER, compact, write_checkpoint
 from repo_engine.repository.envelope import seal
 from repo_engine.repository.formats import JOURNAL
-from repo_engine.repository import journal, leases
 from repo_engine.repository.leases import LeaseLost
 from repo_engine.repository.locks import SHARED
 from repo_engine.repository.packs import pack_object
@@ -398,3 +398,33 @@ def test_a_journal_entry_of_a_newer_version_is_refused_not_skipped(hosts, tmp_pa
     with pytest.raises(FormatError, match="upgrade repo-engine"):
         b.backup("vm2", disk(tmp_path, "vm2", 34))
     assert journal_names(root) == before
+
+
+def test_a_backup_killed_before_its_point_entry_then_gc_on_another_host(tmp_path, capsys,
+                                                                        monkeypatch):
+    """A `repo-engine backup` process is killed (SIGKILL) with its packs and maps committed,
+    before its point entry; its lease is left behind. Another host's gc, once that lease has
+    expired, sweeps what it wrote; the next backup of the VM on the first host (whose cache
+    still finds the swept chunks until it refreshes) stores them again: all restores."""
+    from race import Command
+
+    root = tmp_path / "repo"
+    first = Host(shared_repo(root, root))  # the CLI's cache: the repository's directory
+    model = disk(tmp_path, "vm0", 35)
+    contents = {first.backup("vm0", model).id: model.copy_of_content()}
+    first.repo.close()
+    other = disk(tmp_path, "vm1", 36)
+    args = ["backup", "image", root, "--vm", "vm1", "--disk", f"d={other.path}", "--json"]
+    killed = Command(tmp_path, *args, pauses=("backup.before_commit",))
+    assert killed.reached("backup.before_commit")
+    killed.proc.kill()
+    killed.finish()
+    b = Host(attach_shared(LocalStore(root), tmp_path / "cache-b"))
+    clock_ahead(monkeypatch, b.repo.lease_seconds + 1)
+    swept = gc(b.repo, grace=0)
+    assert swept.plans_swept == 1 and swept.packs_deleted >= 1 and swept.maps_deleted >= 1
+    b.repo.close()
+    again = cli(capsys, *args)
+    assert again.code == 0, again.err
+    contents[again.json()["point"]["id"]] = other.copy_of_content()
+    restores_everything(root, tmp_path, contents)
