@@ -13,8 +13,7 @@ import blake3
 import numpy as np
 import pytest
 
-from helpers import attach_shared, cli, shared_repo
-from repo_engine import pause
+from helpers import attach_shared, cli, shared_repo, stopped_before_commit
 from repo_engine.errors import DamageError, FormatError, RepoError
 from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.forget import forget_points
@@ -354,17 +353,8 @@ def test_a_backup_whose_parent_another_host_forgets_meanwhile_commits_a_full_map
     model = disk(tmp_path, "vm", 32)
     parent = a.backup("vm", model)
     model.random_changes(3)
-    monkeypatch.setenv("REPO_ENGINE_PAUSE_DIR", str(tmp_path))
-    monkeypatch.setattr(pause, "_NAMES", frozenset({"backup.before_commit"}))
-    done: list = []
-    thread = threading.Thread(target=lambda: done.append(a.backup("vm", model)))
-    thread.start()
-    while not (tmp_path / "backup.before_commit.reached").exists():
-        assert thread.is_alive()
-        threading.Event().wait(0.01)
-    forget_points(b.repo, [parent.id])
-    (tmp_path / "backup.before_commit.go").touch()
-    thread.join()
+    with stopped_before_commit(lambda: a.backup("vm", model), tmp_path, monkeypatch) as done:
+        forget_points(b.repo, [parent.id])
     [child] = done
     [record] = a.repo.points()
     assert record.id == child.id and record.disks[0].kind == "full"
