@@ -547,11 +547,11 @@ def _claim_cache(index_dir: Path, repo_id: str, location: str) -> None:
     replaying this journal on top of that state would mix two catalogs and two chunk indexes."""
     index = Index(index_dir, create=not (index_dir / "data.mdb").exists())
     try:
-        with index.env.begin(write=True) as txn:
+        with index.env.begin(write=not index.read_only) as txn:
             owner = txn.get(b"repo_id", db=index.meta)
-            if owner is None:
+            if owner is None and not index.read_only:
                 txn.put(b"repo_id", repo_id.encode(), db=index.meta)
-            elif owner != repo_id.encode():
+            elif owner not in (None, repo_id.encode()):
                 raise RepoError(f"{index_dir.parent} holds the cache of another repository "
                                 f"(id {owner.decode(errors='replace')[:12]}), not of {location} "
                                 f"(id {repo_id[:12]}): give this repository its own cache "
