@@ -418,3 +418,14 @@ def test_a_backup_killed_before_its_point_entry_then_gc_on_another_host(tmp_path
     assert again.code == 0, again.err
     contents[again.json()["point"]["id"]] = other.copy_of_content()
     restores_everything(root, tmp_path, contents)
+
+
+def test_an_entry_copied_under_another_seq_is_refused(hosts, tmp_path):
+    """A hostile store serves entry `seq` again as the next one: the entry says which seq it
+    is, so the copy is damage, never replayed twice."""
+    root, a, b = hosts
+    a.backup("vm", disk(tmp_path, "vm", 37))
+    seq = b.repo.refresh()
+    (root / "journal" / f"{seq + 1:016x}.jnl").write_bytes(
+        (root / "journal" / f"{seq:016x}.jnl").read_bytes())
+    refused(b, tmp_path, "moved or tampered with")
