@@ -155,7 +155,7 @@ class LocalStore:
                 try:
                     size = entry.stat(follow_symlinks=False).st_size
                 except FileNotFoundError:
-                    continue  # deleted since the directory was read (by another process)
+                    continue  # deleted since the directory was read: gone, as on S3
                 yield ObjectInfo(name, size)
 
     def delete(self, names: Iterable[str]) -> None:
@@ -216,7 +216,7 @@ def _walk(top: Path, base: str, skipped: list[str] | None) -> Iterator[tuple[str
             try:
                 mode = entry.stat(follow_symlinks=False).st_mode
             except FileNotFoundError:
-                continue
+                continue  # deleted since the directory was read
             skipped.append(f"{entry.path} is {kind_of(mode)}, not a regular file: left alone, "
                            "never read (remove it)")
 
