@@ -185,7 +185,7 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
     repo.require_writable(f"backup {snapshot.vm}")
     command = f"backup {snapshot.vm}"
     vm_lock = nullcontext() if vm_locked else repo.vm_lock(snapshot.vm, command)
-    with repo.lock(SHARED, command), vm_lock:
+    with vm_lock, repo.lock(SHARED, command):  # the VM lock is released if this lock fails
         writer = ChunkWriter(repo)
         pipeline = BlockPipeline(repo.codec, repo.index)
         try:

@@ -16,7 +16,9 @@ opened for reading nor followed; it is not a lock, and `unlock` removes it.
 A VM lock (`locks/vm-<hash of the VM name>.lock`, a shared lock file like the others) is held by a
 backup for the whole backup of that VM. It is created under its fixed name only if absent (a link,
 not a rename), so of two backups of one VM, on one host or on two hosts sharing the repository,
-exactly one gets it; the other is refused with the holder's host, pid and start time.
+exactly one gets it; the other is refused with the holder's host, pid and start time. On a
+shared repository this file is in each host's own directory, so the backup also takes the VM lock
+in the store (leases.py), refused in the same words.
 
 On a read-only filesystem (read-only media, a read-only snapshot) nobody can write, so a shared
 lock is not needed: taking one is a no-op with a note; any other lock is refused there.
@@ -180,6 +182,17 @@ def remove_stale_partials(locks_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def vm_key(vm: str) -> str:
+    """The VM's part of its lock names (any VM name, fixed length, no path characters)."""
+    return blake3.blake3(vm.encode()).hexdigest()[:32]
+
+
+def vm_busy(vm: str, command: str, pid: int, host: str, since: str, remedy: str) -> LockedError:
+    """The refusal of a second backup of `vm`: who holds its lock, and `remedy` if it is gone."""
+    return LockedError(f"VM {vm!r} is being backed up by {command!r}, pid {pid} on {host} since "
+                       f"{since}; wait for it to finish (if that process is gone, {remedy})")
+
+
 def _holder(kind: str, command: str) -> LockInfo:
     return LockInfo(kind, socket.gethostname(), os.getpid(), now_iso(), command)
 
@@ -212,7 +225,7 @@ class RepoLock:
     @classmethod
     def for_vm(cls, locks_dir: Path, vm: str, command: str) -> "RepoLock":
         """Take the VM lock of `vm` (module doc); LockedError naming the backup that holds it."""
-        path = locks_dir / f"vm-{blake3.blake3(vm.encode()).hexdigest()[:32]}.lock"
+        path = locks_dir / f"vm-{vm_key(vm)}.lock"
         content = seal(LOCK, json.dumps(asdict(_holder(SHARED, command))).encode())
         for _attempt in range(3):
             try:
@@ -224,12 +237,10 @@ class RepoLock:
                                       "'repo-engine unlock')") from None
                 if info is None or remove_if_stale(path, info):
                     continue
-                raise LockedError(f"VM {vm!r} is being backed up by {info.command!r}, pid "
-                                  f"{info.pid} on {info.host} since {info.time}; wait for it to "
-                                  "finish (if that process is gone, run 'repo-engine unlock')"
-                                  ) from None
+                raise vm_busy(vm, info.command, info.pid, info.host, info.time,
+                              "run 'repo-engine unlock'") from None
             held = cls.__new__(cls)
-            held.kind, held.path, held._fd = SHARED, path, fd
+            held.kind, held.path, held._fd, held.note = SHARED, path, fd, ""
             return held
         raise LockedError(f"the lock of VM {vm!r} ({path}) keeps changing; try again")
 
