@@ -320,3 +320,28 @@ def test_unlock_removes_expired_vm_locks_and_force_removes_live_ones(store, tmp_
         with pytest.raises(LeaseLost, match="was removed"):
             a.check_leases()
     assert list_leases(store) == []
+
+
+def test_a_vm_lock_a_failed_backup_could_not_delete_is_taken_over_by_its_host(store, tmp_path,
+                                                                              monkeypatch):
+    """A backup whose store failed could not delete its store VM lock: it leaves its local VM
+    lock file, stale, which tells its host's next backup of the VM that the holder is gone;
+    other hosts, with no such evidence, wait for the expiry."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    held = a.vm_lock("v", "backup image v")
+
+    def refuse(*_args, **_kwargs):
+        raise StoreError(f"{store.location}: the server answered 503 SlowDown")
+
+    with monkeypatch.context() as failing:
+        failing.setattr(store, "delete", refuse)
+        held.release()
+    assert [f.name for f in list_leases(store)] == [lock_name(vm_base("v"), 1)]
+    assert [p.name for p in (tmp_path / "a" / "locks").iterdir()] == [held.local.path.name]
+    with a.lock(SHARED, "verify"):  # other commands leave the stale VM lock file alone
+        pass
+    with pytest.raises(LockedError, match="VM 'v' is being backed up by 'backup image v'"):
+        b.vm_lock("v", "backup image v")
+    with a.vm_lock("v", "backup image v"):
+        assert [f.name for f in list_leases(store)] == [lock_name(vm_base("v"), 2)]
+    assert list_leases(store) == [] and list((tmp_path / "a" / "locks").iterdir()) == []

@@ -13,8 +13,11 @@ shared repository also announces itself in the store, next to its local lock (lo
   so of two takers exactly one wins.
 - **VM lock** `leases/vm-<32 hex: hash of the VM name>-<16 hex generation>.lock`, taken by a
   backup of that VM besides its local VM lock (locks.py), so that two hosts never back up one VM
-  at once: generations exactly as for the maintenance lock. gc waits for session leases only (a
-  backup holds one of those too).
+  at once: generations exactly as for the maintenance lock. Its holder is also known dead, and
+  the lock taken over at once, when the taker replaced that holder's local VM lock as stale (same
+  host and pid: a backup that crashed, or failed on a server fault and so kept its local VM lock
+  file when it could not delete the store's). gc waits
+  for session leases only (a backup holds one of those too).
 
 Each is a sealed JSON record (envelope.py, magic LEASE): `kind` (`session` | `maintenance` | `vm`),
 `host`, `pid`, `command`, `started`, `expires` (ISO times, UTC, of the holder's clock: started or
@@ -45,7 +48,7 @@ from functools import partial
 from ..errors import DamageError, FormatError, LockedError, RepoError
 from .envelope import read_sealed, write_sealed
 from .formats import LEASE
-from .locks import MAINTENANCE, RepoLock, vm_busy, vm_key
+from .locks import MAINTENANCE, LockInfo, RepoLock, vm_busy, vm_key
 from .safefile import LOCK_MAX
 from .store import ObjectExists, ObjectMissing, Store
 
@@ -292,8 +295,9 @@ class Lease:
                             f"{locks[-1].info.holder()} after ours ({self.name}) expired")
 
     # -- release ----------------------------------------------------------------------------
-    def release(self) -> None:
-        """Stop renewing and remove the object, if it is still ours."""
+    def release(self) -> bool:
+        """Stop renewing and remove the object, if it is still ours; False when the store
+        failed and it is left to expire (unlock removes it then)."""
         with self._renewing:
             self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
@@ -303,7 +307,8 @@ class Lease:
             if current is not None and current.token == self.info.token:
                 self.store.delete([self.name])
         except (RepoError, OSError):
-            pass  # left to expire: unlock removes it then
+            return False
+        return True
 
 
 def take_session(store: Store, command: str, seconds: float) -> Lease:
@@ -315,9 +320,14 @@ def take_maintenance(store: Store, command: str, seconds: float) -> Lease:
     return take_lock(store, MAINT, MAINT, command, seconds, partial(_held_by, store))
 
 
-def take_vm_lock(store: Store, vm: str, command: str, seconds: float) -> Lease:
+def take_vm_lock(store: Store, vm: str, command: str, seconds: float,
+                 dead: LockInfo | None = None) -> Lease:
     """The store's lock of VM `vm`, or LockedError naming the backup that holds it (worded as
-    the local VM lock's refusal)."""
+    the local VM lock's refusal). `dead`: the holder of the local VM lock we found stale; a store
+    lock of the same host and pid is its, taken over at once."""
+    def gone(top: Found) -> bool:
+        return dead is not None and (top.info.host, top.info.pid) == (dead.host, dead.pid)
+
     def held_by(top: Found) -> LockedError:
         if top.info.host == UNREADABLE_HOST:
             return LockedError(f"the lock of VM {vm!r}, {store.location}/{top.name}, cannot be "
@@ -326,16 +336,18 @@ def take_vm_lock(store: Store, vm: str, command: str, seconds: float) -> Lease:
         return vm_busy(vm, top.info.command, top.info.pid, top.info.host, top.info.started,
                        f"its lock expires at {top.info.expires} unless renewed, or run "
                        "'repo-engine unlock --force'")
-    return take_lock(store, vm_base(vm), VM, command, seconds, held_by)
+    return take_lock(store, vm_base(vm), VM, command, seconds, held_by, gone)
 
 
 def take_lock(store: Store, base: str, kind: str, command: str, seconds: float,
-              held_by: Callable[[Found], LockedError]) -> Lease:
-    """The lock `base` taken by generations (module doc), or `held_by(its holder)`."""
+              held_by: Callable[[Found], LockedError],
+              gone: Callable[[Found], bool] = lambda _top: False) -> Lease:
+    """The lock `base` taken by generations (module doc), or `held_by(its holder)`. A holder
+    is over when its lock expired, or when `gone` says so."""
     for _attempt in range(5):
         locks = generations(store, base)
         top = locks[-1] if locks else None
-        if top is not None and not top.info.expired(now()):
+        if top is not None and not top.info.expired(now()) and not gone(top):
             raise held_by(top)
         try:
             lease = Lease.write(store, lock_name(base, top.generation + 1 if top else 1), kind,
@@ -379,10 +391,11 @@ class SharedLock:
     def release(self) -> None:
         if self in self._held:
             self._held.remove(self)
-        for lease in reversed(self.leases):
-            lease.release()
+        removed = [lease.release() for lease in reversed(self.leases)]
         self.leases = []
-        self.local.release()
+        # a store lock left behind keeps its local lock file, stale once we exit: this host's
+        # next taker of a VM lock learns from it that the store's VM lock is a dead holder's
+        self.local.release(keep_file=not all(removed))
 
     def __enter__(self) -> "SharedLock":
         return self
@@ -405,7 +418,8 @@ def with_vm_lease(store: Store, local: RepoLock, vm: str, command: str, seconds:
                   held: list[SharedLock]) -> SharedLock:
     """`local` (the local VM lock of `vm`) plus the store's VM lock, registered in `held` until
     released (so a backup checks it before each journal commit)."""
-    return _joined(local, [partial(take_vm_lock, store, vm, command, seconds)], held)
+    return _joined(local, [partial(take_vm_lock, store, vm, command, seconds, local.stale)],
+                   held)
 
 
 def _joined(local: RepoLock, takers: list[Callable[[], Lease]],
