@@ -66,22 +66,7 @@ def _stopped(cmd: list[str], locked: Callable[[], bool]) -> subprocess.Popen:
 def test_second_backup_of_a_running_vm_is_refused(setup):
     repo, small, big = setup
     first = _stopped_backup(repo, "v", big)
-    try:
-        second = subprocess.run(backup_cmd(repo, "v", small), capture_output=True, text=True,
-                                timeout=TIMEOUT)
-        other_vm = subprocess.run(backup_cmd(repo, "w", small), capture_output=True, text=True,
-                                  timeout=TIMEOUT)
-    finally:
-        os.kill(first.pid, signal.SIGCONT)
-    out, err = first.communicate(timeout=TIMEOUT)
-    assert first.returncode == 0, err
-    assert second.returncode == 1, second.stderr
-    lines = second.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    for fragment in ("VM 'v' is being backed up", f"pid {first.pid}", socket.gethostname(),
-                     "since 20"):
-        assert fragment in lines[0], lines[0]
-    assert other_vm.returncode == 0, other_vm.stderr  # other VMs are not held up
+    _second_refused(first, backup_cmd(repo, "v", small), backup_cmd(repo, "w", small))
     points = json.loads(subprocess.run([sys.executable, "-m", "repo_engine", "points", str(repo),
                                         "--json"], capture_output=True, text=True).stdout)
     listed = points["points"] if isinstance(points, dict) else points
@@ -90,6 +75,26 @@ def test_second_backup_of_a_running_vm_is_refused(setup):
     again = subprocess.run(backup_cmd(repo, "v", small), capture_output=True, text=True,
                            timeout=TIMEOUT)
     assert again.returncode == 0, again.stderr
+
+
+def _second_refused(first: subprocess.Popen, second: list[str], other_vm: list[str]) -> None:
+    """While the stopped backup `first` holds its VM lock, the backup `second` of its VM is
+    refused in one line naming it, the backup `other_vm` of another VM is not held up; then
+    `first` goes on and succeeds."""
+    try:
+        refused = subprocess.run(second, capture_output=True, text=True, timeout=TIMEOUT)
+        other = subprocess.run(other_vm, capture_output=True, text=True, timeout=TIMEOUT)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _out, err = first.communicate(timeout=TIMEOUT)
+    assert first.returncode == 0, err
+    assert refused.returncode == 1, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    for fragment in ("error: VM 'v' is being backed up by 'backup v'", f"pid {first.pid}",
+                     socket.gethostname(), "since 20"):
+        assert fragment in lines[0], lines[0]
+    assert other.returncode == 0, other.stderr
 
 
 def test_lock_of_a_killed_backup_is_stale(setup):
@@ -158,22 +163,7 @@ def test_hosts_sharing_a_repository_never_back_up_one_vm_at_once(setup, tmp_path
 
     leases = repo / "leases"
     first = _stopped(on("a", "v", big), lambda: any(leases.glob("vm-*.lock")))
-    try:
-        second = subprocess.run(on("b", "v", small), capture_output=True, text=True,
-                                timeout=TIMEOUT)
-        other_vm = subprocess.run(on("b", "w", small), capture_output=True, text=True,
-                                  timeout=TIMEOUT)
-    finally:
-        os.kill(first.pid, signal.SIGCONT)
-    _out, err = first.communicate(timeout=TIMEOUT)
-    assert first.returncode == 0, err
-    assert second.returncode == 1, second.stderr
-    lines = second.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    for fragment in ("error: VM 'v' is being backed up by 'backup v'", f"pid {first.pid}",
-                     socket.gethostname(), "since 20"):
-        assert fragment in lines[0], lines[0]
-    assert other_vm.returncode == 0, other_vm.stderr
+    _second_refused(first, on("b", "v", small), on("b", "w", small))
     assert list(leases.iterdir()) == []
     again = subprocess.run(on("b", "v", small), capture_output=True, text=True, timeout=TIMEOUT)
     assert again.returncode == 0, again.stderr
