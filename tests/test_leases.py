@@ -1,5 +1,5 @@
-"""Leases, the maintenance lock and the VM locks of a shared repository (repository/leases.py), on a local
-shared repository and on S3 (SeaweedFS): two hosts (two repositories opened on one store, each
+"""Leases, the maintenance lock and the VM locks of a shared repository (repository/leases.py),
+on a local shared repository and on S3 (SeaweedFS): two hosts (two repositories opened on one store, each
 with its own local directory), expiry judged by the holder's clock, takeover of an expired
 maintenance lock by exactly one of two racing takers, lost renewals, and unlock."""
 

@@ -16,8 +16,8 @@ shared repository also announces itself in the store, next to its local lock (lo
   at once: generations exactly as for the maintenance lock. Its holder is also known dead, and
   the lock taken over at once, when the taker replaced that holder's local VM lock as stale (same
   host and pid: a backup that crashed, or failed on a server fault and so kept its local VM lock
-  file when it could not delete the store's). gc waits
-  for session leases only (a backup holds one of those too).
+  file when it could not delete the store's). gc waits for session leases only (a backup holds
+  one of those too).
 
 Each is a sealed JSON record (envelope.py, magic LEASE): `kind` (`session` | `maintenance` | `vm`),
 `host`, `pid`, `command`, `started`, `expires` (ISO times, UTC, of the holder's clock: started or
