@@ -373,17 +373,22 @@ def rebuild_part(bench: Bench, peers: list[Peer], label: str) -> dict:
     return out
 
 
-def rebuild_table(results: dict, built: dict) -> list[str]:
+def rebuild_table(results: dict, built: dict | None = None) -> list[str]:
+    """`built`: how the repository was made (its backups' time, its size), when it is new."""
     head = ["tool", "fresh host s", "requests", "GET", "LIST", "GETs by area", "received MiB",
-            "peak RSS MB", "repository: backups s", "bucket MiB"]
+            "peak RSS MB"]
+    if built:
+        head += ["repository: backups s", "bucket MiB"]
     rows = []
     for name, r in results.items():
         s = Step(**r["step"])
         areas = ", ".join(f"{a or '(bucket)'} {n}" for a, n in sorted(s.gets.items()))
         rows.append([name, f"{s.seconds:.2f}", str(s.requests), str(s.ops["GET"]),
                      str(s.ops["LIST"]), areas or "—", f"{s.down / MIB:.2f}",
-                     f"{s.maxrss_kb / 1024:.1f}", f"{built[name]['backups_s']:.1f}",
-                     f"{built[name]['bucket_bytes'] / MIB:.1f}"])
+                     f"{s.maxrss_kb / 1024:.1f}"])
+        if built:
+            rows[-1] += [f"{built[name]['backups_s']:.1f}",
+                         f"{built[name]['bucket_bytes'] / MIB:.1f}"]
     return markdown(head, rows)
 
 
@@ -519,7 +524,7 @@ def points_parts(bench: Bench, names: list[str], commands: dict, parts: list[str
         report["rebuild_after_gc"] = rebuild_part(bench, peers, "after-gc")
         tables.append("\n".join([f"### Forget {args.points // 2} of {args.points} points, then gc",
                                  *gc_table(report["gc"]), "", "After gc, a fresh host again:",
-                                 *rebuild_table(report["rebuild_after_gc"], report["points"]),
+                                 *rebuild_table(report["rebuild_after_gc"]),
                                  "", footer(report, start)]))
     return tables
 
