@@ -123,6 +123,10 @@ class Peer:
     def env(self, cache: Path | None = None) -> dict[str, str]:
         return {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
 
+    def points_listed(self, stdout: str) -> int | None:
+        """How many points the fresh host's first command listed (None: it lists none)."""
+        return None
+
     def version(self) -> str:
         out = subprocess.run(self.command + self.version_args, capture_output=True, text=True)
         return (out.stdout or out.stderr).strip().splitlines()[0] if out.returncode == 0 else "?"
@@ -155,6 +159,9 @@ class RepoEngine(Peer):
     def first_command(self) -> list[str]:
         """What a fresh host runs first: it builds its cache from the bucket."""
         return self.command + ["points", *self.location, "--json"]
+
+    def points_listed(self, stdout: str) -> int | None:
+        return len(parse_json_output(stdout)["points"])
 
     def forget(self, keep: int) -> list[str]:
         return self.command + ["forget", *self.location, "--keep-last", str(keep)]
@@ -364,26 +371,24 @@ def rebuild_part(bench: Bench, peers: list[Peer], label: str) -> dict:
     for peer in peers:
         fresh = peer.root / f"fresh-{label}"
         shutil.rmtree(fresh, ignore_errors=True)
-        step = bench.run(peer, peer.first_command(), f"fresh-{label}", cache=fresh, check=True,
-                         keep_stdout=peer.name == RepoEngine.name)
-        seen = len(parse_json_output(step.stdout)["points"]) if peer.name == RepoEngine.name \
-            else None
-        step.stdout = ""
+        step = bench.run(peer, peer.first_command(), f"fresh-{label}", cache=fresh, check=True)
+        seen, step.stdout = peer.points_listed(step.stdout), ""
         out[peer.name] = {"step": asdict(step), "points_seen": seen}
     return out
 
 
 def rebuild_table(results: dict, built: dict | None = None) -> list[str]:
     """`built`: how the repository was made (its backups' time, its size), when it is new."""
-    head = ["tool", "fresh host s", "requests", "GET", "LIST", "GETs by area", "received MiB",
-            "peak RSS MB"]
+    head = ["tool", "fresh host s", "points listed", "requests", "GET", "LIST", "GETs by area",
+            "received MiB", "peak RSS MB"]
     if built:
         head += ["repository: backups s", "bucket MiB"]
     rows = []
     for name, r in results.items():
         s = Step(**r["step"])
         areas = ", ".join(f"{a or '(bucket)'} {n}" for a, n in sorted(s.gets.items()))
-        rows.append([name, f"{s.seconds:.2f}", str(s.requests), str(s.ops["GET"]),
+        seen = "—" if r["points_seen"] is None else str(r["points_seen"])
+        rows.append([name, f"{s.seconds:.2f}", seen, str(s.requests), str(s.ops["GET"]),
                      str(s.ops["LIST"]), areas or "—", f"{s.down / MIB:.2f}",
                      f"{s.maxrss_kb / 1024:.1f}"])
         if built:
