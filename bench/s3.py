@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -206,6 +207,10 @@ PEERS = {p.name: p for p in (RepoEngine, Restic)}
 
 # ---------------------------------------------------------------- the bench
 
+class StepFailed(Exception):
+    """A command the rest of its part depends on failed."""
+
+
 class Bench:
     def __init__(self, root: Path, server: SeaweedServer, proxy: CountingProxy) -> None:
         self.root = root
@@ -230,8 +235,8 @@ class Bench:
                     keep_stdout=keep_stdout)
         step = step_of(m, self.proxy.take(), peer.prefix)
         if check and step.rc != 0:
-            sys.exit(f"{peer.name}: {label} failed (rc={step.rc}): see "
-                     f"{self.logs / f'{peer.name}-{label}.log'}")
+            raise StepFailed(f"{peer.name} {label} failed (rc={step.rc}): see "
+                             f"{self.logs / f'{peer.name}-{label}.log'}")
         print(f"  {peer.name:12s} {label:16s} {step.seconds:8.2f} s {step.requests:7d} requests "
               f"up {step.up / MIB:8.1f} MiB down {step.down / MIB:8.1f} MiB "
               f"rss {step.maxrss_kb / 1024:6.1f} MB", file=sys.stderr)
@@ -371,8 +376,9 @@ def rebuild_part(bench: Bench, peers: list[Peer], label: str) -> dict:
     for peer in peers:
         fresh = peer.root / f"fresh-{label}"
         shutil.rmtree(fresh, ignore_errors=True)
-        step = bench.run(peer, peer.first_command(), f"fresh-{label}", cache=fresh, check=True)
-        seen, step.stdout = peer.points_listed(step.stdout), ""
+        step = bench.run(peer, peer.first_command(), f"fresh-{label}", cache=fresh)
+        seen = peer.points_listed(step.stdout) if step.rc == 0 else None
+        step.stdout = ""
         out[peer.name] = {"step": asdict(step), "points_seen": seen}
     return out
 
@@ -380,7 +386,7 @@ def rebuild_part(bench: Bench, peers: list[Peer], label: str) -> dict:
 def rebuild_table(results: dict, built: dict | None = None) -> list[str]:
     """`built`: how the repository was made (its backups' time, its size), when it is new."""
     head = ["tool", "fresh host s", "points listed", "requests", "GET", "LIST", "GETs by area",
-            "received MiB", "peak RSS MB"]
+            "received MiB", "peak RSS MB", "status"]
     if built:
         head += ["repository: backups s", "bucket MiB"]
     rows = []
@@ -390,7 +396,7 @@ def rebuild_table(results: dict, built: dict | None = None) -> list[str]:
         seen = "—" if r["points_seen"] is None else str(r["points_seen"])
         rows.append([name, f"{s.seconds:.2f}", seen, str(s.requests), str(s.ops["GET"]),
                      str(s.ops["LIST"]), areas or "—", f"{s.down / MIB:.2f}",
-                     f"{s.maxrss_kb / 1024:.1f}"])
+                     f"{s.maxrss_kb / 1024:.1f}", status(s)])
         if built:
             rows[-1] += [f"{built[name]['backups_s']:.1f}",
                          f"{built[name]['bucket_bytes'] / MIB:.1f}"]
@@ -401,8 +407,8 @@ def gc_part(bench: Bench, peers: list[Peer], points: int) -> dict:
     out = {}
     for peer in peers:
         before = bench.bucket_bytes(peer.bucket)[0]
-        forget = bench.run(peer, peer.forget(points - points // 2), "forget", check=True)
-        gc = bench.run(peer, peer.gc(), "gc", check=True)
+        forget = bench.run(peer, peer.forget(points - points // 2), "forget")
+        gc = bench.run(peer, peer.gc(), "gc")
         out[peer.name] = {"forget": asdict(forget), "gc": asdict(gc), "bucket_before": before,
                           "bucket_after": bench.bucket_bytes(peer.bucket)[0]}
     return out
@@ -410,7 +416,7 @@ def gc_part(bench: Bench, peers: list[Peer], points: int) -> dict:
 
 def gc_table(results: dict) -> list[str]:
     head = ["tool", "forget s", "gc s", "gc requests", "GET", "PUT+POST", "DELETE", "LIST",
-            "read back MiB", "written MiB", "bucket MiB before", "after", "peak RSS MB"]
+            "read back MiB", "written MiB", "bucket MiB before", "after", "peak RSS MB", "status"]
     rows = []
     for name, r in results.items():
         f, g = Step(**r["forget"]), Step(**r["gc"])
@@ -419,11 +425,16 @@ def gc_table(results: dict) -> list[str]:
                      str(g.ops["DELETE"]), str(g.ops["LIST"]), f"{g.down_gets / MIB:.1f}",
                      f"{g.up / MIB:.1f}", f"{r['bucket_before'] / MIB:.1f}",
                      f"{r['bucket_after'] / MIB:.1f}",
-                     f"{max(f.maxrss_kb, g.maxrss_kb) / 1024:.1f}"])
+                     f"{max(f.maxrss_kb, g.maxrss_kb) / 1024:.1f}", status(f, g)])
     return markdown(head, rows)
 
 
 # ---------------------------------------------------------------- reporting
+
+def status(*steps: Step) -> str:
+    failed = [s.rc for s in steps if s.rc != 0]
+    return f"FAILED (rc={failed[0]})" if failed else "ok"
+
 
 def yes(flag: bool) -> str:
     return "yes" if flag else "no"
@@ -487,13 +498,24 @@ def run_bench(args: argparse.Namespace, parts: list[str], names: list[str]) -> t
         report["meta"]["versions"] = {n: PEERS[n](root, "", "", commands[n]).version()
                                       for n in names}
         if "backup" in parts or "restore" in parts:
-            tables += main_parts(bench, names, commands, parts, workload, args.days, report)
+            tables += part_or_failure(lambda: main_parts(bench, names, commands, parts, workload,
+                                                         args.days, report))
         if "rebuild" in parts or "gc" in parts:
-            tables += points_parts(bench, names, commands, parts, workload, args, report)
+            tables += part_or_failure(lambda: points_parts(bench, names, commands, parts,
+                                                           workload, args, report))
     finally:
         proxy.close()
         server.stop()
     return report, tables
+
+
+def part_or_failure(part: Callable[[], list[str]]) -> list[str]:
+    """A part's tables, or one line saying which command stopped it (the other parts still run)."""
+    try:
+        return part()
+    except StepFailed as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return [f"FAILED: {e}"]
 
 
 def main_parts(bench: Bench, names: list[str], commands: dict, parts: list[str], workload: Path,
