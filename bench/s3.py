@@ -128,6 +128,11 @@ class Peer:
         """How many points the fresh host's first command listed (None: it lists none)."""
         return None
 
+    def repack_left(self, stdout: str) -> tuple[int, int] | None:
+        """What gc left for a repack (bytes to read back, bytes it would free); None: gc
+        repacks what it decides to."""
+        return None
+
     def version(self) -> str:
         out = subprocess.run(self.command + self.version_args, capture_output=True, text=True)
         return (out.stdout or out.stderr).strip().splitlines()[0] if out.returncode == 0 else "?"
@@ -169,7 +174,27 @@ class RepoEngine(Peer):
 
     def gc(self) -> list[str]:
         # No backup runs alongside: no grace period to wait out, so gc reclaims in this run.
-        return self.command + ["gc", *self.location, "--grace", "0s"]
+        return self.command + ["gc", *self.location, "--grace", "0s", "--json"]
+
+    def repack_left(self, stdout: str) -> tuple[int, int] | None:
+        """Bytes a repack of the partly dead packs would read back and free (gc reports it and
+        leaves the packs: on object storage it drops whole dead packs only)."""
+        doc = parse_json_output(stdout)
+        found = [find_key(doc, key) for key in ("repack_read_bytes", "repack_reclaims_bytes")]
+        return None if None in found else (found[0], found[1])
+
+
+def find_key(doc: object, key: str) -> int | None:
+    """The value of `key` wherever it is in a JSON document."""
+    if isinstance(doc, dict):
+        if key in doc:
+            return doc[key]
+        doc = list(doc.values())
+    if isinstance(doc, list):
+        for item in doc:
+            if (found := find_key(item, key)) is not None:
+                return found
+    return None
 
 
 class Restic(Peer):
@@ -409,14 +434,18 @@ def gc_part(bench: Bench, peers: list[Peer], points: int) -> dict:
         before = bench.bucket_bytes(peer.bucket)[0]
         forget = bench.run(peer, peer.forget(points - points // 2), "forget")
         gc = bench.run(peer, peer.gc(), "gc")
-        out[peer.name] = {"forget": asdict(forget), "gc": asdict(gc), "bucket_before": before,
+        left = peer.repack_left(gc.stdout) if gc.rc == 0 else None
+        gc.stdout = ""
+        out[peer.name] = {"forget": asdict(forget), "gc": asdict(gc), "repack_left": left,
+                          "bucket_before": before,
                           "bucket_after": bench.bucket_bytes(peer.bucket)[0]}
     return out
 
 
 def gc_table(results: dict) -> list[str]:
     head = ["tool", "forget s", "gc s", "gc requests", "GET", "PUT+POST", "DELETE", "LIST",
-            "read back MiB", "written MiB", "bucket MiB before", "after", "peak RSS MB", "status"]
+            "read back MiB", "written MiB", "bucket MiB before", "after",
+            "repack left: read / free MiB", "peak RSS MB", "status"]
     rows = []
     for name, r in results.items():
         f, g = Step(**r["forget"]), Step(**r["gc"])
@@ -424,12 +453,16 @@ def gc_table(results: dict) -> list[str]:
                      str(g.ops["GET"]), str(g.ops["PUT"] + g.ops["POST"]),
                      str(g.ops["DELETE"]), str(g.ops["LIST"]), f"{g.down_gets / MIB:.1f}",
                      f"{g.up / MIB:.1f}", f"{r['bucket_before'] / MIB:.1f}",
-                     f"{r['bucket_after'] / MIB:.1f}",
+                     f"{r['bucket_after'] / MIB:.1f}", repack_text(r["repack_left"]),
                      f"{max(f.maxrss_kb, g.maxrss_kb) / 1024:.1f}", status(f, g)])
     return markdown(head, rows)
 
 
 # ---------------------------------------------------------------- reporting
+
+def repack_text(left: list[int] | None) -> str:
+    return "—" if left is None else f"{left[0] / MIB:.1f} / {left[1] / MIB:.1f}"
+
 
 def status(*steps: Step) -> str:
     failed = [s.rc for s in steps if s.rc != 0]
