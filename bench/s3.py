@@ -82,12 +82,15 @@ def op_of(request: Request) -> str:
 
 
 def area_of(request: Request, prefix: str) -> str:
-    """`packs`, `maps`, `data`, `index`, ... : the first component of the key under the
-    repository's prefix (the whole key for a top-level object such as `config`)."""
+    """`packs/*.pack`, `journal/*.ckpt`, `data`, `index`, ... : the first component of the key
+    under the repository's prefix, with the extension of its name if it has one (the whole key
+    for a top-level object such as `config`)."""
     key = request.path.split("/", 2)[2] if request.path.count("/") >= 2 else ""
     if prefix:
         key = key.removeprefix(prefix + "/")
-    return key.split("/", 1)[0]
+    first, slash, rest = key.partition("/")
+    suffix = Path(rest).suffix
+    return f"{first}/*{suffix}" if slash and suffix else first
 
 
 def step_of(m: Measure, requests: list[Request], prefix: str) -> Step:
@@ -443,13 +446,14 @@ def gc_part(bench: Bench, peers: list[Peer], points: int) -> dict:
 
 
 def gc_table(results: dict) -> list[str]:
-    head = ["tool", "forget s", "gc s", "gc requests", "GET", "PUT+POST", "DELETE", "LIST",
+    head = ["tool", "forget s", "forget requests", "gc s", "gc requests", "GET", "PUT+POST", "DELETE", "LIST",
             "read back MiB", "written MiB", "bucket MiB before", "after",
             "repack left: read / free MiB", "peak RSS MB", "status"]
     rows = []
     for name, r in results.items():
         f, g = Step(**r["forget"]), Step(**r["gc"])
-        rows.append([name, f"{f.seconds:.2f}", f"{g.seconds:.2f}", str(g.requests),
+        rows.append([name, f"{f.seconds:.2f}", str(f.requests), f"{g.seconds:.2f}",
+                     str(g.requests),
                      str(g.ops["GET"]), str(g.ops["PUT"] + g.ops["POST"]),
                      str(g.ops["DELETE"]), str(g.ops["LIST"]), f"{g.down_gets / MIB:.1f}",
                      f"{g.up / MIB:.1f}", f"{r['bucket_before'] / MIB:.1f}",
