@@ -134,3 +134,22 @@ def repo_with_point(tmp_path: Path, capsys, seed: int) -> tuple[Path, DiskModel]
     model.random_changes(5)
     assert cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}").code == 0
     return repo, model
+
+
+def shared_repo(root: Path, cache: Path, **settings):
+    """A new shared repository in the local directory `root`, this host's cache in `cache`."""
+    from repo_engine.repository.config import RepoConfig
+    from repo_engine.repository.repo import Repository
+    from repo_engine.repository.store.local import LocalStore
+
+    root.mkdir(parents=True, exist_ok=True)
+    config = RepoConfig.new(shared=True, **{"block_size": 64 * KIB, **settings})
+    return Repository.create(LocalStore(root), cache, config)
+
+
+def attach_shared(store, cache: Path):
+    """Another host's view of the shared repository in `store` (a Store), cached in `cache`."""
+    from repo_engine.repository.config import read_config
+    from repo_engine.repository.repo import Repository
+
+    return Repository.attach(store, cache, read_config(store))

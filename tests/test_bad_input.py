@@ -96,11 +96,11 @@ def test_not_a_repository(tmp_path, capsys):
 def test_unknown_format_version(tmp_path, capsys, setup):
     repo, _ = setup
     payload = unseal(CONFIG, (repo / "config").read_bytes(), "config")
-    future = FileFormat(CONFIG.name, CONFIG.magic, CONFIG.major + 1)
+    future = FileFormat(CONFIG.name, CONFIG.magic, max(CONFIG.major, *CONFIG.also_reads) + 1)
     (repo / "config").write_bytes(seal(future, payload))
     before = tree_digest(repo)
     result = cli(capsys, "points", repo)
-    _assert_one_line_error(result, 1, "format version 2 is not supported", "upgrade repo-engine")
+    _assert_one_line_error(result, 1, "format version 3 is not supported", "upgrade repo-engine")
     assert tree_digest(repo) == before
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import blake3
 import lmdb
 import numpy as np
 import pytest
+import zstandard
 
 from repo_engine.errors import DamageError, FormatError
 from repo_engine.repository.blockmap import BlockMap, encode
@@ -153,3 +156,80 @@ def test_lmdb_meta_layout(tmp_path):
     current = max(metas, key=lambda m: m.txn_id)
     assert (current.last_page + 1) * 4096 == len(data)
     check_data_file(tmp_path / "data.mdb")
+
+
+def test_lease_record_golden(tmp_path):
+    from repo_engine.repository.leases import LeaseInfo, read_lease, write_lease
+
+    store = LocalStore(tmp_path)
+    info = LeaseInfo("session", "h1", 7, "gc", "2026-11-30T00:00:00.000000Z",
+                     "2026-11-30T00:10:00.000000Z", "00112233aabbccdd")
+    write_lease(store, "leases/h1-7-01234567.lease", info)
+    data = (tmp_path / "leases" / "h1-7-01234567.lease").read_bytes()
+    assert data[:12].hex() == "52456c736500011a" "0100" "0000"
+    assert data[24:-32] == (b'{"kind": "session", "host": "h1", "pid": 7, "command": "gc", '
+                            b'"started": "2026-11-30T00:00:00.000000Z", "expires": '
+                            b'"2026-11-30T00:10:00.000000Z", "token": "00112233aabbccdd"}')
+    assert read_lease(store, "leases/h1-7-01234567.lease") == info
+
+
+def test_journal_entry_golden():
+    from repo_engine.repository.formats import JOURNAL
+    from repo_engine.repository.journal import (Entry, PackOp, RefsOp, SweepOp, decode,
+                                                encode)
+    from repo_engine.repository.packs import ENTRY_DTYPE
+
+    rows = np.array([(5, b"\x01" * 32, 16, 10, 20, 1)], dtype=ENTRY_DTYPE)
+    entry = Entry(3, [RefsOp(1, 4096), PackOp("ab" * 32, 99, rows),
+                      SweepOp("00" * 8, np.array([7], np.uint64), [], [])], "T", "h", 9)
+    data = encode(entry)
+    assert data[:16] == JOURNAL.magic + b"\x01\x00\x00\x00" + bytes(4)
+    (length,) = np.frombuffer(data[24:28], "<u4")
+    header = data[28:28 + length]
+    assert header == (
+        b'{"host": "h", "ops": [{"count": 4096, "first": 1, "op": "refs"}, '
+        b'{"entries": [0, 1], "name": "' + b"ab" * 32 + b'", "op": "pack", "size": 99}, '
+        b'{"maps": [], "op": "sweep", "packs": [], "plan": "0000000000000000", '
+        b'"refs": [60, 1]}], "pid": 9, "seq": 3, "time": "T"}')
+    binary = zstandard.ZstdDecompressor().decompress(data[28 + length:-32])
+    assert binary == rows.tobytes() + (7).to_bytes(8, "little")
+    back = decode(data, "e")
+    assert back.seq == 3 and back.ops[0] == RefsOp(1, 4096)
+    assert back.ops[1].entries.tobytes() == rows.tobytes() and back.ops[2].refs.tolist() == [7]
+    damaged = bytearray(data)
+    damaged[30] ^= 1
+    with pytest.raises(DamageError, match="checksum"):
+        decode(bytes(damaged), "e")
+
+
+def test_checkpoint_golden(tmp_path):
+    from repo_engine.repository.checkpoint import (CHECKSUM_SIZE, RECORD, checkpoint_object,
+                                                   write_checkpoint)
+    from repo_engine.repository.formats import CHECKPOINT
+    from repo_engine.repository.index import Index
+
+    store = LocalStore(tmp_path)
+    index = Index(tmp_path / "index", create=True)
+    seq = write_checkpoint(store, index)
+    index.close()
+    raw = (tmp_path / checkpoint_object(seq)).read_bytes()
+    assert checkpoint_object(0) == "journal/0000000000000000.ckpt"
+    assert raw[:16] == CHECKPOINT.magic + b"\x01\x00\x00\x00" + bytes(4)
+    tag, text, frame = RECORD.unpack_from(raw, 16)
+    assert tag == b"META"
+    body = zstandard.ZstdDecompressor().decompress(raw[32:32 + frame])
+    assert sorted(json.loads(body[:text])) == ["host", "next_ref", "next_seq", "seq", "time"]
+    end = 32 + frame
+    tag, text, frame = RECORD.unpack_from(raw, end)
+    assert tag == b"END!"
+    assert zstandard.ZstdDecompressor().decompress(raw[end + 16:end + 16 + frame]) == \
+        b'{"records": 1}'
+    assert raw[-CHECKSUM_SIZE:] == blake3.blake3(raw[:-CHECKSUM_SIZE]).digest()
+
+
+def test_salted_block_map_golden():
+    from repo_engine.repository.formats import SALTED_BLOCK_MAP
+
+    data = encode(BlockMap.full(np.array([1], dtype=np.uint64)), b"\x05" * 7)
+    assert data[:12] == SALTED_BLOCK_MAP.magic + b"\x01\x00\x01\x00"  # major 1, minor 1
+    assert data[24:48].hex() == "00" + "05" * 7 + "0100000000000000" + "0100000000000000"

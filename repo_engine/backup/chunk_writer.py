@@ -72,7 +72,7 @@ class ChunkWriter:
         self._open: dict[bytes, int] = {}
         self._open_bytes = 0
         self._recent: deque[dict[bytes, int]] = deque(maxlen=RECENT_PACKS)
-        self._next_ref = self._ref_limit = 0
+        self._refs = iter(())  # fresh refs reserved, not handed out yet
         self.new_chunks = self.new_raw = self.new_stored = self.packs = 0
 
     def known(self, chunk_id: bytes) -> int | None:
@@ -86,11 +86,12 @@ class ChunkWriter:
         return ref
 
     def _allocate_ref(self) -> int:
-        if self._next_ref == self._ref_limit:
-            self._next_ref = self._repo.index.reserve_refs(REF_RESERVATION)
-            self._ref_limit = self._next_ref + REF_RESERVATION
-        ref = self._next_ref
-        self._next_ref += 1
+        """The next fresh ref; reserved when this run stores its first new chunk (a shared
+        repository claims its range through the journal) and whenever the range runs out."""
+        ref = next(self._refs, None)
+        if ref is None:
+            self._refs = iter(self._repo.reserve_refs(REF_RESERVATION))
+            ref = next(self._refs)
         return ref
 
     def _put(self, item: tuple | str) -> None:

@@ -222,6 +222,25 @@ def _echo_gc(r: object) -> None:
         click.echo(f"  recount: {_counts(r.recount)}")
     for msg in r.damaged_packs_skipped:
         click.echo(f"  not repacked (damaged): {msg}")
+    _echo_shared_gc(r)
+
+
+def _echo_shared_gc(r: object) -> None:
+    """The plans of a shared repository's gc and what a repack would cost."""
+    from ..maintenance.shared_gc import SharedGcReport
+    from ..units import plural
+
+    if not isinstance(r, SharedGcReport):
+        return
+    click.echo(f"  plans: {r.plans_swept} swept, {r.plans_pending} pending (grace "
+               f"{r.grace_seconds:g} s); planned {plural(r.candidates, 'chunk')}, "
+               f"{plural(r.planned_packs, 'pack')}, {plural(r.planned_maps, 'block map')}, "
+               f"{plural(r.planned_objects, 'unknown object')}")
+    if r.repack_packs:
+        click.echo(f"  a repack of {plural(r.repack_packs, 'partly used pack')} would read "
+                   f"{human_bytes(r.repack_read_bytes)}, write "
+                   f"{human_bytes(r.repack_write_bytes)} in {r.repack_requests} requests and "
+                   f"free {human_bytes(r.repack_reclaims_bytes)} (not done)")
 
 
 @click.command()
@@ -233,9 +252,12 @@ def _echo_gc(r: object) -> None:
 @click.option("--wait-timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               show_default="wait as long as it takes",
               help="Give up (safely) after waiting this long for running backups.")
+@click.option("--grace", metavar="DURATION", default=None, show_default="24h",
+              help="Shared repository: delete what a plan doomed only this long after the plan "
+                   "and after the last backup that may use it ended (e.g. 0s, 30min, 24h).")
 @json_option
 def gc(repo: Path, dry_run: bool, full: bool, max_unused: float, wait_timeout: float | None,
-       as_json: bool) -> None:
+       grace: str | None, as_json: bool) -> None:
     """Reclaim chunks, maps and packs no restore point uses. Backups may keep running.
 
     \b
@@ -244,10 +266,12 @@ def gc(repo: Path, dry_run: bool, full: bool, max_unused: float, wait_timeout: f
       repo-engine gc /backup/repo --full --max-unused 5
     """
     from ..maintenance.gc import gc as run_gc
+    from ..units import parse_seconds
 
+    seconds = None if grace is None else parse_seconds(grace, "--grace")
     with open_repo(repo) as repository, Progress() as progress:
         report = run_gc(repository, full=full, dry_run=dry_run, max_unused=max_unused,
-                        wait_timeout=wait_timeout, tick=_spinner(progress, "gc"))
+                        wait_timeout=wait_timeout, tick=_spinner(progress, "gc"), grace=seconds)
     if as_json:
         emit_json(report)
     else:
@@ -410,7 +434,8 @@ def rebuild_index(repo: Path, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Also remove locks of live processes or other hosts.")
 @json_option
 def unlock(repo: Path, force: bool, as_json: bool) -> None:
-    """Remove stale locks left by processes that died.
+    """Remove stale locks left by processes that died (and, in a shared repository, expired
+    leases of any host).
 
     \b
     Example:
@@ -424,6 +449,7 @@ def unlock(repo: Path, force: bool, as_json: bool) -> None:
         emit_json(report)
         return
     for doc in report.removed:
-        click.echo(f"removed the {doc['kind']} lock of \"{doc['command']}\" (pid {doc['pid']} "
+        what = "lease" if doc["kind"] == "lease" else f"{doc['kind']} lock"
+        click.echo(f"removed the {what} of \"{doc['command']}\" (pid {doc['pid']} "
                    f"on {doc['host']})")
     click.echo(f"removed {plural(len(report.removed), 'lock')}")

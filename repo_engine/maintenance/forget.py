@@ -15,19 +15,23 @@ Removing point P (each step crash-safe; a rerun of forget or gc finishes an inte
 Every point keeps resolving to the same bytes at each step: C's old and new records both resolve
 to C's content, and P stays catalogued until nothing depends on it. Data is never deleted here;
 gc reclaims what the counts free. `links` of C's descendants are left as they were (an upper bound).
+
+On a shared repository the same consolidations are computed first (new maps written), then the
+children's new records and the removals go into ONE journal entry (`_forget_shared`), so every
+host sees the whole forget or none of it; P's manifest is left to gc (shared_gc.py).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 
-from ..errors import PointNotFound, UsageError
+from ..errors import LockedError, PointNotFound, RepoError, UsageError
 from ..repository.blockmap import BlockMap, delta_between
 from ..repository.locks import MAINTENANCE
-from ..repository.points import PointRecord
-from ..repository.repo import Repository
+from ..repository.points import DiskRecord, PointRecord
+from ..repository.repo import Repository, commit_order
 from .retention import Decision, Policy, PointInfo, apply_policy, parse_time
 
 
@@ -41,7 +45,9 @@ class ForgetReport:
 
 def policy_decisions(repo: Repository, policy: Policy, vm: str | None = None, *,
                      allow_remove_latest: bool = False) -> list[Decision]:
-    """What `policy` keeps of the catalogued points (of `vm`); UsageError if it keeps nothing."""
+    """What `policy` keeps of the catalogued points (of `vm`); UsageError if it keeps nothing.
+    A shared repository's cache is refreshed first (forget re-checks the choice under its lock)."""
+    repo.refresh()
     infos = [PointInfo(p.id, p.vm, parse_time(p.time), tuple(d.key for d in p.disks),
                        tuple(p.tags), p.protected) for p in repo.points(vm)]
     return apply_policy(infos, policy, allow_remove_latest=allow_remove_latest)
@@ -58,6 +64,8 @@ def forget_points(repo: Repository, ids: list[str], *,
         for point_id in ids:
             if catalog[point_id].protected:
                 raise UsageError(f"point {point_id[:8]} is protected; 'unprotect' it first")
+        if repo.config.shared:
+            return _forget_shared(repo, ids, tick)
         mark_forgetting(repo, ids)
         return finish_pending(repo, tick=tick)
 
@@ -101,7 +109,7 @@ def _forget_one(repo: Repository, point_id: str) -> list[str]:
         for child in children:
             consolidate(repo, point, child, catalog)
             rewritten.append(child.id)
-        if not children and _delete_if_childless(repo, point_id):
+        if not children and repo.remove_point(point_id):
             break
     repo.delete_manifest(point_id)
     return rewritten
@@ -110,7 +118,18 @@ def _forget_one(repo: Repository, point_id: str) -> list[str]:
 def consolidate(repo: Repository, point: PointRecord, child: PointRecord,
                 catalog: dict[str, PointRecord]) -> PointRecord:
     """Rewrite `child` so that none of its disks depends on `point` any more."""
-    disks = []
+    disks, _maps = consolidated_disks(repo, point, child, catalog)
+    return repo.rewrite_point(child, disks=disks)
+
+
+def consolidated_disks(repo: Repository, point: PointRecord, child: PointRecord,
+                       catalog: dict[str, PointRecord]) -> tuple[list[DiskRecord],
+                                                                 dict[str, BlockMap]]:
+    """The disks of `child` with none depending on `point`, and the maps written for them (by
+    name): a disk on `point` gets a map of its content as a delta on `point`'s parent, or a full
+    map when `point`'s disk was a full base. `catalog`: the points as they will be (the parent
+    looked up there)."""
+    disks, maps = [], {}
     for disk in child.disks:
         if disk.parent != point.id:
             disks.append(disk)
@@ -124,28 +143,63 @@ def consolidate(repo: Repository, point: PointRecord, child: PointRecord,
         else:
             bmap = delta_between(repo.resolve(grand, disk.key), content)
             kind, parent, links = "delta", grand.id, grand_disk.links + 1
-        disks.append(replace(disk, map=repo.write_map(bmap), kind=kind, parent=parent, links=links))
-    return repo.rewrite_point(child, disks=disks)
+        name = repo.write_map(bmap)
+        maps[name] = bmap
+        disks.append(replace(disk, map=name, kind=kind, parent=parent, links=links))
+    return disks, maps
 
 
-def _delete_if_childless(repo: Repository, point_id: str) -> bool:
-    index = repo.index
-    key = point_id.encode()
-    with index.env.begin(write=True) as txn:
-        raw = txn.get(key, db=index.points)
-        if raw is None:
-            txn.delete(key, db=index.forgetting)
-            return True
-        for other, value in txn.cursor(db=index.points):
-            record = index.record(other, value)
-            if any(d.get("parent") == point_id for d in record["disks"]):
-                return False
-        use = Counter()
-        use.subtract(d["map"] for d in index.record(key, raw)["disks"])
-        index.change_map_use(txn, use, {})
-        txn.delete(key, db=index.points)
-        txn.delete(key, db=index.forgetting)
-    return True
+# -- a shared repository ----------------------------------------------------------------------
+class _ChildAppeared(RepoError):
+    """A backup committed a point on a point being forgotten while forget prepared its entry."""
+
+
+def _forget_shared(repo: Repository, ids: list[str],
+                   tick: Callable[[int], None] | None) -> ForgetReport:
+    """Forget in a shared repository: consolidate the children of the forgotten points onto new
+    maps (written first), then ONE journal entry with the rewritten children and the removals,
+    so every host sees the whole forget or none of it. When a backup commits a child of a
+    forgotten point meanwhile, the work is done again on the new catalog. Manifests of the
+    forgotten points are left to gc (a host may still be reading one)."""
+    for _attempt in range(10):
+        catalog = {p.id: p for p in repo.points()}
+        gone = [point_id for point_id in ids if point_id in catalog]
+        rewrites, maps = _consolidated_children(repo, catalog, gone, tick)
+        try:
+            repo.commit_forget([repo.next_generation(catalog[c.id], disks=c.disks)
+                                for c in rewrites], gone, partial(_no_new_child, set(catalog),
+                                                                  set(gone)), maps)
+        except _ChildAppeared:
+            continue
+        return ForgetReport(removed=gone, rewritten=[c.id for c in rewrites])
+    raise LockedError("backups kept adding points onto the points being forgotten; run forget "
+                      "again")
+
+
+def _consolidated_children(repo: Repository, catalog: dict[str, PointRecord], gone: list[str],
+                           tick: Callable[[int], None] | None
+                           ) -> tuple[list[PointRecord], dict[str, BlockMap]]:
+    """The children of the `gone` points as they become (each forgotten point's changes merged
+    into them, oldest forgotten point first), and the maps written for them."""
+    working = dict(catalog)
+    rewritten: dict[str, PointRecord] = {}
+    maps: dict[str, BlockMap] = {}
+    for point_id in sorted(gone, key=lambda i: commit_order(catalog[i])):
+        point = working.pop(point_id)
+        for child in [p for p in working.values() if any(d.parent == point_id for d in p.disks)]:
+            disks, written = consolidated_disks(repo, point, child, working)
+            maps.update(written)
+            working[child.id] = rewritten[child.id] = replace(child, disks=disks)
+        if tick:
+            tick(1)
+    return [p for i, p in rewritten.items() if i not in gone], maps
+
+
+def _no_new_child(known: set[str], gone: set[str], records: list[dict]) -> None:
+    """Raise _ChildAppeared when a point committed since `known` was read builds on `gone`."""
+    for record in records:
+        if record["id"] not in known and any(d.get("parent") in gone for d in record["disks"]):
+            raise _ChildAppeared(f"point {record['id'][:8]} was committed onto a forgotten point")
 
 
 def _drop_mark(repo: Repository, point_id: str) -> None:

@@ -11,6 +11,10 @@ Rebuild, under an exclusive lock:
 A crash leaves either the old index or none ("run rebuild-index" again). Lost on the way: scrub
 times, quarantine notes, re-read requests and forgets that were not finished (their points come
 back, whole).
+
+A shared repository's index is this host's cache of its journal (`rebuild_cache`): the new one is
+the newest checkpoint plus the entries after it, swapped in the same way; it reads no pack and
+no map.
 """
 
 from __future__ import annotations
@@ -23,13 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LockedError, RepoError
+from ..repository.checkpoint import catch_up
 from ..repository.config import CONFIG_NAME, read_config
 from ..repository.index import Index
+from ..repository.leases import clear_leases
 from ..repository.locks import (EXCLUSIVE, SHARED, TORN_HOST, LockInfo, RepoLock, is_stale,
                                 list_locks, remove_if_stale, strays)
 from ..repository.packs import FinishedPack, PackEntry
 from ..repository.points import read_point
 from ..repository.repo import Repository, check_layout
+from ..repository.store import Store
 from ..repository.store.local import LocalStore
 from .gc import recount
 from .inventory import objects_under
@@ -46,6 +53,7 @@ class RebuildReport:
     unreadable_manifests: list[str] = field(default_factory=list)
     recount: dict = field(default_factory=dict)
     seconds: float = 0.0
+    journal_seq: int = 0  # a shared repository: the journal entry the new cache holds
 
 
 def rebuild_index(path: Path) -> RebuildReport:
@@ -66,6 +74,28 @@ def rebuild_index(path: Path) -> RebuildReport:
         finally:
             repo.close()
         _swap(path, work)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+def rebuild_cache(repo: Repository) -> RebuildReport:
+    """rebuild-index of a shared repository: this host's cache anew from the store's newest
+    checkpoint and the journal entries after it, under this host's exclusive lock."""
+    started = time.monotonic()
+    report = RebuildReport()
+    with RepoLock(repo.locks_dir, EXCLUSIVE, "rebuild-index"):
+        work = repo.path / f"index.rebuild-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        index = Index(work, create=True)
+        try:
+            report.journal_seq = catch_up(repo.store, index)
+            report.packs = len(index.all_packs())
+            report.chunks = index.counters()["chunks"]
+            report.points = len(index.points_records())
+        finally:
+            index.close()
+        repo.close_index()
+        _swap(repo.path, work)
     report.seconds = round(time.monotonic() - started, 3)
     return report
 
@@ -137,22 +167,34 @@ class UnlockReport:
 
 
 def unlock(path: Path, *, force: bool = False) -> UnlockReport:
-    """Remove stale locks (holder dead on this host); live ones or other hosts' only with force."""
+    """Remove stale locks (holder dead on this host); live ones or other hosts' only with force.
+    Also the leases and maintenance locks in the store (a shared repository's) that expired; all
+    of them with force. Live leases of other hosts are running commands, no reason to refuse."""
     store = LocalStore(path)
     if not store.exists(CONFIG_NAME):  # a damaged config does not stop unlock; none does
         read_config(store)  # raises NotARepository (or damage: not a regular file)
     check_layout(path)
+    return _unlock(path / "locks", store, force)
+
+
+def unlock_shared(repo: Repository, *, force: bool = False) -> UnlockReport:
+    """`unlock` of a shared repository in any store: this host's stale locks (in its cache
+    directory) and the expired leases of every host (all of both with force)."""
+    return _unlock(repo.locks_dir, repo.store, force)
+
+
+def _unlock(locks_dir: Path, store: Store, force: bool) -> UnlockReport:
     report = UnlockReport()
     # half-created lock files carry no readable holder: test their flock as if they were ours
     this_host = LockInfo(SHARED, socket.gethostname(), -1, "", "")
-    for lock_path in (path / "locks").glob("*.new"):
+    for lock_path in locks_dir.glob("*.new"):
         if is_stale(lock_path, this_host):
             lock_path.unlink(missing_ok=True)
-    for stray in strays(path / "locks"):  # a symlink, FIFO, ...: never a lock, never followed
+    for stray in strays(locks_dir):  # a symlink, FIFO, ...: never a lock, never followed
         stray.unlink(missing_ok=True)
         report.removed.append({"file": stray.name, "kind": "stray", "host": "?", "pid": -1,
                                "command": "not a lock file", "since": ""})
-    for lock_path, info in list_locks(path / "locks"):
+    for lock_path, info in list_locks(locks_dir):
         doc = {"file": lock_path.name, "kind": info.kind, "host": info.host, "pid": info.pid,
                "command": info.command, "since": info.time}
         if force:
@@ -161,12 +203,16 @@ def unlock(path: Path, *, force: bool = False) -> UnlockReport:
             report.removed.append(doc)
         else:
             report.kept.append(doc)
-    if report.kept and not force:
-        first = report.kept[0]
+    live_locks = list(report.kept)
+    cleared = clear_leases(store, force=force)
+    report.removed += [found.doc() for found in cleared.removed]
+    report.kept += [found.doc() for found in cleared.kept]
+    if live_locks and not force:
+        first = live_locks[0]
         holder = (f"{first['command']!r}, pid {first['pid']} on {first['host']}"
                   if first["host"] != TORN_HOST else
                   f"{first['file']}, which cannot be read: a lock being written, or one held on "
                   "another host")
-        raise LockedError(f"{len(report.kept)} locks are held by live processes (e.g. {holder}); "
+        raise LockedError(f"{len(live_locks)} locks are held by live processes (e.g. {holder}); "
                           "use --force only if you are sure they are gone")
     return report

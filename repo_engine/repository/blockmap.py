@@ -6,11 +6,14 @@ envelope (envelope.py, magic BLOCK_MAP) whose payload is:
 | offset | size | field                                                                |
 |--------|------|----------------------------------------------------------------------|
 | 0      | 1    | kind: 0 FULL, 1 DELTA                                                |
-| 1      | 7    | reserved (0)                                                         |
+| 1      | 7    | salt: 0 (minor version 0), or random (minor 1; readers ignore it)    |
 | 8      | 8    | nblocks: the disk's block count at this point                        |
 | 16     | 8    | count: entries (FULL: nblocks)                                       |
 | 24     | ...  | zstd frame of: FULL refs u64[nblocks]; DELTA blocks u64[count] (strictly |
 |        |      | increasing, < nblocks) then refs u64[count]                          |
+
+A salted map is the same content under another name: a shared repository writes one when gc has
+doomed (planned or swept) the unsalted name (docs/FORMAT.md, "Journal").
 
 Ref 0 is ZERO (an all-zero block, never stored). A DELTA applies on top of its parent's resolved map
 resized to `nblocks` (blocks past the parent's end start as ZERO).
@@ -18,7 +21,9 @@ resized to `nblocks` (blocks past the parent's end start as ZERO).
 
 from __future__ import annotations
 
+import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import blake3
@@ -28,14 +33,16 @@ import zstandard
 from ..errors import DamageError
 from .envelope import seal, unseal
 from .config import MIN_BLOCK
-from .formats import BLOCK_MAP
+from .formats import BLOCK_MAP, SALTED_BLOCK_MAP
 from .points import MAX_CAPACITY
 from .safefile import MAP_MAX, checked_name
 from .store import Store
 
 FULL, DELTA = 0, 1
-HEAD = struct.Struct("<B7xQQ")
-assert HEAD.size == 24
+HEAD = struct.Struct("<B7xQQ")  # as read: the salt is skipped
+SALTED_HEAD = struct.Struct("<B7sQQ")  # as written
+SALT_SIZE = 7
+assert HEAD.size == SALTED_HEAD.size == 24
 U64 = np.dtype("<u8")
 # a zstd block regenerates at most 128 KiB from at least 4 bytes (3-byte header, 1 RLE byte): a
 # header claiming more entries than the frame can hold is damage, caught before allocating them
@@ -92,14 +99,15 @@ def delta_between(parent: np.ndarray, child: np.ndarray) -> BlockMap:
     return BlockMap.delta(len(child), changed, child[changed])
 
 
-def encode(bmap: BlockMap) -> bytes:
+def encode(bmap: BlockMap, salt: bytes = b"") -> bytes:
     arrays = [bmap.refs] if bmap.kind == FULL else [bmap.blocks, bmap.refs]
     # streamed from the arrays' own memory: a large disk's full map is not copied first
     compressor = zstandard.ZstdCompressor(level=3).compressobj()
     parts = [compressor.compress(memoryview(np.ascontiguousarray(a, dtype=U64)).cast("B"))
              for a in arrays]
     body = b"".join(parts) + compressor.flush()
-    return seal(BLOCK_MAP, HEAD.pack(bmap.kind, bmap.nblocks, len(bmap.refs)) + body)
+    fmt = SALTED_BLOCK_MAP if salt else BLOCK_MAP
+    return seal(fmt, SALTED_HEAD.pack(bmap.kind, salt, bmap.nblocks, len(bmap.refs)) + body)
 
 
 def decode(payload: bytes, what: str) -> BlockMap:
@@ -146,10 +154,15 @@ def map_object(name: str) -> str:
     return f"maps/{name[:2]}/{name}.map"
 
 
-def write_map(store: Store, bmap: BlockMap) -> str:
-    """Store a map durably under its content name; returns the name."""
-    data = encode(bmap)
+def write_map(store: Store, bmap: BlockMap, *, salted: bool = False,
+              doomed: Callable[[str], bool] | None = None) -> str:
+    """Store a map durably under its content name; returns the name. `salted`, or when
+    `doomed(name)` says that gc may delete the object of that name: under a new, random name
+    (minor version 1)."""
+    data = encode(bmap, os.urandom(SALT_SIZE) if salted else b"")
     name = blake3.blake3(data).hexdigest()
+    if not salted and doomed is not None and doomed(name):
+        return write_map(store, bmap, salted=True)
     if not store.exists(map_object(name)):
         store.put(map_object(name), data)
     return name

@@ -38,6 +38,16 @@ with a check over table, key and value (seals.py); a writer meeting a value that
 decrement with no count to take from, stops trusting the counts (meta `counts` = 0), and gc
 checks every seal before it deletes anything: either way it recounts from the catalog first.
 A writable version 2 index is sealed on open; a read-only one is read unsealed.
+
+A shared repository's index is a cache: the replay of its journal (journal.py) up to meta
+`journal_seq`, one write transaction per entry (`apply_entry`), applied only on top of the entry
+before it, so the processes of one host sharing the cache apply each entry once, in order. Its
+counts are not kept (meta `counts` = 0: gc on a shared repository recounts). Tables of a cache:
+
+| database  | key                  | value                                                      |
+|-----------|----------------------|------------------------------------------------------------|
+| plans     | plan id (16 hex)     | u32 JSON length, JSON {time, packs, maps, objects, leases}, refs u64[] |
+| sweptmaps | map name [32]        | u64: the seq of the entry that swept the map               |
 """
 
 from __future__ import annotations
@@ -57,8 +67,11 @@ import numpy as np
 
 from ..errors import DamageError, RepoError
 from .formats import INDEX_VERSION
+from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp, RefsOp,
+                      SweepOp, WaitsOp)
 from .lmdbfile import check_data_file
 from .packs import FinishedPack, PackEntry
+from .points import PointRecord
 from .safefile import FILE_MODE, make_dir
 from .seals import CHECK_SIZE, KEY, PAYLOAD, CountDamaged, seal, seal_rows, unseal, unsealed_rows
 
@@ -78,6 +91,8 @@ COUNTERS = ("chunks", "raw_bytes", "stored_bytes", "packs", "pack_bytes")
 SEALED_DBS = tuple(PAYLOAD)  # mapuse, refcount, deadmaps, packlive
 MAINT_DBS = ("mapuse", "refcount", "deadmaps", "gcq", "packlive", "deadpacks", "forgetting",
              "scrubbed", "quarantine", "reread")
+JOURNAL_DBS = ("plans", "sweptmaps")
+PLAN_HEAD = struct.Struct("<I")
 
 
 class ParentGone(RepoError):
@@ -129,6 +144,8 @@ class Index:
                                  lock=not self.read_only, mode=FILE_MODE)
             for name in ("meta", "ids", "refs", "packs", "packnames", "points", *MAINT_DBS):
                 setattr(self, name, self.env.open_db(name.encode(), create=not self.read_only))
+            for name in JOURNAL_DBS:  # absent from a read-only index of an earlier version
+                setattr(self, name, self._open_new_db(name))
             self.damage_seen: list[str] = []  # count damage writers met (gc reports it)
             self.checked, self.sealed = self._check_version(create)
         except (lmdb.ReadonlyError, lmdb.DiskError):
@@ -136,6 +153,14 @@ class Index:
         except lmdb.Error as exc:
             raise DamageError(f"{path}: the index cannot be read ({exc}); run "
                               "'repo-engine rebuild-index'") from None
+
+    def _open_new_db(self, name: str) -> object:
+        """A database later versions added; None when a read-only index lacks it (a shared
+        repository's cache, which alone uses them, is never read-only)."""
+        try:
+            return self.env.open_db(name.encode(), create=not self.read_only)
+        except lmdb.NotFoundError:
+            return None
 
     def _check_version(self, create: bool) -> tuple[bool, bool]:
         """Set up or check the format version; returns whether catalog records carry checks and
@@ -224,15 +249,18 @@ class Index:
 
     def commit_pack(self, pack: FinishedPack) -> int:
         """Record a published pack and its chunks in one transaction; returns its pack number."""
-        name = bytes.fromhex(pack.name)
         with self.env.begin(write=True) as txn:
-            existing = txn.get(name, db=self.packnames)
-            if existing is not None:
-                return PACK_KEY.unpack(existing)[0]
-            number = self.new_pack_number(txn)
-            stored = self._put_chunks(txn, number, pack.entries)
-            count = len(pack.entries)
-            self.put_pack_record(txn, number, name, pack.size, count, count, stored)
+            return self._record_pack(txn, pack)
+
+    def _record_pack(self, txn: lmdb.Transaction, pack: FinishedPack) -> int:
+        name = bytes.fromhex(pack.name)
+        existing = txn.get(name, db=self.packnames)
+        if existing is not None:
+            return PACK_KEY.unpack(existing)[0]
+        number = self.new_pack_number(txn)
+        stored = self._put_chunks(txn, number, pack.entries)
+        count = len(pack.entries)
+        self.put_pack_record(txn, number, name, pack.size, count, count, stored)
         return number
 
     def new_pack_number(self, txn: lmdb.Transaction) -> int:
@@ -345,6 +373,139 @@ class Index:
             self.change_map_use(txn, use, map_refs)
             txn.put(point_id.encode(), encode_record(record), db=self.points)
             self._seq_used(txn, seq)
+
+    # -- the journal's replay (a shared repository's cache) -------------------------------
+    @property
+    def journal_seq(self) -> int:
+        return self.meta_u64("journal_seq")
+
+    def apply_entry(self, entry: Entry) -> bool:
+        """Apply a journal entry and advance `journal_seq` to it, in one transaction, when the
+        cache holds exactly the entries before it; False when it holds this one already.
+        DamageError when an entry before it is missing (the cache skipped one)."""
+        with self.env.begin(write=True) as txn:
+            seq = self.journal_seq_in(txn)
+            if seq >= entry.seq:
+                return False
+            if seq != entry.seq - 1:
+                raise DamageError(f"the index holds journal entries up to {seq} and was given "
+                                  f"entry {entry.seq}; run 'repo-engine rebuild-index'")
+            for op in entry.ops:
+                self._apply(txn, entry.seq, op)
+            txn.put(b"journal_seq", U64.pack(entry.seq), db=self.meta)
+            txn.put(b"counts", U64.pack(0), db=self.meta)  # replay keeps no counts
+        return True
+
+    def _apply(self, txn: lmdb.Transaction, seq: int, op: Op) -> None:
+        if isinstance(op, RefsOp):
+            if self._get_u64(txn, b"next_ref", self.meta) < op.first + op.count:
+                txn.put(b"next_ref", U64.pack(op.first + op.count), db=self.meta)
+        elif isinstance(op, PackOp):
+            entries = [PackEntry(int(e["ref"]), e["id"].tobytes(), int(e["offset"]),
+                                 int(e["stored"]), int(e["raw"]), int(e["codec"]))
+                       for e in op.entries]
+            self._record_pack(txn, FinishedPack(op.name, op.size, entries))
+        elif isinstance(op, PointOp):
+            point = PointRecord.from_dict(op.record, f"journal entry {seq}").summary()
+            txn.put(point["id"].encode(), encode_record(point), db=self.points)
+            self._seq_used(txn, point["seq"])
+        elif isinstance(op, ForgetOp):
+            txn.delete(op.id.encode(), db=self.points)
+        elif isinstance(op, PlanOp):
+            self._unfindable(txn, op.refs)
+            self.put_plan(txn, PendingPlan(op))
+        elif isinstance(op, WaitsOp):
+            plan = self._get_plan(txn, op.plan)
+            if plan is not None:
+                self.put_plan(txn, PendingPlan(plan.op, list(op.leases)))
+        elif isinstance(op, SweepOp):
+            self._sweep(txn, seq, op)
+
+    def _unfindable(self, txn: lmdb.Transaction, refs: np.ndarray) -> list[tuple[bytes, bytes]]:
+        """Remove the `ids` entries naming `refs` (no dedup finds them any more); returns the
+        (ref key, place record) of each ref the cache holds."""
+        found = []
+        for ref in refs.tolist():
+            key = REF_KEY.pack(ref)
+            raw = txn.get(key, db=self.refs)
+            if raw is None:
+                continue
+            found.append((key, raw))
+            chunk_id = raw[:32]
+            if txn.get(chunk_id, db=self.ids) == U64.pack(ref):
+                txn.delete(chunk_id, db=self.ids)
+        return found
+
+    def _sweep(self, txn: lmdb.Transaction, seq: int, op: SweepOp) -> None:
+        raw_bytes = stored = 0
+        rows = self._unfindable(txn, op.refs)
+        for key, raw in rows:
+            _id, _pack, _offset, size, length, _codec = REF_REC.unpack(raw)
+            raw_bytes, stored = raw_bytes + length, stored + size
+            txn.delete(key, db=self.refs)
+        for name, delta in (("chunks", len(rows)), ("raw_bytes", raw_bytes),
+                            ("stored_bytes", stored)):
+            self._add(txn, name, -min(delta, self._get_u64(txn, name.encode(), self.meta)))
+        for pack in op.packs:
+            self._drop_pack(txn, bytes.fromhex(pack))
+        for name in op.maps:
+            txn.put(bytes.fromhex(name), U64.pack(seq), db=self.sweptmaps)
+        txn.delete(op.plan.encode(), db=self.plans)
+
+    def _drop_pack(self, txn: lmdb.Transaction, name: bytes) -> None:
+        number = txn.get(name, db=self.packnames)
+        if number is None:
+            return
+        raw = txn.get(number, db=self.packs)
+        if raw is not None:
+            self._add(txn, "packs", -1)
+            self._add(txn, "pack_bytes", -PACK_REC.unpack(raw)[1])
+        for db in (self.packs, self.packlive):
+            txn.delete(number, db=db)
+        txn.delete(name, db=self.packnames)
+
+    def put_plan(self, txn: lmdb.Transaction, plan: PendingPlan) -> None:
+        op = plan.op
+        doc = json.dumps({"time": op.time, "packs": op.packs, "maps": op.maps,
+                          "objects": op.objects, "leases": plan.leases}).encode()
+        refs = np.ascontiguousarray(op.refs, dtype="<u8").tobytes()
+        txn.put(op.plan.encode(), PLAN_HEAD.pack(len(doc)) + doc + refs, db=self.plans)
+
+    def _get_plan(self, txn: lmdb.Transaction, plan_id: str) -> PendingPlan | None:
+        raw = txn.get(plan_id.encode(), db=self.plans)
+        return None if raw is None else _decode_plan(plan_id, raw)
+
+    def pending_plans(self) -> list[PendingPlan]:
+        """The pending plans (committed, not swept yet), in id order."""
+        with self.env.begin() as txn:
+            return list(self.plans_in(txn))
+
+    def plans_in(self, txn: lmdb.Transaction) -> Iterator[PendingPlan]:
+        for key, raw in txn.cursor(db=self.plans):
+            yield _decode_plan(key.decode(), raw)
+
+    def journal_seq_in(self, txn: lmdb.Transaction) -> int:
+        return self._get_u64(txn, b"journal_seq", self.meta)
+
+    def set_meta_u64(self, name: str, value: int) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(name.encode(), U64.pack(value), db=self.meta)
+
+    def doomed_maps(self, names: set[str]) -> set[str]:
+        """Those of `names` that a pending plan or a sweep names: gc deletes, or may delete,
+        that object, so a writer must not rely on it (it writes a salted copy instead)."""
+        with self.env.begin() as txn:
+            planned = {m for _k, v in txn.cursor(db=self.plans)
+                       for m in _decode_plan("", v).op.maps}
+            return {n for n in names
+                    if n in planned or txn.get(bytes.fromhex(n), db=self.sweptmaps) is not None}
+
+    def missing_refs(self, refs: np.ndarray) -> np.ndarray:
+        """Those of `refs` the index does not place (a sweep removed them)."""
+        with self.env.begin() as txn:
+            get, db = txn.get, self.refs
+            return refs[np.array([get(REF_KEY.pack(r), db=db) is None for r in refs.tolist()],
+                                 dtype=bool)]
 
     # -- sealed counts (seals.py) ----------------------------------------------------------
     def get_sealed(self, txn: lmdb.Transaction, table: str, key: bytes) -> bytes | None:
@@ -479,6 +640,27 @@ class Index:
             else:
                 txn.delete(key, db=self.reread)
 
+    def remove_if_childless(self, point_id: str) -> bool:
+        """In one transaction: unless a catalogued point names `point_id` as a parent (then
+        False), delete its catalog record, queue the decrements of its maps and clear its
+        `forgetting` mark; True also when it is gone already."""
+        key = point_id.encode()
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(key, db=self.points)
+            if raw is None:
+                txn.delete(key, db=self.forgetting)
+                return True
+            for other, value in txn.cursor(db=self.points):
+                record = self.record(other, value)
+                if any(d.get("parent") == point_id for d in record["disks"]):
+                    return False
+            use: Counter = Counter()
+            use.subtract(d["map"] for d in self.record(key, raw)["disks"])
+            self.change_map_use(txn, use, {})
+            txn.delete(key, db=self.points)
+            txn.delete(key, db=self.forgetting)
+        return True
+
     def delete_point(self, point_id: str) -> None:
         with self.env.begin(write=True) as txn:
             txn.delete(point_id.encode(), db=self.points)
@@ -516,6 +698,14 @@ def decode_record(key: bytes, raw: bytes, *, checked: bool = True) -> dict:
     if doc.get("id") != name:
         raise DamagedRecord(name, f"it names point {doc.get('id')!r}")
     return doc
+
+
+def _decode_plan(plan_id: str, raw: bytes) -> PendingPlan:
+    (length,) = PLAN_HEAD.unpack_from(raw)
+    doc = json.loads(raw[4:4 + length])
+    refs = np.frombuffer(raw[4 + length:], dtype="<u8").astype(np.uint64)
+    op = PlanOp(plan_id, doc["time"], refs, doc["packs"], doc["maps"], doc["objects"])
+    return PendingPlan(op, doc["leases"])
 
 
 def _last_key(txn: lmdb.Transaction, db: object) -> int:

@@ -6,6 +6,12 @@ their bytes are. The LMDB index (`index/`), the lock files (`locks/`) and the sp
 written (`tmp/`) are local files under the local store's root. Write order and concurrency:
 docs/FORMAT.md.
 
+A shared repository (config `shared`: several hosts write it) keeps its index and catalog in the
+store as a journal (journal.py); the LMDB index under `local` is this host's cache of it, brought
+up to date by `refresh()` (checkpoint.catch_up), which every command runs after taking its lock.
+Each change (a pack, a ref range, a point, a forget) is a journal commit (`commit_journal`),
+applied to the cache right after (docs/FORMAT.md, "Journal").
+
 The index is opened on first use, so a command that locks before it reads opens the index in
 place under its lock. One that read it earlier (an index `rebuild-index` may have replaced before
 the lock) gets it reopened by `lock()`: nothing is ever written into a replaced index.
@@ -15,8 +21,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +34,10 @@ from ..pause import pause_point
 from .blockmap import BlockMap, map_object, read_map, write_map
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
-from .index import Index, MapMissing
+from .checkpoint import catch_up
+from .index import Index, MapMissing, ParentGone
+from .journal import Entry, ForgetOp, Op, PackOp, PointOp, RefsOp, append
+from .leases import SharedLock, lease_seconds, with_leases
 from .locks import EXCLUSIVE, RepoLock, is_stale, list_locks
 from .packs import FinishedPack, PackWriter, pack_object, read_trailer
 from .points import PointRecord, point_object, read_point, write_point
@@ -36,6 +45,7 @@ from .safefile import DIR_MODE, check_dir, is_regular, make_dir
 from .store import ObjectInfo, Store
 from .store.local import LocalStore
 
+SHARED_REFS = 1 << 32  # a shared repository's ref range per claim: one claim per backup
 SUBDIRS = ("packs", "maps", "points", "index", "locks", "tmp")
 INDEX_FILES = ("data.mdb", "lock.mdb")
 
@@ -56,6 +66,9 @@ class Repository:
         self._opening = threading.Lock()  # threads of one process share one environment
         self.codec = ChunkCodec(config.key_bytes, config.compression_level)
         self.locks_dir = self.path / "locks"
+        # a shared repository's locks also hold leases in the store (leases.py)
+        self.lease_seconds = lease_seconds() if config.shared else 0.0
+        self.held: list[SharedLock] = []
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
@@ -83,9 +96,34 @@ class Repository:
             raise NotARepository(f"{path} is not a repo-engine repository (no such directory); "
                                  f"to create one: repo-engine init {path}")
         store = LocalStore(path)
-        config = read_config(store)
-        check_layout(path)
-        return cls(store, config, path)
+        return cls.attach(store, path, read_config(store))
+
+    @classmethod
+    def create(cls, store: Store, local: Path, config: RepoConfig) -> "Repository":
+        """Create a repository with `config` in `store` (ObjectExists when it holds a config
+        already), this host's local files in `local` (created owner-only: `index/`, `locks/`)."""
+        make_local(local)
+        index = Index(local / "index", create=True)
+        try:
+            write_config(store, config)  # last: its presence marks a finished init
+        except BaseException:
+            index.close()
+            raise
+        return cls(store, config, local, index)
+
+    @classmethod
+    def attach(cls, store: Store, local: Path, config: RepoConfig) -> "Repository":
+        """Open the repository in `store` whose config the caller read; `local` holds this
+        host's files. A shared repository's are created when missing (its cache starts empty
+        and is filled from the journal by `refresh`); an unshared one's are its store's own
+        directory, checked as `open` checks it."""
+        if not config.shared:
+            check_layout(local)
+        else:
+            make_local(local)
+            if not (local / "index" / "data.mdb").exists():
+                Index(local / "index", create=True).close()
+        return cls(store, config, local)
 
     @property
     def index(self) -> Index:
@@ -95,10 +133,10 @@ class Repository:
             return self._index
 
     def close(self) -> None:
-        self._close_index()
+        self.close_index()
         self.store.close()
 
-    def _close_index(self) -> None:
+    def close_index(self) -> None:
         if self._index is not None:
             self._index.close()
             self._index, self._opened = None, None
@@ -109,15 +147,48 @@ class Repository:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def lock(self, kind: str, command: str) -> RepoLock:
+    def lock(self, kind: str, command: str) -> RepoLock | SharedLock:
         """Take a lock; then make sure the index we read from now on is the one in place (an
         index opened before the lock may have been replaced by `rebuild-index`, which held the
-        exclusive lock, and can no longer be replaced while we hold ours)."""
+        exclusive lock, and can no longer be replaced while we hold ours). On a shared
+        repository the lock also writes this session's lease, and a maintenance lock takes the
+        store's maintenance lock (leases.py), before anything is read."""
         pause_point("repository.before_lock")
-        lock = RepoLock(self.locks_dir, kind, command)
+        lock: RepoLock | SharedLock = RepoLock(self.locks_dir, kind, command)
+        if self.config.shared and not lock.note:
+            lock = with_leases(self.store, lock, command, self.lease_seconds, self.held)
         if self._opened is not None and _file_id(self.path / "index") != self._opened:
-            self._close_index()  # reopened on next use
+            self.close_index()  # reopened on next use
+        try:
+            self.refresh()
+        except BaseException:
+            lock.release()
+            raise
         return lock
+
+    def check_leases(self) -> None:
+        """LeaseLost when a lease of a lock this process holds was lost: called before every
+        journal commit and every batch of deletes on a shared repository."""
+        for held in self.held:
+            held.check()
+
+    def refresh(self) -> int:
+        """Bring this host's cache up to the journal's head; returns the head's seq (0 for a
+        repository that is not shared: its index is the truth)."""
+        if not self.config.shared:
+            return 0
+        return catch_up(self.store, self.index)
+
+    def commit_journal(self, build: Callable[[int], list[Op]]) -> Entry:
+        """Commit the ops `build(seq)` returns as journal entry `seq` (see journal.append:
+        `build` runs with the cache caught up to seq - 1, and again after a lost race; raising
+        gives up), then apply the entry to the cache, so this host's next lookups see it.
+        Maintenance commits its own ops this way, e.g.
+        `repo.commit_journal(lambda seq: [PlanOp(new_plan_id(), now, refs, packs, maps, objs)])`."""
+        self.check_leases()
+        entry = append(self.store, self.refresh, build)
+        self.index.apply_entry(entry)
+        return entry
 
     def vm_lock(self, vm: str, command: str) -> RepoLock:
         """Held by a backup of `vm` for its whole run: a second backup of it is refused."""
@@ -136,11 +207,30 @@ class Repository:
     def commit_pack(self, writer: PackWriter) -> FinishedPack:
         """Publish a pack durably, then record it in the index (write order step 1 -> 2)."""
         finished = writer.finish()
-        self.index.commit_pack(finished)
+        if self.config.shared:
+            self.commit_journal(lambda _seq: [PackOp.of(finished)])
+        else:
+            self.index.commit_pack(finished)
         return finished
 
+    def reserve_refs(self, count: int) -> range:
+        """Fresh refs for new chunks, never handed out before: `count` of them from the index's
+        counter; in a shared repository a range of SHARED_REFS claimed through the journal, so
+        that no two hosts ever use the same ref."""
+        if not self.config.shared:
+            first = self.index.reserve_refs(count)
+            return range(first, first + count)
+        claim = self.commit_journal(
+            lambda _seq: [RefsOp(max(self.index.meta_u64("next_ref"), 1), SHARED_REFS)]).ops[0]
+        assert isinstance(claim, RefsOp)
+        return range(claim.first, claim.first + claim.count)
+
     def write_map(self, bmap: BlockMap) -> str:
-        return write_map(self.store, bmap)
+        """Store a map durably; returns its name. In a shared repository a name that gc doomed
+        (a pending plan or a sweep lists it) is avoided: the map is written salted."""
+        if not self.config.shared:
+            return write_map(self.store, bmap)
+        return write_map(self.store, bmap, doomed=lambda name: bool(self.index.doomed_maps({name})))
 
     def read_map(self, name: str) -> BlockMap:
         return read_map(self.store, name)
@@ -174,10 +264,12 @@ class Repository:
         catalog transaction moves map use and chunk reference counts from the old record's maps
         to the new one's. Raises ParentGone when a disk's parent left the catalog meanwhile (the
         caller rewrites that disk as a full map); rewrites a map file gc removed meanwhile.
-        `maps`: block maps, by name, that the caller still holds (not read back from disk)."""
-        known = maps or {}
-        maps = {name: known[name] if name in known else self.read_map(name)
-                for name in {d.map for d in point.disks}}
+        `maps`: block maps, by name, that the caller still holds (not read back from disk).
+        In a shared repository the commit is a journal entry (`_point_ops` says what it checks)."""
+        maps = self._maps_of(point, maps or {})
+        if self.config.shared:
+            self.commit_journal(partial(self._point_ops, point, maps, _Written()))
+            return
         refs = {name: unique_refs(bmap) for name, bmap in maps.items()}
         for _attempt in range(10):
             try:
@@ -189,17 +281,108 @@ class Repository:
                 write_map(self.store, maps[gone.name])
         raise missing
 
+    def _maps_of(self, point: PointRecord, known: dict[str, BlockMap]) -> dict[str, BlockMap]:
+        """The block maps `point` names, by name: those in `known`, the others read."""
+        return {name: known[name] if name in known else self.read_map(name)
+                for name in {d.map for d in point.disks}}
+
+    def _point_ops(self, point: PointRecord, maps: dict[str, BlockMap], written: "_Written",
+                   seq: int) -> list[Op]:
+        """The journal commit of `point` at `seq`, with the cache caught up to seq - 1: every
+        parent still catalogued (else ParentGone), no map gc doomed or deleted (such a map is
+        written again, salted when doomed), no ref swept (the backup stalled past its lease);
+        then the manifest, with the point's commit sequence, durable before the entry."""
+        catalog = {r["id"]: r for r in self.index.points_records()}
+        gone = {d.parent for d in point.disks if d.parent} - set(catalog)
+        if gone:
+            raise ParentGone(gone)
+        renewed = self._renew_maps(point, maps)
+        refs = np.unique(np.concatenate([unique_refs(b) for b in maps.values()] or
+                                        [np.zeros(0, np.uint64)]))
+        swept = self.index.missing_refs(refs)
+        if len(swept):
+            raise RepoError(f"the backup stalled past its lease: gc removed {len(swept)} chunks "
+                            f"it uses (ref {int(swept[0])}, ...); no restore point was stored; "
+                            "run the backup again")
+        old = catalog.get(point.id)
+        newest = "" if old else max((r["time"] for r in catalog.values() if r["vm"] == point.vm),
+                                    default="")
+        if renewed or written.seq != (old["seq"] if old else seq):
+            _seal(self.store, point, old["seq"] if old else seq, newest)
+            written.seq = point.seq
+        return [PointOp(point.summary())]
+
+    def _renew_maps(self, point: PointRecord, maps: dict[str, BlockMap]) -> bool:
+        """Write again each map of `point` that gc doomed (salted: a new name) or deleted;
+        returns whether any was."""
+        doomed = self.index.doomed_maps(set(maps))
+        renewed = False
+        for name in list(maps):
+            if name not in doomed and self.map_exists(name):
+                continue
+            renewed = True
+            bmap = maps.pop(name)
+            new = write_map(self.store, bmap, salted=name in doomed)
+            maps[new] = bmap
+            for disk in point.disks:
+                if disk.map == name:
+                    disk.map = new
+        return renewed
+
+    def remove_point(self, point_id: str) -> bool:
+        """Remove a point from the catalog (its manifest is the caller's to delete) unless a
+        catalogued point still names it as a parent: then False (the caller consolidates that
+        child first). A point gone already counts as removed."""
+        if not self.config.shared:
+            return self.index.remove_if_childless(point_id)
+        try:
+            self.commit_journal(partial(self._forget_ops, point_id))
+        except _NothingToDo as done:
+            return done.result
+        return True
+
+    def _forget_ops(self, point_id: str, _seq: int) -> list[Op]:
+        records = self.index.points_records()
+        if not any(r["id"] == point_id for r in records):
+            raise _NothingToDo(True)
+        if any(d.get("parent") == point_id for r in records for d in r["disks"]):
+            raise _NothingToDo(False)
+        return [ForgetOp(point_id)]
+
     def rewrite_point(self, point: PointRecord, **changes: object) -> PointRecord:
-        """Commit the next generation of a catalogued point with `changes` applied. The VM
+        """Commit the next generation of a catalogued point with `changes` applied."""
+        updated = self.next_generation(point, **changes)
+        self.commit_point(updated)
+        return updated
+
+    def next_generation(self, point: PointRecord, **changes: object) -> PointRecord:
+        """The next generation of a catalogued point with `changes` applied. The VM
         configuration (which the catalog record lacks) comes from the manifest; a damaged or
         missing manifest is rewritten from the catalog record."""
         try:
             config = self.load_point(point.id).config
         except (RepoError, OSError):
             config = point.config
-        updated = replace(point, config=config, generation=point.generation + 1, **changes)
-        self.commit_point(updated)
-        return updated
+        return replace(point, config=config, generation=point.generation + 1, **changes)
+
+    def commit_forget(self, rewrites: list[PointRecord], forgets: list[str],
+                      check: Callable[[list[dict]], None],
+                      maps: dict[str, BlockMap] | None = None) -> Entry:
+        """A shared repository's forget as one journal entry: the rewritten points (children
+        consolidated onto new maps, written already; `maps` by name, those the caller holds),
+        then the removal of `forgets`. `check(records)` sees the caught-up catalog before each
+        attempt and raises to give up (a backup committed a child of a forgotten point)."""
+        held = [self._maps_of(point, maps or {}) for point in rewrites]
+        written = [_Written() for _ in rewrites]
+
+        def build(seq: int) -> list[Op]:
+            check(self.index.points_records())
+            ops: list[Op] = []
+            for point, point_maps, done in zip(rewrites, held, written):
+                ops += self._point_ops(point, point_maps, done, seq)
+            return ops + [ForgetOp(point_id) for point_id in forgets]
+
+        return self.commit_journal(build)
 
     def map_exists(self, name: str) -> bool:
         return self.store.exists(map_object(name))
@@ -339,6 +522,28 @@ def _rebuild_running(locks_dir: Path) -> bool:
     a missing index is then no damage)."""
     return any(info.kind == EXCLUSIVE and not is_stale(path, info)
                for path, info in list_locks(locks_dir))
+
+
+@dataclass
+class _Written:
+    """The commit sequence a point's manifest was last written with (0: not yet)."""
+
+    seq: int = 0
+
+
+class _NothingToDo(Exception):
+    """A journal commit found, caught up, that it has nothing to commit."""
+
+    def __init__(self, result: bool) -> None:
+        super().__init__()
+        self.result = result
+
+
+def make_local(local: Path) -> None:
+    """This host's directory of local files and its `index/` and `locks/`, owner-only."""
+    local.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    for sub in ("index", "locks"):
+        make_dir(local / sub)
 
 
 def commit_order(point: PointRecord) -> tuple[int, str, str]:

@@ -34,6 +34,7 @@ LOCK_MAX = 64 << 10
 CONFIG_MAX = 1 << 20
 MANIFEST_MAX = 64 << 20
 MAP_MAX = 16 << 30
+JOURNAL_MAX = 1 << 30  # a sweep of millions of refs is 8 bytes each
 
 _KINDS = ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),

@@ -5,9 +5,21 @@ Steps:
 1. Resolve the disk's map at the point (and, for `--onto`, at the base point) into one ref per block.
 2. Choose the blocks to write: every non-ZERO block into a fresh sparse file (holes stay holes),
    every block on a block device, only blocks whose ref differs from the base's for `--onto`.
-3. Group those blocks by ref (a chunk is read and checked once however many blocks hold it).
-4. Sort the refs by (pack, offset) and cut them into read runs of a few MiB within one pack.
-5. Workers read a run with one ranged read of the store (`Store.get_range`; a directory store
-   preads a cached descriptor), decompress and re-hash each chunk, and write its blocks.
+3. Group those blocks by ref (a chunk is read and checked once however many blocks of a slice
+   hold it).
+4. Sort the refs by (pack, offset) and cut them into read runs within one pack: chunks separated
+   by a small gap share a run (reading the gap costs less than another request on object
+   storage), and a run spans at most a few MiB (`plan.ReadSettings`).
+5. Workers, several at once (one request in flight each), read a run with one ranged read of the
+   store (`Store.get_range`: an HTTP range GET on S3; a directory store preads a cached
+   descriptor), decompress and re-hash each chunk, and write its blocks at their offsets.
+   Decoding overlaps the other workers' reads; a run is issued only when the bytes of runs read
+   and not yet written stay under a cap, so memory does not grow with the disk.
 6. Zero blocks that must be written become holes (files) or zeroed ranges (devices); flush.
+7. A missing, truncated or damaged pack does not stop the restore: the chunks it cannot give are
+   collected, and the restore fails at the end naming the point, the disk and the disk's byte
+   ranges hit (exit 3).
+
+Steps 3-6 take the blocks a slice at a time (`ReadSettings.plan_blocks`), so that neither the
+plan nor the data in flight grows with the disk.
 """

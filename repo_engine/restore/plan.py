@@ -6,16 +6,41 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import UsageError
 from ..repository.index import LOCATION_DTYPE, IndexReader
+from ..units import MIB
 
-RUN_BYTES = 8 << 20
-# read across a gap between two chunks of a pack rather than seek, when it is this small
-MAX_GAP = 256 << 10
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """How a restore reads packs. On object storage each request costs a round trip of
+    milliseconds: requests are coalesced and several are outstanding at once; a local store
+    reads the same way (a pread per request, several threads)."""
+
+    in_flight: int = 8  # requests outstanding at once (one thread each)
+    max_request: int = 4 * MIB  # bytes one request may span (one chunk larger than this: alone)
+    # two chunks of a pack separated by at most this many bytes are read with one request: the
+    # gap costs less than another round trip
+    max_gap: int = 256 << 10
+    # bytes of requests issued whose chunks are not written yet; with the defaults every
+    # request in flight may be of the largest size
+    memory: int = 32 * MIB
+    # blocks planned at once: a plan takes some 200 bytes per block at its peak (chunk
+    # locations, sorting), so this bounds it whatever the disk's size
+    plan_blocks: int = 1 << 17
+
+    def __post_init__(self) -> None:
+        if min(self.in_flight, self.max_request, self.plan_blocks) < 1 or self.max_gap < 0:
+            raise UsageError(f"restore reads: need in_flight, max_request and plan_blocks >= 1 "
+                             f"and max_gap >= 0 (got {self})")
+        if self.memory < self.max_request:
+            raise UsageError(f"restore reads: the memory cap ({self.memory} bytes) must hold one "
+                             f"request of max_request ({self.max_request} bytes)")
 
 
 @dataclass(frozen=True)
 class ReadRun:
-    """Chunks of one pack read with one pread: `chunks` rows of LOCATION_DTYPE, which are the
+    """Chunks of one pack read with one request: `chunks` rows of LOCATION_DTYPE, which are the
     plan's chunks `first_chunk`, `first_chunk + 1`, ... (their blocks: `RestorePlan.bounds`)."""
 
     pack: int
@@ -23,6 +48,10 @@ class ReadRun:
     end: int
     chunks: np.ndarray
     first_chunk: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
 
 
 @dataclass(frozen=True)
@@ -37,8 +66,15 @@ class RestorePlan:
     def data_blocks(self) -> int:
         return len(self.blocks_by_chunk)
 
+    def blocks_of(self, chunks: np.ndarray) -> np.ndarray:
+        """The blocks that the plan's chunks numbered `chunks` fill, sorted."""
+        hit = np.zeros(len(self.locations), dtype=bool)
+        hit[chunks] = True
+        return np.sort(self.blocks_by_chunk[np.repeat(hit, np.diff(self.bounds))])
 
-def plan_restore(refs: np.ndarray, todo: np.ndarray, lookup: IndexReader) -> RestorePlan:
+
+def plan_restore(refs: np.ndarray, todo: np.ndarray, lookup: IndexReader,
+                 reads: ReadSettings) -> RestorePlan:
     """Plan writing `todo` blocks of the resolved map `refs`."""
     todo_refs = refs[todo]
     is_zero = todo_refs == 0
@@ -54,21 +90,28 @@ def plan_restore(refs: np.ndarray, todo: np.ndarray, lookup: IndexReader) -> Res
     counts = np.bincount(chunk_of_block, minlength=len(locations))
     bounds = np.concatenate(([0], np.cumsum(counts)))
     return RestorePlan(todo[is_zero], locations, data_blocks[grouping], bounds,
-                       _read_runs(locations))
+                       read_runs(locations, reads))
 
 
-def _read_runs(locations: np.ndarray) -> list[ReadRun]:
-    runs: list[ReadRun] = []
-    if not len(locations):
-        return runs
+def read_runs(locations: np.ndarray, reads: ReadSettings) -> list[ReadRun]:
+    """Cut chunks sorted by (pack, offset) into requests: a request stays within one pack,
+    spans no gap larger than `max_gap` and at most `max_request` bytes (or one chunk). The
+    cuts at pack changes and gaps are found in numpy; a stretch between two of them is cut
+    by size with one binary search per request."""
     packs = locations["pack"].astype(np.int64)
     starts = locations["offset"].astype(np.int64)
     ends = starts + locations["stored"]
-    first = 0
-    for i in range(1, len(locations) + 1):
-        if (i == len(locations) or packs[i] != packs[first]
-                or ends[i] - starts[first] > RUN_BYTES or starts[i] - ends[i - 1] > MAX_GAP):
-            runs.append(ReadRun(int(packs[first]), int(starts[first]), int(ends[i - 1]),
-                                locations[first:i], first))
-            first = i
+    cuts = np.flatnonzero((packs[1:] != packs[:-1]) | (starts[1:] - ends[:-1] > reads.max_gap))
+    edges = np.concatenate(([0], cuts + 1, [len(locations)])) if len(locations) else []
+    runs: list[ReadRun] = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        # chunks of a pack do not overlap: within a stretch `ends` never falls
+        first = int(lo)
+        while first < hi:
+            fits = int(np.searchsorted(ends[first:hi], starts[first] + reads.max_request,
+                                       side="right"))
+            last = first + max(1, fits)
+            runs.append(ReadRun(int(packs[first]), int(starts[first]), int(ends[last - 1]),
+                                locations[first:last], first))
+            first = last
     return runs

@@ -1,14 +1,16 @@
-"""Steps 5-6 of a restore (see the package doc): read, verify, decompress and write."""
+"""Steps 5-7 of a restore (see the package doc): read, check, decompress, write, collect damage."""
 
 from __future__ import annotations
 
 import os
+import queue
 import stat
+import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +19,22 @@ import vddk_ext
 from ..backup.extents import blocks_to_extents
 from ..errors import DamageError, PointNotFound, UsageError
 from ..repository.blockmap import resize
+from ..repository.packs import pack_object
 from ..repository.locks import SHARED
 from ..repository.points import DiskRecord, PointRecord
 from ..repository.repo import Repository
 from ..repository.atomic import fsync_dir
 from ..repository.safefile import kind_of
-from ..repository.store import ObjectMissing
-from .plan import ReadRun, RestorePlan, plan_restore
+from ..repository.store import ObjectDamaged, ObjectMissing, ShortRead
+from ..units import format_size, plural
+from .plan import ReadRun, ReadSettings, RestorePlan, plan_restore
 
 Progress = Callable[[int], None]
 WRITEBACK_BYTES = 256 << 20
+SHOWN_RANGES = 4  # damaged byte ranges a restore error lists (then a count of the others)
+SHOWN_PACKS = 2  # damaged packs it describes
+_REPAIR = ("'repo-engine scrub --repair' finds all damage and heals what the next backup reads "
+           "again")
 
 
 @dataclass
@@ -131,69 +139,143 @@ def _onto_needs_whole(target: Path, base: PointRecord, disk: DiskRecord, force: 
         f"restore; the file becomes {disk.capacity} bytes)")
 
 
-class _RunWriter:
-    """Worker side: read one run, check and write its chunks."""
+@dataclass(frozen=True)
+class _RunDone:
+    """What a worker did with one run: blocks written, and the plan's chunks it could not
+    restore with what is wrong with their pack."""
+
+    pack: str
+    blocks: int
+    damaged: list[int]
+    cause: str | None
+
+
+class _RunReader:
+    """Worker side: read one run, check its chunks, write their blocks. Damage is reported in
+    the result, not raised, so that the restore goes on and names every damaged range."""
 
     def __init__(self, repo: Repository, plan: RestorePlan, device: vddk_ext.Disk,
                  block_size: int) -> None:
         self.repo, self.plan, self.device, self.bs = repo, plan, device, block_size
-        self._names: dict[int, str] = {}
 
-    def pack_name(self, number: int) -> str:
-        name = self._names.get(number)
-        if name is None:
-            name = self._names[number] = self.repo.index.pack_info(number).name
-        return name
-
-    def __call__(self, run: ReadRun, name: str) -> int:
-        try:  # one read per run: the planner coalesced it (plan.py)
-            span = self.repo.read_chunk_range(name, run.start, run.end - run.start)
-        except ObjectMissing:
-            raise DamageError(f"pack {name} is missing; {len(run.chunks)} chunks of this "
-                              "disk cannot be restored") from None
+    def __call__(self, run: ReadRun, name: str) -> _RunDone:
+        span, whole, cause = self._read(run, name)
+        damaged = list(range(run.first_chunk + whole, run.first_chunk + len(run.chunks)))
         view = memoryview(span)
         written = 0
-        for i, chunk in enumerate(run.chunks):
+        for i, chunk in enumerate(run.chunks[:whole]):
             lo = int(chunk["offset"]) - run.start
-            blob = view[lo:lo + int(chunk["stored"])]
-            data = self.repo.codec.decode(blob, int(chunk["codec"]), int(chunk["raw"]),
-                                          chunk["id"].tobytes(),
-                                          f"pack {name} chunk ref {int(chunk['ref'])}")
             c = run.first_chunk + i
+            try:
+                data = self.repo.codec.decode(view[lo:lo + int(chunk["stored"])],
+                                              int(chunk["codec"]), int(chunk["raw"]),
+                                              chunk["id"].tobytes(),
+                                              f"pack {name} chunk ref {int(chunk['ref'])}")
+            except DamageError as exc:
+                damaged.append(c)
+                cause = cause or str(exc)
+                continue
             blocks = self.plan.blocks_by_chunk[self.plan.bounds[c]:self.plan.bounds[c + 1]]
             self.device.write_blocks(self.bs, blocks, data)
             written += len(blocks)
-        return written
+        return _RunDone(name, written, damaged, cause)
+
+    def _read(self, run: ReadRun, name: str) -> tuple[bytes, int, str | None]:
+        """The run's bytes with one request (the planner coalesced it: plan.py), the number of
+        its chunks they hold whole, and what is wrong with the pack when that is not all."""
+        try:
+            return self.repo.read_chunk_range(name, run.start, run.size), len(run.chunks), None
+        except ShortRead:
+            return self._read_truncated(run, name)
+        except ObjectDamaged as exc:
+            return b"", 0, _pack_damage(name, exc)
+
+    def _read_truncated(self, run: ReadRun, name: str) -> tuple[bytes, int, str]:
+        """A truncated pack: read again the chunks of the run that lie wholly before its end."""
+        try:
+            size = self.repo.store.size(pack_object(name))
+            ends = run.chunks["offset"].astype(np.int64) + run.chunks["stored"]
+            whole = int(np.count_nonzero(ends <= size))  # a prefix: ends never fall in a run
+            cause = f"pack {name} is truncated (it ends at byte {size})"
+            if not whole:
+                return b"", 0, cause
+            return (self.repo.read_chunk_range(name, run.start, int(ends[whole - 1]) - run.start),
+                    whole, cause)
+        except ObjectDamaged as exc:  # changed again meanwhile
+            return b"", 0, _pack_damage(name, exc)
 
 
-def _bounded(pool: ThreadPoolExecutor, fn: Callable, items: list, limit: int) -> Iterator:
-    """pool.map with at most `limit` tasks in flight (bounded memory)."""
-    pending: deque[Future] = deque()
-    for item in items:
-        pending.append(pool.submit(fn, *item))
-        if len(pending) >= limit:
-            yield pending.popleft().result()
-    for fut in pending:
-        yield fut.result()
+def _pack_damage(name: str, exc: ObjectDamaged) -> str:
+    return f"pack {name} is missing" if isinstance(exc, ObjectMissing) else str(exc)
+
+
+class _Budget:
+    """Bytes of reads held at once: taken before a run's request is issued, given back when its
+    chunks are written. One run larger than the whole cap is let through alone."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.used = cap, 0
+        self._changed = threading.Condition()
+
+    def take(self, nbytes: int) -> None:
+        with self._changed:
+            while self.used and self.used + nbytes > self.cap:
+                self._changed.wait()
+            self.used += nbytes
+
+    def give(self, nbytes: int) -> None:
+        with self._changed:
+            self.used -= nbytes
+            self._changed.notify_all()
+
+
+def _completed(pool: ThreadPoolExecutor, fn: Callable, work: Iterable[tuple[int, tuple]],
+               budget: _Budget) -> Iterator:
+    """`fn(*args)` for each `(nbytes, args)` of `work`, results in the order they complete;
+    a task holds `nbytes` of `budget` from before it is submitted until it ends, so the
+    bytes held at once never pass the cap whatever the number of tasks."""
+    done: queue.SimpleQueue[Future] = queue.SimpleQueue()
+    outstanding = 0
+
+    def task(nbytes: int, args: tuple) -> object:
+        try:
+            return fn(*args)
+        finally:
+            budget.give(nbytes)
+
+    try:
+        for nbytes, args in work:
+            budget.take(nbytes)
+            pool.submit(task, nbytes, args).add_done_callback(done.put)
+            outstanding += 1
+            while not done.empty():
+                outstanding -= 1
+                yield done.get().result()
+        for _ in range(outstanding):
+            yield done.get().result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # stop queued runs: the restore failed
+        raise
 
 
 def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *,
                  base: PointRecord | None = None, force: bool = False,
-                 progress: Callable[[int], Progress] | None = None) -> RestoreSummary:
+                 progress: Callable[[int], Progress] | None = None,
+                 reads: ReadSettings = ReadSettings()) -> RestoreSummary:
     """Restore disk KEY of POINT to a new file, a block device, or (with `base`) onto a file that
     holds BASE's image, writing only the blocks that differ."""
     disk = _disk_of(point, key)
     with repo.lock(SHARED, f"restore {point.vm}"):
-        refs = repo.resolve(point, key)
+        refs = _resolve(repo, point, key)
         todo = None
         if base is not None and not _onto_needs_whole(target, base, disk, force):
-            base_refs = resize(repo.resolve(base, _disk_of(base, key).key), len(refs))
+            base_refs = resize(_resolve(repo, base, _disk_of(base, key).key), len(refs))
             todo = np.flatnonzero(refs != base_refs).astype(np.uint64)
         device, staged = _open_target(target, disk.capacity, onto=base is not None, force=force)
         try:
             summary = _restore_through(repo, point, disk, refs, device, todo,
                                        fresh=staged is not None, target=str(target),
-                                       progress=progress)
+                                       progress=progress, reads=reads)
         except BaseException:
             if staged is not None:  # a half-written new image must not pass for a restore
                 staged.unlink(missing_ok=True)
@@ -207,56 +289,135 @@ def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *
 
 def restore_to_device(repo: Repository, point: PointRecord, key: str, device: vddk_ext.Disk, *,
                       blocks: np.ndarray | None = None, fresh: bool = False, target: str = "",
-                      progress: Callable[[int], Progress] | None = None) -> RestoreSummary:
+                      progress: Callable[[int], Progress] | None = None,
+                      reads: ReadSettings = ReadSettings()) -> RestoreSummary:
     """Write disk KEY of POINT through an already open `device` (a VDDK disk of a VM, ...):
     the given `blocks`, else every non-zero block when the device reads zero (`fresh`), else
     every block (zero blocks as zeroes). The caller opens, checks and closes the device."""
     disk = _disk_of(point, key)
     with repo.lock(SHARED, f"restore {point.vm}"):
-        refs = repo.resolve(point, key)
+        refs = _resolve(repo, point, key)
         todo = None if blocks is None else np.asarray(blocks, dtype=np.uint64)
         return _restore_through(repo, point, disk, refs, device, todo, fresh=fresh,
-                                target=target or device.path, progress=progress)
+                                target=target or device.path, progress=progress, reads=reads)
 
 
 def _restore_through(repo: Repository, point: PointRecord, disk: DiskRecord, refs: np.ndarray,
                      device: vddk_ext.Disk, todo: np.ndarray | None, *, fresh: bool, target: str,
-                     progress: Callable[[int], Progress] | None) -> RestoreSummary:
+                     progress: Callable[[int], Progress] | None,
+                     reads: ReadSettings) -> RestoreSummary:
     """Write `todo` blocks (default: every non-ZERO block on a `fresh` zeroed target, else every
-    block) of the resolved map `refs`, then flush."""
+    block) of the resolved map `refs`, then flush. The blocks are planned and written
+    `reads.plan_blocks` at a time, so that the plan's memory does not grow with the disk (a
+    chunk that blocks of two slices share is read twice)."""
     started = time.monotonic()
     if todo is None:
         todo = (np.flatnonzero(refs) if fresh else np.arange(len(refs))).astype(np.uint64)
+    data_bytes = int(np.count_nonzero(refs[todo])) * disk.block_size
+    with _naming(point, disk.key), _Writeback(device) as writeback:
+        writer = _Writer(repo, device, disk, reads, writeback,
+                         progress(data_bytes) if progress else None)
+        for lo in range(0, len(todo), reads.plan_blocks):
+            with repo.index.reader() as lookup:
+                plan = plan_restore(refs, todo[lo:lo + reads.plan_blocks], lookup, reads)
+            writer.write(plan)
+    device.flush()  # also on damage: a device or --onto target keeps every block written
+    if writer.damage.blocks:
+        raise writer.damage.error(point, disk)
+    return RestoreSummary(point.id, disk.key, target, disk.capacity, writer.written,
+                          writer.zero_blocks, writer.chunks_read,
+                          writer.written * disk.block_size,
+                          round(time.monotonic() - started, 3))
+
+
+def _resolve(repo: Repository, point: PointRecord, key: str) -> np.ndarray:
+    with _naming(point, key):
+        return repo.resolve(point, key)
+
+
+@contextmanager
+def _naming(point: PointRecord, key: str) -> Iterator[None]:
+    """Damage met (a missing block map, an index entry, ...) also names the point and disk."""
     try:
-        with repo.index.reader() as lookup:
-            plan = plan_restore(refs, todo, lookup)
-        written = _write(repo, plan, device, disk, progress)
+        yield
     except DamageError as exc:
-        raise DamageError(f"{exc}; disk {disk.key} of point {point.id[:8]} cannot be restored "
-                          "whole: 'repo-engine scrub --repair' finds all damage and heals what "
-                          "the next backup reads again") from None
-    device.flush()
-    return RestoreSummary(point.id, disk.key, target, disk.capacity, written,
-                          len(plan.zero_blocks), len(plan.locations),
-                          written * disk.block_size, round(time.monotonic() - started, 3))
+        raise DamageError(f"{exc}; disk {key} of point {point.id[:8]} cannot be restored "
+                          f"whole: {_REPAIR}") from None
 
 
-def _write(repo: Repository, plan: RestorePlan, device: vddk_ext.Disk, disk: DiskRecord,
-           progress: Callable[[int], Progress] | None) -> int:
-    for offset, length in blocks_to_extents(plan.zero_blocks, disk.block_size, disk.capacity):
-        device.write_zeroes(offset, length)
-    tick = progress(plan.data_blocks * disk.block_size) if progress else None
-    writer = _RunWriter(repo, plan, device, disk.block_size)
-    work = [(run, writer.pack_name(run.pack)) for run in plan.runs]
-    workers = max(2, os.cpu_count() or 2)
-    written = 0
-    with ThreadPoolExecutor(workers) as pool, _Writeback(device) as writeback:
-        for count in _bounded(pool, writer, work, workers * 2):
-            written += count
-            writeback.wrote(count * disk.block_size)
-            if tick:
-                tick(count * disk.block_size)
-    return written
+class _Writer:
+    """Main side: writes the plans of one disk's restore through one device and adds up what
+    was written and the damage met."""
+
+    def __init__(self, repo: Repository, device: vddk_ext.Disk, disk: DiskRecord,
+                 reads: ReadSettings, writeback: _Writeback, tick: Progress | None) -> None:
+        self.repo, self.device, self.disk, self.reads = repo, device, disk, reads
+        self.writeback, self.tick = writeback, tick
+        self.written = self.zero_blocks = self.chunks_read = 0
+        self.damage = _Damage()
+        self._names: dict[int, str] = {}
+
+    def write(self, plan: RestorePlan) -> None:
+        bs = self.disk.block_size
+        for offset, length in blocks_to_extents(plan.zero_blocks, bs, self.disk.capacity):
+            self.device.write_zeroes(offset, length)
+        reader = _RunReader(self.repo, plan, self.device, bs)
+        work = [(run.size, (run, self._pack_name(run.pack))) for run in plan.runs]
+        damaged: list[int] = []
+        with ThreadPoolExecutor(self.reads.in_flight) as pool:
+            for done in _completed(pool, reader, work, _Budget(self.reads.memory)):
+                self.written += done.blocks
+                damaged += done.damaged
+                if done.cause:
+                    self.damage.causes.setdefault(done.pack, done.cause)
+                self.writeback.wrote(done.blocks * bs)
+                if self.tick:
+                    self.tick(done.blocks * bs)
+        if damaged:
+            self.damage.blocks.append(plan.blocks_of(np.asarray(damaged, dtype=np.int64)))
+        self.zero_blocks += len(plan.zero_blocks)
+        self.chunks_read += len(plan.locations)
+
+    def _pack_name(self, number: int) -> str:
+        name = self._names.get(number)
+        if name is None:
+            name = self._names[number] = self.repo.index.pack_info(number).name
+        return name
+
+
+@dataclass
+class _Damage:
+    """The blocks a restore could not write, and what is wrong with each pack they are in."""
+
+    blocks: list[np.ndarray] = field(default_factory=list)
+    causes: dict[str, str] = field(default_factory=dict)
+
+    def error(self, point: PointRecord, disk: DiskRecord) -> RestoreDamaged:
+        """One line: the point, the disk, the byte ranges of the disk hit (a few, and a
+        count) and the damaged packs."""
+        extents = blocks_to_extents(np.sort(np.concatenate(self.blocks)), disk.block_size,
+                                    disk.capacity)
+        ranges = ", ".join(f"[{o}, {o + n})" for o, n in extents[:SHOWN_RANGES])
+        if len(extents) > SHOWN_RANGES:
+            ranges += f" and {len(extents) - SHOWN_RANGES} more"
+        causes = "; ".join(list(self.causes.values())[:SHOWN_PACKS])
+        if len(self.causes) > SHOWN_PACKS:
+            causes += f"; and {plural(len(self.causes) - SHOWN_PACKS, 'more damaged pack')}"
+        lost = sum(n for _, n in extents)
+        return RestoreDamaged(
+            f"disk {disk.key} of point {point.id[:8]} ({point.vm}@{point.time}) cannot be "
+            f"restored whole: {format_size(lost)} of it in {plural(len(extents), 'byte range')} "
+            f"cannot be read, at disk bytes {ranges} ({causes}); {_REPAIR}",
+            point.id, disk.key, extents)
+
+
+class RestoreDamaged(DamageError):
+    """Damaged or missing pack data met by a restore; the byte ranges of the disk it hits
+    (`[offset, length]` pairs) are in `extents`."""
+
+    def __init__(self, message: str, point: str, disk: str, extents: list[list[int]]) -> None:
+        super().__init__(message)
+        self.point, self.disk, self.extents = point, disk, extents
 
 
 class _Writeback:

@@ -29,6 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -361,7 +362,9 @@ class S3Store:
 
         def once() -> bytes:
             answer = self._client.get_object(Bucket=self.bucket, Key=key)
-            with answer["Body"] as body:
+            # closing(): the body's own `with` yields the raw urllib3 stream, whose errors (a
+            # connection reset mid-answer) botocore does not wrap: they would escape the retries
+            with closing(answer["Body"]) as body:
                 if answer["ContentLength"] > limit:
                     raise ObjectDamaged(f"{self.location}: {name} holds {answer['ContentLength']}"
                                         f" bytes, more than the {limit} its format allows")
@@ -379,7 +382,7 @@ class S3Store:
 
         def once() -> bytes:
             answer = self._client.get_object(Bucket=self.bucket, Key=key, Range=byte_range)
-            with answer["Body"] as body:
+            with closing(answer["Body"]) as body:  # closing(): see get
                 return body.read()
         data = self._call("get", name, once)
         if len(data) != length:

@@ -1,0 +1,384 @@
+"""Garbage collection of a shared repository: plan, wait for leases and a grace period, sweep.
+
+Hosts sharing a repository cannot see each other's locks, and their backups keep no counts, so
+gc cannot ask "who may still use this chunk?" directly. It asks the journal and the leases
+(repository/leases.py) instead, in two phases some time apart (docs/FORMAT.md, "Journal"):
+
+1. **Plan.** A full mark: the refs of every map a catalogued point names (all maps read). The
+   refs no point uses, the packs none of whose chunks is used (whole packs only), the map objects
+   no point names and the objects of the store the cache does not know (packs not indexed,
+   manifests not catalogued) are *doomed* by a `plan` journal entry. Replaying it removes the
+   doomed refs' `ids` entries on every host: a backup that refreshes after the plan never
+   deduplicates against a doomed chunk, and a map a writer would name like a doomed one is
+   written salted (repo.py). Then gc lists `leases/` and commits a `waits` entry: the sessions
+   (other than its own) that may have looked a doomed chunk up before they saw the plan. A backup
+   writes its lease before it refreshes, so one that did not see the plan is on that list.
+2. **Sweep**, in a later run (or the same one, with `--grace 0` and nothing to wait for): a plan is
+   ready when its time plus the grace period has passed and each waited lease is gone or expired
+   more than the grace period ago. gc marks again (a waited backup may have committed a point
+   using a doomed chunk: that chunk is live again and kept, and so is its pack), commits the
+   `sweep` entry first (conditional on the head: a commit meanwhile makes gc catch up and mark
+   again), and only then deletes the objects, in batches, checking its leases before each.
+
+What a repack of partly dead packs would cost (bytes read back and written, requests) is
+reported, not done: on object storage a rewrite costs egress and PUTs, while dropping whole
+dead packs costs one batched DELETE. A crash anywhere leaves at worst objects that a later gc
+plans again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import numpy as np
+
+from ..errors import DamageError
+from ..repository.blockmap import map_object
+from ..repository.checkpoint import checkpoint_due, compact, write_checkpoint
+from ..repository.index import PACK_REC
+from ..repository.journal import PendingPlan, PlanOp, SweepOp, WaitsOp, new_plan_id
+from ..repository.leases import SESSION, LeaseInfo, iso, list_leases, now
+from ..repository.locks import MAINTENANCE, SHARED
+from ..repository.packs import ENTRY, FOOTER, HEADER, pack_object
+from ..repository.points import point_object
+from ..repository.store import ObjectMissing
+from ..repository.repo import Repository
+from .gc import GcReport
+from .inventory import MapCache, live_refs, objects_under, scan_refs
+
+DEFAULT_GRACE = 24 * 3600.0
+DELETE_BATCH = 1000  # names per Store.delete: one DeleteObjects request on S3
+
+
+@dataclass
+class SharedGcReport(GcReport):
+    mode: str = "shared"
+    grace_seconds: float = DEFAULT_GRACE
+    plans_swept: int = 0
+    plans_pending: int = 0
+    planned_packs: int = 0
+    planned_maps: int = 0
+    planned_objects: int = 0
+    packs_kept_live: int = 0
+    repack_packs: int = 0
+    repack_read_bytes: int = 0
+    repack_write_bytes: int = 0
+    repack_requests: int = 0
+    repack_reclaims_bytes: int = 0
+    checkpoint: int = 0
+    entries_compacted: int = 0
+
+
+@dataclass(frozen=True)
+class Mark:
+    """What the catalog uses now: the maps its records name and the refs those maps hold."""
+
+    maps: frozenset[str]
+    refs: np.ndarray  # sorted unique u64
+    catalogued: frozenset[str]  # point ids
+
+
+class _Nothing(Exception):
+    """A journal commit found, once caught up, that it has nothing to commit."""
+
+
+def gc(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = False,
+       max_unused: float = 10.0, tick: Callable[[str], None] | None = None) -> SharedGcReport:
+    """Sweep the ready plans, plan what is unused now, report the cost of a repack."""
+    started = time.monotonic()
+    report = SharedGcReport(dry_run=dry_run, grace_seconds=grace)
+    cache = MapCache(repo)
+    if dry_run:
+        with repo.lock(SHARED, "gc --dry-run"):
+            _dry_run(repo, cache, report, max_unused)
+    else:
+        with repo.lock(MAINTENANCE, "gc"):
+            _run(repo, cache, report, grace, max_unused, tick)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+def _run(repo: Repository, cache: MapCache, report: SharedGcReport, grace: float,
+         max_unused: float, tick: Callable[[str], None] | None) -> None:
+    _sweep_ready(repo, cache, report, grace, tick)
+    plan = _plan(repo, cache, report)
+    if plan is not None:
+        _commit_waits(repo, plan)
+        if grace <= 0:
+            _sweep_ready(repo, cache, report, grace, tick)
+    _repack_cost(repo, _mark(repo, cache), report, max_unused)
+    report.plans_pending = len(repo.index.pending_plans())
+    _checkpoint(repo, grace, report)
+
+
+# -- the mark ----------------------------------------------------------------------------------
+def _mark(repo: Repository, cache: MapCache) -> Mark:
+    """A full mark of the cache as it is now (maps already read are not read again). A map in
+    use that cannot be read stops gc: its chunks would look unused."""
+    records = repo.index.points_records()
+    names = frozenset(d["map"] for r in records for d in r["disks"])
+    refs, _counts = live_refs(cache, names)
+    bad = [cache.errors[n] for n in sorted(names) if n in cache.errors]
+    if bad:
+        raise DamageError(f"{len(bad)} block maps in use cannot be read (first: {bad[0]}); gc "
+                          "deletes nothing while their chunks cannot be told apart: run "
+                          "'repo-engine verify'")
+    return Mark(names, refs, frozenset(r["id"] for r in records))
+
+
+@dataclass(frozen=True)
+class _Packs:
+    """The packs of the cache: number -> (name, size), and the ref table's pack column."""
+
+    names: dict[int, tuple[str, int, int]]  # name, size, chunk count
+    refs: np.ndarray  # scan_refs rows
+
+    @classmethod
+    def read(cls, repo: Repository) -> "_Packs":
+        index = repo.index
+        with index.env.begin() as txn:
+            table = scan_refs(index, txn)
+            names = {int.from_bytes(k, "big"): _pack_fields(v) for k, v in
+                     txn.cursor(db=index.packs)}
+        return cls(names, table)
+
+    def by_name(self) -> dict[str, int]:
+        return {name: number for number, (name, _size, _count) in self.names.items()}
+
+
+def _pack_fields(raw: bytes) -> tuple[str, int, int]:
+    name, size, count = PACK_REC.unpack(raw)
+    return name.hex(), size, count
+
+
+# -- phase 1: plan -----------------------------------------------------------------------------
+@dataclass
+class _Listed:
+    packs: dict[str, int]  # name -> size, in the store
+    maps: set[str]
+    points: set[str]
+
+    @classmethod
+    def read(cls, repo: Repository) -> "_Listed":
+        """The store's packs, maps and manifests: listed BEFORE the plan's catch-up, so that an
+        object whose commit lands in between is known to the cache the plan is built from."""
+        return cls({n: i.size for n, i in objects_under(repo, "packs").items()},
+                   set(objects_under(repo, "maps")), set(objects_under(repo, "points")))
+
+
+def _plan(repo: Repository, cache: MapCache, report: SharedGcReport) -> PlanOp | None:
+    listed = _Listed.read(repo)
+    try:
+        entry = repo.commit_journal(lambda _seq: [_plan_op(repo, cache, listed)])
+    except _Nothing:
+        return None
+    op = entry.ops[0]
+    assert isinstance(op, PlanOp)
+    report.candidates += len(op.refs)
+    report.planned_packs += len(op.packs)
+    report.planned_maps += len(op.maps)
+    report.planned_objects += len(op.objects)
+    return op
+
+
+def _plan_op(repo: Repository, cache: MapCache, listed: _Listed) -> PlanOp:
+    """The plan of what is unused in the caught-up cache and not doomed by a pending plan."""
+    mark = _mark(repo, cache)
+    packs = _Packs.read(repo)
+    pending = repo.index.pending_plans()
+    dead = ~np.isin(packs.refs["ref"], mark.refs)
+    doomed = np.concatenate([p.op.refs for p in pending] or [np.zeros(0, np.uint64)])
+    refs = np.setdiff1d(packs.refs["ref"][dead], doomed)
+    live_packs = set(np.unique(packs.refs["pack"][~dead]).tolist())
+    taken = {name for p in pending for name in (*p.op.packs, *p.op.maps, *p.op.objects)}
+    dead_packs = sorted(name for number, (name, _, _) in packs.names.items()
+                        if number not in live_packs and name not in taken)
+    indexed = packs.by_name()
+    maps = sorted(n for n in listed.maps if n not in mark.maps and n not in taken)
+    objects = sorted({pack_object(n) for n in listed.packs if n not in indexed}
+                     | {point_object(i) for i in listed.points if i not in mark.catalogued}
+                     - taken)
+    if not (len(refs) or dead_packs or maps or objects):
+        raise _Nothing()
+    return PlanOp(new_plan_id(), iso(now()), refs.astype(np.uint64), dead_packs, maps, objects)
+
+
+def _commit_waits(repo: Repository, plan: PlanOp) -> PendingPlan:
+    """The sessions that may have seen the cache before the plan: every lease now in the store
+    but this process's own (listed after the plan's commit)."""
+    own = {lease.name for held in repo.held for lease in held.leases}
+    names = sorted(f.name for f in list_leases(repo.store)
+                   if f.info.kind == SESSION and f.name not in own)
+    repo.commit_journal(lambda _seq: [WaitsOp(plan.plan, names)])
+    return PendingPlan(plan, names)
+
+
+# -- phase 2: sweep ----------------------------------------------------------------------------
+def ready(plan: PendingPlan, leases: dict[str, LeaseInfo], grace: float, at: datetime) -> bool:
+    """Whether `plan` may be swept at `at`: its waits are known, its time plus `grace` has
+    passed, and each waited lease is gone or expired more than `grace` before `at`."""
+    if plan.leases is None:
+        return False
+    if datetime.fromisoformat(plan.op.time) + timedelta(seconds=grace) > at:
+        return False
+    return all(name not in leases or leases[name].expired(at, grace) for name in plan.leases)
+
+
+def _sweep_ready(repo: Repository, cache: MapCache, report: SharedGcReport, grace: float,
+                 tick: Callable[[str], None] | None) -> None:
+    plans = repo.index.pending_plans()
+    if not plans:
+        return
+    leases = {f.name: f.info for f in list_leases(repo.store)}
+    for plan in plans:
+        if plan.leases is None:  # a gc died between plan and waits: wait for everyone now
+            plan = _commit_waits(repo, plan.op)
+        if ready(plan, leases, grace, now()):
+            if tick:
+                tick(f"sweeping plan {plan.op.plan}")
+            _sweep(repo, cache, plan, report)
+
+
+@dataclass
+class _Doomed:
+    """What a sweep deletes, decided with the cache caught up to the sweep's seq."""
+
+    op: SweepOp
+    objects: list[str]  # doomed store objects the cache still does not know
+    freed: int  # bytes of the indexed packs deleted
+    kept_refs: int
+    kept_packs: int
+    stored: int  # stored bytes of the refs swept
+
+    def names(self) -> list[str]:
+        return ([pack_object(n) for n in self.op.packs] + [map_object(n) for n in self.op.maps]
+                + self.objects)
+
+
+def _sweep(repo: Repository, cache: MapCache, plan: PendingPlan,
+           report: SharedGcReport) -> None:
+    decided: list[_Doomed] = []
+
+    def build(_seq: int) -> list:
+        decided[:] = [_sweep_op(repo, cache, plan.op)]
+        return [decided[0].op]
+
+    repo.commit_journal(build)
+    doomed = decided[0]
+    orphans = [o for o in doomed.objects if o.startswith("packs/")]
+    orphan_bytes = sum(_size(repo, o) for o in orphans)
+    _delete(repo, doomed.names())
+    report.plans_swept += 1
+    report.chunks_dropped += len(doomed.op.refs)
+    report.stored_bytes_dropped += doomed.stored
+    report.resurrected += doomed.kept_refs
+    report.packs_kept_live += doomed.kept_packs
+    report.packs_deleted += len(doomed.op.packs)
+    report.maps_deleted += len(doomed.op.maps)
+    report.manifests_deleted += sum(o.startswith("points/") for o in doomed.objects)
+    report.orphan_packs_deleted += len(orphans)
+    report.freed_bytes += doomed.freed + orphan_bytes
+
+
+def _size(repo: Repository, name: str) -> int:
+    try:
+        return repo.store.size(name)
+    except ObjectMissing:
+        return 0
+
+
+def _sweep_op(repo: Repository, cache: MapCache, plan: PlanOp) -> _Doomed:
+    """The sweep of `plan` against the cache caught up now: a doomed ref used again is kept
+    (and every pack placing a kept or undoomed chunk), a doomed map named again is kept, a doomed
+    object the cache now knows is kept."""
+    mark = _mark(repo, cache)
+    packs = _Packs.read(repo)
+    table = packs.refs
+    doomed = table[np.isin(table["ref"], plan.refs)]
+    unused = ~np.isin(doomed["ref"], mark.refs)
+    swept = doomed["ref"][unused]
+    placing = set(np.unique(table["pack"][~np.isin(table["ref"], swept)]).tolist())
+    indexed = packs.by_name()
+    gone_packs = [n for n in plan.packs if indexed.get(n) not in placing]
+    maps = [n for n in plan.maps if n not in mark.maps]
+    objects = [o for o in plan.objects if not _known(o, indexed, mark)]
+    return _Doomed(SweepOp(plan.plan, swept.astype(np.uint64), gone_packs, maps), objects,
+                   freed=sum(packs.names[indexed[n]][1] for n in gone_packs if n in indexed),
+                   kept_refs=int((~unused).sum()), kept_packs=len(plan.packs) - len(gone_packs),
+                   stored=int(doomed["stored"][unused].astype(np.int64).sum()))
+
+
+def _known(name: str, indexed: dict[str, int], mark: Mark) -> bool:
+    """Whether the cache now knows a store object a plan found unknown."""
+    stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
+    if name.startswith("packs/"):
+        return stem in indexed
+    if name.startswith("points/"):
+        return stem in mark.catalogued
+    return True  # not a kind a plan lists: never deleted
+
+
+def _delete(repo: Repository, names: list[str]) -> None:
+    """Delete in batches, each after checking that this gc still holds its leases."""
+    for start in range(0, len(names), DELETE_BATCH):
+        repo.check_leases()
+        repo.store.delete(names[start:start + DELETE_BATCH])
+
+
+# -- report: what a repack would cost --------------------------------------------------------
+def _repack_cost(repo: Repository, mark: Mark, report: SharedGcReport,
+                 max_unused: float) -> None:
+    """For each pack with live chunks whose unused share of chunk bytes exceeds `max_unused`
+    percent: its live bytes read back (one ranged GET per pack, its live chunks coalesced) and
+    written again into new packs, and one DELETE batch for the old ones."""
+    packs = _Packs.read(repo)
+    table = packs.refs
+    live = table[np.isin(table["ref"], mark.refs)]
+    numbers, inverse = np.unique(live["pack"], return_inverse=True)
+    live_bytes = np.bincount(inverse, weights=live["stored"].astype(np.float64),
+                             minlength=len(numbers))
+    for number, kept in zip(numbers.tolist(), live_bytes.astype(np.int64).tolist()):
+        _name, size, count = packs.names.get(number, ("", 0, 0))
+        data = max(size - HEADER.size - FOOTER.size - ENTRY.size * count, 1)
+        if not size or (1 - kept / data) * 100 <= max_unused:
+            continue
+        report.repack_packs += 1
+        report.repack_read_bytes += kept
+        report.repack_write_bytes += kept
+        report.repack_reclaims_bytes += size - kept
+    if report.repack_packs:
+        puts = -(-report.repack_write_bytes // repo.config.pack_size)
+        deletes = -(-report.repack_packs // DELETE_BATCH)
+        report.repack_requests = report.repack_packs + puts + deletes
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def _checkpoint(repo: Repository, grace: float, report: SharedGcReport) -> None:
+    """Write a checkpoint when one is due (checkpoint.py); delete the journal entries the newest
+    checkpoint covers once it is older than the grace period (and the staleness bound)."""
+    repo.refresh()
+    if checkpoint_due(repo.store, repo.index):
+        repo.check_leases()
+        report.checkpoint = write_checkpoint(repo.store, repo.index)
+    repo.check_leases()
+    report.entries_compacted = compact(repo.store, grace)
+
+
+# -- dry run -----------------------------------------------------------------------------------
+def _dry_run(repo: Repository, cache: MapCache, report: SharedGcReport,
+             max_unused: float) -> None:
+    """What a plan would doom now, committing nothing."""
+    listed = _Listed.read(repo)
+    try:
+        op = _plan_op(repo, cache, listed)
+    except _Nothing:
+        op = None
+    if op is not None:
+        report.candidates = len(op.refs)
+        report.planned_packs, report.planned_maps = len(op.packs), len(op.maps)
+        report.planned_objects = len(op.objects)
+    report.plans_pending = len(repo.index.pending_plans())
+    _repack_cost(repo, _mark(repo, cache), report, max_unused)

@@ -1,0 +1,343 @@
+"""Checkpoints of a shared repository's journal, and catching a host's cache up with it.
+
+A checkpoint `journal/<16 hex seq>.ckpt` is the whole replayed state after entry `seq`: what a
+host needs to rebuild its cache without the entries up to `seq` (which gc may then delete) and
+without reading any pack or map. It is written streamed, in bounded memory, as:
+
+| part    | layout                                                                      |
+|---------|-----------------------------------------------------------------------------|
+| header  | magic CHECKPOINT (8), major u16, minor u16, flags u32 (0) — 16 bytes         |
+| records | each: tag [4] ascii, JSON length u32, frame length u64, then a zstd frame of |
+|         | the JSON followed by the record's binary part                                |
+| footer  | BLAKE3 of every byte before it [32]                                          |
+
+| tag    | JSON                                           | binary                            |
+|--------|------------------------------------------------|-----------------------------------|
+| `META` | seq, time, host, next_ref, next_seq (first)    | —                                 |
+| `PACK` | list of [number, name, size, count]            | —                                 |
+| `REFS` | {}                                             | REF_ROW rows: every placed ref    |
+| `PNTS` | list of catalog records                        | —                                 |
+| `PLAN` | plan, time, packs, maps, objects, leases       | refs u64[]                        |
+| `SWPT` | {}                                             | swept map names [32], then seqs u64[] |
+| `END!` | records: how many came before (last)           | —                                 |
+
+A reader loads a checkpoint into the cache in one write transaction, which commits only after
+the footer checks out. A ref row's `indexed` flag says the `ids` table names it (a chunk stored
+twice, or made unfindable by a plan, is placed but not found).
+
+`catch_up` is a shared repository's refresh: apply entries `journal_seq + 1, ...` until one is
+missing. A cache that is empty, or was last refreshed more than STALE_AFTER ago, first looks for
+a newer checkpoint: entries at or below a checkpoint are deleted only once it is older than
+STALE_AFTER (and gc's grace), so a cache refreshed more recently still finds the entries it needs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import struct
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+import socket
+from datetime import datetime, timezone
+
+import blake3
+import lmdb
+import numpy as np
+import zstandard
+
+from ..errors import DamageError
+from .formats import CHECKPOINT
+from .index import (COUNTERS, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index, PendingPlan,
+                    encode_record)
+from .journal import PREFIX, Entry, PlanOp, entry_object, entry_seqs, read_entry
+from .points import PointRecord
+from .safefile import FILE_MODE
+from .store import ObjectExists, Store
+
+HEADER = struct.Struct("<8sHHI")
+RECORD = struct.Struct("<4sIQ")
+assert (HEADER.size, RECORD.size) == (16, 16)
+CHECKSUM_SIZE = 32
+REF_ROW = np.dtype([("ref", "<u8"), ("id", "V32"), ("pack", "<u4"), ("offset", "<u8"),
+                    ("stored", "<u4"), ("raw", "<u4"), ("codec", "u1"), ("indexed", "u1")])
+BATCH = 1 << 16  # rows per frame: bounds memory on both sides (4 MiB of refs)
+RECORDS_BATCH = 1 << 10  # catalog records per frame (a record is up to a few KiB)
+READ_PIECE = 8 << 20
+MAX_FRAME = 1 << 30
+STALE_AFTER = 3600.0
+READ_AHEAD = 8  # journal entries fetched at once by a long replay
+CHECKPOINT_EVERY = 200
+# what a checkpoint replaces in a cache (other tables are this host's own notes)
+REPLAYED = ("ids", "refs", "packs", "packnames", "packlive", "points", "plans", "sweptmaps")
+
+
+def checkpoint_object(seq: int) -> str:
+    return f"{PREFIX}{seq:016x}.ckpt"
+
+
+def newest_checkpoint(store: Store) -> int | None:
+    return max(entry_seqs(store, ".ckpt"), default=None)
+
+
+# -- writing ----------------------------------------------------------------------------------
+class _Writer:
+    """Records into a spool file, hashed as they go."""
+
+    def __init__(self, path: str) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        self._hash = blake3.blake3()
+        self.records = 0
+        self._out(HEADER.pack(CHECKPOINT.magic, CHECKPOINT.major, CHECKPOINT.minor, 0))
+
+    def _out(self, data: bytes) -> None:
+        self._hash.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def record(self, tag: bytes, doc: object, binary: bytes = b"") -> None:
+        text = json.dumps(doc, sort_keys=True).encode()
+        frame = zstandard.ZstdCompressor(level=3).compress(text + binary)
+        self._out(RECORD.pack(tag, len(text), len(frame)) + frame)
+        self.records += 1
+
+    def close(self) -> None:
+        self.record(b"END!", {"records": self.records})
+        os.write(self._fd, self._hash.digest())
+        os.fsync(self._fd)
+        os.close(self._fd)
+
+
+def write_checkpoint(store: Store, index: Index) -> int:
+    """Write the checkpoint of the cache's state at its `journal_seq` (the caller refreshed);
+    returns that seq. One written by another host at the same seq is kept."""
+    spool = store.spool_dir() / f"ckpt-{os.getpid()}-{os.urandom(6).hex()}.tmp"
+    try:
+        with index.env.begin(buffers=False) as txn:  # one snapshot: a consistent state
+            seq = Index._get_u64(txn, b"journal_seq", index.meta)
+            writer = _Writer(str(spool))
+            writer.record(b"META", {
+                "seq": seq, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "host": socket.gethostname(),
+                "next_ref": Index._get_u64(txn, b"next_ref", index.meta),
+                "next_seq": Index._get_u64(txn, b"next_seq", index.meta)})
+            _write_state(writer, index, txn)
+            writer.close()
+        try:
+            store.put_file(checkpoint_object(seq), spool, if_absent=True)
+        except ObjectExists:
+            pass
+        return seq
+    finally:
+        spool.unlink(missing_ok=True)
+
+
+def _write_state(writer: _Writer, index: Index, txn: lmdb.Transaction) -> None:
+    for batch in _batches(txn.cursor(db=index.packs), BATCH):
+        writer.record(b"PACK", [[PACK_KEY.unpack(k)[0], *_pack_fields(v)] for k, v in batch])
+    ids = index.ids
+    for batch in _batches(txn.cursor(db=index.refs), BATCH):
+        rows = np.zeros(len(batch), REF_ROW)
+        for i, (key, raw) in enumerate(batch):
+            ref = REF_KEY.unpack(key)[0]
+            place = REF_REC.unpack(raw)
+            rows[i] = (ref, *place, txn.get(place[0], db=ids) == U64.pack(ref))
+        writer.record(b"REFS", {}, rows.tobytes())
+    for batch in _batches(txn.cursor(db=index.points), RECORDS_BATCH):
+        writer.record(b"PNTS", [index.record(k, v) for k, v in batch])
+    for plan in index.plans_in(txn):
+        op = plan.op
+        writer.record(b"PLAN", {"plan": op.plan, "time": op.time, "packs": op.packs,
+                                "maps": op.maps, "objects": op.objects, "leases": plan.leases},
+                      np.ascontiguousarray(op.refs, "<u8").tobytes())
+    for batch in _batches(txn.cursor(db=index.sweptmaps), BATCH):
+        names = b"".join(k for k, _ in batch)
+        writer.record(b"SWPT", {}, names + b"".join(v for _, v in batch))
+
+
+def _batches(cursor: lmdb.Cursor, size: int) -> Iterator[list[tuple[bytes, bytes]]]:
+    batch: list[tuple[bytes, bytes]] = []
+    for item in cursor:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _pack_fields(raw: bytes) -> list:
+    name, size, count = PACK_REC.unpack(raw)
+    return [name.hex(), size, count]
+
+
+def checkpoint_due(store: Store, index: Index, every: int = CHECKPOINT_EVERY) -> bool:
+    """Whether more than `every` entries were replayed since the newest checkpoint (gc then
+    writes one)."""
+    return index.journal_seq - (newest_checkpoint(store) or 0) > every
+
+
+def compact(store: Store, grace: float, now: float | None = None) -> int:
+    """Delete the entries at or below the newest checkpoint once it is older than `grace`
+    seconds and STALE_AFTER (module doc); returns how many were deleted."""
+    seq = newest_checkpoint(store)
+    if seq is None:
+        return 0
+    meta = next(_Reader(store, checkpoint_object(seq)).records())[1]
+    written = datetime.fromisoformat(meta["time"]).timestamp()
+    if (now if now is not None else time.time()) < written + max(grace, STALE_AFTER):
+        return 0
+    doomed = sorted(s for s in entry_seqs(store) if s <= seq)
+    store.delete(entry_object(s) for s in doomed)
+    return len(doomed)
+
+
+# -- reading ----------------------------------------------------------------------------------
+class _Reader:
+    """Sequential, hashed reads of a checkpoint object, a piece at a time."""
+
+    def __init__(self, store: Store, name: str) -> None:
+        self.store, self.name = store, name
+        self.what = f"{store.location}/{name}"
+        self.size = store.size(name)
+        self.pos = 0
+        self._hash = blake3.blake3()
+
+    def read(self, length: int) -> bytes:
+        if self.pos + length > self.size - CHECKSUM_SIZE:
+            raise DamageError(f"{self.what}: checkpoint is truncated")
+        parts = []
+        for offset in range(self.pos, self.pos + length, READ_PIECE):
+            size = min(READ_PIECE, self.pos + length - offset)
+            parts.append(self.store.get_range(self.name, offset, size))
+        data = b"".join(parts)
+        self._hash.update(data)
+        self.pos += length
+        return data
+
+    def records(self) -> Iterator[tuple[bytes, object, bytes]]:
+        magic, major, _minor, _flags = HEADER.unpack(self.read(HEADER.size))
+        if magic != CHECKPOINT.magic:
+            raise DamageError(f"{self.what}: not a checkpoint (bad magic)")
+        CHECKPOINT.check_version(major, self.what)
+        count = 0
+        while True:
+            tag, text_len, frame_len = RECORD.unpack(self.read(RECORD.size))
+            if frame_len > MAX_FRAME:
+                raise DamageError(f"{self.what}: checkpoint record claims {frame_len} bytes")
+            try:
+                body = zstandard.ZstdDecompressor().decompress(self.read(frame_len))
+                doc = json.loads(body[:text_len])
+            except (zstandard.ZstdError, ValueError) as exc:
+                raise DamageError(f"{self.what}: checkpoint record is damaged ({exc})") from None
+            if tag == b"END!":
+                self._finish(doc, count)
+                return
+            count += 1
+            yield tag, doc, body[text_len:]
+
+    def _finish(self, doc: object, count: int) -> None:
+        digest = self.store.get_range(self.name, self.pos, CHECKSUM_SIZE)
+        if (self.pos + CHECKSUM_SIZE != self.size or digest != self._hash.digest()
+                or doc != {"records": count}):
+            raise DamageError(f"{self.what}: checkpoint checksum mismatch (damaged)")
+
+
+def load_checkpoint(store: Store, index: Index, seq: int) -> None:
+    """Replace the cache's replayed state by checkpoint `seq`, in one transaction that commits
+    only when the whole checkpoint checked out (DamageError otherwise, the cache unchanged); a
+    cache that holds entry `seq` already is left as it is."""
+    reader = _Reader(store, checkpoint_object(seq))
+    try:
+        with index.env.begin(write=True) as txn:
+            if index.journal_seq_in(txn) >= seq:
+                return  # another process of this host got there first: never go back
+            for table in REPLAYED:
+                txn.drop(getattr(index, table), delete=False)
+            for tag, doc, binary in reader.records():
+                _load_record(index, txn, tag, doc, binary, reader.what)
+            if index.journal_seq_in(txn) != seq:
+                raise DamageError(f"{reader.what}: checkpoint says it holds another seq")
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise DamageError(f"{reader.what}: checkpoint is malformed ({exc})") from None
+
+
+def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: bytes,
+                 what: str) -> None:
+    if tag == b"META":
+        for key in ("next_ref", "next_seq"):
+            txn.put(key.encode(), U64.pack(doc[key]), db=index.meta)
+        txn.put(b"journal_seq", U64.pack(doc["seq"]), db=index.meta)
+        txn.put(b"counts", U64.pack(0), db=index.meta)
+        for key in COUNTERS:
+            txn.put(key.encode(), U64.pack(0), db=index.meta)
+    elif tag == b"PACK":
+        for number, name, size, count in doc:
+            index.put_pack_record(txn, number, bytes.fromhex(name), size, count, count, 0)
+            if number >= Index._get_u64(txn, b"next_pack", index.meta):
+                txn.put(b"next_pack", U64.pack(number + 1), db=index.meta)
+    elif tag == b"REFS":
+        rows = np.frombuffer(binary, REF_ROW)
+        for row in rows:
+            ref, chunk_id = int(row["ref"]), row["id"].tobytes()
+            txn.put(REF_KEY.pack(ref), REF_REC.pack(chunk_id, int(row["pack"]),
+                    int(row["offset"]), int(row["stored"]), int(row["raw"]),
+                    int(row["codec"])), db=index.refs)
+            if row["indexed"]:
+                txn.put(chunk_id, U64.pack(ref), db=index.ids)
+        for key, total in (("chunks", len(rows)), ("raw_bytes", int(rows["raw"].sum())),
+                           ("stored_bytes", int(rows["stored"].sum()))):
+            index._add(txn, key, total)
+    elif tag == b"PNTS":
+        for record in doc:
+            point = PointRecord.from_dict(record, what).summary()
+            txn.put(point["id"].encode(), encode_record(point), db=index.points)
+    elif tag == b"PLAN":
+        op = PlanOp(doc["plan"], doc["time"], np.frombuffer(binary, "<u8").astype(np.uint64),
+                    doc["packs"], doc["maps"], doc["objects"])
+        index.put_plan(txn, PendingPlan(op, doc["leases"]))
+    elif tag == b"SWPT":
+        count = len(binary) // 40
+        for i in range(count):
+            txn.put(binary[32 * i:32 * i + 32], binary[32 * count + 8 * i:32 * count + 8 * i + 8],
+                    db=index.sweptmaps)
+    else:
+        raise DamageError(f"{what}: checkpoint record {tag!r} is unknown")
+
+
+# -- refresh ----------------------------------------------------------------------------------
+def catch_up(store: Store, index: Index) -> int:
+    """Apply the journal's new entries to the cache (from the newest checkpoint when the cache
+    is empty or stale and a newer one exists); returns the cache's `journal_seq`, the head."""
+    seq = index.journal_seq
+    refreshed = index.meta_u64("refreshed")
+    if seq == 0 or time.time() - refreshed > STALE_AFTER:
+        newest = newest_checkpoint(store)
+        if newest is not None and newest > seq:
+            load_checkpoint(store, index, newest)
+            seq = newest
+    for entry in _new_entries(store, seq):
+        index.apply_entry(entry)  # a no-op for one another process of this host applied
+    index.set_meta_u64("refreshed", int(time.time()))
+    return index.journal_seq
+
+
+def _new_entries(store: Store, seq: int) -> Iterator[Entry]:
+    """Entries seq + 1, seq + 2, ... up to the first missing one: one GET when nothing is new,
+    else READ_AHEAD requests in flight (the store's latency, not its bandwidth, bounds a long
+    replay), in bounded memory."""
+    entry = read_entry(store, seq + 1)
+    if entry is None:
+        return
+    yield entry
+    with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="journal-read") as pool:
+        for start in itertools.count(seq + 2, READ_AHEAD):
+            window = [pool.submit(read_entry, store, s) for s in range(start, start + READ_AHEAD)]
+            for future in window:
+                entry = future.result()
+                if entry is None:
+                    return
+                yield entry

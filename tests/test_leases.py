@@ -1,0 +1,266 @@
+"""Leases and the maintenance lock of a shared repository (repository/leases.py), on a local
+shared repository and on S3 (SeaweedFS): two hosts (two repositories opened on one store, each
+with its own local directory), expiry judged by the holder's clock, takeover of an expired
+maintenance lock by exactly one of two racing takers, lost renewals, and unlock."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from helpers import attach_shared, cli
+from repo_engine.errors import LockedError, RepoError
+from repo_engine.maintenance.rebuild import unlock, unlock_shared
+from repo_engine.repository import leases
+from repo_engine.repository.config import RepoConfig, write_config
+from repo_engine.repository.leases import (MAINT, SESSION, Lease, LeaseInfo, LeaseLost,
+                                           clear_leases, list_leases, maintenance_name,
+                                           read_lease, session_name, write_lease)
+from repo_engine.repository.locks import MAINTENANCE, SHARED
+from repo_engine.repository.repo import Repository
+from repo_engine.repository.store import StoreError
+from repo_engine.repository.store.local import LocalStore
+from repo_engine.repository.store.s3 import S3Store
+from test_store_s3 import settings_for
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        s = LocalStore(tmp_path / "repo")
+        (tmp_path / "repo").mkdir(mode=0o700)
+    else:
+        seaweedfs = request.getfixturevalue("seaweedfs")
+        bucket = request.getfixturevalue("s3_bucket")
+        s = S3Store(f"s3://{bucket}/repo", settings_for(seaweedfs.endpoint))
+    write_config(s, RepoConfig.new(shared=True))
+    yield s
+    s.close()
+
+
+def host(store, tmp_path: Path, name: str, seconds: float = 600.0) -> Repository:
+    """The repository as one host sees it: the shared store, its own local directory."""
+    repo = attach_shared(store, tmp_path / name)
+    repo.lease_seconds = seconds
+    return repo
+
+
+def crashed(store, name: str, kind: str, command: str = "gc", *, ago: float = 60.0) -> LeaseInfo:
+    """The record a holder that died `ago` seconds after its last renewal left behind."""
+    expired = leases.now() - timedelta(seconds=ago)
+    info = LeaseInfo(kind, "otherhost", 4242, command, leases.iso(expired - timedelta(hours=1)),
+                     leases.iso(expired), "0123456789abcdef")
+    write_lease(store, name, info)
+    return info
+
+
+def commands(store) -> list[tuple[str, str]]:
+    return [(found.info.kind, found.info.command) for found in list_leases(store)]
+
+
+def test_every_lock_writes_a_session_lease_released_with_it(store, tmp_path):
+    a = host(store, tmp_path, "a")
+    with a.lock(SHARED, "backup image web1"):
+        assert commands(store) == [(SESSION, "backup image web1")]
+        [found] = list_leases(store)
+        assert found.name.startswith("leases/") and found.name.endswith(".lease")
+        assert found.info.expires > found.info.started
+        a.check_leases()
+        with a.lock(SHARED, "verify"):
+            assert sorted(commands(store)) == [(SESSION, "backup image web1"), (SESSION, "verify")]
+        assert commands(store) == [(SESSION, "backup image web1")]
+    assert list_leases(store) == [] and a.held == []
+
+
+def test_maintenance_lock_excludes_other_hosts_but_not_their_backups(store, tmp_path):
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    with a.lock(MAINTENANCE, "gc"):
+        assert sorted(commands(store)) == [(MAINT, "gc"), (SESSION, "gc")]
+        with pytest.raises(LockedError) as refused:
+            b.lock(MAINTENANCE, "forget")
+        text = str(refused.value)
+        assert text.startswith("repository is locked (maintenance) by 'gc', pid ")
+        assert "\n" not in text and "repo-engine unlock" in text
+        # the refused command left nothing behind: no lease, no local lock
+        assert sorted(commands(store)) == [(MAINT, "gc"), (SESSION, "gc")]
+        assert list((tmp_path / "b" / "locks").iterdir()) == [] and b.held == []
+        with b.lock(SHARED, "backup image web1"):  # backups run beside maintenance
+            a.check_leases()
+    assert list_leases(store) == []
+    with b.lock(MAINTENANCE, "forget"):  # free again once released
+        assert [f.name for f in list_leases(store) if f.info.kind == MAINT] == [
+            maintenance_name(1)]
+
+
+def test_expired_maintenance_lock_is_taken_over_by_exactly_one_of_two_racers(store, tmp_path):
+    hosts = [host(store, tmp_path, f"h{i}") for i in range(2)]
+    for generation in range(1, 4):  # a crashed holder at each generation in turn
+        crashed(store, maintenance_name(generation), MAINT)
+        barrier = threading.Barrier(2)
+        won, refused = [], []
+
+        def take(repo: Repository) -> None:
+            barrier.wait()
+            try:
+                won.append(repo.lock(MAINTENANCE, "gc"))
+            except LockedError as exc:
+                refused.append(str(exc))
+
+        threads = [threading.Thread(target=take, args=(h,)) for h in hosts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1 and len(refused) == 1, (won, refused)
+        assert refused[0].startswith("repository is locked (maintenance) by 'gc'")
+        maint = [f.name for f in list_leases(store) if f.info.kind == MAINT]
+        assert maint == [maintenance_name(generation + 1)]  # the expired one was cleared
+        won[0].check()
+        won[0].release()
+        assert list_leases(store) == []
+
+
+def test_a_holder_whose_lock_was_taken_over_stops(store, tmp_path):
+    """A holder whose clock runs behind still thinks its lock is valid; the taker judged it
+    expired by its own clock. The old holder's next check sees the higher generation."""
+    info = crashed(store, maintenance_name(7), MAINT, "forget")
+    behind = replace(info, expires=leases.iso(leases.now() + timedelta(hours=1)))
+    stalled = Lease(store, maintenance_name(7), behind, 600.0)  # never renewed
+    b = host(store, tmp_path, "b")
+    with b.lock(MAINTENANCE, "gc"):
+        with pytest.raises(LeaseLost, match=r"taken over by 'gc', pid .* stops before it writes"):
+            stalled.check()
+        assert read_lease(store, maintenance_name(7)) is None  # cleared by the taker
+        with pytest.raises(LeaseLost):  # lost for good
+            stalled.check()
+
+
+def test_renewal_pushes_the_expiry_and_a_failed_renewal_loses_the_lease(store, tmp_path,
+                                                                        monkeypatch):
+    a = host(store, tmp_path, "a", seconds=0.4)
+    with a.lock(SHARED, "backup image web1") as held:
+        [lease] = held.leases
+        first = read_lease(store, lease.name).expires
+        for _ in range(200):  # the daemon renews every 0.1 s; wait until it did
+            if read_lease(store, lease.name).expires > first:
+                break
+            threading.Event().wait(0.05)
+        assert read_lease(store, lease.name).expires > first
+        a.check_leases()
+
+        def refuse(*_args, **_kwargs):
+            raise StoreError(f"{store.location}: the server answered 503 SlowDown")
+
+        monkeypatch.setattr(store, "put", refuse)
+        lease.renew()  # what the daemon does next
+        with pytest.raises(LeaseLost) as lost:
+            a.check_leases()
+        assert "could not be renewed" in str(lost.value) and "503" in str(lost.value)
+        assert "\n" not in str(lost.value)
+        monkeypatch.undo()
+        lease.renew()
+        with pytest.raises(LeaseLost):  # a later renewal does not bring it back
+            a.check_leases()
+    assert list_leases(store) == []
+
+
+def test_expiry_is_judged_by_the_holders_clock(store, tmp_path, monkeypatch):
+    """A holder stalled past its expiry (a suspended VM, a hung thread) is stopped by its own
+    check, whatever the object in the store still says."""
+    a = host(store, tmp_path, "a")
+    with a.lock(SHARED, "backup image web1"):
+        a.check_leases()
+        later = leases.now() + timedelta(seconds=601)
+        monkeypatch.setattr(leases, "now", lambda: later)
+        with pytest.raises(LeaseLost, match="expired at .* before it could be renewed"):
+            a.check_leases()
+
+
+def test_unlock_removes_expired_leases_and_force_removes_live_ones(store, tmp_path):
+    a = host(store, tmp_path, "a")
+    dead_backup = session_name()
+    crashed(store, dead_backup, SESSION, "backup image db1")
+    crashed(store, maintenance_name(3), MAINT, "gc")
+    with a.lock(SHARED, "backup image web1") as held:
+        live = held.leases[0].name
+        cleared = clear_leases(store)
+        assert sorted(f.name for f in cleared.removed) == sorted([dead_backup,
+                                                                  maintenance_name(3)])
+        assert [f.name for f in cleared.kept] == [live]
+        assert [f.name for f in list_leases(store)] == [live]
+        a.check_leases()
+        assert [f.name for f in clear_leases(store, force=True).removed] == [live]
+        with pytest.raises(LeaseLost, match="was removed"):
+            a.check_leases()
+    assert list_leases(store) == []
+
+
+def test_an_unreadable_maintenance_lock_holds_until_unlock_force(store, tmp_path):
+    store.put(maintenance_name(1), b"not a lease")
+    a = host(store, tmp_path, "a")
+    with pytest.raises(LockedError, match=r"cannot be read; .*'repo-engine unlock --force'"):
+        a.lock(MAINTENANCE, "gc")
+    assert [f.name for f in clear_leases(store).kept] == [maintenance_name(1)]
+    assert [f.name for f in clear_leases(store, force=True).removed] == [maintenance_name(1)]
+    with a.lock(MAINTENANCE, "gc"):
+        pass
+
+
+def test_unlock_command_on_a_shared_local_repository(tmp_path, capsys):
+    path = tmp_path / "repo"
+    store = Repository.init(path, shared=True).store
+    crashed(store, maintenance_name(1), MAINT, "forget")
+    crashed(store, session_name(), SESSION, "backup image web1")
+    b = host(store, tmp_path, "b")
+    with b.lock(SHARED, "restore web1") as held:
+        refused = cli(capsys, "gc", path)  # the expired lock is taken over: gc itself runs
+        assert refused.code == 0, refused.err
+        crashed(store, maintenance_name(9), MAINT, "forget", ago=-600)  # live, another host
+        refused = cli(capsys, "gc", path)
+        assert refused.code == 1
+        assert refused.err.startswith("repo-engine: error: repository is locked (maintenance) by "
+                                      "'forget', pid 4242 on otherhost since ")
+        result = cli(capsys, "unlock", path)
+        assert result.code == 0, result.err
+        assert "removed the lease of \"backup image web1\" (pid 4242 on otherhost)" in result.out
+        assert [f.name for f in list_leases(store)] == sorted([held.leases[0].name,
+                                                               maintenance_name(9)])
+        forced = cli(capsys, "unlock", path, "--force", "--json").json()
+        assert {d["kind"] for d in forced["removed"]} == {"lease", "maintenance"}
+        assert list_leases(store) == []
+    assert unlock(path).removed == []
+
+
+def test_the_lease_duration_comes_from_the_environment(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path / "repo")
+    (tmp_path / "repo").mkdir(mode=0o700)
+    write_config(store, RepoConfig.new(shared=True))
+    monkeypatch.setenv("REPO_ENGINE_LEASE_SECONDS", "30")
+    repo = attach_shared(store, tmp_path / "a")
+    with repo.lock(SHARED, "verify") as held:
+        info = held.leases[0].info
+        assert (leases.datetime.fromisoformat(info.expires)
+                - leases.datetime.fromisoformat(info.started)).total_seconds() == 30
+    for bad in ("soon", "0", "-5"):
+        monkeypatch.setenv("REPO_ENGINE_LEASE_SECONDS", bad)
+        with pytest.raises(RepoError, match=f"REPO_ENGINE_LEASE_SECONDS='{bad}' is not a positive"):
+            attach_shared(store, tmp_path / "b")
+
+
+def test_unlock_of_a_shared_repository_in_any_store(store, tmp_path):
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    crashed(store, session_name(), SESSION, "backup image db1")
+    crashed(store, maintenance_name(2), MAINT, "forget")
+    with a.lock(SHARED, "backup image web1") as held:
+        report = unlock_shared(b)
+        assert sorted((d["kind"], d["command"]) for d in report.removed) == [
+            ("lease", "backup image db1"), (MAINTENANCE, "forget")]
+        assert [d["file"] for d in report.kept] == [held.leases[0].name]
+        assert all(d["expires"] for d in report.removed + report.kept)
+        forced = unlock_shared(b, force=True)
+        assert [d["file"] for d in forced.removed] == [held.leases[0].name]
+    assert list_leases(store) == []

@@ -1,0 +1,197 @@
+"""How a restore reads packs: coalesced requests, several in flight, the bytes held bounded by a
+cap whatever the disk's size, and a missing, truncated or damaged pack reported as the point,
+the disk and the disk byte ranges it costs (exit 3, one line), after the restore read all it
+could. On a directory store here; tests/test_restore_s3.py does the same on S3."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import vddk_ext
+
+from helpers import KIB, MIB, DiskModel, cli, write_extents
+from repo_engine.errors import UsageError
+from repo_engine.repository.blockmap import map_object
+from repo_engine.repository.config import read_config
+from repo_engine.repository.index import LOCATION_DTYPE
+from repo_engine.repository.repo import Repository
+from repo_engine.repository.store.local import LocalStore
+from repo_engine.restore.plan import ReadSettings, read_runs
+from repo_engine.restore.restorer import RestoreDamaged, restore_disk, restore_to_device
+from restore_helpers import WatchedStore, backup_image, damage_pack, pack_of_block
+
+BS = 16 * KIB
+
+
+def random_locations(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Chunks of a few packs, sorted by (pack, offset), with gaps of every size between them."""
+    rows = np.zeros(count, dtype=LOCATION_DTYPE)
+    rows["pack"] = np.sort(rng.integers(0, 4, count))
+    rows["stored"] = rng.integers(1, 300 * KIB, count)
+    gaps = rng.choice([0, 10, 100 * KIB, 300 * KIB, 2 * MIB], count)
+    for pack in range(4):
+        mine = rows["pack"] == pack
+        ends = np.cumsum(rows["stored"][mine] + gaps[mine])
+        rows["offset"][mine] = ends - rows["stored"][mine]
+    return rows
+
+
+@pytest.mark.parametrize("settings", [ReadSettings(), ReadSettings(max_request=512 * KIB),
+                                      ReadSettings(max_request=100 * KIB, max_gap=0,
+                                                   memory=MIB)])
+def test_runs_coalesce_within_a_pack_up_to_the_gap_and_the_request_size(settings):
+    rng = np.random.default_rng(5)
+    locations = random_locations(rng, 3000)
+    runs = read_runs(locations, settings)
+    assert [run.first_chunk for run in runs] == list(
+        np.cumsum([0] + [len(r.chunks) for r in runs])[:-1])
+    assert sum(len(r.chunks) for r in runs) == len(locations)
+    for run, after in zip(runs, runs[1:] + [None]):
+        c = run.chunks
+        ends = c["offset"].astype(np.int64) + c["stored"]
+        assert (c["pack"] == run.pack).all()
+        assert (run.start, run.end) == (c["offset"][0], ends[-1])
+        assert np.all(c["offset"][1:] - ends[:-1] <= settings.max_gap)
+        assert run.size <= settings.max_request or len(c) == 1
+        if after is not None and after.pack == run.pack:
+            # a new request only where the gap is too wide or the request would be too big
+            joined = after.chunks["offset"][0] + after.chunks["stored"][0] - run.start
+            gap = after.start - run.end
+            assert gap > settings.max_gap or joined > settings.max_request
+
+
+def test_settings_are_checked():
+    with pytest.raises(UsageError, match="memory cap"):
+        ReadSettings(max_request=16 * MIB, memory=8 * MIB)
+    with pytest.raises(UsageError, match="in_flight"):
+        ReadSettings(in_flight=0)
+
+
+@pytest.fixture
+def two_points(tmp_path, capsys):
+    """2 MiB of random data in 16 KiB blocks and 128 KiB packs; the second point changes six
+    blocks apart from each other (their new chunks share one pack)."""
+    path = tmp_path / "repo"
+    assert cli(capsys, "init", path, "--block-size", "16KiB", "--pack-size", "128KiB").code == 0
+    rng = np.random.default_rng(7)
+    model = DiskModel(tmp_path / "a.img", 2 * MIB, rng)
+    model.write(0, rng.integers(0, 256, 2 * MIB, dtype=np.uint8).tobytes())
+    with Repository.open(path) as repo:
+        first = backup_image(repo, "a", model.path)
+        changed = [[b * BS, BS] for b in range(3, 120, 20)]
+        for offset, length in changed:
+            model.write(offset, rng.integers(0, 256, length, dtype=np.uint8).tobytes())
+        second = backup_image(repo, "a", model.path, write_extents(tmp_path / "c.json", changed))
+    return path, model, first, second
+
+
+def watched(path, **watch) -> Repository:
+    store = LocalStore(path)
+    return Repository(WatchedStore(store, **watch), read_config(store), path)
+
+
+def test_several_reads_in_flight(two_points, tmp_path):
+    path, model, _first, second = two_points
+    with watched(path, gather=4) as repo:
+        restore_disk(repo, second, "sda", tmp_path / "out.img",
+                     reads=ReadSettings(in_flight=4, max_request=64 * KIB))
+        assert repo.store.most_outstanding == 4
+    assert (tmp_path / "out.img").read_bytes() == bytes(model.content)
+
+
+@pytest.mark.parametrize("size", [1 * MIB, 8 * MIB])
+def test_bytes_held_stay_under_the_cap_whatever_the_disk_size(tmp_path, size):
+    """Runs of up to 128 KiB, 8 workers, a cap of three full runs: three reads are in flight
+    at once (the store holds the first three until they are), and the bytes read and not yet
+    written (as the store sees them freed) never pass the cap."""
+    rng = np.random.default_rng(size)
+    model = DiskModel(tmp_path / "a.img", size, rng)
+    model.write(0, rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    cap = 3 * 128 * KIB
+    with Repository.init(tmp_path / "repo", block_size=BS, pack_size=256 * KIB) as repo:
+        point = backup_image(repo, "a", model.path)
+    with watched(tmp_path / "repo", gather=3) as repo:
+        restore_disk(repo, point, "sda", tmp_path / "out.img",
+                     reads=ReadSettings(in_flight=8, max_request=128 * KIB, memory=cap))
+        assert repo.store.most_outstanding >= 3  # (more when some runs are short)
+        assert 0 < repo.store.most_held <= cap
+        assert repo.store.held == 0
+    assert (tmp_path / "out.img").read_bytes() == bytes(model.content)
+
+
+def test_blocks_planned_a_slice_at_a_time_restore_whole(two_points, tmp_path):
+    path, model, _first, second = two_points
+    with Repository.open(path) as repo:
+        summary = restore_disk(repo, second, "sda", tmp_path / "out.img",
+                               reads=ReadSettings(plan_blocks=5))
+    assert (tmp_path / "out.img").read_bytes() == bytes(model.content)
+    assert summary.blocks_written == model.capacity // BS
+
+
+@pytest.mark.parametrize("kind", ["delete", "truncate", "flip"])
+def test_damaged_pack_names_point_disk_and_byte_ranges(two_points, tmp_path, capsys, kind):
+    path, model, first, second = two_points
+    with Repository.open(path) as repo:
+        victim = pack_of_block(repo, second, 3)
+        lost = damage_pack(kind, repo, repo.store, second, victim)
+        assert lost and (kind == "flip" or len(lost) > 1)
+        for plan_blocks in (ReadSettings().plan_blocks, 5):  # ranges across slices too
+            with pytest.raises(RestoreDamaged) as raised:
+                restore_disk(repo, second, "sda", tmp_path / "out.img",
+                             reads=ReadSettings(max_request=64 * KIB, plan_blocks=plan_blocks))
+            assert raised.value.extents == lost
+        assert (raised.value.point, raised.value.disk) == (second.id, "sda")
+    assert not (tmp_path / "out.img").exists()
+
+    result = cli(capsys, "restore", path, second.id[:12], "--disk", "sda",
+                 "--to", tmp_path / "out.img")
+    assert result.code == 3
+    line = result.err.strip()
+    assert "\n" not in line and "Traceback" not in line
+    ranges = ", ".join(f"[{o}, {o + n})" for o, n in lost[:4])
+    more = f" and {len(lost) - 4} more" if len(lost) > 4 else ""
+    assert f"disk sda of point {second.id[:8]} (a@{second.time}) cannot be restored whole" in line
+    assert f"in {len(lost)} byte range" in line and f"at disk bytes {ranges}{more} (" in line
+    assert {"delete": f"pack {victim} is missing", "truncate": f"pack {victim} is truncated",
+            "flip": f"pack {victim} chunk ref"}[kind] in line
+    assert "scrub --repair" in line
+    # the first point does not use the damaged pack: it restores whole
+    assert cli(capsys, "restore", path, first.id[:12], "--disk", "sda", "--to",
+               tmp_path / "first.img").code == 0
+
+
+def test_missing_block_map_names_point_and_disk(two_points, tmp_path, capsys):
+    path, _model, first, second = two_points
+    name = second.disk("sda").map
+    with Repository.open(path) as repo:
+        repo.store.delete([map_object(name)])
+    result = cli(capsys, "restore", path, second.id[:12], "--disk", "sda",
+                 "--to", tmp_path / "out.img")
+    line = result.err.strip()
+    assert result.code == 3 and "\n" not in line
+    assert f"{name}.map is missing" in line
+    assert f"disk sda of point {second.id[:8]} cannot be restored whole" in line
+    assert cli(capsys, "restore", path, first.id[:12], "--disk", "sda",
+               "--to", tmp_path / "out.img").code == 0
+
+
+def test_damage_leaves_every_other_block_written_on_a_device(two_points, tmp_path):
+    """A device (or --onto) target is written in place: the restore goes on past the damaged
+    pack and every block outside the ranges it names holds the point's content."""
+    path, model, _first, second = two_points
+    target = tmp_path / "device.img"
+    target.write_bytes(b"\xaa" * model.capacity)
+    with Repository.open(path) as repo:
+        lost = damage_pack("delete", repo, repo.store, second, pack_of_block(repo, second, 40))
+        with vddk_ext.open_local(str(target), writable=True) as device, \
+                pytest.raises(RestoreDamaged) as raised:
+            restore_to_device(repo, second, "sda", device,
+                              reads=ReadSettings(max_request=64 * KIB, plan_blocks=7))
+    assert raised.value.extents == lost
+    got = np.frombuffer(target.read_bytes(), dtype=np.uint8)
+    want = np.frombuffer(bytes(model.content), dtype=np.uint8)
+    unwritten = np.zeros(len(got), dtype=bool)
+    for offset, length in lost:
+        unwritten[offset:offset + length] = True
+    assert (got[unwritten] == 0xAA).all()
+    assert (got[~unwritten] == want[~unwritten]).all()

@@ -1,0 +1,401 @@
+"""gc and forget on a shared repository (maintenance/shared_gc.py, forget.py): plans, leases,
+the grace period and sweeps, with hosts that have their own caches writing one local shared
+repository (and one run on S3). Every test ends by restoring what is catalogued."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import attach_shared, cli, shared_repo
+from repo_engine import pause
+from repo_engine.maintenance.forget import forget_points
+from repo_engine.maintenance.gc import gc
+from repo_engine.repository import journal
+from repo_engine.repository.journal import PlanOp, SweepOp, entry_seqs, read_entry
+from repo_engine.repository.locks import SHARED
+from repo_engine.repository.points import new_point_id, now_iso
+from repo_engine.repository.store.local import LocalStore
+from test_shared_repo import Host, disk, hosts  # noqa: F401 (the two hosts fixture)
+
+
+def pack_bytes(store) -> int:
+    return sum(info.size for info in store.list("packs/"))
+
+
+def objects(store) -> set[str]:
+    """The names of the store's packs, maps and manifests."""
+    return {i.name for kind in ("packs/", "maps/", "points/") for i in store.list(kind)}
+
+
+def head(store) -> int:
+    return max(entry_seqs(store), default=0)
+
+
+def map_refs(repo, point) -> np.ndarray:
+    """The chunk refs a point's maps name (ZERO, ref 0, is no chunk)."""
+    refs = np.unique(np.concatenate([repo.read_map(d.map).refs for d in point.disks]))
+    return refs[refs != 0]
+
+
+def plans_in_journal(store) -> list[PlanOp]:
+    return [op for seq in sorted(entry_seqs(store)) for op in read_entry(store, seq).ops
+            if isinstance(op, PlanOp)]
+
+
+def restores_everything(root: Path, tmp_path: Path, contents: dict) -> None:
+    """A fresh host sees exactly the points of `contents` and restores each byte-identical."""
+    fresh = Host(attach_shared(LocalStore(root), tmp_path / f"cache-{os.urandom(4).hex()}"))
+    fresh.repo.refresh()
+    assert {p.id for p in fresh.repo.points()} == set(contents)
+    for point in fresh.repo.points():
+        assert fresh.restored(point, tmp_path) == contents[point.id]
+    fresh.repo.close()
+
+
+def backups(host: Host, tmp_path: Path, vms: int, chain: int) -> tuple[list, dict]:
+    """`vms` VMs of `chain` points each (changes between them): the points, their contents by
+    id."""
+    points, contents = [], {}
+    for v in range(vms):
+        model = disk(tmp_path, f"vm{v}", 100 + v)
+        for _ in range(chain):
+            point = host.backup(f"vm{v}", model)
+            points.append(point)
+            contents[point.id] = model.copy_of_content()
+            model.random_changes(3)
+    return points, contents
+
+
+def test_forget_half_then_gc_reclaims_their_packs_and_the_rest_restores(hosts, tmp_path):
+    root, a, b = hosts
+    points, contents = backups(a, tmp_path, vms=4, chain=3)
+    store = a.repo.store
+    # half: two whole VMs (their packs die whole) and the middle point of each other chain
+    # (its child is consolidated onto the first point in the same journal entry)
+    forgotten = [p.id for p in points if p.vm in ("vm0", "vm1")]
+    forgotten += [p.id for p in points if p.vm in ("vm2", "vm3")][1::3]
+    before_head = head(store)
+    report = forget_points(b.repo, forgotten)
+    assert sorted(report.removed) == sorted(forgotten) and len(report.rewritten) == 2
+    assert head(store) == before_head + 1  # the whole forget is one journal entry
+    kept = {i: content for i, content in contents.items() if i not in forgotten}
+    restores_everything(root, tmp_path, kept)
+
+    before = pack_bytes(store)
+    result = gc(a.repo, grace=0)
+    assert result.plans_swept == 1 and result.plans_pending == 0
+    assert result.packs_deleted >= 2 and result.chunks_dropped > 0
+    assert result.freed_bytes > 0 and pack_bytes(store) == before - result.freed_bytes
+    assert result.manifests_deleted == len(forgotten)  # left by forget, removed by gc
+    restores_everything(root, tmp_path, kept)
+
+    # a second run finds nothing: no entry, no object removed
+    before, seq = pack_bytes(store), head(store)
+    again = gc(b.repo, grace=0)
+    assert (again.candidates, again.plans_swept, again.freed_bytes) == (0, 0, 0)
+    assert head(store) == seq and pack_bytes(store) == before
+    restores_everything(root, tmp_path, kept)
+
+
+def test_a_plan_waits_for_the_grace_period(hosts, tmp_path):
+    root, a, _b = hosts
+    (doomed, kept), contents = backups(a, tmp_path, vms=2, chain=1)
+    forget_points(a.repo, [doomed.id])
+    before = pack_bytes(a.repo.store)
+    planned = gc(a.repo, grace=3600)
+    assert planned.planned_packs >= 1 and (planned.plans_swept, planned.plans_pending) == (0, 1)
+    assert pack_bytes(a.repo.store) == before
+    assert gc(a.repo, grace=3600).plans_swept == 0  # still within the grace period
+    swept = gc(a.repo, grace=0)  # the same plan, now past a grace period of 0
+    assert swept.plans_swept == 1 and swept.candidates == 0
+    assert pack_bytes(a.repo.store) < before
+    restores_everything(root, tmp_path, {kept.id: contents[kept.id]})
+
+
+def test_a_session_holding_a_lease_from_before_the_plan_keeps_it_from_being_swept(hosts,
+                                                                                    tmp_path):
+    root, a, b = hosts
+    (doomed, kept), contents = backups(a, tmp_path, vms=2, chain=1)
+    forget_points(a.repo, [doomed.id])
+    before = pack_bytes(a.repo.store)
+    with b.repo.lock(SHARED, "backup image vm9") as session:
+        planned = gc(a.repo, grace=0)
+        assert (planned.plans_swept, planned.plans_pending) == (0, 1)
+        [plan] = a.repo.index.pending_plans()
+        assert plan.leases == [session.leases[0].name]  # gc's own leases are not waited for
+        assert gc(a.repo, grace=0).plans_swept == 0
+        assert pack_bytes(a.repo.store) == before
+    swept = gc(a.repo, grace=0)
+    assert swept.plans_swept == 1 and pack_bytes(a.repo.store) < before
+    restores_everything(root, tmp_path, {kept.id: contents[kept.id]})
+
+
+def test_a_backup_started_after_the_plan_never_dedups_against_doomed_chunks(hosts, tmp_path):
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 7)
+    first = a.backup("vm", model)
+    content = model.copy_of_content()
+    forget_points(a.repo, [first.id])
+    with b.repo.lock(SHARED, "restore vm8"):  # keeps the plan pending
+        gc(a.repo, grace=0)
+        [plan] = plans_in_journal(a.repo.store)
+        again = b.backup("vm", model)  # same content, after the plan: stored afresh
+    assert again.counters["new_chunks"] > 0 and again.counters["dup_blocks"] == 0
+    assert not np.isin(map_refs(b.repo, again), plan.refs).any()
+    assert again.disks[0].map not in plan.maps  # same content, salted name
+    assert gc(a.repo, grace=0).plans_swept == 1
+    restores_everything(root, tmp_path, {again.id: content})
+
+
+def test_a_chunk_used_again_by_a_backup_from_before_the_plan_is_never_deleted(
+        hosts, tmp_path, monkeypatch):
+    """b's backup looks its chunks up (finding the ones of a point about to be forgotten), then
+    stops before its commit; the point is forgotten and gc plans; b commits using doomed chunks.
+    The sweep recounts: those chunks and their pack stay."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 8)
+    first = a.backup("vm", model)
+    content = model.copy_of_content()
+    monkeypatch.setenv("REPO_ENGINE_PAUSE_DIR", str(tmp_path))
+    monkeypatch.setattr(pause, "_NAMES", frozenset({"backup.before_commit"}))
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(b.backup("vm2", model)))
+    thread.start()
+    while not (tmp_path / "backup.before_commit.reached").exists():
+        assert thread.is_alive()
+        threading.Event().wait(0.01)
+    forget_points(a.repo, [first.id])
+    planned = gc(a.repo, grace=0)
+    assert planned.plans_pending == 1 and planned.packs_deleted == 0  # waits for b's lease
+    (tmp_path / "backup.before_commit.go").touch()
+    thread.join()
+    [late] = done
+    [plan] = plans_in_journal(a.repo.store)
+    assert np.isin(map_refs(b.repo, late), plan.refs).all()  # deduplicated before the plan
+    swept = gc(a.repo, grace=0)
+    assert swept.plans_swept == 1 and swept.resurrected == len(plan.refs)
+    assert swept.packs_kept_live == len(plan.packs) and swept.packs_deleted == 0
+    restores_everything(root, tmp_path, {late.id: content})
+
+
+def test_a_sweep_racing_a_commit_recounts_and_keeps_what_the_commit_uses(hosts, tmp_path,
+                                                                         monkeypatch):
+    """A point using doomed chunks (a backup stalled past its lease) is committed by b between
+    gc's catch-up and its sweep entry: gc loses the seq, catches up, marks again and keeps them."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 9)
+    first = a.backup("vm", model)
+    content = model.copy_of_content()
+    b.repo.refresh()  # b's cache still finds the chunks
+    stalled = replace(first, id=new_point_id("vm", now_iso()), seq=0,
+                      disks=[replace(d) for d in first.disks])
+    forget_points(a.repo, [first.id])
+    with b.repo.lock(SHARED, "restore vm8"):
+        gc(a.repo, grace=0)  # the plan, pending
+    write = journal.write_entry
+    raced: list[int] = []
+
+    def racing(store, entry):
+        if not raced and any(isinstance(op, SweepOp) for op in entry.ops):
+            raced.append(entry.seq)
+            b.repo.commit_point(stalled)
+        write(store, entry)
+
+    monkeypatch.setattr(journal, "write_entry", racing)
+    swept = gc(a.repo, grace=0)
+    assert raced and swept.plans_swept == 1 and swept.resurrected > 0
+    sweep = next(op for op in read_entry(a.repo.store, raced[0] + 1).ops)
+    assert isinstance(sweep, SweepOp) and len(sweep.refs) == 0 and sweep.packs == []
+    restores_everything(root, tmp_path, {stalled.id: content})
+
+
+def test_gc_and_forget_commands_on_a_shared_repository(tmp_path, capsys):
+    root = tmp_path / "repo"
+    host = Host(shared_repo(root, root))  # the CLI's cache: the repository's directory
+    (doomed, kept), contents = backups(host, tmp_path, vms=2, chain=1)
+    host.repo.close()
+    removed = cli(capsys, "forget", root, doomed.id[:8])
+    assert removed.code == 0, removed.err
+    planned = cli(capsys, "gc", root)
+    assert planned.code == 0, planned.err
+    assert "0 swept, 1 pending (grace 86400 s); planned " in planned.out
+    swept = cli(capsys, "gc", root, "--grace", "0s", "--json")
+    assert swept.code == 0, swept.err
+    doc = swept.json()
+    assert doc["plans_swept"] == 1 and doc["packs_deleted"] >= 1
+    refused = cli(capsys, "gc", root, "--grace", "soon")
+    assert refused.code == 2 and "--grace: not a duration" in refused.err
+    restores_everything(root, tmp_path, {kept.id: contents[kept.id]})
+
+
+def test_forget_and_gc_on_s3(seaweedfs, s3_bucket, tmp_path, monkeypatch):
+    from repo_engine.repository.config import RepoConfig
+    from repo_engine.repository.repo import Repository
+    from repo_engine.repository.store.s3 import S3Store
+    from test_store_s3 import settings_for
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    store = S3Store(f"s3://{s3_bucket}/repo", settings_for(seaweedfs.endpoint))
+    first = Repository.create(store, tmp_path / "cache-a", RepoConfig.new(shared=True))
+    a, b = Host(first), Host(attach_shared(store, tmp_path / "cache-b"))
+    points, contents = backups(a, tmp_path, vms=2, chain=2)
+    forget_points(b.repo, [points[0].id, points[1].id, points[2].id])  # vm0, and vm1's base
+    before = pack_bytes(store)
+    result = gc(b.repo, grace=0)
+    assert result.plans_swept == 1 and pack_bytes(store) < before
+    a.repo.refresh()
+    assert {p.id for p in a.repo.points()} == {points[3].id}
+    for point in a.repo.points():
+        assert a.restored(point, tmp_path) == contents[point.id]
+    assert gc(a.repo, grace=0).candidates == 0
+    a.repo.close()
+    b.repo.close()
+
+
+def test_gc_writes_a_checkpoint_and_compacts_the_journal_a_fresh_host_starts_from(
+        hosts, tmp_path, monkeypatch):
+    from repo_engine.repository import checkpoint
+    from repo_engine.repository.journal import RefsOp
+
+    root, a, b = hosts
+    points, contents = backups(a, tmp_path, vms=2, chain=2)
+    forget_points(b.repo, [points[0].id])
+    for _ in range(checkpoint.CHECKPOINT_EVERY):  # other hosts' commits: ref claims
+        b.repo.commit_journal(lambda _seq: [RefsOp(b.repo.index.meta_u64("next_ref"), 1)])
+    store = a.repo.store
+    first = gc(a.repo, grace=0)
+    assert first.checkpoint == head(store) and first.entries_compacted == 0  # an hour first
+    monkeypatch.setattr(checkpoint, "STALE_AFTER", 0.0)
+    second = gc(a.repo, grace=0)
+    assert second.checkpoint == 0 and second.entries_compacted == first.checkpoint
+    assert min(entry_seqs(store), default=first.checkpoint + 1) > first.checkpoint
+    restores_everything(root, tmp_path, {p.id: contents[p.id] for p in points[1:]})
+
+
+def test_a_gc_that_died_between_plan_and_waits_is_finished_by_the_next(hosts, tmp_path,
+                                                                       monkeypatch):
+    """The next gc waits for every session of its own time instead (any session of the plan's
+    time still running is among them), and sweeps in the same run when there is none."""
+    from repo_engine.maintenance import shared_gc
+
+    _root, a, b = hosts
+    points, _contents = backups(a, tmp_path, vms=2, chain=1)
+
+    def plan_and_die(point) -> None:
+        forget_points(a.repo, [point.id])
+        with monkeypatch.context() as patched:
+            patched.setattr(shared_gc, "_commit_waits", _killed)
+            with pytest.raises(KeyboardInterrupt):
+                gc(a.repo, grace=0)
+        b.repo.refresh()
+        assert [p.leases for p in b.repo.index.pending_plans()] == [None]
+
+    plan_and_die(points[0])
+    before = pack_bytes(a.repo.store)
+    with a.repo.lock(SHARED, "restore vm1") as session:
+        assert gc(b.repo, grace=0).plans_swept == 0
+        assert b.repo.index.pending_plans()[0].leases == [session.leases[0].name]
+    assert gc(b.repo, grace=0).plans_swept == 1 and pack_bytes(a.repo.store) < before
+    plan_and_die(points[1])
+    assert gc(b.repo, grace=0).plans_swept == 1  # no session: swept in the same run
+    assert pack_bytes(a.repo.store) == 0 and b.repo.index.pending_plans() == []
+
+
+def _killed(*_args: object) -> None:
+    raise KeyboardInterrupt  # the process is killed right after the plan's commit
+
+
+def test_gc_dry_run_on_a_shared_repository_commits_nothing(hosts, tmp_path):
+    root, a, _b = hosts
+    (doomed, kept), contents = backups(a, tmp_path, vms=2, chain=1)
+    forget_points(a.repo, [doomed.id])
+    seq, before = head(a.repo.store), pack_bytes(a.repo.store)
+    report = gc(a.repo, grace=0, dry_run=True)
+    assert report.dry_run and report.candidates > 0 and report.planned_packs >= 1
+    assert head(a.repo.store) == seq and pack_bytes(a.repo.store) == before
+    assert a.repo.index.pending_plans() == []
+    restores_everything(root, tmp_path, {kept.id: contents[kept.id]})
+
+
+def test_a_gc_that_died_after_its_sweep_entry_leaves_objects_the_next_one_removes(
+        hosts, tmp_path, monkeypatch):
+    from repo_engine.maintenance import shared_gc
+
+    root, a, b = hosts
+    (doomed, kept), contents = backups(a, tmp_path, vms=2, chain=1)
+    forget_points(a.repo, [doomed.id])
+    before = pack_bytes(a.repo.store)
+    with monkeypatch.context() as patched:
+        patched.setattr(shared_gc, "_delete", _killed)
+        with pytest.raises(KeyboardInterrupt):
+            gc(a.repo, grace=0)
+    assert pack_bytes(a.repo.store) == before  # swept in the journal, still in the store
+    again = gc(b.repo, grace=0)
+    assert again.plans_swept == 1 and again.orphan_packs_deleted >= 1
+    assert again.freed_bytes > 0 and pack_bytes(a.repo.store) == before - again.freed_bytes
+    restores_everything(root, tmp_path, {kept.id: contents[kept.id]})
+
+
+def test_partly_used_packs_are_kept_and_what_a_repack_would_cost_is_reported(hosts, tmp_path):
+    from repo_engine.maintenance.inventory import scan_refs
+
+    root, a, _b = hosts
+    model = disk(tmp_path, "vm", 11)
+    first = a.backup("vm", model)
+    model.random_changes(8)  # the second point overwrites part of the first's chunks
+    second = a.backup("vm", model)
+    forget_points(a.repo, [first.id])  # the second becomes a full map: part of pack 1 dies
+    with a.repo.index.env.begin() as txn:
+        table = scan_refs(a.repo.index, txn)
+    used = np.isin(table["ref"], map_refs(a.repo, a.repo.points()[0]))
+    first_pack = table["pack"] == table["pack"][table["ref"] == map_refs(a.repo, first)[0]]
+    live = int(table["stored"][first_pack & used].sum())
+    assert 0 < live < int(table["stored"][first_pack].sum())
+    before = pack_bytes(a.repo.store)
+    report = gc(a.repo, grace=0, max_unused=0)
+    assert report.plans_swept == 1 and report.packs_deleted == 0  # nothing dies whole
+    assert (report.repack_packs, report.repack_read_bytes, report.repack_write_bytes) == (
+        1, live, live)
+    assert report.repack_requests == 3  # one GET, one PUT, one DELETE
+    assert pack_bytes(a.repo.store) == before  # a report only: no pack rewritten
+    restores_everything(root, tmp_path, {second.id: model.copy_of_content()})
+
+
+def test_gc_checks_its_leases_before_each_batch_of_deletes(hosts, tmp_path, monkeypatch):
+    """After `unlock --force` removed its leases, gc stops before its next batch; what it had
+    not deleted yet, the next gc removes."""
+    from repo_engine.maintenance import shared_gc
+    from repo_engine.repository.leases import LeaseLost, clear_leases
+
+    root, a, b = hosts
+    points, contents = backups(a, tmp_path, vms=3, chain=1)
+    forget_points(a.repo, [points[0].id, points[1].id])
+    store = a.repo.store
+    before, listed = pack_bytes(store), objects(store)
+    delete, batches = store.delete, []
+
+    def forced_unlock_after_one(names):
+        names = list(names)
+        delete(names)
+        if names and not any(n.startswith("leases/") for n in names):  # one of gc's batches
+            batches.append(names)
+            clear_leases(store, force=True)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(shared_gc, "DELETE_BATCH", 1)
+        patched.setattr(store, "delete", forced_unlock_after_one)
+        with pytest.raises(LeaseLost, match="was removed .* this 'gc' stops before it writes"):
+            gc(a.repo, grace=0)
+    assert len(batches) == 1 and len(batches[0]) == 1
+    assert objects(store) == listed - set(batches[0])  # the rest was left for the next gc
+    again = gc(b.repo, grace=0)
+    assert again.plans_swept == 1 and pack_bytes(store) < before
+    assert not any(name.endswith(".point") and points[0].id in name
+                   for name in (i.name for i in store.list("points/")))
+    restores_everything(root, tmp_path, {points[2].id: contents[points[2].id]})
