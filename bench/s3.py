@@ -115,6 +115,7 @@ class Peer:
     """A backup tool with an S3 repository in a bucket of its own, reached through the proxy."""
     name = ""
     prefix = ""  # of the repository's keys in the bucket
+    bulk: tuple[str, ...] = ()  # areas of the objects that hold the data: packs, block maps
     version_args = ["--version"]
 
     def __init__(self, root: Path, endpoint: str, bucket: str, command: list[str]) -> None:
@@ -144,6 +145,7 @@ class Peer:
 class RepoEngine(Peer):
     name = "repo-engine"
     prefix = "repo"
+    bulk = ("packs", "maps")
 
     @property
     def location(self) -> list[str]:
@@ -203,6 +205,7 @@ def find_key(doc: object, key: str) -> int | None:
 class Restic(Peer):
     name = "restic"
     version_args = ["version"]
+    bulk = ("data",)  # packs of file data and trees
 
     def env(self, cache: Path | None = None) -> dict[str, str]:
         return {**super().env(), "RESTIC_PASSWORD": "bench",
@@ -407,14 +410,15 @@ def rebuild_part(bench: Bench, peers: list[Peer], label: str) -> dict:
         step = bench.run(peer, peer.first_command(), f"fresh-{label}", cache=fresh)
         seen = peer.points_listed(step.stdout) if step.rc == 0 else None
         step.stdout = ""
-        out[peer.name] = {"step": asdict(step), "points_seen": seen}
+        bulk = sum(n for area, n in step.gets.items() if area.split("/")[0] in peer.bulk)
+        out[peer.name] = {"step": asdict(step), "points_seen": seen, "bulk_gets": bulk}
     return out
 
 
 def rebuild_table(results: dict, built: dict | None = None) -> list[str]:
     """`built`: how the repository was made (its backups' time, its size), when it is new."""
-    head = ["tool", "fresh host s", "points listed", "requests", "GET", "LIST", "GETs by area",
-            "received MiB", "peak RSS MB", "status"]
+    head = ["tool", "fresh host s", "points listed", "requests", "GET", "pack/map GETs", "LIST",
+            "GETs by area", "received MiB", "peak RSS MB", "status"]
     if built:
         head += ["repository: backups s", "bucket MiB"]
     rows = []
@@ -423,7 +427,7 @@ def rebuild_table(results: dict, built: dict | None = None) -> list[str]:
         areas = ", ".join(f"{a or '(bucket)'} {n}" for a, n in sorted(s.gets.items()))
         seen = "—" if r["points_seen"] is None else str(r["points_seen"])
         rows.append([name, f"{s.seconds:.2f}", seen, str(s.requests), str(s.ops["GET"]),
-                     str(s.ops["LIST"]), areas or "—", f"{s.down / MIB:.2f}",
+                     str(r["bulk_gets"]), str(s.ops["LIST"]), areas or "—", f"{s.down / MIB:.2f}",
                      f"{s.maxrss_kb / 1024:.1f}", status(s)])
         if built:
             rows[-1] += [f"{built[name]['backups_s']:.1f}",
