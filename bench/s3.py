@@ -250,6 +250,7 @@ class Bench:
         self.server = server
         self.proxy = proxy
         self.admin = admin_client(server)
+        self.peak_rss_kb: Counter[str] = Counter()  # per tool, over every command it ran
 
     def peer(self, cls: type[Peer], purpose: str, command: list[str]) -> Peer:
         bucket = f"{cls.name}-{purpose}"
@@ -265,6 +266,7 @@ class Bench:
         m = measure(cmd, env=peer.env(cache), log=self.logs / f"{peer.name}-{label}.log",
                     keep_stdout=keep_stdout)
         step = step_of(m, self.proxy.take(), peer.prefix)
+        self.peak_rss_kb[peer.name] = max(self.peak_rss_kb[peer.name], step.maxrss_kb)
         if check and step.rc != 0:
             raise StepFailed(f"{peer.name} {label} failed (rc={step.rc}): see "
                              f"{self.logs / f'{peer.name}-{label}.log'}")
@@ -544,10 +546,41 @@ def run_bench(args: argparse.Namespace, parts: list[str], names: list[str]) -> t
         if "rebuild" in parts or "gc" in parts:
             tables += part_or_failure(lambda: points_parts(bench, names, commands, parts,
                                                            workload, args, report))
+        report["peak_rss_kb"] = dict(bench.peak_rss_kb)
+        tables.append("\n".join(["### Against the targets", *targets_table(report)]))
     finally:
         proxy.close()
         server.stop()
     return report, tables
+
+
+def targets_table(report: dict) -> list[str]:
+    """repo-engine's figures against restic's and the project's targets, for what ran."""
+    both = (RepoEngine.name, Restic.name)
+    rows = []
+    backup, restore = report.get("backup", {}), report.get("restore", {})
+    if set(both) <= backup.keys():
+        seconds = [[s["seconds"] for s in backup[n]["steps"]] for n in both]
+        rows.append(timed_row("full backup", [t[0] for t in seconds]))
+        rows.append(timed_row("incrementals (sum)", [sum(t[1:]) for t in seconds]))
+    if set(both) <= restore.keys():
+        rows.append(timed_row("restore, cold, to durability",
+                              [restore[n]["step"]["seconds"] for n in both]))
+    if fresh := report.get("rebuild", {}).get(RepoEngine.name):
+        rows.append([f"fresh host, {report['meta']['points']} points",
+                     f"{fresh['step']['seconds']:.2f} s, {fresh['bulk_gets']} pack/map GETs",
+                     "", "", "no pack read"])
+    rss = report["peak_rss_kb"]
+    rows.append(["peak RSS, any command", *(f"{rss[n] / 1024:.1f} MB" if n in rss else "—"
+                                             for n in (RepoEngine.name, Restic.name)),
+                 "", "<= 200 MB"])
+    return markdown(["line", "repo-engine", "restic", "ratio", "target"], rows)
+
+
+def timed_row(line: str, seconds: list[float]) -> list[str]:
+    """repo-engine's and restic's seconds, their ratio, the target (at most half restic's)."""
+    ours, theirs = seconds
+    return [line, f"{ours:.2f} s", f"{theirs:.2f} s", f"{ours / theirs:.2f}x", "<= 0.5x"]
 
 
 def part_or_failure(part: Callable[[], list[str]]) -> list[str]:
