@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark repo-engine against peer backup tools on a bench/workload.py work dir.
 
-    python3 bench/run.py --work DIR [--tools repo-engine,restic,borg,borg-fixed,casync,cat,b3sum,zstd]
+    python3 bench/run.py --work DIR [--tools repo-engine,benji,restic,borg,borg-fixed,casync,cat,b3sum,zstd]
                          [--days 7] [--out bench/out/results.json]
 
 Steps run in order (day 0 full backup, days 1..N incremental, restore of day N);
@@ -23,9 +23,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-DEFAULT_TOOLS = "repo-engine,restic,borg,borg-fixed,casync,cat,b3sum,zstd"
+DEFAULT_TOOLS = "repo-engine,benji,restic,borg,borg-fixed,casync,cat,b3sum,zstd"
 MIB = 1024 * 1024
 TIME = "/usr/bin/time"   # GNU time (Debian package `time`)
+# Python tools run with their byte code cached, as an installed package's is (a shell that sets
+# PYTHONDONTWRITEBYTECODE would make every run compile the tool's modules again)
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 # ---------------------------------------------------------------- measuring
@@ -37,6 +40,7 @@ class Measure:
     rchar: int              # bytes read via read(2)-like syscalls, child and its descendants
     maxrss_kb: int          # GNU time %M: max RSS of the command (not of this Python parent)
     rc: int
+    cpu_seconds: float = 0.0   # user + system CPU of the command and its children
     stdout: str = field(repr=False, default="")
 
 
@@ -58,7 +62,7 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None 
         os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)   # zombie: /proc/PID/io still readable
         ended = time.perf_counter()
         rchar = read_rchar(proc.pid)
-        _, status, _ = os.wait4(proc.pid, 0)
+        _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.stdout:
             proc.stdout.close()
@@ -72,7 +76,8 @@ def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None 
             f.write("\n--- stdout ---\n" + stdout[-20000:])
     maxrss = rss_file.read_text().split()[-1]   # "Command exited with non-zero status N" may precede it
     rss_file.unlink()
-    return Measure(synced - start, synced - ended, rchar, int(maxrss), proc.returncode, stdout)
+    return Measure(synced - start, synced - ended, rchar, int(maxrss), proc.returncode,
+                   usage.ru_utime + usage.ru_stime, stdout)
 
 
 def read_rchar(pid: int) -> int:
@@ -93,6 +98,19 @@ def du_bytes(path: Path) -> int:
 def warm(path: Path) -> None:
     """Put an image in the page cache (untimed)."""
     subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+
+
+def evict(path: Path) -> None:
+    """Drop every file under `path` from the page cache (POSIX_FADV_DONTNEED after a sync), so a
+    restore reads its repository cold without dropping the whole machine's caches."""
+    subprocess.run(["sync"], check=True)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def files_equal(a: Path, b: Path) -> bool:
@@ -234,6 +252,62 @@ class Casync(Tool):
                 str(out)], out, None
 
 
+BENJI_BLOCK = 4 << 20
+BENJI_CONFIG = """configurationVersion: '1'
+databaseEngine: sqlite:///{root}/benji.sqlite
+defaultStorage: storage-1
+blockSize: {block}
+storages:
+  - name: storage-1
+    storageId: 1
+    module: file
+    configuration:
+      path: {repo}
+      activeTransforms: [zstd]
+transforms:
+  - name: zstd
+    module: zstd
+    configuration:
+      level: 1
+ios:
+  - name: file
+    module: file
+"""
+
+
+class Benji(Tool):
+    """Benji 0.17 (4 MiB blocks, zstd level 1); incrementals get the changed extents as rbd-diff
+    hints (`-r`) on top of the previous version (`-f`), as Ceph RBD changed-block tracking gives."""
+    name = binary = "benji"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "benji.yaml"
+
+    def init(self) -> list[list[str]]:
+        self.config.write_text(BENJI_CONFIG.format(root=self.root, repo=self.repo, block=BENJI_BLOCK))
+        return [[*self.command, "-c", str(self.config), "database-init"]]
+
+    def backup(self, day: int, extents: Path | None) -> list[str]:
+        cmd = [*self.command, "-c", str(self.config), "--log-level", "WARNING", "backup",
+               "-u", f"day{day}"]
+        if extents is not None:
+            hints = self.root / f"day{day}.hints.json"
+            hints.write_text(json.dumps(rbd_hints(json.loads(extents.read_text()))))
+            cmd += ["-r", str(hints), "-f", f"day{day - 1}"]
+        return cmd + [f"file:{self.image}", "bench"]
+
+    def restore(self, day: int, out_dir: Path) -> tuple[list[str], Path, Path | None]:
+        out = out_dir / "restored.img"
+        return [*self.command, "-c", str(self.config), "--log-level", "WARNING", "restore", "-s",
+                f"day{day}", f"file:{out}"], out, None
+
+
+def rbd_hints(extents: list[list[int]]) -> list[dict]:
+    """`rbd diff --format json` entries for byte extents (Benji reads every block a hint touches)."""
+    return [{"offset": off, "length": length, "exists": "true"} for off, length in extents]
+
+
 class Baseline(Tool):
     """Just read / hash / compress the day-0 image: a lower bound for a full backup."""
     baseline = True
@@ -256,7 +330,7 @@ class Zstd(Baseline):
     args = ["-T2", "-1", "-c"]
 
 
-TOOLS: dict[str, type[Tool]] = {t.name: t for t in (RepoEngine, Restic, Borg, BorgFixed, Casync, Cat, B3sum, Zstd)}
+TOOLS: dict[str, type[Tool]] = {t.name: t for t in (RepoEngine, Benji, Restic, Borg, BorgFixed, Casync, Cat, B3sum, Zstd)}
 
 
 # ---------------------------------------------------------------- running
@@ -300,7 +374,8 @@ def run_backup(tool: Tool, res: Result, day: int, extents: Path | None, logs: Pa
         read = tool.bytes_read(m)
     except (KeyError, ValueError) as e:
         return fail(res, f"day {day} --json output: {e!r}")
-    res.backups.append({"day": day, **{k: v for k, v in asdict(m).items() if k != "stdout"}, "bytes_read": read})
+    res.backups.append({"day": day, **{k: v for k, v in asdict(m).items() if k != "stdout"}, "bytes_read": read,
+                        "load": os.getloadavg()[0]})
     print(f"  {tool.name:12s} day {day}: {m.seconds:7.2f} s  read {read / MIB:9.1f} MiB  "
           f"rss {m.maxrss_kb / 1024:7.1f} MB", file=sys.stderr)
 
@@ -310,11 +385,13 @@ def run_restore(tool: Tool, res: Result, day: int, expected: Path, logs: Path) -
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     cmd, restored, cwd = tool.restore(day, out_dir)
+    evict(tool.root)     # cold: the repository (and caches) come from disk
     m = measure(cmd, env=tool.env(), cwd=cwd, log=logs / f"{tool.name}-restore.log")
     if m.rc != 0:
         return fail(res, "restore", m)
     ok = restored.exists() and files_equal(restored, expected)
-    res.restore = {"seconds": m.seconds, "sync_seconds": m.sync_seconds, "maxrss_kb": m.maxrss_kb, "verified": ok}
+    res.restore = {"seconds": m.seconds, "sync_seconds": m.sync_seconds, "maxrss_kb": m.maxrss_kb, "verified": ok,
+                   "cpu_seconds": m.cpu_seconds, "load": os.getloadavg()[0]}
     print(f"  {tool.name:12s} restore: {m.seconds:7.2f} s  verified={ok}", file=sys.stderr)
     shutil.rmtree(out_dir, ignore_errors=True)
     if not ok:
@@ -401,6 +478,14 @@ HEADER = ["tool", "full backup s", "incremental s (mean)", "incr. read MiB (mean
           "repo MiB", "peak RSS MB", "status"]
 
 
+def load_range(results: list[Result]) -> str:
+    """The 1-minute load average seen after the commands, lowest to highest (0 to 2 on an idle
+    2-CPU machine running one command at a time)."""
+    loads = [b["load"] for r in results for b in r.backups]
+    loads += [r.restore["load"] for r in results if r.restore]
+    return f"{min(loads):.2f}-{max(loads):.2f}" if loads else "—"
+
+
 def table(results: list[Result], meta: dict) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row(r)) + " |" for r in results]
@@ -409,7 +494,8 @@ def table(results: list[Result], meta: dict) -> str:
     lines += ["",
               f"Workload: {size:.0f} MiB ext4 image"
               + (f" ({alloc / MIB:.0f} MiB allocated on day 0)" if alloc else "")
-              + f", days 1..{meta['days']}; {meta['cpus']} CPUs, kernel {meta['kernel']}, {meta['date']}.",
+              + f", days 1..{meta['days']}; {meta['cpus']} CPUs, kernel {meta['kernel']}, {meta['date']}; "
+              f"1-minute load average after the commands {load_range(results)}.",
               "- Times are wall seconds of the command plus a `sync` after it; images are in the page cache. "
               "Each day's image is first copied (untimed) to one fixed path that every tool backs up.",
               "- Incremental = mean over days 1..N. repo-engine is given the day's changed-extent list "
@@ -418,14 +504,18 @@ def table(results: list[Result], meta: dict) -> str:
               "and its children from /proc/PID/io: every read syscall, so it includes the tool's own repository, "
               "index and temp-file reads (restic reads each pack's temp file back when saving it); "
               "holes skipped via SEEK_HOLE (borg-fixed --sparse) are not read.",
-              "- restore: restore of day N to a file, verified byte for byte with cmp against the source image.",
+              "- restore: restore of day N to a file, cold (every file under the tool's directory dropped from "
+              "the page cache first, POSIX_FADV_DONTNEED) and timed until durable (trailing `sync`), verified "
+              "byte for byte with cmp against the source image.",
               "- repo MiB: `du -sb` (apparent) of the repository after all days; client caches "
               "(borg cache, restic cache) excluded.",
               "- peak RSS: max over all backups of the tool's maximum resident set size (GNU time %M); "
               "b3sum mmaps the image, so its RSS includes mapped file pages (and its rchar is ~0).",
               "- Baselines cat / b3sum / `zstd -T2 -1 -c` just read, hash or compress the day-0 image.",
               "- borg: defaults (buzhash CDC, lz4); borg-fixed: `--chunker-params fixed,65536 --sparse`, "
-              "extract `--sparse`. restic and casync: defaults."]
+              "extract `--sparse`. restic and casync: defaults.",
+              "- benji: 4 MiB blocks, zstd level 1, file storage, sqlite; incrementals get the changed extents "
+              "as rbd-diff hints on the previous version (`backup -r HINTS -f dayK-1`); restore `-s` (sparse)."]
     return "\n".join(lines)
 
 

@@ -58,7 +58,7 @@ SCHEMAS = {
               "affected": [AFFECTED], "repair": (dict, type(None)), "ok": bool},
     "rebuild-index": {"packs": int, "chunks": int, "points": int, "duplicate_refs": int,
                       "unreadable_packs": [str], "unreadable_manifests": [str],
-                      "recount": dict, "seconds": NUM},
+                      "recount": dict, "journal_seq": int, "seconds": NUM},
     "unlock": {"removed": [dict], "kept": [dict]},
 }
 

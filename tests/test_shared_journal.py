@@ -308,3 +308,39 @@ def test_a_backup_never_writes_a_map_under_a_name_gc_doomed(shared, tmp_path):
     name = shared.write_map(bmap)
     assert name != doomed and not shared.store.exists(map_object(doomed))
     assert shared.read_map(name).refs.tolist() == list(range(1, 9))
+
+
+def test_a_rewrite_and_a_forget_in_one_entry(shared, tmp_path):
+    """What forget commits: the consolidated child and the removal of its parent, at once."""
+    from dataclasses import replace
+
+    model = DiskModel(tmp_path / "d.img", 2 * MIB, np.random.default_rng(15))
+    model.random_changes(4)
+    snapshot = image_snapshot("vm", [ImageDisk("d", model.path)])
+    parent = backup_vm(shared, snapshot, BackupOptions())
+    model.random_changes(2)
+    child = backup_vm(shared, snapshot, BackupOptions())
+    full = BlockMap.full(shared.resolve(child, "d"))
+    disk = replace(child.disks[0], map=shared.write_map(full), kind="full", parent=None, links=1)
+    merged = replace(child, disks=[disk], generation=child.generation + 1)
+    entry = shared.commit_forget([merged], [parent.id], lambda records: None, {disk.map: full})
+    assert [type(op).__name__ for op in entry.ops] == ["PointOp", "ForgetOp"]
+    host = fresh_host(tmp_path)
+    host.refresh()
+    [only] = host.points()
+    assert (only.id, only.seq, only.disks[0].kind) == (child.id, child.seq, "full")
+    assert host.load_point(child.id).generation == child.generation + 1
+    assert restores(host, child, model.copy_of_content(), tmp_path)
+    host.close()
+
+
+def test_listing_the_journal_while_compaction_deletes_entries(tmp_path):
+    """A local store's listing skips a file deleted after its directory was read (a refresh
+    looks for checkpoints while gc deletes the entries they cover)."""
+    store = LocalStore(tmp_path)
+    for seq in (1, 2, 3):
+        store.put(entry_object(seq), b"x")
+    listing = store.list("journal/")
+    first = next(listing)
+    store.delete(entry_object(seq) for seq in (1, 2, 3) if entry_object(seq) != first.name)
+    assert list(listing) == []

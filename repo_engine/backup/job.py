@@ -8,11 +8,11 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import RepoError, SourceError
-from ..maintenance.scrub import heal_after_backup
 from ..pause import pause_point
 from ..repository.blockmap import BlockMap
 from ..repository.index import ParentGone
@@ -20,9 +20,12 @@ from ..repository.locks import SHARED
 from ..repository.points import DiskRecord, PointRecord, new_point_id, now_iso
 from ..repository.repo import Repository
 from .chunk_writer import ChunkWriter
-from .pipeline import BlockPipeline
+from .pipeline import BlockPipeline, BlockResult
 from .plan import DiskPlan, audit_sample, join_notes, plan_disk
 from .source import BlockDevice, SourceDisk, VmSnapshot
+
+if TYPE_CHECKING:
+    from ..maintenance.scrub import RepairReport
 
 Progress = Callable[[int], None]
 
@@ -107,29 +110,38 @@ class _DiskBackup:
     def _store(self, plan: DiskPlan, device: BlockDevice, counters: DiskCounters,
                disk: SourceDisk) -> np.ndarray:
         refs = np.zeros(len(plan.read), dtype=np.uint64)
-        writer, pos = self.writer, 0
+        pos = 0
         progress = self._progress(disk.key, len(plan.read) * plan.block_size)
         for result in self.pipeline.run(device, plan.block_size, plan.read, encode=True,
                                          describe=disk.description, progress=progress):
+            count = len(result.blocks)
             counters.index_mismatches += result.mismatched
-            for k, chunk_id in enumerate(result.ids):
-                if chunk_id is None:
-                    counters.zero_blocks += 1
-                    continue
-                ref = result.refs[k] or writer.known(chunk_id)
-                if ref:
-                    counters.dup_blocks += 1
-                else:
-                    blob = result.blobs[k]
-                    assert blob is not None, "encode=True gives every unindexed chunk its blob"
-                    ref = writer.add(chunk_id, *blob)
-                    counters.new_chunks += 1
-                    counters.new_raw_bytes += blob[2]
-                    counters.new_stored_bytes += len(blob[0])
-                refs[pos + k] = ref
-            pos += len(result.blocks)
+            counters.zero_blocks += result.zeros
+            counters.dup_blocks += count - result.zeros - len(result.missing)
+            out = refs[pos:pos + count]
+            out[:] = result.refs
+            out[result.missing] = self._store_missing(result, counters)
+            pos += count
         counters.blocks_read += len(plan.read)
         counters.bytes_read += plan.bytes_of(plan.read)
+        return refs
+
+    def _store_missing(self, result: BlockResult, counters: DiskCounters) -> list[int]:
+        """Refs of the blocks the index lacked: a chunk this run already wrote, else a new one
+        (only these blocks cost Python work per block)."""
+        writer, refs = self.writer, []
+        for k, blob in zip(result.missing, result.blobs):
+            chunk_id = result.ids[k]
+            assert chunk_id is not None, "missing blocks are non-zero"
+            ref = writer.known(chunk_id)
+            if ref:
+                counters.dup_blocks += 1
+            else:
+                ref = writer.add(chunk_id, *blob)
+                counters.new_chunks += 1
+                counters.new_raw_bytes += blob[2]
+                counters.new_stored_bytes += len(blob[0])
+            refs.append(ref)
         return refs
 
     def _record(self, plan: DiskPlan, disk: SourceDisk, refs: np.ndarray,
@@ -183,8 +195,8 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
                 if disk.check is not None:
                     disk.check()
             writer.flush()
-            healed = heal_after_backup(repo, f"backup {snapshot.vm}: heal damaged chunks",
-                                       reread=any(len(b) for b in step.rereads.values()))
+            healed = _heal(repo, f"backup {snapshot.vm}: heal damaged chunks",
+                           reread=any(len(b) for b in step.rereads.values()))
             point = PointRecord(
                 id=new_point_id(snapshot.vm, when), vm=snapshot.vm, time=when,
                 source=snapshot.source, disks=records, tags=sorted(set(options.tags)),
@@ -205,6 +217,17 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
         if len(blocks):
             repo.index.clear_reread(snapshot.vm, key, blocks)
     return point
+
+
+def _heal(repo: Repository, command: str, reread: bool) -> RepairReport | None:
+    """`heal_after_backup`, imported only when some chunk is quarantined: with none there is
+    nothing to heal or report, and a backup need not load the maintenance modules (gc,
+    forget, inventory: a tenth of an incremental's start-up)."""
+    with repo.index.env.begin() as txn:
+        if not txn.stat(repo.index.quarantine)["entries"]:
+            return None
+    from ..maintenance.scrub import heal_after_backup
+    return heal_after_backup(repo, command, reread)
 
 
 def _commit(repo: Repository, point: PointRecord, resolved: dict[str, np.ndarray],

@@ -33,13 +33,16 @@ _END = object()
 
 @dataclass
 class BlockResult:
-    """One batch, hashed: per block its id (None if zero) and, when the index lacked the id and
-    `encode` was asked, the stored form."""
+    """One batch, hashed: per block its id (None if zero); with `encode`, per block the ref of
+    the index's copy (0 when zero or not indexed), and the non-zero blocks the index lacks
+    (`missing`, in disk order) with their stored forms (`blobs`, aligned with `missing`)."""
 
     blocks: np.ndarray
     ids: list[bytes | None]
-    refs: list[int | None]
-    blobs: list[tuple[bytes, int, int] | None]  # (blob, codec, raw length)
+    refs: np.ndarray
+    zeros: int
+    missing: list[int]
+    blobs: list[tuple[bytes | memoryview, int, int]]  # (blob, codec, raw length)
     # index hits refused because the ids and refs tables disagreed (stored again instead)
     mismatched: int = 0
 
@@ -72,29 +75,39 @@ class BlockPipeline:
 
     def _hash_batch(self, batch: Batch, encode: bool) -> BlockResult:
         blocks = np.frombuffer(batch.blocks, dtype=np.uint64).copy()
-        zero = bytes(batch.zero)
         count = batch.count
+        nonzero = np.flatnonzero(np.frombuffer(batch.zero, dtype=np.uint8)[:count] == 0).tolist()
+        chunk_id, block = self._codec.chunk_id, batch.block
         ids: list[bytes | None] = [None] * count
-        refs: list[int | None] = [0] * count
-        blobs: list[tuple[bytes, int, int] | None] = [None] * count
-        new: list[int] = []
+        for k in nonzero:
+            ids[k] = chunk_id(block(k))
+        refs = np.zeros(count, dtype=np.uint64)
+        if not encode:
+            return BlockResult(blocks, ids, refs, count - len(nonzero), [], [])
+        missing, hit_at, hit_refs, mismatched = self._lookup(ids, nonzero)
+        refs[hit_at] = hit_refs
+        views = [block(k) for k in missing]
+        blobs = [(blob, codec, len(view))
+                 for view, (blob, codec) in zip(views, self._codec.encode_many(views))]
+        return BlockResult(blocks, ids, refs, count - len(nonzero), missing, blobs, mismatched)
+
+    def _lookup(self, ids: list[bytes | None], nonzero: list[int]
+                ) -> tuple[list[int], list[int], list[int], int]:
+        """(blocks the index lacks, blocks it holds, their refs, refused hits) of `nonzero`."""
+        missing: list[int] = []
+        hit_at: list[int] = []
+        hit_refs: list[int] = []
         mismatched = 0
         with self._index.reader() as lookup:
-            for k in range(count):
-                if zero[k]:
-                    continue
-                chunk_id = ids[k] = self._codec.chunk_id(batch.block(k))
-                if not encode:
-                    refs[k] = None
-                    continue
-                refs[k], wrong = lookup.dedup_ref(chunk_id)
+            for k in nonzero:
+                ref, wrong = lookup.dedup_ref(ids[k])  # type: ignore[arg-type]
                 mismatched += wrong
-                if refs[k] is None:
-                    new.append(k)
-        views = [batch.block(k) for k in new]
-        for k, view, (blob, codec) in zip(new, views, self._codec.encode_many(views)):
-            blobs[k] = (blob, codec, len(view))
-        return BlockResult(blocks, ids, refs, blobs, mismatched)
+                if ref is None:
+                    missing.append(k)
+                else:
+                    hit_at.append(k)
+                    hit_refs.append(ref)
+        return missing, hit_at, hit_refs, mismatched
 
     def run(self, device: BlockDevice, block_size: int, blocks: np.ndarray, *, encode: bool,
             describe: str, progress: Callable[[int], None] | None = None) -> Iterator[BlockResult]:

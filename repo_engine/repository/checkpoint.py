@@ -36,12 +36,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import socket
 import struct
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-import socket
 from datetime import datetime, timezone
+from pathlib import Path
 
 import blake3
 import lmdb
@@ -49,6 +50,7 @@ import numpy as np
 import zstandard
 
 from ..errors import DamageError
+from .atomic import write_all
 from .formats import CHECKPOINT
 from .index import (COUNTERS, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index, PendingPlan,
                     encode_record)
@@ -84,19 +86,23 @@ def newest_checkpoint(store: Store) -> int | None:
 
 # -- writing ----------------------------------------------------------------------------------
 class _Writer:
-    """Records into a spool file, hashed as they go."""
+    """Records into a spool file, hashed as they go; the file is closed however it ends."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         self._hash = blake3.blake3()
         self.records = 0
+
+    def __enter__(self) -> "_Writer":
         self._out(HEADER.pack(CHECKPOINT.magic, CHECKPOINT.major, CHECKPOINT.minor, 0))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
 
     def _out(self, data: bytes) -> None:
         self._hash.update(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        write_all(self._fd, data)
 
     def record(self, tag: bytes, doc: object, binary: bytes = b"") -> None:
         text = json.dumps(doc, sort_keys=True).encode()
@@ -104,11 +110,10 @@ class _Writer:
         self._out(RECORD.pack(tag, len(text), len(frame)) + frame)
         self.records += 1
 
-    def close(self) -> None:
+    def finish(self) -> None:
         self.record(b"END!", {"records": self.records})
-        os.write(self._fd, self._hash.digest())
+        write_all(self._fd, self._hash.digest())
         os.fsync(self._fd)
-        os.close(self._fd)
 
 
 def write_checkpoint(store: Store, index: Index) -> int:
@@ -116,16 +121,15 @@ def write_checkpoint(store: Store, index: Index) -> int:
     returns that seq. One written by another host at the same seq is kept."""
     spool = store.spool_dir() / f"ckpt-{os.getpid()}-{os.urandom(6).hex()}.tmp"
     try:
-        with index.env.begin(buffers=False) as txn:  # one snapshot: a consistent state
-            seq = Index._get_u64(txn, b"journal_seq", index.meta)
-            writer = _Writer(str(spool))
+        with index.env.begin(buffers=False) as txn, _Writer(spool) as writer:  # one snapshot
+            seq = index.journal_seq_in(txn)
             writer.record(b"META", {
                 "seq": seq, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "host": socket.gethostname(),
                 "next_ref": Index._get_u64(txn, b"next_ref", index.meta),
                 "next_seq": Index._get_u64(txn, b"next_seq", index.meta)})
             _write_state(writer, index, txn)
-            writer.close()
+            writer.finish()
         try:
             store.put_file(checkpoint_object(seq), spool, if_absent=True)
         except ObjectExists:

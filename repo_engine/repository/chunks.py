@@ -15,10 +15,11 @@ ZERO_REF = 0
 MIN_SAVING = 1 / 32
 
 
-def _stored_form(data: bytes | memoryview, packed: bytes) -> tuple[bytes, int]:
+def _stored_form(data: bytes | memoryview, packed: bytes | memoryview
+                 ) -> tuple[bytes | memoryview, int]:
     if len(packed) <= len(data) * (1 - MIN_SAVING):
         return packed, CODEC_ZSTD
-    return bytes(data), CODEC_RAW
+    return bytes(data), CODEC_RAW  # a copy: `data` may be a view of a reused read buffer
 
 
 class ChunkCodec:
@@ -48,13 +49,14 @@ class ChunkCodec:
         """Return (stored bytes, codec)."""
         return _stored_form(data, self._compressor().compress(data))
 
-    def encode_many(self, chunks: list[memoryview]) -> list[tuple[bytes, int]]:
+    def encode_many(self, chunks: list[memoryview]) -> list[tuple[bytes | memoryview, int]]:
         """`encode` for a batch in one call that holds the GIL released throughout (one GIL
-        round trip per batch instead of one per chunk: less contention between workers)."""
+        round trip per batch instead of one per chunk: less contention between workers). The
+        compressed blobs are views of zstd's output buffer, not copies made under the GIL."""
         if not chunks:
             return []
         packed = self._compressor().multi_compress_to_buffer(chunks, threads=1)
-        return [_stored_form(data, packed[i].tobytes()) for i, data in enumerate(chunks)]
+        return [_stored_form(data, memoryview(packed[i])) for i, data in enumerate(chunks)]
 
     def decode(self, blob: bytes | memoryview, codec: int, raw_len: int, chunk_id: bytes,
                where: str) -> bytes:

@@ -152,7 +152,11 @@ class LocalStore:
         top = self.root / base if base else self.root
         for name, entry in _walk(top, base, skipped):
             if name.startswith(prefix):
-                yield ObjectInfo(name, entry.stat(follow_symlinks=False).st_size)
+                try:
+                    size = entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue  # deleted since the directory was read: gone, as on S3
+                yield ObjectInfo(name, size)
 
     def delete(self, names: Iterable[str]) -> None:
         """Remove each named file (only from a real directory, never through a symlink), then
