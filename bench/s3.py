@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from run import MIB, Measure, day_images, files_equal, measure, parse_json_output, rotated, stage
+from run import (MIB, Measure, day_images, evict, files_equal, measure, parse_json_output, rotated,
+                 stage)
 from workload import BLOCK, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -290,16 +291,6 @@ def load_note() -> str:
     return f"{one:.1f}/{five:.1f}"
 
 
-def drop_caches() -> bool:
-    """Drop the page cache (root only), so a restore reads the bucket's files from disk."""
-    subprocess.run(["sync"], check=True)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
-
-
 # ---------------------------------------------------------------- part: backup and restore
 
 def backup_part(bench: Bench, peers: list[Peer], work: Path, days: int) -> dict:
@@ -345,22 +336,23 @@ def restore_part(bench: Bench, peers: list[Peer], work: Path, days: int) -> dict
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir()
         cmd, restored = peer.restore(target, bench.root / "current.img")
-        cold = drop_caches()
+        evict(bench.server.workdir)  # cold: the server's files and the tool's cache from disk
+        evict(peer.root)
         step = bench.run(peer, cmd, "restore")
         ok = step.rc == 0 and restored.exists() and files_equal(restored, expected)
-        out[peer.name] = {"step": asdict(step), "cold": cold, "verified": ok}
+        out[peer.name] = {"step": asdict(step), "verified": ok}
         shutil.rmtree(target, ignore_errors=True)
     return out
 
 
 def restore_table(results: dict) -> list[str]:
-    head = ["tool", "restore s", "requests", "GET", "received MiB", "peak RSS MB", "cache dropped",
+    head = ["tool", "restore s", "requests", "GET", "received MiB", "peak RSS MB",
             "restored = source"]
     rows = []
     for name, r in results.items():
         s = Step(**r["step"])
         rows.append([name, f"{s.seconds:.2f}", str(s.requests), str(s.ops["GET"]),
-                     f"{s.down / MIB:.1f}", f"{s.maxrss_kb / 1024:.1f}", yes(r["cold"]),
+                     f"{s.down / MIB:.1f}", f"{s.maxrss_kb / 1024:.1f}",
                      yes(r["verified"]) if s.rc == 0 else f"FAILED (rc={s.rc})"])
     return markdown(head, rows)
 
