@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,3 +156,26 @@ def attach_shared(store, cache: Path):
     from repo_engine.repository.repo import Repository
 
     return Repository.attach(store, cache, read_config(store))
+
+
+@contextmanager
+def stopped_before_commit(backup: Callable[[], object], tmp_path: Path,
+                          monkeypatch) -> Iterator[list]:
+    """Run `backup()` in a thread that stops at the pause point `backup.before_commit` (its
+    chunks stored, its point not committed) while the body of the `with` runs; yields a list
+    that holds the backup's result once the `with` ends."""
+    from repo_engine import pause
+
+    monkeypatch.setenv("REPO_ENGINE_PAUSE_DIR", str(tmp_path))
+    monkeypatch.setattr(pause, "_NAMES", frozenset({"backup.before_commit"}))
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(backup()))
+    thread.start()
+    while not (tmp_path / "backup.before_commit.reached").exists():
+        assert thread.is_alive()
+        threading.Event().wait(0.01)
+    try:
+        yield done
+    finally:
+        (tmp_path / "backup.before_commit.go").touch()
+        thread.join()

@@ -29,6 +29,8 @@ import pytest
 ACCESS_KEY = "repoengineaccess"
 SECRET_KEY = "repoenginesecret0123456789"
 START_TIMEOUT = 60.0
+# a restarted volume server still running after RESTART_CHECK seconds is waited for
+RESTARTS, RESTART_CHECK = 4, 0.5
 # -name value flags that each need a port of their own; everything else this server could open is
 # switched off (iceberg, lance) or not started.
 PORT_FLAGS = (
@@ -103,17 +105,32 @@ class SeaweedServer:
         self._wait_ready()
 
     def start_volume(self) -> None:
+        self._spawn_volume()
+        self._wait_ready()
+
+    def _spawn_volume(self) -> None:
         (self.workdir / "volume").mkdir(exist_ok=True)
         p = self.ports
         self.volume = self._spawn([
             "volume", f"-dir={self.workdir / 'volume'}", "-ip=127.0.0.1", "-max=0",
             f"-port={p['volume.port']}", f"-port.grpc={p['volume.port.grpc']}",
             "-preStopSeconds=0", f"-master=127.0.0.1:{p['master.port']}.{p['master.port.grpc']}"])
-        self._wait_ready()
 
     def kill_volume(self) -> None:
         """Kill the separate volume server at once, as a crash would."""
         _kill(self.volume, signal.SIGKILL)
+
+    def restart_volume(self) -> None:
+        """Start the separate volume server again (on its data), after `kill_volume`. On a busy
+        machine a volume server started right after the kill can exit at once (the master has
+        not let go of the killed one yet): it is started again, a few times."""
+        _kill(self.volume, signal.SIGKILL)
+        for _attempt in range(RESTARTS):
+            self._spawn_volume()
+            time.sleep(RESTART_CHECK)
+            if self.volume.poll() is None:
+                break
+        self._wait_ready()
 
     def stop(self) -> None:
         # A throwaway server: it takes 15 s to shut down politely, and nothing of it is kept.
@@ -142,6 +159,10 @@ class SeaweedServer:
         (self.workdir / "security.toml").write_text(
             '[jwt.filer_signing]\nkey = "repo-engine-tests-filer-signing-key"\n'
             "expires_after_seconds = 60\n")
+        # Each bucket is a collection with volumes of its own, by default grown 7 at a time: a
+        # session's hundred buckets would use up the volumes the server allows itself.
+        (self.workdir / "master.toml").write_text(
+            "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 2\ncopy_3 = 3\ncopy_other = 1\n")
         if not self.certificate.exists():
             subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                             "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
@@ -214,12 +235,17 @@ def seaweedfs(tmp_path_factory) -> Iterator[SeaweedServer]:
         server.stop()
 
 
+def new_bucket(server: SeaweedServer) -> str:
+    """A new, empty bucket of `server`, named so that no other test's collides."""
+    name = f"test-{next(_BUCKETS)}-{os.urandom(4).hex()}"
+    admin_client(server).create_bucket(Bucket=name)
+    return name
+
+
 @pytest.fixture
 def s3_bucket(seaweedfs) -> str:
     """A new, empty bucket of the session's server for this test alone."""
-    name = f"test-{next(_BUCKETS)}-{os.urandom(4).hex()}"
-    admin_client(seaweedfs).create_bucket(Bucket=name)
-    return name
+    return new_bucket(seaweedfs)
 
 
 _BUCKETS = itertools.count()

@@ -23,7 +23,7 @@ from repo_engine.cli.main import cli as cli_group
 from helpers import MIB, DiskModel, cli, tree_digest
 from test_bad_input import setup  # noqa: F401 (a fixture)
 
-REPO_OPEN = "repo_engine.repository.repo.Repository.open"
+REPO_OPEN = "repo_engine.repository.location.open_repository"
 
 # every leaf command, with arguments that pass option parsing, and the engine function it reaches
 # first (the fault is injected there)

@@ -37,3 +37,15 @@ def test_exit_codes_are_documented_where_users_look():
         text = (ROOT / doc).read_text()
         for code in codes | {0, 130}:
             assert re.search(rf"^\| {code} \|", text, re.M), f"exit code {code} not in {doc}"
+
+
+def test_readme_s3_settings_example_is_a_valid_settings_file(tmp_path):
+    from repo_engine.repository.store.s3_settings import load_s3_settings
+
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("      [s3]\n"):].split("\n\n", 1)[0]
+    settings = tmp_path / "s3.toml"
+    settings.write_text("\n".join(line[6:] for line in block.splitlines()))
+    settings.chmod(0o600)
+    loaded = load_s3_settings(environ={}, config_file=settings)
+    assert loaded.endpoint == "https://s3.example.com" and loaded.max_attempts == 6

@@ -141,11 +141,11 @@ def test_a_holder_whose_lock_was_taken_over_stops(store, tmp_path):
 
 def test_renewal_pushes_the_expiry_and_a_failed_renewal_loses_the_lease(store, tmp_path,
                                                                         monkeypatch):
-    a = host(store, tmp_path, "a", seconds=0.4)
+    a = host(store, tmp_path, "a", seconds=2.0)  # a renewal later than that loses the lease
     with a.lock(SHARED, "backup image web1") as held:
         [lease] = held.leases
         first = read_lease(store, lease.name).expires
-        for _ in range(200):  # the daemon renews every 0.1 s; wait until it did
+        for _ in range(200):  # the daemon renews every 0.5 s; wait until it did
             if read_lease(store, lease.name).expires > first:
                 break
             threading.Event().wait(0.05)

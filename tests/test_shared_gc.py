@@ -5,15 +5,13 @@ repository (and one run on S3). Every test ends by restoring what is catalogued.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import attach_shared, cli, shared_repo
-from repo_engine import pause
+from helpers import attach_shared, cli, shared_repo, stopped_before_commit
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import gc
 from repo_engine.repository import journal
@@ -162,19 +160,10 @@ def test_a_chunk_used_again_by_a_backup_from_before_the_plan_is_never_deleted(
     model = disk(tmp_path, "vm", 8)
     first = a.backup("vm", model)
     content = model.copy_of_content()
-    monkeypatch.setenv("REPO_ENGINE_PAUSE_DIR", str(tmp_path))
-    monkeypatch.setattr(pause, "_NAMES", frozenset({"backup.before_commit"}))
-    done: list = []
-    thread = threading.Thread(target=lambda: done.append(b.backup("vm2", model)))
-    thread.start()
-    while not (tmp_path / "backup.before_commit.reached").exists():
-        assert thread.is_alive()
-        threading.Event().wait(0.01)
-    forget_points(a.repo, [first.id])
-    planned = gc(a.repo, grace=0)
-    assert planned.plans_pending == 1 and planned.packs_deleted == 0  # waits for b's lease
-    (tmp_path / "backup.before_commit.go").touch()
-    thread.join()
+    with stopped_before_commit(lambda: b.backup("vm2", model), tmp_path, monkeypatch) as done:
+        forget_points(a.repo, [first.id])
+        planned = gc(a.repo, grace=0)
+        assert planned.plans_pending == 1 and planned.packs_deleted == 0  # waits for b's lease
     [late] = done
     [plan] = plans_in_journal(a.repo.store)
     assert np.isin(map_refs(b.repo, late), plan.refs).all()  # deduplicated before the plan
@@ -217,7 +206,7 @@ def test_a_sweep_racing_a_commit_recounts_and_keeps_what_the_commit_uses(hosts, 
 
 def test_gc_and_forget_commands_on_a_shared_repository(tmp_path, capsys):
     root = tmp_path / "repo"
-    host = Host(shared_repo(root, root))  # the CLI's cache: the repository's directory
+    host = Host(shared_repo(root, root))  # the CLI's commands catch up in caches of their own
     (doomed, kept), contents = backups(host, tmp_path, vms=2, chain=1)
     host.repo.close()
     removed = cli(capsys, "forget", root, doomed.id[:8])

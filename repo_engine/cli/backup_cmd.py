@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import Progress, disk_line, emit_json, json_option, open_repo, repo_argument
+from .common import (Progress, disk_line, emit_json, json_option, open_repo,
+                      RepoAddress, repo_argument)
 
 
 def _pairs(values: tuple[str, ...], option: str) -> dict[str, Path]:
@@ -40,7 +41,7 @@ def backup() -> None:
               help="Also re-read this percentage of blocks the change list calls unchanged and "
                    "check them; a mismatch makes the disk a full read.")
 @json_option
-def image(repo: Path, vm: str, disks: tuple[str, ...], changed: tuple[str, ...],
+def image(repo: RepoAddress, vm: str, disks: tuple[str, ...], changed: tuple[str, ...],
           tags: tuple[str, ...], audit_percent: float, as_json: bool) -> None:
     """Back up disk image files or block devices.
 
@@ -159,7 +160,7 @@ def _datastore_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
                    "...] or VMware's DiskChangeInfo as pyVmomi writes it.")
 @click.option("--tag", "tags", multiple=True, help="Tag the point. Repeatable.")
 @json_option
-def vddk(repo: Path, vm: str, disks: tuple[str, ...], server: str, port: int, user: str,
+def vddk(repo: RepoAddress, vm: str, disks: tuple[str, ...], server: str, port: int, user: str,
          password_file: Path | None, password_env: str | None, vmx_spec: str,
          snapshot: str | None, thumbprint: str | None, transports: str | None,
          vddk_libdir: str | None, changed: tuple[str, ...], tags: tuple[str, ...],

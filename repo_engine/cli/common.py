@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,69 @@ import click
 if TYPE_CHECKING:  # imported lazily at run time: `--help` must not load the engine
     from ..repository.repo import Repository
 
-repo_argument = click.argument("repo", type=click.Path(path_type=Path))
+CACHE_DIR_KEY = "repo_engine.cache_dir"
+ENDPOINT_KEY = "repo_engine.endpoint"
+
+
+@dataclass(frozen=True)
+class RepoAddress:
+    """The REPO argument: a local directory or `s3://BUCKET/PREFIX`, with the command's
+    `--endpoint` and `--cache-dir`."""
+
+    location: str
+    endpoint: str | None = None
+    cache_dir: Path | None = None
+
+    def __str__(self) -> str:
+        return self.location
+
+    def settings(self) -> object:
+        """The S3 settings of an `s3://` location (`--endpoint` over the environment and the
+        settings file); None for a local one."""
+        from ..repository.location import is_remote
+        from ..repository.store.s3_settings import load_s3_settings
+
+        if not is_remote(self.location):
+            return None
+        return load_s3_settings({"endpoint": self.endpoint})
+
+    def open(self) -> Repository:
+        from ..repository.location import open_repository
+
+        return open_repository(self.location, settings=self.settings(), cache_dir=self.cache_dir)
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None:
+    """Keep an eager option's value for the REPO argument, which is processed after it."""
+    ctx.meta[CACHE_DIR_KEY if param.name == "cache_dir" else ENDPOINT_KEY] = value
+
+
+def _address(ctx: click.Context, _param: click.Parameter, value: str) -> RepoAddress:
+    from ..repository.location import is_remote
+
+    endpoint = ctx.meta.get(ENDPOINT_KEY)
+    if endpoint and not is_remote(value):
+        raise click.BadParameter("--endpoint applies to s3:// locations only",
+                                 param_hint="--endpoint")
+    return RepoAddress(value, endpoint, ctx.meta.get(CACHE_DIR_KEY))
+
+
+def repo_argument(command: Callable) -> Callable:
+    """REPO (a directory or s3://BUCKET/PREFIX, kept a string: a Path would fold `s3://` into
+    `s3:/`) with `--endpoint` and `--cache-dir`, given to the command as a RepoAddress."""
+    command = click.option(
+        "--cache-dir", type=click.Path(path_type=Path, file_okay=False), is_eager=True,
+        expose_value=False, callback=_remember, metavar="BASE",
+        show_default="$REPO_ENGINE_CACHE_DIR, else $XDG_CACHE_HOME/repo-engine",
+        help="Where this host caches shared repositories (s3:// and init --shared): the index "
+             "and locks of each in BASE/<repository id>.")(command)
+    command = click.option(
+        "--endpoint", metavar="URL", is_eager=True, expose_value=False, callback=_remember,
+        show_default="AWS_ENDPOINT_URL, the S3 settings file, else AWS S3 itself",
+        help="URL of the S3-compatible server of an s3:// REPO.")(command)
+    return click.argument("repo", metavar="REPO", callback=_address)(command)
+
+
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print a versioned JSON document instead of text (docs/JSON.md).")
 
@@ -27,15 +90,17 @@ def emit_json(doc: object = None, **fields: object) -> None:
 
 
 @contextmanager
-def open_repo(path: Path, shared: str | None = None) -> Iterator[Repository]:
-    """The repository at `path`; with `shared` (the command's name), under a shared lock taken
-    before anything is read, so that gc waits for the command and rebuild-index excludes it."""
+def open_repo(address: RepoAddress, shared: str | None = None) -> Iterator[Repository]:
+    """The repository at `address`; with `shared` (the command's name), under a shared lock
+    taken before anything is read, so that gc waits for the command and rebuild-index excludes
+    it. Without, the command takes its own locks later: a shared repository's cache is brought
+    up to date first, for what the command reads before (the points a forget names)."""
     from ..repository.locks import SHARED
-    from ..repository.repo import Repository
 
-    repo = Repository.open(path)
+    repo = address.open()
     try:
         if shared is None:
+            repo.refresh()
             yield repo
         else:
             with repo.lock(SHARED, shared):

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..repository.config import DEFAULT_LEVEL, DEFAULT_MAX_CHAIN
-from .common import repo_argument
+from .common import RepoAddress, repo_argument
 
 
 @click.command()
@@ -21,21 +19,29 @@ from .common import repo_argument
 @click.option("--pack-size", default="32MiB", show_default=True, help="Target pack file size.")
 @click.option("--parents", is_flag=True,
               help="Also create REPO's missing parent directories (like mkdir -p).")
-def init(repo: Path, block_size: str, compression_level: int, max_chain: int,
-         pack_size: str, parents: bool) -> None:
-    """Create an empty repository in REPO (a new or empty directory whose parent exists).
+@click.option("--shared", is_flag=True,
+              help="Let many hosts write a local REPO at once (e.g. over NFS), each with its own "
+                   "cache (--cache-dir); an s3:// REPO is always shared.")
+def init(repo: RepoAddress, block_size: str, compression_level: int, max_chain: int,
+         pack_size: str, parents: bool, shared: bool) -> None:
+    """Create an empty repository in REPO: a new or empty directory whose parent exists, or an
+    empty prefix of a bucket, s3://BUCKET/PREFIX (README, "Object storage").
 
     \b
-    Example:
+    Examples:
       repo-engine init /backup/repo --block-size 64KiB
+      repo-engine init s3://backups/site1 --endpoint https://s3.example.com
     """
-    from ..repository.repo import Repository
+    from ..repository.location import init_repository
     from ..units import format_size, parse_size
 
-    created = Repository.init(repo, parents=parents, block_size=parse_size(block_size),
-                              compression_level=compression_level, max_chain=max_chain,
-                              pack_size=parse_size(pack_size))
-    click.echo(f"created repository {created.config.repo_id[:12]} at {repo} "
+    created = init_repository(
+        repo.location, settings=repo.settings(), cache_dir=repo.cache_dir, shared=shared,
+        parents=parents, block_size=parse_size(block_size),
+        compression_level=compression_level, max_chain=max_chain,
+        pack_size=parse_size(pack_size))
+    kind = "shared repository" if created.config.shared else "repository"
+    click.echo(f"created {kind} {created.config.repo_id[:12]} at {created.location} "
                f"(block size {format_size(created.config.block_size)}, zstd level "
                f"{created.config.compression_level})")
     created.close()

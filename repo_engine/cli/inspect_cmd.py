@@ -7,14 +7,15 @@ from pathlib import Path
 
 import click
 
-from .common import disk_line, emit_json, human_bytes, json_option, open_repo, repo_argument
+from .common import (disk_line, emit_json, human_bytes, json_option, open_repo,
+                      RepoAddress, repo_argument)
 
 
 @click.command()
 @repo_argument
 @click.option("--vm", help="Only this VM's points; without it, every VM's.")
 @json_option
-def points(repo: Path, vm: str | None, as_json: bool) -> None:
+def points(repo: RepoAddress, vm: str | None, as_json: bool) -> None:
     """List restore points, oldest first.
 
     \b
@@ -41,7 +42,7 @@ def points(repo: Path, vm: str | None, as_json: bool) -> None:
 @repo_argument
 @click.argument("point")
 @json_option
-def show(repo: Path, point: str, as_json: bool) -> None:
+def show(repo: RepoAddress, point: str, as_json: bool) -> None:
     """Show one restore point in full (POINT: short id, VM@latest or VM@TIME).
 
     \b
@@ -75,7 +76,7 @@ def show(repo: Path, point: str, as_json: bool) -> None:
 @click.argument("point_a")
 @click.argument("point_b")
 @json_option
-def diff(repo: Path, point_a: str, point_b: str, as_json: bool) -> None:
+def diff(repo: RepoAddress, point_a: str, point_b: str, as_json: bool) -> None:
     """Blocks that differ between POINT_A and POINT_B, per disk (--json lists byte extents).
 
     \b
@@ -99,7 +100,7 @@ def diff(repo: Path, point_a: str, point_b: str, as_json: bool) -> None:
 @click.command()
 @repo_argument
 @json_option
-def stats(repo: Path, as_json: bool) -> None:
+def stats(repo: RepoAddress, as_json: bool) -> None:
     """Logical versus stored bytes, dedup and compression ratios.
 
     \b

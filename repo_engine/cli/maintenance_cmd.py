@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from .common import Progress, emit_json, human_bytes, json_option, open_repo, repo_argument
+from .common import (Progress, emit_json, human_bytes, json_option, open_repo,
+                      RepoAddress, repo_argument)
 
 
 def _exit_damage(what: str) -> None:
@@ -72,7 +73,7 @@ def _iso(when: datetime) -> str:
 @click.option("--dry-run", is_flag=True, help="Only show what would be kept and removed.")
 @click.option("--prune", is_flag=True, help="Run gc afterwards to reclaim the space.")
 @json_option
-def forget(repo: Path, point_ids: tuple[str, ...], vm: str | None, keep_last: int,
+def forget(repo: RepoAddress, point_ids: tuple[str, ...], vm: str | None, keep_last: int,
            keep_hourly: int, keep_daily: int, keep_weekly: int, keep_monthly: int,
            keep_yearly: int, keep_within: str | None, keep_tags: tuple[str, ...],
            allow_remove_latest: bool, dry_run: bool, prune: bool, as_json: bool) -> None:
@@ -158,7 +159,7 @@ def _forget_summary(removed: int, kept: int, merged: int, dry_run: bool,
     return lines
 
 
-def _protect(repo: Path, point: str, protected: bool, as_json: bool) -> None:
+def _protect(repo: RepoAddress, point: str, protected: bool, as_json: bool) -> None:
     from ..maintenance.forget import set_protected
 
     with open_repo(repo) as repository:
@@ -174,7 +175,7 @@ def _protect(repo: Path, point: str, protected: bool, as_json: bool) -> None:
 @repo_argument
 @click.argument("point")
 @json_option
-def protect(repo: Path, point: str, as_json: bool) -> None:
+def protect(repo: RepoAddress, point: str, as_json: bool) -> None:
     """Pin POINT so that no forget policy removes it.
 
     \b
@@ -188,7 +189,7 @@ def protect(repo: Path, point: str, as_json: bool) -> None:
 @repo_argument
 @click.argument("point")
 @json_option
-def unprotect(repo: Path, point: str, as_json: bool) -> None:
+def unprotect(repo: RepoAddress, point: str, as_json: bool) -> None:
     """Unpin POINT (policies may remove it again)."""
     _protect(repo, point, False, as_json)
 
@@ -256,8 +257,8 @@ def _echo_shared_gc(r: object) -> None:
               help="Shared repository: delete what a plan doomed only this long after the plan "
                    "and after the last backup that may use it ended (e.g. 0s, 30min, 24h).")
 @json_option
-def gc(repo: Path, dry_run: bool, full: bool, max_unused: float, wait_timeout: float | None,
-       grace: str | None, as_json: bool) -> None:
+def gc(repo: RepoAddress, dry_run: bool, full: bool, max_unused: float,
+       wait_timeout: float | None, grace: str | None, as_json: bool) -> None:
     """Reclaim chunks, maps and packs no restore point uses. Backups may keep running.
 
     \b
@@ -284,7 +285,7 @@ def gc(repo: Path, dry_run: bool, full: bool, max_unused: float, wait_timeout: f
               help="Rewrite damaged or missing manifests from the catalog and recount "
                    "references, under the maintenance lock, before verifying.")
 @json_option
-def verify(repo: Path, repair: bool, as_json: bool) -> None:
+def verify(repo: RepoAddress, repair: bool, as_json: bool) -> None:
     """Check the metadata: every point resolves, every chunk it uses is indexed in a pack whose
     trailer agrees, the reference counts are right; list orphans. Exit code 3 on damage.
 
@@ -354,7 +355,7 @@ def _echo_affected(affected: list) -> None:
               show_default="the number of CPUs",
               help="Verification threads.")
 @json_option
-def scrub(repo: Path, subset: str | None, max_duration: str | None, repair: bool,
+def scrub(repo: RepoAddress, subset: str | None, max_duration: str | None, repair: bool,
           workers: int | None, as_json: bool) -> None:
     """Read the chunk data back and check every chunk against its id. Exit code 3 on damage.
 
@@ -405,20 +406,44 @@ def _echo_scrub(report: object) -> None:
         click.echo("no damage found")
 
 
+def _unshared_directory(repo: RepoAddress) -> Path | None:
+    """The directory of a local repository of one writer, which rebuild-index and unlock work
+    on by path (they report a missing or damaged config their own way); None for a shared
+    repository, which is opened instead."""
+    from ..errors import RepoError
+    from ..repository.config import read_config
+    from ..repository.location import is_remote
+    from ..repository.store.local import LocalStore
+
+    if is_remote(repo.location):
+        return None
+    path = Path(repo.location)
+    try:
+        return None if read_config(LocalStore(path)).shared else path
+    except RepoError:
+        return path
+
+
 @click.command("rebuild-index")
 @repo_argument
 @json_option
-def rebuild_index(repo: Path, as_json: bool) -> None:
+def rebuild_index(repo: RepoAddress, as_json: bool) -> None:
     """Recreate the index (chunks, packs, catalog, counts) from packs and manifests alone.
 
     \b
     Example:
       repo-engine rebuild-index /backup/repo
     """
+    from ..maintenance.rebuild import rebuild_cache
     from ..maintenance.rebuild import rebuild_index as run_rebuild
     from ..units import plural
 
-    report = run_rebuild(repo)
+    path = _unshared_directory(repo)
+    if path is None:  # this host's cache, from the journal
+        with repo.open() as repository:
+            report = rebuild_cache(repository)
+    else:
+        report = run_rebuild(path)
     if as_json:
         emit_json(report)
         return
@@ -433,7 +458,7 @@ def rebuild_index(repo: Path, as_json: bool) -> None:
 @repo_argument
 @click.option("--force", is_flag=True, help="Also remove locks of live processes or other hosts.")
 @json_option
-def unlock(repo: Path, force: bool, as_json: bool) -> None:
+def unlock(repo: RepoAddress, force: bool, as_json: bool) -> None:
     """Remove stale locks left by processes that died (and, in a shared repository, expired
     leases of any host).
 
@@ -442,9 +467,15 @@ def unlock(repo: Path, force: bool, as_json: bool) -> None:
       repo-engine unlock /backup/repo
     """
     from ..maintenance.rebuild import unlock as run_unlock
+    from ..maintenance.rebuild import unlock_shared
     from ..units import plural
 
-    report = run_unlock(repo, force=force)
+    path = _unshared_directory(repo)
+    if path is None:  # this host's locks in its cache, every host's leases in the store
+        with repo.open() as repository:
+            report = unlock_shared(repository, force=force)
+    else:
+        report = run_unlock(path, force=force)
     if as_json:
         emit_json(report)
         return

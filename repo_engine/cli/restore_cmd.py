@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import Progress, emit_json, human_bytes, json_option, open_repo, repo_argument
+from .common import (Progress, emit_json, human_bytes, json_option, open_repo,
+                      RepoAddress, repo_argument)
 
 
 class DefaultToImage(click.Group):
@@ -47,7 +48,7 @@ def restore() -> None:
               help="Overwrite an existing --to file; with --onto, write every block into a file "
                    "whose size is not --base's disk (a full restore).")
 @json_option
-def restore_image(repo: Path, point: str, key: str, target: Path | None, onto: Path | None,
+def restore_image(repo: RepoAddress, point: str, key: str, target: Path | None, onto: Path | None,
             base: str | None, force: bool, as_json: bool) -> None:
     """Restore disk KEY of POINT (short id, VM@latest or VM@TIME) as an image.
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import click
 
-from .common import Progress, emit_json, human_bytes, json_option, open_repo, repo_argument
+from .common import (Progress, emit_json, human_bytes, json_option, open_repo,
+                      RepoAddress, repo_argument)
 
 
 def connection_options(fn: Callable) -> Callable:
@@ -122,7 +123,7 @@ def vms(as_json: bool, **params: Any) -> None:
 @click.option("--audit", type=click.FloatRange(0, 100), metavar="PERCENT", show_default="0",
               help="Also re-read this percentage of blocks CBT calls unchanged and check them.")
 @json_option
-def backup_vsphere(repo: Path, as_json: bool, **params: Any) -> None:
+def backup_vsphere(repo: RepoAddress, as_json: bool, **params: Any) -> None:
     """Back up a VMware VM: snapshot, Changed Block Tracking, VDDK.
 
     Enables CBT when it is off, removes leftover snapshots of ours, snapshots the VM (quiesced
@@ -176,7 +177,7 @@ def backup_vsphere(repo: Path, as_json: bool, **params: Any) -> None:
 @click.option("--folder", show_default="the datacenter's", help="As new: the VM folder.")
 @data_options
 @json_option
-def restore_vsphere(repo: Path, point: str, in_place: bool, as_new: str | None,
+def restore_vsphere(repo: RepoAddress, point: str, in_place: bool, as_new: str | None,
                     datastore: str | None, resource_pool: str | None, folder: str | None,
                     as_json: bool, **params: Any) -> None:
     """Restore a VM from POINT (short id, VM@latest or VM@TIME) into vSphere.

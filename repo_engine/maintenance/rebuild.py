@@ -61,6 +61,12 @@ def rebuild_index(path: Path) -> RebuildReport:
     store = LocalStore(path)
     config = read_config(store)
     check_layout(path)
+    if config.shared:  # the journal is the truth: a manifest it never committed is no point
+        repo = Repository(store, config, path)  # not attach: the old cache is never opened
+        try:
+            return rebuild_cache(repo)
+        finally:
+            repo.close()
     report = RebuildReport()
     with RepoLock(path / "locks", EXCLUSIVE, "rebuild-index"):
         work = path / f"index.rebuild-{os.getpid()}"
@@ -88,7 +94,7 @@ def rebuild_cache(repo: Repository) -> RebuildReport:
         shutil.rmtree(work, ignore_errors=True)
         index = Index(work, create=True)
         try:
-            report.journal_seq = catch_up(repo.store, index)
+            report.journal_seq = catch_up(repo.store, index, check=True)
             report.packs = len(index.all_packs())
             report.chunks = index.counters()["chunks"]
             report.points = len(index.points_records())

@@ -47,7 +47,9 @@ from ..backup.extents import extents_to_blocks
 from ..errors import DamageError, RepoError, UsageError
 from ..pause import pause_point
 from ..repository.index import REF_KEY, REF_REC, U64, PackInfo
+from ..repository.journal import PackOp
 from ..repository.locks import MAINTENANCE, SHARED
+from ..repository.packs import FinishedPack
 from ..repository.repo import Repository
 from ..units import mib_per_s, parse_seconds, plural
 from .gc import less_live
@@ -386,6 +388,8 @@ def _heal(repo: Repository) -> int:
     for ref, chunk_id, blob, raw, codec in good:
         writer.add(ref, chunk_id, blob, raw, codec)
     finished = writer.finish()
+    if repo.config.shared:
+        return _heal_shared(repo, finished)
     index = repo.index
     with index.env.begin(write=True) as txn:
         number = index.new_pack_number(txn)
@@ -407,6 +411,26 @@ def _heal(repo: Repository) -> int:
         index.put_pack_record(txn, number, bytes.fromhex(finished.name), finished.size, count,
                               healed, stored_total)
     return healed
+
+
+def _heal_shared(repo: Repository, finished: FinishedPack) -> int:
+    """A shared repository's heal is a journal commit: the `pack` op of the healed pack, whose
+    replay on every host places the healed refs in it (a replayed pack entry replaces a ref's
+    place), so that every host reads the good copy and gc knows the pack. Refs healed or
+    dropped meanwhile are left out (their copies stay unused in the pack, for gc)."""
+    index = repo.index
+    with index.env.begin() as txn:
+        keys = [REF_KEY.pack(e.ref) for e in finished.entries]
+        healed = [e for e, key in zip(finished.entries, keys)
+                  if txn.get(key, db=index.refs) is not None
+                  and txn.get(key, db=index.quarantine) is not None]
+    if healed:
+        pack = FinishedPack(finished.name, finished.size, healed)
+        repo.commit_journal(lambda _seq: [PackOp.of(pack)])
+        with index.env.begin(write=True) as txn:
+            for e in healed:
+                txn.delete(REF_KEY.pack(e.ref), db=index.quarantine)
+    return len(healed)
 
 
 def _request_rereads(repo: Repository, affected: list[Affected]) -> list[dict]:

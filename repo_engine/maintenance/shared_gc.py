@@ -36,6 +36,7 @@ from datetime import datetime, timedelta
 import numpy as np
 
 from ..errors import DamageError
+from ..pause import pause_point
 from ..repository.blockmap import map_object
 from ..repository.checkpoint import checkpoint_due, compact, write_checkpoint
 from ..repository.index import PACK_REC
@@ -270,6 +271,7 @@ def _sweep(repo: Repository, cache: MapCache, plan: PendingPlan,
     doomed = decided[0]
     orphans = [o for o in doomed.objects if o.startswith("packs/")]
     orphan_bytes = sum(_size(repo, o) for o in orphans)
+    pause_point("gc.sweep")  # committed, nothing deleted yet: what dies here, a later gc deletes
     _delete(repo, doomed.names())
     report.plans_swept += 1
     report.chunks_dropped += len(doomed.op.refs)

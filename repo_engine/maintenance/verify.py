@@ -138,7 +138,7 @@ def _verify(repo: Repository, tick: Callable[[int], None] | None) -> VerifyRepor
                       "(or 'repo-engine rebuild-index')" for damage in snap.count_damage]
     if snap.counts_valid:
         _check_counts(snap, cache, used, live, counts, report)
-    else:
+    elif not repo.config.shared:  # a shared repository's caches keep no counts (gc recounts)
         report.warnings.append("reference counts are not maintained yet; run 'gc --full'")
     _orphans(repo, snap, report)
     live_bad = np.intersect1d(bad_refs, live)
@@ -334,7 +334,8 @@ def _orphans(repo: Repository, snap: _Snapshot, report: VerifyReport) -> None:
     names = {v[0] for v in snap.packs.values()}
     skipped = report.warnings  # symlinks, FIFOs, ... where files belong: never followed
     packs = objects_under(repo, "packs", skipped)
-    used_maps = set(snap.mapuse) | set(snap.deadmaps)
+    used_maps = (set(snap.mapuse) | set(snap.deadmaps)  # the counts may not be kept (shared)
+                 | {d.map for p in snap.catalog.values() for d in p.disks})
     report.orphans = {
         "packs": sorted(set(packs) - names - snap.deadpacks),
         "maps": sorted(set(objects_under(repo, "maps", skipped)) - used_maps),

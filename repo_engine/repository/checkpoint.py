@@ -313,9 +313,11 @@ def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: b
 
 
 # -- refresh ----------------------------------------------------------------------------------
-def catch_up(store: Store, index: Index) -> int:
+def catch_up(store: Store, index: Index, *, check: bool = False) -> int:
     """Apply the journal's new entries to the cache (from the newest checkpoint when the cache
-    is empty or stale and a newer one exists); returns the cache's `journal_seq`, the head."""
+    is empty or stale and a newer one exists); returns the cache's `journal_seq`, the head.
+    `check` (a command's first refresh, after its lock): make sure the entry the cache stopped
+    at is the journal's head (`_at_head`), at the cost of two HEAD requests."""
     seq = index.journal_seq
     refreshed = index.meta_u64("refreshed")
     if seq == 0 or time.time() - refreshed > STALE_AFTER:
@@ -323,10 +325,46 @@ def catch_up(store: Store, index: Index) -> int:
         if newest is not None and newest > seq:
             load_checkpoint(store, index, newest)
             seq = newest
-    for entry in _new_entries(store, seq):
-        index.apply_entry(entry)  # a no-op for one another process of this host applied
+    while True:
+        for entry in _new_entries(store, index.journal_seq):
+            index.apply_entry(entry)  # a no-op for one another process of this host applied
+        if not check or _at_head(store, index):
+            break
     index.set_meta_u64("refreshed", int(time.time()))
     return index.journal_seq
+
+
+def _at_head(store: Store, index: Index) -> bool:
+    """Whether the cache, whose next entry is missing, holds the journal's head: its own last
+    entry still exists (or a checkpoint at it does) and the entry after the missing one does
+    not. Otherwise entries were compacted past the cache (the newest checkpoint is loaded:
+    False, replay again), an entry was written meanwhile (False), or the journal lost entries
+    this cache holds or one in its middle: DamageError, before anything is committed at a seq
+    the journal holds already or that other hosts will never read."""
+    head = index.journal_seq
+    if head and not store.exists(entry_object(head)):
+        return _from_checkpoint(store, index, head, f"entry {head}, the last one this host's "
+                                "cache holds, is gone", covers_head=True)
+    if not store.exists(entry_object(head + 2)):
+        return True
+    if store.exists(entry_object(head + 1)):
+        return False  # written meanwhile
+    return _from_checkpoint(store, index, head, f"entry {head + 1} is missing while entry "
+                            f"{head + 2} exists", covers_head=False)
+
+
+def _from_checkpoint(store: Store, index: Index, head: int, why: str, covers_head: bool) -> bool:
+    newest = newest_checkpoint(store) or 0
+    if newest > head:  # compacted past this cache
+        load_checkpoint(store, index, newest)
+        return False
+    if covers_head and newest == head:
+        return True
+    raise DamageError(f"{store.location}: the journal does not hold what this host's cache "
+                      f"holds ({why}): the journal was damaged or restored from an older copy, "
+                      "or this cache belongs to another repository; nothing was written. Run "
+                      "'repo-engine rebuild-index' to rebuild this host's cache from the journal "
+                      "as it is, then 'repo-engine verify'")
 
 
 def _new_entries(store: Store, seq: int) -> Iterator[Entry]:

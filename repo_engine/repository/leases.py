@@ -214,7 +214,8 @@ class Lease:
             if self.lost or self._stop.is_set():
                 return
             try:
-                self._still_ours()
+                self._unexpired()  # a holder suspended past its expiry resumes: gc may have
+                self._still_ours()  # swept what it wrote, renewing would hide that
                 renewed = replace(self.info, expires=iso(now() + timedelta(seconds=self.seconds)))
                 write_lease(self.store, self.name, renewed)
                 self.info = renewed
@@ -229,6 +230,11 @@ class Lease:
             raise LeaseLost(f"{self._what()} was removed (by 'repo-engine unlock --force', or "
                             "as expired)")
 
+    def _unexpired(self) -> None:
+        if self.info.expired(now()):
+            raise LeaseLost(f"{self._what()} expired at {self.info.expires} before it could be "
+                            "renewed")
+
     def _what(self) -> str:
         return f"the {self.info.kind} lease {self.store.location}/{self.name}"
 
@@ -239,9 +245,7 @@ class Lease:
             with self._renewing:
                 if self.lost:
                     raise LeaseLost(self.lost)
-                if self.info.expired(now()):
-                    raise LeaseLost(f"{self._what()} expired at {self.info.expires} before it "
-                                    "could be renewed")
+                self._unexpired()
                 if self.info.kind == MAINT:  # the more telling reason first
                     self._still_highest()
                 self._still_ours()

@@ -73,16 +73,9 @@ class Repository:
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
     def init(cls, path: Path, *, parents: bool = False, **settings: int) -> "Repository":
-        """Create a repository in `path`, a new or empty directory; its parent directory must
-        exist unless `parents` (a mistyped path must not silently become a directory tree)."""
+        """Create a repository in `path` (see `new_directory`)."""
         config = RepoConfig.new(**settings)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise UsageError(f"{path} already exists and is not an empty directory")
-        if not parents and not path.absolute().parent.is_dir():
-            raise UsageError(f"cannot create {path}: the directory {path.absolute().parent} does "
-                             "not exist (check the path, or give --parents to create it)")
-        path.mkdir(mode=DIR_MODE, parents=parents, exist_ok=True)
-        os.chmod(path, DIR_MODE)  # owner-only, like everything below it (safefile.py)
+        new_directory(path, parents)
         for sub in SUBDIRS:
             make_dir(path / sub)
         index = Index(path / "index", create=True)
@@ -103,6 +96,8 @@ class Repository:
         """Create a repository with `config` in `store` (ObjectExists when it holds a config
         already), this host's local files in `local` (created owner-only: `index/`, `locks/`)."""
         make_local(local)
+        if config.shared:
+            _claim_cache(local / "index", config.repo_id, store.location)
         index = Index(local / "index", create=True)
         try:
             write_config(store, config)  # last: its presence marks a finished init
@@ -121,8 +116,7 @@ class Repository:
             check_layout(local)
         else:
             make_local(local)
-            if not (local / "index" / "data.mdb").exists():
-                Index(local / "index", create=True).close()
+            _claim_cache(local / "index", config.repo_id, store.location)
         return cls(store, config, local)
 
     @property
@@ -160,7 +154,7 @@ class Repository:
         if self._opened is not None and _file_id(self.path / "index") != self._opened:
             self.close_index()  # reopened on next use
         try:
-            self.refresh()
+            self.refresh(check=True)
         except BaseException:
             lock.release()
             raise
@@ -172,12 +166,13 @@ class Repository:
         for held in self.held:
             held.check()
 
-    def refresh(self) -> int:
+    def refresh(self, check: bool = False) -> int:
         """Bring this host's cache up to the journal's head; returns the head's seq (0 for a
-        repository that is not shared: its index is the truth)."""
+        repository that is not shared: its index is the truth). `check`: also make sure the
+        journal still holds what the cache holds (checkpoint.catch_up), as `lock` does."""
         if not self.config.shared:
             return 0
-        return catch_up(self.store, self.index)
+        return catch_up(self.store, self.index, check=check)
 
     def commit_journal(self, build: Callable[[int], list[Op]]) -> Entry:
         """Commit the ops `build(seq)` returns as journal entry `seq` (see journal.append:
@@ -475,6 +470,19 @@ class Repository:
         return sum(info.size for info in self.objects("packs"))
 
 
+def new_directory(path: Path, parents: bool) -> None:
+    """Make `path`, a new or empty directory, the owner-only home of a new repository; its parent
+    directory must exist unless `parents` (a mistyped path must not silently become a directory
+    tree)."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"{path} already exists and is not an empty directory")
+    if not parents and not path.absolute().parent.is_dir():
+        raise UsageError(f"cannot create {path}: the directory {path.absolute().parent} does "
+                         "not exist (check the path, or give --parents to create it)")
+    path.mkdir(mode=DIR_MODE, parents=parents, exist_ok=True)
+    os.chmod(path, DIR_MODE)  # owner-only, like everything below it (safefile.py)
+
+
 def check_layout(path: Path) -> None:
     """Refuse (as damage) a repository whose own directories are not real directories: a
     symlinked `points/` or `packs/` would make reads, writes and deletions land elsewhere.
@@ -537,6 +545,25 @@ class _NothingToDo(Exception):
     def __init__(self, result: bool) -> None:
         super().__init__()
         self.result = result
+
+
+def _claim_cache(index_dir: Path, repo_id: str, location: str) -> None:
+    """Create a shared repository's cache when missing, and mark it with the repository's id
+    (meta `repo_id`): a cache directory that holds another repository's cache is refused, since
+    replaying this journal on top of that state would mix two catalogs and two chunk indexes."""
+    index = Index(index_dir, create=not (index_dir / "data.mdb").exists())
+    try:
+        with index.env.begin(write=not index.read_only) as txn:
+            owner = txn.get(b"repo_id", db=index.meta)
+            if owner is None and not index.read_only:
+                txn.put(b"repo_id", repo_id.encode(), db=index.meta)
+            elif owner not in (None, repo_id.encode()):
+                raise RepoError(f"{index_dir.parent} holds the cache of another repository "
+                                f"(id {owner.decode(errors='replace')[:12]}), not of {location} "
+                                f"(id {repo_id[:12]}): give this repository its own cache "
+                                "directory, or remove that one")
+    finally:
+        index.close()
 
 
 def make_local(local: Path) -> None:

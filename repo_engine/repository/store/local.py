@@ -213,7 +213,10 @@ def _walk(top: Path, base: str, skipped: list[str] | None) -> Iterator[tuple[str
             if not entry.name.startswith(TEMP_PREFIX):
                 yield name, entry
         elif skipped is not None:
-            mode = entry.stat(follow_symlinks=False).st_mode
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                continue  # deleted since the directory was read
             skipped.append(f"{entry.path} is {kind_of(mode)}, not a regular file: left alone, "
                            "never read (remove it)")
 

@@ -1,0 +1,148 @@
+"""A repository's location, as a user writes it, opened or created as a `Repository`.
+
+A location is a local directory or `s3://BUCKET/PREFIX`, a prefix of a bucket on an
+S3-compatible server (store/; its endpoint and credentials come from `settings`, see
+store/s3_settings.py). Where the host's local files (the LMDB cache of the index and catalog,
+the lock files) live:
+
+- a local repository of one writer keeps them in its own directory, as it always has;
+- a shared repository (every `s3://` one, and a local one made with `init --shared`, which many
+  hosts may write, e.g. over NFS) keeps them in this host's cache directory `BASE/<repo_id>`,
+  created owner-only, where BASE is the first of: the `cache_dir` argument (`--cache-dir`),
+  `$REPO_ENGINE_CACHE_DIR`, `$XDG_CACHE_HOME/repo-engine`, `~/.cache/repo-engine`. The cache is
+  named by the repository's id so that one base never mixes two repositories' caches.
+
+A repository in object storage is always shared: an `s3://` config that says otherwise is damage.
+`init` refuses a prefix that holds any object, and opening a prefix that holds objects but no
+config says it is not a repository (rather than that nothing is there).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import DamageError, NotARepository, UsageError
+from .config import CONFIG_NAME, RepoConfig, read_config
+from .repo import Repository, new_directory
+from .safefile import DIR_MODE
+from .store import ObjectExists, Store, open_store
+from .store.local import LocalStore
+
+S3_SCHEME = "s3://"
+CACHE_ENV = "REPO_ENGINE_CACHE_DIR"
+
+
+def is_remote(location: str) -> bool:
+    """Whether `location` names object storage rather than a local directory."""
+    return location.startswith(S3_SCHEME)
+
+
+def cache_base(cache_dir: Path | None = None,
+               environ: Mapping[str, str] | None = None) -> Path:
+    """The directory under which this host keeps the caches of shared repositories."""
+    environ = os.environ if environ is None else environ
+    if cache_dir is not None:
+        return cache_dir
+    if environ.get(CACHE_ENV):
+        return Path(environ[CACHE_ENV])
+    xdg = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "repo-engine"
+
+
+def cache_directory(repo_id: str, cache_dir: Path | None = None) -> Path:
+    """This host's local directory for the shared repository `repo_id` (`Repository.create` and
+    `attach` make it, owner-only); its base is made owner-only here when missing (the base of
+    the default rule is the user's own cache)."""
+    base = cache_base(cache_dir)
+    base.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    return base / repo_id
+
+
+def open_repository(location: str, *, settings: Any = None,
+                    cache_dir: Path | None = None) -> Repository:
+    """The repository at `location` (with `settings` for an `s3://` one; None: from the
+    environment and the settings file)."""
+    store = open_store(location, settings)
+    config = _closing_on_error(store, _remote_config if is_remote(location) else _local_config,
+                               store)
+    local = cache_directory(config.repo_id, cache_dir) if config.shared else Path(location)
+    return _closing_on_error(store, Repository.attach, store, local, config)
+
+
+def init_repository(location: str, *, settings: Any = None, cache_dir: Path | None = None,
+                    shared: bool = False, parents: bool = False,
+                    **config_settings: int) -> Repository:
+    """Create a repository at `location`: a new or empty local directory (shared when asked), or
+    an empty `s3://` prefix (always shared)."""
+    remote = is_remote(location)
+    if not (remote or shared):
+        return Repository.init(Path(location), parents=parents, **config_settings)
+    config = RepoConfig.new(shared=True, **config_settings)
+    if remote:
+        store = open_store(location, settings)
+        _closing_on_error(store, _refuse_used_prefix, store)
+    else:
+        new_directory(Path(location), parents)
+        store = LocalStore(Path(location))
+    return _closing_on_error(store, _create, store, config,
+                             cache_directory(config.repo_id, cache_dir))
+
+
+def _closing_on_error(store: Store, fn: Any, *args: Any) -> Any:
+    """`fn(*args)`; the store closed when it fails (nobody else holds it then)."""
+    try:
+        return fn(*args)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _local_config(store: Store) -> RepoConfig:
+    if not Path(store.location).is_dir():
+        raise NotARepository(f"{store.location} is not a repo-engine repository (no such "
+                             f"directory); to create one: repo-engine init {store.location}")
+    return read_config(store)
+
+
+def _remote_config(store: Store) -> RepoConfig:
+    """The config of a repository in object storage, which must say it is shared."""
+    try:
+        config = read_config(store)
+    except NotARepository:
+        if _first_object(store) is None:
+            raise NotARepository(f"there is no repository at {store.location} (nothing is stored "
+                                 f"under it); to create one: repo-engine init "
+                                 f"{store.location}") from None
+        raise NotARepository(f"{store.location} holds objects but no repository config: it is "
+                             "not a repo-engine repository (check the bucket and prefix)") from None
+    if not config.shared:
+        raise DamageError(f"{store.location}/{CONFIG_NAME} describes a repository of one local "
+                          "writer, but a repository in object storage is always shared: the "
+                          "config is damaged or was copied there from a local repository")
+    return config
+
+
+def _first_object(store: Store) -> str | None:
+    return next((info.name for info in store.list("")), None)
+
+
+def _refuse_used_prefix(store: Store) -> None:
+    found = _first_object(store)
+    if found == CONFIG_NAME:
+        raise UsageError(f"{store.location} already holds a repository; use it, or choose "
+                         "another prefix for a new one")
+    if found is not None:
+        raise UsageError(f"{store.location} already holds objects (e.g. {found!r}); a new "
+                         "repository needs an empty prefix: choose another one")
+
+
+def _create(store: Store, config: RepoConfig, local: Path) -> Repository:
+    """A new shared repository; its config is written only if no other init got there first."""
+    try:
+        return Repository.create(store, local, config)
+    except ObjectExists:
+        raise UsageError(f"{store.location} already holds a repository: another init created "
+                         "one there meanwhile") from None

@@ -1,0 +1,431 @@
+"""A shared repository attacked the way a crash, a stalled process, another host or a damaged
+store would: every test ends with what is catalogued restoring byte-identically, or with a loud
+refusal, never with a point naming data that is gone."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import timedelta
+
+import blake3
+import numpy as np
+import pytest
+
+from helpers import attach_shared, cli, shared_repo, stopped_before_commit
+from repo_engine.errors import DamageError, FormatError, RepoError
+from repo_engine.maintenance import shared_gc
+from repo_engine.maintenance.forget import forget_points
+from repo_engine.maintenance.gc import gc
+from repo_engine.maintenance.scrub import scrub
+from repo_engine.repository import journal, leases
+from repo_engine.repository.checkpoint import STALE_AFTER, compact, write_checkpoint
+from repo_engine.repository.envelope import seal
+from repo_engine.repository.formats import JOURNAL
+from repo_engine.repository.leases import LeaseLost
+from repo_engine.repository.locks import SHARED
+from repo_engine.repository.packs import pack_object
+from repo_engine.repository.repo import Repository
+from repo_engine.repository.store.local import LocalStore
+from test_shared_gc import pack_bytes, restores_everything
+from test_shared_repo import Host, disk, hosts  # noqa: F401 (the two hosts fixture)
+
+
+def stall_after_upload(repo: Repository, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make `repo`'s backups stop after a pack is in the store, before its journal entry: the
+    place a backup suspended (SIGSTOP, a paused VM) leaves an object gc does not know."""
+    reached, go = threading.Event(), threading.Event()
+
+    def commit_pack(writer):
+        finish = writer.finish
+
+        def stalled():
+            finished = finish()
+            reached.set()
+            go.wait(60)
+            return finished
+
+        writer.finish = stalled
+        return Repository.commit_pack(repo, writer)
+
+    monkeypatch.setattr(repo, "commit_pack", commit_pack)
+    return reached, go
+
+
+def clock_ahead(monkeypatch, seconds: float) -> None:
+    """Every host's clock (the leases' holders' and gc's) moves `seconds` ahead."""
+    later = leases.now() + timedelta(seconds=seconds)
+    for module in (leases, shared_gc):  # shared_gc holds its own name for the clock
+        monkeypatch.setattr(module, "now", lambda: later)
+
+
+def test_a_lease_renewed_after_it_expired_stays_lost(hosts, monkeypatch):
+    """A holder suspended past its expiry resumes; its renewal thread may run before the
+    command's next check: the renewal must not bring the lease back (gc may have judged it
+    expired and deleted what the holder wrote)."""
+    _root, a, _b = hosts
+    with a.repo.lock(SHARED, "backup image web1") as held:
+        [lease] = held.leases
+        clock_ahead(monkeypatch, a.repo.lease_seconds + 1)
+        lease.renew()  # the daemon, first to run after the resume
+        with pytest.raises(LeaseLost, match="expired"):
+            a.repo.check_leases()
+
+
+def test_a_backup_suspended_past_its_lease_stores_no_point_naming_a_swept_pack(
+        hosts, tmp_path, monkeypatch):
+    """b's backup uploads a pack and is suspended before its journal entry; its lease expires;
+    gc plans the unknown pack and sweeps it (grace 0). b resumes (its renewal thread first):
+    it must fail and catalogue nothing, and what a catalogued before restores."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 21)
+    kept = a.backup("vm", model)
+    content = model.copy_of_content()
+    reached, go = stall_after_upload(b.repo, monkeypatch)
+    failed: list[BaseException] = []
+
+    def backup() -> None:
+        try:
+            b.backup("other", disk(tmp_path, "other", 22))
+        except BaseException as exc:  # noqa: BLE001 (what the command reports)
+            failed.append(exc)
+
+    thread = threading.Thread(target=backup)
+    thread.start()
+    assert reached.wait(60)
+    uploaded = pack_bytes(a.repo.store)
+    clock_ahead(monkeypatch, b.repo.lease_seconds + 1)
+    swept = gc(a.repo, grace=0)
+    assert swept.orphan_packs_deleted == 1 and pack_bytes(a.repo.store) < uploaded
+    for held in list(b.repo.held):
+        for lease in held.leases:
+            lease.renew()  # the daemon, first to run after the resume
+    go.set()
+    thread.join(60)
+    assert len(failed) == 1 and isinstance(failed[0], LeaseLost)
+    restores_everything(root, tmp_path, {kept.id: content})
+
+
+# -- a cache the journal does not back ---------------------------------------------------------
+def journal_names(root) -> set[str]:
+    return {p.name for p in (root / "journal").iterdir()}
+
+
+def refused(host: Host, tmp_path, match: str) -> None:
+    """Every command of `host` refuses at its lock, and a backup writes no journal entry."""
+    root = host.repo.store.root
+    before = journal_names(root)
+    with pytest.raises(DamageError, match=match):
+        host.repo.lock(SHARED, "points").release()
+    with pytest.raises(DamageError, match=match):
+        host.backup("late", disk(tmp_path, "late", 31))
+    assert journal_names(root) == before
+
+
+def test_a_cache_ahead_of_the_journal_is_refused(hosts, tmp_path):
+    """The journal was restored from an older copy (entries the cache replayed are gone): the
+    host must not commit at a seq it takes for the head, nor dedup against the lost entries'
+    chunks."""
+    root, a, _b = hosts
+    model = disk(tmp_path, "vm", 23)
+    first = a.backup("vm", model)
+    content = model.copy_of_content()
+    older = journal_names(root)
+    model.random_changes(4)
+    a.backup("vm", model)
+    for name in journal_names(root) - older:
+        (root / "journal" / name).unlink()
+    refused(a, tmp_path, "restored from an older copy")
+    restores_everything(root, tmp_path, {first.id: content})
+
+
+@pytest.mark.parametrize("missing", [1, 2])
+def test_an_entry_missing_in_the_middle_of_the_journal_is_refused(hosts, tmp_path, missing):
+    """b's cache is at seq S; entry S + `missing` is deleted while later ones exist: b must not
+    stop at the gap as if it were the head (its next commit would take the missing seq)."""
+    root, a, b = hosts
+    a.backup("vm", disk(tmp_path, "vm", 24))
+    seq = b.repo.refresh()
+    a.backup("vm2", disk(tmp_path, "vm2", 25))
+    (root / "journal" / f"{seq + missing:016x}.jnl").unlink()
+    refused(b, tmp_path, f"entry {seq + missing} is missing")
+
+
+def test_entries_compacted_past_a_recently_refreshed_cache_are_read_from_the_checkpoint(
+        hosts, tmp_path):
+    """gc compacted the entries b's cache had not replayed yet (a host whose clock runs an
+    hour ahead judged the checkpoint old enough): b, refreshed a minute ago, loads the
+    checkpoint instead of taking the gap for the head."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 26)
+    first = a.backup("vm", model)
+    contents = {first.id: model.copy_of_content()}
+    b.repo.refresh()
+    model.random_changes(4)
+    second = a.backup("vm", model)
+    contents[second.id] = model.copy_of_content()
+    seq = write_checkpoint(a.repo.store, a.repo.index)
+    assert compact(a.repo.store, grace=0, now=time.time() + 2 * STALE_AFTER) == seq
+    with b.repo.lock(SHARED, "points"):
+        assert {p.id for p in b.repo.points()} == set(contents)
+    third = b.backup("vm", model)
+    contents[third.id] = model.copy_of_content()
+    restores_everything(root, tmp_path, contents)
+
+
+def test_an_object_deleted_while_a_local_store_lists_it_is_left_out(tmp_path):
+    """Another host's gc, or a command releasing its lease, deletes objects while this one
+    lists them (two takers of the maintenance lock met this): the listing leaves the deleted
+    object out, it never fails."""
+    (tmp_path / "repo").mkdir()
+    store = LocalStore(tmp_path / "repo")
+    names = {f"leases/h-1-{i:08x}.lease" for i in range(2)}
+    for name in names:
+        store.put(name, b"lease")
+    listing = store.list("leases/")
+    first = next(listing).name
+    store.delete(names - {first})
+    assert list(listing) == []
+
+
+def test_a_cache_of_another_repository_is_refused(hosts, tmp_path):
+    """A cache directory given to a second repository (a copied --cache-dir, two repositories
+    on one cache path) would replay one journal on top of the other's state: refused, whatever
+    the two heads."""
+    root, a, _b = hosts
+    first = a.backup("vm", disk(tmp_path, "vm", 27))
+    other_root = tmp_path / "other"
+    other = Host(shared_repo(other_root, tmp_path / "cache-other"))
+    for i in range(3):  # ahead of a's journal
+        other.backup(f"o{i}", disk(tmp_path, f"o{i}", 40 + i))
+    other.repo.close()
+    a.repo.close_index()  # one process opens one LMDB environment once
+    with pytest.raises(RepoError, match="holds the cache of another repository"):
+        intruder = attach_shared(LocalStore(other_root), a.repo.path)
+        intruder.lock(SHARED, "points").release()
+    assert {p.id for p in a.repo.points()} == {first.id}
+
+
+# -- maintenance commands on a shared repository -------------------------------------------------
+def flip_first_chunk(repo: Repository, point) -> None:
+    """Damage, in its pack, the stored chunk of the first block of `point`'s disk that holds
+    one."""
+    refs = repo.resolve(point, "d")
+    ref = int(refs[refs != 0][0])
+    with repo.index.reader() as reader:
+        [place] = reader.locate(np.array([ref], np.uint64))
+    path = repo.store.path_of(pack_object(repo.index.pack_info(int(place["pack"])).name))
+    with open(path, "r+b") as f:
+        f.seek(int(place["offset"]) + int(place["stored"]) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_heal_by_scrub_repair_reaches_every_host_and_survives_gc(hosts, tmp_path):
+    """scrub --repair quarantines a damaged chunk; the next backup stores it again and heals
+    the damaged ref from that copy into a new pack. The heal must be a journal commit: else
+    other hosts keep reading the damaged copy and gc deletes the healed pack as unknown."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 28)
+    first = a.backup("vm", model)
+    content = model.copy_of_content()
+    flip_first_chunk(a.repo, first)
+    found = scrub(a.repo, repair=True)
+    assert len(found.damaged) == 1 and found.repair.points_marked_damaged == 1
+    second = a.backup("vm", model)
+    swept = gc(b.repo, grace=0)
+    assert swept.planned_objects == 0 and swept.orphan_packs_deleted == 0  # the healed pack
+    assert not any(p.damage for p in a.repo.points())
+    restores_everything(root, tmp_path, {first.id: content, second.id: content})
+
+
+def test_maintenance_commands_on_a_shared_repository(tmp_path, capsys):
+    """verify, scrub (and --repair), rebuild-index and unlock through the CLI on a local shared
+    repository: a clean one reports no damage and no false orphans; damage is found and named."""
+    root = tmp_path / "repo"
+    host = Host(shared_repo(root, root))  # the CLI's cache: the repository's directory
+    model = disk(tmp_path, "vm", 29)
+    host.backup("vm", model)
+    model.random_changes(3)
+    second = host.backup("vm", model)
+    host.repo.close()
+    for command in (["verify"], ["scrub"], ["verify", "--repair"], ["scrub", "--repair"],
+                    ["rebuild-index"], ["unlock"], ["verify"]):
+        result = cli(capsys, *command, root)
+        assert result.code == 0, (command, result.out, result.err)
+        assert "orphan" not in result.out and "gc --full" not in result.out, result.out
+    assert cli(capsys, "verify", root, "--json").json()["orphans"]["maps"] == []
+    with Repository.open(root) as repo:
+        flip_first_chunk(repo, repo.find_point(second.id))
+    found = cli(capsys, "scrub", root)
+    assert found.code == 3 and second.id[:8] in found.out + found.err, found.out + found.err
+    repaired = cli(capsys, "scrub", root, "--repair")
+    assert repaired.code == 3 and "marked damaged" in repaired.out, repaired.out
+    marked = cli(capsys, "points", root, "--json").json()["points"]
+    assert [p["id"] for p in marked if p["damage"]] == [second.id]
+    with Repository.open(root) as repo:
+        repo.store.delete([pack_object(p.name) for p in repo.index.all_packs()][:1])
+    broken = cli(capsys, "verify", root)
+    assert broken.code == 3 and "affects point" in broken.out, broken.out
+
+
+def test_the_journal_head_check_on_s3(seaweedfs, s3_bucket, tmp_path, monkeypatch):
+    """On S3: an entry deleted in the middle is refused (HEAD requests find the gap), and once
+    gc compacted the journal past b's cache, b reads the checkpoint and restores every point."""
+    from repo_engine.repository.config import RepoConfig
+    from repo_engine.repository.journal import entry_object
+    from repo_engine.repository.store.s3 import S3Store
+    from test_store_s3 import settings_for
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    store = S3Store(f"s3://{s3_bucket}/repo", settings_for(seaweedfs.endpoint))
+    a = Host(Repository.create(store, tmp_path / "cache-a", RepoConfig.new(shared=True)))
+    b = Host(attach_shared(store, tmp_path / "cache-b"))
+    models = [disk(tmp_path, f"vm{i}", 50 + i) for i in range(2)]
+    points = {a.backup("vm0", models[0]).id: models[0].copy_of_content()}
+    seq = b.repo.refresh()
+    points[a.backup("vm1", models[1]).id] = models[1].copy_of_content()
+    store.delete([entry_object(seq + 1)])
+    with pytest.raises(DamageError, match=f"entry {seq + 1} is missing"):
+        b.repo.lock(SHARED, "points").release()
+    head = write_checkpoint(store, a.repo.index)
+    assert compact(store, grace=0, now=time.time() + 2 * STALE_AFTER) == head - 1
+    with b.repo.lock(SHARED, "restore"):
+        assert {p.id for p in b.repo.points()} == set(points)
+        for point in b.repo.points():
+            assert b.restored(point, tmp_path) == points[point.id]
+    a.repo.close()
+    b.repo.close()
+
+
+def crash_before_point_entry(host: Host, vm: str, model, monkeypatch) -> None:
+    """A backup killed after its packs, maps and manifest are in the store, before the journal
+    entry that would have catalogued its point."""
+    from repo_engine.repository.journal import PointOp
+
+    write = journal.write_entry
+
+    def killed(store, entry):
+        if any(isinstance(op, PointOp) for op in entry.ops):
+            raise KeyboardInterrupt
+        write(store, entry)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(journal, "write_entry", killed)
+        with pytest.raises(KeyboardInterrupt):
+            host.backup(vm, model)
+
+
+def test_rebuild_index_of_a_shared_repository_is_the_journal_not_the_manifests(
+        tmp_path, capsys, monkeypatch):
+    """rebuild-index of a shared repository rebuilds this host's cache from the journal: a
+    manifest a killed backup left is no point (gc deletes it and its maps on other hosts), and a
+    damaged cache, which every other command refuses, is rebuilt."""
+    root = tmp_path / "repo"
+    host = Host(shared_repo(root, root))
+    model = disk(tmp_path, "vm", 30)
+    kept = host.backup("vm", model)
+    content = model.copy_of_content()
+    model.random_changes(3)
+    crash_before_point_entry(host, "vm", model, monkeypatch)
+    host.repo.close()
+    assert len(list((root / "points").iterdir())) == 2
+    with open(root / "index" / "data.mdb", "r+b") as f:
+        f.truncate(4096)
+    damaged = cli(capsys, "points", root)
+    assert damaged.code == 3 and "rebuild-index" in damaged.err, damaged.err
+    rebuilt = cli(capsys, "rebuild-index", root, "--json")
+    assert rebuilt.code == 0, rebuilt.err
+    assert rebuilt.json()["journal_seq"] == max(journal.entry_seqs(LocalStore(root)))
+    listed = cli(capsys, "points", root, "--json").json()["points"]
+    assert [p["id"] for p in listed] == [kept.id]
+    restores_everything(root, tmp_path, {kept.id: content})
+
+
+def test_a_backup_whose_parent_another_host_forgets_meanwhile_commits_a_full_map(
+        hosts, tmp_path, monkeypatch):
+    """a's backup of vm computes a delta on the newest point and stops before its commit; b
+    forgets that point and gc sweeps it (grace 0, after a ended); a's commit finds its parent
+    gone and writes the disk as a full map: every point restores, before and after gc."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 32)
+    parent = a.backup("vm", model)
+    model.random_changes(3)
+    with stopped_before_commit(lambda: a.backup("vm", model), tmp_path, monkeypatch) as done:
+        forget_points(b.repo, [parent.id])
+    [child] = done
+    [record] = a.repo.points()
+    assert record.id == child.id and record.disks[0].kind == "full"
+    assert "parent point was forgotten" in record.disks[0].note
+    assert gc(b.repo, grace=0).plans_swept == 1
+    restores_everything(root, tmp_path, {child.id: model.copy_of_content()})
+
+
+def newer_entry(seq: int, what: str) -> bytes:
+    """Entry `seq` as a newer repo-engine could write it: a new op, or a new major version."""
+    if what == "op":
+        header = json.dumps({"seq": seq, "time": "", "host": "h", "pid": 1,
+                             "ops": [{"op": "moved", "refs": [0, 0]}]}).encode()
+        return seal(JOURNAL, journal.HEAD_LEN.pack(len(header)) + header)
+    body = bytearray(journal.encode(journal.Entry.new(seq, [journal.RefsOp(1, 1)]))[:-32])
+    body[8:10] = (JOURNAL.major + 1).to_bytes(2, "little")
+    return bytes(body) + blake3.blake3(bytes(body)).digest()
+
+
+@pytest.mark.parametrize("what", ["op", "version"])
+def test_a_journal_entry_of_a_newer_version_is_refused_not_skipped(hosts, tmp_path, what):
+    """An entry a newer repo-engine wrote (a newer envelope version, or an op this one does not
+    know) stops every command with the advice to upgrade; nothing is committed past it."""
+    root, a, b = hosts
+    a.backup("vm", disk(tmp_path, "vm", 33))
+    seq = b.repo.refresh()
+    (root / "journal" / f"{seq + 1:016x}.jnl").write_bytes(newer_entry(seq + 1, what))
+    before = journal_names(root)
+    with pytest.raises(FormatError, match="upgrade repo-engine"):
+        b.repo.lock(SHARED, "points").release()
+    with pytest.raises(FormatError, match="upgrade repo-engine"):
+        b.backup("vm2", disk(tmp_path, "vm2", 34))
+    assert journal_names(root) == before
+
+
+def test_a_backup_killed_before_its_point_entry_then_gc_on_another_host(tmp_path, capsys,
+                                                                        monkeypatch):
+    """A `repo-engine backup` process is killed (SIGKILL) with its packs and maps committed,
+    before its point entry; its lease is left behind. Another host's gc, once that lease has
+    expired, sweeps what it wrote; the next backup of the VM on the first host (whose cache
+    still finds the swept chunks until it refreshes) stores them again: all restores."""
+    from race import Command
+
+    root = tmp_path / "repo"
+    first = Host(shared_repo(root, root))  # the CLI's cache: the repository's directory
+    model = disk(tmp_path, "vm0", 35)
+    contents = {first.backup("vm0", model).id: model.copy_of_content()}
+    first.repo.close()
+    other = disk(tmp_path, "vm1", 36)
+    args = ["backup", "image", root, "--vm", "vm1", "--disk", f"d={other.path}", "--json"]
+    killed = Command(tmp_path, *args, pauses=("backup.before_commit",))
+    assert killed.reached("backup.before_commit")
+    killed.proc.kill()
+    killed.finish()
+    b = Host(attach_shared(LocalStore(root), tmp_path / "cache-b"))
+    clock_ahead(monkeypatch, b.repo.lease_seconds + 1)
+    swept = gc(b.repo, grace=0)
+    assert swept.plans_swept == 1 and swept.packs_deleted >= 1 and swept.maps_deleted >= 1
+    b.repo.close()
+    again = cli(capsys, *args)
+    assert again.code == 0, again.err
+    contents[again.json()["point"]["id"]] = other.copy_of_content()
+    restores_everything(root, tmp_path, contents)
+
+
+def test_an_entry_copied_under_another_seq_is_refused(hosts, tmp_path):
+    """A hostile store serves entry `seq` again as the next one: the entry says which seq it
+    is, so the copy is damage, never replayed twice."""
+    root, a, b = hosts
+    a.backup("vm", disk(tmp_path, "vm", 37))
+    seq = b.repo.refresh()
+    (root / "journal" / f"{seq + 1:016x}.jnl").write_bytes(
+        (root / "journal" / f"{seq:016x}.jnl").read_bytes())
+    refused(b, tmp_path, "moved or tampered with")
