@@ -487,7 +487,8 @@ def ensure_workload(args: argparse.Namespace) -> Path:
     work = args.work.resolve() / f"workload-{args.size // MIB}MiB"
     if not (work / "manifest.json").exists():
         subprocess.run([sys.executable, str(Path(__file__).with_name("workload.py")), "--out",
-                        str(work), "--size", str(args.size), "--days", str(args.days)], check=True)
+                        str(work), "--size", str(args.size), "--days", str(args.days)],
+                       check=True, stdout=sys.stderr)  # stdout is for the tables
     return work
 
 
