@@ -13,7 +13,7 @@ import blake3
 import numpy as np
 import pytest
 
-from helpers import attach_shared, cli, shared_repo, stopped_before_commit
+from helpers import KIB, attach_shared, cli, shared_repo, stopped_before_commit
 from repo_engine.errors import DamageError, FormatError, RepoError
 from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.forget import forget_points
@@ -24,6 +24,7 @@ from repo_engine.repository.checkpoint import STALE_AFTER, compact, write_checkp
 from repo_engine.repository.envelope import seal
 from repo_engine.repository.formats import JOURNAL
 from repo_engine.repository.leases import LeaseLost
+from repo_engine.repository.location import init_repository
 from repo_engine.repository.locks import SHARED
 from repo_engine.repository.packs import pack_object
 from repo_engine.repository.repo import Repository
@@ -324,7 +325,9 @@ def test_rebuild_index_of_a_shared_repository_is_the_journal_not_the_manifests(
     manifest a killed backup left is no point (gc deletes it and its maps on other hosts), and a
     damaged cache, which every other command refuses, is rebuilt."""
     root = tmp_path / "repo"
-    host = Host(shared_repo(root, root))
+    # the cache where the command line keeps it (repository/location.py)
+    host = Host(init_repository(str(root), shared=True, block_size=64 * KIB))
+    cache = host.repo.path
     model = disk(tmp_path, "vm", 30)
     kept = host.backup("vm", model)
     content = model.copy_of_content()
@@ -332,7 +335,7 @@ def test_rebuild_index_of_a_shared_repository_is_the_journal_not_the_manifests(
     crash_before_point_entry(host, "vm", model, monkeypatch)
     host.repo.close()
     assert len(list((root / "points").iterdir())) == 2
-    with open(root / "index" / "data.mdb", "r+b") as f:
+    with open(cache / "index" / "data.mdb", "r+b") as f:
         f.truncate(4096)
     damaged = cli(capsys, "points", root)
     assert damaged.code == 3 and "rebuild-index" in damaged.err, damaged.err

@@ -41,10 +41,11 @@ class RepoAddress:
             return None
         return load_s3_settings({"endpoint": self.endpoint})
 
-    def open(self) -> Repository:
+    def open(self, *, rebuilding: bool = False) -> Repository:
         from ..repository.location import open_repository
 
-        return open_repository(self.location, settings=self.settings(), cache_dir=self.cache_dir)
+        return open_repository(self.location, settings=self.settings(), cache_dir=self.cache_dir,
+                               rebuilding=rebuilding)
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None:

@@ -446,7 +446,7 @@ def rebuild_index(repo: RepoAddress, as_json: bool) -> None:
 
     path = _unshared_directory(repo)
     if path is None:  # this host's cache, from the journal
-        with repo.open() as repository:
+        with repo.open(rebuilding=True) as repository:
             report = rebuild_cache(repository)
     else:
         report = run_rebuild(path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +62,17 @@ def cache_directory(repo_id: str, cache_dir: Path | None = None) -> Path:
     return base / repo_id
 
 
-def open_repository(location: str, *, settings: Any = None,
-                    cache_dir: Path | None = None) -> Repository:
+def open_repository(location: str, *, settings: Any = None, cache_dir: Path | None = None,
+                    rebuilding: bool = False) -> Repository:
     """The repository at `location` (with `settings` for an `s3://` one; None: from the
-    environment and the settings file)."""
+    environment and the settings file). `rebuilding`: for rebuild-index, which replaces this
+    host's cache without opening it (it may be damaged)."""
     store = open_store(location, settings)
     config = _closing_on_error(store, _remote_config if is_remote(location) else _local_config,
                                store)
     local = cache_directory(config.repo_id, cache_dir) if config.shared else Path(location)
-    return _closing_on_error(store, Repository.attach, store, local, config)
+    return _closing_on_error(store, partial(Repository.attach, claim=not rebuilding), store,
+                             local, config)
 
 
 def init_repository(location: str, *, settings: Any = None, cache_dir: Path | None = None,

@@ -107,16 +107,19 @@ class Repository:
         return cls(store, config, local, index)
 
     @classmethod
-    def attach(cls, store: Store, local: Path, config: RepoConfig) -> "Repository":
+    def attach(cls, store: Store, local: Path, config: RepoConfig, *,
+               claim: bool = True) -> "Repository":
         """Open the repository in `store` whose config the caller read; `local` holds this
         host's files. A shared repository's are created when missing (its cache starts empty
-        and is filled from the journal by `refresh`); an unshared one's are its store's own
-        directory, checked as `open` checks it."""
+        and is filled from the journal by `refresh`) and, with `claim`, the cache is checked to
+        be this repository's (rebuild-index, which replaces a cache it never opens, claims
+        nothing); an unshared one's are its store's own directory, checked as `open` checks it."""
         if not config.shared:
             check_layout(local)
         else:
             make_local(local)
-            _claim_cache(local / "index", config.repo_id, store.location)
+            if claim:
+                _claim_cache(local / "index", config.repo_id, store.location)
         return cls(store, config, local)
 
     @property
