@@ -1,7 +1,7 @@
 """Leases, the maintenance lock and the VM locks of a shared repository (repository/leases.py),
 on a local shared repository and on S3 (SeaweedFS): two hosts (two repositories opened on one
 store, each with its own local directory), expiry judged by the holder's clock, takeover of an
-expired maintenance or VM lock by exactly one of two racing takers, lost renewals, and unlock."""
+expired maintenance lock by exactly one of two racing takers, VM locks, lost renewals, unlock."""
 
 from __future__ import annotations
 
