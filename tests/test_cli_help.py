@@ -65,3 +65,11 @@ def test_config_help_names_the_real_keys(capsys):
     out = " ".join(cli(capsys, "backup", "vsphere", "--help").out.split())
     for key in KEYS:
         assert re.search(rf"\b{key}\b", out), key
+
+
+def test_rebuild_index_help_says_what_it_does_for_a_shared_repository(capsys):
+    out = " ".join(cli(capsys, "rebuild-index", "--help").out.split())
+    assert "A local repository's index is rebuilt from its packs and manifests alone" in out
+    for fragment in ("For a shared repository", "only this host's cache",
+                     "newest checkpoint and the journal entries after it", "reads no pack"):
+        assert fragment in out, out

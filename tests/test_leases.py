@@ -1,10 +1,12 @@
-"""Leases and the maintenance lock of a shared repository (repository/leases.py), on a local
-shared repository and on S3 (SeaweedFS): two hosts (two repositories opened on one store, each
-with its own local directory), expiry judged by the holder's clock, takeover of an expired
-maintenance lock by exactly one of two racing takers, lost renewals, and unlock."""
+"""Leases, the maintenance lock and the VM locks of a shared repository (repository/leases.py),
+on a local shared repository and on S3 (SeaweedFS): two hosts (two repositories opened on one
+store, each with its own local directory), expiry judged by the holder's clock, takeover of an
+expired maintenance lock by exactly one of two racing takers, VM locks, lost renewals, unlock."""
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 from dataclasses import replace
 from datetime import timedelta
@@ -17,9 +19,10 @@ from repo_engine.errors import LockedError, RepoError
 from repo_engine.maintenance.rebuild import unlock, unlock_shared
 from repo_engine.repository import leases
 from repo_engine.repository.config import RepoConfig, write_config
-from repo_engine.repository.leases import (MAINT, SESSION, Lease, LeaseInfo, LeaseLost,
-                                           clear_leases, list_leases, maintenance_name,
-                                           read_lease, session_name, write_lease)
+from repo_engine.repository.leases import (MAINT, SESSION, VM, Lease, LeaseInfo, LeaseLost,
+                                           clear_leases, list_leases, lock_name,
+                                           maintenance_name, read_lease, session_name, vm_base,
+                                           write_lease)
 from repo_engine.repository.locks import MAINTENANCE, SHARED
 from repo_engine.repository.repo import Repository
 from repo_engine.repository.store import StoreError
@@ -264,3 +267,81 @@ def test_unlock_of_a_shared_repository_in_any_store(store, tmp_path):
         forced = unlock_shared(b, force=True)
         assert [d["file"] for d in forced.removed] == [held.leases[0].name]
     assert list_leases(store) == []
+
+
+def test_a_vm_is_backed_up_by_one_host_at_a_time(store, tmp_path):
+    """The local VM lock is in each host's own directory: the store's VM lock excludes the
+    other hosts, refused in the words of the local one, and leaves nothing behind."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    with a.vm_lock("v", "backup image v") as held:
+        assert commands(store) == [(VM, "backup image v")]
+        [found] = list_leases(store)
+        assert found.name == lock_name(vm_base("v"), 1)
+        with pytest.raises(LockedError) as refused:
+            b.vm_lock("v", "backup image v")
+        text = str(refused.value)
+        assert text.startswith(f"VM 'v' is being backed up by 'backup image v', pid {os.getpid()} "
+                               f"on {socket.gethostname()} since {found.info.started}; wait for "
+                               "it to finish (if that process is gone, ")
+        assert "\n" not in text and "repo-engine unlock --force" in text
+        assert list((tmp_path / "b" / "locks").iterdir()) == [] and b.held == []
+        with b.vm_lock("w", "backup image w"):  # other VMs are not held up
+            assert sorted(commands(store)) == [(VM, "backup image v"), (VM, "backup image w")]
+        a.check_leases()  # checked before each journal commit with the others
+        assert held in a.held
+    assert list_leases(store) == [] and a.held == []
+    assert list((tmp_path / "a" / "locks").iterdir()) == []
+    with b.vm_lock("v", "backup image v"):  # free again once released
+        pass
+
+
+def test_an_expired_vm_lock_is_taken_over_and_its_holder_stops(store, tmp_path):
+    name = lock_name(vm_base("v"), 4)
+    info = crashed(store, name, VM, "backup image v")
+    behind = replace(info, expires=leases.iso(leases.now() + timedelta(hours=1)))
+    stalled = Lease(store, name, behind, 600.0)  # its clock runs behind: never renewed
+    b = host(store, tmp_path, "b")
+    with b.vm_lock("v", "backup image v"):
+        assert [f.name for f in list_leases(store)] == [lock_name(vm_base("v"), 5)]
+        with pytest.raises(LeaseLost, match=r"vm lock was taken over by 'backup image v', pid "):
+            stalled.check()
+
+
+def test_unlock_removes_expired_vm_locks_and_force_removes_live_ones(store, tmp_path):
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    crashed(store, lock_name(vm_base("db1"), 1), VM, "backup image db1")
+    with a.vm_lock("web1", "backup image web1") as held:
+        report = unlock_shared(b)
+        assert [(d["kind"], d["command"]) for d in report.removed] == [
+            ("vm", "backup image db1")]
+        assert [d["file"] for d in report.kept] == [held.leases[0].name]
+        assert [d["file"] for d in unlock_shared(b, force=True).removed] == [
+            held.leases[0].name]
+        with pytest.raises(LeaseLost, match="was removed"):
+            a.check_leases()
+    assert list_leases(store) == []
+
+
+def test_a_vm_lock_a_failed_backup_could_not_delete_is_taken_over_by_its_host(store, tmp_path,
+                                                                              monkeypatch):
+    """A backup whose store failed could not delete its store VM lock: it leaves its local VM
+    lock file, stale, which tells its host's next backup of the VM that the holder is gone;
+    other hosts, with no such evidence, wait for the expiry."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    held = a.vm_lock("v", "backup image v")
+
+    def refuse(*_args, **_kwargs):
+        raise StoreError(f"{store.location}: the server answered 503 SlowDown")
+
+    with monkeypatch.context() as failing:
+        failing.setattr(store, "delete", refuse)
+        held.release()
+    assert [f.name for f in list_leases(store)] == [lock_name(vm_base("v"), 1)]
+    assert [p.name for p in (tmp_path / "a" / "locks").iterdir()] == [held.local.path.name]
+    with a.lock(SHARED, "verify"):  # other commands leave the stale VM lock file alone
+        pass
+    with pytest.raises(LockedError, match="VM 'v' is being backed up by 'backup image v'"):
+        b.vm_lock("v", "backup image v")
+    with a.vm_lock("v", "backup image v"):
+        assert [f.name for f in list_leases(store)] == [lock_name(vm_base("v"), 2)]
+    assert list_leases(store) == [] and list((tmp_path / "a" / "locks").iterdir()) == []

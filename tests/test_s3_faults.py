@@ -107,7 +107,12 @@ def test_backup_when_the_volume_server_dies(tmp_path, server, bucket, repo, mode
     assert cmd.reached("backup.before_commit")  # its packs and maps are in the bucket
     server.kill_volume()
     cmd.release("backup.before_commit")
-    assert_server_failure(assert_one_line_error(cmd.finish()), repo)
+    err = assert_one_line_error(cmd.finish())
+    assert_server_failure(err, repo)
+    # the server failed while the point was being committed: whether it kept that last write
+    # only the journal can tell
+    assert_reclaimed_by_gc(err, repo, f"no restore point was stored unless 'repo-engine points "
+                                      f"{repo}' lists ")
     failed_at = time.monotonic()
     server.restart_volume()
     left = set(bucket_objects(server, bucket, "repo/packs/")) - before
@@ -121,6 +126,43 @@ def test_backup_when_the_volume_server_dies(tmp_path, server, bucket, repo, mode
     assert leftovers(repo, tmp_path / "check") == Leftovers([], [], [])
     assert restored(repo, second, tmp_path / "out.img") == model.copy_of_content()
     assert point_ids(repo) == [first, second]
+
+
+def test_backup_when_the_connection_is_cut_while_packs_upload(tmp_path, server, bucket):
+    repo = f"s3://{bucket}/repo"
+    assert in_process("init", repo, "--pack-size", SMALL_PACKS).code == 0
+    model = DiskModel(tmp_path / "big.img", 4 * DISK, np.random.default_rng(8))
+    new_content(model)  # many packs: the backup uploads long enough to be stopped in the middle
+    proxy = FaultProxy(server.ports["s3.port"])
+    try:
+        cmd = Command(tmp_path, "backup", "image", repo, "--vm", "v", "--disk",
+                      f"d={model.path}", "--endpoint", proxy.endpoint)
+        deadline = time.monotonic() + 60
+        while not bucket_objects(server, bucket, "repo/packs/"):
+            assert cmd.proc.poll() is None, cmd.finish()
+            assert time.monotonic() < deadline, "the backup uploaded no pack"
+        os.kill(cmd.proc.pid, signal.SIGSTOP)  # in the middle: packs are being uploaded
+        try:
+            assert cmd.proc.poll() is None, "the backup finished before it could be stopped"
+            proxy.arm("reset", 1_000_000)  # the server is gone for this backup
+        finally:
+            os.kill(cmd.proc.pid, signal.SIGCONT)
+        err = assert_one_line_error(cmd.finish())
+        failed_at = time.monotonic()
+    finally:
+        proxy.close()
+    assert repo in err and "error: internal error" not in err and "damage" not in err, err
+    assert_reclaimed_by_gc(err, repo, "; no restore point was stored; ")
+    assert point_ids(repo) == []
+    backup(repo, model)  # at once: the VM lock it could not delete was a dead holder's
+    reclaim(repo, failed_at)  # gc frees what it uploaded, as the message says
+    assert leftovers(repo, tmp_path / "check") == Leftovers([], [], [])
+
+
+def assert_reclaimed_by_gc(err: str, repo: str, stored: str) -> None:
+    """The line says whether a point was stored, and that gc frees what the backup wrote."""
+    assert stored in err, err
+    assert err.rstrip().endswith(f"'repo-engine gc {repo}' frees what this backup wrote"), err
 
 
 def test_gc_when_the_connection_is_cut(tmp_path, server, bucket, repo, model):

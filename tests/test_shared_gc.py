@@ -122,10 +122,12 @@ def test_a_session_holding_a_lease_from_before_the_plan_keeps_it_from_being_swep
     (doomed, kept), contents = backups(a, tmp_path, vms=2, chain=1)
     forget_points(a.repo, [doomed.id])
     before = pack_bytes(a.repo.store)
-    with b.repo.lock(SHARED, "backup image vm9") as session:
+    with b.repo.vm_lock("vm9", "backup image vm9") as vm_lock, \
+            b.repo.lock(SHARED, "backup image vm9") as session:
         planned = gc(a.repo, grace=0)
         assert (planned.plans_swept, planned.plans_pending) == (0, 1)
         [plan] = a.repo.index.pending_plans()
+        assert vm_lock.leases  # the VM lock in the store is not a session: not waited for
         assert plan.leases == [session.leases[0].name]  # gc's own leases are not waited for
         assert gc(a.repo, grace=0).plans_swept == 0
         assert pack_bytes(a.repo.store) == before

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import blake3
@@ -46,38 +47,26 @@ def setup(tmp_path, capsys):
 
 def _stopped_backup(repo: Path, vm: str, image: Path) -> subprocess.Popen:
     """A real backup of `vm`, stopped (SIGSTOP) while it holds its VM lock."""
-    lock = vm_lock_path(repo, vm)
-    proc = subprocess.Popen(backup_cmd(repo, vm, image), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return _stopped(backup_cmd(repo, vm, image), vm_lock_path(repo, vm).exists)
+
+
+def _stopped(cmd: list[str], locked: Callable[[], bool]) -> subprocess.Popen:
+    """The backup `cmd`, stopped (SIGSTOP) once `locked()` says it holds its VM lock."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + TIMEOUT
-    while not lock.exists():
+    while not locked():
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.001)
     os.kill(proc.pid, signal.SIGSTOP)
-    assert lock.exists(), "the backup finished before it could be stopped"
+    assert locked(), "the backup finished before it could be stopped"
     return proc
 
 
 def test_second_backup_of_a_running_vm_is_refused(setup):
     repo, small, big = setup
     first = _stopped_backup(repo, "v", big)
-    try:
-        second = subprocess.run(backup_cmd(repo, "v", small), capture_output=True, text=True,
-                                timeout=TIMEOUT)
-        other_vm = subprocess.run(backup_cmd(repo, "w", small), capture_output=True, text=True,
-                                  timeout=TIMEOUT)
-    finally:
-        os.kill(first.pid, signal.SIGCONT)
-    out, err = first.communicate(timeout=TIMEOUT)
-    assert first.returncode == 0, err
-    assert second.returncode == 1, second.stderr
-    lines = second.stderr.strip().splitlines()
-    assert len(lines) == 1, lines
-    for fragment in ("VM 'v' is being backed up", f"pid {first.pid}", socket.gethostname(),
-                     "since 20"):
-        assert fragment in lines[0], lines[0]
-    assert other_vm.returncode == 0, other_vm.stderr  # other VMs are not held up
+    _second_refused(first, backup_cmd(repo, "v", small), backup_cmd(repo, "w", small))
     points = json.loads(subprocess.run([sys.executable, "-m", "repo_engine", "points", str(repo),
                                         "--json"], capture_output=True, text=True).stdout)
     listed = points["points"] if isinstance(points, dict) else points
@@ -86,6 +75,26 @@ def test_second_backup_of_a_running_vm_is_refused(setup):
     again = subprocess.run(backup_cmd(repo, "v", small), capture_output=True, text=True,
                            timeout=TIMEOUT)
     assert again.returncode == 0, again.stderr
+
+
+def _second_refused(first: subprocess.Popen, second: list[str], other_vm: list[str]) -> None:
+    """While the stopped backup `first` holds its VM lock, the backup `second` of its VM is
+    refused in one line naming it, the backup `other_vm` of another VM is not held up; then
+    `first` goes on and succeeds."""
+    try:
+        refused = subprocess.run(second, capture_output=True, text=True, timeout=TIMEOUT)
+        other = subprocess.run(other_vm, capture_output=True, text=True, timeout=TIMEOUT)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    _out, err = first.communicate(timeout=TIMEOUT)
+    assert first.returncode == 0, err
+    assert refused.returncode == 1, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    for fragment in ("error: VM 'v' is being backed up by 'backup v'", f"pid {first.pid}",
+                     socket.gethostname(), "since 20"):
+        assert fragment in lines[0], lines[0]
+    assert other.returncode == 0, other.stderr
 
 
 def test_lock_of_a_killed_backup_is_stale(setup):
@@ -139,3 +148,22 @@ def test_release_never_removes_a_lock_that_replaced_ours(setup):
         assert second.path.exists()
         second.release()
         assert not second.path.exists()
+
+
+def test_hosts_sharing_a_repository_never_back_up_one_vm_at_once(setup, tmp_path):
+    """Each host keeps its local VM lock in its own cache directory; the VM lock in the store
+    refuses the second host in the same words, and is gone once the first backup ends."""
+    _repo, small, big = setup
+    repo = tmp_path / "shared"
+    assert subprocess.run([sys.executable, "-m", "repo_engine", "init", str(repo), "--shared"],
+                          capture_output=True, timeout=TIMEOUT).returncode == 0
+
+    def on(host: str, vm: str, image: Path) -> list[str]:
+        return backup_cmd(repo, vm, image) + ["--cache-dir", str(tmp_path / f"cache-{host}")]
+
+    leases = repo / "leases"
+    first = _stopped(on("a", "v", big), lambda: any(leases.glob("vm-*.lock")))
+    _second_refused(first, on("b", "v", small), on("b", "w", small))
+    assert list(leases.iterdir()) == []
+    again = subprocess.run(on("b", "v", small), capture_output=True, text=True, timeout=TIMEOUT)
+    assert again.returncode == 0, again.stderr

@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import RepoError, SourceError
+from ..errors import DamageError, RepoError, SourceError
 from ..pause import pause_point
 from ..repository.blockmap import BlockMap
 from ..repository.index import ParentGone
 from ..repository.locks import SHARED
 from ..repository.points import DiskRecord, PointRecord, new_point_id, now_iso
 from ..repository.repo import Repository
+from ..repository.store import StoreError
 from .chunk_writer import ChunkWriter
 from .pipeline import BlockPipeline, BlockResult
 from .plan import DiskPlan, audit_sample, join_notes, plan_disk
@@ -185,9 +186,10 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
     repo.require_writable(f"backup {snapshot.vm}")
     command = f"backup {snapshot.vm}"
     vm_lock = nullcontext() if vm_locked else repo.vm_lock(snapshot.vm, command)
-    with repo.lock(SHARED, command), vm_lock:
+    with vm_lock, repo.lock(SHARED, command):  # the VM lock is released if this lock fails
         writer = ChunkWriter(repo)
         pipeline = BlockPipeline(repo.codec, repo.index)
+        committing = ""  # the id of the point once its commit began
         try:
             step = _DiskBackup(repo, pipeline, writer, options)
             records = [step.run(snapshot.vm, disk) for disk in snapshot.disks]
@@ -204,19 +206,32 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
                 notes=list(snapshot.notes) + (healed.summary() if healed else []),
                 counters=_totals(records, writer, started))
             pause_point("backup.before_commit")
+            committing = point.id
             _commit(repo, point, step.resolved, step.maps)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise RepoError(f"the repository's filesystem is full ({exc.strerror}); "
-                                "no restore point was stored; 'repo-engine gc "
-                                f"{repo.location}' frees what this backup wrote") from None
+                                f"{_not_stored(repo, '')}") from None
             raise
+        except StoreError as exc:
+            if isinstance(exc, DamageError):  # not a server fault: reported as damage
+                raise
+            raise type(exc)(f"{exc}; {_not_stored(repo, committing)}") from None
         finally:
             writer.close()
     for key, blocks in step.rereads.items():
         if len(blocks):
             repo.index.clear_reread(snapshot.vm, key, blocks)
     return point
+
+
+def _not_stored(repo: Repository, committing: str) -> str:
+    """What a backup that failed leaves: no point (or, when the store failed while the point was
+    being committed, none unless the store kept that last write), and what gc reclaims."""
+    stored = ("no restore point was stored" if not committing else
+              f"no restore point was stored unless 'repo-engine points {repo.location}' lists "
+              f"{committing} (the store failed while it was being committed)")
+    return f"{stored}; 'repo-engine gc {repo.location}' frees what this backup wrote"
 
 
 def _heal(repo: Repository, command: str, reread: bool) -> RepairReport | None:

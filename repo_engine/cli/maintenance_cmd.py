@@ -428,11 +428,17 @@ def _unshared_directory(repo: RepoAddress) -> Path | None:
 @repo_argument
 @json_option
 def rebuild_index(repo: RepoAddress, as_json: bool) -> None:
-    """Recreate the index (chunks, packs, catalog, counts) from packs and manifests alone.
+    """Recreate the index (chunks, packs, catalog, counts) from what the repository stores.
+
+    A local repository's index is rebuilt from its packs and manifests alone. For a shared
+    repository (s3:// or init --shared) the truth is the journal in the store: this rebuilds
+    only this host's cache of it, from the newest checkpoint and the journal entries after it,
+    and reads no pack and no map.
 
     \b
-    Example:
+    Examples:
       repo-engine rebuild-index /backup/repo
+      repo-engine rebuild-index s3://backups/vms
     """
     from ..maintenance.rebuild import rebuild_cache
     from ..maintenance.rebuild import rebuild_index as run_rebuild

@@ -11,8 +11,15 @@ shared repository also announces itself in the store, next to its local lock (lo
   `put(if_absent)`; the holder is the one of the highest generation. It is free when that object
   is gone (released) or expired: the next taker then creates generation + 1, again only if absent,
   so of two takers exactly one wins.
+- **VM lock** `leases/vm-<32 hex: hash of the VM name>-<16 hex generation>.lock`, taken by a
+  backup of that VM besides its local VM lock (locks.py), so that two hosts never back up one VM
+  at once: generations exactly as for the maintenance lock. Its holder is also known dead, and
+  the lock taken over at once, when the taker replaced that holder's local VM lock as stale (same
+  host and pid: a backup that crashed, or failed on a server fault and so kept its local VM lock
+  file when it could not delete the store's). gc waits for session leases only (a backup holds
+  one of those too).
 
-Each is a sealed JSON record (envelope.py, magic LEASE): `kind` (`session` | `maintenance`),
+Each is a sealed JSON record (envelope.py, magic LEASE): `kind` (`session` | `maintenance` | `vm`),
 `host`, `pid`, `command`, `started`, `expires` (ISO times, UTC, of the holder's clock: started or
 last renewed + the lease's seconds) and `token` (random hex: a name reused after an `unlock --force`
 is never taken for the holder's own). A daemon thread renews the record every quarter of its
@@ -20,7 +27,7 @@ duration, overwriting only its own object after reading back its token. A lease 
 failed once, whose object is gone or replaced, or whose expiry passed on the holder's clock is lost:
 `check()`, called before every journal commit and every batch of deletes, raises LeaseLost, and
 the command stops before it writes anything more. A maintenance holder's `check()` also fails when
-a higher generation exists (its lock expired and was taken over).
+a higher generation of its lock exists (its lock expired and was taken over).
 
 A lease that cannot be read counts as live and never expires: only `unlock --force` removes it.
 The lease duration is LEASE_SECONDS unless the environment sets REPO_ENGINE_LEASE_SECONDS.
@@ -33,21 +40,24 @@ import os
 import re
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta, timezone
+from functools import partial
 
 from ..errors import DamageError, FormatError, LockedError, RepoError
 from .envelope import read_sealed, write_sealed
 from .formats import LEASE
-from .locks import MAINTENANCE, RepoLock
+from .locks import MAINTENANCE, LockInfo, RepoLock, vm_busy, vm_key
 from .safefile import LOCK_MAX
 from .store import ObjectExists, ObjectMissing, Store
 
 PREFIX = "leases/"
 LEASE_SECONDS = 600.0
-SESSION, MAINT = "session", "maintenance"
+SESSION, MAINT, VM = "session", "maintenance", "vm"
 UNREADABLE_HOST = "?"
-_MAINT_NAME = re.compile(r"leases/maintenance-([0-9a-f]{16})\.lock")
+# a lock taken by generations: `base` is "maintenance" or "vm-<hash of the VM name>"
+_LOCK_NAME = re.compile(r"leases/(?P<base>maintenance|vm-[0-9a-f]{32})-(?P<gen>[0-9a-f]{16})\.lock")
 _SESSION_NAME = re.compile(r"leases/[A-Za-z0-9_-]+-[0-9]+-[0-9a-f]{8}\.lease")
 
 
@@ -119,7 +129,8 @@ class Found:
 
     def doc(self) -> dict:
         """The record as `unlock` reports it (the fields of a lock, plus the object and expiry)."""
-        kind = MAINTENANCE if _MAINT_NAME.fullmatch(self.name) else "lease"
+        match = _LOCK_NAME.fullmatch(self.name)
+        kind = "lease" if match is None else MAINTENANCE if match["base"] == MAINT else VM
         return {"file": self.name, "kind": kind, "host": self.info.host, "pid": self.info.pid,
                 "command": self.info.command, "since": self.info.started,
                 "expires": self.info.expires}
@@ -146,30 +157,53 @@ def write_lease(store: Store, name: str, info: LeaseInfo, *, if_absent: bool = F
 
 
 def list_leases(store: Store) -> list[Found]:
-    """Every session lease and maintenance lock in the store (names of neither form are not
-    leases: left alone), sorted by name, so maintenance locks by generation."""
+    """Every session lease, maintenance lock and VM lock in the store (names of no such form
+    are not leases: left alone), sorted by name, so each lock's generations in order."""
+    return _listed(store, PREFIX)
+
+
+def _listed(store: Store, prefix: str) -> list[Found]:
     found = []
-    for obj in store.list(PREFIX):
-        if _MAINT_NAME.fullmatch(obj.name) or _SESSION_NAME.fullmatch(obj.name):
+    for obj in store.list(prefix):
+        if _LOCK_NAME.fullmatch(obj.name) or _SESSION_NAME.fullmatch(obj.name):
             info = read_lease(store, obj.name)
             if info is not None:
                 found.append(Found(obj.name, info))
     return sorted(found, key=lambda f: f.name)
 
 
+def generations(store: Store, base: str) -> list[Found]:
+    """The generations of the lock `base` in the store, lowest first."""
+    return [f for f in _listed(store, f"{PREFIX}{base}-") if base_of(f.name) == base]
+
+
 def maintenance_locks(store: Store) -> list[Found]:
     """The maintenance locks in the store, lowest generation first."""
-    return [f for f in list_leases(store) if _MAINT_NAME.fullmatch(f.name)]
+    return generations(store, MAINT)
+
+
+def base_of(name: str) -> str:
+    """The lock a generation's name belongs to ("" for any other name)."""
+    match = _LOCK_NAME.fullmatch(name)
+    return match["base"] if match else ""
 
 
 def generation_of(name: str) -> int:
-    """The generation of a maintenance lock's name (0 for any other name)."""
-    match = _MAINT_NAME.fullmatch(name)
-    return int(match.group(1), 16) if match else 0
+    """The generation of a lock's name (0 for any other name)."""
+    match = _LOCK_NAME.fullmatch(name)
+    return int(match["gen"], 16) if match else 0
+
+
+def lock_name(base: str, generation: int) -> str:
+    return f"{PREFIX}{base}-{generation:016x}.lock"
 
 
 def maintenance_name(generation: int) -> str:
-    return f"{PREFIX}maintenance-{generation:016x}.lock"
+    return lock_name(MAINT, generation)
+
+
+def vm_base(vm: str) -> str:
+    return f"vm-{vm_key(vm)}"
 
 
 def session_name() -> str:
@@ -246,7 +280,7 @@ class Lease:
                 if self.lost:
                     raise LeaseLost(self.lost)
                 self._unexpired()
-                if self.info.kind == MAINT:  # the more telling reason first
+                if base_of(self.name):  # the more telling reason first
                     self._still_highest()
                 self._still_ours()
         except LeaseLost as exc:
@@ -255,14 +289,15 @@ class Lease:
                             "more: run it again") from None
 
     def _still_highest(self) -> None:
-        locks = maintenance_locks(self.store)
+        locks = generations(self.store, base_of(self.name))
         if locks and locks[-1].name != self.name:
-            raise LeaseLost(f"the maintenance lock was taken over by {locks[-1].info.holder()} "
-                            f"after ours ({self.name}) expired")
+            raise LeaseLost(f"the {self.info.kind} lock was taken over by "
+                            f"{locks[-1].info.holder()} after ours ({self.name}) expired")
 
     # -- release ----------------------------------------------------------------------------
-    def release(self) -> None:
-        """Stop renewing and remove the object, if it is still ours."""
+    def release(self) -> bool:
+        """Stop renewing and remove the object, if it is still ours; False when the store
+        failed and it is left to expire (unlock removes it then)."""
         with self._renewing:
             self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
@@ -272,7 +307,8 @@ class Lease:
             if current is not None and current.token == self.info.token:
                 self.store.delete([self.name])
         except (RepoError, OSError):
-            pass  # left to expire: unlock removes it then
+            return False
+        return True
 
 
 def take_session(store: Store, command: str, seconds: float) -> Lease:
@@ -281,24 +317,51 @@ def take_session(store: Store, command: str, seconds: float) -> Lease:
 
 def take_maintenance(store: Store, command: str, seconds: float) -> Lease:
     """The store's maintenance lock, or LockedError naming its holder."""
+    return take_lock(store, MAINT, MAINT, command, seconds, partial(_held_by, store))
+
+
+def take_vm_lock(store: Store, vm: str, command: str, seconds: float,
+                 dead: LockInfo | None = None) -> Lease:
+    """The store's lock of VM `vm`, or LockedError naming the backup that holds it (worded as
+    the local VM lock's refusal). `dead`: the holder of the local VM lock we found stale; a store
+    lock of the same host and pid is its, taken over at once."""
+    def gone(top: Found) -> bool:
+        return dead is not None and (top.info.host, top.info.pid) == (dead.host, dead.pid)
+
+    def held_by(top: Found) -> LockedError:
+        if top.info.host == UNREADABLE_HOST:
+            return LockedError(f"the lock of VM {vm!r}, {store.location}/{top.name}, cannot be "
+                               f"read; if no backup of {vm!r} runs on any host, run "
+                               "'repo-engine unlock --force'")
+        return vm_busy(vm, top.info.command, top.info.pid, top.info.host, top.info.started,
+                       f"its lock expires at {top.info.expires} unless renewed, or run "
+                       "'repo-engine unlock --force'")
+    return take_lock(store, vm_base(vm), VM, command, seconds, held_by, gone)
+
+
+def take_lock(store: Store, base: str, kind: str, command: str, seconds: float,
+              held_by: Callable[[Found], LockedError],
+              gone: Callable[[Found], bool] = lambda _top: False) -> Lease:
+    """The lock `base` taken by generations (module doc), or `held_by(its holder)`. A holder
+    is over when its lock expired, or when `gone` says so."""
     for _attempt in range(5):
-        locks = maintenance_locks(store)
+        locks = generations(store, base)
         top = locks[-1] if locks else None
-        if top is not None and not top.info.expired(now()):
-            raise _held_by(store, top)
+        if top is not None and not top.info.expired(now()) and not gone(top):
+            raise held_by(top)
         try:
-            lease = Lease.write(store, maintenance_name(top.generation + 1 if top else 1), MAINT,
+            lease = Lease.write(store, lock_name(base, top.generation + 1 if top else 1), kind,
                                 command, seconds)
         except ObjectExists:
             continue  # another taker won this generation: look again
         try:  # the generations below ours are over (released or expired): clear them away
             ours = generation_of(lease.name)
-            store.delete(f.name for f in maintenance_locks(store) if f.generation < ours)
+            store.delete(f.name for f in generations(store, base) if f.generation < ours)
         except BaseException:
             lease.release()
             raise
         return lease
-    raise LockedError(f"the maintenance lock of {store.location} keeps changing hands; try again")
+    raise LockedError(f"the {kind} lock of {store.location} keeps changing hands; try again")
 
 
 def _held_by(store: Store, top: Found) -> LockedError:
@@ -313,7 +376,8 @@ def _held_by(store: Store, top: Found) -> LockedError:
 
 class SharedLock:
     """A local lock (locks.py) together with the leases a shared repository needs: the session
-    lease, and for a maintenance lock the store's maintenance lock. Released in reverse order."""
+    lease, and for a maintenance lock the store's maintenance lock; for a VM lock the store's VM
+    lock. Released in reverse order."""
 
     def __init__(self, local: RepoLock, leases: list[Lease], held: list["SharedLock"]) -> None:
         self.local, self.leases, self._held = local, leases, held
@@ -327,10 +391,11 @@ class SharedLock:
     def release(self) -> None:
         if self in self._held:
             self._held.remove(self)
-        for lease in reversed(self.leases):
-            lease.release()
+        removed = [lease.release() for lease in reversed(self.leases)]
         self.leases = []
-        self.local.release()
+        # a store lock left behind keeps its local lock file, stale once we exit: this host's
+        # next taker of a VM lock learns from it that the store's VM lock is a dead holder's
+        self.local.release(keep_file=not all(removed))
 
     def __enter__(self) -> "SharedLock":
         return self
@@ -343,11 +408,28 @@ def with_leases(store: Store, local: RepoLock, command: str, seconds: float,
                 held: list[SharedLock]) -> SharedLock:
     """`local` plus a session lease (and the maintenance lock when `local` is one), registered
     in `held` until released; on a conflict everything taken is released again."""
+    takers = [partial(take_session, store, command, seconds)]
+    if local.kind == MAINTENANCE:
+        takers.append(partial(take_maintenance, store, command, seconds))
+    return _joined(local, takers, held)
+
+
+def with_vm_lease(store: Store, local: RepoLock, vm: str, command: str, seconds: float,
+                  held: list[SharedLock]) -> SharedLock:
+    """`local` (the local VM lock of `vm`) plus the store's VM lock, registered in `held` until
+    released (so a backup checks it before each journal commit)."""
+    return _joined(local, [partial(take_vm_lock, store, vm, command, seconds, local.stale)],
+                   held)
+
+
+def _joined(local: RepoLock, takers: list[Callable[[], Lease]],
+            held: list[SharedLock]) -> SharedLock:
+    """`local` and the leases the `takers` take, in order; on a conflict everything taken is
+    released again."""
     leases: list[Lease] = []
     try:
-        leases.append(take_session(store, command, seconds))
-        if local.kind == MAINTENANCE:
-            leases.append(take_maintenance(store, command, seconds))
+        for take in takers:
+            leases.append(take())
     except BaseException:
         for lease in reversed(leases):
             lease.release()

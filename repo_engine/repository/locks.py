@@ -16,7 +16,11 @@ opened for reading nor followed; it is not a lock, and `unlock` removes it.
 A VM lock (`locks/vm-<hash of the VM name>.lock`, a shared lock file like the others) is held by a
 backup for the whole backup of that VM. It is created under its fixed name only if absent (a link,
 not a rename), so of two backups of one VM, on one host or on two hosts sharing the repository,
-exactly one gets it; the other is refused with the holder's host, pid and start time.
+exactly one gets it; the other is refused with the holder's host, pid and start time. On a
+shared repository this file is in each host's own directory, so the backup also takes the VM lock
+in the store (leases.py), refused in the same words. A VM lock conflicts with no other lock (its
+backup holds a shared lock too): other lockers leave it alone even when stale, as the next backup
+of the VM learns from a stale one that the store's VM lock of the same pid is a dead holder's.
 
 On a read-only filesystem (read-only media, a read-only snapshot) nobody can write, so a shared
 lock is not needed: taking one is a no-op with a note; any other lock is refused there.
@@ -28,6 +32,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +48,7 @@ from .safefile import FILE_MODE, LOCK_MAX, is_regular, open_regular, read_limite
 
 SHARED, EXCLUSIVE, MAINTENANCE = "shared", "exclusive", "maintenance"
 TORN_HOST = "?"  # the holder of a lock file that cannot be read
+_VM_LOCK = re.compile(r"vm-[0-9a-f]{32}\.lock")
 
 
 @dataclass(frozen=True)
@@ -180,6 +186,17 @@ def remove_stale_partials(locks_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def vm_key(vm: str) -> str:
+    """The VM's part of its lock names (any VM name, fixed length, no path characters)."""
+    return blake3.blake3(vm.encode()).hexdigest()[:32]
+
+
+def vm_busy(vm: str, command: str, pid: int, host: str, since: str, remedy: str) -> LockedError:
+    """The refusal of a second backup of `vm`: who holds its lock, and `remedy` if it is gone."""
+    return LockedError(f"VM {vm!r} is being backed up by {command!r}, pid {pid} on {host} since "
+                       f"{since}; wait for it to finish (if that process is gone, {remedy})")
+
+
 def _holder(kind: str, command: str) -> LockInfo:
     return LockInfo(kind, socket.gethostname(), os.getpid(), now_iso(), command)
 
@@ -189,6 +206,7 @@ class RepoLock:
 
     def __init__(self, locks_dir: Path, kind: str, command: str) -> None:
         self.kind = kind
+        self.stale: LockInfo | None = None  # (VM lock) the dead holder whose lock it replaced
         info = _holder(kind, command)
         self.path = locks_dir / f"{info.host}-{info.pid}-{os.urandom(4).hex()}.lock"
         self.note = ""
@@ -212,8 +230,9 @@ class RepoLock:
     @classmethod
     def for_vm(cls, locks_dir: Path, vm: str, command: str) -> "RepoLock":
         """Take the VM lock of `vm` (module doc); LockedError naming the backup that holds it."""
-        path = locks_dir / f"vm-{blake3.blake3(vm.encode()).hexdigest()[:32]}.lock"
+        path = locks_dir / f"vm-{vm_key(vm)}.lock"
         content = seal(LOCK, json.dumps(asdict(_holder(SHARED, command))).encode())
+        stale = None
         for _attempt in range(3):
             try:
                 fd = _create_flocked(path, content)
@@ -222,21 +241,24 @@ class RepoLock:
                 if info is None and os.path.lexists(path):
                     raise DamageError(f"{path} is not a lock file; remove it (or run "
                                       "'repo-engine unlock')") from None
-                if info is None or remove_if_stale(path, info):
+                if info is None:
                     continue
-                raise LockedError(f"VM {vm!r} is being backed up by {info.command!r}, pid "
-                                  f"{info.pid} on {info.host} since {info.time}; wait for it to "
-                                  "finish (if that process is gone, run 'repo-engine unlock')"
-                                  ) from None
+                if remove_if_stale(path, info):
+                    stale = info
+                    continue
+                raise vm_busy(vm, info.command, info.pid, info.host, info.time,
+                              "run 'repo-engine unlock'") from None
             held = cls.__new__(cls)
-            held.kind, held.path, held._fd = SHARED, path, fd
+            held.kind, held.path, held._fd, held.note, held.stale = SHARED, path, fd, "", stale
             return held
         raise LockedError(f"the lock of VM {vm!r} ({path}) keeps changing; try again")
 
     def _check_conflicts(self, locks_dir: Path) -> None:
         remove_stale_partials(locks_dir)
         for path, info in list_locks(locks_dir):
-            if path == self.path:
+            # a VM lock conflicts with no lock (its backup holds a shared one too), and is left
+            # to `for_vm` even when stale: it names the dead holder of the store's VM lock
+            if path == self.path or _VM_LOCK.fullmatch(path.name):
                 continue
             if remove_if_stale(path, info):
                 continue
@@ -252,11 +274,12 @@ class RepoLock:
                     "'repo-engine unlock'"
                 )
 
-    def release(self) -> None:
+    def release(self, keep_file: bool = False) -> None:
+        """Drop the lock; `keep_file`: leave the file, stale (see leases.SharedLock.release)."""
         if self._fd >= 0:
             # only our own file: after an `unlock --force`, the name may be another holder's
             try:
-                if os.path.samestat(os.fstat(self._fd), os.lstat(self.path)):
+                if not keep_file and os.path.samestat(os.fstat(self._fd), os.lstat(self.path)):
                     self.path.unlink()
             except FileNotFoundError:
                 pass

@@ -37,7 +37,7 @@ from .config import RepoConfig, read_config, write_config
 from .checkpoint import catch_up
 from .index import Index, MapMissing, ParentGone
 from .journal import Entry, ForgetOp, Op, PackOp, PointOp, RefsOp, append
-from .leases import SharedLock, lease_seconds, with_leases
+from .leases import SharedLock, lease_seconds, with_leases, with_vm_lease
 from .locks import EXCLUSIVE, RepoLock, is_stale, list_locks
 from .packs import FinishedPack, PackWriter, pack_object, read_trailer
 from .points import PointRecord, point_object, read_point, write_point
@@ -188,9 +188,13 @@ class Repository:
         self.index.apply_entry(entry)
         return entry
 
-    def vm_lock(self, vm: str, command: str) -> RepoLock:
-        """Held by a backup of `vm` for its whole run: a second backup of it is refused."""
-        return RepoLock.for_vm(self.locks_dir, vm, command)
+    def vm_lock(self, vm: str, command: str) -> RepoLock | SharedLock:
+        """Held by a backup of `vm` for its whole run: a second backup of it is refused (on a
+        shared repository also by the store's VM lock: other hosts cannot see ours)."""
+        local = RepoLock.for_vm(self.locks_dir, vm, command)
+        if not self.config.shared:
+            return local
+        return with_vm_lease(self.store, local, vm, command, self.lease_seconds, self.held)
 
     def require_writable(self, command: str) -> None:
         """RepoError when the repository can only be read (read-only media or snapshot)."""
