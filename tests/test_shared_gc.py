@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +248,34 @@ def test_forget_and_gc_on_s3(seaweedfs, s3_bucket, tmp_path, monkeypatch):
     assert gc(a.repo, grace=0).candidates == 0
     a.repo.close()
     b.repo.close()
+
+
+def test_gc_aborts_the_multipart_uploads_a_dead_process_left(seaweedfs, s3_bucket, tmp_path,
+                                                              monkeypatch):
+    """An upload begun and never finished (its process died) holds stored parts no object
+    names: gc aborts it once it is older than the grace period and a lease's duration, and
+    leaves a younger one, which a live backup may still be sending."""
+    from repo_engine.maintenance import shared_gc
+    from repo_engine.repository.config import RepoConfig
+    from repo_engine.repository.repo import Repository
+    from repo_engine.repository.store.s3 import S3Store
+    from s3server import admin_client
+    from test_store_s3 import settings_for
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    store = S3Store(f"s3://{s3_bucket}/repo", settings_for(seaweedfs.endpoint))
+    host = Host(Repository.create(store, tmp_path / "cache", RepoConfig.new(shared=True)))
+    admin = admin_client(seaweedfs)
+    upload = admin.create_multipart_upload(Bucket=s3_bucket, Key="repo/packs/00/dead.pack")
+    admin.upload_part(Bucket=s3_bucket, Key="repo/packs/00/dead.pack", PartNumber=1,
+                      UploadId=upload["UploadId"], Body=b"x" * 1024)
+    assert gc(host.repo, grace=0).uploads_aborted == 0  # younger than a lease: may be live
+    assert [u.name for u in store.pending_uploads()] == ["packs/00/dead.pack"]
+    later = shared_gc.now() + timedelta(seconds=host.repo.lease_seconds + 60)
+    monkeypatch.setattr(shared_gc, "now", lambda: later)
+    assert gc(host.repo, grace=0).uploads_aborted == 1
+    assert list(store.pending_uploads()) == []
+    host.repo.close()
 
 
 def test_gc_writes_a_checkpoint_and_compacts_the_journal_a_fresh_host_starts_from(

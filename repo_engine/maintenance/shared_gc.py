@@ -71,6 +71,7 @@ class SharedGcReport(GcReport):
     repack_reclaims_bytes: int = 0
     checkpoint: int = 0
     entries_compacted: int = 0
+    uploads_aborted: int = 0
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,16 @@ def _run(repo: Repository, cache: MapCache, report: SharedGcReport, grace: float
     _repack_cost(repo, _mark(repo, cache), report, max_unused)
     report.plans_pending = len(repo.index.pending_plans())
     _checkpoint(repo, grace, report)
+    _abort_stale_uploads(repo, grace, report)
+
+
+def _abort_stale_uploads(repo: Repository, grace: float, report: SharedGcReport) -> None:
+    """Abort the multipart uploads a process that died left behind: those begun longer ago than
+    the grace period and a lease's duration (a live backup's upload of one pack takes neither;
+    one aborted all the same fails its put, and that backup stores no point)."""
+    repo.check_leases()
+    before = now() - timedelta(seconds=max(grace, repo.lease_seconds))
+    report.uploads_aborted = repo.store.abort_stale_uploads(before)
 
 
 # -- the mark ----------------------------------------------------------------------------------

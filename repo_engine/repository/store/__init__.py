@@ -14,13 +14,16 @@ home (`check_name`). What a store guarantees (docs/FORMAT.md, "Store"):
 - `get` reads a whole object, refusing one larger than the caller's bound; `get_range` returns
   exactly the bytes asked or fails (ObjectMissing, ShortRead);
 - `list` yields every object under a prefix, in any order; `delete` removes a batch, a missing
-  name being no error.
+  name being no error;
+- `abort_stale_uploads(before)` removes the parts of uploads begun before `before` and never
+  finished (a process that died mid-upload); returns how many.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -84,6 +87,8 @@ class Store(Protocol):
     def list(self, prefix: str, skipped: list[str] | None = None) -> Iterator[ObjectInfo]: ...
 
     def delete(self, names: Iterable[str]) -> None: ...
+
+    def abort_stale_uploads(self, before: datetime) -> int: ...
 
     def close(self) -> None: ...
 

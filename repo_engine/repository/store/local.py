@@ -26,6 +26,7 @@ import stat
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 from ...errors import DamageError
@@ -175,6 +176,11 @@ class LocalStore:
                 fsync_dir(parent)
             except FileNotFoundError:
                 pass  # no directory: nothing was removed from it
+
+    def abort_stale_uploads(self, before: datetime) -> int:
+        """None to abort: a local put is one rename; the spool files a dead process left are
+        gc's to remove (maintenance/inventory.py)."""
+        return 0
 
     def close(self) -> None:
         with self._fds_lock:

@@ -441,6 +441,14 @@ class S3Store:
         except UploadGone:
             pass  # already gone: completed or aborted by someone else
 
+    def abort_stale_uploads(self, before: datetime) -> int:
+        """Abort every multipart upload under the prefix begun before `before`: its parts are
+        stored (and billed) but belong to no object."""
+        stale = [u for u in self.pending_uploads() if u.initiated < before]
+        for upload in stale:
+            self.abort_upload(upload)
+        return len(stale)
+
     def close(self) -> None:
         if self._spool is not None:
             shutil.rmtree(self._spool, ignore_errors=True)
