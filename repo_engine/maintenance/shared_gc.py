@@ -39,8 +39,9 @@ from ..errors import DamageError
 from ..pause import pause_point
 from ..repository.blockmap import map_object
 from ..repository.checkpoint import checkpoint_due, compact, write_checkpoint
-from ..repository.index import PACK_REC
-from ..repository.journal import PendingPlan, PlanOp, SweepOp, WaitsOp, new_plan_id
+from ..repository.index import pack_fields
+from ..repository.journal import (NothingToCommit, PendingPlan, PlanOp, SweepOp, WaitsOp,
+                                   new_plan_id)
 from ..repository.leases import SESSION, LeaseInfo, iso, list_leases, now
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import ENTRY, FOOTER, HEADER, pack_object
@@ -81,10 +82,6 @@ class Mark:
     maps: frozenset[str]
     refs: np.ndarray  # sorted unique u64
     catalogued: frozenset[str]  # point ids
-
-
-class _Nothing(Exception):
-    """A journal commit found, once caught up, that it has nothing to commit."""
 
 
 def gc(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = False,
@@ -153,17 +150,12 @@ class _Packs:
         index = repo.index
         with index.env.begin() as txn:
             table = scan_refs(index, txn)
-            names = {int.from_bytes(k, "big"): _pack_fields(v) for k, v in
+            names = {int.from_bytes(k, "big"): pack_fields(v) for k, v in
                      txn.cursor(db=index.packs)}
         return cls(names, table)
 
     def by_name(self) -> dict[str, int]:
         return {name: number for number, (name, _size, _count) in self.names.items()}
-
-
-def _pack_fields(raw: bytes) -> tuple[str, int, int]:
-    name, size, count = PACK_REC.unpack(raw)
-    return name.hex(), size, count
 
 
 # -- phase 1: plan -----------------------------------------------------------------------------
@@ -185,7 +177,7 @@ def _plan(repo: Repository, cache: MapCache, report: SharedGcReport) -> PlanOp |
     listed = _Listed.read(repo)
     try:
         entry = repo.commit_journal(lambda _seq: [_plan_op(repo, cache, listed)])
-    except _Nothing:
+    except NothingToCommit:
         return None
     op = entry.ops[0]
     assert isinstance(op, PlanOp)
@@ -214,7 +206,7 @@ def _plan_op(repo: Repository, cache: MapCache, listed: _Listed) -> PlanOp:
                      | {point_object(i) for i in listed.points if i not in mark.catalogued}
                      - taken)
     if not (len(refs) or dead_packs or maps or objects):
-        raise _Nothing()
+        raise NothingToCommit()
     return PlanOp(new_plan_id(), iso(now()), refs.astype(np.uint64), dead_packs, maps, objects)
 
 
@@ -387,7 +379,7 @@ def _dry_run(repo: Repository, cache: MapCache, report: SharedGcReport,
     listed = _Listed.read(repo)
     try:
         op = _plan_op(repo, cache, listed)
-    except _Nothing:
+    except NothingToCommit:
         op = None
     if op is not None:
         report.candidates = len(op.refs)

@@ -151,6 +151,15 @@ class Entry:
                    socket.gethostname(), os.getpid())
 
 
+class NothingToCommit(Exception):
+    """Raised by an `append` builder that finds, caught up, that there is nothing to commit;
+    `result` is what the committing caller reports instead."""
+
+    def __init__(self, result: object = None) -> None:
+        super().__init__()
+        self.result = result
+
+
 def new_plan_id() -> str:
     return os.urandom(8).hex()
 

@@ -36,7 +36,8 @@ from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
 from .checkpoint import catch_up
 from .index import Index, MapMissing, ParentGone
-from .journal import Entry, ForgetOp, Op, PackOp, PointOp, RefsOp, append
+from .journal import (Entry, ForgetOp, NothingToCommit, Op, PackOp, PointOp, RefsOp,
+                      append)
 from .leases import SharedLock, lease_seconds, with_leases, with_vm_lease
 from .locks import EXCLUSIVE, RepoLock, is_stale, list_locks
 from .packs import FinishedPack, PackWriter, pack_object, read_trailer
@@ -339,16 +340,16 @@ class Repository:
             return self.index.remove_if_childless(point_id)
         try:
             self.commit_journal(partial(self._forget_ops, point_id))
-        except _NothingToDo as done:
+        except NothingToCommit as done:
             return done.result
         return True
 
     def _forget_ops(self, point_id: str, _seq: int) -> list[Op]:
         records = self.index.points_records()
         if not any(r["id"] == point_id for r in records):
-            raise _NothingToDo(True)
+            raise NothingToCommit(True)
         if any(d.get("parent") == point_id for r in records for d in r["disks"]):
-            raise _NothingToDo(False)
+            raise NothingToCommit(False)
         return [ForgetOp(point_id)]
 
     def rewrite_point(self, point: PointRecord, **changes: object) -> PointRecord:
@@ -544,14 +545,6 @@ class _Written:
     """The commit sequence a point's manifest was last written with (0: not yet)."""
 
     seq: int = 0
-
-
-class _NothingToDo(Exception):
-    """A journal commit found, caught up, that it has nothing to commit."""
-
-    def __init__(self, result: bool) -> None:
-        super().__init__()
-        self.result = result
 
 
 def _claim_cache(index_dir: Path, repo_id: str, location: str) -> None:
