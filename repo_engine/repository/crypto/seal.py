@@ -1,0 +1,192 @@
+"""Sealing: one object, or the parts of one pack, under the data key of an epoch.
+
+A sealed object (a block map, a point manifest, a journal entry, a checkpoint, the keyring):
+
+| offset | size   | field                                                   |
+|--------|--------|---------------------------------------------------------|
+| 0      | 4      | epoch u32 LE: whose data key (0: the keyring key K_ring) |
+| 4      | 32     | salt: random, new for every object sealed               |
+| 36     | N + 16 | AES-256-GCM(object key, nonce 0, associated data) of the N plaintext bytes, tag last |
+
+object key = HKDF(data key of the epoch, salt, kind) and the associated data binds the kind, the
+name and the epoch (cipher.py): the same ciphertext under another name, of another kind, or with
+its epoch or salt changed fails authentication.
+
+A pack seals many parts under one object key: its header carries the same 36 bytes (epoch, salt;
+the key derived with kind "pack"), and each part is AES-256-GCM(object key, nonce = the part's
+byte position in the pack, associated data = (part kind, name, epoch)) with the tag last. A chunk
+is the part of kind "chunk" named by its chunk id, the pack's table of contents the part of kind
+"trailer" with an empty name; positions strictly increase as a pack is written, so no nonce is
+used twice under a pack's key, and a reader who knows where a chunk is (the index stores its pack
+and offset) knows its nonce.
+
+The null sealers of an unencrypted repository have the same interface and pass bytes through
+unchanged with an empty header, so that code above never asks whether a repository is encrypted.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ...errors import FormatError, TamperedError
+from .cipher import SALT_SIZE, TAG_SIZE, associated_data, nonce, object_cipher
+
+HEADER = struct.Struct("<I32s")
+assert HEADER.size == 4 + SALT_SIZE == 36
+OVERHEAD = HEADER.size + TAG_SIZE
+RING_EPOCH = 0  # the keyring is sealed under K_ring as "epoch 0"; data epochs start at 1
+
+Random = Callable[[int], bytes]
+
+
+class UnknownEpoch(TamperedError):
+    """A sealed object names a key epoch the keyring does not hold (exit code 3). A caller whose
+    keyring may be older than the object (another host rotated) reloads the keyring and retries
+    once before reporting it."""
+
+
+class PackSealer(Protocol):
+    header: bytes  # written after the pack's own header; b"" when unencrypted
+
+    def seal(self, position: int, kind: str, name: bytes, data: bytes) -> bytes: ...
+
+    def open(self, position: int, kind: str, name: bytes, sealed: bytes, what: str) -> bytes: ...
+
+
+class Sealer(Protocol):
+    encrypted: bool  # for the format's flag field only
+    overhead: int  # bytes a sealed object adds to its plaintext
+    part_overhead: int  # bytes a sealed pack part adds to its plaintext
+
+    def seal(self, kind: str, name: bytes, plaintext: bytes) -> bytes: ...
+
+    def open(self, kind: str, name: bytes, sealed: bytes, what: str) -> bytes: ...
+
+    def pack_sealer(self) -> PackSealer: ...
+
+    def pack_opener(self, header: bytes, what: str) -> PackSealer: ...
+
+
+def _tampered(what: str, kind: str, why: str) -> TamperedError:
+    return TamperedError(f"{what}: sealed {kind} {why}; it was damaged or tampered with "
+                         "(run 'repo-engine scrub' to find what else is)")
+
+
+class ObjectSealer:
+    """Seals new objects under the current epoch's data key; opens those of any epoch held."""
+
+    encrypted = True
+    overhead = OVERHEAD
+    part_overhead = TAG_SIZE
+
+    def __init__(self, keys: Mapping[int, bytes], current: int, random: Random = os.urandom):
+        assert current in keys
+        self._keys = dict(keys)
+        self._current = current
+        self._random = random
+
+    def seal(self, kind: str, name: bytes, plaintext: bytes) -> bytes:
+        salt = self._random(SALT_SIZE)
+        cipher = object_cipher(self._keys[self._current], salt, kind)
+        return (HEADER.pack(self._current, salt)
+                + cipher.encrypt(nonce(0), plaintext, associated_data(kind, name, self._current)))
+
+    def open(self, kind: str, name: bytes, sealed: bytes, what: str) -> bytes:
+        if len(sealed) < OVERHEAD:
+            raise _tampered(what, kind, f"is truncated ({len(sealed)} bytes, the least is "
+                                        f"{OVERHEAD})")
+        epoch, salt = HEADER.unpack_from(sealed)
+        cipher = object_cipher(self._key(epoch, kind, what), salt, kind)
+        try:
+            return cipher.decrypt(nonce(0), sealed[HEADER.size:],
+                                  associated_data(kind, name, epoch))
+        except InvalidTag:
+            raise _tampered(what, kind, "fails authentication (its bytes were changed, cut, "
+                                        "or moved from another name)") from None
+
+    def pack_sealer(self) -> PackSealer:
+        return self._pack(self._current, self._random(SALT_SIZE), "new pack")
+
+    def pack_opener(self, header: bytes, what: str) -> PackSealer:
+        if len(header) != HEADER.size:
+            raise _tampered(what, "pack", f"has a {len(header)}-byte key header "
+                                          f"({HEADER.size} expected)")
+        epoch, salt = HEADER.unpack(header)
+        return self._pack(epoch, salt, what)
+
+    def _pack(self, epoch: int, salt: bytes, what: str) -> PackSealer:
+        return _EncryptedPack(object_cipher(self._key(epoch, "pack", what), salt, "pack"),
+                              epoch, HEADER.pack(epoch, salt))
+
+    def _key(self, epoch: int, kind: str, what: str) -> bytes:
+        key = self._keys.get(epoch)
+        if key is None:
+            held = ", ".join(str(e) for e in sorted(self._keys))
+            raise UnknownEpoch(f"{what}: sealed {kind} names key epoch {epoch}, which the keyring "
+                               f"does not hold (it holds {held}); it was tampered with, or "
+                               "sealed under a newer keyring than the one read")
+        return key
+
+
+class _EncryptedPack:
+    def __init__(self, cipher: AESGCM, epoch: int, header: bytes) -> None:
+        self._cipher = cipher
+        self._epoch = epoch
+        self.header = header
+        self._last = -1
+
+    def seal(self, position: int, kind: str, name: bytes, data: bytes) -> bytes:
+        # the position is the nonce: a repeated or earlier one would reuse a nonce under this key
+        if position <= self._last:
+            raise ValueError(f"pack part sealed at {position}, not after {self._last}")
+        self._last = position
+        return self._cipher.encrypt(nonce(position), data,
+                                    associated_data(kind, name, self._epoch))
+
+    def open(self, position: int, kind: str, name: bytes, sealed: bytes, what: str) -> bytes:
+        try:
+            return self._cipher.decrypt(nonce(position), sealed,
+                                        associated_data(kind, name, self._epoch))
+        except InvalidTag:
+            raise _tampered(f"{what} at offset {position}", kind,
+                            "fails authentication (its bytes were changed, cut, or moved from "
+                            "another place or chunk id)") from None
+
+
+class NullSealer:
+    """The sealer of an unencrypted repository: bytes pass through unchanged."""
+
+    encrypted = False
+    overhead = 0
+    part_overhead = 0
+
+    def seal(self, kind: str, name: bytes, plaintext: bytes) -> bytes:
+        return bytes(plaintext)
+
+    def open(self, kind: str, name: bytes, sealed: bytes, what: str) -> bytes:
+        return sealed
+
+    def pack_sealer(self) -> PackSealer:
+        return _NullPack()
+
+    def pack_opener(self, header: bytes, what: str) -> PackSealer:
+        if header:
+            raise FormatError(f"{what}: the pack is encrypted but the repository was opened "
+                              "without its keys")
+        return _NullPack()
+
+
+class _NullPack:
+    header = b""
+
+    def seal(self, position: int, kind: str, name: bytes, data: bytes) -> bytes:
+        return bytes(data)
+
+    def open(self, position: int, kind: str, name: bytes, sealed: bytes, what: str) -> bytes:
+        return sealed
