@@ -2,11 +2,12 @@
 
 A sealed object (a block map, a point manifest, a journal entry, a checkpoint, the keyring):
 
-| offset | size   | field                                                   |
-|--------|--------|---------------------------------------------------------|
-| 0      | 4      | epoch u32 LE: whose data key (0: the keyring key K_ring) |
-| 4      | 32     | salt: random, new for every object sealed               |
-| 36     | N + 16 | AES-256-GCM(object key, nonce 0, associated data) of the N plaintext bytes, tag last |
+| offset | size   | field                                                             |
+|--------|--------|-------------------------------------------------------------------|
+| 0      | 4      | epoch u32 LE: whose data key (0: the keyring key K_ring)          |
+| 4      | 32     | salt: random, new for every object sealed                         |
+| 36     | N + 16 | AES-256-GCM(object key, nonce 0, associated data) of the N bytes, |
+|        |        | the tag last                                                      |
 
 object key = HKDF(data key of the epoch, salt, kind) and the associated data binds the kind, the
 name and the epoch (cipher.py): the same ciphertext under another name, of another kind, or with
