@@ -204,3 +204,14 @@ def test_null_sealer_refuses_an_encrypted_pack():
     with pytest.raises(FormatError, match="^p: the pack is encrypted but the repository was "
                                           "opened without its keys"):
         NullSealer().pack_opener(header, "p")
+
+
+def test_a_cleartext_object_in_an_encrypted_repository_is_refused():
+    """A reader holding keys never takes an object's word that it is unencrypted: a cleartext
+    map or pack written by whoever can write the store is tampering, not a format."""
+    sealer = ObjectSealer({1: KEY_A}, 1)
+    for forged in (b"", b"x" * 35, NullSealer().seal("map", b"m", b"\x01" * 200)):
+        with pytest.raises(TamperedError, match="^maps/m: sealed map (is truncated|fails auth|names key epoch)"):
+            sealer.open("map", b"m", forged, "maps/m")
+    with pytest.raises(TamperedError, match="^p: sealed pack has a 0-byte key header"):
+        sealer.pack_opener(NullSealer().pack_sealer().header, "p")
