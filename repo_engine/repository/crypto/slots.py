@@ -44,7 +44,7 @@ from ...errors import FormatError, TamperedError
 from ..envelope import seal as envelope_seal
 from ..envelope import unseal as envelope_unseal
 from ..formats import FileFormat
-from .cipher import KEY_SIZE, SALT_SIZE, derive, nonce
+from .cipher import KEY_SIZE, SALT_SIZE, TAG_SIZE, derive, nonce
 from .seal import Random
 
 SLOT = FileFormat("key slot", b"REslt\x00\x01\x1a", 1)
@@ -53,8 +53,8 @@ SLOT_AD = b"repo-engine slot v1\x00"
 RECOVERY_INFO = b"repo-engine recovery slot v1"
 MAX_LABEL = 200
 MAX_MEMORY = 1 << 30  # bytes scrypt may take: 128 * n * r
-MAX_WORK = 1 << 24  # n * r * p: about 16 times the default's, some seconds here
-WRAPPED_SIZE = KEY_SIZE + 16
+MAX_WORK = 1 << 24  # n * r * p: ten times DEFAULT_SCRYPT's, about 5 s here
+WRAPPED_SIZE = KEY_SIZE + TAG_SIZE
 _ID = re.compile(r"[0-9a-f]{16}")
 
 
