@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What sealing costs on this machine: the AEADs next to the hashing and compressing a backup does.
 
-    python3 bench/crypto.py [--data FILE] [--mib 64] [--rounds 3] [--scrypt 14:8:1,15:8:1,...]
+    python3 bench/crypto.py [--data FILE] [--mib 64] [--rounds 3] [--scrypt 14:8:1,16:8:1,...]
 
 Prints, for messages of 64 KiB (one block) and 4 MiB, the single-core throughput (MB/s of CPU
 time, so that other processes sharing the cores do not count; wall MB/s beside it) of
@@ -11,8 +11,9 @@ time, so that other processes sharing the cores do not count; wall MB/s beside i
   BLAKE3 (keyed, as chunk ids are)                  the `blake3` package, one thread
   zstd level 1                                      compress (`zstandard`), the backup's codec
 
-all over the same bytes: `--data FILE` (the first --mib MiB of it, e.g. a workload image), or by
-default real files of this machine (/usr/lib, /usr/share, as bench/workload.py fills its disk).
+all over the same bytes: `--data FILE` (the first --mib MiB of its non-zero 64 KiB blocks, e.g. of
+a workload image: what a backup of it stores), or by default real files of this machine
+(/usr/lib, /usr/share, as bench/workload.py fills its disk).
 Then HKDF-SHA256 derivations per second (one per sealed object: derive the object key and build
 its cipher), and the time and memory of scrypt for each `--scrypt log2(n):r:p`. Each figure is
 the best of --rounds rounds.
@@ -36,7 +37,7 @@ MIB = 1 << 20
 SIZES = {"64 KiB": 64 << 10, "4 MiB": 4 << 20}
 AEADS = {"AES-256-GCM": AESGCM, "AES-256-GCM-SIV": AESGCMSIV,
          "ChaCha20-Poly1305": ChaCha20Poly1305}
-DEFAULT_SCRYPT = "14:8:1,15:8:1,16:8:1,17:8:1,18:8:1"
+DEFAULT_SCRYPT = "14:8:1,16:8:1,17:8:1,17:12:1,18:8:1"
 
 
 def machine_files(roots: tuple[str, ...] = ("/usr/lib", "/usr/share")) -> Iterator[Path]:
@@ -48,11 +49,20 @@ def machine_files(roots: tuple[str, ...] = ("/usr/lib", "/usr/share")) -> Iterat
                     yield path
 
 
+def nonzero_blocks(path: str, size: int, block: int = 64 << 10) -> bytes:
+    """The first `size` bytes of the non-zero blocks of `path`: what a backup stores of it."""
+    parts, zero = [], bytes(block)
+    with open(path, "rb") as f:
+        while len(parts) * block < size and (data := f.read(block)):
+            if data != zero[:len(data)]:
+                parts.append(data)
+    return b"".join(parts)[:size]
+
+
 def load_data(path: str | None, size: int) -> bytes:
-    """`size` bytes of `path`, or of this machine's files laid end to end."""
+    """`size` bytes of the non-zero blocks of `path`, or of this machine's files end to end."""
     if path:
-        with open(path, "rb") as f:
-            return f.read(size)
+        return nonzero_blocks(path, size)
     parts, have = [], 0
     for file in machine_files():
         try:
