@@ -117,7 +117,7 @@ def test_an_epoch_rewritten_in_the_header_is_refused():
 
 def pack_parts(sealer, ids=(b"\x01" * 32, b"\x02" * 32)):
     """Seal two chunks and a trailer as a pack writer would: positions after a 16-byte header."""
-    pack = sealer.pack_sealer()
+    pack = sealer.parts("pack")
     position, parts = 16 + len(pack.header), []
     for chunk_id in ids:
         part = pack.seal(position, "chunk", chunk_id, b"blob of " + chunk_id[:1])
@@ -144,7 +144,7 @@ def test_pack_golden():
 def test_pack_parts_round_trip_and_refuse_every_change():
     sealer = ObjectSealer({1: KEY_A}, 1)
     header, parts, (trailer_at, trailer) = pack_parts(sealer)
-    reader = sealer.pack_opener(header, "packs/ab/cd.pack")
+    reader = sealer.parts_opener("pack", header, "packs/ab/cd.pack")
     (p1, id1, c1), (p2, id2, c2) = parts
     assert reader.open(p1, "chunk", id1, c1, "packs/ab/cd.pack") == b"blob of \x01"
     assert reader.open(trailer_at, "trailer", b"", trailer, "t") == b"table of contents"
@@ -164,19 +164,19 @@ def test_a_chunk_moved_to_another_pack_or_header_is_refused():
     other_header, _, _ = pack_parts(sealer)
     position, chunk_id, part = parts[0]
     with pytest.raises(TamperedError, match="fails authentication"):
-        sealer.pack_opener(other_header, "p2").open(position, "chunk", chunk_id, part, "p2")
+        sealer.parts_opener("pack", other_header, "p2").open(position, "chunk", chunk_id, part, "p2")
     for _bit, damaged in flips(header[4:]):  # the salt: another key
         with pytest.raises(TamperedError):
-            sealer.pack_opener(header[:4] + damaged, "p").open(position, "chunk", chunk_id,
+            sealer.parts_opener("pack", header[:4] + damaged, "p").open(position, "chunk", chunk_id,
                                                                part, "p")
     with pytest.raises(UnknownEpoch, match="^p: sealed pack names key epoch 9"):
-        sealer.pack_opener((9).to_bytes(4, "little") + header[4:], "p")
+        sealer.parts_opener("pack", (9).to_bytes(4, "little") + header[4:], "p")
     with pytest.raises(TamperedError, match="35-byte key header"):
-        sealer.pack_opener(header[:-1], "p")
+        sealer.parts_opener("pack", header[:-1], "p")
 
 
 def test_a_pack_never_seals_two_parts_at_one_position():
-    pack = ObjectSealer({1: KEY_A}, 1).pack_sealer()
+    pack = ObjectSealer({1: KEY_A}, 1).parts("pack")
     pack.seal(16, "chunk", bytes(32), b"a")
     for position in (16, 15):  # the position is the nonce: reuse is refused, not done
         with pytest.raises(ValueError, match="not after 16"):
@@ -192,7 +192,7 @@ def test_callers_never_branch_on_encryption(sealer):
     assert len(sealed) == 5 + sealer.overhead
     assert sealer.open("checkpoint", b"7", sealed, "c") == b"state"
     header, parts, (trailer_at, trailer) = pack_parts(sealer)
-    reader = sealer.pack_opener(header, "p")
+    reader = sealer.parts_opener("pack", header, "p")
     for position, chunk_id, part in parts:
         assert len(part) == 9 + sealer.part_overhead
         assert reader.open(position, "chunk", chunk_id, part, "p") == b"blob of " + chunk_id[:1]
@@ -203,7 +203,7 @@ def test_null_sealer_refuses_an_encrypted_pack():
     header, _, _ = pack_parts(ObjectSealer({1: KEY_A}, 1))
     with pytest.raises(FormatError, match="^p: the pack is encrypted but the repository was "
                                           "opened without its keys"):
-        NullSealer().pack_opener(header, "p")
+        NullSealer().parts_opener("pack", header, "p")
 
 
 def test_a_cleartext_object_in_an_encrypted_repository_is_refused():
@@ -214,4 +214,14 @@ def test_a_cleartext_object_in_an_encrypted_repository_is_refused():
         with pytest.raises(TamperedError, match="^maps/m: sealed map (is truncated|fails auth|names key epoch)"):
             sealer.open("map", b"m", forged, "maps/m")
     with pytest.raises(TamperedError, match="^p: sealed pack has a 0-byte key header"):
-        sealer.pack_opener(NullSealer().pack_sealer().header, "p")
+        sealer.parts_opener("pack", NullSealer().parts("pack").header, "p")
+
+
+def test_parts_of_one_kind_of_object_do_not_open_as_another():
+    sealer = ObjectSealer({1: KEY_A}, 1)
+    stream = sealer.parts("checkpoint")
+    part = stream.seal(16 + 36, "checkpoint", b"", b"records")
+    assert sealer.parts_opener("checkpoint", stream.header, "c").open(
+        52, "checkpoint", b"", part, "c") == b"records"
+    with pytest.raises(TamperedError, match="^c at offset 52: sealed checkpoint fails auth"):
+        sealer.parts_opener("pack", stream.header, "c").open(52, "checkpoint", b"", part, "c")

@@ -1,4 +1,5 @@
-"""Sealing: one object, or the parts of one pack, under the data key of an epoch.
+"""Sealing: one object, or the parts of one streamed object (a pack, a checkpoint), under the
+data key of an epoch.
 
 A sealed object (a block map, a point manifest, a journal entry, a checkpoint, the keyring):
 
@@ -13,13 +14,14 @@ object key = HKDF(data key of the epoch, salt, kind) and the associated data bin
 name and the epoch (cipher.py): the same ciphertext under another name, of another kind, or with
 its epoch or salt changed fails authentication.
 
-A pack seals many parts under one object key: its header carries the same 36 bytes (epoch, salt;
-the key derived with kind "pack"), and each part is AES-256-GCM(object key, nonce = the part's
-byte position in the pack, associated data = (part kind, name, epoch)) with the tag last. A chunk
-is the part of kind "chunk" named by its chunk id, the pack's table of contents the part of kind
-"trailer" with an empty name; positions strictly increase as a pack is written, so no nonce is
-used twice under a pack's key, and a reader who knows where a chunk is (the index stores its pack
-and offset) knows its nonce.
+An object written as a stream of parts (a pack, a checkpoint) seals them under one object key:
+its header carries the same 36 bytes (epoch, salt; the key derived with the object's kind), and
+each part is AES-256-GCM(object key, nonce = the part's byte position in the object, associated
+data = (part kind, name, epoch)) with the tag last. In a pack, a chunk is the part of kind
+"chunk" named by its chunk id, the table of contents the part of kind "trailer" with an empty
+name. Positions strictly increase as an object is written, so no nonce is used twice under its
+key, and a reader who knows where a part is (the index stores a chunk's pack and offset) knows
+its nonce; a part moved to another place, chunk id or object fails authentication.
 
 The null sealers of an unencrypted repository have the same interface and pass bytes through
 unchanged with an empty header, so that code above never asks whether a repository is encrypted.
@@ -52,8 +54,8 @@ class UnknownEpoch(TamperedError):
     once before reporting it."""
 
 
-class PackSealer(Protocol):
-    header: bytes  # written after the pack's own header; b"" when unencrypted
+class PartSealer(Protocol):
+    header: bytes  # written after the object's own header; b"" when unencrypted
 
     def seal(self, position: int, kind: str, name: bytes, data: bytes) -> bytes: ...
 
@@ -69,9 +71,9 @@ class Sealer(Protocol):
 
     def open(self, kind: str, name: bytes, sealed: bytes, what: str) -> bytes: ...
 
-    def pack_sealer(self) -> PackSealer: ...
+    def parts(self, kind: str) -> PartSealer: ...
 
-    def pack_opener(self, header: bytes, what: str) -> PackSealer: ...
+    def parts_opener(self, kind: str, header: bytes, what: str) -> PartSealer: ...
 
 
 def _tampered(what: str, kind: str, why: str) -> TamperedError:
@@ -111,19 +113,19 @@ class ObjectSealer:
             raise _tampered(what, kind, "fails authentication (its bytes were changed, cut, "
                                         "or moved from another name)") from None
 
-    def pack_sealer(self) -> PackSealer:
-        return self._pack(self._current, self._random(SALT_SIZE), "new pack")
+    def parts(self, kind: str) -> PartSealer:
+        return self._parts(kind, self._current, self._random(SALT_SIZE), f"new {kind}")
 
-    def pack_opener(self, header: bytes, what: str) -> PackSealer:
+    def parts_opener(self, kind: str, header: bytes, what: str) -> PartSealer:
         if len(header) != HEADER.size:
-            raise _tampered(what, "pack", f"has a {len(header)}-byte key header "
-                                          f"({HEADER.size} expected)")
+            raise _tampered(what, kind, f"has a {len(header)}-byte key header "
+                                        f"({HEADER.size} expected)")
         epoch, salt = HEADER.unpack(header)
-        return self._pack(epoch, salt, what)
+        return self._parts(kind, epoch, salt, what)
 
-    def _pack(self, epoch: int, salt: bytes, what: str) -> PackSealer:
-        return _EncryptedPack(object_cipher(self._key(epoch, "pack", what), salt, "pack"),
-                              epoch, HEADER.pack(epoch, salt))
+    def _parts(self, kind: str, epoch: int, salt: bytes, what: str) -> PartSealer:
+        return _EncryptedParts(object_cipher(self._key(epoch, kind, what), salt, kind),
+                               epoch, HEADER.pack(epoch, salt))
 
     def _key(self, epoch: int, kind: str, what: str) -> bytes:
         key = self._keys.get(epoch)
@@ -135,7 +137,7 @@ class ObjectSealer:
         return key
 
 
-class _EncryptedPack:
+class _EncryptedParts:
     def __init__(self, cipher: AESGCM, epoch: int, header: bytes) -> None:
         self._cipher = cipher
         self._epoch = epoch
@@ -145,7 +147,7 @@ class _EncryptedPack:
     def seal(self, position: int, kind: str, name: bytes, data: bytes) -> bytes:
         # the position is the nonce: a repeated or earlier one would reuse a nonce under this key
         if position <= self._last:
-            raise ValueError(f"pack part sealed at {position}, not after {self._last}")
+            raise ValueError(f"part sealed at {position}, not after {self._last}")
         self._last = position
         return self._cipher.encrypt(nonce(position), data,
                                     associated_data(kind, name, self._epoch))
@@ -173,17 +175,17 @@ class NullSealer:
     def open(self, kind: str, name: bytes, sealed: bytes, what: str) -> bytes:
         return sealed
 
-    def pack_sealer(self) -> PackSealer:
-        return _NullPack()
+    def parts(self, kind: str) -> PartSealer:
+        return _NullParts()
 
-    def pack_opener(self, header: bytes, what: str) -> PackSealer:
+    def parts_opener(self, kind: str, header: bytes, what: str) -> PartSealer:
         if header:
-            raise FormatError(f"{what}: the pack is encrypted but the repository was opened "
+            raise FormatError(f"{what}: the {kind} is encrypted but the repository was opened "
                               "without its keys")
-        return _NullPack()
+        return _NullParts()
 
 
-class _NullPack:
+class _NullParts:
     header = b""
 
     def seal(self, position: int, kind: str, name: bytes, data: bytes) -> bytes:
