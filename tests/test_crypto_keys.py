@@ -96,7 +96,7 @@ def test_keyring_golden():
     assert record[:8] == b"REkrg\x00\x01\x1a"
     sealed = record[24:-32]
     assert sealed[:36] == bytes(4) + salt  # epoch 0: sealed with K_ring
-    ad = b"\x07keyring" + b"\x08\x00" + (2).to_bytes(8, "little") + bytes(4)
+    ad = b"\x07keyring" + b"\x08\x00" + (2).to_bytes(8, "little") + bytes(4) + b"\x01"
     plaintext = object_key(RING, salt, b"keyring").decrypt(bytes(12), sealed[36:], ad)
     assert plaintext == canonical({"chunk_key": "01" * 32, "current": 2, "generation": 2,
                                    "epochs": {"1": "02" * 32, "2": "03" * 32}})

@@ -60,10 +60,38 @@ def test_sealed_object_golden():
     sealed = sealer.seal("map", b"name", b"plaintext")
     assert sealed[:4] == (3).to_bytes(4, "little") and sealed[4:36] == SALT
     ad = b"\x03map" + b"\x04\x00name" + b"\x03\x00\x00\x00"
-    assert sealed[36:] == object_key(KEY_A, SALT, b"map").encrypt(bytes(12), b"plaintext", ad)
-    assert len(sealed) == 36 + 9 + 16 == sealer.overhead + 9
-    assert sealed[36:].hex() == "ce0914c4a8de4109cc15402080e46cda42cde397a49a9b2f91"
+    last = b"\x01"  # one segment: the last
+    assert sealed[36:] == object_key(KEY_A, SALT, b"map").encrypt(bytes(12), b"plaintext",
+                                                                   ad + last)
+    assert len(sealed) == 36 + 9 + 16 == sealer.sealed_size(9)
+    assert sealed[36:].hex() == "ce0914c4a8de4109cc2db39b823c8668ce119216e3648a9ece"
     assert sealer.open("map", b"name", sealed, "maps/x") == b"plaintext"
+
+
+def test_segmented_object_golden():
+    sealer = ObjectSealer({1: KEY_A}, 1, random=fixed(SALT), segment=4)
+    sealed = sealer.seal("point", b"p", b"abcdefghij")
+    key, ad = object_key(KEY_A, SALT, b"point"), associated_data("point", b"p", 1)
+    assert sealed[36:] == (key.encrypt((0).to_bytes(12, "little"), b"abcd", ad + b"\x00")
+                           + key.encrypt((1).to_bytes(12, "little"), b"efgh", ad + b"\x00")
+                           + key.encrypt((2).to_bytes(12, "little"), b"ij", ad + b"\x01"))
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 16, 17, 40])
+def test_segments_round_trip_and_refuse_reordering_dropping_and_adding(size):
+    sealer = ObjectSealer({1: KEY_A}, 1, segment=8)
+    plaintext = bytes(range(size))
+    sealed = sealer.seal("journal", b"j", plaintext)
+    assert len(sealed) == sealer.sealed_size(size)
+    assert sealer.open("journal", b"j", sealed, "j") == plaintext
+    head, body, step = sealed[:36], sealed[36:], 8 + 16
+    pieces = [body[i:i + step] for i in range(0, len(body), step)]
+    forged = [pieces[:-1], pieces + [pieces[-1]], pieces[::-1], pieces + pieces[:1]]
+    forged += [pieces[:i] + pieces[i + 1:] for i in range(len(pieces))]
+    for parts in forged:
+        if parts != pieces:
+            with pytest.raises(TamperedError, match="^j: sealed journal (fails auth|is trunc)"):
+                sealer.open("journal", b"j", head + b"".join(parts), "j")
 
 
 def test_every_bit_flip_of_a_sealed_object_is_refused_naming_it():
@@ -187,9 +215,9 @@ def test_a_pack_never_seals_two_parts_at_one_position():
                          ids=["null", "aead"])
 def test_callers_never_branch_on_encryption(sealer):
     """The same caller code writes and reads through either sealer; the formats' sizes follow
-    from `overhead` and `part_overhead`."""
+    from `sealed_size` and `part_overhead`."""
     sealed = sealer.seal("checkpoint", b"7", b"state")
-    assert len(sealed) == 5 + sealer.overhead
+    assert len(sealed) == sealer.sealed_size(5)
     assert sealer.open("checkpoint", b"7", sealed, "c") == b"state"
     header, parts, (trailer_at, trailer) = pack_parts(sealer)
     reader = sealer.parts_opener("pack", header, "p")

@@ -7,12 +7,18 @@ A sealed object (a block map, a point manifest, a journal entry, a checkpoint, t
 |--------|--------|-------------------------------------------------------------------|
 | 0      | 4      | epoch u32 LE: whose data key (0: the keyring key K_ring)          |
 | 4      | 32     | salt: random, new for every object sealed                         |
-| 36     | N + 16 | AES-256-GCM(object key, nonce 0, associated data) of the N bytes, |
-|        |        | the tag last                                                      |
+| 36     | ...    | the N plaintext bytes in segments of SEGMENT bytes (the last one  |
+|        |        | shorter, or empty when N = 0), each sealed as SEGMENT + 16 bytes: |
+|        |        | AES-256-GCM(object key, nonce = segment number 0, 1, ..., AD)     |
+|        |        | with its tag last                                                 |
 
-object key = HKDF(data key of the epoch, salt, kind) and the associated data binds the kind, the
-name and the epoch (cipher.py): the same ciphertext under another name, of another kind, or with
-its epoch or salt changed fails authentication.
+object key = HKDF(data key of the epoch, salt, kind); AD = the associated data of the kind, the
+name and the epoch (cipher.py) followed by one byte, 1 for the last segment and 0 for the others.
+The same ciphertext under another name, of another kind, or with its epoch or salt changed fails
+authentication; so does a segment moved, dropped or added (a reader cuts the ciphertext into
+SEGMENT + 16-byte pieces, and whatever piece comes last must carry the last-segment byte).
+Segments keep each AEAD message under the 2 GiB `cryptography` accepts (a block map can be
+larger) and far under GCM's 64 GiB; most objects are one segment.
 
 An object written as a stream of parts (a pack, a checkpoint) seals them under one object key:
 its header carries the same 36 bytes (epoch, salt; the key derived with the object's kind), and
@@ -42,7 +48,8 @@ from .cipher import SALT_SIZE, TAG_SIZE, associated_data, nonce, object_cipher
 
 HEADER = struct.Struct("<I32s")
 assert HEADER.size == 4 + SALT_SIZE == 36
-OVERHEAD = HEADER.size + TAG_SIZE
+SEGMENT = 16 << 20
+LAST, NOT_LAST = b"\x01", b"\x00"
 RING_EPOCH = 0  # the keyring is sealed under K_ring as "epoch 0"; data epochs start at 1
 
 Random = Callable[[int], bytes]
@@ -64,8 +71,9 @@ class PartSealer(Protocol):
 
 class Sealer(Protocol):
     encrypted: bool  # for the format's flag field only
-    overhead: int  # bytes a sealed object adds to its plaintext
-    part_overhead: int  # bytes a sealed pack part adds to its plaintext
+    part_overhead: int  # bytes a sealed part adds to its plaintext
+
+    def sealed_size(self, size: int) -> int: ...
 
     def seal(self, kind: str, name: bytes, plaintext: bytes) -> bytes: ...
 
@@ -85,30 +93,45 @@ class ObjectSealer:
     """Seals new objects under the current epoch's data key; opens those of any epoch held."""
 
     encrypted = True
-    overhead = OVERHEAD
     part_overhead = TAG_SIZE
 
-    def __init__(self, keys: Mapping[int, bytes], current: int, random: Random = os.urandom):
-        assert current in keys
+    def __init__(self, keys: Mapping[int, bytes], current: int, random: Random = os.urandom,
+                 segment: int = SEGMENT) -> None:
+        assert current in keys and 0 < segment < 1 << 31
         self._keys = dict(keys)
         self._current = current
         self._random = random
+        self._segment = segment  # part of the format: tests pass a small one to reach edges
+
+    def sealed_size(self, size: int) -> int:
+        return HEADER.size + size + TAG_SIZE * max(1, -(-size // self._segment))
 
     def seal(self, kind: str, name: bytes, plaintext: bytes) -> bytes:
         salt = self._random(SALT_SIZE)
         cipher = object_cipher(self._keys[self._current], salt, kind)
-        return (HEADER.pack(self._current, salt)
-                + cipher.encrypt(nonce(0), plaintext, associated_data(kind, name, self._current)))
+        ad = associated_data(kind, name, self._current)
+        view, starts = memoryview(plaintext), range(0, max(len(plaintext), 1), self._segment)
+        out = [HEADER.pack(self._current, salt)]
+        for i, start in enumerate(starts):
+            out.append(cipher.encrypt(nonce(i), view[start:start + self._segment],
+                                      ad + (LAST if i == len(starts) - 1 else NOT_LAST)))
+        return b"".join(out)
 
     def open(self, kind: str, name: bytes, sealed: bytes, what: str) -> bytes:
-        if len(sealed) < OVERHEAD:
+        least = self.sealed_size(0)
+        if len(sealed) < least:
             raise _tampered(what, kind, f"is truncated ({len(sealed)} bytes, the least is "
-                                        f"{OVERHEAD})")
+                                        f"{least})")
         epoch, salt = HEADER.unpack_from(sealed)
         cipher = object_cipher(self._key(epoch, kind, what), salt, kind)
+        ad = associated_data(kind, name, epoch)
+        body, step = memoryview(sealed)[HEADER.size:], self._segment + TAG_SIZE
+        count = max(1, -(-len(body) // step))
         try:
-            return cipher.decrypt(nonce(0), sealed[HEADER.size:],
-                                  associated_data(kind, name, epoch))
+            return b"".join(
+                cipher.decrypt(nonce(i), body[i * step:(i + 1) * step],
+                               ad + (LAST if i == count - 1 else NOT_LAST))
+                for i in range(count))
         except InvalidTag:
             raise _tampered(what, kind, "fails authentication (its bytes were changed, cut, "
                                         "or moved from another name)") from None
@@ -166,8 +189,10 @@ class NullSealer:
     """The sealer of an unencrypted repository: bytes pass through unchanged."""
 
     encrypted = False
-    overhead = 0
     part_overhead = 0
+
+    def sealed_size(self, size: int) -> int:
+        return size
 
     def seal(self, kind: str, name: bytes, plaintext: bytes) -> bytes:
         return bytes(plaintext)
