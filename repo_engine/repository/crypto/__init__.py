@@ -10,8 +10,9 @@ Key hierarchy (every key 32 random bytes unless derived):
 - `cipher.py`: the primitives: AES-256-GCM, the object key derivation, nonces and the
   associated data that binds a ciphertext to its kind, name and epoch.
 - `seal.py`: sealing of one object (a map, a point, a journal entry, the keyring) and of the
-  chunks of one pack; the null sealers of an unencrypted repository have the same interface, so
-  that callers never ask whether a repository is encrypted.
+  parts of an object written as a stream (the chunks of a pack, the records of a checkpoint); the
+  null sealer of an unencrypted repository has the same interface, so that callers never ask
+  whether a repository is encrypted.
 - `keyring.py`: the keyring record (generation-named, sealed with K_ring) and rotation.
 - `slots.py`: the key slot record: passphrase slots (scrypt, bounded parameters) and recovery
   slots (an X25519 public key).
