@@ -47,4 +47,7 @@ VM_MARK = FileFormat("vsphere vm mark", b"REvmk\x00\x01\x1a", 1)
 LEASE = FileFormat("lease", b"RElse\x00\x01\x1a", 1)
 JOURNAL = FileFormat("journal entry", b"REjnl\x00\x01\x1a", 1)
 CHECKPOINT = FileFormat("journal checkpoint", b"REckp\x00\x01\x1a", 1)
+# the key records of an encrypted repository (repository/crypto/)
+SLOT = FileFormat("key slot", b"REslt\x00\x01\x1a", 1)
+KEYRING = FileFormat("keyring", b"REkrg\x00\x01\x1a", 1)
 INDEX_VERSION = 3  # 2: catalog records carry a check and a commit sequence; 3: sealed counts

@@ -30,11 +30,10 @@ from dataclasses import dataclass, field, replace
 from ...errors import FormatError
 from ..envelope import seal as envelope_seal
 from ..envelope import unseal as envelope_unseal
-from ..formats import FileFormat
+from ..formats import KEYRING
 from .cipher import KEY_SIZE
 from .seal import RING_EPOCH, ObjectSealer, Random
 
-KEYRING = FileFormat("keyring", b"REkrg\x00\x01\x1a", 1)
 KEYRING_PREFIX = "keys/keyring-"
 _GENERATION = struct.Struct("<Q")
 MAX_EPOCH = (1 << 32) - 1

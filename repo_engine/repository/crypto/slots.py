@@ -43,11 +43,10 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from ...errors import FormatError, TamperedError
 from ..envelope import seal as envelope_seal
 from ..envelope import unseal as envelope_unseal
-from ..formats import FileFormat
+from ..formats import SLOT
 from .cipher import KEY_SIZE, SALT_SIZE, TAG_SIZE, derive, nonce
 from .seal import Random
 
-SLOT = FileFormat("key slot", b"REslt\x00\x01\x1a", 1)
 PASSPHRASE, RECOVERY = "passphrase", "recovery"
 SLOT_AD = b"repo-engine slot v1\x00"
 RECOVERY_INFO = b"repo-engine recovery slot v1"
