@@ -34,6 +34,7 @@ from test_crypto_seal import Stream, fixed, flips, object_key
 SMALL = ScryptParams(log_n=4, r=1, p=1)
 NOW = datetime(2026, 11, 30, 2, 0, 0, tzinfo=timezone.utc)
 RING = b"\x42" * 32
+CFG = b"\x05" * 32  # a config digest
 
 
 def payload_of(record: bytes) -> dict:
@@ -90,7 +91,8 @@ def test_recovery_slot_golden():
 
 def test_keyring_golden():
     keyring = Keyring(generation=2, chunk_key=b"\x01" * 32, epochs={1: b"\x02" * 32,
-                                                                    2: b"\x03" * 32}, current=2)
+                                                                    2: b"\x03" * 32}, current=2,
+                      config_digest=CFG)
     salt = b"\x04" * 32
     record = encode_keyring(keyring, RING, random=fixed(salt))
     assert record[:8] == b"REkrg\x00\x01\x1a"
@@ -99,7 +101,8 @@ def test_keyring_golden():
     ad = b"\x07keyring" + b"\x08\x00" + (2).to_bytes(8, "little") + bytes(4) + b"\x01"
     plaintext = object_key(RING, salt, b"keyring").decrypt(bytes(12), sealed[36:], ad)
     assert plaintext == canonical({"chunk_key": "01" * 32, "current": 2, "generation": 2,
-                                   "epochs": {"1": "02" * 32, "2": "03" * 32}})
+                                   "epochs": {"1": "02" * 32, "2": "03" * 32},
+                                   "config": "05" * 32})
     assert decode_keyring(record, 2, RING, "k") == keyring
 
 
@@ -116,7 +119,7 @@ def test_every_bit_flip_of_a_slot_record_is_refused_naming_it():
 
 
 def test_every_bit_flip_of_a_keyring_record_is_refused_naming_it():
-    record = encode_keyring(new_keyring(Stream()), RING)
+    record = encode_keyring(new_keyring(CFG, Stream()), RING)
     for bit, damaged in flips(record):
         with pytest.raises((DamageError, FormatError), match="^keys/keyring-1: ") as err:
             decode_keyring(damaged, 1, RING, "keys/keyring-1")
@@ -125,7 +128,7 @@ def test_every_bit_flip_of_a_keyring_record_is_refused_naming_it():
 
 def test_a_resealed_keyring_record_is_refused_by_authentication():
     """An attacker can recompute the checksum, never the tag; nor move a generation."""
-    record = encode_keyring(new_keyring(Stream()), RING)
+    record = encode_keyring(new_keyring(CFG, Stream()), RING)
     sealed = bytearray(record[24:-32])
     sealed[40] ^= 1
     with pytest.raises(TamperedError, match="^k: sealed keyring fails authentication"):
@@ -189,7 +192,7 @@ def test_a_malformed_slot_is_refused(changes, error, message):
 
 
 def test_wrong_passphrase_names_the_slots_tried_newest_first():
-    made = create(b"first", SMALL, label="laptop", now=NOW, random=Stream(b"a"))
+    made = create(b"first", SMALL, label="laptop", now=NOW, config_digest=CFG, random=Stream(b"a"))
     later = passphrase_slot(made.ring_key, b"second", SMALL, label="", now=NOW.replace(hour=3),
                             random=Stream(b"b"))
     recovery = export_recovery(made.ring_key, label="vault", now=NOW, random=Stream(b"c"))[1]
@@ -210,7 +213,7 @@ def test_wrong_passphrase_names_the_slots_tried_newest_first():
 
 
 def test_removing_the_last_slot_or_the_last_passphrase_slot_is_refused():
-    made = create(b"pw", SMALL, label="", now=NOW, random=Stream(b"a"))
+    made = create(b"pw", SMALL, label="", now=NOW, config_digest=CFG, random=Stream(b"a"))
     only = [made.slot]
     with pytest.raises(SlotRefused, match=f"key slot {made.slot.id} is the repository's last "
                                           "slot: removing it would lock"):
@@ -228,7 +231,7 @@ def test_removing_the_last_slot_or_the_last_passphrase_slot_is_refused():
 
 
 def test_change_passphrase_makes_a_new_slot_and_names_the_old_one():
-    made = create(b"old", SMALL, label="ops", now=NOW, random=Stream(b"a"))
+    made = create(b"old", SMALL, label="ops", now=NOW, config_digest=CFG, random=Stream(b"a"))
     new, old = change_passphrase([made.slot], b"old", b"new", SMALL, now=NOW,
                                  random=Stream(b"b"))
     assert old == made.slot and new.id != old.id and new.label == "ops"
@@ -240,7 +243,7 @@ def test_change_passphrase_makes_a_new_slot_and_names_the_old_one():
 
 
 def test_rotation_keeps_old_epochs_readable_and_seals_new_data_with_the_new_epoch():
-    keyring = new_keyring(Stream(b"k"))
+    keyring = new_keyring(CFG, Stream(b"k"))
     before = keyring.sealer().seal("map", b"m", b"old")
     rotated = keyring.rotated(Stream(b"r"))
     assert (rotated.generation, rotated.current, sorted(rotated.epochs)) == (2, 2, [1, 2])
@@ -260,7 +263,7 @@ def pem_of(private_key) -> bytes:
 
 
 def test_recovery_with_the_private_key_and_refusal_of_any_other():
-    made = create(b"pw", SMALL, label="", now=NOW, random=Stream(b"a"))
+    made = create(b"pw", SMALL, label="", now=NOW, config_digest=CFG, random=Stream(b"a"))
     pem, slot = export_recovery(made.ring_key, label="vault", now=NOW, random=Stream(b"b"))
     assert pem.startswith(b"-----BEGIN PRIVATE KEY-----\n")
     assert recover([made.slot, slot], pem, "key.pem") == keys.Unlocked(made.ring_key, slot)
@@ -278,7 +281,7 @@ def test_recovery_with_the_private_key_and_refusal_of_any_other():
 
 
 def test_a_recovery_slot_with_a_low_order_ephemeral_key_does_not_open():
-    made = create(b"pw", SMALL, label="", now=NOW, random=Stream(b"a"))
+    made = create(b"pw", SMALL, label="", now=NOW, config_digest=CFG, random=Stream(b"a"))
     pem, slot = export_recovery(made.ring_key, label="", now=NOW, random=Stream(b"b"))
     hostile = decode_slot(reseal(encode_slot(slot), ephemeral="00" * 32), "s")
     with pytest.raises(WrongRecoveryKey):

@@ -13,7 +13,7 @@ from repo_engine.repository.crypto.keys import (WrongPassphrase, change_passphra
 from repo_engine.repository.crypto.slots import passphrase_slot
 from repo_engine.repository.store import ObjectExists
 from repo_engine.repository.store.local import LocalStore
-from test_crypto_keys import NOW, SMALL
+from test_crypto_keys import CFG, NOW, SMALL
 from test_crypto_seal import Stream
 
 
@@ -23,7 +23,8 @@ def store(tmp_path):
 
 
 def initialised(store, passphrase=b"pw"):
-    made = create(passphrase, SMALL, label="first", now=NOW, random=Stream(passphrase))
+    made = create(passphrase, SMALL, label="first", now=NOW, config_digest=CFG,
+                  random=Stream(passphrase))
     keystore.init_keys(store, made)
     return made
 

@@ -32,10 +32,13 @@ class FileFormat:
             )
 
 
-CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 1, also_reads=(2,))
+CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 1, also_reads=(2, 3))
 # a repository many hosts write (`shared`) has a config of major version 2, so that a version of
 # repo-engine that knows only one writer refuses it instead of writing around the journal
-SHARED_CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 2, also_reads=(1,))
+SHARED_CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 2, also_reads=(1, 3))
+# an encrypted repository (always shared) has major version 3, so that a version of repo-engine
+# without encryption refuses it instead of writing cleartext into it
+ENCRYPTED_CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 3, also_reads=(1, 2))
 POINT = FileFormat("restore point", b"REpnt\x00\x01\x1a", 1)
 BLOCK_MAP = FileFormat("block map", b"REmap\x00\x01\x1a", 1)
 # minor 1: the 7 bytes after the kind hold a salt (readers ignore it; a new salt is a new name)

@@ -12,6 +12,8 @@ plaintext is one JSON object, keys sorted, no spaces:
 | chunk_key  | 64 hex: the BLAKE3 key of chunk ids; never changes (dedup depends on it) |
 | epochs     | {"<epoch>": "<64 hex data key>", ...}: every epoch still readable       |
 | current    | the epoch new objects are sealed with                                   |
+| config     | 64 hex: the digest of the repository's config (config.py), which is     |
+|            | readable without the keys; a config that no longer matches is refused    |
 
 A new generation is written put-if-absent (two writers cannot both make generation g + 1; the
 loser reloads and retries) and the newest generation wins; older ones are deleted once it is
@@ -45,6 +47,7 @@ class Keyring:
     chunk_key: bytes = field(repr=False)
     epochs: Mapping[int, bytes] = field(repr=False)
     current: int
+    config_digest: bytes = field(repr=False)
 
     def sealer(self, random: Random = os.urandom) -> ObjectSealer:
         """The sealer of data objects: new ones under the current epoch, any held epoch read."""
@@ -58,9 +61,9 @@ class Keyring:
                        epochs={**self.epochs, epoch: random(KEY_SIZE)}, current=epoch)
 
 
-def new_keyring(random: Random = os.urandom) -> Keyring:
+def new_keyring(config_digest: bytes, random: Random = os.urandom) -> Keyring:
     return Keyring(generation=1, chunk_key=random(KEY_SIZE), epochs={1: random(KEY_SIZE)},
-                   current=1)
+                   current=1, config_digest=config_digest)
 
 
 def keyring_object(generation: int) -> str:
@@ -75,7 +78,7 @@ def encode_keyring(keyring: Keyring, ring_key: bytes, random: Random = os.urando
     plaintext = json.dumps({
         "generation": keyring.generation, "chunk_key": keyring.chunk_key.hex(),
         "epochs": {str(e): key.hex() for e, key in sorted(keyring.epochs.items())},
-        "current": keyring.current}, sort_keys=True, separators=(",", ":")).encode()
+        "current": keyring.current, "config": keyring.config_digest.hex()}, sort_keys=True, separators=(",", ":")).encode()
     sealed = _ring_sealer(ring_key, random).seal(
         "keyring", _GENERATION.pack(keyring.generation), plaintext)
     return envelope_seal(KEYRING, sealed)
@@ -91,7 +94,8 @@ def decode_keyring(data: bytes, generation: int, ring_key: bytes, what: str) -> 
         keyring = Keyring(generation=fields["generation"],
                           chunk_key=bytes.fromhex(fields["chunk_key"]),
                           epochs={int(e): bytes.fromhex(k) for e, k in fields["epochs"].items()},
-                          current=fields["current"])
+                          current=fields["current"],
+                          config_digest=bytes.fromhex(fields["config"]))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise FormatError(f"{what}: keyring not understood ({exc}); upgrade repo-engine") from None
     _check(keyring, generation, what)
@@ -100,7 +104,7 @@ def decode_keyring(data: bytes, generation: int, ring_key: bytes, what: str) -> 
 
 def _check(keyring: Keyring, generation: int, what: str) -> None:
     """An authenticated keyring is ours, so a bad field is a newer or broken writer."""
-    sizes_ok = len(keyring.chunk_key) == KEY_SIZE and all(
+    sizes_ok = len(keyring.chunk_key) == len(keyring.config_digest) == KEY_SIZE and all(
         len(k) == KEY_SIZE and 1 <= e <= MAX_EPOCH for e, k in keyring.epochs.items())
     if keyring.generation != generation or keyring.current not in keyring.epochs or not sizes_ok:
         raise FormatError(f"{what}: keyring fields are inconsistent (generation "

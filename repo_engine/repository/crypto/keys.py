@@ -1,6 +1,7 @@
 """The key operations, as pure functions over keyrings and slots (keystore.py stores them).
 
-- `create`: a new repository's K_ring, keyring (generation 1, epoch 1) and first passphrase slot.
+- `create`: a new repository's K_ring, keyring (generation 1, epoch 1, bound to its config) and
+  first passphrase slot.
 - `unlock`: K_ring from a passphrase, trying every passphrase slot, newest first; a wrong
   passphrase is one error naming the slots tried.
 - `slots.passphrase_slot` adds a slot for another passphrase (K_ring needed: unlock first).
@@ -59,9 +60,10 @@ class Unlocked:
 
 
 def create(passphrase: bytes, params: ScryptParams, *, label: str, now: datetime,
-           random: Random = os.urandom) -> RepositoryKeys:
+           config_digest: bytes, random: Random = os.urandom) -> RepositoryKeys:
+    """`config_digest`: the new repository's config's (bound in the keyring)."""
     ring_key = random(KEY_SIZE)
-    keyring = new_keyring(random)
+    keyring = new_keyring(config_digest, random)
     slot = passphrase_slot(ring_key, passphrase, params, label=label, now=now, random=random)
     return RepositoryKeys(ring_key, keyring, slot)
 
