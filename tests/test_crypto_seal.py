@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from repo_engine.errors import DamageError, FormatError, TamperedError
 from repo_engine.repository.crypto.cipher import associated_data
-from repo_engine.repository.crypto.seal import NullSealer, ObjectSealer, UnknownEpoch
+from repo_engine.repository.crypto.null import NullSealer
+from repo_engine.repository.crypto.seal import ObjectSealer, UnknownEpoch
 
 KEY_A, KEY_B = b"\xaa" * 32, b"\xbb" * 32
 SALT = bytes(range(32))

@@ -9,6 +9,7 @@ Key hierarchy (every key 32 random bytes unless derived):
 
 - `cipher.py`: the primitives: AES-256-GCM, the object key derivation, nonces and the
   associated data that binds a ciphertext to its kind, name and epoch.
+- `null.py`: the sealer interface, and the null sealer of an unencrypted repository.
 - `seal.py`: sealing of one object (a map, a point, a journal entry, the keyring) and of the
   parts of an object written as a stream (the chunks of a pack, the records of a checkpoint); the
   null sealer of an unencrypted repository has the same interface, so that callers never ask

@@ -29,8 +29,7 @@ name. Positions strictly increase as an object is written, so no nonce is used t
 key, and a reader who knows where a part is (the index stores a chunk's pack and offset) knows
 its nonce; a part moved to another place, chunk id or object fails authentication.
 
-The null sealers of an unencrypted repository have the same interface and pass bytes through
-unchanged with an empty header, so that code above never asks whether a repository is encrypted.
+The null sealer of an unencrypted repository (null.py) has the same interface.
 """
 
 from __future__ import annotations
@@ -38,13 +37,13 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable, Mapping
-from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ...errors import FormatError, TamperedError
+from ...errors import TamperedError
 from .cipher import SALT_SIZE, TAG_SIZE, associated_data, nonce, object_cipher
+from .null import PartSealer
 
 HEADER = struct.Struct("<I32s")
 assert HEADER.size == 4 + SALT_SIZE == 36
@@ -59,29 +58,6 @@ class UnknownEpoch(TamperedError):
     """A sealed object names a key epoch the keyring does not hold (exit code 3). A caller whose
     keyring may be older than the object (another host rotated) reloads the keyring and retries
     once before reporting it."""
-
-
-class PartSealer(Protocol):
-    header: bytes  # written after the object's own header; b"" when unencrypted
-
-    def seal(self, position: int, kind: str, name: bytes, data: bytes) -> bytes: ...
-
-    def open(self, position: int, kind: str, name: bytes, sealed: bytes, what: str) -> bytes: ...
-
-
-class Sealer(Protocol):
-    encrypted: bool  # for the format's flag field only
-    part_overhead: int  # bytes a sealed part adds to its plaintext
-
-    def sealed_size(self, size: int) -> int: ...
-
-    def seal(self, kind: str, name: bytes, plaintext: bytes) -> bytes: ...
-
-    def open(self, kind: str, name: bytes, sealed: bytes, what: str) -> bytes: ...
-
-    def parts(self, kind: str) -> PartSealer: ...
-
-    def parts_opener(self, kind: str, header: bytes, what: str) -> PartSealer: ...
 
 
 def _tampered(what: str, kind: str, why: str) -> TamperedError:
@@ -183,38 +159,3 @@ class _EncryptedParts:
             raise _tampered(f"{what} at offset {position}", kind,
                             "fails authentication (its bytes were changed, cut, or moved from "
                             "another place or chunk id)") from None
-
-
-class NullSealer:
-    """The sealer of an unencrypted repository: bytes pass through unchanged."""
-
-    encrypted = False
-    part_overhead = 0
-
-    def sealed_size(self, size: int) -> int:
-        return size
-
-    def seal(self, kind: str, name: bytes, plaintext: bytes) -> bytes:
-        return bytes(plaintext)
-
-    def open(self, kind: str, name: bytes, sealed: bytes, what: str) -> bytes:
-        return sealed
-
-    def parts(self, kind: str) -> PartSealer:
-        return _NullParts()
-
-    def parts_opener(self, kind: str, header: bytes, what: str) -> PartSealer:
-        if header:
-            raise FormatError(f"{what}: the {kind} is encrypted but the repository was opened "
-                              "without its keys")
-        return _NullParts()
-
-
-class _NullParts:
-    header = b""
-
-    def seal(self, position: int, kind: str, name: bytes, data: bytes) -> bytes:
-        return bytes(data)
-
-    def open(self, position: int, kind: str, name: bytes, sealed: bytes, what: str) -> bytes:
-        return sealed
