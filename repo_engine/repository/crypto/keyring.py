@@ -78,7 +78,8 @@ def encode_keyring(keyring: Keyring, ring_key: bytes, random: Random = os.urando
     plaintext = json.dumps({
         "generation": keyring.generation, "chunk_key": keyring.chunk_key.hex(),
         "epochs": {str(e): key.hex() for e, key in sorted(keyring.epochs.items())},
-        "current": keyring.current, "config": keyring.config_digest.hex()}, sort_keys=True, separators=(",", ":")).encode()
+        "current": keyring.current, "config": keyring.config_digest.hex()},
+        sort_keys=True, separators=(",", ":")).encode()
     sealed = _ring_sealer(ring_key, random).seal(
         "keyring", _GENERATION.pack(keyring.generation), plaintext)
     return envelope_seal(KEYRING, sealed)
