@@ -13,6 +13,12 @@ the lock files) live:
   named by the repository's id so that one base never mixes two repositories' caches.
 
 A repository in object storage is always shared: an `s3://` config that says otherwise is damage.
+An encrypted repository (`init` with `encryption`) is always shared too, local or not: its index
+and catalog then live in the store only as sealed journal entries, and this host's cleartext
+cache stays in the cache directory, never in the repository. Its keys are unlocked with a
+passphrase when it is opened (crypto/access.py). The cache directory of an encrypted repository
+holds the file ENCRYPTED_MARK: a config swapped in the store for an unencrypted one (which would
+make this host read planted cleartext and write cleartext) is refused when the mark is there.
 `init` refuses a prefix that holds any object, and opening a prefix that holds objects but no
 config says it is not a repository (rather than that nothing is there).
 """
@@ -20,13 +26,13 @@ config says it is not a repository (rather than that nothing is there).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..errors import DamageError, NotARepository, UsageError
-from .config import CONFIG_NAME, RepoConfig, read_config
+from ..errors import DamageError, NotARepository, RepoError, TamperedError, UsageError
+from .config import CONFIG_NAME, ENCRYPTION, RepoConfig, read_config
 from .repo import Repository, new_directory
 from .safefile import DIR_MODE
 from .store import ObjectExists, Store, open_store
@@ -34,6 +40,8 @@ from .store.local import LocalStore
 
 S3_SCHEME = "s3://"
 CACHE_ENV = "REPO_ENGINE_CACHE_DIR"
+ENCRYPTED_MARK = "encrypted"
+Passphrase = Callable[[], bytes]
 
 
 def is_remote(location: str) -> bool:
@@ -63,27 +71,33 @@ def cache_directory(repo_id: str, cache_dir: Path | None = None) -> Path:
 
 
 def open_repository(location: str, *, settings: Any = None, cache_dir: Path | None = None,
-                    rebuilding: bool = False) -> Repository:
+                    rebuilding: bool = False, passphrase: Passphrase | None = None) -> Repository:
     """The repository at `location` (with `settings` for an `s3://` one; None: from the
     environment and the settings file). `rebuilding`: for rebuild-index, which replaces this
-    host's cache without opening it (it may be damaged)."""
+    host's cache without opening it (it may be damaged). `passphrase`: asked for the
+    passphrase of an encrypted repository (None: such a repository is refused)."""
     store = open_store(location, settings)
     config = _closing_on_error(store, _remote_config if is_remote(location) else _local_config,
                                store)
+    _closing_on_error(store, _refuse_downgrade, config, cache_base(cache_dir) / config.repo_id,
+                      store.location)
     local = cache_directory(config.repo_id, cache_dir) if config.shared else Path(location)
-    return _closing_on_error(store, partial(Repository.attach, claim=not rebuilding), store,
-                             local, config)
+    keys = _closing_on_error(store, _open_keys, store, config, passphrase, local)
+    return _closing_on_error(store, partial(Repository.attach, claim=not rebuilding, **keys),
+                             store, local, config)
 
 
 def init_repository(location: str, *, settings: Any = None, cache_dir: Path | None = None,
-                    shared: bool = False, parents: bool = False,
-                    **config_settings: int) -> Repository:
+                    shared: bool = False, parents: bool = False, passphrase: bytes | None = None,
+                    kdf: Any = None, **config_settings: int) -> Repository:
     """Create a repository at `location`: a new or empty local directory (shared when asked), or
-    an empty `s3://` prefix (always shared)."""
+    an empty `s3://` prefix (always shared); encrypted with `passphrase` when one is given (then
+    always shared; `kdf`: the scrypt parameters of its slot, None: the default)."""
     remote = is_remote(location)
-    if not (remote or shared):
+    if not (remote or shared or passphrase is not None):
         return Repository.init(Path(location), parents=parents, **config_settings)
-    config = RepoConfig.new(shared=True, **config_settings)
+    config = RepoConfig.new(shared=True, encryption=ENCRYPTION if passphrase is not None else "",
+                            **config_settings)
     if remote:
         store = open_store(location, settings)
         _closing_on_error(store, _refuse_used_prefix, store)
@@ -91,7 +105,7 @@ def init_repository(location: str, *, settings: Any = None, cache_dir: Path | No
         new_directory(Path(location), parents)
         store = LocalStore(Path(location))
     return _closing_on_error(store, _create, store, config,
-                             cache_directory(config.repo_id, cache_dir))
+                             cache_directory(config.repo_id, cache_dir), passphrase, kdf)
 
 
 def _closing_on_error(store: Store, fn: Any, *args: Any) -> Any:
@@ -142,10 +156,47 @@ def _refuse_used_prefix(store: Store) -> None:
                          "repository needs an empty prefix: choose another one")
 
 
-def _create(store: Store, config: RepoConfig, local: Path) -> Repository:
-    """A new shared repository; its config is written only if no other init got there first."""
+def _create(store: Store, config: RepoConfig, local: Path, passphrase: bytes | None,
+            kdf: Any) -> Repository:
+    """A new shared repository; its config is written only if no other init got there first,
+    after the keys of an encrypted one."""
+    keys: dict[str, Any] = {}
+    if config.encryption:
+        from .crypto.access import create_keys  # an unencrypted repository never loads it
+        assert passphrase is not None
+        made = create_keys(store, config.digest, passphrase, **({"params": kdf} if kdf else {}))
+        keys = {"sealer": made.sealer, "chunk_key": made.chunk_key}
+        _remember_encrypted(local)
     try:
-        return Repository.create(store, local, config)
+        return Repository.create(store, local, config, **keys)
     except ObjectExists:
         raise UsageError(f"{store.location} already holds a repository: another init created "
                          "one there meanwhile") from None
+
+
+def _open_keys(store: Store, config: RepoConfig, passphrase: Passphrase | None,
+               local: Path) -> dict[str, Any]:
+    """The sealer and chunk key of an encrypted repository (nothing for another one), which
+    this host's cache `local` remembers is encrypted."""
+    if not config.encryption:
+        return {}
+    if passphrase is None:
+        raise RepoError(f"{store.location} is encrypted: its passphrase is needed to open it")
+    from .crypto.access import open_keys  # an unencrypted repository never loads it
+    keys = open_keys(store, config.digest, passphrase)
+    _remember_encrypted(local)
+    return {"sealer": keys.sealer, "chunk_key": keys.chunk_key}
+
+
+def _remember_encrypted(local: Path) -> None:
+    local.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    (local / ENCRYPTED_MARK).touch(mode=0o600)
+
+
+def _refuse_downgrade(config: RepoConfig, cache: Path, location: str) -> None:
+    """Refuse a repository this host's cache knows as encrypted when its config no longer says
+    so."""
+    if not config.encryption and (cache / ENCRYPTED_MARK).exists():
+        raise TamperedError(f"{location}/{CONFIG_NAME} says the repository is not encrypted, but "
+                            f"this host knows it as encrypted (cache {cache}): the config was "
+                            "replaced in the store; restore it from a copy")

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from .blockmap import BlockMap, map_object, read_map, write_map
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
 from .checkpoint import catch_up
+from .crypto.null import NullSealer, Sealer
 from .index import Index, MapMissing, ParentGone
 from .journal import (Entry, ForgetOp, NothingToCommit, Op, PackOp, PointOp, RefsOp,
                       append)
@@ -53,19 +55,24 @@ INDEX_FILES = ("data.mdb", "lock.mdb")
 
 class Repository:
     def __init__(self, store: Store, config: RepoConfig, local: Path,
-                 index: Index | None = None) -> None:
+                 index: Index | None = None, *, sealer: Sealer = NullSealer(),
+                 chunk_key: bytes | None = None) -> None:
         """`local`: the directory of this host's local files (`index/`, `locks/`): the local
         store's own root, or a per-host cache directory for a repository in a remote store.
         `index`: an index the caller opened (kept as it is); else `local/index`, opened on
-        first use."""
+        first use. `sealer` and `chunk_key`: an encrypted repository's (crypto/access.py),
+        through which every object is written and read; else the config's chunk key."""
+        assert bool(config.encryption) == sealer.encrypted, "open an encrypted repository " \
+            "through location.open_repository, with its passphrase"
         self.store = store
+        self.sealer = sealer
         self.location = store.location  # what messages call the repository
         self.path = local
         self.config = config
         self._index = index
         self._opened: FileId | None = None  # the index file we opened ourselves
         self._opening = threading.Lock()  # threads of one process share one environment
-        self.codec = ChunkCodec(config.key_bytes, config.compression_level)
+        self.codec = ChunkCodec(chunk_key or config.key_bytes, config.compression_level)
         self.locks_dir = self.path / "locks"
         # a shared repository's locks also hold leases in the store (leases.py)
         self.lease_seconds = lease_seconds() if config.shared else 0.0
@@ -93,9 +100,11 @@ class Repository:
         return cls.attach(store, path, read_config(store))
 
     @classmethod
-    def create(cls, store: Store, local: Path, config: RepoConfig) -> "Repository":
+    def create(cls, store: Store, local: Path, config: RepoConfig,
+               **keys: Any) -> "Repository":
         """Create a repository with `config` in `store` (ObjectExists when it holds a config
-        already), this host's local files in `local` (created owner-only: `index/`, `locks/`)."""
+        already), this host's local files in `local` (created owner-only: `index/`, `locks/`);
+        `keys`: the sealer and chunk key of an encrypted one (`__init__`)."""
         make_local(local)
         if config.shared:
             _claim_cache(local / "index", config.repo_id, store.location)
@@ -105,11 +114,11 @@ class Repository:
         except BaseException:
             index.close()
             raise
-        return cls(store, config, local, index)
+        return cls(store, config, local, index, **keys)
 
     @classmethod
     def attach(cls, store: Store, local: Path, config: RepoConfig, *,
-               claim: bool = True) -> "Repository":
+               claim: bool = True, **keys: Any) -> "Repository":
         """Open the repository in `store` whose config the caller read; `local` holds this
         host's files. A shared repository's are created when missing (its cache starts empty
         and is filled from the journal by `refresh`) and, with `claim`, the cache is checked to
@@ -121,7 +130,7 @@ class Repository:
             make_local(local)
             if claim:
                 _claim_cache(local / "index", config.repo_id, store.location)
-        return cls(store, config, local)
+        return cls(store, config, local, **keys)
 
     @property
     def index(self) -> Index:
