@@ -145,7 +145,7 @@ def _points(repo: Repository, report: RebuildReport) -> None:
     skipped = report.unreadable_manifests
     for point_id, info in sorted(objects_under(repo, "points", skipped).items()):
         try:
-            point = read_point(repo.store, info.name)
+            point = read_point(repo.store, info.name, repo.sealer)
         except RepoError as exc:
             report.unreadable_manifests.append(str(exc))
             continue

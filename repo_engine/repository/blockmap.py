@@ -1,7 +1,9 @@
 """Block maps: which chunk each block of a disk holds at one restore point.
 
 A map (the object `maps/<first two hex>/<name>.map`, named by the BLAKE3 of its sealed bytes) is an
-envelope (envelope.py, magic BLOCK_MAP) whose payload is:
+envelope (envelope.py, magic BLOCK_MAP) whose payload is (in an encrypted repository sealed as
+kind "map" with an empty name: a sealed object cannot carry its own hash in its associated data,
+and the name, the BLAKE3 of the stored bytes, binds them to it already):
 
 | offset | size | field                                                                |
 |--------|------|----------------------------------------------------------------------|
@@ -31,7 +33,8 @@ import numpy as np
 import zstandard
 
 from ..errors import DamageError
-from .envelope import seal, unseal
+from .crypto.null import NULL_SEALER, Sealer
+from .envelope import Binding, seal, unseal
 from .config import MIN_BLOCK
 from .formats import BLOCK_MAP, SALTED_BLOCK_MAP
 from .points import MAX_CAPACITY
@@ -99,7 +102,7 @@ def delta_between(parent: np.ndarray, child: np.ndarray) -> BlockMap:
     return BlockMap.delta(len(child), changed, child[changed])
 
 
-def encode(bmap: BlockMap, salt: bytes = b"") -> bytes:
+def encode(bmap: BlockMap, salt: bytes = b"", sealer: Sealer | None = None) -> bytes:
     arrays = [bmap.refs] if bmap.kind == FULL else [bmap.blocks, bmap.refs]
     # streamed from the arrays' own memory: a large disk's full map is not copied first
     compressor = zstandard.ZstdCompressor(level=3).compressobj()
@@ -107,7 +110,12 @@ def encode(bmap: BlockMap, salt: bytes = b"") -> bytes:
              for a in arrays]
     body = b"".join(parts) + compressor.flush()
     fmt = SALTED_BLOCK_MAP if salt else BLOCK_MAP
-    return seal(fmt, SALTED_HEAD.pack(bmap.kind, salt, bmap.nblocks, len(bmap.refs)) + body)
+    return seal(fmt, SALTED_HEAD.pack(bmap.kind, salt, bmap.nblocks, len(bmap.refs)) + body,
+                _binding(sealer))
+
+
+def _binding(sealer: Sealer | None) -> Binding | None:
+    return None if sealer is None else Binding(sealer, "map", b"")
 
 
 def decode(payload: bytes, what: str) -> BlockMap:
@@ -155,22 +163,22 @@ def map_object(name: str) -> str:
 
 
 def write_map(store: Store, bmap: BlockMap, *, salted: bool = False,
-              doomed: Callable[[str], bool] | None = None) -> str:
+              doomed: Callable[[str], bool] | None = None, sealer: Sealer = NULL_SEALER) -> str:
     """Store a map durably under its content name; returns the name. `salted`, or when
     `doomed(name)` says that gc may delete the object of that name: under a new, random name
     (minor version 1)."""
-    data = encode(bmap, os.urandom(SALT_SIZE) if salted else b"")
+    data = encode(bmap, os.urandom(SALT_SIZE) if salted else b"", sealer)
     name = blake3.blake3(data).hexdigest()
     if not salted and doomed is not None and doomed(name):
-        return write_map(store, bmap, salted=True)
+        return write_map(store, bmap, salted=True, sealer=sealer)
     if not store.exists(map_object(name)):
         store.put(map_object(name), data)
     return name
 
 
-def read_map(store: Store, name: str) -> BlockMap:
+def read_map(store: Store, name: str, sealer: Sealer = NULL_SEALER) -> BlockMap:
     what = f"{store.location}/{map_object(name)}"
     data = store.get(map_object(name), limit=MAP_MAX)
     if blake3.blake3(data).hexdigest() != name:
         raise DamageError(f"{what}: block map content does not match its name (damaged)")
-    return decode(unseal(BLOCK_MAP, data, what), what)
+    return decode(unseal(BLOCK_MAP, data, what, _binding(sealer)), what)

@@ -241,11 +241,12 @@ class Repository:
         """Store a map durably; returns its name. In a shared repository a name that gc doomed
         (a pending plan or a sweep lists it) is avoided: the map is written salted."""
         if not self.config.shared:
-            return write_map(self.store, bmap)
-        return write_map(self.store, bmap, doomed=lambda name: bool(self.index.doomed_maps({name})))
+            return write_map(self.store, bmap, sealer=self.sealer)
+        return write_map(self.store, bmap, doomed=lambda name: bool(self.index.doomed_maps({name})),
+                         sealer=self.sealer)
 
     def read_map(self, name: str) -> BlockMap:
-        return read_map(self.store, name)
+        return read_map(self.store, name, self.sealer)
 
     def read_trailer(self, name: str) -> np.ndarray:
         """The checked trailer of pack `name` (packs.py)."""
@@ -285,12 +286,13 @@ class Repository:
         refs = {name: unique_refs(bmap) for name, bmap in maps.items()}
         for _attempt in range(10):
             try:
-                self.index.commit_point(point.id, point.vm, partial(_seal, self.store, point),
+                self.index.commit_point(point.id, point.vm, partial(_seal, self.store, point,
+                                                                   sealer=self.sealer),
                                         refs, self.map_exists)
                 return
             except MapMissing as gone:
                 missing = gone
-                write_map(self.store, maps[gone.name])
+                write_map(self.store, maps[gone.name], sealer=self.sealer)
         raise missing
 
     def _maps_of(self, point: PointRecord, known: dict[str, BlockMap]) -> dict[str, BlockMap]:
@@ -320,7 +322,7 @@ class Repository:
         newest = "" if old else max((r["time"] for r in catalog.values() if r["vm"] == point.vm),
                                     default="")
         if renewed or written.seq != (old["seq"] if old else seq):
-            _seal(self.store, point, old["seq"] if old else seq, newest)
+            _seal(self.store, point, old["seq"] if old else seq, newest, sealer=self.sealer)
             written.seq = point.seq
         return [PointOp(point.summary())]
 
@@ -334,7 +336,7 @@ class Repository:
                 continue
             renewed = True
             bmap = maps.pop(name)
-            new = write_map(self.store, bmap, salted=name in doomed)
+            new = write_map(self.store, bmap, salted=name in doomed, sealer=self.sealer)
             maps[new] = bmap
             for disk in point.disks:
                 if disk.map == name:
@@ -407,11 +409,11 @@ class Repository:
 
     def load_point(self, point_id: str) -> PointRecord:
         """The full manifest, configuration included, read and checked from disk."""
-        return read_point(self.store, point_object(point_id))
+        return read_point(self.store, point_object(point_id), self.sealer)
 
     def write_manifest(self, point: PointRecord) -> None:
         """Write a point's manifest without touching the catalog (repairs)."""
-        write_point(self.store, point)
+        write_point(self.store, point, self.sealer)
 
     def delete_manifest(self, point_id: str) -> None:
         self.store.delete([point_object(point_id)])
@@ -586,7 +588,7 @@ def commit_order(point: PointRecord) -> tuple[int, str, str]:
     return point.seq, point.time, point.id
 
 
-def _seal(store: Store, point: PointRecord, seq: int, newest: str) -> dict:
+def _seal(store: Store, point: PointRecord, seq: int, newest: str, *, sealer: Sealer) -> dict:
     """Inside the catalog transaction: give a point its commit sequence, note a clock that went
     backwards, make its manifest durable; returns its catalog record."""
     point.seq = seq
@@ -595,7 +597,7 @@ def _seal(store: Store, point: PointRecord, seq: int, newest: str) -> dict:
                 f"an earlier point of {point.vm}; points are ordered by commit, not by time")
         if note not in point.notes:
             point.notes.append(note)
-    write_point(store, point)
+    write_point(store, point, sealer)
     return point.summary()
 
 

@@ -59,6 +59,9 @@ class NullSealer:
         return _NullParts()
 
 
+NULL_SEALER = NullSealer()
+
+
 class _NullParts:
     header = b""
 

@@ -1,0 +1,121 @@
+"""Block maps and point manifests of an encrypted repository: sealed in their envelope, bound to
+their kind and name; every changed, cut, swapped or planted cleartext one refused as tampering
+(exit code 3); an unencrypted repository's unchanged."""
+
+from __future__ import annotations
+
+import blake3
+import numpy as np
+import pytest
+
+from repo_engine.errors import FormatError, TamperedError
+from repo_engine.repository.blockmap import BlockMap, map_object, read_map, write_map
+from repo_engine.repository.envelope import SEALED, seal, unseal
+from repo_engine.repository.formats import POINT
+from repo_engine.repository.location import init_repository
+from repo_engine.repository.points import DiskRecord, PointRecord, point_object, read_point
+from test_crypto_keys import SMALL
+
+VM = "payroll-db-01"
+REFS = np.arange(1000, 1000 + 4096, dtype=np.uint64)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    with init_repository(str(tmp_path / "repo"), cache_dir=tmp_path / "cache",
+                         passphrase=b"pw", kdf=SMALL) as opened:
+        yield opened
+
+
+def point(point_id: str, map_name: str) -> PointRecord:
+    disk = DiskRecord(key="scsi0:0", capacity=4096 * 65536, block_size=65536, map=map_name,
+                      kind="full", parent=None, links=1)
+    return PointRecord(id=point_id, vm=VM, time="2026-11-30T03:00:00.000000Z", source="image",
+                       disks=[disk], config={"guest": "secret-config"}, seq=1)
+
+
+def stored(repo, name: str) -> bytes:
+    return repo.store.get(name, limit=1 << 30)
+
+
+def test_maps_and_manifests_are_sealed_and_read_back(repo):
+    name = repo.write_map(BlockMap.full(REFS))
+    repo.write_manifest(point("0123456789abcdef", name))
+    data, manifest = stored(repo, map_object(name)), stored(repo, point_object("0123456789abcdef"))
+    for raw in (data, manifest):
+        assert int.from_bytes(raw[12:16], "little") == SEALED
+    assert REFS[:64].tobytes() not in data and len(data) > 24 + 36 + 16
+    for plain in (VM.encode(), b"secret-config", b"scsi0:0", name.encode()):
+        assert plain not in manifest
+    assert repo.read_map(name).refs.tolist() == REFS.tolist()
+    assert repo.load_point("0123456789abcdef") == point("0123456789abcdef", name)
+
+
+def flipped(good: bytes):
+    """Every 7th bit of the sealed payload of `good` flipped, the checksum made good again (as
+    an attacker who writes the store would)."""
+    body = len(good) - 32
+    for bit in range(24 * 8, body * 8, 7):
+        data = bytearray(good[:body])
+        data[bit // 8] ^= 1 << bit % 8
+        yield bytes(data) + blake3.blake3(data).digest()
+
+
+def test_every_bit_flip_of_a_sealed_manifest_is_refused(repo):
+    repo.write_manifest(point("0123456789abcdef", "ab" * 32))
+    name = point_object("0123456789abcdef")
+    for data in flipped(stored(repo, name)):
+        repo.store.put(name, data)
+        with pytest.raises(TamperedError, match=name):
+            repo.load_point("0123456789abcdef")
+
+
+def test_every_bit_flip_of_a_sealed_map_is_refused_even_under_its_new_hash(repo):
+    # a map is named by the hash of its stored bytes: a changed one under its old name is damage
+    # already; under the name of its new hash (which only a sealed manifest could point to),
+    # authentication refuses it
+    good = stored(repo, map_object(repo.write_map(BlockMap.full(REFS[:8]))))
+    for data in flipped(good):
+        name = blake3.blake3(data).hexdigest()
+        repo.store.put(map_object(name), data)
+        with pytest.raises(TamperedError, match=name):
+            repo.read_map(name)
+
+
+def test_a_manifest_moved_to_another_point_id_is_refused(repo):
+    name = repo.write_map(BlockMap.full(REFS[:8]))
+    repo.write_manifest(point("0123456789abcdef", name))
+    repo.store.put(point_object("fedcba9876543210"),
+                   stored(repo, point_object("0123456789abcdef")))
+    with pytest.raises(TamperedError, match="fails authentication"):
+        repo.load_point("fedcba9876543210")
+
+
+def test_a_cleartext_map_or_manifest_planted_in_an_encrypted_repository_is_refused(repo):
+    planted = write_map(repo.store, BlockMap.full(REFS[:8]))  # as an unencrypted repository
+    with pytest.raises(TamperedError, match="cleartext block map in an encrypted repository"):
+        repo.read_map(planted)
+    repo.store.put(point_object("0123456789abcdef"), seal(POINT, b"{}"))
+    with pytest.raises(TamperedError, match="cleartext restore point in an encrypted"):
+        repo.load_point("0123456789abcdef")
+    assert TamperedError.exit_code == 3
+
+
+def test_a_sealed_object_read_without_keys_is_refused(repo):
+    name = repo.write_map(BlockMap.full(REFS[:8]))
+    repo.write_manifest(point("0123456789abcdef", name))
+    with pytest.raises(FormatError, match="block map is encrypted"):
+        read_map(repo.store, name)
+    with pytest.raises(FormatError, match="restore point is encrypted"):
+        read_point(repo.store, point_object("0123456789abcdef"))
+
+
+def test_an_unencrypted_repository_writes_cleartext_envelopes(tmp_path):
+    with init_repository(str(tmp_path / "plain"), shared=True,
+                         cache_dir=tmp_path / "cache") as plain:
+        name = plain.write_map(BlockMap.full(REFS[:8]))
+        data = stored(plain, map_object(name))
+        assert int.from_bytes(data[12:16], "little") == 0
+        assert read_map(plain.store, name).refs.tolist() == REFS[:8].tolist()
+        plain.write_manifest(point("0123456789abcdef", name))
+        assert VM.encode() in unseal(POINT, stored(plain, point_object("0123456789abcdef")), "p")
