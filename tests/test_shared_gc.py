@@ -193,11 +193,11 @@ def test_a_sweep_racing_a_commit_recounts_and_keeps_what_the_commit_uses(hosts, 
     write = journal.write_entry
     raced: list[int] = []
 
-    def racing(store, entry):
+    def racing(store, entry, *sealer):
         if not raced and any(isinstance(op, SweepOp) for op in entry.ops):
             raced.append(entry.seq)
             b.repo.commit_point(stalled)
-        write(store, entry)
+        write(store, entry, *sealer)
 
     monkeypatch.setattr(journal, "write_entry", racing)
     swept = gc(a.repo, grace=0)

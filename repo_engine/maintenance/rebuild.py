@@ -94,7 +94,7 @@ def rebuild_cache(repo: Repository) -> RebuildReport:
         shutil.rmtree(work, ignore_errors=True)
         index = Index(work, create=True)
         try:
-            report.journal_seq = catch_up(repo.store, index, check=True)
+            report.journal_seq = catch_up(repo.store, index, check=True, sealer=repo.sealer)
             report.packs = len(index.all_packs())
             report.chunks = index.counters()["chunks"]
             report.points = len(index.points_records())

@@ -51,6 +51,7 @@ import zstandard
 
 from ..errors import DamageError
 from .atomic import write_all
+from .crypto.null import NULL_SEALER, Sealer
 from .formats import CHECKPOINT
 from .index import (COUNTERS, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index, PendingPlan,
                     encode_record)
@@ -313,7 +314,8 @@ def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: b
 
 
 # -- refresh ----------------------------------------------------------------------------------
-def catch_up(store: Store, index: Index, *, check: bool = False) -> int:
+def catch_up(store: Store, index: Index, *, check: bool = False,
+             sealer: Sealer = NULL_SEALER) -> int:
     """Apply the journal's new entries to the cache (from the newest checkpoint when the cache
     is empty or stale and a newer one exists); returns the cache's `journal_seq`, the head.
     `check` (a command's first refresh, after its lock): make sure the entry the cache stopped
@@ -326,7 +328,7 @@ def catch_up(store: Store, index: Index, *, check: bool = False) -> int:
             load_checkpoint(store, index, newest)
             seq = newest
     while True:
-        for entry in _new_entries(store, index.journal_seq):
+        for entry in _new_entries(store, index.journal_seq, sealer):
             index.apply_entry(entry)  # a no-op for one another process of this host applied
         if not check or _at_head(store, index):
             break
@@ -367,17 +369,18 @@ def _from_checkpoint(store: Store, index: Index, head: int, why: str, covers_hea
                       "as it is, then 'repo-engine verify'")
 
 
-def _new_entries(store: Store, seq: int) -> Iterator[Entry]:
+def _new_entries(store: Store, seq: int, sealer: Sealer) -> Iterator[Entry]:
     """Entries seq + 1, seq + 2, ... up to the first missing one: one GET when nothing is new,
     else READ_AHEAD requests in flight (the store's latency, not its bandwidth, bounds a long
     replay), in bounded memory."""
-    entry = read_entry(store, seq + 1)
+    entry = read_entry(store, seq + 1, sealer)
     if entry is None:
         return
     yield entry
     with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="journal-read") as pool:
         for start in itertools.count(seq + 2, READ_AHEAD):
-            window = [pool.submit(read_entry, store, s) for s in range(start, start + READ_AHEAD)]
+            window = [pool.submit(read_entry, store, s, sealer)
+                      for s in range(start, start + READ_AHEAD)]
             for future in window:
                 entry = future.result()
                 if entry is None:

@@ -185,7 +185,7 @@ class Repository:
         journal still holds what the cache holds (checkpoint.catch_up), as `lock` does."""
         if not self.config.shared:
             return 0
-        return catch_up(self.store, self.index, check=check)
+        return catch_up(self.store, self.index, check=check, sealer=self.sealer)
 
     def commit_journal(self, build: Callable[[int], list[Op]]) -> Entry:
         """Commit the ops `build(seq)` returns as journal entry `seq` (see journal.append:
@@ -194,7 +194,7 @@ class Repository:
         Maintenance commits its own ops this way, e.g.
         `repo.commit_journal(lambda seq: [PlanOp(new_plan_id(), now, refs, packs, maps, objs)])`."""
         self.check_leases()
-        entry = append(self.store, self.refresh, build)
+        entry = append(self.store, self.refresh, build, self.sealer)
         self.index.apply_entry(entry)
         return entry
 
