@@ -367,9 +367,9 @@ def _checkpoint(repo: Repository, grace: float, report: SharedGcReport) -> None:
     repo.refresh()
     if checkpoint_due(repo.store, repo.index):
         repo.check_leases()
-        report.checkpoint = write_checkpoint(repo.store, repo.index)
+        report.checkpoint = write_checkpoint(repo.store, repo.index, repo.sealer)
     repo.check_leases()
-    report.entries_compacted = compact(repo.store, grace)
+    report.entries_compacted = compact(repo.store, grace, sealer=repo.sealer)
 
 
 # -- dry run -----------------------------------------------------------------------------------

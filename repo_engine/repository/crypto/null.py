@@ -10,6 +10,8 @@ from typing import Protocol
 
 from ...errors import FormatError
 
+PART_HEADER_SIZE = 36  # what a sealed object's key header holds: epoch u32, salt [32] (seal.py)
+
 
 class PartSealer(Protocol):
     header: bytes  # written after the object's own header; b"" when unencrypted
