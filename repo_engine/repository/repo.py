@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -38,7 +39,7 @@ from .config import RepoConfig, read_config, write_config
 from .index import Index, MapMissing, ParentGone
 from .journal import (Entry, ForgetOp, NothingToCommit, Op, PackOp, PointOp, RefsOp,
                       append)
-from .locks import EXCLUSIVE, RepoLock, is_stale, list_locks
+from .locks import EXCLUSIVE, SHARED, RepoLock, is_stale, list_locks
 from .packs import FinishedPack, PackWriter, pack_object, read_trailer
 from .points import PointRecord, point_object, read_point, write_point
 from .safefile import DIR_MODE, check_dir, is_regular, make_dir
@@ -75,6 +76,7 @@ class Repository:
             from .leases import lease_seconds
             self.lease_seconds = lease_seconds()
         self.held: list[SharedLock] = []
+        self._locks: list[RepoLock] = []  # taken by `lock` on an unshared repository
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
@@ -150,17 +152,26 @@ class Repository:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def lock(self, kind: str, command: str) -> RepoLock | SharedLock:
+    def lock(self, kind: str, command: str) -> RepoLock | SharedLock | AbstractContextManager:
         """Take a lock; then make sure the index we read from now on is the one in place (an
         index opened before the lock may have been replaced by `rebuild-index`, which held the
         exclusive lock, and can no longer be replaced while we hold ours). On a shared
         repository the lock also writes this session's lease, and a maintenance lock takes the
-        store's maintenance lock (leases.py), before anything is read."""
+        store's maintenance lock (leases.py), before anything is read.
+
+        A shared lock asked for while this object holds a lock of an unshared repository (the
+        engine's inside the CLI's) is that lock: gc waits for it and rebuild-index is excluded
+        until it is released, so a second lock file would add only its fsync and a listing."""
         pause_point("repository.before_lock")
+        self._locks = [held for held in self._locks if held.holding]
+        if kind == SHARED and self._locks:
+            return nullcontext()
         lock: RepoLock | SharedLock = RepoLock(self.locks_dir, kind, command)
         if self.config.shared and not lock.note:
             from .leases import with_leases
             lock = with_leases(self.store, lock, command, self.lease_seconds, self.held)
+        elif not self.config.shared:
+            self._locks.append(lock)
         if self._opened is not None and _file_id(self.path / "index") != self._opened:
             self.close_index()  # reopened on next use
         try:
