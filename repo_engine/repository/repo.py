@@ -22,9 +22,11 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,17 +36,18 @@ from ..pause import pause_point
 from .blockmap import BlockMap, map_object, read_map, write_map
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
-from .checkpoint import catch_up
 from .index import Index, MapMissing, ParentGone
 from .journal import (Entry, ForgetOp, NothingToCommit, Op, PackOp, PointOp, RefsOp,
                       append)
-from .leases import SharedLock, lease_seconds, with_leases, with_vm_lease
-from .locks import EXCLUSIVE, RepoLock, is_stale, list_locks
+from .locks import EXCLUSIVE, SHARED, RepoLock, is_stale, list_locks
 from .packs import FinishedPack, PackWriter, pack_object, read_trailer
 from .points import PointRecord, point_object, read_point, write_point
 from .safefile import DIR_MODE, check_dir, is_regular, make_dir
 from .store import ObjectInfo, Store
 from .store.local import LocalStore
+
+if TYPE_CHECKING:  # leases and checkpoints serve shared repositories only: imported there
+    from .leases import SharedLock
 
 SHARED_REFS = 1 << 32  # a shared repository's ref range per claim: one claim per backup
 SUBDIRS = ("packs", "maps", "points", "index", "locks", "tmp")
@@ -68,8 +71,12 @@ class Repository:
         self.codec = ChunkCodec(config.key_bytes, config.compression_level)
         self.locks_dir = self.path / "locks"
         # a shared repository's locks also hold leases in the store (leases.py)
-        self.lease_seconds = lease_seconds() if config.shared else 0.0
+        self.lease_seconds = 0.0
+        if config.shared:
+            from .leases import lease_seconds
+            self.lease_seconds = lease_seconds()
         self.held: list[SharedLock] = []
+        self._locks: list[RepoLock] = []  # taken by `lock` on an unshared repository
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
@@ -145,16 +152,26 @@ class Repository:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def lock(self, kind: str, command: str) -> RepoLock | SharedLock:
+    def lock(self, kind: str, command: str) -> RepoLock | SharedLock | AbstractContextManager:
         """Take a lock; then make sure the index we read from now on is the one in place (an
         index opened before the lock may have been replaced by `rebuild-index`, which held the
         exclusive lock, and can no longer be replaced while we hold ours). On a shared
         repository the lock also writes this session's lease, and a maintenance lock takes the
-        store's maintenance lock (leases.py), before anything is read."""
+        store's maintenance lock (leases.py), before anything is read.
+
+        A shared lock asked for while this object holds a lock of an unshared repository (the
+        engine's inside the CLI's) is that lock: gc waits for it and rebuild-index is excluded
+        until it is released, so a second lock file would add only its fsync and a listing."""
         pause_point("repository.before_lock")
+        self._locks = [held for held in self._locks if held.holding]
+        if kind == SHARED and self._locks:
+            return nullcontext()
         lock: RepoLock | SharedLock = RepoLock(self.locks_dir, kind, command)
         if self.config.shared and not lock.note:
+            from .leases import with_leases
             lock = with_leases(self.store, lock, command, self.lease_seconds, self.held)
+        elif not self.config.shared:
+            self._locks.append(lock)
         if self._opened is not None and _file_id(self.path / "index") != self._opened:
             self.close_index()  # reopened on next use
         try:
@@ -176,6 +193,7 @@ class Repository:
         journal still holds what the cache holds (checkpoint.catch_up), as `lock` does."""
         if not self.config.shared:
             return 0
+        from .checkpoint import catch_up
         return catch_up(self.store, self.index, check=check)
 
     def commit_journal(self, build: Callable[[int], list[Op]]) -> Entry:
@@ -195,6 +213,7 @@ class Repository:
         local = RepoLock.for_vm(self.locks_dir, vm, command)
         if not self.config.shared:
             return local
+        from .leases import with_vm_lease
         return with_vm_lease(self.store, local, vm, command, self.lease_seconds, self.held)
 
     def require_writable(self, command: str) -> None:
@@ -592,4 +611,6 @@ def _seal(store: Store, point: PointRecord, seq: int, newest: str) -> dict:
 
 def unique_refs(bmap: BlockMap) -> np.ndarray:
     """The distinct non-ZERO refs a map file names (what the reference counts count)."""
-    return np.unique(bmap.refs[bmap.refs != 0])  # zeros out first: a sparse disk sorts little
+    refs = np.sort(bmap.refs[bmap.refs != 0])  # zeros out first: a sparse disk sorts little
+    # not np.unique: it imports numpy.ma (8 ms, every backup) only to ask if refs is masked
+    return refs[np.concatenate(([True], refs[1:] != refs[:-1]))] if len(refs) else refs
