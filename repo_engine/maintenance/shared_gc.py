@@ -391,6 +391,11 @@ def _partly_used(repo: Repository, mark: Mark, max_unused: float) -> _Partly:
     return _Partly(packs, chosen, rows[np.lexsort((rows["offset"], rows["pack"]))])
 
 
+def _span(rows: np.ndarray) -> int:
+    """The bytes one range GET of the chunks `rows` (sorted by offset) reads."""
+    return int(rows["offset"][-1]) + int(rows["stored"][-1]) - int(rows["offset"][0])
+
+
 def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
     """The range GETs that read the chunks `rows` of one pack (sorted by offset): [first,
     stop) row slices, each spanning at most MAX_REQUEST bytes (or one chunk) with gaps of at
@@ -416,12 +421,14 @@ def _repack_cost(repo: Repository, mark: Mark, report: SharedGcReport,
     if not partly.numbers:
         return
     kept = int(partly.rows["stored"].astype(np.int64).sum())
+    runs = [rows[first:stop] for rows in map(partly.rows_of, partly.numbers)
+            for first, stop in _runs(rows)]
     report.repack_packs = len(partly.numbers)
-    report.repack_read_bytes = report.repack_write_bytes = kept
+    report.repack_read_bytes = sum(map(_span, runs))
+    report.repack_write_bytes = kept
     report.repack_reclaims_bytes = sum(partly.packs.names[n][1] for n in partly.numbers) - kept
-    gets = sum(len(_runs(partly.rows_of(n))) for n in partly.numbers)
     puts = -(-kept // repo.config.pack_size)
-    report.repack_requests = gets + puts + -(-len(partly.numbers) // DELETE_BATCH)
+    report.repack_requests = len(runs) + puts + -(-len(partly.numbers) // DELETE_BATCH)
 
 
 def _repack(repo: Repository, cache: MapCache, report: SharedGcReport, max_unused: float,
@@ -463,17 +470,17 @@ def _read_live(repo: Repository, pool: ThreadPoolExecutor, name: str, rows: np.n
                report: SharedGcReport) -> list[bytes]:
     """The stored bytes of the chunks `rows` of pack `name`, read with coalesced range GETs,
     IN_FLIGHT at once, each chunk checked against its id (DamageError when one is bad)."""
-    runs = _runs(rows)
-    blobs = [blob for run in pool.map(lambda run: _read_run(repo, name, rows[run[0]:run[1]]),
-                                      runs) for blob in run]
+    runs = [rows[first:stop] for first, stop in _runs(rows)]
+    blobs = [blob for run in pool.map(lambda run: _read_run(repo, name, run), runs)
+             for blob in run]
     report.repacked_requests += len(runs)
-    report.repacked_read_bytes += sum(map(len, blobs))
+    report.repacked_read_bytes += sum(map(_span, runs))
     return blobs
 
 
 def _read_run(repo: Repository, name: str, rows: np.ndarray) -> list[bytes]:
     start = int(rows["offset"][0])
-    end = int(rows["offset"][-1]) + int(rows["stored"][-1])
+    end = start + _span(rows)
     try:
         data = repo.read_chunk_range(name, start, end - start)
     except ObjectMissing:
