@@ -529,3 +529,66 @@ def test_a_backup_running_during_a_repack_commits_and_keeps_what_it_uses(hosts, 
     assert after.plans_swept >= 1 and after.resurrected > 0
     assert unused_bytes(root, tmp_path) == 0
     restores_everything(root, tmp_path, kept)
+
+
+def test_gc_repack_on_s3_killed_after_its_new_pack_then_finished(seaweedfs, s3_bucket, tmp_path,
+                                                                monkeypatch, capsys):
+    """Real processes on SeaweedFS. After half the points are forgotten, gc reports what a
+    repack would cost and does not do it; `gc --repack` killed (SIGKILL) with its new pack in
+    the bucket and no entry naming it; the next `gc --repack`, once the killed one's leases
+    expired, finishes: the bucket's packs hold nothing but the used chunks, and a host that
+    never saw the repository restores every point byte-identical."""
+    import time
+
+    from race import Command
+    from s3cli import bucket_objects, repo_engine, s3_environment
+
+    s3_environment(monkeypatch, tmp_path, seaweedfs.endpoint)
+    repo = f"s3://{s3_bucket}/repo"
+    assert repo_engine("init", repo).code == 0
+    model = disk(tmp_path, "vm", 41)
+    contents: dict[str, bytes] = {}
+    for _ in range(4):
+        done = repo_engine("backup", "image", repo, "--vm", "vm", "--disk",
+                           f"sda={model.path}", "--json")
+        assert done.code == 0, done.err
+        contents[done.json()["point"]["id"]] = model.copy_of_content()
+        model.random_changes(4)
+    forgotten = list(contents)[::2]
+    assert repo_engine("forget", repo, *forgotten).code == 0
+    kept = {i: data for i, data in contents.items() if i not in forgotten}
+
+    def bucket_pack_bytes() -> int:
+        return sum(bucket_objects(seaweedfs, s3_bucket, "repo/packs/").values())
+
+    plain = repo_engine("gc", repo, "--grace", "0s", "--max-unused", "0")
+    assert plain.code == 0, plain.err
+    assert "would read" in plain.out and "(not done: 'gc --repack' does it)" in plain.out
+    before = bucket_pack_bytes()
+    repack = ("gc", repo, "--grace", "0s", "--repack", "--max-unused", "0")
+    killed = Command(tmp_path, *repack, pauses=("gc.repacked",))
+    assert killed.reached("gc.repacked")
+    killed.proc.kill()
+    killed.finish()
+    assert bucket_pack_bytes() > before  # the new pack, which no entry names
+
+    deadline = time.monotonic() + 60
+    while (done := repo_engine(*repack, "--json")).code and time.monotonic() < deadline:
+        assert "locked" in done.err, done.err  # until the killed gc's leases expire
+        time.sleep(1)
+    assert done.code == 0, done.err
+    doc = done.json()
+    assert doc["packs_repacked"] >= 1 and doc["packs_written"] >= 1 and doc["plans_swept"] == 1
+    assert doc["repacked_read_bytes"] > 0 and doc["repacked_requests"] >= 3
+    assert doc["freed_bytes"] == doc["repacked_old_bytes"]
+    left = leftovers(repo, tmp_path / "check")
+    assert left.unused_bytes == 0 and left.packs == [] and left.manifests == []
+    assert bucket_pack_bytes() < before
+
+    fresh = tmp_path / "new-host"
+    for pid, data in kept.items():
+        target = tmp_path / f"{pid}.img"
+        result = cli(capsys, "restore", repo, pid, "--disk", "sda", "--to", target,
+                     "--cache-dir", fresh)
+        assert result.code == 0, result.err
+        assert target.read_bytes() == data, pid
