@@ -592,3 +592,21 @@ def test_gc_repack_on_s3_killed_after_its_new_pack_then_finished(seaweedfs, s3_b
                      "--cache-dir", fresh)
         assert result.code == 0, result.err
         assert target.read_bytes() == data, pid
+
+
+def test_gc_repack_command_says_what_it_read_wrote_and_frees(tmp_path, capsys):
+    root = tmp_path / "repo"
+    host = Host(shared_repo(root, root))
+    points, contents = backups(host, tmp_path, vms=1, chain=2)
+    host.repo.close()
+    assert cli(capsys, "forget", root, points[0].id).code == 0
+    told = cli(capsys, "gc", root, "--grace", "0s", "--max-unused", "0")
+    assert told.code == 0, told.err
+    assert "a repack of 1 partly used pack would read " in told.out
+    assert "(not done: 'gc --repack' does it)" in told.out
+    done = cli(capsys, "gc", root, "--grace", "0s", "--max-unused", "0", "--repack")
+    assert done.code == 0, done.err
+    assert "  repacked: read back " in done.out and " of 1 partly used pack, wrote " in done.out
+    assert "the old packs (" in done.out and "a repack of" not in done.out
+    assert "1 swept" in done.out  # the old pack, doomed and swept in the same run
+    restores_everything(root, tmp_path, {points[1].id: contents[points[1].id]})
