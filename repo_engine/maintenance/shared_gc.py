@@ -62,8 +62,11 @@ from .inventory import MapCache, live_refs, objects_under, scan_refs
 DEFAULT_GRACE = 24 * 3600.0
 DELETE_BATCH = 1000  # names per Store.delete: one DeleteObjects request on S3
 # a repack's reads: two live chunks of a pack at most MAX_GAP apart are read with one range GET
-# of at most MAX_REQUEST bytes (a larger chunk alone); IN_FLIGHT GETs at once
-MAX_GAP = 256 << 10
+# of at most MAX_REQUEST bytes (a larger chunk alone); IN_FLIGHT GETs at once. The gap is small:
+# on S3's price list a GET costs as much as some 5 KB of egress, so reading a dead chunk to save
+# a request costs more than the request (a restore, which waits on each round trip, reads
+# across far larger gaps)
+MAX_GAP = 4 << 10
 MAX_REQUEST = 8 << 20
 IN_FLIGHT = 8
 
