@@ -432,8 +432,9 @@ def unused_bytes(root: Path, tmp_path: Path) -> int:
 def test_gc_repack_leaves_only_used_chunks_and_every_host_agrees(hosts, tmp_path):
     """Forgetting every other point leaves packs partly used: gc drops none of them and reports
     what a repack would cost; `repack` rewrites them, and a sweep deletes the old ones. The host
-    that repacked, a host replaying its entries and a host starting from a checkpoint place
-    every chunk alike."""
+    that repacked, a host replaying its entries, a host starting from a checkpoint and
+    rebuild-index place every chunk alike."""
+    from repo_engine.maintenance.rebuild import rebuild_cache
     from repo_engine.repository.checkpoint import write_checkpoint
 
     root, a, b = hosts
@@ -465,6 +466,8 @@ def test_gc_repack_leaves_only_used_chunks_and_every_host_agrees(hosts, tmp_path
     assert fresh.index.journal_seq == a.repo.index.journal_seq
     assert places(fresh) == places(a.repo) and fresh.index.counters() == a.repo.index.counters()
     fresh.close()
+    rebuild_cache(b.repo)  # rebuild-index: the checkpoint, then no entry
+    assert places(b.repo) == places(a.repo) and b.repo.index.counters() == a.repo.index.counters()
     again = gc(b.repo, grace=0, max_unused=0, repack=True)
     assert (again.candidates, again.packs_repacked, again.freed_bytes) == (0, 0, 0)
 
