@@ -511,9 +511,9 @@ class Index:
     def missing_refs(self, refs: np.ndarray) -> np.ndarray:
         """Those of `refs` the index does not place (a sweep removed them)."""
         with self.env.begin() as txn:
-            get, db = txn.get, self.refs
-            return refs[np.array([get(REF_KEY.pack(r), db=db) is None for r in refs.tolist()],
-                                 dtype=bool)]
+            found = txn.cursor(db=self.refs).getmulti(_ref_keys(refs))
+        present = np.frombuffer(b"".join(key for key, _ in found), dtype=">u8")
+        return refs[~np.isin(refs, present)]
 
     # -- sealed counts (seals.py) ----------------------------------------------------------
     def get_sealed(self, txn: lmdb.Transaction, table: str, key: bytes) -> bytes | None:
@@ -760,9 +760,7 @@ class IndexReader:
         """Places of the given refs (ZERO excluded) as a LOCATION_DTYPE array; DamageError if any is
         unknown. One batched LMDB look-up (`getmulti`) and one numpy parse of the records: a
         restore locates every chunk of a disk, so no per-chunk Python work here."""
-        keys = np.ascontiguousarray(refs, dtype=">u8").tobytes()
-        found = self._txn.cursor(db=self._index.refs).getmulti(
-            [keys[i:i + 8] for i in range(0, len(keys), 8)])
+        found = self._txn.cursor(db=self._index.refs).getmulti(_ref_keys(refs))
         if len(found) != len(refs) or any(len(raw) != REF_REC.size for _, raw in found):
             raise DamageError(f"chunk ref {_first_unlocated(refs, found)} is not in the index "
                               "(missing data)")
@@ -772,6 +770,12 @@ class IndexReader:
         for name in _REF_REC_DTYPE.names:
             out[name] = records[name]
         return out
+
+
+def _ref_keys(refs: np.ndarray) -> list[bytes]:
+    """LMDB keys of `refs` (big-endian u64) for one batched `getmulti`."""
+    keys = np.ascontiguousarray(refs, dtype=">u8").tobytes()
+    return [keys[i:i + 8] for i in range(0, len(keys), 8)]
 
 
 def _first_unlocated(refs: np.ndarray, found: list[tuple[bytes, bytes]]) -> int:
