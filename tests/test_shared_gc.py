@@ -613,3 +613,24 @@ def test_gc_repack_command_says_what_it_read_wrote_and_frees(tmp_path, capsys):
     assert "the old packs (" in done.out and "a repack of" not in done.out
     assert "1 swept" in done.out  # the old pack, doomed and swept in the same run
     restores_everything(root, tmp_path, {points[1].id: contents[points[1].id]})
+
+
+def test_repacked_packs_keep_to_the_pack_size(tmp_path):
+    """The chunks of many partly used packs go into new packs of at most the pack size (and
+    its trailer), several when they need it, and every point still restores."""
+    from repo_engine.repository.packs import ENTRY, FOOTER
+
+    root, size = tmp_path / "repo", 256 * 1024
+    host = Host(shared_repo(root, tmp_path / "cache", pack_size=size))
+    points, contents = backups(host, tmp_path, vms=2, chain=3)
+    forgotten = [p.id for p in points][::2]
+    forget_points(host.repo, forgotten)
+    gc(host.repo, grace=0)
+    before = objects(host.repo.store)
+    report = gc(host.repo, grace=0, max_unused=0, repack=True)
+    assert report.packs_repacked >= 2 and report.packs_written >= 2
+    for name in objects(host.repo.store) - before:
+        count = len(host.repo.read_trailer(name.rsplit("/", 1)[1].split(".")[0]))
+        assert host.repo.store.size(name) <= size + count * ENTRY.size + FOOTER.size
+    assert unused_bytes(root, tmp_path) == 0
+    restores_everything(root, tmp_path, {i: c for i, c in contents.items() if i not in forgotten})

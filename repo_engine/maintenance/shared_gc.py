@@ -436,11 +436,10 @@ def _repack_cost(repo: Repository, mark: Mark, report: SharedGcReport,
 
 def _repack(repo: Repository, cache: MapCache, report: SharedGcReport, max_unused: float,
             tick: Callable[[str], None] | None) -> None:
-    """Copy the chunks to keep of the partly used packs into new packs, a pack's worth at a
-    time: each new pack durable, then one journal entry moves its refs (`_publish`)."""
+    """Copy the chunks to keep of the partly used packs into new packs of at most the pack
+    size (`_Output`)."""
     partly = _partly_used(repo, _mark(repo, cache), max_unused)
-    writer: PackWriter | None = None
-    old: list[tuple[str, int]] = []
+    out = _Output(repo, report)
     try:
         with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="repack-read") as pool:
             for i, number in enumerate(partly.numbers):
@@ -453,20 +452,43 @@ def _repack(repo: Repository, cache: MapCache, report: SharedGcReport, max_unuse
                 except DamageError as exc:
                     report.damaged_packs_skipped.append(str(exc))
                     continue
-                writer = writer or repo.pack_writer()
                 for row, blob in zip(rows, blobs):
-                    writer.add(int(row["ref"]), row["id"].tobytes(), blob, int(row["raw"]),
-                               int(row["codec"]))
-                old.append((name, size))
-                if writer.size >= repo.config.pack_size:
-                    _publish(repo, writer, old, report)
-                    writer, old = None, []
+                    out.add(name, row, blob)
+                report.packs_repacked += 1
+                report.repacked_old_bytes += size
+        out.publish()
+    finally:
+        out.abort()
+
+
+class _Output:
+    """The new packs of a repack: a chunk that would take the current one past the pack size
+    starts the next; each full one is published (`_publish`)."""
+
+    def __init__(self, repo: Repository, report: SharedGcReport) -> None:
+        self.repo, self.report = repo, report
+        self.writer: PackWriter | None = None
+        self.sources: set[str] = set()  # the old packs whose chunks the writer holds
+
+    def add(self, source: str, row: np.void, blob: bytes) -> None:
+        if (self.writer is not None and self.writer.entries
+                and self.writer.size + len(blob) > self.repo.config.pack_size):
+            self.publish()
+        self.writer = self.writer or self.repo.pack_writer()
+        self.sources.add(source)
+        self.writer.add(int(row["ref"]), row["id"].tobytes(), blob, int(row["raw"]),
+                        int(row["codec"]))
+
+    def publish(self) -> None:
+        writer, sources = self.writer, self.sources
+        self.writer, self.sources = None, set()
         if writer is not None:
-            _publish(repo, writer, old, report)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
+            _publish(self.repo, writer, sources, self.report)
+
+    def abort(self) -> None:
+        """Drop the spool file of a pack not published (a run that stopped early)."""
+        if self.writer is not None:
+            self.writer.abort()
 
 
 def _read_live(repo: Repository, pool: ThreadPoolExecutor, name: str, rows: np.ndarray,
@@ -502,18 +524,16 @@ def _read_run(repo: Repository, name: str, rows: np.ndarray) -> list[bytes]:
     return out
 
 
-def _publish(repo: Repository, writer: PackWriter, old: list[tuple[str, int]],
+def _publish(repo: Repository, writer: PackWriter, old: set[str],
              report: SharedGcReport) -> None:
-    """The new pack durable in the store first, then the `pack` entry that moves its refs."""
+    """The new pack durable in the store first, then the `pack` entry that moves its refs out
+    of the `old` packs."""
     finished = writer.finish()
     pause_point("gc.repacked")  # a new pack no entry names: the next plan dooms it
-    names = {name for name, _size in old}
-    repo.commit_journal(lambda _seq: [_move(repo, finished, names)])
-    report.packs_repacked += len(old)
+    repo.commit_journal(lambda _seq: [_move(repo, finished, old)])
     report.packs_written += 1
     report.repacked_written_bytes += finished.size
     report.repacked_requests += 2  # the pack's PUT and its journal entry
-    report.repacked_old_bytes += sum(size for _name, size in old)
 
 
 def _move(repo: Repository, finished: FinishedPack, old: set[str]) -> PackOp:
