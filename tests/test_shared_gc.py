@@ -634,3 +634,29 @@ def test_repacked_packs_keep_to_the_pack_size(tmp_path):
         assert host.repo.store.size(name) <= size + count * ENTRY.size + FOOTER.size
     assert unused_bytes(root, tmp_path) == 0
     restores_everything(root, tmp_path, {i: c for i, c in contents.items() if i not in forgotten})
+
+
+def test_a_repack_leaves_a_damaged_pack_alone_and_names_it(hosts, tmp_path):
+    """A chunk to copy that fails its check is never written into a new pack: its pack is left
+    as it is, named in the report, and the other packs are repacked."""
+    from repo_engine.maintenance import shared_gc
+    from repo_engine.maintenance.inventory import MapCache
+    from repo_engine.repository.packs import pack_object
+
+    root, a, _b = hosts
+    points, _contents = backups(a, tmp_path, vms=2, chain=3)
+    forget_points(a.repo, [p.id for p in points][::2])
+    gc(a.repo, grace=0)
+    partly = shared_gc._partly_used(a.repo, shared_gc._mark(a.repo, MapCache(a.repo)), 0)
+    assert len(partly.numbers) >= 2
+    row = partly.rows[0]
+    name = partly.packs.names[int(row["pack"])][0]
+    path = root / pack_object(name)
+    data = bytearray(path.read_bytes())
+    data[int(row["offset"]) + 7] ^= 0xFF
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    report = gc(a.repo, grace=0, max_unused=0, repack=True)
+    assert len(report.damaged_packs_skipped) == 1 and name in report.damaged_packs_skipped[0]
+    assert report.packs_repacked == len(partly.numbers) - 1
+    assert path.exists() and places(a.repo)[int(row["ref"])][0] == name
