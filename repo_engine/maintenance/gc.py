@@ -103,13 +103,15 @@ class _Listed:
 
 def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unused: float = 10.0,
        wait_timeout: float | None = None, tick: Tick | None = None,
-       grace: float | None = None) -> GcReport:
-    """`grace`: a shared repository's grace period in seconds (shared_gc.py; None: its default)."""
+       grace: float | None = None, repack: bool = False) -> GcReport:
+    """`grace`: a shared repository's grace period in seconds (shared_gc.py; None: its default);
+    `repack`: a shared repository's gc rewrites partly used packs (otherwise reports the cost;
+    this gc always repacks)."""
     if repo.config.shared:  # many hosts, no counts: plan, wait for leases, sweep
         from .shared_gc import DEFAULT_GRACE, gc as shared_gc
 
         return shared_gc(repo, grace=DEFAULT_GRACE if grace is None else grace, dry_run=dry_run,
-                         max_unused=max_unused, tick=tick)
+                         max_unused=max_unused, repack=repack, tick=tick)
     started = time.monotonic()
     report = GcReport(mode="full" if full else "incremental", dry_run=dry_run)
     if dry_run:

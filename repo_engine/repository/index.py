@@ -288,23 +288,27 @@ class Index:
         self._add(txn, "pack_bytes", size)
 
     def _put_chunks(self, txn: lmdb.Transaction, number: int, entries: list[PackEntry]) -> int:
-        """Index new chunks of pack `number`: ids, places and the chunk counters; returns their
-        stored bytes."""
-        raw = stored = 0
+        """Index the chunks of pack `number`: ids, places and the chunk counters; returns their
+        stored bytes. A ref placed already (a repacked or healed copy) moves to this pack and
+        is counted once."""
+        raw = stored = new = total = 0
         for e in entries:
             txn.put(e.chunk_id, U64.pack(e.ref), db=self.ids, overwrite=False)
-            txn.put(REF_KEY.pack(e.ref),
-                    REF_REC.pack(e.chunk_id, number, e.offset, e.stored, e.raw, e.codec),
-                    db=self.refs)
-            raw, stored = raw + e.raw, stored + e.stored
-        for key, delta in (("chunks", len(entries)), ("raw_bytes", raw), ("stored_bytes", stored)):
+            old = txn.replace(REF_KEY.pack(e.ref),
+                              REF_REC.pack(e.chunk_id, number, e.offset, e.stored, e.raw, e.codec),
+                              db=self.refs)
+            was = (0, 0) if old is None else REF_REC.unpack(old)[3:5]
+            new += old is None
+            raw, stored = raw + e.raw - was[1], stored + e.stored - was[0]
+            total += e.stored
+        for key, delta in (("chunks", new), ("raw_bytes", raw), ("stored_bytes", stored)):
             self._add(txn, key, delta)
         if entries:
             # rebuild-index inserts refs that no reservation of this index handed out
             top = max(e.ref for e in entries)
             if self._get_u64(txn, b"next_ref", self.meta) <= top:
                 txn.put(b"next_ref", U64.pack(top + 1), db=self.meta)
-        return stored
+        return total
 
     def pack_info(self, number: int) -> PackInfo:
         with self.env.begin() as txn:
