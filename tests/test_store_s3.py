@@ -314,35 +314,25 @@ class TestRetries:
             store.put("points/0000000000000002.point", b"another", if_absent=True)
 
 
-    def test_put_file_retried_sends_the_whole_file_again(self, proxy, s3_bucket):
-        """A single PUT streams the spool file; an attempt cut off sends it again from its
-        start, never from where the lost attempt stopped."""
+    @pytest.mark.parametrize("fault, count", [("reset", 2), ("lost-reply", 1)])
+    def test_put_file_retried_streams_the_whole_file_again(self, proxy, s3_bucket, fault, count):
+        """A single PUT streams the spool file. An attempt cut off ("reset") is sent again from
+        the file's start, never from where it stopped; one whose answer was lost meets 412 on
+        its own object, which is compared piece by piece to the last byte: the put succeeded.
+        A file that differs from the object in its last byte still meets ObjectExists."""
         store = S3Store(f"s3://{s3_bucket}/r", settings_for(proxy.endpoint))
         data = os.urandom(5 * MIB)  # below the multipart threshold
         path = store.spool_dir() / "p"
         path.write_bytes(data)
-        proxy.arm("reset", 2)
+        proxy.arm(fault, count)
         store.put_file("packs/00/p.pack", path, if_absent=True)
-        assert proxy.served == 2 and not path.exists()
-        assert store.get("packs/00/p.pack", limit=len(data)) == data
-
-    def test_lost_reply_of_a_streamed_put_file(self, proxy, s3_bucket):
-        """The answer to a put_file's PUT is lost and its retry meets 412: the object is the
-        file's own bytes (compared piece by piece, to the last byte), so the put succeeded;
-        a file that differs only in its last byte still meets ObjectExists."""
-        store = S3Store(f"s3://{s3_bucket}/r", settings_for(proxy.endpoint))
-        data = os.urandom(5 * MIB)
-        path = store.spool_dir() / "p"
-        path.write_bytes(data)
-        proxy.arm("lost-reply", 1)
-        store.put_file("packs/00/p.pack", path, if_absent=True)
-        assert proxy.served == 1 and not path.exists()
+        assert proxy.served == count and not path.exists()
         assert store.get("packs/00/p.pack", limit=len(data)) == data
         path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-        proxy.arm("lost-reply", 1)
+        proxy.arm(fault, count)
         with pytest.raises(ObjectExists):
             store.put_file("packs/00/p.pack", path, if_absent=True)
-        assert proxy.served == 2
+        assert proxy.served == 2 * count
 
 
 def test_put_file_streams_the_spool_file(store):
