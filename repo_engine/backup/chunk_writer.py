@@ -21,7 +21,9 @@ UPLOADS = 3  # packs published at once; the pack writer waits for a free slot
 # index commits (a miss here only costs a duplicate chunk, never correctness); up to UPLOADS
 # packs are being published, one sealed waits for a slot
 RECENT_PACKS = UPLOADS + 2
-QUEUE_BYTES = 32 << 20
+# chunks queued for the pack writer: when uploads are what limits a backup, this queue is full
+# and its bytes are resident, so it is kept small (the pack writer itself never waits long)
+QUEUE_BYTES = 16 << 20
 # chunks go to the pack writer in lists of about this many stored bytes: one queue hand-over
 # (lock, notify, thread wake-up, all under the GIL) per list instead of per chunk
 HANDOVER_BYTES = 1 << 20
