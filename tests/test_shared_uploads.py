@@ -1,6 +1,7 @@
 """A backup publishes its packs from several upload threads (backup/chunk_writer.py): the packs
 overlap in flight, at most UPLOADS at once and UPLOADS + 1 spool files; each pack is indexed only
-once it is durable in the store, the point only once every pack is; an upload failing midway
+once it is durable in the store (INDEX_BATCH packs a commit, so a shared repository writes
+fewer journal entries), the point only once every pack is; an upload failing midway
 fails the backup with one line, stores no point, and gc removes what it left. Run against the
 real SeaweedFS server (tests/s3server.py) and a local repository alike."""
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import MIB, DiskModel
-from repo_engine.backup.chunk_writer import UPLOADS
+from repo_engine.backup.chunk_writer import INDEX_BATCH, UPLOADS
 from repo_engine.repository.packs import pack_object
 from repo_engine.repository.repo import Repository
 from repo_engine.repository.store import StoreError
@@ -41,6 +42,7 @@ class Uploads:
     most_in_flight: int = 0
     published: set[str] = field(default_factory=set)
     indexed: list[str] = field(default_factory=list)
+    commits: int = 0
     points: int = 0
     fail_at: int = 0  # the n-th pack upload fails (0: none does)
     started: int = 0
@@ -80,6 +82,7 @@ class Uploads:
             assert repo.store.exists(pack_object(pack.name)), pack.name
         index_packs(repo, packs)
         self.indexed += [pack_object(p.name) for p in packs]
+        self.commits += 1
 
     def commit_point(self, commit_point, repo: Repository, point, maps=None) -> None:
         with self.lock:  # every pack durable and indexed, no upload running
@@ -148,6 +151,8 @@ def test_packs_upload_in_parallel_bounded_and_indexed_once_durable(repo, model, 
     assert uploads.spool_seen == UPLOADS + 1  # those and the pack being written
     assert uploads.points == 1 and len(uploads.published) > 2 * UPLOADS
     assert sorted(uploads.published) == sorted(uploads.indexed)  # each once
+    # every commit but the last (at the flush) takes at least INDEX_BATCH packs
+    assert uploads.commits <= len(uploads.published) // INDEX_BATCH + 1
     point = result.json()["point"]["id"]
     assert restored(repo, point, tmp_path / "out.img") == model.copy_of_content()
 

@@ -3,7 +3,9 @@ chunks to a background pack writer that seals each full pack and hands it to a f
 threads, which publish it and then commit it to the index (write order steps 1 and 2). Writing,
 hashing and publishing packs overlap the reading; several packs upload at once (object storage
 answers each PUT slowly, but many in parallel), at most UPLOADS of them, so the spool holds at
-most UPLOADS + 1 pack files."""
+most UPLOADS + 1 pack files. Published packs are indexed INDEX_BATCH at a time, the rest when
+the backup flushes: on a shared repository each index commit is a journal entry, a few
+requests (lease checks, catch-up, the conditional PUT), so fewer commits mean fewer requests."""
 
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ from ..repository.repo import Repository
 
 REF_RESERVATION = 4096
 UPLOADS = 3  # packs published at once; the pack writer waits for a free slot
+INDEX_BATCH = UPLOADS  # published packs indexed in one commit
 # dicts of the packs handed over last: workers may have looked ids up before those packs'
-# index commits (a miss here only costs a duplicate chunk, never correctness); up to UPLOADS
-# packs are being published, one sealed waits for a slot
-RECENT_PACKS = UPLOADS + 2
+# index commits (a miss here only costs a duplicate chunk, never correctness); not indexed yet
+# are: one sealed waiting for a slot, UPLOADS being published, up to INDEX_BATCH - 1 waiting
+# for their batch and a batch being committed
+RECENT_PACKS = 1 + UPLOADS + 2 * INDEX_BATCH
 # chunks queued for the pack writer: when uploads are what limits a backup, this queue is full
 # and its bytes are resident, so it is kept small (the pack writer itself never waits long)
 QUEUE_BYTES = 16 << 20
@@ -31,8 +35,8 @@ _ROLL, _STOP = "roll", "stop"
 
 
 class _Indexer:
-    """Commits published packs to the index, one commit at a time; the packs published while a
-    commit runs go together in the next one (on a shared repository: one journal entry)."""
+    """Commits published packs to the index, INDEX_BATCH or more at a time (on a shared
+    repository: one journal entry), one commit at a time; `commit` takes the rest."""
 
     def __init__(self, repo: Repository) -> None:
         self._repo = repo
@@ -40,10 +44,16 @@ class _Indexer:
         self._waiting = threading.Lock()
         self._published: list[FinishedPack] = []
 
-    def commit(self, pack: FinishedPack) -> None:
-        """Returns once `pack` is in the index (committed by this call or a concurrent one)."""
+    def add(self, pack: FinishedPack) -> None:
+        """Note a published pack; commit the packs waiting once there are INDEX_BATCH."""
         with self._waiting:
             self._published.append(pack)
+            if len(self._published) < INDEX_BATCH:
+                return
+        self.commit()
+
+    def commit(self) -> None:
+        """Commit every pack noted and not indexed yet (a concurrent call may take some)."""
         with self._committing:
             with self._waiting:
                 batch, self._published = self._published, []
@@ -104,22 +114,24 @@ class _PackSink(threading.Thread):
         self._pending.append(self._uploads.submit(self._publish, sealed))
 
     def _publish(self, sealed: SealedPack) -> None:
-        """In an upload thread: the pack durable in the store, then in the index."""
+        """In an upload thread: the pack durable in the store, then noted for the index."""
         try:
             if self.error is not None or self.discard:
                 sealed.discard()  # the backup failed or ends: no point will name it
                 return
-            self._indexer.commit(sealed.publish(self._repo.store))
+            self._indexer.add(sealed.publish(self._repo.store))
         except BaseException as exc:
             self._fail(exc)
         finally:
             self._slots.release()
 
     def wait_uploads(self) -> None:
-        """Wait for every pack submitted so far to be published and indexed (or to fail); call
-        with the pack writer idle (its queue joined)."""
+        """Wait for every pack submitted so far to be published (or to fail), then index those
+        not indexed yet; call with the pack writer idle (its queue joined)."""
         wait(self._pending)
         self._pending = []
+        if self.error is None:
+            self._indexer.commit()
 
     def shut_down(self) -> None:
         """Stop the pack writer and the upload threads; packs not uploaded yet are dropped."""
