@@ -69,6 +69,7 @@ class Step:
     down: int  # answer body bytes
     down_gets: int  # body bytes of object GETs (what was read back)
     stdout: str = field(repr=False, default="")
+    cpu: float = 0.0  # user + system CPU seconds of the command
 
     @property
     def requests(self) -> int:
@@ -103,7 +104,8 @@ def step_of(m: Measure, requests: list[Request], prefix: str) -> Step:
     gets = [r for r in requests if op_of(r) == "GET"]
     return Step(m.seconds, m.maxrss_kb, m.rc, {op: ops[op] for op in OPS},
                 dict(Counter(area_of(r, prefix) for r in gets)), sum(r.bytes_up for r in requests),
-                sum(r.bytes_down for r in requests), sum(r.bytes_down for r in gets), m.stdout)
+                sum(r.bytes_down for r in requests), sum(r.bytes_down for r in gets), m.stdout,
+                m.cpu_seconds)
 
 
 def total(steps: list[Step]) -> dict[str, int]:
@@ -342,14 +344,17 @@ def backup_part(bench: Bench, peers: list[Peer], work: Path, days: int) -> dict:
 
 
 def backup_table(results: dict) -> list[str]:
-    head = ["tool", "full s", "incr. s (mean)", "all backups s", "requests", "PUT+POST", "GET",
+    head = ["tool", "full s", "full CPU s", "incr. s (mean)", "all backups s", "requests",
+            "full: requests", "PUT+POST", "GET",
             "LIST", "requests / GiB stored", "sent MiB", "bucket MiB", "objects", "peak RSS MB"]
     rows = []
     for name, r in results.items():
         steps = [Step(**s) for s in r["steps"]]
         incr = [s.seconds for s in steps[1:]]
-        rows.append([name, f"{steps[0].seconds:.2f}", f"{np.mean(incr):.2f}" if incr else "—",
+        rows.append([name, f"{steps[0].seconds:.2f}", f"{steps[0].cpu:.2f}",
+                     f"{np.mean(incr):.2f}" if incr else "—",
                      f"{sum(s.seconds for s in steps):.2f}", str(r["requests"]),
+                     str(steps[0].requests),
                      str(r["PUT"] + r["POST"]), str(r["GET"]), str(r["LIST"]),
                      f"{r['requests'] / (r['bucket_bytes'] / GIB):.0f}",
                      f"{r['up'] / MIB:.1f}", f"{r['bucket_bytes'] / MIB:.1f}",
