@@ -229,11 +229,18 @@ class Repository:
     def commit_pack(self, writer: PackWriter) -> FinishedPack:
         """Publish a pack durably, then record it in the index (write order step 1 -> 2)."""
         finished = writer.finish()
-        if self.config.shared:
-            self.commit_journal(lambda _seq: [PackOp.of(finished)])
-        else:
-            self.index.commit_pack(finished)
+        self.index_packs([finished])
         return finished
+
+    def index_packs(self, packs: list[FinishedPack]) -> None:
+        """Record published packs (only `SealedPack.publish` makes a FinishedPack: each is
+        durable in the store) in the index; in a shared repository as one journal entry, so
+        that packs published together cost one commit."""
+        if self.config.shared:
+            self.commit_journal(lambda _seq: [PackOp.of(pack) for pack in packs])
+            return
+        for pack in packs:
+            self.index.commit_pack(pack)
 
     def reserve_refs(self, count: int) -> range:
         """Fresh refs for new chunks, never handed out before: `count` of them from the index's
