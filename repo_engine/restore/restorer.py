@@ -245,23 +245,29 @@ class _Budget:
 @dataclass
 class _Batch:
     """Checked chunks a worker hands to the writer at once: each chunk's data and the blocks it
-    fills."""
+    fills, written in one call (`Disk.write_chunks`: one GIL round trip per batch)."""
 
     blocks: list[np.ndarray] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
     data: list[bytes] = field(default_factory=list)
     nbytes: int = 0
 
     def add(self, blocks: np.ndarray, data: bytes) -> None:
         self.blocks.append(blocks)
+        self.counts.append(len(blocks))
         self.data.append(data)
         self.nbytes += len(data)
+
+    def write(self, device: vddk_ext.Disk, block_size: int) -> None:
+        device.write_chunks(block_size, np.concatenate(self.blocks),
+                            np.array(self.counts, dtype=np.uint64), self.data)
 
 
 class _BlockWriter:
     """The one thread that writes the target. Workers decode and check chunks in parallel and
     hand them over in batches: several threads writing one file contend for its lock (and the
-    GIL on every return) and cost more CPU than the writes themselves, while one writer keeps
-    the target's writes flowing and the disk busy (`_Writeback`). The decoded bytes handed over
+    GIL on every return) and cost more CPU than the writes themselves, while one writer, one
+    call per batch, keeps the target's writes flowing and the disk busy (`_Writeback`). The decoded bytes handed over
     and not yet written stay under `cap`. A failed write is raised to the worker handing over
     the next batch (the restore stops) and again by `close`."""
 
@@ -285,8 +291,7 @@ class _BlockWriter:
         while (batch := self._queue.get()) is not None:
             try:
                 if self._error is None:
-                    for blocks, data in zip(batch.blocks, batch.data):
-                        self._device.write_blocks(self._bs, blocks, data)
+                    batch.write(self._device, self._bs)
                     self._writeback.wrote(batch.nbytes)
             except BaseException as exc:  # noqa: BLE001 - raised again by put and close
                 self._error = exc
