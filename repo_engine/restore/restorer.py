@@ -267,9 +267,9 @@ class _BlockWriter:
     """The one thread that writes the target. Workers decode and check chunks in parallel and
     hand them over in batches: several threads writing one file contend for its lock (and the
     GIL on every return) and cost more CPU than the writes themselves, while one writer, one
-    call per batch, keeps the target's writes flowing and the disk busy (`_Writeback`). The decoded bytes handed over
-    and not yet written stay under `cap`. A failed write is raised to the worker handing over
-    the next batch (the restore stops) and again by `close`."""
+    call per batch, keeps the target's writes flowing and the disk busy (`_Writeback`). The
+    decoded bytes handed over and not yet written stay under `cap`. A failed write is raised
+    to the worker handing over the next batch (the restore stops) and again by `close`."""
 
     def __init__(self, device: vddk_ext.Disk, block_size: int, writeback: _Writeback,
                  cap: int) -> None:
