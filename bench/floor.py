@@ -2,7 +2,7 @@
 """The machine's floor for each phase of a backup and a restore, and repo-engine against it.
 
     python3 bench/floor.py --work DIR [--days N] [--repo-engine CMD ...] [--python PY]
-                           [--parts full,incremental,restore] [--scratch DIR]
+                           [--parts full,incremental,restore] [--rounds N] [--scratch DIR]
 
 On a bench/workload.py work dir, times (wall seconds, each command followed by `sync`):
   read      `cat` of the image (page cache); for a restore, of the whole repository, cold
@@ -22,7 +22,8 @@ durable); every time is printed as a multiple of the floor: the sum of the phase
 the overlapped floor (start-up + max(read + hash + compress, write)), which a perfect pipeline
 could reach. `--parts` limits the operations measured and reported (the day 0 full backup
 always runs: the incrementals need it); `--scratch` is where the repositories and the floors'
-data go (default WORK/bench-floor; the work dir is then written to).
+data go (default WORK/bench-floor; the work dir is then written to); `--rounds` cold
+restores per build (default 2).
 """
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ from run import MIB, RepoEngine, evict, measure, parse_json_output, warm
 IMPORTS = "import numpy, blake3, zstandard, lmdb"
 CPU_PHASES = ("read", "hash", "compress")
 BLOCK = 64 * 1024
-RESTORE_ROUNDS = 2
 FLOOR_ROUNDS = 2
 PARTS = ("full", "incremental", "restore")
 DATA = {"full": "day 0's non-zero 64 KiB blocks", "incremental": "the last day's changed extents",
@@ -183,9 +183,9 @@ class EngineRun:
 
 
 def run_engines(engines: list[EngineRun], work: Path, days: int, root: Path,
-                restore: bool) -> None:
-    """Every engine: init, day 0 full, days 1..N incremental, with `restore` a cold restore of
-    day N (interleaved per step, the order rotated each step)."""
+                rounds: int) -> None:
+    """Every engine: init, day 0 full, days 1..N incremental, `rounds` cold restores
+    of day N (interleaved per step, the order rotated each step)."""
     current = root / "current.img"
     tools = {e.label: RepoEngine(root / e.label, current, e.command) for e in engines}
     for e in engines:
@@ -212,7 +212,7 @@ def run_engines(engines: list[EngineRun], work: Path, days: int, root: Path,
                   f"(engine {parse_json_output(m.stdout)['backup'].get('seconds', '?')} s)",
                   file=sys.stderr)
     expected = work / f"day{days}.img"
-    for order in range(RESTORE_ROUNDS if restore else 0):   # ABBA: each engine restores first once
+    for order in range(rounds):   # ABBA: each engine restores first in turn
         for e in engines[::-1] if order % 2 == 0 else engines:
             restore_once(e, tools[e.label], days, expected)
 
@@ -240,6 +240,8 @@ def loadavg() -> str:
 
 def report(floors: dict[str, Floor], engines: list[EngineRun], loads: dict[str, str],
            sizes: dict[str, int]) -> str:
+    """The floors' table, then each command's times against its operation's floor (the
+    operations that have one)."""
     phases = ["start-up", "read", "hash", "compress", "write"]
     lines = ["| operation | " + " | ".join(phases) + " | floor (sum) | floor (overlapped) | "
              "floor CPU s | load avg |", "|---|" + "---|" * (len(phases) + 4)]
@@ -259,7 +261,8 @@ def report(floors: dict[str, Floor], engines: list[EngineRun], loads: dict[str, 
             lines.append(f"| {e.label} | {op} | {secs:.2f} | {secs / fl.serial:.2f}× | "
                          f"{secs / fl.overlapped:.2f}× | {cpu:.2f} | {cpu / fl.cpu:.2f}× | "
                          + ("ok" if e.ok else "FAILED: " + "; ".join(e.notes)) + " |")
-    lines += ["", "incremental = mean over days 1..N; restore = mean of two cold restores; "
+    rounds = len(engines[0].restores)
+    lines += ["", f"incremental = mean over days 1..N; restore = mean of {rounds} cold restores; "
               f"load average (1, 5, 15 min) after the engines ran: {loads['engines']}; floor "
               "data (hashed, compressed, written): "
               + ", ".join(f"{op} {sizes[op] / MIB:.1f} MiB ({DATA[op]})" for op in floors) + "."]
@@ -308,6 +311,7 @@ def main() -> None:
     ap.add_argument("--scratch", type=Path, help="where the repositories and the floors' data "
                     "go, emptied first (default: WORK/bench-floor)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "floor.md")
+    ap.add_argument("--rounds", type=int, default=2, help="cold restores per build (ABBA order)")
     args = ap.parse_args()
     parts = [p for p in PARTS if p in args.parts.split(",")]
     if not parts or set(args.parts.split(",")) - set(PARTS):
@@ -324,7 +328,7 @@ def main() -> None:
     python = args.python or str(Path(shutil.which(engines[0].command[0]) or sys.executable).parent
                                 / "python")
     loads: dict[str, str] = {}
-    run_engines(engines, work, days, root, restore="restore" in parts)
+    run_engines(engines, work, days, root, args.rounds if "restore" in parts else 0)
     loads["engines"] = loadavg()
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         floors, sizes = measure_floors(work, days, root / engines[0].label / "repo", Path(tmp),
