@@ -69,7 +69,7 @@ from ..errors import DamageError, RepoError
 from .formats import INDEX_VERSION
 from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp, RefsOp,
                       SweepOp, WaitsOp)
-from .lmdbfile import check_data_file
+from .lmdbfile import check_data_file, cover_last_page
 from .packs import FinishedPack, PackEntry
 from .points import PointRecord
 from .safefile import FILE_MODE, make_dir
@@ -668,8 +668,8 @@ class Index:
             catalog = self._catalog(txn)
             doomed = ids & set(catalog)
             while True:
-                blocked = doomed & {d.get("parent") for r in catalog.values() if r["id"] not in doomed
-                                    for d in r["disks"]}
+                blocked = doomed & {d.get("parent") for r in catalog.values()
+                                    if r["id"] not in doomed for d in r["disks"]}
                 if not blocked:
                     break
                 doomed -= blocked
@@ -681,6 +681,8 @@ class Index:
             removed = doomed | (ids - set(catalog))
             for point_id in removed:
                 txn.delete(point_id.encode(), db=self.forgetting)
+        with self.env.begin(write=True):  # a large delete frees many pages: see cover_last_page
+            cover_last_page(Path(self.env.path()) / "data.mdb")
         return removed
 
     def delete_point(self, point_id: str) -> None:
