@@ -57,14 +57,21 @@ class Timed:
     rc: int
 
 
-def measure(command: list[str], log: Path) -> Timed:
+def measure(command: list[str], log: Path, timeout: float) -> Timed:
     """Run a command under GNU time: wall and CPU seconds, peak RSS. No `sync` around it (as
     bench/run.py does for backups): these commands write little, and a sync would time the
-    other writers of a shared machine."""
+    other writers of a shared machine. Past `timeout` seconds the command is killed and
+    reported as such (rc -9, the timeout as its wall time)."""
     stats = log.with_suffix(".time")
     with open(log, "w") as out:
-        rc = subprocess.run([TIME, "-f", "%e %U %S %M", "-o", str(stats), *command],
-                            stdout=out, stderr=out).returncode
+        proc = subprocess.Popen([TIME, "-f", "%e %U %S %M", "-o", str(stats), *command],
+                                stdout=out, stderr=out, start_new_session=True)
+        try:
+            rc = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            return Timed(command[-1], timeout, 0.0, 0, -9)
     wall, user, system, rss = stats.read_text().split()[-4:]
     return Timed(" ".join(command[-1:]), float(wall), round(float(user) + float(system), 2),
                  int(rss), rc)
@@ -178,7 +185,8 @@ def run_part(name: str, part: Part, args: argparse.Namespace,
             timed = []
             for what, argv in part.commands(copy):
                 log = args.work / "logs" / f"{name}-{size}-{label}-{len(timed)}.log"
-                timed.append(replace(measure([*command, *argv], log), command=what))
+                timed.append(replace(measure([*command, *argv], log, args.timeout),
+                                     command=what))
             per_build[label] = [asdict(t) for t in timed]
             shutil.rmtree(copy)
         results[str(size)] = {"build": info, "runs": per_build}
@@ -200,7 +208,8 @@ def table(name: str, part: Part, result: dict) -> str:
             cells = []
             for s in sizes:
                 t = result[s]["runs"][label][i]
-                cells.append("FAILED" if t["rc"] else
+                cells.append(f"> {t['seconds']:.0f} s (killed)" if t["rc"] == -9 else
+                             "FAILED" if t["rc"] else
                              f"{t['seconds']:.2f} s ({t['cpu_seconds']:.2f} cpu, "
                              f"{t['maxrss_kb'] // 1024} MiB)")
             rows.append([row["command"], label] + cells)
@@ -229,6 +238,8 @@ def main() -> None:
     ap.add_argument("--repo-engine", dest="builds", action="append", type=parse_build,
                     metavar="LABEL=CMD", help="a build to time (repeatable); default: this "
                     "checkout's, next to the interpreter")
+    ap.add_argument("--timeout", type=float, default=600,
+                    help="seconds a command may take before it is killed (default 600)")
     ap.add_argument("--keep", action="store_true", help="keep the built repositories")
     ap.add_argument("--reuse", action="store_true", help="time the repositories a run with "
                     "--keep left in --work (same sizes) instead of building them again")

@@ -73,7 +73,7 @@ def forget_points(repo: Repository, ids: list[str], *,
         if repo.config.shared:
             return _forget_shared(repo, ids, tick)
         mark_forgetting(repo, ids)
-        return finish_pending(repo, tick=tick)
+        return finish_pending(repo, tick=tick, catalog=catalog)
 
 
 def mark_forgetting(repo: Repository, ids: list[str]) -> None:
@@ -89,18 +89,20 @@ def pending(repo: Repository) -> list[str]:
         return [k.decode() for k, _ in txn.cursor(db=index.forgetting)]
 
 
-def finish_pending(repo: Repository, *,
-                   tick: Callable[[int], None] | None = None) -> ForgetReport:
+def finish_pending(repo: Repository, *, tick: Callable[[int], None] | None = None,
+                   catalog: dict[str, PointRecord] | None = None) -> ForgetReport:
     """Complete every marked removal (the caller holds the maintenance lock): the points built
     on marked ones are rewritten first (each its own commit), then every marked point no
     catalogued point depends on leaves the catalog in one transaction. A point a backup built
-    on a marked one meanwhile is rewritten on the next round."""
+    on a marked one meanwhile is rewritten on the next round. `catalog`: the points as the
+    caller read them under the lock (else read here)."""
     report = ForgetReport()
     for _round in range(10):
         todo = set(pending(repo))
         if not todo:
             return report
-        catalog = {p.id: p for p in repo.points()}
+        if catalog is None:
+            catalog = {p.id: p for p in repo.points()}
         rewrites, _maps = rebased(repo, catalog, todo)
         for point in rewrites:
             repo.rewrite_point(catalog[point.id], disks=point.disks)
@@ -111,6 +113,7 @@ def finish_pending(repo: Repository, *,
                                  if i in catalog else (0, "", i))
         if tick:
             tick(len(removed))
+        catalog = None  # the next round (points a backup built meanwhile) reads it again
     raise LockedError("backups kept adding points onto the points being forgotten; run forget "
                       "again")
 
