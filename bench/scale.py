@@ -64,8 +64,10 @@ def measure(command: list[str], log: Path, timeout: float) -> Timed:
     reported as such (rc -9, the timeout as its wall time)."""
     stats = log.with_suffix(".time")
     with open(log, "w") as out:
+        # run from the log directory: `python -m repo_engine` must not import a checkout that
+        # happens to be the current directory instead of the build's
         proc = subprocess.Popen([TIME, "-f", "%e %U %S %M", "-o", str(stats), *command],
-                                stdout=out, stderr=out, start_new_session=True)
+                                stdout=out, stderr=out, start_new_session=True, cwd=log.parent)
         try:
             rc = proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -131,7 +133,8 @@ def points_commands(path: Path) -> list[tuple[str, list[str]]]:
     """The commands timed on a built repository, in order (the last two change it)."""
     repo = str(path / "repo")
     listing = subprocess.run([sys.executable, "-m", "repo_engine", "points", repo, "--vm",
-                              "vm000", "--json"], capture_output=True, text=True, check=True)
+                              "vm000", "--json"], capture_output=True, text=True, check=True,
+                             cwd=ROOT)
     some = json.loads(listing.stdout)["points"][0]["id"][:8]
     disk = f"sda={path / 'disks' / 'vm000.img'}"
     changed = f"sda={path / 'disks' / 'vm000.json'}"
