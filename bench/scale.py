@@ -130,7 +130,9 @@ def build_points(path: Path, count: int, vms: int, days: float) -> dict:
 
 
 def points_commands(path: Path) -> list[tuple[str, list[str]]]:
-    """The commands timed on a built repository, in order (the last two change it)."""
+    """The commands timed on a built repository, in order (the last three change it): the
+    one-point forget is the daily prune's share per VM, the GFS one the first prune of a long
+    history (most points go)."""
     repo = str(path / "repo")
     listing = subprocess.run([sys.executable, "-m", "repo_engine", "points", repo, "--vm",
                               "vm000", "--json"], capture_output=True, text=True, check=True,
@@ -145,6 +147,7 @@ def points_commands(path: Path) -> list[tuple[str, list[str]]]:
             ("forget --dry-run (GFS)", ["forget", repo, *GFS, "--dry-run"]),
             ("backup (finds its parent)", ["backup", "image", repo, "--vm", "vm000",
                                            "--disk", disk, "--changed", changed]),
+            ("forget ID --prune (one point)", ["forget", repo, some, "--prune"]),
             ("forget --prune (GFS)", ["forget", repo, *GFS, "--prune"])]
 
 
