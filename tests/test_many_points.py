@@ -214,8 +214,9 @@ def test_a_backup_reads_its_parent_chain_and_its_vm_records_only(fleet, capsys,
     vm_points = len(fleet.ids["vm0"])
     with counted(monkeypatch) as reads, Repository.open(fleet.repo_path) as repo:
         point = fleet.backup(repo, "vm0", START + timedelta(days=600))
-        made = repo.catalogued(point)
-    assert made is not None and made.disks[0].parent == parent.id
+    with Repository.open(fleet.repo_path) as repo:
+        made = repo.points("vm0")[-1]
+    assert made.id == point and made.disks[0].parent == parent.id
     assert made.disks[0].kind == "delta" and made.disks[0].links == chain + 1
     assert reads_of(reads, "points", "list points/") == {"points": 0, "list points/": 0}
     assert reads["maps"] == chain
