@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import lmdb
 import numpy as np
 
 from ..errors import (DamageError, LockedError, NotARepository, PointNotFound, RepoError,
@@ -363,7 +364,7 @@ class Repository:
         catalogued point still names it as a parent: then False (the caller consolidates that
         child first). A point gone already counts as removed."""
         if not self.config.shared:
-            return self.index.remove_if_childless(point_id)
+            return point_id in self.index.remove_childless({point_id})
         try:
             self.commit_journal(partial(self._forget_ops, point_id))
         except NothingToCommit as done:
@@ -419,8 +420,17 @@ class Repository:
     def points(self, vm: str | None = None) -> list[PointRecord]:
         """Catalogued points in commit order (the sequence the catalog commit assigned, never
         wall-clock time; points from before sequences existed have 0 and come first, by time)."""
-        records = [PointRecord.from_dict(r) for r in self.index.points_records()]
-        return sorted((p for p in records if vm is None or p.vm == vm), key=commit_order)
+        records = [PointRecord.from_dict(r) for r in self.index.points_records(vm)]
+        return sorted(records, key=commit_order)
+
+    def catalogued(self, point_id: str) -> PointRecord | None:
+        """The catalog record of one point (None when it is not catalogued)."""
+        with self.index.env.begin() as txn:
+            return self._record_in(txn, point_id)
+
+    def _record_in(self, txn: lmdb.Transaction, point_id: str) -> PointRecord | None:
+        record = self.index.get_record(txn, point_id) if point_id else None
+        return None if record is None else PointRecord.from_dict(record)
 
     def load_point(self, point_id: str) -> PointRecord:
         """The full manifest, configuration included, read and checked from disk."""
@@ -445,18 +455,21 @@ class Repository:
             raise PointNotFound(f"point {point_id[:8]} was forgotten meanwhile") from None
 
     def find_point(self, ref: str) -> PointRecord:
-        """Resolve a short id, `VM@latest` or `VM@<time prefix>` to one catalogued point."""
-        points = self.points()
+        """Resolve a short id, `VM@latest` or `VM@<time prefix>` to one catalogued point,
+        reading only the records of that id prefix or that VM."""
         if "@" in ref:
             vm, when = ref.rsplit("@", 1)
-            matches = [p for p in points if p.vm == vm]
+            matches = self.points(vm)
             if when != "latest":
                 matches = [p for p in matches if p.time.startswith(when)]
             elif matches:
                 matches = matches[-1:]
         else:
-            matches = [p for p in points if p.id.startswith(ref.lower())] if ref else []
+            matches = sorted((PointRecord.from_dict(r) for r in
+                              self.index.records_by_prefix(ref.lower())), key=commit_order) \
+                if ref else []
         if not matches:
+            self.points()  # every record read: a damaged one is reported as damage, not as this
             raise PointNotFound(f"no restore point matches {ref!r} (see 'repo-engine points')")
         if len(matches) > 1:
             names = ", ".join(f"{p.id[:8]} ({p.vm}@{p.time})" for p in matches[:5])
@@ -472,24 +485,26 @@ class Repository:
     def resolve(self, point: PointRecord, key: str) -> np.ndarray:
         """The full block map (one ref per block) of disk `key` at `point`, across its chain."""
         chain: list[tuple[str, int]] = []
-        catalog = {p.id: p for p in self.points()}
         # a forget may have consolidated this point's chain since the caller read its record: the
         # current record resolves to the same content through maps that still exist
-        current: PointRecord | None = catalog.get(point.id, point)
-        while current is not None:
-            disk = current.disk(key)
-            if disk is None:
-                raise PointNotFound(f"point {current.id[:8]} has no disk {key!r}")
-            chain.append((disk.map, disk.nblocks))
-            if disk.kind == "full":
-                break
-            current = catalog.get(disk.parent or "")
-            if current is None and point.id not in catalog:
-                raise PointNotFound(f"no restore point matches {point.id[:8]} any more: a "
-                                    "forget removed it while this command ran")
-            if current is None:
-                raise PointNotFound(f"the chain of disk {key!r} at point {point.id[:8]} is broken: "
-                                    f"parent {disk.parent} is not in the catalog")
+        with self.index.env.begin() as txn:  # one view of the catalog: the chain's records only
+            catalogued = self._record_in(txn, point.id)
+            current: PointRecord | None = catalogued or point
+            while current is not None:
+                disk = current.disk(key)
+                if disk is None:
+                    raise PointNotFound(f"point {current.id[:8]} has no disk {key!r}")
+                chain.append((disk.map, disk.nblocks))
+                if disk.kind == "full":
+                    break
+                current = self._record_in(txn, disk.parent or "")
+                if current is None and catalogued is None:
+                    raise PointNotFound(f"no restore point matches {point.id[:8]} any more: a "
+                                        "forget removed it while this command ran")
+                if current is None:
+                    self.points()  # a damaged record (its key flipped?) is reported as damage
+                    raise PointNotFound(f"the chain of disk {key!r} at point {point.id[:8]} is "
+                                        f"broken: parent {disk.parent} is not in the catalog")
         refs: np.ndarray | None = None
         for name, nblocks in reversed(chain):
             bmap = self.read_map(name)
