@@ -164,8 +164,12 @@ class _Requests:
 
 
 def _make_client(s: S3Settings) -> Any:
+    # Checksums only where the API requires them (botocore's default since 1.36 adds a CRC32 to
+    # every upload, in aws-chunked framing on TLS, which some S3-compatible servers refuse):
+    # every object this store holds carries its own BLAKE3 check, verified on every read.
     config = botocore.config.Config(
         region_name=s.region, s3={"addressing_style": s.style},
+        request_checksum_calculation="when_required", response_checksum_validation="when_required",
         retries={"total_max_attempts": 1}, connect_timeout=s.connect_timeout,
         read_timeout=s.read_timeout, max_pool_connections=max(10, 2 * s.multipart_concurrency))
     session = boto3.session.Session(
