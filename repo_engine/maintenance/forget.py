@@ -78,7 +78,7 @@ def forget_points(repo: Repository, ids: list[str], *,
 
 def mark_forgetting(repo: Repository, ids: list[str]) -> None:
     index = repo.index
-    with index.env.begin(write=True) as txn:
+    with index.write() as txn:
         for point_id in ids:
             txn.put(point_id.encode(), b"", db=index.forgetting)
 

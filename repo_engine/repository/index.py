@@ -193,7 +193,7 @@ class Index:
     def _upgrade_from_1(self) -> None:
         """Version 1 -> 2: seal every catalog record with its check. Records keep no sequence:
         they rank before every sequenced point, by time (see Repository.points)."""
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             for key, value in list(txn.cursor(db=self.points)):
                 record = decode_record(key, value, checked=False)
                 txn.put(key, encode_record(record), db=self.points)
@@ -201,7 +201,7 @@ class Index:
 
     def _upgrade_from_2(self) -> None:
         """Version 2 -> 3: seal every value of the count tables."""
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             for table in SEALED_DBS:
                 db = getattr(self, table)
                 rows = list(txn.cursor(db=db))
@@ -218,6 +218,17 @@ class Index:
                 for (key, _), value in zip(rows, values):
                     txn.put(key, value.tobytes(), db=db)
             txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
+
+    @contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """A write transaction. Once it commits, the data file is made to hold every page its meta
+        page names: LMDB never writes a page allocated and freed in one transaction, so a large
+        delete can leave the file short of its last page, which the next open would take for a
+        truncation (`lmdbfile.cover_last_page`)."""
+        with self.env.begin(write=True) as txn:
+            yield txn
+        with self.env.begin(write=True):
+            cover_last_page(Path(self.env.path()) / "data.mdb")
 
     def close(self) -> None:
         self.env.close()
@@ -238,7 +249,7 @@ class Index:
 
     def reserve_refs(self, count: int) -> int:
         """Reserve `count` fresh refs; returns the first. Refs are never handed out twice."""
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             # never below a ref the index holds: a damaged counter must not hand one out again
             first = max(self._get_u64(txn, b"next_ref", self.meta),
                         _last_key(txn, self.refs) + 1, 1)
@@ -253,7 +264,7 @@ class Index:
 
     def commit_pack(self, pack: FinishedPack) -> int:
         """Record a published pack and its chunks in one transaction; returns its pack number."""
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             return self._record_pack(txn, pack)
 
     def _record_pack(self, txn: lmdb.Transaction, pack: FinishedPack) -> int:
@@ -329,7 +340,7 @@ class Index:
 
     def put_point(self, point_id: str, record: dict) -> None:
         """Catalog a record as it is (rebuild-index: from a manifest, sequence included)."""
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             txn.put(point_id.encode(), encode_record(record), db=self.points)
             self._seq_used(txn, record.get("seq", 0))
 
@@ -373,7 +384,7 @@ class Index:
         ("" for a rewrite), so the caller can note a clock that went backwards.
         `map_refs`: for each map the record names, its unique non-ZERO refs. The existence check
         runs inside the write transaction because gc deletes unused map files inside one too."""
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             for name in map_refs:
                 if not map_exists(name):
                     raise MapMissing(name)
@@ -406,7 +417,7 @@ class Index:
         """Apply a journal entry and advance `journal_seq` to it, in one transaction, when the
         cache holds exactly the entries before it; False when it holds this one already.
         DamageError when an entry before it is missing (the cache skipped one)."""
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             seq = self.journal_seq_in(txn)
             if seq >= entry.seq:
                 return False
@@ -511,7 +522,7 @@ class Index:
         return self._get_u64(txn, b"journal_seq", self.meta)
 
     def set_meta_u64(self, name: str, value: int) -> None:
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             txn.put(name.encode(), U64.pack(value), db=self.meta)
 
     def doomed_maps(self, names: set[str]) -> set[str]:
@@ -643,7 +654,7 @@ class Index:
         return np.frombuffer(raw, dtype="<u8").copy() if raw else np.zeros(0, np.uint64)
 
     def add_reread(self, vm: str, disk: str, blocks: np.ndarray) -> None:
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             key = self.reread_key(vm, disk)
             raw = txn.get(key, db=self.reread)
             old = np.frombuffer(raw, dtype="<u8") if raw else np.zeros(0, "<u8")
@@ -652,7 +663,7 @@ class Index:
 
     def clear_reread(self, vm: str, disk: str, done: np.ndarray) -> None:
         """Forget re-read requests a committed backup has fulfilled."""
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             key = self.reread_key(vm, disk)
             raw = txn.get(key, db=self.reread)
             if raw is None:
@@ -668,7 +679,7 @@ class Index:
         catalogued point outside `ids` names as a parent (one pass over the catalog, whatever
         the number of ids), queue the decrements of their maps and clear their `forgetting`
         marks. Returns those removed, and those of `ids` gone already."""
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             catalog = self._catalog(txn)
             doomed = ids & set(catalog)
             while True:
@@ -685,12 +696,10 @@ class Index:
             removed = doomed | (ids - set(catalog))
             for point_id in removed:
                 txn.delete(point_id.encode(), db=self.forgetting)
-        with self.env.begin(write=True):  # a large delete frees many pages: see cover_last_page
-            cover_last_page(Path(self.env.path()) / "data.mdb")
         return removed
 
     def delete_point(self, point_id: str) -> None:
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             txn.delete(point_id.encode(), db=self.points)
 
     def points_records(self, vm: str | None = None) -> list[dict]:
