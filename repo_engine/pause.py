@@ -24,7 +24,7 @@ from pathlib import Path
 
 # every pause point (`gc.waiting`: gc waits for a running session)
 NAMES = ("repository.before_lock", "backup.before_commit", "gc.recount", "gc.sweep",
-         "gc.waiting", "verify.snapshot", "scrub.snapshot")
+         "gc.repacked", "gc.waiting", "verify.snapshot", "scrub.snapshot")
 
 _NAMES = frozenset(n for n in os.environ.get("REPO_ENGINE_PAUSE", "").split(",") if n)
 

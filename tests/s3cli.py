@@ -79,6 +79,9 @@ class Leftovers:
     packs: list[str]  # packs holding no chunk a point uses (gc drops whole dead packs)
     maps: list[str]
     manifests: list[str]
+    # stored bytes in the packs of chunks no point uses, or of copies no ref places (what a
+    # repack leaves none of)
+    unused_bytes: int = 0
 
 
 def leftovers(location: str, cache: Path) -> Leftovers:
@@ -93,8 +96,28 @@ def leftovers(location: str, cache: Path) -> Leftovers:
         live = [np.unique(repo.resolve(point, disk.key))
                 for point in points for disk in point.disks]
         used = np.unique(np.concatenate(live)) if live else np.zeros(0, np.uint64)
-        packs = [name for name in objects_under(repo, "packs")
-                 if not np.isin(repo.read_trailer(name)["ref"], used).any()]
+        placed, used_set = places(repo), set(used.tolist())
+        packs, unused = [], 0
+        for name in objects_under(repo, "packs"):
+            trailer = repo.read_trailer(name)
+            if not np.isin(trailer["ref"], used).any():
+                packs.append(name)
+            unused += sum(int(e["stored"]) for e in trailer
+                          if int(e["ref"]) not in used_set
+                          or placed.get(int(e["ref"])) != (name, int(e["offset"])))
         maps = set(objects_under(repo, "maps")) - {d.map for p in points for d in p.disks}
         manifests = set(objects_under(repo, "points")) - {p.id for p in points}
-        return Leftovers(sorted(packs), sorted(maps), sorted(manifests))
+        return Leftovers(sorted(packs), sorted(maps), sorted(manifests), unused)
+
+
+def places(repo) -> dict[int, tuple[str, int]]:
+    """ref -> (pack name, offset): where the cache of `repo` places each chunk."""
+    from repo_engine.maintenance.inventory import scan_refs
+    from repo_engine.repository.index import pack_fields
+
+    with repo.index.env.begin() as txn:
+        table = scan_refs(repo.index, txn)
+        names = {int.from_bytes(k, "big"): pack_fields(v)[0]
+                 for k, v in txn.cursor(db=repo.index.packs)}
+    return {int(r): (names[int(p)], int(o))
+            for r, p, o in zip(table["ref"], table["pack"], table["offset"])}

@@ -31,6 +31,13 @@ GC = {"mode": str, "dry_run": bool, "forgets_finished": int, "maps_settled": int
       "tmp_files_deleted": int, "packs_repacked": int, "packs_written": int,
       "packs_deleted": int, "freed_bytes": int, "damaged_packs_skipped": [str],
       "recount": dict, "counts_damaged": [str], "waited_seconds": NUM, "seconds": NUM}
+SHARED_GC = {**GC, "grace_seconds": NUM, "plans_swept": int, "plans_pending": int,
+             "planned_packs": int, "planned_maps": int, "planned_objects": int,
+             "packs_kept_live": int, "repack_packs": int, "repack_read_bytes": int,
+             "repack_write_bytes": int, "repack_requests": int, "repack_reclaims_bytes": int,
+             "repacked_read_bytes": int, "repacked_written_bytes": int,
+             "repacked_requests": int, "repacked_old_bytes": int, "checkpoint": int,
+             "entries_compacted": int, "uploads_aborted": int}
 
 SCHEMAS = {
     "backup": {"point": POINT, "backup": BACKUP},
@@ -134,6 +141,19 @@ def test_every_command_prints_its_pinned_schema(tmp_path, capsys, repo):
     check(pruned["gc"], GC, "forget --prune: gc")
 
 
+def test_gc_of_a_shared_repository_prints_its_pinned_schema(tmp_path, capsys):
+    repo = tmp_path / "shared"
+    assert cli(capsys, "init", repo, "--shared", "--cache-dir", tmp_path / "cache").code == 0
+    model = DiskModel(tmp_path / "d.img", 1 * MIB, np.random.default_rng(3))
+    model.random_changes(4)
+    run_json(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}",
+             "--cache-dir", tmp_path / "cache")
+    for args in ((), ("--repack", "--grace", "0s")):
+        doc = run_json(capsys, "gc", repo, "--cache-dir", tmp_path / "cache", *args)
+        check(doc, SHARED_GC, "gc (shared)")
+        assert doc["mode"] == "shared"
+
+
 def test_empty_listings_are_versioned_objects_and_ratios_null(capsys, repo):
     assert run_json(capsys, "points", repo) == {"points": []}
     stats = run_json(capsys, "stats", repo)
@@ -152,7 +172,8 @@ def test_docs_describe_every_field():
         elif isinstance(schema, list):
             yield from fields(schema[0])
 
-    missing = {f for s in SCHEMAS.values() for f in fields(s) if f"`{f}`" not in doc}
+    missing = {f for s in (*SCHEMAS.values(), SHARED_GC) for f in fields(s)
+               if f"`{f}`" not in doc}
     assert not missing, f"docs/JSON.md does not describe {sorted(missing)}"
     for command in SCHEMAS:
         assert f"`{command}" in doc, command

@@ -5,6 +5,9 @@ could. On a directory store here; tests/test_restore_s3.py does the same on S3."
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import vddk_ext
@@ -17,6 +20,7 @@ from repo_engine.repository.index import LOCATION_DTYPE
 from repo_engine.repository.repo import Repository
 from repo_engine.repository.store.local import LocalStore
 from repo_engine.restore.plan import ReadSettings, read_runs
+from repo_engine.restore import restorer
 from repo_engine.restore.restorer import RestoreDamaged, restore_disk, restore_to_device
 from restore_helpers import WatchedStore, backup_image, damage_pack, pack_of_block
 
@@ -195,3 +199,119 @@ def test_damage_leaves_every_other_block_written_on_a_device(two_points, tmp_pat
         unwritten[offset:offset + length] = True
     assert (got[unwritten] == 0xAA).all()
     assert (got[~unwritten] == want[~unwritten]).all()
+
+
+@pytest.fixture
+def many_packs(tmp_path):
+    """8 MiB in 16 KiB blocks over some thirty 256 KiB packs: random, compressible and zero
+    stretches, and blocks repeated far apart (one chunk, several blocks)."""
+    rng = np.random.default_rng(23)
+    model = DiskModel(tmp_path / "a.img", 8 * MIB + 5000, rng)  # a short last block too
+    for offset in range(0, model.capacity, 256 * KIB):
+        model.write(offset, model.random_data(min(256 * KIB, model.capacity - offset)))
+    repeated = rng.integers(0, 256, BS, dtype=np.uint8).tobytes()
+    for block in (1, 100, 333, 480):
+        model.write(block * BS, repeated)
+    with Repository.init(tmp_path / "repo", block_size=BS, pack_size=256 * KIB) as repo:
+        point = backup_image(repo, "a", model.path)
+    return tmp_path / "repo", model, point
+
+
+def _write_queue_settings() -> list[ReadSettings]:
+    return [ReadSettings(), ReadSettings(write_queue=1, in_flight=8, max_request=64 * KIB),
+            ReadSettings(write_queue=64 * KIB, in_flight=3, max_request=128 * KIB,
+                         plan_blocks=100)]
+
+
+@pytest.mark.parametrize("settings", _write_queue_settings())
+def test_many_packs_restore_whole_through_the_write_queue(many_packs, tmp_path, settings):
+    path, model, point = many_packs
+    with Repository.open(path) as repo:
+        summary = restore_disk(repo, point, "sda", tmp_path / "out.img", reads=settings)
+    assert (tmp_path / "out.img").read_bytes() == bytes(model.content)
+    content = np.frombuffer(bytes(model.content) + bytes(-model.capacity % BS), dtype=np.uint8)
+    assert summary.blocks_written == np.count_nonzero(content.reshape(-1, BS).any(axis=1))
+    assert summary.chunks_read < summary.blocks_written  # the repeated block: one chunk
+
+
+@pytest.mark.parametrize("settings", _write_queue_settings())
+@pytest.mark.parametrize("kind", ["delete", "flip"])
+def test_damage_among_many_packs_names_exactly_its_ranges(many_packs, tmp_path, settings, kind):
+    """Damage in a pack in the middle of the restore, whatever is queued for the writer at the
+    time: the error names exactly the byte ranges of the chunks lost (every block of a chunk
+    that fills several), and no image is left."""
+    path, model, point = many_packs
+    with Repository.open(path) as repo:
+        refs = repo.resolve(point, "sda")
+        lost = damage_pack(kind, repo, repo.store, point, pack_of_block(repo, point, 333))
+        with pytest.raises(RestoreDamaged) as raised:
+            restore_disk(repo, point, "sda", tmp_path / "out.img", reads=settings)
+    assert raised.value.extents == lost
+    shared = np.flatnonzero(refs == refs[333])
+    assert len(shared) > 1
+    if kind == "delete":  # a lost chunk is lost at each of its blocks
+        assert all(any(o <= b * BS < o + n for o, n in lost) for b in shared)
+    assert list(tmp_path.glob("*out.img*")) == []
+
+
+class FailingDisk:
+    """A local disk whose `fail_at`-th batch write fails as a full disk would."""
+
+    def __init__(self, disk: vddk_ext.Disk, fail_at: int) -> None:
+        self.disk, self.fail_at, self.calls = disk, fail_at, 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.disk, name)
+
+    def write_chunks(self, *args: object) -> None:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise vddk_ext.DiskError(28, f"cannot write to {self.disk.path}: no space left")
+        self.disk.write_chunks(*args)
+
+
+@pytest.mark.parametrize("fail_at", [1, 5])
+def test_a_failed_write_stops_the_restore_with_its_error(many_packs, tmp_path, fail_at):
+    """The writer's failure reaches the restore (no hang, no success); nothing of the restore
+    keeps running after it returns."""
+    path, _model, point = many_packs
+    before = threading.active_count()
+    with Repository.open(path) as repo, \
+            vddk_ext.open_local(str(tmp_path / "t.img"), writable=True,
+                                create_size=point.disk("sda").capacity) as disk:
+        failing = FailingDisk(disk, fail_at)
+        with pytest.raises(vddk_ext.DiskError, match="no space left"):
+            restore_to_device(repo, point, "sda", failing, fresh=True,
+                              reads=ReadSettings(write_queue=1, max_request=64 * KIB))
+    deadline = time.monotonic() + 30
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
+
+
+def test_decoded_bytes_queued_for_the_writer_stay_under_their_cap(many_packs, tmp_path,
+                                                                   monkeypatch):
+    """A slow target and a wide read window (64 MiB): the workers decode far ahead of the
+    writer, yet the checked chunks handed over and not written never pass `write_queue`."""
+    path, model, point = many_packs
+    most: dict[int, int] = {}
+
+    class Watched(restorer._Budget):
+        def take(self, nbytes: int) -> None:
+            super().take(nbytes)
+            most[self.cap] = max(most.get(self.cap, 0), self.used)
+
+    class SlowDisk(FailingDisk):
+        def write_chunks(self, *args: object) -> None:
+            time.sleep(0.01)
+            self.disk.write_chunks(*args)
+
+    monkeypatch.setattr(restorer, "_Budget", Watched)
+    cap = 3 * restorer.WRITE_BATCH
+    settings = ReadSettings(write_queue=cap, memory=64 * MIB, max_request=4 * MIB)
+    with Repository.open(path) as repo, \
+            vddk_ext.open_local(str(tmp_path / "t.img"), writable=True,
+                                create_size=model.capacity) as disk:
+        restore_to_device(repo, point, "sda", SlowDisk(disk, 0), fresh=True, reads=settings)
+    assert (tmp_path / "t.img").read_bytes() == bytes(model.content)
+    assert 2 * restorer.WRITE_BATCH < most[cap] <= cap

@@ -34,23 +34,16 @@ from test_shared_repo import Host, disk, hosts  # noqa: F401 (the two hosts fixt
 
 
 def stall_after_upload(repo: Repository, monkeypatch) -> tuple[threading.Event, threading.Event]:
-    """Make `repo`'s backups stop after a pack is in the store, before its journal entry: the
-    place a backup suspended (SIGSTOP, a paused VM) leaves an object gc does not know."""
+    """Make `repo`'s backups stop after their packs are in the store, before their journal
+    entry: the place a backup suspended (SIGSTOP, a paused VM) leaves objects gc does not know."""
     reached, go = threading.Event(), threading.Event()
 
-    def commit_pack(writer):
-        finish = writer.finish
+    def index_packs(packs):
+        reached.set()
+        go.wait(60)
+        return Repository.index_packs(repo, packs)
 
-        def stalled():
-            finished = finish()
-            reached.set()
-            go.wait(60)
-            return finished
-
-        writer.finish = stalled
-        return Repository.commit_pack(repo, writer)
-
-    monkeypatch.setattr(repo, "commit_pack", commit_pack)
+    monkeypatch.setattr(repo, "index_packs", index_packs)
     return reached, go
 
 

@@ -1,5 +1,7 @@
-"""An image backup loads only the modules it uses: a small incremental's run time is mostly the
-interpreter's start-up, so the vSphere client and the maintenance modules must stay unloaded."""
+"""Commands on a local repository load only the modules they use: a small incremental's run time
+is mostly the interpreter's start-up, so the vSphere client and CLI, the maintenance modules, the
+S3 store and settings, and the shared repository's journal replay and leases must stay
+unloaded."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from helpers import MIB, write_extents
 
@@ -19,9 +23,14 @@ for argv in json.loads(sys.argv[1]):
         sys.exit(f"command failed: {argv}")
 print(json.dumps(sorted(sys.modules)))
 """
-# Never needed by an image backup without damaged chunks.
+# Never needed on a local repository by an image backup without damaged chunks, nor by `points`.
 UNUSED = ("pyVmomi", "pyVim", "repo_engine.maintenance", "repo_engine.sources.vsphere",
-          "repo_engine.restore")
+          "repo_engine.sources.vddk_disk", "repo_engine.restore", "repo_engine.cli.vsphere_cmd",
+          "repo_engine.cli.vddk_env", "repo_engine.cli.maintenance_cmd",
+          "repo_engine.repository.store.s3", "repo_engine.repository.leases",
+          "repo_engine.repository.checkpoint", "boto3", "botocore", "tomllib",
+          # np.unique imports it to ask whether an array is masked
+          "numpy.ma")
 
 
 def loaded_after(commands: list[list[str]]) -> list[str]:
@@ -30,14 +39,55 @@ def loaded_after(commands: list[list[str]]) -> list[str]:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-def test_image_backups_leave_unused_modules_unloaded(tmp_path: Path) -> None:
+def unused(modules: list[str]) -> list[str]:
+    return [m for m in modules if m in UNUSED or m.startswith(tuple(u + "." for u in UNUSED))]
+
+
+@pytest.fixture
+def backed_up(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """A repository holding one point of a 4 MiB image, the image, and the `backup` command that
+    made the point."""
     repo, image = tmp_path / "repo", tmp_path / "disk.img"
     data = bytearray(4 * MIB)
     data[:MIB] = bytes(range(256)) * (MIB // 256)
     image.write_bytes(bytes(data))
-    changed = write_extents(tmp_path / "changed.json", [[0, 64 * 1024]])
     backup = ["backup", "image", str(repo), "--vm", "vm", "--disk", f"sda={image}", "--json"]
-    modules = loaded_after([["init", str(repo)], backup,
-                            [*backup[:-1], "--changed", f"sda={changed}", "--json"]])
+    subprocess.run([sys.executable, "-c", SCRIPT, json.dumps([["init", str(repo)], backup])],
+                   capture_output=True, text=True, check=True)
+    return repo, image, backup
+
+
+def test_image_backups_leave_unused_modules_unloaded(
+        tmp_path: Path, backed_up: tuple[Path, Path, list[str]]) -> None:
+    _, image, backup = backed_up
+    changed = write_extents(tmp_path / "changed.json", [[0, 64 * 1024]])
+    # a full backup, then an incremental whose changed block is new: a pack, a map and a point
+    # are committed, the whole write path runs
+    with image.open("r+b") as f:
+        f.write(b"\x01" * 1024)
+    modules = loaded_after([backup, [*backup[:-1], "--changed", f"sda={changed}", "--json"]])
     assert "repo_engine.backup.job" in modules   # the backup did run in this interpreter
-    assert [m for m in modules if m.startswith(UNUSED)] == []
+    assert "repo_engine.repository.packs" in modules
+    assert unused(modules) == []
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_points_leaves_unused_modules_unloaded(backed_up: tuple[Path, Path, list[str]],
+                                               json_flag: list[str]) -> None:
+    repo, _, _ = backed_up
+    modules = loaded_after([["points", str(repo), *json_flag]])
+    assert "repo_engine.repository.index" in modules   # it did read the catalog
+    assert unused(modules) == []
+
+
+# help names every command (each module is imported for its short help) but loads no engine
+ENGINE = ("numpy", "lmdb", "zstandard", "repo_engine.repository.repo", "repo_engine.backup",
+          "pyVmomi")
+
+
+@pytest.mark.parametrize("command", [["--help"], ["backup", "--help"],
+                                     ["backup", "image", "--help"], ["restore", "--help"]])
+def test_help_loads_no_engine(command: list[str]) -> None:
+    modules = loaded_after([command])
+    assert "repo_engine.cli.main" in modules
+    assert [m for m in modules if m.startswith(ENGINE)] == []

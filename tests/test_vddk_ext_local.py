@@ -317,6 +317,57 @@ def test_write_blocks_rejects_bad_lengths(tmp_path):
     assert (tmp_path / "w.img").read_bytes() == bytes(2 * bs + 10)
 
 
+def test_write_chunks_puts_each_chunk_at_its_blocks(tmp_path):
+    """One call: chunk i at the next counts[i] blocks, in any order, a chunk at several blocks,
+    a short last block; the same file as one write_blocks per chunk."""
+    bs = 16 * KiB
+    size = 9 * bs + 700
+    rng = np.random.default_rng(3)
+    chunks = [random_bytes(rng, bs) for _ in range(3)] + [random_bytes(rng, 700)]
+    counts = [2, 1, 3, 1]
+    order = blocks(8, 0, 4, 1, 6, 2, 9)
+    with vddk_ext.open_local(str(tmp_path / "a.img"), writable=True, create_size=size) as disk:
+        disk.write_chunks(bs, order, np.array(counts, dtype=np.uint64),
+                          [memoryview(chunks[0]), bytearray(chunks[1]), chunks[2], chunks[3]])
+    with vddk_ext.open_local(str(tmp_path / "b.img"), writable=True, create_size=size) as disk:
+        at = np.cumsum([0] + counts)
+        for k, chunk in enumerate(chunks):
+            disk.write_blocks(bs, order[at[k]:at[k + 1]], chunk)
+    got = (tmp_path / "a.img").read_bytes()
+    assert got == (tmp_path / "b.img").read_bytes()
+    assert got[9 * bs:] == chunks[3] and got[3 * bs:4 * bs] == bytes(bs)
+
+
+def test_write_chunks_checks_its_arguments_and_stops_at_a_bad_block(tmp_path):
+    bs = 4 * KiB
+    path = tmp_path / "w.img"
+    with vddk_ext.open_local(str(path), writable=True, create_size=4 * bs) as disk:
+        for counts, chunks in (([1], [b"a" * bs, b"b" * bs]),       # a count per chunk
+                               ([1, 2], [b"a" * bs, b"b" * bs]),    # counts add up to blocks
+                               ([2**64 - 1, 3], [b"a" * bs, b"b" * bs])):
+            with pytest.raises(ValueError, match="one count per chunk"):
+                disk.write_chunks(bs, blocks(0, 1), np.array(counts, dtype=np.uint64), chunks)
+        with pytest.raises(TypeError):
+            disk.write_chunks(bs, blocks(0), np.array([1], dtype=np.uint64), ["text"])
+        with pytest.raises(TypeError):
+            disk.write_chunks(bs, blocks(0), [1], [b"a" * bs])
+        with pytest.raises(vddk_ext.DiskError) as ei:   # the first chunk written, then stop
+            disk.write_chunks(bs, blocks(0, 7, 1), np.array([1, 1, 1], dtype=np.uint64),
+                              [b"a" * bs, b"b" * bs, b"c" * bs])
+        assert "block 7" in str(ei.value)
+        with pytest.raises(vddk_ext.DiskError) as ei:
+            disk.write_chunks(bs, blocks(2), np.array([1], dtype=np.uint64), [b"x" * 100])
+        assert ei.value.errno == errno.EINVAL
+        disk.write_chunks(bs, blocks(), np.array([], dtype=np.uint64), [])
+    assert path.read_bytes() == b"a" * bs + bytes(3 * bs)
+    with vddk_ext.open_local(str(path)) as disk, pytest.raises(vddk_ext.DiskError):
+        disk.write_chunks(bs, blocks(0), np.array([1], dtype=np.uint64), [b"a" * bs])
+    disk = vddk_ext.open_local(str(path), writable=True)
+    disk.close()
+    with pytest.raises(ValueError, match="closed"):
+        disk.write_chunks(bs, blocks(0), np.array([1], dtype=np.uint64), [b"a" * bs])
+
+
 def test_write_zeroes_makes_holes(tmp_path):
     path = tmp_path / "z.img"
     size = 4 * MiB

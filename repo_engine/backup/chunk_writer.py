@@ -1,29 +1,69 @@
 """The repository side of a backup: dedup against the chunks this run already wrote, hand new
-chunks to a background pack writer that publishes each full pack and commits it to the index
-(write order steps 1 and 2), so that writing, hashing and fsyncing packs overlaps the reading."""
+chunks to a background pack writer that seals each full pack and hands it to a few upload
+threads, which publish it and then commit it to the index (write order steps 1 and 2). Writing,
+hashing and publishing packs overlap the reading; several packs upload at once (object storage
+answers each PUT slowly, but many in parallel), at most UPLOADS of them, so the spool holds at
+most UPLOADS + 1 pack files. Published packs are indexed INDEX_BATCH at a time, the rest when
+the backup flushes: on a shared repository each index commit is a journal entry, a few
+requests (lease checks, catch-up, the conditional PUT), so fewer commits mean fewer requests."""
 
 from __future__ import annotations
 
 import queue
 import threading
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-from ..repository.packs import PackWriter
+from ..repository.packs import FinishedPack, PackWriter, SealedPack
 from ..repository.repo import Repository
 
 REF_RESERVATION = 4096
+UPLOADS = 3  # packs published at once; the pack writer waits for a free slot
+INDEX_BATCH = UPLOADS  # published packs indexed in one commit
 # dicts of the packs handed over last: workers may have looked ids up before those packs'
-# index commits (a miss here only costs a duplicate chunk, never correctness)
-RECENT_PACKS = 3
-QUEUE_BYTES = 32 << 20
+# index commits (a miss here only costs a duplicate chunk, never correctness); not indexed yet
+# are: one sealed waiting for a slot, UPLOADS being published, up to INDEX_BATCH - 1 waiting
+# for their batch and a batch being committed
+RECENT_PACKS = 1 + UPLOADS + 2 * INDEX_BATCH
+# chunks queued for the pack writer: when uploads are what limits a backup, this queue is full
+# and its bytes are resident, so it is kept small (the pack writer itself never waits long)
+QUEUE_BYTES = 16 << 20
 # chunks go to the pack writer in lists of about this many stored bytes: one queue hand-over
 # (lock, notify, thread wake-up, all under the GIL) per list instead of per chunk
 HANDOVER_BYTES = 1 << 20
 _ROLL, _STOP = "roll", "stop"
 
 
+class _Indexer:
+    """Commits published packs to the index, INDEX_BATCH or more at a time (on a shared
+    repository: one journal entry), one commit at a time; `commit` takes the rest."""
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo
+        self._committing = threading.Lock()
+        self._waiting = threading.Lock()
+        self._published: list[FinishedPack] = []
+
+    def add(self, pack: FinishedPack) -> None:
+        """Note a published pack; commit the packs waiting once there are INDEX_BATCH."""
+        with self._waiting:
+            self._published.append(pack)
+            if len(self._published) < INDEX_BATCH:
+                return
+        self.commit()
+
+    def commit(self) -> None:
+        """Commit every pack noted and not indexed yet (a concurrent call may take some)."""
+        with self._committing:
+            with self._waiting:
+                batch, self._published = self._published, []
+            if batch:
+                self._repo.index_packs(batch)
+
+
 class _PackSink(threading.Thread):
-    """Writes queued chunks into packs; on a roll request publishes the pack and indexes it."""
+    """Writes queued chunks into packs; on a roll request seals the pack and has it published
+    and indexed by the upload threads."""
 
     def __init__(self, repo: Repository, depth: int) -> None:
         super().__init__(name="pack-writer", daemon=True)
@@ -32,6 +72,10 @@ class _PackSink(threading.Thread):
         self.error: BaseException | None = None
         self.discard = False
         self._writer: PackWriter | None = None
+        self._slots = threading.Semaphore(UPLOADS)
+        self._uploads = ThreadPoolExecutor(UPLOADS, thread_name_prefix="pack-upload")
+        self._pending: list[Future] = []
+        self._indexer = _Indexer(repo)
 
     def run(self) -> None:
         while True:
@@ -42,23 +86,60 @@ class _PackSink(threading.Thread):
                 if self.error is None and not self.discard:
                     self._handle(item)
             except BaseException as exc:  # re-raised in the backup's thread
-                self.error = exc
+                self._fail(exc)
                 self._abort_pack()
             finally:
                 self.queue.task_done()
                 if item == _STOP:
                     self._abort_pack()
 
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:  # the first failure is the cause; later ones follow from it
+            self.error = exc
+
     def _handle(self, item: list[tuple] | str) -> None:
         if item == _ROLL:
             if self._writer is not None:
                 writer, self._writer = self._writer, None
-                self._repo.commit_pack(writer)
+                self._submit(writer.seal())
             return
         if self._writer is None:
             self._writer = self._repo.pack_writer()
         for chunk in item:
             self._writer.add(*chunk)
+
+    def _submit(self, sealed: SealedPack) -> None:
+        self._slots.acquire()  # blocks while UPLOADS packs are being published
+        self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(self._uploads.submit(self._publish, sealed))
+
+    def _publish(self, sealed: SealedPack) -> None:
+        """In an upload thread: the pack durable in the store, then noted for the index."""
+        try:
+            if self.error is not None or self.discard:
+                sealed.discard()  # the backup failed or ends: no point will name it
+                return
+            self._indexer.add(sealed.publish(self._repo.store))
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            self._slots.release()
+
+    def wait_uploads(self) -> None:
+        """Wait for every pack submitted so far to be published (or to fail), then index those
+        not indexed yet; call with the pack writer idle (its queue joined)."""
+        wait(self._pending)
+        self._pending = []
+        if self.error is None:
+            self._indexer.commit()
+
+    def shut_down(self) -> None:
+        """Stop the pack writer and the upload threads; packs not uploaded yet are dropped."""
+        self.discard = True
+        if self.is_alive():
+            self.queue.put(_STOP)
+            self.join()
+        self._uploads.shutdown(wait=True)
 
     def _abort_pack(self) -> None:
         if self._writer is not None:
@@ -139,12 +220,10 @@ class ChunkWriter:
         if self._open:
             self._roll()
         self._sink.queue.join()
+        self._sink.wait_uploads()
         if self._sink.error is not None:
             raise self._sink.error
 
     def close(self) -> None:
         """Stop the pack writer; chunks not flushed are discarded."""
-        if self._sink.is_alive():
-            self._sink.discard = True
-            self._sink.queue.put(_STOP)
-            self._sink.join()
+        self._sink.shut_down()

@@ -8,6 +8,7 @@ import click
 
 from .common import (Progress, disk_line, emit_json, json_option, open_repo,
                       RepoAddress, repo_argument)
+from .main import LazyGroup
 
 
 def _pairs(values: tuple[str, ...], option: str) -> dict[str, Path]:
@@ -22,7 +23,8 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, Path]:
     return out
 
 
-@click.group()
+# `backup vsphere` lives in vsphere_cmd.py, loaded only when it runs or its help is shown
+@click.group(cls=LazyGroup, lazy={"vsphere": "repo_engine.cli.vsphere_cmd:backup_vsphere"})
 def backup() -> None:
     """Back up a VM's disks into a repository."""
 
@@ -202,9 +204,3 @@ def vddk(repo: RepoAddress, vm: str, disks: tuple[str, ...], server: str, port: 
                                 progress=lambda key, total: progress.bar(f"disk {key}", total))
         point = backup_vm(repository, snapshot_, options)
     report_backup(point, as_json)
-
-
-# `backup vsphere` lives in vsphere_cmd.py (which imports pyvmomi only inside its command body)
-from .vsphere_cmd import backup_vsphere  # noqa: E402
-
-backup.add_command(backup_vsphere)

@@ -35,10 +35,11 @@ class RepoAddress:
         """The S3 settings of an `s3://` location (`--endpoint` over the environment and the
         settings file); None for a local one."""
         from ..repository.location import is_remote
-        from ..repository.store.s3_settings import load_s3_settings
 
         if not is_remote(self.location):
             return None
+        from ..repository.store.s3_settings import load_s3_settings
+
         return load_s3_settings({"endpoint": self.endpoint})
 
     def open(self, *, rebuilding: bool = False) -> Repository:

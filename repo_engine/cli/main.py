@@ -10,10 +10,10 @@ traceback.
 from __future__ import annotations
 
 import errno
+import gc
 import importlib
 import os
 import sys
-import traceback
 from dataclasses import dataclass
 
 import click
@@ -63,20 +63,27 @@ class RunState:
 
 
 class LazyGroup(click.Group):
-    """Imports a command's module only when that command runs or its help is shown."""
+    """A group whose `lazy` commands ({name: "module:attribute"}) are imported only when that
+    command runs or its help is shown; commands added the usual way are kept too."""
+
+    def __init__(self, *args: object, lazy: dict[str, str] | None = None,
+                 **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.lazy = lazy or {}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return sorted({*super().list_commands(ctx), *self.lazy})
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        target = COMMANDS.get(cmd_name)
+        target = self.lazy.get(cmd_name)
         if target is None:
-            return None
+            return super().get_command(ctx, cmd_name)
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)
 
 
-@click.group(cls=LazyGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy=COMMANDS, epilog=EPILOG,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="repo-engine")
 @click.option("--debug", is_flag=True, envvar=DEBUG_ENV,
               help=f"Print the Python traceback of an error (also: {DEBUG_ENV}=1).")
@@ -178,6 +185,8 @@ def run(argv: list[str] | None = None) -> int:
 
 def _report(exc: BaseException, debug: bool) -> int:
     if debug:
+        import traceback
+
         traceback.print_exception(exc, file=sys.stderr)
     text, code = error_line(exc)
     click.echo(f"repo-engine: error: {' '.join(text.split())}", err=True)
@@ -185,4 +194,9 @@ def _report(exc: BaseException, debug: bool) -> int:
 
 
 def main() -> None:
-    sys.exit(run())
+    code = run()
+    # the interpreter's exit runs garbage collections over every object of every module loaded
+    # (numpy, click, ...), for nothing since the process ends: 20-40 ms of a small backup's CPU
+    # time. Frozen objects are left out of every collection.
+    gc.freeze()
+    sys.exit(code)

@@ -237,11 +237,18 @@ def _echo_shared_gc(r: object) -> None:
                f"{r.grace_seconds:g} s); planned {plural(r.candidates, 'chunk')}, "
                f"{plural(r.planned_packs, 'pack')}, {plural(r.planned_maps, 'block map')}, "
                f"{plural(r.planned_objects, 'unknown object')}")
+    if r.packs_written:
+        click.echo(f"  repacked: read back {human_bytes(r.repacked_read_bytes)} of "
+                   f"{plural(r.packs_repacked, 'partly used pack')}, wrote "
+                   f"{human_bytes(r.repacked_written_bytes)} in {plural(r.packs_written, 'pack')}"
+                   f", {r.repacked_requests} requests; the old packs "
+                   f"({human_bytes(r.repacked_old_bytes)}) are deleted by a sweep")
     if r.repack_packs:
         click.echo(f"  a repack of {plural(r.repack_packs, 'partly used pack')} would read "
                    f"{human_bytes(r.repack_read_bytes)}, write "
                    f"{human_bytes(r.repack_write_bytes)} in {r.repack_requests} requests and "
-                   f"free {human_bytes(r.repack_reclaims_bytes)} (not done)")
+                   f"free {human_bytes(r.repack_reclaims_bytes)} (not done: 'gc --repack' "
+                   f"does it)")
 
 
 @click.command()
@@ -250,6 +257,10 @@ def _echo_shared_gc(r: object) -> None:
 @click.option("--full", is_flag=True, help="Recount every reference (mark and sweep) first.")
 @click.option("--max-unused", type=click.FloatRange(0, 100), default=10.0, show_default=True,
               help="Repack packs with more than this percentage of unused bytes.")
+@click.option("--repack", is_flag=True,
+              help="Shared repository: rewrite the packs over --max-unused (reads their used "
+                   "chunks back); without it gc only drops wholly unused packs and reports "
+                   "what a repack would cost. A local repository always repacks.")
 @click.option("--wait-timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               show_default="wait as long as it takes",
               help="Give up (safely) after waiting this long for running backups.")
@@ -257,7 +268,7 @@ def _echo_shared_gc(r: object) -> None:
               help="Shared repository: delete what a plan doomed only this long after the plan "
                    "and after the last backup that may use it ended (e.g. 0s, 30min, 24h).")
 @json_option
-def gc(repo: RepoAddress, dry_run: bool, full: bool, max_unused: float,
+def gc(repo: RepoAddress, dry_run: bool, full: bool, max_unused: float, repack: bool,
        wait_timeout: float | None, grace: str | None, as_json: bool) -> None:
     """Reclaim chunks, maps and packs no restore point uses. Backups may keep running.
 
@@ -265,6 +276,7 @@ def gc(repo: RepoAddress, dry_run: bool, full: bool, max_unused: float,
     Examples:
       repo-engine gc /backup/repo
       repo-engine gc /backup/repo --full --max-unused 5
+      repo-engine gc s3://bucket/repo --repack --max-unused 30
     """
     from ..maintenance.gc import gc as run_gc
     from ..units import parse_seconds
@@ -272,7 +284,8 @@ def gc(repo: RepoAddress, dry_run: bool, full: bool, max_unused: float,
     seconds = None if grace is None else parse_seconds(grace, "--grace")
     with open_repo(repo) as repository, Progress() as progress:
         report = run_gc(repository, full=full, dry_run=dry_run, max_unused=max_unused,
-                        wait_timeout=wait_timeout, tick=_spinner(progress, "gc"), grace=seconds)
+                        wait_timeout=wait_timeout, tick=_spinner(progress, "gc"), grace=seconds,
+                        repack=repack)
     if as_json:
         emit_json(report)
     else:

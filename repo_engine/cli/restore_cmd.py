@@ -8,18 +8,20 @@ import click
 
 from .common import (Progress, emit_json, human_bytes, json_option, open_repo,
                       RepoAddress, repo_argument)
+from .main import LazyGroup
 
 
-class DefaultToImage(click.Group):
+class DefaultToImage(LazyGroup):
     """`restore REPO POINT ...` is short for `restore image REPO POINT ...`."""
 
     def resolve_command(self, ctx: click.Context, args: list[str]):  # type: ignore[no-untyped-def]
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
+        if args and args[0] not in self.list_commands(ctx) and not args[0].startswith("-"):
             args = ["image", *args]
         return super().resolve_command(ctx, args)
 
 
-@click.group(cls=DefaultToImage)
+# `restore vsphere` lives in vsphere_cmd.py, loaded only when it runs or its help is shown
+@click.group(cls=DefaultToImage, lazy={"vsphere": "repo_engine.cli.vsphere_cmd:restore_vsphere"})
 def restore() -> None:
     """Restore a disk of a point to a file or block device (`restore image`, the default), or a
     VM through vSphere (`restore vsphere`).
@@ -80,9 +82,3 @@ def restore_image(repo: RepoAddress, point: str, key: str, target: Path | None, 
                f"{plural(summary.zero_blocks, 'zero block')}, "
                f"{plural(summary.chunks_read, 'chunk')} read, {summary.seconds:.2f} s "
                f"({format_rate(summary.bytes_written, summary.seconds)})")
-
-
-# `restore vsphere` lives in vsphere_cmd.py (which imports pyvmomi only inside its command body)
-from .vsphere_cmd import restore_vsphere  # noqa: E402
-
-restore.add_command(restore_vsphere)

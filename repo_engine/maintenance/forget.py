@@ -1,20 +1,24 @@
 """Forget: remove restore points, consolidating the chains that ran through them.
 
-Removing point P (each step crash-safe; a rerun of forget or gc finishes an interrupted job):
+Removing the points of a set R (each step crash-safe; a rerun of forget or gc finishes an
+interrupted job):
 
-1. Mark P in the index's `forgetting` database (the intent survives a crash).
-2. For every catalogued child C (a disk of C names P as its parent), per such disk:
-   resolve C's map, and write a new map durably: a DELTA on P's parent G (`delta_between(G, C)`,
-   so C's entries win and resizes stay exact), or a FULL map when P's disk was a full base.
-3. Write C's manifest durably (same id, generation + 1, new map/kind/parent/links), then commit the
-   catalog record; the same transaction moves the map use and chunk reference counts.
-4. In one transaction, if P has no children left (a backup may have committed a new child on P
-   meanwhile: then go back to 2), delete P's catalog record, queue decrements for its maps and
-   clear the mark. Then delete P's manifest (a leftover manifest is an orphan gc removes).
+1. Mark R in the index's `forgetting` database (the intent survives a crash).
+2. For every catalogued point C outside R with a disk built on a point of R, oldest first: write
+   a new map durably: a DELTA on that disk's nearest ancestor G outside R (`delta_between(G, C)`,
+   so C's entries win and resizes stay exact), or a FULL map when the chain reaches a full base
+   first. Then commit C's next generation (manifest durable first, then the catalog record; the
+   same transaction moves the map use and chunk reference counts).
+3. In one transaction, delete the catalog records of every point of R no catalogued point
+   outside R names as a parent (a backup may have committed a new child meanwhile: that one
+   goes back to 2), queue decrements for their maps and clear their marks. Then delete their
+   manifests (a leftover manifest is an orphan gc removes).
 
 Every point keeps resolving to the same bytes at each step: C's old and new records both resolve
-to C's content, and P stays catalogued until nothing depends on it. Data is never deleted here;
-gc reclaims what the counts free. `links` of C's descendants are left as they were (an upper bound).
+to C's content, and R stays catalogued until nothing outside it depends on it. The cost grows
+with the points rewritten (each resolves its chain once) and one pass over the catalog, not with
+removed points times catalogued points. Data is never deleted here; gc reclaims what the counts
+free. `links` of C's descendants are left as they were (an upper bound).
 
 On a shared repository the same consolidations are computed first (new maps written), then the
 children's new records and the removals go into ONE journal entry (`_forget_shared`), so every
@@ -27,10 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 
+import numpy as np
+
 from ..errors import LockedError, PointNotFound, RepoError, UsageError
 from ..repository.blockmap import BlockMap, delta_between
 from ..repository.locks import MAINTENANCE
-from ..repository.points import DiskRecord, PointRecord
+from ..repository.points import DiskRecord, PointRecord, point_object
 from ..repository.repo import Repository, commit_order
 from .retention import Decision, Policy, PointInfo, apply_policy, parse_time
 
@@ -67,12 +73,12 @@ def forget_points(repo: Repository, ids: list[str], *,
         if repo.config.shared:
             return _forget_shared(repo, ids, tick)
         mark_forgetting(repo, ids)
-        return finish_pending(repo, tick=tick)
+        return finish_pending(repo, tick=tick, catalog=catalog)
 
 
 def mark_forgetting(repo: Repository, ids: list[str]) -> None:
     index = repo.index
-    with index.env.begin(write=True) as txn:
+    with index.write() as txn:
         for point_id in ids:
             txn.put(point_id.encode(), b"", db=index.forgetting)
 
@@ -83,70 +89,85 @@ def pending(repo: Repository) -> list[str]:
         return [k.decode() for k, _ in txn.cursor(db=index.forgetting)]
 
 
-def finish_pending(repo: Repository, *,
-                   tick: Callable[[int], None] | None = None) -> ForgetReport:
-    """Complete every marked removal (the caller holds the maintenance lock)."""
+def finish_pending(repo: Repository, *, tick: Callable[[int], None] | None = None,
+                   catalog: dict[str, PointRecord] | None = None) -> ForgetReport:
+    """Complete every marked removal (the caller holds the maintenance lock): the points built
+    on marked ones are rewritten first (each its own commit), then every marked point no
+    catalogued point depends on leaves the catalog in one transaction. A point a backup built
+    on a marked one meanwhile is rewritten on the next round. `catalog`: the points as the
+    caller read them under the lock (else read here)."""
     report = ForgetReport()
-    todo = pending(repo)
-    times = {p.id: p.time for p in repo.points()}
-    for point_id in sorted(todo, key=lambda i: times.get(i, "")):
-        report.rewritten += _forget_one(repo, point_id)
-        report.removed.append(point_id)
+    for _round in range(10):
+        todo = set(pending(repo))
+        if not todo:
+            return report
+        if catalog is None:
+            catalog = {p.id: p for p in repo.points()}
+        rewrites, _maps = rebased(repo, catalog, todo)
+        for point in rewrites:
+            repo.rewrite_point(catalog[point.id], disks=point.disks)
+        report.rewritten += [p.id for p in rewrites]
+        removed = repo.index.remove_childless(todo)
+        repo.store.delete([point_object(i) for i in removed])
+        report.removed += sorted(removed, key=lambda i: commit_order(catalog[i])
+                                 if i in catalog else (0, "", i))
         if tick:
-            tick(1)
-    return report
+            tick(len(removed))
+        catalog = None  # the next round (points a backup built meanwhile) reads it again
+    raise LockedError("backups kept adding points onto the points being forgotten; run forget "
+                      "again")
 
 
-def _forget_one(repo: Repository, point_id: str) -> list[str]:
-    rewritten: list[str] = []
-    while True:
-        catalog = {p.id: p for p in repo.points()}
-        point = catalog.get(point_id)
-        if point is None:
-            _drop_mark(repo, point_id)
-            break
-        children = [p for p in catalog.values() if any(d.parent == point_id for d in p.disks)]
-        for child in children:
-            consolidate(repo, point, child, catalog)
-            rewritten.append(child.id)
-        if not children and repo.remove_point(point_id):
-            break
-    repo.delete_manifest(point_id)
-    return rewritten
-
-
-def consolidate(repo: Repository, point: PointRecord, child: PointRecord,
-                catalog: dict[str, PointRecord]) -> PointRecord:
-    """Rewrite `child` so that none of its disks depends on `point` any more."""
-    disks, _maps = consolidated_disks(repo, point, child, catalog)
-    return repo.rewrite_point(child, disks=disks)
-
-
-def consolidated_disks(repo: Repository, point: PointRecord, child: PointRecord,
-                       catalog: dict[str, PointRecord]) -> tuple[list[DiskRecord],
-                                                                 dict[str, BlockMap]]:
-    """The disks of `child` with none depending on `point`, and the maps written for them (by
-    name): a disk on `point` gets a map of its content as a delta on `point`'s parent, or a full
-    map when `point`'s disk was a full base. `catalog`: the points as they will be (the parent
-    looked up there)."""
-    disks, maps = [], {}
-    for disk in child.disks:
-        if disk.parent != point.id:
-            disks.append(disk)
+def rebased(repo: Repository, catalog: dict[str, PointRecord], gone: set[str]
+            ) -> tuple[list[PointRecord], dict[str, BlockMap]]:
+    """The catalogued points outside `gone` with a disk built on a point in it, that disk
+    rewritten: a delta on its nearest ancestor outside `gone` (of the content between the two),
+    or a full map when the chain reaches a full base (or a point without the disk) first; and
+    the maps written for them, by name. Points are taken oldest first, so an ancestor is
+    rewritten before its descendants; each chain's latest content is kept, not read again."""
+    working = dict(catalog)
+    rewrites: list[PointRecord] = []
+    maps: dict[str, BlockMap] = {}
+    latest: dict[tuple[str, str], tuple[str, np.ndarray]] = {}  # (vm, disk) -> (point, content)
+    for point in sorted(catalog.values(), key=commit_order):
+        if point.id in gone or not any(d.parent in gone for d in point.disks):
             continue
-        content = repo.resolve(child, disk.key)
-        base = point.disk(disk.key)
-        grand = catalog.get(base.parent or "") if base is not None and base.kind != "full" else None
-        grand_disk = grand.disk(disk.key) if grand is not None else None
-        if grand is None or grand_disk is None:
-            bmap, kind, parent, links = BlockMap.full(content), "full", None, 1
-        else:
-            bmap = delta_between(repo.resolve(grand, disk.key), content)
-            kind, parent, links = "delta", grand.id, grand_disk.links + 1
-        name = repo.write_map(bmap)
-        maps[name] = bmap
-        disks.append(replace(disk, map=name, kind=kind, parent=parent, links=links))
-    return disks, maps
+        disks = []
+        for disk in point.disks:
+            if disk.parent not in gone:
+                disks.append(disk)
+                continue
+            content = repo.resolve(point, disk.key)
+            base = _kept_ancestor(working, gone, disk)
+            if base is None:
+                bmap, kind, parent, links = BlockMap.full(content), "full", None, 1
+            else:
+                kept = latest.get((point.vm, disk.key))
+                below = kept[1] if kept and kept[0] == base.id else repo.resolve(base, disk.key)
+                bmap = delta_between(below, content)
+                kind, parent, links = "delta", base.id, base.disk(disk.key).links + 1
+            name = repo.write_map(bmap)
+            maps[name] = bmap
+            latest[(point.vm, disk.key)] = (point.id, content)
+            disks.append(replace(disk, map=name, kind=kind, parent=parent, links=links))
+        working[point.id] = replace(point, disks=disks)
+        rewrites.append(working[point.id])
+    return rewrites, maps
+
+
+def _kept_ancestor(catalog: dict[str, PointRecord], gone: set[str],
+                   disk: DiskRecord) -> PointRecord | None:
+    """The nearest point outside `gone` on the chain of `disk` (built on a point in `gone`), or
+    None when the chain reaches a full base or a point without the disk first."""
+    parent = disk.parent
+    while parent in gone:
+        gone_point = catalog.get(parent)
+        above = gone_point.disk(disk.key) if gone_point is not None else None
+        if above is None or above.kind == "full":
+            return None
+        parent = above.parent
+    found = catalog.get(parent or "")
+    return found if found is not None and found.disk(disk.key) is not None else None
 
 
 # -- a shared repository ----------------------------------------------------------------------
@@ -164,35 +185,18 @@ def _forget_shared(repo: Repository, ids: list[str],
     for _attempt in range(10):
         catalog = {p.id: p for p in repo.points()}
         gone = [point_id for point_id in ids if point_id in catalog]
-        rewrites, maps = _consolidated_children(repo, catalog, gone, tick)
+        rewrites, maps = rebased(repo, catalog, set(gone))
         try:
             repo.commit_forget([repo.next_generation(catalog[c.id], disks=c.disks)
                                 for c in rewrites], gone, partial(_no_new_child, set(catalog),
                                                                   set(gone)), maps)
         except _ChildAppeared:
             continue
+        if tick:
+            tick(len(gone))
         return ForgetReport(removed=gone, rewritten=[c.id for c in rewrites])
     raise LockedError("backups kept adding points onto the points being forgotten; run forget "
                       "again")
-
-
-def _consolidated_children(repo: Repository, catalog: dict[str, PointRecord], gone: list[str],
-                           tick: Callable[[int], None] | None
-                           ) -> tuple[list[PointRecord], dict[str, BlockMap]]:
-    """The children of the `gone` points as they become (each forgotten point's changes merged
-    into them, oldest forgotten point first), and the maps written for them."""
-    working = dict(catalog)
-    rewritten: dict[str, PointRecord] = {}
-    maps: dict[str, BlockMap] = {}
-    for point_id in sorted(gone, key=lambda i: commit_order(catalog[i])):
-        point = working.pop(point_id)
-        for child in [p for p in working.values() if any(d.parent == point_id for d in p.disks)]:
-            disks, written = consolidated_disks(repo, point, child, working)
-            maps.update(written)
-            working[child.id] = rewritten[child.id] = replace(child, disks=disks)
-        if tick:
-            tick(1)
-    return [p for i, p in rewritten.items() if i not in gone], maps
 
 
 def _no_new_child(known: set[str], gone: set[str], records: list[dict]) -> None:
@@ -200,12 +204,6 @@ def _no_new_child(known: set[str], gone: set[str], records: list[dict]) -> None:
     for record in records:
         if record["id"] not in known and any(d.get("parent") in gone for d in record["disks"]):
             raise _ChildAppeared(f"point {record['id'][:8]} was committed onto a forgotten point")
-
-
-def _drop_mark(repo: Repository, point_id: str) -> None:
-    index = repo.index
-    with index.env.begin(write=True) as txn:
-        txn.delete(point_id.encode(), db=index.forgetting)
 
 
 def set_protected(repo: Repository, point: PointRecord, protected: bool) -> PointRecord:

@@ -103,13 +103,15 @@ class _Listed:
 
 def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unused: float = 10.0,
        wait_timeout: float | None = None, tick: Tick | None = None,
-       grace: float | None = None) -> GcReport:
-    """`grace`: a shared repository's grace period in seconds (shared_gc.py; None: its default)."""
+       grace: float | None = None, repack: bool = False) -> GcReport:
+    """`grace`: a shared repository's grace period in seconds (shared_gc.py; None: its default);
+    `repack`: a shared repository's gc rewrites partly used packs (otherwise reports the cost;
+    this gc always repacks)."""
     if repo.config.shared:  # many hosts, no counts: plan, wait for leases, sweep
         from .shared_gc import DEFAULT_GRACE, gc as shared_gc
 
         return shared_gc(repo, grace=DEFAULT_GRACE if grace is None else grace, dry_run=dry_run,
-                         max_unused=max_unused, tick=tick)
+                         max_unused=max_unused, repack=repack, tick=tick)
     started = time.monotonic()
     report = GcReport(mode="full" if full else "incremental", dry_run=dry_run)
     if dry_run:
@@ -157,7 +159,7 @@ def settle_dead_maps(repo: Repository) -> int:
             refs = unique_refs(repo.read_map(key.hex()))
         except RepoError:
             continue  # counts stay high: a leak, never a loss; verify reports the map
-        with index.env.begin(write=True) as txn:
+        with index.write() as txn:
             try:
                 raw = index.get_sealed(txn, "deadmaps", key)
             except CountDamaged as exc:
@@ -192,7 +194,7 @@ def queue_uncounted(repo: Repository) -> None:
                 _, pack, off, *_ = REF_REC.unpack(rec)
                 if pack == number and off == offset:
                     found.append(key)
-    with index.env.begin(write=True) as txn:
+    with index.write() as txn:
         for key in found:
             if txn.get(key, db=index.refcount) is None:
                 txn.put(key, b"", db=index.gcq)
@@ -264,7 +266,7 @@ def _replace_counts(index: Index, catalog: dict, use: dict[str, int], refs: np.n
     (refs it listed), live counts (packs numbered below its `next_pack`). Packs and refs indexed
     since then, by a running backup, are left as they are: `gc_mark` = the snapshot's
     `next_pack` has the next gc check them."""
-    with index.env.begin(write=True) as txn:
+    with index.write() as txn:
         now = {k: v for k, v in txn.cursor(db=index.points)}
         if now != catalog:
             return False
@@ -328,7 +330,7 @@ def _mark(repo: Repository) -> _Listed:
     manifests = objects_under(repo, "points")
     packs = {n: info.size for n, info in objects_under(repo, "packs").items()}
     tmp = dead_tmp_files(repo)
-    with index.env.begin(write=True) as txn:
+    with index.write() as txn:
         candidates = []
         for key, _ in txn.cursor(db=index.gcq):
             candidates.append(REF_KEY.unpack(key)[0])
@@ -378,7 +380,7 @@ def _point_known(txn: lmdb.Transaction, index: Index, point_id: str) -> bool:
 def _sweep(repo: Repository, listed: _Listed, report: GcReport) -> None:
     index = repo.index
     touched: dict[int, list[int]] = {}  # pack -> [chunks dropped, stored bytes dropped]
-    with index.env.begin(write=True) as txn:
+    with index.write() as txn:
         for ref in listed.candidates:
             key = REF_KEY.pack(ref)
             rec = txn.get(key, db=index.refs)
@@ -498,7 +500,7 @@ def live_counts(index: Index, txn: lmdb.Transaction) -> dict[bytes, tuple[int, i
 def _retire_empty(repo: Repository) -> None:
     """Packs left with no live chunk (by a sweep, a heal or an earlier repack) leave the index."""
     index = repo.index
-    with index.env.begin(write=True) as txn:
+    with index.write() as txn:
         empty = [PACK_KEY.unpack(k)[0] for k, (count, _) in live_counts(index, txn).items()
                  if count == 0]
         for number in empty:
@@ -558,7 +560,7 @@ def _swap(repo: Repository, writer: PackWriter, old: list[int], report: GcReport
     """New pack durable first, then one transaction moves the refs and retires the old packs."""
     finished = writer.finish()
     index = repo.index
-    with index.env.begin(write=True) as txn:
+    with index.write() as txn:
         number = index.new_pack_number(txn)
         live = stored = 0
         for e in finished.entries:
@@ -594,7 +596,7 @@ def _delete_dead_packs(repo: Repository, report: GcReport) -> None:
     names = _dead_packs(repo)
     report.freed_bytes += sum(_size(repo, name.hex()) for name in names)
     repo.delete_packs([name.hex() for name in names])
-    with index.env.begin(write=True) as txn:
+    with index.write() as txn:
         for name in names:
             txn.delete(name, db=index.deadpacks)
             txn.delete(name, db=index.scrubbed)

@@ -274,7 +274,7 @@ def _collect(repo: Repository, result: _PackResult, report: ScrubReport, damaged
     if result.unreadable:
         unreadable[result.pack.number] = result.unreadable
     if not repo.index.read_only:  # read-only media: checked, though the time is not kept
-        with repo.index.env.begin(write=True) as txn:
+        with repo.index.write() as txn:
             txn.put(bytes.fromhex(result.pack.name), U64.pack(int(time.time())),
                     db=repo.index.scrubbed)
     if tick:
@@ -336,7 +336,7 @@ def _settle(repo: Repository, report: RepairReport, *, rereads: bool) -> None:
 
 def _quarantine(repo: Repository, damaged: dict[int, str]) -> None:
     index = repo.index
-    with index.env.begin(write=True) as txn:
+    with index.write() as txn:
         for ref, reason in damaged.items():
             key = REF_KEY.pack(ref)
             txn.put(key, reason.encode()[:1000], db=index.quarantine)
@@ -391,7 +391,7 @@ def _heal(repo: Repository) -> int:
     if repo.config.shared:
         return _heal_shared(repo, finished)
     index = repo.index
-    with index.env.begin(write=True) as txn:
+    with index.write() as txn:
         number = index.new_pack_number(txn)
         healed = stored_total = 0
         for e in finished.entries:
@@ -427,7 +427,7 @@ def _heal_shared(repo: Repository, finished: FinishedPack) -> int:
     if healed:
         pack = FinishedPack(finished.name, finished.size, healed)
         repo.commit_journal(lambda _seq: [PackOp.of(pack)])
-        with index.env.begin(write=True) as txn:
+        with index.write() as txn:
             for e in healed:
                 txn.delete(REF_KEY.pack(e.ref), db=index.quarantine)
     return len(healed)

@@ -20,31 +20,39 @@ gc cannot ask "who may still use this chunk?" directly. It asks the journal and 
    `sweep` entry first (conditional on the head: a commit meanwhile makes gc catch up and mark
    again), and only then deletes the objects, in batches, checking its leases before each.
 
-What a repack of partly dead packs would cost (bytes read back and written, requests) is
-reported, not done: on object storage a rewrite costs egress and PUTs, while dropping whole
-dead packs costs one batched DELETE. A crash anywhere leaves at worst objects that a later gc
-plans again.
+**Repack** (`repack=True`, `gc --repack`; otherwise only its cost is reported): on object
+storage a rewrite costs egress and PUTs, while dropping whole dead packs costs one batched
+DELETE, so gc rewrites partly used packs only when asked, and only those whose unused share
+exceeds `max_unused` percent. Their live chunks (not doomed by a pending plan) are read back with
+coalesced range GETs, checked against their ids and written into new packs, which are made
+durable before a `pack` entry moves their refs (the same refs: block maps and other hosts' dedup
+stay valid). The old packs then place no used chunk: the plan of the same run dooms them with
+the rest, and a sweep deletes them after the grace period and the waits, like any dead pack (a
+host that resolved a ref to an old pack before the move still finds it meanwhile). A crash
+before the `pack` entry leaves a new pack the cache does not know, which the next plan dooms;
+after it, old packs that the next plan dooms.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import numpy as np
 
-from ..errors import DamageError
+from ..errors import DamageError, RepoError
 from ..pause import pause_point
 from ..repository.blockmap import map_object
 from ..repository.checkpoint import checkpoint_due, compact, write_checkpoint
-from ..repository.index import pack_fields
-from ..repository.journal import (NothingToCommit, PendingPlan, PlanOp, SweepOp, WaitsOp,
-                                   new_plan_id)
+from ..repository.index import PACK_KEY, REF_KEY, REF_REC, pack_fields
+from ..repository.journal import (NothingToCommit, PackOp, PendingPlan, PlanOp, SweepOp,
+                                   WaitsOp, new_plan_id)
 from ..repository.leases import SESSION, LeaseInfo, iso, list_leases, now
 from ..repository.locks import MAINTENANCE, SHARED
-from ..repository.packs import ENTRY, FOOTER, HEADER, pack_object
+from ..repository.packs import ENTRY, FOOTER, HEADER, FinishedPack, PackWriter, pack_object
 from ..repository.points import point_object
 from ..repository.store import ObjectMissing
 from ..repository.repo import Repository
@@ -53,6 +61,14 @@ from .inventory import MapCache, live_refs, objects_under, scan_refs
 
 DEFAULT_GRACE = 24 * 3600.0
 DELETE_BATCH = 1000  # names per Store.delete: one DeleteObjects request on S3
+# a repack's reads: two live chunks of a pack at most MAX_GAP apart are read with one range GET
+# of at most MAX_REQUEST bytes (a larger chunk alone); IN_FLIGHT GETs at once. The gap is small:
+# on S3's price list a GET costs as much as some 5 KB of egress, so reading a dead chunk to save
+# a request costs more than the request (a restore, which waits on each round trip, reads
+# across far larger gaps)
+MAX_GAP = 4 << 10
+MAX_REQUEST = 8 << 20
+IN_FLIGHT = 8
 
 
 @dataclass
@@ -70,6 +86,10 @@ class SharedGcReport(GcReport):
     repack_write_bytes: int = 0
     repack_requests: int = 0
     repack_reclaims_bytes: int = 0
+    repacked_read_bytes: int = 0
+    repacked_written_bytes: int = 0
+    repacked_requests: int = 0
+    repacked_old_bytes: int = 0
     checkpoint: int = 0
     entries_compacted: int = 0
     uploads_aborted: int = 0
@@ -85,8 +105,10 @@ class Mark:
 
 
 def gc(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = False,
-       max_unused: float = 10.0, tick: Callable[[str], None] | None = None) -> SharedGcReport:
-    """Sweep the ready plans, plan what is unused now, report the cost of a repack."""
+       max_unused: float = 10.0, repack: bool = False,
+       tick: Callable[[str], None] | None = None) -> SharedGcReport:
+    """Sweep the ready plans, repack (with `repack`), plan what is unused now, report the cost
+    of a repack of what is left."""
     started = time.monotonic()
     report = SharedGcReport(dry_run=dry_run, grace_seconds=grace)
     cache = MapCache(repo)
@@ -95,14 +117,16 @@ def gc(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = False,
             _dry_run(repo, cache, report, max_unused)
     else:
         with repo.lock(MAINTENANCE, "gc"):
-            _run(repo, cache, report, grace, max_unused, tick)
+            _run(repo, cache, report, grace, max_unused, repack, tick)
     report.seconds = round(time.monotonic() - started, 3)
     return report
 
 
 def _run(repo: Repository, cache: MapCache, report: SharedGcReport, grace: float,
-         max_unused: float, tick: Callable[[str], None] | None) -> None:
+         max_unused: float, repack: bool, tick: Callable[[str], None] | None) -> None:
     _sweep_ready(repo, cache, report, grace, tick)
+    if repack:  # before the plan: the old packs it leaves wholly unused are doomed with the rest
+        _repack(repo, cache, report, max_unused, tick)
     plan = _plan(repo, cache, report)
     if plan is not None:
         _commit_waits(repo, plan)
@@ -333,31 +357,199 @@ def _delete(repo: Repository, names: list[str]) -> None:
         repo.store.delete(names[start:start + DELETE_BATCH])
 
 
-# -- report: what a repack would cost --------------------------------------------------------
-def _repack_cost(repo: Repository, mark: Mark, report: SharedGcReport,
-                 max_unused: float) -> None:
-    """For each pack with live chunks whose unused share of chunk bytes exceeds `max_unused`
-    percent: its live bytes read back (one ranged GET per pack, its live chunks coalesced) and
-    written again into new packs, and one DELETE batch for the old ones."""
+# -- repack -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Partly:
+    """The partly used packs a repack rewrites, and the chunks it copies from them: those used
+    by a catalogued point and not doomed by a pending plan (REF_TABLE rows sorted by pack, then
+    offset)."""
+
+    packs: _Packs
+    numbers: list[int]
+    rows: np.ndarray
+
+    def rows_of(self, number: int) -> np.ndarray:
+        packs = self.rows["pack"]
+        return self.rows[np.searchsorted(packs, number):np.searchsorted(packs, number, "right")]
+
+
+def _partly_used(repo: Repository, mark: Mark, max_unused: float) -> _Partly:
+    """The packs whose unused share of chunk bytes exceeds `max_unused` percent and that hold a
+    chunk to copy (a pack without one dies whole: a plan dooms it)."""
     packs = _Packs.read(repo)
     table = packs.refs
-    live = table[np.isin(table["ref"], mark.refs)]
+    doomed = np.concatenate([p.op.refs for p in repo.index.pending_plans()]
+                            or [np.zeros(0, np.uint64)])
+    live = table[np.isin(table["ref"], mark.refs) & ~np.isin(table["ref"], doomed)]
     numbers, inverse = np.unique(live["pack"], return_inverse=True)
-    live_bytes = np.bincount(inverse, weights=live["stored"].astype(np.float64),
-                             minlength=len(numbers))
-    for number, kept in zip(numbers.tolist(), live_bytes.astype(np.int64).tolist()):
+    kept = np.bincount(inverse, weights=live["stored"].astype(np.float64),
+                       minlength=len(numbers)).astype(np.int64)
+    chosen = []
+    for number, used in zip(numbers.tolist(), kept.tolist()):
         _name, size, count = packs.names.get(number, ("", 0, 0))
         data = max(size - HEADER.size - FOOTER.size - ENTRY.size * count, 1)
-        if not size or (1 - kept / data) * 100 <= max_unused:
-            continue
-        report.repack_packs += 1
-        report.repack_read_bytes += kept
-        report.repack_write_bytes += kept
-        report.repack_reclaims_bytes += size - kept
-    if report.repack_packs:
-        puts = -(-report.repack_write_bytes // repo.config.pack_size)
-        deletes = -(-report.repack_packs // DELETE_BATCH)
-        report.repack_requests = report.repack_packs + puts + deletes
+        if size and (1 - used / data) * 100 > max_unused:
+            chosen.append(number)
+    rows = live[np.isin(live["pack"], chosen)]
+    return _Partly(packs, chosen, rows[np.lexsort((rows["offset"], rows["pack"]))])
+
+
+def _span(rows: np.ndarray) -> int:
+    """The bytes one range GET of the chunks `rows` (sorted by offset) reads."""
+    return int(rows["offset"][-1]) + int(rows["stored"][-1]) - int(rows["offset"][0])
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """The range GETs that read the chunks `rows` of one pack (sorted by offset): [first,
+    stop) row slices, each spanning at most MAX_REQUEST bytes (or one chunk) with gaps of at
+    most MAX_GAP."""
+    starts = rows["offset"].astype(np.int64).tolist()
+    ends = (rows["offset"].astype(np.int64) + rows["stored"]).tolist()
+    out, first = [], 0
+    for i in range(1, len(starts)):
+        if starts[i] - ends[i - 1] > MAX_GAP or ends[i] - starts[first] > MAX_REQUEST:
+            out.append((first, i))
+            first = i
+    if starts:
+        out.append((first, len(starts)))
+    return out
+
+
+def _repack_cost(repo: Repository, mark: Mark, report: SharedGcReport,
+                 max_unused: float) -> None:
+    """What a repack of the packs over `max_unused` would cost: their live bytes read back
+    (coalesced range GETs) and written again into new packs (one PUT each), and one DELETE
+    batch for the old ones; and what it would free."""
+    partly = _partly_used(repo, mark, max_unused)
+    if not partly.numbers:
+        return
+    kept = int(partly.rows["stored"].astype(np.int64).sum())
+    runs = [rows[first:stop] for rows in map(partly.rows_of, partly.numbers)
+            for first, stop in _runs(rows)]
+    report.repack_packs = len(partly.numbers)
+    report.repack_read_bytes = sum(map(_span, runs))
+    report.repack_write_bytes = kept
+    report.repack_reclaims_bytes = sum(partly.packs.names[n][1] for n in partly.numbers) - kept
+    puts = -(-kept // repo.config.pack_size)
+    report.repack_requests = len(runs) + puts + -(-len(partly.numbers) // DELETE_BATCH)
+
+
+def _repack(repo: Repository, cache: MapCache, report: SharedGcReport, max_unused: float,
+            tick: Callable[[str], None] | None) -> None:
+    """Copy the chunks to keep of the partly used packs into new packs of at most the pack
+    size (`_Output`)."""
+    partly = _partly_used(repo, _mark(repo, cache), max_unused)
+    out = _Output(repo, report)
+    try:
+        with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="repack-read") as pool:
+            for i, number in enumerate(partly.numbers):
+                if tick:
+                    tick(f"repacking {i + 1}/{len(partly.numbers)}")
+                name, size, _count = partly.packs.names[number]
+                rows = partly.rows_of(number)
+                try:
+                    blobs = _read_live(repo, pool, name, rows, report)
+                except DamageError as exc:
+                    report.damaged_packs_skipped.append(str(exc))
+                    continue
+                for row, blob in zip(rows, blobs):
+                    out.add(name, row, blob)
+                report.packs_repacked += 1
+                report.repacked_old_bytes += size
+        out.publish()
+    finally:
+        out.abort()
+
+
+class _Output:
+    """The new packs of a repack: a chunk that would take the current one past the pack size
+    starts the next; each full one is published (`_publish`)."""
+
+    def __init__(self, repo: Repository, report: SharedGcReport) -> None:
+        self.repo, self.report = repo, report
+        self.writer: PackWriter | None = None
+        self.sources: set[str] = set()  # the old packs whose chunks the writer holds
+
+    def add(self, source: str, row: np.void, blob: bytes) -> None:
+        if (self.writer is not None and self.writer.entries
+                and self.writer.size + len(blob) > self.repo.config.pack_size):
+            self.publish()
+        self.writer = self.writer or self.repo.pack_writer()
+        self.sources.add(source)
+        self.writer.add(int(row["ref"]), row["id"].tobytes(), blob, int(row["raw"]),
+                        int(row["codec"]))
+
+    def publish(self) -> None:
+        writer, sources = self.writer, self.sources
+        self.writer, self.sources = None, set()
+        if writer is not None:
+            _publish(self.repo, writer, sources, self.report)
+
+    def abort(self) -> None:
+        """Drop the spool file of a pack not published (a run that stopped early)."""
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def _read_live(repo: Repository, pool: ThreadPoolExecutor, name: str, rows: np.ndarray,
+               report: SharedGcReport) -> list[bytes]:
+    """The stored bytes of the chunks `rows` of pack `name`, read with coalesced range GETs,
+    IN_FLIGHT at once, each chunk checked against its id (DamageError when one is bad)."""
+    runs = [rows[first:stop] for first, stop in _runs(rows)]
+    blobs = [blob for run in pool.map(lambda run: _read_run(repo, name, run), runs)
+             for blob in run]
+    report.repacked_requests += len(runs)
+    report.repacked_read_bytes += sum(map(_span, runs))
+    return blobs
+
+
+def _read_run(repo: Repository, name: str, rows: np.ndarray) -> list[bytes]:
+    start = int(rows["offset"][0])
+    end = start + _span(rows)
+    try:
+        data = repo.read_chunk_range(name, start, end - start)
+    except ObjectMissing:
+        raise DamageError(f"pack {name} is missing from the store; run 'repo-engine "
+                          "verify'") from None
+    if len(data) != end - start:
+        raise DamageError(f"pack {name} is shorter than the index says; run 'repo-engine "
+                          "scrub'")
+    out = []
+    for row in rows:
+        at = int(row["offset"]) - start
+        blob = data[at:at + int(row["stored"])]
+        repo.codec.decode(blob, int(row["codec"]), int(row["raw"]), row["id"].tobytes(),
+                          f"pack {name} chunk ref {int(row['ref'])}")
+        out.append(blob)
+    return out
+
+
+def _publish(repo: Repository, writer: PackWriter, old: set[str],
+             report: SharedGcReport) -> None:
+    """The new pack durable in the store first, then the `pack` entry that moves its refs out
+    of the `old` packs."""
+    finished = writer.finish()
+    pause_point("gc.repacked")  # a new pack no entry names: the next plan dooms it
+    repo.commit_journal(lambda _seq: [_move(repo, finished, old)])
+    report.packs_written += 1
+    report.repacked_written_bytes += finished.size
+    report.repacked_requests += 2  # the pack's PUT and its journal entry
+
+
+def _move(repo: Repository, finished: FinishedPack, old: set[str]) -> PackOp:
+    """The `pack` op of a repacked pack, checked against the cache caught up: each of its refs
+    is still placed in one of the `old` packs (only this gc, under the maintenance lock, moves
+    or drops refs, so anything else is an index that changed under it)."""
+    index = repo.index
+    with index.env.begin() as txn:
+        for e in finished.entries:
+            rec = txn.get(REF_KEY.pack(e.ref), db=index.refs)
+            place = None if rec is None else txn.get(PACK_KEY.pack(REF_REC.unpack(rec)[1]),
+                                                        db=index.packs)
+            if place is None or pack_fields(place)[0] not in old:
+                raise RepoError(f"chunk ref {e.ref} moved while gc repacked it; nothing was "
+                                "lost: run 'repo-engine gc' again")
+    return PackOp.of(finished)
 
 
 # -- checkpoints -------------------------------------------------------------------------------

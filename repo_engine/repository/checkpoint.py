@@ -291,7 +291,7 @@ def load_checkpoint(store: Store, index: Index, seq: int, sealer: Sealer = NULL_
     cache that holds entry `seq` already is left as it is."""
     reader = _Reader(store, checkpoint_object(seq), sealer)
     try:
-        with index.env.begin(write=True) as txn:
+        with index.write() as txn:
             if index.journal_seq_in(txn) >= seq:
                 return  # another process of this host got there first: never go back
             for table in REPLAYED:

@@ -69,7 +69,7 @@ from ..errors import DamageError, RepoError
 from .formats import INDEX_VERSION
 from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp, RefsOp,
                       SweepOp, WaitsOp)
-from .lmdbfile import check_data_file
+from .lmdbfile import check_data_file, cover_last_page
 from .packs import FinishedPack, PackEntry
 from .points import PointRecord
 from .safefile import FILE_MODE, make_dir
@@ -193,7 +193,7 @@ class Index:
     def _upgrade_from_1(self) -> None:
         """Version 1 -> 2: seal every catalog record with its check. Records keep no sequence:
         they rank before every sequenced point, by time (see Repository.points)."""
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             for key, value in list(txn.cursor(db=self.points)):
                 record = decode_record(key, value, checked=False)
                 txn.put(key, encode_record(record), db=self.points)
@@ -201,7 +201,7 @@ class Index:
 
     def _upgrade_from_2(self) -> None:
         """Version 2 -> 3: seal every value of the count tables."""
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             for table in SEALED_DBS:
                 db = getattr(self, table)
                 rows = list(txn.cursor(db=db))
@@ -218,6 +218,17 @@ class Index:
                 for (key, _), value in zip(rows, values):
                     txn.put(key, value.tobytes(), db=db)
             txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
+
+    @contextmanager
+    def write(self) -> Iterator[lmdb.Transaction]:
+        """A write transaction. Once it commits, the data file is made to hold every page its meta
+        page names: LMDB never writes a page allocated and freed in one transaction, so a large
+        delete can leave the file short of its last page, which the next open would take for a
+        truncation (`lmdbfile.cover_last_page`)."""
+        with self.env.begin(write=True) as txn:
+            yield txn
+        with self.env.begin(write=True):
+            cover_last_page(Path(self.env.path()) / "data.mdb")
 
     def close(self) -> None:
         self.env.close()
@@ -238,7 +249,7 @@ class Index:
 
     def reserve_refs(self, count: int) -> int:
         """Reserve `count` fresh refs; returns the first. Refs are never handed out twice."""
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             # never below a ref the index holds: a damaged counter must not hand one out again
             first = max(self._get_u64(txn, b"next_ref", self.meta),
                         _last_key(txn, self.refs) + 1, 1)
@@ -253,7 +264,7 @@ class Index:
 
     def commit_pack(self, pack: FinishedPack) -> int:
         """Record a published pack and its chunks in one transaction; returns its pack number."""
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             return self._record_pack(txn, pack)
 
     def _record_pack(self, txn: lmdb.Transaction, pack: FinishedPack) -> int:
@@ -288,23 +299,27 @@ class Index:
         self._add(txn, "pack_bytes", size)
 
     def _put_chunks(self, txn: lmdb.Transaction, number: int, entries: list[PackEntry]) -> int:
-        """Index new chunks of pack `number`: ids, places and the chunk counters; returns their
-        stored bytes."""
-        raw = stored = 0
+        """Index the chunks of pack `number`: ids, places and the chunk counters; returns their
+        stored bytes. A ref placed already (a repacked or healed copy) moves to this pack and
+        is counted once."""
+        raw = stored = new = total = 0
         for e in entries:
             txn.put(e.chunk_id, U64.pack(e.ref), db=self.ids, overwrite=False)
-            txn.put(REF_KEY.pack(e.ref),
-                    REF_REC.pack(e.chunk_id, number, e.offset, e.stored, e.raw, e.codec),
-                    db=self.refs)
-            raw, stored = raw + e.raw, stored + e.stored
-        for key, delta in (("chunks", len(entries)), ("raw_bytes", raw), ("stored_bytes", stored)):
+            old = txn.replace(REF_KEY.pack(e.ref),
+                              REF_REC.pack(e.chunk_id, number, e.offset, e.stored, e.raw, e.codec),
+                              db=self.refs)
+            was = (0, 0) if old is None else REF_REC.unpack(old)[3:5]
+            new += old is None
+            raw, stored = raw + e.raw - was[1], stored + e.stored - was[0]
+            total += e.stored
+        for key, delta in (("chunks", new), ("raw_bytes", raw), ("stored_bytes", stored)):
             self._add(txn, key, delta)
         if entries:
             # rebuild-index inserts refs that no reservation of this index handed out
             top = max(e.ref for e in entries)
             if self._get_u64(txn, b"next_ref", self.meta) <= top:
                 txn.put(b"next_ref", U64.pack(top + 1), db=self.meta)
-        return stored
+        return total
 
     def pack_info(self, number: int) -> PackInfo:
         with self.env.begin() as txn:
@@ -325,7 +340,7 @@ class Index:
 
     def put_point(self, point_id: str, record: dict) -> None:
         """Catalog a record as it is (rebuild-index: from a manifest, sequence included)."""
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             txn.put(point_id.encode(), encode_record(record), db=self.points)
             self._seq_used(txn, record.get("seq", 0))
 
@@ -336,10 +351,24 @@ class Index:
     def _catalog(self, txn: lmdb.Transaction) -> dict[str, dict]:
         return {k.decode(): self.record(k, v) for k, v in txn.cursor(db=self.points)}
 
-    def _next_seq(self, txn: lmdb.Transaction, catalog: dict[str, dict]) -> int:
+    def get_record(self, txn: lmdb.Transaction, point_id: str) -> dict | None:
+        """One catalog record as `txn` sees it, checked; None when not catalogued."""
+        raw = txn.get(point_id.encode(), db=self.points)
+        return None if raw is None else self.record(point_id.encode(), raw)
+
+    def _vm_records(self, txn: lmdb.Transaction, vm: str) -> list[dict]:
+        """The records of one VM, checked. The others are skipped undecoded: a record is
+        stored as `json.dumps(..., sort_keys=True)` (encode_record; version 1 too), so its raw
+        JSON holds the pair `"vm": NAME` spelled exactly so (quotes inside strings are escaped,
+        so no string can hold it); only the records holding it are decoded and compared."""
+        needle = b'"vm": ' + json.dumps(vm).encode()
+        found = (self.record(k, v) for k, v in txn.cursor(db=self.points) if needle in v)
+        return [r for r in found if r["vm"] == vm]
+
+    def _next_seq(self, txn: lmdb.Transaction, vm_records: list[dict]) -> int:
         """The commit sequence of a new point: above the counter and above every catalogued
-        point (so a damaged counter cannot reorder points)."""
-        top = max((r.get("seq", 0) for r in catalog.values()), default=0)
+        point of its VM (so a damaged counter cannot reorder a VM's points)."""
+        top = max((r.get("seq", 0) for r in vm_records), default=0)
         return max(self._get_u64(txn, b"next_seq", self.meta), top + 1)
 
     def commit_point(self, point_id: str, vm: str, seal: Callable[[int, str], dict],
@@ -355,20 +384,21 @@ class Index:
         ("" for a rewrite), so the caller can note a clock that went backwards.
         `map_refs`: for each map the record names, its unique non-ZERO refs. The existence check
         runs inside the write transaction because gc deletes unused map files inside one too."""
-        with self.env.begin(write=True) as txn:
-            catalog = self._catalog(txn)
+        with self.write() as txn:
             for name in map_refs:
                 if not map_exists(name):
                     raise MapMissing(name)
-            old = catalog.pop(point_id, None)
+            old = self.get_record(txn, point_id)
             if old is not None:
                 seq, newest = old.get("seq", 0), ""
             else:
-                seq = self._next_seq(txn, catalog)
-                newest = max((r["time"] for r in catalog.values() if r["vm"] == vm), default="")
+                mine = self._vm_records(txn, vm)
+                seq = self._next_seq(txn, mine)
+                newest = max((r["time"] for r in mine), default="")
             record = seal(seq, newest)
             parents = {d["parent"] for d in record["disks"] if d.get("parent")}
-            gone = parents - set(catalog)
+            gone = {p for p in parents if p == point_id or
+                    txn.get(p.encode(), db=self.points) is None}
             if gone:
                 raise ParentGone(gone)
             use = Counter(d["map"] for d in record["disks"])
@@ -387,7 +417,7 @@ class Index:
         """Apply a journal entry and advance `journal_seq` to it, in one transaction, when the
         cache holds exactly the entries before it; False when it holds this one already.
         DamageError when an entry before it is missing (the cache skipped one)."""
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             seq = self.journal_seq_in(txn)
             if seq >= entry.seq:
                 return False
@@ -492,7 +522,7 @@ class Index:
         return self._get_u64(txn, b"journal_seq", self.meta)
 
     def set_meta_u64(self, name: str, value: int) -> None:
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             txn.put(name.encode(), U64.pack(value), db=self.meta)
 
     def doomed_maps(self, names: set[str]) -> set[str]:
@@ -624,7 +654,7 @@ class Index:
         return np.frombuffer(raw, dtype="<u8").copy() if raw else np.zeros(0, np.uint64)
 
     def add_reread(self, vm: str, disk: str, blocks: np.ndarray) -> None:
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             key = self.reread_key(vm, disk)
             raw = txn.get(key, db=self.reread)
             old = np.frombuffer(raw, dtype="<u8") if raw else np.zeros(0, "<u8")
@@ -633,7 +663,7 @@ class Index:
 
     def clear_reread(self, vm: str, disk: str, done: np.ndarray) -> None:
         """Forget re-read requests a committed backup has fulfilled."""
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             key = self.reread_key(vm, disk)
             raw = txn.get(key, db=self.reread)
             if raw is None:
@@ -644,35 +674,51 @@ class Index:
             else:
                 txn.delete(key, db=self.reread)
 
-    def remove_if_childless(self, point_id: str) -> bool:
-        """In one transaction: unless a catalogued point names `point_id` as a parent (then
-        False), delete its catalog record, queue the decrements of its maps and clear its
-        `forgetting` mark; True also when it is gone already."""
-        key = point_id.encode()
-        with self.env.begin(write=True) as txn:
-            raw = txn.get(key, db=self.points)
-            if raw is None:
-                txn.delete(key, db=self.forgetting)
-                return True
-            for other, value in txn.cursor(db=self.points):
-                record = self.record(other, value)
-                if any(d.get("parent") == point_id for d in record["disks"]):
-                    return False
+    def remove_childless(self, ids: set[str]) -> set[str]:
+        """In one transaction: delete the catalog records of the points of `ids` that no
+        catalogued point outside `ids` names as a parent (one pass over the catalog, whatever
+        the number of ids), queue the decrements of their maps and clear their `forgetting`
+        marks. Returns those removed, and those of `ids` gone already."""
+        with self.write() as txn:
+            catalog = self._catalog(txn)
+            doomed = ids & set(catalog)
+            while True:
+                blocked = doomed & {d.get("parent") for r in catalog.values()
+                                    if r["id"] not in doomed for d in r["disks"]}
+                if not blocked:
+                    break
+                doomed -= blocked
             use: Counter = Counter()
-            use.subtract(d["map"] for d in self.record(key, raw)["disks"])
+            for point_id in doomed:
+                use.subtract(d["map"] for d in catalog[point_id]["disks"])
+                txn.delete(point_id.encode(), db=self.points)
             self.change_map_use(txn, use, {})
-            txn.delete(key, db=self.points)
-            txn.delete(key, db=self.forgetting)
-        return True
+            removed = doomed | (ids - set(catalog))
+            for point_id in removed:
+                txn.delete(point_id.encode(), db=self.forgetting)
+        return removed
 
     def delete_point(self, point_id: str) -> None:
-        with self.env.begin(write=True) as txn:
+        with self.write() as txn:
             txn.delete(point_id.encode(), db=self.points)
 
-    def points_records(self) -> list[dict]:
-        """Every catalog record, checked."""
+    def points_records(self, vm: str | None = None) -> list[dict]:
+        """Every catalog record (of `vm`), checked."""
         with self.env.begin() as txn:
-            return list(self._catalog(txn).values())
+            return list(self._catalog(txn).values()) if vm is None else self._vm_records(txn, vm)
+
+    def records_by_prefix(self, prefix: str) -> list[dict]:
+        """The records whose point id starts with `prefix` (keys are ids: a range, not a scan)."""
+        start = prefix.encode()
+        found = []
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self.points)
+            if cursor.set_range(start):
+                for key, value in cursor:
+                    if not key.startswith(start):
+                        break
+                    found.append(self.record(key, value))
+        return found
 
 
 def encode_record(record: dict) -> bytes:
@@ -686,6 +732,19 @@ def _record_check(body: dict) -> str:
     return blake3.blake3(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
 
+_CHECK_HEAD = len(b'{"check": "') + 32
+
+
+def _sealed_as_stored(raw: bytes, check: object) -> bool:
+    """Whether `check` is the BLAKE3 of `raw` without its `check` pair, hashed as stored: as
+    encode_record writes a record (sorted keys, `check` first), that is the JSON `_record_check`
+    hashed, so the record need not be encoded again to be checked. False for any other layout
+    (the caller then checks the decoded record)."""
+    return (isinstance(check, str) and raw[_CHECK_HEAD:_CHECK_HEAD + 3] == b'", '
+            and raw[:_CHECK_HEAD] == b'{"check": "' + check.encode()
+            and blake3.blake3(b"{" + raw[_CHECK_HEAD + 3:]).hexdigest()[:32] == check)
+
+
 def decode_record(key: bytes, raw: bytes, *, checked: bool = True) -> dict:
     """A stored catalog record without its `check`; DamageError when it does not parse, its
     check does not match (`checked`: version 1 records carry none) or it names another point."""
@@ -697,7 +756,7 @@ def decode_record(key: bytes, raw: bytes, *, checked: bool = True) -> dict:
     except (ValueError, UnicodeDecodeError) as exc:
         raise DamagedRecord(name, f"unreadable: {exc}") from None
     check = doc.pop("check", None)
-    if checked and check != _record_check(doc):
+    if checked and not _sealed_as_stored(raw, check) and check != _record_check(doc):
         raise DamagedRecord(name, "checksum mismatch")
     if doc.get("id") != name:
         raise DamagedRecord(name, f"it names point {doc.get('id')!r}")

@@ -24,7 +24,8 @@ applies (index.py, `Index.apply_entry`):
 | op       | dataclass                                  | the cache applies                        |
 |----------|--------------------------------------------|------------------------------------------|
 | `refs`   | RefsOp(first, count): a claimed ref range  | next_ref = max(next_ref, first + count)  |
-| `pack`   | PackOp(name, size, entries)                | the pack and its chunks                  |
+| `pack`   | PackOp(name, size, entries)                | the pack and its chunks; a placed ref    |
+|          |                                            | moves to it (a healed or repacked copy)  |
 | `point`  | PointOp(record): new or rewritten record   | put or replace the catalog record        |
 | `forget` | ForgetOp(id)                               | remove the catalog record                |
 | `plan`   | PlanOp(plan, time, refs, packs, maps,      | `ids` entries of `refs` removed (no more |

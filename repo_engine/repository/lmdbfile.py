@@ -20,6 +20,7 @@ transaction id, and the file must hold every page up to that meta page's last pa
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,30 @@ def _meta_at(data: bytes) -> MetaPage:
 
 def check_data_file(path: Path) -> None:
     """DamageError unless `path` looks like an LMDB data file whose pages are all present."""
+    size, needed = _size_and_need(path)
+    if size < needed:
+        raise _damaged(path, f"{size} bytes, but its pages need {needed}: truncated")
+
+
+def cover_last_page(path: Path) -> None:
+    """Make the file hold every page up to the last page number the current meta page names.
+    LMDB does not write a page allocated and freed within one transaction (a "loose" page), so a
+    transaction that frees many pages (a large delete) can leave the file ending before its last
+    page, which `check_data_file` cannot tell from a truncation. The pages added are free ones,
+    which LMDB writes before it reads them. Call it inside a write transaction (no other writer
+    extends the file meanwhile); it only ever allocates, never shrinks."""
+    size, needed = _size_and_need(path)
+    if size < needed:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, size, needed - size)
+        finally:
+            os.close(fd)
+
+
+def _size_and_need(path: Path) -> tuple[int, int]:
+    """The file's size, and the size its current meta page needs (DamageError when it has no
+    valid meta pages)."""
     with open(path, "rb") as f:
         size = f.seek(0, 2)
         f.seek(0)
@@ -74,6 +99,4 @@ def check_data_file(path: Path) -> None:
         raise _damaged(path, "its second meta page is missing or not a meta page")
     meta1 = _meta_at(second)
     current = meta1 if meta1.txn_id > meta0.txn_id else meta0
-    needed = (current.last_page + 1) * page_size
-    if size < needed:
-        raise _damaged(path, f"{size} bytes, but its pages need {needed}: truncated")
+    return size, (current.last_page + 1) * page_size

@@ -274,6 +274,11 @@ class RepoLock:
                     "'repo-engine unlock'"
                 )
 
+    @property
+    def holding(self) -> bool:
+        """Whether this lock is held: a lock file with our flock, not released yet."""
+        return self._fd >= 0
+
     def release(self, keep_file: bool = False) -> None:
         """Drop the lock; `keep_file`: leave the file, stale (see leases.SharedLock.release)."""
         if self._fd >= 0:

@@ -14,8 +14,10 @@ Layout (little endian):
 `ref` is the chunk's repository-wide reference number (block maps store refs, not ids); `id` is
 the keyed BLAKE3 of the raw bytes and is the chunk's checksum: readers re-hash every chunk they
 decompress. `codec` 0 = stored raw, 1 = zstd frame. A pack is built in a spool file of the store
-(`Store.spool_dir`) and published durably as the object `packs/<first two hex>/<name>.pack`
-(`Store.put_file`; write order: docs/FORMAT.md).
+(`Store.spool_dir`), sealed (`PackWriter.seal`: trailer, footer, name) and published durably as
+the object `packs/<first two hex>/<name>.pack` (`SealedPack.publish`, `Store.put_file`; write
+order: docs/FORMAT.md). Only publishing makes a FinishedPack, the one thing the index records:
+so nothing indexes a pack that is not durable in the store.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import blake3
 import numpy as np
@@ -68,13 +71,36 @@ class FinishedPack:
     entries: list[PackEntry]
 
 
+@dataclass(frozen=True)
+class SealedPack:
+    """A complete pack in its spool file, not published yet."""
+
+    name: str
+    size: int
+    entries: list[PackEntry]
+    spool: Path
+
+    def publish(self, store: Store) -> FinishedPack:
+        """Upload the pack durably (`Store.put_file`, which consumes the spool file); on
+        failure the spool file is removed."""
+        try:
+            store.put_file(pack_object(self.name), self.spool)
+        except BaseException:
+            self.discard()
+            raise
+        return FinishedPack(self.name, self.size, self.entries)
+
+    def discard(self) -> None:
+        self.spool.unlink(missing_ok=True)
+
+
 def pack_object(name: str) -> str:
     checked_name(name, 64, "pack")
     return f"packs/{name[:2]}/{name}.pack"
 
 
 class PackWriter:
-    """Appends chunk blobs to a spool file; `finish` seals it and publishes it to the store."""
+    """Appends chunk blobs to a spool file; `seal` completes it, `finish` also publishes it."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -111,15 +137,19 @@ class PackWriter:
         self._write(blob)
 
     def finish(self) -> FinishedPack:
-        """Write trailer and footer and publish the pack under its content name, durably
-        (`Store.put_file`). On failure (a full disk, say) the spool file is removed."""
+        """Seal the pack and publish it under its content name, durably."""
+        return self.seal().publish(self._store)
+
+    def seal(self) -> SealedPack:
+        """Write trailer and footer and close the spool file. On failure (a full disk, say) the
+        spool file is removed."""
         try:
-            return self._finish()
+            return self._seal()
         except BaseException:
             self.abort()
             raise
 
-    def _finish(self) -> FinishedPack:
+    def _seal(self) -> SealedPack:
         trailer = b"".join(
             ENTRY.pack(e.ref, e.chunk_id, e.offset, e.stored, e.raw, e.codec) for e in self.entries
         )
@@ -134,9 +164,7 @@ class PackWriter:
         self._drain()
         os.close(self._fd)
         self._fd = -1
-        name = self._hash.hexdigest()
-        self._store.put_file(pack_object(name), self._tmp)
-        return FinishedPack(name, self._size, self.entries)
+        return SealedPack(self._hash.hexdigest(), self._size, self.entries, self._tmp)
 
     def abort(self) -> None:
         if self._fd >= 0:

@@ -22,11 +22,13 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import lmdb
 import numpy as np
 
 from ..errors import (DamageError, LockedError, NotARepository, PointNotFound, RepoError,
@@ -35,18 +37,19 @@ from ..pause import pause_point
 from .blockmap import BlockMap, map_object, read_map, write_map
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
-from .checkpoint import catch_up
 from .crypto.null import NullSealer, Sealer
 from .index import Index, MapMissing, ParentGone
 from .journal import (Entry, ForgetOp, NothingToCommit, Op, PackOp, PointOp, RefsOp,
                       append)
-from .leases import SharedLock, lease_seconds, with_leases, with_vm_lease
-from .locks import EXCLUSIVE, RepoLock, is_stale, list_locks
+from .locks import EXCLUSIVE, SHARED, RepoLock, is_stale, list_locks
 from .packs import FinishedPack, PackWriter, pack_object, read_trailer
 from .points import PointRecord, point_object, read_point, write_point
 from .safefile import DIR_MODE, check_dir, is_regular, make_dir
 from .store import ObjectInfo, Store
 from .store.local import LocalStore
+
+if TYPE_CHECKING:  # leases and checkpoints serve shared repositories only: imported there
+    from .leases import SharedLock
 
 SHARED_REFS = 1 << 32  # a shared repository's ref range per claim: one claim per backup
 SUBDIRS = ("packs", "maps", "points", "index", "locks", "tmp")
@@ -75,8 +78,12 @@ class Repository:
         self.codec = ChunkCodec(chunk_key or config.key_bytes, config.compression_level)
         self.locks_dir = self.path / "locks"
         # a shared repository's locks also hold leases in the store (leases.py)
-        self.lease_seconds = lease_seconds() if config.shared else 0.0
+        self.lease_seconds = 0.0
+        if config.shared:
+            from .leases import lease_seconds
+            self.lease_seconds = lease_seconds()
         self.held: list[SharedLock] = []
+        self._locks: list[RepoLock] = []  # taken by `lock` on an unshared repository
 
     # -- life cycle -----------------------------------------------------------------------
     @classmethod
@@ -154,16 +161,26 @@ class Repository:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def lock(self, kind: str, command: str) -> RepoLock | SharedLock:
+    def lock(self, kind: str, command: str) -> RepoLock | SharedLock | AbstractContextManager:
         """Take a lock; then make sure the index we read from now on is the one in place (an
         index opened before the lock may have been replaced by `rebuild-index`, which held the
         exclusive lock, and can no longer be replaced while we hold ours). On a shared
         repository the lock also writes this session's lease, and a maintenance lock takes the
-        store's maintenance lock (leases.py), before anything is read."""
+        store's maintenance lock (leases.py), before anything is read.
+
+        A shared lock asked for while this object holds a lock of an unshared repository (the
+        engine's inside the CLI's) is that lock: gc waits for it and rebuild-index is excluded
+        until it is released, so a second lock file would add only its fsync and a listing."""
         pause_point("repository.before_lock")
+        self._locks = [held for held in self._locks if held.holding]
+        if kind == SHARED and self._locks:
+            return nullcontext()
         lock: RepoLock | SharedLock = RepoLock(self.locks_dir, kind, command)
         if self.config.shared and not lock.note:
+            from .leases import with_leases
             lock = with_leases(self.store, lock, command, self.lease_seconds, self.held)
+        elif not self.config.shared:
+            self._locks.append(lock)
         if self._opened is not None and _file_id(self.path / "index") != self._opened:
             self.close_index()  # reopened on next use
         try:
@@ -185,6 +202,7 @@ class Repository:
         journal still holds what the cache holds (checkpoint.catch_up), as `lock` does."""
         if not self.config.shared:
             return 0
+        from .checkpoint import catch_up
         return catch_up(self.store, self.index, check=check, sealer=self.sealer)
 
     def commit_journal(self, build: Callable[[int], list[Op]]) -> Entry:
@@ -204,6 +222,7 @@ class Repository:
         local = RepoLock.for_vm(self.locks_dir, vm, command)
         if not self.config.shared:
             return local
+        from .leases import with_vm_lease
         return with_vm_lease(self.store, local, vm, command, self.lease_seconds, self.held)
 
     def require_writable(self, command: str) -> None:
@@ -219,11 +238,18 @@ class Repository:
     def commit_pack(self, writer: PackWriter) -> FinishedPack:
         """Publish a pack durably, then record it in the index (write order step 1 -> 2)."""
         finished = writer.finish()
-        if self.config.shared:
-            self.commit_journal(lambda _seq: [PackOp.of(finished)])
-        else:
-            self.index.commit_pack(finished)
+        self.index_packs([finished])
         return finished
+
+    def index_packs(self, packs: list[FinishedPack]) -> None:
+        """Record published packs (only `SealedPack.publish` makes a FinishedPack: each is
+        durable in the store) in the index; in a shared repository as one journal entry, so
+        that packs published together cost one commit."""
+        if self.config.shared:
+            self.commit_journal(lambda _seq: [PackOp.of(pack) for pack in packs])
+            return
+        for pack in packs:
+            self.index.commit_pack(pack)
 
     def reserve_refs(self, count: int) -> range:
         """Fresh refs for new chunks, never handed out before: `count` of them from the index's
@@ -348,7 +374,7 @@ class Repository:
         catalogued point still names it as a parent: then False (the caller consolidates that
         child first). A point gone already counts as removed."""
         if not self.config.shared:
-            return self.index.remove_if_childless(point_id)
+            return point_id in self.index.remove_childless({point_id})
         try:
             self.commit_journal(partial(self._forget_ops, point_id))
         except NothingToCommit as done:
@@ -404,8 +430,17 @@ class Repository:
     def points(self, vm: str | None = None) -> list[PointRecord]:
         """Catalogued points in commit order (the sequence the catalog commit assigned, never
         wall-clock time; points from before sequences existed have 0 and come first, by time)."""
-        records = [PointRecord.from_dict(r) for r in self.index.points_records()]
-        return sorted((p for p in records if vm is None or p.vm == vm), key=commit_order)
+        records = [PointRecord.from_dict(r) for r in self.index.points_records(vm)]
+        return sorted(records, key=commit_order)
+
+    def catalogued(self, point_id: str) -> PointRecord | None:
+        """The catalog record of one point (None when it is not catalogued)."""
+        with self.index.env.begin() as txn:
+            return self._record_in(txn, point_id)
+
+    def _record_in(self, txn: lmdb.Transaction, point_id: str) -> PointRecord | None:
+        record = self.index.get_record(txn, point_id) if point_id else None
+        return None if record is None else PointRecord.from_dict(record)
 
     def load_point(self, point_id: str) -> PointRecord:
         """The full manifest, configuration included, read and checked from disk."""
@@ -430,18 +465,21 @@ class Repository:
             raise PointNotFound(f"point {point_id[:8]} was forgotten meanwhile") from None
 
     def find_point(self, ref: str) -> PointRecord:
-        """Resolve a short id, `VM@latest` or `VM@<time prefix>` to one catalogued point."""
-        points = self.points()
+        """Resolve a short id, `VM@latest` or `VM@<time prefix>` to one catalogued point,
+        reading only the records of that id prefix or that VM."""
         if "@" in ref:
             vm, when = ref.rsplit("@", 1)
-            matches = [p for p in points if p.vm == vm]
+            matches = self.points(vm)
             if when != "latest":
                 matches = [p for p in matches if p.time.startswith(when)]
             elif matches:
                 matches = matches[-1:]
         else:
-            matches = [p for p in points if p.id.startswith(ref.lower())] if ref else []
+            matches = sorted((PointRecord.from_dict(r) for r in
+                              self.index.records_by_prefix(ref.lower())), key=commit_order) \
+                if ref else []
         if not matches:
+            self.points()  # every record read: a damaged one is reported as damage, not as this
             raise PointNotFound(f"no restore point matches {ref!r} (see 'repo-engine points')")
         if len(matches) > 1:
             names = ", ".join(f"{p.id[:8]} ({p.vm}@{p.time})" for p in matches[:5])
@@ -457,24 +495,26 @@ class Repository:
     def resolve(self, point: PointRecord, key: str) -> np.ndarray:
         """The full block map (one ref per block) of disk `key` at `point`, across its chain."""
         chain: list[tuple[str, int]] = []
-        catalog = {p.id: p for p in self.points()}
         # a forget may have consolidated this point's chain since the caller read its record: the
         # current record resolves to the same content through maps that still exist
-        current: PointRecord | None = catalog.get(point.id, point)
-        while current is not None:
-            disk = current.disk(key)
-            if disk is None:
-                raise PointNotFound(f"point {current.id[:8]} has no disk {key!r}")
-            chain.append((disk.map, disk.nblocks))
-            if disk.kind == "full":
-                break
-            current = catalog.get(disk.parent or "")
-            if current is None and point.id not in catalog:
-                raise PointNotFound(f"no restore point matches {point.id[:8]} any more: a "
-                                    "forget removed it while this command ran")
-            if current is None:
-                raise PointNotFound(f"the chain of disk {key!r} at point {point.id[:8]} is broken: "
-                                    f"parent {disk.parent} is not in the catalog")
+        with self.index.env.begin() as txn:  # one view of the catalog: the chain's records only
+            catalogued = self._record_in(txn, point.id)
+            current: PointRecord | None = catalogued or point
+            while current is not None:
+                disk = current.disk(key)
+                if disk is None:
+                    raise PointNotFound(f"point {current.id[:8]} has no disk {key!r}")
+                chain.append((disk.map, disk.nblocks))
+                if disk.kind == "full":
+                    break
+                current = self._record_in(txn, disk.parent or "")
+                if current is None and catalogued is None:
+                    raise PointNotFound(f"no restore point matches {point.id[:8]} any more: a "
+                                        "forget removed it while this command ran")
+                if current is None:
+                    self.points()  # a damaged record (its key flipped?) is reported as damage
+                    raise PointNotFound(f"the chain of disk {key!r} at point {point.id[:8]} is "
+                                        f"broken: parent {disk.parent} is not in the catalog")
         refs: np.ndarray | None = None
         for name, nblocks in reversed(chain):
             bmap = self.read_map(name)
@@ -603,4 +643,6 @@ def _seal(store: Store, point: PointRecord, seq: int, newest: str, *, sealer: Se
 
 def unique_refs(bmap: BlockMap) -> np.ndarray:
     """The distinct non-ZERO refs a map file names (what the reference counts count)."""
-    return np.unique(bmap.refs[bmap.refs != 0])  # zeros out first: a sparse disk sorts little
+    refs = np.sort(bmap.refs[bmap.refs != 0])  # zeros out first: a sparse disk sorts little
+    # not np.unique: it imports numpy.ma (8 ms, every backup) only to ask if refs is masked
+    return refs[np.concatenate(([True], refs[1:] != refs[:-1]))] if len(refs) else refs

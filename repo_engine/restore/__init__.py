@@ -12,9 +12,14 @@ Steps:
    storage), and a run spans at most a few MiB (`plan.ReadSettings`).
 5. Workers, several at once (one request in flight each), read a run with one ranged read of the
    store (`Store.get_range`: an HTTP range GET on S3; a directory store preads a cached
-   descriptor), decompress and re-hash each chunk, and write its blocks at their offsets.
-   Decoding overlaps the other workers' reads; a run is issued only when the bytes of runs read
-   and not yet written stay under a cap, so memory does not grow with the disk.
+   descriptor), decompress and re-hash each chunk (zstd and BLAKE3 release the GIL: the workers
+   use every core) and hand the checked chunks, in batches, to the one writer thread, which
+   writes each batch at its blocks with one call (`Disk.write_chunks`). Decoding overlaps the
+   other workers' reads and the writes; a run is issued only when the bytes of runs read and not
+   yet checked stay under a cap, and a batch is handed over only when the bytes handed over and
+   not yet written stay under another, so memory does not grow with the disk. Every 32 MiB
+   written, the writer has the kernel start writing the target's dirty pages back (without
+   waiting), so the disk writes all along and the final flush is short.
 6. Zero blocks that must be written become holes (files) or zeroed ranges (devices); flush.
 7. A missing, truncated or damaged pack does not stop the restore: the chunks it cannot give are
    collected, and the restore fails at the end naming the point, the disk and the disk's byte

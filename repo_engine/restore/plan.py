@@ -22,17 +22,20 @@ class ReadSettings:
     # two chunks of a pack separated by at most this many bytes are read with one request: the
     # gap costs less than another round trip
     max_gap: int = 256 << 10
-    # bytes of requests issued whose chunks are not written yet; with the defaults every
+    # bytes of requests issued whose chunks are not checked yet; with the defaults every
     # request in flight may be of the largest size
     memory: int = 32 * MIB
+    # decoded bytes handed to the writer and not yet written (on top of `memory`)
+    write_queue: int = 8 * MIB
     # blocks planned at once: a plan takes some 200 bytes per block at its peak (chunk
     # locations, sorting), so this bounds it whatever the disk's size
     plan_blocks: int = 1 << 17
 
     def __post_init__(self) -> None:
-        if min(self.in_flight, self.max_request, self.plan_blocks) < 1 or self.max_gap < 0:
-            raise UsageError(f"restore reads: need in_flight, max_request and plan_blocks >= 1 "
-                             f"and max_gap >= 0 (got {self})")
+        if (min(self.in_flight, self.max_request, self.plan_blocks, self.write_queue) < 1
+                or self.max_gap < 0):
+            raise UsageError(f"restore reads: need in_flight, max_request, plan_blocks and "
+                             f"write_queue >= 1 and max_gap >= 0 (got {self})")
         if self.memory < self.max_request:
             raise UsageError(f"restore reads: the memory cap ({self.memory} bytes) must hold one "
                              f"request of max_request ({self.max_request} bytes)")

@@ -30,7 +30,8 @@ from ..units import format_size, plural
 from .plan import ReadRun, ReadSettings, RestorePlan, plan_restore
 
 Progress = Callable[[int], None]
-WRITEBACK_BYTES = 256 << 20
+WRITEBACK_BYTES = 32 << 20
+WRITE_BATCH = 512 << 10  # decoded bytes a worker hands the block writer at once
 SHOWN_RANGES = 4  # damaged byte ranges a restore error lists (then a count of the others)
 SHOWN_PACKS = 2  # damaged packs it describes
 _REPAIR = ("'repo-engine scrub --repair' finds all damage and heals what the next backup reads "
@@ -151,33 +152,39 @@ class _RunDone:
 
 
 class _RunReader:
-    """Worker side: read one run, check its chunks, write their blocks. Damage is reported in
-    the result, not raised, so that the restore goes on and names every damaged range."""
+    """Worker side: read one run, check its chunks and hand them to the writer. Damage is
+    reported in the result, not raised, so that the restore goes on and names every damaged
+    range."""
 
-    def __init__(self, repo: Repository, plan: RestorePlan, device: vddk_ext.Disk,
-                 block_size: int) -> None:
-        self.repo, self.plan, self.device, self.bs = repo, plan, device, block_size
+    def __init__(self, repo: Repository, plan: RestorePlan, writer: _BlockWriter) -> None:
+        self.repo, self.plan, self.writer = repo, plan, writer
 
     def __call__(self, run: ReadRun, name: str) -> _RunDone:
         span, whole, cause = self._read(run, name)
         damaged = list(range(run.first_chunk + whole, run.first_chunk + len(run.chunks)))
-        view = memoryview(span)
-        written = 0
-        for i, chunk in enumerate(run.chunks[:whole]):
-            lo = int(chunk["offset"]) - run.start
-            c = run.first_chunk + i
+        view, chunks = memoryview(span), run.chunks[:whole]
+        # the run's columns as Python ints once: no numpy scalar per chunk and field
+        columns = zip((chunks["offset"].astype(np.int64) - run.start).tolist(),
+                      chunks["stored"].tolist(), chunks["codec"].tolist(), chunks["raw"].tolist(),
+                      chunks["ref"].tolist(), range(0, 32 * whole, 32))
+        ids, bounds = chunks["id"].tobytes(), self.plan.bounds
+        batch, written = _Batch(), 0
+        for c, (lo, stored, codec, raw, ref, at) in enumerate(columns, start=run.first_chunk):
             try:
-                data = self.repo.codec.decode(view[lo:lo + int(chunk["stored"])],
-                                              int(chunk["codec"]), int(chunk["raw"]),
-                                              chunk["id"].tobytes(),
-                                              f"pack {name} chunk ref {int(chunk['ref'])}")
+                data = self.repo.codec.decode(view[lo:lo + stored], codec, raw, ids[at:at + 32],
+                                              f"pack {name} chunk ref {ref}")
             except DamageError as exc:
                 damaged.append(c)
                 cause = cause or str(exc)
                 continue
-            blocks = self.plan.blocks_by_chunk[self.plan.bounds[c]:self.plan.bounds[c + 1]]
-            self.device.write_blocks(self.bs, blocks, data)
+            blocks = self.plan.blocks_by_chunk[bounds[c]:bounds[c + 1]]
+            batch.add(blocks, data)
             written += len(blocks)
+            if batch.nbytes >= WRITE_BATCH:
+                self.writer.put(batch)
+                batch = _Batch()
+        if batch.data:
+            self.writer.put(batch)
         return _RunDone(name, written, damaged, cause)
 
     def _read(self, run: ReadRun, name: str) -> tuple[bytes, int, str | None]:
@@ -210,16 +217,17 @@ def _pack_damage(name: str, exc: ObjectDamaged) -> str:
 
 
 class _Budget:
-    """Bytes of reads held at once: taken before a run's request is issued, given back when its
-    chunks are written. One run larger than the whole cap is let through alone."""
+    """Bytes held at once: taken before they are (a run's request issued, a batch handed to
+    the writer), given back when they are written. One take larger than the whole cap is let
+    through alone. Once closed, takes no longer wait (nothing gives back any more)."""
 
     def __init__(self, cap: int) -> None:
-        self.cap, self.used = cap, 0
+        self.cap, self.used, self.closed = cap, 0, False
         self._changed = threading.Condition()
 
     def take(self, nbytes: int) -> None:
         with self._changed:
-            while self.used and self.used + nbytes > self.cap:
+            while self.used and self.used + nbytes > self.cap and not self.closed:
                 self._changed.wait()
             self.used += nbytes
 
@@ -227,6 +235,76 @@ class _Budget:
         with self._changed:
             self.used -= nbytes
             self._changed.notify_all()
+
+    def close(self) -> None:
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+
+@dataclass
+class _Batch:
+    """Checked chunks a worker hands to the writer at once: each chunk's data and the blocks it
+    fills, written in one call (`Disk.write_chunks`: one GIL round trip per batch)."""
+
+    blocks: list[np.ndarray] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    data: list[bytes] = field(default_factory=list)
+    nbytes: int = 0
+
+    def add(self, blocks: np.ndarray, data: bytes) -> None:
+        self.blocks.append(blocks)
+        self.counts.append(len(blocks))
+        self.data.append(data)
+        self.nbytes += len(data)
+
+    def write(self, device: vddk_ext.Disk, block_size: int) -> None:
+        device.write_chunks(block_size, np.concatenate(self.blocks),
+                            np.array(self.counts, dtype=np.uint64), self.data)
+
+
+class _BlockWriter:
+    """The one thread that writes the target. Workers decode and check chunks in parallel and
+    hand them over in batches: several threads writing one file contend for its lock (and the
+    GIL on every return) and cost more CPU than the writes themselves, while one writer, one
+    call per batch, keeps the target's writes flowing and the disk busy (`_Writeback`). The
+    decoded bytes handed over and not yet written stay under `cap`. A failed write is raised
+    to the worker handing over the next batch (the restore stops) and again by `close`."""
+
+    def __init__(self, device: vddk_ext.Disk, block_size: int, writeback: _Writeback,
+                 cap: int) -> None:
+        self._device, self._bs, self._writeback = device, block_size, writeback
+        self._budget = _Budget(cap)
+        self._queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="restore-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, batch: _Batch) -> None:
+        if self._error is not None:
+            raise self._error
+        self._budget.take(batch.nbytes)
+        if not self._budget.closed:  # a worker the failed restore left running: drop it
+            self._queue.put(batch)
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    batch.write(self._device, self._bs)
+                    self._writeback.wrote(batch.nbytes)
+            except BaseException as exc:  # noqa: BLE001 - raised again by put and close
+                self._error = exc
+            finally:
+                self._budget.give(batch.nbytes)
+
+    def close(self) -> None:
+        """Write what was handed over, stop the thread; raise the write that failed."""
+        self._queue.put(None)
+        self._thread.join()
+        self._budget.close()
+        if self._error is not None:
+            raise self._error
 
 
 def _completed(pool: ThreadPoolExecutor, fn: Callable, work: Iterable[tuple[int, tuple]],
@@ -315,12 +393,16 @@ def _restore_through(repo: Repository, point: PointRecord, disk: DiskRecord, ref
         todo = (np.flatnonzero(refs) if fresh else np.arange(len(refs))).astype(np.uint64)
     data_bytes = int(np.count_nonzero(refs[todo])) * disk.block_size
     with _naming(point, disk.key), _Writeback(device) as writeback:
-        writer = _Writer(repo, device, disk, reads, writeback,
-                         progress(data_bytes) if progress else None)
-        for lo in range(0, len(todo), reads.plan_blocks):
-            with repo.index.reader() as lookup:
-                plan = plan_restore(refs, todo[lo:lo + reads.plan_blocks], lookup, reads)
-            writer.write(plan)
+        blocks = _BlockWriter(device, disk.block_size, writeback, reads.write_queue)
+        try:
+            writer = _Writer(repo, device, disk, reads, blocks,
+                             progress(data_bytes) if progress else None)
+            for lo in range(0, len(todo), reads.plan_blocks):
+                with repo.index.reader() as lookup:
+                    plan = plan_restore(refs, todo[lo:lo + reads.plan_blocks], lookup, reads)
+                writer.write(plan)
+        finally:
+            blocks.close()
     device.flush()  # also on damage: a device or --onto target keeps every block written
     if writer.damage.blocks:
         raise writer.damage.error(point, disk)
@@ -346,13 +428,13 @@ def _naming(point: PointRecord, key: str) -> Iterator[None]:
 
 
 class _Writer:
-    """Main side: writes the plans of one disk's restore through one device and adds up what
-    was written and the damage met."""
+    """Main side: plans the runs of one disk's restore, has the workers read and check them and
+    the block writer write them, and adds up what was written and the damage met."""
 
     def __init__(self, repo: Repository, device: vddk_ext.Disk, disk: DiskRecord,
-                 reads: ReadSettings, writeback: _Writeback, tick: Progress | None) -> None:
+                 reads: ReadSettings, blocks: _BlockWriter, tick: Progress | None) -> None:
         self.repo, self.device, self.disk, self.reads = repo, device, disk, reads
-        self.writeback, self.tick = writeback, tick
+        self.blocks, self.tick = blocks, tick
         self.written = self.zero_blocks = self.chunks_read = 0
         self.damage = _Damage()
         self._names: dict[int, str] = {}
@@ -361,7 +443,7 @@ class _Writer:
         bs = self.disk.block_size
         for offset, length in blocks_to_extents(plan.zero_blocks, bs, self.disk.capacity):
             self.device.write_zeroes(offset, length)
-        reader = _RunReader(self.repo, plan, self.device, bs)
+        reader = _RunReader(self.repo, plan, self.blocks)
         work = [(run.size, (run, self._pack_name(run.pack))) for run in plan.runs]
         damaged: list[int] = []
         with ThreadPoolExecutor(self.reads.in_flight) as pool:
@@ -370,7 +452,6 @@ class _Writer:
                 damaged += done.damaged
                 if done.cause:
                     self.damage.causes.setdefault(done.pack, done.cause)
-                self.writeback.wrote(done.blocks * bs)
                 if self.tick:
                     self.tick(done.blocks * bs)
         if damaged:
@@ -421,9 +502,11 @@ class RestoreDamaged(DamageError):
 
 
 class _Writeback:
-    """Starts writing dirty pages of a local target to disk while the restore goes on, so the
-    final flush finds little left: an fdatasync on a second descriptor of the same file, run in
-    the background every WRITEBACK_BYTES (never two at once)."""
+    """Keeps the disk writing while the restore goes on, so that the final flush finds little
+    left and the image does not crowd out the page cache: every WRITEBACK_BYTES written,
+    POSIX_FADV_DONTNEED on a second descriptor of a local target starts writing its dirty pages
+    back without waiting for them (fdatasync would wait, and flush the disk's cache each time)
+    and drops the pages written back already. In the background, never two at once."""
 
     def __init__(self, device: vddk_ext.Disk) -> None:
         self._fd = os.open(device.path, os.O_RDONLY) if device.kind != "vddk" else -1
@@ -436,8 +519,11 @@ class _Writeback:
         if self._fd < 0 or self._pending < WRITEBACK_BYTES:
             return
         if self._running is None or self._running.done():
-            self._running = self._pool.submit(os.fdatasync, self._fd)
+            self._running = self._pool.submit(self._start)
             self._pending = 0
+
+    def _start(self) -> None:
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def __enter__(self) -> "_Writeback":
         return self

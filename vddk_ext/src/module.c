@@ -350,6 +350,119 @@ static PyObject *disk_write_blocks(DiskObject *self, PyObject *args)
     return disk_result(rc, &err);
 }
 
+/* The chunks of a write_chunks call: a buffer per chunk, held until the writes are done. */
+typedef struct {
+    Py_buffer *views;
+    Py_ssize_t n;
+} chunk_views;
+
+static void release_chunks(chunk_views *c)
+{
+    Py_ssize_t i;
+
+    for (i = 0; i < c->n; i++)
+        PyBuffer_Release(&c->views[i]);
+    PyMem_Free(c->views);
+}
+
+static int get_chunks(PyObject *seq, chunk_views *c)
+{
+    PyObject *fast = PySequence_Fast(seq, "chunks must be a sequence of bytes-like objects");
+    Py_ssize_t count;
+
+    c->n = 0;
+    c->views = NULL;
+    if (fast == NULL)
+        return -1;
+    count = PySequence_Fast_GET_SIZE(fast);
+    c->views = PyMem_Calloc(count ? (size_t)count : 1, sizeof(Py_buffer));
+    if (c->views == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (; c->n < count; c->n++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, c->n), &c->views[c->n],
+                               PyBUF_SIMPLE) != 0) {
+            Py_DECREF(fast);
+            release_chunks(c);
+            return -1;
+        }
+    }
+    Py_DECREF(fast);
+    return 0;
+}
+
+/* Chunk i of `c` at the next counts[i] entries of `blocks` (which hold their sum). */
+static int write_chunk_list(bio_disk *d, uint32_t block_size, const uint64_t *blocks,
+                            const uint64_t *counts, const chunk_views *c, bio_error *e)
+{
+    Py_ssize_t i;
+
+    for (i = 0; i < c->n; i++) {
+        if (bio_write_blocks(d, block_size, blocks, (size_t)counts[i], c->views[i].buf,
+                             (size_t)c->views[i].len, e) != 0)
+            return -1;
+        blocks += counts[i];
+    }
+    return 0;
+}
+
+/* Whether counts (one per chunk) add up to exactly n_blocks, without overflow. */
+static int counts_fit(const Py_buffer *counts, Py_ssize_t n_chunks, uint64_t n_blocks)
+{
+    const uint64_t *count = counts->buf;
+    uint64_t left = n_blocks;
+    Py_ssize_t i;
+
+    if (counts->len / 8 != n_chunks)
+        return 0;
+    for (i = 0; i < n_chunks; i++) {
+        if (count[i] > left)
+            return 0;
+        left -= count[i];
+    }
+    return left == 0;
+}
+
+static PyObject *disk_write_chunks(DiskObject *self, PyObject *args)
+{
+    Py_ssize_t block_size;
+    PyObject *blocks_obj, *counts_obj, *chunks_obj, *result = NULL;
+    Py_buffer blocks, counts;
+    chunk_views chunks;
+    bio_error err;
+    int rc = 0;
+
+    if (!PyArg_ParseTuple(args, "nOOO:write_chunks", &block_size, &blocks_obj, &counts_obj,
+                          &chunks_obj))
+        return NULL;
+    if (check_block_size(block_size) != 0 || get_u64_buffer(blocks_obj, &blocks) != 0)
+        return NULL;
+    if (get_u64_buffer(counts_obj, &counts) != 0) {
+        PyBuffer_Release(&blocks);
+        return NULL;
+    }
+    if (get_chunks(chunks_obj, &chunks) != 0) {
+        PyBuffer_Release(&blocks);
+        PyBuffer_Release(&counts);
+        return NULL;
+    }
+    if (!counts_fit(&counts, chunks.n, (uint64_t)(blocks.len / 8))) {
+        PyErr_Format(PyExc_ValueError, "write_chunks: %zd chunks, %zd counts, %zd blocks: need "
+                     "one count per chunk, adding up to the number of blocks",
+                     chunks.n, counts.len / 8, blocks.len / 8);
+    } else {
+        WITH_DISK(self, rc, write_chunk_list(d, (uint32_t)block_size, blocks.buf, counts.buf,
+                                             &chunks, &err));
+        result = disk_result(rc, &err);
+    }
+    release_chunks(&chunks);
+    PyBuffer_Release(&blocks);
+    PyBuffer_Release(&counts);
+    return result;
+}
+
 static PyObject *disk_reader(DiskObject *self, PyObject *args, PyObject *kwargs);
 
 static PyObject *disk_get_capacity(DiskObject *self, void *closure)
@@ -396,6 +509,9 @@ static PyMethodDef disk_methods[] = {
      "reader(block_size, blocks, *, batch_bytes=4 MiB, max_request=1 MiB) -> BlockReader"},
     {"write_blocks", (PyCFunction)disk_write_blocks, METH_VARARGS,
      "write_blocks(block_size, blocks, data): write data at every listed block"},
+    {"write_chunks", (PyCFunction)disk_write_chunks, METH_VARARGS,
+     "write_chunks(block_size, blocks, counts, chunks): chunk i at the next counts[i] of "
+     "blocks, all in one call"},
     {"pwrite", (PyCFunction)disk_pwrite, METH_VARARGS, "pwrite(offset, data)"},
     {"write_zeroes", (PyCFunction)disk_write_zeroes, METH_VARARGS,
      "write_zeroes(offset, length): holes on regular files, BLKZEROOUT on block devices"},

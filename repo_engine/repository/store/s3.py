@@ -11,7 +11,8 @@ message are ours:
 What a put guarantees: S3 makes an object visible only once its PUT (or CompleteMultipartUpload)
 succeeded, whole; `if_absent` sends `If-None-Match: *` so the server refuses (412) to replace a key.
 A put retried after a lost answer may meet its own first attempt: `put` then compares the bytes
-and counts an identical object as its own.
+and counts an identical object as its own. `put_file` streams the spool file (each attempt reads
+it again from the start), so memory does not grow with the pack size or the puts in flight.
 
 Multipart uploads (put_file above `multipart_threshold`) are aborted when they fail; uploads left by
 a process that died are listed by `pending_uploads` and removed by `abort_upload`.
@@ -20,6 +21,7 @@ a process that died are listed by `pending_uploads` and removed by `abort_upload
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import random
 import re
@@ -33,7 +35,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import boto3
 import botocore.config
@@ -46,6 +48,7 @@ from .s3_settings import MAX_PARTS, S3Settings, load_s3_settings
 
 T = TypeVar("T")
 DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys
+COMPARE_PIECE = 1 << 20  # bytes compared at a time when a put checks what the store holds
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _RETRY_STATUS = frozenset({500, 502, 503, 504})
 _RETRY_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
@@ -161,8 +164,12 @@ class _Requests:
 
 
 def _make_client(s: S3Settings) -> Any:
+    # Checksums only where the API requires them (botocore's default since 1.36 adds a CRC32 to
+    # every upload, in aws-chunked framing on TLS, which some S3-compatible servers refuse):
+    # every object this store holds carries its own BLAKE3 check, verified on every read.
     config = botocore.config.Config(
         region_name=s.region, s3={"addressing_style": s.style},
+        request_checksum_calculation="when_required", response_checksum_validation="when_required",
         retries={"total_max_attempts": 1}, connect_timeout=s.connect_timeout,
         read_timeout=s.read_timeout, max_pool_connections=max(10, 2 * s.multipart_concurrency))
     session = boto3.session.Session(
@@ -240,29 +247,50 @@ class S3Store:
     # -- writes ------------------------------------------------------------------------------
 
     def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> None:
-        key, body = self._key(name), bytes(data)
-        args = {"Bucket": self.bucket, "Key": key, "Body": body}
+        body = bytes(data)
+        self._put_object(name, lambda: io.BytesIO(body), if_absent)
+
+    def _put_object(self, name: str, open_body: Callable[[], BinaryIO], if_absent: bool) -> None:
+        """One PutObject of the bytes `open_body()` reads; each attempt (and the check after a
+        lost first attempt) opens them afresh, from the start."""
+        args = {"Bucket": self.bucket, "Key": self._key(name)}
         if if_absent:
             args["IfNoneMatch"] = "*"
-        once, attempts = _counted(lambda: self._client.put_object(**args))
+
+        def attempt() -> None:
+            with open_body() as body:
+                self._client.put_object(Body=body, **args)
+        once, attempts = _counted(attempt)
         try:
             self._call("put", name, once)
         except ObjectExists:
             # A retry may have met the object its own lost first attempt wrote.
-            if len(attempts) == 1 or not self._holds(name, body):
+            if len(attempts) == 1 or not self._holds(name, open_body):
                 raise
 
-    def _holds(self, name: str, body: bytes) -> bool:
+    def _holds(self, name: str, open_body: Callable[[], BinaryIO]) -> bool:
+        """Whether object `name` holds exactly the bytes `open_body()` reads, compared a piece
+        at a time (a pack is not read into memory whole)."""
+        key = self._key(name)
+
+        def once() -> bool:
+            answer = self._client.get_object(Bucket=self.bucket, Key=key)
+            with open_body() as body, closing(answer["Body"]) as stored:  # closing(): see get
+                for piece in iter(lambda: stored.read(COMPARE_PIECE), b""):
+                    if body.read(len(piece)) != piece:
+                        return False
+                return body.read(1) == b""
         try:
-            return self.get(name, limit=len(body)) == body
-        except ObjectDamaged:
+            return self._call("get", name, once)
+        except ObjectMissing:
             return False
 
     def put_file(self, name: str, path: Path, *, if_absent: bool = False) -> None:
-        """Upload the spool file `path` as `name` (in parts above the threshold), then delete it."""
+        """Upload the spool file `path` as `name` (in parts above the threshold), then delete it.
+        A single PUT streams the file: memory stays bounded however many run at once."""
         size = path.stat().st_size
         if size <= self.settings.multipart_threshold:
-            self.put(name, path.read_bytes(), if_absent=if_absent)
+            self._put_object(name, lambda: open(path, "rb"), if_absent)
         else:
             if if_absent and self.exists(name):  # spare the upload; the complete is conditional
                 raise ObjectExists(f"{self.location}: put {name}: the object already exists")
