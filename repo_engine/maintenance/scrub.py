@@ -190,7 +190,7 @@ def _scrub_pack(repo: Repository, pack: PackInfo) -> _PackResult:
     with repo.index.env.begin() as txn:
         places = [txn.get(REF_KEY.pack(int(ref)), db=repo.index.refs)
                   for ref in entries["ref"].tolist()]
-    decode = repo.codec.decode
+    decode, open_chunk = repo.codec.decode, repo.open_chunk
     for e, rec in zip(entries, places):
         if rec is None:
             continue
@@ -198,9 +198,10 @@ def _scrub_pack(repo: Repository, pack: PackInfo) -> _PackResult:
         chunk_id, number, off, stored, raw, codec = REF_REC.unpack(rec)
         if number != pack.number or off != offset:
             continue
+        what = f"pack {pack.name} chunk ref {ref}"
         try:
-            decode(view[offset:offset + stored], codec, raw, chunk_id,
-                   f"pack {pack.name} chunk ref {ref}")
+            decode(open_chunk(pack.name, offset, chunk_id, view[offset:offset + stored], what),
+                   codec, raw, chunk_id, what)
         except DamageError as exc:
             result.damaged[ref] = str(exc)
         result.checked += 1
@@ -353,7 +354,9 @@ def read_chunk(repo: Repository, ref: int) -> tuple[bytes, bytes, int, int] | No
         return None
     chunk_id, number, offset, stored, raw, codec = REF_REC.unpack(rec)
     try:
-        blob = repo.read_chunk_range(repo.index.pack_info(number).name, offset, stored)
+        name = repo.index.pack_info(number).name
+        blob = repo.open_chunk(name, offset, chunk_id,
+                               repo.read_chunk_range(name, offset, stored), f"ref {ref}")
         repo.codec.decode(blob, codec, raw, chunk_id, f"ref {ref}")
     except (RepoError, OSError):
         return None
