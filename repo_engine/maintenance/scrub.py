@@ -41,6 +41,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import blake3
 import numpy as np
 
 from ..backup.extents import extents_to_blocks
@@ -206,6 +207,11 @@ def _scrub_pack(repo: Repository, pack: PackInfo) -> _PackResult:
             result.damaged[ref] = str(exc)
         result.checked += 1
         result.raw += raw
+    if not result.damaged and blake3.blake3(data).hexdigest() != pack.name:
+        # every chunk the trailer lists is whole, but this is not the pack the index knows
+        # (another pack put in its place): every chunk the index places here is lost
+        result.unreadable = (f"pack {pack.name}: its bytes do not hash to its name (damaged, or "
+                             "another pack was put in its place)")
     return result
 
 

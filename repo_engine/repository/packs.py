@@ -24,12 +24,13 @@ object key derived with kind "pack" from the data key of the header's epoch and 
 |         | sealed blob's size), BLAKE3 (unkeyed, 16 bytes) of the sealed blob       |
 | toc     | sealed: AES-256-GCM(one 48-byte entry per chunk: ref u64, id [32],       |
 |         | raw u32, codec u8, 3 pad bytes; nonce = the toc's offset, associated     |
-|         | data = kind "trailer", BLAKE3 of the table [32], the epoch), tag last    |
+|         | data = kind "trailer", BLAKE3 of header and table [32], the epoch)       |
 | footer  | as in major 1 with major 2; the BLAKE3 is of table and toc together      |
 
 The table lets a scrub without the key check every stored byte (`check_stored`); refs, ids, raw
 sizes and codecs are readable only with it. A blob moved to another offset, pack or chunk id,
-a table changed (the toc is bound to its hash), a pack of another repository (other keys): each
+the header or the table changed (the toc is bound to their hash; the
+footer's reserved field must be 0), a pack of another repository (other keys): each
 fails authentication. A cleartext (major 1) pack in an encrypted repository is refused as
 tampering, a sealed one where the repository is not encrypted as a format it cannot read.
 
@@ -153,7 +154,8 @@ class PackWriter:
         self._pending_bytes = 0
         self.entries: list[PackEntry] = []
         fmt = SEALED_PACK if self._sealed else PACK
-        self._write(HEADER.pack(fmt.magic, fmt.major, fmt.minor, 0) + self._parts.header)
+        self._header = HEADER.pack(fmt.magic, fmt.major, fmt.minor, 0) + self._parts.header
+        self._write(self._header)
 
     @property
     def size(self) -> int:
@@ -214,12 +216,13 @@ class PackWriter:
         return SealedPack(self._hash.hexdigest(), self._size, self.entries, self._tmp)
 
     def _sealed_trailer(self) -> bytes:
-        """Major 2: the cleartext table, then the toc sealed after it, bound to the table."""
+        """Major 2: the cleartext table, then the toc sealed after it, bound to the header and
+        the table."""
         table = b"".join(STORED.pack(e.offset, e.stored, checksum)
                          for e, checksum in zip(self.entries, self._checksums))
         toc = b"".join(SECRET.pack(e.ref, e.chunk_id, e.raw, e.codec) for e in self.entries)
         return table + self._parts.seal(self._size + len(table), "trailer",
-                                        blake3.blake3(table).digest(), toc)
+                                        _toc_name(self._header, table), toc)
 
     def abort(self) -> None:
         if self._fd >= 0:
@@ -233,7 +236,7 @@ class _Layout:
     """Where a pack's parts are, from its header and footer, checked against its size."""
 
     major: int
-    key_header: bytes  # major 2: epoch and salt
+    head: bytes  # the header; in major 2 with the key header (epoch and salt) last
     count: int
     blobs: int  # where the blob area starts
     trailer: int  # and ends: where the trailer starts
@@ -255,7 +258,7 @@ def _layout(head: bytes, footer: bytes, size: int, what: str) -> _Layout:
     blobs = HEADER.size + (PART_HEADER_SIZE if sealed else 0)
     if size < blobs + FOOTER.size:
         raise DamageError(f"{what}: pack is truncated ({size} bytes)")
-    fmagic, count, fmajor, _, toff, digest = FOOTER.unpack(footer)
+    fmagic, count, fmajor, reserved, toff, digest = FOOTER.unpack(footer)
     if fmagic != PACK_TRAILER.magic:
         raise DamageError(f"{what}: pack footer is damaged or the pack is truncated")
     PACK_TRAILER.check_version(fmajor, what)
@@ -263,7 +266,15 @@ def _layout(head: bytes, footer: bytes, size: int, what: str) -> _Layout:
     tag = PART_TAG_SIZE if sealed else 0
     if fmajor != major or not blobs <= toff or toff + count * per + tag + FOOTER.size != size:
         raise DamageError(f"{what}: pack trailer does not fit the file size")
-    return _Layout(major, bytes(head[HEADER.size:blobs]), count, blobs, toff, digest)
+    if sealed and reserved:  # the rest of a sealed pack's header and footer is authenticated
+        raise DamageError(f"{what}: pack footer is damaged (reserved field {reserved})")
+    return _Layout(major, bytes(head[:blobs]), count, blobs, toff, digest)
+
+
+def _toc_name(header: bytes, table: bytes) -> bytes:
+    """What a major 2 toc is bound to (the name in its associated data): the BLAKE3 of the
+    pack's header and cleartext table, so that neither changes unnoticed."""
+    return blake3.blake3(header + table).digest()
 
 
 def _check_places(offsets: np.ndarray, stored: np.ndarray, layout: _Layout, what: str) -> None:
@@ -302,8 +313,8 @@ def read_trailer(store: Store, name: str, sealer: Sealer = NULL_SEALER) -> np.nd
 def _open_toc(trailer: bytes, layout: _Layout, sealer: Sealer, what: str) -> np.ndarray:
     """A major 2 trailer's table and opened toc, as ENTRY_DTYPE rows."""
     table = trailer[:layout.table_size]
-    parts = sealer.parts_opener("pack", layout.key_header, what)
-    toc = parts.open(layout.trailer + len(table), "trailer", blake3.blake3(table).digest(),
+    parts = sealer.parts_opener("pack", layout.head[HEADER.size:], what)
+    toc = parts.open(layout.trailer + len(table), "trailer", _toc_name(layout.head, table),
                      trailer[len(table):], f"{what} trailer")
     clear = np.frombuffer(table, dtype=STORED_DTYPE)
     secret = np.frombuffer(toc, dtype=SECRET_DTYPE)
