@@ -212,7 +212,13 @@ def test_two_packs_swapped_a_truncated_pack_and_a_foreign_pack_are_refused(encry
     first = rewrite(repo, names[0], lambda _: repo.store.get(names[1], limit=1 << 30))
     rewrite(repo, names[1], lambda _: first)
     assert_restore_refused(repo, point, tmp_path, names[0])
-    assert not scrub(repo).ok
+    found = scrub(repo)
+    assert {r["ref"] for r in found.damaged} == {int(e["ref"]) for n in names[:2]
+                                                 for e in repo.read_trailer(Path(n).stem)}
+    # either pack is the wrong size for its name, or its trailer lists none of the index's refs
+    assert all(Path(names[0]).stem in r["reason"] or Path(names[1]).stem in r["reason"]
+               for r in found.damaged)
+    assert any("another pack was put in its place" in r["reason"] for r in found.damaged)
     with open_stored(repo.location) as stored_repo:
         keyless = scrub_stored(stored_repo)
     assert sorted(line.split(": ")[0] for line in keyless.damaged) == \
@@ -370,3 +376,43 @@ def test_an_encrypted_repository_on_s3(tmp_path, capsys, monkeypatch, seaweedfs,
         damaged = assert_restore_refused(other, other.load_point(point.id), tmp_path, pack)
         assert damaged.extents == [[12 * BLOCK, BLOCK]]  # block 9 is zero: not stored
         assert len(scrub(other).damaged) == 1
+
+
+def test_scrub_repair_quarantines_and_the_next_backup_heals_into_a_sealed_pack(encrypted,
+                                                                              tmp_path):
+    repo, point, content = encrypted
+    pack, offset, stored = chunk_places(repo, point)[4]
+    rewrite(repo, pack, flip(offset + 40))
+    report = scrub(repo, repair=True)
+    assert report.repair.quarantined == 1 and [d["ref"] for d in report.damaged]
+    again = backup_image(repo, "web1", tmp_path / "web1.img")  # stores block 4 again: heals
+    assert restored(repo, point, tmp_path) == content
+    assert restored(repo, again, tmp_path, "again.img") == content
+    assert scrub(repo).ok  # the damaged copy stays in its pack, which no point uses
+    healed_pack = chunk_places(repo, point)[4][0]
+    assert healed_pack != pack and repo.store.get(healed_pack, limit=1 << 30)[8:10] == b"\x02\x00"
+
+
+def test_keyless_scrub_json(encrypted, capsys):
+    repo, _, _ = encrypted
+    doc = cli(capsys, "scrub", "--no-key", "--json", repo.location).json()
+    assert doc["ok"] is True and doc["damaged"] == [] and doc["chunks_checked"] == 46
+    assert set(doc["objects"]) == {"packs", "maps", "points", "journal"}
+
+
+def test_scrub_finds_two_packs_of_one_size_swapped_in_an_unencrypted_repository(tmp_path):
+    """Their trailers check out and list whole chunks, none of them where the index places
+    them: only the pack names (BLAKE3 of the bytes) tell."""
+    disk_image(tmp_path / "web1.img", 1)
+    with init_repository(str(tmp_path / "plain"), **SETTINGS) as repo:
+        point = backup_image(repo, "web1", tmp_path / "web1.img")
+        names = sorted({p for p, _, _ in chunk_places(repo, point)})
+        sizes = [repo.store.size(n) for n in names]
+        first, second = [n for n in names if sizes[names.index(n)] == sizes[0]][:2]
+        a = (tmp_path / "plain" / first).read_bytes()
+        (tmp_path / "plain" / first).write_bytes((tmp_path / "plain" / second).read_bytes())
+        (tmp_path / "plain" / second).write_bytes(a)
+        found = scrub(repo)
+        assert found.damaged and all(Path(first).stem in r["reason"] or
+                                     Path(second).stem in r["reason"] for r in found.damaged)
+        assert len(found.damaged) == 2 * 8  # both packs' chunks

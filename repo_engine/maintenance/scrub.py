@@ -208,11 +208,23 @@ def _scrub_pack(repo: Repository, pack: PackInfo) -> _PackResult:
         result.checked += 1
         result.raw += raw
     if not result.damaged and blake3.blake3(data).hexdigest() != pack.name:
-        # every chunk the trailer lists is whole, but this is not the pack the index knows
-        # (another pack put in its place): every chunk the index places here is lost
-        result.unreadable = (f"pack {pack.name}: its bytes do not hash to its name (damaged, or "
-                             "another pack was put in its place)")
+        result.damaged.update(_unlisted(repo, pack, entries))
     return result
+
+
+def _unlisted(repo: Repository, pack: PackInfo, entries: np.ndarray) -> dict[int, str]:
+    """The refs the index places in `pack` that its trailer does not list at that offset.
+    Asked of a pack whose bytes do not hash to its name though every chunk it lists that the
+    index places there is whole: another pack put in its place lists none of them (a pack that
+    merely holds a damaged chunk no point uses any more lists them all)."""
+    with repo.index.env.begin() as txn:
+        table = scan_refs(repo.index, txn)
+    placed = table[table["pack"] == pack.number]
+    listed = set(zip(entries["ref"].tolist(), entries["offset"].tolist()))
+    why = (f"pack {pack.name}: its bytes do not hash to its name and its trailer does not list "
+           "this chunk (another pack was put in its place)")
+    return {ref: why for ref, offset in zip(placed["ref"].tolist(), placed["offset"].tolist())
+            if (ref, offset) not in listed}
 
 
 def scrub(repo: Repository, *, subset: str | None = None, max_duration: str | float | None = None,
