@@ -416,3 +416,32 @@ def test_scrub_finds_two_packs_of_one_size_swapped_in_an_unencrypted_repository(
         assert found.damaged and all(Path(first).stem in r["reason"] or
                                      Path(second).stem in r["reason"] for r in found.damaged)
         assert len(found.damaged) == 2 * 8  # both packs' chunks
+
+
+def test_keyless_scrub_finds_a_damaged_map_manifest_journal_entry_checkpoint_and_huge_pack(
+        encrypted, tmp_path):
+    from repo_engine.repository.checkpoint import write_checkpoint
+
+    repo, point, _ = encrypted
+    seq = write_checkpoint(repo.store, repo.index, repo.sealer)
+    root = Path(repo.location)
+    victims = [next(root.glob("maps/*/*.map")), next(root.glob("points/*.point")),
+               next(root.glob("journal/*.jnl")), root / f"journal/{seq:016x}.ckpt"]
+    for path in victims:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        path.write_bytes(data)
+    huge = root / "packs/ee" / ("ee" * 32 + ".pack")
+    huge.parent.mkdir(exist_ok=True)
+    with open(huge, "wb") as f:
+        f.truncate(2 * (512 * KIB + 4 * MIB) + 1)  # sparse: larger than any pack can be
+    with open_stored(repo.location) as stored_repo:
+        report = scrub_stored(stored_repo)
+    lines = sorted(report.damaged)
+    assert len(lines) == 5, lines
+    for path in victims:
+        line = next(x for x in lines if x.startswith(f"{repo.location}/"
+                                                     f"{path.relative_to(root)}: "))
+        assert "checksum mismatch" in line
+    assert any(x.startswith(f"{repo.location}/packs/ee/") and "more than any pack" in x
+               for x in lines)
