@@ -15,10 +15,10 @@ all over the same bytes: `--data FILE` (the first --mib MiB of its non-zero 64 K
 a workload image: what a backup of it stores), or by default real files of this machine
 (/usr/lib, /usr/share, as bench/workload.py fills its disk).
 Then a pack written (`PackWriter.add` of every 64 KiB message, then `finish` into a local store)
-and its chunks opened again (`Repository.open_chunk`), unencrypted and sealed: what encryption
-adds to a backup's and a restore's pack work, per core. Then HKDF-SHA256 derivations per second (one per sealed object: derive the object key and build
-its cipher), and the time and memory of scrypt for each `--scrypt log2(n):r:p`. Each figure is
-the best of --rounds rounds.
+and its chunks opened again (`PackKeys.open`), unencrypted and sealed: what encryption
+adds to a backup's and a restore's pack work, per core. Then HKDF-SHA256 derivations per
+second (one per sealed object: derive the object key and build its cipher), and the time and
+memory of scrypt for each `--scrypt log2(n):r:p`. Each figure is the best of --rounds rounds.
 """
 from __future__ import annotations
 
