@@ -250,10 +250,7 @@ class _Layout:
 def _layout(head: bytes, footer: bytes, size: int, what: str) -> _Layout:
     """Check a pack's header (HEADER.size + PART_HEADER_SIZE bytes or the whole pack) and
     footer; every count and offset is bounded by `size` before anything is read with them."""
-    magic, major, _minor, _ = HEADER.unpack_from(head)
-    if magic != PACK.magic:
-        raise DamageError(f"{what}: not a pack file (bad magic)")
-    PACK.check_version(major, what)
+    major = _major(head, what)
     sealed = major == SEALED_MAJOR
     blobs = HEADER.size + (PART_HEADER_SIZE if sealed else 0)
     if size < blobs + FOOTER.size:
@@ -269,6 +266,15 @@ def _layout(head: bytes, footer: bytes, size: int, what: str) -> _Layout:
     if sealed and reserved:  # the rest of a sealed pack's header and footer is authenticated
         raise DamageError(f"{what}: pack footer is damaged (reserved field {reserved})")
     return _Layout(major, bytes(head[:blobs]), count, blobs, toff, digest)
+
+
+def _major(head: bytes, what: str) -> int:
+    """The major version of the pack whose header is `head`, a version this code reads."""
+    magic, major, _minor, _ = HEADER.unpack_from(head)
+    if magic != PACK.magic:
+        raise DamageError(f"{what}: not a pack file (bad magic)")
+    PACK.check_version(major, what)
+    return major
 
 
 def _toc_name(header: bytes, table: bytes) -> bytes:
@@ -392,9 +398,5 @@ class PackKeys:
         obj = pack_object(name)
         what = f"{self._store.location}/{obj}"
         head = self._store.get_range(obj, 0, HEADER.size + PART_HEADER_SIZE)
-        magic, major, _minor, _ = HEADER.unpack_from(head)
-        if magic != PACK.magic:
-            raise DamageError(f"{what}: not a pack file (bad magic)")
-        PACK.check_version(major, what)
-        _refuse_cleartext(major, True, what)
+        _refuse_cleartext(_major(head, what), True, what)
         return self._sealer.parts_opener("pack", head[HEADER.size:], what)
