@@ -445,3 +445,22 @@ def test_keyless_scrub_finds_a_damaged_map_manifest_journal_entry_checkpoint_and
         assert "checksum mismatch" in line
     assert any(x.startswith(f"{repo.location}/packs/ee/") and "more than any pack" in x
                for x in lines)
+
+
+def test_keyless_open_of_a_config_swapped_for_an_unencrypted_one_on_a_host_that_knew(encrypted,
+                                                                                    tmp_path):
+    from repo_engine.repository.config import (CONFIG_NAME, RepoConfig, read_config,
+                                               write_config)
+    from repo_engine.repository.store.local import LocalStore
+
+    repo, _, _ = encrypted
+    root = Path(repo.location)
+    config = read_config(LocalStore(root))
+    (root / CONFIG_NAME).unlink()
+    write_config(LocalStore(root), RepoConfig(repo_id=config.repo_id, chunk_key="00" * 32,
+                                              shared=True))
+    with pytest.raises(TamperedError, match="this host knows it as encrypted"):
+        open_stored(repo.location, cache_dir=tmp_path / "cache")
+    with pytest.raises(RepoError, match="is not encrypted") as elsewhere:  # a host that did not
+        open_stored(repo.location, cache_dir=tmp_path / "elsewhere")
+    assert elsewhere.value.exit_code == 2

@@ -416,8 +416,9 @@ def _scrub_stored(repo: RepoAddress, workers: int | None, as_json: bool) -> None
     from ..repository.location import open_stored
     from ..units import format_rate, plural
 
-    with open_stored(repo.location, settings=repo.settings()) as stored:
-        report = scrub_stored(stored, workers=workers or max(2, os.cpu_count() or 2))
+    opened = open_stored(repo.location, settings=repo.settings(), cache_dir=repo.cache_dir)
+    with opened:
+        report = scrub_stored(opened, workers=workers or max(2, os.cpu_count() or 2))
     if as_json:
         emit_json(report, ok=report.ok)
     else:

@@ -130,12 +130,16 @@ class _ReadOnlyStore:
         return getattr(self._inner, name)
 
 
-def open_stored(location: str, *, settings: Any = None) -> StoredRepository:
+def open_stored(location: str, *, settings: Any = None,
+                cache_dir: Path | None = None) -> StoredRepository:
     """The encrypted repository at `location` without its key (the module docstring); an
-    unencrypted one is refused (UsageError: it needs no key to be checked whole)."""
+    unencrypted one is refused (UsageError: it needs no key to be checked whole), as tampering
+    when this host's cache (under `cache_dir`) knows it as encrypted."""
     store = open_store(location, settings)
     config = _closing_on_error(store, _remote_config if is_remote(location) else _local_config,
                                store)
+    _closing_on_error(store, _refuse_downgrade, config, cache_base(cache_dir) / config.repo_id,
+                      store.location)
     if not config.encryption:
         store.close()
         raise UsageError(f"{location} is not encrypted: every check of it needs no key, so run "
