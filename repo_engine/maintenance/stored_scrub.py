@@ -22,8 +22,9 @@ repository's own and whole chunks of the right ids) needs the key: `scrub` with 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import blake3
@@ -70,21 +71,22 @@ class _Checked:
     gone: bool = False
 
 
-def scrub_stored(repo: StoredRepository, *, workers: int = 2,
-                 tick: Callable[[int], None] | None = None) -> StoredScrubReport:
+def scrub_stored(repo: StoredRepository, *, workers: int = 2) -> StoredScrubReport:
     """Check every pack, map, manifest, journal entry and checkpoint of `repo` (module
-    docstring)."""
+    docstring), `workers` objects at a time."""
     started = time.monotonic()
     report = StoredScrubReport()
+    # a pack ends with the chunk that took it past the pack size (a block at most, stored raw
+    # or as a zstd frame barely larger); the margin is generous
+    largest = 2 * (repo.config.pack_size + MAX_BLOCK)
     with ThreadPoolExecutor(workers) as pool:
-        # a pack ends with the chunk that took it past the pack size (a block at most, stored
-        # raw or as a zstd frame barely larger); the margin is generous
-        largest = 2 * (repo.config.pack_size + MAX_BLOCK)
-        for checked in pool.map(lambda item: _check(repo.store, *item, largest),
-                                _listed(repo.store, report.skipped)):
-            _collect(report, checked)
-            if tick:
-                tick(checked.size)
+        pending: deque[Future[_Checked]] = deque()
+        for kind, info in _listed(repo.store, report.skipped):
+            pending.append(pool.submit(_check, repo.store, kind, info, largest))
+            while len(pending) >= workers * 2:  # a bounded number in flight: a listing can be long
+                _collect(report, pending.popleft().result())
+        for future in pending:
+            _collect(report, future.result())
     report.seconds = round(time.monotonic() - started, 3)
     report.mib_per_s = mib_per_s(report.bytes_read, report.seconds)
     return report
