@@ -5,7 +5,7 @@ damage (exit code 3) naming the pack; the stored bytes hold no chunk id, ref or 
 
 from __future__ import annotations
 
-import os
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -182,7 +182,7 @@ def test_a_flipped_bit_in_a_chunk_is_refused_by_restore_and_found_by_both_scrubs
     report = scrub(repo)
     assert not report.ok and len(report.damaged) == 1
     assert Path(pack).stem in report.damaged[0]["reason"]
-    with open_stored(repo.location) as stored_repo:
+    with closing(open_stored(repo.location)) as stored_repo:
         keyless = scrub_stored(stored_repo)
     assert len(keyless.damaged) == 1
     assert keyless.damaged[0].startswith(f"{repo.location}/{pack}: the chunk at offset {offset} ")
@@ -219,7 +219,7 @@ def test_two_packs_swapped_a_truncated_pack_and_a_foreign_pack_are_refused(encry
     assert all(Path(names[0]).stem in r["reason"] or Path(names[1]).stem in r["reason"]
                for r in found.damaged)
     assert any("another pack was put in its place" in r["reason"] for r in found.damaged)
-    with open_stored(repo.location) as stored_repo:
+    with closing(open_stored(repo.location)) as stored_repo:
         keyless = scrub_stored(stored_repo)
     assert sorted(line.split(": ")[0] for line in keyless.damaged) == \
         [f"{repo.location}/{n}" for n in names[:2]]
@@ -298,7 +298,7 @@ def test_every_bit_flip_of_a_pack_is_refused_with_and_without_the_key(tmp_path):
 def test_keyless_scrub_reads_no_key_slot_and_writes_nothing(encrypted, tmp_path):
     repo, point, _ = encrypted
     repo.write_checkpoint() if hasattr(repo, "write_checkpoint") else None
-    with open_stored(repo.location) as stored_repo:
+    with closing(open_stored(repo.location)) as stored_repo:
         read: list[str] = []
         inner_get, inner_range = stored_repo.store.get, stored_repo.store.get_range
         object.__setattr__(stored_repo.store, "get",
@@ -435,7 +435,7 @@ def test_keyless_scrub_finds_a_damaged_map_manifest_journal_entry_checkpoint_and
     huge.parent.mkdir(exist_ok=True)
     with open(huge, "wb") as f:
         f.truncate(2 * (512 * KIB + 4 * MIB) + 1)  # sparse: larger than any pack can be
-    with open_stored(repo.location) as stored_repo:
+    with closing(open_stored(repo.location)) as stored_repo:
         report = scrub_stored(stored_repo)
     lines = sorted(report.damaged)
     assert len(lines) == 5, lines

@@ -411,13 +411,14 @@ def scrub(repo: RepoAddress, subset: str | None, max_duration: str | None, repai
 
 def _scrub_stored(repo: RepoAddress, workers: int | None, as_json: bool) -> None:
     import os
+    from contextlib import closing
 
     from ..maintenance.stored_scrub import scrub_stored
     from ..repository.location import open_stored
     from ..units import format_rate, plural
 
     opened = open_stored(repo.location, settings=repo.settings(), cache_dir=repo.cache_dir)
-    with opened:
+    with closing(opened):
         report = scrub_stored(opened, workers=workers or max(2, os.cpu_count() or 2))
     if as_json:
         emit_json(report, ok=report.ok)

@@ -104,14 +104,8 @@ class StoredRepository:
     def location(self) -> str:
         return self.store.location
 
-    def close(self) -> None:
+    def close(self) -> None:  # contextlib.closing(open_stored(...)) closes it
         self.store.close()
-
-    def __enter__(self) -> "StoredRepository":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class _ReadOnlyStore:
