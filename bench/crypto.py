@@ -14,9 +14,11 @@ time, so that other processes sharing the cores do not count; wall MB/s beside i
 all over the same bytes: `--data FILE` (the first --mib MiB of its non-zero 64 KiB blocks, e.g. of
 a workload image: what a backup of it stores), or by default real files of this machine
 (/usr/lib, /usr/share, as bench/workload.py fills its disk).
-Then HKDF-SHA256 derivations per second (one per sealed object: derive the object key and build
-its cipher), and the time and memory of scrypt for each `--scrypt log2(n):r:p`. Each figure is
-the best of --rounds rounds.
+Then a pack written (`PackWriter.add` of every 64 KiB message, then `finish` into a local store)
+and its chunks opened again (`PackKeys.open`), unencrypted and sealed: what encryption
+adds to a backup's and a restore's pack work, per core. Then HKDF-SHA256 derivations per
+second (one per sealed object: derive the object key and build its cipher), and the time and
+memory of scrypt for each `--scrypt log2(n):r:p`. Each figure is the best of --rounds rounds.
 """
 from __future__ import annotations
 
@@ -143,6 +145,50 @@ def throughput_table(data: bytes, rounds: int) -> list[str]:
     return rows
 
 
+def pack_rows(data: bytes, rounds: int) -> list[str]:
+    """Pack write and chunk open, unencrypted (major 1) and sealed (major 2), 64 KiB chunks."""
+    import tempfile
+
+    from repo_engine.repository.crypto.null import NULL_SEALER
+    from repo_engine.repository.crypto.seal import ObjectSealer
+    from repo_engine.repository.packs import PackKeys, PackWriter
+    from repo_engine.repository.store.local import LocalStore
+
+    msgs = messages(data, 64 << 10)
+    nbytes = len(msgs) * (64 << 10)
+    rows = ["| pack, 64 KiB chunks | write MB/s CPU (wall) | open MB/s CPU (wall) |",
+            "|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "tmp").mkdir()
+        store = LocalStore(Path(tmp))
+        for label, sealer in (("unencrypted (major 1)", NULL_SEALER),
+                              ("sealed (major 2)", ObjectSealer({1: os.urandom(32)}, 1))):
+            finished = []
+
+            def write(sealer=sealer) -> None:
+                writer = PackWriter(store, sealer)
+                for i, m in enumerate(msgs):
+                    writer.add(i + 1, i.to_bytes(32, "little"), m, len(m), 0)
+                finished.append(writer.finish())
+
+            write_cpu, write_wall = best(rounds, write)
+            pack = finished[-1]
+            blobs = [(e, store.get_range(f"packs/{pack.name[:2]}/{pack.name}.pack", e.offset,
+                                         e.stored)) for e in pack.entries]
+
+            def open_(sealer=sealer) -> None:
+                keys = PackKeys(store, sealer)
+                for e, blob in blobs:
+                    keys.open(pack.name, e.offset, e.chunk_id, blob, "bench")
+
+            open_cpu, open_wall = best(rounds, open_)
+            rows.append(f"| {label} | {nbytes / write_cpu / 1e6:,.0f} "
+                        f"({nbytes / write_wall / 1e6:,.0f}) | {nbytes / open_cpu / 1e6:,.0f} "
+                        f"({nbytes / open_wall / 1e6:,.0f}) |")
+        store.close()
+    return rows
+
+
 def hkdf_rate(rounds: int, count: int = 20000) -> float:
     key, salt = os.urandom(32), os.urandom(32)
 
@@ -182,6 +228,8 @@ def main() -> None:
           f"(zstd -1 ratio {ratio:.2f}); load average {os.getloadavg()[0]:.2f}; "
           f"best of {args.rounds}, one core")
     print("\n".join(throughput_table(data, args.rounds)))
+    print()
+    print("\n".join(pack_rows(data, args.rounds)))
     print(f"\nHKDF-SHA256 object key + cipher: {hkdf_rate(args.rounds):,.0f} per CPU second\n")
     print("\n".join(scrypt_rows(args.scrypt, args.rounds)))
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")

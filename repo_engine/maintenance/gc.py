@@ -548,10 +548,11 @@ def _live_chunks(repo: Repository, number: int) -> list[tuple[int, bytes, bytes,
             _, pack, off, *_ = REF_REC.unpack(rec)
             if pack != number or off != offset:
                 continue
-            blob = data[offset:offset + int(e["stored"])]
             chunk_id = e["id"].tobytes()
-            repo.codec.decode(blob, int(e["codec"]), int(e["raw"]), chunk_id,
-                              f"pack {info.name} chunk ref {ref}")
+            what = f"pack {info.name} chunk ref {ref}"
+            blob = repo.open_chunk(info.name, offset, chunk_id,
+                                   data[offset:offset + int(e["stored"])], what)
+            repo.codec.decode(blob, int(e["codec"]), int(e["raw"]), chunk_id, what)
             out.append((ref, chunk_id, blob, int(e["raw"]), int(e["codec"])))
     return out
 

@@ -135,6 +135,7 @@ def _packs(repo: Repository, report: RebuildReport) -> None:
 def _decodes(repo: Repository, name: str, e: PackEntry) -> bool:
     try:
         blob = repo.read_chunk_range(name, e.offset, e.stored)
+        blob = repo.open_chunk(name, e.offset, e.chunk_id, blob, f"pack {name}")
         repo.codec.decode(blob, e.codec, e.raw, e.chunk_id, f"pack {name}")
         return True
     except (RepoError, OSError):

@@ -516,10 +516,10 @@ def _read_run(repo: Repository, name: str, rows: np.ndarray) -> list[bytes]:
                           "scrub'")
     out = []
     for row in rows:
-        at = int(row["offset"]) - start
-        blob = data[at:at + int(row["stored"])]
-        repo.codec.decode(blob, int(row["codec"]), int(row["raw"]), row["id"].tobytes(),
-                          f"pack {name} chunk ref {int(row['ref'])}")
+        at, chunk_id = int(row["offset"]) - start, row["id"].tobytes()
+        what = f"pack {name} chunk ref {int(row['ref'])}"
+        blob = repo.open_chunk(name, start + at, chunk_id, data[at:at + int(row["stored"])], what)
+        repo.codec.decode(blob, int(row["codec"]), int(row["raw"]), chunk_id, what)
         out.append(blob)
     return out
 

@@ -21,12 +21,18 @@ holds the file ENCRYPTED_MARK: a config swapped in the store for an unencrypted 
 make this host read planted cleartext and write cleartext) is refused when the mark is there.
 `init` refuses a prefix that holds any object, and opening a prefix that holds objects but no
 config says it is not a repository (rather than that nothing is there).
+
+An encrypted repository can also be opened without its passphrase (`open_stored`, for
+`scrub --no-key` on a host that must not hold the key, e.g. the storage host): that gives its
+config and a store that refuses every write, and no key slot is read, no index or cache touched,
+no plaintext reachable; what it checks are the stored bytes (checksums) only.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -85,6 +91,54 @@ def open_repository(location: str, *, settings: Any = None, cache_dir: Path | No
     keys = _closing_on_error(store, _open_keys, store, config, passphrase, local)
     return _closing_on_error(store, partial(Repository.attach, claim=not rebuilding, **keys),
                              store, local, config)
+
+
+@dataclass(frozen=True)
+class StoredRepository:
+    """An encrypted repository opened without its key: its config and a store that reads only."""
+
+    store: Store
+    config: RepoConfig
+
+    @property
+    def location(self) -> str:
+        return self.store.location
+
+    def close(self) -> None:  # contextlib.closing(open_stored(...)) closes it
+        self.store.close()
+
+
+class _ReadOnlyStore:
+    """A store whose writes are refused (RepoError): a repository opened without its key."""
+
+    WRITES = frozenset({"put", "put_file", "delete", "abort_stale_uploads", "spool_dir"})
+
+    def __init__(self, inner: Store) -> None:
+        self._inner = inner
+        self.location = inner.location
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.WRITES:
+            raise RepoError(f"{self.location} was opened without its key, which allows no "
+                            "change to it; open it with its passphrase")
+        return getattr(self._inner, name)
+
+
+def open_stored(location: str, *, settings: Any = None,
+                cache_dir: Path | None = None) -> StoredRepository:
+    """The encrypted repository at `location` without its key (the module docstring); an
+    unencrypted one is refused (UsageError: it needs no key to be checked whole), as tampering
+    when this host's cache (under `cache_dir`) knows it as encrypted."""
+    store = open_store(location, settings)
+    config = _closing_on_error(store, _remote_config if is_remote(location) else _local_config,
+                               store)
+    _closing_on_error(store, _refuse_downgrade, config, cache_base(cache_dir) / config.repo_id,
+                      store.location)
+    if not config.encryption:
+        store.close()
+        raise UsageError(f"{location} is not encrypted: every check of it needs no key, so run "
+                         "'repo-engine scrub' without --no-key")
+    return StoredRepository(_ReadOnlyStore(store), config)  # type: ignore[arg-type]
 
 
 def init_repository(location: str, *, settings: Any = None, cache_dir: Path | None = None,

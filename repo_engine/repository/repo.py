@@ -42,7 +42,7 @@ from .index import Index, MapMissing, ParentGone
 from .journal import (Entry, ForgetOp, NothingToCommit, Op, PackOp, PointOp, RefsOp,
                       append)
 from .locks import EXCLUSIVE, SHARED, RepoLock, is_stale, list_locks
-from .packs import FinishedPack, PackWriter, pack_object, read_trailer
+from .packs import FinishedPack, PackKeys, PackWriter, pack_object, read_trailer
 from .points import PointRecord, point_object, read_point, write_point
 from .safefile import DIR_MODE, check_dir, is_regular, make_dir
 from .store import ObjectInfo, Store
@@ -76,6 +76,7 @@ class Repository:
         self._opened: FileId | None = None  # the index file we opened ourselves
         self._opening = threading.Lock()  # threads of one process share one environment
         self.codec = ChunkCodec(chunk_key or config.key_bytes, config.compression_level)
+        self.pack_keys = PackKeys(store, sealer)
         self.locks_dir = self.path / "locks"
         # a shared repository's locks also hold leases in the store (leases.py)
         self.lease_seconds = 0.0
@@ -233,7 +234,7 @@ class Repository:
 
     # -- packs and maps -------------------------------------------------------------------
     def pack_writer(self) -> PackWriter:
-        return PackWriter(self.store)
+        return PackWriter(self.store, self.sealer)
 
     def commit_pack(self, writer: PackWriter) -> FinishedPack:
         """Publish a pack durably, then record it in the index (write order step 1 -> 2)."""
@@ -276,7 +277,7 @@ class Repository:
 
     def read_trailer(self, name: str) -> np.ndarray:
         """The checked trailer of pack `name` (packs.py)."""
-        return read_trailer(self.store, pack_object(name))
+        return read_trailer(self.store, pack_object(name), self.sealer)
 
     def read_pack(self, name: str, size: int) -> bytes:
         """All bytes of pack `name`, which the index says is `size` bytes long (a larger object
@@ -286,6 +287,13 @@ class Repository:
     def read_chunk_range(self, name: str, offset: int, length: int) -> bytes:
         """`length` bytes at `offset` of pack `name` (one chunk, or a run of them)."""
         return self.store.get_range(pack_object(name), offset, length)
+
+    def open_chunk(self, name: str, offset: int, chunk_id: bytes, blob: bytes | memoryview,
+                   what: str) -> bytes | memoryview:
+        """The stored bytes (`codec.decode` takes them) of chunk `chunk_id`, whose blob `blob`
+        was read at `offset` of pack `name`; TamperedError naming `what` when it is not that
+        chunk's blob of that place (packs.PackKeys)."""
+        return self.pack_keys.open(name, offset, chunk_id, blob, what)
 
     def delete_packs(self, names: list[str]) -> None:
         self.store.delete(pack_object(n) for n in names)

@@ -11,6 +11,7 @@ from typing import Protocol
 from ...errors import FormatError
 
 PART_HEADER_SIZE = 36  # what a sealed object's key header holds: epoch u32, salt [32] (seal.py)
+PART_TAG_SIZE = 16  # what sealing adds to a part: its AES-GCM tag (seal.py)
 
 
 class PartSealer(Protocol):

@@ -43,10 +43,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ...errors import TamperedError
 from .cipher import SALT_SIZE, TAG_SIZE, associated_data, nonce, object_cipher
-from .null import PART_HEADER_SIZE, PartSealer
+from .null import PART_HEADER_SIZE, PART_TAG_SIZE, PartSealer
 
 HEADER = struct.Struct("<I32s")
-assert HEADER.size == 4 + SALT_SIZE == PART_HEADER_SIZE
+assert HEADER.size == 4 + SALT_SIZE == PART_HEADER_SIZE and TAG_SIZE == PART_TAG_SIZE
 SEGMENT = 16 << 20
 LAST, NOT_LAST = b"\x01", b"\x00"
 RING_EPOCH = 0  # the keyring is sealed under K_ring as "epoch 0"; data epochs start at 1
