@@ -10,6 +10,7 @@ unlock takes milliseconds."""
 from __future__ import annotations
 
 import json
+import shlex
 import stat
 from pathlib import Path
 
@@ -349,3 +350,49 @@ def test_on_s3_encryption_is_the_default(tmp_path, capsys, monkeypatch, seaweedf
     plain = f"s3://{s3_bucket}/plain"
     assert "created shared repository" in ok(capsys, "init", plain, "--no-encryption").out
     assert json.loads(ok(capsys, "points", plain, "--json").out)["points"] == []
+
+
+def readme_commands() -> list[list[str]]:
+    """The commands of the README's "Encryption" block, each as argv (comments dropped)."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    block = text[text.index("### Encryption\n"):].split("\n\n")[1]
+    return [shlex.split(line, comments=True)
+            for line in block.replace("\\\n", " ").splitlines()]
+
+
+def moved(arg: str, paths: dict) -> object:
+    """`arg` with the README path it is (or its value after `KEY=`) replaced."""
+    key, sep, value = arg.rpartition("=")
+    return f"{key}={paths[value]}" if sep and value in paths else paths.get(arg, arg)
+
+
+def test_the_readme_encryption_commands_run_as_written(tmp_path, capsys, monkeypatch):
+    """Each command of the README's block, in order, with its paths moved under tmp_path and the
+    slot id `key remove` names replaced by the slot `key add` made."""
+    model = disk(tmp_path)
+    (tmp_path / "safe").mkdir()
+    paths = {"/backup/repo": tmp_path / "repo", "/images/web1-sda.img": model.path,
+             "/etc/repo-engine/repo.pass": secret_file(tmp_path, "repo.pass", b"first\n"),
+             "alice.pass": secret_file(tmp_path, "alice.pass", b"alice\n"),
+             "new.pass": secret_file(tmp_path, "new.pass", b"new\n"),
+             "/media/safe/repo-recovery.pem": tmp_path / "safe" / "recovery.pem"}
+    ran = []
+    for argv in readme_commands():
+        if argv[0] == "export":
+            name, value = argv[1].split("=", 1)
+            monkeypatch.setenv(name, str(paths[value]))
+            continue
+        assert argv[0] == "repo-engine"
+        if argv[1:3] == ["key", "remove"]:
+            paths[argv[4]] = ok(capsys, "key", "list", paths["/backup/repo"],
+                                "--json").json()["slots"][0]["id"]   # alice's, the newest
+        ok(capsys, *[moved(arg, paths) for arg in argv[1:]])
+        ran.append(" ".join(argv[1:3]))
+    assert ran == ["init /backup/repo", "backup image", "key add", "key list", "key remove",
+                   "key rotate", "key status", "key export-recovery", "key recover",
+                   "key passwd"]
+    slots = ok(capsys, "key", "list", paths["/backup/repo"], "--json").json()["slots"]
+    assert sorted(s["kind"] for s in slots) == ["passphrase", "passphrase", "recovery"]
+    monkeypatch.setenv(passphrase.FILE_ENV, str(paths["new.pass"]))
+    assert restore_bytes(capsys, paths["/backup/repo"], "web1@latest", "sda",
+                         tmp_path / "r.img") == model.copy_of_content()
