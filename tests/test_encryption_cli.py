@@ -209,15 +209,14 @@ def test_key_add_list_passwd_and_remove(tmp_path, capsys, encrypted):
     ok(capsys, "key", "add", repo, "--passphrase-file", pass_file, "--label", "alice",
        "--new-passphrase-file", alice)
     ok(capsys, "points", repo, "--passphrase-file", alice)
-    listed = ok(capsys, "key", "list", repo, "--json").json()
-    assert [(s["kind"], s["label"]) for s in listed["slots"]] == [("passphrase", "alice"),
-                                                                  ("passphrase", "")]
-    assert listed["slots"][0]["kdf"] == {"name": "scrypt", "log_n": 4, "r": 1, "p": 1,
-                                         "memory": 2048}
-    assert set(listed["slots"][0]) == {"id", "kind", "label", "created", "kdf"}
+    listed = {s["label"]: s for s in ok(capsys, "key", "list", repo, "--json").json()["slots"]}
+    assert sorted(listed) == ["", "alice"] and listed["alice"]["kind"] == "passphrase"
+    assert listed["alice"]["kdf"] == {"name": "scrypt", "log_n": 4, "r": 1, "p": 1,
+                                      "memory": 2048}
+    assert set(listed["alice"]) == {"id", "kind", "label", "created", "kdf"}
     text = ok(capsys, "key", "list", repo).out
     assert "alice" in text and "scrypt n=2^4 r=1 p=1" in text
-    original = listed["slots"][1]["id"]
+    original = listed[""]["id"]
 
     out = ok(capsys, "key", "passwd", repo, "--passphrase-file", pass_file,
              "--new-passphrase-file", new).out
@@ -226,7 +225,7 @@ def test_key_add_list_passwd_and_remove(tmp_path, capsys, encrypted):
     assert "opens none of the 2 passphrase slots" in err and original not in err
     ok(capsys, "points", repo, "--passphrase-file", new)
 
-    alice_id = listed["slots"][0]["id"]
+    alice_id = listed["alice"]["id"]
     err = failure(capsys, 1, "key", "remove", repo, alice_id, "--passphrase-file", alice)
     assert "opens none of the 1 passphrase slot" in err   # the passphrase of a slot that stays
     ok(capsys, "key", "remove", repo, alice_id[:6], "--passphrase-file", new)
@@ -384,8 +383,8 @@ def test_the_readme_encryption_commands_run_as_written(tmp_path, capsys, monkeyp
             continue
         assert argv[0] == "repo-engine"
         if argv[1:3] == ["key", "remove"]:
-            paths[argv[4]] = ok(capsys, "key", "list", paths["/backup/repo"],
-                                "--json").json()["slots"][0]["id"]   # alice's, the newest
+            listed = ok(capsys, "key", "list", paths["/backup/repo"], "--json").json()["slots"]
+            paths[argv[4]] = next(s["id"] for s in listed if s["label"] == "alice")
         ok(capsys, *[moved(arg, paths) for arg in argv[1:]])
         ran.append(" ".join(argv[1:3]))
     assert ran == ["init /backup/repo", "backup image", "key add", "key list", "key remove",

@@ -100,13 +100,13 @@ def status(repo: RepoAddress, as_json: bool) -> None:
         opened = manager.unlock(repo.passphrase())
     ring = opened.keyring
     doc = {"current_epoch": ring.current, "epochs": sorted(ring.epochs),
-           "keyring_generation": ring.generation, "unlocked_by": opened.slot.id}
+           "keyring_generation": ring.generation, "unlocked_by": opened.unlocked.slot.id}
     if as_json:
         emit_json(doc)
         return
     click.echo(f"current epoch {ring.current} (new data is sealed with it); readable epochs "
                f"{', '.join(map(str, sorted(ring.epochs)))}; keyring generation "
-               f"{ring.generation}; unlocked by slot {opened.slot.id}")
+               f"{ring.generation}; unlocked by slot {opened.unlocked.slot.id}")
 
 
 @key.command()
@@ -159,7 +159,7 @@ def passwd(repo: RepoAddress, new_passphrase_file: Path | None) -> None:
         opened = manager.unlock(repo.passphrase())
         slot = manager.change_passphrase(opened, new_passphrase(new_passphrase_file,
                                                                 repo.location))
-    click.echo(f"passphrase changed: slot {slot.id} replaces slot {opened.slot.id}")
+    click.echo(f"passphrase changed: slot {slot.id} replaces slot {opened.unlocked.slot.id}")
 
 
 @key.command()
@@ -225,4 +225,4 @@ def recover(repo: RepoAddress, private_key: Path, new_passphrase_file: Path | No
         opened = manager.recover(pem, str(private_key))
         slot = manager.add_passphrase(opened, new_passphrase(new_passphrase_file, repo.location),
                                       label)
-    click.echo(f"recovered with slot {opened.slot.id}; added passphrase slot {slot.id}")
+    click.echo(f"recovered with slot {opened.unlocked.slot.id}; added passphrase slot {slot.id}")

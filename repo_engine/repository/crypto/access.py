@@ -119,9 +119,10 @@ def open_keys(store: Store, config_digest: bytes, passphrase: Callable[[], bytes
 
 def unlock_store(store: Store, config_digest: bytes,
                  opener: Callable[[list[Slot], list[str]], Unlocked]) -> tuple[Unlocked, Keyring]:
-    """(K_ring and the slot that opened, the newest keyring) of the repository in `store`: `opener` (a passphrase or a
-    recovery key) unwraps K_ring from one of the readable slots (it is given the messages of the
-    unreadable ones), which must open the keyring that binds `config_digest`."""
+    """(K_ring and the slot that opened, the newest keyring) of the repository in `store`:
+    `opener` (a passphrase or a recovery key) unwraps K_ring from one of the readable slots (it
+    is given the messages of the unreadable ones), which must open the keyring that binds
+    `config_digest`."""
     found, skipped = load_slots(store)
     if not found:
         raise TamperedError(f"{store.location}/keys: no readable key slot"

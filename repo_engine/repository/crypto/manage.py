@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,10 +35,9 @@ Passphrase = Callable[[], bytes]
 
 @dataclass(frozen=True)
 class Opened:
-    """The repository's keys, unlocked through `slot`."""
+    """The repository's keys: K_ring and the slot that opened, and the newest keyring."""
 
-    ring_key: bytes = field(repr=False)
-    slot: Slot
+    unlocked: Unlocked
     keyring: Keyring
 
 
@@ -83,12 +82,12 @@ class KeyManager:
         return self._opened(lambda found, _skipped: keys.recover(found, pem, what))
 
     def _opened(self, opener: Callable[[list[Slot], list[str]], Unlocked]) -> Opened:
-        unlocked, keyring = unlock_store(self.store, self._config_digest, opener)
-        return Opened(unlocked.ring_key, unlocked.slot, keyring)
+        return Opened(*unlock_store(self.store, self._config_digest, opener))
 
     def add_passphrase(self, opened: Opened, new: bytes, label: str) -> Slot:
-        slot = slot_format.passphrase_slot(opened.ring_key, new, slot_format.DEFAULT_SCRYPT,
-                                           label=label, now=_now(), random=os.urandom)
+        slot = slot_format.passphrase_slot(opened.unlocked.ring_key, new,
+                                           slot_format.DEFAULT_SCRYPT, label=label, now=_now(),
+                                           random=os.urandom)
         save_slot(self.store, slot)
         return slot
 
@@ -101,17 +100,17 @@ class KeyManager:
         return victim
 
     def change_passphrase(self, opened: Opened, new: bytes) -> Slot:
-        """A slot for `new` (durable first), then the slot `opened` came through deleted."""
-        slot = self.add_passphrase(opened, new, opened.slot.label)
-        delete_slot(self.store, opened.slot)
+        """A slot for `new` (durable first), then the slot that opened deleted."""
+        slot = self.add_passphrase(opened, new, opened.unlocked.slot.label)
+        delete_slot(self.store, opened.unlocked.slot)
         return slot
 
     def rotate(self, opened: Opened) -> Keyring:
-        return rotate(self.store, opened.ring_key)
+        return rotate(self.store, opened.unlocked.ring_key)
 
     def export_recovery(self, opened: Opened, out: Path, label: str) -> Slot:
         """Write a new recovery private key to `out` (owner-only, a new file), then its slot."""
-        pem, slot = keys.export_recovery(opened.ring_key, label=label, now=_now())
+        pem, slot = keys.export_recovery(opened.unlocked.ring_key, label=label, now=_now())
         try:
             write_atomic(out, pem, overwrite=False)
         except FileExistsError:
