@@ -227,7 +227,8 @@ def test_key_add_list_passwd_and_remove(tmp_path, capsys, encrypted):
 
     alice_id = listed["alice"]["id"]
     err = failure(capsys, 1, "key", "remove", repo, alice_id, "--passphrase-file", alice)
-    assert "opens none of the 1 passphrase slot" in err   # the passphrase of a slot that stays
+    assert "opens none of the 1 passphrase slot" in err
+    assert f"removing slot {alice_id} needs the passphrase of a slot that stays" in err
     ok(capsys, "key", "remove", repo, alice_id[:6], "--passphrase-file", new)
     err = failure(capsys, 1, "points", repo, "--passphrase-file", alice)
     last = ok(capsys, "key", "list", repo, "--json").json()["slots"][0]["id"]

@@ -42,7 +42,8 @@ def init(repo: RepoAddress, block_size: str, compression_level: int, max_chain: 
 
     if encryption is None:  # data that leaves the host is encrypted unless told otherwise
         encryption = is_remote(repo.location)
-    sizes = {"block_size": parse_size(block_size), "pack_size": parse_size(pack_size)}
+    sizes = {"block_size": parse_size(block_size),  # checked before a passphrase is asked
+             "pack_size": parse_size(pack_size)}
     created = init_repository(
         repo.location, settings=repo.settings(), cache_dir=repo.cache_dir, shared=shared,
         parents=parents, passphrase=repo.passphrase().read(confirm=True) if encryption else None,

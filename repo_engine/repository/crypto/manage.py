@@ -95,7 +95,11 @@ class KeyManager:
         """Delete the slot `slot_id` names, once a passphrase of a slot that stays unlocked: a
         repository is never left with only slots nobody can open."""
         victim = keys.removable(self.slots().slots, slot_id)
-        self.unlock(passphrase, keeping=victim.id)
+        try:
+            self.unlock(passphrase, keeping=victim.id)
+        except keys.WrongPassphrase as exc:
+            raise keys.WrongPassphrase(f"{exc} (removing slot {victim.id} needs the passphrase "
+                                       "of a slot that stays)") from None
         delete_slot(self.store, victim)
         return victim
 
