@@ -27,7 +27,8 @@ new_passphrase_option = click.option(
     "--new-passphrase-file", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
     help="File holding the new passphrase (one trailing newline is dropped); without it, the "
          "new passphrase is typed twice on the terminal.")
-label_option = click.option("--label", default="", help="A note shown by 'key list'.")
+label_option = click.option("--label", default="", show_default="none",
+                            help="A note shown by 'key list'.")
 
 
 @contextmanager
