@@ -548,7 +548,7 @@ def test_gc_repack_on_s3_killed_after_its_new_pack_then_finished(seaweedfs, s3_b
 
     s3_environment(monkeypatch, tmp_path, seaweedfs.endpoint)
     repo = f"s3://{s3_bucket}/repo"
-    assert repo_engine("init", repo).code == 0
+    assert repo_engine("init", repo, "--no-encryption").code == 0
     model = disk(tmp_path, "vm", 41)
     contents: dict[str, bytes] = {}
     for _ in range(4):

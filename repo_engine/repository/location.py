@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DamageError, NotARepository, RepoError, TamperedError, UsageError
 from .config import CONFIG_NAME, ENCRYPTION, RepoConfig, read_config
@@ -43,6 +43,9 @@ from .repo import Repository, new_directory
 from .safefile import DIR_MODE
 from .store import ObjectExists, Store, open_store
 from .store.local import LocalStore
+
+if TYPE_CHECKING:
+    from .crypto.manage import KeyManager
 
 S3_SCHEME = "s3://"
 CACHE_ENV = "REPO_ENGINE_CACHE_DIR"
@@ -82,15 +85,36 @@ def open_repository(location: str, *, settings: Any = None, cache_dir: Path | No
     environment and the settings file). `rebuilding`: for rebuild-index, which replaces this
     host's cache without opening it (it may be damaged). `passphrase`: asked for the
     passphrase of an encrypted repository (None: such a repository is refused)."""
+    store, config = _store_and_config(location, settings, cache_dir)
+    local = cache_directory(config.repo_id, cache_dir) if config.shared else Path(location)
+    keys = _closing_on_error(store, _open_keys, store, config, passphrase, local)
+    return _closing_on_error(store, partial(Repository.attach, claim=not rebuilding, **keys),
+                             store, local, config)
+
+
+def open_key_manager(location: str, *, settings: Any = None,
+                     cache_dir: Path | None = None) -> KeyManager:
+    """The keys of the encrypted repository at `location`, for the key commands (which open
+    nothing else of it); an unencrypted repository has none."""
+    store, config = _store_and_config(location, settings, cache_dir)
+    if not config.encryption:
+        store.close()
+        raise RepoError(f"{location} is not encrypted: it has no keys to manage (a repository "
+                        "is encrypted when it is created: repo-engine init --encryption)")
+    from .crypto.manage import KeyManager  # an unencrypted repository never loads it
+    return KeyManager(store, config.digest)
+
+
+def _store_and_config(location: str, settings: Any,
+                      cache_dir: Path | None) -> tuple[Store, RepoConfig]:
+    """The store at `location` and the config it holds, refused when this host knows the
+    repository as encrypted and the config says otherwise."""
     store = open_store(location, settings)
     config = _closing_on_error(store, _remote_config if is_remote(location) else _local_config,
                                store)
     _closing_on_error(store, _refuse_downgrade, config, cache_base(cache_dir) / config.repo_id,
                       store.location)
-    local = cache_directory(config.repo_id, cache_dir) if config.shared else Path(location)
-    keys = _closing_on_error(store, _open_keys, store, config, passphrase, local)
-    return _closing_on_error(store, partial(Repository.attach, claim=not rebuilding, **keys),
-                             store, local, config)
+    return store, config
 
 
 @dataclass(frozen=True)

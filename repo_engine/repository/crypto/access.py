@@ -22,11 +22,12 @@ from typing import TypeVar
 from ...errors import TamperedError
 from ..store import Store
 from .keyring import Keyring
-from .keys import create, unlock
+from . import slots as slot_format
+from .keys import Unlocked, create, unlock
 from .keystore import init_keys, load_keyring, load_slots
 from .null import PartSealer, Sealer
 from .seal import UnknownEpoch
-from .slots import DEFAULT_SCRYPT, ScryptParams
+from .slots import ScryptParams, Slot
 
 T = TypeVar("T")
 
@@ -98,11 +99,12 @@ def _check_config(keyring: Keyring, config_digest: bytes, location: str) -> None
 
 
 def create_keys(store: Store, config_digest: bytes, passphrase: bytes, *,
-                params: ScryptParams = DEFAULT_SCRYPT, label: str = "") -> OpenKeys:
+                params: ScryptParams | None = None, label: str = "") -> OpenKeys:
     """Make and store a new repository's keys (keyring, then its first passphrase slot), bound
-    to the config of `config_digest`, which the caller writes after them."""
-    made = create(passphrase, params, label=label, now=datetime.now(timezone.utc),
-                  config_digest=config_digest)
+    to the config of `config_digest`, which the caller writes after them. `params`: the slot's
+    scrypt cost (None: slots.DEFAULT_SCRYPT, read when called)."""
+    made = create(passphrase, params or slot_format.DEFAULT_SCRYPT, label=label,
+                  now=datetime.now(timezone.utc), config_digest=config_digest)
     init_keys(store, made)
     return OpenKeys(RepositorySealer(store, made.ring_key, made.keyring), made.keyring.chunk_key)
 
@@ -110,12 +112,27 @@ def create_keys(store: Store, config_digest: bytes, passphrase: bytes, *,
 def open_keys(store: Store, config_digest: bytes, passphrase: Callable[[], bytes]) -> OpenKeys:
     """Unlock the repository in `store` whose config has `config_digest`; `passphrase` is asked
     for only once the slots were read (a repository without readable slots asks nothing)."""
-    slots, skipped = load_slots(store)
-    if not slots:
+    unlocked, keyring = unlock_store(store, config_digest, lambda found, skipped: unlock(
+        found, passphrase(), skipped=skipped))
+    return OpenKeys(RepositorySealer(store, unlocked.ring_key, keyring), keyring.chunk_key)
+
+
+def unlock_store(store: Store, config_digest: bytes,
+                 opener: Callable[[list[Slot], list[str]], Unlocked]) -> tuple[Unlocked, Keyring]:
+    """(K_ring and the slot that opened, the newest keyring) of the repository in `store`:
+    `opener` (a passphrase or a recovery key) unwraps K_ring from one of the readable slots (it
+    is given the messages of the unreadable ones), which must open the keyring that binds
+    `config_digest`."""
+    found, skipped = load_slots(store)
+    if not found:
         raise TamperedError(f"{store.location}/keys: no readable key slot"
                             + (f" ({'; '.join(skipped)})" if skipped else "")
                             + "; the repository's keys were deleted or damaged")
-    ring_key = unlock(slots, passphrase(), skipped=skipped).ring_key
-    keyring = load_keyring(store, ring_key)
+    unlocked = opener(found, skipped)
+    try:
+        keyring = load_keyring(store, unlocked.ring_key)
+    except TamperedError as exc:
+        raise TamperedError(f"{exc} (with the key of slot {unlocked.slot.id}, which opened: a "
+                            "slot copied from another repository, or a replaced keyring)") from None
     _check_config(keyring, config_digest, store.location)
-    return OpenKeys(RepositorySealer(store, ring_key, keyring), keyring.chunk_key)
+    return unlocked, keyring
