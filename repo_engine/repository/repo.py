@@ -322,8 +322,10 @@ class Repository:
         parent still catalogued (else ParentGone), no map gc doomed or deleted (such a map is
         written again, salted when doomed), no ref swept (the backup stalled past its lease);
         then the manifest, with the point's commit sequence, durable before the entry."""
-        catalog = {r["id"]: r for r in self.index.points_records()}
-        gone = {d.parent for d in point.disks if d.parent} - set(catalog)
+        with self.index.env.begin() as txn:  # the records it needs, not the whole catalog
+            gone = {d.parent for d in point.disks
+                    if d.parent and self.index.get_record(txn, d.parent) is None}
+            old = self.index.get_record(txn, point.id)
         if gone:
             raise ParentGone(gone)
         renewed = self._renew_maps(point, maps)
@@ -334,8 +336,7 @@ class Repository:
             raise RepoError(f"the backup stalled past its lease: gc removed {len(swept)} chunks "
                             f"it uses (ref {int(swept[0])}, ...); no restore point was stored; "
                             "run the backup again")
-        old = catalog.get(point.id)
-        newest = "" if old else max((r["time"] for r in catalog.values() if r["vm"] == point.vm),
+        newest = "" if old else max((r["time"] for r in self.index.points_records(point.vm)),
                                     default="")
         if renewed or written.seq != (old["seq"] if old else seq):
             _seal(self.store, point, old["seq"] if old else seq, newest)
