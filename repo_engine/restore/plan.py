@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..repository.index import LOCATION_DTYPE, IndexReader
+from ..repository.packs import read_spans
 from ..units import MIB
 
 
@@ -97,24 +98,12 @@ def plan_restore(refs: np.ndarray, todo: np.ndarray, lookup: IndexReader,
 
 
 def read_runs(locations: np.ndarray, reads: ReadSettings) -> list[ReadRun]:
-    """Cut chunks sorted by (pack, offset) into requests: a request stays within one pack,
-    spans no gap larger than `max_gap` and at most `max_request` bytes (or one chunk). The
-    cuts at pack changes and gaps are found in numpy; a stretch between two of them is cut
-    by size with one binary search per request."""
+    """Cut chunks sorted by (pack, offset) into requests (`packs.read_spans`): a request stays
+    within one pack, spans no gap larger than `max_gap` and at most `max_request` bytes (or one
+    chunk)."""
     packs = locations["pack"].astype(np.int64)
     starts = locations["offset"].astype(np.int64)
     ends = starts + locations["stored"]
-    cuts = np.flatnonzero((packs[1:] != packs[:-1]) | (starts[1:] - ends[:-1] > reads.max_gap))
-    edges = np.concatenate(([0], cuts + 1, [len(locations)])) if len(locations) else []
-    runs: list[ReadRun] = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        # chunks of a pack do not overlap: within a stretch `ends` never falls
-        first = int(lo)
-        while first < hi:
-            fits = int(np.searchsorted(ends[first:hi], starts[first] + reads.max_request,
-                                       side="right"))
-            last = first + max(1, fits)
-            runs.append(ReadRun(int(packs[first]), int(starts[first]), int(ends[last - 1]),
-                                locations[first:last], first))
-            first = last
-    return runs
+    return [ReadRun(int(packs[first]), int(starts[first]), int(ends[last - 1]),
+                    locations[first:last], first)
+            for first, last in read_spans(packs, starts, ends, reads.max_gap, reads.max_request)]
