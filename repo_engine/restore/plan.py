@@ -22,7 +22,9 @@ class ReadSettings:
 
     in_flight: int = 8  # requests outstanding at once (one thread each)
     max_request: int = 64 * MIB  # bytes one request may span (one chunk larger than this: alone)
-    max_read: int = 4 * MIB  # bytes of a request a worker holds at once: a run (or one chunk)
+    # bytes of a request a worker holds at once: a run (or one chunk); reading a piece takes
+    # twice that for a moment (the HTTP client's buffer and its copy)
+    max_read: int = 2 * MIB
     # two chunks of a pack separated by at most this many bytes are read with one request: the
     # gap costs less than another round trip
     max_gap: int = 256 << 10
