@@ -419,7 +419,9 @@ def test_settings_repr_hides_secrets():
 def test_uploads_carry_no_checksum_the_api_does_not_require(seaweedfs, s3_bucket, tmp_path, tls):
     """Some S3-compatible servers refuse the CRC32 (and, on TLS, the aws-chunked framing) that
     botocore adds to every upload by default: the store sends them only where the API requires
-    one (a batched delete), its objects carrying their own checks."""
+    one (a batched delete), its objects carrying their own checks; for the same reason no
+    upload's body is hashed into its signature (botocore's default on plain HTTP, and on TLS
+    without a checksum)."""
     settings = (settings_for(seaweedfs.tls_endpoint, ca_bundle=str(seaweedfs.certificate))
                 if tls else settings_for(seaweedfs.endpoint))
     store = S3Store(f"s3://{s3_bucket}/repo", settings)
@@ -444,3 +446,4 @@ def test_uploads_carry_no_checksum_the_api_does_not_require(seaweedfs, s3_bucket
         assert not [h for h in headers if h.startswith("x-amz-checksum-")
                     or h == "x-amz-trailer"], (name, headers)
         assert "aws-chunked" not in headers.get("content-encoding", ""), (name, headers)
+        assert headers["x-amz-content-sha256"] == b"UNSIGNED-PAYLOAD", (name, headers)
