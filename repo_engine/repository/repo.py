@@ -278,6 +278,10 @@ class Repository:
         """`length` bytes at `offset` of pack `name` (one chunk, or a run of them)."""
         return self.store.get_range(pack_object(name), offset, length)
 
+    def read_chunk_stream(self, name: str, offset: int, length: int) -> RangeReader:
+        """Bytes [offset, offset + length) of pack `name`, to be read front to back in pieces."""
+        return self.store.open_range(pack_object(name), offset, length)
+
     def delete_packs(self, names: list[str]) -> None:
         self.store.delete(pack_object(n) for n in names)
 
