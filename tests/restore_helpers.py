@@ -15,7 +15,7 @@ from repo_engine.backup.job import BackupOptions, backup_vm
 from repo_engine.repository.packs import pack_object
 from repo_engine.repository.points import PointRecord
 from repo_engine.repository.repo import Repository
-from repo_engine.repository.store import Store
+from repo_engine.repository.store import RangeReader, Store
 from repo_engine.sources.image import ImageDisk, image_snapshot
 
 
@@ -30,11 +30,12 @@ class TrackedBytes(bytes):
 
 
 class WatchedStore:
-    """A store whose `get_range` counts the most calls outstanding at once and the most bytes
-    it returned that are still held by the reader. The first `gather` calls wait until that
-    many are outstanding together: a restore that does not issue that many at once fails
-    (BrokenBarrierError after `timeout`) instead of passing by luck of the scheduler.
-    `before_read(n)` runs before the n-th call (1, 2, ...), to inject faults mid-restore."""
+    """A store whose reads (`get_range` calls and `open_range` range reads) count the most
+    outstanding at once and the most bytes returned that are still held by the reader. The
+    first `gather` reads wait until that many are outstanding together: a restore that does not
+    issue that many at once fails (BrokenBarrierError after `timeout`) instead of passing by
+    luck of the scheduler. `before_read(n)` runs before the n-th read (1, 2, ...), to inject
+    faults mid-restore."""
 
     def __init__(self, inner: Store, *, gather: int = 1, timeout: float = 30.0,
                  before_read: Callable[[int], None] | None = None) -> None:
@@ -49,29 +50,76 @@ class WatchedStore:
         return getattr(self.inner, name)
 
     def get_range(self, name: str, offset: int, length: int) -> bytes:
+        self._opened()
+        try:
+            return self.track(self.inner.get_range(name, offset, length))
+        finally:
+            self.closed()
+
+    def open_range(self, name: str, offset: int, length: int) -> "WatchedRange":
+        """A range read counts as outstanding from its opening to its closing."""
+        self._opened()
+        try:
+            return WatchedRange(self, self.inner.open_range(name, offset, length))
+        except BaseException:
+            self.closed()
+            raise
+
+    def _opened(self) -> None:
         with self._lock:
             self.calls += 1
             call = self.calls
             self.outstanding += 1
             self.most_outstanding = max(self.most_outstanding, self.outstanding)
-        try:
-            if self._before_read:
-                self._before_read(call)
-            if call <= self._gather:
-                self._barrier.wait()
-            data = TrackedBytes(self.inner.get_range(name, offset, length))
-        finally:
-            with self._lock:
-                self.outstanding -= 1
-        data.watcher = self
+        if self._before_read:
+            self._before_read(call)
+        if call <= self._gather:
+            self._barrier.wait()
+
+    def closed(self) -> None:
         with self._lock:
-            self.held += len(data)
+            self.outstanding -= 1
+
+    def track(self, data: bytes) -> TrackedBytes:
+        tracked = TrackedBytes(data)
+        tracked.watcher = self
+        with self._lock:
+            self.held += len(tracked)
             self.most_held = max(self.most_held, self.held)
-        return data
+        return tracked
 
     def freed(self, nbytes: int) -> None:
         with self._lock:
             self.held -= nbytes
+
+
+class WatchedRange:
+    """A range read of a WatchedStore: the bytes it returns are tracked."""
+
+    def __init__(self, store: WatchedStore, inner: RangeReader) -> None:
+        self.store, self.inner = store, inner
+
+    @property
+    def position(self) -> int:
+        return self.inner.position
+
+    def read(self, n: int) -> bytes:
+        return self.store.track(self.inner.read(n))
+
+    def skip(self, n: int) -> None:
+        self.inner.skip(n)
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+            self.inner = None
+            self.store.closed()
+
+    def __enter__(self) -> "WatchedRange":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def backup_image(repo: Repository, vm: str, image: Path, changed: Path | None = None

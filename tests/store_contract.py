@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from repo_engine.errors import DamageError
-from repo_engine.repository.store import (ObjectExists, ObjectInfo, ObjectMissing, ShortRead,
-                                          StoreError)
+from repo_engine.repository.store import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing,
+                                          ShortRead, StoreError)
 
 BAD_NAMES = ["", "/packs/x", "..", "packs/../config", "packs//x", "pa\0cks", "packs\\x"]
 
@@ -83,6 +83,34 @@ class StoreContract:
             with pytest.raises(ShortRead) as caught:
                 store.get_range("packs/ef/s.pack", offset, length)
             assert isinstance(caught.value, DamageError)
+
+    def test_open_range_reads_pieces_and_skips_front_to_back(self, store):
+        data = bytes(range(256)) * 8192  # 2 MiB: a skip longer than one piece read to drop
+        store.put("packs/ef/o.pack", data)
+        with store.open_range("packs/ef/o.pack", 10, len(data) - 20) as reader:
+            got = [reader.read(5), reader.read(0)]
+            reader.skip(1_500_000)
+            got.append(reader.read(100))
+            reader.skip(reader.end - reader.position - 7)
+            got.append(reader.read(7))
+            assert reader.position == reader.end == len(data) - 10
+            with pytest.raises(ValueError, match="outside the range read"):
+                reader.read(1)
+        assert got == [data[10:15], b"", data[1_500_015:1_500_115],
+                       data[len(data) - 17:len(data) - 10]]
+
+    def test_open_range_of_a_short_or_missing_object_is_damage(self, store):
+        store.put("packs/ef/t.pack", b"0123456789")
+        with store.open_range("packs/ef/t.pack", 4, 10) as reader:
+            assert reader.read(3) == b"456"
+            with pytest.raises(ShortRead) as caught:
+                reader.read(7)
+            assert isinstance(caught.value, DamageError) and caught.value.exit_code == 3
+        for name, offset in (("packs/ef/t.pack", 12), ("packs/ab/gone.pack", 0)):
+            with store.open_range(name, offset, 4) as reader, \
+                    pytest.raises(ObjectDamaged) as caught:
+                reader.read(4)
+            assert isinstance(caught.value, ShortRead if "t.pack" in name else ObjectMissing)
 
     # -- list and delete --------------------------------------------------------------------
     def test_list_yields_every_object_under_a_prefix(self, store):

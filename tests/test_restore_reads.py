@@ -19,7 +19,7 @@ from repo_engine.repository.config import read_config
 from repo_engine.repository.index import LOCATION_DTYPE
 from repo_engine.repository.repo import Repository
 from repo_engine.repository.store.local import LocalStore
-from repo_engine.restore.plan import ReadSettings, read_runs
+from repo_engine.restore.plan import ReadSettings, read_requests
 from repo_engine.restore import restorer
 from repo_engine.restore.restorer import RestoreDamaged, restore_disk, restore_to_device
 from restore_helpers import WatchedStore, backup_image, damage_pack, pack_of_block
@@ -40,33 +40,47 @@ def random_locations(rng: np.random.Generator, count: int) -> np.ndarray:
     return rows
 
 
-@pytest.mark.parametrize("settings", [ReadSettings(), ReadSettings(max_request=512 * KIB),
-                                      ReadSettings(max_request=100 * KIB, max_gap=0,
-                                                   memory=MIB)])
-def test_runs_coalesce_within_a_pack_up_to_the_gap_and_the_request_size(settings):
+def first_after(chunks: np.ndarray, start: int) -> int:
+    """The span from `start` to the end of the first of `chunks`."""
+    return int(chunks["offset"][0]) + int(chunks["stored"][0]) - start
+
+
+@pytest.mark.parametrize("settings", [
+    ReadSettings(), ReadSettings(max_request=512 * KIB), ReadSettings(max_read=512 * KIB),
+    ReadSettings(max_request=MIB, max_read=100 * KIB, max_gap=0, memory=MIB)])
+def test_requests_and_runs_coalesce_within_a_pack_up_to_the_gap_and_their_sizes(settings):
+    """A request: chunks of one pack, no gap over max_gap, at most max_request bytes; cut into
+    runs of at most max_read bytes; a new request or run only where one of these says so."""
     rng = np.random.default_rng(5)
     locations = random_locations(rng, 3000)
-    runs = read_runs(locations, settings)
+    requests = read_requests(locations, settings)
+    runs = [run for request in requests for run in request.runs]
     assert [run.first_chunk for run in runs] == list(
         np.cumsum([0] + [len(r.chunks) for r in runs])[:-1])
     assert sum(len(r.chunks) for r in runs) == len(locations)
-    for run, after in zip(runs, runs[1:] + [None]):
-        c = run.chunks
+    for request, after in zip(requests, requests[1:] + [None]):
+        c = np.concatenate([run.chunks for run in request.runs])
         ends = c["offset"].astype(np.int64) + c["stored"]
-        assert (c["pack"] == run.pack).all()
-        assert (run.start, run.end) == (c["offset"][0], ends[-1])
+        assert (c["pack"] == request.pack).all()
+        assert (request.start, request.start + request.size) == (c["offset"][0], ends[-1])
         assert np.all(c["offset"][1:] - ends[:-1] <= settings.max_gap)
-        assert run.size <= settings.max_request or len(c) == 1
-        if after is not None and after.pack == run.pack:
-            # a new request only where the gap is too wide or the request would be too big
-            joined = after.chunks["offset"][0] + after.chunks["stored"][0] - run.start
-            gap = after.start - run.end
+        assert request.size <= settings.max_request or len(c) == 1
+        assert request.held == max(run.size for run in request.runs)
+        for run, next_run in zip(request.runs, request.runs[1:] + [None]):
+            run_ends = run.chunks["offset"].astype(np.int64) + run.chunks["stored"]
+            assert (run.start, run.end) == (run.chunks["offset"][0], run_ends[-1])
+            assert run.size <= settings.max_read or len(run.chunks) == 1
+            if next_run is not None:
+                assert first_after(next_run.chunks, run.start) > settings.max_read
+        if after is not None and after.pack == request.pack:
+            gap = after.start - (request.start + request.size)
+            joined = first_after(after.runs[0].chunks, request.start)
             assert gap > settings.max_gap or joined > settings.max_request
 
 
 def test_settings_are_checked():
     with pytest.raises(UsageError, match="memory cap"):
-        ReadSettings(max_request=16 * MIB, memory=8 * MIB)
+        ReadSettings(max_read=16 * MIB, memory=8 * MIB)
     with pytest.raises(UsageError, match="in_flight"):
         ReadSettings(in_flight=0)
 
@@ -139,11 +153,13 @@ def test_damaged_pack_names_point_disk_and_byte_ranges(two_points, tmp_path, cap
         victim = pack_of_block(repo, second, 3)
         lost = damage_pack(kind, repo, repo.store, second, victim)
         assert lost and (kind == "flip" or len(lost) > 1)
-        for plan_blocks in (ReadSettings().plan_blocks, 5):  # ranges across slices too
-            with pytest.raises(RestoreDamaged) as raised:
-                restore_disk(repo, second, "sda", tmp_path / "out.img",
-                             reads=ReadSettings(max_request=64 * KIB, plan_blocks=plan_blocks))
-            assert raised.value.extents == lost
+        # ranges across slices too; short requests, and long ones read in short runs
+        for plan_blocks in (ReadSettings().plan_blocks, 5):
+            for reads in (ReadSettings(max_request=64 * KIB, plan_blocks=plan_blocks),
+                          ReadSettings(max_read=32 * KIB, plan_blocks=plan_blocks)):
+                with pytest.raises(RestoreDamaged) as raised:
+                    restore_disk(repo, second, "sda", tmp_path / "out.img", reads=reads)
+                assert raised.value.extents == lost
         assert (raised.value.point, raised.value.disk) == (second.id, "sda")
     assert not (tmp_path / "out.img").exists()
 
@@ -220,7 +236,8 @@ def many_packs(tmp_path):
 def _write_queue_settings() -> list[ReadSettings]:
     return [ReadSettings(), ReadSettings(write_queue=1, in_flight=8, max_request=64 * KIB),
             ReadSettings(write_queue=64 * KIB, in_flight=3, max_request=128 * KIB,
-                         plan_blocks=100)]
+                         plan_blocks=100),
+            ReadSettings(write_queue=64 * KIB, in_flight=3, max_read=48 * KIB)]
 
 
 @pytest.mark.parametrize("settings", _write_queue_settings())

@@ -90,6 +90,21 @@ def test_restore_reads_several_objects_at_once(s3_point, tmp_path):
     assert (tmp_path / "out.img").read_bytes() == data
 
 
+def test_restore_reads_each_pack_stretch_with_one_request(s3_point, tmp_path):
+    """Every chunk of the point, in packs of 512 KiB: one GET per pack (of at most 64 MiB by
+    default), whatever the size of the runs a worker holds at once."""
+    s3, point, data = s3_point
+    with s3.open() as repo:
+        packs = {pack_of_block(repo, point, block) for block in range(DISK // (64 * KIB))
+                 if data[block * 64 * KIB:(block + 1) * 64 * KIB].strip(b"\0")}
+        for reads in (ReadSettings(), ReadSettings(max_read=64 * KIB)):
+            calls = repo.store.calls
+            restore_disk(repo, point, "sda", tmp_path / "out.img", reads=reads)
+            assert repo.store.calls - calls == len(packs) > 1
+            assert (tmp_path / "out.img").read_bytes() == data
+            (tmp_path / "out.img").unlink()
+
+
 @pytest.mark.parametrize("kind", ["503", "reset"])
 def test_faults_mid_restore_are_retried(s3_point, tmp_path, kind):
     """Faults armed once the restore runs (arming also cuts the open connections, mid-answer):

@@ -15,6 +15,7 @@ from helpers import MIB, DiskModel, cli, restore_bytes
 from repo_engine.repository.store import (ObjectDamaged, ObjectMissing, ShortRead, StoreError,
                                           open_store)
 from repo_engine.repository.store.local import LocalStore
+from repo_engine.restore.plan import ReadSettings
 from store_contract import StoreContract
 
 
@@ -132,8 +133,9 @@ def test_open_store_maps_locations(tmp_path, monkeypatch):
 
 def test_restore_reads_each_coalesced_run_with_one_large_ranged_read(tmp_path, capsys,
                                                                      monkeypatch):
-    """Restore goes through the store, and the planner's runs (several MiB of one pack) reach it
-    whole: 24 MiB of incompressible data come back in a few reads, not one per chunk."""
+    """Restore goes through the store, and the planner's runs (`max_read`, a few MiB of one
+    pack) reach it whole: 24 MiB of incompressible data come back in a few reads, not one per
+    chunk."""
     repo = tmp_path / "repo"
     assert cli(capsys, "init", repo).code == 0
     model = DiskModel(tmp_path / "d.img", 24 * MIB, np.random.default_rng(5))
@@ -151,4 +153,6 @@ def test_restore_reads_each_coalesced_run_with_one_large_ranged_read(tmp_path, c
         model.copy_of_content()
     assert reads and all(name.startswith("packs/") for name, _ in reads)
     assert sum(length for _, length in reads) >= 24 * MIB
-    assert len(reads) <= 6 and max(length for _, length in reads) >= 4 * MIB, reads
+    run = ReadSettings().max_read
+    assert run >= 2 * MIB
+    assert len(reads) <= 24 * MIB // run + 2 and max(length for _, length in reads) >= run, reads

@@ -261,6 +261,24 @@ class TestRetries:
         assert store.get("packs/00/p.pack", limit=len(data)) == data
         assert proxy.served == 2
 
+    @pytest.mark.parametrize("kind", ["503", "reset"])
+    def test_a_range_read_cut_midway_goes_on_from_where_it_stopped(self, proxy, s3_bucket, kind):
+        """A long range read whose connection is cut midway (far more is left than socket
+        buffers hold), then faults on the requests that follow (4 attempts in all, the
+        default cap): it asks again for the rest only, and returns every byte in order."""
+        store = S3Store(f"s3://{s3_bucket}/r", settings_for(proxy.endpoint))
+        data = os.urandom(40 * MIB)
+        path = store.spool_dir() / "p"
+        path.write_bytes(data)
+        store.put_file("packs/00/q.pack", path)
+        with store.open_range("packs/00/q.pack", 7, len(data) - 14) as reader:
+            got = [reader.read(MIB)]
+            proxy.arm(kind, 2)  # cuts the open answer; the next 2 requests fail too
+            reader.skip(3 * MIB)
+            got.append(reader.read(len(data) - 14 - 4 * MIB))
+        assert got == [data[7:7 + MIB], data[7 + 4 * MIB:len(data) - 7]]
+        assert proxy.served == 2
+
     def test_failed_part_aborts_the_upload(self, proxy, s3_bucket, monkeypatch):
         """A part that fails past the retry cap: the upload is aborted (nothing pending), no
         object appears, the spool file stays for the caller."""
@@ -401,7 +419,9 @@ def test_settings_repr_hides_secrets():
 def test_uploads_carry_no_checksum_the_api_does_not_require(seaweedfs, s3_bucket, tmp_path, tls):
     """Some S3-compatible servers refuse the CRC32 (and, on TLS, the aws-chunked framing) that
     botocore adds to every upload by default: the store sends them only where the API requires
-    one (a batched delete), its objects carrying their own checks."""
+    one (a batched delete), its objects carrying their own checks; for the same reason no
+    upload's body is hashed into its signature (botocore's default on plain HTTP, and on TLS
+    without a checksum)."""
     settings = (settings_for(seaweedfs.tls_endpoint, ca_bundle=str(seaweedfs.certificate))
                 if tls else settings_for(seaweedfs.endpoint))
     store = S3Store(f"s3://{s3_bucket}/repo", settings)
@@ -426,3 +446,4 @@ def test_uploads_carry_no_checksum_the_api_does_not_require(seaweedfs, s3_bucket
         assert not [h for h in headers if h.startswith("x-amz-checksum-")
                     or h == "x-amz-trailer"], (name, headers)
         assert "aws-chunked" not in headers.get("content-encoding", ""), (name, headers)
+        assert headers["x-amz-content-sha256"] == b"UNSIGNED-PAYLOAD", (name, headers)

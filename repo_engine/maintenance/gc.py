@@ -65,6 +65,7 @@ from .inventory import (MapCache, count_damage, dead_tmp_files, live_refs, objec
                         scan_counts, scan_refs, scan_sealed, sessions, wait_for)
 
 Tick = Callable[[str], None]
+SETTLE_REFS = 1 << 22  # refs of dead maps settled in one transaction (their arrays: 32 MiB)
 
 
 @dataclass
@@ -149,17 +150,31 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
 # -- step 2: counts -----------------------------------------------------------------------------
 def settle_dead_maps(repo: Repository) -> int:
     """Apply the decrements owed by maps whose use dropped to 0; returns maps settled. A damaged
-    count met on the way distrusts the counts (Index.add_refs), and gc recounts."""
+    count met on the way distrusts the counts (Index.add_refs), and gc recounts. The maps are
+    settled in few transactions (SETTLE_REFS refs each): a forget of thousands of points
+    leaves thousands of dead maps, and a commit each would cost a sync each."""
     index = repo.index
     with index.env.begin() as txn:
         owed = [k for k, _ in txn.cursor(db=index.deadmaps)]
-    settled = 0
+    settled, batch, held = 0, [], 0
     for key in owed:
         try:
             refs = unique_refs(repo.read_map(key.hex()))
         except RepoError:
             continue  # counts stay high: a leak, never a loss; verify reports the map
-        with index.write() as txn:
+        batch.append((key, refs))
+        held += len(refs)
+        if held >= SETTLE_REFS:
+            settled += _settle(index, batch)
+            batch, held = [], 0
+    return settled + _settle(index, batch)
+
+
+def _settle(index: Index, batch: list[tuple[bytes, np.ndarray]]) -> int:
+    """Settle the dead maps of `batch` (key, unique refs) in one transaction."""
+    settled = 0
+    with index.write() as txn:
+        for key, refs in batch:
             try:
                 raw = index.get_sealed(txn, "deadmaps", key)
             except CountDamaged as exc:
@@ -169,7 +184,7 @@ def settle_dead_maps(repo: Repository) -> int:
                 continue
             index.add_refs(txn, refs, -U64.unpack(raw)[0])
             txn.delete(key, db=index.deadmaps)
-        settled += 1
+            settled += 1
     return settled
 
 

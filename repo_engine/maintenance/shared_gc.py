@@ -52,7 +52,8 @@ from ..repository.journal import (NothingToCommit, PackOp, PendingPlan, PlanOp, 
                                    WaitsOp, new_plan_id)
 from ..repository.leases import SESSION, LeaseInfo, iso, list_leases, now
 from ..repository.locks import MAINTENANCE, SHARED
-from ..repository.packs import ENTRY, FOOTER, HEADER, FinishedPack, PackWriter, pack_object
+from ..repository.packs import (ENTRY, FOOTER, HEADER, FinishedPack, PackWriter, pack_object,
+                                 read_spans)
 from ..repository.points import point_object
 from ..repository.store import ObjectMissing
 from ..repository.repo import Repository
@@ -403,16 +404,9 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
     """The range GETs that read the chunks `rows` of one pack (sorted by offset): [first,
     stop) row slices, each spanning at most MAX_REQUEST bytes (or one chunk) with gaps of at
     most MAX_GAP."""
-    starts = rows["offset"].astype(np.int64).tolist()
-    ends = (rows["offset"].astype(np.int64) + rows["stored"]).tolist()
-    out, first = [], 0
-    for i in range(1, len(starts)):
-        if starts[i] - ends[i - 1] > MAX_GAP or ends[i] - starts[first] > MAX_REQUEST:
-            out.append((first, i))
-            first = i
-    if starts:
-        out.append((first, len(starts)))
-    return out
+    starts = rows["offset"].astype(np.int64)
+    return read_spans(np.zeros(len(rows), np.int64), starts, starts + rows["stored"], MAX_GAP,
+                      MAX_REQUEST)
 
 
 def _repack_cost(repo: Repository, mark: Mark, report: SharedGcReport,

@@ -132,6 +132,25 @@ class SealedPack:
         self.spool.unlink(missing_ok=True)
 
 
+def read_spans(packs: np.ndarray, starts: np.ndarray, ends: np.ndarray, max_gap: int,
+               max_request: int) -> list[tuple[int, int]]:
+    """Cut chunks sorted by (pack, offset) into range reads: [first, stop) slices, each within
+    one pack, with no gap over `max_gap` and spanning at most `max_request` bytes (or one
+    chunk). The cuts at pack changes and gaps are found in numpy; a stretch between two of them
+    is cut by size with one binary search per read (chunks of a pack do not overlap, so `ends`
+    never falls within a stretch)."""
+    cuts = np.flatnonzero((packs[1:] != packs[:-1]) | (starts[1:] - ends[:-1] > max_gap))
+    edges = np.concatenate(([0], cuts + 1, [len(starts)])).tolist() if len(starts) else []
+    spans: list[tuple[int, int]] = []
+    for first, hi in zip(edges[:-1], edges[1:]):
+        while first < hi:
+            fits = int(np.searchsorted(ends[first:hi], starts[first] + max_request,
+                                       side="right"))
+            spans.append((first, first + max(1, fits)))
+            first += max(1, fits)
+    return spans
+
+
 def pack_object(name: str) -> str:
     checked_name(name, 64, "pack")
     return f"packs/{name[:2]}/{name}.pack"

@@ -45,7 +45,7 @@ from .locks import EXCLUSIVE, SHARED, RepoLock, is_stale, list_locks
 from .packs import FinishedPack, PackKeys, PackWriter, pack_object, read_trailer
 from .points import PointRecord, point_object, read_point, write_point
 from .safefile import DIR_MODE, check_dir, is_regular, make_dir
-from .store import ObjectInfo, Store
+from .store import ObjectInfo, RangeReader, Store
 from .store.local import LocalStore
 
 if TYPE_CHECKING:  # leases and checkpoints serve shared repositories only: imported there
@@ -295,6 +295,10 @@ class Repository:
         chunk's blob of that place (packs.PackKeys)."""
         return self.pack_keys.open(name, offset, chunk_id, blob, what)
 
+    def read_chunk_stream(self, name: str, offset: int, length: int) -> RangeReader:
+        """Bytes [offset, offset + length) of pack `name`, to be read front to back in pieces."""
+        return self.store.open_range(pack_object(name), offset, length)
+
     def delete_packs(self, names: list[str]) -> None:
         self.store.delete(pack_object(n) for n in names)
 
@@ -340,8 +344,10 @@ class Repository:
         parent still catalogued (else ParentGone), no map gc doomed or deleted (such a map is
         written again, salted when doomed), no ref swept (the backup stalled past its lease);
         then the manifest, with the point's commit sequence, durable before the entry."""
-        catalog = {r["id"]: r for r in self.index.points_records()}
-        gone = {d.parent for d in point.disks if d.parent} - set(catalog)
+        with self.index.env.begin() as txn:  # the records it needs, not the whole catalog
+            gone = {d.parent for d in point.disks
+                    if d.parent and self.index.get_record(txn, d.parent) is None}
+            old = self.index.get_record(txn, point.id)
         if gone:
             raise ParentGone(gone)
         renewed = self._renew_maps(point, maps)
@@ -352,8 +358,7 @@ class Repository:
             raise RepoError(f"the backup stalled past its lease: gc removed {len(swept)} chunks "
                             f"it uses (ref {int(swept[0])}, ...); no restore point was stored; "
                             "run the backup again")
-        old = catalog.get(point.id)
-        newest = "" if old else max((r["time"] for r in catalog.values() if r["vm"] == point.vm),
+        newest = "" if old else max((r["time"] for r in self.index.points_records(point.vm)),
                                     default="")
         if renewed or written.seq != (old["seq"] if old else seq):
             _seal(self.store, point, old["seq"] if old else seq, newest, sealer=self.sealer)

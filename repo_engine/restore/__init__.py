@@ -7,22 +7,26 @@ Steps:
    every block on a block device, only blocks whose ref differs from the base's for `--onto`.
 3. Group those blocks by ref (a chunk is read and checked once however many blocks of a slice
    hold it).
-4. Sort the refs by (pack, offset) and cut them into read runs within one pack: chunks separated
-   by a small gap share a run (reading the gap costs less than another request on object
-   storage), and a run spans at most a few MiB (`plan.ReadSettings`).
-5. Workers, several at once (one request in flight each), read a run with one ranged read of the
-   store (`Store.get_range`: an HTTP range GET on S3; a directory store preads a cached
-   descriptor), decompress and re-hash each chunk (zstd and BLAKE3 release the GIL: the workers
-   use every core) and hand the checked chunks, in batches, to the one writer thread, which
-   writes each batch at its blocks with one call (`Disk.write_chunks`). Decoding overlaps the
-   other workers' reads and the writes; a run is issued only when the bytes of runs read and not
-   yet checked stay under a cap, and a batch is handed over only when the bytes handed over and
-   not yet written stay under another, so memory does not grow with the disk. Every 32 MiB
-   written, the writer has the kernel start writing the target's dirty pages back (without
-   waiting), so the disk writes all along and the final flush is short.
+4. Sort the refs by (pack, offset) and cut them into requests within one pack: chunks separated
+   by a small gap share a request (reading the gap costs less than another request on object
+   storage: each costs a round trip and CPU on both sides), up to 64 MiB; each request is cut
+   into runs of a few MiB, what a worker holds at once (`plan.ReadSettings`).
+5. Workers, several at once (one request in flight each), read a request front to back
+   (`Store.open_range`: one HTTP range GET on S3, read as it arrives; a directory store preads
+   a cached descriptor), a run at a time: decompress and re-hash each chunk of the run (zstd
+   and BLAKE3 release the GIL: the workers use every core) and hand the checked chunks, in
+   batches, to the one writer thread, which writes each batch at its blocks with one call
+   (`Disk.write_chunks`). Decoding overlaps the rest of the request arriving, the other
+   workers' reads and the writes; a request is issued only when the bytes of runs read and not
+   yet checked (counting its largest run) stay under a cap, and a batch is handed over only
+   when the bytes handed over and not yet written stay under another, so memory does not grow
+   with the disk. Every 32 MiB written, the writer has the kernel start writing the target's
+   dirty pages back (without waiting), so the disk writes all along and the final flush is
+   short.
 6. Zero blocks that must be written become holes (files) or zeroed ranges (devices); flush.
-7. A missing, truncated or damaged pack does not stop the restore: the chunks it cannot give are
-   collected, and the restore fails at the end naming the point, the disk and the disk's byte
+7. A missing, truncated or damaged pack does not stop the restore (a request that meets it
+   goes on a run per request, to tell exactly which chunks it costs): the chunks it cannot give
+   are collected, and the restore fails at the end naming the point, the disk and the disk's byte
    ranges hit (exit 3).
 
 Steps 3-6 take the blocks a slice at a time (`ReadSettings.plan_blocks`), so that neither the

@@ -8,22 +8,28 @@ import numpy as np
 
 from ..errors import UsageError
 from ..repository.index import LOCATION_DTYPE, IndexReader
+from ..repository.packs import read_spans
 from ..units import MIB
 
 
 @dataclass(frozen=True)
 class ReadSettings:
     """How a restore reads packs. On object storage each request costs a round trip of
-    milliseconds: requests are coalesced and several are outstanding at once; a local store
-    reads the same way (a pread per request, several threads)."""
+    milliseconds and a share of both sides' CPU: requests are coalesced and long, several are
+    outstanding at once, and a worker decodes a request's chunks as they arrive, a run at a
+    time, so that memory does not grow with the request; a local store reads the same way (a
+    pread per run, several threads)."""
 
     in_flight: int = 8  # requests outstanding at once (one thread each)
-    max_request: int = 4 * MIB  # bytes one request may span (one chunk larger than this: alone)
+    max_request: int = 64 * MIB  # bytes one request may span (one chunk larger than this: alone)
+    # bytes of a request a worker holds at once: a run (or one chunk); reading a piece takes
+    # twice that for a moment (the HTTP client's buffer and its copy)
+    max_read: int = 2 * MIB
     # two chunks of a pack separated by at most this many bytes are read with one request: the
     # gap costs less than another round trip
     max_gap: int = 256 << 10
-    # bytes of requests issued whose chunks are not checked yet; with the defaults every
-    # request in flight may be of the largest size
+    # bytes of runs read and whose chunks are not checked yet, counting for each request in
+    # flight its largest run; with the defaults every worker may hold a run of the largest size
     memory: int = 32 * MIB
     # decoded bytes handed to the writer and not yet written (on top of `memory`)
     write_queue: int = 8 * MIB
@@ -32,19 +38,21 @@ class ReadSettings:
     plan_blocks: int = 1 << 17
 
     def __post_init__(self) -> None:
-        if (min(self.in_flight, self.max_request, self.plan_blocks, self.write_queue) < 1
-                or self.max_gap < 0):
-            raise UsageError(f"restore reads: need in_flight, max_request, plan_blocks and "
-                             f"write_queue >= 1 and max_gap >= 0 (got {self})")
-        if self.memory < self.max_request:
+        if (min(self.in_flight, self.max_request, self.max_read, self.plan_blocks,
+                self.write_queue) < 1 or self.max_gap < 0):
+            raise UsageError(f"restore reads: need in_flight, max_request, max_read, plan_blocks "
+                             f"and write_queue >= 1 and max_gap >= 0 (got {self})")
+        if self.memory < min(self.max_read, self.max_request):
             raise UsageError(f"restore reads: the memory cap ({self.memory} bytes) must hold one "
-                             f"request of max_request ({self.max_request} bytes)")
+                             f"run of the smaller of max_read and max_request ({self.max_read}, "
+                             f"{self.max_request} bytes)")
 
 
 @dataclass(frozen=True)
 class ReadRun:
-    """Chunks of one pack read with one request: `chunks` rows of LOCATION_DTYPE, which are the
-    plan's chunks `first_chunk`, `first_chunk + 1`, ... (their blocks: `RestorePlan.bounds`)."""
+    """Chunks of one pack read at once, bytes [start, end) of it: `chunks` rows of
+    LOCATION_DTYPE, which are the plan's chunks `first_chunk`, `first_chunk + 1`, ... (their
+    blocks: `RestorePlan.bounds`)."""
 
     pack: int
     start: int
@@ -58,12 +66,34 @@ class ReadRun:
 
 
 @dataclass(frozen=True)
+class ReadRequest:
+    """Runs of one pack read with one request, in order; the gaps between them are read and
+    dropped."""
+
+    pack: int
+    runs: list[ReadRun]
+
+    @property
+    def start(self) -> int:
+        return self.runs[0].start
+
+    @property
+    def size(self) -> int:
+        return self.runs[-1].end - self.start
+
+    @property
+    def held(self) -> int:
+        """The most bytes of the request its reader holds at once: its largest run."""
+        return max(run.size for run in self.runs)
+
+
+@dataclass(frozen=True)
 class RestorePlan:
     zero_blocks: np.ndarray       # blocks to make zero (holes or zero writes)
     locations: np.ndarray         # unique chunks, sorted by (pack, offset)
     blocks_by_chunk: np.ndarray   # block numbers grouped by chunk, in `locations` order
     bounds: np.ndarray            # chunk i fills blocks_by_chunk[bounds[i]:bounds[i+1]]
-    runs: list[ReadRun]
+    requests: list[ReadRequest]
 
     @property
     def data_blocks(self) -> int:
@@ -93,28 +123,21 @@ def plan_restore(refs: np.ndarray, todo: np.ndarray, lookup: IndexReader,
     counts = np.bincount(chunk_of_block, minlength=len(locations))
     bounds = np.concatenate(([0], np.cumsum(counts)))
     return RestorePlan(todo[is_zero], locations, data_blocks[grouping], bounds,
-                       read_runs(locations, reads))
+                       read_requests(locations, reads))
 
 
-def read_runs(locations: np.ndarray, reads: ReadSettings) -> list[ReadRun]:
-    """Cut chunks sorted by (pack, offset) into requests: a request stays within one pack,
-    spans no gap larger than `max_gap` and at most `max_request` bytes (or one chunk). The
-    cuts at pack changes and gaps are found in numpy; a stretch between two of them is cut
-    by size with one binary search per request."""
+def read_requests(locations: np.ndarray, reads: ReadSettings) -> list[ReadRequest]:
+    """Cut chunks sorted by (pack, offset) into requests (`packs.read_spans`): a request stays
+    within one pack, spans no gap larger than `max_gap` and at most `max_request` bytes (or one
+    chunk); then each request into runs of at most `max_read` bytes (or one chunk)."""
     packs = locations["pack"].astype(np.int64)
     starts = locations["offset"].astype(np.int64)
     ends = starts + locations["stored"]
-    cuts = np.flatnonzero((packs[1:] != packs[:-1]) | (starts[1:] - ends[:-1] > reads.max_gap))
-    edges = np.concatenate(([0], cuts + 1, [len(locations)])) if len(locations) else []
-    runs: list[ReadRun] = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        # chunks of a pack do not overlap: within a stretch `ends` never falls
-        first = int(lo)
-        while first < hi:
-            fits = int(np.searchsorted(ends[first:hi], starts[first] + reads.max_request,
-                                       side="right"))
-            last = first + max(1, fits)
-            runs.append(ReadRun(int(packs[first]), int(starts[first]), int(ends[last - 1]),
-                                locations[first:last], first))
-            first = last
-    return runs
+    requests = []
+    for first, last in read_spans(packs, starts, ends, reads.max_gap, reads.max_request):
+        pieces = read_spans(packs[first:last], starts[first:last], ends[first:last],
+                            reads.max_gap, reads.max_read)
+        runs = [ReadRun(int(packs[first]), int(starts[first + lo]), int(ends[first + hi - 1]),
+                        locations[first + lo:first + hi], first + lo) for lo, hi in pieces]
+        requests.append(ReadRequest(int(packs[first]), runs))
+    return requests

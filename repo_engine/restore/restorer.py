@@ -25,9 +25,9 @@ from ..repository.points import DiskRecord, PointRecord
 from ..repository.repo import Repository
 from ..repository.atomic import fsync_dir
 from ..repository.safefile import kind_of
-from ..repository.store import ObjectDamaged, ObjectMissing, ShortRead
+from ..repository.store import ObjectDamaged, ObjectMissing, RangeReader, ShortRead
 from ..units import format_size, plural
-from .plan import ReadRun, ReadSettings, RestorePlan, plan_restore
+from .plan import ReadRequest, ReadRun, ReadSettings, RestorePlan, plan_restore
 
 Progress = Callable[[int], None]
 WRITEBACK_BYTES = 32 << 20
@@ -140,35 +140,53 @@ def _onto_needs_whole(target: Path, base: PointRecord, disk: DiskRecord, force: 
         f"restore; the file becomes {disk.capacity} bytes)")
 
 
-@dataclass(frozen=True)
+@dataclass
 class _RunDone:
-    """What a worker did with one run: blocks written, and the plan's chunks it could not
+    """What a worker did with one request: blocks written, and the plan's chunks it could not
     restore with what is wrong with their pack."""
 
     pack: str
-    blocks: int
-    damaged: list[int]
-    cause: str | None
+    blocks: int = 0
+    damaged: list[int] = field(default_factory=list)
+    cause: str | None = None
 
 
 class _RunReader:
-    """Worker side: read one run, check its chunks and hand them to the writer. Damage is
-    reported in the result, not raised, so that the restore goes on and names every damaged
-    range."""
+    """Worker side: read one request a run at a time, check each run's chunks and hand them to
+    the writer. Damage is reported in the result, not raised, so that the restore goes on and
+    names every damaged range."""
 
     def __init__(self, repo: Repository, plan: RestorePlan, writer: _BlockWriter) -> None:
         self.repo, self.plan, self.writer = repo, plan, writer
 
-    def __call__(self, run: ReadRun, name: str) -> _RunDone:
-        span, whole, cause = self._read(run, name)
-        damaged = list(range(run.first_chunk + whole, run.first_chunk + len(run.chunks)))
+    def __call__(self, request: ReadRequest, name: str) -> _RunDone:
+        done = _RunDone(name)
+        with self.repo.read_chunk_stream(name, request.start, request.size) as opened:
+            stream: RangeReader | None = opened
+            for run in request.runs:
+                if stream is not None:
+                    try:
+                        stream.skip(run.start - stream.position)
+                        span, whole, cause = stream.read(run.size), len(run.chunks), None
+                    except ObjectDamaged:  # the runs left are read one by one, to tell
+                        stream = None      # exactly which chunks the damage costs
+                if stream is None:
+                    span, whole, cause = self._read_alone(run, name)
+                done.cause = done.cause or cause
+                self._check(run, name, span, whole, done)
+        return done
+
+    def _check(self, run: ReadRun, name: str, span: bytes, whole: int, done: _RunDone) -> None:
+        """Decode and check the first `whole` chunks of `run` from its bytes `span` and hand
+        them to the writer; the others, and those that fail their check, are damaged."""
+        done.damaged += range(run.first_chunk + whole, run.first_chunk + len(run.chunks))
         view, chunks = memoryview(span), run.chunks[:whole]
         # the run's columns as Python ints once: no numpy scalar per chunk and field
         columns = zip((chunks["offset"].astype(np.int64) - run.start).tolist(),
                       chunks["stored"].tolist(), chunks["codec"].tolist(), chunks["raw"].tolist(),
                       chunks["ref"].tolist(), range(0, 32 * whole, 32))
         ids, bounds = chunks["id"].tobytes(), self.plan.bounds
-        batch, written = _Batch(), 0
+        batch = _Batch()
         for c, (lo, stored, codec, raw, ref, at) in enumerate(columns, start=run.first_chunk):
             chunk_id, what = ids[at:at + 32], f"pack {name} chunk ref {ref}"
             try:
@@ -176,22 +194,20 @@ class _RunReader:
                                             what)
                 data = self.repo.codec.decode(blob, codec, raw, chunk_id, what)
             except DamageError as exc:
-                damaged.append(c)
-                cause = cause or str(exc)
+                done.damaged.append(c)
+                done.cause = done.cause or str(exc)
                 continue
             blocks = self.plan.blocks_by_chunk[bounds[c]:bounds[c + 1]]
             batch.add(blocks, data)
-            written += len(blocks)
+            done.blocks += len(blocks)
             if batch.nbytes >= WRITE_BATCH:
                 self.writer.put(batch)
                 batch = _Batch()
         if batch.data:
             self.writer.put(batch)
-        return _RunDone(name, written, damaged, cause)
 
-    def _read(self, run: ReadRun, name: str) -> tuple[bytes, int, str | None]:
-        """The run's bytes with one request (the planner coalesced it: plan.py), the number of
-        its chunks they hold whole, and what is wrong with the pack when that is not all."""
+    def _read_alone(self, run: ReadRun, name: str) -> tuple[bytes, int, str | None]:
+        """The run's bytes with one request of its own, what of it is whole and why not."""
         try:
             return self.repo.read_chunk_range(name, run.start, run.size), len(run.chunks), None
         except ShortRead:
@@ -446,7 +462,8 @@ class _Writer:
         for offset, length in blocks_to_extents(plan.zero_blocks, bs, self.disk.capacity):
             self.device.write_zeroes(offset, length)
         reader = _RunReader(self.repo, plan, self.blocks)
-        work = [(run.size, (run, self._pack_name(run.pack))) for run in plan.runs]
+        work = [(request.held, (request, self._pack_name(request.pack)))
+                for request in plan.requests]
         damaged: list[int] = []
         with ThreadPoolExecutor(self.reads.in_flight) as pool:
             for done in _completed(pool, reader, work, _Budget(self.reads.memory)):

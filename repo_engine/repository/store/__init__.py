@@ -12,7 +12,9 @@ home (`check_name`). What a store guarantees (docs/FORMAT.md, "Store"):
 - `put` and `put_file` are atomic and durable when they return: an object is either absent or
   whole under its name, never partial; with `if_absent` an existing object is kept (ObjectExists);
 - `get` reads a whole object, refusing one larger than the caller's bound; `get_range` returns
-  exactly the bytes asked or fails (ObjectMissing, ShortRead);
+  exactly the bytes asked or fails (ObjectMissing, ShortRead); `open_range` reads a range front
+  to back in pieces (`RangeReader`: one request on S3, read as it arrives), with the same
+  guarantees for each piece;
 - `list` yields every object under a prefix, in any order; `delete` removes a batch, a missing
   name being no error;
 - `abort_stale_uploads(before)` removes the parts of uploads begun before `before` and never
@@ -67,6 +69,43 @@ class ObjectInfo:
     size: int
 
 
+class RangeReader:
+    """Bytes [offset, offset + length) of an object, read front to back: `read(n)` returns the
+    next `n` bytes exactly (or fails as `get_range` does), `skip(n)` passes over `n`. A store
+    provides `_fetch`; skipping is free here (a store reading at any offset cheaply: a file),
+    a store whose reads are requests streams one request and reads what it skips."""
+
+    def __init__(self, offset: int, length: int) -> None:
+        self.position, self.end = offset, offset + length
+
+    def read(self, n: int) -> bytes:
+        data = self._fetch(self._within(n))
+        self.position += n
+        return data
+
+    def skip(self, n: int) -> None:
+        self.position += self._within(n)
+
+    def _fetch(self, n: int) -> bytes:
+        """The `n` bytes at `position`."""
+        raise NotImplementedError
+
+    def _within(self, n: int) -> int:
+        if not 0 <= n <= self.end - self.position:
+            raise ValueError(f"{n} bytes at {self.position} lie outside the range read, which "
+                             f"ends at {self.end}")
+        return n
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "RangeReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Store(Protocol):
     location: str  # for messages: a path or s3://bucket/prefix
 
@@ -79,6 +118,8 @@ class Store(Protocol):
     def get(self, name: str, *, limit: int) -> bytes: ...
 
     def get_range(self, name: str, offset: int, length: int) -> bytes: ...
+
+    def open_range(self, name: str, offset: int, length: int) -> RangeReader: ...
 
     def size(self, name: str) -> int: ...
 

@@ -32,7 +32,8 @@ from pathlib import Path
 from ...errors import DamageError
 from ..atomic import fsync_dir, publish, write_atomic
 from ..safefile import kind_of, make_dir, open_regular, read_limited, remove
-from . import ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, ShortRead, check_name
+from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, RangeReader, ShortRead,
+               check_name)
 
 LOCAL_ONLY = ("index", "locks", "tmp")  # directories of local files, not objects
 FD_CACHE = 256
@@ -102,6 +103,9 @@ class LocalStore:
             raise ShortRead(f"{self.path_of(name)} is truncated: {length} bytes at offset "
                             f"{offset} asked, {len(data)} there")
         return data
+
+    def open_range(self, name: str, offset: int, length: int) -> RangeReader:
+        return _PreadRange(self, name, offset, length)
 
     def _fd(self, name: str) -> tuple[int, bool]:
         """A descriptor of `name` and whether it stays cached (cached ones are closed only by
@@ -241,3 +245,14 @@ def _pread_all(fd: int, length: int, offset: int) -> bytes:
         parts.append(part)
         got += len(part)
     return b"".join(parts)
+
+
+class _PreadRange(RangeReader):
+    """A range of a file: each piece is one pread of the store's cached descriptor."""
+
+    def __init__(self, store: LocalStore, name: str, offset: int, length: int) -> None:
+        super().__init__(offset, length)
+        self._store, self._name = store, name
+
+    def _fetch(self, n: int) -> bytes:
+        return self._store.get_range(self._name, self.position, n)

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -42,12 +43,13 @@ import botocore.config
 import botocore.exceptions as bexc
 import urllib3.exceptions
 
-from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, ShortRead, StoreAuthError,
-               StoreError, StoreUnreachable, check_name)
+from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, RangeReader, ShortRead,
+               StoreAuthError, StoreError, StoreUnreachable, check_name)
 from .s3_settings import MAX_PARTS, S3Settings, load_s3_settings
 
 T = TypeVar("T")
 DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys
+SKIP_PIECE = 1 << 20  # bytes of a streamed range read at once to be dropped
 COMPARE_PIECE = 1 << 20  # bytes compared at a time when a put checks what the store holds
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _RETRY_STATUS = frozenset({500, 502, 503, 504})
@@ -165,10 +167,13 @@ class _Requests:
 
 def _make_client(s: S3Settings) -> Any:
     # Checksums only where the API requires them (botocore's default since 1.36 adds a CRC32 to
-    # every upload, in aws-chunked framing on TLS, which some S3-compatible servers refuse):
-    # every object this store holds carries its own BLAKE3 check, verified on every read.
+    # every upload, in aws-chunked framing on TLS, which some S3-compatible servers refuse),
+    # and the payload left out of the signature (signing it costs a SHA-256 pass over every
+    # upload, a third of the client's work of sending a pack): every object this store holds
+    # carries its own BLAKE3 check, verified on every read, so a body changed on its way is
+    # refused by its reader whatever the transport.
     config = botocore.config.Config(
-        region_name=s.region, s3={"addressing_style": s.style},
+        region_name=s.region, s3={"addressing_style": s.style, "payload_signing_enabled": False},
         request_checksum_calculation="when_required", response_checksum_validation="when_required",
         retries={"total_max_attempts": 1}, connect_timeout=s.connect_timeout,
         read_timeout=s.read_timeout, max_pool_connections=max(10, 2 * s.multipart_concurrency))
@@ -418,6 +423,11 @@ class S3Store:
                             f"{length} were asked; the object is truncated")
         return data
 
+    def open_range(self, name: str, offset: int, length: int) -> RangeReader:
+        if offset < 0 or length < 0:
+            raise StoreError(f"{self.location}: get {name}: bad range {offset}+{length}")
+        return _StreamedRange(self, name, offset, length)
+
     def size(self, name: str) -> int:
         return int(self._head(name)["ContentLength"])
 
@@ -482,3 +492,52 @@ class S3Store:
             shutil.rmtree(self._spool, ignore_errors=True)
             self._spool = None
         self._client.close()
+
+
+class _StreamedRange(RangeReader):
+    """A range read with one GET, its pieces taken from the answer as they arrive; a GET that
+    fails midway (a reset connection) is sent again, through the store's retries, for the part
+    not read yet."""
+
+    def __init__(self, store: S3Store, name: str, offset: int, length: int) -> None:
+        super().__init__(offset, length)
+        self._store, self._name, self._key = store, name, store._key(name)
+        self._body: Any = None
+
+    def _fetch(self, n: int) -> bytes:
+        data = self._store._call("get", self._name, partial(self._take, n))
+        if len(data) != n:
+            self.close()
+            raise ShortRead(f"{self._store.location}: get {self._name}: the object ends before "
+                            f"byte {self.position + n}; it is truncated")
+        return data
+
+    def skip(self, n: int) -> None:
+        """Read and drop: the answer holds the bytes skipped."""
+        left = self._within(n)
+        while left:
+            self.read(min(SKIP_PIECE, left))
+            left -= min(SKIP_PIECE, left)
+
+    def _take(self, n: int) -> bytes:
+        """Up to `n` bytes from the answer (fewer only where it ends), asking from the current
+        position when no answer is open."""
+        if self._body is None:
+            answer = self._store._client.get_object(
+                Bucket=self._store.bucket, Key=self._key,
+                Range=f"bytes={self.position}-{self.end - 1}")
+            self._body = answer["Body"]
+        pieces, got = [], 0
+        try:
+            while got < n and (piece := self._body.read(n - got)):
+                pieces.append(piece)
+                got += len(piece)
+        except BaseException:
+            self.close()  # the next attempt asks again from where this one stopped
+            raise
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def close(self) -> None:
+        if self._body is not None:
+            self._body.close()
+            self._body = None
