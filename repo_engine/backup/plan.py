@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..repository.blockmap import fit
+from ..repository.blockmap import BlockMap, nonzero_entries
 from ..repository.points import DiskRecord, PointRecord
 from ..repository.repo import Repository
 from .extents import as_extents, extents_to_blocks
@@ -22,7 +22,6 @@ class DiskPlan:
     block_size: int
     parent: PointRecord | None
     parent_disk: DiskRecord | None
-    base: np.ndarray | None  # the parent's resolved map, resized to this capacity
     read: np.ndarray         # sorted block numbers to read
     mode: str
     note: str = ""
@@ -43,12 +42,11 @@ class DiskPlan:
             size -= self.nblocks * self.block_size - self.capacity
         return size
 
-    def map_bytes(self, refs: np.ndarray) -> int:
-        """The real byte length of the non-ZERO blocks of a full map of this disk."""
-        size = int(np.count_nonzero(refs)) * self.block_size
-        if len(refs) and refs[-1]:
-            size -= self.nblocks * self.block_size - self.capacity
-        return size
+    def map_bytes(self, count: int, last: bool) -> int:
+        """The real byte length of `count` non-ZERO blocks of this disk (`last`: the disk's
+        last block, which may be short, is one of them)."""
+        return count * self.block_size - (self.nblocks * self.block_size - self.capacity
+                                          if last else 0)
 
     def as_full_read(self, note: str) -> "DiskPlan":
         return replace(self, read=np.arange(self.nblocks, dtype=np.uint64), mode=FULL_READ,
@@ -102,17 +100,16 @@ def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice)
     parent = repo.latest_with_disk(vm, disk.key)
     if parent is None:
         report = disk.allocated()
-        plan = DiskPlan(disk.key, disk.capacity, bs, None, None, None,
+        plan = DiskPlan(disk.key, disk.capacity, bs, None, None,
                         np.zeros(0, np.uint64), ALLOCATED, report.note)
         if report.extents is None:
             return plan.as_full_read(report.note or "first backup, allocation unknown")
         return replace(plan, read=_blocks_in(report.extents, bs, nblocks))
     parent_disk = parent.disk(disk.key)
     assert parent_disk is not None
-    base = fit(repo.resolve(parent, disk.key), nblocks)
     report = disk.changes(Parent(parent_disk.cursor, parent_disk.capacity,
                                  lambda: repo.load_catalogued(parent.id).config))
-    plan = DiskPlan(disk.key, disk.capacity, bs, parent, parent_disk, base,
+    plan = DiskPlan(disk.key, disk.capacity, bs, parent, parent_disk,
                     np.zeros(0, np.uint64), CHANGED, report.note)
     if report.extents is None:
         return plan.as_full_read(report.note or "no change list: read everything, store only new")
@@ -135,3 +132,59 @@ def audit_sample(plan: DiskPlan, percent: float, rng: np.random.Generator) -> np
         return np.zeros(0, dtype=np.uint64)
     return np.sort(rng.choice(unchanged, size=count, replace=False)).astype(np.uint64)
 
+
+
+# -- the new map: built from the blocks read and, where needed, the parent's map ---------------
+def parent_refs(repo: Repository, plan: DiskPlan, blocks: np.ndarray) -> np.ndarray:
+    """The parent's refs of sorted `blocks` (ZERO without a parent or past its end): only the
+    parent's map ranges that hold them are decompressed."""
+    if plan.parent is None:
+        return np.zeros(len(blocks), np.uint64)
+    return repo.refs_at(plan.parent, plan.key, blocks)
+
+
+def full_map(repo: Repository, plan: DiskPlan, refs: np.ndarray) -> tuple[BlockMap, int]:
+    """The FULL map (sparse: its non-ZERO entries) of the parent's content with the blocks read
+    (`refs` of `plan.read`) stored over it, and its logical bytes. The parent's map is streamed
+    range by range: memory grows with the disk's used blocks, not its size."""
+    blocks, values = plan.read, refs
+    if plan.parent is not None:
+        old_blocks, old_refs = nonzero_entries(
+            (first, window[:max(plan.nblocks - first, 0)])
+            for first, window in repo.resolve_windows(plan.parent, plan.key))
+        kept = ~np.isin(old_blocks, plan.read, assume_unique=True)
+        blocks = np.concatenate([old_blocks[kept], plan.read])
+        values = np.concatenate([old_refs[kept], refs])
+        order = np.argsort(blocks, kind="stable")
+        blocks, values = blocks[order], values[order]
+    bmap = BlockMap.sparse_full(plan.nblocks, blocks, values)
+    last = bool(len(bmap.blocks)) and int(bmap.blocks[-1]) == plan.nblocks - 1  # type: ignore[arg-type]
+    return bmap, plan.map_bytes(len(bmap.refs), last)
+
+
+def delta_map(repo: Repository, plan: DiskPlan, refs: np.ndarray) -> tuple[BlockMap, int]:
+    """The DELTA on the parent of the blocks read (`refs` of `plan.read`) and the new content's
+    logical bytes: the parent's map is read only where blocks were read (and at the disk's
+    last block), so the cost grows with the change, not the disk."""
+    last = plan.nblocks - 1
+    asked = np.union1d(plan.read, [last] if plan.nblocks else []).astype(np.uint64)
+    before_all = parent_refs(repo, plan, asked)
+    before = before_all[np.searchsorted(asked, plan.read)]
+    differs = before != refs
+    count = (_parent_count(repo, plan) - int(np.count_nonzero(before))
+             + int(np.count_nonzero(refs)))
+    ends = len(plan.read) and int(plan.read[-1]) == last
+    last_nonzero = bool(refs[-1]) if ends else bool(len(asked) and before_all[-1])
+    return (BlockMap.delta(plan.nblocks, plan.read[differs], refs[differs]),
+            plan.map_bytes(count, last_nonzero))
+
+
+def _parent_count(repo: Repository, plan: DiskPlan) -> int:
+    """The parent's non-ZERO blocks below this disk's end: from its record's logical bytes when
+    the disk did not shrink, else counted on its map (streamed)."""
+    parent = plan.parent_disk
+    assert parent is not None and plan.parent is not None
+    if plan.nblocks >= parent.nblocks and parent.logical_bytes:
+        return -(-parent.logical_bytes // parent.block_size)
+    return sum(int(np.count_nonzero(window[:max(plan.nblocks - first, 0)]))
+               for first, window in repo.resolve_windows(plan.parent, plan.key))
