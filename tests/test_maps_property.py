@@ -48,9 +48,9 @@ def _store(store: LocalStore, bmap: BlockMap, shift: int) -> str:
     return name
 
 
-def _resolved(store: LocalStore, names: list[str], size: int) -> np.ndarray:
+def _resolved(store: LocalStore, names: list[str], size: int, shift: int) -> np.ndarray:
     out = np.zeros(size, np.uint64)
-    for first, window in resolve_windows([open_map(store, n) for n in names]):
+    for first, window in resolve_windows([open_map(store, n) for n in names], shift=shift):
         out[first:first + len(window)] = window
     return out
 
@@ -82,7 +82,7 @@ def test_chain_of_deltas_resolves_like_the_model(history, max_chain, shift):
             assert back.refs[back.refs != 0].tolist() == bmap.refs[bmap.refs != 0].tolist()
             # resolve from the newest FULL up, as Repository.resolve_windows does
             start = max(i for i, kind in enumerate(kinds) if kind == FULL)
-            resolved = _resolved(store, names[start:], size)
+            resolved = _resolved(store, names[start:], size, shift)
             assert resolved.tolist() == want.tolist()
             assert link <= max_chain
 

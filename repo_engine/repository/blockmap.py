@@ -62,7 +62,8 @@ HEAD = struct.Struct("<B7xQQ")  # version 1, as read: the salt is skipped
 HEAD2 = struct.Struct("<B7sQQII")  # kind, salt, nblocks, count, segment shift, segments
 SEGMENT = struct.Struct("<QQQ16s")  # index, entries, frame length, BLAKE3[:16] of the frame
 SALT_SIZE = 7
-SEGMENT_SHIFT = 20
+SEGMENT_SHIFT = 20  # the windows commands see are of the map segments' size
+SEGMENT_BLOCKS = 1 << SEGMENT_SHIFT
 MIN_SHIFT, MAX_SHIFT = 3, 24  # what a reader accepts (small ones serve tests)
 U64 = np.dtype("<u8")
 # a zstd block regenerates at most 128 KiB from at least 4 bytes (3-byte header, 1 RLE byte): a
@@ -263,9 +264,14 @@ class _Source:
     def read(self, n: int, what: str) -> bytes:
         if n > self.size - self.pos:
             raise DamageError(f"{what}: block map is truncated")
-        if len(self.buffer) < n:
-            more = min(max(n - len(self.buffer), READ_AHEAD), self.size - self.pos - len(self.buffer))
-            self.buffer += self.store.get_range(self.obj, self.pos + len(self.buffer), more)
+        if not self.pos and self.size <= READ_AHEAD:  # a small map: one request
+            self.buffer = self.store.get(self.obj, limit=self.size)
+            if len(self.buffer) != self.size:
+                raise DamageError(f"{what}: block map changed size while it was read")
+        elif len(self.buffer) < n:
+            ahead = self.pos + len(self.buffer)
+            more = min(max(n - len(self.buffer), READ_AHEAD), self.size - ahead)
+            self.buffer += self.store.get_range(self.obj, ahead, more)
         data, self.buffer = self.buffer[:n], self.buffer[n:]
         self.hasher.update(data)
         self.pos += n
@@ -350,14 +356,13 @@ def _load_segment(frame: bytes, kind: int, entries: int, lo: int, span: int,
     return arrays[0], arrays[1]
 
 
-def resolve_windows(chain: list[MapStream], near: np.ndarray | None = None
-                    ) -> Iterator[tuple[int, np.ndarray]]:
+def resolve_windows(chain: list[MapStream], near: np.ndarray | None = None,
+                    shift: int = SEGMENT_SHIFT) -> Iterator[tuple[int, np.ndarray]]:
     """The resolved refs of a chain (its FULL base first, then each DELTA) as (first block,
     refs) windows of one segment's range, in block order; a window that no map of the chain
     stores a segment of is all ZERO and not yielded; with `near` (sorted block numbers) only
     the windows that hold one of them. The maps are streamed in lockstep: one segment of each
     is in memory at a time (the others' bytes are read and checked, not decompressed)."""
-    shift = next((m.shift for m in chain if m.shift is not None), SEGMENT_SHIFT)
     only = None if near is None else np.unique(near >> np.uint64(shift))
     streams = [m.segments_at(shift) for m in chain]
     heads: list[Segment | None] = [next(s, None) for s in streams]
@@ -385,6 +390,34 @@ def resolve_windows(chain: list[MapStream], near: np.ndarray | None = None
             heads[k] = next(streams[k], None)
         if window is not None:
             yield first, window
+
+
+def zip_windows(nblocks: int, *streams: Iterator[tuple[int, np.ndarray]]
+                ) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """The windows below `nblocks` that any of `streams` (of `resolve_windows`, or of (first,
+    anything) to ask for a window) yields, each with every stream's refs there cut or
+    zero-extended to the window's length (ZERO where a stream yields none)."""
+    heads = [next(s, None) for s in streams]
+    while any(h is not None for h in heads):
+        first = min(h[0] for h in heads if h is not None)
+        length = min(SEGMENT_BLOCKS, nblocks - first)
+        if length <= 0:
+            return
+        out = []
+        for k, head in enumerate(heads):
+            if head is not None and head[0] == first:
+                out.append(head[1] if len(head[1]) == length else resize(head[1], length))
+                heads[k] = next(streams[k], None)
+            else:
+                out.append(np.zeros(length, U64))
+        yield first, out
+
+
+def window_starts(blocks: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(first block, empty) of each window that holds one of sorted `blocks`: asks
+    `zip_windows` for those windows."""
+    for index in np.unique(blocks >> np.uint64(SEGMENT_SHIFT)):
+        yield int(index) << SEGMENT_SHIFT, np.zeros(0, U64)
 
 
 def _contains(sorted_values: np.ndarray, value: int) -> bool:
@@ -416,7 +449,7 @@ def read_map(store: Store, name: str) -> BlockMap:
     """Map `name` in memory: a FULL map as its non-ZERO entries (sparse), streamed."""
     stream = open_map(store, name)
     if stream.kind == FULL:
-        blocks, refs = nonzero_entries(resolve_windows([stream]))
+        blocks, refs = nonzero_entries(resolve_windows([stream], shift=stream.shift or SEGMENT_SHIFT))
         return BlockMap.sparse_full(stream.nblocks, blocks, refs)
     parts = [s.load() for s in stream.segments_at(stream.shift or SEGMENT_SHIFT)]
     blocks = np.concatenate([b for b, _ in parts if b is not None] or [np.zeros(0, U64)])
