@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -22,6 +23,9 @@ class DiskPlan:
     block_size: int
     parent: PointRecord | None
     parent_disk: DiskRecord | None
+    # the parent's maps, as planned: the parent's content stays readable through them if a
+    # forget removes it before the commit (gc waits for the backup to delete them)
+    parent_chain: list[tuple[str, int]] | None
     read: np.ndarray         # sorted block numbers to read
     mode: str
     note: str = ""
@@ -100,7 +104,7 @@ def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice)
     parent = repo.latest_with_disk(vm, disk.key)
     if parent is None:
         report = disk.allocated()
-        plan = DiskPlan(disk.key, disk.capacity, bs, None, None,
+        plan = DiskPlan(disk.key, disk.capacity, bs, None, None, None,
                         np.zeros(0, np.uint64), ALLOCATED, report.note)
         if report.extents is None:
             return plan.as_full_read(report.note or "first backup, allocation unknown")
@@ -110,7 +114,7 @@ def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice)
     report = disk.changes(Parent(parent_disk.cursor, parent_disk.capacity,
                                  lambda: repo.load_catalogued(parent.id).config))
     plan = DiskPlan(disk.key, disk.capacity, bs, parent, parent_disk,
-                    np.zeros(0, np.uint64), CHANGED, report.note)
+                    repo.chain(parent, disk.key), np.zeros(0, np.uint64), CHANGED, report.note)
     if report.extents is None:
         return plan.as_full_read(report.note or "no change list: read everything, store only new")
     changed = _blocks_in(report.extents, bs, nblocks)
@@ -140,7 +144,7 @@ def parent_refs(repo: Repository, plan: DiskPlan, blocks: np.ndarray) -> np.ndar
     parent's map ranges that hold them are decompressed."""
     if plan.parent is None:
         return np.zeros(len(blocks), np.uint64)
-    return repo.refs_at(plan.parent, plan.key, blocks)
+    return repo.refs_at(plan.parent, plan.key, blocks, chain=plan.parent_chain)
 
 
 def full_map(repo: Repository, plan: DiskPlan, refs: np.ndarray) -> tuple[BlockMap, int]:
@@ -151,7 +155,7 @@ def full_map(repo: Repository, plan: DiskPlan, refs: np.ndarray) -> tuple[BlockM
     if plan.parent is not None:
         old_blocks, old_refs = nonzero_entries(
             (first, window[:max(plan.nblocks - first, 0)])
-            for first, window in repo.resolve_windows(plan.parent, plan.key))
+            for first, window in _parent_windows(repo, plan))
         kept = ~np.isin(old_blocks, plan.read, assume_unique=True)
         blocks = np.concatenate([old_blocks[kept], plan.read])
         values = np.concatenate([old_refs[kept], refs])
@@ -187,4 +191,9 @@ def _parent_count(repo: Repository, plan: DiskPlan) -> int:
     if plan.nblocks >= parent.nblocks and parent.logical_bytes:
         return -(-parent.logical_bytes // parent.block_size)
     return sum(int(np.count_nonzero(window[:max(plan.nblocks - first, 0)]))
-               for first, window in repo.resolve_windows(plan.parent, plan.key))
+               for first, window in _parent_windows(repo, plan))
+
+
+def _parent_windows(repo: Repository, plan: DiskPlan) -> Iterator[tuple[int, np.ndarray]]:
+    assert plan.parent is not None
+    return repo.resolve_windows(plan.parent, plan.key, chain=plan.parent_chain)

@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import (DamageError, LockedError, NotARepository, PointNotFound, RepoError,
                       UsageError)
 from ..pause import pause_point
-from .blockmap import (BlockMap, map_object, open_map, read_map, resolve_windows,
+from .blockmap import (BlockMap, map_object, map_refs, open_map, read_map, resolve_windows,
                        unique_nonzero, write_map)
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
@@ -266,6 +266,10 @@ class Repository:
     def read_map(self, name: str) -> BlockMap:
         return read_map(self.store, name)
 
+    def map_refs(self, name: str) -> np.ndarray:
+        """The distinct non-ZERO refs of map `name`, streamed."""
+        return map_refs(self.store, name)
+
     def read_trailer(self, name: str) -> np.ndarray:
         """The checked trailer of pack `name` (packs.py)."""
         return read_trailer(self.store, pack_object(name))
@@ -487,7 +491,7 @@ class Repository:
     def resolve(self, point: PointRecord, key: str) -> np.ndarray:
         """The full block map (one ref per block) of disk `key` at `point`, across its chain:
         8 bytes a block, for small disks and checks; commands use `resolve_windows`."""
-        chain = self._chain(point, key)
+        chain = self.chain(point, key)
         refs = np.zeros(chain[-1][1], np.uint64)
         for first, window in self.resolve_windows(point, key, chain=chain):
             refs[first:first + len(window)] = window
@@ -501,7 +505,7 @@ class Repository:
         is all ZERO; with `near` (sorted block numbers) only the windows holding them. Memory:
         one window and one segment of each map of the chain, whatever the disk's size."""
         streams = []
-        for name, nblocks in chain or self._chain(point, key):
+        for name, nblocks in chain or self.chain(point, key):
             stream = open_map(self.store, name)
             if stream.nblocks != nblocks:  # never size an array from an unchecked number
                 raise DamageError(f"block map {name} holds {stream.nblocks} blocks; its disk "
@@ -509,17 +513,19 @@ class Repository:
             streams.append(stream)
         return resolve_windows(streams, near)
 
-    def refs_at(self, point: PointRecord, key: str, blocks: np.ndarray) -> np.ndarray:
+    def refs_at(self, point: PointRecord, key: str, blocks: np.ndarray, *,
+                chain: list[tuple[str, int]] | None = None) -> np.ndarray:
         """The resolved refs of sorted `blocks` of disk `key` at `point` (ZERO past its end):
         only the windows those blocks fall in are decompressed."""
         out = np.zeros(len(blocks), np.uint64)
-        for first, window in self.resolve_windows(point, key, blocks):
+        for first, window in self.resolve_windows(point, key, blocks, chain=chain):
             lo, hi = np.searchsorted(blocks, [first, first + len(window)])
             out[lo:hi] = window[(blocks[lo:hi] - np.uint64(first)).astype(np.int64)]
         return out
 
-    def _chain(self, point: PointRecord, key: str) -> list[tuple[str, int]]:
-        """(map name, nblocks) of the chain of disk `key` at `point`, its FULL base first."""
+    def chain(self, point: PointRecord, key: str) -> list[tuple[str, int]]:
+        """(map name, nblocks) of the chain of disk `key` at `point`, its FULL base first (to
+        resolve it later through these maps: a forget may remove `point` meanwhile)."""
         chain: list[tuple[str, int]] = []
         # a forget may have consolidated this point's chain since the caller read its record: the
         # current record resolves to the same content through maps that still exist
