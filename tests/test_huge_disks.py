@@ -1,0 +1,127 @@
+"""A 64 TiB disk (sparse, a few MiB of data at its start, middle and end): every command that
+reads block maps runs in bounded memory, whatever the disk's size, and restores its bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import MIB, write_extents
+
+TIB = 1 << 40
+CAPACITY = 64 * TIB
+PEAK_RSS = 200 * MIB
+DATA = 3 * MIB  # bytes at each of the three places
+PLACES = [0, CAPACITY // 2 + 5 * 65536, CAPACITY - DATA]
+
+
+@pytest.fixture
+def huge(tmp_path):
+    """A directory whose filesystem holds a 64 TiB sparse file (ext4 stops at 16 TiB: tmpfs
+    does not)."""
+    for base in (tmp_path, Path("/dev/shm")):
+        if not base.is_dir() or not os.access(base, os.W_OK):
+            continue
+        where = Path(tempfile.mkdtemp(dir=base, prefix="huge-"))
+        try:
+            with open(where / "probe", "wb") as probe:
+                probe.truncate(CAPACITY)
+        except OSError:
+            shutil.rmtree(where)
+            continue
+        try:
+            yield where
+        finally:
+            shutil.rmtree(where)
+        return
+    pytest.skip("no filesystem here holds a 64 TiB sparse file")
+
+
+def run(*args: object) -> tuple[subprocess.CompletedProcess, int]:
+    """`repo-engine ARGS` in a child process, and the child's peak RSS in bytes."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "repo_engine", *map(str, args)],
+                                stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+    assert result.returncode == 0, (args[0], result.stderr)
+    return result, usage.ru_maxrss * 1024  # KiB on Linux
+
+
+def _write(path: Path, rng: np.random.Generator, places: list[int], size: int) -> dict[int, bytes]:
+    out = {}
+    with open(path, "r+b") as f:
+        for offset in places:
+            data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+            os.pwrite(f.fileno(), data, offset)
+            out[offset] = data
+    return out
+
+
+def _read(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), size, offset)
+
+
+def test_64_tib_disk_in_bounded_memory(huge):
+    rng = np.random.default_rng(64)
+    image = huge / "disk.img"
+    image.touch()
+    os.truncate(image, CAPACITY)
+    content = _write(image, rng, PLACES, DATA)
+    repo = huge / "repo"
+    peaks = {}
+    run("init", repo, "--block-size", "64KiB", "--max-chain", "2")
+    disk = ["--vm", "vm", "--disk", f"sda={image}", "--json"]
+
+    _, peaks["first backup"] = run("backup", "image", repo, *disk)
+    changes = []
+    for step in ("incremental", "synthetic full"):
+        offset = CAPACITY // 4 + len(changes) * 7 * MIB
+        content.update(_write(image, rng, [offset], MIB))
+        changes.append([offset, MIB])
+        extents = write_extents(huge / f"changed-{step[0]}.json", [changes[-1]])
+        result, peaks[step] = run("backup", "image", repo, *disk, "--changed",
+                                  f"sda={extents}")
+    points = json.loads(run("points", repo, "--json")[0].stdout)["points"]
+    kinds = [p["disks"][0]["kind"] for p in points]
+    assert kinds == ["full", "delta", "full"]  # max-chain 2: the third is a synthetic full
+    logical = [p["disks"][0]["logical_bytes"] for p in points]
+    assert logical == [3 * DATA, 3 * DATA + MIB, 3 * DATA + 2 * MIB]
+
+    target = huge / "restored.img"
+    _, peaks["restore"] = run("restore", repo, points[2]["id"], "--disk", "sda", "--to", target)
+    assert target.stat().st_size == CAPACITY
+    for offset, data in content.items():
+        assert _read(target, offset, len(data)) == data, offset
+    for hole in (DATA, CAPACITY // 3, CAPACITY // 2 - MIB, CAPACITY - DATA - MIB):
+        assert _read(target, hole, MIB) == bytes(MIB), hole
+    assert target.stat().st_blocks * 512 < 64 * MIB  # the holes stayed holes
+    target.unlink()
+
+    result, peaks["diff"] = run("diff", repo, points[0]["id"], points[2]["id"], "--json")
+    assert json.loads(result.stdout)["disks"][0]["extents"] == changes
+
+    # forgetting the first point rebases the second (a delta on it) as a full map
+    _, peaks["forget"] = run("forget", repo, points[0]["id"])
+    points = json.loads(run("points", repo, "--json")[0].stdout)["points"]
+    assert [p["disks"][0]["kind"] for p in points] == ["full", "full"]
+    _, peaks["restore after forget"] = run("restore", repo, points[0]["id"], "--disk", "sda",
+                                          "--to", target)
+    for offset in PLACES + [changes[0][0]]:
+        assert _read(target, offset, MIB) == content[offset][:MIB], offset
+    assert _read(target, changes[1][0], MIB) == bytes(MIB)  # written after that point
+    _, peaks["verify"] = run("verify", repo)
+    over = {step: peak for step, peak in peaks.items() if peak > PEAK_RSS}
+    assert not over, over
