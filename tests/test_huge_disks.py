@@ -45,8 +45,9 @@ def huge(tmp_path):
     pytest.skip("no filesystem here holds a 64 TiB sparse file")
 
 
-def run(*args: object) -> tuple[subprocess.CompletedProcess, int]:
-    """`repo-engine ARGS` in a child process, and the child's peak RSS in bytes."""
+def run(*args: object, code: int = 0) -> tuple[subprocess.CompletedProcess, int]:
+    """`repo-engine ARGS` in a child process (which must exit with `code`), and the child's
+    peak RSS in bytes."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", "repo_engine", *map(str, args)],
                                 stdout=out, stderr=err, stdin=subprocess.DEVNULL)
@@ -55,7 +56,7 @@ def run(*args: object) -> tuple[subprocess.CompletedProcess, int]:
         out.seek(0)
         err.seek(0)
         result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
-    assert result.returncode == 0, (args[0], result.stderr)
+    assert result.returncode == code, (args[0], result.stderr)
     return result, usage.ru_maxrss * 1024  # KiB on Linux
 
 
@@ -125,3 +126,43 @@ def test_64_tib_disk_in_bounded_memory(huge):
     _, peaks["verify"] = run("verify", repo)
     over = {step: peak for step, peak in peaks.items() if peak > PEAK_RSS}
     assert not over, over
+
+
+def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("repo-engine: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("capacity", [(1 << 63) - (1 << 16), 2 << 50])
+def test_disk_beyond_the_largest_is_refused_before_reading(huge, capacity):
+    """A disk of 2^63 bytes (the largest file: 2^63 - 64 KiB) or of 2 PiB: one line, nothing
+    stored; before, the point was committed and the catalog could no longer be read."""
+    image = huge / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(capacity)
+    repo = huge / "repo"
+    run("init", repo)
+    result, peak = run("backup", "image", repo, "--vm", "vm", "--disk", f"sda={image}", code=1)
+    _one_line_error(result, "disk sda", f"capacity of {capacity} bytes", "1024.0 TiB",
+                    "leave it out")
+    assert peak < PEAK_RSS
+    assert json.loads(run("points", repo, "--json")[0].stdout)["points"] == []
+
+
+def test_read_of_every_block_that_cannot_fit_is_refused(huge):
+    """1 PiB at 16 KiB blocks is 2^36 blocks: a backup without a change list would read every
+    block, whose list alone needs terabytes: one line naming the way out, no OOM kill."""
+    image = huge / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(1 << 50)
+    repo = huge / "repo"
+    run("init", repo, "--block-size", "16KiB")
+    disk = ["--vm", "vm", "--disk", f"sda={image}"]
+    run("backup", "image", repo, *disk)  # the first reads the allocated extents: none
+    result, peak = run("backup", "image", repo, *disk, code=1)
+    _one_line_error(result, "disk sda: reading all 68719476736 blocks", "--changed",
+                    "larger --block-size")
+    assert peak < PEAK_RSS
+    assert len(json.loads(run("points", repo, "--json")[0].stdout)["points"]) == 1

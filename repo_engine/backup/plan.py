@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..errors import SourceError
 from ..repository.blockmap import BlockMap, nonzero_entries
-from ..repository.points import DiskRecord, PointRecord
+from ..repository.points import MAX_CAPACITY, DiskRecord, PointRecord
 from ..repository.repo import Repository
+from ..units import format_size
 from .extents import as_extents, extents_to_blocks
 from .source import BlockDevice, Parent, SourceDisk
 
@@ -53,8 +56,49 @@ class DiskPlan:
                                           if last else 0)
 
     def as_full_read(self, note: str) -> "DiskPlan":
+        _check_full_read(self)
         return replace(self, read=np.arange(self.nblocks, dtype=np.uint64), mode=FULL_READ,
                        note=note)
+
+
+# memory a read of every block takes per block: the block list, the refs read, the new map's
+# entries (a read of the changed or allocated blocks takes it per block read)
+FULL_READ_BYTES = 32
+
+
+def _check_full_read(plan: DiskPlan) -> None:
+    """Refuse, before reading anything, a read of every block whose block list would not fit
+    in half the memory available (an out-of-memory kill would stop the backup anyway)."""
+    need = plan.nblocks * FULL_READ_BYTES
+    free = available_memory()
+    if need > free // 2:
+        raise SourceError(
+            f"disk {plan.key}: reading all {plan.nblocks} blocks of this "
+            f"{format_size(plan.capacity)} disk needs {format_size(need)} of memory for its "
+            f"block list, more than half the {format_size(free)} available; give the disk's "
+            "changed or allocated extents (--changed), or back it up into a repository with a "
+            "larger --block-size")
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process (Linux MemAvailable, else free pages)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_capacity(key: str, capacity: int) -> None:
+    """Refuse a disk larger than a restore point may record, before reading it."""
+    if capacity > MAX_CAPACITY:
+        raise SourceError(f"disk {key}: its capacity of {capacity} bytes "
+                          f"({format_size(capacity)}) is more than the "
+                          f"{format_size(MAX_CAPACITY)} a disk may have; leave it out of the "
+                          "backup")
 
 
 def join_notes(*notes: str) -> str:
@@ -99,6 +143,7 @@ def _with_rereads(repo: Repository, vm: str, plan: DiskPlan) -> DiskPlan:
 
 
 def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice) -> DiskPlan:
+    check_capacity(disk.key, disk.capacity)
     bs = repo.config.block_size
     nblocks = -(-disk.capacity // bs)
     parent = repo.latest_with_disk(vm, disk.key)
