@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..errors import SourceError
-from ..repository.blockmap import BlockMap, nonzero_entries
+from ..repository.blockmap import BlockMap, holds, nonzero_entries
 from ..repository.points import MAX_CAPACITY, DiskRecord, PointRecord
 from ..repository.repo import Repository
 from ..units import format_size
@@ -201,13 +201,14 @@ def full_map(repo: Repository, plan: DiskPlan, refs: np.ndarray) -> tuple[BlockM
         old_blocks, old_refs = nonzero_entries(
             (first, window[:max(plan.nblocks - first, 0)])
             for first, window in _parent_windows(repo, plan))
-        kept = ~np.isin(old_blocks, plan.read, assume_unique=True)
+        kept = ~holds(plan.read, old_blocks)
         blocks = np.concatenate([old_blocks[kept], plan.read])
         values = np.concatenate([old_refs[kept], refs])
         order = np.argsort(blocks, kind="stable")
         blocks, values = blocks[order], values[order]
     bmap = BlockMap.sparse_full(plan.nblocks, blocks, values)
-    last = bool(len(bmap.blocks)) and int(bmap.blocks[-1]) == plan.nblocks - 1  # type: ignore[arg-type]
+    assert bmap.blocks is not None
+    last = bool(len(bmap.blocks)) and int(bmap.blocks[-1]) == plan.nblocks - 1
     return bmap, plan.map_bytes(len(bmap.refs), last)
 
 
@@ -216,13 +217,14 @@ def delta_map(repo: Repository, plan: DiskPlan, refs: np.ndarray) -> tuple[Block
     logical bytes: the parent's map is read only where blocks were read (and at the disk's
     last block), so the cost grows with the change, not the disk."""
     last = plan.nblocks - 1
-    asked = np.union1d(plan.read, [last] if plan.nblocks else []).astype(np.uint64)
+    # the read blocks (sorted, below the end) and the last one, whose ref the logical size needs
+    ends = bool(len(plan.read)) and int(plan.read[-1]) == last
+    asked = plan.read if ends or not plan.nblocks else np.append(plan.read, np.uint64(last))
     before_all = parent_refs(repo, plan, asked)
-    before = before_all[np.searchsorted(asked, plan.read)]
+    before = before_all[:len(plan.read)]
     differs = before != refs
     count = (_parent_count(repo, plan) - int(np.count_nonzero(before))
              + int(np.count_nonzero(refs)))
-    ends = len(plan.read) and int(plan.read[-1]) == last
     last_nonzero = bool(refs[-1]) if ends else bool(len(asked) and before_all[-1])
     return (BlockMap.delta(plan.nblocks, plan.read[differs], refs[differs]),
             plan.map_bytes(count, last_nonzero))

@@ -363,7 +363,7 @@ def resolve_windows(chain: list[MapStream], near: np.ndarray | None = None,
     stores a segment of is all ZERO and not yielded; with `near` (sorted block numbers) only
     the windows that hold one of them. The maps are streamed in lockstep: one segment of each
     is in memory at a time (the others' bytes are read and checked, not decompressed)."""
-    only = None if near is None else np.unique(near >> np.uint64(shift))
+    only = None if near is None else sorted_unique(near >> np.uint64(shift))
     streams = [m.segments_at(shift) for m in chain]
     heads: list[Segment | None] = [next(s, None) for s in streams]
     nblocks = chain[-1].nblocks
@@ -373,7 +373,7 @@ def resolve_windows(chain: list[MapStream], near: np.ndarray | None = None,
             return
         index = min(live)
         first = index << shift
-        wanted = first < nblocks and (only is None or _contains(only, index))
+        wanted = first < nblocks and (only is None or bool(holds(only, np.array([index], U64))[0]))
         window = np.zeros(min(1 << shift, max(nblocks - first, 0)), U64) if wanted else None
         for k, (bmap, head) in enumerate(zip(chain, heads)):
             if window is not None and bmap.nblocks - first < len(window):
@@ -416,13 +416,8 @@ def zip_windows(nblocks: int, *streams: Iterator[tuple[int, np.ndarray]]
 def window_starts(blocks: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """(first block, empty) of each window that holds one of sorted `blocks`: asks
     `zip_windows` for those windows."""
-    for index in np.unique(blocks >> np.uint64(SEGMENT_SHIFT)):
+    for index in sorted_unique(blocks >> np.uint64(SEGMENT_SHIFT)):
         yield int(index) << SEGMENT_SHIFT, np.zeros(0, U64)
-
-
-def _contains(sorted_values: np.ndarray, value: int) -> bool:
-    at = int(np.searchsorted(sorted_values, value))
-    return at < len(sorted_values) and int(sorted_values[at]) == value
 
 
 # -- objects ----------------------------------------------------------------------------------
@@ -467,6 +462,16 @@ def map_refs(store: Store, name: str) -> np.ndarray:
 
 def unique_nonzero(refs: np.ndarray) -> np.ndarray:
     """The distinct non-ZERO values of `refs`, sorted."""
-    refs = np.sort(refs[refs != 0])  # zeros out first: a sparse disk sorts little
-    # not np.unique: it imports numpy.ma (8 ms, every backup) only to ask if refs is masked
-    return refs[np.concatenate(([True], refs[1:] != refs[:-1]))] if len(refs) else refs
+    return sorted_unique(np.sort(refs[refs != 0]))  # zeros out first: a sparse disk sorts little
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """The distinct values of sorted `values`."""
+    # not np.unique: it imports numpy.ma (8 ms, every backup) only to ask if values is masked
+    return values[np.concatenate(([True], values[1:] != values[:-1]))] if len(values) else values
+
+
+def holds(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Which of `values` are in `sorted_values` (np.isin without importing numpy.ma)."""
+    at = np.minimum(np.searchsorted(sorted_values, values), max(len(sorted_values) - 1, 0))
+    return (sorted_values[at] == values) if len(sorted_values) else np.zeros(len(values), bool)
