@@ -93,11 +93,17 @@ def test_64_tib_disk_in_bounded_memory(huge):
         content.update(_write(image, rng, [offset], MIB))
         changes.append([offset, MIB])
         extents = write_extents(huge / f"changed-{step[0]}.json", [changes[-1]])
+        # the incremental also audits a sample of the blocks called unchanged
+        audit = ["--audit", "0.0001"] if step == "incremental" else []
         result, peaks[step] = run("backup", "image", repo, *disk, "--changed",
-                                  f"sda={extents}")
+                                  f"sda={extents}", *audit)
     points = json.loads(run("points", repo, "--json")[0].stdout)["points"]
     kinds = [p["disks"][0]["kind"] for p in points]
     assert kinds == ["full", "delta", "full"]  # max-chain 2: the third is a synthetic full
+    audited = points[1]["disks"][0]["counters"]
+    unchanged = (CAPACITY - MIB) // (64 << 10)  # blocks the change list calls unchanged
+    assert audited["audit_blocks"] == round(unchanged * 0.0001 / 100)
+    assert audited["audit_mismatches"] == 0
     logical = [p["disks"][0]["logical_bytes"] for p in points]
     assert logical == [3 * DATA, 3 * DATA + MIB, 3 * DATA + 2 * MIB]
 

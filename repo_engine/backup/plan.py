@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..errors import SourceError
-from ..repository.blockmap import BlockMap, holds, nonzero_entries
+from ..repository.blockmap import BlockMap, holds, nonzero_entries, sorted_unique
 from ..repository.points import MAX_CAPACITY, DiskRecord, PointRecord
 from ..repository.repo import Repository
 from ..units import format_size
@@ -172,15 +172,23 @@ def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice)
 
 
 def audit_sample(plan: DiskPlan, percent: float, rng: np.random.Generator) -> np.ndarray:
-    """A random `percent` share of the blocks the change list calls unchanged."""
+    """A random `percent` share of the blocks the change list calls unchanged. A small share
+    of a large disk is drawn without listing the disk's blocks (8 bytes a block)."""
     old_nblocks = min(plan.nblocks, plan.parent_disk.nblocks if plan.parent_disk else 0)
-    unchanged = np.setdiff1d(np.arange(old_nblocks, dtype=np.uint64), plan.read,
-                             assume_unique=True)
-    count = int(round(len(unchanged) * percent / 100))
+    read = plan.read[plan.read < old_nblocks]
+    count = int(round((old_nblocks - len(read)) * percent / 100))
     if count == 0:
         return np.zeros(0, dtype=np.uint64)
+    if count * 4 > old_nblocks:
+        unchanged = np.setdiff1d(np.arange(old_nblocks, dtype=np.uint64), read,
+                                 assume_unique=True)
+    else:  # at least 3/4 of the disk is unchanged: draws hit it, a few rounds find enough
+        unchanged = np.zeros(0, np.uint64)
+        while len(unchanged) < count:
+            drawn = rng.integers(0, old_nblocks, size=2 * count, dtype=np.uint64)
+            unchanged = sorted_unique(np.sort(np.concatenate([unchanged, drawn])))
+            unchanged = unchanged[~holds(read, unchanged)]
     return np.sort(rng.choice(unchanged, size=count, replace=False)).astype(np.uint64)
-
 
 
 # -- the new map: built from the blocks read and, where needed, the parent's map ---------------
