@@ -247,7 +247,8 @@ class MapStream:
         if self.whole is not None:
             return _loaded(self.whole, shift)
         if shift != self.shift:
-            raise DamageError("the block maps of one chain have different segment sizes")
+            raise DamageError(f"a block map in segments of 2^{self.shift} blocks where segments "
+                              f"of 2^{shift} are read: the map is damaged")
         return self.segments
 
 
