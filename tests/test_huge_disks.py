@@ -45,19 +45,29 @@ def huge(tmp_path):
     pytest.skip("no filesystem here holds a 64 TiB sparse file")
 
 
+# runs the CLI and, at exit, writes the process's peak RSS (VmHWM: the high-water mark of this
+# process's own memory; ru_maxrss of a child would include the forking test process's)
+PEAK_OF = """
+import atexit, runpy, sys
+def peak(path=sys.argv[1]):
+    with open("/proc/self/status") as status, open(path, "w") as out:
+        out.write(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+atexit.register(peak)
+sys.argv = ["repo-engine", *sys.argv[2:]]
+runpy.run_module("repo_engine", run_name="__main__")
+"""
+
+
 def run(*args: object, code: int = 0) -> tuple[subprocess.CompletedProcess, int]:
     """`repo-engine ARGS` in a child process (which must exit with `code`), and the child's
     peak RSS in bytes."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "repo_engine", *map(str, args)],
-                                stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+    with tempfile.NamedTemporaryFile("r") as peak:
+        result = subprocess.run([sys.executable, "-c", PEAK_OF, peak.name, *map(str, args)],
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                timeout=600)
+        kib = peak.read()
     assert result.returncode == code, (args[0], result.stderr)
-    return result, usage.ru_maxrss * 1024  # KiB on Linux
+    return result, int(kib) * 1024
 
 
 def _write(path: Path, rng: np.random.Generator, places: list[int], size: int) -> dict[int, bytes]:
