@@ -347,7 +347,7 @@ def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *
         onto = base if base is not None and not _onto_needs_whole(target, base, disk, force) \
             else None
         if onto is not None:
-            _disk_of(onto, key)
+            _disk_of(onto, key)  # the base point has the disk
         device, staged = _open_target(target, disk.capacity, onto=base is not None, force=force)
         try:
             work = _Work(repo, point, disk, fresh=staged is not None, onto=onto)
@@ -395,10 +395,6 @@ class _Work:
     def windows(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(first block, the window's refs, the window's blocks to write) of each window with
         blocks to write, in block order; the maps are streamed (one window in memory)."""
-        with _naming(self.point, self.disk.key):
-            yield from self._windows()
-
-    def _windows(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         nblocks, key = self.disk.nblocks, self.disk.key
         if self.todo is not None:
             refs = self.repo.resolve_windows(self.point, key, self.todo)
@@ -420,7 +416,8 @@ class _Work:
                 yield first, window, np.arange(first, first + len(window), dtype=np.uint64)
 
     def data_bytes(self) -> int:
-        """The bytes of non-ZERO blocks to write (a pass over the maps, for progress)."""
+        """The bytes of non-ZERO blocks to write: a pass over the maps, which also finds a
+        damaged map before anything is written."""
         return sum(int(np.count_nonzero(window[todo - first]))
                    for first, window, todo in self.windows()) * self.disk.block_size
 
@@ -433,7 +430,9 @@ def _restore_through(repo: Repository, point: PointRecord, disk: DiskRecord, wor
     written `reads.plan_blocks` at a time, so that the plan's memory does not grow with the
     disk (a chunk that blocks of two slices share is read twice)."""
     started = time.monotonic()
-    tick = progress(work.data_bytes()) if progress else None
+    with _naming(point, disk.key):
+        data_bytes = work.data_bytes()
+    tick = progress(data_bytes) if progress else None
     with _naming(point, disk.key), _Writeback(device) as writeback:
         blocks = _BlockWriter(device, disk.block_size, writeback, reads.write_queue)
         try:
