@@ -182,3 +182,42 @@ def test_read_of_every_block_that_cannot_fit_is_refused(huge):
                     "larger --block-size")
     assert peak < PEAK_RSS
     assert len(json.loads(run("points", repo, "--json")[0].stdout)["points"]) == 1
+
+
+def test_chains_across_map_windows(tmp_path):
+    """A 40 GiB sparse disk at 16 KiB blocks spans three map windows (2^20 blocks each), with
+    data and changes in each: forgetting the middle point of full -> delta -> delta rebases the
+    last as a delta on the first, window by window; restore, --onto and diff see every window."""
+    bs, capacity = 16 << 10, 40 << 30
+    rng = np.random.default_rng(40)
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(capacity)
+    window = bs << 20
+    content = _write(image, rng, [0, window - bs, 2 * window + 4 * MIB, capacity - DATA], DATA)
+    repo = tmp_path / "repo"
+    run("init", repo, "--block-size", "16KiB")
+    disk = ["--vm", "vm", "--disk", f"sda={image}", "--json"]
+    run("backup", "image", repo, *disk)
+    snapshots = [dict(content)]
+    for round_ in range(2):
+        places = [window + (4 + 2 * round_) * MIB, 2 * window - MIB // 2 + round_ * MIB]
+        content.update(_write(image, rng, places, MIB))
+        extents = write_extents(tmp_path / f"c{round_}.json", [[p, MIB] for p in places])
+        run("backup", "image", repo, *disk, "--changed", f"sda={extents}")
+        snapshots.append(dict(content))
+    ids = [p["id"] for p in json.loads(run("points", repo, "--json")[0].stdout)["points"]]
+    run("restore", repo, ids[0], "--disk", "sda", "--to", tmp_path / "first.img")
+    run("forget", repo, ids[1])
+    [_first, last] = json.loads(run("points", repo, "--json")[0].stdout)["points"]
+    assert last["disks"][0]["kind"] == "delta" and last["disks"][0]["parent"] == ids[0]
+    run("restore", repo, ids[2], "--disk", "sda", "--to", tmp_path / "last.img")
+    run("restore", repo, ids[2], "--disk", "sda", "--onto", tmp_path / "first.img", "--base",
+        ids[0])
+    for name in ("last.img", "first.img"):
+        for offset, data in snapshots[2].items():
+            assert _read(tmp_path / name, offset, len(data)) == data, (name, offset)
+        assert _read(tmp_path / name, window + 3 * MIB, MIB) == bytes(MIB)
+    diff = json.loads(run("diff", repo, ids[0], ids[2], "--json")[0].stdout)
+    assert diff["disks"][0]["extents"] == [[window + 4 * MIB, MIB], [window + 6 * MIB, MIB],
+                                           [2 * window - MIB // 2, 2 * MIB]]
