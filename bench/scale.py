@@ -156,10 +156,11 @@ DISK_CHANGE = 1 << 20
 
 
 def build_disks(path: Path, gib: int) -> dict:
-    """Part "disks" (--curve in GiB, e.g. 64,1024,65536). Two sparse images of `gib` GiB: `base.img` with DISK_DATA random bytes at its start,
-    middle and end, and `changed.img`, the same with DISK_CHANGE bytes rewritten at a quarter
-    of the disk (the extents in `changed.json`), and an empty repository (64 KiB blocks). A
-    disk over 16 TiB needs --work on a filesystem that holds such a file (tmpfs: /dev/shm)."""
+    """Part "disks" (--curve in GiB, e.g. 64,1024,65536). Two sparse images of `gib` GiB:
+    `base.img` with DISK_DATA random bytes at its start, middle and end, and `changed.img`, the
+    same with DISK_CHANGE bytes rewritten at a quarter of the disk (the extents in
+    `changed.json`), and an empty repository (64 KiB blocks). A disk over 16 TiB needs --work on
+    a filesystem that holds such a file (tmpfs: /dev/shm)."""
     from repo_engine.repository.repo import Repository
 
     shutil.rmtree(path, ignore_errors=True)

@@ -444,10 +444,11 @@ def write_map(store: Store, bmap: BlockMap, *, salted: bool = False,
 def read_map(store: Store, name: str) -> BlockMap:
     """Map `name` in memory: a FULL map as its non-ZERO entries (sparse), streamed."""
     stream = open_map(store, name)
+    shift = stream.shift or SEGMENT_SHIFT
     if stream.kind == FULL:
-        blocks, refs = nonzero_entries(resolve_windows([stream], shift=stream.shift or SEGMENT_SHIFT))
+        blocks, refs = nonzero_entries(resolve_windows([stream], shift=shift))
         return BlockMap.sparse_full(stream.nblocks, blocks, refs)
-    parts = [s.load() for s in stream.segments_at(stream.shift or SEGMENT_SHIFT)]
+    parts = [s.load() for s in stream.segments_at(shift)]
     blocks = np.concatenate([b for b, _ in parts if b is not None] or [np.zeros(0, U64)])
     refs = np.concatenate([r for _, r in parts] or [np.zeros(0, U64)])
     return BlockMap.delta(stream.nblocks, blocks, refs)
