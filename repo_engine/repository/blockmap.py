@@ -258,8 +258,8 @@ class _Source:
 
     def __init__(self, store: Store, obj: str, size: int) -> None:
         self.store, self.obj, self.size = store, obj, size
-        self.pos = 0
-        self.buffer = b""
+        self.pos = 0  # bytes of the object handed out
+        self.buffer, self.start = b"", 0  # read ahead: bytes from pos on are buffer[start:]
         self.hasher = blake3.blake3()
 
     def read(self, n: int, what: str) -> bytes:
@@ -269,11 +269,13 @@ class _Source:
             self.buffer = self.store.get(self.obj, limit=self.size)
             if len(self.buffer) != self.size:
                 raise DamageError(f"{what}: block map changed size while it was read")
-        elif len(self.buffer) < n:
-            ahead = self.pos + len(self.buffer)
-            more = min(max(n - len(self.buffer), READ_AHEAD), self.size - ahead)
-            self.buffer += self.store.get_range(self.obj, ahead, more)
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        elif len(self.buffer) - self.start < n:
+            ahead = self.pos + len(self.buffer) - self.start
+            more = min(max(n, READ_AHEAD), self.size - ahead)
+            self.buffer = self.buffer[self.start:] + self.store.get_range(self.obj, ahead, more)
+            self.start = 0
+        data = self.buffer[self.start:self.start + n]  # copies n bytes, not the buffer's rest
+        self.start += n
         self.hasher.update(data)
         self.pos += n
         return data
