@@ -37,9 +37,10 @@ CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 1, also_reads=(2,))
 # repo-engine that knows only one writer refuses it instead of writing around the journal
 SHARED_CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 2, also_reads=(1,))
 POINT = FileFormat("restore point", b"REpnt\x00\x01\x1a", 1)
-BLOCK_MAP = FileFormat("block map", b"REmap\x00\x01\x1a", 1)
-# minor 1: the 7 bytes after the kind hold a salt (readers ignore it; a new salt is a new name)
-SALTED_BLOCK_MAP = FileFormat("block map", b"REmap\x00\x01\x1a", 1, 1)
+# 2: the map is cut in segments of a block range, read and written one at a time (blockmap.py)
+BLOCK_MAP = FileFormat("block map", b"REmap\x00\x01\x1a", 2, also_reads=(1,))
+# 1, read only: one frame for the whole disk; minor 1: the 7 bytes after the kind hold a salt
+BLOCK_MAP_V1 = FileFormat("block map", b"REmap\x00\x01\x1a", 1)
 PACK = FileFormat("pack", b"REpak\x00\x01\x1a", 1)
 PACK_TRAILER = FileFormat("pack trailer", b"REtrl\x00\x01\x1a", 1)
 LOCK = FileFormat("lock", b"RElck\x00\x01\x1a", 1)
