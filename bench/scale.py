@@ -151,6 +151,52 @@ def points_commands(path: Path) -> list[tuple[str, list[str]]]:
             ("forget --prune (GFS)", ["forget", repo, *GFS, "--prune"])]
 
 
+DISK_DATA = 3 << 20  # bytes of data at the start, the middle and the end of a disk
+DISK_CHANGE = 1 << 20
+
+
+def build_disks(path: Path, gib: int) -> dict:
+    """Part "disks" (--curve in GiB, e.g. 64,1024,65536). Two sparse images of `gib` GiB:
+    `base.img` with DISK_DATA random bytes at its start, middle and end, and `changed.img`, the
+    same with DISK_CHANGE bytes rewritten at a quarter of the disk (the extents in
+    `changed.json`), and an empty repository (64 KiB blocks). A disk over 16 TiB needs --work on
+    a filesystem that holds such a file (tmpfs: /dev/shm)."""
+    from repo_engine.repository.repo import Repository
+
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    started = time.monotonic()
+    capacity = gib << 30
+    rng = np.random.default_rng(gib)
+    writes = [(offset, rng.integers(0, 256, DISK_DATA, np.uint8).tobytes())
+              for offset in (0, capacity // 2, capacity - DISK_DATA)]
+    change = (capacity // 4, rng.integers(0, 256, DISK_CHANGE, np.uint8).tobytes())
+    for name, extra in (("base.img", []), ("changed.img", [change])):
+        with open(path / name, "wb") as image:
+            image.truncate(capacity)
+            for offset, data in writes + extra:
+                os.pwrite(image.fileno(), data, offset)
+    (path / "changed.json").write_text(json.dumps([[change[0], DISK_CHANGE]]))
+    Repository.init(path / "repo", block_size=64 * 1024).close()
+    return {"gib": gib, "build_s": round(time.monotonic() - started, 1)}
+
+
+def disks_commands(path: Path) -> list[tuple[str, list[str]]]:
+    """A first backup, an incremental of the 1 MiB change, a first backup of the same image as
+    another VM (all blocks duplicate), a diff of the two VMs' points (the change), a restore."""
+    repo = str(path / "repo")
+    base, changed = f"sda={path / 'base.img'}", f"sda={path / 'changed.img'}"
+    return [("first backup", ["backup", "image", repo, "--vm", "v", "--disk", base]),
+            ("incremental, 1 MiB changed", ["backup", "image", repo, "--vm", "v", "--disk",
+                                            changed, "--changed",
+                                            f"sda={path / 'changed.json'}"]),
+            ("first backup, another VM (duplicate)", ["backup", "image", repo, "--vm", "w",
+                                                      "--disk", base]),
+            ("diff", ["diff", repo, "w@latest", "v@latest"]),
+            ("restore (sparse target)", ["restore", repo, "v@latest", "--disk", "sda", "--to",
+                                         str(path / "restored.img")])]
+
+
 # ---------------------------------------------------------------- driver
 
 @dataclass
@@ -163,6 +209,7 @@ class Part:
 PARTS = {
     "points": Part(lambda path, n, args: build_points(path, n, args.vms, args.days),
                    points_commands, "points"),
+    "disks": Part(lambda path, n, args: build_disks(path, n), disks_commands, "GiB"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import blake3
 import lmdb
@@ -11,7 +12,8 @@ import pytest
 import zstandard
 
 from repo_engine.errors import DamageError, FormatError
-from repo_engine.repository.blockmap import BlockMap, encode
+from repo_engine.repository.blockmap import (DELTA, BlockMap, encode, map_object, open_map,
+                                             read_map, resolve_windows)
 from repo_engine.repository.envelope import seal, unseal
 from repo_engine.repository.formats import BLOCK_MAP, CONFIG, PACK
 from repo_engine.repository.index import decode_record, encode_record
@@ -42,9 +44,59 @@ def test_envelope_refuses_damage_and_future_versions():
 
 
 def test_block_map_golden():
-    data = encode(BlockMap.full(np.array([0, 1, 2**64 - 1], dtype=np.uint64)))
-    assert data[:8] == BLOCK_MAP.magic
-    assert data[24:48].hex() == "00" * 8 + "0300000000000000" + "0300000000000000"
+    """Version 2: header, then per stored segment its index, entries, frame length and frame
+    checksum before the frame; a segment of all-ZERO refs is not stored."""
+    refs = np.zeros(20, np.uint64)
+    refs[[2, 17]] = [7, 2**64 - 1]
+    data = encode(BlockMap.full(refs), shift=3)  # segments of 8 blocks: 0, 1 (all ZERO), 2
+    assert data[:12] == BLOCK_MAP.magic + b"\x02\x00\x00\x00"  # major 2, minor 0
+    assert data[24:56].hex() == ("00" + "00" * 7 + "1400000000000000" + "0c00000000000000"
+                                 + "03000000" + "02000000")
+    at, found = 56, []
+    for _ in range(2):
+        index, entries, length = struct.unpack_from("<QQQ", data, at)
+        frame = data[at + 40:at + 40 + length]
+        assert data[at + 24:at + 40] == blake3.blake3(frame).digest()[:16]
+        raw = zstandard.ZstdDecompressor().decompressobj().decompress(frame)
+        found.append((index, np.frombuffer(raw, "<u8").tolist()))
+        at += 40 + length
+    assert found == [(0, [0, 0, 7, 0, 0, 0, 0, 0]), (2, [0, 2**64 - 1, 0, 0])]
+    assert data[at:] == blake3.blake3(data[:at]).digest()
+
+
+# written by the version 1 encoder: FULL [0, 1, 2^64-1]; salted FULL [1]; DELTA on 5 blocks
+V1_MAPS = [
+    ("52456d617000011a0100000000000000350000000000000000000000000000000300000000000000030000000000"
+     "000028b52ffd0058a500006000000100ffffffffffffffff020060e0016001b25f4003d6fd6811ac573e23fefa7e"
+     "116ee8a5819a2c6ee42c101951e5edb634", [0, 1, 2**64 - 1]),
+    ("52456d617000011a0100010000000000290000000000000000050505050505050100000000000000010000000000"
+     "000028b52ffd005841000001000000000000006af14208b446a1a79ac4b1aaaf777ffebf349837044220da2fe3b1"
+     "9db748b343", [1]),
+    ("52456d617000011a0100000000000000360000000000000001000000000000000500000000000000020000000000"
+     "000028b52ffd0058ad000070010003000700090000000000000003540200030184f4fec55ee59ee4f3f777e50924"
+     "74cd22fec8f4e153eae553de59e20ce526e6", [0, 7, 0, 9, 0]),
+]
+
+
+@pytest.mark.parametrize("hexdata, want", V1_MAPS)
+def test_version_1_block_maps_still_read(tmp_path, hexdata, want):
+    """Maps written before segments (one frame for the disk, salted or not) read and resolve
+    as before, alone or under a version 2 delta."""
+    (tmp_path / "tmp").mkdir()
+    store = LocalStore(tmp_path)
+    data = bytes.fromhex(hexdata)
+    name = blake3.blake3(data).hexdigest()
+    store.put(map_object(name), data)
+    bmap = read_map(store, name)
+    if bmap.kind == DELTA:
+        assert (bmap.nblocks, bmap.blocks.tolist(), bmap.refs.tolist()) == (5, [1, 3], [7, 9])
+        return
+    assert bmap.refs.tolist() == [r for r in want if r]
+    child = encode(BlockMap.delta(len(want) + 1, np.array([len(want)]), np.array([5])))
+    child_name = blake3.blake3(child).hexdigest()
+    store.put(map_object(child_name), child)
+    windows = list(resolve_windows([open_map(store, name), open_map(store, child_name)]))
+    assert [(first, w.tolist()) for first, w in windows] == [(0, want + [5])]
 
 
 def test_pack_layout_and_trailing_nul_ids(tmp_path):
@@ -228,11 +280,11 @@ def test_checkpoint_golden(tmp_path):
 
 
 def test_salted_block_map_golden():
-    from repo_engine.repository.formats import SALTED_BLOCK_MAP
-
+    """A salt is 7 bytes of the header: the same content under another name."""
     data = encode(BlockMap.full(np.array([1], dtype=np.uint64)), b"\x05" * 7)
-    assert data[:12] == SALTED_BLOCK_MAP.magic + b"\x01\x00\x01\x00"  # major 1, minor 1
-    assert data[24:48].hex() == "00" + "05" * 7 + "0100000000000000" + "0100000000000000"
+    assert data[:12] == BLOCK_MAP.magic + b"\x02\x00\x00\x00"
+    assert data[24:56].hex() == ("00" + "05" * 7 + "0100000000000000" + "0100000000000000"
+                                 + "14000000" + "01000000")
 
 
 def test_sealed_pack_golden(tmp_path):

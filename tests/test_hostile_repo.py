@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from repo_engine.errors import DamageError
-from repo_engine.repository.blockmap import HEAD, decode, map_object
+from repo_engine.repository.blockmap import (HEAD, HEAD2, SEGMENT, SEGMENT_SHIFT, decode,
+                                             map_object)
 from repo_engine.repository.envelope import seal, write_sealed
-from repo_engine.repository.formats import BLOCK_MAP, POINT
+from repo_engine.repository.formats import BLOCK_MAP, BLOCK_MAP_V1, POINT
 from repo_engine.repository.points import point_object, read_point
 from repo_engine.repository.store.local import LocalStore
 
@@ -247,13 +248,19 @@ def test_absurd_map_headers_are_refused_before_allocating(kind, nblocks, count):
         decode(HEAD.pack(kind, nblocks, count) + body, "m")
 
 
-def test_absurd_map_file_restores_as_damage(hostile, tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_absurd_map_file_restores_as_damage(hostile, tmp_path, version):
     """A crafted map whose content name is right (an attacker can hash) and whose header
-    claims 2^40 blocks: exit 3, not MemoryError."""
+    claims 2^40 blocks (version 2: in one segment that claims them all): exit 3, not
+    MemoryError."""
     repo, _image, _outside = hostile
     import zstandard
-    data = seal(BLOCK_MAP, HEAD.pack(0, 1 << 40, 1 << 40)
-                + zstandard.ZstdCompressor().compress(bytes(64)))
+    frame = zstandard.ZstdCompressor().compress(bytes(64))
+    if version == 1:
+        data = seal(BLOCK_MAP_V1, HEAD.pack(0, 1 << 40, 1 << 40) + frame)
+    else:
+        data = seal(BLOCK_MAP, HEAD2.pack(0, bytes(7), 1 << 40, 1 << 40, SEGMENT_SHIFT, 1)
+                    + SEGMENT.pack(0, 1 << 40, len(frame), bytes(16)) + frame)
     name = blake3.blake3(data).hexdigest()
     path = repo / map_object(name)
     path.parent.mkdir(exist_ok=True)

@@ -13,7 +13,7 @@ import pytest
 import vddk_ext
 
 from helpers import KIB, MIB, DiskModel, cli, write_extents
-from repo_engine.errors import UsageError
+from repo_engine.errors import DamageError, UsageError
 from repo_engine.repository.blockmap import map_object
 from repo_engine.repository.config import read_config
 from repo_engine.repository.index import LOCATION_DTYPE
@@ -193,6 +193,27 @@ def test_missing_block_map_names_point_and_disk(two_points, tmp_path, capsys):
     assert f"disk sda of point {second.id[:8]} cannot be restored whole" in line
     assert cli(capsys, "restore", path, first.id[:12], "--disk", "sda",
                "--to", tmp_path / "out.img").code == 0
+
+
+def test_damaged_block_map_stops_a_device_restore_before_any_write(two_points, tmp_path):
+    """A map that turns out damaged past its first bytes (its last bytes flipped: the
+    checksum, checked at its end) is found before the first block is written, also on a
+    device with no progress asked, and named once."""
+    path, model, _first, second = two_points
+    name = second.disk("sda").map
+    with Repository.open(path) as repo:
+        object_path = path / map_object(name)
+        data = bytearray(object_path.read_bytes())
+        data[-1] ^= 1
+        object_path.write_bytes(bytes(data))
+        target = tmp_path / "device.img"
+        target.write_bytes(b"\xaa" * model.capacity)
+        with vddk_ext.open_local(str(target), writable=True) as device, \
+                pytest.raises(DamageError) as caught:
+            restore_to_device(repo, second, "sda", device)
+    assert str(caught.value).count("cannot be restored whole") == 1, caught.value
+    assert "checksum" in str(caught.value) or "does not match its name" in str(caught.value)
+    assert target.read_bytes() == b"\xaa" * model.capacity
 
 
 def test_damage_leaves_every_other_block_written_on_a_device(two_points, tmp_path):

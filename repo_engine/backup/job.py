@@ -22,7 +22,8 @@ from ..repository.repo import Repository
 from ..repository.store import StoreError
 from .chunk_writer import ChunkWriter
 from .pipeline import BlockPipeline, BlockResult
-from .plan import DiskPlan, audit_sample, join_notes, plan_disk
+from .plan import (DiskPlan, audit_sample, delta_map, full_map, join_notes, parent_refs,
+                   plan_disk)
 from .source import BlockDevice, SourceDisk, VmSnapshot
 
 if TYPE_CHECKING:
@@ -60,9 +61,10 @@ class _DiskBackup:
     def __init__(self, repo: Repository, pipeline: BlockPipeline, writer: ChunkWriter,
                  options: BackupOptions) -> None:
         self.repo, self.pipeline, self.writer, self.options = repo, pipeline, writer, options
-        # per disk: the resolved map (to turn a delta into a full map if its parent is forgotten
-        # before the commit) and the blocks read because `scrub --repair` asked for them
-        self.resolved: dict[str, np.ndarray] = {}
+        # per disk: its plan and the refs of the blocks it read (to turn a delta into a full map
+        # if its parent is forgotten before the commit) and the blocks read because `scrub
+        # --repair` asked for them
+        self.stored: dict[str, tuple[DiskPlan, np.ndarray]] = {}
         self.rereads: dict[str, np.ndarray] = {}
         self.maps: dict[str, BlockMap] = {}  # written this run, by name: not read back at commit
 
@@ -86,18 +88,19 @@ class _DiskBackup:
 
     def _audit(self, plan: DiskPlan, device: BlockDevice, counters: DiskCounters,
                disk: SourceDisk) -> DiskPlan:
-        if self.options.audit_percent <= 0 or plan.base is None or plan.mode != "changed":
+        if self.options.audit_percent <= 0 or plan.parent is None or plan.mode != "changed":
             return plan
         sample = audit_sample(plan, self.options.audit_percent,
                               np.random.default_rng(self.options.seed))
         counters.audit_blocks = len(sample)
+        before = parent_refs(self.repo, plan, sample)
         mismatched = 0
         pos = 0
         with self.repo.index.reader() as lookup:
             for result in self.pipeline.run(device, plan.block_size, sample, encode=False,
                                              describe=disk.description):
                 for k, chunk_id in enumerate(result.ids):
-                    ref = int(plan.base[sample[pos + k]])
+                    ref = int(before[pos + k])
                     expected = lookup.chunk_id_of(ref) if ref else None
                     mismatched += expected != chunk_id
                 pos += len(result.blocks)
@@ -147,21 +150,17 @@ class _DiskBackup:
 
     def _record(self, plan: DiskPlan, disk: SourceDisk, refs: np.ndarray,
                 counters: DiskCounters) -> DiskRecord:
-        # plan.base is this backup's own copy: it becomes the new full map in place (one map in
-        # memory, not three: maps are 8 bytes a block, the memory a large disk costs)
-        full = plan.base if plan.base is not None else np.zeros(plan.nblocks, np.uint64)
+        # no map is held whole: a delta reads the parent's map only where blocks were read, a
+        # full map holds the disk's non-ZERO entries (maps are 8 bytes a block of the disk)
         parent, parent_disk = plan.parent, plan.parent_disk
         max_chain = self.repo.config.max_chain
         if parent is None or parent_disk is None or parent_disk.links + 1 > max_chain:
-            full[plan.read] = refs
-            bmap, kind, links, parent_id = BlockMap.full(full), "full", 1, None
+            bmap, logical = full_map(self.repo, plan, refs)
+            kind, links, parent_id = "full", 1, None
         else:
-            differs = full[plan.read] != refs
-            bmap = BlockMap.delta(plan.nblocks, plan.read[differs], refs[differs])
-            full[plan.read] = refs
+            bmap, logical = delta_map(self.repo, plan, refs)
             kind, links, parent_id = "delta", parent_disk.links + 1, parent.id
-        self.resolved[disk.key] = full
-        logical = plan.map_bytes(full)
+        self.stored[disk.key] = (plan, refs)
         name = self.repo.write_map(bmap)
         self.maps[name] = bmap
         note = plan.note
@@ -207,7 +206,7 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
                 counters=_totals(records, writer, started))
             pause_point("backup.before_commit")
             committing = point.id
-            _commit(repo, point, step.resolved, step.maps)
+            _commit(repo, point, step.stored, step.maps)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise RepoError(f"the repository's filesystem is full ({exc.strerror}); "
@@ -245,10 +244,10 @@ def _heal(repo: Repository, command: str, reread: bool) -> RepairReport | None:
     return heal_after_backup(repo, command, reread)
 
 
-def _commit(repo: Repository, point: PointRecord, resolved: dict[str, np.ndarray],
+def _commit(repo: Repository, point: PointRecord, stored: dict[str, tuple[DiskPlan, np.ndarray]],
             maps: dict[str, BlockMap]) -> None:
-    """Commit the point; a disk whose parent a concurrent forget removed becomes a full map (its
-    resolved map is in memory, so no data is read again)."""
+    """Commit the point; a disk whose parent a concurrent forget removed becomes a full map (of
+    the parent's map, still stored, and the blocks read: no data is read again)."""
     while True:
         try:
             repo.commit_point(point, maps)
@@ -256,7 +255,7 @@ def _commit(repo: Repository, point: PointRecord, resolved: dict[str, np.ndarray
         except ParentGone as gone:
             for disk in point.disks:
                 if disk.parent in gone.parents:
-                    full = BlockMap.full(resolved[disk.key])
+                    full = full_map(repo, *stored[disk.key])[0]
                     disk.map = repo.write_map(full)
                     maps[disk.map] = full
                     disk.kind, disk.parent, disk.links = "full", None, 1

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..repository.blockmap import fit
-from ..repository.points import DiskRecord, PointRecord
+from ..errors import SourceError
+from ..repository.blockmap import BlockMap, holds, nonzero_entries, sorted_unique
+from ..repository.points import MAX_CAPACITY, DiskRecord, PointRecord
 from ..repository.repo import Repository
+from ..units import format_size
 from .extents import as_extents, extents_to_blocks
 from .source import BlockDevice, Parent, SourceDisk
 
@@ -22,7 +26,9 @@ class DiskPlan:
     block_size: int
     parent: PointRecord | None
     parent_disk: DiskRecord | None
-    base: np.ndarray | None  # the parent's resolved map, resized to this capacity
+    # the parent's maps, as planned: the parent's content stays readable through them if a
+    # forget removes it before the commit (gc waits for the backup to delete them)
+    parent_chain: list[tuple[str, int]] | None
     read: np.ndarray         # sorted block numbers to read
     mode: str
     note: str = ""
@@ -43,16 +49,56 @@ class DiskPlan:
             size -= self.nblocks * self.block_size - self.capacity
         return size
 
-    def map_bytes(self, refs: np.ndarray) -> int:
-        """The real byte length of the non-ZERO blocks of a full map of this disk."""
-        size = int(np.count_nonzero(refs)) * self.block_size
-        if len(refs) and refs[-1]:
-            size -= self.nblocks * self.block_size - self.capacity
-        return size
+    def map_bytes(self, count: int, last: bool) -> int:
+        """The real byte length of `count` non-ZERO blocks of this disk (`last`: the disk's
+        last block, which may be short, is one of them)."""
+        return count * self.block_size - (self.nblocks * self.block_size - self.capacity
+                                          if last else 0)
 
     def as_full_read(self, note: str) -> "DiskPlan":
+        _check_full_read(self)
         return replace(self, read=np.arange(self.nblocks, dtype=np.uint64), mode=FULL_READ,
                        note=note)
+
+
+# memory a read of every block takes per block: the block list, the refs read, the new map's
+# entries (a read of the changed or allocated blocks takes it per block read)
+FULL_READ_BYTES = 32
+
+
+def _check_full_read(plan: DiskPlan) -> None:
+    """Refuse, before reading anything, a read of every block whose block list would not fit
+    in half the memory available (an out-of-memory kill would stop the backup anyway)."""
+    need = plan.nblocks * FULL_READ_BYTES
+    free = available_memory()
+    if need > free // 2:
+        raise SourceError(
+            f"disk {plan.key}: reading all {plan.nblocks} blocks of this "
+            f"{format_size(plan.capacity)} disk needs {format_size(need)} of memory for its "
+            f"block list, more than half the {format_size(free)} available; give the disk's "
+            "changed or allocated extents (--changed), or back it up into a repository with a "
+            "larger --block-size")
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process (Linux MemAvailable, else free pages)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_capacity(key: str, capacity: int) -> None:
+    """Refuse a disk larger than a restore point may record, before reading it."""
+    if capacity > MAX_CAPACITY:
+        raise SourceError(f"disk {key}: its capacity of {capacity} bytes "
+                          f"({format_size(capacity)}) is more than the "
+                          f"{format_size(MAX_CAPACITY)} a disk may have; leave it out of the "
+                          "backup")
 
 
 def join_notes(*notes: str) -> str:
@@ -97,6 +143,7 @@ def _with_rereads(repo: Repository, vm: str, plan: DiskPlan) -> DiskPlan:
 
 
 def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice) -> DiskPlan:
+    check_capacity(disk.key, disk.capacity)
     bs = repo.config.block_size
     nblocks = -(-disk.capacity // bs)
     parent = repo.latest_with_disk(vm, disk.key)
@@ -109,11 +156,10 @@ def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice)
         return replace(plan, read=_blocks_in(report.extents, bs, nblocks))
     parent_disk = parent.disk(disk.key)
     assert parent_disk is not None
-    base = fit(repo.resolve(parent, disk.key), nblocks)
     report = disk.changes(Parent(parent_disk.cursor, parent_disk.capacity,
                                  lambda: repo.load_catalogued(parent.id).config))
-    plan = DiskPlan(disk.key, disk.capacity, bs, parent, parent_disk, base,
-                    np.zeros(0, np.uint64), CHANGED, report.note)
+    plan = DiskPlan(disk.key, disk.capacity, bs, parent, parent_disk,
+                    repo.chain(parent, disk.key), np.zeros(0, np.uint64), CHANGED, report.note)
     if report.extents is None:
         return plan.as_full_read(report.note or "no change list: read everything, store only new")
     changed = _blocks_in(report.extents, bs, nblocks)
@@ -126,12 +172,83 @@ def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice)
 
 
 def audit_sample(plan: DiskPlan, percent: float, rng: np.random.Generator) -> np.ndarray:
-    """A random `percent` share of the blocks the change list calls unchanged."""
+    """A random `percent` share of the blocks the change list calls unchanged. A small share
+    of a large disk is drawn without listing the disk's blocks (8 bytes a block)."""
     old_nblocks = min(plan.nblocks, plan.parent_disk.nblocks if plan.parent_disk else 0)
-    unchanged = np.setdiff1d(np.arange(old_nblocks, dtype=np.uint64), plan.read,
-                             assume_unique=True)
-    count = int(round(len(unchanged) * percent / 100))
+    read = plan.read[plan.read < old_nblocks]
+    count = int(round((old_nblocks - len(read)) * percent / 100))
     if count == 0:
         return np.zeros(0, dtype=np.uint64)
+    if count * 4 > old_nblocks:
+        unchanged = np.setdiff1d(np.arange(old_nblocks, dtype=np.uint64), read,
+                                 assume_unique=True)
+    else:  # at least 3/4 of the disk is unchanged: draws hit it, a few rounds find enough
+        unchanged = np.zeros(0, np.uint64)
+        while len(unchanged) < count:
+            drawn = rng.integers(0, old_nblocks, size=2 * count, dtype=np.uint64)
+            unchanged = sorted_unique(np.sort(np.concatenate([unchanged, drawn])))
+            unchanged = unchanged[~holds(read, unchanged)]
     return np.sort(rng.choice(unchanged, size=count, replace=False)).astype(np.uint64)
 
+
+# -- the new map: built from the blocks read and, where needed, the parent's map ---------------
+def parent_refs(repo: Repository, plan: DiskPlan, blocks: np.ndarray) -> np.ndarray:
+    """The parent's refs of sorted `blocks` (ZERO without a parent or past its end): only the
+    parent's map ranges that hold them are decompressed."""
+    if plan.parent is None:
+        return np.zeros(len(blocks), np.uint64)
+    return repo.refs_at(plan.parent, plan.key, blocks, chain=plan.parent_chain)
+
+
+def full_map(repo: Repository, plan: DiskPlan, refs: np.ndarray) -> tuple[BlockMap, int]:
+    """The FULL map (sparse: its non-ZERO entries) of the parent's content with the blocks read
+    (`refs` of `plan.read`) stored over it, and its logical bytes. The parent's map is streamed
+    range by range: memory grows with the disk's used blocks, not its size."""
+    blocks, values = plan.read, refs
+    if plan.parent is not None:
+        old_blocks, old_refs = nonzero_entries(
+            (first, window[:max(plan.nblocks - first, 0)])
+            for first, window in _parent_windows(repo, plan))
+        kept = ~holds(plan.read, old_blocks)
+        blocks = np.concatenate([old_blocks[kept], plan.read])
+        values = np.concatenate([old_refs[kept], refs])
+        order = np.argsort(blocks, kind="stable")
+        blocks, values = blocks[order], values[order]
+    bmap = BlockMap.sparse_full(plan.nblocks, blocks, values)
+    assert bmap.blocks is not None
+    last = bool(len(bmap.blocks)) and int(bmap.blocks[-1]) == plan.nblocks - 1
+    return bmap, plan.map_bytes(len(bmap.refs), last)
+
+
+def delta_map(repo: Repository, plan: DiskPlan, refs: np.ndarray) -> tuple[BlockMap, int]:
+    """The DELTA on the parent of the blocks read (`refs` of `plan.read`) and the new content's
+    logical bytes: the parent's map is read only where blocks were read (and at the disk's
+    last block), so the cost grows with the change, not the disk."""
+    last = plan.nblocks - 1
+    # the read blocks (sorted, below the end) and the last one, whose ref the logical size needs
+    ends = bool(len(plan.read)) and int(plan.read[-1]) == last
+    asked = plan.read if ends or not plan.nblocks else np.append(plan.read, np.uint64(last))
+    before_all = parent_refs(repo, plan, asked)
+    before = before_all[:len(plan.read)]
+    differs = before != refs
+    count = (_parent_count(repo, plan) - int(np.count_nonzero(before))
+             + int(np.count_nonzero(refs)))
+    last_nonzero = bool(refs[-1]) if ends else bool(len(asked) and before_all[-1])
+    return (BlockMap.delta(plan.nblocks, plan.read[differs], refs[differs]),
+            plan.map_bytes(count, last_nonzero))
+
+
+def _parent_count(repo: Repository, plan: DiskPlan) -> int:
+    """The parent's non-ZERO blocks below this disk's end: from its record's logical bytes when
+    the disk did not shrink, else counted on its map (streamed)."""
+    parent = plan.parent_disk
+    assert parent is not None and plan.parent is not None
+    if plan.nblocks >= parent.nblocks and parent.logical_bytes:
+        return -(-parent.logical_bytes // parent.block_size)
+    return sum(int(np.count_nonzero(window[:max(plan.nblocks - first, 0)]))
+               for first, window in _parent_windows(repo, plan))
+
+
+def _parent_windows(repo: Repository, plan: DiskPlan) -> Iterator[tuple[int, np.ndarray]]:
+    assert plan.parent is not None
+    return repo.resolve_windows(plan.parent, plan.key, chain=plan.parent_chain)

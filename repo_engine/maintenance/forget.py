@@ -5,7 +5,7 @@ interrupted job):
 
 1. Mark R in the index's `forgetting` database (the intent survives a crash).
 2. For every catalogued point C outside R with a disk built on a point of R, oldest first: write
-   a new map durably: a DELTA on that disk's nearest ancestor G outside R (`delta_between(G, C)`,
+   a new map durably: a DELTA on that disk's nearest ancestor G outside R (`_delta_on(G, C)`,
    so C's entries win and resizes stay exact), or a FULL map when the chain reaches a full base
    first. Then commit C's next generation (manifest durable first, then the catalog record; the
    same transaction moves the map use and chunk reference counts).
@@ -34,7 +34,7 @@ from functools import partial
 import numpy as np
 
 from ..errors import LockedError, PointNotFound, RepoError, UsageError
-from ..repository.blockmap import BlockMap, delta_between
+from ..repository.blockmap import BlockMap, delta_between, nonzero_entries, zip_windows
 from ..repository.locks import MAINTENANCE
 from ..repository.points import DiskRecord, PointRecord, point_object
 from ..repository.repo import Repository, commit_order
@@ -124,11 +124,11 @@ def rebased(repo: Repository, catalog: dict[str, PointRecord], gone: set[str]
     rewritten: a delta on its nearest ancestor outside `gone` (of the content between the two),
     or a full map when the chain reaches a full base (or a point without the disk) first; and
     the maps written for them, by name. Points are taken oldest first, so an ancestor is
-    rewritten before its descendants; each chain's latest content is kept, not read again."""
+    rewritten before its descendants. The maps are streamed window by window: memory does not
+    grow with the disk (a full map holds the disk's non-ZERO entries)."""
     working = dict(catalog)
     rewrites: list[PointRecord] = []
     maps: dict[str, BlockMap] = {}
-    latest: dict[tuple[str, str], tuple[str, np.ndarray]] = {}  # (vm, disk) -> (point, content)
     for point in sorted(catalog.values(), key=commit_order):
         if point.id in gone or not any(d.parent in gone for d in point.disks):
             continue
@@ -137,22 +137,34 @@ def rebased(repo: Repository, catalog: dict[str, PointRecord], gone: set[str]
             if disk.parent not in gone:
                 disks.append(disk)
                 continue
-            content = repo.resolve(point, disk.key)
             base = _kept_ancestor(working, gone, disk)
             if base is None:
-                bmap, kind, parent, links = BlockMap.full(content), "full", None, 1
+                bmap = BlockMap.sparse_full(
+                    disk.nblocks, *nonzero_entries(repo.resolve_windows(point, disk.key)))
+                kind, parent, links = "full", None, 1
             else:
-                kept = latest.get((point.vm, disk.key))
-                below = kept[1] if kept and kept[0] == base.id else repo.resolve(base, disk.key)
-                bmap = delta_between(below, content)
+                bmap = _delta_on(repo, point, base, disk)
                 kind, parent, links = "delta", base.id, base.disk(disk.key).links + 1
             name = repo.write_map(bmap)
             maps[name] = bmap
-            latest[(point.vm, disk.key)] = (point.id, content)
             disks.append(replace(disk, map=name, kind=kind, parent=parent, links=links))
         working[point.id] = replace(point, disks=disks)
         rewrites.append(working[point.id])
     return rewrites, maps
+
+
+def _delta_on(repo: Repository, point: PointRecord, base: PointRecord,
+              disk: DiskRecord) -> BlockMap:
+    """The DELTA from `base`'s content of the disk to `point`'s (catalogued records: a
+    rewritten ancestor resolves to the same content), both streamed in lockstep."""
+    windows = zip_windows(disk.nblocks, repo.resolve_windows(point, disk.key),
+                          repo.resolve_windows(base, disk.key))
+    blocks, refs = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)]
+    for first, (new, old) in windows:
+        part = delta_between(old, new)
+        blocks.append(part.blocks + np.uint64(first))  # type: ignore[operator]
+        refs.append(part.refs)
+    return BlockMap.delta(disk.nblocks, np.concatenate(blocks), np.concatenate(refs))
 
 
 def _kept_ancestor(catalog: dict[str, PointRecord], gone: set[str],

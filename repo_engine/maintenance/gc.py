@@ -58,7 +58,7 @@ from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.blockmap import map_object
 from ..repository.packs import ENTRY, FOOTER, HEADER, PackWriter, pack_object
 from ..repository.points import point_object
-from ..repository.repo import Repository, unique_refs
+from ..repository.repo import Repository
 from ..repository.seals import KEY, CountDamaged, seal_rows
 from . import forget
 from .inventory import (MapCache, count_damage, dead_tmp_files, live_refs, objects_under,
@@ -159,7 +159,7 @@ def settle_dead_maps(repo: Repository) -> int:
     settled, batch, held = 0, [], 0
     for key in owed:
         try:
-            refs = unique_refs(repo.read_map(key.hex()))
+            refs = repo.map_refs(key.hex())
         except RepoError:
             continue  # counts stay high: a leak, never a loss; verify reports the map
         batch.append((key, refs))

@@ -19,7 +19,7 @@ from ..pause import pause_point
 from ..repository.index import SEALED_DBS, Index
 from ..repository.locks import list_locks, remove_if_stale
 from ..repository.points import PointRecord
-from ..repository.repo import Repository, unique_refs
+from ..repository.repo import Repository
 from ..repository.safefile import is_name
 from ..repository.store import ObjectInfo
 from ..repository.seals import CHECK_SIZE, KEY, PAYLOAD, unsealed_rows
@@ -167,7 +167,7 @@ class MapCache:
     def get(self, name: str) -> np.ndarray | None:
         if name not in self.refs and name not in self.errors:
             try:
-                self.refs[name] = unique_refs(self.repo.read_map(name))
+                self.refs[name] = self.repo.map_refs(name)
             except RepoError as exc:
                 self.errors[name] = str(exc)
         return self.refs.get(name)
@@ -272,16 +272,24 @@ def affected_by(repo: Repository, bad_refs: np.ndarray, bad_maps: set[str] = fro
             if not len(bad_refs) or not any(_uses_any(cache.get(n), bad_refs) for n in chain):
                 continue
             try:
-                refs = repo.resolve(point, disk.key)
+                blocks = _blocks_using(repo, point, disk.key, bad_refs)
             except RepoError:
                 out.append(Affected(point.id, point.vm, point.time, disk.key, disk.nblocks,
                                     [[0, disk.capacity]]))
                 continue
-            blocks = np.flatnonzero(np.isin(refs, bad_refs)).astype(np.uint64)
             if len(blocks):
                 out.append(Affected(point.id, point.vm, point.time, disk.key, len(blocks),
                                     blocks_to_extents(blocks, disk.block_size, disk.capacity)))
     return out
+
+
+def _blocks_using(repo: Repository, point: PointRecord, key: str,
+                  bad_refs: np.ndarray) -> np.ndarray:
+    """The blocks of disk `key` at `point` that hold one of `bad_refs` (sorted), its map
+    streamed window by window."""
+    return np.concatenate([np.zeros(0, np.uint64)] + [
+        np.flatnonzero(np.isin(window, bad_refs)).astype(np.uint64) + np.uint64(first)
+        for first, window in repo.resolve_windows(point, key)])
 
 
 def _uses_any(refs: np.ndarray | None, bad_refs: np.ndarray) -> bool:

@@ -40,9 +40,10 @@ SHARED_CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 2, also_reads=(1, 3))
 # without encryption refuses it instead of writing cleartext into it
 ENCRYPTED_CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 3, also_reads=(1, 2))
 POINT = FileFormat("restore point", b"REpnt\x00\x01\x1a", 1)
-BLOCK_MAP = FileFormat("block map", b"REmap\x00\x01\x1a", 1)
-# minor 1: the 7 bytes after the kind hold a salt (readers ignore it; a new salt is a new name)
-SALTED_BLOCK_MAP = FileFormat("block map", b"REmap\x00\x01\x1a", 1, 1)
+# 2: the map is cut in segments of a block range, read and written one at a time (blockmap.py)
+BLOCK_MAP = FileFormat("block map", b"REmap\x00\x01\x1a", 2, also_reads=(1,))
+# 1, read only: one frame for the whole disk; minor 1: the 7 bytes after the kind hold a salt
+BLOCK_MAP_V1 = FileFormat("block map", b"REmap\x00\x01\x1a", 1)
 PACK = FileFormat("pack", b"REpak\x00\x01\x1a", 1, also_reads=(2,))
 PACK_TRAILER = FileFormat("pack trailer", b"REtrl\x00\x01\x1a", 1, also_reads=(2,))
 # an encrypted repository's packs (sealed chunks, a trailer partly sealed) have major version 2

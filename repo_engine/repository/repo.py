@@ -34,7 +34,8 @@ import numpy as np
 from ..errors import (DamageError, LockedError, NotARepository, PointNotFound, RepoError,
                       UsageError)
 from ..pause import pause_point
-from .blockmap import BlockMap, map_object, read_map, write_map
+from .blockmap import (BlockMap, map_object, map_refs, open_map, read_map, resolve_windows,
+                       unique_nonzero, write_map)
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
 from .crypto.null import NullSealer, Sealer
@@ -275,6 +276,10 @@ class Repository:
     def read_map(self, name: str) -> BlockMap:
         return read_map(self.store, name, self.sealer)
 
+    def map_refs(self, name: str) -> np.ndarray:
+        """The distinct non-ZERO refs of map `name`, streamed."""
+        return map_refs(self.store, name, self.sealer)
+
     def read_trailer(self, name: str) -> np.ndarray:
         """The checked trailer of pack `name` (packs.py)."""
         return read_trailer(self.store, pack_object(name), self.sealer)
@@ -506,7 +511,43 @@ class Repository:
         return None
 
     def resolve(self, point: PointRecord, key: str) -> np.ndarray:
-        """The full block map (one ref per block) of disk `key` at `point`, across its chain."""
+        """The full block map (one ref per block) of disk `key` at `point`, across its chain:
+        8 bytes a block, for small disks and checks; commands use `resolve_windows`."""
+        chain = self.chain(point, key)
+        refs = np.zeros(chain[-1][1], np.uint64)
+        for first, window in self.resolve_windows(point, key, chain=chain):
+            refs[first:first + len(window)] = window
+        return refs
+
+    def resolve_windows(self, point: PointRecord, key: str, near: np.ndarray | None = None, *,
+                        chain: list[tuple[str, int]] | None = None
+                        ) -> Iterator[tuple[int, np.ndarray]]:
+        """The resolved map of disk `key` at `point` as (first block, refs) windows of one
+        map segment's range, in block order (blockmap.resolve_windows): a window not yielded
+        is all ZERO; with `near` (sorted block numbers) only the windows holding them. Memory:
+        one window and one segment of each map of the chain, whatever the disk's size."""
+        streams = []
+        for name, nblocks in chain or self.chain(point, key):
+            stream = open_map(self.store, name, self.sealer)
+            if stream.nblocks != nblocks:  # never size an array from an unchecked number
+                raise DamageError(f"block map {name} holds {stream.nblocks} blocks; its disk "
+                                  f"record says {nblocks}: the metadata is damaged")
+            streams.append(stream)
+        return resolve_windows(streams, near)
+
+    def refs_at(self, point: PointRecord, key: str, blocks: np.ndarray, *,
+                chain: list[tuple[str, int]] | None = None) -> np.ndarray:
+        """The resolved refs of sorted `blocks` of disk `key` at `point` (ZERO past its end):
+        only the windows those blocks fall in are decompressed."""
+        out = np.zeros(len(blocks), np.uint64)
+        for first, window in self.resolve_windows(point, key, blocks, chain=chain):
+            lo, hi = np.searchsorted(blocks, [first, first + len(window)])
+            out[lo:hi] = window[(blocks[lo:hi] - np.uint64(first)).astype(np.int64)]
+        return out
+
+    def chain(self, point: PointRecord, key: str) -> list[tuple[str, int]]:
+        """(map name, nblocks) of the chain of disk `key` at `point`, its FULL base first (to
+        resolve it later through these maps: a forget may remove `point` meanwhile)."""
         chain: list[tuple[str, int]] = []
         # a forget may have consolidated this point's chain since the caller read its record: the
         # current record resolves to the same content through maps that still exist
@@ -528,15 +569,7 @@ class Repository:
                     self.points()  # a damaged record (its key flipped?) is reported as damage
                     raise PointNotFound(f"the chain of disk {key!r} at point {point.id[:8]} is "
                                         f"broken: parent {disk.parent} is not in the catalog")
-        refs: np.ndarray | None = None
-        for name, nblocks in reversed(chain):
-            bmap = self.read_map(name)
-            if bmap.nblocks != nblocks:  # never size an array from an unchecked number
-                raise DamageError(f"block map {name} holds {bmap.nblocks} blocks; its disk "
-                                  f"record says {nblocks}: the metadata is damaged")
-            refs = bmap.apply(refs, consume=True)  # each step's array is ours
-        assert refs is not None
-        return refs
+        return chain[::-1]
 
     def disk_usage(self) -> int:
         return sum(info.size for info in self.objects("packs"))
@@ -656,6 +689,4 @@ def _seal(store: Store, point: PointRecord, seq: int, newest: str, *, sealer: Se
 
 def unique_refs(bmap: BlockMap) -> np.ndarray:
     """The distinct non-ZERO refs a map file names (what the reference counts count)."""
-    refs = np.sort(bmap.refs[bmap.refs != 0])  # zeros out first: a sparse disk sorts little
-    # not np.unique: it imports numpy.ma (8 ms, every backup) only to ask if refs is masked
-    return refs[np.concatenate(([True], refs[1:] != refs[:-1]))] if len(refs) else refs
+    return unique_nonzero(bmap.refs)

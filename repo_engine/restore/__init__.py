@@ -2,9 +2,12 @@
 order, verify each against its id, decompress in parallel and write them at their block offsets.
 
 Steps:
-1. Resolve the disk's map at the point (and, for `--onto`, at the base point) into one ref per block.
-2. Choose the blocks to write: every non-ZERO block into a fresh sparse file (holes stay holes),
-   every block on a block device, only blocks whose ref differs from the base's for `--onto`.
+1. Resolve the disk's map at the point (and, for `--onto`, at the base point) one window of
+   2^20 blocks at a time, the chain's maps streamed in lockstep (repository/blockmap.py): the
+   map is never held whole, and a window no map stores (all ZERO) costs nothing.
+2. Choose the window's blocks to write: every non-ZERO block into a fresh sparse file (holes stay
+   holes), every block on a block device, only blocks whose ref differs from the base's for
+   `--onto`.
 3. Group those blocks by ref (a chunk is read and checked once however many blocks of a slice
    hold it).
 4. Sort the refs by (pack, offset) and cut them into requests within one pack: chunks separated
@@ -29,6 +32,6 @@ Steps:
    are collected, and the restore fails at the end naming the point, the disk and the disk's byte
    ranges hit (exit 3).
 
-Steps 3-6 take the blocks a slice at a time (`ReadSettings.plan_blocks`), so that neither the
-plan nor the data in flight grows with the disk.
+Steps 3-6 take the blocks a slice of a window at a time (`ReadSettings.plan_blocks`), so that
+neither the plan nor the data in flight grows with the disk.
 """

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backup.extents import blocks_to_extents
-from ..repository.blockmap import resize
+from ..repository.blockmap import zip_windows
 from ..repository.points import PointRecord
 from ..repository.repo import Repository
 
@@ -32,10 +32,13 @@ def _diff_disk(repo: Repository, a: PointRecord, b: PointRecord, key: str) -> Di
     da, db = a.disk(key), b.disk(key)
     bs = (db or da).block_size  # type: ignore[union-attr]
     capacity = max(d.capacity for d in (da, db) if d is not None)
-    refs_a = repo.resolve(a, key) if da else np.zeros(0, np.uint64)
-    refs_b = repo.resolve(b, key) if db else np.zeros(0, np.uint64)
-    n = max(len(refs_a), len(refs_b))
-    changed = np.flatnonzero(resize(refs_a, n) != resize(refs_b, n)).astype(np.uint64)
+    nblocks = max(d.nblocks for d in (da, db) if d is not None)
+    # the maps are streamed in lockstep, one window each: memory does not grow with the disk
+    windows = zip_windows(nblocks, *(repo.resolve_windows(p, key) if d else iter(())
+                                     for p, d in ((a, da), (b, db))))
+    changed = np.concatenate([np.zeros(0, np.uint64)] + [
+        np.flatnonzero(old != new).astype(np.uint64) + np.uint64(first)
+        for first, (old, new) in windows])
     extents = blocks_to_extents(changed, bs, capacity)
     return DiskDiff(key, da.capacity if da else None, db.capacity if db else None,
                     len(changed), sum(length for _, length in extents), extents)

@@ -107,9 +107,10 @@ class RestorePlan:
 
 
 def plan_restore(refs: np.ndarray, todo: np.ndarray, lookup: IndexReader,
-                 reads: ReadSettings) -> RestorePlan:
-    """Plan writing `todo` blocks of the resolved map `refs`."""
-    todo_refs = refs[todo]
+                 reads: ReadSettings, first: int = 0) -> RestorePlan:
+    """Plan writing `todo` blocks of the resolved map window `refs`, which starts at block
+    `first`."""
+    todo_refs = refs[(todo - np.uint64(first)).astype(np.int64)]
     is_zero = todo_refs == 0
     data_blocks, data_refs = todo[~is_zero], todo_refs[~is_zero]
     unique, inverse = np.unique(data_refs, return_inverse=True)

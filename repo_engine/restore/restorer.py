@@ -18,7 +18,7 @@ import vddk_ext
 
 from ..backup.extents import blocks_to_extents
 from ..errors import DamageError, PointNotFound, UsageError
-from ..repository.blockmap import resize
+from ..repository.blockmap import SEGMENT_BLOCKS, window_starts, zip_windows
 from ..repository.packs import pack_object
 from ..repository.locks import SHARED
 from ..repository.points import DiskRecord, PointRecord
@@ -362,15 +362,14 @@ def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *
     holds BASE's image, writing only the blocks that differ."""
     disk = _disk_of(point, key)
     with repo.lock(SHARED, f"restore {point.vm}"):
-        refs = _resolve(repo, point, key)
-        todo = None
-        if base is not None and not _onto_needs_whole(target, base, disk, force):
-            base_refs = resize(_resolve(repo, base, _disk_of(base, key).key), len(refs))
-            todo = np.flatnonzero(refs != base_refs).astype(np.uint64)
+        onto = base if base is not None and not _onto_needs_whole(target, base, disk, force) \
+            else None
+        if onto is not None:
+            _disk_of(onto, key)  # the base point has the disk
         device, staged = _open_target(target, disk.capacity, onto=base is not None, force=force)
         try:
-            summary = _restore_through(repo, point, disk, refs, device, todo,
-                                       fresh=staged is not None, target=str(target),
+            work = _Work(repo, point, disk, fresh=staged is not None, onto=onto)
+            summary = _restore_through(repo, point, disk, work, device, target=str(target),
                                        progress=progress, reads=reads)
         except BaseException:
             if staged is not None:  # a half-written new image must not pass for a restore
@@ -392,33 +391,76 @@ def restore_to_device(repo: Repository, point: PointRecord, key: str, device: vd
     every block (zero blocks as zeroes). The caller opens, checks and closes the device."""
     disk = _disk_of(point, key)
     with repo.lock(SHARED, f"restore {point.vm}"):
-        refs = _resolve(repo, point, key)
-        todo = None if blocks is None else np.asarray(blocks, dtype=np.uint64)
-        return _restore_through(repo, point, disk, refs, device, todo, fresh=fresh,
-                                target=target or device.path, progress=progress, reads=reads)
+        todo = None if blocks is None else np.unique(np.asarray(blocks, dtype=np.uint64))
+        work = _Work(repo, point, disk, fresh=fresh, todo=todo)
+        return _restore_through(repo, point, disk, work, device, target=target or device.path,
+                                progress=progress, reads=reads)
 
 
-def _restore_through(repo: Repository, point: PointRecord, disk: DiskRecord, refs: np.ndarray,
-                     device: vddk_ext.Disk, todo: np.ndarray | None, *, fresh: bool, target: str,
+@dataclass
+class _Work:
+    """What a restore writes, one window of the disk's map at a time: the given blocks
+    (`todo`), else those that differ from `onto`'s image, else the non-ZERO blocks on a
+    `fresh` target (which reads zero), else every block."""
+
+    repo: Repository
+    point: PointRecord
+    disk: DiskRecord
+    fresh: bool = False
+    todo: np.ndarray | None = None
+    onto: PointRecord | None = None
+
+    def windows(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(first block, the window's refs, the window's blocks to write) of each window with
+        blocks to write, in block order; the maps are streamed (one window in memory)."""
+        nblocks, key = self.disk.nblocks, self.disk.key
+        if self.todo is not None:
+            refs = self.repo.resolve_windows(self.point, key, self.todo)
+            for first, (window, _) in zip_windows(nblocks, refs, window_starts(self.todo)):
+                lo, hi = np.searchsorted(self.todo, [first, first + len(window)])
+                yield first, window, self.todo[lo:hi]
+            return
+        refs = self.repo.resolve_windows(self.point, key)
+        if self.onto is not None:
+            below = self.repo.resolve_windows(self.onto, key)
+            for first, (window, old) in zip_windows(nblocks, refs, below):
+                yield first, window, np.flatnonzero(window != old).astype(np.uint64) + first
+        elif self.fresh:
+            for first, window in refs:
+                yield first, window, np.flatnonzero(window).astype(np.uint64) + first
+        else:  # every window, those the maps do not store too (their blocks are ZERO)
+            every = window_starts(np.arange(0, nblocks, SEGMENT_BLOCKS, dtype=np.uint64))
+            for first, (window, _) in zip_windows(nblocks, refs, every):
+                yield first, window, np.arange(first, first + len(window), dtype=np.uint64)
+
+    def data_bytes(self) -> int:
+        """The bytes of non-ZERO blocks to write: a pass over the maps, which also finds a
+        damaged map before anything is written."""
+        return sum(int(np.count_nonzero(window[todo - first]))
+                   for first, window, todo in self.windows()) * self.disk.block_size
+
+
+def _restore_through(repo: Repository, point: PointRecord, disk: DiskRecord, work: _Work,
+                     device: vddk_ext.Disk, *, target: str,
                      progress: Callable[[int], Progress] | None,
                      reads: ReadSettings) -> RestoreSummary:
-    """Write `todo` blocks (default: every non-ZERO block on a `fresh` zeroed target, else every
-    block) of the resolved map `refs`, then flush. The blocks are planned and written
-    `reads.plan_blocks` at a time, so that the plan's memory does not grow with the disk (a
-    chunk that blocks of two slices share is read twice)."""
+    """Write the blocks of `work`, window by window, then flush. The blocks are planned and
+    written `reads.plan_blocks` at a time, so that the plan's memory does not grow with the
+    disk (a chunk that blocks of two slices share is read twice)."""
     started = time.monotonic()
-    if todo is None:
-        todo = (np.flatnonzero(refs) if fresh else np.arange(len(refs))).astype(np.uint64)
-    data_bytes = int(np.count_nonzero(refs[todo])) * disk.block_size
+    with _naming(point, disk.key):
+        data_bytes = work.data_bytes()
+    tick = progress(data_bytes) if progress else None
     with _naming(point, disk.key), _Writeback(device) as writeback:
         blocks = _BlockWriter(device, disk.block_size, writeback, reads.write_queue)
         try:
-            writer = _Writer(repo, device, disk, reads, blocks,
-                             progress(data_bytes) if progress else None)
-            for lo in range(0, len(todo), reads.plan_blocks):
-                with repo.index.reader() as lookup:
-                    plan = plan_restore(refs, todo[lo:lo + reads.plan_blocks], lookup, reads)
-                writer.write(plan)
+            writer = _Writer(repo, device, disk, reads, blocks, tick)
+            for first, window, todo in work.windows():
+                for lo in range(0, len(todo), reads.plan_blocks):
+                    with repo.index.reader() as lookup:
+                        plan = plan_restore(window, todo[lo:lo + reads.plan_blocks], lookup,
+                                            reads, first)
+                    writer.write(plan)
         finally:
             blocks.close()
     device.flush()  # also on damage: a device or --onto target keeps every block written
@@ -428,11 +470,6 @@ def _restore_through(repo: Repository, point: PointRecord, disk: DiskRecord, ref
                           writer.zero_blocks, writer.chunks_read,
                           writer.written * disk.block_size,
                           round(time.monotonic() - started, 3))
-
-
-def _resolve(repo: Repository, point: PointRecord, key: str) -> np.ndarray:
-    with _naming(point, key):
-        return repo.resolve(point, key)
 
 
 @contextmanager
