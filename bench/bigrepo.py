@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Bench-only bulk loader: grows a repository to N chunks through the real pack writer and index.
+
+    .venv/bin/python bench/bigrepo.py grow REPO --chunks 10000000 [--per-point 10000] [--vms 20]
+    .venv/bin/python bench/bigrepo.py run [--evict REPO] [--stats FILE] -- CMD ...
+
+`grow` creates REPO (16 KiB blocks, 4 MiB packs) if it does not exist, then adds chunks until the
+index counts at least --chunks. The chunks are synthetic: 48 random bytes each (incompressible,
+stored raw), so 100 M chunks take about 12 GB of packs instead of the 1.6 TB of 16 KiB blocks.
+They go through the code a backup uses: `PackWriter.add`, `Repository.commit_pack` (the pack
+published durably, then `Index.commit_pack`: ids, places, counters, one transaction per pack).
+Every --per-point new chunks make one restore point of its own (VMs in turn), a full block map
+of those chunks committed with `Repository.commit_point`, so the reference counts are real and
+gc, verify, scrub and rebuild-index have real work. Growing is incremental and resumable: a
+later run (or a run after a kill) continues from what the index holds (1 M -> 10 M -> 100 M
+grows the same repository); refs are never reused, so a killed run only leaves chunks no point
+names, which gc reclaims. Not a repo-engine API: a real repository never holds such chunks.
+
+`run` runs one command the way bench/scale.py times it, after evicting REPO's index from the
+page cache (posix_fadvise DONTNEED: the next lookups read the disk, as when the index is larger
+than the free memory); it writes the command's major page faults and bytes read from the
+filesystem (wait4's rusage), and the index pages resident after it (mincore), to --stats.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from repo_engine.repository.blockmap import BlockMap  # noqa: E402
+from repo_engine.repository.packs import CODEC_RAW  # noqa: E402
+from repo_engine.repository.points import DiskRecord, PointRecord  # noqa: E402
+from repo_engine.repository.repo import Repository  # noqa: E402
+
+BLOCK = 16 * 1024
+PACK_SIZE = 4 << 20
+CHUNK_BYTES = 48
+START = 1_600_000_000  # the first point's time; one point a minute after it
+
+
+def grow(path: Path, chunks: int, per_point: int, vms: int) -> dict:
+    """Add points of `per_point` fresh chunks until the index counts `chunks` (see above)."""
+    started = time.monotonic()
+    repo = (Repository.open(path) if (path / "config").exists() else
+            Repository.init(path, block_size=BLOCK, pack_size=PACK_SIZE))
+    try:
+        made = len(repo.index.points_records())
+        while repo.index.counters()["chunks"] < chunks:
+            refs = _add_chunks(repo, per_point)
+            _add_point(repo, made, refs, vms)
+            made += 1
+            if made % 100 == 0:
+                print(f"{repo.index.counters()['chunks']:,} chunks, {made} points, "
+                      f"{time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        counters = repo.index.counters()
+    finally:
+        repo.close()
+    return {"chunks": counters["chunks"], "packs": counters["packs"], "points": made,
+            "grow_s": round(time.monotonic() - started, 1)}
+
+
+def _add_chunks(repo: Repository, count: int) -> np.ndarray:
+    """`count` fresh chunks of random bytes in packs (the last one committed partly full)."""
+    refs = np.array(repo.reserve_refs(count), dtype=np.uint64)
+    data = np.random.default_rng().bytes(count * CHUNK_BYTES)
+    chunk_id = repo.codec.chunk_id
+    writer = repo.pack_writer()
+    for i, ref in enumerate(refs.tolist()):
+        blob = data[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES]
+        writer.add(ref, chunk_id(blob), blob, CHUNK_BYTES, CODEC_RAW)
+        if writer.size >= PACK_SIZE:
+            repo.commit_pack(writer)
+            writer = repo.pack_writer()
+    repo.commit_pack(writer)
+    return refs
+
+
+def _add_point(repo: Repository, number: int, refs: np.ndarray, vms: int) -> None:
+    when = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(START + number * 60))
+    disk = DiskRecord("sda", len(refs) * BLOCK, BLOCK, repo.write_map(BlockMap.full(refs)),
+                      "full", None, 1)
+    repo.commit_point(PointRecord(id=f"{number:016x}", vm=f"vm{number % vms:03d}", time=when,
+                                  source="bench", disks=[disk]))
+
+
+def index_file(repo: Path) -> Path:
+    return repo / "index" / "data.mdb"
+
+
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (written pages are flushed first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of `path` in the page cache (fincore, util-linux)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def run(command: list[str], evict_repo: Path | None, stats: Path | None) -> int:
+    """Run `command`; note its major faults, filesystem reads and the index's resident pages."""
+    if evict_repo is not None:
+        evict(index_file(evict_repo))
+    started = time.monotonic()
+    proc = subprocess.Popen(command)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    rc = os.waitstatus_to_exitcode(status)
+    if stats is not None:
+        figures = {"command": command, "rc": rc, "seconds": round(time.monotonic() - started, 2),
+                   "major_faults": usage.ru_majflt, "read_bytes": usage.ru_inblock * 512}
+        if evict_repo is not None:
+            figures["index_bytes"] = index_file(evict_repo).stat().st_size
+            figures["index_resident"] = resident_bytes(index_file(evict_repo))
+        with open(stats, "a") as out:
+            out.write(json.dumps(figures) + "\n")
+    return rc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    g = sub.add_parser("grow", help="grow REPO to --chunks chunks")
+    g.add_argument("repo", type=Path)
+    g.add_argument("--chunks", type=int, required=True)
+    g.add_argument("--per-point", type=int, default=10_000)
+    g.add_argument("--vms", type=int, default=20)
+    r = sub.add_parser("run", help="run a command, index evicted, and note its I/O")
+    r.add_argument("--evict", type=Path, metavar="REPO")
+    r.add_argument("--stats", type=Path)
+    r.add_argument("command", nargs=argparse.REMAINDER)
+    args = ap.parse_args()
+    if args.what == "grow":
+        print(json.dumps(grow(args.repo, args.chunks, args.per_point, args.vms)))
+        return
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    sys.exit(run(command, args.evict, args.stats))
+
+
+if __name__ == "__main__":
+    main()
