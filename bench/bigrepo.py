@@ -26,9 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from repo_engine.repository.blockmap import BlockMap  # noqa: E402
+from repo_engine.repository.index import IndexReader  # noqa: E402
 from repo_engine.repository.packs import CODEC_RAW  # noqa: E402
 from repo_engine.repository.points import DiskRecord, PointRecord  # noqa: E402
 from repo_engine.repository.repo import Repository  # noqa: E402
@@ -131,6 +135,64 @@ def run(command: list[str], evict_repo: Path | None, stats: Path | None) -> int:
     return rc
 
 
+def _io() -> tuple[int, int]:
+    """(major page faults, bytes read from storage) of this process so far."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt, int(fields["read_bytes"])
+
+
+def _timed(what: str, count: int, work: Callable[[], object]) -> dict:
+    faults, read = _io()
+    started, cpu = time.monotonic(), time.process_time()
+    work()
+    seconds = time.monotonic() - started
+    faults2, read2 = _io()
+    return {"what": what, "count": count, "seconds": round(seconds, 3),
+            "cpu_s": round(time.process_time() - cpu, 3), "per_s": round(count / seconds),
+            "major_faults": faults2 - faults, "read_mib": round((read2 - read) / 2**20, 1)}
+
+
+def lookups(path: Path, count: int, cold: bool) -> list[dict]:
+    """The index's own cost in a backup, apart from reading, hashing and compressing: `count`
+    look-ups (`IndexReader.dedup_ref`, as the backup pipeline calls it) of new ids, of ids
+    stored together (a disk backed up before: refs in sequence) and of ids picked at random,
+    then `count` new chunks inserted (`Repository.commit_pack`, 4 MiB packs). With `cold`, the
+    index is evicted from the page cache before each step (the repository is opened afresh for
+    each: pages a process has mapped stay resident)."""
+    with _opened(path, False) as repo:
+        top = repo.index.meta_u64("next_ref")
+        rng = np.random.default_rng(7)
+        with repo.index.reader() as reader:
+            run_ids = _ids_of(reader, np.arange(top // 2, top // 2 + count, dtype=np.uint64))
+            random_ids = _ids_of(reader, rng.choice(np.arange(1, top, dtype=np.uint64), count))
+    new_ids = [bytes(i) for i in rng.integers(0, 256, (count, 32), np.uint8)]
+    rows = []
+    for what, ids in (("look-ups, new ids", new_ids),
+                      ("look-ups, stored ids in sequence", run_ids),
+                      ("look-ups, stored ids at random", random_ids)):
+        with _opened(path, cold) as repo, repo.index.reader() as reader:
+            rows.append(_timed(what, len(ids), lambda r=reader, ids=ids:
+                               [r.dedup_ref(i) for i in ids]))
+    with _opened(path, cold) as repo:
+        rows.append(_timed("inserts, new ids", count, lambda: _add_chunks(repo, count)))
+    return rows
+
+
+@contextmanager
+def _opened(path: Path, cold: bool) -> Iterator[Repository]:
+    if cold:
+        evict(index_file(path))
+    repo = Repository.open(path)
+    try:
+        yield repo
+    finally:
+        repo.close()
+
+
+def _ids_of(reader: IndexReader, refs: np.ndarray) -> list[bytes]:
+    return [i for i in map(reader.chunk_id_of, refs.tolist()) if i is not None]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +202,12 @@ def main() -> None:
     g.add_argument("--chunks", type=int, required=True)
     g.add_argument("--per-point", type=int, default=10_000)
     g.add_argument("--vms", type=int, default=20)
+    lk = sub.add_parser("lookups", help="time the index's look-ups and inserts on REPO")
+    lk.add_argument("repo", type=Path)
+    lk.add_argument("--count", type=int, default=125_000,
+                    help="look-ups of each kind (default: the non-zero blocks of a 4 GiB "
+                         "workload disk at 16 KiB)")
+    lk.add_argument("--warm", action="store_true", help="do not evict the index first")
     r = sub.add_parser("run", help="run a command, index evicted, and note its I/O")
     r.add_argument("--evict", type=Path, metavar="REPO")
     r.add_argument("--stats", type=Path)
@@ -147,6 +215,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.what == "grow":
         print(json.dumps(grow(args.repo, args.chunks, args.per_point, args.vms)))
+        return
+    if args.what == "lookups":
+        for row in lookups(args.repo, args.count, not args.warm):
+            print(json.dumps(row))
         return
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     sys.exit(run(command, args.evict, args.stats))
