@@ -39,6 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from repo_engine.repository.blockmap import BlockMap  # noqa: E402
+from repo_engine.repository.idfilter import FILE  # noqa: E402
 from repo_engine.repository.index import IndexReader  # noqa: E402
 from repo_engine.repository.packs import CODEC_RAW  # noqa: E402
 from repo_engine.repository.points import DiskRecord, PointRecord  # noqa: E402
@@ -47,6 +48,7 @@ from repo_engine.repository.repo import Repository  # noqa: E402
 BLOCK = 16 * 1024
 PACK_SIZE = 4 << 20
 CHUNK_BYTES = 48
+LOOKUP_BATCH = 256  # ids per filter question: a 4 MiB batch of the pipeline at 16 KiB blocks
 START = 1_600_000_000  # the first point's time; one point a minute after it
 
 
@@ -173,9 +175,29 @@ def lookups(path: Path, count: int, cold: bool) -> list[dict]:
         with _opened(path, cold) as repo, repo.index.reader() as reader:
             rows.append(_timed(what, len(ids), lambda r=reader, ids=ids:
                                [r.dedup_ref(i) for i in ids]))
+    (index_file(path).parent / FILE).unlink(missing_ok=True)
+    with _opened(path, cold) as repo:
+        rows.append(_timed("id filter: built from the index", 1,
+                           lambda: _surely_absent(repo, new_ids[:1])))
+    with _opened(path, cold) as repo:
+        rows.append(_timed("id filter: loaded from its file", 1,
+                           lambda: _surely_absent(repo, new_ids[:1])))
+        rows.append(_timed("look-ups, new ids, id filter first", len(new_ids),
+                           lambda: _surely_absent(repo, new_ids)))
     with _opened(path, cold) as repo:
         rows.append(_timed("inserts, new ids", count, lambda: _add_chunks(repo, count)))
     return rows
+
+
+def _surely_absent(repo: Repository, ids: list[bytes]) -> None:
+    """As the backup pipeline looks ids up: the filter over a batch, LMDB for the rest."""
+    with repo.index.reader() as reader:
+        for start in range(0, len(ids), LOOKUP_BATCH):
+            batch = ids[start:start + LOOKUP_BATCH]
+            absent = reader.surely_absent(batch)
+            for chunk_id, skip in zip(batch, absent.tolist()):
+                if not skip:
+                    reader.dedup_ref(chunk_id)
 
 
 @contextmanager
