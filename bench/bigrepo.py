@@ -11,7 +11,8 @@ They go through the code a backup uses: `PackWriter.add`, `Repository.commit_pac
 published durably, then `Index.commit_pack`: ids, places, counters, one transaction per pack).
 Every --per-point new chunks make one restore point of its own (VMs in turn), a full block map
 of those chunks committed with `Repository.commit_point`, so the reference counts are real and
-gc, verify, scrub and rebuild-index have real work. Growing is incremental and resumable: a
+gc, verify, scrub and rebuild-index have real work; at the end the id filter is brought up to
+date and saved, as a backup leaves it (repository/idfilter.py). Growing is incremental and resumable: a
 later run (or a run after a kill) continues from what the index holds (1 M -> 10 M -> 100 M
 grows the same repository); refs are never reused, so a killed run only leaves chunks no point
 names, which gc reclaims. Not a repo-engine API: a real repository never holds such chunks.
@@ -67,6 +68,8 @@ def grow(path: Path, chunks: int, per_point: int, vms: int) -> dict:
                 print(f"{repo.index.counters()['chunks']:,} chunks, {made} points, "
                       f"{time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
         counters = repo.index.counters()
+        with repo.index.reader() as reader:  # the id filter a backup leaves, saved at close
+            reader.surely_absent([bytes(32)])
     finally:
         repo.close()
     return {"chunks": counters["chunks"], "packs": counters["packs"], "points": made,
