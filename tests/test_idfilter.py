@@ -248,3 +248,21 @@ def test_the_filter_file_format(tmp_path):
     assert (back.epoch, back.ids, back.covered) == (b"e" * 16, 1, [(0, 1)])
     assert not back.surely_absent(bytes(range(32)))[0]
     assert len(payload) == 52 + idfilter.MIN_BITS // 8
+
+
+@pytest.mark.parametrize(("memory", "readahead"), [(1 << 40, True), (4096, False), (None, True)])
+def test_an_index_larger_than_memory_is_mapped_without_readahead(tmp_path, monkeypatch,
+                                                                 memory, readahead):
+    """Once the index is over half the available memory, a random page fault reads one page,
+    not a read-ahead window (which would also evict pages the next look-ups need)."""
+    from repo_engine.repository import lmdbfile
+
+    made = Index(tmp_path / "index", create=True)
+    commit_ids(made, random_ids(2000, 1), 1)
+    made.close()
+    monkeypatch.setattr(lmdbfile, "available_memory", lambda: memory)
+    opened = Index(tmp_path / "index")
+    try:
+        assert opened.env.flags()["readahead"] is readahead
+    finally:
+        opened.close()

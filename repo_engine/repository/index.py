@@ -39,6 +39,10 @@ decrement with no count to take from, stops trusting the counts (meta `counts` =
 checks every seal before it deletes anything: either way it recounts from the catalog first.
 A writable version 2 index is sealed on open; a read-only one is read unsealed.
 
+meta `ids_added` (u64) counts every insert into `ids`, in the transaction of the insert, and
+`ids_epoch` (16 random bytes) names that counting: the id filter in front of `ids` (idfilter.py)
+answers only for a reader whose view it covers.
+
 A shared repository's index is a cache: the replay of its journal (journal.py) up to meta
 `journal_seq`, one write transaction per entry (`apply_entry`), applied only on top of the entry
 before it, so the processes of one host sharing the cache apply each entry once, in order. Its
@@ -70,7 +74,7 @@ from .formats import INDEX_VERSION
 from .idfilter import FilterCache
 from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp, RefsOp,
                       SweepOp, WaitsOp)
-from .lmdbfile import check_data_file, cover_last_page
+from .lmdbfile import check_data_file, cover_last_page, readahead_pays
 from .packs import FinishedPack, PackEntry
 from .points import PointRecord
 from .safefile import FILE_MODE, make_dir
@@ -146,7 +150,8 @@ class Index:
         try:
             self.env = lmdb.open(str(path), max_dbs=32, map_size=MAP_SIZE, subdir=True,
                                  create=create, readonly=self.read_only,
-                                 lock=not self.read_only, mode=FILE_MODE)
+                                 lock=not self.read_only, mode=FILE_MODE,
+                                 readahead=readahead_pays(path / "data.mdb"))
             for name in ("meta", "ids", "refs", "packs", "packnames", "points", *MAINT_DBS):
                 setattr(self, name, self.env.open_db(name.encode(), create=not self.read_only))
             for name in JOURNAL_DBS:  # absent from a read-only index of an earlier version
