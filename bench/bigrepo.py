@@ -12,10 +12,11 @@ published durably, then `Index.commit_pack`: ids, places, counters, one transact
 Every --per-point new chunks make one restore point of its own (VMs in turn), a full block map
 of those chunks committed with `Repository.commit_point`, so the reference counts are real and
 gc, verify, scrub and rebuild-index have real work; at the end the id filter is brought up to
-date and saved, as a backup leaves it (repository/idfilter.py). Growing is incremental and resumable: a
-later run (or a run after a kill) continues from what the index holds (1 M -> 10 M -> 100 M
-grows the same repository); refs are never reused, so a killed run only leaves chunks no point
-names, which gc reclaims. Not a repo-engine API: a real repository never holds such chunks.
+date and saved, as a backup leaves it (repository/idfilter.py). Growing is incremental and
+resumable: a later run (or a run after a kill) continues from what the index holds (1 M -> 10 M
+-> 100 M grows the same repository); refs are never reused, so a killed run only leaves chunks
+no point names and perhaps a pack file not indexed, which gc reclaims. Not a repo-engine API: a
+real repository never holds such chunks.
 
 `run` runs one command the way bench/scale.py times it, after evicting REPO's index from the
 page cache (posix_fadvise DONTNEED: the next lookups read the disk, as when the index is larger
