@@ -148,5 +148,5 @@ def test_sigkill_maintenance(base, tmp_path, mode):
                     forget_points(r, left)
             _check(repo, expected, keep, tmp_path)
             with Repository.open(repo) as r:
-                assert {p.id for p in r.points()} == keep
+                assert {p.id for p in r.points("vm")} == keep
         shutil.rmtree(repo)
