@@ -15,6 +15,10 @@ one timing the commands on it):
   runs it (start-up included): `points`, `points --json`, `show VM@latest`, `show ID`,
   `forget --dry-run` with a GFS policy, a backup that finds its parent, `forget --prune` with that
   policy. Wall seconds, CPU seconds and peak RSS of each.
+- chunks: for each chunk count on the curve (e.g. --curve 1000000,10000000), one repository grown
+  to it by the bench-only loader (bench/bigrepo.py), then, on a copy with its index evicted from
+  the page cache: backups of a new 4 GiB disk (all chunks new) and of the same disk again (all
+  duplicates), forget of 1% of the points, gc, verify, scrub of 1% and rebuild-index.
 
 Each --repo-engine build (default: this checkout's `repo-engine` next to the interpreter) gets a
 fresh copy of each built repository, so builds compare side by side in one run. Root is not
