@@ -170,6 +170,9 @@ def build_chunks(path: Path, count: int, args: argparse.Namespace) -> dict:
     grown = args.work / "chunks-grown"
     started = time.monotonic()
     info = grow(grown, count, 10_000, args.vms)
+    if info["chunks"] >= count + 10_000:  # grown for a larger size by an earlier run
+        sys.exit(f"{grown} holds {info['chunks']} chunks, more than {count}: sizes go in "
+                 "increasing order; use another --work for smaller ones")
     shutil.rmtree(path, ignore_errors=True)
     subprocess.run(["cp", "-a", str(grown), str(path)], check=True)
     info["index_bytes"] = (path / "index" / "data.mdb").stat().st_size
