@@ -48,4 +48,5 @@ VM_MARK = FileFormat("vsphere vm mark", b"REvmk\x00\x01\x1a", 1)
 LEASE = FileFormat("lease", b"RElse\x00\x01\x1a", 1)
 JOURNAL = FileFormat("journal entry", b"REjnl\x00\x01\x1a", 1)
 CHECKPOINT = FileFormat("journal checkpoint", b"REckp\x00\x01\x1a", 1)
+ID_FILTER = FileFormat("chunk id filter", b"REflt\x00\x01\x1a", 1)
 INDEX_VERSION = 3  # 2: catalog records carry a check and a commit sequence; 3: sealed counts
