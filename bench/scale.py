@@ -15,6 +15,10 @@ one timing the commands on it):
   runs it (start-up included): `points`, `points --json`, `show VM@latest`, `show ID`,
   `forget --dry-run` with a GFS policy, a backup that finds its parent, `forget --prune` with that
   policy. Wall seconds, CPU seconds and peak RSS of each.
+- chunks: for each chunk count on the curve (e.g. --curve 1000000,10000000), one repository grown
+  to it by the bench-only loader (bench/bigrepo.py), then, on a copy with its index evicted from
+  the page cache: backups of a new 4 GiB disk (all chunks new) and of the same disk again (all
+  duplicates), forget of 1% of the points, gc, verify, scrub of 1% and rebuild-index.
 
 Each --repo-engine build (default: this checkout's `repo-engine` next to the interpreter) gets a
 fresh copy of each built repository, so builds compare side by side in one run. Root is not
@@ -197,6 +201,54 @@ def disks_commands(path: Path) -> list[tuple[str, list[str]]]:
                                          str(path / "restored.img")])]
 
 
+# ---------------------------------------------------------------- chunks part
+
+CHUNKS_IMAGE = Path("/var/tmp/wl7/day0.img")
+
+
+def build_chunks(path: Path, count: int, args: argparse.Namespace) -> dict:
+    """A repository of `count` chunks: the one at --work/chunks-grown grown to `count` by the
+    bench-only loader (bench/bigrepo.py: the real pack writer and index, synthetic 48-byte
+    chunks, one restore point per 10,000), then copied to `path` (the grown one stays for the
+    next size on the curve)."""
+    from bigrepo import grow
+
+    grown = args.work / "chunks-grown"
+    started = time.monotonic()
+    info = grow(grown, count, 10_000, args.vms)
+    if info["chunks"] >= count + 10_000:  # grown for a larger size by an earlier run
+        sys.exit(f"{grown} holds {info['chunks']} chunks, more than {count}: sizes go in "
+                 "increasing order; use another --work for smaller ones")
+    shutil.rmtree(path, ignore_errors=True)
+    subprocess.run(["cp", "-a", str(grown), str(path)], check=True)
+    info["index_bytes"] = (path / "index" / "data.mdb").stat().st_size
+    return {**info, "build_s": round(time.monotonic() - started, 1)}
+
+
+def chunks_commands(path: Path) -> list[tuple[str, list[str]]]:
+    """A backup of a new 4 GiB disk (all its chunks new), the same disk as another VM (all its
+    chunks duplicates), forget 1% of the points, gc, verify, scrub of 1% of the data and
+    rebuild-index. Every point of the loader owns its chunks: forgetting 1% of the points
+    leaves gc 1% of the chunks to drop. The copy's index is evicted from the page cache first,
+    so the first backup starts as it would with an index larger than the free memory."""
+    from bigrepo import evict, index_file
+
+    evict(index_file(path))
+    repo = str(path)
+    points = sorted(p.stem for p in (path / "points").glob("*.point"))
+    doomed = points[:max(1, len(points) // 100)]
+    disk = f"sda={CHUNKS_IMAGE}"
+    return [("backup, new 4 GiB disk (all new chunks)",
+             ["backup", "image", repo, "--vm", "new", "--disk", disk]),
+            ("backup, same disk again (all duplicates)",
+             ["backup", "image", repo, "--vm", "dup", "--disk", disk]),
+            (f"forget {len(doomed)} points (1%)", ["forget", repo, *doomed]),
+            ("gc", ["gc", repo]),
+            ("verify", ["verify", repo]),
+            ("scrub --read-data-subset 1%", ["scrub", repo, "--read-data-subset", "1%"]),
+            ("rebuild-index", ["rebuild-index", repo])]
+
+
 # ---------------------------------------------------------------- driver
 
 @dataclass
@@ -210,6 +262,7 @@ PARTS = {
     "points": Part(lambda path, n, args: build_points(path, n, args.vms, args.days),
                    points_commands, "points"),
     "disks": Part(lambda path, n, args: build_disks(path, n), disks_commands, "GiB"),
+    "chunks": Part(build_chunks, chunks_commands, "chunks"),
 }
 
 

@@ -179,3 +179,34 @@ def stopped_before_commit(backup: Callable[[], object], tmp_path: Path,
     finally:
         (tmp_path / "backup.before_commit.go").touch()
         thread.join()
+
+
+# Opt-in, never in CI: REPO_ENGINE_BIG_REPO names a repository of 16 KiB blocks grown by the
+# bench-only loader (bench/bigrepo.py, e.g. 10 M chunks); the SIGKILL tests then start from
+# copies of it instead of empty repositories, and REPO_ENGINE_CRASH_KILLS (default 20) sets how
+# many kills each lands (each check runs gc and verify over the whole repository).
+BIG_REPO = os.environ.get("REPO_ENGINE_BIG_REPO")
+CRASH_KILLS = int(os.environ.get("REPO_ENGINE_CRASH_KILLS", "20"))
+
+
+def new_crash_repo(repo: Path, *init_args: object) -> None:
+    """An empty repository made with `init ARGS`, or a copy of REPO_ENGINE_BIG_REPO."""
+    import subprocess
+    import sys
+
+    if BIG_REPO:
+        copy_repo(Path(BIG_REPO), repo)
+        return
+    done = subprocess.run([sys.executable, "-m", "repo_engine", "init", str(repo),
+                           *map(str, init_args)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def copy_repo(source: Path, target: Path) -> None:
+    """A copy of a local repository whose files other than the index are hard links: those are
+    only ever replaced (atomic renames) or deleted, never changed in place; LMDB's are."""
+    import shutil
+
+    shutil.copytree(source, target, copy_function=os.link,
+                    ignore=shutil.ignore_patterns("index"))
+    shutil.copytree(source / "index", target / "index")

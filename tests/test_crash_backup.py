@@ -13,10 +13,10 @@ import time
 
 import numpy as np
 
-from helpers import MIB, DiskModel, cli
+from helpers import CRASH_KILLS, MIB, DiskModel, cli, new_crash_repo
 
-KILLS = 20
-MAX_ATTEMPTS = 80
+KILLS = CRASH_KILLS
+MAX_ATTEMPTS = 4 * KILLS
 
 
 def _backup_cmd(repo, image):
@@ -25,7 +25,7 @@ def _backup_cmd(repo, image):
 
 
 def _points(capsys, repo) -> list[dict]:
-    result = cli(capsys, "points", repo, "--json")
+    result = cli(capsys, "points", repo, "--vm", "vm", "--json")
     assert result.code == 0, result.err
     return result.json()["points"]
 
@@ -41,7 +41,7 @@ def _restored_digest(capsys, repo, point_id, tmp_path) -> str:
 def test_sigkill_during_backup(tmp_path, capsys):
     rng = np.random.default_rng(11)
     repo = tmp_path / "repo"
-    assert cli(capsys, "init", repo, "--block-size", "16KiB", "--pack-size", "512KiB").code == 0
+    new_crash_repo(repo, "--block-size", "16KiB", "--pack-size", "512KiB")
     model = DiskModel(tmp_path / "sda.img", 24 * MIB, rng)
     model.write(0, rng.integers(0, 256, 12 * MIB, dtype=np.uint8).tobytes())
 

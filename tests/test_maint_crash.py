@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import MIB, DiskModel, cli, write_extents
+from helpers import CRASH_KILLS, MIB, DiskModel, copy_repo, new_crash_repo, write_extents
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import gc
 from repo_engine.repository.repo import Repository
 from repo_engine.restore.restorer import restore_disk
 
-KILLS = 20
+KILLS = CRASH_KILLS
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,7 @@ def base(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("crashbase")
     repo = tmp / "repo"
-    assert _run("init", repo, "--block-size", "16KiB", "--max-chain", "4",
-                "--pack-size", "64KiB").returncode == 0
+    new_crash_repo(repo, "--block-size", "16KiB", "--max-chain", "4", "--pack-size", "64KiB")
     rng = np.random.default_rng(21)
     model = DiskModel(tmp / "sda.img", 2 * MIB, rng)
     model.random_changes(8)
@@ -69,7 +68,7 @@ def _check(repo_path: Path, expected: dict[str, str], must_keep: set[str], tmp: 
     with Repository.open(repo_path) as repo:
         report = gc(repo, max_unused=0)
         assert not report.damaged_packs_skipped
-        points = repo.points()
+        points = repo.points("vm")
         ids = {p.id for p in points}
         assert must_keep <= ids, "a point that was not forgotten vanished"
         for point in points:
@@ -84,7 +83,7 @@ def _check(repo_path: Path, expected: dict[str, str], must_keep: set[str], tmp: 
 
 def _prepare(base_repo: Path, tmp: Path, n: int) -> Path:
     repo = tmp / f"r{n}"
-    shutil.copytree(base_repo, repo)
+    copy_repo(base_repo, repo)
     return repo
 
 
@@ -149,5 +148,5 @@ def test_sigkill_maintenance(base, tmp_path, mode):
                     forget_points(r, left)
             _check(repo, expected, keep, tmp_path)
             with Repository.open(repo) as r:
-                assert {p.id for p in r.points()} == keep
+                assert {p.id for p in r.points("vm")} == keep
         shutil.rmtree(repo)

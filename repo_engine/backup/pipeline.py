@@ -99,7 +99,13 @@ class BlockPipeline:
         hit_refs: list[int] = []
         mismatched = 0
         with self._index.reader() as lookup:
-            for k in nonzero:
+            # ids the id filter says the index surely lacks cost no index page (idfilter.py)
+            absent = lookup.surely_absent([ids[k] for k in nonzero])  # type: ignore[misc]
+            skips = absent.tolist() if absent is not None else [False] * len(nonzero)
+            for k, skip in zip(nonzero, skips):
+                if skip:
+                    missing.append(k)
+                    continue
                 ref, wrong = lookup.dedup_ref(ids[k])  # type: ignore[arg-type]
                 mismatched += wrong
                 if ref is None:

@@ -404,7 +404,8 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport) -> None:
                 continue
             chunk_id, pack, _off, stored, raw, _codec = REF_REC.unpack(rec)
             if txn.get(key, db=index.refcount) is not None:
-                txn.put(chunk_id, U64.pack(ref), db=index.ids, overwrite=False)
+                if txn.put(chunk_id, U64.pack(ref), db=index.ids, overwrite=False):
+                    index.id_filter.inserted(txn, [chunk_id])
                 report.resurrected += 1
                 continue
             txn.delete(key, db=index.refs)

@@ -320,6 +320,7 @@ def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: b
                 txn.put(b"next_pack", U64.pack(number + 1), db=index.meta)
     elif tag == b"REFS":
         rows = np.frombuffer(binary, REF_ROW)
+        index.id_filter.inserted(txn, [row["id"].tobytes() for row in rows if row["indexed"]])
         for row in rows:
             ref, chunk_id = int(row["ref"]), row["id"].tobytes()
             txn.put(REF_KEY.pack(ref), REF_REC.pack(chunk_id, int(row["pack"]),

@@ -39,6 +39,10 @@ decrement with no count to take from, stops trusting the counts (meta `counts` =
 checks every seal before it deletes anything: either way it recounts from the catalog first.
 A writable version 2 index is sealed on open; a read-only one is read unsealed.
 
+meta `ids_added` (u64) counts every insert into `ids`, in the transaction of the insert, and
+`ids_epoch` (16 random bytes) names that counting: the id filter in front of `ids` (idfilter.py)
+answers only for a reader whose view it covers.
+
 A shared repository's index is a cache: the replay of its journal (journal.py) up to meta
 `journal_seq`, one write transaction per entry (`apply_entry`), applied only on top of the entry
 before it, so the processes of one host sharing the cache apply each entry once, in order. Its
@@ -67,9 +71,10 @@ import numpy as np
 
 from ..errors import DamageError, RepoError
 from .formats import INDEX_VERSION
+from .idfilter import FilterCache
 from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp, RefsOp,
                       SweepOp, WaitsOp)
-from .lmdbfile import check_data_file, cover_last_page
+from .lmdbfile import check_data_file, cover_last_page, readahead_pays
 from .packs import FinishedPack, PackEntry
 from .points import PointRecord
 from .safefile import FILE_MODE, make_dir
@@ -145,11 +150,14 @@ class Index:
         try:
             self.env = lmdb.open(str(path), max_dbs=32, map_size=MAP_SIZE, subdir=True,
                                  create=create, readonly=self.read_only,
-                                 lock=not self.read_only, mode=FILE_MODE)
+                                 lock=not self.read_only, mode=FILE_MODE,
+                                 readahead=readahead_pays(path / "data.mdb"))
             for name in ("meta", "ids", "refs", "packs", "packnames", "points", *MAINT_DBS):
                 setattr(self, name, self.env.open_db(name.encode(), create=not self.read_only))
             for name in JOURNAL_DBS:  # absent from a read-only index of an earlier version
                 setattr(self, name, self._open_new_db(name))
+            self.id_filter = FilterCache(path, self.env, self.meta, self.ids, self.write,
+                                         usable=not self.read_only)
             self.damage_seen: list[str] = []  # count damage writers met (gc reports it)
             self.checked, self.sealed = self._check_version(create)
         except (lmdb.ReadonlyError, lmdb.DiskError):
@@ -224,13 +232,20 @@ class Index:
         """A write transaction. Once it commits, the data file is made to hold every page its meta
         page names: LMDB never writes a page allocated and freed in one transaction, so a large
         delete can leave the file short of its last page, which the next open would take for a
-        truncation (`lmdbfile.cover_last_page`)."""
-        with self.env.begin(write=True) as txn:
-            yield txn
+        truncation (`lmdbfile.cover_last_page`). The id filter learns of the transaction's
+        id inserts once it commits (idfilter.py)."""
+        try:
+            with self.env.begin(write=True) as txn:
+                yield txn
+        except BaseException:
+            self.id_filter.aborted()
+            raise
+        self.id_filter.committed()
         with self.env.begin(write=True):
             cover_last_page(Path(self.env.path()) / "data.mdb")
 
     def close(self) -> None:
+        self.id_filter.save()
         self.env.close()
 
     # -- counters -------------------------------------------------------------------------
@@ -303,8 +318,10 @@ class Index:
         stored bytes. A ref placed already (a repacked or healed copy) moves to this pack and
         is counted once."""
         raw = stored = new = total = 0
+        added = []
         for e in entries:
-            txn.put(e.chunk_id, U64.pack(e.ref), db=self.ids, overwrite=False)
+            if txn.put(e.chunk_id, U64.pack(e.ref), db=self.ids, overwrite=False):
+                added.append(e.chunk_id)
             old = txn.replace(REF_KEY.pack(e.ref),
                               REF_REC.pack(e.chunk_id, number, e.offset, e.stored, e.raw, e.codec),
                               db=self.refs)
@@ -314,6 +331,7 @@ class Index:
             total += e.stored
         for key, delta in (("chunks", new), ("raw_bytes", raw), ("stored_bytes", stored)):
             self._add(txn, key, delta)
+        self.id_filter.inserted(txn, added)
         if entries:
             # rebuild-index inserts refs that no reservation of this index handed out
             top = max(e.ref for e in entries)
@@ -810,6 +828,11 @@ class IndexReader:
         if self.chunk_id_of(ref) != chunk_id:
             return None, True
         return ref, False
+
+    def surely_absent(self, chunk_ids: list[bytes]) -> np.ndarray | None:
+        """Per id: True when the index surely lacks it, without reading the index (the id
+        filter); None when the filter cannot say. Never trusted for "present"."""
+        return self._index.id_filter.surely_absent(self._txn, chunk_ids)
 
     def locate(self, refs: np.ndarray) -> np.ndarray:
         """Places of the given refs (ZERO excluded) as a LOCATION_DTYPE array; DamageError if any is

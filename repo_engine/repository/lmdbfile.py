@@ -100,3 +100,29 @@ def _size_and_need(path: Path) -> tuple[int, int]:
     meta1 = _meta_at(second)
     current = meta1 if meta1.txn_id > meta0.txn_id else meta0
     return size, (current.last_page + 1) * page_size
+
+
+def readahead_pays(path: Path) -> bool:
+    """Whether LMDB should leave the kernel's read-ahead on for its map of `path`: yes while the
+    file fits in half the memory available (a cold index is then read in large sequential pieces
+    and stays cached). Past that, each random page fault of a look-up would read a whole
+    read-ahead window (8 MiB on the bench machine's disk, for one 4 KiB page) and evict index
+    pages the next look-ups need: LMDB's MDB_NORDAHEAD then keeps a fault at one page."""
+    available = available_memory()
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return True
+    return available is None or size <= available // 2
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""Bench-only bulk loader: grows a repository to N chunks through the real pack writer and index.
+
+    .venv/bin/python bench/bigrepo.py grow REPO --chunks 10000000 [--per-point 10000] [--vms 20]
+    .venv/bin/python bench/bigrepo.py run [--evict REPO] [--stats FILE] -- CMD ...
+
+`grow` creates REPO (16 KiB blocks, 4 MiB packs) if it does not exist, then adds chunks until the
+index counts at least --chunks. The chunks are synthetic: 48 random bytes each (incompressible,
+stored raw), so 100 M chunks take about 12 GB of packs instead of the 1.6 TB of 16 KiB blocks.
+They go through the code a backup uses: `PackWriter.add`, `Repository.commit_pack` (the pack
+published durably, then `Index.commit_pack`: ids, places, counters, one transaction per pack).
+Every --per-point new chunks make one restore point of its own (VMs in turn), a full block map
+of those chunks committed with `Repository.commit_point`, so the reference counts are real and
+gc, verify, scrub and rebuild-index have real work; at the end the id filter is brought up to
+date and saved, as a backup leaves it (repository/idfilter.py). Growing is incremental and
+resumable: a later run (or a run after a kill) continues from what the index holds (1 M -> 10 M
+-> 100 M grows the same repository); refs are never reused, so a killed run only leaves chunks
+no point names and perhaps a pack file not indexed, which gc reclaims. Not a repo-engine API: a
+real repository never holds such chunks.
+
+`run` runs one command the way bench/scale.py times it, after evicting REPO's index from the
+page cache (posix_fadvise DONTNEED: the next lookups read the disk, as when the index is larger
+than the free memory); it writes the command's major page faults and bytes read from the
+filesystem (wait4's rusage), and the index pages resident after it (mincore), to --stats.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from repo_engine.repository.blockmap import BlockMap  # noqa: E402
+from repo_engine.repository.idfilter import FILE  # noqa: E402
+from repo_engine.repository.index import IndexReader  # noqa: E402
+from repo_engine.repository.packs import CODEC_RAW  # noqa: E402
+from repo_engine.repository.points import DiskRecord, PointRecord  # noqa: E402
+from repo_engine.repository.repo import Repository  # noqa: E402
+
+BLOCK = 16 * 1024
+PACK_SIZE = 4 << 20
+CHUNK_BYTES = 48
+LOOKUP_BATCH = 256  # ids per filter question: a 4 MiB batch of the pipeline at 16 KiB blocks
+START = 1_600_000_000  # the first point's time; one point a minute after it
+
+
+def grow(path: Path, chunks: int, per_point: int, vms: int) -> dict:
+    """Add points of `per_point` fresh chunks until the index counts `chunks` (see above)."""
+    started = time.monotonic()
+    repo = (Repository.open(path) if (path / "config").exists() else
+            Repository.init(path, block_size=BLOCK, pack_size=PACK_SIZE))
+    try:
+        made = len(repo.index.points_records())
+        while repo.index.counters()["chunks"] < chunks:
+            refs = _add_chunks(repo, per_point)
+            _add_point(repo, made, refs, vms)
+            made += 1
+            if made % 100 == 0:
+                print(f"{repo.index.counters()['chunks']:,} chunks, {made} points, "
+                      f"{time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        counters = repo.index.counters()
+        with repo.index.reader() as reader:  # the id filter a backup leaves, saved at close
+            reader.surely_absent([bytes(32)])
+    finally:
+        repo.close()
+    return {"chunks": counters["chunks"], "packs": counters["packs"], "points": made,
+            "grow_s": round(time.monotonic() - started, 1)}
+
+
+def _add_chunks(repo: Repository, count: int) -> np.ndarray:
+    """`count` fresh chunks of random bytes in packs (the last one committed partly full)."""
+    refs = np.array(repo.reserve_refs(count), dtype=np.uint64)
+    data = np.random.default_rng().bytes(count * CHUNK_BYTES)
+    chunk_id = repo.codec.chunk_id
+    writer = repo.pack_writer()
+    for i, ref in enumerate(refs.tolist()):
+        blob = data[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES]
+        writer.add(ref, chunk_id(blob), blob, CHUNK_BYTES, CODEC_RAW)
+        if writer.size >= PACK_SIZE:
+            repo.commit_pack(writer)
+            writer = repo.pack_writer()
+    repo.commit_pack(writer)
+    return refs
+
+
+def _add_point(repo: Repository, number: int, refs: np.ndarray, vms: int) -> None:
+    when = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(START + number * 60))
+    disk = DiskRecord("sda", len(refs) * BLOCK, BLOCK, repo.write_map(BlockMap.full(refs)),
+                      "full", None, 1)
+    repo.commit_point(PointRecord(id=f"{number:016x}", vm=f"vm{number % vms:03d}", time=when,
+                                  source="bench", disks=[disk]))
+
+
+def index_file(repo: Path) -> Path:
+    return repo / "index" / "data.mdb"
+
+
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (written pages are flushed first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of `path` in the page cache (fincore, util-linux)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def run(command: list[str], evict_repo: Path | None, stats: Path | None) -> int:
+    """Run `command`; note its major faults, filesystem reads and the index's resident pages."""
+    if evict_repo is not None:
+        evict(index_file(evict_repo))
+    started = time.monotonic()
+    proc = subprocess.Popen(command)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    rc = os.waitstatus_to_exitcode(status)
+    if stats is not None:
+        figures = {"command": command, "rc": rc, "seconds": round(time.monotonic() - started, 2),
+                   "major_faults": usage.ru_majflt, "read_bytes": usage.ru_inblock * 512}
+        if evict_repo is not None:
+            figures["index_bytes"] = index_file(evict_repo).stat().st_size
+            figures["index_resident"] = resident_bytes(index_file(evict_repo))
+        with open(stats, "a") as out:
+            out.write(json.dumps(figures) + "\n")
+    return rc
+
+
+def _io() -> tuple[int, int]:
+    """(major page faults, bytes read from storage) of this process so far."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt, int(fields["read_bytes"])
+
+
+def _timed(what: str, count: int, work: Callable[[], object]) -> dict:
+    faults, read = _io()
+    started, cpu = time.monotonic(), time.process_time()
+    work()
+    seconds = time.monotonic() - started
+    faults2, read2 = _io()
+    return {"what": what, "count": count, "seconds": round(seconds, 3),
+            "cpu_s": round(time.process_time() - cpu, 3), "per_s": round(count / seconds),
+            "major_faults": faults2 - faults, "read_mib": round((read2 - read) / 2**20, 1)}
+
+
+def lookups(path: Path, count: int, cold: bool) -> list[dict]:
+    """The index's own cost in a backup, apart from reading, hashing and compressing: `count`
+    look-ups (`IndexReader.dedup_ref`, as the backup pipeline calls it) of new ids, of ids
+    stored together (a disk backed up before: refs in sequence) and of ids picked at random,
+    then `count` new chunks inserted (`Repository.commit_pack`, 4 MiB packs). With `cold`, the
+    index is evicted from the page cache before each step (the repository is opened afresh for
+    each: pages a process has mapped stay resident)."""
+    with _opened(path, False) as repo:
+        top = repo.index.meta_u64("next_ref")
+        rng = np.random.default_rng(7)
+        with repo.index.reader() as reader:
+            run_ids = _ids_of(reader, np.arange(top // 2, top // 2 + count, dtype=np.uint64))
+            random_ids = _ids_of(reader, rng.choice(np.arange(1, top, dtype=np.uint64), count))
+    new_ids = [bytes(i) for i in rng.integers(0, 256, (count, 32), np.uint8)]
+    rows = []
+    for what, ids in (("look-ups, new ids", new_ids),
+                      ("look-ups, stored ids in sequence", run_ids),
+                      ("look-ups, stored ids at random", random_ids)):
+        with _opened(path, cold) as repo, repo.index.reader() as reader:
+            rows.append(_timed(what, len(ids), lambda r=reader, ids=ids:
+                               [r.dedup_ref(i) for i in ids]))
+    (index_file(path).parent / FILE).unlink(missing_ok=True)
+    with _opened(path, cold) as repo:
+        rows.append(_timed("id filter: built from the index", 1,
+                           lambda: _surely_absent(repo, new_ids[:1])))
+    with _opened(path, cold) as repo:
+        rows.append(_timed("id filter: loaded from its file", 1,
+                           lambda: _surely_absent(repo, new_ids[:1])))
+        rows.append(_timed("look-ups, new ids, id filter first", len(new_ids),
+                           lambda: _surely_absent(repo, new_ids)))
+    with _opened(path, cold) as repo:
+        rows.append(_timed("inserts, new ids", count, lambda: _add_chunks(repo, count)))
+    return rows
+
+
+def _surely_absent(repo: Repository, ids: list[bytes]) -> None:
+    """As the backup pipeline looks ids up: the filter over a batch, LMDB for the rest."""
+    with repo.index.reader() as reader:
+        for start in range(0, len(ids), LOOKUP_BATCH):
+            batch = ids[start:start + LOOKUP_BATCH]
+            absent = reader.surely_absent(batch)
+            for chunk_id, skip in zip(batch, absent.tolist()):
+                if not skip:
+                    reader.dedup_ref(chunk_id)
+
+
+@contextmanager
+def _opened(path: Path, cold: bool) -> Iterator[Repository]:
+    if cold:
+        evict(index_file(path))
+    repo = Repository.open(path)
+    try:
+        yield repo
+    finally:
+        repo.close()
+
+
+def _ids_of(reader: IndexReader, refs: np.ndarray) -> list[bytes]:
+    return [i for i in map(reader.chunk_id_of, refs.tolist()) if i is not None]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    g = sub.add_parser("grow", help="grow REPO to --chunks chunks")
+    g.add_argument("repo", type=Path)
+    g.add_argument("--chunks", type=int, required=True)
+    g.add_argument("--per-point", type=int, default=10_000)
+    g.add_argument("--vms", type=int, default=20)
+    lk = sub.add_parser("lookups", help="time the index's look-ups and inserts on REPO")
+    lk.add_argument("repo", type=Path)
+    lk.add_argument("--count", type=int, default=125_000,
+                    help="look-ups of each kind (default: the non-zero blocks of a 4 GiB "
+                         "workload disk at 16 KiB)")
+    lk.add_argument("--warm", action="store_true", help="do not evict the index first")
+    r = sub.add_parser("run", help="run a command, index evicted, and note its I/O")
+    r.add_argument("--evict", type=Path, metavar="REPO")
+    r.add_argument("--stats", type=Path)
+    r.add_argument("command", nargs=argparse.REMAINDER)
+    args = ap.parse_args()
+    if args.what == "grow":
+        print(json.dumps(grow(args.repo, args.chunks, args.per_point, args.vms)))
+        return
+    if args.what == "lookups":
+        for row in lookups(args.repo, args.count, not args.warm):
+            print(json.dumps(row))
+        return
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    sys.exit(run(command, args.evict, args.stats))
+
+
+if __name__ == "__main__":
+    main()
