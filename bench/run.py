@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark repo-engine against peer backup tools on a bench/workload.py work dir.
 
-    python3 bench/run.py --work DIR [--tools repo-engine,repo-engine-encrypted,benji,restic,borg,...]
+    python3 bench/run.py --work DIR [--tools repo-engine,repo-engine-shared,repo-engine-encrypted,restic,...]
                          [--days 7] [--out bench/out/results.json]
 
 Steps run in order (day 0 full backup, days 1..N incremental, restore of day N);
@@ -188,6 +188,13 @@ class RepoEngine(Tool):
         return int(parse_json_output(m.stdout)["backup"]["bytes_read"])
 
 
+class RepoEngineShared(RepoEngine):
+    """repo-engine on a shared (journal) repository, the format every encrypted one has: the
+    baseline that isolates what encryption itself costs."""
+    name = "repo-engine-shared"
+    init_args = ["--shared"]
+
+
 class RepoEngineEncrypted(RepoEngine):
     """repo-engine on an encrypted repository, its passphrase in a file named by
     $REPO_ENGINE_PASSWORD_FILE (the way a cron job gives it); scrub is timed with and without
@@ -357,7 +364,7 @@ class Zstd(Baseline):
     args = ["-T2", "-1", "-c"]
 
 
-TOOLS: dict[str, type[Tool]] = {t.name: t for t in (RepoEngine, RepoEngineEncrypted, Benji, Restic, Borg, BorgFixed, Casync, Cat, B3sum, Zstd)}
+TOOLS: dict[str, type[Tool]] = {t.name: t for t in (RepoEngine, RepoEngineShared, RepoEngineEncrypted, Benji, Restic, Borg, BorgFixed, Casync, Cat, B3sum, Zstd)}
 
 
 # ---------------------------------------------------------------- running
