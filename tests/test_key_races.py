@@ -13,7 +13,9 @@ import pytest
 
 from repo_engine.errors import RepoError
 from repo_engine.repository.crypto import keys, keystore, slots
-from repo_engine.repository.location import open_key_manager
+from repo_engine.repository.location import is_remote, open_key_manager
+from repo_engine.repository.store.s3_settings import load_s3_settings
+from s3cli import s3_environment
 from helpers import cli
 from test_encryption_cli import encrypted, ok, secret_file, small_kdf  # noqa: F401 (fixtures)
 
@@ -52,9 +54,17 @@ def slot_ids(capsys, repo) -> dict[str, str]:
     return {s["label"]: s["id"] for s in doc["slots"]}
 
 
-@pytest.fixture
-def two_passphrases(encrypted, tmp_path, capsys):  # noqa: F811
-    repo, first = encrypted
+@pytest.fixture(params=["local", "s3"])
+def two_passphrases(request, tmp_path, capsys, monkeypatch):
+    """An encrypted repository, local or on the test S3 server, with two passphrase slots:
+    labelled "" (correct horse) and "second"."""
+    if request.param == "s3":
+        s3_environment(monkeypatch, tmp_path, request.getfixturevalue("seaweedfs").endpoint)
+        repo: object = f"s3://{request.getfixturevalue('s3_bucket')}/races"
+    else:
+        repo = tmp_path / "repo"
+    first = secret_file(tmp_path, "repo.pass", b"correct horse\n")
+    ok(capsys, "init", repo, "--encryption", "--passphrase-file", first)
     second = secret_file(tmp_path, "second.pass", b"second passphrase\n")
     ok(capsys, "key", "add", repo, "--passphrase-file", first, "--new-passphrase-file", second,
        "--label", "second")
@@ -62,7 +72,10 @@ def two_passphrases(encrypted, tmp_path, capsys):  # noqa: F811
 
 
 def manager(repo):
-    return open_key_manager(str(repo))
+    """The KeyManager a host of its own would use."""
+    location = str(repo)
+    return open_key_manager(location, settings=load_s3_settings({}) if is_remote(location)
+                            else None)
 
 
 def test_two_removals_racing_never_leave_no_passphrase_slot(two_passphrases, capsys,
@@ -81,7 +94,7 @@ def test_two_removals_racing_never_leave_no_passphrase_slot(two_passphrases, cap
 
 
 def test_a_passphrase_change_racing_the_removal_of_its_slot_is_refused(two_passphrases, capsys,
-                                                                        monkeypatch):
+                                                                        monkeypatch, tmp_path):
     """A slot being removed while its holder changes its passphrase: the holder keeps no access
     through a new slot made on the strength of a removed one, or the removal is refused."""
     repo, first, second = two_passphrases
@@ -94,7 +107,7 @@ def test_a_passphrase_change_racing_the_removal_of_its_slot_is_refused(two_passp
     refused = [r for r in results if isinstance(r, RepoError)]
     assert len(refused) == 1, results
     listed = slot_ids(capsys, repo)
-    new = secret_file(repo.parent, "new.pass", b"new passphrase")
+    new = secret_file(tmp_path, "new.pass", b"new passphrase")
     if isinstance(results[0], RepoError):  # removed: only the second passphrase opens
         assert list(listed) == ["second"]
         failure_out = cli(capsys, "key", "status", repo, "--passphrase-file", new)
@@ -105,7 +118,7 @@ def test_a_passphrase_change_racing_the_removal_of_its_slot_is_refused(two_passp
 
 
 def test_a_rotation_racing_a_passphrase_change_loses_neither(two_passphrases, capsys,
-                                                             monkeypatch):
+                                                             monkeypatch, tmp_path):
     repo, first, second = two_passphrases
     with manager(repo) as one, manager(repo) as two:
         results = race(monkeypatch,
@@ -113,7 +126,7 @@ def test_a_rotation_racing_a_passphrase_change_loses_neither(two_passphrases, ca
                                                      b"new passphrase"),
                        lambda: two.rotate(two.unlock(lambda: b"second passphrase")))
     assert not [r for r in results if isinstance(r, RepoError)], results
-    new = secret_file(repo.parent, "new.pass", b"new passphrase")
+    new = secret_file(tmp_path, "new.pass", b"new passphrase")
     status = ok(capsys, "key", "status", repo, "--passphrase-file", new, "--json").json()
     assert status["epochs"] == [1, 2] and status["current_epoch"] == 2
     assert cli(capsys, "key", "status", repo, "--passphrase-file", first).code == 1
