@@ -15,7 +15,9 @@ from repo_engine.errors import RepoError
 from repo_engine.repository.crypto import keys, keystore, slots
 from repo_engine.repository.location import is_remote, open_key_manager
 from repo_engine.repository.store.s3_settings import load_s3_settings
+from repo_engine.repository.store.local import LocalStore
 from s3cli import s3_environment
+from test_crypto_keystore import initialised
 from helpers import cli
 from test_encryption_cli import encrypted, ok, secret_file, small_kdf  # noqa: F401 (fixtures)
 
@@ -149,3 +151,19 @@ def test_a_slot_file_the_keyring_does_not_list_never_opens_and_key_remove_delete
     ok(capsys, "key", "remove", repo, stray.id, "--passphrase-file", first)
     assert list(slot_ids(capsys, repo)) == [""]
     ok(capsys, "key", "status", repo, "--passphrase-file", first)
+
+
+def test_a_keyring_generation_replaced_between_listing_and_reading_is_read_anew(tmp_path):
+    """Another host's key change writes g + 1 and deletes g after this host listed g."""
+    made = initialised(LocalStore(tmp_path))
+
+    class ChangedUnderfoot(LocalStore):
+        changed = False
+
+        def get(self, name, **kwargs):
+            if name.startswith("keys/keyring-") and not self.changed:
+                self.changed = True
+                keystore.rotate(LocalStore(tmp_path), made.ring_key)  # the other host
+            return super().get(name, **kwargs)
+    keyring = keystore.load_keyring(ChangedUnderfoot(tmp_path), made.ring_key)
+    assert (keyring.generation, keyring.current) == (2, 2)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from ...errors import RepoError, TamperedError
-from ..store import ObjectExists, Store
+from ..store import ObjectExists, ObjectMissing, Store
 from .keyring import KEYRING_PREFIX, Keyring, decode_keyring, encode_keyring, keyring_object
 from .keys import RepositoryKeys
 from .seal import Random
@@ -70,14 +70,24 @@ def generations(store: Store) -> list[int]:
 
 
 def load_keyring(store: Store, ring_key: bytes) -> Keyring:
-    """The newest keyring generation (never an older one in its place: it may lack an epoch)."""
-    found = generations(store)
-    if not found:
-        raise TamperedError(f"{store.location}/keys: no keyring; the repository's keys were "
-                            "deleted")
-    name = keyring_object(found[-1])
-    return decode_keyring(store.get(name, limit=MAX_KEYRING_SIZE), found[-1], ring_key,
-                          f"{store.location}/{name}")
+    """The newest keyring generation (never an older one in its place: it may lack an epoch).
+    A generation deleted between the listing and the read was replaced by a newer one (another
+    host's key change): listed again."""
+    for _ in range(CHANGE_ATTEMPTS):
+        found = generations(store)
+        if not found:
+            raise TamperedError(f"{store.location}/keys: no keyring; the repository's keys "
+                                "were deleted")
+        name = keyring_object(found[-1])
+        try:
+            data = store.get(name, limit=MAX_KEYRING_SIZE)
+        except ObjectMissing:
+            if generations(store)[-1:] == found[-1:]:
+                raise
+            continue
+        return decode_keyring(data, found[-1], ring_key, f"{store.location}/{name}")
+    raise RepoError(f"{store.location}/keys: the keyring changed under {CHANGE_ATTEMPTS} "
+                    "reads in a row (other hosts changing keys); try again")
 
 
 def save_keyring(store: Store, keyring: Keyring, ring_key: bytes,
