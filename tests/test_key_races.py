@@ -15,6 +15,7 @@ from repo_engine.errors import RepoError
 from repo_engine.repository.crypto import keys, keystore, slots
 from repo_engine.repository.location import is_remote, open_key_manager
 from repo_engine.repository.store.s3_settings import load_s3_settings
+from repo_engine.repository.store import StoreUnreachable
 from repo_engine.repository.store.local import LocalStore
 from s3cli import s3_environment
 from test_crypto_keystore import initialised
@@ -167,3 +168,23 @@ def test_a_keyring_generation_replaced_between_listing_and_reading_is_read_anew(
             return super().get(name, **kwargs)
     keyring = keystore.load_keyring(ChangedUnderfoot(tmp_path), made.ring_key)
     assert (keyring.generation, keyring.current) == (2, 2)
+
+
+def test_a_key_change_whose_keyring_write_errs_after_landing_keeps_the_new_slot(encrypted,
+                                                                                tmp_path,
+                                                                                capsys):  # noqa: F811
+    """The store wrote the new generation but the writer heard an error (a lost response): the
+    slot it lists must still be there, or its passphrase would open nothing."""
+    repo, first = encrypted
+
+    class LostResponse(LocalStore):
+        def put(self, name, data, **kwargs):
+            super().put(name, data, **kwargs)
+            if name.startswith("keys/keyring-"):
+                raise StoreUnreachable(f"{name}: connection reset")
+    with manager(repo) as keys_of:
+        keys_of.store = LostResponse(repo)
+        with pytest.raises(StoreUnreachable):
+            keys_of.change_passphrase(keys_of.unlock(lambda: b"correct horse"), b"new one")
+    new = secret_file(tmp_path, "new.pass", b"new one")
+    ok(capsys, "key", "status", repo, "--passphrase-file", new)

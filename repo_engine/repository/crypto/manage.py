@@ -98,11 +98,12 @@ class KeyManager:
     def _listed(self, opened: Opened, slot: Slot,
                 change: Callable[[Keyring], Keyring]) -> None:
         """The new `slot` stored, then `change` (which lists it); its file deleted again when
-        the change is refused."""
+        the change is refused (never after a store error: the generation listing it may have
+        been written; an unlisted file left is harmless, it opens nothing)."""
         save_slot(self.store, slot)
         try:
             self._change(opened, change)
-        except BaseException:
+        except keys.SlotRefused:
             delete_slot(self.store, slot)
             raise
 
