@@ -92,7 +92,7 @@ def test_recovery_slot_golden():
 def test_keyring_golden():
     keyring = Keyring(generation=2, chunk_key=b"\x01" * 32, epochs={1: b"\x02" * 32,
                                                                     2: b"\x03" * 32}, current=2,
-                      config_digest=CFG)
+                      config_digest=CFG, slots={"0a" * 8: "passphrase", "0b" * 8: "recovery"})
     salt = b"\x04" * 32
     record = encode_keyring(keyring, RING, random=fixed(salt))
     assert record[:8] == b"REkrg\x00\x01\x1a"
@@ -102,7 +102,8 @@ def test_keyring_golden():
     plaintext = object_key(RING, salt, b"keyring").decrypt(bytes(12), sealed[36:], ad)
     assert plaintext == canonical({"chunk_key": "01" * 32, "current": 2, "generation": 2,
                                    "epochs": {"1": "02" * 32, "2": "03" * 32},
-                                   "config": "05" * 32})
+                                   "config": "05" * 32,
+                                   "slots": {"0a" * 8: "passphrase", "0b" * 8: "recovery"}})
     assert decode_keyring(record, 2, RING, "k") == keyring
 
 

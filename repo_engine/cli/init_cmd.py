@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import click
 
 from ..repository.config import DEFAULT_LEVEL, DEFAULT_MAX_CHAIN
@@ -44,9 +46,10 @@ def init(repo: RepoAddress, block_size: str, compression_level: int, max_chain: 
         encryption = is_remote(repo.location)
     sizes = {"block_size": parse_size(block_size),  # checked before a passphrase is asked
              "pack_size": parse_size(pack_size)}
-    created = init_repository(
+    created = init_repository(  # which asks for the passphrase once the location is usable
         repo.location, settings=repo.settings(), cache_dir=repo.cache_dir, shared=shared,
-        parents=parents, passphrase=repo.passphrase().read(confirm=True) if encryption else None,
+        parents=parents,
+        passphrase=partial(repo.passphrase().read, confirm=True) if encryption else None,
         compression_level=compression_level, max_chain=max_chain, **sizes)
     kind = "shared repository" if created.config.shared else "repository"
     kind = f"encrypted {kind}" if created.config.encryption else kind

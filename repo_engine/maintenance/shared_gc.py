@@ -52,7 +52,7 @@ from ..repository.journal import (NothingToCommit, PackOp, PendingPlan, PlanOp, 
                                    WaitsOp, new_plan_id)
 from ..repository.leases import SESSION, LeaseInfo, iso, list_leases, now
 from ..repository.locks import MAINTENANCE, SHARED
-from ..repository.packs import (ENTRY, FOOTER, HEADER, FinishedPack, PackWriter, pack_object,
+from ..repository.packs import (FinishedPack, PackWriter, blob_bytes, pack_object,
                                  read_spans)
 from ..repository.points import point_object
 from ..repository.store import ObjectMissing
@@ -385,10 +385,10 @@ def _partly_used(repo: Repository, mark: Mark, max_unused: float) -> _Partly:
     numbers, inverse = np.unique(live["pack"], return_inverse=True)
     kept = np.bincount(inverse, weights=live["stored"].astype(np.float64),
                        minlength=len(numbers)).astype(np.int64)
-    chosen = []
+    chosen, sealed = [], bool(repo.config.encryption)
     for number, used in zip(numbers.tolist(), kept.tolist()):
         _name, size, count = packs.names.get(number, ("", 0, 0))
-        data = max(size - HEADER.size - FOOTER.size - ENTRY.size * count, 1)
+        data = max(blob_bytes(size, count, sealed), 1)
         if size and (1 - used / data) * 100 > max_unused:
             chosen.append(number)
     rows = live[np.isin(live["pack"], chosen)]

@@ -166,24 +166,37 @@ def open_stored(location: str, *, settings: Any = None,
 
 
 def init_repository(location: str, *, settings: Any = None, cache_dir: Path | None = None,
-                    shared: bool = False, parents: bool = False, passphrase: bytes | None = None,
-                    kdf: Any = None, **config_settings: int) -> Repository:
+                    shared: bool = False, parents: bool = False,
+                    passphrase: bytes | Passphrase | None = None, kdf: Any = None,
+                    **config_settings: int) -> Repository:
     """Create a repository at `location`: a new or empty local directory (shared when asked), or
     an empty `s3://` prefix (always shared); encrypted with `passphrase` when one is given (then
-    always shared; `kdf`: the scrypt parameters of its slot, None: the default)."""
+    always shared; `kdf`: the scrypt parameters of its slot, None: the default). A callable
+    `passphrase` is asked only once the location is known to be usable (a user at a terminal
+    types nothing for a location that is then refused); a directory made for the repository is
+    removed again when it fails."""
     remote = is_remote(location)
     if not (remote or shared or passphrase is not None):
         return Repository.init(Path(location), parents=parents, **config_settings)
     config = RepoConfig.new(shared=True, encryption=ENCRYPTION if passphrase is not None else "",
                             **config_settings)
+    made: Path | None = None
     if remote:
         store = open_store(location, settings)
         _closing_on_error(store, _refuse_used_prefix, store)
     else:
+        made = None if Path(location).exists() else Path(location)
         new_directory(Path(location), parents)
         store = LocalStore(Path(location))
+    try:
+        secret = passphrase() if callable(passphrase) else passphrase
+    except BaseException:
+        store.close()
+        if made is not None:
+            made.rmdir()
+        raise
     return _closing_on_error(store, _create, store, config,
-                             cache_directory(config.repo_id, cache_dir), passphrase, kdf)
+                             cache_directory(config.repo_id, cache_dir), secret, kdf)
 
 
 def _closing_on_error(store: Store, fn: Any, *args: Any) -> Any:

@@ -266,21 +266,36 @@ class _Layout:
         return self.count * (STORED.size if self.major == SEALED_MAJOR else ENTRY.size)
 
 
+def _blobs_start(sealed: bool) -> int:
+    return HEADER.size + (PART_HEADER_SIZE if sealed else 0)
+
+
+def _trailer_size(count: int, sealed: bool) -> int:
+    """Table, toc and its tag (major 2), or the entries (major 1), of `count` chunks."""
+    return count * (STORED.size + SECRET.size) + PART_TAG_SIZE if sealed else count * ENTRY.size
+
+
+def blob_bytes(size: int, count: int, sealed: bool) -> int:
+    """The bytes of a pack of `size` bytes and `count` chunks that are its chunks' blobs (their
+    `stored` sizes add up to it): what is left but header, trailer and footer of the format
+    (`sealed`: major 2)."""
+    return size - _blobs_start(sealed) - _trailer_size(count, sealed) - FOOTER.size
+
+
 def _layout(head: bytes, footer: bytes, size: int, what: str) -> _Layout:
     """Check a pack's header (HEADER.size + PART_HEADER_SIZE bytes or the whole pack) and
     footer; every count and offset is bounded by `size` before anything is read with them."""
     major = _major(head, what)
     sealed = major == SEALED_MAJOR
-    blobs = HEADER.size + (PART_HEADER_SIZE if sealed else 0)
+    blobs = _blobs_start(sealed)
     if size < blobs + FOOTER.size:
         raise DamageError(f"{what}: pack is truncated ({size} bytes)")
     fmagic, count, fmajor, reserved, toff, digest = FOOTER.unpack(footer)
     if fmagic != PACK_TRAILER.magic:
         raise DamageError(f"{what}: pack footer is damaged or the pack is truncated")
     PACK_TRAILER.check_version(fmajor, what)
-    per = STORED.size + SECRET.size if sealed else ENTRY.size
-    tag = PART_TAG_SIZE if sealed else 0
-    if fmajor != major or not blobs <= toff or toff + count * per + tag + FOOTER.size != size:
+    end = toff + _trailer_size(count, sealed) + FOOTER.size
+    if fmajor != major or not blobs <= toff or end != size:
         raise DamageError(f"{what}: pack trailer does not fit the file size")
     if sealed and reserved:  # the rest of a sealed pack's header and footer is authenticated
         raise DamageError(f"{what}: pack footer is damaged (reserved field {reserved})")

@@ -6,6 +6,10 @@ the passphrase (keys.unlock), the newest keyring generation, then the config rea
 keys is checked against the digest the keyring binds (config.py): a config changed in the store
 (another block size, another id, encryption switched off) is tampering, exit code 3.
 
+Only the slots the newest keyring lists open the repository: a slot file left behind by a
+removal that crashed before deleting it is tried like any other, but when it is the one that
+opens, the passphrase is tried again on the listed slots alone (and refused when it opens none).
+
 The sealer reloads the keyring once when an object names an epoch it does not hold: another host
 may have rotated since this one opened the repository. Only when the newest keyring lacks the
 epoch too is that tampering.
@@ -135,4 +139,6 @@ def unlock_store(store: Store, config_digest: bytes,
         raise TamperedError(f"{exc} (with the key of slot {unlocked.slot.id}, which opened: a "
                             "slot copied from another repository, or a replaced keyring)") from None
     _check_config(keyring, config_digest, store.location)
+    if unlocked.slot.id not in keyring.slots:  # a removed slot whose file a crash left
+        unlocked = opener([s for s in found if s.id in keyring.slots], skipped)
     return unlocked, keyring

@@ -14,10 +14,15 @@ plaintext is one JSON object, keys sorted, no spaces:
 | current    | the epoch new objects are sealed with                                   |
 | config     | 64 hex: the digest of the repository's config (config.py), which is     |
 |            | readable without the keys; a config that no longer matches is refused    |
+| slots      | {"<16 hex slot id>": "passphrase" or "recovery", ...}: the valid slots   |
 
-A new generation is written put-if-absent (two writers cannot both make generation g + 1; the
-loser reloads and retries) and the newest generation wins; older ones are deleted once it is
-durable. Rotation adds an epoch and never drops one: objects sealed under an old epoch stay
+Every key change (a slot added or removed, a passphrase changed, a rotation) is a new generation,
+written put-if-absent over the generation it was computed from: two writers cannot both make
+generation g + 1; the loser reloads, checks its change again on top of the winner's (refused
+when the winner took what it needed: the last passphrase slot, the slot it opened with) and
+retries. The newest generation wins; older ones are deleted once it is durable. A slot file the
+newest generation does not list (a removal that crashed before deleting it) never opens the
+repository. Rotation adds an epoch and never drops one: objects sealed under an old epoch stay
 readable until they are rewritten and the epoch is retired.
 """
 
@@ -35,6 +40,7 @@ from ..envelope import unseal as envelope_unseal
 from ..formats import KEYRING
 from .cipher import KEY_SIZE
 from .seal import RING_EPOCH, ObjectSealer, Random
+from .slots import PASSPHRASE, RECOVERY, valid_id
 
 KEYRING_PREFIX = "keys/keyring-"
 _GENERATION = struct.Struct("<Q")
@@ -48,6 +54,7 @@ class Keyring:
     epochs: Mapping[int, bytes] = field(repr=False)
     current: int
     config_digest: bytes = field(repr=False)
+    slots: Mapping[str, str] = field(default_factory=dict)  # slot id -> kind: the valid slots
 
     def sealer(self, random: Random = os.urandom) -> ObjectSealer:
         """The sealer of data objects: new ones under the current epoch, any held epoch read."""
@@ -78,7 +85,8 @@ def encode_keyring(keyring: Keyring, ring_key: bytes, random: Random = os.urando
     plaintext = json.dumps({
         "generation": keyring.generation, "chunk_key": keyring.chunk_key.hex(),
         "epochs": {str(e): key.hex() for e, key in sorted(keyring.epochs.items())},
-        "current": keyring.current, "config": keyring.config_digest.hex()},
+        "current": keyring.current, "config": keyring.config_digest.hex(),
+        "slots": dict(keyring.slots)},
         sort_keys=True, separators=(",", ":")).encode()
     sealed = _ring_sealer(ring_key, random).seal(
         "keyring", _GENERATION.pack(keyring.generation), plaintext)
@@ -96,7 +104,8 @@ def decode_keyring(data: bytes, generation: int, ring_key: bytes, what: str) -> 
                           chunk_key=bytes.fromhex(fields["chunk_key"]),
                           epochs={int(e): bytes.fromhex(k) for e, k in fields["epochs"].items()},
                           current=fields["current"],
-                          config_digest=bytes.fromhex(fields["config"]))
+                          config_digest=bytes.fromhex(fields["config"]),
+                          slots=dict(fields["slots"]))
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise FormatError(f"{what}: keyring not understood ({exc}); upgrade repo-engine") from None
     _check(keyring, generation, what)
@@ -107,7 +116,9 @@ def _check(keyring: Keyring, generation: int, what: str) -> None:
     """An authenticated keyring is ours, so a bad field is a newer or broken writer."""
     sizes_ok = len(keyring.chunk_key) == len(keyring.config_digest) == KEY_SIZE and all(
         len(k) == KEY_SIZE and 1 <= e <= MAX_EPOCH for e, k in keyring.epochs.items())
-    if keyring.generation != generation or keyring.current not in keyring.epochs or not sizes_ok:
+    slots_ok = all(valid_id(i) and k in (PASSPHRASE, RECOVERY) for i, k in keyring.slots.items())
+    if (keyring.generation != generation or keyring.current not in keyring.epochs
+            or not sizes_ok or not slots_ok):
         raise FormatError(f"{what}: keyring fields are inconsistent (generation "
                           f"{keyring.generation}, current epoch {keyring.current}); upgrade "
                           "repo-engine")

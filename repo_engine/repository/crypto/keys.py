@@ -6,6 +6,9 @@
   passphrase is one error naming the slots tried.
 - `slots.passphrase_slot` adds a slot for another passphrase (K_ring needed: unlock first).
 - `removable`: the slot a `key remove` deletes; never the last slot nor the last passphrase slot.
+- `with_slot`, `without_slot`, `still_listed`: the keyring generation that lists the valid slots,
+  changed, each change checked against the generation it is applied to (a racing change may have
+  removed the slot that opened, or every other passphrase slot).
 - `change_passphrase`: a new slot for the new passphrase, and the old one's to delete after.
 - `Keyring.rotated` (keyring.py): a new epoch for new data; old epochs stay readable.
 - `export_recovery`: a new X25519 key pair; the private key as PEM for the user, a recovery slot
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -65,7 +68,7 @@ def create(passphrase: bytes, params: ScryptParams, *, label: str, now: datetime
     ring_key = random(KEY_SIZE)
     keyring = new_keyring(config_digest, random)
     slot = passphrase_slot(ring_key, passphrase, params, label=label, now=now, random=random)
-    return RepositoryKeys(ring_key, keyring, slot)
+    return RepositoryKeys(ring_key, replace(keyring, slots={slot.id: slot.kind}), slot)
 
 
 def newest_first(slots: Sequence[Slot], kind: str) -> list[Slot]:
@@ -112,12 +115,44 @@ def find_slot(slots: Sequence[Slot], slot_id: str) -> Slot:
 def removable(slots: Sequence[Slot], slot_id: str) -> Slot:
     """The slot `slot_id` names, when removing it leaves a passphrase slot to open with."""
     slot = find_slot(slots, slot_id)
-    others = [s for s in slots if s.id != slot.id]
-    if not others:
+    _refuse_lockout(slot, [s.kind for s in slots if s.id != slot.id])
+    return slot
+
+
+def with_slot(keyring: Keyring, slot: Slot) -> Keyring:
+    return replace(keyring, slots={**keyring.slots, slot.id: slot.kind})
+
+
+def without_slot(keyring: Keyring, slot: Slot, *, listed: bool = True) -> Keyring:
+    """`keyring` without `slot`, unless that leaves no passphrase slot. `listed`: whether the
+    keyring the change was decided on listed `slot`; when it did not (a removal that crashed
+    before deleting the file), `keyring` itself; when it did and `keyring` no longer does,
+    another change removed or replaced the slot meanwhile: refused."""
+    if slot.id not in keyring.slots:
+        if listed:
+            raise SlotRefused(f"key slot {slot.id} was removed or replaced meanwhile (keyring "
+                              f"generation {keyring.generation}); nothing was changed: see "
+                              "'repo-engine key list'")
+        return keyring
+    _refuse_lockout(slot, [k for i, k in keyring.slots.items() if i != slot.id])
+    return replace(keyring, slots={i: k for i, k in keyring.slots.items() if i != slot.id})
+
+
+def still_listed(keyring: Keyring, slot: Slot) -> None:
+    """Refuse a change whose authority, the slot that opened, another change has removed."""
+    if slot.id not in keyring.slots:
+        raise SlotRefused(f"key slot {slot.id}, which opened the repository, was removed from "
+                          f"it meanwhile (keyring generation {keyring.generation}); nothing was "
+                          "changed: try again with a passphrase 'repo-engine key list' shows")
+
+
+def _refuse_lockout(slot: Slot, other_kinds: Sequence[str]) -> None:
+    """SlotRefused when removing `slot` leaves slots of `other_kinds` only."""
+    if not other_kinds:
         raise SlotRefused(f"key slot {slot.id} is the repository's last slot: removing it would "
                           "lock the repository for good; add another first ('repo-engine key "
                           "add')")
-    if slot.kind == PASSPHRASE and not any(s.kind == PASSPHRASE for s in others):
+    if slot.kind == PASSPHRASE and PASSPHRASE not in other_kinds:
         raise SlotRefused(f"key slot {slot.id} is the last passphrase slot: without it only the "
                           "recovery key opens the repository; add another first "
                           "('repo-engine key add')")

@@ -6,9 +6,13 @@
 - Every change first unlocks (a passphrase, or the recovery key), which also checks the keyring
   and the config it binds: a change is never made on the strength of a slot copied from another
   repository.
-- New slots are written before any slot they replace is deleted; a recovery key file is durable
-  before its slot is written (a slot without its private key would be useless, a key file
-  without its slot is only a file to delete).
+- Every change is a new keyring generation written put-if-absent (keystore.change_keyring),
+  checked again on the generation it is written over: a change racing another host's is re-made
+  on top of it or refused (the slot that opened was removed meanwhile; the removal would leave no
+  passphrase slot). A change made by a slot the keyring no longer lists is refused.
+- New slot files are written before the generation that lists them, and before any slot they
+  replace is deleted; a recovery key file is durable before its slot is written (a slot without
+  its private key would be useless, a key file without its slot is only a file to delete).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from . import slots as slot_format
 from .access import unlock_store
 from .keyring import Keyring
 from .keys import Unlocked
-from .keystore import delete_slot, load_slots, rotate, save_slot
+from .keystore import change_keyring, delete_slot, load_slots, save_slot
 from .slots import Slot
 
 Passphrase = Callable[[], bytes]
@@ -84,33 +88,61 @@ class KeyManager:
     def _opened(self, opener: Callable[[list[Slot], list[str]], Unlocked]) -> Opened:
         return Opened(*unlock_store(self.store, self._config_digest, opener))
 
+    def _change(self, opened: Opened, change: Callable[[Keyring], Keyring]) -> Keyring:
+        """`change` as the next keyring generation, made by the slot that opened."""
+        def checked(keyring: Keyring) -> Keyring:
+            keys.still_listed(keyring, opened.unlocked.slot)
+            return change(keyring)
+        return change_keyring(self.store, opened.unlocked.ring_key, checked)
+
+    def _listed(self, opened: Opened, slot: Slot,
+                change: Callable[[Keyring], Keyring]) -> None:
+        """The new `slot` stored, then `change` (which lists it); its file deleted again when
+        the change is refused (never after a store error: the generation listing it may have
+        been written; an unlisted file left is harmless, it opens nothing)."""
+        save_slot(self.store, slot)
+        try:
+            self._change(opened, change)
+        except keys.SlotRefused:
+            delete_slot(self.store, slot)
+            raise
+
     def add_passphrase(self, opened: Opened, new: bytes, label: str) -> Slot:
-        slot = slot_format.passphrase_slot(opened.unlocked.ring_key, new,
+        slot = self._passphrase_slot(opened, new, label)
+        self._listed(opened, slot, lambda keyring: keys.with_slot(keyring, slot))
+        return slot
+
+    def _passphrase_slot(self, opened: Opened, new: bytes, label: str) -> Slot:
+        return slot_format.passphrase_slot(opened.unlocked.ring_key, new,
                                            slot_format.DEFAULT_SCRYPT, label=label, now=_now(),
                                            random=os.urandom)
-        save_slot(self.store, slot)
-        return slot
 
     def remove(self, slot_id: str, passphrase: Passphrase) -> Slot:
         """Delete the slot `slot_id` names, once a passphrase of a slot that stays unlocked: a
         repository is never left with only slots nobody can open."""
         victim = keys.removable(self.slots().slots, slot_id)
         try:
-            self.unlock(passphrase, keeping=victim.id)
+            opened = self.unlock(passphrase, keeping=victim.id)
         except keys.WrongPassphrase as exc:
             raise keys.WrongPassphrase(f"{exc} (removing slot {victim.id} needs the passphrase "
                                        "of a slot that stays)") from None
+        listed = victim.id in opened.keyring.slots
+        self._change(opened, lambda keyring: keys.without_slot(keyring, victim, listed=listed))
         delete_slot(self.store, victim)
         return victim
 
     def change_passphrase(self, opened: Opened, new: bytes) -> Slot:
-        """A slot for `new` (durable first), then the slot that opened deleted."""
-        slot = self.add_passphrase(opened, new, opened.unlocked.slot.label)
-        delete_slot(self.store, opened.unlocked.slot)
+        """A slot for `new` (durable first) in place of the slot that opened, whose file is
+        deleted once the keyring no longer lists it."""
+        old = opened.unlocked.slot
+        slot = self._passphrase_slot(opened, new, old.label)
+        self._listed(opened, slot, lambda keyring: keys.without_slot(
+            keys.with_slot(keyring, slot), old))
+        delete_slot(self.store, old)
         return slot
 
     def rotate(self, opened: Opened) -> Keyring:
-        return rotate(self.store, opened.unlocked.ring_key)
+        return self._change(opened, lambda keyring: keyring.rotated())
 
     def export_recovery(self, opened: Opened, out: Path, label: str) -> Slot:
         """Write a new recovery private key to `out` (owner-only, a new file), then its slot."""
@@ -120,5 +152,5 @@ class KeyManager:
         except FileExistsError:
             raise UsageError(f"{out} already exists: a recovery key is never written over a "
                              "file; name a new file") from None
-        save_slot(self.store, slot)
+        self._listed(opened, slot, lambda keyring: keys.with_slot(keyring, slot))
         return slot

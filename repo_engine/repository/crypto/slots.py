@@ -218,11 +218,15 @@ def _hex(fields: dict[str, Any], key: str, size: int) -> bytes:
     return value
 
 
+def valid_id(slot_id: object) -> bool:
+    return isinstance(slot_id, str) and _ID.fullmatch(slot_id) is not None
+
+
 def _slot_of(fields: dict[str, Any], what: str) -> Slot:
     kind, slot_id, label = fields["kind"], fields["id"], fields["label"]
     if kind not in (PASSPHRASE, RECOVERY):
         raise FormatError(f"{what}: key slot kind {kind!r} is not supported; upgrade repo-engine")
-    if not (isinstance(slot_id, str) and _ID.fullmatch(slot_id)):
+    if not valid_id(slot_id):
         raise ValueError(f"bad id {slot_id!r}")
     if not isinstance(label, str) or len(label) > MAX_LABEL:
         raise ValueError("bad label")
