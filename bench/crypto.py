@@ -39,7 +39,7 @@ MIB = 1 << 20
 SIZES = {"64 KiB": 64 << 10, "4 MiB": 4 << 20}
 AEADS = {"AES-256-GCM": AESGCM, "AES-256-GCM-SIV": AESGCMSIV,
          "ChaCha20-Poly1305": ChaCha20Poly1305}
-DEFAULT_SCRYPT = "14:8:1,16:8:1,17:8:1,17:12:1,18:8:1"
+DEFAULT_SCRYPT = "14:8:1,16:8:1,16:8:3,17:8:1,17:12:1,18:8:1"
 
 
 def machine_files(roots: tuple[str, ...] = ("/usr/lib", "/usr/share")) -> Iterator[Path]:
