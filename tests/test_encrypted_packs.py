@@ -241,10 +241,14 @@ def test_two_packs_swapped_a_truncated_pack_and_a_foreign_pack_are_refused(encry
 
 def test_a_cleartext_pack_planted_in_an_encrypted_repository_is_refused(encrypted, tmp_path):
     repo, point, _ = encrypted
-    pack = chunk_places(repo, point)[0][0]
     with init_repository(str(tmp_path / "plain"), **SETTINGS) as plain:
         backup_image(plain, "web1", tmp_path / "web1.img")
-        cleartext = plain.store.get(pack_names(plain)[0], limit=1 << 30)
+        cleartext = max((plain.store.get(name, limit=1 << 30) for name in pack_names(plain)),
+                        key=len)
+    # the smallest pack the point uses, so that the cleartext one holds every range read from
+    # it (a shorter one would be refused as truncated before its header is looked at)
+    pack = min({place[0] for place in chunk_places(repo, point)}, key=repo.store.size)
+    assert repo.store.size(pack) <= len(cleartext)
     rewrite(repo, pack, lambda _: cleartext)
     assert "a cleartext pack in an encrypted repository" in str(
         assert_restore_refused(repo, point, tmp_path, pack))
