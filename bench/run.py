@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark repo-engine against peer backup tools on a bench/workload.py work dir.
 
-    python3 bench/run.py --work DIR [--tools repo-engine,benji,restic,borg,borg-fixed,casync,cat,b3sum,zstd]
+    python3 bench/run.py --work DIR [--tools repo-engine,repo-engine-shared,repo-engine-encrypted,restic,...]
                          [--days 7] [--out bench/out/results.json]
 
 Steps run in order (day 0 full backup, days 1..N incremental, restore of day N);
@@ -161,6 +161,10 @@ class Tool:
     def bytes_read(self, m: Measure) -> int:
         return m.rchar
 
+    def scrubs(self) -> list[tuple[str, list[str]]]:
+        """(label, command) of each scrub timed after the restore."""
+        return []
+
 
 class RepoEngine(Tool):
     name = "repo-engine"
@@ -182,6 +186,36 @@ class RepoEngine(Tool):
 
     def bytes_read(self, m: Measure) -> int:
         return int(parse_json_output(m.stdout)["backup"]["bytes_read"])
+
+
+class RepoEngineShared(RepoEngine):
+    """repo-engine on a shared (journal) repository, the format every encrypted one has: the
+    baseline that isolates what encryption itself costs."""
+    name = "repo-engine-shared"
+    init_args = ["--shared"]
+
+
+class RepoEngineEncrypted(RepoEngine):
+    """repo-engine on an encrypted repository, its passphrase in a file named by
+    $REPO_ENGINE_PASSWORD_FILE (the way a cron job gives it); scrub is timed with and without
+    the key on the repository the backups left."""
+    name = "repo-engine-encrypted"
+    init_args = ["--encryption"]
+
+    @property
+    def passphrase_file(self) -> Path:
+        return self.root / "passphrase"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "REPO_ENGINE_PASSWORD_FILE": str(self.passphrase_file)}
+
+    def init(self) -> list[list[str]]:
+        self.passphrase_file.write_text("bench passphrase\n")
+        return super().init()
+
+    def scrubs(self) -> list[tuple[str, list[str]]]:
+        scrub = self.command + ["scrub", str(self.repo)]
+        return [("scrub", scrub), ("scrub --no-key", scrub + ["--no-key"])]
 
 
 def parse_json_output(text: str) -> dict:
@@ -330,7 +364,7 @@ class Zstd(Baseline):
     args = ["-T2", "-1", "-c"]
 
 
-TOOLS: dict[str, type[Tool]] = {t.name: t for t in (RepoEngine, Benji, Restic, Borg, BorgFixed, Casync, Cat, B3sum, Zstd)}
+TOOLS: dict[str, type[Tool]] = {t.name: t for t in (RepoEngine, RepoEngineShared, RepoEngineEncrypted, Benji, Restic, Borg, BorgFixed, Casync, Cat, B3sum, Zstd)}
 
 
 # ---------------------------------------------------------------- running
@@ -343,6 +377,7 @@ class Result:
     backups: list[dict] = field(default_factory=list)    # per day: Measure fields + bytes_read
     restore: dict | None = None
     repo_bytes: int | None = None
+    scrubs: dict[str, dict] = field(default_factory=dict)  # label -> seconds, cpu_seconds, load
 
 
 def day_images(work: Path, days: int) -> list[Path]:
@@ -398,6 +433,18 @@ def run_restore(tool: Tool, res: Result, day: int, expected: Path, logs: Path) -
         fail(res, "restore differs from source")
 
 
+def run_scrubs(tool: Tool, res: Result, logs: Path) -> None:
+    """Each scrub of the tool, cold like the restore."""
+    for label, cmd in tool.scrubs():
+        evict(tool.root)
+        m = measure(cmd, env=tool.env(), log=logs / f"{tool.name}-{label.replace(' ', '')}.log")
+        if m.rc != 0:
+            return fail(res, label, m)
+        res.scrubs[label] = {"seconds": m.seconds, "cpu_seconds": m.cpu_seconds,
+                             "load": os.getloadavg()[0]}
+        print(f"  {tool.name:12s} {label}: {m.seconds:7.2f} s", file=sys.stderr)
+
+
 def rotated(items: list, step: int) -> list:
     k = step % len(items) if items else 0
     return items[k:] + items[:k]
@@ -439,7 +486,8 @@ def run_all(work: Path, names: list[str], days: int, repo_engine_cmd: list[str])
     logs = root / "logs"
     logs.mkdir(parents=True)
     current = root / "current.img"
-    tools = [TOOLS[n](root / n, current, repo_engine_cmd if n == RepoEngine.name else None) for n in names]
+    tools = [TOOLS[n](root / n, current, repo_engine_cmd if issubclass(TOOLS[n], RepoEngine) else None)
+             for n in names]
     results = prepare(tools, logs)
     tools = [t for t in tools if results[t.name].status == "ok"]
     run_backups(imgs, current, tools, results, logs)
@@ -447,6 +495,7 @@ def run_all(work: Path, names: list[str], days: int, repo_engine_cmd: list[str])
     for tool in rotated([t for t in tools if not t.baseline and results[t.name].status == "ok"], days + 1):
         results[tool.name].repo_bytes = du_bytes(tool.repo)
         run_restore(tool, results[tool.name], days, imgs[-1], logs)
+        run_scrubs(tool, results[tool.name], logs)
     meta = {"work": str(work), "days": days, "image_bytes": imgs[0].stat().st_size,
             "host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -483,12 +532,29 @@ def load_range(results: list[Result]) -> str:
     2-CPU machine running one command at a time)."""
     loads = [b["load"] for r in results for b in r.backups]
     loads += [r.restore["load"] for r in results if r.restore]
+    loads += [m["load"] for r in results for m in r.scrubs.values()]
     return f"{min(loads):.2f}-{max(loads):.2f}" if loads else "—"
+
+
+def cpu_and_scrub_lines(results: list[Result]) -> list[str]:
+    """CPU seconds next to the wall ones (a loaded machine stretches wall time, less so CPU) and
+    each tool's scrubs."""
+    lines = []
+    for res in results:
+        full = next((b for b in res.backups if b["day"] == 0), None)
+        incr = [b["cpu_seconds"] for b in res.backups if b["day"] > 0]
+        lines.append(f"- {res.tool} CPU s: full {fmt(full and full['cpu_seconds'], 2)}, incremental "
+                     f"(mean) {fmt(statistics.mean(incr) if incr else None, 2)}, restore "
+                     f"{fmt(res.restore and res.restore['cpu_seconds'], 2)}"
+                     + "".join(f"; {label} {m['seconds']:.2f} s wall, {m['cpu_seconds']:.2f} s CPU"
+                               for label, m in res.scrubs.items()))
+    return lines
 
 
 def table(results: list[Result], meta: dict) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row(r)) + " |" for r in results]
+    lines += [""] + cpu_and_scrub_lines([r for r in results if r.backups])
     size = meta["image_bytes"] / MIB
     alloc = meta.get("workload", {}).get("per_day", [{}])[0].get("allocated")
     lines += ["",

@@ -161,7 +161,10 @@ class RepoEngine(Peer):
         return [f"s3://{self.bucket}/{self.prefix}", "--endpoint", self.endpoint]
 
     def env(self, cache: Path | None = None) -> dict[str, str]:
-        return {**super().env(), "REPO_ENGINE_CACHE_DIR": str(cache or self.cache)}
+        # an s3:// repository is encrypted by default (as restic's always is): its passphrase
+        # (builds without encryption ignore it and make an unencrypted repository)
+        return {**super().env(), "REPO_ENGINE_CACHE_DIR": str(cache or self.cache),
+                "REPO_ENGINE_PASSWORD": "bench"}
 
     def init(self) -> list[str]:
         return self.command + ["init", *self.location]

@@ -43,3 +43,8 @@ class LockedError(RepoError):
 
 class SourceError(RepoError):
     """A disk source could not be read: missing, unreadable, or reported wrong data."""
+
+
+class TamperedError(DamageError):
+    """A sealed (encrypted) object failed authentication: changed, truncated, moved to another
+    name, or sealed with a key the keyring does not hold (exit code 3)."""

@@ -24,6 +24,7 @@ from helpers import MIB, DiskModel, cli, tree_digest
 from test_bad_input import setup  # noqa: F401 (a fixture)
 
 REPO_OPEN = "repo_engine.repository.location.open_repository"
+KEYS_OPEN = "repo_engine.repository.location.open_key_manager"
 
 # every leaf command, with arguments that pass option parsing, and the engine function it reaches
 # first (the fault is injected there)
@@ -56,6 +57,9 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
     "scrub": (["scrub", "{repo}"], REPO_OPEN),
     "rebuild-index": (["rebuild-index", "{repo}"], "repo_engine.maintenance.rebuild.read_config"),
     "unlock": (["unlock", "{repo}"], "repo_engine.maintenance.rebuild.read_config"),
+    **{f"key {args[0]}": (["key", args[0], "{repo}", *args[1:]], KEYS_OPEN) for args in (
+        ["list"], ["status"], ["add"], ["remove", "abcd"], ["passwd"], ["rotate"],
+        ["export-recovery", "--out", "{tmp}/k.pem"], ["recover", "--private-key", "{img}"])},
 }
 
 # fault -> (exit code, what the line must say)

@@ -59,7 +59,8 @@ def disk(tmp_path: Path, seed: int, size: int = 4 * MIB) -> DiskModel:
 
 
 def test_init_backup_restore_on_s3(tmp_path, capsys, seaweedfs, s3_bucket, s3_repo):
-    out = ok(capsys, "init", s3_repo, "--endpoint", seaweedfs.endpoint).out
+    out = ok(capsys, "init", s3_repo, "--no-encryption", "--endpoint",
+             seaweedfs.endpoint).out
     assert "created shared repository" in out and s3_repo in out
     model = disk(tmp_path, 1)
     ok(capsys, "backup", "image", s3_repo, "--endpoint", seaweedfs.endpoint, "--vm", "web1",
@@ -84,7 +85,7 @@ def test_init_backup_restore_on_s3(tmp_path, capsys, seaweedfs, s3_bucket, s3_re
 
 def test_the_cache_directory_rule(tmp_path, capsys, monkeypatch, seaweedfs, s3_repo):
     monkeypatch.setenv("AWS_ENDPOINT_URL", seaweedfs.endpoint)
-    ok(capsys, "init", s3_repo)
+    ok(capsys, "init", s3_repo, "--no-encryption")
     ok(capsys, "stats", s3_repo)
     caches = [p for p in (tmp_path / "xdg-cache" / "repo-engine").iterdir()]
     assert len(caches) == 1, caches  # $XDG_CACHE_HOME/repo-engine/<repo_id>
@@ -104,11 +105,11 @@ def test_the_cache_directory_rule(tmp_path, capsys, monkeypatch, seaweedfs, s3_r
 def test_init_refuses_a_prefix_in_use(tmp_path, capsys, seaweedfs, s3_bucket, s3_repo):
     ep = ("--endpoint", seaweedfs.endpoint)
     admin_client(seaweedfs).put_object(Bucket=s3_bucket, Key="site1/repo/notes.txt", Body=b"x")
-    err = failure(capsys, 2, "init", s3_repo, *ep)
+    err = failure(capsys, 2, "init", s3_repo, "--no-encryption", *ep)
     assert "already holds objects" in err and "notes.txt" in err
     # a neighbour prefix sharing the name's start is another prefix
-    ok(capsys, "init", f"s3://{s3_bucket}/site1/re", *ep)
-    err = failure(capsys, 2, "init", f"s3://{s3_bucket}/site1/re", *ep)
+    ok(capsys, "init", f"s3://{s3_bucket}/site1/re", "--no-encryption", *ep)
+    err = failure(capsys, 2, "init", f"s3://{s3_bucket}/site1/re", "--no-encryption", *ep)
     assert "already holds a repository" in err
     assert list(bucket_objects(seaweedfs, s3_bucket, "site1/repo/")) == ["site1/repo/notes.txt"]
 
@@ -155,9 +156,10 @@ def test_wrong_endpoint_and_unreachable_server(tmp_path, capsys, seaweedfs, s3_r
 def test_bad_credentials_never_show_the_secret(tmp_path, capsys, monkeypatch, seaweedfs,
                                               s3_repo):
     ep = ("--endpoint", seaweedfs.endpoint)
-    ok(capsys, "init", s3_repo, *ep)
+    ok(capsys, "init", s3_repo, "--no-encryption", *ep)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret-7f3a9c")
-    for args in (("points", s3_repo), ("points", s3_repo, "--json"), ("init", s3_repo + "2"),
+    for args in (("points", s3_repo), ("points", s3_repo, "--json"),
+                 ("init", s3_repo + "2", "--no-encryption"),
                  ("--debug", "points", s3_repo)):
         result = run(capsys, *args, *ep)
         assert result.code == 1 and "refused the credentials" in result.err, result.err
@@ -224,7 +226,7 @@ def test_unlock_removes_what_a_killed_backup_left(tmp_path, capsys, monkeypatch,
                                                   s3_bucket, s3_repo):
     monkeypatch.setenv("AWS_ENDPOINT_URL", seaweedfs.endpoint)
     monkeypatch.setenv("REPO_ENGINE_LEASE_SECONDS", "1")
-    ok(capsys, "init", s3_repo)
+    ok(capsys, "init", s3_repo, "--no-encryption")
     model = disk(tmp_path, 3)
     cmd = Command(tmp_path, "backup", "image", s3_repo, "--vm", "web1", "--disk",
                   f"sda={model.path}", pauses=("backup.before_commit",))

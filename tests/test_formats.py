@@ -285,3 +285,48 @@ def test_salted_block_map_golden():
     assert data[:12] == BLOCK_MAP.magic + b"\x02\x00\x00\x00"
     assert data[24:56].hex() == ("00" + "05" * 7 + "0100000000000000" + "0100000000000000"
                                  + "14000000" + "01000000")
+
+
+def test_sealed_pack_golden(tmp_path):
+    """Major 2, rebuilt from the primitives: AES-256-GCM under HKDF-SHA256(data key, salt,
+    "repo-engine object v1 pack"), each chunk's nonce its offset, the toc's its offset."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    from repo_engine.repository.crypto.seal import ObjectSealer
+
+    (tmp_path / "tmp").mkdir()
+    store = LocalStore(tmp_path)
+    data_key, salt = bytes(range(32)), b"\x07" * 32
+    writer = PackWriter(store, ObjectSealer({3: data_key}, 3, random=lambda n: salt[:n]))
+    chunks = [(5, b"\x01" * 32, b"first", 9, 1), (6, bytes(31) + b"\x02", b"second!", 7, 0)]
+    for chunk in chunks:
+        writer.add(*chunk)
+    pack = writer.finish()
+    raw = (tmp_path / pack_object(pack.name)).read_bytes()
+
+    aead = AESGCM(HKDF(hashes.SHA256(), 32, salt, b"repo-engine object v1 pack").derive(data_key))
+
+    def ad(kind: bytes, name: bytes) -> bytes:  # length-prefixed kind and name, then the epoch
+        return bytes([len(kind)]) + kind + len(name).to_bytes(2, "little") + name + \
+            (3).to_bytes(4, "little")
+
+    header = PACK.magic + b"\x02\x00\x00\x00" + bytes(4) + (3).to_bytes(4, "little") + salt
+    blobs, table, toc, at = b"", b"", b"", len(header)
+    for ref, chunk_id, stored, raw_len, codec in chunks:
+        blob = aead.encrypt(at.to_bytes(12, "little"), stored, ad(b"chunk", chunk_id))
+        table += (at.to_bytes(8, "little") + len(blob).to_bytes(4, "little")
+                  + blake3.blake3(blob).digest(length=16))
+        toc += (ref.to_bytes(8, "little") + chunk_id + raw_len.to_bytes(4, "little")
+                + bytes([codec]) + bytes(3))
+        blobs, at = blobs + blob, at + len(blob)
+    toc_at = at + len(table)
+    sealed_toc = aead.encrypt(toc_at.to_bytes(12, "little"), toc,
+                              ad(b"trailer", blake3.blake3(header + table).digest()))
+    trailer = table + sealed_toc
+    footer = (b"REtrl\x00\x01\x1a" + (2).to_bytes(4, "little") + b"\x02\x00" + bytes(2)
+              + at.to_bytes(8, "little") + blake3.blake3(trailer).digest())
+    assert raw == header + blobs + trailer + footer
+    assert pack.name == blake3.blake3(raw).hexdigest()
+    assert [(e.offset, e.stored) for e in pack.entries] == [(52, 5 + 16), (73, 7 + 16)]

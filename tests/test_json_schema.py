@@ -67,6 +67,10 @@ SCHEMAS = {
                       "unreadable_packs": [str], "unreadable_manifests": [str],
                       "recount": dict, "journal_seq": int, "seconds": NUM},
     "unlock": {"removed": [dict], "kept": [dict]},
+    "key list": {"slots": [{"id": str, "kind": str, "label": str, "created": str,
+                            "kdf": (dict, NULL)}], "unreadable": [str]},
+    "key status": {"current_epoch": int, "epochs": [int], "keyring_generation": int,
+                   "unlocked_by": str},
 }
 
 
@@ -177,3 +181,21 @@ def test_docs_describe_every_field():
     assert not missing, f"docs/JSON.md does not describe {sorted(missing)}"
     for command in SCHEMAS:
         assert f"`{command}" in doc, command
+
+
+def test_key_commands_print_their_pinned_schema(tmp_path, capsys, monkeypatch):
+    from repo_engine.repository.crypto import slots
+    from test_crypto_keys import SMALL
+
+    monkeypatch.setattr(slots, "DEFAULT_SCRYPT", SMALL)
+    monkeypatch.setenv("REPO_ENGINE_PASSWORD", "pinned")
+    repo = tmp_path / "encrypted"
+    assert cli(capsys, "init", repo, "--encryption", "--cache-dir", tmp_path / "cache").code == 0
+    assert cli(capsys, "key", "export-recovery", repo, "--out", tmp_path / "r.pem").code == 0
+    listed = run_json(capsys, "key", "list", repo)
+    check(listed, SCHEMAS["key list"], "key list")
+    assert [s["kdf"] is None for s in listed["slots"]] == [False, True]
+    check(listed["slots"][0]["kdf"], {"name": str, "log_n": int, "r": int, "p": int,
+                                      "memory": int}, "key list: kdf")
+    check(run_json(capsys, "key", "status", repo, "--cache-dir", tmp_path / "cache"),
+          SCHEMAS["key status"], "key status")

@@ -64,7 +64,8 @@ def test_three_writers_and_maintenance_on_one_bucket(tmp_path, capsys, monkeypat
                                                      s3_bucket):
     s3_environment(monkeypatch, tmp_path, seaweedfs.endpoint)
     repo = f"s3://{s3_bucket}/repo"
-    assert repo_engine("init", repo, "--cache-dir", tmp_path / "host0").code == 0
+    assert repo_engine("init", repo, "--no-encryption", "--cache-dir",
+                       tmp_path / "host0").code == 0
     base = np.random.default_rng(99).integers(0, 256, HALF, dtype=np.uint8).tobytes()
     writers = [Writer(tmp_path, repo, n, base) for n in range(VMS)]
     failures: list[str] = []

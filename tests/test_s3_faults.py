@@ -47,7 +47,7 @@ def bucket(server, tmp_path, monkeypatch) -> str:
 @pytest.fixture
 def repo(bucket) -> str:
     location = f"s3://{bucket}/repo"
-    assert in_process("init", location).code == 0
+    assert in_process("init", location, "--no-encryption").code == 0
     return location
 
 
@@ -130,7 +130,7 @@ def test_backup_when_the_volume_server_dies(tmp_path, server, bucket, repo, mode
 
 def test_backup_when_the_connection_is_cut_while_packs_upload(tmp_path, server, bucket):
     repo = f"s3://{bucket}/repo"
-    assert in_process("init", repo, "--pack-size", SMALL_PACKS).code == 0
+    assert in_process("init", repo, "--no-encryption", "--pack-size", SMALL_PACKS).code == 0
     model = DiskModel(tmp_path / "big.img", 4 * DISK, np.random.default_rng(8))
     new_content(model)  # many packs: the backup uploads long enough to be stopped in the middle
     proxy = FaultProxy(server.ports["s3.port"])
@@ -193,7 +193,7 @@ def test_gc_when_the_connection_is_cut(tmp_path, server, bucket, repo, model):
 
 def test_restore_when_the_volume_server_dies(tmp_path, server, bucket, model):
     repo = f"s3://{bucket}/repo"
-    assert in_process("init", repo, "--pack-size", SMALL_PACKS).code == 0
+    assert in_process("init", repo, "--no-encryption", "--pack-size", SMALL_PACKS).code == 0
     point = backup(repo, model)
     target = tmp_path / "out.img"
     cmd = Command(tmp_path, "restore", repo, point, "--disk", "d", "--to", target)

@@ -301,10 +301,10 @@ def crash_before_point_entry(host: Host, vm: str, model, monkeypatch) -> None:
 
     write = journal.write_entry
 
-    def killed(store, entry):
+    def killed(store, entry, *sealer):
         if any(isinstance(op, PointOp) for op in entry.ops):
             raise KeyboardInterrupt
-        write(store, entry)
+        write(store, entry, *sealer)
 
     with monkeypatch.context() as patched:
         patched.setattr(journal, "write_entry", killed)

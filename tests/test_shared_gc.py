@@ -194,11 +194,11 @@ def test_a_sweep_racing_a_commit_recounts_and_keeps_what_the_commit_uses(hosts, 
     write = journal.write_entry
     raced: list[int] = []
 
-    def racing(store, entry):
+    def racing(store, entry, *sealer):
         if not raced and any(isinstance(op, SweepOp) for op in entry.ops):
             raced.append(entry.seq)
             b.repo.commit_point(stalled)
-        write(store, entry)
+        write(store, entry, *sealer)
 
     monkeypatch.setattr(journal, "write_entry", racing)
     swept = gc(a.repo, grace=0)
@@ -548,7 +548,7 @@ def test_gc_repack_on_s3_killed_after_its_new_pack_then_finished(seaweedfs, s3_b
 
     s3_environment(monkeypatch, tmp_path, seaweedfs.endpoint)
     repo = f"s3://{s3_bucket}/repo"
-    assert repo_engine("init", repo).code == 0
+    assert repo_engine("init", repo, "--no-encryption").code == 0
     model = disk(tmp_path, "vm", 41)
     contents: dict[str, bytes] = {}
     for _ in range(4):

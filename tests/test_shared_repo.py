@@ -136,11 +136,11 @@ def test_a_commit_racing_another_at_the_same_seq_catches_up_and_rechecks(hosts, 
     write = journal.write_entry
     raced: list[int] = []
 
-    def racing(store, entry):
+    def racing(store, entry, *sealer):
         if not raced and entry.ops and type(entry.ops[0]).__name__ == "PointOp":
             raced.append(entry.seq)
             assert b.repo.remove_point(parent.id)
-        write(store, entry)
+        write(store, entry, *sealer)
 
     monkeypatch.setattr(journal, "write_entry", racing)
     model.random_changes(2)

@@ -71,9 +71,9 @@ def test_racing_hosts_each_commit_once_at_distinct_seqs(bucket, tmp_path, monkey
     lost: list[int] = []
     write = journal.write_entry
 
-    def counting(store, entry):
+    def counting(store, entry, *sealer):
         try:
-            write(store, entry)
+            write(store, entry, *sealer)
         except ObjectExists:
             lost.append(entry.seq)
             raise

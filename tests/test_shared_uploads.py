@@ -120,7 +120,7 @@ def repo(request, seaweedfs, tmp_path, monkeypatch) -> str:
         location = f"s3://{new_bucket(seaweedfs)}/repo"
     else:
         location = str(tmp_path / "repo")
-    assert in_process("init", location, "--pack-size", PACKS).code == 0
+    assert in_process("init", location, "--no-encryption", "--pack-size", PACKS).code == 0
     return location
 
 

@@ -1,7 +1,7 @@
 """Commands on a local repository load only the modules they use: a small incremental's run time
 is mostly the interpreter's start-up, so the vSphere client and CLI, the maintenance modules, the
-S3 store and settings, and the shared repository's journal replay and leases must stay
-unloaded."""
+S3 store and settings, the shared repository's journal replay and leases, and the encryption
+library (an unencrypted repository never asks for a passphrase) must stay unloaded."""
 
 from __future__ import annotations
 
@@ -29,6 +29,10 @@ UNUSED = ("pyVmomi", "pyVim", "repo_engine.maintenance", "repo_engine.sources.vs
           "repo_engine.cli.vddk_env", "repo_engine.cli.maintenance_cmd",
           "repo_engine.repository.store.s3", "repo_engine.repository.leases",
           "repo_engine.repository.checkpoint", "boto3", "botocore", "tomllib",
+          # encryption: only an encrypted repository and the key commands load them
+          "cryptography", "repo_engine.repository.crypto.seal",
+          "repo_engine.repository.crypto.access", "repo_engine.repository.crypto.manage",
+          "repo_engine.cli.key_cmd",
           # np.unique imports it to ask whether an array is masked
           "numpy.ma")
 
@@ -82,11 +86,12 @@ def test_points_leaves_unused_modules_unloaded(backed_up: tuple[Path, Path, list
 
 # help names every command (each module is imported for its short help) but loads no engine
 ENGINE = ("numpy", "lmdb", "zstandard", "repo_engine.repository.repo", "repo_engine.backup",
-          "pyVmomi")
+          "pyVmomi", "cryptography")
 
 
 @pytest.mark.parametrize("command", [["--help"], ["backup", "--help"],
-                                     ["backup", "image", "--help"], ["restore", "--help"]])
+                                     ["backup", "image", "--help"], ["restore", "--help"],
+                                     ["key", "recover", "--help"]])
 def test_help_loads_no_engine(command: list[str]) -> None:
     modules = loaded_after([command])
     assert "repo_engine.cli.main" in modules

@@ -12,21 +12,27 @@ from typing import TYPE_CHECKING
 
 import click
 
+from .passphrase import FILE_ENV, VALUE_ENV, PassphraseSource
+
 if TYPE_CHECKING:  # imported lazily at run time: `--help` must not load the engine
     from ..repository.repo import Repository
 
 CACHE_DIR_KEY = "repo_engine.cache_dir"
 ENDPOINT_KEY = "repo_engine.endpoint"
+PASSPHRASE_FILE_KEY = "repo_engine.passphrase_file"
+_EAGER_KEYS = {"cache_dir": CACHE_DIR_KEY, "endpoint": ENDPOINT_KEY,
+               "passphrase_file": PASSPHRASE_FILE_KEY}
 
 
 @dataclass(frozen=True)
 class RepoAddress:
     """The REPO argument: a local directory or `s3://BUCKET/PREFIX`, with the command's
-    `--endpoint` and `--cache-dir`."""
+    `--endpoint`, `--cache-dir` and `--passphrase-file`."""
 
     location: str
     endpoint: str | None = None
     cache_dir: Path | None = None
+    passphrase_file: Path | None = None
 
     def __str__(self) -> str:
         return self.location
@@ -42,16 +48,21 @@ class RepoAddress:
 
         return load_s3_settings({"endpoint": self.endpoint})
 
+    def passphrase(self) -> PassphraseSource:
+        """The passphrase of an encrypted repository, read only when it is asked for."""
+        return PassphraseSource(self.location, self.passphrase_file)
+
     def open(self, *, rebuilding: bool = False) -> Repository:
         from ..repository.location import open_repository
 
         return open_repository(self.location, settings=self.settings(), cache_dir=self.cache_dir,
-                               rebuilding=rebuilding)
+                               rebuilding=rebuilding, passphrase=self.passphrase())
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None:
     """Keep an eager option's value for the REPO argument, which is processed after it."""
-    ctx.meta[CACHE_DIR_KEY if param.name == "cache_dir" else ENDPOINT_KEY] = value
+    assert param.name is not None
+    ctx.meta[_EAGER_KEYS[param.name]] = value
 
 
 def _address(ctx: click.Context, _param: click.Parameter, value: str) -> RepoAddress:
@@ -61,12 +72,20 @@ def _address(ctx: click.Context, _param: click.Parameter, value: str) -> RepoAdd
     if endpoint and not is_remote(value):
         raise click.BadParameter("--endpoint applies to s3:// locations only",
                                  param_hint="--endpoint")
-    return RepoAddress(value, endpoint, ctx.meta.get(CACHE_DIR_KEY))
+    return RepoAddress(value, endpoint, ctx.meta.get(CACHE_DIR_KEY),
+                       ctx.meta.get(PASSPHRASE_FILE_KEY))
 
 
 def repo_argument(command: Callable) -> Callable:
     """REPO (a directory or s3://BUCKET/PREFIX, kept a string: a Path would fold `s3://` into
-    `s3:/`) with `--endpoint` and `--cache-dir`, given to the command as a RepoAddress."""
+    `s3:/`) with `--endpoint`, `--cache-dir` and `--passphrase-file`, given to the command as a
+    RepoAddress."""
+    command = click.option(
+        "--passphrase-file", type=click.Path(path_type=Path, dir_okay=False), is_eager=True,
+        expose_value=False, callback=_remember, metavar="FILE",
+        show_default=f"${FILE_ENV}, else ${VALUE_ENV}, else asked on the terminal",
+        help="File holding the passphrase of an encrypted REPO (one trailing newline is "
+             "dropped); asked for only when REPO is encrypted.")(command)
     command = click.option(
         "--cache-dir", type=click.Path(path_type=Path, file_okay=False), is_eager=True,
         expose_value=False, callback=_remember, metavar="BASE",

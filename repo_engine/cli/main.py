@@ -35,6 +35,7 @@ COMMANDS = {
     "scrub": "repo_engine.cli.maintenance_cmd:scrub",
     "rebuild-index": "repo_engine.cli.maintenance_cmd:rebuild_index",
     "unlock": "repo_engine.cli.maintenance_cmd:unlock",
+    "key": "repo_engine.cli.key_cmd:key",
 }
 
 EPILOG = "Exit codes: 0 ok, 1 error, 2 usage error, 3 damage found."

@@ -367,20 +367,31 @@ def _echo_affected(affected: list) -> None:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               show_default="the number of CPUs",
               help="Verification threads.")
+@click.option("--no-key", "no_key", is_flag=True,
+              help="Encrypted repository: check the stored bytes of every object against their "
+                   "checksums without the key (no passphrase asked, nothing written), e.g. on "
+                   "the storage host.")
 @json_option
 def scrub(repo: RepoAddress, subset: str | None, max_duration: str | None, repair: bool,
-          workers: int | None, as_json: bool) -> None:
+          workers: int | None, no_key: bool, as_json: bool) -> None:
     """Read the chunk data back and check every chunk against its id. Exit code 3 on damage.
 
     \b
     Examples:
       repo-engine scrub /backup/repo --read-data-subset 10% --max-duration 2h
       repo-engine scrub /backup/repo --repair
+      repo-engine scrub s3://bucket/repo --no-key
     """
     from ..maintenance.scrub import scrub as run_scrub
 
     from ..units import parse_seconds
 
+    if no_key:
+        if subset or max_duration or repair:
+            raise click.UsageError("--no-key checks every object whole: it takes no "
+                                   "--read-data-subset, --max-duration or --repair")
+        _scrub_stored(repo, workers, as_json)
+        return
     limit = parse_seconds(max_duration, "--max-duration") if max_duration else None
     with open_repo(repo, shared="scrub") as repository, Progress() as progress:
         total = sum(p.size for p in repository.index.all_packs())
@@ -396,6 +407,37 @@ def scrub(repo: RepoAddress, subset: str | None, max_duration: str | None, repai
         _exit_damage(f"scrub {found} {chunks} damaged chunk{'s' * (chunks != 1)} used by "
                      f"{points} point{'s' * (points != 1)}"
                      + ("" if repair else "; 'repo-engine scrub --repair' heals what it can"))
+
+
+def _scrub_stored(repo: RepoAddress, workers: int | None, as_json: bool) -> None:
+    import os
+    from contextlib import closing
+
+    from ..maintenance.stored_scrub import scrub_stored
+    from ..repository.location import open_stored
+    from ..units import format_rate, plural
+
+    opened = open_stored(repo.location, settings=repo.settings(), cache_dir=repo.cache_dir)
+    with closing(opened):
+        report = scrub_stored(opened, workers=workers or max(2, os.cpu_count() or 2))
+    if as_json:
+        emit_json(report, ok=report.ok)
+    else:
+        counts = ", ".join(plural(n, kind.rstrip("s") if kind != "journal" else "journal object")
+                           for kind, n in report.objects.items())
+        click.echo(f"checked the stored bytes without the key: {counts}; "
+                   f"{plural(report.chunks_checked, 'chunk')}, {human_bytes(report.bytes_read)} "
+                   f"in {report.seconds:.2f} s ({format_rate(report.bytes_read, report.seconds)})")
+        for line in report.damaged[:20]:
+            click.echo(f"DAMAGED {line}")
+        if len(report.damaged) > 20:
+            click.echo(f"... {plural(len(report.damaged) - 20, 'more damaged object')}")
+        if report.ok:
+            click.echo("no damage found")
+    if not report.ok:
+        _exit_damage(f"scrub --no-key found {len(report.damaged)} damaged objects or chunks, "
+                     f"the first: {report.damaged[0]}; 'repo-engine scrub' with the key says "
+                     "which points they affect")
 
 
 def _echo_scrub(report: object) -> None:

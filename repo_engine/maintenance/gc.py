@@ -56,7 +56,7 @@ from ..pause import pause_point
 from ..repository.index import LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.blockmap import map_object
-from ..repository.packs import ENTRY, FOOTER, HEADER, PackWriter, pack_object
+from ..repository.packs import PackWriter, blob_bytes, pack_object
 from ..repository.points import point_object
 from ..repository.repo import Repository
 from ..repository.seals import KEY, CountDamaged, seal_rows
@@ -492,6 +492,7 @@ def repack_candidates(repo: Repository, max_unused: float) -> list[int]:
     """Packs whose unused share of chunk bytes exceeds `max_unused` percent."""
     index = repo.index
     out = []
+    sealed = bool(repo.config.encryption)
     with index.env.begin() as txn:
         lives = live_counts(index, txn)
         for key, raw in txn.cursor(db=index.packs):
@@ -499,7 +500,7 @@ def repack_candidates(repo: Repository, max_unused: float) -> list[int]:
             if key not in lives:
                 continue
             live_count, live_stored = lives[key]
-            data = max(size - HEADER.size - FOOTER.size - ENTRY.size * count, 1)
+            data = max(blob_bytes(size, count, sealed), 1)
             if live_count and (1 - live_stored / data) * 100 > max_unused:
                 out.append(PACK_KEY.unpack(key)[0])
     return out
@@ -564,10 +565,11 @@ def _live_chunks(repo: Repository, number: int) -> list[tuple[int, bytes, bytes,
             _, pack, off, *_ = REF_REC.unpack(rec)
             if pack != number or off != offset:
                 continue
-            blob = data[offset:offset + int(e["stored"])]
             chunk_id = e["id"].tobytes()
-            repo.codec.decode(blob, int(e["codec"]), int(e["raw"]), chunk_id,
-                              f"pack {info.name} chunk ref {ref}")
+            what = f"pack {info.name} chunk ref {ref}"
+            blob = repo.open_chunk(info.name, offset, chunk_id,
+                                   data[offset:offset + int(e["stored"])], what)
+            repo.codec.decode(blob, int(e["codec"]), int(e["raw"]), chunk_id, what)
             out.append((ref, chunk_id, blob, int(e["raw"]), int(e["codec"])))
     return out
 

@@ -94,7 +94,7 @@ def rebuild_cache(repo: Repository) -> RebuildReport:
         shutil.rmtree(work, ignore_errors=True)
         index = Index(work, create=True)
         try:
-            report.journal_seq = catch_up(repo.store, index, check=True)
+            report.journal_seq = catch_up(repo.store, index, check=True, sealer=repo.sealer)
             report.packs = len(index.all_packs())
             report.chunks = index.counters()["chunks"]
             report.points = len(index.points_records())
@@ -135,6 +135,7 @@ def _packs(repo: Repository, report: RebuildReport) -> None:
 def _decodes(repo: Repository, name: str, e: PackEntry) -> bool:
     try:
         blob = repo.read_chunk_range(name, e.offset, e.stored)
+        blob = repo.open_chunk(name, e.offset, e.chunk_id, blob, f"pack {name}")
         repo.codec.decode(blob, e.codec, e.raw, e.chunk_id, f"pack {name}")
         return True
     except (RepoError, OSError):
@@ -145,7 +146,7 @@ def _points(repo: Repository, report: RebuildReport) -> None:
     skipped = report.unreadable_manifests
     for point_id, info in sorted(objects_under(repo, "points", skipped).items()):
         try:
-            point = read_point(repo.store, info.name)
+            point = read_point(repo.store, info.name, repo.sealer)
         except RepoError as exc:
             report.unreadable_manifests.append(str(exc))
             continue

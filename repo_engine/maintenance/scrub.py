@@ -41,6 +41,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import blake3
 import numpy as np
 
 from ..backup.extents import extents_to_blocks
@@ -190,7 +191,7 @@ def _scrub_pack(repo: Repository, pack: PackInfo) -> _PackResult:
     with repo.index.env.begin() as txn:
         places = [txn.get(REF_KEY.pack(int(ref)), db=repo.index.refs)
                   for ref in entries["ref"].tolist()]
-    decode = repo.codec.decode
+    decode, open_chunk = repo.codec.decode, repo.open_chunk
     for e, rec in zip(entries, places):
         if rec is None:
             continue
@@ -198,14 +199,32 @@ def _scrub_pack(repo: Repository, pack: PackInfo) -> _PackResult:
         chunk_id, number, off, stored, raw, codec = REF_REC.unpack(rec)
         if number != pack.number or off != offset:
             continue
+        what = f"pack {pack.name} chunk ref {ref}"
         try:
-            decode(view[offset:offset + stored], codec, raw, chunk_id,
-                   f"pack {pack.name} chunk ref {ref}")
+            decode(open_chunk(pack.name, offset, chunk_id, view[offset:offset + stored], what),
+                   codec, raw, chunk_id, what)
         except DamageError as exc:
             result.damaged[ref] = str(exc)
         result.checked += 1
         result.raw += raw
+    if not result.damaged and blake3.blake3(data).hexdigest() != pack.name:
+        result.damaged.update(_unlisted(repo, pack, entries))
     return result
+
+
+def _unlisted(repo: Repository, pack: PackInfo, entries: np.ndarray) -> dict[int, str]:
+    """The refs the index places in `pack` that its trailer does not list at that offset.
+    Asked of a pack whose bytes do not hash to its name though every chunk it lists that the
+    index places there is whole: another pack put in its place lists none of them (a pack that
+    merely holds a damaged chunk no point uses any more lists them all)."""
+    with repo.index.env.begin() as txn:
+        table = scan_refs(repo.index, txn)
+    placed = table[table["pack"] == pack.number]
+    listed = set(zip(entries["ref"].tolist(), entries["offset"].tolist()))
+    why = (f"pack {pack.name}: its bytes do not hash to its name and its trailer does not list "
+           "this chunk (another pack was put in its place)")
+    return {ref: why for ref, offset in zip(placed["ref"].tolist(), placed["offset"].tolist())
+            if (ref, offset) not in listed}
 
 
 def scrub(repo: Repository, *, subset: str | None = None, max_duration: str | float | None = None,
@@ -353,7 +372,9 @@ def read_chunk(repo: Repository, ref: int) -> tuple[bytes, bytes, int, int] | No
         return None
     chunk_id, number, offset, stored, raw, codec = REF_REC.unpack(rec)
     try:
-        blob = repo.read_chunk_range(repo.index.pack_info(number).name, offset, stored)
+        name = repo.index.pack_info(number).name
+        blob = repo.open_chunk(name, offset, chunk_id,
+                               repo.read_chunk_range(name, offset, stored), f"ref {ref}")
         repo.codec.decode(blob, codec, raw, chunk_id, f"ref {ref}")
     except (RepoError, OSError):
         return None

@@ -52,7 +52,7 @@ from ..repository.journal import (NothingToCommit, PackOp, PendingPlan, PlanOp, 
                                    WaitsOp, new_plan_id)
 from ..repository.leases import SESSION, LeaseInfo, iso, list_leases, now
 from ..repository.locks import MAINTENANCE, SHARED
-from ..repository.packs import (ENTRY, FOOTER, HEADER, FinishedPack, PackWriter, pack_object,
+from ..repository.packs import (FinishedPack, PackWriter, blob_bytes, pack_object,
                                  read_spans)
 from ..repository.points import point_object
 from ..repository.store import ObjectMissing
@@ -385,10 +385,10 @@ def _partly_used(repo: Repository, mark: Mark, max_unused: float) -> _Partly:
     numbers, inverse = np.unique(live["pack"], return_inverse=True)
     kept = np.bincount(inverse, weights=live["stored"].astype(np.float64),
                        minlength=len(numbers)).astype(np.int64)
-    chosen = []
+    chosen, sealed = [], bool(repo.config.encryption)
     for number, used in zip(numbers.tolist(), kept.tolist()):
         _name, size, count = packs.names.get(number, ("", 0, 0))
-        data = max(size - HEADER.size - FOOTER.size - ENTRY.size * count, 1)
+        data = max(blob_bytes(size, count, sealed), 1)
         if size and (1 - used / data) * 100 > max_unused:
             chosen.append(number)
     rows = live[np.isin(live["pack"], chosen)]
@@ -510,10 +510,10 @@ def _read_run(repo: Repository, name: str, rows: np.ndarray) -> list[bytes]:
                           "scrub'")
     out = []
     for row in rows:
-        at = int(row["offset"]) - start
-        blob = data[at:at + int(row["stored"])]
-        repo.codec.decode(blob, int(row["codec"]), int(row["raw"]), row["id"].tobytes(),
-                          f"pack {name} chunk ref {int(row['ref'])}")
+        at, chunk_id = int(row["offset"]) - start, row["id"].tobytes()
+        what = f"pack {name} chunk ref {int(row['ref'])}"
+        blob = repo.open_chunk(name, start + at, chunk_id, data[at:at + int(row["stored"])], what)
+        repo.codec.decode(blob, int(row["codec"]), int(row["raw"]), chunk_id, what)
         out.append(blob)
     return out
 
@@ -553,9 +553,9 @@ def _checkpoint(repo: Repository, grace: float, report: SharedGcReport) -> None:
     repo.refresh()
     if checkpoint_due(repo.store, repo.index):
         repo.check_leases()
-        report.checkpoint = write_checkpoint(repo.store, repo.index)
+        report.checkpoint = write_checkpoint(repo.store, repo.index, repo.sealer)
     repo.check_leases()
-    report.entries_compacted = compact(repo.store, grace)
+    report.entries_compacted = compact(repo.store, grace, sealer=repo.sealer)
 
 
 # -- dry run -----------------------------------------------------------------------------------

@@ -5,10 +5,11 @@ blocks has 2^30 blocks, 8 GiB of refs: no command may hold that. A map is theref
 segments of a fixed block range (2^20 blocks, 8 MiB of refs), each compressed on its own with its
 own checksum and stored front to back; a range no entry falls in (a FULL map's all-ZERO range, a
 DELTA's unchanged range) is not stored at all, so a mostly empty disk's map is small on disk and
-costs nothing to skip. A reader streams a map front to back (an encrypted store seals objects in
-segments read in order: no random access is needed), and resolving a chain streams its maps in
-lockstep, one range at a time: the resolved refs of one range are all a command holds
-(`resolve_windows`). In memory a map is a `BlockMap` whose FULL refs may be sparse (the blocks and
+costs nothing to skip. A reader streams a map front to back, and resolving a chain streams its
+maps in lockstep, one range at a time: the resolved refs of one range are all a command holds
+(`resolve_windows`). In an encrypted repository a map's payload is sealed whole (envelope flag
+SEALED): a reader reads and opens its compressed bytes at once, then decompresses one segment at
+a time as above. In memory a map is a `BlockMap` whose FULL refs may be sparse (the blocks and
 refs of its non-ZERO entries), so a backup holds what it read, not the disk.
 
 A map (the object `maps/<first two hex>/<name>.map`, named by the BLAKE3 of its sealed bytes) is an
@@ -51,7 +52,8 @@ import zstandard
 
 from ..errors import DamageError, FormatError
 from .config import MIN_BLOCK
-from .envelope import CHECKSUM_SIZE, HEADER, seal, unseal
+from .crypto.null import NULL_SEALER, Sealer
+from .envelope import CHECKSUM_SIZE, HEADER, SEALED, Binding, seal, unseal
 from .formats import BLOCK_MAP, BLOCK_MAP_V1
 from .points import MAX_CAPACITY
 from .safefile import MAP_MAX, checked_name
@@ -149,8 +151,10 @@ def nonzero_entries(windows: Iterator[tuple[int, np.ndarray]]) -> tuple[np.ndarr
 
 
 # -- bytes ------------------------------------------------------------------------------------
-def encode(bmap: BlockMap, salt: bytes = b"", shift: int = SEGMENT_SHIFT) -> bytes:
-    """The sealed bytes (version 2) of `bmap`, built segment by segment."""
+def encode(bmap: BlockMap, salt: bytes = b"", shift: int = SEGMENT_SHIFT,
+           sealer: Sealer | None = None) -> bytes:
+    """The sealed bytes (version 2) of `bmap`, built segment by segment; the payload sealed by
+    `sealer` in an encrypted repository."""
     parts: list[bytes] = []
     count = 0
     for index, blocks, refs in bmap.segments(shift):
@@ -162,7 +166,11 @@ def encode(bmap: BlockMap, salt: bytes = b"", shift: int = SEGMENT_SHIFT) -> byt
         count += len(refs)
     head = HEAD2.pack(bmap.kind, salt.ljust(SALT_SIZE, b"\0"), bmap.nblocks, count, shift,
                       len(parts) // 2)
-    return seal(BLOCK_MAP, head + b"".join(parts))
+    return seal(BLOCK_MAP, head + b"".join(parts), _binding(sealer))
+
+
+def _binding(sealer: Sealer | None) -> Binding | None:
+    return None if sealer is None else Binding(sealer, "map", b"")
 
 
 def _digest(frame: bytes | memoryview) -> bytes:
@@ -252,12 +260,30 @@ class MapStream:
         return self.segments
 
 
+class _Payload:
+    """Sequential reads of a payload already in memory and checked (a sealed map, opened)."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload, self.pos, self.body_end = payload, 0, len(payload)
+
+    def read(self, n: int, what: str) -> bytes:
+        if n > self.body_end - self.pos:
+            raise DamageError(f"{what}: block map is truncated")
+        self.pos += n
+        return self.payload[self.pos - n:self.pos]
+
+    def finish(self, what: str) -> None:
+        pass
+
+
 class _Source:
     """Sequential reads of a stored object, read ahead in large ranges and hashed on the way:
-    at the end the object's name (the BLAKE3 of all its bytes) is checked."""
+    at the end (`finish`) its checksum and its name (the BLAKE3 of all its bytes) are
+    checked."""
 
-    def __init__(self, store: Store, obj: str, size: int) -> None:
-        self.store, self.obj, self.size = store, obj, size
+    def __init__(self, store: Store, obj: str, size: int, name: str) -> None:
+        self.store, self.obj, self.size, self.name = store, obj, size, name
+        self.body_end = size - CHECKSUM_SIZE
         self.pos = 0  # bytes of the object handed out
         self.buffer, self.start = b"", 0  # read ahead: bytes from pos on are buffer[start:]
         self.hasher = blake3.blake3()
@@ -280,43 +306,63 @@ class _Source:
         self.pos += n
         return data
 
+    def finish(self, what: str) -> None:
+        checksum = self.hasher.copy().digest()
+        if self.read(CHECKSUM_SIZE, what) != checksum:
+            raise DamageError(f"{what}: block map checksum mismatch (file is damaged)")
+        if self.hasher.hexdigest() != self.name:
+            raise DamageError(f"{what}: block map content does not match its name (damaged)")
 
-def open_map(store: Store, name: str) -> MapStream:
+
+def open_map(store: Store, name: str, sealer: Sealer = NULL_SEALER) -> MapStream:
     """Stream map `name`: its header now, its segments as they are iterated (each checked
-    before it is used; the whole object's checksum and name once the last one is read)."""
+    before it is used; the whole object's checksum and name once the last one is read). A
+    sealed map (or any map where `sealer` is a repository's) is read and opened whole first:
+    the envelope refuses a cleartext map planted in an encrypted repository and the reverse."""
     obj = map_object(name)
     what = f"{store.location}/{obj}"
     size = store.size(obj)
     if size > MAP_MAX:
         raise DamageError(f"{what}: block map is larger than any map can be ({size} bytes)")
-    source = _Source(store, obj, size)
+    source = _Source(store, obj, size, name)
     head = source.read(HEADER.size, what) if size >= HEADER.size + CHECKSUM_SIZE else b""
     if not head:
         raise DamageError(f"{what}: truncated block map file ({size} bytes)")
-    magic, major, _minor, _flags, length = HEADER.unpack_from(head)
+    magic, major, _minor, flags, length = HEADER.unpack_from(head)
     if magic != BLOCK_MAP.magic:
         raise FormatError(f"{what}: not a block map file (bad magic)")
     BLOCK_MAP.check_version(major, what)
     if size != HEADER.size + length + CHECKSUM_SIZE:
         raise DamageError(f"{what}: block map file has the wrong length (truncated or extended)")
-    if major == BLOCK_MAP_V1.major:
-        bmap = _checked(store.get(obj, limit=MAP_MAX), name, what, decode)
-        return MapStream(bmap.kind, bmap.nblocks, None, iter(()), bmap)
+    if major == BLOCK_MAP_V1.major or flags & SEALED or sealer.encrypted:
+        payload = _checked(store.get(obj, limit=MAP_MAX), name, what, sealer)
+        if major == BLOCK_MAP_V1.major:
+            bmap = decode(payload, what)
+            return MapStream(bmap.kind, bmap.nblocks, None, iter(()), bmap)
+        return _segmented(_Payload(payload), what)
     if length < HEAD2.size:
+        raise DamageError(f"{what}: block map header is truncated")
+    return _segmented(source, what)
+
+
+def _segmented(source: _Source | _Payload, what: str) -> MapStream:
+    """A version 2 map from its payload's start on."""
+    if source.body_end - source.pos < HEAD2.size:
         raise DamageError(f"{what}: block map header is truncated")
     kind, _salt, nblocks, count, shift, nsegs = HEAD2.unpack(source.read(HEAD2.size, what))
     _check_head(kind, nblocks, count, what)
     if not MIN_SHIFT <= shift <= MAX_SHIFT or nsegs > -(-nblocks >> shift):
         raise DamageError(f"{what}: block map header is inconsistent")
     return MapStream(kind, nblocks, shift,
-                     _stream_segments(source, name, what, kind, nblocks, count, shift, nsegs))
+                     _stream_segments(source, what, kind, nblocks, count, shift, nsegs))
 
 
-def _checked(data: bytes, name: str, what: str, parse: Callable[[bytes, str], BlockMap]
-             ) -> BlockMap:
+def _checked(data: bytes, name: str, what: str, sealer: Sealer) -> bytes:
+    """The payload of a map read whole: named by its bytes, its envelope checked (and opened
+    when sealed)."""
     if blake3.blake3(data).hexdigest() != name:
         raise DamageError(f"{what}: block map content does not match its name (damaged)")
-    return parse(unseal(BLOCK_MAP, data, what), what)
+    return unseal(BLOCK_MAP, data, what, _binding(sealer))
 
 
 def _loaded(bmap: BlockMap, shift: int) -> Iterator[Segment]:
@@ -324,7 +370,7 @@ def _loaded(bmap: BlockMap, shift: int) -> Iterator[Segment]:
         yield Segment(index, len(refs), lambda b=blocks, r=refs: (b, r))
 
 
-def _stream_segments(source: _Source, name: str, what: str, kind: int, nblocks: int,
+def _stream_segments(source: _Source | _Payload, what: str, kind: int, nblocks: int,
                      count: int, shift: int, nsegs: int) -> Iterator[Segment]:
     last, total = -1, 0
     for _ in range(nsegs):
@@ -333,7 +379,7 @@ def _stream_segments(source: _Source, name: str, what: str, kind: int, nblocks: 
         span = min(1 << shift, nblocks - lo) if index > last and lo < nblocks else 0
         if not span or not (entries == span if kind == FULL else 0 < entries <= span):
             raise DamageError(f"{what}: block map segment {index} is out of order or range")
-        if length > source.size - source.pos - CHECKSUM_SIZE:
+        if length > source.body_end - source.pos:
             raise DamageError(f"{what}: block map is truncated")
         frame = source.read(length, what)
         if _digest(frame) != digest:
@@ -341,13 +387,9 @@ def _stream_segments(source: _Source, name: str, what: str, kind: int, nblocks: 
         last, total = index, total + entries
         yield Segment(index, entries, lambda f=frame, e=entries, lo=lo, span=span:
                       _load_segment(f, kind, e, lo, span, what))
-    if total != count or source.pos != source.size - CHECKSUM_SIZE:
+    if total != count or source.pos != source.body_end:
         raise DamageError(f"{what}: block map body has the wrong length")
-    checksum = source.hasher.copy().digest()
-    if source.read(CHECKSUM_SIZE, what) != checksum:
-        raise DamageError(f"{what}: block map checksum mismatch (file is damaged)")
-    if source.hasher.hexdigest() != name:
-        raise DamageError(f"{what}: block map content does not match its name (damaged)")
+    source.finish(what)
 
 
 def _load_segment(frame: bytes, kind: int, entries: int, lo: int, span: int,
@@ -430,22 +472,22 @@ def map_object(name: str) -> str:
 
 
 def write_map(store: Store, bmap: BlockMap, *, salted: bool = False,
-              doomed: Callable[[str], bool] | None = None) -> str:
+              doomed: Callable[[str], bool] | None = None, sealer: Sealer = NULL_SEALER) -> str:
     """Store a map durably under its content name; returns the name. `salted`, or when
     `doomed(name)` says that gc may delete the object of that name: under a new, random name
     (a salt in the header)."""
-    data = encode(bmap, os.urandom(SALT_SIZE) if salted else b"")
+    data = encode(bmap, os.urandom(SALT_SIZE) if salted else b"", sealer=sealer)
     name = blake3.blake3(data).hexdigest()
     if not salted and doomed is not None and doomed(name):
-        return write_map(store, bmap, salted=True)
+        return write_map(store, bmap, salted=True, sealer=sealer)
     if not store.exists(map_object(name)):
         store.put(map_object(name), data)
     return name
 
 
-def read_map(store: Store, name: str) -> BlockMap:
+def read_map(store: Store, name: str, sealer: Sealer = NULL_SEALER) -> BlockMap:
     """Map `name` in memory: a FULL map as its non-ZERO entries (sparse), streamed."""
-    stream = open_map(store, name)
+    stream = open_map(store, name, sealer)
     shift = stream.shift or SEGMENT_SHIFT
     if stream.kind == FULL:
         blocks, refs = nonzero_entries(resolve_windows([stream], shift=shift))
@@ -456,9 +498,9 @@ def read_map(store: Store, name: str) -> BlockMap:
     return BlockMap.delta(stream.nblocks, blocks, refs)
 
 
-def map_refs(store: Store, name: str) -> np.ndarray:
+def map_refs(store: Store, name: str, sealer: Sealer = NULL_SEALER) -> np.ndarray:
     """The distinct non-ZERO refs map `name` holds, streamed (what reference counts count)."""
-    stream = open_map(store, name)
+    stream = open_map(store, name, sealer)
     parts = [unique_nonzero(segment.load()[1])
              for segment in stream.segments_at(stream.shift or SEGMENT_SHIFT)]
     return unique_nonzero(np.concatenate(parts)) if parts else np.zeros(0, U64)

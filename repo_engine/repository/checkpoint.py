@@ -6,10 +6,16 @@ without reading any pack or map. It is written streamed, in bounded memory, as:
 
 | part    | layout                                                                      |
 |---------|-----------------------------------------------------------------------------|
-| header  | magic CHECKPOINT (8), major u16, minor u16, flags u32 (0) — 16 bytes         |
+| header  | magic CHECKPOINT (8), major u16, minor u16, flags u32 — 16 bytes; then,      |
+|         | when flag SEALED (bit 0) is set, the key header (36: epoch, salt; seal.py)    |
 | records | each: tag [4] ascii, JSON length u32, frame length u64, then a zstd frame of |
 |         | the JSON followed by the record's binary part                                |
 | footer  | BLAKE3 of every byte before it [32]                                          |
+
+In an encrypted repository every frame is sealed as a part (crypto/seal.py) of kind
+"checkpoint", its nonce the frame's byte position, named by its tag and JSON length: a record
+changed, moved, dropped or taken from another checkpoint fails authentication. The footer stays
+over the stored bytes (a keyless scrub checks them); the tags and lengths stay readable.
 
 | tag    | JSON                                           | binary                            |
 |--------|------------------------------------------------|-----------------------------------|
@@ -49,8 +55,10 @@ import lmdb
 import numpy as np
 import zstandard
 
-from ..errors import DamageError
+from ..errors import DamageError, TamperedError
 from .atomic import write_all
+from .crypto.null import NULL_SEALER, PART_HEADER_SIZE, PartSealer, Sealer
+from .envelope import SEALED
 from .formats import CHECKPOINT
 from .index import (COUNTERS, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index, PendingPlan,
                     encode_record)
@@ -85,16 +93,24 @@ def newest_checkpoint(store: Store) -> int | None:
 
 
 # -- writing ----------------------------------------------------------------------------------
+def _part_name(tag: bytes, text_len: int) -> bytes:
+    return RECORD.pack(tag, text_len, 0)[:8]
+
+
 class _Writer:
     """Records into a spool file, hashed as they go; the file is closed however it ends."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sealer: Sealer) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         self._hash = blake3.blake3()
+        self._parts = sealer.parts("checkpoint")
+        self._flags = SEALED if sealer.encrypted else 0
+        self._pos = 0
         self.records = 0
 
     def __enter__(self) -> "_Writer":
-        self._out(HEADER.pack(CHECKPOINT.magic, CHECKPOINT.major, CHECKPOINT.minor, 0))
+        self._out(HEADER.pack(CHECKPOINT.magic, CHECKPOINT.major, CHECKPOINT.minor, self._flags)
+                  + self._parts.header)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -103,10 +119,13 @@ class _Writer:
     def _out(self, data: bytes) -> None:
         self._hash.update(data)
         write_all(self._fd, data)
+        self._pos += len(data)
 
     def record(self, tag: bytes, doc: object, binary: bytes = b"") -> None:
         text = json.dumps(doc, sort_keys=True).encode()
-        frame = zstandard.ZstdCompressor(level=3).compress(text + binary)
+        frame = self._parts.seal(self._pos + RECORD.size, "checkpoint",
+                                 _part_name(tag, len(text)),
+                                 zstandard.ZstdCompressor(level=3).compress(text + binary))
         self._out(RECORD.pack(tag, len(text), len(frame)) + frame)
         self.records += 1
 
@@ -116,12 +135,13 @@ class _Writer:
         os.fsync(self._fd)
 
 
-def write_checkpoint(store: Store, index: Index) -> int:
+def write_checkpoint(store: Store, index: Index, sealer: Sealer = NULL_SEALER) -> int:
     """Write the checkpoint of the cache's state at its `journal_seq` (the caller refreshed);
     returns that seq. One written by another host at the same seq is kept."""
     spool = store.spool_dir() / f"ckpt-{os.getpid()}-{os.urandom(6).hex()}.tmp"
     try:
-        with index.env.begin(buffers=False) as txn, _Writer(spool) as writer:  # one snapshot
+        # one snapshot
+        with index.env.begin(buffers=False) as txn, _Writer(spool, sealer) as writer:
             seq = index.journal_seq_in(txn)
             writer.record(b"META", {
                 "seq": seq, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -184,13 +204,14 @@ def checkpoint_due(store: Store, index: Index, every: int = CHECKPOINT_EVERY) ->
     return index.journal_seq - (newest_checkpoint(store) or 0) > every
 
 
-def compact(store: Store, grace: float, now: float | None = None) -> int:
+def compact(store: Store, grace: float, now: float | None = None,
+            sealer: Sealer = NULL_SEALER) -> int:
     """Delete the entries at or below the newest checkpoint once it is older than `grace`
     seconds and STALE_AFTER (module doc); returns how many were deleted."""
     seq = newest_checkpoint(store)
     if seq is None:
         return 0
-    meta = next(_Reader(store, checkpoint_object(seq)).records())[1]
+    meta = next(_Reader(store, checkpoint_object(seq), sealer).records())[1]
     written = datetime.fromisoformat(meta["time"]).timestamp()
     if (now if now is not None else time.time()) < written + max(grace, STALE_AFTER):
         return 0
@@ -203,8 +224,8 @@ def compact(store: Store, grace: float, now: float | None = None) -> int:
 class _Reader:
     """Sequential, hashed reads of a checkpoint object, a piece at a time."""
 
-    def __init__(self, store: Store, name: str) -> None:
-        self.store, self.name = store, name
+    def __init__(self, store: Store, name: str, sealer: Sealer) -> None:
+        self.store, self.name, self.sealer = store, name, sealer
         self.what = f"{store.location}/{name}"
         self.size = store.size(name)
         self.pos = 0
@@ -223,17 +244,21 @@ class _Reader:
         return data
 
     def records(self) -> Iterator[tuple[bytes, object, bytes]]:
-        magic, major, _minor, _flags = HEADER.unpack(self.read(HEADER.size))
+        magic, major, _minor, flags = HEADER.unpack(self.read(HEADER.size))
         if magic != CHECKPOINT.magic:
             raise DamageError(f"{self.what}: not a checkpoint (bad magic)")
         CHECKPOINT.check_version(major, self.what)
+        parts = self._opener(flags)
         count = 0
         while True:
             tag, text_len, frame_len = RECORD.unpack(self.read(RECORD.size))
             if frame_len > MAX_FRAME:
                 raise DamageError(f"{self.what}: checkpoint record claims {frame_len} bytes")
+            position = self.pos
+            frame = parts.open(position, "checkpoint", _part_name(tag, text_len),
+                               self.read(frame_len), self.what)
             try:
-                body = zstandard.ZstdDecompressor().decompress(self.read(frame_len))
+                body = zstandard.ZstdDecompressor().decompress(frame)
                 doc = json.loads(body[:text_len])
             except (zstandard.ZstdError, ValueError) as exc:
                 raise DamageError(f"{self.what}: checkpoint record is damaged ({exc})") from None
@@ -243,6 +268,16 @@ class _Reader:
             count += 1
             yield tag, doc, body[text_len:]
 
+    def _opener(self, flags: int) -> PartSealer:
+        """What opens the frames: a sealed checkpoint's key header read first; a cleartext one
+        in an encrypted repository was planted."""
+        sealed = bool(flags & SEALED)
+        if self.sealer.encrypted and not sealed:
+            raise TamperedError(f"{self.what}: a cleartext checkpoint in an encrypted "
+                                "repository; it was planted or tampered with")
+        header = self.read(PART_HEADER_SIZE) if sealed else b""
+        return self.sealer.parts_opener("checkpoint", header, self.what)
+
     def _finish(self, doc: object, count: int) -> None:
         digest = self.store.get_range(self.name, self.pos, CHECKSUM_SIZE)
         if (self.pos + CHECKSUM_SIZE != self.size or digest != self._hash.digest()
@@ -250,11 +285,11 @@ class _Reader:
             raise DamageError(f"{self.what}: checkpoint checksum mismatch (damaged)")
 
 
-def load_checkpoint(store: Store, index: Index, seq: int) -> None:
+def load_checkpoint(store: Store, index: Index, seq: int, sealer: Sealer = NULL_SEALER) -> None:
     """Replace the cache's replayed state by checkpoint `seq`, in one transaction that commits
     only when the whole checkpoint checked out (DamageError otherwise, the cache unchanged); a
     cache that holds entry `seq` already is left as it is."""
-    reader = _Reader(store, checkpoint_object(seq))
+    reader = _Reader(store, checkpoint_object(seq), sealer)
     try:
         with index.write() as txn:
             if index.journal_seq_in(txn) >= seq:
@@ -314,7 +349,8 @@ def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: b
 
 
 # -- refresh ----------------------------------------------------------------------------------
-def catch_up(store: Store, index: Index, *, check: bool = False) -> int:
+def catch_up(store: Store, index: Index, *, check: bool = False,
+             sealer: Sealer = NULL_SEALER) -> int:
     """Apply the journal's new entries to the cache (from the newest checkpoint when the cache
     is empty or stale and a newer one exists); returns the cache's `journal_seq`, the head.
     `check` (a command's first refresh, after its lock): make sure the entry the cache stopped
@@ -324,18 +360,18 @@ def catch_up(store: Store, index: Index, *, check: bool = False) -> int:
     if seq == 0 or time.time() - refreshed > STALE_AFTER:
         newest = newest_checkpoint(store)
         if newest is not None and newest > seq:
-            load_checkpoint(store, index, newest)
+            load_checkpoint(store, index, newest, sealer)
             seq = newest
     while True:
-        for entry in _new_entries(store, index.journal_seq):
+        for entry in _new_entries(store, index.journal_seq, sealer):
             index.apply_entry(entry)  # a no-op for one another process of this host applied
-        if not check or _at_head(store, index):
+        if not check or _at_head(store, index, sealer):
             break
     index.set_meta_u64("refreshed", int(time.time()))
     return index.journal_seq
 
 
-def _at_head(store: Store, index: Index) -> bool:
+def _at_head(store: Store, index: Index, sealer: Sealer) -> bool:
     """Whether the cache, whose next entry is missing, holds the journal's head: its own last
     entry still exists (or a checkpoint at it does) and the entry after the missing one does
     not. Otherwise entries were compacted past the cache (the newest checkpoint is loaded:
@@ -345,19 +381,20 @@ def _at_head(store: Store, index: Index) -> bool:
     head = index.journal_seq
     if head and not store.exists(entry_object(head)):
         return _from_checkpoint(store, index, head, f"entry {head}, the last one this host's "
-                                "cache holds, is gone", covers_head=True)
+                                "cache holds, is gone", covers_head=True, sealer=sealer)
     if not store.exists(entry_object(head + 2)):
         return True
     if store.exists(entry_object(head + 1)):
         return False  # written meanwhile
     return _from_checkpoint(store, index, head, f"entry {head + 1} is missing while entry "
-                            f"{head + 2} exists", covers_head=False)
+                            f"{head + 2} exists", covers_head=False, sealer=sealer)
 
 
-def _from_checkpoint(store: Store, index: Index, head: int, why: str, covers_head: bool) -> bool:
+def _from_checkpoint(store: Store, index: Index, head: int, why: str, covers_head: bool,
+                     sealer: Sealer) -> bool:
     newest = newest_checkpoint(store) or 0
     if newest > head:  # compacted past this cache
-        load_checkpoint(store, index, newest)
+        load_checkpoint(store, index, newest, sealer)
         return False
     if covers_head and newest == head:
         return True
@@ -368,17 +405,18 @@ def _from_checkpoint(store: Store, index: Index, head: int, why: str, covers_hea
                       "as it is, then 'repo-engine verify'")
 
 
-def _new_entries(store: Store, seq: int) -> Iterator[Entry]:
+def _new_entries(store: Store, seq: int, sealer: Sealer) -> Iterator[Entry]:
     """Entries seq + 1, seq + 2, ... up to the first missing one: one GET when nothing is new,
     else READ_AHEAD requests in flight (the store's latency, not its bandwidth, bounds a long
     replay), in bounded memory."""
-    entry = read_entry(store, seq + 1)
+    entry = read_entry(store, seq + 1, sealer)
     if entry is None:
         return
     yield entry
     with ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="journal-read") as pool:
         for start in itertools.count(seq + 2, READ_AHEAD):
-            window = [pool.submit(read_entry, store, s) for s in range(start, start + READ_AHEAD)]
+            window = [pool.submit(read_entry, store, s, sealer)
+                      for s in range(start, start + READ_AHEAD)]
             for future in window:
                 entry = future.result()
                 if entry is None:

@@ -1,10 +1,17 @@
 """The repository config: the object `config`, a sealed JSON document (envelope.py, magic CONFIG).
 
-Fields: `repo_id` (hex, 16 bytes), `chunk_key` (hex, 32 bytes: the BLAKE3 key of chunk ids),
+Fields: `repo_id` (hex, 16 bytes), `chunk_key` (hex, 32 bytes: the BLAKE3 key of chunk ids;
+empty in an encrypted repository, whose keyring holds it),
 `block_size` (bytes, power of two, 16 KiB..4 MiB), `compression_level` (zstd, 1..19), `max_chain`
 (maps per chain before a synthetic full), `pack_size` (target pack bytes), `created` (ISO time),
 `shared` (many hosts write the repository, through its journal; such a config is written with
-major version 2, which versions that know one writer refuse).
+major version 2, which versions that know one writer refuse), `encryption` (empty, or
+ENCRYPTION: every object is sealed (repository/crypto/); such a repository is always shared and
+its config is written with major version 3, which versions without encryption refuse).
+
+The config of an encrypted repository holds no secret and is read before the keys are: its
+`digest` is bound in the keyring, so that a config changed in the store is refused once the
+keyring is open.
 """
 
 from __future__ import annotations
@@ -13,9 +20,12 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+
+import blake3
+
 from ..errors import DamageError, NotARepository, UsageError
 from .envelope import read_sealed, write_sealed
-from .formats import CONFIG, SHARED_CONFIG
+from .formats import CONFIG, ENCRYPTED_CONFIG, SHARED_CONFIG
 from .safefile import CONFIG_MAX
 from .store import ObjectMissing, Store
 
@@ -28,6 +38,7 @@ DEFAULT_BLOCK = 64 * 1024
 DEFAULT_LEVEL = 1
 DEFAULT_MAX_CHAIN = 30
 DEFAULT_PACK_SIZE = 32 * 1024 * 1024
+ENCRYPTION = "aes-256-gcm"  # the one scheme (repository/crypto/cipher.py)
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,7 @@ class RepoConfig:
     pack_size: int = DEFAULT_PACK_SIZE
     created: str = ""
     shared: bool = False
+    encryption: str = ""
 
     @property
     def key_bytes(self) -> bytes:
@@ -57,12 +69,27 @@ class RepoConfig:
             raise UsageError(f"shared must be true or false, not {self.shared!r}")
         if self.pack_size < bs:
             raise UsageError(f"pack size {self.pack_size} must be at least the block size")
+        self._validate_keys()
+
+    def _validate_keys(self) -> None:
+        if self.encryption not in ("", ENCRYPTION):
+            raise UsageError(f"encryption {self.encryption!r} is not supported")
+        if self.encryption and not (self.shared and self.chunk_key == ""):
+            raise UsageError("an encrypted repository is shared and keeps no chunk key in its "
+                             "config")
+        if not self.encryption and len(self.key_bytes) != 32:
+            raise ValueError("the chunk key is not 32 bytes")
+
+    @property
+    def digest(self) -> bytes:
+        """BLAKE3 of the config as written (what an encrypted repository's keyring binds)."""
+        return blake3.blake3(_payload(self)).digest()
 
     @classmethod
-    def new(cls, **settings: int | bool) -> "RepoConfig":
+    def new(cls, **settings: int | bool | str) -> "RepoConfig":
         config = cls(
             repo_id=os.urandom(16).hex(),
-            chunk_key=os.urandom(32).hex(),
+            chunk_key="" if settings.get("encryption") else os.urandom(32).hex(),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **settings,
         )
@@ -70,9 +97,13 @@ class RepoConfig:
         return config
 
 
+def _payload(config: RepoConfig) -> bytes:
+    return json.dumps(asdict(config), sort_keys=True).encode()
+
+
 def write_config(store: Store, config: RepoConfig) -> None:
-    write_sealed(store, CONFIG_NAME, SHARED_CONFIG if config.shared else CONFIG, json.dumps(asdict(config), sort_keys=True).encode(),
-                 if_absent=True)
+    fmt = ENCRYPTED_CONFIG if config.encryption else SHARED_CONFIG if config.shared else CONFIG
+    write_sealed(store, CONFIG_NAME, fmt, _payload(config), if_absent=True)
 
 
 def read_config(store: Store) -> RepoConfig:
@@ -86,8 +117,6 @@ def read_config(store: Store) -> RepoConfig:
         doc = json.loads(payload)
         config = RepoConfig(**{k: v for k, v in doc.items() if k in RepoConfig.__dataclass_fields__})
         config.validate()
-        if len(config.key_bytes) != 32:
-            raise ValueError("the chunk key is not 32 bytes")
     except (UsageError, TypeError, ValueError, AttributeError) as exc:
         raise DamageError(f"{what}: the config holds invalid settings ({exc})") from None
     return config

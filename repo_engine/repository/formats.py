@@ -32,21 +32,30 @@ class FileFormat:
             )
 
 
-CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 1, also_reads=(2,))
+CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 1, also_reads=(2, 3))
 # a repository many hosts write (`shared`) has a config of major version 2, so that a version of
 # repo-engine that knows only one writer refuses it instead of writing around the journal
-SHARED_CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 2, also_reads=(1,))
+SHARED_CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 2, also_reads=(1, 3))
+# an encrypted repository (always shared) has major version 3, so that a version of repo-engine
+# without encryption refuses it instead of writing cleartext into it
+ENCRYPTED_CONFIG = FileFormat("config", b"REcfg\x00\x01\x1a", 3, also_reads=(1, 2))
 POINT = FileFormat("restore point", b"REpnt\x00\x01\x1a", 1)
 # 2: the map is cut in segments of a block range, read and written one at a time (blockmap.py)
 BLOCK_MAP = FileFormat("block map", b"REmap\x00\x01\x1a", 2, also_reads=(1,))
 # 1, read only: one frame for the whole disk; minor 1: the 7 bytes after the kind hold a salt
 BLOCK_MAP_V1 = FileFormat("block map", b"REmap\x00\x01\x1a", 1)
-PACK = FileFormat("pack", b"REpak\x00\x01\x1a", 1)
-PACK_TRAILER = FileFormat("pack trailer", b"REtrl\x00\x01\x1a", 1)
+PACK = FileFormat("pack", b"REpak\x00\x01\x1a", 1, also_reads=(2,))
+PACK_TRAILER = FileFormat("pack trailer", b"REtrl\x00\x01\x1a", 1, also_reads=(2,))
+# an encrypted repository's packs (sealed chunks, a trailer partly sealed) have major version 2
+SEALED_PACK = FileFormat("pack", b"REpak\x00\x01\x1a", 2, also_reads=(1,))
+SEALED_PACK_TRAILER = FileFormat("pack trailer", b"REtrl\x00\x01\x1a", 2, also_reads=(1,))
 LOCK = FileFormat("lock", b"RElck\x00\x01\x1a", 1)
 VM_MARK = FileFormat("vsphere vm mark", b"REvmk\x00\x01\x1a", 1)
 LEASE = FileFormat("lease", b"RElse\x00\x01\x1a", 1)
 JOURNAL = FileFormat("journal entry", b"REjnl\x00\x01\x1a", 1)
 CHECKPOINT = FileFormat("journal checkpoint", b"REckp\x00\x01\x1a", 1)
+# the key records of an encrypted repository (repository/crypto/)
+SLOT = FileFormat("key slot", b"REslt\x00\x01\x1a", 1)
+KEYRING = FileFormat("keyring", b"REkrg\x00\x01\x1a", 1)
 ID_FILTER = FileFormat("chunk id filter", b"REflt\x00\x01\x1a", 1)
 INDEX_VERSION = 3  # 2: catalog records carry a check and a commit sequence; 3: sealed counts

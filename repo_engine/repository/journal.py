@@ -14,7 +14,9 @@ JOURNAL) whose payload is:
 An op's arrays are slices `[byte offset, item count]` of the binary section: `entries` are pack
 trailer rows (packs.ENTRY_DTYPE, 60 bytes), `refs` u64 little endian. A reader checks that the
 header's `seq` is the one its name says (a moved entry is damage) and refuses an op it does not
-know (FormatError: upgrade repo-engine).
+know (FormatError: upgrade repo-engine). In an encrypted repository the payload is sealed
+(envelope.py, flag SEALED) as kind "journal" named by the seq (u64 little endian): an entry
+moved to another seq fails authentication.
 
 Ops, built with the dataclasses below (maintenance builds the last three), and what the cache
 applies (index.py, `Index.apply_entry`):
@@ -55,7 +57,8 @@ import numpy as np
 import zstandard
 
 from ..errors import DamageError, FormatError
-from .envelope import seal, unseal
+from .crypto.null import NULL_SEALER, Sealer
+from .envelope import Binding, seal, unseal
 from .formats import JOURNAL
 from .packs import ENTRY_DTYPE, FinishedPack
 from .safefile import JOURNAL_MAX, is_name
@@ -64,6 +67,7 @@ from .store import ObjectExists, ObjectMissing, Store, StoreError
 PREFIX = "journal/"
 HEAD_LEN = struct.Struct("<I")
 U64 = np.dtype("<u8")
+SEQ = struct.Struct("<Q")
 EMPTY_REFS = np.zeros(0, U64)
 
 
@@ -178,7 +182,11 @@ def seq_of(name: str, suffix: str) -> int | None:
 
 
 # -- encoding ---------------------------------------------------------------------------------
-def encode(entry: Entry) -> bytes:
+def _binding(sealer: Sealer, seq: int) -> Binding:
+    return Binding(sealer, "journal", SEQ.pack(seq))
+
+
+def encode(entry: Entry, sealer: Sealer = NULL_SEALER) -> bytes:
     arrays: list[bytes] = []
     offset = 0
     ops = []
@@ -196,11 +204,12 @@ def encode(entry: Entry) -> bytes:
     header = json.dumps({"seq": entry.seq, "time": entry.time, "host": entry.host,
                          "pid": entry.pid, "ops": ops}, sort_keys=True).encode()
     binary = zstandard.ZstdCompressor(level=3).compress(b"".join(arrays)) if arrays else b""
-    return seal(JOURNAL, HEAD_LEN.pack(len(header)) + header + binary)
+    return seal(JOURNAL, HEAD_LEN.pack(len(header)) + header + binary,
+                _binding(sealer, entry.seq))
 
 
-def decode(data: bytes, what: str) -> Entry:
-    payload = unseal(JOURNAL, data, what)
+def decode(data: bytes, what: str, binding: Binding | None = None) -> Entry:
+    payload = unseal(JOURNAL, data, what, binding)
     try:
         (length,) = HEAD_LEN.unpack_from(payload)
         header = json.loads(payload[4:4 + length])
@@ -233,12 +242,12 @@ def _decode_op(doc: dict, binary: bytes, what: str) -> Op:
 
 
 # -- the store's journal ----------------------------------------------------------------------
-def write_entry(store: Store, entry: Entry) -> None:
+def write_entry(store: Store, entry: Entry, sealer: Sealer = NULL_SEALER) -> None:
     """Commit `entry` at its seq: ObjectExists when another writer took that seq first."""
-    store.put(entry_object(entry.seq), encode(entry), if_absent=True)
+    store.put(entry_object(entry.seq), encode(entry, sealer), if_absent=True)
 
 
-def read_entry(store: Store, seq: int) -> Entry | None:
+def read_entry(store: Store, seq: int, sealer: Sealer = NULL_SEALER) -> Entry | None:
     """The checked entry `seq`; None when there is none (not written yet, or compacted)."""
     name = entry_object(seq)
     try:
@@ -246,7 +255,7 @@ def read_entry(store: Store, seq: int) -> Entry | None:
     except ObjectMissing:
         return None
     what = f"{store.location}/{name}"
-    entry = decode(data, what)
+    entry = decode(data, what, _binding(sealer, seq))
     if entry.seq != seq:
         raise DamageError(f"{what}: journal entry says it is entry {entry.seq}: it was moved or "
                           "tampered with")
@@ -265,7 +274,7 @@ MAX_RACES = 1000  # each lost race is another writer's commit: progress, never a
 
 
 def append(store: Store, catch_up: Callable[[], int],
-           build: Callable[[int], list[Op]]) -> Entry:
+           build: Callable[[int], list[Op]], sealer: Sealer = NULL_SEALER) -> Entry:
     """Commit the ops `build(seq)` returns as entry `seq` = head + 1 and return that entry.
     `catch_up()` brings the caller's cache to the head and returns its seq; `build` then
     re-checks what the commit depends on against that cache (raising gives up) and may run
@@ -274,7 +283,7 @@ def append(store: Store, catch_up: Callable[[], int],
         head = catch_up()
         entry = Entry.new(head + 1, build(head + 1))
         try:
-            write_entry(store, entry)
+            write_entry(store, entry, sealer)
         except ObjectExists:
             continue
         return entry

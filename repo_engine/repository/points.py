@@ -1,6 +1,7 @@
 """Restore points: one backup of one VM at one time, stored as the object `points/<id>.point`.
 
-A point file is an envelope (envelope.py, magic POINT) holding a JSON document:
+A point file is an envelope (envelope.py, magic POINT) holding a JSON document (in an encrypted
+repository sealed as kind "point" named by the point id):
 
 | field      | meaning                                                                       |
 |------------|-------------------------------------------------------------------------------|
@@ -34,7 +35,8 @@ import blake3
 
 from ..errors import DamageError
 from .config import MAX_BLOCK, MIN_BLOCK
-from .envelope import read_sealed, write_sealed
+from .crypto.null import NULL_SEALER, Sealer
+from .envelope import Binding, read_sealed, write_sealed
 from .formats import POINT
 from .safefile import MANIFEST_MAX, checked_name
 from .store import Store
@@ -144,16 +146,23 @@ def point_object(point_id: str) -> str:
     return f"points/{checked_name(point_id, 16, 'point id')}.point"
 
 
-def write_point(store: Store, point: PointRecord) -> None:
+def _binding(sealer: Sealer, point_id: str) -> Binding:
+    return Binding(sealer, "point", point_id.encode())
+
+
+def write_point(store: Store, point: PointRecord, sealer: Sealer = NULL_SEALER) -> None:
     payload = json.dumps(asdict(point), sort_keys=True).encode()
-    write_sealed(store, point_object(point.id), POINT, payload)
+    write_sealed(store, point_object(point.id), POINT, payload,
+                 binding=_binding(sealer, point.id))
 
 
-def read_point(store: Store, name: str) -> PointRecord:
+def read_point(store: Store, name: str, sealer: Sealer = NULL_SEALER) -> PointRecord:
     """The manifest stored as object `name` (a point's `point_object`, or one a walk found)."""
     what = f"{store.location}/{name}"
+    point_id = name.rsplit("/", 1)[-1].removesuffix(".point")
     try:
-        doc = json.loads(read_sealed(store, name, POINT, MANIFEST_MAX))
+        doc = json.loads(read_sealed(store, name, POINT, MANIFEST_MAX,
+                                     _binding(sealer, point_id)))
     except (ValueError, RecursionError) as exc:
         raise DamageError(f"{what}: restore point manifest is not valid JSON ({exc})") from None
     return PointRecord.from_dict(doc, what)

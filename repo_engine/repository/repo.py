@@ -26,7 +26,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lmdb
 import numpy as np
@@ -38,14 +38,15 @@ from .blockmap import (BlockMap, map_object, map_refs, open_map, read_map, resol
                        unique_nonzero, write_map)
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
+from .crypto.null import NullSealer, Sealer
 from .index import Index, MapMissing, ParentGone
 from .journal import (Entry, ForgetOp, NothingToCommit, Op, PackOp, PointOp, RefsOp,
                       append)
 from .locks import EXCLUSIVE, SHARED, RepoLock, is_stale, list_locks
-from .packs import FinishedPack, PackWriter, pack_object, read_trailer
+from .packs import FinishedPack, PackKeys, PackWriter, pack_object, read_trailer
 from .points import PointRecord, point_object, read_point, write_point
 from .safefile import DIR_MODE, check_dir, is_regular, make_dir
-from .store import ObjectInfo, Store
+from .store import ObjectInfo, RangeReader, Store
 from .store.local import LocalStore
 
 if TYPE_CHECKING:  # leases and checkpoints serve shared repositories only: imported there
@@ -58,19 +59,25 @@ INDEX_FILES = ("data.mdb", "lock.mdb")
 
 class Repository:
     def __init__(self, store: Store, config: RepoConfig, local: Path,
-                 index: Index | None = None) -> None:
+                 index: Index | None = None, *, sealer: Sealer = NullSealer(),
+                 chunk_key: bytes | None = None) -> None:
         """`local`: the directory of this host's local files (`index/`, `locks/`): the local
         store's own root, or a per-host cache directory for a repository in a remote store.
         `index`: an index the caller opened (kept as it is); else `local/index`, opened on
-        first use."""
+        first use. `sealer` and `chunk_key`: an encrypted repository's (crypto/access.py),
+        through which every object is written and read; else the config's chunk key."""
+        assert bool(config.encryption) == sealer.encrypted, "open an encrypted repository " \
+            "through location.open_repository, with its passphrase"
         self.store = store
+        self.sealer = sealer
         self.location = store.location  # what messages call the repository
         self.path = local
         self.config = config
         self._index = index
         self._opened: FileId | None = None  # the index file we opened ourselves
         self._opening = threading.Lock()  # threads of one process share one environment
-        self.codec = ChunkCodec(config.key_bytes, config.compression_level)
+        self.codec = ChunkCodec(chunk_key or config.key_bytes, config.compression_level)
+        self.pack_keys = PackKeys(store, sealer)
         self.locks_dir = self.path / "locks"
         # a shared repository's locks also hold leases in the store (leases.py)
         self.lease_seconds = 0.0
@@ -102,9 +109,11 @@ class Repository:
         return cls.attach(store, path, read_config(store))
 
     @classmethod
-    def create(cls, store: Store, local: Path, config: RepoConfig) -> "Repository":
+    def create(cls, store: Store, local: Path, config: RepoConfig,
+               **keys: Any) -> "Repository":
         """Create a repository with `config` in `store` (ObjectExists when it holds a config
-        already), this host's local files in `local` (created owner-only: `index/`, `locks/`)."""
+        already), this host's local files in `local` (created owner-only: `index/`, `locks/`);
+        `keys`: the sealer and chunk key of an encrypted one (`__init__`)."""
         make_local(local)
         if config.shared:
             _claim_cache(local / "index", config.repo_id, store.location)
@@ -114,11 +123,11 @@ class Repository:
         except BaseException:
             index.close()
             raise
-        return cls(store, config, local, index)
+        return cls(store, config, local, index, **keys)
 
     @classmethod
     def attach(cls, store: Store, local: Path, config: RepoConfig, *,
-               claim: bool = True) -> "Repository":
+               claim: bool = True, **keys: Any) -> "Repository":
         """Open the repository in `store` whose config the caller read; `local` holds this
         host's files. A shared repository's are created when missing (its cache starts empty
         and is filled from the journal by `refresh`) and, with `claim`, the cache is checked to
@@ -130,7 +139,7 @@ class Repository:
             make_local(local)
             if claim:
                 _claim_cache(local / "index", config.repo_id, store.location)
-        return cls(store, config, local)
+        return cls(store, config, local, **keys)
 
     @property
     def index(self) -> Index:
@@ -196,7 +205,7 @@ class Repository:
         if not self.config.shared:
             return 0
         from .checkpoint import catch_up
-        return catch_up(self.store, self.index, check=check)
+        return catch_up(self.store, self.index, check=check, sealer=self.sealer)
 
     def commit_journal(self, build: Callable[[int], list[Op]]) -> Entry:
         """Commit the ops `build(seq)` returns as journal entry `seq` (see journal.append:
@@ -205,7 +214,7 @@ class Repository:
         Maintenance commits its own ops this way, e.g.
         `repo.commit_journal(lambda seq: [PlanOp(new_plan_id(), now, refs, packs, maps, objs)])`."""
         self.check_leases()
-        entry = append(self.store, self.refresh, build)
+        entry = append(self.store, self.refresh, build, self.sealer)
         self.index.apply_entry(entry)
         return entry
 
@@ -226,7 +235,7 @@ class Repository:
 
     # -- packs and maps -------------------------------------------------------------------
     def pack_writer(self) -> PackWriter:
-        return PackWriter(self.store)
+        return PackWriter(self.store, self.sealer)
 
     def commit_pack(self, writer: PackWriter) -> FinishedPack:
         """Publish a pack durably, then record it in the index (write order step 1 -> 2)."""
@@ -260,19 +269,20 @@ class Repository:
         """Store a map durably; returns its name. In a shared repository a name that gc doomed
         (a pending plan or a sweep lists it) is avoided: the map is written salted."""
         if not self.config.shared:
-            return write_map(self.store, bmap)
-        return write_map(self.store, bmap, doomed=lambda name: bool(self.index.doomed_maps({name})))
+            return write_map(self.store, bmap, sealer=self.sealer)
+        return write_map(self.store, bmap, doomed=lambda name: bool(self.index.doomed_maps({name})),
+                         sealer=self.sealer)
 
     def read_map(self, name: str) -> BlockMap:
-        return read_map(self.store, name)
+        return read_map(self.store, name, self.sealer)
 
     def map_refs(self, name: str) -> np.ndarray:
         """The distinct non-ZERO refs of map `name`, streamed."""
-        return map_refs(self.store, name)
+        return map_refs(self.store, name, self.sealer)
 
     def read_trailer(self, name: str) -> np.ndarray:
         """The checked trailer of pack `name` (packs.py)."""
-        return read_trailer(self.store, pack_object(name))
+        return read_trailer(self.store, pack_object(name), self.sealer)
 
     def read_pack(self, name: str, size: int) -> bytes:
         """All bytes of pack `name`, which the index says is `size` bytes long (a larger object
@@ -282,6 +292,13 @@ class Repository:
     def read_chunk_range(self, name: str, offset: int, length: int) -> bytes:
         """`length` bytes at `offset` of pack `name` (one chunk, or a run of them)."""
         return self.store.get_range(pack_object(name), offset, length)
+
+    def open_chunk(self, name: str, offset: int, chunk_id: bytes, blob: bytes | memoryview,
+                   what: str) -> bytes | memoryview:
+        """The stored bytes (`codec.decode` takes them) of chunk `chunk_id`, whose blob `blob`
+        was read at `offset` of pack `name`; TamperedError naming `what` when it is not that
+        chunk's blob of that place (packs.PackKeys)."""
+        return self.pack_keys.open(name, offset, chunk_id, blob, what)
 
     def read_chunk_stream(self, name: str, offset: int, length: int) -> RangeReader:
         """Bytes [offset, offset + length) of pack `name`, to be read front to back in pieces."""
@@ -312,12 +329,13 @@ class Repository:
         refs = {name: unique_refs(bmap) for name, bmap in maps.items()}
         for _attempt in range(10):
             try:
-                self.index.commit_point(point.id, point.vm, partial(_seal, self.store, point),
+                self.index.commit_point(point.id, point.vm, partial(_seal, self.store, point,
+                                                                   sealer=self.sealer),
                                         refs, self.map_exists)
                 return
             except MapMissing as gone:
                 missing = gone
-                write_map(self.store, maps[gone.name])
+                write_map(self.store, maps[gone.name], sealer=self.sealer)
         raise missing
 
     def _maps_of(self, point: PointRecord, known: dict[str, BlockMap]) -> dict[str, BlockMap]:
@@ -348,7 +366,7 @@ class Repository:
         newest = "" if old else max((r["time"] for r in self.index.points_records(point.vm)),
                                     default="")
         if renewed or written.seq != (old["seq"] if old else seq):
-            _seal(self.store, point, old["seq"] if old else seq, newest)
+            _seal(self.store, point, old["seq"] if old else seq, newest, sealer=self.sealer)
             written.seq = point.seq
         return [PointOp(point.summary())]
 
@@ -362,7 +380,7 @@ class Repository:
                 continue
             renewed = True
             bmap = maps.pop(name)
-            new = write_map(self.store, bmap, salted=name in doomed)
+            new = write_map(self.store, bmap, salted=name in doomed, sealer=self.sealer)
             maps[new] = bmap
             for disk in point.disks:
                 if disk.map == name:
@@ -444,11 +462,11 @@ class Repository:
 
     def load_point(self, point_id: str) -> PointRecord:
         """The full manifest, configuration included, read and checked from disk."""
-        return read_point(self.store, point_object(point_id))
+        return read_point(self.store, point_object(point_id), self.sealer)
 
     def write_manifest(self, point: PointRecord) -> None:
         """Write a point's manifest without touching the catalog (repairs)."""
-        write_point(self.store, point)
+        write_point(self.store, point, self.sealer)
 
     def delete_manifest(self, point_id: str) -> None:
         self.store.delete([point_object(point_id)])
@@ -510,7 +528,7 @@ class Repository:
         one window and one segment of each map of the chain, whatever the disk's size."""
         streams = []
         for name, nblocks in chain or self.chain(point, key):
-            stream = open_map(self.store, name)
+            stream = open_map(self.store, name, self.sealer)
             if stream.nblocks != nblocks:  # never size an array from an unchecked number
                 raise DamageError(f"block map {name} holds {stream.nblocks} blocks; its disk "
                                   f"record says {nblocks}: the metadata is damaged")
@@ -656,7 +674,7 @@ def commit_order(point: PointRecord) -> tuple[int, str, str]:
     return point.seq, point.time, point.id
 
 
-def _seal(store: Store, point: PointRecord, seq: int, newest: str) -> dict:
+def _seal(store: Store, point: PointRecord, seq: int, newest: str, *, sealer: Sealer) -> dict:
     """Inside the catalog transaction: give a point its commit sequence, note a clock that went
     backwards, make its manifest durable; returns its catalog record."""
     point.seq = seq
@@ -665,7 +683,7 @@ def _seal(store: Store, point: PointRecord, seq: int, newest: str) -> dict:
                 f"an earlier point of {point.vm}; points are ordered by commit, not by time")
         if note not in point.notes:
             point.notes.append(note)
-    write_point(store, point)
+    write_point(store, point, sealer)
     return point.summary()
 
 

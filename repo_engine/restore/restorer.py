@@ -188,9 +188,11 @@ class _RunReader:
         ids, bounds = chunks["id"].tobytes(), self.plan.bounds
         batch = _Batch()
         for c, (lo, stored, codec, raw, ref, at) in enumerate(columns, start=run.first_chunk):
+            chunk_id, what = ids[at:at + 32], f"pack {name} chunk ref {ref}"
             try:
-                data = self.repo.codec.decode(view[lo:lo + stored], codec, raw, ids[at:at + 32],
-                                              f"pack {name} chunk ref {ref}")
+                blob = self.repo.open_chunk(name, run.start + lo, chunk_id, view[lo:lo + stored],
+                                            what)
+                data = self.repo.codec.decode(blob, codec, raw, chunk_id, what)
             except DamageError as exc:
                 done.damaged.append(c)
                 done.cause = done.cause or str(exc)

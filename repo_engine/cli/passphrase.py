@@ -1,0 +1,102 @@
+"""Where an encrypted repository's passphrase comes from, never the command line.
+
+The first that is given wins: `--passphrase-file FILE`, `$REPO_ENGINE_PASSWORD_FILE`,
+`$REPO_ENGINE_PASSWORD`, else a prompt on the terminal (no echo; twice when a new passphrase is
+chosen). A file loses exactly one trailing newline (the one `echo` adds); an empty passphrase is
+refused wherever it came from. Without a source and without a terminal, the error says how to
+give one.
+
+A source is read only when it is asked for: the repository asks only when it is encrypted, so an
+unencrypted repository never prompts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from ..errors import RepoError, UsageError
+
+FILE_ENV = "REPO_ENGINE_PASSWORD_FILE"
+VALUE_ENV = "REPO_ENGINE_PASSWORD"
+MAX_PASSPHRASE = 4096
+HOW = f"--passphrase-file FILE, ${FILE_ENV} or ${VALUE_ENV}"
+
+
+def read_passphrase_file(path: Path, option: str) -> bytes:
+    """The passphrase in `path` (named by `option` in errors), one trailing newline dropped."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_PASSPHRASE + 2)
+    except OSError as exc:
+        raise RepoError(f"{option}: cannot read the passphrase file {path}: "
+                        f"{exc.strerror or exc}") from None
+    return checked(data[:-1] if data.endswith(b"\n") else data, f"{option} {path}")
+
+
+def checked(passphrase: bytes, where: str) -> bytes:
+    if not passphrase:
+        raise UsageError(f"the passphrase from {where} is empty; an empty passphrase is refused")
+    if len(passphrase) > MAX_PASSPHRASE:
+        raise UsageError(f"the passphrase from {where} is longer than {MAX_PASSPHRASE} bytes")
+    return passphrase
+
+
+def prompt(text: str, *, confirm: bool) -> bytes:
+    """A passphrase typed on the terminal, without echo (twice, the same, when `confirm`)."""
+    value = click.prompt(text, hide_input=True, err=True,
+                         confirmation_prompt="Repeat the passphrase" if confirm else False)
+    return checked(value.encode(), "the terminal")
+
+
+def on_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
+@dataclass(frozen=True)
+class PassphraseSource:
+    """The passphrase of the repository at `location`: `file` (`--passphrase-file`), else the
+    environment, else the terminal."""
+
+    location: str
+    file: Path | None = None
+
+    def __call__(self) -> bytes:
+        return self.read(confirm=False)
+
+    def read(self, *, confirm: bool, environ: Mapping[str, str] | None = None) -> bytes:
+        """`confirm`: a new repository's passphrase, asked twice on the terminal."""
+        environ = os.environ if environ is None else environ
+        if self.file is not None:
+            return read_passphrase_file(self.file, "--passphrase-file")
+        if environ.get(FILE_ENV):
+            return read_passphrase_file(Path(environ[FILE_ENV]), f"${FILE_ENV}")
+        if VALUE_ENV in environ:
+            return checked(environ[VALUE_ENV].encode(), f"${VALUE_ENV}")
+        if not on_terminal():
+            raise RepoError(self._missing(confirm))
+        return prompt(f"{'New passphrase' if confirm else 'Passphrase'} for {self.location}",
+                      confirm=confirm)
+
+    def _missing(self, new: bool) -> str:
+        if new:
+            return (f"{self.location}: an encrypted repository needs a passphrase and none was "
+                    f"given (and no terminal to ask on): give it with {HOW}, or create the "
+                    "repository unencrypted with --no-encryption")
+        return (f"{self.location} is encrypted and no passphrase was given (and no terminal to "
+                f"ask on): give it with {HOW}")
+
+
+def new_passphrase(file: Path | None, what: str) -> bytes:
+    """A passphrase to add: from `--new-passphrase-file`, else typed twice on the terminal."""
+    if file is not None:
+        return read_passphrase_file(file, "--new-passphrase-file")
+    if not on_terminal():
+        raise RepoError(f"no new passphrase for {what} was given (and no terminal to ask on): "
+                        "give it with --new-passphrase-file FILE")
+    return prompt(f"New passphrase for {what}", confirm=True)

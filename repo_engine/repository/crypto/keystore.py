@@ -1,0 +1,131 @@
+"""Where the key records live in a store, and the write order that keeps each change crash-safe.
+
+    keys/keyring-<16 hex generation>    keyring.py (newest generation wins)
+    keys/slot-<16 hex id>.slot          slots.py
+
+Write order: a new slot file is durable before the keyring generation that lists it, and a
+removed slot's file is deleted after the generation that no longer lists it (a crash in between
+leaves a file the keyring does not list: it never opens the repository). Every key change is a
+new keyring generation made by `change_keyring` from the newest one, put-if-absent: of two hosts
+changing keys at once one writes generation g + 1, the other re-makes its change on g + 1 (which
+may refuse it) and writes g + 2; no lock is needed, local or on object storage. Older generations
+are deleted once the new one is durable; a crash in between leaves older generations that readers
+ignore and the next change deletes. A record whose name and content disagree (a slot copied
+under another id) is tampering.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import replace
+
+from ...errors import RepoError, TamperedError
+from ..store import ObjectExists, ObjectMissing, Store
+from .keyring import KEYRING_PREFIX, Keyring, decode_keyring, encode_keyring, keyring_object
+from .keys import RepositoryKeys
+from .seal import Random
+from .slots import Slot, decode_slot, encode_slot
+
+MAX_SLOT_SIZE = 64 << 10
+MAX_KEYRING_SIZE = 1 << 20
+CHANGE_ATTEMPTS = 5
+_SLOT_NAME = re.compile(r"keys/slot-([0-9a-f]{16})\.slot")
+_KEYRING_NAME = re.compile(re.escape(KEYRING_PREFIX) + r"([0-9a-f]{16})")
+
+
+def save_slot(store: Store, slot: Slot) -> None:
+    store.put(slot.name, encode_slot(slot), if_absent=True)
+
+
+def delete_slot(store: Store, slot: Slot) -> None:
+    store.delete([slot.name])
+
+
+def load_slots(store: Store) -> tuple[list[Slot], list[str]]:
+    """(the readable slots, one message per unreadable one): a damaged slot must not stop the
+    others from opening the repository."""
+    slots, skipped = [], []
+    for info in store.list("keys/"):
+        match = _SLOT_NAME.fullmatch(info.name)
+        if not match:
+            continue
+        what = f"{store.location}/{info.name}"
+        try:
+            slot = decode_slot(store.get(info.name, limit=MAX_SLOT_SIZE), what)
+            if slot.id != match[1]:
+                raise TamperedError(f"{what}: holds key slot {slot.id}, not {match[1]}; it was "
+                                    "moved from another name")
+        except RepoError as exc:
+            skipped.append(str(exc))
+            continue
+        slots.append(slot)
+    return slots, skipped
+
+
+def generations(store: Store) -> list[int]:
+    return sorted(int(m[1], 16) for info in store.list(KEYRING_PREFIX)
+                  if (m := _KEYRING_NAME.fullmatch(info.name)))
+
+
+def load_keyring(store: Store, ring_key: bytes) -> Keyring:
+    """The newest keyring generation (never an older one in its place: it may lack an epoch).
+    A generation deleted between the listing and the read was replaced by a newer one (another
+    host's key change): listed again."""
+    for _ in range(CHANGE_ATTEMPTS):
+        found = generations(store)
+        if not found:
+            raise TamperedError(f"{store.location}/keys: no keyring; the repository's keys "
+                                "were deleted")
+        name = keyring_object(found[-1])
+        try:
+            data = store.get(name, limit=MAX_KEYRING_SIZE)
+        except ObjectMissing:
+            if generations(store)[-1:] == found[-1:]:
+                raise
+            continue
+        return decode_keyring(data, found[-1], ring_key, f"{store.location}/{name}")
+    raise RepoError(f"{store.location}/keys: the keyring changed under {CHANGE_ATTEMPTS} "
+                    "reads in a row (other hosts changing keys); try again")
+
+
+def save_keyring(store: Store, keyring: Keyring, ring_key: bytes,
+                 random: Random = os.urandom) -> None:
+    """Write a new generation (ObjectExists when another writer made it first), then delete
+    the older ones."""
+    store.put(keyring_object(keyring.generation), encode_keyring(keyring, ring_key, random),
+              if_absent=True)
+    store.delete(keyring_object(g) for g in generations(store) if g < keyring.generation)
+
+
+def init_keys(store: Store, keys: RepositoryKeys, random: Random = os.urandom) -> None:
+    """Store a new repository's keys (keys.create): the keyring, then its first slot."""
+    save_keyring(store, keys.keyring, keys.ring_key, random)
+    save_slot(store, keys.slot)
+
+
+def change_keyring(store: Store, ring_key: bytes, change: Callable[[Keyring], Keyring],
+                   random: Random = os.urandom) -> Keyring:
+    """`change` (which may refuse) applied to the newest keyring and written as the next
+    generation, whatever generation `change` gives it; a writer that lost the race to another
+    change re-applies its own on top of it. A change that returns the keyring it was given
+    writes nothing."""
+    for _ in range(CHANGE_ATTEMPTS):
+        current = load_keyring(store, ring_key)
+        changed = change(current)
+        if changed is current:
+            return current
+        keyring = replace(changed, generation=current.generation + 1)
+        try:
+            save_keyring(store, keyring, ring_key, random)
+        except ObjectExists:
+            continue
+        return keyring
+    raise RepoError(f"{store.location}/keys: the keyring changed under {CHANGE_ATTEMPTS} "
+                    "attempts in a row (other hosts changing keys); try again")
+
+
+def rotate(store: Store, ring_key: bytes, random: Random = os.urandom) -> Keyring:
+    """A new epoch for new data, in a new keyring generation."""
+    return change_keyring(store, ring_key, lambda keyring: keyring.rotated(random), random)

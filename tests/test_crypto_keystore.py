@@ -1,0 +1,131 @@
+"""The key records in a store (LocalStore): names, write order, damaged or moved records, a
+rotation racing another."""
+
+from __future__ import annotations
+
+import pytest
+
+from repo_engine.errors import TamperedError
+from repo_engine.repository.crypto import keystore
+from repo_engine.repository.crypto.keyring import keyring_object
+from repo_engine.repository.crypto.keys import (WrongPassphrase, change_passphrase, create,
+                                                removable, unlock)
+from repo_engine.repository.crypto.slots import passphrase_slot
+from repo_engine.repository.store import ObjectExists
+from repo_engine.repository.store.local import LocalStore
+from test_crypto_keys import CFG, NOW, SMALL
+from test_crypto_seal import Stream
+
+
+@pytest.fixture
+def store(tmp_path):
+    return LocalStore(tmp_path)
+
+
+def initialised(store, passphrase=b"pw"):
+    made = create(passphrase, SMALL, label="first", now=NOW, config_digest=CFG,
+                  random=Stream(passphrase))
+    keystore.init_keys(store, made)
+    return made
+
+
+def names(store) -> list[str]:
+    return sorted(info.name for info in store.list(""))
+
+
+def test_init_unlock_and_read_the_keyring(store):
+    made = initialised(store)
+    assert names(store) == ["keys/keyring-0000000000000001", f"keys/slot-{made.slot.id}.slot"]
+    slots, skipped = keystore.load_slots(store)
+    assert (slots, skipped) == ([made.slot], [])
+    ring_key = unlock(slots, b"pw").ring_key
+    assert keystore.load_keyring(store, ring_key) == made.keyring
+
+
+def test_a_damaged_slot_is_skipped_and_named_and_the_others_still_open(store):
+    made = initialised(store)
+    second = passphrase_slot(made.ring_key, b"second", SMALL, label="", now=NOW,
+                             random=Stream(b"s"))
+    keystore.save_slot(store, second)
+    path = store.path_of(made.slot.name)
+    path.write_bytes(path.read_bytes()[:-1] + b"\x00")
+    slots, skipped = keystore.load_slots(store)
+    assert slots == [second]
+    assert skipped == [f"{store.location}/{made.slot.name}: key slot checksum mismatch (file is "
+                       "damaged)"]
+    assert unlock(slots, b"second", skipped=skipped).ring_key == made.ring_key
+    with pytest.raises(WrongPassphrase, match=f"unreadable slots skipped: .*{made.slot.id}"):
+        unlock(slots, b"pw", skipped=skipped)
+
+
+def test_a_slot_copied_under_another_id_is_refused(store):
+    made = initialised(store)
+    store.put("keys/slot-0123456789abcdef.slot", store.get(made.slot.name, limit=1 << 16))
+    slots, skipped = keystore.load_slots(store)
+    assert slots == [made.slot]
+    assert skipped == [f"{store.location}/keys/slot-0123456789abcdef.slot: holds key slot "
+                       f"{made.slot.id}, not 0123456789abcdef; it was moved from another name"]
+
+
+def test_change_passphrase_then_remove_the_old_slot(store):
+    made = initialised(store, b"old")
+    slots, _ = keystore.load_slots(store)
+    new, old = change_passphrase(slots, b"old", b"new", SMALL, now=NOW, random=Stream(b"n"))
+    keystore.save_slot(store, new)  # durable before the old one goes
+    keystore.delete_slot(store, removable(keystore.load_slots(store)[0], old.id))
+    slots, _ = keystore.load_slots(store)
+    assert slots == [new]
+    assert unlock(slots, b"new").ring_key == made.ring_key
+    with pytest.raises(ObjectExists):
+        keystore.save_slot(store, new)  # a slot is never overwritten
+
+
+def test_rotate_writes_a_new_generation_and_drops_the_old(store):
+    made = initialised(store)
+    before = made.keyring.sealer().seal("point", b"p", b"old point")
+    rotated = keystore.rotate(store, made.ring_key, random=Stream(b"r"))
+    assert rotated.generation == 2 and rotated.current == 2
+    assert names(store)[0] == "keys/keyring-0000000000000002"
+    assert keystore.generations(store) == [2]
+    loaded = keystore.load_keyring(store, made.ring_key)
+    assert loaded == rotated
+    assert loaded.sealer().open("point", b"p", before, "p") == b"old point"
+
+
+class RacingStore:
+    """A store in which another writer rotates just before our first keyring write."""
+
+    def __init__(self, store, ring_key):
+        self._store, self._ring_key, self.raced = store, ring_key, False
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def put(self, name, data, *, if_absent=False):
+        if name.startswith("keys/keyring-") and not self.raced:
+            self.raced = True
+            keystore.rotate(self._store, self._ring_key, random=Stream(b"other host"))
+        self._store.put(name, data, if_absent=if_absent)
+
+
+def test_a_rotation_that_loses_a_race_retries_on_top_of_the_winner(store):
+    made = initialised(store)
+    racing = RacingStore(store, made.ring_key)
+    ours = keystore.rotate(racing, made.ring_key, random=Stream(b"us"))
+    winner = Stream(b"other host")(32)  # the other host's new data key
+    assert racing.raced and ours.generation == 3 and sorted(ours.epochs) == [1, 2, 3]
+    assert ours.epochs[2] == winner  # its epoch kept: what it sealed stays readable
+    assert keystore.load_keyring(store, made.ring_key) == ours
+
+
+def test_a_missing_or_moved_keyring_is_tampering(store):
+    made = initialised(store)
+    record = store.get(keyring_object(1), limit=1 << 20)
+    store.put(keyring_object(2), record)  # generation 1's record under generation 2's name
+    with pytest.raises(TamperedError, match="keyring-0000000000000002: sealed keyring fails "
+                                            "authentication"):
+        keystore.load_keyring(store, made.ring_key)
+    store.delete([keyring_object(1), keyring_object(2)])
+    with pytest.raises(TamperedError, match="/keys: no keyring; the repository's keys were "
+                                            "deleted"):
+        keystore.load_keyring(store, made.ring_key)
