@@ -106,6 +106,37 @@ def test_backup_change_backup_restore_with_nothing_in_clear(tmp_path, capsys, mo
     assert stored_cleartext(repo) == []
 
 
+def test_every_repository_command_works_encrypted(tmp_path, capsys, monkeypatch, encrypted):
+    """restore --to and --onto, diff, stats, forget --prune, gc, verify, scrub (with the key and
+    without), scrub --repair and rebuild-index on an encrypted repository: each exits 0, and
+    the points restore byte for byte before and after the maintenance."""
+    repo, pass_file = encrypted
+    monkeypatch.setenv(passphrase.FILE_ENV, str(pass_file))
+    model = disk(tmp_path)
+    backup(capsys, repo, model)
+    first, first_content = ok(capsys, "points", repo, "--json").json()["points"][0]["id"], \
+        model.copy_of_content()
+    model.random_changes(5)
+    backup(capsys, repo, model)
+    latest = model.copy_of_content()
+    assert restore_bytes(capsys, repo, first, DISK, tmp_path / "onto.img") == first_content
+    ok(capsys, "restore", repo, f"{VM}@latest", "--disk", DISK, "--onto", tmp_path / "onto.img",
+       "--base", first)
+    assert (tmp_path / "onto.img").read_bytes() == latest
+    extents = ok(capsys, "diff", repo, first, f"{VM}@latest", "--json").json()["extents"]
+    differs = np.flatnonzero(np.frombuffer(first_content, np.uint8)
+                             != np.frombuffer(latest, np.uint8))
+    assert extents and all(any(o <= b < o + n for o, n in extents) for b in differs[::97])
+    assert ok(capsys, "stats", repo, "--json").json()
+    ok(capsys, "forget", repo, first, "--prune")
+    for command in (("gc",), ("verify",), ("scrub",), ("scrub", "--no-key"),
+                    ("scrub", "--repair"), ("rebuild-index",), ("verify",)):
+        ok(capsys, command[0], repo, *command[1:])
+    assert first not in [p["id"] for p in ok(capsys, "points", repo, "--json").json()["points"]]
+    assert restore_bytes(capsys, repo, f"{VM}@latest", DISK, tmp_path / "after.img") == latest
+    assert stored_cleartext(repo) == []
+
+
 def test_the_stored_cleartext_check_sees_an_unencrypted_repository(tmp_path, capsys):
     """The check above would find what it looks for."""
     repo = tmp_path / "plain"
