@@ -123,7 +123,8 @@ def test_every_repository_command_works_encrypted(tmp_path, capsys, monkeypatch,
     ok(capsys, "restore", repo, f"{VM}@latest", "--disk", DISK, "--onto", tmp_path / "onto.img",
        "--base", first)
     assert (tmp_path / "onto.img").read_bytes() == latest
-    extents = ok(capsys, "diff", repo, first, f"{VM}@latest", "--json").json()["extents"]
+    report = ok(capsys, "diff", repo, first, f"{VM}@latest", "--json").json()
+    extents = report["disks"][0]["extents"]
     differs = np.flatnonzero(np.frombuffer(first_content, np.uint8)
                              != np.frombuffer(latest, np.uint8))
     assert extents and all(any(o <= b < o + n for o, n in extents) for b in differs[::97])
