@@ -80,6 +80,29 @@ def test_backup_then_restore_gives_identical_bytes(setup, capsys, tmp_path):
             == model.copy_of_content()
 
 
+def test_backup_into_an_encrypted_repository(setup, capsys, tmp_path, monkeypatch):
+    """The same backup into an encrypted repository (its passphrase from the environment):
+    every disk restores byte for byte, and no stored map, manifest or journal entry names the
+    VM."""
+    from repo_engine.repository.crypto import slots
+    from test_crypto_keys import SMALL
+
+    fake, _plain, disks = setup
+    monkeypatch.setattr(slots, "DEFAULT_SCRYPT", SMALL)
+    monkeypatch.setenv("REPO_ENGINE_PASSWORD", "vault phrase")
+    monkeypatch.setenv("REPO_ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    repo = tmp_path / "sealed"
+    assert cli(capsys, "init", repo, "--encryption", "--block-size", "64KiB").code == 0
+    result = cli(capsys, *backup_args(fake, repo))
+    assert result.code == 0, result.err
+    point = result.json()["point"]["id"][:8]
+    for key, model in disks.items():
+        assert restore_bytes(capsys, repo, point, key, tmp_path / "out.img") \
+            == model.copy_of_content()
+    assert not [p for p in repo.rglob("*") if p.is_file() and p.parts[-3] != "packs"
+                and b"web1" in p.read_bytes()]
+
+
 def test_backup_keeps_the_full_queue_of_reads_in_flight(setup, capsys, monkeypatch, tmp_path):
     """A disk read through VDDK is read in batches large enough for every request of the queue
     (16 by default) to be in flight at once: over a network each batch pays one round trip."""
