@@ -456,7 +456,7 @@ def test_the_readme_encryption_commands_run_as_written(tmp_path, capsys, monkeyp
         ran.append(" ".join(argv[1:3]))
     assert ran == ["init /backup/repo", "backup image", "key add", "key list", "key remove",
                    "key rotate", "key status", "key export-recovery", "key recover",
-                   "key passwd", "scrub /backup/repo"]
+                   "points /backup/repo", "key passwd", "scrub /backup/repo"]
     slots = ok(capsys, "key", "list", paths["/backup/repo"], "--json").json()["slots"]
     assert sorted(s["kind"] for s in slots) == ["passphrase", "passphrase", "recovery"]
     monkeypatch.setenv(passphrase.FILE_ENV, str(paths["new.pass"]))
