@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark repo-engine against peer backup tools on a bench/workload.py work dir.
 
-    python3 bench/run.py --work DIR [--tools repo-engine,repo-engine-shared,repo-engine-encrypted,restic,...]
+    python3 bench/run.py --work DIR [--tools repo-engine,repo-engine-shared,repo-engine-encrypted,repo-engine-keyfile,restic,...]
                          [--days 7] [--out bench/out/results.json]
 
 Steps run in order (day 0 full backup, days 1..N incremental, restore of day N);
@@ -218,6 +218,25 @@ class RepoEngineEncrypted(RepoEngine):
         return [("scrub", scrub), ("scrub --no-key", scrub + ["--no-key"])]
 
 
+class RepoEngineKeyFile(RepoEngineEncrypted):
+    """repo-engine on an encrypted repository opened by a key file ($REPO_ENGINE_KEY_FILE: the
+    recovery private key `key export-recovery` wrote right after init), the way an unattended
+    host runs: no passphrase and no key derivation per command."""
+    name = "repo-engine-keyfile"
+
+    @property
+    def key_file(self) -> Path:
+        return self.root / "host.pem"
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "REPO_ENGINE_KEY_FILE": str(self.key_file)}
+
+    def init(self) -> list[list[str]]:
+        self.key_file.unlink(missing_ok=True)
+        return super().init() + [self.command + ["key", "export-recovery", str(self.repo),
+                                                 "--out", str(self.key_file)]]
+
+
 def parse_json_output(text: str) -> dict:
     try:
         return json.loads(text)
@@ -364,7 +383,7 @@ class Zstd(Baseline):
     args = ["-T2", "-1", "-c"]
 
 
-TOOLS: dict[str, type[Tool]] = {t.name: t for t in (RepoEngine, RepoEngineShared, RepoEngineEncrypted, Benji, Restic, Borg, BorgFixed, Casync, Cat, B3sum, Zstd)}
+TOOLS: dict[str, type[Tool]] = {t.name: t for t in (RepoEngine, RepoEngineShared, RepoEngineEncrypted, RepoEngineKeyFile, Benji, Restic, Borg, BorgFixed, Casync, Cat, B3sum, Zstd)}
 
 
 # ---------------------------------------------------------------- running

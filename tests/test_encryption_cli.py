@@ -317,6 +317,40 @@ def test_export_recovery_then_recover_after_the_passphrase_is_lost(tmp_path, cap
     assert (tmp_path / "r.img").read_bytes() == model.copy_of_content()
 
 
+def test_a_key_file_opens_every_command_without_passphrase_or_kdf(tmp_path, capsys,
+                                                                  monkeypatch, encrypted):
+    """For unattended hosts: the recovery key file, by --key-file or $REPO_ENGINE_KEY_FILE,
+    opens backup, restore and listing with no passphrase given and no scrypt run; a wrong or
+    unreadable key file is one line (exit 1), and a passphrase source is not used instead."""
+    repo, pass_file = encrypted
+    key_file = tmp_path / "host.pem"
+    ok(capsys, "key", "export-recovery", repo, "--out", key_file, "--passphrase-file", pass_file)
+    other, foreign = tmp_path / "other", tmp_path / "foreign.pem"
+    ok(capsys, "init", other, "--encryption", "--passphrase-file", pass_file)
+    ok(capsys, "key", "export-recovery", other, "--out", foreign, "--passphrase-file", pass_file)
+
+    def no_kdf(*_args: object) -> bytes:
+        raise AssertionError("scrypt ran")
+    monkeypatch.setattr(slots.ScryptParams, "derive", no_kdf)
+    model = disk(tmp_path)
+    backup(capsys, repo, model, "--key-file", key_file)
+    monkeypatch.setenv(passphrase.KEY_FILE_ENV, str(key_file))
+    assert restore_bytes(capsys, repo, f"{VM}@latest", DISK, tmp_path / "r.img") == \
+        model.copy_of_content()
+    assert len(ok(capsys, "points", repo, "--json").json()["points"]) == 1
+    monkeypatch.delenv(passphrase.KEY_FILE_ENV)
+
+    monkeypatch.setenv(passphrase.VALUE_ENV, "correct horse")  # not used in the key file's stead
+    err = failure(capsys, 1, "points", repo, "--key-file", foreign)
+    assert f"the private key in --key-file {foreign} opens none of the repository's" in err
+    err = failure(capsys, 1, "points", repo, "--key-file", pass_file)
+    assert f"--key-file {pass_file} is not an unencrypted PEM private key" in err
+    err = failure(capsys, 1, "points", repo, "--key-file", tmp_path / "gone.pem")
+    assert f"--key-file: cannot read {tmp_path / 'gone.pem'}" in err
+    err = failure(capsys, 2, "key", "add", repo, "--key-file", key_file)
+    assert "the key commands unlock with a passphrase, not --key-file" in err
+
+
 def test_recovery_key_errors(tmp_path, capsys, encrypted):
     repo, pass_file = encrypted
     fresh = ("--new-passphrase-file", secret_file(tmp_path, "fresh.pass", b"fresh\n"))
@@ -422,7 +456,7 @@ def test_the_readme_encryption_commands_run_as_written(tmp_path, capsys, monkeyp
         ran.append(" ".join(argv[1:3]))
     assert ran == ["init /backup/repo", "backup image", "key add", "key list", "key remove",
                    "key rotate", "key status", "key export-recovery", "key recover",
-                   "key passwd", "scrub /backup/repo"]
+                   "points /backup/repo", "key passwd", "scrub /backup/repo"]
     slots = ok(capsys, "key", "list", paths["/backup/repo"], "--json").json()["slots"]
     assert sorted(s["kind"] for s in slots) == ["passphrase", "passphrase", "recovery"]
     monkeypatch.setenv(passphrase.FILE_ENV, str(paths["new.pass"]))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .passphrase import FILE_ENV, VALUE_ENV, PassphraseSource
+from .passphrase import FILE_ENV, KEY_FILE_ENV, VALUE_ENV, KeyFileSource, PassphraseSource
 
 if TYPE_CHECKING:  # imported lazily at run time: `--help` must not load the engine
     from ..repository.repo import Repository
@@ -20,19 +20,21 @@ if TYPE_CHECKING:  # imported lazily at run time: `--help` must not load the eng
 CACHE_DIR_KEY = "repo_engine.cache_dir"
 ENDPOINT_KEY = "repo_engine.endpoint"
 PASSPHRASE_FILE_KEY = "repo_engine.passphrase_file"
+KEY_FILE_KEY = "repo_engine.key_file"
 _EAGER_KEYS = {"cache_dir": CACHE_DIR_KEY, "endpoint": ENDPOINT_KEY,
-               "passphrase_file": PASSPHRASE_FILE_KEY}
+               "passphrase_file": PASSPHRASE_FILE_KEY, "key_file": KEY_FILE_KEY}
 
 
 @dataclass(frozen=True)
 class RepoAddress:
     """The REPO argument: a local directory or `s3://BUCKET/PREFIX`, with the command's
-    `--endpoint`, `--cache-dir` and `--passphrase-file`."""
+    `--endpoint`, `--cache-dir`, `--passphrase-file` and `--key-file`."""
 
     location: str
     endpoint: str | None = None
     cache_dir: Path | None = None
     passphrase_file: Path | None = None
+    key_file: Path | None = None
 
     def __str__(self) -> str:
         return self.location
@@ -56,7 +58,8 @@ class RepoAddress:
         from ..repository.location import open_repository
 
         return open_repository(self.location, settings=self.settings(), cache_dir=self.cache_dir,
-                               rebuilding=rebuilding, passphrase=self.passphrase())
+                               rebuilding=rebuilding, passphrase=self.passphrase(),
+                               key_file=KeyFileSource(self.key_file))
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None:
@@ -73,13 +76,19 @@ def _address(ctx: click.Context, _param: click.Parameter, value: str) -> RepoAdd
         raise click.BadParameter("--endpoint applies to s3:// locations only",
                                  param_hint="--endpoint")
     return RepoAddress(value, endpoint, ctx.meta.get(CACHE_DIR_KEY),
-                       ctx.meta.get(PASSPHRASE_FILE_KEY))
+                       ctx.meta.get(PASSPHRASE_FILE_KEY), ctx.meta.get(KEY_FILE_KEY))
 
 
 def repo_argument(command: Callable) -> Callable:
     """REPO (a directory or s3://BUCKET/PREFIX, kept a string: a Path would fold `s3://` into
-    `s3:/`) with `--endpoint`, `--cache-dir` and `--passphrase-file`, given to the command as a
-    RepoAddress."""
+    `s3:/`) with `--endpoint`, `--cache-dir`, `--passphrase-file` and `--key-file`, given to
+    the command as a RepoAddress."""
+    command = click.option(
+        "--key-file", type=click.Path(path_type=Path, dir_okay=False), is_eager=True,
+        expose_value=False, callback=_remember, metavar="FILE", show_default=f"${KEY_FILE_ENV}",
+        help="Recovery private key ('key export-recovery') that opens an encrypted REPO instead "
+             "of its passphrase, without the passphrase's key derivation: for unattended "
+             "hosts; keep it as secret as the data.")(command)
     command = click.option(
         "--passphrase-file", type=click.Path(path_type=Path, dir_okay=False), is_eager=True,
         expose_value=False, callback=_remember, metavar="FILE",

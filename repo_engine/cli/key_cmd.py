@@ -14,15 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..errors import RepoError, UsageError
+from ..errors import UsageError
 from .common import RepoAddress, emit_json, json_option, repo_argument
-from .passphrase import new_passphrase
+from .passphrase import new_passphrase, read_key_file
 
 if TYPE_CHECKING:
     from ..repository.crypto.manage import KeyManager
     from ..repository.crypto.slots import Slot
 
-MAX_KEY_FILE = 64 << 10  # a PEM private key is a few hundred bytes
 new_passphrase_option = click.option(
     "--new-passphrase-file", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
     help="File holding the new passphrase (one trailing newline is dropped); without it, the "
@@ -35,6 +34,10 @@ label_option = click.option("--label", default="", show_default="none",
 def key_manager(repo: RepoAddress) -> Iterator[KeyManager]:
     from ..repository.location import open_key_manager
 
+    if repo.key_file is not None:
+        raise UsageError("the key commands unlock with a passphrase, not --key-file (which "
+                         "opens the other commands); 'key recover --private-key FILE' adds a "
+                         "passphrase with the key file")
     with open_key_manager(repo.location, settings=repo.settings(),
                           cache_dir=repo.cache_dir) as manager:
         yield manager
@@ -216,14 +219,9 @@ def recover(repo: RepoAddress, private_key: Path, new_passphrase_file: Path | No
     Example:
       repo-engine key recover /backup/repo --private-key /media/safe/repo-recovery.pem
     """
-    try:
-        with private_key.open("rb") as f:
-            pem = f.read(MAX_KEY_FILE)
-    except OSError as exc:
-        raise RepoError(f"--private-key: cannot read {private_key}: {exc.strerror or exc}") \
-            from None
+    pem, what = read_key_file(private_key, "--private-key")
     with key_manager(repo) as manager:
-        opened = manager.recover(pem, str(private_key))
+        opened = manager.recover(pem, what)
         slot = manager.add_passphrase(opened, new_passphrase(new_passphrase_file, repo.location),
                                       label)
     click.echo(f"recovered with slot {opened.unlocked.slot.id}; added passphrase slot {slot.id}")

@@ -24,7 +24,9 @@ from ..errors import RepoError, UsageError
 
 FILE_ENV = "REPO_ENGINE_PASSWORD_FILE"
 VALUE_ENV = "REPO_ENGINE_PASSWORD"
+KEY_FILE_ENV = "REPO_ENGINE_KEY_FILE"
 MAX_PASSPHRASE = 4096
+MAX_KEY_FILE = 64 << 10  # a PEM private key is some 120 bytes
 HOW = f"--passphrase-file FILE, ${FILE_ENV} or ${VALUE_ENV}"
 
 
@@ -90,6 +92,35 @@ class PassphraseSource:
                     "repository unencrypted with --no-encryption")
         return (f"{self.location} is encrypted and no passphrase was given (and no terminal to "
                 f"ask on): give it with {HOW}")
+
+
+@dataclass(frozen=True)
+class KeyFileSource:
+    """A recovery private key file (`key export-recovery`) that opens an encrypted repository
+    without its passphrase and without a KDF, for hosts that run backups unattended: `file`
+    (`--key-file`), else `$REPO_ENGINE_KEY_FILE`; None when neither is given."""
+
+    file: Path | None = None
+
+    def __call__(self, environ: Mapping[str, str] | None = None) -> tuple[bytes, str] | None:
+        environ = os.environ if environ is None else environ
+        if self.file is not None:
+            return read_key_file(self.file, "--key-file")
+        if environ.get(KEY_FILE_ENV):
+            return read_key_file(Path(environ[KEY_FILE_ENV]), f"${KEY_FILE_ENV}")
+        return None
+
+
+def read_key_file(path: Path, option: str) -> tuple[bytes, str]:
+    """The PEM in `path` (named by `option` in errors) and how messages name it."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_KEY_FILE + 1)
+    except OSError as exc:
+        raise RepoError(f"{option}: cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_KEY_FILE:
+        raise UsageError(f"{option} {path} is larger than any key file ({MAX_KEY_FILE} bytes)")
+    return data, f"{option} {path}"
 
 
 def new_passphrase(file: Path | None, what: str) -> bytes:

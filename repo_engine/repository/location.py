@@ -51,6 +51,10 @@ S3_SCHEME = "s3://"
 CACHE_ENV = "REPO_ENGINE_CACHE_DIR"
 ENCRYPTED_MARK = "encrypted"
 Passphrase = Callable[[], bytes]
+# a recovery private key file that opens an encrypted repository without a KDF: its PEM and
+# where it was read, or None when none was given
+KeyFile = Callable[[], "tuple[bytes, str] | None"]
+
 
 
 def is_remote(location: str) -> bool:
@@ -80,14 +84,16 @@ def cache_directory(repo_id: str, cache_dir: Path | None = None) -> Path:
 
 
 def open_repository(location: str, *, settings: Any = None, cache_dir: Path | None = None,
-                    rebuilding: bool = False, passphrase: Passphrase | None = None) -> Repository:
+                    rebuilding: bool = False, passphrase: Passphrase | None = None,
+                    key_file: KeyFile | None = None) -> Repository:
     """The repository at `location` (with `settings` for an `s3://` one; None: from the
     environment and the settings file). `rebuilding`: for rebuild-index, which replaces this
     host's cache without opening it (it may be damaged). `passphrase`: asked for the
-    passphrase of an encrypted repository (None: such a repository is refused)."""
+    passphrase of an encrypted repository (None: such a repository is refused); `key_file`:
+    asked first for a recovery key file that opens it instead (None from it: none given)."""
     store, config = _store_and_config(location, settings, cache_dir)
     local = cache_directory(config.repo_id, cache_dir) if config.shared else Path(location)
-    keys = _closing_on_error(store, _open_keys, store, config, passphrase, local)
+    keys = _closing_on_error(store, _open_keys, store, config, passphrase, local, key_file)
     return _closing_on_error(store, partial(Repository.attach, claim=not rebuilding, **keys),
                              store, local, config)
 
@@ -266,15 +272,16 @@ def _create(store: Store, config: RepoConfig, local: Path, passphrase: bytes | N
 
 
 def _open_keys(store: Store, config: RepoConfig, passphrase: Passphrase | None,
-               local: Path) -> dict[str, Any]:
+               local: Path, key_file: KeyFile | None = None) -> dict[str, Any]:
     """The sealer and chunk key of an encrypted repository (nothing for another one), which
     this host's cache `local` remembers is encrypted."""
     if not config.encryption:
         return {}
-    if passphrase is None:
+    pem = key_file() if key_file is not None else None
+    if passphrase is None and pem is None:
         raise RepoError(f"{store.location} is encrypted: its passphrase is needed to open it")
     from .crypto.access import open_keys  # an unencrypted repository never loads it
-    keys = open_keys(store, config.digest, passphrase)
+    keys = open_keys(store, config.digest, passphrase, pem)
     _remember_encrypted(local)
     return {"sealer": keys.sealer, "chunk_key": keys.chunk_key}
 

@@ -27,7 +27,7 @@ from ...errors import TamperedError
 from ..store import Store
 from .keyring import Keyring
 from . import slots as slot_format
-from .keys import Unlocked, create, unlock
+from .keys import Unlocked, create, recover, unlock
 from .keystore import init_keys, load_keyring, load_slots
 from .null import PartSealer, Sealer
 from .seal import UnknownEpoch
@@ -113,11 +113,19 @@ def create_keys(store: Store, config_digest: bytes, passphrase: bytes, *,
     return OpenKeys(RepositorySealer(store, made.ring_key, made.keyring), made.keyring.chunk_key)
 
 
-def open_keys(store: Store, config_digest: bytes, passphrase: Callable[[], bytes]) -> OpenKeys:
-    """Unlock the repository in `store` whose config has `config_digest`; `passphrase` is asked
-    for only once the slots were read (a repository without readable slots asks nothing)."""
-    unlocked, keyring = unlock_store(store, config_digest, lambda found, skipped: unlock(
-        found, passphrase(), skipped=skipped))
+def open_keys(store: Store, config_digest: bytes, passphrase: Callable[[], bytes] | None,
+              key_file: tuple[bytes, str] | None = None) -> OpenKeys:
+    """Unlock the repository in `store` whose config has `config_digest`: with `key_file` (the
+    PEM of a recovery private key and where it was read: no KDF to run), else with
+    `passphrase`, asked for only once the slots were read (a repository without readable
+    slots asks nothing)."""
+    if key_file is not None:
+        unlocked, keyring = unlock_store(store, config_digest,
+                                         lambda found, _skipped: recover(found, *key_file))
+    else:
+        assert passphrase is not None
+        unlocked, keyring = unlock_store(store, config_digest, lambda found, skipped: unlock(
+            found, passphrase(), skipped=skipped))
     return OpenKeys(RepositorySealer(store, unlocked.ring_key, keyring), keyring.chunk_key)
 
 
