@@ -225,6 +225,25 @@ def test_a_backup_reads_its_parent_chain_and_its_vm_records_only(fleet, capsys,
     assert fleet.restores(capsys, point)
 
 
+def test_forget_of_one_point_reads_its_vm_records_only(fleet, tmp_path, capsys,
+                                                       monkeypatch) -> None:
+    """Forgetting a VM's oldest point (a full base: its child becomes a full map) decodes the
+    records of that VM (twice: to rewrite the child, to remove the point), none of the other
+    VMs'; the VM's points left restore."""
+    copy = Fleet.__new__(Fleet)
+    copy.__dict__.update(fleet.__dict__)
+    copy.root, copy.repo_path = tmp_path, tmp_path / "repo"
+    shutil.copytree(fleet.repo_path, copy.repo_path)
+    oldest, vm_points = copy.ids["vm1"][0], len(copy.ids["vm1"])
+    with counted(monkeypatch) as reads, Repository.open(copy.repo_path) as repo:
+        report = forget_points(repo, [oldest])
+    assert report.removed == [oldest] and len(report.rewritten) == 1
+    assert 0 < reads["record"] <= 2 * vm_points + 10
+    left = [p["id"] for p in all_points(copy) if p["vm"] == "vm1"]
+    assert oldest not in left and len(left) == vm_points - 1
+    assert all(copy.restores(capsys, point) for point in left[:3])
+
+
 # -- forget removing most points ----------------------------------------------------------------
 def test_gfs_forget_keeps_what_the_dry_run_said_and_every_kept_point_restores(
         fleet, tmp_path, capsys) -> None:
