@@ -182,6 +182,28 @@ def test_full_filesystem_stores_no_point(tmp_path, capsys):
         mount.rmdir()
 
 
+def test_a_full_filesystem_met_by_the_index_is_the_same_clean_failure(tmp_path, capsys,
+                                                                     monkeypatch):
+    """ENOSPC may hit the index's commit rather than a pack's write (LMDB's own error): the
+    backup fails the same way, in one line, and stores no point."""
+    import lmdb
+
+    from repo_engine.repository.index import Index
+
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo).code == 0
+    image = DiskModel(tmp_path / "d.img", 1 * MIB, np.random.default_rng(3))
+    image.write(0, np.random.default_rng(4).integers(0, 256, MIB, dtype=np.uint8).tobytes())
+
+    def full(*_args: object) -> int:
+        raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+    monkeypatch.setattr(Index, "_put_chunks", full)
+    result = cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={image.path}")
+    _assert_one_line_error(result, 1, "filesystem is full", "no restore point was stored")
+    monkeypatch.undo()
+    assert cli(capsys, "points", repo, "--json").json()["points"] == []
+
+
 def test_cli_runs_as_a_program(tmp_path):
     """The installed entry point: usage errors exit 2 with click's message."""
     result = subprocess.run([sys.executable, "-m", "repo_engine", "backup", "image"],

@@ -56,6 +56,7 @@ counts are not kept (meta `counts` = 0: gc on a shared repository recounts). Tab
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -240,6 +241,9 @@ class Index:
         try:
             with self.env.begin(write=True) as txn:
                 yield txn
+        except lmdb.DiskError as exc:  # a full filesystem: an OSError, as any other write's
+            self.id_filter.aborted()
+            raise OSError(errno.ENOSPC, f"repository index: {exc}") from None
         except BaseException:
             self.id_filter.aborted()
             raise
