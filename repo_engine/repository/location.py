@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DamageError, NotARepository, RepoError, TamperedError, UsageError
 from .config import CONFIG_NAME, ENCRYPTION, RepoConfig, read_config
+from .crypto.null import Passphrase
 from .repo import Repository, new_directory
 from .safefile import DIR_MODE
 from .store import ObjectExists, Store, open_store
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 S3_SCHEME = "s3://"
 CACHE_ENV = "REPO_ENGINE_CACHE_DIR"
 ENCRYPTED_MARK = "encrypted"
-Passphrase = Callable[[], bytes]
 # a recovery private key file that opens an encrypted repository without a KDF: its PEM and
 # where it was read, or None when none was given
 KeyFile = Callable[[], "tuple[bytes, str] | None"]

@@ -32,9 +32,9 @@ from .access import unlock_store
 from .keyring import Keyring
 from .keys import Unlocked
 from .keystore import change_keyring, delete_slot, load_slots, save_slot
+from .null import Passphrase
 from .slots import Slot
 
-Passphrase = Callable[[], bytes]
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,12 @@ cryptography library.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from ...errors import FormatError
+
+Passphrase = Callable[[], bytes]  # asked for only when an encrypted repository needs it
 
 PART_HEADER_SIZE = 36  # what a sealed object's key header holds: epoch u32, salt [32] (seal.py)
 PART_TAG_SIZE = 16  # what sealing adds to a part: its AES-GCM tag (seal.py)
