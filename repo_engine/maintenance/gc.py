@@ -340,8 +340,7 @@ def _write_packlive(txn: lmdb.Transaction, index: Index, table: RefTable,
     Packs indexed since (a running backup's) keep theirs: the snapshot knows none of their
     chunks, and a count of 0 would get them retired and deleted. Damaged rows and rows of
     unlisted packs go."""
-    numbers = table.packs()
-    counts, stored = table.pack_rows[numbers], table.pack_stored[numbers]
+    numbers, counts, stored = table.packs, table.pack_rows, table.pack_stored
     rows = scan_sealed(index, txn, "packlive")
     for key, ok in zip(map(bytes, rows.keys), rows.ok.tolist()):
         # kept: sound counts of listed packs indexed since the snapshot
@@ -658,16 +657,15 @@ def _dry_run(repo: Repository, report: GcReport, max_unused: float) -> None:
         table = read_ref_table(txn, index)
         tally = Tally(table)
         tally.add_maps(repo, {d["map"] for r in catalog for d in r["disks"]})
-        live_rows = np.zeros(len(table.pack_rows), np.int64)
+        live = np.zeros(len(table.packs), bool)
         stored = start = 0
         for refs, rows in ref_rows(txn, index):
             dead = tally.counts[start:start + len(refs)] == 0
             start += len(refs)
             stored += int(rows["stored"][dead].astype(np.int64).sum())
-            live_rows += np.bincount(rows["pack"][~dead].astype(np.int64),
-                                     minlength=len(live_rows))
+            live[np.searchsorted(table.packs, rows["pack"][~dead].astype(np.int64))] = True
     report.mode = "full"
     report.candidates = report.chunks_dropped = int((tally.counts == 0).sum())
     report.stored_bytes_dropped = stored
-    report.packs_deleted = int(((table.pack_rows > 0) & (live_rows == 0)).sum())
+    report.packs_deleted = int((~live).sum())
     report.packs_repacked = len(repack_candidates(repo, max_unused))

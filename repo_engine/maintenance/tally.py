@@ -80,10 +80,12 @@ def fingerprints(ids: np.ndarray) -> np.ndarray:
 
 @dataclass
 class RefTable:
-    """The `refs` table as gc and verify keep it: refs sorted, per pack number its rows and
-    stored bytes, and (verify) the fingerprint of each ref's chunk id."""
+    """The `refs` table as gc and verify keep it: refs sorted, the pack numbers rows name
+    (sorted: a damaged number costs no array as long as it) with their rows and stored bytes,
+    and (verify) the fingerprint of each ref's chunk id."""
 
     refs: np.ndarray
+    packs: np.ndarray
     pack_rows: np.ndarray
     pack_stored: np.ndarray
     id_prints: np.ndarray | None = None
@@ -93,33 +95,47 @@ class RefTable:
 
     def find(self, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(position in `self.refs`, found) of each of `refs`."""
-        refs = np.asarray(refs, np.uint64)
-        if not len(self.refs):
-            return np.zeros(len(refs), np.int64), np.zeros(len(refs), bool)
-        pos = np.minimum(np.searchsorted(self.refs, refs), len(self.refs) - 1)
-        return pos, self.refs[pos] == refs
+        return _find(self.refs, np.asarray(refs, np.uint64))
 
-    def packs(self) -> np.ndarray:
-        """The pack numbers some row places a chunk in, sorted."""
-        return np.flatnonzero(self.pack_rows)
+    def rows_in(self, number: int) -> int:
+        """The rows that place a chunk in pack `number`."""
+        pos, found = _find(self.packs, np.array([number], np.int64))
+        return int(self.pack_rows[pos[0]]) if found[0] else 0
+
+
+def _find(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if not len(sorted_keys):
+        return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return pos, sorted_keys[pos] == keys
 
 
 def read_ref_table(txn: lmdb.Transaction, index: Index, *, prints: bool = False) -> RefTable:
     """The `refs` table read in batches (module docstring)."""
-    refs, packs, stored, marks = [], np.zeros(0, np.int64), np.zeros(0, np.int64), []
+    refs, marks = [], []
+    packs = (np.zeros(0, np.int64),) * 3
     for keys, rows in ref_rows(txn, index):
         refs.append(keys)
         if prints:
             marks.append(fingerprints(rows["id"]))
-        size = int(rows["pack"].max()) + 1
-        if size > len(packs):
-            packs = np.pad(packs, (0, size - len(packs)))
-            stored = np.pad(stored, (0, size - len(stored)))
-        numbers = rows["pack"].astype(np.int64)
-        packs[:size] += np.bincount(numbers, minlength=size)
-        stored[:size] += np.bincount(numbers, weights=rows["stored"].astype(np.float64),
-                                     minlength=size).astype(np.int64)
-    return RefTable(_joined(refs), packs, stored, _joined(marks) if prints else None)
+        numbers, inverse = np.unique(rows["pack"].astype(np.int64), return_inverse=True)
+        packs = _summed(packs, (numbers, np.bincount(inverse, minlength=len(numbers)),
+                                _sums(inverse, rows["stored"], len(numbers))))
+    joined = _joined(refs)
+    refs.clear()  # the parts go before the fingerprints' are joined: 24 bytes a ref at most
+    return RefTable(joined, *packs, _joined(marks) if prints else None)
+
+
+def _sums(inverse: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
+    return np.bincount(inverse, weights=values.astype(np.float64),
+                       minlength=size).astype(np.int64)
+
+
+def _summed(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Two (keys, counts, sums) triples with the counts and sums of equal keys added."""
+    numbers, inverse = np.unique(np.concatenate([a[0], b[0]]), return_inverse=True)
+    return (numbers, _sums(inverse, np.concatenate([a[1], b[1]]), len(numbers)),
+            _sums(inverse, np.concatenate([a[2], b[2]]), len(numbers)))
 
 
 def _joined(parts: list[np.ndarray]) -> np.ndarray:
@@ -174,9 +190,9 @@ class Tally:
         pos, found = self.table.find(refs)
         out = np.where(found, self.counts[pos] if len(self.counts) else 0, 0).astype(np.uint64)
         extra, counts = self.extra()
-        if len(extra) and not found.all():
-            at = np.minimum(np.searchsorted(extra, refs), len(extra) - 1)
-            hit = ~found & (extra[at] == refs)
+        if not found.all():
+            at, hit = _find(extra, refs)
+            hit &= ~found
             out[hit] = counts[at[hit]]
         return out
 

@@ -283,11 +283,10 @@ def _check_packs(repo: Repository, snap: _Snapshot, report: VerifyReport,
     """Every index entry against its pack's trailer; returns the refs that do not match. A
     pack's entries are looked up by the refs its trailer lists; those its trailer does not
     list (damage only) are found by one more pass over the table."""
-    rows_of = snap.table.pack_rows
     bad: list[np.ndarray] = []
     unmatched: dict[int, np.ndarray] = {}  # pack: refs of its entries that matched an entry
-    for number in sorted(set(snap.packs) | set(snap.table.packs().tolist())):
-        count = int(rows_of[number]) if number < len(rows_of) else 0
+    for number in sorted(set(snap.packs) | set(snap.table.packs.tolist())):
+        count = snap.table.rows_in(number)
         if tick:
             tick(1)
         if number not in snap.packs:
