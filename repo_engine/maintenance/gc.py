@@ -66,7 +66,7 @@ from .inventory import (count_damage, dead_tmp_files, objects_under, scan_sealed
 from .tally import RefTable, Tally, read_ref_table, ref_rows, sealed_batches
 
 Tick = Callable[[str], None]
-SETTLE_REFS = 1 << 22  # refs of dead maps settled in one transaction (their arrays: 32 MiB)
+SETTLE_REFS = 1 << 20  # refs of dead maps settled in one transaction (about 100 MiB)
 
 
 @dataclass

@@ -50,12 +50,6 @@ def scan_refs(index: Index, txn: lmdb.Transaction) -> np.ndarray:
     return out
 
 
-def scan_ids(index: Index, txn: lmdb.Transaction) -> tuple[np.ndarray, np.ndarray]:
-    """The ids table: (chunk ids as V32, refs as u64), in key order."""
-    keys, values = _scan(txn, index.ids)
-    return np.frombuffer(keys, dtype="V32"), np.frombuffer(values, dtype="<u8").astype(np.uint64)
-
-
 def scan_u64_keys(txn: lmdb.Transaction, db: object) -> np.ndarray:
     """Big-endian u64 keys of a database (refcount, gcq, quarantine) as sorted u64."""
     keys, _ = _scan(txn, db, values=False)
@@ -104,13 +98,6 @@ def sealed_u64(index: Index, txn: lmdb.Transaction, table: str) -> dict[str, int
     rows = scan_sealed(index, txn, table)
     return dict(zip((k.tobytes().hex() for k in rows.keys),
                     rows.payloads.copy().view("<u8")[:, 0].tolist()))
-
-
-def scan_counts(index: Index, txn: lmdb.Transaction) -> tuple[np.ndarray, np.ndarray]:
-    """The refcount table: (refs, counts) as sorted u64, damaged rows included as read."""
-    rows = scan_sealed(index, txn, "refcount")
-    return (rows.keys.copy().view(">u8")[:, 0].astype(np.uint64),
-            rows.payloads.copy().view("<u8")[:, 0].astype(np.uint64))
 
 
 KINDS = {"packs": (".pack", 64), "maps": (".map", 64), "points": (".point", 16)}

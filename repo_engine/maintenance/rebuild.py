@@ -4,7 +4,10 @@ unlock: remove stale repository locks.
 Rebuild, under an exclusive lock:
 1. build a fresh index in `index.rebuild-*`: every pack whose trailer checks out is numbered and
    its chunks entered (a ref found in two packs — an interrupted repack — keeps the copy that
-   decodes and matches its id);
+   decodes and matches its id). The trailers' entries are spilled to files by ref range (under
+   the new index's directory, removed before the swap), then entered range by range in key
+   order: memory is one range's entries, and each table is appended to, not inserted into at
+   random places, so the cost grows with the chunks;
 2. every manifest that checks out enters the catalog;
 3. map use and reference counts are recounted from the catalog; unused chunks are queued for gc;
 4. the old index directory is renamed away, the new one renamed into place, the old one removed.

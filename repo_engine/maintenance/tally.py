@@ -22,15 +22,13 @@ import numpy as np
 from ..errors import RepoError
 from ..repository.index import Index
 from ..repository.repo import Repository
-from ..repository.seals import CHECK_SIZE, KEY, PAYLOAD, unsealed_rows
+from ..repository.seals import CHECK_SIZE, KEY, PAYLOAD, mix, unsealed_rows
 
 ROWS = 1 << 20  # rows of a table read (and parsed) at a time: about 60 MiB of `refs` rows
 # a `refs` row's value: id, pack, offset, stored, raw, codec
 REF_ROW = np.dtype({"names": ["id", "pack", "offset", "stored", "raw", "codec"],
                     "formats": ["V32", "<u4", "<u8", "<u4", "<u4", "u1"],
                     "offsets": [0, 32, 36, 44, 48, 52], "itemsize": 53})
-_M1, _M2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)
-_S33 = np.uint64(33)
 
 
 def batches(txn: lmdb.Transaction, db: object, *, values: bool = True,
@@ -68,13 +66,7 @@ def fingerprints(ids: np.ndarray) -> np.ndarray:
     """A u64 per 32-byte id (a V32 array): see the module docstring."""
     words = np.ascontiguousarray(ids).view("<u8").reshape(-1, 4)
     h = np.zeros(len(words), np.uint64)
-    for column in words.T:
-        h ^= column
-        h ^= h >> _S33
-        h *= _M1
-        h ^= h >> _S33
-        h *= _M2
-        h ^= h >> _S33
+    mix(h, words)
     return h
 
 
