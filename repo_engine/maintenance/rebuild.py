@@ -119,8 +119,8 @@ def rebuild_cache(repo: Repository) -> RebuildReport:
 _ROW = np.dtype([("ref", "<u8"), ("seq", "<u8"), ("id", "V32"), ("pack", "<u4"),
                  ("offset", "<u8"), ("stored", "<u4"), ("raw", "<u4"), ("codec", "u1")])
 _ID_ROW = np.dtype([("id", "V32"), ("seq", "<u8"), ("ref", "<u8")])
-REF_SPAN = 1 << 19  # refs per spill file (about 36 MiB of rows read back at once)
-ID_ROWS = 1 << 19  # ids per spill file, about (ids are uniform)
+REF_SPAN = 1 << 17  # refs per spill file (about 9 MiB of rows read back at once)
+ID_ROWS = 1 << 17  # ids per spill file, about (ids are uniform)
 
 
 class _Spill:

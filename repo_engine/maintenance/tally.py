@@ -24,7 +24,7 @@ from ..repository.index import Index
 from ..repository.repo import Repository
 from ..repository.seals import CHECK_SIZE, KEY, PAYLOAD, mix, unsealed_rows
 
-ROWS = 1 << 20  # rows of a table read (and parsed) at a time: about 60 MiB of `refs` rows
+ROWS = 1 << 17  # rows of a table read (and parsed) at a time: about 8 MiB of `refs` rows
 # a `refs` row's value: id, pack, offset, stored, raw, codec
 REF_ROW = np.dtype({"names": ["id", "pack", "offset", "stored", "raw", "codec"],
                     "formats": ["V32", "<u4", "<u8", "<u4", "<u4", "u1"],
@@ -32,8 +32,9 @@ REF_ROW = np.dtype({"names": ["id", "pack", "offset", "stored", "raw", "codec"],
 
 
 def batches(txn: lmdb.Transaction, db: object, *, values: bool = True,
-            rows: int | None = None) -> Iterator[tuple[bytes, bytes]]:
-    """A table's keys and values in key order, concatenated, `rows` rows (ROWS) at a time."""
+            rows: int | None = None) -> Iterator[tuple[bytearray, bytearray]]:
+    """A table's keys and values in key order, concatenated, `rows` rows (ROWS) at a time (not
+    copied into bytes: numpy reads them where they are)."""
     rows = rows or ROWS
     cursor = txn.cursor(db=db)
     items = cursor.iternext(keys=True, values=values)
@@ -50,7 +51,7 @@ def batches(txn: lmdb.Transaction, db: object, *, values: bool = True,
                 break
         if not count:
             return
-        yield bytes(keys), bytes(vals)
+        yield keys, vals
         if count < rows:
             return
 
@@ -238,7 +239,7 @@ def sealed_batches(index: Index, txn: lmdb.Transaction,
 
 
 def _sized_batches(txn: lmdb.Transaction, db: object, key_size: int,
-                   width: int) -> Iterator[tuple[bytes, bytes, np.ndarray]]:
+                   width: int) -> Iterator[tuple[bytearray, bytearray, np.ndarray]]:
     """(keys, values, fits) ROWS rows at a time; a row of another size is zeroed, not fit."""
     items = txn.cursor(db=db).iternext(keys=True, values=True)
     blank_key, blank = bytes(key_size), bytes(width)
@@ -259,6 +260,6 @@ def _sized_batches(txn: lmdb.Transaction, db: object, key_size: int,
             return
         fits = np.ones(count, bool)
         fits[unfit] = False
-        yield bytes(keys), bytes(vals), fits
+        yield keys, vals, fits
         if count < ROWS:
             return
