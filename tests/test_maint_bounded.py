@@ -121,10 +121,14 @@ def test_damage_found_in_many_batches_as_in_one(grown, tmp_path, capsys, monkeyp
     one, many = _copies(grown, tmp_path)
     for repo in (one, many):
         _damage(repo)
-    single = [_run(capsys, "verify", one), _run(capsys, "gc", one, "--dry-run")]
+    single = [_run(capsys, "verify", one), _run(capsys, "gc", one, "--dry-run"),
+              _run(capsys, "gc", one, "--full")]
     _small_budget(monkeypatch)
-    batched = [_run(capsys, "verify", many), _run(capsys, "gc", many, "--dry-run")]
+    batched = [_run(capsys, "verify", many), _run(capsys, "gc", many, "--dry-run"),
+               _run(capsys, "gc", many, "--full")]
     assert batched == single
+    assert single[2][1]["recount"] == {"under_counted": 1, "over_counted": 0}
+    assert _dump(many) == _dump(one)  # the missing ref keeps its count
     code, report = single[0]
     assert code == 3
     text = "\n".join(report["errors"])
