@@ -63,7 +63,7 @@ from ..repository.seals import KEY, CountDamaged, seal_rows
 from . import forget
 from .inventory import (count_damage, dead_tmp_files, objects_under, scan_sealed, sessions,
                         wait_for)
-from .tally import RefTable, Tally, read_ref_table, ref_rows, sealed_batches
+from .tally import ROWS, RefTable, Tally, read_ref_table, ref_rows, sealed_batches
 
 Tick = Callable[[str], None]
 SETTLE_REFS = 1 << 20  # refs of dead maps settled in one transaction (about 100 MiB)
@@ -288,7 +288,10 @@ def tally_drift(index: Index, txn: lmdb.Transaction, tally: Tally) -> dict:
         if len(extra):
             at = np.minimum(np.searchsorted(extra, refs), len(extra) - 1)
             extra_seen[at[extra[at] == refs]] = True
-    under += int(((tally.counts > 0) & ~seen).sum()) + int(((extra_counts > 0) & ~extra_seen).sum())
+    for start in range(0, len(seen), ROWS):  # counted refs the table has no row for
+        end = start + ROWS
+        under += int(((tally.counts[start:end] > 0) & ~seen[start:end]).sum())
+    under += int(((extra_counts > 0) & ~extra_seen).sum())
     return {"under_counted": under, "over_counted": over}
 
 
