@@ -14,7 +14,7 @@ one timing the commands on it):
   nightly schedule would place them). Then each command runs as its own process, the way a user
   runs it (start-up included): `points`, `points --json`, `show VM@latest`, `show ID`,
   `forget --dry-run` with a GFS policy, a backup that finds its parent, `forget --prune` with that
-  policy. Wall seconds, CPU seconds and peak RSS of each.
+  policy. Wall seconds, CPU seconds, peak RSS and peak anonymous memory of each.
 - chunks: for each chunk count on the curve (e.g. --curve 1000000,10000000), one repository grown
   to it by the bench-only loader (bench/bigrepo.py), then, on a copy with its index evicted from
   the page cache: backups of a new 4 GiB disk (all chunks new) and of the same disk again (all
@@ -64,9 +64,9 @@ class Timed:
 
 
 def measure(command: list[str], log: Path, timeout: float) -> Timed:
-    """Run a command under GNU time: wall and CPU seconds, peak RSS. No `sync` around it (as
-    bench/run.py does for backups): these commands write little, and a sync would time the
-    other writers of a shared machine. Past `timeout` seconds the command is killed and
+    """Run a command under GNU time: wall and CPU seconds, peak RSS (and, sampled, its peak
+    anonymous memory). No `sync` around it (as bench/run.py does for backups): these commands
+    write little, and a sync would time the other writers of a shared machine. Past `timeout` seconds the command is killed and
     reported as such (rc -9, the timeout as its wall time)."""
     stats = log.with_suffix(".time")
     with open(log, "w") as out:
@@ -340,7 +340,8 @@ def table(name: str, part: Part, result: dict) -> str:
             rows.append([row["command"], label] + cells)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return f"### {name}: wall seconds (CPU seconds, peak RSS, peak anonymous RSS)\n\n" + "\n".join(lines)
+    head = "wall seconds (CPU seconds, peak RSS, peak anonymous RSS)"
+    return f"### {name}: {head}\n\n" + "\n".join(lines)
 
 
 def parse_build(text: str) -> tuple[str, list[str]]:
