@@ -234,7 +234,7 @@ def _packs_from(txn: lmdb.Transaction, index: Index, first: int,
 def recount(repo: Repository, attempts: int = 5, *, strict: bool = True) -> dict:
     """Recompute map use and ref counts from the catalog; queue every uncounted ref. `strict`:
     refuse when a map in use cannot be read (its chunks would look unused). The tables and maps
-    are read a batch or a map at a time (tally.py): about 17 bytes a chunk are held."""
+    are read a batch or a map at a time (tally.py): about 13 bytes a chunk are held."""
     index = repo.index
     for _ in range(attempts):
         with index.env.begin() as txn:

@@ -2,8 +2,8 @@
 read in batches of ROWS rows, never whole, and what is kept of them is compact numpy arrays
 aligned with the sorted refs of the `refs` table.
 
-Per chunk (a row of `refs`): its ref (8 bytes), the number of maps counted that hold it (8), and
-for verify a 64-bit fingerprint of its chunk id (8) and a live mark (1). Per pack number: its
+Per chunk (a row of `refs`): its ref (8 bytes), the number of maps counted that hold it (4), and
+for verify a 64-bit fingerprint of its chunk id (8) and two marks (1 + 1). Per pack number: its
 rows and their stored bytes. Map files are read one at a time and tallied, never held together.
 
 The fingerprint mixes the id's four 64-bit words in turn (the MurmurHash3 finalizer, as
@@ -142,16 +142,22 @@ class Tally:
 
     table: RefTable
     counts: np.ndarray = field(init=False)
+    _bound: int = field(init=False, default=0)
     errors: dict[str, str] = field(default_factory=dict)  # map name: why it cannot be read
     _extra: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.counts = np.zeros(len(self.table), np.uint64)
+        # u32 (4 bytes a chunk) while no count can reach 2^32: the sum of the weights added
+        # bounds every count; past it (damaged decrements owed) u64
+        self.counts = np.zeros(len(self.table), np.uint32)
 
     def add(self, refs: np.ndarray, weight: int = 1) -> None:
         """Count the unique refs of one map `weight` times."""
+        self._bound += weight
+        if self._bound >= 1 << 32 and self.counts.dtype != np.uint64:
+            self.counts = self.counts.astype(np.uint64)
         pos, found = self.table.find(refs)
-        self.counts[pos[found]] += np.uint64(weight)
+        self.counts[pos[found]] += self.counts.dtype.type(weight)
         if not found.all():
             self._extra.append((np.asarray(refs, np.uint64)[~found],
                                 np.full(int((~found).sum()), weight, np.uint64)))
