@@ -104,19 +104,20 @@ def _find(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def read_ref_table(txn: lmdb.Transaction, index: Index, *, prints: bool = False) -> RefTable:
-    """The `refs` table read in batches (module docstring)."""
-    refs, marks = [], []
-    packs = (np.zeros(0, np.int64),) * 3
+    """The `refs` table read in batches (module docstring), into arrays of its size."""
+    count = txn.stat(index.refs)["entries"]  # the rows `txn` sees: those read below
+    refs = np.empty(count, np.uint64)
+    marks = np.empty(count if prints else 0, np.uint64)
+    packs, at = (np.zeros(0, np.int64),) * 3, 0
     for keys, rows in ref_rows(txn, index):
-        refs.append(keys)
+        refs[at:at + len(keys)] = keys
         if prints:
-            marks.append(fingerprints(rows["id"]))
+            marks[at:at + len(keys)] = fingerprints(rows["id"])
+        at += len(keys)
         numbers, inverse = np.unique(rows["pack"].astype(np.int64), return_inverse=True)
         packs = _summed(packs, (numbers, np.bincount(inverse, minlength=len(numbers)),
                                 _sums(inverse, rows["stored"], len(numbers))))
-    joined = _joined(refs)
-    refs.clear()  # the parts go before the fingerprints' are joined: 24 bytes a ref at most
-    return RefTable(joined, *packs, _joined(marks) if prints else None)
+    return RefTable(refs, *packs, marks if prints else None)
 
 
 def _sums(inverse: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
@@ -129,10 +130,6 @@ def _summed(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> tuple[np.nd
     numbers, inverse = np.unique(np.concatenate([a[0], b[0]]), return_inverse=True)
     return (numbers, _sums(inverse, np.concatenate([a[1], b[1]]), len(numbers)),
             _sums(inverse, np.concatenate([a[2], b[2]]), len(numbers)))
-
-
-def _joined(parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
 
 
 @dataclass
