@@ -195,7 +195,7 @@ def _plan_disk(repo: Repository, point: PointRecord, vm: Any, snap: Any, vddk: A
 
 
 def _distrust(repo: Repository, point: PointRecord, uuid: str) -> str:
-    mark = marks.load(repo.store, uuid)
+    mark = marks.load(repo.store, repo.sealer, uuid)
     if mark is not None and mark.last_write and mark.last_write > point.time:
         return f"a restore wrote to the VM at {mark.last_write}, after the point"
     return ""
@@ -245,7 +245,7 @@ class _InPlace:
             for t in todo:
                 self.result.disks.append(DiskResult(t.disk.key, t.file, 0, 0, t.mode, t.note))
             return
-        marks.mark_written(self.repo.store, self.uuid, self.name,
+        marks.mark_written(self.repo.store, self.repo.sealer, self.uuid, self.name,
                            f"in-place restore of point {self.point.id[:16]}")
         vddk = self.plane.connection(self.conn, self.vm._moId, None)
         self.wrote = True   # from the first write on, only a revert restores the state before

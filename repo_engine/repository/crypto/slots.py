@@ -55,6 +55,9 @@ MAX_MEMORY = 1 << 30  # bytes scrypt may take: 128 * n * r
 MAX_WORK = 1 << 24  # n * r * p: ten times DEFAULT_SCRYPT's, about 5 s here
 WRAPPED_SIZE = KEY_SIZE + TAG_SIZE
 _ID = re.compile(r"[0-9a-f]{16}")
+# `timestamp`'s format; checked by a pattern and fromisoformat, not strptime, whose first call
+# costs every command of an encrypted repository some 2 ms of imports and locale set-up
+_CREATED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,9 @@ def _slot_of(fields: dict[str, Any], what: str) -> Slot:
     if not isinstance(label, str) or len(label) > MAX_LABEL:
         raise ValueError("bad label")
     created = fields["created"]
-    datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ")
+    if not _CREATED.fullmatch(created):
+        raise ValueError(f"bad creation time {created!r}")
+    datetime.fromisoformat(created[:-1])   # a real date and time
     common = dict(id=slot_id, kind=kind, created=created, label=label,
                   wrapped=_hex(fields, "wrapped", WRAPPED_SIZE))
     if kind == RECOVERY:
