@@ -6,6 +6,7 @@ library (an unencrypted repository never asks for a passphrase) must stay unload
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,17 @@ def test_help_loads_no_engine(command: list[str]) -> None:
     modules = loaded_after([command])
     assert "repo_engine.cli.main" in modules
     assert [m for m in modules if m.startswith(ENGINE)] == []
+
+
+def test_numpy_starts_no_thread_of_its_own(backed_up: tuple[Path, Path, list[str]]) -> None:
+    """numpy's OpenBLAS would start a thread per core (spinning after each call) when it loads;
+    nothing here multiplies matrices, so a command's only threads are its own."""
+    repo, _, _ = backed_up
+    script = SCRIPT.replace("print(json.dumps(sorted(sys.modules)))", (
+        "import os, threading, numpy\n"
+        "print(json.dumps([len(os.listdir('/proc/self/task')), threading.active_count()]))"))
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps([["points", str(repo)]])],
+                          capture_output=True, text=True, check=True,
+                          env={k: v for k, v in os.environ.items() if "_NUM_THREADS" not in k})
+    tasks, python_threads = json.loads(proc.stdout.splitlines()[-1])
+    assert tasks == python_threads
