@@ -120,3 +120,17 @@ def test_an_encrypted_repository_opened_by_a_key_file_loads_only_what_it_uses(tm
                            env={**env, "REPO_ENGINE_KEY_FILE": str(key_file)})
     assert "repo_engine.repository.crypto.access" in modules   # it did unlock the repository
     assert [m for m in modules if m.startswith(UNUSED_ENCRYPTED)] == []
+
+
+def test_numpy_starts_no_thread_of_its_own(backed_up: tuple[Path, Path, list[str]]) -> None:
+    """numpy's OpenBLAS would start a thread per core (spinning after each call) when it loads;
+    nothing here multiplies matrices, so a command's only threads are its own."""
+    repo, _, _ = backed_up
+    script = SCRIPT.replace("print(json.dumps(sorted(sys.modules)))", (
+        "import os, threading, numpy\n"
+        "print(json.dumps([len(os.listdir('/proc/self/task')), threading.active_count()]))"))
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps([["points", str(repo)]])],
+                          capture_output=True, text=True, check=True,
+                          env={k: v for k, v in os.environ.items() if "_NUM_THREADS" not in k})
+    tasks, python_threads = json.loads(proc.stdout.splitlines()[-1])
+    assert tasks == python_threads

@@ -428,16 +428,24 @@ class _Work:
         elif self.fresh:
             for first, window in refs:
                 yield first, window, np.flatnonzero(window).astype(np.uint64) + first
-        else:  # every window, those the maps do not store too (their blocks are ZERO)
-            every = window_starts(np.arange(0, nblocks, SEGMENT_BLOCKS, dtype=np.uint64))
-            for first, (window, _) in zip_windows(nblocks, refs, every):
-                yield first, window, np.arange(first, first + len(window), dtype=np.uint64)
+        else:
+            yield from every_window(nblocks, refs)
 
     def data_bytes(self) -> int:
         """The bytes of non-ZERO blocks to write: a pass over the maps, which also finds a
         damaged map before anything is written."""
         return sum(int(np.count_nonzero(window[todo - first]))
                    for first, window, todo in self.windows()) * self.disk.block_size
+
+
+def every_window(nblocks: int, refs: Iterator[tuple[int, np.ndarray]]
+                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first block, refs, every block) of each window of a disk of `nblocks` blocks, from the
+    `refs` windows of `Repository.resolve_windows`, those the maps do not store too (their
+    blocks are ZERO)."""
+    every = window_starts(np.arange(0, nblocks, SEGMENT_BLOCKS, dtype=np.uint64))
+    for first, (window, _) in zip_windows(nblocks, refs, every):
+        yield first, window, np.arange(first, first + len(window), dtype=np.uint64)
 
 
 def _restore_through(repo: Repository, point: PointRecord, disk: DiskRecord, work: _Work,

@@ -44,6 +44,7 @@ from ...errors import FormatError, TamperedError
 from ..envelope import seal as envelope_seal
 from ..envelope import unseal as envelope_unseal
 from ..formats import SLOT
+from . import ahead
 from .cipher import KEY_SIZE, SALT_SIZE, TAG_SIZE, derive, nonce
 from .seal import Random
 
@@ -85,6 +86,11 @@ class ScryptParams:
         return self
 
     def derive(self, passphrase: bytes, salt: bytes) -> bytes:
+        """The key for `passphrase`: derived ahead (ahead.py) when that was started, else now."""
+        started = ahead.take(self, salt, passphrase)
+        return started.result() if started is not None else self.compute(passphrase, salt)
+
+    def compute(self, passphrase: bytes, salt: bytes) -> bytes:
         return Scrypt(salt, KEY_SIZE, 1 << self.log_n, self.r, self.p).derive(passphrase)
 
 
