@@ -3,10 +3,12 @@
 
     python3 bench/run.py --work DIR [--tools repo-engine,repo-engine-shared,repo-engine-encrypted,repo-engine-keyfile,restic,...]
                          [--days 7] [--out bench/out/results.json]
+                         [--repo-engine before=/tmp/old/.venv/bin/repo-engine --repo-engine after=repo-engine]
 
 Steps run in order (day 0 full backup, days 1..N incremental, restore of day N);
 within each step every tool runs once, so tools are interleaved. Prints one
-markdown table; raw measurements go to --out.
+markdown table; raw measurements go to --out. Several `--repo-engine LABEL=CMD` run every
+repo-engine tool once per build, as TOOL@LABEL, side by side in the same steps.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -498,15 +501,38 @@ def run_backups(imgs: list[Path], current: Path, tools: list[Tool], results: dic
             run_backup(tool, results[tool.name], day, extents, logs)
 
 
-def run_all(work: Path, names: list[str], days: int, repo_engine_cmd: list[str]) -> tuple[list[Result], dict]:
+Build = tuple[str, list[str]]   # (label, command) of one repo-engine build; label "" alone
+
+
+def parse_build(value: str) -> Build:
+    """`LABEL=CMD` or `CMD`, CMD shell-split."""
+    label, sep, cmd = value.partition("=")
+    if sep and re.fullmatch(r"[\w.-]+", label):
+        return label, shlex.split(cmd)
+    return "", shlex.split(value)
+
+
+def make_tools(names: list[str], builds: list[Build], root: Path, current: Path) -> list[Tool]:
+    """Each tool of `names`; a repo-engine one once per build, named TOOL@LABEL when labelled."""
+    tools = []
+    for n in names:
+        for label, cmd in builds if issubclass(TOOLS[n], RepoEngine) else [("", None)]:
+            name = f"{n}@{label}" if label else n
+            tool = TOOLS[n](root / name, current, cmd)
+            tool.name = name
+            tools.append(tool)
+    return tools
+
+
+def run_all(work: Path, names: list[str], days: int, builds: list[Build]) -> tuple[list[Result], dict]:
     imgs = day_images(work, days)
     root = work / "bench-run"
     shutil.rmtree(root, ignore_errors=True)
     logs = root / "logs"
     logs.mkdir(parents=True)
     current = root / "current.img"
-    tools = [TOOLS[n](root / n, current, repo_engine_cmd if issubclass(TOOLS[n], RepoEngine) else None)
-             for n in names]
+    tools = make_tools(names, builds, root, current)
+    order = [t.name for t in tools]
     results = prepare(tools, logs)
     tools = [t for t in tools if results[t.name].status == "ok"]
     run_backups(imgs, current, tools, results, logs)
@@ -521,7 +547,7 @@ def run_all(work: Path, names: list[str], days: int, repo_engine_cmd: list[str])
     manifest = work / "manifest.json"
     if manifest.exists():
         meta["workload"] = json.loads(manifest.read_text())
-    return [results[n] for n in names], meta
+    return [results[n] for n in order], meta
 
 
 # ---------------------------------------------------------------- reporting
@@ -562,8 +588,11 @@ def cpu_and_scrub_lines(results: list[Result]) -> list[str]:
     for res in results:
         full = next((b for b in res.backups if b["day"] == 0), None)
         incr = [b["cpu_seconds"] for b in res.backups if b["day"] > 0]
+        wall = [b["seconds"] for b in res.backups if b["day"] > 0]
         lines.append(f"- {res.tool} CPU s: full {fmt(full and full['cpu_seconds'], 2)}, incremental "
-                     f"(mean) {fmt(statistics.mean(incr) if incr else None, 2)}, restore "
+                     f"(mean) {fmt(statistics.mean(incr) if incr else None, 2)}, (median) "
+                     f"{fmt(statistics.median(incr) if incr else None, 3)} CPU, "
+                     f"{fmt(statistics.median(wall) if wall else None, 3)} s wall, restore "
                      f"{fmt(res.restore and res.restore['cpu_seconds'], 2)}"
                      + "".join(f"; {label} {m['seconds']:.2f} s wall, {m['cpu_seconds']:.2f} s CPU"
                                for label, m in res.scrubs.items()))
@@ -610,14 +639,19 @@ def main() -> None:
     ap.add_argument("--tools", default=DEFAULT_TOOLS)
     ap.add_argument("--days", type=int, help="default: all days in the work dir's manifest")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "results.json")
-    ap.add_argument("--repo-engine", default="repo-engine", help="command to run repo-engine (shell-split)")
+    ap.add_argument("--repo-engine", action="append", metavar="[LABEL=]CMD",
+                    help="command to run repo-engine (shell-split; default: repo-engine); given "
+                         "several times, each LABEL=CMD, every repo-engine tool runs once per build")
     args = ap.parse_args()
     names = [n.strip() for n in args.tools.split(",") if n.strip()]
     if unknown := [n for n in names if n not in TOOLS]:
         sys.exit(f"unknown tools: {unknown}; known: {', '.join(TOOLS)}")
     work = args.work.resolve()
     days = args.days if args.days is not None else json.loads((work / "manifest.json").read_text())["days"]
-    results, meta = run_all(work, names, days, shlex.split(args.repo_engine))
+    builds = [parse_build(v) for v in args.repo_engine or ["repo-engine"]]
+    if len(builds) > 1 and not all(label for label, _ in builds):
+        sys.exit("several --repo-engine: give each as LABEL=CMD")
+    results, meta = run_all(work, names, days, builds)
     text = table(results, meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results], "table": text}, indent=1))

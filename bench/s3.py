@@ -35,7 +35,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +70,10 @@ class Step:
     down_gets: int  # body bytes of object GETs (what was read back)
     stdout: str = field(repr=False, default="")
     cpu: float = 0.0  # user + system CPU seconds of the command
+    # CPU seconds meanwhile of the server (every weed process) and of this process (the counting
+    # proxy's threads): the same 2 CPUs serve the command, the server and the proxy
+    server_cpu: float = 0.0
+    proxy_cpu: float = 0.0
 
     @property
     def requests(self) -> int:
@@ -299,9 +303,12 @@ class Bench:
     def run(self, peer: Peer, cmd: list[str], label: str, *, cache: Path | None = None,
             check: bool = False, keep_stdout: bool = True) -> Step:
         self.proxy.take()  # nothing in flight: only this command's requests are counted
+        server, proxy = self.server_cpu(), time.process_time()
         m = measure(cmd, env=peer.env(cache), log=self.logs / f"{peer.name}-{label}.log",
                     keep_stdout=keep_stdout)
-        step = step_of(m, self.proxy.take(), peer.prefix)
+        step = replace(step_of(m, self.proxy.take(), peer.prefix),
+                       server_cpu=self.server_cpu() - server,
+                       proxy_cpu=time.process_time() - proxy)
         self.peak_rss_kb[peer.name] = max(self.peak_rss_kb[peer.name], step.maxrss_kb)
         if check and step.rc != 0:
             raise StepFailed(f"{peer.name} {label} failed (rc={step.rc}): see "
@@ -310,6 +317,15 @@ class Bench:
               f"up {step.up / MIB:8.1f} MiB down {step.down / MIB:8.1f} MiB "
               f"rss {step.maxrss_kb / 1024:6.1f} MB", file=sys.stderr)
         return step
+
+    def server_cpu(self) -> float:
+        """User + system CPU seconds the server's processes have used so far."""
+        ticks = 0
+        for process in (self.server.process, self.server.volume):
+            if process is not None:
+                fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def bucket_bytes(self, bucket: str) -> tuple[int, int]:
         """Bytes and objects in a bucket, listed directly (not counted)."""
@@ -348,7 +364,8 @@ def backup_part(bench: Bench, peers: list[Peer], work: Path, days: int) -> dict:
 
 
 def backup_table(results: dict) -> list[str]:
-    head = ["tool", "full s", "full CPU s", "incr. s (mean)", "all backups s", "requests",
+    head = ["tool", "full s", "full CPU s", "full: server CPU s", "full: proxy CPU s",
+            "incr. s (mean)", "all backups s", "requests",
             "full: requests", "PUT+POST", "GET",
             "LIST", "requests / GiB stored", "sent MiB", "bucket MiB", "objects", "peak RSS MB"]
     rows = []
@@ -356,6 +373,7 @@ def backup_table(results: dict) -> list[str]:
         steps = [Step(**s) for s in r["steps"]]
         incr = [s.seconds for s in steps[1:]]
         rows.append([name, f"{steps[0].seconds:.2f}", f"{steps[0].cpu:.2f}",
+                     f"{steps[0].server_cpu:.2f}", f"{steps[0].proxy_cpu:.2f}",
                      f"{np.mean(incr):.2f}" if incr else "—",
                      f"{sum(s.seconds for s in steps):.2f}", str(r["requests"]),
                      str(steps[0].requests),
@@ -384,12 +402,13 @@ def restore_part(bench: Bench, peers: list[Peer], work: Path, days: int) -> dict
 
 
 def restore_table(results: dict) -> list[str]:
-    head = ["tool", "restore s", "requests", "GET", "received MiB", "peak RSS MB",
-            "restored = source"]
+    head = ["tool", "restore s", "CPU s", "server CPU s", "proxy CPU s", "requests", "GET",
+            "received MiB", "peak RSS MB", "restored = source"]
     rows = []
     for name, r in results.items():
         s = Step(**r["step"])
-        rows.append([name, f"{s.seconds:.2f}", str(s.requests), str(s.ops["GET"]),
+        rows.append([name, f"{s.seconds:.2f}", f"{s.cpu:.2f}", f"{s.server_cpu:.2f}",
+                     f"{s.proxy_cpu:.2f}", str(s.requests), str(s.ops["GET"]),
                      f"{s.down / MIB:.1f}", f"{s.maxrss_kb / 1024:.1f}",
                      yes(r["verified"]) if s.rc == 0 else f"FAILED (rc={s.rc})"])
     return markdown(head, rows)

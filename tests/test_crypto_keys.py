@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.hazmat.primitives.serialization import (Encoding, NoEncryption, PrivateFormat,
+                                                          load_pem_private_key)
 
 from repo_engine.errors import DamageError, FormatError, RepoError, TamperedError
 from repo_engine.repository.crypto import keys, slots
@@ -182,6 +183,9 @@ def test_hostile_kdf_parameters_are_refused_before_any_work(kdf, monkeypatch):
     ({"wrapped": "00"}, TamperedError, "malformed"),
     ({"salt": 5}, TamperedError, "malformed"),
     ({"created": None}, TamperedError, "malformed"),
+    ({"created": "2026-02-30T00:00:00Z"}, TamperedError, "malformed"),
+    ({"created": "2026-11-30 02:00:00Z"}, TamperedError, "malformed"),
+    ({"created": "2026-11-30T02:00:00+00:00"}, TamperedError, "malformed"),
     ({"label": "x" * 201}, TamperedError, "malformed")])
 def test_a_malformed_slot_is_refused(changes, error, message):
     record = encode_slot(passphrase_slot(RING, b"pw", SMALL, label="a", now=NOW,
@@ -279,6 +283,23 @@ def test_recovery_with_the_private_key_and_refusal_of_any_other():
         recover([slot], b"not a key", "junk.pem")
     with pytest.raises(WrongRecoveryKey, match=r"recovery slots \(none\)"):
         recover([made.slot], pem, "key.pem")
+
+
+def test_a_recovery_key_file_reads_as_the_library_reads_it():
+    """The PEM export_recovery writes is read without the library's PEM parser; the same key
+    with other line ends too, and whatever else through the parser, with its messages."""
+    made = create(b"pw", SMALL, label="", now=NOW, config_digest=CFG, random=Stream(b"a"))
+    pem, slot = export_recovery(made.ring_key, label="", now=NOW, random=Stream(b"b"))
+    wanted = load_pem_private_key(pem, None).private_bytes_raw()
+    for variant in (pem, pem.replace(b"\n", b"\r\n"), b"\n" + pem + b"\n\n"):
+        assert keys.load_recovery_key(variant, "k").private_bytes_raw() == wanted
+        assert recover([slot], variant, "k").ring_key == made.ring_key
+    ed = pem_of(Ed25519PrivateKey.generate())   # the same shape, another algorithm
+    with pytest.raises(WrongRecoveryKey, match="is a .*Ed25519PrivateKey, not the X25519"):
+        keys.load_recovery_key(ed, "ed.pem")
+    cut = pem.replace(pem.splitlines()[1], pem.splitlines()[1][:-4])
+    with pytest.raises(WrongRecoveryKey, match="^cut.pem is not an unencrypted PEM private key"):
+        keys.load_recovery_key(cut, "cut.pem")
 
 
 def test_a_recovery_slot_with_a_low_order_ephemeral_key_does_not_open():

@@ -16,12 +16,14 @@ def _layout_table() -> str:
 
 
 def test_format_layout_lists_every_top_level_entry(tmp_path, capsys):
+    from repo_engine.repository.crypto.null import NULL_SEALER
     from repo_engine.repository.store.local import LocalStore
     from repo_engine.sources.vsphere.marks import mark_written
 
     repo = tmp_path / "repo"
     assert cli(capsys, "init", repo).code == 0
-    mark_written(LocalStore(repo), "uuid-1", "web1", "a restore wrote to the VM")   # vSphere adds
+    mark_written(LocalStore(repo), NULL_SEALER, "uuid-1", "web1",
+                 "a restore wrote to the VM")   # vSphere adds
     table = _layout_table()
     for entry in sorted(p.name for p in repo.iterdir()):
         assert re.search(rf"\| `{re.escape(entry)}[/`]", table), f"{entry} not in docs/FORMAT.md"

@@ -5,7 +5,8 @@ damage (exit code 3) naming the pack; the stored bytes hold no chunk id, ref or 
 
 from __future__ import annotations
 
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -349,6 +350,25 @@ def test_stored_size_of_a_chunk_counts_its_tag(encrypted):
 
 
 # -- object storage ----------------------------------------------------------------------------
+@contextmanager
+def counted_requests(store, monkeypatch) -> Iterator[list[tuple[str, str, int]]]:
+    """(method, object, offset) of every read request made to `store` meanwhile."""
+    requests: list[tuple[str, str, int]] = []
+
+    def counting(method: str):
+        real = getattr(store, method)
+
+        def call(name, offset, length):
+            requests.append((method, name, offset))
+            return real(name, offset, length)
+        return call
+
+    with monkeypatch.context() as patch:
+        for method in ("get_range", "open_range"):
+            patch.setattr(store, method, counting(method))
+        yield requests
+
+
 def test_an_encrypted_repository_on_s3(tmp_path, capsys, monkeypatch, seaweedfs, s3_bucket):
     """Backup, a new host's restore, scrub with and without the key, then a flipped bit found by
     both and refused by restore; the bucket's packs hold no plaintext."""
@@ -368,7 +388,13 @@ def test_an_encrypted_repository_on_s3(tmp_path, capsys, monkeypatch, seaweedfs,
             assert data[8:10] == b"\x02\x00" and content[BLOCK:BLOCK + 64] not in data
     with reopen(location, tmp_path, "cache-other", settings=settings) as other:
         other.refresh()
-        assert restored(other, other.load_point(point.id), tmp_path) == content
+        with counted_requests(other.store, monkeypatch) as requests:
+            assert restored(other, other.load_point(point.id), tmp_path) == content
+        # the new host reads each pack's key header with the request for its chunks (the
+        # first chunk read lies near it): one request per pack, none for a header alone
+        assert sorted(name for _, name, _ in requests) == sorted(
+            {place[0] for place in chunk_places(other, other.load_point(point.id))})
+        assert {(kind, offset) for kind, _, offset in requests} == {("open_range", 0)}
         assert scrub(other).ok
         s3_environment(monkeypatch, tmp_path, seaweedfs.endpoint)
         clean = cli(capsys, "scrub", "--no-key", location)

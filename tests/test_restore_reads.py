@@ -117,6 +117,34 @@ def test_several_reads_in_flight(two_points, tmp_path):
     assert (tmp_path / "out.img").read_bytes() == bytes(model.content)
 
 
+@pytest.mark.parametrize("decoders", [1, 2])
+def test_requests_in_flight_are_decoded_a_few_at_a_time(many_packs, tmp_path, decoders):
+    """Six requests outstanding at once, yet no more than `decoders` runs decoded at once
+    (decoding is CPU work: more threads at it than cores only contend for the GIL)."""
+    path, model, point = many_packs
+    decoding, most, lock = [0], [0], threading.Lock()
+    with watched(path, gather=6) as repo:
+        real = repo.codec.decode
+
+        def decode(*args: object) -> bytes:
+            with lock:
+                decoding[0] += 1
+                most[0] = max(most[0], decoding[0])
+            try:
+                time.sleep(0.002)  # time for the other workers to come in, if they may
+                return real(*args)
+            finally:
+                with lock:
+                    decoding[0] -= 1
+
+        repo.codec.decode = decode
+        restore_disk(repo, point, "sda", tmp_path / "out.img",
+                     reads=ReadSettings(in_flight=6, max_request=256 * KIB, decoders=decoders))
+        assert repo.store.most_outstanding >= 6
+    assert most[0] == decoders
+    assert (tmp_path / "out.img").read_bytes() == bytes(model.content)
+
+
 @pytest.mark.parametrize("size", [1 * MIB, 8 * MIB])
 def test_bytes_held_stay_under_the_cap_whatever_the_disk_size(tmp_path, size):
     """Runs of up to 128 KiB, 8 workers, a cap of three full runs: three reads are in flight

@@ -6,6 +6,7 @@ library (an unencrypted repository never asks for a passphrase) must stay unload
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +38,9 @@ UNUSED = ("pyVmomi", "pyVim", "repo_engine.maintenance", "repo_engine.sources.vs
           "numpy.ma")
 
 
-def loaded_after(commands: list[list[str]]) -> list[str]:
+def loaded_after(commands: list[list[str]], env: dict[str, str] | None = None) -> list[str]:
     proc = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(commands)],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, check=True, env=env)
     return json.loads(proc.stdout.splitlines()[-1])
 
 
@@ -96,3 +97,40 @@ def test_help_loads_no_engine(command: list[str]) -> None:
     modules = loaded_after([command])
     assert "repo_engine.cli.main" in modules
     assert [m for m in modules if m.startswith(ENGINE)] == []
+
+
+# An encrypted repository opened by a key file needs the AEAD, HKDF and X25519, not the
+# key-file formats of `serialization` (ssh, bcrypt, RSA...) nor strptime's locale machinery.
+UNUSED_ENCRYPTED = ("cryptography.hazmat.primitives.serialization", "bcrypt", "_strptime",
+                    "repo_engine.repository.crypto.manage", "repo_engine.cli.key_cmd")
+
+
+def test_an_encrypted_repository_opened_by_a_key_file_loads_only_what_it_uses(tmp_path: Path):
+    repo, image, key_file = tmp_path / "repo", tmp_path / "disk.img", tmp_path / "host.pem"
+    image.write_bytes(bytes(range(256)) * (4 * MIB // 256))
+    secret = tmp_path / "pass"
+    secret.write_text("startup phrase\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REPO_ENGINE_")}
+    subprocess.run([sys.executable, "-c", SCRIPT, json.dumps([
+        ["init", str(repo), "--encryption", "--passphrase-file", str(secret)],
+        ["key", "export-recovery", str(repo), "--out", str(key_file), "--passphrase-file",
+         str(secret)]])], capture_output=True, text=True, check=True, env=env)
+    backup = ["backup", "image", str(repo), "--vm", "vm", "--disk", f"sda={image}", "--json"]
+    modules = loaded_after([backup, ["points", str(repo)]],
+                           env={**env, "REPO_ENGINE_KEY_FILE": str(key_file)})
+    assert "repo_engine.repository.crypto.access" in modules   # it did unlock the repository
+    assert [m for m in modules if m.startswith(UNUSED_ENCRYPTED)] == []
+
+
+def test_numpy_starts_no_thread_of_its_own(backed_up: tuple[Path, Path, list[str]]) -> None:
+    """numpy's OpenBLAS would start a thread per core (spinning after each call) when it loads;
+    nothing here multiplies matrices, so a command's only threads are its own."""
+    repo, _, _ = backed_up
+    script = SCRIPT.replace("print(json.dumps(sorted(sys.modules)))", (
+        "import os, threading, numpy\n"
+        "print(json.dumps([len(os.listdir('/proc/self/task')), threading.active_count()]))"))
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps([["points", str(repo)]])],
+                          capture_output=True, text=True, check=True,
+                          env={k: v for k, v in os.environ.items() if "_NUM_THREADS" not in k})
+    tasks, python_threads = json.loads(proc.stdout.splitlines()[-1])
+    assert tasks == python_threads

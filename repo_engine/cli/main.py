@@ -18,6 +18,10 @@ from dataclasses import dataclass
 
 import click
 
+# numpy's OpenBLAS starts a thread per core when it is loaded, and those threads spin for a while
+# after any call; nothing here multiplies matrices (numpy only sorts, compares and copies)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 COMMANDS = {
     "init": "repo_engine.cli.init_cmd:init",
     "backup": "repo_engine.cli.backup_cmd:backup",

@@ -71,6 +71,11 @@ class PassphraseSource:
     def __call__(self) -> bytes:
         return self.read(confirm=False)
 
+    @property
+    def asks(self) -> bool:
+        """Whether the passphrase comes from the terminal (crypto/null.asks)."""
+        return self.file is None and not os.environ.get(FILE_ENV) and VALUE_ENV not in os.environ
+
     def read(self, *, confirm: bool, environ: Mapping[str, str] | None = None) -> bytes:
         """`confirm`: a new repository's passphrase, asked twice on the terminal."""
         environ = os.environ if environ is None else environ

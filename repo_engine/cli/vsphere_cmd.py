@@ -158,7 +158,7 @@ def backup_vsphere(repo: RepoAddress, as_json: bool, **params: Any) -> None:
         with repository.vm_lock(vm.name, f"backup {vm.name}"), \
                 frozen_vm(conn, vm, repository, quiesce=settings.quiesce, plane=plane) as frozen:
             point = backup_vm(repository, frozen.snapshot, options, vm_locked=True)
-        after_backup(repository.store, frozen)
+        after_backup(repository.store, repository.sealer, frozen)
     report_backup(point, as_json)
 
 

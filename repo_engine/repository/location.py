@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DamageError, NotARepository, RepoError, TamperedError, UsageError
 from .config import CONFIG_NAME, ENCRYPTION, RepoConfig, read_config
-from .crypto.null import Passphrase
+from .crypto import ahead
+from .crypto.null import Passphrase, asks
 from .repo import Repository, new_directory
 from .safefile import DIR_MODE
 from .store import ObjectExists, Store, open_store
@@ -91,9 +92,12 @@ def open_repository(location: str, *, settings: Any = None, cache_dir: Path | No
     host's cache without opening it (it may be damaged). `passphrase`: asked for the
     passphrase of an encrypted repository (None: such a repository is refused); `key_file`:
     asked first for a recovery key file that opens it instead (None from it: none given)."""
+    hint = unlock_hint(location, cache_dir)
+    if passphrase is not None and not asks(passphrase):
+        ahead.start(hint, passphrase)
     store, config = _store_and_config(location, settings, cache_dir)
     local = cache_directory(config.repo_id, cache_dir) if config.shared else Path(location)
-    keys = _closing_on_error(store, _open_keys, store, config, passphrase, local, key_file)
+    keys = _closing_on_error(store, _open_keys, store, config, passphrase, local, key_file, hint)
     return _closing_on_error(store, partial(Repository.attach, claim=not rebuilding, **keys),
                              store, local, config)
 
@@ -271,8 +275,16 @@ def _create(store: Store, config: RepoConfig, local: Path, passphrase: bytes | N
                          "one there meanwhile") from None
 
 
+def unlock_hint(location: str, cache_dir: Path | None = None) -> Path:
+    """Where this host keeps a copy of the key slot that last opened `location` with a
+    passphrase (crypto/ahead.py)."""
+    return ahead.hint_file(cache_base(cache_dir),
+                           location if is_remote(location) else os.path.abspath(location))
+
+
 def _open_keys(store: Store, config: RepoConfig, passphrase: Passphrase | None,
-               local: Path, key_file: KeyFile | None = None) -> dict[str, Any]:
+               local: Path, key_file: KeyFile | None = None,
+               hint: Path | None = None) -> dict[str, Any]:
     """The sealer and chunk key of an encrypted repository (nothing for another one), which
     this host's cache `local` remembers is encrypted."""
     if not config.encryption:
@@ -281,7 +293,7 @@ def _open_keys(store: Store, config: RepoConfig, passphrase: Passphrase | None,
     if passphrase is None and pem is None:
         raise RepoError(f"{store.location} is encrypted: its passphrase is needed to open it")
     from .crypto.access import open_keys  # an unencrypted repository never loads it
-    keys = open_keys(store, config.digest, passphrase, pem)
+    keys = open_keys(store, config.digest, passphrase, pem, hint)
     _remember_encrypted(local)
     return {"sealer": keys.sealer, "chunk_key": keys.chunk_key}
 

@@ -56,12 +56,12 @@ from pathlib import Path
 import blake3
 import numpy as np
 
-from ..errors import DamageError, TamperedError
+from ..errors import DamageError, RepoError, TamperedError
 from .atomic import write_all
 from .crypto.null import NULL_SEALER, PART_HEADER_SIZE, PART_TAG_SIZE, PartSealer, Sealer
 from .formats import PACK, PACK_TRAILER, SEALED_PACK, SEALED_PACK_TRAILER
 from .safefile import FILE_MODE, checked_name
-from .store import Store
+from .store import RangeReader, Store
 
 HEADER = struct.Struct("<8sHHI")
 ENTRY = struct.Struct("<Q32sQIIB3x")
@@ -73,6 +73,10 @@ CHECKSUM_SIZE = 16
 SEALED_MAJOR = SEALED_PACK.major
 WRITE_CHUNK = 4 << 20
 OPENERS_KEPT = 4096  # the key headers of packs read lately (PackKeys)
+# a stream of a pack whose key header is not known yet starts at the header when the header lies
+# at most this many bytes before it (PackKeys.open_stream): passing over the gap costs less than
+# a request of its own
+HEADER_REACH = 256 << 10
 
 CODEC_RAW, CODEC_ZSTD = 0, 1
 # ids are V32, not S32: numpy strips trailing NUL bytes from S fields
@@ -416,10 +420,7 @@ class PackKeys:
         opener = self._null or self._openers.get(name)
         if opener is None:
             opener = self._read(name)
-            with self._lock:
-                if len(self._openers) >= OPENERS_KEPT:
-                    self._openers.clear()
-                self._openers[name] = opener
+            self._keep(name, opener)
         return opener
 
     def open(self, name: str, offset: int, chunk_id: bytes, blob: bytes | memoryview,
@@ -428,9 +429,39 @@ class PackKeys:
         pack `name` (TamperedError, naming `what`, when it fails authentication)."""
         return self.opener(name).open(offset, "chunk", chunk_id, blob, what)
 
+    def open_stream(self, name: str, offset: int, length: int) -> RangeReader:
+        """Bytes [offset, offset + length) of pack `name`, to be read front to back. When the
+        pack's key header is not known yet and lies at most HEADER_REACH bytes before `offset`,
+        the same request reads it first (one request instead of two; on object storage each
+        costs a round trip). A header that does not come or does not parse is left for
+        `opener` to read and report."""
+        obj, start = pack_object(name), HEADER.size + PART_HEADER_SIZE
+        if self._null is not None or name in self._openers or offset - start > HEADER_REACH:
+            return self._store.open_range(obj, offset, length)
+        stream = self._store.open_range(obj, 0, offset + length)
+        try:
+            opener = self._parsed(obj, stream.read(start))
+            stream.skip(offset - start)
+        except RepoError:
+            stream.close()
+            return self._store.open_range(obj, offset, length)
+        except BaseException:
+            stream.close()
+            raise
+        self._keep(name, opener)
+        return stream
+
+    def _keep(self, name: str, opener: PartSealer) -> None:
+        with self._lock:
+            if len(self._openers) >= OPENERS_KEPT:
+                self._openers.clear()
+            self._openers[name] = opener
+
     def _read(self, name: str) -> PartSealer:
         obj = pack_object(name)
+        return self._parsed(obj, self._store.get_range(obj, 0, HEADER.size + PART_HEADER_SIZE))
+
+    def _parsed(self, obj: str, head: bytes) -> PartSealer:
         what = f"{self._store.location}/{obj}"
-        head = self._store.get_range(obj, 0, HEADER.size + PART_HEADER_SIZE)
         _refuse_cleartext(_major(head, what), True, what)
         return self._sealer.parts_opener("pack", head[HEADER.size:], what)

@@ -301,8 +301,9 @@ class Repository:
         return self.pack_keys.open(name, offset, chunk_id, blob, what)
 
     def read_chunk_stream(self, name: str, offset: int, length: int) -> RangeReader:
-        """Bytes [offset, offset + length) of pack `name`, to be read front to back in pieces."""
-        return self.store.open_range(pack_object(name), offset, length)
+        """Bytes [offset, offset + length) of pack `name`, to be read front to back in pieces
+        (with the pack's key header, when it is needed and near: PackKeys.open_stream)."""
+        return self.pack_keys.open_stream(name, offset, length)
 
     def delete_packs(self, names: list[str]) -> None:
         self.store.delete(pack_object(n) for n in names)

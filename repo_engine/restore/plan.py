@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,8 +27,12 @@ class ReadSettings:
     # twice that for a moment (the HTTP client's buffer and its copy)
     max_read: int = 2 * MIB
     # two chunks of a pack separated by at most this many bytes are read with one request: the
-    # gap costs less than another round trip
-    max_gap: int = 256 << 10
+    # gap costs less than another round trip (on object storage some 30 ms, in which a
+    # connection brings a few MB; a local store's reader passes over the gap without reading it)
+    max_gap: int = 1 * MIB
+    # runs decoded (opened, decompressed, hashed) at once: that is CPU work, and more threads at
+    # it than cores only contend for the GIL; the other requests in flight wait with their data
+    decoders: int = field(default_factory=lambda: os.cpu_count() or 2)
     # bytes of runs read and whose chunks are not checked yet, counting for each request in
     # flight its largest run; with the defaults every worker may hold a run of the largest size
     memory: int = 32 * MIB
@@ -39,9 +44,9 @@ class ReadSettings:
 
     def __post_init__(self) -> None:
         if (min(self.in_flight, self.max_request, self.max_read, self.plan_blocks,
-                self.write_queue) < 1 or self.max_gap < 0):
-            raise UsageError(f"restore reads: need in_flight, max_request, max_read, plan_blocks "
-                             f"and write_queue >= 1 and max_gap >= 0 (got {self})")
+                self.write_queue, self.decoders) < 1 or self.max_gap < 0):
+            raise UsageError(f"restore reads: need in_flight, max_request, max_read, plan_blocks, "
+                             f"write_queue and decoders >= 1 and max_gap >= 0 (got {self})")
         if self.memory < min(self.max_read, self.max_request):
             raise UsageError(f"restore reads: the memory cap ({self.memory} bytes) must hold one "
                              f"run of the smaller of max_read and max_request ({self.max_read}, "

@@ -31,7 +31,7 @@ from .plan import ReadRequest, ReadRun, ReadSettings, RestorePlan, plan_restore
 
 Progress = Callable[[int], None]
 WRITEBACK_BYTES = 32 << 20
-WRITE_BATCH = 512 << 10  # decoded bytes a worker hands the block writer at once
+WRITE_BATCH = 2 << 20  # decoded bytes a worker hands the block writer at once
 SHOWN_RANGES = 4  # damaged byte ranges a restore error lists (then a count of the others)
 SHOWN_PACKS = 2  # damaged packs it describes
 _REPAIR = ("'repo-engine scrub --repair' finds all damage and heals what the next backup reads "
@@ -156,8 +156,10 @@ class _RunReader:
     the writer. Damage is reported in the result, not raised, so that the restore goes on and
     names every damaged range."""
 
-    def __init__(self, repo: Repository, plan: RestorePlan, writer: _BlockWriter) -> None:
+    def __init__(self, repo: Repository, plan: RestorePlan, writer: _BlockWriter,
+                 decoders: int) -> None:
         self.repo, self.plan, self.writer = repo, plan, writer
+        self._decoding = threading.BoundedSemaphore(decoders)
 
     def __call__(self, request: ReadRequest, name: str) -> _RunDone:
         done = _RunDone(name)
@@ -173,7 +175,8 @@ class _RunReader:
                 if stream is None:
                     span, whole, cause = self._read_alone(run, name)
                 done.cause = done.cause or cause
-                self._check(run, name, span, whole, done)
+                with self._decoding:
+                    self._check(run, name, span, whole, done)
         return done
 
     def _check(self, run: ReadRun, name: str, span: bytes, whole: int, done: _RunDone) -> None:
@@ -428,16 +431,24 @@ class _Work:
         elif self.fresh:
             for first, window in refs:
                 yield first, window, np.flatnonzero(window).astype(np.uint64) + first
-        else:  # every window, those the maps do not store too (their blocks are ZERO)
-            every = window_starts(np.arange(0, nblocks, SEGMENT_BLOCKS, dtype=np.uint64))
-            for first, (window, _) in zip_windows(nblocks, refs, every):
-                yield first, window, np.arange(first, first + len(window), dtype=np.uint64)
+        else:
+            yield from every_window(nblocks, refs)
 
     def data_bytes(self) -> int:
         """The bytes of non-ZERO blocks to write: a pass over the maps, which also finds a
         damaged map before anything is written."""
         return sum(int(np.count_nonzero(window[todo - first]))
                    for first, window, todo in self.windows()) * self.disk.block_size
+
+
+def every_window(nblocks: int, refs: Iterator[tuple[int, np.ndarray]]
+                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first block, refs, every block) of each window of a disk of `nblocks` blocks, from the
+    `refs` windows of `Repository.resolve_windows`, those the maps do not store too (their
+    blocks are ZERO)."""
+    every = window_starts(np.arange(0, nblocks, SEGMENT_BLOCKS, dtype=np.uint64))
+    for first, (window, _) in zip_windows(nblocks, refs, every):
+        yield first, window, np.arange(first, first + len(window), dtype=np.uint64)
 
 
 def _restore_through(repo: Repository, point: PointRecord, disk: DiskRecord, work: _Work,
@@ -498,7 +509,7 @@ class _Writer:
         bs = self.disk.block_size
         for offset, length in blocks_to_extents(plan.zero_blocks, bs, self.disk.capacity):
             self.device.write_zeroes(offset, length)
-        reader = _RunReader(self.repo, plan, self.blocks)
+        reader = _RunReader(self.repo, plan, self.blocks, self.reads.decoders)
         work = [(request.held, (request, self._pack_name(request.pack)))
                 for request in plan.requests]
         damaged: list[int] = []

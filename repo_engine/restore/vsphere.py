@@ -36,7 +36,7 @@ from ..sources.vsphere.errors import (ConnectionLost, VSphereError, asking, conn
                                        extended, fault_text)
 from ..sources.vsphere.inventory import DiskInfo, disks_of, find_by_name
 from ..sources.vsphere.source import DataPlane, no_migration
-from .restorer import restore_to_device
+from .restorer import every_window, restore_to_device
 
 log = logging.getLogger("repo_engine.vsphere")
 
@@ -160,24 +160,25 @@ def _cbt_blocks(vm: Any, snap: Any, disk: DiskRecord, frozen: DiskInfo,
 def _differing(repo: Repository, point: PointRecord, disk: DiskRecord, device: Any) -> np.ndarray:
     """Blocks whose content on `device` is not the point's: every block read and hashed, its id
     compared with the id the point's chunk was stored under (not looked up in the ids table, a
-    cache that may name another copy of the chunk); a block that reads zero matches ZERO."""
-    with repo.lock(SHARED, f"restore {point.vm}"):
-        refs = repo.resolve(point, disk.key)
+    cache that may name another copy of the chunk); a block that reads zero matches ZERO. The
+    point's map is streamed a window at a time: memory grows with the blocks that differ, not
+    with the disk."""
     found: list[np.ndarray] = []
     pipeline = BlockPipeline(repo.codec, repo.index)
-    everything = np.arange(disk.nblocks, dtype=np.uint64)
-    with repo.index.reader() as lookup:
-        for batch in pipeline.run(device, disk.block_size, everything, encode=False,
-                                  describe=f"disk {disk.key} ({device.path})"):
-            wanted = refs[batch.blocks.astype(np.int64)]
-            stored = wanted != 0
-            wanted_ids = np.zeros(len(wanted), "V32")
-            wanted_ids[stored] = lookup.locate(wanted[stored])["id"]
-            read_zero = np.array([i is None for i in batch.ids], bool)
-            read_ids = np.frombuffer(b"".join(i or bytes(32) for i in batch.ids), "V32")
-            differs = np.where(stored, read_zero | (read_ids != wanted_ids), ~read_zero)
-            found.append(batch.blocks[differs])
-    return np.concatenate(found).astype(np.uint64) if found else everything[:0]
+    with repo.lock(SHARED, f"restore {point.vm}"), repo.index.reader() as lookup:
+        windows = every_window(disk.nblocks, repo.resolve_windows(point, disk.key))
+        for first, refs, blocks in windows:
+            for batch in pipeline.run(device, disk.block_size, blocks, encode=False,
+                                      describe=f"disk {disk.key} ({device.path})"):
+                wanted = refs[(batch.blocks - np.uint64(first)).astype(np.int64)]
+                stored = wanted != 0
+                wanted_ids = np.zeros(len(wanted), "V32")
+                wanted_ids[stored] = lookup.locate(wanted[stored])["id"]
+                read_zero = np.array([i is None for i in batch.ids], bool)
+                read_ids = np.frombuffer(b"".join(i or bytes(32) for i in batch.ids), "V32")
+                differs = np.where(stored, read_zero | (read_ids != wanted_ids), ~read_zero)
+                found.append(batch.blocks[differs])
+    return np.concatenate(found).astype(np.uint64) if found else np.zeros(0, np.uint64)
 
 
 def _plan_disk(repo: Repository, point: PointRecord, vm: Any, snap: Any, vddk: Any,
@@ -195,7 +196,7 @@ def _plan_disk(repo: Repository, point: PointRecord, vm: Any, snap: Any, vddk: A
 
 
 def _distrust(repo: Repository, point: PointRecord, uuid: str) -> str:
-    mark = marks.load(repo.store, uuid)
+    mark = marks.load(repo.store, repo.sealer, uuid)
     if mark is not None and mark.last_write and mark.last_write > point.time:
         return f"a restore wrote to the VM at {mark.last_write}, after the point"
     return ""
@@ -245,7 +246,7 @@ class _InPlace:
             for t in todo:
                 self.result.disks.append(DiskResult(t.disk.key, t.file, 0, 0, t.mode, t.note))
             return
-        marks.mark_written(self.repo.store, self.uuid, self.name,
+        marks.mark_written(self.repo.store, self.repo.sealer, self.uuid, self.name,
                            f"in-place restore of point {self.point.id[:16]}")
         vddk = self.plane.connection(self.conn, self.vm._moId, None)
         self.wrote = True   # from the first write on, only a revert restores the state before

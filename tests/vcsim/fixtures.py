@@ -118,7 +118,9 @@ def _tree(vm) -> list:   # noqa: ANN001 - a pyvmomi VM
 def make_env(vcsim_binary, vddk_libdir, tmp_path, monkeypatch, capsys):
     started: list[vcsim.Simulator] = []
 
-    def make(**sim_options) -> Env:
+    def make(*init_args: object, **sim_options) -> Env:
+        """A simulator started with `sim_options`; the repository, made on the first call, is
+        initialised with `init_args` too (say, `--encryption`)."""
         sim = vcsim.Simulator.start(vcsim_binary, tmp_path / f"vcsim{len(started)}",
                                     **sim_options)
         started.append(sim)
@@ -129,7 +131,8 @@ def make_env(vcsim_binary, vddk_libdir, tmp_path, monkeypatch, capsys):
         monkeypatch.delenv("FAKE_VDDK_FAULTS", raising=False)
         repo = tmp_path / "repo"
         if not repo.exists():
-            assert cli(capsys, "init", repo, "--block-size", "64KiB").code == 0
+            made = cli(capsys, "init", repo, "--block-size", "64KiB", *init_args)
+            assert made.code == 0, made.err
         return Env(sim, repo, vddk_libdir, trace, capsys, tmp_path)
 
     yield make

@@ -21,11 +21,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TypeVar
 
 from ...errors import TamperedError
 from ..store import Store
 from .keyring import Keyring
+from . import ahead
 from . import slots as slot_format
 from .keys import Unlocked, create, recover, unlock
 from .keystore import init_keys, load_keyring, load_slots
@@ -114,11 +116,11 @@ def create_keys(store: Store, config_digest: bytes, passphrase: bytes, *,
 
 
 def open_keys(store: Store, config_digest: bytes, passphrase: Callable[[], bytes] | None,
-              key_file: tuple[bytes, str] | None = None) -> OpenKeys:
+              key_file: tuple[bytes, str] | None = None, hint: Path | None = None) -> OpenKeys:
     """Unlock the repository in `store` whose config has `config_digest`: with `key_file` (the
     PEM of a recovery private key and where it was read: no KDF to run), else with
     `passphrase`, asked for only once the slots were read (a repository without readable
-    slots asks nothing)."""
+    slots asks nothing); the slot it opens is copied to `hint` (ahead.py)."""
     if key_file is not None:
         unlocked, keyring = unlock_store(store, config_digest,
                                          lambda found, _skipped: recover(found, *key_file))
@@ -126,6 +128,8 @@ def open_keys(store: Store, config_digest: bytes, passphrase: Callable[[], bytes
         assert passphrase is not None
         unlocked, keyring = unlock_store(store, config_digest, lambda found, skipped: unlock(
             found, passphrase(), skipped=skipped))
+        if hint is not None:
+            ahead.remember(hint, slot_format.encode_slot(unlocked.slot))
     return OpenKeys(RepositorySealer(store, unlocked.ring_key, keyring), keyring.chunk_key)
 
 

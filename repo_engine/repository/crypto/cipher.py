@@ -35,7 +35,7 @@ TAG_SIZE = 16
 MAX_COUNTER = (1 << 64) - 1
 # what a sealed object can be; the kind is in both the key derivation and the associated data
 KINDS = frozenset({"pack", "chunk", "trailer", "map", "point", "journal", "checkpoint", "config",
-                   "keyring"})
+                   "keyring", "mark"})
 OBJECT_INFO = b"repo-engine object v1 "
 _NAME_LEN = struct.Struct("<H")
 _EPOCH = struct.Struct("<I")

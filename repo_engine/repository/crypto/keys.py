@@ -20,14 +20,14 @@ can write golden bytes; scrypt parameters are always an explicit argument.
 
 from __future__ import annotations
 
+import binascii
 import os
+from base64 import b64decode
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import (Encoding, NoEncryption, PrivateFormat,
-                                                          load_pem_private_key)
 
 from ...errors import RepoError
 from .cipher import KEY_SIZE
@@ -168,9 +168,18 @@ def change_passphrase(slots: Sequence[Slot], old: bytes, new: bytes, params: Scr
     return slot, unlocked.slot
 
 
+# What `export_recovery` writes: PEM of the PKCS#8 DER of an X25519 key (RFC 8410), which is
+# this prefix and the 32-byte key. Read without the `serialization` module, whose imports cost
+# every command opened by a key file some 4 ms; any other PEM goes through it.
+_PEM_LINES = (b"-----BEGIN PRIVATE KEY-----", b"-----END PRIVATE KEY-----")
+_X25519_PKCS8 = bytes.fromhex("302e020100300506032b656e04220420")
+
+
 def export_recovery(ring_key: bytes, *, label: str, now: datetime,
                     random: Random = os.urandom) -> tuple[bytes, Slot]:
     """(a new X25519 private key as unencrypted PKCS#8 PEM, the recovery slot for it)."""
+    from cryptography.hazmat.primitives.serialization import (Encoding, NoEncryption,
+                                                              PrivateFormat)
     private_key = X25519PrivateKey.from_private_bytes(random(KEY_SIZE))
     pem = private_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     slot = recovery_slot(ring_key, private_key.public_key().public_bytes_raw(), label=label,
@@ -178,7 +187,26 @@ def export_recovery(ring_key: bytes, *, label: str, now: datetime,
     return pem, slot
 
 
+def _x25519_pkcs8(pem: bytes) -> bytes | None:
+    """The raw key of `pem` when it is exactly what `export_recovery` writes, else None."""
+    begin, end = _PEM_LINES
+    text = pem.strip()
+    if not (text.startswith(begin) and text.endswith(end)):
+        return None
+    try:
+        der = b64decode(b"".join(text[len(begin):-len(end)].split()), validate=True)
+    except binascii.Error:
+        return None
+    if len(der) != len(_X25519_PKCS8) + 32 or not der.startswith(_X25519_PKCS8):
+        return None
+    return der[len(_X25519_PKCS8):]
+
+
 def load_recovery_key(pem: bytes, what: str) -> X25519PrivateKey:
+    raw = _x25519_pkcs8(pem)
+    if raw is not None:
+        return X25519PrivateKey.from_private_bytes(raw)
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
     try:
         key = load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:

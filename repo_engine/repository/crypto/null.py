@@ -13,6 +13,12 @@ from ...errors import FormatError
 
 Passphrase = Callable[[], bytes]  # asked for only when an encrypted repository needs it
 
+
+def asks(passphrase: Passphrase) -> bool:
+    """Whether calling `passphrase` may ask someone for it (a prompt) rather than read it: a
+    source tells with its `asks` attribute; any other callable is taken to ask."""
+    return bool(getattr(passphrase, "asks", True))
+
 PART_HEADER_SIZE = 36  # what a sealed object's key header holds: epoch u32, salt [32] (seal.py)
 PART_TAG_SIZE = 16  # what sealing adds to a part: its AES-GCM tag (seal.py)
 

@@ -4,8 +4,10 @@ cannot trust CBT either.
 
 Kept in the repository's store as `sources/vsphere/vms/<instance uuid>.mark`: an envelope (magic
 VM_MARK) holding JSON {"vm": NAME, "full_next": bool, "last_write": ISO time or null,
-"why": TEXT}, replaced atomically. A mark that cannot be read (damaged, not a regular file, or the
-plain-JSON `.json` mark of earlier versions) means a full read, to be safe.
+"why": TEXT}, replaced atomically. In an encrypted repository the JSON is sealed (kind "mark",
+bound to the instance uuid) like a point manifest, so that it names no VM in the clear. A mark that cannot be read (damaged, not a regular file, or the
+plain-JSON `.json` mark of earlier versions, a cleartext mark in an encrypted repository)
+means a full read, to be safe.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import re
 from dataclasses import asdict, dataclass
 
 from ...errors import RepoError
-from ...repository.envelope import read_sealed, write_sealed
+from ...repository.crypto.null import Sealer
+from ...repository.envelope import Binding, read_sealed, write_sealed
 from ...repository.formats import VM_MARK
 from ...repository.points import now_iso
 from ...repository.store import ObjectMissing, Store
@@ -36,9 +39,14 @@ def _name(vm_uuid: str, suffix: str = ".mark") -> str:
     return f"sources/vsphere/vms/{safe}{suffix}"
 
 
-def load(store: Store, vm_uuid: str) -> VmMark | None:
+def _binding(sealer: Sealer, vm_uuid: str) -> Binding:
+    return Binding(sealer, "mark", vm_uuid.encode())
+
+
+def load(store: Store, sealer: Sealer, vm_uuid: str) -> VmMark | None:
     try:
-        doc = json.loads(read_sealed(store, _name(vm_uuid), VM_MARK, MARK_MAX))
+        doc = json.loads(read_sealed(store, _name(vm_uuid), VM_MARK, MARK_MAX,
+                                     _binding(sealer, vm_uuid)))
         return VmMark(str(doc["vm"]), bool(doc["full_next"]), doc["last_write"], str(doc["why"]))
     except ObjectMissing:
         if store.exists(_name(vm_uuid, ".json")):
@@ -48,19 +56,20 @@ def load(store: Store, vm_uuid: str) -> VmMark | None:
         return VmMark("?", True, why="unreadable mark: full read to be safe")
 
 
-def _save(store: Store, vm_uuid: str, mark: VmMark) -> None:
-    write_sealed(store, _name(vm_uuid), VM_MARK, json.dumps(asdict(mark)).encode())
+def _save(store: Store, sealer: Sealer, vm_uuid: str, mark: VmMark) -> None:
+    write_sealed(store, _name(vm_uuid), VM_MARK, json.dumps(asdict(mark)).encode(),
+                 binding=_binding(sealer, vm_uuid))
     store.delete([_name(vm_uuid, ".json")])   # an earlier version's mark, now replaced
 
 
-def mark_written(store: Store, vm_uuid: str, vm_name: str, why: str) -> None:
+def mark_written(store: Store, sealer: Sealer, vm_uuid: str, vm_name: str, why: str) -> None:
     """Before a restore writes to the VM: its next backup reads everything."""
-    _save(store, vm_uuid, VmMark(vm_name, True, now_iso(), why))
+    _save(store, sealer, vm_uuid, VmMark(vm_name, True, now_iso(), why))
 
 
-def clear_full_next(store: Store, vm_uuid: str) -> None:
+def clear_full_next(store: Store, sealer: Sealer, vm_uuid: str) -> None:
     """After a backup that read everything was stored."""
-    mark = load(store, vm_uuid)
+    mark = load(store, sealer, vm_uuid)
     if mark is not None and mark.full_next:
         mark.full_next, mark.why = False, ""
-        _save(store, vm_uuid, mark)
+        _save(store, sealer, vm_uuid, mark)

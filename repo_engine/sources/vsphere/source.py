@@ -13,6 +13,7 @@ import vddk_ext
 
 from ...backup.source import BlockDevice, ChangeReport, Parent, SourceDisk, VmSnapshot
 from ...errors import SourceError
+from ...repository.crypto.null import Sealer
 from ...repository.store import Store
 from . import cbt, marks, snapshots, vmconfig
 from .connection import Connection
@@ -168,7 +169,8 @@ class Frozen:
 def frozen_vm(conn: Connection, vm: Any, repo: Any, *, name: str | None = None,
               quiesce: bool = True, plane: DataPlane = DataPlane()) -> Iterator[Frozen]:
     """Snapshot `vm` and yield it as a VmSnapshot; the snapshot is removed whatever happens.
-    Of `repo` only its store is used: where this source keeps its per-VM marks.
+    Of `repo` only its store and sealer are used: where and how this source keeps its per-VM
+    marks.
 
     A VDDK error inside the block becomes a VSphereError saying that no point was stored."""
     notes = [f"removed leftover snapshot {n}" for n in snapshots.remove_leftovers(vm)]
@@ -176,7 +178,7 @@ def frozen_vm(conn: Connection, vm: Any, repo: Any, *, name: str | None = None,
     notes += [enabled] if enabled else []
     vm_name = name or vm.name
     vm_uuid = vm.config.instanceUuid
-    mark = marks.load(repo.store, vm_uuid)
+    mark = marks.load(repo.store, repo.sealer, vm_uuid)
     full_reason = (f"a restore wrote to the VM at {mark.last_write}"
                    if mark is not None and mark.full_next else "")
     with no_migration(plane, conn, vm, notes, "backup"), snapshots.held(vm, "backup", quiesce) as held:
@@ -213,7 +215,7 @@ def frozen_vm(conn: Connection, vm: Any, repo: Any, *, name: str | None = None,
                        "point was stored") from None
 
 
-def after_backup(store: Store, frozen: Frozen) -> None:
+def after_backup(store: Store, sealer: Sealer, frozen: Frozen) -> None:
     """A stored point read everything a restore asked for: CBT can be trusted again."""
     if frozen.full_read:
-        marks.clear_full_next(store, frozen.vm_uuid)
+        marks.clear_full_next(store, sealer, frozen.vm_uuid)

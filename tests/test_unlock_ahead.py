@@ -1,0 +1,143 @@
+"""A passphrase's key derived ahead (crypto/ahead.py): used only for the very slot, salt and
+passphrase it was derived for; a stale, damaged or hostile copy of a slot, or a passphrase that
+would be asked on a terminal, changes nothing but who derives."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from repo_engine.errors import TamperedError
+from repo_engine.repository.crypto import ahead
+from repo_engine.repository.crypto.keys import WrongPassphrase
+from repo_engine.repository.crypto.manage import KeyManager
+from repo_engine.repository.crypto.slots import ScryptParams, decode_slot, encode_slot
+from repo_engine.repository.location import (init_repository, open_key_manager,
+                                             open_repository, unlock_hint)
+from test_crypto_keys import SMALL
+
+PASS = b"correct horse"
+
+
+class Unattended:
+    """A passphrase read from a file or the environment: never asks anyone."""
+
+    asks = False
+
+    def __init__(self, passphrase: bytes = PASS) -> None:
+        self.passphrase = passphrase
+
+    def __call__(self) -> bytes:
+        return self.passphrase
+
+
+@pytest.fixture
+def derivations(monkeypatch):
+    """(thread name, salt) of every scrypt run, in order."""
+    runs: list[tuple[str, bytes]] = []
+    real = ScryptParams.compute
+
+    def compute(self, passphrase, salt):
+        runs.append((threading.current_thread().name, salt))
+        return real(self, passphrase, salt)
+
+    monkeypatch.setattr(ScryptParams, "compute", compute)
+    return runs
+
+
+@pytest.fixture
+def repo(tmp_path):
+    path = tmp_path / "repo"
+    init_repository(str(path), cache_dir=tmp_path / "cache", passphrase=PASS, kdf=SMALL).close()
+    return path
+
+
+def opened(path, cache, passphrase=None):
+    open_repository(str(path), cache_dir=cache, passphrase=passphrase or Unattended()).close()
+
+
+def slot_ids(path):
+    return sorted(p.name for p in (path / "keys").glob("slot-*.slot"))
+
+
+def test_the_slot_that_opened_is_copied_and_the_next_open_derives_ahead(repo, tmp_path,
+                                                                        derivations):
+    hint = unlock_hint(str(repo), tmp_path / "cache")
+    assert not hint.exists()
+    opened(repo, tmp_path / "cache")
+    assert derivations[-1][0] == threading.main_thread().name
+    copy = decode_slot(hint.read_bytes(), "copy")
+    assert [f"slot-{copy.id}.slot"] == slot_ids(repo)
+    assert (repo / "keys" / f"slot-{copy.id}.slot").read_bytes() == hint.read_bytes()
+    derivations.clear()
+    opened(repo, tmp_path / "cache")
+    assert derivations == [("derive-ahead", copy.salt)]
+
+
+def test_a_passphrase_that_would_be_asked_is_not_read_ahead(repo, tmp_path, derivations):
+    opened(repo, tmp_path / "cache")
+    calls = []
+
+    def typed() -> bytes:  # a prompt: no `asks` attribute, so taken to ask
+        calls.append(threading.current_thread().name)
+        return PASS
+
+    derivations.clear()
+    opened(repo, tmp_path / "cache", typed)
+    assert calls == [threading.main_thread().name]
+    assert [name for name, _ in derivations] == [threading.main_thread().name]
+
+
+def test_a_wrong_passphrase_is_refused_the_same_with_a_copy(repo, tmp_path, derivations):
+    opened(repo, tmp_path / "cache")
+    derivations.clear()
+    with pytest.raises(WrongPassphrase, match="the passphrase opens none of the 1 passphrase"):
+        opened(repo, tmp_path / "cache", Unattended(b"wrong"))
+    assert [name for name, _ in derivations] == ["derive-ahead"]
+
+
+def test_a_stale_copy_costs_a_derivation_and_is_replaced(repo, tmp_path, derivations):
+    cache = tmp_path / "cache"
+    opened(repo, cache)
+    hint = unlock_hint(str(repo), cache)
+    old = decode_slot(hint.read_bytes(), "copy")
+    with open_key_manager(str(repo), cache_dir=cache) as keys:
+        new = keys.change_passphrase(keys.unlock(Unattended()), b"battery staple")
+    assert slot_ids(repo) == [f"slot-{new.id}.slot"]
+    derivations.clear()
+    opened(repo, cache, Unattended(b"battery staple"))
+    # derived ahead for the old slot's salt, wasted; the new slot's key derived when it is read
+    assert sorted(derivations) == sorted([("derive-ahead", old.salt),
+                                          (threading.main_thread().name, new.salt)])
+    assert decode_slot(hint.read_bytes(), "copy").id == new.id
+    derivations.clear()
+    opened(repo, cache, Unattended(b"battery staple"))
+    assert derivations == [("derive-ahead", new.salt)]
+
+
+def test_a_damaged_copy_is_ignored_and_rewritten(repo, tmp_path, derivations):
+    cache = tmp_path / "cache"
+    opened(repo, cache)
+    hint = unlock_hint(str(repo), cache)
+    good = hint.read_bytes()
+    hint.write_bytes(good[:40] + bytes([good[40] ^ 1]) + good[41:])
+    derivations.clear()
+    opened(repo, cache)
+    assert [name for name, _ in derivations] == [threading.main_thread().name]
+    assert hint.read_bytes() == good
+
+
+def test_a_hostile_copy_never_runs_its_scrypt_parameters(repo, tmp_path, derivations):
+    cache = tmp_path / "cache"
+    opened(repo, cache)
+    hint = unlock_hint(str(repo), cache)
+    slot = decode_slot(hint.read_bytes(), "copy")
+    costly = ScryptParams(log_n=30, r=8, p=1)  # 1 TiB of memory
+    with pytest.raises(TamperedError):
+        decode_slot(encode_slot(slot.__class__(**{**slot.__dict__, "kdf": costly})), "x")
+    hint.write_bytes(encode_slot(slot.__class__(**{**slot.__dict__, "kdf": costly})))
+    derivations.clear()
+    opened(repo, cache)
+    assert [name for name, _ in derivations] == [threading.main_thread().name]
+    assert ahead.take(costly, slot.salt, PASS) is None
