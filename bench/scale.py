@@ -14,7 +14,7 @@ one timing the commands on it):
   nightly schedule would place them). Then each command runs as its own process, the way a user
   runs it (start-up included): `points`, `points --json`, `show VM@latest`, `show ID`,
   `forget --dry-run` with a GFS policy, a backup that finds its parent, `forget --prune` with that
-  policy. Wall seconds, CPU seconds and peak RSS of each.
+  policy. Wall seconds, CPU seconds, peak RSS and peak anonymous memory of each.
 - chunks: for each chunk count on the curve (e.g. --curve 1000000,10000000), one repository grown
   to it by the bench-only loader (bench/bigrepo.py), then, on a copy with its index evicted from
   the page cache: backups of a new 4 GiB disk (all chunks new) and of the same disk again (all
@@ -59,12 +59,14 @@ class Timed:
     cpu_seconds: float
     maxrss_kb: int
     rc: int
+    anon_kb: int = 0  # peak anonymous memory (RssAnon, sampled): the index's mapped file pages,
+    # which %M counts too, are page cache the kernel reclaims; this is what an OOM kill is about
 
 
 def measure(command: list[str], log: Path, timeout: float) -> Timed:
-    """Run a command under GNU time: wall and CPU seconds, peak RSS. No `sync` around it (as
-    bench/run.py does for backups): these commands write little, and a sync would time the
-    other writers of a shared machine. Past `timeout` seconds the command is killed and
+    """Run a command under GNU time: wall and CPU seconds, peak RSS (and, sampled, its peak
+    anonymous memory). No `sync` around it (as bench/run.py does for backups): these commands
+    write little, and a sync would time the other writers of a shared machine. Past `timeout` seconds the command is killed and
     reported as such (rc -9, the timeout as its wall time)."""
     stats = log.with_suffix(".time")
     with open(log, "w") as out:
@@ -72,15 +74,31 @@ def measure(command: list[str], log: Path, timeout: float) -> Timed:
         # happens to be the current directory instead of the build's
         proc = subprocess.Popen([TIME, "-f", "%e %U %S %M", "-o", str(stats), *command],
                                 stdout=out, stderr=out, start_new_session=True, cwd=log.parent)
-        try:
-            rc = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            return Timed(command[-1], timeout, 0.0, 0, -9)
+        deadline, anon = time.monotonic() + timeout, 0
+        while (rc := proc.poll()) is None:
+            if time.monotonic() > deadline:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                return Timed(command[-1], timeout, 0.0, 0, -9)
+            anon = max(anon, _anon_kb(proc.pid))
+            time.sleep(0.02)
     wall, user, system, rss = stats.read_text().split()[-4:]
     return Timed(" ".join(command[-1:]), float(wall), round(float(user) + float(system), 2),
-                 int(rss), rc)
+                 int(rss), rc, anon)
+
+
+def _anon_kb(pid: int) -> int:
+    """RssAnon (KiB) of the children of `pid` (GNU time's child: the command)."""
+    total = 0
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        for child in children:
+            for line in Path(f"/proc/{child}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    total += int(line.split()[1])
+    except OSError:
+        pass  # the command has just ended
+    return total
 
 
 # ---------------------------------------------------------------- points part
@@ -317,11 +335,13 @@ def table(name: str, part: Part, result: dict) -> str:
                 cells.append(f"> {t['seconds']:.0f} s (killed)" if t["rc"] == -9 else
                              "FAILED" if t["rc"] else
                              f"{t['seconds']:.2f} s ({t['cpu_seconds']:.2f} cpu, "
-                             f"{t['maxrss_kb'] // 1024} MiB)")
+                             f"{t['maxrss_kb'] // 1024} MiB, "
+                             f"{t.get('anon_kb', 0) // 1024} MiB anon)")
             rows.append([row["command"], label] + cells)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return f"### {name}: wall seconds (CPU seconds, peak RSS)\n\n" + "\n".join(lines)
+    head = "wall seconds (CPU seconds, peak RSS, peak anonymous RSS)"
+    return f"### {name}: {head}\n\n" + "\n".join(lines)
 
 
 def parse_build(text: str) -> tuple[str, list[str]]:

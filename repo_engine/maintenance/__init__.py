@@ -5,6 +5,10 @@ Maintenance reads and deletes the repository's objects only through the reposito
 store (names, never paths): walks list the store (`inventory.objects_under`), deletions are
 batched (`Store.delete`). What stays local: the index, the lock files, the pack spool.
 
+Memory: gc, verify and rebuild-index read the index's per-chunk tables a batch at a time and keep
+a few bytes per chunk in numpy arrays (`tally.py`), and read map files one at a time;
+rebuild-index sorts the packs' entries through files (`rebuild.py`).
+
 Concurrency rules (docs/FORMAT.md, "Concurrency", has them in full):
 
 - Locks: backup, restore, points, show, diff, stats, verify, scrub and `gc --dry-run` take a

@@ -61,11 +61,12 @@ from ..repository.points import point_object
 from ..repository.repo import Repository
 from ..repository.seals import KEY, CountDamaged, seal_rows
 from . import forget
-from .inventory import (MapCache, count_damage, dead_tmp_files, live_refs, objects_under,
-                        scan_counts, scan_refs, scan_sealed, sessions, wait_for)
+from .inventory import (count_damage, dead_tmp_files, objects_under, scan_sealed, sessions,
+                        wait_for)
+from .tally import ROWS, RefTable, Tally, read_ref_table, ref_rows, sealed_batches
 
 Tick = Callable[[str], None]
-SETTLE_REFS = 1 << 22  # refs of dead maps settled in one transaction (their arrays: 32 MiB)
+SETTLE_REFS = 1 << 20  # refs of dead maps settled in one transaction (about 100 MiB)
 
 
 @dataclass
@@ -232,27 +233,26 @@ def _packs_from(txn: lmdb.Transaction, index: Index, first: int,
 
 def recount(repo: Repository, attempts: int = 5, *, strict: bool = True) -> dict:
     """Recompute map use and ref counts from the catalog; queue every uncounted ref. `strict`:
-    refuse when a map in use cannot be read (its chunks would look unused)."""
+    refuse when a map in use cannot be read (its chunks would look unused). The tables and maps
+    are read a batch or a map at a time (tally.py): about 13 bytes a chunk are held."""
     index = repo.index
     for _ in range(attempts):
         with index.env.begin() as txn:
             catalog = {k: v for k, v in txn.cursor(db=index.points)}
-            refs_table = scan_refs(index, txn)
-            old_refs, old_counts = scan_counts(index, txn)
+            table = read_ref_table(txn, index)
             next_pack = index._get_u64(txn, b"next_pack", index.meta)
-        pause_point("gc.recount")
-        use: dict[str, int] = {}
-        for key, value in catalog.items():
-            for disk in index.record(key, value)["disks"]:
-                use[disk["map"]] = use.get(disk["map"], 0) + 1
-        cache = MapCache(repo)
-        refs, counts = live_refs(cache, use)
-        if cache.errors and strict:
-            raise DamageError(f"{len(cache.errors)} block maps in use cannot be read (first: "
-                              f"{next(iter(cache.errors.values()))}); run 'verify'")
-        drift = count_drift(old_refs, old_counts, refs, counts)
-        dead = np.setdiff1d(refs_table["ref"], refs, assume_unique=True)
-        if _replace_counts(index, catalog, use, refs, counts, dead, refs_table, next_pack):
+            pause_point("gc.recount")
+            use: dict[str, int] = {}
+            for key, value in catalog.items():
+                for disk in index.record(key, value)["disks"]:
+                    use[disk["map"]] = use.get(disk["map"], 0) + 1
+            tally = Tally(table)
+            tally.add_maps(repo, use)
+            if tally.errors and strict:
+                raise DamageError(f"{len(tally.errors)} block maps in use cannot be read (first: "
+                                  f"{next(iter(tally.errors.values()))}); run 'verify'")
+            drift = tally_drift(index, txn, tally)
+        if _replace_counts(index, catalog, use, tally, next_pack):
             return drift
     raise LockedError("the catalog kept changing during gc --full; run it again")
 
@@ -271,8 +271,31 @@ def count_drift(old_refs: np.ndarray, old_counts: np.ndarray, refs: np.ndarray,
     return {"under_counted": int((old < new).sum()), "over_counted": int((old > new).sum())}
 
 
-def _replace_counts(index: Index, catalog: dict, use: dict[str, int], refs: np.ndarray,
-                    counts: np.ndarray, dead: np.ndarray, refs_table: np.ndarray,
+def tally_drift(index: Index, txn: lmdb.Transaction, tally: Tally) -> dict:
+    """count_drift of the refcount table `txn` sees (damaged rows as read) against `tally`,
+    the table read a batch at a time."""
+    under = over = 0
+    seen = np.zeros(len(tally.counts), bool)
+    extra, extra_counts = tally.extra()
+    extra_seen = np.zeros(len(extra), bool)
+    for keys, payloads, _ok in sealed_batches(index, txn, "refcount"):
+        refs = keys.copy().view(">u8")[:, 0].astype(np.uint64)
+        old = payloads.copy().view("<u8")[:, 0].astype(np.int64)
+        new = tally.count_of(refs).astype(np.int64)
+        under, over = under + int((old < new).sum()), over + int((old > new).sum())
+        pos, found = tally.table.find(refs)
+        seen[pos[found]] = True
+        if len(extra):
+            at = np.minimum(np.searchsorted(extra, refs), len(extra) - 1)
+            extra_seen[at[extra[at] == refs]] = True
+    for start in range(0, len(seen), ROWS):  # counted refs the table has no row for
+        end = start + ROWS
+        under += int(((tally.counts[start:end] > 0) & ~seen[start:end]).sum())
+    under += int(((extra_counts > 0) & ~extra_seen).sum())
+    return {"under_counted": under, "over_counted": over}
+
+
+def _replace_counts(index: Index, catalog: dict, use: dict[str, int], tally: Tally,
                     next_pack: int) -> bool:
     """Write the recount, unless the catalog changed since it was read (returns False).
 
@@ -290,11 +313,14 @@ def _replace_counts(index: Index, catalog: dict, use: dict[str, int], refs: np.n
         names = sorted(use)
         _put_sealed_rows(txn, index, "mapuse", b"".join(map(bytes.fromhex, names)),
                          np.array([use[n] for n in names], "<u8"))
-        _put_sealed_rows(txn, index, "refcount", refs.astype(">u8").tobytes(), counts)
-        dkeys = dead.astype(">u8").tobytes()
+        for refs, counts in tally.live():
+            _put_sealed_rows(txn, index, "refcount", refs.astype(">u8").tobytes(), counts)
         with txn.cursor(db=index.gcq) as cur:
-            cur.putmulti(((dkeys[i:i + 8], b"") for i in range(0, len(dkeys), 8)), append=True)
-        _write_packlive(txn, index, refs_table, next_pack)
+            for dead in tally.dead():
+                dkeys = dead.astype(">u8").tobytes()
+                cur.putmulti(((dkeys[i:i + 8], b"") for i in range(0, len(dkeys), 8)),
+                             append=True)
+        _write_packlive(txn, index, tally.table, next_pack)
         txn.put(b"counts", U64.pack(1), db=index.meta)
         txn.put(b"gc_mark", U64.pack(next_pack), db=index.meta)
     return True
@@ -311,17 +337,13 @@ def _put_sealed_rows(txn: lmdb.Transaction, index: Index, table: str, keys: byte
                       for i in range(len(counts))), append=True)
 
 
-def _write_packlive(txn: lmdb.Transaction, index: Index, refs_table: np.ndarray,
+def _write_packlive(txn: lmdb.Transaction, index: Index, table: RefTable,
                     next_pack: int) -> None:
-    """Live counts of the packs the snapshot `refs_table` saw (numbers below its `next_pack`).
+    """Live counts of the packs the snapshot `table` saw (numbers below its `next_pack`).
     Packs indexed since (a running backup's) keep theirs: the snapshot knows none of their
     chunks, and a count of 0 would get them retired and deleted. Damaged rows and rows of
     unlisted packs go."""
-    packs = refs_table["pack"].astype(np.int64)
-    numbers, inverse = np.unique(packs, return_inverse=True)
-    counts = np.bincount(inverse, minlength=len(numbers))
-    stored = np.bincount(inverse, weights=refs_table["stored"].astype(np.float64),
-                         minlength=len(numbers))
+    numbers, counts, stored = table.packs, table.pack_rows, table.pack_stored
     rows = scan_sealed(index, txn, "packlive")
     for key, ok in zip(map(bytes, rows.keys), rows.ok.tolist()):
         # kept: sound counts of listed packs indexed since the snapshot
@@ -331,7 +353,7 @@ def _write_packlive(txn: lmdb.Transaction, index: Index, refs_table: np.ndarray,
     listed = np.union1d(listed[listed < next_pack], numbers)
     live = np.zeros((len(listed), 2), "<u8")  # a listed pack no ref places a chunk in: 0, 0
     at = np.searchsorted(listed, numbers)
-    live[at, 0], live[at, 1] = counts, stored.astype(np.int64)
+    live[at, 0], live[at, 1] = counts, stored
     keys = listed.astype(">u4").view(np.uint8).reshape(-1, 4)
     values = seal_rows("packlive", keys, live.view(np.uint8).reshape(-1, 16))
     for key, value in zip(keys, values):
@@ -635,14 +657,18 @@ def _dry_run(repo: Repository, report: GcReport, max_unused: float) -> None:
     index = repo.index
     with index.env.begin() as txn:
         catalog = [index.record(k, v) for k, v in txn.cursor(db=index.points)]
-        table = scan_refs(index, txn)
-    cache = MapCache(repo)
-    refs, _ = live_refs(cache, {d["map"] for r in catalog for d in r["disks"]})
-    dead = ~np.isin(table["ref"], refs)
+        table = read_ref_table(txn, index)
+        tally = Tally(table)
+        tally.add_maps(repo, {d["map"] for r in catalog for d in r["disks"]})
+        live = np.zeros(len(table.packs), bool)
+        stored = start = 0
+        for refs, rows in ref_rows(txn, index):
+            dead = tally.counts[start:start + len(refs)] == 0
+            start += len(refs)
+            stored += int(rows["stored"][dead].astype(np.int64).sum())
+            live[np.searchsorted(table.packs, rows["pack"][~dead].astype(np.int64))] = True
     report.mode = "full"
-    report.candidates = int(dead.sum())
-    report.chunks_dropped = int(dead.sum())
-    report.stored_bytes_dropped = int(table["stored"][dead].astype(np.int64).sum())
-    packs = np.unique(table["pack"][~dead])
-    report.packs_deleted = len(set(np.unique(table["pack"]).tolist()) - set(packs.tolist()))
+    report.candidates = report.chunks_dropped = int((tally.counts == 0).sum())
+    report.stored_bytes_dropped = stored
+    report.packs_deleted = int((~live).sum())
     report.packs_repacked = len(repack_candidates(repo, max_unused))

@@ -22,28 +22,18 @@ from ..repository.points import PointRecord
 from ..repository.repo import Repository
 from ..repository.safefile import is_name
 from ..repository.store import ObjectInfo
-from ..repository.seals import CHECK_SIZE, KEY, PAYLOAD, unsealed_rows
+from ..repository.seals import KEY, PAYLOAD
+from .tally import REF_ROW, batches, sealed_batches
 
-# the refs table: key ref u64 big endian, value REF_REC (id, pack, offset, stored, raw, codec)
-REF_ROW = np.dtype({"names": ["id", "pack", "offset", "stored", "raw", "codec"],
-                    "formats": ["V32", "<u4", "<u8", "<u4", "<u4", "u1"],
-                    "offsets": [0, 32, 36, 44, 48, 52], "itemsize": 53})
+# the refs table: key ref u64 big endian, value REF_ROW (id, pack, offset, stored, raw, codec)
 REF_TABLE = np.dtype([("ref", "<u8"), ("id", "V32"), ("pack", "<u4"), ("offset", "<u8"),
                       ("stored", "<u4"), ("raw", "<u4"), ("codec", "u1")])
 
 
 def _scan(txn: lmdb.Transaction, db: object, *, values: bool = True) -> tuple[bytes, bytes]:
     """All keys and values of a database concatenated (no per-row Python objects kept)."""
-    keys, vals = bytearray(), bytearray()
-    cursor = txn.cursor(db=db)
-    if values:
-        for key, value in cursor.iternext(keys=True, values=True):
-            keys += key
-            vals += value
-    else:
-        for key in cursor.iternext(keys=True, values=False):
-            keys += key
-    return bytes(keys), bytes(vals)
+    parts = list(batches(txn, db, values=values))
+    return b"".join(k for k, _ in parts), b"".join(v for _, v in parts)
 
 
 def scan_refs(index: Index, txn: lmdb.Transaction) -> np.ndarray:
@@ -58,12 +48,6 @@ def scan_refs(index: Index, txn: lmdb.Transaction) -> np.ndarray:
     for name in REF_ROW.names:
         out[name] = rows[name]
     return out
-
-
-def scan_ids(index: Index, txn: lmdb.Transaction) -> tuple[np.ndarray, np.ndarray]:
-    """The ids table: (chunk ids as V32, refs as u64), in key order."""
-    keys, values = _scan(txn, index.ids)
-    return np.frombuffer(keys, dtype="V32"), np.frombuffer(values, dtype="<u8").astype(np.uint64)
 
 
 def scan_u64_keys(txn: lmdb.Transaction, db: object) -> np.ndarray:
@@ -81,42 +65,32 @@ class SealedRows:
     payloads: np.ndarray
     ok: np.ndarray
 
-    def damaged(self, table: str) -> list[str]:
-        """One message per table with rows that fail their check."""
-        bad = np.flatnonzero(~self.ok)
-        if not len(bad):
-            return []
-        return [f"{len(bad)} {table} entries of the index fail their check (first: "
-                f"{self.keys[bad[0]].tobytes().hex()})"]
-
 
 def scan_sealed(index: Index, txn: lmdb.Transaction, table: str) -> SealedRows:
-    """Every row of a count table with its check verified (all rows at once; rows of a wrong
-    size, which no single flipped bit makes, fail without being looked at)."""
-    key_size, size = KEY[table], PAYLOAD[table]
-    width = size + CHECK_SIZE if index.sealed else size
-    db = getattr(index, table)
-    count = txn.stat(db)["entries"]
-    keys, values = _scan(txn, db)
-    if len(keys) == count * key_size and len(values) == count * width:
-        fits = np.ones(count, bool)
-    else:
-        rows = list(txn.cursor(db=db))
-        fits = np.array([len(k) == key_size and len(v) == width for k, v in rows], bool)
-        keys = b"".join(k if fit else bytes(key_size) for (k, _), fit in zip(rows, fits))
-        values = b"".join(v if fit else bytes(width) for (_, v), fit in zip(rows, fits))
-    keys = np.frombuffer(keys, np.uint8).reshape(-1, key_size)
-    values = np.frombuffer(values, np.uint8).reshape(-1, width)
-    if not index.sealed:
-        return SealedRows(keys, values, fits)
-    payloads, ok = unsealed_rows(table, keys, values)
-    return SealedRows(keys, payloads.copy(), ok & fits)
+    """Every row of a (small) count table with its check verified (tally.sealed_batches)."""
+    parts = list(sealed_batches(index, txn, table))
+    if not parts:
+        key_size, size = KEY[table], PAYLOAD[table]
+        return SealedRows(np.zeros((0, key_size), np.uint8), np.zeros((0, size), np.uint8),
+                          np.zeros(0, bool))
+    return SealedRows(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
 
 
 def count_damage(index: Index, txn: lmdb.Transaction) -> list[str]:
-    """What fails its check in the count tables gc trusts (empty: the counts are as written)."""
-    return [message for table in SEALED_DBS
-            for message in scan_sealed(index, txn, table).damaged(table)]
+    """What fails its check in the count tables gc trusts (empty: the counts are as written),
+    the tables read a batch at a time."""
+    messages = []
+    for table in SEALED_DBS:
+        bad, first = 0, ""
+        for keys, _payloads, ok in sealed_batches(index, txn, table):
+            wrong = np.flatnonzero(~ok)
+            if len(wrong) and not bad:
+                first = keys[wrong[0]].tobytes().hex()
+            bad += len(wrong)
+        if bad:
+            messages.append(f"{bad} {table} entries of the index fail their check (first: "
+                            f"{first})")
+    return messages
 
 
 def sealed_u64(index: Index, txn: lmdb.Transaction, table: str) -> dict[str, int]:
@@ -124,13 +98,6 @@ def sealed_u64(index: Index, txn: lmdb.Transaction, table: str) -> dict[str, int
     rows = scan_sealed(index, txn, table)
     return dict(zip((k.tobytes().hex() for k in rows.keys),
                     rows.payloads.copy().view("<u8")[:, 0].tolist()))
-
-
-def scan_counts(index: Index, txn: lmdb.Transaction) -> tuple[np.ndarray, np.ndarray]:
-    """The refcount table: (refs, counts) as sorted u64, damaged rows included as read."""
-    rows = scan_sealed(index, txn, "refcount")
-    return (rows.keys.copy().view(">u8")[:, 0].astype(np.uint64),
-            rows.payloads.copy().view("<u8")[:, 0].astype(np.uint64))
 
 
 KINDS = {"packs": (".pack", 64), "maps": (".map", 64), "points": (".point", 16)}
@@ -255,21 +222,22 @@ class Affected:
 
 def affected_by(repo: Repository, bad_refs: np.ndarray, bad_maps: set[str] = frozenset(),
                 points: list[PointRecord] | None = None) -> list[Affected]:
-    """Points, disks and byte extents whose content uses a bad ref or depends on a bad map."""
+    """Points, disks and byte extents whose content uses a bad ref or depends on a bad map.
+    Each map is read once, and only whether it holds a bad ref is kept of it."""
     bad_refs = np.unique(np.asarray(bad_refs, dtype=np.uint64))
     points = repo.points() if points is None else points
     catalog = {p.id: p for p in points}
-    cache = MapCache(repo)
+    uses = _MapUse(repo, bad_refs)
     out: list[Affected] = []
     for point in points:
         for disk in point.disks:
             chain = chain_maps(catalog, point, disk.key)
-            if bad_maps & set(chain) or any(n in cache.errors for n in chain) or chain == []:
+            if bad_maps & set(chain) or any(uses.unreadable(n) for n in chain) or chain == []:
                 extents = [[0, disk.capacity]]
                 out.append(Affected(point.id, point.vm, point.time, disk.key,
                                     disk.nblocks, extents))
                 continue
-            if not len(bad_refs) or not any(_uses_any(cache.get(n), bad_refs) for n in chain):
+            if not len(bad_refs) or not any(uses.holds_bad(n) for n in chain):
                 continue
             try:
                 blocks = _blocks_using(repo, point, disk.key, bad_refs)
@@ -283,6 +251,30 @@ def affected_by(repo: Repository, bad_refs: np.ndarray, bad_maps: set[str] = fro
     return out
 
 
+class _MapUse:
+    """Per map read: whether it holds one of `bad_refs` (None: it cannot be read)."""
+
+    def __init__(self, repo: Repository, bad_refs: np.ndarray) -> None:
+        self.repo, self.bad_refs = repo, bad_refs
+        self.found: dict[str, bool | None] = {}
+
+    def _get(self, name: str) -> bool | None:
+        if name not in self.found:
+            try:
+                refs = self.repo.map_refs(name)
+                self.found[name] = len(np.intersect1d(refs, self.bad_refs)) > 0
+            except RepoError:
+                self.found[name] = None
+        return self.found[name]
+
+    def unreadable(self, name: str) -> bool:
+        """Whether `name` was read already and could not be."""
+        return name in self.found and self.found[name] is None
+
+    def holds_bad(self, name: str) -> bool:
+        return bool(self._get(name))
+
+
 def _blocks_using(repo: Repository, point: PointRecord, key: str,
                   bad_refs: np.ndarray) -> np.ndarray:
     """The blocks of disk `key` at `point` that hold one of `bad_refs` (sorted), its map
@@ -290,10 +282,6 @@ def _blocks_using(repo: Repository, point: PointRecord, key: str,
     return np.concatenate([np.zeros(0, np.uint64)] + [
         np.flatnonzero(np.isin(window, bad_refs)).astype(np.uint64) + np.uint64(first)
         for first, window in repo.resolve_windows(point, key)])
-
-
-def _uses_any(refs: np.ndarray | None, bad_refs: np.ndarray) -> bool:
-    return refs is not None and len(np.intersect1d(refs, bad_refs)) > 0
 
 
 def chain_maps(catalog: dict[str, PointRecord], point: PointRecord, key: str) -> list[str]:

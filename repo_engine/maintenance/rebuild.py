@@ -4,7 +4,10 @@ unlock: remove stale repository locks.
 Rebuild, under an exclusive lock:
 1. build a fresh index in `index.rebuild-*`: every pack whose trailer checks out is numbered and
    its chunks entered (a ref found in two packs — an interrupted repack — keeps the copy that
-   decodes and matches its id);
+   decodes and matches its id). The trailers' entries are spilled to files by ref range (under
+   the new index's directory, removed before the swap), then entered range by range in key
+   order: memory is one range's entries, and each table is appended to, not inserted into at
+   random places, so the cost grows with the chunks;
 2. every manifest that checks out enters the catalog;
 3. map use and reference counts are recounted from the catalog; unused chunks are queued for gc;
 4. the old index directory is renamed away, the new one renamed into place, the old one removed.
@@ -23,24 +26,28 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import LockedError, RepoError
 from ..repository.checkpoint import catch_up
 from ..repository.config import CONFIG_NAME, read_config
-from ..repository.index import Index
+from ..repository.index import U64, Index
 from ..repository.leases import clear_leases
 from ..repository.locks import (EXCLUSIVE, SHARED, TORN_HOST, LockInfo, RepoLock, is_stale,
                                 list_locks, remove_if_stale, strays)
-from ..repository.packs import FinishedPack, PackEntry
+from ..repository.packs import PackEntry
 from ..repository.points import read_point
+from ..repository.safefile import make_dir
 from ..repository.repo import Repository, check_layout
 from ..repository.store import Store
 from ..repository.store.local import LocalStore
 from .gc import recount
 from .inventory import objects_under
-from .scrub import read_chunk
+from .tally import REF_ROW
 
 
 @dataclass
@@ -74,7 +81,8 @@ def rebuild_index(path: Path) -> RebuildReport:
         index = Index(work, create=True)
         repo = Repository(store, config, path, index)
         try:
-            _packs(repo, report)
+            _packs(repo, report, work / "spill")
+            shutil.rmtree(work / "spill")
             _points(repo, report)
             report.recount = recount(repo, strict=False)
         finally:
@@ -106,8 +114,57 @@ def rebuild_cache(repo: Repository) -> RebuildReport:
     return report
 
 
-def _packs(repo: Repository, report: RebuildReport) -> None:
-    seen: set[int] = set()
+# a trailer entry on its way into the new index: its pack's number, and `seq` the order in which
+# entries are met (packs by name, entries in trailer order): what decides between copies
+_ROW = np.dtype([("ref", "<u8"), ("seq", "<u8"), ("id", "V32"), ("pack", "<u4"),
+                 ("offset", "<u8"), ("stored", "<u4"), ("raw", "<u4"), ("codec", "u1")])
+_ID_ROW = np.dtype([("id", "V32"), ("seq", "<u8"), ("ref", "<u8")])
+REF_SPAN = 1 << 17  # refs per spill file (about 9 MiB of rows read back at once)
+ID_ROWS = 1 << 17  # ids per spill file, about (ids are uniform)
+
+
+class _Spill:
+    """Rows kept in files by bucket, read back a bucket at a time in bucket order: an external
+    sort by key range, so the memory it needs is one bucket's whatever the repository holds."""
+
+    def __init__(self, folder: Path, dtype: np.dtype) -> None:
+        self.folder, self.dtype = folder, dtype
+        make_dir(folder)
+
+    def add(self, rows: np.ndarray, buckets: np.ndarray) -> None:
+        order = np.argsort(buckets, kind="stable")
+        rows, buckets = rows[order], buckets[order]
+        keys, starts = np.unique(buckets, return_index=True)
+        for key, start, end in zip(keys.tolist(), starts.tolist(),
+                                   [*starts[1:].tolist(), len(rows)]):
+            with open(self.folder / f"{key:016x}", "ab") as out:
+                out.write(rows[start:end].tobytes())
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for path in sorted(self.folder.iterdir()):
+            rows = np.fromfile(path, self.dtype)
+            path.unlink()
+            yield rows
+
+
+@dataclass
+class _Packs:
+    """The readable packs by number (the order they are met: by name), and per pack the
+    entries chosen into it and their stored bytes."""
+
+    names: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    chosen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    stored: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+def _packs(repo: Repository, report: RebuildReport, spill_dir: Path) -> None:
+    """Enter every readable pack's chunks: the trailers are read once, their entries spilled
+    by ref range, then written in ref order (refs) and in id order (ids), each table appended
+    to in key order (an insert at a random place of a growing tree costs a page each)."""
+    packs, rows_met = _Packs(), 0
+    make_dir(spill_dir)
+    spill = _Spill(spill_dir / "refs", _ROW)
     skipped = report.unreadable_packs  # symlinks, FIFOs, ...: never read
     for name, info in sorted(objects_under(repo, "packs", skipped).items()):
         try:
@@ -115,21 +172,118 @@ def _packs(repo: Repository, report: RebuildReport) -> None:
         except RepoError as exc:
             report.unreadable_packs.append(str(exc))
             continue
-        chosen = []
-        for e in entries:
-            ref = int(e["ref"])
-            entry = PackEntry(ref, e["id"].tobytes(), int(e["offset"]), int(e["stored"]),
-                              int(e["raw"]), int(e["codec"]))
-            if ref in seen:
-                report.duplicate_refs += 1
-                if _decodes(repo, name, entry) and read_chunk(repo, ref) is None:
-                    chosen.append(entry)
-                continue
-            seen.add(ref)
-            chosen.append(entry)
-        repo.index.commit_pack(FinishedPack(name, info.size, chosen))
-        report.packs += 1
+        rows = np.zeros(len(entries), _ROW)
+        for field_name in ("ref", "id", "offset", "stored", "raw", "codec"):
+            rows[field_name] = entries[field_name]
+        rows["pack"] = len(packs.names)
+        rows["seq"] = np.arange(rows_met, rows_met + len(rows), dtype=np.uint64)
+        rows_met += len(rows)
+        spill.add(rows, rows["ref"] // REF_SPAN)
+        packs.names.append(name)
+        packs.sizes.append(info.size)
+    packs.chosen = np.zeros(len(packs.names), np.int64)
+    packs.stored = np.zeros(len(packs.names), np.int64)
+    id_bits = min(16, max(0, (rows_met // ID_ROWS).bit_length()))
+    ids = _Spill(spill_dir / "ids", _ID_ROW)
+    for rows in spill:
+        chosen, final = _choose(repo, packs, rows, report)
+        _put_refs(repo.index, final)
+        packs.chosen += np.bincount(chosen["pack"], minlength=len(packs.names))
+        packs.stored += np.bincount(chosen["pack"], weights=chosen["stored"].astype(np.float64),
+                                    minlength=len(packs.names)).astype(np.int64)
+        by_id = np.zeros(len(chosen), _ID_ROW)
+        for field_name in ("id", "seq", "ref"):
+            by_id[field_name] = chosen[field_name]
+        prefix = np.ascontiguousarray(chosen["id"]).view(np.uint8).reshape(-1, 32)[:, :2]
+        ids.add(by_id, (prefix[:, 0].astype(np.int64) << 8 | prefix[:, 1]) >> (16 - id_bits))
         report.chunks += len(chosen)
+    for rows in ids:
+        _put_ids(repo.index, rows)
+    _put_packs(repo.index, packs)
+    report.packs = len(packs.names)
+
+
+def _choose(repo: Repository, packs: _Packs, rows: np.ndarray,
+            report: RebuildReport) -> tuple[np.ndarray, np.ndarray]:
+    """Of the entries of one ref range: (those entered, in the order met; the place each ref
+    keeps, in ref order). A ref met again (an interrupted repack) counts as a duplicate; its
+    later copy is entered, and placed, when it decodes and the copy placed so far in an
+    earlier pack does not."""
+    rows = rows[np.lexsort((rows["seq"], rows["ref"]))]
+    first = np.ones(len(rows), bool)
+    first[1:] = rows["ref"][1:] != rows["ref"][:-1]
+    starts = np.flatnonzero(first)
+    if len(starts) == len(rows):
+        return rows, rows
+    ends = [*starts[1:].tolist(), len(rows)]
+    entered, placed = first.copy(), starts.copy()
+    for group, (start, end) in enumerate(zip(starts.tolist(), ends)):
+        report.duplicate_refs += end - start - 1
+        for later in range(start + 1, end):
+            indexed = [k for k in range(start, later)
+                       if entered[k] and rows["pack"][k] < rows["pack"][later]]
+            if _decodes(repo, packs.names[rows["pack"][later]], _entry(rows[later])) and (
+                    not indexed or not _decodes(repo, packs.names[rows["pack"][indexed[-1]]],
+                                                _entry(rows[indexed[-1]]))):
+                entered[later] = True
+                placed[group] = later
+    chosen = rows[entered]
+    return chosen[np.argsort(chosen["seq"], kind="stable")], rows[placed]
+
+
+def _entry(row: np.void) -> PackEntry:
+    return PackEntry(int(row["ref"]), row["id"].tobytes(), int(row["offset"]),
+                     int(row["stored"]), int(row["raw"]), int(row["codec"]))
+
+
+def _put_refs(index: Index, rows: np.ndarray) -> None:
+    """Append the place records of `rows` (sorted by ref, above every ref entered before) and
+    count their chunks."""
+    if not len(rows):
+        return
+    keys = rows["ref"].astype(">u8").tobytes()
+    values = np.zeros(len(rows), REF_ROW)
+    for name in REF_ROW.names:
+        values[name] = rows[name]
+    values = values.tobytes()
+    width = REF_ROW.itemsize
+    with index.write() as txn:
+        with txn.cursor(db=index.refs) as cursor:
+            cursor.putmulti(((keys[i * 8:i * 8 + 8], values[i * width:(i + 1) * width])
+                             for i in range(len(rows))), append=True)
+        for name, delta in (("chunks", len(rows)),
+                            ("raw_bytes", int(rows["raw"].astype(np.int64).sum())),
+                            ("stored_bytes", int(rows["stored"].astype(np.int64).sum()))):
+            index._add(txn, name, delta)
+        top = int(rows["ref"][-1])
+        if index._get_u64(txn, b"next_ref", index.meta) <= top:
+            txn.put(b"next_ref", U64.pack(top + 1), db=index.meta)
+
+
+def _put_ids(index: Index, rows: np.ndarray) -> None:
+    """Append the ids of one id range: each id names the first ref entered with it."""
+    words = np.ascontiguousarray(rows["id"]).view(">u8").reshape(-1, 4)
+    rows = rows[np.lexsort((rows["seq"], words[:, 3], words[:, 2], words[:, 1], words[:, 0]))]
+    first = np.ones(len(rows), bool)
+    first[1:] = rows["id"][1:] != rows["id"][:-1]
+    rows = rows[first]
+    packed = rows["id"].tobytes()
+    ids = [packed[i:i + 32] for i in range(0, len(packed), 32)]
+    refs = rows["ref"].astype("<u8").tobytes()
+    with index.write() as txn:
+        with txn.cursor(db=index.ids) as cursor:
+            cursor.putmulti(((chunk_id, refs[i * 8:i * 8 + 8]) for i, chunk_id in enumerate(ids)),
+                            append=True)
+        index.id_filter.inserted(txn, ids)
+
+
+def _put_packs(index: Index, packs: _Packs) -> None:
+    """List the packs, numbered in the order met from 0 (the numbers their refs name)."""
+    with index.write() as txn:
+        for i, (name, size) in enumerate(zip(packs.names, packs.sizes)):
+            count, stored = int(packs.chosen[i]), int(packs.stored[i])
+            index.put_pack_record(txn, index.new_pack_number(txn), bytes.fromhex(name), size,
+                                  count, count, stored)
 
 
 def _decodes(repo: Repository, name: str, e: PackEntry) -> bool:

@@ -27,14 +27,15 @@ import numpy as np
 
 from ..errors import RepoError
 from ..pause import pause_point
-from ..repository.index import PACK_KEY, DamagedRecord, Index, pack_fields
+from ..repository.index import PACK_KEY, DamagedRecord, Index, pack_fields, ref_keys
 from ..repository.locks import SHARED
 from ..repository.points import PointRecord
 from ..repository.repo import Repository
-from .gc import count_drift
-from .inventory import (Affected, MapCache, affected_by, chain_maps, count_damage, live_refs,
-                        objects_under, scan_counts, scan_ids, scan_refs, scan_u64_keys,
-                        sealed_u64)
+from .gc import tally_drift
+from .inventory import (Affected, affected_by, chain_maps, count_damage, objects_under,
+                        scan_u64_keys, sealed_u64)
+from .tally import (REF_ROW, RefTable, Tally, batches, fingerprints, read_ref_table,
+                    ref_rows)
 
 REBUILD = "run 'repo-engine rebuild-index'"
 
@@ -59,43 +60,43 @@ class VerifyReport:
 
 @dataclass
 class _Snapshot:
+    """What verify holds of the index snapshot `txn` (the tables it streams are read from
+    `txn` itself, a batch at a time: tally.py)."""
+
+    txn: lmdb.Transaction
     catalog: dict[str, PointRecord]
     bad_records: list[str]
     forgetting: set[str]
-    refs: np.ndarray
-    ids: tuple[np.ndarray, np.ndarray]
+    table: RefTable
     packnames: dict[str, int]
     packs: dict[int, tuple[str, int, int]]
     deadpacks: set[str]
     quarantine: np.ndarray
-    counts: tuple[np.ndarray, np.ndarray]
     mapuse: dict[str, int]
     deadmaps: dict[str, int]
     counts_valid: bool
     count_damage: list[str]
 
 
-def _snapshot(repo: Repository) -> _Snapshot:
+def _snapshot(repo: Repository, txn: lmdb.Transaction) -> _Snapshot:
     index = repo.index
-    with index.env.begin() as txn:
-        catalog, bad_records = _catalog(index, txn)
-        return _Snapshot(
-            catalog=catalog,
-            bad_records=bad_records,
-            forgetting={k.decode() for k, _ in txn.cursor(db=index.forgetting)},
-            refs=scan_refs(index, txn),
-            ids=scan_ids(index, txn),
-            packnames={k.hex(): PACK_KEY.unpack(v)[0] if len(v) == PACK_KEY.size else -1
-                       for k, v in txn.cursor(db=index.packnames)},
-            packs={PACK_KEY.unpack(k)[0]: pack_fields(v) for k, v in txn.cursor(db=index.packs)},
-            deadpacks={k.hex() for k, _ in txn.cursor(db=index.deadpacks)},
-            quarantine=scan_u64_keys(txn, index.quarantine),
-            counts=scan_counts(index, txn),
-            mapuse=sealed_u64(index, txn, "mapuse"),
-            deadmaps=sealed_u64(index, txn, "deadmaps"),
-            count_damage=count_damage(index, txn),
-            counts_valid=index._get_u64(txn, b"counts", index.meta) == 1,
-        )
+    catalog, bad_records = _catalog(index, txn)
+    return _Snapshot(
+        txn=txn,
+        catalog=catalog,
+        bad_records=bad_records,
+        forgetting={k.decode() for k, _ in txn.cursor(db=index.forgetting)},
+        table=read_ref_table(txn, index, prints=True),
+        packnames={k.hex(): PACK_KEY.unpack(v)[0] if len(v) == PACK_KEY.size else -1
+                   for k, v in txn.cursor(db=index.packnames)},
+        packs={PACK_KEY.unpack(k)[0]: pack_fields(v) for k, v in txn.cursor(db=index.packs)},
+        deadpacks={k.hex() for k, _ in txn.cursor(db=index.deadpacks)},
+        quarantine=scan_u64_keys(txn, index.quarantine),
+        mapuse=sealed_u64(index, txn, "mapuse"),
+        deadmaps=sealed_u64(index, txn, "deadmaps"),
+        count_damage=count_damage(index, txn),
+        counts_valid=index._get_u64(txn, b"counts", index.meta) == 1,
+    )
 
 
 def _catalog(index: Index, txn: lmdb.Transaction) -> tuple[dict[str, PointRecord], list[str]]:
@@ -120,28 +121,37 @@ def verify(repo: Repository, *, tick: Callable[[int], None] | None = None) -> Ve
 
 def _verify(repo: Repository, tick: Callable[[int], None] | None) -> VerifyReport:
     started = time.monotonic()
-    snap = _snapshot(repo)
-    pause_point("verify.snapshot")
-    report = VerifyReport(points=len(snap.catalog), refs=len(snap.refs), packs=len(snap.packs))
+    with repo.index.env.begin() as txn:
+        snap = _snapshot(repo, txn)
+        pause_point("verify.snapshot")
+        report = _checked(repo, snap, tick)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+def _checked(repo: Repository, snap: _Snapshot,
+             tick: Callable[[int], None] | None) -> VerifyReport:
+    report = VerifyReport(points=len(snap.catalog), refs=len(snap.table), packs=len(snap.packs))
     bad_points: set[str] = set()
     report.errors += snap.bad_records
     _check_manifests(repo, snap, report, bad_points)
-    _check_tables(snap, report)
-    cache = MapCache(repo)
-    bad_maps = _check_chains(snap, cache, report)
+    _check_tables(repo.index, snap, report)
     used = {d.map for p in snap.catalog.values() for d in p.disks}
     report.maps = len(used)
-    live, counts = live_refs(cache, used)
+    tally = Tally(snap.table)
+    tally.add_maps(repo, used)
+    live = _Live(snap.table, tally.counts > 0, tally.extra()[0])
+    bad_maps = _check_chains(snap, tally.errors, report)
     bad_refs = _check_refs(snap, live, report)
     bad_refs = np.union1d(bad_refs, _check_packs(repo, snap, report, tick))
     report.errors += [f"{damage}: gc would not trust the counts; run 'repo-engine gc --full' "
                       "(or 'repo-engine rebuild-index')" for damage in snap.count_damage]
     if snap.counts_valid:
-        _check_counts(snap, cache, used, live, counts, report)
+        _check_counts(repo, snap, tally, report)
     elif not repo.config.shared:  # a shared repository's caches keep no counts (gc recounts)
         report.warnings.append("reference counts are not maintained yet; run 'gc --full'")
     _orphans(repo, snap, report)
-    live_bad = np.intersect1d(bad_refs, live)
+    live_bad = bad_refs[live.holds(bad_refs)]
     if len(live_bad) or bad_maps:
         report.affected = affected_by(repo, live_bad, bad_maps, list(snap.catalog.values()))
     elif len(bad_refs):
@@ -149,8 +159,22 @@ def _verify(repo: Repository, tick: Callable[[int], None] | None) -> VerifyRepor
                                "by any point (gc removes them)")
     bad_points |= {a.point for a in report.affected}
     report.damaged_points = sorted(bad_points)
-    report.seconds = round(time.monotonic() - started, 3)
     return report
+
+
+@dataclass
+class _Live:
+    """The refs the maps in use hold: those of the table marked, those it lacks (`missing`)."""
+
+    table: RefTable
+    marks: np.ndarray
+    missing: np.ndarray
+
+    def holds(self, refs: np.ndarray) -> np.ndarray:
+        refs = np.asarray(refs, np.uint64)
+        pos, found = self.table.find(refs)
+        marked = found & (self.marks[pos] if len(self.marks) else False)
+        return marked | np.isin(refs, self.missing)
 
 
 def _check_manifests(repo: Repository, snap: _Snapshot, report: VerifyReport,
@@ -205,16 +229,18 @@ def _record_differences(record: PointRecord, manifest: PointRecord) -> list[str]
     return sorted(k for k in a.keys() | b.keys() if k != "notes" and a.get(k) != b.get(k))
 
 
-def _check_tables(snap: _Snapshot, report: VerifyReport) -> None:
-    """The index's tables against each other: ids -> refs, packs <-> packnames."""
-    ids, refs = snap.ids
-    table = snap.refs
-    pos = np.minimum(np.searchsorted(table["ref"], refs), max(len(table) - 1, 0))
-    agree = np.zeros(len(refs), bool)
-    if len(table):
-        agree = (table["ref"][pos] == refs) & (table["id"][pos] == ids)
-    if not agree.all():
-        report.errors.append(f"{int((~agree).sum())} entries of the index's ids table name a "
+def _check_tables(index: Index, snap: _Snapshot, report: VerifyReport) -> None:
+    """The index's tables against each other: ids -> refs (each entry's id against the
+    fingerprint of the id its ref's place record holds), packs <-> packnames."""
+    disagree = 0
+    for keys, values in batches(snap.txn, index.ids):
+        ids = np.frombuffer(keys, "V32")
+        pos, found = snap.table.find(np.frombuffer(values, "<u8"))
+        agree = found & (snap.table.id_prints[pos] == fingerprints(ids) if len(snap.table)
+                         else False)
+        disagree += int((~agree).sum())
+    if disagree:
+        report.errors.append(f"{disagree} entries of the index's ids table name a "
                              "chunk ref whose place record holds another chunk id (a backup "
                              f"could deduplicate to the wrong chunk); {REBUILD}")
     by_name = {name: number for number, (name, _size, _count) in snap.packs.items()}
@@ -224,7 +250,8 @@ def _check_tables(snap: _Snapshot, report: VerifyReport) -> None:
                              f"entries); {REBUILD}")
 
 
-def _check_chains(snap: _Snapshot, cache: MapCache, report: VerifyReport) -> set[str]:
+def _check_chains(snap: _Snapshot, errors: dict[str, str], report: VerifyReport) -> set[str]:
+    """Every disk's chain resolves; `errors`: the maps in use that cannot be read."""
     bad_maps: set[str] = set()
     for point in snap.catalog.values():
         for disk in point.disks:
@@ -233,20 +260,18 @@ def _check_chains(snap: _Snapshot, cache: MapCache, report: VerifyReport) -> set
                 report.errors.append(f"point {point.id} disk {disk.key}: chain is broken "
                                      f"(parent {disk.parent} missing or lacks the disk)")
                 continue
-            for name in chain:
-                if cache.get(name) is None:
-                    bad_maps.add(name)
+            bad_maps.update(name for name in chain if name in errors)
     for name in sorted(bad_maps):
-        report.errors.append(f"block map {name}: {cache.errors[name]}")
+        report.errors.append(f"block map {name}: {errors[name]}")
     return bad_maps
 
 
-def _check_refs(snap: _Snapshot, live: np.ndarray, report: VerifyReport) -> np.ndarray:
-    missing = np.setdiff1d(live, snap.refs["ref"], assume_unique=True)
+def _check_refs(snap: _Snapshot, live: _Live, report: VerifyReport) -> np.ndarray:
+    missing = live.missing
     if len(missing):
         report.errors.append(f"{len(missing)} chunk refs used by points are not in the index "
                              f"(first: {missing[:5].tolist()})")
-    quarantined = np.intersect1d(live, snap.quarantine)
+    quarantined = snap.quarantine[live.holds(snap.quarantine)]
     if len(quarantined):
         report.errors.append(f"{len(quarantined)} chunks used by points are quarantined as "
                              f"damaged (first refs: {quarantined[:5].tolist()})")
@@ -255,67 +280,84 @@ def _check_refs(snap: _Snapshot, live: np.ndarray, report: VerifyReport) -> np.n
 
 def _check_packs(repo: Repository, snap: _Snapshot, report: VerifyReport,
                  tick: Callable[[int], None] | None) -> np.ndarray:
-    """Every index entry against its pack's trailer; returns the refs that do not match."""
-    table = snap.refs
-    order = np.argsort(table["pack"], kind="stable")
-    table = table[order]
-    numbers, starts = np.unique(table["pack"], return_index=True)
-    bounds = list(starts) + [len(table)]
+    """Every index entry against its pack's trailer; returns the refs that do not match. A
+    pack's entries are looked up by the refs its trailer lists; those its trailer does not
+    list (damage only) are found by one more pass over the table."""
     bad: list[np.ndarray] = []
-    rows_of = {int(n): table[bounds[i]:bounds[i + 1]] for i, n in enumerate(numbers)}
-    for number in sorted(set(snap.packs) | set(rows_of)):
-        rows = rows_of.get(number, table[:0])
+    unmatched: dict[int, np.ndarray] = {}  # pack: refs of its entries that matched an entry
+    for number in sorted(set(snap.packs) | set(snap.table.packs.tolist())):
+        count = snap.table.rows_in(number)
         if tick:
             tick(1)
         if number not in snap.packs:
-            report.errors.append(f"{len(rows)} index entries name pack number {number}, which the "
+            report.errors.append(f"{count} index entries name pack number {number}, which the "
                                  "index does not list")
-            bad.append(rows["ref"])
+            unmatched[number] = np.zeros(0, np.uint64)
             continue
         name = snap.packs[number][0]
         try:
             entries = repo.read_trailer(name)
         except RepoError as exc:
-            report.errors.append(f"{exc} ({len(rows)} chunks)")
-            bad.append(rows["ref"])
+            report.errors.append(f"{exc} ({count} chunks)")
+            unmatched[number] = np.zeros(0, np.uint64)
             continue
-        mismatched = _against_trailer(rows, entries)
-        if len(mismatched):
-            report.errors.append(f"pack {name}: {len(mismatched)} index entries disagree with "
-                                 "its trailer")
+        mismatched, placed = _against_trailer(repo.index, snap.txn, number, entries)
+        wrong = len(mismatched) + count - len(placed)
+        if wrong:
+            report.errors.append(f"pack {name}: {wrong} index entries disagree with its trailer")
             bad.append(mismatched)
+        if count > len(placed):
+            unmatched[number] = placed
+    if unmatched:
+        bad.append(_entries_of(repo.index, snap.txn, unmatched))
     return np.unique(np.concatenate(bad)).astype(np.uint64) if bad else np.zeros(0, np.uint64)
 
 
-def _against_trailer(rows: np.ndarray, entries: np.ndarray) -> np.ndarray:
-    if not len(rows) or not len(entries):
-        return rows["ref"]
-    sorted_entries = entries[np.lexsort((entries["offset"], entries["ref"]))]
-    keys = sorted_entries["ref"].astype(np.uint64)
-    pos = np.minimum(np.searchsorted(keys, rows["ref"]), len(keys) - 1)
-    found = sorted_entries[pos]
-    ok = (keys[pos] == rows["ref"])
-    # several trailer entries may share a ref; compare against the one at the right offset
-    ok &= found["offset"] == rows["offset"]
-    ok &= (found["stored"] == rows["stored"]) & (found["raw"] == rows["raw"])
-    ok &= found["codec"] == rows["codec"]
-    ok &= found["id"] == rows["id"]
-    return rows["ref"][~ok]
+def _entries_of(index: Index, txn: lmdb.Transaction,
+                packs: dict[int, np.ndarray]) -> np.ndarray:
+    """The refs of the entries placed in `packs` but not among the refs given for each."""
+    numbers = np.array(sorted(packs), np.int64)
+    out = []
+    for refs, rows in ref_rows(txn, index):
+        pack = rows["pack"].astype(np.int64)
+        hit = np.isin(pack, numbers)
+        for number in np.unique(pack[hit]).tolist():
+            mine = refs[pack == number]
+            out.append(mine[~np.isin(mine, packs[number])])
+    return np.concatenate(out) if out else np.zeros(0, np.uint64)
 
 
-def _check_counts(snap: _Snapshot, cache: MapCache, used: set[str], live: np.ndarray,
-                  counts: np.ndarray, report: VerifyReport) -> None:
-    parts, weights = [live], [counts]
-    for name, owed in snap.deadmaps.items():
-        refs = cache.get(name)
-        if refs is not None:  # maps whose decrements gc still owes keep counting
-            parts.append(refs)
-            weights.append(np.full(len(refs), owed, np.uint64))
-    all_refs = np.concatenate(parts)
-    uniq, inverse = np.unique(all_refs, return_inverse=True)
-    expected = np.bincount(inverse, weights=np.concatenate(weights).astype(np.float64),
-                           minlength=len(uniq)).astype(np.int64)
-    drift = count_drift(snap.counts[0], snap.counts[1], uniq, expected)
+def _against_trailer(index: Index, txn: lmdb.Transaction, number: int,
+                     entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(refs of the entries placed in pack `number` that disagree with its trailer, refs of
+    all its entries its trailer lists). Several trailer entries may share a ref: the one at
+    the lowest offset is compared."""
+    if not len(entries):
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
+    firsts = entries[np.lexsort((entries["offset"], entries["ref"]))]
+    keys = firsts["ref"].astype(np.uint64)
+    unique = np.ones(len(keys), bool)
+    unique[1:] = keys[1:] != keys[:-1]
+    firsts, keys = firsts[unique], keys[unique]
+    found = [(k, v) for k, v in txn.cursor(db=index.refs).getmulti(ref_keys(keys))
+             if len(v) == REF_ROW.itemsize]
+    refs = np.frombuffer(b"".join(k for k, _ in found), ">u8").astype(np.uint64)
+    rows = np.frombuffer(b"".join(v for _, v in found), REF_ROW)
+    mine = rows["pack"] == number
+    refs, rows = refs[mine], rows[mine]
+    found_entries = firsts[np.searchsorted(keys, refs)]
+    ok = found_entries["offset"] == rows["offset"]
+    ok &= (found_entries["stored"] == rows["stored"]) & (found_entries["raw"] == rows["raw"])
+    ok &= found_entries["codec"] == rows["codec"]
+    ok &= found_entries["id"] == rows["id"]
+    return refs[~ok], refs
+
+
+def _check_counts(repo: Repository, snap: _Snapshot, tally: Tally,
+                  report: VerifyReport) -> None:
+    for name, owed in snap.deadmaps.items():  # maps whose decrements gc still owes count
+        tally.add_maps(repo, [name], {name: owed})
+    drift = tally_drift(repo.index, snap.txn, tally)
     if drift["under_counted"]:
         report.errors.append(f"{drift['under_counted']} chunk reference counts are too low (gc "
                              "could delete live data); run 'gc --full' to recount")

@@ -562,7 +562,7 @@ class Index:
     def missing_refs(self, refs: np.ndarray) -> np.ndarray:
         """Those of `refs` the index does not place (a sweep removed them)."""
         with self.env.begin() as txn:
-            found = txn.cursor(db=self.refs).getmulti(_ref_keys(refs))
+            found = txn.cursor(db=self.refs).getmulti(ref_keys(refs))
         present = np.frombuffer(b"".join(key for key, _ in found), dtype=">u8")
         return refs[~np.isin(refs, present)]
 
@@ -854,7 +854,7 @@ class IndexReader:
         """Places of the given refs (ZERO excluded) as a LOCATION_DTYPE array; DamageError if any is
         unknown. One batched LMDB look-up (`getmulti`) and one numpy parse of the records: a
         restore locates every chunk of a disk, so no per-chunk Python work here."""
-        found = self._txn.cursor(db=self._index.refs).getmulti(_ref_keys(refs))
+        found = self._txn.cursor(db=self._index.refs).getmulti(ref_keys(refs))
         if len(found) != len(refs) or any(len(raw) != REF_REC.size for _, raw in found):
             raise DamageError(f"chunk ref {_first_unlocated(refs, found)} is not in the index "
                               "(missing data)")
@@ -866,7 +866,7 @@ class IndexReader:
         return out
 
 
-def _ref_keys(refs: np.ndarray) -> list[bytes]:
+def ref_keys(refs: np.ndarray) -> list[bytes]:
     """LMDB keys of `refs` (big-endian u64) for one batched `getmulti`."""
     keys = np.ascontiguousarray(refs, dtype=">u8").tobytes()
     return [keys[i:i + 8] for i in range(0, len(keys), 8)]

@@ -63,14 +63,19 @@ def checks(table: str, keys: np.ndarray, payloads: np.ndarray) -> np.ndarray:
     """The checks of n rows: `keys` (n, key size) and `payloads` (n, payload size) as uint8."""
     h = np.full(len(keys), _SEEDS[table], np.uint64)
     for words in (_words(keys), _words(payloads)):
-        for column in words.T:
-            h ^= column
-            h ^= h >> _S33
-            h *= _M1
-            h ^= h >> _S33
-            h *= _M2
-            h ^= h >> _S33
+        mix(h, words)
     return h
+
+
+def mix(h: np.ndarray, words: np.ndarray) -> None:
+    """Mix the columns of `words` (n, k) u64 into `h` (n) in place, one bijective step each."""
+    for column in words.T:
+        h ^= column
+        h ^= h >> _S33
+        h *= _M1
+        h ^= h >> _S33
+        h *= _M2
+        h ^= h >> _S33
 
 
 def seal(table: str, key: bytes, payload: bytes) -> bytes:
