@@ -77,6 +77,16 @@ class StoreContract:
             assert store.get_range("packs/ef/r.pack", offset, length) == \
                 data[offset:offset + length]
 
+    def test_get_start_returns_the_first_bytes_and_the_size(self, store):
+        data = bytes(range(256)) * 64
+        store.put("maps/ef/h.map", data)
+        store.put("maps/ef/e.map", b"")
+        for length in (1, 100, len(data) - 1, len(data), len(data) + 1, 10 * len(data)):
+            assert store.get_start("maps/ef/h.map", length) == (data[:length], len(data))
+        assert store.get_start("maps/ef/e.map", 100) == (b"", 0)
+        with pytest.raises(ObjectMissing):
+            store.get_start("maps/ef/gone.map", 100)
+
     def test_get_range_past_the_end_is_a_short_read(self, store):
         store.put("packs/ef/s.pack", b"0123456789")
         for offset, length in ((5, 6), (10, 1), (20, 4)):

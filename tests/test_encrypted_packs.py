@@ -19,6 +19,7 @@ from repo_engine.maintenance.rebuild import rebuild_cache
 from repo_engine.maintenance.scrub import scrub
 from repo_engine.maintenance.stored_scrub import scrub_stored
 from repo_engine.maintenance.verify import verify
+from repo_engine.repository.blockmap import read_map
 from repo_engine.repository.location import init_repository, open_repository, open_stored
 from repo_engine.repository.packs import HEADER, STORED, pack_object
 from repo_engine.restore.restorer import RestoreDamaged, restore_disk
@@ -496,3 +497,25 @@ def test_keyless_open_of_a_config_swapped_for_an_unencrypted_one_on_a_host_that_
     with pytest.raises(RepoError, match="is not encrypted") as elsewhere:  # a host that did not
         open_stored(repo.location, cache_dir=tmp_path / "elsewhere")
     assert elsewhere.value.exit_code == 2
+
+
+@pytest.mark.parametrize("encrypted_repo", [False, True])
+def test_a_block_map_is_read_with_one_request(tmp_path, monkeypatch, encrypted_repo):
+    """Reading a map (as every backup reads its parent's and every restore its point's) costs
+    one request: its first bytes come with its size (no HEAD first), and a sealed one is not
+    read a second time to be opened whole."""
+    location = str(tmp_path / "repo")
+    content = disk_image(tmp_path / "web1.img", 5)
+    with (new_repo(location, tmp_path) if encrypted_repo
+          else init_repository(location, **SETTINGS)) as repo:
+        point = backup_image(repo, "web1", tmp_path / "web1.img")
+        name = point.disks[0].map
+        calls: list[str] = []
+        for method in ("size", "get", "get_range", "get_start", "open_range"):
+            def counted(*args, _real=getattr(repo.store, method), _m=method, **kw):
+                calls.append(_m)
+                return _real(*args, **kw)
+            monkeypatch.setattr(repo.store, method, counted)
+        bmap = read_map(repo.store, name, repo.sealer)
+        assert calls == ["get_start"]
+        assert bmap.nblocks == len(content) // BLOCK

@@ -197,6 +197,10 @@ class CountingStore(LocalStore):
         self.reads[name.split("/")[0]] += 1
         return super().get_range(name, offset, length)
 
+    def get_start(self, name, length):
+        self.reads[name.split("/")[0]] += 1
+        return super().get_start(name, length)
+
 
 def test_rebuild_index_of_a_shared_repository_reads_no_pack_and_no_map(shared, tmp_path):
     store = LocalStore(tmp_path / "repo")

@@ -23,7 +23,7 @@ from ..repository.repo import Repository
 from ..repository.safefile import is_name
 from ..repository.store import ObjectInfo
 from ..repository.seals import KEY, PAYLOAD
-from .tally import REF_ROW, batches, sealed_batches
+from .tally import REF_ROW, batches, ref_rows, sealed_batches
 
 # the refs table: key ref u64 big endian, value REF_ROW (id, pack, offset, stored, raw, codec)
 REF_TABLE = np.dtype([("ref", "<u8"), ("id", "V32"), ("pack", "<u4"), ("offset", "<u8"),
@@ -48,6 +48,23 @@ def scan_refs(index: Index, txn: lmdb.Transaction) -> np.ndarray:
     for name in REF_ROW.names:
         out[name] = rows[name]
     return out
+
+
+def refs_in_packs(index: Index, txn: lmdb.Transaction, numbers: Iterable[int]) -> np.ndarray:
+    """The rows (REF_TABLE, by ref) of the refs the index places in the packs `numbers`: the
+    table read a batch at a time and only these rows kept, so that a damaged pack found in a
+    repository of any size costs memory for its own chunks only."""
+    wanted = np.array(sorted(set(numbers)), dtype=np.uint32)
+    parts = []
+    for refs, rows in ref_rows(txn, index):
+        hit = np.isin(rows["pack"], wanted)
+        if hit.any():
+            part = np.zeros(int(np.count_nonzero(hit)), dtype=REF_TABLE)
+            part["ref"] = refs[hit]
+            for name in REF_ROW.names:
+                part[name] = rows[name][hit]
+            parts.append(part)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=REF_TABLE)
 
 
 def scan_u64_keys(txn: lmdb.Transaction, db: object) -> np.ndarray:

@@ -54,7 +54,7 @@ from ..repository.packs import FinishedPack
 from ..repository.repo import Repository
 from ..units import mib_per_s, parse_seconds, plural
 from .gc import less_live
-from .inventory import Affected, affected_by, scan_refs, scan_u64_keys
+from .inventory import Affected, affected_by, refs_in_packs, scan_u64_keys
 
 
 @dataclass
@@ -218,8 +218,7 @@ def _unlisted(repo: Repository, pack: PackInfo, entries: np.ndarray) -> dict[int
     index places there is whole: another pack put in its place lists none of them (a pack that
     merely holds a damaged chunk no point uses any more lists them all)."""
     with repo.index.env.begin() as txn:
-        table = scan_refs(repo.index, txn)
-    placed = table[table["pack"] == pack.number]
+        placed = refs_in_packs(repo.index, txn, [pack.number])
     listed = set(zip(entries["ref"].tolist(), entries["offset"].tolist()))
     why = (f"pack {pack.name}: its bytes do not hash to its name and its trailer does not list "
            "this chunk (another pack was put in its place)")
@@ -267,10 +266,9 @@ def _scrub(repo: Repository, subset: tuple[str, float, int] | None,
             _collect(repo, fut.result(), report, damaged, unreadable, tick)
     if unreadable:
         with repo.index.env.begin() as txn:
-            table = scan_refs(repo.index, txn)
-        for number, reason in unreadable.items():
-            for ref in table["ref"][table["pack"] == number].tolist():
-                damaged.setdefault(int(ref), reason)
+            table = refs_in_packs(repo.index, txn, unreadable)
+        for ref, number in zip(table["ref"].tolist(), table["pack"].tolist()):
+            damaged.setdefault(ref, unreadable[number])
     report.damaged = [{"ref": r, "reason": damaged[r]} for r in sorted(damaged)]
     if damaged:
         report.affected = affected_by(repo, np.array(sorted(damaged), dtype=np.uint64))

@@ -281,21 +281,24 @@ class _Source:
     at the end (`finish`) its checksum and its name (the BLAKE3 of all its bytes) are
     checked."""
 
-    def __init__(self, store: Store, obj: str, size: int, name: str) -> None:
+    def __init__(self, store: Store, obj: str, size: int, name: str, first: bytes) -> None:
         self.store, self.obj, self.size, self.name = store, obj, size, name
         self.body_end = size - CHECKSUM_SIZE
         self.pos = 0  # bytes of the object handed out
-        self.buffer, self.start = b"", 0  # read ahead: bytes from pos on are buffer[start:]
+        # read ahead: bytes from pos on are buffer[start:]; `first` came with the object's size
+        self.buffer, self.start = first, 0
         self.hasher = blake3.blake3()
+
+    def whole(self) -> bytes:
+        """Every byte of the object (read from the start: none handed out yet)."""
+        rest = self.size - len(self.buffer)
+        return self.buffer + (self.store.get_range(self.obj, len(self.buffer), rest) if rest
+                              else b"")
 
     def read(self, n: int, what: str) -> bytes:
         if n > self.size - self.pos:
             raise DamageError(f"{what}: block map is truncated")
-        if not self.pos and self.size <= READ_AHEAD:  # a small map: one request
-            self.buffer = self.store.get(self.obj, limit=self.size)
-            if len(self.buffer) != self.size:
-                raise DamageError(f"{what}: block map changed size while it was read")
-        elif len(self.buffer) - self.start < n:
+        if len(self.buffer) - self.start < n:
             ahead = self.pos + len(self.buffer) - self.start
             more = min(max(n, READ_AHEAD), self.size - ahead)
             self.buffer = self.buffer[self.start:] + self.store.get_range(self.obj, ahead, more)
@@ -321,10 +324,10 @@ def open_map(store: Store, name: str, sealer: Sealer = NULL_SEALER) -> MapStream
     the envelope refuses a cleartext map planted in an encrypted repository and the reverse."""
     obj = map_object(name)
     what = f"{store.location}/{obj}"
-    size = store.size(obj)
+    first, size = store.get_start(obj, READ_AHEAD)  # a small map whole, with one request
     if size > MAP_MAX:
         raise DamageError(f"{what}: block map is larger than any map can be ({size} bytes)")
-    source = _Source(store, obj, size, name)
+    source = _Source(store, obj, size, name, first)
     head = source.read(HEADER.size, what) if size >= HEADER.size + CHECKSUM_SIZE else b""
     if not head:
         raise DamageError(f"{what}: truncated block map file ({size} bytes)")
@@ -335,7 +338,7 @@ def open_map(store: Store, name: str, sealer: Sealer = NULL_SEALER) -> MapStream
     if size != HEADER.size + length + CHECKSUM_SIZE:
         raise DamageError(f"{what}: block map file has the wrong length (truncated or extended)")
     if major == BLOCK_MAP_V1.major or flags & SEALED or sealer.encrypted:
-        payload = _checked(store.get(obj, limit=MAP_MAX), name, what, sealer)
+        payload = _checked(source.whole(), name, what, sealer)
         if major == BLOCK_MAP_V1.major:
             bmap = decode(payload, what)
             return MapStream(bmap.kind, bmap.nblocks, None, iter(()), bmap)

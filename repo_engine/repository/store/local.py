@@ -92,6 +92,15 @@ class LocalStore:
         with self._reading(name) as path:
             return read_limited(path, limit)
 
+    def get_start(self, name: str, length: int) -> tuple[bytes, int]:
+        with self._reading(name) as path:
+            fd = open_regular(path)
+        try:
+            size = os.fstat(fd).st_size
+            return _pread_all(fd, min(length, size), 0), size
+        finally:
+            os.close(fd)
+
     def get_range(self, name: str, offset: int, length: int) -> bytes:
         fd, cached = self._fd(name)
         try:

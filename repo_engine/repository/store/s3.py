@@ -404,6 +404,21 @@ class S3Store:
                 return body.read()
         return self._call("get", name, once)
 
+    def get_start(self, name: str, length: int) -> tuple[bytes, int]:
+        key, byte_range = self._key(name), f"bytes=0-{max(length, 1) - 1}"
+
+        def once() -> tuple[bytes, int]:
+            answer = self._client.get_object(Bucket=self.bucket, Key=key, Range=byte_range)
+            with closing(answer["Body"]) as body:  # closing(): see get
+                data = body.read()
+            # "bytes 0-N/SIZE"; a server that ignores the range sends the whole object
+            total = answer.get("ContentRange", "").rpartition("/")[2]
+            return data[:length], int(total) if total.isdigit() else len(data)
+        try:
+            return self._call("get", name, once)
+        except ShortRead:  # no byte 0 to start at: the object is empty
+            return b"", 0
+
     def get_range(self, name: str, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise StoreError(f"{self.location}: get {name}: bad range {offset}+{length}")
