@@ -4,6 +4,10 @@ would be asked on a terminal, changes nothing but who derives."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -11,10 +15,9 @@ import pytest
 from repo_engine.errors import TamperedError
 from repo_engine.repository.crypto import ahead
 from repo_engine.repository.crypto.keys import WrongPassphrase
-from repo_engine.repository.crypto.manage import KeyManager
 from repo_engine.repository.crypto.slots import ScryptParams, decode_slot, encode_slot
-from repo_engine.repository.location import (init_repository, open_key_manager,
-                                             open_repository, unlock_hint)
+from repo_engine.repository.location import init_repository, open_key_manager, open_repository
+from repo_engine.repository.opening import unlock_hint
 from test_crypto_keys import SMALL
 
 PASS = b"correct horse"
@@ -141,3 +144,41 @@ def test_a_hostile_copy_never_runs_its_scrypt_parameters(repo, tmp_path, derivat
     opened(repo, cache)
     assert [name for name, _ in derivations] == [threading.main_thread().name]
     assert ahead.take(costly, slot.salt, PASS) is None
+
+
+# A command in a fresh interpreter: when the derivation starts, and which thread runs it.
+WATCHED = """
+import json, sys, threading
+from repo_engine.repository.crypto import ahead, slots
+started, ran = [], []
+real_start, real_compute = ahead.start, slots.ScryptParams.compute
+
+def start(hint, passphrase):
+    started.append("repo_engine.repository.repo" in sys.modules)
+    return real_start(hint, passphrase)
+
+def compute(self, passphrase, salt):
+    ran.append(threading.current_thread().name)
+    return real_compute(self, passphrase, salt)
+
+ahead.start, slots.ScryptParams.compute = start, compute
+from repo_engine.cli.main import run
+code = run(sys.argv[1:])
+print(json.dumps([code, started, ran]))
+"""
+
+
+def test_a_command_starts_deriving_before_it_loads_the_engine(repo, tmp_path):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("REPO_ENGINE_")},
+           "REPO_ENGINE_CACHE_DIR": str(tmp_path / "cache"), "REPO_ENGINE_PASSWORD": PASS.decode()}
+
+    def points() -> list:
+        proc = subprocess.run([sys.executable, "-c", WATCHED, "points", str(repo)], env=env,
+                              capture_output=True, text=True, check=True)
+        return json.loads(proc.stdout.splitlines()[-1])
+
+    code, started, ran = points()  # no copy of the slot yet: derived when the slot is read
+    assert code == 0 and ran == ["MainThread"]
+    code, started, ran = points()
+    assert code == 0 and ran == ["derive-ahead"]
+    assert started[0] is False  # the first start came before the engine's modules loaded

@@ -42,7 +42,7 @@ class RepoAddress:
     def settings(self) -> object:
         """The S3 settings of an `s3://` location (`--endpoint` over the environment and the
         settings file); None for a local one."""
-        from ..repository.location import is_remote
+        from ..repository.opening import is_remote
 
         if not is_remote(self.location):
             return None
@@ -69,14 +69,17 @@ def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None
 
 
 def _address(ctx: click.Context, _param: click.Parameter, value: str) -> RepoAddress:
-    from ..repository.location import is_remote
+    from ..repository.opening import is_remote, prepare
 
     endpoint = ctx.meta.get(ENDPOINT_KEY)
     if endpoint and not is_remote(value):
         raise click.BadParameter("--endpoint applies to s3:// locations only",
                                  param_hint="--endpoint")
-    return RepoAddress(value, endpoint, ctx.meta.get(CACHE_DIR_KEY),
-                       ctx.meta.get(PASSPHRASE_FILE_KEY), ctx.meta.get(KEY_FILE_KEY))
+    address = RepoAddress(value, endpoint, ctx.meta.get(CACHE_DIR_KEY),
+                          ctx.meta.get(PASSPHRASE_FILE_KEY), ctx.meta.get(KEY_FILE_KEY))
+    if not KeyFileSource(address.key_file).given():  # before the command loads the engine
+        prepare(address.location, address.cache_dir, address.passphrase())
+    return address
 
 
 def repo_argument(command: Callable) -> Callable:

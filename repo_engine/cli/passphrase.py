@@ -107,6 +107,9 @@ class KeyFileSource:
 
     file: Path | None = None
 
+    def given(self) -> bool:
+        return self.file is not None or bool(os.environ.get(KEY_FILE_ENV))
+
     def __call__(self, environ: Mapping[str, str] | None = None) -> tuple[bytes, str] | None:
         environ = os.environ if environ is None else environ
         if self.file is not None:

@@ -31,7 +31,7 @@ no plaintext reachable; what it checks are the stored bytes (checksums) only.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DamageError, NotARepository, RepoError, TamperedError, UsageError
 from .config import CONFIG_NAME, ENCRYPTION, RepoConfig, read_config
-from .crypto import ahead
-from .crypto.null import Passphrase, asks
+from .crypto.null import Passphrase
+from .opening import cache_base, is_remote, prepare
 from .repo import Repository, new_directory
 from .safefile import DIR_MODE
 from .store import ObjectExists, Store, open_store
@@ -49,30 +49,10 @@ from .store.local import LocalStore
 if TYPE_CHECKING:
     from .crypto.manage import KeyManager
 
-S3_SCHEME = "s3://"
-CACHE_ENV = "REPO_ENGINE_CACHE_DIR"
 ENCRYPTED_MARK = "encrypted"
 # a recovery private key file that opens an encrypted repository without a KDF: its PEM and
 # where it was read, or None when none was given
 KeyFile = Callable[[], "tuple[bytes, str] | None"]
-
-
-
-def is_remote(location: str) -> bool:
-    """Whether `location` names object storage rather than a local directory."""
-    return location.startswith(S3_SCHEME)
-
-
-def cache_base(cache_dir: Path | None = None,
-               environ: Mapping[str, str] | None = None) -> Path:
-    """The directory under which this host keeps the caches of shared repositories."""
-    environ = os.environ if environ is None else environ
-    if cache_dir is not None:
-        return cache_dir
-    if environ.get(CACHE_ENV):
-        return Path(environ[CACHE_ENV])
-    xdg = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "repo-engine"
 
 
 def cache_directory(repo_id: str, cache_dir: Path | None = None) -> Path:
@@ -92,9 +72,7 @@ def open_repository(location: str, *, settings: Any = None, cache_dir: Path | No
     host's cache without opening it (it may be damaged). `passphrase`: asked for the
     passphrase of an encrypted repository (None: such a repository is refused); `key_file`:
     asked first for a recovery key file that opens it instead (None from it: none given)."""
-    hint = unlock_hint(location, cache_dir)
-    if passphrase is not None and not asks(passphrase):
-        ahead.start(hint, passphrase)
+    hint = prepare(location, cache_dir, passphrase)  # a no-op when the command did it already
     store, config = _store_and_config(location, settings, cache_dir)
     local = cache_directory(config.repo_id, cache_dir) if config.shared else Path(location)
     keys = _closing_on_error(store, _open_keys, store, config, passphrase, local, key_file, hint)
@@ -273,13 +251,6 @@ def _create(store: Store, config: RepoConfig, local: Path, passphrase: bytes | N
     except ObjectExists:
         raise UsageError(f"{store.location} already holds a repository: another init created "
                          "one there meanwhile") from None
-
-
-def unlock_hint(location: str, cache_dir: Path | None = None) -> Path:
-    """Where this host keeps a copy of the key slot that last opened `location` with a
-    passphrase (crypto/ahead.py)."""
-    return ahead.hint_file(cache_base(cache_dir),
-                           location if is_remote(location) else os.path.abspath(location))
 
 
 def _open_keys(store: Store, config: RepoConfig, passphrase: Passphrase | None,

@@ -61,6 +61,8 @@ def start(hint: Path, passphrase: Callable[[], bytes]) -> None:
         return
     done: Future = Future()
     with _lock:  # registered before the thread runs: an unlock that comes first waits for it
+        if (slot.kdf, slot.salt, secret) in _pending:
+            return  # started already (the command, then the repository's opening)
         _pending[(slot.kdf, slot.salt, secret)] = done
     threading.Thread(target=_derive, args=(done, slot.kdf, slot.salt, secret),
                      name="derive-ahead", daemon=True).start()
