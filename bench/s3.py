@@ -562,6 +562,10 @@ def main() -> None:
     ap.add_argument("--tools", default=",".join(PEERS))
     ap.add_argument("--points", type=int, default=200, help="points of the rebuild/gc repository")
     ap.add_argument("--points-disk", type=parse_size, default=parse_size("64MiB"))
+    ap.add_argument("--volume-mb", type=int, default=1024,
+                    help="SeaweedFS volume size limit; the tests' 64 makes the server stop "
+                         "writes for about a second each time it grows volumes (every few "
+                         "hundred MB), which a production store does not do")
     ap.add_argument("--repo-engine", action="append",
                     help="[LABEL=]CMD of a repo-engine build; repeat to compare builds "
                          "(default: the venv's repo-engine)")
@@ -585,7 +589,7 @@ def run_bench(args: argparse.Namespace, parts: list[str],
     root = args.work.resolve() / "s3-run"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    server = start_server(root / "seaweedfs")
+    server = start_server(root / "seaweedfs", volume_mb=args.volume_mb)
     proxy = CountingProxy(server.ports["s3.port"])
     report: dict = {"meta": meta(workload, args)}
     tables: list[str] = []
@@ -695,7 +699,8 @@ def points_parts(bench: Bench, tools: list[Tool], parts: list[str],
 def meta(workload: Path, args: argparse.Namespace) -> dict:
     manifest = workload / "manifest.json"
     return {"workload": str(workload), "days": args.days, "points": args.points,
-            "points_disk": args.points_disk, "host": platform.node(), "cpus": os.cpu_count(),
+            "points_disk": args.points_disk, "volume_mb": args.volume_mb,
+            "host": platform.node(), "cpus": os.cpu_count(),
             "kernel": platform.release(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "manifest": json.loads(manifest.read_text()) if manifest.exists() else None}
 
@@ -704,7 +709,8 @@ def footer(report: dict, start_load: str) -> str:
     m = report["meta"]
     capacity = (m["manifest"] or {}).get("capacity")
     size = f"{capacity / MIB:.0f} MiB workload, " if capacity else ""
-    return (f"{size}{m['cpus']} CPUs, {m['date']}; {', '.join(m['versions'].values())}; "
+    return (f"{size}{m['cpus']} CPUs, SeaweedFS volumes of {m.get('volume_mb', 64)} MB, "
+            f"{m['date']}; {', '.join(m['versions'].values())}; "
             f"machine load average (1/5 min) at the start {start_load}, at the end {load_note()}.")
 
 

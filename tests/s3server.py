@@ -73,6 +73,9 @@ class SeaweedServer:
     workdir: Path
     ports: dict[str, int]
     separate_volume: bool = False
+    # the size at which the master starts new volumes: small for the tests (little disk); a
+    # server that fills its volumes quickly stops writes for a moment each time it grows more
+    volume_mb: int = 64
     process: subprocess.Popen | None = None
     volume: subprocess.Popen | None = None
 
@@ -94,7 +97,7 @@ class SeaweedServer:
         args = ["server", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 "-filer", "-s3", f"-s3.config={self.workdir / 's3.json'}", "-s3.port.iceberg=0",
                 "-s3.port.lance=0", "-s3.autoCreateBucket=false", "-volume.max=0",
-                "-master.volumeSizeLimitMB=64", "-volume.preStopSeconds=0",
+                f"-master.volumeSizeLimitMB={self.volume_mb}", "-volume.preStopSeconds=0",
                 f"-volume={str(not self.separate_volume).lower()}",
                 f"-filer.localSocket={self.workdir / 'filer.sock'}",
                 f"-s3.localSocket={self.workdir / 's3.sock'}",
@@ -209,9 +212,10 @@ def _kill(process: subprocess.Popen | None, sig: int) -> None:
         process.wait()
 
 
-def start_server(workdir: Path, separate_volume: bool = False) -> SeaweedServer:
+def start_server(workdir: Path, separate_volume: bool = False,
+                 volume_mb: int = 64) -> SeaweedServer:
     server = SeaweedServer(workdir, dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)))),
-                           separate_volume)
+                           separate_volume, volume_mb)
     server.start()
     return server
 
