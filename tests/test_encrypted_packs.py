@@ -21,6 +21,7 @@ from repo_engine.maintenance.stored_scrub import scrub_stored
 from repo_engine.maintenance.verify import verify
 from repo_engine.repository.blockmap import read_map
 from repo_engine.repository.location import init_repository, open_repository, open_stored
+from repo_engine.repository.crypto.null import PART_HEADER_SIZE
 from repo_engine.repository.packs import HEADER, STORED, pack_object
 from repo_engine.restore.restorer import RestoreDamaged, restore_disk
 from helpers import cli
@@ -195,6 +196,18 @@ def swap_blobs(data: bytearray, a: tuple[int, int], b: tuple[int, int]) -> bytes
     assert sa == sb
     data[oa:oa + sa], data[ob:ob + sb] = data[ob:ob + sb], data[oa:oa + sa]
     return bytes(data)
+
+
+def test_a_read_starting_inside_a_pack_s_key_header_is_a_plain_range(encrypted):
+    """An index row placing a chunk inside the pack's key header (damage): its request is read
+    as asked, and the chunk's authentication names the damage (not an internal error)."""
+    repo, _point, _ = encrypted
+    name = Path(pack_names(repo)[0]).stem
+    repo.pack_keys._openers.clear()  # no header known yet, as for a restore's first request
+    offset = HEADER.size + PART_HEADER_SIZE - 10
+    with repo.read_chunk_stream(name, offset, 100) as stream:
+        assert stream.position == offset
+        assert stream.read(100) == repo.store.get_range(pack_object(name), offset, 100)
 
 
 def test_two_chunks_swapped_in_a_pack_are_refused(encrypted, tmp_path):

@@ -182,3 +182,62 @@ def test_a_command_starts_deriving_before_it_loads_the_engine(repo, tmp_path):
     code, started, ran = points()
     assert code == 0 and ran == ["derive-ahead"]
     assert started[0] is False  # the first start came before the engine's modules loaded
+
+
+def test_a_passphrase_that_can_be_read_once_opens_again_and_again(repo, tmp_path):
+    """--passphrase-file /dev/stdin (a pipe): the command reads it once, however many times the
+    unlock ahead and the unlock ask for it."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("REPO_ENGINE_")},
+           "REPO_ENGINE_CACHE_DIR": str(tmp_path / "cache")}
+    for _ in range(3):  # the first run makes the copy; the others derive ahead from it
+        done = subprocess.run([sys.executable, "-c", WATCHED, "points", "--passphrase-file",
+                               "/dev/stdin", str(repo)], input=PASS + b"\n", env=env,
+                              capture_output=True, check=True)
+        assert json.loads(done.stdout.splitlines()[-1])[0] == 0
+    assert json.loads(done.stdout.splitlines()[-1])[2] == ["derive-ahead"]
+
+
+def test_a_key_file_open_derives_nothing_ahead(repo, tmp_path, derivations):
+    cache = tmp_path / "cache"
+    opened(repo, cache)  # the copy is made
+    with open_key_manager(str(repo), cache_dir=cache) as keys:
+        keys.export_recovery(keys.unlock(Unattended()), tmp_path / "r.pem", "vault")
+    pem = (tmp_path / "r.pem").read_bytes()
+    asked: list[int] = []
+
+    class Counted(Unattended):
+        def __call__(self) -> bytes:
+            asked.append(1)
+            return super().__call__()
+
+    derivations.clear()
+    open_repository(str(repo), cache_dir=cache, passphrase=Counted(),
+                    key_file=lambda: (pem, "r.pem")).close()
+    assert derivations == [] and asked == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink to /dev/zero", "huge"])
+def test_a_copy_that_is_not_a_small_regular_file_is_not_read(repo, tmp_path, derivations, kind):
+    """A FIFO (which would block), a symlink (which would be followed) or a file larger than
+    any slot in place of the copy: ignored, the open derives as without one."""
+    cache = tmp_path / "cache"
+    hint = unlock_hint(str(repo), cache)
+    hint.parent.mkdir(parents=True)
+    if kind == "fifo":
+        os.mkfifo(hint)
+    elif kind == "huge":
+        hint.write_bytes(bytes(1 << 20))
+    else:
+        hint.symlink_to("/dev/zero")
+    done = threading.Event()
+
+    def open_it() -> None:
+        opened(repo, cache)
+        done.set()
+
+    threading.Thread(target=open_it, name="opening", daemon=True).start()
+    finished = done.wait(20)
+    if not finished and kind == "fifo":  # let the blocked reader go
+        os.close(os.open(hint, os.O_WRONLY | os.O_NONBLOCK))
+    assert finished, f"the open blocked on a {kind} in place of the copy"
+    assert [name for name, _ in derivations] == ["opening"]  # not ahead: by the opening itself

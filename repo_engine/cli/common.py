@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,7 @@ class RepoAddress:
     cache_dir: Path | None = None
     passphrase_file: Path | None = None
     key_file: Path | None = None
+    _passphrase: list[PassphraseSource] = field(default_factory=list, compare=False, repr=False)
 
     def __str__(self) -> str:
         return self.location
@@ -51,15 +52,19 @@ class RepoAddress:
         return load_s3_settings({"endpoint": self.endpoint})
 
     def passphrase(self) -> PassphraseSource:
-        """The passphrase of an encrypted repository, read only when it is asked for."""
-        return PassphraseSource(self.location, self.passphrase_file)
+        """The passphrase of an encrypted repository, read only when it is asked for (and only
+        once: the same source every time)."""
+        if not self._passphrase:
+            self._passphrase.append(PassphraseSource(self.location, self.passphrase_file))
+        return self._passphrase[0]
 
     def open(self, *, rebuilding: bool = False) -> Repository:
         from ..repository.location import open_repository
 
+        key_file = KeyFileSource(self.key_file)
         return open_repository(self.location, settings=self.settings(), cache_dir=self.cache_dir,
                                rebuilding=rebuilding, passphrase=self.passphrase(),
-                               key_file=KeyFileSource(self.key_file))
+                               key_file=key_file if key_file.given() else None)
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -67,6 +67,9 @@ class PassphraseSource:
 
     location: str
     file: Path | None = None
+    # what was read, kept: a source that can be read once (a pipe: --passphrase-file /dev/stdin)
+    # is asked several times in a command (the unlock ahead, then the unlock)
+    _read: list[bytes] = field(default_factory=list, compare=False, repr=False)
 
     def __call__(self) -> bytes:
         return self.read(confirm=False)
@@ -77,7 +80,13 @@ class PassphraseSource:
         return self.file is None and not os.environ.get(FILE_ENV) and VALUE_ENV not in os.environ
 
     def read(self, *, confirm: bool, environ: Mapping[str, str] | None = None) -> bytes:
-        """`confirm`: a new repository's passphrase, asked twice on the terminal."""
+        """`confirm`: a new repository's passphrase, asked twice on the terminal. Read once,
+        then kept."""
+        if not self._read:
+            self._read.append(self._from_source(confirm, environ))
+        return self._read[0]
+
+    def _from_source(self, confirm: bool, environ: Mapping[str, str] | None) -> bytes:
         environ = os.environ if environ is None else environ
         if self.file is not None:
             return read_passphrase_file(self.file, "--passphrase-file")

@@ -72,7 +72,8 @@ def open_repository(location: str, *, settings: Any = None, cache_dir: Path | No
     host's cache without opening it (it may be damaged). `passphrase`: asked for the
     passphrase of an encrypted repository (None: such a repository is refused); `key_file`:
     asked first for a recovery key file that opens it instead (None from it: none given)."""
-    hint = prepare(location, cache_dir, passphrase)  # a no-op when the command did it already
+    # a no-op when the command did it already; nothing to derive when a key file opens it
+    hint = prepare(location, cache_dir, passphrase if key_file is None else None)
     store, config = _store_and_config(location, settings, cache_dir)
     local = cache_directory(config.repo_id, cache_dir) if config.shared else Path(location)
     keys = _closing_on_error(store, _open_keys, store, config, passphrase, local, key_file, hint)

@@ -436,7 +436,8 @@ class PackKeys:
         costs a round trip). A header that does not come or does not parse is left for
         `opener` to read and report."""
         obj, start = pack_object(name), HEADER.size + PART_HEADER_SIZE
-        if self._null is not None or name in self._openers or offset - start > HEADER_REACH:
+        if (self._null is not None or name in self._openers
+                or not 0 <= offset - start <= HEADER_REACH):
             return self._store.open_range(obj, offset, length)
         stream = self._store.open_range(obj, 0, offset + length)
         try:

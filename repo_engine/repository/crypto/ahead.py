@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 import blake3
 
 from ..atomic import write_atomic
-from ..safefile import DIR_MODE
+from ..safefile import DIR_MODE, read_limited
+from .null import MAX_SLOT_SIZE
 
 if TYPE_CHECKING:
     from .slots import ScryptParams
@@ -46,9 +47,8 @@ def start(hint: Path, passphrase: Callable[[], bytes]) -> None:
     """Derive, in the background, the key of the slot copied at `hint` (if any) for
     `passphrase`, which must not ask anyone. A failure here is silent: the unlock then runs as
     it would without a copy, and reports what is wrong itself."""
-    try:
-        record = hint.read_bytes()
-    except OSError:
+    record = _copy(hint)
+    if record is None:
         return
     from ...errors import RepoError  # a host with a copy opens an encrypted repository
     from .slots import decode_slot
@@ -57,15 +57,28 @@ def start(hint: Path, passphrase: Callable[[], bytes]) -> None:
         slot, secret = decode_slot(record, str(hint)), passphrase()
     except RepoError:
         return
-    if slot.kdf is None:
+    key = (slot.kdf, slot.salt, secret)
+    if slot.kdf is None or key in _pending:  # started already: the command, then the opening
         return
     done: Future = Future()
-    with _lock:  # registered before the thread runs: an unlock that comes first waits for it
-        if (slot.kdf, slot.salt, secret) in _pending:
-            return  # started already (the command, then the repository's opening)
-        _pending[(slot.kdf, slot.salt, secret)] = done
-    threading.Thread(target=_derive, args=(done, slot.kdf, slot.salt, secret),
-                     name="derive-ahead", daemon=True).start()
+    try:
+        threading.Thread(target=_derive, args=(done, *key), name="derive-ahead",
+                         daemon=True).start()
+    except RuntimeError:  # no thread to be had: the unlock derives, as without a copy
+        return
+    with _lock:
+        _pending.setdefault(key, done)
+
+
+def _copy(hint: Path) -> bytes | None:
+    """The record at `hint`, read as the engine reads its own files (a regular file, not through
+    a symlink, never blocking, bounded); None when there is none to read."""
+    from ...errors import RepoError
+
+    try:
+        return read_limited(hint, MAX_SLOT_SIZE)
+    except (OSError, RepoError):
+        return None
 
 
 def _derive(done: Future, params: ScryptParams, salt: bytes, secret: bytes) -> None:
@@ -84,10 +97,12 @@ def take(params: "ScryptParams", salt: bytes, passphrase: bytes) -> Future | Non
 def remember(hint: Path, slot_record: bytes) -> None:
     """Keep `slot_record` (an encoded slot that opened the repository) as the copy at `hint`;
     best effort: a cache that cannot be written only loses the head start."""
+    if _copy(hint) == slot_record:
+        return
     try:
-        if hint.exists() and hint.read_bytes() == slot_record:
-            return
-        hint.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        # the cache base owner-only when it is made here, as for a repository's cache
+        hint.parent.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        hint.parent.mkdir(mode=DIR_MODE, exist_ok=True)
         write_atomic(hint, slot_record)
     except OSError:
         pass

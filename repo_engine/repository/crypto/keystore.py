@@ -25,10 +25,10 @@ from ...errors import RepoError, TamperedError
 from ..store import ObjectExists, ObjectMissing, Store
 from .keyring import KEYRING_PREFIX, Keyring, decode_keyring, encode_keyring, keyring_object
 from .keys import RepositoryKeys
+from .null import MAX_SLOT_SIZE
 from .seal import Random
 from .slots import Slot, decode_slot, encode_slot
 
-MAX_SLOT_SIZE = 64 << 10
 MAX_KEYRING_SIZE = 1 << 20
 CHANGE_ATTEMPTS = 5
 _SLOT_NAME = re.compile(r"keys/slot-([0-9a-f]{16})\.slot")

@@ -19,6 +19,7 @@ def asks(passphrase: Passphrase) -> bool:
     source tells with its `asks` attribute; any other callable is taken to ask."""
     return bool(getattr(passphrase, "asks", True))
 
+MAX_SLOT_SIZE = 64 << 10  # bytes a key slot record may hold (keystore.py, ahead.py)
 PART_HEADER_SIZE = 36  # what a sealed object's key header holds: epoch u32, salt [32] (seal.py)
 PART_TAG_SIZE = 16  # what sealing adds to a part: its AES-GCM tag (seal.py)
 

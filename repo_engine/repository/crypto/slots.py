@@ -88,7 +88,9 @@ class ScryptParams:
     def derive(self, passphrase: bytes, salt: bytes) -> bytes:
         """The key for `passphrase`: derived ahead (ahead.py) when that was started, else now."""
         started = ahead.take(self, salt, passphrase)
-        return started.result() if started is not None else self.compute(passphrase, salt)
+        if started is not None and started.exception() is None:
+            return started.result()
+        return self.compute(passphrase, salt)  # none started, or it failed: derive here
 
     def compute(self, passphrase: bytes, salt: bytes) -> bytes:
         return Scrypt(salt, KEY_SIZE, 1 << self.log_n, self.r, self.p).derive(passphrase)
