@@ -104,8 +104,8 @@ def counted(monkeypatch) -> Iterator[Counter]:
     """Count the store's reads by area (`points/`: manifests, `maps/`: block maps, `packs/`),
     its listings by prefix, and the catalog records decoded."""
     reads: Counter = Counter()
-    get, get_range, listing, record = (LocalStore.get, LocalStore.get_range, LocalStore.list,
-                                       Index.record)
+    get, get_range, get_start, listing, record = (
+        LocalStore.get, LocalStore.get_range, LocalStore.get_start, LocalStore.list, Index.record)
 
     def counting_get(self, name, **kw):
         reads[name.split("/")[0]] += 1
@@ -114,6 +114,10 @@ def counted(monkeypatch) -> Iterator[Counter]:
     def counting_range(self, name, *args):
         reads[name.split("/")[0]] += 1
         return get_range(self, name, *args)
+
+    def counting_start(self, name, *args):
+        reads[name.split("/")[0]] += 1
+        return get_start(self, name, *args)
 
     def counting_list(self, prefix, *args):
         reads["list " + prefix] += 1
@@ -126,6 +130,7 @@ def counted(monkeypatch) -> Iterator[Counter]:
     with monkeypatch.context() as m:
         m.setattr(LocalStore, "get", counting_get)
         m.setattr(LocalStore, "get_range", counting_range)
+        m.setattr(LocalStore, "get_start", counting_start)
         m.setattr(LocalStore, "list", counting_list)
         m.setattr(Index, "record", counting_record)
         yield reads
