@@ -37,16 +37,16 @@ def _scan(txn: lmdb.Transaction, db: object, *, values: bool = True) -> tuple[by
 
 
 def scan_refs(index: Index, txn: lmdb.Transaction) -> np.ndarray:
-    """Every row of the refs table, sorted by ref, as a REF_TABLE array."""
-    keys, values = _scan(txn, index.refs)
-    count = len(keys) // 8
-    out = np.zeros(count, dtype=REF_TABLE)
-    if not count:
-        return out
-    out["ref"] = np.frombuffer(keys, dtype=">u8")
-    rows = np.frombuffer(values, dtype=REF_ROW)
-    for name in REF_ROW.names:
-        out[name] = rows[name]
+    """Every row of the refs table, sorted by ref, as a REF_TABLE array, filled a batch at a
+    time (the table's bytes are never held whole beside it)."""
+    out = np.zeros(txn.stat(index.refs)["entries"], dtype=REF_TABLE)  # the rows `txn` sees
+    at = 0
+    for refs, rows in ref_rows(txn, index):
+        part = out[at:at + len(refs)]
+        part["ref"] = refs
+        for name in REF_ROW.names:
+            part[name] = rows[name]
+        at += len(refs)
     return out
 
 
