@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import SourceError
 from ..repository.blockmap import BlockMap, holds, nonzero_entries, sorted_unique
+from ..repository.lmdbfile import available_memory as meminfo_available
 from ..repository.points import MAX_CAPACITY, DiskRecord, PointRecord
 from ..repository.repo import Repository
 from ..units import format_size
@@ -82,14 +83,9 @@ def _check_full_read(plan: DiskPlan) -> None:
 
 def available_memory() -> int:
     """Bytes of memory available to this process (Linux MemAvailable, else free pages)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    available = meminfo_available()
+    return available if available is not None else (
+        os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def check_capacity(key: str, capacity: int) -> None:

@@ -117,14 +117,18 @@ class KeyFileSource:
     file: Path | None = None
 
     def given(self) -> bool:
-        return self.file is not None or bool(os.environ.get(KEY_FILE_ENV))
+        return self._chosen(os.environ) is not None
 
     def __call__(self, environ: Mapping[str, str] | None = None) -> tuple[bytes, str] | None:
-        environ = os.environ if environ is None else environ
+        chosen = self._chosen(os.environ if environ is None else environ)
+        return None if chosen is None else read_key_file(*chosen)
+
+    def _chosen(self, environ: Mapping[str, str]) -> tuple[Path, str] | None:
+        """The key file given, and the option that named it."""
         if self.file is not None:
-            return read_key_file(self.file, "--key-file")
+            return self.file, "--key-file"
         if environ.get(KEY_FILE_ENV):
-            return read_key_file(Path(environ[KEY_FILE_ENV]), f"${KEY_FILE_ENV}")
+            return Path(environ[KEY_FILE_ENV]), f"${KEY_FILE_ENV}"
         return None
 
 

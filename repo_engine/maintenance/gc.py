@@ -53,7 +53,8 @@ import numpy as np
 from ..errors import DamageError, LockedError, RepoError
 from ..repository.store import ObjectMissing
 from ..pause import pause_point
-from ..repository.index import LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index
+from ..repository.index import (LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index,
+                                ref_keys)
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.blockmap import map_object
 from ..repository.packs import PackWriter, blob_bytes, pack_object
@@ -317,9 +318,7 @@ def _replace_counts(index: Index, catalog: dict, use: dict[str, int], tally: Tal
             _put_sealed_rows(txn, index, "refcount", refs.astype(">u8").tobytes(), counts)
         with txn.cursor(db=index.gcq) as cur:
             for dead in tally.dead():
-                dkeys = dead.astype(">u8").tobytes()
-                cur.putmulti(((dkeys[i:i + 8], b"") for i in range(0, len(dkeys), 8)),
-                             append=True)
+                cur.putmulti(((key, b"") for key in ref_keys(dead)), append=True)
         _write_packlive(txn, index, tally.table, next_pack)
         txn.put(b"counts", U64.pack(1), db=index.meta)
         txn.put(b"gc_mark", U64.pack(next_pack), db=index.meta)

@@ -42,12 +42,16 @@ def scan_refs(index: Index, txn: lmdb.Transaction) -> np.ndarray:
     out = np.zeros(txn.stat(index.refs)["entries"], dtype=REF_TABLE)  # the rows `txn` sees
     at = 0
     for refs, rows in ref_rows(txn, index):
-        part = out[at:at + len(refs)]
-        part["ref"] = refs
-        for name in REF_ROW.names:
-            part[name] = rows[name]
+        _fill(out[at:at + len(refs)], refs, rows)
         at += len(refs)
     return out
+
+
+def _fill(table: np.ndarray, refs: np.ndarray, rows: np.ndarray) -> None:
+    """Set the REF_TABLE rows `table` from a batch of the refs table (keys, REF_ROW rows)."""
+    table["ref"] = refs
+    for name in REF_ROW.names:
+        table[name] = rows[name]
 
 
 def refs_in_packs(index: Index, txn: lmdb.Transaction, numbers: Iterable[int]) -> np.ndarray:
@@ -60,9 +64,7 @@ def refs_in_packs(index: Index, txn: lmdb.Transaction, numbers: Iterable[int]) -
         hit = np.isin(rows["pack"], wanted)
         if hit.any():
             part = np.zeros(int(np.count_nonzero(hit)), dtype=REF_TABLE)
-            part["ref"] = refs[hit]
-            for name in REF_ROW.names:
-                part[name] = rows[name][hit]
+            _fill(part, refs[hit], rows[hit])
             parts.append(part)
     return np.concatenate(parts) if parts else np.zeros(0, dtype=REF_TABLE)
 

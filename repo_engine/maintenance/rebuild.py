@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import LockedError, RepoError
 from ..repository.checkpoint import catch_up
 from ..repository.config import CONFIG_NAME, read_config
-from ..repository.index import U64, Index
+from ..repository.index import U64, Index, ref_keys
 from ..repository.leases import clear_leases
 from ..repository.locks import (EXCLUSIVE, SHARED, TORN_HOST, LockInfo, RepoLock, is_stale,
                                 list_locks, remove_if_stale, strays)
@@ -241,7 +241,6 @@ def _put_refs(index: Index, rows: np.ndarray) -> None:
     count their chunks."""
     if not len(rows):
         return
-    keys = rows["ref"].astype(">u8").tobytes()
     values = np.zeros(len(rows), REF_ROW)
     for name in REF_ROW.names:
         values[name] = rows[name]
@@ -249,8 +248,9 @@ def _put_refs(index: Index, rows: np.ndarray) -> None:
     width = REF_ROW.itemsize
     with index.write() as txn:
         with txn.cursor(db=index.refs) as cursor:
-            cursor.putmulti(((keys[i * 8:i * 8 + 8], values[i * width:(i + 1) * width])
-                             for i in range(len(rows))), append=True)
+            cursor.putmulti(zip(ref_keys(rows["ref"]),
+                                (values[i * width:(i + 1) * width] for i in range(len(rows)))),
+                            append=True)
         for name, delta in (("chunks", len(rows)),
                             ("raw_bytes", int(rows["raw"].astype(np.int64).sum())),
                             ("stored_bytes", int(rows["stored"].astype(np.int64).sum()))):

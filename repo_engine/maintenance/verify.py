@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import RepoError
 from ..pause import pause_point
+from ..repository.blockmap import holds
 from ..repository.index import PACK_KEY, DamagedRecord, Index, pack_fields, ref_keys
 from ..repository.locks import SHARED
 from ..repository.points import PointRecord
@@ -174,7 +175,7 @@ class _Live:
         refs = np.asarray(refs, np.uint64)
         pos, found = self.table.find(refs)
         marked = found & (self.marks[pos] if len(self.marks) else False)
-        return marked | np.isin(refs, self.missing)
+        return marked | holds(self.missing, refs)  # `missing` is sorted and unique
 
 
 def _check_manifests(repo: Repository, snap: _Snapshot, report: VerifyReport,

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import blake3
 
+from ...errors import RepoError
 from ..atomic import write_atomic
 from ..safefile import DIR_MODE, read_limited
 from .null import MAX_SLOT_SIZE
@@ -50,8 +51,7 @@ def start(hint: Path, passphrase: Callable[[], bytes]) -> None:
     record = _copy(hint)
     if record is None:
         return
-    from ...errors import RepoError  # a host with a copy opens an encrypted repository
-    from .slots import decode_slot
+    from .slots import decode_slot  # loads cryptography: only a host with a copy gets here
 
     try:
         slot, secret = decode_slot(record, str(hint)), passphrase()
@@ -73,8 +73,6 @@ def start(hint: Path, passphrase: Callable[[], bytes]) -> None:
 def _copy(hint: Path) -> bytes | None:
     """The record at `hint`, read as the engine reads its own files (a regular file, not through
     a symlink, never blocking, bounded); None when there is none to read."""
-    from ...errors import RepoError
-
     try:
         return read_limited(hint, MAX_SLOT_SIZE)
     except (OSError, RepoError):
@@ -84,7 +82,7 @@ def _copy(hint: Path) -> bytes | None:
 def _derive(done: Future, params: ScryptParams, salt: bytes, secret: bytes) -> None:
     try:
         done.set_result(params.compute(secret, salt))
-    except BaseException as exc:  # noqa: BLE001 - raised again by the unlock that takes it
+    except BaseException as exc:  # noqa: BLE001 - the unlock that takes it derives again
         done.set_exception(exc)
 
 
