@@ -455,7 +455,7 @@ def test_the_readme_encryption_commands_run_as_written(tmp_path, capsys, monkeyp
         ok(capsys, *[moved(arg, paths) for arg in argv[1:]])
         ran.append(" ".join(argv[1:3]))
     assert ran == ["init /backup/repo", "backup image", "key add", "key list", "key remove",
-                   "key rotate", "key status", "key export-recovery", "key recover",
+                   "key rotate", "key retire", "key status", "key export-recovery", "key recover",
                    "points /backup/repo", "key passwd", "scrub /backup/repo"]
     slots = ok(capsys, "key", "list", paths["/backup/repo"], "--json").json()["slots"]
     assert sorted(s["kind"] for s in slots) == ["passphrase", "passphrase", "recovery"]

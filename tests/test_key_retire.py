@@ -19,16 +19,18 @@ from repo_engine.repository.crypto.epochs import stored_epoch
 from repo_engine.repository.crypto.seal import ObjectSealer
 from repo_engine.repository.journal import RefsOp
 from repo_engine.repository.location import open_repository
+from repo_engine.repository.store import Store
 from repo_engine.repository.store.local import LocalStore
 from repo_engine.sources.vsphere import marks
 from repo_engine.cli import passphrase
+from s3cli import s3_environment
 from test_encryption_cli import (DISK, backup, disk, encrypted, failure, ok,  # noqa: F401
                                  small_kdf)
 
 
-def epochs_in_store(repo: Path) -> dict[int | None, list[str]]:
+def epochs_in_store(repo: Path | Store) -> dict[int | None, list[str]]:
     """Every object of the repository's store but its keys and leases, by the epoch sealing it."""
-    store = LocalStore(repo)
+    store = LocalStore(repo) if isinstance(repo, Path) else repo
     found: dict[int | None, list[str]] = {}
     for prefix in ("packs/", "maps/", "points/", "journal/", "sources/"):
         for info in store.list(prefix):
@@ -183,3 +185,28 @@ def test_retire_errors(tmp_path, capsys, monkeypatch, encrypted):  # noqa: F811
     ok(capsys, "init", plain)
     assert "is not encrypted" in failure(capsys, 1, "key", "retire", plain)
     assert "--grace" in failure(capsys, 2, "key", "retire", repo, "--grace", "soon")
+
+
+def test_retire_on_object_storage(tmp_path, capsys, monkeypatch, seaweedfs, s3_bucket):
+    s3_environment(monkeypatch, tmp_path, seaweedfs.endpoint)
+    monkeypatch.setenv(passphrase.VALUE_ENV, "s3 secret")
+    repo = f"s3://{s3_bucket}/retire"
+    ok(capsys, "init", repo)
+    model, contents = disk(tmp_path), []
+    for rotate in (False, True):
+        if rotate:
+            ok(capsys, "key", "rotate", repo)
+            model.random_changes(4)
+        backup(capsys, repo, model)
+        contents.append(model.copy_of_content())
+    monkeypatch.setattr(checkpoint, "STALE_AFTER", 0.0)
+    doc = ok(capsys, "key", "retire", repo, "--grace", "0s", "--json").json()
+    assert (doc["dropped"], doc["epochs"], doc["points_rewritten"]) == ([1], [2], 1)
+    opened = open_repository(repo, passphrase=lambda: b"s3 secret")
+    try:
+        assert set(epochs_in_store(opened.store)) == {2}
+    finally:
+        opened.close()
+    ids = [p["id"] for p in ok(capsys, "points", repo, "--json").json()["points"]]
+    assert [restore_bytes(capsys, repo, point_id, DISK, tmp_path / f"r{i}.img")
+            for i, point_id in enumerate(ids)] == contents
