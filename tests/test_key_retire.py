@@ -210,3 +210,31 @@ def test_retire_on_object_storage(tmp_path, capsys, monkeypatch, seaweedfs, s3_b
     ids = [p["id"] for p in ok(capsys, "points", repo, "--json").json()["points"]]
     assert [restore_bytes(capsys, repo, point_id, DISK, tmp_path / f"r{i}.img")
             for i, point_id in enumerate(ids)] == contents
+
+
+def test_a_command_that_opened_before_the_rotation_and_sealed_nothing_yet(tmp_path, capsys,
+                                                                          monkeypatch,
+                                                                          encrypted):
+    """A process of this host (its cache shared with the CLI's, so it never replays the retire
+    entry itself) opened the repository before the rotation and sealed nothing yet: once the
+    old key is dropped, its first commit must not seal a journal entry under that key, which
+    would leave a journal no host can replay."""
+    repo, pass_file = encrypted
+    monkeypatch.setenv(passphrase.FILE_ENV, str(pass_file))
+    backup(capsys, repo, disk(tmp_path))
+    early = open_repository(str(repo), passphrase=lambda: pass_file.read_bytes().strip())
+    try:  # its index is opened on first use: after the CLI's commands (one LMDB per process)
+        ok(capsys, "key", "rotate", repo)
+        monkeypatch.setattr(checkpoint, "STALE_AFTER", 0.0)
+        assert ok(capsys, "key", "retire", repo, "--grace", "0s", "--json").json()[
+            "dropped"] == [1]
+        try:
+            early.commit_journal(lambda _seq: [RefsOp(1 << 40, 1)])
+        except RepoError:
+            pass  # refusing is as good as sealing under the current key
+    finally:
+        early.close()
+    monkeypatch.setenv("REPO_ENGINE_CACHE_DIR", str(tmp_path / "another-host"))
+    ok(capsys, "points", repo)  # a host that replays the journal reads that entry
+    ok(capsys, "verify", repo)
+    assert set(epochs_in_store(repo)) == {2}
