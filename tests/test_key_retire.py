@@ -5,7 +5,9 @@ epoch commits nothing."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from helpers import MIB, DiskModel, restore_bytes
 from repo_engine.errors import RepoError
 from repo_engine.maintenance import retire as retire_module
+from repo_engine.maintenance import shared_gc
 from repo_engine.repository import checkpoint
 from repo_engine.repository.blockmap import BlockMap
 from repo_engine.repository.crypto.epochs import stored_epoch
@@ -238,3 +241,36 @@ def test_a_command_that_opened_before_the_rotation_and_sealed_nothing_yet(tmp_pa
     ok(capsys, "points", repo)  # a host that replays the journal reads that entry
     ok(capsys, "verify", repo)
     assert set(epochs_in_store(repo)) == {2}
+
+
+def _clock_ahead(monkeypatch, seconds: float) -> None:
+    """The clock the checkpoints are written and compacted by, `seconds` ahead (as if the run
+    came that much later)."""
+    real_time, real_datetime = checkpoint.time.time, checkpoint.datetime
+
+    class Later(real_datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return real_datetime.now(tz) + timedelta(seconds=seconds)
+
+    monkeypatch.setattr(checkpoint, "time", SimpleNamespace(time=lambda: real_time() + seconds))
+    monkeypatch.setattr(checkpoint, "datetime", Later)
+
+
+@pytest.mark.parametrize("checkpoints_meanwhile", [0, 1])
+def test_a_run_once_the_journal_may_be_compacted_drops_the_old_key(
+        tmp_path, capsys, monkeypatch, rotated, checkpoints_meanwhile):
+    """The journal entries sealed under the old epoch go only once a checkpoint covering them
+    is an hour (and the grace period) old: the run after that drops the key, although it (and a
+    gc of a busy repository, which checkpoints every 200 entries) writes a newer checkpoint."""
+    repo, contents = rotated
+    doc = ok(capsys, "key", "retire", repo, "--grace", "0s", "--json").json()
+    assert doc["dropped"] == [] and "journal" in doc["remaining"]
+    _clock_ahead(monkeypatch, 2 * checkpoint.STALE_AFTER)
+    if checkpoints_meanwhile:
+        monkeypatch.setattr(shared_gc, "checkpoint_due", lambda *_args: True)
+        ok(capsys, "gc", repo, "--grace", "0s")
+    doc = ok(capsys, "key", "retire", repo, "--grace", "0s", "--json").json()
+    assert (doc["dropped"], doc["remaining"]) == ([1], {})
+    assert set(epochs_in_store(repo)) == {2}
+    assert restores(capsys, tmp_path, repo) == contents
