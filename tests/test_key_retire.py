@@ -16,12 +16,14 @@ from helpers import MIB, DiskModel, restore_bytes
 from repo_engine.errors import RepoError
 from repo_engine.maintenance import retire as retire_module
 from repo_engine.maintenance import shared_gc
+from repo_engine.maintenance.verify import repair_manifests
 from repo_engine.repository import checkpoint
 from repo_engine.repository.blockmap import BlockMap
 from repo_engine.repository.crypto.epochs import stored_epoch
 from repo_engine.repository.crypto.seal import ObjectSealer
 from repo_engine.repository.journal import RefsOp
 from repo_engine.repository.location import open_repository
+from repo_engine.repository.locks import MAINTENANCE
 from repo_engine.repository.store import Store
 from repo_engine.repository.store.local import LocalStore
 from repo_engine.sources.vsphere import marks
@@ -274,3 +276,29 @@ def test_a_run_once_the_journal_may_be_compacted_drops_the_old_key(
     assert (doc["dropped"], doc["remaining"]) == ([1], {})
     assert set(epochs_in_store(repo)) == {2}
     assert restores(capsys, tmp_path, repo) == contents
+
+
+def test_a_repair_that_locked_after_the_retire_seals_under_the_current_key(tmp_path, capsys,
+                                                                            monkeypatch,
+                                                                            encrypted):
+    """What a command seals without a journal commit (`verify --repair` rewriting a manifest)
+    after a lock taken once the old key was retired is sealed under the current key, although
+    the command read the keyring before the rotation."""
+    repo, pass_file = encrypted
+    monkeypatch.setenv(passphrase.FILE_ENV, str(pass_file))
+    backup(capsys, repo, disk(tmp_path))
+    early = open_repository(str(repo), passphrase=lambda: pass_file.read_bytes().strip())
+    try:  # its index is opened on first use: after the CLI's commands (one LMDB per process)
+        ok(capsys, "key", "rotate", repo)
+        monkeypatch.setattr(checkpoint, "STALE_AFTER", 0.0)
+        assert ok(capsys, "key", "retire", repo, "--grace", "0s", "--json").json()[
+            "dropped"] == [1]
+        point = early.points()[0]
+        early.delete_manifest(point.id)
+        with early.lock(MAINTENANCE, "verify --repair"):
+            assert repair_manifests(early) == [point.id]
+    finally:
+        early.close()
+    monkeypatch.setenv("REPO_ENGINE_CACHE_DIR", str(tmp_path / "another-host"))
+    ok(capsys, "show", repo, point.id)
+    assert set(epochs_in_store(repo)) == {2}

@@ -187,6 +187,9 @@ class Repository:
             self.close_index()  # reopened on next use
         try:
             self.refresh(check=True)
+            if self.sealer.encrypted:  # what it seals from now on, committed or not (a
+                # manifest a repair rewrites), under an epoch `key retire` did not retire
+                self.sealer.avoid(self.index.retired_epochs())
         except BaseException:
             lock.release()
             raise
