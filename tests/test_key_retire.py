@@ -24,6 +24,7 @@ from repo_engine.repository.crypto.seal import ObjectSealer
 from repo_engine.repository.journal import RefsOp
 from repo_engine.repository.location import open_repository
 from repo_engine.repository.locks import MAINTENANCE
+from repo_engine.repository.repo import Repository
 from repo_engine.repository.store import Store
 from repo_engine.repository.store.local import LocalStore
 from repo_engine.sources.vsphere import marks
@@ -302,3 +303,30 @@ def test_a_repair_that_locked_after_the_retire_seals_under_the_current_key(tmp_p
     monkeypatch.setenv("REPO_ENGINE_CACHE_DIR", str(tmp_path / "another-host"))
     ok(capsys, "show", repo, point.id)
     assert set(epochs_in_store(repo)) == {2}
+
+
+def test_a_rewrite_holds_the_block_maps_of_a_bounded_batch(tmp_path, capsys, monkeypatch,
+                                                          rotated):
+    """The points are rewritten in journal entries whose block maps together stay under a
+    bound (a whole full map of a large disk takes hundreds of MiB: 64 of them must not be held
+    at once); only a point whose own maps pass it is committed alone."""
+    repo, contents = rotated
+    bound = 1  # byte: every point in an entry of its own
+    monkeypatch.setattr(retire_module, "REWRITE_BYTES", bound, raising=False)
+    calls: list[tuple[int, int]] = []
+    commit_forget = Repository.commit_forget
+
+    def measured(self, rewrites, forgets, check, maps=None):
+        names = {d.map for point in rewrites for d in point.disks}
+        held = [(maps or {}).get(n) or self.read_map(n) for n in names]
+        calls.append((len(rewrites), sum(m.refs.nbytes + (0 if m.blocks is None
+                                                             else m.blocks.nbytes)
+                                         for m in held)))
+        return commit_forget(self, rewrites, forgets, check, maps)
+
+    monkeypatch.setattr(Repository, "commit_forget", measured)
+    monkeypatch.setattr(checkpoint, "STALE_AFTER", 0.0)
+    doc = ok(capsys, "key", "retire", repo, "--grace", "0s", "--json").json()
+    assert doc["points_rewritten"] == 2 and doc["dropped"] == [1]
+    assert len(calls) == 2 and all(points == 1 or held <= bound for points, held in calls)
+    assert restores(capsys, tmp_path, repo) == contents
