@@ -330,3 +330,22 @@ def test_a_rewrite_holds_the_block_maps_of_a_bounded_batch(tmp_path, capsys, mon
     assert doc["points_rewritten"] == 2 and doc["dropped"] == [1]
     assert len(calls) == 2 and all(points == 1 or held <= bound for points, held in calls)
     assert restores(capsys, tmp_path, repo) == contents
+
+
+def test_a_damaged_old_pack_is_named_instead_of_waiting_for_gc(tmp_path, capsys, monkeypatch,
+                                                               rotated):
+    """A pack sealed under the old epoch whose used chunks cannot be read is not repacked: the
+    report names it and says what heals it, instead of asking to wait for gc (which never
+    deletes a pack in use)."""
+    repo, _contents = rotated
+    old_packs = [n for n in epochs_in_store(repo)[1] if n.startswith("packs/")]
+    with open(repo / old_packs[0], "r+b") as f:
+        f.seek(200)  # in the first chunk's sealed bytes
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    monkeypatch.setattr(checkpoint, "STALE_AFTER", 0.0)
+    out = ok(capsys, "key", "retire", repo, "--grace", "0s").out
+    name = old_packs[0].rsplit("/", 1)[1].removesuffix(".pack")
+    assert f"not repacked (damaged): pack {name}" in out and "scrub --repair" in out, out
+    assert "gc deletes the old copies" not in out

@@ -220,6 +220,14 @@ def retire(repo: RepoAddress, grace: str | None, as_json: bool) -> None:
         click.echo(f"dropped the keys of epochs {_epochs(report.dropped)}: no object is sealed "
                    f"under them any more; the keyring holds epoch {_epochs(report.epochs)}")
         return
+    damaged = report.gc.damaged_packs_skipped
+    for msg in damaged:
+        click.echo(f"not repacked (damaged): {msg}")
+    if damaged:  # gc never deletes a pack in use: waiting would not help
+        click.echo(f"the keys of epochs {_epochs(report.retiring)} stay while {len(damaged)} "
+                   "damaged packs sealed under them hold chunks in use: run 'repo-engine scrub "
+                   "--repair', then 'repo-engine key retire' again")
+        return
     waiting = ", ".join(f"{n} in {prefix}/" for prefix, n in sorted(report.remaining.items()))
     click.echo(f"still sealed under the old epochs: {waiting}; gc deletes the old copies after "
                f"the grace period ({report.gc.grace_seconds:g} s): run 'repo-engine key "
