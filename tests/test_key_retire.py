@@ -349,3 +349,42 @@ def test_a_damaged_old_pack_is_named_instead_of_waiting_for_gc(tmp_path, capsys,
     name = old_packs[0].rsplit("/", 1)[1].removesuffix(".pack")
     assert f"not repacked (damaged): pack {name}" in out and "scrub --repair" in out, out
     assert "gc deletes the old copies" not in out
+
+
+@pytest.mark.parametrize("where", ["second rewrite", "repacked", "sweep", "drop"])
+def test_a_run_stopped_at_any_step_is_finished_by_the_next(tmp_path, capsys, monkeypatch,
+                                                           rotated, where):
+    """Stopped between two rewrite entries, after a repacked pack and before its entry, after
+    a sweep's entry and before its deletes, or just before the keyring is written: every point
+    restores, and the next run finishes without the old key."""
+    repo, contents = rotated
+    monkeypatch.setattr(checkpoint, "STALE_AFTER", 0.0)
+    monkeypatch.setattr(retire_module, "REWRITE_BATCH", 1)
+
+    def stop(*_args, **_kwargs):
+        raise RepoError("the run stopped here")
+
+    with monkeypatch.context() as patch:
+        if where == "second rewrite":
+            commit_forget, calls = Repository.commit_forget, []
+
+            def second(self, *args, **kwargs):
+                calls.append(1)
+                return stop() if len(calls) == 2 else commit_forget(self, *args, **kwargs)
+
+            patch.setattr(Repository, "commit_forget", second)
+        elif where == "drop":
+            patch.setattr(retire_module.RepositorySealer, "drop_epochs", stop)
+        else:
+            point = f"gc.{where}"
+            patch.setattr(shared_gc, "pause_point",
+                          lambda name: stop() if name == point else None)
+        assert "the run stopped here" in failure(capsys, 1, "key", "retire", repo,
+                                                 "--grace", "0s")
+    assert restores(capsys, tmp_path, repo) == contents
+    assert ok(capsys, "key", "status", repo, "--json").json()["epochs"] == [1, 2]
+    doc = ok(capsys, "key", "retire", repo, "--grace", "0s", "--json").json()
+    assert (doc["dropped"], doc["epochs"]) == ([1], [2])
+    assert set(epochs_in_store(repo)) == {2}
+    assert restores(capsys, tmp_path, repo) == contents
+    ok(capsys, "verify", repo)
