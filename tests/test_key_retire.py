@@ -388,3 +388,39 @@ def test_a_run_stopped_at_any_step_is_finished_by_the_next(tmp_path, capsys, mon
     assert set(epochs_in_store(repo)) == {2}
     assert restores(capsys, tmp_path, repo) == contents
     ok(capsys, "verify", repo)
+
+
+def test_a_backup_of_another_host_during_the_retire_keeps_its_old_chunks(tmp_path, capsys,
+                                                                         monkeypatch, rotated):
+    """After the repack, another host (opened after the rotation) backs up a disk whose blocks
+    dedup against chunks no point used at the repack, still in packs of the old epoch: the key
+    stays until a later run has copied them, and every point restores throughout."""
+    repo, contents = rotated
+    points = ok(capsys, "points", repo, "--json").json()["points"]
+    ok(capsys, "forget", repo, points[0]["id"])  # its overwritten blocks: used by no point
+    image = tmp_path / "first.img"
+    image.write_bytes(contents[0])
+    cache = str(tmp_path / "cache")
+    collect = retire_module.collect
+
+    def with_a_backup_meanwhile(*args, **kwargs):
+        monkeypatch.setenv("REPO_ENGINE_CACHE_DIR", str(tmp_path / "host-b"))
+        ok(capsys, "backup", "image", repo, "--vm", "other-vm", "--disk", f"{DISK}={image}")
+        monkeypatch.setenv("REPO_ENGINE_CACHE_DIR", cache)
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "STALE_AFTER", 0.0)
+    with monkeypatch.context() as patch:
+        patch.setattr(retire_module, "collect", with_a_backup_meanwhile)
+        first = ok(capsys, "key", "retire", repo, "--grace", "0s", "--json").json()
+    assert first["dropped"] == [] and "packs" in first["remaining"]
+    expected = {**{p["id"]: c for p, c in zip(points[1:], contents[1:])}}
+    restored = {p["id"]: restore_bytes(capsys, repo, p["id"], DISK, tmp_path / "r.img")
+                for p in ok(capsys, "points", repo, "--json").json()["points"]}
+    other = [i for i in restored if i not in expected]
+    assert len(other) == 1 and restored == {**expected, other[0]: contents[0]}
+    doc = ok(capsys, "key", "retire", repo, "--grace", "0s", "--json").json()
+    assert (doc["dropped"], doc["epochs"]) == ([1], [2])
+    assert set(epochs_in_store(repo)) == {2}
+    assert {p["id"]: restore_bytes(capsys, repo, p["id"], DISK, tmp_path / "r.img")
+            for p in ok(capsys, "points", repo, "--json").json()["points"]} == restored
