@@ -424,3 +424,14 @@ def test_a_backup_of_another_host_during_the_retire_keeps_its_old_chunks(tmp_pat
     assert set(epochs_in_store(repo)) == {2}
     assert {p["id"]: restore_bytes(capsys, repo, p["id"], DISK, tmp_path / "r.img")
             for p in ok(capsys, "points", repo, "--json").json()["points"]} == restored
+
+
+def test_the_report_says_the_old_journal_entries_wait_an_hour(tmp_path, capsys, rotated):
+    """With --grace 0s the old maps and packs go at once, but the journal entries only an hour
+    after the checkpoint: the report says so, instead of 'after the grace period (0 s)' alone
+    (running again at once would not drop the key)."""
+    repo, _contents = rotated
+    out = ok(capsys, "key", "retire", repo, "--grace", "0s").out
+    assert "rewrote 2 points and 2 block maps, repacked " in out, out
+    assert "still sealed under the old epochs: " in out and "in journal/" in out
+    assert "an hour after this run's checkpoint at the earliest" in out
