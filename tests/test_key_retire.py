@@ -435,3 +435,32 @@ def test_the_report_says_the_old_journal_entries_wait_an_hour(tmp_path, capsys, 
     assert "rewrote 2 points and 2 block maps, repacked " in out, out
     assert "still sealed under the old epochs: " in out and "in journal/" in out
     assert "an hour after this run's checkpoint at the earliest" in out
+
+
+def test_the_epoch_counted_is_the_one_sealed_under_whatever_thread_reloads(tmp_path, capsys,
+                                                                           monkeypatch,
+                                                                           encrypted):
+    """A backup's threads seal while one of them reloads the keyring (it met an object of a
+    newer epoch): an object sealed between the reload's two assignments must still have its
+    epoch counted, or a commit after `key retire` would not be refused."""
+    repo, pass_file = encrypted
+    monkeypatch.setenv(passphrase.FILE_ENV, str(pass_file))
+    opened = open_repository(str(repo), passphrase=lambda: pass_file.read_bytes().strip())
+    try:
+        ok(capsys, "key", "rotate", repo)
+        sealer = opened.sealer
+        seen: list[tuple[int, frozenset[int]]] = []
+
+        class Interleaved(type(sealer)):
+            def __setattr__(self, name, value):
+                super().__setattr__(name, value)
+                if name in ("_keyring", "_sealer"):  # another thread seals right now
+                    epoch = int.from_bytes(self.seal("map", b"", b"x")[:4], "little")
+                    seen.append((epoch, self.sealed_epochs))
+
+        sealer.__class__ = Interleaved
+        sealer.avoid({1})  # the journal says epoch 1 is retired: the newest keyring is read
+    finally:
+        opened.close()
+    assert len(seen) == 2 and {epoch for epoch, _counted in seen} <= {1, 2}
+    assert all(epoch in counted for epoch, counted in seen), seen
