@@ -464,3 +464,37 @@ def test_the_epoch_counted_is_the_one_sealed_under_whatever_thread_reloads(tmp_p
         opened.close()
     assert len(seen) == 2 and {epoch for epoch, _counted in seen} <= {1, 2}
     assert all(epoch in counted for epoch, counted in seen), seen
+
+
+def test_a_restore_marking_its_vm_while_the_mark_is_resealed_is_not_forgotten(
+        tmp_path, capsys, monkeypatch, rotated):
+    """The store has no compare-and-swap: a restore's mark written between the reseal's read
+    and its write is overwritten. Its write time must not go back with it: an in-place restore
+    from a point older than that write must not trust CBT (which misses what VDDK wrote)."""
+    repo, _contents = rotated
+    pass_file = Path(passphrase.os.environ[passphrase.FILE_ENV])
+    uuid = "5001a2b3-c4d5-e6f7-0819-2a3b4c5d6e7f"
+    opened = open_repository(str(repo), passphrase=lambda: pass_file.read_bytes().strip())
+    try:  # a restore wrote to the VM long ago; its mark is sealed under epoch 1
+        old_key = ObjectSealer({1: opened.sealer.keyring.epochs[1]}, 1)
+        marks._save(opened.store, old_key, uuid, marks.VmMark("web1", False,
+                                                               "2026-01-01T00:00:00.000000Z"))
+    finally:
+        opened.close()
+    load, written = marks.load, []
+
+    def load_then_a_restore_marks(store, sealer, vm_uuid):
+        mark = load(store, sealer, vm_uuid)
+        marks.mark_written(store, sealer, vm_uuid, "web1", "restore in place")  # meanwhile
+        written.append(load(store, sealer, vm_uuid).last_write)
+        return mark
+
+    monkeypatch.setattr(marks, "load", load_then_a_restore_marks)
+    assert ok(capsys, "key", "retire", repo, "--json").json()["objects_resealed"] == 1
+    monkeypatch.setattr(marks, "load", load)
+    opened = open_repository(str(repo), passphrase=lambda: pass_file.read_bytes().strip())
+    try:
+        mark = marks.load(opened.store, opened.sealer, uuid)
+    finally:
+        opened.close()
+    assert mark.full_next and mark.last_write >= written[0], (mark, written)
