@@ -258,23 +258,9 @@ def recount(repo: Repository, attempts: int = 5, *, strict: bool = True) -> dict
     raise LockedError("the catalog kept changing during gc --full; run it again")
 
 
-def count_drift(old_refs: np.ndarray, old_counts: np.ndarray, refs: np.ndarray,
-                counts: np.ndarray) -> dict:
-    """How many refs the kept counts (`old_*`) count too low and too high against a recount."""
-    all_refs = np.sort(np.concatenate([old_refs, refs]))  # a sort: np.union1d hashes, slower
-    first = np.ones(len(all_refs), bool)
-    first[1:] = all_refs[1:] != all_refs[:-1]
-    all_refs = all_refs[first]
-    old = np.zeros(len(all_refs), np.int64)
-    new = np.zeros(len(all_refs), np.int64)
-    old[np.searchsorted(all_refs, old_refs)] = old_counts.astype(np.int64)
-    new[np.searchsorted(all_refs, refs)] = counts.astype(np.int64)
-    return {"under_counted": int((old < new).sum()), "over_counted": int((old > new).sum())}
-
-
 def tally_drift(index: Index, txn: lmdb.Transaction, tally: Tally) -> dict:
-    """count_drift of the refcount table `txn` sees (damaged rows as read) against `tally`,
-    the table read a batch at a time."""
+    """How many refs the refcount table `txn` sees (damaged rows as read) counts too low and
+    too high against the recount `tally`, the table read a batch at a time."""
     under = over = 0
     seen = np.zeros(len(tally.counts), bool)
     extra = tally.extra()
