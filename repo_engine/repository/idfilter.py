@@ -51,6 +51,7 @@ from ..errors import DamageError, FormatError
 from .atomic import write_atomic
 from .envelope import seal, unseal
 from .formats import ID_FILTER
+from .lmdbfile import U64, get_u64
 from .safefile import FILE_MODE
 
 ENABLED = True  # tests compare backups with and without the filter
@@ -62,7 +63,6 @@ MAX_BITS = 1 << 32
 SCAN_BATCH = 1 << 20  # ids hashed per numpy call while building from the index
 HEAD = struct.Struct("<16sQQI")
 INTERVAL = struct.Struct("<QQ")
-U64 = struct.Struct("<Q")
 ADDED, EPOCH = b"ids_added", b"ids_epoch"
 FILE, LOCK = "idfilter", "idfilter.lock"
 
@@ -147,11 +147,6 @@ def _merged(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def _u64(txn: lmdb.Transaction, key: bytes, db: object) -> int:
-    raw = txn.get(key, db=db)
-    return U64.unpack(raw)[0] if raw else 0
-
-
 class FilterCache:
     """The filter of one open index: loaded (or built from `ids`) on the first question, told of
     every insert this process commits, saved at close, merged with the file under an flock."""
@@ -179,7 +174,7 @@ class FilterCache:
         if epoch is None:
             epoch = os.urandom(16)
             txn.put(EPOCH, epoch, db=self._meta)
-        start = _u64(txn, ADDED, self._meta)
+        start = get_u64(txn, ADDED, self._meta)
         txn.put(ADDED, U64.pack(start + len(ids)), db=self._meta)
         current = self._filter
         if current is not None and current.epoch == epoch:
@@ -205,7 +200,7 @@ class FilterCache:
         current = self._load()
         if current is None or not ids:
             return None
-        if not current.covers(txn.get(EPOCH, db=self._meta), _u64(txn, ADDED, self._meta)):
+        if not current.covers(txn.get(EPOCH, db=self._meta), get_u64(txn, ADDED, self._meta)):
             return None
         return current.surely_absent(b"".join(ids))
 
@@ -224,7 +219,7 @@ class FilterCache:
         except (OSError, DamageError, FormatError, struct.error, ValueError):
             return None  # missing or damaged: built again (it is only a cache)
         with self._env.begin() as txn:
-            fresh = saved.covers(txn.get(EPOCH, db=self._meta), _u64(txn, ADDED, self._meta))
+            fresh = saved.covers(txn.get(EPOCH, db=self._meta), get_u64(txn, ADDED, self._meta))
         return saved if fresh and not saved.full() else None
 
     def _build(self) -> IdFilter:
@@ -238,7 +233,7 @@ class FilterCache:
             keys = txn.cursor(db=self._ids).iternext(keys=True, values=False)
             while batch := list(islice(keys, SCAN_BATCH)):
                 built.add(b"".join(batch))
-            built.note(0, _u64(txn, ADDED, self._meta))
+            built.note(0, get_u64(txn, ADDED, self._meta))
         self._changed = True
         return built
 
