@@ -214,13 +214,20 @@ class FilterCache:
 
     def _read_fresh(self) -> IdFilter | None:
         """The saved filter when it covers the index as it is now and has room; else None."""
-        try:
-            saved = IdFilter.decode((self._path / FILE).read_bytes(), str(self._path / FILE))
-        except (OSError, DamageError, FormatError, struct.error, ValueError):
-            return None  # missing or damaged: built again (it is only a cache)
+        saved = self._read_saved()
+        if saved is None:
+            return None
         with self._env.begin() as txn:
             fresh = saved.covers(txn.get(EPOCH, db=self._meta), get_u64(txn, ADDED, self._meta))
         return saved if fresh and not saved.full() else None
+
+    def _read_saved(self) -> IdFilter | None:
+        """The filter saved in the file; None when it is missing or damaged (it is only a
+        cache: built again)."""
+        try:
+            return IdFilter.decode((self._path / FILE).read_bytes(), str(self._path / FILE))
+        except (OSError, DamageError, FormatError, struct.error, ValueError):
+            return None
 
     def _build(self) -> IdFilter:
         """A filter of every id in the index, scanned in one read transaction."""
@@ -245,10 +252,7 @@ class FilterCache:
         try:
             with os.fdopen(os.open(self._path / LOCK, os.O_RDWR | os.O_CREAT, FILE_MODE)) as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                try:
-                    saved = IdFilter.decode((self._path / FILE).read_bytes(), "")
-                except (OSError, DamageError, FormatError, struct.error, ValueError):
-                    saved = None
+                saved = self._read_saved()
                 if saved is None or current.merge(saved) or not saved.covers(
                         current.epoch, current.covered[0][1] if current.covered else 0):
                     write_atomic(self._path / FILE, current.encode())
