@@ -15,7 +15,7 @@ from repo_engine.errors import DamageError, FormatError
 from repo_engine.repository.blockmap import (DELTA, BlockMap, encode, map_object, open_map,
                                              read_map, resolve_windows)
 from repo_engine.repository.envelope import seal, unseal
-from repo_engine.repository.formats import BLOCK_MAP, CONFIG, PACK
+from repo_engine.repository.formats import BLOCK_MAP, CONFIG, JOURNAL, PACK
 from repo_engine.repository.index import decode_record, encode_record
 from repo_engine.repository.lmdbfile import META, MetaPage, check_data_file
 from repo_engine.repository.packs import HEADER, PackWriter, pack_object, read_trailer
@@ -254,6 +254,21 @@ def test_journal_entry_golden():
         decode(bytes(damaged), "e")
 
 
+def test_journal_retire_op_golden():
+    from repo_engine.repository.journal import Entry, RetireOp, decode, encode
+
+    data = encode(Entry(5, [RetireOp([1, 2])], "T", "h", 9))
+    (length,) = np.frombuffer(data[24:28], "<u4")
+    assert data[28:28 + length] == (b'{"host": "h", "ops": [{"epochs": [1, 2], "op": "retire"}], '
+                                    b'"pid": 9, "seq": 5, "time": "T"}')
+    assert decode(data, "e").ops == [RetireOp([1, 2])]
+    for bad in (b'[0]', b'"1"', b'[1.5]', b'{"1": 1}'):
+        header = data[28:28 + length].replace(b"[1, 2]", bad)
+        forged = seal(JOURNAL, struct.pack("<I", len(header)) + header)
+        with pytest.raises(DamageError, match="retired epochs are not"):
+            decode(forged, "e")
+
+
 def test_checkpoint_golden(tmp_path):
     from repo_engine.repository.checkpoint import (CHECKSUM_SIZE, RECORD, checkpoint_object,
                                                    write_checkpoint)
@@ -270,7 +285,8 @@ def test_checkpoint_golden(tmp_path):
     tag, text, frame = RECORD.unpack_from(raw, 16)
     assert tag == b"META"
     body = zstandard.ZstdDecompressor().decompress(raw[32:32 + frame])
-    assert sorted(json.loads(body[:text])) == ["host", "next_ref", "next_seq", "seq", "time"]
+    assert sorted(json.loads(body[:text])) == ["host", "next_ref", "next_seq", "retired", "seq",
+                                               "time"]
     end = 32 + frame
     tag, text, frame = RECORD.unpack_from(raw, end)
     assert tag == b"END!"

@@ -149,6 +149,13 @@ def open_repo(address: RepoAddress, shared: str | None = None) -> Iterator[Repos
         repo.close()
 
 
+def spinner(progress: "Progress", label: str) -> Callable[[str], None] | None:
+    """A status line on a terminal for phases without a known total."""
+    if not progress.enabled:
+        return None
+    return lambda text: click.echo(f"\r{label}: {text}".ljust(70), nl=False, err=True)
+
+
 class Progress:
     """Progress bars on stderr when it is a terminal; silent otherwise."""
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import UsageError
-from .common import RepoAddress, emit_json, json_option, repo_argument
+from .common import (Progress, RepoAddress, emit_json, json_option, open_repo, repo_argument,
+                     spinner)
 from .passphrase import new_passphrase, read_key_file
 
 if TYPE_CHECKING:
@@ -180,6 +181,53 @@ def rotate(repo: RepoAddress) -> None:
         keyring = manager.rotate(manager.unlock(repo.passphrase()))
     click.echo(f"new data is sealed with epoch {keyring.current}; epochs "
                f"{', '.join(map(str, sorted(keyring.epochs)))} stay readable")
+
+
+@key.command()
+@repo_argument
+@click.option("--grace", metavar="DURATION", default=None, show_default="24h",
+              help="Delete the rewritten objects' old copies only this long after nothing uses "
+                   "them (as gc --grace; e.g. 0s, 30min, 24h).")
+@json_option
+def retire(repo: RepoAddress, grace: str | None, as_json: bool) -> None:
+    """Rewrite everything sealed under the key epochs before the current one, then drop their
+    keys: run 'key rotate' first. Backups may keep running.
+
+    The old copies are deleted by gc rules (after --grace); until they are, the old keys stay
+    and the command says so: run it again once the grace period has passed.
+
+    \b
+    Example:
+      repo-engine key rotate /backup/repo && repo-engine key retire /backup/repo
+    """
+    from ..maintenance.retire import retire as run_retire
+    from ..maintenance.shared_gc import DEFAULT_GRACE
+    from ..sources.vsphere import marks
+    from ..units import parse_seconds
+
+    seconds = DEFAULT_GRACE if grace is None else parse_seconds(grace, "--grace")
+    with open_repo(repo) as repository, Progress() as progress:
+        report = run_retire(repository, grace=seconds, reseal=[marks.reseal],
+                            tick=spinner(progress, "key retire"))
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(f"retiring key epochs {_epochs(report.retiring)} (new data: epoch "
+               f"{report.current}): rewrote {report.points_rewritten} points and "
+               f"{report.maps_rewritten} block maps, repacked {report.packs_repacked} packs, "
+               f"sealed {report.objects_resealed} other objects again")
+    if report.dropped:
+        click.echo(f"dropped the keys of epochs {_epochs(report.dropped)}: no object is sealed "
+                   f"under them any more; the keyring holds epoch {_epochs(report.epochs)}")
+        return
+    waiting = ", ".join(f"{n} in {prefix}/" for prefix, n in sorted(report.remaining.items()))
+    click.echo(f"still sealed under the old epochs: {waiting}; gc deletes the old copies after "
+               f"the grace period ({report.gc.grace_seconds:g} s): run 'repo-engine key "
+               "retire' again then to drop their keys")
+
+
+def _epochs(epochs: list[int]) -> str:
+    return ", ".join(map(str, epochs))
 
 
 @key.command("export-recovery")

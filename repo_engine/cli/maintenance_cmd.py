@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .common import (Progress, emit_json, human_bytes, json_option, open_repo,
+from .common import (Progress, emit_json, spinner, human_bytes, json_option, open_repo,
                       RepoAddress, repo_argument)
 
 
@@ -20,13 +20,6 @@ def _exit_damage(what: str) -> None:
     from ..errors import DamageError
 
     raise DamageError(what)
-
-
-def _spinner(progress: Progress, label: str):
-    """A status line on a terminal for phases without a known total."""
-    if not progress.enabled:
-        return None
-    return lambda text: click.echo(f"\r{label}: {text}".ljust(70), nl=False, err=True)
 
 
 def _months(_ctx: click.Context, _param: click.Parameter, text: str | None) -> str | None:
@@ -284,7 +277,7 @@ def gc(repo: RepoAddress, dry_run: bool, full: bool, max_unused: float, repack: 
     seconds = None if grace is None else parse_seconds(grace, "--grace")
     with open_repo(repo) as repository, Progress() as progress:
         report = run_gc(repository, full=full, dry_run=dry_run, max_unused=max_unused,
-                        wait_timeout=wait_timeout, tick=_spinner(progress, "gc"), grace=seconds,
+                        wait_timeout=wait_timeout, tick=spinner(progress, "gc"), grace=seconds,
                         repack=repack)
     if as_json:
         emit_json(report)

@@ -127,7 +127,7 @@ def _run(repo: Repository, cache: MapCache, report: SharedGcReport, grace: float
          max_unused: float, repack: bool, tick: Callable[[str], None] | None) -> None:
     _sweep_ready(repo, cache, report, grace, tick)
     if repack:  # before the plan: the old packs it leaves wholly unused are doomed with the rest
-        _repack(repo, cache, report, max_unused, tick)
+        _repack(repo, _partly_used(repo, _mark(repo, cache), max_unused), report, tick)
     plan = _plan(repo, cache, report)
     if plan is not None:
         _commit_waits(repo, plan)
@@ -377,6 +377,19 @@ class _Partly:
 def _partly_used(repo: Repository, mark: Mark, max_unused: float) -> _Partly:
     """The packs whose unused share of chunk bytes exceeds `max_unused` percent and that hold a
     chunk to copy (a pack without one dies whole: a plan dooms it)."""
+    sealed = bool(repo.config.encryption)
+
+    def mostly_unused(_name: str, size: int, count: int, used: int) -> bool:
+        data = max(blob_bytes(size, count, sealed), 1)
+        return bool(size) and (1 - used / data) * 100 > max_unused
+
+    return _to_copy(repo, mark, mostly_unused)
+
+
+def _to_copy(repo: Repository, mark: Mark, choose: Callable[[str, int, int, int], bool]
+             ) -> _Partly:
+    """The packs holding a chunk to copy (used by a catalogued point, not doomed by a pending
+    plan) that `choose(name, size, chunk count, bytes of the chunks to copy)` picks."""
     packs = _Packs.read(repo)
     table = packs.refs
     doomed = np.concatenate([p.op.refs for p in repo.index.pending_plans()]
@@ -385,12 +398,8 @@ def _partly_used(repo: Repository, mark: Mark, max_unused: float) -> _Partly:
     numbers, inverse = np.unique(live["pack"], return_inverse=True)
     kept = np.bincount(inverse, weights=live["stored"].astype(np.float64),
                        minlength=len(numbers)).astype(np.int64)
-    chosen, sealed = [], bool(repo.config.encryption)
-    for number, used in zip(numbers.tolist(), kept.tolist()):
-        _name, size, count = packs.names.get(number, ("", 0, 0))
-        data = max(blob_bytes(size, count, sealed), 1)
-        if size and (1 - used / data) * 100 > max_unused:
-            chosen.append(number)
+    chosen = [number for number, used in zip(numbers.tolist(), kept.tolist())
+              if choose(*packs.names.get(number, ("", 0, 0)), used)]
     rows = live[np.isin(live["pack"], chosen)]
     return _Partly(packs, chosen, rows[np.lexsort((rows["offset"], rows["pack"]))])
 
@@ -428,11 +437,25 @@ def _repack_cost(repo: Repository, mark: Mark, report: SharedGcReport,
     report.repack_requests = len(runs) + puts + -(-len(partly.numbers) // DELETE_BATCH)
 
 
-def _repack(repo: Repository, cache: MapCache, report: SharedGcReport, max_unused: float,
+def repack_packs(repo: Repository, report: SharedGcReport, names: set[str],
+                 tick: Callable[[str], None] | None = None) -> None:
+    """Copy the used chunks of the packs `names` into new packs (the caller holds the
+    maintenance lock); a plan then dooms the old packs like any dead pack."""
+    partly = _to_copy(repo, _mark(repo, MapCache(repo)),
+                      lambda name, _size, _count, _used: name in names)
+    _repack(repo, partly, report, tick)
+
+
+def collect(repo: Repository, report: SharedGcReport, grace: float,
+            tick: Callable[[str], None] | None = None) -> None:
+    """gc without a repack, for a caller that holds the maintenance lock."""
+    _run(repo, MapCache(repo), report, grace, 10.0, False, tick)
+
+
+def _repack(repo: Repository, partly: _Partly, report: SharedGcReport,
             tick: Callable[[str], None] | None) -> None:
-    """Copy the chunks to keep of the partly used packs into new packs of at most the pack
+    """Copy the chunks to keep of the packs `partly` picked into new packs of at most the pack
     size (`_Output`)."""
-    partly = _partly_used(repo, _mark(repo, cache), max_unused)
     out = _Output(repo, report)
     try:
         with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="repack-read") as pool:

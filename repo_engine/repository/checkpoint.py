@@ -19,7 +19,7 @@ over the stored bytes (a keyless scrub checks them); the tags and lengths stay r
 
 | tag    | JSON                                           | binary                            |
 |--------|------------------------------------------------|-----------------------------------|
-| `META` | seq, time, host, next_ref, next_seq (first)    | —                                 |
+| `META` | seq, time, host, next_ref, next_seq, retired   | —                                 |
 | `PACK` | list of [number, name, size, count]            | —                                 |
 | `REFS` | {}                                             | REF_ROW rows: every placed ref    |
 | `PNTS` | list of catalog records                        | —                                 |
@@ -147,7 +147,8 @@ def write_checkpoint(store: Store, index: Index, sealer: Sealer = NULL_SEALER) -
                 "seq": seq, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "host": socket.gethostname(),
                 "next_ref": Index._get_u64(txn, b"next_ref", index.meta),
-                "next_seq": Index._get_u64(txn, b"next_seq", index.meta)})
+                "next_seq": Index._get_u64(txn, b"next_seq", index.meta),
+                "retired": sorted(index.retired_in(txn))})
             _write_state(writer, index, txn)
             writer.finish()
         try:
@@ -206,8 +207,9 @@ def checkpoint_due(store: Store, index: Index, every: int = CHECKPOINT_EVERY) ->
 
 def compact(store: Store, grace: float, now: float | None = None,
             sealer: Sealer = NULL_SEALER) -> int:
-    """Delete the entries at or below the newest checkpoint once it is older than `grace`
-    seconds and STALE_AFTER (module doc); returns how many were deleted."""
+    """Delete the entries at or below the newest checkpoint, and the checkpoints before it,
+    once it is older than `grace` seconds and STALE_AFTER (module doc); returns how many
+    entries were deleted."""
     seq = newest_checkpoint(store)
     if seq is None:
         return 0
@@ -216,7 +218,8 @@ def compact(store: Store, grace: float, now: float | None = None,
     if (now if now is not None else time.time()) < written + max(grace, STALE_AFTER):
         return 0
     doomed = sorted(s for s in entry_seqs(store) if s <= seq)
-    store.delete(entry_object(s) for s in doomed)
+    older = [checkpoint_object(s) for s in entry_seqs(store, ".ckpt") if s < seq]
+    store.delete([entry_object(s) for s in doomed] + older)
     return len(doomed)
 
 
@@ -310,6 +313,7 @@ def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: b
         for key in ("next_ref", "next_seq"):
             txn.put(key.encode(), U64.pack(doc[key]), db=index.meta)
         txn.put(b"journal_seq", U64.pack(doc["seq"]), db=index.meta)
+        index.put_retired(txn, {int(e) for e in doc.get("retired", [])})
         txn.put(b"counts", U64.pack(0), db=index.meta)
         for key in COUNTERS:
             txn.put(key.encode(), U64.pack(0), db=index.meta)

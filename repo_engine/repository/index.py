@@ -74,7 +74,7 @@ from ..errors import DamageError, RepoError
 from .formats import INDEX_VERSION
 from .idfilter import FilterCache
 from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp, RefsOp,
-                      SweepOp, WaitsOp)
+                      RetireOp, SweepOp, WaitsOp)
 from .lmdbfile import U64, check_data_file, cover_last_page, get_u64, readahead_pays
 from .packs import FinishedPack, PackEntry
 from .points import PointRecord
@@ -475,6 +475,8 @@ class Index:
                 self.put_plan(txn, PendingPlan(plan.op, list(op.leases)))
         elif isinstance(op, SweepOp):
             self._sweep(txn, seq, op)
+        elif isinstance(op, RetireOp):
+            self.put_retired(txn, self.retired_in(txn) | set(op.epochs))
 
     def _unfindable(self, txn: lmdb.Transaction, refs: np.ndarray) -> list[tuple[bytes, bytes]]:
         """Remove the `ids` entries naming `refs` (no dedup finds them any more); returns the
@@ -541,6 +543,19 @@ class Index:
 
     def journal_seq_in(self, txn: lmdb.Transaction) -> int:
         return self._get_u64(txn, b"journal_seq", self.meta)
+
+    def retired_in(self, txn: lmdb.Transaction) -> set[int]:
+        """The key epochs `key retire` retired (journal op `retire`): nothing may be committed
+        sealed under them."""
+        raw = txn.get(b"retired", db=self.meta)
+        return set() if raw is None else set(json.loads(raw))
+
+    def put_retired(self, txn: lmdb.Transaction, epochs: set[int]) -> None:
+        txn.put(b"retired", json.dumps(sorted(epochs)).encode(), db=self.meta)
+
+    def retired_epochs(self) -> set[int]:
+        with self.env.begin() as txn:
+            return self.retired_in(txn)
 
     def set_meta_u64(self, name: str, value: int) -> None:
         with self.write() as txn:

@@ -18,7 +18,7 @@ know (FormatError: upgrade repo-engine). In an encrypted repository the payload 
 (envelope.py, flag SEALED) as kind "journal" named by the seq (u64 little endian): an entry
 moved to another seq fails authentication.
 
-Ops, built with the dataclasses below (maintenance builds the last three), and what the cache
+Ops, built with the dataclasses below (maintenance builds the last four), and what the cache
 applies (index.py, `Index.apply_entry`):
 
 | op       | dataclass                                  | the cache applies                        |
@@ -33,6 +33,8 @@ applies (index.py, `Index.apply_entry`):
 | `waits`  | WaitsOp(plan, leases)                      | the plan's leases noted                  |
 | `sweep`  | SweepOp(plan, refs, packs, maps); `refs`   | refs and packs removed, maps noted in    |
 |          | lists every ref of a swept pack            | `sweptmaps`, the plan dropped            |
+| `retire` | RetireOp(epochs): key epochs being retired | noted in meta `retired`: a commit sealed |
+|          |                                            | under one of them is refused             |
 
 A caller commits ops with `Repository.commit_journal(build)` (`append` below, then the entry
 applied to the cache): `build(seq)` returns the ops to commit at `seq`, checked against the
@@ -127,9 +129,17 @@ class SweepOp:
     maps: list[str] = field(default_factory=list)
 
 
-Op = RefsOp | PackOp | PointOp | ForgetOp | PlanOp | WaitsOp | SweepOp
+@dataclass(frozen=True)
+class RetireOp:
+    """`key retire`: no commit may seal under `epochs` from this entry on."""
+
+    epochs: list[int]
+
+
+Op = RefsOp | PackOp | PointOp | ForgetOp | PlanOp | WaitsOp | SweepOp | RetireOp
 OP_NAMES: dict[type, str] = {RefsOp: "refs", PackOp: "pack", PointOp: "point", ForgetOp: "forget",
-                             PlanOp: "plan", WaitsOp: "waits", SweepOp: "sweep"}
+                             PlanOp: "plan", WaitsOp: "waits", SweepOp: "sweep",
+                             RetireOp: "retire"}
 OP_TYPES = {name: kind for kind, name in OP_NAMES.items()}
 ARRAYS = {"entries": ENTRY_DTYPE, "refs": U64}  # op fields held in the binary section
 
@@ -238,6 +248,9 @@ def _decode_op(doc: dict, binary: bytes, what: str) -> Op:
     op = kind(**fields)
     if isinstance(op, PointOp) and not isinstance(op.record, dict):
         raise ValueError("a point record is not a JSON object")
+    if isinstance(op, RetireOp) and not (isinstance(op.epochs, list) and all(
+            type(e) is int and e > 0 for e in op.epochs)):
+        raise ValueError("retired epochs are not a list of positive integers")
     return op
 
 

@@ -214,9 +214,21 @@ class Repository:
         Maintenance commits its own ops this way, e.g.
         `repo.commit_journal(lambda seq: [PlanOp(new_plan_id(), now, refs, packs, maps, objs)])`."""
         self.check_leases()
-        entry = append(self.store, self.refresh, build, self.sealer)
+        entry = append(self.store, self.refresh, partial(self._unretired, build), self.sealer)
         self.index.apply_entry(entry)
         return entry
+
+    def _unretired(self, build: Callable[[int], list[Op]], seq: int) -> list[Op]:
+        """`build(seq)`, unless this process sealed something under a key epoch `key retire`
+        retired meanwhile (it opened the repository before the rotation): what it wrote would
+        become unreadable once the epoch's key is dropped, so none of it may be committed."""
+        retired = self.sealer.sealed_epochs & self.index.retired_epochs()
+        if retired:
+            raise RepoError(f"{self.store.location}: 'key retire' retired key epoch "
+                            f"{min(retired)}, which this command sealed its data with (it "
+                            "started before 'key rotate'); nothing more was committed: run it "
+                            "again")
+        return build(seq)
 
     def vm_lock(self, vm: str, command: str) -> RepoLock | SharedLock:
         """Held by a backup of `vm` for its whole run: a second backup of it is refused (on a

@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
-from ...errors import TamperedError
+from ...errors import RepoError, TamperedError
 from ..store import Store
 from .keyring import Keyring
 from . import ahead
 from . import slots as slot_format
 from .keys import Unlocked, create, recover, unlock
-from .keystore import init_keys, load_keyring, load_slots
+from .keystore import change_keyring, init_keys, load_keyring, load_slots
 from .null import PartSealer, Sealer
 from .seal import UnknownEpoch
 from .slots import ScryptParams, Slot
@@ -59,18 +59,50 @@ class RepositorySealer:
         self._sealer = keyring.sealer()
         self._reloading = threading.Lock()  # the threads of a backup share this sealer
         self.part_overhead = self._sealer.part_overhead
+        # a reload may change the epoch new objects get in the middle of a command: every
+        # epoch used counts when a commit checks that none of them was retired
+        self.sealed_epochs: frozenset[int] = frozenset()
+
+    @property
+    def keyring(self) -> Keyring:
+        """The newest keyring this host read."""
+        return self._keyring
+
+    def drop_epochs(self, retired: frozenset[int]) -> Keyring:
+        """Write a keyring generation without the data keys of `retired` (never the current
+        epoch), once nothing in the store is sealed under them any more (maintenance/retire.py
+        makes sure): from then on no key this repository holds opens what they sealed."""
+        def drop(keyring: Keyring) -> Keyring:
+            if keyring.current in retired:
+                raise RepoError(f"{self._store.location}/keys: epoch {keyring.current}, the one "
+                                "new data is sealed with, cannot be retired; run 'repo-engine "
+                                "key rotate' first")
+            if not retired & keyring.epochs.keys():
+                return keyring
+            return replace(keyring, epochs={e: k for e, k in keyring.epochs.items()
+                                            if e not in retired})
+        with self._reloading:
+            keyring = change_keyring(self._store, self._ring_key, drop)
+            self._keyring, self._sealer = keyring, keyring.sealer()
+        return keyring
 
     def sealed_size(self, size: int) -> int:
         return self._sealer.sealed_size(size)
 
     def seal(self, kind: str, name: bytes, plaintext: bytes) -> bytes:
+        self._sealing()
         return self._sealer.seal(kind, name, plaintext)
 
     def open(self, kind: str, name: bytes, sealed: bytes, what: str) -> bytes:
         return self._retrying(lambda sealer: sealer.open(kind, name, sealed, what))
 
     def parts(self, kind: str) -> PartSealer:
+        self._sealing()
         return self._sealer.parts(kind)
+
+    def _sealing(self) -> None:
+        if self._keyring.current not in self.sealed_epochs:
+            self.sealed_epochs |= {self._keyring.current}
 
     def parts_opener(self, kind: str, header: bytes, what: str) -> PartSealer:
         return self._retrying(lambda sealer: sealer.parts_opener(kind, header, what))

@@ -35,6 +35,7 @@ class PartSealer(Protocol):
 class Sealer(Protocol):
     encrypted: bool  # for the format's flag field only
     part_overhead: int  # bytes a sealed part adds to its plaintext
+    sealed_epochs: frozenset[int]  # the key epochs this sealer sealed anything under so far
 
     def sealed_size(self, size: int) -> int: ...
 
@@ -52,6 +53,7 @@ class NullSealer:
 
     encrypted = False
     part_overhead = 0
+    sealed_epochs: frozenset[int] = frozenset()
 
     def sealed_size(self, size: int) -> int:
         return size

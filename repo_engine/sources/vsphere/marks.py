@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from ...errors import RepoError
@@ -34,9 +35,12 @@ class VmMark:
     why: str = ""
 
 
+MARKS = "sources/vsphere/vms/"
+
+
 def _name(vm_uuid: str, suffix: str = ".mark") -> str:
     safe = re.sub(r"[^0-9A-Za-z._-]", "_", vm_uuid).strip(".") or "_"
-    return f"sources/vsphere/vms/{safe}{suffix}"
+    return f"{MARKS}{safe}{suffix}"
 
 
 def _binding(sealer: Sealer, vm_uuid: str) -> Binding:
@@ -73,3 +77,22 @@ def clear_full_next(store: Store, sealer: Sealer, vm_uuid: str) -> None:
     if mark is not None and mark.full_next:
         mark.full_next, mark.why = False, ""
         _save(store, sealer, vm_uuid, mark)
+
+
+def reseal(store: Store, sealer: Sealer, stale: Callable[[str], bool]) -> int:
+    """Write again, sealed with the current key, every mark `stale(object name)` says a key
+    being retired seals (`key retire`); returns how many. A restore may mark its VM meanwhile,
+    and a store offers no compare-and-swap to keep that mark from being overwritten with the
+    one read before: so each resealed mark asks for a full read (one full read of that VM,
+    never a backup that misses what a restore wrote)."""
+    count = 0
+    for info in store.list(MARKS):
+        if not info.name.endswith(".mark") or not stale(info.name):
+            continue
+        vm_uuid = info.name[len(MARKS):-len(".mark")]
+        mark = load(store, sealer, vm_uuid) or VmMark("?")
+        mark.full_next = True
+        mark.why = mark.why or "its mark was sealed again by 'key retire': full read to be safe"
+        _save(store, sealer, vm_uuid, mark)
+        count += 1
+    return count
