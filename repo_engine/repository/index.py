@@ -75,7 +75,7 @@ from .formats import INDEX_VERSION
 from .idfilter import FilterCache
 from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp, RefsOp,
                       RetireOp, SweepOp, WaitsOp)
-from .lmdbfile import check_data_file, cover_last_page, readahead_pays
+from .lmdbfile import U64, check_data_file, cover_last_page, get_u64, readahead_pays
 from .packs import FinishedPack, PackEntry
 from .points import PointRecord
 from .safefile import FILE_MODE, make_dir
@@ -83,7 +83,6 @@ from .seals import CHECK_SIZE, KEY, PAYLOAD, CountDamaged, seal, seal_rows, unse
 
 REF_KEY = struct.Struct(">Q")
 PACK_KEY = struct.Struct(">I")
-U64 = struct.Struct("<Q")
 REF_REC = struct.Struct("<32sIQIIB")
 PACK_REC = struct.Struct("<32sQI")
 LIVE_REC = struct.Struct("<QQ")
@@ -256,10 +255,7 @@ class Index:
         self.env.close()
 
     # -- counters -------------------------------------------------------------------------
-    @staticmethod
-    def _get_u64(txn: lmdb.Transaction, key: bytes, db: object) -> int:
-        raw = txn.get(key, db=db)
-        return U64.unpack(raw)[0] if raw else 0
+    _get_u64 = staticmethod(get_u64)
 
     def _add(self, txn: lmdb.Transaction, key: str, delta: int) -> None:
         value = self._get_u64(txn, key.encode(), self.meta) + delta
