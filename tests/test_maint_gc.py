@@ -21,9 +21,11 @@ import vddk_ext
 from helpers import MIB, DiskModel, cli, restore_bytes, write_extents
 from repo_engine.backup.job import BackupOptions, backup_vm
 from repo_engine.backup.source import ChangeReport, SourceDisk, VmSnapshot
+from repo_engine.maintenance import tally
 from repo_engine.maintenance.forget import forget_points
-from repo_engine.maintenance.gc import count_drift, gc
+from repo_engine.maintenance.gc import gc, tally_drift
 from repo_engine.maintenance.verify import verify
+from repo_engine.repository.index import REF_KEY, U64, Index
 from repo_engine.repository.repo import Repository
 
 
@@ -256,15 +258,29 @@ def test_parallel_backups_of_several_vms_with_forget_gc_loops(tmp_path, capsys):
     assert full["recount"] == {"under_counted": 0, "over_counted": 0}
 
 
+@pytest.mark.parametrize("in_table", [lambda ref: True, lambda ref: False, lambda ref: ref % 2],
+                         ids=["table-holds-all", "table-holds-none", "table-holds-odd"])
 @pytest.mark.parametrize("old, new, drift", [
     ([], [], (0, 0)),                                      # an empty repository
     ([(1, 1), (3, 1), (5, 2)], [(1, 2), (2, 1), (5, 2)], (2, 1)),
     ([(4, 1)], [], (0, 1)),
     ([], [(4, 1)], (1, 0)),
+    ([(r, 1) for r in range(0, 40, 2)], [(r, 2 - r % 2) for r in range(20)], (20, 10)),
 ])
-def test_count_drift(old, new, drift):
-    def arrays(pairs):
-        return (np.array([r for r, _ in pairs], np.uint64),
-                np.array([c for _, c in pairs], np.uint64))
-    found = count_drift(*arrays(old), *arrays(new))
+def test_tally_drift(tmp_path, monkeypatch, in_table, old, new, drift):
+    """The kept refcount rows (`old`) against a recount (`new`): refs counted too low, among
+    them those with no row, and too high, among them those no map holds; whether the refs
+    table holds a counted ref or not (the index misses it), read in batches of 3 rows."""
+    monkeypatch.setattr(tally, "ROWS", 3)
+    index = Index(tmp_path / "index", create=True)
+    with index.write() as txn:
+        for ref, count in old:
+            index.put_sealed(txn, "refcount", REF_KEY.pack(ref), U64.pack(count))
+    refs = np.array(sorted({ref for ref, _ in old + new if in_table(ref)}), np.uint64)
+    counted = tally.Tally(tally.RefTable(refs, *(np.zeros(0, np.int64),) * 3))
+    for ref, count in new:
+        counted.add(np.array([ref], np.uint64), count)
+    with index.env.begin() as txn:
+        found = tally_drift(index, txn, counted)
+    index.close()
     assert (found["under_counted"], found["over_counted"]) == drift

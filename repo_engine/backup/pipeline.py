@@ -33,18 +33,23 @@ _END = object()
 
 @dataclass
 class BlockResult:
-    """One batch, hashed: per block its id (None if zero); with `encode`, per block the ref of
-    the index's copy (0 when zero or not indexed), and the non-zero blocks the index lacks
-    (`missing`, in disk order) with their stored forms (`blobs`, aligned with `missing`)."""
+    """One batch, hashed: per block its id (None if zero) and `zero` (True if zero: the Nones as
+    a mask); with `encode`, per block the ref of the index's copy (0 when zero or not indexed),
+    and the non-zero blocks the index lacks (`missing`, in disk order) with their stored forms
+    (`blobs`, aligned with `missing`)."""
 
     blocks: np.ndarray
     ids: list[bytes | None]
+    zero: np.ndarray
     refs: np.ndarray
-    zeros: int
     missing: list[int]
     blobs: list[tuple[bytes | memoryview, int, int]]  # (blob, codec, raw length)
     # index hits refused because the ids and refs tables disagreed (stored again instead)
     mismatched: int = 0
+
+    @property
+    def zeros(self) -> int:
+        return int(self.zero.sum())
 
 
 def _reader_thread(device: BlockDevice, block_size: int, blocks: np.ndarray, out: queue.Queue,
@@ -76,20 +81,21 @@ class BlockPipeline:
     def _hash_batch(self, batch: Batch, encode: bool) -> BlockResult:
         blocks = np.frombuffer(batch.blocks, dtype=np.uint64).copy()
         count = batch.count
-        nonzero = np.flatnonzero(np.frombuffer(batch.zero, dtype=np.uint8)[:count] == 0).tolist()
+        zero = np.frombuffer(batch.zero, dtype=np.uint8)[:count] != 0
+        nonzero = np.flatnonzero(~zero).tolist()
         chunk_id, block = self._codec.chunk_id, batch.block
         ids: list[bytes | None] = [None] * count
         for k in nonzero:
             ids[k] = chunk_id(block(k))
         refs = np.zeros(count, dtype=np.uint64)
         if not encode:
-            return BlockResult(blocks, ids, refs, count - len(nonzero), [], [])
+            return BlockResult(blocks, ids, zero, refs, [], [])
         missing, hit_at, hit_refs, mismatched = self._lookup(ids, nonzero)
         refs[hit_at] = hit_refs
         views = [block(k) for k in missing]
         blobs = [(blob, codec, len(view))
                  for view, (blob, codec) in zip(views, self._codec.encode_many(views))]
-        return BlockResult(blocks, ids, refs, count - len(nonzero), missing, blobs, mismatched)
+        return BlockResult(blocks, ids, zero, refs, missing, blobs, mismatched)
 
     def _lookup(self, ids: list[bytes | None], nonzero: list[int]
                 ) -> tuple[list[int], list[int], list[int], int]:

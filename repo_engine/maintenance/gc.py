@@ -258,41 +258,25 @@ def recount(repo: Repository, attempts: int = 5, *, strict: bool = True) -> dict
     raise LockedError("the catalog kept changing during gc --full; run it again")
 
 
-def count_drift(old_refs: np.ndarray, old_counts: np.ndarray, refs: np.ndarray,
-                counts: np.ndarray) -> dict:
-    """How many refs the kept counts (`old_*`) count too low and too high against a recount."""
-    all_refs = np.sort(np.concatenate([old_refs, refs]))  # a sort: np.union1d hashes, slower
-    first = np.ones(len(all_refs), bool)
-    first[1:] = all_refs[1:] != all_refs[:-1]
-    all_refs = all_refs[first]
-    old = np.zeros(len(all_refs), np.int64)
-    new = np.zeros(len(all_refs), np.int64)
-    old[np.searchsorted(all_refs, old_refs)] = old_counts.astype(np.int64)
-    new[np.searchsorted(all_refs, refs)] = counts.astype(np.int64)
-    return {"under_counted": int((old < new).sum()), "over_counted": int((old > new).sum())}
-
-
 def tally_drift(index: Index, txn: lmdb.Transaction, tally: Tally) -> dict:
-    """count_drift of the refcount table `txn` sees (damaged rows as read) against `tally`,
-    the table read a batch at a time."""
+    """How many refs the refcount table `txn` sees (damaged rows as read) counts too low and
+    too high against the recount `tally`, the table read a batch at a time."""
     under = over = 0
     seen = np.zeros(len(tally.counts), bool)
-    extra, extra_counts = tally.extra()
-    extra_seen = np.zeros(len(extra), bool)
+    extra = tally.extra()
+    extra_seen = np.zeros(len(extra[0]), bool)
     for keys, payloads, _ok in sealed_batches(index, txn, "refcount"):
         refs = keys.copy().view(">u8")[:, 0].astype(np.uint64)
         old = payloads.copy().view("<u8")[:, 0].astype(np.int64)
-        new = tally.count_of(refs).astype(np.int64)
+        new, in_table, in_extra = tally.count_of(refs, extra)
+        new = new.astype(np.int64)
         under, over = under + int((old < new).sum()), over + int((old > new).sum())
-        pos, found = tally.table.find(refs)
-        seen[pos[found]] = True
-        if len(extra):
-            at = np.minimum(np.searchsorted(extra, refs), len(extra) - 1)
-            extra_seen[at[extra[at] == refs]] = True
+        seen[in_table] = True
+        extra_seen[in_extra] = True
     for start in range(0, len(seen), ROWS):  # counted refs the table has no row for
         end = start + ROWS
         under += int(((tally.counts[start:end] > 0) & ~seen[start:end]).sum())
-    under += int(((extra_counts > 0) & ~extra_seen).sum())
+    under += int(((extra[1] > 0) & ~extra_seen).sum())
     return {"under_counted": under, "over_counted": over}
 
 

@@ -181,16 +181,17 @@ class Tally:
         weights = np.concatenate([w for _, w in self._extra]).astype(np.float64)
         return uniq, np.bincount(inverse, weights=weights, minlength=len(uniq)).astype(np.uint64)
 
-    def count_of(self, refs: np.ndarray) -> np.ndarray:
-        """The tallied count of each of `refs` (0: no map counted holds it)."""
+    def count_of(self, refs: np.ndarray, extra: tuple[np.ndarray, np.ndarray]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The tallied count of each of `refs` (0: no map counted holds it), and where the
+        refs found are: positions in the table's refs, positions in `extra` (what extra()
+        gave, passed in so that many calls build it once)."""
         pos, found = self.table.find(refs)
-        out = np.where(found, self.counts[pos] if len(self.counts) else 0, 0).astype(np.uint64)
-        extra, counts = self.extra()
-        if not found.all():
-            at, hit = _find(extra, refs)
-            hit &= ~found
-            out[hit] = counts[at[hit]]
-        return out
+        at, hit = _find(extra[0], refs)  # the table lacks every extra ref: never both
+        out = np.zeros(len(refs), np.uint64)
+        out[found] = self.counts[pos[found]]
+        out[hit] = extra[1][at[hit]]
+        return out, pos[found], at[hit]
 
     def live(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(refs, counts) of every ref with a count, in ref order, ROWS at a time (the table's

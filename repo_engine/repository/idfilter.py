@@ -51,6 +51,7 @@ from ..errors import DamageError, FormatError
 from .atomic import write_atomic
 from .envelope import seal, unseal
 from .formats import ID_FILTER
+from .lmdbfile import U64, get_u64
 from .safefile import FILE_MODE
 
 ENABLED = True  # tests compare backups with and without the filter
@@ -62,7 +63,6 @@ MAX_BITS = 1 << 32
 SCAN_BATCH = 1 << 20  # ids hashed per numpy call while building from the index
 HEAD = struct.Struct("<16sQQI")
 INTERVAL = struct.Struct("<QQ")
-U64 = struct.Struct("<Q")
 ADDED, EPOCH = b"ids_added", b"ids_epoch"
 FILE, LOCK = "idfilter", "idfilter.lock"
 
@@ -147,11 +147,6 @@ def _merged(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def _u64(txn: lmdb.Transaction, key: bytes, db: object) -> int:
-    raw = txn.get(key, db=db)
-    return U64.unpack(raw)[0] if raw else 0
-
-
 class FilterCache:
     """The filter of one open index: loaded (or built from `ids`) on the first question, told of
     every insert this process commits, saved at close, merged with the file under an flock."""
@@ -179,7 +174,7 @@ class FilterCache:
         if epoch is None:
             epoch = os.urandom(16)
             txn.put(EPOCH, epoch, db=self._meta)
-        start = _u64(txn, ADDED, self._meta)
+        start = get_u64(txn, ADDED, self._meta)
         txn.put(ADDED, U64.pack(start + len(ids)), db=self._meta)
         current = self._filter
         if current is not None and current.epoch == epoch:
@@ -205,7 +200,7 @@ class FilterCache:
         current = self._load()
         if current is None or not ids:
             return None
-        if not current.covers(txn.get(EPOCH, db=self._meta), _u64(txn, ADDED, self._meta)):
+        if not current.covers(txn.get(EPOCH, db=self._meta), get_u64(txn, ADDED, self._meta)):
             return None
         return current.surely_absent(b"".join(ids))
 
@@ -219,13 +214,20 @@ class FilterCache:
 
     def _read_fresh(self) -> IdFilter | None:
         """The saved filter when it covers the index as it is now and has room; else None."""
-        try:
-            saved = IdFilter.decode((self._path / FILE).read_bytes(), str(self._path / FILE))
-        except (OSError, DamageError, FormatError, struct.error, ValueError):
-            return None  # missing or damaged: built again (it is only a cache)
+        saved = self._read_saved()
+        if saved is None:
+            return None
         with self._env.begin() as txn:
-            fresh = saved.covers(txn.get(EPOCH, db=self._meta), _u64(txn, ADDED, self._meta))
+            fresh = saved.covers(txn.get(EPOCH, db=self._meta), get_u64(txn, ADDED, self._meta))
         return saved if fresh and not saved.full() else None
+
+    def _read_saved(self) -> IdFilter | None:
+        """The filter saved in the file; None when it is missing or damaged (it is only a
+        cache: built again)."""
+        try:
+            return IdFilter.decode((self._path / FILE).read_bytes(), str(self._path / FILE))
+        except (OSError, DamageError, FormatError, struct.error, ValueError):
+            return None
 
     def _build(self) -> IdFilter:
         """A filter of every id in the index, scanned in one read transaction."""
@@ -238,7 +240,7 @@ class FilterCache:
             keys = txn.cursor(db=self._ids).iternext(keys=True, values=False)
             while batch := list(islice(keys, SCAN_BATCH)):
                 built.add(b"".join(batch))
-            built.note(0, _u64(txn, ADDED, self._meta))
+            built.note(0, get_u64(txn, ADDED, self._meta))
         self._changed = True
         return built
 
@@ -250,10 +252,7 @@ class FilterCache:
         try:
             with os.fdopen(os.open(self._path / LOCK, os.O_RDWR | os.O_CREAT, FILE_MODE)) as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                try:
-                    saved = IdFilter.decode((self._path / FILE).read_bytes(), "")
-                except (OSError, DamageError, FormatError, struct.error, ValueError):
-                    saved = None
+                saved = self._read_saved()
                 if saved is None or current.merge(saved) or not saved.covers(
                         current.epoch, current.covered[0][1] if current.covered else 0):
                     write_atomic(self._path / FILE, current.encode())

@@ -75,7 +75,7 @@ from .formats import INDEX_VERSION
 from .idfilter import FilterCache
 from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp, RefsOp,
                       RetireOp, SweepOp, WaitsOp)
-from .lmdbfile import check_data_file, cover_last_page, readahead_pays
+from .lmdbfile import U64, check_data_file, cover_last_page, get_u64, readahead_pays
 from .packs import FinishedPack, PackEntry
 from .points import PointRecord
 from .safefile import FILE_MODE, make_dir
@@ -83,7 +83,6 @@ from .seals import CHECK_SIZE, KEY, PAYLOAD, CountDamaged, seal, seal_rows, unse
 
 REF_KEY = struct.Struct(">Q")
 PACK_KEY = struct.Struct(">I")
-U64 = struct.Struct("<Q")
 REF_REC = struct.Struct("<32sIQIIB")
 PACK_REC = struct.Struct("<32sQI")
 LIVE_REC = struct.Struct("<QQ")
@@ -256,10 +255,7 @@ class Index:
         self.env.close()
 
     # -- counters -------------------------------------------------------------------------
-    @staticmethod
-    def _get_u64(txn: lmdb.Transaction, key: bytes, db: object) -> int:
-        raw = txn.get(key, db=db)
-        return U64.unpack(raw)[0] if raw else 0
+    _get_u64 = staticmethod(get_u64)
 
     def _add(self, txn: lmdb.Transaction, key: str, delta: int) -> None:
         value = self._get_u64(txn, key.encode(), self.meta) + delta
@@ -738,10 +734,14 @@ class Index:
                 txn.delete(point_id.encode(), db=self.forgetting)
         return removed
 
+    def catalog_of_vms(self, ids: set[str]) -> dict[str, dict]:
+        with self.env.begin() as txn:
+            return self._catalog_of_vms(txn, ids)
+
     def _catalog_of_vms(self, txn: lmdb.Transaction, ids: set[str]) -> dict[str, dict]:
-        """The records of the VMs of `ids`: a chain never leaves its VM, so the points that may
-        name one of `ids` as a parent are among them. More than FEW_POINTS ids: the whole
-        catalog, read once (cheaper than a look-up each)."""
+        """The records of the VMs of `ids`, by id: a chain never leaves its VM, so the points
+        that may name one of `ids` as a parent are among them. More than FEW_POINTS ids: the
+        whole catalog, read once (cheaper than a look-up each)."""
         if len(ids) > FEW_POINTS:
             return self._catalog(txn)
         vms = {r["vm"] for i in ids if (r := self.get_record(txn, i)) is not None}

@@ -25,8 +25,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmdb
+
 from ..errors import DamageError
 
+U64 = struct.Struct("<Q")  # a counter's value in the index's tables
 MAGIC = 0xBEEFC0DE
 DATA_VERSION = 1
 P_META = 0x08
@@ -126,3 +129,9 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def get_u64(txn: lmdb.Transaction, key: bytes, db: object) -> int:
+    """The u64 stored under `key` in table `db` (0 when absent)."""
+    raw = txn.get(key, db=db)
+    return U64.unpack(raw)[0] if raw else 0

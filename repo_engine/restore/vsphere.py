@@ -174,9 +174,8 @@ def _differing(repo: Repository, point: PointRecord, disk: DiskRecord, device: A
                 stored = wanted != 0
                 wanted_ids = np.zeros(len(wanted), "V32")
                 wanted_ids[stored] = lookup.locate(wanted[stored])["id"]
-                read_zero = np.array([i is None for i in batch.ids], bool)
                 read_ids = np.frombuffer(b"".join(i or bytes(32) for i in batch.ids), "V32")
-                differs = np.where(stored, read_zero | (read_ids != wanted_ids), ~read_zero)
+                differs = np.where(stored, batch.zero | (read_ids != wanted_ids), ~batch.zero)
                 found.append(batch.blocks[differs])
     return np.concatenate(found).astype(np.uint64) if found else np.zeros(0, np.uint64)
 

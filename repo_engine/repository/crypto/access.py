@@ -61,7 +61,7 @@ class RepositorySealer:
         self.part_overhead = self._sealer.part_overhead
         # a reload may change the epoch new objects get in the middle of a command: every
         # epoch used counts when a commit checks that none of them was retired
-        self.sealed_epochs: frozenset[int] = frozenset()
+        self._used: frozenset[int] = frozenset()
 
     @property
     def keyring(self) -> Keyring:
@@ -114,9 +114,15 @@ class RepositorySealer:
         """The sealer to seal with, its epoch counted: the epoch of that very sealer, since
         another thread may replace `_keyring` and `_sealer` (a reload) in between."""
         sealer = self._sealer
-        if sealer.current not in self.sealed_epochs:
-            self.sealed_epochs |= {sealer.current}
+        if sealer.current not in self._used:
+            self._used |= {sealer.current}
         return sealer
+
+    @property
+    def sealed_epochs(self) -> frozenset[int]:
+        """The epochs this sealer sealed anything under so far, and the one it seals with next
+        (a journal entry is sealed after the commit's checks)."""
+        return self._used | {self._keyring.current}
 
     def parts_opener(self, kind: str, header: bytes, what: str) -> PartSealer:
         return self._retrying(lambda sealer: sealer.parts_opener(kind, header, what))
