@@ -5,6 +5,8 @@ epoch commits nothing."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -237,29 +239,36 @@ def test_retire_on_object_storage(tmp_path, capsys, monkeypatch, seaweedfs, s3_b
             for i, point_id in enumerate(ids)] == contents
 
 
-def test_a_command_that_opened_before_the_rotation_and_sealed_nothing_yet(tmp_path, capsys,
-                                                                          monkeypatch,
-                                                                          encrypted):
-    """A process of this host (its cache shared with the CLI's, so it never replays the retire
-    entry itself) opened the repository before the rotation and sealed nothing yet: once the
-    old key is dropped, its first commit must not seal a journal entry under that key, which
-    would leave a journal no host can replay."""
+@contextmanager
+def opened_before_a_retire(tmp_path: Path, capsys, monkeypatch, encrypted) -> Iterator:
+    """A repository of this host opened (its keyring read) before `key rotate` and a `key
+    retire` that dropped the old key. Its index is opened on first use, after the CLI's
+    commands (one LMDB environment per process), and is their cache: it never replays the
+    retire entry (sealed under the new epoch) itself, so nothing made it read the new keyring."""
     repo, pass_file = encrypted
     monkeypatch.setenv(passphrase.FILE_ENV, str(pass_file))
     backup(capsys, repo, disk(tmp_path))
     early = open_repository(str(repo), passphrase=lambda: pass_file.read_bytes().strip())
-    try:  # its index is opened on first use: after the CLI's commands (one LMDB per process)
+    try:
         ok(capsys, "key", "rotate", repo)
         monkeypatch.setattr(checkpoint, "STALE_AFTER", 0.0)
         assert ok(capsys, "key", "retire", repo, "--grace", "0s", "--json").json()[
             "dropped"] == [1]
-        try:
-            early.commit_journal(lambda _seq: [RefsOp(1 << 40, 1)])
-        except RepoError:
-            pass  # refusing is as good as sealing under the current key
+        yield early
     finally:
         early.close()
+
+
+def test_a_command_that_opened_before_the_rotation_and_sealed_nothing_yet(tmp_path, capsys,
+                                                                          monkeypatch,
+                                                                          encrypted):
+    """Its first commit after the old key was dropped is sealed under the current key, not the
+    dropped one (which would leave a journal no host can replay)."""
+    with opened_before_a_retire(tmp_path, capsys, monkeypatch, encrypted) as early:
+        entry = early.commit_journal(lambda _seq: [RefsOp(1 << 40, 1)])
+        assert stored_epoch(early.store, f"journal/{entry.seq:016x}.jnl") == 2
     monkeypatch.setenv("REPO_ENGINE_CACHE_DIR", str(tmp_path / "another-host"))
+    repo = encrypted[0]
     ok(capsys, "points", repo)  # a host that replays the journal reads that entry
     ok(capsys, "verify", repo)
     assert set(epochs_in_store(repo)) == {2}
@@ -304,22 +313,13 @@ def test_a_repair_that_locked_after_the_retire_seals_under_the_current_key(tmp_p
     """What a command seals without a journal commit (`verify --repair` rewriting a manifest)
     after a lock taken once the old key was retired is sealed under the current key, although
     the command read the keyring before the rotation."""
-    repo, pass_file = encrypted
-    monkeypatch.setenv(passphrase.FILE_ENV, str(pass_file))
-    backup(capsys, repo, disk(tmp_path))
-    early = open_repository(str(repo), passphrase=lambda: pass_file.read_bytes().strip())
-    try:  # its index is opened on first use: after the CLI's commands (one LMDB per process)
-        ok(capsys, "key", "rotate", repo)
-        monkeypatch.setattr(checkpoint, "STALE_AFTER", 0.0)
-        assert ok(capsys, "key", "retire", repo, "--grace", "0s", "--json").json()[
-            "dropped"] == [1]
+    with opened_before_a_retire(tmp_path, capsys, monkeypatch, encrypted) as early:
         point = early.points()[0]
         early.delete_manifest(point.id)
         with early.lock(MAINTENANCE, "verify --repair"):
             assert repair_manifests(early) == [point.id]
-    finally:
-        early.close()
     monkeypatch.setenv("REPO_ENGINE_CACHE_DIR", str(tmp_path / "another-host"))
+    repo = encrypted[0]
     ok(capsys, "show", repo, point.id)
     assert set(epochs_in_store(repo)) == {2}
 
