@@ -6,7 +6,8 @@ reading the store, so that a run that stops anywhere is finished by the next one
 
 1. a `retire` journal entry naming the old epochs: from it on no commit of a command that
    sealed anything under them is accepted (one that opened the repository before the rotation
-   fails and stores nothing);
+   and sealed data fails and stores nothing), and a command whose current epoch is among them
+   reads the newest keyring before it commits or locks (repo.py, `Sealer.avoid`);
 2. every catalogued point whose manifest or block maps an old epoch seals: its maps written
    again under the current epoch (new names), then the point rewritten (its next generation,
    the manifest sealed anew), per journal entry at most REWRITE_BATCH points and about
