@@ -648,7 +648,7 @@ def test_a_repack_leaves_a_damaged_pack_alone_and_names_it(hosts, tmp_path):
     gc(a.repo, grace=0)
     partly = shared_gc._partly_used(a.repo, shared_gc.Marker(a.repo), 0)
     assert len(partly.numbers) >= 2
-    row = partly.rows[0]
+    row = next(partly.groups(a.repo.index))[1][0]
     name = partly.packs.names[int(row["pack"])][0]
     path = root / pack_object(name)
     data = bytearray(path.read_bytes())

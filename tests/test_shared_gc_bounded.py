@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from helpers import attach_shared, shared_repo
-from repo_engine.maintenance import tally
+from repo_engine.maintenance import shared_gc, tally
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import gc
 from repo_engine.repository.journal import entry_seqs, read_entry
@@ -103,6 +103,7 @@ def test_many_batches_decide_what_one_does(grown, tmp_path, monkeypatch):
     one, many = _copy(grown, tmp_path / "one"), _copy(grown, tmp_path / "many")
     single = _steps(one)
     monkeypatch.setattr(tally, "ROWS", 777)
+    monkeypatch.setattr(shared_gc, "GROUP_ROWS", 1_000)  # a repack's packs read one at a time
     batched = _steps(many)
     assert batched == single
     dry, swept, repacked = single

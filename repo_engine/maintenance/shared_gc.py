@@ -81,6 +81,11 @@ DELETE_BATCH = 1000  # names per Store.delete: one DeleteObjects request on S3
 MAX_GAP = 4 << 10
 MAX_REQUEST = 8 << 20
 IN_FLIGHT = 8
+# the rows of the chunks a repack copies are read a group of packs at a time, each group one
+# read of the refs table holding at most GROUP_ROWS rows or a GROUPS-th of them all (a larger
+# pack alone): a few bytes a chunk held, in at most about GROUPS reads
+GROUP_ROWS = 1 << 20
+GROUPS = 8
 
 
 @dataclass
@@ -446,17 +451,42 @@ def _delete(repo: Repository, names: list[str]) -> None:
 # -- repack -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Partly:
-    """The partly used packs a repack rewrites, and the chunks it copies from them: those used
-    by a catalogued point and not doomed by a pending plan (REF_TABLE rows sorted by pack, then
-    offset)."""
+    """The partly used packs a repack rewrites (in `numbers`, with the rows each holds to copy
+    in `counts`), and how to tell the chunks it copies from them: those `marker`'s last mark
+    found used by a catalogued point, and not `doomed` by a pending plan."""
 
     packs: _Packs
     numbers: list[int]
-    rows: np.ndarray
+    counts: list[int]
+    marker: Marker
+    doomed: np.ndarray
 
-    def rows_of(self, number: int) -> np.ndarray:
-        packs = self.rows["pack"]
-        return self.rows[np.searchsorted(packs, number):np.searchsorted(packs, number, "right")]
+    def groups(self, index: Index) -> Iterator[tuple[list[int], np.ndarray]]:
+        """The packs, a group at a time (GROUP_ROWS), with the rows of the chunks to copy from
+        them (REF_TABLE rows sorted by pack, then offset)."""
+        budget = max(GROUP_ROWS, -(-sum(self.counts) // GROUPS))
+        group: list[int] = []
+        held = 0
+        for number, count in zip(self.numbers, self.counts):
+            if group and held + count > budget:
+                yield group, self._rows(index, group)
+                group, held = [], 0
+            group.append(number)
+            held += count
+        if group:
+            yield group, self._rows(index, group)
+
+    def _rows(self, index: Index, numbers: list[int]) -> np.ndarray:
+        with index.env.begin() as txn:
+            rows = refs_in_packs(index, txn, numbers)
+        rows = rows[self.marker.holds(rows["ref"]) & ~np.isin(rows["ref"], self.doomed)]
+        return rows[np.lexsort((rows["offset"], rows["pack"]))]
+
+
+def _rows_of(rows: np.ndarray, number: int) -> np.ndarray:
+    """The rows of pack `number` of `rows` (sorted by pack)."""
+    packs = rows["pack"]
+    return rows[np.searchsorted(packs, number):np.searchsorted(packs, number, "right")]
 
 
 def _partly_used(repo: Repository, marker: Marker, max_unused: float) -> _Partly:
@@ -475,8 +505,8 @@ def _to_copy(repo: Repository, marker: Marker, choose: Callable[[str, int, int, 
              ) -> _Partly:
     """The packs holding a chunk to copy (used by a catalogued point, not doomed by a pending
     plan) that `choose(name, size, chunk count, bytes of the chunks to copy)` picks: the refs
-    table read a batch at a time to sum what each pack holds to copy, then again for the rows
-    of the packs picked."""
+    table read a batch at a time to sum what each pack holds to copy (its rows are read again
+    for the packs picked, `_Partly.groups`)."""
     index = repo.index
     doomed = _pending_refs(index.pending_plans())
     sums = (np.zeros(0, np.int64),) * 3  # pack numbers, rows to copy, their stored bytes
@@ -486,11 +516,9 @@ def _to_copy(repo: Repository, marker: Marker, choose: Callable[[str, int, int, 
             live = used & ~np.isin(refs, doomed)
             sums = summed(sums, per_pack(rows["pack"][live], rows["stored"][live]))
         packs = _Packs.read(txn, index)
-        chosen = [number for number, kept in zip(sums[0].tolist(), sums[2].tolist())
-                  if choose(*packs.names.get(number, ("", 0, 0)), kept)]
-        rows = refs_in_packs(index, txn, chosen)
-    rows = rows[marker.holds(rows["ref"]) & ~np.isin(rows["ref"], doomed)]
-    return _Partly(packs, chosen, rows[np.lexsort((rows["offset"], rows["pack"]))])
+    chosen = [(number, count) for number, count, kept in zip(*(a.tolist() for a in sums))
+              if choose(*packs.names.get(number, ("", 0, 0)), kept)]
+    return _Partly(packs, [n for n, _ in chosen], [c for _, c in chosen], marker, doomed)
 
 
 def _span(rows: np.ndarray) -> int:
@@ -515,15 +543,19 @@ def _repack_cost(repo: Repository, marker: Marker, report: SharedGcReport,
     partly = _partly_used(repo, marker, max_unused)
     if not partly.numbers:
         return
-    kept = int(partly.rows["stored"].astype(np.int64).sum())
-    runs = [rows[first:stop] for rows in map(partly.rows_of, partly.numbers)
-            for first, stop in _runs(rows)]
+    kept = read = requests = 0
+    for numbers, rows in partly.groups(repo.index):
+        kept += int(rows["stored"].astype(np.int64).sum())
+        for pack in (_rows_of(rows, number) for number in numbers):
+            runs = _runs(pack)
+            read += sum(_span(pack[first:stop]) for first, stop in runs)
+            requests += len(runs)
     report.repack_packs = len(partly.numbers)
-    report.repack_read_bytes = sum(map(_span, runs))
+    report.repack_read_bytes = read
     report.repack_write_bytes = kept
     report.repack_reclaims_bytes = sum(partly.packs.names[n][1] for n in partly.numbers) - kept
     puts = -(-kept // repo.config.pack_size)
-    report.repack_requests = len(runs) + puts + -(-len(partly.numbers) // DELETE_BATCH)
+    report.repack_requests = requests + puts + -(-len(partly.numbers) // DELETE_BATCH)
 
 
 def repack_packs(repo: Repository, report: SharedGcReport, names: set[str],
@@ -547,11 +579,10 @@ def _repack(repo: Repository, partly: _Partly, report: SharedGcReport,
     out = _Output(repo, report)
     try:
         with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="repack-read") as pool:
-            for i, number in enumerate(partly.numbers):
+            for i, (number, rows) in enumerate(_by_pack(partly, repo.index)):
                 if tick:
                     tick(f"repacking {i + 1}/{len(partly.numbers)}")
                 name, size, _count = partly.packs.names[number]
-                rows = partly.rows_of(number)
                 try:
                     blobs = _read_live(repo, pool, name, rows, report)
                 except DamageError as exc:
@@ -564,6 +595,13 @@ def _repack(repo: Repository, partly: _Partly, report: SharedGcReport,
         out.publish()
     finally:
         out.abort()
+
+
+def _by_pack(partly: _Partly, index: Index) -> Iterator[tuple[int, np.ndarray]]:
+    """Each pack `partly` picked with the rows of the chunks to copy from it."""
+    for numbers, rows in partly.groups(index):
+        for number in numbers:
+            yield number, _rows_of(rows, number)
 
 
 class _Output:
