@@ -37,15 +37,14 @@ after it, old packs that the next plan dooms.
 use holds each (1 byte), and every decision streams the table again in the mark's read
 transaction, aligned with those marks. Maps are read one at a time, each once a run: a later
 mark carries the marks over to the table as it is then (a mark after a map left the catalog
-reads every map again). A repack holds the rows of the chunks it copies (or, for its cost,
-would copy) only.
+reads every map again). A repack reads the rows of the chunks it copies (or, for its cost,
+would copy) a group of packs at a time (GROUP_ROWS).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -69,7 +68,7 @@ from ..repository.store import ObjectMissing
 from ..repository.repo import Repository
 from .gc import GcReport
 from .inventory import objects_under, refs_in_packs
-from .tally import batches, find_sorted, per_pack, ref_rows, summed
+from .tally import ROWS, batches, find_sorted, per_pack, ref_rows, summed
 
 DEFAULT_GRACE = 24 * 3600.0
 DELETE_BATCH = 1000  # names per Store.delete: one DeleteObjects request on S3
@@ -85,7 +84,7 @@ IN_FLIGHT = 8
 # read of the refs table holding at most GROUP_ROWS rows or a GROUPS-th of them all (a larger
 # pack alone): a few bytes a chunk held, in at most about GROUPS reads
 GROUP_ROWS = 1 << 20
-GROUPS = 8
+GROUPS = 16
 
 
 @dataclass
@@ -119,7 +118,7 @@ class Mark:
 
     maps: frozenset[str]
     catalogued: frozenset[str]  # point ids
-    used: np.ndarray  # bool, one per row of the refs table
+    used: np.ndarray  # bool, one per row of the refs table (the marker's: until its next mark)
 
     def rows(self, txn: lmdb.Transaction,
              index: Index) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -169,34 +168,68 @@ class Marker:
 
     def _realign(self, txn: lmdb.Transaction) -> None:
         """Carry the marks over to the refs table `txn` sees, read a batch at a time: a used
-        ref it no longer holds goes to `extra`, a ref of `extra` it holds now is marked."""
-        index = self.repo.index
-        count = txn.stat(index.refs)["entries"]  # the rows `txn` sees: those read below
-        refs, used = np.empty(count, np.uint64), np.zeros(count, bool)
+        ref it no longer holds goes to `extra`, a ref of `extra` it holds now is marked. A
+        table that only lost rows (a sweep's) is compacted in place; one that gained rows is
+        built anew (its arrays beside the old ones for a while)."""
         seen = np.zeros(len(self.refs), bool)
-        at = 0
-        for keys, _ in batches(txn, index.refs, values=False):
-            part = np.frombuffer(keys, ">u8").astype(np.uint64)
+        fresh = False  # the table holds a ref the marks do not
+        for part in self._keys(txn):
             pos, found = find_sorted(self.refs, part)
             seen[pos[found]] = True
-            used[at:at + len(part)] = np.isin(part, self.extra)
+            fresh = fresh or not found.all()
+        self.extra = np.union1d(self.extra, self.refs[self.used & ~seen]).astype(np.uint64)
+        if fresh:
+            self._rebuild(txn)
+        elif not seen.all():
+            self.refs, self.used = _compact(self.refs, seen), _compact(self.used, seen)
+
+    def _rebuild(self, txn: lmdb.Transaction) -> None:
+        count = txn.stat(self.repo.index.refs)["entries"]  # the rows `txn` sees: those read
+        refs, used = np.empty(count, np.uint64), np.zeros(count, bool)
+        at = 0
+        for part in self._keys(txn):
+            pos, found = find_sorted(self.refs, part)
+            used[at:at + len(part)] = _among(part, self.extra)
             used[at:at + len(part)][found] |= self.used[pos[found]]
             refs[at:at + len(part)] = part
             at += len(part)
-        self.extra = np.union1d(self.extra, self.refs[self.used & ~seen]).astype(np.uint64)
         self.refs, self.used = refs, used
 
+    def _keys(self, txn: lmdb.Transaction) -> Iterator[np.ndarray]:
+        """The refs table's refs `txn` sees, a batch at a time."""
+        for keys, _ in batches(txn, self.repo.index.refs, values=False):
+            yield np.frombuffer(keys, ">u8").astype(np.uint64)
+
     def _add(self, refs: np.ndarray) -> None:
-        """Mark the refs of one map."""
-        pos, found = find_sorted(self.refs, refs)
-        self.used[pos[found]] = True
-        if not found.all():
-            self.extra = np.union1d(self.extra, refs[~found]).astype(np.uint64)
+        """Mark the refs of one map, a batch at a time (a map may hold most of the chunks)."""
+        for start in range(0, len(refs), ROWS):
+            part = refs[start:start + ROWS]
+            pos, found = find_sorted(self.refs, part)
+            self.used[pos[found]] = True
+            if not found.all():
+                self.extra = np.union1d(self.extra, part[~found]).astype(np.uint64)
 
     def holds(self, refs: np.ndarray) -> np.ndarray:
         """Whether the last mark found each of `refs` (rows of the refs table) used."""
         pos, found = find_sorted(self.refs, refs)
         return found & self.used[pos]
+
+
+def _compact(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """`values[keep]`, written over the start of `values` a batch at a time (no copy of it
+    made beside it): a view of `values`."""
+    at = 0
+    for start in range(0, len(values), ROWS):
+        piece = values[start:start + ROWS][keep[start:start + ROWS]]
+        values[at:at + len(piece)] = piece
+        at += len(piece)
+    return values[:at]
+
+
+def _among(refs: np.ndarray, sorted_refs: np.ndarray) -> np.ndarray:
+    """Whether each of `refs` is one of `sorted_refs` (sorted): a binary search each, so that a
+    batch costs no sort of a large set (np.isin sorts both)."""
+    return find_sorted(sorted_refs, refs)[1]
 
 
 def _pending_refs(plans: list[PendingPlan]) -> np.ndarray:
@@ -228,11 +261,8 @@ def _run(repo: Repository, marker: Marker, report: SharedGcReport, grace: float,
     _sweep_ready(repo, marker, report, grace, tick)
     if repack:  # before the plan: the old packs it leaves wholly unused are doomed with the rest
         _repack(repo, _partly_used(repo, marker, max_unused), report, tick)
-    plan = _plan(repo, marker, report)
-    if plan is not None:
-        _commit_waits(repo, plan)
-        if grace <= 0:
-            _sweep_ready(repo, marker, report, grace, tick)
+    if _plan(repo, marker, report) and grace <= 0:
+        _sweep_ready(repo, marker, report, grace, tick)
     _repack_cost(repo, marker, report, max_unused)
     report.plans_pending = len(repo.index.pending_plans())
     _checkpoint(repo, grace, report)
@@ -278,19 +308,21 @@ class _Listed:
                    set(objects_under(repo, "maps")), set(objects_under(repo, "points")))
 
 
-def _plan(repo: Repository, marker: Marker, report: SharedGcReport) -> PlanOp | None:
+def _plan(repo: Repository, marker: Marker, report: SharedGcReport) -> bool:
+    """Commit the plan of what is unused now and its waits (False: nothing to plan)."""
     listed = _Listed.read(repo)
     try:
         entry = repo.commit_journal(lambda _seq: [_plan_op(repo, marker, listed)])
     except NothingToCommit:
-        return None
+        return False
     op = entry.ops[0]
     assert isinstance(op, PlanOp)
     report.candidates += len(op.refs)
     report.planned_packs += len(op.packs)
     report.planned_maps += len(op.maps)
     report.planned_objects += len(op.objects)
-    return op
+    _commit_waits(repo, op)
+    return True
 
 
 def _plan_op(repo: Repository, marker: Marker, listed: _Listed) -> PlanOp:
@@ -302,7 +334,8 @@ def _plan_op(repo: Repository, marker: Marker, listed: _Listed) -> PlanOp:
     with index.env.begin() as txn:
         mark = marker.mark(txn)
         for refs, rows, used in mark.rows(txn, index):
-            dead_refs.append(np.setdiff1d(refs[~used], doomed, assume_unique=True))
+            dead = refs[~used]
+            dead_refs.append(dead[~_among(dead, doomed)])
             live_packs.update(np.unique(rows["pack"][used]).tolist())
         packs = _Packs.read(txn, index)
     refs = np.concatenate(dead_refs or [np.zeros(0, np.uint64)])
@@ -316,7 +349,8 @@ def _plan_op(repo: Repository, marker: Marker, listed: _Listed) -> PlanOp:
                      - taken)
     if not (len(refs) or dead_packs or maps or objects):
         raise NothingToCommit()
-    return PlanOp(new_plan_id(), iso(now()), refs.astype(np.uint64), dead_packs, maps, objects)
+    return PlanOp(new_plan_id(), iso(now()), refs.astype(np.uint64, copy=False), dead_packs,
+                  maps, objects)
 
 
 def _commit_waits(repo: Repository, plan: PlanOp) -> PendingPlan:
@@ -409,11 +443,12 @@ def _sweep_op(repo: Repository, marker: Marker, plan: PlanOp) -> _Doomed:
     (and every pack placing a kept or undoomed chunk), a doomed map named again is kept, a doomed
     object the cache now knows is kept."""
     index = repo.index
+    planned = np.unique(plan.refs)
     swept, placing, kept_refs, stored = [], set(), 0, 0
     with index.env.begin() as txn:
         mark = marker.mark(txn)
         for refs, rows, used in mark.rows(txn, index):
-            doomed = np.isin(refs, plan.refs)
+            doomed = _among(refs, planned)
             gone = doomed & ~used
             swept.append(refs[gone])
             placing.update(np.unique(rows["pack"][~gone]).tolist())
@@ -425,7 +460,8 @@ def _sweep_op(repo: Repository, marker: Marker, plan: PlanOp) -> _Doomed:
     maps = [n for n in plan.maps if n not in mark.maps]
     objects = [o for o in plan.objects if not _known(o, indexed, mark)]
     refs = np.concatenate(swept or [np.zeros(0, np.uint64)])
-    return _Doomed(SweepOp(plan.plan, refs.astype(np.uint64), gone_packs, maps), objects,
+    return _Doomed(SweepOp(plan.plan, refs.astype(np.uint64, copy=False), gone_packs, maps),
+                   objects,
                    freed=sum(packs.names[indexed[n]][1] for n in gone_packs if n in indexed),
                    kept_refs=kept_refs, kept_packs=len(plan.packs) - len(gone_packs),
                    stored=stored)
@@ -479,7 +515,7 @@ class _Partly:
     def _rows(self, index: Index, numbers: list[int]) -> np.ndarray:
         with index.env.begin() as txn:
             rows = refs_in_packs(index, txn, numbers)
-        rows = rows[self.marker.holds(rows["ref"]) & ~np.isin(rows["ref"], self.doomed)]
+        rows = rows[self.marker.holds(rows["ref"]) & ~_among(rows["ref"], self.doomed)]
         return rows[np.lexsort((rows["offset"], rows["pack"]))]
 
 
@@ -513,7 +549,7 @@ def _to_copy(repo: Repository, marker: Marker, choose: Callable[[str, int, int, 
     with index.env.begin() as txn:
         mark = marker.mark(txn)
         for refs, rows, used in mark.rows(txn, index):
-            live = used & ~np.isin(refs, doomed)
+            live = used & ~_among(refs, doomed)
             sums = summed(sums, per_pack(rows["pack"][live], rows["stored"][live]))
         packs = _Packs.read(txn, index)
     chosen = [(number, count) for number, count, kept in zip(*(a.tolist() for a in sums))
@@ -711,14 +747,17 @@ def _checkpoint(repo: Repository, grace: float, report: SharedGcReport) -> None:
 def _dry_run(repo: Repository, marker: Marker, report: SharedGcReport,
              max_unused: float) -> None:
     """What a plan would doom now, committing nothing."""
+    _dry_plan(repo, marker, report)
+    report.plans_pending = len(repo.index.pending_plans())
+    _repack_cost(repo, marker, report, max_unused)
+
+
+def _dry_plan(repo: Repository, marker: Marker, report: SharedGcReport) -> None:
     listed = _Listed.read(repo)
     try:
         op = _plan_op(repo, marker, listed)
     except NothingToCommit:
-        op = None
-    if op is not None:
-        report.candidates = len(op.refs)
-        report.planned_packs, report.planned_maps = len(op.packs), len(op.maps)
-        report.planned_objects = len(op.objects)
-    report.plans_pending = len(repo.index.pending_plans())
-    _repack_cost(repo, marker, report, max_unused)
+        return
+    report.candidates = len(op.refs)
+    report.planned_packs, report.planned_maps = len(op.packs), len(op.maps)
+    report.planned_objects = len(op.objects)
