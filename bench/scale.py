@@ -238,7 +238,10 @@ def build_chunks(path: Path, count: int, args: argparse.Namespace) -> dict:
         sys.exit(f"{grown} holds {info['chunks']} chunks, more than {count}: sizes go in "
                  "increasing order; use another --work for smaller ones")
     shutil.rmtree(path, ignore_errors=True)
-    subprocess.run(["cp", "-a", str(grown), str(path)], check=True)
+    if args.in_place:  # too large to copy: the grown repository itself is timed (and changed)
+        grown.rename(path)
+    else:
+        subprocess.run(["cp", "-a", str(grown), str(path)], check=True)
     info["index_bytes"] = (path / "index" / "data.mdb").stat().st_size
     return {**info, "build_s": round(time.monotonic() - started, 1)}
 
@@ -303,16 +306,18 @@ def run_part(name: str, part: Part, args: argparse.Namespace,
         print(f"{name}: built {size} {part.unit} in {info['build_s']} s", file=sys.stderr)
         per_build = {}
         for label, command in ({} if args.build_only else builds).items():
-            copy = args.work / f"{name}-{size}-{label}"
-            shutil.rmtree(copy, ignore_errors=True)
-            subprocess.run(["cp", "-a", str(built), str(copy)], check=True)
+            copy = built if args.in_place else args.work / f"{name}-{size}-{label}"
+            if not args.in_place:
+                shutil.rmtree(copy, ignore_errors=True)
+                subprocess.run(["cp", "-a", str(built), str(copy)], check=True)
             timed = []
             for what, argv in part.commands(copy):
                 log = args.work / "logs" / f"{name}-{size}-{label}-{len(timed)}.log"
                 timed.append(replace(measure([*command, *argv], log, args.timeout),
                                      command=what))
             per_build[label] = [asdict(t) for t in timed]
-            shutil.rmtree(copy)
+            if not args.in_place:
+                shutil.rmtree(copy)
         results[str(size)] = {"build": info, "runs": per_build}
         if not (args.keep or args.reuse):
             shutil.rmtree(built)
@@ -373,6 +378,10 @@ def main() -> None:
                     "them to --work (e.g. /dev/shm: the same code paths without waiting for the "
                     "disk's fsyncs, which make a 10,000-point build take an hour on a busy disk)")
     ap.add_argument("--build-only", action="store_true", help="build (keep) and time nothing")
+    ap.add_argument("--in-place", action="store_true", help="time the commands on the built "
+                    "repository itself, not on a copy (one build; the repository is changed, "
+                    "and for --parts chunks the grown one is moved there): for a size too large "
+                    "to copy twice, such as 100 M chunks")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "scale.json")
     args = ap.parse_args()
     parts = [p for p in args.parts.split(",") if p]
@@ -381,7 +390,9 @@ def main() -> None:
     args.curve = ([int(c) for c in args.curve.split(",")] if args.curve else
                   sorted({max(args.vms, args.points // 100), args.points // 10, args.points}))
     args.work = args.work.resolve()
-    args.keep |= args.build_only
+    args.keep |= args.build_only | args.in_place
+    if args.in_place and len(args.builds or []) > 1:
+        sys.exit("--in-place times one build: the commands change the repository")
     (args.work / "logs").mkdir(parents=True, exist_ok=True)
     builds = dict(args.builds or [("this", [str(Path(sys.executable).with_name("repo-engine"))])])
     report: dict = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

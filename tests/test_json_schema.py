@@ -71,6 +71,10 @@ SCHEMAS = {
                             "kdf": (dict, NULL)}], "unreadable": [str]},
     "key status": {"current_epoch": int, "epochs": [int], "keyring_generation": int,
                    "unlocked_by": str},
+    "key retire": {"retiring": [int], "current": int, "points_rewritten": int,
+                   "maps_rewritten": int, "packs_repacked": int, "objects_resealed": int,
+                   "checkpoint": int, "remaining": dict, "dropped": [int], "epochs": [int],
+                   "gc": SHARED_GC, "seconds": NUM},
 }
 
 
@@ -199,3 +203,7 @@ def test_key_commands_print_their_pinned_schema(tmp_path, capsys, monkeypatch):
                                       "memory": int}, "key list: kdf")
     check(run_json(capsys, "key", "status", repo, "--cache-dir", tmp_path / "cache"),
           SCHEMAS["key status"], "key status")
+    assert cli(capsys, "key", "rotate", repo, "--cache-dir", tmp_path / "cache").code == 0
+    retired = run_json(capsys, "key", "retire", repo, "--cache-dir", tmp_path / "cache")
+    check(retired, SCHEMAS["key retire"], "key retire")
+    assert retired["retiring"] == retired["dropped"] == [1]  # nothing was sealed under it

@@ -151,6 +151,25 @@ def test_a_command_that_sealed_under_a_retired_epoch_commits_nothing(tmp_path, c
         fresh.close()
 
 
+def test_a_command_that_sealed_nothing_yet_commits_under_the_current_epoch(
+        tmp_path, capsys, monkeypatch, encrypted):  # noqa: F811
+    """Opened before the rotation, it sealed nothing: catching up to the retire entry (sealed
+    under the new epoch) reloads its keyring, and its entry is sealed under the new epoch."""
+    repo, pass_file = encrypted
+    monkeypatch.setenv(passphrase.FILE_ENV, str(pass_file))
+    backup(capsys, repo, disk(tmp_path))
+    early = open_repository(str(repo), cache_dir=tmp_path / "other-host",
+                            passphrase=lambda: pass_file.read_bytes().strip())
+    try:
+        early.refresh()
+        ok(capsys, "key", "rotate", repo)
+        ok(capsys, "key", "retire", repo)
+        entry = early.commit_journal(lambda _seq: [RefsOp(1 << 40, 1)])
+        assert stored_epoch(early.store, f"journal/{entry.seq:016x}.jnl") == 2
+    finally:
+        early.close()
+
+
 def test_retire_seals_the_vsphere_marks_again_asking_for_a_full_read(tmp_path, capsys,
                                                                     monkeypatch, rotated):
     repo, _contents = rotated

@@ -35,7 +35,6 @@ import numpy as np
 
 from ..errors import LockedError, PointNotFound, RepoError, UsageError
 from ..repository.blockmap import BlockMap, delta_between, nonzero_entries, zip_windows
-from ..repository.index import FEW_POINTS
 from ..repository.locks import MAINTENANCE
 from ..repository.points import DiskRecord, PointRecord, point_object
 from ..repository.repo import Repository, commit_order
@@ -122,15 +121,9 @@ def finish_pending(repo: Repository, *, tick: Callable[[int], None] | None = Non
 
 def vm_catalog(repo: Repository, ids: Iterable[str]) -> dict[str, PointRecord]:
     """The catalogued points of the VMs of those of `ids` catalogued, by id: a disk's chain
-    never leaves its VM, so that is all a forget of `ids` reads. A forget of more than
-    FEW_POINTS points reads the whole catalog once instead (cheaper than a look-up each)."""
-    ids = set(ids)
-    if len(ids) > FEW_POINTS:
-        everything = {point.id: point for point in repo.points()}
-        vms = {everything[i].vm for i in ids if i in everything}
-        return {i: point for i, point in everything.items() if point.vm in vms}
-    vms = {point.vm for point in map(repo.catalogued, ids) if point is not None}
-    return {point.id: point for vm in sorted(vms) for point in repo.points(vm)}
+    never leaves its VM, so that is all a forget of `ids` reads (`Index.catalog_of_vms`: the
+    whole catalog for many ids)."""
+    return {i: PointRecord.from_dict(r) for i, r in repo.index.catalog_of_vms(set(ids)).items()}
 
 
 def rebased(repo: Repository, catalog: dict[str, PointRecord], gone: set[str]

@@ -80,7 +80,7 @@ def retire(repo: Repository, *, grace: float, reseal: Iterable[Resealer] = (),
             raise RepoError(f"{repo.store.location}: nothing to retire, every key epoch but "
                             f"the current one ({keyring.current}) is retired already; run "
                             "'repo-engine key rotate' first to retire the current one")
-        headers = _Headers(repo.store, old)
+        headers = _Headers(repo.store, old, tick)
         repo.commit_journal(lambda _seq: [RetireOp(sorted(old))])
         _rewrite_points(repo, headers, report, tick)
         _repack(repo, headers, report, tick)
@@ -100,8 +100,9 @@ def retire(repo: Repository, *, grace: float, reseal: Iterable[Resealer] = (),
 class _Headers:
     """Which objects the epochs being retired seal, read from their key headers."""
 
-    def __init__(self, store: Store, old: frozenset[int]) -> None:
-        self.store, self.old = store, old
+    def __init__(self, store: Store, old: frozenset[int],
+                 tick: Callable[[str], None] | None) -> None:
+        self.store, self.old, self.tick = store, old, tick
 
     def stale(self, name: str) -> bool:
         return stored_epoch(self.store, name) in self.old
@@ -109,6 +110,8 @@ class _Headers:
     def which(self, names: Iterable[str]) -> set[str]:
         """Those of `names` sealed under an old epoch."""
         names = list(names)
+        if self.tick:
+            self.tick(f"reading the key headers of {len(names)} objects")
         with ThreadPoolExecutor(READERS, thread_name_prefix="retire-scan") as pool:
             return {n for n, stale in zip(names, pool.map(self.stale, names)) if stale}
 

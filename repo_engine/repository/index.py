@@ -738,10 +738,14 @@ class Index:
                 txn.delete(point_id.encode(), db=self.forgetting)
         return removed
 
+    def catalog_of_vms(self, ids: set[str]) -> dict[str, dict]:
+        with self.env.begin() as txn:
+            return self._catalog_of_vms(txn, ids)
+
     def _catalog_of_vms(self, txn: lmdb.Transaction, ids: set[str]) -> dict[str, dict]:
-        """The records of the VMs of `ids`: a chain never leaves its VM, so the points that may
-        name one of `ids` as a parent are among them. More than FEW_POINTS ids: the whole
-        catalog, read once (cheaper than a look-up each)."""
+        """The records of the VMs of `ids`, by id: a chain never leaves its VM, so the points
+        that may name one of `ids` as a parent are among them. More than FEW_POINTS ids: the
+        whole catalog, read once (cheaper than a look-up each)."""
         if len(ids) > FEW_POINTS:
             return self._catalog(txn)
         vms = {r["vm"] for i in ids if (r := self.get_record(txn, i)) is not None}

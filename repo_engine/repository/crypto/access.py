@@ -61,7 +61,7 @@ class RepositorySealer:
         self.part_overhead = self._sealer.part_overhead
         # a reload may change the epoch new objects get in the middle of a command: every
         # epoch used counts when a commit checks that none of them was retired
-        self.sealed_epochs: frozenset[int] = frozenset()
+        self._used: frozenset[int] = frozenset()
 
     @property
     def keyring(self) -> Keyring:
@@ -101,8 +101,14 @@ class RepositorySealer:
         return self._sealer.parts(kind)
 
     def _sealing(self) -> None:
-        if self._keyring.current not in self.sealed_epochs:
-            self.sealed_epochs |= {self._keyring.current}
+        if self._keyring.current not in self._used:
+            self._used |= {self._keyring.current}
+
+    @property
+    def sealed_epochs(self) -> frozenset[int]:
+        """The epochs this sealer sealed anything under so far, and the one it seals with next
+        (a journal entry is sealed after the commit's checks)."""
+        return self._used | {self._keyring.current}
 
     def parts_opener(self, kind: str, header: bytes, what: str) -> PartSealer:
         return self._retrying(lambda sealer: sealer.parts_opener(kind, header, what))

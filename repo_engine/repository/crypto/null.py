@@ -35,7 +35,7 @@ class PartSealer(Protocol):
 class Sealer(Protocol):
     encrypted: bool  # for the format's flag field only
     part_overhead: int  # bytes a sealed part adds to its plaintext
-    sealed_epochs: frozenset[int]  # the key epochs this sealer sealed anything under so far
+    sealed_epochs: frozenset[int]  # the key epochs sealed under so far, and the next one's
 
     def sealed_size(self, size: int) -> int: ...
 
