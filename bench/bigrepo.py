@@ -60,26 +60,35 @@ def grow(path: Path, chunks: int, per_point: int, vms: int) -> dict:
     repo = (Repository.open(path) if (path / "config").exists() else
             Repository.init(path, block_size=BLOCK, pack_size=PACK_SIZE))
     try:
-        made = len(repo.index.points_records())
-        while repo.index.counters()["chunks"] < chunks:
-            refs = _add_chunks(repo, per_point)
-            _add_point(repo, made, refs, vms)
-            made += 1
-            if made % 100 == 0:
-                print(f"{repo.index.counters()['chunks']:,} chunks, {made} points, "
-                      f"{time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        made = grow_open(repo, chunks, per_point, vms)
         counters = repo.index.counters()
-        with repo.index.reader() as reader:  # the id filter a backup leaves, saved at close
-            reader.surely_absent([bytes(32)])
     finally:
         repo.close()
     return {"chunks": counters["chunks"], "packs": counters["packs"], "points": made,
             "grow_s": round(time.monotonic() - started, 1)}
 
 
+def grow_open(repo: Repository, chunks: int, per_point: int, vms: int) -> int:
+    """`grow` in an open repository (a shared one too: its packs, refs and points go through
+    the journal); returns the points it holds."""
+    started = time.monotonic()
+    made = len(repo.index.points_records())
+    while repo.index.counters()["chunks"] < chunks:
+        refs = _add_chunks(repo, per_point)
+        add_point(repo, made, refs, vms)
+        made += 1
+        if made % 100 == 0:
+            print(f"{repo.index.counters()['chunks']:,} chunks, {made} points, "
+                  f"{time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    with repo.index.reader() as reader:  # the id filter a backup leaves, saved at close
+        reader.surely_absent([bytes(32)])
+    return made
+
+
 def _add_chunks(repo: Repository, count: int) -> np.ndarray:
     """`count` fresh chunks of random bytes in packs (the last one committed partly full)."""
-    refs = np.array(repo.reserve_refs(count), dtype=np.uint64)
+    # a shared repository claims a range of many refs at a time: the first `count` are used
+    refs = np.array(repo.reserve_refs(count)[:count], dtype=np.uint64)
     data = np.random.default_rng().bytes(count * CHUNK_BYTES)
     chunk_id = repo.codec.chunk_id
     writer = repo.pack_writer()
@@ -93,7 +102,7 @@ def _add_chunks(repo: Repository, count: int) -> np.ndarray:
     return refs
 
 
-def _add_point(repo: Repository, number: int, refs: np.ndarray, vms: int) -> None:
+def add_point(repo: Repository, number: int, refs: np.ndarray, vms: int) -> None:
     when = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(START + number * 60))
     disk = DiskRecord("sda", len(refs) * BLOCK, BLOCK, repo.write_map(BlockMap.full(refs)),
                       "full", None, 1)

@@ -232,9 +232,9 @@ def _duplicate_damaged(repo: Path) -> tuple[np.ndarray, str]:
 
 
 def test_the_whole_refs_table_costs_its_rows_only(grown, monkeypatch):
-    """scan_refs (the shared repository's gc reads the whole table): the table filled a batch at
-    a time, the same rows as the LMDB cursor gives, at a peak of little more than the table
-    itself (before, the table's bytes were joined whole first: 125 bytes a row)."""
+    """scan_refs: the whole table filled a batch at a time, the same rows as the LMDB cursor
+    gives, at a peak of little more than the table itself (before, the table's bytes were joined
+    whole first: 125 bytes a row)."""
     _small_budget(monkeypatch)
     with Repository.open(grown) as repo, repo.index.env.begin() as txn:
         gc.collect()

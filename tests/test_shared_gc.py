@@ -640,16 +640,15 @@ def test_a_repack_leaves_a_damaged_pack_alone_and_names_it(hosts, tmp_path):
     """A chunk to copy that fails its check is never written into a new pack: its pack is left
     as it is, named in the report, and the other packs are repacked."""
     from repo_engine.maintenance import shared_gc
-    from repo_engine.maintenance.inventory import MapCache
     from repo_engine.repository.packs import pack_object
 
     root, a, _b = hosts
     points, _contents = backups(a, tmp_path, vms=2, chain=3)
     forget_points(a.repo, [p.id for p in points][::2])
     gc(a.repo, grace=0)
-    partly = shared_gc._partly_used(a.repo, shared_gc._mark(a.repo, MapCache(a.repo)), 0)
+    partly = shared_gc._partly_used(a.repo, shared_gc.Marker(a.repo), 0)
     assert len(partly.numbers) >= 2
-    row = partly.rows[0]
+    row = next(partly.groups(a.repo.index))[1][0]
     name = partly.packs.names[int(row["pack"])][0]
     path = root / pack_object(name)
     data = bytearray(path.read_bytes())

@@ -142,32 +142,6 @@ def objects_under(repo: Repository, kind: str,
     return out
 
 
-class MapCache:
-    """Unique refs of map files, read once each."""
-
-    def __init__(self, repo: Repository) -> None:
-        self.repo = repo
-        self.refs: dict[str, np.ndarray] = {}
-        self.errors: dict[str, str] = {}
-
-    def get(self, name: str) -> np.ndarray | None:
-        if name not in self.refs and name not in self.errors:
-            try:
-                self.refs[name] = self.repo.map_refs(name)
-            except RepoError as exc:
-                self.errors[name] = str(exc)
-        return self.refs.get(name)
-
-
-def live_refs(cache: MapCache, map_names: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(unique refs, counts: in how many of the given maps each appears)."""
-    parts = [r for r in (cache.get(n) for n in set(map_names)) if r is not None]
-    if not parts:
-        return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-    refs, counts = np.unique(np.concatenate(parts), return_counts=True)
-    return refs.astype(np.uint64), counts.astype(np.uint64)
-
-
 # -- sessions --------------------------------------------------------------------------------
 def sessions(repo: Repository, own: Path | None) -> list[Path]:
     """Lock files held now by others (backups, restores, scrubs): sessions that may hold refs,

@@ -31,23 +31,32 @@ the rest, and a sweep deletes them after the grace period and the waits, like an
 host that resolved a ref to an old pack before the move still finds it meanwhile). A crash
 before the `pack` entry leaves a new pack the cache does not know, which the next plan dooms;
 after it, old packs that the next plan dooms.
+
+**Memory**: a few bytes a chunk (`Marker`). The refs table is read a batch at a time
+(tally.py) and never held: a mark keeps its refs (8 bytes each, sorted) and whether a map in
+use holds each (1 byte), and every decision streams the table again in the mark's read
+transaction, aligned with those marks. Maps are read one at a time, each once a run: a later
+mark carries the marks over to the table as it is then (a mark after a map left the catalog
+reads every map again). A repack reads the rows of the chunks it copies (or, for its cost,
+would copy) a group of packs at a time (GROUP_ROWS).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import lmdb
 import numpy as np
 
 from ..errors import DamageError, RepoError
 from ..pause import pause_point
 from ..repository.blockmap import map_object
 from ..repository.checkpoint import checkpoint_due, compact, write_checkpoint
-from ..repository.index import PACK_KEY, REF_KEY, REF_REC, pack_fields
+from ..repository.index import PACK_KEY, REF_KEY, REF_REC, Index, pack_fields
 from ..repository.journal import (NothingToCommit, PackOp, PendingPlan, PlanOp, SweepOp,
                                    WaitsOp, new_plan_id)
 from ..repository.leases import SESSION, LeaseInfo, iso, list_leases, now
@@ -58,7 +67,8 @@ from ..repository.points import point_object
 from ..repository.store import ObjectMissing
 from ..repository.repo import Repository
 from .gc import GcReport
-from .inventory import MapCache, live_refs, objects_under, scan_refs
+from .inventory import objects_under, refs_in_packs
+from .tally import ROWS, batches, find_sorted, per_pack, ref_rows, summed
 
 DEFAULT_GRACE = 24 * 3600.0
 DELETE_BATCH = 1000  # names per Store.delete: one DeleteObjects request on S3
@@ -70,6 +80,11 @@ DELETE_BATCH = 1000  # names per Store.delete: one DeleteObjects request on S3
 MAX_GAP = 4 << 10
 MAX_REQUEST = 8 << 20
 IN_FLIGHT = 8
+# the rows of the chunks a repack copies are read a group of packs at a time, each group one
+# read of the refs table holding at most GROUP_ROWS rows or a GROUPS-th of them all (a larger
+# pack alone): a few bytes a chunk held, in at most about GROUPS reads
+GROUP_ROWS = 1 << 20
+GROUPS = 16
 
 
 @dataclass
@@ -98,11 +113,129 @@ class SharedGcReport(GcReport):
 
 @dataclass(frozen=True)
 class Mark:
-    """What the catalog uses now: the maps its records name and the refs those maps hold."""
+    """What the catalog uses, as one read transaction of the cache sees it: the maps its
+    records name, its points, and which rows of the refs table (in ref order) those maps use."""
 
     maps: frozenset[str]
-    refs: np.ndarray  # sorted unique u64
     catalogued: frozenset[str]  # point ids
+    used: np.ndarray  # bool, one per row of the refs table (the marker's: until its next mark)
+
+    def rows(self, txn: lmdb.Transaction,
+             index: Index) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The refs table `txn` (the mark's) sees, a batch at a time: (refs, REF_ROW rows,
+        used)."""
+        at = 0
+        for refs, rows in ref_rows(txn, index):
+            yield refs, rows, self.used[at:at + len(refs)]
+            at += len(refs)
+
+
+class Marker:
+    """The marks of one gc run, a few bytes a chunk: the refs table's refs (sorted, 8 bytes
+    each) and whether a map in use holds each (1 byte), carried over from one mark to the next
+    as the cache changes, so that each map is read once a run (a mark after a map left the
+    catalog reads every map again: the refs only it held may be unused now)."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.maps: frozenset[str] = frozenset()  # the maps marked
+        self.refs = np.zeros(0, np.uint64)  # the refs table's refs as last read (sorted)
+        self.used = np.zeros(0, bool)  # aligned with the table's refs
+        self.extra = np.zeros(0, np.uint64)  # refs marked maps hold that the table lacks
+
+    def mark(self, txn: lmdb.Transaction) -> Mark:
+        """A full mark of the cache as `txn` sees it (maps marked already are not read again).
+        A map in use that cannot be read stops gc: its chunks would look unused."""
+        index = self.repo.index
+        records = [index.record(k, v) for k, v in txn.cursor(db=index.points)]
+        names = frozenset(d["map"] for r in records for d in r["disks"])
+        if self.maps - names:
+            self.maps, self.extra = frozenset(), np.zeros(0, np.uint64)
+            self.used = np.zeros(len(self.refs), bool)
+        self._realign(txn)
+        errors = {}
+        for name in sorted(names - self.maps):
+            try:
+                self._add(self.repo.map_refs(name))
+            except RepoError as exc:
+                errors[name] = str(exc)
+        self.maps = names - errors.keys()
+        if errors:
+            raise DamageError(f"{len(errors)} block maps in use cannot be read (first: "
+                              f"{next(iter(errors.values()))}); gc deletes nothing while their "
+                              "chunks cannot be told apart: run 'repo-engine verify'")
+        return Mark(names, frozenset(r["id"] for r in records), self.used)
+
+    def _realign(self, txn: lmdb.Transaction) -> None:
+        """Carry the marks over to the refs table `txn` sees, read a batch at a time: a used
+        ref it no longer holds goes to `extra`, a ref of `extra` it holds now is marked. A
+        table that only lost rows (a sweep's) is compacted in place; one that gained rows is
+        built anew (its arrays beside the old ones for a while)."""
+        seen = np.zeros(len(self.refs), bool)
+        fresh = False  # the table holds a ref the marks do not
+        for part in self._keys(txn):
+            pos, found = find_sorted(self.refs, part)
+            seen[pos[found]] = True
+            fresh = fresh or not found.all()
+        self.extra = np.union1d(self.extra, self.refs[self.used & ~seen]).astype(np.uint64)
+        if fresh:
+            self._rebuild(txn)
+        elif not seen.all():
+            self.refs, self.used = _compact(self.refs, seen), _compact(self.used, seen)
+
+    def _rebuild(self, txn: lmdb.Transaction) -> None:
+        count = txn.stat(self.repo.index.refs)["entries"]  # the rows `txn` sees: those read
+        refs, used = np.empty(count, np.uint64), np.zeros(count, bool)
+        at = 0
+        for part in self._keys(txn):
+            pos, found = find_sorted(self.refs, part)
+            used[at:at + len(part)] = _among(part, self.extra)
+            used[at:at + len(part)][found] |= self.used[pos[found]]
+            refs[at:at + len(part)] = part
+            at += len(part)
+        self.refs, self.used = refs, used
+
+    def _keys(self, txn: lmdb.Transaction) -> Iterator[np.ndarray]:
+        """The refs table's refs `txn` sees, a batch at a time."""
+        for keys, _ in batches(txn, self.repo.index.refs, values=False):
+            yield np.frombuffer(keys, ">u8").astype(np.uint64)
+
+    def _add(self, refs: np.ndarray) -> None:
+        """Mark the refs of one map, a batch at a time (a map may hold most of the chunks)."""
+        for start in range(0, len(refs), ROWS):
+            part = refs[start:start + ROWS]
+            pos, found = find_sorted(self.refs, part)
+            self.used[pos[found]] = True
+            if not found.all():
+                self.extra = np.union1d(self.extra, part[~found]).astype(np.uint64)
+
+    def holds(self, refs: np.ndarray) -> np.ndarray:
+        """Whether the last mark found each of `refs` (rows of the refs table) used."""
+        pos, found = find_sorted(self.refs, refs)
+        return found & self.used[pos]
+
+
+def _compact(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """`values[keep]`, written over the start of `values` a batch at a time (no copy of it
+    made beside it): a view of `values`."""
+    at = 0
+    for start in range(0, len(values), ROWS):
+        piece = values[start:start + ROWS][keep[start:start + ROWS]]
+        values[at:at + len(piece)] = piece
+        at += len(piece)
+    return values[:at]
+
+
+def _among(refs: np.ndarray, sorted_refs: np.ndarray) -> np.ndarray:
+    """Whether each of `refs` is one of `sorted_refs` (sorted): a binary search each, so that a
+    batch costs no sort of a large set (np.isin sorts both)."""
+    return find_sorted(sorted_refs, refs)[1]
+
+
+def _pending_refs(plans: list[PendingPlan]) -> np.ndarray:
+    """The refs the pending `plans` doom, sorted and unique."""
+    return np.unique(np.concatenate([p.op.refs for p in plans] or [np.zeros(0, np.uint64)])
+                     ).astype(np.uint64)
 
 
 def gc(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = False,
@@ -112,28 +245,25 @@ def gc(repo: Repository, *, grace: float = DEFAULT_GRACE, dry_run: bool = False,
     of a repack of what is left."""
     started = time.monotonic()
     report = SharedGcReport(dry_run=dry_run, grace_seconds=grace)
-    cache = MapCache(repo)
+    marker = Marker(repo)
     if dry_run:
         with repo.lock(SHARED, "gc --dry-run"):
-            _dry_run(repo, cache, report, max_unused)
+            _dry_run(repo, marker, report, max_unused)
     else:
         with repo.lock(MAINTENANCE, "gc"):
-            _run(repo, cache, report, grace, max_unused, repack, tick)
+            _run(repo, marker, report, grace, max_unused, repack, tick)
     report.seconds = round(time.monotonic() - started, 3)
     return report
 
 
-def _run(repo: Repository, cache: MapCache, report: SharedGcReport, grace: float,
+def _run(repo: Repository, marker: Marker, report: SharedGcReport, grace: float,
          max_unused: float, repack: bool, tick: Callable[[str], None] | None) -> None:
-    _sweep_ready(repo, cache, report, grace, tick)
+    _sweep_ready(repo, marker, report, grace, tick)
     if repack:  # before the plan: the old packs it leaves wholly unused are doomed with the rest
-        _repack(repo, _partly_used(repo, _mark(repo, cache), max_unused), report, tick)
-    plan = _plan(repo, cache, report)
-    if plan is not None:
-        _commit_waits(repo, plan)
-        if grace <= 0:
-            _sweep_ready(repo, cache, report, grace, tick)
-    _repack_cost(repo, _mark(repo, cache), report, max_unused)
+        _repack(repo, _partly_used(repo, marker, max_unused), report, tick)
+    if _plan(repo, marker, report) and grace <= 0:
+        _sweep_ready(repo, marker, report, grace, tick)
+    _repack_cost(repo, marker, report, max_unused)
     report.plans_pending = len(repo.index.pending_plans())
     _checkpoint(repo, grace, report)
     _abort_stale_uploads(repo, grace, report)
@@ -148,36 +278,16 @@ def _abort_stale_uploads(repo: Repository, grace: float, report: SharedGcReport)
     report.uploads_aborted = repo.store.abort_stale_uploads(before)
 
 
-# -- the mark ----------------------------------------------------------------------------------
-def _mark(repo: Repository, cache: MapCache) -> Mark:
-    """A full mark of the cache as it is now (maps already read are not read again). A map in
-    use that cannot be read stops gc: its chunks would look unused."""
-    records = repo.index.points_records()
-    names = frozenset(d["map"] for r in records for d in r["disks"])
-    refs, _counts = live_refs(cache, names)
-    bad = [cache.errors[n] for n in sorted(names) if n in cache.errors]
-    if bad:
-        raise DamageError(f"{len(bad)} block maps in use cannot be read (first: {bad[0]}); gc "
-                          "deletes nothing while their chunks cannot be told apart: run "
-                          "'repo-engine verify'")
-    return Mark(names, refs, frozenset(r["id"] for r in records))
-
-
 @dataclass(frozen=True)
 class _Packs:
-    """The packs of the cache: number -> (name, size), and the ref table's pack column."""
+    """The packs of the cache: number -> (name, size, chunk count)."""
 
-    names: dict[int, tuple[str, int, int]]  # name, size, chunk count
-    refs: np.ndarray  # scan_refs rows
+    names: dict[int, tuple[str, int, int]]
 
     @classmethod
-    def read(cls, repo: Repository) -> "_Packs":
-        index = repo.index
-        with index.env.begin() as txn:
-            table = scan_refs(index, txn)
-            names = {int.from_bytes(k, "big"): pack_fields(v) for k, v in
-                     txn.cursor(db=index.packs)}
-        return cls(names, table)
+    def read(cls, txn: lmdb.Transaction, index: Index) -> "_Packs":
+        return cls({int.from_bytes(k, "big"): pack_fields(v) for k, v in
+                    txn.cursor(db=index.packs)})
 
     def by_name(self) -> dict[str, int]:
         return {name: number for number, (name, _size, _count) in self.names.items()}
@@ -198,30 +308,37 @@ class _Listed:
                    set(objects_under(repo, "maps")), set(objects_under(repo, "points")))
 
 
-def _plan(repo: Repository, cache: MapCache, report: SharedGcReport) -> PlanOp | None:
+def _plan(repo: Repository, marker: Marker, report: SharedGcReport) -> bool:
+    """Commit the plan of what is unused now and its waits (False: nothing to plan)."""
     listed = _Listed.read(repo)
     try:
-        entry = repo.commit_journal(lambda _seq: [_plan_op(repo, cache, listed)])
+        entry = repo.commit_journal(lambda _seq: [_plan_op(repo, marker, listed)])
     except NothingToCommit:
-        return None
+        return False
     op = entry.ops[0]
     assert isinstance(op, PlanOp)
     report.candidates += len(op.refs)
     report.planned_packs += len(op.packs)
     report.planned_maps += len(op.maps)
     report.planned_objects += len(op.objects)
-    return op
+    _commit_waits(repo, op)
+    return True
 
 
-def _plan_op(repo: Repository, cache: MapCache, listed: _Listed) -> PlanOp:
+def _plan_op(repo: Repository, marker: Marker, listed: _Listed) -> PlanOp:
     """The plan of what is unused in the caught-up cache and not doomed by a pending plan."""
-    mark = _mark(repo, cache)
-    packs = _Packs.read(repo)
-    pending = repo.index.pending_plans()
-    dead = ~np.isin(packs.refs["ref"], mark.refs)
-    doomed = np.concatenate([p.op.refs for p in pending] or [np.zeros(0, np.uint64)])
-    refs = np.setdiff1d(packs.refs["ref"][dead], doomed)
-    live_packs = set(np.unique(packs.refs["pack"][~dead]).tolist())
+    index = repo.index
+    pending = index.pending_plans()
+    doomed = _pending_refs(pending)
+    dead_refs, live_packs = [], set()
+    with index.env.begin() as txn:
+        mark = marker.mark(txn)
+        for refs, rows, used in mark.rows(txn, index):
+            dead = refs[~used]
+            dead_refs.append(dead[~_among(dead, doomed)])
+            live_packs.update(np.unique(rows["pack"][used]).tolist())
+        packs = _Packs.read(txn, index)
+    refs = np.concatenate(dead_refs or [np.zeros(0, np.uint64)])
     taken = {name for p in pending for name in (*p.op.packs, *p.op.maps, *p.op.objects)}
     dead_packs = sorted(name for number, (name, _, _) in packs.names.items()
                         if number not in live_packs and name not in taken)
@@ -232,7 +349,8 @@ def _plan_op(repo: Repository, cache: MapCache, listed: _Listed) -> PlanOp:
                      - taken)
     if not (len(refs) or dead_packs or maps or objects):
         raise NothingToCommit()
-    return PlanOp(new_plan_id(), iso(now()), refs.astype(np.uint64), dead_packs, maps, objects)
+    return PlanOp(new_plan_id(), iso(now()), refs.astype(np.uint64, copy=False), dead_packs,
+                  maps, objects)
 
 
 def _commit_waits(repo: Repository, plan: PlanOp) -> PendingPlan:
@@ -256,7 +374,7 @@ def ready(plan: PendingPlan, leases: dict[str, LeaseInfo], grace: float, at: dat
     return all(name not in leases or leases[name].expired(at, grace) for name in plan.leases)
 
 
-def _sweep_ready(repo: Repository, cache: MapCache, report: SharedGcReport, grace: float,
+def _sweep_ready(repo: Repository, marker: Marker, report: SharedGcReport, grace: float,
                  tick: Callable[[str], None] | None) -> None:
     plans = repo.index.pending_plans()
     if not plans:
@@ -268,7 +386,7 @@ def _sweep_ready(repo: Repository, cache: MapCache, report: SharedGcReport, grac
         if ready(plan, leases, grace, now()):
             if tick:
                 tick(f"sweeping plan {plan.op.plan}")
-            _sweep(repo, cache, plan, report)
+            _sweep(repo, marker, plan, report)
 
 
 @dataclass
@@ -287,12 +405,12 @@ class _Doomed:
                 + self.objects)
 
 
-def _sweep(repo: Repository, cache: MapCache, plan: PendingPlan,
+def _sweep(repo: Repository, marker: Marker, plan: PendingPlan,
            report: SharedGcReport) -> None:
     decided: list[_Doomed] = []
 
     def build(_seq: int) -> list:
-        decided[:] = [_sweep_op(repo, cache, plan.op)]
+        decided[:] = [_sweep_op(repo, marker, plan.op)]
         return [decided[0].op]
 
     repo.commit_journal(build)
@@ -320,25 +438,33 @@ def _size(repo: Repository, name: str) -> int:
         return 0
 
 
-def _sweep_op(repo: Repository, cache: MapCache, plan: PlanOp) -> _Doomed:
+def _sweep_op(repo: Repository, marker: Marker, plan: PlanOp) -> _Doomed:
     """The sweep of `plan` against the cache caught up now: a doomed ref used again is kept
     (and every pack placing a kept or undoomed chunk), a doomed map named again is kept, a doomed
     object the cache now knows is kept."""
-    mark = _mark(repo, cache)
-    packs = _Packs.read(repo)
-    table = packs.refs
-    doomed = table[np.isin(table["ref"], plan.refs)]
-    unused = ~np.isin(doomed["ref"], mark.refs)
-    swept = doomed["ref"][unused]
-    placing = set(np.unique(table["pack"][~np.isin(table["ref"], swept)]).tolist())
+    index = repo.index
+    planned = np.unique(plan.refs)
+    swept, placing, kept_refs, stored = [], set(), 0, 0
+    with index.env.begin() as txn:
+        mark = marker.mark(txn)
+        for refs, rows, used in mark.rows(txn, index):
+            doomed = _among(refs, planned)
+            gone = doomed & ~used
+            swept.append(refs[gone])
+            placing.update(np.unique(rows["pack"][~gone]).tolist())
+            kept_refs += int((doomed & used).sum())
+            stored += int(rows["stored"][gone].astype(np.int64).sum())
+        packs = _Packs.read(txn, index)
     indexed = packs.by_name()
     gone_packs = [n for n in plan.packs if indexed.get(n) not in placing]
     maps = [n for n in plan.maps if n not in mark.maps]
     objects = [o for o in plan.objects if not _known(o, indexed, mark)]
-    return _Doomed(SweepOp(plan.plan, swept.astype(np.uint64), gone_packs, maps), objects,
+    refs = np.concatenate(swept or [np.zeros(0, np.uint64)])
+    return _Doomed(SweepOp(plan.plan, refs.astype(np.uint64, copy=False), gone_packs, maps),
+                   objects,
                    freed=sum(packs.names[indexed[n]][1] for n in gone_packs if n in indexed),
-                   kept_refs=int((~unused).sum()), kept_packs=len(plan.packs) - len(gone_packs),
-                   stored=int(doomed["stored"][unused].astype(np.int64).sum()))
+                   kept_refs=kept_refs, kept_packs=len(plan.packs) - len(gone_packs),
+                   stored=stored)
 
 
 def _known(name: str, indexed: dict[str, int], mark: Mark) -> bool:
@@ -361,20 +487,45 @@ def _delete(repo: Repository, names: list[str]) -> None:
 # -- repack -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Partly:
-    """The partly used packs a repack rewrites, and the chunks it copies from them: those used
-    by a catalogued point and not doomed by a pending plan (REF_TABLE rows sorted by pack, then
-    offset)."""
+    """The partly used packs a repack rewrites (in `numbers`, with the rows each holds to copy
+    in `counts`), and how to tell the chunks it copies from them: those `marker`'s last mark
+    found used by a catalogued point, and not `doomed` by a pending plan."""
 
     packs: _Packs
     numbers: list[int]
-    rows: np.ndarray
+    counts: list[int]
+    marker: Marker
+    doomed: np.ndarray
 
-    def rows_of(self, number: int) -> np.ndarray:
-        packs = self.rows["pack"]
-        return self.rows[np.searchsorted(packs, number):np.searchsorted(packs, number, "right")]
+    def groups(self, index: Index) -> Iterator[tuple[list[int], np.ndarray]]:
+        """The packs, a group at a time (GROUP_ROWS), with the rows of the chunks to copy from
+        them (REF_TABLE rows sorted by pack, then offset)."""
+        budget = max(GROUP_ROWS, -(-sum(self.counts) // GROUPS))
+        group: list[int] = []
+        held = 0
+        for number, count in zip(self.numbers, self.counts):
+            if group and held + count > budget:
+                yield group, self._rows(index, group)
+                group, held = [], 0
+            group.append(number)
+            held += count
+        if group:
+            yield group, self._rows(index, group)
+
+    def _rows(self, index: Index, numbers: list[int]) -> np.ndarray:
+        with index.env.begin() as txn:
+            rows = refs_in_packs(index, txn, numbers)
+        rows = rows[self.marker.holds(rows["ref"]) & ~_among(rows["ref"], self.doomed)]
+        return rows[np.lexsort((rows["offset"], rows["pack"]))]
 
 
-def _partly_used(repo: Repository, mark: Mark, max_unused: float) -> _Partly:
+def _rows_of(rows: np.ndarray, number: int) -> np.ndarray:
+    """The rows of pack `number` of `rows` (sorted by pack)."""
+    packs = rows["pack"]
+    return rows[np.searchsorted(packs, number):np.searchsorted(packs, number, "right")]
+
+
+def _partly_used(repo: Repository, marker: Marker, max_unused: float) -> _Partly:
     """The packs whose unused share of chunk bytes exceeds `max_unused` percent and that hold a
     chunk to copy (a pack without one dies whole: a plan dooms it)."""
     sealed = bool(repo.config.encryption)
@@ -383,25 +534,27 @@ def _partly_used(repo: Repository, mark: Mark, max_unused: float) -> _Partly:
         data = max(blob_bytes(size, count, sealed), 1)
         return bool(size) and (1 - used / data) * 100 > max_unused
 
-    return _to_copy(repo, mark, mostly_unused)
+    return _to_copy(repo, marker, mostly_unused)
 
 
-def _to_copy(repo: Repository, mark: Mark, choose: Callable[[str, int, int, int], bool]
+def _to_copy(repo: Repository, marker: Marker, choose: Callable[[str, int, int, int], bool]
              ) -> _Partly:
     """The packs holding a chunk to copy (used by a catalogued point, not doomed by a pending
-    plan) that `choose(name, size, chunk count, bytes of the chunks to copy)` picks."""
-    packs = _Packs.read(repo)
-    table = packs.refs
-    doomed = np.concatenate([p.op.refs for p in repo.index.pending_plans()]
-                            or [np.zeros(0, np.uint64)])
-    live = table[np.isin(table["ref"], mark.refs) & ~np.isin(table["ref"], doomed)]
-    numbers, inverse = np.unique(live["pack"], return_inverse=True)
-    kept = np.bincount(inverse, weights=live["stored"].astype(np.float64),
-                       minlength=len(numbers)).astype(np.int64)
-    chosen = [number for number, used in zip(numbers.tolist(), kept.tolist())
-              if choose(*packs.names.get(number, ("", 0, 0)), used)]
-    rows = live[np.isin(live["pack"], chosen)]
-    return _Partly(packs, chosen, rows[np.lexsort((rows["offset"], rows["pack"]))])
+    plan) that `choose(name, size, chunk count, bytes of the chunks to copy)` picks: the refs
+    table read a batch at a time to sum what each pack holds to copy (its rows are read again
+    for the packs picked, `_Partly.groups`)."""
+    index = repo.index
+    doomed = _pending_refs(index.pending_plans())
+    sums = (np.zeros(0, np.int64),) * 3  # pack numbers, rows to copy, their stored bytes
+    with index.env.begin() as txn:
+        mark = marker.mark(txn)
+        for refs, rows, used in mark.rows(txn, index):
+            live = used & ~_among(refs, doomed)
+            sums = summed(sums, per_pack(rows["pack"][live], rows["stored"][live]))
+        packs = _Packs.read(txn, index)
+    chosen = [(number, count) for number, count, kept in zip(*(a.tolist() for a in sums))
+              if choose(*packs.names.get(number, ("", 0, 0)), kept)]
+    return _Partly(packs, [n for n, _ in chosen], [c for _, c in chosen], marker, doomed)
 
 
 def _span(rows: np.ndarray) -> int:
@@ -418,38 +571,41 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
                       MAX_REQUEST)
 
 
-def _repack_cost(repo: Repository, mark: Mark, report: SharedGcReport,
+def _repack_cost(repo: Repository, marker: Marker, report: SharedGcReport,
                  max_unused: float) -> None:
     """What a repack of the packs over `max_unused` would cost: their live bytes read back
     (coalesced range GETs) and written again into new packs (one PUT each), and one DELETE
     batch for the old ones; and what it would free."""
-    partly = _partly_used(repo, mark, max_unused)
+    partly = _partly_used(repo, marker, max_unused)
     if not partly.numbers:
         return
-    kept = int(partly.rows["stored"].astype(np.int64).sum())
-    runs = [rows[first:stop] for rows in map(partly.rows_of, partly.numbers)
-            for first, stop in _runs(rows)]
+    kept = read = requests = 0
+    for numbers, rows in partly.groups(repo.index):
+        kept += int(rows["stored"].astype(np.int64).sum())
+        for pack in (_rows_of(rows, number) for number in numbers):
+            runs = _runs(pack)
+            read += sum(_span(pack[first:stop]) for first, stop in runs)
+            requests += len(runs)
     report.repack_packs = len(partly.numbers)
-    report.repack_read_bytes = sum(map(_span, runs))
+    report.repack_read_bytes = read
     report.repack_write_bytes = kept
     report.repack_reclaims_bytes = sum(partly.packs.names[n][1] for n in partly.numbers) - kept
     puts = -(-kept // repo.config.pack_size)
-    report.repack_requests = len(runs) + puts + -(-len(partly.numbers) // DELETE_BATCH)
+    report.repack_requests = requests + puts + -(-len(partly.numbers) // DELETE_BATCH)
 
 
 def repack_packs(repo: Repository, report: SharedGcReport, names: set[str],
                  tick: Callable[[str], None] | None = None) -> None:
     """Copy the used chunks of the packs `names` into new packs (the caller holds the
     maintenance lock); a plan then dooms the old packs like any dead pack."""
-    partly = _to_copy(repo, _mark(repo, MapCache(repo)),
-                      lambda name, _size, _count, _used: name in names)
+    partly = _to_copy(repo, Marker(repo), lambda name, _size, _count, _used: name in names)
     _repack(repo, partly, report, tick)
 
 
 def collect(repo: Repository, report: SharedGcReport, grace: float,
             tick: Callable[[str], None] | None = None) -> None:
     """gc without a repack, for a caller that holds the maintenance lock."""
-    _run(repo, MapCache(repo), report, grace, 10.0, False, tick)
+    _run(repo, Marker(repo), report, grace, 10.0, False, tick)
 
 
 def _repack(repo: Repository, partly: _Partly, report: SharedGcReport,
@@ -459,11 +615,10 @@ def _repack(repo: Repository, partly: _Partly, report: SharedGcReport,
     out = _Output(repo, report)
     try:
         with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="repack-read") as pool:
-            for i, number in enumerate(partly.numbers):
+            for i, (number, rows) in enumerate(_by_pack(partly, repo.index)):
                 if tick:
                     tick(f"repacking {i + 1}/{len(partly.numbers)}")
                 name, size, _count = partly.packs.names[number]
-                rows = partly.rows_of(number)
                 try:
                     blobs = _read_live(repo, pool, name, rows, report)
                 except DamageError as exc:
@@ -476,6 +631,13 @@ def _repack(repo: Repository, partly: _Partly, report: SharedGcReport,
         out.publish()
     finally:
         out.abort()
+
+
+def _by_pack(partly: _Partly, index: Index) -> Iterator[tuple[int, np.ndarray]]:
+    """Each pack `partly` picked with the rows of the chunks to copy from it."""
+    for numbers, rows in partly.groups(index):
+        for number in numbers:
+            yield number, _rows_of(rows, number)
 
 
 class _Output:
@@ -582,17 +744,20 @@ def _checkpoint(repo: Repository, grace: float, report: SharedGcReport) -> None:
 
 
 # -- dry run -----------------------------------------------------------------------------------
-def _dry_run(repo: Repository, cache: MapCache, report: SharedGcReport,
+def _dry_run(repo: Repository, marker: Marker, report: SharedGcReport,
              max_unused: float) -> None:
     """What a plan would doom now, committing nothing."""
+    _dry_plan(repo, marker, report)
+    report.plans_pending = len(repo.index.pending_plans())
+    _repack_cost(repo, marker, report, max_unused)
+
+
+def _dry_plan(repo: Repository, marker: Marker, report: SharedGcReport) -> None:
     listed = _Listed.read(repo)
     try:
-        op = _plan_op(repo, cache, listed)
+        op = _plan_op(repo, marker, listed)
     except NothingToCommit:
-        op = None
-    if op is not None:
-        report.candidates = len(op.refs)
-        report.planned_packs, report.planned_maps = len(op.packs), len(op.maps)
-        report.planned_objects = len(op.objects)
-    report.plans_pending = len(repo.index.pending_plans())
-    _repack_cost(repo, _mark(repo, cache), report, max_unused)
+        return
+    report.candidates = len(op.refs)
+    report.planned_packs, report.planned_maps = len(op.packs), len(op.maps)
+    report.planned_objects = len(op.objects)

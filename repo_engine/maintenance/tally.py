@@ -88,15 +88,16 @@ class RefTable:
 
     def find(self, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(position in `self.refs`, found) of each of `refs`."""
-        return _find(self.refs, np.asarray(refs, np.uint64))
+        return find_sorted(self.refs, np.asarray(refs, np.uint64))
 
     def rows_in(self, number: int) -> int:
         """The rows that place a chunk in pack `number`."""
-        pos, found = _find(self.packs, np.array([number], np.int64))
+        pos, found = find_sorted(self.packs, np.array([number], np.int64))
         return int(self.pack_rows[pos[0]]) if found[0] else 0
 
 
-def _find(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position in `sorted_keys`, found) of each of `keys`."""
     if not len(sorted_keys):
         return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
     pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
@@ -114,10 +115,15 @@ def read_ref_table(txn: lmdb.Transaction, index: Index, *, prints: bool = False)
         if prints:
             marks[at:at + len(keys)] = fingerprints(rows["id"])
         at += len(keys)
-        numbers, inverse = np.unique(rows["pack"].astype(np.int64), return_inverse=True)
-        packs = _summed(packs, (numbers, np.bincount(inverse, minlength=len(numbers)),
-                                _sums(inverse, rows["stored"], len(numbers))))
+        packs = summed(packs, per_pack(rows["pack"], rows["stored"]))
     return RefTable(refs, *packs, marks if prints else None)
+
+
+def per_pack(packs: np.ndarray, stored: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(pack numbers, rows, stored bytes) of the rows of a batch placed in `packs`."""
+    numbers, inverse = np.unique(packs.astype(np.int64), return_inverse=True)
+    return numbers, np.bincount(inverse, minlength=len(numbers)), _sums(inverse, stored,
+                                                                         len(numbers))
 
 
 def _sums(inverse: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
@@ -125,7 +131,7 @@ def _sums(inverse: np.ndarray, values: np.ndarray, size: int) -> np.ndarray:
                        minlength=size).astype(np.int64)
 
 
-def _summed(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+def summed(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
     """Two (keys, counts, sums) triples with the counts and sums of equal keys added."""
     numbers, inverse = np.unique(np.concatenate([a[0], b[0]]), return_inverse=True)
     return (numbers, _sums(inverse, np.concatenate([a[1], b[1]]), len(numbers)),
@@ -187,7 +193,7 @@ class Tally:
         refs found are: positions in the table's refs, positions in `extra` (what extra()
         gave, passed in so that many calls build it once)."""
         pos, found = self.table.find(refs)
-        at, hit = _find(extra[0], refs)  # the table lacks every extra ref: never both
+        at, hit = find_sorted(extra[0], refs)  # the table lacks every extra ref: never both
         out = np.zeros(len(refs), np.uint64)
         out[found] = self.counts[pos[found]]
         out[hit] = extra[1][at[hit]]

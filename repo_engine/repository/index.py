@@ -478,29 +478,33 @@ class Index:
         elif isinstance(op, RetireOp):
             self.put_retired(txn, self.retired_in(txn) | set(op.epochs))
 
-    def _unfindable(self, txn: lmdb.Transaction, refs: np.ndarray) -> list[tuple[bytes, bytes]]:
-        """Remove the `ids` entries naming `refs` (no dedup finds them any more); returns the
-        (ref key, place record) of each ref the cache holds."""
-        found = []
-        for ref in refs.tolist():
-            key = REF_KEY.pack(ref)
-            raw = txn.get(key, db=self.refs)
-            if raw is None:
-                continue
-            found.append((key, raw))
-            chunk_id = raw[:32]
-            if txn.get(chunk_id, db=self.ids) == U64.pack(ref):
-                txn.delete(chunk_id, db=self.ids)
-        return found
+    def _unfindable(self, txn: lmdb.Transaction, refs: np.ndarray, *,
+                    drop: bool = False) -> tuple[int, int, int]:
+        """Remove the `ids` entries naming `refs` (no dedup finds them any more) and, with
+        `drop`, their place records; returns how many of `refs` the cache held, and their raw
+        and stored bytes. The refs are taken a few thousand at a time: a plan may name most
+        chunks of the repository, and a Python object each would cost some 40 times its 8
+        bytes."""
+        held = raw_bytes = stored = 0
+        for start in range(0, len(refs), 4096):
+            for ref in refs[start:start + 4096].tolist():
+                key = REF_KEY.pack(ref)
+                raw = txn.get(key, db=self.refs)
+                if raw is None:
+                    continue
+                chunk_id = raw[:32]
+                if txn.get(chunk_id, db=self.ids) == U64.pack(ref):
+                    txn.delete(chunk_id, db=self.ids)
+                held += 1
+                if drop:
+                    _id, _pack, _offset, size, length, _codec = REF_REC.unpack(raw)
+                    raw_bytes, stored = raw_bytes + length, stored + size
+                    txn.delete(key, db=self.refs)
+        return held, raw_bytes, stored
 
     def _sweep(self, txn: lmdb.Transaction, seq: int, op: SweepOp) -> None:
-        raw_bytes = stored = 0
-        rows = self._unfindable(txn, op.refs)
-        for key, raw in rows:
-            _id, _pack, _offset, size, length, _codec = REF_REC.unpack(raw)
-            raw_bytes, stored = raw_bytes + length, stored + size
-            txn.delete(key, db=self.refs)
-        for name, delta in (("chunks", len(rows)), ("raw_bytes", raw_bytes),
+        held, raw_bytes, stored = self._unfindable(txn, op.refs, drop=True)
+        for name, delta in (("chunks", held), ("raw_bytes", raw_bytes),
                             ("stored_bytes", stored)):
             self._add(txn, name, -min(delta, self._get_u64(txn, name.encode(), self.meta)))
         for pack in op.packs:
