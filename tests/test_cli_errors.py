@@ -60,6 +60,7 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
     **{f"key {args[0]}": (["key", args[0], "{repo}", *args[1:]], KEYS_OPEN) for args in (
         ["list"], ["status"], ["add"], ["remove", "abcd"], ["passwd"], ["rotate"],
         ["export-recovery", "--out", "{tmp}/k.pem"], ["recover", "--private-key", "{img}"])},
+    "key retire": (["key", "retire", "{repo}"], REPO_OPEN),  # opens the repository, not the keys
 }
 
 # fault -> (exit code, what the line must say)

@@ -193,8 +193,9 @@ def retire(repo: RepoAddress, grace: str | None, as_json: bool) -> None:
     """Rewrite everything sealed under the key epochs before the current one, then drop their
     keys: run 'key rotate' first. Backups may keep running.
 
-    The old copies are deleted by gc rules (after --grace); until they are, the old keys stay
-    and the command says so: run it again once the grace period has passed.
+    The old copies are deleted by gc rules (after --grace, and the old journal entries an
+    hour after the checkpoint this command writes at the earliest); until they are, the old
+    keys stay and the command says so: run it again once that time has passed.
 
     \b
     Example:
@@ -203,7 +204,7 @@ def retire(repo: RepoAddress, grace: str | None, as_json: bool) -> None:
     from ..maintenance.retire import retire as run_retire
     from ..maintenance.shared_gc import DEFAULT_GRACE
     from ..sources.vsphere import marks
-    from ..units import parse_seconds
+    from ..units import parse_seconds, plural
 
     seconds = DEFAULT_GRACE if grace is None else parse_seconds(grace, "--grace")
     with open_repo(repo) as repository, Progress() as progress:
@@ -213,17 +214,28 @@ def retire(repo: RepoAddress, grace: str | None, as_json: bool) -> None:
         emit_json(report)
         return
     click.echo(f"retiring key epochs {_epochs(report.retiring)} (new data: epoch "
-               f"{report.current}): rewrote {report.points_rewritten} points and "
-               f"{report.maps_rewritten} block maps, repacked {report.packs_repacked} packs, "
-               f"sealed {report.objects_resealed} other objects again")
+               f"{report.current}): rewrote {plural(report.points_rewritten, 'point')} and "
+               f"{plural(report.maps_rewritten, 'block map')}, repacked "
+               f"{plural(report.packs_repacked, 'pack')}, sealed "
+               f"{plural(report.objects_resealed, 'other object')} again")
     if report.dropped:
         click.echo(f"dropped the keys of epochs {_epochs(report.dropped)}: no object is sealed "
                    f"under them any more; the keyring holds epoch {_epochs(report.epochs)}")
         return
+    damaged = report.gc.damaged_packs_skipped
+    for msg in damaged:
+        click.echo(f"not repacked (damaged): {msg}")
+    if damaged:  # gc never deletes a pack in use: waiting would not help
+        click.echo(f"the keys of epochs {_epochs(report.retiring)} stay while {len(damaged)} "
+                   "damaged packs sealed under them hold chunks in use: run 'repo-engine scrub "
+                   "--repair', then 'repo-engine key retire' again")
+        return
     waiting = ", ".join(f"{n} in {prefix}/" for prefix, n in sorted(report.remaining.items()))
+    journal = ("; the journal's, an hour after this run's checkpoint at the earliest"
+               if "journal" in report.remaining else "")
     click.echo(f"still sealed under the old epochs: {waiting}; gc deletes the old copies after "
-               f"the grace period ({report.gc.grace_seconds:g} s): run 'repo-engine key "
-               "retire' again then to drop their keys")
+               f"the grace period ({report.gc.grace_seconds:g} s{journal}): run 'repo-engine "
+               "key retire' again then to drop their keys")
 
 
 def _epochs(epochs: list[int]) -> str:

@@ -6,10 +6,12 @@ reading the store, so that a run that stops anywhere is finished by the next one
 
 1. a `retire` journal entry naming the old epochs: from it on no commit of a command that
    sealed anything under them is accepted (one that opened the repository before the rotation
-   fails and stores nothing);
+   and sealed data fails and stores nothing), and a command whose current epoch is among them
+   reads the newest keyring before it commits or locks (repo.py, `Sealer.avoid`);
 2. every catalogued point whose manifest or block maps an old epoch seals: its maps written
    again under the current epoch (new names), then the point rewritten (its next generation,
-   the manifest sealed anew), REWRITE_BATCH points per journal entry;
+   the manifest sealed anew), per journal entry at most REWRITE_BATCH points and about
+   REWRITE_BYTES of the block maps they name (all of them are held until it is committed);
 3. every pack an old epoch seals: its used chunks copied into new packs (gc's repack, the same
    refs, so block maps stay valid);
 4. the caller's other sealed objects (`reseal`: the vSphere marks);
@@ -40,7 +42,9 @@ from ..repository.repo import Repository
 from ..repository.store import Store
 from .shared_gc import SharedGcReport, collect, repack_packs
 
-REWRITE_BATCH = 64  # points per journal entry (their maps are held until it is committed)
+REWRITE_BATCH = 64  # points per journal entry at most
+REWRITE_BYTES = 256 << 20  # and about this many bytes of the block maps they name (a full map
+# of a 2 TiB disk at 64 KiB blocks takes up to 512 MiB: 64 of them must not be held at once)
 READERS = 8  # key headers read at once (one small range GET each on object storage)
 SCANNED = ("packs/", "maps/", "points/", "journal/", "sources/")  # keys/, leases/: no epoch
 
@@ -134,28 +138,41 @@ def _rewrite_points(repo: Repository, headers: _Headers, report: RetireReport,
     todo = [p for p in points
             if point_object(p.id) in stale_points or any(d.map in stale_maps for d in p.disks)]
     renamed: dict[str, str] = {}
-    for first in range(0, len(todo), REWRITE_BATCH):
+    rewrites: list[PointRecord] = []
+    maps: dict[str, BlockMap] = {}  # every map the batch names: the commit needs them all
+    for done, point in enumerate(todo, 1):
+        rewrites.append(_resealed(repo, point, stale_maps, renamed, maps))
+        if (len(rewrites) < REWRITE_BATCH and _held(maps) < REWRITE_BYTES
+                and done < len(todo)):
+            continue
         if tick:
-            tick(f"rewriting points {first + 1}/{len(todo)}")
-        maps: dict[str, BlockMap] = {}
-        rewrites = [_resealed(repo, point, stale_maps, renamed, maps)
-                    for point in todo[first:first + REWRITE_BATCH]]
+            tick(f"rewriting points {done}/{len(todo)}")
         repo.commit_forget(rewrites, [], lambda _records: None, maps)
         report.points_rewritten += len(rewrites)
+        rewrites, maps = [], {}
     report.maps_rewritten = len(renamed)
 
 
 def _resealed(repo: Repository, point: PointRecord, stale_maps: set[str],
               renamed: dict[str, str], maps: dict[str, BlockMap]) -> PointRecord:
-    """The next generation of `point`, its stale maps written again under the current epoch."""
+    """The next generation of `point`, its stale maps written again under the current epoch;
+    every map it names is added to `maps`."""
     disks = []
     for disk in point.disks:
-        if disk.map in stale_maps and disk.map not in renamed:
-            bmap = repo.read_map(disk.map)
-            renamed[disk.map] = repo.write_map(bmap)
-            maps[renamed[disk.map]] = bmap
-        disks.append(replace(disk, map=renamed.get(disk.map, disk.map)))
+        name = renamed.get(disk.map, disk.map)
+        if name not in maps:
+            bmap = maps[name] = repo.read_map(name)
+            if disk.map in stale_maps and disk.map not in renamed:
+                name = renamed[disk.map] = repo.write_map(bmap)
+                maps[name] = maps.pop(disk.map)
+        disks.append(replace(disk, map=name))
     return repo.next_generation(point, disks=disks)
+
+
+def _held(maps: dict[str, BlockMap]) -> int:
+    """The bytes `maps` take in memory."""
+    return sum(m.refs.nbytes + (0 if m.blocks is None else m.blocks.nbytes)
+               for m in maps.values())
 
 
 def _repack(repo: Repository, headers: _Headers, report: RetireReport,

@@ -207,20 +207,26 @@ def checkpoint_due(store: Store, index: Index, every: int = CHECKPOINT_EVERY) ->
 
 def compact(store: Store, grace: float, now: float | None = None,
             sealer: Sealer = NULL_SEALER) -> int:
-    """Delete the entries at or below the newest checkpoint, and the checkpoints before it,
-    once it is older than `grace` seconds and STALE_AFTER (module doc); returns how many
-    entries were deleted."""
-    seq = newest_checkpoint(store)
-    if seq is None:
-        return 0
-    meta = next(_Reader(store, checkpoint_object(seq), sealer).records())[1]
-    written = datetime.fromisoformat(meta["time"]).timestamp()
-    if (now if now is not None else time.time()) < written + max(grace, STALE_AFTER):
+    """Delete the entries at or below the newest checkpoint older than `grace` seconds and
+    STALE_AFTER (module doc), and the checkpoints before it; returns how many entries were
+    deleted. Not only the newest checkpoint counts: gc writes one every CHECKPOINT_EVERY
+    entries, and on a busy repository the newest may never be that old."""
+    at = now if now is not None else time.time()
+    for seq in sorted(entry_seqs(store, ".ckpt"), reverse=True):
+        if at >= _written(store, seq, sealer) + max(grace, STALE_AFTER):
+            break
+    else:
         return 0
     doomed = sorted(s for s in entry_seqs(store) if s <= seq)
     older = [checkpoint_object(s) for s in entry_seqs(store, ".ckpt") if s < seq]
     store.delete([entry_object(s) for s in doomed] + older)
     return len(doomed)
+
+
+def _written(store: Store, seq: int, sealer: Sealer) -> float:
+    """When checkpoint `seq` was written (its META record's time), as a unix time."""
+    meta = next(_Reader(store, checkpoint_object(seq), sealer).records())[1]
+    return datetime.fromisoformat(meta["time"]).timestamp()
 
 
 # -- reading ----------------------------------------------------------------------------------

@@ -187,6 +187,9 @@ class Repository:
             self.close_index()  # reopened on next use
         try:
             self.refresh(check=True)
+            if self.sealer.encrypted:  # what it seals from now on, committed or not (a
+                # manifest a repair rewrites), under an epoch `key retire` did not retire
+                self.sealer.avoid(self.index.retired_epochs())
         except BaseException:
             lock.release()
             raise
@@ -221,8 +224,11 @@ class Repository:
     def _unretired(self, build: Callable[[int], list[Op]], seq: int) -> list[Op]:
         """`build(seq)`, unless this process sealed something under a key epoch `key retire`
         retired meanwhile (it opened the repository before the rotation): what it wrote would
-        become unreadable once the epoch's key is dropped, so none of it may be committed."""
-        retired = self.sealer.sealed_epochs & self.index.retired_epochs()
+        become unreadable once the epoch's key is dropped, so none of it may be committed.
+        The entry itself is sealed under an epoch that is not retired (`Sealer.avoid`)."""
+        retired = self.index.retired_epochs()
+        self.sealer.avoid(retired)
+        retired &= self.sealer.sealed_epochs
         if retired:
             raise RepoError(f"{self.store.location}: 'key retire' retired key epoch "
                             f"{min(retired)}, which this command sealed its data with (it "

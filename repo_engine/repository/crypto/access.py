@@ -32,7 +32,7 @@ from . import slots as slot_format
 from .keys import Unlocked, create, recover, unlock
 from .keystore import change_keyring, init_keys, load_keyring, load_slots
 from .null import PartSealer, Sealer
-from .seal import UnknownEpoch
+from .seal import ObjectSealer, UnknownEpoch
 from .slots import ScryptParams, Slot
 
 T = TypeVar("T")
@@ -90,19 +90,33 @@ class RepositorySealer:
         return self._sealer.sealed_size(size)
 
     def seal(self, kind: str, name: bytes, plaintext: bytes) -> bytes:
-        self._sealing()
-        return self._sealer.seal(kind, name, plaintext)
+        return self._sealing().seal(kind, name, plaintext)
 
     def open(self, kind: str, name: bytes, sealed: bytes, what: str) -> bytes:
         return self._retrying(lambda sealer: sealer.open(kind, name, sealed, what))
 
     def parts(self, kind: str) -> PartSealer:
-        self._sealing()
-        return self._sealer.parts(kind)
+        return self._sealing().parts(kind)
 
-    def _sealing(self) -> None:
-        if self._keyring.current not in self._used:
-            self._used |= {self._keyring.current}
+    def avoid(self, retired: set[int]) -> None:
+        """Seal nothing more under the `retired` epochs: when the current one is among them
+        (this host read the keyring before another host rotated, and may never have read an
+        object sealed under the new epoch), the newest keyring is read."""
+        if self._keyring.current not in retired:
+            return
+        self._reload(self._sealer)
+        if self._keyring.current in retired:
+            raise TamperedError(f"{self._store.location}/keys: the newest keyring seals new "
+                                f"data under epoch {self._keyring.current}, which the journal "
+                                "says was retired; the keyring was rolled back or tampered with")
+
+    def _sealing(self) -> ObjectSealer:
+        """The sealer to seal with, its epoch counted: the epoch of that very sealer, since
+        another thread may replace `_keyring` and `_sealer` (a reload) in between."""
+        sealer = self._sealer
+        if sealer.current not in self._used:
+            self._used |= {sealer.current}
+        return sealer
 
     @property
     def sealed_epochs(self) -> frozenset[int]:

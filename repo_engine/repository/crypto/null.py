@@ -47,6 +47,8 @@ class Sealer(Protocol):
 
     def parts_opener(self, kind: str, header: bytes, what: str) -> PartSealer: ...
 
+    def avoid(self, retired: set[int]) -> None: ...
+
 
 class NullSealer:
     """The sealer of an unencrypted repository: bytes pass through unchanged."""
@@ -72,6 +74,9 @@ class NullSealer:
             raise FormatError(f"{what}: the {kind} is encrypted but the repository was opened "
                               "without its keys")
         return _NullParts()
+
+    def avoid(self, retired: set[int]) -> None:
+        pass
 
 
 NULL_SEALER = NullSealer()

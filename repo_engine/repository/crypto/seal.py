@@ -79,6 +79,11 @@ class ObjectSealer:
         self._random = random
         self._segment = segment  # part of the format: tests pass a small one to reach edges
 
+    @property
+    def current(self) -> int:
+        """The epoch this sealer seals new objects under."""
+        return self._current
+
     def sealed_size(self, size: int) -> int:
         return HEADER.size + size + TAG_SIZE * max(1, -(-size // self._segment))
 

@@ -84,7 +84,9 @@ def reseal(store: Store, sealer: Sealer, stale: Callable[[str], bool]) -> int:
     being retired seals (`key retire`); returns how many. A restore may mark its VM meanwhile,
     and a store offers no compare-and-swap to keep that mark from being overwritten with the
     one read before: so each resealed mark asks for a full read (one full read of that VM,
-    never a backup that misses what a restore wrote)."""
+    never a backup that misses what a restore wrote) and counts as written when it is saved
+    (an in-place restore from an earlier point compares every block instead of trusting CBT,
+    never one that misses what a restore wrote after the mark was read)."""
     count = 0
     for info in store.list(MARKS):
         if not info.name.endswith(".mark") or not stale(info.name):
@@ -93,6 +95,7 @@ def reseal(store: Store, sealer: Sealer, stale: Callable[[str], bool]) -> int:
         mark = load(store, sealer, vm_uuid) or VmMark("?")
         mark.full_next = True
         mark.why = mark.why or "its mark was sealed again by 'key retire': full read to be safe"
+        mark.last_write = now_iso()  # after any restore's mark this one may overwrite
         _save(store, sealer, vm_uuid, mark)
         count += 1
     return count
