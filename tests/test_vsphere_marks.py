@@ -12,7 +12,7 @@ from repo_engine.repository.crypto.null import NULL_SEALER
 from repo_engine.repository.crypto.seal import ObjectSealer
 from repo_engine.repository.formats import VM_MARK
 from repo_engine.repository.store.local import LocalStore
-from repo_engine.sources.vsphere.marks import clear_full_next, load, mark_written
+from repo_engine.sources.vsphere.marks import UNKNOWN, clear_full_next, load, mark_written
 
 MARK = "sources/vsphere/vms/uuid-1.mark"
 
@@ -47,7 +47,12 @@ def test_a_damaged_mark_means_a_full_read(tmp_path):
     data = bytearray((tmp_path / MARK).read_bytes())
     data[30] ^= 1
     (tmp_path / MARK).write_bytes(bytes(data))
-    assert _load_in_time(store).full_next
+    mark = _load_in_time(store)
+    assert mark.full_next and mark.written_since("9999-12-31T00:00:00Z")  # CBT not trusted
+    clear_full_next(store, NULL_SEALER, "uuid-1")  # a full read: writes before it are seen
+    mark = load(store, NULL_SEALER, "uuid-1")
+    assert not mark.full_next and mark.last_write != UNKNOWN
+    assert mark.written_since("2000-01-01T00:00:00Z") and not mark.written_since("9999-01-01")
 
 
 def test_a_fifo_or_a_symlink_under_a_marks_name_means_a_full_read(tmp_path):

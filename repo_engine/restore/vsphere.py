@@ -196,9 +196,11 @@ def _plan_disk(repo: Repository, point: PointRecord, vm: Any, snap: Any, vddk: A
 
 def _distrust(repo: Repository, point: PointRecord, uuid: str) -> str:
     mark = marks.load(repo.store, repo.sealer, uuid)
-    if mark is not None and mark.last_write and mark.last_write > point.time:
-        return f"a restore wrote to the VM at {mark.last_write}, after the point"
-    return ""
+    if mark is None or not mark.written_since(point.time):
+        return ""
+    if mark.last_write == marks.UNKNOWN:
+        return "the VM's full-read mark cannot be read: a restore may have written to the VM"
+    return f"a restore wrote to the VM at {mark.last_write}, after the point"
 
 
 class _InPlace:

@@ -31,8 +31,15 @@ MARK_MAX = 64 * 1024
 class VmMark:
     vm: str
     full_next: bool = False
-    last_write: str | None = None
+    last_write: str | None = None  # UNKNOWN: a restore may have written at any time
     why: str = ""
+
+    def written_since(self, time: str) -> bool:
+        """Whether a restore may have written to the VM after `time` (a point's time)."""
+        return self.last_write == UNKNOWN or bool(self.last_write and self.last_write > time)
+
+
+UNKNOWN = "unknown"  # the last write of a mark that could not be read
 
 
 MARKS = "sources/vsphere/vms/"
@@ -54,10 +61,10 @@ def load(store: Store, sealer: Sealer, vm_uuid: str) -> VmMark | None:
         return VmMark(str(doc["vm"]), bool(doc["full_next"]), doc["last_write"], str(doc["why"]))
     except ObjectMissing:
         if store.exists(_name(vm_uuid, ".json")):
-            return VmMark("?", True, why="mark of an earlier version: full read to be safe")
+            return VmMark("?", True, UNKNOWN, "mark of an earlier version: full read to be safe")
         return None
     except (RepoError, ValueError, TypeError, KeyError):
-        return VmMark("?", True, why="unreadable mark: full read to be safe")
+        return VmMark("?", True, UNKNOWN, "unreadable mark: full read to be safe")
 
 
 def _save(store: Store, sealer: Sealer, vm_uuid: str, mark: VmMark) -> None:
@@ -76,6 +83,8 @@ def clear_full_next(store: Store, sealer: Sealer, vm_uuid: str) -> None:
     mark = load(store, sealer, vm_uuid)
     if mark is not None and mark.full_next:
         mark.full_next, mark.why = False, ""
+        if mark.last_write == UNKNOWN:  # whatever was written, it was before now
+            mark.last_write = now_iso()
         _save(store, sealer, vm_uuid, mark)
 
 
