@@ -131,15 +131,26 @@ def test_a_run_that_stops_half_way_is_finished_by_the_next(tmp_path, capsys, mon
     assert restores(capsys, tmp_path, repo) == contents
 
 
+def other_host(tmp_path: Path, repo: Path) -> Repository:
+    """The repository opened with a cache of its own, as another host opens it."""
+    pass_file = Path(passphrase.os.environ[passphrase.FILE_ENV])
+    return open_repository(str(repo), cache_dir=tmp_path / "other-host",
+                           passphrase=lambda: pass_file.read_bytes().strip())
+
+
+def backed_up_and_opened(tmp_path, capsys, monkeypatch, encrypted) -> tuple[Path, Repository]:
+    """An encrypted repository with one point, and another host's handle on it."""
+    repo, pass_file = encrypted
+    monkeypatch.setenv(passphrase.FILE_ENV, str(pass_file))
+    backup(capsys, repo, disk(tmp_path))
+    return repo, other_host(tmp_path, repo)
+
+
 def test_a_command_that_sealed_under_a_retired_epoch_commits_nothing(tmp_path, capsys,
                                                                      monkeypatch, encrypted):
     """A host that opened the repository before the rotation and sealed data under the old
     epoch: after the retire entry, its next commit is refused, whatever keyring it reloaded."""
-    repo, pass_file = encrypted
-    monkeypatch.setenv(passphrase.FILE_ENV, str(pass_file))
-    backup(capsys, repo, disk(tmp_path))
-    early = open_repository(str(repo), cache_dir=tmp_path / "other-host",
-                            passphrase=lambda: pass_file.read_bytes().strip())
+    repo, early = backed_up_and_opened(tmp_path, capsys, monkeypatch, encrypted)
     try:
         name = early.write_map(BlockMap.delta(4, np.array([1], np.uint64),
                                               np.array([7], np.uint64)))
@@ -151,8 +162,7 @@ def test_a_command_that_sealed_under_a_retired_epoch_commits_nothing(tmp_path, c
         assert stored_epoch(early.store, f"maps/{name[:2]}/{name}.map") == 1
     finally:
         early.close()
-    fresh = open_repository(str(repo), cache_dir=tmp_path / "other-host",
-                            passphrase=lambda: pass_file.read_bytes().strip())
+    fresh = other_host(tmp_path, repo)
     try:  # one opened after the rotation commits as before
         fresh.commit_journal(lambda _seq: [RefsOp(1 << 41, 1)])
     finally:
@@ -163,11 +173,7 @@ def test_a_command_that_sealed_nothing_yet_commits_under_the_current_epoch(
         tmp_path, capsys, monkeypatch, encrypted):  # noqa: F811
     """Opened before the rotation, it sealed nothing: catching up to the retire entry (sealed
     under the new epoch) reloads its keyring, and its entry is sealed under the new epoch."""
-    repo, pass_file = encrypted
-    monkeypatch.setenv(passphrase.FILE_ENV, str(pass_file))
-    backup(capsys, repo, disk(tmp_path))
-    early = open_repository(str(repo), cache_dir=tmp_path / "other-host",
-                            passphrase=lambda: pass_file.read_bytes().strip())
+    repo, early = backed_up_and_opened(tmp_path, capsys, monkeypatch, encrypted)
     try:
         early.refresh()
         ok(capsys, "key", "rotate", repo)
