@@ -66,3 +66,16 @@ def test_locate_refuses_a_short_record(tmp_path, capsys) -> None:
     with repo.index.reader() as lookup, pytest.raises(DamageError) as err:
         lookup.locate(refs)
     assert str(err.value) == f"chunk ref {int(refs[1])} is not in the index (missing data)"
+
+
+def test_refs_found_compare_whatever_their_size() -> None:
+    """A damaged key may name a ref past 2^63: numpy's `isin` then refuses a big-endian array
+    (its table method cannot subtract in that byte order), so the refs a look-up found are
+    native."""
+    import struct
+
+    from repo_engine.repository.index import refs_found
+
+    refs = np.array([2**63 + 1, 2**63 + 2, 2**63 + 5, 7], np.uint64)
+    found = [(struct.pack(">Q", r), b"") for r in (2**63 + 1, 2**63 + 5)]
+    assert np.isin(refs, refs_found(found)).tolist() == [True, False, True, False]

@@ -284,3 +284,29 @@ def test_tally_drift(tmp_path, monkeypatch, in_table, old, new, drift):
         found = tally_drift(index, txn, counted)
     index.close()
     assert (found["under_counted"], found["over_counted"]) == drift
+
+
+def test_gc_drops_the_chunks_a_crashed_backup_indexed_and_keeps_counted_ones(tmp_path, capsys):
+    """A backup that died after its packs were indexed and before its point: its chunks have no
+    count, and gc (the step that queues refs without a count in the packs indexed since its
+    last run) drops them, pack and all, while every chunk a point uses stays."""
+    repo_path = init(capsys, tmp_path / "repo")
+    model = DiskModel(tmp_path / "disk.img", 2 * MIB, np.random.default_rng(5))
+    model.random_changes(8)
+    backup(capsys, repo_path, "web", model)
+    with Repository.open(repo_path) as repo:
+        writer = repo.pack_writer()
+        refs = list(repo.reserve_refs(40))
+        for ref in refs:  # the crashed backup's chunks, indexed without a count
+            blob = os.urandom(1000)
+            writer.add(ref, repo.codec.chunk_id(blob), blob, len(blob), 0)
+        repo.commit_pack(writer)
+        assert not repo.index.missing_refs(np.array(refs, np.uint64)).size
+    with Repository.open(repo_path) as repo:
+        report = gc(repo)
+    assert report.chunks_dropped == 40 and report.packs_deleted >= 1
+    with Repository.open(repo_path) as repo:
+        assert repo.index.missing_refs(np.array(refs, np.uint64)).tolist() == refs
+    assert_clean(capsys, repo_path)
+    assert restore_bytes(capsys, repo_path, "web@latest", "sda",
+                         tmp_path / "r.img") == model.copy_of_content()

@@ -54,7 +54,7 @@ from ..errors import DamageError, LockedError, RepoError
 from ..repository.store import ObjectMissing
 from ..pause import pause_point
 from ..repository.index import (LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index,
-                                ref_keys)
+                                ref_keys, refs_found)
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.blockmap import map_object
 from ..repository.packs import PackWriter, blob_bytes, pack_object
@@ -203,19 +203,31 @@ def queue_uncounted(repo: Repository) -> None:
                 entries = repo.read_trailer(name)
             except RepoError:
                 continue
-            for ref, offset in zip(entries["ref"].tolist(), entries["offset"].tolist()):
-                key = REF_KEY.pack(ref)
-                rec = txn.get(key, db=index.refs)
-                if rec is None or txn.get(key, db=index.refcount) is not None:
-                    continue
-                _, pack, off, *_ = REF_REC.unpack(rec)
-                if pack == number and off == offset:
-                    found.append(key)
+            found += _uncounted_in(txn, index, number, entries)
     with index.write() as txn:
         for key in found:
             if txn.get(key, db=index.refcount) is None:
                 txn.put(key, b"", db=index.gcq)
         txn.put(b"gc_mark", U64.pack(end), db=index.meta)
+
+
+def _uncounted_in(txn: lmdb.Transaction, index: Index, number: int,
+                  entries: np.ndarray) -> list[bytes]:
+    """The keys of the refs of pack `number`'s trailer `entries` that have no count and that
+    the index places at that pack and offset: two batched look-ups for the pack (most of its
+    refs are counted), not two per chunk."""
+    refs = entries["ref"].astype(np.uint64)
+    counted = txn.cursor(db=index.refcount).getmulti(ref_keys(refs))
+    todo = ~np.isin(refs, refs_found(counted))
+    if not todo.any():
+        return []
+    offsets = dict(zip(refs[todo].tolist(), entries["offset"][todo].tolist()))
+    found = []
+    for key, rec in txn.cursor(db=index.refs).getmulti(ref_keys(refs[todo])):
+        _, pack, off, *_ = REF_REC.unpack(rec)
+        if pack == number and off == offsets[REF_KEY.unpack(key)[0]]:
+            found.append(key)
+    return found
 
 
 def _packs_from(txn: lmdb.Transaction, index: Index, first: int,

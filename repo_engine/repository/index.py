@@ -578,8 +578,7 @@ class Index:
         """Those of `refs` the index does not place (a sweep removed them)."""
         with self.env.begin() as txn:
             found = txn.cursor(db=self.refs).getmulti(ref_keys(refs))
-        present = np.frombuffer(b"".join(key for key, _ in found), dtype=">u8")
-        return refs[~np.isin(refs, present)]
+        return refs[~np.isin(refs, refs_found(found))]
 
     # -- sealed counts (seals.py) ----------------------------------------------------------
     def get_sealed(self, txn: lmdb.Transaction, table: str, key: bytes) -> bytes | None:
@@ -889,6 +888,12 @@ def ref_keys(refs: np.ndarray) -> list[bytes]:
     """LMDB keys of `refs` (big-endian u64) for one batched `getmulti`."""
     keys = np.ascontiguousarray(refs, dtype=">u8").tobytes()
     return [keys[i:i + 8] for i in range(0, len(keys), 8)]
+
+
+def refs_found(found: list[tuple[bytes, bytes]]) -> np.ndarray:
+    """The refs whose keys a `getmulti` found, as native u64: numpy's `isin` refuses a
+    big-endian array when it takes its table method (refs close together)."""
+    return np.frombuffer(b"".join(key for key, _ in found), dtype=">u8").astype(np.uint64)
 
 
 def _first_unlocated(refs: np.ndarray, found: list[tuple[bytes, bytes]]) -> int:
