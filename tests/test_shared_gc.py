@@ -659,3 +659,40 @@ def test_a_repack_leaves_a_damaged_pack_alone_and_names_it(hosts, tmp_path):
     assert len(report.damaged_packs_skipped) == 1 and name in report.damaged_packs_skipped[0]
     assert report.packs_repacked == len(partly.numbers) - 1
     assert path.exists() and places(a.repo)[int(row["ref"])][0] == name
+
+
+def test_a_point_committed_while_a_repack_reads_its_packs_keeps_what_it_uses(
+        hosts, tmp_path, monkeypatch):
+    """The rows a repack copies are read a group of packs at a time, after its mark: b commits
+    a point using chunks the mark found unused while a reads its groups (one pack each). The
+    repack leaves those chunks in their old pack, and the plan and the sweep of the same run
+    keep it: every catalogued point restores."""
+    from repo_engine.maintenance import shared_gc
+
+    root, a, b = hosts
+    points, contents = backups(a, tmp_path, vms=2, chain=2)
+    b.repo.refresh()  # b's cache still finds the forgotten points' chunks
+    forgotten = [p for p in points if p.seq == min(q.seq for q in points if q.vm == p.vm)]
+    stalled = [replace(p, id=new_point_id(p.vm, now_iso()), seq=0,
+                       disks=[replace(d) for d in p.disks]) for p in forgotten]
+    forget_points(a.repo, [p.id for p in forgotten])
+    kept = {i: c for i, c in contents.items() if i not in {p.id for p in forgotten}}
+    kept.update({s.id: contents[p.id] for s, p in zip(stalled, forgotten)})
+    monkeypatch.setattr(shared_gc, "GROUP_ROWS", 1)
+    read = shared_gc.refs_in_packs
+    groups: list[int] = []
+
+    def racing(index, txn, numbers):
+        if len(groups) < len(stalled):  # one point before each of the first groups is read
+            b.repo.commit_point(stalled[len(groups)])
+        groups.append(len(numbers))
+        return read(index, txn, numbers)
+
+    monkeypatch.setattr(shared_gc, "refs_in_packs", racing)
+    report = gc(a.repo, grace=0, max_unused=0, repack=True)
+    assert len(groups) >= 2 and report.packs_repacked >= 2 and report.resurrected == 0
+    restores_everything(root, tmp_path, kept)
+    monkeypatch.undo()
+    gc(a.repo, grace=0, max_unused=0, repack=True)  # the next run moves what b's points use
+    assert unused_bytes(root, tmp_path) == 0
+    restores_everything(root, tmp_path, kept)

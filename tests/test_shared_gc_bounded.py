@@ -8,13 +8,17 @@ per chunk."""
 from __future__ import annotations
 
 import gc as collector
+import json
+import random
 import shutil
 import sys
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
+import lmdb
 import numpy as np
 import pytest
 
@@ -121,6 +125,7 @@ def test_many_batches_decide_what_one_does(repos, tmp_path, monkeypatch):
     one, many = _copy(grown, tmp_path / "one"), _copy(grown, tmp_path / "many")
     single = _steps(one)
     monkeypatch.setattr(tally, "ROWS", 777)
+    monkeypatch.setattr(shared_gc, "ROWS", 777)  # a map marked, marks compacted, in batches
     monkeypatch.setattr(shared_gc, "GROUP_ROWS", 1_000)  # a repack's packs read one at a time
     batched = _steps(many)
     assert batched == single
@@ -172,3 +177,58 @@ def test_memory_is_a_few_bytes_a_chunk(repos, tmp_path, monkeypatch, kind, optio
     per_chunk = (_peak(larger, tmp_path / "larger", options)
                  - _peak(grown, tmp_path / "grown", options)) / (2 * CHUNKS)
     assert per_chunk < 25, f"{options}: {per_chunk:.0f} bytes a chunk at its peak"
+
+
+class _Cache:
+    """The two tables of a cache a mark reads (refs: ref -> row; points: id -> record, JSON
+    here), in a real LMDB environment."""
+
+    def __init__(self, path: Path) -> None:
+        self.env = lmdb.open(str(path), max_dbs=2, map_size=1 << 24)
+        self.refs, self.points = self.env.open_db(b"refs"), self.env.open_db(b"points")
+
+    @staticmethod
+    def record(_key: bytes, raw: bytes) -> dict:
+        return json.loads(raw)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_marks_carried_over_as_the_cache_changes_are_a_fresh_mark(tmp_path, monkeypatch, seed):
+    """One marker through a run's worth of cache changes, in batches of a few rows: rows added
+    (other hosts' commits, refs a map held before its rows), rows removed (sweeps, refs still
+    in a map), points added and forgotten. After each change its marks are exactly a fresh
+    mark's: the table's refs, each used if and only if a catalogued map holds it."""
+    rng = random.Random(seed)
+    rows = rng.choice([1, 3, 7, 64])
+    monkeypatch.setattr(tally, "ROWS", rows)
+    monkeypatch.setattr(shared_gc, "ROWS", rows)
+    cache, maps = _Cache(tmp_path / "cache"), {}
+    repo = SimpleNamespace(index=cache, map_refs=maps.__getitem__)
+    marker, table, catalog = shared_gc.Marker(repo), set(), {}
+    for step in range(30):
+        with cache.env.begin(write=True) as txn:
+            change = rng.random()
+            if change < 0.3:
+                for ref in rng.sample(range(1, 200), rng.randint(0, 20)):
+                    txn.put(ref.to_bytes(8, "big"), b"", db=cache.refs)
+                    table.add(ref)
+            elif change < 0.5:
+                for ref in rng.sample(sorted(table), min(len(table), rng.randint(0, 15))):
+                    txn.delete(ref.to_bytes(8, "big"), db=cache.refs)
+                    table.discard(ref)
+            elif change < 0.75:
+                maps[f"m{step}"] = np.unique(np.array(rng.sample(range(1, 200), 25), np.uint64))
+                catalog[f"p{step}"] = f"m{step}"
+                txn.put(f"p{step}".encode(), json.dumps(
+                    {"id": f"p{step}", "disks": [{"map": f"m{step}"}]}).encode(), db=cache.points)
+            elif catalog:
+                gone = rng.choice(sorted(catalog))
+                del catalog[gone]
+                txn.delete(gone.encode(), db=cache.points)
+        with cache.env.begin() as txn:
+            mark = marker.mark(txn)
+        used = set().union(*(maps[name].tolist() for name in catalog.values()))
+        assert mark.maps == frozenset(catalog.values())
+        assert marker.refs.tolist() == sorted(table)
+        assert mark.used.tolist() == [ref in used for ref in sorted(table)], step
+    cache.env.close()
