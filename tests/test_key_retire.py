@@ -523,3 +523,19 @@ def test_a_restore_marking_its_vm_while_the_mark_is_resealed_is_not_forgotten(
     finally:
         opened.close()
     assert mark.full_next and mark.last_write >= written[0], (mark, written)
+
+
+def test_a_keyring_generation_a_crash_left_is_deleted_by_the_next_run(tmp_path, capsys,
+                                                                      monkeypatch, rotated):
+    """A crash between writing the keyring without the old key and deleting the generation
+    before it leaves that generation, which still holds the old key: the next run deletes it,
+    even when it has nothing left to retire."""
+    repo, _contents = rotated
+    keys = repo / "keys"
+    before = {p.name: p.read_bytes() for p in keys.glob("keyring-*")}
+    monkeypatch.setattr(checkpoint, "STALE_AFTER", 0.0)
+    assert ok(capsys, "key", "retire", repo, "--grace", "0s", "--json").json()["dropped"] == [1]
+    for name, data in before.items():  # as if the run had stopped before deleting it
+        (keys / name).write_bytes(data)
+    assert "nothing to retire" in failure(capsys, 1, "key", "retire", repo)
+    assert not {p.name for p in keys.glob("keyring-*")} & set(before)

@@ -96,7 +96,13 @@ def save_keyring(store: Store, keyring: Keyring, ring_key: bytes,
     the older ones."""
     store.put(keyring_object(keyring.generation), encode_keyring(keyring, ring_key, random),
               if_absent=True)
-    store.delete(keyring_object(g) for g in generations(store) if g < keyring.generation)
+    delete_older(store, keyring.generation)
+
+
+def delete_older(store: Store, generation: int) -> None:
+    """Delete the keyring generations before `generation` (a crash after a change may have
+    left them: an older one may hold a data key `key retire` dropped)."""
+    store.delete(keyring_object(g) for g in generations(store) if g < generation)
 
 
 def init_keys(store: Store, keys: RepositoryKeys, random: Random = os.urandom) -> None:
