@@ -54,7 +54,7 @@ import numpy as np
 
 from ..errors import DamageError, RepoError
 from ..pause import pause_point
-from ..repository.blockmap import map_object
+from ..repository.blockmap import find_sorted, holds, map_object
 from ..repository.checkpoint import checkpoint_due, compact, write_checkpoint
 from ..repository.index import PACK_KEY, REF_KEY, REF_REC, Index, pack_fields
 from ..repository.journal import (NothingToCommit, PackOp, PendingPlan, PlanOp, SweepOp,
@@ -68,7 +68,7 @@ from ..repository.store import ObjectMissing
 from ..repository.repo import Repository
 from .gc import GcReport
 from .inventory import objects_under, refs_in_packs
-from .tally import ROWS, batches, find_sorted, per_pack, ref_rows, summed
+from .tally import ROWS, batches, per_pack, ref_rows, summed
 
 DEFAULT_GRACE = 24 * 3600.0
 DELETE_BATCH = 1000  # names per Store.delete: one DeleteObjects request on S3
@@ -189,7 +189,7 @@ class Marker:
         at = 0
         for part in self._keys(txn):
             pos, found = find_sorted(self.refs, part)
-            used[at:at + len(part)] = _among(part, self.extra)
+            used[at:at + len(part)] = holds(self.extra, part)
             used[at:at + len(part)][found] |= self.used[pos[found]]
             refs[at:at + len(part)] = part
             at += len(part)
@@ -224,12 +224,6 @@ def _compact(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
         values[at:at + len(piece)] = piece
         at += len(piece)
     return values[:at]
-
-
-def _among(refs: np.ndarray, sorted_refs: np.ndarray) -> np.ndarray:
-    """Whether each of `refs` is one of `sorted_refs` (sorted): a binary search each, so that a
-    batch costs no sort of a large set (np.isin sorts both)."""
-    return find_sorted(sorted_refs, refs)[1]
 
 
 def _pending_refs(plans: list[PendingPlan]) -> np.ndarray:
@@ -317,12 +311,16 @@ def _plan(repo: Repository, marker: Marker, report: SharedGcReport) -> bool:
         return False
     op = entry.ops[0]
     assert isinstance(op, PlanOp)
+    _count_plan(report, op)
+    _commit_waits(repo, op)
+    return True
+
+
+def _count_plan(report: SharedGcReport, op: PlanOp) -> None:
     report.candidates += len(op.refs)
     report.planned_packs += len(op.packs)
     report.planned_maps += len(op.maps)
     report.planned_objects += len(op.objects)
-    _commit_waits(repo, op)
-    return True
 
 
 def _plan_op(repo: Repository, marker: Marker, listed: _Listed) -> PlanOp:
@@ -335,7 +333,7 @@ def _plan_op(repo: Repository, marker: Marker, listed: _Listed) -> PlanOp:
         mark = marker.mark(txn)
         for refs, rows, used in mark.rows(txn, index):
             dead = refs[~used]
-            dead_refs.append(dead[~_among(dead, doomed)])
+            dead_refs.append(dead[~holds(doomed, dead)])
             live_packs.update(np.unique(rows["pack"][used]).tolist())
         packs = _Packs.read(txn, index)
     refs = np.concatenate(dead_refs or [np.zeros(0, np.uint64)])
@@ -448,7 +446,7 @@ def _sweep_op(repo: Repository, marker: Marker, plan: PlanOp) -> _Doomed:
     with index.env.begin() as txn:
         mark = marker.mark(txn)
         for refs, rows, used in mark.rows(txn, index):
-            doomed = _among(refs, planned)
+            doomed = holds(planned, refs)
             gone = doomed & ~used
             swept.append(refs[gone])
             placing.update(np.unique(rows["pack"][~gone]).tolist())
@@ -515,7 +513,7 @@ class _Partly:
     def _rows(self, index: Index, numbers: list[int]) -> np.ndarray:
         with index.env.begin() as txn:
             rows = refs_in_packs(index, txn, numbers)
-        rows = rows[self.marker.holds(rows["ref"]) & ~_among(rows["ref"], self.doomed)]
+        rows = rows[self.marker.holds(rows["ref"]) & ~holds(self.doomed, rows["ref"])]
         return rows[np.lexsort((rows["offset"], rows["pack"]))]
 
 
@@ -549,7 +547,7 @@ def _to_copy(repo: Repository, marker: Marker, choose: Callable[[str, int, int, 
     with index.env.begin() as txn:
         mark = marker.mark(txn)
         for refs, rows, used in mark.rows(txn, index):
-            live = used & ~_among(refs, doomed)
+            live = used & ~holds(doomed, refs)
             sums = summed(sums, per_pack(rows["pack"][live], rows["stored"][live]))
         packs = _Packs.read(txn, index)
     chosen = [(number, count) for number, count, kept in zip(*(a.tolist() for a in sums))
@@ -758,6 +756,4 @@ def _dry_plan(repo: Repository, marker: Marker, report: SharedGcReport) -> None:
         op = _plan_op(repo, marker, listed)
     except NothingToCommit:
         return
-    report.candidates = len(op.refs)
-    report.planned_packs, report.planned_maps = len(op.packs), len(op.maps)
-    report.planned_objects = len(op.objects)
+    _count_plan(report, op)

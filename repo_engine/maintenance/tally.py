@@ -20,6 +20,7 @@ import lmdb
 import numpy as np
 
 from ..errors import RepoError
+from ..repository.blockmap import find_sorted
 from ..repository.index import Index
 from ..repository.repo import Repository
 from ..repository.seals import CHECK_SIZE, KEY, PAYLOAD, mix, unsealed_rows
@@ -94,14 +95,6 @@ class RefTable:
         """The rows that place a chunk in pack `number`."""
         pos, found = find_sorted(self.packs, np.array([number], np.int64))
         return int(self.pack_rows[pos[0]]) if found[0] else 0
-
-
-def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(position in `sorted_keys`, found) of each of `keys`."""
-    if not len(sorted_keys):
-        return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
-    pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
-    return pos, sorted_keys[pos] == keys
 
 
 def read_ref_table(txn: lmdb.Transaction, index: Index, *, prints: bool = False) -> RefTable:

@@ -521,6 +521,14 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
 
 
 def holds(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Which of `values` are in `sorted_values` (np.isin without importing numpy.ma)."""
-    at = np.minimum(np.searchsorted(sorted_values, values), max(len(sorted_values) - 1, 0))
-    return (sorted_values[at] == values) if len(sorted_values) else np.zeros(len(values), bool)
+    """Which of `values` are in `sorted_values` (np.isin without importing numpy.ma, and
+    without sorting a large set again for each batch looked up in it)."""
+    return find_sorted(sorted_values, values)[1]
+
+
+def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position in `sorted_keys`, found) of each of `keys`: a binary search each."""
+    if not len(sorted_keys):
+        return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return pos, sorted_keys[pos] == keys
