@@ -486,14 +486,12 @@ class Index:
         chunks of the repository, and a Python object each would cost some 40 times its 8
         bytes."""
         held = raw_bytes = stored = 0
+        refs = np.unique(refs)  # each looked up before any of its batch is dropped
+        places = txn.cursor(db=self.refs)
         for start in range(0, len(refs), 4096):
-            for ref in refs[start:start + 4096].tolist():
-                key = REF_KEY.pack(ref)
-                raw = txn.get(key, db=self.refs)
-                if raw is None:
-                    continue
+            for key, raw in places.getmulti(ref_keys(refs[start:start + 4096])):
                 chunk_id = raw[:32]
-                if txn.get(chunk_id, db=self.ids) == U64.pack(ref):
+                if txn.get(chunk_id, db=self.ids) == U64.pack(REF_KEY.unpack(key)[0]):
                     txn.delete(chunk_id, db=self.ids)
                 held += 1
                 if drop:
@@ -892,7 +890,7 @@ def ref_keys(refs: np.ndarray) -> list[bytes]:
 
 def refs_found(found: list[tuple[bytes, bytes]]) -> np.ndarray:
     """The refs whose keys a `getmulti` found, as native u64: numpy's `isin` refuses a
-    big-endian array when it takes its table method (refs close together)."""
+    big-endian array holding a value past 2^63 (a damaged key can name such a ref)."""
     return np.frombuffer(b"".join(key for key, _ in found), dtype=">u8").astype(np.uint64)
 
 
