@@ -129,13 +129,31 @@ def is_regular(path: Path) -> bool:
         return False
 
 
-def remove(path: Path) -> None:
-    """Delete `path` from its directory, which must be a real directory (a symlinked directory
-    would make the deletion land outside the repository). A symlink itself is removed, never
-    what it points to. No directory, no file: nothing to do (a damaged index may name a pack
-    whose directory never existed)."""
+def remove_from(directory: Path, names: list[str]) -> None:
+    """Delete the files `names` from `directory`, which must be a real directory (a symlinked
+    directory would make the deletions land outside the repository), then make the deletions
+    durable (one fsync of the directory). The directory is opened once, without following a
+    symlink, and each name is unlinked relative to that descriptor, so it cannot be swapped for
+    a symlink in between. A symlink among `names` is removed itself, never what it points to.
+    No directory, no file: nothing to do (a damaged index may name a pack whose directory never
+    existed)."""
     try:
-        check_dir(path.parent)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return
-    path.unlink(missing_ok=True)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise _not_ours(directory, os.lstat(directory).st_mode, "a directory") from None
+    try:
+        removed = False
+        for name in names:
+            try:
+                os.unlink(name, dir_fd=fd)
+                removed = True
+            except FileNotFoundError:
+                continue
+        if removed:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
