@@ -129,31 +129,48 @@ def is_regular(path: Path) -> bool:
         return False
 
 
-def remove_from(directory: Path, names: list[str]) -> None:
+def unlink_from(directory: Path, names: list[str]) -> bool:
     """Delete the files `names` from `directory`, which must be a real directory (a symlinked
-    directory would make the deletions land outside the repository), then make the deletions
-    durable (one fsync of the directory). The directory is opened once, without following a
-    symlink, and each name is unlinked relative to that descriptor, so it cannot be swapped for
-    a symlink in between. A symlink among `names` is removed itself, never what it points to.
-    No directory, no file: nothing to do (a damaged index may name a pack whose directory never
-    existed)."""
+    directory would make the deletions land outside the repository); returns whether any was
+    there. The directory is opened once, without following a symlink, and each name is unlinked
+    relative to that descriptor, so it cannot be swapped for a symlink in between. A symlink
+    among `names` is removed itself, never what it points to. No directory, no file: nothing to
+    do (a damaged index may name a pack whose directory never existed). The caller makes the
+    deletions durable (sync_dir)."""
+    fd = _open_dir(directory)
+    if fd is None:
+        return False
+    removed = False
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-            raise
-        raise _not_ours(directory, os.lstat(directory).st_mode, "a directory") from None
-    try:
-        removed = False
         for name in names:
             try:
                 os.unlink(name, dir_fd=fd)
                 removed = True
             except FileNotFoundError:
                 continue
-        if removed:
-            os.fsync(fd)
     finally:
         os.close(fd)
+    return removed
+
+
+def sync_dir(directory: Path) -> None:
+    """Make the deletions from the real directory `directory` durable."""
+    fd = _open_dir(directory)
+    if fd is not None:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _open_dir(directory: Path) -> int | None:
+    """A descriptor of the real directory `directory` (never through a symlink); None when it is
+    missing; DamageError when it is anything else."""
+    try:
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise _not_ours(directory, os.lstat(directory).st_mode, "a directory") from None

@@ -32,13 +32,15 @@ from pathlib import Path
 
 from ...errors import DamageError
 from ..atomic import publish, write_atomic
-from ..safefile import kind_of, make_dir, open_regular, read_limited, remove_from
+from ..safefile import (kind_of, make_dir, open_regular, read_limited, sync_dir,
+                       unlink_from)
 from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, RangeReader, ShortRead,
                check_name)
 
 LOCAL_ONLY = ("index", "locks", "tmp")  # directories of local files, not objects
 FD_CACHE = 256
-DELETE_THREADS = 8  # directories emptied at once (delete)
+DELETE_THREADS = 8  # files unlinked at once (delete)
+DELETE_SLICE = 64  # fewest names of one directory a thread of delete takes
 TEMP_PREFIX = ".tmp-"  # atomic.temp_name: a write in progress, not an object yet
 
 
@@ -176,21 +178,32 @@ class LocalStore:
 
     def delete(self, names: Iterable[str]) -> None:
         """Remove each named file (only from a real directory, never through a symlink), then
-        make the removals durable (one fsync per directory). The directories are worked through
-        by a few threads: an unlink waits on the filesystem's journal with the GIL released, and
-        gc deletes thousands of files spread over the fan-out directories."""
+        make the removals durable (one fsync per directory, after all its removals). The names
+        are removed by a few threads, a directory's split among them: an unlink waits on the
+        filesystem's journal with the GIL released, and gc deletes thousands of files (a
+        forget's manifests all from one directory)."""
+        slices = self._delete_slices(names)
+        with _damage_as_object():
+            if len(slices) < 2:
+                removed = [unlink_from(*one) for one in slices]
+            else:
+                with ThreadPoolExecutor(min(DELETE_THREADS, len(slices))) as pool:
+                    removed = list(pool.map(unlink_from, *zip(*slices)))
+            for directory in {d for (d, _), any_removed in zip(slices, removed) if any_removed}:
+                sync_dir(directory)
+
+    def _delete_slices(self, names: Iterable[str]) -> list[tuple[Path, list[str]]]:
+        """(directory, file names) pairs covering `names`: each directory's names in up to
+        DELETE_THREADS slices of at least DELETE_SLICE names."""
         by_dir: dict[Path, list[str]] = {}
         for name in names:
             path = self.path_of(name)
             by_dir.setdefault(path.parent, []).append(path.name)
-        with _damage_as_object():
-            if len(by_dir) < 2:
-                for directory, files in by_dir.items():
-                    remove_from(directory, files)
-                return
-            with ThreadPoolExecutor(min(DELETE_THREADS, len(by_dir))) as pool:
-                for _ in pool.map(remove_from, by_dir, by_dir.values()):
-                    pass  # the first directory's error, if any, is raised here
+        slices = []
+        for directory, files in by_dir.items():
+            parts = min(DELETE_THREADS, -(-len(files) // DELETE_SLICE))
+            slices += [(directory, files[i::parts]) for i in range(parts)]
+        return slices
 
     def abort_stale_uploads(self, before: datetime) -> int:
         """None to abort: a local put is one rename; the spool files a dead process left are
