@@ -179,18 +179,22 @@ class LocalStore:
     def delete(self, names: Iterable[str]) -> None:
         """Remove each named file (only from a real directory, never through a symlink), then
         make the removals durable (one fsync per directory, after all its removals). The names
-        are removed by a few threads, a directory's split among them: an unlink waits on the
-        filesystem's journal with the GIL released, and gc deletes thousands of files (a
-        forget's manifests all from one directory)."""
+        are removed, and the directories synced, by a few threads, a directory's names split
+        among them: an unlink or fsync waits on the filesystem's journal with the GIL released,
+        and gc deletes thousands of files from hundreds of directories (a forget's manifests all
+        from one)."""
         slices = self._delete_slices(names)
         with _damage_as_object():
             if len(slices) < 2:
-                removed = [unlink_from(*one) for one in slices]
-            else:
-                with ThreadPoolExecutor(min(DELETE_THREADS, len(slices))) as pool:
-                    removed = list(pool.map(unlink_from, *zip(*slices)))
-            for directory in {d for (d, _), any_removed in zip(slices, removed) if any_removed}:
-                sync_dir(directory)
+                for directory, files in slices:
+                    if unlink_from(directory, files):
+                        sync_dir(directory)
+                return
+            with ThreadPoolExecutor(min(DELETE_THREADS, len(slices))) as pool:
+                removed = list(pool.map(unlink_from, *zip(*slices)))
+                changed = {d for (d, _), any_removed in zip(slices, removed) if any_removed}
+                for _ in pool.map(sync_dir, changed):
+                    pass  # each directory once, after all its removals; their fsyncs overlap
 
     def _delete_slices(self, names: Iterable[str]) -> list[tuple[Path, list[str]]]:
         """(directory, file names) pairs covering `names`: each directory's names in up to
