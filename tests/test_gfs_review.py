@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import MIB, DiskModel, cli
+from helpers import MIB, DiskModel, cli, restore_bytes
 from repo_engine.maintenance import gc as gc_module
 from repo_engine.repository.index import REF_KEY, U64
 from repo_engine.repository.repo import Repository
@@ -110,3 +110,104 @@ def test_owed_decrements_too_large_for_a_count_are_damage_not_a_crash_or_a_raise
     path, ref = _repo_with_one_counted_ref(tmp_path, capsys)
     trusted, after = _settle_owed(path, ref, owed)
     assert (trusted, after) == (False, 1)
+
+
+# -- forget: the VMs rebased in parallel --------------------------------------------------------
+class _Vms:
+    """VMs a, b (a clone of a: the same bytes, the same changes, so the same maps) and c, four
+    points each; `expected` holds every catalogued point's disk bytes."""
+
+    def __init__(self, tmp_path: Path, capsys) -> None:
+        self.tmp, self.capsys = tmp_path, capsys
+        self.repo = tmp_path / "repo"
+        assert cli(capsys, "init", self.repo, "--block-size", "16KiB", "--pack-size",
+                   "256KiB").code == 0
+        rng = np.random.default_rng(21)
+        self.models = {vm: DiskModel(tmp_path / f"{vm}.img", MIB // 2, rng) for vm in "abc"}
+        self.points: dict[str, list[str]] = {vm: [] for vm in "abc"}
+        self.expected: dict[str, bytes] = {}
+        for step in range(4):
+            for vm in "ac":
+                size = MIB // 2 if step == 0 else 64 * 1024
+                offset = 0 if step == 0 else int(rng.integers(0, 7)) * 64 * 1024
+                data = rng.integers(0, 256, size, np.uint8).tobytes()
+                self.models[vm].write(offset, data)
+                if vm == "a":
+                    self.models["b"].write(offset, data)
+            for vm in "abc":
+                self.backup(vm)
+
+    def backup(self, vm: str) -> None:
+        model = self.models[vm]
+        result = cli(self.capsys, "backup", "image", self.repo, "--vm", vm, "--disk",
+                     f"sda={model.path}", "--json")
+        assert result.code == 0, result.err
+        point = result.json()["point"]["id"]
+        self.points[vm].append(point)
+        self.expected[point] = bytes(model.content)
+
+    def middle(self) -> list[str]:
+        return [p for vm in "abc" for p in self.points[vm][1:3]]
+
+    def assert_restores(self) -> None:
+        catalogued = {p["id"] for p in cli(self.capsys, "points", self.repo, "--json").json()["points"]}
+        assert catalogued <= self.expected.keys()
+        for point in sorted(catalogued):
+            assert restore_bytes(self.capsys, self.repo, point, "sda",
+                                 self.tmp / "out.img") == self.expected[point], point
+
+    def assert_clean(self) -> None:
+        result = cli(self.capsys, "verify", self.repo)
+        assert result.code == 0, result.out + result.err
+
+
+@pytest.fixture
+def vms(tmp_path, capsys):
+    return _Vms(tmp_path, capsys)
+
+
+def test_parallel_rebase_of_cloned_vms_sharing_maps_keeps_every_point(vms, capsys):
+    """The children of a and b get the very same new maps (one name) from two threads at
+    once; every remaining point restores byte-identically, before and after gc."""
+    gone = vms.middle()
+    result = cli(capsys, "forget", vms.repo, *[p[:12] for p in gone])
+    assert result.code == 0, result.err
+    for point in gone:
+        del vms.expected[point]
+    vms.assert_restores()
+    vms.assert_clean()
+    assert cli(capsys, "gc", vms.repo, "--max-unused", "0").code == 0
+    vms.assert_restores()
+    vms.assert_clean()
+
+
+def test_a_rebase_failing_in_one_vm_leaves_all_restorable_and_the_next_gc_finishes(
+        vms, capsys, monkeypatch):
+    """One VM's rebase fails (damage) while the other threads write their maps: the forget
+    ends with one line naming the damage, every catalogued point restores, and the next gc
+    finishes the forget (the maps written for nothing are reclaimed)."""
+    from repo_engine.errors import DamageError
+    from repo_engine.maintenance import forget as forget_module
+
+    real = forget_module._delta_on
+
+    def failing(repo, point, base, disk):
+        if point.vm == "b":
+            raise DamageError("block map of b is damaged (injected)")
+        return real(repo, point, base, disk)
+
+    monkeypatch.setattr(forget_module, "_delta_on", failing)
+    gone = vms.middle()
+    result = cli(capsys, "forget", vms.repo, *[p[:12] for p in gone])
+    assert result.code == 3
+    assert result.err.strip().splitlines() == [
+        "repo-engine: error: block map of b is damaged (injected)"]
+    vms.assert_restores()
+    monkeypatch.setattr(forget_module, "_delta_on", real)
+    assert cli(capsys, "gc", vms.repo, "--max-unused", "0").code == 0
+    for point in gone:
+        del vms.expected[point]
+    catalogued = {p["id"] for p in cli(capsys, "points", vms.repo, "--json").json()["points"]}
+    assert catalogued == vms.expected.keys()
+    vms.assert_restores()
+    vms.assert_clean()
