@@ -211,3 +211,43 @@ def test_a_rebase_failing_in_one_vm_leaves_all_restorable_and_the_next_gc_finish
     assert catalogued == vms.expected.keys()
     vms.assert_restores()
     vms.assert_clean()
+
+
+_DIE_AFTER = """
+import os, signal, sys
+from repo_engine.cli.main import run
+from repo_engine.repository.repo import Repository
+hook, after = sys.argv[1], int(sys.argv[2])
+real, calls = getattr(Repository, hook), []
+def dying(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) > after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, *args, **kwargs)
+setattr(Repository, hook, dying)
+sys.exit(run(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("hook,after", [("write_map", 0), ("write_map", 1), ("write_map", 2),
+                                        ("rewrite_point", 1), ("rewrite_point", 2)])
+def test_a_forget_killed_during_the_parallel_rebase_leaves_all_restorable(vms, capsys, hook,
+                                                                          after):
+    """SIGKILL while the threads write maps (`write_map`) or while the rewritten points are
+    committed (`rewrite_point`): every catalogued point restores; the next gc finishes the
+    forget and reclaims the maps written for nothing; verify is clean."""
+    import subprocess
+    import sys
+
+    gone = vms.middle()
+    killed = subprocess.run([sys.executable, "-c", _DIE_AFTER, hook, str(after), "forget",
+                             str(vms.repo), *[p[:12] for p in gone]], capture_output=True)
+    assert killed.returncode == -9, killed.stderr
+    vms.assert_restores()
+    assert cli(capsys, "gc", vms.repo, "--max-unused", "0").code == 0
+    for point in gone:
+        del vms.expected[point]
+    catalogued = {p["id"] for p in cli(capsys, "points", vms.repo, "--json").json()["points"]}
+    assert catalogued == vms.expected.keys()
+    vms.assert_restores()
+    vms.assert_clean()
