@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import MIB, DiskModel, cli, restore_bytes
+from repo_engine.errors import RepoError
 from repo_engine.maintenance import gc as gc_module
 from repo_engine.repository.index import REF_KEY, U64
 from repo_engine.repository.repo import Repository
@@ -251,3 +252,56 @@ def test_a_forget_killed_during_the_parallel_rebase_leaves_all_restorable(vms, c
     assert catalogued == vms.expected.keys()
     vms.assert_restores()
     vms.assert_clean()
+
+
+# -- read_trailer's first request of 64 KiB -----------------------------------------------------
+def _pack_of(tmp_path: Path, blobs: list[int]) -> tuple[LocalStore, str, Path]:
+    from repo_engine.repository.packs import PackWriter
+
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    store = LocalStore(tmp_path)
+    writer = PackWriter(store)
+    for ref, size in enumerate(blobs, start=1):
+        writer.add(ref, ref.to_bytes(32, "big"), bytes([ref % 251]) * size, size, 0)
+    pack = writer.finish()
+    return store, pack.name, tmp_path / "packs" / pack.name[:2] / f"{pack.name}.pack"
+
+
+def _fixed_size(total: int, count: int) -> list[int]:
+    """`count` blobs making an unsealed pack of `total` bytes."""
+    from repo_engine.repository.packs import ENTRY, FOOTER, HEADER
+
+    left = total - HEADER.size - FOOTER.size - count * ENTRY.size
+    return [left - (count - 1)] + [1] * (count - 1)
+
+
+AHEAD = 64 * 1024
+
+
+@pytest.mark.parametrize("total,count", [
+    (AHEAD - 1, 1), (AHEAD, 1), (AHEAD + 1, 1), (AHEAD + 40, 2), (AHEAD + 200, 3),
+    (3 * AHEAD, 1500), (200, 0)])
+def test_read_trailer_at_the_edges_of_its_first_request(tmp_path, total, count):
+    """Packs ending just before, at and after the first request's end, a trailer straddling it,
+    a trailer larger than it, an empty pack: the entries read are the ones written, and a flip
+    of a byte of the magic, the trailer or the footer is refused."""
+    from repo_engine.repository.packs import ENTRY, FOOTER, HEADER, pack_object, read_trailer
+
+    store, name, path = _pack_of(tmp_path, _fixed_size(total, count) if count else [])
+    raw = path.read_bytes()
+    assert len(raw) == total or not count
+    entries = read_trailer(store, pack_object(name))
+    assert entries["ref"].tolist() == list(range(1, count + 1))
+    trailer_start = len(raw) - FOOTER.size - count * ENTRY.size
+    footer = len(raw) - FOOTER.size
+    unsealed_reserved = {footer + 14, footer + 15}  # unchecked in an unsealed pack (format)
+    places = [0] + [p for p in range(max(trailer_start, HEADER.size), len(raw))
+                    if p not in unsealed_reserved]
+    for place in places[::max(1, len(places) // 300)]:
+        damaged = bytearray(raw)
+        damaged[place] ^= 0x41
+        path.write_bytes(bytes(damaged))
+        store.close()
+        with pytest.raises(RepoError):
+            read_trailer(store, pack_object(name))
+    path.write_bytes(raw)
