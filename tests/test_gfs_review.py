@@ -305,3 +305,25 @@ def test_read_trailer_at_the_edges_of_its_first_request(tmp_path, total, count):
         with pytest.raises(RepoError):
             read_trailer(store, pack_object(name))
     path.write_bytes(raw)
+
+
+def test_a_rebase_failing_in_one_vm_starts_no_other_vm(vms, capsys, monkeypatch):
+    """Once one VM's rebase has failed, the VMs still queued are not rebased (Executor.map
+    cancels the futures not started): no maps are written for nothing, and the error (or a
+    Ctrl-C) is reported once the running VMs are done, not after every VM."""
+    from repo_engine.errors import DamageError
+    from repo_engine.maintenance import forget as forget_module
+
+    real, started = forget_module._rebased_vm, []
+
+    def first_fails(repo, catalog, gone):
+        started.append(next(iter(catalog.values())).vm)
+        if len(started) == 1:
+            raise DamageError("block map is damaged (injected)")
+        return real(repo, catalog, gone)
+
+    monkeypatch.setattr(forget_module, "REBASE_THREADS", 1)
+    monkeypatch.setattr(forget_module, "_rebased_vm", first_fails)
+    result = cli(capsys, "forget", vms.repo, *[p[:12] for p in vms.middle()])
+    assert result.code == 3, result.err
+    assert len(started) == 1, started
