@@ -327,3 +327,43 @@ def test_a_rebase_failing_in_one_vm_starts_no_other_vm(vms, capsys, monkeypatch)
     result = cli(capsys, "forget", vms.repo, *[p[:12] for p in vms.middle()])
     assert result.code == 3, result.err
     assert len(started) == 1, started
+
+
+def test_a_gc_rerun_syncs_the_dead_packs_removals_before_it_forgets_them(vms, capsys,
+                                                                        monkeypatch):
+    """gc unlinks its dead packs, then the fsync of their directories fails (EIO; a kill at
+    that moment is the same): it ends with one error line and the packs stay queued. The next
+    gc deletes them again (they are gone already) and drops them from the queue: by then their
+    directories must have been synced, or a power loss brings back packs the index has
+    forgotten."""
+    real_fsync, real_delete = os.fsync, Repository.delete_packs
+    deleted: list[str] = []
+    synced: set[tuple[int, int]] = set()
+    mode = {"fail": True}
+
+    def fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            if mode["fail"]:
+                raise OSError(errno.EIO, "Input/output error")
+            synced.add((info.st_dev, info.st_ino))
+        real_fsync(fd)
+
+    def delete_packs(self, names):
+        deleted.extend(names)
+        monkeypatch.setattr(os, "fsync", fsync)
+        try:
+            real_delete(self, names)
+        finally:
+            monkeypatch.setattr(os, "fsync", real_fsync)
+
+    monkeypatch.setattr(Repository, "delete_packs", delete_packs)
+    assert cli(capsys, "forget", vms.repo, *[p[:12] for p in vms.points["c"]]).code == 0
+    first = cli(capsys, "gc", vms.repo, "--max-unused", "0")
+    assert first.code == 1 and "input/output error" in first.err, first.err
+    assert deleted
+    mode["fail"] = False
+    assert cli(capsys, "gc", vms.repo).code == 0
+    dirs = {vms.repo / "packs" / name[:2] for name in deleted}
+    assert all(d.is_dir() for d in dirs)
+    assert {_inode(d) for d in dirs} <= synced
