@@ -1,7 +1,8 @@
 """gc, verify and rebuild-index hold a few bytes per chunk, whatever the repository holds: the
 index's tables are read a batch at a time (maintenance/tally.py) and rebuild-index spills the
 trailers' entries to files by key range. With the batches and ranges made tiny, every command
-takes the many-batch path, and must say and leave exactly what it does in one batch; and the
+takes the many-batch path (and every look-up in the refs table the sorted-search path), and must
+say and leave exactly what it does in one batch; and the
 Python memory they use at their peak stays a small number of bytes per chunk."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 
 from helpers import cli
 from repo_engine.maintenance import inventory, rebuild, tally
+from repo_engine.repository import blockmap
 from repo_engine.repository.index import PACK_KEY, REF_KEY, REF_REC, U64
 from repo_engine.repository.repo import Repository
 
@@ -33,6 +35,7 @@ def _small_budget(monkeypatch) -> None:
     monkeypatch.setattr(tally, "ROWS", 777)
     monkeypatch.setattr(rebuild, "REF_SPAN", 1024)
     monkeypatch.setattr(rebuild, "ID_ROWS", 500)
+    monkeypatch.setattr(blockmap, "SORT_FIRST", 0)
 
 
 def _dump(repo: Path) -> dict[str, list]:

@@ -10,6 +10,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from repo_engine.repository import blockmap
 from repo_engine.repository.blockmap import (DELTA, FULL, BlockMap, delta_between, encode,
                                              map_object, open_map, read_map, resize,
                                              resolve_windows)
@@ -129,3 +130,23 @@ def test_a_map_larger_than_a_read_streams_and_damage_stops_at_its_segment(tmp_pa
         for first, _window in resolve_windows([open_map(store, name)], shift=10):
             seen.append(first)
     assert seen == [0, 1024]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 60), unique=True), st.lists(st.integers(0, 70), max_size=50),
+       st.booleans())
+def test_find_sorted_answers_alike_whatever_the_order_of_search(table, keys, sort_first):
+    """The search sorted first (a large table) places and finds every key as the plain one
+    does and as a dict would: duplicates, absent keys and keys past the end included."""
+    sorted_keys = np.array(sorted(table), np.uint64)
+    wanted = np.array(keys, np.uint64)
+    saved = blockmap.SORT_FIRST
+    blockmap.SORT_FIRST = 0 if sort_first else saved
+    try:
+        pos, found = blockmap.find_sorted(sorted_keys, wanted)
+    finally:
+        blockmap.SORT_FIRST = saved
+    at = {int(k): i for i, k in enumerate(sorted_keys)}
+    assert found.tolist() == [k in at for k in keys]
+    assert [int(p) for p, f in zip(pos, found) if f] == [at[k] for k in keys if k in at]
+    assert blockmap.holds(sorted_keys, wanted).tolist() == found.tolist()

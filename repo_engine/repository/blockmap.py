@@ -526,9 +526,26 @@ def holds(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
     return find_sorted(sorted_values, values)[1]
 
 
+# From this many keys on, a table outgrows the CPU's caches: a binary search for each of keys in
+# random order misses the cache on most of its steps, while keys in ascending order walk the
+# lines the previous search loaded (2^17 random keys in a table of 100 M: 277 ms, sorted first
+# 73 ms; at 10 M, 165 and 29 ms). verify looks the `ids` table's refs up in hash order.
+SORT_FIRST = 1 << 20
+
+
 def find_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(position in `sorted_keys`, found) of each of `keys`: a binary search each."""
+    """(position in `sorted_keys`, found) of each of `keys`: a binary search each, in
+    ascending order of the keys when the table is large."""
     if not len(sorted_keys):
         return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
+    if len(sorted_keys) < SORT_FIRST or not (keys[1:] < keys[:-1]).any():
+        return _found(sorted_keys, keys)
+    order = np.argsort(keys)
+    pos, found = np.empty(len(keys), np.int64), np.empty(len(keys), bool)
+    pos[order], found[order] = _found(sorted_keys, keys[order])
+    return pos, found
+
+
+def _found(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
     return pos, sorted_keys[pos] == keys
