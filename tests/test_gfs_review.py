@@ -367,3 +367,34 @@ def test_a_gc_rerun_syncs_the_dead_packs_removals_before_it_forgets_them(vms, ca
     dirs = {vms.repo / "packs" / name[:2] for name in deleted}
     assert all(d.is_dir() for d in dirs)
     assert {_inode(d) for d in dirs} <= synced
+
+
+@pytest.mark.parametrize("count", [3, 300], ids=["one-thread", "threads"])
+def test_a_directory_swapped_for_a_symlink_during_a_delete_never_loses_the_target(
+        store, tmp_path, monkeypatch, count):
+    """packs/ab is renamed away and replaced by a symlink to a directory holding files of the
+    same names just after delete opened it: the unlinks land in the directory it opened,
+    never in the symlink's target, and the swap is reported as damage."""
+    from repo_engine.repository.store import ObjectDamaged
+
+    names = [f"packs/ab/{i:04x}.pack" for i in range(count)]
+    for name in names:
+        store.put(name, b"p")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in names:
+        (outside / Path(name).name).write_bytes(b"keep")
+    real_unlink, swapped = os.unlink, []
+
+    def unlink(path, *, dir_fd=None):
+        if not swapped:
+            swapped.append(1)
+            directory = store.root / "packs" / "ab"
+            directory.rename(store.root / "packs" / "ab.old")
+            directory.symlink_to(outside)
+        return real_unlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(ObjectDamaged):
+        store.delete(names)
+    assert sorted(p.read_bytes() for p in outside.iterdir()) == [b"keep"] * count
