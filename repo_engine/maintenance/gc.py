@@ -68,6 +68,10 @@ from .tally import ROWS, RefTable, Tally, read_ref_table, ref_rows, sealed_batch
 
 Tick = Callable[[str], None]
 SETTLE_REFS = 1 << 20  # refs of dead maps settled in one transaction (about 100 MiB)
+# Decrements one dead map can owe: one each time its use fell to 0 before gc settled it. More
+# is damage, as a decrement larger than the count is; and owed amounts summed per ref in int64
+# must not overflow.
+MAX_OWED = 1 << 32
 TRAILER_REFS = 1 << 22  # refs of the trailers queue_uncounted read that the sweep reuses (32 MiB)
 
 
@@ -190,8 +194,13 @@ def _settle(index: Index, batch: list[tuple[bytes, np.ndarray]]) -> int:
                 continue
             if raw is None:
                 continue
+            owes = U64.unpack(raw)[0]
+            if owes > MAX_OWED:
+                index.distrust_counts(txn, CountDamaged("deadmaps", key,
+                                                        f"{owes} decrements owed"))
+                continue
             refs.append(map_refs)
-            owed.append(np.full(len(map_refs), U64.unpack(raw)[0], np.int64))
+            owed.append(np.full(len(map_refs), owes, np.int64))
             txn.delete(key, db=index.deadmaps)
             settled += 1
         unique, sums = _sum_by_ref(np.concatenate(refs), np.concatenate(owed))

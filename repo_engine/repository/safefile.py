@@ -131,26 +131,25 @@ def is_regular(path: Path) -> bool:
 
 def unlink_from(directory: Path, names: list[str]) -> bool:
     """Delete the files `names` from `directory`, which must be a real directory (a symlinked
-    directory would make the deletions land outside the repository); returns whether any was
-    there. The directory is opened once, without following a symlink, and each name is unlinked
-    relative to that descriptor, so it cannot be swapped for a symlink in between. A symlink
-    among `names` is removed itself, never what it points to. No directory, no file: nothing to
-    do (a damaged index may name a pack whose directory never existed). The caller makes the
-    deletions durable (sync_dir)."""
+    directory would make the deletions land outside the repository); returns whether the
+    directory is there. The directory is opened once, without following a symlink, and each name
+    is unlinked relative to that descriptor, so it cannot be swapped for a symlink in between. A
+    symlink among `names` is removed itself, never what it points to. No directory, no file:
+    nothing to do (a damaged index may name a pack whose directory never existed). The caller
+    makes the deletions durable (sync_dir) whenever the directory is there, even if every name
+    was already gone: an earlier delete may have unlinked them and died before its fsync."""
     fd = _open_dir(directory)
     if fd is None:
         return False
-    removed = False
     try:
         for name in names:
             try:
                 os.unlink(name, dir_fd=fd)
-                removed = True
             except FileNotFoundError:
                 continue
     finally:
         os.close(fd)
-    return removed
+    return True
 
 
 def sync_dir(directory: Path) -> None:

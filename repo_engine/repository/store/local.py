@@ -191,9 +191,9 @@ class LocalStore:
                         sync_dir(directory)
                 return
             with ThreadPoolExecutor(min(DELETE_THREADS, len(slices))) as pool:
-                removed = list(pool.map(unlink_from, *zip(*slices)))
-                changed = {d for (d, _), any_removed in zip(slices, removed) if any_removed}
-                for _ in pool.map(sync_dir, changed):
+                present = list(pool.map(unlink_from, *zip(*slices)))
+                there = {d for (d, _), is_there in zip(slices, present) if is_there}
+                for _ in pool.map(sync_dir, there):
                     pass  # each directory once, after all its removals; their fsyncs overlap
 
     def _delete_slices(self, names: Iterable[str]) -> list[tuple[Path, list[str]]]:

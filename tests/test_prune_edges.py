@@ -1,21 +1,27 @@
-"""Attacks on the faster forget/gc: deletions left to a rerun, counts summed per ref, trailers
-read ahead, VMs rebased in parallel."""
+"""forget and gc at their edges: deletions left to a rerun, owed decrements summed per ref,
+trailers read ahead, VMs rebased in parallel, a directory swapped during a delete."""
 
 from __future__ import annotations
 
 import errno
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers import MIB, DiskModel, cli, restore_bytes
-from repo_engine.errors import RepoError
+from repo_engine.errors import DamageError, RepoError
+from repo_engine.maintenance import forget as forget_module
 from repo_engine.maintenance import gc as gc_module
 from repo_engine.repository.index import REF_KEY, U64
+from repo_engine.repository.packs import (ENTRY, FOOTER, HEADER, PackWriter, pack_object,
+                                          read_trailer)
 from repo_engine.repository.repo import Repository
+from repo_engine.repository.store import ObjectDamaged
 from repo_engine.repository.store.local import LocalStore
 
 
@@ -187,9 +193,6 @@ def test_a_rebase_failing_in_one_vm_leaves_all_restorable_and_the_next_gc_finish
     """One VM's rebase fails (damage) while the other threads write their maps: the forget
     ends with one line naming the damage, every catalogued point restores, and the next gc
     finishes the forget (the maps written for nothing are reclaimed)."""
-    from repo_engine.errors import DamageError
-    from repo_engine.maintenance import forget as forget_module
-
     real = forget_module._delta_on
 
     def failing(repo, point, base, disk):
@@ -237,9 +240,6 @@ def test_a_forget_killed_during_the_parallel_rebase_leaves_all_restorable(vms, c
     """SIGKILL while the threads write maps (`write_map`) or while the rewritten points are
     committed (`rewrite_point`): every catalogued point restores; the next gc finishes the
     forget and reclaims the maps written for nothing; verify is clean."""
-    import subprocess
-    import sys
-
     gone = vms.middle()
     killed = subprocess.run([sys.executable, "-c", _DIE_AFTER, hook, str(after), "forget",
                              str(vms.repo), *[p[:12] for p in gone]], capture_output=True)
@@ -256,8 +256,6 @@ def test_a_forget_killed_during_the_parallel_rebase_leaves_all_restorable(vms, c
 
 # -- read_trailer's first request of 64 KiB -----------------------------------------------------
 def _pack_of(tmp_path: Path, blobs: list[int]) -> tuple[LocalStore, str, Path]:
-    from repo_engine.repository.packs import PackWriter
-
     (tmp_path / "tmp").mkdir(exist_ok=True)
     store = LocalStore(tmp_path)
     writer = PackWriter(store)
@@ -269,8 +267,6 @@ def _pack_of(tmp_path: Path, blobs: list[int]) -> tuple[LocalStore, str, Path]:
 
 def _fixed_size(total: int, count: int) -> list[int]:
     """`count` blobs making an unsealed pack of `total` bytes."""
-    from repo_engine.repository.packs import ENTRY, FOOTER, HEADER
-
     left = total - HEADER.size - FOOTER.size - count * ENTRY.size
     return [left - (count - 1)] + [1] * (count - 1)
 
@@ -285,8 +281,6 @@ def test_read_trailer_at_the_edges_of_its_first_request(tmp_path, total, count):
     """Packs ending just before, at and after the first request's end, a trailer straddling it,
     a trailer larger than it, an empty pack: the entries read are the ones written, and a flip
     of a byte of the magic, the trailer or the footer is refused."""
-    from repo_engine.repository.packs import ENTRY, FOOTER, HEADER, pack_object, read_trailer
-
     store, name, path = _pack_of(tmp_path, _fixed_size(total, count) if count else [])
     raw = path.read_bytes()
     assert len(raw) == total or not count
@@ -311,9 +305,6 @@ def test_a_rebase_failing_in_one_vm_starts_no_other_vm(vms, capsys, monkeypatch)
     """Once one VM's rebase has failed, the VMs still queued are not rebased (Executor.map
     cancels the futures not started): no maps are written for nothing, and the error (or a
     Ctrl-C) is reported once the running VMs are done, not after every VM."""
-    from repo_engine.errors import DamageError
-    from repo_engine.maintenance import forget as forget_module
-
     real, started = forget_module._rebased_vm, []
 
     def first_fails(repo, catalog, gone):
@@ -375,8 +366,6 @@ def test_a_directory_swapped_for_a_symlink_during_a_delete_never_loses_the_targe
     """packs/ab is renamed away and replaced by a symlink to a directory holding files of the
     same names just after delete opened it: the unlinks land in the directory it opened,
     never in the symlink's target, and the swap is reported as damage."""
-    from repo_engine.repository.store import ObjectDamaged
-
     names = [f"packs/ab/{i:04x}.pack" for i in range(count)]
     for name in names:
         store.put(name, b"p")
