@@ -23,7 +23,7 @@ from repo_engine.backup.job import BackupOptions, backup_vm
 from repo_engine.backup.source import ChangeReport, SourceDisk, VmSnapshot
 from repo_engine.maintenance import tally
 from repo_engine.maintenance.forget import forget_points
-from repo_engine.maintenance.gc import gc, tally_drift
+from repo_engine.maintenance.gc import _settle, gc, tally_drift
 from repo_engine.maintenance.verify import verify
 from repo_engine.repository.index import REF_KEY, U64, Index
 from repo_engine.repository.repo import Repository
@@ -284,6 +284,43 @@ def test_tally_drift(tmp_path, monkeypatch, in_table, old, new, drift):
         found = tally_drift(index, txn, counted)
     index.close()
     assert (found["under_counted"], found["over_counted"]) == drift
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dead_maps_settled_in_one_batch_count_as_one_by_one(tmp_path, seed):
+    """Dead maps sharing refs, each owing its own number of decrements, settled in one batch
+    (their decrements summed per ref): every count ends as decrementing map by map leaves it,
+    a ref reaching 0 is queued, and a sum that would take a count below 0 is damage (the counts
+    are distrusted and that count is left as it was)."""
+    rng = np.random.default_rng(seed)
+    index = Index(tmp_path / "index", create=True)
+    maps = [(bytes([m]) * 32, np.unique(rng.integers(1, 40, int(rng.integers(1, 30)))).astype(
+        np.uint64), int(rng.integers(1, 4))) for m in range(int(rng.integers(2, 8)))]
+    owed_by_ref: dict[int, int] = {}
+    for _, refs, owed in maps:
+        for ref in refs.tolist():
+            owed_by_ref[ref] = owed_by_ref.get(ref, 0) + owed
+    short = int(rng.choice(list(owed_by_ref))) if seed % 2 else None  # one count too low
+    counts = {ref: owed + int(rng.integers(0, 2)) for ref, owed in owed_by_ref.items()}
+    if short is not None:
+        counts[short] = owed_by_ref[short] - 1
+    with index.write() as txn:
+        txn.put(b"counts", U64.pack(1), db=index.meta)
+        for ref, count in counts.items():
+            index.put_sealed(txn, "refcount", REF_KEY.pack(ref), U64.pack(count))
+        for key, _, owed in maps:
+            index.put_sealed(txn, "deadmaps", key, U64.pack(owed))
+    assert _settle(index, [(key, refs) for key, refs, _ in maps]) == len(maps)
+    with index.env.begin() as txn:
+        for ref, count in counts.items():
+            left = count if ref == short else count - owed_by_ref[ref]
+            raw = index.get_sealed(txn, "refcount", REF_KEY.pack(ref))
+            assert (U64.unpack(raw)[0] if raw else 0) == left, ref
+            if ref != short:
+                assert (txn.get(REF_KEY.pack(ref), db=index.gcq) is not None) == (left == 0)
+        assert not list(txn.cursor(db=index.deadmaps))
+    assert index.counts_valid() == (short is None)
+    index.close()
 
 
 def test_gc_drops_the_chunks_a_crashed_backup_indexed_and_keeps_counted_ones(tmp_path, capsys):

@@ -105,6 +105,23 @@ def test_delete_removes_a_link_never_its_target_nor_through_a_linked_directory(s
     assert secret.read_bytes() == b"s" * 10
 
 
+def test_a_delete_over_many_directories_removes_them_all_but_never_through_a_linked_one(store):
+    """Directories are emptied by several threads: every file named goes, from every directory,
+    and a symlinked directory among them is refused as damage without touching its target."""
+    names = [f"packs/{d:02x}/{i}.pack" for d in range(0, 40) for i in range(3)]
+    names += [f"points/{i:04x}.point" for i in range(300)]  # one directory split among threads
+    for name in names:
+        store.put(name, b"p")
+    store.delete(names + ["packs/ef/never-written.pack"])
+    assert list(store.list("")) == []
+    secret = _plant(store.root)
+    for name in names:
+        store.put(name, b"p")
+    with pytest.raises(ObjectDamaged, match="not a directory|symlink"):
+        store.delete(["packs/cd/secret"] + names)
+    assert secret.read_bytes() == b"s" * 10
+
+
 def test_a_file_truncated_after_a_read_is_a_short_read(store):
     store.put("packs/ab/t.pack", b"0123456789")
     assert store.get_range("packs/ab/t.pack", 0, 10) == b"0123456789"  # descriptor now cached

@@ -68,6 +68,11 @@ from .tally import ROWS, RefTable, Tally, read_ref_table, ref_rows, sealed_batch
 
 Tick = Callable[[str], None]
 SETTLE_REFS = 1 << 20  # refs of dead maps settled in one transaction (about 100 MiB)
+# Decrements one dead map can owe: one each time its use fell to 0 before gc settled it. More
+# is damage, as a decrement larger than the count is; and owed amounts summed per ref in int64
+# must not overflow.
+MAX_OWED = 1 << 32
+TRAILER_REFS = 1 << 22  # refs of the trailers queue_uncounted read that the sweep reuses (32 MiB)
 
 
 @dataclass
@@ -123,12 +128,13 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
         report.seconds = round(time.monotonic() - started, 3)
         return report
     with repo.lock(MAINTENANCE, "gc") as lock:
+        trailers: dict[int, np.ndarray] = {}
         report.forgets_finished = len(forget.finish_pending(repo).removed)
         with repo.index.env.begin() as txn:
             report.counts_damaged = count_damage(repo.index, txn)
         if not full and not report.counts_damaged and repo.index.counts_valid():
             report.maps_settled = settle_dead_maps(repo)
-            queue_uncounted(repo)
+            trailers = queue_uncounted(repo)
         report.counts_damaged += repo.index.damage_seen  # reported once
         repo.index.damage_seen.clear()
         if full or report.counts_damaged or not repo.index.counts_valid():
@@ -138,7 +144,7 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
         report.candidates = len(listed.candidates)
         report.waited_seconds += wait_for(repo, sessions(repo, lock.path), timeout=wait_timeout,
                                           tick=tick)
-        _sweep(repo, listed, report)
+        _sweep(repo, listed, report, trailers)
         _repack(repo, max_unused, report, tick)
         if _dead_packs(repo):
             report.waited_seconds += wait_for(repo, sessions(repo, lock.path),
@@ -173,10 +179,14 @@ def settle_dead_maps(repo: Repository) -> int:
 
 
 def _settle(index: Index, batch: list[tuple[bytes, np.ndarray]]) -> int:
-    """Settle the dead maps of `batch` (key, unique refs) in one transaction."""
+    """Settle the dead maps of `batch` (key, unique refs) in one transaction. Their decrements
+    are summed per ref and applied in one call: a ref many of the maps hold is looked up,
+    checked and sealed once, and a sum taking a count below 0 is damage as a lone decrement
+    would be."""
     settled = 0
+    refs, owed = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
     with index.write() as txn:
-        for key, refs in batch:
+        for key, map_refs in batch:
             try:
                 raw = index.get_sealed(txn, "deadmaps", key)
             except CountDamaged as exc:
@@ -184,18 +194,41 @@ def _settle(index: Index, batch: list[tuple[bytes, np.ndarray]]) -> int:
                 continue
             if raw is None:
                 continue
-            index.add_refs(txn, refs, -U64.unpack(raw)[0])
+            owes = U64.unpack(raw)[0]
+            if owes > MAX_OWED:
+                index.distrust_counts(txn, CountDamaged("deadmaps", key,
+                                                        f"{owes} decrements owed"))
+                continue
+            refs.append(map_refs)
+            owed.append(np.full(len(map_refs), owes, np.int64))
             txn.delete(key, db=index.deadmaps)
             settled += 1
+        unique, sums = _sum_by_ref(np.concatenate(refs), np.concatenate(owed))
+        if len(unique):
+            index.add_refs(txn, unique, -sums)
     return settled
 
 
-def queue_uncounted(repo: Repository) -> None:
+def _sum_by_ref(refs: np.ndarray, amounts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct refs sorted, the sum of `amounts` of each)."""
+    order = np.argsort(refs, kind="stable")
+    refs, amounts = refs[order], amounts[order]
+    if not len(refs):
+        return refs, amounts
+    starts = np.flatnonzero(np.concatenate(([True], refs[1:] != refs[:-1])))
+    return refs[starts], np.add.reduceat(amounts, starts)
+
+
+def queue_uncounted(repo: Repository) -> dict[int, np.ndarray]:
     """Queue live refs without a count in packs indexed since the last gc (a crashed or running
-    backup's chunks; a running backup's come back in step 5)."""
+    backup's chunks; a running backup's come back in step 5). Returns the refs of the trailers
+    read, by pack number (up to TRAILER_REFS in all): a pack this run empties is checked
+    against them (`_places_chunks`) instead of being read again (packs are immutable)."""
     index = repo.index
     mark, end = index.meta_u64("gc_mark"), index.meta_u64("next_pack")
     found = []
+    trailers: dict[int, np.ndarray] = {}
+    held = 0
     with index.env.begin() as txn:
         for number, raw in _packs_from(txn, index, mark, end):
             name = PACK_REC.unpack(raw)[0].hex()
@@ -204,11 +237,15 @@ def queue_uncounted(repo: Repository) -> None:
             except RepoError:
                 continue
             found += _uncounted_in(txn, index, number, entries)
+            if held + len(entries) <= TRAILER_REFS:
+                trailers[number] = entries["ref"].astype(np.uint64)
+                held += len(entries)
     with index.write() as txn:
         for key in found:
             if txn.get(key, db=index.refcount) is None:
                 txn.put(key, b"", db=index.gcq)
         txn.put(b"gc_mark", U64.pack(end), db=index.meta)
+    return trailers
 
 
 def _uncounted_in(txn: lmdb.Transaction, index: Index, number: int,
@@ -409,7 +446,9 @@ def _point_known(txn: lmdb.Transaction, index: Index, point_id: str) -> bool:
 
 
 # -- step 5: sweep ----------------------------------------------------------------------------
-def _sweep(repo: Repository, listed: _Listed, report: GcReport) -> None:
+def _sweep(repo: Repository, listed: _Listed, report: GcReport,
+           trailers: dict[int, np.ndarray]) -> None:
+    """`trailers`: refs of packs' trailers read earlier in this run, by pack number."""
     index = repo.index
     touched: dict[int, list[int]] = {}  # pack -> [chunks dropped, stored bytes dropped]
     with index.write() as txn:
@@ -447,7 +486,7 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport) -> None:
             less_live(txn, index, number, stored, chunks)
             live = index.get_sealed(txn, "packlive", PACK_KEY.pack(number))
             if (live is not None and LIVE_REC.unpack(live)[0] == 0
-                    and not _places_chunks(repo, txn, number)):
+                    and not _places_chunks(repo, txn, number, trailers.get(number))):
                 _retire_pack(txn, index, number)
     for path in listed.tmp:
         path.unlink(missing_ok=True)
@@ -471,22 +510,22 @@ def less_live(txn: lmdb.Transaction, index: Index, pack: int, stored: int,
                      LIVE_REC.pack(max(count - chunks, 0), max(size - stored, 0)))
 
 
-def _places_chunks(repo: Repository, txn: lmdb.Transaction, number: int) -> bool:
-    """Whether a ref record still places a chunk in pack `number` (the refs its trailer lists):
-    a damaged live count must not retire a pack that holds live data."""
+def _places_chunks(repo: Repository, txn: lmdb.Transaction, number: int,
+                   refs: np.ndarray | None = None) -> bool:
+    """Whether a ref record still places a chunk in pack `number` (the refs its trailer lists,
+    looked up in one batch; `refs`: those refs when the caller read the trailer already): a
+    damaged live count must not retire a pack that holds live data."""
     index = repo.index
     raw = txn.get(PACK_KEY.pack(number), db=index.packs)
     if raw is None:
         return False
-    try:
-        entries = repo.read_trailer(PACK_REC.unpack(raw)[0].hex())
-    except RepoError:
-        return False  # unreadable: its chunks are lost anyway (verify and scrub report them)
-    for ref in entries["ref"].tolist():
-        rec = txn.get(REF_KEY.pack(ref), db=index.refs)
-        if rec is not None and REF_REC.unpack(rec)[1] == number:
-            return True
-    return False
+    if refs is None:
+        try:
+            refs = repo.read_trailer(PACK_REC.unpack(raw)[0].hex())["ref"]
+        except RepoError:
+            return False  # unreadable: its chunks are lost anyway (verify, scrub report them)
+    found = txn.cursor(db=index.refs).getmulti(ref_keys(refs))
+    return any(REF_REC.unpack(rec)[1] == number for _key, rec in found)
 
 
 def _retire_pack(txn: lmdb.Transaction, index: Index, number: int) -> None:

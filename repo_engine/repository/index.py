@@ -627,10 +627,12 @@ class Index:
         raw = self.get_sealed(txn, table, key)
         return U64.unpack(raw)[0] if raw else 0
 
-    def add_refs(self, txn: lmdb.Transaction, refs: np.ndarray, delta: int) -> list[int]:
-        """Add `delta` to the count of each ref; returns the refs whose count reached 0 (those are
-        queued in `gcq`). A count that fails its check, or a decrement below 0 (a count lost or
-        lowered by damage), leaves that count as it is and distrusts the counts."""
+    def add_refs(self, txn: lmdb.Transaction, refs: np.ndarray,
+                 delta: int | np.ndarray) -> list[int]:
+        """Add `delta` (one for all, or one per ref) to the count of each of the distinct `refs`;
+        returns the refs whose count reached 0 (those are queued in `gcq`). A count that fails
+        its check, or a decrement below 0 (a count lost or lowered by damage), leaves that count
+        as it is and distrusts the counts."""
         keys = np.ascontiguousarray(refs, dtype=">u8").view(np.uint8).reshape(-1, 8)
         counts, good = self._ref_counts(txn, keys)
         new = counts.astype(np.int64) + delta

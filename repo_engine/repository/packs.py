@@ -77,6 +77,7 @@ OPENERS_KEPT = 4096  # the key headers of packs read lately (PackKeys)
 # at most this many bytes before it (PackKeys.open_stream): passing over the gap costs less than
 # a request of its own
 HEADER_REACH = 256 << 10
+TRAILER_AHEAD = 64 << 10  # read_trailer's first request: a small pack whole, a large one's start
 
 CODEC_RAW, CODEC_ZSTD = 0, 1
 # ids are V32, not S32: numpy strips trailing NUL bytes from S fields
@@ -335,15 +336,22 @@ def _refuse_cleartext(major: int, encrypted: bool, what: str) -> None:
 
 def read_trailer(store: Store, name: str, sealer: Sealer = NULL_SEALER) -> np.ndarray:
     """Read and check the trailer of pack object `name` (a sealed one opened with `sealer`);
-    returns an ENTRY_DTYPE array."""
+    returns an ENTRY_DTYPE array. The first request reads the pack's start and learns its size:
+    a pack of up to TRAILER_AHEAD bytes (a small backup's) costs that one request."""
     what = f"{store.location}/{name}"
-    size = store.size(name)
+    start, size = store.get_start(name, TRAILER_AHEAD)
     if size < HEADER.size + FOOTER.size:
         raise DamageError(f"{what}: pack is truncated ({size} bytes)")
-    head = store.get_range(name, 0, min(HEADER.size + PART_HEADER_SIZE, size - FOOTER.size))
-    layout = _layout(head, store.get_range(name, size - FOOTER.size, FOOTER.size), size, what)
+
+    def part(offset: int, length: int) -> bytes:
+        if offset + length <= len(start):
+            return start[offset:offset + length]
+        return store.get_range(name, offset, length)
+
+    head = part(0, min(HEADER.size + PART_HEADER_SIZE, size - FOOTER.size))
+    layout = _layout(head, part(size - FOOTER.size, FOOTER.size), size, what)
     _refuse_cleartext(layout.major, sealer.encrypted, what)
-    trailer = store.get_range(name, layout.trailer, size - FOOTER.size - layout.trailer)
+    trailer = part(layout.trailer, size - FOOTER.size - layout.trailer)
     if blake3.blake3(trailer).digest() != layout.digest:
         raise DamageError(f"{what}: pack trailer checksum mismatch")
     if layout.major != SEALED_MAJOR:

@@ -129,13 +129,47 @@ def is_regular(path: Path) -> bool:
         return False
 
 
-def remove(path: Path) -> None:
-    """Delete `path` from its directory, which must be a real directory (a symlinked directory
-    would make the deletion land outside the repository). A symlink itself is removed, never
-    what it points to. No directory, no file: nothing to do (a damaged index may name a pack
-    whose directory never existed)."""
+def unlink_from(directory: Path, names: list[str]) -> bool:
+    """Delete the files `names` from `directory`, which must be a real directory (a symlinked
+    directory would make the deletions land outside the repository); returns whether the
+    directory is there. The directory is opened once, without following a symlink, and each name
+    is unlinked relative to that descriptor, so it cannot be swapped for a symlink in between. A
+    symlink among `names` is removed itself, never what it points to. No directory, no file:
+    nothing to do (a damaged index may name a pack whose directory never existed). The caller
+    makes the deletions durable (sync_dir) whenever the directory is there, even if every name
+    was already gone: an earlier delete may have unlinked them and died before its fsync."""
+    fd = _open_dir(directory)
+    if fd is None:
+        return False
     try:
-        check_dir(path.parent)
+        for name in names:
+            try:
+                os.unlink(name, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+    finally:
+        os.close(fd)
+    return True
+
+
+def sync_dir(directory: Path) -> None:
+    """Make the deletions from the real directory `directory` durable."""
+    fd = _open_dir(directory)
+    if fd is not None:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _open_dir(directory: Path) -> int | None:
+    """A descriptor of the real directory `directory` (never through a symlink); None when it is
+    missing; DamageError when it is anything else."""
+    try:
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        return
-    path.unlink(missing_ok=True)
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise _not_ours(directory, os.lstat(directory).st_mode, "a directory") from None
