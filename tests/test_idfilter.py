@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import MIB, DiskModel, attach_shared, cli, shared_repo, tree_digest
+from helpers import MIB, DiskModel, attach_shared, cli, repo_with_point, shared_repo, tree_digest
 from repo_engine.backup.job import BackupOptions, backup_vm
 from repo_engine.repository import idfilter
 from repo_engine.repository.idfilter import FILE, IdFilter
@@ -266,3 +266,34 @@ def test_an_index_larger_than_memory_is_mapped_without_readahead(tmp_path, monke
         assert opened.env.flags()["readahead"] is readahead
     finally:
         opened.close()
+
+
+def test_verify_reads_a_large_index_with_readahead_and_look_ups_go_back_without(
+        tmp_path, capsys, monkeypatch):
+    """verify reads whole tables in key order: an index over half the available memory is
+    mapped with read-ahead while it runs (a page at a time would be four times slower), and
+    without it again afterwards (random look-ups read one page). Its findings are the same."""
+    from repo_engine.maintenance import verify as verify_module
+    from repo_engine.repository import lmdbfile
+    from repo_engine.repository.repo import Repository
+
+    repo, _model = repo_with_point(tmp_path, capsys, 5)
+    with Repository.open(repo) as opened:
+        expected = verify_module.verify(opened)
+    monkeypatch.setattr(lmdbfile, "available_memory", lambda: 4096)
+    seen = []
+    real = verify_module._verify
+
+    def recording(opened, tick):
+        seen.append(opened.index.env.flags()["readahead"])
+        return real(opened, tick)
+
+    monkeypatch.setattr(verify_module, "_verify", recording)
+    with Repository.open(repo) as opened:
+        before = opened.index.env.flags()["readahead"]
+        report = verify_module.verify(opened)
+        after = opened.index.env.flags()["readahead"]
+    assert (before, seen, after) == (False, [True], False)
+    assert report.ok and (report.points, report.refs, report.errors) == (
+        expected.points, expected.refs, expected.errors)
+    assert cli(capsys, "verify", repo).code == 0

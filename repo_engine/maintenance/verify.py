@@ -115,8 +115,9 @@ def _catalog(index: Index, txn: lmdb.Transaction) -> tuple[dict[str, PointRecord
 
 def verify(repo: Repository, *, tick: Callable[[int], None] | None = None) -> VerifyReport:
     """Under a shared lock, taken before the snapshot: gc deletes nothing the snapshot names
-    before we end (it waits for every session that held a lock when it changed the index)."""
-    with repo.lock(SHARED, "verify"):
+    before we end (it waits for every session that held a lock when it changed the index).
+    verify reads every table of the index whole: it maps the index for scans."""
+    with repo.lock(SHARED, "verify"), repo.scanning():
         return _verify(repo, tick)
 
 

@@ -141,7 +141,9 @@ class PackInfo:
 
 
 class Index:
-    def __init__(self, path: Path, *, create: bool = False) -> None:
+    def __init__(self, path: Path, *, create: bool = False, scans: bool = False) -> None:
+        """`scans`: the caller reads whole tables in key order (verify), so the kernel's
+        read-ahead stays on whatever the index's size (lmdbfile.readahead_pays)."""
         if not create:
             if not (path / "data.mdb").exists():
                 raise DamageError(f"{path}: index is missing; run 'repo-engine rebuild-index'")
@@ -154,7 +156,7 @@ class Index:
             self.env = lmdb.open(str(path), max_dbs=32, map_size=MAP_SIZE, subdir=True,
                                  create=create, readonly=self.read_only,
                                  lock=not self.read_only, mode=FILE_MODE,
-                                 readahead=readahead_pays(path / "data.mdb"))
+                                 readahead=scans or readahead_pays(path / "data.mdb"))
             for name in ("meta", "ids", "refs", "packs", "packnames", "points", *MAINT_DBS):
                 setattr(self, name, self.env.open_db(name.encode(), create=not self.read_only))
             for name in JOURNAL_DBS:  # absent from a read-only index of an earlier version

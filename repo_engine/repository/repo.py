@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -76,6 +76,7 @@ class Repository:
         self._index = index
         self._opened: FileId | None = None  # the index file we opened ourselves
         self._opening = threading.Lock()  # threads of one process share one environment
+        self._scans = False  # the index opened for reading whole tables (scanning)
         self.codec = ChunkCodec(chunk_key or config.key_bytes, config.compression_level)
         self.pack_keys = PackKeys(store, sealer)
         self.locks_dir = self.path / "locks"
@@ -145,8 +146,27 @@ class Repository:
     def index(self) -> Index:
         with self._opening:
             if self._index is None:
-                self._index, self._opened = _open_index(self.path / "index", self.locks_dir)
+                self._index, self._opened = _open_index(self.path / "index", self.locks_dir,
+                                                        self._scans)
             return self._index
+
+    @contextmanager
+    def scanning(self) -> Iterator[None]:
+        """Meanwhile the index is mapped with the kernel's read-ahead on, for a command that
+        reads whole tables (verify). An index over half the available memory is otherwise mapped
+        without it, so that a random look-up reads one page (lmdbfile.readahead_pays); a scan in
+        key order would then fault a page at a time: a tenth of `refs` at 100 M chunks read in
+        12.8 s against 3.2 s with read-ahead, of `ids` 19.8 s against 4.5 s. The index is
+        opened again on entry and on exit when it is open (opening maps no page)."""
+        with self._opening:
+            self._scans = True
+        self.close_index()
+        try:
+            yield
+        finally:
+            with self._opening:
+                self._scans = False
+            self.close_index()
 
     def close(self) -> None:
         self.close_index()
@@ -633,12 +653,12 @@ def _file_id(index_dir: Path) -> FileId:
     return st.st_dev, st.st_ino
 
 
-def _open_index(index_dir: Path, locks_dir: Path) -> tuple[Index, FileId]:
+def _open_index(index_dir: Path, locks_dir: Path, scans: bool) -> tuple[Index, FileId]:
     """Open the index in place and say which file that is (it must not change while opening)."""
     for _attempt in range(3):
         before = _file_id(index_dir)
         try:
-            index = Index(index_dir)
+            index = Index(index_dir, scans=scans)
         except DamageError:
             if _rebuild_running(locks_dir):
                 break
