@@ -3,6 +3,8 @@
 
     .venv/bin/python bench/bigrepo.py grow REPO --chunks 10000000 [--per-point 10000] [--vms 20]
     .venv/bin/python bench/bigrepo.py run [--evict REPO] [--stats FILE] -- CMD ...
+    .venv/bin/python bench/bigrepo.py scans REPO [--rows N]
+    .venv/bin/python bench/bigrepo.py searches REPO [--batches N]
 
 `grow` creates REPO (16 KiB blocks, 4 MiB packs) if it does not exist, then adds chunks until the
 index counts at least --chunks. The chunks are synthetic: 48 random bytes each (incompressible,
@@ -22,6 +24,12 @@ real repository never holds such chunks.
 page cache (posix_fadvise DONTNEED: the next lookups read the disk, as when the index is larger
 than the free memory); it writes the command's major page faults and bytes read from the
 filesystem (wait4's rusage), and the index pages resident after it (mincore), to --stats.
+
+`scans` reads the first --rows rows of `refs` and of `ids` in key order as verify does
+(`tally.batches`), the index evicted first, once with LMDB's read-ahead off and once on.
+`searches` times verify's look-up of `ids` entries in the sorted refs (`RefTable.find`, then
+the id fingerprints compared) over the first --batches batches of `ids`, in hash order and
+sorted first (`blockmap.find_sorted` with SORT_FIRST out of reach, then at 0), twice.
 """
 from __future__ import annotations
 
@@ -36,10 +44,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import lmdb
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from repo_engine.maintenance import tally  # noqa: E402
+from repo_engine.repository import blockmap  # noqa: E402
 from repo_engine.repository.blockmap import BlockMap  # noqa: E402
 from repo_engine.repository.idfilter import FILE  # noqa: E402
 from repo_engine.repository.index import IndexReader  # noqa: E402
@@ -202,6 +213,58 @@ def lookups(path: Path, count: int, cold: bool) -> list[dict]:
     return rows
 
 
+def scans(path: Path, rows: int) -> list[dict]:
+    """See the module docstring."""
+    out = []
+    for table in ("refs", "ids"):
+        for readahead in (False, True):
+            evict(index_file(path))
+            env = lmdb.open(str(path / "index"), max_dbs=32, readonly=True, lock=False,
+                            readahead=readahead, map_size=1 << 40)
+            try:
+                db = env.open_db(table.encode(), create=False)
+                with env.begin() as txn:
+                    out.append(_timed(f"scan of {table}, read-ahead {'on' if readahead else 'off'}",
+                                      rows, lambda txn=txn, db=db: _scan(txn, db, rows)))
+            finally:
+                env.close()
+    return out
+
+
+def _scan(txn: lmdb.Transaction, db: object, rows: int) -> None:
+    for batch, _ in enumerate(tally.batches(txn, db), 1):
+        if batch * tally.ROWS >= rows:
+            return
+
+
+def searches(path: Path, count: int) -> list[dict]:
+    """See the module docstring."""
+    out = []
+    with _opened(path, False) as repo, repo.index.env.begin() as txn:
+        table = tally.read_ref_table(txn, repo.index, prints=True)
+        got = []
+        for keys, values in tally.batches(txn, repo.index.ids):
+            got.append((np.frombuffer(bytes(keys), "V32"), np.frombuffer(bytes(values), "<u8")))
+            if len(got) == count:
+                break
+        rows = sum(len(refs) for _, refs in got)
+        sort_first = blockmap.SORT_FIRST
+        try:
+            for label, first in [("hash order", 1 << 62), ("sorted first", 0)] * 2:
+                blockmap.SORT_FIRST = first
+                out.append(_timed(f"look-ups of ids entries in the refs, {label}", rows,
+                                  lambda: _check_ids(table, got)))
+        finally:
+            blockmap.SORT_FIRST = sort_first
+    return out
+
+
+def _check_ids(table: tally.RefTable, batches: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    for ids, refs in batches:
+        pos, found = table.find(refs)
+        assert (found & (table.id_prints[pos] == tally.fingerprints(ids))).all()
+
+
 def _surely_absent(repo: Repository, ids: list[bytes]) -> None:
     """As the backup pipeline looks ids up: the filter over a batch, LMDB for the rest."""
     with repo.index.reader() as reader:
@@ -243,6 +306,12 @@ def main() -> None:
                     help="look-ups of each kind (default: the non-zero blocks of a 4 GiB "
                          "workload disk at 16 KiB)")
     lk.add_argument("--warm", action="store_true", help="do not evict the index first")
+    sc = sub.add_parser("scans", help="time scans of refs and ids, read-ahead off and on")
+    sc.add_argument("repo", type=Path)
+    sc.add_argument("--rows", type=int, default=10_000_000)
+    se = sub.add_parser("searches", help="time verify's look-ups of ids in the sorted refs")
+    se.add_argument("repo", type=Path)
+    se.add_argument("--batches", type=int, default=40)
     r = sub.add_parser("run", help="run a command, index evicted, and note its I/O")
     r.add_argument("--evict", type=Path, metavar="REPO")
     r.add_argument("--stats", type=Path)
@@ -251,8 +320,11 @@ def main() -> None:
     if args.what == "grow":
         print(json.dumps(grow(args.repo, args.chunks, args.per_point, args.vms)))
         return
-    if args.what == "lookups":
-        for row in lookups(args.repo, args.count, not args.warm):
+    rows = {"lookups": lambda: lookups(args.repo, args.count, not args.warm),
+            "scans": lambda: scans(args.repo, args.rows),
+            "searches": lambda: searches(args.repo, args.batches)}.get(args.what)
+    if rows is not None:
+        for row in rows():
             print(json.dumps(row))
         return
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
