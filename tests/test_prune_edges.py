@@ -23,15 +23,9 @@ from repo_engine.repository.packs import (ENTRY, FOOTER, HEADER, PackWriter, pac
 from repo_engine.repository.repo import Repository
 from repo_engine.repository.store import ObjectDamaged
 from repo_engine.repository.store.local import LocalStore
+from test_store_local import store  # noqa: F401  (the fixture)
 
 
-@pytest.fixture
-def store(tmp_path):
-    root = tmp_path / "repo"
-    root.mkdir()
-    local = LocalStore(root)
-    yield local
-    local.close()
 
 
 def _inode(path: Path) -> tuple[int, int]:
@@ -167,6 +161,17 @@ class _Vms:
         result = cli(self.capsys, "verify", self.repo)
         assert result.code == 0, result.out + result.err
 
+    def gc_finishes_forgetting(self, gone: list[str]) -> None:
+        """gc leaves exactly the points not in `gone`, each restoring, and verify clean."""
+        assert cli(self.capsys, "gc", self.repo, "--max-unused", "0").code == 0
+        for point in gone:
+            del self.expected[point]
+        catalogued = {p["id"] for p in
+                      cli(self.capsys, "points", self.repo, "--json").json()["points"]}
+        assert catalogued == self.expected.keys()
+        self.assert_restores()
+        self.assert_clean()
+
 
 @pytest.fixture
 def vms(tmp_path, capsys):
@@ -208,13 +213,7 @@ def test_a_rebase_failing_in_one_vm_leaves_all_restorable_and_the_next_gc_finish
         "repo-engine: error: block map of b is damaged (injected)"]
     vms.assert_restores()
     monkeypatch.setattr(forget_module, "_delta_on", real)
-    assert cli(capsys, "gc", vms.repo, "--max-unused", "0").code == 0
-    for point in gone:
-        del vms.expected[point]
-    catalogued = {p["id"] for p in cli(capsys, "points", vms.repo, "--json").json()["points"]}
-    assert catalogued == vms.expected.keys()
-    vms.assert_restores()
-    vms.assert_clean()
+    vms.gc_finishes_forgetting(gone)
 
 
 _DIE_AFTER = """
@@ -245,13 +244,7 @@ def test_a_forget_killed_during_the_parallel_rebase_leaves_all_restorable(vms, c
                              str(vms.repo), *[p[:12] for p in gone]], capture_output=True)
     assert killed.returncode == -9, killed.stderr
     vms.assert_restores()
-    assert cli(capsys, "gc", vms.repo, "--max-unused", "0").code == 0
-    for point in gone:
-        del vms.expected[point]
-    catalogued = {p["id"] for p in cli(capsys, "points", vms.repo, "--json").json()["points"]}
-    assert catalogued == vms.expected.keys()
-    vms.assert_restores()
-    vms.assert_clean()
+    vms.gc_finishes_forgetting(gone)
 
 
 # -- read_trailer's first request of 64 KiB -----------------------------------------------------
