@@ -279,6 +279,37 @@ class TestRetries:
         assert got == [data[7:7 + MIB], data[7 + 4 * MIB:len(data) - 7]]
         assert proxy.served == 2
 
+    @pytest.mark.parametrize("kind", ["503", "reset"])
+    def test_a_range_read_into_a_buffer_cut_midway_goes_on_from_where_it_stopped(
+            self, proxy, s3_bucket, kind):
+        """As above, the pieces read into one buffer: the piece being read when the answer
+        is cut is read again whole, from where the piece starts."""
+        store = S3Store(f"s3://{s3_bucket}/r", settings_for(proxy.endpoint))
+        data = os.urandom(24 * MIB)
+        store.put("packs/00/b.pack", data)
+        buffer = memoryview(bytearray(8 * MIB))
+        with store.open_range("packs/00/b.pack", 5, len(data) - 10) as reader:
+            reader.read_into(buffer[:MIB])
+            got = [bytes(buffer[:MIB])]
+            proxy.arm(kind, 2)
+            reader.read_into(buffer)
+            got.append(bytes(buffer))
+        assert got == [data[5:5 + MIB], data[5 + MIB:5 + 9 * MIB]]
+        assert proxy.served == 2
+
+    def test_ranges_read_into_a_buffer_to_their_end_reuse_the_connection(self, proxy,
+                                                                         s3_bucket):
+        store = S3Store(f"s3://{s3_bucket}/r", settings_for(proxy.endpoint))
+        data = os.urandom(3 * MIB)
+        store.put("packs/00/c.pack", data)
+        buffer = memoryview(bytearray(MIB))
+        before = proxy.accepted
+        for start in range(0, len(data), MIB):
+            with store.open_range("packs/00/c.pack", start, MIB) as reader:
+                reader.read_into(buffer)
+            assert buffer == data[start:start + MIB]
+        assert proxy.accepted - before == 0  # the put's connection, back in the pool each time
+
     def test_failed_part_aborts_the_upload(self, proxy, s3_bucket, monkeypatch):
         """A part that fails past the retry cap: the upload is aborted (nothing pending), no
         object appears, the spool file stays for the caller."""

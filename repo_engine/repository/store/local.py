@@ -109,9 +109,23 @@ class LocalStore:
             if not cached:
                 os.close(fd)
         if len(data) != length:
-            raise ShortRead(f"{self.path_of(name)} is truncated: {length} bytes at offset "
-                            f"{offset} asked, {len(data)} there")
+            raise self._short(name, offset, length, len(data))
         return data
+
+    def get_range_into(self, name: str, offset: int, view: memoryview) -> None:
+        """`get_range(name, offset, len(view))` read into `view`."""
+        fd, cached = self._fd(name)
+        try:
+            got = _preadv_all(fd, view, offset)
+        finally:
+            if not cached:
+                os.close(fd)
+        if got != len(view):
+            raise self._short(name, offset, len(view), got)
+
+    def _short(self, name: str, offset: int, length: int, got: int) -> ShortRead:
+        return ShortRead(f"{self.path_of(name)} is truncated: {length} bytes at offset {offset} "
+                         f"asked, {got} there")
 
     def open_range(self, name: str, offset: int, length: int) -> RangeReader:
         return _PreadRange(self, name, offset, length)
@@ -256,6 +270,15 @@ def _pread_all(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
+def _preadv_all(fd: int, view: memoryview, offset: int) -> int:
+    """Read into `view` the bytes at `offset`; how many there were (fewer only at the end of
+    the file)."""
+    got = 0
+    while got < len(view) and (part := os.preadv(fd, [view[got:]], offset + got)):
+        got += part
+    return got
+
+
 class _PreadRange(RangeReader):
     """A range of a file: each piece is one pread of the store's cached descriptor."""
 
@@ -265,3 +288,6 @@ class _PreadRange(RangeReader):
 
     def _fetch(self, n: int) -> bytes:
         return self._store.get_range(self._name, self.position, n)
+
+    def _fetch_into(self, view: memoryview) -> None:
+        self._store.get_range_into(self._name, self.position, view)

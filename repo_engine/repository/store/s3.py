@@ -21,6 +21,7 @@ a process that died are listed by `pending_uploads` and removed by `abort_upload
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import random
@@ -217,6 +218,15 @@ def _multipart_etag(parts: list[dict[str, Any]]) -> str:
     """The ETag S3 gives an object completed from `parts`: MD5 of the parts' MD5s, "-", count."""
     digests = b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts)
     return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
+
+
+def _streaming_error(exc: OSError | http.client.HTTPException, endpoint: str) -> Exception:
+    """What botocore makes of a socket's failure while a body is read (urllib3 wraps it; a
+    body read from the socket directly has it wrapped here): a timeout or a connection lost
+    midway, both retried by `_Requests.call`."""
+    if isinstance(exc, TimeoutError):
+        return bexc.ReadTimeoutError(endpoint_url=endpoint, error=exc)
+    return bexc.ResponseStreamingError(error=exc)
 
 
 def _retryable(exc: bexc.ClientError) -> bool:
@@ -522,9 +532,7 @@ class _StreamedRange(RangeReader):
     def _fetch(self, n: int) -> bytes:
         data = self._store._call("get", self._name, partial(self._take, n))
         if len(data) != n:
-            self.close()
-            raise ShortRead(f"{self._store.location}: get {self._name}: the object ends before "
-                            f"byte {self.position + n}; it is truncated")
+            self._ends_early(n)
         return data
 
     def skip(self, n: int) -> None:
@@ -534,14 +542,59 @@ class _StreamedRange(RangeReader):
             self.read(min(SKIP_PIECE, left))
             left -= min(SKIP_PIECE, left)
 
-    def _take(self, n: int) -> bytes:
-        """Up to `n` bytes from the answer (fewer only where it ends), asking from the current
-        position when no answer is open."""
+    def _fetch_into(self, view: memoryview) -> None:
+        got = self._store._call("get", self._name, partial(self._take_into, view))
+        if got != len(view):
+            self._ends_early(len(view))
+
+    def _ends_early(self, n: int) -> None:
+        self.close()
+        raise ShortRead(f"{self._store.location}: get {self._name}: the object ends before "
+                        f"byte {self.position + n}; it is truncated")
+
+    def _answer(self) -> Any:
+        """The open answer; a GET from the current position when none is open."""
         if self._body is None:
             answer = self._store._client.get_object(
                 Bucket=self._store.bucket, Key=self._key,
                 Range=f"bytes={self.position}-{self.end - 1}")
             self._body = answer["Body"]
+        return self._body
+
+    def _take_into(self, view: memoryview) -> int:
+        """`_take` into `view`: the bytes go from the socket into it, through the HTTP
+        response's own `readinto` (one copy; botocore's `read` makes a new buffer for each
+        piece). The connection goes back to the pool once the answer was read whole."""
+        body = self._answer()
+        raw = getattr(body, "_raw_stream", None)
+        fp = getattr(raw, "_fp", None)
+        if not isinstance(fp, http.client.HTTPResponse):  # another HTTP stack: `read`, a copy
+            data = self._take(len(view))
+            view[:len(data)] = data
+            return len(data)
+        got = 0
+        try:
+            while got < len(view):
+                piece = fp.readinto(view[got:])
+                if not piece:
+                    if fp.length:  # the answer ends before its Content-Length: cut midway
+                        raise http.client.IncompleteRead(b"", fp.length)
+                    break
+                got += piece
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()  # the next attempt asks again from where this one stopped
+            raise _streaming_error(exc, self._store.settings.endpoint_text) from exc
+        except BaseException:
+            self.close()
+            raise
+        if fp.isclosed():  # read to its end: the connection is free for the next request
+            raw.release_conn()
+        return got
+
+    def _take(self, n: int) -> bytes:
+        """Up to `n` bytes from the answer (fewer only where it ends), asking from the current
+        position when no answer is open."""
+        self._answer()
         pieces, got = [], 0
         try:
             while got < n and (piece := self._body.read(n - got)):
