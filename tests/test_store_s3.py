@@ -16,6 +16,7 @@ import pytest
 from repo_engine.errors import DamageError
 from repo_engine.repository.store import (ObjectExists, ObjectInfo, StoreAuthError, StoreError,
                                           StoreUnreachable, open_store)
+from repo_engine.repository.store import s3
 from repo_engine.repository.store.s3 import S3Store
 from repo_engine.repository.store.s3_settings import MIB, S3Settings
 from s3proxy import FaultProxy
@@ -309,6 +310,31 @@ class TestRetries:
                 reader.read_into(buffer)
             assert buffer == data[start:start + MIB]
         assert proxy.accepted - before == 0  # the put's connection, back in the pool each time
+
+    def test_a_body_without_the_http_response_below_is_read_and_copied(self, store,
+                                                                        monkeypatch):
+        """Should botocore's body stop carrying http.client's response, `read_into` reads
+        through the body's own `read` (a copy) and still returns every byte."""
+        data = os.urandom(3 * MIB)
+        store.put("packs/00/d.pack", data)
+        answer = s3._StreamedRange._answer
+
+        class Body:  # botocore's body, minus what lies below it
+            def __init__(self, body) -> None:
+                self.read, self.close = body.read, body.close
+
+        def opaque(reader):
+            if not isinstance(reader._body, Body):
+                reader._body = Body(answer(reader))
+            return reader._body
+
+        monkeypatch.setattr(s3._StreamedRange, "_answer", opaque)
+        buffer = memoryview(bytearray(2 * MIB))
+        with store.open_range("packs/00/d.pack", 1, len(data) - 1) as reader:
+            reader.read_into(buffer)
+            got = bytes(buffer)
+            reader.read_into(buffer[:MIB - 1])
+        assert got + bytes(buffer[:MIB - 1]) == data[1:]
 
     def test_failed_part_aborts_the_upload(self, proxy, s3_bucket, monkeypatch):
         """A part that fails past the retry cap: the upload is aborted (nothing pending), no

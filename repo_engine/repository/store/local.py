@@ -24,10 +24,11 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 from ...errors import DamageError
 from ..atomic import fsync_dir, publish, write_atomic
@@ -35,6 +36,7 @@ from ..safefile import kind_of, make_dir, open_regular, read_limited, remove
 from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, RangeReader, ShortRead,
                check_name)
 
+T = TypeVar("T")
 LOCAL_ONLY = ("index", "locks", "tmp")  # directories of local files, not objects
 FD_CACHE = 256
 TEMP_PREFIX = ".tmp-"  # atomic.temp_name: a write in progress, not an object yet
@@ -102,30 +104,28 @@ class LocalStore:
             os.close(fd)
 
     def get_range(self, name: str, offset: int, length: int) -> bytes:
-        fd, cached = self._fd(name)
-        try:
-            data = _pread_all(fd, length, offset)
-        finally:
-            if not cached:
-                os.close(fd)
-        if len(data) != length:
-            raise self._short(name, offset, length, len(data))
+        data = self._reading_fd(name, lambda fd: _pread_all(fd, length, offset))
+        self._check_length(name, offset, length, len(data))
         return data
 
     def get_range_into(self, name: str, offset: int, view: memoryview) -> None:
         """`get_range(name, offset, len(view))` read into `view`."""
+        got = self._reading_fd(name, lambda fd: _preadv_all(fd, view, offset))
+        self._check_length(name, offset, len(view), got)
+
+    def _reading_fd(self, name: str, read: Callable[[int], T]) -> T:
+        """`read(fd)` with a descriptor of `name`, closed afterwards unless cached."""
         fd, cached = self._fd(name)
         try:
-            got = _preadv_all(fd, view, offset)
+            return read(fd)
         finally:
             if not cached:
                 os.close(fd)
-        if got != len(view):
-            raise self._short(name, offset, len(view), got)
 
-    def _short(self, name: str, offset: int, length: int, got: int) -> ShortRead:
-        return ShortRead(f"{self.path_of(name)} is truncated: {length} bytes at offset {offset} "
-                         f"asked, {got} there")
+    def _check_length(self, name: str, offset: int, length: int, got: int) -> None:
+        if got != length:
+            raise ShortRead(f"{self.path_of(name)} is truncated: {length} bytes at offset "
+                            f"{offset} asked, {got} there")
 
     def open_range(self, name: str, offset: int, length: int) -> RangeReader:
         return _PreadRange(self, name, offset, length)
