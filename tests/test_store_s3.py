@@ -214,6 +214,10 @@ class TestErrors:
             store = S3Store(f"s3://{s3_bucket}/r", settings_for(seaweedfs.tls_endpoint, **changes))
             store.put("config", b"over TLS")
             assert store.get("config", limit=8) == b"over TLS"
+            buffer = memoryview(bytearray(3))
+            with store.open_range("config", 5, 3) as reader:
+                reader.read_into(buffer)
+            assert buffer == b"TLS"
 
     def test_timeout(self, proxy, s3_bucket):
         store = S3Store(f"s3://{s3_bucket}/r", settings_for(proxy.endpoint, read_timeout=0.5,
