@@ -1,0 +1,226 @@
+"""Range reads from S3 into a caller's buffer (`RangeReader.read_into`) against answers that are
+not what was asked: an HTTP-aware proxy in front of the test SeaweedFS server
+(tests/s3server.py) rewrites requests and answers, so each test shows what the store makes of a
+server or middlebox that misbehaves in one precise way."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from repo_engine.errors import RepoError
+from repo_engine.repository.repo import Repository
+from repo_engine.repository.store import StoreError
+from repo_engine.repository.store.s3 import S3Store
+from repo_engine.repository.store.s3_settings import MIB, S3Settings
+from repo_engine.restore.restorer import RestoreDamaged, restore_disk
+from restore_helpers import backup_image
+from s3server import ACCESS_KEY, SECRET_KEY
+from test_restore_s3 import DISK, S3Repo
+
+FAST = dict(access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY, max_attempts=4,
+            backoff_base=0.01, backoff_cap=0.05, connect_timeout=2.0, read_timeout=10.0)
+
+# (request head, answer head, answer body) -> (bytes sent to the client, close afterwards)
+AnswerRule = Callable[[bytes, bytes, bytes], tuple[bytes, bool]]
+
+
+class HttpProxy:
+    """Forwards each request of a keep-alive client connection to the server (one upstream
+    connection per request) and relays the answer, after `on_answer` (set by a test) rewrote
+    it: for the next `ranges_left` range GETs of packs, then plain forwarding."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.on_answer: AnswerRule | None = None
+        self.requests: list[bytes] = []
+        self.ranges_left = 1  # range GETs of packs the rules apply to
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _rule(self, head: bytes) -> AnswerRule | None:
+        """The rule for request `head`: a GET of a pack's range while `ranges_left` lasts."""
+        with self._lock:
+            if not (head.startswith(b"GET") and b"/packs/" in head.split(b"\r\n")[0]
+                    and _header(head, b"range") and self.ranges_left):
+                return None
+            self.ranges_left -= 1
+            return self.on_answer
+
+    def _serve(self, client: socket.socket) -> None:
+        reader = client.makefile("rb")
+        try:
+            while True:
+                head, body = _read_message(reader, request=True)
+                if head is None:
+                    return
+                with self._lock:
+                    self.requests.append(head)
+                on_answer = self._rule(head)
+                answer_head, answer_body = _exchange(self.target, head + body)
+                out, close = ((on_answer(head, answer_head, answer_body)) if on_answer
+                              else (answer_head + answer_body, False))
+                client.sendall(out)
+                if close:
+                    return
+        except OSError:
+            return
+        finally:
+            client.close()
+
+
+def _read_message(reader, request: bool) -> tuple[bytes | None, bytes]:
+    """One HTTP message's head (with its blank line) and its Content-Length body."""
+    lines = []
+    while True:
+        line = reader.readline()
+        if not line:
+            return None, b""
+        lines.append(line)
+        if line in (b"\r\n", b"\n"):
+            break
+    head = b"".join(lines)
+    length = 0
+    for line in lines[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-length":
+            length = int(value.strip())
+    if request and b"expect: 100-continue" in head.lower():
+        raise OSError("no 100-continue through this proxy: write through the server directly")
+    return head, reader.read(length) if length else b""
+
+
+def _exchange(target: tuple[str, int], request: bytes) -> tuple[bytes, bytes]:
+    with socket.create_connection(target) as upstream:
+        upstream.sendall(request)
+        head, body = _read_message(upstream.makefile("rb"), request=False)
+    assert head is not None
+    return head, body
+
+
+def _header(head: bytes, name: bytes) -> bytes | None:
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return None
+
+
+def _without_header(head: bytes, name: bytes) -> bytes:
+    return b"\r\n".join(line for line in head.split(b"\r\n")
+                        if line.partition(b":")[0].strip().lower() != name)
+
+
+@pytest.fixture
+def http_proxy(seaweedfs):
+    p = HttpProxy(seaweedfs.ports["s3.port"])
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def stores(seaweedfs, s3_bucket, http_proxy, tmp_path, monkeypatch):
+    """(a store writing to the server directly, a store reading through the proxy)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    location = f"s3://{s3_bucket}/r"
+    direct = S3Store(location, S3Settings(endpoint=seaweedfs.endpoint, **FAST))
+    proxied = S3Store(location, S3Settings(endpoint=http_proxy.endpoint, **FAST))
+    yield direct, proxied
+    direct.close()
+    proxied.close()
+
+
+def whole_object_answer(data: bytes) -> AnswerRule:
+    """A server (or a cache in front of it) that ignores Range: `200 OK` and the whole object."""
+    def rule(_request: bytes, head: bytes, _body: bytes) -> tuple[bytes, bool]:
+        head = _without_header(_without_header(head, b"content-range"), b"content-length")
+        head = head.replace(b"HTTP/1.1 206 Partial Content", b"HTTP/1.1 200 OK", 1)
+        return head[:-2] + b"Content-Length: %d\r\n\r\n" % len(data) + data, False
+    return rule
+
+
+def other_range_answer(data: bytes) -> AnswerRule:
+    """A server (or a cache) that answers `206` with the right length but another range: the
+    one starting at byte 0, as its Content-Range says."""
+    def rule(_request: bytes, head: bytes, body: bytes) -> tuple[bytes, bool]:
+        head = _without_header(head, b"content-range")
+        head = head[:-2] + b"Content-Range: bytes 0-%d/%d\r\n\r\n" % (len(body) - 1, len(data))
+        return head + data[:len(body)], False
+    return rule
+
+
+def whole_object_from(store: S3Store) -> AnswerRule:
+    """`whole_object_answer` of whatever object the request names, read from `store`."""
+    def rule(request: bytes, head: bytes, body: bytes) -> tuple[bytes, bool]:
+        key = request.split(b" ")[1].decode().split("?")[0].split("/", 2)[2]
+        name = key.split("/", 1)[1]  # the store's prefix off
+        return whole_object_answer(store.get(name, limit=1 << 30))(request, head, body)
+    return rule
+
+
+
+ANSWERS = {"200, whole object": whole_object_answer, "206, another range": other_range_answer}
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+@pytest.mark.parametrize("how", ["read_into", "read"])
+def test_a_range_answer_that_is_not_the_range_asked_is_never_taken_for_it(stores, http_proxy,
+                                                                        answer, how):
+    """A range GET answered with other bytes than those asked (a server or cache that ignores
+    Range, or answers another range, as its status and Content-Range say) is a failed
+    request, retried or refused; the reader never hands those bytes out as the range's."""
+    direct, proxied = stores
+    data = os.urandom(3 * MIB)
+    direct.put("packs/00/a.pack", data)
+    http_proxy.on_answer = ANSWERS[answer](data)
+    buffer = memoryview(bytearray(MIB))
+    try:
+        with proxied.open_range("packs/00/a.pack", 1000, MIB) as reader:
+            got = reader.read(MIB) if how == "read" else (reader.read_into(buffer), buffer)[1]
+    except StoreError as exc:
+        assert exc.exit_code == 1 and "range" in str(exc)  # refused, naming what is wrong
+        return
+    assert bytes(got) == data[1000:1000 + MIB]
+
+
+def test_restore_through_a_server_that_ignores_range_once_is_not_pack_damage(
+        seaweedfs, s3_bucket, http_proxy, tmp_path, monkeypatch):
+    """One answer of the whole object to a range GET: the restore retries (or stops with a
+    store error); it does not report an intact pack as damaged data and send the user to
+    `scrub --repair`."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    s3 = S3Repo(tmp_path, s3_bucket, seaweedfs, http_proxy)
+    image = tmp_path / "a.img"
+    data = np.random.default_rng(11).integers(0, 256, DISK, dtype=np.uint8).tobytes()
+    image.write_bytes(data)
+    with Repository(s3.store(), s3.config, s3.local) as repo:
+        point = backup_image(repo, "a", image)
+    http_proxy.on_answer = whole_object_from(s3.store())
+    try:
+        with Repository(s3.store(through_proxy=True), s3.config, s3.local) as repo:
+            restore_disk(repo, point, "sda", tmp_path / "out.img")
+    except RestoreDamaged as exc:
+        pytest.fail(f"an intact repository reported damaged: {exc}")
+    except RepoError as exc:
+        assert exc.exit_code == 1 and "range" in str(exc)
+        return
+    assert (tmp_path / "out.img").read_bytes() == data
