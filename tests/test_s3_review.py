@@ -227,3 +227,16 @@ def test_restore_through_a_server_that_ignores_range_once_is_not_pack_damage(
         assert exc.exit_code == 1 and "range" in str(exc)
         return
     assert (tmp_path / "out.img").read_bytes() == data
+
+
+@pytest.mark.parametrize("offset", [5, 10])
+def test_an_empty_range_within_the_object_reads_as_empty(stores, offset):
+    """`open_range` of 0 bytes inside (or at the end of) an object: reading its 0 bytes is no
+    damage, as `get_range` of 0 bytes there is not, and as a directory store reads it. On S3
+    the reader sends `Range: bytes=5-4`, which the server refuses (416), made ShortRead."""
+    direct, _ = stores
+    direct.put("packs/00/z.pack", b"0123456789")
+    assert direct.get_range("packs/00/z.pack", offset, 0) == b""
+    with direct.open_range("packs/00/z.pack", offset, 0) as reader:
+        reader.read_into(memoryview(bytearray(0)))
+        assert reader.read(0) == b""
