@@ -240,3 +240,29 @@ def test_an_empty_range_within_the_object_reads_as_empty(stores, offset):
     with direct.open_range("packs/00/z.pack", offset, 0) as reader:
         reader.read_into(memoryview(bytearray(0)))
         assert reader.read(0) == b""
+
+
+def cut_answer(keep: int) -> AnswerRule:
+    """The answer's head as the server sent it (its Content-Length), then only `keep` bytes of
+    its body, then the connection closed: what a server sends when it cannot read the rest of
+    the object after answering (a volume gone), or a Content-Length that lies."""
+    def rule(_request: bytes, head: bytes, body: bytes) -> tuple[bytes, bool]:
+        return head + body[:keep], True
+    return rule
+
+
+@pytest.mark.parametrize("how", ["read_into", "read"])
+def test_answers_cut_at_every_attempt_are_not_an_unreachable_endpoint(stores, http_proxy, how):
+    """Every attempt is answered (206, headers, the first 100 bytes) and cut: the endpoint is
+    reachable and the error says which object could not be read whole, not "cannot reach the
+    S3 endpoint ... check the endpoint setting and that the server is up"."""
+    direct, proxied = stores
+    direct.put("packs/00/a.pack", os.urandom(3 * MIB))
+    http_proxy.on_answer, http_proxy.ranges_left = cut_answer(100), 100
+    buffer = memoryview(bytearray(MIB))
+    with pytest.raises(RepoError) as raised:
+        with proxied.open_range("packs/00/a.pack", 1000, MIB) as reader:
+            reader.read_into(buffer) if how == "read_into" else reader.read(MIB)
+    assert http_proxy.ranges_left == 100 - FAST["max_attempts"]
+    message = str(raised.value)
+    assert "packs/00/a.pack" in message and "cannot reach" not in message, message
