@@ -338,3 +338,35 @@ def test_a_tls_record_damaged_on_its_way_is_retried_by_read_and_skip_too(
         flip.close()
         tls.close()
         direct.close()
+
+
+def test_runs_read_alone_after_damage_stay_under_the_memory_cap(tmp_path):
+    """A pack whose end falls inside a run: that run, and those after it, are read alone (one
+    request each) while the request's buffer (before: the previous run's bytes, still bound to
+    `span`) is held: up to twice the bytes the budget took for the request (its largest run).
+    A cap of one run, one request at a time: the bytes held (the reader's buffer, as the test
+    store counts it, and what the store returned and is still referenced) stay under it."""
+    from helpers import DiskModel
+    from repo_engine.repository.config import read_config
+    from repo_engine.repository.store.local import LocalStore
+    from repo_engine.restore.plan import ReadSettings
+    from repo_engine.repository.packs import pack_object
+    from restore_helpers import WatchedStore, pack_of_block
+
+    kib = 1 << 10
+    rng = np.random.default_rng(5)
+    model = DiskModel(tmp_path / "a.img", 2 * MIB, rng)
+    model.write(0, rng.integers(0, 256, 2 * MIB, dtype=np.uint8).tobytes())
+    with Repository.init(tmp_path / "repo", block_size=16 * kib, pack_size=MIB) as repo:
+        point = backup_image(repo, "a", model.path)
+        name = pack_object(pack_of_block(repo, point, 0))
+        data = repo.store.get(name, limit=1 << 30)
+        repo.store.delete([name])
+        repo.store.put(name, data[:len(data) // 2 + 40 * kib])  # the end inside a run
+    cap = 64 * kib
+    store = LocalStore(tmp_path / "repo")
+    with Repository(WatchedStore(store), read_config(store), tmp_path / "repo") as repo, \
+            pytest.raises(RestoreDamaged):
+        restore_disk(repo, point, "sda", tmp_path / "out.img",
+                     reads=ReadSettings(in_flight=1, max_request=MIB, max_read=cap, memory=cap))
+    assert 0 < repo.store.most_held <= cap
