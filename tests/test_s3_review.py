@@ -31,19 +31,12 @@ FAST = dict(access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY, max_attempts
 AnswerRule = Callable[[bytes, bytes, bytes], tuple[bytes, bool]]
 
 
-class HttpProxy:
-    """Forwards each request of a keep-alive client connection to the server (one upstream
-    connection per request) and relays the answer, after `on_answer` (set by a test) rewrote
-    it: for the next `ranges_left` range GETs of packs, then plain forwarding."""
+class _Listener:
+    """A local listener serving each connection it accepts in a thread (`_serve`)."""
 
-    def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
+    def __init__(self, scheme: str) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.on_answer: AnswerRule | None = None
-        self.requests: list[bytes] = []
-        self.ranges_left = 1  # range GETs of packs the rules apply to
-        self._lock = threading.Lock()
+        self.endpoint = f"{scheme}://127.0.0.1:{self.listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self) -> None:
@@ -56,6 +49,23 @@ class HttpProxy:
             except OSError:
                 return
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class HttpProxy(_Listener):
+    """Forwards each request of a keep-alive client connection to the server (one upstream
+    connection per request) and relays the answer, after `on_answer` (set by a test) rewrote
+    it: for the next `ranges_left` range GETs of packs, then plain forwarding."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.on_answer: AnswerRule | None = None
+        self.requests: list[bytes] = []
+        self.ranges_left = 1  # range GETs of packs the rules apply to
+        self._lock = threading.Lock()
+        super().__init__("http")
 
     def _rule(self, head: bytes) -> AnswerRule | None:
         """The rule for request `head`: a GET of a pack's range while `ranges_left` lasts."""
@@ -268,30 +278,22 @@ def test_answers_cut_at_every_attempt_are_not_an_unreachable_endpoint(stores, ht
     assert "packs/00/a.pack" in message and "cannot reach" not in message, message
 
 
-class FlipProxy:
+class FlipProxy(_Listener):
     """A TCP proxy in front of the server's TLS port that flips one bit of the server's
     stream `at` bytes into the next `count` connections: the TLS record holding it fails its
     MAC check at the client (what a corrupting network path looks like through TLS)."""
 
     def __init__(self, port: int, count: int, at: int) -> None:
         self.target, self.count, self.at, self.flipped = ("127.0.0.1", port), count, at, 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.endpoint = f"https://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._lock = threading.Lock()
+        super().__init__("https")
 
-    def close(self) -> None:
-        self.listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
+    def _serve(self, client: socket.socket) -> None:
+        with self._lock:
             at, self.count = (self.at if self.count else None), max(0, self.count - 1)
-            upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, at), daemon=True).start()
+        upstream = socket.create_connection(self.target)
+        threading.Thread(target=self._pump, args=(client, upstream, None), daemon=True).start()
+        self._pump(upstream, client, at)
 
     def _pump(self, source: socket.socket, sink: socket.socket, at: int | None) -> None:
         seen = 0
