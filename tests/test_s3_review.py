@@ -1,7 +1,8 @@
-"""Range reads from S3 into a caller's buffer (`RangeReader.read_into`) against answers that are
-not what was asked: an HTTP-aware proxy in front of the test SeaweedFS server
-(tests/s3server.py) rewrites requests and answers, so each test shows what the store makes of a
-server or middlebox that misbehaves in one precise way."""
+"""Problems found reviewing range reads into a caller's buffer (`RangeReader.read_into`) and the
+paths around them; each test fails on the code reviewed. An HTTP-aware proxy in front of the test
+SeaweedFS server (tests/s3server.py) rewrites answers, and a TCP proxy damages a TLS record, so
+each test shows what the store or a restore makes of one precise misbehaviour; the last test is
+a restore's memory cap on a directory store."""
 
 from __future__ import annotations
 
