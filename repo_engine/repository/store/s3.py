@@ -3,7 +3,8 @@
 Client: boto3 (botocore), imported only when an `s3://` location is opened. Its own retries are
 switched off; `_Requests.call` retries every request itself so the cap, the backoff and the final
 message are ours:
-- retried: HTTP 500/502/503/504, SlowDown and kin, connection refused/reset/closed, timeouts;
+- retried: HTTP 500/502/503/504, SlowDown and kin, connection refused/reset/closed, timeouts,
+  an answer's TLS record damaged on its way;
   attempt n (from 0) first sleeps uniform(0, min(cap, base * 2**n)) ("full jitter");
 - not retried: everything else, mapped to the store errors (404 ObjectMissing, 412 ObjectExists,
   403 StoreAuthError, NoSuchBucket StoreError naming the bucket).
@@ -27,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import ssl
 import tempfile
 import time
 import warnings
@@ -59,7 +61,11 @@ _RETRY_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "Re
 _AUTH_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
                          "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed"})
 _HEAD = "look up"  # the operation name of a HEAD request, in messages
-_TRANSIENT = (bexc.ConnectionError, bexc.HTTPClientError, bexc.IncompleteReadError)
+# A TLS record damaged in an answer's body fails its check while the body is read: urllib3
+# raises its SSLError (or ssl's), which botocore does not wrap; retried as a cut connection is
+# (botocore's own SSLError is a failed handshake, a certificate: never retried).
+_TRANSIENT = (bexc.ConnectionError, bexc.HTTPClientError, bexc.IncompleteReadError,
+              urllib3.exceptions.SSLError, ssl.SSLError)
 
 
 class UploadGone(StoreError):
