@@ -216,6 +216,30 @@ def test_a_range_answer_that_is_not_the_range_asked_is_never_taken_for_it(stores
     assert bytes(got) == data[1000:1000 + MIB]
 
 
+@pytest.mark.parametrize("answer", ANSWERS)
+@pytest.mark.parametrize("how", ["read_into", "read", "get_range"])
+def test_a_range_never_answered_as_asked_fails_naming_the_range_not_damage(
+        stores, http_proxy, answer, how):
+    """Every attempt answered with another range than asked: after the retries, one store
+    error naming the object and the range, saying Range is not honoured (exit 1, not damage,
+    not "truncated")."""
+    direct, proxied = stores
+    data = os.urandom(3 * MIB)
+    direct.put("packs/00/a.pack", data)
+    http_proxy.on_answer, http_proxy.ranges_left = ANSWERS[answer](data), 100
+    with pytest.raises(StoreError) as raised:
+        if how == "get_range":
+            proxied.get_range("packs/00/a.pack", 1000, MIB)
+        else:
+            with proxied.open_range("packs/00/a.pack", 1000, MIB) as reader:
+                reader.read(MIB) if how == "read" else reader.read_into(memoryview(bytearray(MIB)))
+    assert http_proxy.ranges_left == 100 - FAST["max_attempts"]
+    message = str(raised.value)
+    assert raised.value.exit_code == 1 and "\n" not in message, message
+    assert f"packs/00/a.pack: asked the range bytes=1000-{1000 + MIB - 1}" in message, message
+    assert "does not honour Range" in message and "truncated" not in message, message
+
+
 def test_restore_through_a_server_that_ignores_range_once_is_not_pack_damage(
         seaweedfs, s3_bucket, http_proxy, tmp_path, monkeypatch):
     """One answer of the whole object to a range GET: the restore retries (or stops with a

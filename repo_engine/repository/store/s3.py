@@ -54,6 +54,7 @@ T = TypeVar("T")
 DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys
 SKIP_PIECE = 1 << 20  # bytes of a streamed range read at once to be dropped
 COMPARE_PIECE = 1 << 20  # bytes compared at a time when a put checks what the store holds
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _RETRY_STATUS = frozenset({500, 502, 503, 504})
 _RETRY_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
@@ -66,6 +67,11 @@ _HEAD = "look up"  # the operation name of a HEAD request, in messages
 # (botocore's own SSLError is a failed handshake, a certificate: never retried).
 _TRANSIENT = (bexc.ConnectionError, bexc.HTTPClientError, bexc.IncompleteReadError,
               urllib3.exceptions.SSLError, ssl.SSLError)
+
+
+class RangeNotHonoured(StoreError):
+    """A ranged GET answered with other bytes than the range asked: retried (a proxy or cache
+    may answer so once), then a store error, not damage: the object may well be intact."""
 
 
 class UploadGone(StoreError):
@@ -116,6 +122,9 @@ class _Requests:
         for attempt in range(s.max_attempts):
             try:
                 return fn()
+            except RangeNotHonoured as exc:
+                if attempt + 1 == s.max_attempts:
+                    raise RangeNotHonoured(f"{exc} ({_attempts(attempt + 1)})") from None
             except bexc.ClientError as exc:
                 if not _retryable(exc) or attempt + 1 == s.max_attempts:
                     raise self._client_error(exc, op, name, attempt + 1, started) from None
@@ -233,6 +242,24 @@ def _streaming_error(exc: OSError | http.client.HTTPException, endpoint: str) ->
     if isinstance(exc, TimeoutError):
         return bexc.ReadTimeoutError(endpoint_url=endpoint, error=exc)
     return bexc.ResponseStreamingError(error=exc)
+
+
+def _check_range(where: str, answer: dict[str, Any], first: int, last: int) -> None:
+    """Refuse (closing its body) an answer to `Range: bytes=first-last` that is not that range:
+    a 200 (the Range ignored: the whole object) or a 206 naming another range. A range that
+    ends early is accepted where the object ends (a truncated object: the caller's ShortRead)."""
+    status = answer["ResponseMetadata"]["HTTPStatusCode"]
+    got = answer.get("ContentRange", "")
+    match = _CONTENT_RANGE.fullmatch(got)
+    if status == 206 and match and int(match[1]) == first:
+        end, total = int(match[2]), match[3]
+        if end == last or (end < last and total.isdigit() and end == int(total) - 1):
+            return
+    answer["Body"].close()
+    came = f"Content-Range {got!r}" if got else "no Content-Range"
+    raise RangeNotHonoured(f"{where}: asked the range bytes={first}-{last}, the answer is HTTP "
+                           f"{status} with {came}: the server (or a proxy or cache in front of "
+                           "it) does not honour Range requests")
 
 
 def _retryable(exc: bexc.ClientError) -> bool:
@@ -446,6 +473,7 @@ class S3Store:
 
         def once() -> bytes:
             answer = self._client.get_object(Bucket=self.bucket, Key=key, Range=byte_range)
+            _check_range(f"{self.location}: get {name}", answer, offset, offset + length - 1)
             with closing(answer["Body"]) as body:  # closing(): see get
                 return body.read()
         data = self._call("get", name, once)
@@ -564,6 +592,8 @@ class _StreamedRange(RangeReader):
             answer = self._store._client.get_object(
                 Bucket=self._store.bucket, Key=self._key,
                 Range=f"bytes={self.position}-{self.end - 1}")
+            _check_range(f"{self._store.location}: get {self._name}", answer, self.position,
+                         self.end - 1)
             self._body = answer["Body"]
         return self._body
 
