@@ -301,6 +301,8 @@ def test_answers_cut_at_every_attempt_are_not_an_unreachable_endpoint(stores, ht
     assert http_proxy.ranges_left == 100 - FAST["max_attempts"]
     message = str(raised.value)
     assert "packs/00/a.pack" in message and "cannot reach" not in message, message
+    assert f"get bytes 1000-{1000 + MIB - 1} of packs/00/a.pack" in message, message
+    assert "answered but kept failing to send the answer whole" in message, message
 
 
 class FlipProxy(_Listener):

@@ -67,6 +67,9 @@ _HEAD = "look up"  # the operation name of a HEAD request, in messages
 # (botocore's own SSLError is a failed handshake, a certificate: never retried).
 _TRANSIENT = (bexc.ConnectionError, bexc.HTTPClientError, bexc.IncompleteReadError,
               urllib3.exceptions.SSLError, ssl.SSLError)
+# failures of an answer's body: the server answered (its headers came), then the body was cut
+_CUT = (bexc.ResponseStreamingError, bexc.IncompleteReadError, urllib3.exceptions.SSLError,
+        ssl.SSLError)
 
 
 class RangeNotHonoured(StoreError):
@@ -173,6 +176,10 @@ class _Requests:
         if isinstance(exc, bexc.SSLError):  # not retried: a certificate does not heal
             return StoreUnreachable(f"{self.location}: TLS with {endpoint} failed: "
                                     f"{one_line(exc)}; check the ca_bundle / verify_tls settings")
+        if isinstance(exc, _CUT):  # reachable: an unreachable endpoint is not the problem
+            return StoreError(f"{self.location}: {op} {name}: {endpoint} answered but kept "
+                              f"failing to send the answer whole, cut midway ({type(exc).__name__}"
+                              f", {tail}); check the server's storage and network, and try again")
         if isinstance(exc, (bexc.ReadTimeoutError, bexc.ConnectTimeoutError)):
             return StoreUnreachable(f"{self.location}: {endpoint} did not answer {op} {name} in "
                                     f"time ({tail}); check the endpoint and the network")
@@ -469,14 +476,15 @@ class S3Store:
             if self.size(name) < offset:
                 raise ShortRead(f"{self.location}: get {name}: the object ends before {offset}")
             return b""
-        key, byte_range = self._key(name), f"bytes={offset}-{offset + length - 1}"
+        key, last = self._key(name), offset + length - 1
 
         def once() -> bytes:
-            answer = self._client.get_object(Bucket=self.bucket, Key=key, Range=byte_range)
-            _check_range(f"{self.location}: get {name}", answer, offset, offset + length - 1)
+            answer = self._client.get_object(Bucket=self.bucket, Key=key,
+                                             Range=f"bytes={offset}-{last}")
+            _check_range(f"{self.location}: get {name}", answer, offset, last)
             with closing(answer["Body"]) as body:  # closing(): see get
                 return body.read()
-        data = self._call("get", name, once)
+        data = self._call(f"get bytes {offset}-{last} of", name, once)
         if len(data) != length:
             raise ShortRead(f"{self.location}: get {name}: {len(data)} bytes at {offset} where "
                             f"{length} were asked; the object is truncated")
@@ -564,7 +572,7 @@ class _StreamedRange(RangeReader):
         self._body: Any = None
 
     def _fetch(self, n: int) -> bytes:
-        data = self._store._call("get", self._name, partial(self._take, n))
+        data = self._store._call(self._op(), self._name, partial(self._take, n))
         if len(data) != n:
             self._ends_early(n)
         return data
@@ -577,9 +585,13 @@ class _StreamedRange(RangeReader):
             left -= min(SKIP_PIECE, left)
 
     def _fetch_into(self, view: memoryview) -> None:
-        got = self._store._call("get", self._name, partial(self._take_into, view))
+        got = self._store._call(self._op(), self._name, partial(self._take_into, view))
         if got != len(view):
             self._ends_early(len(view))
+
+    def _op(self) -> str:
+        """The request's operation, in messages: the range it asks."""
+        return f"get bytes {self.position}-{self.end - 1} of"
 
     def _ends_early(self, n: int) -> None:
         self.close()
