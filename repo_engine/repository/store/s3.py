@@ -572,6 +572,8 @@ class _StreamedRange(RangeReader):
         self._body: Any = None
 
     def _fetch(self, n: int) -> bytes:
+        if not n:  # no request: `bytes=P-(P-1)` is no range, refused (416)
+            return b""
         data = self._store._call(self._op(), self._name, partial(self._take, n))
         if len(data) != n:
             self._ends_early(n)
@@ -585,6 +587,8 @@ class _StreamedRange(RangeReader):
             left -= min(SKIP_PIECE, left)
 
     def _fetch_into(self, view: memoryview) -> None:
+        if not view:  # no request, as `_fetch`
+            return
         got = self._store._call(self._op(), self._name, partial(self._take_into, view))
         if got != len(view):
             self._ends_early(len(view))
