@@ -1,8 +1,8 @@
-"""What the review of reading runs into one buffer found to hold (these pass): answers cut at any
-byte, re-framed in chunks, stalled, and TLS records damaged on their way, each while a piece is
-read into the caller's buffer or between pieces read other ways; the directory store past 4 GiB
-and truncated under an open reader; a journal's pack entries made PackEntry rows exactly as
-one row at a time did. The proxies and fixtures are those of tests/test_s3_review.py."""
+"""Range reads into the caller's buffer hold under faults: answers cut at any byte, re-framed
+in chunks, stalled, and TLS records damaged on their way, each while a piece is read into the
+caller's buffer or between pieces read other ways; the directory store past 4 GiB and truncated
+under an open reader; a journal's pack entries made PackEntry rows exactly as one row at a
+time did. The proxies and fixtures are those of tests/test_s3_range_answers.py."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from repo_engine.repository.store import ShortRead
 from repo_engine.repository.store.local import LocalStore
 from repo_engine.repository.store.s3 import S3Store
 from repo_engine.repository.store.s3_settings import MIB, S3Settings
-from test_s3_review import (FAST, AnswerRule, FlipProxy, _without_header, cut_answer,  # noqa: F401
-                            http_proxy, stores)
+from test_s3_range_answers import (FAST, AnswerRule, FlipProxy, _without_header,  # noqa: F401
+                                   cut_answer, http_proxy, stores)
 
 PIECES = [MIB, MIB]  # two pieces read into one buffer, from byte 1000 of a 3 MiB object
 CUTS = [0, 1, MIB - 1, MIB, MIB + 1, 2 * MIB - 1]  # body bytes an answer keeps

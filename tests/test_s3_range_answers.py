@@ -1,8 +1,9 @@
-"""Problems found reviewing range reads into a caller's buffer (`RangeReader.read_into`) and the
-paths around them; each test fails on the code reviewed. An HTTP-aware proxy in front of the test
-SeaweedFS server (tests/s3server.py) rewrites answers, and a TCP proxy damages a TLS record, so
-each test shows what the store or a restore makes of one precise misbehaviour; the last test is
-a restore's memory cap on a directory store."""
+"""S3 range reads meeting a misbehaving server or network: a range GET answered with another
+range (or the whole object), answers cut at every attempt, a TLS record damaged on its way, an
+empty range; and a restore's memory cap when a damaged pack's runs are read alone. An
+HTTP-aware proxy in front of the test SeaweedFS server (tests/s3server.py) rewrites answers and
+a TCP proxy damages a TLS record, so each test shows what the store or a restore makes of one
+precise misbehaviour."""
 
 from __future__ import annotations
 
@@ -267,8 +268,8 @@ def test_restore_through_a_server_that_ignores_range_once_is_not_pack_damage(
 @pytest.mark.parametrize("offset", [5, 10])
 def test_an_empty_range_within_the_object_reads_as_empty(stores, offset):
     """`open_range` of 0 bytes inside (or at the end of) an object: reading its 0 bytes is no
-    damage, as `get_range` of 0 bytes there is not, and as a directory store reads it. On S3
-    the reader sends `Range: bytes=5-4`, which the server refuses (416), made ShortRead."""
+    damage, as `get_range` of 0 bytes there is not, and as a directory store reads it (no
+    request `Range: bytes=5-4`, which the server refuses with 416)."""
     direct, _ = stores
     direct.put("packs/00/z.pack", b"0123456789")
     assert direct.get_range("packs/00/z.pack", offset, 0) == b""
@@ -339,11 +340,11 @@ class FlipProxy(_Listener):
 @pytest.mark.parametrize("how", ["read", "skip", "get_range"])
 def test_a_tls_record_damaged_on_its_way_is_retried_by_read_and_skip_too(
         seaweedfs, s3_bucket, tmp_path, monkeypatch, how):
-    """`read_into` retries an answer whose TLS record fails its MAC (ssl.SSLError is an
-    OSError there); `read`, `skip` (which a restore uses for the gaps between runs, and for a
-    pack's key header) and `get_range` (a run read alone) let urllib3's SSLError escape the retries: no retry, and the
-    command ends in "internal error: SSLError: ...". The same request, read one way or the
-    other, must meet the same fault the same way."""
+    """An answer whose TLS record fails its MAC is retried by `read`, `skip` (which a restore
+    uses for the gaps between runs, and for a pack's key header) and `get_range` (a run read
+    alone) as by `read_into`: urllib3's SSLError, which botocore does not wrap, does not escape
+    the retries as an internal error. The same request, read one way or the other, meets the
+    same fault the same way."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     location = f"s3://{s3_bucket}/r"
     data = os.urandom(3 * MIB)
@@ -371,10 +372,10 @@ def test_a_tls_record_damaged_on_its_way_is_retried_by_read_and_skip_too(
 
 def test_runs_read_alone_after_damage_stay_under_the_memory_cap(tmp_path):
     """A pack whose end falls inside a run: that run, and those after it, are read alone (one
-    request each) while the request's buffer (before: the previous run's bytes, still bound to
-    `span`) is held: up to twice the bytes the budget took for the request (its largest run).
-    A cap of one run, one request at a time: the bytes held (the reader's buffer, as the test
-    store counts it, and what the store returned and is still referenced) stay under it."""
+    request each); the request's buffer is let go then, or the bytes held would reach twice
+    the bytes the budget took for the request (its largest run). A cap of one run, one
+    request at a time: the bytes held (the reader's buffer, as the test store counts it, and
+    what the store returned and is still referenced) stay under it."""
     from helpers import DiskModel
     from repo_engine.repository.config import read_config
     from repo_engine.repository.store.local import LocalStore
