@@ -328,7 +328,8 @@ class FlipProxy(_Listener):
         try:
             while chunk := source.recv(65536):
                 if at is not None and seen <= at < seen + len(chunk):
-                    chunk = chunk[:at - seen] + bytes([chunk[at - seen] ^ 0x40]) + chunk[at - seen + 1:]
+                    i = at - seen
+                    chunk = chunk[:i] + bytes([chunk[i] ^ 0x40]) + chunk[i + 1:]
                     self.flipped += 1
                 seen += len(chunk)
                 sink.sendall(chunk)

@@ -4,7 +4,7 @@ Client: boto3 (botocore), imported only when an `s3://` location is opened. Its 
 switched off; `_Requests.call` retries every request itself so the cap, the backoff and the final
 message are ours:
 - retried: HTTP 500/502/503/504, SlowDown and kin, connection refused/reset/closed, timeouts,
-  an answer's TLS record damaged on its way;
+  an answer's TLS record damaged on its way, a range GET answered with another range;
   attempt n (from 0) first sleeps uniform(0, min(cap, base * 2**n)) ("full jitter");
 - not retried: everything else, mapped to the store errors (404 ObjectMissing, 412 ObjectExists,
   403 StoreAuthError, NoSuchBucket StoreError naming the bucket).
