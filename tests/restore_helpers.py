@@ -83,10 +83,13 @@ class WatchedStore:
     def track(self, data: bytes) -> TrackedBytes:
         tracked = TrackedBytes(data)
         tracked.watcher = self
-        with self._lock:
-            self.held += len(tracked)
-            self.most_held = max(self.most_held, self.held)
+        self.hold(len(tracked))
         return tracked
+
+    def hold(self, nbytes: int) -> None:
+        with self._lock:
+            self.held += nbytes
+            self.most_held = max(self.most_held, self.held)
 
     def freed(self, nbytes: int) -> None:
         with self._lock:
@@ -94,10 +97,12 @@ class WatchedStore:
 
 
 class WatchedRange:
-    """A range read of a WatchedStore: the bytes it returns are tracked."""
+    """A range read of a WatchedStore: the bytes it returns are tracked; so is the largest
+    buffer read into, as held until the range is closed (the reader's buffer for it)."""
 
     def __init__(self, store: WatchedStore, inner: RangeReader) -> None:
         self.store, self.inner = store, inner
+        self._buffer = 0
 
     @property
     def position(self) -> int:
@@ -106,6 +111,13 @@ class WatchedRange:
     def read(self, n: int) -> bytes:
         return self.store.track(self.inner.read(n))
 
+    def read_into(self, view: memoryview) -> None:
+        self.inner.read_into(view)
+        buffer = memoryview(view.obj).nbytes
+        if buffer > self._buffer:
+            self.store.hold(buffer - self._buffer)
+            self._buffer = buffer
+
     def skip(self, n: int) -> None:
         self.inner.skip(n)
 
@@ -113,6 +125,7 @@ class WatchedRange:
         if self.inner is not None:
             self.inner.close()
             self.inner = None
+            self.store.freed(self._buffer)
             self.store.closed()
 
     def __enter__(self) -> "WatchedRange":

@@ -8,7 +8,8 @@ connections cannot carry requests past the faults. Kinds:
 - "hang": read the request, never answer (the client's read timeout fires);
 - "lost-reply": forward the request to the server, then reset instead of relaying its answer
   (the server did the work; the client never hears of it).
-`served` counts the faults delivered, so a test can tell its faults really happened.
+`served` counts the faults delivered, so a test can tell its faults really happened; `accepted`
+counts the connections clients opened (a client that reuses its connections opens few).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class FaultProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.served = 0
+        self.accepted = 0
         self._faults: list[str] = []
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -60,6 +62,7 @@ class FaultProxy:
             with self._lock:
                 fault = self._faults.pop(0) if self._faults else None
                 self._open.add(client)
+                self.accepted += 1
             threading.Thread(target=self._serve, args=(client, fault), daemon=True).start()
 
     def _serve(self, client: socket.socket, fault: str | None) -> None:

@@ -13,6 +13,7 @@ from repo_engine.errors import DamageError
 from repo_engine.repository.store import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing,
                                           ShortRead, StoreError)
 
+MIB_PIECE = 1 << 20  # a piece read into a buffer: more than a socket buffer holds
 BAD_NAMES = ["", "/packs/x", "..", "packs/../config", "packs//x", "pa\0cks", "packs\\x"]
 
 
@@ -108,6 +109,35 @@ class StoreContract:
                 reader.read(1)
         assert got == [data[10:15], b"", data[1_500_015:1_500_115],
                        data[len(data) - 17:len(data) - 10]]
+
+    def test_open_range_reads_into_a_buffer_reused_piece_after_piece(self, store):
+        data = bytes(range(256)) * 12288  # 3 MiB
+        store.put("packs/ef/i.pack", data)
+        buffer = memoryview(bytearray(MIB_PIECE))
+        got = []
+        with store.open_range("packs/ef/i.pack", 3, len(data) - 6) as reader:
+            for size, skipped in ((MIB_PIECE, 0), (10, 1000), (0, 0), (MIB_PIECE - 1, 5)):
+                reader.skip(skipped)
+                reader.read_into(buffer[:size])
+                got.append(bytes(buffer[:size]))
+            assert reader.position == 2 * MIB_PIECE + 1017
+            with pytest.raises(ValueError, match="outside the range read"):
+                reader.read_into(memoryview(bytearray(reader.end - reader.position + 1)))
+        assert got == [data[3:3 + MIB_PIECE], data[MIB_PIECE + 1003:MIB_PIECE + 1013], b"",
+                       data[MIB_PIECE + 1018:2 * MIB_PIECE + 1017]]
+
+    def test_read_into_a_buffer_of_a_short_or_missing_object_is_damage(self, store):
+        store.put("packs/ef/u.pack", b"0123456789")
+        buffer = memoryview(bytearray(8))
+        with store.open_range("packs/ef/u.pack", 4, 10) as reader:
+            reader.read_into(buffer[:3])
+            assert buffer[:3] == b"456"
+            with pytest.raises(ShortRead) as caught:
+                reader.read_into(buffer[:7])
+            assert caught.value.exit_code == 3
+        with store.open_range("packs/ab/gone.pack", 0, 4) as reader, \
+                pytest.raises(ObjectMissing):
+            reader.read_into(buffer[:4])
 
     def test_open_range_of_a_short_or_missing_object_is_damage(self, store):
         store.put("packs/ef/t.pack", b"0123456789")

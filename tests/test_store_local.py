@@ -159,13 +159,18 @@ def test_restore_reads_each_coalesced_run_with_one_large_ranged_read(tmp_path, c
     model.write(0, model.rng.integers(0, 256, 24 * MIB, dtype=np.uint8).tobytes())
     assert cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}").code == 0
     reads: list[tuple[str, int]] = []
-    plain = LocalStore.get_range
+    plain, into = LocalStore.get_range, LocalStore.get_range_into
 
     def counted(self, name, offset, length):
         reads.append((name, length))
         return plain(self, name, offset, length)
 
+    def counted_into(self, name, offset, view):
+        reads.append((name, len(view)))
+        return into(self, name, offset, view)
+
     monkeypatch.setattr(LocalStore, "get_range", counted)
+    monkeypatch.setattr(LocalStore, "get_range_into", counted_into)
     assert restore_bytes(capsys, repo, "v@latest", "d", tmp_path / "out.img") == \
         model.copy_of_content()
     assert reads and all(name.startswith("packs/") for name, _ in reads)

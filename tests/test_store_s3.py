@@ -16,6 +16,7 @@ import pytest
 from repo_engine.errors import DamageError
 from repo_engine.repository.store import (ObjectExists, ObjectInfo, StoreAuthError, StoreError,
                                           StoreUnreachable, open_store)
+from repo_engine.repository.store import s3
 from repo_engine.repository.store.s3 import S3Store
 from repo_engine.repository.store.s3_settings import MIB, S3Settings
 from s3proxy import FaultProxy
@@ -213,6 +214,10 @@ class TestErrors:
             store = S3Store(f"s3://{s3_bucket}/r", settings_for(seaweedfs.tls_endpoint, **changes))
             store.put("config", b"over TLS")
             assert store.get("config", limit=8) == b"over TLS"
+            buffer = memoryview(bytearray(3))
+            with store.open_range("config", 5, 3) as reader:
+                reader.read_into(buffer)
+            assert buffer == b"TLS"
 
     def test_timeout(self, proxy, s3_bucket):
         store = S3Store(f"s3://{s3_bucket}/r", settings_for(proxy.endpoint, read_timeout=0.5,
@@ -278,6 +283,62 @@ class TestRetries:
             got.append(reader.read(len(data) - 14 - 4 * MIB))
         assert got == [data[7:7 + MIB], data[7 + 4 * MIB:len(data) - 7]]
         assert proxy.served == 2
+
+    @pytest.mark.parametrize("kind", ["503", "reset"])
+    def test_a_range_read_into_a_buffer_cut_midway_goes_on_from_where_it_stopped(
+            self, proxy, s3_bucket, kind):
+        """As above, the pieces read into one buffer: the piece being read when the answer
+        is cut is read again whole, from where the piece starts."""
+        store = S3Store(f"s3://{s3_bucket}/r", settings_for(proxy.endpoint))
+        data = os.urandom(24 * MIB)
+        store.put("packs/00/b.pack", data)
+        buffer = memoryview(bytearray(8 * MIB))
+        with store.open_range("packs/00/b.pack", 5, len(data) - 10) as reader:
+            reader.read_into(buffer[:MIB])
+            got = [bytes(buffer[:MIB])]
+            proxy.arm(kind, 2)
+            reader.read_into(buffer)
+            got.append(bytes(buffer))
+        assert got == [data[5:5 + MIB], data[5 + MIB:5 + 9 * MIB]]
+        assert proxy.served == 2
+
+    def test_ranges_read_into_a_buffer_to_their_end_reuse_the_connection(self, proxy,
+                                                                         s3_bucket):
+        store = S3Store(f"s3://{s3_bucket}/r", settings_for(proxy.endpoint))
+        data = os.urandom(3 * MIB)
+        store.put("packs/00/c.pack", data)
+        buffer = memoryview(bytearray(MIB))
+        before = proxy.accepted
+        for start in range(0, len(data), MIB):
+            with store.open_range("packs/00/c.pack", start, MIB) as reader:
+                reader.read_into(buffer)
+            assert buffer == data[start:start + MIB]
+        assert proxy.accepted - before == 0  # the put's connection, back in the pool each time
+
+    def test_a_body_without_the_http_response_below_is_read_and_copied(self, store,
+                                                                        monkeypatch):
+        """Should botocore's body stop carrying http.client's response, `read_into` reads
+        through the body's own `read` (a copy) and still returns every byte."""
+        data = os.urandom(3 * MIB)
+        store.put("packs/00/d.pack", data)
+        answer = s3._StreamedRange._answer
+
+        class Body:  # botocore's body, minus what lies below it
+            def __init__(self, body) -> None:
+                self.read, self.close = body.read, body.close
+
+        def opaque(reader):
+            if not isinstance(reader._body, Body):
+                reader._body = Body(answer(reader))
+            return reader._body
+
+        monkeypatch.setattr(s3._StreamedRange, "_answer", opaque)
+        buffer = memoryview(bytearray(2 * MIB))
+        with store.open_range("packs/00/d.pack", 1, len(data) - 1) as reader:
+            reader.read_into(buffer)
+            got = bytes(buffer)
+            reader.read_into(buffer[:MIB - 1])
+        assert got + bytes(buffer[:MIB - 1]) == data[1:]
 
     def test_failed_part_aborts_the_upload(self, proxy, s3_bucket, monkeypatch):
         """A part that fails past the retry cap: the upload is aborted (nothing pending), no

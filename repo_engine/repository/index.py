@@ -458,10 +458,7 @@ class Index:
             if self._get_u64(txn, b"next_ref", self.meta) < op.first + op.count:
                 txn.put(b"next_ref", U64.pack(op.first + op.count), db=self.meta)
         elif isinstance(op, PackOp):
-            entries = [PackEntry(int(e["ref"]), e["id"].tobytes(), int(e["offset"]),
-                                 int(e["stored"]), int(e["raw"]), int(e["codec"]))
-                       for e in op.entries]
-            self._record_pack(txn, FinishedPack(op.name, op.size, entries))
+            self._record_pack(txn, FinishedPack(op.name, op.size, _pack_entries(op.entries)))
         elif isinstance(op, PointOp):
             point = PointRecord.from_dict(op.record, f"journal entry {seq}").summary()
             txn.put(point["id"].encode(), encode_record(point), db=self.points)
@@ -823,6 +820,15 @@ def _decode_plan(plan_id: str, raw: bytes) -> PendingPlan:
     refs = np.frombuffer(raw[4 + length:], dtype="<u8").astype(np.uint64)
     op = PlanOp(plan_id, doc["time"], refs, doc["packs"], doc["maps"], doc["objects"])
     return PendingPlan(op, doc["leases"])
+
+
+def _pack_entries(rows: np.ndarray) -> list[PackEntry]:
+    """The PackEntry of each row of a packs.ENTRY_DTYPE array: its columns taken as Python
+    values once (a numpy scalar per field and row costs more than the index writes)."""
+    ids = rows["id"].tobytes()
+    columns = (rows[name].tolist() for name in ("ref", "offset", "stored", "raw", "codec"))
+    return [PackEntry(ref, ids[32 * i:32 * i + 32], offset, stored, raw, codec)
+            for i, (ref, offset, stored, raw, codec) in enumerate(zip(*columns))]
 
 
 def _last_key(txn: lmdb.Transaction, db: object) -> int:

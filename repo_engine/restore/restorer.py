@@ -163,15 +163,23 @@ class _RunReader:
 
     def __call__(self, request: ReadRequest, name: str) -> _RunDone:
         done = _RunDone(name)
+        # the runs are read into one buffer in turn (a fresh one of megabytes for every run
+        # costs the kernel a page fault per page): the request's largest run, what its budget
+        # counts
+        buffer = memoryview(bytearray(request.held))
         with self.repo.read_chunk_stream(name, request.start, request.size) as opened:
             stream: RangeReader | None = opened
             for run in request.runs:
                 if stream is not None:
                     try:
                         stream.skip(run.start - stream.position)
-                        span, whole, cause = stream.read(run.size), len(run.chunks), None
+                        span: bytes | memoryview = buffer[:run.size]
+                        stream.read_into(span)
+                        whole, cause = len(run.chunks), None
                     except ObjectDamaged:  # the runs left are read one by one, to tell
-                        stream = None      # exactly which chunks the damage costs
+                        stream = None      # exactly which chunks the damage costs; each
+                        opened.close()     # holds its own bytes: the buffer is let go
+                        buffer = span = memoryview(b"")
                 if stream is None:
                     span, whole, cause = self._read_alone(run, name)
                 done.cause = done.cause or cause
@@ -179,9 +187,11 @@ class _RunReader:
                     self._check(run, name, span, whole, done)
         return done
 
-    def _check(self, run: ReadRun, name: str, span: bytes, whole: int, done: _RunDone) -> None:
+    def _check(self, run: ReadRun, name: str, span: bytes | memoryview, whole: int,
+               done: _RunDone) -> None:
         """Decode and check the first `whole` chunks of `run` from its bytes `span` and hand
-        them to the writer; the others, and those that fail their check, are damaged."""
+        them to the writer (copies: `span` may be a buffer read into again afterwards); the
+        others, and those that fail their check, are damaged."""
         done.damaged += range(run.first_chunk + whole, run.first_chunk + len(run.chunks))
         view, chunks = memoryview(span), run.chunks[:whole]
         # the run's columns as Python ints once: no numpy scalar per chunk and field

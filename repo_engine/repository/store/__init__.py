@@ -13,8 +13,8 @@ home (`check_name`). What a store guarantees (docs/FORMAT.md, "Store"):
   whole under its name, never partial; with `if_absent` an existing object is kept (ObjectExists);
 - `get` reads a whole object, refusing one larger than the caller's bound; `get_range` returns
   exactly the bytes asked or fails (ObjectMissing, ShortRead); `open_range` reads a range front
-  to back in pieces (`RangeReader`: one request on S3, read as it arrives), with the same
-  guarantees for each piece;
+  to back in pieces (`RangeReader`: one request on S3, read as it arrives, `read` or
+  `read_into` a buffer of the caller's), with the same guarantees for each piece;
 - `list` yields every object under a prefix, in any order; `delete` removes a batch, a missing
   name being no error;
 - `abort_stale_uploads(before)` removes the parts of uploads begun before `before` and never
@@ -83,11 +83,22 @@ class RangeReader:
         self.position += n
         return data
 
+    def read_into(self, view: memoryview) -> None:
+        """`read(len(view))` into `view`, a buffer the caller reuses: a store that can fill
+        it from the source directly spares allocating and faulting in a fresh buffer for every
+        piece."""
+        self._fetch_into(view[:self._within(len(view))])
+        self.position += len(view)
+
     def skip(self, n: int) -> None:
         self.position += self._within(n)
 
     def _fetch(self, n: int) -> bytes:
         """The `n` bytes at `position`."""
+        raise NotImplementedError
+
+    def _fetch_into(self, view: memoryview) -> None:
+        """The `len(view)` bytes at `position`, into `view`."""
         raise NotImplementedError
 
     def _within(self, n: int) -> int:

@@ -24,11 +24,12 @@ from __future__ import annotations
 import os
 import stat
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 from ...errors import DamageError
 from ..atomic import publish, write_atomic
@@ -37,6 +38,7 @@ from ..safefile import (kind_of, make_dir, open_regular, read_limited, sync_dir,
 from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, RangeReader, ShortRead,
                check_name)
 
+T = TypeVar("T")
 LOCAL_ONLY = ("index", "locks", "tmp")  # directories of local files, not objects
 FD_CACHE = 256
 DELETE_THREADS = 8  # files unlinked at once (delete)
@@ -106,16 +108,28 @@ class LocalStore:
             os.close(fd)
 
     def get_range(self, name: str, offset: int, length: int) -> bytes:
+        data = self._reading_fd(name, lambda fd: _pread_all(fd, length, offset))
+        self._check_length(name, offset, length, len(data))
+        return data
+
+    def get_range_into(self, name: str, offset: int, view: memoryview) -> None:
+        """`get_range(name, offset, len(view))` read into `view`."""
+        got = self._reading_fd(name, lambda fd: _preadv_all(fd, view, offset))
+        self._check_length(name, offset, len(view), got)
+
+    def _reading_fd(self, name: str, read: Callable[[int], T]) -> T:
+        """`read(fd)` with a descriptor of `name`, closed afterwards unless cached."""
         fd, cached = self._fd(name)
         try:
-            data = _pread_all(fd, length, offset)
+            return read(fd)
         finally:
             if not cached:
                 os.close(fd)
-        if len(data) != length:
+
+    def _check_length(self, name: str, offset: int, length: int, got: int) -> None:
+        if got != length:
             raise ShortRead(f"{self.path_of(name)} is truncated: {length} bytes at offset "
-                            f"{offset} asked, {len(data)} there")
-        return data
+                            f"{offset} asked, {got} there")
 
     def open_range(self, name: str, offset: int, length: int) -> RangeReader:
         return _PreadRange(self, name, offset, length)
@@ -275,6 +289,15 @@ def _pread_all(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
+def _preadv_all(fd: int, view: memoryview, offset: int) -> int:
+    """Read into `view` the bytes at `offset`; how many there were (fewer only at the end of
+    the file)."""
+    got = 0
+    while got < len(view) and (part := os.preadv(fd, [view[got:]], offset + got)):
+        got += part
+    return got
+
+
 class _PreadRange(RangeReader):
     """A range of a file: each piece is one pread of the store's cached descriptor."""
 
@@ -284,3 +307,6 @@ class _PreadRange(RangeReader):
 
     def _fetch(self, n: int) -> bytes:
         return self._store.get_range(self._name, self.position, n)
+
+    def _fetch_into(self, view: memoryview) -> None:
+        self._store.get_range_into(self._name, self.position, view)

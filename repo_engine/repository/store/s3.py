@@ -3,7 +3,8 @@
 Client: boto3 (botocore), imported only when an `s3://` location is opened. Its own retries are
 switched off; `_Requests.call` retries every request itself so the cap, the backoff and the final
 message are ours:
-- retried: HTTP 500/502/503/504, SlowDown and kin, connection refused/reset/closed, timeouts;
+- retried: HTTP 500/502/503/504, SlowDown and kin, connection refused/reset/closed, timeouts,
+  an answer's TLS record damaged on its way, a range GET answered with another range;
   attempt n (from 0) first sleeps uniform(0, min(cap, base * 2**n)) ("full jitter");
 - not retried: everything else, mapped to the store errors (404 ObjectMissing, 412 ObjectExists,
   403 StoreAuthError, NoSuchBucket StoreError naming the bucket).
@@ -21,11 +22,13 @@ a process that died are listed by `pending_uploads` and removed by `abort_upload
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import random
 import re
 import shutil
+import ssl
 import tempfile
 import time
 import warnings
@@ -51,6 +54,7 @@ T = TypeVar("T")
 DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys
 SKIP_PIECE = 1 << 20  # bytes of a streamed range read at once to be dropped
 COMPARE_PIECE = 1 << 20  # bytes compared at a time when a put checks what the store holds
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _RETRY_STATUS = frozenset({500, 502, 503, 504})
 _RETRY_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
@@ -58,7 +62,19 @@ _RETRY_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "Re
 _AUTH_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
                          "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed"})
 _HEAD = "look up"  # the operation name of a HEAD request, in messages
-_TRANSIENT = (bexc.ConnectionError, bexc.HTTPClientError, bexc.IncompleteReadError)
+# A TLS record damaged in an answer's body fails its check while the body is read: urllib3
+# raises its SSLError (or ssl's), which botocore does not wrap; retried as a cut connection is
+# (botocore's own SSLError is a failed handshake, a certificate: never retried).
+_TRANSIENT = (bexc.ConnectionError, bexc.HTTPClientError, bexc.IncompleteReadError,
+              urllib3.exceptions.SSLError, ssl.SSLError)
+# failures of an answer's body: the server answered (its headers came), then the body was cut
+_CUT = (bexc.ResponseStreamingError, bexc.IncompleteReadError, urllib3.exceptions.SSLError,
+        ssl.SSLError)
+
+
+class RangeNotHonoured(StoreError):
+    """A ranged GET answered with other bytes than the range asked: retried (a proxy or cache
+    may answer so once), then a store error, not damage: the object may well be intact."""
 
 
 class UploadGone(StoreError):
@@ -109,6 +125,9 @@ class _Requests:
         for attempt in range(s.max_attempts):
             try:
                 return fn()
+            except RangeNotHonoured as exc:
+                if attempt + 1 == s.max_attempts:
+                    raise RangeNotHonoured(f"{exc} ({_attempts(attempt + 1)})") from None
             except bexc.ClientError as exc:
                 if not _retryable(exc) or attempt + 1 == s.max_attempts:
                     raise self._client_error(exc, op, name, attempt + 1, started) from None
@@ -157,6 +176,10 @@ class _Requests:
         if isinstance(exc, bexc.SSLError):  # not retried: a certificate does not heal
             return StoreUnreachable(f"{self.location}: TLS with {endpoint} failed: "
                                     f"{one_line(exc)}; check the ca_bundle / verify_tls settings")
+        if isinstance(exc, _CUT):  # reachable: an unreachable endpoint is not the problem
+            return StoreError(f"{self.location}: {op} {name}: {endpoint} answered but kept "
+                              f"failing to send the answer whole, cut midway ({type(exc).__name__}"
+                              f", {tail}); check the server's storage and network, and try again")
         if isinstance(exc, (bexc.ReadTimeoutError, bexc.ConnectTimeoutError)):
             return StoreUnreachable(f"{self.location}: {endpoint} did not answer {op} {name} in "
                                     f"time ({tail}); check the endpoint and the network")
@@ -217,6 +240,33 @@ def _multipart_etag(parts: list[dict[str, Any]]) -> str:
     """The ETag S3 gives an object completed from `parts`: MD5 of the parts' MD5s, "-", count."""
     digests = b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts)
     return f"{hashlib.md5(digests).hexdigest()}-{len(parts)}"
+
+
+def _streaming_error(exc: OSError | http.client.HTTPException, endpoint: str) -> Exception:
+    """What botocore makes of a socket's failure while a body is read (urllib3 wraps it; a
+    body read from the socket directly has it wrapped here): a timeout or a connection lost
+    midway, both retried by `_Requests.call`."""
+    if isinstance(exc, TimeoutError):
+        return bexc.ReadTimeoutError(endpoint_url=endpoint, error=exc)
+    return bexc.ResponseStreamingError(error=exc)
+
+
+def _check_range(where: str, answer: dict[str, Any], first: int, last: int) -> None:
+    """Refuse (closing its body) an answer to `Range: bytes=first-last` that is not that range:
+    a 200 (the Range ignored: the whole object) or a 206 naming another range. A range that
+    ends early is accepted where the object ends (a truncated object: the caller's ShortRead)."""
+    status = answer["ResponseMetadata"]["HTTPStatusCode"]
+    got = answer.get("ContentRange", "")
+    match = _CONTENT_RANGE.fullmatch(got)
+    if status == 206 and match and int(match[1]) == first:
+        end, total = int(match[2]), match[3]
+        if end == last or (end < last and total.isdigit() and end == int(total) - 1):
+            return
+    answer["Body"].close()
+    came = f"Content-Range {got!r}" if got else "no Content-Range"
+    raise RangeNotHonoured(f"{where}: asked the range bytes={first}-{last}, the answer is HTTP "
+                           f"{status} with {came}: the server (or a proxy or cache in front of "
+                           "it) does not honour Range requests")
 
 
 def _retryable(exc: bexc.ClientError) -> bool:
@@ -426,13 +476,15 @@ class S3Store:
             if self.size(name) < offset:
                 raise ShortRead(f"{self.location}: get {name}: the object ends before {offset}")
             return b""
-        key, byte_range = self._key(name), f"bytes={offset}-{offset + length - 1}"
+        key, last = self._key(name), offset + length - 1
 
         def once() -> bytes:
-            answer = self._client.get_object(Bucket=self.bucket, Key=key, Range=byte_range)
+            answer = self._client.get_object(Bucket=self.bucket, Key=key,
+                                             Range=f"bytes={offset}-{last}")
+            _check_range(f"{self.location}: get {name}", answer, offset, last)
             with closing(answer["Body"]) as body:  # closing(): see get
                 return body.read()
-        data = self._call("get", name, once)
+        data = self._call(f"get bytes {offset}-{last} of", name, once)
         if len(data) != length:
             raise ShortRead(f"{self.location}: get {name}: {len(data)} bytes at {offset} where "
                             f"{length} were asked; the object is truncated")
@@ -520,11 +572,11 @@ class _StreamedRange(RangeReader):
         self._body: Any = None
 
     def _fetch(self, n: int) -> bytes:
-        data = self._store._call("get", self._name, partial(self._take, n))
+        if not n:  # no request: `bytes=P-(P-1)` is no range, refused (416)
+            return b""
+        data = self._store._call(self._op(), self._name, partial(self._take, n))
         if len(data) != n:
-            self.close()
-            raise ShortRead(f"{self._store.location}: get {self._name}: the object ends before "
-                            f"byte {self.position + n}; it is truncated")
+            self._ends_early(n)
         return data
 
     def skip(self, n: int) -> None:
@@ -534,14 +586,67 @@ class _StreamedRange(RangeReader):
             self.read(min(SKIP_PIECE, left))
             left -= min(SKIP_PIECE, left)
 
-    def _take(self, n: int) -> bytes:
-        """Up to `n` bytes from the answer (fewer only where it ends), asking from the current
-        position when no answer is open."""
+    def _fetch_into(self, view: memoryview) -> None:
+        if not view:  # no request, as `_fetch`
+            return
+        got = self._store._call(self._op(), self._name, partial(self._take_into, view))
+        if got != len(view):
+            self._ends_early(len(view))
+
+    def _op(self) -> str:
+        """The request's operation, in messages: the range it asks."""
+        return f"get bytes {self.position}-{self.end - 1} of"
+
+    def _ends_early(self, n: int) -> None:
+        self.close()
+        raise ShortRead(f"{self._store.location}: get {self._name}: the object ends before "
+                        f"byte {self.position + n}; it is truncated")
+
+    def _answer(self) -> Any:
+        """The open answer; a GET from the current position when none is open."""
         if self._body is None:
             answer = self._store._client.get_object(
                 Bucket=self._store.bucket, Key=self._key,
                 Range=f"bytes={self.position}-{self.end - 1}")
+            _check_range(f"{self._store.location}: get {self._name}", answer, self.position,
+                         self.end - 1)
             self._body = answer["Body"]
+        return self._body
+
+    def _take_into(self, view: memoryview) -> int:
+        """`_take` into `view`: the bytes go from the socket into it, through the HTTP
+        response's own `readinto` (one copy; botocore's `read` makes a new buffer for each
+        piece). The connection goes back to the pool once the answer was read whole."""
+        body = self._answer()
+        raw = getattr(body, "_raw_stream", None)
+        fp = getattr(raw, "_fp", None)
+        if not isinstance(fp, http.client.HTTPResponse):  # another HTTP stack: `read`, a copy
+            data = self._take(len(view))
+            view[:len(data)] = data
+            return len(data)
+        got = 0
+        try:
+            while got < len(view):
+                piece = fp.readinto(view[got:])
+                if not piece:
+                    if fp.length:  # the answer ends before its Content-Length: cut midway
+                        raise http.client.IncompleteRead(b"", fp.length)
+                    break
+                got += piece
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()  # the next attempt asks again from where this one stopped
+            raise _streaming_error(exc, self._store.settings.endpoint_text) from exc
+        except BaseException:
+            self.close()
+            raise
+        if fp.isclosed():  # read to its end: the connection is free for the next request
+            raw.release_conn()
+        return got
+
+    def _take(self, n: int) -> bytes:
+        """Up to `n` bytes from the answer (fewer only where it ends), asking from the current
+        position when no answer is open."""
+        self._answer()
         pieces, got = [], 0
         try:
             while got < n and (piece := self._body.read(n - got)):
