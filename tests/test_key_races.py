@@ -173,8 +173,8 @@ def test_a_keyring_generation_replaced_between_listing_and_reading_is_read_anew(
 
 def test_a_keyring_generation_replaced_while_being_listed_is_listed_anew(tmp_path, monkeypatch):
     """Another host's key change writes g + 1 and deletes g after this host's listing read the
-    directory (g alone) but before it looked at g: that listing holds no generation at all, yet
-    the keyring was never gone."""
+    directory (g its only generation) but before it looked at g: that listing holds no generation,
+    yet the keyring was never gone."""
     made = initialised(LocalStore(tmp_path))
     real_walk = local._walk
     changed = []
