@@ -16,6 +16,7 @@ from repo_engine.repository.crypto import keys, keystore, slots
 from repo_engine.repository.location import is_remote, open_key_manager
 from repo_engine.repository.store.s3_settings import load_s3_settings
 from repo_engine.repository.store import StoreUnreachable
+from repo_engine.repository.store import local
 from repo_engine.repository.store.local import LocalStore
 from s3cli import s3_environment
 from test_crypto_keystore import initialised
@@ -168,6 +169,25 @@ def test_a_keyring_generation_replaced_between_listing_and_reading_is_read_anew(
             return super().get(name, **kwargs)
     keyring = keystore.load_keyring(ChangedUnderfoot(tmp_path), made.ring_key)
     assert (keyring.generation, keyring.current) == (2, 2)
+
+
+def test_a_keyring_generation_replaced_while_being_listed_is_listed_anew(tmp_path, monkeypatch):
+    """Another host's key change writes g + 1 and deletes g after this host's listing read the
+    directory (g its only generation) but before it looked at g: that listing holds no generation,
+    yet the keyring was never gone."""
+    made = initialised(LocalStore(tmp_path))
+    real_walk = local._walk
+    changed = []
+
+    def walk(top, base, skipped):
+        entries = list(real_walk(top, base, skipped))  # the directory as it was read
+        if base == "keys" and not changed:
+            changed.append(True)
+            keystore.rotate(LocalStore(tmp_path), made.ring_key)  # the other host
+        yield from entries
+    monkeypatch.setattr(local, "_walk", walk)
+    keyring = keystore.load_keyring(LocalStore(tmp_path), made.ring_key)
+    assert changed and (keyring.generation, keyring.current) == (2, 2)
 
 
 def test_a_key_change_whose_keyring_write_errs_after_landing_keeps_the_new_slot(encrypted,

@@ -72,9 +72,11 @@ def generations(store: Store) -> list[int]:
 def load_keyring(store: Store, ring_key: bytes) -> Keyring:
     """The newest keyring generation (never an older one in its place: it may lack an epoch).
     A generation deleted between the listing and the read was replaced by a newer one (another
-    host's key change): listed again."""
+    host's key change): listed again. So is a listing that holds none: a listing is no snapshot
+    (a local one reads the directory, then looks at each file), and one racing a change can
+    miss both g (deleted since) and g + 1 (written since); only two in a row mean no keyring."""
     for _ in range(CHANGE_ATTEMPTS):
-        found = generations(store)
+        found = generations(store) or generations(store)
         if not found:
             raise TamperedError(f"{store.location}/keys: no keyring; the repository's keys "
                                 "were deleted")
