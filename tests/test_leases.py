@@ -345,3 +345,28 @@ def test_a_vm_lock_a_failed_backup_could_not_delete_is_taken_over_by_its_host(st
     with a.vm_lock("v", "backup image v"):
         assert [f.name for f in list_leases(store)] == [lock_name(vm_base("v"), 2)]
     assert list_leases(store) == [] and list((tmp_path / "a" / "locks").iterdir()) == []
+
+
+def test_a_takeover_between_a_listing_and_its_check_is_seen(tmp_path, monkeypatch):
+    """Another host takes an expired maintenance lock over (writes g + 1, deletes g) after this
+    host's listing read the directory (g its only generation) but before it looked at g: that
+    listing holds no generation, yet the lock is held; it must be refused, not taken a second
+    time as generation 1."""
+    from repo_engine.repository.store import local
+
+    (tmp_path / "repo").mkdir(mode=0o700)
+    store = LocalStore(tmp_path / "repo")
+    write_config(store, RepoConfig.new(shared=True))
+    crashed(store, maintenance_name(3), MAINT)
+    real_walk, other = local._walk, []
+
+    def walk(top, base, skipped):
+        entries = list(real_walk(top, base, skipped))  # the directory as it was read
+        if base == "leases" and not other:
+            other.append(True)
+            leases.take_maintenance(LocalStore(tmp_path / "repo"), "gc", 600)  # the other host
+        yield from entries
+    monkeypatch.setattr(local, "_walk", walk)
+    with pytest.raises(LockedError, match=r"repository is locked \(maintenance\) by 'gc'"):
+        leases.take_maintenance(store, "forget", 600)
+    assert other and [f.name for f in leases.maintenance_locks(store)] == [maintenance_name(4)]

@@ -343,9 +343,11 @@ def take_lock(store: Store, base: str, kind: str, command: str, seconds: float,
               held_by: Callable[[Found], LockedError],
               gone: Callable[[Found], bool] = lambda _top: False) -> Lease:
     """The lock `base` taken by generations (module doc), or `held_by(its holder)`. A holder
-    is over when its lock expired, or when `gone` says so."""
+    is over when its lock expired, or when `gone` says so. A listing is not a snapshot: one
+    that read the directory before a takeover wrote g + 1 and looked at g after it was deleted
+    holds no generation, so only a second empty listing means the lock is free."""
     for _attempt in range(5):
-        locks = generations(store, base)
+        locks = generations(store, base) or generations(store, base)
         top = locks[-1] if locks else None
         if top is not None and not top.info.expired(now()) and not gone(top):
             raise held_by(top)
