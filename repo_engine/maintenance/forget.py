@@ -145,8 +145,7 @@ def rebased(repo: Repository, catalog: dict[str, PointRecord], gone: set[str]
     for point in catalog.values():
         by_vm.setdefault(point.vm, {})[point.id] = point
     todo = [vm_points for vm_points in by_vm.values()
-            if any(d.parent in gone for p in vm_points.values() if p.id not in gone
-                   for d in p.disks)]
+            if any(_built_on(point, gone) for point in vm_points.values())]
     if len(todo) < 2:
         parts = [_rebased_vm(repo, vm_points, gone) for vm_points in todo]
     else:
@@ -156,6 +155,11 @@ def rebased(repo: Repository, catalog: dict[str, PointRecord], gone: set[str]
     return rewrites, {name: bmap for _, maps in parts for name, bmap in maps.items()}
 
 
+def _built_on(point: PointRecord, gone: set[str]) -> bool:
+    """Whether `point` stays and has a disk built on a point in `gone` (it is rewritten)."""
+    return point.id not in gone and any(d.parent in gone for d in point.disks)
+
+
 def _rebased_vm(repo: Repository, catalog: dict[str, PointRecord], gone: set[str]
                 ) -> tuple[list[PointRecord], dict[str, BlockMap]]:
     """`rebased` for the points of one VM (`catalog`)."""
@@ -163,7 +167,7 @@ def _rebased_vm(repo: Repository, catalog: dict[str, PointRecord], gone: set[str
     rewrites: list[PointRecord] = []
     maps: dict[str, BlockMap] = {}
     for point in sorted(catalog.values(), key=commit_order):
-        if point.id in gone or not any(d.parent in gone for d in point.disks):
+        if not _built_on(point, gone):
             continue
         disks = []
         for disk in point.disks:

@@ -163,10 +163,10 @@ def _resealed(repo: Repository, point: PointRecord, stale_maps: set[str],
     for disk in point.disks:
         name = renamed.get(disk.map, disk.map)
         if name not in maps:
-            bmap = maps[name] = repo.read_map(name)
+            bmap = repo.read_map(name)
             if disk.map in stale_maps and disk.map not in renamed:
                 name = renamed[disk.map] = repo.write_map(bmap)
-                maps[name] = maps.pop(disk.map)
+            maps[name] = bmap
         disks.append(replace(disk, map=name))
     return repo.next_generation(point, disks=disks)
 

@@ -212,13 +212,14 @@ def compact(store: Store, grace: float, now: float | None = None,
     deleted. Not only the newest checkpoint counts: gc writes one every CHECKPOINT_EVERY
     entries, and on a busy repository the newest may never be that old."""
     at = now if now is not None else time.time()
-    for seq in sorted(entry_seqs(store, ".ckpt"), reverse=True):
+    checkpoints = sorted(entry_seqs(store, ".ckpt"), reverse=True)
+    for seq in checkpoints:
         if at >= _written(store, seq, sealer) + max(grace, STALE_AFTER):
             break
     else:
         return 0
     doomed = sorted(s for s in entry_seqs(store) if s <= seq)
-    older = [checkpoint_object(s) for s in entry_seqs(store, ".ckpt") if s < seq]
+    older = [checkpoint_object(s) for s in checkpoints if s < seq]
     store.delete([entry_object(s) for s in doomed] + older)
     return len(doomed)
 

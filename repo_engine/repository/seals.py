@@ -24,12 +24,11 @@ instead (`seal`, `unseal`): the same arithmetic, masked to 64 bits, without nump
 
 from __future__ import annotations
 
-import struct
-
 import blake3
 import numpy as np
 
 from ..errors import DamageError
+from .lmdbfile import U64
 
 PAYLOAD = {"mapuse": 8, "refcount": 8, "deadmaps": 8, "packlive": 16}
 KEY = {"mapuse": 32, "refcount": 8, "deadmaps": 32, "packlive": 4}
@@ -37,7 +36,7 @@ CHECK_SIZE = 8
 _M1, _M2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)
 _S33 = np.uint64(33)
 _MASK = (1 << 64) - 1
-_WORD = struct.Struct("<Q")
+_INT_M1, _INT_M2 = int(_M1), int(_M2)
 
 
 class CountDamaged(DamageError):
@@ -88,21 +87,20 @@ def mix(h: np.ndarray, words: np.ndarray) -> None:
 def check_of(table: str, key: bytes, payload: bytes) -> int:
     """The check of one row: `checks` for a single key and payload, in Python ints."""
     h = _INT_SEEDS[table]
-    m1, m2 = int(_M1), int(_M2)
     for data in (key, payload):
-        for (word,) in _WORD.iter_unpack(data + bytes(-len(data) % 8)):
+        for (word,) in U64.iter_unpack(data + bytes(-len(data) % 8)):
             h ^= word
             h ^= h >> 33
-            h = h * m1 & _MASK
+            h = h * _INT_M1 & _MASK
             h ^= h >> 33
-            h = h * m2 & _MASK
+            h = h * _INT_M2 & _MASK
             h ^= h >> 33
     return h
 
 
 def seal(table: str, key: bytes, payload: bytes) -> bytes:
     """One sealed value."""
-    return payload + _WORD.pack(check_of(table, key, payload))
+    return payload + U64.pack(check_of(table, key, payload))
 
 
 def unseal(table: str, key: bytes, value: bytes) -> bytes:
@@ -110,7 +108,7 @@ def unseal(table: str, key: bytes, value: bytes) -> bytes:
     the wrong size fails too)."""
     size = PAYLOAD[table]
     if (len(key) != KEY[table] or len(value) != size + CHECK_SIZE
-            or _WORD.unpack_from(value, size)[0] != check_of(table, key, value[:size])):
+            or U64.unpack_from(value, size)[0] != check_of(table, key, value[:size])):
         raise CountDamaged(table, key)
     return value[:size]
 
