@@ -28,7 +28,8 @@ import numpy as np
 from ..errors import RepoError
 from ..pause import pause_point
 from ..repository.blockmap import holds
-from ..repository.index import PACK_KEY, DamagedRecord, Index, pack_fields, ref_keys
+from ..repository.index import (PACK_KEY, DamagedRecord, Index, pack_fields, ref_keys,
+                                refs_found)
 from ..repository.locks import SHARED
 from ..repository.points import PointRecord
 from ..repository.repo import Repository
@@ -343,7 +344,7 @@ def _against_trailer(index: Index, txn: lmdb.Transaction, number: int,
     firsts, keys = firsts[unique], keys[unique]
     found = [(k, v) for k, v in txn.cursor(db=index.refs).getmulti(ref_keys(keys))
              if len(v) == REF_ROW.itemsize]
-    refs = np.frombuffer(b"".join(k for k, _ in found), ">u8").astype(np.uint64)
+    refs = refs_found(found)
     rows = np.frombuffer(b"".join(v for _, v in found), REF_ROW)
     mine = rows["pack"] == number
     refs, rows = refs[mine], rows[mine]

@@ -16,9 +16,9 @@ Steps:
    into runs of a few MiB, what a worker holds at once (`plan.ReadSettings`).
 5. Workers, several at once (one request in flight each), read a request front to back
    (`Store.open_range`: one HTTP range GET on S3, read as it arrives; a directory store preads
-   a cached descriptor), a run at a time, each into the request's one buffer: decompress and re-hash each chunk of the run (zstd
-   and BLAKE3 release the GIL: the workers use every core) and hand the checked chunks, in
-   batches, to the one writer thread, which writes each batch at its blocks with one call
+   a cached descriptor), a run at a time, each into the request's one buffer: decompress and
+   re-hash each chunk of the run (zstd and BLAKE3 release the GIL: the workers use every core)
+   and hand the checked chunks, in batches, to the one writer thread, which writes each batch at its blocks with one call
    (`Disk.write_chunks`). Decoding overlaps the rest of the request arriving, the other
    workers' reads and the writes; a request is issued only when the bytes of runs read and not
    yet checked (counting its largest run) stay under a cap, and a batch is handed over only

@@ -179,7 +179,7 @@ class _RunReader:
                     except ObjectDamaged:  # the runs left are read one by one, to tell
                         stream = None      # exactly which chunks the damage costs; each
                         opened.close()     # holds its own bytes: the buffer is let go
-                        buffer = span = memoryview(b"")
+                        buffer = memoryview(b"")
                 if stream is None:
                     span, whole, cause = self._read_alone(run, name)
                 done.cause = done.cause or cause

@@ -102,12 +102,13 @@ class RepositorySealer:
         """Seal nothing more under the `retired` epochs: when the current one is among them
         (this host read the keyring before another host rotated, and may never have read an
         object sealed under the new epoch), the newest keyring is read."""
-        if self._keyring.current not in retired:
+        sealer = self._sealer  # one snapshot: another thread may reload meanwhile (_sealing)
+        if sealer.current not in retired:
             return
-        self._reload(self._sealer)
-        if self._keyring.current in retired:
+        sealer = self._reload(sealer)
+        if sealer.current in retired:
             raise TamperedError(f"{self._store.location}/keys: the newest keyring seals new "
-                                f"data under epoch {self._keyring.current}, which the journal "
+                                f"data under epoch {sealer.current}, which the journal "
                                 "says was retired; the keyring was rolled back or tampered with")
 
     def _sealing(self) -> ObjectSealer:

@@ -72,7 +72,7 @@ class ObjectInfo:
 class RangeReader:
     """Bytes [offset, offset + length) of an object, read front to back: `read(n)` returns the
     next `n` bytes exactly (or fails as `get_range` does), `skip(n)` passes over `n`. A store
-    provides `_fetch`; skipping is free here (a store reading at any offset cheaply: a file),
+    provides `_fetch` and `_fetch_into`; skipping is free here (a store reading at any offset cheaply: a file),
     a store whose reads are requests streams one request and reads what it skips."""
 
     def __init__(self, offset: int, length: int) -> None:
@@ -87,7 +87,8 @@ class RangeReader:
         """`read(len(view))` into `view`, a buffer the caller reuses: a store that can fill
         it from the source directly spares allocating and faulting in a fresh buffer for every
         piece."""
-        self._fetch_into(view[:self._within(len(view))])
+        self._within(len(view))
+        self._fetch_into(view)
         self.position += len(view)
 
     def skip(self, n: int) -> None:
