@@ -350,6 +350,7 @@ def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: b
         op = PlanOp(doc["plan"], doc["time"], np.frombuffer(binary, "<u8").astype(np.uint64),
                     doc["packs"], doc["maps"], doc["objects"])
         index.put_plan(txn, PendingPlan(op, doc["leases"]))
+        index.hide(txn, op.refs)  # the REFS rows left them out of `ids`: locality skips them
     elif tag == b"SWPT":
         count = len(binary) // 40
         for i in range(count):
