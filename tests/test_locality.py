@@ -231,3 +231,35 @@ def test_a_cache_loaded_from_a_checkpoint_hides_the_refs_of_pending_plans(shared
             assert txn.get(REF_KEY.pack(doomed), db=fresh.index.refs) is not None
     finally:
         fresh.close()
+
+
+def test_an_index_of_version_3_gets_the_unfindable_table_on_open(tmp_path, monkeypatch):
+    """Made by an earlier repo-engine, a gc stopped between its mark and its sweep and a chunk
+    quarantined: opened, the index lists both refs as unfindable (version 4), and a backup of
+    the same disk stores both chunks again while it finds the rest by locality."""
+    from test_index_damage import downgrade
+
+    path = tmp_path / "repo"
+    repo = Repository.init(path, block_size=BLOCK)
+    model, doomed, _kept = first_backup_then_changed(repo, tmp_path)
+    local_gc.settle_dead_maps(repo)
+    local_gc._mark(repo)  # the gc stops here
+    damaged = doomed + 1
+    _quarantine(repo, {damaged: "test: damaged"})
+    repo.close()
+    downgrade(path, 3)
+    repo = Repository.open(path)
+    try:
+        with repo.index.env.begin() as txn:
+            assert repo.index.meta_u64("version") == 4
+            hidden = {REF_KEY.unpack(k)[0] for k, _ in txn.cursor(db=repo.index.unfindable)}
+        assert {doomed, damaged} <= hidden
+        again = back_up(repo, "b", model)
+        refs = map_refs(repo, again).tolist()
+        assert doomed not in refs and damaged not in refs
+        assert again.counters["new_chunks"] == 2
+        gc(repo)
+        assert restored(repo, again.id, tmp_path) == bytes(model.content)
+    finally:
+        repo.close()
+
