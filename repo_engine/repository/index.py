@@ -149,9 +149,11 @@ class PackInfo:
 
 
 class Index:
-    def __init__(self, path: Path, *, create: bool = False, scans: bool = False) -> None:
+    def __init__(self, path: Path, *, create: bool = False, scans: bool = False,
+                 read_only: bool = False) -> None:
         """`scans`: the caller reads whole tables in key order (verify), so the kernel's
-        read-ahead stays on whatever the index's size (lmdbfile.readahead_pays)."""
+        read-ahead stays on whatever the index's size (lmdbfile.readahead_pays). `read_only`:
+        open as if the directory could not be written (a bench that must not write)."""
         if not create:
             if not (path / "data.mdb").exists():
                 raise DamageError(f"{path}: index is missing; run 'repo-engine rebuild-index'")
@@ -159,7 +161,7 @@ class Index:
         if create:
             make_dir(path)  # owner-only; LMDB's files are created FILE_MODE
         # read-only media or snapshot: nobody can write there, so no lock file is needed
-        self.read_only = not create and not os.access(path, os.W_OK)
+        self.read_only = not create and (read_only or not os.access(path, os.W_OK))
         try:
             self.env = lmdb.open(str(path), max_dbs=32, map_size=MAP_SIZE, subdir=True,
                                  create=create, readonly=self.read_only,
