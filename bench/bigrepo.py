@@ -69,6 +69,7 @@ from repo_engine.maintenance import tally  # noqa: E402
 from repo_engine.repository import blockmap  # noqa: E402
 from repo_engine.repository.blockmap import BlockMap  # noqa: E402
 from repo_engine.repository.idfilter import FILE  # noqa: E402
+from repo_engine.repository import index as index_module  # noqa: E402
 from repo_engine.repository.formats import INDEX_VERSION  # noqa: E402
 from repo_engine.repository.index import U64, Index, IndexReader  # noqa: E402
 from repo_engine.repository.locality import dedup_refs  # noqa: E402
@@ -161,6 +162,18 @@ def resident_bytes(path: Path) -> int:
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
                          capture_output=True, text=True, check=True).stdout
     return int(out.split()[0])
+
+
+# `run --no-readahead`: a repo-engine command run by its own build's interpreter with the index
+# mapped as one over half the available memory is (MDB_NORDAHEAD), whatever its size
+NO_READAHEAD = ("import sys; from repo_engine.repository import index; "
+                "index.readahead_pays = lambda path: False; "
+                "from repo_engine.cli.main import run; sys.exit(run(sys.argv[1:]))")
+
+
+def without_readahead(command: list[str]) -> list[str]:
+    """`repo-engine ARGS` (a venv's script) as its venv's python running NO_READAHEAD."""
+    return [str(Path(command[0]).parent / "python"), "-c", NO_READAHEAD, *command[1:]]
 
 
 def run(command: list[str], evict_repo: Path | None, stats: Path | None) -> int:
@@ -282,11 +295,10 @@ def searches(path: Path, count: int) -> list[dict]:
     return out
 
 
-def disk_again_refs(top: int, count: int, rng: np.random.Generator) -> np.ndarray:
+def disk_again_refs(base: int, top: int, count: int, rng: np.random.Generator) -> np.ndarray:
     """The refs a disk of `count` blocks maps to after DAYS incrementals (see the docstring):
-    the first backup's run from the middle of the refs, every day's changed runs at
-    consecutive refs after it."""
-    base = top // 2
+    the first backup's run from `base`, every day's changed runs at consecutive refs after
+    it."""
     refs = np.arange(base, base + count, dtype=np.uint64)
     later = base + count
     for _day in range(DAYS):
@@ -299,27 +311,42 @@ def disk_again_refs(top: int, count: int, rng: np.random.Generator) -> np.ndarra
     return refs
 
 
-def locality(path: Path, count: int, cold: bool, read_only: bool) -> list[dict]:
-    """See the module docstring."""
+def locality(path: Path, count: int, cold: bool, read_only: bool,
+             no_readahead: bool) -> list[dict]:
+    """See the module docstring. The ids of each step are read (warm) before the index is
+    evicted for it. `no_readahead`: the index mapped as one over half the available memory."""
+    pays = index_module.readahead_pays
+    if no_readahead:
+        index_module.readahead_pays = lambda _path: False
+    try:
+        return _locality(path, count, cold, read_only)
+    finally:
+        index_module.readahead_pays = pays
+
+
+def _locality(path: Path, count: int, cold: bool, read_only: bool) -> list[dict]:
     with _index(path, read_only) as index:
         top = index.meta_u64("next_ref")
-        with index.reader() as reader:
-            orders = {"ref order": _ids_of(reader, np.arange(top // 2, top // 2 + count,
-                                                              dtype=np.uint64)),
-                      "same disk again": _ids_of(reader, disk_again_refs(
-                          top, count, np.random.default_rng(7)))}
     rows = []
-    for order, ids in orders.items():
-        for path_name, work in (("one by one through ids", _one_by_one),
-                                ("by locality, in batches", _by_locality)):
-            if cold:
-                evict(index_file(path))
-            with _index(path, read_only) as index:
-                found: list[int] = []
-                row = _timed(f"look-ups of stored ids, {order}: {path_name}", len(ids),
-                             lambda i=index, f=found, w=work, ids=ids: f.append(w(i, ids)))
-                row["found"] = found[0]
-                rows.append(row)
+    steps = [(order, how) for order in ("ref order", "same disk again")
+             for how in ("by locality, in batches", "one by one through ids")]
+    for step, (order, path_name) in enumerate(steps):
+        # each step's ids from refs of their own (an eighth of the refs apart): pages one step
+        # read, even a cache below this machine's, never serve another
+        base = top * (step + 2) // 8
+        with _index(path, read_only) as index, index.reader() as reader:
+            ids = _ids_of(reader, np.arange(base, base + count, dtype=np.uint64)
+                          if order == "ref order" else
+                          disk_again_refs(base, top, count, np.random.default_rng(7)))
+        work = _by_locality if path_name.startswith("by locality") else _one_by_one
+        if cold:
+            evict(index_file(path))
+        with _index(path, read_only) as index:
+            found: list[int] = []
+            row = _timed(f"look-ups of stored ids, {order}: {path_name}", len(ids),
+                         lambda i=index, f=found, w=work, ids=ids: f.append(w(i, ids)))
+            row["found"] = found[0]
+            rows.append(row)
     return rows
 
 
@@ -340,7 +367,7 @@ def _by_locality(index: Index, ids: list[bytes]) -> int:
 @contextmanager
 def _index(path: Path, read_only: bool) -> Iterator[Index]:
     """The index alone; `read_only`: not written (see the docstring for version 3)."""
-    index = Index(path / "index", read_only=read_only)
+    index = Index(path / "index", read_only=read_only, scans=False)
     try:
         if index.unfindable is None:
             with index.env.begin() as txn:
@@ -426,11 +453,15 @@ def main() -> None:
     lo.add_argument("--count", type=int, default=125_000)
     lo.add_argument("--warm", action="store_true", help="do not evict the index first")
     lo.add_argument("--read-only", action="store_true", help="never write the index")
+    lo.add_argument("--no-readahead", action="store_true",
+                    help="map the index without read-ahead whatever its size")
     v3 = sub.add_parser("as-version-3", help="set an index with nothing unfindable to version 3")
     v3.add_argument("repo", type=Path)
     r = sub.add_parser("run", help="run a command, index evicted, and note its I/O")
     r.add_argument("--evict", type=Path, metavar="REPO")
     r.add_argument("--stats", type=Path)
+    r.add_argument("--no-readahead", action="store_true",
+                   help="map the index without read-ahead (CMD is a repo-engine script)")
     r.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     if args.what == "grow":
@@ -439,14 +470,16 @@ def main() -> None:
     rows = {"lookups": lambda: lookups(args.repo, args.count, not args.warm),
             "scans": lambda: scans(args.repo, args.rows),
             "searches": lambda: searches(args.repo, args.batches),
-            "locality": lambda: locality(args.repo, args.count, not args.warm, args.read_only),
+            "locality": lambda: locality(args.repo, args.count, not args.warm, args.read_only,
+                                         args.no_readahead),
             "as-version-3": lambda: [as_version_3(args.repo)]}.get(args.what)
     if rows is not None:
         for row in rows():
             print(json.dumps(row))
         return
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    sys.exit(run(command, args.evict, args.stats))
+    sys.exit(run(without_readahead(command) if args.no_readahead else command, args.evict,
+                 args.stats))
 
 
 if __name__ == "__main__":
