@@ -17,8 +17,9 @@ Nothing is carried from one read transaction to the next.
 
 Cost bound: a run is read FIRST refs at a time after its `ids` hit (mostly the leaf of that hit,
 read already), then in windows that double while the run goes on (up to MAX_WINDOW); a window is
-read past only when the run's last answer lies near its end. Ids in random order thus cost what
-they cost before, plus the leaf `dedup_ref` read anyway.
+read past only when the run's last answer lies near its end. After runs that answered nothing,
+the next `ids` hits start none, twice as many each time (up to MAX_SKIP), so ids in random order
+cost what they cost before plus a few windows a batch.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ FIRST = 32  # refs read after an `ids` hit: about one leaf of `refs` (some 56 re
 MAX_WINDOW = 2048
 NEAR_END = 8  # a run whose last answer is this close to its window's end is read further
 RUNS = 4  # runs of one batch followed at once (a changed block sends the disk elsewhere)
+MAX_SKIP = 256  # `ids` hits that start no run after runs that answered nothing
 
 
 @dataclass
@@ -48,10 +50,22 @@ class _Neighbourhood:
         self._reader = reader
         self._known: dict[bytes, int] = {}
         self._runs: list[_Run] = []
+        self._skip = 0  # `ids` hits left that start no run
+        self._idle = 0  # runs in a row that answered nothing
 
     def start(self, ref: int) -> bool:
         """Begin a run after `ref`, found through `ids`; False when the index has no
         `unfindable` table (no locality)."""
+        if self._skip:
+            self._skip -= 1
+            if self._skip:
+                return True
+        elif self._runs and self._runs[0].last < self._runs[0].begin:  # it answered nothing
+            self._idle += 1
+            self._skip = min(MAX_SKIP, 1 << self._idle)
+            return True
+        else:
+            self._idle = 0
         if not self._read(ref + 1, ref + 1 + FIRST):
             return False
         self._runs = [_Run(ref + 1, ref + 1 + FIRST, ref, FIRST), *self._runs[:RUNS - 1]]
@@ -63,21 +77,28 @@ class _Neighbourhood:
         which bounds a window)."""
         ref = self._known.get(chunk_id)
         if ref is None:
-            for run in self._runs:
-                if run.end - run.last > NEAR_END:
-                    continue
-                run.size = min(MAX_WINDOW, 2 * run.size, max(FIRST, 2 * left))
-                self._read(run.end, run.end + run.size)
-                run.end += run.size
-                ref = self._known.get(chunk_id)
-                if ref is not None:
-                    break
+            ref = self._read_on(chunk_id, left)
         if ref is not None:
             for run in self._runs:
                 if run.begin <= ref < run.end:
-                    run.last = max(run.last, ref)
+                    if ref > run.last:
+                        run.last = ref
                     break
         return ref
+
+    def _read_on(self, chunk_id: bytes, left: int) -> int | None:
+        """Read the next window of each run whose answers reached its end, until one holds
+        `chunk_id`."""
+        for run in self._runs:
+            if run.end - run.last > NEAR_END:
+                continue
+            run.size = min(MAX_WINDOW, 2 * run.size, max(FIRST, 2 * left))
+            self._read(run.end, run.end + run.size)
+            run.end += run.size
+            ref = self._known.get(chunk_id)
+            if ref is not None:
+                return ref
+        return None
 
     def _read(self, start: int, stop: int) -> bool:
         found = self._reader.places_between(start, stop)
