@@ -172,8 +172,9 @@ NO_READAHEAD = ("import sys; from repo_engine.repository import index; "
 
 
 def without_readahead(command: list[str]) -> list[str]:
-    """`repo-engine ARGS` (a venv's script) as its venv's python running NO_READAHEAD."""
-    return [str(Path(command[0]).parent / "python"), "-c", NO_READAHEAD, *command[1:]]
+    """`repo-engine ARGS` (a venv's script) as its venv's python running NO_READAHEAD (`-P`:
+    the build the venv holds, never a `repo_engine` in the working directory)."""
+    return [str(Path(command[0]).parent / "python"), "-P", "-c", NO_READAHEAD, *command[1:]]
 
 
 def run(command: list[str], evict_repo: Path | None, stats: Path | None) -> int:
