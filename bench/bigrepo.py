@@ -5,6 +5,8 @@
     .venv/bin/python bench/bigrepo.py run [--evict REPO] [--stats FILE] -- CMD ...
     .venv/bin/python bench/bigrepo.py scans REPO [--rows N]
     .venv/bin/python bench/bigrepo.py searches REPO [--batches N]
+    .venv/bin/python bench/bigrepo.py locality REPO [--count N] [--read-only] [--warm]
+    .venv/bin/python bench/bigrepo.py as-version-3 REPO
 
 `grow` creates REPO (16 KiB blocks, 4 MiB packs) if it does not exist, then adds chunks until the
 index counts at least --chunks. The chunks are synthetic: 48 random bytes each (incompressible,
@@ -30,6 +32,20 @@ filesystem (wait4's rusage), and the index pages resident after it (mincore), to
 `searches` times verify's look-up of `ids` entries in the sorted refs (`RefTable.find`, then
 the id fingerprints compared) over the first --batches batches of `ids`, in hash order and
 sorted first (`blockmap.find_sorted` with SORT_FIRST out of reach, then at 0), twice.
+
+`locality` times the look-ups of stored ids as a backup of a disk seen before makes them, the
+index evicted before each step: one by one through `ids` (`IndexReader.dedup_ref`, the path
+before locality) against batches of LOOKUP_BATCH ids in a read transaction each, as the
+pipeline asks (`locality.dedup_refs`), in two orders: the refs of one run (a disk backed up
+once, read again) and "the same disk again" after DAYS incrementals: every day CHANGED_SHARE
+of the blocks, in runs of geometric length (mean 8), were stored again at consecutive refs
+after the disk's own (`disk_again_refs`). `--read-only` opens the index without writing (as
+read-only media): an index of version 3 has no `unfindable` table, so the look-ups by locality
+read its `quarantine` table (keyed by ref as well) instead, which is only valid because the
+step first checks that `gcq`, `quarantine` and `plans` are empty: nothing was ever taken out of
+deduplication. `as-version-3` sets the index's version back to 3 and drops its `unfindable`
+table, refusing unless the table is empty (the same state an index of version 3 is in), so
+that an older build can run on it beside this one.
 """
 from __future__ import annotations
 
@@ -53,7 +69,10 @@ from repo_engine.maintenance import tally  # noqa: E402
 from repo_engine.repository import blockmap  # noqa: E402
 from repo_engine.repository.blockmap import BlockMap  # noqa: E402
 from repo_engine.repository.idfilter import FILE  # noqa: E402
-from repo_engine.repository.index import IndexReader  # noqa: E402
+from repo_engine.repository import index as index_module  # noqa: E402
+from repo_engine.repository.formats import INDEX_VERSION  # noqa: E402
+from repo_engine.repository.index import U64, Index, IndexReader  # noqa: E402
+from repo_engine.repository.locality import dedup_refs  # noqa: E402
 from repo_engine.repository.packs import CODEC_RAW  # noqa: E402
 from repo_engine.repository.points import DiskRecord, PointRecord  # noqa: E402
 from repo_engine.repository.repo import Repository  # noqa: E402
@@ -63,6 +82,9 @@ PACK_SIZE = 4 << 20
 CHUNK_BYTES = 48
 LOOKUP_BATCH = 256  # ids per filter question: a 4 MiB batch of the pipeline at 16 KiB blocks
 START = 1_600_000_000  # the first point's time; one point a minute after it
+DAYS = 7  # `locality`: incrementals between the first backup and the one timed
+CHANGED_SHARE = 0.02  # of the blocks, a day, in runs of mean length CHANGED_RUN
+CHANGED_RUN = 8
 
 
 def grow(path: Path, chunks: int, per_point: int, vms: int) -> dict:
@@ -142,6 +164,19 @@ def resident_bytes(path: Path) -> int:
     return int(out.split()[0])
 
 
+# `run --no-readahead`: a repo-engine command run by its own build's interpreter with the index
+# mapped as one over half the available memory is (MDB_NORDAHEAD), whatever its size
+NO_READAHEAD = ("import sys; from repo_engine.repository import index; "
+                "index.readahead_pays = lambda path: False; "
+                "from repo_engine.cli.main import run; sys.exit(run(sys.argv[1:]))")
+
+
+def without_readahead(command: list[str]) -> list[str]:
+    """`repo-engine ARGS` (a venv's script) as its venv's python running NO_READAHEAD (`-P`:
+    the build the venv holds, never a `repo_engine` in the working directory)."""
+    return [str(Path(command[0]).parent / "python"), "-P", "-c", NO_READAHEAD, *command[1:]]
+
+
 def run(command: list[str], evict_repo: Path | None, stats: Path | None) -> int:
     """Run `command`; note its major faults, filesystem reads and the index's resident pages."""
     if evict_repo is not None:
@@ -152,7 +187,9 @@ def run(command: list[str], evict_repo: Path | None, stats: Path | None) -> int:
     rc = os.waitstatus_to_exitcode(status)
     if stats is not None:
         figures = {"command": command, "rc": rc, "seconds": round(time.monotonic() - started, 2),
-                   "major_faults": usage.ru_majflt, "read_bytes": usage.ru_inblock * 512}
+                   "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+                   "major_faults": usage.ru_majflt, "read_bytes": usage.ru_inblock * 512,
+                   "load": os.getloadavg()[0]}
         if evict_repo is not None:
             figures["index_bytes"] = index_file(evict_repo).stat().st_size
             figures["index_resident"] = resident_bytes(index_file(evict_repo))
@@ -259,6 +296,106 @@ def searches(path: Path, count: int) -> list[dict]:
     return out
 
 
+def disk_again_refs(base: int, top: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """The refs a disk of `count` blocks maps to after DAYS incrementals (see the docstring):
+    the first backup's run from `base`, every day's changed runs at consecutive refs after
+    it."""
+    refs = np.arange(base, base + count, dtype=np.uint64)
+    later = base + count
+    for _day in range(DAYS):
+        starts = np.sort(rng.choice(count, int(count * CHANGED_SHARE / CHANGED_RUN), False))
+        for start, length in zip(starts.tolist(), rng.geometric(1 / CHANGED_RUN, len(starts))):
+            run = refs[start:start + int(length)]
+            run[:] = np.arange(later, later + len(run), dtype=np.uint64)
+            later += len(run)
+    assert later < top
+    return refs
+
+
+def locality(path: Path, count: int, cold: bool, read_only: bool,
+             no_readahead: bool) -> list[dict]:
+    """See the module docstring. The ids of each step are read (warm) before the index is
+    evicted for it. `no_readahead`: the index mapped as one over half the available memory."""
+    pays = index_module.readahead_pays
+    if no_readahead:
+        index_module.readahead_pays = lambda _path: False
+    try:
+        return _locality(path, count, cold, read_only)
+    finally:
+        index_module.readahead_pays = pays
+
+
+def _locality(path: Path, count: int, cold: bool, read_only: bool) -> list[dict]:
+    with _index(path, read_only) as index:
+        top = index.meta_u64("next_ref")
+    rows = []
+    steps = [(order, how) for order in ("ref order", "same disk again")
+             for how in ("by locality, in batches", "one by one through ids")]
+    for step, (order, path_name) in enumerate(steps):
+        # each step's ids from refs of their own (an eighth of the refs apart): pages one step
+        # read, even a cache below this machine's, never serve another
+        base = top * (step + 2) // 8
+        with _index(path, read_only) as index, index.reader() as reader:
+            ids = _ids_of(reader, np.arange(base, base + count, dtype=np.uint64)
+                          if order == "ref order" else
+                          disk_again_refs(base, top, count, np.random.default_rng(7)))
+        work = _by_locality if path_name.startswith("by locality") else _one_by_one
+        if cold:
+            evict(index_file(path))
+        with _index(path, read_only) as index:
+            found: list[int] = []
+            row = _timed(f"look-ups of stored ids, {order}: {path_name}", len(ids),
+                         lambda i=index, f=found, w=work, ids=ids: f.append(w(i, ids)))
+            row["found"] = found[0]
+            rows.append(row)
+    return rows
+
+
+def _one_by_one(index: Index, ids: list[bytes]) -> int:
+    with index.reader() as reader:
+        return sum(reader.dedup_ref(i)[0] is not None for i in ids)
+
+
+def _by_locality(index: Index, ids: list[bytes]) -> int:
+    found = 0
+    for start in range(0, len(ids), LOOKUP_BATCH):
+        with index.reader() as reader:  # a transaction a batch, as the pipeline's workers
+            refs, _ = dedup_refs(reader, ids[start:start + LOOKUP_BATCH])
+        found += sum(ref is not None for ref in refs)
+    return found
+
+
+@contextmanager
+def _index(path: Path, read_only: bool) -> Iterator[Index]:
+    """The index alone; `read_only`: not written (see the docstring for version 3)."""
+    index = Index(path / "index", read_only=read_only, scans=False)
+    try:
+        if index.unfindable is None:
+            with index.env.begin() as txn:
+                for db in (index.gcq, index.quarantine, index.plans):
+                    assert db is None or not txn.stat(db)["entries"], "a ref may be doomed"
+            index.unfindable = index.quarantine  # empty, keyed by ref as `unfindable` is
+        yield index
+    finally:
+        index.env.close()
+
+
+def as_version_3(path: Path) -> dict:
+    """See the module docstring."""
+    env = lmdb.open(str(path / "index"), max_dbs=32, map_size=1 << 40)
+    try:
+        with env.begin(write=True) as txn:
+            meta = env.open_db(b"meta", txn=txn)
+            assert U64.unpack(txn.get(b"version", db=meta))[0] in (3, INDEX_VERSION)
+            table = env.open_db(b"unfindable", txn=txn)
+            assert not txn.stat(table)["entries"], "refs are unfindable: not a version 3 state"
+            txn.drop(table, delete=True)
+            txn.put(b"version", U64.pack(3), db=meta)
+    finally:
+        env.close()
+    return {"version": 3}
+
+
 def _check_ids(table: tally.RefTable, batches: list[tuple[np.ndarray, np.ndarray]]) -> None:
     for ids, refs in batches:
         pos, found = table.find(refs)
@@ -312,9 +449,20 @@ def main() -> None:
     se = sub.add_parser("searches", help="time verify's look-ups of ids in the sorted refs")
     se.add_argument("repo", type=Path)
     se.add_argument("--batches", type=int, default=40)
+    lo = sub.add_parser("locality", help="time look-ups of stored ids, by id and by locality")
+    lo.add_argument("repo", type=Path)
+    lo.add_argument("--count", type=int, default=125_000)
+    lo.add_argument("--warm", action="store_true", help="do not evict the index first")
+    lo.add_argument("--read-only", action="store_true", help="never write the index")
+    lo.add_argument("--no-readahead", action="store_true",
+                    help="map the index without read-ahead whatever its size")
+    v3 = sub.add_parser("as-version-3", help="set an index with nothing unfindable to version 3")
+    v3.add_argument("repo", type=Path)
     r = sub.add_parser("run", help="run a command, index evicted, and note its I/O")
     r.add_argument("--evict", type=Path, metavar="REPO")
     r.add_argument("--stats", type=Path)
+    r.add_argument("--no-readahead", action="store_true",
+                   help="map the index without read-ahead (CMD is a repo-engine script)")
     r.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     if args.what == "grow":
@@ -322,13 +470,17 @@ def main() -> None:
         return
     rows = {"lookups": lambda: lookups(args.repo, args.count, not args.warm),
             "scans": lambda: scans(args.repo, args.rows),
-            "searches": lambda: searches(args.repo, args.batches)}.get(args.what)
+            "searches": lambda: searches(args.repo, args.batches),
+            "locality": lambda: locality(args.repo, args.count, not args.warm, args.read_only,
+                                         args.no_readahead),
+            "as-version-3": lambda: [as_version_3(args.repo)]}.get(args.what)
     if rows is not None:
         for row in rows():
             print(json.dumps(row))
         return
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    sys.exit(run(command, args.evict, args.stats))
+    sys.exit(run(without_readahead(command) if args.no_readahead else command, args.evict,
+                 args.stats))
 
 
 if __name__ == "__main__":

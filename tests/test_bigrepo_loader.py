@@ -13,7 +13,7 @@ from repo_engine.repository.repo import Repository
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from bigrepo import grow, lookups  # noqa: E402
+from bigrepo import as_version_3, grow, locality, lookups  # noqa: E402
 
 
 def test_grow_resumes_and_the_repository_verifies(tmp_path, capsys):
@@ -46,3 +46,18 @@ def test_lookups_measure_each_step(tmp_path):
         "id filter: built from the index", "id filter: loaded from its file",
         "look-ups, new ids, id filter first", "inserts, new ids"]
     assert all(r["seconds"] >= 0 and r["major_faults"] >= 0 for r in rows)
+
+
+def test_locality_finds_every_id_both_ways_and_writes_nothing_read_only(tmp_path):
+    repo = tmp_path / "big"
+    grow(repo, 40_000, 10_000, 2)
+    as_version_3(repo)  # as an older build leaves it: read-only, the bench must not upgrade it
+    before = (repo / "index" / "data.mdb").read_bytes()
+    rows = locality(repo, 2_000, cold=True, read_only=True, no_readahead=True)
+    assert [r["what"].split(": ")[1] for r in rows] == [
+        "by locality, in batches", "one by one through ids"] * 2
+    assert all(r["found"] == r["count"] for r in rows)
+    assert (repo / "index" / "data.mdb").read_bytes() == before
+    with Repository.open(repo) as opened:  # opened writable: upgraded, nothing unfindable
+        assert opened.index.meta_u64("version") == 4
+    as_version_3(repo)

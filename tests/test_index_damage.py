@@ -17,7 +17,8 @@ import pytest
 
 from helpers import KIB, MIB, DiskModel, cli, write_extents
 from repo_engine.repository.formats import INDEX_VERSION
-from repo_engine.repository.index import U64
+from repo_engine.repository.index import U64, Index
+from repo_engine.repository.locality import dedup_refs
 from repo_engine.repository.repo import Repository
 from repo_engine.repository.seals import PAYLOAD
 
@@ -300,11 +301,15 @@ def test_latest_and_parents_follow_commit_order_when_the_clock_steps_back(chain,
 
 
 def downgrade(repo: Path, version: int) -> None:
-    """Rewrite the index as an older repo-engine wrote it: version 2 has no seals on the count
-    tables; version 1 also no checks and no sequences in the catalog (nor in the manifests)."""
+    """Rewrite the index as an older repo-engine wrote it: version 3 has no `unfindable` table;
+    version 2 also no seals on the count tables; version 1 also no checks and no sequences in
+    the catalog (nor in the manifests)."""
     env = lmdb.open(str(repo / "index"), max_dbs=32, map_size=1 << 40)
     with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"unfindable", txn=txn), delete=True)
         for table, size in PAYLOAD.items():
+            if version >= 3:
+                break
             db = env.open_db(table.encode(), txn=txn)
             for key, value in list(txn.cursor(db=db)):
                 txn.put(key, value[:size], db=db)
@@ -326,9 +331,10 @@ def downgrade(repo: Path, version: int) -> None:
                 opened.write_manifest(manifest)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_index_of_an_older_version_still_opens(chain, capsys, version):
-    """Converted in place on open (1 via 2): records sealed with checks, counts with seals."""
+    """Converted in place on open (1 via 2 and 3): records sealed with checks, counts with seals,
+    the unfindable table made."""
     downgrade(chain.repo, version)
     listed = cli(capsys, "points", chain.repo, "--json")
     assert listed.code == 0, listed.err
@@ -465,3 +471,19 @@ def test_read_only_index_of_version_2_is_read_unsealed(chain, capsys, tmp_path, 
                    target).code == 0
         assert target.read_bytes() == content
     assert dict(table_items(chain.repo, "meta"))[b"version"] == U64.pack(2)  # left as it was
+
+
+def test_read_only_index_of_version_3_answers_duplicates_by_id_alone(chain, read_only_repo):
+    """No `unfindable` table to honour: the look-up by locality stays off (a read-only index
+    backs nothing up, but the reader must not guess)."""
+    downgrade(chain.repo, 3)
+    index = Index(read_only_repo / "index")
+    try:
+        assert index.read_only and index.unfindable is None
+        with index.reader() as reader:
+            assert reader.places_between(1, 100) is None
+            chunk_id = reader.chunk_id_of(1)
+            assert dedup_refs(reader, [chunk_id]) == ([1], 0)
+    finally:
+        index.close()
+    assert dict(table_items(chain.repo, "meta"))[b"version"] == U64.pack(3)

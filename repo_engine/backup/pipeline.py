@@ -1,9 +1,10 @@
 """The threaded read -> hash -> dedup lookup -> compress stage of a backup.
 
 A reader thread pulls batches from the C read loop (GIL released while it reads); a pool of
-workers hashes every non-zero block (keyed BLAKE3), looks its id up in the index and compresses
-only chunks the index lacks (BLAKE3 and zstd release the GIL). Results come back in disk order to
-the caller's thread, which alone writes packs. Memory is bounded by the queue depth: at most
+workers hashes every non-zero block (keyed BLAKE3), looks its id up in the index (duplicates in
+runs, by locality: repository/locality.py) and compresses only chunks the index lacks (BLAKE3
+and zstd release the GIL). Results come back in disk order to the caller's thread, which alone
+writes packs. Memory is bounded by the queue depth: at most
 `depth` batches are in flight.
 """
 
@@ -22,6 +23,7 @@ import numpy as np
 from ..errors import SourceError
 from ..repository.chunks import ChunkCodec
 from ..repository.index import Index
+from ..repository.locality import dedup_refs
 from .source import Batch, BlockDevice
 
 BATCH_BYTES = 4 << 20
@@ -103,22 +105,21 @@ class BlockPipeline:
         missing: list[int] = []
         hit_at: list[int] = []
         hit_refs: list[int] = []
-        mismatched = 0
         with self._index.reader() as lookup:
             # ids the id filter says the index surely lacks cost no index page (idfilter.py)
             absent = lookup.surely_absent([ids[k] for k in nonzero])  # type: ignore[misc]
             skips = absent.tolist() if absent is not None else [False] * len(nonzero)
-            for k, skip in zip(nonzero, skips):
-                if skip:
-                    missing.append(k)
-                    continue
-                ref, wrong = lookup.dedup_ref(ids[k])  # type: ignore[arg-type]
-                mismatched += wrong
-                if ref is None:
-                    missing.append(k)
-                else:
-                    hit_at.append(k)
-                    hit_refs.append(ref)
+            asked = [k for k, skip in zip(nonzero, skips) if not skip]
+            # duplicates found in runs of neighbouring refs, in this one read transaction
+            refs, mismatched = dedup_refs(lookup, [ids[k] for k in asked])  # type: ignore[misc]
+        found = dict(zip(asked, refs))
+        for k in nonzero:
+            ref = found.get(k)
+            if ref is None:
+                missing.append(k)
+            else:
+                hit_at.append(k)
+                hit_refs.append(ref)
         return missing, hit_at, hit_refs, mismatched
 
     def run(self, device: BlockDevice, block_size: int, blocks: np.ndarray, *, encode: bool,

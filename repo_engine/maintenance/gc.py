@@ -22,16 +22,18 @@ A run, each step crash-safe (a rerun finishes it):
 
 1. Finish removals a forget left marked (forget.py).
 2. Apply owed decrements (incremental) or recount (full). Candidates = `gcq`.
-3. Make candidates unfindable: delete their `ids` entries, so a backup looking a chunk up from now
-   on stores a fresh copy. List unused map files, manifests not catalogued, pack files not indexed.
+3. Make candidates unfindable: delete their `ids` entries and list their refs in `unfindable`
+   (which a backup's look-up by locality reads), so a backup looking a chunk up from now on
+   stores a fresh copy. List unused map files, manifests not catalogued, pack files not indexed.
 4. Wait until every session that held a lock at that moment has ended: a backup that started
    before step 3 may have looked up a candidate, or may be about to commit a map or a manifest or
    a pack we listed; a restore, verify, scrub or read-only command may be reading what we are
    about to delete. Sessions that start later cannot reach any of them.
 5. In one transaction re-check: a candidate whose count rose (a waited-for backup committed a
-   point using it) gets its `ids` entry back; the rest are dropped from the index; listed files
-   still unused are deleted (map files inside the transaction: a backup's commit checks its maps
-   exist inside its own transaction, and rewrites one gc removed). Packs with no live chunk leave
+   point using it) gets its `ids` entry back and leaves `unfindable` (unless quarantined); the
+   rest are dropped from the index; listed files still unused are deleted (map files inside the
+   transaction: a backup's commit checks its maps exist inside its own transaction, and
+   rewrites one gc removed). Packs with no live chunk leave
    the index and are queued in `deadpacks`.
 6. Repack packs whose unused share exceeds `max_unused`: copy their live chunks (each checked
    against its id) into new packs, made durable, then move the refs to them in one transaction;
@@ -408,6 +410,8 @@ def _mark(repo: Repository) -> _Listed:
                 chunk_id = rec[:32]
                 if txn.get(chunk_id, db=index.ids) == U64.pack(REF_KEY.unpack(key)[0]):
                     txn.delete(chunk_id, db=index.ids)
+                # by ref too (another copy may hold `ids`): a backup's locality skips it
+                txn.put(key, b"", db=index.unfindable)
         # a file is deleted only when two tables agree it is unused: one damaged table (mapuse,
         # packnames) must not cost data
         named = {d["map"] for k, v in txn.cursor(db=index.points)
@@ -462,10 +466,13 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport,
             if txn.get(key, db=index.refcount) is not None:
                 if txn.put(chunk_id, U64.pack(ref), db=index.ids, overwrite=False):
                     index.id_filter.inserted(txn, [chunk_id])
+                if txn.get(key, db=index.quarantine) is None:  # damaged: stays unfindable
+                    txn.delete(key, db=index.unfindable)
                 report.resurrected += 1
                 continue
             txn.delete(key, db=index.refs)
             txn.delete(key, db=index.quarantine)
+            txn.delete(key, db=index.unfindable)
             if txn.get(chunk_id, db=index.ids) == U64.pack(ref):
                 txn.delete(chunk_id, db=index.ids)
             for name, delta in (("chunks", -1), ("raw_bytes", -raw), ("stored_bytes", -stored)):

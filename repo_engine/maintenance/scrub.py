@@ -10,8 +10,9 @@
 4. Damaged chunks are reported as the points, disks and byte ranges they affect (exit code 3).
 
 Repair (under the maintenance lock):
-a. quarantine each damaged ref: note it in `quarantine` and delete its `ids` entry, so backups no
-   longer deduplicate against it and store the next copy they read afresh;
+a. quarantine each damaged ref: note it in `quarantine` and `unfindable` and delete its `ids`
+   entry, so backups no longer deduplicate against it and store the next copy they read afresh
+   (a healed ref stays in `unfindable`: `ids` names its donor);
 b. heal each quarantined ref for which a good copy of the same chunk id exists (another ref, e.g.
    stored by a backup since): copy it into a new pack under the damaged ref, then point the ref
    there in one transaction; every point using the ref restores again;
@@ -360,6 +361,7 @@ def _quarantine(repo: Repository, damaged: dict[int, str]) -> None:
             rec = txn.get(key, db=index.refs)
             if rec is not None and txn.get(rec[:32], db=index.ids) == U64.pack(ref):
                 txn.delete(rec[:32], db=index.ids)
+            txn.put(key, b"", db=index.unfindable)  # nor by locality, healed or not
 
 
 def read_chunk(repo: Repository, ref: int) -> tuple[bytes, bytes, int, int] | None:

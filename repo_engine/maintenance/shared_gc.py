@@ -8,11 +8,12 @@ gc cannot ask "who may still use this chunk?" directly. It asks the journal and 
    refs no point uses, the packs none of whose chunks is used (whole packs only), the map objects
    no point names and the objects of the store the cache does not know (packs not indexed,
    manifests not catalogued) are *doomed* by a `plan` journal entry. Replaying it removes the
-   doomed refs' `ids` entries on every host: a backup that refreshes after the plan never
-   deduplicates against a doomed chunk, and a map a writer would name like a doomed one is
-   written salted (repo.py). Then gc lists `leases/` and commits a `waits` entry: the sessions
-   (other than its own) that may have looked a doomed chunk up before they saw the plan. A backup
-   writes its lease before it refreshes, so one that did not see the plan is on that list.
+   doomed refs' `ids` entries and lists them in `unfindable` on every host: a backup that
+   refreshes after the plan never deduplicates against a doomed chunk (by id or by
+   locality), and a map a writer would name like a doomed one is written salted (repo.py).
+   Then gc lists `leases/` and commits a `waits` entry: the sessions (other than its own) that
+   may have looked a doomed chunk up before they saw the plan. A backup writes its lease before
+   it refreshes, so one that did not see the plan is on that list.
 2. **Sweep**, in a later run (or the same one, with `--grace 0` and nothing to wait for): a plan is
    ready when its time plus the grace period has passed and each waited lease is gone or expired
    more than the grace period ago. gc marks again (a waited backup may have committed a point

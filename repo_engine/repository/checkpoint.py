@@ -29,7 +29,8 @@ over the stored bytes (a keyless scrub checks them); the tags and lengths stay r
 
 A reader loads a checkpoint into the cache in one write transaction, which commits only after
 the footer checks out. A ref row's `indexed` flag says the `ids` table names it (a chunk stored
-twice, or made unfindable by a plan, is placed but not found).
+twice, or made unfindable by a plan, is placed but not found); the refs of a loaded `PLAN` are
+listed in `unfindable`, as its replay lists them.
 
 `catch_up` is a shared repository's refresh: apply entries `journal_seq + 1, ...` until one is
 missing. A cache that is empty, or was last refreshed more than STALE_AFTER ago, first looks for
@@ -350,6 +351,7 @@ def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: b
         op = PlanOp(doc["plan"], doc["time"], np.frombuffer(binary, "<u8").astype(np.uint64),
                     doc["packs"], doc["maps"], doc["objects"])
         index.put_plan(txn, PendingPlan(op, doc["leases"]))
+        index.hide(txn, op.refs)  # the REFS rows left them out of `ids`: locality skips them
     elif tag == b"SWPT":
         count = len(binary) // 40
         for i in range(count):

@@ -25,6 +25,7 @@ Reference counting and maintenance state (repo_engine/maintenance/ documents the
 | scrubbed   | name [32]            | u64: unix time the pack was last scrubbed                  |
 | quarantine | ref u64 big endian   | reason (utf-8): chunk found damaged, not yet healed        |
 | reread     | vm NUL disk key      | u64[]: blocks the next backup must read from the source    |
+| unfindable | ref u64 big endian   | empty: refs taken out of deduplication (doomed or damaged) |
 
 meta `counts` = 1 when mapuse/refcount are complete (set at init, by `gc --full` and by
 `rebuild-index`); `gc_mark` = the first pack number a later gc must check for uncounted refs.
@@ -38,6 +39,12 @@ with a check over table, key and value (seals.py); a writer meeting a value that
 decrement with no count to take from, stops trusting the counts (meta `counts` = 0), and gc
 checks every seal before it deletes anything: either way it recounts from the catalog first.
 A writable version 2 index is sealed on open; a read-only one is read unsealed.
+Version 4: `unfindable` lists every ref a writer has taken out of deduplication (a local gc's
+marked candidate, a ref a shared repository's plan dooms, a quarantined chunk), put in the
+transaction that takes it out, so a backup may find duplicates by locality (locality.py): a
+neighbour's place record read from `refs` is an answer only when `unfindable` lacks its ref, in
+the same read transaction. A writable version 3 index gets the table on open (filled from
+`gcq`, `quarantine` and the pending plans); a read-only one is read without it (no locality).
 
 meta `ids_added` (u64) counts every insert into `ids`, in the transaction of the insert, and
 `ids_epoch` (16 random bytes) names that counting: the id filter in front of `ids` (idfilter.py)
@@ -104,6 +111,7 @@ SEALED_DBS = tuple(PAYLOAD)  # mapuse, refcount, deadmaps, packlive
 MAINT_DBS = ("mapuse", "refcount", "deadmaps", "gcq", "packlive", "deadpacks", "forgetting",
              "scrubbed", "quarantine", "reread")
 JOURNAL_DBS = ("plans", "sweptmaps")
+NEW_DBS = (*JOURNAL_DBS, "unfindable")  # added by later versions: absent from older read-only ones
 PLAN_HEAD = struct.Struct("<I")
 
 
@@ -141,9 +149,11 @@ class PackInfo:
 
 
 class Index:
-    def __init__(self, path: Path, *, create: bool = False, scans: bool = False) -> None:
+    def __init__(self, path: Path, *, create: bool = False, scans: bool = False,
+                 read_only: bool = False) -> None:
         """`scans`: the caller reads whole tables in key order (verify), so the kernel's
-        read-ahead stays on whatever the index's size (lmdbfile.readahead_pays)."""
+        read-ahead stays on whatever the index's size (lmdbfile.readahead_pays). `read_only`:
+        open as if the directory could not be written (a bench that must not write)."""
         if not create:
             if not (path / "data.mdb").exists():
                 raise DamageError(f"{path}: index is missing; run 'repo-engine rebuild-index'")
@@ -151,7 +161,7 @@ class Index:
         if create:
             make_dir(path)  # owner-only; LMDB's files are created FILE_MODE
         # read-only media or snapshot: nobody can write there, so no lock file is needed
-        self.read_only = not create and not os.access(path, os.W_OK)
+        self.read_only = not create and (read_only or not os.access(path, os.W_OK))
         try:
             self.env = lmdb.open(str(path), max_dbs=32, map_size=MAP_SIZE, subdir=True,
                                  create=create, readonly=self.read_only,
@@ -159,7 +169,7 @@ class Index:
                                  readahead=scans or readahead_pays(path / "data.mdb"))
             for name in ("meta", "ids", "refs", "packs", "packnames", "points", *MAINT_DBS):
                 setattr(self, name, self.env.open_db(name.encode(), create=not self.read_only))
-            for name in JOURNAL_DBS:  # absent from a read-only index of an earlier version
+            for name in NEW_DBS:  # absent from a read-only index of an earlier version
                 setattr(self, name, self._open_new_db(name))
             self.id_filter = FilterCache(path, self.env, self.meta, self.ids, self.write,
                                          usable=not self.read_only)
@@ -190,17 +200,19 @@ class Index:
                 txn.put(b"counts", U64.pack(1), db=self.meta)  # an empty index counts exactly
                 return True, True
         version = U64.unpack(raw)[0] if raw is not None and len(raw) == U64.size else None
-        if version not in (1, 2, INDEX_VERSION):
+        if version not in (1, 2, 3, INDEX_VERSION):
             raise DamageError(f"index format version {version} is not one this repo-engine "
                               f"reads (1 to {INDEX_VERSION}): the index is damaged or from a "
                               "newer repo-engine; run 'repo-engine rebuild-index'")
         if version == INDEX_VERSION:
             return True, True
         if self.read_only:
-            return version > 1, False
+            return version > 1, version > 2
         if version == 1:
             self._upgrade_from_1()
-        self._upgrade_from_2()
+        if version <= 2:
+            self._upgrade_from_2()
+        self._upgrade_from_3()
         return True, True
 
     def _upgrade_from_1(self) -> None:
@@ -230,6 +242,20 @@ class Index:
                 values = seal_rows(table, keys, payloads)
                 for (key, _), value in zip(rows, values):
                     txn.put(key, value.tobytes(), db=db)
+            txn.put(b"version", U64.pack(3), db=self.meta)
+
+    def _upgrade_from_3(self) -> None:
+        """Version 3 -> 4: list in `unfindable` the refs taken out of deduplication: queued gc
+        candidates (a gc stopped between its mark and its sweep left them unfindable; those
+        still counted are listed too, which only costs their locality until a gc settles
+        them), quarantined chunks and the refs of pending plans. Small tables: the upgrade
+        costs what gc would."""
+        with self.write() as txn:
+            for db in (self.gcq, self.quarantine):
+                for key, _ in txn.cursor(db=db):
+                    txn.put(key, b"", db=self.unfindable)
+            for plan in list(self.plans_in(txn)):
+                self.hide(txn, plan.op.refs)
             txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
 
     @contextmanager
@@ -479,9 +505,10 @@ class Index:
 
     def _unfindable(self, txn: lmdb.Transaction, refs: np.ndarray, *,
                     drop: bool = False) -> tuple[int, int, int]:
-        """Remove the `ids` entries naming `refs` (no dedup finds them any more) and, with
-        `drop`, their place records; returns how many of `refs` the cache held, and their raw
-        and stored bytes. The refs are taken a few thousand at a time: a plan may name most
+        """Remove the `ids` entries naming `refs` and list the refs in `unfindable` (no dedup
+        finds them any more, by id or by locality) or, with `drop`, remove their place records
+        and those marks; returns how many of `refs` the cache held, and their raw and stored
+        bytes. The refs are taken a few thousand at a time: a plan may name most
         chunks of the repository, and a Python object each would cost some 40 times its 8
         bytes."""
         held = raw_bytes = stored = 0
@@ -497,7 +524,17 @@ class Index:
                     _id, _pack, _offset, size, length, _codec = REF_REC.unpack(raw)
                     raw_bytes, stored = raw_bytes + length, stored + size
                     txn.delete(key, db=self.refs)
+                    txn.delete(key, db=self.unfindable)
+                else:
+                    txn.put(key, b"", db=self.unfindable)
         return held, raw_bytes, stored
+
+    def hide(self, txn: lmdb.Transaction, refs: np.ndarray) -> None:
+        """List `refs` in `unfindable` (their `ids` entries are the caller's): a backup's
+        locality never answers them."""
+        put, db = txn.put, self.unfindable
+        for key in ref_keys(np.unique(refs)):
+            put(key, b"", db=db)
 
     def _sweep(self, txn: lmdb.Transaction, seq: int, op: SweepOp) -> None:
         held, raw_bytes, stored = self._unfindable(txn, op.refs, drop=True)
@@ -871,6 +908,26 @@ class IndexReader:
             return None, True
         return ref, False
 
+    def places_between(self, start: int, stop: int) -> dict[bytes, int] | None:
+        """Chunk id -> ref of the refs in [start, stop) that `refs` places and `unfindable`
+        lacks, as this transaction sees them: two range reads of keys in order (neighbouring
+        records share pages). None when the index has no `unfindable` table (a read-only index
+        of an earlier version): then only `ids` may answer."""
+        hidden_db = self._index.unfindable
+        if hidden_db is None or start >= stop:
+            return None if hidden_db is None else {}
+        first, end = REF_KEY.pack(start), REF_KEY.pack(stop)
+        hidden = set(_keys_between(self._txn.cursor(db=hidden_db), first, end))
+        found: dict[bytes, int] = {}
+        cursor = self._txn.cursor(db=self._index.refs)
+        if cursor.set_range(first):
+            for key, raw in cursor:
+                if key >= end:
+                    break
+                if key not in hidden and len(raw) == REF_REC.size:
+                    found.setdefault(raw[:32], REF_KEY.unpack(key)[0])
+        return found
+
     def surely_absent(self, chunk_ids: list[bytes]) -> np.ndarray | None:
         """Per id: True when the index surely lacks it, without reading the index (the id
         filter); None when the filter cannot say. Never trusted for "present"."""
@@ -908,3 +965,12 @@ def _first_unlocated(refs: np.ndarray, found: list[tuple[bytes, bytes]]) -> int:
     """The first of `refs` without a well-formed place record in `found`."""
     good = {REF_KEY.unpack(key)[0] for key, raw in found if len(raw) == REF_REC.size}
     return next(int(ref) for ref in refs.tolist() if ref not in good)
+
+
+def _keys_between(cursor: lmdb.Cursor, first: bytes, end: bytes) -> Iterator[bytes]:
+    """The keys of a cursor's database in [first, end)."""
+    if cursor.set_range(first):
+        for key in cursor.iternext(keys=True, values=False):
+            if key >= end:
+                return
+            yield key
