@@ -1,6 +1,7 @@
 """gc after a forget of most points counts the maps still in use instead of settling the dead
 ones (`_live_side_cheaper`): the same index and the same files as the decrements leave, without
-reading a dead map or a trailer; and a count found too low on the way is reported."""
+reading a dead map or a trailer; a count found too low on the way is reported; and a forget of
+many points decodes each catalog record once."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from helpers import MIB, DiskModel, cli, copy_repo, restore_bytes, write_extents
 from repo_engine.maintenance import gc as gc_module
 from repo_engine.maintenance.forget import forget_points
+from repo_engine.repository import index as index_module
 from repo_engine.repository.index import REF_KEY, U64
 from repo_engine.repository.repo import Repository
 
@@ -174,3 +176,19 @@ def test_an_unreadable_map_in_use_leaves_the_dead_maps_to_settle(tmp_path, capsy
         refs = opened.map_refs(kept[-2].disks[0].map)
         assert not opened.index.missing_refs(refs).size
     assert path.exists()
+
+
+def test_a_forget_of_many_points_decodes_each_record_once(tmp_path, capsys, monkeypatch):
+    """`forget --keep-last 1` passes over the catalog for its policy, under its lock and to
+    remove the points: each record is decoded (JSON parsed, check computed) once."""
+    repo, contents = _history(tmp_path, capsys, 10)
+    decoded: list[bytes] = []
+    real = index_module.decode_record
+    monkeypatch.setattr(index_module, "decode_record",
+                        lambda key, raw, **kw: decoded.append(key) or real(key, raw, **kw))
+    result = cli(capsys, "forget", repo, "--keep-last", "1", "--json")
+    assert result.code == 0, result.err
+    rewritten = result.json()["rewritten"]
+    assert rewritten  # their new records are decoded once more, when the others are removed
+    assert len(decoded) == len(contents) + len(rewritten)
+    assert set(decoded) == {i.encode() for i in contents}

@@ -164,6 +164,8 @@ class Index:
             self.id_filter = FilterCache(path, self.env, self.meta, self.ids, self.write,
                                          usable=not self.read_only)
             self.damage_seen: list[str] = []  # count damage writers met (gc reports it)
+            # the last whole pass over the catalog: point id -> (stored bytes, record)
+            self._decoded: dict[bytes, tuple[bytes, dict]] = {}
             self.checked, self.sealed = self._check_version(create)
         except (lmdb.ReadonlyError, lmdb.DiskError):
             raise  # permission denied, disk full: no damage (the CLI says what it is)
@@ -358,7 +360,14 @@ class Index:
 
     # -- catalog --------------------------------------------------------------------------
     def record(self, key: bytes, raw: bytes) -> dict:
-        """A catalog record, checked (DamageError names the point and advises rebuild-index)."""
+        """A catalog record, checked (DamageError names the point and advises rebuild-index).
+        Records are read-only, shared: one the last whole pass over the catalog (`_catalog`)
+        decoded from the same bytes is that pass's (a forget of many points passes over the
+        catalog for its policy, under its lock and to remove the points; the bytes compared,
+        not the JSON decoded and checked again)."""
+        known = self._decoded.get(key)
+        if known is not None and known[0] == raw:
+            return known[1]
         return decode_record(key, raw, checked=self.checked)
 
     def put_point(self, point_id: str, record: dict) -> None:
@@ -372,7 +381,9 @@ class Index:
             txn.put(b"next_seq", U64.pack(seq + 1), db=self.meta)
 
     def _catalog(self, txn: lmdb.Transaction) -> dict[str, dict]:
-        return {k.decode(): self.record(k, v) for k, v in txn.cursor(db=self.points)}
+        decoded = {key: (raw, self.record(key, raw)) for key, raw in txn.cursor(db=self.points)}
+        self._decoded = decoded  # replaced whole: what it holds is one catalog's worth
+        return {key.decode(): record for key, (_, record) in decoded.items()}
 
     def get_record(self, txn: lmdb.Transaction, point_id: str) -> dict | None:
         """One catalog record as `txn` sees it, checked; None when not catalogued."""

@@ -118,7 +118,8 @@ class PointRecord:
         """A record read from disk (manifest or catalog), every name and number checked before
         anything uses it (DamageError naming `what` otherwise)."""
         try:
-            doc = dict(doc)
+            doc = {k: list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
+                   for k, v in doc.items()}  # its own lists: `doc` may be shared (Index.record)
             doc["disks"] = [DiskRecord(**d) for d in doc["disks"]]
             point = cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
             point.check()
