@@ -418,29 +418,42 @@ class Index:
         ("" for a rewrite), so the caller can note a clock that went backwards.
         `map_refs`: for each map the record names, its unique non-ZERO refs. The existence check
         runs inside the write transaction because gc deletes unused map files inside one too."""
+        self.commit_points([(point_id, vm, seal, map_refs)], map_exists)
+
+    def commit_points(self, commits: list[tuple[str, str, Callable[[int, str], dict],
+                                                dict[str, np.ndarray]]],
+                      map_exists: Callable[[str], bool]) -> None:
+        """`commit_point` of each (point id, vm, seal, map refs) of `commits`, in order, in one
+        transaction: all or none (a forget rewriting hundreds of points commits once)."""
         with self.write() as txn:
-            for name in map_refs:
-                if not map_exists(name):
-                    raise MapMissing(name)
-            old = self.get_record(txn, point_id)
-            if old is not None:
-                seq, newest = old.get("seq", 0), ""
-            else:
-                mine = self._vm_records(txn, vm)
-                seq = self._next_seq(txn, mine)
-                newest = max((r["time"] for r in mine), default="")
-            record = seal(seq, newest)
-            parents = {d["parent"] for d in record["disks"] if d.get("parent")}
-            gone = {p for p in parents if p == point_id or
-                    txn.get(p.encode(), db=self.points) is None}
-            if gone:
-                raise ParentGone(gone)
-            use = Counter(d["map"] for d in record["disks"])
-            if old is not None:
-                use.subtract(d["map"] for d in old["disks"])
-            self.change_map_use(txn, use, map_refs)
-            txn.put(point_id.encode(), encode_record(record), db=self.points)
-            self._seq_used(txn, seq)
+            for point_id, vm, seal, map_refs in commits:
+                self._commit_one(txn, point_id, vm, seal, map_refs, map_exists)
+
+    def _commit_one(self, txn: lmdb.Transaction, point_id: str, vm: str,
+                    seal: Callable[[int, str], dict], map_refs: dict[str, np.ndarray],
+                    map_exists: Callable[[str], bool]) -> None:
+        for name in map_refs:
+            if not map_exists(name):
+                raise MapMissing(name)
+        old = self.get_record(txn, point_id)
+        if old is not None:
+            seq, newest = old.get("seq", 0), ""
+        else:
+            mine = self._vm_records(txn, vm)
+            seq = self._next_seq(txn, mine)
+            newest = max((r["time"] for r in mine), default="")
+        record = seal(seq, newest)
+        parents = {d["parent"] for d in record["disks"] if d.get("parent")}
+        gone = {p for p in parents if p == point_id or
+                txn.get(p.encode(), db=self.points) is None}
+        if gone:
+            raise ParentGone(gone)
+        use = Counter(d["map"] for d in record["disks"])
+        if old is not None:
+            use.subtract(d["map"] for d in old["disks"])
+        self.change_map_use(txn, use, map_refs)
+        txn.put(point_id.encode(), encode_record(record), db=self.points)
+        self._seq_used(txn, seq)
 
     # -- the journal's replay (a shared repository's cache) -------------------------------
     @property
