@@ -21,7 +21,11 @@ queued pack file is deleted only when its name is not listed in `packnames`.
 A run, each step crash-safe (a rerun finishes it):
 
 1. Finish removals a forget left marked (forget.py).
-2. Apply owed decrements (incremental) or recount (full). Candidates = `gcq`.
+2. Apply owed decrements (incremental) or recount (full). Candidates = `gcq`. When the dead maps
+   far outnumber the maps in use (a forget of most points: the first prune of a long history),
+   an incremental run recounts too (`_live_side_cheaper`): reading the maps in use and the
+   `refs` table costs less than reading every dead map and every trailer indexed since the last
+   gc, and leaves the same counts, candidates and live counts when the kept counts are sound.
 3. Make candidates unfindable: delete their `ids` entries, so a backup looking a chunk up from now
    on stores a fresh copy. List unused map files, manifests not catalogued, pack files not indexed.
 4. Wait until every session that held a lock at that moment has ended: a backup that started
@@ -45,7 +49,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import lmdb
@@ -109,6 +112,7 @@ class _Listed:
     manifests: list[str]  # point ids
     packs: dict[str, int]  # name: size
     tmp: list[Path]  # spool files
+    pack_sizes: dict[str, int]  # every pack file listed: name: size
 
 
 def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unused: float = 10.0,
@@ -157,7 +161,7 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
         if _dead_packs(repo):
             report.waited_seconds += wait_for(repo, sessions(repo, lock.path),
                                               timeout=wait_timeout, tick=tick)
-            _delete_dead_packs(repo, report)
+            _delete_dead_packs(repo, report, listed.pack_sizes)
     report.waited_seconds = round(report.waited_seconds, 3)
     report.seconds = round(time.monotonic() - started, 3)
     return report
@@ -360,14 +364,7 @@ def _live_side_cheaper(repo: Repository) -> bool:
         if cost >= settle:
             return False
         live = [key.hex() for key, _ in txn.cursor(db=index.mapuse)]
-    return cost + sum(map(partial(_map_size, repo), live)) * MAP_BYTE_US < settle
-
-
-def _map_size(repo: Repository, name: str) -> int:
-    try:
-        return repo.store.size(map_object(name))
-    except ObjectMissing:
-        return 0
+    return cost + sum(_size(repo, map_object(name)) for name in live) * MAP_BYTE_US < settle
 
 
 def _count_from_live_maps(repo: Repository, report: GcReport) -> _Recount | None:
@@ -399,19 +396,23 @@ class _Placed:
     which holds the maintenance lock, moves refs), so these are all the refs that may still place
     a chunk there. A later pack: None (its trailer says)."""
 
-    packs: np.ndarray  # sorted
-    refs: np.ndarray  # in the order of `packs`
+    rows: dict[int, tuple[int, int]]  # pack number: its refs' range in `refs`
+    refs: np.ndarray  # by pack
     end: int
 
     @classmethod
     def of(cls, table: RefTable, end: int) -> "_Placed":
         order = np.argsort(table.places, kind="stable")
-        return cls(table.places[order], table.refs[order], end)
+        numbers, first, count = np.unique(table.places[order], return_index=True,
+                                          return_counts=True)
+        rows = {n: (f, f + c) for n, f, c in zip(numbers.tolist(), first.tolist(),
+                                                 count.tolist())}
+        return cls(rows, table.refs[order], end)
 
     def get(self, number: int) -> np.ndarray | None:
         if number >= self.end:
             return None
-        first, last = np.searchsorted(self.packs, [number, number + 1])
+        first, last = self.rows.get(number, (0, 0))
         return self.refs[first:last]
 
 
@@ -509,7 +510,7 @@ def _mark(repo: Repository) -> _Listed:
     index = repo.index
     maps = objects_under(repo, "maps")
     manifests = objects_under(repo, "points")
-    packs = {n: info.size for n, info in objects_under(repo, "packs").items()}
+    sizes = {n: info.size for n, info in objects_under(repo, "packs").items()}
     tmp = dead_tmp_files(repo)
     with index.write() as txn:
         candidates = []
@@ -527,9 +528,9 @@ def _mark(repo: Repository) -> _Listed:
         listed = {PACK_REC.unpack(v)[0].hex() for _, v in txn.cursor(db=index.packs)}
         maps = [n for n in maps if n not in named and not _map_used(txn, index, n)]
         manifests = [i for i in manifests if not _point_known(txn, index, i)]
-        packs = {n: size for n, size in packs.items()
+        packs = {n: size for n, size in sizes.items()
                  if n not in listed and not _pack_known(txn, index, n)}
-    return _Listed(candidates, maps, manifests, packs, tmp)
+    return _Listed(candidates, maps, manifests, packs, tmp, sizes)
 
 
 def _map_used(txn: lmdb.Transaction, index: Index, name: str) -> bool:
@@ -776,12 +777,15 @@ def _dead_packs(repo: Repository) -> list[bytes]:
                 if txn.get(k, db=index.packnames) is None]
 
 
-def _delete_dead_packs(repo: Repository, report: GcReport) -> None:
+def _delete_dead_packs(repo: Repository, report: GcReport, sizes: dict[str, int]) -> None:
     """Delete the queued pack objects in one batch, then forget them in the index (a crash in
-    between leaves them queued: a rerun deletes nothing twice, since a missing name is fine)."""
+    between leaves them queued: a rerun deletes nothing twice, since a missing name is fine).
+    `sizes`: pack files' sizes as listed before (a pack is never changed; one not listed is
+    looked up)."""
     index = repo.index
     names = _dead_packs(repo)
-    report.freed_bytes += sum(_size(repo, name.hex()) for name in names)
+    report.freed_bytes += sum(sizes[n] if (n := name.hex()) in sizes else
+                              _size(repo, pack_object(n)) for name in names)
     repo.delete_packs([name.hex() for name in names])
     with index.write() as txn:
         for name in names:
@@ -790,10 +794,10 @@ def _delete_dead_packs(repo: Repository, report: GcReport) -> None:
     report.packs_deleted += len(names)
 
 
-def _size(repo: Repository, name: str) -> int:
-    """The stored size of pack `name`, 0 when it is gone already."""
+def _size(repo: Repository, obj: str) -> int:
+    """The stored size of object `obj`, 0 when it is gone already."""
     try:
-        return repo.store.size(pack_object(name))
+        return repo.store.size(obj)
     except ObjectMissing:
         return 0
 
