@@ -42,7 +42,7 @@ from ..repository.points import DiskRecord, PointRecord, point_object
 from ..repository.repo import Repository, commit_order
 from .retention import Decision, Policy, PointInfo, apply_policy, parse_time
 
-REBASE_THREADS = 8  # VMs whose points forget rewrites at once (rebased)
+REBASE_THREADS = 4  # VMs whose points forget rewrites at once (rebased)
 
 
 @dataclass

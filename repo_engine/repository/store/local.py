@@ -41,7 +41,7 @@ from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, RangeRead
 T = TypeVar("T")
 LOCAL_ONLY = ("index", "locks", "tmp")  # directories of local files, not objects
 FD_CACHE = 256
-DELETE_THREADS = 8  # files unlinked at once (delete)
+DELETE_THREADS = 32  # files unlinked at once (delete): each unlink waits on the journal
 DELETE_SLICE = 64  # fewest names of one directory a thread of delete takes
 TEMP_PREFIX = ".tmp-"  # atomic.temp_name: a write in progress, not an object yet
 
