@@ -192,3 +192,34 @@ def test_a_forget_of_many_points_decodes_each_record_once(tmp_path, capsys, monk
     assert rewritten  # their new records are decoded once more, when the others are removed
     assert len(decoded) == len(contents) + len(rewritten)
     assert set(decoded) == {i.encode() for i in contents}
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["gc-full", "live-count"])
+def test_a_pack_record_moved_to_another_number_keeps_its_file(tmp_path, capsys, monkeypatch,
+                                                               full):
+    """A `packs` key damaged into a number no ref names (the refs still name the old one, which
+    no record lists): a recount finds no chunk placed under the new number and counts it empty,
+    but its file holds live chunks and must not be deleted; rebuild-index then finds them all."""
+    repo, contents = _history(tmp_path, capsys, 11)
+    env = lmdb.open(str(repo / "index"), max_dbs=64, map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        db = env.open_db(b"packs", txn=txn)
+        key, value = next(iter(txn.cursor(db=db)))
+        txn.delete(key, db=db)
+        txn.put((int.from_bytes(key, "big") | 1 << 20).to_bytes(4, "big"), value, db=db)
+    env.close()
+    model = DiskModel(tmp_path / "c.img", MIB // 4, np.random.default_rng(12))
+    model.random_changes(3)
+    done = cli(capsys, "backup", "image", repo, "--vm", "c", "--disk", f"sda={model.path}",
+               "--json")
+    assert done.code == 0, done.err  # its packs are numbered above the moved record
+    contents[done.json()["point"]["id"]] = model.copy_of_content()
+    with monkeypatch.context() as patch:
+        patch.setattr(gc_module, "_live_side_cheaper", lambda _repo: True)
+        with Repository.open(repo) as opened:
+            gc_module.gc(opened, full=full, max_unused=0)
+    assert cli(capsys, "rebuild-index", repo).code == 0
+    result = cli(capsys, "verify", repo, "--json")
+    assert result.code == 0 and result.json()["ok"], result.out
+    for point, content in contents.items():
+        assert restore_bytes(capsys, repo, point, "sda", tmp_path / "r.img") == content

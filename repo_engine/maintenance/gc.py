@@ -628,7 +628,8 @@ def _places_chunks(repo: Repository, txn: lmdb.Transaction, number: int,
     """Whether a ref record still places a chunk in pack `number` (the refs its trailer lists,
     looked up in one batch; `refs`: those refs, or every ref that may place a chunk there, when
     the caller knows them already): a damaged live count must not retire a pack that holds live
-    data."""
+    data. So does a ref record placing one of them in a pack no record lists: a damaged `packs`
+    key may have moved this pack's record away from the number its refs name."""
     index = repo.index
     raw = txn.get(PACK_KEY.pack(number), db=index.packs)
     if raw is None:
@@ -639,7 +640,9 @@ def _places_chunks(repo: Repository, txn: lmdb.Transaction, number: int,
         except RepoError:
             return False  # unreadable: its chunks are lost anyway (verify, scrub report them)
     found = txn.cursor(db=index.refs).getmulti(ref_keys(refs))
-    return any(REF_REC.unpack(rec)[1] == number for _key, rec in found)
+    places = {REF_REC.unpack(rec)[1] for _key, rec in found}
+    return number in places or any(txn.get(PACK_KEY.pack(pack), db=index.packs) is None
+                                   for pack in places)
 
 
 def _retire_pack(txn: lmdb.Transaction, index: Index, number: int) -> None:
