@@ -18,7 +18,7 @@ import pytest
 
 from helpers import CRASH_KILLS, MIB, DiskModel, copy_repo, new_crash_repo, write_extents
 from repo_engine.maintenance.forget import forget_points
-from repo_engine.maintenance.gc import gc
+from repo_engine.maintenance.gc import _live_side_cheaper, gc
 from repo_engine.repository.repo import Repository
 from repo_engine.restore.restorer import restore_disk
 
@@ -110,10 +110,12 @@ def _window(cmd: list[str], idle: list[str]) -> tuple[float, float]:
     return min(startup * 0.8, end * 0.5), end
 
 
-@pytest.mark.parametrize("mode", ["forget", "gc", "repack"])
+@pytest.mark.parametrize("mode", ["forget", "gc", "repack", "gc-most"])
 def test_sigkill_maintenance(base, tmp_path, mode):
+    """`gc-most`: gc after a forget of all points but 3, which counts the maps in use
+    (`_live_side_cheaper`) instead of settling the dead ones."""
     base_repo, expected = base
-    rng = np.random.default_rng({"forget": 1, "gc": 2, "repack": 3}[mode])
+    rng = np.random.default_rng({"forget": 1, "gc": 2, "repack": 3, "gc-most": 4}[mode])
     ids = list(expected)
     landed = attempts = 0
     window = None
@@ -121,7 +123,8 @@ def test_sigkill_maintenance(base, tmp_path, mode):
         attempts += 1
         assert attempts < KILLS * 6, f"only {landed} kills landed"
         repo = _prepare(base_repo, tmp_path, attempts)
-        victims = [str(v) for v in rng.choice(ids, size=int(rng.integers(3, 8)), replace=False)]
+        size = len(ids) - 3 if mode == "gc-most" else int(rng.integers(3, 8))
+        victims = [str(v) for v in rng.choice(ids, size=size, replace=False)]
         if mode == "forget":
             cmd = _cmd("forget", repo, *victims)
         else:
@@ -129,6 +132,7 @@ def test_sigkill_maintenance(base, tmp_path, mode):
                 forget_points(r, victims)
                 if mode == "repack":
                     gc(r, max_unused=100)  # drop chunks only: the killed run repacks
+                assert mode != "gc-most" or _live_side_cheaper(r)
             cmd = _cmd("gc", repo, "--max-unused", "0")
         if window is None:
             window = _window(cmd, _cmd("points", repo))

@@ -17,7 +17,7 @@ from helpers import MIB, DiskModel, cli, restore_bytes
 from repo_engine.errors import DamageError, RepoError
 from repo_engine.maintenance import forget as forget_module
 from repo_engine.maintenance import gc as gc_module
-from repo_engine.repository.index import REF_KEY, U64
+from repo_engine.repository.index import REF_KEY, U64, Index
 from repo_engine.repository.packs import (ENTRY, FOOTER, HEADER, PackWriter, pack_object,
                                           read_trailer)
 from repo_engine.repository.repo import Repository
@@ -233,18 +233,49 @@ sys.exit(run(sys.argv[3:]))
 
 
 @pytest.mark.parametrize("hook,after", [("write_map", 0), ("write_map", 1), ("write_map", 2),
-                                        ("rewrite_point", 1), ("rewrite_point", 2)])
+                                        ("next_generation", 1), ("next_generation", 2),
+                                        ("_commit_records", 0)])
 def test_a_forget_killed_during_the_parallel_rebase_leaves_all_restorable(vms, capsys, hook,
                                                                           after):
-    """SIGKILL while the threads write maps (`write_map`) or while the rewritten points are
-    committed (`rewrite_point`): every catalogued point restores; the next gc finishes the
-    forget and reclaims the maps written for nothing; verify is clean."""
+    """SIGKILL while the threads write maps (`write_map`), while they write the rewritten
+    points' manifests (`next_generation`) or before those points' catalog commit
+    (`_commit_records`): every catalogued point restores; the next gc finishes the forget and
+    reclaims the maps written for nothing; verify is clean."""
     gone = vms.middle()
     killed = subprocess.run([sys.executable, "-c", _DIE_AFTER, hook, str(after), "forget",
                              str(vms.repo), *[p[:12] for p in gone]], capture_output=True)
     assert killed.returncode == -9, killed.stderr
     vms.assert_restores()
     vms.gc_finishes_forgetting(gone)
+
+
+def test_the_rewritten_points_commit_together_or_not_at_all(vms, capsys, monkeypatch):
+    """The points a forget rewrites (one a VM here) commit in one transaction: a failure at
+    the last one's commit leaves none rewritten (each at its generation, restoring), and gc
+    then finishes the forget, each rewritten once."""
+    with Repository.open(vms.repo) as repo:
+        before = {p.id: p.generation for p in repo.points()}
+    real, calls = Index.change_map_use, []
+
+    def failing(self, txn, delta, map_refs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        return real(self, txn, delta, map_refs)
+
+    monkeypatch.setattr(Index, "change_map_use", failing)
+    gone = vms.middle()
+    result = cli(capsys, "forget", vms.repo, *[p[:12] for p in gone])
+    assert result.code == 1 and "injected" in result.err
+    monkeypatch.setattr(Index, "change_map_use", real)
+    with Repository.open(vms.repo) as repo:
+        assert {p.id: p.generation for p in repo.points()} == before
+    vms.assert_restores()
+    vms.gc_finishes_forgetting(gone)
+    with Repository.open(vms.repo) as repo:
+        after = {p.id: p.generation for p in repo.points()}
+    assert after == {point: before[point] + 1 if point == vms.points[vm][3] else before[point]
+                     for vm in "abc" for point in vms.points[vm] if point not in gone}
 
 
 # -- read_trailer's first request of 64 KiB -----------------------------------------------------

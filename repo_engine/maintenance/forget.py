@@ -7,8 +7,9 @@ interrupted job):
 2. For every catalogued point C outside R with a disk built on a point of R, oldest first: write
    a new map durably: a DELTA on that disk's nearest ancestor G outside R (`_delta_on(G, C)`,
    so C's entries win and resizes stay exact), or a FULL map when the chain reaches a full base
-   first. Then commit C's next generation (manifest durable first, then the catalog record; the
-   same transaction moves the map use and chunk reference counts).
+   first. Then commit the next generation of every such C (their manifests durable first, then
+   their catalog records in ONE transaction, which moves the map use and chunk reference counts;
+   a crash before it leaves manifests newer than the catalog, which the rerun writes again).
 3. In one transaction, delete the catalog records of every point of R no catalogued point
    outside R names as a parent (a backup may have committed a new child meanwhile: that one
    goes back to 2), queue decrements for their maps and clear their marks. Then delete their
@@ -95,7 +96,7 @@ def pending(repo: Repository) -> list[str]:
 def finish_pending(repo: Repository, *, tick: Callable[[int], None] | None = None,
                    catalog: dict[str, PointRecord] | None = None) -> ForgetReport:
     """Complete every marked removal (the caller holds the maintenance lock): the points built
-    on marked ones are rewritten first (each its own commit), then every marked point no
+    on marked ones are rewritten first (one commit), then every marked point no
     catalogued point depends on leaves the catalog in one transaction. A point a backup built
     on a marked one meanwhile is rewritten on the next round. Each round reads the points of
     the marked points' VMs only (`vm_catalog`); `catalog`: those the caller read under the
@@ -107,9 +108,8 @@ def finish_pending(repo: Repository, *, tick: Callable[[int], None] | None = Non
             return report
         if catalog is None or not todo <= catalog.keys():
             catalog = vm_catalog(repo, todo)
-        rewrites, _maps = rebased(repo, catalog, todo)
-        for point in rewrites:
-            repo.rewrite_point(catalog[point.id], disks=point.disks)
+        rewrites, maps = rebased(repo, catalog, todo)
+        repo.rewrite_points([(catalog[p.id], p.disks) for p in rewrites], maps)
         report.rewritten += [p.id for p in rewrites]
         removed = repo.index.remove_childless(todo)
         repo.store.delete([point_object(i) for i in removed])

@@ -21,7 +21,11 @@ queued pack file is deleted only when its name is not listed in `packnames`.
 A run, each step crash-safe (a rerun finishes it):
 
 1. Finish removals a forget left marked (forget.py).
-2. Apply owed decrements (incremental) or recount (full). Candidates = `gcq`.
+2. Apply owed decrements (incremental) or recount (full). Candidates = `gcq`. When the dead maps
+   far outnumber the maps in use (a forget of most points: the first prune of a long history),
+   an incremental run recounts too (`_live_side_cheaper`): reading the maps in use and the
+   `refs` table costs less than reading every dead map and every trailer indexed since the last
+   gc, and leaves the same counts, candidates and live counts when the kept counts are sound.
 3. Make candidates unfindable: delete their `ids` entries and list their refs in `unfindable`
    (which a backup's look-up by locality reads), so a backup looking a chunk up from now on
    stores a fresh copy. List unused map files, manifests not catalogued, pack files not indexed.
@@ -69,6 +73,7 @@ from .inventory import (count_damage, dead_tmp_files, objects_under, scan_sealed
 from .tally import ROWS, RefTable, Tally, read_ref_table, ref_rows, sealed_batches
 
 Tick = Callable[[str], None]
+Placed = Callable[[int], "np.ndarray | None"]  # the refs that may place chunks in a pack
 SETTLE_REFS = 1 << 20  # refs of dead maps settled in one transaction (about 100 MiB)
 # Decrements one dead map can owe: one each time its use fell to 0 before gc settled it. More
 # is damage, as a decrement larger than the count is; and owed amounts summed per ref in int64
@@ -109,6 +114,7 @@ class _Listed:
     manifests: list[str]  # point ids
     packs: dict[str, int]  # name: size
     tmp: list[Path]  # spool files
+    pack_sizes: dict[str, int]  # every pack file listed: name: size
 
 
 def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unused: float = 10.0,
@@ -130,28 +136,34 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
         report.seconds = round(time.monotonic() - started, 3)
         return report
     with repo.lock(MAINTENANCE, "gc") as lock:
-        trailers: dict[int, np.ndarray] = {}
+        placed: Placed = _no_places
         report.forgets_finished = len(forget.finish_pending(repo).removed)
         with repo.index.env.begin() as txn:
             report.counts_damaged = count_damage(repo.index, txn)
+        recounted = None
         if not full and not report.counts_damaged and repo.index.counts_valid():
-            report.maps_settled = settle_dead_maps(repo)
-            trailers = queue_uncounted(repo)
+            recounted = _count_from_live_maps(repo, report) if _live_side_cheaper(repo) else None
+            if recounted is None:
+                report.maps_settled = settle_dead_maps(repo)
+                placed = queue_uncounted(repo).get
+            else:
+                placed = recounted.placed
         report.counts_damaged += repo.index.damage_seen  # reported once
         repo.index.damage_seen.clear()
-        if full or report.counts_damaged or not repo.index.counts_valid():
+        if recounted is None and (full or report.counts_damaged
+                                  or not repo.index.counts_valid()):
             report.mode = "full"
             report.recount = recount(repo)
         listed = _mark(repo)
         report.candidates = len(listed.candidates)
         report.waited_seconds += wait_for(repo, sessions(repo, lock.path), timeout=wait_timeout,
                                           tick=tick)
-        _sweep(repo, listed, report, trailers)
+        _sweep(repo, listed, report, placed)
         _repack(repo, max_unused, report, tick)
         if _dead_packs(repo):
             report.waited_seconds += wait_for(repo, sessions(repo, lock.path),
                                               timeout=wait_timeout, tick=tick)
-            _delete_dead_packs(repo, report)
+            _delete_dead_packs(repo, report, listed.pack_sizes)
     report.waited_seconds = round(report.waited_seconds, 3)
     report.seconds = round(time.monotonic() - started, 3)
     return report
@@ -287,12 +299,34 @@ def recount(repo: Repository, attempts: int = 5, *, strict: bool = True) -> dict
     """Recompute map use and ref counts from the catalog; queue every uncounted ref. `strict`:
     refuse when a map in use cannot be read (its chunks would look unused). The tables and maps
     are read a batch or a map at a time (tally.py): about 13 bytes a chunk are held."""
+    done = _recounted(repo, attempts, strict=strict)
+    if done is None:
+        raise LockedError("the catalog kept changing during gc --full; run it again")
+    return done.drift
+
+
+class _Unreadable(DamageError):
+    """A map in use cannot be read: a recount would take its chunks for unused."""
+
+
+@dataclass
+class _Recount:
+    drift: dict  # the kept counts against the recount (tally_drift)
+    dead_maps: int  # the maps owing decrements the recount made moot
+    placed: "Placed"  # refs by the pack the recounted snapshot placed them in
+
+
+def _recounted(repo: Repository, attempts: int, *, strict: bool,
+               places: bool = False) -> _Recount | None:
+    """The recount of `recount`, written; None when the catalog changed under every attempt.
+    `places`: keep each ref's pack (4 bytes a chunk more) for the sweep (`_Placed`)."""
     index = repo.index
     for _ in range(attempts):
         with index.env.begin() as txn:
             catalog = {k: v for k, v in txn.cursor(db=index.points)}
-            table = read_ref_table(txn, index)
+            table = read_ref_table(txn, index, places=places)
             next_pack = index._get_u64(txn, b"next_pack", index.meta)
+            dead_maps = txn.stat(index.deadmaps)["entries"]
             pause_point("gc.recount")
             use: dict[str, int] = {}
             for key, value in catalog.items():
@@ -301,12 +335,91 @@ def recount(repo: Repository, attempts: int = 5, *, strict: bool = True) -> dict
             tally = Tally(table)
             tally.add_maps(repo, use)
             if tally.errors and strict:
-                raise DamageError(f"{len(tally.errors)} block maps in use cannot be read (first: "
-                                  f"{next(iter(tally.errors.values()))}); run 'verify'")
+                raise _Unreadable(f"{len(tally.errors)} block maps in use cannot be read "
+                                  f"(first: {next(iter(tally.errors.values()))}); run 'verify'")
             drift = tally_drift(index, txn, tally)
         if _replace_counts(index, catalog, use, tally, next_pack):
-            return drift
-    raise LockedError("the catalog kept changing during gc --full; run it again")
+            placed = _Placed.of(table, next_pack).get if places else _no_places
+            return _Recount(drift, dead_maps, placed)
+    return None
+
+
+# What a count costs, in microseconds as measured (repository of 10,000 points on a local disk):
+# a map read (open, check, decompress, distinct refs), a byte of map file on top, a trailer
+# read, a `refs` row recounted (read, tallied, its count written), a pack's live count written.
+MAP_US, MAP_BYTE_US, TRAILER_US, ROW_US, PACK_US = 80, 0.01, 50, 2, 4
+
+
+def _live_side_cheaper(repo: Repository) -> bool:
+    """Whether counting the maps in use (a recount) costs less than settling the dead maps and
+    reading the trailers of the packs indexed since the last gc: after a forget of most points
+    (the first prune of a long history) the dead maps far outnumber the live ones. The live
+    maps' sizes are looked up only when the counts alone leave the recount cheaper."""
+    index = repo.index
+    with index.env.begin() as txn:
+        stat = {name: txn.stat(getattr(index, name))["entries"]
+                for name in ("deadmaps", "mapuse", "refs", "packs")}
+        fresh = (index._get_u64(txn, b"next_pack", index.meta)
+                 - index._get_u64(txn, b"gc_mark", index.meta))
+        settle = stat["deadmaps"] * MAP_US + min(max(fresh, 0), stat["packs"]) * TRAILER_US
+        cost = stat["mapuse"] * MAP_US + stat["refs"] * ROW_US + stat["packs"] * PACK_US
+        if cost >= settle:
+            return False
+        live = [key.hex() for key, _ in txn.cursor(db=index.mapuse)]
+    return cost + sum(_size(repo, map_object(name)) for name in live) * MAP_BYTE_US < settle
+
+
+def _count_from_live_maps(repo: Repository, report: GcReport) -> _Recount | None:
+    """Settle the counts by a recount from the catalog's maps instead of the dead maps' decrements
+    (`_live_side_cheaper`): the same counts, map use, candidates, live counts and `gc_mark` the
+    decrements and `queue_uncounted` leave when the kept counts are sound, from the ground truth
+    `gc --full` uses. The kept counts are then at least the recount (a dead map's refs only
+    raise them): a count found lower is damage, reported, and the recount already repaired it.
+    None (the caller settles the dead maps) when a map in use cannot be read (the decrements
+    need no such map; verify reports it) or the catalog kept changing."""
+    try:
+        done = _recounted(repo, 2, strict=True, places=True)
+    except _Unreadable:
+        return None
+    if done is None:
+        return None
+    report.maps_settled = done.dead_maps
+    if done.drift["under_counted"]:
+        report.mode, report.recount = "full", done.drift
+        report.counts_damaged.append(f"refcount: {done.drift['under_counted']} refs counted "
+                                     "lower than the catalog's maps need (recounted)")
+    return done
+
+
+@dataclass
+class _Placed:
+    """The refs one snapshot of `refs` placed in each pack numbered below its `next_pack` (`end`),
+    by pack: no later ref is placed in such a pack (a new chunk goes to a new pack, and only gc,
+    which holds the maintenance lock, moves refs), so these are all the refs that may still place
+    a chunk there. A later pack: None (its trailer says)."""
+
+    rows: dict[int, tuple[int, int]]  # pack number: its refs' range in `refs`
+    refs: np.ndarray  # by pack
+    end: int
+
+    @classmethod
+    def of(cls, table: RefTable, end: int) -> "_Placed":
+        order = np.argsort(table.places, kind="stable")
+        numbers, first, count = np.unique(table.places[order], return_index=True,
+                                          return_counts=True)
+        rows = {n: (f, f + c) for n, f, c in zip(numbers.tolist(), first.tolist(),
+                                                 count.tolist())}
+        return cls(rows, table.refs[order], end)
+
+    def get(self, number: int) -> np.ndarray | None:
+        if number >= self.end:
+            return None
+        first, last = self.rows.get(number, (0, 0))
+        return self.refs[first:last]
+
+
+def _no_places(_number: int) -> None:
+    return None
 
 
 def tally_drift(index: Index, txn: lmdb.Transaction, tally: Tally) -> dict:
@@ -399,7 +512,7 @@ def _mark(repo: Repository) -> _Listed:
     index = repo.index
     maps = objects_under(repo, "maps")
     manifests = objects_under(repo, "points")
-    packs = {n: info.size for n, info in objects_under(repo, "packs").items()}
+    sizes = {n: info.size for n, info in objects_under(repo, "packs").items()}
     tmp = dead_tmp_files(repo)
     with index.write() as txn:
         candidates = []
@@ -419,9 +532,9 @@ def _mark(repo: Repository) -> _Listed:
         listed = {PACK_REC.unpack(v)[0].hex() for _, v in txn.cursor(db=index.packs)}
         maps = [n for n in maps if n not in named and not _map_used(txn, index, n)]
         manifests = [i for i in manifests if not _point_known(txn, index, i)]
-        packs = {n: size for n, size in packs.items()
+        packs = {n: size for n, size in sizes.items()
                  if n not in listed and not _pack_known(txn, index, n)}
-    return _Listed(candidates, maps, manifests, packs, tmp)
+    return _Listed(candidates, maps, manifests, packs, tmp, sizes)
 
 
 def _map_used(txn: lmdb.Transaction, index: Index, name: str) -> bool:
@@ -450,9 +563,9 @@ def _point_known(txn: lmdb.Transaction, index: Index, point_id: str) -> bool:
 
 
 # -- step 5: sweep ----------------------------------------------------------------------------
-def _sweep(repo: Repository, listed: _Listed, report: GcReport,
-           trailers: dict[int, np.ndarray]) -> None:
-    """`trailers`: refs of packs' trailers read earlier in this run, by pack number."""
+def _sweep(repo: Repository, listed: _Listed, report: GcReport, placed: Placed) -> None:
+    """`placed(number)`: the refs that may place a chunk in pack `number`, known earlier in this
+    run (a trailer read, or the recount's snapshot), or None."""
     index = repo.index
     touched: dict[int, list[int]] = {}  # pack -> [chunks dropped, stored bytes dropped]
     with index.write() as txn:
@@ -493,7 +606,7 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport,
             less_live(txn, index, number, stored, chunks)
             live = index.get_sealed(txn, "packlive", PACK_KEY.pack(number))
             if (live is not None and LIVE_REC.unpack(live)[0] == 0
-                    and not _places_chunks(repo, txn, number, trailers.get(number))):
+                    and not _places_chunks(repo, txn, number, placed(number))):
                 _retire_pack(txn, index, number)
     for path in listed.tmp:
         path.unlink(missing_ok=True)
@@ -520,8 +633,10 @@ def less_live(txn: lmdb.Transaction, index: Index, pack: int, stored: int,
 def _places_chunks(repo: Repository, txn: lmdb.Transaction, number: int,
                    refs: np.ndarray | None = None) -> bool:
     """Whether a ref record still places a chunk in pack `number` (the refs its trailer lists,
-    looked up in one batch; `refs`: those refs when the caller read the trailer already): a
-    damaged live count must not retire a pack that holds live data."""
+    looked up in one batch; `refs`: those refs, or every ref that may place a chunk there, when
+    the caller knows them already): a damaged live count must not retire a pack that holds live
+    data. So does a ref record placing one of them in a pack no record lists: a damaged `packs`
+    key may have moved this pack's record away from the number its refs name."""
     index = repo.index
     raw = txn.get(PACK_KEY.pack(number), db=index.packs)
     if raw is None:
@@ -532,7 +647,9 @@ def _places_chunks(repo: Repository, txn: lmdb.Transaction, number: int,
         except RepoError:
             return False  # unreadable: its chunks are lost anyway (verify, scrub report them)
     found = txn.cursor(db=index.refs).getmulti(ref_keys(refs))
-    return any(REF_REC.unpack(rec)[1] == number for _key, rec in found)
+    places = {REF_REC.unpack(rec)[1] for _key, rec in found}
+    return number in places or any(txn.get(PACK_KEY.pack(pack), db=index.packs) is None
+                                   for pack in places)
 
 
 def _retire_pack(txn: lmdb.Transaction, index: Index, number: int) -> None:
@@ -670,12 +787,15 @@ def _dead_packs(repo: Repository) -> list[bytes]:
                 if txn.get(k, db=index.packnames) is None]
 
 
-def _delete_dead_packs(repo: Repository, report: GcReport) -> None:
+def _delete_dead_packs(repo: Repository, report: GcReport, sizes: dict[str, int]) -> None:
     """Delete the queued pack objects in one batch, then forget them in the index (a crash in
-    between leaves them queued: a rerun deletes nothing twice, since a missing name is fine)."""
+    between leaves them queued: a rerun deletes nothing twice, since a missing name is fine).
+    `sizes`: pack files' sizes as listed before (a pack is never changed; one not listed is
+    looked up)."""
     index = repo.index
     names = _dead_packs(repo)
-    report.freed_bytes += sum(_size(repo, name.hex()) for name in names)
+    report.freed_bytes += sum(sizes[n] if (n := name.hex()) in sizes else
+                              _size(repo, pack_object(n)) for name in names)
     repo.delete_packs([name.hex() for name in names])
     with index.write() as txn:
         for name in names:
@@ -684,10 +804,10 @@ def _delete_dead_packs(repo: Repository, report: GcReport) -> None:
     report.packs_deleted += len(names)
 
 
-def _size(repo: Repository, name: str) -> int:
-    """The stored size of pack `name`, 0 when it is gone already."""
+def _size(repo: Repository, obj: str) -> int:
+    """The stored size of object `obj`, 0 when it is gone already."""
     try:
-        return repo.store.size(pack_object(name))
+        return repo.store.size(obj)
     except ObjectMissing:
         return 0
 

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import lmdb
 import numpy as np
@@ -131,7 +131,7 @@ def objects_under(repo: Repository, kind: str,
     suffix, length = KINDS[kind]
     out: dict[str, ObjectInfo] = {}
     for info in repo.objects(kind, skipped):
-        stem = PurePosixPath(info.name).name.removesuffix(suffix)
+        stem = info.name.rpartition("/")[2].removesuffix(suffix)
         if not info.name.endswith(suffix):
             continue
         if is_name(stem, length):

@@ -76,13 +76,14 @@ def fingerprints(ids: np.ndarray) -> np.ndarray:
 class RefTable:
     """The `refs` table as gc and verify keep it: refs sorted, the pack numbers rows name
     (sorted: a damaged number costs no array as long as it) with their rows and stored bytes,
-    and (verify) the fingerprint of each ref's chunk id."""
+    (verify) the fingerprint of each ref's chunk id and (gc) each row's pack."""
 
     refs: np.ndarray
     packs: np.ndarray
     pack_rows: np.ndarray
     pack_stored: np.ndarray
     id_prints: np.ndarray | None = None
+    places: np.ndarray | None = None  # (gc) the pack each row places its chunk in
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -97,19 +98,24 @@ class RefTable:
         return int(self.pack_rows[pos[0]]) if found[0] else 0
 
 
-def read_ref_table(txn: lmdb.Transaction, index: Index, *, prints: bool = False) -> RefTable:
-    """The `refs` table read in batches (module docstring), into arrays of its size."""
+def read_ref_table(txn: lmdb.Transaction, index: Index, *, prints: bool = False,
+                   places: bool = False) -> RefTable:
+    """The `refs` table read in batches (module docstring), into arrays of its size; `prints`,
+    `places`: with the fingerprints, the rows' packs."""
     count = txn.stat(index.refs)["entries"]  # the rows `txn` sees: those read below
     refs = np.empty(count, np.uint64)
     marks = np.empty(count if prints else 0, np.uint64)
+    where = np.empty(count if places else 0, np.uint32)
     packs, at = (np.zeros(0, np.int64),) * 3, 0
     for keys, rows in ref_rows(txn, index):
         refs[at:at + len(keys)] = keys
         if prints:
             marks[at:at + len(keys)] = fingerprints(rows["id"])
+        if places:
+            where[at:at + len(keys)] = rows["pack"]
         at += len(keys)
         packs = summed(packs, per_pack(rows["pack"], rows["stored"]))
-    return RefTable(refs, *packs, marks if prints else None)
+    return RefTable(refs, *packs, marks if prints else None, where if places else None)
 
 
 def per_pack(packs: np.ndarray, stored: np.ndarray) -> tuple[np.ndarray, ...]:

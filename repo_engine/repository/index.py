@@ -174,6 +174,8 @@ class Index:
             self.id_filter = FilterCache(path, self.env, self.meta, self.ids, self.write,
                                          usable=not self.read_only)
             self.damage_seen: list[str] = []  # count damage writers met (gc reports it)
+            # the last whole pass over the catalog: point id -> (stored bytes, record)
+            self._decoded: dict[bytes, tuple[bytes, dict]] = {}
             self.checked, self.sealed = self._check_version(create)
         except (lmdb.ReadonlyError, lmdb.DiskError):
             raise  # permission denied, disk full: no damage (the CLI says what it is)
@@ -384,7 +386,14 @@ class Index:
 
     # -- catalog --------------------------------------------------------------------------
     def record(self, key: bytes, raw: bytes) -> dict:
-        """A catalog record, checked (DamageError names the point and advises rebuild-index)."""
+        """A catalog record, checked (DamageError names the point and advises rebuild-index).
+        Records are read-only, shared: one the last whole pass over the catalog (`_catalog`)
+        decoded from the same bytes is that pass's (a forget of many points passes over the
+        catalog for its policy, under its lock and to remove the points; the bytes compared,
+        not the JSON decoded and checked again)."""
+        known = self._decoded.get(key)
+        if known is not None and known[0] == raw:
+            return known[1]
         return decode_record(key, raw, checked=self.checked)
 
     def put_point(self, point_id: str, record: dict) -> None:
@@ -398,7 +407,9 @@ class Index:
             txn.put(b"next_seq", U64.pack(seq + 1), db=self.meta)
 
     def _catalog(self, txn: lmdb.Transaction) -> dict[str, dict]:
-        return {k.decode(): self.record(k, v) for k, v in txn.cursor(db=self.points)}
+        decoded = {key: (raw, self.record(key, raw)) for key, raw in txn.cursor(db=self.points)}
+        self._decoded = decoded  # replaced whole: what it holds is one catalog's worth
+        return {key.decode(): record for key, (_, record) in decoded.items()}
 
     def get_record(self, txn: lmdb.Transaction, point_id: str) -> dict | None:
         """One catalog record as `txn` sees it, checked; None when not catalogued."""
@@ -433,29 +444,42 @@ class Index:
         ("" for a rewrite), so the caller can note a clock that went backwards.
         `map_refs`: for each map the record names, its unique non-ZERO refs. The existence check
         runs inside the write transaction because gc deletes unused map files inside one too."""
+        self.commit_points([(point_id, vm, seal, map_refs)], map_exists)
+
+    def commit_points(self, commits: list[tuple[str, str, Callable[[int, str], dict],
+                                                dict[str, np.ndarray]]],
+                      map_exists: Callable[[str], bool]) -> None:
+        """`commit_point` of each (point id, vm, seal, map refs) of `commits`, in order, in one
+        transaction: all or none (a forget rewriting hundreds of points commits once)."""
         with self.write() as txn:
-            for name in map_refs:
-                if not map_exists(name):
-                    raise MapMissing(name)
-            old = self.get_record(txn, point_id)
-            if old is not None:
-                seq, newest = old.get("seq", 0), ""
-            else:
-                mine = self._vm_records(txn, vm)
-                seq = self._next_seq(txn, mine)
-                newest = max((r["time"] for r in mine), default="")
-            record = seal(seq, newest)
-            parents = {d["parent"] for d in record["disks"] if d.get("parent")}
-            gone = {p for p in parents if p == point_id or
-                    txn.get(p.encode(), db=self.points) is None}
-            if gone:
-                raise ParentGone(gone)
-            use = Counter(d["map"] for d in record["disks"])
-            if old is not None:
-                use.subtract(d["map"] for d in old["disks"])
-            self.change_map_use(txn, use, map_refs)
-            txn.put(point_id.encode(), encode_record(record), db=self.points)
-            self._seq_used(txn, seq)
+            for point_id, vm, seal, map_refs in commits:
+                self._commit_one(txn, point_id, vm, seal, map_refs, map_exists)
+
+    def _commit_one(self, txn: lmdb.Transaction, point_id: str, vm: str,
+                    seal: Callable[[int, str], dict], map_refs: dict[str, np.ndarray],
+                    map_exists: Callable[[str], bool]) -> None:
+        for name in map_refs:
+            if not map_exists(name):
+                raise MapMissing(name)
+        old = self.get_record(txn, point_id)
+        if old is not None:
+            seq, newest = old.get("seq", 0), ""
+        else:
+            mine = self._vm_records(txn, vm)
+            seq = self._next_seq(txn, mine)
+            newest = max((r["time"] for r in mine), default="")
+        record = seal(seq, newest)
+        parents = {d["parent"] for d in record["disks"] if d.get("parent")}
+        gone = {p for p in parents if p == point_id or
+                txn.get(p.encode(), db=self.points) is None}
+        if gone:
+            raise ParentGone(gone)
+        use = Counter(d["map"] for d in record["disks"])
+        if old is not None:
+            use.subtract(d["map"] for d in old["disks"])
+        self.change_map_use(txn, use, map_refs)
+        txn.put(point_id.encode(), encode_record(record), db=self.points)
+        self._seq_used(txn, seq)
 
     # -- the journal's replay (a shared repository's cache) -------------------------------
     @property

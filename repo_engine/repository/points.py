@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+from copy import copy
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -119,6 +120,8 @@ class PointRecord:
         anything uses it (DamageError naming `what` otherwise)."""
         try:
             doc = dict(doc)
+            for name in _CONTAINERS & doc.keys():  # its own: `doc` may be shared (Index.record)
+                doc[name] = copy(doc[name])
             doc["disks"] = [DiskRecord(**d) for d in doc["disks"]]
             point = cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
             point.check()
@@ -132,6 +135,9 @@ class PointRecord:
         _in_range(self.generation, "generation", 1, 1 << 62)
         for disk in self.disks:
             disk.check()
+
+
+_CONTAINERS = {"tags", "config", "notes", "counters", "damage"}  # PointRecord's lists and dicts
 
 
 def new_point_id(vm: str, when: str) -> str:

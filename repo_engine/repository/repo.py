@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
@@ -44,7 +45,7 @@ from .journal import (Entry, ForgetOp, NothingToCommit, Op, PackOp, PointOp, Ref
                       append)
 from .locks import EXCLUSIVE, SHARED, RepoLock, is_stale, list_locks
 from .packs import FinishedPack, PackKeys, PackWriter, pack_object, read_trailer
-from .points import PointRecord, point_object, read_point, write_point
+from .points import DiskRecord, PointRecord, point_object, read_point, write_point
 from .safefile import DIR_MODE, check_dir, is_regular, make_dir
 from .store import ObjectInfo, RangeReader, Store
 from .store.local import LocalStore
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # leases and checkpoints serve shared repositories only: impo
 SHARED_REFS = 1 << 32  # a shared repository's ref range per claim: one claim per backup
 SUBDIRS = ("packs", "maps", "points", "index", "locks", "tmp")
 INDEX_FILES = ("data.mdb", "lock.mdb")
+REWRITE_THREADS = 8  # manifests `rewrite_points` writes at once (each waits on its fsyncs)
 
 
 class Repository:
@@ -365,17 +367,46 @@ class Repository:
         if self.config.shared:
             self.commit_journal(partial(self._point_ops, point, maps, _Written()))
             return
-        refs = {name: unique_refs(bmap) for name, bmap in maps.items()}
+        self._commit_records([(point, maps)], _seal)
+
+    def _commit_records(self, points: list[tuple[PointRecord, dict[str, BlockMap]]],
+                        seal: Callable[..., dict]) -> None:
+        """The catalog commit of each (point, its maps by name), in one transaction; a map file
+        gc removed meanwhile is written again and the commit tried again."""
+        commits = [(point.id, point.vm, partial(seal, self.store, point, sealer=self.sealer),
+                    {name: unique_refs(bmap) for name, bmap in maps.items()})
+                   for point, maps in points]
         for _attempt in range(10):
             try:
-                self.index.commit_point(point.id, point.vm, partial(_seal, self.store, point,
-                                                                   sealer=self.sealer),
-                                        refs, self.map_exists)
+                self.index.commit_points(commits, self.map_exists)
                 return
             except MapMissing as gone:
                 missing = gone
-                write_map(self.store, maps[gone.name], sealer=self.sealer)
+                bmap = next(maps[gone.name] for _, maps in points if gone.name in maps)
+                write_map(self.store, bmap, sealer=self.sealer)
         raise missing
+
+    def rewrite_points(self, rewrites: list[tuple[PointRecord, list[DiskRecord]]],
+                       maps: dict[str, BlockMap]) -> list[PointRecord]:
+        """`rewrite_point(point, disks=disks)` of each pair, oldest first, the catalog records in
+        ONE transaction (all or none; a forget of most points rewrites hundreds). Each next
+        generation's manifest is made durable before the transaction, by a few threads at once
+        (their fsyncs overlap), with the commit sequence the point keeps (`_sealed_before`).
+        `maps`: block maps, by name, that the caller still holds. A shared repository commits
+        each point in turn."""
+        if self.config.shared:
+            return [self.rewrite_point(point, disks=disks) for point, disks in rewrites]
+
+        def prepared(pair: tuple[PointRecord, list[DiskRecord]]) -> PointRecord:
+            updated = self.next_generation(pair[0], disks=pair[1])
+            write_point(self.store, updated, self.sealer)
+            return updated
+
+        with ThreadPoolExecutor(max(1, min(REWRITE_THREADS, len(rewrites)))) as pool:
+            updated = list(pool.map(prepared, rewrites))
+        self._commit_records([(point, self._maps_of(point, maps)) for point in updated],
+                             _sealed_before)
+        return updated
 
     def _maps_of(self, point: PointRecord, known: dict[str, BlockMap]) -> dict[str, BlockMap]:
         """The block maps `point` names, by name: those in `known`, the others read."""
@@ -724,6 +755,16 @@ def _seal(store: Store, point: PointRecord, seq: int, newest: str, *, sealer: Se
             point.notes.append(note)
     write_point(store, point, sealer)
     return point.summary()
+
+
+def _sealed_before(store: Store, point: PointRecord, seq: int, newest: str, *,
+                   sealer: Sealer) -> dict:
+    """`_seal` for a point whose manifest was made durable before the catalog transaction, with
+    the commit sequence it had: written again only when the transaction gives it another (it
+    is no longer catalogued) or a note."""
+    if seq == point.seq and not newest:
+        return point.summary()
+    return _seal(store, point, seq, newest, sealer=sealer)
 
 
 def unique_refs(bmap: BlockMap) -> np.ndarray:

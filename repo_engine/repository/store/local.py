@@ -41,7 +41,7 @@ from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, RangeRead
 T = TypeVar("T")
 LOCAL_ONLY = ("index", "locks", "tmp")  # directories of local files, not objects
 FD_CACHE = 256
-DELETE_THREADS = 8  # files unlinked at once (delete)
+DELETE_THREADS = 32  # files unlinked at once (delete): each unlink waits on the journal
 DELETE_SLICE = 64  # fewest names of one directory a thread of delete takes
 TEMP_PREFIX = ".tmp-"  # atomic.temp_name: a write in progress, not an object yet
 
@@ -213,14 +213,15 @@ class LocalStore:
     def _delete_slices(self, names: Iterable[str]) -> list[tuple[Path, list[str]]]:
         """(directory, file names) pairs covering `names`: each directory's names in up to
         DELETE_THREADS slices of at least DELETE_SLICE names."""
-        by_dir: dict[Path, list[str]] = {}
-        for name in names:
-            path = self.path_of(name)
-            by_dir.setdefault(path.parent, []).append(path.name)
+        by_dir: dict[str, list[str]] = {}
+        for name in names:  # a Path per directory, not per name: gc deletes tens of thousands
+            directory, _, file = check_name(name).rpartition("/")
+            by_dir.setdefault(directory, []).append(file)
         slices = []
         for directory, files in by_dir.items():
+            path = self.path_of(directory) if directory else self.root
             parts = min(DELETE_THREADS, -(-len(files) // DELETE_SLICE))
-            slices += [(directory, files[i::parts]) for i in range(parts)]
+            slices += [(path, files[i::parts]) for i in range(parts)]
         return slices
 
     def abort_stale_uploads(self, before: datetime) -> int:
