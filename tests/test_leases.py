@@ -73,9 +73,29 @@ def test_every_lock_writes_a_session_lease_released_with_it(store, tmp_path):
         assert found.name.startswith("leases/") and found.name.endswith(".lease")
         assert found.info.expires > found.info.started
         a.check_leases()
-        with a.lock(SHARED, "verify"):
-            assert sorted(commands(store)) == [(SESSION, "backup image web1"), (SESSION, "verify")]
+    assert list_leases(store) == [] and a.held == []
+
+
+def test_a_shared_lock_inside_another_keeps_its_session_lease_and_refreshes(store, tmp_path):
+    """A command's second shared lock (restore's inside the CLI's, a backup's after its VM lock)
+    writes no lease of its own: the first one, written before any of its refreshes, is what gc
+    waits for; the cache is brought up to the journal's head all the same."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    with a.lock(SHARED, "backup image web1"):
+        with b.lock(SHARED, "backup image web2"):
+            claimed = b.reserve_refs(1)  # a journal entry that a has not seen yet
+        assert a.index.meta_u64("next_ref") < claimed.stop
+        with a.vm_lock("web1", "backup image web1"), a.lock(SHARED, "backup image web1"):
+            assert sorted(commands(store)) == [(SESSION, "backup image web1"),
+                                               (VM, "backup image web1")]
+            assert a.index.meta_u64("next_ref") >= claimed.stop
+            a.check_leases()
         assert commands(store) == [(SESSION, "backup image web1")]
+    assert list_leases(store) == [] and a.held == []
+    with a.vm_lock("web1", "backup image web1"), a.lock(SHARED, "backup image web1"):
+        # a VM lock is no session: the shared lock taken after it writes the lease
+        assert sorted(commands(store)) == [(SESSION, "backup image web1"),
+                                           (VM, "backup image web1")]
     assert list_leases(store) == [] and a.held == []
 
 
