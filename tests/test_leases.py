@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections import Counter
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -287,6 +288,33 @@ def test_unlock_of_a_shared_repository_in_any_store(store, tmp_path):
         forced = unlock_shared(b, force=True)
         assert [d["file"] for d in forced.removed] == [held.leases[0].name]
     assert list_leases(store) == []
+
+
+class CountingStore:
+    """A store that counts the calls of each of its methods."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, Counter()
+
+    def __getattr__(self, name: str):
+        method = getattr(self.inner, name)
+
+        def counted(*args, **kwargs):
+            self.calls[name] += 1
+            return method(*args, **kwargs)
+        return counted
+
+
+def test_checking_the_leases_reads_each_record_once(store, tmp_path):
+    """Before each journal commit a backup checks its session lease (its record) and its VM
+    lock (a listing of the lock's generations, which reads their records: ours among them)."""
+    a = host(store, tmp_path, "a")
+    with a.vm_lock("v", "backup image v"), a.lock(SHARED, "backup image v"):
+        counting = CountingStore(store)
+        for lease in (lease for held in a.held for lease in held.leases):
+            lease.store = counting
+        a.check_leases()
+        assert counting.calls == {"list": 1, "get": 2}
 
 
 def test_a_vm_is_backed_up_by_one_host_at_a_time(store, tmp_path):
