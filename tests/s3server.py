@@ -76,6 +76,8 @@ class SeaweedServer:
     # the size at which the master starts new volumes: small for the tests (little disk); a
     # server that fills its volumes quickly stops writes for a moment each time it grows more
     volume_mb: int = 64
+    # a port for the server's Prometheus metrics (requests and bytes per bucket); None: none
+    metrics_port: int | None = None
     process: subprocess.Popen | None = None
     volume: subprocess.Popen | None = None
 
@@ -102,6 +104,8 @@ class SeaweedServer:
                 f"-filer.localSocket={self.workdir / 'filer.sock'}",
                 f"-s3.localSocket={self.workdir / 's3.sock'}",
                 f"-s3.cert.file={self.certificate}", f"-s3.key.file={self.workdir / 's3-key.pem'}"]
+        if self.metrics_port is not None:
+            args.append(f"-metricsPort={self.metrics_port}")
         self.process = self._spawn(args + [f"-{flag}={port}" for flag, port in self.ports.items()])
         if self.separate_volume:
             self.start_volume()
@@ -212,10 +216,11 @@ def _kill(process: subprocess.Popen | None, sig: int) -> None:
         process.wait()
 
 
-def start_server(workdir: Path, separate_volume: bool = False,
-                 volume_mb: int = 64) -> SeaweedServer:
-    server = SeaweedServer(workdir, dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)))),
-                           separate_volume, volume_mb)
+def start_server(workdir: Path, separate_volume: bool = False, volume_mb: int = 64,
+                 metrics: bool = False) -> SeaweedServer:
+    ports = free_ports(len(PORT_FLAGS) + 1)
+    server = SeaweedServer(workdir, dict(zip(PORT_FLAGS, ports)), separate_volume, volume_mb,
+                           ports[-1] if metrics else None)
     server.start()
     return server
 
