@@ -28,8 +28,9 @@ INDEX_BATCH = UPLOADS  # published packs indexed in one commit
 # for their batch and a batch being committed (more only while a slow commit holds them up)
 RECENT_PACKS = 1 + UPLOADS + 2 * INDEX_BATCH
 # chunks queued for the pack writer: when uploads are what limits a backup, this queue is full
-# and its bytes are resident, so it is kept small (the pack writer itself never waits long)
-QUEUE_BYTES = 16 << 20
+# and its bytes are resident, so it is kept small (the pack writer itself never waits long);
+# each chunk compressed by zstd also keeps the whole output buffer of its batch resident
+QUEUE_BYTES = 8 << 20
 # chunks go to the pack writer in lists of about this many stored bytes: one queue hand-over
 # (lock, notify, thread wake-up, all under the GIL) per list instead of per chunk
 HANDOVER_BYTES = 1 << 20
