@@ -240,10 +240,14 @@ class ChunkWriter:
         self._open, self._open_bytes = {}, 0
         self.packs += 1
 
-    def flush(self) -> None:
-        """Publish the open pack; returns once every chunk handed over is durable and indexed."""
+    def roll(self) -> None:
+        """Hand the open pack to the uploads now (the next chunk starts a new one)."""
         if self._open:
             self._roll()
+
+    def flush(self) -> None:
+        """Publish the open pack; returns once every chunk handed over is durable and indexed."""
+        self.roll()
         self._sink.queue.join()
         self._sink.wait_uploads()
         if self._sink.error is not None:
