@@ -30,13 +30,11 @@ import argparse
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -51,7 +49,8 @@ from workload import BLOCK, parse_size
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from s3count import CountingProxy, Request  # noqa: E402
-from s3server import ACCESS_KEY, SECRET_KEY, SeaweedServer, admin_client, start_server  # noqa: E402
+from s3server import (ACCESS_KEY, SECRET_KEY, SeaweedServer, admin_client,  # noqa: E402
+                      bucket_counts, start_server)
 
 GIB = 1024 * MIB
 PARTS = ("backup", "restore", "rebuild", "gc")
@@ -114,28 +113,6 @@ def step_of(m: Measure, requests: list[Request], prefix: str) -> Step:
                 dict(Counter(area_of(r, prefix) for r in gets)), sum(r.bytes_up for r in requests),
                 sum(r.bytes_down for r in requests), sum(r.bytes_down for r in gets), m.stdout,
                 m.cpu_seconds)
-
-
-# the server's per-bucket counters (Prometheus text): requests by type (HEAD is counted as GET,
-# a batched delete as DELETE, the start and end of a multipart upload as POST) and body bytes
-_COUNTER = re.compile(r'SeaweedFS_s3_(request_total|bucket_traffic_received_bytes_total|'
-                      r'bucket_traffic_sent_bytes_total)\{([^}]*)\} (\S+)')
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
-
-
-def server_counts(url: str, bucket: str) -> Counter[str]:
-    """The server's counters of `bucket` so far: requests by type, "up" and "down" bytes."""
-    counts: Counter[str] = Counter()
-    with urllib.request.urlopen(url, timeout=10) as answer:
-        text = answer.read().decode()
-    for name, labels, value in _COUNTER.findall(text):
-        label = dict(_LABEL.findall(labels))
-        if label.get("bucket") != bucket:
-            continue
-        key = {"request_total": label.get("type", "?"),
-               "bucket_traffic_received_bytes_total": "up"}.get(name, "down")
-        counts[key] += int(float(value))
-    return counts
 
 
 def step_of_counts(m: Measure, counts: Counter[str]) -> Step:
@@ -366,7 +343,7 @@ class Bench:
         return step
 
     def counts(self, bucket: str) -> Counter[str]:
-        return server_counts(f"http://127.0.0.1:{self.server.metrics_port}/metrics", bucket)
+        return bucket_counts(self.server, bucket)
 
     def server_cpu(self) -> float:
         """User + system CPU seconds the server's processes have used so far."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,6 +227,29 @@ def start_server(workdir: Path, separate_volume: bool = False, volume_mb: int = 
     return server
 
 
+# the server's per-bucket counters (Prometheus text): requests by type (a HEAD is counted as a
+# GET, a batched delete as DELETE, the start and end of a multipart upload as POST), body bytes
+_COUNTER = re.compile(r'SeaweedFS_s3_(request_total|bucket_traffic_received_bytes_total|'
+                      r'bucket_traffic_sent_bytes_total)\{([^}]*)\} (\S+)')
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+_COUNTED = {"request_total": None, "bucket_traffic_received_bytes_total": "up",
+            "bucket_traffic_sent_bytes_total": "down"}
+
+
+def bucket_counts(server: SeaweedServer, bucket: str) -> Counter[str]:
+    """What the server (started with `metrics`) counted of `bucket` so far: requests by type,
+    and the body bytes received ("up") and sent ("down")."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
+                                timeout=10) as answer:
+        text = answer.read().decode()
+    counts: Counter[str] = Counter()
+    for name, labels, value in _COUNTER.findall(text):
+        label = dict(_LABEL.findall(labels))
+        if label.get("bucket") == bucket:
+            counts[_COUNTED[name] or label.get("type", "?")] += int(float(value))
+    return counts
+
+
 def admin_client(server: SeaweedServer):
     import boto3
     import botocore.config
@@ -237,7 +262,7 @@ def admin_client(server: SeaweedServer):
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory) -> Iterator[SeaweedServer]:
     """The session's one SeaweedFS server, started on first use."""
-    server = start_server(tmp_path_factory.mktemp("seaweedfs"))
+    server = start_server(tmp_path_factory.mktemp("seaweedfs"), metrics=True)
     try:
         yield server
     finally:
