@@ -425,7 +425,8 @@ class _Work:
     onto: PointRecord | None = None
     # the windows `data_bytes` resolved, while they hold at most KEPT_WINDOW_BYTES: `windows`
     # then does not read the maps again (a request and a decryption each)
-    _kept: list[tuple[int, np.ndarray, np.ndarray]] | None = None
+    _kept: list[tuple[int, np.ndarray, np.ndarray]] | None = field(default=None, init=False,
+                                                                   repr=False)
 
     def windows(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(first block, the window's refs, the window's blocks to write) of each window with
