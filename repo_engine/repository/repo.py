@@ -227,6 +227,8 @@ class Repository:
 
     def _session_held(self) -> bool:
         """Whether this object holds a shared lock with its session lease."""
+        if not self.held:  # nothing to look for: a repository that is not shared never loads
+            return False   # the leases module
         from .leases import SESSION
         return any(held.kind == SHARED and any(lease.info.kind == SESSION for lease in held.leases)
                    for held in self.held)
