@@ -6,9 +6,11 @@
                                  [--points 200] [--points-disk 64MiB]
                                  [--repo-engine [LABEL=]CMD ...]
 
-Starts its own SeaweedFS server (tests/s3server.py) on 127.0.0.1 and a request-counting proxy
-(tests/s3count.py) in front of it; both tools reach the server only through the proxy, each in a
-bucket of its own. Parts:
+Starts its own SeaweedFS server (tests/s3server.py) on 127.0.0.1, each tool in a bucket of its
+own. With `--count metrics` (the default) the backup and restore commands reach the server
+directly, timed without anything in between, and their requests are counted by the server's own
+per-bucket metrics; the rebuild and gc parts (whose GETs are counted by key) and every command
+with `--count proxy` go through a request-counting proxy (tests/s3count.py). Parts:
 - backup:  full backup of bench/workload.py's day 0, then days 1..N (repo-engine given each day's
            changed extents, restic re-reading the image as it would); wall time, requests per GiB
            stored, bytes in the bucket, peak RSS;
@@ -47,7 +49,8 @@ from workload import BLOCK, parse_size
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from s3count import CountingProxy, Request  # noqa: E402
-from s3server import ACCESS_KEY, SECRET_KEY, SeaweedServer, admin_client, start_server  # noqa: E402
+from s3server import (ACCESS_KEY, SECRET_KEY, SeaweedServer, admin_client,  # noqa: E402
+                      bucket_counts, start_server)
 
 GIB = 1024 * MIB
 PARTS = ("backup", "restore", "rebuild", "gc")
@@ -112,6 +115,14 @@ def step_of(m: Measure, requests: list[Request], prefix: str) -> Step:
                 m.cpu_seconds)
 
 
+def step_of_counts(m: Measure, counts: Counter[str]) -> Step:
+    """A step counted by the server: no GETs by key, HEADs among the GETs."""
+    ops = {op: counts[op] for op in OPS} | {k: n for k, n in counts.items()
+                                          if k not in OPS and k not in ("up", "down")}
+    return Step(m.seconds, m.maxrss_kb, m.rc, ops, {}, counts["up"], counts["down"],
+                counts["down"], m.stdout, m.cpu_seconds)
+
+
 def total(steps: list[Step]) -> dict[str, int]:
     ops = Counter()
     for s in steps:
@@ -128,6 +139,8 @@ class Peer:
     prefix = ""  # of the repository's keys in the bucket
     bulk: tuple[str, ...] = ()  # areas of the objects that hold the data: packs, block maps
     version_args = ["--version"]
+
+    direct = False  # reaches the server itself, counted by its metrics (else through the proxy)
 
     def __init__(self, root: Path, endpoint: str, bucket: str, command: list[str],
                  name: str = "") -> None:
@@ -282,8 +295,10 @@ class StepFailed(Exception):
 
 
 class Bench:
-    def __init__(self, root: Path, server: SeaweedServer, proxy: CountingProxy) -> None:
+    def __init__(self, root: Path, server: SeaweedServer, proxy: CountingProxy,
+                 count: str = "metrics") -> None:
         self.root = root
+        self.count = count
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.server = server
@@ -291,11 +306,16 @@ class Bench:
         self.admin = admin_client(server)
         self.peak_rss_kb: Counter[str] = Counter()  # per tool, over every command it ran
 
-    def peer(self, tool: Tool, purpose: str) -> Peer:
+    def peer(self, tool: Tool, purpose: str, *, timed: bool = False) -> Peer:
+        """A tool's repository for `purpose`; `timed` (the backup and restore parts): reached
+        directly and counted by the server's metrics, unless `--count proxy`."""
         bucket = f"{tool.name}-{purpose}".lower()
         self.admin.create_bucket(Bucket=bucket)
-        peer = tool.cls(self.root / purpose / tool.name, self.proxy.endpoint, bucket,
+        direct = timed and self.count == "metrics"
+        peer = tool.cls(self.root / purpose / tool.name,
+                        self.server.endpoint if direct else self.proxy.endpoint, bucket,
                         tool.command, tool.name)
+        peer.direct = direct
         peer.root.mkdir(parents=True)
         self.run(peer, peer.init(), f"{purpose}-init", check=True)
         return peer
@@ -303,12 +323,16 @@ class Bench:
     def run(self, peer: Peer, cmd: list[str], label: str, *, cache: Path | None = None,
             check: bool = False, keep_stdout: bool = True) -> Step:
         self.proxy.take()  # nothing in flight: only this command's requests are counted
+        before = self.counts(peer.bucket) if peer.direct else Counter()
         server, proxy = self.server_cpu(), time.process_time()
         m = measure(cmd, env=peer.env(cache), log=self.logs / f"{peer.name}-{label}.log",
                     keep_stdout=keep_stdout)
-        step = replace(step_of(m, self.proxy.take(), peer.prefix),
-                       server_cpu=self.server_cpu() - server,
-                       proxy_cpu=time.process_time() - proxy)
+        server, proxy = self.server_cpu() - server, time.process_time() - proxy
+        if peer.direct:
+            counted = step_of_counts(m, self.counts(peer.bucket) - before)
+        else:
+            counted = step_of(m, self.proxy.take(), peer.prefix)
+        step = replace(counted, server_cpu=server, proxy_cpu=proxy)
         self.peak_rss_kb[peer.name] = max(self.peak_rss_kb[peer.name], step.maxrss_kb)
         if check and step.rc != 0:
             raise StepFailed(f"{peer.name} {label} failed (rc={step.rc}): see "
@@ -317,6 +341,9 @@ class Bench:
               f"up {step.up / MIB:8.1f} MiB down {step.down / MIB:8.1f} MiB "
               f"rss {step.maxrss_kb / 1024:6.1f} MB", file=sys.stderr)
         return step
+
+    def counts(self, bucket: str) -> Counter[str]:
+        return bucket_counts(self.server, bucket)
 
     def server_cpu(self) -> float:
         """User + system CPU seconds the server's processes have used so far."""
@@ -566,6 +593,11 @@ def main() -> None:
                     help="SeaweedFS volume size limit; the tests' 64 makes the server stop "
                          "writes for about a second each time it grows volumes (every few "
                          "hundred MB), which a production store does not do")
+    ap.add_argument("--count", choices=("metrics", "proxy"), default="metrics",
+                    help="how the backup and restore parts count requests: metrics (default): "
+                         "the tools reach the server directly and its own per-bucket metrics "
+                         "count; proxy: through the counting proxy, which then shares the CPUs "
+                         "with the tools and the server during the timed commands")
     ap.add_argument("--repo-engine", action="append",
                     help="[LABEL=]CMD of a repo-engine build; repeat to compare builds "
                          "(default: the venv's repo-engine)")
@@ -589,12 +621,12 @@ def run_bench(args: argparse.Namespace, parts: list[str],
     root = args.work.resolve() / "s3-run"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    server = start_server(root / "seaweedfs", volume_mb=args.volume_mb)
+    server = start_server(root / "seaweedfs", volume_mb=args.volume_mb, metrics=True)
     proxy = CountingProxy(server.ports["s3.port"])
     report: dict = {"meta": meta(workload, args)}
     tables: list[str] = []
     try:
-        bench = Bench(root, server, proxy)
+        bench = Bench(root, server, proxy, args.count)
         report["meta"]["versions"] = {t.name: t.cls(root, "", "", t.command).version()
                                       for t in tools}
         if "backup" in parts or "restore" in parts:
@@ -660,7 +692,7 @@ def part_or_failure(part: Callable[[], list[str]]) -> list[str]:
 
 def main_parts(bench: Bench, tools: list[Tool], parts: list[str], workload: Path,
                days: int, report: dict) -> list[str]:
-    peers = [bench.peer(t, "main") for t in tools]
+    peers = [bench.peer(t, "main", timed=True) for t in tools]
     start = load_note()
     report["backup"] = backup_part(bench, peers, workload, days)
     tables = ["\n".join([f"### Backup: full + {days} incrementals",
@@ -699,7 +731,7 @@ def points_parts(bench: Bench, tools: list[Tool], parts: list[str],
 def meta(workload: Path, args: argparse.Namespace) -> dict:
     manifest = workload / "manifest.json"
     return {"workload": str(workload), "days": args.days, "points": args.points,
-            "points_disk": args.points_disk, "volume_mb": args.volume_mb,
+            "points_disk": args.points_disk, "volume_mb": args.volume_mb, "count": args.count,
             "host": platform.node(), "cpus": os.cpu_count(),
             "kernel": platform.release(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "manifest": json.loads(manifest.read_text()) if manifest.exists() else None}
@@ -709,7 +741,10 @@ def footer(report: dict, start_load: str) -> str:
     m = report["meta"]
     capacity = (m["manifest"] or {}).get("capacity")
     size = f"{capacity / MIB:.0f} MiB workload, " if capacity else ""
+    counted = {"metrics": "requests counted by the server's metrics (direct, HEAD among GET)",
+               "proxy": "requests counted by the proxy"}.get(m.get("count", "proxy"), "")
     return (f"{size}{m['cpus']} CPUs, SeaweedFS volumes of {m.get('volume_mb', 64)} MB, "
+            f"{counted}, "
             f"{m['date']}; {', '.join(m['versions'].values())}; "
             f"machine load average (1/5 min) at the start {start_load}, at the end {load_note()}.")
 

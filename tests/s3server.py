@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +78,8 @@ class SeaweedServer:
     # the size at which the master starts new volumes: small for the tests (little disk); a
     # server that fills its volumes quickly stops writes for a moment each time it grows more
     volume_mb: int = 64
+    # a port for the server's Prometheus metrics (requests and bytes per bucket); None: none
+    metrics_port: int | None = None
     process: subprocess.Popen | None = None
     volume: subprocess.Popen | None = None
 
@@ -102,6 +106,8 @@ class SeaweedServer:
                 f"-filer.localSocket={self.workdir / 'filer.sock'}",
                 f"-s3.localSocket={self.workdir / 's3.sock'}",
                 f"-s3.cert.file={self.certificate}", f"-s3.key.file={self.workdir / 's3-key.pem'}"]
+        if self.metrics_port is not None:
+            args.append(f"-metricsPort={self.metrics_port}")
         self.process = self._spawn(args + [f"-{flag}={port}" for flag, port in self.ports.items()])
         if self.separate_volume:
             self.start_volume()
@@ -212,12 +218,36 @@ def _kill(process: subprocess.Popen | None, sig: int) -> None:
         process.wait()
 
 
-def start_server(workdir: Path, separate_volume: bool = False,
-                 volume_mb: int = 64) -> SeaweedServer:
-    server = SeaweedServer(workdir, dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)))),
-                           separate_volume, volume_mb)
+def start_server(workdir: Path, separate_volume: bool = False, volume_mb: int = 64,
+                 metrics: bool = False) -> SeaweedServer:
+    ports = free_ports(len(PORT_FLAGS) + 1)
+    server = SeaweedServer(workdir, dict(zip(PORT_FLAGS, ports)), separate_volume, volume_mb,
+                           ports[-1] if metrics else None)
     server.start()
     return server
+
+
+# the server's per-bucket counters (Prometheus text): requests by type (a HEAD is counted as a
+# GET, a batched delete as DELETE, the start and end of a multipart upload as POST), body bytes
+_COUNTER = re.compile(r'SeaweedFS_s3_(request_total|bucket_traffic_received_bytes_total|'
+                      r'bucket_traffic_sent_bytes_total)\{([^}]*)\} (\S+)')
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+_COUNTED = {"request_total": None, "bucket_traffic_received_bytes_total": "up",
+            "bucket_traffic_sent_bytes_total": "down"}
+
+
+def bucket_counts(server: SeaweedServer, bucket: str) -> Counter[str]:
+    """What the server (started with `metrics`) counted of `bucket` so far: requests by type,
+    and the body bytes received ("up") and sent ("down")."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
+                                timeout=10) as answer:
+        text = answer.read().decode()
+    counts: Counter[str] = Counter()
+    for name, labels, value in _COUNTER.findall(text):
+        label = dict(_LABEL.findall(labels))
+        if label.get("bucket") == bucket:
+            counts[_COUNTED[name] or label.get("type", "?")] += int(float(value))
+    return counts
 
 
 def admin_client(server: SeaweedServer):
@@ -232,7 +262,7 @@ def admin_client(server: SeaweedServer):
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory) -> Iterator[SeaweedServer]:
     """The session's one SeaweedFS server, started on first use."""
-    server = start_server(tmp_path_factory.mktemp("seaweedfs"))
+    server = start_server(tmp_path_factory.mktemp("seaweedfs"), metrics=True)
     try:
         yield server
     finally:

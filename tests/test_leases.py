@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections import Counter
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -73,9 +74,29 @@ def test_every_lock_writes_a_session_lease_released_with_it(store, tmp_path):
         assert found.name.startswith("leases/") and found.name.endswith(".lease")
         assert found.info.expires > found.info.started
         a.check_leases()
-        with a.lock(SHARED, "verify"):
-            assert sorted(commands(store)) == [(SESSION, "backup image web1"), (SESSION, "verify")]
+    assert list_leases(store) == [] and a.held == []
+
+
+def test_a_shared_lock_inside_another_keeps_its_session_lease_and_refreshes(store, tmp_path):
+    """A command's second shared lock (restore's inside the CLI's, a backup's after its VM lock)
+    writes no lease of its own: the first one, written before any of its refreshes, is what gc
+    waits for; the cache is brought up to the journal's head all the same."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    with a.lock(SHARED, "backup image web1"):
+        with b.lock(SHARED, "backup image web2"):
+            claimed = b.reserve_refs(1)  # a journal entry that a has not seen yet
+        assert a.index.meta_u64("next_ref") < claimed.stop
+        with a.vm_lock("web1", "backup image web1"), a.lock(SHARED, "backup image web1"):
+            assert sorted(commands(store)) == [(SESSION, "backup image web1"),
+                                               (VM, "backup image web1")]
+            assert a.index.meta_u64("next_ref") >= claimed.stop
+            a.check_leases()
         assert commands(store) == [(SESSION, "backup image web1")]
+    assert list_leases(store) == [] and a.held == []
+    with a.vm_lock("web1", "backup image web1"), a.lock(SHARED, "backup image web1"):
+        # a VM lock is no session: the shared lock taken after it writes the lease
+        assert sorted(commands(store)) == [(SESSION, "backup image web1"),
+                                           (VM, "backup image web1")]
     assert list_leases(store) == [] and a.held == []
 
 
@@ -267,6 +288,33 @@ def test_unlock_of_a_shared_repository_in_any_store(store, tmp_path):
         forced = unlock_shared(b, force=True)
         assert [d["file"] for d in forced.removed] == [held.leases[0].name]
     assert list_leases(store) == []
+
+
+class CountingStore:
+    """A store that counts the calls of each of its methods."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, Counter()
+
+    def __getattr__(self, name: str):
+        method = getattr(self.inner, name)
+
+        def counted(*args, **kwargs):
+            self.calls[name] += 1
+            return method(*args, **kwargs)
+        return counted
+
+
+def test_checking_the_leases_reads_each_record_once(store, tmp_path):
+    """Before each journal commit a backup checks its session lease (its record) and its VM
+    lock (a listing of the lock's generations, which reads their records: ours among them)."""
+    a = host(store, tmp_path, "a")
+    with a.vm_lock("v", "backup image v"), a.lock(SHARED, "backup image v"):
+        counting = CountingStore(store)
+        for lease in (lease for held in a.held for lease in held.leases):
+            lease.store = counting
+        a.check_leases()
+        assert counting.calls == {"list": 1, "get": 2}
 
 
 def test_a_vm_is_backed_up_by_one_host_at_a_time(store, tmp_path):

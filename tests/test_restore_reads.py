@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -172,6 +173,39 @@ def test_blocks_planned_a_slice_at_a_time_restore_whole(two_points, tmp_path):
                                reads=ReadSettings(plan_blocks=5))
     assert (tmp_path / "out.img").read_bytes() == bytes(model.content)
     assert summary.blocks_written == model.capacity // BS
+
+
+class MapReads:
+    """A store that counts the reads of each block map object."""
+
+    READS = ("get", "get_start", "get_range", "open_range")
+
+    def __init__(self, inner) -> None:
+        self.inner, self.reads = inner, Counter()
+
+    def __getattr__(self, name: str):
+        method = getattr(self.inner, name)
+        if name not in self.READS:
+            return method
+
+        def counted(key: str, *args, **kwargs):
+            if key.startswith("maps/"):
+                self.reads[key] += 1
+            return method(key, *args, **kwargs)
+        return counted
+
+
+def test_the_maps_of_a_small_disk_are_read_once(two_points, tmp_path):
+    """A restore passes over the maps twice (the bytes to write, then the writes): the windows
+    of the first pass are kept when they are small, not read from the store again."""
+    path, model, _first, second = two_points
+    store = LocalStore(path)
+    with Repository(MapReads(store), read_config(store), path) as repo:
+        list(repo.resolve_windows(second, "sda"))
+        once, repo.store.reads = repo.store.reads, Counter()
+        restore_disk(repo, second, "sda", tmp_path / "out.img")
+        assert len(once) == 2 and repo.store.reads == once
+    assert (tmp_path / "out.img").read_bytes() == bytes(model.content)
 
 
 @pytest.mark.parametrize("kind", ["delete", "truncate", "flip"])

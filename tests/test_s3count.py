@@ -3,11 +3,14 @@ server with its method, key, status and body bytes: plain and multipart uploads,
 reads, HEAD (an answer that announces a length but has no body), listing and batched delete, over
 kept-alive connections, and a request the fault proxy cut."""
 
+import time
+from collections import Counter
+
 import boto3
 import botocore.config
 import pytest
 from s3count import CountingProxy
-from s3server import ACCESS_KEY, SECRET_KEY
+from s3server import ACCESS_KEY, SECRET_KEY, bucket_counts
 
 MIB = 1 << 20
 
@@ -82,3 +85,41 @@ def test_a_request_the_fault_proxy_cut_is_not_counted_as_answered(counted):
     client.put_object(Bucket=bucket, Key="k", Body=b"abc")
     assert summary(proxy.take()) == [("PUT", f"/{bucket}/k", 200, 3, 0)]
     assert proxy.served == 1
+
+
+def billed(request) -> str:
+    """A request's type as the server counts it: a HEAD among the GETs, a listing as LIST, a
+    batched delete as DELETE."""
+    if request.method == "HEAD" or (request.method == "GET" and request.path.count("/") > 1):
+        return "GET"
+    if request.method == "GET":
+        return "LIST"
+    return "DELETE" if request.method == "POST" and "delete" in request.query else request.method
+
+
+def test_the_server_counts_a_buckets_requests_as_the_proxy_does(counted, seaweedfs):
+    """bench/s3.py times the tools straight against the server and counts their requests with
+    the server's own per-bucket counters instead of the proxy: the same requests by type, and the
+    objects' bytes each way (not the XML of listings, deletes and multipart calls)."""
+    proxy, client, bucket = counted
+    before = bucket_counts(seaweedfs, bucket)
+    body = bytes(range(256)) * 4096
+    client.put_object(Bucket=bucket, Key="packs/ab/one", Body=body)
+    client.get_object(Bucket=bucket, Key="packs/ab/one", Range="bytes=10-109")["Body"].read()
+    client.head_object(Bucket=bucket, Key="packs/ab/one")
+    upload = client.create_multipart_upload(Bucket=bucket, Key="big")["UploadId"]
+    etag = client.upload_part(Bucket=bucket, Key="big", UploadId=upload, PartNumber=1,
+                              Body=b"x" * 3)["ETag"]
+    client.complete_multipart_upload(Bucket=bucket, Key="big", UploadId=upload,
+                                     MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]})
+    client.list_objects_v2(Bucket=bucket)
+    client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": "big"}]})
+    requests = proxy.take()
+    expected = Counter(billed(r) for r in requests)
+    expected["up"] = sum(r.bytes_up for r in requests if r.method == "PUT")
+    expected["down"] = sum(r.bytes_down for r in requests if billed(r) == "GET")
+    assert expected == Counter(PUT=2, GET=2, POST=2, LIST=1, DELETE=1, up=MIB + 3, down=100)
+    deadline = time.monotonic() + 5  # counted as each answer ends
+    while (counts := bucket_counts(seaweedfs, bucket) - before) != expected:
+        assert time.monotonic() < deadline, (counts, expected)
+        time.sleep(0.05)

@@ -8,6 +8,7 @@ real SeaweedFS server (tests/s3server.py) and a local repository alike."""
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,8 +16,8 @@ import numpy as np
 import pytest
 
 from helpers import MIB, DiskModel
-from repo_engine.backup.chunk_writer import INDEX_BATCH, UPLOADS
-from repo_engine.repository.packs import pack_object
+from repo_engine.backup.chunk_writer import INDEX_BATCH, UPLOADS, ChunkWriter
+from repo_engine.repository.packs import PackWriter, pack_object
 from repo_engine.repository.repo import Repository
 from repo_engine.repository.store import StoreError
 from repo_engine.repository.store.local import LocalStore
@@ -180,3 +181,34 @@ def test_an_upload_failing_midway_stores_nothing_gc_does_not_remove(repo, model,
     assert result.code == 0, result.err
     assert restored(repo, result.json()["point"]["id"], tmp_path / "out.img") == \
         model.copy_of_content()
+
+
+def test_the_last_pack_uploads_while_the_map_is_written(repo, tmp_path, monkeypatch):
+    """A backup hands its last, partly filled pack to the uploads before it writes the disk's
+    block map (the two overlap): when the map is written, every chunk stored is in a sealed
+    pack (waited for a while: the pack writer seals in a thread of its own)."""
+    model = DiskModel(tmp_path / "odd.img", DISK + 64 * 1024, np.random.default_rng(12))
+    model.write(0, model.rng.integers(0, 256, model.capacity, dtype=np.uint8).tobytes())
+    added, sealed, seen = [0], [0], []
+    add, seal, write_map = ChunkWriter.add, PackWriter.seal, Repository.write_map
+
+    def counted_add(writer, *chunk):
+        added[0] += 1
+        return add(writer, *chunk)
+
+    def counted_seal(writer):
+        sealed[0] += len(writer.entries)
+        return seal(writer)
+
+    def watched_write_map(repository, bmap):
+        deadline = time.monotonic() + 10
+        while sealed[0] < added[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append((sealed[0], added[0]))
+        return write_map(repository, bmap)
+    monkeypatch.setattr(ChunkWriter, "add", counted_add)
+    monkeypatch.setattr(PackWriter, "seal", counted_seal)
+    monkeypatch.setattr(Repository, "write_map", watched_write_map)
+    result = backup(repo, model)
+    assert result.code == 0, result.err
+    assert added[0] > 0 and seen == [(added[0], added[0])]

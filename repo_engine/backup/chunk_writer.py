@@ -1,6 +1,7 @@
 """The repository side of a backup: dedup against the chunks this run already wrote, hand new
 chunks to a background pack writer that seals each full pack and hands it to a few upload
-threads, which publish it and then commit it to the index (write order steps 1 and 2). Writing,
+threads, which publish it; a thread of its own then commits published packs to the index (write
+order steps 1 and 2), so that no upload waits for a commit's requests. Writing,
 hashing and publishing packs overlap the reading; several packs upload at once (object storage
 answers each PUT slowly, but many in parallel), at most UPLOADS of them, so the spool holds at
 most UPLOADS + 1 pack files. Published packs are indexed INDEX_BATCH at a time, the rest when
@@ -12,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from ..repository.packs import FinishedPack, PackWriter, SealedPack
@@ -23,11 +25,12 @@ INDEX_BATCH = UPLOADS  # published packs indexed in one commit
 # dicts of the packs handed over last: workers may have looked ids up before those packs'
 # index commits (a miss here only costs a duplicate chunk, never correctness); not indexed yet
 # are: one sealed waiting for a slot, UPLOADS being published, up to INDEX_BATCH - 1 waiting
-# for their batch and a batch being committed
+# for their batch and a batch being committed (more only while a slow commit holds them up)
 RECENT_PACKS = 1 + UPLOADS + 2 * INDEX_BATCH
 # chunks queued for the pack writer: when uploads are what limits a backup, this queue is full
-# and its bytes are resident, so it is kept small (the pack writer itself never waits long)
-QUEUE_BYTES = 16 << 20
+# and its bytes are resident, so it is kept small (the pack writer itself never waits long);
+# each chunk compressed by zstd also keeps the whole output buffer of its batch resident
+QUEUE_BYTES = 8 << 20
 # chunks go to the pack writer in lists of about this many stored bytes: one queue hand-over
 # (lock, notify, thread wake-up, all under the GIL) per list instead of per chunk
 HANDOVER_BYTES = 1 << 20
@@ -36,21 +39,41 @@ _ROLL, _STOP = "roll", "stop"
 
 class _Indexer:
     """Commits published packs to the index, INDEX_BATCH or more at a time (on a shared
-    repository: one journal entry), one commit at a time; `commit` takes the rest."""
+    repository: one journal entry, a few requests), one commit at a time in a thread of its own:
+    the upload thread that published the last pack of a batch goes on to the next pack instead
+    of waiting for the commit; `commit` takes the rest. A failed commit is handed to `fail`."""
 
-    def __init__(self, repo: Repository) -> None:
-        self._repo = repo
+    def __init__(self, repo: Repository, fail: Callable[[BaseException], None]) -> None:
+        self._repo, self._fail = repo, fail
         self._committing = threading.Lock()
         self._waiting = threading.Lock()
         self._published: list[FinishedPack] = []
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="pack-index")
+        self._commits: list[Future] = []
 
     def add(self, pack: FinishedPack) -> None:
-        """Note a published pack; commit the packs waiting once there are INDEX_BATCH."""
+        """Note a published pack; have the packs waiting committed once there are INDEX_BATCH."""
         with self._waiting:
             self._published.append(pack)
             if len(self._published) < INDEX_BATCH:
                 return
-        self.commit()
+            self._commits = [f for f in self._commits if not f.done()]
+            self._commits.append(self._thread.submit(self._commit_batch))
+
+    def _commit_batch(self) -> None:
+        try:
+            self.commit()
+        except BaseException as exc:  # re-raised in the backup's thread
+            self._fail(exc)
+
+    def wait(self) -> None:
+        """Until the commits handed to the thread so far have ended."""
+        with self._waiting:
+            commits = list(self._commits)
+        wait(commits)
+
+    def shut_down(self) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)
 
     def commit(self) -> None:
         """Commit every pack noted and not indexed yet (a concurrent call may take some)."""
@@ -75,7 +98,7 @@ class _PackSink(threading.Thread):
         self._slots = threading.Semaphore(UPLOADS)
         self._uploads = ThreadPoolExecutor(UPLOADS, thread_name_prefix="pack-upload")
         self._pending: list[Future] = []
-        self._indexer = _Indexer(repo)
+        self._indexer = _Indexer(repo, self._fail)
 
     def run(self) -> None:
         while True:
@@ -130,6 +153,7 @@ class _PackSink(threading.Thread):
         not indexed yet; call with the pack writer idle (its queue joined)."""
         wait(self._pending)
         self._pending = []
+        self._indexer.wait()
         if self.error is None:
             self._indexer.commit()
 
@@ -140,6 +164,7 @@ class _PackSink(threading.Thread):
             self.queue.put(_STOP)
             self.join()
         self._uploads.shutdown(wait=True)
+        self._indexer.shut_down()
 
     def _abort_pack(self) -> None:
         if self._writer is not None:
@@ -215,10 +240,14 @@ class ChunkWriter:
         self._open, self._open_bytes = {}, 0
         self.packs += 1
 
-    def flush(self) -> None:
-        """Publish the open pack; returns once every chunk handed over is durable and indexed."""
+    def roll(self) -> None:
+        """Hand the open pack to the uploads now (the next chunk starts a new one)."""
         if self._open:
             self._roll()
+
+    def flush(self) -> None:
+        """Publish the open pack; returns once every chunk handed over is durable and indexed."""
+        self.roll()
         self._sink.queue.join()
         self._sink.wait_uploads()
         if self._sink.error is not None:

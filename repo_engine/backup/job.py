@@ -68,7 +68,9 @@ class _DiskBackup:
         self.rereads: dict[str, np.ndarray] = {}
         self.maps: dict[str, BlockMap] = {}  # written this run, by name: not read back at commit
 
-    def run(self, vm: str, disk: SourceDisk) -> DiskRecord:
+    def run(self, vm: str, disk: SourceDisk, last: bool = False) -> DiskRecord:
+        """Back up `disk`; the `last` disk of the backup hands its open pack to the uploads
+        before its map is written, so that the two overlap."""
         try:
             device = disk.open()
         except OSError as exc:
@@ -78,6 +80,8 @@ class _DiskBackup:
             plan = plan_disk(self.repo, vm, disk, device)
             plan = self._audit(plan, device, counters, disk)
             refs = self._store(plan, device, counters, disk)
+            if last:
+                self.writer.roll()
             self.rereads[disk.key] = plan.rereads
             return self._record(plan, disk, refs, counters)
         finally:
@@ -191,7 +195,8 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
         committing = ""  # the id of the point once its commit began
         try:
             step = _DiskBackup(repo, pipeline, writer, options)
-            records = [step.run(snapshot.vm, disk) for disk in snapshot.disks]
+            records = [step.run(snapshot.vm, disk, last=k == len(snapshot.disks) - 1)
+                       for k, disk in enumerate(snapshot.disks)]
             for disk in snapshot.disks:
                 if disk.check is not None:
                     disk.check()

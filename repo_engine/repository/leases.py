@@ -258,8 +258,9 @@ class Lease:
             except (RepoError, OSError) as exc:
                 self.lost = f"{self._what()} could not be renewed ({exc})"
 
-    def _still_ours(self) -> None:
-        current = read_lease(self.store, self.name)
+    def _still_ours(self, current: LeaseInfo | None = None) -> None:
+        """LeaseLost unless the record (`current` as just read, else read now) is ours."""
+        current = current or read_lease(self.store, self.name)
         if current is None or current.token != self.info.token:
             raise LeaseLost(f"{self._what()} was removed (by 'repo-engine unlock --force', or "
                             "as expired)")
@@ -280,19 +281,21 @@ class Lease:
                 if self.lost:
                     raise LeaseLost(self.lost)
                 self._unexpired()
-                if base_of(self.name):  # the more telling reason first
-                    self._still_highest()
-                self._still_ours()
+                # the more telling reason first; its listing read our record already
+                self._still_ours(self._still_highest() if base_of(self.name) else None)
         except LeaseLost as exc:
             self.lost = str(exc)
             raise LeaseLost(f"{exc}; this {self.info.command!r} stops before it writes anything "
                             "more: run it again") from None
 
-    def _still_highest(self) -> None:
+    def _still_highest(self) -> LeaseInfo | None:
+        """LeaseLost when a higher generation of the lock exists; else our record as listed
+        (None when the listing held no generation)."""
         locks = generations(self.store, base_of(self.name))
         if locks and locks[-1].name != self.name:
             raise LeaseLost(f"the {self.info.kind} lock was taken over by "
                             f"{locks[-1].info.holder()} after ours ({self.name}) expired")
+        return locks[-1].info if locks else None
 
     # -- release ----------------------------------------------------------------------------
     def release(self) -> bool:

@@ -194,17 +194,17 @@ class Repository:
 
         A shared lock asked for while this object holds a lock of an unshared repository (the
         engine's inside the CLI's) is that lock: gc waits for it and rebuild-index is excluded
-        until it is released, so a second lock file would add only its fsync and a listing."""
+        until it is released, so a second lock file would add only its fsync and a listing. On a
+        shared repository it is the shared lock held already too, whose session lease was
+        written before any refresh of this command (what gc's waits rely on): a second lease
+        would cost a PUT, a GET before every journal commit and two requests at its release.
+        The cache is refreshed all the same (a backup's VM lock, taken in between, must be
+        followed by a refresh that sees the VM's last point)."""
         pause_point("repository.before_lock")
         self._locks = [held for held in self._locks if held.holding]
         if kind == SHARED and self._locks:
             return nullcontext()
-        lock: RepoLock | SharedLock = RepoLock(self.locks_dir, kind, command)
-        if self.config.shared and not lock.note:
-            from .leases import with_leases
-            lock = with_leases(self.store, lock, command, self.lease_seconds, self.held)
-        elif not self.config.shared:
-            self._locks.append(lock)
+        lock = _Held() if kind == SHARED and self._session_held() else self._take(kind, command)
         if self._opened is not None and _file_id(self.path / "index") != self._opened:
             self.close_index()  # reopened on next use
         try:
@@ -216,6 +216,24 @@ class Repository:
             lock.release()
             raise
         return lock
+
+    def _take(self, kind: str, command: str) -> RepoLock | SharedLock:
+        """A new local lock, with its leases on a shared repository."""
+        lock: RepoLock | SharedLock = RepoLock(self.locks_dir, kind, command)
+        if self.config.shared and not lock.note:
+            from .leases import with_leases
+            lock = with_leases(self.store, lock, command, self.lease_seconds, self.held)
+        elif not self.config.shared:
+            self._locks.append(lock)
+        return lock
+
+    def _session_held(self) -> bool:
+        """Whether this object holds a shared lock with its session lease."""
+        if not self.held:  # nothing to look for: a repository that is not shared never loads
+            return False   # the leases module
+        from .leases import SESSION
+        return any(held.kind == SHARED and any(lease.info.kind == SESSION for lease in held.leases)
+                   for held in self.held)
 
     def check_leases(self) -> None:
         """LeaseLost when a lease of a lock this process holds was lost: called before every
@@ -705,6 +723,14 @@ def _rebuild_running(locks_dir: Path) -> bool:
     a missing index is then no damage)."""
     return any(info.kind == EXCLUSIVE and not is_stale(path, info)
                for path, info in list_locks(locks_dir))
+
+
+class _Held(nullcontext):
+    """A shared lock asked for while this repository holds one with its session lease
+    (`Repository.lock`): nothing more is taken, so nothing is released."""
+
+    def release(self) -> None:
+        pass
 
 
 @dataclass

@@ -32,6 +32,7 @@ from .plan import ReadRequest, ReadRun, ReadSettings, RestorePlan, plan_restore
 Progress = Callable[[int], None]
 WRITEBACK_BYTES = 32 << 20
 WRITE_BATCH = 2 << 20  # decoded bytes a worker hands the block writer at once
+KEPT_WINDOW_BYTES = 16 << 20  # resolved map windows a restore keeps from its first pass
 SHOWN_RANGES = 4  # damaged byte ranges a restore error lists (then a count of the others)
 SHOWN_PACKS = 2  # damaged packs it describes
 _REPAIR = ("'repo-engine scrub --repair' finds all damage and heals what the next backup reads "
@@ -422,10 +423,22 @@ class _Work:
     fresh: bool = False
     todo: np.ndarray | None = None
     onto: PointRecord | None = None
+    # the windows `data_bytes` resolved, while they hold at most KEPT_WINDOW_BYTES: `windows`
+    # then does not read the maps again (a request and a decryption each)
+    _kept: list[tuple[int, np.ndarray, np.ndarray]] | None = field(default=None, init=False,
+                                                                   repr=False)
 
     def windows(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(first block, the window's refs, the window's blocks to write) of each window with
-        blocks to write, in block order; the maps are streamed (one window in memory)."""
+        blocks to write, in block order; the maps are streamed (one window in memory), or
+        read once by `data_bytes` for a small disk."""
+        if self._kept is not None:
+            kept, self._kept = self._kept, None
+            yield from kept
+            return
+        yield from self._resolved()
+
+    def _resolved(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         nblocks, key = self.disk.nblocks, self.disk.key
         if self.todo is not None:
             refs = self.repo.resolve_windows(self.point, key, self.todo)
@@ -446,9 +459,18 @@ class _Work:
 
     def data_bytes(self) -> int:
         """The bytes of non-ZERO blocks to write: a pass over the maps, which also finds a
-        damaged map before anything is written."""
-        return sum(int(np.count_nonzero(window[todo - first]))
-                   for first, window, todo in self.windows()) * self.disk.block_size
+        damaged map before anything is written; the windows are kept for `windows` while they
+        are small."""
+        kept: list[tuple[int, np.ndarray, np.ndarray]] | None = []
+        held = blocks = 0
+        for first, window, todo in self._resolved():
+            blocks += int(np.count_nonzero(window[todo - first]))
+            held += window.nbytes + todo.nbytes
+            kept = kept if kept is not None and held <= KEPT_WINDOW_BYTES else None
+            if kept is not None:
+                kept.append((first, window, todo))
+        self._kept = kept
+        return blocks * self.disk.block_size
 
 
 def every_window(nblocks: int, refs: Iterator[tuple[int, np.ndarray]]
