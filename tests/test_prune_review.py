@@ -1,0 +1,76 @@
+"""The first prune of a long history: gc counting the maps in use instead of settling the dead
+ones (`_live_side_cheaper`), forget's rewrites in one transaction, on repositories a later
+command must still handle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from helpers import MIB, DiskModel, cli, restore_bytes, write_extents
+from repo_engine.maintenance import gc as gc_module
+from repo_engine.maintenance.forget import forget_points
+from repo_engine.repository.blockmap import map_object
+from repo_engine.repository.repo import Repository
+
+
+def _chain(tmp_path: Path, capsys, points: int = 8, seed: int = 3) -> tuple[Path, dict[str, bytes]]:
+    """One VM of `points` points (chains of at most 3), and each point's content."""
+    rng = np.random.default_rng(seed)
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo, "--block-size", "16KiB", "--max-chain", "3",
+               "--pack-size", "64KiB").code == 0
+    model = DiskModel(tmp_path / "a.img", MIB, rng)
+    model.random_changes(6)
+    contents: dict[str, bytes] = {}
+    for day in range(points):
+        args = ["backup", "image", repo, "--vm", "a", "--disk", f"sda={model.path}", "--json"]
+        if day:
+            extents = model.random_changes(2, 60_000)
+            args += ["--changed", f"sda={write_extents(tmp_path / 'e.json', extents)}"]
+        done = cli(capsys, *args)
+        assert done.code == 0, done.err
+        contents[done.json()["point"]["id"]] = model.copy_of_content()
+    return repo, contents
+
+
+def _forget_most(repo: Path, keep: int = 2) -> list[str]:
+    """Forget all points but the last `keep`; returns the kept ids. gc would now count the
+    maps in use."""
+    with Repository.open(repo) as opened:
+        points = opened.points()
+        forget_points(opened, [p.id for p in points[:-keep]])
+        assert gc_module._live_side_cheaper(opened)
+        return [p.id for p in opened.points()]
+
+
+def test_a_map_in_use_that_is_not_a_regular_file_leaves_gc_settling(tmp_path, capsys):
+    """A map file in use replaced by a symlink (to a good copy) or a FIFO: gc does not stop at
+    costing the recount (settling the dead maps needs no map in use, as before the recount
+    existed): it finishes, frees what the forget left, deletes nothing a kept point uses and
+    leaves the odd file to verify."""
+    for kind in ("symlink", "fifo"):
+        base = tmp_path / kind
+        base.mkdir()
+        repo, contents = _chain(base, capsys)
+        kept = _forget_most(repo)
+        with Repository.open(repo) as opened:
+            name = opened.catalogued(kept[0]).disks[0].map
+            path = opened.store.path_of(map_object(name))
+        good = base / "good.map"
+        os.rename(path, good)
+        if kind == "symlink":
+            os.symlink(good, path)
+        else:
+            os.mkfifo(path)
+        result = cli(capsys, "gc", repo, "--json")
+        assert result.code == 0, result.err
+        report = result.json()
+        assert report["maps_settled"] and report["chunks_dropped"]
+        os.unlink(path)
+        os.rename(good, path)
+        for point in kept:
+            assert restore_bytes(capsys, repo, point, "sda", base / "r.img") == contents[point]
+        assert cli(capsys, "verify", repo).code == 0
