@@ -4,12 +4,15 @@ command must still handle."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from helpers import MIB, DiskModel, cli, restore_bytes, write_extents
+from race import Command
 from repo_engine.maintenance import gc as gc_module
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.repository.blockmap import map_object
@@ -74,3 +77,51 @@ def test_a_map_in_use_that_is_not_a_regular_file_leaves_gc_settling(tmp_path, ca
         for point in kept:
             assert restore_bytes(capsys, repo, point, "sda", base / "r.img") == contents[point]
         assert cli(capsys, "verify", repo).code == 0
+
+
+@pytest.mark.parametrize("outcome", ["commits", "dies"])
+def test_a_backup_deduplicating_against_forgotten_chunks_while_gc_recounts(tmp_path, capsys,
+                                                                         outcome):
+    """A backup of VM b with the content of a forgotten point looks its chunks up (counted only
+    by maps the forget left dead) and indexes its own packs, then waits before its commit while
+    gc counts the maps in use: those chunks and the backup's own are gc's candidates. gc waits
+    for the backup: committed, every chunk it uses stays (counted again, findable again);
+    killed, its packs go and nothing a kept point uses does."""
+    repo, contents = _chain(tmp_path, capsys)
+    with Repository.open(repo) as opened:
+        first = opened.points()[0].id
+    kept = _forget_most(repo)
+    image = tmp_path / "b.img"
+    image.write_bytes(contents[first][: MIB // 2] + bytes(tmp_path.name, "ascii") * 7
+                      + contents[first][MIB // 2 + 7 * len(tmp_path.name):])
+    backup = Command(tmp_path, "backup", "image", repo, "--vm", "b", "--disk", f"sda={image}",
+                     "--json", pauses=("backup.before_commit",))
+    assert backup.reached("backup.before_commit")
+    collecting = Command(tmp_path, "gc", repo, "--json", pauses=("gc.waiting",))
+    assert collecting.reached("gc.waiting")
+    if outcome == "commits":
+        backup.release("backup.before_commit")
+        done = backup.finish()
+        assert done.code == 0, done.err
+    else:
+        backup.proc.kill()
+        backup.finish()
+    collecting.release("gc.waiting")
+    result = collecting.finish()
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["maps_settled"] and report["chunks_dropped"]
+    assert report["resurrected"] if outcome == "commits" else not report["resurrected"]
+    expected = {point: contents[point] for point in kept}
+    if outcome == "commits":
+        expected[done.json()["point"]["id"]] = image.read_bytes()
+    for _ in range(2):
+        assert cli(capsys, "gc", repo, "--max-unused", "0").code == 0
+    for point, content in expected.items():
+        assert restore_bytes(capsys, repo, point, "sda", tmp_path / "r.img") == content
+    verified = cli(capsys, "verify", repo, "--json")
+    assert verified.code == 0 and verified.json()["ok"], verified.out
+    again = cli(capsys, "backup", "image", repo, "--vm", "c", "--disk", f"sda={image}", "--json")
+    assert again.code == 0, again.err
+    if outcome == "commits":  # deduplicated against what b's point uses: nothing new stored
+        assert again.json()["point"]["disks"][0]["counters"]["new_chunks"] == 0
