@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 from helpers import MIB, DiskModel, cli, copy_repo, restore_bytes, write_extents
 from race import Command
 from test_gc_live_count import _files, _gc, _index_tables
+from test_prune_edges import _DIE_AFTER, vms  # noqa: F401 (a fixture)
 from repo_engine.maintenance import gc as gc_module
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.repository.blockmap import map_object
@@ -167,3 +170,28 @@ def test_both_ways_of_counting_agree_on_maps_forgotten_and_used_again(tmp_path, 
     expected = {**contents, **copies}
     for point in kept:
         assert restore_bytes(capsys, live, point, "sda", tmp_path / "r.img") == expected[point]
+
+
+@pytest.mark.parametrize("then", ["backup", "rebuild-index"])
+def test_a_forget_killed_before_its_one_commit_then_other_commands(vms, capsys, then):
+    """forget killed after writing the rewritten points' manifests, before their one catalog
+    commit: manifests newer than the catalog. A backup of every VM (on the points whose
+    manifests are newer) or a rebuild-index (which takes the manifests for the truth and
+    brings the marked points back) runs first: every point restores, verify finds no damage,
+    and a forget and gc then leave exactly what they should."""
+    gone = vms.middle()
+    killed = subprocess.run([sys.executable, "-c", _DIE_AFTER, "_commit_records", "0",
+                             "forget", str(vms.repo), *[p[:12] for p in gone]],
+                            capture_output=True)
+    assert killed.returncode == -9, killed.stderr
+    newer = cli(capsys, "verify", vms.repo, "--json")
+    assert newer.code == 0 and "is newer than the catalog" in newer.out, newer.out
+    if then == "backup":
+        for vm in "abc":
+            vms.models[vm].write(0, bytes(range(256)) * 64)
+            vms.backup(vm)
+    else:
+        assert cli(capsys, "rebuild-index", vms.repo).code == 0
+        assert cli(capsys, "forget", vms.repo, *[p[:12] for p in gone]).code == 0
+    vms.assert_restores()
+    vms.gc_finishes_forgetting(gone)
