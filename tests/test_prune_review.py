@@ -195,3 +195,58 @@ def test_a_forget_killed_before_its_one_commit_then_other_commands(vms, capsys, 
         assert cli(capsys, "forget", vms.repo, *[p[:12] for p in gone]).code == 0
     vms.assert_restores()
     vms.gc_finishes_forgetting(gone)
+
+
+class _Killed(Exception):
+    """gc dying after its mark (as by SIGKILL), in process."""
+
+
+def _gc_killed_after_mark(repo: Path, monkeypatch, live_side: bool) -> None:
+    """gc that made its candidates unfindable and dies before it waits and sweeps."""
+    def killed(*_args, **_kwargs):
+        raise _Killed
+
+    with monkeypatch.context() as patch, Repository.open(repo) as opened:
+        patch.setattr(gc_module, "wait_for", killed)
+        patch.setattr(gc_module, "_live_side_cheaper", lambda _repo: live_side)
+        with pytest.raises(_Killed):
+            gc_module.gc(opened)
+
+
+def _crashed_backup_pack(repo: Path, rng: np.random.Generator) -> None:
+    """A pack a backup indexed before it died: chunks no point counts."""
+    with Repository.open(repo) as opened:
+        writer = opened.pack_writer()
+        for ref in opened.reserve_refs(int(rng.integers(1, 10))):
+            blob = rng.integers(0, 256, 900, np.uint8).tobytes()
+            writer.add(ref, opened.codec.chunk_id(blob), blob, len(blob), 0)
+        opened.commit_pack(writer)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_both_ways_of_counting_agree_after_a_gc_killed_after_its_mark(tmp_path, capsys,
+                                                                      monkeypatch, seed):
+    """A gc (either way of counting) killed after its mark, with a crashed backup's pack before
+    and after it, then a forget of most points: gc leaves the same index and files whichever
+    way it counts (the killed run's candidates, unfindable, are dropped either way), and the
+    kept points restore."""
+    rng = np.random.default_rng(seed)
+    repo, contents = _chain(tmp_path, capsys, points=int(rng.integers(6, 10)), seed=seed)
+    _crashed_backup_pack(repo, rng)
+    with Repository.open(repo) as opened:
+        forget_points(opened, [p.id for p in opened.points()[:int(rng.integers(1, 4))]])
+    _gc_killed_after_mark(repo, monkeypatch, bool(seed % 2))
+    _crashed_backup_pack(repo, rng)
+    with Repository.open(repo) as opened:
+        forget_points(opened, [p.id for p in opened.points()[:-2]])
+        kept = [p.id for p in opened.points()]
+    dead, live = tmp_path / "dead", tmp_path / "live"
+    copy_repo(repo, dead)
+    copy_repo(repo, live)
+    settled, counted = _gc(dead, monkeypatch, False), _gc(live, monkeypatch, True)
+    assert settled == counted and settled["chunks_dropped"]
+    assert _index_tables(dead) == _index_tables(live)
+    assert _files(dead) == _files(live)
+    for point in kept:
+        assert restore_bytes(capsys, live, point, "sda", tmp_path / "r.img") == contents[point]
+    assert cli(capsys, "verify", live).code == 0
