@@ -250,3 +250,32 @@ def test_both_ways_of_counting_agree_after_a_gc_killed_after_its_mark(tmp_path, 
     for point in kept:
         assert restore_bytes(capsys, live, point, "sda", tmp_path / "r.img") == contents[point]
     assert cli(capsys, "verify", live).code == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_gc_killed_right_after_its_recount_is_finished_by_the_rerun(tmp_path, capsys,
+                                                                     monkeypatch, seed):
+    """gc killed right after its recount's one transaction (counts, candidates, live counts,
+    `gc_mark` written; the dead maps no longer owed, nothing marked): the rerun, which now
+    settles (no dead map left), leaves the same index and files as a gc never killed."""
+    rng = np.random.default_rng(seed)
+    repo, contents = _chain(tmp_path, capsys, points=int(rng.integers(6, 10)), seed=seed)
+    _crashed_backup_pack(repo, rng)
+    kept = _forget_most(repo)
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    copy_repo(repo, killed)
+    copy_repo(repo, whole)
+    with monkeypatch.context() as patch, Repository.open(killed) as opened:
+        patch.setattr(gc_module, "_mark", lambda _repo: (_ for _ in ()).throw(_Killed()))
+        with pytest.raises(_Killed):
+            gc_module.gc(opened)
+        assert not gc_module._live_side_cheaper(opened)
+    with Repository.open(killed) as opened:
+        gc_module.gc(opened, max_unused=0)
+    with Repository.open(whole) as opened:
+        gc_module.gc(opened, max_unused=0)
+    assert _index_tables(killed) == _index_tables(whole)
+    assert _files(killed) == _files(whole)
+    for point in kept:
+        assert restore_bytes(capsys, killed, point, "sda", tmp_path / "r.img") == \
+            contents[point]
