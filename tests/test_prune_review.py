@@ -279,3 +279,35 @@ def test_a_gc_killed_right_after_its_recount_is_finished_by_the_rerun(tmp_path, 
     for point in kept:
         assert restore_bytes(capsys, killed, point, "sda", tmp_path / "r.img") == \
             contents[point]
+
+
+def test_a_backup_indexing_and_committing_while_gc_recounts_keeps_its_packs(tmp_path, capsys):
+    """gc counting the maps in use reads its snapshot; a backup then indexes new packs (numbered
+    past the snapshot: the recount knows none of their chunks) and commits its point before gc
+    waits for it: its packs keep their live counts, nothing it uses goes, now or at the next
+    gc."""
+    repo, contents = _chain(tmp_path, capsys)
+    kept = _forget_most(repo)
+    counting = Command(tmp_path, "gc", repo, "--json", pauses=("gc.recount", "gc.waiting"))
+    assert counting.reached("gc.recount")
+    model = DiskModel(tmp_path / "b.img", MIB, np.random.default_rng(5))
+    model.random_changes(8)
+    backup = Command(tmp_path, "backup", "image", repo, "--vm", "b", "--disk",
+                     f"sda={model.path}", "--json", pauses=("backup.before_commit",))
+    assert backup.reached("backup.before_commit")
+    counting.release("gc.waiting")
+    counting.release("gc.recount")
+    assert counting.reached("gc.waiting")
+    backup.release("backup.before_commit")
+    done = backup.finish()
+    assert done.code == 0, done.err
+    result = counting.finish()
+    assert result.code == 0, result.err
+    expected = {point: contents[point] for point in kept}
+    expected[done.json()["point"]["id"]] = model.copy_of_content()
+    for _ in range(2):
+        assert cli(capsys, "gc", repo, "--max-unused", "0").code == 0
+    for point, content in expected.items():
+        assert restore_bytes(capsys, repo, point, "sda", tmp_path / "r.img") == content
+    verified = cli(capsys, "verify", repo, "--json")
+    assert verified.code == 0 and verified.json()["ok"], verified.out
