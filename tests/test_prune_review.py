@@ -311,3 +311,49 @@ def test_a_backup_indexing_and_committing_while_gc_recounts_keeps_its_packs(tmp_
         assert restore_bytes(capsys, repo, point, "sda", tmp_path / "r.img") == content
     verified = cli(capsys, "verify", repo, "--json")
     assert verified.code == 0 and verified.json()["ok"], verified.out
+
+
+def test_forget_reads_no_map_of_a_disk_its_rewrites_keep(tmp_path, capsys, monkeypatch):
+    """VMs whose second disk came later (a full map): forgetting each VM's first point
+    rewrites the second, whose first disk is rebased and whose second keeps its map. The one
+    catalog commit of all the rewrites needs no kept map (its use does not change): none is
+    read, so forget's memory does not grow with the rewritten points times the maps they keep
+    (huge full maps of every multi-disk VM, all held until the commit)."""
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo, "--block-size", "16KiB").code == 0
+    rng = np.random.default_rng(11)
+    firsts, contents = [], {}
+    for vm in ("v0", "v1", "v2"):
+        sda, sdb = DiskModel(tmp_path / "sda.img", MIB, rng), DiskModel(tmp_path / "sdb.img",
+                                                                        MIB, rng)
+        sda.random_changes(4)
+        sdb.random_changes(4)
+        first = cli(capsys, "backup", "image", repo, "--vm", vm, "--disk", f"sda={sda.path}",
+                    "--json")
+        assert first.code == 0, first.err
+        firsts.append(first.json()["point"]["id"])
+        sda.random_changes(2)
+        second = cli(capsys, "backup", "image", repo, "--vm", vm, "--disk", f"sda={sda.path}",
+                     "--disk", f"sdb={sdb.path}", "--json")
+        assert second.code == 0, second.err
+        point = second.json()["point"]
+        assert [(d["key"], d["kind"]) for d in point["disks"]] == [("sda", "delta"),
+                                                                   ("sdb", "full")]
+        contents[point["id"]] = {"sda": sda.copy_of_content(), "sdb": sdb.copy_of_content()}
+    with Repository.open(repo) as opened:
+        kept_maps = {opened.catalogued(point).disks[1].map for point in contents}
+    read: list[str] = []
+    real = Repository.read_map
+    monkeypatch.setattr(Repository, "read_map",
+                        lambda self, name: read.append(name) or real(self, name))
+    result = cli(capsys, "forget", repo, *firsts, "--json")
+    assert result.code == 0, result.err
+    assert sorted(result.json()["rewritten"]) == sorted(contents)
+    assert not set(read) & kept_maps
+    monkeypatch.setattr(Repository, "read_map", real)
+    assert cli(capsys, "gc", repo, "--max-unused", "0").code == 0
+    for point, disks in contents.items():
+        for key, content in disks.items():
+            assert restore_bytes(capsys, repo, point, key, tmp_path / "r.img") == content
+    verified = cli(capsys, "verify", repo, "--json")
+    assert verified.code == 0 and verified.json()["ok"], verified.out
