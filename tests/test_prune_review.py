@@ -15,7 +15,7 @@ import pytest
 
 from helpers import MIB, DiskModel, cli, copy_repo, restore_bytes, write_extents
 from race import Command
-from test_gc_live_count import _files, _gc, _index_tables
+from test_gc_live_count import _files, _gc, _index_tables, crashed_backup_pack
 from test_prune_edges import _DIE_AFTER, vms  # noqa: F401 (a fixture)
 from repo_engine.maintenance import gc as gc_module
 from repo_engine.maintenance.forget import forget_points
@@ -83,6 +83,17 @@ def test_a_map_in_use_that_is_not_a_regular_file_leaves_gc_settling(tmp_path, ca
         assert cli(capsys, "verify", repo).code == 0
 
 
+def _two_gcs_keep(capsys, repo: Path, expected: dict[str, bytes], target: Path) -> None:
+    """Two more gcs (the next retires packs whose live count is 0), then every point of
+    `expected` restores its bytes and verify is clean."""
+    for _ in range(2):
+        assert cli(capsys, "gc", repo, "--max-unused", "0").code == 0
+    for point, content in expected.items():
+        assert restore_bytes(capsys, repo, point, "sda", target) == content
+    verified = cli(capsys, "verify", repo, "--json")
+    assert verified.code == 0 and verified.json()["ok"], verified.out
+
+
 @pytest.mark.parametrize("outcome", ["commits", "dies"])
 def test_a_backup_deduplicating_against_forgotten_chunks_while_gc_recounts(tmp_path, capsys,
                                                                          outcome):
@@ -119,12 +130,7 @@ def test_a_backup_deduplicating_against_forgotten_chunks_while_gc_recounts(tmp_p
     expected = {point: contents[point] for point in kept}
     if outcome == "commits":
         expected[done.json()["point"]["id"]] = image.read_bytes()
-    for _ in range(2):
-        assert cli(capsys, "gc", repo, "--max-unused", "0").code == 0
-    for point, content in expected.items():
-        assert restore_bytes(capsys, repo, point, "sda", tmp_path / "r.img") == content
-    verified = cli(capsys, "verify", repo, "--json")
-    assert verified.code == 0 and verified.json()["ok"], verified.out
+    _two_gcs_keep(capsys, repo, expected, tmp_path / "r.img")
     again = cli(capsys, "backup", "image", repo, "--vm", "c", "--disk", f"sda={image}", "--json")
     assert again.code == 0, again.err
     if outcome == "commits":  # deduplicated against what b's point uses: nothing new stored
@@ -213,16 +219,6 @@ def _gc_killed_after_mark(repo: Path, monkeypatch, live_side: bool) -> None:
             gc_module.gc(opened)
 
 
-def _crashed_backup_pack(repo: Path, rng: np.random.Generator) -> None:
-    """A pack a backup indexed before it died: chunks no point counts."""
-    with Repository.open(repo) as opened:
-        writer = opened.pack_writer()
-        for ref in opened.reserve_refs(int(rng.integers(1, 10))):
-            blob = rng.integers(0, 256, 900, np.uint8).tobytes()
-            writer.add(ref, opened.codec.chunk_id(blob), blob, len(blob), 0)
-        opened.commit_pack(writer)
-
-
 @pytest.mark.parametrize("seed", range(4))
 def test_both_ways_of_counting_agree_after_a_gc_killed_after_its_mark(tmp_path, capsys,
                                                                       monkeypatch, seed):
@@ -232,11 +228,11 @@ def test_both_ways_of_counting_agree_after_a_gc_killed_after_its_mark(tmp_path, 
     kept points restore."""
     rng = np.random.default_rng(seed)
     repo, contents = _chain(tmp_path, capsys, points=int(rng.integers(6, 10)), seed=seed)
-    _crashed_backup_pack(repo, rng)
+    crashed_backup_pack(repo, rng)
     with Repository.open(repo) as opened:
         forget_points(opened, [p.id for p in opened.points()[:int(rng.integers(1, 4))]])
     _gc_killed_after_mark(repo, monkeypatch, bool(seed % 2))
-    _crashed_backup_pack(repo, rng)
+    crashed_backup_pack(repo, rng)
     with Repository.open(repo) as opened:
         forget_points(opened, [p.id for p in opened.points()[:-2]])
         kept = [p.id for p in opened.points()]
@@ -260,7 +256,7 @@ def test_a_gc_killed_right_after_its_recount_is_finished_by_the_rerun(tmp_path, 
     settles (no dead map left), leaves the same index and files as a gc never killed."""
     rng = np.random.default_rng(seed)
     repo, contents = _chain(tmp_path, capsys, points=int(rng.integers(6, 10)), seed=seed)
-    _crashed_backup_pack(repo, rng)
+    crashed_backup_pack(repo, rng)
     kept = _forget_most(repo)
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     copy_repo(repo, killed)
@@ -305,12 +301,7 @@ def test_a_backup_indexing_and_committing_while_gc_recounts_keeps_its_packs(tmp_
     assert result.code == 0, result.err
     expected = {point: contents[point] for point in kept}
     expected[done.json()["point"]["id"]] = model.copy_of_content()
-    for _ in range(2):
-        assert cli(capsys, "gc", repo, "--max-unused", "0").code == 0
-    for point, content in expected.items():
-        assert restore_bytes(capsys, repo, point, "sda", tmp_path / "r.img") == content
-    verified = cli(capsys, "verify", repo, "--json")
-    assert verified.code == 0 and verified.json()["ok"], verified.out
+    _two_gcs_keep(capsys, repo, expected, tmp_path / "r.img")
 
 
 def test_forget_reads_no_map_of_a_disk_its_rewrites_keep(tmp_path, capsys, monkeypatch):
