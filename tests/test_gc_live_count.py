@@ -41,13 +41,18 @@ def _history(tmp_path: Path, capsys, seed: int) -> tuple[Path, dict[str, bytes]]
             done = cli(capsys, *args)
             assert done.code == 0, done.err
             contents[done.json()["point"]["id"]] = model.copy_of_content()
+    crashed_backup_pack(repo, rng)
+    return repo, contents
+
+
+def crashed_backup_pack(repo: Path, rng: np.random.Generator) -> None:
+    """A pack a backup indexed before it died: chunks no point counts."""
     with Repository.open(repo) as opened:
         writer = opened.pack_writer()
         for ref in opened.reserve_refs(int(rng.integers(1, 20))):
             blob = rng.integers(0, 256, 900, np.uint8).tobytes()
             writer.add(ref, opened.codec.chunk_id(blob), blob, len(blob), 0)
         opened.commit_pack(writer)
-    return repo, contents
 
 
 def _index_tables(repo: Path) -> dict[bytes, list[tuple[bytes, bytes]]]:

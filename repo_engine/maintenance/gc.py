@@ -57,7 +57,7 @@ import lmdb
 import numpy as np
 
 from ..errors import DamageError, LockedError, RepoError
-from ..repository.store import ObjectMissing
+from ..repository.store import ObjectDamaged, ObjectMissing
 from ..pause import pause_point
 from ..repository.index import (LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index,
                                 ref_keys, refs_found)
@@ -366,7 +366,16 @@ def _live_side_cheaper(repo: Repository) -> bool:
         if cost >= settle:
             return False
         live = [key.hex() for key, _ in txn.cursor(db=index.mapuse)]
-    return cost + sum(_size(repo, map_object(name)) for name in live) * MAP_BYTE_US < settle
+    return cost + sum(_map_size(repo, name) for name in live) * MAP_BYTE_US < settle
+
+
+def _map_size(repo: Repository, name: str) -> int:
+    """The stored size of map `name` for costing only: 0 when it is gone or not a regular file
+    (the recount then meets it as a map it cannot read, and the dead maps are settled)."""
+    try:
+        return _size(repo, map_object(name))
+    except ObjectDamaged:
+        return 0
 
 
 def _count_from_live_maps(repo: Repository, report: GcReport) -> _Recount | None:

@@ -422,14 +422,19 @@ class Repository:
 
         with ThreadPoolExecutor(max(1, min(REWRITE_THREADS, len(rewrites)))) as pool:
             updated = list(pool.map(prepared, rewrites))
-        self._commit_records([(point, self._maps_of(point, maps)) for point in updated],
-                             _sealed_before)
+        # a kept disk's map (the old record names it, forget wrote it for no disk) keeps its
+        # use: the commit moves no count of it, so it is not read (each rewrite's kept maps,
+        # full maps of huge disks too, would all be held until the one commit)
+        self._commit_records([(new, self._maps_of(new, maps, {d.map for d in old.disks}))
+                              for (old, _), new in zip(rewrites, updated)], _sealed_before)
         return updated
 
-    def _maps_of(self, point: PointRecord, known: dict[str, BlockMap]) -> dict[str, BlockMap]:
-        """The block maps `point` names, by name: those in `known`, the others read."""
+    def _maps_of(self, point: PointRecord, known: dict[str, BlockMap],
+                 kept: frozenset[str] | set[str] = frozenset()) -> dict[str, BlockMap]:
+        """The block maps `point` names, by name: those in `known`, the others read (but
+        those of `kept`, left out)."""
         return {name: known[name] if name in known else self.read_map(name)
-                for name in {d.map for d in point.disks}}
+                for name in {d.map for d in point.disks} if name in known or name not in kept}
 
     def _point_ops(self, point: PointRecord, maps: dict[str, BlockMap], written: "_Written",
                    seq: int) -> list[Op]:
