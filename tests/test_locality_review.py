@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from helpers import attach_shared
+from helpers import attach_shared, stopped_before_commit
+from repo_engine.maintenance import gc as local_gc
+from repo_engine.maintenance.forget import forget_points
+from repo_engine.maintenance.gc import GcReport
 from repo_engine.maintenance.scrub import _quarantine
 from repo_engine.repository import idfilter
 from repo_engine.repository.checkpoint import write_checkpoint
 from repo_engine.repository.packs import pack_object
 from repo_engine.repository.repo import Repository
-from test_locality import (BLOCKS, CHANGED, back_up, disk_model, map_refs, restored,  # noqa: F401
-                           shared_hosts)
+from test_locality import (BLOCKS, CHANGED, back_up, disk_model, local,  # noqa: F401
+                           map_refs, restored, shared_hosts)
 
 
 def flip_chunk(repo: Repository, ref: int) -> None:
@@ -56,3 +59,33 @@ def test_a_chunk_quarantined_on_the_host_that_wrote_a_checkpoint_is_not_found_by
         assert restored(fresh, again.id, tmp_path) == bytes(model.content)
     finally:
         fresh.close()
+
+
+def test_a_quarantined_candidate_counted_meanwhile_stays_out_of_ids(local, tmp_path,
+                                                                      monkeypatch):
+    """Backup x looks a chunk up, then scrub finds it damaged and quarantines it, the only point
+    using it is forgotten and gc marks it; x commits (its count gives the candidate back). gc's
+    sweep must not give a quarantined ref its `ids` entry back: the next backup of the same
+    content would deduplicate against the damaged chunk through `ids` (and its locality would
+    follow) instead of storing the good copy that heals x's point."""
+    model = disk_model(tmp_path, "a", 1)
+    first = back_up(local, "a", model)
+    damaged = int(map_refs(local, first)[CHANGED])
+    with stopped_before_commit(lambda: back_up(local, "x", model), tmp_path, monkeypatch) as done:
+        flip_chunk(local, damaged)
+        _quarantine(local, {damaged: "test: damaged"})
+        forget_points(local, [first.id])
+        local_gc.settle_dead_maps(local)
+        listed = local_gc._mark(local)
+        assert damaged in listed.candidates
+    [x] = done
+    assert damaged in map_refs(local, x).tolist()  # looked up before the quarantine
+    local_gc._sweep(local, listed, GcReport(), {})
+    with local.index.reader() as lookup:
+        chunk_id = bytes(lookup.chunk_id_of(damaged))
+        assert lookup.dedup_ref(chunk_id) == (None, False)
+    again = back_up(local, "y", model)
+    assert damaged not in map_refs(local, again).tolist()
+    assert again.counters["new_chunks"] == 1
+    assert restored(local, again.id, tmp_path) == bytes(model.content)
+    assert restored(local, x.id, tmp_path) == bytes(model.content)  # healed by y's copy
