@@ -89,3 +89,35 @@ def test_a_quarantined_candidate_counted_meanwhile_stays_out_of_ids(local, tmp_p
     assert again.counters["new_chunks"] == 1
     assert restored(local, again.id, tmp_path) == bytes(model.content)
     assert restored(local, x.id, tmp_path) == bytes(model.content)  # healed by y's copy
+
+
+def test_a_cache_of_version_3_loaded_from_a_checkpoint_hides_the_rows_ids_lacks_on_open(
+        shared_hosts, tmp_path, monkeypatch):
+    """As above, but the cache was loaded from that checkpoint by a repo-engine of index
+    version 3 (no `unfindable` table): on open, the upgrade must list the rows `ids` does not
+    name, since nothing else in the cache says that the writing host quarantined one."""
+    from test_index_damage import downgrade
+
+    a, _b = shared_hosts
+    model = disk_model(tmp_path, "a", 1)
+    first = back_up(a, "a", model)
+    damaged = int(map_refs(a, first)[CHANGED])
+    flip_chunk(a, damaged)
+    _quarantine(a, {damaged: "test: damaged"})
+    a.refresh()
+    write_checkpoint(a.store, a.index)
+    monkeypatch.setattr(idfilter, "ENABLED", False)
+    cache = tmp_path / "cache-fresh"
+    loaded = attach_shared(a.store, cache)
+    loaded.refresh()  # from the checkpoint
+    loaded.close()
+    downgrade(cache, 3)
+    fresh = attach_shared(a.store, cache)
+    try:
+        assert fresh.index.meta_u64("version") == 4
+        again = back_up(fresh, "b", model)
+        assert damaged not in map_refs(fresh, again).tolist()
+        assert again.counters["new_chunks"] == 1 and again.counters["dup_blocks"] == BLOCKS - 1
+        assert restored(fresh, again.id, tmp_path) == bytes(model.content)
+    finally:
+        fresh.close()
