@@ -249,13 +249,20 @@ class Index:
         candidates (a gc stopped between its mark and its sweep left them unfindable; those
         still counted are listed too, which only costs their locality until a gc settles
         them), quarantined chunks and the refs of pending plans. Small tables: the upgrade
-        costs what gc would."""
+        costs what gc would. A shared repository's cache also lists every ref `ids` does not
+        name: loaded from a checkpoint, it knows a ref the writing host quarantined by that
+        alone (one `ids` look-up a ref, as writing a checkpoint makes)."""
         with self.write() as txn:
             for db in (self.gcq, self.quarantine):
                 for key, _ in txn.cursor(db=db):
                     txn.put(key, b"", db=self.unfindable)
             for plan in list(self.plans_in(txn)):
                 self.hide(txn, plan.op.refs)
+            if self.journal_seq_in(txn):
+                ids = self.ids
+                for key, raw in txn.cursor(db=self.refs):
+                    if txn.get(raw[:32], db=ids) != U64.pack(REF_KEY.unpack(key)[0]):
+                        txn.put(key, b"", db=self.unfindable)
             txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
 
     @contextmanager
