@@ -7,15 +7,17 @@ from __future__ import annotations
 import numpy as np
 
 from helpers import attach_shared, stopped_before_commit
+from repo_engine.backup import pipeline
 from repo_engine.maintenance import gc as local_gc
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import GcReport
 from repo_engine.maintenance.scrub import _quarantine
 from repo_engine.repository import idfilter
 from repo_engine.repository.checkpoint import write_checkpoint
+from repo_engine.repository.index import REF_KEY
 from repo_engine.repository.packs import pack_object
 from repo_engine.repository.repo import Repository
-from test_locality import (BLOCKS, CHANGED, back_up, disk_model, local,  # noqa: F401
+from test_locality import (BLOCK, BLOCKS, CHANGED, back_up, disk_model, local,  # noqa: F401
                            map_refs, restored, shared_hosts)
 
 
@@ -121,3 +123,30 @@ def test_a_cache_of_version_3_loaded_from_a_checkpoint_hides_the_rows_ids_lacks_
         assert restored(fresh, again.id, tmp_path) == bytes(model.content)
     finally:
         fresh.close()
+
+
+def test_a_backup_reading_a_quarantined_chunk_again_heals_it_though_another_copy_is_near(
+        local, tmp_path, monkeypatch):
+    """Chunk x is stored twice: at ref r (VM a's disk), which `ids` names, and at r2 by VM c's
+    backup, which looked x up before a's pack was indexed (two backups at once). Scrub finds r
+    damaged and quarantines it: `ids` loses x, so through `ids` the next backup reading x stores
+    it again, and that copy heals r (heal_after_backup takes its donor from `ids`). c's disk
+    backed up again must do the same: a neighbourhood answering x with r2 stores nothing, `ids`
+    keeps lacking x, and a's point stays damaged though the repository holds a good copy."""
+    model = disk_model(tmp_path, "a", 1)
+    first = back_up(local, "a", model)
+    damaged = int(map_refs(local, first)[CHANGED])
+    other = disk_model(tmp_path, "c", 2)
+    other.write(BLOCK, model.content[CHANGED * BLOCK:(CHANGED + 1) * BLOCK])
+    with monkeypatch.context() as racing:  # c looks every id up before a's pack is indexed
+        racing.setattr(pipeline, "dedup_refs", lambda _reader, ids: ([None] * len(ids), 0))
+        copy = back_up(local, "c", other)
+    second = int(map_refs(local, copy)[1])
+    assert second != damaged
+    flip_chunk(local, damaged)
+    _quarantine(local, {damaged: "test: damaged"})
+    again = back_up(local, "d", other)
+    assert restored(local, again.id, tmp_path) == bytes(other.content)
+    assert restored(local, first.id, tmp_path) == bytes(model.content)  # healed
+    with local.index.env.begin() as txn:
+        assert txn.get(REF_KEY.pack(damaged), db=local.index.quarantine) is None
