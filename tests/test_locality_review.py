@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from helpers import attach_shared, stopped_before_commit
+from helpers import DiskModel, attach_shared, stopped_before_commit
 from repo_engine.backup import pipeline
 from repo_engine.maintenance import gc as local_gc
 from repo_engine.maintenance.forget import forget_points
@@ -32,16 +32,11 @@ def flip_chunk(repo: Repository, ref: int) -> None:
     repo.store.put(name, bytes(data))
 
 
-def test_a_chunk_quarantined_on_the_host_that_wrote_a_checkpoint_is_not_found_by_locality(
-        shared_hosts, tmp_path, monkeypatch):
-    """Host a's scrub quarantines a damaged chunk (its cache alone: `ids` loses it, the ref is
-    unfindable there), then a writes a checkpoint: its REFS row of that ref is not `indexed`. A
-    host whose cache starts from that checkpoint backs up the same disk: through `ids` it
-    would store the chunk again (the checkpoint left it out); its neighbourhood must not
-    answer the damaged ref either, or the new point restores with the damage. The id filter
-    is off: it cannot say whenever another process of the host inserted ids meanwhile (and it
-    errs 1% of the time), so it is no guard."""
-    a, _b = shared_hosts
+def quarantined_then_checkpoint(a: Repository, tmp_path, monkeypatch) -> tuple[DiskModel, int]:
+    """Host a backs up a disk, scrub finds one of its chunks damaged and quarantines it (in a's
+    cache alone), then a writes a checkpoint; returns the disk and the damaged ref. The id
+    filter is off from then on: it cannot say whenever another process of a host inserted ids
+    meanwhile (and errs 1% of the time), so it is no guard."""
     model = disk_model(tmp_path, "a", 1)
     first = back_up(a, "a", model)
     damaged = int(map_refs(a, first)[CHANGED])
@@ -50,15 +45,32 @@ def test_a_chunk_quarantined_on_the_host_that_wrote_a_checkpoint_is_not_found_by
     a.refresh()
     write_checkpoint(a.store, a.index)
     monkeypatch.setattr(idfilter, "ENABLED", False)
+    return model, damaged
+
+
+def stores_it_again(host: Repository, model: DiskModel, damaged: int, tmp_path) -> None:
+    """A backup of `model` on `host` stores the damaged chunk again and restores whole."""
+    again = back_up(host, "b", model)
+    assert damaged not in map_refs(host, again).tolist()
+    assert again.counters["new_chunks"] == 1 and again.counters["dup_blocks"] == BLOCKS - 1
+    assert restored(host, again.id, tmp_path) == bytes(model.content)
+
+
+def test_a_chunk_quarantined_on_the_host_that_wrote_a_checkpoint_is_not_found_by_locality(
+        shared_hosts, tmp_path, monkeypatch):
+    """Host a's scrub quarantines a damaged chunk (its cache alone: `ids` loses it, the ref is
+    unfindable there), then a writes a checkpoint: its REFS row of that ref is not `indexed`. A
+    host whose cache starts from that checkpoint backs up the same disk: through `ids` it
+    would store the chunk again (the checkpoint left it out); its neighbourhood must not
+    answer the damaged ref either, or the new point restores with the damage."""
+    a, _b = shared_hosts
+    model, damaged = quarantined_then_checkpoint(a, tmp_path, monkeypatch)
     fresh = attach_shared(a.store, tmp_path / "cache-fresh")
     try:
         fresh.refresh()
         with fresh.index.reader() as lookup:
             assert lookup.dedup_ref(bytes(lookup.chunk_id_of(damaged))) == (None, False)
-        again = back_up(fresh, "b", model)
-        assert damaged not in map_refs(fresh, again).tolist()
-        assert again.counters["new_chunks"] == 1 and again.counters["dup_blocks"] == BLOCKS - 1
-        assert restored(fresh, again.id, tmp_path) == bytes(model.content)
+        stores_it_again(fresh, model, damaged, tmp_path)
     finally:
         fresh.close()
 
@@ -101,14 +113,7 @@ def test_a_cache_of_version_3_loaded_from_a_checkpoint_hides_the_rows_ids_lacks_
     from test_index_damage import downgrade
 
     a, _b = shared_hosts
-    model = disk_model(tmp_path, "a", 1)
-    first = back_up(a, "a", model)
-    damaged = int(map_refs(a, first)[CHANGED])
-    flip_chunk(a, damaged)
-    _quarantine(a, {damaged: "test: damaged"})
-    a.refresh()
-    write_checkpoint(a.store, a.index)
-    monkeypatch.setattr(idfilter, "ENABLED", False)
+    model, damaged = quarantined_then_checkpoint(a, tmp_path, monkeypatch)
     cache = tmp_path / "cache-fresh"
     loaded = attach_shared(a.store, cache)
     loaded.refresh()  # from the checkpoint
@@ -117,10 +122,7 @@ def test_a_cache_of_version_3_loaded_from_a_checkpoint_hides_the_rows_ids_lacks_
     fresh = attach_shared(a.store, cache)
     try:
         assert fresh.index.meta_u64("version") == 4
-        again = back_up(fresh, "b", model)
-        assert damaged not in map_refs(fresh, again).tolist()
-        assert again.counters["new_chunks"] == 1 and again.counters["dup_blocks"] == BLOCKS - 1
-        assert restored(fresh, again.id, tmp_path) == bytes(model.content)
+        stores_it_again(fresh, model, damaged, tmp_path)
     finally:
         fresh.close()
 
