@@ -1,6 +1,8 @@
-"""Duplicates by locality never reach a chunk that a look-up through `ids` would not: the cases
-where a ref is placed, unlisted in `unfindable`, and yet taken out of deduplication (or about to
-be), found by attacking every writer of `ids`, `refs` and `unfindable`."""
+"""Duplicates by locality answer as a look-up through `ids` would where it matters: never a ref
+that is placed and not in `unfindable` yet taken out of deduplication (a quarantine known only
+by a checkpoint's row, or by an index of version 3 loaded from one), never a ref `ids` gives
+back while it is damaged, and never a neighbouring copy of a quarantined chunk (the copy stored
+again heals it)."""
 
 from __future__ import annotations
 
