@@ -586,9 +586,9 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport, placed: Placed) 
                 continue
             chunk_id, pack, _off, stored, raw, _codec = REF_REC.unpack(rec)
             if txn.get(key, db=index.refcount) is not None:
-                if txn.put(chunk_id, U64.pack(ref), db=index.ids, overwrite=False):
-                    index.id_filter.inserted(txn, [chunk_id])
                 if txn.get(key, db=index.quarantine) is None:  # damaged: stays unfindable
+                    if txn.put(chunk_id, U64.pack(ref), db=index.ids, overwrite=False):
+                        index.id_filter.inserted(txn, [chunk_id])
                     txn.delete(key, db=index.unfindable)
                 report.resurrected += 1
                 continue

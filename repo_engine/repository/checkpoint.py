@@ -29,8 +29,9 @@ over the stored bytes (a keyless scrub checks them); the tags and lengths stay r
 
 A reader loads a checkpoint into the cache in one write transaction, which commits only after
 the footer checks out. A ref row's `indexed` flag says the `ids` table names it (a chunk stored
-twice, or made unfindable by a plan, is placed but not found); the refs of a loaded `PLAN` are
-listed in `unfindable`, as its replay lists them.
+twice, or made unfindable by a plan, is placed but not found); those refs, and the refs of a
+loaded `PLAN`, are listed in `unfindable`, as its replay lists them (a ref the writing host's
+scrub quarantined is known as such on that host alone: its row is all that says so).
 
 `catch_up` is a shared repository's refresh: apply entries `journal_seq + 1, ...` until one is
 missing. A cache that is empty, or was last refreshed more than STALE_AFTER ago, first looks for
@@ -340,6 +341,9 @@ def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: b
                     int(row["codec"])), db=index.refs)
             if row["indexed"]:
                 txn.put(chunk_id, U64.pack(ref), db=index.ids)
+        # a row the writer's `ids` did not name stays out of locality too: the writer may have
+        # taken it out alone (its scrub's quarantine), which only the flag says
+        index.hide(txn, rows["ref"][rows["indexed"] == 0])
         for key, total in (("chunks", len(rows)), ("raw_bytes", int(rows["raw"].sum())),
                            ("stored_bytes", int(rows["stored"].sum()))):
             index._add(txn, key, total)

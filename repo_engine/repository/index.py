@@ -251,13 +251,20 @@ class Index:
         candidates (a gc stopped between its mark and its sweep left them unfindable; those
         still counted are listed too, which only costs their locality until a gc settles
         them), quarantined chunks and the refs of pending plans. Small tables: the upgrade
-        costs what gc would."""
+        costs what gc would. A shared repository's cache also lists every ref `ids` does not
+        name: loaded from a checkpoint, it knows a ref the writing host quarantined by that
+        alone (one `ids` look-up a ref, as writing a checkpoint makes)."""
         with self.write() as txn:
             for db in (self.gcq, self.quarantine):
                 for key, _ in txn.cursor(db=db):
                     txn.put(key, b"", db=self.unfindable)
             for plan in list(self.plans_in(txn)):
                 self.hide(txn, plan.op.refs)
+            if self.journal_seq_in(txn):
+                ids = self.ids
+                for key, raw in txn.cursor(db=self.refs):
+                    if txn.get(raw[:32], db=ids) != U64.pack(REF_KEY.unpack(key)[0]):
+                        txn.put(key, b"", db=self.unfindable)
             txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
 
     @contextmanager
@@ -951,6 +958,14 @@ class IndexReader:
                 if key not in hidden and len(raw) == REF_REC.size:
                     found.setdefault(raw[:32], REF_KEY.unpack(key)[0])
         return found
+
+    def quarantined_ids(self) -> set[bytes]:
+        """The chunk ids of the quarantined refs (a few): `ids` names such an id only with a
+        good copy, else a backup reading the chunk stores it again and that copy heals the
+        damaged ref (scrub.py), so they are looked up through `ids` alone."""
+        txn = self._txn
+        keys = list(txn.cursor(db=self._index.quarantine).iternext(keys=True, values=False))
+        return {raw[:32] for _key, raw in txn.cursor(db=self._index.refs).getmulti(keys)}
 
     def surely_absent(self, chunk_ids: list[bytes]) -> np.ndarray | None:
         """Per id: True when the index surely lacks it, without reading the index (the id

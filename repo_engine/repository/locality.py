@@ -13,7 +13,9 @@ lists it in the index's `unfindable` table in the transaction that deletes its `
 So a neighbourhood answers only refs placed and not taken out at that snapshot: what `ids`
 would answer, or another placed copy of the same chunk no writer has doomed (gc decides by ref,
 not by id: a backup's commit counts whichever ref it names, and a plan dooms copies by ref).
-Nothing is carried from one read transaction to the next.
+Nothing is carried from one read transaction to the next. The id of a quarantined chunk is
+looked up through `ids` alone: another copy may be near, but only a copy stored again (or one
+`ids` names) heals the damaged ref (maintenance/scrub.py).
 
 Cost bound: a run is read FIRST refs at a time after its `ids` hit (mostly the leaf of that hit,
 read already), then in windows that double while the run goes on (up to MAX_WINDOW); a window is
@@ -116,9 +118,10 @@ def dedup_refs(reader: IndexReader, chunk_ids: list[bytes]) -> tuple[list[int | 
     mismatched = 0
     near = _Neighbourhood(reader)
     local = True
+    damaged = reader.quarantined_ids()  # a neighbour may hold another copy: `ids` decides
     total = len(chunk_ids)
     for i, chunk_id in enumerate(chunk_ids):
-        ref = near.find(chunk_id, total - i) if local else None
+        ref = near.find(chunk_id, total - i) if local and chunk_id not in damaged else None
         if ref is None:
             ref, wrong = reader.dedup_ref(chunk_id)
             mismatched += wrong
