@@ -1,0 +1,74 @@
+"""`ids` never names a ref listed in `unfindable`: whatever writes an `ids` entry (a replayed
+`pack` entry of a heal or a repack, a checkpoint loaded into a cache that knows more) leaves out
+a ref some writer took out of deduplication, so a backup deduplicates neither against a chunk a
+pending plan dooms nor against one this host found damaged."""
+
+from __future__ import annotations
+
+from helpers import attach_shared, stopped_before_commit
+from repo_engine.backup import job
+from repo_engine.maintenance.gc import gc
+from repo_engine.maintenance.scrub import _quarantine, scrub
+from repo_engine.repository.checkpoint import write_checkpoint
+from repo_engine.repository.index import REF_KEY, U64
+from repo_engine.repository.repo import Repository
+from test_locality import (BLOCK, BLOCKS, CHANGED, back_up, disk_model,  # noqa: F401
+                           first_backup_then_changed, local, map_refs, restored, shared_hosts)
+from test_locality_review import flip_chunk
+
+
+def ids_naming_unfindable(repo: Repository) -> list[int]:
+    """The refs that both `ids` names and `unfindable` lists."""
+    index = repo.index
+    with index.env.begin() as txn:
+        named = {U64.unpack(v)[0] for _k, v in txn.cursor(db=index.ids)}
+        hidden = {REF_KEY.unpack(k)[0] for k, _v in txn.cursor(db=index.unfindable)}
+    return sorted(named & hidden)
+
+
+def chunk_of(repo: Repository, ref: int) -> bytes:
+    with repo.index.reader() as lookup:
+        return bytes(lookup.chunk_id_of(ref))
+
+
+def test_a_heal_replayed_on_another_host_gives_no_ids_entry_to_a_ref_a_plan_dooms(
+        shared_hosts, tmp_path, monkeypatch):
+    """Host b's `ids` names ref r of chunk x; host a's scrub finds r damaged and quarantines it,
+    and a backup on a stores x again (r2; its heal postponed: the maintenance lock was taken).
+    gc's plan dooms r (no point uses it): b's `ids` loses x. Then a heals r from r2: the `pack`
+    entry of the healed copy, replayed on b, must not give x back to r. Else b's next backup
+    deduplicates against r, gc sweeps r before that backup commits (it started after the plan,
+    so gc does not wait for it), and the backup fails with its chunk gone."""
+    a, b = shared_hosts
+    model, doomed, _kept = first_backup_then_changed(a, tmp_path)
+    b.refresh()
+    with b.index.reader() as lookup:  # b never scrubbed: its `ids` names the damaged ref
+        assert lookup.dedup_ref(chunk_of(b, doomed)) == (doomed, False)
+    flip_chunk(a, doomed)
+    _quarantine(a, {doomed: "test: damaged"})
+    other = disk_model(tmp_path, "c", 2)
+    other.write(BLOCK, model.content[CHANGED * BLOCK:(CHANGED + 1) * BLOCK])
+    with monkeypatch.context() as busy:  # the heal after the backup is postponed
+        busy.setattr(job, "_heal", lambda *_args, **_kw: None)
+        copy = back_up(a, "c", other)
+    donor = int(map_refs(a, copy)[1])
+    assert donor != doomed
+    gc(a, grace=3600)
+    [plan] = a.index.pending_plans()
+    assert doomed in plan.op.refs.tolist() and donor not in plan.op.refs.tolist()
+    assert scrub(a, repair=True).repair.healed == 1
+    b.refresh()
+    assert ids_naming_unfindable(b) == [] and ids_naming_unfindable(a) == []
+    with b.index.reader() as lookup:
+        assert lookup.dedup_ref(chunk_of(b, doomed))[0] != doomed
+    with stopped_before_commit(lambda: back_up(b, "b", model), tmp_path, monkeypatch) as done:
+        assert gc(a, grace=0).plans_swept == 1
+    [again] = done
+    assert doomed not in map_refs(b, again).tolist()
+    fresh = attach_shared(a.store, tmp_path / "cache-fresh")
+    try:
+        fresh.refresh()
+        assert restored(fresh, again.id, tmp_path) == bytes(model.content)
+        assert restored(fresh, copy.id, tmp_path) == bytes(other.content)
+    finally:
+        fresh.close()
