@@ -354,13 +354,17 @@ class Index:
     def _put_chunks(self, txn: lmdb.Transaction, number: int, entries: list[PackEntry]) -> int:
         """Index the chunks of pack `number`: ids, places and the chunk counters; returns their
         stored bytes. A ref placed already (a repacked or healed copy) moves to this pack and
-        is counted once."""
+        is counted once; `ids` never names one listed in `unfindable` (a heal or repack of a
+        ref this host holds doomed or damaged: a dedup must not find it)."""
         raw = stored = new = total = 0
         added = []
+        hidden, ids = self.unfindable, self.ids
         for e in entries:
-            if txn.put(e.chunk_id, U64.pack(e.ref), db=self.ids, overwrite=False):
+            key = REF_KEY.pack(e.ref)
+            if (txn.get(key, db=hidden) is None
+                    and txn.put(e.chunk_id, U64.pack(e.ref), db=ids, overwrite=False)):
                 added.append(e.chunk_id)
-            old = txn.replace(REF_KEY.pack(e.ref),
+            old = txn.replace(key,
                               REF_REC.pack(e.chunk_id, number, e.offset, e.stored, e.raw, e.codec),
                               db=self.refs)
             was = (0, 0) if old is None else REF_REC.unpack(old)[3:5]
