@@ -72,3 +72,32 @@ def test_a_heal_replayed_on_another_host_gives_no_ids_entry_to_a_ref_a_plan_doom
         assert restored(fresh, copy.id, tmp_path) == bytes(other.content)
     finally:
         fresh.close()
+
+
+def test_a_checkpoint_loaded_by_a_host_that_quarantined_a_chunk_gives_it_no_ids_entry(
+        shared_hosts, tmp_path):
+    """Host b's scrub quarantines ref r of chunk x (b's cache alone: its `ids` loses x); host a,
+    which knows nothing of it, writes a checkpoint whose row of r is `indexed`. b, stale, catches
+    up from that checkpoint: its `ids` must not name r again (r stays quarantined there). Else b's
+    next backup of x deduplicates against the damaged chunk instead of storing the good copy,
+    and the new point restores with the damage."""
+    a, b = shared_hosts
+    model = disk_model(tmp_path, "a", 1)
+    first = back_up(a, "a", model)
+    damaged = int(map_refs(a, first)[CHANGED])
+    b.refresh()
+    flip_chunk(b, damaged)
+    _quarantine(b, {damaged: "test: damaged"})
+    back_up(a, "w", disk_model(tmp_path, "w", 9))  # the checkpoint is ahead of b's cache
+    a.refresh()
+    seq = write_checkpoint(a.store, a.index)
+    b.index.set_meta_u64("refreshed", 0)  # stale: b loads the newest checkpoint
+    assert b.refresh() == seq
+    assert ids_naming_unfindable(b) == []
+    with b.index.reader() as lookup:
+        assert lookup.dedup_ref(chunk_of(b, damaged)) == (None, False)
+    again = back_up(b, "b", model)
+    assert damaged not in map_refs(b, again).tolist()
+    assert again.counters["new_chunks"] == 1
+    assert restored(b, again.id, tmp_path) == bytes(model.content)
+    assert restored(b, first.id, tmp_path) == bytes(model.content)  # healed by b's copy
