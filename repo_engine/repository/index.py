@@ -541,11 +541,9 @@ class Index:
         return held, raw_bytes, stored
 
     def hide(self, txn: lmdb.Transaction, refs: np.ndarray) -> None:
-        """List `refs` in `unfindable` (their `ids` entries are the caller's): a backup's
-        locality never answers them."""
-        put, db = txn.put, self.unfindable
-        for key in ref_keys(np.unique(refs)):
-            put(key, b"", db=db)
+        """Take the placed `refs` out of deduplication: no `ids` entry names them any more and
+        `unfindable` lists them, so neither a look-up by id nor locality answers them."""
+        self._unfindable(txn, refs)
 
     def _sweep(self, txn: lmdb.Transaction, seq: int, op: SweepOp) -> None:
         held, raw_bytes, stored = self._unfindable(txn, op.refs, drop=True)
