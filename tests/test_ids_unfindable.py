@@ -101,3 +101,35 @@ def test_a_checkpoint_loaded_by_a_host_that_quarantined_a_chunk_gives_it_no_ids_
     assert again.counters["new_chunks"] == 1
     assert restored(b, again.id, tmp_path) == bytes(model.content)
     assert restored(b, first.id, tmp_path) == bytes(model.content)  # healed by b's copy
+
+
+def test_an_index_of_version_3_opened_lists_in_unfindable_no_ref_ids_names(tmp_path):
+    """A version 3 index holding a queued gc candidate no gc has marked yet (`ids` names it: it
+    is found by id until a mark takes it out) and a quarantined chunk an earlier sweep gave its
+    `ids` entry back: on open, the first stays findable both ways, the second leaves `ids` too
+    (a backup must store the damaged chunk again, not deduplicate against it)."""
+    from repo_engine.maintenance import gc as local_gc
+    from test_index_damage import downgrade
+
+    path = tmp_path / "repo"
+    repo = Repository.init(path, block_size=BLOCK)
+    model, queued, _kept = first_backup_then_changed(repo, tmp_path)
+    local_gc.settle_dead_maps(repo)  # queued in gcq, not marked: `ids` still names it
+    damaged = queued + 1
+    _quarantine(repo, {damaged: "test: damaged"})
+    with repo.index.write() as txn:  # as a sweep of an earlier repo-engine gave it back
+        txn.put(chunk_of(repo, damaged), U64.pack(damaged), db=repo.index.ids)
+    repo.close()
+    downgrade(path, 3)
+    repo = Repository.open(path)
+    try:
+        assert ids_naming_unfindable(repo) == []
+        with repo.index.reader() as lookup:
+            assert lookup.dedup_ref(chunk_of(repo, queued)) == (queued, False)
+            assert lookup.dedup_ref(chunk_of(repo, damaged)) == (None, False)
+        again = back_up(repo, "b", model)
+        refs = map_refs(repo, again).tolist()
+        assert queued in refs and damaged not in refs
+        assert again.counters["new_chunks"] == 1
+    finally:
+        repo.close()
