@@ -245,23 +245,25 @@ class Index:
             txn.put(b"version", U64.pack(3), db=self.meta)
 
     def _upgrade_from_3(self) -> None:
-        """Version 3 -> 4: list in `unfindable` the refs taken out of deduplication: queued gc
-        candidates (a gc stopped between its mark and its sweep left them unfindable; those
-        still counted are listed too, which only costs their locality until a gc settles
-        them), quarantined chunks and the refs of pending plans. Small tables: the upgrade
-        costs what gc would. A shared repository's cache also lists every ref `ids` does not
-        name: loaded from a checkpoint, it knows a ref the writing host quarantined by that
-        alone (one `ids` look-up a ref, as writing a checkpoint makes)."""
+        """Version 3 -> 4: take out of deduplication (`ids` and `unfindable`) the quarantined
+        chunks (an earlier sweep could give one its `ids` entry back) and the refs of pending
+        plans, and list in `unfindable` the queued gc candidates `ids` does not name (a gc
+        stopped between its mark and its sweep took them out; one `ids` still names is found
+        by id until a mark takes it out, so locality may answer it too). Small tables: the
+        upgrade costs what gc would. A shared repository's cache also lists every ref `ids`
+        does not name: loaded from a checkpoint, it knows a ref the writing host quarantined by
+        that alone (one `ids` look-up a ref, as writing a checkpoint makes)."""
         with self.write() as txn:
-            for db in (self.gcq, self.quarantine):
-                for key, _ in txn.cursor(db=db):
-                    txn.put(key, b"", db=self.unfindable)
+            self.hide(txn, np.array([REF_KEY.unpack(k)[0] for k, _ in
+                                     txn.cursor(db=self.quarantine)], np.uint64))
             for plan in list(self.plans_in(txn)):
                 self.hide(txn, plan.op.refs)
-            if self.journal_seq_in(txn):
-                ids = self.ids
-                for key, raw in txn.cursor(db=self.refs):
-                    if txn.get(raw[:32], db=ids) != U64.pack(REF_KEY.unpack(key)[0]):
+            queued = ((key, txn.get(key, db=self.refs)) for key, _ in txn.cursor(db=self.gcq))
+            cached = txn.cursor(db=self.refs) if self.journal_seq_in(txn) else iter(())
+            for rows in (queued, cached):
+                for key, raw in rows:
+                    if raw is None or txn.get(raw[:32], db=self.ids) != U64.pack(
+                            REF_KEY.unpack(key)[0]):
                         txn.put(key, b"", db=self.unfindable)
             txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
 
