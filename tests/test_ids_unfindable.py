@@ -133,3 +133,20 @@ def test_an_index_of_version_3_opened_lists_in_unfindable_no_ref_ids_names(tmp_p
         assert again.counters["new_chunks"] == 1
     finally:
         repo.close()
+
+
+def test_verify_reports_an_ids_entry_naming_an_unfindable_ref_as_damage(local, tmp_path):
+    """A chunk quarantined (out of `ids`, in `unfindable`) verifies without that error; an
+    `ids` entry naming it again (a damaged index, or a writer breaking the rule) is damage."""
+    from repo_engine.maintenance.verify import verify
+
+    first = back_up(local, "a", disk_model(tmp_path, "a", 1))
+    damaged = int(map_refs(local, first)[CHANGED])
+    _quarantine(local, {damaged: "test: damaged"})
+    assert not [e for e in verify(local).errors if "unfindable" in e]
+    with local.index.write() as txn:
+        txn.put(chunk_of(local, damaged), U64.pack(damaged), db=local.index.ids)
+    errors = [e for e in verify(local).errors if "unfindable" in e]
+    assert errors == ["1 entries of the index's ids table name a chunk ref taken out of "
+                      "deduplication (unfindable: doomed by gc or quarantined as damaged; a "
+                      "backup could deduplicate against it); run 'repo-engine rebuild-index'"]
