@@ -1,9 +1,12 @@
 """`ids` never names a ref listed in `unfindable`: whatever writes an `ids` entry (a replayed
-`pack` entry of a heal or a repack, a checkpoint loaded into a cache that knows more) leaves out
-a ref some writer took out of deduplication, so a backup deduplicates neither against a chunk a
-pending plan dooms nor against one this host found damaged."""
+`pack` entry of a heal or a repack, a checkpoint loaded into a cache that knows more, the
+upgrade of an index of version 3) leaves out a ref some writer took out of deduplication, so a
+backup deduplicates neither against a chunk a pending plan dooms nor against one this host found
+damaged; verify reports an entry that breaks the rule."""
 
 from __future__ import annotations
+
+import numpy as np
 
 from helpers import attach_shared, stopped_before_commit
 from repo_engine.backup import job
@@ -12,7 +15,7 @@ from repo_engine.maintenance.scrub import _quarantine, scrub
 from repo_engine.repository.checkpoint import write_checkpoint
 from repo_engine.repository.index import REF_KEY, U64
 from repo_engine.repository.repo import Repository
-from test_locality import (BLOCK, BLOCKS, CHANGED, back_up, disk_model,  # noqa: F401
+from test_locality import (BLOCK, CHANGED, back_up, disk_model,  # noqa: F401
                            first_backup_then_changed, local, map_refs, restored, shared_hosts)
 from test_locality_review import flip_chunk
 
@@ -150,3 +153,41 @@ def test_verify_reports_an_ids_entry_naming_an_unfindable_ref_as_damage(local, t
     assert errors == ["1 entries of the index's ids table name a chunk ref taken out of "
                       "deduplication (unfindable: doomed by gc or quarantined as damaged; a "
                       "backup could deduplicate against it); run 'repo-engine rebuild-index'"]
+
+
+def test_a_repack_moving_a_ref_a_sweep_kept_gives_it_no_ids_entry(shared_hosts, tmp_path,
+                                                                   monkeypatch):
+    """Refs d1 and d2 are used by no point; backup x (started before gc's plan) deduplicates
+    against d1 and commits after the plan dooms both: the sweep keeps d1 (x uses it; it stays
+    unfindable, out of `ids`) and drops d2. A repack then moves d1 with the other live chunks of
+    its pack: the replayed `pack` entry must leave `ids` as it is, on every host."""
+    a, b = shared_hosts
+    model = disk_model(tmp_path, "a", 1)
+    first = back_up(a, "a", model)
+    d1, d2 = (int(r) for r in map_refs(a, first)[CHANGED:CHANGED + 2])
+    original = bytes(model.content)
+    model.write(CHANGED * BLOCK, bytes(range(256)) * (2 * BLOCK // 256))
+    back_up(a, "a", model)  # uses every chunk of the first point but d1 and d2
+    gc(a, grace=0)  # nothing to doom yet: no plan pending
+    model.write(0, original)
+    model.write((CHANGED + 1) * BLOCK, bytes(range(255, -1, -1)) * (BLOCK // 256))
+    with stopped_before_commit(lambda: back_up(b, "x", model), tmp_path, monkeypatch) as done:
+        from repo_engine.maintenance.forget import forget_points
+        forget_points(a, [first.id])
+        gc(a, grace=3600)
+        [plan] = a.index.pending_plans()
+        assert {d1, d2} <= set(plan.op.refs.tolist())
+    [x] = done
+    assert d1 in map_refs(b, x).tolist()
+    assert gc(a, grace=0).plans_swept == 1  # keeps d1 (and x's own new chunk), drops d2
+    assert a.index.missing_refs(np.array([d1, d2], np.uint64)).tolist() == [d2]
+    repacked = gc(a, grace=0, repack=True, max_unused=0.5)
+    assert repacked.packs_written >= 1
+    b.refresh()
+    assert ids_naming_unfindable(a) == [] and ids_naming_unfindable(b) == []
+    fresh = attach_shared(a.store, tmp_path / "cache-fresh")
+    try:
+        fresh.refresh()
+        assert restored(fresh, x.id, tmp_path) == bytes(model.content)
+    finally:
+        fresh.close()
