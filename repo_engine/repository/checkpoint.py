@@ -355,7 +355,8 @@ def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: b
             if found:
                 txn.put(chunk_id, U64.pack(ref), db=index.ids)
         # a row the writer's `ids` did not name stays out of locality too: the writer may have
-        # taken it out alone (its scrub's quarantine), which only the flag says
+        # taken it out alone (its scrub's quarantine), which only the flag says; so does a row
+        # this host quarantined
         index.hide(txn, rows["ref"][~findable])
         for key, total in (("chunks", len(rows)), ("raw_bytes", int(rows["raw"].sum())),
                            ("stored_bytes", int(rows["stored"].sum()))):
