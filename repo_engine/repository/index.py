@@ -943,9 +943,9 @@ class IndexReader:
         """The chunk ids of the quarantined refs (a few): `ids` names such an id only with a
         good copy, else a backup reading the chunk stores it again and that copy heals the
         damaged ref (scrub.py), so they are looked up through `ids` alone."""
-        places, txn = self._index.refs, self._txn
-        keys = txn.cursor(db=self._index.quarantine).iternext(keys=True, values=False)
-        return {raw[:32] for key in keys if (raw := txn.get(key, db=places)) is not None}
+        txn = self._txn
+        keys = list(txn.cursor(db=self._index.quarantine).iternext(keys=True, values=False))
+        return {raw[:32] for _key, raw in txn.cursor(db=self._index.refs).getmulti(keys)}
 
     def surely_absent(self, chunk_ids: list[bytes]) -> np.ndarray | None:
         """Per id: True when the index surely lacks it, without reading the index (the id
