@@ -8,8 +8,9 @@ Checks, against one consistent snapshot of the index:
 4. every index entry points into an indexed pack whose file exists and whose trailer lists the
    same ref with the same id, offset, lengths and codec;
 5. the index's tables agree with each other: each `ids` entry names a ref whose place record
-   holds the same id (else a backup could deduplicate a block to another chunk), `packs` and
-   `packnames` map names and numbers both ways;
+   holds the same id (else a backup could deduplicate a block to another chunk) and that
+   `unfindable` does not list (else it could deduplicate against a doomed or damaged chunk),
+   `packs` and `packnames` map names and numbers both ways;
 6. the reference counts equal a recount (under-counting is an error: gc could lose data);
 7. orphans are listed: pack files the index does not know, unused map files, manifests not in
    the catalog (a crash or a running backup leaves these; gc removes them).
@@ -234,18 +235,28 @@ def _record_differences(record: PointRecord, manifest: PointRecord) -> list[str]
 
 def _check_tables(index: Index, snap: _Snapshot, report: VerifyReport) -> None:
     """The index's tables against each other: ids -> refs (each entry's id against the
-    fingerprint of the id its ref's place record holds), packs <-> packnames."""
-    disagree = 0
+    fingerprint of the id its ref's place record holds, and its ref not unfindable), packs <->
+    packnames."""
+    disagree = hidden = 0
+    unfindable = (scan_u64_keys(snap.txn, index.unfindable) if index.unfindable is not None
+                  else np.zeros(0, np.uint64))  # a read-only index of an earlier version
     for keys, values in batches(snap.txn, index.ids):
         ids = np.frombuffer(keys, "V32")
-        pos, found = snap.table.find(np.frombuffer(values, "<u8"))
+        refs = np.frombuffer(values, "<u8")
+        pos, found = snap.table.find(refs)
         agree = found & (snap.table.id_prints[pos] == fingerprints(ids) if len(snap.table)
                          else False)
         disagree += int((~agree).sum())
+        hidden += int(holds(unfindable, refs.astype(np.uint64)).sum())
     if disagree:
         report.errors.append(f"{disagree} entries of the index's ids table name a "
                              "chunk ref whose place record holds another chunk id (a backup "
                              f"could deduplicate to the wrong chunk); {REBUILD}")
+    if hidden:
+        report.errors.append(f"{hidden} entries of the index's ids table name a chunk ref "
+                             "taken out of deduplication (unfindable: doomed by gc or "
+                             "quarantined as damaged; a backup could deduplicate against it); "
+                             f"{REBUILD}")
     by_name = {name: number for number, (name, _size, _count) in snap.packs.items()}
     if by_name != snap.packnames:
         wrong = len(set(by_name.items()) ^ set(snap.packnames.items()))

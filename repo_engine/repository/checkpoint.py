@@ -31,7 +31,9 @@ A reader loads a checkpoint into the cache in one write transaction, which commi
 the footer checks out. A ref row's `indexed` flag says the `ids` table names it (a chunk stored
 twice, or made unfindable by a plan, is placed but not found); those refs, and the refs of a
 loaded `PLAN`, are listed in `unfindable`, as its replay lists them (a ref the writing host's
-scrub quarantined is known as such on that host alone: its row is all that says so).
+scrub quarantined is known as such on that host alone: its row is all that says so). So are
+the refs the loading host's own scrub quarantined, whatever their rows say: `ids` never names
+them (the writing host may not know they are damaged).
 
 `catch_up` is a shared repository's refresh: apply entries `journal_seq + 1, ...` until one is
 missing. A cache that is empty, or was last refreshed more than STALE_AFTER ago, first looks for
@@ -82,8 +84,10 @@ MAX_FRAME = 1 << 30
 STALE_AFTER = 3600.0
 READ_AHEAD = 8  # journal entries fetched at once by a long replay
 CHECKPOINT_EVERY = 200
-# what a checkpoint replaces in a cache (other tables are this host's own notes)
-REPLAYED = ("ids", "refs", "packs", "packnames", "packlive", "points", "plans", "sweptmaps")
+# what a checkpoint replaces in a cache (other tables are this host's own notes; `unfindable`
+# is made again from the checkpoint and this host's `quarantine`)
+REPLAYED = ("ids", "refs", "packs", "packnames", "packlive", "points", "plans", "sweptmaps",
+            "unfindable")
 
 
 def checkpoint_object(seq: int) -> str:
@@ -308,16 +312,24 @@ def load_checkpoint(store: Store, index: Index, seq: int, sealer: Sealer = NULL_
                 return  # another process of this host got there first: never go back
             for table in REPLAYED:
                 txn.drop(getattr(index, table), delete=False)
+            damaged = _quarantined(index, txn)
             for tag, doc, binary in reader.records():
-                _load_record(index, txn, tag, doc, binary, reader.what)
+                _load_record(index, txn, tag, doc, binary, reader.what, damaged)
             if index.journal_seq_in(txn) != seq:
                 raise DamageError(f"{reader.what}: checkpoint says it holds another seq")
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise DamageError(f"{reader.what}: checkpoint is malformed ({exc})") from None
 
 
+def _quarantined(index: Index, txn: lmdb.Transaction) -> np.ndarray:
+    """The refs this host's scrub quarantined (a few): the writing host may not know they are
+    damaged, so their rows stay out of `ids` and in `unfindable` whatever the rows say."""
+    keys = txn.cursor(db=index.quarantine).iternext(keys=True, values=False)
+    return np.array([REF_KEY.unpack(key)[0] for key in keys], np.uint64)
+
+
 def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: bytes,
-                 what: str) -> None:
+                 what: str, damaged: np.ndarray) -> None:
     if tag == b"META":
         for key in ("next_ref", "next_seq"):
             txn.put(key.encode(), U64.pack(doc[key]), db=index.meta)
@@ -333,17 +345,19 @@ def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: b
                 txn.put(b"next_pack", U64.pack(number + 1), db=index.meta)
     elif tag == b"REFS":
         rows = np.frombuffer(binary, REF_ROW)
-        index.id_filter.inserted(txn, [row["id"].tobytes() for row in rows if row["indexed"]])
-        for row in rows:
+        findable = (rows["indexed"] != 0) & ~np.isin(rows["ref"], damaged)
+        index.id_filter.inserted(txn, [row["id"].tobytes() for row in rows[findable]])
+        for row, found in zip(rows, findable.tolist()):
             ref, chunk_id = int(row["ref"]), row["id"].tobytes()
             txn.put(REF_KEY.pack(ref), REF_REC.pack(chunk_id, int(row["pack"]),
                     int(row["offset"]), int(row["stored"]), int(row["raw"]),
                     int(row["codec"])), db=index.refs)
-            if row["indexed"]:
+            if found:
                 txn.put(chunk_id, U64.pack(ref), db=index.ids)
         # a row the writer's `ids` did not name stays out of locality too: the writer may have
-        # taken it out alone (its scrub's quarantine), which only the flag says
-        index.hide(txn, rows["ref"][rows["indexed"] == 0])
+        # taken it out alone (its scrub's quarantine), which only the flag says; so does a row
+        # this host quarantined
+        index.hide(txn, rows["ref"][~findable])
         for key, total in (("chunks", len(rows)), ("raw_bytes", int(rows["raw"].sum())),
                            ("stored_bytes", int(rows["stored"].sum()))):
             index._add(txn, key, total)
@@ -355,7 +369,9 @@ def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: b
         op = PlanOp(doc["plan"], doc["time"], np.frombuffer(binary, "<u8").astype(np.uint64),
                     doc["packs"], doc["maps"], doc["objects"])
         index.put_plan(txn, PendingPlan(op, doc["leases"]))
-        index.hide(txn, op.refs)  # the REFS rows left them out of `ids`: locality skips them
+        # as its replay does, whatever the REFS rows said (an earlier repo-engine's heal could
+        # leave a doomed ref in the writer's `ids`)
+        index.hide(txn, op.refs)
     elif tag == b"SWPT":
         count = len(binary) // 40
         for i in range(count):

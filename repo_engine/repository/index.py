@@ -247,23 +247,25 @@ class Index:
             txn.put(b"version", U64.pack(3), db=self.meta)
 
     def _upgrade_from_3(self) -> None:
-        """Version 3 -> 4: list in `unfindable` the refs taken out of deduplication: queued gc
-        candidates (a gc stopped between its mark and its sweep left them unfindable; those
-        still counted are listed too, which only costs their locality until a gc settles
-        them), quarantined chunks and the refs of pending plans. Small tables: the upgrade
-        costs what gc would. A shared repository's cache also lists every ref `ids` does not
-        name: loaded from a checkpoint, it knows a ref the writing host quarantined by that
-        alone (one `ids` look-up a ref, as writing a checkpoint makes)."""
+        """Version 3 -> 4: take out of deduplication (`ids` and `unfindable`) the quarantined
+        chunks (an earlier sweep could give one its `ids` entry back) and the refs of pending
+        plans, and list in `unfindable` the queued gc candidates `ids` does not name (a gc
+        stopped between its mark and its sweep took them out; one `ids` still names is found
+        by id until a mark takes it out, so locality may answer it too). Small tables: the
+        upgrade costs what gc would. A shared repository's cache also lists every ref `ids`
+        does not name: loaded from a checkpoint, it knows a ref the writing host quarantined by
+        that alone (one `ids` look-up a ref, as writing a checkpoint makes)."""
         with self.write() as txn:
-            for db in (self.gcq, self.quarantine):
-                for key, _ in txn.cursor(db=db):
-                    txn.put(key, b"", db=self.unfindable)
+            self.hide(txn, np.array([REF_KEY.unpack(k)[0] for k, _ in
+                                     txn.cursor(db=self.quarantine)], np.uint64))
             for plan in list(self.plans_in(txn)):
                 self.hide(txn, plan.op.refs)
-            if self.journal_seq_in(txn):
-                ids = self.ids
-                for key, raw in txn.cursor(db=self.refs):
-                    if txn.get(raw[:32], db=ids) != U64.pack(REF_KEY.unpack(key)[0]):
+            queued = ((key, txn.get(key, db=self.refs)) for key, _ in txn.cursor(db=self.gcq))
+            cached = txn.cursor(db=self.refs) if self.journal_seq_in(txn) else iter(())
+            for rows in (queued, cached):
+                for key, raw in rows:
+                    if raw is None or txn.get(raw[:32], db=self.ids) != U64.pack(
+                            REF_KEY.unpack(key)[0]):
                         txn.put(key, b"", db=self.unfindable)
             txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
 
@@ -356,13 +358,17 @@ class Index:
     def _put_chunks(self, txn: lmdb.Transaction, number: int, entries: list[PackEntry]) -> int:
         """Index the chunks of pack `number`: ids, places and the chunk counters; returns their
         stored bytes. A ref placed already (a repacked or healed copy) moves to this pack and
-        is counted once."""
+        is counted once; `ids` never names one listed in `unfindable` (a heal or repack of a
+        ref this host holds doomed or damaged: a dedup must not find it)."""
         raw = stored = new = total = 0
         added = []
+        hidden, ids = self.unfindable, self.ids
         for e in entries:
-            if txn.put(e.chunk_id, U64.pack(e.ref), db=self.ids, overwrite=False):
+            key = REF_KEY.pack(e.ref)
+            if (txn.get(key, db=hidden) is None
+                    and txn.put(e.chunk_id, U64.pack(e.ref), db=ids, overwrite=False)):
                 added.append(e.chunk_id)
-            old = txn.replace(REF_KEY.pack(e.ref),
+            old = txn.replace(key,
                               REF_REC.pack(e.chunk_id, number, e.offset, e.stored, e.raw, e.codec),
                               db=self.refs)
             was = (0, 0) if old is None else REF_REC.unpack(old)[3:5]
@@ -561,11 +567,9 @@ class Index:
         return held, raw_bytes, stored
 
     def hide(self, txn: lmdb.Transaction, refs: np.ndarray) -> None:
-        """List `refs` in `unfindable` (their `ids` entries are the caller's): a backup's
-        locality never answers them."""
-        put, db = txn.put, self.unfindable
-        for key in ref_keys(np.unique(refs)):
-            put(key, b"", db=db)
+        """Take the placed `refs` out of deduplication: no `ids` entry names them any more and
+        `unfindable` lists them, so neither a look-up by id nor locality answers them."""
+        self._unfindable(txn, refs)
 
     def _sweep(self, txn: lmdb.Transaction, seq: int, op: SweepOp) -> None:
         held, raw_bytes, stored = self._unfindable(txn, op.refs, drop=True)
