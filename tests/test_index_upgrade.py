@@ -98,3 +98,42 @@ def test_a_version_3_index_is_upgraded_only_when_no_other_process_holds_a_lock(t
     finally:
         repo.close()
     assert raw_tables(path)[:2] == (4, True)
+
+
+def test_a_cache_of_version_3_is_upgraded_only_when_no_other_process_of_the_host_holds_a_lock(
+        tmp_path, monkeypatch):
+    """The same rule for a shared repository's cache, by this host's locks: loaded from a
+    checkpoint whose row of a quarantined chunk is not `indexed`, a cache kept at version 3
+    finds the chunk through `ids` alone (not there: stored again); upgraded later, it lists it."""
+    from helpers import attach_shared, shared_repo
+    from test_locality_review import quarantined_then_checkpoint, stores_it_again
+
+    a = shared_repo(tmp_path / "repo", tmp_path / "cache-a", block_size=BLOCK)
+    try:
+        model, damaged = quarantined_then_checkpoint(a, tmp_path, monkeypatch)
+        cache = tmp_path / "cache-fresh"
+        loaded = attach_shared(a.store, cache)
+        loaded.refresh()  # from the checkpoint
+        loaded.close()
+        downgrade(cache, 3)
+        holder = Holder(cache / "locks")
+        try:
+            fresh = attach_shared(a.store, cache)
+            try:
+                stores_it_again(fresh, model, damaged, tmp_path)
+                assert fresh.index.unfindable is None
+            finally:
+                fresh.close()
+            assert raw_tables(cache)[:2] == (3, False)
+        finally:
+            holder.release()
+        fresh = attach_shared(a.store, cache)
+        try:
+            fresh.refresh()
+            with fresh.index.env.begin() as txn:
+                assert fresh.index.meta_u64("version") == 4
+                assert txn.get(REF_KEY.pack(damaged), db=fresh.index.unfindable) is not None
+        finally:
+            fresh.close()
+    finally:
+        a.close()
