@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import lmdb
-import numpy as np
 
 from repo_engine.maintenance import gc as local_gc
 from repo_engine.maintenance.gc import gc
@@ -106,16 +105,11 @@ def test_a_cache_of_version_3_is_upgraded_only_when_no_other_process_of_the_host
     checkpoint whose row of a quarantined chunk is not `indexed`, a cache kept at version 3
     finds the chunk through `ids` alone (not there: stored again); upgraded later, it lists it."""
     from helpers import attach_shared, shared_repo
-    from test_locality_review import quarantined_then_checkpoint, stores_it_again
+    from test_locality_review import cache_of_version_3, stores_it_again
 
     a = shared_repo(tmp_path / "repo", tmp_path / "cache-a", block_size=BLOCK)
     try:
-        model, damaged = quarantined_then_checkpoint(a, tmp_path, monkeypatch)
-        cache = tmp_path / "cache-fresh"
-        loaded = attach_shared(a.store, cache)
-        loaded.refresh()  # from the checkpoint
-        loaded.close()
-        downgrade(cache, 3)
+        model, damaged, cache = cache_of_version_3(a, tmp_path, monkeypatch)
         holder = Holder(cache / "locks")
         try:
             fresh = attach_shared(a.store, cache)
