@@ -6,6 +6,8 @@ again heals it)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from helpers import DiskModel, attach_shared, stopped_before_commit
@@ -48,6 +50,21 @@ def quarantined_then_checkpoint(a: Repository, tmp_path, monkeypatch) -> tuple[D
     write_checkpoint(a.store, a.index)
     monkeypatch.setattr(idfilter, "ENABLED", False)
     return model, damaged
+
+
+def cache_of_version_3(a: Repository, tmp_path, monkeypatch) -> tuple[DiskModel, int, Path]:
+    """`quarantined_then_checkpoint`, then another cache loaded from that checkpoint as a
+    repo-engine of index version 3 left it (no `unfindable`); returns the disk, the damaged
+    ref and that cache."""
+    from test_index_damage import downgrade
+
+    model, damaged = quarantined_then_checkpoint(a, tmp_path, monkeypatch)
+    cache = tmp_path / "cache-fresh"
+    loaded = attach_shared(a.store, cache)
+    loaded.refresh()  # from the checkpoint
+    loaded.close()
+    downgrade(cache, 3)
+    return model, damaged, cache
 
 
 def stores_it_again(host: Repository, model: DiskModel, damaged: int, tmp_path) -> None:
@@ -112,15 +129,8 @@ def test_a_cache_of_version_3_loaded_from_a_checkpoint_hides_the_rows_ids_lacks_
     """As above, but the cache was loaded from that checkpoint by a repo-engine of index
     version 3 (no `unfindable` table): on open, the upgrade must list the rows `ids` does not
     name, since nothing else in the cache says that the writing host quarantined one."""
-    from test_index_damage import downgrade
-
     a, _b = shared_hosts
-    model, damaged = quarantined_then_checkpoint(a, tmp_path, monkeypatch)
-    cache = tmp_path / "cache-fresh"
-    loaded = attach_shared(a.store, cache)
-    loaded.refresh()  # from the checkpoint
-    loaded.close()
-    downgrade(cache, 3)
+    model, damaged, cache = cache_of_version_3(a, tmp_path, monkeypatch)
     fresh = attach_shared(a.store, cache)
     try:
         assert fresh.index.meta_u64("version") == 4

@@ -533,7 +533,7 @@ def _mark(repo: Repository) -> _Listed:
                 if txn.get(chunk_id, db=index.ids) == U64.pack(REF_KEY.unpack(key)[0]):
                     txn.delete(chunk_id, db=index.ids)
                 # by ref too (another copy may hold `ids`): a backup's locality skips it
-                txn.put(key, b"", db=index.unfindable)
+                index.hide_key(txn, key)
         # a file is deleted only when two tables agree it is unused: one damaged table (mapuse,
         # packnames) must not cost data
         named = {d["map"] for k, v in txn.cursor(db=index.points)
@@ -589,12 +589,12 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport, placed: Placed) 
                 if txn.get(key, db=index.quarantine) is None:  # damaged: stays unfindable
                     if txn.put(chunk_id, U64.pack(ref), db=index.ids, overwrite=False):
                         index.id_filter.inserted(txn, [chunk_id])
-                    txn.delete(key, db=index.unfindable)
+                    index.show_key(txn, key)
                 report.resurrected += 1
                 continue
             txn.delete(key, db=index.refs)
             txn.delete(key, db=index.quarantine)
-            txn.delete(key, db=index.unfindable)
+            index.show_key(txn, key)
             if txn.get(chunk_id, db=index.ids) == U64.pack(ref):
                 txn.delete(chunk_id, db=index.ids)
             for name, delta in (("chunks", -1), ("raw_bytes", -raw), ("stored_bytes", -stored)):

@@ -361,7 +361,7 @@ def _quarantine(repo: Repository, damaged: dict[int, str]) -> None:
             rec = txn.get(key, db=index.refs)
             if rec is not None and txn.get(rec[:32], db=index.ids) == U64.pack(ref):
                 txn.delete(rec[:32], db=index.ids)
-            txn.put(key, b"", db=index.unfindable)  # nor by locality, healed or not
+            index.hide_key(txn, key)  # nor by locality, healed or not
 
 
 def read_chunk(repo: Repository, ref: int) -> tuple[bytes, bytes, int, int] | None:

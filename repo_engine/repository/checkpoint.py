@@ -311,7 +311,8 @@ def load_checkpoint(store: Store, index: Index, seq: int, sealer: Sealer = NULL_
             if index.journal_seq_in(txn) >= seq:
                 return  # another process of this host got there first: never go back
             for table in REPLAYED:
-                txn.drop(getattr(index, table), delete=False)
+                if getattr(index, table) is not None:  # `unfindable`: none at version 3
+                    txn.drop(getattr(index, table), delete=False)
             damaged = _quarantined(index, txn)
             for tag, doc, binary in reader.records():
                 _load_record(index, txn, tag, doc, binary, reader.what, damaged)

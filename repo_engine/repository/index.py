@@ -44,7 +44,9 @@ marked candidate, a ref a shared repository's plan dooms, a quarantined chunk), 
 transaction that takes it out, so a backup may find duplicates by locality (locality.py): a
 neighbour's place record read from `refs` is an answer only when `unfindable` lacks its ref, in
 the same read transaction. A writable version 3 index gets the table on open (filled from
-`gcq`, `quarantine` and the pending plans); a read-only one is read without it (no locality).
+`gcq`, `quarantine` and the pending plans) unless its opener says an earlier repo-engine may
+write it still (`upgrade=False`); a read-only one, or one not upgraded, is used without it (no
+locality, nothing listed).
 
 meta `ids_added` (u64) counts every insert into `ids`, in the transaction of the insert, and
 `ids_epoch` (16 random bytes) names that counting: the id filter in front of `ids` (idfilter.py)
@@ -150,10 +152,13 @@ class PackInfo:
 
 class Index:
     def __init__(self, path: Path, *, create: bool = False, scans: bool = False,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, upgrade: bool = True) -> None:
         """`scans`: the caller reads whole tables in key order (verify), so the kernel's
         read-ahead stays on whatever the index's size (lmdbfile.readahead_pays). `read_only`:
-        open as if the directory could not be written (a bench that must not write)."""
+        open as if the directory could not be written (a bench that must not write).
+        `upgrade=False`: a writable index of version 3 stays so and is written as the earlier
+        repo-engine writes it, without `unfindable` (a process of that build may have it open:
+        the caller knows, by the repository's locks)."""
         if not create:
             if not (path / "data.mdb").exists():
                 raise DamageError(f"{path}: index is missing; run 'repo-engine rebuild-index'")
@@ -162,6 +167,7 @@ class Index:
             make_dir(path)  # owner-only; LMDB's files are created FILE_MODE
         # read-only media or snapshot: nobody can write there, so no lock file is needed
         self.read_only = not create and (read_only or not os.access(path, os.W_OK))
+        self._upgrade = create or upgrade
         try:
             self.env = lmdb.open(str(path), max_dbs=32, map_size=MAP_SIZE, subdir=True,
                                  create=create, readonly=self.read_only,
@@ -185,9 +191,11 @@ class Index:
 
     def _open_new_db(self, name: str) -> object:
         """A database later versions added; None when a read-only index lacks it (a shared
-        repository's cache, which alone uses them, is never read-only)."""
+        repository's cache, which alone uses them, is never read-only). `unfindable` is made
+        by the upgrade to version 4 alone (`_check_version`)."""
         try:
-            return self.env.open_db(name.encode(), create=not self.read_only)
+            return self.env.open_db(name.encode(), create=not self.read_only and (
+                name != "unfindable" or self._upgrade))
         except lmdb.NotFoundError:
             return None
 
@@ -214,7 +222,10 @@ class Index:
             self._upgrade_from_1()
         if version <= 2:
             self._upgrade_from_2()
-        self._upgrade_from_3()
+        if self._upgrade:
+            self._upgrade_from_3()
+        else:
+            self.unfindable = None  # as version 3 has it: no locality, nothing listed
         return True, True
 
     def _upgrade_from_1(self) -> None:
@@ -365,7 +376,7 @@ class Index:
         hidden, ids = self.unfindable, self.ids
         for e in entries:
             key = REF_KEY.pack(e.ref)
-            if (txn.get(key, db=hidden) is None
+            if ((hidden is None or txn.get(key, db=hidden) is None)
                     and txn.put(e.chunk_id, U64.pack(e.ref), db=ids, overwrite=False)):
                 added.append(e.chunk_id)
             old = txn.replace(key,
@@ -561,10 +572,21 @@ class Index:
                     _id, _pack, _offset, size, length, _codec = REF_REC.unpack(raw)
                     raw_bytes, stored = raw_bytes + length, stored + size
                     txn.delete(key, db=self.refs)
-                    txn.delete(key, db=self.unfindable)
+                    self.show_key(txn, key)
                 else:
-                    txn.put(key, b"", db=self.unfindable)
+                    self.hide_key(txn, key)
         return held, raw_bytes, stored
+
+    def hide_key(self, txn: lmdb.Transaction, key: bytes) -> None:
+        """List the ref of `key` in `unfindable`; nothing on an index kept at version 3 (an
+        earlier repo-engine's writers list nothing: locality is off there)."""
+        if self.unfindable is not None:
+            txn.put(key, b"", db=self.unfindable)
+
+    def show_key(self, txn: lmdb.Transaction, key: bytes) -> None:
+        """Take the ref of `key` off `unfindable` (see hide_key)."""
+        if self.unfindable is not None:
+            txn.delete(key, db=self.unfindable)
 
     def hide(self, txn: lmdb.Transaction, refs: np.ndarray) -> None:
         """Take the placed `refs` out of deduplication: no `ids` entry names them any more and

@@ -20,6 +20,7 @@ the lock) gets it reopened by `lock()`: nothing is ever written into a replaced 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -712,7 +713,7 @@ def _open_index(index_dir: Path, locks_dir: Path, scans: bool) -> tuple[Index, F
     for _attempt in range(3):
         before = _file_id(index_dir)
         try:
-            index = Index(index_dir, scans=scans)
+            index = Index(index_dir, scans=scans, upgrade=not _others_hold(locks_dir))
         except DamageError:
             if _rebuild_running(locks_dir):
                 break
@@ -721,6 +722,15 @@ def _open_index(index_dir: Path, locks_dir: Path, scans: bool) -> tuple[Index, F
             return index, before
         index.close()
     raise LockedError("rebuild-index is replacing the index; run the command again when it ends")
+
+
+def _others_hold(locks_dir: Path) -> bool:
+    """Whether a live lock of another process is held: it may be an earlier repo-engine's, which
+    opened the index at version 3 and keeps writing it so, so the index is not upgraded
+    meanwhile (Index `upgrade`; docs/FORMAT.md, Older indexes)."""
+    me = (socket.gethostname(), os.getpid())
+    return any((info.host, info.pid) != me and not is_stale(path, info)
+               for path, info in list_locks(locks_dir))
 
 
 def _rebuild_running(locks_dir: Path) -> bool:
@@ -749,7 +759,8 @@ def _claim_cache(index_dir: Path, repo_id: str, location: str) -> None:
     """Create a shared repository's cache when missing, and mark it with the repository's id
     (meta `repo_id`): a cache directory that holds another repository's cache is refused, since
     replaying this journal on top of that state would mix two catalogs and two chunk indexes."""
-    index = Index(index_dir, create=not (index_dir / "data.mdb").exists())
+    index = Index(index_dir, create=not (index_dir / "data.mdb").exists(),
+                  upgrade=not _others_hold(index_dir.parent / "locks"))
     try:
         with index.env.begin(write=not index.read_only) as txn:
             owner = txn.get(b"repo_id", db=index.meta)

@@ -1,0 +1,133 @@
+"""An index of version 3 is upgraded only when no other process holds a lock on the repository:
+a process of an earlier repo-engine that opened it at version 3 keeps taking refs out of
+deduplication without listing them in `unfindable`, so meanwhile this process uses the index as
+that build does (no `unfindable` table, no locality, duplicates found through `ids` alone)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+
+from repo_engine.maintenance import gc as local_gc
+from repo_engine.maintenance.gc import gc
+from repo_engine.maintenance.scrub import _quarantine
+from repo_engine.repository.index import REF_KEY
+from repo_engine.repository.repo import Repository
+from test_index_damage import downgrade
+from test_locality import BLOCK, back_up, first_backup_then_changed, map_refs, restored
+
+HOLDER = """
+import sys
+from pathlib import Path
+from repo_engine.repository.locks import SHARED, RepoLock
+with RepoLock(Path(sys.argv[1]), SHARED, "backup (an earlier repo-engine)"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+class Holder:
+    """Another live process of this host holding a shared lock on `locks_dir` until released."""
+
+    def __init__(self, locks_dir: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(locks_dir)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline() == "held\n"
+
+    def release(self) -> None:
+        self.proc.communicate("")
+        assert self.proc.returncode == 0
+
+
+def raw_tables(path: Path) -> tuple[int, bool, list[bytes]]:
+    """The index's version, whether it has an `unfindable` table, and its main database's keys
+    (named tables only: a write to a table that is not there must not land in it)."""
+    env = lmdb.open(str(path / "index"), max_dbs=32, map_size=1 << 40, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            names = [key for key, _ in txn.cursor()]
+            version = int.from_bytes(txn.get(b"version", db=env.open_db(b"meta", txn=txn)),
+                                     "little")
+        return version, b"unfindable" in names, names
+    finally:
+        env.close()
+
+
+def test_a_version_3_index_is_upgraded_only_when_no_other_process_holds_a_lock(tmp_path):
+    path = tmp_path / "repo"
+    repo = Repository.init(path, block_size=BLOCK)
+    model, doomed, _kept = first_backup_then_changed(repo, tmp_path)
+    local_gc.settle_dead_maps(repo)
+    local_gc._mark(repo)  # an earlier gc stopped after its mark: `ids` no longer names `doomed`
+    repo.close()
+    downgrade(path, 3)
+    _version, _has, names_before = raw_tables(path)
+
+    holder = Holder(path / "locks")
+    try:
+        repo = Repository.open(path)
+        try:
+            again = back_up(repo, "b", model)  # a writer: opens the index writable
+            assert repo.index.unfindable is None
+            assert doomed not in map_refs(repo, again).tolist()
+            assert again.counters["new_chunks"] == 1  # the doomed chunk, stored again
+            # the writers that take refs out of deduplication, as the earlier build wrote
+            damaged = int(map_refs(repo, again)[0])
+            _quarantine(repo, {damaged: "test: damaged"})
+            local_gc._mark(repo)
+            assert restored(repo, again.id, tmp_path) == bytes(model.content)
+        finally:
+            repo.close()
+        assert raw_tables(path) == (3, False, names_before)
+    finally:
+        holder.release()
+
+    repo = Repository.open(path)
+    try:
+        back_up(repo, "c", model)  # opens the index under its own lock: that one does not count
+        with repo.index.env.begin() as txn:
+            assert repo.index.meta_u64("version") == 4
+            hidden = {REF_KEY.unpack(k)[0] for k, _ in txn.cursor(db=repo.index.unfindable)}
+        assert {doomed, damaged} <= hidden
+        gc(repo)
+        assert restored(repo, again.id, tmp_path) == bytes(model.content)
+    finally:
+        repo.close()
+    assert raw_tables(path)[:2] == (4, True)
+
+
+def test_a_cache_of_version_3_is_upgraded_only_when_no_other_process_of_the_host_holds_a_lock(
+        tmp_path, monkeypatch):
+    """The same rule for a shared repository's cache, by this host's locks: loaded from a
+    checkpoint whose row of a quarantined chunk is not `indexed`, a cache kept at version 3
+    finds the chunk through `ids` alone (not there: stored again); upgraded later, it lists it."""
+    from helpers import attach_shared, shared_repo
+    from test_locality_review import cache_of_version_3, stores_it_again
+
+    a = shared_repo(tmp_path / "repo", tmp_path / "cache-a", block_size=BLOCK)
+    try:
+        model, damaged, cache = cache_of_version_3(a, tmp_path, monkeypatch)
+        holder = Holder(cache / "locks")
+        try:
+            fresh = attach_shared(a.store, cache)
+            try:
+                stores_it_again(fresh, model, damaged, tmp_path)
+                assert fresh.index.unfindable is None
+            finally:
+                fresh.close()
+            assert raw_tables(cache)[:2] == (3, False)
+        finally:
+            holder.release()
+        fresh = attach_shared(a.store, cache)
+        try:
+            fresh.refresh()
+            with fresh.index.env.begin() as txn:
+                assert fresh.index.meta_u64("version") == 4
+                assert txn.get(REF_KEY.pack(damaged), db=fresh.index.unfindable) is not None
+        finally:
+            fresh.close()
+    finally:
+        a.close()
