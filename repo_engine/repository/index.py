@@ -974,15 +974,11 @@ class IndexReader:
         if hidden_db is None or start >= stop:
             return None if hidden_db is None else {}
         first, end = REF_KEY.pack(start), REF_KEY.pack(stop)
-        hidden = set(_keys_between(self._txn.cursor(db=hidden_db), first, end))
+        hidden = {key for key, _ in _items_between(self._txn.cursor(db=hidden_db), first, end)}
         found: dict[bytes, int] = {}
-        cursor = self._txn.cursor(db=self._index.refs)
-        if cursor.set_range(first):
-            for key, raw in cursor:
-                if key >= end:
-                    break
-                if key not in hidden and len(raw) == REF_REC.size:
-                    found.setdefault(raw[:32], REF_KEY.unpack(key)[0])
+        for key, raw in _items_between(self._txn.cursor(db=self._index.refs), first, end):
+            if key not in hidden and len(raw) == REF_REC.size:
+                found.setdefault(raw[:32], REF_KEY.unpack(key)[0])
         return found
 
     def quarantined_ids(self) -> set[bytes]:
@@ -1032,10 +1028,10 @@ def _first_unlocated(refs: np.ndarray, found: list[tuple[bytes, bytes]]) -> int:
     return next(int(ref) for ref in refs.tolist() if ref not in good)
 
 
-def _keys_between(cursor: lmdb.Cursor, first: bytes, end: bytes) -> Iterator[bytes]:
-    """The keys of a cursor's database in [first, end)."""
+def _items_between(cursor: lmdb.Cursor, first: bytes, end: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """The (key, value) items of a cursor's database with keys in [first, end), in key order."""
     if cursor.set_range(first):
-        for key in cursor.iternext(keys=True, values=False):
+        for key, value in cursor:
             if key >= end:
                 return
-            yield key
+            yield key, value
