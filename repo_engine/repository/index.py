@@ -82,8 +82,8 @@ import numpy as np
 from ..errors import DamageError, RepoError
 from .formats import INDEX_VERSION
 from .idfilter import FilterCache
-from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp, RefsOp,
-                      RetireOp, SweepOp, WaitsOp)
+from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp,
+                      QuarantineOp, RefsOp, RetireOp, SweepOp, WaitsOp)
 from .lmdbfile import U64, check_data_file, cover_last_page, get_u64, readahead_pays
 from .packs import FinishedPack, PackEntry
 from .points import PointRecord
@@ -532,7 +532,11 @@ class Index:
             if self._get_u64(txn, b"next_ref", self.meta) < op.first + op.count:
                 txn.put(b"next_ref", U64.pack(op.first + op.count), db=self.meta)
         elif isinstance(op, PackOp):
-            self._record_pack(txn, FinishedPack(op.name, op.size, _pack_entries(op.entries)))
+            known = txn.get(bytes.fromhex(op.name), db=self.packnames) is not None
+            number = self._record_pack(txn, FinishedPack(op.name, op.size,
+                                                         _pack_entries(op.entries)))
+            if not known:
+                self._placed_again(txn, number, op.entries["ref"])
         elif isinstance(op, PointOp):
             point = PointRecord.from_dict(op.record, f"journal entry {seq}").summary()
             txn.put(point["id"].encode(), encode_record(point), db=self.points)
@@ -547,7 +551,12 @@ class Index:
             if plan is not None:
                 self.put_plan(txn, PendingPlan(plan.op, list(op.leases)))
         elif isinstance(op, SweepOp):
+            self._give_back(txn, op)
+            self._unquarantine(txn, op.refs)
             self._sweep(txn, seq, op)
+        elif isinstance(op, QuarantineOp):
+            for ref, reason in zip(op.refs.tolist(), op.reasons):
+                self.quarantine_ref(txn, ref, reason)
         elif isinstance(op, RetireOp):
             self.put_retired(txn, self.retired_in(txn) | set(op.epochs))
 
@@ -592,6 +601,62 @@ class Index:
         """Take the placed `refs` out of deduplication: no `ids` entry names them any more and
         `unfindable` lists them, so neither a look-up by id nor locality answers them."""
         self._unfindable(txn, refs)
+
+    def quarantine_ref(self, txn: lmdb.Transaction, ref: int, reason: str) -> bool:
+        """Note a placed ref found damaged in `quarantine` and take it out of deduplication
+        (its `ids` entry, if `ids` names it, and `unfindable`: neither a look-up by id nor
+        locality finds it, healed or not); False when the index does not place it."""
+        key = REF_KEY.pack(ref)
+        rec = txn.get(key, db=self.refs)
+        if rec is None:
+            return False
+        txn.put(key, reason.encode()[:1000], db=self.quarantine)
+        if txn.get(rec[:32], db=self.ids) == U64.pack(ref):
+            txn.delete(rec[:32], db=self.ids)
+        self.hide_key(txn, key)
+        return True
+
+    def _placed_again(self, txn: lmdb.Transaction, number: int, refs: np.ndarray) -> None:
+        """A replayed `pack` op placed `refs` in its new pack `number`: a quarantined one placed
+        there now (a heal's or a repack's copy, checked against its id when written) is whole
+        again. It stays out of deduplication (`ids` names its donor, or nothing)."""
+        for ref in self._quarantined_of(txn, refs).tolist():
+            rec = txn.get(REF_KEY.pack(ref), db=self.refs)
+            if rec is not None and REF_REC.unpack(rec)[1] == number:
+                txn.delete(REF_KEY.pack(ref), db=self.quarantine)
+
+    def _unquarantine(self, txn: lmdb.Transaction, refs: np.ndarray) -> None:
+        """Drop the quarantine notes of `refs` (a sweep removes them)."""
+        for ref in self._quarantined_of(txn, refs).tolist():
+            txn.delete(REF_KEY.pack(ref), db=self.quarantine)
+
+    def _quarantined_of(self, txn: lmdb.Transaction, refs: np.ndarray) -> np.ndarray:
+        """Those of `refs` the quarantine lists: its few keys read, not a look-up per ref (a
+        sweep may name millions)."""
+        keys = list(txn.cursor(db=self.quarantine).iternext(keys=True, values=False))
+        listed = np.array([REF_KEY.unpack(k)[0] for k in keys], np.uint64)
+        return listed[np.isin(listed, np.asarray(refs, np.uint64))]
+
+    def _give_back(self, txn: lmdb.Transaction, op: SweepOp) -> None:
+        """The refs the plan of a sweep doomed and the sweep keeps (a backup counted them
+        meanwhile) are found again, as a local gc's sweep gives a candidate counted meanwhile
+        its `ids` entry back: each gets the entry unless `ids` names another copy, and leaves
+        `unfindable`. Not a quarantined one (damaged), nor one another pending plan dooms."""
+        plan = self._get_plan(txn, op.plan)
+        if plan is None:
+            return
+        others = [p.op.refs for p in self.plans_in(txn) if p.op.plan != op.plan]
+        kept = np.setdiff1d(np.setdiff1d(plan.op.refs, op.refs),
+                            np.concatenate(others or [np.zeros(0, np.uint64)]))
+        kept = np.setdiff1d(kept, self._quarantined_of(txn, kept)).astype(np.uint64)
+        added = []
+        for start in range(0, len(kept), 4096):
+            for key, raw in txn.cursor(db=self.refs).getmulti(ref_keys(kept[start:start + 4096])):
+                if txn.put(raw[:32], U64.pack(REF_KEY.unpack(key)[0]), db=self.ids,
+                           overwrite=False):
+                    added.append(raw[:32])
+                self.show_key(txn, key)
+        self.id_filter.inserted(txn, added)
 
     def _sweep(self, txn: lmdb.Transaction, seq: int, op: SweepOp) -> None:
         held, raw_bytes, stored = self._unfindable(txn, op.refs, drop=True)
