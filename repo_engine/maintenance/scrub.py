@@ -357,12 +357,12 @@ def _settle(repo: Repository, report: RepairReport, *, rereads: bool) -> None:
 
 
 def _quarantine(repo: Repository, damaged: dict[int, str]) -> None:
-    """Step a for the refs not quarantined yet. A shared repository's quarantine is a journal
-    commit (`quarantine` op), so that every host takes the refs out of deduplication: a host
-    that still found a damaged chunk would deduplicate against it and never store the good
-    copy a heal needs."""
-    known = set(_quarantined(repo).tolist())
-    refs = sorted(ref for ref in damaged if ref not in known)
+    """Step a. A shared repository's quarantine is a journal commit (`quarantine` op), so that
+    every host takes the refs out of deduplication: a host that still found a damaged chunk
+    would deduplicate against it and never store the good copy a heal needs. Refs this host
+    holds quarantined already are committed again (a note an earlier repo-engine kept to this
+    host reaches the others so; the replay of one they know changes nothing)."""
+    refs = sorted(damaged)
     if not refs:
         return
     if repo.config.shared:

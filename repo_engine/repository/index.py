@@ -551,9 +551,11 @@ class Index:
             if plan is not None:
                 self.put_plan(txn, PendingPlan(plan.op, list(op.leases)))
         elif isinstance(op, SweepOp):
-            self._give_back(txn, op)
-            self._unquarantine(txn, op.refs)
+            plan = self._get_plan(txn, op.plan)
             self._sweep(txn, seq, op)
+            self._unquarantine_unplaced(txn)
+            if plan is not None:
+                self._give_back(txn, plan.op.refs)
         elif isinstance(op, QuarantineOp):
             for ref, reason in zip(op.refs.tolist(), op.reasons):
                 self.quarantine_ref(txn, ref, reason)
@@ -625,30 +627,34 @@ class Index:
             if rec is not None and REF_REC.unpack(rec)[1] == number:
                 txn.delete(REF_KEY.pack(ref), db=self.quarantine)
 
-    def _unquarantine(self, txn: lmdb.Transaction, refs: np.ndarray) -> None:
-        """Drop the quarantine notes of `refs` (a sweep removes them)."""
-        for ref in self._quarantined_of(txn, refs).tolist():
-            txn.delete(REF_KEY.pack(ref), db=self.quarantine)
+    def _unquarantine_unplaced(self, txn: lmdb.Transaction) -> None:
+        """Drop the quarantine notes of refs no longer placed (a sweep removed them): the few
+        notes are read, not the sweep's refs looked up (it may name millions)."""
+        for key in list(txn.cursor(db=self.quarantine).iternext(keys=True, values=False)):
+            if txn.get(key, db=self.refs) is None:
+                txn.delete(key, db=self.quarantine)
 
     def _quarantined_of(self, txn: lmdb.Transaction, refs: np.ndarray) -> np.ndarray:
-        """Those of `refs` the quarantine lists: its few keys read, not a look-up per ref (a
-        sweep may name millions)."""
+        """Those of `refs` the quarantine lists: its few keys read, not a look-up per ref."""
         keys = list(txn.cursor(db=self.quarantine).iternext(keys=True, values=False))
         listed = np.array([REF_KEY.unpack(k)[0] for k in keys], np.uint64)
-        return listed[np.isin(listed, np.asarray(refs, np.uint64))]
+        return listed[np.isin(listed, np.asarray(refs, np.uint64))] if keys else listed
 
-    def _give_back(self, txn: lmdb.Transaction, op: SweepOp) -> None:
-        """The refs the plan of a sweep doomed and the sweep keeps (a backup counted them
-        meanwhile) are found again, as a local gc's sweep gives a candidate counted meanwhile
-        its `ids` entry back: each gets the entry unless `ids` names another copy, and leaves
-        `unfindable`. Not a quarantined one (damaged), nor one another pending plan dooms."""
-        plan = self._get_plan(txn, op.plan)
-        if plan is None:
+    def _give_back(self, txn: lmdb.Transaction, doomed: np.ndarray) -> None:
+        """After the sweep of a plan that doomed `doomed`: those still placed (the sweep kept
+        them: a backup counted them meanwhile) are found again, as a local gc's sweep gives a
+        candidate counted meanwhile its `ids` entry back: each gets the entry unless `ids`
+        names another copy, and leaves `unfindable`. Not a quarantined one (damaged), nor one
+        another pending plan dooms. The plan's refs are looked up a batch at a time; what is
+        kept is usually few."""
+        kept = np.concatenate([refs_found(txn.cursor(db=self.refs).getmulti(
+            ref_keys(doomed[start:start + 4096]))) for start in range(0, len(doomed), 4096)]
+            or [np.zeros(0, np.uint64)])
+        if not len(kept):
             return
-        others = [p.op.refs for p in self.plans_in(txn) if p.op.plan != op.plan]
-        kept = np.setdiff1d(np.setdiff1d(plan.op.refs, op.refs),
-                            np.concatenate(others or [np.zeros(0, np.uint64)]))
-        kept = np.setdiff1d(kept, self._quarantined_of(txn, kept)).astype(np.uint64)
+        kept = kept[~np.isin(kept, self._quarantined_of(txn, kept))]
+        for other in self.plans_in(txn):  # the swept plan has left the table
+            kept = kept[~np.isin(kept, other.op.refs)]
         added = []
         for start in range(0, len(kept), 4096):
             for key, raw in txn.cursor(db=self.refs).getmulti(ref_keys(kept[start:start + 4096])):
