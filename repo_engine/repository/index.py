@@ -81,6 +81,7 @@ import numpy as np
 
 from ..errors import DamageError, RepoError
 from .formats import INDEX_VERSION
+from .blockmap import holds
 from .idfilter import FilterCache
 from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp,
                       QuarantineOp, RefsOp, RetireOp, SweepOp, WaitsOp)
@@ -551,11 +552,9 @@ class Index:
             if plan is not None:
                 self.put_plan(txn, PendingPlan(plan.op, list(op.leases)))
         elif isinstance(op, SweepOp):
-            plan = self._get_plan(txn, op.plan)
+            self._give_back(txn, op)
             self._sweep(txn, seq, op)
             self._unquarantine_unplaced(txn)
-            if plan is not None:
-                self._give_back(txn, plan.op.refs)
         elif isinstance(op, QuarantineOp):
             for ref, reason in zip(op.refs.tolist(), op.reasons):
                 self.quarantine_ref(txn, ref, reason)
@@ -640,27 +639,36 @@ class Index:
         listed = np.array([REF_KEY.unpack(k)[0] for k in keys], np.uint64)
         return listed[np.isin(listed, np.asarray(refs, np.uint64))] if keys else listed
 
-    def _give_back(self, txn: lmdb.Transaction, doomed: np.ndarray) -> None:
-        """After the sweep of a plan that doomed `doomed`: those still placed (the sweep kept
-        them: a backup counted them meanwhile) are found again, as a local gc's sweep gives a
-        candidate counted meanwhile its `ids` entry back: each gets the entry unless `ids`
+    def _give_back(self, txn: lmdb.Transaction, op: SweepOp) -> None:
+        """The refs the plan of a sweep dooms and the sweep keeps (a backup counted them
+        meanwhile: placed, not in the sweep's refs) are found again, as a local gc's sweep gives
+        a candidate counted meanwhile its `ids` entry back: each gets the entry unless `ids`
         names another copy, and leaves `unfindable`. Not a quarantined one (damaged), nor one
-        another pending plan dooms. The plan's refs are looked up a batch at a time; what is
-        kept is usually few."""
-        kept = np.concatenate([refs_found(txn.cursor(db=self.refs).getmulti(
-            ref_keys(doomed[start:start + 4096]))) for start in range(0, len(doomed), 4096)]
-            or [np.zeros(0, np.uint64)])
+        another pending plan dooms. The plan's refs are taken a batch at a time, and the sweep's
+        are searched as they are (gc writes them sorted): a plan may doom most chunks."""
+        raw = txn.get(op.plan.encode(), db=self.plans)
+        if raw is None:
+            return
+        swept = op.refs if not (op.refs[1:] < op.refs[:-1]).any() else np.unique(op.refs)
+        doomed = _plan_refs(raw)
+        found = txn.cursor(db=self.refs).getmulti
+        kept = np.concatenate([refs_found(found(ref_keys(part[~holds(swept, part)])))
+                               for part in (doomed[i:i + 4096] for i in range(0, len(doomed),
+                                                                              4096))]
+                              or [np.zeros(0, np.uint64)])
+        del raw, doomed
         if not len(kept):
             return
         kept = kept[~np.isin(kept, self._quarantined_of(txn, kept))]
-        for other in self.plans_in(txn):  # the swept plan has left the table
-            kept = kept[~np.isin(kept, other.op.refs)]
+        for other in self.plans_in(txn):
+            if other.op.plan != op.plan:
+                kept = kept[~np.isin(kept, other.op.refs)]
         added = []
         for start in range(0, len(kept), 4096):
-            for key, raw in txn.cursor(db=self.refs).getmulti(ref_keys(kept[start:start + 4096])):
-                if txn.put(raw[:32], U64.pack(REF_KEY.unpack(key)[0]), db=self.ids,
+            for key, raw_place in found(ref_keys(kept[start:start + 4096])):
+                if txn.put(raw_place[:32], U64.pack(REF_KEY.unpack(key)[0]), db=self.ids,
                            overwrite=False):
-                    added.append(raw[:32])
+                    added.append(raw_place[:32])
                 self.show_key(txn, key)
         self.id_filter.inserted(txn, added)
 
@@ -982,9 +990,14 @@ def decode_record(key: bytes, raw: bytes, *, checked: bool = True) -> dict:
 def _decode_plan(plan_id: str, raw: bytes) -> PendingPlan:
     (length,) = PLAN_HEAD.unpack_from(raw)
     doc = json.loads(raw[4:4 + length])
-    refs = np.frombuffer(raw[4 + length:], dtype="<u8").astype(np.uint64)
+    refs = _plan_refs(raw).astype(np.uint64)
     op = PlanOp(plan_id, doc["time"], refs, doc["packs"], doc["maps"], doc["objects"])
     return PendingPlan(op, doc["leases"])
+
+
+def _plan_refs(raw: bytes) -> np.ndarray:
+    """The refs of a stored plan, a view of `raw` (u64 little endian)."""
+    return np.frombuffer(raw, "<u8", offset=PLAN_HEAD.size + PLAN_HEAD.unpack_from(raw)[0])
 
 
 def _pack_entries(rows: np.ndarray) -> list[PackEntry]:
