@@ -38,6 +38,16 @@ def pack_of(repo: Repository, ref: int) -> str:
     return repo.index.pack_info(number).name
 
 
+def damaged_backup(a: Repository, tmp_path) -> tuple:
+    """Host a backs up a disk, then one of its chunks is damaged in its pack: the disk, the
+    point and the damaged ref."""
+    model = disk_model(tmp_path, "a", 1)
+    first = back_up(a, "a", model)
+    damaged = int(map_refs(a, first)[CHANGED])
+    flip_chunk(a, damaged)
+    return model, first, damaged
+
+
 def everything_restores(hosts: list[Repository], contents: dict, tmp_path) -> None:
     """Every host catalogues exactly the points of `contents`, none marked damaged, and
     restores each byte-identical."""
@@ -55,14 +65,11 @@ def test_a_quarantine_on_one_host_makes_another_store_a_good_copy_that_heals(
     quarantines it. b's next backup of that content must store a good copy (not deduplicate
     against r), which heals r: every point, on every host and a fresh one, restores whole."""
     a, b = shared_hosts
-    model = disk_model(tmp_path, "a", 1)
+    model, first, damaged = damaged_backup(a, tmp_path)
     content = bytes(model.content)
-    first = back_up(a, "a", model)
     second = back_up(b, "b", model)
     assert second.counters["new_chunks"] == 0
-    damaged = int(map_refs(a, first)[CHANGED])
     bad_pack = pack_of(a, damaged)
-    flip_chunk(a, damaged)
     found = scrub(a, repair=True)
     assert [d["ref"] for d in found.damaged] == [damaged]
     assert found.repair.points_marked_damaged == 2
@@ -74,7 +81,7 @@ def test_a_quarantine_on_one_host_makes_another_store_a_good_copy_that_heals(
     assert found_by_id(b, damaged) == copy
     # b's backup healed r from its copy: r is placed in a new pack on every host
     for host in (a, b):
-        assert quarantined(host) == set() and pack_of(host, damaged) not in (bad_pack,)
+        assert quarantined(host) == set() and pack_of(host, damaged) != bad_pack
     fresh = attach_shared(a.store, tmp_path / "cache-fresh")
     try:
         everything_restores([a, b, fresh], {p.id: content for p in (first, second, third)},
@@ -90,11 +97,8 @@ def test_a_backup_that_chose_the_ref_before_the_quarantine_commits_and_the_heal_
     its point names r, as before; verify on b reports r used while quarantined; the next backup
     of the content (on a) stores a good copy and heals r, and every point restores whole."""
     a, b = shared_hosts
-    model = disk_model(tmp_path, "a", 1)
+    model, first, damaged = damaged_backup(a, tmp_path)
     content = bytes(model.content)
-    first = back_up(a, "a", model)
-    damaged = int(map_refs(a, first)[CHANGED])
-    flip_chunk(a, damaged)
     with stopped_before_commit(lambda: back_up(b, "b", model), tmp_path, monkeypatch) as done:
         scrub(a, repair=True)
     [second] = done
@@ -114,11 +118,8 @@ def test_a_checkpoint_and_a_rebuilt_cache_carry_the_quarantine(shared_hosts, tmp
     rebuilds its cache, know the chunk is damaged: the first's backup stores a good copy and
     heals it; a checkpoint written after the heal holds no quarantine (format version 1)."""
     a, b = shared_hosts
-    model = disk_model(tmp_path, "a", 1)
+    model, first, damaged = damaged_backup(a, tmp_path)
     content = bytes(model.content)
-    first = back_up(a, "a", model)
-    damaged = int(map_refs(a, first)[CHANGED])
-    flip_chunk(a, damaged)
     scrub(a, repair=True)
     seq = write_checkpoint(a.store, a.index)
     assert major_of(a, seq) == 2
