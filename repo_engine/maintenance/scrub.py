@@ -449,8 +449,8 @@ def _heal_shared(repo: Repository, finished: FinishedPack) -> int:
     """A shared repository's heal is a journal commit: the `pack` op of the healed pack, whose
     replay on every host places the healed refs in it (a replayed pack entry replaces a ref's
     place) and ends their quarantine, so that every host reads the good copy and gc knows the
-    pack. Refs healed or
-    dropped meanwhile are left out (their copies stay unused in the pack, for gc)."""
+    pack. Refs healed or dropped meanwhile are left out (their copies stay unused in the pack,
+    for gc)."""
     index = repo.index
     with index.env.begin() as txn:
         keys = [REF_KEY.pack(e.ref) for e in finished.entries]

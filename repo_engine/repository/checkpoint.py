@@ -344,12 +344,19 @@ def _quarantined(index: Index, txn: lmdb.Transaction) -> list[tuple[int, bytes, 
     quarantined (a few)."""
     out = []
     for key, reason in txn.cursor(db=index.quarantine):
-        rec = txn.get(key, db=index.refs)
-        pack = None if rec is None else txn.get(PACK_KEY.pack(REF_REC.unpack(rec)[1]),
-                                                 db=index.packs)
+        ref = REF_KEY.unpack(key)[0]
+        pack = _pack_of(index, txn, ref)
         if pack is not None:
-            out.append((REF_KEY.unpack(key)[0], PACK_REC.unpack(pack)[0], reason))
+            out.append((ref, pack, reason))
     return out
+
+
+def _pack_of(index: Index, txn: lmdb.Transaction, ref: int) -> bytes | None:
+    """The name of the pack the cache places `ref` in (None: placed nowhere it lists)."""
+    rec = txn.get(REF_KEY.pack(ref), db=index.refs)
+    pack = None if rec is None else txn.get(PACK_KEY.pack(REF_REC.unpack(rec)[1]),
+                                             db=index.packs)
+    return None if pack is None else PACK_REC.unpack(pack)[0]
 
 
 def _keep_quarantined(index: Index, txn: lmdb.Transaction,
@@ -359,10 +366,7 @@ def _keep_quarantined(index: Index, txn: lmdb.Transaction,
     repo-engine kept to its host, which the writing host may not know of), out of `ids`. One
     placed elsewhere was healed (or repacked) meanwhile, one placed nowhere swept."""
     for ref, name, reason in own:
-        rec = txn.get(REF_KEY.pack(ref), db=index.refs)
-        pack = None if rec is None else txn.get(PACK_KEY.pack(REF_REC.unpack(rec)[1]),
-                                                 db=index.packs)
-        if pack is not None and PACK_REC.unpack(pack)[0] == name:
+        if _pack_of(index, txn, ref) == name:
             index.quarantine_ref(txn, ref, reason.decode("utf-8", "replace"))
 
 

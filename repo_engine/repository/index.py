@@ -80,8 +80,8 @@ import lmdb
 import numpy as np
 
 from ..errors import DamageError, RepoError
-from .formats import INDEX_VERSION
 from .blockmap import holds
+from .formats import INDEX_VERSION
 from .idfilter import FilterCache
 from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp,
                       QuarantineOp, RefsOp, RetireOp, SweepOp, WaitsOp)
@@ -652,11 +652,12 @@ class Index:
         swept = op.refs if not (op.refs[1:] < op.refs[:-1]).any() else np.unique(op.refs)
         doomed = _plan_refs(raw)
         found = txn.cursor(db=self.refs).getmulti
-        kept = np.concatenate([refs_found(found(ref_keys(part[~holds(swept, part)])))
-                               for part in (doomed[i:i + 4096] for i in range(0, len(doomed),
-                                                                              4096))]
-                              or [np.zeros(0, np.uint64)])
-        del raw, doomed
+        parts = []
+        for start in range(0, len(doomed), 4096):
+            part = doomed[start:start + 4096]
+            parts.append(refs_found(found(ref_keys(part[~holds(swept, part)]))))
+        del raw, doomed  # not held while the sweep runs
+        kept = np.concatenate(parts or [np.zeros(0, np.uint64)])
         if not len(kept):
             return
         kept = kept[~np.isin(kept, self._quarantined_of(txn, kept))]
