@@ -269,6 +269,56 @@ def test_journal_retire_op_golden():
             decode(forged, "e")
 
 
+def test_journal_quarantine_op_golden():
+    from repo_engine.repository.journal import Entry, QuarantineOp, decode, encode
+
+    data = encode(Entry(6, [QuarantineOp(np.array([7, 9], np.uint64), ["bad", "gone"])], "T",
+                        "h", 9))
+    (length,) = np.frombuffer(data[24:28], "<u4")
+    header = data[28:28 + length]
+    assert header == (b'{"host": "h", "ops": [{"op": "quarantine", "reasons": ["bad", "gone"], '
+                      b'"refs": [0, 2]}], "pid": 9, "seq": 6, "time": "T"}')
+    binary = zstandard.ZstdDecompressor().decompress(data[28 + length:-32])
+    assert binary == np.array([7, 9], "<u8").tobytes()
+    [op] = decode(data, "e").ops
+    assert op.refs.tolist() == [7, 9] and op.reasons == ["bad", "gone"]
+    for bad in (b'["bad"]', b'["bad", 1]', b'"bad"'):
+        forged_header = header.replace(b'["bad", "gone"]', bad)
+        frame = data[28 + length:-32]
+        forged = seal(JOURNAL, struct.pack("<I", len(forged_header)) + forged_header + frame)
+        with pytest.raises(DamageError, match="quarantine reasons are not"):
+            decode(forged, "e")
+
+
+def test_checkpoint_with_a_quarantine_golden(tmp_path):
+    """A checkpoint of a cache holding a quarantined ref is of major version 2 and carries it in
+    a `QUAR` record after the `REFS` one: JSON the reasons, binary the refs."""
+    from repo_engine.repository.checkpoint import RECORD, checkpoint_object, write_checkpoint
+    from repo_engine.repository.formats import CHECKPOINT_QUARANTINE
+    from repo_engine.repository.index import Index
+    from repo_engine.repository.packs import FinishedPack, PackEntry
+
+    store = LocalStore(tmp_path)
+    index = Index(tmp_path / "index", create=True)
+    index.commit_pack(FinishedPack("ab" * 32, 99, [PackEntry(5, b"\x01" * 32, 16, 10, 20, 1)]))
+    with index.write() as txn:
+        assert index.quarantine_ref(txn, 5, "damaged")
+    seq = write_checkpoint(store, index)
+    index.close()
+    raw = (tmp_path / checkpoint_object(seq)).read_bytes()
+    assert CHECKPOINT_QUARANTINE.major == 2
+    assert raw[:16] == CHECKPOINT_QUARANTINE.magic + b"\x02\x00\x00\x00" + bytes(4)
+    records, at = [], 16
+    while at < len(raw) - 32:
+        tag, text, frame = RECORD.unpack_from(raw, at)
+        body = zstandard.ZstdDecompressor().decompress(raw[at + 16:at + 16 + frame])
+        records.append((tag, body[:text], body[text:]))
+        at += 16 + frame
+    assert [tag for tag, _, _ in records] == [b"META", b"PACK", b"REFS", b"QUAR", b"END!"]
+    assert records[3][1:] == (b'["damaged"]', (5).to_bytes(8, "little"))
+    assert records[2][2][-1] == 0  # the REFS row of ref 5: not `indexed`
+
+
 def test_checkpoint_golden(tmp_path):
     from repo_engine.repository.checkpoint import (CHECKSUM_SIZE, RECORD, checkpoint_object,
                                                    write_checkpoint)

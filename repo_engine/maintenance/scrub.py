@@ -12,7 +12,9 @@
 Repair (under the maintenance lock):
 a. quarantine each damaged ref: note it in `quarantine` and `unfindable` and delete its `ids`
    entry, so backups no longer deduplicate against it and store the next copy they read afresh
-   (a healed ref stays in `unfindable`: `ids` names its donor);
+   (a healed ref stays in `unfindable`: `ids` names its donor). On a shared repository this is
+   a journal `quarantine` op that every host applies, and a heal's `pack` op ends it on every
+   host (docs/FORMAT.md, "Damage on a shared repository");
 b. heal each quarantined ref for which a good copy of the same chunk id exists (another ref, e.g.
    stored by a backup since): copy it into a new pack under the damaged ref, then point the ref
    there in one transaction; every point using the ref restores again;
@@ -49,13 +51,15 @@ from ..backup.extents import extents_to_blocks
 from ..errors import DamageError, RepoError, UsageError
 from ..pause import pause_point
 from ..repository.index import REF_KEY, REF_REC, U64, PackInfo
-from ..repository.journal import PackOp
+from ..repository.journal import PackOp, QuarantineOp
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import FinishedPack
 from ..repository.repo import Repository
 from ..units import mib_per_s, parse_seconds, plural
 from .gc import less_live
 from .inventory import Affected, affected_by, refs_in_packs, scan_u64_keys
+
+REASON_CHARS = 300  # of a damage's description, kept with a quarantine in the journal
 
 
 @dataclass
@@ -353,15 +357,22 @@ def _settle(repo: Repository, report: RepairReport, *, rereads: bool) -> None:
 
 
 def _quarantine(repo: Repository, damaged: dict[int, str]) -> None:
+    """Step a. A shared repository's quarantine is a journal commit (`quarantine` op), so that
+    every host takes the refs out of deduplication: a host that still found a damaged chunk
+    would deduplicate against it and never store the good copy a heal needs. Refs this host
+    holds quarantined already are committed again (a note an earlier repo-engine kept to this
+    host reaches the others so; the replay of one they know changes nothing)."""
+    refs = sorted(damaged)
+    if not refs:
+        return
+    if repo.config.shared:
+        op = QuarantineOp(np.array(refs, np.uint64), [damaged[r][:REASON_CHARS] for r in refs])
+        repo.commit_journal(lambda _seq: [op])
+        return
     index = repo.index
     with index.write() as txn:
-        for ref, reason in damaged.items():
-            key = REF_KEY.pack(ref)
-            txn.put(key, reason.encode()[:1000], db=index.quarantine)
-            rec = txn.get(key, db=index.refs)
-            if rec is not None and txn.get(rec[:32], db=index.ids) == U64.pack(ref):
-                txn.delete(rec[:32], db=index.ids)
-            index.hide_key(txn, key)  # nor by locality, healed or not
+        for ref in refs:
+            index.quarantine_ref(txn, ref, damaged[ref])
 
 
 def read_chunk(repo: Repository, ref: int) -> tuple[bytes, bytes, int, int] | None:
@@ -437,20 +448,18 @@ def _heal(repo: Repository) -> int:
 def _heal_shared(repo: Repository, finished: FinishedPack) -> int:
     """A shared repository's heal is a journal commit: the `pack` op of the healed pack, whose
     replay on every host places the healed refs in it (a replayed pack entry replaces a ref's
-    place), so that every host reads the good copy and gc knows the pack. Refs healed or
-    dropped meanwhile are left out (their copies stay unused in the pack, for gc)."""
+    place) and ends their quarantine, so that every host reads the good copy and gc knows the
+    pack. Refs healed or dropped meanwhile are left out (their copies stay unused in the pack,
+    for gc)."""
     index = repo.index
     with index.env.begin() as txn:
         keys = [REF_KEY.pack(e.ref) for e in finished.entries]
         healed = [e for e, key in zip(finished.entries, keys)
                   if txn.get(key, db=index.refs) is not None
                   and txn.get(key, db=index.quarantine) is not None]
-    if healed:
+    if healed:  # its replay, here too, takes the healed refs out of `quarantine`
         pack = FinishedPack(finished.name, finished.size, healed)
         repo.commit_journal(lambda _seq: [PackOp.of(pack)])
-        with index.write() as txn:
-            for e in healed:
-                txn.delete(REF_KEY.pack(e.ref), db=index.quarantine)
     return len(healed)
 
 

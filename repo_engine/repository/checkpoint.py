@@ -22,6 +22,7 @@ over the stored bytes (a keyless scrub checks them); the tags and lengths stay r
 | `META` | seq, time, host, next_ref, next_seq, retired   | —                                 |
 | `PACK` | list of [number, name, size, count]            | —                                 |
 | `REFS` | {}                                             | REF_ROW rows: every placed ref    |
+| `QUAR` | list of reasons, one per ref                   | quarantined refs u64[]            |
 | `PNTS` | list of catalog records                        | —                                 |
 | `PLAN` | plan, time, packs, maps, objects, leases       | refs u64[]                        |
 | `SWPT` | {}                                             | swept map names [32], then seqs u64[] |
@@ -29,11 +30,14 @@ over the stored bytes (a keyless scrub checks them); the tags and lengths stay r
 
 A reader loads a checkpoint into the cache in one write transaction, which commits only after
 the footer checks out. A ref row's `indexed` flag says the `ids` table names it (a chunk stored
-twice, or made unfindable by a plan, is placed but not found); those refs, and the refs of a
-loaded `PLAN`, are listed in `unfindable`, as its replay lists them (a ref the writing host's
-scrub quarantined is known as such on that host alone: its row is all that says so). So are
-the refs the loading host's own scrub quarantined, whatever their rows say: `ids` never names
-them (the writing host may not know they are damaged).
+twice, or made unfindable by a plan or a quarantine, is placed but not found); those refs, and
+the refs of a loaded `PLAN`, are listed in `unfindable`, as its replay lists them. `QUAR`
+records are the quarantine the journal's `quarantine` ops made (chunks found damaged, not healed
+since): loaded into `quarantine`, out of `ids`. A checkpoint holding one is of major version 2
+(an older repo-engine asks to be upgraded), one without of version 1. The loading host's own
+quarantine notes are replaced, but for a ref the checkpoint still places in the pack it was
+found damaged in (a note an earlier repo-engine kept to its host): that one stays, out of `ids`
+whatever its row says.
 
 `catch_up` is a shared repository's refresh: apply entries `journal_seq + 1, ...` until one is
 missing. A cache that is empty, or was last refreshed more than STALE_AFTER ago, first looks for
@@ -63,7 +67,7 @@ from ..errors import DamageError, TamperedError
 from .atomic import write_all
 from .crypto.null import NULL_SEALER, PART_HEADER_SIZE, PartSealer, Sealer
 from .envelope import SEALED
-from .formats import CHECKPOINT
+from .formats import CHECKPOINT, CHECKPOINT_QUARANTINE, FileFormat
 from .index import (COUNTERS, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index, PendingPlan,
                     encode_record)
 from .journal import PREFIX, Entry, PlanOp, entry_object, entry_seqs, read_entry
@@ -85,9 +89,10 @@ STALE_AFTER = 3600.0
 READ_AHEAD = 8  # journal entries fetched at once by a long replay
 CHECKPOINT_EVERY = 200
 # what a checkpoint replaces in a cache (other tables are this host's own notes; `unfindable`
-# is made again from the checkpoint and this host's `quarantine`)
+# is made again from the checkpoint, `quarantine` from its `QUAR` records and the notes of this
+# host's own that still hold: _keep_quarantined)
 REPLAYED = ("ids", "refs", "packs", "packnames", "packlive", "points", "plans", "sweptmaps",
-            "unfindable")
+            "unfindable", "quarantine")
 
 
 def checkpoint_object(seq: int) -> str:
@@ -106,8 +111,9 @@ def _part_name(tag: bytes, text_len: int) -> bytes:
 class _Writer:
     """Records into a spool file, hashed as they go; the file is closed however it ends."""
 
-    def __init__(self, path: Path, sealer: Sealer) -> None:
+    def __init__(self, path: Path, sealer: Sealer, fmt: FileFormat = CHECKPOINT) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        self._format = fmt
         self._hash = blake3.blake3()
         self._parts = sealer.parts("checkpoint")
         self._flags = SEALED if sealer.encrypted else 0
@@ -115,7 +121,8 @@ class _Writer:
         self.records = 0
 
     def __enter__(self) -> "_Writer":
-        self._out(HEADER.pack(CHECKPOINT.magic, CHECKPOINT.major, CHECKPOINT.minor, self._flags)
+        fmt = self._format
+        self._out(HEADER.pack(fmt.magic, fmt.major, fmt.minor, self._flags)
                   + self._parts.header)
         return self
 
@@ -147,7 +154,8 @@ def write_checkpoint(store: Store, index: Index, sealer: Sealer = NULL_SEALER) -
     spool = store.spool_dir() / f"ckpt-{os.getpid()}-{os.urandom(6).hex()}.tmp"
     try:
         # one snapshot
-        with index.env.begin(buffers=False) as txn, _Writer(spool, sealer) as writer:
+        with index.env.begin(buffers=False) as txn, _Writer(spool, sealer, _format(
+                index, txn)) as writer:
             seq = index.journal_seq_in(txn)
             writer.record(b"META", {
                 "seq": seq, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -166,6 +174,11 @@ def write_checkpoint(store: Store, index: Index, sealer: Sealer = NULL_SEALER) -
         spool.unlink(missing_ok=True)
 
 
+def _format(index: Index, txn: lmdb.Transaction) -> FileFormat:
+    """Version 2 when the checkpoint holds quarantined chunks, else version 1."""
+    return CHECKPOINT_QUARANTINE if txn.stat(index.quarantine)["entries"] else CHECKPOINT
+
+
 def _write_state(writer: _Writer, index: Index, txn: lmdb.Transaction) -> None:
     for batch in _batches(txn.cursor(db=index.packs), BATCH):
         writer.record(b"PACK", [[PACK_KEY.unpack(k)[0], *_pack_fields(v)] for k, v in batch])
@@ -177,6 +190,9 @@ def _write_state(writer: _Writer, index: Index, txn: lmdb.Transaction) -> None:
             place = REF_REC.unpack(raw)
             rows[i] = (ref, *place, txn.get(place[0], db=ids) == U64.pack(ref))
         writer.record(b"REFS", {}, rows.tobytes())
+    for batch in _batches(txn.cursor(db=index.quarantine), RECORDS_BATCH):
+        writer.record(b"QUAR", [v.decode("utf-8", "replace") for _, v in batch],
+                      np.array([REF_KEY.unpack(k)[0] for k, _ in batch], "<u8").tobytes())
     for batch in _batches(txn.cursor(db=index.points), RECORDS_BATCH):
         writer.record(b"PNTS", [index.record(k, v) for k, v in batch])
     for plan in index.plans_in(txn):
@@ -310,27 +326,52 @@ def load_checkpoint(store: Store, index: Index, seq: int, sealer: Sealer = NULL_
         with index.write() as txn:
             if index.journal_seq_in(txn) >= seq:
                 return  # another process of this host got there first: never go back
+            own = _quarantined(index, txn)
             for table in REPLAYED:
                 if getattr(index, table) is not None:  # `unfindable`: none at version 3
                     txn.drop(getattr(index, table), delete=False)
-            damaged = _quarantined(index, txn)
             for tag, doc, binary in reader.records():
-                _load_record(index, txn, tag, doc, binary, reader.what, damaged)
+                _load_record(index, txn, tag, doc, binary, reader.what)
             if index.journal_seq_in(txn) != seq:
                 raise DamageError(f"{reader.what}: checkpoint says it holds another seq")
+            _keep_quarantined(index, txn, own)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise DamageError(f"{reader.what}: checkpoint is malformed ({exc})") from None
 
 
-def _quarantined(index: Index, txn: lmdb.Transaction) -> np.ndarray:
-    """The refs this host's scrub quarantined (a few): the writing host may not know they are
-    damaged, so their rows stay out of `ids` and in `unfindable` whatever the rows say."""
-    keys = txn.cursor(db=index.quarantine).iternext(keys=True, values=False)
-    return np.array([REF_KEY.unpack(key)[0] for key in keys], np.uint64)
+def _quarantined(index: Index, txn: lmdb.Transaction) -> list[tuple[int, bytes, bytes]]:
+    """(ref, name of the pack it is placed in, reason) of each ref this host's cache holds
+    quarantined (a few)."""
+    out = []
+    for key, reason in txn.cursor(db=index.quarantine):
+        ref = REF_KEY.unpack(key)[0]
+        pack = _pack_of(index, txn, ref)
+        if pack is not None:
+            out.append((ref, pack, reason))
+    return out
+
+
+def _pack_of(index: Index, txn: lmdb.Transaction, ref: int) -> bytes | None:
+    """The name of the pack the cache places `ref` in (None: placed nowhere it lists)."""
+    rec = txn.get(REF_KEY.pack(ref), db=index.refs)
+    pack = None if rec is None else txn.get(PACK_KEY.pack(REF_REC.unpack(rec)[1]),
+                                             db=index.packs)
+    return None if pack is None else PACK_REC.unpack(pack)[0]
+
+
+def _keep_quarantined(index: Index, txn: lmdb.Transaction,
+                      own: list[tuple[int, bytes, bytes]]) -> None:
+    """The loaded `quarantine` is the journal's (`QUAR`); a ref this host held quarantined
+    that the checkpoint places in the same pack stays so too (a quarantine an earlier
+    repo-engine kept to its host, which the writing host may not know of), out of `ids`. One
+    placed elsewhere was healed (or repacked) meanwhile, one placed nowhere swept."""
+    for ref, name, reason in own:
+        if _pack_of(index, txn, ref) == name:
+            index.quarantine_ref(txn, ref, reason.decode("utf-8", "replace"))
 
 
 def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: bytes,
-                 what: str, damaged: np.ndarray) -> None:
+                 what: str) -> None:
     if tag == b"META":
         for key in ("next_ref", "next_seq"):
             txn.put(key.encode(), U64.pack(doc[key]), db=index.meta)
@@ -346,7 +387,7 @@ def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: b
                 txn.put(b"next_pack", U64.pack(number + 1), db=index.meta)
     elif tag == b"REFS":
         rows = np.frombuffer(binary, REF_ROW)
-        findable = (rows["indexed"] != 0) & ~np.isin(rows["ref"], damaged)
+        findable = rows["indexed"] != 0
         index.id_filter.inserted(txn, [row["id"].tobytes() for row in rows[findable]])
         for row, found in zip(rows, findable.tolist()):
             ref, chunk_id = int(row["ref"]), row["id"].tobytes()
@@ -356,12 +397,17 @@ def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: b
             if found:
                 txn.put(chunk_id, U64.pack(ref), db=index.ids)
         # a row the writer's `ids` did not name stays out of locality too: the writer may have
-        # taken it out alone (its scrub's quarantine), which only the flag says; so does a row
-        # this host quarantined
+        # taken it out alone (an earlier repo-engine's quarantine), which only the flag says
         index.hide(txn, rows["ref"][~findable])
         for key, total in (("chunks", len(rows)), ("raw_bytes", int(rows["raw"].sum())),
                            ("stored_bytes", int(rows["stored"].sum()))):
             index._add(txn, key, total)
+    elif tag == b"QUAR":
+        refs = np.frombuffer(binary, "<u8")
+        if len(refs) != len(doc):
+            raise DamageError(f"{what}: checkpoint quarantine record is malformed")
+        for ref, reason in zip(refs.tolist(), doc):
+            index.quarantine_ref(txn, ref, reason)
     elif tag == b"PNTS":
         for record in doc:
             point = PointRecord.from_dict(record, what).summary()

@@ -53,7 +53,12 @@ LOCK = FileFormat("lock", b"RElck\x00\x01\x1a", 1)
 VM_MARK = FileFormat("vsphere vm mark", b"REvmk\x00\x01\x1a", 1)
 LEASE = FileFormat("lease", b"RElse\x00\x01\x1a", 1)
 JOURNAL = FileFormat("journal entry", b"REjnl\x00\x01\x1a", 1)
-CHECKPOINT = FileFormat("journal checkpoint", b"REckp\x00\x01\x1a", 1)
+CHECKPOINT = FileFormat("journal checkpoint", b"REckp\x00\x01\x1a", 1, also_reads=(2,))
+# a checkpoint holding quarantined chunks (`QUAR` records) has major version 2, so that a version
+# of repo-engine that does not know the record asks to be upgraded instead of calling the
+# checkpoint damaged; one without stays version 1, readable by every version
+CHECKPOINT_QUARANTINE = FileFormat("journal checkpoint", b"REckp\x00\x01\x1a", 2,
+                                   also_reads=(1,))
 # the key records of an encrypted repository (repository/crypto/)
 SLOT = FileFormat("key slot", b"REslt\x00\x01\x1a", 1)
 KEYRING = FileFormat("keyring", b"REkrg\x00\x01\x1a", 1)

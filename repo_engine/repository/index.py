@@ -80,10 +80,11 @@ import lmdb
 import numpy as np
 
 from ..errors import DamageError, RepoError
+from .blockmap import holds
 from .formats import INDEX_VERSION
 from .idfilter import FilterCache
-from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp, RefsOp,
-                      RetireOp, SweepOp, WaitsOp)
+from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp,
+                      QuarantineOp, RefsOp, RetireOp, SweepOp, WaitsOp)
 from .lmdbfile import U64, check_data_file, cover_last_page, get_u64, readahead_pays
 from .packs import FinishedPack, PackEntry
 from .points import PointRecord
@@ -532,7 +533,11 @@ class Index:
             if self._get_u64(txn, b"next_ref", self.meta) < op.first + op.count:
                 txn.put(b"next_ref", U64.pack(op.first + op.count), db=self.meta)
         elif isinstance(op, PackOp):
-            self._record_pack(txn, FinishedPack(op.name, op.size, _pack_entries(op.entries)))
+            known = txn.get(bytes.fromhex(op.name), db=self.packnames) is not None
+            number = self._record_pack(txn, FinishedPack(op.name, op.size,
+                                                         _pack_entries(op.entries)))
+            if not known:
+                self._placed_again(txn, number, op.entries["ref"])
         elif isinstance(op, PointOp):
             point = PointRecord.from_dict(op.record, f"journal entry {seq}").summary()
             txn.put(point["id"].encode(), encode_record(point), db=self.points)
@@ -547,7 +552,12 @@ class Index:
             if plan is not None:
                 self.put_plan(txn, PendingPlan(plan.op, list(op.leases)))
         elif isinstance(op, SweepOp):
+            self._give_back(txn, op)
             self._sweep(txn, seq, op)
+            self._unquarantine_unplaced(txn)
+        elif isinstance(op, QuarantineOp):
+            for ref, reason in zip(op.refs.tolist(), op.reasons):
+                self.quarantine_ref(txn, ref, reason)
         elif isinstance(op, RetireOp):
             self.put_retired(txn, self.retired_in(txn) | set(op.epochs))
 
@@ -592,6 +602,76 @@ class Index:
         """Take the placed `refs` out of deduplication: no `ids` entry names them any more and
         `unfindable` lists them, so neither a look-up by id nor locality answers them."""
         self._unfindable(txn, refs)
+
+    def quarantine_ref(self, txn: lmdb.Transaction, ref: int, reason: str) -> bool:
+        """Note a placed ref found damaged in `quarantine` and take it out of deduplication
+        (its `ids` entry, if `ids` names it, and `unfindable`: neither a look-up by id nor
+        locality finds it, healed or not); False when the index does not place it."""
+        key = REF_KEY.pack(ref)
+        rec = txn.get(key, db=self.refs)
+        if rec is None:
+            return False
+        txn.put(key, reason.encode()[:1000], db=self.quarantine)
+        if txn.get(rec[:32], db=self.ids) == U64.pack(ref):
+            txn.delete(rec[:32], db=self.ids)
+        self.hide_key(txn, key)
+        return True
+
+    def _placed_again(self, txn: lmdb.Transaction, number: int, refs: np.ndarray) -> None:
+        """A replayed `pack` op placed `refs` in its new pack `number`: a quarantined one placed
+        there now (a heal's or a repack's copy, checked against its id when written) is whole
+        again. It stays out of deduplication (`ids` names its donor, or nothing)."""
+        for ref in self._quarantined_of(txn, refs).tolist():
+            rec = txn.get(REF_KEY.pack(ref), db=self.refs)
+            if rec is not None and REF_REC.unpack(rec)[1] == number:
+                txn.delete(REF_KEY.pack(ref), db=self.quarantine)
+
+    def _unquarantine_unplaced(self, txn: lmdb.Transaction) -> None:
+        """Drop the quarantine notes of refs no longer placed (a sweep removed them): the few
+        notes are read, not the sweep's refs looked up (it may name millions)."""
+        for key in list(txn.cursor(db=self.quarantine).iternext(keys=True, values=False)):
+            if txn.get(key, db=self.refs) is None:
+                txn.delete(key, db=self.quarantine)
+
+    def _quarantined_of(self, txn: lmdb.Transaction, refs: np.ndarray) -> np.ndarray:
+        """Those of `refs` the quarantine lists: its few keys read, not a look-up per ref."""
+        keys = list(txn.cursor(db=self.quarantine).iternext(keys=True, values=False))
+        listed = np.array([REF_KEY.unpack(k)[0] for k in keys], np.uint64)
+        return listed[np.isin(listed, np.asarray(refs, np.uint64))] if keys else listed
+
+    def _give_back(self, txn: lmdb.Transaction, op: SweepOp) -> None:
+        """The refs the plan of a sweep dooms and the sweep keeps (a backup counted them
+        meanwhile: placed, not in the sweep's refs) are found again, as a local gc's sweep gives
+        a candidate counted meanwhile its `ids` entry back: each gets the entry unless `ids`
+        names another copy, and leaves `unfindable`. Not a quarantined one (damaged), nor one
+        another pending plan dooms. The plan's refs are taken a batch at a time, and the sweep's
+        are searched as they are (gc writes them sorted): a plan may doom most chunks."""
+        raw = txn.get(op.plan.encode(), db=self.plans)
+        if raw is None:
+            return
+        swept = op.refs if not (op.refs[1:] < op.refs[:-1]).any() else np.unique(op.refs)
+        doomed = _plan_refs(raw)
+        found = txn.cursor(db=self.refs).getmulti
+        parts = []
+        for start in range(0, len(doomed), 4096):
+            part = doomed[start:start + 4096]
+            parts.append(refs_found(found(ref_keys(part[~holds(swept, part)]))))
+        del raw, doomed  # not held while the sweep runs
+        kept = np.concatenate(parts or [np.zeros(0, np.uint64)])
+        if not len(kept):
+            return
+        kept = kept[~np.isin(kept, self._quarantined_of(txn, kept))]
+        for other in self.plans_in(txn):
+            if other.op.plan != op.plan:
+                kept = kept[~np.isin(kept, other.op.refs)]
+        added = []
+        for start in range(0, len(kept), 4096):
+            for key, raw_place in found(ref_keys(kept[start:start + 4096])):
+                if txn.put(raw_place[:32], U64.pack(REF_KEY.unpack(key)[0]), db=self.ids,
+                           overwrite=False):
+                    added.append(raw_place[:32])
+                self.show_key(txn, key)
+        self.id_filter.inserted(txn, added)
 
     def _sweep(self, txn: lmdb.Transaction, seq: int, op: SweepOp) -> None:
         held, raw_bytes, stored = self._unfindable(txn, op.refs, drop=True)
@@ -911,9 +991,14 @@ def decode_record(key: bytes, raw: bytes, *, checked: bool = True) -> dict:
 def _decode_plan(plan_id: str, raw: bytes) -> PendingPlan:
     (length,) = PLAN_HEAD.unpack_from(raw)
     doc = json.loads(raw[4:4 + length])
-    refs = np.frombuffer(raw[4 + length:], dtype="<u8").astype(np.uint64)
+    refs = _plan_refs(raw).astype(np.uint64)
     op = PlanOp(plan_id, doc["time"], refs, doc["packs"], doc["maps"], doc["objects"])
     return PendingPlan(op, doc["leases"])
+
+
+def _plan_refs(raw: bytes) -> np.ndarray:
+    """The refs of a stored plan, a view of `raw` (u64 little endian)."""
+    return np.frombuffer(raw, "<u8", offset=PLAN_HEAD.size + PLAN_HEAD.unpack_from(raw)[0])
 
 
 def _pack_entries(rows: np.ndarray) -> list[PackEntry]:

@@ -18,7 +18,7 @@ know (FormatError: upgrade repo-engine). In an encrypted repository the payload 
 (envelope.py, flag SEALED) as kind "journal" named by the seq (u64 little endian): an entry
 moved to another seq fails authentication.
 
-Ops, built with the dataclasses below (maintenance builds the last four), and what the cache
+Ops, built with the dataclasses below (maintenance builds the last five), and what the cache
 applies (index.py, `Index.apply_entry`):
 
 | op       | dataclass                                  | the cache applies                        |
@@ -32,7 +32,12 @@ applies (index.py, `Index.apply_entry`):
 |          | objects): gc's candidates                  | dedup against them); plan kept in `plans`|
 | `waits`  | WaitsOp(plan, leases)                      | the plan's leases noted                  |
 | `sweep`  | SweepOp(plan, refs, packs, maps); `refs`   | refs and packs removed, maps noted in    |
-|          | lists every ref of a swept pack            | `sweptmaps`, the plan dropped            |
+|          | lists every ref of a swept pack            | `sweptmaps`, the plan dropped; the plan's|
+|          |                                            | refs kept get `ids` back (not damaged or |
+|          |                                            | doomed by another plan)                  |
+| `quarantine` | QuarantineOp(refs, reasons): chunks    | out of `ids`, listed in `unfindable` and |
+|          | `scrub --repair` found damaged             | `quarantine`, until a `pack` op places   |
+|          |                                            | them again (a heal)                      |
 | `retire` | RetireOp(epochs): key epochs being retired | noted in meta `retired`: a commit sealed |
 |          |                                            | under one of them is refused             |
 
@@ -130,16 +135,27 @@ class SweepOp:
 
 
 @dataclass(frozen=True)
+class QuarantineOp:
+    """`scrub --repair` found the chunks of `refs` damaged where they are placed (`reasons`:
+    what it found, one each): every host takes them out of deduplication until a `pack` op
+    places them again (a heal)."""
+
+    refs: np.ndarray
+    reasons: list[str]
+
+
+@dataclass(frozen=True)
 class RetireOp:
     """`key retire`: no commit may seal under `epochs` from this entry on."""
 
     epochs: list[int]
 
 
-Op = RefsOp | PackOp | PointOp | ForgetOp | PlanOp | WaitsOp | SweepOp | RetireOp
+Op = (RefsOp | PackOp | PointOp | ForgetOp | PlanOp | WaitsOp | SweepOp | QuarantineOp
+      | RetireOp)
 OP_NAMES: dict[type, str] = {RefsOp: "refs", PackOp: "pack", PointOp: "point", ForgetOp: "forget",
                              PlanOp: "plan", WaitsOp: "waits", SweepOp: "sweep",
-                             RetireOp: "retire"}
+                             QuarantineOp: "quarantine", RetireOp: "retire"}
 OP_TYPES = {name: kind for kind, name in OP_NAMES.items()}
 ARRAYS = {"entries": ENTRY_DTYPE, "refs": U64}  # op fields held in the binary section
 
@@ -251,6 +267,9 @@ def _decode_op(doc: dict, binary: bytes, what: str) -> Op:
     if isinstance(op, RetireOp) and not (isinstance(op.epochs, list) and all(
             type(e) is int and e > 0 for e in op.epochs)):
         raise ValueError("retired epochs are not a list of positive integers")
+    if isinstance(op, QuarantineOp) and not (isinstance(op.reasons, list) and len(
+            op.reasons) == len(op.refs) and all(isinstance(r, str) for r in op.reasons)):
+        raise ValueError("quarantine reasons are not one text per ref")
     return op
 
 
