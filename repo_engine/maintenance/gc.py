@@ -14,7 +14,8 @@ The counts gc trusts are sealed (repository/seals.py). Before an incremental run
 checks every seal of mapuse, refcount, deadmaps and packlive (all rows at once): a value lowered
 or a key moved by damage fails its check, and a decrement that finds no count to take from is
 damage too. Either makes the run a full one: it recounts from the catalog before it deletes
-anything, and reports the damage (`counts_damaged`). gcq and deadpacks need no seal: a queued ref
+anything, and reports the damage (`counts_damaged`). An `unfindable` entry that fails its check
+stops gc before anything is done (rebuild-index): a doomed ref may have lost its listing. gcq and deadpacks need no seal: a queued ref
 is dropped only when it has no count (a flipped gcq key names a ref no point uses, or none), and a
 queued pack file is deleted only when its name is not listed in `packnames`.
 
@@ -69,7 +70,7 @@ from ..repository.repo import Repository
 from ..repository.seals import KEY, CountDamaged, seal_rows
 from . import forget
 from .inventory import (count_damage, dead_tmp_files, objects_under, scan_sealed, sessions,
-                        wait_for)
+                        trusted_unfindable, wait_for)
 from .tally import ROWS, RefTable, Tally, read_ref_table, ref_rows, sealed_batches
 
 Tick = Callable[[str], None]
@@ -139,6 +140,7 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
         placed: Placed = _no_places
         report.forgets_finished = len(forget.finish_pending(repo).removed)
         with repo.index.env.begin() as txn:
+            trusted_unfindable(repo.index, txn)  # a doomed ref may have lost its listing
             report.counts_damaged = count_damage(repo.index, txn)
         recounted = None
         if not full and not report.counts_damaged and repo.index.counts_valid():

@@ -23,7 +23,7 @@ from ..errors import RepoError
 from ..repository.blockmap import find_sorted
 from ..repository.index import Index
 from ..repository.repo import Repository
-from ..repository.seals import CHECK_SIZE, KEY, PAYLOAD, mix, unsealed_rows
+from ..repository.seals import CHECK_SIZE, KEY, LISTS, PAYLOAD, marked_rows, mix, unsealed_rows
 
 ROWS = 1 << 17  # rows of a table read (and parsed) at a time: about 8 MiB of `refs` rows
 # a `refs` row's value: id, pack, offset, stored, raw, codec
@@ -245,6 +245,18 @@ def sealed_batches(index: Index, txn: lmdb.Transaction,
             continue
         payloads, ok = unsealed_rows(table, key_rows, value_rows)
         yield key_rows, payloads.copy(), ok & fits
+
+
+def listed_batches(index: Index, txn: lmdb.Transaction,
+                   table: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A listing table's (`unfindable`) keys (n, key size) and which pass their check
+    (seals.py), a batch at a time (an entry of a wrong size fails, its key zeroed). The index
+    must carry the checks (`Index.listed`)."""
+    key_size = LISTS[table]
+    for keys, values, fits in _sized_batches(txn, getattr(index, table), key_size, CHECK_SIZE):
+        rows = np.frombuffer(keys, np.uint8).reshape(-1, key_size)
+        values = np.frombuffer(values, np.uint8).reshape(-1, CHECK_SIZE)
+        yield rows, marked_rows(table, rows, values) & fits
 
 
 def _sized_batches(txn: lmdb.Transaction, db: object, key_size: int,

@@ -25,7 +25,7 @@ Reference counting and maintenance state (repo_engine/maintenance/ documents the
 | scrubbed   | name [32]            | u64: unix time the pack was last scrubbed                  |
 | quarantine | ref u64 big endian   | reason (utf-8): chunk found damaged, not yet healed        |
 | reread     | vm NUL disk key      | u64[]: blocks the next backup must read from the source    |
-| unfindable | ref u64 big endian   | empty: refs taken out of deduplication (doomed or damaged) |
+| unfindable | ref u64 big endian   | u64 check of the key: refs taken out of deduplication (doomed or damaged) |
 
 meta `counts` = 1 when mapuse/refcount are complete (set at init, by `gc --full` and by
 `rebuild-index`); `gc_mark` = the first pack number a later gc must check for uncounted refs.
@@ -47,6 +47,11 @@ the same read transaction. A writable version 3 index gets the table on open (fi
 `gcq`, `quarantine` and the pending plans) unless its opener says an earlier repo-engine may
 write it still (`upgrade=False`); a read-only one, or one not upgraded, is used without it (no
 locality, nothing listed).
+Version 5: each `unfindable` value is the check of its key (seals.py, `mark`), so a key moved
+or a value changed by damage is found: a look-up by locality answers nothing from a window that
+holds such an entry, and gc and verify refuse to trust the table. A writable version 4 index
+gets its values sealed on open under the same rule as the upgrade from version 3; a read-only
+one, or one not upgraded, is read unchecked (its entries trusted as written).
 
 meta `ids_added` (u64) counts every insert into `ids`, in the transaction of the insert, and
 `ids_epoch` (16 random bytes) names that counting: the id filter in front of `ids` (idfilter.py)
@@ -88,7 +93,8 @@ from .lmdbfile import U64, check_data_file, cover_last_page, get_u64, readahead_
 from .packs import FinishedPack, PackEntry
 from .points import PointRecord
 from .safefile import FILE_MODE, make_dir
-from .seals import CHECK_SIZE, KEY, PAYLOAD, CountDamaged, seal, seal_rows, unseal, unsealed_rows
+from .seals import (CHECK_SIZE, KEY, PAYLOAD, CountDamaged, mark, marked_rows, marks, seal,
+                    seal_rows, unseal, unsealed_rows)
 
 REF_KEY = struct.Struct(">Q")
 PACK_KEY = struct.Struct(">I")
@@ -115,6 +121,9 @@ MAINT_DBS = ("mapuse", "refcount", "deadmaps", "gcq", "packlive", "deadpacks", "
 JOURNAL_DBS = ("plans", "sweptmaps")
 NEW_DBS = (*JOURNAL_DBS, "unfindable")  # added by later versions: absent from older read-only ones
 PLAN_HEAD = struct.Struct("<I")
+# refs either side of a look-up by locality whose `unfindable` entries are checked too: the
+# table is sparse but where gc doomed many refs, so this costs a seek and a few entries
+CHECKED_AROUND = 1024
 
 
 class ParentGone(RepoError):
@@ -156,9 +165,10 @@ class Index:
         """`scans`: the caller reads whole tables in key order (verify), so the kernel's
         read-ahead stays on whatever the index's size (lmdbfile.readahead_pays). `read_only`:
         open as if the directory could not be written (a bench that must not write).
-        `upgrade=False`: a writable index of version 3 stays so and is written as the earlier
-        repo-engine writes it, without `unfindable` (a process of that build may have it open:
-        the caller knows, by the repository's locks)."""
+        `upgrade=False`: a writable index of version 3 or 4 stays so and is written as the
+        earlier repo-engine writes it (version 3: without `unfindable`; version 4: its entries
+        read unchecked), since a process of that build may have it open: the caller knows, by
+        the repository's locks."""
         if not create:
             if not (path / "data.mdb").exists():
                 raise DamageError(f"{path}: index is missing; run 'repo-engine rebuild-index'")
@@ -182,7 +192,7 @@ class Index:
             self.damage_seen: list[str] = []  # count damage writers met (gc reports it)
             # the last whole pass over the catalog: point id -> (stored bytes, record)
             self._decoded: dict[bytes, tuple[bytes, dict]] = {}
-            self.checked, self.sealed = self._check_version(create)
+            self.checked, self.sealed, self.listed = self._check_version(create)
         except (lmdb.ReadonlyError, lmdb.DiskError):
             raise  # permission denied, disk full: no damage (the CLI says what it is)
         except lmdb.Error as exc:
@@ -199,34 +209,38 @@ class Index:
         except lmdb.NotFoundError:
             return None
 
-    def _check_version(self, create: bool) -> tuple[bool, bool]:
-        """Set up or check the format version; returns whether catalog records carry checks and
-        whether counts carry seals (older versions do not: a writable index is converted in
-        place, a read-only one read as it is)."""
+    def _check_version(self, create: bool) -> tuple[bool, bool, bool]:
+        """Set up or check the format version; returns whether catalog records carry checks,
+        whether counts carry seals and whether `unfindable` entries carry checks (older
+        versions do not: a writable index is converted in place, a read-only one read as it
+        is)."""
         with self.env.begin(write=create) as txn:
             raw = txn.get(b"version", db=self.meta)
             if raw is None and create:
                 txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
                 txn.put(b"counts", U64.pack(1), db=self.meta)  # an empty index counts exactly
-                return True, True
+                return True, True, True
         version = U64.unpack(raw)[0] if raw is not None and len(raw) == U64.size else None
-        if version not in (1, 2, 3, INDEX_VERSION):
+        if version not in range(1, INDEX_VERSION + 1):
             raise DamageError(f"index format version {version} is not one this repo-engine "
                               f"reads (1 to {INDEX_VERSION}): the index is damaged or from a "
                               "newer repo-engine; run 'repo-engine rebuild-index'")
         if version == INDEX_VERSION:
-            return True, True
+            return True, True, True
         if self.read_only:
-            return version > 1, version > 2
+            return version > 1, version > 2, False
         if version == 1:
             self._upgrade_from_1()
         if version <= 2:
             self._upgrade_from_2()
-        if self._upgrade:
+        if not self._upgrade:
+            if version <= 3:
+                self.unfindable = None  # as version 3 has it: no locality, nothing listed
+            return True, True, False
+        if version <= 3:
             self._upgrade_from_3()
-        else:
-            self.unfindable = None  # as version 3 has it: no locality, nothing listed
-        return True, True
+        self._upgrade_from_4()
+        return True, True, True
 
     def _upgrade_from_1(self) -> None:
         """Version 1 -> 2: seal every catalog record with its check. Records keep no sequence:
@@ -277,7 +291,22 @@ class Index:
                 for key, raw in rows:
                     if raw is None or txn.get(raw[:32], db=self.ids) != U64.pack(
                             REF_KEY.unpack(key)[0]):
-                        txn.put(key, b"", db=self.unfindable)
+                        self.hide_key(txn, key)
+            txn.put(b"version", U64.pack(4), db=self.meta)
+
+    def _upgrade_from_4(self) -> None:
+        """Version 4 -> 5: each `unfindable` value becomes the check of its key (version 4
+        wrote none; a later build writing a version 4 index kept open by an earlier one wrote
+        them already). One pass over the table, the checks computed all at once."""
+        with self.write() as txn:
+            cursor = txn.cursor(db=self.unfindable)
+            keys = list(cursor.iternext(keys=True, values=False))
+            if any(len(key) != REF_KEY.size for key in keys):
+                raise DamageError("the index's unfindable table is damaged (a key of another "
+                                  "size); run 'repo-engine rebuild-index'")
+            rows = np.frombuffer(b"".join(keys), np.uint8).reshape(-1, REF_KEY.size)
+            values = marks("unfindable", rows).tobytes()
+            cursor.putmulti((key, values[8 * i:8 * i + 8]) for i, key in enumerate(keys))
             txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
 
     @contextmanager
@@ -540,7 +569,7 @@ class Index:
         elif isinstance(op, ForgetOp):
             txn.delete(op.id.encode(), db=self.points)
         elif isinstance(op, PlanOp):
-            self._unfindable(txn, op.refs)
+            self.hide(txn, op.refs)
             self.put_plan(txn, PendingPlan(op))
         elif isinstance(op, WaitsOp):
             plan = self._get_plan(txn, op.plan)
@@ -551,8 +580,8 @@ class Index:
         elif isinstance(op, RetireOp):
             self.put_retired(txn, self.retired_in(txn) | set(op.epochs))
 
-    def _unfindable(self, txn: lmdb.Transaction, refs: np.ndarray, *,
-                    drop: bool = False) -> tuple[int, int, int]:
+    def hide(self, txn: lmdb.Transaction, refs: np.ndarray, *,
+             drop: bool = False) -> tuple[int, int, int]:
         """Remove the `ids` entries naming `refs` and list the refs in `unfindable` (no dedup
         finds them any more, by id or by locality) or, with `drop`, remove their place records
         and those marks; returns how many of `refs` the cache held, and their raw and stored
@@ -578,23 +607,32 @@ class Index:
         return held, raw_bytes, stored
 
     def hide_key(self, txn: lmdb.Transaction, key: bytes) -> None:
-        """List the ref of `key` in `unfindable`; nothing on an index kept at version 3 (an
-        earlier repo-engine's writers list nothing: locality is off there)."""
+        """List the ref of `key` in `unfindable`, its value the check of the key (also in an
+        index kept at version 4: that build reads keys alone); nothing on an index kept at
+        version 3 (an earlier repo-engine's writers list nothing: locality is off there)."""
         if self.unfindable is not None:
-            txn.put(key, b"", db=self.unfindable)
+            txn.put(key, mark("unfindable", key), db=self.unfindable)
 
     def show_key(self, txn: lmdb.Transaction, key: bytes) -> None:
         """Take the ref of `key` off `unfindable` (see hide_key)."""
         if self.unfindable is not None:
             txn.delete(key, db=self.unfindable)
 
-    def hide(self, txn: lmdb.Transaction, refs: np.ndarray) -> None:
-        """Take the placed `refs` out of deduplication: no `ids` entry names them any more and
-        `unfindable` lists them, so neither a look-up by id nor locality answers them."""
-        self._unfindable(txn, refs)
+    def unhide(self, txn: lmdb.Transaction, key: bytes, chunk_id: bytes) -> bool:
+        """Make findable again the ref of `key`, placed with `chunk_id`, that gc took out of
+        deduplication and a count holds again: `ids` names it unless it names another copy,
+        and `unfindable` lists it no more. A quarantined ref stays out (damaged). A
+        repository of one writer only: a shared one's refs are taken out by plans. Returns
+        whether the ref was made findable."""
+        if txn.get(key, db=self.quarantine) is not None:
+            return False
+        if txn.put(chunk_id, U64.pack(REF_KEY.unpack(key)[0]), db=self.ids, overwrite=False):
+            self.id_filter.inserted(txn, [chunk_id])
+        self.show_key(txn, key)
+        return True
 
     def _sweep(self, txn: lmdb.Transaction, seq: int, op: SweepOp) -> None:
-        held, raw_bytes, stored = self._unfindable(txn, op.refs, drop=True)
+        held, raw_bytes, stored = self.hide(txn, op.refs, drop=True)
         for name, delta in (("chunks", held), ("raw_bytes", raw_bytes),
                             ("stored_bytes", stored)):
             self._add(txn, name, -min(delta, self._get_u64(txn, name.encode(), self.meta)))
@@ -968,13 +1006,21 @@ class IndexReader:
     def places_between(self, start: int, stop: int) -> dict[bytes, int] | None:
         """Chunk id -> ref of the refs in [start, stop) that `refs` places and `unfindable`
         lacks, as this transaction sees them: two range reads of keys in order (neighbouring
-        records share pages). None when the index has no `unfindable` table (a read-only index
-        of an earlier version): then only `ids` may answer."""
+        records share pages). None when only `ids` may answer: the index has no `unfindable`
+        table (a read-only index of an earlier version), or an entry fails its check within
+        CHECKED_AROUND refs of the range (damage that moved the entry of a ref in the range by
+        one of the low 10 bits of its key lands there; verify and gc, which read the whole
+        table, find one moved further)."""
         hidden_db = self._index.unfindable
         if hidden_db is None or start >= stop:
             return None if hidden_db is None else {}
         first, end = REF_KEY.pack(start), REF_KEY.pack(stop)
-        hidden = {key for key, _ in _items_between(self._txn.cursor(db=hidden_db), first, end)}
+        around = list(_items_between(self._txn.cursor(db=hidden_db),
+                                     REF_KEY.pack(max(start - CHECKED_AROUND, 0)),
+                                     REF_KEY.pack(min(stop + CHECKED_AROUND, 2**64 - 1))))
+        if around and self._index.listed and not _marks_hold(around):
+            return None
+        hidden = {key for key, _ in around if first <= key < end}
         found: dict[bytes, int] = {}
         for key, raw in _items_between(self._txn.cursor(db=self._index.refs), first, end):
             if key not in hidden and len(raw) == REF_REC.size:
@@ -1026,6 +1072,15 @@ def _first_unlocated(refs: np.ndarray, found: list[tuple[bytes, bytes]]) -> int:
     """The first of `refs` without a well-formed place record in `found`."""
     good = {REF_KEY.unpack(key)[0] for key, raw in found if len(raw) == REF_REC.size}
     return next(int(ref) for ref in refs.tolist() if ref not in good)
+
+
+def _marks_hold(items: list[tuple[bytes, bytes]]) -> bool:
+    """Whether every (key, value) of `unfindable` passes its check (seals.py), all at once."""
+    if any(len(key) != REF_KEY.size or len(value) != CHECK_SIZE for key, value in items):
+        return False
+    keys = np.frombuffer(b"".join(key for key, _ in items), np.uint8).reshape(-1, REF_KEY.size)
+    values = np.frombuffer(b"".join(v for _, v in items), np.uint8).reshape(-1, CHECK_SIZE)
+    return bool(marked_rows("unfindable", keys, values).all())
 
 
 def _items_between(cursor: lmdb.Cursor, first: bytes, end: bytes) -> Iterator[tuple[bytes, bytes]]:
