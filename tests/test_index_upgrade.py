@@ -193,3 +193,51 @@ def test_a_version_4_index_gets_checked_entries_only_when_no_other_process_holds
         assert restored(repo, again.id, tmp_path) == bytes(model.content)
     finally:
         repo.close()
+
+
+def test_the_batched_upgrade_of_a_cache_lists_exactly_the_refs_ids_does_not_name(tmp_path,
+                                                                                 monkeypatch):
+    """The upgrade of a shared repository's cache from version 3 looks the ids of its refs up a
+    batch at a time (in id order, answers matched back): it lists what one look-up a ref lists,
+    across batches (made small here), with ids that differ only in trailing NUL bytes, copies
+    of one id at several refs, an `ids` value of the wrong size, queued refs with and without a
+    place."""
+    import numpy as np
+
+    from repo_engine.repository import lmdbfile
+    from repo_engine.repository.index import REF_REC, U64
+
+    monkeypatch.setattr(lmdbfile, "ROWS", 7)
+    rng = np.random.default_rng(5)
+    path = tmp_path / "index"
+    index = Index(path, create=True)
+    chunk_ids = [rng.bytes(32) for _ in range(40)]
+    chunk_ids += [b"\x01" * 30 + b"\0\0", b"\x01" * 30 + b"\0\x02", b"\x01" * 31 + b"\0"]
+    with index.write() as txn:
+        for ref, chunk_id in enumerate(chunk_ids * 2, 1):  # every id at two refs
+            txn.put(REF_KEY.pack(ref), REF_REC.pack(chunk_id, 0, ref, 1, 1, 0), db=index.refs)
+            choice = ref % 5
+            if choice == 0:  # the id's entry names this ref
+                txn.put(chunk_id, U64.pack(ref), db=index.ids)
+            elif choice == 1 and txn.get(chunk_id, db=index.ids) is None:  # another ref
+                txn.put(chunk_id, U64.pack(ref + 1000), db=index.ids)
+            elif choice == 2:
+                txn.put(chunk_id, U64.pack(ref)[:7], db=index.ids)  # damaged
+        for ref in (3, 5, 500):  # queued: placed, or not (500)
+            txn.put(REF_KEY.pack(ref), b"", db=index.gcq)
+        txn.put(b"journal_seq", U64.pack(1), db=index.meta)
+        txn.put(b"version", U64.pack(3), db=index.meta)
+        txn.drop(index.unfindable, delete=True)
+        expected = {REF_KEY.unpack(key)[0] for key, raw in txn.cursor(db=index.refs)
+                    if txn.get(raw[:32], db=index.ids) != U64.pack(REF_KEY.unpack(key)[0])}
+    index.close()
+    assert 0 < len(expected) < len(chunk_ids) * 2
+
+    index = Index(path)
+    try:
+        with index.env.begin() as txn:
+            listed = {REF_KEY.unpack(k)[0]: v for k, v in txn.cursor(db=index.unfindable)}
+        assert set(listed) == expected | {500}
+        assert all(v == seals.mark("unfindable", REF_KEY.pack(r)) for r, v in listed.items())
+    finally:
+        index.close()
