@@ -27,6 +27,10 @@ A run, each step crash-safe (a rerun finishes it):
    an incremental run recounts too (`_live_side_cheaper`): reading the maps in use and the
    `refs` table costs less than reading every dead map and every trailer indexed since the last
    gc, and leaves the same counts, candidates and live counts when the kept counts are sound.
+   Then what a gc killed between its mark and its sweep left out is given back: a ref
+   `unfindable` lists that a count holds (a backup that had looked it up before that mark
+   committed since, which took it out of `gcq`) gets its `ids` entry back as step 5 would have
+   given it (`_give_back_counted`), else every later backup would store it again.
 3. Make candidates unfindable: delete their `ids` entries and list their refs in `unfindable`
    (which a backup's look-up by locality reads), so a backup looking a chunk up from now on
    stores a fresh copy. List unused map files, manifests not catalogued, pack files not indexed.
@@ -156,6 +160,7 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
                                   or not repo.index.counts_valid()):
             report.mode = "full"
             report.recount = recount(repo)
+        report.resurrected = _give_back_counted(repo)
         listed = _mark(repo)
         report.candidates = len(listed.candidates)
         report.waited_seconds += wait_for(repo, sessions(repo, lock.path), timeout=wait_timeout,
@@ -518,6 +523,19 @@ def _write_packlive(txn: lmdb.Transaction, index: Index, table: RefTable,
         txn.put(key.tobytes(), value.tobytes(), db=index.packlive)
 
 
+def _give_back_counted(repo: Repository) -> int:
+    """Step 2's last part (the module docstring): make findable again each ref `unfindable`
+    lists that a count holds, unless quarantined; returns how many. The counts are settled (or
+    recounted) by now, and under the maintenance lock no other gc is between its mark and its
+    sweep, so such a ref is no candidate of a run still going."""
+    index = repo.index
+    with index.write() as txn:
+        hidden = trusted_unfindable(index, txn)
+        counted = refs_found(txn.cursor(db=index.refcount).getmulti(ref_keys(hidden)))
+        places = txn.cursor(db=index.refs).getmulti(ref_keys(counted))
+        return sum(index.unhide(txn, key, rec[:32]) for key, rec in places)
+
+
 # -- step 3: mark ---------------------------------------------------------------------------
 def _mark(repo: Repository) -> _Listed:
     index = repo.index
@@ -588,10 +606,7 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport, placed: Placed) 
                 continue
             chunk_id, pack, _off, stored, raw, _codec = REF_REC.unpack(rec)
             if txn.get(key, db=index.refcount) is not None:
-                if txn.get(key, db=index.quarantine) is None:  # damaged: stays unfindable
-                    if txn.put(chunk_id, U64.pack(ref), db=index.ids, overwrite=False):
-                        index.id_filter.inserted(txn, [chunk_id])
-                    index.show_key(txn, key)
+                index.unhide(txn, key, chunk_id)  # unless quarantined
                 report.resurrected += 1
                 continue
             txn.delete(key, db=index.refs)
