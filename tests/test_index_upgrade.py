@@ -204,10 +204,10 @@ def test_the_batched_upgrade_of_a_cache_lists_exactly_the_refs_ids_does_not_name
     place."""
     import numpy as np
 
-    from repo_engine.repository import lmdbfile
+    from repo_engine.repository import index as index_module
     from repo_engine.repository.index import REF_REC, U64
 
-    monkeypatch.setattr(lmdbfile, "ROWS", 7)
+    monkeypatch.setattr(index_module, "UPGRADE_ROWS", 7)
     rng = np.random.default_rng(5)
     path = tmp_path / "index"
     index = Index(path, create=True)

@@ -14,10 +14,11 @@ The counts gc trusts are sealed (repository/seals.py). Before an incremental run
 checks every seal of mapuse, refcount, deadmaps and packlive (all rows at once): a value lowered
 or a key moved by damage fails its check, and a decrement that finds no count to take from is
 damage too. Either makes the run a full one: it recounts from the catalog before it deletes
-anything, and reports the damage (`counts_damaged`). An `unfindable` entry that fails its check
-stops gc before anything is done (rebuild-index): a doomed ref may have lost its listing. gcq and deadpacks need no seal: a queued ref
-is dropped only when it has no count (a flipped gcq key names a ref no point uses, or none), and a
-queued pack file is deleted only when its name is not listed in `packnames`.
+anything, and reports the damage (`counts_damaged`). gcq and deadpacks need no seal: a queued
+ref is dropped only when it has no count (a flipped gcq key names a ref no point uses, or none),
+and a queued pack file is deleted only when its name is not listed in `packnames`. An
+`unfindable` entry that fails its check (seals.py) stops gc before anything is done
+(rebuild-index): a doomed ref may have lost its listing.
 
 A run, each step crash-safe (a rerun finishes it):
 
@@ -65,7 +66,7 @@ from ..errors import DamageError, LockedError, RepoError
 from ..repository.store import ObjectDamaged, ObjectMissing
 from ..pause import pause_point
 from ..repository.index import (LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index,
-                                ref_keys, refs_found)
+                                lacks, ref_keys)
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.blockmap import map_object
 from ..repository.packs import PackWriter, blob_bytes, pack_object
@@ -275,8 +276,7 @@ def _uncounted_in(txn: lmdb.Transaction, index: Index, number: int,
     the index places at that pack and offset: two batched look-ups for the pack (most of its
     refs are counted), not two per chunk."""
     refs = entries["ref"].astype(np.uint64)
-    counted = txn.cursor(db=index.refcount).getmulti(ref_keys(refs))
-    todo = ~np.isin(refs, refs_found(counted))
+    todo = lacks(txn, index.refcount, refs)
     if not todo.any():
         return []
     offsets = dict(zip(refs[todo].tolist(), entries["offset"][todo].tolist()))
@@ -366,8 +366,7 @@ def _live_side_cheaper(repo: Repository) -> bool:
     with index.env.begin() as txn:
         stat = {name: txn.stat(getattr(index, name))["entries"]
                 for name in ("deadmaps", "mapuse", "refs", "packs")}
-        fresh = (index._get_u64(txn, b"next_pack", index.meta)
-                 - index._get_u64(txn, b"gc_mark", index.meta))
+        fresh = index.meta_u64_in(txn, "next_pack") - index.meta_u64_in(txn, "gc_mark")
         settle = stat["deadmaps"] * MAP_US + min(max(fresh, 0), stat["packs"]) * TRAILER_US
         cost = stat["mapuse"] * MAP_US + stat["refs"] * ROW_US + stat["packs"] * PACK_US
         if cost >= settle:
@@ -531,7 +530,7 @@ def _give_back_counted(repo: Repository) -> int:
     index = repo.index
     with index.write() as txn:
         hidden = trusted_unfindable(index, txn)
-        counted = refs_found(txn.cursor(db=index.refcount).getmulti(ref_keys(hidden)))
+        counted = hidden[~lacks(txn, index.refcount, hidden)]
         places = txn.cursor(db=index.refs).getmulti(ref_keys(counted))
         return sum(index.unhide(txn, key, rec[:32]) for key, rec in places)
 

@@ -22,10 +22,11 @@ import numpy as np
 from ..errors import RepoError
 from ..repository.blockmap import find_sorted
 from ..repository.index import Index
-from ..repository.lmdbfile import ROWS, sized_batches
+from ..repository.lmdbfile import sized_batches
 from ..repository.repo import Repository
 from ..repository.seals import CHECK_SIZE, KEY, LISTS, PAYLOAD, marked_rows, mix, unsealed_rows
 
+ROWS = 1 << 17  # rows of a table read (and parsed) at a time: about 8 MiB of `refs` rows
 # a `refs` row's value: id, pack, offset, stored, raw, codec
 REF_ROW = np.dtype({"names": ["id", "pack", "offset", "stored", "raw", "codec"],
                     "formats": ["V32", "<u4", "<u8", "<u4", "<u4", "u1"],
@@ -237,7 +238,8 @@ def sealed_batches(index: Index, txn: lmdb.Transaction,
     fail without being looked at (zeroed)."""
     key_size, size = KEY[table], PAYLOAD[table]
     width = size + CHECK_SIZE if index.sealed else size
-    for keys, values, fits in sized_batches(txn, getattr(index, table), key_size, width):
+    for keys, values, fits in sized_batches(txn, getattr(index, table), key_size, width,
+                                            ROWS):
         key_rows = np.frombuffer(keys, np.uint8).reshape(-1, key_size)
         value_rows = np.frombuffer(values, np.uint8).reshape(-1, width)
         if not index.sealed:
@@ -253,7 +255,8 @@ def listed_batches(index: Index, txn: lmdb.Transaction,
     (seals.py), a batch at a time (an entry of a wrong size fails, its key zeroed). The index
     must carry the checks (`Index.listed`)."""
     key_size = LISTS[table]
-    for keys, values, fits in sized_batches(txn, getattr(index, table), key_size, CHECK_SIZE):
+    for keys, values, fits in sized_batches(txn, getattr(index, table), key_size, CHECK_SIZE,
+                                            ROWS):
         rows = np.frombuffer(keys, np.uint8).reshape(-1, key_size)
         values = np.frombuffer(values, np.uint8).reshape(-1, CHECK_SIZE)
         yield rows, marked_rows(table, rows, values) & fits

@@ -25,7 +25,7 @@ Reference counting and maintenance state (repo_engine/maintenance/ documents the
 | scrubbed   | name [32]            | u64: unix time the pack was last scrubbed                  |
 | quarantine | ref u64 big endian   | reason (utf-8): chunk found damaged, not yet healed        |
 | reread     | vm NUL disk key      | u64[]: blocks the next backup must read from the source    |
-| unfindable | ref u64 big endian   | u64 check of the key: refs taken out of deduplication (doomed or damaged) |
+| unfindable | ref u64 big endian   | the key's check (u64): refs out of deduplication (doomed or damaged) |
 
 meta `counts` = 1 when mapuse/refcount are complete (set at init, by `gc --full` and by
 `rebuild-index`); `gc_mark` = the first pack number a later gc must check for uncounted refs.
@@ -126,6 +126,7 @@ PLAN_HEAD = struct.Struct("<I")
 # refs either side of a look-up by locality whose `unfindable` entries are checked too: the
 # table is sparse but where gc doomed many refs, so this costs a seek and a few entries
 CHECKED_AROUND = 1024
+UPGRADE_ROWS = 1 << 17  # rows an upgrade reads, and looks up, at once (some 7 MiB of `refs`)
 
 
 class ParentGone(RepoError):
@@ -289,7 +290,7 @@ class Index:
             for plan in list(self.plans_in(txn)):
                 self.hide(txn, plan.op.refs)
             unnamed = []
-            for keys, _, fits in sized_batches(txn, self.gcq, REF_KEY.size, 0):
+            for keys, _, fits in sized_batches(txn, self.gcq, REF_KEY.size, 0, UPGRADE_ROWS):
                 queued = np.frombuffer(keys, ">u8")[fits].astype(np.uint64)
                 places = txn.cursor(db=self.refs).getmulti(ref_keys(queued))
                 good = [(key, raw) for key, raw in places if len(raw) == REF_REC.size]
@@ -298,7 +299,7 @@ class Index:
                     np.frombuffer(b"".join(raw for _, raw in good), _REF_REC_DTYPE)["id"])]
             if self.journal_seq_in(txn):
                 for keys, values, fits in sized_batches(txn, self.refs, REF_KEY.size,
-                                                        REF_REC.size):
+                                                        REF_REC.size, UPGRADE_ROWS):
                     unnamed.append(self._unnamed(
                         txn, np.frombuffer(keys, ">u8")[fits].astype(np.uint64),
                         np.frombuffer(values, _REF_REC_DTYPE)["id"][fits]))
@@ -740,8 +741,7 @@ class Index:
     def missing_refs(self, refs: np.ndarray) -> np.ndarray:
         """Those of `refs` the index does not place (a sweep removed them)."""
         with self.env.begin() as txn:
-            found = txn.cursor(db=self.refs).getmulti(ref_keys(refs))
-        return refs[~np.isin(refs, refs_found(found))]
+            return refs[lacks(txn, self.refs, refs)]
 
     # -- sealed counts (seals.py) ----------------------------------------------------------
     def get_sealed(self, txn: lmdb.Transaction, table: str, key: bytes) -> bytes | None:
@@ -844,7 +844,11 @@ class Index:
 
     def meta_u64(self, name: str) -> int:
         with self.env.begin() as txn:
-            return self._get_u64(txn, name.encode(), self.meta)
+            return self.meta_u64_in(txn, name)
+
+    def meta_u64_in(self, txn: lmdb.Transaction, name: str) -> int:
+        """A u64 of `meta` as `txn` sees it (0 when absent)."""
+        return self._get_u64(txn, name.encode(), self.meta)
 
     # -- repair hooks read by backups ------------------------------------------------------
     @staticmethod
@@ -1100,6 +1104,11 @@ def refs_found(found: list[tuple[bytes, bytes]]) -> np.ndarray:
     """The refs whose keys a `getmulti` found, as native u64: numpy's `isin` refuses a
     big-endian array holding a value past 2^63 (a damaged key can name such a ref)."""
     return np.frombuffer(b"".join(key for key, _ in found), dtype=">u8").astype(np.uint64)
+
+
+def lacks(txn: lmdb.Transaction, db: object, refs: np.ndarray) -> np.ndarray:
+    """Per ref of `refs`, whether `db` (keyed by ref) lacks it: one batched look-up."""
+    return ~np.isin(refs, refs_found(txn.cursor(db=db).getmulti(ref_keys(refs))))
 
 
 def _first_unlocated(refs: np.ndarray, found: list[tuple[bytes, bytes]]) -> int:

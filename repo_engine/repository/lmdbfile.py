@@ -35,7 +35,6 @@ import numpy as np
 from ..errors import DamageError
 
 U64 = struct.Struct("<Q")  # a counter's value in the index's tables
-ROWS = 1 << 17  # rows of a table read (and parsed) at a time: about 8 MiB of `refs` rows
 MAGIC = 0xBEEFC0DE
 DATA_VERSION = 1
 P_META = 0x08
@@ -143,9 +142,9 @@ def get_u64(txn: lmdb.Transaction, key: bytes, db: object) -> int:
     return U64.unpack(raw)[0] if raw else 0
 
 
-def sized_batches(txn: lmdb.Transaction, db: object, key_size: int,
-                   width: int) -> Iterator[tuple[bytearray, bytearray, np.ndarray]]:
-    """A table's rows in key order, ROWS at a time: (keys, values, fits), keys and values
+def sized_batches(txn: lmdb.Transaction, db: object, key_size: int, width: int,
+                  rows: int) -> Iterator[tuple[bytearray, bytearray, np.ndarray]]:
+    """A table's rows in key order, `rows` at a time: (keys, values, fits), keys and values
     concatenated (not copied into bytes: numpy reads them where they are); a row whose key is
     not `key_size` bytes or whose value is not `width` is zeroed, and not fit."""
     items = txn.cursor(db=db).iternext(keys=True, values=True)
@@ -161,12 +160,12 @@ def sized_batches(txn: lmdb.Transaction, db: object, key_size: int,
                 vals += blank
                 unfit.append(count)
             count += 1
-            if count == ROWS:
+            if count == rows:
                 break
         if not count:
             return
         fits = np.ones(count, bool)
         fits[unfit] = False
         yield keys, vals, fits
-        if count < ROWS:
+        if count < rows:
             return
