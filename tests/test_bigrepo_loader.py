@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from helpers import cli
+from repo_engine.repository.formats import INDEX_VERSION
 from repo_engine.repository.idfilter import FILE
 from repo_engine.repository.repo import Repository
 
@@ -59,5 +60,5 @@ def test_locality_finds_every_id_both_ways_and_writes_nothing_read_only(tmp_path
     assert all(r["found"] == r["count"] for r in rows)
     assert (repo / "index" / "data.mdb").read_bytes() == before
     with Repository.open(repo) as opened:  # opened writable: upgraded, nothing unfindable
-        assert opened.index.meta_u64("version") == 4
+        assert opened.index.meta_u64("version") == INDEX_VERSION
     as_version_3(repo)

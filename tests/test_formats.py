@@ -19,6 +19,7 @@ from repo_engine.repository.formats import BLOCK_MAP, CONFIG, JOURNAL, PACK
 from repo_engine.repository.index import decode_record, encode_record
 from repo_engine.repository.lmdbfile import META, MetaPage, check_data_file
 from repo_engine.repository.packs import HEADER, PackWriter, pack_object, read_trailer
+from repo_engine.repository.repo import Repository
 from repo_engine.repository.store.local import LocalStore
 from repo_engine.repository import seals
 
@@ -192,6 +193,34 @@ def test_count_seal_golden():
         seals.unseal("deadmaps", bytes(range(32)), seals.seal("mapuse", bytes(range(32)), count3))
     with pytest.raises(DamageError):
         seals.unseal("refcount", ref5, count3)  # an unsealed (version 2) value
+
+
+def test_unfindable_entry_golden(tmp_path):
+    """An `unfindable` entry's value is the check of its key (the seal of an empty payload), as
+    the index writes it; any flipped bit of key or value fails."""
+    ref5 = (5).to_bytes(8, "big")
+    assert seals.mark("unfindable", ref5).hex() == "ebf42d5f63a159d3"
+    keys = [ref5, (2**64 - 1).to_bytes(8, "big"), bytes(8)]
+    for key in keys:
+        assert seals.mark("unfindable", key) == _spec_check("unfindable", key, b"")
+    repo = Repository.init(tmp_path / "repo")
+    with repo.index.write() as txn:
+        repo.index.hide_key(txn, ref5)
+        assert txn.get(ref5, db=repo.index.unfindable).hex() == "ebf42d5f63a159d3"
+    repo.close()
+    rows = np.frombuffer(b"".join(keys), np.uint8).reshape(-1, 8)
+    values = np.frombuffer(b"".join(seals.mark("unfindable", k) for k in keys),
+                           np.uint8).reshape(-1, 8)
+    assert seals.marked_rows("unfindable", rows, values).all()
+    for bit in range(128):
+        key, value = bytearray(ref5), bytearray(seals.mark("unfindable", ref5))
+        (key if bit < 64 else value)[bit % 64 // 8] ^= 1 << bit % 8
+        assert not seals.marked_rows("unfindable", np.frombuffer(bytes(key), np.uint8)[None],
+                                     np.frombuffer(bytes(value), np.uint8)[None]).any()
+    # a mark of another table, or an empty value (version 4), fails
+    assert not seals.marked_rows("unfindable", rows[:1], np.frombuffer(
+        seals.seal("refcount", ref5, b"")[:8], np.uint8)[None]).any()
+    assert not seals.marked_rows("unfindable", rows[:1], np.zeros((1, 0), np.uint8)).any()
 
 
 def test_lmdb_meta_layout(tmp_path):

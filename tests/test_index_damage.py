@@ -302,12 +302,18 @@ def test_latest_and_parents_follow_commit_order_when_the_clock_steps_back(chain,
 
 
 def downgrade(repo: Path, version: int) -> None:
-    """Rewrite the index as an older repo-engine wrote it: version 3 has no `unfindable` table;
-    version 2 also no seals on the count tables; version 1 also no checks and no sequences in
-    the catalog (nor in the manifests)."""
+    """Rewrite the index as an older repo-engine wrote it: version 4 has no checks in its
+    `unfindable` values (empty); version 3 no `unfindable` table; version 2 also no seals on
+    the count tables; version 1 also no checks and no sequences in the catalog (nor in the
+    manifests)."""
     env = lmdb.open(str(repo / "index"), max_dbs=32, map_size=1 << 40)
     with env.begin(write=True) as txn:
-        txn.drop(env.open_db(b"unfindable", txn=txn), delete=True)
+        unfindable = env.open_db(b"unfindable", txn=txn)
+        if version == 4:
+            for key in list(txn.cursor(db=unfindable).iternext(values=False)):
+                txn.put(key, b"", db=unfindable)
+        else:
+            txn.drop(unfindable, delete=True)
         for table, size in PAYLOAD.items():
             if version >= 3:
                 break
@@ -332,7 +338,7 @@ def downgrade(repo: Path, version: int) -> None:
                 opened.write_manifest(manifest)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_index_of_an_older_version_still_opens(chain, capsys, version):
     """Converted in place on open (1 via 2 and 3): records sealed with checks, counts with seals,
     the unfindable table made."""

@@ -1,7 +1,9 @@
-"""An index of version 3 is upgraded only when no other process holds a lock on the repository:
-a process of an earlier repo-engine that opened it at version 3 keeps taking refs out of
-deduplication without listing them in `unfindable`, so meanwhile this process uses the index as
-that build does (no `unfindable` table, no locality, duplicates found through `ids` alone)."""
+"""An index of version 3 or 4 is upgraded only when no other process holds a lock on the
+repository: a process of an earlier repo-engine that opened it at version 3 keeps taking refs out
+of deduplication without listing them in `unfindable`, so meanwhile this process uses the index
+as that build does (no `unfindable` table, no locality, duplicates found through `ids` alone);
+one that opened it at version 4 lists them without checks, so meanwhile this process reads the
+entries unchecked, as that build does."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ import lmdb
 from repo_engine.maintenance import gc as local_gc
 from repo_engine.maintenance.gc import gc
 from repo_engine.maintenance.scrub import _quarantine
-from repo_engine.repository.index import REF_KEY
+from repo_engine.repository import seals
+from repo_engine.repository.formats import INDEX_VERSION
+from repo_engine.repository.index import REF_KEY, Index
+from repo_engine.repository.locality import dedup_refs
 from repo_engine.repository.repo import Repository
 from test_index_damage import downgrade
 from test_locality import BLOCK, back_up, first_backup_then_changed, map_refs, restored
@@ -89,14 +94,14 @@ def test_a_version_3_index_is_upgraded_only_when_no_other_process_holds_a_lock(t
     try:
         back_up(repo, "c", model)  # opens the index under its own lock: that one does not count
         with repo.index.env.begin() as txn:
-            assert repo.index.meta_u64("version") == 4
+            assert repo.index.meta_u64("version") == INDEX_VERSION
             hidden = {REF_KEY.unpack(k)[0] for k, _ in txn.cursor(db=repo.index.unfindable)}
         assert {doomed, damaged} <= hidden
         gc(repo)
         assert restored(repo, again.id, tmp_path) == bytes(model.content)
     finally:
         repo.close()
-    assert raw_tables(path)[:2] == (4, True)
+    assert raw_tables(path)[:2] == (INDEX_VERSION, True)
 
 
 def test_a_cache_of_version_3_is_upgraded_only_when_no_other_process_of_the_host_holds_a_lock(
@@ -125,9 +130,114 @@ def test_a_cache_of_version_3_is_upgraded_only_when_no_other_process_of_the_host
         try:
             fresh.refresh()
             with fresh.index.env.begin() as txn:
-                assert fresh.index.meta_u64("version") == 4
+                assert fresh.index.meta_u64("version") == INDEX_VERSION
                 assert txn.get(REF_KEY.pack(damaged), db=fresh.index.unfindable) is not None
         finally:
             fresh.close()
     finally:
         a.close()
+
+
+def unfindable_values(path: Path) -> dict[int, bytes]:
+    env = lmdb.open(str(path / "index"), max_dbs=32, map_size=1 << 40, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            return {REF_KEY.unpack(k)[0]: v for k, v in
+                    txn.cursor(db=env.open_db(b"unfindable", txn=txn))}
+    finally:
+        env.close()
+
+
+def test_a_version_4_index_gets_checked_entries_only_when_no_other_process_holds_a_lock(
+        tmp_path):
+    """Kept at version 4 meanwhile, read unchecked: a look-up by locality still skips the
+    listed ref (writable or read-only open); upgraded later, every entry holds its check."""
+    path = tmp_path / "repo"
+    repo = Repository.init(path, block_size=BLOCK)
+    model, doomed, _kept = first_backup_then_changed(repo, tmp_path)
+    local_gc.settle_dead_maps(repo)
+    local_gc._mark(repo)  # a gc stopped after its mark: `unfindable` lists `doomed`
+    repo.close()
+    downgrade(path, 4)
+    assert unfindable_values(path) == {doomed: b""}
+
+    holder = Holder(path / "locks")
+    try:
+        repo = Repository.open(path)
+        try:
+            again = back_up(repo, "b", model)
+            assert not repo.index.listed
+            assert doomed not in map_refs(repo, again).tolist()
+            assert again.counters["new_chunks"] == 1  # the doomed chunk, stored again
+        finally:
+            repo.close()
+        assert raw_tables(path)[0] == 4
+        index = Index(path / "index", read_only=True)
+        try:
+            with index.reader() as reader:
+                ids = [reader.chunk_id_of(r) for r in range(doomed - 5, doomed + 5)]
+                found, _ = dedup_refs(reader, ids)
+            assert doomed not in found and None not in found  # the doomed id: its new copy
+        finally:
+            index.env.close()
+    finally:
+        holder.release()
+
+    repo = Repository.open(path)
+    try:
+        assert repo.index.listed and repo.index.meta_u64("version") == INDEX_VERSION
+        with repo.index.env.begin() as txn:
+            assert list(txn.cursor(db=repo.index.unfindable)) == [
+                (REF_KEY.pack(doomed), seals.mark("unfindable", REF_KEY.pack(doomed)))]
+        gc(repo)
+        assert restored(repo, again.id, tmp_path) == bytes(model.content)
+    finally:
+        repo.close()
+
+
+def test_the_batched_upgrade_of_a_cache_lists_exactly_the_refs_ids_does_not_name(tmp_path,
+                                                                                 monkeypatch):
+    """The upgrade of a shared repository's cache from version 3 looks the ids of its refs up a
+    batch at a time (in id order, answers matched back): it lists what one look-up a ref lists,
+    across batches (made small here), with ids that differ only in trailing NUL bytes, copies
+    of one id at several refs, an `ids` value of the wrong size, queued refs with and without a
+    place."""
+    import numpy as np
+
+    from repo_engine.repository import index as index_module
+    from repo_engine.repository.index import REF_REC, U64
+
+    monkeypatch.setattr(index_module, "UPGRADE_ROWS", 7)
+    rng = np.random.default_rng(5)
+    path = tmp_path / "index"
+    index = Index(path, create=True)
+    chunk_ids = [rng.bytes(32) for _ in range(40)]
+    chunk_ids += [b"\x01" * 30 + b"\0\0", b"\x01" * 30 + b"\0\x02", b"\x01" * 31 + b"\0"]
+    with index.write() as txn:
+        for ref, chunk_id in enumerate(chunk_ids * 2, 1):  # every id at two refs
+            txn.put(REF_KEY.pack(ref), REF_REC.pack(chunk_id, 0, ref, 1, 1, 0), db=index.refs)
+            choice = ref % 5
+            if choice == 0:  # the id's entry names this ref
+                txn.put(chunk_id, U64.pack(ref), db=index.ids)
+            elif choice == 1 and txn.get(chunk_id, db=index.ids) is None:  # another ref
+                txn.put(chunk_id, U64.pack(ref + 1000), db=index.ids)
+            elif choice == 2:
+                txn.put(chunk_id, U64.pack(ref)[:7], db=index.ids)  # damaged
+        for ref in (3, 5, 500):  # queued: placed, or not (500)
+            txn.put(REF_KEY.pack(ref), b"", db=index.gcq)
+        txn.put(b"journal_seq", U64.pack(1), db=index.meta)
+        txn.put(b"version", U64.pack(3), db=index.meta)
+        txn.drop(index.unfindable, delete=True)
+        expected = {REF_KEY.unpack(key)[0] for key, raw in txn.cursor(db=index.refs)
+                    if txn.get(raw[:32], db=index.ids) != U64.pack(REF_KEY.unpack(key)[0])}
+    index.close()
+    assert 0 < len(expected) < len(chunk_ids) * 2
+
+    index = Index(path)
+    try:
+        with index.env.begin() as txn:
+            listed = {REF_KEY.unpack(k)[0]: v for k, v in txn.cursor(db=index.unfindable)}
+        assert set(listed) == expected | {500}
+        assert all(v == seals.mark("unfindable", REF_KEY.pack(r)) for r, v in listed.items())
+    finally:
+        index.close()

@@ -14,6 +14,7 @@ from repo_engine.maintenance import gc as local_gc
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import GcReport, gc
 from repo_engine.maintenance.scrub import _quarantine
+from repo_engine.repository.formats import INDEX_VERSION
 from repo_engine.repository.index import REF_KEY, IndexReader
 from repo_engine.repository.locality import dedup_refs
 from repo_engine.repository.repo import Repository
@@ -251,7 +252,7 @@ def test_an_index_of_version_3_gets_the_unfindable_table_on_open(tmp_path):
     repo = Repository.open(path)
     try:
         with repo.index.env.begin() as txn:
-            assert repo.index.meta_u64("version") == 4
+            assert repo.index.meta_u64("version") == INDEX_VERSION
             hidden = {REF_KEY.unpack(k)[0] for k, _ in txn.cursor(db=repo.index.unfindable)}
         assert {doomed, damaged} <= hidden
         again = back_up(repo, "b", model)

@@ -18,6 +18,7 @@ from repo_engine.maintenance.gc import GcReport
 from repo_engine.maintenance.scrub import _quarantine
 from repo_engine.repository import idfilter
 from repo_engine.repository.checkpoint import write_checkpoint
+from repo_engine.repository.formats import INDEX_VERSION
 from repo_engine.repository.index import REF_KEY
 from repo_engine.repository.packs import pack_object
 from repo_engine.repository.repo import Repository
@@ -133,7 +134,7 @@ def test_a_cache_of_version_3_loaded_from_a_checkpoint_hides_the_rows_ids_lacks_
     model, damaged, cache = cache_of_version_3(a, tmp_path, monkeypatch)
     fresh = attach_shared(a.store, cache)
     try:
-        assert fresh.index.meta_u64("version") == 4
+        assert fresh.index.meta_u64("version") == INDEX_VERSION
         stores_it_again(fresh, model, damaged, tmp_path)
     finally:
         fresh.close()

@@ -14,9 +14,11 @@ The counts gc trusts are sealed (repository/seals.py). Before an incremental run
 checks every seal of mapuse, refcount, deadmaps and packlive (all rows at once): a value lowered
 or a key moved by damage fails its check, and a decrement that finds no count to take from is
 damage too. Either makes the run a full one: it recounts from the catalog before it deletes
-anything, and reports the damage (`counts_damaged`). gcq and deadpacks need no seal: a queued ref
-is dropped only when it has no count (a flipped gcq key names a ref no point uses, or none), and a
-queued pack file is deleted only when its name is not listed in `packnames`.
+anything, and reports the damage (`counts_damaged`). gcq and deadpacks need no seal: a queued
+ref is dropped only when it has no count (a flipped gcq key names a ref no point uses, or none),
+and a queued pack file is deleted only when its name is not listed in `packnames`. An
+`unfindable` entry that fails its check (seals.py) stops gc before anything is done
+(rebuild-index): a doomed ref may have lost its listing.
 
 A run, each step crash-safe (a rerun finishes it):
 
@@ -26,6 +28,10 @@ A run, each step crash-safe (a rerun finishes it):
    an incremental run recounts too (`_live_side_cheaper`): reading the maps in use and the
    `refs` table costs less than reading every dead map and every trailer indexed since the last
    gc, and leaves the same counts, candidates and live counts when the kept counts are sound.
+   Then what a gc killed between its mark and its sweep left out is given back: a ref
+   `unfindable` lists that a count holds (a backup that had looked it up before that mark
+   committed since, which took it out of `gcq`) gets its `ids` entry back as step 5 would have
+   given it (`_give_back_counted`), else every later backup would store it again.
 3. Make candidates unfindable: delete their `ids` entries and list their refs in `unfindable`
    (which a backup's look-up by locality reads), so a backup looking a chunk up from now on
    stores a fresh copy. List unused map files, manifests not catalogued, pack files not indexed.
@@ -60,7 +66,7 @@ from ..errors import DamageError, LockedError, RepoError
 from ..repository.store import ObjectDamaged, ObjectMissing
 from ..pause import pause_point
 from ..repository.index import (LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index,
-                                ref_keys, refs_found)
+                                lacks, ref_keys)
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.blockmap import map_object
 from ..repository.packs import PackWriter, blob_bytes, pack_object
@@ -69,7 +75,7 @@ from ..repository.repo import Repository
 from ..repository.seals import KEY, CountDamaged, seal_rows
 from . import forget
 from .inventory import (count_damage, dead_tmp_files, objects_under, scan_sealed, sessions,
-                        wait_for)
+                        trusted_unfindable, wait_for)
 from .tally import ROWS, RefTable, Tally, read_ref_table, ref_rows, sealed_batches
 
 Tick = Callable[[str], None]
@@ -139,6 +145,7 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
         placed: Placed = _no_places
         report.forgets_finished = len(forget.finish_pending(repo).removed)
         with repo.index.env.begin() as txn:
+            trusted_unfindable(repo.index, txn)  # a doomed ref may have lost its listing
             report.counts_damaged = count_damage(repo.index, txn)
         recounted = None
         if not full and not report.counts_damaged and repo.index.counts_valid():
@@ -154,6 +161,7 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
                                   or not repo.index.counts_valid()):
             report.mode = "full"
             report.recount = recount(repo)
+        report.resurrected = _give_back_counted(repo)
         listed = _mark(repo)
         report.candidates = len(listed.candidates)
         report.waited_seconds += wait_for(repo, sessions(repo, lock.path), timeout=wait_timeout,
@@ -268,8 +276,7 @@ def _uncounted_in(txn: lmdb.Transaction, index: Index, number: int,
     the index places at that pack and offset: two batched look-ups for the pack (most of its
     refs are counted), not two per chunk."""
     refs = entries["ref"].astype(np.uint64)
-    counted = txn.cursor(db=index.refcount).getmulti(ref_keys(refs))
-    todo = ~np.isin(refs, refs_found(counted))
+    todo = lacks(txn, index.refcount, refs)
     if not todo.any():
         return []
     offsets = dict(zip(refs[todo].tolist(), entries["offset"][todo].tolist()))
@@ -359,8 +366,7 @@ def _live_side_cheaper(repo: Repository) -> bool:
     with index.env.begin() as txn:
         stat = {name: txn.stat(getattr(index, name))["entries"]
                 for name in ("deadmaps", "mapuse", "refs", "packs")}
-        fresh = (index._get_u64(txn, b"next_pack", index.meta)
-                 - index._get_u64(txn, b"gc_mark", index.meta))
+        fresh = index.meta_u64_in(txn, "next_pack") - index.meta_u64_in(txn, "gc_mark")
         settle = stat["deadmaps"] * MAP_US + min(max(fresh, 0), stat["packs"]) * TRAILER_US
         cost = stat["mapuse"] * MAP_US + stat["refs"] * ROW_US + stat["packs"] * PACK_US
         if cost >= settle:
@@ -516,6 +522,19 @@ def _write_packlive(txn: lmdb.Transaction, index: Index, table: RefTable,
         txn.put(key.tobytes(), value.tobytes(), db=index.packlive)
 
 
+def _give_back_counted(repo: Repository) -> int:
+    """Step 2's last part (the module docstring): make findable again each ref `unfindable`
+    lists that a count holds, unless quarantined; returns how many. The counts are settled (or
+    recounted) by now, and under the maintenance lock no other gc is between its mark and its
+    sweep, so such a ref is no candidate of a run still going."""
+    index = repo.index
+    with index.write() as txn:
+        hidden = trusted_unfindable(index, txn)
+        counted = hidden[~lacks(txn, index.refcount, hidden)]
+        places = txn.cursor(db=index.refs).getmulti(ref_keys(counted))
+        return sum(index.unhide(txn, key, rec[:32]) for key, rec in places)
+
+
 # -- step 3: mark ---------------------------------------------------------------------------
 def _mark(repo: Repository) -> _Listed:
     index = repo.index
@@ -586,10 +605,7 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport, placed: Placed) 
                 continue
             chunk_id, pack, _off, stored, raw, _codec = REF_REC.unpack(rec)
             if txn.get(key, db=index.refcount) is not None:
-                if txn.get(key, db=index.quarantine) is None:  # damaged: stays unfindable
-                    if txn.put(chunk_id, U64.pack(ref), db=index.ids, overwrite=False):
-                        index.id_filter.inserted(txn, [chunk_id])
-                    index.show_key(txn, key)
+                index.unhide(txn, key, chunk_id)  # unless quarantined
                 report.resurrected += 1
                 continue
             txn.delete(key, db=index.refs)

@@ -14,7 +14,7 @@ import lmdb
 import numpy as np
 
 from ..backup.extents import blocks_to_extents
-from ..errors import LockedError, RepoError
+from ..errors import DamageError, LockedError, RepoError
 from ..pause import pause_point
 from ..repository.index import SEALED_DBS, Index
 from ..repository.locks import list_locks, remove_if_stale
@@ -23,7 +23,7 @@ from ..repository.repo import Repository
 from ..repository.safefile import is_name
 from ..repository.store import ObjectInfo
 from ..repository.seals import KEY, PAYLOAD
-from .tally import REF_ROW, batches, ref_rows, sealed_batches
+from .tally import REF_ROW, batches, listed_batches, ref_rows, sealed_batches
 
 # the refs table: key ref u64 big endian, value REF_ROW (id, pack, offset, stored, raw, codec)
 REF_TABLE = np.dtype([("ref", "<u8"), ("id", "V32"), ("pack", "<u4"), ("offset", "<u8"),
@@ -110,6 +110,34 @@ def count_damage(index: Index, txn: lmdb.Transaction) -> list[str]:
             messages.append(f"{bad} {table} entries of the index fail their check (first: "
                             f"{first})")
     return messages
+
+
+def unfindable_refs(index: Index, txn: lmdb.Transaction) -> tuple[np.ndarray, str]:
+    """The refs `unfindable` lists, sorted (none without the table: a read-only index of
+    version 3), and what fails its check ("" when nothing; entries of a version 4 index carry
+    no check and are taken as written)."""
+    if index.unfindable is None:
+        return np.zeros(0, np.uint64), ""
+    if not index.listed:
+        return scan_u64_keys(txn, index.unfindable), ""
+    parts, bad, first = [np.zeros(0, np.uint64)], 0, ""
+    for keys, ok in listed_batches(index, txn, "unfindable"):
+        parts.append(keys.copy().view(">u8")[:, 0].astype(np.uint64))
+        if not ok.all() and not bad:
+            first = keys[np.flatnonzero(~ok)[0]].tobytes().hex()
+        bad += int((~ok).sum())
+    damage = (f"{bad} entries of the index's unfindable table fail their check (first: "
+              f"{first}): a backup could deduplicate against a chunk taken out of "
+              "deduplication; run 'repo-engine rebuild-index'") if bad else ""
+    return np.unique(np.concatenate(parts)), damage
+
+
+def trusted_unfindable(index: Index, txn: lmdb.Transaction) -> np.ndarray:
+    """`unfindable_refs`, refused (DamageError) when an entry fails its check."""
+    refs, damage = unfindable_refs(index, txn)
+    if damage:
+        raise DamageError(damage)
+    return refs
 
 
 def sealed_u64(index: Index, txn: lmdb.Transaction, table: str) -> dict[str, int]:

@@ -12,9 +12,10 @@
 Repair (under the maintenance lock):
 a. quarantine each damaged ref: note it in `quarantine` and `unfindable` and delete its `ids`
    entry, so backups no longer deduplicate against it and store the next copy they read afresh
-   (a healed ref stays in `unfindable`: `ids` names its donor). On a shared repository this is
-   a journal `quarantine` op that every host applies, and a heal's `pack` op ends it on every
-   host (docs/FORMAT.md, "Damage on a shared repository");
+   (a healed ref stays in `unfindable`, `ids` naming its donor, until a gc finds it counted
+   and gives it back). On a shared repository this is a journal `quarantine` op that every
+   host applies, and a heal's `pack` op ends it on every host (docs/FORMAT.md, "Damage on a
+   shared repository");
 b. heal each quarantined ref for which a good copy of the same chunk id exists (another ref, e.g.
    stored by a backup since): copy it into a new pack under the damaged ref, then point the ref
    there in one transaction; every point using the ref restores again;

@@ -22,8 +22,9 @@ import numpy as np
 from ..errors import RepoError
 from ..repository.blockmap import find_sorted
 from ..repository.index import Index
+from ..repository.lmdbfile import sized_batches
 from ..repository.repo import Repository
-from ..repository.seals import CHECK_SIZE, KEY, PAYLOAD, mix, unsealed_rows
+from ..repository.seals import CHECK_SIZE, KEY, LISTS, PAYLOAD, marked_rows, mix, unsealed_rows
 
 ROWS = 1 << 17  # rows of a table read (and parsed) at a time: about 8 MiB of `refs` rows
 # a `refs` row's value: id, pack, offset, stored, raw, codec
@@ -237,7 +238,8 @@ def sealed_batches(index: Index, txn: lmdb.Transaction,
     fail without being looked at (zeroed)."""
     key_size, size = KEY[table], PAYLOAD[table]
     width = size + CHECK_SIZE if index.sealed else size
-    for keys, values, fits in _sized_batches(txn, getattr(index, table), key_size, width):
+    for keys, values, fits in sized_batches(txn, getattr(index, table), key_size, width,
+                                            ROWS):
         key_rows = np.frombuffer(keys, np.uint8).reshape(-1, key_size)
         value_rows = np.frombuffer(values, np.uint8).reshape(-1, width)
         if not index.sealed:
@@ -247,28 +249,14 @@ def sealed_batches(index: Index, txn: lmdb.Transaction,
         yield key_rows, payloads.copy(), ok & fits
 
 
-def _sized_batches(txn: lmdb.Transaction, db: object, key_size: int,
-                   width: int) -> Iterator[tuple[bytearray, bytearray, np.ndarray]]:
-    """(keys, values, fits) ROWS rows at a time; a row of another size is zeroed, not fit."""
-    items = txn.cursor(db=db).iternext(keys=True, values=True)
-    blank_key, blank = bytes(key_size), bytes(width)
-    while True:
-        keys, vals, unfit, count = bytearray(), bytearray(), [], 0
-        for key, value in items:
-            if len(key) == key_size and len(value) == width:
-                keys += key
-                vals += value
-            else:
-                keys += blank_key
-                vals += blank
-                unfit.append(count)
-            count += 1
-            if count == ROWS:
-                break
-        if not count:
-            return
-        fits = np.ones(count, bool)
-        fits[unfit] = False
-        yield keys, vals, fits
-        if count < ROWS:
-            return
+def listed_batches(index: Index, txn: lmdb.Transaction,
+                   table: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A listing table's (`unfindable`) keys (n, key size) and which pass their check
+    (seals.py), a batch at a time (an entry of a wrong size fails, its key zeroed). The index
+    must carry the checks (`Index.listed`)."""
+    key_size = LISTS[table]
+    for keys, values, fits in sized_batches(txn, getattr(index, table), key_size, CHECK_SIZE,
+                                            ROWS):
+        rows = np.frombuffer(keys, np.uint8).reshape(-1, key_size)
+        values = np.frombuffer(values, np.uint8).reshape(-1, CHECK_SIZE)
+        yield rows, marked_rows(table, rows, values) & fits

@@ -10,6 +10,7 @@ Checks, against one consistent snapshot of the index:
 5. the index's tables agree with each other: each `ids` entry names a ref whose place record
    holds the same id (else a backup could deduplicate a block to another chunk) and that
    `unfindable` does not list (else it could deduplicate against a doomed or damaged chunk),
+   every `unfindable` entry passes its check,
    `packs` and `packnames` map names and numbers both ways;
 6. the reference counts equal a recount (under-counting is an error: gc could lose data);
 7. orphans are listed: pack files the index does not know, unused map files, manifests not in
@@ -36,7 +37,7 @@ from ..repository.points import PointRecord
 from ..repository.repo import Repository
 from .gc import tally_drift
 from .inventory import (Affected, affected_by, chain_maps, count_damage, objects_under,
-                        scan_u64_keys, sealed_u64)
+                        scan_u64_keys, sealed_u64, unfindable_refs)
 from .tally import (REF_ROW, RefTable, Tally, batches, fingerprints, read_ref_table,
                     ref_rows)
 
@@ -238,8 +239,9 @@ def _check_tables(index: Index, snap: _Snapshot, report: VerifyReport) -> None:
     fingerprint of the id its ref's place record holds, and its ref not unfindable), packs <->
     packnames."""
     disagree = hidden = 0
-    unfindable = (scan_u64_keys(snap.txn, index.unfindable) if index.unfindable is not None
-                  else np.zeros(0, np.uint64))  # a read-only index of an earlier version
+    unfindable, damage = unfindable_refs(index, snap.txn)
+    if damage:
+        report.errors.append(damage)
     for keys, values in batches(snap.txn, index.ids):
         ids = np.frombuffer(keys, "V32")
         refs = np.frombuffer(values, "<u8")

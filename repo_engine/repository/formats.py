@@ -63,5 +63,6 @@ CHECKPOINT_QUARANTINE = FileFormat("journal checkpoint", b"REckp\x00\x01\x1a", 2
 SLOT = FileFormat("key slot", b"REslt\x00\x01\x1a", 1)
 KEYRING = FileFormat("keyring", b"REkrg\x00\x01\x1a", 1)
 ID_FILTER = FileFormat("chunk id filter", b"REflt\x00\x01\x1a", 1)
-INDEX_VERSION = 4  # 2: catalog records carry a check and a commit sequence; 3: sealed counts;
-# 4: the unfindable table (refs taken out of deduplication: locality reads it)
+INDEX_VERSION = 5  # 2: catalog records carry a check and a commit sequence; 3: sealed counts;
+# 4: the unfindable table (refs taken out of deduplication: locality reads it); 5: its values
+# are the checks of their keys

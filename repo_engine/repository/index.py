@@ -25,7 +25,7 @@ Reference counting and maintenance state (repo_engine/maintenance/ documents the
 | scrubbed   | name [32]            | u64: unix time the pack was last scrubbed                  |
 | quarantine | ref u64 big endian   | reason (utf-8): chunk found damaged, not yet healed        |
 | reread     | vm NUL disk key      | u64[]: blocks the next backup must read from the source    |
-| unfindable | ref u64 big endian   | empty: refs taken out of deduplication (doomed or damaged) |
+| unfindable | ref u64 big endian   | the key's check (u64): refs out of deduplication (doomed or damaged) |
 
 meta `counts` = 1 when mapuse/refcount are complete (set at init, by `gc --full` and by
 `rebuild-index`); `gc_mark` = the first pack number a later gc must check for uncounted refs.
@@ -47,6 +47,11 @@ the same read transaction. A writable version 3 index gets the table on open (fi
 `gcq`, `quarantine` and the pending plans) unless its opener says an earlier repo-engine may
 write it still (`upgrade=False`); a read-only one, or one not upgraded, is used without it (no
 locality, nothing listed).
+Version 5: each `unfindable` value is the check of its key (seals.py, `mark`), so a key moved
+or a value changed by damage is found: a look-up by locality answers nothing from a window that
+holds such an entry, and gc and verify refuse to trust the table. A writable version 4 index
+gets its values sealed on open under the same rule as the upgrade from version 3; a read-only
+one, or one not upgraded, is read unchecked (its entries trusted as written).
 
 meta `ids_added` (u64) counts every insert into `ids`, in the transaction of the insert, and
 `ids_epoch` (16 random bytes) names that counting: the id filter in front of `ids` (idfilter.py)
@@ -85,11 +90,13 @@ from .formats import INDEX_VERSION
 from .idfilter import FilterCache
 from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp,
                       QuarantineOp, RefsOp, RetireOp, SweepOp, WaitsOp)
-from .lmdbfile import U64, check_data_file, cover_last_page, get_u64, readahead_pays
+from .lmdbfile import (U64, check_data_file, cover_last_page, get_u64, readahead_pays,
+                       sized_batches)
 from .packs import FinishedPack, PackEntry
 from .points import PointRecord
 from .safefile import FILE_MODE, make_dir
-from .seals import CHECK_SIZE, KEY, PAYLOAD, CountDamaged, seal, seal_rows, unseal, unsealed_rows
+from .seals import (CHECK_SIZE, KEY, PAYLOAD, CountDamaged, mark, marked_rows, marks, seal,
+                    seal_rows, unseal, unsealed_rows)
 
 REF_KEY = struct.Struct(">Q")
 PACK_KEY = struct.Struct(">I")
@@ -109,6 +116,7 @@ LOCATION_DTYPE = np.dtype(
 _REF_REC_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u8"), ("stored", "<u4"),
                            ("raw", "<u4"), ("codec", "u1")])
 assert _REF_REC_DTYPE.itemsize == REF_REC.size
+_NAMED_DTYPE = np.dtype([("id", "S32"), ("ref", "<u8")])  # an `ids` entry: key, value
 COUNTERS = ("chunks", "raw_bytes", "stored_bytes", "packs", "pack_bytes")
 SEALED_DBS = tuple(PAYLOAD)  # mapuse, refcount, deadmaps, packlive
 MAINT_DBS = ("mapuse", "refcount", "deadmaps", "gcq", "packlive", "deadpacks", "forgetting",
@@ -116,6 +124,10 @@ MAINT_DBS = ("mapuse", "refcount", "deadmaps", "gcq", "packlive", "deadpacks", "
 JOURNAL_DBS = ("plans", "sweptmaps")
 NEW_DBS = (*JOURNAL_DBS, "unfindable")  # added by later versions: absent from older read-only ones
 PLAN_HEAD = struct.Struct("<I")
+# refs either side of a look-up by locality whose `unfindable` entries are checked too: the
+# table is sparse but where gc doomed many refs, so this costs a seek and a few entries
+CHECKED_AROUND = 1024
+UPGRADE_ROWS = 1 << 17  # rows an upgrade reads, and looks up, at once (some 7 MiB of `refs`)
 
 
 class ParentGone(RepoError):
@@ -157,9 +169,10 @@ class Index:
         """`scans`: the caller reads whole tables in key order (verify), so the kernel's
         read-ahead stays on whatever the index's size (lmdbfile.readahead_pays). `read_only`:
         open as if the directory could not be written (a bench that must not write).
-        `upgrade=False`: a writable index of version 3 stays so and is written as the earlier
-        repo-engine writes it, without `unfindable` (a process of that build may have it open:
-        the caller knows, by the repository's locks)."""
+        `upgrade=False`: a writable index of version 3 or 4 stays so and is written as the
+        earlier repo-engine writes it (version 3: without `unfindable`; version 4: its entries
+        read unchecked), since a process of that build may have it open: the caller knows, by
+        the repository's locks."""
         if not create:
             if not (path / "data.mdb").exists():
                 raise DamageError(f"{path}: index is missing; run 'repo-engine rebuild-index'")
@@ -183,7 +196,7 @@ class Index:
             self.damage_seen: list[str] = []  # count damage writers met (gc reports it)
             # the last whole pass over the catalog: point id -> (stored bytes, record)
             self._decoded: dict[bytes, tuple[bytes, dict]] = {}
-            self.checked, self.sealed = self._check_version(create)
+            self.checked, self.sealed, self.listed = self._check_version(create)
         except (lmdb.ReadonlyError, lmdb.DiskError):
             raise  # permission denied, disk full: no damage (the CLI says what it is)
         except lmdb.Error as exc:
@@ -200,34 +213,38 @@ class Index:
         except lmdb.NotFoundError:
             return None
 
-    def _check_version(self, create: bool) -> tuple[bool, bool]:
-        """Set up or check the format version; returns whether catalog records carry checks and
-        whether counts carry seals (older versions do not: a writable index is converted in
-        place, a read-only one read as it is)."""
+    def _check_version(self, create: bool) -> tuple[bool, bool, bool]:
+        """Set up or check the format version; returns whether catalog records carry checks,
+        whether counts carry seals and whether `unfindable` entries carry checks (older
+        versions do not: a writable index is converted in place, a read-only one read as it
+        is)."""
         with self.env.begin(write=create) as txn:
             raw = txn.get(b"version", db=self.meta)
             if raw is None and create:
                 txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
                 txn.put(b"counts", U64.pack(1), db=self.meta)  # an empty index counts exactly
-                return True, True
+                return True, True, True
         version = U64.unpack(raw)[0] if raw is not None and len(raw) == U64.size else None
-        if version not in (1, 2, 3, INDEX_VERSION):
+        if version not in range(1, INDEX_VERSION + 1):
             raise DamageError(f"index format version {version} is not one this repo-engine "
                               f"reads (1 to {INDEX_VERSION}): the index is damaged or from a "
                               "newer repo-engine; run 'repo-engine rebuild-index'")
         if version == INDEX_VERSION:
-            return True, True
+            return True, True, True
         if self.read_only:
-            return version > 1, version > 2
+            return version > 1, version > 2, False
         if version == 1:
             self._upgrade_from_1()
         if version <= 2:
             self._upgrade_from_2()
-        if self._upgrade:
+        if not self._upgrade:
+            if version <= 3:
+                self.unfindable = None  # as version 3 has it: no locality, nothing listed
+            return True, True, False
+        if version <= 3:
             self._upgrade_from_3()
-        else:
-            self.unfindable = None  # as version 3 has it: no locality, nothing listed
-        return True, True
+        self._upgrade_from_4()
+        return True, True, True
 
     def _upgrade_from_1(self) -> None:
         """Version 1 -> 2: seal every catalog record with its check. Records keep no sequence:
@@ -266,19 +283,66 @@ class Index:
         by id until a mark takes it out, so locality may answer it too). Small tables: the
         upgrade costs what gc would. A shared repository's cache also lists every ref `ids`
         does not name: loaded from a checkpoint, it knows a ref the writing host quarantined by
-        that alone (one `ids` look-up a ref, as writing a checkpoint makes)."""
+        that alone (its rows read in batches, the `ids` entries of a batch looked up at once:
+        `_unnamed`); a malformed place record, which no look-up answers, is not listed."""
         with self.write() as txn:
             self.hide(txn, np.array([REF_KEY.unpack(k)[0] for k, _ in
                                      txn.cursor(db=self.quarantine)], np.uint64))
             for plan in list(self.plans_in(txn)):
                 self.hide(txn, plan.op.refs)
-            queued = ((key, txn.get(key, db=self.refs)) for key, _ in txn.cursor(db=self.gcq))
-            cached = txn.cursor(db=self.refs) if self.journal_seq_in(txn) else iter(())
-            for rows in (queued, cached):
-                for key, raw in rows:
-                    if raw is None or txn.get(raw[:32], db=self.ids) != U64.pack(
-                            REF_KEY.unpack(key)[0]):
-                        txn.put(key, b"", db=self.unfindable)
+            unnamed = []
+            for keys, _, fits in sized_batches(txn, self.gcq, REF_KEY.size, 0, UPGRADE_ROWS):
+                queued = np.frombuffer(keys, ">u8")[fits].astype(np.uint64)
+                places = txn.cursor(db=self.refs).getmulti(ref_keys(queued))
+                good = [(key, raw) for key, raw in places if len(raw) == REF_REC.size]
+                unnamed += [queued[~np.isin(queued, refs_found(places))], self._unnamed(
+                    txn, refs_found(good),
+                    np.frombuffer(b"".join(raw for _, raw in good), _REF_REC_DTYPE)["id"])]
+            if self.journal_seq_in(txn):
+                for keys, values, fits in sized_batches(txn, self.refs, REF_KEY.size,
+                                                        REF_REC.size, UPGRADE_ROWS):
+                    unnamed.append(self._unnamed(
+                        txn, np.frombuffer(keys, ">u8")[fits].astype(np.uint64),
+                        np.frombuffer(values, _REF_REC_DTYPE)["id"][fits]))
+            self._list(txn, np.unique(np.concatenate([np.zeros(0, np.uint64), *unnamed])))
+            txn.put(b"version", U64.pack(4), db=self.meta)
+
+    def _unnamed(self, txn: lmdb.Transaction, refs: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Those of `refs` (their place records holding `ids`, V32) that `ids` does not name
+        by that id. The ids are looked up in one batch, in key order (`getmulti` over sorted
+        keys reads neighbouring pages: twice as fast as in ref order), and the answers matched
+        to the requests and compared with the refs all at once."""
+        ids = np.ascontiguousarray(ids)
+        order = np.argsort(ids.view("S32"), kind="stable")  # fixed size: NULs strip nothing
+        wanted = ids[order]
+        named = txn.cursor(db=self.ids).getmulti(wanted.tolist())
+        found = np.frombuffer(b"".join([k + v for k, v in named if len(v) == U64.size]),
+                              _NAMED_DTYPE)
+        at = np.minimum(np.searchsorted(found["id"], wanted.view("S32")),
+                        max(len(found) - 1, 0))
+        hit = np.zeros(len(refs), bool)
+        if len(found):
+            hit[order] = (found["id"][at] == wanted.view("S32")) & (found["ref"][at]
+                                                                   == refs[order])
+        return refs[~hit]
+
+    def _list(self, txn: lmdb.Transaction, refs: np.ndarray) -> None:
+        """List `refs` in `unfindable` (hide_key of each), their checks computed at once."""
+        rows = np.ascontiguousarray(refs, ">u8").view(np.uint8).reshape(-1, REF_KEY.size)
+        values = marks("unfindable", rows).tobytes()
+        txn.cursor(db=self.unfindable).putmulti(
+            (key, values[8 * i:8 * i + 8]) for i, key in enumerate(ref_keys(refs)))
+
+    def _upgrade_from_4(self) -> None:
+        """Version 4 -> 5: each `unfindable` value becomes the check of its key (version 4
+        wrote none; a later build writing a version 4 index kept open by an earlier one wrote
+        them already). One pass over the table, the checks computed all at once."""
+        with self.write() as txn:
+            keys = list(txn.cursor(db=self.unfindable).iternext(keys=True, values=False))
+            if any(len(key) != REF_KEY.size for key in keys):
+                raise DamageError("the index's unfindable table is damaged (a key of another "
+                                  "size); run 'repo-engine rebuild-index'")
+            self._list(txn, np.frombuffer(b"".join(keys), ">u8").astype(np.uint64))
             txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
 
     @contextmanager
@@ -545,7 +609,7 @@ class Index:
         elif isinstance(op, ForgetOp):
             txn.delete(op.id.encode(), db=self.points)
         elif isinstance(op, PlanOp):
-            self._unfindable(txn, op.refs)
+            self.hide(txn, op.refs)
             self.put_plan(txn, PendingPlan(op))
         elif isinstance(op, WaitsOp):
             plan = self._get_plan(txn, op.plan)
@@ -561,8 +625,8 @@ class Index:
         elif isinstance(op, RetireOp):
             self.put_retired(txn, self.retired_in(txn) | set(op.epochs))
 
-    def _unfindable(self, txn: lmdb.Transaction, refs: np.ndarray, *,
-                    drop: bool = False) -> tuple[int, int, int]:
+    def hide(self, txn: lmdb.Transaction, refs: np.ndarray, *,
+             drop: bool = False) -> tuple[int, int, int]:
         """Remove the `ids` entries naming `refs` and list the refs in `unfindable` (no dedup
         finds them any more, by id or by locality) or, with `drop`, remove their place records
         and those marks; returns how many of `refs` the cache held, and their raw and stored
@@ -588,20 +652,29 @@ class Index:
         return held, raw_bytes, stored
 
     def hide_key(self, txn: lmdb.Transaction, key: bytes) -> None:
-        """List the ref of `key` in `unfindable`; nothing on an index kept at version 3 (an
-        earlier repo-engine's writers list nothing: locality is off there)."""
+        """List the ref of `key` in `unfindable`, its value the check of the key (also in an
+        index kept at version 4: that build reads keys alone); nothing on an index kept at
+        version 3 (an earlier repo-engine's writers list nothing: locality is off there)."""
         if self.unfindable is not None:
-            txn.put(key, b"", db=self.unfindable)
+            txn.put(key, mark("unfindable", key), db=self.unfindable)
 
     def show_key(self, txn: lmdb.Transaction, key: bytes) -> None:
         """Take the ref of `key` off `unfindable` (see hide_key)."""
         if self.unfindable is not None:
             txn.delete(key, db=self.unfindable)
 
-    def hide(self, txn: lmdb.Transaction, refs: np.ndarray) -> None:
-        """Take the placed `refs` out of deduplication: no `ids` entry names them any more and
-        `unfindable` lists them, so neither a look-up by id nor locality answers them."""
-        self._unfindable(txn, refs)
+    def unhide(self, txn: lmdb.Transaction, key: bytes, chunk_id: bytes) -> bool:
+        """Make findable again the ref of `key`, placed with `chunk_id`, that gc took out of
+        deduplication and a count holds again: `ids` names it unless it names another copy,
+        and `unfindable` lists it no more. A quarantined ref stays out (damaged). A
+        repository of one writer only: a shared one's refs are taken out by plans. Returns
+        whether the ref was made findable."""
+        if txn.get(key, db=self.quarantine) is not None:
+            return False
+        if txn.put(chunk_id, U64.pack(REF_KEY.unpack(key)[0]), db=self.ids, overwrite=False):
+            self.id_filter.inserted(txn, [chunk_id])
+        self.show_key(txn, key)
+        return True
 
     def quarantine_ref(self, txn: lmdb.Transaction, ref: int, reason: str) -> bool:
         """Note a placed ref found damaged in `quarantine` and take it out of deduplication
@@ -674,7 +747,7 @@ class Index:
         self.id_filter.inserted(txn, added)
 
     def _sweep(self, txn: lmdb.Transaction, seq: int, op: SweepOp) -> None:
-        held, raw_bytes, stored = self._unfindable(txn, op.refs, drop=True)
+        held, raw_bytes, stored = self.hide(txn, op.refs, drop=True)
         for name, delta in (("chunks", held), ("raw_bytes", raw_bytes),
                             ("stored_bytes", stored)):
             self._add(txn, name, -min(delta, self._get_u64(txn, name.encode(), self.meta)))
@@ -748,8 +821,7 @@ class Index:
     def missing_refs(self, refs: np.ndarray) -> np.ndarray:
         """Those of `refs` the index does not place (a sweep removed them)."""
         with self.env.begin() as txn:
-            found = txn.cursor(db=self.refs).getmulti(ref_keys(refs))
-        return refs[~np.isin(refs, refs_found(found))]
+            return refs[lacks(txn, self.refs, refs)]
 
     # -- sealed counts (seals.py) ----------------------------------------------------------
     def get_sealed(self, txn: lmdb.Transaction, table: str, key: bytes) -> bytes | None:
@@ -852,7 +924,11 @@ class Index:
 
     def meta_u64(self, name: str) -> int:
         with self.env.begin() as txn:
-            return self._get_u64(txn, name.encode(), self.meta)
+            return self.meta_u64_in(txn, name)
+
+    def meta_u64_in(self, txn: lmdb.Transaction, name: str) -> int:
+        """A u64 of `meta` as `txn` sees it (0 when absent)."""
+        return self._get_u64(txn, name.encode(), self.meta)
 
     # -- repair hooks read by backups ------------------------------------------------------
     @staticmethod
@@ -1053,13 +1129,21 @@ class IndexReader:
     def places_between(self, start: int, stop: int) -> dict[bytes, int] | None:
         """Chunk id -> ref of the refs in [start, stop) that `refs` places and `unfindable`
         lacks, as this transaction sees them: two range reads of keys in order (neighbouring
-        records share pages). None when the index has no `unfindable` table (a read-only index
-        of an earlier version): then only `ids` may answer."""
+        records share pages). None when only `ids` may answer: the index has no `unfindable`
+        table (a read-only index of an earlier version), or an entry fails its check within
+        CHECKED_AROUND refs of the range (damage that moved the entry of a ref in the range by
+        one of the low 10 bits of its key lands there; verify and gc, which read the whole
+        table, find one moved further)."""
         hidden_db = self._index.unfindable
         if hidden_db is None or start >= stop:
             return None if hidden_db is None else {}
         first, end = REF_KEY.pack(start), REF_KEY.pack(stop)
-        hidden = {key for key, _ in _items_between(self._txn.cursor(db=hidden_db), first, end)}
+        around = list(_items_between(self._txn.cursor(db=hidden_db),
+                                     REF_KEY.pack(max(start - CHECKED_AROUND, 0)),
+                                     REF_KEY.pack(min(stop + CHECKED_AROUND, 2**64 - 1))))
+        if around and self._index.listed and not _marks_hold(around):
+            return None
+        hidden = {key for key, _ in around if first <= key < end}
         found: dict[bytes, int] = {}
         for key, raw in _items_between(self._txn.cursor(db=self._index.refs), first, end):
             if key not in hidden and len(raw) == REF_REC.size:
@@ -1107,10 +1191,24 @@ def refs_found(found: list[tuple[bytes, bytes]]) -> np.ndarray:
     return np.frombuffer(b"".join(key for key, _ in found), dtype=">u8").astype(np.uint64)
 
 
+def lacks(txn: lmdb.Transaction, db: object, refs: np.ndarray) -> np.ndarray:
+    """Per ref of `refs`, whether `db` (keyed by ref) lacks it: one batched look-up."""
+    return ~np.isin(refs, refs_found(txn.cursor(db=db).getmulti(ref_keys(refs))))
+
+
 def _first_unlocated(refs: np.ndarray, found: list[tuple[bytes, bytes]]) -> int:
     """The first of `refs` without a well-formed place record in `found`."""
     good = {REF_KEY.unpack(key)[0] for key, raw in found if len(raw) == REF_REC.size}
     return next(int(ref) for ref in refs.tolist() if ref not in good)
+
+
+def _marks_hold(items: list[tuple[bytes, bytes]]) -> bool:
+    """Whether every (key, value) of `unfindable` passes its check (seals.py), all at once."""
+    if any(len(key) != REF_KEY.size or len(value) != CHECK_SIZE for key, value in items):
+        return False
+    keys = np.frombuffer(b"".join(key for key, _ in items), np.uint8).reshape(-1, REF_KEY.size)
+    values = np.frombuffer(b"".join(v for _, v in items), np.uint8).reshape(-1, CHECK_SIZE)
+    return bool(marked_rows("unfindable", keys, values).all())
 
 
 def _items_between(cursor: lmdb.Cursor, first: bytes, end: bytes) -> Iterator[tuple[bytes, bytes]]:

@@ -16,16 +16,21 @@ read with plain reads first:
 
 Meta page 0 sits at offset 0, meta page 1 at offset page size; LMDB uses the one with the higher
 transaction id, and the file must hold every page up to that meta page's last page.
+
+Also what every reader of the index's tables shares: a counter's value (`get_u64`) and a table
+read in batches of rows (`sized_batches`).
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import lmdb
+import numpy as np
 
 from ..errors import DamageError
 
@@ -135,3 +140,32 @@ def get_u64(txn: lmdb.Transaction, key: bytes, db: object) -> int:
     """The u64 stored under `key` in table `db` (0 when absent)."""
     raw = txn.get(key, db=db)
     return U64.unpack(raw)[0] if raw else 0
+
+
+def sized_batches(txn: lmdb.Transaction, db: object, key_size: int, width: int,
+                  rows: int) -> Iterator[tuple[bytearray, bytearray, np.ndarray]]:
+    """A table's rows in key order, `rows` at a time: (keys, values, fits), keys and values
+    concatenated (not copied into bytes: numpy reads them where they are); a row whose key is
+    not `key_size` bytes or whose value is not `width` is zeroed, and not fit."""
+    items = txn.cursor(db=db).iternext(keys=True, values=True)
+    blank_key, blank = bytes(key_size), bytes(width)
+    while True:
+        keys, vals, unfit, count = bytearray(), bytearray(), [], 0
+        for key, value in items:
+            if len(key) == key_size and len(value) == width:
+                keys += key
+                vals += value
+            else:
+                keys += blank_key
+                vals += blank
+                unfit.append(count)
+            count += 1
+            if count == rows:
+                break
+        if not count:
+            return
+        fits = np.ones(count, bool)
+        fits[unfit] = False
+        yield keys, vals, fits
+        if count < rows:
+            return

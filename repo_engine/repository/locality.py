@@ -13,7 +13,11 @@ lists it in the index's `unfindable` table in the transaction that deletes its `
 So a neighbourhood answers only refs placed and not taken out at that snapshot: what `ids`
 would answer, or another placed copy of the same chunk no writer has doomed (gc decides by ref,
 not by id: a backup's commit counts whichever ref it names, and a plan dooms copies by ref).
-Nothing is carried from one read transaction to the next. The id of a quarantined chunk is
+Nothing is carried from one read transaction to the next. An `unfindable` entry that fails
+its check (damage, which may have moved the entry of a ref nearby, in this window or the one
+before) ends locality for the batch: every id of the batch goes to `ids`, those answered from
+neighbourhoods before the damage was met included, as on an index without the table. The id of a
+quarantined chunk is
 looked up through `ids` alone: another copy may be near, but only a copy stored again (or one
 `ids` names) heals the damaged ref (maintenance/scrub.py).
 
@@ -54,29 +58,31 @@ class _Neighbourhood:
         self._runs: list[_Run] = []
         self._skip = 0  # `ids` hits left that start no run
         self._idle = 0  # runs in a row that answered nothing
+        self.off = False  # no `unfindable` table, or an entry of it met damaged
 
-    def start(self, ref: int) -> bool:
-        """Begin a run after `ref`, found through `ids`; False when the index has no
-        `unfindable` table (no locality)."""
+    def start(self, ref: int) -> None:
+        """Begin a run after `ref`, found through `ids` (nothing once locality is off)."""
+        if self.off:
+            return
         if self._skip:
             self._skip -= 1
             if self._skip:
-                return True
+                return
         elif self._runs and self._runs[0].last < self._runs[0].begin:  # it answered nothing
             self._idle += 1
             self._skip = min(MAX_SKIP, 1 << self._idle)
-            return True
+            return
         else:
             self._idle = 0
-        if not self._read(ref + 1, ref + 1 + FIRST):
-            return False
-        self._runs = [_Run(ref + 1, ref + 1 + FIRST, ref, FIRST), *self._runs[:RUNS - 1]]
-        return True
+        if self._read(ref + 1, ref + 1 + FIRST):
+            self._runs = [_Run(ref + 1, ref + 1 + FIRST, ref, FIRST), *self._runs[:RUNS - 1]]
 
     def find(self, chunk_id: bytes, left: int) -> int | None:
         """The ref of `chunk_id` in a run read so far, else after reading further the runs
         that reached the end of their window (`left`: ids of the batch still to look up,
-        which bounds a window)."""
+        which bounds a window); None once locality is off."""
+        if self.off:
+            return None
         ref = self._known.get(chunk_id)
         if ref is None:
             ref = self._read_on(chunk_id, left)
@@ -95,7 +101,8 @@ class _Neighbourhood:
             if run.end - run.last > NEAR_END:
                 continue
             run.size = min(MAX_WINDOW, 2 * run.size, max(FIRST, 2 * left))
-            self._read(run.end, run.end + run.size)
+            if not self._read(run.end, run.end + run.size):
+                return None
             run.end += run.size
             ref = self._known.get(chunk_id)
             if ref is not None:
@@ -103,8 +110,11 @@ class _Neighbourhood:
         return None
 
     def _read(self, start: int, stop: int) -> bool:
+        """Learn the answers of [start, stop); False, and locality off, when only `ids` may
+        answer (IndexReader.places_between)."""
         found = self._reader.places_between(start, stop)
         if found is None:
+            self.off = True
             return False
         for chunk_id, ref in found.items():
             self._known.setdefault(chunk_id, ref)
@@ -117,15 +127,21 @@ def dedup_refs(reader: IndexReader, chunk_ids: list[bytes]) -> tuple[list[int | 
     out: list[int | None] = []
     mismatched = 0
     near = _Neighbourhood(reader)
-    local = True
+    nearby = []  # the ids answered from neighbourhoods, by position
     damaged = reader.quarantined_ids()  # a neighbour may hold another copy: `ids` decides
     total = len(chunk_ids)
     for i, chunk_id in enumerate(chunk_ids):
-        ref = near.find(chunk_id, total - i) if local and chunk_id not in damaged else None
-        if ref is None:
+        ref = near.find(chunk_id, total - i) if chunk_id not in damaged else None
+        if ref is not None:
+            nearby.append(i)
+        else:
             ref, wrong = reader.dedup_ref(chunk_id)
             mismatched += wrong
-            if ref is not None and local:
-                local = near.start(ref)
+            if ref is not None:
+                near.start(ref)
         out.append(ref)
+    if near.off:  # a damaged `unfindable` entry was met: `ids` answers the whole batch
+        for i in nearby:
+            out[i], wrong = reader.dedup_ref(chunk_ids[i])
+            mismatched += wrong
     return out, mismatched

@@ -20,6 +20,13 @@ instead (`seal`, `unseal`): the same arithmetic, masked to 64 bits, without nump
 | refcount | 8        | u64 count                                | 16                |
 | deadmaps | 32       | u64 decrements owed                      | 16                |
 | packlive | 4        | u64 live count, u64 live stored bytes    | 24                |
+
+A listing table (`unfindable`: a set of keys) has no payload: each value is the check of its
+key alone (`mark`), so a key moved by damage, or a value changed, fails as a count does.
+
+| table      | key size | payload | value size |
+|------------|----------|---------|------------|
+| unfindable | 8        | none    | 8          |
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from .lmdbfile import U64
 
 PAYLOAD = {"mapuse": 8, "refcount": 8, "deadmaps": 8, "packlive": 16}
 KEY = {"mapuse": 32, "refcount": 8, "deadmaps": 32, "packlive": 4}
+LISTS = {"unfindable": 8}  # listing tables: key size (the value is the key's check)
 CHECK_SIZE = 8
 _M1, _M2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)
 _S33 = np.uint64(33)
@@ -53,7 +61,7 @@ def _seed(table: str) -> np.uint64:
                          "<u8")[0]
 
 
-_SEEDS = {table: _seed(table) for table in PAYLOAD}
+_SEEDS = {table: _seed(table) for table in (*PAYLOAD, *LISTS)}
 _INT_SEEDS = {table: int(seed) for table, seed in _SEEDS.items()}
 
 
@@ -129,3 +137,21 @@ def seal_rows(table: str, keys: np.ndarray, payloads: np.ndarray) -> np.ndarray:
     """Sealed values (n, payload size + 8) uint8 of n rows."""
     check = checks(table, keys, payloads).astype("<u8").view(np.uint8).reshape(-1, CHECK_SIZE)
     return np.concatenate([payloads, check], axis=1)
+
+
+def mark(table: str, key: bytes) -> bytes:
+    """The value of a listing table's entry: the check of its key."""
+    return U64.pack(check_of(table, key, b""))
+
+
+def marks(table: str, keys: np.ndarray) -> np.ndarray:
+    """The values (n, 8) uint8 of n keys (n, key size) of a listing table."""
+    empty = np.zeros((len(keys), 0), np.uint8)
+    return checks(table, keys, empty).astype("<u8").view(np.uint8).reshape(-1, CHECK_SIZE)
+
+
+def marked_rows(table: str, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Which of n listing rows, (n, key size) and (n, 8) uint8, pass their check."""
+    if keys.shape[1:] != (LISTS[table],) or values.shape[1:] != (CHECK_SIZE,):
+        return np.zeros(len(values), bool)
+    return (marks(table, keys) == values).all(axis=1)
