@@ -1,0 +1,86 @@
+"""What a damaged or hostile bucket may hold about a quarantine: a journal `quarantine` op or a
+checkpoint's `QUAR` records whose reasons are not texts the cache can keep. Every host refuses
+them as damage (DamageError: one line, exit 3), names the object and changes nothing; what is
+well formed but odd (a long reason, a ref no cache places) is kept within bounds. Run on a
+local shared repository and on S3 (SeaweedFS)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import attach_shared
+from repo_engine.errors import DamageError
+from repo_engine.repository import checkpoint
+from repo_engine.repository.checkpoint import load_checkpoint, write_checkpoint
+from repo_engine.repository.journal import QuarantineOp, append
+from repo_engine.repository.repo import Repository
+from test_locality import CHANGED, back_up, disk_model, map_refs, shared_hosts  # noqa: F401
+from test_shared_quarantine import found_by_id, quarantined
+
+NOT_TEXTS = {
+    "a lone surrogate": ["\ud800 found damaged"],
+    "a number": [7],
+    "one reason short": [],
+    "a mapping": {"reason": "x"},
+}
+
+
+def _publish(repo: Repository, op: QuarantineOp) -> int:
+    """Write `op` as the journal's next entry, as a writer that does not check it would, without
+    applying it here; returns its seq."""
+    return append(repo.store, repo.refresh, lambda _seq: [op]).seq
+
+
+@pytest.mark.parametrize("reasons", NOT_TEXTS.values(), ids=NOT_TEXTS.keys())
+def test_a_quarantine_op_whose_reasons_are_not_texts_is_damage_on_every_host(
+        shared_hosts, tmp_path, reasons):
+    a, b = shared_hosts
+    point = back_up(a, "a", disk_model(tmp_path, "a", 1))
+    ref = int(map_refs(a, point)[CHANGED])
+    b.refresh()
+    before = b.index.journal_seq
+    seq = _publish(a, QuarantineOp(np.array([ref], np.uint64), reasons))
+    with pytest.raises(DamageError, match=rf"{seq:016d}\.jnl: journal entry is malformed"):
+        b.refresh()
+    assert b.index.journal_seq == before and found_by_id(b, ref) == ref
+
+
+def test_a_long_reason_is_kept_cut_and_a_ref_no_cache_places_is_passed_over(
+        shared_hosts, tmp_path):
+    a, b = shared_hosts
+    point = back_up(a, "a", disk_model(tmp_path, "a", 1))
+    ref = int(map_refs(a, point)[CHANGED])
+    _publish(a, QuarantineOp(np.array([ref, 1 << 40], np.uint64), ["é" * 100_000, "never"]))
+    assert quarantined(b) == {ref} and found_by_id(b, ref) is None
+    with b.index.env.begin() as txn:
+        from repo_engine.repository.index import REF_KEY
+        note = txn.get(REF_KEY.pack(ref), db=b.index.quarantine)
+    assert 0 < len(note) <= 1000
+
+
+@pytest.mark.parametrize("reasons", NOT_TEXTS.values(), ids=NOT_TEXTS.keys())
+def test_a_checkpoint_whose_quarantine_reasons_are_not_texts_is_damage(
+        shared_hosts, tmp_path, monkeypatch, reasons):
+    """The checkpoint's footer checks out (its writer hashed what it wrote): only the QUAR
+    record's reasons are wrong. Loading it leaves the cache as it was."""
+    a, _b = shared_hosts
+    point = back_up(a, "a", disk_model(tmp_path, "a", 1))
+    ref = int(map_refs(a, point)[CHANGED])
+    with a.index.write() as txn:
+        a.index.quarantine_ref(txn, ref, "test: damaged")
+    real = checkpoint._Writer.record
+
+    def record(self, tag, doc, binary=b""):
+        real(self, tag, reasons if tag == b"QUAR" else doc, binary)
+
+    monkeypatch.setattr(checkpoint._Writer, "record", record)
+    seq = write_checkpoint(a.store, a.index)
+    monkeypatch.undo()
+    fresh = attach_shared(a.store, tmp_path / "cache-fresh")
+    try:
+        with pytest.raises(DamageError, match=rf"{seq:016d}\.ckpt: checkpoint.* malformed"):
+            load_checkpoint(fresh.store, fresh.index, seq)
+        assert fresh.index.journal_seq == 0
+    finally:
+        fresh.close()
