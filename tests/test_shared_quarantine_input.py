@@ -84,3 +84,35 @@ def test_a_checkpoint_whose_quarantine_reasons_are_not_texts_is_damage(
         assert fresh.index.journal_seq == 0
     finally:
         fresh.close()
+
+
+@pytest.mark.parametrize("notes", [1, 3000], ids=["fewer notes than the pack", "more notes"])
+def test_a_replayed_pack_op_ends_the_quarantine_of_the_refs_it_places_alone(tmp_path, notes):
+    """Whichever side the replay reads (the notes, or the pack op's refs looked up in them),
+    a new pack placing a quarantined ref ends its quarantine, and no other note changes."""
+    import os
+
+    from repo_engine.repository.index import REF_KEY, Index
+    from repo_engine.repository.journal import Entry, PackOp
+    from repo_engine.repository.packs import ENTRY_DTYPE
+
+    def pack_op(refs: list[int]) -> PackOp:
+        rows = np.zeros(len(refs), ENTRY_DTYPE)
+        rows["ref"] = refs
+        rows["id"] = [os.urandom(32) for _ in refs]
+        rows["stored"] = rows["raw"] = 10
+        rows["offset"] = np.arange(len(refs)) * 10
+        return PackOp(os.urandom(32).hex(), 10 * len(refs), rows)
+
+    index = Index(tmp_path / "index", create=True)
+    damaged = list(range(1, notes + 1))
+    index.apply_entry(Entry(1, [pack_op(damaged + [notes + 1, notes + 2])]))
+    with index.write() as txn:
+        for ref in damaged:
+            index.quarantine_ref(txn, ref, "test: damaged")
+    index.apply_entry(Entry(2, [pack_op([1, notes + 1])]))  # a heal of ref 1, and another ref
+    with index.env.begin() as txn:
+        left = {REF_KEY.unpack(k)[0] for k in
+                txn.cursor(db=index.quarantine).iternext(keys=True, values=False)}
+    index.close()
+    assert left == set(damaged[1:])

@@ -634,10 +634,15 @@ class Index:
                 txn.delete(key, db=self.quarantine)
 
     def _quarantined_of(self, txn: lmdb.Transaction, refs: np.ndarray) -> np.ndarray:
-        """Those of `refs` the quarantine lists: its few keys read, not a look-up per ref."""
+        """Those of `refs` the quarantine lists, at the cost of the smaller side: its keys read
+        when they are fewer (the usual few), else `refs` looked up (a pack op's refs against
+        the notes of a large damage: every replayed pack op asks)."""
+        refs = np.asarray(refs, np.uint64)
+        if txn.stat(self.quarantine)["entries"] > len(refs):
+            return refs_found(txn.cursor(db=self.quarantine).getmulti(ref_keys(refs)))
         keys = list(txn.cursor(db=self.quarantine).iternext(keys=True, values=False))
         listed = np.array([REF_KEY.unpack(k)[0] for k in keys], np.uint64)
-        return listed[np.isin(listed, np.asarray(refs, np.uint64))] if keys else listed
+        return listed[np.isin(listed, refs)] if keys else listed
 
     def _give_back(self, txn: lmdb.Transaction, op: SweepOp) -> None:
         """The refs the plan of a sweep dooms and the sweep keeps (a backup counted them
