@@ -116,3 +116,30 @@ def test_a_replayed_pack_op_ends_the_quarantine_of_the_refs_it_places_alone(tmp_
                 txn.cursor(db=index.quarantine).iternext(keys=True, values=False)}
     index.close()
     assert left == set(damaged[1:])
+
+
+def test_a_large_quarantine_is_committed_in_bounded_entries_and_reaches_every_host(
+        shared_hosts, tmp_path, monkeypatch):
+    """Each `quarantine` entry names at most QUARANTINE_BATCH refs (every host downloads and
+    decodes an entry whole, and refuses one past JOURNAL_MAX); together they name every
+    damaged ref, and the other host quarantines them all."""
+    from repo_engine.maintenance import scrub as scrub_module
+    from repo_engine.repository.journal import read_entry
+    from test_locality_review import flip_chunk
+
+    a, b = shared_hosts
+    point = back_up(a, "a", disk_model(tmp_path, "a", 1))
+    damaged = [int(r) for r in map_refs(a, point)[CHANGED:CHANGED + 5]]
+    assert len(set(damaged)) == 5
+    for ref in damaged:
+        flip_chunk(a, ref)
+    a.refresh()
+    before = a.index.journal_seq
+    monkeypatch.setattr(scrub_module, "QUARANTINE_BATCH", 2)
+    scrub_module.scrub(a, repair=True)
+    ops = [op for seq in range(before + 1, a.index.journal_seq + 1)
+           for op in read_entry(a.store, seq).ops if isinstance(op, QuarantineOp)]
+    assert [len(op.refs) for op in ops] == [2, 2, 1]
+    assert sorted(int(r) for op in ops for r in op.refs) == sorted(damaged)
+    assert quarantined(b) == set(damaged)
+    assert all(found_by_id(b, ref) is None for ref in damaged)

@@ -60,6 +60,10 @@ from .gc import less_live
 from .inventory import Affected, affected_by, refs_in_packs, scan_u64_keys
 
 REASON_CHARS = 300  # of a damage's description, kept with a quarantine in the journal
+# refs a journal `quarantine` entry names at most: with their reasons some 20 MB, which every
+# host downloads and decodes whole (a lost store's million refs in one entry took 1 GB of
+# memory to replay, and past some 3.5 million refs the entry outgrew what a host reads)
+QUARANTINE_BATCH = 65536
 
 
 @dataclass
@@ -357,22 +361,28 @@ def _settle(repo: Repository, report: RepairReport, *, rereads: bool) -> None:
 
 
 def _quarantine(repo: Repository, damaged: dict[int, str]) -> None:
-    """Step a. A shared repository's quarantine is a journal commit (`quarantine` op), so that
-    every host takes the refs out of deduplication: a host that still found a damaged chunk
-    would deduplicate against it and never store the good copy a heal needs. Refs this host
-    holds quarantined already are committed again (a note an earlier repo-engine kept to this
-    host reaches the others so; the replay of one they know changes nothing)."""
+    """Step a (on a shared repository `_publish_quarantine`)."""
     refs = sorted(damaged)
-    if not refs:
-        return
     if repo.config.shared:
-        op = QuarantineOp(np.array(refs, np.uint64), [damaged[r][:REASON_CHARS] for r in refs])
-        repo.commit_journal(lambda _seq: [op])
+        _publish_quarantine(repo, refs, damaged)
         return
     index = repo.index
     with index.write() as txn:
         for ref in refs:
             index.quarantine_ref(txn, ref, damaged[ref])
+
+
+def _publish_quarantine(repo: Repository, refs: list[int], damaged: dict[int, str]) -> None:
+    """A shared repository's quarantine is journal commits (`quarantine` ops of at most
+    QUARANTINE_BATCH refs each), so that every host takes the refs out of deduplication: a
+    host that still found a damaged chunk would deduplicate against it and never store the
+    good copy a heal needs. Refs this host holds quarantined already are committed again (a
+    note an earlier repo-engine kept to this host reaches the others so; the replay of one
+    they know changes nothing)."""
+    for start in range(0, len(refs), QUARANTINE_BATCH):
+        part = refs[start:start + QUARANTINE_BATCH]
+        op = QuarantineOp(np.array(part, np.uint64), [damaged[r][:REASON_CHARS] for r in part])
+        repo.commit_journal(lambda _seq, op=op: [op])
 
 
 def read_chunk(repo: Repository, ref: int) -> tuple[bytes, bytes, int, int] | None:
