@@ -143,3 +143,38 @@ def test_a_large_quarantine_is_committed_in_bounded_entries_and_reaches_every_ho
     assert sorted(int(r) for op in ops for r in op.refs) == sorted(damaged)
     assert quarantined(b) == set(damaged)
     assert all(found_by_id(b, ref) is None for ref in damaged)
+
+
+def test_a_scrub_that_dies_between_its_quarantine_entries_leaves_a_part_the_next_completes(
+        shared_hosts, tmp_path, monkeypatch):
+    """The first entry is committed, the process dies before the second: every host holds the
+    first entry's refs quarantined (out of deduplication), the rest as before; the next
+    `scrub --repair` finds them all again and quarantines the rest."""
+    from repo_engine.maintenance import scrub as scrub_module
+    from test_locality_review import flip_chunk
+
+    class Died(BaseException):
+        pass
+
+    a, b = shared_hosts
+    point = back_up(a, "a", disk_model(tmp_path, "a", 1))
+    damaged = sorted(int(r) for r in map_refs(a, point)[CHANGED:CHANGED + 3])
+    for ref in damaged:
+        flip_chunk(a, ref)
+    monkeypatch.setattr(scrub_module, "QUARANTINE_BATCH", 2)
+    real, commits = Repository.commit_journal, []
+
+    def commit_journal(self, build):
+        if commits:
+            raise Died()
+        commits.append(real(self, build))
+        return commits[-1]
+
+    monkeypatch.setattr(Repository, "commit_journal", commit_journal)
+    with pytest.raises(Died):
+        scrub_module.scrub(a, repair=True)
+    monkeypatch.setattr(Repository, "commit_journal", real)
+    assert quarantined(b) == set(damaged[:2]) and found_by_id(b, damaged[2]) == damaged[2]
+    report = scrub_module.scrub(a, repair=True)
+    assert sorted(d["ref"] for d in report.damaged) == damaged
+    assert quarantined(b) == set(damaged) and all(found_by_id(b, r) is None for r in damaged)
