@@ -178,3 +178,18 @@ def test_a_scrub_that_dies_between_its_quarantine_entries_leaves_a_part_the_next
     report = scrub_module.scrub(a, repair=True)
     assert sorted(d["ref"] for d in report.damaged) == damaged
     assert quarantined(b) == set(damaged) and all(found_by_id(b, r) is None for r in damaged)
+
+
+def test_a_reason_holding_a_path_that_is_not_utf8_is_published_readable(
+        shared_hosts, tmp_path):
+    """A damage's text can name a path decoded with surrogate escapes (bytes that are not
+    UTF-8): the quarantine stores it readable, on this host and every other, instead of
+    publishing an entry no host can apply."""
+    from repo_engine.maintenance.scrub import repair_damage
+
+    a, b = shared_hosts
+    point = back_up(a, "a", disk_model(tmp_path, "a", 1))
+    ref = int(map_refs(a, point)[CHANGED])
+    repair_damage(a, {ref: "pack x: [Errno 5] Input/output error: '/mnt/b\udcffckup/p'"})
+    assert quarantined(a) == quarantined(b) == {ref}
+    assert found_by_id(b, ref) is None

@@ -363,16 +363,17 @@ def _settle(repo: Repository, report: RepairReport, *, rereads: bool) -> None:
 def _quarantine(repo: Repository, damaged: dict[int, str]) -> None:
     """Step a (on a shared repository `_publish_quarantine`)."""
     refs = sorted(damaged)
+    reasons = {ref: _storable(reason) for ref, reason in damaged.items()}
     if repo.config.shared:
-        _publish_quarantine(repo, refs, damaged)
+        _publish_quarantine(repo, refs, reasons)
         return
     index = repo.index
     with index.write() as txn:
         for ref in refs:
-            index.quarantine_ref(txn, ref, damaged[ref])
+            index.quarantine_ref(txn, ref, reasons[ref])
 
 
-def _publish_quarantine(repo: Repository, refs: list[int], damaged: dict[int, str]) -> None:
+def _publish_quarantine(repo: Repository, refs: list[int], reasons: dict[int, str]) -> None:
     """A shared repository's quarantine is journal commits (`quarantine` ops of at most
     QUARANTINE_BATCH refs each), so that every host takes the refs out of deduplication: a
     host that still found a damaged chunk would deduplicate against it and never store the
@@ -381,8 +382,15 @@ def _publish_quarantine(repo: Repository, refs: list[int], damaged: dict[int, st
     they know changes nothing)."""
     for start in range(0, len(refs), QUARANTINE_BATCH):
         part = refs[start:start + QUARANTINE_BATCH]
-        op = QuarantineOp(np.array(part, np.uint64), [damaged[r][:REASON_CHARS] for r in part])
+        op = QuarantineOp(np.array(part, np.uint64), [reasons[r] for r in part])
         repo.commit_journal(lambda _seq, op=op: [op])
+
+
+def _storable(reason: str) -> str:
+    """`reason` cut to REASON_CHARS, in UTF-8 (an error's text may name a path decoded with
+    surrogate escapes: each byte that is not UTF-8 becomes '?'; an entry holding one could
+    be applied by no host)."""
+    return reason[:REASON_CHARS].encode("utf-8", "replace").decode()
 
 
 def read_chunk(repo: Repository, ref: int) -> tuple[bytes, bytes, int, int] | None:
