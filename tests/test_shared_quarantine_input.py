@@ -193,3 +193,28 @@ def test_a_reason_holding_a_path_that_is_not_utf8_is_published_readable(
     repair_damage(a, {ref: "pack x: [Errno 5] Input/output error: '/mnt/b\udcffckup/p'"})
     assert quarantined(a) == quarantined(b) == {ref}
     assert found_by_id(b, ref) is None
+
+
+def test_a_heal_pack_damaged_and_healed_again_from_the_same_copy_ends_the_quarantine(
+        shared_hosts, tmp_path):
+    """A heal's pack is named by its bytes: when its copy of r is damaged in turn, the next
+    heal from the same good copy writes the very same pack again (the store's object is
+    whole again). Its `pack` op names a pack every cache knows: r's quarantine ends all the
+    same, on every host, and every point restores."""
+    from test_locality_review import flip_chunk
+    from test_shared_quarantine import damaged_backup, everything_restores, pack_of
+    from repo_engine.maintenance.scrub import scrub
+
+    a, b = shared_hosts
+    model, first, damaged = damaged_backup(a, tmp_path)
+    scrub(a, repair=True)
+    healing = back_up(b, "b", model)  # stores a good copy and heals r into a new pack
+    assert quarantined(a) == quarantined(b) == set()
+    healed_in = pack_of(a, damaged)
+    flip_chunk(a, damaged)
+    report = scrub(a, repair=True)
+    assert [d["ref"] for d in report.damaged] == [] and report.repair.healed == 1
+    assert pack_of(a, damaged) == pack_of(b, damaged) == healed_in
+    assert quarantined(a) == quarantined(b) == set()
+    everything_restores([a, b], {first.id: bytes(model.content),
+                                 healing.id: bytes(model.content)}, tmp_path)
