@@ -45,12 +45,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import blake3
+import lmdb
 import numpy as np
 
 from ..backup.extents import extents_to_blocks
 from ..errors import DamageError, RepoError, UsageError
 from ..pause import pause_point
-from ..repository.index import REF_KEY, REF_REC, U64, PackInfo
+from ..repository.index import PACK_KEY, REF_KEY, REF_REC, U64, Index, PackInfo
 from ..repository.journal import PackOp, QuarantineOp
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import FinishedPack
@@ -438,10 +439,21 @@ def _heal(repo: Repository) -> int:
     for ref, chunk_id, blob, raw, codec in good:
         writer.add(ref, chunk_id, blob, raw, codec)
     finished = writer.finish()
-    if repo.config.shared:
-        return _heal_shared(repo, finished)
+    return (_heal_shared if repo.config.shared else _heal_local)(repo, finished)
+
+
+def _heal_local(repo: Repository, finished: FinishedPack) -> int:
+    """Point each healed ref to its copy in the new pack, in one transaction. Refs healed or
+    dropped meanwhile are left out (their copies stay unused in the pack, for gc). A pack the
+    index knows by that name is the same bytes written again whole (a heal's pack damaged in
+    turn, healed from the same copy): its refs are healed where they are, under its one record
+    (a second record of the name would leave the first one unused, and gc would delete the
+    object both name)."""
     index = repo.index
     with index.write() as txn:
+        known = txn.get(bytes.fromhex(finished.name), db=index.packnames)
+        if known is not None:
+            return _healed_in_place(index, txn, PACK_KEY.unpack(known)[0], finished)
         number = index.new_pack_number(txn)
         healed = stored_total = 0
         for e in finished.entries:
@@ -460,6 +472,20 @@ def _heal(repo: Repository) -> int:
         count = len(finished.entries)
         index.put_pack_record(txn, number, bytes.fromhex(finished.name), finished.size, count,
                               healed, stored_total)
+    return healed
+
+
+def _healed_in_place(index: Index, txn: lmdb.Transaction, number: int,
+                     finished: FinishedPack) -> int:
+    """The quarantined refs of `finished` that pack `number` (of the same name) places: whole
+    again where they are (their live counts never changed)."""
+    healed = 0
+    for e in finished.entries:
+        key = REF_KEY.pack(e.ref)
+        rec = txn.get(key, db=index.refs)
+        if (rec is not None and REF_REC.unpack(rec)[1] == number
+                and txn.delete(key, db=index.quarantine)):
+            healed += 1
     return healed
 
 
