@@ -17,7 +17,9 @@ a. quarantine each damaged ref: note it in `quarantine` and `unfindable` and del
    host (docs/FORMAT.md, "Damage on a shared repository");
 b. heal each quarantined ref for which a good copy of the same chunk id exists (another ref, e.g.
    stored by a backup since): copy it into a new pack under the damaged ref, then point the ref
-   there in one transaction; every point using the ref restores again;
+   there in one transaction; every point using the ref restores again (a pack is named by its
+   bytes: the same copies healed again make the same pack, written again whole over a damaged
+   one, whose refs are then healed where they are);
 c. ask the next backup of each affected disk to re-read, from the source, the blocks that hold a
    still-quarantined chunk in the disk's newest point (`reread`: the block list the backup plan
    adds to the changed extents even though the change list calls them unchanged);
