@@ -141,3 +141,21 @@ def test_backup_without_damage_says_nothing_of_repairs(tmp_path, capsys, chain):
     backup = cli(capsys, "backup", "image", repo, "--vm", "a", "--disk", f"sda={model.path}",
                  "--json")
     assert backup.code == 0 and backup.json()["point"]["notes"] == []
+
+
+def test_a_heal_pack_damaged_and_healed_again_from_the_same_copy_stays_whole_after_gc(
+        tmp_path, capsys, chain):
+    """A heal's pack is named by its bytes: its copy damaged in turn and healed from the same
+    good copy is the same pack again, which gc must not take for a pack left unused."""
+    repo, model, expected = chain
+    points = list(expected)
+    flip_byte(repo, points[0], 0)
+    assert cli(capsys, "scrub", repo, "--repair").code == 3
+    assert backup_unchanged(capsys, repo, model, tmp_path).code == 0
+    expected[_newest(capsys, repo)] = model.copy_of_content()
+    flip_byte(repo, points[0], 0)  # the healed copy, in the heal's pack
+    repair = cli(capsys, "scrub", repo, "--repair")
+    assert "healed 1" in repair.out, repair.out + repair.err
+    assert cli(capsys, "gc", repo, "--max-unused", "0").code == 0
+    assert_clean(capsys, repo)
+    assert_all_restore(capsys, repo, expected, tmp_path)

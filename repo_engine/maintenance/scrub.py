@@ -18,7 +18,9 @@ a. quarantine each damaged ref: note it in `quarantine` and `unfindable` and del
    shared repository");
 b. heal each quarantined ref for which a good copy of the same chunk id exists (another ref, e.g.
    stored by a backup since): copy it into a new pack under the damaged ref, then point the ref
-   there in one transaction; every point using the ref restores again;
+   there in one transaction; every point using the ref restores again (a pack is named by its
+   bytes: the same copies healed again make the same pack, written again whole over a damaged
+   one, whose refs are then healed where they are);
 c. ask the next backup of each affected disk to re-read, from the source, the blocks that hold a
    still-quarantined chunk in the disk's newest point (`reread`: the block list the backup plan
    adds to the changed extents even though the change list calls them unchanged);
@@ -46,12 +48,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import blake3
+import lmdb
 import numpy as np
 
 from ..backup.extents import extents_to_blocks
 from ..errors import DamageError, RepoError, UsageError
 from ..pause import pause_point
-from ..repository.index import REF_KEY, REF_REC, U64, PackInfo
+from ..repository.index import PACK_KEY, REF_KEY, REF_REC, U64, Index, PackInfo
 from ..repository.journal import PackOp, QuarantineOp
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import FinishedPack
@@ -61,6 +64,10 @@ from .gc import less_live
 from .inventory import Affected, affected_by, refs_in_packs, scan_u64_keys
 
 REASON_CHARS = 300  # of a damage's description, kept with a quarantine in the journal
+# refs a journal `quarantine` entry names at most: with their reasons some 20 MB, which every
+# host downloads and decodes whole (a lost store's million refs in one entry took 1 GB of
+# memory to replay, and past some 3.5 million refs the entry outgrew what a host reads)
+QUARANTINE_BATCH = 65536
 
 
 @dataclass
@@ -358,22 +365,36 @@ def _settle(repo: Repository, report: RepairReport, *, rereads: bool) -> None:
 
 
 def _quarantine(repo: Repository, damaged: dict[int, str]) -> None:
-    """Step a. A shared repository's quarantine is a journal commit (`quarantine` op), so that
-    every host takes the refs out of deduplication: a host that still found a damaged chunk
-    would deduplicate against it and never store the good copy a heal needs. Refs this host
-    holds quarantined already are committed again (a note an earlier repo-engine kept to this
-    host reaches the others so; the replay of one they know changes nothing)."""
+    """Step a (on a shared repository `_publish_quarantine`)."""
     refs = sorted(damaged)
-    if not refs:
-        return
+    reasons = {ref: _storable(reason) for ref, reason in damaged.items()}
     if repo.config.shared:
-        op = QuarantineOp(np.array(refs, np.uint64), [damaged[r][:REASON_CHARS] for r in refs])
-        repo.commit_journal(lambda _seq: [op])
+        _publish_quarantine(repo, refs, reasons)
         return
     index = repo.index
     with index.write() as txn:
         for ref in refs:
-            index.quarantine_ref(txn, ref, damaged[ref])
+            index.quarantine_ref(txn, ref, reasons[ref])
+
+
+def _publish_quarantine(repo: Repository, refs: list[int], reasons: dict[int, str]) -> None:
+    """A shared repository's quarantine is journal commits (`quarantine` ops of at most
+    QUARANTINE_BATCH refs each), so that every host takes the refs out of deduplication: a
+    host that still found a damaged chunk would deduplicate against it and never store the
+    good copy a heal needs. Refs this host holds quarantined already are committed again (a
+    note an earlier repo-engine kept to this host reaches the others so; the replay of one
+    they know changes nothing)."""
+    for start in range(0, len(refs), QUARANTINE_BATCH):
+        part = refs[start:start + QUARANTINE_BATCH]
+        op = QuarantineOp(np.array(part, np.uint64), [reasons[r] for r in part])
+        repo.commit_journal(lambda _seq, op=op: [op])
+
+
+def _storable(reason: str) -> str:
+    """`reason` cut to REASON_CHARS, in UTF-8 (an error's text may name a path decoded with
+    surrogate escapes: each byte that is not UTF-8 becomes '?'; an entry holding one could
+    be applied by no host)."""
+    return reason[:REASON_CHARS].encode("utf-8", "replace").decode()
 
 
 def read_chunk(repo: Repository, ref: int) -> tuple[bytes, bytes, int, int] | None:
@@ -421,10 +442,21 @@ def _heal(repo: Repository) -> int:
     for ref, chunk_id, blob, raw, codec in good:
         writer.add(ref, chunk_id, blob, raw, codec)
     finished = writer.finish()
-    if repo.config.shared:
-        return _heal_shared(repo, finished)
+    return (_heal_shared if repo.config.shared else _heal_local)(repo, finished)
+
+
+def _heal_local(repo: Repository, finished: FinishedPack) -> int:
+    """Point each healed ref to its copy in the new pack, in one transaction. Refs healed or
+    dropped meanwhile are left out (their copies stay unused in the pack, for gc). A pack the
+    index knows by that name is the same bytes written again whole (a heal's pack damaged in
+    turn, healed from the same copy): its refs are healed where they are, under its one record
+    (a second record of the name would leave the first one unused, and gc would delete the
+    object both name)."""
     index = repo.index
     with index.write() as txn:
+        known = txn.get(bytes.fromhex(finished.name), db=index.packnames)
+        if known is not None:
+            return _healed_in_place(index, txn, PACK_KEY.unpack(known)[0], finished)
         number = index.new_pack_number(txn)
         healed = stored_total = 0
         for e in finished.entries:
@@ -443,6 +475,20 @@ def _heal(repo: Repository) -> int:
         count = len(finished.entries)
         index.put_pack_record(txn, number, bytes.fromhex(finished.name), finished.size, count,
                               healed, stored_total)
+    return healed
+
+
+def _healed_in_place(index: Index, txn: lmdb.Transaction, number: int,
+                     finished: FinishedPack) -> int:
+    """The quarantined refs of `finished` that pack `number` (of the same name) places: whole
+    again where they are (their live counts never changed)."""
+    healed = 0
+    for e in finished.entries:
+        key = REF_KEY.pack(e.ref)
+        rec = txn.get(key, db=index.refs)
+        if (rec is not None and REF_REC.unpack(rec)[1] == number
+                and txn.delete(key, db=index.quarantine)):
+            healed += 1
     return healed
 
 

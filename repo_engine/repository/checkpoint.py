@@ -70,7 +70,8 @@ from .envelope import SEALED
 from .formats import CHECKPOINT, CHECKPOINT_QUARANTINE, FileFormat
 from .index import (COUNTERS, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index, PendingPlan,
                     encode_record)
-from .journal import PREFIX, Entry, PlanOp, entry_object, entry_seqs, read_entry
+from .journal import (PREFIX, Entry, PlanOp, check_reasons, entry_object, entry_seqs,
+                      read_entry)
 from .points import PointRecord
 from .safefile import FILE_MODE
 from .store import ObjectExists, Store
@@ -404,8 +405,7 @@ def _load_record(index: Index, txn: lmdb.Transaction, tag: bytes, doc, binary: b
             index._add(txn, key, total)
     elif tag == b"QUAR":
         refs = np.frombuffer(binary, "<u8")
-        if len(refs) != len(doc):
-            raise DamageError(f"{what}: checkpoint quarantine record is malformed")
+        check_reasons(doc, len(refs))
         for ref, reason in zip(refs.tolist(), doc):
             index.quarantine_ref(txn, ref, reason)
     elif tag == b"PNTS":

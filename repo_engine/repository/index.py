@@ -597,11 +597,9 @@ class Index:
             if self._get_u64(txn, b"next_ref", self.meta) < op.first + op.count:
                 txn.put(b"next_ref", U64.pack(op.first + op.count), db=self.meta)
         elif isinstance(op, PackOp):
-            known = txn.get(bytes.fromhex(op.name), db=self.packnames) is not None
             number = self._record_pack(txn, FinishedPack(op.name, op.size,
                                                          _pack_entries(op.entries)))
-            if not known:
-                self._placed_again(txn, number, op.entries["ref"])
+            self._placed_again(txn, number, op.entries["ref"])
         elif isinstance(op, PointOp):
             point = PointRecord.from_dict(op.record, f"journal entry {seq}").summary()
             txn.put(point["id"].encode(), encode_record(point), db=self.points)
@@ -691,9 +689,11 @@ class Index:
         return True
 
     def _placed_again(self, txn: lmdb.Transaction, number: int, refs: np.ndarray) -> None:
-        """A replayed `pack` op placed `refs` in its new pack `number`: a quarantined one placed
+        """A replayed `pack` op placed `refs` in its pack `number`: a quarantined one placed
         there now (a heal's or a repack's copy, checked against its id when written) is whole
-        again. It stays out of deduplication (`ids` names its donor, or nothing)."""
+        again; so is one a known pack places, written again whole (a heal from the same copy
+        makes the same bytes, and a pack is named by its bytes' hash). It stays out of
+        deduplication (`ids` names its donor, or nothing)."""
         for ref in self._quarantined_of(txn, refs).tolist():
             rec = txn.get(REF_KEY.pack(ref), db=self.refs)
             if rec is not None and REF_REC.unpack(rec)[1] == number:
@@ -707,10 +707,15 @@ class Index:
                 txn.delete(key, db=self.quarantine)
 
     def _quarantined_of(self, txn: lmdb.Transaction, refs: np.ndarray) -> np.ndarray:
-        """Those of `refs` the quarantine lists: its few keys read, not a look-up per ref."""
+        """Those of `refs` the quarantine lists, at the cost of the smaller side: its keys read
+        when they are fewer (the usual few), else `refs` looked up (a pack op's refs against
+        the notes of a large damage: every replayed pack op asks)."""
+        refs = np.asarray(refs, np.uint64)
+        if txn.stat(self.quarantine)["entries"] > len(refs):
+            return refs_found(txn.cursor(db=self.quarantine).getmulti(ref_keys(refs)))
         keys = list(txn.cursor(db=self.quarantine).iternext(keys=True, values=False))
         listed = np.array([REF_KEY.unpack(k)[0] for k in keys], np.uint64)
-        return listed[np.isin(listed, np.asarray(refs, np.uint64))] if keys else listed
+        return listed[np.isin(listed, refs)] if keys else listed
 
     def _give_back(self, txn: lmdb.Transaction, op: SweepOp) -> None:
         """The refs the plan of a sweep dooms and the sweep keeps (a backup counted them

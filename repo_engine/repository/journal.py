@@ -267,10 +267,25 @@ def _decode_op(doc: dict, binary: bytes, what: str) -> Op:
     if isinstance(op, RetireOp) and not (isinstance(op.epochs, list) and all(
             type(e) is int and e > 0 for e in op.epochs)):
         raise ValueError("retired epochs are not a list of positive integers")
-    if isinstance(op, QuarantineOp) and not (isinstance(op.reasons, list) and len(
-            op.reasons) == len(op.refs) and all(isinstance(r, str) for r in op.reasons)):
-        raise ValueError("quarantine reasons are not one text per ref")
+    if isinstance(op, QuarantineOp):
+        check_reasons(op.reasons, len(op.refs))
     return op
+
+
+def check_reasons(reasons: object, count: int) -> None:
+    """ValueError unless `reasons` (of a `quarantine` op or a checkpoint's `QUAR` record) is a
+    list of `count` texts the cache can store (UTF-8: JSON lets a lone surrogate through)."""
+    if not (isinstance(reasons, list) and len(reasons) == count
+            and all(isinstance(r, str) and _utf8(r) for r in reasons)):
+        raise ValueError("quarantine reasons are not one text per ref")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # -- the store's journal ----------------------------------------------------------------------
