@@ -105,17 +105,18 @@ def forget(repo: RepoAddress, point_ids: tuple[str, ...], vm: str | None, keep_l
             decisions = [{"id": d.id, "vm": d.vm, "time": _iso(d.time), "keep": d.keep,
                           "reasons": list(d.reasons)} for d in found]
             remove = [d.id for d in found if not d.keep]
+        gc_report = None
         if dry_run:
             report = ForgetReport(dry_run=True)
+        elif prune:
+            from ..maintenance.gc import forget_and_collect
+
+            report, gc_report = forget_and_collect(repository, remove,
+                                                   tick=progress.bar("forget", len(remove)))
         else:
             report = forget_points(repository, remove,
                                    tick=progress.bar("forget", len(remove)))
         report.decisions = decisions
-        gc_report = None
-        if prune and not dry_run:
-            from ..maintenance.gc import gc
-
-            gc_report = gc(repository)
     if as_json:
         emit_json(report, gc=None if gc_report is None else asdict(gc_report))
         return

@@ -36,13 +36,15 @@ from functools import partial
 import numpy as np
 
 from ..errors import LockedError, PointNotFound, RepoError, UsageError
-from ..repository.blockmap import BlockMap, delta_between, nonzero_entries, zip_windows
+from ..repository.blockmap import (BlockMap, MapBatch, delta_between, nonzero_entries,
+                                   zip_windows)
 from ..repository.locks import MAINTENANCE
 from ..repository.points import DiskRecord, PointRecord, point_object
 from ..repository.repo import Repository, commit_order
+from .deleter import Deleter
 from .retention import Decision, Policy, PointInfo, apply_policy, parse_time
 
-REBASE_THREADS = 4  # VMs whose points forget rewrites at once (rebased)
+REBASE_THREADS = 4  # VMs whose points forget rebases at once (rebased)
 
 
 @dataclass
@@ -68,16 +70,23 @@ def forget_points(repo: Repository, ids: list[str], *,
     """Remove the given points (full ids, which the caller found in the catalog), under the
     maintenance lock. One that a concurrent forget removed since the caller chose it is skipped:
     it is gone, as asked."""
-    with repo.lock(MAINTENANCE, "forget"):
-        catalog = vm_catalog(repo, ids)
-        ids = [point_id for point_id in ids if point_id in catalog]
-        for point_id in ids:
-            if catalog[point_id].protected:
-                raise UsageError(f"point {point_id[:8]} is protected; 'unprotect' it first")
-        if repo.config.shared:
-            return _forget_shared(repo, ids, tick)
-        mark_forgetting(repo, ids)
-        return finish_pending(repo, tick=tick, catalog=catalog)
+    with repo.lock(MAINTENANCE, "forget"), Deleter(repo.store) as deleter:
+        return forget_locked(repo, ids, tick=tick, deleter=deleter)
+
+
+def forget_locked(repo: Repository, ids: list[str], *, deleter: Deleter,
+                  tick: Callable[[int], None] | None = None) -> ForgetReport:
+    """`forget_points` for a caller holding the maintenance lock; the manifests of the points
+    removed go to `deleter`."""
+    catalog = vm_catalog(repo, ids)
+    ids = [point_id for point_id in ids if point_id in catalog]
+    for point_id in ids:
+        if catalog[point_id].protected:
+            raise UsageError(f"point {point_id[:8]} is protected; 'unprotect' it first")
+    if repo.config.shared:
+        return _forget_shared(repo, ids, tick)
+    mark_forgetting(repo, ids)
+    return finish_pending(repo, deleter, tick=tick, catalog=catalog)
 
 
 def mark_forgetting(repo: Repository, ids: list[str]) -> None:
@@ -93,14 +102,16 @@ def pending(repo: Repository) -> list[str]:
         return [k.decode() for k, _ in txn.cursor(db=index.forgetting)]
 
 
-def finish_pending(repo: Repository, *, tick: Callable[[int], None] | None = None,
+def finish_pending(repo: Repository, deleter: Deleter, *,
+                   tick: Callable[[int], None] | None = None,
                    catalog: dict[str, PointRecord] | None = None) -> ForgetReport:
     """Complete every marked removal (the caller holds the maintenance lock): the points built
     on marked ones are rewritten first (one commit), then every marked point no
-    catalogued point depends on leaves the catalog in one transaction. A point a backup built
-    on a marked one meanwhile is rewritten on the next round. Each round reads the points of
-    the marked points' VMs only (`vm_catalog`); `catalog`: those the caller read under the
-    lock, used when it holds every marked point (and so every point of their VMs)."""
+    catalogued point depends on leaves the catalog in one transaction, and their manifests go
+    to `deleter`. A point a backup built on a marked one meanwhile is rewritten on the next
+    round. Each round reads the points of the marked points' VMs only (`vm_catalog`);
+    `catalog`: those the caller read under the lock, used when it holds every marked point
+    (and so every point of their VMs)."""
     report = ForgetReport()
     for _round in range(10):
         todo = set(pending(repo))
@@ -112,7 +123,7 @@ def finish_pending(repo: Repository, *, tick: Callable[[int], None] | None = Non
         repo.rewrite_points([(catalog[p.id], p.disks) for p in rewrites], maps)
         report.rewritten += [p.id for p in rewrites]
         removed = repo.index.remove_childless(todo)
-        repo.store.delete([point_object(i) for i in removed])
+        deleter.submit([point_object(i) for i in removed])
         report.removed += sorted(removed, key=lambda i: commit_order(catalog[i])
                                  if i in catalog else (0, "", i))
         if tick:
@@ -138,19 +149,23 @@ def rebased(repo: Repository, catalog: dict[str, PointRecord], gone: set[str]
     ancestor is rewritten before its descendants. The maps are streamed window by window:
     memory does not grow with the disk (a full map holds the disk's non-ZERO entries).
 
-    A chain never leaves its VM, so the VMs are worked on by up to REBASE_THREADS threads at
-    once: each map is still durable before anything builds on it, and the fsyncs of different
-    VMs' maps overlap instead of following one another."""
+    Each map is computed from catalogued records (`Repository.chain` resolves a rewritten
+    ancestor through its catalogued chain, to the same content), never from a map written
+    here, so the maps are made durable together once all are computed (a MapBatch: one round of
+    fsyncs, not two per map), before the commit that names them. A chain never leaves its VM,
+    so the VMs are worked on by up to REBASE_THREADS threads at once."""
     by_vm: dict[str, dict[str, PointRecord]] = {}
     for point in catalog.values():
         by_vm.setdefault(point.vm, {})[point.id] = point
     todo = [vm_points for vm_points in by_vm.values()
             if any(_built_on(point, gone) for point in vm_points.values())]
+    batch = repo.map_batch()
     if len(todo) < 2:
-        parts = [_rebased_vm(repo, vm_points, gone) for vm_points in todo]
+        parts = [_rebased_vm(repo, batch, vm_points, gone) for vm_points in todo]
     else:
         with ThreadPoolExecutor(min(REBASE_THREADS, len(todo))) as pool:
-            parts = list(pool.map(partial(_rebased_vm, repo, gone=gone), todo))
+            parts = list(pool.map(partial(_rebased_vm, repo, batch, gone=gone), todo))
+    batch.write()
     rewrites = sorted((point for points, _ in parts for point in points), key=commit_order)
     return rewrites, {name: bmap for _, maps in parts for name, bmap in maps.items()}
 
@@ -160,9 +175,9 @@ def _built_on(point: PointRecord, gone: set[str]) -> bool:
     return point.id not in gone and any(d.parent in gone for d in point.disks)
 
 
-def _rebased_vm(repo: Repository, catalog: dict[str, PointRecord], gone: set[str]
-                ) -> tuple[list[PointRecord], dict[str, BlockMap]]:
-    """`rebased` for the points of one VM (`catalog`)."""
+def _rebased_vm(repo: Repository, batch: MapBatch, catalog: dict[str, PointRecord],
+                gone: set[str]) -> tuple[list[PointRecord], dict[str, BlockMap]]:
+    """`rebased` for the points of one VM (`catalog`), its maps added to `batch`."""
     working = dict(catalog)
     rewrites: list[PointRecord] = []
     maps: dict[str, BlockMap] = {}
@@ -182,7 +197,7 @@ def _rebased_vm(repo: Repository, catalog: dict[str, PointRecord], gone: set[str
             else:
                 bmap = _delta_on(repo, point, base, disk)
                 kind, parent, links = "delta", base.id, base.disk(disk.key).links + 1
-            name = repo.write_map(bmap)
+            name = batch.add(bmap)
             maps[name] = bmap
             disks.append(replace(disk, map=name, kind=kind, parent=parent, links=links))
         working[point.id] = replace(point, disks=disks)

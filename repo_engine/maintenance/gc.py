@@ -68,6 +68,8 @@ from ..repository.points import point_object
 from ..repository.repo import Repository
 from ..repository.seals import KEY, CountDamaged, seal_rows
 from . import forget
+from .deleter import Deleter
+from .forget import ForgetReport
 from .inventory import (count_damage, dead_tmp_files, objects_under, scan_sealed, sessions,
                         wait_for)
 from .tally import ROWS, RefTable, Tally, read_ref_table, ref_rows, sealed_batches
@@ -135,38 +137,64 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
             _dry_run(repo, report, max_unused)
         report.seconds = round(time.monotonic() - started, 3)
         return report
-    with repo.lock(MAINTENANCE, "gc") as lock:
-        placed: Placed = _no_places
-        report.forgets_finished = len(forget.finish_pending(repo).removed)
-        with repo.index.env.begin() as txn:
-            report.counts_damaged = count_damage(repo.index, txn)
-        recounted = None
-        if not full and not report.counts_damaged and repo.index.counts_valid():
-            recounted = _count_from_live_maps(repo, report) if _live_side_cheaper(repo) else None
-            if recounted is None:
-                report.maps_settled = settle_dead_maps(repo)
-                placed = queue_uncounted(repo).get
-            else:
-                placed = recounted.placed
-        report.counts_damaged += repo.index.damage_seen  # reported once
-        repo.index.damage_seen.clear()
-        if recounted is None and (full or report.counts_damaged
-                                  or not repo.index.counts_valid()):
-            report.mode = "full"
-            report.recount = recount(repo)
-        listed = _mark(repo)
-        report.candidates = len(listed.candidates)
-        report.waited_seconds += wait_for(repo, sessions(repo, lock.path), timeout=wait_timeout,
-                                          tick=tick)
-        _sweep(repo, listed, report, placed)
-        _repack(repo, max_unused, report, tick)
-        if _dead_packs(repo):
-            report.waited_seconds += wait_for(repo, sessions(repo, lock.path),
-                                              timeout=wait_timeout, tick=tick)
-            _delete_dead_packs(repo, report, listed.pack_sizes)
+    with repo.lock(MAINTENANCE, "gc") as lock, Deleter(repo.store) as deleter:
+        collect(repo, lock.path, deleter, report, full=full, max_unused=max_unused,
+                wait_timeout=wait_timeout, tick=tick)
     report.waited_seconds = round(report.waited_seconds, 3)
     report.seconds = round(time.monotonic() - started, 3)
     return report
+
+
+def forget_and_collect(repo: Repository, ids: list[str], *,
+                       tick: Callable[[int], None] | None = None) -> tuple[ForgetReport, GcReport]:
+    """`forget_points(ids)` then `gc`, under one maintenance lock: the manifests the forget
+    deletes and gc's own deletions go to one Deleter, so they overlap gc's counting and sweep
+    instead of waiting for one another. A shared repository forgets, then collects."""
+    if repo.config.shared:
+        return forget.forget_points(repo, ids, tick=tick), gc(repo)
+    report = GcReport()
+    with repo.lock(MAINTENANCE, "forget --prune") as lock, Deleter(repo.store) as deleter:
+        forgotten = forget.forget_locked(repo, ids, tick=tick, deleter=deleter)
+        started_gc = time.monotonic()
+        collect(repo, lock.path, deleter, report)
+    report.waited_seconds = round(report.waited_seconds, 3)
+    report.seconds = round(time.monotonic() - started_gc, 3)
+    return forgotten, report
+
+
+def collect(repo: Repository, lock_path: Path, deleter: Deleter, report: GcReport, *,
+            full: bool = False, max_unused: float = 10.0, wait_timeout: float | None = None,
+            tick: Tick | None = None) -> None:
+    """A gc run (steps 1 to 7) for a caller holding the maintenance lock (its file:
+    `lock_path`), its deletions through `deleter`."""
+    placed: Placed = _no_places
+    report.forgets_finished = len(forget.finish_pending(repo, deleter).removed)
+    with repo.index.env.begin() as txn:
+        report.counts_damaged = count_damage(repo.index, txn)
+    recounted = None
+    if not full and not report.counts_damaged and repo.index.counts_valid():
+        recounted = _count_from_live_maps(repo, report) if _live_side_cheaper(repo) else None
+        if recounted is None:
+            report.maps_settled = settle_dead_maps(repo)
+            placed = queue_uncounted(repo).get
+        else:
+            placed = recounted.placed
+    report.counts_damaged += repo.index.damage_seen  # reported once
+    repo.index.damage_seen.clear()
+    if recounted is None and (full or report.counts_damaged
+                              or not repo.index.counts_valid()):
+        report.mode = "full"
+        report.recount = recount(repo)
+    listed = _mark(repo, deleter.given)
+    report.candidates = len(listed.candidates)
+    report.waited_seconds += wait_for(repo, sessions(repo, lock_path), timeout=wait_timeout,
+                                      tick=tick)
+    _sweep(repo, listed, report, placed, deleter)
+    _repack(repo, max_unused, report, tick)
+    if _dead_packs(repo):
+        report.waited_seconds += wait_for(repo, sessions(repo, lock_path),
+                                          timeout=wait_timeout, tick=tick)
+        _delete_dead_packs(repo, report, listed.pack_sizes, deleter)
 
 
 # -- step 2: counts -----------------------------------------------------------------------------
@@ -517,7 +545,8 @@ def _write_packlive(txn: lmdb.Transaction, index: Index, table: RefTable,
 
 
 # -- step 3: mark ---------------------------------------------------------------------------
-def _mark(repo: Repository) -> _Listed:
+def _mark(repo: Repository, deleting: set[str] = frozenset()) -> _Listed:  # type: ignore[assignment]
+    """`deleting`: object names handed to a Deleter already (not listed again)."""
     index = repo.index
     maps = objects_under(repo, "maps")
     manifests = objects_under(repo, "points")
@@ -540,7 +569,8 @@ def _mark(repo: Repository) -> _Listed:
                  for d in index.record(k, v)["disks"]}
         listed = {PACK_REC.unpack(v)[0].hex() for _, v in txn.cursor(db=index.packs)}
         maps = [n for n in maps if n not in named and not _map_used(txn, index, n)]
-        manifests = [i for i in manifests if not _point_known(txn, index, i)]
+        manifests = [i for i in manifests
+                     if point_object(i) not in deleting and not _point_known(txn, index, i)]
         packs = {n: size for n, size in sizes.items()
                  if n not in listed and not _pack_known(txn, index, n)}
     return _Listed(candidates, maps, manifests, packs, tmp, sizes)
@@ -572,12 +602,23 @@ def _point_known(txn: lmdb.Transaction, index: Index, point_id: str) -> bool:
 
 
 # -- step 5: sweep ----------------------------------------------------------------------------
-def _sweep(repo: Repository, listed: _Listed, report: GcReport, placed: Placed) -> None:
+def _sweep(repo: Repository, listed: _Listed, report: GcReport, placed: Placed,
+           deleter: Deleter) -> None:
     """`placed(number)`: the refs that may place a chunk in pack `number`, known earlier in this
-    run (a trailer read, or the recount's snapshot), or None."""
+    run (a trailer read, or the recount's snapshot), or None. The listed files still unused
+    are deleted while the candidates are dropped, and are gone before the transaction commits
+    (a backup's commit checks that its maps exist inside its own transaction)."""
     index = repo.index
     touched: dict[int, list[int]] = {}  # pack -> [chunks dropped, stored bytes dropped]
     with index.write() as txn:
+        maps = [map_object(n) for n in listed.maps if not _map_used(txn, index, n)]
+        manifests = [point_object(i) for i in listed.manifests if not _point_known(txn, index, i)]
+        packs = {n: size for n, size in listed.packs.items() if not _pack_known(txn, index, n)}
+        deleted = deleter.submit(maps + manifests + [pack_object(n) for n in packs])
+        report.maps_deleted += len(maps)
+        report.manifests_deleted += len(manifests)
+        report.orphan_packs_deleted += len(packs)
+        report.freed_bytes += sum(packs.values())
         for ref in listed.candidates:
             key = REF_KEY.pack(ref)
             rec = txn.get(key, db=index.refs)
@@ -603,20 +644,13 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport, placed: Placed) 
             dropped[0], dropped[1] = dropped[0] + 1, dropped[1] + stored
             report.chunks_dropped += 1
             report.stored_bytes_dropped += stored
-        maps = [map_object(n) for n in listed.maps if not _map_used(txn, index, n)]
-        manifests = [point_object(i) for i in listed.manifests if not _point_known(txn, index, i)]
-        packs = {n: size for n, size in listed.packs.items() if not _pack_known(txn, index, n)}
-        repo.store.delete(maps + manifests + [pack_object(n) for n in packs])
-        report.maps_deleted += len(maps)
-        report.manifests_deleted += len(manifests)
-        report.orphan_packs_deleted += len(packs)
-        report.freed_bytes += sum(packs.values())
         for number, (chunks, stored) in sorted(touched.items()):
             less_live(txn, index, number, stored, chunks)
             live = index.get_sealed(txn, "packlive", PACK_KEY.pack(number))
             if (live is not None and LIVE_REC.unpack(live)[0] == 0
                     and not _places_chunks(repo, txn, number, placed(number))):
                 _retire_pack(txn, index, number)
+        deleted.result()
     for path in listed.tmp:
         path.unlink(missing_ok=True)
         report.tmp_files_deleted += 1
@@ -796,7 +830,8 @@ def _dead_packs(repo: Repository) -> list[bytes]:
                 if txn.get(k, db=index.packnames) is None]
 
 
-def _delete_dead_packs(repo: Repository, report: GcReport, sizes: dict[str, int]) -> None:
+def _delete_dead_packs(repo: Repository, report: GcReport, sizes: dict[str, int],
+                       deleter: Deleter) -> None:
     """Delete the queued pack objects in one batch, then forget them in the index (a crash in
     between leaves them queued: a rerun deletes nothing twice, since a missing name is fine).
     `sizes`: pack files' sizes as listed before (a pack is never changed; one not listed is
@@ -805,7 +840,7 @@ def _delete_dead_packs(repo: Repository, report: GcReport, sizes: dict[str, int]
     names = _dead_packs(repo)
     report.freed_bytes += sum(sizes[n] if (n := name.hex()) in sizes else
                               _size(repo, pack_object(n)) for name in names)
-    repo.delete_packs([name.hex() for name in names])
+    deleter.submit([pack_object(name.hex()) for name in names]).result()
     with index.write() as txn:
         for name in names:
             txn.delete(name, db=index.deadpacks)
