@@ -4,16 +4,18 @@ Removing the points of a set R (each step crash-safe; a rerun of forget or gc fi
 interrupted job):
 
 1. Mark R in the index's `forgetting` database (the intent survives a crash).
-2. For every catalogued point C outside R with a disk built on a point of R, oldest first: write
-   a new map durably: a DELTA on that disk's nearest ancestor G outside R (`_delta_on(G, C)`,
+2. For every catalogued point C outside R with a disk built on a point of R, oldest first:
+   compute a new map: a DELTA on that disk's nearest ancestor G outside R (`_delta_on(G, C)`,
    so C's entries win and resizes stay exact), or a FULL map when the chain reaches a full base
-   first. Then commit the next generation of every such C (their manifests durable first, then
-   their catalog records in ONE transaction, which moves the map use and chunk reference counts;
-   a crash before it leaves manifests newer than the catalog, which the rerun writes again).
+   first; all of them are made durable together once computed (`rebased`). Then commit the next
+   generation of every such C (their manifests durable first, together, then their catalog
+   records in ONE transaction, which moves the map use and chunk reference counts; a crash
+   before it leaves manifests newer than the catalog, which the rerun writes again).
 3. In one transaction, delete the catalog records of every point of R no catalogued point
    outside R names as a parent (a backup may have committed a new child meanwhile: that one
-   goes back to 2), queue decrements for their maps and clear their marks. Then delete their
-   manifests (a leftover manifest is an orphan gc removes).
+   goes back to 2), queue decrements for their maps and clear their marks. Then their
+   manifests go to the command's Deleter (deleter.py; a leftover manifest is an orphan gc
+   removes).
 
 Every point keeps resolving to the same bytes at each step: C's old and new records both resolve
 to C's content, and R stays catalogued until nothing outside it depends on it. The cost grows

@@ -35,10 +35,11 @@ A run, each step crash-safe (a rerun finishes it):
    about to delete. Sessions that start later cannot reach any of them.
 5. In one transaction re-check: a candidate whose count rose (a waited-for backup committed a
    point using it) gets its `ids` entry back and leaves `unfindable` (unless quarantined); the
-   rest are dropped from the index; listed files still unused are deleted (map files inside the
-   transaction: a backup's commit checks its maps exist inside its own transaction, and
-   rewrites one gc removed). Packs with no live chunk leave
-   the index and are queued in `deadpacks`.
+   rest are dropped from the index; listed files still unused are deleted (by the command's
+   Deleter, deleter.py, while the candidates are dropped; map files are gone before the
+   transaction commits: a backup's commit checks its maps exist inside its own transaction, and
+   rewrites one gc removed). Packs with no live chunk leave the index and are queued in
+   `deadpacks`.
 6. Repack packs whose unused share exceeds `max_unused`: copy their live chunks (each checked
    against its id) into new packs, made durable, then move the refs to them in one transaction;
    the old packs are queued in `deadpacks`.
