@@ -120,10 +120,10 @@ def forget(repo: RepoAddress, point_ids: tuple[str, ...], vm: str | None, keep_l
     if as_json:
         emit_json(report, gc=None if gc_report is None else asdict(gc_report))
         return
-    for d in decisions:
-        action = "keep  " if d["keep"] else "remove"
-        click.echo(f"{action} {d['id'][:8]}  {d.get('vm', '')}@{d.get('time', '')}  "
-                   f"{', '.join(d['reasons'])}")
+    if decisions:  # one write: a long history has thousands of lines
+        click.echo("\n".join(f"{'keep  ' if d['keep'] else 'remove'} {d['id'][:8]}  "
+                             f"{d.get('vm', '')}@{d.get('time', '')}  {', '.join(d['reasons'])}"
+                             for d in decisions))
     for line in _forget_summary(len(remove), sum(d["keep"] for d in decisions),
                                 len(set(report.rewritten)), dry_run, gc_report is not None):
         click.echo(line)

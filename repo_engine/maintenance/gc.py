@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -610,41 +611,9 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport, placed: Placed,
     are deleted while the candidates are dropped, and are gone before the transaction commits
     (a backup's commit checks that its maps exist inside its own transaction)."""
     index = repo.index
-    touched: dict[int, list[int]] = {}  # pack -> [chunks dropped, stored bytes dropped]
     with index.write() as txn:
-        maps = [map_object(n) for n in listed.maps if not _map_used(txn, index, n)]
-        manifests = [point_object(i) for i in listed.manifests if not _point_known(txn, index, i)]
-        packs = {n: size for n, size in listed.packs.items() if not _pack_known(txn, index, n)}
-        deleted = deleter.submit(maps + manifests + [pack_object(n) for n in packs])
-        report.maps_deleted += len(maps)
-        report.manifests_deleted += len(manifests)
-        report.orphan_packs_deleted += len(packs)
-        report.freed_bytes += sum(packs.values())
-        for ref in listed.candidates:
-            key = REF_KEY.pack(ref)
-            rec = txn.get(key, db=index.refs)
-            txn.delete(key, db=index.gcq)
-            if rec is None:
-                continue
-            chunk_id, pack, _off, stored, raw, _codec = REF_REC.unpack(rec)
-            if txn.get(key, db=index.refcount) is not None:
-                if txn.get(key, db=index.quarantine) is None:  # damaged: stays unfindable
-                    if txn.put(chunk_id, U64.pack(ref), db=index.ids, overwrite=False):
-                        index.id_filter.inserted(txn, [chunk_id])
-                    index.show_key(txn, key)
-                report.resurrected += 1
-                continue
-            txn.delete(key, db=index.refs)
-            txn.delete(key, db=index.quarantine)
-            index.show_key(txn, key)
-            if txn.get(chunk_id, db=index.ids) == U64.pack(ref):
-                txn.delete(chunk_id, db=index.ids)
-            for name, delta in (("chunks", -1), ("raw_bytes", -raw), ("stored_bytes", -stored)):
-                index._add(txn, name, delta)
-            dropped = touched.setdefault(pack, [0, 0])
-            dropped[0], dropped[1] = dropped[0] + 1, dropped[1] + stored
-            report.chunks_dropped += 1
-            report.stored_bytes_dropped += stored
+        deleted = _delete_unused(txn, index, listed, report, deleter)
+        touched = _drop_candidates(txn, index, listed.candidates, report)
         for number, (chunks, stored) in sorted(touched.items()):
             less_live(txn, index, number, stored, chunks)
             live = index.get_sealed(txn, "packlive", PACK_KEY.pack(number))
@@ -655,6 +624,54 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport, placed: Placed,
     for path in listed.tmp:
         path.unlink(missing_ok=True)
         report.tmp_files_deleted += 1
+
+
+def _delete_unused(txn: lmdb.Transaction, index: Index, listed: _Listed, report: GcReport,
+                   deleter: Deleter) -> Future:
+    """Hand the listed files still unused (as `txn` sees it) to `deleter`."""
+    maps = [map_object(n) for n in listed.maps if not _map_used(txn, index, n)]
+    manifests = [point_object(i) for i in listed.manifests if not _point_known(txn, index, i)]
+    packs = {n: size for n, size in listed.packs.items() if not _pack_known(txn, index, n)}
+    report.maps_deleted += len(maps)
+    report.manifests_deleted += len(manifests)
+    report.orphan_packs_deleted += len(packs)
+    report.freed_bytes += sum(packs.values())
+    return deleter.submit(maps + manifests + [pack_object(n) for n in packs])
+
+
+def _drop_candidates(txn: lmdb.Transaction, index: Index, candidates: list[int],
+                     report: GcReport) -> dict[int, list[int]]:
+    """Drop each candidate still unused from the index (one a waited-for backup counted is
+    findable again); returns, per pack, [chunks dropped, stored bytes dropped]."""
+    touched: dict[int, list[int]] = {}
+    dropped = [0, 0, 0]  # chunks, raw bytes, stored bytes: the index's counters, put once
+    for ref in candidates:
+        key = REF_KEY.pack(ref)
+        rec = txn.get(key, db=index.refs)
+        txn.delete(key, db=index.gcq)
+        if rec is None:
+            continue
+        chunk_id, pack, _off, stored, raw, _codec = REF_REC.unpack(rec)
+        if txn.get(key, db=index.refcount) is not None:
+            if txn.get(key, db=index.quarantine) is None:  # damaged: stays unfindable
+                if txn.put(chunk_id, U64.pack(ref), db=index.ids, overwrite=False):
+                    index.id_filter.inserted(txn, [chunk_id])
+                index.show_key(txn, key)
+            report.resurrected += 1
+            continue
+        txn.delete(key, db=index.refs)
+        txn.delete(key, db=index.quarantine)
+        index.show_key(txn, key)
+        if txn.get(chunk_id, db=index.ids) == U64.pack(ref):
+            txn.delete(chunk_id, db=index.ids)
+        in_pack = touched.setdefault(pack, [0, 0])
+        in_pack[0], in_pack[1] = in_pack[0] + 1, in_pack[1] + stored
+        dropped = [dropped[0] + 1, dropped[1] + raw, dropped[2] + stored]
+    for name, amount in zip(("chunks", "raw_bytes", "stored_bytes"), dropped):
+        index._add(txn, name, -amount)
+    report.chunks_dropped += dropped[0]
+    report.stored_bytes_dropped += dropped[2]
+    return touched
 
 
 def less_live(txn: lmdb.Transaction, index: Index, pack: int, stored: int,
