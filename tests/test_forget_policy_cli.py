@@ -83,3 +83,25 @@ def test_an_enormous_duration_keeps_everything(repo_with_points, capsys):
 def test_help_names_the_flag(capsys):
     result = cli(capsys, "forget", "--help")
     assert "--allow-remove-latest" in result.out
+
+
+@pytest.mark.parametrize("field,value", [("time", 5), ("time", "not a time"), ("vm", None),
+                                         ("disks", [{"map": "x"}]), ("tags", [1])])
+def test_a_malformed_catalog_record_is_damage_to_a_policy_not_an_internal_error(
+        repo_with_points, capsys, field, value):
+    """A catalog record whose check matches but whose fields a policy reads are malformed (a
+    writer's bug, an index version without checks): the policy reports damage (exit 3, one
+    line pointing to rebuild-index) and removes nothing."""
+    from repo_engine.repository.repo import Repository
+
+    repo, ids, _content, _other = repo_with_points
+    with Repository.open(repo) as opened:
+        record = opened.index.points_records("a")[0]
+        opened.index.put_point(record["id"], {**record, field: value})
+    for extra in (["--dry-run"], []):
+        result = cli(capsys, "forget", repo, "--keep-last", "1", *extra)
+        assert result.code == 3, result.err
+        assert "malformed" in result.err and "rebuild-index" in result.err, result.err
+        assert result.err.count("\n") == 1
+    with Repository.open(repo) as opened:
+        assert len(opened.index.points_records()) == len(ids) + 1

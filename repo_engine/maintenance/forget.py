@@ -37,12 +37,13 @@ from functools import partial
 
 import numpy as np
 
-from ..errors import LockedError, PointNotFound, RepoError, UsageError
+from ..errors import DamageError, LockedError, PointNotFound, RepoError, UsageError
 from ..repository.blockmap import (BlockMap, MapBatch, delta_between, nonzero_entries,
                                    zip_windows)
 from ..repository.locks import MAINTENANCE
 from ..repository.points import DiskRecord, PointRecord, point_object
 from ..repository.repo import Repository, commit_order
+from ..repository.safefile import checked_name
 from .deleter import Deleter
 from .retention import Decision, Policy, PointInfo, apply_policy, parse_time
 
@@ -62,9 +63,30 @@ def policy_decisions(repo: Repository, policy: Policy, vm: str | None = None, *,
     """What `policy` keeps of the catalogued points (of `vm`); UsageError if it keeps nothing.
     A shared repository's cache is refreshed first (forget re-checks the choice under its lock)."""
     repo.refresh()
-    infos = [PointInfo(p.id, p.vm, parse_time(p.time), tuple(d.key for d in p.disks),
-                       tuple(p.tags), p.protected) for p in repo.points(vm)]
-    return apply_policy(infos, policy, allow_remove_latest=allow_remove_latest)
+    records = sorted(repo.index.points_records(vm), key=lambda r: (r.get("seq", 0), r["time"],
+                                                                   r["id"]))  # commit order
+    return apply_policy([_policy_info(r) for r in records], policy,
+                        allow_remove_latest=allow_remove_latest)
+
+
+def _policy_info(record: dict) -> PointInfo:
+    """What a policy reads of a catalog record (checked as read: Index.record), each field
+    checked, without building the whole PointRecord (a policy reads every point)."""
+    try:
+        return PointInfo(checked_name(record["id"], 16, "point id"), _text(record["vm"]),
+                         parse_time(_text(record["time"])),
+                         tuple(_text(d["key"]) for d in record["disks"]),
+                         tuple(map(_text, record.get("tags", ()))),
+                         record.get("protected", False) is True)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DamageError(f"catalog record {str(record.get('id'))[:16]!r}: restore point "
+                          f"record is malformed ({exc}); run 'repo-engine rebuild-index'") from None
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a string")
+    return value
 
 
 def forget_points(repo: Repository, ids: list[str], *,
