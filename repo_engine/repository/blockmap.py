@@ -74,7 +74,7 @@ U64 = np.dtype("<u8")
 MAX_RATIO = (128 << 10) // 4
 MAX_BLOCKS = MAX_CAPACITY // MIN_BLOCK
 READ_AHEAD = 4 << 20  # bytes a streamed map is read by
-BATCH_BYTES = 64 << 20  # bytes of maps a MapBatch holds before it writes them
+BATCH_BYTES = 16 << 20  # bytes of maps a MapBatch holds before it writes them (memory)
 
 
 @dataclass(frozen=True)
