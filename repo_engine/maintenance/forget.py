@@ -30,8 +30,10 @@ host sees the whole forget or none of it; P's manifest is left to gc (shared_gc.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections import ChainMap
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 
@@ -72,12 +74,19 @@ def policy_decisions(repo: Repository, policy: Policy, vm: str | None = None, *,
 def _policy_info(record: dict) -> PointInfo:
     """What a policy reads of a catalog record (checked as read: Index.record), each field
     checked, without building the whole PointRecord (a policy reads every point)."""
-    try:
+    with _malformed(record):
         return PointInfo(checked_name(record["id"], 16, "point id"), _text(record["vm"]),
                          parse_time(_text(record["time"])),
                          tuple(_text(d["key"]) for d in record["disks"]),
                          tuple(map(_text, record.get("tags", ()))),
                          record.get("protected", False) is True)
+
+
+@contextmanager
+def _malformed(record: dict) -> Iterator[None]:
+    """A field of `record` read inside that is missing or of the wrong type is damage."""
+    try:
+        yield
     except (KeyError, TypeError, ValueError) as exc:
         raise DamageError(f"catalog record {str(record.get('id'))[:16]!r}: restore point "
                           f"record is malformed ({exc}); run 'repo-engine rebuild-index'") from None
@@ -105,7 +114,7 @@ def forget_locked(repo: Repository, ids: list[str], *, deleter: Deleter,
     catalog = vm_catalog(repo, ids)
     ids = [point_id for point_id in ids if point_id in catalog]
     for point_id in ids:
-        if catalog[point_id].protected:
+        if catalog.protected(point_id):
             raise UsageError(f"point {point_id[:8]} is protected; 'unprotect' it first")
     if repo.config.shared:
         return _forget_shared(repo, ids, tick)
@@ -128,7 +137,7 @@ def pending(repo: Repository) -> list[str]:
 
 def finish_pending(repo: Repository, deleter: Deleter, *,
                    tick: Callable[[int], None] | None = None,
-                   catalog: dict[str, PointRecord] | None = None) -> ForgetReport:
+                   catalog: Catalog | None = None) -> ForgetReport:
     """Complete every marked removal (the caller holds the maintenance lock): the points built
     on marked ones are rewritten first (one commit), then every marked point no
     catalogued point depends on leaves the catalog in one transaction, and their manifests go
@@ -148,7 +157,7 @@ def finish_pending(repo: Repository, deleter: Deleter, *,
         report.rewritten += [p.id for p in rewrites]
         removed = repo.index.remove_childless(todo)
         deleter.submit([point_object(i) for i in removed])
-        report.removed += sorted(removed, key=lambda i: commit_order(catalog[i])
+        report.removed += sorted(removed, key=lambda i: catalog.order(i)
                                  if i in catalog else (0, "", i))
         if tick:
             tick(len(removed))
@@ -157,14 +166,72 @@ def finish_pending(repo: Repository, deleter: Deleter, *,
                       "again")
 
 
-def vm_catalog(repo: Repository, ids: Iterable[str]) -> dict[str, PointRecord]:
+def vm_catalog(repo: Repository, ids: Iterable[str]) -> Catalog:
     """The catalogued points of the VMs of those of `ids` catalogued, by id: a disk's chain
     never leaves its VM, so that is all a forget of `ids` reads (`Index.catalog_of_vms`: the
     whole catalog for many ids)."""
-    return {i: PointRecord.from_dict(r) for i, r in repo.index.catalog_of_vms(set(ids)).items()}
+    return Catalog(repo.index.catalog_of_vms(set(ids)))
 
 
-def rebased(repo: Repository, catalog: dict[str, PointRecord], gone: set[str]
+class Catalog(Mapping[str, PointRecord]):
+    """Catalogued points by id, from their catalog records (checked as read: Index.record), a
+    record made a PointRecord (every field checked) only when first asked for: a forget of
+    most points of a long history passes over every record of their VMs, and uses few whole
+    (the points it rewrites and their ancestors). What the passes read of the others is
+    checked here as it is read."""
+
+    def __init__(self, records: dict[str, dict]) -> None:
+        self.records = records
+        self._points: dict[str, PointRecord] = {}
+
+    def __getitem__(self, point_id: str) -> PointRecord:
+        point = self._points.get(point_id)
+        if point is None:
+            point = self._points[point_id] = PointRecord.from_dict(self.records[point_id])
+        return point
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __contains__(self, point_id: object) -> bool:
+        return point_id in self.records
+
+    def order(self, point_id: str) -> tuple[int, str, str]:
+        """`commit_order` of the point."""
+        record = self.records[point_id]
+        with _malformed(record):
+            return _number(record.get("seq", 0)), _text(record["time"]), _text(record["id"])
+
+    def protected(self, point_id: str) -> bool:
+        return self.records[point_id].get("protected", False) is True
+
+    def built_on(self, point_id: str, gone: set[str]) -> bool:
+        """Whether the point stays and has a disk built on a point in `gone` (it is
+        rewritten)."""
+        record = self.records[point_id]
+        with _malformed(record):
+            return point_id not in gone and any(d.get("parent") in gone
+                                                for d in record["disks"])
+
+    def by_vm(self) -> list["Catalog"]:
+        """The points of each VM."""
+        vms: dict[str, dict[str, dict]] = {}
+        for point_id, record in self.records.items():
+            with _malformed(record):
+                vms.setdefault(_text(record["vm"]), {})[point_id] = record
+        return [Catalog(records) for records in vms.values()]
+
+
+def _number(value: object) -> int:
+    if not isinstance(value, int):
+        raise TypeError(f"{value!r} is not a number")
+    return value
+
+
+def rebased(repo: Repository, catalog: Catalog, gone: set[str]
             ) -> tuple[list[PointRecord], dict[str, BlockMap]]:
     """The catalogued points outside `gone` with a disk built on a point in it, that disk
     rewritten: a delta on its nearest ancestor outside `gone` (of the content between the two),
@@ -178,11 +245,8 @@ def rebased(repo: Repository, catalog: dict[str, PointRecord], gone: set[str]
     here, so the maps are made durable together once all are computed (a MapBatch: one round of
     fsyncs, not two per map), before the commit that names them. A chain never leaves its VM,
     so the VMs are worked on by up to REBASE_THREADS threads at once."""
-    by_vm: dict[str, dict[str, PointRecord]] = {}
-    for point in catalog.values():
-        by_vm.setdefault(point.vm, {})[point.id] = point
-    todo = [vm_points for vm_points in by_vm.values()
-            if any(_built_on(point, gone) for point in vm_points.values())]
+    todo = [vm_points for vm_points in catalog.by_vm()
+            if any(vm_points.built_on(point_id, gone) for point_id in vm_points)]
     batch = repo.map_batch()
     if len(todo) < 2:
         parts = [_rebased_vm(repo, batch, vm_points, gone) for vm_points in todo]
@@ -194,20 +258,16 @@ def rebased(repo: Repository, catalog: dict[str, PointRecord], gone: set[str]
     return rewrites, {name: bmap for _, maps in parts for name, bmap in maps.items()}
 
 
-def _built_on(point: PointRecord, gone: set[str]) -> bool:
-    """Whether `point` stays and has a disk built on a point in `gone` (it is rewritten)."""
-    return point.id not in gone and any(d.parent in gone for d in point.disks)
-
-
-def _rebased_vm(repo: Repository, batch: MapBatch, catalog: dict[str, PointRecord],
+def _rebased_vm(repo: Repository, batch: MapBatch, catalog: Catalog,
                 gone: set[str]) -> tuple[list[PointRecord], dict[str, BlockMap]]:
     """`rebased` for the points of one VM (`catalog`), its maps added to `batch`."""
-    working = dict(catalog)
+    working: ChainMap[str, PointRecord] = ChainMap({}, catalog)  # rewritten ones first
     rewrites: list[PointRecord] = []
     maps: dict[str, BlockMap] = {}
-    for point in sorted(catalog.values(), key=commit_order):
-        if not _built_on(point, gone):
+    for point_id in sorted(catalog, key=catalog.order):
+        if not catalog.built_on(point_id, gone):
             continue
+        point = catalog[point_id]
         disks = []
         for disk in point.disks:
             if disk.parent not in gone:
@@ -243,7 +303,7 @@ def _delta_on(repo: Repository, point: PointRecord, base: PointRecord,
     return BlockMap.delta(disk.nblocks, np.concatenate(blocks), np.concatenate(refs))
 
 
-def _kept_ancestor(catalog: dict[str, PointRecord], gone: set[str],
+def _kept_ancestor(catalog: Mapping[str, PointRecord], gone: set[str],
                    disk: DiskRecord) -> PointRecord | None:
     """The nearest point outside `gone` on the chain of `disk` (built on a point in `gone`), or
     None when the chain reaches a full base or a point without the disk first."""
@@ -271,7 +331,7 @@ def _forget_shared(repo: Repository, ids: list[str],
     forgotten point meanwhile, the work is done again on the new catalog. Manifests of the
     forgotten points are left to gc (a host may still be reading one)."""
     for _attempt in range(10):
-        catalog = {p.id: p for p in repo.points()}
+        catalog = Catalog({r["id"]: r for r in repo.index.points_records()})
         gone = [point_id for point_id in ids if point_id in catalog]
         rewrites, maps = rebased(repo, catalog, set(gone))
         try:
