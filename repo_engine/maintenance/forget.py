@@ -65,10 +65,9 @@ def policy_decisions(repo: Repository, policy: Policy, vm: str | None = None, *,
     """What `policy` keeps of the catalogued points (of `vm`); UsageError if it keeps nothing.
     A shared repository's cache is refreshed first (forget re-checks the choice under its lock)."""
     repo.refresh()
-    records = sorted(repo.index.points_records(vm), key=lambda r: (r.get("seq", 0), r["time"],
-                                                                   r["id"]))  # commit order
-    return apply_policy([_policy_info(r) for r in records], policy,
-                        allow_remove_latest=allow_remove_latest)
+    catalog = Catalog({r["id"]: r for r in repo.index.points_records(vm)})
+    infos = [_policy_info(catalog.records[i]) for i in sorted(catalog, key=catalog.order)]
+    return apply_policy(infos, policy, allow_remove_latest=allow_remove_latest)
 
 
 def _policy_info(record: dict) -> PointInfo:

@@ -50,7 +50,7 @@ A run, each step crash-safe (a rerun finishes it):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -547,7 +547,7 @@ def _write_packlive(txn: lmdb.Transaction, index: Index, table: RefTable,
 
 
 # -- step 3: mark ---------------------------------------------------------------------------
-def _mark(repo: Repository, deleting: set[str] = frozenset()) -> _Listed:  # type: ignore[assignment]
+def _mark(repo: Repository, deleting: Collection[str] = ()) -> _Listed:
     """`deleting`: object names handed to a Deleter already (not listed again)."""
     index = repo.index
     maps = objects_under(repo, "maps")
