@@ -41,6 +41,18 @@ class StoreContract:
         store.put("points/q.point", b"first", if_absent=True)
         assert store.get("points/q.point", limit=100) == b"first"
 
+    def test_put_many_puts_each_object_of_a_batch(self, store):
+        """Objects in new and existing directories, one replacing an object, one a memoryview:
+        each is there whole, and nothing else is listed."""
+        store.put("maps/ab/old.map", b"old")
+        items = [(f"maps/{i % 3:02x}/{i:04x}.map", bytes([i]) * (i + 1)) for i in range(20)]
+        items += [("maps/ab/old.map", b"replaced"), ("points/p.point", memoryview(b"view"))]
+        store.put_many(items)
+        for name, data in items:
+            assert store.get(name, limit=1 << 10) == bytes(data)
+        assert {o.name for o in store.list("")} == {name for name, _ in items}
+        store.put_many([])
+
     def test_put_file_publishes_and_consumes_the_spool_file(self, store):
         spool = store.spool_dir() / "pack-1.tmp"
         spool.write_bytes(b"x" * 5000)

@@ -83,3 +83,45 @@ def test_an_enormous_duration_keeps_everything(repo_with_points, capsys):
 def test_help_names_the_flag(capsys):
     result = cli(capsys, "forget", "--help")
     assert "--allow-remove-latest" in result.out
+
+
+@pytest.mark.parametrize("field,value", [("time", 5), ("time", "not a time"), ("vm", None),
+                                         ("disks", [{"map": "x"}]), ("tags", [1])])
+def test_a_malformed_catalog_record_is_damage_to_a_policy_not_an_internal_error(
+        repo_with_points, capsys, field, value):
+    """A catalog record whose check matches but whose fields a policy reads are malformed (a
+    writer's bug, an index version without checks): the policy reports damage (exit 3, one
+    line pointing to rebuild-index) and removes nothing."""
+    from repo_engine.repository.repo import Repository
+
+    repo, ids, _content, _other = repo_with_points
+    with Repository.open(repo) as opened:
+        record = opened.index.points_records("a")[0]
+        opened.index.put_point(record["id"], {**record, field: value})
+    for extra in (["--dry-run"], []):
+        result = cli(capsys, "forget", repo, "--keep-last", "1", *extra)
+        assert result.code == 3, result.err
+        assert "malformed" in result.err and "rebuild-index" in result.err, result.err
+        assert result.err.count("\n") == 1
+    with Repository.open(repo) as opened:
+        assert len(opened.index.points_records()) == len(ids) + 1
+
+
+@pytest.mark.parametrize("field,value", [("disks", [{"key": "sda", "parent": []}]),
+                                         ("disks", None), ("time", 5)])
+def test_a_malformed_record_beside_the_points_forgotten_is_damage(repo_with_points, capsys,
+                                                                 field, value):
+    """forget reads the other records of the VM only as far as it needs them (whether one is
+    built on a forgotten point, its commit order): a malformed field there is damage too (exit
+    3, one line), and no point leaves the catalog."""
+    from repo_engine.repository.repo import Repository
+
+    repo, ids, _content, _other = repo_with_points
+    with Repository.open(repo) as opened:
+        record = next(r for r in opened.index.points_records("a") if r["id"] == ids[2])
+        opened.index.put_point(ids[2], {**record, field: value})
+    result = cli(capsys, "forget", repo, ids[0][:12])
+    assert result.code == 3, result.err
+    assert "malformed" in result.err and result.err.count("\n") == 1, result.err
+    with Repository.open(repo) as opened:
+        assert len(opened.index.points_records()) == len(ids) + 1

@@ -11,6 +11,7 @@ import pytest
 from helpers import KIB, DiskModel, attach_shared, stopped_before_commit
 from repo_engine.backup.job import BackupOptions, backup_vm
 from repo_engine.maintenance import gc as local_gc
+from repo_engine.maintenance.deleter import Deleter
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import GcReport, gc
 from repo_engine.maintenance.scrub import _quarantine
@@ -107,7 +108,8 @@ def test_a_neighbour_taken_out_of_dedup_is_stored_again(local, tmp_path, monkeyp
         local_gc.settle_dead_maps(local)
         listed = local_gc._mark(local)
         assert doomed in listed.candidates
-        sweep = lambda: local_gc._sweep(local, listed, GcReport(), {})  # noqa: E731
+        sweep = lambda: local_gc._sweep(local, listed, GcReport(), {},  # noqa: E731
+                                        Deleter(local.store))
     else:
         _quarantine(local, {doomed: "test: damaged"})
         sweep = lambda: None  # noqa: E731

@@ -150,3 +150,33 @@ def test_find_sorted_answers_alike_whatever_the_order_of_search(table, keys, sor
     assert found.tolist() == [k in at for k in keys]
     assert [int(p) for p, f in zip(pos, found) if f] == [at[k] for k in keys if k in at]
     assert blockmap.holds(sorted_keys, wanted).tolist() == found.tolist()
+
+
+def test_a_map_batch_names_maps_as_write_map_does_and_holds_bounded_bytes(tmp_path,
+                                                                          monkeypatch):
+    """MapBatch: each map gets write_map's name; nothing is stored before `write` while the
+    bytes held stay under BATCH_BYTES, and the batch so far is written once they would not; a
+    map stored already is not written again; threads may add at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = LocalStore(tmp_path)
+    rng = np.random.default_rng(5)
+    maps = [BlockMap.delta(1 << 20, np.sort(rng.choice(1 << 20, 64, replace=False)).astype(
+        np.uint64), rng.integers(1, 1 << 40, 64).astype(np.uint64)) for _ in range(40)]
+    expected = [blockmap.encoded_map(m)[0] for m in maps]
+    stored = blockmap.write_map(store, maps[0])
+    batch = blockmap.MapBatch(store, blockmap.NULL_SEALER, None)
+    with ThreadPoolExecutor(4) as pool:
+        names = list(pool.map(batch.add, maps[:20]))
+    assert names == expected[:20] and stored == expected[0]
+    assert [o.name for o in store.list("maps/")] == [blockmap.map_object(stored)]
+    size = len(blockmap.encoded_map(maps[0])[1])
+    monkeypatch.setattr(blockmap, "BATCH_BYTES", size * 25)
+    names += [batch.add(m) for m in maps[20:30]]  # 19 + 10 held: past 25, written
+    assert len(list(store.list("maps/"))) >= 25
+    names += [batch.add(m) for m in maps[30:]]
+    batch.write()
+    assert names == expected
+    assert {o.name for o in store.list("maps/")} == {blockmap.map_object(n) for n in expected}
+    assert all(blockmap.read_map(store, n).refs.tolist() == m.refs.tolist()
+               for n, m in zip(names, maps))

@@ -216,37 +216,101 @@ def test_a_rebase_failing_in_one_vm_leaves_all_restorable_and_the_next_gc_finish
     vms.gc_finishes_forgetting(gone)
 
 
+# SIGKILL at call number `after` + 1 of a hook: a method of Repository, or `module:attr` (a
+# module's function, or Class.method)
 _DIE_AFTER = """
-import os, signal, sys
+import importlib, os, signal, sys
 from repo_engine.cli.main import run
 from repo_engine.repository.repo import Repository
 hook, after = sys.argv[1], int(sys.argv[2])
-real, calls = getattr(Repository, hook), []
-def dying(self, *args, **kwargs):
+module, _, name = hook.rpartition(":")
+owner = importlib.import_module(module) if module else Repository
+if "." in name:
+    cls, name = name.split(".")
+    owner = getattr(owner, cls)
+real, calls = getattr(owner, name), []
+def dying(*args, **kwargs):
     calls.append(1)
     if len(calls) > after:
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(self, *args, **kwargs)
-setattr(Repository, hook, dying)
+    return real(*args, **kwargs)
+setattr(owner, name, dying)
 sys.exit(run(sys.argv[3:]))
 """
 
 
-@pytest.mark.parametrize("hook,after", [("write_map", 0), ("write_map", 1), ("write_map", 2),
+_BATCH = "repo_engine.repository.blockmap:MapBatch.add"
+_SYNCED = "repo_engine.repository.atomic:_write_synced"
+_DIR_SYNC = "repo_engine.repository.atomic:fsync_dir"
+
+
+@pytest.mark.parametrize("hook,after", [(_BATCH, 0), (_BATCH, 1), (_BATCH, 2), (_SYNCED, 0),
+                                        (_DIR_SYNC, 0), (_DIR_SYNC, 1), (_SYNCED, 1),
                                         ("next_generation", 1), ("next_generation", 2),
                                         ("_commit_records", 0)])
 def test_a_forget_killed_during_the_parallel_rebase_leaves_all_restorable(vms, capsys, hook,
                                                                           after):
-    """SIGKILL while the threads write maps (`write_map`), while they write the rewritten
-    points' manifests (`next_generation`) or before those points' catalog commit
-    (`_commit_records`): every catalogued point restores; the next gc finishes the forget and
-    reclaims the maps written for nothing; verify is clean."""
+    """SIGKILL while the threads compute the maps (`MapBatch.add`), before the maps' batch is
+    written or fsynced (`_write_synced` 0), after its renames, before or while their
+    directories are synced (`fsync_dir`), while the threads read the rewritten points'
+    manifests (`next_generation`), before those manifests' batch (`_write_synced` 1) or before
+    the points' catalog commit (`_commit_records`): every catalogued point restores; the next
+    gc finishes the forget and reclaims the maps written for nothing; verify is clean."""
     gone = vms.middle()
     killed = subprocess.run([sys.executable, "-c", _DIE_AFTER, hook, str(after), "forget",
                              str(vms.repo), *[p[:12] for p in gone]], capture_output=True)
     assert killed.returncode == -9, killed.stderr
     vms.assert_restores()
     vms.gc_finishes_forgetting(gone)
+
+
+_UNLINK = "repo_engine.repository.store.local:unlink_from"
+_DELETED = "repo_engine.repository.store.local:sync_dir"
+
+
+@pytest.mark.parametrize("hook,after", [(_UNLINK, 0), (_DELETED, 0), (_UNLINK, 2), (_DELETED, 2),
+                                        (_UNLINK, 6), (_DELETED, 7)])
+def test_a_forget_prune_killed_while_its_deleter_deletes_leaves_orphans_gc_removes(
+        vms, capsys, hook, after):
+    """`forget --prune` hands its deletions to one thread that runs beside the rest of the
+    command (the forgotten points' manifests, then gc's unused maps inside its sweep, then the
+    dead packs). SIGKILL before or among the manifests' unlinks or before their directory's
+    fsync, among the maps' (before the sweep commits), among the packs' (after it): every
+    catalogued point restores, and the next gc removes what was left (orphans: manifests no
+    record names, maps no count names, packs no table lists) and leaves verify clean."""
+    gone = vms.points["c"] + vms.points["a"][1:3]
+    killed = subprocess.run([sys.executable, "-c", _DIE_AFTER, hook, str(after), "forget",
+                             "--prune", str(vms.repo), *[p[:12] for p in gone]],
+                            capture_output=True)
+    assert killed.returncode == -9, killed.stderr
+    vms.assert_restores()
+    vms.gc_finishes_forgetting(gone)
+    orphans = cli(capsys, "verify", vms.repo, "--json").json()["orphans"]
+    assert not any(orphans.values()), orphans
+
+
+def test_a_forget_prune_whose_background_delete_fails_ends_with_one_error_line(
+        vms, capsys, monkeypatch):
+    """The deletion of the forgotten points' manifests fails while gc goes on beside it: the
+    command still ends with exit code 1 and one error line naming the failure (no traceback,
+    no report claiming success), and the next gc deletes what was left."""
+    real = LocalStore.delete
+
+    def failing(self, names):
+        names = list(names)
+        if any(n.startswith("points/") for n in names):
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        return real(self, names)
+
+    monkeypatch.setattr(LocalStore, "delete", failing)
+    gone = vms.points["c"] + vms.points["a"][1:3]
+    result = cli(capsys, "forget", "--prune", vms.repo, *[p[:12] for p in gone])
+    assert result.code == 1 and "injected" in result.err, result.err
+    assert result.err.count("\n") == 1 and "Traceback" not in result.err
+    monkeypatch.setattr(LocalStore, "delete", real)
+    vms.gc_finishes_forgetting(gone)
+    orphans = cli(capsys, "verify", vms.repo, "--json").json()["orphans"]
+    assert not any(orphans.values()), orphans
 
 
 def test_the_rewritten_points_commit_together_or_not_at_all(vms, capsys, monkeypatch):
@@ -331,11 +395,11 @@ def test_a_rebase_failing_in_one_vm_starts_no_other_vm(vms, capsys, monkeypatch)
     Ctrl-C) is reported once the running VMs are done, not after every VM."""
     real, started = forget_module._rebased_vm, []
 
-    def first_fails(repo, catalog, gone):
+    def first_fails(repo, batch, catalog, gone):
         started.append(next(iter(catalog.values())).vm)
         if len(started) == 1:
             raise DamageError("block map is damaged (injected)")
-        return real(repo, catalog, gone)
+        return real(repo, batch, catalog, gone)
 
     monkeypatch.setattr(forget_module, "REBASE_THREADS", 1)
     monkeypatch.setattr(forget_module, "_rebased_vm", first_fails)
@@ -351,7 +415,7 @@ def test_a_gc_rerun_syncs_the_dead_packs_removals_before_it_forgets_them(vms, ca
     gc deletes them again (they are gone already) and drops them from the queue: by then their
     directories must have been synced, or a power loss brings back packs the index has
     forgotten."""
-    real_fsync, real_delete = os.fsync, Repository.delete_packs
+    real_fsync, real_delete = os.fsync, LocalStore.delete
     deleted: list[str] = []
     synced: set[tuple[int, int]] = set()
     mode = {"fail": True}
@@ -364,15 +428,20 @@ def test_a_gc_rerun_syncs_the_dead_packs_removals_before_it_forgets_them(vms, ca
             synced.add((info.st_dev, info.st_ino))
         real_fsync(fd)
 
-    def delete_packs(self, names):
-        deleted.extend(names)
+    def delete(self, names):
+        names = list(names)
+        packs = [n.rpartition("/")[2].removesuffix(".pack") for n in names
+                 if n.startswith("packs/")]
+        if not packs:
+            return real_delete(self, names)
+        deleted.extend(packs)
         monkeypatch.setattr(os, "fsync", fsync)
         try:
             real_delete(self, names)
         finally:
             monkeypatch.setattr(os, "fsync", real_fsync)
 
-    monkeypatch.setattr(Repository, "delete_packs", delete_packs)
+    monkeypatch.setattr(LocalStore, "delete", delete)
     assert cli(capsys, "forget", vms.repo, *[p[:12] for p in vms.points["c"]]).code == 0
     first = cli(capsys, "gc", vms.repo, "--max-unused", "0")
     assert first.code == 1 and "input/output error" in first.err, first.err

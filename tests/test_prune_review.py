@@ -262,7 +262,7 @@ def test_a_gc_killed_right_after_its_recount_is_finished_by_the_rerun(tmp_path, 
     copy_repo(repo, killed)
     copy_repo(repo, whole)
     with monkeypatch.context() as patch, Repository.open(killed) as opened:
-        patch.setattr(gc_module, "_mark", lambda _repo: (_ for _ in ()).throw(_Killed()))
+        patch.setattr(gc_module, "_mark", lambda *_args: (_ for _ in ()).throw(_Killed()))
         with pytest.raises(_Killed):
             gc_module.gc(opened)
         assert not gc_module._live_side_cheaper(opened)

@@ -3,6 +3,7 @@ can hold: modes, symlinks, FIFOs, temporary files, the local-only index/locks/tm
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -178,3 +179,48 @@ def test_restore_reads_each_coalesced_run_with_one_large_ranged_read(tmp_path, c
     run = ReadSettings().max_read
     assert run >= 2 * MIB
     assert len(reads) <= 24 * MIB // run + 2 and max(length for _, length in reads) >= run, reads
+
+
+def test_put_many_renames_nothing_before_every_file_is_durable(store, monkeypatch):
+    """A batch fsyncs every temporary file before it renames any (so a crash leaves each
+    object absent or whole), then fsyncs each directory once, after its renames."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("dir" if os.path.isdir(path) else "file", path))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("rename", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    names = [f"maps/{d}/{i}.map" for d in ("aa", "bb") for i in range(5)]
+    store.put_many([(name, name.encode()) for name in names])
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["file"] * 10 + ["rename"] * 10 + ["dir"] * 2
+    assert sorted(path for kind, path in events if kind == "dir") == \
+        [str(store.root / "maps" / d) for d in ("aa", "bb")]
+
+
+def test_put_many_failing_leaves_no_object_and_no_temporary_file(store, monkeypatch):
+    """An fsync failing inside a batch: the error is raised, no object of the batch appears
+    (none was renamed yet), and no temporary file is left behind."""
+    real_fsync, calls = os.fsync, []
+
+    def failing(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    names = [f"maps/cc/{i}.map" for i in range(6)]
+    with pytest.raises(OSError, match="injected"):
+        store.put_many([(name, b"x" * 100) for name in names])
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert not any(store.exists(name) for name in names)
+    assert os.listdir(store.root / "maps" / "cc") == []

@@ -105,24 +105,25 @@ def forget(repo: RepoAddress, point_ids: tuple[str, ...], vm: str | None, keep_l
             decisions = [{"id": d.id, "vm": d.vm, "time": _iso(d.time), "keep": d.keep,
                           "reasons": list(d.reasons)} for d in found]
             remove = [d.id for d in found if not d.keep]
+        gc_report = None
         if dry_run:
             report = ForgetReport(dry_run=True)
+        elif prune:
+            from ..maintenance.gc import forget_and_collect
+
+            report, gc_report = forget_and_collect(repository, remove,
+                                                   tick=progress.bar("forget", len(remove)))
         else:
             report = forget_points(repository, remove,
                                    tick=progress.bar("forget", len(remove)))
         report.decisions = decisions
-        gc_report = None
-        if prune and not dry_run:
-            from ..maintenance.gc import gc
-
-            gc_report = gc(repository)
     if as_json:
         emit_json(report, gc=None if gc_report is None else asdict(gc_report))
         return
-    for d in decisions:
-        action = "keep  " if d["keep"] else "remove"
-        click.echo(f"{action} {d['id'][:8]}  {d.get('vm', '')}@{d.get('time', '')}  "
-                   f"{', '.join(d['reasons'])}")
+    if decisions:  # one write: a long history has thousands of lines
+        click.echo("\n".join(f"{'keep  ' if d['keep'] else 'remove'} {d['id'][:8]}  "
+                             f"{d.get('vm', '')}@{d.get('time', '')}  {', '.join(d['reasons'])}"
+                             for d in decisions))
     for line in _forget_summary(len(remove), sum(d["keep"] for d in decisions),
                                 len(set(report.rewritten)), dry_run, gc_report is not None):
         click.echo(line)

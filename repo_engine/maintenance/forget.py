@@ -4,16 +4,18 @@ Removing the points of a set R (each step crash-safe; a rerun of forget or gc fi
 interrupted job):
 
 1. Mark R in the index's `forgetting` database (the intent survives a crash).
-2. For every catalogued point C outside R with a disk built on a point of R, oldest first: write
-   a new map durably: a DELTA on that disk's nearest ancestor G outside R (`_delta_on(G, C)`,
+2. For every catalogued point C outside R with a disk built on a point of R, oldest first:
+   compute a new map: a DELTA on that disk's nearest ancestor G outside R (`_delta_on(G, C)`,
    so C's entries win and resizes stay exact), or a FULL map when the chain reaches a full base
-   first. Then commit the next generation of every such C (their manifests durable first, then
-   their catalog records in ONE transaction, which moves the map use and chunk reference counts;
-   a crash before it leaves manifests newer than the catalog, which the rerun writes again).
+   first; all of them are made durable together once computed (`rebased`). Then commit the next
+   generation of every such C (their manifests durable first, together, then their catalog
+   records in ONE transaction, which moves the map use and chunk reference counts; a crash
+   before it leaves manifests newer than the catalog, which the rerun writes again).
 3. In one transaction, delete the catalog records of every point of R no catalogued point
    outside R names as a parent (a backup may have committed a new child meanwhile: that one
-   goes back to 2), queue decrements for their maps and clear their marks. Then delete their
-   manifests (a leftover manifest is an orphan gc removes).
+   goes back to 2), queue decrements for their maps and clear their marks. Then their
+   manifests go to the command's Deleter (deleter.py; a leftover manifest is an orphan gc
+   removes).
 
 Every point keeps resolving to the same bytes at each step: C's old and new records both resolve
 to C's content, and R stays catalogued until nothing outside it depends on it. The cost grows
@@ -28,21 +30,26 @@ host sees the whole forget or none of it; P's manifest is left to gc (shared_gc.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections import ChainMap
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
 
-from ..errors import LockedError, PointNotFound, RepoError, UsageError
-from ..repository.blockmap import BlockMap, delta_between, nonzero_entries, zip_windows
+from ..errors import DamageError, LockedError, PointNotFound, RepoError, UsageError
+from ..repository.blockmap import (BlockMap, MapBatch, delta_between, nonzero_entries,
+                                   zip_windows)
 from ..repository.locks import MAINTENANCE
 from ..repository.points import DiskRecord, PointRecord, point_object
 from ..repository.repo import Repository, commit_order
+from ..repository.safefile import checked_name
+from .deleter import Deleter
 from .retention import Decision, Policy, PointInfo, apply_policy, parse_time
 
-REBASE_THREADS = 4  # VMs whose points forget rewrites at once (rebased)
+REBASE_THREADS = 4  # VMs whose points forget rebases at once (rebased)
 
 
 @dataclass
@@ -58,9 +65,36 @@ def policy_decisions(repo: Repository, policy: Policy, vm: str | None = None, *,
     """What `policy` keeps of the catalogued points (of `vm`); UsageError if it keeps nothing.
     A shared repository's cache is refreshed first (forget re-checks the choice under its lock)."""
     repo.refresh()
-    infos = [PointInfo(p.id, p.vm, parse_time(p.time), tuple(d.key for d in p.disks),
-                       tuple(p.tags), p.protected) for p in repo.points(vm)]
+    catalog = Catalog({r["id"]: r for r in repo.index.points_records(vm)})
+    infos = [_policy_info(catalog.records[i]) for i in sorted(catalog, key=catalog.order)]
     return apply_policy(infos, policy, allow_remove_latest=allow_remove_latest)
+
+
+def _policy_info(record: dict) -> PointInfo:
+    """What a policy reads of a catalog record (checked as read: Index.record), each field
+    checked, without building the whole PointRecord (a policy reads every point)."""
+    with _malformed(record):
+        return PointInfo(checked_name(record["id"], 16, "point id"), _text(record["vm"]),
+                         parse_time(_text(record["time"])),
+                         tuple(_text(d["key"]) for d in record["disks"]),
+                         tuple(map(_text, record.get("tags", ()))),
+                         record.get("protected", False) is True)
+
+
+@contextmanager
+def _malformed(record: dict) -> Iterator[None]:
+    """A field of `record` read inside that is missing or of the wrong type is damage."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DamageError(f"catalog record {str(record.get('id'))[:16]!r}: restore point "
+                          f"record is malformed ({exc}); run 'repo-engine rebuild-index'") from None
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a string")
+    return value
 
 
 def forget_points(repo: Repository, ids: list[str], *,
@@ -68,16 +102,23 @@ def forget_points(repo: Repository, ids: list[str], *,
     """Remove the given points (full ids, which the caller found in the catalog), under the
     maintenance lock. One that a concurrent forget removed since the caller chose it is skipped:
     it is gone, as asked."""
-    with repo.lock(MAINTENANCE, "forget"):
-        catalog = vm_catalog(repo, ids)
-        ids = [point_id for point_id in ids if point_id in catalog]
-        for point_id in ids:
-            if catalog[point_id].protected:
-                raise UsageError(f"point {point_id[:8]} is protected; 'unprotect' it first")
-        if repo.config.shared:
-            return _forget_shared(repo, ids, tick)
-        mark_forgetting(repo, ids)
-        return finish_pending(repo, tick=tick, catalog=catalog)
+    with repo.lock(MAINTENANCE, "forget"), Deleter(repo.store) as deleter:
+        return forget_locked(repo, ids, tick=tick, deleter=deleter)
+
+
+def forget_locked(repo: Repository, ids: list[str], *, deleter: Deleter,
+                  tick: Callable[[int], None] | None = None) -> ForgetReport:
+    """`forget_points` for a caller holding the maintenance lock; the manifests of the points
+    removed go to `deleter`."""
+    catalog = vm_catalog(repo, ids)
+    ids = [point_id for point_id in ids if point_id in catalog]
+    for point_id in ids:
+        if catalog.protected(point_id):
+            raise UsageError(f"point {point_id[:8]} is protected; 'unprotect' it first")
+    if repo.config.shared:
+        return _forget_shared(repo, ids, tick)
+    mark_forgetting(repo, ids)
+    return finish_pending(repo, deleter, tick=tick, catalog=catalog)
 
 
 def mark_forgetting(repo: Repository, ids: list[str]) -> None:
@@ -93,14 +134,16 @@ def pending(repo: Repository) -> list[str]:
         return [k.decode() for k, _ in txn.cursor(db=index.forgetting)]
 
 
-def finish_pending(repo: Repository, *, tick: Callable[[int], None] | None = None,
-                   catalog: dict[str, PointRecord] | None = None) -> ForgetReport:
+def finish_pending(repo: Repository, deleter: Deleter, *,
+                   tick: Callable[[int], None] | None = None,
+                   catalog: Catalog | None = None) -> ForgetReport:
     """Complete every marked removal (the caller holds the maintenance lock): the points built
     on marked ones are rewritten first (one commit), then every marked point no
-    catalogued point depends on leaves the catalog in one transaction. A point a backup built
-    on a marked one meanwhile is rewritten on the next round. Each round reads the points of
-    the marked points' VMs only (`vm_catalog`); `catalog`: those the caller read under the
-    lock, used when it holds every marked point (and so every point of their VMs)."""
+    catalogued point depends on leaves the catalog in one transaction, and their manifests go
+    to `deleter`. A point a backup built on a marked one meanwhile is rewritten on the next
+    round. Each round reads the points of the marked points' VMs only (`vm_catalog`);
+    `catalog`: those the caller read under the lock, used when it holds every marked point
+    (and so every point of their VMs)."""
     report = ForgetReport()
     for _round in range(10):
         todo = set(pending(repo))
@@ -112,8 +155,8 @@ def finish_pending(repo: Repository, *, tick: Callable[[int], None] | None = Non
         repo.rewrite_points([(catalog[p.id], p.disks) for p in rewrites], maps)
         report.rewritten += [p.id for p in rewrites]
         removed = repo.index.remove_childless(todo)
-        repo.store.delete([point_object(i) for i in removed])
-        report.removed += sorted(removed, key=lambda i: commit_order(catalog[i])
+        deleter.submit([point_object(i) for i in removed])
+        report.removed += sorted(removed, key=lambda i: catalog.order(i)
                                  if i in catalog else (0, "", i))
         if tick:
             tick(len(removed))
@@ -122,14 +165,72 @@ def finish_pending(repo: Repository, *, tick: Callable[[int], None] | None = Non
                       "again")
 
 
-def vm_catalog(repo: Repository, ids: Iterable[str]) -> dict[str, PointRecord]:
+def vm_catalog(repo: Repository, ids: Iterable[str]) -> Catalog:
     """The catalogued points of the VMs of those of `ids` catalogued, by id: a disk's chain
     never leaves its VM, so that is all a forget of `ids` reads (`Index.catalog_of_vms`: the
     whole catalog for many ids)."""
-    return {i: PointRecord.from_dict(r) for i, r in repo.index.catalog_of_vms(set(ids)).items()}
+    return Catalog(repo.index.catalog_of_vms(set(ids)))
 
 
-def rebased(repo: Repository, catalog: dict[str, PointRecord], gone: set[str]
+class Catalog(Mapping[str, PointRecord]):
+    """Catalogued points by id, from their catalog records (checked as read: Index.record), a
+    record made a PointRecord (every field checked) only when first asked for: a forget of
+    most points of a long history passes over every record of their VMs, and uses few whole
+    (the points it rewrites and their ancestors). What the passes read of the others is
+    checked here as it is read."""
+
+    def __init__(self, records: dict[str, dict]) -> None:
+        self.records = records
+        self._points: dict[str, PointRecord] = {}
+
+    def __getitem__(self, point_id: str) -> PointRecord:
+        point = self._points.get(point_id)
+        if point is None:
+            point = self._points[point_id] = PointRecord.from_dict(self.records[point_id])
+        return point
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __contains__(self, point_id: object) -> bool:
+        return point_id in self.records
+
+    def order(self, point_id: str) -> tuple[int, str, str]:
+        """`commit_order` of the point."""
+        record = self.records[point_id]
+        with _malformed(record):
+            return _number(record.get("seq", 0)), _text(record["time"]), _text(record["id"])
+
+    def protected(self, point_id: str) -> bool:
+        return self.records[point_id].get("protected", False) is True
+
+    def built_on(self, point_id: str, gone: set[str]) -> bool:
+        """Whether the point stays and has a disk built on a point in `gone` (it is
+        rewritten)."""
+        record = self.records[point_id]
+        with _malformed(record):
+            return point_id not in gone and any(d.get("parent") in gone
+                                                for d in record["disks"])
+
+    def by_vm(self) -> list["Catalog"]:
+        """The points of each VM."""
+        vms: dict[str, dict[str, dict]] = {}
+        for point_id, record in self.records.items():
+            with _malformed(record):
+                vms.setdefault(_text(record["vm"]), {})[point_id] = record
+        return [Catalog(records) for records in vms.values()]
+
+
+def _number(value: object) -> int:
+    if not isinstance(value, int):
+        raise TypeError(f"{value!r} is not a number")
+    return value
+
+
+def rebased(repo: Repository, catalog: Catalog, gone: set[str]
             ) -> tuple[list[PointRecord], dict[str, BlockMap]]:
     """The catalogued points outside `gone` with a disk built on a point in it, that disk
     rewritten: a delta on its nearest ancestor outside `gone` (of the content between the two),
@@ -138,37 +239,34 @@ def rebased(repo: Repository, catalog: dict[str, PointRecord], gone: set[str]
     ancestor is rewritten before its descendants. The maps are streamed window by window:
     memory does not grow with the disk (a full map holds the disk's non-ZERO entries).
 
-    A chain never leaves its VM, so the VMs are worked on by up to REBASE_THREADS threads at
-    once: each map is still durable before anything builds on it, and the fsyncs of different
-    VMs' maps overlap instead of following one another."""
-    by_vm: dict[str, dict[str, PointRecord]] = {}
-    for point in catalog.values():
-        by_vm.setdefault(point.vm, {})[point.id] = point
-    todo = [vm_points for vm_points in by_vm.values()
-            if any(_built_on(point, gone) for point in vm_points.values())]
+    Each map is computed from catalogued records (`Repository.chain` resolves a rewritten
+    ancestor through its catalogued chain, to the same content), never from a map written
+    here, so the maps are made durable together once all are computed (a MapBatch: one round of
+    fsyncs, not two per map), before the commit that names them. A chain never leaves its VM,
+    so the VMs are worked on by up to REBASE_THREADS threads at once."""
+    todo = [vm_points for vm_points in catalog.by_vm()
+            if any(vm_points.built_on(point_id, gone) for point_id in vm_points)]
+    batch = repo.map_batch()
     if len(todo) < 2:
-        parts = [_rebased_vm(repo, vm_points, gone) for vm_points in todo]
+        parts = [_rebased_vm(repo, batch, vm_points, gone) for vm_points in todo]
     else:
         with ThreadPoolExecutor(min(REBASE_THREADS, len(todo))) as pool:
-            parts = list(pool.map(partial(_rebased_vm, repo, gone=gone), todo))
+            parts = list(pool.map(partial(_rebased_vm, repo, batch, gone=gone), todo))
+    batch.write()
     rewrites = sorted((point for points, _ in parts for point in points), key=commit_order)
     return rewrites, {name: bmap for _, maps in parts for name, bmap in maps.items()}
 
 
-def _built_on(point: PointRecord, gone: set[str]) -> bool:
-    """Whether `point` stays and has a disk built on a point in `gone` (it is rewritten)."""
-    return point.id not in gone and any(d.parent in gone for d in point.disks)
-
-
-def _rebased_vm(repo: Repository, catalog: dict[str, PointRecord], gone: set[str]
-                ) -> tuple[list[PointRecord], dict[str, BlockMap]]:
-    """`rebased` for the points of one VM (`catalog`)."""
-    working = dict(catalog)
+def _rebased_vm(repo: Repository, batch: MapBatch, catalog: Catalog,
+                gone: set[str]) -> tuple[list[PointRecord], dict[str, BlockMap]]:
+    """`rebased` for the points of one VM (`catalog`), its maps added to `batch`."""
+    working: ChainMap[str, PointRecord] = ChainMap({}, catalog)  # rewritten ones first
     rewrites: list[PointRecord] = []
     maps: dict[str, BlockMap] = {}
-    for point in sorted(catalog.values(), key=commit_order):
-        if not _built_on(point, gone):
+    for point_id in sorted(catalog, key=catalog.order):
+        if not catalog.built_on(point_id, gone):
             continue
+        point = catalog[point_id]
         disks = []
         for disk in point.disks:
             if disk.parent not in gone:
@@ -182,7 +280,7 @@ def _rebased_vm(repo: Repository, catalog: dict[str, PointRecord], gone: set[str
             else:
                 bmap = _delta_on(repo, point, base, disk)
                 kind, parent, links = "delta", base.id, base.disk(disk.key).links + 1
-            name = repo.write_map(bmap)
+            name = batch.add(bmap)
             maps[name] = bmap
             disks.append(replace(disk, map=name, kind=kind, parent=parent, links=links))
         working[point.id] = replace(point, disks=disks)
@@ -204,7 +302,7 @@ def _delta_on(repo: Repository, point: PointRecord, base: PointRecord,
     return BlockMap.delta(disk.nblocks, np.concatenate(blocks), np.concatenate(refs))
 
 
-def _kept_ancestor(catalog: dict[str, PointRecord], gone: set[str],
+def _kept_ancestor(catalog: Mapping[str, PointRecord], gone: set[str],
                    disk: DiskRecord) -> PointRecord | None:
     """The nearest point outside `gone` on the chain of `disk` (built on a point in `gone`), or
     None when the chain reaches a full base or a point without the disk first."""
@@ -232,7 +330,7 @@ def _forget_shared(repo: Repository, ids: list[str],
     forgotten point meanwhile, the work is done again on the new catalog. Manifests of the
     forgotten points are left to gc (a host may still be reading one)."""
     for _attempt in range(10):
-        catalog = {p.id: p for p in repo.points()}
+        catalog = Catalog({r["id"]: r for r in repo.index.points_records()})
         gone = [point_id for point_id in ids if point_id in catalog]
         rewrites, maps = rebased(repo, catalog, set(gone))
         try:

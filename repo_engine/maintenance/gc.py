@@ -41,10 +41,11 @@ A run, each step crash-safe (a rerun finishes it):
    about to delete. Sessions that start later cannot reach any of them.
 5. In one transaction re-check: a candidate whose count rose (a waited-for backup committed a
    point using it) gets its `ids` entry back and leaves `unfindable` (unless quarantined); the
-   rest are dropped from the index; listed files still unused are deleted (map files inside the
-   transaction: a backup's commit checks its maps exist inside its own transaction, and
-   rewrites one gc removed). Packs with no live chunk leave
-   the index and are queued in `deadpacks`.
+   rest are dropped from the index; listed files still unused are deleted (by the command's
+   Deleter, deleter.py, while the candidates are dropped; map files are gone before the
+   transaction commits: a backup's commit checks its maps exist inside its own transaction, and
+   rewrites one gc removed). Packs with no live chunk leave the index and are queued in
+   `deadpacks`.
 6. Repack packs whose unused share exceeds `max_unused`: copy their live chunks (each checked
    against its id) into new packs, made durable, then move the refs to them in one transaction;
    the old packs are queued in `deadpacks`.
@@ -55,7 +56,8 @@ A run, each step crash-safe (a rerun finishes it):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +76,8 @@ from ..repository.points import point_object
 from ..repository.repo import Repository
 from ..repository.seals import KEY, CountDamaged, seal_rows
 from . import forget
+from .deleter import Deleter
+from .forget import ForgetReport
 from .inventory import (count_damage, dead_tmp_files, objects_under, scan_sealed, sessions,
                         trusted_unfindable, wait_for)
 from .tally import ROWS, RefTable, Tally, read_ref_table, ref_rows, sealed_batches
@@ -141,40 +145,66 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
             _dry_run(repo, report, max_unused)
         report.seconds = round(time.monotonic() - started, 3)
         return report
-    with repo.lock(MAINTENANCE, "gc") as lock:
-        placed: Placed = _no_places
-        report.forgets_finished = len(forget.finish_pending(repo).removed)
-        with repo.index.env.begin() as txn:
-            trusted_unfindable(repo.index, txn)  # a doomed ref may have lost its listing
-            report.counts_damaged = count_damage(repo.index, txn)
-        recounted = None
-        if not full and not report.counts_damaged and repo.index.counts_valid():
-            recounted = _count_from_live_maps(repo, report) if _live_side_cheaper(repo) else None
-            if recounted is None:
-                report.maps_settled = settle_dead_maps(repo)
-                placed = queue_uncounted(repo).get
-            else:
-                placed = recounted.placed
-        report.counts_damaged += repo.index.damage_seen  # reported once
-        repo.index.damage_seen.clear()
-        if recounted is None and (full or report.counts_damaged
-                                  or not repo.index.counts_valid()):
-            report.mode = "full"
-            report.recount = recount(repo)
-        report.resurrected = _give_back_counted(repo)
-        listed = _mark(repo)
-        report.candidates = len(listed.candidates)
-        report.waited_seconds += wait_for(repo, sessions(repo, lock.path), timeout=wait_timeout,
-                                          tick=tick)
-        _sweep(repo, listed, report, placed)
-        _repack(repo, max_unused, report, tick)
-        if _dead_packs(repo):
-            report.waited_seconds += wait_for(repo, sessions(repo, lock.path),
-                                              timeout=wait_timeout, tick=tick)
-            _delete_dead_packs(repo, report, listed.pack_sizes)
+    with repo.lock(MAINTENANCE, "gc") as lock, Deleter(repo.store) as deleter:
+        collect(repo, lock.path, deleter, report, full=full, max_unused=max_unused,
+                wait_timeout=wait_timeout, tick=tick)
     report.waited_seconds = round(report.waited_seconds, 3)
     report.seconds = round(time.monotonic() - started, 3)
     return report
+
+
+def forget_and_collect(repo: Repository, ids: list[str], *,
+                       tick: Callable[[int], None] | None = None) -> tuple[ForgetReport, GcReport]:
+    """`forget_points(ids)` then `gc`, under one maintenance lock: the manifests the forget
+    deletes and gc's own deletions go to one Deleter, so they overlap gc's counting and sweep
+    instead of waiting for one another. A shared repository forgets, then collects."""
+    if repo.config.shared:
+        return forget.forget_points(repo, ids, tick=tick), gc(repo)
+    report = GcReport()
+    with repo.lock(MAINTENANCE, "forget --prune") as lock, Deleter(repo.store) as deleter:
+        forgotten = forget.forget_locked(repo, ids, tick=tick, deleter=deleter)
+        started_gc = time.monotonic()
+        collect(repo, lock.path, deleter, report)
+    report.waited_seconds = round(report.waited_seconds, 3)
+    report.seconds = round(time.monotonic() - started_gc, 3)
+    return forgotten, report
+
+
+def collect(repo: Repository, lock_path: Path, deleter: Deleter, report: GcReport, *,
+            full: bool = False, max_unused: float = 10.0, wait_timeout: float | None = None,
+            tick: Tick | None = None) -> None:
+    """A gc run (steps 1 to 7) for a caller holding the maintenance lock (its file:
+    `lock_path`), its deletions through `deleter`."""
+    placed: Placed = _no_places
+    report.forgets_finished = len(forget.finish_pending(repo, deleter).removed)
+    with repo.index.env.begin() as txn:
+        trusted_unfindable(repo.index, txn)  # a doomed ref may have lost its listing
+        report.counts_damaged = count_damage(repo.index, txn)
+    recounted = None
+    if not full and not report.counts_damaged and repo.index.counts_valid():
+        recounted = _count_from_live_maps(repo, report) if _live_side_cheaper(repo) else None
+        if recounted is None:
+            report.maps_settled = settle_dead_maps(repo)
+            placed = queue_uncounted(repo).get
+        else:
+            placed = recounted.placed
+    report.counts_damaged += repo.index.damage_seen  # reported once
+    repo.index.damage_seen.clear()
+    if recounted is None and (full or report.counts_damaged
+                              or not repo.index.counts_valid()):
+        report.mode = "full"
+        report.recount = recount(repo)
+    report.resurrected = _give_back_counted(repo)
+    listed = _mark(repo, deleter.given)
+    report.candidates = len(listed.candidates)
+    report.waited_seconds += wait_for(repo, sessions(repo, lock_path), timeout=wait_timeout,
+                                      tick=tick)
+    _sweep(repo, listed, report, placed, deleter)
+    _repack(repo, max_unused, report, tick)
+    if _dead_packs(repo):
+        report.waited_seconds += wait_for(repo, sessions(repo, lock_path),
+                                          timeout=wait_timeout, tick=tick)
+        _delete_dead_packs(repo, report, listed.pack_sizes, deleter)
 
 
 # -- step 2: counts -----------------------------------------------------------------------------
@@ -536,7 +566,8 @@ def _give_back_counted(repo: Repository) -> int:
 
 
 # -- step 3: mark ---------------------------------------------------------------------------
-def _mark(repo: Repository) -> _Listed:
+def _mark(repo: Repository, deleting: Collection[str] = ()) -> _Listed:
+    """`deleting`: object names handed to a Deleter already (not listed again)."""
     index = repo.index
     maps = objects_under(repo, "maps")
     manifests = objects_under(repo, "points")
@@ -559,7 +590,8 @@ def _mark(repo: Repository) -> _Listed:
                  for d in index.record(k, v)["disks"]}
         listed = {PACK_REC.unpack(v)[0].hex() for _, v in txn.cursor(db=index.packs)}
         maps = [n for n in maps if n not in named and not _map_used(txn, index, n)]
-        manifests = [i for i in manifests if not _point_known(txn, index, i)]
+        manifests = [i for i in manifests
+                     if point_object(i) not in deleting and not _point_known(txn, index, i)]
         packs = {n: size for n, size in sizes.items()
                  if n not in listed and not _pack_known(txn, index, n)}
     return _Listed(candidates, maps, manifests, packs, tmp, sizes)
@@ -591,51 +623,71 @@ def _point_known(txn: lmdb.Transaction, index: Index, point_id: str) -> bool:
 
 
 # -- step 5: sweep ----------------------------------------------------------------------------
-def _sweep(repo: Repository, listed: _Listed, report: GcReport, placed: Placed) -> None:
+def _sweep(repo: Repository, listed: _Listed, report: GcReport, placed: Placed,
+           deleter: Deleter) -> None:
     """`placed(number)`: the refs that may place a chunk in pack `number`, known earlier in this
-    run (a trailer read, or the recount's snapshot), or None."""
+    run (a trailer read, or the recount's snapshot), or None. The listed files still unused
+    are deleted while the candidates are dropped, and are gone before the transaction commits
+    (a backup's commit checks that its maps exist inside its own transaction)."""
     index = repo.index
-    touched: dict[int, list[int]] = {}  # pack -> [chunks dropped, stored bytes dropped]
     with index.write() as txn:
-        for ref in listed.candidates:
-            key = REF_KEY.pack(ref)
-            rec = txn.get(key, db=index.refs)
-            txn.delete(key, db=index.gcq)
-            if rec is None:
-                continue
-            chunk_id, pack, _off, stored, raw, _codec = REF_REC.unpack(rec)
-            if txn.get(key, db=index.refcount) is not None:
-                index.unhide(txn, key, chunk_id)  # unless quarantined
-                report.resurrected += 1
-                continue
-            txn.delete(key, db=index.refs)
-            txn.delete(key, db=index.quarantine)
-            index.show_key(txn, key)
-            if txn.get(chunk_id, db=index.ids) == U64.pack(ref):
-                txn.delete(chunk_id, db=index.ids)
-            for name, delta in (("chunks", -1), ("raw_bytes", -raw), ("stored_bytes", -stored)):
-                index._add(txn, name, delta)
-            dropped = touched.setdefault(pack, [0, 0])
-            dropped[0], dropped[1] = dropped[0] + 1, dropped[1] + stored
-            report.chunks_dropped += 1
-            report.stored_bytes_dropped += stored
-        maps = [map_object(n) for n in listed.maps if not _map_used(txn, index, n)]
-        manifests = [point_object(i) for i in listed.manifests if not _point_known(txn, index, i)]
-        packs = {n: size for n, size in listed.packs.items() if not _pack_known(txn, index, n)}
-        repo.store.delete(maps + manifests + [pack_object(n) for n in packs])
-        report.maps_deleted += len(maps)
-        report.manifests_deleted += len(manifests)
-        report.orphan_packs_deleted += len(packs)
-        report.freed_bytes += sum(packs.values())
+        deleted = _delete_unused(txn, index, listed, report, deleter)
+        touched = _drop_candidates(txn, index, listed.candidates, report)
         for number, (chunks, stored) in sorted(touched.items()):
             less_live(txn, index, number, stored, chunks)
             live = index.get_sealed(txn, "packlive", PACK_KEY.pack(number))
             if (live is not None and LIVE_REC.unpack(live)[0] == 0
                     and not _places_chunks(repo, txn, number, placed(number))):
                 _retire_pack(txn, index, number)
+        deleted.result()
     for path in listed.tmp:
         path.unlink(missing_ok=True)
         report.tmp_files_deleted += 1
+
+
+def _delete_unused(txn: lmdb.Transaction, index: Index, listed: _Listed, report: GcReport,
+                   deleter: Deleter) -> Future:
+    """Hand the listed files still unused (as `txn` sees it) to `deleter`."""
+    maps = [map_object(n) for n in listed.maps if not _map_used(txn, index, n)]
+    manifests = [point_object(i) for i in listed.manifests if not _point_known(txn, index, i)]
+    packs = {n: size for n, size in listed.packs.items() if not _pack_known(txn, index, n)}
+    report.maps_deleted += len(maps)
+    report.manifests_deleted += len(manifests)
+    report.orphan_packs_deleted += len(packs)
+    report.freed_bytes += sum(packs.values())
+    return deleter.submit(maps + manifests + [pack_object(n) for n in packs])
+
+
+def _drop_candidates(txn: lmdb.Transaction, index: Index, candidates: list[int],
+                     report: GcReport) -> dict[int, list[int]]:
+    """Drop each candidate still unused from the index (one a waited-for backup counted is
+    findable again); returns, per pack, [chunks dropped, stored bytes dropped]."""
+    touched: dict[int, list[int]] = {}
+    dropped = [0, 0, 0]  # chunks, raw bytes, stored bytes: the index's counters, put once
+    for ref in candidates:
+        key = REF_KEY.pack(ref)
+        rec = txn.get(key, db=index.refs)
+        txn.delete(key, db=index.gcq)
+        if rec is None:
+            continue
+        chunk_id, pack, _off, stored, raw, _codec = REF_REC.unpack(rec)
+        if txn.get(key, db=index.refcount) is not None:
+            index.unhide(txn, key, chunk_id)  # unless quarantined
+            report.resurrected += 1
+            continue
+        txn.delete(key, db=index.refs)
+        txn.delete(key, db=index.quarantine)
+        index.show_key(txn, key)
+        if txn.get(chunk_id, db=index.ids) == U64.pack(ref):
+            txn.delete(chunk_id, db=index.ids)
+        in_pack = touched.setdefault(pack, [0, 0])
+        in_pack[0], in_pack[1] = in_pack[0] + 1, in_pack[1] + stored
+        dropped = [dropped[0] + 1, dropped[1] + raw, dropped[2] + stored]
+    for name, amount in zip(("chunks", "raw_bytes", "stored_bytes"), dropped):
+        index._add(txn, name, -amount)
+    report.chunks_dropped += dropped[0]
+    report.stored_bytes_dropped += dropped[2]
+    return touched
 
 
 def less_live(txn: lmdb.Transaction, index: Index, pack: int, stored: int,
@@ -812,7 +864,8 @@ def _dead_packs(repo: Repository) -> list[bytes]:
                 if txn.get(k, db=index.packnames) is None]
 
 
-def _delete_dead_packs(repo: Repository, report: GcReport, sizes: dict[str, int]) -> None:
+def _delete_dead_packs(repo: Repository, report: GcReport, sizes: dict[str, int],
+                       deleter: Deleter) -> None:
     """Delete the queued pack objects in one batch, then forget them in the index (a crash in
     between leaves them queued: a rerun deletes nothing twice, since a missing name is fine).
     `sizes`: pack files' sizes as listed before (a pack is never changed; one not listed is
@@ -821,7 +874,7 @@ def _delete_dead_packs(repo: Repository, report: GcReport, sizes: dict[str, int]
     names = _dead_packs(repo)
     report.freed_bytes += sum(sizes[n] if (n := name.hex()) in sizes else
                               _size(repo, pack_object(n)) for name in names)
-    repo.delete_packs([name.hex() for name in names])
+    deleter.submit([pack_object(name.hex()) for name in names]).result()
     with index.write() as txn:
         for name in names:
             txn.delete(name, db=index.deadpacks)

@@ -9,9 +9,15 @@ owner-only (safefile.FILE_MODE).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from .safefile import FILE_MODE
+
+T = TypeVar("T")
+BATCH_THREADS = 8  # fsyncs `write_batch` waits on at once
 
 
 def fsync_dir(path: Path) -> None:
@@ -61,3 +67,42 @@ def publish(tmp: Path, final: Path, *, overwrite: bool = True) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(final.parent)
+
+
+def write_batch(files: Sequence[tuple[Path, bytes | memoryview]]) -> None:
+    """`write_atomic` of each (final path, data), made durable together: every temporary file is
+    written, then all are fsynced (by a few threads: their waits overlap and share the
+    filesystem's journal commits), then renamed, then each directory is fsynced once. As with
+    `write_atomic`, a crash leaves each file absent or whole under its name (a file is renamed
+    only once its data is durable); which of them are there is certain only once this returns,
+    so whatever names them is committed after it (FORMAT.md, "Write and read ordering")."""
+    temps = [temp_name(final) for final, _ in files]
+    with ThreadPoolExecutor(max(1, min(BATCH_THREADS, len(files)))) as pool:
+        try:
+            _write_synced(pool, temps, [data for _, data in files])
+            for tmp, (final, _) in zip(temps, files):
+                os.replace(tmp, final)
+        except BaseException:
+            for tmp in temps:
+                tmp.unlink(missing_ok=True)  # one renamed already is whole under its name
+            raise
+        _each(pool, fsync_dir, {final.parent for final, _ in files})
+
+
+def _write_synced(pool: ThreadPoolExecutor, temps: list[Path],
+                  datas: list[bytes | memoryview]) -> None:
+    """Write each new file of `temps` with its data, then fsync them all at once."""
+    fds: list[int] = []
+    try:
+        for tmp, data in zip(temps, datas):
+            fds.append(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+            write_all(fds[-1], data)
+        _each(pool, os.fsync, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _each(pool: ThreadPoolExecutor, fn: Callable[[T], object], items: Collection[T]) -> None:
+    for _ in pool.map(fn, items):
+        pass

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -73,6 +74,7 @@ U64 = np.dtype("<u8")
 MAX_RATIO = (128 << 10) // 4
 MAX_BLOCKS = MAX_CAPACITY // MIN_BLOCK
 READ_AHEAD = 4 << 20  # bytes a streamed map is read by
+BATCH_BYTES = 16 << 20  # bytes of maps a MapBatch holds before it writes them (memory)
 
 
 @dataclass(frozen=True)
@@ -479,13 +481,51 @@ def write_map(store: Store, bmap: BlockMap, *, salted: bool = False,
     """Store a map durably under its content name; returns the name. `salted`, or when
     `doomed(name)` says that gc may delete the object of that name: under a new, random name
     (a salt in the header)."""
-    data = encode(bmap, os.urandom(SALT_SIZE) if salted else b"", sealer=sealer)
-    name = blake3.blake3(data).hexdigest()
-    if not salted and doomed is not None and doomed(name):
-        return write_map(store, bmap, salted=True, sealer=sealer)
+    name, data = encoded_map(bmap, salted=salted, doomed=doomed, sealer=sealer)
     if not store.exists(map_object(name)):
         store.put(map_object(name), data)
     return name
+
+
+def encoded_map(bmap: BlockMap, *, salted: bool = False,
+                doomed: Callable[[str], bool] | None = None,
+                sealer: Sealer = NULL_SEALER) -> tuple[str, bytes]:
+    """The name and stored bytes of a map (`write_map` says which name)."""
+    data = encode(bmap, os.urandom(SALT_SIZE) if salted else b"", sealer=sealer)
+    name = blake3.blake3(data).hexdigest()
+    if not salted and doomed is not None and doomed(name):
+        return encoded_map(bmap, salted=True, sealer=sealer)
+    return name, data
+
+
+class MapBatch:
+    """Maps stored together: `add` names a map as `write_map` would and holds its bytes, `write`
+    makes every map held durable at once (Store.put_many), before anything naming them is
+    committed. A map stored already is not held. Past BATCH_BYTES held, `add` writes the
+    batch so far, so memory stays bounded. Threads may add at once."""
+
+    def __init__(self, store: Store, sealer: Sealer,
+                 doomed: Callable[[str], bool] | None) -> None:
+        self.store, self.sealer, self.doomed = store, sealer, doomed
+        self._held: dict[str, bytes] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def add(self, bmap: BlockMap) -> str:
+        name, data = encoded_map(bmap, doomed=self.doomed, sealer=self.sealer)
+        if not self.store.exists(map_object(name)):
+            with self._lock:
+                self._bytes += len(data) if self._held.setdefault(name, data) is data else 0
+                full = self._bytes >= BATCH_BYTES
+            if full:
+                self.write()
+        return name
+
+    def write(self) -> None:
+        with self._lock:
+            held, self._held, self._bytes = self._held, {}, 0
+        if held:
+            self.store.put_many([(map_object(name), data) for name, data in held.items()])
 
 
 def read_map(store: Store, name: str, sealer: Sealer = NULL_SEALER) -> BlockMap:

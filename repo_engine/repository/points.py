@@ -37,7 +37,7 @@ import blake3
 from ..errors import DamageError
 from .config import MAX_BLOCK, MIN_BLOCK
 from .crypto.null import NULL_SEALER, Sealer
-from .envelope import Binding, read_sealed, write_sealed
+from .envelope import Binding, read_sealed, seal
 from .formats import POINT
 from .safefile import MANIFEST_MAX, checked_name
 from .store import Store
@@ -157,9 +157,13 @@ def _binding(sealer: Sealer, point_id: str) -> Binding:
 
 
 def write_point(store: Store, point: PointRecord, sealer: Sealer = NULL_SEALER) -> None:
+    store.put(point_object(point.id), encoded_point(point, sealer))
+
+
+def encoded_point(point: PointRecord, sealer: Sealer = NULL_SEALER) -> bytes:
+    """The stored bytes of a point's manifest."""
     payload = json.dumps(asdict(point), sort_keys=True).encode()
-    write_sealed(store, point_object(point.id), POINT, payload,
-                 binding=_binding(sealer, point.id))
+    return seal(POINT, payload, _binding(sealer, point.id))
 
 
 def read_point(store: Store, name: str, sealer: Sealer = NULL_SEALER) -> PointRecord:

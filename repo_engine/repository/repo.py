@@ -36,8 +36,8 @@ import numpy as np
 from ..errors import (DamageError, LockedError, NotARepository, PointNotFound, RepoError,
                       UsageError)
 from ..pause import pause_point
-from .blockmap import (BlockMap, map_object, map_refs, open_map, read_map, resolve_windows,
-                       unique_nonzero, write_map)
+from .blockmap import (BlockMap, MapBatch, map_object, map_refs, open_map, read_map,
+                       resolve_windows, unique_nonzero, write_map)
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
 from .crypto.null import NullSealer, Sealer
@@ -46,7 +46,8 @@ from .journal import (Entry, ForgetOp, NothingToCommit, Op, PackOp, PointOp, Ref
                       append)
 from .locks import EXCLUSIVE, SHARED, RepoLock, is_stale, list_locks
 from .packs import FinishedPack, PackKeys, PackWriter, pack_object, read_trailer
-from .points import DiskRecord, PointRecord, point_object, read_point, write_point
+from .points import (DiskRecord, PointRecord, encoded_point, point_object, read_point,
+                     write_point)
 from .safefile import DIR_MODE, check_dir, is_regular, make_dir
 from .store import ObjectInfo, RangeReader, Store
 from .store.local import LocalStore
@@ -57,7 +58,7 @@ if TYPE_CHECKING:  # leases and checkpoints serve shared repositories only: impo
 SHARED_REFS = 1 << 32  # a shared repository's ref range per claim: one claim per backup
 SUBDIRS = ("packs", "maps", "points", "index", "locks", "tmp")
 INDEX_FILES = ("data.mdb", "lock.mdb")
-REWRITE_THREADS = 8  # manifests `rewrite_points` writes at once (each waits on its fsyncs)
+REWRITE_THREADS = 8  # manifests `rewrite_points` reads at once
 
 
 class Repository:
@@ -327,10 +328,16 @@ class Repository:
     def write_map(self, bmap: BlockMap) -> str:
         """Store a map durably; returns its name. In a shared repository a name that gc doomed
         (a pending plan or a sweep lists it) is avoided: the map is written salted."""
+        return write_map(self.store, bmap, doomed=self._doomed(), sealer=self.sealer)
+
+    def map_batch(self) -> MapBatch:
+        """Maps to store together, named as `write_map` names them (blockmap.MapBatch)."""
+        return MapBatch(self.store, self.sealer, self._doomed())
+
+    def _doomed(self) -> Callable[[str], bool] | None:
         if not self.config.shared:
-            return write_map(self.store, bmap, sealer=self.sealer)
-        return write_map(self.store, bmap, doomed=lambda name: bool(self.index.doomed_maps({name})),
-                         sealer=self.sealer)
+            return None
+        return lambda name: bool(self.index.doomed_maps({name}))
 
     def read_map(self, name: str) -> BlockMap:
         return read_map(self.store, name, self.sealer)
@@ -363,9 +370,6 @@ class Repository:
         """Bytes [offset, offset + length) of pack `name`, to be read front to back in pieces
         (with the pack's key header, when it is needed and near: PackKeys.open_stream)."""
         return self.pack_keys.open_stream(name, offset, length)
-
-    def delete_packs(self, names: list[str]) -> None:
-        self.store.delete(pack_object(n) for n in names)
 
     def objects(self, kind: str, skipped: list[str] | None = None) -> Iterator[ObjectInfo]:
         """Every object of `kind` ("packs", "maps", "points") in the store."""
@@ -408,21 +412,18 @@ class Repository:
     def rewrite_points(self, rewrites: list[tuple[PointRecord, list[DiskRecord]]],
                        maps: dict[str, BlockMap]) -> list[PointRecord]:
         """`rewrite_point(point, disks=disks)` of each pair, oldest first, the catalog records in
-        ONE transaction (all or none; a forget of most points rewrites hundreds). Each next
-        generation's manifest is made durable before the transaction, by a few threads at once
-        (their fsyncs overlap), with the commit sequence the point keeps (`_sealed_before`).
-        `maps`: block maps, by name, that the caller still holds. A shared repository commits
-        each point in turn."""
+        ONE transaction (all or none; a forget of most points rewrites hundreds). The next
+        generations' manifests (each read first by a few threads at once) are made durable
+        together before the transaction (Store.put_many), with the commit sequence each point
+        keeps (`_sealed_before`). `maps`: block maps, by name, that the caller still holds. A
+        shared repository commits each point in turn."""
         if self.config.shared:
             return [self.rewrite_point(point, disks=disks) for point, disks in rewrites]
-
-        def prepared(pair: tuple[PointRecord, list[DiskRecord]]) -> PointRecord:
-            updated = self.next_generation(pair[0], disks=pair[1])
-            write_point(self.store, updated, self.sealer)
-            return updated
-
         with ThreadPoolExecutor(max(1, min(REWRITE_THREADS, len(rewrites)))) as pool:
-            updated = list(pool.map(prepared, rewrites))
+            updated = list(pool.map(lambda pair: self.next_generation(pair[0], disks=pair[1]),
+                                    rewrites))
+        self.store.put_many([(point_object(p.id), encoded_point(p, self.sealer))
+                             for p in updated])
         # a kept disk's map (the old record names it, forget wrote it for no disk) keeps its
         # use: the commit moves no count of it, so it is not read (each rewrite's kept maps,
         # full maps of huge disks too, would all be held until the one commit)

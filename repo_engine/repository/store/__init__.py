@@ -11,6 +11,9 @@ home (`check_name`). What a store guarantees (docs/FORMAT.md, "Store"):
 
 - `put` and `put_file` are atomic and durable when they return: an object is either absent or
   whole under its name, never partial; with `if_absent` an existing object is kept (ObjectExists);
+- `put_many` puts a batch, each object atomic as `put`'s and all durable when it returns (a
+  failure or crash may leave any of them there or not): a local directory makes them durable
+  together, with one round of fsyncs instead of a round per object;
 - `get` reads a whole object, refusing one larger than the caller's bound; `get_range` returns
   exactly the bytes asked or fails (ObjectMissing, ShortRead); `open_range` reads a range front
   to back in pieces (`RangeReader`: one request on S3, read as it arrives, `read` or
@@ -23,7 +26,7 @@ home (`check_name`). What a store guarantees (docs/FORMAT.md, "Store"):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -122,6 +125,8 @@ class Store(Protocol):
     location: str  # for messages: a path or s3://bucket/prefix
 
     def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> None: ...
+
+    def put_many(self, items: Sequence[tuple[str, bytes | memoryview]]) -> None: ...
 
     def put_file(self, name: str, path: Path, *, if_absent: bool = False) -> None: ...
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ...errors import DamageError
-from ..atomic import publish, write_atomic
+from ..atomic import publish, write_atomic, write_batch
 from ..safefile import (kind_of, make_dir, open_regular, read_limited, sync_dir,
                        unlink_from)
 from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, RangeReader, ShortRead,
@@ -61,6 +61,15 @@ class LocalStore:
     def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> None:
         with self._writing(name) as path:
             write_atomic(path, data, overwrite=not if_absent)
+
+    def put_many(self, items: Sequence[tuple[str, bytes | memoryview]]) -> None:
+        """`put` of each (name, data), made durable together (atomic.write_batch): one round of
+        fsyncs for the batch instead of two fsyncs per object, one after the other."""
+        files = []
+        for name, data in items:
+            with self._writing(name) as path:
+                files.append((path, data))
+        write_batch(files)
 
     def put_file(self, name: str, path: Path, *, if_absent: bool = False) -> None:
         """Make the spool file `path` durable and rename it to `name` (same filesystem)."""

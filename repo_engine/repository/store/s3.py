@@ -32,7 +32,7 @@ import ssl
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
@@ -304,6 +304,15 @@ class S3Store:
     def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> None:
         body = bytes(data)
         self._put_object(name, lambda: io.BytesIO(body), if_absent)
+
+    def put_many(self, items: Sequence[tuple[str, bytes | memoryview]]) -> None:
+        """`put` of each (name, data), a few at once (each is durable when its PUT answers)."""
+        pool = ThreadPoolExecutor(self.settings.multipart_concurrency)
+        try:
+            for _ in pool.map(lambda item: self.put(*item), items):
+                pass
+        finally:  # after a failure, puts not begun are not sent
+            pool.shutdown(cancel_futures=True)
 
     def _put_object(self, name: str, open_body: Callable[[], BinaryIO], if_absent: bool) -> None:
         """One PutObject of the bytes `open_body()` reads; each attempt (and the check after a
