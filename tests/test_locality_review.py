@@ -13,6 +13,7 @@ import numpy as np
 from helpers import DiskModel, attach_shared, stopped_before_commit
 from repo_engine.backup import pipeline
 from repo_engine.maintenance import gc as local_gc
+from repo_engine.maintenance.deleter import Deleter
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import GcReport
 from repo_engine.maintenance.scrub import _quarantine
@@ -114,7 +115,8 @@ def test_a_quarantined_candidate_counted_meanwhile_stays_out_of_ids(local, tmp_p
         assert damaged in listed.candidates
     [x] = done
     assert damaged in map_refs(local, x).tolist()  # looked up before the quarantine
-    local_gc._sweep(local, listed, GcReport(), {})
+    with Deleter(local.store) as deleter:
+        local_gc._sweep(local, listed, GcReport(), {}, deleter)
     with local.index.reader() as lookup:
         chunk_id = bytes(lookup.chunk_id_of(damaged))
         assert lookup.dedup_ref(chunk_id) == (None, False)
