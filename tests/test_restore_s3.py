@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,40 @@ def test_damaged_pack_object_names_point_disk_and_byte_ranges(s3_point, tmp_path
     assert f"at disk bytes [{offset}, {offset + length})" in message
     assert f"pack {victim} is {'missing' if kind == 'delete' else 'truncated'}" in message
     assert staged_left(tmp_path) == [] and not (tmp_path / "out.img").exists()
+
+
+class MapsTogether(WatchedStore):
+    """A watched store whose first `gather` map openings (`get_start` of maps/) each wait until
+    that many are outstanding together: maps opened one after the other fail the restore
+    (BrokenBarrierError) instead of passing by luck of the scheduler."""
+
+    def __init__(self, inner, gather: int) -> None:
+        super().__init__(inner)
+        self.maps = 0
+        self._maps_barrier, self._maps_gather = threading.Barrier(gather, timeout=10), gather
+
+    def get_start(self, name: str, length: int) -> tuple[bytes, int]:
+        if name.startswith("maps/"):
+            with self._lock:
+                self.maps += 1
+                wait = self.maps <= self._maps_gather
+            if wait:
+                self._maps_barrier.wait()
+        return self.inner.get_start(name, length)
+
+
+def test_restore_opens_the_chains_maps_together(s3_point, tmp_path):
+    """A point on top of two others: the three maps of its chain are asked for together, each a
+    request on object storage, before the first pack request; the image is the point's."""
+    s3, _point, data = s3_point
+    changed = bytearray(data)
+    with Repository(s3.store(), s3.config, s3.local) as repo:
+        for day in (1, 2):
+            changed[day * MIB:day * MIB + 64 * KIB] = bytes([day]) * (64 * KIB)
+            (tmp_path / "a.img").write_bytes(bytes(changed))
+            point = backup_image(repo, "a", tmp_path / "a.img")
+        assert len(repo.chain(point, "sda")) == 3
+    with Repository(MapsTogether(s3.store(), 3), s3.config, s3.local) as repo:
+        restore_disk(repo, point, "sda", tmp_path / "out.img")
+        assert repo.store.maps == 3  # each once: the windows of the first pass are kept
+    assert (tmp_path / "out.img").read_bytes() == bytes(changed)
