@@ -186,3 +186,26 @@ def test_restore_opens_the_chains_maps_together(s3_point, tmp_path):
         restore_disk(repo, point, "sda", tmp_path / "out.img")
         assert repo.store.maps == 3  # each once: the windows of the first pass are kept
     assert (tmp_path / "out.img").read_bytes() == bytes(changed)
+
+
+class RangesAsked(WatchedStore):
+    """A watched store that lists the length of every range read in the order they open."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.lengths: list[int] = []
+
+    def open_range(self, name: str, offset: int, length: int):
+        self.lengths.append(length)
+        return super().open_range(name, offset, length)
+
+
+def test_restore_asks_its_longest_requests_first(s3_point, tmp_path):
+    """Requests of several sizes (packs cut short by the zero stretch and the disk's end):
+    issued longest first, so that those that end the restore are short."""
+    s3, point, data = s3_point
+    with Repository(RangesAsked(s3.store()), s3.config, s3.local) as repo:
+        restore_disk(repo, point, "sda", tmp_path / "out.img", reads=ReadSettings(in_flight=1))
+        lengths = repo.store.lengths
+    assert len(set(lengths)) > 1 and lengths == sorted(lengths, reverse=True)
+    assert (tmp_path / "out.img").read_bytes() == data

@@ -542,8 +542,10 @@ class _Writer:
         for offset, length in blocks_to_extents(plan.zero_blocks, bs, self.disk.capacity):
             self.device.write_zeroes(offset, length)
         reader = _RunReader(self.repo, plan, self.blocks, self.reads.decoders)
+        # the longest requests first: those that end last are short, so that the restore does
+        # not end on one long request read and decoded by one thread while the other cores idle
         work = [(request.held, (request, self._pack_name(request.pack)))
-                for request in plan.requests]
+                for request in sorted(plan.requests, key=lambda r: r.size, reverse=True)]
         damaged: list[int] = []
         with ThreadPoolExecutor(self.reads.in_flight) as pool:
             for done in _completed(pool, reader, work, _Budget(self.reads.memory)):
