@@ -400,10 +400,13 @@ def test_a_failed_write_stops_the_restore_with_its_error(many_packs, tmp_path, f
     assert threading.active_count() == before
 
 
+@pytest.mark.parametrize("direct", [False, True])
 def test_decoded_bytes_queued_for_the_writer_stay_under_their_cap(many_packs, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, direct):
     """A slow target and a wide read window (64 MiB): the workers decode far ahead of the
-    writer, yet the checked chunks handed over and not written never pass `write_queue`."""
+    writers, yet the checked chunks handed over and not written never pass `write_queue`,
+    plus, on a target written past the page cache, the batch each writer thread after the
+    first holds (those threads do not shorten the queue of batches waiting)."""
     path, model, point = many_packs
     most: dict[int, int] = {}
 
@@ -412,20 +415,28 @@ def test_decoded_bytes_queued_for_the_writer_stay_under_their_cap(many_packs, tm
             super().take(nbytes)
             most[self.cap] = max(most.get(self.cap, 0), self.used)
 
+    writers = restorer.DIRECT_WRITERS if direct else 1
+
     class SlowDisk(FailingDisk):
         def write_chunks(self, *args: object) -> None:
-            time.sleep(0.01)
+            time.sleep(0.01 * writers)  # as slow together as one writer
             self.disk.write_chunks(*args)
 
+        def reopen(self) -> "SlowDisk":
+            return SlowDisk(self.disk.reopen(), 0)
+
     monkeypatch.setattr(restorer, "_Budget", Watched)
-    cap = 3 * restorer.WRITE_BATCH
+    cap = (1 if direct else 3) * restorer.WRITE_BATCH  # direct: all 8 MiB would fit in 3
     settings = ReadSettings(write_queue=cap, memory=64 * MIB, max_request=4 * MIB)
     with Repository.open(path) as repo, \
             vddk_ext.open_local(str(tmp_path / "t.img"), writable=True,
-                                create_size=model.capacity) as disk:
+                                create_size=model.capacity, direct=direct) as disk:
+        assert disk.direct == direct
         restore_to_device(repo, point, "sda", SlowDisk(disk, 0), fresh=True, reads=settings)
     assert (tmp_path / "t.img").read_bytes() == bytes(model.content)
-    assert 2 * restorer.WRITE_BATCH < most[cap] <= cap
+    whole = cap + (writers - 1) * restorer.WRITE_BATCH
+    # (direct: more than the one writer's cap is held, as the writers' own batches are)
+    assert (cap if direct else whole - restorer.WRITE_BATCH) < most[whole] <= whole
 
 
 def test_a_chunk_decoded_into_a_slot_is_checked_as_one_decoded_alone():

@@ -344,17 +344,18 @@ class _BlockWriter:
     disk busy (`_Writeback`). A target written past the page cache (`Disk.direct`) waits for
     the disk at every write instead: DIRECT_WRITERS threads, each with a handle of its own,
     keep that many writes in flight. The decoded bytes handed over and not yet written stay
-    under `cap`. A failed write is raised to the worker handing over the next batch (the
+    under `cap`, plus a batch for each writer thread after the first. A failed write is raised to the worker handing over the next batch (the
     restore stops) and again by `close`."""
 
     def __init__(self, device: vddk_ext.Disk, block_size: int, writeback: _Writeback,
                  cap: int) -> None:
         self._bs, self._writeback = block_size, writeback
         self._buffers = _Buffers(max(WRITE_BATCH, block_size))
-        self._budget = _Budget(cap)
+        self._handles = _writer_handles(device)
+        # each writer thread but one holds a batch it writes: as many wait as with one writer
+        self._budget = _Budget(cap + WRITE_BATCH * (len(self._handles) - 1))
         self._queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
-        self._handles = _writer_handles(device)
         self._threads = [threading.Thread(target=self._run, args=(handle,),
                                           name="restore-writer", daemon=True)
                          for handle in self._handles]
