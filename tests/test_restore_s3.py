@@ -189,23 +189,36 @@ def test_restore_opens_the_chains_maps_together(s3_point, tmp_path):
 
 
 class RangesAsked(WatchedStore):
-    """A watched store that lists the length of every range read in the order they open."""
+    """A watched store that lists every range read (object, offset, length) in the order they
+    open."""
 
     def __init__(self, inner) -> None:
         super().__init__(inner)
-        self.lengths: list[int] = []
+        self.ranges: list[tuple[str, int, int]] = []
 
     def open_range(self, name: str, offset: int, length: int):
-        self.lengths.append(length)
+        self.ranges.append((name, offset, length))
         return super().open_range(name, offset, length)
 
 
-def test_restore_asks_its_longest_requests_first(s3_point, tmp_path):
-    """Requests of several sizes (packs cut short by the zero stretch and the disk's end):
-    issued longest first, so that those that end the restore are short."""
+@pytest.mark.parametrize("max_request", [ReadSettings().max_request, 192 * KIB])
+def test_restore_asks_the_packs_with_the_longest_requests_first(s3_point, tmp_path,
+                                                                max_request):
+    """Requests of several sizes (packs cut short by the zero stretch and the disk's end, or
+    cut into several requests): the packs whose longest request is longer go first, so that
+    those that end the restore are short; a pack's requests one after the other, in offset
+    order (the first one, at the pack's start, reads what the others need of it)."""
     s3, point, data = s3_point
     with Repository(RangesAsked(s3.store()), s3.config, s3.local) as repo:
-        restore_disk(repo, point, "sda", tmp_path / "out.img", reads=ReadSettings(in_flight=1))
-        lengths = repo.store.lengths
-    assert len(set(lengths)) > 1 and lengths == sorted(lengths, reverse=True)
+        restore_disk(repo, point, "sda", tmp_path / "out.img",
+                     reads=ReadSettings(in_flight=1, max_request=max_request))
+        ranges = repo.store.ranges
+    packs = [name for k, (name, _, _) in enumerate(ranges) if not k or ranges[k - 1][0] != name]
+    assert len(packs) == len(set(packs)) > 1  # each pack's requests together
+    longest = [max(n for name, _, n in ranges if name == pack) for pack in packs]
+    assert longest == sorted(longest, reverse=True)
+    assert len(set(longest)) > 1 or max_request < 512 * KIB  # (cut: each pack's longest alike)
+    for pack in packs:
+        offsets = [offset for name, offset, _ in ranges if name == pack]
+        assert offsets == sorted(offsets)
     assert (tmp_path / "out.img").read_bytes() == data

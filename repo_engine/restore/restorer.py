@@ -617,10 +617,8 @@ class _Writer:
         for offset, length in blocks_to_extents(plan.zero_blocks, bs, self.disk.capacity):
             self.device.write_zeroes(offset, length)
         reader = _RunReader(self.repo, plan, self.blocks, self.reads.decoders)
-        # the longest requests first: those that end last are short, so that the restore does
-        # not end on one long request read and decoded by one thread while the other cores idle
         work = [(request.held, (request, self._pack_name(request.pack)))
-                for request in sorted(plan.requests, key=lambda r: r.size, reverse=True)]
+                for request in _longest_first(plan.requests)]
         damaged: list[int] = []
         with ThreadPoolExecutor(self.reads.in_flight) as pool:
             for done in _completed(pool, reader, work, _Budget(self.reads.memory)):
@@ -640,6 +638,18 @@ class _Writer:
         if name is None:
             name = self._names[number] = self.repo.index.pack_info(number).name
         return name
+
+
+def _longest_first(requests: list[ReadRequest]) -> list[ReadRequest]:
+    """`requests` (in pack and offset order) to issue: the packs whose longest request is
+    longer first, so that those that end the restore are short (not one long request read and
+    decoded by one thread while the other cores idle); each pack's requests in offset order,
+    the first one reading the pack's key header with it (begun by a later one, the header
+    would cost requests of its own)."""
+    longest: dict[int, int] = {}
+    for request in requests:
+        longest[request.pack] = max(longest.get(request.pack, 0), request.size)
+    return sorted(requests, key=lambda r: -longest[r.pack])  # stable: offset order kept
 
 
 @dataclass
