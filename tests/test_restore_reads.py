@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import vddk_ext
 
-from helpers import KIB, MIB, DiskModel, cli, write_extents
+from helpers import KIB, MIB, DiskModel, cli, resident_pages, write_extents
 from repo_engine.errors import DamageError, UsageError
 from repo_engine.repository.blockmap import map_object
 from repo_engine.repository.config import read_config
@@ -115,6 +115,17 @@ def test_several_reads_in_flight(two_points, tmp_path):
         restore_disk(repo, second, "sda", tmp_path / "out.img",
                      reads=ReadSettings(in_flight=4, max_request=64 * KIB))
         assert repo.store.most_outstanding == 4
+    assert (tmp_path / "out.img").read_bytes() == bytes(model.content)
+
+
+def test_restored_image_bypasses_the_page_cache(two_points, tmp_path):
+    """A new image is written past the page cache (its chunks decoded into aligned buffers,
+    each run of blocks one write straight from there): none of it is cached afterwards, and
+    it is the point's image."""
+    path, model, _first, second = two_points
+    with Repository.open(path) as repo:
+        restore_disk(repo, second, "sda", tmp_path / "out.img")
+    assert resident_pages(tmp_path / "out.img") == 0
     assert (tmp_path / "out.img").read_bytes() == bytes(model.content)
 
 
@@ -389,10 +400,13 @@ def test_a_failed_write_stops_the_restore_with_its_error(many_packs, tmp_path, f
     assert threading.active_count() == before
 
 
+@pytest.mark.parametrize("direct", [False, True])
 def test_decoded_bytes_queued_for_the_writer_stay_under_their_cap(many_packs, tmp_path,
-                                                                   monkeypatch):
+                                                                   monkeypatch, direct):
     """A slow target and a wide read window (64 MiB): the workers decode far ahead of the
-    writer, yet the checked chunks handed over and not written never pass `write_queue`."""
+    writers, yet the checked chunks handed over and not written never pass `write_queue`,
+    plus, on a target written past the page cache, the batch each writer thread after the
+    first holds (those threads do not shorten the queue of batches waiting)."""
     path, model, point = many_packs
     most: dict[int, int] = {}
 
@@ -401,17 +415,54 @@ def test_decoded_bytes_queued_for_the_writer_stay_under_their_cap(many_packs, tm
             super().take(nbytes)
             most[self.cap] = max(most.get(self.cap, 0), self.used)
 
+    writers = restorer.DIRECT_WRITERS if direct else 1
+
     class SlowDisk(FailingDisk):
         def write_chunks(self, *args: object) -> None:
-            time.sleep(0.01)
+            time.sleep(0.01 * writers)  # as slow together as one writer
             self.disk.write_chunks(*args)
 
+        def reopen(self) -> "SlowDisk":
+            return SlowDisk(self.disk.reopen(), 0)
+
     monkeypatch.setattr(restorer, "_Budget", Watched)
-    cap = 3 * restorer.WRITE_BATCH
+    cap = (1 if direct else 3) * restorer.WRITE_BATCH  # direct: all 8 MiB would fit in 3
     settings = ReadSettings(write_queue=cap, memory=64 * MIB, max_request=4 * MIB)
     with Repository.open(path) as repo, \
             vddk_ext.open_local(str(tmp_path / "t.img"), writable=True,
-                                create_size=model.capacity) as disk:
+                                create_size=model.capacity, direct=direct) as disk:
+        assert disk.direct == direct
         restore_to_device(repo, point, "sda", SlowDisk(disk, 0), fresh=True, reads=settings)
     assert (tmp_path / "t.img").read_bytes() == bytes(model.content)
-    assert 2 * restorer.WRITE_BATCH < most[cap] <= cap
+    whole = cap + (writers - 1) * restorer.WRITE_BATCH
+    # (direct: more than the one writer's cap is held, as the writers' own batches are)
+    assert (cap if direct else whole - restorer.WRITE_BATCH) < most[whole] <= whole
+
+
+def test_a_chunk_decoded_into_a_slot_is_checked_as_one_decoded_alone():
+    """`ChunkCodec.decode(..., into)` gives the same bytes, in the slot, and refuses the same
+    damage (a flipped byte, a frame of another length, a raw chunk of another length) as a
+    decode into a buffer of its own."""
+    from repo_engine.repository.chunks import ChunkCodec
+    from repo_engine.repository.packs import CODEC_RAW, CODEC_ZSTD
+
+    codec = ChunkCodec(b"k" * 32, 1)
+    rng = np.random.default_rng(4)
+    text = rng.integers(0, 4, 50_000, dtype=np.uint8).tobytes() + bytes(15_536)
+    noise = rng.integers(0, 256, 65_536, dtype=np.uint8).tobytes()
+    slot = memoryview(bytearray(65_536))
+    for raw in (text, noise):
+        blob, kind = codec.encode(raw)
+        assert kind == (CODEC_ZSTD if raw is text else CODEC_RAW)
+        chunk_id = codec.chunk_id(raw)
+        got = codec.decode(blob, kind, len(raw), chunk_id, "c", slot)
+        assert isinstance(got, memoryview) and bytes(got) == raw == bytes(slot[:len(raw)])
+        damaged = bytearray(blob)
+        damaged[len(damaged) // 2] ^= 1
+        bad = [(bytes(damaged), len(raw)), (blob, len(raw) - 1)]
+        if kind == CODEC_ZSTD:
+            bad.append((codec.encode(raw[:-1])[0], len(raw)))
+        for blob_, raw_len in bad:
+            for into in (None, slot):
+                with pytest.raises(DamageError, match="^c: chunk"):
+                    codec.decode(blob_, kind, raw_len, chunk_id, "c", into)

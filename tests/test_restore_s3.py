@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,76 @@ def test_damaged_pack_object_names_point_disk_and_byte_ranges(s3_point, tmp_path
     assert f"at disk bytes [{offset}, {offset + length})" in message
     assert f"pack {victim} is {'missing' if kind == 'delete' else 'truncated'}" in message
     assert staged_left(tmp_path) == [] and not (tmp_path / "out.img").exists()
+
+
+class MapsTogether(WatchedStore):
+    """A watched store whose first `gather` map openings (`get_start` of maps/) each wait until
+    that many are outstanding together: maps opened one after the other fail the restore
+    (BrokenBarrierError) instead of passing by luck of the scheduler."""
+
+    def __init__(self, inner, gather: int) -> None:
+        super().__init__(inner)
+        self.maps = 0
+        self._maps_barrier, self._maps_gather = threading.Barrier(gather, timeout=10), gather
+
+    def get_start(self, name: str, length: int) -> tuple[bytes, int]:
+        if name.startswith("maps/"):
+            with self._lock:
+                self.maps += 1
+                wait = self.maps <= self._maps_gather
+            if wait:
+                self._maps_barrier.wait()
+        return self.inner.get_start(name, length)
+
+
+def test_restore_opens_the_chains_maps_together(s3_point, tmp_path):
+    """A point on top of two others: the three maps of its chain are asked for together, each a
+    request on object storage, before the first pack request; the image is the point's."""
+    s3, _point, data = s3_point
+    changed = bytearray(data)
+    with Repository(s3.store(), s3.config, s3.local) as repo:
+        for day in (1, 2):
+            changed[day * MIB:day * MIB + 64 * KIB] = bytes([day]) * (64 * KIB)
+            (tmp_path / "a.img").write_bytes(bytes(changed))
+            point = backup_image(repo, "a", tmp_path / "a.img")
+        assert len(repo.chain(point, "sda")) == 3
+    with Repository(MapsTogether(s3.store(), 3), s3.config, s3.local) as repo:
+        restore_disk(repo, point, "sda", tmp_path / "out.img")
+        assert repo.store.maps == 3  # each once: the windows of the first pass are kept
+    assert (tmp_path / "out.img").read_bytes() == bytes(changed)
+
+
+class RangesAsked(WatchedStore):
+    """A watched store that lists every range read (object, offset, length) in the order they
+    open."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.ranges: list[tuple[str, int, int]] = []
+
+    def open_range(self, name: str, offset: int, length: int):
+        self.ranges.append((name, offset, length))
+        return super().open_range(name, offset, length)
+
+
+@pytest.mark.parametrize("max_request", [ReadSettings().max_request, 192 * KIB])
+def test_restore_asks_the_packs_with_the_longest_requests_first(s3_point, tmp_path,
+                                                                max_request):
+    """Requests of several sizes (packs cut short by the zero stretch and the disk's end, or
+    cut into several requests): the packs whose longest request is longer go first, so that
+    those that end the restore are short; a pack's requests one after the other, in offset
+    order (the first one, at the pack's start, reads what the others need of it)."""
+    s3, point, data = s3_point
+    with Repository(RangesAsked(s3.store()), s3.config, s3.local) as repo:
+        restore_disk(repo, point, "sda", tmp_path / "out.img",
+                     reads=ReadSettings(in_flight=1, max_request=max_request))
+        ranges = repo.store.ranges
+    packs = [name for k, (name, _, _) in enumerate(ranges) if not k or ranges[k - 1][0] != name]
+    assert len(packs) == len(set(packs)) > 1  # each pack's requests together
+    longest = [max(n for name, _, n in ranges if name == pack) for pack in packs]
+    assert longest == sorted(longest, reverse=True)
+    assert len(set(longest)) > 1 or max_request < 512 * KIB  # (cut: each pack's longest alike)
+    for pack in packs:
+        offsets = [offset for name, offset, _ in ranges if name == pack]
+        assert offsets == sorted(offsets)
+    assert (tmp_path / "out.img").read_bytes() == data

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vddk_ext
+from helpers import resident_pages
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -768,3 +769,113 @@ def test_types_are_not_instantiable():
         with pytest.raises(TypeError):
             cls()
     assert issubclass(vddk_ext.DiskError, OSError)
+
+
+# ------------------------------------------------------------------ direct writes
+
+
+def direct_supported(path) -> bool:
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600))
+        return True
+    except OSError:
+        return False
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+@pytest.fixture
+def direct_dir(tmp_path):
+    if not direct_supported(tmp_path / "probe"):
+        pytest.skip("the file system of tmp_path refuses O_DIRECT")
+    return tmp_path
+
+
+def aligned_chunks(block_size: int, chunks: list[bytes]) -> list[memoryview]:
+    """`chunks` copied into one page-aligned buffer, one block apart (as a restore decodes
+    them), as views of it."""
+    import mmap
+
+    buffer = memoryview(mmap.mmap(-1, block_size * len(chunks)))
+    views = []
+    for k, chunk in enumerate(chunks):
+        buffer[k * block_size:k * block_size + len(chunk)] = chunk
+        views.append(buffer[k * block_size:k * block_size + len(chunk)])
+    return views
+
+
+@pytest.mark.parametrize("layout", ["aligned", "bytes", "mixed"])
+def test_direct_write_chunks_equal_buffered_writes(direct_dir, layout):
+    """On a direct disk, write_chunks writes what write_blocks would, whatever the order of the
+    blocks, a chunk at several blocks, a short last block, chunks in one aligned buffer
+    (written from it), in buffers of their own (copied first) or both."""
+    bs = 16 * KiB
+    size = 40 * bs + 700
+    rng = np.random.default_rng(9)
+    chunks = [random_bytes(rng, bs) for _ in range(37)] + [random_bytes(rng, 700)]
+    counts = [1] * 20 + [3] + [1] * 17
+    order = np.concatenate([blocks(*range(5, 25)), blocks(0, 2, 4), blocks(*range(25, 40)),
+                            blocks(1), blocks(40)])
+    if layout == "aligned":
+        data = aligned_chunks(bs, chunks)
+    elif layout == "bytes":
+        data = list(chunks)
+    else:
+        data = (aligned_chunks(bs, chunks[:18]) + list(chunks[18:30])
+                + aligned_chunks(bs, chunks[30:]))
+    with vddk_ext.open_local(str(direct_dir / "a.img"), writable=True, create_size=size,
+                             direct=True) as disk:
+        assert disk.direct
+        disk.write_chunks(bs, order, np.array(counts, dtype=np.uint64), data)
+        disk.flush()
+    with vddk_ext.open_local(str(direct_dir / "b.img"), writable=True,
+                             create_size=size) as disk:
+        assert not disk.direct
+        at = np.cumsum([0] + counts)
+        for k, chunk in enumerate(chunks):
+            disk.write_blocks(bs, order[at[k]:at[k + 1]], chunk)
+    got = (direct_dir / "a.img").read_bytes()
+    assert got == (direct_dir / "b.img").read_bytes()
+    assert got[3 * bs:4 * bs] == bytes(bs) and got[40 * bs:] == chunks[-1]
+
+
+def test_direct_writes_leave_the_page_cache_alone(direct_dir):
+    """What a direct disk writes in whole aligned blocks is not in the page cache afterwards
+    (no copy into it, nothing for the kernel to write back); a buffered disk's is."""
+    bs = 64 * KiB
+    chunks = [bytes([k + 1]) * bs for k in range(16)]
+    resident = {}
+    for direct in (True, False):
+        path = direct_dir / f"{direct}.img"
+        with vddk_ext.open_local(str(path), writable=True, create_size=16 * bs,
+                                 direct=direct) as disk:
+            disk.write_chunks(bs, blocks(*range(16)), np.ones(16, dtype=np.uint64),
+                              aligned_chunks(bs, chunks))
+            disk.flush()
+        resident[direct] = resident_pages(path)
+        assert path.read_bytes() == b"".join(chunks)
+    assert resident == {True: 0, False: 16 * bs // 4096}
+
+
+def test_reopen_is_a_second_handle_on_the_same_file(direct_dir):
+    bs = 4 * KiB
+    path = direct_dir / "r.img"
+    disk = vddk_ext.open_local(str(path), writable=True, create_size=4 * bs, direct=True)
+    other = disk.reopen()
+    assert (other.path, other.capacity, other.kind, other.direct) == (disk.path, 4 * bs,
+                                                                       "file", True)
+    path.rename(direct_dir / "moved.img")  # the same file, whatever the path names now
+    other.write_chunks(bs, blocks(1), np.ones(1, dtype=np.uint64),
+                       aligned_chunks(bs, [b"o" * bs]))
+    other.close()
+    disk.write_blocks(bs, blocks(2), b"d" * bs)
+    disk.close()
+    assert (direct_dir / "moved.img").read_bytes() == (bytes(bs) + b"o" * bs + b"d" * bs
+                                                       + bytes(bs))
+    with pytest.raises(ValueError, match="closed"):
+        disk.reopen()
+    with vddk_ext.open_local(str(direct_dir / "moved.img")) as reader, reader.reopen() as again:
+        assert not again.direct
+        with pytest.raises(vddk_ext.DiskError):
+            again.pwrite(0, b"x")

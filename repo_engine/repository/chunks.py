@@ -59,13 +59,16 @@ class ChunkCodec:
         return [_stored_form(data, memoryview(packed[i])) for i, data in enumerate(chunks)]
 
     def decode(self, blob: bytes | memoryview, codec: int, raw_len: int, chunk_id: bytes,
-               where: str) -> bytes:
-        """Decompress and check the result against its id; DamageError names `where`."""
+               where: str, into: memoryview | None = None) -> bytes | memoryview:
+        """Decompress and check the result against its id; DamageError names `where`. With
+        `into` (writable, at least `raw_len` bytes) the chunk is decoded there, not into a
+        buffer of its own, and the view of it returned."""
         try:
             if codec == CODEC_ZSTD:
-                data = self._decompressor().decompress(blob, max_output_size=raw_len)
+                data = self._decompress(blob, raw_len, into)
             elif codec == CODEC_RAW:
-                data = bytes(blob)
+                data = bytes(blob) if into is None or len(blob) > len(into) else \
+                    _copied(blob, into)
             else:
                 raise DamageError(f"{where}: unknown chunk codec {codec}")
         except zstandard.ZstdError as exc:
@@ -73,3 +76,20 @@ class ChunkCodec:
         if len(data) != raw_len or self.chunk_id(data) != chunk_id:
             raise DamageError(f"{where}: chunk content does not match its id (damaged data)")
         return data
+
+    def _decompress(self, blob: bytes | memoryview, raw_len: int,
+                    into: memoryview | None) -> bytes | memoryview:
+        if into is None or zstandard.frame_content_size(blob) != raw_len:
+            # (a frame that does not say it holds raw_len bytes is damaged: decoded on its
+            # own, it fails the length check)
+            return self._decompressor().decompress(blob, max_output_size=raw_len)
+        out, got = into[:raw_len], 0
+        with self._decompressor().stream_reader(blob) as reader:
+            while got < raw_len and (n := reader.readinto(out[got:])):
+                got += n
+        return out[:got]
+
+
+def _copied(blob: bytes | memoryview, into: memoryview) -> memoryview:
+    into[:len(blob)] = blob
+    return into[:len(blob)]

@@ -36,8 +36,8 @@ import numpy as np
 from ..errors import (DamageError, LockedError, NotARepository, PointNotFound, RepoError,
                       UsageError)
 from ..pause import pause_point
-from .blockmap import (BlockMap, MapBatch, map_object, map_refs, open_map, read_map,
-                       resolve_windows, unique_nonzero, write_map)
+from .blockmap import (BlockMap, MapBatch, MapStream, map_object, map_refs, open_map,
+                       read_map, resolve_windows, unique_nonzero, write_map)
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
 from .crypto.null import NullSealer, Sealer
@@ -59,6 +59,7 @@ SHARED_REFS = 1 << 32  # a shared repository's ref range per claim: one claim pe
 SUBDIRS = ("packs", "maps", "points", "index", "locks", "tmp")
 INDEX_FILES = ("data.mdb", "lock.mdb")
 REWRITE_THREADS = 8  # manifests `rewrite_points` reads at once
+MAP_OPENS = 8  # maps of a chain opened at once (a request each on object storage)
 
 
 class Repository:
@@ -621,14 +622,22 @@ class Repository:
         map segment's range, in block order (blockmap.resolve_windows): a window not yielded
         is all ZERO; with `near` (sorted block numbers) only the windows holding them. Memory:
         one window and one segment of each map of the chain, whatever the disk's size."""
-        streams = []
-        for name, nblocks in chain or self.chain(point, key):
-            stream = open_map(self.store, name, self.sealer)
+        chain = chain or self.chain(point, key)
+        streams = self._open_maps([name for name, _ in chain])
+        for (name, nblocks), stream in zip(chain, streams):
             if stream.nblocks != nblocks:  # never size an array from an unchecked number
                 raise DamageError(f"block map {name} holds {stream.nblocks} blocks; its disk "
                                   f"record says {nblocks}: the metadata is damaged")
-            streams.append(stream)
         return resolve_windows(streams, near)
+
+    def _open_maps(self, names: list[str]) -> list[MapStream]:
+        """`open_map` of each map, together: on object storage each is a request (and a
+        decryption), which a restore or a backup waited for one after the other before its
+        first pack request or read."""
+        if len(names) < 2:
+            return [open_map(self.store, name, self.sealer) for name in names]
+        with ThreadPoolExecutor(min(len(names), MAP_OPENS)) as pool:
+            return list(pool.map(lambda name: open_map(self.store, name, self.sealer), names))
 
     def refs_at(self, point: PointRecord, key: str, blocks: np.ndarray, *,
                 chain: list[tuple[str, int]] | None = None) -> np.ndarray:

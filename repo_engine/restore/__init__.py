@@ -23,9 +23,14 @@ Steps:
    workers' reads and the writes; a request is issued only when the bytes of runs read and not
    yet checked (counting its largest run) stay under a cap, and a batch is handed over only
    when the bytes handed over and not yet written stay under another, so memory does not grow
-   with the disk. Every 32 MiB written, the writer has the kernel start writing the target's
-   dirty pages back (without waiting), so the disk writes all along and the final flush is
-   short.
+   with the disk. A batch's chunks are decompressed into one aligned buffer, a block apart,
+   and the target is written past the page cache where the kernel allows it (`O_DIRECT`): each
+   run of consecutive blocks with one request straight from that buffer, several writer
+   threads keeping several requests in flight. That spares a copy of every byte into the page
+   cache and the writing back and dropping of its dirty pages (about a fifth of a restore's
+   CPU time). Through the page cache instead, one writer thread writes, and every 32 MiB
+   written it has the kernel start writing the target's dirty pages back (without waiting).
+   Either way the disk writes all along and the final flush is short.
 6. Zero blocks that must be written become holes (files) or zeroed ranges (devices); flush.
 7. A missing, truncated or damaged pack does not stop the restore (a request that meets it
    goes on a run per request, to tell exactly which chunks it costs): the chunks it cannot give

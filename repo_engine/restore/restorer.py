@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import stat
@@ -31,7 +32,8 @@ from .plan import ReadRequest, ReadRun, ReadSettings, RestorePlan, plan_restore
 
 Progress = Callable[[int], None]
 WRITEBACK_BYTES = 32 << 20
-WRITE_BATCH = 2 << 20  # decoded bytes a worker hands the block writer at once
+WRITE_BATCH = 2 << 20  # decoded bytes a worker hands the block writer at once (at most)
+DIRECT_WRITERS = 4  # writes in flight at once to a target written past the page cache
 KEPT_WINDOW_BYTES = 16 << 20  # resolved map windows a restore keeps from its first pass
 SHOWN_RANGES = 4  # damaged byte ranges a restore error lists (then a count of the others)
 SHOWN_PACKS = 2  # damaged packs it describes
@@ -93,7 +95,7 @@ def _open_target(target: Path, capacity: int, *, onto: bool,
     `target` when complete; None when the target is written in place)."""
     kind = _target_kind(target)
     if kind == "device":
-        device = vddk_ext.open_local(str(target), writable=True)
+        device = vddk_ext.open_local(str(target), writable=True, direct=True)
         if device.capacity < capacity:
             device.close()
             raise UsageError(f"{target} holds {device.capacity} bytes; the disk needs {capacity}")
@@ -102,11 +104,12 @@ def _open_target(target: Path, capacity: int, *, onto: bool,
         if kind != "file":
             raise UsageError(f"--onto target {target} does not exist")
         os.truncate(target, capacity)
-        return vddk_ext.open_local(str(target), writable=True), None
+        return vddk_ext.open_local(str(target), writable=True, direct=True), None
     if kind == "file" and not force:
         raise UsageError(f"{target} already exists; use --force to replace it")
     staged = target.with_name(f".{target.name}.restore-{os.getpid()}-{os.urandom(4).hex()}")
-    return vddk_ext.open_local(str(staged), writable=True, create_size=capacity), staged
+    return (vddk_ext.open_local(str(staged), writable=True, create_size=capacity, direct=True),
+            staged)
 
 
 def _publish(staged: Path, target: Path) -> None:
@@ -200,13 +203,16 @@ class _RunReader:
                       chunks["stored"].tolist(), chunks["codec"].tolist(), chunks["raw"].tolist(),
                       chunks["ref"].tolist(), range(0, 32 * whole, 32))
         ids, bounds = chunks["id"].tobytes(), self.plan.bounds
-        batch = _Batch()
+        batch = self.writer.batch()
         for c, (lo, stored, codec, raw, ref, at) in enumerate(columns, start=run.first_chunk):
             chunk_id, what = ids[at:at + 32], f"pack {name} chunk ref {ref}"
+            if batch.full(raw):
+                self.writer.put(batch)
+                batch = self.writer.batch()
             try:
                 blob = self.repo.open_chunk(name, run.start + lo, chunk_id, view[lo:lo + stored],
                                             what)
-                data = self.repo.codec.decode(blob, codec, raw, chunk_id, what)
+                data = self.repo.codec.decode(blob, codec, raw, chunk_id, what, batch.slot(raw))
             except DamageError as exc:
                 done.damaged.append(c)
                 done.cause = done.cause or str(exc)
@@ -214,11 +220,7 @@ class _RunReader:
             blocks = self.plan.blocks_by_chunk[bounds[c]:bounds[c + 1]]
             batch.add(blocks, data)
             done.blocks += len(blocks)
-            if batch.nbytes >= WRITE_BATCH:
-                self.writer.put(batch)
-                batch = _Batch()
-        if batch.data:
-            self.writer.put(batch)
+        self.writer.put(batch)
 
     def _read_alone(self, run: ReadRun, name: str) -> tuple[bytes, int, str | None]:
         """The run's bytes with one request of its own, what of it is whole and why not."""
@@ -277,66 +279,139 @@ class _Budget:
 @dataclass
 class _Batch:
     """Checked chunks a worker hands to the writer at once: each chunk's data and the blocks it
-    fills, written in one call (`Disk.write_chunks`: one GIL round trip per batch)."""
+    fills, written in one call (`Disk.write_chunks`: one GIL round trip per batch). The chunks
+    are decoded into the batch's buffer (aligned, from `_Buffers`), one block apart in the order
+    they come: those of consecutive blocks lie there as on the disk, and a target written past
+    the page cache gets them in one request straight from it (no copy; a chunk longer than a
+    block, which its write refuses, is decoded into a buffer of its own)."""
 
+    buffer: memoryview
+    block_size: int
     blocks: list[np.ndarray] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
-    data: list[bytes] = field(default_factory=list)
+    data: list[bytes | memoryview] = field(default_factory=list)
     nbytes: int = 0
+    used: int = 0  # bytes of the buffer taken: a block per chunk decoded there
 
-    def add(self, blocks: np.ndarray, data: bytes) -> None:
+    def full(self, raw: int) -> bool:
+        """Whether the next chunk, of `raw` bytes, must go into the next batch."""
+        return bool(self.data) and (self.nbytes + raw > len(self.buffer)
+                                    or self.used + self.block_size > len(self.buffer))
+
+    def slot(self, raw: int) -> memoryview | None:
+        """Where the next chunk is decoded (None: into a buffer of its own)."""
+        if raw > self.block_size or self.used + self.block_size > len(self.buffer):
+            return None
+        return self.buffer[self.used:self.used + self.block_size]
+
+    def add(self, blocks: np.ndarray, data: bytes | memoryview) -> None:
+        if isinstance(data, memoryview):  # decoded into the slot
+            self.used += self.block_size
         self.blocks.append(blocks)
         self.counts.append(len(blocks))
         self.data.append(data)
         self.nbytes += len(data)
 
-    def write(self, device: vddk_ext.Disk, block_size: int) -> None:
-        device.write_chunks(block_size, np.concatenate(self.blocks),
+    def write(self, device: vddk_ext.Disk) -> None:
+        device.write_chunks(self.block_size, np.concatenate(self.blocks),
                             np.array(self.counts, dtype=np.uint64), self.data)
 
 
+class _Buffers:
+    """The aligned buffers batches decode into (anonymous maps: page-aligned), each taken back
+    once its batch is written: a fresh one of megabytes for every batch would cost the kernel
+    a page fault per page. As many exist as batches are held at once, which the budgets bound."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+
+    def take(self) -> memoryview:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            return memoryview(mmap.mmap(-1, self.size))
+
+    def give(self, buffer: memoryview) -> None:
+        self._free.put(buffer)
+
+
 class _BlockWriter:
-    """The one thread that writes the target. Workers decode and check chunks in parallel and
-    hand them over in batches: several threads writing one file contend for its lock (and the
-    GIL on every return) and cost more CPU than the writes themselves, while one writer, one
-    call per batch, keeps the target's writes flowing and the disk busy (`_Writeback`). The
-    decoded bytes handed over and not yet written stay under `cap`. A failed write is raised
-    to the worker handing over the next batch (the restore stops) and again by `close`."""
+    """The threads that write the target. Workers decode and check chunks in parallel and hand
+    them over in batches. Through the page cache one thread writes: several threads writing one
+    file contend for its lock (and the GIL on every return) and cost more CPU than the writes
+    themselves, while one writer, one call per batch, keeps the target's writes flowing and the
+    disk busy (`_Writeback`). A target written past the page cache (`Disk.direct`) waits for
+    the disk at every write instead: DIRECT_WRITERS threads, each with a handle of its own,
+    keep that many writes in flight. The decoded bytes handed over and not yet written stay
+    under `cap`, plus a batch for each writer thread after the first. A failed write is raised to the worker handing over the next batch (the
+    restore stops) and again by `close`."""
 
     def __init__(self, device: vddk_ext.Disk, block_size: int, writeback: _Writeback,
                  cap: int) -> None:
-        self._device, self._bs, self._writeback = device, block_size, writeback
-        self._budget = _Budget(cap)
+        self._bs, self._writeback = block_size, writeback
+        self._buffers = _Buffers(max(WRITE_BATCH, block_size))
+        self._handles = _writer_handles(device)
+        # each writer thread but one holds a batch it writes: as many wait as with one writer
+        self._budget = _Budget(cap + WRITE_BATCH * (len(self._handles) - 1))
         self._queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="restore-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, args=(handle,),
+                                          name="restore-writer", daemon=True)
+                         for handle in self._handles]
+        for thread in self._threads:
+            thread.start()
+
+    def batch(self) -> _Batch:
+        """A new batch, its buffer taken from those written already."""
+        return _Batch(self._buffers.take(), self._bs)
 
     def put(self, batch: _Batch) -> None:
+        """Hand `batch` over (an empty one only gives its buffer back)."""
+        if not batch.data:
+            self._buffers.give(batch.buffer)
+            return
         if self._error is not None:
             raise self._error
         self._budget.take(batch.nbytes)
         if not self._budget.closed:  # a worker the failed restore left running: drop it
             self._queue.put(batch)
 
-    def _run(self) -> None:
+    def _run(self, device: vddk_ext.Disk) -> None:
         while (batch := self._queue.get()) is not None:
             try:
                 if self._error is None:
-                    batch.write(self._device, self._bs)
+                    batch.write(device)
                     self._writeback.wrote(batch.nbytes)
+                    self._buffers.give(batch.buffer)  # written: nothing refers to it now
             except BaseException as exc:  # noqa: BLE001 - raised again by put and close
                 self._error = exc
             finally:
                 self._budget.give(batch.nbytes)
 
     def close(self) -> None:
-        """Write what was handed over, stop the thread; raise the write that failed."""
-        self._queue.put(None)
-        self._thread.join()
+        """Write what was handed over, stop the threads; raise the write that failed."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
+        for handle in self._handles[1:]:
+            handle.close()
         self._budget.close()
         if self._error is not None:
             raise self._error
+
+
+def _writer_handles(device: vddk_ext.Disk) -> list[vddk_ext.Disk]:
+    """`device`, and when it is written past the page cache, up to DIRECT_WRITERS - 1 more
+    handles on it (one a writer thread): fewer when the system gives no more."""
+    handles = [device]
+    try:
+        while device.direct and len(handles) < DIRECT_WRITERS:
+            handles.append(device.reopen())
+    except vddk_ext.DiskError:
+        pass
+    return handles
 
 
 def _completed(pool: ThreadPoolExecutor, fn: Callable, work: Iterable[tuple[int, tuple]],
@@ -543,7 +618,7 @@ class _Writer:
             self.device.write_zeroes(offset, length)
         reader = _RunReader(self.repo, plan, self.blocks, self.reads.decoders)
         work = [(request.held, (request, self._pack_name(request.pack)))
-                for request in plan.requests]
+                for request in _longest_first(plan.requests)]
         damaged: list[int] = []
         with ThreadPoolExecutor(self.reads.in_flight) as pool:
             for done in _completed(pool, reader, work, _Budget(self.reads.memory)):
@@ -563,6 +638,18 @@ class _Writer:
         if name is None:
             name = self._names[number] = self.repo.index.pack_info(number).name
         return name
+
+
+def _longest_first(requests: list[ReadRequest]) -> list[ReadRequest]:
+    """`requests` (in pack and offset order) to issue: the packs whose longest request is
+    longer first, so that those that end the restore are short (not one long request read and
+    decoded by one thread while the other cores idle); each pack's requests in offset order,
+    the first one reading the pack's key header with it (begun by a later one, the header
+    would cost requests of its own)."""
+    longest: dict[int, int] = {}
+    for request in requests:
+        longest[request.pack] = max(longest.get(request.pack, 0), request.size)
+    return sorted(requests, key=lambda r: -longest[r.pack])  # stable: offset order kept
 
 
 @dataclass
@@ -605,9 +692,12 @@ class _Writeback:
     left and the image does not crowd out the page cache: every WRITEBACK_BYTES written,
     POSIX_FADV_DONTNEED on a second descriptor of a local target starts writing its dirty pages
     back without waiting for them (fdatasync would wait, and flush the disk's cache each time)
-    and drops the pages written back already. In the background, never two at once."""
+    and drops the pages written back already. In the background, never two at once. A target
+    written past the page cache (`Disk.direct`: the restore's big writes) has no such pages:
+    nothing to do while it is."""
 
     def __init__(self, device: vddk_ext.Disk) -> None:
+        self._device = device
         self._fd = os.open(device.path, os.O_RDONLY) if device.kind != "vddk" else -1
         self._pool = ThreadPoolExecutor(1)
         self._pending = 0
@@ -615,7 +705,7 @@ class _Writeback:
 
     def wrote(self, nbytes: int) -> None:
         self._pending += nbytes
-        if self._fd < 0 or self._pending < WRITEBACK_BYTES:
+        if self._fd < 0 or self._pending < WRITEBACK_BYTES or self._device.direct:
             return
         if self._running is None or self._running.done():
             self._running = self._pool.submit(self._start)

@@ -128,9 +128,24 @@ void bio_extent_list_free(bio_extent_list *l)
 
 typedef struct local_ctx {
     int fd;
+    int dfd;            /* the same file opened with O_DIRECT, or -1 */
+    int *direct;        /* the owning disk's flag: cleared with dfd */
     int blockdev;
     const char *path;   /* the owning disk's path */
 } local_ctx;
+
+static int aligned(uint64_t offset, size_t len, const void *buf)
+{
+    return ((offset | len | (uintptr_t)buf) & (BIO_ALIGN - 1)) == 0;
+}
+
+/* A file system that opened O_DIRECT but turns its writes down: buffered from now on. */
+static void drop_direct(local_ctx *c)
+{
+    close(c->dfd);
+    c->dfd = -1;
+    *c->direct = 0;
+}
 
 static int local_read(void *ctx, uint64_t offset, size_t len, void *buf, bio_error *e)
 {
@@ -164,9 +179,16 @@ static int local_write(void *ctx, uint64_t offset, size_t len, const void *buf, 
     const unsigned char *p = buf;
 
     while (len > 0) {
-        ssize_t n = pwrite(c->fd, p, len, (off_t)offset);
+        /* the aligned front of an aligned write past the page cache, the tail through it */
+        int direct = c->dfd >= 0 && len >= BIO_ALIGN && aligned(offset, 0, p);
+        size_t take = direct ? len & ~(size_t)(BIO_ALIGN - 1) : len;
+        ssize_t n = pwrite(direct ? c->dfd : c->fd, p, take, (off_t)offset);
         if (n < 0 && errno == EINTR)
             continue;
+        if (n < 0 && errno == EINVAL && direct) {
+            drop_direct(c);
+            continue;
+        }
         if (n <= 0) {
             int err = n < 0 ? errno : EIO;
             bio_fail_errno(e, err, "cannot write %zu bytes at offset %" PRIu64 " of %s",
@@ -290,8 +312,12 @@ static int local_allocated_extents(void *ctx, uint64_t capacity, bio_extent_list
 static int local_close(void *ctx, bio_error *e)
 {
     local_ctx *c = ctx;
-    int rc = close(c->fd);   /* never retried on EINTR: the fd is gone on Linux */
-    int err = errno;
+    int rc, err;
+
+    if (c->dfd >= 0)
+        close(c->dfd);
+    rc = close(c->fd);   /* never retried on EINTR: the fd is gone on Linux */
+    err = errno;
 
     if (rc != 0 && err != EINTR)
         bio_fail_errno(e, err, "error closing %s", c->path);
@@ -372,7 +398,29 @@ static int clear_nonblock(int fd, const char *path, bio_error *e)
     return 0;
 }
 
-int bio_open_local(const char *path, int writable, int create, uint64_t create_size,
+/* The file of fd opened once more with O_DIRECT (through /proc: the same inode, whatever
+ * the path names now), or -1 when the file system or the kernel refuses it. */
+static int reopen_direct(int fd)
+{
+    char proc[64];
+    struct stat a, b;
+    int dfd;
+
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
+    do {
+        dfd = open(proc, O_WRONLY | O_DIRECT | O_CLOEXEC | O_NOCTTY);
+    } while (dfd < 0 && errno == EINTR);
+    if (dfd < 0)
+        return -1;
+    if (fstat(fd, &a) != 0 || fstat(dfd, &b) != 0 || a.st_dev != b.st_dev
+        || a.st_ino != b.st_ino) {
+        close(dfd);
+        return -1;
+    }
+    return dfd;
+}
+
+int bio_open_local(const char *path, int writable, int create, uint64_t create_size, int direct,
                    bio_disk **out, bio_error *e)
 {
     /* O_NONBLOCK: opening a FIFO with no writer must not hang; its type is refused below */
@@ -403,17 +451,60 @@ int bio_open_local(const char *path, int writable, int create, uint64_t create_s
         goto fail;
     }
     c->fd = fd;
+    c->dfd = writable && direct ? reopen_direct(fd) : -1;
     c->blockdev = blockdev;
     c->path = path;   /* until the disk owns its copy */
     if (bio_disk_new(&local_ops, c, path, blockdev ? BIO_KIND_BLOCKDEV : BIO_KIND_FILE,
                      capacity, writable, 0, &d, e) != 0)
-        return -1;   /* bio_disk_new closed c and its fd */
+        return -1;   /* bio_disk_new closed c and its fds */
     c->path = d->path;
+    c->direct = &d->direct;
+    d->direct = c->dfd >= 0;
     *out = d;
     return 0;
 fail:
     close(fd);
     return -1;
+}
+
+/* A second handle on the file of local disk d (the same inode, through /proc), writable as d
+ * is and direct when d is: for writes from several threads at once, each with its own handle
+ * (the page cache is bypassed: no contention in it). */
+int bio_reopen_local(bio_disk *d, bio_disk **out, bio_error *e)
+{
+    const local_ctx *old = d->ctx;
+    char proc[64];
+    local_ctx *c;
+    bio_disk *n;
+    int fd;
+
+    if (d->ops != &local_ops) {
+        bio_fail(e, EINVAL, "cannot reopen %s: only local disks can be", d->path);
+        return -1;
+    }
+    snprintf(proc, sizeof proc, "/proc/self/fd/%d", old->fd);
+    do {
+        fd = open(proc, (d->writable ? O_RDWR : O_RDONLY) | O_CLOEXEC | O_NOCTTY);
+    } while (fd < 0 && errno == EINTR);
+    if (fd < 0) {
+        bio_fail_errno(e, errno, "cannot open %s again", d->path);
+        return -1;
+    }
+    c = malloc(sizeof *c);
+    if (c == NULL) {
+        close(fd);
+        bio_fail(e, ENOMEM, "out of memory opening %s", d->path);
+        return -1;
+    }
+    *c = (local_ctx){.fd = fd, .dfd = d->direct ? reopen_direct(fd) : -1,
+                     .blockdev = old->blockdev, .path = d->path};
+    if (bio_disk_new(&local_ops, c, d->path, d->kind, d->capacity, d->writable, 0, &n, e) != 0)
+        return -1;
+    c->path = n->path;
+    c->direct = &n->direct;
+    n->direct = c->dfd >= 0;
+    *out = n;
+    return 0;
 }
 
 /* ------------------------------------------------------------------- disks */
@@ -447,6 +538,7 @@ int bio_close(bio_disk *d, bio_error *e)
 {
     int rc = d->ops->close(d->ctx, e);
 
+    free(d->stage);
     free(d->path);
     free(d);
     return rc;
@@ -659,35 +751,191 @@ int bio_read_blocks(bio_disk *d, uint32_t block_size, const uint64_t *blocks, si
     return 0;
 }
 
-int bio_write_blocks(bio_disk *d, uint32_t block_size, const uint64_t *blocks, size_t n,
-                     const void *data, size_t len, bio_error *e)
+/* The bytes of block `block` that `len` bytes of data p write (its real length), or 0 with
+ * e filled when they cannot be written there. */
+static uint64_t block_write_length(const bio_disk *d, uint32_t block_size, uint64_t block,
+                                   const unsigned char *p, size_t len, bio_error *e)
 {
-    const unsigned char *p = data;
-    size_t i;
+    uint64_t real = bio_block_length(d->capacity, block_size, block);
 
+    if (real == 0) {
+        block_beyond_end(d, block_size, block, e);
+        return 0;
+    }
+    if (len != real && len != block_size) {
+        bio_fail(e, EINVAL, "cannot write %zu bytes at block %" PRIu64 " of %s: "
+                 "the block is %" PRIu64 " bytes", len, block, d->path, real);
+        return 0;
+    }
+    if (len > real && !bio_is_zero(p + real, len - real)) {
+        bio_fail(e, EINVAL, "cannot write block %" PRIu64 " of %s: the data past the end "
+                 "of the disk (%" PRIu64 " bytes in) is not zero", block, d->path, real);
+        return 0;
+    }
+    return real;
+}
+
+static int check_write(const bio_disk *d, uint32_t block_size, bio_error *e)
+{
     if (check_writable(d, e) != 0)
         return -1;
     if (!bio_block_size_valid(block_size)) {
         bio_fail(e, EINVAL, "invalid block size %" PRIu32, block_size);
         return -1;
     }
+    return 0;
+}
+
+int bio_write_blocks(bio_disk *d, uint32_t block_size, const uint64_t *blocks, size_t n,
+                     const void *data, size_t len, bio_error *e)
+{
+    const unsigned char *p = data;
+    size_t i;
+
+    if (check_write(d, block_size, e) != 0)
+        return -1;
     for (i = 0; i < n; i++) {
         uint64_t block = blocks[i];   /* read once: the caller's array may change */
-        uint64_t real = bio_block_length(d->capacity, block_size, block);
+        uint64_t real = block_write_length(d, block_size, block, p, len, e);
         if (real == 0)
-            return block_beyond_end(d, block_size, block, e);
-        if (len != real && len != block_size) {
-            bio_fail(e, EINVAL, "cannot write %zu bytes at block %" PRIu64 " of %s: "
-                     "the block is %" PRIu64 " bytes", len, block, d->path, real);
             return -1;
-        }
-        if (len > real && !bio_is_zero(p + real, len - real)) {
-            bio_fail(e, EINVAL, "cannot write block %" PRIu64 " of %s: the data past the end "
-                     "of the disk (%" PRIu64 " bytes in) is not zero", block, d->path, real);
-            return -1;
-        }
         if (d->ops->write(d->ctx, block * block_size, (size_t)real, p, e) != 0)
             return -1;
     }
     return 0;
+}
+
+/* One block of a bio_write_chunks call: where, whose data, and its place in the call (so that
+ * a block listed twice is still written in the caller's order). */
+typedef struct placed_block {
+    uint64_t block;
+    size_t chunk;
+    size_t order;
+} placed_block;
+
+static int by_block(const void *a, const void *b)
+{
+    const placed_block *x = a, *y = b;
+
+    if (x->block != y->block)
+        return x->block < y->block ? -1 : 1;
+    return x->order < y->order ? -1 : x->order > y->order;
+}
+
+/* The disk's staging buffer, at least `size` bytes and BIO_ALIGN-aligned. */
+static unsigned char *stage_of(bio_disk *d, size_t size, bio_error *e)
+{
+    if (d->stage_size < size) {
+        free(d->stage);
+        d->stage_size = 0;
+        if (posix_memalign((void **)&d->stage, BIO_ALIGN, size) != 0) {
+            d->stage = NULL;
+            bio_fail(e, ENOMEM, "out of memory writing to %s", d->path);
+            return NULL;
+        }
+        d->stage_size = size;
+    }
+    return d->stage;
+}
+
+/* How many of the sorted blocks v[0..n) follow each other on the disk with their data
+ * following each other in the caller's memory from an aligned start (0: the start is not
+ * aligned): written with one request straight from there. */
+static size_t in_place_run(uint32_t block_size, const placed_block *v, size_t n,
+                           const void *const *data)
+{
+    const unsigned char *first = data[v[0].chunk];
+    size_t k = 1;
+
+    if (((uintptr_t)first & (BIO_ALIGN - 1)) != 0)
+        return 0;
+    while (k < n && v[k].block == v[0].block + k
+           && (const unsigned char *)data[v[k].chunk] == first + k * (size_t)block_size)
+        k++;
+    return k;
+}
+
+/* The bytes of the k blocks from `block` on (the disk's last block may be short). */
+static size_t run_bytes(const bio_disk *d, uint32_t block_size, uint64_t block, size_t k)
+{
+    return (k - 1) * (size_t)block_size
+           + (size_t)bio_block_length(d->capacity, block_size, block + k - 1);
+}
+
+/* The sorted blocks `v` (their real lengths checked), a request per run of consecutive ones:
+ * from the caller's memory where their data lies in order there from an aligned start, else
+ * copied into the staging buffer first. */
+static int write_runs(bio_disk *d, uint32_t block_size, const placed_block *v, size_t n,
+                      const void *const *data, bio_error *e)
+{
+    size_t cap = block_size > BIO_STAGE_BYTES ? block_size : BIO_STAGE_BYTES;
+    size_t i = 0, j, k;
+
+    while (i < n) {
+        size_t bytes = 0;
+        unsigned char *stage;
+
+        if ((k = in_place_run(block_size, v + i, n - i, data)) > 0) {
+            if (d->ops->write(d->ctx, v[i].block * block_size,
+                              run_bytes(d, block_size, v[i].block, k), data[v[i].chunk], e) != 0)
+                return -1;
+            i += k;
+            continue;
+        }
+        if ((stage = stage_of(d, cap, e)) == NULL)
+            return -1;
+        for (j = i; j < n && v[j].block == v[i].block + (j - i) && bytes + block_size <= cap;
+             j++) {
+            uint64_t real = bio_block_length(d->capacity, block_size, v[j].block);
+            memcpy(stage + bytes, data[v[j].chunk], (size_t)real);
+            bytes += (size_t)real;
+        }
+        if (d->ops->write(d->ctx, v[i].block * block_size, bytes, stage, e) != 0)
+            return -1;
+        i = j;
+    }
+    return 0;
+}
+
+int bio_write_chunks(bio_disk *d, uint32_t block_size, const uint64_t *blocks, size_t n_blocks,
+                     const uint64_t *counts, const void *const *data, const size_t *lens,
+                     size_t n_chunks, bio_error *e)
+{
+    placed_block *v;
+    size_t i, k, at = 0;
+    int rc = -1;
+
+    if (!d->direct) {   /* the page cache merges small writes: each block as it comes */
+        for (i = 0; i < n_chunks; i++) {
+            if (bio_write_blocks(d, block_size, blocks + at, (size_t)counts[i], data[i], lens[i],
+                                 e) != 0)
+                return -1;
+            at += counts[i];
+        }
+        return 0;
+    }
+    if (check_write(d, block_size, e) != 0)
+        return -1;
+    v = malloc((n_blocks ? n_blocks : 1) * sizeof *v);
+    if (v == NULL) {
+        bio_fail(e, ENOMEM, "out of memory writing to %s", d->path);
+        return -1;
+    }
+    for (i = 0; i < n_chunks; i++) {
+        for (k = 0; k < counts[i]; k++, at++) {
+            if (at == n_blocks) {
+                bio_fail(e, EINVAL, "write_chunks: the counts add up to more than %zu blocks",
+                         n_blocks);
+                goto done;
+            }
+            v[at] = (placed_block){blocks[at], i, at};   /* read once: the array may change */
+            if (block_write_length(d, block_size, v[at].block, data[i], lens[i], e) == 0)
+                goto done;
+        }
+    }
+    qsort(v, n_blocks, sizeof *v, by_block);
+    rc = write_runs(d, block_size, v, n_blocks, data, e);
+done:
+    free(v);
+    return rc;
 }

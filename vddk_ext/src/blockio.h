@@ -93,6 +93,11 @@ typedef struct bio_disk {
     bio_kind kind;
     int writable;
     size_t max_request;      /* backend cap on one request in bytes; 0 = none */
+    /* 1 while writes of BIO_ALIGN-aligned requests bypass the page cache (a local disk opened
+     * with direct; 0 again if the file system turns such a write down) */
+    int direct;
+    unsigned char *stage;    /* bio_write_chunks' aligned buffer of stage_size bytes, or NULL */
+    size_t stage_size;
 } bio_disk;
 
 /* Errors. */
@@ -104,8 +109,11 @@ void bio_fail_errno(bio_error *e, int err, const char *fmt, ...)   /* appends ":
 /* Disks. bio_disk_new is for backends: it takes ownership of ctx. */
 int bio_disk_new(const bio_backend_ops *ops, void *ctx, const char *path, bio_kind kind,
                  uint64_t capacity, int writable, size_t max_request, bio_disk **out, bio_error *e);
-int bio_open_local(const char *path, int writable, int create, uint64_t create_size,
+/* direct: writable local disks also get an O_DIRECT descriptor, used for every write whose
+ * offset, length and buffer are BIO_ALIGN-aligned (none when the file system refuses it) */
+int bio_open_local(const char *path, int writable, int create, uint64_t create_size, int direct,
                    bio_disk **out, bio_error *e);
+int bio_reopen_local(bio_disk *d, bio_disk **out, bio_error *e);   /* same file, new handle */
 int bio_close(bio_disk *d, bio_error *e);   /* always frees d */
 const char *bio_kind_name(bio_kind kind);
 
@@ -142,6 +150,18 @@ int bio_read_blocks(bio_disk *d, uint32_t block_size, const uint64_t *blocks, si
  */
 int bio_write_blocks(bio_disk *d, uint32_t block_size, const uint64_t *blocks, size_t n,
                      const void *data, size_t len, bio_error *e);
+/*
+ * Chunk i (data[i], lens[i] bytes: as for bio_write_blocks) at the next counts[i]
+ * entries of blocks (n_blocks in all). On a direct disk the blocks are sorted and
+ * each run of consecutive ones is written with one request that bypasses the page
+ * cache: straight from the caller's memory when their data follows each other there
+ * from a BIO_ALIGN-aligned start (chunks decoded into one aligned buffer, block_size
+ * apart), else copied into an aligned buffer of the disk first (up to BIO_STAGE_BYTES).
+ */
+#define BIO_STAGE_BYTES (2u << 20)
+int bio_write_chunks(bio_disk *d, uint32_t block_size, const uint64_t *blocks, size_t n_blocks,
+                     const uint64_t *counts, const void *const *data, const size_t *lens,
+                     size_t n_chunks, bio_error *e);
 
 /* Helpers. */
 int bio_is_zero(const void *p, size_t n);

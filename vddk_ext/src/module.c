@@ -139,16 +139,17 @@ static PyObject *disk_result(int rc, const bio_error *e)
 
 static PyObject *open_local(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"path", "writable", "create_size", NULL};
+    static char *kwlist[] = {"path", "writable", "create_size", "direct", NULL};
     PyObject *path = NULL, *create_obj = Py_None, *encoded;
-    int writable = 0, rc;
+    int writable = 0, direct = 0, rc;
     long long create_size = 0;
     bio_disk *d = NULL;
     bio_error err;
 
     (void)module;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&|$pO:open_local", kwlist,
-                                     PyUnicode_FSDecoder, &path, &writable, &create_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O&|$pOp:open_local", kwlist,
+                                     PyUnicode_FSDecoder, &path, &writable, &create_obj,
+                                     &direct))
         return NULL;
     if (create_obj != Py_None) {
         create_size = PyLong_AsLongLong(create_obj);
@@ -165,7 +166,7 @@ static PyObject *open_local(PyObject *module, PyObject *args, PyObject *kwargs)
         goto fail;
     Py_BEGIN_ALLOW_THREADS
     rc = bio_open_local(PyBytes_AS_STRING(encoded), writable, create_obj != Py_None,
-                        (uint64_t)create_size, &d, &err);
+                        (uint64_t)create_size, direct, &d, &err);
     Py_END_ALLOW_THREADS
     Py_DECREF(encoded);
     if (rc != 0) {
@@ -236,6 +237,20 @@ static PyObject *disk_close(DiskObject *self, PyObject *unused)
     if (rc != 0)
         return raise_bio(&err);
     Py_RETURN_NONE;
+}
+
+/* Disk.reopen(): a second handle on the same local file (bio_reopen_local). */
+static PyObject *disk_reopen(DiskObject *self, PyObject *unused)
+{
+    bio_disk *n = NULL;
+    bio_error err;
+    int rc = 0;
+
+    (void)unused;
+    WITH_DISK(self, rc, bio_reopen_local(d, &n, &err));
+    if (rc != 0)
+        return disk_result(rc, &err);
+    return disk_wrap(n, Py_NewRef(self->path), Py_None);
 }
 
 static PyObject *disk_enter(DiskObject *self, PyObject *unused)
@@ -393,19 +408,29 @@ static int get_chunks(PyObject *seq, chunk_views *c)
     return 0;
 }
 
-/* Chunk i of `c` at the next counts[i] entries of `blocks` (which hold their sum). */
+/* Chunk i of `c` at the next counts[i] entries of `blocks` (n_blocks: their sum). */
 static int write_chunk_list(bio_disk *d, uint32_t block_size, const uint64_t *blocks,
-                            const uint64_t *counts, const chunk_views *c, bio_error *e)
+                            size_t n_blocks, const uint64_t *counts, const chunk_views *c,
+                            bio_error *e)
 {
+    const void **data = malloc((c->n ? (size_t)c->n : 1) * sizeof *data);
+    size_t *lens = malloc((c->n ? (size_t)c->n : 1) * sizeof *lens);
     Py_ssize_t i;
+    int rc = -1;
 
-    for (i = 0; i < c->n; i++) {
-        if (bio_write_blocks(d, block_size, blocks, (size_t)counts[i], c->views[i].buf,
-                             (size_t)c->views[i].len, e) != 0)
-            return -1;
-        blocks += counts[i];
+    if (data == NULL || lens == NULL) {
+        bio_fail(e, ENOMEM, "out of memory writing to %s", d->path);
+    } else {
+        for (i = 0; i < c->n; i++) {
+            data[i] = c->views[i].buf;
+            lens[i] = (size_t)c->views[i].len;
+        }
+        rc = bio_write_chunks(d, block_size, blocks, n_blocks, counts, data, lens,
+                              (size_t)c->n, e);
     }
-    return 0;
+    free(data);
+    free(lens);
+    return rc;
 }
 
 /* Whether counts (one per chunk) add up to exactly n_blocks, without overflow. */
@@ -453,8 +478,9 @@ static PyObject *disk_write_chunks(DiskObject *self, PyObject *args)
                      "one count per chunk, adding up to the number of blocks",
                      chunks.n, counts.len / 8, blocks.len / 8);
     } else {
-        WITH_DISK(self, rc, write_chunk_list(d, (uint32_t)block_size, blocks.buf, counts.buf,
-                                             &chunks, &err));
+        WITH_DISK(self, rc, write_chunk_list(d, (uint32_t)block_size, blocks.buf,
+                                             (size_t)(blocks.len / 8), counts.buf, &chunks,
+                                             &err));
         result = disk_result(rc, &err);
     }
     release_chunks(&chunks);
@@ -489,6 +515,18 @@ static PyObject *disk_get_path(DiskObject *self, void *closure)
     return Py_NewRef(self->path);
 }
 
+static PyObject *disk_get_direct(DiskObject *self, void *closure)
+{
+    int direct = 0;
+
+    (void)closure;
+    pthread_mutex_lock(&self->lock);
+    if (self->disk != NULL)
+        direct = self->disk->direct;
+    pthread_mutex_unlock(&self->lock);
+    return PyBool_FromLong(direct);
+}
+
 static PyObject *disk_get_closed(DiskObject *self, void *closure)
 {
     (void)closure;
@@ -516,6 +554,8 @@ static PyMethodDef disk_methods[] = {
     {"write_zeroes", (PyCFunction)disk_write_zeroes, METH_VARARGS,
      "write_zeroes(offset, length): holes on regular files, BLKZEROOUT on block devices"},
     {"flush", (PyCFunction)disk_flush, METH_NOARGS, "flush(): fsync"},
+    {"reopen", (PyCFunction)disk_reopen, METH_NOARGS,
+     "reopen() -> Disk: another handle on the same local file (writable and direct as this)"},
     {"close", (PyCFunction)disk_close, METH_NOARGS, "close(); idempotent"},
     {"__enter__", (PyCFunction)disk_enter, METH_NOARGS, NULL},
     {"__exit__", (PyCFunction)disk_exit, METH_VARARGS, NULL},
@@ -528,6 +568,8 @@ static PyGetSetDef disk_getset[] = {
     {"path", (getter)disk_get_path, NULL, "the path given to open_local or open_vddk", NULL},
     {"transport", (getter)disk_get_transport, NULL,
      "the VDDK transport in use (\"nbdssl\", \"hotadd\", ...), None for local disks", NULL},
+    {"direct", (getter)disk_get_direct, NULL,
+     "True while aligned writes bypass the page cache (open_local(direct=True))", NULL},
     {"closed", (getter)disk_get_closed, NULL, "True once close() was called", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

@@ -1,6 +1,8 @@
 """S3Store: a repository's objects as keys `PREFIX/NAME` in a bucket of an S3-compatible server.
 
-Client: boto3 (botocore), imported only when an `s3://` location is opened. Its own retries are
+Client: botocore (what boto3 is built on; the `s3` extra installs boto3, whose own layer, with
+s3transfer, would cost every command a tenth of its start-up to import and is not used),
+imported only when an `s3://` location is opened. Its own retries are
 switched off; `_Requests.call` retries every request itself so the cap, the backoff and the final
 message are ours:
 - retried: HTTP 500/502/503/504, SlowDown and kin, connection refused/reset/closed, timeouts,
@@ -41,8 +43,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-import boto3
 import botocore.config
+import botocore.session
 import botocore.exceptions as bexc
 import urllib3.exceptions
 
@@ -200,13 +202,14 @@ def _make_client(s: S3Settings) -> Any:
         request_checksum_calculation="when_required", response_checksum_validation="when_required",
         retries={"total_max_attempts": 1}, connect_timeout=s.connect_timeout,
         read_timeout=s.read_timeout, max_pool_connections=max(10, 2 * s.multipart_concurrency))
-    session = boto3.session.Session(
-        aws_access_key_id=s.access_key_id, aws_secret_access_key=s.secret_access_key,
-        aws_session_token=s.session_token, region_name=s.region)
     verify: bool | str = s.ca_bundle if (s.ca_bundle and s.verify_tls) else s.verify_tls
     if not s.verify_tls:  # asked for in the settings: no warning on every request
         warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
-    return session.client("s3", endpoint_url=s.endpoint, config=config, verify=verify)
+    # keys not given: botocore's own chain (environment, AWS_PROFILE's files, ...), as boto3's
+    return botocore.session.Session().create_client(
+        "s3", region_name=s.region, endpoint_url=s.endpoint, verify=verify, config=config,
+        aws_access_key_id=s.access_key_id, aws_secret_access_key=s.secret_access_key,
+        aws_session_token=s.session_token)
 
 
 def _client_for(location: str, s: S3Settings) -> Any:
