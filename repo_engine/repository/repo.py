@@ -81,6 +81,7 @@ class Repository:
         self._index = index
         self._opened: FileId | None = None  # the index file we opened ourselves
         self._opening = threading.Lock()  # threads of one process share one environment
+        self._map_opener: ThreadPoolExecutor | None = None  # one pool for every chain opened
         self._scans = False  # the index opened for reading whole tables (scanning)
         self.codec = ChunkCodec(chunk_key or config.key_bytes, config.compression_level)
         self.pack_keys = PackKeys(store, sealer)
@@ -175,6 +176,9 @@ class Repository:
 
     def close(self) -> None:
         self.close_index()
+        if self._map_opener is not None:
+            self._map_opener.shutdown()
+            self._map_opener = None
         self.store.close()
 
     def close_index(self) -> None:
@@ -636,8 +640,11 @@ class Repository:
         first pack request or read."""
         if len(names) < 2:
             return [open_map(self.store, name, self.sealer) for name in names]
-        with ThreadPoolExecutor(min(len(names), MAP_OPENS)) as pool:
-            return list(pool.map(lambda name: open_map(self.store, name, self.sealer), names))
+        with self._opening:  # a pool made once: a forget resolves thousands of chains
+            if self._map_opener is None:
+                self._map_opener = ThreadPoolExecutor(MAP_OPENS, thread_name_prefix="maps")
+        return list(self._map_opener.map(lambda name: open_map(self.store, name, self.sealer),
+                                         names))
 
     def refs_at(self, point: PointRecord, key: str, blocks: np.ndarray, *,
                 chain: list[tuple[str, int]] | None = None) -> np.ndarray:
