@@ -75,7 +75,7 @@ import json
 import os
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -661,18 +661,21 @@ class Index:
         if self.unfindable is not None:
             txn.delete(key, db=self.unfindable)
 
-    def unhide(self, txn: lmdb.Transaction, key: bytes, chunk_id: bytes) -> bool:
-        """Make findable again the ref of `key`, placed with `chunk_id`, that gc took out of
-        deduplication and a count holds again: `ids` names it unless it names another copy,
-        and `unfindable` lists it no more. A quarantined ref stays out (damaged). A
-        repository of one writer only: a shared one's refs are taken out by plans. Returns
-        whether the ref was made findable."""
-        if txn.get(key, db=self.quarantine) is not None:
-            return False
-        if txn.put(chunk_id, U64.pack(REF_KEY.unpack(key)[0]), db=self.ids, overwrite=False):
-            self.id_filter.inserted(txn, [chunk_id])
-        self.show_key(txn, key)
-        return True
+    def unhide(self, txn: lmdb.Transaction, places: Iterable[tuple[bytes, bytes]]) -> int:
+        """Make findable again the refs of `places` (key, place record) taken out of
+        deduplication that are kept after all (a count holds them, or a shared sweep keeps
+        them): `ids` names each unless it names another copy, and `unfindable` lists it no
+        more. A quarantined ref stays out (damaged). Returns how many were made findable."""
+        added, shown = [], 0
+        for key, rec in places:
+            if txn.get(key, db=self.quarantine) is not None:
+                continue
+            if txn.put(rec[:32], U64.pack(REF_KEY.unpack(key)[0]), db=self.ids, overwrite=False):
+                added.append(rec[:32])
+            self.show_key(txn, key)
+            shown += 1
+        self.id_filter.inserted(txn, added)
+        return shown
 
     def quarantine_ref(self, txn: lmdb.Transaction, ref: int, reason: str) -> bool:
         """Note a placed ref found damaged in `quarantine` and take it out of deduplication
@@ -720,9 +723,8 @@ class Index:
     def _give_back(self, txn: lmdb.Transaction, op: SweepOp) -> None:
         """The refs the plan of a sweep dooms and the sweep keeps (a backup counted them
         meanwhile: placed, not in the sweep's refs) are found again, as a local gc's sweep gives
-        a candidate counted meanwhile its `ids` entry back: each gets the entry unless `ids`
-        names another copy, and leaves `unfindable`. Not a quarantined one (damaged), nor one
-        another pending plan dooms. The plan's refs are taken a batch at a time, and the sweep's
+        a candidate counted meanwhile its `ids` entry back (`unhide`, which leaves a quarantined
+        one out), unless another pending plan dooms it. The plan's refs are taken a batch at a time, and the sweep's
         are searched as they are (gc writes them sorted): a plan may doom most chunks."""
         raw = txn.get(op.plan.encode(), db=self.plans)
         if raw is None:
@@ -738,18 +740,11 @@ class Index:
         kept = np.concatenate(parts or [np.zeros(0, np.uint64)])
         if not len(kept):
             return
-        kept = kept[~np.isin(kept, self._quarantined_of(txn, kept))]
         for other in self.plans_in(txn):
             if other.op.plan != op.plan:
                 kept = kept[~np.isin(kept, other.op.refs)]
-        added = []
         for start in range(0, len(kept), 4096):
-            for key, raw_place in found(ref_keys(kept[start:start + 4096])):
-                if txn.put(raw_place[:32], U64.pack(REF_KEY.unpack(key)[0]), db=self.ids,
-                           overwrite=False):
-                    added.append(raw_place[:32])
-                self.show_key(txn, key)
-        self.id_filter.inserted(txn, added)
+            self.unhide(txn, found(ref_keys(kept[start:start + 4096])))
 
     def _sweep(self, txn: lmdb.Transaction, seq: int, op: SweepOp) -> None:
         held, raw_bytes, stored = self.hide(txn, op.refs, drop=True)
