@@ -233,49 +233,53 @@ class Index:
             return True, True, True
         if self.read_only:
             return version > 1, version > 2, False
-        if version == 1:
-            self._upgrade_from_1()
-        if version <= 2:
-            self._upgrade_from_2()
-        if not self._upgrade:
-            if version <= 3:
-                self.unfindable = None  # as version 3 has it: no locality, nothing listed
-            return True, True, False
-        if version <= 3:
-            self._upgrade_from_3()
-        self._upgrade_from_4()
-        return True, True, True
+        version = self._upgrade_to(version, INDEX_VERSION if self._upgrade else 3)
+        if version == 3:
+            self.unfindable = None  # as version 3 has it: no locality, nothing listed
+        return True, True, version == INDEX_VERSION
 
-    def _upgrade_from_1(self) -> None:
+    def _upgrade_to(self, version: int, last: int) -> int:
+        """Upgrade the index, read at `version`, a version at a time up to `last`; returns its
+        version then. Each step reads the version it upgrades in its own write transaction:
+        another process opening the index at the same time may have upgraded it since (a step
+        taken twice would seal sealed counts again)."""
+        steps = {1: self._upgrade_from_1, 2: self._upgrade_from_2, 3: self._upgrade_from_3,
+                 4: self._upgrade_from_4}
+        while version < last:
+            with self.write() as txn:
+                version = self._get_u64(txn, b"version", self.meta)
+                if version < last:
+                    steps[version](txn)
+                    version += 1
+                    txn.put(b"version", U64.pack(version), db=self.meta)
+        return version
+
+    def _upgrade_from_1(self, txn: lmdb.Transaction) -> None:
         """Version 1 -> 2: seal every catalog record with its check. Records keep no sequence:
         they rank before every sequenced point, by time (see Repository.points)."""
-        with self.write() as txn:
-            for key, value in list(txn.cursor(db=self.points)):
-                record = decode_record(key, value, checked=False)
-                txn.put(key, encode_record(record), db=self.points)
-            txn.put(b"version", U64.pack(2), db=self.meta)
+        for key, value in list(txn.cursor(db=self.points)):
+            record = decode_record(key, value, checked=False)
+            txn.put(key, encode_record(record), db=self.points)
 
-    def _upgrade_from_2(self) -> None:
+    def _upgrade_from_2(self, txn: lmdb.Transaction) -> None:
         """Version 2 -> 3: seal every value of the count tables."""
-        with self.write() as txn:
-            for table in SEALED_DBS:
-                db = getattr(self, table)
-                rows = list(txn.cursor(db=db))
-                if not rows:
-                    continue
-                if {(len(k), len(v)) for k, v in rows} != {(KEY[table], PAYLOAD[table])}:
-                    raise DamageError(f"the index's {table} table is damaged; run "
-                                      "'repo-engine rebuild-index'")
-                keys = np.frombuffer(b"".join(k for k, _ in rows), np.uint8).reshape(
-                    len(rows), KEY[table])
-                payloads = np.frombuffer(b"".join(v for _, v in rows), np.uint8).reshape(
-                    len(rows), PAYLOAD[table])
-                values = seal_rows(table, keys, payloads)
-                for (key, _), value in zip(rows, values):
-                    txn.put(key, value.tobytes(), db=db)
-            txn.put(b"version", U64.pack(3), db=self.meta)
+        for table in SEALED_DBS:
+            db = getattr(self, table)
+            rows = list(txn.cursor(db=db))
+            if not rows:
+                continue
+            if {(len(k), len(v)) for k, v in rows} != {(KEY[table], PAYLOAD[table])}:
+                raise DamageError(f"the index's {table} table is damaged; run "
+                                  "'repo-engine rebuild-index'")
+            keys = np.frombuffer(b"".join(k for k, _ in rows), np.uint8).reshape(
+                len(rows), KEY[table])
+            payloads = np.frombuffer(b"".join(v for _, v in rows), np.uint8).reshape(
+                len(rows), PAYLOAD[table])
+            values = seal_rows(table, keys, payloads)
+            for (key, _), value in zip(rows, values):
+                txn.put(key, value.tobytes(), db=db)
 
-    def _upgrade_from_3(self) -> None:
+    def _upgrade_from_3(self, txn: lmdb.Transaction) -> None:
         """Version 3 -> 4: take out of deduplication (`ids` and `unfindable`) the quarantined
         chunks (an earlier sweep could give one its `ids` entry back) and the refs of pending
         plans, and list in `unfindable` the queued gc candidates `ids` does not name (a gc
@@ -285,27 +289,25 @@ class Index:
         does not name: loaded from a checkpoint, it knows a ref the writing host quarantined by
         that alone (its rows read in batches, the `ids` entries of a batch looked up at once:
         `_unnamed`); a malformed place record, which no look-up answers, is not listed."""
-        with self.write() as txn:
-            self.hide(txn, np.array([REF_KEY.unpack(k)[0] for k, _ in
-                                     txn.cursor(db=self.quarantine)], np.uint64))
-            for plan in list(self.plans_in(txn)):
-                self.hide(txn, plan.op.refs)
-            unnamed = []
-            for keys, _, fits in sized_batches(txn, self.gcq, REF_KEY.size, 0, UPGRADE_ROWS):
-                queued = np.frombuffer(keys, ">u8")[fits].astype(np.uint64)
-                places = txn.cursor(db=self.refs).getmulti(ref_keys(queued))
-                good = [(key, raw) for key, raw in places if len(raw) == REF_REC.size]
-                unnamed += [queued[~np.isin(queued, refs_found(places))], self._unnamed(
-                    txn, refs_found(good),
-                    np.frombuffer(b"".join(raw for _, raw in good), _REF_REC_DTYPE)["id"])]
-            if self.journal_seq_in(txn):
-                for keys, values, fits in sized_batches(txn, self.refs, REF_KEY.size,
-                                                        REF_REC.size, UPGRADE_ROWS):
-                    unnamed.append(self._unnamed(
-                        txn, np.frombuffer(keys, ">u8")[fits].astype(np.uint64),
-                        np.frombuffer(values, _REF_REC_DTYPE)["id"][fits]))
-            self._list(txn, np.unique(np.concatenate([np.zeros(0, np.uint64), *unnamed])))
-            txn.put(b"version", U64.pack(4), db=self.meta)
+        self.hide(txn, np.array([REF_KEY.unpack(k)[0] for k, _ in
+                                 txn.cursor(db=self.quarantine)], np.uint64))
+        for plan in list(self.plans_in(txn)):
+            self.hide(txn, plan.op.refs)
+        unnamed = []
+        for keys, _, fits in sized_batches(txn, self.gcq, REF_KEY.size, 0, UPGRADE_ROWS):
+            queued = np.frombuffer(keys, ">u8")[fits].astype(np.uint64)
+            places = txn.cursor(db=self.refs).getmulti(ref_keys(queued))
+            good = [(key, raw) for key, raw in places if len(raw) == REF_REC.size]
+            unnamed += [queued[~np.isin(queued, refs_found(places))], self._unnamed(
+                txn, refs_found(good),
+                np.frombuffer(b"".join(raw for _, raw in good), _REF_REC_DTYPE)["id"])]
+        if self.journal_seq_in(txn):
+            for keys, values, fits in sized_batches(txn, self.refs, REF_KEY.size,
+                                                    REF_REC.size, UPGRADE_ROWS):
+                unnamed.append(self._unnamed(
+                    txn, np.frombuffer(keys, ">u8")[fits].astype(np.uint64),
+                    np.frombuffer(values, _REF_REC_DTYPE)["id"][fits]))
+        self._list(txn, np.unique(np.concatenate([np.zeros(0, np.uint64), *unnamed])))
 
     def _unnamed(self, txn: lmdb.Transaction, refs: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Those of `refs` (their place records holding `ids`, V32) that `ids` does not name
@@ -333,17 +335,15 @@ class Index:
         txn.cursor(db=self.unfindable).putmulti(
             (key, values[8 * i:8 * i + 8]) for i, key in enumerate(ref_keys(refs)))
 
-    def _upgrade_from_4(self) -> None:
+    def _upgrade_from_4(self, txn: lmdb.Transaction) -> None:
         """Version 4 -> 5: each `unfindable` value becomes the check of its key (version 4
         wrote none; a later build writing a version 4 index kept open by an earlier one wrote
         them already). One pass over the table, the checks computed all at once."""
-        with self.write() as txn:
-            keys = list(txn.cursor(db=self.unfindable).iternext(keys=True, values=False))
-            if any(len(key) != REF_KEY.size for key in keys):
-                raise DamageError("the index's unfindable table is damaged (a key of another "
-                                  "size); run 'repo-engine rebuild-index'")
-            self._list(txn, np.frombuffer(b"".join(keys), ">u8").astype(np.uint64))
-            txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
+        keys = list(txn.cursor(db=self.unfindable).iternext(keys=True, values=False))
+        if any(len(key) != REF_KEY.size for key in keys):
+            raise DamageError("the index's unfindable table is damaged (a key of another "
+                              "size); run 'repo-engine rebuild-index'")
+        self._list(txn, np.frombuffer(b"".join(keys), ">u8").astype(np.uint64))
 
     @contextmanager
     def write(self) -> Iterator[lmdb.Transaction]:
