@@ -89,3 +89,21 @@ def test_sound_entries_pass_and_a_gc_sweeps_them(marked, tmp_path):
         map_refs(repo, again)) - 1
     gc(repo)
     assert restored(repo, again.id, tmp_path) == bytes(model.content)
+
+
+@pytest.mark.parametrize("offset, trusted", [(-1025, True), (-1024, False), (0, False),
+                                             (1024, False), (1025, True)])
+def test_a_failing_entry_turns_locality_off_within_1024_refs_of_the_window(tmp_path, offset,
+                                                                           trusted):
+    """A window [start, stop) is read only when every `unfindable` entry from start - 1024 to
+    stop + 1023 passes its check (`offset`: from start when negative, else from stop - 1)."""
+    repo = Repository.init(tmp_path / "repo", block_size=BLOCK)
+    start, stop = 5000, 5032
+    bad = start + offset if offset < 0 else stop - 1 + offset
+    try:
+        with repo.index.write() as txn:
+            txn.put(REF_KEY.pack(bad), bytes(8), db=repo.index.unfindable)  # fails its check
+        with repo.index.reader() as reader:
+            assert (reader.places_between(start, stop) is not None) == trusted
+    finally:
+        repo.close()
