@@ -150,17 +150,24 @@ def unfindable_values(path: Path) -> dict[int, bytes]:
         env.close()
 
 
-def test_a_version_4_index_gets_checked_entries_only_when_no_other_process_holds_a_lock(
-        tmp_path):
-    """Kept at version 4 meanwhile, read unchecked: a look-up by locality still skips the
-    listed ref (writable or read-only open); upgraded later, every entry holds its check."""
+def stopped_after_mark(tmp_path: Path, version: int) -> tuple[Path, object, int]:
+    """A repository whose gc stopped after its mark (`unfindable` lists the doomed ref), its
+    index rewritten as `version` wrote it: (path, the disk's model, the doomed ref)."""
     path = tmp_path / "repo"
     repo = Repository.init(path, block_size=BLOCK)
     model, doomed, _kept = first_backup_then_changed(repo, tmp_path)
     local_gc.settle_dead_maps(repo)
-    local_gc._mark(repo)  # a gc stopped after its mark: `unfindable` lists `doomed`
+    local_gc._mark(repo)
     repo.close()
-    downgrade(path, 4)
+    downgrade(path, version)
+    return path, model, doomed
+
+
+def test_a_version_4_index_gets_checked_entries_only_when_no_other_process_holds_a_lock(
+        tmp_path):
+    """Kept at version 4 meanwhile, read unchecked: a look-up by locality still skips the
+    listed ref (writable or read-only open); upgraded later, every entry holds its check."""
+    path, model, doomed = stopped_after_mark(tmp_path, 4)
     assert unfindable_values(path) == {doomed: b""}
 
     holder = Holder(path / "locks")
@@ -260,13 +267,7 @@ def test_two_processes_opening_an_older_index_at_once_upgrade_it_once(tmp_path, 
     takes its first step: each step checks, in its write transaction, that the index is still at
     the version it upgrades (the counts sealed twice were taken for damage, and every later
     open refused the index)."""
-    path = tmp_path / "repo"
-    repo = Repository.init(path, block_size=BLOCK)
-    model, doomed, _kept = first_backup_then_changed(repo, tmp_path)
-    local_gc.settle_dead_maps(repo)
-    local_gc._mark(repo)  # a gc stopped after its mark: `unfindable` lists `doomed`
-    repo.close()
-    downgrade(path, version)
+    path, model, doomed = stopped_after_mark(tmp_path, version)
     write = Index.write
 
     def upgraded_meanwhile(self):  # the first write of the open: its first upgrade step
