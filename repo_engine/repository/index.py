@@ -665,10 +665,12 @@ class Index:
         """Make findable again the refs of `places` (key, place record) taken out of
         deduplication that are kept after all (a count holds them, or a shared sweep keeps
         them): `ids` names each unless it names another copy, and `unfindable` lists it no
-        more. A quarantined ref stays out (damaged). Returns how many were made findable."""
+        more. A quarantined ref stays out (damaged), and so does one whose place record is of
+        another size (damaged: it names no chunk; verify reports it). Returns how many were made
+        findable."""
         added, shown = [], 0
         for key, rec in places:
-            if txn.get(key, db=self.quarantine) is not None:
+            if len(rec) != REF_REC.size or txn.get(key, db=self.quarantine) is not None:
                 continue
             if txn.put(rec[:32], U64.pack(REF_KEY.unpack(key)[0]), db=self.ids, overwrite=False):
                 added.append(rec[:32])
