@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import lmdb
+import pytest
 
 from repo_engine.maintenance import gc as local_gc
 from repo_engine.maintenance.gc import gc
+from repo_engine.maintenance.inventory import count_damage, trusted_unfindable
 from repo_engine.maintenance.scrub import _quarantine
 from repo_engine.repository import seals
 from repo_engine.repository.formats import INDEX_VERSION
@@ -148,17 +150,24 @@ def unfindable_values(path: Path) -> dict[int, bytes]:
         env.close()
 
 
-def test_a_version_4_index_gets_checked_entries_only_when_no_other_process_holds_a_lock(
-        tmp_path):
-    """Kept at version 4 meanwhile, read unchecked: a look-up by locality still skips the
-    listed ref (writable or read-only open); upgraded later, every entry holds its check."""
+def stopped_after_mark(tmp_path: Path, version: int) -> tuple[Path, object, int]:
+    """A repository whose gc stopped after its mark (`unfindable` lists the doomed ref), its
+    index rewritten as `version` wrote it: (path, the disk's model, the doomed ref)."""
     path = tmp_path / "repo"
     repo = Repository.init(path, block_size=BLOCK)
     model, doomed, _kept = first_backup_then_changed(repo, tmp_path)
     local_gc.settle_dead_maps(repo)
-    local_gc._mark(repo)  # a gc stopped after its mark: `unfindable` lists `doomed`
+    local_gc._mark(repo)
     repo.close()
-    downgrade(path, 4)
+    downgrade(path, version)
+    return path, model, doomed
+
+
+def test_a_version_4_index_gets_checked_entries_only_when_no_other_process_holds_a_lock(
+        tmp_path):
+    """Kept at version 4 meanwhile, read unchecked: a look-up by locality still skips the
+    listed ref (writable or read-only open); upgraded later, every entry holds its check."""
+    path, model, doomed = stopped_after_mark(tmp_path, 4)
     assert unfindable_values(path) == {doomed: b""}
 
     holder = Holder(path / "locks")
@@ -241,3 +250,44 @@ def test_the_batched_upgrade_of_a_cache_lists_exactly_the_refs_ids_does_not_name
         assert all(v == seals.mark("unfindable", REF_KEY.pack(r)) for r, v in listed.items())
     finally:
         index.close()
+
+
+OPENER = """
+import sys
+from pathlib import Path
+from repo_engine.repository.repo import Repository
+Repository.open(Path(sys.argv[1])).index.close()
+"""
+
+
+@pytest.mark.parametrize("version", [2, 3, 4])
+def test_two_processes_opening_an_older_index_at_once_upgrade_it_once(tmp_path, monkeypatch,
+                                                                      version):
+    """This process reads the version, then another process upgrades the index before this one
+    takes its first step: each step checks, in its write transaction, that the index is still at
+    the version it upgrades (the counts sealed twice were taken for damage, and every later
+    open refused the index)."""
+    path, model, doomed = stopped_after_mark(tmp_path, version)
+    write = Index.write
+
+    def upgraded_meanwhile(self):  # the first write of the open: its first upgrade step
+        if not called:
+            called.append(version)
+            subprocess.run([sys.executable, "-c", OPENER, str(path)], check=True)
+        return write(self)
+
+    monkeypatch.setattr(Index, "write", upgraded_meanwhile)
+    called = []
+    repo = Repository.open(path)
+    try:
+        assert repo.index.meta_u64("version") == INDEX_VERSION and repo.index.listed
+        assert called == [version]  # the other process upgraded it in between
+        again = back_up(repo, "b", model)
+        assert doomed not in map_refs(repo, again).tolist()
+        with repo.index.env.begin() as txn:
+            assert not count_damage(repo.index, txn)
+            assert list(trusted_unfindable(repo.index, txn)) == [doomed]
+        gc(repo)
+        assert restored(repo, again.id, tmp_path) == bytes(model.content)
+    finally:
+        repo.close()

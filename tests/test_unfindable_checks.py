@@ -6,6 +6,7 @@ the table and `rebuild-index`."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from helpers import cli
@@ -89,3 +90,45 @@ def test_sound_entries_pass_and_a_gc_sweeps_them(marked, tmp_path):
         map_refs(repo, again)) - 1
     gc(repo)
     assert restored(repo, again.id, tmp_path) == bytes(model.content)
+
+
+@pytest.mark.parametrize("offset, trusted", [(-1025, True), (-1024, False), (0, False),
+                                             (1024, False), (1025, True)])
+def test_a_failing_entry_turns_locality_off_within_1024_refs_of_the_window(tmp_path, offset,
+                                                                           trusted):
+    """A window [start, stop) is read only when every `unfindable` entry from start - 1024 to
+    stop + 1023 passes its check (`offset`: from start when negative, else from stop - 1)."""
+    repo = Repository.init(tmp_path / "repo", block_size=BLOCK)
+    start, stop = 5000, 5032
+    bad = start + offset if offset < 0 else stop - 1 + offset
+    try:
+        with repo.index.write() as txn:
+            txn.put(REF_KEY.pack(bad), bytes(8), db=repo.index.unfindable)  # fails its check
+        with repo.index.reader() as reader:
+            assert (reader.places_between(start, stop) is not None) == trusted
+    finally:
+        repo.close()
+
+
+def test_gc_gives_no_ids_entry_back_to_a_listed_ref_whose_place_record_is_malformed(tmp_path,
+                                                                                   capsys):
+    """A ref `unfindable` lists that a count holds gets its `ids` entry back from its place
+    record: a record of another size (damage) names no chunk, so the ref stays listed (verify
+    reports the record); gc neither fails on it nor puts a piece of it in `ids`."""
+    path = tmp_path / "repo"
+    repo = Repository.init(path, block_size=BLOCK)
+    _model, doomed, _kept = first_backup_then_changed(repo, tmp_path)
+    counted, index = doomed - 1, repo.index
+    key = REF_KEY.pack(counted)
+    with index.write() as txn:
+        index.hide(txn, np.array([counted], np.uint64))  # as a gc killed after its mark left it
+        txn.put(key, txn.get(key, db=index.refs)[:20], db=index.refs)
+    repo.close()
+    collected = cli(capsys, "gc", path)
+    assert collected.code in (0, 3), collected.err
+    assert collected.err.count("\n") <= 1 and "Traceback" not in collected.err
+    with Repository.open(path) as repo, repo.index.env.begin() as txn:
+        assert txn.get(key, db=repo.index.unfindable) is not None
+        named = list(txn.cursor(db=repo.index.ids))
+        assert {len(k) for k, _ in named} == {32} and REF_KEY.pack(counted)[::-1] not in {
+            v for _, v in named}

@@ -562,7 +562,7 @@ def _give_back_counted(repo: Repository) -> int:
         hidden = trusted_unfindable(index, txn)
         counted = hidden[~lacks(txn, index.refcount, hidden)]
         places = txn.cursor(db=index.refs).getmulti(ref_keys(counted))
-        return sum(index.unhide(txn, key, rec[:32]) for key, rec in places)
+        return index.unhide(txn, places)
 
 
 # -- step 3: mark ---------------------------------------------------------------------------
@@ -672,7 +672,7 @@ def _drop_candidates(txn: lmdb.Transaction, index: Index, candidates: list[int],
             continue
         chunk_id, pack, _off, stored, raw, _codec = REF_REC.unpack(rec)
         if txn.get(key, db=index.refcount) is not None:
-            index.unhide(txn, key, chunk_id)  # unless quarantined
+            index.unhide(txn, [(key, rec)])  # unless quarantined
             report.resurrected += 1
             continue
         txn.delete(key, db=index.refs)

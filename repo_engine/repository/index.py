@@ -75,7 +75,7 @@ import json
 import os
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,49 +233,53 @@ class Index:
             return True, True, True
         if self.read_only:
             return version > 1, version > 2, False
-        if version == 1:
-            self._upgrade_from_1()
-        if version <= 2:
-            self._upgrade_from_2()
-        if not self._upgrade:
-            if version <= 3:
-                self.unfindable = None  # as version 3 has it: no locality, nothing listed
-            return True, True, False
-        if version <= 3:
-            self._upgrade_from_3()
-        self._upgrade_from_4()
-        return True, True, True
+        version = self._upgrade_to(version, INDEX_VERSION if self._upgrade else 3)
+        if version == 3:
+            self.unfindable = None  # as version 3 has it: no locality, nothing listed
+        return True, True, version == INDEX_VERSION
 
-    def _upgrade_from_1(self) -> None:
+    def _upgrade_to(self, version: int, last: int) -> int:
+        """Upgrade the index, read at `version`, a version at a time up to `last`; returns its
+        version then. Each step reads the version it upgrades in its own write transaction:
+        another process opening the index at the same time may have upgraded it since (a step
+        taken twice would seal sealed counts again)."""
+        steps = {1: self._upgrade_from_1, 2: self._upgrade_from_2, 3: self._upgrade_from_3,
+                 4: self._upgrade_from_4}
+        while version < last:
+            with self.write() as txn:
+                version = self._get_u64(txn, b"version", self.meta)
+                if version < last:
+                    steps[version](txn)
+                    version += 1
+                    txn.put(b"version", U64.pack(version), db=self.meta)
+        return version
+
+    def _upgrade_from_1(self, txn: lmdb.Transaction) -> None:
         """Version 1 -> 2: seal every catalog record with its check. Records keep no sequence:
         they rank before every sequenced point, by time (see Repository.points)."""
-        with self.write() as txn:
-            for key, value in list(txn.cursor(db=self.points)):
-                record = decode_record(key, value, checked=False)
-                txn.put(key, encode_record(record), db=self.points)
-            txn.put(b"version", U64.pack(2), db=self.meta)
+        for key, value in list(txn.cursor(db=self.points)):
+            record = decode_record(key, value, checked=False)
+            txn.put(key, encode_record(record), db=self.points)
 
-    def _upgrade_from_2(self) -> None:
+    def _upgrade_from_2(self, txn: lmdb.Transaction) -> None:
         """Version 2 -> 3: seal every value of the count tables."""
-        with self.write() as txn:
-            for table in SEALED_DBS:
-                db = getattr(self, table)
-                rows = list(txn.cursor(db=db))
-                if not rows:
-                    continue
-                if {(len(k), len(v)) for k, v in rows} != {(KEY[table], PAYLOAD[table])}:
-                    raise DamageError(f"the index's {table} table is damaged; run "
-                                      "'repo-engine rebuild-index'")
-                keys = np.frombuffer(b"".join(k for k, _ in rows), np.uint8).reshape(
-                    len(rows), KEY[table])
-                payloads = np.frombuffer(b"".join(v for _, v in rows), np.uint8).reshape(
-                    len(rows), PAYLOAD[table])
-                values = seal_rows(table, keys, payloads)
-                for (key, _), value in zip(rows, values):
-                    txn.put(key, value.tobytes(), db=db)
-            txn.put(b"version", U64.pack(3), db=self.meta)
+        for table in SEALED_DBS:
+            db = getattr(self, table)
+            rows = list(txn.cursor(db=db))
+            if not rows:
+                continue
+            if {(len(k), len(v)) for k, v in rows} != {(KEY[table], PAYLOAD[table])}:
+                raise DamageError(f"the index's {table} table is damaged; run "
+                                  "'repo-engine rebuild-index'")
+            keys = np.frombuffer(b"".join(k for k, _ in rows), np.uint8).reshape(
+                len(rows), KEY[table])
+            payloads = np.frombuffer(b"".join(v for _, v in rows), np.uint8).reshape(
+                len(rows), PAYLOAD[table])
+            values = seal_rows(table, keys, payloads)
+            for (key, _), value in zip(rows, values):
+                txn.put(key, value.tobytes(), db=db)
 
-    def _upgrade_from_3(self) -> None:
+    def _upgrade_from_3(self, txn: lmdb.Transaction) -> None:
         """Version 3 -> 4: take out of deduplication (`ids` and `unfindable`) the quarantined
         chunks (an earlier sweep could give one its `ids` entry back) and the refs of pending
         plans, and list in `unfindable` the queued gc candidates `ids` does not name (a gc
@@ -285,27 +289,25 @@ class Index:
         does not name: loaded from a checkpoint, it knows a ref the writing host quarantined by
         that alone (its rows read in batches, the `ids` entries of a batch looked up at once:
         `_unnamed`); a malformed place record, which no look-up answers, is not listed."""
-        with self.write() as txn:
-            self.hide(txn, np.array([REF_KEY.unpack(k)[0] for k, _ in
-                                     txn.cursor(db=self.quarantine)], np.uint64))
-            for plan in list(self.plans_in(txn)):
-                self.hide(txn, plan.op.refs)
-            unnamed = []
-            for keys, _, fits in sized_batches(txn, self.gcq, REF_KEY.size, 0, UPGRADE_ROWS):
-                queued = np.frombuffer(keys, ">u8")[fits].astype(np.uint64)
-                places = txn.cursor(db=self.refs).getmulti(ref_keys(queued))
-                good = [(key, raw) for key, raw in places if len(raw) == REF_REC.size]
-                unnamed += [queued[~np.isin(queued, refs_found(places))], self._unnamed(
-                    txn, refs_found(good),
-                    np.frombuffer(b"".join(raw for _, raw in good), _REF_REC_DTYPE)["id"])]
-            if self.journal_seq_in(txn):
-                for keys, values, fits in sized_batches(txn, self.refs, REF_KEY.size,
-                                                        REF_REC.size, UPGRADE_ROWS):
-                    unnamed.append(self._unnamed(
-                        txn, np.frombuffer(keys, ">u8")[fits].astype(np.uint64),
-                        np.frombuffer(values, _REF_REC_DTYPE)["id"][fits]))
-            self._list(txn, np.unique(np.concatenate([np.zeros(0, np.uint64), *unnamed])))
-            txn.put(b"version", U64.pack(4), db=self.meta)
+        self.hide(txn, np.array([REF_KEY.unpack(k)[0] for k, _ in
+                                 txn.cursor(db=self.quarantine)], np.uint64))
+        for plan in list(self.plans_in(txn)):
+            self.hide(txn, plan.op.refs)
+        unnamed = []
+        for keys, _, fits in sized_batches(txn, self.gcq, REF_KEY.size, 0, UPGRADE_ROWS):
+            queued = np.frombuffer(keys, ">u8")[fits].astype(np.uint64)
+            places = txn.cursor(db=self.refs).getmulti(ref_keys(queued))
+            good = [(key, raw) for key, raw in places if len(raw) == REF_REC.size]
+            unnamed += [queued[~np.isin(queued, refs_found(places))], self._unnamed(
+                txn, refs_found(good),
+                np.frombuffer(b"".join(raw for _, raw in good), _REF_REC_DTYPE)["id"])]
+        if self.journal_seq_in(txn):
+            for keys, values, fits in sized_batches(txn, self.refs, REF_KEY.size,
+                                                    REF_REC.size, UPGRADE_ROWS):
+                unnamed.append(self._unnamed(
+                    txn, np.frombuffer(keys, ">u8")[fits].astype(np.uint64),
+                    np.frombuffer(values, _REF_REC_DTYPE)["id"][fits]))
+        self._list(txn, np.unique(np.concatenate([np.zeros(0, np.uint64), *unnamed])))
 
     def _unnamed(self, txn: lmdb.Transaction, refs: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Those of `refs` (their place records holding `ids`, V32) that `ids` does not name
@@ -333,17 +335,15 @@ class Index:
         txn.cursor(db=self.unfindable).putmulti(
             (key, values[8 * i:8 * i + 8]) for i, key in enumerate(ref_keys(refs)))
 
-    def _upgrade_from_4(self) -> None:
+    def _upgrade_from_4(self, txn: lmdb.Transaction) -> None:
         """Version 4 -> 5: each `unfindable` value becomes the check of its key (version 4
         wrote none; a later build writing a version 4 index kept open by an earlier one wrote
         them already). One pass over the table, the checks computed all at once."""
-        with self.write() as txn:
-            keys = list(txn.cursor(db=self.unfindable).iternext(keys=True, values=False))
-            if any(len(key) != REF_KEY.size for key in keys):
-                raise DamageError("the index's unfindable table is damaged (a key of another "
-                                  "size); run 'repo-engine rebuild-index'")
-            self._list(txn, np.frombuffer(b"".join(keys), ">u8").astype(np.uint64))
-            txn.put(b"version", U64.pack(INDEX_VERSION), db=self.meta)
+        keys = list(txn.cursor(db=self.unfindable).iternext(keys=True, values=False))
+        if any(len(key) != REF_KEY.size for key in keys):
+            raise DamageError("the index's unfindable table is damaged (a key of another "
+                              "size); run 'repo-engine rebuild-index'")
+        self._list(txn, np.frombuffer(b"".join(keys), ">u8").astype(np.uint64))
 
     @contextmanager
     def write(self) -> Iterator[lmdb.Transaction]:
@@ -661,18 +661,23 @@ class Index:
         if self.unfindable is not None:
             txn.delete(key, db=self.unfindable)
 
-    def unhide(self, txn: lmdb.Transaction, key: bytes, chunk_id: bytes) -> bool:
-        """Make findable again the ref of `key`, placed with `chunk_id`, that gc took out of
-        deduplication and a count holds again: `ids` names it unless it names another copy,
-        and `unfindable` lists it no more. A quarantined ref stays out (damaged). A
-        repository of one writer only: a shared one's refs are taken out by plans. Returns
-        whether the ref was made findable."""
-        if txn.get(key, db=self.quarantine) is not None:
-            return False
-        if txn.put(chunk_id, U64.pack(REF_KEY.unpack(key)[0]), db=self.ids, overwrite=False):
-            self.id_filter.inserted(txn, [chunk_id])
-        self.show_key(txn, key)
-        return True
+    def unhide(self, txn: lmdb.Transaction, places: Iterable[tuple[bytes, bytes]]) -> int:
+        """Make findable again the refs of `places` (key, place record) taken out of
+        deduplication that are kept after all (a count holds them, or a shared sweep keeps
+        them): `ids` names each unless it names another copy, and `unfindable` lists it no
+        more. A quarantined ref stays out (damaged), and so does one whose place record is of
+        another size (damaged: it names no chunk; verify reports it). Returns how many were made
+        findable."""
+        added, shown = [], 0
+        for key, rec in places:
+            if len(rec) != REF_REC.size or txn.get(key, db=self.quarantine) is not None:
+                continue
+            if txn.put(rec[:32], U64.pack(REF_KEY.unpack(key)[0]), db=self.ids, overwrite=False):
+                added.append(rec[:32])
+            self.show_key(txn, key)
+            shown += 1
+        self.id_filter.inserted(txn, added)
+        return shown
 
     def quarantine_ref(self, txn: lmdb.Transaction, ref: int, reason: str) -> bool:
         """Note a placed ref found damaged in `quarantine` and take it out of deduplication
@@ -720,9 +725,8 @@ class Index:
     def _give_back(self, txn: lmdb.Transaction, op: SweepOp) -> None:
         """The refs the plan of a sweep dooms and the sweep keeps (a backup counted them
         meanwhile: placed, not in the sweep's refs) are found again, as a local gc's sweep gives
-        a candidate counted meanwhile its `ids` entry back: each gets the entry unless `ids`
-        names another copy, and leaves `unfindable`. Not a quarantined one (damaged), nor one
-        another pending plan dooms. The plan's refs are taken a batch at a time, and the sweep's
+        a candidate counted meanwhile its `ids` entry back (`unhide`, which leaves a quarantined
+        one out), unless another pending plan dooms it. The plan's refs are taken a batch at a time, and the sweep's
         are searched as they are (gc writes them sorted): a plan may doom most chunks."""
         raw = txn.get(op.plan.encode(), db=self.plans)
         if raw is None:
@@ -738,18 +742,11 @@ class Index:
         kept = np.concatenate(parts or [np.zeros(0, np.uint64)])
         if not len(kept):
             return
-        kept = kept[~np.isin(kept, self._quarantined_of(txn, kept))]
         for other in self.plans_in(txn):
             if other.op.plan != op.plan:
                 kept = kept[~np.isin(kept, other.op.refs)]
-        added = []
         for start in range(0, len(kept), 4096):
-            for key, raw_place in found(ref_keys(kept[start:start + 4096])):
-                if txn.put(raw_place[:32], U64.pack(REF_KEY.unpack(key)[0]), db=self.ids,
-                           overwrite=False):
-                    added.append(raw_place[:32])
-                self.show_key(txn, key)
-        self.id_filter.inserted(txn, added)
+            self.unhide(txn, found(ref_keys(kept[start:start + 4096])))
 
     def _sweep(self, txn: lmdb.Transaction, seq: int, op: SweepOp) -> None:
         held, raw_bytes, stored = self.hide(txn, op.refs, drop=True)
