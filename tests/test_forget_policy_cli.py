@@ -108,7 +108,8 @@ def test_a_malformed_catalog_record_is_damage_to_a_policy_not_an_internal_error(
 
 
 @pytest.mark.parametrize("field,value", [("disks", [{"key": "sda", "parent": []}]),
-                                         ("disks", None), ("time", 5)])
+                                         ("disks", None), ("disks", ["sda"]), ("disks", [None]),
+                                         ("time", 5)])
 def test_a_malformed_record_beside_the_points_forgotten_is_damage(repo_with_points, capsys,
                                                                  field, value):
     """forget reads the other records of the VM only as far as it needs them (whether one is

@@ -86,7 +86,7 @@ def _malformed(record: dict) -> Iterator[None]:
     """A field of `record` read inside that is missing or of the wrong type is damage."""
     try:
         yield
-    except (KeyError, TypeError, ValueError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # (a disk not a dict)
         raise DamageError(f"catalog record {str(record.get('id'))[:16]!r}: restore point "
                           f"record is malformed ({exc}); run 'repo-engine rebuild-index'") from None
 
