@@ -108,7 +108,8 @@ def test_a_malformed_catalog_record_is_damage_to_a_policy_not_an_internal_error(
 
 
 @pytest.mark.parametrize("field,value", [("disks", [{"key": "sda", "parent": []}]),
-                                         ("disks", None), ("time", 5)])
+                                         ("disks", None), ("disks", ["sda"]), ("disks", [None]),
+                                         ("time", 5)])
 def test_a_malformed_record_beside_the_points_forgotten_is_damage(repo_with_points, capsys,
                                                                  field, value):
     """forget reads the other records of the VM only as far as it needs them (whether one is
@@ -123,5 +124,25 @@ def test_a_malformed_record_beside_the_points_forgotten_is_damage(repo_with_poin
     result = cli(capsys, "forget", repo, ids[0][:12])
     assert result.code == 3, result.err
     assert "malformed" in result.err and result.err.count("\n") == 1, result.err
+    with Repository.open(repo) as opened:
+        assert len(opened.index.points_records()) == len(ids) + 1
+
+
+@pytest.mark.parametrize("value", [1, "yes", [True]])
+def test_a_protected_flag_not_a_boolean_is_damage_and_the_point_stays(repo_with_points, capsys,
+                                                                      value):
+    """A point whose record's `protected` is not a boolean (shown as protected: it is truthy):
+    neither a policy nor forget by id removes it as if it were unprotected; each reports the
+    record malformed (exit 3, one line) and no point leaves the catalog."""
+    from repo_engine.repository.repo import Repository
+
+    repo, ids, _content, _other = repo_with_points
+    with Repository.open(repo) as opened:
+        record = next(r for r in opened.index.points_records("a") if r["id"] == ids[0])
+        opened.index.put_point(ids[0], {**record, "protected": value})
+    for args in (["--keep-last", "1"], [ids[0][:12]], [ids[0][:12], "--prune"]):
+        result = cli(capsys, "forget", repo, *args)
+        assert result.code == 3, result.err
+        assert "malformed" in result.err and result.err.count("\n") == 1, result.err
     with Repository.open(repo) as opened:
         assert len(opened.index.points_records()) == len(ids) + 1

@@ -466,3 +466,26 @@ def test_a_chunk_decoded_into_a_slot_is_checked_as_one_decoded_alone():
             for into in (None, slot):
                 with pytest.raises(DamageError, match="^c: chunk"):
                     codec.decode(blob_, kind, raw_len, chunk_id, "c", into)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("capacity", [MIB + 1000, MIB + 4096 + 512, MIB])
+def test_a_device_larger_than_the_disk_gets_the_disk_and_keeps_the_rest(tmp_path, direct,
+                                                                        capacity):
+    """A device (a LUN) larger than the disk: the disk's last block, short when the disk's
+    size is not a multiple of the block size, is written as the disk's bytes (not refused as
+    shorter than the device's block there), and nothing past the disk's end is written."""
+    rng = np.random.default_rng(capacity)
+    model = DiskModel(tmp_path / "a.img", capacity, rng)
+    model.write(0, rng.integers(0, 256, capacity, dtype=np.uint8).tobytes())
+    model.write(BS, bytes(2 * BS))  # zero blocks too
+    with Repository.init(tmp_path / "repo", block_size=BS, pack_size=256 * KIB) as repo:
+        point = backup_image(repo, "a", model.path)
+    target = tmp_path / "device.img"
+    target.write_bytes(b"\xaa" * (capacity + 3 * BS))
+    with Repository.open(tmp_path / "repo") as repo, \
+            vddk_ext.open_local(str(target), writable=True, direct=direct) as device:
+        restore_to_device(repo, point, "sda", device)
+    got = target.read_bytes()
+    assert got[:capacity] == bytes(model.content)
+    assert got[capacity:] == b"\xaa" * (3 * BS)

@@ -78,7 +78,7 @@ def _policy_info(record: dict) -> PointInfo:
                          parse_time(_text(record["time"])),
                          tuple(_text(d["key"]) for d in record["disks"]),
                          tuple(map(_text, record.get("tags", ()))),
-                         record.get("protected", False) is True)
+                         _protected(record))
 
 
 @contextmanager
@@ -86,7 +86,7 @@ def _malformed(record: dict) -> Iterator[None]:
     """A field of `record` read inside that is missing or of the wrong type is damage."""
     try:
         yield
-    except (KeyError, TypeError, ValueError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # (a disk not a dict)
         raise DamageError(f"catalog record {str(record.get('id'))[:16]!r}: restore point "
                           f"record is malformed ({exc}); run 'repo-engine rebuild-index'") from None
 
@@ -205,7 +205,9 @@ class Catalog(Mapping[str, PointRecord]):
             return _number(record.get("seq", 0)), _text(record["time"]), _text(record["id"])
 
     def protected(self, point_id: str) -> bool:
-        return self.records[point_id].get("protected", False) is True
+        record = self.records[point_id]
+        with _malformed(record):
+            return _protected(record)
 
     def built_on(self, point_id: str, gone: set[str]) -> bool:
         """Whether the point stays and has a disk built on a point in `gone` (it is
@@ -222,6 +224,15 @@ class Catalog(Mapping[str, PointRecord]):
             with _malformed(record):
                 vms.setdefault(_text(record["vm"]), {})[point_id] = record
         return [Catalog(records) for records in vms.values()]
+
+
+def _protected(record: dict) -> bool:
+    """The record's flag (a value not a boolean, which a listing shows as protected, is not
+    taken for False: TypeError)."""
+    value = record.get("protected", False)
+    if not isinstance(value, bool):
+        raise TypeError(f"protected {value!r} is not a boolean")
+    return value
 
 
 def _number(value: object) -> int:

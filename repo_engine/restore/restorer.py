@@ -283,20 +283,27 @@ class _Batch:
     are decoded into the batch's buffer (aligned, from `_Buffers`), one block apart in the order
     they come: those of consecutive blocks lie there as on the disk, and a target written past
     the page cache gets them in one request straight from it (no copy; a chunk longer than a
-    block, which its write refuses, is decoded into a buffer of its own)."""
+    block, which its write refuses, is decoded into a buffer of its own). A chunk shorter than
+    a block (the disk's short last block) is written as its bytes alone (`Disk.pwrite`): a
+    device larger than the disk has a whole block there, which `write_chunks` would want."""
 
     buffer: memoryview
     block_size: int
     blocks: list[np.ndarray] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
     data: list[bytes | memoryview] = field(default_factory=list)
+    short: list[tuple[int, bytes | memoryview]] = field(default_factory=list)  # (block, data)
     nbytes: int = 0
     used: int = 0  # bytes of the buffer taken: a block per chunk decoded there
 
+    @property
+    def empty(self) -> bool:
+        return not self.data and not self.short
+
     def full(self, raw: int) -> bool:
         """Whether the next chunk, of `raw` bytes, must go into the next batch."""
-        return bool(self.data) and (self.nbytes + raw > len(self.buffer)
-                                    or self.used + self.block_size > len(self.buffer))
+        return not self.empty and (self.nbytes + raw > len(self.buffer)
+                                   or self.used + self.block_size > len(self.buffer))
 
     def slot(self, raw: int) -> memoryview | None:
         """Where the next chunk is decoded (None: into a buffer of its own)."""
@@ -307,14 +314,20 @@ class _Batch:
     def add(self, blocks: np.ndarray, data: bytes | memoryview) -> None:
         if isinstance(data, memoryview):  # decoded into the slot
             self.used += self.block_size
+        self.nbytes += len(data)
+        if len(data) < self.block_size:
+            self.short += [(int(block), data) for block in blocks]
+            return
         self.blocks.append(blocks)
         self.counts.append(len(blocks))
         self.data.append(data)
-        self.nbytes += len(data)
 
     def write(self, device: vddk_ext.Disk) -> None:
-        device.write_chunks(self.block_size, np.concatenate(self.blocks),
-                            np.array(self.counts, dtype=np.uint64), self.data)
+        if self.data:
+            device.write_chunks(self.block_size, np.concatenate(self.blocks),
+                                np.array(self.counts, dtype=np.uint64), self.data)
+        for block, data in self.short:
+            device.pwrite(block * self.block_size, data)
 
 
 class _Buffers:
@@ -368,7 +381,7 @@ class _BlockWriter:
 
     def put(self, batch: _Batch) -> None:
         """Hand `batch` over (an empty one only gives its buffer back)."""
-        if not batch.data:
+        if batch.empty:
             self._buffers.give(batch.buffer)
             return
         if self._error is not None:
