@@ -726,8 +726,9 @@ class Index:
         """The refs the plan of a sweep dooms and the sweep keeps (a backup counted them
         meanwhile: placed, not in the sweep's refs) are found again, as a local gc's sweep gives
         a candidate counted meanwhile its `ids` entry back (`unhide`, which leaves a quarantined
-        one out), unless another pending plan dooms it. The plan's refs are taken a batch at a time, and the sweep's
-        are searched as they are (gc writes them sorted): a plan may doom most chunks."""
+        one out), unless another pending plan dooms it. The plan's refs are taken a batch at a
+        time, and the sweep's are searched as they are (gc writes them sorted): a plan may doom
+        most chunks."""
         raw = txn.get(op.plan.encode(), db=self.plans)
         if raw is None:
             return

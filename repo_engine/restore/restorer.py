@@ -357,8 +357,8 @@ class _BlockWriter:
     disk busy (`_Writeback`). A target written past the page cache (`Disk.direct`) waits for
     the disk at every write instead: DIRECT_WRITERS threads, each with a handle of its own,
     keep that many writes in flight. The decoded bytes handed over and not yet written stay
-    under `cap`, plus a batch for each writer thread after the first. A failed write is raised to the worker handing over the next batch (the
-    restore stops) and again by `close`."""
+    under `cap`, plus a batch for each writer thread after the first. A failed write is raised
+    to the worker handing over the next batch (the restore stops) and again by `close`."""
 
     def __init__(self, device: vddk_ext.Disk, block_size: int, writeback: _Writeback,
                  cap: int) -> None:
