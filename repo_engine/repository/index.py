@@ -2,8 +2,9 @@
 
 It is a cache over packs and point manifests: `rebuild-index` recreates it from them alone.
 The layouts of its records and their readers and writers are in index_records.py; Index
-inherits the upgrades of an index of an earlier version (below) from index_upgrade.py, and the
-bookkeeping of `unfindable` and `quarantine` from index_unfindable.py.
+inherits the upgrades of an index of an earlier version (below) from index_upgrade.py, the
+bookkeeping of `unfindable` and `quarantine` from index_unfindable.py and the journal's replay
+(below) from index_replay.py.
 
 | database  | key                  | value                                                      |
 |-----------|----------------------|------------------------------------------------------------|
@@ -89,15 +90,13 @@ from ..errors import DamageError, RepoError
 from .formats import INDEX_VERSION
 from .idfilter import FilterCache
 from .index_records import (LIVE_REC, LOCATION_DTYPE, PACK_KEY, PACK_REC, REF_KEY, REF_REC,
-                            REF_REC_DTYPE, decode_plan, decode_record, encode_plan,
-                            encode_record, pack_fields, ref_keys, refs_found)
+                            REF_REC_DTYPE, decode_record, encode_record, pack_fields, ref_keys,
+                            refs_found)
+from .index_replay import Replay
 from .index_unfindable import CHECKED_AROUND, Unfindable, marks_hold
 from .index_upgrade import Upgrades
-from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp,
-                      QuarantineOp, RefsOp, RetireOp, SweepOp, WaitsOp)
 from .lmdbfile import U64, check_data_file, cover_last_page, get_u64, readahead_pays
 from .packs import FinishedPack, PackEntry
-from .points import PointRecord
 from .safefile import FILE_MODE, make_dir
 from .seals import CHECK_SIZE, PAYLOAD, CountDamaged, seal, seal_rows, unseal, unsealed_rows
 
@@ -137,7 +136,7 @@ class PackInfo:
     count: int
 
 
-class Index(Unfindable, Upgrades):
+class Index(Replay, Unfindable, Upgrades):
     def __init__(self, path: Path, *, create: bool = False, scans: bool = False,
                  read_only: bool = False, upgrade: bool = True) -> None:
         """`scans`: the caller reads whole tables in key order (verify), so the kernel's
@@ -438,127 +437,10 @@ class Index(Unfindable, Upgrades):
         txn.put(point_id.encode(), encode_record(record), db=self.points)
         self._seq_used(txn, seq)
 
-    # -- the journal's replay (a shared repository's cache) -------------------------------
-    @property
-    def journal_seq(self) -> int:
-        return self.meta_u64("journal_seq")
-
-    def apply_entry(self, entry: Entry) -> bool:
-        """Apply a journal entry and advance `journal_seq` to it, in one transaction, when the
-        cache holds exactly the entries before it; False when it holds this one already.
-        DamageError when an entry before it is missing (the cache skipped one)."""
-        with self.write() as txn:
-            seq = self.journal_seq_in(txn)
-            if seq >= entry.seq:
-                return False
-            if seq != entry.seq - 1:
-                raise DamageError(f"the index holds journal entries up to {seq} and was given "
-                                  f"entry {entry.seq}; run 'repo-engine rebuild-index'")
-            for op in entry.ops:
-                self._apply(txn, entry.seq, op)
-            txn.put(b"journal_seq", U64.pack(entry.seq), db=self.meta)
-            txn.put(b"counts", U64.pack(0), db=self.meta)  # replay keeps no counts
-        return True
-
-    def _apply(self, txn: lmdb.Transaction, seq: int, op: Op) -> None:
-        if isinstance(op, RefsOp):
-            if self._get_u64(txn, b"next_ref", self.meta) < op.first + op.count:
-                txn.put(b"next_ref", U64.pack(op.first + op.count), db=self.meta)
-        elif isinstance(op, PackOp):
-            number = self._record_pack(txn, FinishedPack(op.name, op.size,
-                                                         _pack_entries(op.entries)))
-            self._placed_again(txn, number, op.entries["ref"])
-        elif isinstance(op, PointOp):
-            point = PointRecord.from_dict(op.record, f"journal entry {seq}").summary()
-            txn.put(point["id"].encode(), encode_record(point), db=self.points)
-            self._seq_used(txn, point["seq"])
-        elif isinstance(op, ForgetOp):
-            txn.delete(op.id.encode(), db=self.points)
-        elif isinstance(op, PlanOp):
-            self.hide(txn, op.refs)
-            self.put_plan(txn, PendingPlan(op))
-        elif isinstance(op, WaitsOp):
-            plan = self._get_plan(txn, op.plan)
-            if plan is not None:
-                self.put_plan(txn, PendingPlan(plan.op, list(op.leases)))
-        elif isinstance(op, SweepOp):
-            self._give_back(txn, op)
-            self._sweep(txn, seq, op)
-            self._unquarantine_unplaced(txn)
-        elif isinstance(op, QuarantineOp):
-            for ref, reason in zip(op.refs.tolist(), op.reasons):
-                self.quarantine_ref(txn, ref, reason)
-        elif isinstance(op, RetireOp):
-            self.put_retired(txn, self.retired_in(txn) | set(op.epochs))
-
-
-    def _sweep(self, txn: lmdb.Transaction, seq: int, op: SweepOp) -> None:
-        held, raw_bytes, stored = self.hide(txn, op.refs, drop=True)
-        for name, delta in (("chunks", held), ("raw_bytes", raw_bytes),
-                            ("stored_bytes", stored)):
-            self._add(txn, name, -min(delta, self._get_u64(txn, name.encode(), self.meta)))
-        for pack in op.packs:
-            self._drop_pack(txn, bytes.fromhex(pack))
-        for name in op.maps:
-            txn.put(bytes.fromhex(name), U64.pack(seq), db=self.sweptmaps)
-        txn.delete(op.plan.encode(), db=self.plans)
-
-    def _drop_pack(self, txn: lmdb.Transaction, name: bytes) -> None:
-        number = txn.get(name, db=self.packnames)
-        if number is None:
-            return
-        raw = txn.get(number, db=self.packs)
-        if raw is not None:
-            self._add(txn, "packs", -1)
-            self._add(txn, "pack_bytes", -PACK_REC.unpack(raw)[1])
-        for db in (self.packs, self.packlive):
-            txn.delete(number, db=db)
-        txn.delete(name, db=self.packnames)
-
-    def put_plan(self, txn: lmdb.Transaction, plan: PendingPlan) -> None:
-        txn.put(plan.op.plan.encode(), encode_plan(plan), db=self.plans)
-
-    def _get_plan(self, txn: lmdb.Transaction, plan_id: str) -> PendingPlan | None:
-        raw = txn.get(plan_id.encode(), db=self.plans)
-        return None if raw is None else decode_plan(plan_id, raw)
-
-    def pending_plans(self) -> list[PendingPlan]:
-        """The pending plans (committed, not swept yet), in id order."""
-        with self.env.begin() as txn:
-            return list(self.plans_in(txn))
-
-    def plans_in(self, txn: lmdb.Transaction) -> Iterator[PendingPlan]:
-        for key, raw in txn.cursor(db=self.plans):
-            yield decode_plan(key.decode(), raw)
-
-    def journal_seq_in(self, txn: lmdb.Transaction) -> int:
-        return self._get_u64(txn, b"journal_seq", self.meta)
-
-    def retired_in(self, txn: lmdb.Transaction) -> set[int]:
-        """The key epochs `key retire` retired (journal op `retire`): nothing may be committed
-        sealed under them."""
-        raw = txn.get(b"retired", db=self.meta)
-        return set() if raw is None else set(json.loads(raw))
-
-    def put_retired(self, txn: lmdb.Transaction, epochs: set[int]) -> None:
-        txn.put(b"retired", json.dumps(sorted(epochs)).encode(), db=self.meta)
-
-    def retired_epochs(self) -> set[int]:
-        with self.env.begin() as txn:
-            return self.retired_in(txn)
-
+    # -- meta values, places --------------------------------------------------------------
     def set_meta_u64(self, name: str, value: int) -> None:
         with self.write() as txn:
             txn.put(name.encode(), U64.pack(value), db=self.meta)
-
-    def doomed_maps(self, names: set[str]) -> set[str]:
-        """Those of `names` that a pending plan or a sweep names: gc deletes, or may delete,
-        that object, so a writer must not rely on it (it writes a salted copy instead)."""
-        with self.env.begin() as txn:
-            planned = {m for _k, v in txn.cursor(db=self.plans)
-                       for m in decode_plan("", v).op.maps}
-            return {n for n in names
-                    if n in planned or txn.get(bytes.fromhex(n), db=self.sweptmaps) is not None}
 
     def missing_refs(self, refs: np.ndarray) -> np.ndarray:
         """Those of `refs` the index does not place (a sweep removed them)."""
@@ -763,14 +645,6 @@ class Index(Unfindable, Upgrades):
                     found.append(self.record(key, value))
         return found
 
-
-def _pack_entries(rows: np.ndarray) -> list[PackEntry]:
-    """The PackEntry of each row of a packs.ENTRY_DTYPE array: its columns taken as Python
-    values once (a numpy scalar per field and row costs more than the index writes)."""
-    ids = rows["id"].tobytes()
-    columns = (rows[name].tolist() for name in ("ref", "offset", "stored", "raw", "codec"))
-    return [PackEntry(ref, ids[32 * i:32 * i + 32], offset, stored, raw, codec)
-            for i, (ref, offset, stored, raw, codec) in enumerate(zip(*columns))]
 
 
 def _last_key(txn: lmdb.Transaction, db: object) -> int:
