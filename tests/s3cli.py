@@ -113,7 +113,7 @@ def leftovers(location: str, cache: Path) -> Leftovers:
 def places(repo) -> dict[int, tuple[str, int]]:
     """ref -> (pack name, offset): where the cache of `repo` places each chunk."""
     from repo_engine.maintenance.inventory import scan_refs
-    from repo_engine.repository.index import pack_fields
+    from repo_engine.repository.index_records import pack_fields
 
     with repo.index.env.begin() as txn:
         table = scan_refs(repo.index, txn)

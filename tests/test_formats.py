@@ -16,7 +16,7 @@ from repo_engine.repository.blockmap import (DELTA, BlockMap, encode, map_object
                                              read_map, resolve_windows)
 from repo_engine.repository.envelope import seal, unseal
 from repo_engine.repository.formats import BLOCK_MAP, CONFIG, JOURNAL, PACK
-from repo_engine.repository.index import decode_record, encode_record
+from repo_engine.repository.index_records import decode_record, encode_record
 from repo_engine.repository.lmdbfile import META, MetaPage, check_data_file
 from repo_engine.repository.packs import HEADER, PackWriter, pack_object, read_trailer
 from repo_engine.repository.repo import Repository

@@ -16,7 +16,8 @@ from helpers import MIB, DiskModel, cli, copy_repo, restore_bytes, write_extents
 from repo_engine.maintenance import gc as gc_module
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.repository import index as index_module
-from repo_engine.repository.index import REF_KEY, U64
+from repo_engine.repository.index import U64
+from repo_engine.repository.index_records import REF_KEY
 from repo_engine.repository.repo import Repository
 
 _TIMING = {"seconds", "waited_seconds"}

@@ -13,7 +13,8 @@ from repo_engine.backup import job
 from repo_engine.maintenance.gc import gc
 from repo_engine.maintenance.scrub import _quarantine, scrub
 from repo_engine.repository.checkpoint import write_checkpoint
-from repo_engine.repository.index import REF_KEY, U64
+from repo_engine.repository.index import U64
+from repo_engine.repository.index_records import REF_KEY
 from repo_engine.repository.repo import Repository
 from test_locality import (BLOCK, CHANGED, back_up, disk_model,  # noqa: F401
                            first_backup_then_changed, local, map_refs, restored, shared_hosts)

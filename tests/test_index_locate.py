@@ -8,7 +8,7 @@ import pytest
 
 from helpers import repo_with_point
 from repo_engine.errors import DamageError
-from repo_engine.repository.index import REF_KEY, REF_REC
+from repo_engine.repository.index_records import REF_KEY, REF_REC
 from repo_engine.repository.repo import Repository
 
 
@@ -74,7 +74,7 @@ def test_refs_found_compare_whatever_their_size() -> None:
     native."""
     import struct
 
-    from repo_engine.repository.index import refs_found
+    from repo_engine.repository.index_records import refs_found
 
     refs = np.array([2**63 + 1, 2**63 + 2, 2**63 + 5, 7], np.uint64)
     found = [(struct.pack(">Q", r), b"") for r in (2**63 + 1, 2**63 + 5)]

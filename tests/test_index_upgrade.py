@@ -20,7 +20,8 @@ from repo_engine.maintenance.inventory import count_damage, trusted_unfindable
 from repo_engine.maintenance.scrub import _quarantine
 from repo_engine.repository import seals
 from repo_engine.repository.formats import INDEX_VERSION
-from repo_engine.repository.index import REF_KEY, Index
+from repo_engine.repository.index import Index
+from repo_engine.repository.index_records import REF_KEY
 from repo_engine.repository.locality import dedup_refs
 from repo_engine.repository.repo import Repository
 from test_index_damage import downgrade
@@ -213,10 +214,11 @@ def test_the_batched_upgrade_of_a_cache_lists_exactly_the_refs_ids_does_not_name
     place."""
     import numpy as np
 
-    from repo_engine.repository import index as index_module
-    from repo_engine.repository.index import REF_REC, U64
+    from repo_engine.repository import index_upgrade
+    from repo_engine.repository.index import U64
+    from repo_engine.repository.index_records import REF_REC
 
-    monkeypatch.setattr(index_module, "UPGRADE_ROWS", 7)
+    monkeypatch.setattr(index_upgrade, "UPGRADE_ROWS", 7)
     rng = np.random.default_rng(5)
     path = tmp_path / "index"
     index = Index(path, create=True)

@@ -16,7 +16,8 @@ from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import GcReport, gc
 from repo_engine.maintenance.scrub import _quarantine
 from repo_engine.repository.formats import INDEX_VERSION
-from repo_engine.repository.index import REF_KEY, IndexReader
+from repo_engine.repository.index import IndexReader
+from repo_engine.repository.index_records import REF_KEY
 from repo_engine.repository.locality import dedup_refs
 from repo_engine.repository.repo import Repository
 from repo_engine.restore.restorer import restore_disk

@@ -20,7 +20,7 @@ from repo_engine.maintenance.scrub import _quarantine
 from repo_engine.repository import idfilter
 from repo_engine.repository.checkpoint import write_checkpoint
 from repo_engine.repository.formats import INDEX_VERSION
-from repo_engine.repository.index import REF_KEY
+from repo_engine.repository.index_records import REF_KEY
 from repo_engine.repository.packs import pack_object
 from repo_engine.repository.repo import Repository
 from test_locality import (BLOCK, BLOCKS, CHANGED, back_up, disk_model, local,  # noqa: F401

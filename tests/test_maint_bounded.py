@@ -21,7 +21,8 @@ import pytest
 from helpers import cli
 from repo_engine.maintenance import inventory, rebuild, tally
 from repo_engine.repository import blockmap
-from repo_engine.repository.index import PACK_KEY, REF_KEY, REF_REC, U64
+from repo_engine.repository.index import U64
+from repo_engine.repository.index_records import PACK_KEY, REF_KEY, REF_REC
 from repo_engine.repository.repo import Repository
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))

@@ -15,7 +15,7 @@ import pytest
 from helpers import cli
 from race import Command
 from repo_engine.maintenance.scrub import _quarantine
-from repo_engine.repository.index import REF_KEY
+from repo_engine.repository.index_records import REF_KEY
 from repo_engine.repository.repo import Repository
 from test_races import _assert_restores, _assert_verifies, _backup, _backup_args, _init, _model
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from helpers import KIB, MIB, DiskModel, cli, disk_of, restore_bytes, write_extents
-from repo_engine.repository.index import REF_KEY, REF_REC
+from repo_engine.repository.index_records import REF_KEY, REF_REC
 from repo_engine.repository.packs import pack_object
 from repo_engine.repository.repo import Repository
 

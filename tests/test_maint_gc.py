@@ -25,7 +25,8 @@ from repo_engine.maintenance import tally
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import _settle, gc, tally_drift
 from repo_engine.maintenance.verify import verify
-from repo_engine.repository.index import REF_KEY, U64, Index
+from repo_engine.repository.index import U64, Index
+from repo_engine.repository.index_records import REF_KEY
 from repo_engine.repository.repo import Repository
 
 

@@ -17,7 +17,8 @@ from helpers import MIB, DiskModel, cli, restore_bytes
 from repo_engine.errors import DamageError, RepoError
 from repo_engine.maintenance import forget as forget_module
 from repo_engine.maintenance import gc as gc_module
-from repo_engine.repository.index import REF_KEY, U64, Index
+from repo_engine.repository.index import U64, Index
+from repo_engine.repository.index_records import REF_KEY
 from repo_engine.repository.packs import (ENTRY, FOOTER, HEADER, PackWriter, pack_object,
                                           read_trailer)
 from repo_engine.repository.repo import Repository

@@ -17,7 +17,7 @@ from helpers import KIB, MIB, DiskModel, cli, resident_pages, write_extents
 from repo_engine.errors import DamageError, UsageError
 from repo_engine.repository.blockmap import map_object
 from repo_engine.repository.config import read_config
-from repo_engine.repository.index import LOCATION_DTYPE
+from repo_engine.repository.index_records import LOCATION_DTYPE
 from repo_engine.repository.repo import Repository
 from repo_engine.repository.store.local import LocalStore
 from repo_engine.restore.plan import ReadSettings, read_requests

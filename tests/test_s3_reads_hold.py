@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from repo_engine.repository.index import _pack_entries
+from repo_engine.repository.index_replay import _pack_entries
 from repo_engine.repository.packs import ENTRY_DTYPE, PackEntry
 from repo_engine.repository.store import ShortRead
 from repo_engine.repository.store.local import LocalStore

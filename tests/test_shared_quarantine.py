@@ -12,7 +12,7 @@ from repo_engine.maintenance.scrub import scrub
 from repo_engine.maintenance.verify import verify
 from repo_engine.repository.checkpoint import (HEADER, checkpoint_object, load_checkpoint,
                                                write_checkpoint)
-from repo_engine.repository.index import REF_KEY, REF_REC
+from repo_engine.repository.index_records import REF_KEY, REF_REC
 from repo_engine.repository.repo import Repository
 from test_locality import (CHANGED, back_up, disk_model, map_refs, restored,  # noqa: F401
                            shared_hosts)

@@ -54,7 +54,7 @@ def test_a_long_reason_is_kept_cut_and_a_ref_no_cache_places_is_passed_over(
     _publish(a, QuarantineOp(np.array([ref, 1 << 40], np.uint64), ["é" * 100_000, "never"]))
     assert quarantined(b) == {ref} and found_by_id(b, ref) is None
     with b.index.env.begin() as txn:
-        from repo_engine.repository.index import REF_KEY
+        from repo_engine.repository.index_records import REF_KEY
         note = txn.get(REF_KEY.pack(ref), db=b.index.quarantine)
     assert 0 < len(note) <= 1000
 
@@ -92,7 +92,8 @@ def test_a_replayed_pack_op_ends_the_quarantine_of_the_refs_it_places_alone(tmp_
     a new pack placing a quarantined ref ends its quarantine, and no other note changes."""
     import os
 
-    from repo_engine.repository.index import REF_KEY, Index
+    from repo_engine.repository.index import Index
+    from repo_engine.repository.index_records import REF_KEY
     from repo_engine.repository.journal import Entry, PackOp
     from repo_engine.repository.packs import ENTRY_DTYPE
 

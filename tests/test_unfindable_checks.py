@@ -12,7 +12,7 @@ import pytest
 from helpers import cli
 from repo_engine.maintenance import gc as local_gc
 from repo_engine.maintenance.gc import gc
-from repo_engine.repository.index import REF_KEY
+from repo_engine.repository.index_records import REF_KEY
 from repo_engine.repository.repo import Repository
 from test_locality import BLOCK, CHANGED, back_up, first_backup_then_changed, map_refs, restored
 

@@ -67,8 +67,8 @@ import numpy as np
 from ..errors import DamageError, LockedError, RepoError
 from ..repository.store import ObjectDamaged, ObjectMissing
 from ..pause import pause_point
-from ..repository.index import (LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index,
-                                lacks, ref_keys)
+from ..repository.index import U64, Index, lacks
+from ..repository.index_records import LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, ref_keys
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.blockmap import map_object
 from ..repository.packs import PackWriter, blob_bytes, pack_object

@@ -16,7 +16,8 @@ import numpy as np
 from ..backup.extents import blocks_to_extents
 from ..errors import DamageError, LockedError, RepoError
 from ..pause import pause_point
-from ..repository.index import SEALED_DBS, Index
+from ..repository.index import Index
+from ..repository.index_records import SEALED_DBS
 from ..repository.locks import list_locks, remove_if_stale
 from ..repository.points import PointRecord
 from ..repository.repo import Repository

@@ -35,7 +35,8 @@ import numpy as np
 from ..errors import LockedError, RepoError
 from ..repository.checkpoint import catch_up
 from ..repository.config import CONFIG_NAME, read_config
-from ..repository.index import U64, Index, ref_keys
+from ..repository.index import U64, Index
+from ..repository.index_records import ref_keys
 from ..repository.leases import clear_leases
 from ..repository.locks import (EXCLUSIVE, SHARED, TORN_HOST, LockInfo, RepoLock, is_stale,
                                 list_locks, remove_if_stale, strays)

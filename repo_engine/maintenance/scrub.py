@@ -54,7 +54,8 @@ import numpy as np
 from ..backup.extents import extents_to_blocks
 from ..errors import DamageError, RepoError, UsageError
 from ..pause import pause_point
-from ..repository.index import PACK_KEY, REF_KEY, REF_REC, U64, Index, PackInfo
+from ..repository.index import U64, Index, PackInfo
+from ..repository.index_records import PACK_KEY, REF_KEY, REF_REC
 from ..repository.journal import PackOp, QuarantineOp
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import FinishedPack

@@ -57,7 +57,8 @@ from ..errors import DamageError, RepoError
 from ..pause import pause_point
 from ..repository.blockmap import find_sorted, holds, map_object
 from ..repository.checkpoint import checkpoint_due, compact, write_checkpoint
-from ..repository.index import PACK_KEY, REF_KEY, REF_REC, Index, pack_fields
+from ..repository.index import Index
+from ..repository.index_records import PACK_KEY, REF_KEY, REF_REC, pack_fields
 from ..repository.journal import (NothingToCommit, PackOp, PendingPlan, PlanOp, SweepOp,
                                    WaitsOp, new_plan_id)
 from ..repository.leases import SESSION, LeaseInfo, iso, list_leases, now

@@ -30,8 +30,8 @@ import numpy as np
 from ..errors import RepoError
 from ..pause import pause_point
 from ..repository.blockmap import holds
-from ..repository.index import (PACK_KEY, DamagedRecord, Index, pack_fields, ref_keys,
-                                refs_found)
+from ..repository.index import Index
+from ..repository.index_records import PACK_KEY, DamagedRecord, pack_fields, ref_keys, refs_found
 from ..repository.locks import SHARED
 from ..repository.points import PointRecord
 from ..repository.repo import Repository

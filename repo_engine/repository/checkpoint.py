@@ -68,10 +68,10 @@ from .atomic import write_all
 from .crypto.null import NULL_SEALER, PART_HEADER_SIZE, PartSealer, Sealer
 from .envelope import SEALED
 from .formats import CHECKPOINT, CHECKPOINT_QUARANTINE, FileFormat
-from .index import (COUNTERS, PACK_KEY, PACK_REC, REF_KEY, REF_REC, U64, Index, PendingPlan,
-                    encode_record)
-from .journal import (PREFIX, Entry, PlanOp, check_reasons, entry_object, entry_seqs,
-                      read_entry)
+from .index import COUNTERS, U64, Index
+from .index_records import PACK_KEY, PACK_REC, REF_KEY, REF_REC, encode_record
+from .journal import (PREFIX, Entry, PendingPlan, PlanOp, check_reasons, entry_object,
+                      entry_seqs, read_entry)
 from .points import PointRecord
 from .safefile import FILE_MODE
 from .store import ObjectExists, Store

@@ -1,6 +1,10 @@
 """The LMDB index: chunk id -> ref, ref -> place in a pack, pack numbers, and the point catalog.
 
 It is a cache over packs and point manifests: `rebuild-index` recreates it from them alone.
+The layouts of its records and their readers and writers are in index_records.py; Index
+inherits the upgrades of an index of an earlier version (below) from index_upgrade.py, the
+bookkeeping of `unfindable` and `quarantine` from index_unfindable.py and the journal's replay
+(below) from index_replay.py.
 
 | database  | key                  | value                                                      |
 |-----------|----------------------|------------------------------------------------------------|
@@ -73,61 +77,39 @@ from __future__ import annotations
 import errno
 import json
 import os
-import struct
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import blake3
 import lmdb
 import numpy as np
 
 from ..errors import DamageError, RepoError
-from .blockmap import holds
 from .formats import INDEX_VERSION
 from .idfilter import FilterCache
-from .journal import (Entry, ForgetOp, Op, PackOp, PendingPlan, PlanOp, PointOp,
-                      QuarantineOp, RefsOp, RetireOp, SweepOp, WaitsOp)
-from .lmdbfile import (U64, check_data_file, cover_last_page, get_u64, readahead_pays,
-                       sized_batches)
+from .index_records import (LIVE_REC, LOCATION_DTYPE, PACK_KEY, PACK_REC, REF_KEY, REF_REC,
+                            REF_REC_DTYPE, decode_record, encode_record, pack_fields, ref_keys,
+                            refs_found)
+from .index_replay import Replay
+from .index_unfindable import CHECKED_AROUND, Unfindable, marks_hold
+from .index_upgrade import Upgrades
+from .lmdbfile import U64, check_data_file, cover_last_page, get_u64, readahead_pays
 from .packs import FinishedPack, PackEntry
-from .points import PointRecord
 from .safefile import FILE_MODE, make_dir
-from .seals import (CHECK_SIZE, KEY, PAYLOAD, CountDamaged, mark, marked_rows, marks, seal,
-                    seal_rows, unseal, unsealed_rows)
+from .seals import CHECK_SIZE, PAYLOAD, CountDamaged, seal, seal_rows, unseal, unsealed_rows
 
-REF_KEY = struct.Struct(">Q")
-PACK_KEY = struct.Struct(">I")
-REF_REC = struct.Struct("<32sIQIIB")
-PACK_REC = struct.Struct("<32sQI")
-LIVE_REC = struct.Struct("<QQ")
 MAP_SIZE = 1 << 40  # address space only: LMDB grows the file as it fills
 # points a forget looks up one by one (and reads the records of their VMs); more: the whole
 # catalog in one pass
 FEW_POINTS = 64
 
-LOCATION_DTYPE = np.dtype(
-    [("ref", "<u8"), ("id", "V32"), ("pack", "<u4"), ("offset", "<u8"),
-     ("stored", "<u4"), ("raw", "<u4"), ("codec", "u1")]
-)
-# REF_REC as a numpy record (packed, little endian): parses many place records at once
-_REF_REC_DTYPE = np.dtype([("id", "V32"), ("pack", "<u4"), ("offset", "<u8"), ("stored", "<u4"),
-                           ("raw", "<u4"), ("codec", "u1")])
-assert _REF_REC_DTYPE.itemsize == REF_REC.size
-_NAMED_DTYPE = np.dtype([("id", "S32"), ("ref", "<u8")])  # an `ids` entry: key, value
 COUNTERS = ("chunks", "raw_bytes", "stored_bytes", "packs", "pack_bytes")
-SEALED_DBS = tuple(PAYLOAD)  # mapuse, refcount, deadmaps, packlive
 MAINT_DBS = ("mapuse", "refcount", "deadmaps", "gcq", "packlive", "deadpacks", "forgetting",
              "scrubbed", "quarantine", "reread")
 JOURNAL_DBS = ("plans", "sweptmaps")
 NEW_DBS = (*JOURNAL_DBS, "unfindable")  # added by later versions: absent from older read-only ones
-PLAN_HEAD = struct.Struct("<I")
-# refs either side of a look-up by locality whose `unfindable` entries are checked too: the
-# table is sparse but where gc doomed many refs, so this costs a seek and a few entries
-CHECKED_AROUND = 1024
-UPGRADE_ROWS = 1 << 17  # rows an upgrade reads, and looks up, at once (some 7 MiB of `refs`)
 
 
 class ParentGone(RepoError):
@@ -136,15 +118,6 @@ class ParentGone(RepoError):
     def __init__(self, parents: set[str]) -> None:
         super().__init__(f"parent points {', '.join(sorted(parents))} are no longer catalogued")
         self.parents = parents
-
-
-class DamagedRecord(DamageError):
-    """A catalog record failed its check."""
-
-    def __init__(self, point: str, why: str) -> None:
-        super().__init__(f"the catalog record of point {point} is damaged ({why}); run "
-                         "'repo-engine rebuild-index'")
-        self.point = point
 
 
 class MapMissing(RepoError):
@@ -163,7 +136,7 @@ class PackInfo:
     count: int
 
 
-class Index:
+class Index(Replay, Unfindable, Upgrades):
     def __init__(self, path: Path, *, create: bool = False, scans: bool = False,
                  read_only: bool = False, upgrade: bool = True) -> None:
         """`scans`: the caller reads whole tables in key order (verify), so the kernel's
@@ -238,112 +211,6 @@ class Index:
             self.unfindable = None  # as version 3 has it: no locality, nothing listed
         return True, True, version == INDEX_VERSION
 
-    def _upgrade_to(self, version: int, last: int) -> int:
-        """Upgrade the index, read at `version`, a version at a time up to `last`; returns its
-        version then. Each step reads the version it upgrades in its own write transaction:
-        another process opening the index at the same time may have upgraded it since (a step
-        taken twice would seal sealed counts again)."""
-        steps = {1: self._upgrade_from_1, 2: self._upgrade_from_2, 3: self._upgrade_from_3,
-                 4: self._upgrade_from_4}
-        while version < last:
-            with self.write() as txn:
-                version = self._get_u64(txn, b"version", self.meta)
-                if version < last:
-                    steps[version](txn)
-                    version += 1
-                    txn.put(b"version", U64.pack(version), db=self.meta)
-        return version
-
-    def _upgrade_from_1(self, txn: lmdb.Transaction) -> None:
-        """Version 1 -> 2: seal every catalog record with its check. Records keep no sequence:
-        they rank before every sequenced point, by time (see Repository.points)."""
-        for key, value in list(txn.cursor(db=self.points)):
-            record = decode_record(key, value, checked=False)
-            txn.put(key, encode_record(record), db=self.points)
-
-    def _upgrade_from_2(self, txn: lmdb.Transaction) -> None:
-        """Version 2 -> 3: seal every value of the count tables."""
-        for table in SEALED_DBS:
-            db = getattr(self, table)
-            rows = list(txn.cursor(db=db))
-            if not rows:
-                continue
-            if {(len(k), len(v)) for k, v in rows} != {(KEY[table], PAYLOAD[table])}:
-                raise DamageError(f"the index's {table} table is damaged; run "
-                                  "'repo-engine rebuild-index'")
-            keys = np.frombuffer(b"".join(k for k, _ in rows), np.uint8).reshape(
-                len(rows), KEY[table])
-            payloads = np.frombuffer(b"".join(v for _, v in rows), np.uint8).reshape(
-                len(rows), PAYLOAD[table])
-            values = seal_rows(table, keys, payloads)
-            for (key, _), value in zip(rows, values):
-                txn.put(key, value.tobytes(), db=db)
-
-    def _upgrade_from_3(self, txn: lmdb.Transaction) -> None:
-        """Version 3 -> 4: take out of deduplication (`ids` and `unfindable`) the quarantined
-        chunks (an earlier sweep could give one its `ids` entry back) and the refs of pending
-        plans, and list in `unfindable` the queued gc candidates `ids` does not name (a gc
-        stopped between its mark and its sweep took them out; one `ids` still names is found
-        by id until a mark takes it out, so locality may answer it too). Small tables: the
-        upgrade costs what gc would. A shared repository's cache also lists every ref `ids`
-        does not name: loaded from a checkpoint, it knows a ref the writing host quarantined by
-        that alone (its rows read in batches, the `ids` entries of a batch looked up at once:
-        `_unnamed`); a malformed place record, which no look-up answers, is not listed."""
-        self.hide(txn, np.array([REF_KEY.unpack(k)[0] for k, _ in
-                                 txn.cursor(db=self.quarantine)], np.uint64))
-        for plan in list(self.plans_in(txn)):
-            self.hide(txn, plan.op.refs)
-        unnamed = []
-        for keys, _, fits in sized_batches(txn, self.gcq, REF_KEY.size, 0, UPGRADE_ROWS):
-            queued = np.frombuffer(keys, ">u8")[fits].astype(np.uint64)
-            places = txn.cursor(db=self.refs).getmulti(ref_keys(queued))
-            good = [(key, raw) for key, raw in places if len(raw) == REF_REC.size]
-            unnamed += [queued[~np.isin(queued, refs_found(places))], self._unnamed(
-                txn, refs_found(good),
-                np.frombuffer(b"".join(raw for _, raw in good), _REF_REC_DTYPE)["id"])]
-        if self.journal_seq_in(txn):
-            for keys, values, fits in sized_batches(txn, self.refs, REF_KEY.size,
-                                                    REF_REC.size, UPGRADE_ROWS):
-                unnamed.append(self._unnamed(
-                    txn, np.frombuffer(keys, ">u8")[fits].astype(np.uint64),
-                    np.frombuffer(values, _REF_REC_DTYPE)["id"][fits]))
-        self._list(txn, np.unique(np.concatenate([np.zeros(0, np.uint64), *unnamed])))
-
-    def _unnamed(self, txn: lmdb.Transaction, refs: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Those of `refs` (their place records holding `ids`, V32) that `ids` does not name
-        by that id. The ids are looked up in one batch, in key order (`getmulti` over sorted
-        keys reads neighbouring pages: twice as fast as in ref order), and the answers matched
-        to the requests and compared with the refs all at once."""
-        ids = np.ascontiguousarray(ids)
-        order = np.argsort(ids.view("S32"), kind="stable")  # fixed size: NULs strip nothing
-        wanted = ids[order]
-        named = txn.cursor(db=self.ids).getmulti(wanted.tolist())
-        found = np.frombuffer(b"".join([k + v for k, v in named if len(v) == U64.size]),
-                              _NAMED_DTYPE)
-        at = np.minimum(np.searchsorted(found["id"], wanted.view("S32")),
-                        max(len(found) - 1, 0))
-        hit = np.zeros(len(refs), bool)
-        if len(found):
-            hit[order] = (found["id"][at] == wanted.view("S32")) & (found["ref"][at]
-                                                                   == refs[order])
-        return refs[~hit]
-
-    def _list(self, txn: lmdb.Transaction, refs: np.ndarray) -> None:
-        """List `refs` in `unfindable` (hide_key of each), their checks computed at once."""
-        rows = np.ascontiguousarray(refs, ">u8").view(np.uint8).reshape(-1, REF_KEY.size)
-        values = marks("unfindable", rows).tobytes()
-        txn.cursor(db=self.unfindable).putmulti(
-            (key, values[8 * i:8 * i + 8]) for i, key in enumerate(ref_keys(refs)))
-
-    def _upgrade_from_4(self, txn: lmdb.Transaction) -> None:
-        """Version 4 -> 5: each `unfindable` value becomes the check of its key (version 4
-        wrote none; a later build writing a version 4 index kept open by an earlier one wrote
-        them already). One pass over the table, the checks computed all at once."""
-        keys = list(txn.cursor(db=self.unfindable).iternext(keys=True, values=False))
-        if any(len(key) != REF_KEY.size for key in keys):
-            raise DamageError("the index's unfindable table is damaged (a key of another "
-                              "size); run 'repo-engine rebuild-index'")
-        self._list(txn, np.frombuffer(b"".join(keys), ">u8").astype(np.uint64))
 
     @contextmanager
     def write(self) -> Iterator[lmdb.Transaction]:
@@ -570,256 +437,10 @@ class Index:
         txn.put(point_id.encode(), encode_record(record), db=self.points)
         self._seq_used(txn, seq)
 
-    # -- the journal's replay (a shared repository's cache) -------------------------------
-    @property
-    def journal_seq(self) -> int:
-        return self.meta_u64("journal_seq")
-
-    def apply_entry(self, entry: Entry) -> bool:
-        """Apply a journal entry and advance `journal_seq` to it, in one transaction, when the
-        cache holds exactly the entries before it; False when it holds this one already.
-        DamageError when an entry before it is missing (the cache skipped one)."""
-        with self.write() as txn:
-            seq = self.journal_seq_in(txn)
-            if seq >= entry.seq:
-                return False
-            if seq != entry.seq - 1:
-                raise DamageError(f"the index holds journal entries up to {seq} and was given "
-                                  f"entry {entry.seq}; run 'repo-engine rebuild-index'")
-            for op in entry.ops:
-                self._apply(txn, entry.seq, op)
-            txn.put(b"journal_seq", U64.pack(entry.seq), db=self.meta)
-            txn.put(b"counts", U64.pack(0), db=self.meta)  # replay keeps no counts
-        return True
-
-    def _apply(self, txn: lmdb.Transaction, seq: int, op: Op) -> None:
-        if isinstance(op, RefsOp):
-            if self._get_u64(txn, b"next_ref", self.meta) < op.first + op.count:
-                txn.put(b"next_ref", U64.pack(op.first + op.count), db=self.meta)
-        elif isinstance(op, PackOp):
-            number = self._record_pack(txn, FinishedPack(op.name, op.size,
-                                                         _pack_entries(op.entries)))
-            self._placed_again(txn, number, op.entries["ref"])
-        elif isinstance(op, PointOp):
-            point = PointRecord.from_dict(op.record, f"journal entry {seq}").summary()
-            txn.put(point["id"].encode(), encode_record(point), db=self.points)
-            self._seq_used(txn, point["seq"])
-        elif isinstance(op, ForgetOp):
-            txn.delete(op.id.encode(), db=self.points)
-        elif isinstance(op, PlanOp):
-            self.hide(txn, op.refs)
-            self.put_plan(txn, PendingPlan(op))
-        elif isinstance(op, WaitsOp):
-            plan = self._get_plan(txn, op.plan)
-            if plan is not None:
-                self.put_plan(txn, PendingPlan(plan.op, list(op.leases)))
-        elif isinstance(op, SweepOp):
-            self._give_back(txn, op)
-            self._sweep(txn, seq, op)
-            self._unquarantine_unplaced(txn)
-        elif isinstance(op, QuarantineOp):
-            for ref, reason in zip(op.refs.tolist(), op.reasons):
-                self.quarantine_ref(txn, ref, reason)
-        elif isinstance(op, RetireOp):
-            self.put_retired(txn, self.retired_in(txn) | set(op.epochs))
-
-    def hide(self, txn: lmdb.Transaction, refs: np.ndarray, *,
-             drop: bool = False) -> tuple[int, int, int]:
-        """Remove the `ids` entries naming `refs` and list the refs in `unfindable` (no dedup
-        finds them any more, by id or by locality) or, with `drop`, remove their place records
-        and those marks; returns how many of `refs` the cache held, and their raw and stored
-        bytes. The refs are taken a few thousand at a time: a plan may name most
-        chunks of the repository, and a Python object each would cost some 40 times its 8
-        bytes."""
-        held = raw_bytes = stored = 0
-        refs = np.unique(refs)  # each looked up before any of its batch is dropped
-        places = txn.cursor(db=self.refs)
-        for start in range(0, len(refs), 4096):
-            for key, raw in places.getmulti(ref_keys(refs[start:start + 4096])):
-                chunk_id = raw[:32]
-                if txn.get(chunk_id, db=self.ids) == U64.pack(REF_KEY.unpack(key)[0]):
-                    txn.delete(chunk_id, db=self.ids)
-                held += 1
-                if drop:
-                    _id, _pack, _offset, size, length, _codec = REF_REC.unpack(raw)
-                    raw_bytes, stored = raw_bytes + length, stored + size
-                    txn.delete(key, db=self.refs)
-                    self.show_key(txn, key)
-                else:
-                    self.hide_key(txn, key)
-        return held, raw_bytes, stored
-
-    def hide_key(self, txn: lmdb.Transaction, key: bytes) -> None:
-        """List the ref of `key` in `unfindable`, its value the check of the key (also in an
-        index kept at version 4: that build reads keys alone); nothing on an index kept at
-        version 3 (an earlier repo-engine's writers list nothing: locality is off there)."""
-        if self.unfindable is not None:
-            txn.put(key, mark("unfindable", key), db=self.unfindable)
-
-    def show_key(self, txn: lmdb.Transaction, key: bytes) -> None:
-        """Take the ref of `key` off `unfindable` (see hide_key)."""
-        if self.unfindable is not None:
-            txn.delete(key, db=self.unfindable)
-
-    def unhide(self, txn: lmdb.Transaction, places: Iterable[tuple[bytes, bytes]]) -> int:
-        """Make findable again the refs of `places` (key, place record) taken out of
-        deduplication that are kept after all (a count holds them, or a shared sweep keeps
-        them): `ids` names each unless it names another copy, and `unfindable` lists it no
-        more. A quarantined ref stays out (damaged), and so does one whose place record is of
-        another size (damaged: it names no chunk; verify reports it). Returns how many were made
-        findable."""
-        added, shown = [], 0
-        for key, rec in places:
-            if len(rec) != REF_REC.size or txn.get(key, db=self.quarantine) is not None:
-                continue
-            if txn.put(rec[:32], U64.pack(REF_KEY.unpack(key)[0]), db=self.ids, overwrite=False):
-                added.append(rec[:32])
-            self.show_key(txn, key)
-            shown += 1
-        self.id_filter.inserted(txn, added)
-        return shown
-
-    def quarantine_ref(self, txn: lmdb.Transaction, ref: int, reason: str) -> bool:
-        """Note a placed ref found damaged in `quarantine` and take it out of deduplication
-        (its `ids` entry, if `ids` names it, and `unfindable`: neither a look-up by id nor
-        locality finds it, healed or not); False when the index does not place it."""
-        key = REF_KEY.pack(ref)
-        rec = txn.get(key, db=self.refs)
-        if rec is None:
-            return False
-        txn.put(key, reason.encode()[:1000], db=self.quarantine)
-        if txn.get(rec[:32], db=self.ids) == U64.pack(ref):
-            txn.delete(rec[:32], db=self.ids)
-        self.hide_key(txn, key)
-        return True
-
-    def _placed_again(self, txn: lmdb.Transaction, number: int, refs: np.ndarray) -> None:
-        """A replayed `pack` op placed `refs` in its pack `number`: a quarantined one placed
-        there now (a heal's or a repack's copy, checked against its id when written) is whole
-        again; so is one a known pack places, written again whole (a heal from the same copy
-        makes the same bytes, and a pack is named by its bytes' hash). It stays out of
-        deduplication (`ids` names its donor, or nothing)."""
-        for ref in self._quarantined_of(txn, refs).tolist():
-            rec = txn.get(REF_KEY.pack(ref), db=self.refs)
-            if rec is not None and REF_REC.unpack(rec)[1] == number:
-                txn.delete(REF_KEY.pack(ref), db=self.quarantine)
-
-    def _unquarantine_unplaced(self, txn: lmdb.Transaction) -> None:
-        """Drop the quarantine notes of refs no longer placed (a sweep removed them): the few
-        notes are read, not the sweep's refs looked up (it may name millions)."""
-        for key in list(txn.cursor(db=self.quarantine).iternext(keys=True, values=False)):
-            if txn.get(key, db=self.refs) is None:
-                txn.delete(key, db=self.quarantine)
-
-    def _quarantined_of(self, txn: lmdb.Transaction, refs: np.ndarray) -> np.ndarray:
-        """Those of `refs` the quarantine lists, at the cost of the smaller side: its keys read
-        when they are fewer (the usual few), else `refs` looked up (a pack op's refs against
-        the notes of a large damage: every replayed pack op asks)."""
-        refs = np.asarray(refs, np.uint64)
-        if txn.stat(self.quarantine)["entries"] > len(refs):
-            return refs_found(txn.cursor(db=self.quarantine).getmulti(ref_keys(refs)))
-        keys = list(txn.cursor(db=self.quarantine).iternext(keys=True, values=False))
-        listed = np.array([REF_KEY.unpack(k)[0] for k in keys], np.uint64)
-        return listed[np.isin(listed, refs)] if keys else listed
-
-    def _give_back(self, txn: lmdb.Transaction, op: SweepOp) -> None:
-        """The refs the plan of a sweep dooms and the sweep keeps (a backup counted them
-        meanwhile: placed, not in the sweep's refs) are found again, as a local gc's sweep gives
-        a candidate counted meanwhile its `ids` entry back (`unhide`, which leaves a quarantined
-        one out), unless another pending plan dooms it. The plan's refs are taken a batch at a
-        time, and the sweep's are searched as they are (gc writes them sorted): a plan may doom
-        most chunks."""
-        raw = txn.get(op.plan.encode(), db=self.plans)
-        if raw is None:
-            return
-        swept = op.refs if not (op.refs[1:] < op.refs[:-1]).any() else np.unique(op.refs)
-        doomed = _plan_refs(raw)
-        found = txn.cursor(db=self.refs).getmulti
-        parts = []
-        for start in range(0, len(doomed), 4096):
-            part = doomed[start:start + 4096]
-            parts.append(refs_found(found(ref_keys(part[~holds(swept, part)]))))
-        del raw, doomed  # not held while the sweep runs
-        kept = np.concatenate(parts or [np.zeros(0, np.uint64)])
-        if not len(kept):
-            return
-        for other in self.plans_in(txn):
-            if other.op.plan != op.plan:
-                kept = kept[~np.isin(kept, other.op.refs)]
-        for start in range(0, len(kept), 4096):
-            self.unhide(txn, found(ref_keys(kept[start:start + 4096])))
-
-    def _sweep(self, txn: lmdb.Transaction, seq: int, op: SweepOp) -> None:
-        held, raw_bytes, stored = self.hide(txn, op.refs, drop=True)
-        for name, delta in (("chunks", held), ("raw_bytes", raw_bytes),
-                            ("stored_bytes", stored)):
-            self._add(txn, name, -min(delta, self._get_u64(txn, name.encode(), self.meta)))
-        for pack in op.packs:
-            self._drop_pack(txn, bytes.fromhex(pack))
-        for name in op.maps:
-            txn.put(bytes.fromhex(name), U64.pack(seq), db=self.sweptmaps)
-        txn.delete(op.plan.encode(), db=self.plans)
-
-    def _drop_pack(self, txn: lmdb.Transaction, name: bytes) -> None:
-        number = txn.get(name, db=self.packnames)
-        if number is None:
-            return
-        raw = txn.get(number, db=self.packs)
-        if raw is not None:
-            self._add(txn, "packs", -1)
-            self._add(txn, "pack_bytes", -PACK_REC.unpack(raw)[1])
-        for db in (self.packs, self.packlive):
-            txn.delete(number, db=db)
-        txn.delete(name, db=self.packnames)
-
-    def put_plan(self, txn: lmdb.Transaction, plan: PendingPlan) -> None:
-        op = plan.op
-        doc = json.dumps({"time": op.time, "packs": op.packs, "maps": op.maps,
-                          "objects": op.objects, "leases": plan.leases}).encode()
-        refs = np.ascontiguousarray(op.refs, dtype="<u8").tobytes()
-        txn.put(op.plan.encode(), PLAN_HEAD.pack(len(doc)) + doc + refs, db=self.plans)
-
-    def _get_plan(self, txn: lmdb.Transaction, plan_id: str) -> PendingPlan | None:
-        raw = txn.get(plan_id.encode(), db=self.plans)
-        return None if raw is None else _decode_plan(plan_id, raw)
-
-    def pending_plans(self) -> list[PendingPlan]:
-        """The pending plans (committed, not swept yet), in id order."""
-        with self.env.begin() as txn:
-            return list(self.plans_in(txn))
-
-    def plans_in(self, txn: lmdb.Transaction) -> Iterator[PendingPlan]:
-        for key, raw in txn.cursor(db=self.plans):
-            yield _decode_plan(key.decode(), raw)
-
-    def journal_seq_in(self, txn: lmdb.Transaction) -> int:
-        return self._get_u64(txn, b"journal_seq", self.meta)
-
-    def retired_in(self, txn: lmdb.Transaction) -> set[int]:
-        """The key epochs `key retire` retired (journal op `retire`): nothing may be committed
-        sealed under them."""
-        raw = txn.get(b"retired", db=self.meta)
-        return set() if raw is None else set(json.loads(raw))
-
-    def put_retired(self, txn: lmdb.Transaction, epochs: set[int]) -> None:
-        txn.put(b"retired", json.dumps(sorted(epochs)).encode(), db=self.meta)
-
-    def retired_epochs(self) -> set[int]:
-        with self.env.begin() as txn:
-            return self.retired_in(txn)
-
+    # -- meta values, places --------------------------------------------------------------
     def set_meta_u64(self, name: str, value: int) -> None:
         with self.write() as txn:
             txn.put(name.encode(), U64.pack(value), db=self.meta)
-
-    def doomed_maps(self, names: set[str]) -> set[str]:
-        """Those of `names` that a pending plan or a sweep names: gc deletes, or may delete,
-        that object, so a writer must not rely on it (it writes a salted copy instead)."""
-        with self.env.begin() as txn:
-            planned = {m for _k, v in txn.cursor(db=self.plans)
-                       for m in _decode_plan("", v).op.maps}
-            return {n for n in names
-                    if n in planned or txn.get(bytes.fromhex(n), db=self.sweptmaps) is not None}
 
     def missing_refs(self, refs: np.ndarray) -> np.ndarray:
         """Those of `refs` the index does not place (a sweep removed them)."""
@@ -1025,69 +646,6 @@ class Index:
         return found
 
 
-def encode_record(record: dict) -> bytes:
-    """A catalog record as stored: its JSON with `check`, the BLAKE3 of the JSON without it."""
-    body = {k: v for k, v in record.items() if k != "check"}
-    body["check"] = _record_check(body)
-    return json.dumps(body, sort_keys=True).encode()
-
-
-def _record_check(body: dict) -> str:
-    return blake3.blake3(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
-
-
-_CHECK_HEAD = len(b'{"check": "') + 32
-
-
-def _sealed_as_stored(raw: bytes, check: object) -> bool:
-    """Whether `check` is the BLAKE3 of `raw` without its `check` pair, hashed as stored: as
-    encode_record writes a record (sorted keys, `check` first), that is the JSON `_record_check`
-    hashed, so the record need not be encoded again to be checked. False for any other layout
-    (the caller then checks the decoded record)."""
-    return (isinstance(check, str) and raw[_CHECK_HEAD:_CHECK_HEAD + 3] == b'", '
-            and raw[:_CHECK_HEAD] == b'{"check": "' + check.encode()
-            and blake3.blake3(b"{" + raw[_CHECK_HEAD + 3:]).hexdigest()[:32] == check)
-
-
-def decode_record(key: bytes, raw: bytes, *, checked: bool = True) -> dict:
-    """A stored catalog record without its `check`; DamageError when it does not parse, its
-    check does not match (`checked`: version 1 records carry none) or it names another point."""
-    name = key.decode("ascii", "replace")
-    try:
-        doc = json.loads(raw)
-        if not isinstance(doc, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DamagedRecord(name, f"unreadable: {exc}") from None
-    check = doc.pop("check", None)
-    if checked and not _sealed_as_stored(raw, check) and check != _record_check(doc):
-        raise DamagedRecord(name, "checksum mismatch")
-    if doc.get("id") != name:
-        raise DamagedRecord(name, f"it names point {doc.get('id')!r}")
-    return doc
-
-
-def _decode_plan(plan_id: str, raw: bytes) -> PendingPlan:
-    (length,) = PLAN_HEAD.unpack_from(raw)
-    doc = json.loads(raw[4:4 + length])
-    refs = _plan_refs(raw).astype(np.uint64)
-    op = PlanOp(plan_id, doc["time"], refs, doc["packs"], doc["maps"], doc["objects"])
-    return PendingPlan(op, doc["leases"])
-
-
-def _plan_refs(raw: bytes) -> np.ndarray:
-    """The refs of a stored plan, a view of `raw` (u64 little endian)."""
-    return np.frombuffer(raw, "<u8", offset=PLAN_HEAD.size + PLAN_HEAD.unpack_from(raw)[0])
-
-
-def _pack_entries(rows: np.ndarray) -> list[PackEntry]:
-    """The PackEntry of each row of a packs.ENTRY_DTYPE array: its columns taken as Python
-    values once (a numpy scalar per field and row costs more than the index writes)."""
-    ids = rows["id"].tobytes()
-    columns = (rows[name].tolist() for name in ("ref", "offset", "stored", "raw", "codec"))
-    return [PackEntry(ref, ids[32 * i:32 * i + 32], offset, stored, raw, codec)
-            for i, (ref, offset, stored, raw, codec) in enumerate(zip(*columns))]
-
 
 def _last_key(txn: lmdb.Transaction, db: object) -> int:
     """The largest big-endian integer key of `db` (-1 when empty)."""
@@ -1095,12 +653,6 @@ def _last_key(txn: lmdb.Transaction, db: object) -> int:
     if not cursor.last():
         return -1
     return int.from_bytes(cursor.key(), "big")
-
-
-def pack_fields(raw: bytes) -> tuple[str, int, int]:
-    """(name hex, size, chunk count) of a `packs` record."""
-    name, size, count = PACK_REC.unpack(raw)
-    return name.hex(), size, count
 
 
 class IndexReader:
@@ -1144,7 +696,7 @@ class IndexReader:
         around = list(_items_between(self._txn.cursor(db=hidden_db),
                                      REF_KEY.pack(max(start - CHECKED_AROUND, 0)),
                                      REF_KEY.pack(min(stop + CHECKED_AROUND, 2**64 - 1))))
-        if around and self._index.listed and not _marks_hold(around):
+        if around and self._index.listed and not marks_hold(around):
             return None
         hidden = {key for key, _ in around if first <= key < end}
         found: dict[bytes, int] = {}
@@ -1176,22 +728,10 @@ class IndexReader:
                               "(missing data)")
         out = np.empty(len(refs), dtype=LOCATION_DTYPE)
         out["ref"] = refs
-        records = np.frombuffer(b"".join(raw for _, raw in found), dtype=_REF_REC_DTYPE)
-        for name in _REF_REC_DTYPE.names:
+        records = np.frombuffer(b"".join(raw for _, raw in found), dtype=REF_REC_DTYPE)
+        for name in REF_REC_DTYPE.names:
             out[name] = records[name]
         return out
-
-
-def ref_keys(refs: np.ndarray) -> list[bytes]:
-    """LMDB keys of `refs` (big-endian u64) for one batched `getmulti`."""
-    keys = np.ascontiguousarray(refs, dtype=">u8").tobytes()
-    return [keys[i:i + 8] for i in range(0, len(keys), 8)]
-
-
-def refs_found(found: list[tuple[bytes, bytes]]) -> np.ndarray:
-    """The refs whose keys a `getmulti` found, as native u64: numpy's `isin` refuses a
-    big-endian array holding a value past 2^63 (a damaged key can name such a ref)."""
-    return np.frombuffer(b"".join(key for key, _ in found), dtype=">u8").astype(np.uint64)
 
 
 def lacks(txn: lmdb.Transaction, db: object, refs: np.ndarray) -> np.ndarray:
@@ -1203,15 +743,6 @@ def _first_unlocated(refs: np.ndarray, found: list[tuple[bytes, bytes]]) -> int:
     """The first of `refs` without a well-formed place record in `found`."""
     good = {REF_KEY.unpack(key)[0] for key, raw in found if len(raw) == REF_REC.size}
     return next(int(ref) for ref in refs.tolist() if ref not in good)
-
-
-def _marks_hold(items: list[tuple[bytes, bytes]]) -> bool:
-    """Whether every (key, value) of `unfindable` passes its check (seals.py), all at once."""
-    if any(len(key) != REF_KEY.size or len(value) != CHECK_SIZE for key, value in items):
-        return False
-    keys = np.frombuffer(b"".join(key for key, _ in items), np.uint8).reshape(-1, REF_KEY.size)
-    values = np.frombuffer(b"".join(v for _, v in items), np.uint8).reshape(-1, CHECK_SIZE)
-    return bool(marked_rows("unfindable", keys, values).all())
 
 
 def _items_between(cursor: lmdb.Cursor, first: bytes, end: bytes) -> Iterator[tuple[bytes, bytes]]:

@@ -19,7 +19,7 @@ know (FormatError: upgrade repo-engine). In an encrypted repository the payload 
 moved to another seq fails authentication.
 
 Ops, built with the dataclasses below (maintenance builds the last five), and what the cache
-applies (index.py, `Index.apply_entry`):
+applies (index_replay.py, `Index.apply_entry`):
 
 | op       | dataclass                                  | the cache applies                        |
 |----------|--------------------------------------------|------------------------------------------|

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UsageError
-from ..repository.index import LOCATION_DTYPE, IndexReader
+from ..repository.index import IndexReader
+from ..repository.index_records import LOCATION_DTYPE
 from ..repository.packs import read_spans
 from ..units import MIB
 
