@@ -49,7 +49,7 @@ import botocore.exceptions as bexc
 import urllib3.exceptions
 
 from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, RangeReader, ShortRead,
-               StoreAuthError, StoreError, StoreUnreachable, check_name)
+               StoreAuthError, StoreError, StoreUnreachable, TempFile, check_name)
 from .s3_settings import MAX_PARTS, S3Settings, load_s3_settings
 
 T = TypeVar("T")
@@ -517,8 +517,10 @@ class S3Store:
             return False
         return True
 
-    def list(self, prefix: str, skipped: list[str] | None = None) -> Iterator[ObjectInfo]:
-        """Every object under `prefix` (a bucket holds only objects: nothing is ever skipped)."""
+    def list(self, prefix: str, skipped: list[str] | None = None,
+             temps: list[TempFile] | None = None) -> Iterator[ObjectInfo]:
+        """Every object under `prefix` (a bucket holds only objects: nothing is ever skipped,
+        and an unfinished write is a multipart upload, no temporary file)."""
         key_prefix = self._key(prefix, prefix=True)
         token: dict[str, str] = {}
         while True:
