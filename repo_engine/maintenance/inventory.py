@@ -173,14 +173,19 @@ class StoreListing:
 
 
 def list_store(repo: Repository, skipped: list[str] | None = None) -> StoreListing:
-    """The store listed once (not once per kind): the temporary files of every directory come
-    with the objects, at the cost of a few small directories more (config, journal, leases,
-    keys, sources)."""
+    """The objects of each kind of KINDS, and the temporary files of writes: a store whose
+    writes leave such files (a local directory: `Store.leaves_temps`) is walked once, whole,
+    so that those of every directory come with the objects at the cost of a few small
+    directories more (config, journal, leases, keys, sources); object storage, which has
+    none, is listed by the kinds' prefixes alone (a journal of thousands of entries would cost
+    a LIST request per thousand)."""
     listing = StoreListing({kind: {} for kind in KINDS}, [])
-    for info in repo.store.list("", skipped, listing.temps):
-        kind, slash, _ = info.name.partition("/")
-        if slash and kind in KINDS:
-            _add_object(repo, kind, info, listing.objects[kind], skipped)
+    prefixes = [""] if repo.store.leaves_temps else [f"{kind}/" for kind in KINDS]
+    for prefix in prefixes:
+        for info in repo.store.list(prefix, skipped, listing.temps):
+            kind, slash, _ = info.name.partition("/")
+            if slash and kind in KINDS:
+                _add_object(repo, kind, info, listing.objects[kind], skipped)
     return listing
 
 

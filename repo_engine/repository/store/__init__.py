@@ -134,6 +134,7 @@ class RangeReader:
 
 class Store(Protocol):
     location: str  # for messages: a path or s3://bucket/prefix
+    leaves_temps: bool  # an unfinished write is a file beside the objects (`list(..., temps=)`)
 
     def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> None: ...
 

@@ -47,6 +47,8 @@ DELETE_SLICE = 64  # fewest names of one directory a thread of delete takes
 
 
 class LocalStore:
+    leaves_temps = True  # a killed write's temporary file stays beside the objects
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.location = str(root)

@@ -279,6 +279,8 @@ def _retryable(exc: bexc.ClientError) -> bool:
 class S3Store:
     """The Store protocol on an S3-compatible bucket (see the module docstring)."""
 
+    leaves_temps = False  # an unfinished write is a multipart upload, never an object
+
     def __init__(self, location: str, settings: S3Settings | None = None) -> None:
         self.bucket, self.prefix = parse_location(location)
         self.location = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
