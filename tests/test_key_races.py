@@ -179,8 +179,8 @@ def test_a_keyring_generation_replaced_while_being_listed_is_listed_anew(tmp_pat
     real_walk = local._walk
     changed = []
 
-    def walk(top, base, skipped):
-        entries = list(real_walk(top, base, skipped))  # the directory as it was read
+    def walk(top, base, *reports):
+        entries = list(real_walk(top, base, *reports))  # the directory as it was read
         if base == "keys" and not changed:
             changed.append(True)
             keystore.rotate(LocalStore(tmp_path), made.ring_key)  # the other host

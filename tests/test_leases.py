@@ -408,8 +408,8 @@ def test_a_takeover_between_a_listing_and_its_check_is_seen(tmp_path, monkeypatc
     crashed(store, maintenance_name(3), MAINT)
     real_walk, other = local._walk, []
 
-    def walk(top, base, skipped):
-        entries = list(real_walk(top, base, skipped))  # the directory as it was read
+    def walk(top, base, *reports):
+        entries = list(real_walk(top, base, *reports))  # the directory as it was read
         if base == "leases" and not other:
             other.append(True)
             leases.take_maintenance(LocalStore(tmp_path / "repo"), "gc", 600)  # the other host

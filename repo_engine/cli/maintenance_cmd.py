@@ -209,6 +209,9 @@ def _echo_gc(r: object) -> None:
                f"{plural(r.orphan_packs_deleted, 'orphan pack')} deleted")
     click.echo(f"  {plural(r.maps_deleted, 'block map')} and "
                f"{plural(r.manifests_deleted, 'manifest')} deleted")
+    if r.tmp_files_deleted:
+        click.echo(f"  {plural(r.tmp_files_deleted, 'temporary file')} of killed writers "
+                   "deleted")
     if r.waited_seconds >= 0.01:
         click.echo(f"  waited {r.waited_seconds:.2f} s for running backups")
     for msg in r.counts_damaged:

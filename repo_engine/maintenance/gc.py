@@ -34,7 +34,9 @@ A run, each step crash-safe (a rerun finishes it):
    given it (`_give_back_counted`), else every later backup would store it again.
 3. Make candidates unfindable: delete their `ids` entries and list their refs in `unfindable`
    (which a backup's look-up by locality reads), so a backup looking a chunk up from now on
-   stores a fresh copy. List unused map files, manifests not catalogued, pack files not indexed.
+   stores a fresh copy. List unused map files, manifests not catalogued, pack files not indexed,
+   and the temporary files and pack spool files dead processes of this host left (one walk of
+   the store finds every file; `inventory.dead_writes`).
 4. Wait until every session that held a lock at that moment has ended: a backup that started
    before step 3 may have looked up a candidate, or may be about to commit a map or a manifest or
    a pack we listed; a restore, verify, scrub or read-only command may be reading what we are
@@ -78,8 +80,8 @@ from ..repository.seals import KEY, CountDamaged, seal_rows
 from . import forget
 from .deleter import Deleter
 from .forget import ForgetReport
-from .inventory import (count_damage, dead_tmp_files, objects_under, scan_sealed, sessions,
-                        trusted_unfindable, wait_for)
+from .inventory import (count_damage, dead_tmp_files, dead_writes, list_store, scan_sealed,
+                        sessions, trusted_unfindable, wait_for)
 from .tally import ROWS, RefTable, Tally, read_ref_table, ref_rows, sealed_batches
 
 Tick = Callable[[str], None]
@@ -124,6 +126,7 @@ class _Listed:
     manifests: list[str]  # point ids
     packs: dict[str, int]  # name: size
     tmp: list[Path]  # spool files
+    temps: list[str]  # temporary files of writes killed, by object name
     pack_sizes: dict[str, int]  # every pack file listed: name: size
 
 
@@ -569,10 +572,11 @@ def _give_back_counted(repo: Repository) -> int:
 def _mark(repo: Repository, deleting: Collection[str] = ()) -> _Listed:
     """`deleting`: object names handed to a Deleter already (not listed again)."""
     index = repo.index
-    maps = objects_under(repo, "maps")
-    manifests = objects_under(repo, "points")
-    sizes = {n: info.size for n, info in objects_under(repo, "packs").items()}
+    listing = list_store(repo)
+    maps, manifests = listing.objects["maps"], listing.objects["points"]
+    sizes = {n: info.size for n, info in listing.objects["packs"].items()}
     tmp = dead_tmp_files(repo)
+    temps = [temp.name for temp in dead_writes(listing.temps, None)]
     with index.write() as txn:
         candidates = []
         for key, _ in txn.cursor(db=index.gcq):
@@ -594,7 +598,7 @@ def _mark(repo: Repository, deleting: Collection[str] = ()) -> _Listed:
                      if point_object(i) not in deleting and not _point_known(txn, index, i)]
         packs = {n: size for n, size in sizes.items()
                  if n not in listed and not _pack_known(txn, index, n)}
-    return _Listed(candidates, maps, manifests, packs, tmp, sizes)
+    return _Listed(candidates, maps, manifests, packs, tmp, temps, sizes)
 
 
 def _map_used(txn: lmdb.Transaction, index: Index, name: str) -> bool:
@@ -654,8 +658,9 @@ def _delete_unused(txn: lmdb.Transaction, index: Index, listed: _Listed, report:
     report.maps_deleted += len(maps)
     report.manifests_deleted += len(manifests)
     report.orphan_packs_deleted += len(packs)
+    report.tmp_files_deleted += len(listed.temps)
     report.freed_bytes += sum(packs.values())
-    return deleter.submit(maps + manifests + [pack_object(n) for n in packs])
+    return deleter.submit(maps + manifests + [pack_object(n) for n in packs] + listed.temps)
 
 
 def _drop_candidates(txn: lmdb.Transaction, index: Index, candidates: list[int],

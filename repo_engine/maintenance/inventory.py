@@ -1,6 +1,6 @@
 """What maintenance reads in bulk: the index's ref table as numpy arrays, the objects in the
-store, the maps in use, the sessions (lock holders) a deletion must outlast, and which points a
-set of bad refs or maps affects."""
+store (and the temporary files killed writers left there), the maps in use, the sessions (lock
+holders) a deletion must outlast, and which points a set of bad refs or maps affects."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ import numpy as np
 from ..backup.extents import blocks_to_extents
 from ..errors import DamageError, LockedError, RepoError
 from ..pause import pause_point
+from ..repository.atomic import host_id, temp_owner
 from ..repository.index import Index
 from ..repository.index_records import SEALED_DBS
 from ..repository.locks import list_locks, remove_if_stale
 from ..repository.points import PointRecord
 from ..repository.repo import Repository
 from ..repository.safefile import is_name
-from ..repository.store import ObjectInfo
+from ..repository.store import ObjectInfo, TempFile
 from ..repository.seals import KEY, PAYLOAD
 from .tally import REF_ROW, batches, listed_batches, ref_rows, sealed_batches
 
@@ -157,17 +158,69 @@ def objects_under(repo: Repository, kind: str,
     ones the repository gives (KINDS: suffix and hex length). Anything else (in a directory
     store: a symlink, FIFO, device, never followed; anywhere: a stray name) is left alone and
     described in `skipped`: maintenance never reads or deletes through it."""
-    suffix, length = KINDS[kind]
     out: dict[str, ObjectInfo] = {}
     for info in repo.objects(kind, skipped):
-        stem = info.name.rpartition("/")[2].removesuffix(suffix)
-        if not info.name.endswith(suffix):
-            continue
-        if is_name(stem, length):
-            out[stem] = info
-        elif skipped is not None:
-            skipped.append(f"{repo.store.location}/{info.name} does not have a repository "
-                           "object name: left alone, never read (remove it)")
+        _add_object(repo, kind, info, out, skipped)
+    return out
+
+
+@dataclass
+class StoreListing:
+    """One walk of the whole store: its objects of each kind of KINDS, as `objects_under` gives
+    them, and the temporary files of writes it met (a local store's)."""
+
+    objects: dict[str, dict[str, ObjectInfo]]
+    temps: list[TempFile]
+
+
+def list_store(repo: Repository, skipped: list[str] | None = None) -> StoreListing:
+    """The objects of each kind of KINDS, and the temporary files of writes: a store whose
+    writes leave such files (a local directory: `Store.leaves_temps`) is walked once, whole,
+    so that those of every directory come with the objects at the cost of a few small
+    directories more (config, journal, leases, keys, sources); object storage, which has
+    none, is listed by the kinds' prefixes alone (a journal of thousands of entries would cost
+    a LIST request per thousand)."""
+    listing = StoreListing({kind: {} for kind in KINDS}, [])
+    prefixes = [""] if repo.store.leaves_temps else [f"{kind}/" for kind in KINDS]
+    for prefix in prefixes:
+        for info in repo.store.list(prefix, skipped, listing.temps):
+            kind, slash, _ = info.name.partition("/")
+            if slash and kind in KINDS:
+                _add_object(repo, kind, info, listing.objects[kind], skipped)
+    return listing
+
+
+def _add_object(repo: Repository, kind: str, info: ObjectInfo, out: dict[str, ObjectInfo],
+          skipped: list[str] | None) -> None:
+    """Add `info`, an object under `kind/`, to `out` by its stem when it has a name of `kind`."""
+    suffix, length = KINDS[kind]
+    stem = info.name.rpartition("/")[2].removesuffix(suffix)
+    if not info.name.endswith(suffix):
+        return
+    if is_name(stem, length):
+        out[stem] = info
+    elif skipped is not None:
+        skipped.append(f"{repo.store.location}/{info.name} does not have a repository "
+                       "object name: left alone, never read (remove it)")
+
+
+def dead_writes(temps: Iterable[TempFile], before: float | None) -> list[TempFile]:
+    """The temporary files of `temps` whose writer is gone: this host's whose pid is not alive
+    here; another host's modified before `before` (seconds since the epoch; None: a repository
+    of one writer, where they are left to their own host's gc). A name of an earlier version
+    gives no host: this host's when `before` is None (as a spool file's), else another's."""
+    this_host = host_id()
+    out = []
+    for temp in temps:
+        owner = temp_owner(temp.name.rpartition("/")[2])
+        if owner is None:
+            continue  # not a name the repository gives: left alone
+        if owner.host == this_host or (owner.host is None and before is None):
+            gone = not _alive(owner.pid)
+        else:
+            gone = before is not None and temp.modified < before
+        if gone:
+            out.append(temp)
     return out
 
 

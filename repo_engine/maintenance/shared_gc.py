@@ -66,10 +66,10 @@ from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import (FinishedPack, PackWriter, blob_bytes, pack_object,
                                  read_spans)
 from ..repository.points import point_object
-from ..repository.store import ObjectMissing
+from ..repository.store import ObjectMissing, TempFile
 from ..repository.repo import Repository
 from .gc import GcReport
-from .inventory import objects_under, refs_in_packs
+from .inventory import dead_writes, list_store, refs_in_packs
 from .tally import ROWS, batches, per_pack, ref_rows, summed
 
 DEFAULT_GRACE = 24 * 3600.0
@@ -257,21 +257,28 @@ def _run(repo: Repository, marker: Marker, report: SharedGcReport, grace: float,
     _sweep_ready(repo, marker, report, grace, tick)
     if repack:  # before the plan: the old packs it leaves wholly unused are doomed with the rest
         _repack(repo, _partly_used(repo, marker, max_unused), report, tick)
-    if _plan(repo, marker, report) and grace <= 0:
+    listed = _Listed.read(repo)
+    if _plan(repo, marker, report, listed) and grace <= 0:
         _sweep_ready(repo, marker, report, grace, tick)
     _repack_cost(repo, marker, report, max_unused)
     report.plans_pending = len(repo.index.pending_plans())
     _checkpoint(repo, grace, report)
-    _abort_stale_uploads(repo, grace, report)
+    _abort_stale_uploads(repo, grace, report, listed.temps)
 
 
-def _abort_stale_uploads(repo: Repository, grace: float, report: SharedGcReport) -> None:
-    """Abort the multipart uploads a process that died left behind: those begun longer ago than
-    the grace period and a lease's duration (a live backup's upload of one pack takes neither;
-    one aborted all the same fails its put, and that backup stores no point)."""
+def _abort_stale_uploads(repo: Repository, grace: float, report: SharedGcReport,
+                         temps: list[TempFile]) -> None:
+    """Abort the multipart uploads a process that died left behind, and delete the temporary
+    files of `temps` whose writer is gone (a local directory's; inventory.dead_writes): those
+    begun (or last written) longer ago than the grace period and a lease's duration (a live
+    backup's write of one object takes neither; an upload aborted all the same fails its put,
+    and that backup stores no point), and at once those of this host's dead processes."""
     repo.check_leases()
     before = now() - timedelta(seconds=max(grace, repo.lease_seconds))
     report.uploads_aborted = repo.store.abort_stale_uploads(before)
+    dead = [temp.name for temp in dead_writes(temps, before.timestamp())]
+    _delete(repo, dead)
+    report.tmp_files_deleted = len(dead)
 
 
 @dataclass(frozen=True)
@@ -295,18 +302,21 @@ class _Listed:
     packs: dict[str, int]  # name -> size, in the store
     maps: set[str]
     points: set[str]
+    temps: list[TempFile]  # temporary files of writes, of every directory
 
     @classmethod
     def read(cls, repo: Repository) -> "_Listed":
         """The store's packs, maps and manifests: listed BEFORE the plan's catch-up, so that an
         object whose commit lands in between is known to the cache the plan is built from."""
-        return cls({n: i.size for n, i in objects_under(repo, "packs").items()},
-                   set(objects_under(repo, "maps")), set(objects_under(repo, "points")))
+        listing = list_store(repo)
+        objects = listing.objects
+        return cls({n: i.size for n, i in objects["packs"].items()}, set(objects["maps"]),
+                   set(objects["points"]), listing.temps)
 
 
-def _plan(repo: Repository, marker: Marker, report: SharedGcReport) -> bool:
-    """Commit the plan of what is unused now and its waits (False: nothing to plan)."""
-    listed = _Listed.read(repo)
+def _plan(repo: Repository, marker: Marker, report: SharedGcReport, listed: _Listed) -> bool:
+    """Commit the plan of what is unused now and its waits (False: nothing to plan); `listed`:
+    the store as listed before (_Listed.read)."""
     try:
         entry = repo.commit_journal(lambda _seq: [_plan_op(repo, marker, listed)])
     except NothingToCommit:

@@ -4,20 +4,33 @@ Write order (docs/FORMAT.md, "Write and read ordering"): data goes to a temporar
 destination's directory, is fsynced, renamed over the final name, and the directory is fsynced, so a
 crash leaves either the old state or the complete new file, never a torn one. Files are created
 owner-only (safefile.FILE_MODE).
+
+A temporary file is named `.tmp-<host>-<pid>-<8 hex>-<final name>` (`temp_name`): a process killed
+before its rename leaves it behind, and its name tells gc whether its writer may still be at work
+(`temp_owner`). Names of earlier versions, `.tmp-<pid>-<8 hex>-<final name>`, name no host.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import socket
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import blake3
+
+from ..pause import pause_point
 from .safefile import FILE_MODE
 
 T = TypeVar("T")
 BATCH_THREADS = 8  # fsyncs `write_batch` waits on at once
+TEMP_PREFIX = ".tmp-"  # a write in progress (or a killed one's leftover), never a file of its own
+HOST_HEX = 16  # hex digits of the host in a temporary name
+_TEMP = re.compile(rf"\.tmp-(?:([0-9a-f]{{{HOST_HEX}}})-)?([0-9]+)-[0-9a-f]{{8}}-.+", re.DOTALL)
 
 
 def fsync_dir(path: Path) -> None:
@@ -28,8 +41,30 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def host_id() -> str:
+    """This host in temporary names: the start of the BLAKE3 of its name, the name locks and
+    leases give their holder's host by (a fixed length, whatever the name holds)."""
+    return blake3.blake3(socket.gethostname().encode()).hexdigest()[:HOST_HEX]
+
+
 def temp_name(final: Path) -> Path:
-    return final.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}-{final.name}")
+    return final.with_name(f"{TEMP_PREFIX}{host_id()}-{os.getpid()}-{os.urandom(4).hex()}-"
+                           f"{final.name}")
+
+
+@dataclass(frozen=True)
+class TempOwner:
+    """The writer a temporary file's name gives."""
+
+    host: str | None  # its host_id(); None: a name of an earlier version, which gives no host
+    pid: int
+
+
+def temp_owner(file_name: str) -> TempOwner | None:
+    """The writer of the temporary file `file_name` (a name without directory); None when it is
+    not a name `temp_name` gives or gave."""
+    found = _TEMP.fullmatch(file_name)
+    return None if found is None else TempOwner(found[1], int(found[2]))
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -52,6 +87,7 @@ def write_atomic(final: Path, data: bytes, *, overwrite: bool = True) -> None:
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
+    pause_point("atomic.written")
     publish(tmp, final, overwrite=overwrite)
 
 
@@ -80,6 +116,7 @@ def write_batch(files: Sequence[tuple[Path, bytes | memoryview]]) -> None:
     with ThreadPoolExecutor(max(1, min(BATCH_THREADS, len(files)))) as pool:
         try:
             _write_synced(pool, temps, [data for _, data in files])
+            pause_point("atomic.written")
             for tmp, (final, _) in zip(temps, files):
                 os.replace(tmp, final)
         except BaseException:

@@ -21,7 +21,9 @@ home (`check_name`). What a store guarantees (docs/FORMAT.md, "Store"):
 - `list` yields every object under a prefix, in any order; `delete` removes a batch, a missing
   name being no error;
 - `abort_stale_uploads(before)` removes the parts of uploads begun before `before` and never
-  finished (a process that died mid-upload); returns how many.
+  finished (a process that died mid-upload); returns how many. A store whose unfinished writes
+  are files beside the objects (a local directory's temporary files) reports them through
+  `list(..., temps=)` instead, and `delete` takes their names: gc decides which writer is gone.
 """
 
 from __future__ import annotations
@@ -70,6 +72,15 @@ class StoreAuthError(StoreError):
 class ObjectInfo:
     name: str
     size: int
+
+
+@dataclass(frozen=True)
+class TempFile:
+    """A temporary file of a write not finished (atomic.temp_name): its writer is at work, or
+    was killed before its rename."""
+
+    name: str  # as an object's name (`maps/ab/.tmp-...`): what `delete` takes
+    modified: float  # its mtime, in seconds since the epoch
 
 
 class RangeReader:
@@ -123,6 +134,7 @@ class RangeReader:
 
 class Store(Protocol):
     location: str  # for messages: a path or s3://bucket/prefix
+    leaves_temps: bool  # an unfinished write is a file beside the objects (`list(..., temps=)`)
 
     def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> None: ...
 
@@ -145,7 +157,8 @@ class Store(Protocol):
 
     def exists(self, name: str) -> bool: ...
 
-    def list(self, prefix: str, skipped: list[str] | None = None) -> Iterator[ObjectInfo]: ...
+    def list(self, prefix: str, skipped: list[str] | None = None,
+             temps: list[TempFile] | None = None) -> Iterator[ObjectInfo]: ...
 
     def delete(self, names: Iterable[str]) -> None: ...
 

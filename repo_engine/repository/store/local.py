@@ -8,7 +8,8 @@ the directory. Files and directories are created owner-only (safefile.FILE_MODE,
 Nothing found under ROOT is trusted (safefile.py): a file is opened with O_NOFOLLOW|O_NONBLOCK and
 must be regular, a whole read is bounded by the caller's limit, deletions happen only in real
 directories, and `list` never follows a symlink (what is not a regular file is reported through
-`skipped`, never yielded).
+`skipped`, never yielded). The temporary files of writes (atomic.temp_name) are no objects: `list`
+reports those it meets through `temps`, for gc to tell a killed writer's from a live one's.
 
 Not objects, and never listed: the LMDB index (`index/`), the lock files (`locks/`) and the spool
 directory of packs being written (`tmp/`) stay local files under `root`, which their modules use
@@ -32,21 +33,22 @@ from pathlib import Path
 from typing import TypeVar
 
 from ...errors import DamageError
-from ..atomic import publish, write_atomic, write_batch
+from ..atomic import TEMP_PREFIX, publish, write_atomic, write_batch
 from ..safefile import (kind_of, make_dir, open_regular, read_limited, sync_dir,
                        unlink_from)
 from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, RangeReader, ShortRead,
-               check_name)
+               TempFile, check_name)
 
 T = TypeVar("T")
 LOCAL_ONLY = ("index", "locks", "tmp")  # directories of local files, not objects
 FD_CACHE = 256
 DELETE_THREADS = 32  # files unlinked at once (delete): each unlink waits on the journal
 DELETE_SLICE = 64  # fewest names of one directory a thread of delete takes
-TEMP_PREFIX = ".tmp-"  # atomic.temp_name: a write in progress, not an object yet
 
 
 class LocalStore:
+    leaves_temps = True  # a killed write's temporary file stays beside the objects
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.location = str(root)
@@ -184,14 +186,15 @@ class LocalStore:
             raise ObjectMissing(f"{path} is missing") from None
 
     # -- listing and deleting ---------------------------------------------------------------
-    def list(self, prefix: str, skipped: list[str] | None = None) -> Iterator[ObjectInfo]:
+    def list(self, prefix: str, skipped: list[str] | None = None,
+             temps: list[TempFile] | None = None) -> Iterator[ObjectInfo]:
         """Objects whose names start with `prefix`: regular files only, temporary files of writes
-        in progress left out; a symlink (to a file or a directory), FIFO, socket or device is
-        described in `skipped` and never followed."""
+        left out (and added to `temps`, those of every directory walked); a symlink (to a file
+        or a directory), FIFO, socket or device is described in `skipped` and never followed."""
         check_name(prefix, prefix=True)
         base = prefix.rpartition("/")[0]
         top = self.root / base if base else self.root
-        for name, entry in _walk(top, base, skipped):
+        for name, entry in _walk(top, base, skipped, temps):
             if name.startswith(prefix):
                 try:
                     size = entry.stat(follow_symlinks=False).st_size
@@ -234,8 +237,8 @@ class LocalStore:
         return slices
 
     def abort_stale_uploads(self, before: datetime) -> int:
-        """None to abort: a local put is one rename; the spool files a dead process left are
-        gc's to remove (maintenance/inventory.py)."""
+        """None to abort: a local put is one rename. What a killed writer leaves, temporary files
+        (which `list` reports) and spool files, is gc's to remove (maintenance/inventory.py)."""
         return 0
 
     def close(self) -> None:
@@ -257,10 +260,11 @@ def _damage_as_object() -> Iterator[None]:
         raise ObjectDamaged(str(exc)) from None
 
 
-def _walk(top: Path, base: str, skipped: list[str] | None) -> Iterator[tuple[str, os.DirEntry]]:
+def _walk(top: Path, base: str, skipped: list[str] | None,
+          temps: list[TempFile] | None) -> Iterator[tuple[str, os.DirEntry]]:
     """(object name, entry) of every regular file below `top` (a real directory: a symlinked or
-    missing one yields nothing); what is neither a file nor a directory goes to `skipped`. The
-    local-only directories at the top are not walked."""
+    missing one yields nothing) but temporary files, which go to `temps`; what is neither a file
+    nor a directory goes to `skipped`. The local-only directories at the top are not walked."""
     try:
         entries = list(os.scandir(top)) if not top.is_symlink() else []
     except (FileNotFoundError, NotADirectoryError):
@@ -270,10 +274,12 @@ def _walk(top: Path, base: str, skipped: list[str] | None) -> Iterator[tuple[str
             continue
         name = f"{base}/{entry.name}" if base else entry.name
         if entry.is_dir(follow_symlinks=False):
-            yield from _walk(Path(entry.path), name, skipped)
+            yield from _walk(Path(entry.path), name, skipped, temps)
         elif entry.is_file(follow_symlinks=False):
             if not entry.name.startswith(TEMP_PREFIX):
                 yield name, entry
+            elif temps is not None:
+                _add_temp(temps, name, entry)
         elif skipped is not None:
             try:
                 mode = entry.stat(follow_symlinks=False).st_mode
@@ -281,6 +287,14 @@ def _walk(top: Path, base: str, skipped: list[str] | None) -> Iterator[tuple[str
                 continue  # deleted since the directory was read
             skipped.append(f"{entry.path} is {kind_of(mode)}, not a regular file: left alone, "
                            "never read (remove it)")
+
+
+def _add_temp(temps: list[TempFile], name: str, entry: os.DirEntry) -> None:
+    try:
+        found = entry.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return  # renamed or removed since the directory was read
+    temps.append(TempFile(name, found.st_mtime))
 
 
 def _pread_all(fd: int, length: int, offset: int) -> bytes:

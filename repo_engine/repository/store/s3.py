@@ -49,7 +49,7 @@ import botocore.exceptions as bexc
 import urllib3.exceptions
 
 from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, RangeReader, ShortRead,
-               StoreAuthError, StoreError, StoreUnreachable, check_name)
+               StoreAuthError, StoreError, StoreUnreachable, TempFile, check_name)
 from .s3_settings import MAX_PARTS, S3Settings, load_s3_settings
 
 T = TypeVar("T")
@@ -278,6 +278,8 @@ def _retryable(exc: bexc.ClientError) -> bool:
 
 class S3Store:
     """The Store protocol on an S3-compatible bucket (see the module docstring)."""
+
+    leaves_temps = False  # an unfinished write is a multipart upload, never an object
 
     def __init__(self, location: str, settings: S3Settings | None = None) -> None:
         self.bucket, self.prefix = parse_location(location)
@@ -517,8 +519,10 @@ class S3Store:
             return False
         return True
 
-    def list(self, prefix: str, skipped: list[str] | None = None) -> Iterator[ObjectInfo]:
-        """Every object under `prefix` (a bucket holds only objects: nothing is ever skipped)."""
+    def list(self, prefix: str, skipped: list[str] | None = None,
+             temps: list[TempFile] | None = None) -> Iterator[ObjectInfo]:
+        """Every object under `prefix` (a bucket holds only objects: nothing is ever skipped,
+        and an unfinished write is a multipart upload, no temporary file)."""
         key_prefix = self._key(prefix, prefix=True)
         token: dict[str, str] = {}
         while True:
