@@ -148,9 +148,9 @@ def test_an_entry_missing_in_the_middle_of_the_journal_is_refused(hosts, tmp_pat
 
 def test_entries_compacted_past_a_recently_refreshed_cache_are_read_from_the_checkpoint(
         hosts, tmp_path):
-    """gc compacted the entries b's cache had not replayed yet (a host whose clock runs an
-    hour ahead judged the checkpoint old enough): b, refreshed a minute ago, loads the
-    checkpoint instead of taking the gap for the head."""
+    """gc compacted the entries b's cache had not replayed yet (its clock jumped two hours
+    ahead after it first saw the checkpoint): b, refreshed a minute ago, loads the checkpoint
+    at its lock instead of taking the gap for the head."""
     root, a, b = hosts
     model = disk(tmp_path, "vm", 26)
     first = a.backup("vm", model)
@@ -160,7 +160,8 @@ def test_entries_compacted_past_a_recently_refreshed_cache_are_read_from_the_che
     second = a.backup("vm", model)
     contents[second.id] = model.copy_of_content()
     seq = write_checkpoint(a.repo.store, a.repo.index)
-    assert compact(a.repo.store, grace=0, now=time.time() + 2 * STALE_AFTER) == seq
+    assert compact(a.repo.store, a.repo.index, grace=0) == 0  # first seen now
+    assert compact(a.repo.store, a.repo.index, grace=0, now=time.time() + 2 * STALE_AFTER) == seq
     with b.repo.lock(SHARED, "points"):
         assert {p.id for p in b.repo.points()} == set(contents)
     third = b.backup("vm", model)
@@ -285,7 +286,8 @@ def test_the_journal_head_check_on_s3(seaweedfs, s3_bucket, tmp_path, monkeypatc
     with pytest.raises(DamageError, match=f"entry {seq + 1} is missing"):
         b.repo.lock(SHARED, "points").release()
     head = write_checkpoint(store, a.repo.index)
-    assert compact(store, grace=0, now=time.time() + 2 * STALE_AFTER) == head - 1
+    assert compact(store, a.repo.index, grace=0) == 0  # first seen now
+    assert compact(store, a.repo.index, grace=0, now=time.time() + 2 * STALE_AFTER) == head - 1
     with b.repo.lock(SHARED, "restore"):
         assert {p.id for p in b.repo.points()} == set(points)
         for point in b.repo.points():
@@ -425,3 +427,35 @@ def test_an_entry_copied_under_another_seq_is_refused(hosts, tmp_path):
     (root / "journal" / f"{seq + 1:016x}.jnl").write_bytes(
         (root / "journal" / f"{seq:016x}.jnl").read_bytes())
     refused(b, tmp_path, "moved or tampered with")
+
+
+def test_entries_compacted_while_a_backup_runs_are_never_committed_again(
+        hosts, tmp_path, monkeypatch):
+    """b's backup refreshed at its lock and is between two commits (its packs uploaded) when a
+    gc whose clock runs two hours ahead of the checkpoint writer's compacts the journal past
+    b's cache. b's next commits refresh without the head check: were the compaction allowed,
+    b would take the gap for the head and commit at seqs the checkpoint covers, entries no
+    other host ever reads (its point lost to them, its packs planned as unknown objects). The
+    compactor must judge a checkpoint's age on its own clock, from when it first saw it."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 28)
+    contents = {a.backup("vm", model).id: model.copy_of_content()}
+    other = disk(tmp_path, "other", 29)
+    reached, go = stall_after_upload(b.repo, monkeypatch)
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(b.backup("other", other)))
+    thread.start()
+    assert reached.wait(60)
+    model.random_changes(4)
+    contents[a.backup("vm", model).id] = model.copy_of_content()
+    seq = write_checkpoint(a.repo.store, a.repo.index)
+    skewed = time.time() + 2 * STALE_AFTER
+    assert compact(a.repo.store, a.repo.index, grace=0, now=skewed) == 0  # first seen now
+    go.set()
+    thread.join(60)
+    assert len(done) == 1
+    contents[done[0].id] = other.copy_of_content()
+    restores_everything(root, tmp_path, contents)
+    # an hour later on the compactor's own clock, the entries go; every point stays
+    assert compact(a.repo.store, a.repo.index, grace=0, now=skewed + STALE_AFTER) == seq
+    restores_everything(root, tmp_path, contents)

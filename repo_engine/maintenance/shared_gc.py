@@ -739,7 +739,7 @@ def _checkpoint(repo: Repository, grace: float, report: SharedGcReport) -> None:
         repo.check_leases()
         report.checkpoint = write_checkpoint(repo.store, repo.index, repo.sealer)
     repo.check_leases()
-    report.entries_compacted = compact(repo.store, grace, sealer=repo.sealer)
+    report.entries_compacted = compact(repo.store, repo.index, grace)
 
 
 # -- dry run -----------------------------------------------------------------------------------
