@@ -85,8 +85,11 @@ def model(tmp_path) -> DiskModel:
 
 def reclaim(repo: str, failed_at: float) -> None:
     """gc, once the lease (or maintenance lock) the command that failed at `failed_at` could not
-    delete has expired: with no grace and no live lease to wait for, it plans and sweeps."""
+    delete has expired and `unlock` removed it: with no grace and no lease to wait for, it plans
+    and sweeps (a lease left in place it would wait for until it has seen it unchanged for its
+    span)."""
     time.sleep(max(0.0, failed_at + LEASE_SECONDS + 0.2 - time.monotonic()))
+    assert in_process("unlock", repo).code == 0
     result = in_process("gc", repo, "--grace", "0s")
     assert result.code == 0, result.err
 

@@ -90,6 +90,8 @@ def test_a_backup_suspended_past_its_lease_stores_no_point_naming_a_swept_pack(
     assert reached.wait(60)
     uploaded = pack_bytes(a.repo.store)
     clock_ahead(monkeypatch, b.repo.lease_seconds + 1)
+    assert gc(a.repo, grace=0).plans_swept == 0  # expired on b's clock; a sees it first now
+    clock_ahead(monkeypatch, 2 * b.repo.lease_seconds + 2)  # seen unchanged past its span
     swept = gc(a.repo, grace=0)
     assert swept.orphan_packs_deleted == 1 and pack_bytes(a.repo.store) < uploaded
     for held in list(b.repo.held):
@@ -148,9 +150,9 @@ def test_an_entry_missing_in_the_middle_of_the_journal_is_refused(hosts, tmp_pat
 
 def test_entries_compacted_past_a_recently_refreshed_cache_are_read_from_the_checkpoint(
         hosts, tmp_path):
-    """gc compacted the entries b's cache had not replayed yet (a host whose clock runs an
-    hour ahead judged the checkpoint old enough): b, refreshed a minute ago, loads the
-    checkpoint instead of taking the gap for the head."""
+    """gc compacted the entries b's cache had not replayed yet (its clock jumped two hours
+    ahead after it first saw the checkpoint): b, refreshed a minute ago, loads the checkpoint
+    at its lock instead of taking the gap for the head."""
     root, a, b = hosts
     model = disk(tmp_path, "vm", 26)
     first = a.backup("vm", model)
@@ -160,7 +162,8 @@ def test_entries_compacted_past_a_recently_refreshed_cache_are_read_from_the_che
     second = a.backup("vm", model)
     contents[second.id] = model.copy_of_content()
     seq = write_checkpoint(a.repo.store, a.repo.index)
-    assert compact(a.repo.store, grace=0, now=time.time() + 2 * STALE_AFTER) == seq
+    assert compact(a.repo.store, a.repo.index, grace=0) == 0  # first seen now
+    assert compact(a.repo.store, a.repo.index, grace=0, now=time.time() + 2 * STALE_AFTER) == seq
     with b.repo.lock(SHARED, "points"):
         assert {p.id for p in b.repo.points()} == set(contents)
     third = b.backup("vm", model)
@@ -285,7 +288,8 @@ def test_the_journal_head_check_on_s3(seaweedfs, s3_bucket, tmp_path, monkeypatc
     with pytest.raises(DamageError, match=f"entry {seq + 1} is missing"):
         b.repo.lock(SHARED, "points").release()
     head = write_checkpoint(store, a.repo.index)
-    assert compact(store, grace=0, now=time.time() + 2 * STALE_AFTER) == head - 1
+    assert compact(store, a.repo.index, grace=0) == 0  # first seen now
+    assert compact(store, a.repo.index, grace=0, now=time.time() + 2 * STALE_AFTER) == head - 1
     with b.repo.lock(SHARED, "restore"):
         assert {p.id for p in b.repo.points()} == set(points)
         for point in b.repo.points():
@@ -407,6 +411,8 @@ def test_a_backup_killed_before_its_point_entry_then_gc_on_another_host(tmp_path
     killed.finish()
     b = Host(attach_shared(LocalStore(root), tmp_path / "cache-b"))
     clock_ahead(monkeypatch, b.repo.lease_seconds + 1)
+    assert gc(b.repo, grace=0).plans_swept == 0  # the lease left: seen unchanged from now
+    clock_ahead(monkeypatch, 2 * b.repo.lease_seconds + 2)
     swept = gc(b.repo, grace=0)
     assert swept.plans_swept == 1 and swept.packs_deleted >= 1 and swept.maps_deleted >= 1
     b.repo.close()
@@ -425,3 +431,98 @@ def test_an_entry_copied_under_another_seq_is_refused(hosts, tmp_path):
     (root / "journal" / f"{seq + 1:016x}.jnl").write_bytes(
         (root / "journal" / f"{seq:016x}.jnl").read_bytes())
     refused(b, tmp_path, "moved or tampered with")
+
+
+def test_entries_compacted_while_a_backup_runs_are_never_committed_again(
+        hosts, tmp_path, monkeypatch):
+    """b's backup refreshed at its lock and is between two commits (its packs uploaded) when a
+    gc whose clock runs two hours ahead of the checkpoint writer's compacts the journal past
+    b's cache. b's next commits refresh without the head check: were the compaction allowed,
+    b would take the gap for the head and commit at seqs the checkpoint covers, entries no
+    other host ever reads (its point lost to them, its packs planned as unknown objects). The
+    compactor must judge a checkpoint's age on its own clock, from when it first saw it."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 28)
+    contents = {a.backup("vm", model).id: model.copy_of_content()}
+    other = disk(tmp_path, "other", 29)
+    reached, go = stall_after_upload(b.repo, monkeypatch)
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(b.backup("other", other)))
+    thread.start()
+    assert reached.wait(60)
+    model.random_changes(4)
+    contents[a.backup("vm", model).id] = model.copy_of_content()
+    seq = write_checkpoint(a.repo.store, a.repo.index)
+    skewed = time.time() + 2 * STALE_AFTER
+    assert compact(a.repo.store, a.repo.index, grace=0, now=skewed) == 0  # first seen now
+    go.set()
+    thread.join(60)
+    assert len(done) == 1
+    contents[done[0].id] = other.copy_of_content()
+    restores_everything(root, tmp_path, contents)
+    # an hour later on the compactor's own clock, the entries go; every point stays
+    assert compact(a.repo.store, a.repo.index, grace=0, now=skewed + STALE_AFTER) == seq
+    restores_everything(root, tmp_path, contents)
+
+
+def gc_clock_ahead(monkeypatch, seconds: float) -> None:
+    """gc's clock alone moves `seconds` ahead: the holders of leases keep theirs."""
+    later = shared_gc.now() + timedelta(seconds=seconds)
+    monkeypatch.setattr(shared_gc, "now", lambda: later)
+
+
+def test_a_gc_whose_clock_runs_ahead_never_sweeps_what_a_live_backup_uploaded(
+        hosts, tmp_path, monkeypatch):
+    """b's backup is live (its lease renewed on time by its own clock) with a pack uploaded
+    and not yet in an entry; a's clock runs more than a lease ahead of b's, and gc runs with a
+    short grace period. Judged on b's clock alone, b's lease looks expired to a: gc would sweep
+    b's pack, and b, whose own checks pass, would then catalogue a point naming it. gc must
+    sweep only once it has seen the lease unchanged, on its own clock, for as long as its
+    holder could still hold it."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 38)
+    contents = {a.backup("vm", model).id: model.copy_of_content()}
+    other = disk(tmp_path, "other", 39)
+    reached, go = stall_after_upload(b.repo, monkeypatch)
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(b.backup("other", other)))
+    thread.start()
+    assert reached.wait(60)
+    uploaded = pack_bytes(a.repo.store)
+    gc_clock_ahead(monkeypatch, b.repo.lease_seconds + 60)
+    first = gc(a.repo, grace=0)
+    assert (first.plans_swept, first.plans_pending) == (0, 1)
+    assert gc(a.repo, grace=0).plans_swept == 0  # seen again at once: b may still hold it
+    assert pack_bytes(a.repo.store) == uploaded
+    go.set()
+    thread.join(60)
+    assert len(done) == 1
+    contents[done[0].id] = other.copy_of_content()
+    pending = len(a.repo.index.pending_plans())
+    assert pending and gc(a.repo, grace=0).plans_swept >= pending  # b's lease is gone
+    assert a.repo.index.pending_plans() == []
+    restores_everything(root, tmp_path, contents)
+
+
+def test_a_lease_left_by_a_dead_holder_is_swept_past_once_seen_unchanged_long_enough(
+        hosts, tmp_path, monkeypatch):
+    """A lease whose holder died stays in the store unchanged: gc sweeps past it once it has
+    seen it so, on its own clock, for the lease's span (expiry less start: at least its
+    duration) and the grace period, not at once although it expired on its holder's clock."""
+    from test_leases import crashed
+
+    root, a, _b = hosts
+    model = disk(tmp_path, "vm", 40)
+    doomed = a.backup("vm", model)
+    model.random_changes(4)
+    kept = a.backup("vm", model)
+    forget_points(a.repo, [doomed.id])
+    crashed(a.repo.store, "leases/otherhost-4242-0badf00d.lease", leases.SESSION,
+            "backup image dead", ago=60)  # span: an hour
+    first = gc(a.repo, grace=0)
+    assert (first.plans_swept, first.plans_pending) == (0, 1)
+    gc_clock_ahead(monkeypatch, 3600 - 60)
+    assert gc(a.repo, grace=0).plans_swept == 0
+    gc_clock_ahead(monkeypatch, 3600 + 1)
+    assert gc(a.repo, grace=0).plans_swept == 1
+    restores_everything(root, tmp_path, {kept.id: model.copy_of_content()})

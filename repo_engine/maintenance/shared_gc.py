@@ -15,11 +15,13 @@ gc cannot ask "who may still use this chunk?" directly. It asks the journal and 
    may have looked a doomed chunk up before they saw the plan. A backup writes its lease before
    it refreshes, so one that did not see the plan is on that list.
 2. **Sweep**, in a later run (or the same one, with `--grace 0` and nothing to wait for): a plan is
-   ready when its time plus the grace period has passed and each waited lease is gone or expired
-   more than the grace period ago. gc marks again (a waited backup may have committed a point
-   using a doomed chunk: that chunk is live again and kept, and so is its pack), commits the
-   `sweep` entry first (conditional on the head: a commit meanwhile makes gc catch up and mark
-   again), and only then deletes the objects, in batches, checking its leases before each.
+   ready when its time plus the grace period has passed and each waited lease is gone or ended
+   (`_Seen`, `_ended`: measured on this host's clock too, from when it first saw the plan or the
+   lease as it is, so that a holder whose clock runs behind is never taken for expired). gc
+   marks again (a waited backup may have committed a point using a doomed chunk: that chunk is
+   live again and kept, and so is its pack), commits the `sweep` entry first (conditional on
+   the head: a commit meanwhile makes gc catch up and mark again), and only then deletes the
+   objects, in batches, checking its leases before each.
 
 **Repack** (`repack=True`, `gc --repack`; otherwise only its cost is reported): on object
 storage a rewrite costs egress and PUTs, while dropping whole dead packs costs one batched
@@ -44,6 +46,7 @@ would copy) a group of packs at a time (GROUP_ROWS).
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -374,14 +377,63 @@ def _commit_waits(repo: Repository, plan: PlanOp) -> PendingPlan:
 
 
 # -- phase 2: sweep ----------------------------------------------------------------------------
-def ready(plan: PendingPlan, leases: dict[str, LeaseInfo], grace: float, at: datetime) -> bool:
+SEEN_KEY = b"sweep_seen"  # meta of this host's cache: what _Seen notes
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """When this host first saw, on its own clock, each pending plan and each lease in its
+    present state (its `expires`: a renewal is a new state). A lease's times are of its
+    holder's clock, a plan's of its planner's: judged against this host's clock alone, a
+    holder whose clock runs behind would look expired while it still renews, and gc would
+    delete the packs it uploaded and is about to commit (its own checks, on its own clock,
+    pass). Measured from when this host saw them, each wait compares two times of one clock."""
+
+    plans: dict[str, datetime]
+    leases: dict[str, datetime]
+
+    @classmethod
+    def note(cls, index: Index, plans: list[PendingPlan], leases: dict[str, LeaseInfo],
+             at: datetime) -> "_Seen":
+        """The first sightings noted in the cache's meta, those new now at `at`; the notes of
+        plans and leases gone are dropped."""
+        with index.write() as txn:
+            raw = txn.get(SEEN_KEY, db=index.meta)
+            doc = json.loads(raw) if raw else {"plans": {}, "leases": {}}
+            seen = {p.op.plan: doc["plans"].get(p.op.plan, iso(at)) for p in plans}
+            held = {}  # name -> [expires, first seen with it]
+            for name, info in leases.items():
+                was, when = doc["leases"].get(name, ("", ""))
+                held[name] = [info.expires, when if when and was == info.expires else iso(at)]
+            txn.put(SEEN_KEY, json.dumps({"plans": seen, "leases": held}).encode(),
+                    db=index.meta)
+        return cls({k: datetime.fromisoformat(v) for k, v in seen.items()},
+                   {k: datetime.fromisoformat(v[1]) for k, v in held.items()})
+
+
+def ready(plan: PendingPlan, leases: dict[str, LeaseInfo], seen: _Seen, grace: float,
+          at: datetime) -> bool:
     """Whether `plan` may be swept at `at`: its waits are known, its time plus `grace` has
-    passed, and each waited lease is gone or expired more than `grace` before `at`."""
+    passed (on its planner's clock and since this host first saw it), and each waited lease
+    is gone or ended (`_ended`)."""
     if plan.leases is None:
         return False
-    if datetime.fromisoformat(plan.op.time) + timedelta(seconds=grace) > at:
+    since = max(datetime.fromisoformat(plan.op.time), seen.plans[plan.op.plan])
+    if since + timedelta(seconds=grace) > at:
         return False
-    return all(name not in leases or leases[name].expired(at, grace) for name in plan.leases)
+    return all(name not in leases or _ended(leases[name], seen.leases[name], grace, at)
+               for name in plan.leases)
+
+
+def _ended(lease: LeaseInfo, seen: datetime, grace: float, at: datetime) -> bool:
+    """Whether `lease` expired more than `grace` before `at` on its holder's clock, and this
+    host has seen it unchanged since `seen` for its span (expiry less start: at least its
+    duration, whatever the holder's setting) and `grace`: a holder still renewing changes it
+    every quarter of its duration, one that stopped finds, on its own clock, its lease lost
+    before it commits again."""
+    span = lease.span()
+    return (lease.expired(at, grace) and span is not None
+            and seen + span + timedelta(seconds=grace) <= at)
 
 
 def _sweep_ready(repo: Repository, marker: Marker, report: SharedGcReport, grace: float,
@@ -390,10 +442,12 @@ def _sweep_ready(repo: Repository, marker: Marker, report: SharedGcReport, grace
     if not plans:
         return
     leases = {f.name: f.info for f in list_leases(repo.store)}
+    at = now()
+    seen = _Seen.note(repo.index, plans, leases, at)
     for plan in plans:
         if plan.leases is None:  # a gc died between plan and waits: wait for everyone now
             plan = _commit_waits(repo, plan.op)
-        if ready(plan, leases, grace, now()):
+        if ready(plan, leases, seen, grace, at):
             if tick:
                 tick(f"sweeping plan {plan.op.plan}")
             _sweep(repo, marker, plan, report)
@@ -750,7 +804,7 @@ def _checkpoint(repo: Repository, grace: float, report: SharedGcReport) -> None:
         repo.check_leases()
         report.checkpoint = write_checkpoint(repo.store, repo.index, repo.sealer)
     repo.check_leases()
-    report.entries_compacted = compact(repo.store, grace, sealer=repo.sealer)
+    report.entries_compacted = compact(repo.store, repo.index, grace)
 
 
 # -- dry run -----------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ whatever its row says.
 missing. A cache that is empty, or was last refreshed more than STALE_AFTER ago, first looks for
 a newer checkpoint: entries at or below a checkpoint are deleted only once it is older than
 STALE_AFTER (and gc's grace), so a cache refreshed more recently still finds the entries it needs.
+That age is measured on the compacting host's clock alone, from when it first saw the checkpoint
+(`compact`): each bound compares two times of one clock, whatever the skew between hosts.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ RECORDS_BATCH = 1 << 10  # catalog records per frame (a record is up to a few Ki
 READ_PIECE = 8 << 20
 MAX_FRAME = 1 << 30
 STALE_AFTER = 3600.0
+SEEN_KEY = b"checkpoints_seen"  # meta: {seq: unix time this host first listed the checkpoint}
 READ_AHEAD = 8  # journal entries fetched at once by a long replay
 CHECKPOINT_EVERY = 200
 # what a checkpoint replaces in a cache (other tables are this host's own notes; `unfindable`
@@ -228,16 +231,21 @@ def checkpoint_due(store: Store, index: Index, every: int = CHECKPOINT_EVERY) ->
     return index.journal_seq - (newest_checkpoint(store) or 0) > every
 
 
-def compact(store: Store, grace: float, now: float | None = None,
-            sealer: Sealer = NULL_SEALER) -> int:
+def compact(store: Store, index: Index, grace: float, now: float | None = None) -> int:
     """Delete the entries at or below the newest checkpoint older than `grace` seconds and
     STALE_AFTER (module doc), and the checkpoints before it; returns how many entries were
     deleted. Not only the newest checkpoint counts: gc writes one every CHECKPOINT_EVERY
-    entries, and on a busy repository the newest may never be that old."""
+    entries, and on a busy repository the newest may never be that old. A checkpoint's age is
+    measured on this host's clock (`now`) from when `index`, this host's cache, first saw it
+    (`_first_seen`): the time its writer put in it is of another host's clock, and a writer
+    running an hour behind would have it compacted while a cache refreshed a minute ago still
+    needs the entries after its own (such a host, between two commits of one command, would
+    take the gap for the head and commit where no other host reads)."""
     at = now if now is not None else time.time()
     checkpoints = sorted(entry_seqs(store, ".ckpt"), reverse=True)
+    seen = _first_seen(index, checkpoints, at)
     for seq in checkpoints:
-        if at >= _written(store, seq, sealer) + max(grace, STALE_AFTER):
+        if at >= seen[seq] + max(grace, STALE_AFTER):
             break
     else:
         return 0
@@ -247,10 +255,16 @@ def compact(store: Store, grace: float, now: float | None = None,
     return len(doomed)
 
 
-def _written(store: Store, seq: int, sealer: Sealer) -> float:
-    """When checkpoint `seq` was written (its META record's time), as a unix time."""
-    meta = next(_Reader(store, checkpoint_object(seq), sealer).records())[1]
-    return datetime.fromisoformat(meta["time"]).timestamp()
+def _first_seen(index: Index, checkpoints: list[int], at: float) -> dict[int, float]:
+    """When this host first saw each of `checkpoints` (those it sees now for the first time:
+    `at`), as noted in the cache's meta `checkpoints_seen` (which keeps the ones listed)."""
+    with index.write() as txn:
+        raw = txn.get(SEEN_KEY, db=index.meta)
+        noted = {int(k): float(v) for k, v in json.loads(raw).items()} if raw else {}
+        seen = {seq: noted.get(seq, at) for seq in checkpoints}
+        txn.put(SEEN_KEY, json.dumps({str(k): v for k, v in seen.items()}).encode(),
+                db=index.meta)
+    return seen
 
 
 # -- reading ----------------------------------------------------------------------------------

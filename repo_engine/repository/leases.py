@@ -101,6 +101,14 @@ class LeaseInfo:
         except ValueError:
             return None
 
+    def span(self) -> timedelta | None:
+        """Expiry less start, both of the holder's clock: at least the lease's duration (None
+        when either cannot be read)."""
+        try:
+            return datetime.fromisoformat(self.expires) - datetime.fromisoformat(self.started)
+        except (TypeError, ValueError):
+            return None
+
     def expired(self, at: datetime, grace: float = 0.0) -> bool:
         """Whether the lease ended more than `grace` seconds before `at`."""
         end = self.expires_at()
