@@ -68,7 +68,8 @@ from ..errors import DamageError, LockedError, RepoError
 from ..repository.store import ObjectDamaged, ObjectMissing
 from ..pause import pause_point
 from ..repository.index import U64, Index, lacks
-from ..repository.index_records import LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, ref_keys
+from ..repository.index_records import (LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC,
+                                         REF_REC_DTYPE, ref_keys, refs_found)
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.blockmap import map_object
 from ..repository.packs import PackWriter, blob_bytes, pack_object
@@ -275,7 +276,7 @@ def queue_uncounted(repo: Repository) -> dict[int, np.ndarray]:
     """Queue live refs without a count in packs indexed since the last gc (a crashed or running
     backup's chunks; a running backup's come back in step 5). Returns the refs of the trailers
     read, by pack number (up to TRAILER_REFS in all): a pack this run empties is checked
-    against them (`_places_chunks`) instead of being read again (packs are immutable)."""
+    against them (`_unplaced`) instead of being read again (packs are immutable)."""
     index = repo.index
     mark, end = index.meta_u64("gc_mark"), index.meta_u64("next_pack")
     found = []
@@ -634,8 +635,7 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport, placed: Placed,
         deleted = _delete_unused(txn, index, listed, report, deleter)
         touched = _drop_candidates(txn, index, listed.candidates, report)
         emptied = _lower_lives(txn, index, touched)
-        _retire_packs(txn, index, [number for number in emptied
-                                   if not _places_chunks(repo, txn, number, placed(number))])
+        _retire_packs(txn, index, _unplaced(repo, txn, emptied, placed))
         deleted.result()
     for path in listed.tmp:
         path.unlink(missing_ok=True)
@@ -743,26 +743,55 @@ def _lower_lives(txn: lmdb.Transaction, index: Index, touched: dict[int, list[in
     return emptied
 
 
-def _places_chunks(repo: Repository, txn: lmdb.Transaction, number: int,
-                   refs: np.ndarray | None = None) -> bool:
-    """Whether a ref record still places a chunk in pack `number` (the refs its trailer lists,
-    looked up in one batch; `refs`: those refs, or every ref that may place a chunk there, when
-    the caller knows them already): a damaged live count must not retire a pack that holds live
-    data. So does a ref record placing one of them in a pack no record lists: a damaged `packs`
-    key may have moved this pack's record away from the number its refs name."""
+def _unplaced(repo: Repository, txn: lmdb.Transaction, numbers: list[int],
+              placed: Placed = _no_places) -> list[int]:
+    """The packs of `numbers` no ref record places a chunk in any more, which may leave the
+    index: a damaged live count must not retire a pack that holds live data. The refs that may
+    place a chunk in a pack are those its trailer lists, or `placed(number)` when this run knows
+    them already, and all packs' refs are looked up in one batch. A ref record placing one of
+    a pack's refs in a pack no record lists keeps the pack too: a damaged `packs` key may have
+    moved this pack's record away from the number its refs name. A pack whose trailer cannot
+    be read goes (its chunks are lost anyway: verify and scrub report them)."""
     index = repo.index
-    raw = txn.get(PACK_KEY.pack(number), db=index.packs)
-    if raw is None:
-        return False
-    if refs is None:
-        try:
-            refs = repo.read_trailer(PACK_REC.unpack(raw)[0].hex())["ref"]
-        except RepoError:
-            return False  # unreadable: its chunks are lost anyway (verify, scrub report them)
-    found = txn.cursor(db=index.refs).getmulti(ref_keys(refs))
-    places = {REF_REC.unpack(rec)[1] for _key, rec in found}
-    return number in places or any(txn.get(PACK_KEY.pack(pack), db=index.packs) is None
-                                   for pack in places)
+    owners, refs = [], []
+    for number in numbers:
+        raw = txn.get(PACK_KEY.pack(number), db=index.packs)
+        if raw is None:
+            continue  # not listed: nothing to keep
+        some = placed(number)
+        if some is None:
+            try:
+                some = repo.read_trailer(PACK_REC.unpack(raw)[0].hex())["ref"]
+            except RepoError:
+                continue
+        owners.append(np.full(len(some), number, np.int64))
+        refs.append(np.asarray(some, np.uint64))
+    if not refs:
+        return numbers
+    owner, ref = np.concatenate(owners), np.concatenate(refs)
+    place = _places_of(txn, index, ref)
+    unlisted = [p for p in np.unique(place[place >= 0]).tolist()
+                if txn.get(PACK_KEY.pack(p), db=index.packs) is None]
+    keeps = (place == owner) | (place == UNREADABLE) | np.isin(place, unlisted)
+    kept = set(np.unique(owner[keeps]).tolist())
+    return [number for number in numbers if number not in kept]
+
+
+UNREADABLE = -2  # _places_of: a ref record of another size (damaged)
+
+
+def _places_of(txn: lmdb.Transaction, index: Index, refs: np.ndarray) -> np.ndarray:
+    """The pack each ref's record places its chunk in (int64), looked up in one batch: -1 for a
+    ref without a record, UNREADABLE for a record that does not parse."""
+    unique = np.unique(refs)
+    found = txn.cursor(db=index.refs).getmulti(ref_keys(unique))
+    place = np.full(len(unique), -1, np.int64)
+    at = np.searchsorted(unique, refs_found(found))  # getmulti keeps the keys' (sorted) order
+    sound = np.array([len(rec) == REF_REC.size for _, rec in found], bool)
+    records = b"".join(rec for (_, rec), ok in zip(found, sound.tolist()) if ok)
+    place[at[sound]] = np.frombuffer(records, REF_REC_DTYPE)["pack"]
+    place[at[~sound]] = UNREADABLE
+    return place[np.searchsorted(unique, refs)]
 
 
 def _retire_packs(txn: lmdb.Transaction, index: Index, numbers: list[int]) -> None:
@@ -816,7 +845,7 @@ def _retire_empty(repo: Repository) -> None:
     with index.write() as txn:
         empty = [PACK_KEY.unpack(k)[0] for k, (count, _) in live_counts(index, txn).items()
                  if count == 0]
-        _retire_packs(txn, index, [n for n in empty if not _places_chunks(repo, txn, n)])
+        _retire_packs(txn, index, _unplaced(repo, txn, empty))
 
 
 def _repack(repo: Repository, max_unused: float, report: GcReport, tick: Tick | None) -> None:
