@@ -84,6 +84,7 @@ from .inventory import (count_damage, dead_tmp_files, objects_under, scan_sealed
 from .tally import ROWS, RefTable, Tally, read_ref_table, ref_rows, sealed_batches
 
 Tick = Callable[[str], None]
+GIVE_BACK_BATCH = 1 << 16  # refs looked up at once when counted refs are made findable again
 Placed = Callable[[int], "np.ndarray | None"]  # the refs that may place chunks in a pack
 SETTLE_REFS = 1 << 20  # refs of dead maps settled in one transaction (about 100 MiB)
 # Decrements one dead map can owe: one each time its use fell to 0 before gc settled it. More
@@ -562,8 +563,11 @@ def _give_back_counted(repo: Repository) -> int:
     with index.write() as txn:
         hidden = trusted_unfindable(index, txn)
         counted = hidden[~lacks(txn, index.refcount, hidden)]
-        places = txn.cursor(db=index.refs).getmulti(ref_keys(counted))
-        return index.unhide(txn, places)
+        shown = 0
+        for at in range(0, len(counted), GIVE_BACK_BATCH):  # a gc killed after its mark
+            batch = ref_keys(counted[at:at + GIVE_BACK_BATCH])  # of millions lists them all
+            shown += index.unhide(txn, txn.cursor(db=index.refs).getmulti(batch))
+        return shown
 
 
 # -- step 3: mark ---------------------------------------------------------------------------
