@@ -14,6 +14,7 @@ import pytest
 
 from helpers import cli
 from race import Command
+from repo_engine.maintenance import gc as gc_module
 from repo_engine.maintenance.scrub import _quarantine
 from repo_engine.repository.index_records import REF_KEY
 from repo_engine.repository.repo import Repository
@@ -32,10 +33,11 @@ def _hidden_refs(path) -> set[int]:
 
 @pytest.mark.parametrize("candidate", ["uncounted", "forgotten", "quarantined"])
 def test_a_candidate_counted_after_a_killed_gc_is_deduplicated_again(tmp_path, capsys,
-                                                                    candidate):
+                                                                    monkeypatch, candidate):
     """`uncounted`: the chunks a paused backup stored (gc queues them: no count yet);
     `forgotten`: the chunks of a forgotten point that a paused backup found by id; `quarantined`:
-    as `uncounted`, one of them quarantined after the kill (it stays out of `ids`)."""
+    as `uncounted`, one of them quarantined after the kill (it stays out of `ids`). The next gc
+    gives them back a few at a time (GIVE_BACK_BATCH)."""
     repo = _init(capsys, tmp_path / "repo")
     model = _model(tmp_path, "a", 1)
     expected = {}
@@ -63,6 +65,7 @@ def test_a_candidate_counted_after_a_killed_gc_is_deduplicated_again(tmp_path, c
         with Repository.open(repo) as opened:
             _quarantine(opened, {damaged: "test: damaged"})
 
+    monkeypatch.setattr(gc_module, "GIVE_BACK_BATCH", 3)
     collected = cli(capsys, "gc", repo, "--json")
     assert collected.code == 0, collected.err
     assert collected.json()["chunks_dropped"] == 0  # every candidate is counted by now

@@ -70,13 +70,14 @@ from ..errors import DamageError, LockedError, RepoError
 from ..repository.store import ObjectDamaged, ObjectMissing
 from ..pause import pause_point
 from ..repository.index import U64, Index, lacks
-from ..repository.index_records import LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC, ref_keys
+from ..repository.index_records import (LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC,
+                                         REF_REC_DTYPE, ref_keys, refs_found)
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.blockmap import map_object
 from ..repository.packs import PackWriter, blob_bytes, pack_object
 from ..repository.points import point_object
 from ..repository.repo import Repository
-from ..repository.seals import KEY, CountDamaged, seal_rows
+from ..repository.seals import CHECK_SIZE, KEY, CountDamaged, seal_rows, unsealed_rows
 from . import forget
 from .deleter import Deleter
 from .forget import ForgetReport
@@ -85,6 +86,7 @@ from .inventory import (count_damage, dead_tmp_files, dead_writes, list_store, s
 from .tally import ROWS, RefTable, Tally, read_ref_table, ref_rows, sealed_batches
 
 Tick = Callable[[str], None]
+GIVE_BACK_BATCH = 1 << 16  # refs looked up at once when counted refs are made findable again
 Placed = Callable[[int], "np.ndarray | None"]  # the refs that may place chunks in a pack
 SETTLE_REFS = 1 << 20  # refs of dead maps settled in one transaction (about 100 MiB)
 # Decrements one dead map can owe: one each time its use fell to 0 before gc settled it. More
@@ -278,7 +280,7 @@ def queue_uncounted(repo: Repository) -> dict[int, np.ndarray]:
     """Queue live refs without a count in packs indexed since the last gc (a crashed or running
     backup's chunks; a running backup's come back in step 5). Returns the refs of the trailers
     read, by pack number (up to TRAILER_REFS in all): a pack this run empties is checked
-    against them (`_places_chunks`) instead of being read again (packs are immutable)."""
+    against them (`_unplaced`) instead of being read again (packs are immutable)."""
     index = repo.index
     mark, end = index.meta_u64("gc_mark"), index.meta_u64("next_pack")
     found = []
@@ -564,8 +566,11 @@ def _give_back_counted(repo: Repository) -> int:
     with index.write() as txn:
         hidden = trusted_unfindable(index, txn)
         counted = hidden[~lacks(txn, index.refcount, hidden)]
-        places = txn.cursor(db=index.refs).getmulti(ref_keys(counted))
-        return index.unhide(txn, places)
+        shown = 0
+        for at in range(0, len(counted), GIVE_BACK_BATCH):  # a gc killed after its mark
+            batch = ref_keys(counted[at:at + GIVE_BACK_BATCH])  # of millions lists them all
+            shown += index.unhide(txn, txn.cursor(db=index.refs).getmulti(batch))
+        return shown
 
 
 # -- step 3: mark ---------------------------------------------------------------------------
@@ -637,12 +642,8 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport, placed: Placed,
     with index.write() as txn:
         deleted = _delete_unused(txn, index, listed, report, deleter)
         touched = _drop_candidates(txn, index, listed.candidates, report)
-        for number, (chunks, stored) in sorted(touched.items()):
-            less_live(txn, index, number, stored, chunks)
-            live = index.get_sealed(txn, "packlive", PACK_KEY.pack(number))
-            if (live is not None and LIVE_REC.unpack(live)[0] == 0
-                    and not _places_chunks(repo, txn, number, placed(number))):
-                _retire_pack(txn, index, number)
+        emptied = _lower_lives(txn, index, touched)
+        _retire_packs(txn, index, _unplaced(repo, txn, emptied, placed))
         deleted.result()
     for path in listed.tmp:
         path.unlink(missing_ok=True)
@@ -712,41 +713,112 @@ def less_live(txn: lmdb.Transaction, index: Index, pack: int, stored: int,
                      LIVE_REC.pack(max(count - chunks, 0), max(size - stored, 0)))
 
 
-def _places_chunks(repo: Repository, txn: lmdb.Transaction, number: int,
-                   refs: np.ndarray | None = None) -> bool:
-    """Whether a ref record still places a chunk in pack `number` (the refs its trailer lists,
-    looked up in one batch; `refs`: those refs, or every ref that may place a chunk there, when
-    the caller knows them already): a damaged live count must not retire a pack that holds live
-    data. So does a ref record placing one of them in a pack no record lists: a damaged `packs`
-    key may have moved this pack's record away from the number its refs name."""
+def _lower_lives(txn: lmdb.Transaction, index: Index, touched: dict[int, list[int]]) -> list[int]:
+    """less_live for each pack of `touched` ({number: [chunks, stored bytes]}) at once, the checks
+    of their counts computed together (a forget of thousands of points empties thousands of
+    packs); returns the packs whose live count is 0 now, in number order. A damaged count is
+    left for the next gc's recount, and its pack in the index."""
+    numbers = sorted(touched)
+    if not index.sealed:  # an index read as an earlier version wrote it: one by one
+        for number in numbers:
+            less_live(txn, index, number, touched[number][1], touched[number][0])
+        return [n for n in numbers if (live := index.get_sealed(txn, "packlive",
+                                                                PACK_KEY.pack(n))) is not None
+                and LIVE_REC.unpack(live)[0] == 0]
+    width = LIVE_REC.size + CHECK_SIZE
+    found = dict(txn.cursor(db=index.packlive).getmulti([PACK_KEY.pack(n) for n in numbers]))
+    rows = [(n, key, found[key]) for n in numbers if (key := PACK_KEY.pack(n)) in found]
+    for _n, key, raw in rows:
+        if len(raw) != width:
+            index.distrust_counts(txn, CountDamaged("packlive", key))
+    rows = [row for row in rows if len(row[2]) == width]
+    if not rows:
+        return []
+    keys = np.frombuffer(b"".join(key for _, key, _ in rows), np.uint8).reshape(len(rows), -1)
+    values = np.frombuffer(b"".join(raw for _, _, raw in rows), np.uint8).reshape(-1, width)
+    payloads, ok = unsealed_rows("packlive", keys, values)
+    live = payloads.copy().view("<u8")  # (count, stored) of each row
+    gone = np.array([touched[n] for n, _, _ in rows], "<u8")
+    left = np.where(live > gone, live - gone, 0).astype("<u8")
+    sealed = seal_rows("packlive", keys, left.view(np.uint8).reshape(-1, LIVE_REC.size))
+    emptied = []
+    for i, (number, key, _raw) in enumerate(rows):
+        if not ok[i]:
+            index.distrust_counts(txn, CountDamaged("packlive", key))
+            continue
+        txn.put(key, sealed[i].tobytes(), db=index.packlive)
+        if left[i, 0] == 0:
+            emptied.append(number)
+    return emptied
+
+
+def _unplaced(repo: Repository, txn: lmdb.Transaction, numbers: list[int],
+              placed: Placed = _no_places) -> list[int]:
+    """The packs of `numbers` no ref record places a chunk in any more, which may leave the
+    index: a damaged live count must not retire a pack that holds live data. The refs that may
+    place a chunk in a pack are those its trailer lists, or `placed(number)` when this run knows
+    them already, and all packs' refs are looked up in one batch. A ref record placing one of
+    a pack's refs in a pack no record lists keeps the pack too: a damaged `packs` key may have
+    moved this pack's record away from the number its refs name. A pack whose trailer cannot
+    be read goes (its chunks are lost anyway: verify and scrub report them)."""
     index = repo.index
-    raw = txn.get(PACK_KEY.pack(number), db=index.packs)
-    if raw is None:
-        return False
-    if refs is None:
-        try:
-            refs = repo.read_trailer(PACK_REC.unpack(raw)[0].hex())["ref"]
-        except RepoError:
-            return False  # unreadable: its chunks are lost anyway (verify, scrub report them)
-    found = txn.cursor(db=index.refs).getmulti(ref_keys(refs))
-    places = {REF_REC.unpack(rec)[1] for _key, rec in found}
-    return number in places or any(txn.get(PACK_KEY.pack(pack), db=index.packs) is None
-                                   for pack in places)
+    owners, refs = [], []
+    for number in numbers:
+        raw = txn.get(PACK_KEY.pack(number), db=index.packs)
+        if raw is None:
+            continue  # not listed: nothing to keep
+        some = placed(number)
+        if some is None:
+            try:
+                some = repo.read_trailer(PACK_REC.unpack(raw)[0].hex())["ref"]
+            except RepoError:
+                continue
+        owners.append(np.full(len(some), number, np.int64))
+        refs.append(np.asarray(some, np.uint64))
+    if not refs:
+        return numbers
+    owner, ref = np.concatenate(owners), np.concatenate(refs)
+    place = _places_of(txn, index, ref)
+    unlisted = [p for p in np.unique(place[place >= 0]).tolist()
+                if txn.get(PACK_KEY.pack(p), db=index.packs) is None]
+    keeps = (place == owner) | (place == UNREADABLE) | np.isin(place, unlisted)
+    kept = set(np.unique(owner[keeps]).tolist())
+    return [number for number in numbers if number not in kept]
 
 
-def _retire_pack(txn: lmdb.Transaction, index: Index, number: int) -> None:
-    """Take a pack out of the index; its file is deleted after a wait (deadpacks)."""
-    key = PACK_KEY.pack(number)
-    raw = txn.get(key, db=index.packs)
-    if raw is None:
-        return
-    name, size, _count = PACK_REC.unpack(raw)
-    txn.delete(key, db=index.packs)
-    txn.delete(key, db=index.packlive)
-    txn.delete(name, db=index.packnames)
-    txn.put(name, b"", db=index.deadpacks)
-    index._add(txn, "packs", -1)
-    index._add(txn, "pack_bytes", -size)
+UNREADABLE = -2  # _places_of: a ref record of another size (damaged)
+
+
+def _places_of(txn: lmdb.Transaction, index: Index, refs: np.ndarray) -> np.ndarray:
+    """The pack each ref's record places its chunk in (int64), looked up in one batch: -1 for a
+    ref without a record, UNREADABLE for a record that does not parse."""
+    unique = np.unique(refs)
+    found = txn.cursor(db=index.refs).getmulti(ref_keys(unique))
+    place = np.full(len(unique), -1, np.int64)
+    at = np.searchsorted(unique, refs_found(found))  # getmulti keeps the keys' (sorted) order
+    sound = np.array([len(rec) == REF_REC.size for _, rec in found], bool)
+    records = b"".join(rec for (_, rec), ok in zip(found, sound.tolist()) if ok)
+    place[at[sound]] = np.frombuffer(records, REF_REC_DTYPE)["pack"]
+    place[at[~sound]] = UNREADABLE
+    return place[np.searchsorted(unique, refs)]
+
+
+def _retire_packs(txn: lmdb.Transaction, index: Index, numbers: list[int]) -> None:
+    """Take packs out of the index; their files are deleted after a wait (deadpacks)."""
+    retired, freed = 0, 0
+    for number in numbers:
+        key = PACK_KEY.pack(number)
+        raw = txn.get(key, db=index.packs)
+        if raw is None:
+            continue
+        name, size, _count = PACK_REC.unpack(raw)
+        txn.delete(key, db=index.packs)
+        txn.delete(key, db=index.packlive)
+        txn.delete(name, db=index.packnames)
+        txn.put(name, b"", db=index.deadpacks)
+        retired, freed = retired + 1, freed + size
+    index._add(txn, "packs", -retired)
+    index._add(txn, "pack_bytes", -freed)
 
 
 # -- step 6: repack ---------------------------------------------------------------------------
@@ -782,9 +854,7 @@ def _retire_empty(repo: Repository) -> None:
     with index.write() as txn:
         empty = [PACK_KEY.unpack(k)[0] for k, (count, _) in live_counts(index, txn).items()
                  if count == 0]
-        for number in empty:
-            if not _places_chunks(repo, txn, number):
-                _retire_pack(txn, index, number)
+        _retire_packs(txn, index, _unplaced(repo, txn, empty))
 
 
 def _repack(repo: Repository, max_unused: float, report: GcReport, tick: Tick | None) -> None:
@@ -853,8 +923,7 @@ def _swap(repo: Repository, writer: PackWriter, old: list[int], report: GcReport
             live, stored = live + 1, stored + e.stored
         index.put_pack_record(txn, number, bytes.fromhex(finished.name), finished.size,
                               len(finished.entries), live, stored)
-        for number_old in old:
-            _retire_pack(txn, index, number_old)
+        _retire_packs(txn, index, old)
     report.packs_written += 1
     report.packs_repacked += len(old)
     report.freed_bytes -= finished.size
