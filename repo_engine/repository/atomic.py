@@ -31,6 +31,7 @@ BATCH_THREADS = 8  # fsyncs `write_batch` waits on at once
 TEMP_PREFIX = ".tmp-"  # a write in progress (or a killed one's leftover), never a file of its own
 HOST_HEX = 16  # hex digits of the host in a temporary name
 _TEMP = re.compile(rf"\.tmp-(?:([0-9a-f]{{{HOST_HEX}}})-)?([0-9]+)-[0-9a-f]{{8}}-.+", re.DOTALL)
+MAX_PID = 2**31 - 1  # the largest pid_t: a greater "pid" is no process's (os.kill refuses it)
 
 
 def fsync_dir(path: Path) -> None:
@@ -62,9 +63,11 @@ class TempOwner:
 
 def temp_owner(file_name: str) -> TempOwner | None:
     """The writer of the temporary file `file_name` (a name without directory); None when it is
-    not a name `temp_name` gives or gave."""
+    not a name `temp_name` gives or gave (a pid no process can have included)."""
     found = _TEMP.fullmatch(file_name)
-    return None if found is None else TempOwner(found[1], int(found[2]))
+    if found is None or int(found[2]) > MAX_PID:
+        return None
+    return TempOwner(found[1], int(found[2]))
 
 
 def write_all(fd: int, data: bytes) -> None:
