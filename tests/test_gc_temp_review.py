@@ -5,12 +5,15 @@ a directory that is not the repository's and cannot be read does not stop gc."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from helpers import MIB, DiskModel, cli, restore_bytes
+from race import Command
 from repo_engine.repository.store import local
 from test_gc_temp_files import backup_args, temps
 
@@ -59,3 +62,29 @@ def test_gc_is_not_stopped_by_an_unreadable_directory_beside_the_repository(
     result = cli(capsys, "gc", repo)
     assert result.code == 0, result.err
     assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == content
+
+
+def test_shared_gc_in_another_pid_namespace_keeps_a_live_writers_temporary_file(
+        tmp_path, capsys):
+    """A container that shares the host's name but not its pids (host networking) runs gc on
+    a shared repository a backup of the host is writing to: the backup's pid names no process
+    in gc's namespace, yet its lease file, fsynced under its temporary name, is about to be
+    renamed. gc must leave it, and the backup must finish."""
+    if subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode:
+        pytest.skip("no pid namespaces here")
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", "--shared", repo).code == 0
+    model = DiskModel(tmp_path / "d.img", 2 * MIB, np.random.default_rng(9))
+    model.random_changes(5)
+    running = Command(tmp_path, *backup_args(repo, "v", model.path), pauses=("atomic.written",))
+    assert running.reached("atomic.written")
+    live = temps(repo)
+    assert live
+    collect = subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-m", "repo_engine",
+                              "gc", str(repo), "--grace", "24h", "--json"],
+                             capture_output=True, text=True)
+    assert collect.returncode == 0, collect.stderr
+    assert temps(repo) == live  # a writer gc cannot see is no dead writer
+    running.release("atomic.written")
+    finished = running.finish()
+    assert finished.code == 0, finished.err

@@ -44,8 +44,20 @@ def fsync_dir(path: Path) -> None:
 
 def host_id() -> str:
     """This host in temporary names: the start of the BLAKE3 of its name, the name locks and
-    leases give their holder's host by (a fixed length, whatever the name holds)."""
-    return blake3.blake3(socket.gethostname().encode()).hexdigest()[:HOST_HEX]
+    leases give their holder's host by (a fixed length, whatever the name holds), and of its
+    pid namespace. A pid is alive or dead only in its own namespace: a container that shares
+    the host's name but not its pids (host networking) would otherwise take the host's live
+    writers for dead ones, and the host the container's."""
+    return blake3.blake3(f"{socket.gethostname()}\0{_pid_namespace()}".encode()
+                         ).hexdigest()[:HOST_HEX]
+
+
+def _pid_namespace() -> str:
+    """This process's pid namespace (Linux: `pid:[inode]`); empty where there is none to read."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def temp_name(final: Path) -> Path:
