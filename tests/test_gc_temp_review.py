@@ -88,3 +88,15 @@ def test_shared_gc_in_another_pid_namespace_keeps_a_live_writers_temporary_file(
     running.release("atomic.written")
     finished = running.finish()
     assert finished.code == 0, finished.err
+
+
+def test_gc_leaves_a_spool_file_whose_pid_no_process_can_have(tmp_path, capsys):
+    """Likewise a pack spool file's name in tmp/ (`pack-<pid>-...tmp`) with such a pid."""
+    repo, point, content = backed_up(tmp_path, capsys)
+    stray = repo / "tmp" / "pack-99999999999999999999-0011aabbccdd.tmp"
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(b"?")
+    result = cli(capsys, "gc", repo, "--json")
+    assert result.code == 0, result.err
+    assert stray.exists()
+    assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == content
