@@ -15,7 +15,7 @@ import pytest
 from helpers import MIB, DiskModel, cli, restore_bytes
 from race import Command
 from repo_engine.repository.store import local
-from test_gc_temp_files import backup_args, temps
+from test_gc_temp_files import backup_args, dead_pid, temps
 
 
 def backed_up(tmp_path: Path, capsys) -> tuple[Path, str, bytes]:
@@ -99,4 +99,21 @@ def test_gc_leaves_a_spool_file_whose_pid_no_process_can_have(tmp_path, capsys):
     result = cli(capsys, "gc", repo, "--json")
     assert result.code == 0, result.err
     assert stray.exists()
+    assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == content
+
+
+def test_gc_is_not_stopped_by_a_temporary_name_the_store_would_refuse_to_delete(
+        tmp_path, capsys):
+    """A dead process's temporary name holding `..` (a stray file of that form: the
+    repository's final names never hold one) is no name `delete` takes: gc leaves it and
+    still deletes the others."""
+    repo, point, content = backed_up(tmp_path, capsys)
+    dead = dead_pid()
+    odd = repo / "maps" / f".tmp-{dead}-0011aabb-x..map"
+    odd.write_bytes(b"?")
+    plain = repo / "maps" / f".tmp-{dead}-0011aabb-y.map"
+    plain.write_bytes(b"?")
+    result = cli(capsys, "gc", repo, "--json")
+    assert result.code == 0, result.err
+    assert odd.exists() and not plain.exists()
     assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == content
