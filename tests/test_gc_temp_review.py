@@ -117,3 +117,23 @@ def test_gc_is_not_stopped_by_a_temporary_name_the_store_would_refuse_to_delete(
     assert result.code == 0, result.err
     assert odd.exists() and not plain.exists()
     assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == content
+
+
+def test_gc_through_a_symlinked_repository_path_lists_the_store(tmp_path, capsys):
+    """A repository reached through a symlink (moved to a bigger disk, linked from its old
+    place): gc walks the directory the link names, removing what dead writers left and the
+    orphans, as it does through the real path."""
+    real, point, content = backed_up(tmp_path, capsys)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    dead = dead_pid()
+    left = real / "maps" / f".tmp-{dead}-0011aabb-y.map"
+    left.write_bytes(b"?")
+    orphan = real / "points" / f"{'0' * 16}.point"
+    orphan.write_bytes(b"a manifest no catalog entry names")
+    result = cli(capsys, "gc", link, "--json")
+    assert result.code == 0, result.err
+    assert result.json()["tmp_files_deleted"] == 1
+    assert result.json()["manifests_deleted"] == 1
+    assert not left.exists() and not orphan.exists()
+    assert restore_bytes(capsys, link, point, "sda", tmp_path / "out.img") == content

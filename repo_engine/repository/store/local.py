@@ -263,10 +263,11 @@ def _damage_as_object() -> Iterator[None]:
 def _walk(top: Path, base: str, skipped: list[str] | None,
           temps: list[TempFile] | None) -> Iterator[tuple[str, os.DirEntry]]:
     """(object name, entry) of every regular file below `top` (a real directory: a symlinked or
-    missing one yields nothing) but temporary files, which go to `temps`; what is neither a file
-    nor a directory goes to `skipped`. The local-only directories at the top are not walked."""
+    missing one yields nothing; the root itself, `base` empty, may be a link, the path the user
+    gave) but temporary files, which go to `temps`; what is neither a file nor a directory goes
+    to `skipped`. The local-only directories at the top are not walked."""
     try:
-        entries = list(os.scandir(top)) if not top.is_symlink() else []
+        entries = list(os.scandir(top)) if not (base and top.is_symlink()) else []
     except (FileNotFoundError, NotADirectoryError):
         return
     for entry in entries:
