@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,11 @@ import pytest
 
 from helpers import MIB, DiskModel, cli, restore_bytes
 from race import Command
+from repo_engine.maintenance import shared_gc
+from repo_engine.maintenance.gc import gc
 from repo_engine.repository.store import local
-from test_gc_temp_files import backup_args, dead_pid, temps
+from test_gc_temp_files import OTHER_HOST, backup_args, dead_pid, plant, temps
+from test_shared_repo import disk, hosts  # noqa: F401 (the two hosts fixture)
 
 
 def backed_up(tmp_path: Path, capsys) -> tuple[Path, str, bytes]:
@@ -137,3 +141,20 @@ def test_gc_through_a_symlinked_repository_path_lists_the_store(tmp_path, capsys
     assert result.json()["manifests_deleted"] == 1
     assert not left.exists() and not orphan.exists()
     assert restore_bytes(capsys, link, point, "sda", tmp_path / "out.img") == content
+
+
+@pytest.mark.xfail(strict=True, reason="another host's temporary file is judged by its mtime, "
+                   "the writer's (or file server's) clock, against this host's clock")
+def test_shared_gc_with_a_clock_ahead_keeps_another_hosts_fresh_temporary_file(
+        hosts, tmp_path, monkeypatch):
+    """gc's host runs two hours ahead of the host (or file server) that stamps the files: a
+    temporary file another host wrote a moment ago, about to be renamed, must stay (the
+    shared gc times its other waits on its own clock for this reason)."""
+    root, a, b = hosts
+    model = disk(tmp_path, "v", 4)
+    a.backup("v", model)
+    fresh = plant(root, "maps/ab", host=OTHER_HOST, pid=os.getpid(), final="f.map")
+    ahead = shared_gc.now() + timedelta(hours=2)
+    monkeypatch.setattr(shared_gc, "now", lambda: ahead)
+    gc(b.repo, grace=0.0)
+    assert fresh in temps(root)
