@@ -16,7 +16,7 @@ import numpy as np
 from ..backup.extents import blocks_to_extents
 from ..errors import DamageError, LockedError, RepoError
 from ..pause import pause_point
-from ..repository.atomic import host_id, temp_owner
+from ..repository.atomic import MAX_PID, host_id, temp_owner
 from ..repository.index import Index
 from ..repository.index_records import SEALED_DBS
 from ..repository.locks import list_locks, remove_if_stale
@@ -269,7 +269,7 @@ def dead_tmp_files(repo: Repository) -> list[Path]:
             pid = int(path.name.split("-")[1])
         except (IndexError, ValueError):
             continue
-        if not _alive(pid):
+        if pid <= MAX_PID and not _alive(pid):  # a greater one is no process's: left alone
             out.append(path)
     return out
 

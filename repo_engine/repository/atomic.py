@@ -31,6 +31,7 @@ BATCH_THREADS = 8  # fsyncs `write_batch` waits on at once
 TEMP_PREFIX = ".tmp-"  # a write in progress (or a killed one's leftover), never a file of its own
 HOST_HEX = 16  # hex digits of the host in a temporary name
 _TEMP = re.compile(rf"\.tmp-(?:([0-9a-f]{{{HOST_HEX}}})-)?([0-9]+)-[0-9a-f]{{8}}-.+", re.DOTALL)
+MAX_PID = 2**31 - 1  # the largest pid_t: a greater "pid" is no process's (os.kill refuses it)
 
 
 def fsync_dir(path: Path) -> None:
@@ -43,8 +44,20 @@ def fsync_dir(path: Path) -> None:
 
 def host_id() -> str:
     """This host in temporary names: the start of the BLAKE3 of its name, the name locks and
-    leases give their holder's host by (a fixed length, whatever the name holds)."""
-    return blake3.blake3(socket.gethostname().encode()).hexdigest()[:HOST_HEX]
+    leases give their holder's host by (a fixed length, whatever the name holds), and of its
+    pid namespace. A pid is alive or dead only in its own namespace: a container that shares
+    the host's name but not its pids (host networking) would otherwise take the host's live
+    writers for dead ones, and the host the container's."""
+    return blake3.blake3(f"{socket.gethostname()}\0{_pid_namespace()}".encode()
+                         ).hexdigest()[:HOST_HEX]
+
+
+def _pid_namespace() -> str:
+    """This process's pid namespace (Linux: `pid:[inode]`); empty where there is none to read."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def temp_name(final: Path) -> Path:
@@ -62,9 +75,11 @@ class TempOwner:
 
 def temp_owner(file_name: str) -> TempOwner | None:
     """The writer of the temporary file `file_name` (a name without directory); None when it is
-    not a name `temp_name` gives or gave."""
+    not a name `temp_name` gives or gave (a pid no process can have included)."""
     found = _TEMP.fullmatch(file_name)
-    return None if found is None else TempOwner(found[1], int(found[2]))
+    if found is None or int(found[2]) > MAX_PID:
+        return None
+    return TempOwner(found[1], int(found[2]))
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -37,7 +37,7 @@ from ..atomic import TEMP_PREFIX, publish, write_atomic, write_batch
 from ..safefile import (kind_of, make_dir, open_regular, read_limited, sync_dir,
                        unlink_from)
 from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, RangeReader, ShortRead,
-               TempFile, check_name)
+               StoreError, TempFile, check_name)
 
 T = TypeVar("T")
 LOCAL_ONLY = ("index", "locks", "tmp")  # directories of local files, not objects
@@ -263,10 +263,11 @@ def _damage_as_object() -> Iterator[None]:
 def _walk(top: Path, base: str, skipped: list[str] | None,
           temps: list[TempFile] | None) -> Iterator[tuple[str, os.DirEntry]]:
     """(object name, entry) of every regular file below `top` (a real directory: a symlinked or
-    missing one yields nothing) but temporary files, which go to `temps`; what is neither a file
-    nor a directory goes to `skipped`. The local-only directories at the top are not walked."""
+    missing one yields nothing; the root itself, `base` empty, may be a link, the path the user
+    gave) but temporary files, which go to `temps`; what is neither a file nor a directory goes
+    to `skipped`. The local-only directories at the top are not walked."""
     try:
-        entries = list(os.scandir(top)) if not top.is_symlink() else []
+        entries = list(os.scandir(top)) if not (base and top.is_symlink()) else []
     except (FileNotFoundError, NotADirectoryError):
         return
     for entry in entries:
@@ -279,7 +280,7 @@ def _walk(top: Path, base: str, skipped: list[str] | None,
             if not entry.name.startswith(TEMP_PREFIX):
                 yield name, entry
             elif temps is not None:
-                _add_temp(temps, name, entry)
+                _add_temp(temps, name, entry, skipped)
         elif skipped is not None:
             try:
                 mode = entry.stat(follow_symlinks=False).st_mode
@@ -289,7 +290,15 @@ def _walk(top: Path, base: str, skipped: list[str] | None,
                            "never read (remove it)")
 
 
-def _add_temp(temps: list[TempFile], name: str, entry: os.DirEntry) -> None:
+def _add_temp(temps: list[TempFile], name: str, entry: os.DirEntry,
+              skipped: list[str] | None) -> None:
+    try:
+        check_name(name)
+    except StoreError:  # a stray file's name: `delete` would refuse it, and with it its batch
+        if skipped is not None:
+            skipped.append(f"{entry.path} is not a name the repository gives: left alone, never "
+                           "read (remove it)")
+        return
     try:
         found = entry.stat(follow_symlinks=False)
     except FileNotFoundError:
