@@ -46,8 +46,6 @@ def test_gc_leaves_a_temporary_name_whose_pid_no_process_can_have(tmp_path, caps
     assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == content
 
 
-@pytest.mark.xfail(strict=True, reason="list_store walks the whole local store and fails on the "
-                   "first directory it may not read, the repository's or not")
 def test_gc_is_not_stopped_by_an_unreadable_directory_beside_the_repository(
         tmp_path, capsys, monkeypatch):
     """A repository at a filesystem's root has lost+found, which only root may read: gc walks

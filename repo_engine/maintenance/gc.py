@@ -35,8 +35,8 @@ A run, each step crash-safe (a rerun finishes it):
 3. Make candidates unfindable: delete their `ids` entries and list their refs in `unfindable`
    (which a backup's look-up by locality reads), so a backup looking a chunk up from now on
    stores a fresh copy. List unused map files, manifests not catalogued, pack files not indexed,
-   and the temporary files and pack spool files dead processes of this host left (one walk of
-   the store finds every file; `inventory.dead_writes`).
+   and the temporary files and pack spool files dead processes of this host left (the listing
+   of the object directories finds them: `inventory.list_store`, `inventory.dead_writes`).
 4. Wait until every session that held a lock at that moment has ended: a backup that started
    before step 3 may have looked up a candidate, or may be about to commit a map or a manifest or
    a pack we listed; a restore, verify, scrub or read-only command may be reading what we are

@@ -166,23 +166,29 @@ def objects_under(repo: Repository, kind: str,
 
 @dataclass
 class StoreListing:
-    """One walk of the whole store: its objects of each kind of KINDS, as `objects_under` gives
-    them, and the temporary files of writes it met (a local store's)."""
+    """The store listed for maintenance (`list_store`): its objects of each kind of KINDS, as
+    `objects_under` gives them, and the temporary files of writes met (a local store's)."""
 
     objects: dict[str, dict[str, ObjectInfo]]
     temps: list[TempFile]
 
 
+# the directories a repository writes objects to (docs/FORMAT.md, "Repository layout"); a local
+# store's are walked for the temporary files of killed writes too
+OBJECT_DIRS = ("journal/", "keys/", "leases/", "sources/")
+
+
 def list_store(repo: Repository, skipped: list[str] | None = None) -> StoreListing:
-    """The objects of each kind of KINDS, and the temporary files of writes: a store whose
-    writes leave such files (a local directory: `Store.leaves_temps`) is walked once, whole,
-    so that those of every directory come with the objects at the cost of a few small
-    directories more (config, journal, leases, keys, sources); object storage, which has
-    none, is listed by the kinds' prefixes alone (a journal of thousands of entries would cost
-    a LIST request per thousand)."""
+    """The objects of each kind of KINDS, and the temporary files of writes: on a store whose
+    writes leave such files (a local directory: `Store.leaves_temps`) those of the
+    repository's other object directories (OBJECT_DIRS) come with them, at the cost of walking
+    a few small directories more, never one that is none of the repository's (a filesystem
+    root's lost+found, which only root may read). Object storage, which has none, is listed by
+    the kinds' prefixes alone (a journal of thousands of entries would cost a LIST request per
+    thousand)."""
     listing = StoreListing({kind: {} for kind in KINDS}, [])
-    prefixes = [""] if repo.store.leaves_temps else [f"{kind}/" for kind in KINDS]
-    for prefix in prefixes:
+    prefixes = [f"{kind}/" for kind in KINDS]
+    for prefix in prefixes + (list(OBJECT_DIRS) if repo.store.leaves_temps else []):
         for info in repo.store.list(prefix, skipped, listing.temps):
             kind, slash, _ = info.name.partition("/")
             if slash and kind in KINDS:
