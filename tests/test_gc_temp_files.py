@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 
 from helpers import MIB, DiskModel, cli, restore_bytes
 from race import Command
+from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.gc import gc
 from repo_engine.repository.atomic import TempOwner, host_id, temp_name, temp_owner
 from repo_engine.repository.store.local import LocalStore
@@ -194,28 +196,34 @@ def test_shared_gc_removes_a_killed_backups_lease_write_at_once(tmp_path, capsys
 
 @pytest.mark.parametrize("grace", [HOUR, 0.0])
 def test_shared_gc_removes_other_hosts_temporary_files_only_after_the_grace_period(
-        hosts, tmp_path, grace):
+        hosts, tmp_path, monkeypatch, grace):
     """Another host's files (and earlier versions' names, which could be any host's) go once
-    last written longer ago than the grace period and a lease's duration; younger ones may be
-    a live writer's and stay. This host's go when their process is dead, at any age, and stay
-    while it lives."""
+    last written, and first seen by this host, longer ago than the grace period and a lease's
+    duration (the second gc, its clock that much later); younger ones may be a live writer's
+    and stay. This host's go when their process is dead, at any age, and stay while it lives."""
     root, a, b = hosts
     model = disk(tmp_path, "v", 4)
     point = a.backup("v", model)
     lease = a.repo.lease_seconds
-    old, young = max(grace, lease) + HOUR, min(grace, lease) / 2 or 60.0
+    wait = max(grace, lease)
     dead = dead_pid()
-    gone = {plant(root, "maps/ab", host=OTHER_HOST, pid=os.getpid(), age=old),
-            plant(root, "journal", host=None, pid=os.getpid(), age=old),
-            plant(root, "leases", host=host_id(), pid=dead)}
-    kept = {plant(root, "maps/ab", host=OTHER_HOST, pid=dead, age=young),
-            plant(root, "points", host=None, pid=dead, age=young),
-            plant(root, "keys", host=host_id(), pid=os.getpid(), age=old),
+    now_dead = plant(root, "leases", host=host_id(), pid=dead)
+    gone = {plant(root, "maps/ab", host=OTHER_HOST, pid=os.getpid(), age=wait + HOUR),
+            plant(root, "journal", host=None, pid=os.getpid(), age=wait + HOUR)}
+    kept = {plant(root, "maps/ab", host=OTHER_HOST, pid=dead, age=-wait),  # written later
+            plant(root, "points", host=None, pid=dead, age=-wait),
+            plant(root, "keys", host=host_id(), pid=os.getpid(), age=wait + HOUR),
             # beside config, in no object directory: never walked (docs/FORMAT.md)
-            plant(root, ".", host=OTHER_HOST, pid=dead, age=old, final="config")}
+            plant(root, ".", host=OTHER_HOST, pid=dead, age=wait + HOUR, final="config")}
     kept = {name.removeprefix("./") for name in kept}
 
+    assert gc(b.repo, grace=grace).tmp_files_deleted == 1  # first seen: only this host's dead
+    assert temps(root) == gone | kept
+    later = shared_gc.now() + timedelta(seconds=wait + 1)
+    monkeypatch.setattr(shared_gc, "now", lambda: later)
+    unseen = plant(root, "maps/cd", host=OTHER_HOST, pid=dead, age=wait + HOUR)
     report = gc(b.repo, grace=grace)
+    assert now_dead not in temps(root)
     assert report.tmp_files_deleted == len(gone)
-    assert temps(root) == kept
+    assert temps(root) == kept | {unseen}
     restores_everything(root, tmp_path, {point.id: model.copy_of_content()})

@@ -141,8 +141,6 @@ def test_gc_through_a_symlinked_repository_path_lists_the_store(tmp_path, capsys
     assert restore_bytes(capsys, link, point, "sda", tmp_path / "out.img") == content
 
 
-@pytest.mark.xfail(strict=True, reason="another host's temporary file is judged by its mtime, "
-                   "the writer's (or file server's) clock, against this host's clock")
 def test_shared_gc_with_a_clock_ahead_keeps_another_hosts_fresh_temporary_file(
         hosts, tmp_path, monkeypatch):
     """gc's host runs two hours ahead of the host (or file server) that stamps the files: a

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,11 +210,15 @@ def _add_object(repo: Repository, kind: str, info: ObjectInfo, out: dict[str, Ob
                        "object name: left alone, never read (remove it)")
 
 
-def dead_writes(temps: Iterable[TempFile], before: float | None) -> list[TempFile]:
+def dead_writes(temps: Iterable[TempFile], before: float | None,
+                seen: Mapping[str, float] | None = None) -> list[TempFile]:
     """The temporary files of `temps` whose writer is gone: this host's whose pid is not alive
     here; another host's modified before `before` (seconds since the epoch; None: a repository
-    of one writer, where they are left to their own host's gc). A name of an earlier version
-    gives no host: this host's when `before` is None (as a spool file's), else another's."""
+    of one writer, where they are left to their own host's gc) and, with `seen` (when this
+    host first saw each: Index.first_seen), seen first before `before` too: a modification
+    time is of the writer's or the file server's clock, which may run behind this one. A name
+    of an earlier version gives no host: this host's when `before` is None (as a spool
+    file's), else another's."""
     this_host = host_id()
     out = []
     for temp in temps:
@@ -224,7 +228,8 @@ def dead_writes(temps: Iterable[TempFile], before: float | None) -> list[TempFil
         if owner.host == this_host or (owner.host is None and before is None):
             gone = not _alive(owner.pid)
         else:
-            gone = before is not None and temp.modified < before
+            gone = (before is not None and temp.modified < before
+                    and (seen is None or seen.get(temp.name, before) < before))
         if gone:
             out.append(temp)
     return out

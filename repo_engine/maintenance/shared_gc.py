@@ -76,6 +76,7 @@ from .inventory import dead_writes, list_store, refs_in_packs
 from .tally import ROWS, batches, per_pack, ref_rows, summed
 
 DEFAULT_GRACE = 24 * 3600.0
+TEMPS_SEEN_KEY = b"temps_seen"  # meta of this host's cache: when it first saw each temporary file
 DELETE_BATCH = 1000  # names per Store.delete: one DeleteObjects request on S3
 # a repack's reads: two live chunks of a pack at most MAX_GAP apart are read with one range GET
 # of at most MAX_REQUEST bytes (a larger chunk alone); IN_FLIGHT GETs at once. The gap is small:
@@ -273,13 +274,16 @@ def _abort_stale_uploads(repo: Repository, grace: float, report: SharedGcReport,
                          temps: list[TempFile]) -> None:
     """Abort the multipart uploads a process that died left behind, and delete the temporary
     files of `temps` whose writer is gone (a local directory's; inventory.dead_writes): those
-    begun (or last written) longer ago than the grace period and a lease's duration (a live
-    backup's write of one object takes neither; an upload aborted all the same fails its put,
-    and that backup stores no point), and at once those of this host's dead processes."""
+    begun (or last written, and first seen by this host) longer ago than the grace period and a
+    lease's duration (a live backup's write of one object takes neither; an upload aborted all
+    the same fails its put, and that backup stores no point), and at once those of this host's
+    dead processes."""
     repo.check_leases()
-    before = now() - timedelta(seconds=max(grace, repo.lease_seconds))
+    at = now()
+    before = at - timedelta(seconds=max(grace, repo.lease_seconds))
     report.uploads_aborted = repo.store.abort_stale_uploads(before)
-    dead = [temp.name for temp in dead_writes(temps, before.timestamp())]
+    seen = repo.index.first_seen(TEMPS_SEEN_KEY, [temp.name for temp in temps], at.timestamp())
+    dead = [temp.name for temp in dead_writes(temps, before.timestamp(), seen)]
     _delete(repo, dead)
     report.tmp_files_deleted = len(dead)
 

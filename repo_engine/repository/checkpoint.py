@@ -256,15 +256,9 @@ def compact(store: Store, index: Index, grace: float, now: float | None = None) 
 
 
 def _first_seen(index: Index, checkpoints: list[int], at: float) -> dict[int, float]:
-    """When this host first saw each of `checkpoints` (those it sees now for the first time:
-    `at`), as noted in the cache's meta `checkpoints_seen` (which keeps the ones listed)."""
-    with index.write() as txn:
-        raw = txn.get(SEEN_KEY, db=index.meta)
-        noted = {int(k): float(v) for k, v in json.loads(raw).items()} if raw else {}
-        seen = {seq: noted.get(seq, at) for seq in checkpoints}
-        txn.put(SEEN_KEY, json.dumps({str(k): v for k, v in seen.items()}).encode(),
-                db=index.meta)
-    return seen
+    """When this host first saw each of `checkpoints` (Index.first_seen)."""
+    seen = index.first_seen(SEEN_KEY, [str(seq) for seq in checkpoints], at)
+    return {int(seq): when for seq, when in seen.items()}
 
 
 # -- reading ----------------------------------------------------------------------------------

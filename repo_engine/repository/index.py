@@ -78,7 +78,7 @@ import errno
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -441,6 +441,18 @@ class Index(Replay, Unfindable, Upgrades):
     def set_meta_u64(self, name: str, value: int) -> None:
         with self.write() as txn:
             txn.put(name.encode(), U64.pack(value), db=self.meta)
+
+    def first_seen(self, key: bytes, names: Collection[str], at: float) -> dict[str, float]:
+        """When this host first saw each of `names` (those new now: `at`, seconds since the
+        epoch on this host's clock), as noted in meta `key`, which keeps the ones given: a
+        wait for something another host wrote is timed on this clock, never on the writer's
+        (hosts' clocks differ)."""
+        with self.write() as txn:
+            raw = txn.get(key, db=self.meta)
+            noted = json.loads(raw) if raw else {}
+            seen = {name: float(noted.get(name, at)) for name in names}
+            txn.put(key, json.dumps(seen).encode(), db=self.meta)
+        return seen
 
     def missing_refs(self, refs: np.ndarray) -> np.ndarray:
         """Those of `refs` the index does not place (a sweep removed them)."""
