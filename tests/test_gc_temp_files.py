@@ -60,6 +60,24 @@ def backup_args(repo: Path, vm: str, image: Path) -> list[object]:
     return ["backup", "image", repo, "--vm", vm, "--disk", f"sda={image}", "--json"]
 
 
+def backed_up(tmp_path: Path, capsys, seed: int = 4) -> tuple[Path, str, bytes]:
+    """A new repository holding one backup: its path, the point's id and the disk's bytes."""
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo, "--block-size", "64KiB").code == 0
+    model = DiskModel(tmp_path / "d.img", 2 * MIB, np.random.default_rng(seed))
+    model.random_changes(5)
+    done = cli(capsys, *backup_args(repo, "v", model.path))
+    assert done.code == 0, done.err
+    return repo, done.json()["point"]["id"], bytes(model.content)
+
+
+def gc_json(capsys, repo: Path, *args: object) -> dict:
+    """`gc REPO ARGS --json`, which must succeed: its report."""
+    result = cli(capsys, "gc", repo, *args, "--json")
+    assert result.code == 0, result.err
+    return result.json()
+
+
 # -- names ----------------------------------------------------------------------------------
 def test_a_temporary_name_gives_its_writers_host_and_pid(tmp_path):
     name = temp_name(tmp_path / "ab" / "f00d.map")
@@ -139,12 +157,7 @@ def test_gc_of_one_writer_removes_dead_processes_temporary_files_in_every_direct
     """This host's dead processes' files go, under new and earlier names and wherever they
     are; a live process's, another host's (left to its own gc) and names the repository does
     not give stay."""
-    repo = tmp_path / "repo"
-    assert cli(capsys, "init", repo, "--block-size", "64KiB").code == 0
-    model = DiskModel(tmp_path / "d.img", 2 * MIB, np.random.default_rng(3))
-    model.random_changes(5)
-    done = cli(capsys, *backup_args(repo, "v", model.path))
-    assert done.code == 0, done.err
+    repo, point, content = backed_up(tmp_path, capsys, seed=3)
     dead = dead_pid()
     gone = {plant(repo, "maps/ab", host=host_id(), pid=dead, final="f.map"),
             plant(repo, "points", host=None, pid=dead, final="p.point"),
@@ -160,11 +173,9 @@ def test_gc_of_one_writer_removes_dead_processes_temporary_files_in_every_direct
     assert text.code == 0, text.err
     assert f"  {len(gone)} temporary files of killed writers deleted" in text.out.splitlines()
     assert temps(repo) == before - gone == kept | {"points/.tmp-not-ours"}
-    assert cli(capsys, "gc", repo, "--json").json()["tmp_files_deleted"] == 0
+    assert gc_json(capsys, repo)["tmp_files_deleted"] == 0
     assert "temporary" not in cli(capsys, "gc", repo).out  # said only when some were deleted
-    point = done.json()["point"]["id"]
-    assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == bytes(
-        model.content)
+    assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == content
 
 
 # -- a shared repository ----------------------------------------------------------------------
@@ -185,9 +196,7 @@ def test_shared_gc_removes_a_killed_backups_lease_write_at_once(tmp_path, capsys
     left = temps(repo)
     assert left and all(name.startswith("leases/") for name in left), left
 
-    result = cli(capsys, "gc", repo, "--grace", "24h", "--json")
-    assert result.code == 0, result.err
-    assert result.json()["tmp_files_deleted"] == len(left)
+    assert gc_json(capsys, repo, "--grace", "24h")["tmp_files_deleted"] == len(left)
     assert temps(repo) == set()
     point = done.json()["point"]["id"]
     assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == bytes(
