@@ -194,6 +194,8 @@ def test_gc_of_one_writer_removes_dead_processes_temporary_files_in_every_direct
     (repo / "points" / ".tmp-not-ours").write_bytes(b"?")
     before = temps(repo)
 
+    assert gc_json(capsys, repo, "--dry-run")["tmp_files_deleted"] == len(gone)
+    assert temps(repo) == before
     text = cli(capsys, "gc", repo)
     assert text.code == 0, text.err
     assert f"  {len(gone)} temporary files of killed writers deleted" in text.out.splitlines()
@@ -214,6 +216,8 @@ def test_gc_of_one_writer_removes_dead_processes_spool_files(tmp_path, capsys):
             spooled(repo, "pack", host=None, pid=dead)}
     kept = {spooled(repo, "pack", host=host_id(), pid=os.getpid()),
             spooled(repo, "ckpt", host=OTHER_HOST, pid=dead)}
+    assert gc_json(capsys, repo, "--dry-run")["tmp_files_deleted"] == len(gone)
+    assert spool_files(repo) == gone | kept  # counted, not deleted
     assert gc_json(capsys, repo)["tmp_files_deleted"] == len(gone)
     assert spool_files(repo) == kept
     assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == content

@@ -964,7 +964,8 @@ def _size(repo: Repository, obj: str) -> int:
 
 # -- dry run ----------------------------------------------------------------------------------
 def _dry_run(repo: Repository, report: GcReport, max_unused: float) -> None:
-    """What a full gc would reclaim now, read-only (chunks of running backups count as unused)."""
+    """What a full gc would reclaim now, read-only (chunks of running backups count as unused;
+    killed writers' temporary and spool files as gc would judge them now)."""
     index = repo.index
     with index.env.begin() as txn:
         catalog = [index.record(k, v) for k, v in txn.cursor(db=index.points)]
@@ -983,3 +984,5 @@ def _dry_run(repo: Repository, report: GcReport, max_unused: float) -> None:
     report.stored_bytes_dropped = stored
     report.packs_deleted = int((~live).sum())
     report.packs_repacked = len(repack_candidates(repo, max_unused))
+    report.tmp_files_deleted = (len(dead_writes(list_store(repo).temps, None))
+                                + len(dead_tmp_files(repo, shared=False)))
