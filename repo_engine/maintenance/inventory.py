@@ -16,7 +16,7 @@ import numpy as np
 from ..backup.extents import blocks_to_extents
 from ..errors import DamageError, LockedError, RepoError
 from ..pause import pause_point
-from ..repository.atomic import host_id, spool_owner, temp_owner
+from ..repository.atomic import alive, host_id, spool_owner, temp_owner
 from ..repository.index import Index
 from ..repository.index_records import SEALED_DBS
 from ..repository.locks import list_locks, remove_if_stale
@@ -226,7 +226,7 @@ def dead_writes(temps: Iterable[TempFile], before: float | None,
         if owner is None:
             continue  # not a name the repository gives: left alone
         if owner.host == this_host or (owner.host is None and before is None):
-            gone = not _alive(owner.pid)
+            gone = not alive(owner.pid)
         else:
             gone = (before is not None and temp.modified < before
                     and (seen is None or seen.get(temp.name, before) < before))
@@ -283,7 +283,7 @@ def dead_tmp_files(repo: Repository, *, shared: bool) -> list[Path]:
         owner = spool_owner(path.name)
         if owner is None or owner.host != this_host and (shared or owner.host is not None):
             continue
-        if not _alive(owner.pid):
+        if not alive(owner.pid):
             out.append(path)
     return out
 
@@ -295,16 +295,6 @@ def remove_files(paths: Iterable[Path]) -> int:
         path.unlink(missing_ok=True)
         count += 1
     return count
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process
-    return True
 
 
 # -- damage attribution ----------------------------------------------------------------------
