@@ -22,7 +22,8 @@ from helpers import MIB, DiskModel, cli, restore_bytes
 from race import Command
 from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.gc import gc
-from repo_engine.repository.atomic import TempOwner, host_id, temp_name, temp_owner
+from repo_engine.repository.atomic import (TempOwner, host_id, spool_name, spool_owner,
+                                           temp_name, temp_owner)
 from repo_engine.repository.store.local import LocalStore
 from test_shared_gc import restores_everything
 from test_shared_repo import disk, hosts  # noqa: F401 (the two hosts fixture)
@@ -56,8 +57,40 @@ def plant(root: Path, directory: str, *, host: str | None, pid: int, final: str 
     return str(path.relative_to(root))
 
 
+def spooled(root: Path, kind: str, *, host: str | None, pid: int) -> str:
+    """A spool file (`kind`: pack, ckpt) of `host` (None: an earlier version's name) and `pid`
+    in the repository's tmp/; its name."""
+    owner = f"{host}-" if host is not None else ""
+    path = root / "tmp" / f"{kind}-{owner}{pid}-{os.urandom(6).hex()}.tmp"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(b"half of a pack")
+    return path.name
+
+
+def spool_files(root: Path) -> set[str]:
+    return {p.name for p in (root / "tmp").glob("*.tmp")}
+
+
 def backup_args(repo: Path, vm: str, image: Path) -> list[object]:
     return ["backup", "image", repo, "--vm", vm, "--disk", f"sda={image}", "--json"]
+
+
+def backed_up(tmp_path: Path, capsys, seed: int = 4) -> tuple[Path, str, bytes]:
+    """A new repository holding one backup: its path, the point's id and the disk's bytes."""
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo, "--block-size", "64KiB").code == 0
+    model = DiskModel(tmp_path / "d.img", 2 * MIB, np.random.default_rng(seed))
+    model.random_changes(5)
+    done = cli(capsys, *backup_args(repo, "v", model.path))
+    assert done.code == 0, done.err
+    return repo, done.json()["point"]["id"], bytes(model.content)
+
+
+def gc_json(capsys, repo: Path, *args: object) -> dict:
+    """`gc REPO ARGS --json`, which must succeed: its report."""
+    result = cli(capsys, "gc", repo, *args, "--json")
+    assert result.code == 0, result.err
+    return result.json()
 
 
 # -- names ----------------------------------------------------------------------------------
@@ -71,6 +104,16 @@ def test_a_temporary_name_gives_its_writers_host_and_pid(tmp_path):
     assert temp_owner(f".tmp-{OTHER_HOST}-77-0011aabb-slot-1.slot") == TempOwner(OTHER_HOST, 77)
     for junk in (".tmp-x", ".tmp-12-nothex00-a", ".tmp-12-0011aabb-", "tmp-12-0011aabb-a"):
         assert temp_owner(junk) is None
+
+
+def test_a_spool_file_name_gives_its_writers_host_and_pid():
+    for kind in ("pack", "ckpt"):
+        assert spool_owner(spool_name(kind)) == TempOwner(host_id(), os.getpid())
+    assert spool_owner("pack-4242-0011aabbccdd.tmp") == TempOwner(None, 4242)  # earlier version
+    assert spool_owner(f"ckpt-{OTHER_HOST}-7-0011aabbccdd.tmp") == TempOwner(OTHER_HOST, 7)
+    for junk in ("pack-x.tmp", "pack-12-0011aabbccdd", "map-12-0011aabbccdd.tmp",
+                 "pack-99999999999-0011aabbccdd.tmp", "pack-12-0011aabbccdd.tmp.part"):
+        assert spool_owner(junk) is None
 
 
 def test_the_listing_reports_temporary_files_beside_the_objects(tmp_path):
@@ -110,7 +153,7 @@ def test_gc_removes_what_a_killed_backup_left_and_keeps_a_running_backups(tmp_pa
     killed.finish()  # reaped: its pid is dead
     left = temps(repo)
     assert left and all(name.startswith("maps/") for name in left), left
-    spooled = {p.name for p in (repo / "tmp").glob(f"pack-{killed.proc.pid}-*.tmp")}
+    spooled = {p.name for p in (repo / "tmp").glob(f"pack-*-{killed.proc.pid}-*.tmp")}
 
     running = Command(tmp_path, *backup_args(repo, "other", other.path),
                       pauses=("atomic.written",))
@@ -139,12 +182,7 @@ def test_gc_of_one_writer_removes_dead_processes_temporary_files_in_every_direct
     """This host's dead processes' files go, under new and earlier names and wherever they
     are; a live process's, another host's (left to its own gc) and names the repository does
     not give stay."""
-    repo = tmp_path / "repo"
-    assert cli(capsys, "init", repo, "--block-size", "64KiB").code == 0
-    model = DiskModel(tmp_path / "d.img", 2 * MIB, np.random.default_rng(3))
-    model.random_changes(5)
-    done = cli(capsys, *backup_args(repo, "v", model.path))
-    assert done.code == 0, done.err
+    repo, point, content = backed_up(tmp_path, capsys, seed=3)
     dead = dead_pid()
     gone = {plant(repo, "maps/ab", host=host_id(), pid=dead, final="f.map"),
             plant(repo, "points", host=None, pid=dead, final="p.point"),
@@ -156,15 +194,33 @@ def test_gc_of_one_writer_removes_dead_processes_temporary_files_in_every_direct
     (repo / "points" / ".tmp-not-ours").write_bytes(b"?")
     before = temps(repo)
 
+    assert gc_json(capsys, repo, "--dry-run")["tmp_files_deleted"] == len(gone)
+    assert temps(repo) == before
     text = cli(capsys, "gc", repo)
     assert text.code == 0, text.err
     assert f"  {len(gone)} temporary files of killed writers deleted" in text.out.splitlines()
     assert temps(repo) == before - gone == kept | {"points/.tmp-not-ours"}
-    assert cli(capsys, "gc", repo, "--json").json()["tmp_files_deleted"] == 0
+    assert gc_json(capsys, repo)["tmp_files_deleted"] == 0
     assert "temporary" not in cli(capsys, "gc", repo).out  # said only when some were deleted
-    point = done.json()["point"]["id"]
-    assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == bytes(
-        model.content)
+    assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == content
+
+
+def test_gc_of_one_writer_removes_dead_processes_spool_files(tmp_path, capsys):
+    """Packs and checkpoints a killed process was building in tmp/: this host's dead ones go
+    (an earlier version's name counts as this host's), a live process's and another host's
+    stay."""
+    repo, point, content = backed_up(tmp_path, capsys)
+    dead = dead_pid()
+    gone = {spooled(repo, "pack", host=host_id(), pid=dead),
+            spooled(repo, "ckpt", host=host_id(), pid=dead),
+            spooled(repo, "pack", host=None, pid=dead)}
+    kept = {spooled(repo, "pack", host=host_id(), pid=os.getpid()),
+            spooled(repo, "ckpt", host=OTHER_HOST, pid=dead)}
+    assert gc_json(capsys, repo, "--dry-run")["tmp_files_deleted"] == len(gone)
+    assert spool_files(repo) == gone | kept  # counted, not deleted
+    assert gc_json(capsys, repo)["tmp_files_deleted"] == len(gone)
+    assert spool_files(repo) == kept
+    assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == content
 
 
 # -- a shared repository ----------------------------------------------------------------------
@@ -185,9 +241,7 @@ def test_shared_gc_removes_a_killed_backups_lease_write_at_once(tmp_path, capsys
     left = temps(repo)
     assert left and all(name.startswith("leases/") for name in left), left
 
-    result = cli(capsys, "gc", repo, "--grace", "24h", "--json")
-    assert result.code == 0, result.err
-    assert result.json()["tmp_files_deleted"] == len(left)
+    assert gc_json(capsys, repo, "--grace", "24h")["tmp_files_deleted"] == len(left)
     assert temps(repo) == set()
     point = done.json()["point"]["id"]
     assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == bytes(
@@ -226,4 +280,22 @@ def test_shared_gc_removes_other_hosts_temporary_files_only_after_the_grace_peri
     assert now_dead not in temps(root)
     assert report.tmp_files_deleted == len(gone)
     assert temps(root) == kept | {unseen}
+    restores_everything(root, tmp_path, {point.id: model.copy_of_content()})
+
+
+def test_shared_gc_removes_this_hosts_dead_spool_files_only(hosts, tmp_path):
+    """On a shared local store tmp/ is every host's: gc removes the spool files of this host's
+    dead processes, and leaves another host's and an earlier version's name (which could be a
+    host not yet upgraded, writing it now)."""
+    root, a, b = hosts
+    model = disk(tmp_path, "v", 6)
+    point = a.backup("v", model)
+    dead = dead_pid()
+    gone = {spooled(root, "pack", host=host_id(), pid=dead),
+            spooled(root, "ckpt", host=host_id(), pid=dead)}
+    kept = {spooled(root, "pack", host=None, pid=dead),
+            spooled(root, "pack", host=OTHER_HOST, pid=dead),
+            spooled(root, "pack", host=host_id(), pid=os.getpid())}
+    assert gc(b.repo, grace=HOUR).tmp_files_deleted == len(gone)
+    assert spool_files(root) == kept
     restores_everything(root, tmp_path, {point.id: model.copy_of_content()})

@@ -18,18 +18,9 @@ from race import Command
 from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.gc import gc
 from repo_engine.repository.store import local
-from test_gc_temp_files import OTHER_HOST, backup_args, dead_pid, plant, temps
+from test_gc_temp_files import (OTHER_HOST, backed_up, backup_args, dead_pid, gc_json, plant,
+                                temps)
 from test_shared_repo import disk, hosts  # noqa: F401 (the two hosts fixture)
-
-
-def backed_up(tmp_path: Path, capsys) -> tuple[Path, str, bytes]:
-    repo = tmp_path / "repo"
-    assert cli(capsys, "init", repo, "--block-size", "64KiB").code == 0
-    model = DiskModel(tmp_path / "d.img", 2 * MIB, np.random.default_rng(4))
-    model.random_changes(5)
-    done = cli(capsys, *backup_args(repo, "v", model.path))
-    assert done.code == 0, done.err
-    return repo, done.json()["point"]["id"], bytes(model.content)
 
 
 def test_gc_leaves_a_temporary_name_whose_pid_no_process_can_have(tmp_path, capsys):
@@ -39,9 +30,7 @@ def test_gc_leaves_a_temporary_name_whose_pid_no_process_can_have(tmp_path, caps
     for name in (".tmp-99999999999999999999-0011aabb-x.map", ".tmp-2147483648-0011aabb-y.map"):
         (repo / "maps" / name).write_bytes(b"?")
     before = temps(repo)
-    result = cli(capsys, "gc", repo, "--json")
-    assert result.code == 0, result.err
-    assert result.json()["tmp_files_deleted"] == 0
+    assert gc_json(capsys, repo)["tmp_files_deleted"] == 0
     assert temps(repo) == before
     assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == content
 
@@ -98,8 +87,7 @@ def test_gc_leaves_a_spool_file_whose_pid_no_process_can_have(tmp_path, capsys):
     stray = repo / "tmp" / "pack-99999999999999999999-0011aabbccdd.tmp"
     stray.parent.mkdir(exist_ok=True)
     stray.write_bytes(b"?")
-    result = cli(capsys, "gc", repo, "--json")
-    assert result.code == 0, result.err
+    gc_json(capsys, repo)
     assert stray.exists()
     assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == content
 
@@ -111,13 +99,10 @@ def test_gc_is_not_stopped_by_a_temporary_name_the_store_would_refuse_to_delete(
     still deletes the others."""
     repo, point, content = backed_up(tmp_path, capsys)
     dead = dead_pid()
-    odd = repo / "maps" / f".tmp-{dead}-0011aabb-x..map"
-    odd.write_bytes(b"?")
-    plain = repo / "maps" / f".tmp-{dead}-0011aabb-y.map"
-    plain.write_bytes(b"?")
-    result = cli(capsys, "gc", repo, "--json")
-    assert result.code == 0, result.err
-    assert odd.exists() and not plain.exists()
+    odd = plant(repo, "maps", host=None, pid=dead, final="x..map")
+    plain = plant(repo, "maps", host=None, pid=dead, final="y.map")
+    gc_json(capsys, repo)
+    assert temps(repo) == {odd} and plain not in temps(repo)
     assert restore_bytes(capsys, repo, point, "sda", tmp_path / "out.img") == content
 
 
@@ -128,16 +113,12 @@ def test_gc_through_a_symlinked_repository_path_lists_the_store(tmp_path, capsys
     real, point, content = backed_up(tmp_path, capsys)
     link = tmp_path / "link"
     link.symlink_to(real)
-    dead = dead_pid()
-    left = real / "maps" / f".tmp-{dead}-0011aabb-y.map"
-    left.write_bytes(b"?")
+    plant(real, "maps", host=None, pid=dead_pid(), final="y.map")
     orphan = real / "points" / f"{'0' * 16}.point"
     orphan.write_bytes(b"a manifest no catalog entry names")
-    result = cli(capsys, "gc", link, "--json")
-    assert result.code == 0, result.err
-    assert result.json()["tmp_files_deleted"] == 1
-    assert result.json()["manifests_deleted"] == 1
-    assert not left.exists() and not orphan.exists()
+    report = gc_json(capsys, link)
+    assert (report["tmp_files_deleted"], report["manifests_deleted"]) == (1, 1)
+    assert temps(real) == set() and not orphan.exists()
     assert restore_bytes(capsys, link, point, "sda", tmp_path / "out.img") == content
 
 

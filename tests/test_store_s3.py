@@ -5,6 +5,8 @@ and retries through a fault-injecting proxy (tests/s3proxy.py)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import tracemalloc
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from repo_engine.errors import DamageError
+from repo_engine.repository.atomic import SPOOL_DIR, host_id
 from repo_engine.repository.store import (ObjectExists, ObjectInfo, StoreAuthError, StoreError,
                                           StoreUnreachable, open_store)
 from repo_engine.repository.store import s3
@@ -468,6 +471,25 @@ def test_close_removes_the_spool(store):
     (spool / "leftover").write_bytes(b"x")
     store.close()
     assert not spool.exists()
+
+
+def test_a_new_spool_removes_those_this_hosts_killed_processes_left(store, tmp_path):
+    """A process killed while it spooled a pack leaves its private spool directory in the
+    temp dir: the next one made on this host removes it, never a live process's or another
+    host's (a temp dir shared over the network)."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f"{SPOOL_DIR}{host_id()}-{dead.pid}-abc"
+    live = tmp_path / f"{SPOOL_DIR}{host_id()}-{os.getppid()}-abc"
+    other = tmp_path / f"{SPOOL_DIR}{'0' * 16}-{dead.pid}-abc"
+    earlier = tmp_path / f"{SPOOL_DIR}abc"  # an earlier version's: no host, no pid
+    for path in (left, live, other, earlier):
+        path.mkdir()
+        (path / "pack.tmp").write_bytes(b"half of a pack")
+    spool = store.spool_dir()
+    assert spool.name.startswith(f"{SPOOL_DIR}{host_id()}-{os.getpid()}-")
+    assert sorted(p.name for p in tmp_path.glob(f"{SPOOL_DIR}*")) == sorted(
+        p.name for p in (live, other, earlier, spool))
 
 
 def test_settings_repr_hides_secrets():

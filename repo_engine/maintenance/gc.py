@@ -81,8 +81,8 @@ from ..repository.seals import CHECK_SIZE, KEY, CountDamaged, seal_rows, unseale
 from . import forget
 from .deleter import Deleter
 from .forget import ForgetReport
-from .inventory import (count_damage, dead_tmp_files, dead_writes, list_store, scan_sealed,
-                        sessions, trusted_unfindable, wait_for)
+from .inventory import (count_damage, dead_tmp_files, dead_writes, list_store, remove_files,
+                        scan_sealed, sessions, trusted_unfindable, wait_for)
 from .tally import ROWS, RefTable, Tally, read_ref_table, ref_rows, sealed_batches
 
 Tick = Callable[[str], None]
@@ -580,7 +580,7 @@ def _mark(repo: Repository, deleting: Collection[str] = ()) -> _Listed:
     listing = list_store(repo)
     maps, manifests = listing.objects["maps"], listing.objects["points"]
     sizes = {n: info.size for n, info in listing.objects["packs"].items()}
-    tmp = dead_tmp_files(repo)
+    tmp = dead_tmp_files(repo, shared=False)
     temps = [temp.name for temp in dead_writes(listing.temps, None)]
     with index.write() as txn:
         candidates = []
@@ -645,9 +645,7 @@ def _sweep(repo: Repository, listed: _Listed, report: GcReport, placed: Placed,
         emptied = _lower_lives(txn, index, touched)
         _retire_packs(txn, index, _unplaced(repo, txn, emptied, placed))
         deleted.result()
-    for path in listed.tmp:
-        path.unlink(missing_ok=True)
-        report.tmp_files_deleted += 1
+    report.tmp_files_deleted += remove_files(listed.tmp)
 
 
 def _delete_unused(txn: lmdb.Transaction, index: Index, listed: _Listed, report: GcReport,
@@ -966,7 +964,8 @@ def _size(repo: Repository, obj: str) -> int:
 
 # -- dry run ----------------------------------------------------------------------------------
 def _dry_run(repo: Repository, report: GcReport, max_unused: float) -> None:
-    """What a full gc would reclaim now, read-only (chunks of running backups count as unused)."""
+    """What a full gc would reclaim now, read-only (chunks of running backups count as unused;
+    killed writers' temporary and spool files as gc would judge them now)."""
     index = repo.index
     with index.env.begin() as txn:
         catalog = [index.record(k, v) for k, v in txn.cursor(db=index.points)]
@@ -985,3 +984,5 @@ def _dry_run(repo: Repository, report: GcReport, max_unused: float) -> None:
     report.stored_bytes_dropped = stored
     report.packs_deleted = int((~live).sum())
     report.packs_repacked = len(repack_candidates(repo, max_unused))
+    report.tmp_files_deleted = (len(dead_writes(list_store(repo).temps, None))
+                                + len(dead_tmp_files(repo, shared=False)))

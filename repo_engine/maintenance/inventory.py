@@ -16,7 +16,7 @@ import numpy as np
 from ..backup.extents import blocks_to_extents
 from ..errors import DamageError, LockedError, RepoError
 from ..pause import pause_point
-from ..repository.atomic import MAX_PID, host_id, temp_owner
+from ..repository.atomic import alive, host_id, spool_owner, temp_owner
 from ..repository.index import Index
 from ..repository.index_records import SEALED_DBS
 from ..repository.locks import list_locks, remove_if_stale
@@ -226,7 +226,7 @@ def dead_writes(temps: Iterable[TempFile], before: float | None,
         if owner is None:
             continue  # not a name the repository gives: left alone
         if owner.host == this_host or (owner.host is None and before is None):
-            gone = not _alive(owner.pid)
+            gone = not alive(owner.pid)
         else:
             gone = (before is not None and temp.modified < before
                     and (seen is None or seen.get(temp.name, before) < before))
@@ -272,27 +272,29 @@ def wait_for(repo: Repository, held: list[Path], *, timeout: float | None,
     return time.monotonic() - started
 
 
-def dead_tmp_files(repo: Repository) -> list[Path]:
-    """Spool files of packs that dead processes of this host were writing (`pack-<pid>-...tmp`)."""
+def dead_tmp_files(repo: Repository, *, shared: bool) -> list[Path]:
+    """Spool files (packs, checkpoints being built) that dead processes of this host were
+    writing. Another host's (a local store shared over the network) are its own gc's to judge;
+    a name of an earlier version gives no host: this host's on a repository of one writer,
+    left alone on a `shared` one (a host not yet upgraded may be writing it)."""
+    this_host = host_id()
     out = []
-    for path in repo.store.spool_dir().glob("pack-*.tmp"):
-        try:
-            pid = int(path.name.split("-")[1])
-        except (IndexError, ValueError):
+    for path in repo.store.spool_dir().glob("*.tmp"):
+        owner = spool_owner(path.name)
+        if owner is None or owner.host != this_host and (shared or owner.host is not None):
             continue
-        if pid <= MAX_PID and not _alive(pid):  # a greater one is no process's: left alone
+        if not alive(owner.pid):
             out.append(path)
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's process
-    return True
+def remove_files(paths: Iterable[Path]) -> int:
+    """Unlink each of `paths` (one gone meanwhile counts too); how many."""
+    count = 0
+    for path in paths:
+        path.unlink(missing_ok=True)
+        count += 1
+    return count
 
 
 # -- damage attribution ----------------------------------------------------------------------

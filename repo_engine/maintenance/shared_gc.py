@@ -72,7 +72,7 @@ from ..repository.points import point_object
 from ..repository.store import ObjectMissing, TempFile
 from ..repository.repo import Repository
 from .gc import GcReport
-from .inventory import dead_writes, list_store, refs_in_packs
+from .inventory import dead_tmp_files, dead_writes, list_store, refs_in_packs, remove_files
 from .tally import ROWS, batches, per_pack, ref_rows, summed
 
 DEFAULT_GRACE = 24 * 3600.0
@@ -268,6 +268,7 @@ def _run(repo: Repository, marker: Marker, report: SharedGcReport, grace: float,
     report.plans_pending = len(repo.index.pending_plans())
     _checkpoint(repo, grace, report)
     _abort_stale_uploads(repo, grace, report, listed.temps)
+    report.tmp_files_deleted += remove_files(dead_tmp_files(repo, shared=True))
 
 
 def _abort_stale_uploads(repo: Repository, grace: float, report: SharedGcReport,

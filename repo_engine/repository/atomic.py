@@ -32,6 +32,10 @@ TEMP_PREFIX = ".tmp-"  # a write in progress (or a killed one's leftover), never
 HOST_HEX = 16  # hex digits of the host in a temporary name
 _TEMP = re.compile(rf"\.tmp-(?:([0-9a-f]{{{HOST_HEX}}})-)?([0-9]+)-[0-9a-f]{{8}}-.+", re.DOTALL)
 MAX_PID = 2**31 - 1  # the largest pid_t: a greater "pid" is no process's (os.kill refuses it)
+SPOOL_DIR = "repo-engine-spool-"  # a private spool directory's name starts so
+SPOOL_KINDS = ("pack", "ckpt")  # what a store's spool directory holds while it is built
+_SPOOL = re.compile(rf"(?:{'|'.join(SPOOL_KINDS)})-(?:([0-9a-f]{{{HOST_HEX}}})-)?([0-9]+)-"
+                    r"[0-9a-f]{12}\.tmp")
 
 
 def fsync_dir(path: Path) -> None:
@@ -76,7 +80,50 @@ class TempOwner:
 def temp_owner(file_name: str) -> TempOwner | None:
     """The writer of the temporary file `file_name` (a name without directory); None when it is
     not a name `temp_name` gives or gave (a pid no process can have included)."""
-    found = _TEMP.fullmatch(file_name)
+    return _owner(_TEMP.fullmatch(file_name))
+
+
+def spool_name(kind: str) -> str:
+    """A new spool file's name (`kind` of SPOOL_KINDS): its writer's host and pid, as in a
+    temporary name, so that gc can tell a killed writer's leftover from a live one's file."""
+    return f"{kind}-{host_id()}-{os.getpid()}-{os.urandom(6).hex()}.tmp"
+
+
+def spool_owner(file_name: str) -> TempOwner | None:
+    """The writer of the spool file `file_name`, as `temp_owner` (an earlier version's name,
+    `pack-<pid>-<12 hex>.tmp`, gives no host)."""
+    return _owner(_SPOOL.fullmatch(file_name))
+
+
+def spool_dir_prefix() -> str:
+    """The start of a private spool directory's name (one per process, under the system's temp
+    directory): `repo-engine-spool-<host>-<pid>-`, so that a killed process's can be told."""
+    return f"{SPOOL_DIR}{host_id()}-{os.getpid()}-"
+
+
+def dead_spool_dirs(parent: Path) -> list[Path]:
+    """The private spool directories in `parent` of this host's processes that are gone."""
+    prefix = f"{SPOOL_DIR}{host_id()}-"
+    out = []
+    for path in parent.glob(f"{prefix}*"):
+        pid = path.name[len(prefix):].partition("-")[0]
+        if pid.isdigit() and int(pid) <= MAX_PID and not alive(int(pid)):
+            out.append(path)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` of this pid namespace exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process
+    return True
+
+
+def _owner(found: re.Match[str] | None) -> TempOwner | None:
     if found is None or int(found[2]) > MAX_PID:
         return None
     return TempOwner(found[1], int(found[2]))

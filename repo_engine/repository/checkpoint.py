@@ -66,7 +66,7 @@ import numpy as np
 import zstandard
 
 from ..errors import DamageError, TamperedError
-from .atomic import write_all
+from .atomic import spool_name, write_all
 from .crypto.null import NULL_SEALER, PART_HEADER_SIZE, PartSealer, Sealer
 from .envelope import SEALED
 from .formats import CHECKPOINT, CHECKPOINT_QUARANTINE, FileFormat
@@ -155,7 +155,7 @@ class _Writer:
 def write_checkpoint(store: Store, index: Index, sealer: Sealer = NULL_SEALER) -> int:
     """Write the checkpoint of the cache's state at its `journal_seq` (the caller refreshed);
     returns that seq. One written by another host at the same seq is kept."""
-    spool = store.spool_dir() / f"ckpt-{os.getpid()}-{os.urandom(6).hex()}.tmp"
+    spool = store.spool_dir() / spool_name("ckpt")
     try:
         # one snapshot
         with index.env.begin(buffers=False) as txn, _Writer(spool, sealer, _format(

@@ -57,7 +57,7 @@ import blake3
 import numpy as np
 
 from ..errors import DamageError, RepoError, TamperedError
-from .atomic import write_all
+from .atomic import spool_name, write_all
 from .crypto.null import NULL_SEALER, PART_HEADER_SIZE, PART_TAG_SIZE, PartSealer, Sealer
 from .formats import PACK, PACK_TRAILER, SEALED_PACK, SEALED_PACK_TRAILER
 from .safefile import FILE_MODE, checked_name
@@ -170,7 +170,7 @@ class PackWriter:
         self._sealed = sealer.encrypted  # the format's major version only
         self._parts = sealer.parts("pack")
         self._checksums: list[bytes] = []
-        self._tmp = store.spool_dir() / f"pack-{os.getpid()}-{os.urandom(6).hex()}.tmp"
+        self._tmp = store.spool_dir() / spool_name("pack")
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         self._hash = blake3.blake3()
         self._size = 0

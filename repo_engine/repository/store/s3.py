@@ -48,6 +48,7 @@ import botocore.session
 import botocore.exceptions as bexc
 import urllib3.exceptions
 
+from ..atomic import dead_spool_dirs, spool_dir_prefix
 from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, RangeReader, ShortRead,
                StoreAuthError, StoreError, StoreUnreachable, TempFile, check_name)
 from .s3_settings import MAX_PARTS, S3Settings, load_s3_settings
@@ -432,10 +433,13 @@ class S3Store:
             pass
 
     def spool_dir(self) -> Path:
-        """A private local directory for packs being built, removed by `close`."""
+        """A private local directory for packs being built, removed by `close`; those that
+        this host's killed processes left beside it go when it is made."""
         if self._spool is None:
-            self._spool = Path(tempfile.mkdtemp(prefix="repo-engine-spool-",
+            self._spool = Path(tempfile.mkdtemp(prefix=spool_dir_prefix(),
                                                 dir=self.settings.spool_dir))
+            for left in dead_spool_dirs(self._spool.parent):
+                shutil.rmtree(left, ignore_errors=True)
         return self._spool
 
     def delete(self, names: Iterable[str]) -> None:
