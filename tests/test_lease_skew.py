@@ -166,6 +166,38 @@ def test_a_vm_lock_of_a_dead_backup_of_this_host_is_taken_over_at_once(store, tm
         assert [f.name for f in list_leases(store)] == [lock_name(vm_base("v"), 2)]
 
 
+def test_gc_on_a_host_whose_clock_runs_ahead_leaves_a_live_upload(seaweedfs, s3_bucket,
+                                                                  tmp_path, monkeypatch):
+    """A backup is sending a pack as a multipart upload; gc runs on a host whose clock is two
+    hours ahead of the server's: the upload's `Initiated` time, of the server's clock, looks two
+    hours old there. gc aborts it only once it has seen it, on its own clock, for longer than the
+    grace period and a lease (before, at once: the backup's put failed)."""
+    from repo_engine.maintenance.gc import gc
+    from repo_engine.repository.config import RepoConfig
+    from repo_engine.repository.store.s3 import S3Store
+    from s3server import admin_client
+    from test_store_s3 import settings_for
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    s3 = S3Store(f"s3://{s3_bucket}/repo", settings_for(seaweedfs.endpoint))
+    repo = Repository.create(s3, tmp_path / "cache", RepoConfig.new(shared=True))
+    admin = admin_client(seaweedfs)
+    key = "repo/packs/00/sending.pack"
+    upload = admin.create_multipart_upload(Bucket=s3_bucket, Key=key)
+    admin.upload_part(Bucket=s3_bucket, Key=key, PartNumber=1, UploadId=upload["UploadId"],
+                      Body=b"x" * 1024)
+    ahead = shared_gc.now() + AHEAD
+    monkeypatch.setattr(shared_gc, "now", lambda: ahead)
+    assert gc(repo, grace=0).uploads_aborted == 0
+    assert gc(repo, grace=0).uploads_aborted == 0  # seen again at once: may still be sent
+    assert [u.upload_id for u in s3.pending_uploads()] == [upload["UploadId"]]
+    later = ahead + timedelta(seconds=repo.lease_seconds + 1)
+    monkeypatch.setattr(shared_gc, "now", lambda: later)  # left that long: its writer is gone
+    assert gc(repo, grace=0).uploads_aborted == 1
+    assert list(s3.pending_uploads()) == []
+    repo.close()
+
+
 def released_in_a_store_failure(repo: Repository, monkeypatch, command: str) -> tuple:
     """A lock whose release found the store failing: its lease left in the store, its local
     lock file left stale. Returns (lease name, lock file name)."""

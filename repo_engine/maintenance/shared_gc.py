@@ -76,6 +76,7 @@ from .tally import ROWS, batches, per_pack, ref_rows, summed
 
 DEFAULT_GRACE = 24 * 3600.0
 TEMPS_SEEN_KEY = b"temps_seen"  # meta of this host's cache: when it first saw each temporary file
+UPLOADS_SEEN_KEY = b"uploads_seen"  # ... and each unfinished multipart upload
 DELETE_BATCH = 1000  # names per Store.delete: one DeleteObjects request on S3
 # a repack's reads: two live chunks of a pack at most MAX_GAP apart are read with one range GET
 # of at most MAX_REQUEST bytes (a larger chunk alone); IN_FLIGHT GETs at once. The gap is small:
@@ -274,14 +275,20 @@ def _abort_stale_uploads(repo: Repository, grace: float, report: SharedGcReport,
                          temps: list[TempFile]) -> None:
     """Abort the multipart uploads a process that died left behind, and delete the temporary
     files of `temps` whose writer is gone (a local directory's; inventory.dead_writes): those
-    begun (or last written, and first seen by this host) longer ago than the grace period and a
-    lease's duration (a live backup's write of one object takes neither; an upload aborted all
-    the same fails its put, and that backup stores no point), and at once those of this host's
-    dead processes."""
+    this host first saw (an upload by its id; a file begun, or last written, before) longer ago
+    than the grace period and a lease's duration (a live backup's write of one object takes
+    neither; an upload aborted all the same fails its put, and that backup stores no point),
+    and at once those of this host's dead processes. The server's and the writer's times are of
+    other clocks: a host whose clock runs ahead of them would take a live write for an old one."""
     repo.check_leases()
     at = now()
     before = at - timedelta(seconds=max(grace, repo.lease_seconds))
-    report.uploads_aborted = repo.store.abort_stale_uploads(before)
+    uploads = {f"{u.name} {u.upload_id}": u for u in repo.store.pending_uploads()}
+    seen = repo.index.first_seen(UPLOADS_SEEN_KEY, list(uploads), at.timestamp())
+    stale = [uploads[key] for key, when in seen.items() if when <= before.timestamp()]
+    for upload in stale:
+        repo.store.abort_upload(upload)
+    report.uploads_aborted = len(stale)
     seen = repo.index.first_seen(TEMPS_SEEN_KEY, [temp.name for temp in temps], at.timestamp())
     dead = [temp.name for temp in dead_writes(temps, before.timestamp(), seen)]
     _delete(repo, dead)
