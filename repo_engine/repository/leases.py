@@ -49,10 +49,12 @@ safe whatever the clocks: a holder that still renews changes its record every qu
 duration, and one that stopped renewing sees, on its own clock, its lease expire no later than a
 duration after its last renewal, which came before the taker's first sight, so it stops (`check`)
 before the taker takes over (clocks differ in their setting, by any amount, not in their rate:
-that differs by far less than a lease). The cost: a crashed holder's lock is taken over, and its lease
-removed by `unlock`, only one lease after a host first saw it so (a takeover refused says when,
-on the taker's clock; `unlock` reports for how long it has watched each record it keeps, and
-when to run it again), unless the dead holder is of this host (above). gc's waits for leases
+that differs by far less than a lease). The cost: a crashed holder's lock is taken over, and its
+lease removed by `unlock`, only one lease after a host first saw it so (a takeover refused says
+when, on the taker's clock; `unlock` reports for how long it has watched each record it keeps,
+and when to run it again), unless the dead holder is of this host: a lock as above, and `unlock`
+removes at once the records of a pid whose local lock it found stale (unless a live local lock
+holds that pid again: a pid reused). gc's waits for leases
 (maintenance/shared_gc.py) use the same sightings. The store's clock (S3 `Last-Modified` and a
 response's `Date`, a file's modification time) could serve as the one clock of every host
 instead, with no wait after a first sight, but not on every store: a shared directory's file
