@@ -2,11 +2,12 @@
 whose clock runs hours ahead of a live holder's never takes its maintenance or VM lock over,
 never removes its lease with `unlock`, and gc there never aborts its upload in progress; a
 crashed holder's lock is still taken over once seen unchanged for a lease, and a dead holder of
-this host's at once. One process plays every host: a host's clock is `leases.now` (or
-`shared_gc.now`) patched while it acts."""
+this host's at once. One process plays every host: another host is this one with its host name
+and its clock (`leases.now`, or `shared_gc.now`) patched while it acts."""
 
 from __future__ import annotations
 
+import socket
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
@@ -31,9 +32,11 @@ AHEAD = timedelta(hours=2)
 
 @contextmanager
 def clock_at(monkeypatch, when) -> Iterator[None]:
-    """The clock of the host acting in the block reads `when` (the holder's is the real one)."""
+    """The host acting in the block is another host (the holder is this one), whose clock reads
+    `when`."""
     with monkeypatch.context() as patched:
         patched.setattr(leases, "now", lambda: when)
+        patched.setattr(socket, "gethostname", lambda: "hostb")
         yield
 
 
@@ -229,3 +232,19 @@ def test_unlock_removes_the_records_of_a_dead_holder_of_this_host_at_once(store,
     report = unlock_shared(a)  # every record of that pid: its holder is gone
     assert sorted(d["file"] for d in report.removed) == sorted([lock_file, lease, second])
     assert list_leases(store) == []
+
+
+def test_a_record_of_this_host_is_over_once_expired_on_its_clock(store, tmp_path, monkeypatch):
+    """Its times are of this host's own clock: `unlock` here removes it once it expired, though
+    this host sees it for the first time and the evidence of its holder's death is gone
+    (another lock of this host removed the stale local lock file); another host, seeing it for
+    the first time too, keeps it."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    lease, lock_file = released_in_a_store_failure(a, monkeypatch, "backup image web1")
+    with a.lock(SHARED, "verify"):  # removes the stale lock file: no evidence left
+        assert not (tmp_path / "a" / "locks" / lock_file).exists()
+    later = leases.now() + timedelta(seconds=601)
+    with clock_at(monkeypatch, later):
+        assert [d["file"] for d in unlock_shared(b).kept] == [lease]
+    monkeypatch.setattr(leases, "now", lambda: later)
+    assert [d["file"] for d in unlock_shared(a).removed] == [lease]

@@ -54,7 +54,9 @@ lease removed by `unlock`, only one lease after a host first saw it so (a takeov
 when, on the taker's clock; `unlock` reports for how long it has watched each record it keeps,
 and when to run it again), unless the dead holder is of this host: a lock as above, and `unlock`
 removes at once the records of a pid whose local lock it found stale (unless a live local lock
-holds that pid again: a pid reused). gc's waits for leases
+holds that pid again: a pid reused). A record of this host (its host name: hosts sharing a
+repository have distinct names, which the evidence of stale local locks assumes too) is also
+over once expired, as its times are of this very clock. gc's waits for leases
 (maintenance/shared_gc.py) use the same sightings. The store's clock (S3 `Last-Modified` and a
 response's `Date`, a file's modification time) could serve as the one clock of every host
 instead, with no wait after a first sight, but not on every store: a shared directory's file
@@ -156,6 +158,15 @@ class LeaseInfo:
             return seen + span + timedelta(seconds=grace)
         except OverflowError:
             return None
+
+    def free_from(self, seen: datetime | None) -> datetime | None:
+        """When, on this host's clock, the record is over unless renewed (module doc, "Clocks"):
+        its span after this host first saw it as it is (`seen`; None: not noted), or for a
+        record of this host, whose times are of this very clock, at its expiry if that is
+        sooner (None: never)."""
+        ends = [self.ends(seen) if seen is not None else None,
+                self.expires_at() if self.host == socket.gethostname() else None]
+        return min((end for end in ends if end is not None), default=None)
 
     def expired(self, at: datetime, grace: float = 0.0) -> bool:
         """Whether the lease ended more than `grace` seconds before `at`."""
@@ -446,7 +457,7 @@ def take_lock(store: Store, watch: Sightings, base: str, kind: str, command: str
         top = locks[-1] if locks else None
         if top is not None and not gone(top):
             at = now()
-            free = top.info.ends(sighted(watch, [top], at, f"{PREFIX}{base}-")[top.name])
+            free = top.info.free_from(sighted(watch, [top], at, f"{PREFIX}{base}-")[top.name])
             if free is None or free > at:
                 raise held_by(top, free)
         try:
@@ -573,7 +584,7 @@ def clear_leases(store: Store, watch: Sightings | None,
     seen = sighted(watch, found, at) if watch is not None else {}
     removed, kept = [], []
     for f in found:
-        free = f.info.ends(seen[f.name]) if f.name in seen else None
+        free = f.info.free_from(seen.get(f.name))
         if (force or (f.info.host, f.info.pid) in dead
                 or (free is not None and free <= at)):
             removed.append(f)
