@@ -27,8 +27,8 @@ Each is a sealed JSON record (envelope.py, magic LEASE, version 1.1): `kind` (`s
 holder's clock: started or last renewed + the lease's seconds), `token` (random hex: a name reused
 after an `unlock --force` is never taken for the holder's own) and `seconds` (the lease's duration;
 absent in version 1.0, whose records are read with expiry less start standing for it: at least
-the duration). A daemon thread renews the record every quarter of its
-duration, overwriting only its own object after reading back its token. A lease whose renewal
+the duration). A daemon thread renews the record every quarter of its duration, overwriting
+only its own object after reading back its token. A lease whose renewal
 failed once, whose object is gone or replaced, or whose expiry passed on the holder's clock is lost:
 `check()`, called before every journal commit and every batch of deletes, raises LeaseLost, and
 the command stops before it writes anything more. A maintenance holder's `check()` also fails when
@@ -447,8 +447,8 @@ def take_lock(store: Store, watch: Sightings, base: str, kind: str, command: str
               seconds: float, held_by: Callable[[Found, datetime | None], LockedError],
               gone: Callable[[Found], bool] = lambda _top: False) -> Lease:
     """The lock `base` taken by generations (module doc), or `held_by(its holder, when it is
-    free unless renewed: None for never)`. A holder is over when this host has seen its record
-    unchanged for its span (noted in `watch`, module doc "Clocks"), or when `gone` says so. A
+    free unless renewed: None for never)`. A holder is over when its record is (LeaseInfo.free_from,
+    its sightings noted in `watch`: module doc, "Clocks"), or when `gone` says so. A
     listing is not a snapshot: one that read the directory before a takeover wrote g + 1 and
     looked at g after it was deleted holds no generation, so only a second empty listing means
     the lock is free."""
@@ -555,8 +555,8 @@ class Kept:
     """A record `unlock` left: it may still be live."""
 
     found: Found
-    seen: datetime | None  # since when this host has seen it as it is (None: never, as with
-    free: datetime | None  # no cache); from when it is over unless renewed (None: never)
+    seen: datetime | None  # since when this host has seen it as it is (None: no cache)
+    free: datetime | None  # from when it is over unless renewed (None: never)
 
     def doc(self, at: datetime) -> dict:
         """The record as `unlock` reports it, with how long it was seen unchanged and when it
@@ -575,10 +575,10 @@ class Cleared:
 
 def clear_leases(store: Store, watch: Sightings | None,
                  dead: Collection[tuple[str, int]] = (), *, force: bool = False) -> Cleared:
-    """Remove the leases and locks this host has seen unchanged for their span (noted in
-    `watch`, module doc "Clocks"; None: no cache to note them in, so none is over) and those of
-    the `dead` holders (host, pid) of this host whose local locks were found stale; all of them
-    with `force`."""
+    """Remove the leases and locks that are over (LeaseInfo.free_from, their sightings noted in
+    `watch`: module doc, "Clocks"; None: no cache to note them in) and those of the `dead`
+    holders (host, pid) of this host whose local locks were found stale; all of them with
+    `force`."""
     at = now()
     found = list_leases(store)
     seen = sighted(watch, found, at) if watch is not None else {}
