@@ -62,6 +62,25 @@ def crashed(store, name: str, kind: str, command: str = "gc", *, ago: float = 60
     return info
 
 
+def watched(monkeypatch, *repos: Repository, hours: float = 2.0) -> None:
+    """Each host lists the store's leases now, noting when it first saw each record, and then
+    every clock moves `hours` on: a record left unchanged meanwhile is over for each of them."""
+    for repo in repos:
+        leases.sighted(repo.index, list_leases(repo.store), leases.now())
+    later = leases.now() + timedelta(hours=hours)
+    monkeypatch.setattr(leases, "now", lambda: later)
+
+
+class Noted:
+    """A host's notes of first sightings that say it saw every record `ago` seconds before."""
+
+    def __init__(self, ago: float = 0.0) -> None:
+        self.ago = ago
+
+    def first_seen(self, _key, names, at, _scope=""):
+        return {name: at - self.ago for name in names}
+
+
 def commands(store) -> list[tuple[str, str]]:
     return [(found.info.kind, found.info.command) for found in list_leases(store)]
 
@@ -120,10 +139,12 @@ def test_maintenance_lock_excludes_other_hosts_but_not_their_backups(store, tmp_
             maintenance_name(1)]
 
 
-def test_expired_maintenance_lock_is_taken_over_by_exactly_one_of_two_racers(store, tmp_path):
+def test_expired_maintenance_lock_is_taken_over_by_exactly_one_of_two_racers(store, tmp_path,
+                                                                             monkeypatch):
     hosts = [host(store, tmp_path, f"h{i}") for i in range(2)]
     for generation in range(1, 4):  # a crashed holder at each generation in turn
         crashed(store, maintenance_name(generation), MAINT)
+        watched(monkeypatch, *hosts)
         barrier = threading.Barrier(2)
         won, refused = [], []
 
@@ -148,13 +169,15 @@ def test_expired_maintenance_lock_is_taken_over_by_exactly_one_of_two_racers(sto
         assert list_leases(store) == []
 
 
-def test_a_holder_whose_lock_was_taken_over_stops(store, tmp_path):
-    """A holder whose clock runs behind still thinks its lock is valid; the taker judged it
-    expired by its own clock. The old holder's next check sees the higher generation."""
+def test_a_holder_whose_lock_was_taken_over_stops(store, tmp_path, monkeypatch):
+    """A holder whose clock runs behind (or that was suspended) still thinks its lock is valid;
+    the taker saw it unchanged for its span on its own clock. The old holder's next check sees
+    the higher generation."""
     info = crashed(store, maintenance_name(7), MAINT, "forget")
+    b = host(store, tmp_path, "b")
+    watched(monkeypatch, b)
     behind = replace(info, expires=leases.iso(leases.now() + timedelta(hours=1)))
     stalled = Lease(store, maintenance_name(7), behind, 600.0)  # never renewed
-    b = host(store, tmp_path, "b")
     with b.lock(MAINTENANCE, "gc"):
         with pytest.raises(LeaseLost, match=r"taken over by 'gc', pid .* stops before it writes"):
             stalled.check()
@@ -204,20 +227,22 @@ def test_expiry_is_judged_by_the_holders_clock(store, tmp_path, monkeypatch):
             a.check_leases()
 
 
-def test_unlock_removes_expired_leases_and_force_removes_live_ones(store, tmp_path):
+def test_unlock_removes_expired_leases_and_force_removes_live_ones(store, tmp_path,
+                                                                   monkeypatch):
     a = host(store, tmp_path, "a")
     dead_backup = session_name()
     crashed(store, dead_backup, SESSION, "backup image db1")
     crashed(store, maintenance_name(3), MAINT, "gc")
+    watched(monkeypatch, a)
     with a.lock(SHARED, "backup image web1") as held:
         live = held.leases[0].name
-        cleared = clear_leases(store)
+        cleared = clear_leases(store, a.index)
         assert sorted(f.name for f in cleared.removed) == sorted([dead_backup,
                                                                   maintenance_name(3)])
-        assert [f.name for f in cleared.kept] == [live]
+        assert [k.found.name for k in cleared.kept] == [live]
         assert [f.name for f in list_leases(store)] == [live]
         a.check_leases()
-        assert [f.name for f in clear_leases(store, force=True).removed] == [live]
+        assert [f.name for f in clear_leases(store, a.index, force=True).removed] == [live]
         with pytest.raises(LeaseLost, match="was removed"):
             a.check_leases()
     assert list_leases(store) == []
@@ -228,17 +253,24 @@ def test_an_unreadable_maintenance_lock_holds_until_unlock_force(store, tmp_path
     a = host(store, tmp_path, "a")
     with pytest.raises(LockedError, match=r"cannot be read; .*'repo-engine unlock --force'"):
         a.lock(MAINTENANCE, "gc")
-    assert [f.name for f in clear_leases(store).kept] == [maintenance_name(1)]
-    assert [f.name for f in clear_leases(store, force=True).removed] == [maintenance_name(1)]
+    assert [k.found.name for k in clear_leases(store, a.index).kept] == [maintenance_name(1)]
+    assert [f.name for f in clear_leases(store, a.index, force=True).removed] == [
+        maintenance_name(1)]
     with a.lock(MAINTENANCE, "gc"):
         pass
 
 
-def test_unlock_command_on_a_shared_local_repository(tmp_path, capsys):
+def test_unlock_command_on_a_shared_local_repository(tmp_path, capsys, monkeypatch):
     path = tmp_path / "repo"
     store = Repository.init(path, shared=True).store
     crashed(store, maintenance_name(1), MAINT, "forget")
     crashed(store, session_name(), SESSION, "backup image web1")
+    first = cli(capsys, "unlock", path)  # seen now: they may still be live
+    assert first.code == 0, first.err
+    assert ("kept the maintenance lock of \"forget\" (pid 4242 on otherhost): it may still be "
+            "live, seen unchanged for 0 s; run 'repo-engine unlock' again after ") in first.out
+    assert "removed 0 locks" in first.out and len(list_leases(store)) == 2
+    watched(monkeypatch)  # an hour and more later, unchanged
     b = host(store, tmp_path, "b")
     with b.lock(SHARED, "restore web1") as held:
         refused = cli(capsys, "gc", path)  # the expired lock is taken over: gc itself runs
@@ -275,10 +307,11 @@ def test_the_lease_duration_comes_from_the_environment(tmp_path, monkeypatch):
             attach_shared(store, tmp_path / "b")
 
 
-def test_unlock_of_a_shared_repository_in_any_store(store, tmp_path):
+def test_unlock_of_a_shared_repository_in_any_store(store, tmp_path, monkeypatch):
     a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
     crashed(store, session_name(), SESSION, "backup image db1")
     crashed(store, maintenance_name(2), MAINT, "forget")
+    watched(monkeypatch, b)
     with a.lock(SHARED, "backup image web1") as held:
         report = unlock_shared(b)
         assert sorted((d["kind"], d["command"]) for d in report.removed) == [
@@ -343,21 +376,24 @@ def test_a_vm_is_backed_up_by_one_host_at_a_time(store, tmp_path):
         pass
 
 
-def test_an_expired_vm_lock_is_taken_over_and_its_holder_stops(store, tmp_path):
+def test_an_expired_vm_lock_is_taken_over_and_its_holder_stops(store, tmp_path, monkeypatch):
     name = lock_name(vm_base("v"), 4)
     info = crashed(store, name, VM, "backup image v")
+    b = host(store, tmp_path, "b")
+    watched(monkeypatch, b)
     behind = replace(info, expires=leases.iso(leases.now() + timedelta(hours=1)))
     stalled = Lease(store, name, behind, 600.0)  # its clock runs behind: never renewed
-    b = host(store, tmp_path, "b")
     with b.vm_lock("v", "backup image v"):
         assert [f.name for f in list_leases(store)] == [lock_name(vm_base("v"), 5)]
         with pytest.raises(LeaseLost, match=r"vm lock was taken over by 'backup image v', pid "):
             stalled.check()
 
 
-def test_unlock_removes_expired_vm_locks_and_force_removes_live_ones(store, tmp_path):
+def test_unlock_removes_expired_vm_locks_and_force_removes_live_ones(store, tmp_path,
+                                                                     monkeypatch):
     a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
     crashed(store, lock_name(vm_base("db1"), 1), VM, "backup image db1")
+    watched(monkeypatch, b)
     with a.vm_lock("web1", "backup image web1") as held:
         report = unlock_shared(b)
         assert [(d["kind"], d["command"]) for d in report.removed] == [
@@ -412,9 +448,10 @@ def test_a_takeover_between_a_listing_and_its_check_is_seen(tmp_path, monkeypatc
         entries = list(real_walk(top, base, *reports))  # the directory as it was read
         if base == "leases" and not other:
             other.append(True)
-            leases.take_maintenance(LocalStore(tmp_path / "repo"), "gc", 600)  # the other host
+            leases.take_maintenance(LocalStore(tmp_path / "repo"), Noted(ago=86400), "gc",
+                                    600)  # the other host, which saw gen 3 a day ago
         yield from entries
     monkeypatch.setattr(local, "_walk", walk)
     with pytest.raises(LockedError, match=r"repository is locked \(maintenance\) by 'gc'"):
-        leases.take_maintenance(store, "forget", 600)
+        leases.take_maintenance(store, Noted(), "forget", 600)  # seen gen 4 just now
     assert other and [f.name for f in leases.maintenance_locks(store)] == [maintenance_name(4)]

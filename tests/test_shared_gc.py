@@ -406,7 +406,7 @@ def test_gc_checks_its_leases_before_each_batch_of_deletes(hosts, tmp_path, monk
         delete(names)
         if names and not any(n.startswith("leases/") for n in names):  # one of gc's batches
             batches.append(names)
-            clear_leases(store, force=True)
+            clear_leases(store, None, force=True)
 
     with monkeypatch.context() as patched:
         patched.setattr(shared_gc, "DELETE_BATCH", 1)

@@ -517,8 +517,9 @@ def rebuild_index(repo: RepoAddress, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Also remove locks of live processes or other hosts.")
 @json_option
 def unlock(repo: RepoAddress, force: bool, as_json: bool) -> None:
-    """Remove stale locks left by processes that died (and, in a shared repository, expired
-    leases of any host).
+    """Remove stale locks left by processes that died (and, in a shared repository, the leases
+    of any host that this host has seen unchanged for their duration: run it again later for
+    the others).
 
     \b
     Example:
@@ -538,7 +539,17 @@ def unlock(repo: RepoAddress, force: bool, as_json: bool) -> None:
         emit_json(report)
         return
     for doc in report.removed:
-        what = "lease" if doc["kind"] == "lease" else f"{doc['kind']} lock"
-        click.echo(f"removed the {what} of \"{doc['command']}\" (pid {doc['pid']} "
+        click.echo(f"removed the {_lock_kind(doc)} of \"{doc['command']}\" (pid {doc['pid']} "
                    f"on {doc['host']})")
+    for doc in report.kept:
+        if doc.get("free_from"):  # a store's lease or lock that may still be live
+            click.echo(f"kept the {_lock_kind(doc)} of \"{doc['command']}\" (pid {doc['pid']} "
+                       f"on {doc['host']}): it may still be live, seen unchanged for "
+                       f"{doc['seen_seconds']:.0f} s; run 'repo-engine unlock' again after "
+                       f"{doc['free_from']} (this host's clock), or with --force if that "
+                       "process is gone")
     click.echo(f"removed {plural(len(report.removed), 'lock')}")
+
+
+def _lock_kind(doc: dict) -> str:
+    return "lease" if doc["kind"] == "lease" else f"{doc['kind']} lock"

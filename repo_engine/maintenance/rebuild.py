@@ -37,7 +37,7 @@ from ..repository.checkpoint import catch_up
 from ..repository.config import CONFIG_NAME, read_config
 from ..repository.index import U64, Index
 from ..repository.index_records import ref_keys
-from ..repository.leases import clear_leases
+from ..repository.leases import Sightings, clear_leases
 from ..repository.locks import (EXCLUSIVE, SHARED, TORN_HOST, LockInfo, RepoLock, is_stale,
                                 list_locks, remove_if_stale, strays)
 from ..repository.packs import PackEntry
@@ -330,22 +330,25 @@ class UnlockReport:
 
 def unlock(path: Path, *, force: bool = False) -> UnlockReport:
     """Remove stale locks (holder dead on this host); live ones or other hosts' only with force.
-    Also the leases and maintenance locks in the store (a shared repository's) that expired; all
-    of them with force. Live leases of other hosts are running commands, no reason to refuse."""
+    Leases and store locks in the directory only with force: with no cache of this host's to
+    time them on, none is known to be over (a shared repository's go through unlock_shared).
+    Live leases of other hosts are running commands, no reason to refuse."""
     store = LocalStore(path)
     if not store.exists(CONFIG_NAME):  # a damaged config does not stop unlock; none does
         read_config(store)  # raises NotARepository (or damage: not a regular file)
     check_layout(path)
-    return _unlock(path / "locks", store, force)
+    return _unlock(path / "locks", store, None, force)
 
 
 def unlock_shared(repo: Repository, *, force: bool = False) -> UnlockReport:
     """`unlock` of a shared repository in any store: this host's stale locks (in its cache
-    directory) and the expired leases of every host (all of both with force)."""
-    return _unlock(repo.locks_dir, repo.store, force)
+    directory) and the leases of every host that this host has seen unchanged for their span
+    (leases.py, "Clocks"; all of both with force)."""
+    return _unlock(repo.locks_dir, repo.store, repo.index, force)
 
 
-def _unlock(locks_dir: Path, store: Store, force: bool) -> UnlockReport:
+def _unlock(locks_dir: Path, store: Store, watch: Sightings | None,
+            force: bool) -> UnlockReport:
     report = UnlockReport()
     # half-created lock files carry no readable holder: test their flock as if they were ours
     this_host = LockInfo(SHARED, socket.gethostname(), -1, "", "")
@@ -356,19 +359,22 @@ def _unlock(locks_dir: Path, store: Store, force: bool) -> UnlockReport:
         stray.unlink(missing_ok=True)
         report.removed.append({"file": stray.name, "kind": "stray", "host": "?", "pid": -1,
                                "command": "not a lock file", "since": ""})
+    dead, alive = set(), set()  # the pids of this host's lock holders (a torn file names none)
     for lock_path, info in list_locks(locks_dir):
         doc = {"file": lock_path.name, "kind": info.kind, "host": info.host, "pid": info.pid,
                "command": info.command, "since": info.time}
         if force:
             lock_path.unlink(missing_ok=True)
-        if force or remove_if_stale(lock_path, info):
-            report.removed.append(doc)
-        else:
-            report.kept.append(doc)
+        stale = force or remove_if_stale(lock_path, info)
+        (report.removed if stale else report.kept).append(doc)
+        if info.host == this_host.host:
+            (dead if stale else alive).add(info.pid)
     live_locks = list(report.kept)
-    cleared = clear_leases(store, force=force)
+    # a dead holder's pid that a live one holds again is no evidence of the end of its records
+    cleared = clear_leases(store, watch, {(this_host.host, pid) for pid in dead - alive},
+                           force=force)
     report.removed += [found.doc() for found in cleared.removed]
-    report.kept += [found.doc() for found in cleared.kept]
+    report.kept += [kept.doc(cleared.at) for kept in cleared.kept]
     if live_locks and not force:
         first = live_locks[0]
         holder = (f"{first['command']!r}, pid {first['pid']} on {first['host']}"

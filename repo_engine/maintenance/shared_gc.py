@@ -46,12 +46,11 @@ would copy) a group of packs at a time (GROUP_ROWS).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import lmdb
 import numpy as np
@@ -64,7 +63,7 @@ from ..repository.index import Index
 from ..repository.index_records import PACK_KEY, REF_KEY, REF_REC, pack_fields
 from ..repository.journal import (NothingToCommit, PackOp, PendingPlan, PlanOp, SweepOp,
                                    WaitsOp, new_plan_id)
-from ..repository.leases import SESSION, LeaseInfo, iso, list_leases, now
+from ..repository.leases import SESSION, Found, LeaseInfo, iso, list_leases, now, sighted
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import (FinishedPack, PackWriter, blob_bytes, pack_object,
                                  read_spans)
@@ -77,6 +76,7 @@ from .tally import ROWS, batches, per_pack, ref_rows, summed
 
 DEFAULT_GRACE = 24 * 3600.0
 TEMPS_SEEN_KEY = b"temps_seen"  # meta of this host's cache: when it first saw each temporary file
+UPLOADS_SEEN_KEY = b"uploads_seen"  # ... and each unfinished multipart upload
 DELETE_BATCH = 1000  # names per Store.delete: one DeleteObjects request on S3
 # a repack's reads: two live chunks of a pack at most MAX_GAP apart are read with one range GET
 # of at most MAX_REQUEST bytes (a larger chunk alone); IN_FLIGHT GETs at once. The gap is small:
@@ -275,14 +275,20 @@ def _abort_stale_uploads(repo: Repository, grace: float, report: SharedGcReport,
                          temps: list[TempFile]) -> None:
     """Abort the multipart uploads a process that died left behind, and delete the temporary
     files of `temps` whose writer is gone (a local directory's; inventory.dead_writes): those
-    begun (or last written, and first seen by this host) longer ago than the grace period and a
-    lease's duration (a live backup's write of one object takes neither; an upload aborted all
-    the same fails its put, and that backup stores no point), and at once those of this host's
-    dead processes."""
+    this host first saw (an upload by its id; a file begun, or last written, before) longer ago
+    than the grace period and a lease's duration (a live backup's write of one object takes
+    neither; an upload aborted all the same fails its put, and that backup stores no point),
+    and at once those of this host's dead processes. The server's and the writer's times are of
+    other clocks: a host whose clock runs ahead of them would take a live write for an old one."""
     repo.check_leases()
     at = now()
     before = at - timedelta(seconds=max(grace, repo.lease_seconds))
-    report.uploads_aborted = repo.store.abort_stale_uploads(before)
+    uploads = {f"{u.name} {u.upload_id}": u for u in repo.store.pending_uploads()}
+    seen = repo.index.first_seen(UPLOADS_SEEN_KEY, list(uploads), at.timestamp())
+    stale = [uploads[key] for key, when in seen.items() if when <= before.timestamp()]
+    for upload in stale:
+        repo.store.abort_upload(upload)
+    report.uploads_aborted = len(stale)
     seen = repo.index.first_seen(TEMPS_SEEN_KEY, [temp.name for temp in temps], at.timestamp())
     dead = [temp.name for temp in dead_writes(temps, before.timestamp(), seen)]
     _delete(repo, dead)
@@ -382,13 +388,13 @@ def _commit_waits(repo: Repository, plan: PlanOp) -> PendingPlan:
 
 
 # -- phase 2: sweep ----------------------------------------------------------------------------
-SEEN_KEY = b"sweep_seen"  # meta of this host's cache: what _Seen notes
+PLANS_SEEN_KEY = b"plans_seen"  # meta of this host's cache: when it first saw each pending plan
 
 
 @dataclass(frozen=True)
 class _Seen:
     """When this host first saw, on its own clock, each pending plan and each lease in its
-    present state (its `expires`: a renewal is a new state). A lease's times are of its
+    present state (leases.sighted: a renewal is a new state). A lease's times are of its
     holder's clock, a plan's of its planner's: judged against this host's clock alone, a
     holder whose clock runs behind would look expired while it still renews, and gc would
     delete the packs it uploaded and is about to commit (its own checks, on its own clock,
@@ -398,22 +404,13 @@ class _Seen:
     leases: dict[str, datetime]
 
     @classmethod
-    def note(cls, index: Index, plans: list[PendingPlan], leases: dict[str, LeaseInfo],
+    def note(cls, index: Index, plans: list[PendingPlan], leases: list[Found],
              at: datetime) -> "_Seen":
         """The first sightings noted in the cache's meta, those new now at `at`; the notes of
         plans and leases gone are dropped."""
-        with index.write() as txn:
-            raw = txn.get(SEEN_KEY, db=index.meta)
-            doc = json.loads(raw) if raw else {"plans": {}, "leases": {}}
-            seen = {p.op.plan: doc["plans"].get(p.op.plan, iso(at)) for p in plans}
-            held = {}  # name -> [expires, first seen with it]
-            for name, info in leases.items():
-                was, when = doc["leases"].get(name, ("", ""))
-                held[name] = [info.expires, when if when and was == info.expires else iso(at)]
-            txn.put(SEEN_KEY, json.dumps({"plans": seen, "leases": held}).encode(),
-                    db=index.meta)
-        return cls({k: datetime.fromisoformat(v) for k, v in seen.items()},
-                   {k: datetime.fromisoformat(v[1]) for k, v in held.items()})
+        seen = index.first_seen(PLANS_SEEN_KEY, [p.op.plan for p in plans], at.timestamp())
+        return cls({plan: datetime.fromtimestamp(when, timezone.utc)
+                    for plan, when in seen.items()}, sighted(index, leases, at))
 
 
 def ready(plan: PendingPlan, leases: dict[str, LeaseInfo], seen: _Seen, grace: float,
@@ -432,13 +429,11 @@ def ready(plan: PendingPlan, leases: dict[str, LeaseInfo], seen: _Seen, grace: f
 
 def _ended(lease: LeaseInfo, seen: datetime, grace: float, at: datetime) -> bool:
     """Whether `lease` expired more than `grace` before `at` on its holder's clock, and this
-    host has seen it unchanged since `seen` for its span (expiry less start: at least its
-    duration, whatever the holder's setting) and `grace`: a holder still renewing changes it
-    every quarter of its duration, one that stopped finds, on its own clock, its lease lost
-    before it commits again."""
-    span = lease.span()
-    return (lease.expired(at, grace) and span is not None
-            and seen + span + timedelta(seconds=grace) <= at)
+    host has seen it unchanged since `seen` for its span and `grace` (LeaseInfo.ends): a holder
+    still renewing changes it every quarter of its duration, one that stopped finds, on its own
+    clock, its lease lost before it commits again."""
+    end = lease.ends(seen, grace)
+    return lease.expired(at, grace) and end is not None and end <= at
 
 
 def _sweep_ready(repo: Repository, marker: Marker, report: SharedGcReport, grace: float,
@@ -446,9 +441,10 @@ def _sweep_ready(repo: Repository, marker: Marker, report: SharedGcReport, grace
     plans = repo.index.pending_plans()
     if not plans:
         return
-    leases = {f.name: f.info for f in list_leases(repo.store)}
+    found = list_leases(repo.store)
+    leases = {f.name: f.info for f in found}
     at = now()
-    seen = _Seen.note(repo.index, plans, leases, at)
+    seen = _Seen.note(repo.index, plans, found, at)
     for plan in plans:
         if plan.leases is None:  # a gc died between plan and waits: wait for everyone now
             plan = _commit_waits(repo, plan.op)

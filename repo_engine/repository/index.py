@@ -442,16 +442,19 @@ class Index(Replay, Unfindable, Upgrades):
         with self.write() as txn:
             txn.put(name.encode(), U64.pack(value), db=self.meta)
 
-    def first_seen(self, key: bytes, names: Collection[str], at: float) -> dict[str, float]:
+    def first_seen(self, key: bytes, names: Collection[str], at: float,
+                   scope: str = "") -> dict[str, float]:
         """When this host first saw each of `names` (those new now: `at`, seconds since the
-        epoch on this host's clock), as noted in meta `key`, which keeps the ones given: a
+        epoch on this host's clock), as noted in meta `key`, which keeps the ones given and
+        those outside `scope` (a prefix: the names a partial listing could not have seen): a
         wait for something another host wrote is timed on this clock, never on the writer's
         (hosts' clocks differ)."""
         with self.write() as txn:
             raw = txn.get(key, db=self.meta)
             noted = json.loads(raw) if raw else {}
             seen = {name: float(noted.get(name, at)) for name in names}
-            txn.put(key, json.dumps(seen).encode(), db=self.meta)
+            kept = {name: when for name, when in noted.items() if not name.startswith(scope)}
+            txn.put(key, json.dumps({**kept, **seen}).encode(), db=self.meta)
         return seen
 
     def missing_refs(self, refs: np.ndarray) -> np.ndarray:

@@ -9,8 +9,11 @@ shared repository also announces itself in the store, next to its local lock (lo
 - **Maintenance lock** `leases/maintenance-<16 hex generation>.lock`, taken by the commands that
   hold the local maintenance lock: forget, protect, unprotect, gc, the repairs. It is created with
   `put(if_absent)`; the holder is the one of the highest generation. It is free when that object
-  is gone (released) or expired: the next taker then creates generation + 1, again only if absent,
-  so of two takers exactly one wins.
+  is gone (released) or over (below, "Clocks"): the next taker then creates generation + 1, again
+  only if absent, so of two takers exactly one wins. Its holder is also known dead, and the lock
+  taken over at once, when the taker replaced that holder's local maintenance lock as stale
+  (same host and pid: a command that crashed, or that kept its local lock file because it could
+  not delete the store's), as for a VM lock.
 - **VM lock** `leases/vm-<32 hex: hash of the VM name>-<16 hex generation>.lock`, taken by a
   backup of that VM besides its local VM lock (locks.py), so that two hosts never back up one VM
   at once: generations exactly as for the maintenance lock. Its holder is also known dead, and
@@ -19,11 +22,13 @@ shared repository also announces itself in the store, next to its local lock (lo
   file when it could not delete the store's). gc waits for session leases only (a backup holds
   one of those too).
 
-Each is a sealed JSON record (envelope.py, magic LEASE): `kind` (`session` | `maintenance` | `vm`),
-`host`, `pid`, `command`, `started`, `expires` (ISO times, UTC, of the holder's clock: started or
-last renewed + the lease's seconds) and `token` (random hex: a name reused after an `unlock --force`
-is never taken for the holder's own). A daemon thread renews the record every quarter of its
-duration, overwriting only its own object after reading back its token. A lease whose renewal
+Each is a sealed JSON record (envelope.py, magic LEASE, version 1.1): `kind` (`session` |
+`maintenance` | `vm`), `host`, `pid`, `command`, `started`, `expires` (ISO times, UTC, of the
+holder's clock: started or last renewed + the lease's seconds), `token` (random hex: a name reused
+after an `unlock --force` is never taken for the holder's own) and `seconds` (the lease's duration;
+absent in version 1.0, whose records are read with expiry less start standing for it: at least
+the duration). A daemon thread renews the record every quarter of its duration, overwriting
+only its own object after reading back its token. A lease whose renewal
 failed once, whose object is gone or replaced, or whose expiry passed on the holder's clock is lost:
 `check()`, called before every journal commit and every batch of deletes, raises LeaseLost, and
 the command stops before it writes anything more. A maintenance holder's `check()` also fails when
@@ -31,19 +36,48 @@ a higher generation of its lock exists (its lock expired and was taken over).
 
 A lease that cannot be read counts as live and never expires: only `unlock --force` removes it.
 The lease duration is LEASE_SECONDS unless the environment sets REPO_ENGINE_LEASE_SECONDS.
+
+**Clocks.** A record's times are of its holder's clock, and hosts' clocks differ: a host whose
+clock runs ahead of a holder's by more than a lease would see a lock renewed on time as expired
+and take it (two forgets or gcs, or two backups of one VM, at once), and `unlock` there would
+remove a live backup's lease (gc would then stop waiting for that backup and sweep the packs it
+is about to commit). So no host judges another's record by the record's times. Each host notes in
+its cache (meta SEEN_KEY, `sighted`) when, on its own clock, it first saw each record as it is
+(name, token and expiry: every renewal changes the expiry, so starts a new sighting), and a
+record is over for it once seen unchanged for its span (its `seconds`; `LeaseInfo.ends`). That is
+safe whatever the clocks: a holder that still renews changes its record every quarter of its
+duration, and one that stopped renewing sees, on its own clock, its lease expire no later than a
+duration after its last renewal, which came before the taker's first sight, so it stops (`check`)
+before the taker takes over (clocks differ in their setting, by any amount, not in their rate:
+that differs by far less than a lease). The cost: a crashed holder's lock is taken over, and its
+lease removed by `unlock`, only one lease after a host first saw it so (a takeover refused says
+when, on the taker's clock; `unlock` reports for how long it has watched each record it keeps,
+and when to run it again), unless the dead holder is of this host: a lock as above, and `unlock`
+removes at once the records of a pid whose local lock it found stale (unless a live local lock
+holds that pid again: a pid reused). A record of this host (its host name: hosts sharing a
+repository have distinct names, which the evidence of stale local locks assumes too) is also
+over once expired, as its times are of this very clock. gc's waits for leases
+(maintenance/shared_gc.py) use the same sightings. The store's clock (S3 `Last-Modified` and a
+response's `Date`, a file's modification time) could serve as the one clock of every host
+instead, with no wait after a first sight, but not on every store: a shared directory's file
+times are set by the writing client as often as by the file server, and S3-compatible servers
+differ in what `Last-Modified` of an overwritten object says; a host's own clock and the notes in
+its own cache hold everywhere and need no request.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta, timezone
 from functools import partial
+from typing import Protocol
 
 from ..errors import DamageError, FormatError, LockedError, RepoError
 from .envelope import read_sealed, write_sealed
@@ -59,6 +93,7 @@ UNREADABLE_HOST = "?"
 # a lock taken by generations: `base` is "maintenance" or "vm-<hash of the VM name>"
 _LOCK_NAME = re.compile(r"leases/(?P<base>maintenance|vm-[0-9a-f]{32})-(?P<gen>[0-9a-f]{16})\.lock")
 _SESSION_NAME = re.compile(r"leases/[A-Za-z0-9_-]+-[0-9]+-[0-9a-f]{8}\.lease")
+SEEN_KEY = b"leases_seen"  # meta of a host's cache: when it first saw each record as it is
 
 
 class LeaseLost(RepoError):
@@ -94,6 +129,7 @@ class LeaseInfo:
     started: str
     expires: str  # "" when the record cannot be read: it never expires
     token: str
+    seconds: float = 0.0  # the holder's lease duration; 0 in a record of format 1.0
 
     def expires_at(self) -> datetime | None:
         try:
@@ -102,12 +138,35 @@ class LeaseInfo:
             return None
 
     def span(self) -> timedelta | None:
-        """Expiry less start, both of the holder's clock: at least the lease's duration (None
-        when either cannot be read)."""
+        """How long the record lasts unrenewed: the holder's lease duration, or in a record of
+        format 1.0 (which does not give it) expiry less start, both of the holder's clock, at
+        least the duration (None when it cannot be read)."""
         try:
+            if self.seconds:
+                return timedelta(seconds=self.seconds)
             return datetime.fromisoformat(self.expires) - datetime.fromisoformat(self.started)
-        except (TypeError, ValueError):
+        except (OverflowError, TypeError, ValueError):
             return None
+
+    def ends(self, seen: datetime, grace: float = 0.0) -> datetime | None:
+        """When, on this host's clock, the record is over if it stays as this host first saw
+        it at `seen` (module doc, "Clocks"): its span and `grace` later (None: never)."""
+        span = self.span()
+        if span is None:
+            return None
+        try:
+            return seen + span + timedelta(seconds=grace)
+        except OverflowError:
+            return None
+
+    def free_from(self, seen: datetime | None) -> datetime | None:
+        """When, on this host's clock, the record is over unless renewed (module doc, "Clocks"):
+        its span after this host first saw it as it is (`seen`; None: not noted), or for a
+        record of this host, whose times are of this very clock, at its expiry if that is
+        sooner (None: never)."""
+        ends = [self.ends(seen) if seen is not None else None,
+                self.expires_at() if self.host == socket.gethostname() else None]
+        return min((end for end in ends if end is not None), default=None)
 
     def expired(self, at: datetime, grace: float = 0.0) -> bool:
         """Whether the lease ended more than `grace` seconds before `at`."""
@@ -157,7 +216,34 @@ def read_lease(store: Store, name: str) -> LeaseInfo | None:
             isinstance(v, str) for v in (info.kind, info.host, info.command, info.started,
                                          info.expires, info.token)):
         return UNREADABLE
+    if (not isinstance(info.seconds, (int, float)) or isinstance(info.seconds, bool)
+            or not math.isfinite(info.seconds) or info.seconds < 0):
+        return UNREADABLE
     return info
+
+
+class Sightings(Protocol):
+    """Where a host notes when it first saw something (the cache's index: Index.first_seen)."""
+
+    def first_seen(self, key: bytes, names: Collection[str], at: float,
+                   scope: str = "") -> dict[str, float]: ...
+
+
+def sighted(watch: Sightings, found: Iterable[Found], at: datetime,
+            scope: str = PREFIX) -> dict[str, datetime]:
+    """When this host first saw each record of `found` as it is now (same token and expiry: a
+    renewal, or a name taken again, is a new sighting), `at` for those new now; noted in its
+    cache's meta SEEN_KEY, where the notes of records under `scope` that `found` lacks (gone
+    from the listing) are dropped."""
+    states = {f.name: f"{f.name} {f.info.token} {f.info.expires}" for f in found}
+    seen = watch.first_seen(SEEN_KEY, list(states.values()), at.timestamp(), scope)
+    return {name: datetime.fromtimestamp(seen[state], timezone.utc)
+            for name, state in states.items()}
+
+
+def on_this_clock(when: datetime) -> str:
+    """A time of this host's clock in a message."""
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def write_lease(store: Store, name: str, info: LeaseInfo, *, if_absent: bool = False) -> None:
@@ -238,7 +324,8 @@ class Lease:
         now on."""
         started = now()
         info = LeaseInfo(kind, socket.gethostname(), os.getpid(), command, iso(started),
-                         iso(started + timedelta(seconds=seconds)), os.urandom(8).hex())
+                         iso(started + timedelta(seconds=seconds)), os.urandom(8).hex(),
+                         seconds)
         write_lease(store, name, info, if_absent=True)
         lease = cls(store, name, info, seconds)
         lease._thread.start()
@@ -326,42 +413,53 @@ def take_session(store: Store, command: str, seconds: float) -> Lease:
     return Lease.write(store, session_name(), SESSION, command, seconds)
 
 
-def take_maintenance(store: Store, command: str, seconds: float) -> Lease:
-    """The store's maintenance lock, or LockedError naming its holder."""
-    return take_lock(store, MAINT, MAINT, command, seconds, partial(_held_by, store))
+def take_maintenance(store: Store, watch: Sightings, command: str, seconds: float,
+                     dead: LockInfo | None = None) -> Lease:
+    """The store's maintenance lock, or LockedError naming its holder. `dead`: the holder of
+    this host's local maintenance lock we found stale; a store lock of the same host and pid is
+    its, taken over at once."""
+    return take_lock(store, watch, MAINT, MAINT, command, seconds, partial(_held_by, store),
+                     partial(_held_by_dead, dead))
 
 
-def take_vm_lock(store: Store, vm: str, command: str, seconds: float,
+def take_vm_lock(store: Store, watch: Sightings, vm: str, command: str, seconds: float,
                  dead: LockInfo | None = None) -> Lease:
     """The store's lock of VM `vm`, or LockedError naming the backup that holds it (worded as
     the local VM lock's refusal). `dead`: the holder of the local VM lock we found stale; a store
     lock of the same host and pid is its, taken over at once."""
-    def gone(top: Found) -> bool:
-        return dead is not None and (top.info.host, top.info.pid) == (dead.host, dead.pid)
-
-    def held_by(top: Found) -> LockedError:
-        if top.info.host == UNREADABLE_HOST:
+    def held_by(top: Found, free: datetime | None) -> LockedError:
+        if free is None:
             return LockedError(f"the lock of VM {vm!r}, {store.location}/{top.name}, cannot be "
                                f"read; if no backup of {vm!r} runs on any host, run "
                                "'repo-engine unlock --force'")
         return vm_busy(vm, top.info.command, top.info.pid, top.info.host, top.info.started,
-                       f"its lock expires at {top.info.expires} unless renewed, or run "
-                       "'repo-engine unlock --force'")
-    return take_lock(store, vm_base(vm), VM, command, seconds, held_by, gone)
+                       f"its lock is free from {on_this_clock(free)} on this host's clock "
+                       "unless renewed, or run 'repo-engine unlock --force'")
+    return take_lock(store, watch, vm_base(vm), VM, command, seconds, held_by,
+                     partial(_held_by_dead, dead))
 
 
-def take_lock(store: Store, base: str, kind: str, command: str, seconds: float,
-              held_by: Callable[[Found], LockedError],
+def _held_by_dead(dead: LockInfo | None, top: Found) -> bool:
+    return dead is not None and (top.info.host, top.info.pid) == (dead.host, dead.pid)
+
+
+def take_lock(store: Store, watch: Sightings, base: str, kind: str, command: str,
+              seconds: float, held_by: Callable[[Found, datetime | None], LockedError],
               gone: Callable[[Found], bool] = lambda _top: False) -> Lease:
-    """The lock `base` taken by generations (module doc), or `held_by(its holder)`. A holder
-    is over when its lock expired, or when `gone` says so. A listing is not a snapshot: one
-    that read the directory before a takeover wrote g + 1 and looked at g after it was deleted
-    holds no generation, so only a second empty listing means the lock is free."""
+    """The lock `base` taken by generations (module doc), or `held_by(its holder, when it is
+    free unless renewed: None for never)`. A holder is over when its record is (LeaseInfo.free_from,
+    its sightings noted in `watch`: module doc, "Clocks"), or when `gone` says so. A
+    listing is not a snapshot: one that read the directory before a takeover wrote g + 1 and
+    looked at g after it was deleted holds no generation, so only a second empty listing means
+    the lock is free."""
     for _attempt in range(5):
         locks = generations(store, base) or generations(store, base)
         top = locks[-1] if locks else None
-        if top is not None and not top.info.expired(now()) and not gone(top):
-            raise held_by(top)
+        if top is not None and not gone(top):
+            at = now()
+            free = top.info.free_from(sighted(watch, [top], at, f"{PREFIX}{base}-")[top.name])
+            if free is None or free > at:
+                raise held_by(top, free)
         try:
             lease = Lease.write(store, lock_name(base, top.generation + 1 if top else 1), kind,
                                 command, seconds)
@@ -377,14 +475,15 @@ def take_lock(store: Store, base: str, kind: str, command: str, seconds: float,
     raise LockedError(f"the {kind} lock of {store.location} keeps changing hands; try again")
 
 
-def _held_by(store: Store, top: Found) -> LockedError:
-    if top.info.host == UNREADABLE_HOST:
+def _held_by(store: Store, top: Found, free: datetime | None) -> LockedError:
+    if free is None:
         return LockedError(f"repository is locked (maintenance): {store.location}/{top.name} "
                            "cannot be read; if no forget, gc or repair runs on any host, run "
                            "'repo-engine unlock --force'")
-    return LockedError(f"repository is locked (maintenance) by {top.info.holder()} "
-                       f"(until {top.info.expires} unless renewed); wait for it to finish (if that "
-                       "process is gone, the lock expires then, or run 'repo-engine unlock')")
+    return LockedError(f"repository is locked (maintenance) by {top.info.holder()}; wait for it "
+                       "to finish (if that process is gone, the lock is free from "
+                       f"{on_this_clock(free)} on this host's clock unless renewed, or run "
+                       "'repo-engine unlock --force')")
 
 
 class SharedLock:
@@ -417,22 +516,22 @@ class SharedLock:
         self.release()
 
 
-def with_leases(store: Store, local: RepoLock, command: str, seconds: float,
-                held: list[SharedLock]) -> SharedLock:
+def with_leases(store: Store, watch: Sightings, local: RepoLock, command: str,
+                seconds: float, held: list[SharedLock]) -> SharedLock:
     """`local` plus a session lease (and the maintenance lock when `local` is one), registered
     in `held` until released; on a conflict everything taken is released again."""
     takers = [partial(take_session, store, command, seconds)]
     if local.kind == MAINTENANCE:
-        takers.append(partial(take_maintenance, store, command, seconds))
+        takers.append(partial(take_maintenance, store, watch, command, seconds, local.stale))
     return _joined(local, takers, held)
 
 
-def with_vm_lease(store: Store, local: RepoLock, vm: str, command: str, seconds: float,
-                  held: list[SharedLock]) -> SharedLock:
+def with_vm_lease(store: Store, watch: Sightings, local: RepoLock, vm: str, command: str,
+                  seconds: float, held: list[SharedLock]) -> SharedLock:
     """`local` (the local VM lock of `vm`) plus the store's VM lock, registered in `held` until
     released (so a backup checks it before each journal commit)."""
-    return _joined(local, [partial(take_vm_lock, store, vm, command, seconds, local.stale)],
-                   held)
+    return _joined(local, [partial(take_vm_lock, store, watch, vm, command, seconds,
+                                   local.stale)], held)
 
 
 def _joined(local: RepoLock, takers: list[Callable[[], Lease]],
@@ -451,16 +550,45 @@ def _joined(local: RepoLock, takers: list[Callable[[], Lease]],
     return SharedLock(local, leases, held)
 
 
+@dataclass(frozen=True)
+class Kept:
+    """A record `unlock` left: it may still be live."""
+
+    found: Found
+    seen: datetime | None  # since when this host has seen it as it is (None: no cache)
+    free: datetime | None  # from when it is over unless renewed (None: never)
+
+    def doc(self, at: datetime) -> dict:
+        """The record as `unlock` reports it, with how long it was seen unchanged and when it
+        can be removed ("" for never: only `unlock --force` removes it)."""
+        seen_for = 0.0 if self.seen is None else round((at - self.seen).total_seconds(), 3)
+        free = "" if self.free is None else iso(self.free)
+        return {**self.found.doc(), "seen_seconds": seen_for, "free_from": free}
+
+
 @dataclass
 class Cleared:
     removed: list[Found]
-    kept: list[Found]
+    kept: list[Kept]
+    at: datetime  # this host's clock when it judged them
 
 
-def clear_leases(store: Store, *, force: bool = False) -> Cleared:
-    """Remove expired leases and maintenance locks (all of them with `force`)."""
+def clear_leases(store: Store, watch: Sightings | None,
+                 dead: Collection[tuple[str, int]] = (), *, force: bool = False) -> Cleared:
+    """Remove the leases and locks that are over (LeaseInfo.free_from, their sightings noted in
+    `watch`: module doc, "Clocks"; None: no cache to note them in) and those of the `dead`
+    holders (host, pid) of this host whose local locks were found stale; all of them with
+    `force`."""
     at = now()
     found = list_leases(store)
-    removed = [f for f in found if force or f.info.expired(at)]
+    seen = sighted(watch, found, at) if watch is not None else {}
+    removed, kept = [], []
+    for f in found:
+        free = f.info.free_from(seen.get(f.name))
+        if (force or (f.info.host, f.info.pid) in dead
+                or (free is not None and free <= at)):
+            removed.append(f)
+        else:
+            kept.append(Kept(f, seen.get(f.name), free))
     store.delete(f.name for f in removed)
-    return Cleared(removed, [f for f in found if f not in removed])
+    return Cleared(removed, kept, at)

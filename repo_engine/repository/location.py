@@ -124,7 +124,7 @@ class StoredRepository:
 class _ReadOnlyStore:
     """A store whose writes are refused (RepoError): a repository opened without its key."""
 
-    WRITES = frozenset({"put", "put_file", "delete", "abort_stale_uploads", "spool_dir"})
+    WRITES = frozenset({"put", "put_file", "delete", "abort_upload", "spool_dir"})
 
     def __init__(self, inner: Store) -> None:
         self._inner = inner

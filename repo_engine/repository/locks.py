@@ -206,7 +206,9 @@ class RepoLock:
 
     def __init__(self, locks_dir: Path, kind: str, command: str) -> None:
         self.kind = kind
-        self.stale: LockInfo | None = None  # (VM lock) the dead holder whose lock it replaced
+        # (VM or maintenance lock) the dead holder of this host whose lock of the kind it
+        # replaced: the store's lock of the same pid is that holder's (leases.py)
+        self.stale: LockInfo | None = None
         info = _holder(kind, command)
         self.path = locks_dir / f"{info.host}-{info.pid}-{os.urandom(4).hex()}.lock"
         self.note = ""
@@ -261,6 +263,8 @@ class RepoLock:
             if path == self.path or _VM_LOCK.fullmatch(path.name):
                 continue
             if remove_if_stale(path, info):
+                if info.kind == self.kind == MAINTENANCE:
+                    self.stale = info
                 continue
             if info.host == TORN_HOST:
                 raise LockedError(f"repository is locked: lock file {path} cannot be read and "

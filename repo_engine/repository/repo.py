@@ -229,7 +229,8 @@ class Repository:
         lock: RepoLock | SharedLock = RepoLock(self.locks_dir, kind, command)
         if self.config.shared and not lock.note:
             from .leases import with_leases
-            lock = with_leases(self.store, lock, command, self.lease_seconds, self.held)
+            lock = with_leases(self.store, self.index, lock, command, self.lease_seconds,
+                               self.held)
         elif not self.config.shared:
             self._locks.append(lock)
         return lock
@@ -290,7 +291,8 @@ class Repository:
         if not self.config.shared:
             return local
         from .leases import with_vm_lease
-        return with_vm_lease(self.store, local, vm, command, self.lease_seconds, self.held)
+        return with_vm_lease(self.store, self.index, local, vm, command, self.lease_seconds,
+                             self.held)
 
     def require_writable(self, command: str) -> None:
         """RepoError when the repository can only be read (read-only media or snapshot)."""

@@ -20,10 +20,11 @@ home (`check_name`). What a store guarantees (docs/FORMAT.md, "Store"):
   `read_into` a buffer of the caller's), with the same guarantees for each piece;
 - `list` yields every object under a prefix, in any order; `delete` removes a batch, a missing
   name being no error;
-- `abort_stale_uploads(before)` removes the parts of uploads begun before `before` and never
-  finished (a process that died mid-upload); returns how many. A store whose unfinished writes
-  are files beside the objects (a local directory's temporary files) reports them through
-  `list(..., temps=)` instead, and `delete` takes their names: gc decides which writer is gone.
+- `pending_uploads` lists the uploads begun and never finished (a process that died
+  mid-upload, or one still sending), `abort_upload` removes one's parts: gc decides which are
+  stale, on its own clock (the server's `Initiated` time is of another clock). A store whose
+  unfinished writes are files beside the objects (a local directory's temporary files) has no
+  uploads: it reports them through `list(..., temps=)` instead, and `delete` takes their names.
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ class StoreAuthError(StoreError):
 class ObjectInfo:
     name: str
     size: int
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """A multipart upload begun and neither completed nor aborted."""
+
+    name: str
+    upload_id: str
+    initiated: datetime  # of the server's clock
 
 
 @dataclass(frozen=True)
@@ -162,7 +172,9 @@ class Store(Protocol):
 
     def delete(self, names: Iterable[str]) -> None: ...
 
-    def abort_stale_uploads(self, before: datetime) -> int: ...
+    def pending_uploads(self) -> Iterator[PendingUpload]: ...
+
+    def abort_upload(self, upload: PendingUpload) -> None: ...
 
     def close(self) -> None: ...
 

@@ -28,7 +28,6 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,8 +35,8 @@ from ...errors import DamageError
 from ..atomic import TEMP_PREFIX, publish, write_atomic, write_batch
 from ..safefile import (kind_of, make_dir, open_regular, read_limited, sync_dir,
                        unlink_from)
-from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, RangeReader, ShortRead,
-               StoreError, TempFile, check_name)
+from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, PendingUpload, RangeReader,
+               ShortRead, StoreError, TempFile, check_name)
 
 T = TypeVar("T")
 LOCAL_ONLY = ("index", "locks", "tmp")  # directories of local files, not objects
@@ -236,10 +235,13 @@ class LocalStore:
             slices += [(path, files[i::parts]) for i in range(parts)]
         return slices
 
-    def abort_stale_uploads(self, before: datetime) -> int:
-        """None to abort: a local put is one rename. What a killed writer leaves, temporary files
-        (which `list` reports) and spool files, is gc's to remove (maintenance/inventory.py)."""
-        return 0
+    def pending_uploads(self) -> Iterator[PendingUpload]:
+        """None: a local put is one rename. What a killed writer leaves, temporary files (which
+        `list` reports) and spool files, is gc's to remove (maintenance/inventory.py)."""
+        return iter(())
+
+    def abort_upload(self, upload: PendingUpload) -> None:
+        raise StoreError(f"{self.location}: a local directory has no upload {upload.upload_id}")
 
     def close(self) -> None:
         with self._fds_lock:

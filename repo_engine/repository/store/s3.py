@@ -37,9 +37,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass
 from functools import partial
-from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -49,8 +47,8 @@ import botocore.exceptions as bexc
 import urllib3.exceptions
 
 from ..atomic import dead_spool_dirs, spool_dir_prefix
-from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, RangeReader, ShortRead,
-               StoreAuthError, StoreError, StoreUnreachable, TempFile, check_name)
+from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, PendingUpload, RangeReader,
+               ShortRead, StoreAuthError, StoreError, StoreUnreachable, TempFile, check_name)
 from .s3_settings import MAX_PARTS, S3Settings, load_s3_settings
 
 T = TypeVar("T")
@@ -82,15 +80,6 @@ class RangeNotHonoured(StoreError):
 
 class UploadGone(StoreError):
     """A multipart upload no longer exists: completed, or aborted by someone else."""
-
-
-@dataclass(frozen=True)
-class PendingUpload:
-    """A multipart upload begun and neither completed nor aborted."""
-
-    name: str
-    upload_id: str
-    initiated: datetime
 
 
 def parse_location(location: str) -> tuple[str, str]:
@@ -565,14 +554,6 @@ class S3Store:
                                                UploadId=upload.upload_id))
         except UploadGone:
             pass  # already gone: completed or aborted by someone else
-
-    def abort_stale_uploads(self, before: datetime) -> int:
-        """Abort every multipart upload under the prefix begun before `before`: its parts are
-        stored (and billed) but belong to no object."""
-        stale = [u for u in self.pending_uploads() if u.initiated < before]
-        for upload in stale:
-            self.abort_upload(upload)
-        return len(stale)
 
     def close(self) -> None:
         if self._spool is not None:

@@ -1,0 +1,250 @@
+"""Hosts whose clocks differ, sharing one repository (repository/leases.py, "Clocks"): a host
+whose clock runs hours ahead of a live holder's never takes its maintenance or VM lock over,
+never removes its lease with `unlock`, and gc there never aborts its upload in progress; a
+crashed holder's lock is still taken over once seen unchanged for a lease, and a dead holder of
+this host's at once. One process plays every host: another host is this one with its host name
+and its clock (`leases.now`, or `shared_gc.now`) patched while it acts."""
+
+from __future__ import annotations
+
+import socket
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import timedelta
+from typing import Iterator
+
+import pytest
+
+from helpers import cli
+from repo_engine.errors import LockedError
+from repo_engine.maintenance import shared_gc
+from repo_engine.maintenance.rebuild import unlock_shared
+from repo_engine.repository import leases
+from repo_engine.repository.leases import (MAINT, Lease, LeaseLost, list_leases, lock_name,
+                                           maintenance_name, read_lease, vm_base)
+from repo_engine.repository.locks import MAINTENANCE, SHARED
+from repo_engine.repository.repo import Repository
+from repo_engine.repository.store import StoreError
+from test_leases import crashed, host, store  # noqa: F401 (the store fixture)
+
+AHEAD = timedelta(hours=2)
+
+
+@contextmanager
+def clock_at(monkeypatch, when) -> Iterator[None]:
+    """The host acting in the block is another host (the holder is this one), whose clock reads
+    `when`."""
+    with monkeypatch.context() as patched:
+        patched.setattr(leases, "now", lambda: when)
+        patched.setattr(socket, "gethostname", lambda: "hostb")
+        yield
+
+
+def refuse(*_args, **_kwargs):
+    raise StoreError("the server answered 503 SlowDown")
+
+
+def take(repo: Repository, kind: str):
+    return repo.lock(MAINTENANCE, "gc") if kind == MAINT else repo.vm_lock("v", "backup image v")
+
+
+@pytest.mark.parametrize("kind", [MAINT, "vm"])
+def test_a_taker_whose_clock_runs_ahead_never_takes_a_renewed_lock(store, tmp_path, monkeypatch,
+                                                                   kind):
+    """b's clock runs two hours ahead of a's: a's lock, renewed on time by a's clock, expired
+    long ago by b's. b watches it change at every renewal, so never sees it unchanged for a
+    lease, and is refused each time (before, b took it at once: two holders)."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    with take(a, kind) as held:
+        lease = held.leases[-1]
+        start = leases.now()
+        for minutes in (0, 6.5, 13, 19.5):  # past two leases on b's clock, a renewing between
+            lease.renew()  # what a's daemon does every quarter of its lease
+            with clock_at(monkeypatch, start + AHEAD + timedelta(minutes=minutes)):
+                with pytest.raises(LockedError) as refused:
+                    take(b, kind)
+            assert "free from " in str(refused.value)
+            assert "on this host's clock unless renewed" in str(refused.value)
+        a.check_leases()  # still a's: no higher generation, its record its own
+        assert [f.name for f in list_leases(store) if f.info.kind != "session"] == [
+            lease.name]
+    assert list_leases(store) == []
+
+
+def test_unlock_on_a_host_whose_clock_runs_ahead_leaves_a_live_lease(store, tmp_path,
+                                                                     monkeypatch):
+    """A live backup's session lease, expired on the clock of a host two hours ahead: `unlock`
+    there keeps it and says why (before, it removed it, and gc stopped waiting for that
+    backup); so does it each time the lease was renewed since it last looked."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    with a.lock(SHARED, "backup image web1") as held:
+        [lease] = held.leases
+        start = leases.now()
+        for minutes in (0, 8, 16):
+            lease.renew()
+            with clock_at(monkeypatch, start + AHEAD + timedelta(minutes=minutes)):
+                report = unlock_shared(b)
+            assert report.removed == []
+            [kept] = report.kept
+            assert kept["file"] == lease.name and kept["seen_seconds"] == 0
+            seen = leases.datetime.fromisoformat(kept["free_from"])
+            assert seen == start + AHEAD + timedelta(minutes=minutes, seconds=600)
+        a.check_leases()
+        with clock_at(monkeypatch, start + AHEAD + timedelta(minutes=24)):  # unrenewed 8 min
+            assert unlock_shared(b).kept[0]["seen_seconds"] == 480
+        a.check_leases()
+    assert list_leases(store) == []
+
+
+def test_unlock_command_tells_when_a_lease_may_be_removed(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "repo"
+    store = Repository.init(path, shared=True).store
+    a = host(store, tmp_path, "a")
+    with a.lock(SHARED, "backup image web1"):
+        with clock_at(monkeypatch, leases.now() + AHEAD):
+            result = cli(capsys, "unlock", path)
+        assert result.code == 0, result.err
+        assert ("kept the lease of \"backup image web1\" (pid " in result.out
+                and "): it may still be live, seen unchanged for 0 s; run 'repo-engine unlock' "
+                    "again after " in result.out
+                and "(this host's clock), or with --force if that process is gone"
+                    in result.out)
+        assert "removed 0 locks" in result.out
+        a.check_leases()
+
+
+def test_a_crashed_holders_lock_is_taken_over_once_seen_unchanged_for_a_lease(store, tmp_path,
+                                                                             monkeypatch):
+    """The record names its holder's lease duration: the taker waits that long from its first
+    sight of it on its own clock, whatever its expiry and start say on the holder's."""
+    # expiry two hours ahead (the holder's clock), start an hour before: renewed all along
+    info = replace(crashed(store, maintenance_name(3), MAINT, "forget", ago=-7200),
+                   seconds=600.0)
+    leases.write_lease(store, maintenance_name(3), info)
+    b = host(store, tmp_path, "b")
+    first = leases.now()
+    with pytest.raises(LockedError, match="free from " + leases.on_this_clock(
+            first + timedelta(seconds=600)).replace("+", r"\+")):
+        with clock_at(monkeypatch, first):
+            b.lock(MAINTENANCE, "gc")
+    with clock_at(monkeypatch, first + timedelta(seconds=599)), pytest.raises(LockedError):
+        b.lock(MAINTENANCE, "gc")
+    with clock_at(monkeypatch, first + timedelta(seconds=601)):
+        with b.lock(MAINTENANCE, "gc"):
+            assert [f.name for f in leases.maintenance_locks(store)] == [maintenance_name(4)]
+            stalled = Lease(store, maintenance_name(3), info, 600.0)
+            with pytest.raises(LeaseLost, match="taken over"):
+                stalled.check()
+
+
+def test_a_dead_maintenance_holder_of_this_host_is_taken_over_at_once(store, tmp_path,
+                                                                      monkeypatch):
+    """A gc whose store failed could not delete its maintenance lock: it leaves its local lock
+    file, stale once it is gone, which tells its host's next maintenance command that the
+    holder is dead; another host, with no such evidence, waits."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    held = a.lock(MAINTENANCE, "gc")
+    with monkeypatch.context() as failing:
+        failing.setattr(store, "delete", refuse)
+        held.release()
+    assert [f.name for f in leases.maintenance_locks(store)] == [maintenance_name(1)]
+    with pytest.raises(LockedError, match=r"repository is locked \(maintenance\) by 'gc'"):
+        b.lock(MAINTENANCE, "forget")
+    with a.lock(MAINTENANCE, "forget"):
+        assert [f.name for f in leases.maintenance_locks(store)] == [maintenance_name(2)]
+    # only the dead gc's session lease is left, to expire (gc waits for it, unlock removes it)
+    assert [(f.info.kind, f.info.command) for f in list_leases(store)] == [("session", "gc")]
+
+
+def test_a_vm_lock_of_a_dead_backup_of_this_host_is_taken_over_at_once(store, tmp_path,
+                                                                       monkeypatch):
+    """Its evidence, the stale local VM lock, outweighs a record still fresh (seen just now)."""
+    a = host(store, tmp_path, "a")
+    held = a.vm_lock("v", "backup image v")
+    with monkeypatch.context() as failing:
+        failing.setattr(store, "delete", refuse)
+        held.release()
+    assert read_lease(store, lock_name(vm_base("v"), 1)) is not None
+    with a.vm_lock("v", "backup image v"):
+        assert [f.name for f in list_leases(store)] == [lock_name(vm_base("v"), 2)]
+
+
+def test_gc_on_a_host_whose_clock_runs_ahead_leaves_a_live_upload(seaweedfs, s3_bucket,
+                                                                  tmp_path, monkeypatch):
+    """A backup is sending a pack as a multipart upload; gc runs on a host whose clock is two
+    hours ahead of the server's: the upload's `Initiated` time, of the server's clock, looks two
+    hours old there. gc aborts it only once it has seen it, on its own clock, for longer than the
+    grace period and a lease (before, at once: the backup's put failed)."""
+    from repo_engine.maintenance.gc import gc
+    from repo_engine.repository.config import RepoConfig
+    from repo_engine.repository.store.s3 import S3Store
+    from s3server import admin_client
+    from test_store_s3 import settings_for
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    s3 = S3Store(f"s3://{s3_bucket}/repo", settings_for(seaweedfs.endpoint))
+    repo = Repository.create(s3, tmp_path / "cache", RepoConfig.new(shared=True))
+    admin = admin_client(seaweedfs)
+    key = "repo/packs/00/sending.pack"
+    upload = admin.create_multipart_upload(Bucket=s3_bucket, Key=key)
+    admin.upload_part(Bucket=s3_bucket, Key=key, PartNumber=1, UploadId=upload["UploadId"],
+                      Body=b"x" * 1024)
+    ahead = shared_gc.now() + AHEAD
+    monkeypatch.setattr(shared_gc, "now", lambda: ahead)
+    assert gc(repo, grace=0).uploads_aborted == 0
+    assert gc(repo, grace=0).uploads_aborted == 0  # seen again at once: may still be sent
+    assert [u.upload_id for u in s3.pending_uploads()] == [upload["UploadId"]]
+    later = ahead + timedelta(seconds=repo.lease_seconds + 1)
+    monkeypatch.setattr(shared_gc, "now", lambda: later)  # left that long: its writer is gone
+    assert gc(repo, grace=0).uploads_aborted == 1
+    assert list(s3.pending_uploads()) == []
+    repo.close()
+
+
+def released_in_a_store_failure(repo: Repository, monkeypatch, command: str) -> tuple:
+    """A lock whose release found the store failing: its lease left in the store, its local
+    lock file left stale. Returns (lease name, lock file name)."""
+    held = repo.lock(SHARED, command)
+    [lease] = held.leases
+    with monkeypatch.context() as failing:
+        failing.setattr(repo.store, "delete", refuse)
+        held.release()
+    return lease.name, held.local.path.name
+
+
+def test_unlock_removes_the_records_of_a_dead_holder_of_this_host_at_once(store, tmp_path,
+                                                                          monkeypatch):
+    """A backup whose store failed on its release kept its lease and its local lock file, stale
+    once released: `unlock` on its host removes that lease at once (the stale lock is the
+    evidence), unless a live lock of this host holds that pid again; on another host it waits,
+    as for any record it has just seen."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    lease, lock_file = released_in_a_store_failure(a, monkeypatch, "backup image web1")
+    assert [f.name for f in list_leases(store)] == [lease]
+    assert [d["file"] for d in unlock_shared(b).kept] == [lease]
+    with a.lock(SHARED, "restore web1") as again:  # the same pid (this process), alive
+        with pytest.raises(LockedError, match="1 locks are held by live processes"):
+            unlock_shared(a)
+        assert not (tmp_path / "a" / "locks" / lock_file).exists()
+        assert sorted(f.name for f in list_leases(store)) == sorted([lease,
+                                                                     again.leases[0].name])
+    second, lock_file = released_in_a_store_failure(a, monkeypatch, "backup image web2")
+    report = unlock_shared(a)  # every record of that pid: its holder is gone
+    assert sorted(d["file"] for d in report.removed) == sorted([lock_file, lease, second])
+    assert list_leases(store) == []
+
+
+def test_a_record_of_this_host_is_over_once_expired_on_its_clock(store, tmp_path, monkeypatch):
+    """Its times are of this host's own clock: `unlock` here removes it once it expired, though
+    this host sees it for the first time and the evidence of its holder's death is gone
+    (another lock of this host removed the stale local lock file); another host, seeing it for
+    the first time too, keeps it."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    lease, lock_file = released_in_a_store_failure(a, monkeypatch, "backup image web1")
+    with a.lock(SHARED, "verify"):  # removes the stale lock file: no evidence left
+        assert not (tmp_path / "a" / "locks" / lock_file).exists()
+    later = leases.now() + timedelta(seconds=601)
+    with clock_at(monkeypatch, later):
+        assert [d["file"] for d in unlock_shared(b).kept] == [lease]
+    monkeypatch.setattr(leases, "now", lambda: later)
+    assert [d["file"] for d in unlock_shared(a).removed] == [lease]
