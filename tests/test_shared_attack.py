@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import blake3
 import numpy as np
 import pytest
 
-from helpers import KIB, attach_shared, cli, shared_repo, stopped_before_commit
+from helpers import KIB, DiskModel, attach_shared, cli, shared_repo, stopped_before_commit
 from repo_engine.errors import DamageError, FormatError, RepoError
 from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.forget import forget_points
@@ -27,6 +29,7 @@ from repo_engine.repository.leases import LeaseLost
 from repo_engine.repository.location import init_repository
 from repo_engine.repository.locks import SHARED
 from repo_engine.repository.packs import pack_object
+from repo_engine.repository.points import PointRecord
 from repo_engine.repository.repo import Repository
 from repo_engine.repository.store.local import LocalStore
 from test_shared_gc import pack_bytes, restores_everything
@@ -45,6 +48,34 @@ def stall_after_upload(repo: Repository, monkeypatch) -> tuple[threading.Event, 
 
     monkeypatch.setattr(repo, "index_packs", index_packs)
     return reached, go
+
+
+@dataclass
+class Stalled:
+    """A backup of a new disk stopped after its packs are in the store, before its entry."""
+
+    model: DiskModel
+    go: threading.Event
+    thread: threading.Thread
+    done: list
+
+    def finish(self) -> PointRecord:
+        """Let it go on; its point."""
+        self.go.set()
+        self.thread.join(60)
+        assert len(self.done) == 1
+        return self.done[0]
+
+
+def stalled_backup(host: Host, tmp_path: Path, monkeypatch, vm: str, seed: int) -> Stalled:
+    """`host` backs up a new disk of `vm` in a thread, stopped by stall_after_upload."""
+    model = disk(tmp_path, vm, seed)
+    reached, go = stall_after_upload(host.repo, monkeypatch)
+    done: list = []
+    thread = threading.Thread(target=lambda: done.append(host.backup(vm, model)))
+    thread.start()
+    assert reached.wait(60)
+    return Stalled(model, go, thread, done)
 
 
 def clock_ahead(monkeypatch, seconds: float) -> None:
@@ -444,21 +475,13 @@ def test_entries_compacted_while_a_backup_runs_are_never_committed_again(
     root, a, b = hosts
     model = disk(tmp_path, "vm", 28)
     contents = {a.backup("vm", model).id: model.copy_of_content()}
-    other = disk(tmp_path, "other", 29)
-    reached, go = stall_after_upload(b.repo, monkeypatch)
-    done: list = []
-    thread = threading.Thread(target=lambda: done.append(b.backup("other", other)))
-    thread.start()
-    assert reached.wait(60)
+    stalled = stalled_backup(b, tmp_path, monkeypatch, "other", 29)
     model.random_changes(4)
     contents[a.backup("vm", model).id] = model.copy_of_content()
     seq = write_checkpoint(a.repo.store, a.repo.index)
     skewed = time.time() + 2 * STALE_AFTER
     assert compact(a.repo.store, a.repo.index, grace=0, now=skewed) == 0  # first seen now
-    go.set()
-    thread.join(60)
-    assert len(done) == 1
-    contents[done[0].id] = other.copy_of_content()
+    contents[stalled.finish().id] = stalled.model.copy_of_content()
     restores_everything(root, tmp_path, contents)
     # an hour later on the compactor's own clock, the entries go; every point stays
     assert compact(a.repo.store, a.repo.index, grace=0, now=skewed + STALE_AFTER) == seq
@@ -482,22 +505,14 @@ def test_a_gc_whose_clock_runs_ahead_never_sweeps_what_a_live_backup_uploaded(
     root, a, b = hosts
     model = disk(tmp_path, "vm", 38)
     contents = {a.backup("vm", model).id: model.copy_of_content()}
-    other = disk(tmp_path, "other", 39)
-    reached, go = stall_after_upload(b.repo, monkeypatch)
-    done: list = []
-    thread = threading.Thread(target=lambda: done.append(b.backup("other", other)))
-    thread.start()
-    assert reached.wait(60)
+    stalled = stalled_backup(b, tmp_path, monkeypatch, "other", 39)
     uploaded = pack_bytes(a.repo.store)
     gc_clock_ahead(monkeypatch, b.repo.lease_seconds + 60)
     first = gc(a.repo, grace=0)
     assert (first.plans_swept, first.plans_pending) == (0, 1)
     assert gc(a.repo, grace=0).plans_swept == 0  # seen again at once: b may still hold it
     assert pack_bytes(a.repo.store) == uploaded
-    go.set()
-    thread.join(60)
-    assert len(done) == 1
-    contents[done[0].id] = other.copy_of_content()
+    contents[stalled.finish().id] = stalled.model.copy_of_content()
     pending = len(a.repo.index.pending_plans())
     assert pending and gc(a.repo, grace=0).plans_swept >= pending  # b's lease is gone
     assert a.repo.index.pending_plans() == []
