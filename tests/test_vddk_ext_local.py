@@ -886,7 +886,7 @@ def test_direct_flag_waits_for_another_threads_write_without_the_gil(tmp_path):
     """Asking a disk whether it writes past the page cache waits for another thread's write on
     it (the handle's lock) with the GIL released: the process's other threads run meanwhile.
     (Held, a restore's writer asking stopped every thread for as long as the disk took.)"""
-    bs, nblocks = 64 * KiB, 4096  # 256 MiB in one call: the lock is held for a while
+    bs, nblocks = 64 * KiB, 8192  # 512 MiB in one call: the lock is held for a while
     chunk = memoryview(bytes(range(256)) * (bs // 256))
     done, gaps = threading.Event(), []
     with vddk_ext.open_local(str(tmp_path / "a.img"), writable=True,
