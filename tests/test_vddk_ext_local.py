@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -879,3 +880,38 @@ def test_reopen_is_a_second_handle_on_the_same_file(direct_dir):
         assert not again.direct
         with pytest.raises(vddk_ext.DiskError):
             again.pwrite(0, b"x")
+
+
+def test_direct_flag_waits_for_another_threads_write_without_the_gil(tmp_path):
+    """Asking a disk whether it writes past the page cache waits for another thread's write on
+    it (the handle's lock) with the GIL released: the process's other threads run meanwhile.
+    (Held, a restore's writer asking stopped every thread for as long as the disk took.)"""
+    bs, nblocks = 64 * KiB, 8192  # 512 MiB in one call: the lock is held for a while
+    chunk = memoryview(bytes(range(256)) * (bs // 256))
+    done, gaps = threading.Event(), []
+    with vddk_ext.open_local(str(tmp_path / "a.img"), writable=True,
+                             create_size=bs * nblocks) as disk:
+
+        def write() -> None:
+            disk.write_chunks(bs, np.arange(nblocks, dtype=np.uint64),
+                              np.ones(nblocks, dtype=np.uint64), [chunk] * nblocks)
+            done.set()
+
+        def ask() -> None:
+            while not done.is_set():
+                disk.direct
+
+        writer, asker = threading.Thread(target=write), threading.Thread(target=ask)
+        started = last = time.perf_counter()
+        writer.start()
+        asker.start()
+        while not done.is_set():  # this thread's longest wait for the GIL meanwhile
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        took = time.perf_counter() - started
+        writer.join()
+        asker.join()
+    if took < 0.1:
+        pytest.skip(f"the write took {took:.3f} s: too short to tell")
+    assert max(gaps) < took / 2, (max(gaps), took)

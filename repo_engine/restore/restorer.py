@@ -395,7 +395,7 @@ class _BlockWriter:
             try:
                 if self._error is None:
                     batch.write(device)
-                    self._writeback.wrote(batch.nbytes)
+                    self._writeback.wrote(batch.nbytes, device)
                     self._buffers.give(batch.buffer)  # written: nothing refers to it now
             except BaseException as exc:  # noqa: BLE001 - raised again by put and close
                 self._error = exc
@@ -710,15 +710,16 @@ class _Writeback:
     nothing to do while it is."""
 
     def __init__(self, device: vddk_ext.Disk) -> None:
-        self._device = device
         self._fd = os.open(device.path, os.O_RDONLY) if device.kind != "vddk" else -1
         self._pool = ThreadPoolExecutor(1)
         self._pending = 0
         self._running: Future | None = None
 
-    def wrote(self, nbytes: int) -> None:
+    def wrote(self, nbytes: int, handle: vddk_ext.Disk) -> None:
+        """`nbytes` more were written through `handle`: asked whether it writes past the page
+        cache, not another writer's handle, whose lock is held through that writer's write."""
         self._pending += nbytes
-        if self._fd < 0 or self._pending < WRITEBACK_BYTES or self._device.direct:
+        if self._fd < 0 or self._pending < WRITEBACK_BYTES or handle.direct:
             return
         if self._running is None or self._running.done():
             self._running = self._pool.submit(self._start)

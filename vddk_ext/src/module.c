@@ -520,10 +520,15 @@ static PyObject *disk_get_direct(DiskObject *self, void *closure)
     int direct = 0;
 
     (void)closure;
-    pthread_mutex_lock(&self->lock);
-    if (self->disk != NULL)
-        direct = self->disk->direct;
-    pthread_mutex_unlock(&self->lock);
+    /* another thread's write holds the lock for as long as the disk takes: waiting for it
+       with the GIL held would stop every thread of the process meanwhile */
+    Py_BEGIN_ALLOW_THREADS
+    bio_disk *d = lock_disk(self);
+    if (d != NULL) {
+        direct = d->direct;
+        pthread_mutex_unlock(&self->lock);
+    }
+    Py_END_ALLOW_THREADS
     return PyBool_FromLong(direct);
 }
 
