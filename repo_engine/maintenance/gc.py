@@ -715,14 +715,9 @@ def _lower_lives(txn: lmdb.Transaction, index: Index, touched: dict[int, list[in
     """less_live for each pack of `touched` ({number: [chunks, stored bytes]}) at once, the checks
     of their counts computed together (a forget of thousands of points empties thousands of
     packs); returns the packs whose live count is 0 now, in number order. A damaged count is
-    left for the next gc's recount, and its pack in the index."""
+    left for the next gc's recount, and its pack in the index. The counts are sealed: a
+    writable index seals those of an earlier version on open (Index._check_version)."""
     numbers = sorted(touched)
-    if not index.sealed:  # an index read as an earlier version wrote it: one by one
-        for number in numbers:
-            less_live(txn, index, number, touched[number][1], touched[number][0])
-        return [n for n in numbers if (live := index.get_sealed(txn, "packlive",
-                                                                PACK_KEY.pack(n))) is not None
-                and LIVE_REC.unpack(live)[0] == 0]
     width = LIVE_REC.size + CHECK_SIZE
     found = dict(txn.cursor(db=index.packlive).getmulti([PACK_KEY.pack(n) for n in numbers]))
     rows = [(n, key, found[key]) for n in numbers if (key := PACK_KEY.pack(n)) in found]
