@@ -406,14 +406,21 @@ class Index(Replay, Unfindable, Upgrades):
                                                 dict[str, np.ndarray]]],
                       map_exists: Callable[[str], bool]) -> None:
         """`commit_point` of each (point id, vm, seal, map refs) of `commits`, in order, in one
-        transaction: all or none (a forget rewriting hundreds of points commits once)."""
+        transaction: all or none (a forget rewriting hundreds of points commits once). The map
+        use changes of all the records are summed and applied once, at the end of the
+        transaction: what one record takes and another gives back within it moves no count."""
+        use: Counter = Counter()
+        refs: dict[str, np.ndarray] = {}
         with self.write() as txn:
             for point_id, vm, seal, map_refs in commits:
-                self._commit_one(txn, point_id, vm, seal, map_refs, map_exists)
+                use.update(self._commit_one(txn, point_id, vm, seal, map_refs, map_exists))
+                refs.update(map_refs)
+            self.change_map_use(txn, use, refs)
 
     def _commit_one(self, txn: lmdb.Transaction, point_id: str, vm: str,
                     seal: Callable[[int, str], dict], map_refs: dict[str, np.ndarray],
-                    map_exists: Callable[[str], bool]) -> None:
+                    map_exists: Callable[[str], bool]) -> Counter:
+        """Put one record (`commit_point`); returns its change of the map use."""
         for name in map_refs:
             if not map_exists(name):
                 raise MapMissing(name)
@@ -433,9 +440,9 @@ class Index(Replay, Unfindable, Upgrades):
         use = Counter(d["map"] for d in record["disks"])
         if old is not None:
             use.subtract(d["map"] for d in old["disks"])
-        self.change_map_use(txn, use, map_refs)
         txn.put(point_id.encode(), encode_record(record), db=self.points)
         self._seq_used(txn, seq)
+        return use
 
     # -- meta values, places --------------------------------------------------------------
     def set_meta_u64(self, name: str, value: int) -> None:
