@@ -755,7 +755,7 @@ def _unplaced(repo: Repository, txn: lmdb.Transaction, numbers: list[int],
     moved this pack's record away from the number its refs name. A pack whose trailer cannot
     be read goes (its chunks are lost anyway: verify and scrub report them)."""
     index = repo.index
-    owners, refs = [], []
+    owners, counts, refs = [], [], []
     for number in numbers:
         raw = txn.get(PACK_KEY.pack(number), db=index.packs)
         if raw is None:
@@ -766,11 +766,13 @@ def _unplaced(repo: Repository, txn: lmdb.Transaction, numbers: list[int],
                 some = repo.read_trailer(PACK_REC.unpack(raw)[0].hex())["ref"]
             except RepoError:
                 continue
-        owners.append(np.full(len(some), number, np.int64))
-        refs.append(np.asarray(some, np.uint64))
+        owners.append(number)
+        counts.append(len(some))
+        refs.append(some)
     if not refs:
         return numbers
-    owner, ref = np.concatenate(owners), np.concatenate(refs)
+    owner = np.repeat(np.array(owners, np.int64), counts)  # one pass, not an array a pack
+    ref = np.concatenate(refs).astype(np.uint64, copy=False)
     place = _places_of(txn, index, ref)
     unlisted = [p for p in np.unique(place[place >= 0]).tolist()
                 if txn.get(PACK_KEY.pack(p), db=index.packs) is None]
