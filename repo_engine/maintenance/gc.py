@@ -206,7 +206,7 @@ def collect(repo: Repository, lock_path: Path, deleter: Deleter, report: GcRepor
                                       tick=tick)
     _sweep(repo, listed, report, placed, deleter)
     _repack(repo, max_unused, report, tick)
-    if _dead_packs(repo):
+    if _any_dead_pack(repo):
         report.waited_seconds += wait_for(repo, sessions(repo, lock_path),
                                           timeout=wait_timeout, tick=tick)
         _delete_dead_packs(repo, report, listed.pack_sizes, deleter)
@@ -583,7 +583,7 @@ def _mark(repo: Repository, deleting: Collection[str] = ()) -> _Listed:
     tmp = dead_tmp_files(repo, shared=False)
     temps = [temp.name for temp in dead_writes(listing.temps, None)]
     with index.write() as txn:
-        candidates = []
+        candidates, hidden = [], []
         for key, _ in txn.cursor(db=index.gcq):
             candidates.append(REF_KEY.unpack(key)[0])
             rec = txn.get(key, db=index.refs)
@@ -591,8 +591,9 @@ def _mark(repo: Repository, deleting: Collection[str] = ()) -> _Listed:
                 chunk_id = rec[:32]
                 if txn.get(chunk_id, db=index.ids) == U64.pack(REF_KEY.unpack(key)[0]):
                     txn.delete(chunk_id, db=index.ids)
-                # by ref too (another copy may hold `ids`): a backup's locality skips it
-                index.hide_key(txn, key)
+                hidden.append(key)
+        # by ref too (another copy may hold `ids`): a backup's locality skips it
+        index.hide_keys(txn, hidden)
         # a file is deleted only when two tables agree it is unused: one damaged table (mapuse,
         # packnames) must not cost data
         named = {d["map"] for k, v in txn.cursor(db=index.points)
@@ -925,6 +926,13 @@ def _swap(repo: Repository, writer: PackWriter, old: list[int], report: GcReport
 
 
 # -- step 7: delete retired packs -------------------------------------------------------------
+def _any_dead_pack(repo: Repository) -> bool:
+    """Whether packs are queued for deletion (which of them to delete is read after the wait:
+    `_dead_packs`)."""
+    with repo.index.env.begin() as txn:
+        return txn.stat(repo.index.deadpacks)["entries"] > 0
+
+
 def _dead_packs(repo: Repository) -> list[bytes]:
     """Queued packs whose name is not listed (a damaged deadpacks key must not name a live one)."""
     index = repo.index
