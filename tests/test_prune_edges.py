@@ -346,6 +346,22 @@ def test_the_rewritten_points_commit_together_or_not_at_all(vms, capsys, monkeyp
                      for vm in "abc" for point in vms.points[vm] if point not in gone}
 
 
+def test_a_local_forget_opens_each_chains_maps_in_turn(vms):
+    """On a local store a map open is a read of a file: the chains a forget resolves (each
+    4th point's, through the removed 3rd and 2nd to the 1st) are opened in turn, with no pool
+    of threads (object storage opens them together: test_restore_s3); every point left
+    restores as before."""
+    gone = vms.middle()
+    with Repository.open(vms.repo) as repo:
+        assert len(repo.chain(repo.catalogued(vms.points["a"][3]), "sda")) == 4
+        report = forget_module.forget_points(repo, gone)
+        assert sorted(report.removed) == sorted(gone) and len(report.rewritten) == 3
+        assert repo._map_opener is None
+    for point in gone:
+        del vms.expected[point]
+    vms.assert_restores()
+
+
 # -- read_trailer's first request of 64 KiB -----------------------------------------------------
 def _pack_of(tmp_path: Path, blobs: list[int]) -> tuple[LocalStore, str, Path]:
     (tmp_path / "tmp").mkdir(exist_ok=True)
