@@ -293,3 +293,32 @@ def test_two_processes_opening_an_older_index_at_once_upgrade_it_once(tmp_path, 
         assert restored(repo, again.id, tmp_path) == bytes(model.content)
     finally:
         repo.close()
+
+
+@pytest.mark.parametrize("upgrade", [True, False], ids=["upgraded", "kept-at-3"])
+def test_only_a_read_only_index_has_counts_without_seals(tmp_path, capsys, upgrade):
+    """Counts without seals (version 2; 1 too) are read as such only through a read-only index:
+    opened writable, the index seals them on open, also when it is kept at version 3 for an
+    earlier build holding a lock (upgrade=False). So gc, which writes the counts, always meets
+    them sealed (its sweep keeps no path for unsealed ones)."""
+    from test_index_damage import Chain
+    from repo_engine.repository.seals import CHECK_SIZE, PAYLOAD
+
+    chain = Chain(tmp_path, capsys)
+    downgrade(chain.repo, 2)  # (`downgrade` to 1 opens the repository: it upgrades it)
+    reader = Index(chain.repo / "index", read_only=True)
+    try:
+        assert not reader.sealed
+    finally:
+        reader.close()
+    index = Index(chain.repo / "index", upgrade=upgrade)
+    try:
+        assert index.sealed and not index.read_only
+        assert index.meta_u64("version") == (INDEX_VERSION if upgrade else 3)
+        with index.env.begin() as txn:
+            for table, size in PAYLOAD.items():
+                widths = {len(v) for _, v in txn.cursor(db=getattr(index, table))}
+                assert widths <= {size + CHECK_SIZE}, table
+            assert len(list(txn.cursor(db=index.mapuse))) > 0
+    finally:
+        index.close()

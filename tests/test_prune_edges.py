@@ -90,7 +90,7 @@ def _settle_owed(path: Path, ref: int, owed: list[int]) -> tuple[bool, int]:
         index = repo.index
         keys = [bytes([i + 1]) * 32 for i in range(len(owed))]
         with index.write() as txn:
-            before = index._sealed_u64(txn, "refcount", REF_KEY.pack(ref))
+            before = U64.unpack(index.get_sealed(txn, "refcount", REF_KEY.pack(ref)))[0]
             for key, amount in zip(keys, owed):
                 index.put_sealed(txn, "deadmaps", key, U64.pack(amount))
         assert before == 1
@@ -316,15 +316,18 @@ def test_a_forget_prune_whose_background_delete_fails_ends_with_one_error_line(
 
 def test_the_rewritten_points_commit_together_or_not_at_all(vms, capsys, monkeypatch):
     """The points a forget rewrites (one a VM here) commit in one transaction: a failure at
-    the last one's commit leaves none rewritten (each at its generation, restoring), and gc
-    then finishes the forget, each rewritten once."""
+    its end (the map use of all of them moved, once every record is put) leaves none
+    rewritten (each at its generation, restoring), and gc then finishes the forget, each
+    rewritten once."""
     with Repository.open(vms.repo) as repo:
         before = {p.id: p.generation for p in repo.points()}
     real, calls = Index.change_map_use, []
 
     def failing(self, txn, delta, map_refs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 1:
+            # each of the 3 points: its old map out, its new one in (a and b share them)
+            assert sorted(delta.values()) == [-2, -1, 1, 2]
             raise OSError(errno.EIO, "Input/output error (injected)")
         return real(self, txn, delta, map_refs)
 
@@ -341,6 +344,22 @@ def test_the_rewritten_points_commit_together_or_not_at_all(vms, capsys, monkeyp
         after = {p.id: p.generation for p in repo.points()}
     assert after == {point: before[point] + 1 if point == vms.points[vm][3] else before[point]
                      for vm in "abc" for point in vms.points[vm] if point not in gone}
+
+
+def test_a_local_forget_opens_each_chains_maps_in_turn(vms):
+    """On a local store a map open is a read of a file: the chains a forget resolves (each
+    4th point's, through the removed 3rd and 2nd to the 1st) are opened in turn, with no pool
+    of threads (object storage opens them together: test_restore_s3); every point left
+    restores as before."""
+    gone = vms.middle()
+    with Repository.open(vms.repo) as repo:
+        assert len(repo.chain(repo.catalogued(vms.points["a"][3]), "sda")) == 4
+        report = forget_module.forget_points(repo, gone)
+        assert sorted(report.removed) == sorted(gone) and len(report.rewritten) == 3
+        assert repo._map_opener is None
+    for point in gone:
+        del vms.expected[point]
+    vms.assert_restores()
 
 
 # -- read_trailer's first request of 64 KiB -----------------------------------------------------

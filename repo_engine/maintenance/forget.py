@@ -199,8 +199,12 @@ class Catalog(Mapping[str, PointRecord]):
         return point_id in self.records
 
     def order(self, point_id: str) -> tuple[int, str, str]:
-        """`commit_order` of the point."""
+        """`commit_order` of the point (sorts read it of every point of a VM: the fields are
+        checked without a context manager first, which only reports a malformed one)."""
         record = self.records[point_id]
+        seq, time, ident = record.get("seq", 0), record.get("time"), record.get("id")
+        if isinstance(seq, int) and isinstance(time, str) and isinstance(ident, str):
+            return seq, time, ident
         with _malformed(record):
             return _number(record.get("seq", 0)), _text(record["time"]), _text(record["id"])
 
@@ -216,6 +220,17 @@ class Catalog(Mapping[str, PointRecord]):
         with _malformed(record):
             return point_id not in gone and any(d.get("parent") in gone
                                                 for d in record["disks"])
+
+    def link(self, point_id: str, key: str) -> tuple[str, str | None] | None:
+        """(kind, parent) of the point's disk `key`, None when it has none: what a walk down a
+        chain through removed points reads of each (not made a PointRecord)."""
+        record = self.records[point_id]
+        with _malformed(record):
+            for disk in record["disks"]:
+                if _text(disk["key"]) == key:
+                    parent = disk.get("parent")
+                    return _text(disk["kind"]), None if parent is None else _text(parent)
+        return None
 
     def by_vm(self) -> list["Catalog"]:
         """The points of each VM."""
@@ -283,7 +298,7 @@ def _rebased_vm(repo: Repository, batch: MapBatch, catalog: Catalog,
             if disk.parent not in gone:
                 disks.append(disk)
                 continue
-            base = _kept_ancestor(working, gone, disk)
+            base = _kept_ancestor(working, catalog, gone, disk)
             if base is None:
                 bmap = BlockMap.sparse_full(
                     disk.nblocks, *nonzero_entries(repo.resolve_windows(point, disk.key)))
@@ -313,18 +328,19 @@ def _delta_on(repo: Repository, point: PointRecord, base: PointRecord,
     return BlockMap.delta(disk.nblocks, np.concatenate(blocks), np.concatenate(refs))
 
 
-def _kept_ancestor(catalog: Mapping[str, PointRecord], gone: set[str],
+def _kept_ancestor(working: Mapping[str, PointRecord], catalog: Catalog, gone: set[str],
                    disk: DiskRecord) -> PointRecord | None:
     """The nearest point outside `gone` on the chain of `disk` (built on a point in `gone`), or
-    None when the chain reaches a full base or a point without the disk first."""
+    None when the chain reaches a full base or a point without the disk first. `working`: the
+    points outside `gone`, those rewritten already as rewritten; the points of `gone` are
+    walked through their links in `catalog` (a removed point is never rewritten)."""
     parent = disk.parent
     while parent in gone:
-        gone_point = catalog.get(parent)
-        above = gone_point.disk(disk.key) if gone_point is not None else None
-        if above is None or above.kind == "full":
+        above = catalog.link(parent, disk.key) if parent in catalog else None
+        if above is None or above[0] == "full":
             return None
-        parent = above.parent
-    found = catalog.get(parent or "")
+        parent = above[1]
+    found = working.get(parent or "")
     return found if found is not None and found.disk(disk.key) is not None else None
 
 

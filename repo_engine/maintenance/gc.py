@@ -206,7 +206,7 @@ def collect(repo: Repository, lock_path: Path, deleter: Deleter, report: GcRepor
                                       tick=tick)
     _sweep(repo, listed, report, placed, deleter)
     _repack(repo, max_unused, report, tick)
-    if _dead_packs(repo):
+    if _any_dead_pack(repo):
         report.waited_seconds += wait_for(repo, sessions(repo, lock_path),
                                           timeout=wait_timeout, tick=tick)
         _delete_dead_packs(repo, report, listed.pack_sizes, deleter)
@@ -583,7 +583,7 @@ def _mark(repo: Repository, deleting: Collection[str] = ()) -> _Listed:
     tmp = dead_tmp_files(repo, shared=False)
     temps = [temp.name for temp in dead_writes(listing.temps, None)]
     with index.write() as txn:
-        candidates = []
+        candidates, hidden = [], []
         for key, _ in txn.cursor(db=index.gcq):
             candidates.append(REF_KEY.unpack(key)[0])
             rec = txn.get(key, db=index.refs)
@@ -591,8 +591,9 @@ def _mark(repo: Repository, deleting: Collection[str] = ()) -> _Listed:
                 chunk_id = rec[:32]
                 if txn.get(chunk_id, db=index.ids) == U64.pack(REF_KEY.unpack(key)[0]):
                     txn.delete(chunk_id, db=index.ids)
-                # by ref too (another copy may hold `ids`): a backup's locality skips it
-                index.hide_key(txn, key)
+                hidden.append(key)
+        # by ref too (another copy may hold `ids`): a backup's locality skips it
+        index.hide_keys(txn, hidden)
         # a file is deleted only when two tables agree it is unused: one damaged table (mapuse,
         # packnames) must not cost data
         named = {d["map"] for k, v in txn.cursor(db=index.points)
@@ -715,14 +716,9 @@ def _lower_lives(txn: lmdb.Transaction, index: Index, touched: dict[int, list[in
     """less_live for each pack of `touched` ({number: [chunks, stored bytes]}) at once, the checks
     of their counts computed together (a forget of thousands of points empties thousands of
     packs); returns the packs whose live count is 0 now, in number order. A damaged count is
-    left for the next gc's recount, and its pack in the index."""
+    left for the next gc's recount, and its pack in the index. The counts are sealed: a
+    writable index seals those of an earlier version on open (Index._check_version)."""
     numbers = sorted(touched)
-    if not index.sealed:  # an index read as an earlier version wrote it: one by one
-        for number in numbers:
-            less_live(txn, index, number, touched[number][1], touched[number][0])
-        return [n for n in numbers if (live := index.get_sealed(txn, "packlive",
-                                                                PACK_KEY.pack(n))) is not None
-                and LIVE_REC.unpack(live)[0] == 0]
     width = LIVE_REC.size + CHECK_SIZE
     found = dict(txn.cursor(db=index.packlive).getmulti([PACK_KEY.pack(n) for n in numbers]))
     rows = [(n, key, found[key]) for n in numbers if (key := PACK_KEY.pack(n)) in found]
@@ -760,7 +756,7 @@ def _unplaced(repo: Repository, txn: lmdb.Transaction, numbers: list[int],
     moved this pack's record away from the number its refs name. A pack whose trailer cannot
     be read goes (its chunks are lost anyway: verify and scrub report them)."""
     index = repo.index
-    owners, refs = [], []
+    owners, counts, refs = [], [], []
     for number in numbers:
         raw = txn.get(PACK_KEY.pack(number), db=index.packs)
         if raw is None:
@@ -771,11 +767,13 @@ def _unplaced(repo: Repository, txn: lmdb.Transaction, numbers: list[int],
                 some = repo.read_trailer(PACK_REC.unpack(raw)[0].hex())["ref"]
             except RepoError:
                 continue
-        owners.append(np.full(len(some), number, np.int64))
-        refs.append(np.asarray(some, np.uint64))
+        owners.append(number)
+        counts.append(len(some))
+        refs.append(some)
     if not refs:
         return numbers
-    owner, ref = np.concatenate(owners), np.concatenate(refs)
+    owner = np.repeat(np.array(owners, np.int64), counts)  # one pass, not an array a pack
+    ref = np.concatenate(refs).astype(np.uint64, copy=False)
     place = _places_of(txn, index, ref)
     unlisted = [p for p in np.unique(place[place >= 0]).tolist()
                 if txn.get(PACK_KEY.pack(p), db=index.packs) is None]
@@ -928,6 +926,13 @@ def _swap(repo: Repository, writer: PackWriter, old: list[int], report: GcReport
 
 
 # -- step 7: delete retired packs -------------------------------------------------------------
+def _any_dead_pack(repo: Repository) -> bool:
+    """Whether packs are queued for deletion (which of them to delete is read after the wait:
+    `_dead_packs`)."""
+    with repo.index.env.begin() as txn:
+        return txn.stat(repo.index.deadpacks)["entries"] > 0
+
+
 def _dead_packs(repo: Repository) -> list[bytes]:
     """Queued packs whose name is not listed (a damaged deadpacks key must not name a live one)."""
     index = repo.index

@@ -98,7 +98,7 @@ from .index_upgrade import Upgrades
 from .lmdbfile import U64, check_data_file, cover_last_page, get_u64, readahead_pays
 from .packs import FinishedPack, PackEntry
 from .safefile import FILE_MODE, make_dir
-from .seals import CHECK_SIZE, PAYLOAD, CountDamaged, seal, seal_rows, unseal, unsealed_rows
+from .seals import CHECK_SIZE, KEY, PAYLOAD, CountDamaged, seal, seal_rows, unseal, unsealed_rows
 
 MAP_SIZE = 1 << 40  # address space only: LMDB grows the file as it fills
 # points a forget looks up one by one (and reads the records of their VMs); more: the whole
@@ -406,14 +406,21 @@ class Index(Replay, Unfindable, Upgrades):
                                                 dict[str, np.ndarray]]],
                       map_exists: Callable[[str], bool]) -> None:
         """`commit_point` of each (point id, vm, seal, map refs) of `commits`, in order, in one
-        transaction: all or none (a forget rewriting hundreds of points commits once)."""
+        transaction: all or none (a forget rewriting hundreds of points commits once). The map
+        use changes of all the records are summed and applied once, at the end of the
+        transaction: what one record takes and another gives back within it moves no count."""
+        use: Counter = Counter()
+        refs: dict[str, np.ndarray] = {}
         with self.write() as txn:
             for point_id, vm, seal, map_refs in commits:
-                self._commit_one(txn, point_id, vm, seal, map_refs, map_exists)
+                use.update(self._commit_one(txn, point_id, vm, seal, map_refs, map_exists))
+                refs.update(map_refs)
+            self.change_map_use(txn, use, refs)
 
     def _commit_one(self, txn: lmdb.Transaction, point_id: str, vm: str,
                     seal: Callable[[int, str], dict], map_refs: dict[str, np.ndarray],
-                    map_exists: Callable[[str], bool]) -> None:
+                    map_exists: Callable[[str], bool]) -> Counter:
+        """Put one record (`commit_point`); returns its change of the map use."""
         for name in map_refs:
             if not map_exists(name):
                 raise MapMissing(name)
@@ -433,9 +440,9 @@ class Index(Replay, Unfindable, Upgrades):
         use = Counter(d["map"] for d in record["disks"])
         if old is not None:
             use.subtract(d["map"] for d in old["disks"])
-        self.change_map_use(txn, use, map_refs)
         txn.put(point_id.encode(), encode_record(record), db=self.points)
         self._seq_used(txn, seq)
+        return use
 
     # -- meta values, places --------------------------------------------------------------
     def set_meta_u64(self, name: str, value: int) -> None:
@@ -484,32 +491,70 @@ class Index(Replay, Unfindable, Upgrades):
                        map_refs: dict[str, np.ndarray]) -> None:
         """Apply map use changes: a map going from 0 to 1 use counts its refs once more; one going
         to 0 owes a decrement of its refs, queued in `deadmaps` for gc (which reads the map).
-        A damaged or too low use count is left as it is, and the counts distrusted."""
-        for name, change in sorted(delta.items(), key=lambda kv: -kv[1]):
-            if not change:
-                continue
-            key = bytes.fromhex(name)
-            try:
-                before = self._sealed_u64(txn, "mapuse", key)
-                after = before + change
-                if after < 0:
-                    raise CountDamaged("mapuse", key, "the use would go negative")
-                owed = self._sealed_u64(txn, "deadmaps", key) + 1
-            except CountDamaged as exc:
-                self.distrust_counts(txn, exc)
+        A damaged or too low use count is left as it is, and the counts distrusted. The counts
+        are checked and sealed together: a forget of thousands of points drops as many maps
+        in one call."""
+        changes = sorted(((name, change) for name, change in delta.items() if change),
+                         key=lambda kv: -kv[1])
+        keys = [bytes.fromhex(name) for name, _ in changes]
+        uses, use_damage = self._counts(txn, "mapuse", keys)
+        owes, owed_damage = self._counts(txn, "deadmaps", keys)
+        used: list[tuple[bytes, int]] = []
+        dead: list[tuple[bytes, int]] = []
+        for i, ((name, change), key) in enumerate(zip(changes, keys)):
+            before, after = uses[i], uses[i] + change
+            damage = use_damage[i] or (CountDamaged("mapuse", key, "the use would go negative")
+                                       if after < 0 else owed_damage[i])
+            if damage is not None:
+                self.distrust_counts(txn, damage)
                 continue
             if after:
-                self.put_sealed(txn, "mapuse", key, U64.pack(after))
+                used.append((key, after))
             else:
                 txn.delete(key, db=self.mapuse)
             if before == 0 and after > 0:
                 self.add_refs(txn, map_refs[name], 1)
             elif before > 0 and after == 0:
-                self.put_sealed(txn, "deadmaps", key, U64.pack(owed))
+                dead.append((key, owes[i] + 1))
+        self._put_counts(txn, "mapuse", used)
+        self._put_counts(txn, "deadmaps", dead)
 
-    def _sealed_u64(self, txn: lmdb.Transaction, table: str, key: bytes) -> int:
-        raw = self.get_sealed(txn, table, key)
-        return U64.unpack(raw)[0] if raw else 0
+    def _counts(self, txn: lmdb.Transaction, table: str, keys: list[bytes]
+                ) -> tuple[list[int], list[CountDamaged | None]]:
+        """The u64 count of each key in a count table (0 when absent), and the damage of each
+        (None: it passes its check; a key of another size is damage, present or not), the
+        checks computed together."""
+        db = getattr(self, table)
+        raws = [txn.get(key, db=db) for key in keys]
+        counts: list[int] = [0] * len(keys)
+        damage: list[CountDamaged | None] = [None] * len(keys)
+        size, width = KEY[table], PAYLOAD[table] + CHECK_SIZE
+        whole = [i for i, raw in enumerate(raws)
+                 if raw is not None and len(raw) == width and len(keys[i]) == size]
+        for i, raw in enumerate(raws):
+            if len(keys[i]) != size or (raw is not None and len(raw) != width):
+                damage[i] = CountDamaged(table, keys[i])
+        if whole:
+            rows = np.frombuffer(b"".join(keys[i] for i in whole), np.uint8).reshape(-1, size)
+            values = np.frombuffer(b"".join(raws[i] for i in whole), np.uint8)
+            payloads, ok = unsealed_rows(table, rows, values.reshape(-1, width))
+            numbers = payloads.copy().view("<u8")[:, 0].tolist()
+            for i, number, good in zip(whole, numbers, ok.tolist()):
+                counts[i] = number
+                if not good:
+                    damage[i] = CountDamaged(table, keys[i])
+        return counts, damage
+
+    def _put_counts(self, txn: lmdb.Transaction, table: str,
+                    rows: list[tuple[bytes, int]]) -> None:
+        """Put u64 counts (key, count) in a count table, sealed together."""
+        if not rows:
+            return
+        keys = np.frombuffer(b"".join(key for key, _ in rows), np.uint8).reshape(len(rows), -1)
+        counts = np.array([count for _, count in rows], "<u8").view(np.uint8).reshape(-1, 8)
+        db = getattr(self, table)
+        for (key, _), value in zip(rows, seal_rows(table, keys, counts)):
+            txn.put(key, value.tobytes(), db=db)
 
     def add_refs(self, txn: lmdb.Transaction, refs: np.ndarray,
                  delta: int | np.ndarray) -> list[int]:

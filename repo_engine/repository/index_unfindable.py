@@ -14,7 +14,7 @@ from .blockmap import holds
 from .index_records import REF_KEY, REF_REC, plan_refs, ref_keys, refs_found
 from .journal import SweepOp
 from .lmdbfile import U64
-from .seals import CHECK_SIZE, mark, marked_rows
+from .seals import CHECK_SIZE, mark, marked_rows, marks
 
 # refs either side of a look-up by locality whose `unfindable` entries are checked too: the
 # table is sparse but where gc doomed many refs, so this costs a seek and a few entries
@@ -58,6 +58,15 @@ class Unfindable:
         version 3 (an earlier repo-engine's writers list nothing: locality is off there)."""
         if self.unfindable is not None:
             txn.put(key, mark("unfindable", key), db=self.unfindable)
+
+    def hide_keys(self, txn: lmdb.Transaction, keys: list[bytes]) -> None:
+        """`hide_key` of each of `keys`, their checks computed together (gc's mark lists every
+        candidate: thousands after a forget of most points)."""
+        if self.unfindable is None or not keys:
+            return
+        values = marks("unfindable", np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), -1))
+        for key, value in zip(keys, values):
+            txn.put(key, value.tobytes(), db=self.unfindable)
 
     def show_key(self, txn: lmdb.Transaction, key: bytes) -> None:
         """Take the ref of `key` off `unfindable` (see hide_key)."""

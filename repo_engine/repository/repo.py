@@ -60,6 +60,7 @@ SUBDIRS = ("packs", "maps", "points", "index", "locks", "tmp")
 INDEX_FILES = ("data.mdb", "lock.mdb")
 REWRITE_THREADS = 8  # manifests `rewrite_points` reads at once
 MAP_OPENS = 8  # maps of a chain opened at once (a request each on object storage)
+CHAIN_POINTS = 1 << 16  # records `chain` keeps made (then it starts again)
 
 
 class Repository:
@@ -82,6 +83,7 @@ class Repository:
         self._opened: FileId | None = None  # the index file we opened ourselves
         self._opening = threading.Lock()  # threads of one process share one environment
         self._map_opener: ThreadPoolExecutor | None = None  # one pool for every chain opened
+        self._chain_points: dict[int, tuple[dict, PointRecord]] = {}  # `_chain_record`
         self._scans = False  # the index opened for reading whole tables (scanning)
         self.codec = ChunkCodec(chunk_key or config.key_bytes, config.compression_level)
         self.pack_keys = PackKeys(store, sealer)
@@ -637,10 +639,12 @@ class Repository:
         return resolve_windows(streams, near)
 
     def _open_maps(self, names: list[str]) -> list[MapStream]:
-        """`open_map` of each map, together: on object storage each is a request (and a
-        decryption), which a restore or a backup waited for one after the other before its
-        first pack request or read."""
-        if len(names) < 2:
+        """`open_map` of each map, together where reads wait (`Store.reads_wait`): on object
+        storage each is a request (and a decryption), which a restore or a backup waited for one
+        after the other before its first pack request or read. A local file is opened in turn:
+        handing each open to a thread cost more than the open (a forget of most points of a long
+        history opens thousands of maps)."""
+        if len(names) < 2 or not self.store.reads_wait:
             return [open_map(self.store, name, self.sealer) for name in names]
         with self._opening:  # a pool made once: a forget resolves thousands of chains
             if self._map_opener is None:
@@ -665,7 +669,7 @@ class Repository:
         # a forget may have consolidated this point's chain since the caller read its record: the
         # current record resolves to the same content through maps that still exist
         with self.index.env.begin() as txn:  # one view of the catalog: the chain's records only
-            catalogued = self._record_in(txn, point.id)
+            catalogued = self._chain_record(txn, point.id)
             current: PointRecord | None = catalogued or point
             while current is not None:
                 disk = current.disk(key)
@@ -674,7 +678,7 @@ class Repository:
                 chain.append((disk.map, disk.nblocks))
                 if disk.kind == "full":
                     break
-                current = self._record_in(txn, disk.parent or "")
+                current = self._chain_record(txn, disk.parent or "")
                 if current is None and catalogued is None:
                     raise PointNotFound(f"no restore point matches {point.id[:8]} any more: a "
                                         "forget removed it while this command ran")
@@ -683,6 +687,21 @@ class Repository:
                     raise PointNotFound(f"the chain of disk {key!r} at point {point.id[:8]} is "
                                         f"broken: parent {disk.parent} is not in the catalog")
         return chain[::-1]
+
+    def _chain_record(self, txn: lmdb.Transaction, point_id: str) -> PointRecord | None:
+        """`_record_in` for `chain`, which only reads the record: a catalog record the index
+        hands out again (Index.record: the same bytes, the same dict) is made a PointRecord
+        once, not at each chain through it (a forget resolves the chain of each point it
+        rewrites, most through the same ancestors)."""
+        record = self.index.get_record(txn, point_id) if point_id else None
+        if record is None:
+            return None
+        known = self._chain_points.get(id(record))
+        if known is None or known[0] is not record:  # the dict held: its id is not reused
+            if len(self._chain_points) >= CHAIN_POINTS:
+                self._chain_points.clear()
+            known = self._chain_points[id(record)] = (record, PointRecord.from_dict(record))
+        return known[1]
 
     def disk_usage(self) -> int:
         return sum(info.size for info in self.objects("packs"))

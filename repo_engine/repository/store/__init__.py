@@ -145,6 +145,8 @@ class RangeReader:
 class Store(Protocol):
     location: str  # for messages: a path or s3://bucket/prefix
     leaves_temps: bool  # an unfinished write is a file beside the objects (`list(..., temps=)`)
+    # a read is a request that waits on the network: reads are worth issuing together
+    reads_wait: bool
 
     def put(self, name: str, data: bytes | memoryview, *, if_absent: bool = False) -> None: ...
 

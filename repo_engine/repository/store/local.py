@@ -47,6 +47,7 @@ DELETE_SLICE = 64  # fewest names of one directory a thread of delete takes
 
 class LocalStore:
     leaves_temps = True  # a killed write's temporary file stays beside the objects
+    reads_wait = False  # a read of a file just written comes from the page cache
 
     def __init__(self, root: Path) -> None:
         self.root = root

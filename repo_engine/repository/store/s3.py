@@ -270,6 +270,7 @@ class S3Store:
     """The Store protocol on an S3-compatible bucket (see the module docstring)."""
 
     leaves_temps = False  # an unfinished write is a multipart upload, never an object
+    reads_wait = True  # each read is a request
 
     def __init__(self, location: str, settings: S3Settings | None = None) -> None:
         self.bucket, self.prefix = parse_location(location)
