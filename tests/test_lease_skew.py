@@ -248,3 +248,35 @@ def test_a_record_of_this_host_is_over_once_expired_on_its_clock(store, tmp_path
         assert [d["file"] for d in unlock_shared(b).kept] == [lease]
     monkeypatch.setattr(leases, "now", lambda: later)
     assert [d["file"] for d in unlock_shared(a).removed] == [lease]
+
+
+def test_unlock_dates_its_first_sight_after_its_listing(store, tmp_path, monkeypatch):
+    """A listing takes time (each record is a read): a lease renewed while `unlock` lists is
+    first seen when the listing ends, not when it began, or `unlock` would remove it that long
+    before its holder's lease ends (and gc stop waiting for it)."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    base = leases.now()
+    clock = [base]
+    listing = leases.list_leases
+    with a.lock(SHARED, "backup image web1") as held:
+        [lease] = held.leases
+
+        def renewed_while_listing(s):
+            clock[0] = base + timedelta(seconds=10)
+            lease.renew()  # a's lease now ends at base + 610 s
+            clock[0] = base + timedelta(seconds=30)  # the listing took 30 s
+            return listing(s)
+
+        with monkeypatch.context() as patched:
+            patched.setattr(leases, "now", lambda: clock[0])
+            patched.setattr(socket, "gethostname", lambda: "hostb")
+            patched.setattr(leases, "list_leases", renewed_while_listing)
+            unlock_shared(b)
+            patched.setattr(leases, "list_leases", listing)
+            clock[0] = base + timedelta(seconds=601)
+            report = unlock_shared(b)
+        assert report.removed == []
+        [kept] = report.kept
+        assert kept["free_from"] == leases.iso(base + timedelta(seconds=630))
+        a.check_leases()
+

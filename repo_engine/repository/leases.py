@@ -579,8 +579,8 @@ def clear_leases(store: Store, watch: Sightings | None,
     `watch`: module doc, "Clocks"; None: no cache to note them in) and those of the `dead`
     holders (host, pid) of this host whose local locks were found stale; all of them with
     `force`."""
-    at = now()
     found = list_leases(store)
+    at = now()  # after the listing: a record renewed while it ran is first seen at its end
     seen = sighted(watch, found, at) if watch is not None else {}
     removed, kept = [], []
     for f in found:
