@@ -280,3 +280,22 @@ def test_unlock_dates_its_first_sight_after_its_listing(store, tmp_path, monkeyp
         assert kept["free_from"] == leases.iso(base + timedelta(seconds=630))
         a.check_leases()
 
+
+def test_a_sighting_noted_while_the_clock_ran_ahead_does_not_delay_a_takeover(store, tmp_path,
+                                                                              monkeypatch):
+    """b's clock was set a day ahead when b first saw a crashed holder's lock, and was then set
+    right: that note, in b's future, counts as a sighting now, so b takes the lock over a lease
+    later (before, a day and a lease later: a crash not taken over in any bounded time)."""
+    info = replace(crashed(store, maintenance_name(3), MAINT, "forget"), seconds=600.0)
+    leases.write_lease(store, maintenance_name(3), info)
+    b = host(store, tmp_path, "b")
+    first = leases.now()
+    with clock_at(monkeypatch, first + timedelta(days=1)), pytest.raises(LockedError):
+        b.lock(MAINTENANCE, "gc")
+    with pytest.raises(LockedError, match="free from " + leases.on_this_clock(
+            first + timedelta(seconds=600))):
+        with clock_at(monkeypatch, first):
+            b.lock(MAINTENANCE, "gc")
+    with clock_at(monkeypatch, first + timedelta(seconds=601)):
+        with b.lock(MAINTENANCE, "gc"):
+            assert [f.name for f in leases.maintenance_locks(store)] == [maintenance_name(4)]

@@ -452,7 +452,9 @@ class Index(Replay, Unfindable, Upgrades):
         with self.write() as txn:
             raw = txn.get(key, db=self.meta)
             noted = json.loads(raw) if raw else {}
-            seen = {name: float(noted.get(name, at)) for name in names}
+            # a note in this clock's future was made while it ran ahead (since set right):
+            # it counts from now, or a wait would last as long as the clock was off
+            seen = {name: min(float(noted.get(name, at)), at) for name in names}
             kept = {name: when for name, when in noted.items() if not name.startswith(scope)}
             txn.put(key, json.dumps({**kept, **seen}).encode(), db=self.meta)
         return seen

@@ -49,7 +49,8 @@ safe whatever the clocks: a holder that still renews changes its record every qu
 duration, and one that stopped renewing sees, on its own clock, its lease expire no later than a
 duration after its last renewal, which came before the taker's first sight, so it stops (`check`)
 before the taker takes over (clocks differ in their setting, by any amount, not in their rate:
-that differs by far less than a lease). The cost: a crashed holder's lock is taken over, and its
+that differs by far less than a lease; a note in this host's future, made while its clock
+ran ahead and since set right, counts from now). The cost: a crashed holder's lock is taken over, and its
 lease removed by `unlock`, only one lease after a host first saw it so (a takeover refused says
 when, on the taker's clock; `unlock` reports for how long it has watched each record it keeps,
 and when to run it again), unless the dead holder is of this host: a lock as above, and `unlock`
