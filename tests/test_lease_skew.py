@@ -299,3 +299,47 @@ def test_a_sighting_noted_while_the_clock_ran_ahead_does_not_delay_a_takeover(st
     with clock_at(monkeypatch, first + timedelta(seconds=601)):
         with b.lock(MAINTENANCE, "gc"):
             assert [f.name for f in leases.maintenance_locks(store)] == [maintenance_name(4)]
+
+
+def test_unlock_leaves_a_live_lease_of_the_same_host_name_and_pid_from_another_cache(
+        store, tmp_path, monkeypatch):
+    """Two containers on one machine share its host name (host networking), each with its own
+    cache and its own pid namespace, so their processes' pids repeat: the stale local lock that
+    one's dead backup left is no evidence against the other's live backup of the same pid
+    (before, `unlock` removed that live lease, and gc stopped waiting for it)."""
+    a, other = host(store, tmp_path, "a"), host(store, tmp_path, "other")
+    dead, lock_file = released_in_a_store_failure(a, monkeypatch, "backup image web1")
+    with other.lock(SHARED, "backup image web2") as live:
+        report = unlock_shared(a)
+        assert sorted(d["file"] for d in report.removed) == sorted([lock_file, dead])
+        assert [d["file"] for d in report.kept] == [live.leases[0].name]
+        other.check_leases()
+
+
+def test_a_stale_maintenance_lock_of_another_cache_is_no_evidence(store, tmp_path, monkeypatch):
+    """As above: a's dead gc (its local lock file stale) and the other container's live gc have
+    one host name and pid; a's next forget must wait, not take the live gc's lock over."""
+    a, other = host(store, tmp_path, "a"), host(store, tmp_path, "other")
+    held = a.lock(MAINTENANCE, "gc")
+    with monkeypatch.context() as failing:
+        failing.setattr(store, "delete", refuse)
+        held.release()
+    unlock_shared(other, force=True)  # its store lock removed; a's local lock file stays
+    with other.lock(MAINTENANCE, "gc") as live:
+        with pytest.raises(LockedError, match=r"repository is locked \(maintenance\) by 'gc'"):
+            a.lock(MAINTENANCE, "forget")
+        live.check()
+
+
+def test_a_record_of_another_cache_of_the_same_host_name_is_judged_by_sightings(
+        store, tmp_path, monkeypatch):
+    """Machines cloned from one image keep its host name, not its clock: a record of the same
+    host name written through another cache is judged as any other host's, by this host's
+    sightings, not by its expiry on this clock."""
+    a, other = host(store, tmp_path, "a"), host(store, tmp_path, "other")
+    with other.lock(SHARED, "backup image web1") as live:
+        monkeypatch.setattr(leases, "now", lambda: leases.datetime.now(leases.timezone.utc)
+                            + AHEAD)  # a's clock runs ahead of the other machine's
+        report = unlock_shared(a)
+        assert report.removed == [] and [d["file"] for d in report.kept] == [
+            live.leases[0].name]
