@@ -343,3 +343,20 @@ def test_a_record_of_another_cache_of_the_same_host_name_is_judged_by_sightings(
         report = unlock_shared(a)
         assert report.removed == [] and [d["file"] for d in report.kept] == [
             live.leases[0].name]
+
+
+def test_a_holder_whose_clock_is_set_back_stops_a_lease_after_its_last_renewal(store, tmp_path,
+                                                                                monkeypatch):
+    """A holder's renewal hangs (its store stalls) and its clock is set an hour back meanwhile:
+    on that clock its lease would last an hour more, while other hosts take it over, or gc
+    stops waiting for it, a lease after they first saw its last renewal. Its own check counts
+    the lease from that renewal on a clock no setting moves, so it stops in time."""
+    a = host(store, tmp_path, "a")
+    steady = leases.monotonic()
+    with a.lock(SHARED, "backup image web1"):
+        a.check_leases()
+        back = leases.now() - timedelta(hours=1)
+        monkeypatch.setattr(leases, "now", lambda: back)
+        monkeypatch.setattr(leases, "monotonic", lambda: steady + 601)
+        with pytest.raises(LeaseLost, match="600 s after its last renewal"):
+            a.check_leases()

@@ -30,7 +30,9 @@ absent in version 1.0, whose records are read with expiry less start standing fo
 the duration) and `cache` (the random name of the holder's cache, Index.cache_id; absent in
 version 1.0). A daemon thread renews the record every quarter of its duration, overwriting
 only its own object after reading back its token. A lease whose renewal
-failed once, whose object is gone or replaced, or whose expiry passed on the holder's clock is lost:
+failed once, whose object is gone or replaced, or whose expiry passed on the holder's clock (or
+a duration since its last write began passed on its monotonic clock, which no setting of the
+clock moves: set back, it would stretch the lease past other hosts' waits) is lost:
 `check()`, called before every journal commit and every batch of deletes, raises LeaseLost, and
 the command stops before it writes anything more. A maintenance holder's `check()` also fails when
 a higher generation of its lock exists (its lock expired and was taken over).
@@ -78,6 +80,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -119,6 +122,12 @@ def lease_seconds() -> float:
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def monotonic() -> float:
+    """Seconds on a clock that no setting of this host's clock moves, counting the time the
+    host was suspended too (a lease runs on while its holder sleeps)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def iso(when: datetime) -> str:
@@ -323,9 +332,13 @@ class Lease:
     """A lease (or maintenance lock) this process holds, renewed by a daemon thread until
     `release()`."""
 
-    def __init__(self, store: Store, name: str, info: LeaseInfo, seconds: float) -> None:
+    def __init__(self, store: Store, name: str, info: LeaseInfo, seconds: float,
+                 written: float | None = None) -> None:
         self.store, self.name, self.info, self.seconds = store, name, info, seconds
         self.lost = ""  # why the lease is lost; "" while it holds
+        # when its record was last written (begun), on a clock that no setting of this host's
+        # clock moves: other hosts time their wait from their first sight of that write
+        self._written = monotonic() if written is None else written
         self._renewing = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, daemon=True,
@@ -340,8 +353,9 @@ class Lease:
         info = LeaseInfo(kind, socket.gethostname(), os.getpid(), command, iso(started),
                          iso(started + timedelta(seconds=seconds)), os.urandom(8).hex(),
                          seconds, cache)
+        written = monotonic()
         write_lease(store, name, info, if_absent=True)
-        lease = cls(store, name, info, seconds)
+        lease = cls(store, name, info, seconds, written)
         lease._thread.start()
         return lease
 
@@ -360,8 +374,9 @@ class Lease:
                 self._unexpired()  # a holder suspended past its expiry resumes: gc may have
                 self._still_ours()  # swept what it wrote, renewing would hide that
                 renewed = replace(self.info, expires=iso(now() + timedelta(seconds=self.seconds)))
+                written = monotonic()
                 write_lease(self.store, self.name, renewed)
-                self.info = renewed
+                self.info, self._written = renewed, written
             except LeaseLost as exc:
                 self.lost = str(exc)
             except (RepoError, OSError) as exc:
@@ -375,9 +390,10 @@ class Lease:
                             "as expired)")
 
     def _unexpired(self) -> None:
-        if self.info.expired(now()):
-            raise LeaseLost(f"{self._what()} expired at {self.info.expires} before it could be "
-                            "renewed")
+        if self.info.expired(now()) or monotonic() - self._written >= self.seconds:
+            raise LeaseLost(f"{self._what()} expired at {self.info.expires} on this host's "
+                            f"clock, or {self.seconds:g} s after its last renewal, before it "
+                            "could be renewed")
 
     def _what(self) -> str:
         return f"the {self.info.kind} lease {self.store.location}/{self.name}"
