@@ -360,3 +360,18 @@ def test_a_holder_whose_clock_is_set_back_stops_a_lease_after_its_last_renewal(s
         monkeypatch.setattr(leases, "monotonic", lambda: steady + 601)
         with pytest.raises(LeaseLost, match="600 s after its last renewal"):
             a.check_leases()
+
+
+def test_unlock_command_names_a_record_it_keeps_for_good(tmp_path, capsys):
+    """A record that cannot be read is never over: `unlock` keeps it, and says that only
+    `--force` removes it (before, it kept it without a word: "removed 0 locks", while every
+    forget and gc stayed refused)."""
+    path = tmp_path / "repo"
+    store = Repository.init(path, shared=True).store
+    store.put(maintenance_name(1), b"not a lease")
+    result = cli(capsys, "unlock", path)
+    assert result.code == 0, result.err
+    assert (f"kept the maintenance lock {maintenance_name(1)}: it cannot be read, so it never "
+            "ends; if no repo-engine command on any host holds it, run 'repo-engine unlock "
+            "--force'\n") in result.out
+    assert list_leases(store)[0].name == maintenance_name(1)
