@@ -22,13 +22,13 @@ shared repository also announces itself in the store, next to its local lock (lo
   file when it could not delete the store's). gc waits for session leases only (a backup holds
   one of those too).
 
-Each is a sealed JSON record (envelope.py, magic LEASE, version 1.1): `kind` (`session` |
+Each is a sealed JSON record (envelope.py, magic LEASE, version 1.2): `kind` (`session` |
 `maintenance` | `vm`), `host`, `pid`, `command`, `started`, `expires` (ISO times, UTC, of the
 holder's clock: started or last renewed + the lease's seconds), `token` (random hex: a name reused
 after an `unlock --force` is never taken for the holder's own), `seconds` (the lease's duration;
 absent in version 1.0, whose records are read with expiry less start standing for it: at least
-the duration) and `cache` (the random name of the holder's cache, Index.cache_id; absent in
-version 1.0). A daemon thread renews the record every quarter of its duration, overwriting
+the duration) and `cache` (the random name of the holder's cache, Index.cache_id; absent
+before version 1.2). A daemon thread renews the record every quarter of its duration, overwriting
 only its own object after reading back its token. A lease whose renewal
 failed once, whose object is gone or replaced, or whose expiry passed on the holder's clock (or
 a duration since its last write began passed on its monotonic clock, which no setting of the
@@ -144,7 +144,7 @@ class LeaseInfo:
     expires: str  # "" when the record cannot be read: it never expires
     token: str
     seconds: float = 0.0  # the holder's lease duration; 0 in a record of format 1.0
-    cache: str = ""  # the random name of the holder's cache (Index.cache_id); "" in format 1.0
+    cache: str = ""  # the random name of the holder's cache (Index.cache_id); "" before 1.2
 
     def expires_at(self) -> datetime | None:
         try:
