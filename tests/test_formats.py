@@ -248,20 +248,27 @@ def test_lease_record_golden(tmp_path):
     LEASE_1_0 = replace(LEASE, minor=0)
     store = LocalStore(tmp_path)
     info = LeaseInfo("session", "h1", 7, "gc", "2026-11-30T00:00:00.000000Z",
-                     "2026-11-30T00:20:00.000000Z", "00112233aabbccdd", 600.0)
+                     "2026-11-30T00:20:00.000000Z", "00112233aabbccdd", 600.0, "0123456789abcdef")
     write_lease(store, "leases/h1-7-01234567.lease", info)
     data = (tmp_path / "leases" / "h1-7-01234567.lease").read_bytes()
-    assert data[:12].hex() == "52456c736500011a" "0100" "0100"  # version 1.1
+    assert data[:12].hex() == "52456c736500011a" "0100" "0200"  # version 1.2
     assert data[24:-32] == (b'{"kind": "session", "host": "h1", "pid": 7, "command": "gc", '
                             b'"started": "2026-11-30T00:00:00.000000Z", "expires": '
                             b'"2026-11-30T00:20:00.000000Z", "token": "00112233aabbccdd", '
-                            b'"seconds": 600.0}')
+                            b'"seconds": 600.0, "cache": "0123456789abcdef"}')
     assert read_lease(store, "leases/h1-7-01234567.lease") == info
     assert info.span().total_seconds() == 600  # renewed: its duration, not expiry less start
-    # a record of version 1.0 gives no duration: expiry less start stands for it
-    old = seal(LEASE_1_0, data[24:-32].replace(b', "seconds": 600.0', b""))
+    # a record of version 1.1 names no cache: no host takes it for its own
+    older = seal(replace(LEASE, minor=1), data[24:-32].replace(b', "cache": "0123456789abcdef"',
+                                                               b""))
+    (tmp_path / "leases" / "h1-7-01234567.lease").write_bytes(older)
+    assert read_lease(store, "leases/h1-7-01234567.lease") == replace(info, cache="")
+    # a record of version 1.0 gives no duration (expiry less start stands for it) nor cache
+    old = seal(LEASE_1_0, data[24:-32].replace(b', "seconds": 600.0, "cache": "0123456789abcdef"',
+                                               b""))
     (tmp_path / "leases" / "h1-7-01234567.lease").write_bytes(old)
-    assert read_lease(store, "leases/h1-7-01234567.lease") == replace(info, seconds=0.0)
+    assert read_lease(store, "leases/h1-7-01234567.lease") == replace(info, seconds=0.0,
+                                                                      cache="")
     assert replace(info, seconds=0.0).span().total_seconds() == 1200
 
 

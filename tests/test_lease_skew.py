@@ -248,3 +248,130 @@ def test_a_record_of_this_host_is_over_once_expired_on_its_clock(store, tmp_path
         assert [d["file"] for d in unlock_shared(b).kept] == [lease]
     monkeypatch.setattr(leases, "now", lambda: later)
     assert [d["file"] for d in unlock_shared(a).removed] == [lease]
+
+
+def test_unlock_dates_its_first_sight_after_its_listing(store, tmp_path, monkeypatch):
+    """A listing takes time (each record is a read): a lease renewed while `unlock` lists is
+    first seen when the listing ends, not when it began, or `unlock` would remove it that long
+    before its holder's lease ends (and gc stop waiting for it)."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    base = leases.now()
+    clock = [base]
+    listing = leases.list_leases
+    with a.lock(SHARED, "backup image web1") as held:
+        [lease] = held.leases
+
+        def renewed_while_listing(s):
+            clock[0] = base + timedelta(seconds=10)
+            lease.renew()  # a's lease now ends at base + 610 s
+            clock[0] = base + timedelta(seconds=30)  # the listing took 30 s
+            return listing(s)
+
+        with monkeypatch.context() as patched:
+            patched.setattr(leases, "now", lambda: clock[0])
+            patched.setattr(socket, "gethostname", lambda: "hostb")
+            patched.setattr(leases, "list_leases", renewed_while_listing)
+            unlock_shared(b)
+            patched.setattr(leases, "list_leases", listing)
+            clock[0] = base + timedelta(seconds=601)
+            report = unlock_shared(b)
+        assert report.removed == []
+        [kept] = report.kept
+        assert kept["free_from"] == leases.iso(base + timedelta(seconds=630))
+        a.check_leases()
+
+
+def test_a_sighting_noted_while_the_clock_ran_ahead_does_not_delay_a_takeover(store, tmp_path,
+                                                                              monkeypatch):
+    """b's clock was set a day ahead when b first saw a crashed holder's lock, and was then set
+    right: that note, in b's future, counts as a sighting now, so b takes the lock over a lease
+    later (before, a day and a lease later: a crash not taken over in any bounded time)."""
+    info = replace(crashed(store, maintenance_name(3), MAINT, "forget"), seconds=600.0)
+    leases.write_lease(store, maintenance_name(3), info)
+    b = host(store, tmp_path, "b")
+    first = leases.now()
+    with clock_at(monkeypatch, first + timedelta(days=1)), pytest.raises(LockedError):
+        b.lock(MAINTENANCE, "gc")
+    with pytest.raises(LockedError, match="free from " + leases.on_this_clock(
+            first + timedelta(seconds=600))):
+        with clock_at(monkeypatch, first):
+            b.lock(MAINTENANCE, "gc")
+    with clock_at(monkeypatch, first + timedelta(seconds=601)):
+        with b.lock(MAINTENANCE, "gc"):
+            assert [f.name for f in leases.maintenance_locks(store)] == [maintenance_name(4)]
+
+
+def test_unlock_leaves_a_live_lease_of_the_same_host_name_and_pid_from_another_cache(
+        store, tmp_path, monkeypatch):
+    """Two containers on one machine share its host name (host networking), each with its own
+    cache and its own pid namespace, so their processes' pids repeat: the stale local lock that
+    one's dead backup left is no evidence against the other's live backup of the same pid
+    (before, `unlock` removed that live lease, and gc stopped waiting for it)."""
+    a, other = host(store, tmp_path, "a"), host(store, tmp_path, "other")
+    dead, lock_file = released_in_a_store_failure(a, monkeypatch, "backup image web1")
+    with other.lock(SHARED, "backup image web2") as live:
+        report = unlock_shared(a)
+        assert sorted(d["file"] for d in report.removed) == sorted([lock_file, dead])
+        assert [d["file"] for d in report.kept] == [live.leases[0].name]
+        other.check_leases()
+
+
+def test_a_stale_maintenance_lock_of_another_cache_is_no_evidence(store, tmp_path, monkeypatch):
+    """As above: a's dead gc (its local lock file stale) and the other container's live gc have
+    one host name and pid; a's next forget must wait, not take the live gc's lock over."""
+    a, other = host(store, tmp_path, "a"), host(store, tmp_path, "other")
+    held = a.lock(MAINTENANCE, "gc")
+    with monkeypatch.context() as failing:
+        failing.setattr(store, "delete", refuse)
+        held.release()
+    unlock_shared(other, force=True)  # its store lock removed; a's local lock file stays
+    with other.lock(MAINTENANCE, "gc") as live:
+        with pytest.raises(LockedError, match=r"repository is locked \(maintenance\) by 'gc'"):
+            a.lock(MAINTENANCE, "forget")
+        live.check()
+
+
+def test_a_record_of_another_cache_of_the_same_host_name_is_judged_by_sightings(
+        store, tmp_path, monkeypatch):
+    """Machines cloned from one image keep its host name, not its clock: a record of the same
+    host name written through another cache is judged as any other host's, by this host's
+    sightings, not by its expiry on this clock."""
+    a, other = host(store, tmp_path, "a"), host(store, tmp_path, "other")
+    with other.lock(SHARED, "backup image web1") as live:
+        monkeypatch.setattr(leases, "now", lambda: leases.datetime.now(leases.timezone.utc)
+                            + AHEAD)  # a's clock runs ahead of the other machine's
+        report = unlock_shared(a)
+        assert report.removed == [] and [d["file"] for d in report.kept] == [
+            live.leases[0].name]
+
+
+def test_a_holder_whose_clock_is_set_back_stops_a_lease_after_its_last_renewal(store, tmp_path,
+                                                                                monkeypatch):
+    """A holder's renewal hangs (its store stalls) and its clock is set an hour back meanwhile:
+    on that clock its lease would last an hour more, while other hosts take it over, or gc
+    stops waiting for it, a lease after they first saw its last renewal. Its own check counts
+    the lease from that renewal on a clock no setting moves, so it stops in time."""
+    a = host(store, tmp_path, "a")
+    steady = leases.monotonic()
+    with a.lock(SHARED, "backup image web1"):
+        a.check_leases()
+        back = leases.now() - timedelta(hours=1)
+        monkeypatch.setattr(leases, "now", lambda: back)
+        monkeypatch.setattr(leases, "monotonic", lambda: steady + 601)
+        with pytest.raises(LeaseLost, match="600 s after its last renewal"):
+            a.check_leases()
+
+
+def test_unlock_command_names_a_record_it_keeps_for_good(tmp_path, capsys):
+    """A record that cannot be read is never over: `unlock` keeps it, and says that only
+    `--force` removes it (before, it kept it without a word: "removed 0 locks", while every
+    forget and gc stayed refused)."""
+    path = tmp_path / "repo"
+    store = Repository.init(path, shared=True).store
+    store.put(maintenance_name(1), b"not a lease")
+    result = cli(capsys, "unlock", path)
+    assert result.code == 0, result.err
+    assert (f"kept the maintenance lock {maintenance_name(1)}: it cannot be read, so it never "
+            "ends; if no repo-engine command on any host holds it, run 'repo-engine unlock "
+            "--force'\n") in result.out
+    assert list_leases(store)[0].name == maintenance_name(1)

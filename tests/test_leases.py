@@ -80,6 +80,9 @@ class Noted:
     def first_seen(self, _key, names, at, _scope=""):
         return {name: at - self.ago for name in names}
 
+    def cache_id(self) -> str:
+        return "noted"
+
 
 def commands(store) -> list[tuple[str, str]]:
     return [(found.info.kind, found.info.command) for found in list_leases(store)]

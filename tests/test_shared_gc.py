@@ -697,3 +697,29 @@ def test_a_point_committed_while_a_repack_reads_its_packs_keeps_what_it_uses(
     gc(a.repo, grace=0, max_unused=0, repack=True)  # the next run moves what b's points use
     assert unused_bytes(root, tmp_path) == 0
     restores_everything(root, tmp_path, kept)
+
+
+def test_a_lease_left_by_a_holder_whose_clock_ran_ahead_is_waited_for_a_lease_only(
+        hosts, tmp_path, monkeypatch):
+    """A backup on a host whose clock ran two hours ahead died: its lease expires two hours on
+    by gc's clock. gc has seen it unchanged for a lease, which is what tells it ended (its
+    holder's own check stops it by then), and sweeps: its holder's times, of another clock,
+    neither hasten nor delay that (before, gc waited two hours more, and forever for a record
+    whose expiry was years ahead)."""
+    from repo_engine.maintenance import shared_gc
+    from repo_engine.repository import leases
+
+    root, a, _b = hosts
+    (doomed, kept), contents = backups(a, tmp_path, vms=2, chain=1)
+    forget_points(a.repo, [doomed.id])
+    ahead = leases.now() + timedelta(hours=2)
+    dead = leases.LeaseInfo(leases.SESSION, "hostc", 4242, "backup image vm9",
+                            leases.iso(ahead - timedelta(hours=1)),
+                            leases.iso(ahead + timedelta(seconds=600)), "0123456789abcdef",
+                            600.0, "fedcba9876543210")
+    leases.write_lease(a.repo.store, "leases/hostc-4242-01234567.lease", dead)
+    assert gc(a.repo, grace=0).plans_pending == 1
+    later = shared_gc.now() + timedelta(seconds=601)
+    monkeypatch.setattr(shared_gc, "now", lambda: later)
+    assert gc(a.repo, grace=0).plans_swept == 1
+    restores_everything(root, tmp_path, {kept.id: contents[kept.id]})

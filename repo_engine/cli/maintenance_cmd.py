@@ -542,13 +542,25 @@ def unlock(repo: RepoAddress, force: bool, as_json: bool) -> None:
         click.echo(f"removed the {_lock_kind(doc)} of \"{doc['command']}\" (pid {doc['pid']} "
                    f"on {doc['host']})")
     for doc in report.kept:
-        if doc.get("free_from"):  # a store's lease or lock that may still be live
-            click.echo(f"kept the {_lock_kind(doc)} of \"{doc['command']}\" (pid {doc['pid']} "
-                       f"on {doc['host']}): it may still be live, seen unchanged for "
-                       f"{doc['seen_seconds']:.0f} s; run 'repo-engine unlock' again after "
-                       f"{doc['free_from']} (this host's clock), or with --force if that "
-                       "process is gone")
+        if "free_from" in doc:  # a store's lease or lock that may still be live
+            click.echo(_kept_line(doc))
     click.echo(f"removed {plural(len(report.removed), 'lock')}")
+
+
+def _kept_line(doc: dict) -> str:
+    """Why `unlock` kept a store's lease or lock, and what to do."""
+    from ..repository.leases import UNREADABLE_HOST
+
+    if doc["host"] == UNREADABLE_HOST:
+        return (f"kept the {_lock_kind(doc)} {doc['file']}: it cannot be read, so it never ends; "
+                "if no repo-engine command on any host holds it, run 'repo-engine unlock --force'")
+    holder = f"{_lock_kind(doc)} of \"{doc['command']}\" (pid {doc['pid']} on {doc['host']})"
+    if not doc["free_from"]:  # no cache to time it in, or times that cannot be read
+        return (f"kept the {holder}: this host cannot tell when it ends; if that process is "
+                "gone, run 'repo-engine unlock --force'")
+    return (f"kept the {holder}: it may still be live, seen unchanged for "
+            f"{doc['seen_seconds']:.0f} s; run 'repo-engine unlock' again after "
+            f"{doc['free_from']} (this host's clock), or with --force if that process is gone")
 
 
 def _lock_kind(doc: dict) -> str:

@@ -16,8 +16,9 @@ gc cannot ask "who may still use this chunk?" directly. It asks the journal and 
    it refreshes, so one that did not see the plan is on that list.
 2. **Sweep**, in a later run (or the same one, with `--grace 0` and nothing to wait for): a plan is
    ready when its time plus the grace period has passed and each waited lease is gone or ended
-   (`_Seen`, `_ended`: measured on this host's clock too, from when it first saw the plan or the
-   lease as it is, so that a holder whose clock runs behind is never taken for expired). gc
+   (`_Seen`, `_ended`: measured on this host's clock, from when it first saw the plan or the
+   lease as it is, so that a holder whose clock runs behind is never taken for expired; a lease
+   by that alone, so that a dead one whose clock ran ahead is not waited for longer). gc
    marks again (a waited backup may have committed a point using a doomed chunk: that chunk is
    live again and kept, and so is its pack), commits the `sweep` entry first (conditional on
    the head: a commit meanwhile makes gc catch up and mark again), and only then deletes the
@@ -428,12 +429,12 @@ def ready(plan: PendingPlan, leases: dict[str, LeaseInfo], seen: _Seen, grace: f
 
 
 def _ended(lease: LeaseInfo, seen: datetime, grace: float, at: datetime) -> bool:
-    """Whether `lease` expired more than `grace` before `at` on its holder's clock, and this
-    host has seen it unchanged since `seen` for its span and `grace` (LeaseInfo.ends): a holder
-    still renewing changes it every quarter of its duration, one that stopped finds, on its own
-    clock, its lease lost before it commits again."""
+    """Whether this host has seen `lease` unchanged since `seen` for its span and `grace`
+    (LeaseInfo.ends): a holder still renewing changes it every quarter of its duration, one that
+    stopped finds its lease lost before it commits again. Its expiry, of its holder's clock, is
+    not asked: a clock running ahead would keep gc waiting for a dead holder that much longer."""
     end = lease.ends(seen, grace)
-    return lease.expired(at, grace) and end is not None and end <= at
+    return end is not None and end <= at
 
 
 def _sweep_ready(repo: Repository, marker: Marker, report: SharedGcReport, grace: float,

@@ -51,8 +51,9 @@ SEALED_PACK = FileFormat("pack", b"REpak\x00\x01\x1a", 2, also_reads=(1,))
 SEALED_PACK_TRAILER = FileFormat("pack trailer", b"REtrl\x00\x01\x1a", 2, also_reads=(1,))
 LOCK = FileFormat("lock", b"RElck\x00\x01\x1a", 1)
 VM_MARK = FileFormat("vsphere vm mark", b"REvmk\x00\x01\x1a", 1)
-# minor 1: the record gives the holder's lease duration (`seconds`); 1.0 records are read too
-LEASE = FileFormat("lease", b"RElse\x00\x01\x1a", 1, 1)
+# minor 1: the record gives the holder's lease duration (`seconds`); minor 2: the random name
+# of the holder's cache (`cache`); records of 1.0 and 1.1 are read too
+LEASE = FileFormat("lease", b"RElse\x00\x01\x1a", 1, 2)
 JOURNAL = FileFormat("journal entry", b"REjnl\x00\x01\x1a", 1)
 CHECKPOINT = FileFormat("journal checkpoint", b"REckp\x00\x01\x1a", 1, also_reads=(2,))
 # a checkpoint holding quarantined chunks (`QUAR` records) has major version 2, so that a version

@@ -97,6 +97,8 @@ from .index_unfindable import CHECKED_AROUND, Unfindable, marks_hold
 from .index_upgrade import Upgrades
 from .lmdbfile import U64, check_data_file, cover_last_page, get_u64, readahead_pays
 from .packs import FinishedPack, PackEntry
+
+CACHE_ID_KEY = b"cache_id"  # meta: this cache's random name (Index.cache_id)
 from .safefile import FILE_MODE, make_dir
 from .seals import CHECK_SIZE, KEY, PAYLOAD, CountDamaged, seal, seal_rows, unseal, unsealed_rows
 
@@ -449,6 +451,16 @@ class Index(Replay, Unfindable, Upgrades):
         with self.write() as txn:
             txn.put(name.encode(), U64.pack(value), db=self.meta)
 
+    def cache_id(self) -> str:
+        """This cache's random name, made on first use (meta CACHE_ID_KEY): the store's lease
+        records written through this cache carry it (leases.py, "Clocks")."""
+        with self.write() as txn:
+            raw = txn.get(CACHE_ID_KEY, db=self.meta)
+            if raw is None:
+                raw = os.urandom(8).hex().encode()
+                txn.put(CACHE_ID_KEY, raw, db=self.meta)
+        return raw.decode()
+
     def first_seen(self, key: bytes, names: Collection[str], at: float,
                    scope: str = "") -> dict[str, float]:
         """When this host first saw each of `names` (those new now: `at`, seconds since the
@@ -459,7 +471,9 @@ class Index(Replay, Unfindable, Upgrades):
         with self.write() as txn:
             raw = txn.get(key, db=self.meta)
             noted = json.loads(raw) if raw else {}
-            seen = {name: float(noted.get(name, at)) for name in names}
+            # a note in this clock's future was made while it ran ahead (since set right):
+            # it counts from now, or a wait would last as long as the clock was off
+            seen = {name: min(float(noted.get(name, at)), at) for name in names}
             kept = {name: when for name, when in noted.items() if not name.startswith(scope)}
             txn.put(key, json.dumps({**kept, **seen}).encode(), db=self.meta)
         return seen

@@ -12,8 +12,8 @@ shared repository also announces itself in the store, next to its local lock (lo
   is gone (released) or over (below, "Clocks"): the next taker then creates generation + 1, again
   only if absent, so of two takers exactly one wins. Its holder is also known dead, and the lock
   taken over at once, when the taker replaced that holder's local maintenance lock as stale
-  (same host and pid: a command that crashed, or that kept its local lock file because it could
-  not delete the store's), as for a VM lock.
+  (same host, pid and cache: a command that crashed, or that kept its local lock file because it
+  could not delete the store's), as for a VM lock.
 - **VM lock** `leases/vm-<32 hex: hash of the VM name>-<16 hex generation>.lock`, taken by a
   backup of that VM besides its local VM lock (locks.py), so that two hosts never back up one VM
   at once: generations exactly as for the maintenance lock. Its holder is also known dead, and
@@ -22,14 +22,17 @@ shared repository also announces itself in the store, next to its local lock (lo
   file when it could not delete the store's). gc waits for session leases only (a backup holds
   one of those too).
 
-Each is a sealed JSON record (envelope.py, magic LEASE, version 1.1): `kind` (`session` |
+Each is a sealed JSON record (envelope.py, magic LEASE, version 1.2): `kind` (`session` |
 `maintenance` | `vm`), `host`, `pid`, `command`, `started`, `expires` (ISO times, UTC, of the
 holder's clock: started or last renewed + the lease's seconds), `token` (random hex: a name reused
-after an `unlock --force` is never taken for the holder's own) and `seconds` (the lease's duration;
+after an `unlock --force` is never taken for the holder's own), `seconds` (the lease's duration;
 absent in version 1.0, whose records are read with expiry less start standing for it: at least
-the duration). A daemon thread renews the record every quarter of its duration, overwriting
+the duration) and `cache` (the random name of the holder's cache, Index.cache_id; absent
+before version 1.2). A daemon thread renews the record every quarter of its duration, overwriting
 only its own object after reading back its token. A lease whose renewal
-failed once, whose object is gone or replaced, or whose expiry passed on the holder's clock is lost:
+failed once, whose object is gone or replaced, or whose expiry passed on the holder's clock (or
+a duration since its last write began passed on its monotonic clock, which no setting of the
+clock moves: set back, it would stretch the lease past other hosts' waits) is lost:
 `check()`, called before every journal commit and every batch of deletes, raises LeaseLost, and
 the command stops before it writes anything more. A maintenance holder's `check()` also fails when
 a higher generation of its lock exists (its lock expired and was taken over).
@@ -49,14 +52,18 @@ safe whatever the clocks: a holder that still renews changes its record every qu
 duration, and one that stopped renewing sees, on its own clock, its lease expire no later than a
 duration after its last renewal, which came before the taker's first sight, so it stops (`check`)
 before the taker takes over (clocks differ in their setting, by any amount, not in their rate:
-that differs by far less than a lease). The cost: a crashed holder's lock is taken over, and its
+that differs by far less than a lease; a note in this host's future, made while its clock
+ran ahead and since set right, counts from now). The cost: a crashed holder's lock is taken over, and its
 lease removed by `unlock`, only one lease after a host first saw it so (a takeover refused says
 when, on the taker's clock; `unlock` reports for how long it has watched each record it keeps,
 and when to run it again), unless the dead holder is of this host: a lock as above, and `unlock`
 removes at once the records of a pid whose local lock it found stale (unless a live local lock
-holds that pid again: a pid reused). A record of this host (its host name: hosts sharing a
-repository have distinct names, which the evidence of stale local locks assumes too) is also
-over once expired, as its times are of this very clock. gc's waits for leases
+holds that pid again: a pid reused). A record written through this host's own cache (its
+`cache` and host name this host's) is also over once expired, as its times are of this very
+clock; it is also the only record a stale local lock file of its pid is evidence against. A host
+name and pid alone do not tell: machines cloned from one image keep its host name but not its
+clock, and containers sharing a machine's name (host networking), each with its own cache and
+pid namespace, repeat each other's pids. gc's waits for leases
 (maintenance/shared_gc.py) use the same sightings. The store's clock (S3 `Last-Modified` and a
 response's `Date`, a file's modification time) could serve as the one clock of every host
 instead, with no wait after a first sight, but not on every store: a shared directory's file
@@ -73,6 +80,7 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -116,6 +124,12 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def monotonic() -> float:
+    """Seconds on a clock that no setting of this host's clock moves, counting the time the
+    host was suspended too (a lease runs on while its holder sleeps)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 def iso(when: datetime) -> str:
     return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -130,6 +144,7 @@ class LeaseInfo:
     expires: str  # "" when the record cannot be read: it never expires
     token: str
     seconds: float = 0.0  # the holder's lease duration; 0 in a record of format 1.0
+    cache: str = ""  # the random name of the holder's cache (Index.cache_id); "" before 1.2
 
     def expires_at(self) -> datetime | None:
         try:
@@ -159,14 +174,20 @@ class LeaseInfo:
         except OverflowError:
             return None
 
-    def free_from(self, seen: datetime | None) -> datetime | None:
+    def free_from(self, seen: datetime | None, cache: str) -> datetime | None:
         """When, on this host's clock, the record is over unless renewed (module doc, "Clocks"):
         its span after this host first saw it as it is (`seen`; None: not noted), or for a
-        record of this host, whose times are of this very clock, at its expiry if that is
-        sooner (None: never)."""
+        record written through this host's cache `cache`, whose times are of this very clock,
+        at its expiry if that is sooner (None: never)."""
         ends = [self.ends(seen) if seen is not None else None,
-                self.expires_at() if self.host == socket.gethostname() else None]
+                self.expires_at() if self.ours(cache) else None]
         return min((end for end in ends if end is not None), default=None)
+
+    def ours(self, cache: str) -> bool:
+        """Whether a process of this host wrote the record through this host's cache `cache`
+        (module doc, "Clocks": a host name and pid alone may be another machine's or another
+        pid namespace's)."""
+        return bool(self.cache) and self.cache == cache and self.host == socket.gethostname()
 
     def expired(self, at: datetime, grace: float = 0.0) -> bool:
         """Whether the lease ended more than `grace` seconds before `at`."""
@@ -214,7 +235,7 @@ def read_lease(store: Store, name: str) -> LeaseInfo | None:
         return UNREADABLE
     if not isinstance(info.pid, int) or not all(
             isinstance(v, str) for v in (info.kind, info.host, info.command, info.started,
-                                         info.expires, info.token)):
+                                         info.expires, info.token, info.cache)):
         return UNREADABLE
     if (not isinstance(info.seconds, (int, float)) or isinstance(info.seconds, bool)
             or not math.isfinite(info.seconds) or info.seconds < 0):
@@ -227,6 +248,8 @@ class Sightings(Protocol):
 
     def first_seen(self, key: bytes, names: Collection[str], at: float,
                    scope: str = "") -> dict[str, float]: ...
+
+    def cache_id(self) -> str: ...
 
 
 def sighted(watch: Sightings, found: Iterable[Found], at: datetime,
@@ -309,25 +332,30 @@ class Lease:
     """A lease (or maintenance lock) this process holds, renewed by a daemon thread until
     `release()`."""
 
-    def __init__(self, store: Store, name: str, info: LeaseInfo, seconds: float) -> None:
+    def __init__(self, store: Store, name: str, info: LeaseInfo, seconds: float,
+                 written: float | None = None) -> None:
         self.store, self.name, self.info, self.seconds = store, name, info, seconds
         self.lost = ""  # why the lease is lost; "" while it holds
+        # when its record was last written (begun), on a clock that no setting of this host's
+        # clock moves: other hosts time their wait from their first sight of that write
+        self._written = monotonic() if written is None else written
         self._renewing = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, daemon=True,
                                         name=f"lease {name}")
 
     @classmethod
-    def write(cls, store: Store, name: str, kind: str, command: str,
-              seconds: float) -> "Lease":
-        """Create the object `name` (only if absent: ObjectExists otherwise) and renew it from
-        now on."""
+    def write(cls, store: Store, name: str, kind: str, command: str, seconds: float,
+              cache: str) -> "Lease":
+        """Create the object `name` (only if absent: ObjectExists otherwise), written through
+        the cache named `cache`, and renew it from now on."""
         started = now()
         info = LeaseInfo(kind, socket.gethostname(), os.getpid(), command, iso(started),
                          iso(started + timedelta(seconds=seconds)), os.urandom(8).hex(),
-                         seconds)
+                         seconds, cache)
+        written = monotonic()
         write_lease(store, name, info, if_absent=True)
-        lease = cls(store, name, info, seconds)
+        lease = cls(store, name, info, seconds, written)
         lease._thread.start()
         return lease
 
@@ -346,8 +374,9 @@ class Lease:
                 self._unexpired()  # a holder suspended past its expiry resumes: gc may have
                 self._still_ours()  # swept what it wrote, renewing would hide that
                 renewed = replace(self.info, expires=iso(now() + timedelta(seconds=self.seconds)))
+                written = monotonic()
                 write_lease(self.store, self.name, renewed)
-                self.info = renewed
+                self.info, self._written = renewed, written
             except LeaseLost as exc:
                 self.lost = str(exc)
             except (RepoError, OSError) as exc:
@@ -361,9 +390,10 @@ class Lease:
                             "as expired)")
 
     def _unexpired(self) -> None:
-        if self.info.expired(now()):
-            raise LeaseLost(f"{self._what()} expired at {self.info.expires} before it could be "
-                            "renewed")
+        if self.info.expired(now()) or monotonic() - self._written >= self.seconds:
+            raise LeaseLost(f"{self._what()} expired at {self.info.expires} on this host's "
+                            f"clock, or {self.seconds:g} s after its last renewal, before it "
+                            "could be renewed")
 
     def _what(self) -> str:
         return f"the {self.info.kind} lease {self.store.location}/{self.name}"
@@ -409,8 +439,8 @@ class Lease:
         return True
 
 
-def take_session(store: Store, command: str, seconds: float) -> Lease:
-    return Lease.write(store, session_name(), SESSION, command, seconds)
+def take_session(store: Store, watch: Sightings, command: str, seconds: float) -> Lease:
+    return Lease.write(store, session_name(), SESSION, command, seconds, watch.cache_id())
 
 
 def take_maintenance(store: Store, watch: Sightings, command: str, seconds: float,
@@ -419,7 +449,7 @@ def take_maintenance(store: Store, watch: Sightings, command: str, seconds: floa
     this host's local maintenance lock we found stale; a store lock of the same host and pid is
     its, taken over at once."""
     return take_lock(store, watch, MAINT, MAINT, command, seconds, partial(_held_by, store),
-                     partial(_held_by_dead, dead))
+                     partial(_held_by_dead, dead, watch.cache_id()))
 
 
 def take_vm_lock(store: Store, watch: Sightings, vm: str, command: str, seconds: float,
@@ -436,11 +466,14 @@ def take_vm_lock(store: Store, watch: Sightings, vm: str, command: str, seconds:
                        f"its lock is free from {on_this_clock(free)} on this host's clock "
                        "unless renewed, or run 'repo-engine unlock --force'")
     return take_lock(store, watch, vm_base(vm), VM, command, seconds, held_by,
-                     partial(_held_by_dead, dead))
+                     partial(_held_by_dead, dead, watch.cache_id()))
 
 
-def _held_by_dead(dead: LockInfo | None, top: Found) -> bool:
-    return dead is not None and (top.info.host, top.info.pid) == (dead.host, dead.pid)
+def _held_by_dead(dead: LockInfo | None, cache: str, top: Found) -> bool:
+    """Whether `top` is the store lock of `dead`, a holder whose lock file in the cache named
+    `cache` was found stale."""
+    return (dead is not None and top.info.ours(cache)
+            and (top.info.host, top.info.pid) == (dead.host, dead.pid))
 
 
 def take_lock(store: Store, watch: Sightings, base: str, kind: str, command: str,
@@ -457,12 +490,13 @@ def take_lock(store: Store, watch: Sightings, base: str, kind: str, command: str
         top = locks[-1] if locks else None
         if top is not None and not gone(top):
             at = now()
-            free = top.info.free_from(sighted(watch, [top], at, f"{PREFIX}{base}-")[top.name])
+            seen = sighted(watch, [top], at, f"{PREFIX}{base}-")[top.name]
+            free = top.info.free_from(seen, watch.cache_id())
             if free is None or free > at:
                 raise held_by(top, free)
         try:
             lease = Lease.write(store, lock_name(base, top.generation + 1 if top else 1), kind,
-                                command, seconds)
+                                command, seconds, watch.cache_id())
         except ObjectExists:
             continue  # another taker won this generation: look again
         try:  # the generations below ours are over (released or expired): clear them away
@@ -520,7 +554,7 @@ def with_leases(store: Store, watch: Sightings, local: RepoLock, command: str,
                 seconds: float, held: list[SharedLock]) -> SharedLock:
     """`local` plus a session lease (and the maintenance lock when `local` is one), registered
     in `held` until released; on a conflict everything taken is released again."""
-    takers = [partial(take_session, store, command, seconds)]
+    takers = [partial(take_session, store, watch, command, seconds)]
     if local.kind == MAINTENANCE:
         takers.append(partial(take_maintenance, store, watch, command, seconds, local.stale))
     return _joined(local, takers, held)
@@ -577,15 +611,16 @@ def clear_leases(store: Store, watch: Sightings | None,
                  dead: Collection[tuple[str, int]] = (), *, force: bool = False) -> Cleared:
     """Remove the leases and locks that are over (LeaseInfo.free_from, their sightings noted in
     `watch`: module doc, "Clocks"; None: no cache to note them in) and those of the `dead`
-    holders (host, pid) of this host whose local locks were found stale; all of them with
-    `force`."""
-    at = now()
+    holders (host, pid) of this host whose local locks in `watch`'s cache were found stale
+    (records written through that cache only); all of them with `force`."""
     found = list_leases(store)
+    at = now()  # after the listing: a record renewed while it ran is first seen at its end
     seen = sighted(watch, found, at) if watch is not None else {}
+    cache = watch.cache_id() if watch is not None else ""
     removed, kept = [], []
     for f in found:
-        free = f.info.free_from(seen.get(f.name))
-        if (force or (f.info.host, f.info.pid) in dead
+        free = f.info.free_from(seen.get(f.name), cache)
+        if (force or (f.info.ours(cache) and (f.info.host, f.info.pid) in dead)
                 or (free is not None and free <= at)):
             removed.append(f)
         else:
