@@ -77,6 +77,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
@@ -104,6 +105,7 @@ MAP_SIZE = 1 << 40  # address space only: LMDB grows the file as it fills
 # points a forget looks up one by one (and reads the records of their VMs); more: the whole
 # catalog in one pass
 FEW_POINTS = 64
+_VM_PAIR = re.compile(rb'"vm": ("(?:[^"\\]|\\.)*")')  # a record's raw `"vm": NAME`, NAME as JSON
 
 COUNTERS = ("chunks", "raw_bytes", "stored_bytes", "packs", "pack_bytes")
 MAINT_DBS = ("mapuse", "refcount", "deadmaps", "gcq", "packlive", "deadpacks", "forgetting",
@@ -381,10 +383,10 @@ class Index(Replay, Unfindable, Upgrades):
         skipped undecoded: a record is stored as `json.dumps(..., sort_keys=True)`
         (encode_record; version 1 too), so its raw JSON holds the pair `"vm": NAME` spelled
         exactly so (quotes inside strings are escaped, so no string can hold it); only the
-        records holding one of them are decoded and compared."""
-        needles = [b'"vm": ' + json.dumps(vm).encode() for vm in vms]
+        records holding one of those pairs are decoded and compared."""
+        names = {json.dumps(vm).encode() for vm in vms}
         found = (self.record(k, v) for k, v in txn.cursor(db=self.points)
-                 if any(needle in v for needle in needles))
+                 if not names.isdisjoint(_VM_PAIR.findall(v)))
         return [r for r in found if r["vm"] in vms]
 
     def _next_seq(self, txn: lmdb.Transaction, vm_records: list[dict]) -> int:
