@@ -14,7 +14,9 @@ one timing the commands on it):
   nightly schedule would place them). Then each command runs as its own process, the way a user
   runs it (start-up included): `points`, `points --json`, `show VM@latest`, `show ID`,
   `forget --dry-run` with a GFS policy, a backup that finds its parent, the history's first gc,
-  `forget ID --prune` of one point and `forget --prune` with that policy. Wall seconds, CPU seconds, peak RSS and peak anonymous memory of each.
+  `forget ID --prune` of one point, a daily `forget --prune` with a GFS policy (one point of
+  each VM goes) and `forget --prune` with that policy. Wall seconds, CPU seconds, peak RSS and
+  peak anonymous memory of each.
 - chunks: for each chunk count on the curve (e.g. --curve 1000000,10000000), one repository grown
   to it by the bench-only loader (bench/bigrepo.py), then, on a copy with its index evicted from
   the page cache: backups of a new 4 GiB disk (all chunks new) and of the same disk again (all
@@ -152,11 +154,14 @@ def build_points(path: Path, count: int, vms: int, days: float) -> dict:
 
 
 def points_commands(path: Path) -> list[tuple[str, list[str]]]:
-    """The commands timed on a built repository, in order (the last four change it): the
+    """The commands timed on a built repository, in order (the last five change it): the
     history's first gc (it reads the trailer of every pack the backups wrote), then, as gc has
-    run, the one-point forget, the daily prune's share per VM, and the GFS one, the first prune
-    of a long history (most points go)."""
+    run, the one-point forget, the daily prune's share per VM, a daily prune with a GFS policy
+    (a daily rule keeping all but each VM's oldest day: one point of each VM goes) and the GFS
+    one, the first prune of a long history (most points go)."""
     repo = str(path / "repo")
+    built = json.loads((path / "built.json").read_text())
+    days = built["points"] // built["vms"]  # a VM's points: each of its own day
     listing = subprocess.run([sys.executable, "-m", "repo_engine", "points", repo, "--vm",
                               "vm000", "--json"], capture_output=True, text=True, check=True,
                              cwd=ROOT)
@@ -172,6 +177,8 @@ def points_commands(path: Path) -> list[tuple[str, list[str]]]:
                                            "--disk", disk, "--changed", changed]),
             ("gc (the first after the history's backups)", ["gc", repo]),
             ("forget ID --prune (one point)", ["forget", repo, some, "--prune"]),
+            ("forget --prune (GFS, daily: each VM's oldest day goes)",
+             ["forget", repo, "--keep-daily", str(days - 1), "--prune"]),
             ("forget --prune (GFS)", ["forget", repo, *GFS, "--prune"])]
 
 

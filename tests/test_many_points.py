@@ -356,3 +356,25 @@ def test_retention_on_10000_points_equals_the_reference(policy) -> None:
     assert 0 < sum(got.values()) < len(points)
     newest = {d.id for d in decisions if d.reasons == (NEWEST,)}
     assert all(got[i] for i in newest)
+
+
+def test_the_records_of_several_vms_are_read_in_one_pass_whatever_their_names(
+        tmp_path, capsys) -> None:
+    """A forget of points of several VMs reads those VMs' records, found by the VM's name in
+    each record's raw JSON: names with quotes, backslashes and letters JSON escapes, and a tag
+    that spells another VM's pair, are told apart."""
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo, "--block-size", "16KiB").code == 0
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(range(256)) * 256)
+    names = ['we"b\\1', "ünï", "a b", "plain"]
+    ids: dict[str, list[str]] = {name: [] for name in names}
+    for name in names * 2:
+        done = cli(capsys, "backup", "image", repo, "--vm", name, "--disk", f"sda={image}",
+                   "--tag", '"vm": "a b"', "--json")
+        assert done.code == 0, done.err
+        ids[name].append(done.json()["point"]["id"])
+    with Repository.open(repo) as opened:
+        found = opened.index.catalog_of_vms({ids['we"b\\1'][0], ids["ünï"][1]})
+    assert sorted(found) == sorted(ids['we"b\\1'] + ids["ünï"])
+    assert {r["vm"] for r in found.values()} == {'we"b\\1', "ünï"}

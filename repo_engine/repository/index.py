@@ -77,6 +77,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
@@ -106,6 +107,7 @@ MAP_SIZE = 1 << 40  # address space only: LMDB grows the file as it fills
 # points a forget looks up one by one (and reads the records of their VMs); more: the whole
 # catalog in one pass
 FEW_POINTS = 64
+_VM_PAIR = re.compile(rb'"vm": ("(?:[^"\\]|\\.)*")')  # a record's raw `"vm": NAME`, NAME as JSON
 
 COUNTERS = ("chunks", "raw_bytes", "stored_bytes", "packs", "pack_bytes")
 MAINT_DBS = ("mapuse", "refcount", "deadmaps", "gcq", "packlive", "deadpacks", "forgetting",
@@ -375,13 +377,19 @@ class Index(Replay, Unfindable, Upgrades):
         return None if raw is None else self.record(point_id.encode(), raw)
 
     def _vm_records(self, txn: lmdb.Transaction, vm: str) -> list[dict]:
-        """The records of one VM, checked. The others are skipped undecoded: a record is
-        stored as `json.dumps(..., sort_keys=True)` (encode_record; version 1 too), so its raw
-        JSON holds the pair `"vm": NAME` spelled exactly so (quotes inside strings are escaped,
-        so no string can hold it); only the records holding it are decoded and compared."""
-        needle = b'"vm": ' + json.dumps(vm).encode()
-        found = (self.record(k, v) for k, v in txn.cursor(db=self.points) if needle in v)
-        return [r for r in found if r["vm"] == vm]
+        """The records of one VM, checked."""
+        return self._records_of_vms(txn, {vm})
+
+    def _records_of_vms(self, txn: lmdb.Transaction, vms: Collection[str]) -> list[dict]:
+        """The records of the VMs `vms`, checked, in one pass over the catalog. The others are
+        skipped undecoded: a record is stored as `json.dumps(..., sort_keys=True)`
+        (encode_record; version 1 too), so its raw JSON holds the pair `"vm": NAME` spelled
+        exactly so (quotes inside strings are escaped, so no string can hold it); only the
+        records holding one of those pairs are decoded and compared."""
+        names = {json.dumps(vm).encode() for vm in vms}
+        found = (self.record(k, v) for k, v in txn.cursor(db=self.points)
+                 if not names.isdisjoint(_VM_PAIR.findall(v)))
+        return [r for r in found if r["vm"] in vms]
 
     def _next_seq(self, txn: lmdb.Transaction, vm_records: list[dict]) -> int:
         """The commit sequence of a new point: above the counter and above every catalogued
@@ -695,7 +703,7 @@ class Index(Replay, Unfindable, Upgrades):
         if len(ids) > FEW_POINTS:
             return self._catalog(txn)
         vms = {r["vm"] for i in ids if (r := self.get_record(txn, i)) is not None}
-        return {r["id"]: r for vm in sorted(vms) for r in self._vm_records(txn, vm)}
+        return {r["id"]: r for r in self._records_of_vms(txn, vms)}
 
     def delete_point(self, point_id: str) -> None:
         with self.write() as txn:
