@@ -69,7 +69,7 @@ import numpy as np
 from ..errors import DamageError, LockedError, RepoError
 from ..repository.store import ObjectDamaged, ObjectMissing
 from ..pause import pause_point
-from ..repository.index import U64, Index, lacks
+from ..repository.index import CHECK_FAILED, PRESENT, U64, WRONG_SIZE, Index, lacks
 from ..repository.index_records import (LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC,
                                          REF_REC_DTYPE, ref_keys, refs_found)
 from ..repository.locks import MAINTENANCE, SHARED
@@ -77,7 +77,7 @@ from ..repository.blockmap import map_object
 from ..repository.packs import PackWriter, blob_bytes, pack_object
 from ..repository.points import point_object
 from ..repository.repo import Repository
-from ..repository.seals import CHECK_SIZE, KEY, CountDamaged, seal_rows, unsealed_rows
+from ..repository.seals import KEY, CountDamaged, seal_rows
 from . import forget
 from .deleter import Deleter
 from .forget import ForgetReport
@@ -719,30 +719,27 @@ def _lower_lives(txn: lmdb.Transaction, index: Index, touched: dict[int, list[in
     left for the next gc's recount, and its pack in the index. The counts are sealed: a
     writable index seals those of an earlier version on open (Index._check_version)."""
     numbers = sorted(touched)
-    width = LIVE_REC.size + CHECK_SIZE
-    found = dict(txn.cursor(db=index.packlive).getmulti([PACK_KEY.pack(n) for n in numbers]))
-    rows = [(n, key, found[key]) for n in numbers if (key := PACK_KEY.pack(n)) in found]
-    for _n, key, raw in rows:
-        if len(raw) != width:
-            index.distrust_counts(txn, CountDamaged("packlive", key))
-    rows = [row for row in rows if len(row[2]) == width]
-    if not rows:
+    keys = np.frombuffer(b"".join(PACK_KEY.pack(n) for n in numbers), np.uint8).reshape(
+        len(numbers), PACK_KEY.size)
+    payloads, status = index.sealed_rows(txn, "packlive", keys)
+    for i in np.flatnonzero(status == WRONG_SIZE).tolist():
+        index.distrust_counts(txn, CountDamaged("packlive", keys[i].tobytes()))
+    rows = np.flatnonzero((status == PRESENT) | (status == CHECK_FAILED))
+    if not len(rows):
         return []
-    keys = np.frombuffer(b"".join(key for _, key, _ in rows), np.uint8).reshape(len(rows), -1)
-    values = np.frombuffer(b"".join(raw for _, _, raw in rows), np.uint8).reshape(-1, width)
-    payloads, ok = unsealed_rows("packlive", keys, values)
-    live = payloads.copy().view("<u8")  # (count, stored) of each row
-    gone = np.array([touched[n] for n, _, _ in rows], "<u8")
+    live = payloads[rows].copy().view("<u8")  # (count, stored) of each row
+    gone = np.array([touched[numbers[i]] for i in rows.tolist()], "<u8")
     left = np.where(live > gone, live - gone, 0).astype("<u8")
-    sealed = seal_rows("packlive", keys, left.view(np.uint8).reshape(-1, LIVE_REC.size))
+    sealed = seal_rows("packlive", keys[rows], left.view(np.uint8).reshape(-1, LIVE_REC.size))
     emptied = []
-    for i, (number, key, _raw) in enumerate(rows):
-        if not ok[i]:
+    for j, i in enumerate(rows.tolist()):
+        key = keys[i].tobytes()
+        if status[i] == CHECK_FAILED:
             index.distrust_counts(txn, CountDamaged("packlive", key))
             continue
-        txn.put(key, sealed[i].tobytes(), db=index.packlive)
-        if left[i, 0] == 0:
-            emptied.append(number)
+        txn.put(key, sealed[j].tobytes(), db=index.packlive)
+        if left[j, 0] == 0:
+            emptied.append(numbers[i])
     return emptied
 
 

@@ -197,7 +197,7 @@ def list_store(repo: Repository, skipped: list[str] | None = None) -> StoreListi
 
 
 def _add_object(repo: Repository, kind: str, info: ObjectInfo, out: dict[str, ObjectInfo],
-          skipped: list[str] | None) -> None:
+                skipped: list[str] | None) -> None:
     """Add `info`, an object under `kind/`, to `out` by its stem when it has a name of `kind`."""
     suffix, length = KINDS[kind]
     stem = info.name.rpartition("/")[2].removesuffix(suffix)

@@ -34,6 +34,7 @@ _TEMP = re.compile(rf"\.tmp-(?:([0-9a-f]{{{HOST_HEX}}})-)?([0-9]+)-[0-9a-f]{{8}}
 MAX_PID = 2**31 - 1  # the largest pid_t: a greater "pid" is no process's (os.kill refuses it)
 SPOOL_DIR = "repo-engine-spool-"  # a private spool directory's name starts so
 SPOOL_KINDS = ("pack", "ckpt")  # what a store's spool directory holds while it is built
+_SPOOL_DIR_NAME = re.compile(rf"{SPOOL_DIR}([0-9a-f]{{{HOST_HEX}}})-([0-9]+)-.+", re.DOTALL)
 _SPOOL = re.compile(rf"(?:{'|'.join(SPOOL_KINDS)})-(?:([0-9a-f]{{{HOST_HEX}}})-)?([0-9]+)-"
                     r"[0-9a-f]{12}\.tmp")
 
@@ -103,13 +104,11 @@ def spool_dir_prefix() -> str:
 
 def dead_spool_dirs(parent: Path) -> list[Path]:
     """The private spool directories in `parent` of this host's processes that are gone."""
-    prefix = f"{SPOOL_DIR}{host_id()}-"
-    out = []
-    for path in parent.glob(f"{prefix}*"):
-        pid = path.name[len(prefix):].partition("-")[0]
-        if pid.isdigit() and int(pid) <= MAX_PID and not alive(int(pid)):
-            out.append(path)
-    return out
+    this_host = host_id()
+    owners = ((path, _owner(_SPOOL_DIR_NAME.fullmatch(path.name)))
+              for path in parent.glob(f"{SPOOL_DIR}{this_host}-*"))
+    return [path for path, owner in owners
+            if owner is not None and owner.host == this_host and not alive(owner.pid)]
 
 
 def alive(pid: int) -> bool:

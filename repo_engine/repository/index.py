@@ -98,12 +98,12 @@ from .index_unfindable import CHECKED_AROUND, Unfindable, marks_hold
 from .index_upgrade import Upgrades
 from .lmdbfile import U64, check_data_file, cover_last_page, get_u64, readahead_pays
 from .packs import FinishedPack, PackEntry
-
-CACHE_ID_KEY = b"cache_id"  # meta: this cache's random name (Index.cache_id)
 from .safefile import FILE_MODE, make_dir
 from .seals import CHECK_SIZE, KEY, PAYLOAD, CountDamaged, seal, seal_rows, unseal, unsealed_rows
 
 MAP_SIZE = 1 << 40  # address space only: LMDB grows the file as it fills
+ABSENT, PRESENT, WRONG_SIZE, CHECK_FAILED = range(4)  # a sealed record's status (sealed_rows)
+CACHE_ID_KEY = b"cache_id"  # meta: this cache's random name (Index.cache_id)
 # points a forget looks up one by one (and reads the records of their VMs); more: the whole
 # catalog in one pass
 FEW_POINTS = 64
@@ -545,25 +545,18 @@ class Index(Replay, Unfindable, Upgrades):
                 ) -> tuple[list[int], list[CountDamaged | None]]:
         """The u64 count of each key in a count table (0 when absent), and the damage of each
         (None: it passes its check; a key of another size is damage, present or not), the
-        checks computed together."""
-        db = getattr(self, table)
-        raws = [txn.get(key, db=db) for key in keys]
+        checks computed together (sealed_rows)."""
+        size = KEY[table]
         counts: list[int] = [0] * len(keys)
-        damage: list[CountDamaged | None] = [None] * len(keys)
-        size, width = KEY[table], PAYLOAD[table] + CHECK_SIZE
-        whole = [i for i, raw in enumerate(raws)
-                 if raw is not None and len(raw) == width and len(keys[i]) == size]
-        for i, raw in enumerate(raws):
-            if len(keys[i]) != size or (raw is not None and len(raw) != width):
-                damage[i] = CountDamaged(table, keys[i])
+        damage = [None if len(key) == size else CountDamaged(table, key) for key in keys]
+        whole = [i for i, key in enumerate(keys) if len(key) == size]
         if whole:
             rows = np.frombuffer(b"".join(keys[i] for i in whole), np.uint8).reshape(-1, size)
-            values = np.frombuffer(b"".join(raws[i] for i in whole), np.uint8)
-            payloads, ok = unsealed_rows(table, rows, values.reshape(-1, width))
+            payloads, status = self.sealed_rows(txn, table, rows)
             numbers = payloads.copy().view("<u8")[:, 0].tolist()
-            for i, number, good in zip(whole, numbers, ok.tolist()):
+            for i, number, state in zip(whole, numbers, status.tolist()):
                 counts[i] = number
-                if not good:
+                if state >= WRONG_SIZE:
                     damage[i] = CountDamaged(table, keys[i])
         return counts, damage
 
@@ -612,17 +605,27 @@ class Index(Replay, Unfindable, Upgrades):
                                                                            np.ndarray]:
         """(count, passes its check) of each ref key (an absent count is 0 and passes), the
         checks run over all keys at once."""
-        get, db = txn.get, self.refcount
+        payloads, status = self.sealed_rows(txn, "refcount", keys)
+        return payloads.copy().view("<u8")[:, 0].astype(np.uint64), status <= PRESENT
+
+    def sealed_rows(self, txn: lmdb.Transaction, table: str,
+                    keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The records of `keys` ((n, KEY[table]) uint8 rows) in the sealed table `table`, their
+        checks computed together: their payloads ((n, PAYLOAD[table]) uint8; zeros where absent
+        or of the wrong size) and the status of each (ABSENT, PRESENT: passes its check,
+        WRONG_SIZE, CHECK_FAILED)."""
+        get, db = txn.get, getattr(self, table)
         raws = [get(key, db=db) for key in map(bytes, keys)]
-        width = PAYLOAD["refcount"] + CHECK_SIZE
-        counts = np.zeros(len(keys), np.uint64)
-        good = np.array([raw is None or len(raw) == width for raw in raws], bool)
-        found = np.flatnonzero(np.array([raw is not None for raw in raws], bool) & good)
-        values = np.frombuffer(b"".join(raws[i] for i in found.tolist()), np.uint8)
-        payloads, ok = unsealed_rows("refcount", keys[found], values.reshape(-1, width))
-        counts[found] = payloads.copy().view("<u8")[:, 0]
-        good[found] = ok
-        return counts, good
+        width = PAYLOAD[table] + CHECK_SIZE
+        status = np.array([ABSENT if raw is None else PRESENT if len(raw) == width
+                           else WRONG_SIZE for raw in raws], np.uint8)
+        payloads = np.zeros((len(keys), PAYLOAD[table]), np.uint8)
+        found = np.flatnonzero(status == PRESENT)
+        if len(found):
+            values = np.frombuffer(b"".join(raws[i] for i in found.tolist()), np.uint8)
+            payloads[found], ok = unsealed_rows(table, keys[found], values.reshape(-1, width))
+            status[found[~ok]] = CHECK_FAILED
+        return payloads, status
 
     def counts_valid(self) -> bool:
         with self.env.begin() as txn:

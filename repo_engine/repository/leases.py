@@ -183,6 +183,11 @@ class LeaseInfo:
                 self.expires_at() if self.ours(cache) else None]
         return min((end for end in ends if end is not None), default=None)
 
+    def of_dead(self, cache: str, dead: Collection[tuple[str, int]]) -> bool:
+        """Whether the record is of one of the `dead` holders (host, pid) whose lock files in
+        this host's cache `cache` were found stale: written through that cache only."""
+        return self.ours(cache) and (self.host, self.pid) in dead
+
     def ours(self, cache: str) -> bool:
         """Whether a process of this host wrote the record through this host's cache `cache`
         (module doc, "Clocks": a host name and pid alone may be another machine's or another
@@ -472,8 +477,7 @@ def take_vm_lock(store: Store, watch: Sightings, vm: str, command: str, seconds:
 def _held_by_dead(dead: LockInfo | None, cache: str, top: Found) -> bool:
     """Whether `top` is the store lock of `dead`, a holder whose lock file in the cache named
     `cache` was found stale."""
-    return (dead is not None and top.info.ours(cache)
-            and (top.info.host, top.info.pid) == (dead.host, dead.pid))
+    return dead is not None and top.info.of_dead(cache, {(dead.host, dead.pid)})
 
 
 def take_lock(store: Store, watch: Sightings, base: str, kind: str, command: str,
@@ -620,8 +624,7 @@ def clear_leases(store: Store, watch: Sightings | None,
     removed, kept = [], []
     for f in found:
         free = f.info.free_from(seen.get(f.name), cache)
-        if (force or (f.info.ours(cache) and (f.info.host, f.info.pid) in dead)
-                or (free is not None and free <= at)):
+        if force or f.info.of_dead(cache, dead) or (free is not None and free <= at):
             removed.append(f)
         else:
             kept.append(Kept(f, seen.get(f.name), free))
