@@ -16,7 +16,7 @@ import numpy as np
 from ..backup.extents import blocks_to_extents
 from ..errors import DamageError, LockedError, RepoError
 from ..pause import pause_point
-from ..repository.atomic import alive, host_id, spool_owner, temp_owner
+from ..repository.atomic import alive, of_this_host, spool_owner, temp_owner, writer_gone
 from ..repository.index import Index
 from ..repository.index_records import SEALED_DBS
 from ..repository.locks import list_locks, remove_if_stale
@@ -219,13 +219,12 @@ def dead_writes(temps: Iterable[TempFile], before: float | None,
     time is of the writer's or the file server's clock, which may run behind this one. A name
     of an earlier version gives no host: this host's when `before` is None (as a spool
     file's), else another's."""
-    this_host = host_id()
     out = []
     for temp in temps:
         owner = temp_owner(temp.name.rpartition("/")[2])
         if owner is None:
             continue  # not a name the repository gives: left alone
-        if owner.host == this_host or (owner.host is None and before is None):
+        if of_this_host(owner, legacy_ours=before is None):
             gone = not alive(owner.pid)
         else:
             gone = (before is not None and temp.modified < before
@@ -277,15 +276,8 @@ def dead_tmp_files(repo: Repository, *, shared: bool) -> list[Path]:
     writing. Another host's (a local store shared over the network) are its own gc's to judge;
     a name of an earlier version gives no host: this host's on a repository of one writer,
     left alone on a `shared` one (a host not yet upgraded may be writing it)."""
-    this_host = host_id()
-    out = []
-    for path in repo.store.spool_dir().glob("*.tmp"):
-        owner = spool_owner(path.name)
-        if owner is None or owner.host != this_host and (shared or owner.host is not None):
-            continue
-        if not alive(owner.pid):
-            out.append(path)
-    return out
+    return [path for path in repo.store.spool_dir().glob("*.tmp")
+            if writer_gone(spool_owner(path.name), legacy_ours=not shared)]
 
 
 def remove_files(paths: Iterable[Path]) -> int:

@@ -104,11 +104,22 @@ def spool_dir_prefix() -> str:
 
 def dead_spool_dirs(parent: Path) -> list[Path]:
     """The private spool directories in `parent` of this host's processes that are gone."""
-    this_host = host_id()
-    owners = ((path, _owner(_SPOOL_DIR_NAME.fullmatch(path.name)))
-              for path in parent.glob(f"{SPOOL_DIR}{this_host}-*"))
-    return [path for path, owner in owners
-            if owner is not None and owner.host == this_host and not alive(owner.pid)]
+    return [path for path in parent.glob(f"{SPOOL_DIR}{host_id()}-*")
+            if writer_gone(_owner(_SPOOL_DIR_NAME.fullmatch(path.name)), legacy_ours=False)]
+
+
+def of_this_host(owner: TempOwner, *, legacy_ours: bool) -> bool:
+    """Whether `owner` is a process of this host (and pid namespace), whose pid tells here
+    whether it lives; `legacy_ours`: whether a name of an earlier version, which gives no host,
+    counts as this host's (on a repository of one writer it can be no other's)."""
+    return owner.host == host_id() or (owner.host is None and legacy_ours)
+
+
+def writer_gone(owner: TempOwner | None, *, legacy_ours: bool) -> bool:
+    """Whether `owner` (None: no name the repository gives) is a process of this host that is
+    gone (`of_this_host`)."""
+    return (owner is not None and of_this_host(owner, legacy_ours=legacy_ours)
+            and not alive(owner.pid))
 
 
 def alive(pid: int) -> bool:
