@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import attach_shared, cli
+from helpers import attach_shared, cli, sightings_age
 from repo_engine.errors import LockedError, RepoError
 from repo_engine.maintenance.rebuild import unlock, unlock_shared
 from repo_engine.repository import leases
@@ -69,6 +69,7 @@ def watched(monkeypatch, *repos: Repository, hours: float = 2.0) -> None:
         leases.sighted(repo.index, list_leases(repo.store), leases.now())
     later = leases.now() + timedelta(hours=hours)
     monkeypatch.setattr(leases, "now", lambda: later)
+    sightings_age(monkeypatch, hours * 3600)
 
 
 class Noted:

@@ -15,7 +15,8 @@ import blake3
 import numpy as np
 import pytest
 
-from helpers import KIB, DiskModel, attach_shared, cli, shared_repo, stopped_before_commit
+from helpers import (KIB, DiskModel, attach_shared, cli, shared_repo, sightings_age,
+                     stopped_before_commit)
 from repo_engine.errors import DamageError, FormatError, RepoError
 from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.forget import forget_points
@@ -83,6 +84,7 @@ def clock_ahead(monkeypatch, seconds: float) -> None:
     later = leases.now() + timedelta(seconds=seconds)
     for module in (leases, shared_gc):  # shared_gc holds its own name for the clock
         monkeypatch.setattr(module, "now", lambda: later)
+    sightings_age(monkeypatch, seconds)
 
 
 def test_a_lease_renewed_after_it_expired_stays_lost(hosts, monkeypatch):
@@ -180,7 +182,7 @@ def test_an_entry_missing_in_the_middle_of_the_journal_is_refused(hosts, tmp_pat
 
 
 def test_entries_compacted_past_a_recently_refreshed_cache_are_read_from_the_checkpoint(
-        hosts, tmp_path):
+        hosts, tmp_path, monkeypatch):
     """gc compacted the entries b's cache had not replayed yet (its clock jumped two hours
     ahead after it first saw the checkpoint): b, refreshed a minute ago, loads the checkpoint
     at its lock instead of taking the gap for the head."""
@@ -194,6 +196,7 @@ def test_entries_compacted_past_a_recently_refreshed_cache_are_read_from_the_che
     contents[second.id] = model.copy_of_content()
     seq = write_checkpoint(a.repo.store, a.repo.index)
     assert compact(a.repo.store, a.repo.index, grace=0) == 0  # first seen now
+    sightings_age(monkeypatch, 2 * STALE_AFTER)
     assert compact(a.repo.store, a.repo.index, grace=0, now=time.time() + 2 * STALE_AFTER) == seq
     with b.repo.lock(SHARED, "points"):
         assert {p.id for p in b.repo.points()} == set(contents)
@@ -320,6 +323,7 @@ def test_the_journal_head_check_on_s3(seaweedfs, s3_bucket, tmp_path, monkeypatc
         b.repo.lock(SHARED, "points").release()
     head = write_checkpoint(store, a.repo.index)
     assert compact(store, a.repo.index, grace=0) == 0  # first seen now
+    sightings_age(monkeypatch, 2 * STALE_AFTER)
     assert compact(store, a.repo.index, grace=0, now=time.time() + 2 * STALE_AFTER) == head - 1
     with b.repo.lock(SHARED, "restore"):
         assert {p.id for p in b.repo.points()} == set(points)
@@ -484,6 +488,7 @@ def test_entries_compacted_while_a_backup_runs_are_never_committed_again(
     contents[stalled.finish().id] = stalled.model.copy_of_content()
     restores_everything(root, tmp_path, contents)
     # an hour later on the compactor's own clock, the entries go; every point stays
+    sightings_age(monkeypatch, STALE_AFTER)
     assert compact(a.repo.store, a.repo.index, grace=0, now=skewed + STALE_AFTER) == seq
     restores_everything(root, tmp_path, contents)
 
@@ -537,7 +542,9 @@ def test_a_lease_left_by_a_dead_holder_is_swept_past_once_seen_unchanged_long_en
     first = gc(a.repo, grace=0)
     assert (first.plans_swept, first.plans_pending) == (0, 1)
     gc_clock_ahead(monkeypatch, 3600 - 60)
+    sightings_age(monkeypatch, 3600 - 60)
     assert gc(a.repo, grace=0).plans_swept == 0
     gc_clock_ahead(monkeypatch, 3600 + 1)
+    sightings_age(monkeypatch, 3600 + 1)
     assert gc(a.repo, grace=0).plans_swept == 1
     restores_everything(root, tmp_path, {kept.id: model.copy_of_content()})

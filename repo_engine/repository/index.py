@@ -99,6 +99,7 @@ from .index_upgrade import Upgrades
 from .lmdbfile import U64, check_data_file, cover_last_page, get_u64, readahead_pays
 from .packs import FinishedPack, PackEntry
 from .safefile import FILE_MODE, make_dir
+from . import sightings
 from .seals import CHECK_SIZE, KEY, PAYLOAD, CountDamaged, seal, seal_rows, unseal, unsealed_rows
 
 MAP_SIZE = 1 << 40  # address space only: LMDB grows the file as it fills
@@ -472,19 +473,15 @@ class Index(Replay, Unfindable, Upgrades):
     def first_seen(self, key: bytes, names: Collection[str], at: float,
                    scope: str = "") -> dict[str, float]:
         """When this host first saw each of `names` (those new now: `at`, seconds since the
-        epoch on this host's clock), as noted in meta `key`, which keeps the ones given and
+        epoch on this host's clock, now), as noted in meta `key`, which keeps the ones given and
         those outside `scope` (a prefix: the names a partial listing could not have seen): a
-        wait for something another host wrote is timed on this clock, never on the writer's
-        (hosts' clocks differ)."""
+        wait for something another host wrote is timed on this host, never by the writer's
+        clock (hosts' clocks differ), and on a clock no setting of this host's moves
+        (sightings.py): each time is `at` less the seconds seen."""
         with self.write() as txn:
-            raw = txn.get(key, db=self.meta)
-            noted = json.loads(raw) if raw else {}
-            # a note in this clock's future was made while it ran ahead (since set right):
-            # it counts from now, or a wait would last as long as the clock was off
-            seen = {name: min(float(noted.get(name, at)), at) for name in names}
-            kept = {name: when for name, when in noted.items() if not name.startswith(scope)}
-            txn.put(key, json.dumps({**kept, **seen}).encode(), db=self.meta)
-        return seen
+            value, seen = sightings.note(txn.get(key, db=self.meta), names, scope)
+            txn.put(key, value, db=self.meta)
+        return {name: at - seconds for name, seconds in seen.items()}
 
     def missing_refs(self, refs: np.ndarray) -> np.ndarray:
         """Those of `refs` the index does not place (a sweep removed them)."""

@@ -52,8 +52,9 @@ safe whatever the clocks: a holder that still renews changes its record every qu
 duration, and one that stopped renewing sees, on its own clock, its lease expire no later than a
 duration after its last renewal, which came before the taker's first sight, so it stops (`check`)
 before the taker takes over (clocks differ in their setting, by any amount, not in their rate:
-that differs by far less than a lease; a note in this host's future, made while its clock
-ran ahead and since set right, counts from now). The cost: a crashed holder's lock is taken over, and its
+that differs by far less than a lease). A sighting is timed on a clock that no setting of this
+host's clock moves (sightings.py): a clock stepped forward while a host waits does not end the
+wait early. The cost: a crashed holder's lock is taken over, and its
 lease removed by `unlock`, only one lease after a host first saw it so (a takeover refused says
 when, on the taker's clock; `unlock` reports for how long it has watched each record it keeps,
 and when to run it again), unless the dead holder is of this host: a lock as above, and `unlock`
@@ -80,7 +81,6 @@ import os
 import re
 import socket
 import threading
-import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -92,6 +92,7 @@ from .envelope import read_sealed, write_sealed
 from .formats import LEASE
 from .locks import MAINTENANCE, LockInfo, RepoLock, vm_busy, vm_key
 from .safefile import LOCK_MAX
+from .sightings import monotonic
 from .store import ObjectExists, ObjectMissing, Store
 
 PREFIX = "leases/"
@@ -122,12 +123,6 @@ def lease_seconds() -> float:
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def monotonic() -> float:
-    """Seconds on a clock that no setting of this host's clock moves, counting the time the
-    host was suspended too (a lease runs on while its holder sleeps)."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def iso(when: datetime) -> str:

@@ -1,0 +1,67 @@
+"""When this host first saw what other hosts wrote (a lease record as it is, a multipart upload,
+a plan, a checkpoint), timed on a clock that no setting of this host's clock moves.
+
+A wait for another host's record is timed from this host's first sight of it, never by the
+times in it (hosts' clocks differ: leases.py, "Clocks"). The wall clock would not do for the
+wait either: stepped forward while a host waits (an NTP correction after boot, a VM resumed
+from a snapshot), it would make a record just seen look watched for hours, and a live holder's
+lock be taken. So a sighting is a reading of CLOCK_BOOTTIME, which only runs forward and
+counts the time the host was suspended, together with the boot it was read in: across a reboot
+(or in a cache copied to another machine) the readings do not compare, and every sighting
+starts again. A restart only makes a wait longer, never shorter.
+
+The notes of one meta key are a JSON object: {"format": 2, "boot": the boot id, "seen": {name:
+the CLOCK_BOOTTIME reading of its first sight}}. A value of another form (format 1 held wall
+times; a damaged one) counts as no notes: every sighting starts now.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Collection
+from pathlib import Path
+
+FORMAT = 2
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def monotonic() -> float:
+    """Seconds on a clock that no setting of this host's clock moves, counting the time the
+    host was suspended too (a lease runs on while its holder sleeps)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def boot_id() -> str:
+    """This boot's id ("" where the system gives none: a reboot is then told by the clock
+    going back)."""
+    try:
+        return _BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _notes(raw: bytes | None, boot: str, reading: float) -> dict[str, float]:
+    """The sightings of `raw` that compare with `reading`, a reading of this boot."""
+    try:
+        noted = json.loads(raw) if raw else {}
+        if noted.get("format") != FORMAT or noted.get("boot") != boot:
+            return {}
+        seen = noted["seen"]
+        return {name: float(when) for name, when in seen.items()
+                if isinstance(name, str) and isinstance(when, (int, float))
+                and 0 <= when <= reading}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}
+
+
+def note(raw: bytes | None, names: Collection[str], scope: str) -> tuple[bytes, dict[str, float]]:
+    """The notes `raw` with each of `names` noted (those new now: seen now), and for how many
+    seconds this host has seen each of `names`. The notes kept are those of `names` and those
+    outside `scope` (a prefix: the names a partial listing could not have seen)."""
+    boot, reading = boot_id(), monotonic()
+    noted = _notes(raw, boot, reading)
+    seen = {name: noted.get(name, reading) for name in names}
+    kept = {name: when for name, when in noted.items() if not name.startswith(scope)}
+    value = {"format": FORMAT, "boot": boot, "seen": {**kept, **seen}}
+    return json.dumps(value).encode(), {name: reading - when for name, when in seen.items()}

@@ -1,0 +1,65 @@
+"""First sightings (repository/sightings.py) are timed on a steady clock of one boot: a wait
+never ends early because the wall clock was stepped, the host rebooted, or the notes are old or
+damaged; each of those only starts the wait again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from repo_engine.repository import sightings
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """This host's steady clock and boot, set by the test."""
+    state = {"reading": 5000.0, "boot": "boot-1"}
+    monkeypatch.setattr(sightings, "monotonic", lambda: state["reading"])
+    monkeypatch.setattr(sightings, "boot_id", lambda: state["boot"])
+    return state
+
+
+def test_a_name_seen_again_is_as_old_as_its_first_sight(clock):
+    raw, seen = sightings.note(None, ["a"], "")
+    assert seen == {"a": 0.0}
+    clock["reading"] += 250
+    raw, seen = sightings.note(raw, ["a", "b"], "")
+    assert seen == {"a": 250.0, "b": 0.0}
+    assert json.loads(raw) == {"format": 2, "boot": "boot-1", "seen": {"a": 5000.0, "b": 5250.0}}
+
+
+def test_notes_of_another_boot_start_again(clock):
+    raw, _ = sightings.note(None, ["a"], "")
+    clock["reading"], clock["boot"] = 9000.0, "boot-2"  # rebooted: this clock started again
+    assert sightings.note(raw, ["a"], "")[1] == {"a": 0.0}
+
+
+def test_a_note_ahead_of_the_clock_starts_again(clock):
+    """Where the system gives no boot id, a reboot shows as a clock behind the notes."""
+    clock["boot"] = ""
+    raw, _ = sightings.note(None, ["a"], "")
+    clock["reading"] = 10.0
+    assert sightings.note(raw, ["a"], "")[1] == {"a": 0.0}
+
+
+@pytest.mark.parametrize("raw", [
+    json.dumps({"a": 1.0}).encode(),  # format 1: wall times of the host's clock
+    b"{not json", b"[1, 2]", json.dumps({"format": 2, "boot": "boot-1", "seen": [1]}).encode(),
+    json.dumps({"format": 2, "boot": "boot-1", "seen": {"a": "old"}}).encode()])
+def test_old_or_damaged_notes_start_again(clock, raw):
+    new, seen = sightings.note(raw, ["a"], "")
+    assert seen == {"a": 0.0}
+    assert json.loads(new)["seen"] == {"a": 5000.0}
+
+
+def test_notes_outside_the_scope_are_kept_and_those_inside_not_listed_dropped(clock):
+    raw, _ = sightings.note(None, ["leases/x", "leases/y", "uploads/z"], "")
+    clock["reading"] += 5
+    raw, seen = sightings.note(raw, ["leases/x"], "leases/")
+    assert seen == {"leases/x": 5.0}
+    assert set(json.loads(raw)["seen"]) == {"leases/x", "uploads/z"}
+
+
+def test_the_boot_id_is_read_from_the_system():
+    assert len(sightings.boot_id()) == 36  # a UUID, as Linux gives it
