@@ -7,6 +7,7 @@ and its clock (`leases.now`, or `shared_gc.now`) patched while it acts."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 from contextlib import contextmanager
 from dataclasses import replace
@@ -416,3 +417,21 @@ def test_unlock_command_names_a_record_it_keeps_for_good(tmp_path, capsys):
             "ends; if no repo-engine command on any host holds it, run 'repo-engine unlock "
             "--force'\n") in result.out
     assert list_leases(store)[0].name == maintenance_name(1)
+
+
+def test_a_cache_cloned_with_its_machine_takes_no_live_lock_of_the_original(store, tmp_path,
+                                                                           monkeypatch):
+    """A machine cloned (its disk copied) while its backup of a VM runs: the clone has the same
+    host name and a copy of the cache, whose local lock file of that backup is stale there (no
+    process of the clone holds it). The record in the store names the same host, pid and cache;
+    the clone must still wait for it as for another host's, since it runs in another boot
+    (before, it took the live backup's lock at once: two backups of one VM)."""
+    a = host(store, tmp_path, "a")
+    with a.vm_lock("v", "backup image v") as held:
+        shutil.copytree(tmp_path / "a", tmp_path / "clone")
+        monkeypatch.setattr(sightings, "boot_id", lambda: "boot-of-the-clone")
+        clone = host(store, tmp_path, "clone")
+        with pytest.raises(LockedError, match="free from"):
+            clone.vm_lock("v", "backup image v")
+        monkeypatch.undo()
+        held.check()

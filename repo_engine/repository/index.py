@@ -461,14 +461,15 @@ class Index(Replay, Unfindable, Upgrades):
             txn.put(name.encode(), U64.pack(value), db=self.meta)
 
     def cache_id(self) -> str:
-        """This cache's random name, made on first use (meta CACHE_ID_KEY): the store's lease
-        records written through this cache carry it (leases.py, "Clocks")."""
+        """This cache's name in this boot and pid namespace (sightings.this_boot) of its random
+        name, made on first use (meta CACHE_ID_KEY): the store's lease records written through
+        this cache carry it (leases.py, "Clocks")."""
         with self.write() as txn:
             raw = txn.get(CACHE_ID_KEY, db=self.meta)
             if raw is None:
                 raw = os.urandom(8).hex().encode()
                 txn.put(CACHE_ID_KEY, raw, db=self.meta)
-        return raw.decode()
+        return sightings.this_boot(raw.decode())
 
     def first_seen(self, key: bytes, names: Collection[str], at: float,
                    scope: str = "") -> dict[str, float]:

@@ -27,7 +27,8 @@ Each is a sealed JSON record (envelope.py, magic LEASE, version 1.2): `kind` (`s
 holder's clock: started or last renewed + the lease's seconds), `token` (random hex: a name reused
 after an `unlock --force` is never taken for the holder's own), `seconds` (the lease's duration;
 absent in version 1.0, whose records are read with expiry less start standing for it: at least
-the duration) and `cache` (the random name of the holder's cache, Index.cache_id; absent
+the duration) and `cache` (the holder's cache's random name bound to its boot and pid
+namespace, Index.cache_id; absent
 before version 1.2). A daemon thread renews the record every quarter of its duration, overwriting
 only its own object after reading back its token. A lease whose renewal
 failed once, whose object is gone or replaced, or whose expiry passed on the holder's clock (or
@@ -64,7 +65,10 @@ holds that pid again: a pid reused). A record written through this host's own ca
 clock; it is also the only record a stale local lock file of its pid is evidence against. A host
 name and pid alone do not tell: machines cloned from one image keep its host name but not its
 clock, and containers sharing a machine's name (host networking), each with its own cache and
-pid namespace, repeat each other's pids. gc's waits for leases
+pid namespace, repeat each other's pids. Nor does the cache's name alone: a cache copied with
+its machine's disk, or into another container, keeps it, so the name a record carries is bound
+to the boot and pid namespace it was written in (sightings.this_boot); a record this cache wrote
+before a reboot is judged as another host's. gc's waits for leases
 (maintenance/shared_gc.py) use the same sightings. The store's clock (S3 `Last-Modified` and a
 response's `Date`, a file's modification time) could serve as the one clock of every host
 instead, with no wait after a first sight, but not on every store: a shared directory's file
@@ -139,7 +143,7 @@ class LeaseInfo:
     expires: str  # "" when the record cannot be read: it never expires
     token: str
     seconds: float = 0.0  # the holder's lease duration; 0 in a record of format 1.0
-    cache: str = ""  # the random name of the holder's cache (Index.cache_id); "" before 1.2
+    cache: str = ""  # the holder's cache's name in its boot (Index.cache_id); "" before 1.2
 
     def expires_at(self) -> datetime | None:
         try:

@@ -17,7 +17,9 @@ times; a damaged one) counts as no notes: every sighting starts now.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -39,6 +41,19 @@ def boot_id() -> str:
         return _BOOT_ID.read_text().strip()
     except OSError:
         return ""
+
+
+def this_boot(name: str) -> str:
+    """`name` (a cache's random name) bound to this boot and pid namespace, the scope in which
+    this host's clock readings and pids mean what they meant when a record naming it was
+    written. A copy of the cache on another machine (cloned from one image: same host name),
+    in another container, or run after a reboot gives another: a record of any of those is
+    judged as another host's, never by a pid alive here or an expiry on this clock."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{name} {boot_id()} {namespace}".encode()).hexdigest()[:16]
 
 
 def _notes(raw: bytes | None, boot: str, reading: float) -> dict[str, float]:
