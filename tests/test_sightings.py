@@ -5,10 +5,12 @@ damaged; each of those only starts the wait again."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
 from repo_engine.repository import sightings
+from repo_engine.repository.index import Index
 
 
 @pytest.fixture
@@ -21,26 +23,26 @@ def clock(monkeypatch):
 
 
 def test_a_name_seen_again_is_as_old_as_its_first_sight(clock):
-    raw, seen = sightings.note(None, ["a"], "")
+    raw, seen = sightings.note(None, ["a"], "", clock["reading"])
     assert seen == {"a": 0.0}
     clock["reading"] += 250
-    raw, seen = sightings.note(raw, ["a", "b"], "")
+    raw, seen = sightings.note(raw, ["a", "b"], "", clock["reading"])
     assert seen == {"a": 250.0, "b": 0.0}
     assert json.loads(raw) == {"format": 2, "boot": "boot-1", "seen": {"a": 5000.0, "b": 5250.0}}
 
 
 def test_notes_of_another_boot_start_again(clock):
-    raw, _ = sightings.note(None, ["a"], "")
+    raw, _ = sightings.note(None, ["a"], "", clock["reading"])
     clock["reading"], clock["boot"] = 9000.0, "boot-2"  # rebooted: this clock started again
-    assert sightings.note(raw, ["a"], "")[1] == {"a": 0.0}
+    assert sightings.note(raw, ["a"], "", clock["reading"])[1] == {"a": 0.0}
 
 
 def test_a_note_ahead_of_the_clock_starts_again(clock):
     """Where the system gives no boot id, a reboot shows as a clock behind the notes."""
     clock["boot"] = ""
-    raw, _ = sightings.note(None, ["a"], "")
+    raw, _ = sightings.note(None, ["a"], "", clock["reading"])
     clock["reading"] = 10.0
-    assert sightings.note(raw, ["a"], "")[1] == {"a": 0.0}
+    assert sightings.note(raw, ["a"], "", clock["reading"])[1] == {"a": 0.0}
 
 
 @pytest.mark.parametrize("raw", [
@@ -48,18 +50,42 @@ def test_a_note_ahead_of_the_clock_starts_again(clock):
     b"{not json", b"[1, 2]", json.dumps({"format": 2, "boot": "boot-1", "seen": [1]}).encode(),
     json.dumps({"format": 2, "boot": "boot-1", "seen": {"a": "old"}}).encode()])
 def test_old_or_damaged_notes_start_again(clock, raw):
-    new, seen = sightings.note(raw, ["a"], "")
+    new, seen = sightings.note(raw, ["a"], "", clock["reading"])
     assert seen == {"a": 0.0}
     assert json.loads(new)["seen"] == {"a": 5000.0}
 
 
 def test_notes_outside_the_scope_are_kept_and_those_inside_not_listed_dropped(clock):
-    raw, _ = sightings.note(None, ["leases/x", "leases/y", "uploads/z"], "")
+    raw, _ = sightings.note(None, ["leases/x", "leases/y", "uploads/z"], "", clock["reading"])
     clock["reading"] += 5
-    raw, seen = sightings.note(raw, ["leases/x"], "leases/")
+    raw, seen = sightings.note(raw, ["leases/x"], "leases/", clock["reading"])
     assert seen == {"leases/x": 5.0}
     assert set(json.loads(raw)["seen"]) == {"leases/x", "uploads/z"}
 
 
 def test_the_boot_id_is_read_from_the_system():
     assert len(sightings.boot_id()) == 36  # a UUID, as Linux gives it
+
+
+def test_a_wait_for_the_cache_is_not_time_seen(clock, tmp_path, monkeypatch):
+    """The names were listed before first_seen waits for the cache's write transaction, which
+    another process of this host may hold for minutes (loading a checkpoint): a renewal made
+    meanwhile went unseen, so that wait is no time the record was seen unchanged (before, it
+    counted: a live holder's lock taken once the wait outlasted three quarters of a lease)."""
+    index = Index(tmp_path / "index", create=True)
+    assert index.first_seen(b"seen", ["a"], 1000.0) == {"a": 1000.0}
+    clock["reading"] += 100  # listed again, then the transaction is busy for ten minutes
+    listed = threading.Event()
+    reading = sightings.monotonic
+    monkeypatch.setattr(sightings, "monotonic", lambda: (listed.set(), reading())[1])
+    result: list[dict[str, float]] = []
+    with index.write():
+        waiting = threading.Thread(target=lambda: result.append(
+            index.first_seen(b"seen", ["a", "b"], 2000.0)))
+        waiting.start()
+        listed.wait(2)
+        clock["reading"] += 600
+    waiting.join()
+    assert result == [{"a": 1900.0, "b": 2000.0}]
+    clock["reading"] += 1
+    assert index.first_seen(b"seen", ["a", "b"], 3000.0) == {"a": 3000.0 - 701, "b": 2999.0}

@@ -478,9 +478,11 @@ class Index(Replay, Unfindable, Upgrades):
         those outside `scope` (a prefix: the names a partial listing could not have seen): a
         wait for something another host wrote is timed on this host, never by the writer's
         clock (hosts' clocks differ), and on a clock no setting of this host's moves
-        (sightings.py): each time is `at` less the seconds seen."""
+        (sightings.py): each time is `at` less the seconds seen by the time of the call
+        (not by the end of a wait for the write transaction)."""
+        listed = sightings.monotonic()
         with self.write() as txn:
-            value, seen = sightings.note(txn.get(key, db=self.meta), names, scope)
+            value, seen = sightings.note(txn.get(key, db=self.meta), names, scope, listed)
             txn.put(key, value, db=self.meta)
         return {name: at - seconds for name, seconds in seen.items()}
 

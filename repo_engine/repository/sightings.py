@@ -70,13 +70,19 @@ def _notes(raw: bytes | None, boot: str, reading: float) -> dict[str, float]:
         return {}
 
 
-def note(raw: bytes | None, names: Collection[str], scope: str) -> tuple[bytes, dict[str, float]]:
+def note(raw: bytes | None, names: Collection[str], scope: str,
+         listed: float) -> tuple[bytes, dict[str, float]]:
     """The notes `raw` with each of `names` noted (those new now: seen now), and for how many
-    seconds this host has seen each of `names`. The notes kept are those of `names` and those
-    outside `scope` (a prefix: the names a partial listing could not have seen)."""
+    seconds this host had seen each of `names` when it listed them (`listed`, a reading of
+    `monotonic` taken then). The notes kept are those of `names` and those outside `scope` (a
+    prefix: the names a partial listing could not have seen). Called in the write transaction
+    of the notes: a wait for it (another process of this host holding it) is no time a name
+    was seen, as it may have changed meanwhile unseen; a name noted meanwhile, by that
+    process, counts as seen for no time."""
     boot, reading = boot_id(), monotonic()
     noted = _notes(raw, boot, reading)
     seen = {name: noted.get(name, reading) for name in names}
     kept = {name: when for name, when in noted.items() if not name.startswith(scope)}
     value = {"format": FORMAT, "boot": boot, "seen": {**kept, **seen}}
-    return json.dumps(value).encode(), {name: reading - when for name, when in seen.items()}
+    return json.dumps(value).encode(), {name: max(0.0, listed - when)
+                                        for name, when in seen.items()}
