@@ -493,6 +493,29 @@ def test_entries_compacted_while_a_backup_runs_are_never_committed_again(
     restores_everything(root, tmp_path, contents)
 
 
+def test_a_backup_whose_clock_was_set_back_loads_the_checkpoint_compacted_past_its_cache(
+        hosts, tmp_path, monkeypatch):
+    """b's backup refreshed at its lock and spends over an hour between two commits (a large
+    upload, its lease renewed), while its clock is set an hour back (NTP correcting a clock that
+    ran fast): on that clock it refreshed a moment ago. Meanwhile a compacted the journal past
+    b's cache, having seen the checkpoint for an hour. b's next commit refreshes without the head
+    check: it must judge its cache stale on a clock no setting moves and load the checkpoint
+    (before, it took the gap for the head and committed its point at a seq the checkpoint
+    covers, an entry no other host reads)."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 30)
+    contents = {a.backup("vm", model).id: model.copy_of_content()}
+    stalled = stalled_backup(b, tmp_path, monkeypatch, "other", 31)
+    model.random_changes(4)
+    contents[a.backup("vm", model).id] = model.copy_of_content()
+    seq = write_checkpoint(a.repo.store, a.repo.index)
+    assert compact(a.repo.store, a.repo.index, grace=0) == 0  # first seen now
+    sightings_age(monkeypatch, STALE_AFTER + 1)  # the wall clock, set back, shows no time
+    assert compact(a.repo.store, a.repo.index, grace=0) == seq
+    contents[stalled.finish().id] = stalled.model.copy_of_content()
+    restores_everything(root, tmp_path, contents)
+
+
 def gc_clock_ahead(monkeypatch, seconds: float) -> None:
     """gc's clock alone moves `seconds` ahead: the holders of leases keep theirs."""
     later = shared_gc.now() + timedelta(seconds=seconds)

@@ -154,7 +154,7 @@ def plan_fields(plan) -> tuple:
     return op.plan, op.time, op.refs.tolist(), op.packs, op.maps, op.objects, plan.leases
 
 
-def test_a_stale_host_loads_the_newer_checkpoint(shared, tmp_path):
+def test_a_stale_host_loads_the_newer_checkpoint(shared, tmp_path, monkeypatch):
     store = LocalStore(tmp_path / "repo")
     back_up(shared, tmp_path, "vm1", 6)
     stale = fresh_host(tmp_path, "cache-stale")
@@ -163,7 +163,7 @@ def test_a_stale_host_loads_the_newer_checkpoint(shared, tmp_path):
     shared.refresh()
     seq = write_checkpoint(store, shared.index)
     store.delete(entry_object(s) for s in range(1, seq + 1))
-    stale.index.set_meta_u64("refreshed", 0)  # last refreshed long ago
+    sightings_age(monkeypatch, checkpoint.STALE_AFTER + 1)  # last refreshed long ago
     assert stale.refresh() == seq
     assert restores(stale, point, content, tmp_path)
     stale.close()

@@ -89,3 +89,14 @@ def test_a_wait_for_the_cache_is_not_time_seen(clock, tmp_path, monkeypatch):
     assert result == [{"a": 1900.0, "b": 2000.0}]
     clock["reading"] += 1
     assert index.first_seen(b"seen", ["a", "b"], 3000.0) == {"a": 3000.0 - 701, "b": 2999.0}
+
+
+def test_a_stamp_has_an_age_in_its_boot_only(clock):
+    stamp = sightings.stamp()
+    clock["reading"] += 30
+    assert sightings.age(stamp) == 30.0
+    assert sightings.age(None) is None and sightings.age(b"\0" * 8) is None
+    clock["reading"] = 10.0  # a clock behind the stamp: another boot, with no boot id
+    assert sightings.age(stamp) is None
+    clock["reading"], clock["boot"] = 9000.0, "boot-2"
+    assert sightings.age(stamp) is None

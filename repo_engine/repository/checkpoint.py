@@ -40,7 +40,8 @@ found damaged in (a note an earlier repo-engine kept to its host): that one stay
 whatever its row says.
 
 `catch_up` is a shared repository's refresh: apply entries `journal_seq + 1, ...` until one is
-missing. A cache that is empty, or was last refreshed more than STALE_AFTER ago, first looks for
+missing. A cache that is empty, or was last refreshed more than STALE_AFTER ago (on a clock no
+setting of this host's moves: Index.refreshed_ago), first looks for
 a newer checkpoint: entries at or below a checkpoint are deleted only once it is older than
 STALE_AFTER (and gc's grace), so a cache refreshed more recently still finds the entries it needs.
 That age is measured on the compacting host's clock alone, from when it first saw the checkpoint
@@ -89,7 +90,7 @@ RECORDS_BATCH = 1 << 10  # catalog records per frame (a record is up to a few Ki
 READ_PIECE = 8 << 20
 MAX_FRAME = 1 << 30
 STALE_AFTER = 3600.0
-SEEN_KEY = b"checkpoints_seen"  # meta: {seq: unix time this host first listed the checkpoint}
+SEEN_KEY = b"checkpoints_seen"  # meta: when this host first listed each checkpoint (sightings)
 READ_AHEAD = 8  # journal entries fetched at once by a long replay
 CHECKPOINT_EVERY = 200
 # what a checkpoint replaces in a cache (other tables are this host's own notes; `unfindable`
@@ -444,8 +445,10 @@ def catch_up(store: Store, index: Index, *, check: bool = False,
     `check` (a command's first refresh, after its lock): make sure the entry the cache stopped
     at is the journal's head (`_at_head`), at the cost of two HEAD requests."""
     seq = index.journal_seq
-    refreshed = index.meta_u64("refreshed")
-    if seq == 0 or time.time() - refreshed > STALE_AFTER:
+    # timed on a clock no setting moves: a wall clock set back while a command runs (or
+    # noted while it ran ahead) would call a cache fresh that another host compacted past
+    ago = index.refreshed_ago()
+    if seq == 0 or ago is None or ago > STALE_AFTER:
         newest = newest_checkpoint(store)
         if newest is not None and newest > seq:
             load_checkpoint(store, index, newest, sealer)
@@ -455,7 +458,7 @@ def catch_up(store: Store, index: Index, *, check: bool = False,
             index.apply_entry(entry)  # a no-op for one another process of this host applied
         if not check or _at_head(store, index, sealer):
             break
-    index.set_meta_u64("refreshed", int(time.time()))
+    index.note_refreshed()
     return index.journal_seq
 
 

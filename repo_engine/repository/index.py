@@ -105,6 +105,7 @@ from .seals import CHECK_SIZE, KEY, PAYLOAD, CountDamaged, seal, seal_rows, unse
 MAP_SIZE = 1 << 40  # address space only: LMDB grows the file as it fills
 ABSENT, PRESENT, WRONG_SIZE, CHECK_FAILED = range(4)  # a sealed record's status (sealed_rows)
 CACHE_ID_KEY = b"cache_id"  # meta: this cache's random name (Index.cache_id)
+REFRESHED_KEY = b"refreshed_at"  # meta: when this cache last caught up (Index.note_refreshed)
 # points a forget looks up one by one (and reads the records of their VMs); more: the whole
 # catalog in one pass
 FEW_POINTS = 64
@@ -485,6 +486,18 @@ class Index(Replay, Unfindable, Upgrades):
             value, seen = sightings.note(txn.get(key, db=self.meta), names, scope, listed)
             txn.put(key, value, db=self.meta)
         return {name: at - seconds for name, seconds in seen.items()}
+
+    def refreshed_ago(self) -> float | None:
+        """Seconds since this cache was last caught up with the journal (`note_refreshed`), on
+        a clock no setting of this host's moves; None when not known (not in this boot)."""
+        with self.env.begin() as txn:
+            return sightings.age(txn.get(REFRESHED_KEY, db=self.meta))
+
+    def note_refreshed(self) -> None:
+        """Note that the cache caught up now (before any wait for the write transaction)."""
+        value = sightings.stamp()
+        with self.write() as txn:
+            txn.put(REFRESHED_KEY, value, db=self.meta)
 
     def missing_refs(self, refs: np.ndarray) -> np.ndarray:
         """Those of `refs` the index does not place (a sweep removed them)."""

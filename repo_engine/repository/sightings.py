@@ -56,6 +56,27 @@ def this_boot(name: str) -> str:
     return hashlib.sha256(f"{name} {boot_id()} {namespace}".encode()).hexdigest()[:16]
 
 
+def stamp() -> bytes:
+    """A note of now (`age` reads it): {"format": 2, "boot": the boot id, "at": the
+    CLOCK_BOOTTIME reading}."""
+    return json.dumps({"format": FORMAT, "boot": boot_id(), "at": monotonic()}).encode()
+
+
+def age(raw: bytes | None) -> float | None:
+    """Seconds since the note `raw` (`stamp`) was made; None when that is not known: no note,
+    one of another form, of another boot or ahead of this clock (a boot without a boot id)."""
+    try:
+        noted = json.loads(raw) if raw else {}
+        when = noted["at"] if noted.get("format") == FORMAT else None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    reading = monotonic()
+    if (noted.get("boot") != boot_id() or not isinstance(when, (int, float))
+            or not 0 <= when <= reading):
+        return None
+    return reading - when
+
+
 def _notes(raw: bytes | None, boot: str, reading: float) -> dict[str, float]:
     """The sightings of `raw` that compare with `reading`, a reading of this boot."""
     try:
