@@ -28,27 +28,44 @@ def test_a_name_seen_again_is_as_old_as_its_first_sight(clock):
     clock["reading"] += 250
     raw, seen = sightings.note(raw, ["a", "b"], "", clock["reading"])
     assert seen == {"a": 250.0, "b": 0.0}
-    assert json.loads(raw) == {"format": 2, "boot": "boot-1", "seen": {"a": 5000.0, "b": 5250.0}}
+    assert json.loads(raw) == {"format": 2, "boot": "boot-1", "at": 5250.0,
+                               "seen": {"a": 5000.0, "b": 5250.0}}
 
 
-def test_notes_of_another_boot_start_again(clock):
+def test_notes_of_another_boot_keep_only_the_time_seen_in_it(clock):
+    """After a reboot the clock reads more than it did at the last note (a longer uptime):
+    only the 100 s seen before count, not the difference of readings of two boots."""
     raw, _ = sightings.note(None, ["a"], "", clock["reading"])
+    clock["reading"] += 100
+    raw, _ = sightings.note(raw, ["a"], "", clock["reading"])
     clock["reading"], clock["boot"] = 9000.0, "boot-2"  # rebooted: this clock started again
-    assert sightings.note(raw, ["a"], "", clock["reading"])[1] == {"a": 0.0}
+    raw, seen = sightings.note(raw, ["a", "b"], "", clock["reading"])
+    assert seen == {"a": 100.0, "b": 0.0}
+    clock["reading"] += 5
+    assert sightings.note(raw, ["a", "b"], "", clock["reading"])[1] == {"a": 105.0, "b": 5.0}
 
 
-def test_a_note_ahead_of_the_clock_starts_again(clock):
-    """Where the system gives no boot id, a reboot shows as a clock behind the notes."""
+@pytest.mark.parametrize("uptime", [10.0, 9000.0])
+def test_a_reboot_where_the_system_gives_no_boot_id_counts_no_more_than_was_seen(clock, uptime):
+    """Without a boot id a reboot shows only as a clock behind the last note (then taken for
+    another boot); one whose clock is past it reads as the same boot, and counts the new
+    boot's uptime, which began after the last note, instead of the time between."""
     clock["boot"] = ""
     raw, _ = sightings.note(None, ["a"], "", clock["reading"])
-    clock["reading"] = 10.0
-    assert sightings.note(raw, ["a"], "", clock["reading"])[1] == {"a": 0.0}
+    clock["reading"] += 100
+    raw, _ = sightings.note(raw, ["a"], "", clock["reading"])
+    clock["reading"] = uptime
+    seen = sightings.note(raw, ["a"], "", clock["reading"])[1]["a"]
+    assert seen <= 100 + uptime and seen == (100.0 if uptime < 5100 else uptime - 5000)
 
 
 @pytest.mark.parametrize("raw", [
     json.dumps({"a": 1.0}).encode(),  # format 1: wall times of the host's clock
-    b"{not json", b"[1, 2]", json.dumps({"format": 2, "boot": "boot-1", "seen": [1]}).encode(),
-    json.dumps({"format": 2, "boot": "boot-1", "seen": {"a": "old"}}).encode()])
+    b"{not json", b"[1, 2]",
+    json.dumps({"format": 2, "boot": "boot-1", "at": 4000.0, "seen": [1]}).encode(),
+    json.dumps({"format": 2, "boot": "boot-1", "at": 4000.0, "seen": {"a": "old"}}).encode(),
+    json.dumps({"format": 2, "boot": "boot-1", "at": 4000.0, "seen": {"a": 4500.0}}).encode(),
+    json.dumps({"format": 2, "boot": "boot-1", "seen": {"a": 1.0}}).encode()])
 def test_old_or_damaged_notes_start_again(clock, raw):
     new, seen = sightings.note(raw, ["a"], "", clock["reading"])
     assert seen == {"a": 0.0}
@@ -100,3 +117,17 @@ def test_a_stamp_has_an_age_in_its_boot_only(clock):
     assert sightings.age(stamp) is None
     clock["reading"], clock["boot"] = 9000.0, "boot-2"
     assert sightings.age(stamp) is None
+
+
+def test_a_host_rebooted_more_often_than_a_wait_still_ends_it(clock):
+    """gc's default grace is a day: a host rebooted every night (a workstation, a spot VM) must
+    still end a wait of a day once it has seen the name that long over several boots (before,
+    each reboot started every sighting again: that host never swept, compacted or aborted
+    anything). The time between two looks across a reboot does not count."""
+    raw, _ = sightings.note(None, ["plan"], "", clock["reading"])
+    for boot in range(2, 5):
+        clock["reading"] += 10 * 3600
+        raw, _ = sightings.note(raw, ["plan"], "", clock["reading"])
+        clock["boot"], clock["reading"] = f"boot-{boot}", 60.0  # rebooted overnight
+        raw, seen = sightings.note(raw, ["plan"], "", clock["reading"])
+    assert seen == {"plan": 30 * 3600.0}

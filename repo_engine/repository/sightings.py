@@ -6,19 +6,30 @@ times in it (hosts' clocks differ: leases.py, "Clocks"). The wall clock would no
 wait either: stepped forward while a host waits (an NTP correction after boot, a VM resumed
 from a snapshot), it would make a record just seen look watched for hours, and a live holder's
 lock be taken. So a sighting is a reading of CLOCK_BOOTTIME, which only runs forward and
-counts the time the host was suspended, together with the boot it was read in: across a reboot
-(or in a cache copied to another machine) the readings do not compare, and every sighting
-starts again. A restart only makes a wait longer, never shorter.
+counts the time the host was suspended, together with the boot it was read in.
 
-The notes of one meta key are a JSON object: {"format": 2, "boot": the boot id, "seen": {name:
-the CLOCK_BOOTTIME reading of its first sight}}. A value of another form (format 1 held wall
-times; a damaged one) counts as no notes: every sighting starts now.
+Across a reboot (or in a cache copied to another machine) the readings do not compare. Starting
+every sighting again there would make a wait last forever on a host rebooted more often than
+it (gc's grace is a day by default); instead a sighting keeps the seconds it had been seen by
+the last note of its boot and counts on from the first look in the new one: the time between
+is not counted (nor known: the wall clock is not trusted), so a wait only gets longer. Those
+seconds are a lower bound of the time the name has existed since its first sight, whatever
+happened in between, as that last note was made before this look. Where the system gives no
+boot id, a note ahead of this clock is taken for one of another boot; a reboot whose clock has
+run past the last note reads as the same boot, and counts the new boot's uptime instead of the
+time between (less than passed: the clock started at zero after the last note).
+
+The notes of one meta key are a JSON object: {"format": 2, "boot": the boot id, "at": the
+reading when they were written, "seen": {name: the reading of its first sight, moved on to
+this boot}}. A value of another form (format 1 held wall times; a damaged one) counts as no
+notes: every sighting starts now.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Collection
@@ -35,8 +46,7 @@ def monotonic() -> float:
 
 
 def boot_id() -> str:
-    """This boot's id ("" where the system gives none: a reboot is then told by the clock
-    going back)."""
+    """This boot's id ("" where the system gives none: module doc)."""
     try:
         return _BOOT_ID.read_text().strip()
     except OSError:
@@ -78,15 +88,20 @@ def age(raw: bytes | None) -> float | None:
 
 
 def _notes(raw: bytes | None, boot: str, reading: float) -> dict[str, float]:
-    """The sightings of `raw` that compare with `reading`, a reading of this boot."""
+    """The sightings of `raw` as readings of this boot's clock, which reads `reading`: those
+    of another boot moved to keep the seconds seen by its last note (module doc)."""
     try:
         noted = json.loads(raw) if raw else {}
-        if noted.get("format") != FORMAT or noted.get("boot") != boot:
+        if noted.get("format") != FORMAT:
             return {}
-        seen = noted["seen"]
-        return {name: float(when) for name, when in seen.items()
+        last, seen = noted["at"], noted["seen"]
+        if not isinstance(last, (int, float)) or not math.isfinite(last):
+            return {}
+        same = noted.get("boot") == boot and last <= reading
+        moved = 0.0 if same else reading - last
+        return {name: when + moved for name, when in seen.items()
                 if isinstance(name, str) and isinstance(when, (int, float))
-                and 0 <= when <= reading}
+                and math.isfinite(when) and when <= last}
     except (ValueError, TypeError, KeyError, AttributeError):
         return {}
 
@@ -104,6 +119,6 @@ def note(raw: bytes | None, names: Collection[str], scope: str,
     noted = _notes(raw, boot, reading)
     seen = {name: noted.get(name, reading) for name in names}
     kept = {name: when for name, when in noted.items() if not name.startswith(scope)}
-    value = {"format": FORMAT, "boot": boot, "seen": {**kept, **seen}}
+    value = {"format": FORMAT, "boot": boot, "at": reading, "seen": {**kept, **seen}}
     return json.dumps(value).encode(), {name: max(0.0, listed - when)
                                         for name, when in seen.items()}
