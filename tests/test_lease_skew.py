@@ -435,3 +435,23 @@ def test_a_cache_cloned_with_its_machine_takes_no_live_lock_of_the_original(stor
             clone.vm_lock("v", "backup image v")
         monkeypatch.undo()
         held.check()
+
+
+@pytest.mark.parametrize("kind", [MAINT, "vm"])
+def test_a_lock_of_this_host_before_its_reboot_is_refused_saying_why_it_is_waited_for(
+        store, tmp_path, monkeypatch, kind):
+    """A holder of this host dies with the host (power lost), its lock left in the store and its
+    local lock file stale: after the reboot this host waits for it as for another host's (a
+    clone of the machine would look the same). The refusal names this host and a pid that is
+    gone here, so it says why that is no evidence (before, it read as a live holder)."""
+    a = host(store, tmp_path, "a")
+    held = take(a, kind)
+    with monkeypatch.context() as failing:
+        failing.setattr(store, "delete", refuse)
+        held.release()
+    monkeypatch.setattr(sightings, "boot_id", lambda: "boot-after-the-reboot")
+    with pytest.raises(LockedError) as refused:
+        take(a, kind)
+    assert ("free from " in str(refused.value) and "(its record names this host but was "
+            "written before its last boot, or on another machine or container of its name: "
+            "its pid is not judged here)" in str(refused.value))

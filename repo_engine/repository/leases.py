@@ -461,14 +461,13 @@ def take_vm_lock(store: Store, watch: Sightings, vm: str, command: str, seconds:
     """The store's lock of VM `vm`, or LockedError naming the backup that holds it (worded as
     the local VM lock's refusal). `dead`: the holder of the local VM lock we found stale; a store
     lock of the same host and pid is its, taken over at once."""
-    def held_by(top: Found, free: datetime | None) -> LockedError:
+    def held_by(top: Found, free: str | None) -> LockedError:
         if free is None:
             return LockedError(f"the lock of VM {vm!r}, {store.location}/{top.name}, cannot be "
                                f"read; if no backup of {vm!r} runs on any host, run "
                                "'repo-engine unlock --force'")
         return vm_busy(vm, top.info.command, top.info.pid, top.info.host, top.info.started,
-                       f"its lock is free from {on_this_clock(free)} on this host's clock "
-                       "unless renewed, or run 'repo-engine unlock --force'")
+                       f"its lock is {free}, or run 'repo-engine unlock --force'")
     return take_lock(store, watch, vm_base(vm), VM, command, seconds, held_by,
                      partial(_held_by_dead, dead, watch.cache_id()))
 
@@ -480,10 +479,10 @@ def _held_by_dead(dead: LockInfo | None, cache: str, top: Found) -> bool:
 
 
 def take_lock(store: Store, watch: Sightings, base: str, kind: str, command: str,
-              seconds: float, held_by: Callable[[Found, datetime | None], LockedError],
+              seconds: float, held_by: Callable[[Found, str | None], LockedError],
               gone: Callable[[Found], bool] = lambda _top: False) -> Lease:
     """The lock `base` taken by generations (module doc), or `held_by(its holder, when it is
-    free unless renewed: None for never)`. A holder is over when its record is (LeaseInfo.free_from,
+    free unless renewed: `_when_free`, None for never)`. A holder is over when its record is (LeaseInfo.free_from,
     its sightings noted in `watch`: module doc, "Clocks"), or when `gone` says so. A
     listing is not a snapshot: one that read the directory before a takeover wrote g + 1 and
     looked at g after it was deleted holds no generation, so only a second empty listing means
@@ -496,7 +495,8 @@ def take_lock(store: Store, watch: Sightings, base: str, kind: str, command: str
             seen = sighted(watch, [top], at, f"{PREFIX}{base}-")[top.name]
             free = top.info.free_from(seen, watch.cache_id())
             if free is None or free > at:
-                raise held_by(top, free)
+                raise held_by(top, None if free is None else
+                              _when_free(top.info, free, watch.cache_id()))
         try:
             lease = Lease.write(store, lock_name(base, top.generation + 1 if top else 1), kind,
                                 command, seconds, watch.cache_id())
@@ -512,14 +512,24 @@ def take_lock(store: Store, watch: Sightings, base: str, kind: str, command: str
     raise LockedError(f"the {kind} lock of {store.location} keeps changing hands; try again")
 
 
-def _held_by(store: Store, top: Found, free: datetime | None) -> LockedError:
+def _when_free(info: LeaseInfo, free: datetime, cache: str) -> str:
+    """When a lock held by `info` is free, as a refusal says it; for a record of this host's
+    name judged as another host's, why (a user who finds no such process here would expect
+    the lock taken at once)."""
+    when = f"free from {on_this_clock(free)} on this host's clock unless renewed"
+    if info.host != socket.gethostname() or info.ours(cache):
+        return when
+    return (f"{when} (its record names this host but was written before its last boot, or on "
+            "another machine or container of its name: its pid is not judged here)")
+
+
+def _held_by(store: Store, top: Found, free: str | None) -> LockedError:
     if free is None:
         return LockedError(f"repository is locked (maintenance): {store.location}/{top.name} "
                            "cannot be read; if no forget, gc or repair runs on any host, run "
                            "'repo-engine unlock --force'")
     return LockedError(f"repository is locked (maintenance) by {top.info.holder()}; wait for it "
-                       "to finish (if that process is gone, the lock is free from "
-                       f"{on_this_clock(free)} on this host's clock unless renewed, or run "
+                       f"to finish (if that process is gone, the lock is {free}, or run "
                        "'repo-engine unlock --force')")
 
 
