@@ -30,10 +30,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Collection
 from pathlib import Path
+
+from .atomic import pid_namespace
 
 FORMAT = 2
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -59,11 +60,7 @@ def this_boot(name: str) -> str:
     written. A copy of the cache on another machine (cloned from one image: same host name),
     in another container, or run after a reboot gives another: a record of any of those is
     judged as another host's, never by a pid alive here or an expiry on this clock."""
-    try:
-        namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        namespace = ""
-    return hashlib.sha256(f"{name} {boot_id()} {namespace}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{name} {boot_id()} {pid_namespace()}".encode()).hexdigest()[:16]
 
 
 def stamp() -> bytes:
