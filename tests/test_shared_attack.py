@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import blake3
 import numpy as np
@@ -22,7 +23,7 @@ from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import gc
 from repo_engine.maintenance.scrub import scrub
-from repo_engine.repository import journal, leases
+from repo_engine.repository import checkpoint, journal, leases
 from repo_engine.repository.checkpoint import STALE_AFTER, compact, write_checkpoint
 from repo_engine.repository.envelope import seal
 from repo_engine.repository.formats import JOURNAL
@@ -197,7 +198,7 @@ def test_entries_compacted_past_a_recently_refreshed_cache_are_read_from_the_che
     seq = write_checkpoint(a.repo.store, a.repo.index)
     assert compact(a.repo.store, a.repo.index, grace=0) == 0  # first seen now
     sightings_age(monkeypatch, 2 * STALE_AFTER)
-    assert compact(a.repo.store, a.repo.index, grace=0, now=time.time() + 2 * STALE_AFTER) == seq
+    assert compact(a.repo.store, a.repo.index, grace=0) == seq
     with b.repo.lock(SHARED, "points"):
         assert {p.id for p in b.repo.points()} == set(contents)
     third = b.backup("vm", model)
@@ -324,7 +325,7 @@ def test_the_journal_head_check_on_s3(seaweedfs, s3_bucket, tmp_path, monkeypatc
     head = write_checkpoint(store, a.repo.index)
     assert compact(store, a.repo.index, grace=0) == 0  # first seen now
     sightings_age(monkeypatch, 2 * STALE_AFTER)
-    assert compact(store, a.repo.index, grace=0, now=time.time() + 2 * STALE_AFTER) == head - 1
+    assert compact(store, a.repo.index, grace=0) == head - 1
     with b.repo.lock(SHARED, "restore"):
         assert {p.id for p in b.repo.points()} == set(points)
         for point in b.repo.points():
@@ -483,13 +484,14 @@ def test_entries_compacted_while_a_backup_runs_are_never_committed_again(
     model.random_changes(4)
     contents[a.backup("vm", model).id] = model.copy_of_content()
     seq = write_checkpoint(a.repo.store, a.repo.index)
-    skewed = time.time() + 2 * STALE_AFTER
-    assert compact(a.repo.store, a.repo.index, grace=0, now=skewed) == 0  # first seen now
+    ahead = SimpleNamespace(time=lambda: time.time() + 2 * STALE_AFTER)
+    monkeypatch.setattr(checkpoint, "time", ahead)  # the compactor's clock, two hours ahead
+    assert compact(a.repo.store, a.repo.index, grace=0) == 0  # first seen now
     contents[stalled.finish().id] = stalled.model.copy_of_content()
     restores_everything(root, tmp_path, contents)
     # an hour later on the compactor's own clock, the entries go; every point stays
     sightings_age(monkeypatch, STALE_AFTER)
-    assert compact(a.repo.store, a.repo.index, grace=0, now=skewed + STALE_AFTER) == seq
+    assert compact(a.repo.store, a.repo.index, grace=0) == seq
     restores_everything(root, tmp_path, contents)
 
 

@@ -232,17 +232,17 @@ def checkpoint_due(store: Store, index: Index, every: int = CHECKPOINT_EVERY) ->
     return index.journal_seq - (newest_checkpoint(store) or 0) > every
 
 
-def compact(store: Store, index: Index, grace: float, now: float | None = None) -> int:
+def compact(store: Store, index: Index, grace: float) -> int:
     """Delete the entries at or below the newest checkpoint older than `grace` seconds and
     STALE_AFTER (module doc), and the checkpoints before it; returns how many entries were
     deleted. Not only the newest checkpoint counts: gc writes one every CHECKPOINT_EVERY
     entries, and on a busy repository the newest may never be that old. A checkpoint's age is
-    measured on this host's clock (`now`) from when `index`, this host's cache, first saw it
-    (`_first_seen`): the time its writer put in it is of another host's clock, and a writer
+    measured on this host's steady clock from when `index`, this host's cache, first saw it
+    (`_first_seen`; the wall clock would not do: sightings.py): the time its writer put in it is of another host's clock, and a writer
     running an hour behind would have it compacted while a cache refreshed a minute ago still
     needs the entries after its own (such a host, between two commits of one command, would
     take the gap for the head and commit where no other host reads)."""
-    at = now if now is not None else time.time()
+    at = time.time()  # only the seconds seen count: first sights come as `at` less those
     checkpoints = sorted(entry_seqs(store, ".ckpt"), reverse=True)
     seen = _first_seen(index, checkpoints, at)
     for seq in checkpoints:
