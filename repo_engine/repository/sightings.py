@@ -71,14 +71,15 @@ def stamp() -> bytes:
 
 def age(raw: bytes | None) -> float | None:
     """Seconds since the note `raw` (`stamp`) was made; None when that is not known: no note,
-    one of another form, of another boot or ahead of this clock (a boot without a boot id)."""
+    one of another form or of another boot, or no boot id (unlike a sighting's, an age must
+    not come out short: a reboot that went unseen would)."""
     try:
         noted = json.loads(raw) if raw else {}
         when = noted["at"] if noted.get("format") == FORMAT else None
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
-    reading = monotonic()
-    if (noted.get("boot") != boot_id() or not isinstance(when, (int, float))
+    boot, reading = boot_id(), monotonic()
+    if (not boot or noted.get("boot") != boot or not isinstance(when, (int, float))
             or not 0 <= when <= reading):
         return None
     return reading - when
