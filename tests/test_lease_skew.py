@@ -455,3 +455,54 @@ def test_a_lock_of_this_host_before_its_reboot_is_refused_saying_why_it_is_waite
     assert ("free from " in str(refused.value) and "(its record names this host but was "
             "written before its last boot, or on another machine or container of its name: "
             "its pid is not judged here)" in str(refused.value))
+
+
+def suspended_after_listing(monkeypatch, module, name: str, clock: list[float],
+                            seconds: float) -> None:
+    """`module.name`, a listing, returns what it read and then the host sleeps `seconds`
+    (suspended, its steady clock running on) before it looks at its clock."""
+    listing = getattr(module, name)
+
+    def listed(*args, **kwargs):
+        found = listing(*args, **kwargs)
+        clock[0] += seconds
+        return found
+    monkeypatch.setattr(module, name, listed)
+
+
+def test_a_taker_suspended_between_its_listing_and_its_clock_keeps_waiting(store, tmp_path,
+                                                                          monkeypatch):
+    """b first saw a's live lock, listed it again 100 s later and was suspended right after
+    that listing for ten minutes, over which a renewed it: what b listed was seen unchanged
+    for 100 s, not for the ten minutes b slept (before, b took the live lock over)."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    with a.lock(MAINTENANCE, "gc") as held:
+        clock = [STEADY]
+        with clock_at(monkeypatch, leases.now(), STEADY), pytest.raises(LockedError):
+            b.lock(MAINTENANCE, "forget")
+        with monkeypatch.context() as patched:
+            clock[0] += 100
+            patched.setattr(sightings, "monotonic", lambda: clock[0])
+            patched.setattr(socket, "gethostname", lambda: "hostb")
+            suspended_after_listing(patched, leases, "generations", clock, 600)
+            with pytest.raises(LockedError, match="free from"):
+                b.lock(MAINTENANCE, "forget")
+        held.check()
+
+
+def test_unlock_suspended_between_its_listing_and_its_clock_keeps_a_live_lease(
+        store, tmp_path, monkeypatch):
+    """As above for `unlock` and a live backup's lease (before, it removed it)."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    with a.lock(SHARED, "backup image web1") as held:
+        clock = [STEADY]
+        with clock_at(monkeypatch, leases.now(), STEADY):
+            assert unlock_shared(b).removed == []
+        with monkeypatch.context() as patched:
+            clock[0] += 100
+            patched.setattr(sightings, "monotonic", lambda: clock[0])
+            patched.setattr(socket, "gethostname", lambda: "hostb")
+            suspended_after_listing(patched, leases, "list_leases", clock, 600)
+            report = unlock_shared(b)
+        assert report.removed == [] and report.kept[0]["seen_seconds"] == 100
+        held.check()

@@ -23,7 +23,7 @@ from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import gc
 from repo_engine.maintenance.scrub import scrub
-from repo_engine.repository import checkpoint, journal, leases
+from repo_engine.repository import checkpoint, journal, leases, sightings
 from repo_engine.repository.checkpoint import STALE_AFTER, compact, write_checkpoint
 from repo_engine.repository.envelope import seal
 from repo_engine.repository.formats import JOURNAL
@@ -546,6 +546,36 @@ def test_a_gc_whose_clock_runs_ahead_never_sweeps_what_a_live_backup_uploaded(
     pending = len(a.repo.index.pending_plans())
     assert pending and gc(a.repo, grace=0).plans_swept >= pending  # b's lease is gone
     assert a.repo.index.pending_plans() == []
+    restores_everything(root, tmp_path, contents)
+
+
+def test_a_gc_suspended_after_listing_the_leases_never_sweeps_what_a_live_backup_uploaded(
+        hosts, tmp_path, monkeypatch):
+    """gc saw b's live lease, listed it again a minute later and its host then slept a lease
+    before gc read its clock (b renewing meanwhile): the lease was seen unchanged for that
+    minute, not for the sleep (before, gc swept the packs b uploaded and is about to commit)."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 41)
+    contents = {a.backup("vm", model).id: model.copy_of_content()}
+    clock = [sightings.monotonic()]
+    monkeypatch.setattr(sightings, "monotonic", lambda: clock[0])
+    stalled = stalled_backup(b, tmp_path, monkeypatch, "other", 42)
+    uploaded = pack_bytes(a.repo.store)
+    first = gc(a.repo, grace=0)
+    assert (first.plans_swept, first.plans_pending) == (0, 1)
+    clock[0] += 60
+    listing = shared_gc.list_leases
+
+    def listed_then_suspended(store):
+        found = listing(store)
+        clock[0] += b.repo.lease_seconds
+        for lease in (lease for held in b.repo.held for lease in held.leases):
+            lease.renew()  # what b's daemon did meanwhile
+        return found
+    monkeypatch.setattr(shared_gc, "list_leases", listed_then_suspended)
+    assert gc(a.repo, grace=0).plans_swept == 0
+    assert pack_bytes(a.repo.store) == uploaded
+    contents[stalled.finish().id] = stalled.model.copy_of_content()
     restores_everything(root, tmp_path, contents)
 
 

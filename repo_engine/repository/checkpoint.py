@@ -76,6 +76,7 @@ from .index_records import PACK_KEY, PACK_REC, REF_KEY, REF_REC, encode_record
 from .journal import (PREFIX, Entry, PendingPlan, PlanOp, check_reasons, entry_object,
                       entry_seqs, read_entry)
 from .points import PointRecord
+from . import sightings
 from .safefile import FILE_MODE
 from .store import ObjectExists, Store
 
@@ -238,13 +239,15 @@ def compact(store: Store, index: Index, grace: float) -> int:
     deleted. Not only the newest checkpoint counts: gc writes one every CHECKPOINT_EVERY
     entries, and on a busy repository the newest may never be that old. A checkpoint's age is
     measured on this host's steady clock from when `index`, this host's cache, first saw it
-    (`_first_seen`; the wall clock would not do: sightings.py): the time its writer put in it is of another host's clock, and a writer
-    running an hour behind would have it compacted while a cache refreshed a minute ago still
-    needs the entries after its own (such a host, between two commits of one command, would
-    take the gap for the head and commit where no other host reads)."""
+    (`_first_seen`; the wall clock would not do: sightings.py): the time its writer put in it is
+    of another host's clock, and a writer running an hour behind would have it compacted while a
+    cache refreshed a minute ago still needs the entries after its own (such a host, between two
+    commits of one command, would take the gap for the head and commit where no other host
+    reads)."""
     at = time.time()  # only the seconds seen count: first sights come as `at` less those
+    listed = sightings.monotonic()
     checkpoints = sorted(entry_seqs(store, ".ckpt"), reverse=True)
-    seen = _first_seen(index, checkpoints, at)
+    seen = _first_seen(index, checkpoints, at, listed)
     for seq in checkpoints:
         if at >= seen[seq] + max(grace, STALE_AFTER):
             break
@@ -256,9 +259,10 @@ def compact(store: Store, index: Index, grace: float) -> int:
     return len(doomed)
 
 
-def _first_seen(index: Index, checkpoints: list[int], at: float) -> dict[int, float]:
+def _first_seen(index: Index, checkpoints: list[int], at: float,
+                listed: float) -> dict[int, float]:
     """When this host first saw each of `checkpoints` (Index.first_seen)."""
-    seen = index.first_seen(SEEN_KEY, [str(seq) for seq in checkpoints], at)
+    seen = index.first_seen(SEEN_KEY, [str(seq) for seq in checkpoints], at, listed=listed)
     return {int(seq): when for seq, when in seen.items()}
 
 

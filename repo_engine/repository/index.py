@@ -472,16 +472,17 @@ class Index(Replay, Unfindable, Upgrades):
                 txn.put(CACHE_ID_KEY, raw, db=self.meta)
         return sightings.this_boot(raw.decode())
 
-    def first_seen(self, key: bytes, names: Collection[str], at: float,
-                   scope: str = "") -> dict[str, float]:
+    def first_seen(self, key: bytes, names: Collection[str], at: float, scope: str = "",
+                   listed: float | None = None) -> dict[str, float]:
         """When this host first saw each of `names` (those new now: `at`, seconds since the
         epoch on this host's clock, now), as noted in meta `key`, which keeps the ones given and
         those outside `scope` (a prefix: the names a partial listing could not have seen): a
         wait for something another host wrote is timed on this host, never by the writer's
         clock (hosts' clocks differ), and on a clock no setting of this host's moves
-        (sightings.py): each time is `at` less the seconds seen by the time of the call
-        (not by the end of a wait for the write transaction)."""
-        listed = sightings.monotonic()
+        (sightings.py): each time is `at` less the seconds seen by `listed`, the reading of
+        sightings.monotonic taken before the listing that found the names (by default now: not
+        by the end of a wait for the write transaction)."""
+        listed = sightings.monotonic() if listed is None else listed
         with self.write() as txn:
             value, seen = sightings.note(txn.get(key, db=self.meta), names, scope, listed)
             txn.put(key, value, db=self.meta)

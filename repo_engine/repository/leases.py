@@ -96,6 +96,7 @@ from .envelope import read_sealed, write_sealed
 from .formats import LEASE
 from .locks import MAINTENANCE, LockInfo, RepoLock, vm_busy, vm_key
 from .safefile import LOCK_MAX
+from . import sightings
 from .sightings import monotonic
 from .store import ObjectExists, ObjectMissing, Store
 
@@ -250,20 +251,21 @@ def read_lease(store: Store, name: str) -> LeaseInfo | None:
 class Sightings(Protocol):
     """Where a host notes when it first saw something (the cache's index: Index.first_seen)."""
 
-    def first_seen(self, key: bytes, names: Collection[str], at: float,
-                   scope: str = "") -> dict[str, float]: ...
+    def first_seen(self, key: bytes, names: Collection[str], at: float, scope: str = "",
+                   listed: float | None = None) -> dict[str, float]: ...
 
     def cache_id(self) -> str: ...
 
 
-def sighted(watch: Sightings, found: Iterable[Found], at: datetime,
+def sighted(watch: Sightings, found: Iterable[Found], at: datetime, listed: float,
             scope: str = PREFIX) -> dict[str, datetime]:
     """When this host first saw each record of `found` as it is now (same token and expiry: a
-    renewal, or a name taken again, is a new sighting), `at` for those new now; noted in its
-    cache's meta SEEN_KEY, where the notes of records under `scope` that `found` lacks (gone
-    from the listing) are dropped."""
+    renewal, or a name taken again, is a new sighting), `at` for those new now, each seen
+    unchanged up to `listed` (the reading of `monotonic` taken before `found` was listed:
+    Index.first_seen); noted in its cache's meta SEEN_KEY, where the notes of records under
+    `scope` that `found` lacks (gone from the listing) are dropped."""
     states = {f.name: f"{f.name} {f.info.token} {f.info.expires}" for f in found}
-    seen = watch.first_seen(SEEN_KEY, list(states.values()), at.timestamp(), scope)
+    seen = watch.first_seen(SEEN_KEY, list(states.values()), at.timestamp(), scope, listed)
     return {name: datetime.fromtimestamp(seen[state], timezone.utc)
             for name, state in states.items()}
 
@@ -481,18 +483,19 @@ def _held_by_dead(dead: LockInfo | None, cache: str, top: Found) -> bool:
 def take_lock(store: Store, watch: Sightings, base: str, kind: str, command: str,
               seconds: float, held_by: Callable[[Found, str | None], LockedError],
               gone: Callable[[Found], bool] = lambda _top: False) -> Lease:
-    """The lock `base` taken by generations (module doc), or `held_by(its holder, when it is
-    free unless renewed: `_when_free`, None for never)`. A holder is over when its record is (LeaseInfo.free_from,
-    its sightings noted in `watch`: module doc, "Clocks"), or when `gone` says so. A
-    listing is not a snapshot: one that read the directory before a takeover wrote g + 1 and
-    looked at g after it was deleted holds no generation, so only a second empty listing means
-    the lock is free."""
+    """The lock `base` taken by generations (module doc), or `held_by(its holder, when it is free
+    unless renewed: `_when_free`, None for never)`. A holder is over when its record is
+    (LeaseInfo.free_from, its sightings noted in `watch`: module doc, "Clocks"), or when `gone`
+    says so. A listing is not a snapshot: one that read the directory before a takeover wrote
+    g + 1 and looked at g after it was deleted holds no generation, so only a second empty
+    listing means the lock is free."""
     for _attempt in range(5):
+        listed = sightings.monotonic()
         locks = generations(store, base) or generations(store, base)
         top = locks[-1] if locks else None
         if top is not None and not gone(top):
             at = now()
-            seen = sighted(watch, [top], at, f"{PREFIX}{base}-")[top.name]
+            seen = sighted(watch, [top], at, listed, f"{PREFIX}{base}-")[top.name]
             free = top.info.free_from(seen, watch.cache_id())
             if free is None or free > at:
                 raise held_by(top, None if free is None else
@@ -626,9 +629,10 @@ def clear_leases(store: Store, watch: Sightings | None,
     `watch`: module doc, "Clocks"; None: no cache to note them in) and those of the `dead`
     holders (host, pid) of this host whose local locks in `watch`'s cache were found stale
     (records written through that cache only); all of them with `force`."""
+    listed = sightings.monotonic()  # before the listing: what it found was there since
     found = list_leases(store)
     at = now()  # after the listing: a record renewed while it ran is first seen at its end
-    seen = sighted(watch, found, at) if watch is not None else {}
+    seen = sighted(watch, found, at, listed) if watch is not None else {}
     cache = watch.cache_id() if watch is not None else ""
     removed, kept = [], []
     for f in found:

@@ -108,11 +108,13 @@ def note(raw: bytes | None, names: Collection[str], scope: str,
          listed: float) -> tuple[bytes, dict[str, float]]:
     """The notes `raw` with each of `names` noted (those new now: seen now), and for how many
     seconds this host had seen each of `names` when it listed them (`listed`, a reading of
-    `monotonic` taken then). The notes kept are those of `names` and those outside `scope` (a
-    prefix: the names a partial listing could not have seen). Called in the write transaction
-    of the notes: a wait for it (another process of this host holding it) is no time a name
-    was seen, as it may have changed meanwhile unseen; a name noted meanwhile, by that
-    process, counts as seen for no time."""
+    `monotonic` taken before that listing). The notes kept are those of `names` and those
+    outside `scope` (a prefix: the names a partial listing could not have seen). Called in
+    the write transaction of the notes. What a listing found was there, unchanged, from its
+    first sight until the listing, but not necessarily after: the time the listing took, a
+    suspend after it or a wait for the transaction (another process of this host holding it)
+    is no time it was seen; a name noted meanwhile, by that process, counts as seen for no
+    time."""
     boot, reading = boot_id(), monotonic()
     noted = _notes(raw, boot, reading)
     seen = {name: noted.get(name, reading) for name in names}
