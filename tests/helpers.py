@@ -236,3 +236,11 @@ def resident_pages(path) -> int:
     finally:
         os.close(fd)
     return sum(v & 1 for v in vec)
+
+
+def sightings_age(monkeypatch, seconds: float) -> None:
+    """The clock this host times its sightings on (repository/sightings.py) moves `seconds`
+    on: what it saw before now was seen that much longer ago."""
+    from repo_engine.repository import sightings
+    reading = sightings.monotonic
+    monkeypatch.setattr(sightings, "monotonic", lambda: reading() + seconds)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import MIB, DiskModel, cli, restore_bytes
+from helpers import MIB, DiskModel, cli, restore_bytes, sightings_age
 from race import Command
 from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.gc import gc
@@ -275,6 +275,7 @@ def test_shared_gc_removes_other_hosts_temporary_files_only_after_the_grace_peri
     assert temps(root) == gone | kept
     later = shared_gc.now() + timedelta(seconds=wait + 1)
     monkeypatch.setattr(shared_gc, "now", lambda: later)
+    sightings_age(monkeypatch, wait + 1)
     unseen = plant(root, "maps/cd", host=OTHER_HOST, pid=dead, age=wait + HOUR)
     report = gc(b.repo, grace=grace)
     assert now_dead not in temps(root)

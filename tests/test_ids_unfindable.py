@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from helpers import attach_shared, stopped_before_commit
+from helpers import attach_shared, sightings_age, stopped_before_commit
 from repo_engine.backup import job
 from repo_engine.maintenance.gc import gc
 from repo_engine.maintenance.scrub import _quarantine, scrub
-from repo_engine.repository.checkpoint import write_checkpoint
+from repo_engine.repository.checkpoint import STALE_AFTER, write_checkpoint
 from repo_engine.repository.index import U64
 from repo_engine.repository.index_records import REF_KEY
 from repo_engine.repository.repo import Repository
@@ -79,7 +79,7 @@ def test_a_heal_replayed_on_another_host_gives_no_ids_entry_to_a_ref_a_plan_doom
 
 
 def test_a_checkpoint_loaded_by_a_host_that_quarantined_a_chunk_gives_it_no_ids_entry(
-        shared_hosts, tmp_path):
+        shared_hosts, tmp_path, monkeypatch):
     """Host b's scrub quarantines ref r of chunk x (b's cache alone: its `ids` loses x); host a,
     which knows nothing of it, writes a checkpoint whose row of r is `indexed`. b, stale, catches
     up from that checkpoint: its `ids` must not name r again (r stays quarantined there). Else b's
@@ -95,7 +95,7 @@ def test_a_checkpoint_loaded_by_a_host_that_quarantined_a_chunk_gives_it_no_ids_
     back_up(a, "w", disk_model(tmp_path, "w", 9))  # the checkpoint is ahead of b's cache
     a.refresh()
     seq = write_checkpoint(a.store, a.index)
-    b.index.set_meta_u64("refreshed", 0)  # stale: b loads the newest checkpoint
+    sightings_age(monkeypatch, STALE_AFTER + 1)  # stale: b loads the newest checkpoint
     assert b.refresh() == seq
     assert ids_naming_unfindable(b) == []
     with b.index.reader() as lookup:

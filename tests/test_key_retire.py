@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from helpers import MIB, DiskModel, restore_bytes
+from helpers import MIB, DiskModel, restore_bytes, sightings_age
 from repo_engine.errors import RepoError
 from repo_engine.maintenance import retire as retire_module
 from repo_engine.maintenance import shared_gc
@@ -292,6 +292,7 @@ def _clock_ahead(monkeypatch, seconds: float) -> None:
 
     monkeypatch.setattr(checkpoint, "time", SimpleNamespace(time=lambda: real_time() + seconds))
     monkeypatch.setattr(checkpoint, "datetime", Later)
+    sightings_age(monkeypatch, seconds)
 
 
 @pytest.mark.parametrize("checkpoints_meanwhile", [0, 1])

@@ -7,6 +7,7 @@ and its clock (`leases.now`, or `shared_gc.now`) patched while it acts."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 from contextlib import contextmanager
 from dataclasses import replace
@@ -15,11 +16,11 @@ from typing import Iterator
 
 import pytest
 
-from helpers import cli
+from helpers import cli, sightings_age
 from repo_engine.errors import LockedError
 from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.rebuild import unlock_shared
-from repo_engine.repository import leases
+from repo_engine.repository import leases, sightings
 from repo_engine.repository.leases import (MAINT, Lease, LeaseLost, list_leases, lock_name,
                                            maintenance_name, read_lease, vm_base)
 from repo_engine.repository.locks import MAINTENANCE, SHARED
@@ -31,11 +32,14 @@ AHEAD = timedelta(hours=2)
 
 
 @contextmanager
-def clock_at(monkeypatch, when) -> Iterator[None]:
+def clock_at(monkeypatch, when, steady: float | None = None) -> Iterator[None]:
     """The host acting in the block is another host (the holder is this one), whose clock reads
-    `when`."""
+    `when` and whose steady clock, the one it times its sightings on, reads `steady` (by
+    default `when` in seconds: a clock that was not set while the test ran)."""
+    steady = when.timestamp() if steady is None else steady
     with monkeypatch.context() as patched:
         patched.setattr(leases, "now", lambda: when)
+        patched.setattr(sightings, "monotonic", lambda: steady)
         patched.setattr(socket, "gethostname", lambda: "hostb")
         yield
 
@@ -196,6 +200,7 @@ def test_gc_on_a_host_whose_clock_runs_ahead_leaves_a_live_upload(seaweedfs, s3_
     assert [u.upload_id for u in s3.pending_uploads()] == [upload["UploadId"]]
     later = ahead + timedelta(seconds=repo.lease_seconds + 1)
     monkeypatch.setattr(shared_gc, "now", lambda: later)  # left that long: its writer is gone
+    sightings_age(monkeypatch, repo.lease_seconds + 1)
     assert gc(repo, grace=0).uploads_aborted == 1
     assert list(s3.pending_uploads()) == []
     repo.close()
@@ -269,6 +274,7 @@ def test_unlock_dates_its_first_sight_after_its_listing(store, tmp_path, monkeyp
 
         with monkeypatch.context() as patched:
             patched.setattr(leases, "now", lambda: clock[0])
+            patched.setattr(sightings, "monotonic", lambda: clock[0].timestamp())
             patched.setattr(socket, "gethostname", lambda: "hostb")
             patched.setattr(leases, "list_leases", renewed_while_listing)
             unlock_shared(b)
@@ -281,24 +287,60 @@ def test_unlock_dates_its_first_sight_after_its_listing(store, tmp_path, monkeyp
         a.check_leases()
 
 
+STEADY = 1000.0  # a reading of b's steady clock when the test begins
+
+
 def test_a_sighting_noted_while_the_clock_ran_ahead_does_not_delay_a_takeover(store, tmp_path,
                                                                               monkeypatch):
     """b's clock was set a day ahead when b first saw a crashed holder's lock, and was then set
-    right: that note, in b's future, counts as a sighting now, so b takes the lock over a lease
-    later (before, a day and a lease later: a crash not taken over in any bounded time)."""
+    right: b takes the lock over a lease after that first sight, as its steady clock tells
+    (before, a day and a lease later: a crash not taken over in any bounded time)."""
     info = replace(crashed(store, maintenance_name(3), MAINT, "forget"), seconds=600.0)
     leases.write_lease(store, maintenance_name(3), info)
     b = host(store, tmp_path, "b")
     first = leases.now()
-    with clock_at(monkeypatch, first + timedelta(days=1)), pytest.raises(LockedError):
+    with clock_at(monkeypatch, first + timedelta(days=1), STEADY), pytest.raises(LockedError):
         b.lock(MAINTENANCE, "gc")
     with pytest.raises(LockedError, match="free from " + leases.on_this_clock(
-            first + timedelta(seconds=600))):
-        with clock_at(monkeypatch, first):
+            first + timedelta(seconds=590))):
+        with clock_at(monkeypatch, first, STEADY + 10):
             b.lock(MAINTENANCE, "gc")
-    with clock_at(monkeypatch, first + timedelta(seconds=601)):
+    with clock_at(monkeypatch, first + timedelta(seconds=591), STEADY + 601):
         with b.lock(MAINTENANCE, "gc"):
             assert [f.name for f in leases.maintenance_locks(store)] == [maintenance_name(4)]
+
+
+@pytest.mark.parametrize("step", [timedelta(minutes=11), timedelta(days=1)])
+def test_a_clock_stepped_forward_during_a_wait_does_not_end_it(store, tmp_path, monkeypatch,
+                                                                step):
+    """b first sees a live holder's lock, then b's clock is stepped forward (NTP setting it
+    right after boot, a VM resumed from a snapshot) before the holder's next renewal is due:
+    b's wait goes on for a lease on its steady clock (before, the lock was taken at once: the
+    step counted as time b had watched it, and the live holder lost its lock)."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    with a.lock(MAINTENANCE, "gc") as held:
+        first = leases.now()
+        with clock_at(monkeypatch, first, STEADY), pytest.raises(LockedError):
+            b.lock(MAINTENANCE, "forget")
+        with clock_at(monkeypatch, first + step, STEADY + 30), pytest.raises(LockedError):
+            b.lock(MAINTENANCE, "forget")
+        held.check()
+        assert [f.name for f in leases.maintenance_locks(store)] == [maintenance_name(1)]
+
+
+def test_unlock_after_a_clock_step_keeps_a_live_lease_and_reports_the_steady_wait(
+        store, tmp_path, monkeypatch):
+    """As above for `unlock`: a step of a day while it watches a live backup's lease is not a
+    day of watching."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    with a.lock(SHARED, "backup image web1") as held:
+        first = leases.now()
+        with clock_at(monkeypatch, first, STEADY):
+            assert unlock_shared(b).removed == []
+        with clock_at(monkeypatch, first + timedelta(days=1), STEADY + 40):
+            report = unlock_shared(b)
+        assert report.removed == [] and report.kept[0]["seen_seconds"] == 40
+        held.check()
 
 
 def test_unlock_leaves_a_live_lease_of_the_same_host_name_and_pid_from_another_cache(
@@ -375,3 +417,92 @@ def test_unlock_command_names_a_record_it_keeps_for_good(tmp_path, capsys):
             "ends; if no repo-engine command on any host holds it, run 'repo-engine unlock "
             "--force'\n") in result.out
     assert list_leases(store)[0].name == maintenance_name(1)
+
+
+def test_a_cache_cloned_with_its_machine_takes_no_live_lock_of_the_original(store, tmp_path,
+                                                                           monkeypatch):
+    """A machine cloned (its disk copied) while its backup of a VM runs: the clone has the same
+    host name and a copy of the cache, whose local lock file of that backup is stale there (no
+    process of the clone holds it). The record in the store names the same host, pid and cache;
+    the clone must still wait for it as for another host's, since it runs in another boot
+    (before, it took the live backup's lock at once: two backups of one VM)."""
+    a = host(store, tmp_path, "a")
+    with a.vm_lock("v", "backup image v") as held:
+        shutil.copytree(tmp_path / "a", tmp_path / "clone")
+        monkeypatch.setattr(sightings, "boot_id", lambda: "boot-of-the-clone")
+        clone = host(store, tmp_path, "clone")
+        with pytest.raises(LockedError, match="free from"):
+            clone.vm_lock("v", "backup image v")
+        monkeypatch.undo()
+        held.check()
+
+
+@pytest.mark.parametrize("kind", [MAINT, "vm"])
+def test_a_lock_of_this_host_before_its_reboot_is_refused_saying_why_it_is_waited_for(
+        store, tmp_path, monkeypatch, kind):
+    """A holder of this host dies with the host (power lost), its lock left in the store and its
+    local lock file stale: after the reboot this host waits for it as for another host's (a
+    clone of the machine would look the same). The refusal names this host and a pid that is
+    gone here, so it says why that is no evidence (before, it read as a live holder)."""
+    a = host(store, tmp_path, "a")
+    held = take(a, kind)
+    with monkeypatch.context() as failing:
+        failing.setattr(store, "delete", refuse)
+        held.release()
+    monkeypatch.setattr(sightings, "boot_id", lambda: "boot-after-the-reboot")
+    with pytest.raises(LockedError) as refused:
+        take(a, kind)
+    assert ("free from " in str(refused.value) and "(its record names this host but was "
+            "written before its last boot, or on another machine or container of its name: "
+            "its pid is not judged here)" in str(refused.value))
+
+
+def suspended_after_listing(monkeypatch, module, name: str, clock: list[float],
+                            seconds: float) -> None:
+    """`module.name`, a listing, returns what it read and then the host sleeps `seconds`
+    (suspended, its steady clock running on) before it looks at its clock."""
+    listing = getattr(module, name)
+
+    def listed(*args, **kwargs):
+        found = listing(*args, **kwargs)
+        clock[0] += seconds
+        return found
+    monkeypatch.setattr(module, name, listed)
+
+
+def test_a_taker_suspended_between_its_listing_and_its_clock_keeps_waiting(store, tmp_path,
+                                                                          monkeypatch):
+    """b first saw a's live lock, listed it again 100 s later and was suspended right after
+    that listing for ten minutes, over which a renewed it: what b listed was seen unchanged
+    for 100 s, not for the ten minutes b slept (before, b took the live lock over)."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    with a.lock(MAINTENANCE, "gc") as held:
+        clock = [STEADY]
+        with clock_at(monkeypatch, leases.now(), STEADY), pytest.raises(LockedError):
+            b.lock(MAINTENANCE, "forget")
+        with monkeypatch.context() as patched:
+            clock[0] += 100
+            patched.setattr(sightings, "monotonic", lambda: clock[0])
+            patched.setattr(socket, "gethostname", lambda: "hostb")
+            suspended_after_listing(patched, leases, "generations", clock, 600)
+            with pytest.raises(LockedError, match="free from"):
+                b.lock(MAINTENANCE, "forget")
+        held.check()
+
+
+def test_unlock_suspended_between_its_listing_and_its_clock_keeps_a_live_lease(
+        store, tmp_path, monkeypatch):
+    """As above for `unlock` and a live backup's lease (before, it removed it)."""
+    a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
+    with a.lock(SHARED, "backup image web1") as held:
+        clock = [STEADY]
+        with clock_at(monkeypatch, leases.now(), STEADY):
+            assert unlock_shared(b).removed == []
+        with monkeypatch.context() as patched:
+            clock[0] += 100
+            patched.setattr(sightings, "monotonic", lambda: clock[0])
+            patched.setattr(socket, "gethostname", lambda: "hostb")
+            suspended_after_listing(patched, leases, "list_leases", clock, 600)
+            report = unlock_shared(b)
+        assert report.removed == [] and report.kept[0]["seen_seconds"] == 100
+        held.check()

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import attach_shared, cli
+from helpers import attach_shared, cli, sightings_age
 from repo_engine.errors import LockedError, RepoError
 from repo_engine.maintenance.rebuild import unlock, unlock_shared
-from repo_engine.repository import leases
+from repo_engine.repository import leases, sightings
 from repo_engine.repository.config import RepoConfig, write_config
 from repo_engine.repository.leases import (MAINT, SESSION, VM, Lease, LeaseInfo, LeaseLost,
                                            clear_leases, list_leases, lock_name,
@@ -66,9 +66,11 @@ def watched(monkeypatch, *repos: Repository, hours: float = 2.0) -> None:
     """Each host lists the store's leases now, noting when it first saw each record, and then
     every clock moves `hours` on: a record left unchanged meanwhile is over for each of them."""
     for repo in repos:
-        leases.sighted(repo.index, list_leases(repo.store), leases.now())
+        listed = sightings.monotonic()
+        leases.sighted(repo.index, list_leases(repo.store), leases.now(), listed)
     later = leases.now() + timedelta(hours=hours)
     monkeypatch.setattr(leases, "now", lambda: later)
+    sightings_age(monkeypatch, hours * 3600)
 
 
 class Noted:
@@ -77,7 +79,7 @@ class Noted:
     def __init__(self, ago: float = 0.0) -> None:
         self.ago = ago
 
-    def first_seen(self, _key, names, at, _scope=""):
+    def first_seen(self, _key, names, at, _scope="", _listed=None):
         return {name: at - self.ago for name in names}
 
     def cache_id(self) -> str:

@@ -10,18 +10,20 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import blake3
 import numpy as np
 import pytest
 
-from helpers import KIB, DiskModel, attach_shared, cli, shared_repo, stopped_before_commit
+from helpers import (KIB, DiskModel, attach_shared, cli, shared_repo, sightings_age,
+                     stopped_before_commit)
 from repo_engine.errors import DamageError, FormatError, RepoError
 from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import gc
 from repo_engine.maintenance.scrub import scrub
-from repo_engine.repository import journal, leases
+from repo_engine.repository import checkpoint, journal, leases, sightings
 from repo_engine.repository.checkpoint import STALE_AFTER, compact, write_checkpoint
 from repo_engine.repository.envelope import seal
 from repo_engine.repository.formats import JOURNAL
@@ -83,6 +85,7 @@ def clock_ahead(monkeypatch, seconds: float) -> None:
     later = leases.now() + timedelta(seconds=seconds)
     for module in (leases, shared_gc):  # shared_gc holds its own name for the clock
         monkeypatch.setattr(module, "now", lambda: later)
+    sightings_age(monkeypatch, seconds)
 
 
 def test_a_lease_renewed_after_it_expired_stays_lost(hosts, monkeypatch):
@@ -180,7 +183,7 @@ def test_an_entry_missing_in_the_middle_of_the_journal_is_refused(hosts, tmp_pat
 
 
 def test_entries_compacted_past_a_recently_refreshed_cache_are_read_from_the_checkpoint(
-        hosts, tmp_path):
+        hosts, tmp_path, monkeypatch):
     """gc compacted the entries b's cache had not replayed yet (its clock jumped two hours
     ahead after it first saw the checkpoint): b, refreshed a minute ago, loads the checkpoint
     at its lock instead of taking the gap for the head."""
@@ -194,7 +197,8 @@ def test_entries_compacted_past_a_recently_refreshed_cache_are_read_from_the_che
     contents[second.id] = model.copy_of_content()
     seq = write_checkpoint(a.repo.store, a.repo.index)
     assert compact(a.repo.store, a.repo.index, grace=0) == 0  # first seen now
-    assert compact(a.repo.store, a.repo.index, grace=0, now=time.time() + 2 * STALE_AFTER) == seq
+    sightings_age(monkeypatch, 2 * STALE_AFTER)
+    assert compact(a.repo.store, a.repo.index, grace=0) == seq
     with b.repo.lock(SHARED, "points"):
         assert {p.id for p in b.repo.points()} == set(contents)
     third = b.backup("vm", model)
@@ -320,7 +324,8 @@ def test_the_journal_head_check_on_s3(seaweedfs, s3_bucket, tmp_path, monkeypatc
         b.repo.lock(SHARED, "points").release()
     head = write_checkpoint(store, a.repo.index)
     assert compact(store, a.repo.index, grace=0) == 0  # first seen now
-    assert compact(store, a.repo.index, grace=0, now=time.time() + 2 * STALE_AFTER) == head - 1
+    sightings_age(monkeypatch, 2 * STALE_AFTER)
+    assert compact(store, a.repo.index, grace=0) == head - 1
     with b.repo.lock(SHARED, "restore"):
         assert {p.id for p in b.repo.points()} == set(points)
         for point in b.repo.points():
@@ -479,12 +484,37 @@ def test_entries_compacted_while_a_backup_runs_are_never_committed_again(
     model.random_changes(4)
     contents[a.backup("vm", model).id] = model.copy_of_content()
     seq = write_checkpoint(a.repo.store, a.repo.index)
-    skewed = time.time() + 2 * STALE_AFTER
-    assert compact(a.repo.store, a.repo.index, grace=0, now=skewed) == 0  # first seen now
+    ahead = SimpleNamespace(time=lambda: time.time() + 2 * STALE_AFTER)
+    monkeypatch.setattr(checkpoint, "time", ahead)  # the compactor's clock, two hours ahead
+    assert compact(a.repo.store, a.repo.index, grace=0) == 0  # first seen now
     contents[stalled.finish().id] = stalled.model.copy_of_content()
     restores_everything(root, tmp_path, contents)
     # an hour later on the compactor's own clock, the entries go; every point stays
-    assert compact(a.repo.store, a.repo.index, grace=0, now=skewed + STALE_AFTER) == seq
+    sightings_age(monkeypatch, STALE_AFTER)
+    assert compact(a.repo.store, a.repo.index, grace=0) == seq
+    restores_everything(root, tmp_path, contents)
+
+
+def test_a_backup_whose_clock_was_set_back_loads_the_checkpoint_compacted_past_its_cache(
+        hosts, tmp_path, monkeypatch):
+    """b's backup refreshed at its lock and spends over an hour between two commits (a large
+    upload, its lease renewed), while its clock is set an hour back (NTP correcting a clock that
+    ran fast): on that clock it refreshed a moment ago. Meanwhile a compacted the journal past
+    b's cache, having seen the checkpoint for an hour. b's next commit refreshes without the head
+    check: it must judge its cache stale on a clock no setting moves and load the checkpoint
+    (before, it took the gap for the head and committed its point at a seq the checkpoint
+    covers, an entry no other host reads)."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 30)
+    contents = {a.backup("vm", model).id: model.copy_of_content()}
+    stalled = stalled_backup(b, tmp_path, monkeypatch, "other", 31)
+    model.random_changes(4)
+    contents[a.backup("vm", model).id] = model.copy_of_content()
+    seq = write_checkpoint(a.repo.store, a.repo.index)
+    assert compact(a.repo.store, a.repo.index, grace=0) == 0  # first seen now
+    sightings_age(monkeypatch, STALE_AFTER + 1)  # the wall clock, set back, shows no time
+    assert compact(a.repo.store, a.repo.index, grace=0) == seq
+    contents[stalled.finish().id] = stalled.model.copy_of_content()
     restores_everything(root, tmp_path, contents)
 
 
@@ -519,6 +549,36 @@ def test_a_gc_whose_clock_runs_ahead_never_sweeps_what_a_live_backup_uploaded(
     restores_everything(root, tmp_path, contents)
 
 
+def test_a_gc_suspended_after_listing_the_leases_never_sweeps_what_a_live_backup_uploaded(
+        hosts, tmp_path, monkeypatch):
+    """gc saw b's live lease, listed it again a minute later and its host then slept a lease
+    before gc read its clock (b renewing meanwhile): the lease was seen unchanged for that
+    minute, not for the sleep (before, gc swept the packs b uploaded and is about to commit)."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 41)
+    contents = {a.backup("vm", model).id: model.copy_of_content()}
+    clock = [sightings.monotonic()]
+    monkeypatch.setattr(sightings, "monotonic", lambda: clock[0])
+    stalled = stalled_backup(b, tmp_path, monkeypatch, "other", 42)
+    uploaded = pack_bytes(a.repo.store)
+    first = gc(a.repo, grace=0)
+    assert (first.plans_swept, first.plans_pending) == (0, 1)
+    clock[0] += 60
+    listing = shared_gc.list_leases
+
+    def listed_then_suspended(store):
+        found = listing(store)
+        clock[0] += b.repo.lease_seconds
+        for lease in (lease for held in b.repo.held for lease in held.leases):
+            lease.renew()  # what b's daemon did meanwhile
+        return found
+    monkeypatch.setattr(shared_gc, "list_leases", listed_then_suspended)
+    assert gc(a.repo, grace=0).plans_swept == 0
+    assert pack_bytes(a.repo.store) == uploaded
+    contents[stalled.finish().id] = stalled.model.copy_of_content()
+    restores_everything(root, tmp_path, contents)
+
+
 def test_a_lease_left_by_a_dead_holder_is_swept_past_once_seen_unchanged_long_enough(
         hosts, tmp_path, monkeypatch):
     """A lease whose holder died stays in the store unchanged: gc sweeps past it once it has
@@ -537,7 +597,9 @@ def test_a_lease_left_by_a_dead_holder_is_swept_past_once_seen_unchanged_long_en
     first = gc(a.repo, grace=0)
     assert (first.plans_swept, first.plans_pending) == (0, 1)
     gc_clock_ahead(monkeypatch, 3600 - 60)
+    sightings_age(monkeypatch, 3600 - 60)
     assert gc(a.repo, grace=0).plans_swept == 0
     gc_clock_ahead(monkeypatch, 3600 + 1)
+    sightings_age(monkeypatch, 3600 + 1)
     assert gc(a.repo, grace=0).plans_swept == 1
     restores_everything(root, tmp_path, {kept.id: model.copy_of_content()})

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import DiskModel, attach_shared, cli, shared_repo, stopped_before_commit
+from helpers import DiskModel, attach_shared, cli, shared_repo, sightings_age, stopped_before_commit
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import gc
 from repo_engine.repository import journal
@@ -274,6 +274,7 @@ def test_gc_aborts_the_multipart_uploads_a_dead_process_left(seaweedfs, s3_bucke
     assert [u.name for u in store.pending_uploads()] == ["packs/00/dead.pack"]
     later = shared_gc.now() + timedelta(seconds=host.repo.lease_seconds + 60)
     monkeypatch.setattr(shared_gc, "now", lambda: later)
+    sightings_age(monkeypatch, host.repo.lease_seconds + 60)
     assert gc(host.repo, grace=0).uploads_aborted == 1
     assert list(store.pending_uploads()) == []
     host.repo.close()
@@ -721,5 +722,6 @@ def test_a_lease_left_by_a_holder_whose_clock_ran_ahead_is_waited_for_a_lease_on
     assert gc(a.repo, grace=0).plans_pending == 1
     later = shared_gc.now() + timedelta(seconds=601)
     monkeypatch.setattr(shared_gc, "now", lambda: later)
+    sightings_age(monkeypatch, 601)
     assert gc(a.repo, grace=0).plans_swept == 1
     restores_everything(root, tmp_path, {kept.id: contents[kept.id]})

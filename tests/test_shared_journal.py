@@ -13,7 +13,7 @@ import blake3
 import numpy as np
 import pytest
 
-from helpers import MIB, DiskModel, attach_shared, shared_repo
+from helpers import MIB, DiskModel, attach_shared, shared_repo, sightings_age
 from repo_engine.backup.job import BackupOptions, backup_vm
 from repo_engine.errors import DamageError, FormatError, RepoError
 from repo_engine.maintenance.rebuild import rebuild_cache
@@ -130,7 +130,7 @@ def test_checkpoint_and_deleted_entries_a_fresh_host_still_rebuilds(shared, tmp_
     host.close()
 
 
-def test_compaction_waits_for_the_checkpoint_to_age(shared, tmp_path):
+def test_compaction_waits_for_the_checkpoint_to_age(shared, tmp_path, monkeypatch):
     store = LocalStore(tmp_path / "repo")
     back_up(shared, tmp_path, "vm", 14)
     assert not checkpoint.checkpoint_due(store, shared.index, every=100)
@@ -138,10 +138,10 @@ def test_compaction_waits_for_the_checkpoint_to_age(shared, tmp_path):
     seq = write_checkpoint(store, shared.index)
     assert not checkpoint.checkpoint_due(store, shared.index, every=1)
     assert checkpoint.compact(store, shared.index, grace=0) == 0  # younger than STALE_AFTER
-    later = time.time() + checkpoint.STALE_AFTER + 1
+    sightings_age(monkeypatch, checkpoint.STALE_AFTER + 1)
     # younger than the grace
-    assert checkpoint.compact(store, shared.index, grace=7 * 86400, now=later) == 0
-    assert checkpoint.compact(store, shared.index, grace=0, now=later) == seq
+    assert checkpoint.compact(store, shared.index, grace=7 * 86400) == 0
+    assert checkpoint.compact(store, shared.index, grace=0) == seq
     assert sorted(entry_seqs(store)) == []
     host = fresh_host(tmp_path)
     assert host.refresh() == seq
@@ -153,7 +153,7 @@ def plan_fields(plan) -> tuple:
     return op.plan, op.time, op.refs.tolist(), op.packs, op.maps, op.objects, plan.leases
 
 
-def test_a_stale_host_loads_the_newer_checkpoint(shared, tmp_path):
+def test_a_stale_host_loads_the_newer_checkpoint(shared, tmp_path, monkeypatch):
     store = LocalStore(tmp_path / "repo")
     back_up(shared, tmp_path, "vm1", 6)
     stale = fresh_host(tmp_path, "cache-stale")
@@ -162,7 +162,7 @@ def test_a_stale_host_loads_the_newer_checkpoint(shared, tmp_path):
     shared.refresh()
     seq = write_checkpoint(store, shared.index)
     store.delete(entry_object(s) for s in range(1, seq + 1))
-    stale.index.set_meta_u64("refreshed", 0)  # last refreshed long ago
+    sightings_age(monkeypatch, checkpoint.STALE_AFTER + 1)  # last refreshed long ago
     assert stale.refresh() == seq
     assert restores(stale, point, content, tmp_path)
     stale.close()

@@ -58,6 +58,7 @@ import numpy as np
 
 from ..errors import DamageError, RepoError
 from ..pause import pause_point
+from ..repository import sightings
 from ..repository.blockmap import find_sorted, holds, map_object
 from ..repository.checkpoint import checkpoint_due, compact, write_checkpoint
 from ..repository.index import Index
@@ -268,29 +269,34 @@ def _run(repo: Repository, marker: Marker, report: SharedGcReport, grace: float,
     _repack_cost(repo, marker, report, max_unused)
     report.plans_pending = len(repo.index.pending_plans())
     _checkpoint(repo, grace, report)
-    _abort_stale_uploads(repo, grace, report, listed.temps)
+    _abort_stale_uploads(repo, grace, report, listed)
     report.tmp_files_deleted += remove_files(dead_tmp_files(repo, shared=True))
 
 
 def _abort_stale_uploads(repo: Repository, grace: float, report: SharedGcReport,
-                         temps: list[TempFile]) -> None:
-    """Abort the multipart uploads a process that died left behind, and delete the temporary
-    files of `temps` whose writer is gone (a local directory's; inventory.dead_writes): those
-    this host first saw (an upload by its id; a file begun, or last written, before) longer ago
-    than the grace period and a lease's duration (a live backup's write of one object takes
-    neither; an upload aborted all the same fails its put, and that backup stores no point),
-    and at once those of this host's dead processes. The server's and the writer's times are of
-    other clocks: a host whose clock runs ahead of them would take a live write for an old one."""
+                         listed: _Listed) -> None:
+    """Abort the multipart uploads a process that died left behind, and delete the temporary files
+    `listed` (before the plan) whose writer is gone (a local directory's;
+    inventory.dead_writes): those this host first saw (an upload by its id; a file begun, or
+    last written, before) longer ago than the grace period and a lease's duration (a live
+    backup's write of one object takes neither; an upload aborted all the same fails its put,
+    and that backup stores no point), and at once those of this host's dead processes. The
+    server's and the writer's times are of other clocks: a host whose clock runs ahead of them
+    would take a live write for an old one."""
     repo.check_leases()
     at = now()
     before = at - timedelta(seconds=max(grace, repo.lease_seconds))
+    looked = sightings.monotonic()
     uploads = {f"{u.name} {u.upload_id}": u for u in repo.store.pending_uploads()}
-    seen = repo.index.first_seen(UPLOADS_SEEN_KEY, list(uploads), at.timestamp())
+    seen = repo.index.first_seen(UPLOADS_SEEN_KEY, list(uploads), at.timestamp(),
+                                 listed=looked)
     stale = [uploads[key] for key, when in seen.items() if when <= before.timestamp()]
     for upload in stale:
         repo.store.abort_upload(upload)
     report.uploads_aborted = len(stale)
-    seen = repo.index.first_seen(TEMPS_SEEN_KEY, [temp.name for temp in temps], at.timestamp())
+    temps = listed.temps
+    seen = repo.index.first_seen(TEMPS_SEEN_KEY, [temp.name for temp in temps], at.timestamp(),
+                                 listed=listed.looked)
     dead = [temp.name for temp in dead_writes(temps, before.timestamp(), seen)]
     _delete(repo, dead)
     report.tmp_files_deleted = len(dead)
@@ -318,15 +324,17 @@ class _Listed:
     maps: set[str]
     points: set[str]
     temps: list[TempFile]  # temporary files of writes, of every directory
+    looked: float  # sightings.monotonic before the listing: the temps were seen up to then
 
     @classmethod
     def read(cls, repo: Repository) -> "_Listed":
         """The store's packs, maps and manifests: listed BEFORE the plan's catch-up, so that an
         object whose commit lands in between is known to the cache the plan is built from."""
+        looked = sightings.monotonic()
         listing = list_store(repo)
         objects = listing.objects
         return cls({n: i.size for n, i in objects["packs"].items()}, set(objects["maps"]),
-                   set(objects["points"]), listing.temps)
+                   set(objects["points"]), listing.temps, looked)
 
 
 def _plan(repo: Repository, marker: Marker, report: SharedGcReport, listed: _Listed) -> bool:
@@ -406,12 +414,14 @@ class _Seen:
 
     @classmethod
     def note(cls, index: Index, plans: list[PendingPlan], leases: list[Found],
-             at: datetime) -> "_Seen":
-        """The first sightings noted in the cache's meta, those new now at `at`; the notes of
-        plans and leases gone are dropped."""
-        seen = index.first_seen(PLANS_SEEN_KEY, [p.op.plan for p in plans], at.timestamp())
+             at: datetime, listed: float) -> "_Seen":
+        """The first sightings noted in the cache's meta, those new now at `at`, seen up to
+        `listed` (sightings.monotonic before the listings); the notes of plans and leases gone
+        are dropped."""
+        seen = index.first_seen(PLANS_SEEN_KEY, [p.op.plan for p in plans], at.timestamp(),
+                                listed=listed)
         return cls({plan: datetime.fromtimestamp(when, timezone.utc)
-                    for plan, when in seen.items()}, sighted(index, leases, at))
+                    for plan, when in seen.items()}, sighted(index, leases, at, listed))
 
 
 def ready(plan: PendingPlan, leases: dict[str, LeaseInfo], seen: _Seen, grace: float,
@@ -439,13 +449,14 @@ def _ended(lease: LeaseInfo, seen: datetime, grace: float, at: datetime) -> bool
 
 def _sweep_ready(repo: Repository, marker: Marker, report: SharedGcReport, grace: float,
                  tick: Callable[[str], None] | None) -> None:
+    listed = sightings.monotonic()
     plans = repo.index.pending_plans()
     if not plans:
         return
     found = list_leases(repo.store)
     leases = {f.name: f.info for f in found}
     at = now()
-    seen = _Seen.note(repo.index, plans, found, at)
+    seen = _Seen.note(repo.index, plans, found, at, listed)
     for plan in plans:
         if plan.leases is None:  # a gc died between plan and waits: wait for everyone now
             plan = _commit_waits(repo, plan.op)

@@ -53,11 +53,11 @@ def host_id() -> str:
     pid namespace. A pid is alive or dead only in its own namespace: a container that shares
     the host's name but not its pids (host networking) would otherwise take the host's live
     writers for dead ones, and the host the container's."""
-    return blake3.blake3(f"{socket.gethostname()}\0{_pid_namespace()}".encode()
+    return blake3.blake3(f"{socket.gethostname()}\0{pid_namespace()}".encode()
                          ).hexdigest()[:HOST_HEX]
 
 
-def _pid_namespace() -> str:
+def pid_namespace() -> str:
     """This process's pid namespace (Linux: `pid:[inode]`); empty where there is none to read."""
     try:
         return os.readlink("/proc/self/ns/pid")

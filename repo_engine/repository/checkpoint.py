@@ -40,7 +40,8 @@ found damaged in (a note an earlier repo-engine kept to its host): that one stay
 whatever its row says.
 
 `catch_up` is a shared repository's refresh: apply entries `journal_seq + 1, ...` until one is
-missing. A cache that is empty, or was last refreshed more than STALE_AFTER ago, first looks for
+missing. A cache that is empty, or was last refreshed more than STALE_AFTER ago (on a clock no
+setting of this host's moves: Index.refreshed_ago), first looks for
 a newer checkpoint: entries at or below a checkpoint are deleted only once it is older than
 STALE_AFTER (and gc's grace), so a cache refreshed more recently still finds the entries it needs.
 That age is measured on the compacting host's clock alone, from when it first saw the checkpoint
@@ -75,6 +76,7 @@ from .index_records import PACK_KEY, PACK_REC, REF_KEY, REF_REC, encode_record
 from .journal import (PREFIX, Entry, PendingPlan, PlanOp, check_reasons, entry_object,
                       entry_seqs, read_entry)
 from .points import PointRecord
+from . import sightings
 from .safefile import FILE_MODE
 from .store import ObjectExists, Store
 
@@ -89,7 +91,7 @@ RECORDS_BATCH = 1 << 10  # catalog records per frame (a record is up to a few Ki
 READ_PIECE = 8 << 20
 MAX_FRAME = 1 << 30
 STALE_AFTER = 3600.0
-SEEN_KEY = b"checkpoints_seen"  # meta: {seq: unix time this host first listed the checkpoint}
+SEEN_KEY = b"checkpoints_seen"  # meta: when this host first listed each checkpoint (sightings)
 READ_AHEAD = 8  # journal entries fetched at once by a long replay
 CHECKPOINT_EVERY = 200
 # what a checkpoint replaces in a cache (other tables are this host's own notes; `unfindable`
@@ -231,19 +233,21 @@ def checkpoint_due(store: Store, index: Index, every: int = CHECKPOINT_EVERY) ->
     return index.journal_seq - (newest_checkpoint(store) or 0) > every
 
 
-def compact(store: Store, index: Index, grace: float, now: float | None = None) -> int:
+def compact(store: Store, index: Index, grace: float) -> int:
     """Delete the entries at or below the newest checkpoint older than `grace` seconds and
     STALE_AFTER (module doc), and the checkpoints before it; returns how many entries were
     deleted. Not only the newest checkpoint counts: gc writes one every CHECKPOINT_EVERY
     entries, and on a busy repository the newest may never be that old. A checkpoint's age is
-    measured on this host's clock (`now`) from when `index`, this host's cache, first saw it
-    (`_first_seen`): the time its writer put in it is of another host's clock, and a writer
-    running an hour behind would have it compacted while a cache refreshed a minute ago still
-    needs the entries after its own (such a host, between two commits of one command, would
-    take the gap for the head and commit where no other host reads)."""
-    at = now if now is not None else time.time()
+    measured on this host's steady clock from when `index`, this host's cache, first saw it
+    (`_first_seen`; the wall clock would not do: sightings.py): the time its writer put in it is
+    of another host's clock, and a writer running an hour behind would have it compacted while a
+    cache refreshed a minute ago still needs the entries after its own (such a host, between two
+    commits of one command, would take the gap for the head and commit where no other host
+    reads)."""
+    at = time.time()  # only the seconds seen count: first sights come as `at` less those
+    listed = sightings.monotonic()
     checkpoints = sorted(entry_seqs(store, ".ckpt"), reverse=True)
-    seen = _first_seen(index, checkpoints, at)
+    seen = _first_seen(index, checkpoints, at, listed)
     for seq in checkpoints:
         if at >= seen[seq] + max(grace, STALE_AFTER):
             break
@@ -255,9 +259,10 @@ def compact(store: Store, index: Index, grace: float, now: float | None = None) 
     return len(doomed)
 
 
-def _first_seen(index: Index, checkpoints: list[int], at: float) -> dict[int, float]:
+def _first_seen(index: Index, checkpoints: list[int], at: float,
+                listed: float) -> dict[int, float]:
     """When this host first saw each of `checkpoints` (Index.first_seen)."""
-    seen = index.first_seen(SEEN_KEY, [str(seq) for seq in checkpoints], at)
+    seen = index.first_seen(SEEN_KEY, [str(seq) for seq in checkpoints], at, listed=listed)
     return {int(seq): when for seq, when in seen.items()}
 
 
@@ -444,8 +449,10 @@ def catch_up(store: Store, index: Index, *, check: bool = False,
     `check` (a command's first refresh, after its lock): make sure the entry the cache stopped
     at is the journal's head (`_at_head`), at the cost of two HEAD requests."""
     seq = index.journal_seq
-    refreshed = index.meta_u64("refreshed")
-    if seq == 0 or time.time() - refreshed > STALE_AFTER:
+    # timed on a clock no setting moves: a wall clock set back while a command runs (or
+    # noted while it ran ahead) would call a cache fresh that another host compacted past
+    ago = index.refreshed_ago()
+    if seq == 0 or ago is None or ago > STALE_AFTER:
         newest = newest_checkpoint(store)
         if newest is not None and newest > seq:
             load_checkpoint(store, index, newest, sealer)
@@ -455,7 +462,7 @@ def catch_up(store: Store, index: Index, *, check: bool = False,
             index.apply_entry(entry)  # a no-op for one another process of this host applied
         if not check or _at_head(store, index, sealer):
             break
-    index.set_meta_u64("refreshed", int(time.time()))
+    index.note_refreshed()
     return index.journal_seq
 
 

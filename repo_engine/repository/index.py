@@ -99,11 +99,13 @@ from .index_upgrade import Upgrades
 from .lmdbfile import U64, check_data_file, cover_last_page, get_u64, readahead_pays
 from .packs import FinishedPack, PackEntry
 from .safefile import FILE_MODE, make_dir
+from . import sightings
 from .seals import CHECK_SIZE, KEY, PAYLOAD, CountDamaged, seal, seal_rows, unseal, unsealed_rows
 
 MAP_SIZE = 1 << 40  # address space only: LMDB grows the file as it fills
 ABSENT, PRESENT, WRONG_SIZE, CHECK_FAILED = range(4)  # a sealed record's status (sealed_rows)
 CACHE_ID_KEY = b"cache_id"  # meta: this cache's random name (Index.cache_id)
+REFRESHED_KEY = b"refreshed_at"  # meta: when this cache last caught up (Index.note_refreshed)
 # points a forget looks up one by one (and reads the records of their VMs); more: the whole
 # catalog in one pass
 FEW_POINTS = 64
@@ -460,31 +462,43 @@ class Index(Replay, Unfindable, Upgrades):
             txn.put(name.encode(), U64.pack(value), db=self.meta)
 
     def cache_id(self) -> str:
-        """This cache's random name, made on first use (meta CACHE_ID_KEY): the store's lease
-        records written through this cache carry it (leases.py, "Clocks")."""
+        """This cache's name in this boot and pid namespace (sightings.this_boot) of its random
+        name, made on first use (meta CACHE_ID_KEY): the store's lease records written through
+        this cache carry it (leases.py, "Clocks")."""
         with self.write() as txn:
             raw = txn.get(CACHE_ID_KEY, db=self.meta)
             if raw is None:
                 raw = os.urandom(8).hex().encode()
                 txn.put(CACHE_ID_KEY, raw, db=self.meta)
-        return raw.decode()
+        return sightings.this_boot(raw.decode())
 
-    def first_seen(self, key: bytes, names: Collection[str], at: float,
-                   scope: str = "") -> dict[str, float]:
+    def first_seen(self, key: bytes, names: Collection[str], at: float, scope: str = "",
+                   listed: float | None = None) -> dict[str, float]:
         """When this host first saw each of `names` (those new now: `at`, seconds since the
-        epoch on this host's clock), as noted in meta `key`, which keeps the ones given and
+        epoch on this host's clock, now), as noted in meta `key`, which keeps the ones given and
         those outside `scope` (a prefix: the names a partial listing could not have seen): a
-        wait for something another host wrote is timed on this clock, never on the writer's
-        (hosts' clocks differ)."""
+        wait for something another host wrote is timed on this host, never by the writer's
+        clock (hosts' clocks differ), and on a clock no setting of this host's moves
+        (sightings.py): each time is `at` less the seconds seen by `listed`, the reading of
+        sightings.monotonic taken before the listing that found the names (by default now: not
+        by the end of a wait for the write transaction)."""
+        listed = sightings.monotonic() if listed is None else listed
         with self.write() as txn:
-            raw = txn.get(key, db=self.meta)
-            noted = json.loads(raw) if raw else {}
-            # a note in this clock's future was made while it ran ahead (since set right):
-            # it counts from now, or a wait would last as long as the clock was off
-            seen = {name: min(float(noted.get(name, at)), at) for name in names}
-            kept = {name: when for name, when in noted.items() if not name.startswith(scope)}
-            txn.put(key, json.dumps({**kept, **seen}).encode(), db=self.meta)
-        return seen
+            value, seen = sightings.note(txn.get(key, db=self.meta), names, scope, listed)
+            txn.put(key, value, db=self.meta)
+        return {name: at - seconds for name, seconds in seen.items()}
+
+    def refreshed_ago(self) -> float | None:
+        """Seconds since this cache was last caught up with the journal (`note_refreshed`), on
+        a clock no setting of this host's moves; None when not known (not in this boot)."""
+        with self.env.begin() as txn:
+            return sightings.age(txn.get(REFRESHED_KEY, db=self.meta))
+
+    def note_refreshed(self) -> None:
+        """Note that the cache caught up now (before any wait for the write transaction)."""
+        value = sightings.stamp()
+        with self.write() as txn:
+            txn.put(REFRESHED_KEY, value, db=self.meta)
 
     def missing_refs(self, refs: np.ndarray) -> np.ndarray:
         """Those of `refs` the index does not place (a sweep removed them)."""

@@ -27,7 +27,8 @@ Each is a sealed JSON record (envelope.py, magic LEASE, version 1.2): `kind` (`s
 holder's clock: started or last renewed + the lease's seconds), `token` (random hex: a name reused
 after an `unlock --force` is never taken for the holder's own), `seconds` (the lease's duration;
 absent in version 1.0, whose records are read with expiry less start standing for it: at least
-the duration) and `cache` (the random name of the holder's cache, Index.cache_id; absent
+the duration) and `cache` (the holder's cache's random name bound to its boot and pid
+namespace, Index.cache_id; absent
 before version 1.2). A daemon thread renews the record every quarter of its duration, overwriting
 only its own object after reading back its token. A lease whose renewal
 failed once, whose object is gone or replaced, or whose expiry passed on the holder's clock (or
@@ -52,8 +53,9 @@ safe whatever the clocks: a holder that still renews changes its record every qu
 duration, and one that stopped renewing sees, on its own clock, its lease expire no later than a
 duration after its last renewal, which came before the taker's first sight, so it stops (`check`)
 before the taker takes over (clocks differ in their setting, by any amount, not in their rate:
-that differs by far less than a lease; a note in this host's future, made while its clock
-ran ahead and since set right, counts from now). The cost: a crashed holder's lock is taken over, and its
+that differs by far less than a lease). A sighting is timed on a clock that no setting of this
+host's clock moves (sightings.py): a clock stepped forward while a host waits does not end the
+wait early. The cost: a crashed holder's lock is taken over, and its
 lease removed by `unlock`, only one lease after a host first saw it so (a takeover refused says
 when, on the taker's clock; `unlock` reports for how long it has watched each record it keeps,
 and when to run it again), unless the dead holder is of this host: a lock as above, and `unlock`
@@ -63,7 +65,10 @@ holds that pid again: a pid reused). A record written through this host's own ca
 clock; it is also the only record a stale local lock file of its pid is evidence against. A host
 name and pid alone do not tell: machines cloned from one image keep its host name but not its
 clock, and containers sharing a machine's name (host networking), each with its own cache and
-pid namespace, repeat each other's pids. gc's waits for leases
+pid namespace, repeat each other's pids. Nor does the cache's name alone: a cache copied with
+its machine's disk, or into another container, keeps it, so the name a record carries is bound
+to the boot and pid namespace it was written in (sightings.this_boot); a record this cache wrote
+before a reboot is judged as another host's. gc's waits for leases
 (maintenance/shared_gc.py) use the same sightings. The store's clock (S3 `Last-Modified` and a
 response's `Date`, a file's modification time) could serve as the one clock of every host
 instead, with no wait after a first sight, but not on every store: a shared directory's file
@@ -80,7 +85,6 @@ import os
 import re
 import socket
 import threading
-import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -92,6 +96,8 @@ from .envelope import read_sealed, write_sealed
 from .formats import LEASE
 from .locks import MAINTENANCE, LockInfo, RepoLock, vm_busy, vm_key
 from .safefile import LOCK_MAX
+from . import sightings
+from .sightings import monotonic
 from .store import ObjectExists, ObjectMissing, Store
 
 PREFIX = "leases/"
@@ -124,12 +130,6 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def monotonic() -> float:
-    """Seconds on a clock that no setting of this host's clock moves, counting the time the
-    host was suspended too (a lease runs on while its holder sleeps)."""
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
 def iso(when: datetime) -> str:
     return when.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -144,7 +144,7 @@ class LeaseInfo:
     expires: str  # "" when the record cannot be read: it never expires
     token: str
     seconds: float = 0.0  # the holder's lease duration; 0 in a record of format 1.0
-    cache: str = ""  # the random name of the holder's cache (Index.cache_id); "" before 1.2
+    cache: str = ""  # the holder's cache's name in its boot (Index.cache_id); "" before 1.2
 
     def expires_at(self) -> datetime | None:
         try:
@@ -251,20 +251,21 @@ def read_lease(store: Store, name: str) -> LeaseInfo | None:
 class Sightings(Protocol):
     """Where a host notes when it first saw something (the cache's index: Index.first_seen)."""
 
-    def first_seen(self, key: bytes, names: Collection[str], at: float,
-                   scope: str = "") -> dict[str, float]: ...
+    def first_seen(self, key: bytes, names: Collection[str], at: float, scope: str = "",
+                   listed: float | None = None) -> dict[str, float]: ...
 
     def cache_id(self) -> str: ...
 
 
-def sighted(watch: Sightings, found: Iterable[Found], at: datetime,
+def sighted(watch: Sightings, found: Iterable[Found], at: datetime, listed: float,
             scope: str = PREFIX) -> dict[str, datetime]:
     """When this host first saw each record of `found` as it is now (same token and expiry: a
-    renewal, or a name taken again, is a new sighting), `at` for those new now; noted in its
-    cache's meta SEEN_KEY, where the notes of records under `scope` that `found` lacks (gone
-    from the listing) are dropped."""
+    renewal, or a name taken again, is a new sighting), `at` for those new now, each seen
+    unchanged up to `listed` (the reading of `monotonic` taken before `found` was listed:
+    Index.first_seen); noted in its cache's meta SEEN_KEY, where the notes of records under
+    `scope` that `found` lacks (gone from the listing) are dropped."""
     states = {f.name: f"{f.name} {f.info.token} {f.info.expires}" for f in found}
-    seen = watch.first_seen(SEEN_KEY, list(states.values()), at.timestamp(), scope)
+    seen = watch.first_seen(SEEN_KEY, list(states.values()), at.timestamp(), scope, listed)
     return {name: datetime.fromtimestamp(seen[state], timezone.utc)
             for name, state in states.items()}
 
@@ -462,14 +463,13 @@ def take_vm_lock(store: Store, watch: Sightings, vm: str, command: str, seconds:
     """The store's lock of VM `vm`, or LockedError naming the backup that holds it (worded as
     the local VM lock's refusal). `dead`: the holder of the local VM lock we found stale; a store
     lock of the same host and pid is its, taken over at once."""
-    def held_by(top: Found, free: datetime | None) -> LockedError:
+    def held_by(top: Found, free: str | None) -> LockedError:
         if free is None:
             return LockedError(f"the lock of VM {vm!r}, {store.location}/{top.name}, cannot be "
                                f"read; if no backup of {vm!r} runs on any host, run "
                                "'repo-engine unlock --force'")
         return vm_busy(vm, top.info.command, top.info.pid, top.info.host, top.info.started,
-                       f"its lock is free from {on_this_clock(free)} on this host's clock "
-                       "unless renewed, or run 'repo-engine unlock --force'")
+                       f"its lock is {free}, or run 'repo-engine unlock --force'")
     return take_lock(store, watch, vm_base(vm), VM, command, seconds, held_by,
                      partial(_held_by_dead, dead, watch.cache_id()))
 
@@ -481,23 +481,25 @@ def _held_by_dead(dead: LockInfo | None, cache: str, top: Found) -> bool:
 
 
 def take_lock(store: Store, watch: Sightings, base: str, kind: str, command: str,
-              seconds: float, held_by: Callable[[Found, datetime | None], LockedError],
+              seconds: float, held_by: Callable[[Found, str | None], LockedError],
               gone: Callable[[Found], bool] = lambda _top: False) -> Lease:
-    """The lock `base` taken by generations (module doc), or `held_by(its holder, when it is
-    free unless renewed: None for never)`. A holder is over when its record is (LeaseInfo.free_from,
-    its sightings noted in `watch`: module doc, "Clocks"), or when `gone` says so. A
-    listing is not a snapshot: one that read the directory before a takeover wrote g + 1 and
-    looked at g after it was deleted holds no generation, so only a second empty listing means
-    the lock is free."""
+    """The lock `base` taken by generations (module doc), or `held_by(its holder, when it is free
+    unless renewed: `_when_free`, None for never)`. A holder is over when its record is
+    (LeaseInfo.free_from, its sightings noted in `watch`: module doc, "Clocks"), or when `gone`
+    says so. A listing is not a snapshot: one that read the directory before a takeover wrote
+    g + 1 and looked at g after it was deleted holds no generation, so only a second empty
+    listing means the lock is free."""
     for _attempt in range(5):
+        listed = sightings.monotonic()
         locks = generations(store, base) or generations(store, base)
         top = locks[-1] if locks else None
         if top is not None and not gone(top):
             at = now()
-            seen = sighted(watch, [top], at, f"{PREFIX}{base}-")[top.name]
+            seen = sighted(watch, [top], at, listed, f"{PREFIX}{base}-")[top.name]
             free = top.info.free_from(seen, watch.cache_id())
             if free is None or free > at:
-                raise held_by(top, free)
+                raise held_by(top, None if free is None else
+                              _when_free(top.info, free, watch.cache_id()))
         try:
             lease = Lease.write(store, lock_name(base, top.generation + 1 if top else 1), kind,
                                 command, seconds, watch.cache_id())
@@ -513,14 +515,24 @@ def take_lock(store: Store, watch: Sightings, base: str, kind: str, command: str
     raise LockedError(f"the {kind} lock of {store.location} keeps changing hands; try again")
 
 
-def _held_by(store: Store, top: Found, free: datetime | None) -> LockedError:
+def _when_free(info: LeaseInfo, free: datetime, cache: str) -> str:
+    """When a lock held by `info` is free, as a refusal says it; for a record of this host's
+    name judged as another host's, why (a user who finds no such process here would expect
+    the lock taken at once)."""
+    when = f"free from {on_this_clock(free)} on this host's clock unless renewed"
+    if info.host != socket.gethostname() or info.ours(cache):
+        return when
+    return (f"{when} (its record names this host but was written before its last boot, or on "
+            "another machine or container of its name: its pid is not judged here)")
+
+
+def _held_by(store: Store, top: Found, free: str | None) -> LockedError:
     if free is None:
         return LockedError(f"repository is locked (maintenance): {store.location}/{top.name} "
                            "cannot be read; if no forget, gc or repair runs on any host, run "
                            "'repo-engine unlock --force'")
     return LockedError(f"repository is locked (maintenance) by {top.info.holder()}; wait for it "
-                       "to finish (if that process is gone, the lock is free from "
-                       f"{on_this_clock(free)} on this host's clock unless renewed, or run "
+                       f"to finish (if that process is gone, the lock is {free}, or run "
                        "'repo-engine unlock --force')")
 
 
@@ -617,9 +629,10 @@ def clear_leases(store: Store, watch: Sightings | None,
     `watch`: module doc, "Clocks"; None: no cache to note them in) and those of the `dead`
     holders (host, pid) of this host whose local locks in `watch`'s cache were found stale
     (records written through that cache only); all of them with `force`."""
+    listed = sightings.monotonic()  # before the listing: what it found was there since
     found = list_leases(store)
     at = now()  # after the listing: a record renewed while it ran is first seen at its end
-    seen = sighted(watch, found, at) if watch is not None else {}
+    seen = sighted(watch, found, at, listed) if watch is not None else {}
     cache = watch.cache_id() if watch is not None else ""
     removed, kept = [], []
     for f in found:
