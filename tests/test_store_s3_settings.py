@@ -59,11 +59,27 @@ def test_secret_in_a_file_others_can_read_is_refused(tmp_path):
     ('[s3]\naddressing_style = "dns"\n', "addressing_style must be one of path, virtual"),
     ("[s3]\nmultipart_part_size = 1024\n", "multipart_part_size must be at least"),
     ('[s3]\naccess_key_id = "AK"\n', "must be given together"),
+    ("[s3]\nendpoint = 9000\n", "endpoint must be a string"),
+    ('[s3]\nverify_tls = "no"\n', "verify_tls must be true or false"),
+    ("[s3]\nmax_attempts = 2.5\n", "max_attempts must be an integer"),
+    ("[s3]\nmax_attempts = true\n", "max_attempts must be an integer"),
+    ("[s3]\nregion = [1]\n", "region must be a string"),
+    ("[s3]\nbackoff_base = nan\n", "must be positive and finite"),
+    ("[s3]\nbackoff_cap = inf\n", "must be positive and finite"),
+    ('[s3]\nendpoint = "http://127.0.0.1:99999"\n', "is not a valid URL"),
+    ('[s3]\nendpoint = "http://"\n', "names no host"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(StoreError, match=message) as excinfo:
         load_s3_settings({}, {}, write_config(tmp_path, text))
     assert "\n" not in str(excinfo.value)
+
+
+def test_a_wrong_type_is_named_without_its_value(tmp_path):
+    with pytest.raises(StoreError, match="secret_access_key must be a string") as excinfo:
+        load_s3_settings({}, {}, write_config(
+            tmp_path, '[s3]\naccess_key_id = "AK"\nsecret_access_key = 123456789\n'))
+    assert "123456789" not in str(excinfo.value)
 
 
 def test_missing_config_file_named(tmp_path):
