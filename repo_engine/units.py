@@ -73,6 +73,8 @@ def refuse_bare_m(text: str, option: str, example: str) -> None:
 
 _SECONDS_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(min|s|h|d)")
 _SECONDS = {"s": 1, "min": 60, "h": 3600, "d": 86400}
+# the longest duration taken (100 years): a time this far from now is still a date
+MAX_SECONDS = 36500 * 86400
 
 
 def parse_seconds(text: str, option: str = "duration") -> float:
@@ -81,4 +83,7 @@ def parse_seconds(text: str, option: str = "duration") -> float:
     refuse_bare_m(clean, option, "30min")
     if not clean or _SECONDS_RE.sub("", clean).strip():
         raise UsageError(f"{option}: not a duration: {text!r} (examples: 90s, 30min, 2h, 1h30min)")
-    return sum(float(n) * _SECONDS[u] for n, u in _SECONDS_RE.findall(clean))
+    seconds = sum(float(n) * _SECONDS[u] for n, u in _SECONDS_RE.findall(clean))
+    if seconds > MAX_SECONDS:
+        raise UsageError(f"{option}: {text!r} is too long; the longest is 36500d (100 years)")
+    return seconds

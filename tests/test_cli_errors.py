@@ -177,6 +177,9 @@ def test_restore_to_a_directory(tmp_path, capsys, setup, force):
     (["scrub", "{repo}", "--workers", "-1"], "--workers"),
     (["scrub", "{repo}", "--workers", "0"], "--workers"),
     (["gc", "{repo}", "--wait-timeout", "-1"], "--wait-timeout"),
+    # a time that far back or ahead is no date: it overflowed where gc computed one
+    (["gc", "{repo}", "--grace", "99999999999999999999d"], "--grace"),
+    (["scrub", "{repo}", "--max-duration", "36501d"], "--max-duration"),
 ])
 def test_option_ranges_are_usage_errors(tmp_path, capsys, setup, args, fragment):
     repo, _ = setup
