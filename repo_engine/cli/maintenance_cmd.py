@@ -23,13 +23,12 @@ def _exit_damage(what: str) -> None:
 
 
 def _months(_ctx: click.Context, _param: click.Parameter, text: str | None) -> str | None:
-    """--keep-within spells months `mo` (`m` alone could be minutes); the policy reads `m`."""
+    """--keep-within spells months `mo`: `m` alone could be minutes."""
     from ..units import refuse_bare_m
 
-    if text is None:
-        return None
-    refuse_bare_m(text, "--keep-within", "6mo")
-    return text.lower().replace("mo", "m")
+    if text is not None:
+        refuse_bare_m(text, "--keep-within", "6mo")
+    return text
 
 
 def _keep_bucket(bucket: str, buckets: str):  # type: ignore[no-untyped-def]
