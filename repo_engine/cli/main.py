@@ -67,6 +67,11 @@ class RunState:
     debug: bool = False
 
 
+class Interrupted(Exception):
+    """Ctrl-C during a command, carried past click's own handler (which prints an empty line
+    before its Abort: two lines on a log) to `run`."""
+
+
 class LazyGroup(click.Group):
     """A group whose `lazy` commands ({name: "module:attribute"}) are imported only when that
     command runs or its help is shown; commands added the usual way are kept too."""
@@ -85,6 +90,12 @@ class LazyGroup(click.Group):
             return super().get_command(ctx, cmd_name)
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted from None
 
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, epilog=EPILOG,
@@ -180,7 +191,10 @@ def run(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (Interrupted, click.exceptions.Abort, KeyboardInterrupt) as exc:
+        # a terminal's line may hold the echoed ^C or a progress bar (click ends a prompt's)
+        if isinstance(exc, Interrupted) and sys.stderr.isatty():
+            click.echo(err=True)
         click.echo("repo-engine: interrupted", err=True)
         return 130
     except Exception as exc:  # noqa: BLE001 - the one place every error becomes one line
