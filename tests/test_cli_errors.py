@@ -140,11 +140,12 @@ def test_every_command_turns_every_fault_into_one_line(tmp_path, capsys, monkeyp
     assert_one_line_error(cli(capsys, *args), code, *fragments)
 
 
-@pytest.mark.parametrize("how", ["flag", "env"])
+@pytest.mark.parametrize("how", ["flag", "env", "env yes", "env junk"])
 def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch, how):
     monkeypatch.setattr(REPO_OPEN, _raiser(lambda: RuntimeError("boom")))
-    if how == "env":
-        monkeypatch.setenv("REPO_ENGINE_DEBUG", "1")
+    if how.startswith("env"):
+        value = {"env": "1", "env yes": "yes", "env junk": "maybe"}[how]
+        monkeypatch.setenv("REPO_ENGINE_DEBUG", value)
         result = cli(capsys, "points", tmp_path)
     else:
         result = cli(capsys, "--debug", "points", tmp_path)
@@ -153,6 +154,13 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch, how):
     assert result.err.rstrip().splitlines()[-1] == (
         "repo-engine: error: internal error: RuntimeError: boom (run with --debug for the "
         "traceback)")
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", ""])
+def test_debug_off_in_the_environment(tmp_path, capsys, monkeypatch, value):
+    monkeypatch.setattr(REPO_OPEN, _raiser(lambda: RuntimeError("boom")))
+    monkeypatch.setenv("REPO_ENGINE_DEBUG", value)
+    assert_one_line_error(cli(capsys, "points", tmp_path), 1, "internal error: RuntimeError")
 
 
 def test_restore_into_a_missing_directory(tmp_path, capsys, setup):

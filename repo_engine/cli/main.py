@@ -44,6 +44,7 @@ COMMANDS = {
 
 EPILOG = "Exit codes: 0 ok, 1 error, 2 usage error, 3 damage found."
 DEBUG_ENV = "REPO_ENGINE_DEBUG"
+_DEBUG_OFF = ("", "0", "false", "no", "off")
 
 # errno -> (what happened, what to do); the OS's own wording is kept next to it
 _ERRNO_TEXT = {
@@ -101,13 +102,15 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, lazy=COMMANDS, epilog=EPILOG,
              context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="repo-engine")
-@click.option("--debug", is_flag=True, envvar=DEBUG_ENV,
+# the environment variable is read by `run` alone: a value click cannot read as a boolean
+# would otherwise fail every command
+@click.option("--debug", is_flag=True,
               help=f"Print the Python traceback of an error (also: {DEBUG_ENV}=1).")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """repo-engine: deduplicating backup repository for virtual-machine disks."""
     if isinstance(ctx.obj, RunState):
-        ctx.obj.debug = debug
+        ctx.obj.debug = ctx.obj.debug or debug
 
 
 def os_error_text(exc: OSError) -> str:
@@ -183,7 +186,7 @@ def error_line(exc: BaseException) -> tuple[str, int]:
 
 def run(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (errors are printed as one line on stderr)."""
-    state = RunState(debug=os.environ.get(DEBUG_ENV, "") not in ("", "0"))
+    state = RunState(debug=os.environ.get(DEBUG_ENV, "").strip().lower() not in _DEBUG_OFF)
     try:
         cli.main(args=argv, prog_name="repo-engine", standalone_mode=False, obj=state)
     except click.exceptions.Exit as exc:
