@@ -188,10 +188,15 @@ def test_restore_to_a_directory(tmp_path, capsys, setup, force):
     # a time that far back or ahead is no date: it overflowed where gc computed one
     (["gc", "{repo}", "--grace", "99999999999999999999d"], "--grace"),
     (["scrub", "{repo}", "--max-duration", "36501d"], "--max-duration"),
+    # NaN passes any range (it compares false with both bounds)
+    (["gc", "{repo}", "--max-unused", "nan"], "--max-unused"),
+    (["gc", "{repo}", "--wait-timeout", "nan"], "--wait-timeout"),
+    (["backup", "image", "{repo}", "--vm", "v", "--disk", "d={img}", "--audit", "NaN"],
+     "--audit"),
 ])
 def test_option_ranges_are_usage_errors(tmp_path, capsys, setup, args, fragment):
-    repo, _ = setup
-    result = cli(capsys, *[a.format(repo=repo) for a in args])
+    repo, model = setup
+    result = cli(capsys, *[a.format(repo=repo, img=model.path) for a in args])
     assert result.code == 2, result.err
     assert fragment in result.err and "Traceback" not in result.err
 

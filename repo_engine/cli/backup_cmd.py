@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import (Progress, disk_line, emit_json, json_option, open_repo,
+from .common import (NumberRange, Progress, disk_line, emit_json, json_option, open_repo,
                       RepoAddress, repo_argument)
 from .main import LazyGroup
 
@@ -38,7 +38,7 @@ def backup() -> None:
               help="Changed extents of a disk since its last backup: JSON [[offset, length], "
                    "...] or VMware's DiskChangeInfo as pyVmomi writes it.")
 @click.option("--tag", "tags", multiple=True, help="Tag the point. Repeatable.")
-@click.option("--audit", "audit_percent", type=click.FloatRange(0, 100), default=0.0,
+@click.option("--audit", "audit_percent", type=NumberRange(0, 100), default=0.0,
               show_default=True, metavar="PERCENT",
               help="Also re-read this percentage of blocks the change list calls unchanged and "
                    "check them; a mismatch makes the disk a full read.")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .common import (Progress, emit_json, spinner, human_bytes, json_option, open_repo,
+from .common import (NumberRange, Progress, emit_json, spinner, human_bytes, json_option, open_repo,
                       RepoAddress, repo_argument)
 
 
@@ -251,13 +251,13 @@ def _echo_shared_gc(r: object) -> None:
 @repo_argument
 @click.option("--dry-run", is_flag=True, help="Report what a full gc would reclaim; change nothing.")
 @click.option("--full", is_flag=True, help="Recount every reference (mark and sweep) first.")
-@click.option("--max-unused", type=click.FloatRange(0, 100), default=10.0, show_default=True,
+@click.option("--max-unused", type=NumberRange(0, 100), default=10.0, show_default=True,
               help="Repack packs with more than this percentage of unused bytes.")
 @click.option("--repack", is_flag=True,
               help="Shared repository: rewrite the packs over --max-unused (reads their used "
                    "chunks back); without it gc only drops wholly unused packs and reports "
                    "what a repack would cost. A local repository always repacks.")
-@click.option("--wait-timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+@click.option("--wait-timeout", type=NumberRange(min=0), default=None, metavar="SECONDS",
               show_default="wait as long as it takes",
               help="Give up (safely) after waiting this long for running backups.")
 @click.option("--grace", metavar="DURATION", default=None, show_default="24h",

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .common import (Progress, emit_json, human_bytes, json_option, open_repo,
+from .common import (NumberRange, Progress, emit_json, human_bytes, json_option, open_repo,
                       RepoAddress, repo_argument)
 
 
@@ -120,7 +120,7 @@ def vms(as_json: bool, **params: Any) -> None:
               help="Do not quiesce the guest (crash-consistent point).")
 @data_options
 @click.option("--tag", "tags", multiple=True, help="Tag the point. Repeatable.")
-@click.option("--audit", type=click.FloatRange(0, 100), metavar="PERCENT", show_default="0",
+@click.option("--audit", type=NumberRange(0, 100), metavar="PERCENT", show_default="0",
               help="Also re-read this percentage of blocks CBT calls unchanged and check them.")
 @json_option
 def backup_vsphere(repo: RepoAddress, as_json: bool, **params: Any) -> None:
