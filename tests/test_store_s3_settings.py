@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,6 +81,15 @@ def test_a_wrong_type_is_named_without_its_value(tmp_path):
         load_s3_settings({}, {}, write_config(
             tmp_path, '[s3]\naccess_key_id = "AK"\nsecret_access_key = 123456789\n'))
     assert "123456789" not in str(excinfo.value)
+
+
+def test_a_settings_file_is_never_read_whole_when_it_cannot_be_one(tmp_path):
+    with pytest.raises(StoreError, match="/dev/zero is larger than any settings file"):
+        load_s3_settings({}, {}, Path("/dev/zero"))
+    path = write_config(tmp_path, "")
+    path.write_bytes(b"[s3]\nregion = '\xff'\n")  # not UTF-8
+    with pytest.raises(StoreError, match="is not valid TOML"):
+        load_s3_settings({}, {}, path)
 
 
 def test_missing_config_file_named(tmp_path):
