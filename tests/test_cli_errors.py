@@ -163,6 +163,21 @@ def test_debug_off_in_the_environment(tmp_path, capsys, monkeypatch, value):
     assert_one_line_error(cli(capsys, "points", tmp_path), 1, "internal error: RuntimeError")
 
 
+@pytest.mark.parametrize("content, fragment", [
+    (b'server = "\xff"\n', "is not valid TOML"),  # not UTF-8
+    (None, "is larger than any settings file"),  # /dev/zero: never read whole
+])
+@pytest.mark.parametrize("command", [["vsphere", "vms"], ["backup", "vsphere", "{repo}"]])
+def test_a_vsphere_config_that_is_no_toml(tmp_path, capsys, setup, content, fragment, command):
+    repo, _ = setup
+    config = Path("/dev/zero")
+    if content is not None:
+        config = tmp_path / "job.toml"
+        config.write_bytes(content)
+    result = cli(capsys, *[a.format(repo=repo) for a in command], "--config", config)
+    assert_one_line_error(result, 2, f"--config: {config} {fragment}")
+
+
 def test_restore_into_a_missing_directory(tmp_path, capsys, setup):
     repo, _ = setup
     result = cli(capsys, "restore", repo, "v@latest", "--disk", "d", "--to",

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ...tomlfile import NotToml, read_toml
 from . import StoreError
 
 MIB = 1 << 20
@@ -31,7 +31,6 @@ MIN_PART_SIZE = 5 * MIB  # S3's smallest multipart part (all but the last)
 MAX_PARTS = 10_000  # S3's largest part count
 ADDRESSING_STYLES = ("path", "virtual")
 CONFIG_ENV = "REPO_ENGINE_S3_CONFIG"
-MAX_CONFIG_FILE = 1 << 20
 
 # environment variable -> settings key, the first set of each key's list wins
 _ENVIRONMENT = {
@@ -167,18 +166,12 @@ def _default_config_file(environ: Mapping[str, str]) -> Path | None:
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_FILE + 1)  # never all of /dev/zero
-            mode = os.fstat(f.fileno()).st_mode
+        doc, mode = read_toml(path)
     except OSError as exc:
         raise StoreError(f"cannot read the S3 settings file {path}: {exc.strerror}") from None
-    if len(data) > MAX_CONFIG_FILE:
-        raise StoreError(f"the S3 settings file {path} is larger than any settings file "
-                         f"({MAX_CONFIG_FILE} bytes)")
-    try:
-        table = tomllib.loads(data.decode()).get("s3", {})
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise StoreError(f"the S3 settings file {path} is not valid TOML: {exc}") from None
+    except NotToml as exc:
+        raise StoreError(f"the S3 settings file {path} {exc}") from None
+    table = doc.get("s3", {})
     if not isinstance(table, dict):
         raise StoreError(f"the S3 settings file {path}: [s3] must be a table")
     _check_keys(table, f"the S3 settings file {path}")
