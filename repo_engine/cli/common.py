@@ -128,6 +128,26 @@ class NumberRange(click.FloatRange):
         return number
 
 
+class StoredText(click.ParamType):
+    """Text the repository stores (a VM name, a disk key, a tag, a slot label): an argument
+    holding bytes that are not UTF-8 (Python carries them as surrogates) could not be written,
+    nor read back by another JSON reader."""
+
+    name = "text"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        text = str(value)
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            self.fail(f"{text!r} is not UTF-8 text", param, ctx)
+        return text
+
+
+STORED_TEXT = StoredText()
+
+
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print a versioned JSON document instead of text (docs/JSON.md).")
 

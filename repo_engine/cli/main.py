@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import gc
 import importlib
+import io
 import os
 import sys
 from dataclasses import dataclass
@@ -216,6 +217,10 @@ def _report(exc: BaseException, debug: bool) -> int:
 
 
 def main() -> None:
+    # a path may hold bytes that are not UTF-8: print them as the OS gave them (as ls does),
+    # not fail once the work is done, whatever the locale makes of stdout
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="surrogateescape")
     code = run()
     # the interpreter's exit runs garbage collections over every object of every module loaded
     # (numpy, click, ...), for nothing since the process ends: 20-40 ms of a small backup's CPU

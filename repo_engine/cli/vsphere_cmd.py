@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .common import (NumberRange, Progress, emit_json, human_bytes, json_option, open_repo,
+from .common import (STORED_TEXT, NumberRange, Progress, emit_json, human_bytes, json_option, open_repo,
                       RepoAddress, repo_argument)
 
 
@@ -114,12 +114,13 @@ def vms(as_json: bool, **params: Any) -> None:
 @click.command("vsphere")
 @repo_argument
 @connection_options
-@click.option("--vm", help="The VM's name.")
+@click.option("--vm", type=STORED_TEXT, help="The VM's name.")
 @click.option("--vm-uuid", help="The VM's instance (or BIOS) UUID, instead of --vm.")
 @click.option("--no-quiesce", is_flag=True, default=None,
               help="Do not quiesce the guest (crash-consistent point).")
 @data_options
-@click.option("--tag", "tags", multiple=True, help="Tag the point. Repeatable.")
+@click.option("--tag", "tags", multiple=True, type=STORED_TEXT,
+              help="Tag the point. Repeatable.")
 @click.option("--audit", type=NumberRange(0, 100), metavar="PERCENT", show_default="0",
               help="Also re-read this percentage of blocks CBT calls unchanged and check them.")
 @json_option
