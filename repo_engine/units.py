@@ -1,5 +1,5 @@
 """Parsing and formatting of the quantities users read and write: sizes, rates, ratios, counts
-and durations.
+and durations; and whether a text they gave can be written out.
 
 One unit system everywhere: binary (IEC) multiples, `KiB`, `MiB`, `GiB`, and rates in `MiB/s`.
 Durations spell minutes `min` and months `mo`; a bare `m` is refused because `6m` reads as six
@@ -87,3 +87,13 @@ def parse_seconds(text: str, option: str = "duration") -> float:
     if seconds > MAX_SECONDS:
         raise UsageError(f"{option}: {text!r} is too long; the longest is 36500d (100 years)")
     return seconds
+
+
+def is_text(value: str, *, ascii: bool = False) -> bool:
+    """Whether `value` is text that can be written out: no surrogates (Python's stand-ins for
+    the bytes of an argument or variable that are not UTF-8); with `ascii`, ASCII alone."""
+    try:
+        value.encode("ascii" if ascii else "utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -69,6 +69,7 @@ def test_secret_in_a_file_others_can_read_is_refused(tmp_path):
     ("[s3]\nbackoff_cap = inf\n", "must be positive and finite"),
     ('[s3]\nendpoint = "http://127.0.0.1:99999"\n', "is not a valid URL"),
     ('[s3]\nendpoint = "http://"\n', "names no host"),
+    ('[s3]\naccess_key_id = "clé"\nsecret_access_key = "s"\n', "access_key_id must be ASCII"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(StoreError, match=message) as excinfo:
@@ -90,6 +91,20 @@ def test_a_settings_file_is_never_read_whole_when_it_cannot_be_one(tmp_path):
     path.write_bytes(b"[s3]\nregion = '\xff'\n")  # not UTF-8
     with pytest.raises(StoreError, match="is not valid TOML"):
         load_s3_settings({}, {}, path)
+
+
+@pytest.mark.parametrize("variable, message", [
+    ("AWS_ENDPOINT_URL", "endpoint must be ASCII text"),
+    ("AWS_REGION", "region must be UTF-8 text"),
+    ("AWS_ACCESS_KEY_ID", "access_key_id must be ASCII text"),
+    ("AWS_SECRET_ACCESS_KEY", "secret_access_key must be UTF-8 text"),
+])
+def test_an_environment_value_that_is_not_utf8(variable, message):
+    """Bytes that are not UTF-8 reach Python as surrogates, which no request can carry."""
+    environ = {**ENV, variable: "http://h:1/\udcff"}
+    with pytest.raises(StoreError, match=message) as excinfo:
+        load_s3_settings({}, environ)
+    assert "udcff" not in str(excinfo.value)
 
 
 def test_missing_config_file_named(tmp_path):

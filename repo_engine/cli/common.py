@@ -137,10 +137,10 @@ class StoredText(click.ParamType):
 
     def convert(self, value: object, param: click.Parameter | None,
                 ctx: click.Context | None) -> str:
+        from ..units import is_text
+
         text = str(value)
-        try:
-            text.encode()
-        except UnicodeEncodeError:
+        if not is_text(text):
             self.fail(f"{text!r} is not UTF-8 text", param, ctx)
         return text
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ...tomlfile import NotToml, read_toml
+from ...units import is_text
 from . import StoreError
 
 MIB = 1 << 20
@@ -42,6 +43,7 @@ _ENVIRONMENT = {
     "session_token": ("AWS_SESSION_TOKEN",),
 }
 _SECRETS = ("secret_access_key", "session_token")
+_IN_HEADERS = ("endpoint", "access_key_id", "session_token")  # sent as they are: ASCII
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,9 @@ def _type_problems(s: S3Settings) -> list[str]:
         # a bool is an int to Python, not to a settings file
         if not isinstance(value, kinds) or (isinstance(value, bool) and base != "bool"):
             problems.append(f"{f.name} must be {words}")
+        elif isinstance(value, str) and not is_text(value, ascii=f.name in _IN_HEADERS):
+            problems.append(f"{f.name} must be {'ASCII' if f.name in _IN_HEADERS else 'UTF-8'} "
+                            "text")
     return problems
 
 
