@@ -159,3 +159,14 @@ def test_a_bad_duration_is_echoed_as_given_with_examples_it_takes(repo_with_poin
     for example in ("7d", "2w", "6mo", "1y6mo", "36h"):  # each example is taken
         assert cli(capsys, "forget", repo, "--keep-within", example, "--dry-run").code == 0
     assert _listed(capsys, repo) == {*ids, b_point}
+
+
+def test_a_point_named_twice_is_removed_and_counted_once(repo_with_points, capsys, tmp_path):
+    repo, ids, content, b_point = repo_with_points
+    result = cli(capsys, "forget", repo, ids[2][:8], "a@latest", ids[2], "--json")
+    assert result.code == 0, result.err
+    doc = result.json()
+    assert doc["removed"] == [ids[2]] and [d["id"] for d in doc["decisions"]] == [ids[2]]
+    assert _listed(capsys, repo) == {ids[0], ids[1], b_point}
+    assert cli(capsys, "verify", repo).code == 0
+    assert restore_bytes(capsys, repo, ids[1][:12], "sda", tmp_path / "o.img") == content[ids[1]]

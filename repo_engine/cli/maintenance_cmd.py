@@ -94,8 +94,10 @@ def forget(repo: RepoAddress, point_ids: tuple[str, ...], vm: str | None, keep_l
         policy.check()
     with open_repo(repo) as repository, Progress() as progress:
         if point_ids:
-            named = [repository.find_point(p) for p in point_ids]
-            remove = [p.id for p in named]
+            # one point named twice (by id and as VM@latest) is removed, and counted, once
+            found_points = {p.id: p for p in map(repository.find_point, point_ids)}
+            named = list(found_points.values())
+            remove = list(found_points)
             decisions = [{"id": p.id, "vm": p.vm, "time": p.time, "keep": False,
                           "reasons": ["named"]} for p in named]
         else:
