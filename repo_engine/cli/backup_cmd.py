@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import (STORED_TEXT, NumberRange, Progress, disk_line, emit_json, json_option, open_repo,
-                      RepoAddress, repo_argument)
+from .common import (STORED_TEXT, NumberRange, Progress, RepoAddress, disk_line, emit_json,
+                      json_option, open_repo, repo_argument)
 from .main import LazyGroup
 
 

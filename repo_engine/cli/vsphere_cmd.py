@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from .common import (STORED_TEXT, NumberRange, Progress, emit_json, human_bytes, json_option, open_repo,
-                      RepoAddress, repo_argument)
+from .common import (STORED_TEXT, NumberRange, Progress, RepoAddress, emit_json, human_bytes,
+                      json_option, open_repo, repo_argument)
 
 
 def connection_options(fn: Callable) -> Callable:
