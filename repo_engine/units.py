@@ -1,5 +1,5 @@
 """Parsing and formatting of the quantities users read and write: sizes, rates, ratios, counts
-and durations.
+and durations; and whether a text they gave can be written out.
 
 One unit system everywhere: binary (IEC) multiples, `KiB`, `MiB`, `GiB`, and rates in `MiB/s`.
 Durations spell minutes `min` and months `mo`; a bare `m` is refused because `6m` reads as six
@@ -73,6 +73,8 @@ def refuse_bare_m(text: str, option: str, example: str) -> None:
 
 _SECONDS_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(min|s|h|d)")
 _SECONDS = {"s": 1, "min": 60, "h": 3600, "d": 86400}
+# the longest duration taken (100 years): a time this far from now is still a date
+MAX_SECONDS = 36500 * 86400
 
 
 def parse_seconds(text: str, option: str = "duration") -> float:
@@ -81,4 +83,17 @@ def parse_seconds(text: str, option: str = "duration") -> float:
     refuse_bare_m(clean, option, "30min")
     if not clean or _SECONDS_RE.sub("", clean).strip():
         raise UsageError(f"{option}: not a duration: {text!r} (examples: 90s, 30min, 2h, 1h30min)")
-    return sum(float(n) * _SECONDS[u] for n, u in _SECONDS_RE.findall(clean))
+    seconds = sum(float(n) * _SECONDS[u] for n, u in _SECONDS_RE.findall(clean))
+    if seconds > MAX_SECONDS:
+        raise UsageError(f"{option}: {text!r} is too long; the longest is 36500d (100 years)")
+    return seconds
+
+
+def is_text(value: str, *, ascii: bool = False) -> bool:
+    """Whether `value` is text that can be written out: no surrogates (Python's stand-ins for
+    the bytes of an argument or variable that are not UTF-8); with `ascii`, ASCII alone."""
+    try:
+        value.encode("ascii" if ascii else "utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

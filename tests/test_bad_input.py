@@ -114,6 +114,19 @@ def test_damaged_config_is_damage(tmp_path, capsys, setup):
     _assert_one_line_error(result, 3, "checksum mismatch")
 
 
+@pytest.mark.parametrize("content, code, fragment", [
+    (b"hello\n", 1, "not a config file (bad magic)"),  # some other file, short or long
+    (b"[s3]\nregion = 'x'\n" * 8, 1, "not a config file (bad magic)"),
+    (b"", 3, "truncated config file (0 bytes)"),  # ours, cut: damage
+    (CONFIG.magic[:5], 3, "truncated config file (5 bytes)"),
+])
+def test_a_config_that_is_not_ours_is_told_from_a_cut_one(tmp_path, capsys, content, code,
+                                                          fragment):
+    (tmp_path / "config").write_bytes(content)
+    _assert_one_line_error(cli(capsys, "points", tmp_path), code, fragment)
+    assert (tmp_path / "config").read_bytes() == content
+
+
 @pytest.mark.parametrize("ref", ["deadbeef", "v@1999", "nobody@latest", ""])
 def test_point_that_does_not_exist(tmp_path, capsys, setup, ref):
     repo, _ = setup

@@ -140,11 +140,12 @@ def test_every_command_turns_every_fault_into_one_line(tmp_path, capsys, monkeyp
     assert_one_line_error(cli(capsys, *args), code, *fragments)
 
 
-@pytest.mark.parametrize("how", ["flag", "env"])
+@pytest.mark.parametrize("how", ["flag", "env", "env yes", "env junk"])
 def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch, how):
     monkeypatch.setattr(REPO_OPEN, _raiser(lambda: RuntimeError("boom")))
-    if how == "env":
-        monkeypatch.setenv("REPO_ENGINE_DEBUG", "1")
+    if how.startswith("env"):
+        value = {"env": "1", "env yes": "yes", "env junk": "maybe"}[how]
+        monkeypatch.setenv("REPO_ENGINE_DEBUG", value)
         result = cli(capsys, "points", tmp_path)
     else:
         result = cli(capsys, "--debug", "points", tmp_path)
@@ -153,6 +154,28 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch, how):
     assert result.err.rstrip().splitlines()[-1] == (
         "repo-engine: error: internal error: RuntimeError: boom (run with --debug for the "
         "traceback)")
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", ""])
+def test_debug_off_in_the_environment(tmp_path, capsys, monkeypatch, value):
+    monkeypatch.setattr(REPO_OPEN, _raiser(lambda: RuntimeError("boom")))
+    monkeypatch.setenv("REPO_ENGINE_DEBUG", value)
+    assert_one_line_error(cli(capsys, "points", tmp_path), 1, "internal error: RuntimeError")
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b'server = "\xff"\n', "is not valid TOML"),  # not UTF-8
+    (None, "is larger than any settings file"),  # /dev/zero: never read whole
+])
+@pytest.mark.parametrize("command", [["vsphere", "vms"], ["backup", "vsphere", "{repo}"]])
+def test_a_vsphere_config_that_is_no_toml(tmp_path, capsys, setup, content, fragment, command):
+    repo, _ = setup
+    config = Path("/dev/zero")
+    if content is not None:
+        config = tmp_path / "job.toml"
+        config.write_bytes(content)
+    result = cli(capsys, *[a.format(repo=repo) for a in command], "--config", config)
+    assert_one_line_error(result, 2, f"--config: {config} {fragment}")
 
 
 def test_restore_into_a_missing_directory(tmp_path, capsys, setup):
@@ -177,10 +200,18 @@ def test_restore_to_a_directory(tmp_path, capsys, setup, force):
     (["scrub", "{repo}", "--workers", "-1"], "--workers"),
     (["scrub", "{repo}", "--workers", "0"], "--workers"),
     (["gc", "{repo}", "--wait-timeout", "-1"], "--wait-timeout"),
+    # a time that far back or ahead is no date: it overflowed where gc computed one
+    (["gc", "{repo}", "--grace", "99999999999999999999d"], "--grace"),
+    (["scrub", "{repo}", "--max-duration", "36501d"], "--max-duration"),
+    # NaN passes any range (it compares false with both bounds)
+    (["gc", "{repo}", "--max-unused", "nan"], "--max-unused"),
+    (["gc", "{repo}", "--wait-timeout", "nan"], "--wait-timeout"),
+    (["backup", "image", "{repo}", "--vm", "v", "--disk", "d={img}", "--audit", "NaN"],
+     "--audit"),
 ])
 def test_option_ranges_are_usage_errors(tmp_path, capsys, setup, args, fragment):
-    repo, _ = setup
-    result = cli(capsys, *[a.format(repo=repo) for a in args])
+    repo, model = setup
+    result = cli(capsys, *[a.format(repo=repo, img=model.path) for a in args])
     assert result.code == 2, result.err
     assert fragment in result.err and "Traceback" not in result.err
 

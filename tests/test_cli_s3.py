@@ -205,6 +205,24 @@ def test_init_shared_local_directory(tmp_path, capsys):
     assert not (repo / "index").exists() and not (repo / "locks").exists()  # hosts' caches
 
 
+@pytest.mark.parametrize("variable, base", [("REPO_ENGINE_CACHE_DIR", "{file}"),
+                                            ("XDG_CACHE_HOME", "{file}/repo-engine")])
+def test_a_cache_directory_that_is_a_file_names_the_setting(tmp_path, capsys, monkeypatch,
+                                                            variable, base):
+    repo = tmp_path / "repo"
+    ok(capsys, "init", repo, "--shared", "--cache-dir", tmp_path / "host1")
+    (tmp_path / "afile").write_bytes(b"x")
+    monkeypatch.setenv(variable, str(tmp_path / "afile"))
+    for args in (["points", repo], ["backup", "image", repo, "--vm", "v", "--disk",
+                                    f"d={disk(tmp_path, 1).path}"]):
+        err = assert_one_line_error(cli(capsys, *args))
+        assert err == (f"repo-engine: error: cannot keep this host's cache of shared "
+                       f"repositories in {base.format(file=tmp_path / 'afile')} (not a "
+                       "directory); name a writable directory with --cache-dir or "
+                       "$REPO_ENGINE_CACHE_DIR\n")
+    assert (tmp_path / "afile").read_bytes() == b"x"
+
+
 def test_commands_name_points_another_host_stored(tmp_path, capsys):
     """forget and protect find a point before they lock: in a cache brought up to date."""
     repo, host = tmp_path / "repo", ("--cache-dir", tmp_path / "host1")

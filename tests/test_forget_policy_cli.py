@@ -146,3 +146,27 @@ def test_a_protected_flag_not_a_boolean_is_damage_and_the_point_stays(repo_with_
         assert "malformed" in result.err and result.err.count("\n") == 1, result.err
     with Repository.open(repo) as opened:
         assert len(opened.index.points_records()) == len(ids) + 1
+
+
+@pytest.mark.parametrize("text", ["-1mo", "2months", "1.5d"])
+def test_a_bad_duration_is_echoed_as_given_with_examples_it_takes(repo_with_points, capsys,
+                                                                  text):
+    repo, ids, _, b_point = repo_with_points
+    result = cli(capsys, "forget", repo, "--keep-within", text)
+    assert result.code == 2
+    assert result.err.strip() == (f"repo-engine: error: --keep-within: not a duration: {text!r} "
+                                  "(examples: 7d, 2w, 6mo, 1y6mo, 36h)")
+    for example in ("7d", "2w", "6mo", "1y6mo", "36h"):  # each example is taken
+        assert cli(capsys, "forget", repo, "--keep-within", example, "--dry-run").code == 0
+    assert _listed(capsys, repo) == {*ids, b_point}
+
+
+def test_a_point_named_twice_is_removed_and_counted_once(repo_with_points, capsys, tmp_path):
+    repo, ids, content, b_point = repo_with_points
+    result = cli(capsys, "forget", repo, ids[2][:8], "a@latest", ids[2], "--json")
+    assert result.code == 0, result.err
+    doc = result.json()
+    assert doc["removed"] == [ids[2]] and [d["id"] for d in doc["decisions"]] == [ids[2]]
+    assert _listed(capsys, repo) == {ids[0], ids[1], b_point}
+    assert cli(capsys, "verify", repo).code == 0
+    assert restore_bytes(capsys, repo, ids[1][:12], "sda", tmp_path / "o.img") == content[ids[1]]

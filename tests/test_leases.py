@@ -306,7 +306,7 @@ def test_the_lease_duration_comes_from_the_environment(tmp_path, monkeypatch):
         info = held.leases[0].info
         assert (leases.datetime.fromisoformat(info.expires)
                 - leases.datetime.fromisoformat(info.started)).total_seconds() == 30
-    for bad in ("soon", "0", "-5"):
+    for bad in ("soon", "0", "-5", "inf", "1e400", "99999999999999999999"):
         monkeypatch.setenv("REPO_ENGINE_LEASE_SECONDS", bad)
         with pytest.raises(RepoError, match=f"REPO_ENGINE_LEASE_SECONDS='{bad}' is not a positive"):
             attach_shared(store, tmp_path / "b")

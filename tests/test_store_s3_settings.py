@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,11 +60,51 @@ def test_secret_in_a_file_others_can_read_is_refused(tmp_path):
     ('[s3]\naddressing_style = "dns"\n', "addressing_style must be one of path, virtual"),
     ("[s3]\nmultipart_part_size = 1024\n", "multipart_part_size must be at least"),
     ('[s3]\naccess_key_id = "AK"\n', "must be given together"),
+    ("[s3]\nendpoint = 9000\n", "endpoint must be a string"),
+    ('[s3]\nverify_tls = "no"\n', "verify_tls must be true or false"),
+    ("[s3]\nmax_attempts = 2.5\n", "max_attempts must be an integer"),
+    ("[s3]\nmax_attempts = true\n", "max_attempts must be an integer"),
+    ("[s3]\nregion = [1]\n", "region must be a string"),
+    ("[s3]\nbackoff_base = nan\n", "must be positive and finite"),
+    ("[s3]\nbackoff_cap = inf\n", "must be positive and finite"),
+    ('[s3]\nendpoint = "http://127.0.0.1:99999"\n', "is not a valid URL"),
+    ('[s3]\nendpoint = "http://"\n', "names no host"),
+    ('[s3]\naccess_key_id = "clé"\nsecret_access_key = "s"\n', "access_key_id must be ASCII"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, text, message):
     with pytest.raises(StoreError, match=message) as excinfo:
         load_s3_settings({}, {}, write_config(tmp_path, text))
     assert "\n" not in str(excinfo.value)
+
+
+def test_a_wrong_type_is_named_without_its_value(tmp_path):
+    with pytest.raises(StoreError, match="secret_access_key must be a string") as excinfo:
+        load_s3_settings({}, {}, write_config(
+            tmp_path, '[s3]\naccess_key_id = "AK"\nsecret_access_key = 123456789\n'))
+    assert "123456789" not in str(excinfo.value)
+
+
+def test_a_settings_file_is_never_read_whole_when_it_cannot_be_one(tmp_path):
+    with pytest.raises(StoreError, match="/dev/zero is larger than any settings file"):
+        load_s3_settings({}, {}, Path("/dev/zero"))
+    path = write_config(tmp_path, "")
+    path.write_bytes(b"[s3]\nregion = '\xff'\n")  # not UTF-8
+    with pytest.raises(StoreError, match="is not valid TOML"):
+        load_s3_settings({}, {}, path)
+
+
+@pytest.mark.parametrize("variable, message", [
+    ("AWS_ENDPOINT_URL", "endpoint must be ASCII text"),
+    ("AWS_REGION", "region must be UTF-8 text"),
+    ("AWS_ACCESS_KEY_ID", "access_key_id must be ASCII text"),
+    ("AWS_SECRET_ACCESS_KEY", "secret_access_key must be UTF-8 text"),
+])
+def test_an_environment_value_that_is_not_utf8(variable, message):
+    """Bytes that are not UTF-8 reach Python as surrogates, which no request can carry."""
+    environ = {**ENV, variable: "http://h:1/\udcff"}
+    with pytest.raises(StoreError, match=message) as excinfo:
+        load_s3_settings({}, environ)
+    assert "udcff" not in str(excinfo.value)
 
 
 def test_missing_config_file_named(tmp_path):

@@ -6,9 +6,18 @@ from pathlib import Path
 
 import click
 
-from .common import (Progress, disk_line, emit_json, json_option, open_repo,
-                      RepoAddress, repo_argument)
+from .common import (STORED_TEXT, NumberRange, Progress, RepoAddress, disk_line, emit_json,
+                      json_option, open_repo, repo_argument)
 from .main import LazyGroup
+
+
+def _disk_key(key: str, given: dict, option: str) -> str:
+    if key in given:
+        raise click.BadParameter(f"disk key {key!r} given twice", param_hint=option)
+    try:
+        return STORED_TEXT.convert(key, None, None)
+    except click.BadParameter as exc:
+        raise click.BadParameter(f"disk key {exc.message}", param_hint=option) from None
 
 
 def _pairs(values: tuple[str, ...], option: str) -> dict[str, Path]:
@@ -17,9 +26,7 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, Path]:
         key, sep, path = value.partition("=")
         if not sep or not key or not path:
             raise click.BadParameter(f"{value!r} is not KEY=PATH", param_hint=option)
-        if key in out:
-            raise click.BadParameter(f"disk key {key!r} given twice", param_hint=option)
-        out[key] = Path(path)
+        out[_disk_key(key, out, option)] = Path(path)
     return out
 
 
@@ -31,14 +38,16 @@ def backup() -> None:
 
 @backup.command()
 @repo_argument
-@click.option("--vm", required=True, help="VM name the points are filed under.")
+@click.option("--vm", required=True, type=STORED_TEXT,
+              help="VM name the points are filed under.")
 @click.option("--disk", "disks", multiple=True, required=True, metavar="KEY=PATH",
               help="A disk: its stable key and an image file or block device. Repeatable.")
 @click.option("--changed", multiple=True, metavar="KEY=EXTENTS.json",
               help="Changed extents of a disk since its last backup: JSON [[offset, length], "
                    "...] or VMware's DiskChangeInfo as pyVmomi writes it.")
-@click.option("--tag", "tags", multiple=True, help="Tag the point. Repeatable.")
-@click.option("--audit", "audit_percent", type=click.FloatRange(0, 100), default=0.0,
+@click.option("--tag", "tags", multiple=True, type=STORED_TEXT,
+              help="Tag the point. Repeatable.")
+@click.option("--audit", "audit_percent", type=NumberRange(0, 100), default=0.0,
               show_default=True, metavar="PERCENT",
               help="Also re-read this percentage of blocks the change list calls unchanged and "
                    "check them; a mismatch makes the disk a full read.")
@@ -131,15 +140,14 @@ def _datastore_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
         if not sep or not key or not path.strip():
             raise click.BadParameter(f"{value!r} is not KEY=[datastore] path.vmdk",
                                      param_hint=option)
-        if key in out:
-            raise click.BadParameter(f"disk key {key!r} given twice", param_hint=option)
-        out[key] = path.strip()
+        out[_disk_key(key, out, option)] = path.strip()
     return out
 
 
 @backup.command()
 @repo_argument
-@click.option("--vm", required=True, help="VM name the points are filed under.")
+@click.option("--vm", required=True, type=STORED_TEXT,
+              help="VM name the points are filed under.")
 @click.option("--disk", "disks", multiple=True, required=True, metavar="KEY=[DS] PATH.vmdk",
               help="A disk: its stable key (deviceKey) and datastore path. Repeatable.")
 @click.option("--server", required=True, help="vCenter or ESXi host.")
@@ -160,7 +168,8 @@ def _datastore_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--changed", multiple=True, metavar="KEY=EXTENTS.json",
               help="Changed extents of a disk since its last backup: JSON [[offset, length], "
                    "...] or VMware's DiskChangeInfo as pyVmomi writes it.")
-@click.option("--tag", "tags", multiple=True, help="Tag the point. Repeatable.")
+@click.option("--tag", "tags", multiple=True, type=STORED_TEXT,
+              help="Tag the point. Repeatable.")
 @json_option
 def vddk(repo: RepoAddress, vm: str, disks: tuple[str, ...], server: str, port: int, user: str,
          password_file: Path | None, password_env: str | None, vmx_spec: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -114,6 +115,37 @@ def repo_argument(command: Callable) -> Callable:
         show_default="AWS_ENDPOINT_URL, the S3 settings file, else AWS S3 itself",
         help="URL of the S3-compatible server of an s3:// REPO.")(command)
     return click.argument("repo", metavar="REPO", callback=_address)(command)
+
+
+class NumberRange(click.FloatRange):
+    """click's FloatRange without NaN, which passes its bounds (NaN compares false with both)."""
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
+
+
+class StoredText(click.ParamType):
+    """Text the repository stores (a VM name, a disk key, a tag, a slot label): an argument
+    holding bytes that are not UTF-8 (Python carries them as surrogates) could not be written,
+    nor read back by another JSON reader."""
+
+    name = "text"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        from ..units import is_text
+
+        text = str(value)
+        if not is_text(text):
+            self.fail(f"{text!r} is not UTF-8 text", param, ctx)
+        return text
+
+
+STORED_TEXT = StoredText()
 
 
 json_option = click.option("--json", "as_json", is_flag=True,

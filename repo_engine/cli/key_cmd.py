@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import UsageError
-from .common import (Progress, RepoAddress, emit_json, json_option, open_repo, repo_argument,
-                     spinner)
+from .common import (STORED_TEXT, Progress, RepoAddress, emit_json, json_option, open_repo,
+                     repo_argument, spinner)
 from .passphrase import new_passphrase, read_key_file
 
 if TYPE_CHECKING:
@@ -27,8 +27,8 @@ new_passphrase_option = click.option(
     "--new-passphrase-file", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
     help="File holding the new passphrase (one trailing newline is dropped); without it, the "
          "new passphrase is typed twice on the terminal.")
-label_option = click.option("--label", default="", show_default="none",
-                            help="A note shown by 'key list'.")
+label_option = click.option("--label", default="", show_default="none", type=STORED_TEXT,
+                            help="A note shown by 'key list' (at most 200 characters).")
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import gc
 import importlib
+import io
 import os
 import sys
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ COMMANDS = {
 
 EPILOG = "Exit codes: 0 ok, 1 error, 2 usage error, 3 damage found."
 DEBUG_ENV = "REPO_ENGINE_DEBUG"
+_DEBUG_OFF = ("", "0", "false", "no", "off")
 
 # errno -> (what happened, what to do); the OS's own wording is kept next to it
 _ERRNO_TEXT = {
@@ -67,6 +69,11 @@ class RunState:
     debug: bool = False
 
 
+class Interrupted(Exception):
+    """Ctrl-C during a command, carried past click's own handler (which prints an empty line
+    before its Abort: two lines on a log) to `run`."""
+
+
 class LazyGroup(click.Group):
     """A group whose `lazy` commands ({name: "module:attribute"}) are imported only when that
     command runs or its help is shown; commands added the usual way are kept too."""
@@ -86,17 +93,25 @@ class LazyGroup(click.Group):
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)
 
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted from None
+
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, epilog=EPILOG,
              context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="repo-engine")
-@click.option("--debug", is_flag=True, envvar=DEBUG_ENV,
+# the environment variable is read by `run` alone: a value click cannot read as a boolean
+# would otherwise fail every command
+@click.option("--debug", is_flag=True,
               help=f"Print the Python traceback of an error (also: {DEBUG_ENV}=1).")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """repo-engine: deduplicating backup repository for virtual-machine disks."""
     if isinstance(ctx.obj, RunState):
-        ctx.obj.debug = debug
+        ctx.obj.debug = ctx.obj.debug or debug
 
 
 def os_error_text(exc: OSError) -> str:
@@ -172,7 +187,7 @@ def error_line(exc: BaseException) -> tuple[str, int]:
 
 def run(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (errors are printed as one line on stderr)."""
-    state = RunState(debug=os.environ.get(DEBUG_ENV, "") not in ("", "0"))
+    state = RunState(debug=os.environ.get(DEBUG_ENV, "").strip().lower() not in _DEBUG_OFF)
     try:
         cli.main(args=argv, prog_name="repo-engine", standalone_mode=False, obj=state)
     except click.exceptions.Exit as exc:
@@ -180,7 +195,10 @@ def run(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (Interrupted, click.exceptions.Abort, KeyboardInterrupt) as exc:
+        # a terminal's line may hold the echoed ^C or a progress bar (click ends a prompt's)
+        if isinstance(exc, Interrupted) and sys.stderr.isatty():
+            click.echo(err=True)
         click.echo("repo-engine: interrupted", err=True)
         return 130
     except Exception as exc:  # noqa: BLE001 - the one place every error becomes one line
@@ -199,6 +217,10 @@ def _report(exc: BaseException, debug: bool) -> int:
 
 
 def main() -> None:
+    # a path may hold bytes that are not UTF-8: print them as the OS gave them (as ls does),
+    # not fail once the work is done, whatever the locale makes of stdout
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="surrogateescape")
     code = run()
     # the interpreter's exit runs garbage collections over every object of every module loaded
     # (numpy, click, ...), for nothing since the process ends: 20-40 ms of a small backup's CPU

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .common import (Progress, emit_json, spinner, human_bytes, json_option, open_repo,
+from .common import (NumberRange, Progress, emit_json, spinner, human_bytes, json_option, open_repo,
                       RepoAddress, repo_argument)
 
 
@@ -23,13 +23,12 @@ def _exit_damage(what: str) -> None:
 
 
 def _months(_ctx: click.Context, _param: click.Parameter, text: str | None) -> str | None:
-    """--keep-within spells months `mo` (`m` alone could be minutes); the policy reads `m`."""
+    """--keep-within spells months `mo`: `m` alone could be minutes."""
     from ..units import refuse_bare_m
 
-    if text is None:
-        return None
-    refuse_bare_m(text, "--keep-within", "6mo")
-    return text.lower().replace("mo", "m")
+    if text is not None:
+        refuse_bare_m(text, "--keep-within", "6mo")
+    return text
 
 
 def _keep_bucket(bucket: str, buckets: str):  # type: ignore[no-untyped-def]
@@ -95,8 +94,10 @@ def forget(repo: RepoAddress, point_ids: tuple[str, ...], vm: str | None, keep_l
         policy.check()
     with open_repo(repo) as repository, Progress() as progress:
         if point_ids:
-            named = [repository.find_point(p) for p in point_ids]
-            remove = [p.id for p in named]
+            # one point named twice (by id and as VM@latest) is removed, and counted, once
+            found_points = {p.id: p for p in map(repository.find_point, point_ids)}
+            named = list(found_points.values())
+            remove = list(found_points)
             decisions = [{"id": p.id, "vm": p.vm, "time": p.time, "keep": False,
                           "reasons": ["named"]} for p in named]
         else:
@@ -252,13 +253,13 @@ def _echo_shared_gc(r: object) -> None:
 @repo_argument
 @click.option("--dry-run", is_flag=True, help="Report what a full gc would reclaim; change nothing.")
 @click.option("--full", is_flag=True, help="Recount every reference (mark and sweep) first.")
-@click.option("--max-unused", type=click.FloatRange(0, 100), default=10.0, show_default=True,
+@click.option("--max-unused", type=NumberRange(0, 100), default=10.0, show_default=True,
               help="Repack packs with more than this percentage of unused bytes.")
 @click.option("--repack", is_flag=True,
               help="Shared repository: rewrite the packs over --max-unused (reads their used "
                    "chunks back); without it gc only drops wholly unused packs and reports "
                    "what a repack would cost. A local repository always repacks.")
-@click.option("--wait-timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+@click.option("--wait-timeout", type=NumberRange(min=0), default=None, metavar="SECONDS",
               show_default="wait as long as it takes",
               help="Give up (safely) after waiting this long for running backups.")
 @click.option("--grace", metavar="DURATION", default=None, show_default="24h",

@@ -93,7 +93,8 @@ class PassphraseSource:
         if environ.get(FILE_ENV):
             return read_passphrase_file(Path(environ[FILE_ENV]), f"${FILE_ENV}")
         if VALUE_ENV in environ:
-            return checked(environ[VALUE_ENV].encode(), f"${VALUE_ENV}")
+            # its bytes as the environment has them, UTF-8 or not
+            return checked(os.fsencode(environ[VALUE_ENV]), f"${VALUE_ENV}")
         if not on_terminal():
             raise RepoError(self._missing(confirm))
         return prompt(f"{'New passphrase' if confirm else 'Passphrase'} for {self.location}",

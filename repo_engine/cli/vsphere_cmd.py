@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from .common import (Progress, emit_json, human_bytes, json_option, open_repo,
-                      RepoAddress, repo_argument)
+from .common import (STORED_TEXT, NumberRange, Progress, RepoAddress, emit_json, human_bytes,
+                      json_option, open_repo, repo_argument)
 
 
 def connection_options(fn: Callable) -> Callable:
@@ -114,13 +114,14 @@ def vms(as_json: bool, **params: Any) -> None:
 @click.command("vsphere")
 @repo_argument
 @connection_options
-@click.option("--vm", help="The VM's name.")
+@click.option("--vm", type=STORED_TEXT, help="The VM's name.")
 @click.option("--vm-uuid", help="The VM's instance (or BIOS) UUID, instead of --vm.")
 @click.option("--no-quiesce", is_flag=True, default=None,
               help="Do not quiesce the guest (crash-consistent point).")
 @data_options
-@click.option("--tag", "tags", multiple=True, help="Tag the point. Repeatable.")
-@click.option("--audit", type=click.FloatRange(0, 100), metavar="PERCENT", show_default="0",
+@click.option("--tag", "tags", multiple=True, type=STORED_TEXT,
+              help="Tag the point. Repeatable.")
+@click.option("--audit", type=NumberRange(0, 100), metavar="PERCENT", show_default="0",
               help="Also re-read this percentage of blocks CBT calls unchanged and check them.")
 @json_option
 def backup_vsphere(repo: RepoAddress, as_json: bool, **params: Any) -> None:

@@ -63,18 +63,20 @@ class Within:
         return "".join(f"{n}{u}" for n, u in parts if n) or "0h"
 
 
-_WITHIN_RE = re.compile(r"(\d+)([ymwdh])")
+_WITHIN_RE = re.compile(r"(\d+)(mo|[ymwdh])")
 
 
 def parse_within(text: str) -> Within:
-    """Parse `2y`, `6m`, `3w`, `10d`, `12h` or combinations such as `1y6m` (m = months)."""
-    text = text.strip().lower()
-    if not text or _WITHIN_RE.sub("", text):
-        raise UsageError(f"not a duration: {text!r} (examples: 7d, 2w, 6m, 1y6m, 36h)")
-    total = {"y": 0, "m": 0, "w": 0, "d": 0, "h": 0}
-    for number, unit in _WITHIN_RE.findall(text):
-        total[unit] += int(number)
-    return Within(total["y"], total["m"], total["d"] + 7 * total["w"], total["h"])
+    """Parse `2y`, `6mo`, `3w`, `10d`, `12h` or combinations such as `1y6mo` (`m` is months
+    too: the CLI refuses it before, as ambiguous)."""
+    clean = text.strip().lower()
+    if not clean or _WITHIN_RE.sub("", clean):
+        raise UsageError(f"--keep-within: not a duration: {text!r} (examples: 7d, 2w, 6mo, "
+                         "1y6mo, 36h)")
+    total = {"y": 0, "mo": 0, "w": 0, "d": 0, "h": 0}
+    for number, unit in _WITHIN_RE.findall(clean):
+        total["mo" if unit == "m" else unit] += int(number)
+    return Within(total["y"], total["mo"], total["d"] + 7 * total["w"], total["h"])
 
 
 @dataclass(frozen=True)

@@ -73,11 +73,12 @@ def unseal(fmt: FileFormat, data: bytes, what: str, binding: Binding | None = No
 
 
 def _checked(fmt: FileFormat, data: bytes, what: str) -> tuple[int, bytes]:
+    # a short file that does not begin as one of ours is some other file, not a cut one
+    if not fmt.magic.startswith(data[:len(fmt.magic)]):
+        raise FormatError(f"{what}: not a {fmt.name} file (bad magic)")
     if len(data) < HEADER.size + CHECKSUM_SIZE:
         raise DamageError(f"{what}: truncated {fmt.name} file ({len(data)} bytes)")
-    magic, major, _minor, flags, length = HEADER.unpack_from(data)
-    if magic != fmt.magic:
-        raise FormatError(f"{what}: not a {fmt.name} file (bad magic)")
+    _magic, major, _minor, flags, length = HEADER.unpack_from(data)
     fmt.check_version(major, what)
     end = HEADER.size + length
     if len(data) != end + CHECKSUM_SIZE:

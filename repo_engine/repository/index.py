@@ -161,8 +161,10 @@ class Index(Replay, Unfindable, Upgrades):
         # read-only media or snapshot: nobody can write there, so no lock file is needed
         self.read_only = not create and (read_only or not os.access(path, os.W_OK))
         self._upgrade = create or upgrade
+        self.data_file = path / "data.mdb"
         try:
-            self.env = lmdb.open(str(path), max_dbs=32, map_size=MAP_SIZE, subdir=True,
+            # bytes: a path may hold bytes that are not UTF-8, which lmdb would refuse as text
+            self.env = lmdb.open(os.fsencode(path), max_dbs=32, map_size=MAP_SIZE, subdir=True,
                                  create=create, readonly=self.read_only,
                                  lock=not self.read_only, mode=FILE_MODE,
                                  readahead=scans or readahead_pays(path / "data.mdb"))
@@ -236,7 +238,7 @@ class Index(Replay, Unfindable, Upgrades):
             raise
         self.id_filter.committed()
         with self.env.begin(write=True):
-            cover_last_page(Path(self.env.path()) / "data.mdb")
+            cover_last_page(self.data_file)
 
     def close(self) -> None:
         self.id_filter.save()

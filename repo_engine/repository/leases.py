@@ -92,6 +92,7 @@ from functools import partial
 from typing import Protocol
 
 from ..errors import DamageError, FormatError, LockedError, RepoError
+from ..units import MAX_SECONDS
 from .envelope import read_sealed, write_sealed
 from .formats import LEASE
 from .locks import MAINTENANCE, LockInfo, RepoLock, vm_busy, vm_key
@@ -121,8 +122,10 @@ def lease_seconds() -> float:
         seconds = float(text) if text else LEASE_SECONDS
     except ValueError:
         seconds = 0.0
-    if not seconds > 0:
-        raise RepoError(f"REPO_ENGINE_LEASE_SECONDS={text!r} is not a positive number of seconds")
+    if not 0 < seconds <= MAX_SECONDS:
+        raise RepoError(f"REPO_ENGINE_LEASE_SECONDS={text!r} is not a positive number of seconds "
+                        f"up to {MAX_SECONDS} (100 years); unset it for the default "
+                        f"({LEASE_SECONDS:g})")
     return seconds
 
 

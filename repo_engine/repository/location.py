@@ -30,6 +30,7 @@ no plaintext reachable; what it checks are the stored bytes (checksums) only.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import DamageError, NotARepository, RepoError, TamperedError, UsageError
 from .config import CONFIG_NAME, ENCRYPTION, RepoConfig, read_config
 from .crypto.null import Passphrase
-from .opening import cache_base, is_remote, prepare
+from .opening import CACHE_ENV, cache_base, is_remote, prepare
 from .repo import Repository, new_directory
 from .safefile import DIR_MODE
 from .store import ObjectExists, Store, open_store
@@ -60,7 +61,13 @@ def cache_directory(repo_id: str, cache_dir: Path | None = None) -> Path:
     `attach` make it, owner-only); its base is made owner-only here when missing (the base of
     the default rule is the user's own cache)."""
     base = cache_base(cache_dir)
-    base.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    try:
+        base.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    except OSError as exc:  # the base is named by a setting: say which one to change
+        reason = "not a directory" if exc.errno == errno.EEXIST else exc.strerror.lower()
+        raise RepoError(f"cannot keep this host's cache of shared repositories in {base} "
+                        f"({reason}); name a writable directory with --cache-dir or "
+                        f"${CACHE_ENV}") from None
     return base / repo_id
 
 

@@ -18,6 +18,7 @@ damaged or belongs to another repository costs one derivation's CPU time, nothin
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -41,7 +42,9 @@ _lock = threading.Lock()
 
 def hint_file(base: Path, location: str) -> Path:
     """Where this host keeps the copy of the slot that last opened `location`."""
-    return base / DIRECTORY / f"{blake3.blake3(location.encode()).hexdigest()[:32]}.slot"
+    # a local path may hold bytes that are not UTF-8 (as surrogates): its bytes, as the OS has them
+    name = blake3.blake3(os.fsencode(location)).hexdigest()[:32]
+    return base / DIRECTORY / f"{name}.slot"
 
 
 def start(hint: Path, passphrase: Callable[[], bytes]) -> None:

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from ...errors import FormatError, TamperedError
+from ...errors import FormatError, TamperedError, UsageError
 from ..envelope import seal as envelope_seal
 from ..envelope import unseal as envelope_unseal
 from ..formats import SLOT
@@ -160,7 +160,7 @@ def _unwrap(slot: Slot, kek: bytes) -> bytes | None:
 
 def _new(kind: str, label: str, now: datetime, random: Random, **fields: Any) -> Slot:
     if len(label) > MAX_LABEL:
-        raise ValueError(f"a slot label has at most {MAX_LABEL} characters")
+        raise UsageError(f"--label: a key slot label has at most {MAX_LABEL} characters")
     return Slot(id=random(8).hex(), kind=kind, created=timestamp(now), label=label,
                 wrapped=b"", **fields)
 

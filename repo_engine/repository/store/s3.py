@@ -46,6 +46,7 @@ import botocore.session
 import botocore.exceptions as bexc
 import urllib3.exceptions
 
+from ...units import is_text
 from ..atomic import dead_spool_dirs, spool_dir_prefix
 from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, PendingUpload, RangeReader,
                ShortRead, StoreAuthError, StoreError, StoreUnreachable, TempFile, check_name)
@@ -92,6 +93,8 @@ def parse_location(location: str) -> tuple[str, str]:
                          "letters, digits, '.' and '-'); the location is s3://BUCKET/PREFIX")
     if prefix:
         check_name(prefix)
+    if not is_text(prefix):  # object keys are UTF-8
+        raise StoreError(f"{location}: the prefix {prefix!r} is not UTF-8 text")
     return bucket, prefix
 
 

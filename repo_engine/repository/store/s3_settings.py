@@ -15,13 +15,16 @@ No secret is taken from the command line, and none appears in a repr or a messag
 
 from __future__ import annotations
 
+import math
 import os
-import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ...tomlfile import NotToml, read_toml
+from ...units import is_text
 from . import StoreError
 
 MIB = 1 << 20
@@ -40,6 +43,7 @@ _ENVIRONMENT = {
     "session_token": ("AWS_SESSION_TOKEN",),
 }
 _SECRETS = ("secret_access_key", "session_token")
+_IN_HEADERS = ("endpoint", "access_key_id", "session_token")  # sent as they are: ASCII
 
 
 @dataclass(frozen=True)
@@ -78,12 +82,51 @@ class S3Settings:
         return self.endpoint or f"AWS S3 ({self.region})"
 
 
-def check_settings(s: S3Settings) -> None:
+# a settings field's annotation -> the values it takes, in words (a TOML integer is a float too)
+_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "str": ((str,), "a string"), "bool": ((bool,), "true or false"),
+    "int": ((int,), "an integer"), "float": ((int, float), "a number")}
+
+
+def _type_problems(s: S3Settings) -> list[str]:
+    """The settings of the wrong type (the file's `endpoint = 9000`, `verify_tls = "no"`), each
+    named without its value (it may be a secret)."""
     problems = []
+    for f in fields(s):
+        value = getattr(s, f.name)
+        base, _, optional = str(f.type).partition(" | ")
+        kinds, words = _KINDS[base]
+        if value is None and optional:
+            continue
+        # a bool is an int to Python, not to a settings file
+        if not isinstance(value, kinds) or (isinstance(value, bool) and base != "bool"):
+            problems.append(f"{f.name} must be {words}")
+        elif isinstance(value, str) and not is_text(value, ascii=f.name in _IN_HEADERS):
+            problems.append(f"{f.name} must be {'ASCII' if f.name in _IN_HEADERS else 'UTF-8'} "
+                            "text")
+    return problems
+
+
+def _endpoint_problem(endpoint: str) -> str | None:
+    if not endpoint.startswith(("http://", "https://")):
+        return f"endpoint {endpoint!r} must start with http:// or https://"
+    try:
+        parts = urllib.parse.urlsplit(endpoint)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        return f"endpoint {endpoint!r} is not a valid URL ({exc})"
+    return None if parts.hostname else f"endpoint {endpoint!r} names no host"
+
+
+def check_settings(s: S3Settings) -> None:
+    problems = _type_problems(s)
+    if problems:
+        raise StoreError("bad S3 settings: " + "; ".join(problems))
     if s.addressing_style not in (None, *ADDRESSING_STYLES):
         problems.append(f"addressing_style must be one of {', '.join(ADDRESSING_STYLES)}")
-    if s.endpoint is not None and not s.endpoint.startswith(("http://", "https://")):
-        problems.append(f"endpoint {s.endpoint!r} must start with http:// or https://")
+    endpoint_problem = None if s.endpoint is None else _endpoint_problem(s.endpoint)
+    if endpoint_problem is not None:
+        problems.append(endpoint_problem)
     if s.multipart_part_size < MIN_PART_SIZE:
         problems.append(f"multipart_part_size must be at least {MIN_PART_SIZE} (5 MiB)")
     if s.multipart_threshold < s.multipart_part_size:
@@ -91,8 +134,9 @@ def check_settings(s: S3Settings) -> None:
     if min(s.multipart_concurrency, s.max_attempts, s.list_page_size) < 1:
         problems.append("multipart_concurrency, max_attempts and list_page_size must be at "
                         "least 1")
-    if min(s.backoff_base, s.backoff_cap, s.connect_timeout, s.read_timeout) <= 0:
-        problems.append("backoff_base, backoff_cap and the timeouts must be positive")
+    times = (s.backoff_base, s.backoff_cap, s.connect_timeout, s.read_timeout)
+    if not all(0 < t < math.inf for t in times):  # NaN too
+        problems.append("backoff_base, backoff_cap and the timeouts must be positive and finite")
     if (s.access_key_id is None) != (s.secret_access_key is None):
         problems.append("access_key_id and secret_access_key must be given together")
     if problems:
@@ -127,13 +171,12 @@ def _default_config_file(environ: Mapping[str, str]) -> Path | None:
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     try:
-        with open(path, "rb") as f:
-            table = tomllib.load(f).get("s3", {})
-            mode = os.fstat(f.fileno()).st_mode
+        doc, mode = read_toml(path)
     except OSError as exc:
         raise StoreError(f"cannot read the S3 settings file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise StoreError(f"the S3 settings file {path} is not valid TOML: {exc}") from None
+    except NotToml as exc:
+        raise StoreError(f"the S3 settings file {path} {exc}") from None
+    table = doc.get("s3", {})
     if not isinstance(table, dict):
         raise StoreError(f"the S3 settings file {path}: [s3] must be a table")
     _check_keys(table, f"the S3 settings file {path}")

@@ -19,12 +19,12 @@ line (keys as the long options, without the dashes):
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...errors import UsageError
+from ...tomlfile import NotToml, read_toml
 
 KEYS = {
     "server": str, "port": int, "user": str, "password-file": str, "password-env": str,
@@ -59,12 +59,11 @@ def load_config(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
+        doc, _mode = read_toml(path)
     except OSError as exc:
         raise UsageError(f"--config: cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"--config: {path} is not valid TOML: {exc}") from None
+    except NotToml as exc:
+        raise UsageError(f"--config: {path} {exc}") from None
     doc = doc.get("vsphere", doc) if isinstance(doc.get("vsphere"), dict) else doc
     for key, value in doc.items():
         kind = KEYS.get(key)

@@ -1,0 +1,93 @@
+"""Command-line arguments and environment values holding bytes that are not UTF-8 (Python
+carries them as surrogates, os.fsdecode): a path may hold them and works; a name the
+repository stores (VM, disk key, tag, slot label) is refused as a usage error; never an
+internal error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import MIB, DiskModel, cli, tree_digest
+
+NOT_UTF8 = os.fsdecode(b"\xff")
+
+
+@pytest.fixture
+def model(tmp_path) -> DiskModel:
+    disk = DiskModel(tmp_path / "d.img", 2 * MIB, np.random.default_rng(5))
+    disk.random_changes(5)
+    return disk
+
+
+def _program(*args: object, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """repo-engine as a process whose stdout is strict UTF-8 (as under en_US.UTF-8)."""
+    return subprocess.run([sys.executable, "-m", "repo_engine", *map(str, args)],
+                          capture_output=True, env=env)
+
+
+@pytest.mark.parametrize("init_args", [[], ["--shared"], ["--encryption"]])
+def test_a_repository_at_a_path_that_is_not_utf8(tmp_path, model, init_args):
+    env = dict(os.environ, REPO_ENGINE_PASSWORD="correct horse",
+               PYTHONIOENCODING="utf-8:strict")
+    repo, target = tmp_path / f"repo-{NOT_UTF8}", tmp_path / f"out-{NOT_UTF8}.img"
+    created = _program("init", repo, *init_args, env=env)
+    assert (created.returncode, created.stderr) == (0, b""), created.stderr
+    assert b" at " + os.fsencode(repo) + b" (" in created.stdout  # the path's own bytes
+    for args in (["backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}"],
+                 ["backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}"],
+                 ["verify", repo], ["restore", repo, "v@latest", "--disk", "d", "--to", target]):
+        done = _program(*args, env=env)
+        assert (done.returncode, done.stderr) == (0, b""), (args, done.stderr)
+    assert target.read_bytes() == model.copy_of_content()
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--vm", NOT_UTF8, "--disk", "d={img}"], "--vm"),
+    (["--vm", "v", "--disk", f"{NOT_UTF8}={{img}}"], "--disk"),
+    (["--vm", "v", "--disk", "d={img}", "--tag", NOT_UTF8], "--tag"),
+])
+def test_a_stored_name_that_is_not_utf8_is_a_usage_error(tmp_path, capsys, model, args, option):
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo).code == 0
+    before = tree_digest(repo)
+    result = cli(capsys, "backup", "image", repo, *[a.format(img=model.path) for a in args])
+    assert result.code == 2, result.err
+    assert option in result.err and "is not UTF-8 text" in result.err.splitlines()[-1]
+    assert tree_digest(repo) == before
+
+
+def test_key_labels_that_cannot_be_stored(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("REPO_ENGINE_PASSWORD", "correct horse")
+    repo, new = tmp_path / "repo", tmp_path / "new.pass"
+    new.write_text("battery staple")
+    assert cli(capsys, "init", repo, "--encryption").code == 0
+    for label, message in ((NOT_UTF8, "is not UTF-8 text"),
+                           ("x" * 201, "a key slot label has at most 200 characters")):
+        result = cli(capsys, "key", "add", repo, "--label", label, "--new-passphrase-file", new)
+        assert result.code == 2 and message in result.err, result.err
+        assert "internal error" not in result.err
+    assert len(cli(capsys, "key", "list", repo, "--json").json()["slots"]) == 1
+
+
+def test_a_passphrase_in_the_environment_that_is_not_utf8(tmp_path, capsys, monkeypatch):
+    """The variable's bytes are the passphrase, as a file's are."""
+    passphrase = b"pass\xffphrase"
+    repo, file = tmp_path / "repo", tmp_path / "pass"
+    file.write_bytes(passphrase)
+    assert cli(capsys, "init", repo, "--encryption", "--passphrase-file", file).code == 0
+    monkeypatch.setenv("REPO_ENGINE_PASSWORD", os.fsdecode(passphrase))
+    result = cli(capsys, "points", repo)
+    assert (result.code, result.err) == (0, "")
+
+
+def test_an_s3_prefix_that_is_not_utf8():
+    done = _program("points", f"s3://bucket/{NOT_UTF8}", "--endpoint", "http://127.0.0.1:9",
+                    env=dict(os.environ))
+    assert (done.returncode, done.stdout) == (1, b"")
+    assert done.stderr == (b"repo-engine: error: s3://bucket/\\udcff: the prefix '\\udcff' is "
+                           b"not UTF-8 text\n")
