@@ -469,6 +469,18 @@ def test_an_entry_copied_under_another_seq_is_refused(hosts, tmp_path):
     refused(b, tmp_path, "moved or tampered with")
 
 
+def checkpointed_past_a_stalled_backup(hosts, tmp_path, monkeypatch, seed: int):
+    """Two points of a's, with b's backup stalled between them (refreshed at its lock, packs
+    uploaded), then a checkpoint a wrote: (contents by point, the stalled backup, its seq)."""
+    _root, a, b = hosts
+    model = disk(tmp_path, "vm", seed)
+    contents = {a.backup("vm", model).id: model.copy_of_content()}
+    stalled = stalled_backup(b, tmp_path, monkeypatch, "other", seed + 1)
+    model.random_changes(4)
+    contents[a.backup("vm", model).id] = model.copy_of_content()
+    return contents, stalled, write_checkpoint(a.repo.store, a.repo.index)
+
+
 def test_entries_compacted_while_a_backup_runs_are_never_committed_again(
         hosts, tmp_path, monkeypatch):
     """b's backup refreshed at its lock and is between two commits (its packs uploaded) when a
@@ -477,13 +489,8 @@ def test_entries_compacted_while_a_backup_runs_are_never_committed_again(
     b would take the gap for the head and commit at seqs the checkpoint covers, entries no
     other host ever reads (its point lost to them, its packs planned as unknown objects). The
     compactor must judge a checkpoint's age on its own clock, from when it first saw it."""
-    root, a, b = hosts
-    model = disk(tmp_path, "vm", 28)
-    contents = {a.backup("vm", model).id: model.copy_of_content()}
-    stalled = stalled_backup(b, tmp_path, monkeypatch, "other", 29)
-    model.random_changes(4)
-    contents[a.backup("vm", model).id] = model.copy_of_content()
-    seq = write_checkpoint(a.repo.store, a.repo.index)
+    root, a, _b = hosts
+    contents, stalled, seq = checkpointed_past_a_stalled_backup(hosts, tmp_path, monkeypatch, 28)
     ahead = SimpleNamespace(time=lambda: time.time() + 2 * STALE_AFTER)
     monkeypatch.setattr(checkpoint, "time", ahead)  # the compactor's clock, two hours ahead
     assert compact(a.repo.store, a.repo.index, grace=0) == 0  # first seen now
@@ -504,13 +511,8 @@ def test_a_backup_whose_clock_was_set_back_loads_the_checkpoint_compacted_past_i
     check: it must judge its cache stale on a clock no setting moves and load the checkpoint
     (before, it took the gap for the head and committed its point at a seq the checkpoint
     covers, an entry no other host reads)."""
-    root, a, b = hosts
-    model = disk(tmp_path, "vm", 30)
-    contents = {a.backup("vm", model).id: model.copy_of_content()}
-    stalled = stalled_backup(b, tmp_path, monkeypatch, "other", 31)
-    model.random_changes(4)
-    contents[a.backup("vm", model).id] = model.copy_of_content()
-    seq = write_checkpoint(a.repo.store, a.repo.index)
+    root, a, _b = hosts
+    contents, stalled, seq = checkpointed_past_a_stalled_backup(hosts, tmp_path, monkeypatch, 30)
     assert compact(a.repo.store, a.repo.index, grace=0) == 0  # first seen now
     sightings_age(monkeypatch, STALE_AFTER + 1)  # the wall clock, set back, shows no time
     assert compact(a.repo.store, a.repo.index, grace=0) == seq
