@@ -324,9 +324,8 @@ class _Listed:
         """The store's packs, maps and manifests: listed BEFORE the plan's catch-up, so that an
         object whose commit lands in between is known to the cache the plan is built from."""
         listing = list_store(repo)
-        objects = listing.objects
-        return cls({n: i.size for n, i in objects["packs"].items()}, set(objects["maps"]),
-                   set(objects["points"]), listing.temps)
+        return cls({n: i.size for n, i in listing.packs.items()}, set(listing.maps),
+                   set(listing.points), listing.temps)
 
 
 def _plan(repo: Repository, marker: Marker, report: SharedGcReport, listed: _Listed) -> bool:
