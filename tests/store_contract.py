@@ -178,6 +178,8 @@ class StoreContract:
         assert _listed(store, "points/") == {}
         assert _listed(store, "") == names
         assert all(isinstance(info, ObjectInfo) for info in store.list(""))
+        for prefix in ("packs/", "packs/ab", "maps/", "points/", ""):  # the same, without sizes
+            assert sorted(store.names(prefix)) == sorted(_listed(store, prefix))
 
     def test_delete_removes_a_batch_and_ignores_missing_names(self, store):
         for name in ("maps/ab/1.map", "maps/ab/2.map", "points/3.point"):

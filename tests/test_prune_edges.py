@@ -415,11 +415,11 @@ def test_a_rebase_failing_in_one_vm_starts_no_other_vm(vms, capsys, monkeypatch)
     Ctrl-C) is reported once the running VMs are done, not after every VM."""
     real, started = forget_module._rebased_vm, []
 
-    def first_fails(repo, batch, catalog, gone):
-        started.append(next(iter(catalog.values())).vm)
+    def first_fails(repo, batch, catalog, gone, ids):
+        started.append(catalog[ids[0]].vm)
         if len(started) == 1:
             raise DamageError("block map is damaged (injected)")
-        return real(repo, batch, catalog, gone)
+        return real(repo, batch, catalog, gone, ids)
 
     monkeypatch.setattr(forget_module, "REBASE_THREADS", 1)
     monkeypatch.setattr(forget_module, "_rebased_vm", first_fails)

@@ -226,6 +226,10 @@ def _echo_gc(r: object) -> None:
 
 def _echo_shared_gc(r: object) -> None:
     """The plans of a shared repository's gc and what a repack would cost."""
+    from ..maintenance.gc import GcReport
+
+    if type(r) is GcReport:  # a local gc's: shared_gc.py is not loaded for it (20 ms)
+        return
     from ..maintenance.shared_gc import SharedGcReport
     from ..units import plural
 

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
+from typing import TypeVar
 
 import numpy as np
 
@@ -50,6 +51,7 @@ from .deleter import Deleter
 from .retention import Decision, Policy, PointInfo, apply_policy, parse_time
 
 REBASE_THREADS = 4  # VMs whose points forget rebases at once (rebased)
+T = TypeVar("T")
 
 
 @dataclass
@@ -66,19 +68,22 @@ def policy_decisions(repo: Repository, policy: Policy, vm: str | None = None, *,
     A shared repository's cache is refreshed first (forget re-checks the choice under its lock)."""
     repo.refresh()
     catalog = Catalog({r["id"]: r for r in repo.index.points_records(vm)})
-    infos = [_policy_info(catalog.records[i]) for i in sorted(catalog, key=catalog.order)]
-    return apply_policy(infos, policy, allow_remove_latest=allow_remove_latest)
+    records = [catalog.records[i] for i in sorted(catalog, key=catalog.order)]
+    return apply_policy(each_read(_policy_info, records), policy,
+                        allow_remove_latest=allow_remove_latest)
 
 
 def _policy_info(record: dict) -> PointInfo:
     """What a policy reads of a catalog record (checked as read: Index.record), each field
     checked, without building the whole PointRecord (a policy reads every point)."""
-    with _malformed(record):
-        return PointInfo(checked_name(record["id"], 16, "point id"), _text(record["vm"]),
-                         parse_time(_text(record["time"])),
-                         tuple(_text(d["key"]) for d in record["disks"]),
-                         tuple(map(_text, record.get("tags", ()))),
-                         _protected(record))
+    return PointInfo(checked_name(record["id"], 16, "point id"), _text(record["vm"]),
+                     parse_time(_text(record["time"])),
+                     tuple(_text(d["key"]) for d in record["disks"]),
+                     tuple(map(_text, record.get("tags", ()))),
+                     _protected(record))
+
+
+MALFORMED = (AttributeError, KeyError, TypeError, ValueError)  # (a disk not a dict)
 
 
 @contextmanager
@@ -86,9 +91,23 @@ def _malformed(record: dict) -> Iterator[None]:
     """A field of `record` read inside that is missing or of the wrong type is damage."""
     try:
         yield
-    except (AttributeError, KeyError, TypeError, ValueError) as exc:  # (a disk not a dict)
+    except MALFORMED as exc:
         raise DamageError(f"catalog record {str(record.get('id'))[:16]!r}: restore point "
                           f"record is malformed ({exc}); run 'repo-engine rebuild-index'") from None
+
+
+def each_read(read: Callable[[dict], T], records: Iterable[dict]) -> list[T]:
+    """`read` of each record, a record it finds malformed reported as `_malformed` does: the
+    records are read in one pass without a context each (a forget reads every record of a
+    long history), and read again one by one only to name the one that failed."""
+    records = list(records)
+    try:
+        return [read(record) for record in records]
+    except MALFORMED:
+        for record in records:
+            with _malformed(record):
+                read(record)
+        raise
 
 
 def _text(value: object) -> str:
@@ -206,20 +225,12 @@ class Catalog(Mapping[str, PointRecord]):
         if isinstance(seq, int) and isinstance(time, str) and isinstance(ident, str):
             return seq, time, ident
         with _malformed(record):
-            return _number(record.get("seq", 0)), _text(record["time"]), _text(record["id"])
+            return _order(record)
 
     def protected(self, point_id: str) -> bool:
         record = self.records[point_id]
         with _malformed(record):
             return _protected(record)
-
-    def built_on(self, point_id: str, gone: set[str]) -> bool:
-        """Whether the point stays and has a disk built on a point in `gone` (it is
-        rewritten)."""
-        record = self.records[point_id]
-        with _malformed(record):
-            return point_id not in gone and any(d.get("parent") in gone
-                                                for d in record["disks"])
 
     def link(self, point_id: str, key: str) -> tuple[str, str | None] | None:
         """(kind, parent) of the point's disk `key`, None when it has none: what a walk down a
@@ -232,13 +243,20 @@ class Catalog(Mapping[str, PointRecord]):
                     return _text(disk["kind"]), None if parent is None else _text(parent)
         return None
 
-    def by_vm(self) -> list["Catalog"]:
-        """The points of each VM."""
-        vms: dict[str, dict[str, dict]] = {}
-        for point_id, record in self.records.items():
-            with _malformed(record):
-                vms.setdefault(_text(record["vm"]), {})[point_id] = record
-        return [Catalog(records) for records in vms.values()]
+    def built_on(self, gone: set[str]) -> dict[str, list[str]]:
+        """The points outside `gone` with a disk built on a point in it (they are rewritten),
+        by VM, in commit order: one pass over the records, which reads the VM and commit order
+        of each."""
+        def read(record: dict) -> tuple[str, tuple[int, str, str], bool]:
+            return (_text(record["vm"]), _order(record), record["id"] not in gone
+                    and any(d.get("parent") in gone for d in record["disks"]))
+
+        vms: dict[str, list[tuple[int, str, str]]] = {}
+        for vm, order, rebuilt in each_read(read, self.records.values()):
+            if rebuilt:
+                vms.setdefault(vm, []).append(order)
+        return {vm: [point_id for _, _, point_id in sorted(orders)]
+                for vm, orders in vms.items()}
 
 
 def _protected(record: dict) -> bool:
@@ -248,6 +266,11 @@ def _protected(record: dict) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"protected {value!r} is not a boolean")
     return value
+
+
+def _order(record: dict) -> tuple[int, str, str]:
+    """`commit_order` of a record, each field checked (TypeError, KeyError)."""
+    return _number(record.get("seq", 0)), _text(record["time"]), _text(record["id"])
 
 
 def _number(value: object) -> int:
@@ -270,28 +293,27 @@ def rebased(repo: Repository, catalog: Catalog, gone: set[str]
     here, so the maps are made durable together once all are computed (a MapBatch: one round of
     fsyncs, not two per map), before the commit that names them. A chain never leaves its VM,
     so the VMs are worked on by up to REBASE_THREADS threads at once."""
-    todo = [vm_points for vm_points in catalog.by_vm()
-            if any(vm_points.built_on(point_id, gone) for point_id in vm_points)]
+    todo = list(catalog.built_on(gone).values())
     batch = repo.map_batch()
     if len(todo) < 2:
-        parts = [_rebased_vm(repo, batch, vm_points, gone) for vm_points in todo]
+        parts = [_rebased_vm(repo, batch, catalog, gone, ids) for ids in todo]
     else:
         with ThreadPoolExecutor(min(REBASE_THREADS, len(todo))) as pool:
-            parts = list(pool.map(partial(_rebased_vm, repo, batch, gone=gone), todo))
+            parts = list(pool.map(partial(_rebased_vm, repo, batch, catalog, gone), todo))
     batch.write()
     rewrites = sorted((point for points, _ in parts for point in points), key=commit_order)
     return rewrites, {name: bmap for _, maps in parts for name, bmap in maps.items()}
 
 
-def _rebased_vm(repo: Repository, batch: MapBatch, catalog: Catalog,
-                gone: set[str]) -> tuple[list[PointRecord], dict[str, BlockMap]]:
-    """`rebased` for the points of one VM (`catalog`), its maps added to `batch`."""
+def _rebased_vm(repo: Repository, batch: MapBatch, catalog: Catalog, gone: set[str],
+                ids: list[str]) -> tuple[list[PointRecord], dict[str, BlockMap]]:
+    """`rebased` for the points `ids` of one VM (built on points of `gone`, in commit order),
+    its maps added to `batch`. A chain never leaves its VM, so the rebases of several VMs
+    share `catalog` (each thread puts its rewrites in its own `working` map)."""
     working: ChainMap[str, PointRecord] = ChainMap({}, catalog)  # rewritten ones first
     rewrites: list[PointRecord] = []
     maps: dict[str, BlockMap] = {}
-    for point_id in sorted(catalog, key=catalog.order):
-        if not catalog.built_on(point_id, gone):
-            continue
+    for point_id in ids:
         point = catalog[point_id]
         disks = []
         for disk in point.disks:

@@ -5,8 +5,9 @@ holders) a deletion must outlast, and which points a set of bad refs or maps aff
 from __future__ import annotations
 
 import os
+import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,6 @@ from ..repository.index_records import SEALED_DBS
 from ..repository.locks import list_locks, remove_if_stale
 from ..repository.points import PointRecord
 from ..repository.repo import Repository
-from ..repository.safefile import is_name
 from ..repository.store import ObjectInfo, TempFile
 from ..repository.seals import KEY, PAYLOAD
 from .tally import REF_ROW, batches, listed_batches, ref_rows, sealed_batches
@@ -150,6 +150,10 @@ def sealed_u64(index: Index, txn: lmdb.Transaction, table: str) -> dict[str, int
 
 
 KINDS = {"packs": (".pack", 64), "maps": (".map", 64), "points": (".point", 16)}
+# an object's name of each kind: its last part is its stem (lowercase hex of the kind's length)
+# and the kind's suffix, matched in one call (a gc lists tens of thousands of objects)
+_NAMES = {kind: re.compile(rf"(?s:.*/)?([0-9a-f]{{{length}}}){re.escape(suffix)}")
+          for kind, (suffix, length) in KINDS.items()}
 
 
 def objects_under(repo: Repository, kind: str,
@@ -158,18 +162,20 @@ def objects_under(repo: Repository, kind: str,
     ones the repository gives (KINDS: suffix and hex length). Anything else (in a directory
     store: a symlink, FIFO, device, never followed; anywhere: a stray name) is left alone and
     described in `skipped`: maintenance never reads or deletes through it."""
-    out: dict[str, ObjectInfo] = {}
-    for info in repo.objects(kind, skipped):
-        _add_object(repo, kind, info, out, skipped)
-    return out
+    infos = {info.name: info for info in repo.objects(kind, skipped)}
+    return {stem: infos[name] for stem, name in _stems(repo, kind, infos, skipped)}
 
 
 @dataclass
 class StoreListing:
-    """The store listed for maintenance (`list_store`): its objects of each kind of KINDS, as
-    `objects_under` gives them, and the temporary files of writes met (a local store's)."""
+    """The store listed for maintenance (`list_store`): its packs by name with their sizes,
+    the names of its maps and manifests (their sizes unread: a local store reads no file's
+    metadata for them), each kind as `objects_under` takes it, and the temporary files of
+    writes met (a local store's)."""
 
-    objects: dict[str, dict[str, ObjectInfo]]
+    packs: dict[str, ObjectInfo]
+    maps: list[str]
+    points: list[str]
     temps: list[TempFile]
 
 
@@ -186,28 +192,32 @@ def list_store(repo: Repository, skipped: list[str] | None = None) -> StoreListi
     root's lost+found, which only root may read). Object storage, which has none, is listed by
     the kinds' prefixes alone (a journal of thousands of entries would cost a LIST request per
     thousand)."""
-    listing = StoreListing({kind: {} for kind in KINDS}, [])
-    prefixes = [f"{kind}/" for kind in KINDS]
-    for prefix in prefixes + (list(OBJECT_DIRS) if repo.store.leaves_temps else []):
-        for info in repo.store.list(prefix, skipped, listing.temps):
-            kind, slash, _ = info.name.partition("/")
-            if slash and kind in KINDS:
-                _add_object(repo, kind, info, listing.objects[kind], skipped)
+    store = repo.store
+    temps: list[TempFile] = []
+    packs = {info.name: info for info in store.list("packs/", skipped, temps)}
+    listing = StoreListing({stem: packs[name] for stem, name in _stems(repo, "packs", packs,
+                                                                      skipped)}, [], [], temps)
+    for kind, out in (("maps", listing.maps), ("points", listing.points)):
+        out += [stem for stem, _ in _stems(repo, kind, store.names(f"{kind}/", skipped, temps),
+                                           skipped)]
+    for prefix in OBJECT_DIRS if store.leaves_temps else ():
+        for _name in store.names(prefix, skipped, temps):
+            pass  # walked for the temporary files only
     return listing
 
 
-def _add_object(repo: Repository, kind: str, info: ObjectInfo, out: dict[str, ObjectInfo],
-                skipped: list[str] | None) -> None:
-    """Add `info`, an object under `kind/`, to `out` by its stem when it has a name of `kind`."""
-    suffix, length = KINDS[kind]
-    stem = info.name.rpartition("/")[2].removesuffix(suffix)
-    if not info.name.endswith(suffix):
-        return
-    if is_name(stem, length):
-        out[stem] = info
-    elif skipped is not None:
-        skipped.append(f"{repo.store.location}/{info.name} does not have a repository "
-                       "object name: left alone, never read (remove it)")
+def _stems(repo: Repository, kind: str, names: Iterable[str],
+           skipped: list[str] | None) -> Iterator[tuple[str, str]]:
+    """(stem, name) of each of `names`, objects under `kind/`, that is a name of `kind`; one
+    with the kind's suffix and another stem is described in `skipped`."""
+    suffix, named = KINDS[kind][0], _NAMES[kind].fullmatch
+    for name in names:
+        found = named(name)
+        if found is not None:
+            yield found[1], name
+        elif skipped is not None and name.endswith(suffix):
+            skipped.append(f"{repo.store.location}/{name} does not have a repository object "
+                           "name: left alone, never read (remove it)")
 
 
 def dead_writes(temps: Iterable[TempFile], before: float | None,

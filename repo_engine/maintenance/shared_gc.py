@@ -332,9 +332,8 @@ class _Listed:
         object whose commit lands in between is known to the cache the plan is built from."""
         looked = sightings.monotonic()
         listing = list_store(repo)
-        objects = listing.objects
-        return cls({n: i.size for n, i in objects["packs"].items()}, set(objects["maps"]),
-                   set(objects["points"]), listing.temps, looked)
+        return cls({n: i.size for n, i in listing.packs.items()}, set(listing.maps),
+                   set(listing.points), listing.temps, looked)
 
 
 def _plan(repo: Repository, marker: Marker, report: SharedGcReport, listed: _Listed) -> bool:

@@ -389,11 +389,18 @@ class Index(Replay, Unfindable, Upgrades):
         skipped undecoded: a record is stored as `json.dumps(..., sort_keys=True)`
         (encode_record; version 1 too), so its raw JSON holds the pair `"vm": NAME` spelled
         exactly so (quotes inside strings are escaped, so no string can hold it); only the
-        records holding one of those pairs are decoded and compared."""
+        records holding one of those pairs are decoded and compared. A record the last whole
+        pass decoded from the same bytes (`record`) is taken as decoded, without the search."""
         names = {json.dumps(vm).encode() for vm in vms}
-        found = (self.record(k, v) for k, v in txn.cursor(db=self.points)
-                 if not names.isdisjoint(_VM_PAIR.findall(v)))
-        return [r for r in found if r["vm"] in vms]
+        decoded = self._decoded
+        found = []
+        for key, raw in txn.cursor(db=self.points):
+            known = decoded.get(key)
+            if known is not None and known[0] == raw:
+                found.append(known[1])
+            elif not names.isdisjoint(_VM_PAIR.findall(raw)):
+                found.append(self.record(key, raw))
+        return [r for r in found if isinstance(vm := r.get("vm"), str) and vm in vms]
 
     def _next_seq(self, txn: lmdb.Transaction, vm_records: list[dict]) -> int:
         """The commit sequence of a new point: above the counter and above every catalogued

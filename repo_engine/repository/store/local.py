@@ -191,16 +191,27 @@ class LocalStore:
         """Objects whose names start with `prefix`: regular files only, temporary files of writes
         left out (and added to `temps`, those of every directory walked); a symlink (to a file
         or a directory), FIFO, socket or device is described in `skipped` and never followed."""
+        for name, entry in self._entries(prefix, skipped, temps):
+            try:
+                size = entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue  # deleted since the directory was read: gone, as on S3
+            yield ObjectInfo(name, size)
+
+    def names(self, prefix: str, skipped: list[str] | None = None,
+              temps: list[TempFile] | None = None) -> Iterator[str]:
+        """The names `list` gives, without reading any file's metadata for its size (gc lists
+        tens of thousands of maps and manifests for their names); a file deleted after its
+        directory was read may be among them."""
+        return (name for name, _entry in self._entries(prefix, skipped, temps))
+
+    def _entries(self, prefix: str, skipped: list[str] | None,
+                 temps: list[TempFile] | None) -> Iterator[tuple[str, os.DirEntry]]:
         check_name(prefix, prefix=True)
         base = prefix.rpartition("/")[0]
         top = self.root / base if base else self.root
-        for name, entry in _walk(top, base, skipped, temps):
-            if name.startswith(prefix):
-                try:
-                    size = entry.stat(follow_symlinks=False).st_size
-                except FileNotFoundError:
-                    continue  # deleted since the directory was read: gone, as on S3
-                yield ObjectInfo(name, size)
+        return ((name, entry) for name, entry in _walk(top, base, skipped, temps)
+                if name.startswith(prefix))
 
     def delete(self, names: Iterable[str]) -> None:
         """Remove each named file (only from a real directory, never through a symlink), then

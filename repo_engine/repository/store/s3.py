@@ -533,6 +533,11 @@ class S3Store:
                 return
             token = {"ContinuationToken": page["NextContinuationToken"]}
 
+    def names(self, prefix: str, skipped: list[str] | None = None,
+              temps: list[TempFile] | None = None) -> Iterator[str]:
+        """The names `list` gives (a listing carries the sizes anyway)."""
+        return (info.name for info in self.list(prefix, skipped, temps))
+
     # -- multipart leftovers -----------------------------------------------------------------
 
     def pending_uploads(self) -> Iterator[PendingUpload]:
