@@ -116,6 +116,25 @@ def test_unlock_command_tells_when_a_lease_may_be_removed(tmp_path, capsys, monk
         a.check_leases()
 
 
+def test_unlock_command_says_why_it_keeps_a_record_of_this_hosts_name(tmp_path, capsys):
+    """A live lease that names this host but was written through another cache (another
+    container or machine of its name, or before a reboot) is kept as another host's would be:
+    `unlock` says why, as a lock refused for it does, since a user who finds no such process
+    here would expect it removed at once."""
+    path = tmp_path / "repo"
+    store = Repository.init(path, shared=True).store
+    other = host(store, tmp_path, "other")
+    with other.lock(SHARED, "backup image web1"):
+        result = cli(capsys, "unlock", path)
+        assert result.code == 0, result.err
+        assert ("): it may still be live (its record names this host but was written before "
+                "its last boot, or on another machine or container of its name: its pid is not "
+                "judged here), seen unchanged for 0 s; run 'repo-engine unlock' again after "
+                in result.out)
+        assert cli(capsys, "unlock", path, "--json").json()["kept"][0]["elsewhere"] is True
+        other.check_leases()
+
+
 def test_a_crashed_holders_lock_is_taken_over_once_seen_unchanged_for_a_lease(store, tmp_path,
                                                                              monkeypatch):
     """The record names its holder's lease duration: the taker waits that long from its first

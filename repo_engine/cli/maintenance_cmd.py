@@ -554,7 +554,7 @@ def unlock(repo: RepoAddress, force: bool, as_json: bool) -> None:
 
 def _kept_line(doc: dict) -> str:
     """Why `unlock` kept a store's lease or lock, and what to do."""
-    from ..repository.leases import UNREADABLE_HOST
+    from ..repository.leases import ELSEWHERE, UNREADABLE_HOST
 
     if doc["host"] == UNREADABLE_HOST:
         return (f"kept the {_lock_kind(doc)} {doc['file']}: it cannot be read, so it never ends; "
@@ -563,7 +563,8 @@ def _kept_line(doc: dict) -> str:
     if not doc["free_from"]:  # no cache to time it in, or times that cannot be read
         return (f"kept the {holder}: this host cannot tell when it ends; if that process is "
                 "gone, run 'repo-engine unlock --force'")
-    return (f"kept the {holder}: it may still be live, seen unchanged for "
+    why = f" ({ELSEWHERE})" if doc["elsewhere"] else ""
+    return (f"kept the {holder}: it may still be live{why}, seen unchanged for "
             f"{doc['seen_seconds']:.0f} s; run 'repo-engine unlock' again after "
             f"{doc['free_from']} (this host's clock), or with --force if that process is gone")
 
