@@ -243,12 +243,13 @@ def _echo_shared_gc(r: object) -> None:
         click.echo(f"  repacked: read back {human_bytes(r.repacked_read_bytes)} of "
                    f"{plural(r.packs_repacked, 'partly used pack')}, wrote "
                    f"{human_bytes(r.repacked_written_bytes)} in {plural(r.packs_written, 'pack')}"
-                   f", {r.repacked_requests} requests; the old packs "
+                   f", {plural(r.repacked_requests, 'request')}; the old packs "
                    f"({human_bytes(r.repacked_old_bytes)}) are deleted by a sweep")
     if r.repack_packs:
         click.echo(f"  a repack of {plural(r.repack_packs, 'partly used pack')} would read "
                    f"{human_bytes(r.repack_read_bytes)}, write "
-                   f"{human_bytes(r.repack_write_bytes)} in {r.repack_requests} requests and "
+                   f"{human_bytes(r.repack_write_bytes)} in "
+                   f"{plural(r.repack_requests, 'request')} and "
                    f"free {human_bytes(r.repack_reclaims_bytes)} (not done: 'gc --repack' "
                    f"does it)")
 
@@ -341,7 +342,7 @@ def verify(repo: RepoAddress, repair: bool, as_json: bool) -> None:
         _echo_affected(report.affected)
         click.echo("no errors found" if report.ok else plural(len(report.errors), "error"))
     if not report.ok:
-        _exit_damage(f"verify found {len(report.errors)} errors; affected points: "
+        _exit_damage(f"verify found {plural(len(report.errors), 'error')}; affected points: "
                      f"{', '.join(p[:8] for p in report.damaged_points) or 'none'}")
 
 
@@ -385,8 +386,7 @@ def scrub(repo: RepoAddress, subset: str | None, max_duration: str | None, repai
       repo-engine scrub s3://bucket/repo --no-key
     """
     from ..maintenance.scrub import scrub as run_scrub
-
-    from ..units import parse_seconds
+    from ..units import parse_seconds, plural
 
     if no_key:
         if subset or max_duration or repair:
@@ -406,8 +406,8 @@ def scrub(repo: RepoAddress, subset: str | None, max_duration: str | None, repai
     if not report.ok:
         chunks, points = len(report.damaged), len({a.point for a in report.affected})
         found = "left" if repair else "found"
-        _exit_damage(f"scrub {found} {chunks} damaged chunk{'s' * (chunks != 1)} used by "
-                     f"{points} point{'s' * (points != 1)}"
+        _exit_damage(f"scrub {found} {plural(chunks, 'damaged chunk')} used by "
+                     f"{plural(points, 'point')}"
                      + ("" if repair else "; 'repo-engine scrub --repair' heals what it can"))
 
 
@@ -437,7 +437,9 @@ def _scrub_stored(repo: RepoAddress, workers: int | None, as_json: bool) -> None
         if report.ok:
             click.echo("no damage found")
     if not report.ok:
-        _exit_damage(f"scrub --no-key found {len(report.damaged)} damaged objects or chunks, "
+        damaged = plural(len(report.damaged), "damaged object or chunk",
+                         "damaged objects or chunks")
+        _exit_damage(f"scrub --no-key found {damaged}, "
                      f"the first: {report.damaged[0]}; 'repo-engine scrub' with the key says "
                      "which points they affect")
 
