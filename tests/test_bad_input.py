@@ -218,11 +218,12 @@ def test_a_full_filesystem_met_by_the_index_is_the_same_clean_failure(tmp_path, 
 
 
 def test_cli_runs_as_a_program(tmp_path):
-    """The installed entry point: usage errors exit 2 with click's message."""
+    """The installed entry point: usage errors exit 2 with click's message, on one line."""
     result = subprocess.run([sys.executable, "-m", "repo_engine", "backup", "image"],
                             capture_output=True, text=True)
     assert result.returncode == 2
-    assert "Missing argument 'REPO'" in result.stderr
+    assert result.stderr == ("repo-engine: error: missing argument 'REPO' "
+                             "(see 'repo-engine backup image --help')\n")
     result = subprocess.run([sys.executable, "-m", "repo_engine", "init", str(tmp_path / "r")],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "created repository" in result.stdout
