@@ -85,6 +85,7 @@ def forget(repo: RepoAddress, point_ids: tuple[str, ...], vm: str | None, keep_l
     """
     from ..maintenance.forget import ForgetReport, forget_points, policy_decisions
     from ..maintenance.retention import Policy, parse_within
+    from ..units import shown
 
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly,
                     parse_within(keep_within) if keep_within else None, tuple(keep_tags))
@@ -123,7 +124,8 @@ def forget(repo: RepoAddress, point_ids: tuple[str, ...], vm: str | None, keep_l
         return
     if decisions:  # one write: a long history has thousands of lines
         click.echo("\n".join(f"{'keep  ' if d['keep'] else 'remove'} {d['id'][:8]}  "
-                             f"{d.get('vm', '')}@{d.get('time', '')}  {', '.join(d['reasons'])}"
+                             f"{shown(d.get('vm', ''))}@{d.get('time', '')}  "
+                             f"{', '.join(d['reasons'])}"
                              for d in decisions))
     for line in _forget_summary(len(remove), sum(d["keep"] for d in decisions),
                                 len(set(report.rewritten)), dry_run, gc_report is not None):
@@ -156,6 +158,7 @@ def _forget_summary(removed: int, kept: int, merged: int, dry_run: bool,
 
 def _protect(repo: RepoAddress, point: str, protected: bool, as_json: bool) -> None:
     from ..maintenance.forget import set_protected
+    from ..units import shown
 
     with open_repo(repo) as repository:
         record = set_protected(repository, repository.find_point(point), protected)
@@ -163,7 +166,7 @@ def _protect(repo: RepoAddress, point: str, protected: bool, as_json: bool) -> N
         emit_json(id=record.id, protected=record.protected)
     else:
         state = "protected" if record.protected else "not protected"
-        click.echo(f"point {record.id[:8]} ({record.vm}@{record.time}) is {state}")
+        click.echo(f"point {record.id[:8]} ({shown(record.vm)}@{record.time}) is {state}")
 
 
 @click.command()
@@ -347,13 +350,13 @@ def verify(repo: RepoAddress, repair: bool, as_json: bool) -> None:
 
 
 def _echo_affected(affected: list) -> None:
-    from ..units import plural
+    from ..units import plural, shown
 
     for a in affected:
         ranges = ", ".join(f"[{o}, {o + n})" for o, n in a.extents[:4])
         more = " ..." if len(a.extents) > 4 else ""
-        click.echo(f"  affects point {a.point[:8]} ({a.vm}@{a.time}) disk {a.disk}: "
-                   f"{plural(a.blocks, 'block')} at bytes {ranges}{more}")
+        click.echo(f"  affects point {a.point[:8]} ({shown(a.vm)}@{a.time}) disk "
+                   f"{shown(a.disk)}: {plural(a.blocks, 'block')} at bytes {ranges}{more}")
 
 
 @click.command()
