@@ -1,5 +1,5 @@
 """Parsing and formatting of the quantities users read and write: sizes, rates, ratios, counts
-and durations; and whether a text they gave can be written out.
+and durations; whether a text they gave can be written out, and how a stored one is shown.
 
 One unit system everywhere: binary (IEC) multiples, `KiB`, `MiB`, `GiB`, and rates in `MiB/s`.
 Durations spell minutes `min` and months `mo`; a bare `m` is refused because `6m` reads as six
@@ -87,6 +87,22 @@ def parse_seconds(text: str, option: str = "duration") -> float:
     if seconds > MAX_SECONDS:
         raise UsageError(f"{option}: {text!r} is too long; the longest is 36500d (100 years)")
     return seconds
+
+
+# what would break a line of a text listing or drive the terminal: C0, DEL and C1 characters
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def control_character(text: str) -> str | None:
+    """The first control character of `text` (a line break, an escape, ...); None for none."""
+    found = _CONTROL.search(text)
+    return found[0] if found else None
+
+
+def shown(text: str) -> str:
+    """`text` as a line of a text listing shows it: its control characters as \\xNN escapes (a
+    name stored before they were refused at input must not break the listing's lines)."""
+    return _CONTROL.sub(lambda c: f"\\x{ord(c[0]):02x}", text)
 
 
 def is_text(value: str, *, ascii: bool = False) -> bool:

@@ -9,14 +9,18 @@ import json
 import mmap
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from repo_engine.cli.main import run
+from repo_engine.maintenance import shared_gc
+from repo_engine.repository import checkpoint, leases, sightings
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -238,9 +242,63 @@ def resident_pages(path) -> int:
     return sum(v & 1 for v in vec)
 
 
-def sightings_age(monkeypatch, seconds: float) -> None:
-    """The clock this host times its sightings on (repository/sightings.py) moves `seconds`
-    on: what it saw before now was seen that much longer ago."""
-    from repo_engine.repository import sightings
-    reading = sightings.monotonic
-    monkeypatch.setattr(sightings, "monotonic", lambda: reading() + seconds)
+@dataclass(frozen=True)
+class Clocks:
+    """Readings of this host's clocks: its wall clock and its steady one (CLOCK_BOOTTIME, that
+    repository/sightings.py times the sightings of other hosts' records on)."""
+
+    wall: datetime
+    steady: float
+
+    @classmethod
+    def read(cls) -> Clocks:
+        return cls(leases.now(), sightings.monotonic())
+
+
+WALL_CLOCKS = ("leases", "shared_gc", "checkpoint")
+
+
+def move_clocks(monkeypatch, passed: float = 0.0, *, skew: float = 0.0,
+                wall: Collection[str] = WALL_CLOCKS, since: Clocks | None = None) -> None:
+    """This host's clocks move on from what they read now (or stop at `since` moved).
+
+    `passed`: seconds that pass on this host: its steady clock moves that much, and so do its
+    wall clocks `wall`; what it saw before was seen that much longer ago. `skew`: seconds this
+    host's wall clocks `wall` are set ahead (behind if negative) with no time passing: a host
+    whose clock runs ahead of another's, or a clock stepped; its steady clock does not move.
+    `wall`: the wall clocks that move, named by the module that reads them: "leases" (lease
+    times), "shared_gc" (gc's own name for it), "checkpoint" (checkpoint times and ages); ()
+    for none (time passes on the steady clock alone: a wall clock set back by as much). The
+    steady clock a lease holder times its own renewals on (leases.monotonic) is not moved.
+    `since`: readings to move from instead of now; the clocks moved then stand still, for a
+    test that asserts exact times (unless `since`, they run on)."""
+    steady_reading = sightings.monotonic
+    monkeypatch.setattr(sightings, "monotonic", (lambda: since.steady + passed) if since else
+                        (lambda: steady_reading() + passed))
+    ahead = timedelta(seconds=passed + skew)
+
+    def moved(reading: Callable[[], datetime]) -> Callable[[], datetime]:
+        return (lambda: since.wall + ahead) if since else (lambda: reading() + ahead)
+
+    for name in wall:
+        if name == "checkpoint":
+            _move_checkpoint_clock(monkeypatch, moved)
+        else:
+            module = {"leases": leases, "shared_gc": shared_gc}[name]
+            monkeypatch.setattr(module, "now", moved(module.now))
+
+
+def _move_checkpoint_clock(monkeypatch,
+                           moved: Callable[[Callable[[], datetime]], Callable[[], datetime]]
+                           ) -> None:
+    """checkpoint reads the wall clock as time.time and datetime.now: both moved."""
+    real_time, real_datetime = checkpoint.time.time, checkpoint.datetime
+    now = moved(lambda: real_datetime.fromtimestamp(real_time(), timezone.utc))
+
+    class Moved(real_datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return now().astimezone(tz) if tz else now().astimezone().replace(tzinfo=None)
+
+    monkeypatch.setattr(checkpoint, "time", SimpleNamespace(time=lambda: now().timestamp()))
+    monkeypatch.setattr(checkpoint, "datetime", Moved)

@@ -51,6 +51,34 @@ def test_bad_extents_files(tmp_path, capsys, setup, content, fragments):
     assert tree_digest(repo) == before
 
 
+def _back_up_changed(capsys, repo: Path, model: DiskModel, changed: Path):
+    return cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}",
+               "--changed", f"d={changed}")
+
+
+def test_an_endless_extents_file_is_refused_once_past_the_limit(capsys, setup, monkeypatch):
+    """/dev/zero, or any stream that does not end, is read to the limit and refused (before, it
+    was read until memory ran out); the limit lowered here to keep the test small."""
+    from repo_engine.backup import extents
+
+    monkeypatch.setattr(extents, "CHANGES_MAX", MIB)
+    repo, model = setup
+    before = tree_digest(repo)
+    result = _back_up_changed(capsys, repo, model, Path("/dev/zero"))
+    _assert_one_line_error(result, 2, "extents file /dev/zero is larger than 1.0 MiB, the most "
+                                      "a change list may be")
+    assert tree_digest(repo) == before
+
+
+def test_an_extents_file_past_the_limit_is_refused_by_its_size(tmp_path, capsys, setup):
+    repo, model = setup
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as f:
+        f.truncate(1024 * MIB + 1)  # past the limit README gives; sparse: takes no disk space
+    result = _back_up_changed(capsys, repo, model, huge)
+    _assert_one_line_error(result, 2, f"extents file {huge} is larger than 1.0 GiB")
+
+
 def test_unsorted_overlapping_extents_are_merged(tmp_path, capsys, setup):
     repo, model = setup
     model.write(100_000, b"x" * 70_000)
@@ -218,11 +246,12 @@ def test_a_full_filesystem_met_by_the_index_is_the_same_clean_failure(tmp_path, 
 
 
 def test_cli_runs_as_a_program(tmp_path):
-    """The installed entry point: usage errors exit 2 with click's message."""
+    """The installed entry point: usage errors exit 2 with click's message, on one line."""
     result = subprocess.run([sys.executable, "-m", "repo_engine", "backup", "image"],
                             capture_output=True, text=True)
     assert result.returncode == 2
-    assert "Missing argument 'REPO'" in result.stderr
+    assert result.stderr == ("repo-engine: error: missing argument 'REPO' "
+                             "(see 'repo-engine backup image --help')\n")
     result = subprocess.run([sys.executable, "-m", "repo_engine", "init", str(tmp_path / "r")],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "created repository" in result.stdout

@@ -216,6 +216,28 @@ def test_option_ranges_are_usage_errors(tmp_path, capsys, setup, args, fragment)
     assert fragment in result.err and "Traceback" not in result.err
 
 
+@pytest.mark.parametrize("args, fragment, command", [
+    (["backup", "image", "r", "--foo"], "no such option '--foo'", "backup image"),
+    (["backup", "image"], "missing argument 'REPO'", "backup image"),
+    (["backup", "image", "r", "--disk", "d=x"], "missing option '--vm'", "backup image"),
+    (["scrub", "r", "--workers", "many"], "invalid value for '--workers': 'many'", "scrub"),
+    (["key", "add", "r", "--label"], "option '--label' requires an argument", None),
+    (["nosuch"], "no such command 'nosuch'", ""),
+    (["vsphere", "nosuch"], "no such command 'nosuch'", "vsphere"),
+    (["--foo"], "no such option '--foo'", ""),
+])
+def test_clicks_own_usage_errors_are_one_line(capsys, args, fragment, command):
+    """click's errors (an unknown option or command, a missing argument or option, a bad value)
+    are one line and exit code 2 like every other, naming the command's help (before, click's
+    usage line and hint came first: three lines and a blank)."""
+    result = cli(capsys, *args)
+    assert result.code == 2
+    assert result.err.startswith(f"repo-engine: error: {fragment}") and result.err.count("\n") == 1
+    if command is not None:  # click knows the command it was parsing
+        hint = " ".join(["repo-engine", command]) if command else "repo-engine"
+        assert result.err.endswith(f" (see '{hint} --help')\n")
+
+
 def _mount_tmpfs(size: str) -> Path:
     mount = Path(tempfile.mkdtemp(prefix="repo-engine-enospc-"))
     if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],

@@ -1,7 +1,8 @@
 """Command-line arguments and environment values holding bytes that are not UTF-8 (Python
 carries them as surrogates, os.fsdecode): a path may hold them and works; a name the
 repository stores (VM, disk key, tag, slot label) is refused as a usage error; never an
-internal error."""
+internal error. So is such a name holding a control character, which would break the text
+listings' lines; one an older version stored is shown escaped there."""
 
 from __future__ import annotations
 
@@ -72,6 +73,69 @@ def test_key_labels_that_cannot_be_stored(tmp_path, capsys, monkeypatch):
         assert result.code == 2 and message in result.err, result.err
         assert "internal error" not in result.err
     assert len(cli(capsys, "key", "list", repo, "--json").json()["slots"]) == 1
+
+
+@pytest.mark.parametrize("char", ["\n", "\r", "\x1b", "\x00", "\x7f", "\x85"])
+@pytest.mark.parametrize("args, option", [
+    (["backup", "image", "{repo}", "--vm", "web{c}1", "--disk", "d={img}"], "'--vm'"),
+    (["backup", "image", "{repo}", "--vm", "v", "--disk", "sd{c}a={img}"], "--disk"),
+    (["backup", "image", "{repo}", "--vm", "v", "--disk", "d={img}", "--tag", "a{c}"], "'--tag'"),
+    (["key", "add", "{repo}", "--label", "alice{c}"], "'--label'"),
+])
+def test_a_stored_name_with_a_control_character_is_a_usage_error(tmp_path, capsys, model, args,
+                                                                 option, char):
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo).code == 0
+    before = tree_digest(repo)
+    result = cli(capsys, *[a.format(repo=repo, img=model.path, c=char) for a in args])
+    assert result.code == 2, result.err
+    assert result.err.count("\n") == 1 and result.err.startswith("repo-engine: error: ")
+    assert option in result.err
+    assert f"holds a control character (U+{ord(char):04X})" in result.err
+    assert tree_digest(repo) == before
+
+
+def _unchecked_names(monkeypatch) -> None:
+    """Names taken as older versions took them: control characters and all."""
+    from repo_engine import units
+
+    monkeypatch.setattr(units, "control_character", lambda _text: None,
+                        raising=False)  # (none before they were checked)
+
+
+def test_names_an_older_version_stored_are_shown_escaped_in_text_listings(tmp_path, capsys,
+                                                                         model, monkeypatch):
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo).code == 0
+    with monkeypatch.context() as older:
+        _unchecked_names(older)
+        done = cli(capsys, "backup", "image", repo, "--vm", "web\n1", "--disk",
+                   f"sd\x1ba={model.path}", "--tag", "night\x85ly")
+        assert done.code == 0, done.err
+    listed = cli(capsys, "points", repo).out.splitlines()
+    assert len(listed) == 3 and listed[2] == "1 point"  # the header, one point, the count
+    assert "  web\\x0a1@" in listed[1] and listed[1].endswith("  night\\x85ly")
+    shown = cli(capsys, "show", repo, "web\n1@latest").out
+    assert "\n  vm: web\\x0a1\n" in shown and "\n  tags: night\\x85ly" in shown
+    assert "\n  disk sd\\x1ba: " in shown and "\x1b" not in shown and "\x85" not in shown
+    [point] = cli(capsys, "points", repo, "--json").json()["points"]
+    assert (point["vm"], point["tags"]) == ("web\n1", ["night\x85ly"])
+
+
+def test_a_key_label_an_older_version_stored_is_shown_escaped(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("REPO_ENGINE_PASSWORD", "correct horse")
+    repo, new = tmp_path / "repo", tmp_path / "new.pass"
+    new.write_text("battery staple")
+    assert cli(capsys, "init", repo, "--encryption").code == 0
+    with monkeypatch.context() as older:
+        _unchecked_names(older)
+        added = cli(capsys, "key", "add", repo, "--label", "alice\nbob", "--new-passphrase-file",
+                    new)
+        assert added.code == 0, added.err
+    listed = cli(capsys, "key", "list", repo).out.splitlines()
+    assert len(listed) == 3 and listed[1].endswith("  alice\\x0abob")
+    assert "alice\nbob" in [s["label"] for s in cli(capsys, "key", "list", repo,
+                                                      "--json").json()["slots"]]
 
 
 def test_a_passphrase_in_the_environment_that_is_not_utf8(tmp_path, capsys, monkeypatch):

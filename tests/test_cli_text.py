@@ -155,6 +155,35 @@ def test_scrub_reports_and_repair_in_words(capsys, one_vm):
     assert "quarantined 1" in repair and "{" not in repair
 
 
+@pytest.mark.parametrize("damaged", [1, 2])
+def test_verify_counts_its_errors_in_words(capsys, one_vm, damaged):
+    repo, model = one_vm
+    for _ in range(2):
+        backup(capsys, repo, model)
+    for manifest in sorted((repo / "points").glob("*.point"))[:damaged]:
+        data = bytearray(manifest.read_bytes())
+        data[40] ^= 0x55
+        manifest.write_bytes(bytes(data))
+    result = cli(capsys, "verify", repo)
+    assert result.code == 3
+    errors = "1 error" if damaged == 1 else f"{damaged} errors"
+    assert result.out.endswith(f"\n{errors}\n")
+    assert f"verify found {errors}; affected points: " in result.err
+
+
+def test_a_shared_gc_counts_its_requests_in_words(capsys):
+    """A repack done and one told of, each of a single request (rare in a real run: set
+    here)."""
+    from repo_engine.cli.maintenance_cmd import _echo_shared_gc
+    from repo_engine.maintenance.shared_gc import SharedGcReport
+
+    _echo_shared_gc(SharedGcReport(packs_repacked=1, packs_written=1, repacked_requests=1,
+                                   repack_packs=1, repack_requests=1))
+    out = capsys.readouterr().out
+    assert_readable(out)
+    assert "in 1 pack, 1 request; the old packs" in out and " in 1 request and free " in out
+
+
 @pytest.mark.parametrize("args, fragment", [
     (("forget", "--keep-within", "6m"), "--keep-within '6m': 'm' is ambiguous"),
     (("forget", "--keep-within", "1y6m"), "write 'min' for minutes or 'mo' for months"),

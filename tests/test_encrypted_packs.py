@@ -345,8 +345,8 @@ def test_keyless_scrub_cli(encrypted, tmp_path, capsys):
     assert found.code == 3
     assert f"DAMAGED {repo.location}/{pack}: the chunk at offset {offset}" in found.out
     error = found.err.strip()
-    assert error.startswith("repo-engine: error: scrub --no-key found 1 damaged objects or "
-                            "chunks, the first: ") and Path(pack).stem in error
+    assert error.startswith("repo-engine: error: scrub --no-key found 1 damaged object or "
+                            "chunk, the first: ") and Path(pack).stem in error
     assert "\n" not in error and "Traceback" not in found.err
     plain = str(tmp_path / "plain")
     init_repository(plain).close()

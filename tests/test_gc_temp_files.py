@@ -12,15 +12,13 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import MIB, DiskModel, cli, restore_bytes, sightings_age
+from helpers import MIB, DiskModel, cli, move_clocks, restore_bytes
 from race import Command
-from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.gc import gc
 from repo_engine.repository.atomic import (TempOwner, host_id, spool_name, spool_owner,
                                            temp_name, temp_owner)
@@ -273,9 +271,7 @@ def test_shared_gc_removes_other_hosts_temporary_files_only_after_the_grace_peri
 
     assert gc(b.repo, grace=grace).tmp_files_deleted == 1  # first seen: only this host's dead
     assert temps(root) == gone | kept
-    later = shared_gc.now() + timedelta(seconds=wait + 1)
-    monkeypatch.setattr(shared_gc, "now", lambda: later)
-    sightings_age(monkeypatch, wait + 1)
+    move_clocks(monkeypatch, wait + 1, wall=("shared_gc",))
     unseen = plant(root, "maps/cd", host=OTHER_HOST, pid=dead, age=wait + HOUR)
     report = gc(b.repo, grace=grace)
     assert now_dead not in temps(root)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from helpers import attach_shared, sightings_age, stopped_before_commit
+from helpers import attach_shared, move_clocks, stopped_before_commit
 from repo_engine.backup import job
 from repo_engine.maintenance.gc import gc
 from repo_engine.maintenance.scrub import _quarantine, scrub
@@ -95,7 +95,7 @@ def test_a_checkpoint_loaded_by_a_host_that_quarantined_a_chunk_gives_it_no_ids_
     back_up(a, "w", disk_model(tmp_path, "w", 9))  # the checkpoint is ahead of b's cache
     a.refresh()
     seq = write_checkpoint(a.store, a.index)
-    sightings_age(monkeypatch, STALE_AFTER + 1)  # stale: b loads the newest checkpoint
+    move_clocks(monkeypatch, STALE_AFTER + 1, wall=())  # stale: b loads the newest checkpoint
     assert b.refresh() == seq
     assert ids_naming_unfindable(b) == []
     with b.index.reader() as lookup:

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from helpers import MIB, DiskModel, restore_bytes, sightings_age
+from helpers import MIB, DiskModel, move_clocks, restore_bytes
 from repo_engine.errors import RepoError
 from repo_engine.maintenance import retire as retire_module
 from repo_engine.maintenance import shared_gc
@@ -280,21 +278,6 @@ def test_a_command_that_opened_before_the_rotation_and_sealed_nothing_yet(tmp_pa
     assert set(epochs_in_store(repo)) == {2}
 
 
-def _clock_ahead(monkeypatch, seconds: float) -> None:
-    """The clock the checkpoints are written and compacted by, `seconds` ahead (as if the run
-    came that much later)."""
-    real_time, real_datetime = checkpoint.time.time, checkpoint.datetime
-
-    class Later(real_datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return real_datetime.now(tz) + timedelta(seconds=seconds)
-
-    monkeypatch.setattr(checkpoint, "time", SimpleNamespace(time=lambda: real_time() + seconds))
-    monkeypatch.setattr(checkpoint, "datetime", Later)
-    sightings_age(monkeypatch, seconds)
-
-
 @pytest.mark.parametrize("checkpoints_meanwhile", [0, 1])
 def test_a_run_once_the_journal_may_be_compacted_drops_the_old_key(
         tmp_path, capsys, monkeypatch, rotated, checkpoints_meanwhile):
@@ -304,7 +287,7 @@ def test_a_run_once_the_journal_may_be_compacted_drops_the_old_key(
     repo, contents = rotated
     doc = ok(capsys, "key", "retire", repo, "--grace", "0s", "--json").json()
     assert doc["dropped"] == [] and "journal" in doc["remaining"]
-    _clock_ahead(monkeypatch, 2 * checkpoint.STALE_AFTER)
+    move_clocks(monkeypatch, 2 * checkpoint.STALE_AFTER, wall=("checkpoint",))  # a later run
     if checkpoints_meanwhile:
         monkeypatch.setattr(shared_gc, "checkpoint_due", lambda *_args: True)
         ok(capsys, "gc", repo, "--grace", "0s")

@@ -16,9 +16,8 @@ from typing import Iterator
 
 import pytest
 
-from helpers import cli, sightings_age
+from helpers import Clocks, cli, move_clocks
 from repo_engine.errors import LockedError
-from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.rebuild import unlock_shared
 from repo_engine.repository import leases, sightings
 from repo_engine.repository.leases import (MAINT, Lease, LeaseLost, list_leases, lock_name,
@@ -29,18 +28,17 @@ from repo_engine.repository.store import StoreError
 from test_leases import crashed, host, store  # noqa: F401 (the store fixture)
 
 AHEAD = timedelta(hours=2)
+DAY = 86400.0
 
 
 @contextmanager
-def clock_at(monkeypatch, when, steady: float | None = None) -> Iterator[None]:
-    """The host acting in the block is another host (the holder is this one), whose clock reads
-    `when` and whose steady clock, the one it times its sightings on, reads `steady` (by
-    default `when` in seconds: a clock that was not set while the test ran)."""
-    steady = when.timestamp() if steady is None else steady
+def as_host_b(monkeypatch, passed: float = 0.0, *, skew: float = 0.0,
+              since: Clocks | None = None) -> Iterator[None]:
+    """The host acting in the block is another host (the holder is this one), whose clocks
+    move as `move_clocks` tells (its wall clock: the leases')."""
     with monkeypatch.context() as patched:
-        patched.setattr(leases, "now", lambda: when)
-        patched.setattr(sightings, "monotonic", lambda: steady)
         patched.setattr(socket, "gethostname", lambda: "hostb")
+        move_clocks(patched, passed, skew=skew, wall=("leases",), since=since)
         yield
 
 
@@ -61,10 +59,10 @@ def test_a_taker_whose_clock_runs_ahead_never_takes_a_renewed_lock(store, tmp_pa
     a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
     with take(a, kind) as held:
         lease = held.leases[-1]
-        start = leases.now()
+        start = Clocks.read()
         for minutes in (0, 6.5, 13, 19.5):  # past two leases on b's clock, a renewing between
             lease.renew()  # what a's daemon does every quarter of its lease
-            with clock_at(monkeypatch, start + AHEAD + timedelta(minutes=minutes)):
+            with as_host_b(monkeypatch, minutes * 60, skew=AHEAD.total_seconds(), since=start):
                 with pytest.raises(LockedError) as refused:
                     take(b, kind)
             assert "free from " in str(refused.value)
@@ -83,18 +81,19 @@ def test_unlock_on_a_host_whose_clock_runs_ahead_leaves_a_live_lease(store, tmp_
     a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
     with a.lock(SHARED, "backup image web1") as held:
         [lease] = held.leases
-        start = leases.now()
+        start = Clocks.read()
         for minutes in (0, 8, 16):
             lease.renew()
-            with clock_at(monkeypatch, start + AHEAD + timedelta(minutes=minutes)):
+            with as_host_b(monkeypatch, minutes * 60, skew=AHEAD.total_seconds(), since=start):
                 report = unlock_shared(b)
             assert report.removed == []
             [kept] = report.kept
             assert kept["file"] == lease.name and kept["seen_seconds"] == 0
             seen = leases.datetime.fromisoformat(kept["free_from"])
-            assert seen == start + AHEAD + timedelta(minutes=minutes, seconds=600)
+            assert seen == start.wall + AHEAD + timedelta(minutes=minutes, seconds=600)
         a.check_leases()
-        with clock_at(monkeypatch, start + AHEAD + timedelta(minutes=24)):  # unrenewed 8 min
+        with as_host_b(monkeypatch, 24 * 60, skew=AHEAD.total_seconds(),
+                       since=start):  # unrenewed 8 min
             assert unlock_shared(b).kept[0]["seen_seconds"] == 480
         a.check_leases()
     assert list_leases(store) == []
@@ -105,7 +104,7 @@ def test_unlock_command_tells_when_a_lease_may_be_removed(tmp_path, capsys, monk
     store = Repository.init(path, shared=True).store
     a = host(store, tmp_path, "a")
     with a.lock(SHARED, "backup image web1"):
-        with clock_at(monkeypatch, leases.now() + AHEAD):
+        with as_host_b(monkeypatch, skew=AHEAD.total_seconds()):
             result = cli(capsys, "unlock", path)
         assert result.code == 0, result.err
         assert ("kept the lease of \"backup image web1\" (pid " in result.out
@@ -117,6 +116,25 @@ def test_unlock_command_tells_when_a_lease_may_be_removed(tmp_path, capsys, monk
         a.check_leases()
 
 
+def test_unlock_command_says_why_it_keeps_a_record_of_this_hosts_name(tmp_path, capsys):
+    """A live lease that names this host but was written through another cache (another
+    container or machine of its name, or before a reboot) is kept as another host's would be:
+    `unlock` says why, as a lock refused for it does, since a user who finds no such process
+    here would expect it removed at once."""
+    path = tmp_path / "repo"
+    store = Repository.init(path, shared=True).store
+    other = host(store, tmp_path, "other")
+    with other.lock(SHARED, "backup image web1"):
+        result = cli(capsys, "unlock", path)
+        assert result.code == 0, result.err
+        assert ("): it may still be live (its record names this host but was written before "
+                "its last boot, or on another machine or container of its name: its pid is not "
+                "judged here), seen unchanged for 0 s; run 'repo-engine unlock' again after "
+                in result.out)
+        assert cli(capsys, "unlock", path, "--json").json()["kept"][0]["elsewhere"] is True
+        other.check_leases()
+
+
 def test_a_crashed_holders_lock_is_taken_over_once_seen_unchanged_for_a_lease(store, tmp_path,
                                                                              monkeypatch):
     """The record names its holder's lease duration: the taker waits that long from its first
@@ -126,14 +144,14 @@ def test_a_crashed_holders_lock_is_taken_over_once_seen_unchanged_for_a_lease(st
                    seconds=600.0)
     leases.write_lease(store, maintenance_name(3), info)
     b = host(store, tmp_path, "b")
-    first = leases.now()
+    first = Clocks.read()
     with pytest.raises(LockedError, match="free from " + leases.on_this_clock(
-            first + timedelta(seconds=600)).replace("+", r"\+")):
-        with clock_at(monkeypatch, first):
+            first.wall + timedelta(seconds=600)).replace("+", r"\+")):
+        with as_host_b(monkeypatch, since=first):
             b.lock(MAINTENANCE, "gc")
-    with clock_at(monkeypatch, first + timedelta(seconds=599)), pytest.raises(LockedError):
+    with as_host_b(monkeypatch, 599, since=first), pytest.raises(LockedError):
         b.lock(MAINTENANCE, "gc")
-    with clock_at(monkeypatch, first + timedelta(seconds=601)):
+    with as_host_b(monkeypatch, 601, since=first):
         with b.lock(MAINTENANCE, "gc"):
             assert [f.name for f in leases.maintenance_locks(store)] == [maintenance_name(4)]
             stalled = Lease(store, maintenance_name(3), info, 600.0)
@@ -193,14 +211,12 @@ def test_gc_on_a_host_whose_clock_runs_ahead_leaves_a_live_upload(seaweedfs, s3_
     upload = admin.create_multipart_upload(Bucket=s3_bucket, Key=key)
     admin.upload_part(Bucket=s3_bucket, Key=key, PartNumber=1, UploadId=upload["UploadId"],
                       Body=b"x" * 1024)
-    ahead = shared_gc.now() + AHEAD
-    monkeypatch.setattr(shared_gc, "now", lambda: ahead)
+    move_clocks(monkeypatch, skew=AHEAD.total_seconds(), wall=("shared_gc",))
     assert gc(repo, grace=0).uploads_aborted == 0
     assert gc(repo, grace=0).uploads_aborted == 0  # seen again at once: may still be sent
     assert [u.upload_id for u in s3.pending_uploads()] == [upload["UploadId"]]
-    later = ahead + timedelta(seconds=repo.lease_seconds + 1)
-    monkeypatch.setattr(shared_gc, "now", lambda: later)  # left that long: its writer is gone
-    sightings_age(monkeypatch, repo.lease_seconds + 1)
+    # left that long: its writer is gone
+    move_clocks(monkeypatch, repo.lease_seconds + 1, wall=("shared_gc",))
     assert gc(repo, grace=0).uploads_aborted == 1
     assert list(s3.pending_uploads()) == []
     repo.close()
@@ -248,10 +264,10 @@ def test_a_record_of_this_host_is_over_once_expired_on_its_clock(store, tmp_path
     lease, lock_file = released_in_a_store_failure(a, monkeypatch, "backup image web1")
     with a.lock(SHARED, "verify"):  # removes the stale lock file: no evidence left
         assert not (tmp_path / "a" / "locks" / lock_file).exists()
-    later = leases.now() + timedelta(seconds=601)
-    with clock_at(monkeypatch, later):
+    first = Clocks.read()
+    with as_host_b(monkeypatch, 601, since=first):
         assert [d["file"] for d in unlock_shared(b).kept] == [lease]
-    monkeypatch.setattr(leases, "now", lambda: later)
+    move_clocks(monkeypatch, 601, wall=("leases",), since=first)
     assert [d["file"] for d in unlock_shared(a).removed] == [lease]
 
 
@@ -298,14 +314,14 @@ def test_a_sighting_noted_while_the_clock_ran_ahead_does_not_delay_a_takeover(st
     info = replace(crashed(store, maintenance_name(3), MAINT, "forget"), seconds=600.0)
     leases.write_lease(store, maintenance_name(3), info)
     b = host(store, tmp_path, "b")
-    first = leases.now()
-    with clock_at(monkeypatch, first + timedelta(days=1), STEADY), pytest.raises(LockedError):
+    first = Clocks(leases.now(), STEADY)
+    with as_host_b(monkeypatch, skew=DAY, since=first), pytest.raises(LockedError):
         b.lock(MAINTENANCE, "gc")
     with pytest.raises(LockedError, match="free from " + leases.on_this_clock(
-            first + timedelta(seconds=590))):
-        with clock_at(monkeypatch, first, STEADY + 10):
+            first.wall + timedelta(seconds=590))):
+        with as_host_b(monkeypatch, 10, skew=-10, since=first):  # set right
             b.lock(MAINTENANCE, "gc")
-    with clock_at(monkeypatch, first + timedelta(seconds=591), STEADY + 601):
+    with as_host_b(monkeypatch, 601, skew=-10, since=first):
         with b.lock(MAINTENANCE, "gc"):
             assert [f.name for f in leases.maintenance_locks(store)] == [maintenance_name(4)]
 
@@ -319,10 +335,11 @@ def test_a_clock_stepped_forward_during_a_wait_does_not_end_it(store, tmp_path, 
     step counted as time b had watched it, and the live holder lost its lock)."""
     a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
     with a.lock(MAINTENANCE, "gc") as held:
-        first = leases.now()
-        with clock_at(monkeypatch, first, STEADY), pytest.raises(LockedError):
+        first = Clocks(leases.now(), STEADY)
+        with as_host_b(monkeypatch, since=first), pytest.raises(LockedError):
             b.lock(MAINTENANCE, "forget")
-        with clock_at(monkeypatch, first + step, STEADY + 30), pytest.raises(LockedError):
+        stepped = step.total_seconds() - 30
+        with as_host_b(monkeypatch, 30, skew=stepped, since=first), pytest.raises(LockedError):
             b.lock(MAINTENANCE, "forget")
         held.check()
         assert [f.name for f in leases.maintenance_locks(store)] == [maintenance_name(1)]
@@ -334,10 +351,10 @@ def test_unlock_after_a_clock_step_keeps_a_live_lease_and_reports_the_steady_wai
     day of watching."""
     a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
     with a.lock(SHARED, "backup image web1") as held:
-        first = leases.now()
-        with clock_at(monkeypatch, first, STEADY):
+        first = Clocks(leases.now(), STEADY)
+        with as_host_b(monkeypatch, since=first):
             assert unlock_shared(b).removed == []
-        with clock_at(monkeypatch, first + timedelta(days=1), STEADY + 40):
+        with as_host_b(monkeypatch, 40, skew=DAY - 40, since=first):
             report = unlock_shared(b)
         assert report.removed == [] and report.kept[0]["seen_seconds"] == 40
         held.check()
@@ -380,8 +397,8 @@ def test_a_record_of_another_cache_of_the_same_host_name_is_judged_by_sightings(
     sightings, not by its expiry on this clock."""
     a, other = host(store, tmp_path, "a"), host(store, tmp_path, "other")
     with other.lock(SHARED, "backup image web1") as live:
-        monkeypatch.setattr(leases, "now", lambda: leases.datetime.now(leases.timezone.utc)
-                            + AHEAD)  # a's clock runs ahead of the other machine's
+        # a's clock runs ahead of the other machine's
+        move_clocks(monkeypatch, skew=AHEAD.total_seconds(), wall=("leases",))
         report = unlock_shared(a)
         assert report.removed == [] and [d["file"] for d in report.kept] == [
             live.leases[0].name]
@@ -478,7 +495,8 @@ def test_a_taker_suspended_between_its_listing_and_its_clock_keeps_waiting(store
     a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
     with a.lock(MAINTENANCE, "gc") as held:
         clock = [STEADY]
-        with clock_at(monkeypatch, leases.now(), STEADY), pytest.raises(LockedError):
+        with as_host_b(monkeypatch, since=Clocks(leases.now(), STEADY)), \
+                pytest.raises(LockedError):
             b.lock(MAINTENANCE, "forget")
         with monkeypatch.context() as patched:
             clock[0] += 100
@@ -496,7 +514,7 @@ def test_unlock_suspended_between_its_listing_and_its_clock_keeps_a_live_lease(
     a, b = host(store, tmp_path, "a"), host(store, tmp_path, "b")
     with a.lock(SHARED, "backup image web1") as held:
         clock = [STEADY]
-        with clock_at(monkeypatch, leases.now(), STEADY):
+        with as_host_b(monkeypatch, since=Clocks(leases.now(), STEADY)):
             assert unlock_shared(b).removed == []
         with monkeypatch.context() as patched:
             clock[0] += 100

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import attach_shared, cli, sightings_age
+from helpers import attach_shared, cli, move_clocks
 from repo_engine.errors import LockedError, RepoError
 from repo_engine.maintenance.rebuild import unlock, unlock_shared
 from repo_engine.repository import leases, sightings
@@ -68,9 +68,7 @@ def watched(monkeypatch, *repos: Repository, hours: float = 2.0) -> None:
     for repo in repos:
         listed = sightings.monotonic()
         leases.sighted(repo.index, list_leases(repo.store), leases.now(), listed)
-    later = leases.now() + timedelta(hours=hours)
-    monkeypatch.setattr(leases, "now", lambda: later)
-    sightings_age(monkeypatch, hours * 3600)
+    move_clocks(monkeypatch, hours * 3600, wall=("leases",))
 
 
 class Noted:

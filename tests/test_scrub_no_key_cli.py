@@ -48,6 +48,7 @@ def test_damage_in_any_kind_of_object_is_exit_code_3_naming_it(backed_up, capsys
     victim.write_bytes(bytes(data))
     err = failure(capsys, 3, "scrub", backed_up, "--no-key")
     assert victim.name in err and "'repo-engine scrub' with the key" in err
+    assert "scrub --no-key found 1 damaged object or chunk, the first: " in err
 
 
 def test_what_it_refuses_is_exit_code_2_and_no_repository_is_1(backed_up, tmp_path, capsys):

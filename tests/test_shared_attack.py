@@ -6,24 +6,21 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import blake3
 import numpy as np
 import pytest
 
-from helpers import (KIB, DiskModel, attach_shared, cli, shared_repo, sightings_age,
+from helpers import (KIB, DiskModel, attach_shared, cli, move_clocks, shared_repo,
                      stopped_before_commit)
 from repo_engine.errors import DamageError, FormatError, RepoError
 from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import gc
 from repo_engine.maintenance.scrub import scrub
-from repo_engine.repository import checkpoint, journal, leases, sightings
+from repo_engine.repository import journal, leases, sightings
 from repo_engine.repository.checkpoint import STALE_AFTER, compact, write_checkpoint
 from repo_engine.repository.envelope import seal
 from repo_engine.repository.formats import JOURNAL
@@ -80,14 +77,6 @@ def stalled_backup(host: Host, tmp_path: Path, monkeypatch, vm: str, seed: int) 
     return Stalled(model, go, thread, done)
 
 
-def clock_ahead(monkeypatch, seconds: float) -> None:
-    """Every host's clock (the leases' holders' and gc's) moves `seconds` ahead."""
-    later = leases.now() + timedelta(seconds=seconds)
-    for module in (leases, shared_gc):  # shared_gc holds its own name for the clock
-        monkeypatch.setattr(module, "now", lambda: later)
-    sightings_age(monkeypatch, seconds)
-
-
 def test_a_lease_renewed_after_it_expired_stays_lost(hosts, monkeypatch):
     """A holder suspended past its expiry resumes; its renewal thread may run before the
     command's next check: the renewal must not bring the lease back (gc may have judged it
@@ -95,7 +84,7 @@ def test_a_lease_renewed_after_it_expired_stays_lost(hosts, monkeypatch):
     _root, a, _b = hosts
     with a.repo.lock(SHARED, "backup image web1") as held:
         [lease] = held.leases
-        clock_ahead(monkeypatch, a.repo.lease_seconds + 1)
+        move_clocks(monkeypatch, a.repo.lease_seconds + 1, wall=("leases", "shared_gc"))
         lease.renew()  # the daemon, first to run after the resume
         with pytest.raises(LeaseLost, match="expired"):
             a.repo.check_leases()
@@ -123,9 +112,10 @@ def test_a_backup_suspended_past_its_lease_stores_no_point_naming_a_swept_pack(
     thread.start()
     assert reached.wait(60)
     uploaded = pack_bytes(a.repo.store)
-    clock_ahead(monkeypatch, b.repo.lease_seconds + 1)
+    move_clocks(monkeypatch, b.repo.lease_seconds + 1, wall=("leases", "shared_gc"))
     assert gc(a.repo, grace=0).plans_swept == 0  # expired on b's clock; a sees it first now
-    clock_ahead(monkeypatch, 2 * b.repo.lease_seconds + 2)  # seen unchanged past its span
+    # seen unchanged past its span
+    move_clocks(monkeypatch, 2 * b.repo.lease_seconds + 2, wall=("leases", "shared_gc"))
     swept = gc(a.repo, grace=0)
     assert swept.orphan_packs_deleted == 1 and pack_bytes(a.repo.store) < uploaded
     for held in list(b.repo.held):
@@ -197,7 +187,7 @@ def test_entries_compacted_past_a_recently_refreshed_cache_are_read_from_the_che
     contents[second.id] = model.copy_of_content()
     seq = write_checkpoint(a.repo.store, a.repo.index)
     assert compact(a.repo.store, a.repo.index, grace=0) == 0  # first seen now
-    sightings_age(monkeypatch, 2 * STALE_AFTER)
+    move_clocks(monkeypatch, 2 * STALE_AFTER, wall=())
     assert compact(a.repo.store, a.repo.index, grace=0) == seq
     with b.repo.lock(SHARED, "points"):
         assert {p.id for p in b.repo.points()} == set(contents)
@@ -324,7 +314,7 @@ def test_the_journal_head_check_on_s3(seaweedfs, s3_bucket, tmp_path, monkeypatc
         b.repo.lock(SHARED, "points").release()
     head = write_checkpoint(store, a.repo.index)
     assert compact(store, a.repo.index, grace=0) == 0  # first seen now
-    sightings_age(monkeypatch, 2 * STALE_AFTER)
+    move_clocks(monkeypatch, 2 * STALE_AFTER, wall=())
     assert compact(store, a.repo.index, grace=0) == head - 1
     with b.repo.lock(SHARED, "restore"):
         assert {p.id for p in b.repo.points()} == set(points)
@@ -446,9 +436,9 @@ def test_a_backup_killed_before_its_point_entry_then_gc_on_another_host(tmp_path
     killed.proc.kill()
     killed.finish()
     b = Host(attach_shared(LocalStore(root), tmp_path / "cache-b"))
-    clock_ahead(monkeypatch, b.repo.lease_seconds + 1)
+    move_clocks(monkeypatch, b.repo.lease_seconds + 1, wall=("leases", "shared_gc"))
     assert gc(b.repo, grace=0).plans_swept == 0  # the lease left: seen unchanged from now
-    clock_ahead(monkeypatch, 2 * b.repo.lease_seconds + 2)
+    move_clocks(monkeypatch, 2 * b.repo.lease_seconds + 2, wall=("leases", "shared_gc"))
     swept = gc(b.repo, grace=0)
     assert swept.plans_swept == 1 and swept.packs_deleted >= 1 and swept.maps_deleted >= 1
     b.repo.close()
@@ -491,13 +481,12 @@ def test_entries_compacted_while_a_backup_runs_are_never_committed_again(
     compactor must judge a checkpoint's age on its own clock, from when it first saw it."""
     root, a, _b = hosts
     contents, stalled, seq = checkpointed_past_a_stalled_backup(hosts, tmp_path, monkeypatch, 28)
-    ahead = SimpleNamespace(time=lambda: time.time() + 2 * STALE_AFTER)
-    monkeypatch.setattr(checkpoint, "time", ahead)  # the compactor's clock, two hours ahead
+    move_clocks(monkeypatch, skew=2 * STALE_AFTER, wall=("checkpoint",))  # the compactor's clock
     assert compact(a.repo.store, a.repo.index, grace=0) == 0  # first seen now
     contents[stalled.finish().id] = stalled.model.copy_of_content()
     restores_everything(root, tmp_path, contents)
     # an hour later on the compactor's own clock, the entries go; every point stays
-    sightings_age(monkeypatch, STALE_AFTER)
+    move_clocks(monkeypatch, STALE_AFTER, wall=())
     assert compact(a.repo.store, a.repo.index, grace=0) == seq
     restores_everything(root, tmp_path, contents)
 
@@ -514,16 +503,11 @@ def test_a_backup_whose_clock_was_set_back_loads_the_checkpoint_compacted_past_i
     root, a, _b = hosts
     contents, stalled, seq = checkpointed_past_a_stalled_backup(hosts, tmp_path, monkeypatch, 30)
     assert compact(a.repo.store, a.repo.index, grace=0) == 0  # first seen now
-    sightings_age(monkeypatch, STALE_AFTER + 1)  # the wall clock, set back, shows no time
+    # an hour passes, and the wall clock, set an hour back, shows none of it
+    move_clocks(monkeypatch, STALE_AFTER + 1, skew=-(STALE_AFTER + 1), wall=("checkpoint",))
     assert compact(a.repo.store, a.repo.index, grace=0) == seq
     contents[stalled.finish().id] = stalled.model.copy_of_content()
     restores_everything(root, tmp_path, contents)
-
-
-def gc_clock_ahead(monkeypatch, seconds: float) -> None:
-    """gc's clock alone moves `seconds` ahead: the holders of leases keep theirs."""
-    later = shared_gc.now() + timedelta(seconds=seconds)
-    monkeypatch.setattr(shared_gc, "now", lambda: later)
 
 
 def test_a_gc_whose_clock_runs_ahead_never_sweeps_what_a_live_backup_uploaded(
@@ -539,7 +523,7 @@ def test_a_gc_whose_clock_runs_ahead_never_sweeps_what_a_live_backup_uploaded(
     contents = {a.backup("vm", model).id: model.copy_of_content()}
     stalled = stalled_backup(b, tmp_path, monkeypatch, "other", 39)
     uploaded = pack_bytes(a.repo.store)
-    gc_clock_ahead(monkeypatch, b.repo.lease_seconds + 60)
+    move_clocks(monkeypatch, skew=b.repo.lease_seconds + 60, wall=("shared_gc",))  # gc's alone
     first = gc(a.repo, grace=0)
     assert (first.plans_swept, first.plans_pending) == (0, 1)
     assert gc(a.repo, grace=0).plans_swept == 0  # seen again at once: b may still hold it
@@ -598,10 +582,8 @@ def test_a_lease_left_by_a_dead_holder_is_swept_past_once_seen_unchanged_long_en
             "backup image dead", ago=60)  # span: an hour
     first = gc(a.repo, grace=0)
     assert (first.plans_swept, first.plans_pending) == (0, 1)
-    gc_clock_ahead(monkeypatch, 3600 - 60)
-    sightings_age(monkeypatch, 3600 - 60)
+    move_clocks(monkeypatch, 3600 - 60, wall=("shared_gc",))  # on gc's host
     assert gc(a.repo, grace=0).plans_swept == 0
-    gc_clock_ahead(monkeypatch, 3600 + 1)
-    sightings_age(monkeypatch, 3600 + 1)
+    move_clocks(monkeypatch, 3600 + 1, wall=("shared_gc",))
     assert gc(a.repo, grace=0).plans_swept == 1
     restores_everything(root, tmp_path, {kept.id: model.copy_of_content()})

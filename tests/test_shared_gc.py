@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import DiskModel, attach_shared, cli, shared_repo, sightings_age, stopped_before_commit
+from helpers import DiskModel, attach_shared, cli, move_clocks, shared_repo, stopped_before_commit
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import gc
 from repo_engine.repository import journal
@@ -256,7 +256,6 @@ def test_gc_aborts_the_multipart_uploads_a_dead_process_left(seaweedfs, s3_bucke
     """An upload begun and never finished (its process died) holds stored parts no object
     names: gc aborts it once it is older than the grace period and a lease's duration, and
     leaves a younger one, which a live backup may still be sending."""
-    from repo_engine.maintenance import shared_gc
     from repo_engine.repository.config import RepoConfig
     from repo_engine.repository.repo import Repository
     from repo_engine.repository.store.s3 import S3Store
@@ -272,9 +271,7 @@ def test_gc_aborts_the_multipart_uploads_a_dead_process_left(seaweedfs, s3_bucke
                       UploadId=upload["UploadId"], Body=b"x" * 1024)
     assert gc(host.repo, grace=0).uploads_aborted == 0  # younger than a lease: may be live
     assert [u.name for u in store.pending_uploads()] == ["packs/00/dead.pack"]
-    later = shared_gc.now() + timedelta(seconds=host.repo.lease_seconds + 60)
-    monkeypatch.setattr(shared_gc, "now", lambda: later)
-    sightings_age(monkeypatch, host.repo.lease_seconds + 60)
+    move_clocks(monkeypatch, host.repo.lease_seconds + 60, wall=("shared_gc",))
     assert gc(host.repo, grace=0).uploads_aborted == 1
     assert list(store.pending_uploads()) == []
     host.repo.close()
@@ -707,7 +704,6 @@ def test_a_lease_left_by_a_holder_whose_clock_ran_ahead_is_waited_for_a_lease_on
     holder's own check stops it by then), and sweeps: its holder's times, of another clock,
     neither hasten nor delay that (before, gc waited two hours more, and forever for a record
     whose expiry was years ahead)."""
-    from repo_engine.maintenance import shared_gc
     from repo_engine.repository import leases
 
     root, a, _b = hosts
@@ -720,8 +716,6 @@ def test_a_lease_left_by_a_holder_whose_clock_ran_ahead_is_waited_for_a_lease_on
                             600.0, "fedcba9876543210")
     leases.write_lease(a.repo.store, "leases/hostc-4242-01234567.lease", dead)
     assert gc(a.repo, grace=0).plans_pending == 1
-    later = shared_gc.now() + timedelta(seconds=601)
-    monkeypatch.setattr(shared_gc, "now", lambda: later)
-    sightings_age(monkeypatch, 601)
+    move_clocks(monkeypatch, 601, wall=("shared_gc",))
     assert gc(a.repo, grace=0).plans_swept == 1
     restores_everything(root, tmp_path, {kept.id: contents[kept.id]})

@@ -13,7 +13,7 @@ import blake3
 import numpy as np
 import pytest
 
-from helpers import MIB, DiskModel, attach_shared, shared_repo, sightings_age
+from helpers import MIB, DiskModel, attach_shared, move_clocks, shared_repo
 from repo_engine.backup.job import BackupOptions, backup_vm
 from repo_engine.errors import DamageError, FormatError, RepoError
 from repo_engine.maintenance.rebuild import rebuild_cache
@@ -138,7 +138,7 @@ def test_compaction_waits_for_the_checkpoint_to_age(shared, tmp_path, monkeypatc
     seq = write_checkpoint(store, shared.index)
     assert not checkpoint.checkpoint_due(store, shared.index, every=1)
     assert checkpoint.compact(store, shared.index, grace=0) == 0  # younger than STALE_AFTER
-    sightings_age(monkeypatch, checkpoint.STALE_AFTER + 1)
+    move_clocks(monkeypatch, checkpoint.STALE_AFTER + 1, wall=())
     # younger than the grace
     assert checkpoint.compact(store, shared.index, grace=7 * 86400) == 0
     assert checkpoint.compact(store, shared.index, grace=0) == seq
@@ -162,7 +162,7 @@ def test_a_stale_host_loads_the_newer_checkpoint(shared, tmp_path, monkeypatch):
     shared.refresh()
     seq = write_checkpoint(store, shared.index)
     store.delete(entry_object(s) for s in range(1, seq + 1))
-    sightings_age(monkeypatch, checkpoint.STALE_AFTER + 1)  # last refreshed long ago
+    move_clocks(monkeypatch, checkpoint.STALE_AFTER + 1, wall=())  # refreshed long ago
     assert stale.refresh() == seq
     assert restores(stale, point, content, tmp_path)
     stale.close()

@@ -131,17 +131,22 @@ class NumberRange(click.FloatRange):
 class StoredText(click.ParamType):
     """Text the repository stores (a VM name, a disk key, a tag, a slot label): an argument
     holding bytes that are not UTF-8 (Python carries them as surrogates) could not be written,
-    nor read back by another JSON reader."""
+    nor read back by another JSON reader; one holding a control character (a line break, an
+    escape) would break the text listings, one name a line, or drive the terminal."""
 
     name = "text"
 
     def convert(self, value: object, param: click.Parameter | None,
                 ctx: click.Context | None) -> str:
-        from ..units import is_text
+        from ..units import control_character, is_text
 
         text = str(value)
         if not is_text(text):
             self.fail(f"{text!r} is not UTF-8 text", param, ctx)
+        control = control_character(text)
+        if control is not None:
+            self.fail(f"{text!r} holds a control character (U+{ord(control):04X}), which would "
+                      "break the lines of a listing", param, ctx)
         return text
 
 

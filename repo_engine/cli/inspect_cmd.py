@@ -22,7 +22,7 @@ def points(repo: RepoAddress, vm: str | None, as_json: bool) -> None:
     Example:
       repo-engine points /backup/repo --vm web1
     """
-    from ..units import plural
+    from ..units import plural, shown
     from .schema import point_doc
 
     with open_repo(repo, shared="points") as repository:
@@ -33,8 +33,8 @@ def points(repo: RepoAddress, vm: str | None, as_json: bool) -> None:
     click.echo(f"{'ID':8}  {'VM@TIME':45}  {'DISKS':>5}  {'LOGICAL':>10}  TAGS")
     for p in found:
         logical = human_bytes(sum(d.logical_bytes for d in p.disks))
-        click.echo(f"{p.id[:8]}  {p.vm + '@' + p.time:45}  {len(p.disks):>5}  {logical:>10}  "
-                   f"{','.join(p.tags)}")
+        click.echo(f"{p.id[:8]}  {shown(p.vm) + '@' + p.time:45}  {len(p.disks):>5}  "
+                   f"{logical:>10}  {shown(','.join(p.tags))}")
     click.echo(plural(len(found), "point"))
 
 
@@ -49,7 +49,7 @@ def show(repo: RepoAddress, point: str, as_json: bool) -> None:
     Example:
       repo-engine show /backup/repo web1@latest
     """
-    from ..units import plural
+    from ..units import plural, shown
     from .schema import point_doc
 
     with open_repo(repo, shared="show") as repository:
@@ -57,16 +57,16 @@ def show(repo: RepoAddress, point: str, as_json: bool) -> None:
     if as_json:
         emit_json(point=point_doc(record), config=record.config)
         return
-    click.echo(f"point {record.id}\n  vm: {record.vm}\n  time: {record.time}\n"
+    click.echo(f"point {record.id}\n  vm: {shown(record.vm)}\n  time: {record.time}\n"
                f"  source: {record.source}\n  consistency: {record.consistency}\n"
-               f"  tags: {', '.join(record.tags) or '-'}"
+               f"  tags: {shown(', '.join(record.tags)) or '-'}"
                + ("\n  protected: yes" if record.protected else ""))
     for note in record.notes:
         click.echo(f"  note: {note}")
     for damage in record.damage:
         click.echo(f"  damaged: {damage}")
     for d in record.disks:
-        click.echo(f"  disk {d.key}: {human_bytes(d.capacity)}, {disk_line(d)}")
+        click.echo(f"  disk {shown(d.key)}: {human_bytes(d.capacity)}, {disk_line(d)}")
         click.echo(f"    {human_bytes(d.counters.get('bytes_read', 0))} read, "
                    f"{plural(d.counters.get('new_chunks', 0), 'new chunk')} stored")
 
@@ -84,7 +84,7 @@ def diff(repo: RepoAddress, point_a: str, point_b: str, as_json: bool) -> None:
       repo-engine diff /backup/repo web1@2026-11-24 web1@latest
     """
     from ..restore.diff import diff_points
-    from ..units import plural
+    from ..units import plural, shown
 
     with open_repo(repo, shared="diff") as repository:
         diffs = diff_points(repository, repository.find_point(point_a),
@@ -93,7 +93,7 @@ def diff(repo: RepoAddress, point_a: str, point_b: str, as_json: bool) -> None:
         emit_json(disks=[asdict(d) for d in diffs])
         return
     for d in diffs:
-        click.echo(f"disk {d.disk}: {plural(d.changed_blocks, 'block')} changed "
+        click.echo(f"disk {shown(d.disk)}: {plural(d.changed_blocks, 'block')} changed "
                    f"({human_bytes(d.changed_bytes)}) in {plural(len(d.extents), 'extent')}")
 
 

@@ -55,9 +55,11 @@ def slot_doc(slot: Slot) -> dict[str, Any]:
 
 
 def slot_line(slot: Slot) -> str:
+    from ..units import shown
+
     kdf = (f"scrypt n=2^{slot.kdf.log_n} r={slot.kdf.r} p={slot.kdf.p}"
            if slot.kdf is not None else "X25519")
-    return f"{slot.id}  {slot.kind:10}  {slot.created}  {kdf:26}  {slot.label}"
+    return f"{slot.id}  {slot.kind:10}  {slot.created}  {kdf:26}  {shown(slot.label)}"
 
 
 @click.group()

@@ -14,6 +14,7 @@ import gc
 import importlib
 import io
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -185,6 +186,21 @@ def error_line(exc: BaseException) -> tuple[str, int]:
     return f"internal error: {text} (run with --debug for the traceback)", 1
 
 
+# click 8.2 shows a group named alone (`repo-engine backup`) its help, as a usage error: kept whole
+_HELP_AS_ERROR = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def click_error_line(exc: click.ClickException) -> str:
+    """click's own error (an unknown option, a missing argument, a bad value) as one line, its
+    usage and help hint, two lines more in click, folded into where to look: `no such option
+    '--foo' (see 'repo-engine backup image --help')`."""
+    text = " ".join(exc.format_message().split()).removesuffix(".")
+    if re.match(r"[A-Z][a-z]*\b", text):  # click's sentence case, not a name (VM, S3)
+        text = text[0].lower() + text[1:]
+    ctx = getattr(exc, "ctx", None)
+    return f"{text} (see '{ctx.command_path} --help')" if ctx is not None else text
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit code (errors are printed as one line on stderr)."""
     state = RunState(debug=os.environ.get(DEBUG_ENV, "").strip().lower() not in _DEBUG_OFF)
@@ -192,8 +208,11 @@ def run(argv: list[str] | None = None) -> int:
         cli.main(args=argv, prog_name="repo-engine", standalone_mode=False, obj=state)
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except _HELP_AS_ERROR as exc:
         exc.show()
+        return exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"repo-engine: error: {click_error_line(exc)}", err=True)
         return exc.exit_code
     except (Interrupted, click.exceptions.Abort, KeyboardInterrupt) as exc:
         # a terminal's line may hold the echoed ^C or a progress bar (click ends a prompt's)

@@ -85,6 +85,7 @@ def forget(repo: RepoAddress, point_ids: tuple[str, ...], vm: str | None, keep_l
     """
     from ..maintenance.forget import ForgetReport, forget_points, policy_decisions
     from ..maintenance.retention import Policy, parse_within
+    from ..units import shown
 
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly,
                     parse_within(keep_within) if keep_within else None, tuple(keep_tags))
@@ -123,7 +124,8 @@ def forget(repo: RepoAddress, point_ids: tuple[str, ...], vm: str | None, keep_l
         return
     if decisions:  # one write: a long history has thousands of lines
         click.echo("\n".join(f"{'keep  ' if d['keep'] else 'remove'} {d['id'][:8]}  "
-                             f"{d.get('vm', '')}@{d.get('time', '')}  {', '.join(d['reasons'])}"
+                             f"{shown(d.get('vm', ''))}@{d.get('time', '')}  "
+                             f"{', '.join(d['reasons'])}"
                              for d in decisions))
     for line in _forget_summary(len(remove), sum(d["keep"] for d in decisions),
                                 len(set(report.rewritten)), dry_run, gc_report is not None):
@@ -156,6 +158,7 @@ def _forget_summary(removed: int, kept: int, merged: int, dry_run: bool,
 
 def _protect(repo: RepoAddress, point: str, protected: bool, as_json: bool) -> None:
     from ..maintenance.forget import set_protected
+    from ..units import shown
 
     with open_repo(repo) as repository:
         record = set_protected(repository, repository.find_point(point), protected)
@@ -163,7 +166,7 @@ def _protect(repo: RepoAddress, point: str, protected: bool, as_json: bool) -> N
         emit_json(id=record.id, protected=record.protected)
     else:
         state = "protected" if record.protected else "not protected"
-        click.echo(f"point {record.id[:8]} ({record.vm}@{record.time}) is {state}")
+        click.echo(f"point {record.id[:8]} ({shown(record.vm)}@{record.time}) is {state}")
 
 
 @click.command()
@@ -243,12 +246,13 @@ def _echo_shared_gc(r: object) -> None:
         click.echo(f"  repacked: read back {human_bytes(r.repacked_read_bytes)} of "
                    f"{plural(r.packs_repacked, 'partly used pack')}, wrote "
                    f"{human_bytes(r.repacked_written_bytes)} in {plural(r.packs_written, 'pack')}"
-                   f", {r.repacked_requests} requests; the old packs "
+                   f", {plural(r.repacked_requests, 'request')}; the old packs "
                    f"({human_bytes(r.repacked_old_bytes)}) are deleted by a sweep")
     if r.repack_packs:
         click.echo(f"  a repack of {plural(r.repack_packs, 'partly used pack')} would read "
                    f"{human_bytes(r.repack_read_bytes)}, write "
-                   f"{human_bytes(r.repack_write_bytes)} in {r.repack_requests} requests and "
+                   f"{human_bytes(r.repack_write_bytes)} in "
+                   f"{plural(r.repack_requests, 'request')} and "
                    f"free {human_bytes(r.repack_reclaims_bytes)} (not done: 'gc --repack' "
                    f"does it)")
 
@@ -341,18 +345,18 @@ def verify(repo: RepoAddress, repair: bool, as_json: bool) -> None:
         _echo_affected(report.affected)
         click.echo("no errors found" if report.ok else plural(len(report.errors), "error"))
     if not report.ok:
-        _exit_damage(f"verify found {len(report.errors)} errors; affected points: "
+        _exit_damage(f"verify found {plural(len(report.errors), 'error')}; affected points: "
                      f"{', '.join(p[:8] for p in report.damaged_points) or 'none'}")
 
 
 def _echo_affected(affected: list) -> None:
-    from ..units import plural
+    from ..units import plural, shown
 
     for a in affected:
         ranges = ", ".join(f"[{o}, {o + n})" for o, n in a.extents[:4])
         more = " ..." if len(a.extents) > 4 else ""
-        click.echo(f"  affects point {a.point[:8]} ({a.vm}@{a.time}) disk {a.disk}: "
-                   f"{plural(a.blocks, 'block')} at bytes {ranges}{more}")
+        click.echo(f"  affects point {a.point[:8]} ({shown(a.vm)}@{a.time}) disk "
+                   f"{shown(a.disk)}: {plural(a.blocks, 'block')} at bytes {ranges}{more}")
 
 
 @click.command()
@@ -385,8 +389,7 @@ def scrub(repo: RepoAddress, subset: str | None, max_duration: str | None, repai
       repo-engine scrub s3://bucket/repo --no-key
     """
     from ..maintenance.scrub import scrub as run_scrub
-
-    from ..units import parse_seconds
+    from ..units import parse_seconds, plural
 
     if no_key:
         if subset or max_duration or repair:
@@ -406,8 +409,8 @@ def scrub(repo: RepoAddress, subset: str | None, max_duration: str | None, repai
     if not report.ok:
         chunks, points = len(report.damaged), len({a.point for a in report.affected})
         found = "left" if repair else "found"
-        _exit_damage(f"scrub {found} {chunks} damaged chunk{'s' * (chunks != 1)} used by "
-                     f"{points} point{'s' * (points != 1)}"
+        _exit_damage(f"scrub {found} {plural(chunks, 'damaged chunk')} used by "
+                     f"{plural(points, 'point')}"
                      + ("" if repair else "; 'repo-engine scrub --repair' heals what it can"))
 
 
@@ -437,7 +440,9 @@ def _scrub_stored(repo: RepoAddress, workers: int | None, as_json: bool) -> None
         if report.ok:
             click.echo("no damage found")
     if not report.ok:
-        _exit_damage(f"scrub --no-key found {len(report.damaged)} damaged objects or chunks, "
+        damaged = plural(len(report.damaged), "damaged object or chunk",
+                         "damaged objects or chunks")
+        _exit_damage(f"scrub --no-key found {damaged}, "
                      f"the first: {report.damaged[0]}; 'repo-engine scrub' with the key says "
                      "which points they affect")
 
@@ -554,7 +559,7 @@ def unlock(repo: RepoAddress, force: bool, as_json: bool) -> None:
 
 def _kept_line(doc: dict) -> str:
     """Why `unlock` kept a store's lease or lock, and what to do."""
-    from ..repository.leases import UNREADABLE_HOST
+    from ..repository.leases import ELSEWHERE, UNREADABLE_HOST
 
     if doc["host"] == UNREADABLE_HOST:
         return (f"kept the {_lock_kind(doc)} {doc['file']}: it cannot be read, so it never ends; "
@@ -563,7 +568,8 @@ def _kept_line(doc: dict) -> str:
     if not doc["free_from"]:  # no cache to time it in, or times that cannot be read
         return (f"kept the {holder}: this host cannot tell when it ends; if that process is "
                 "gone, run 'repo-engine unlock --force'")
-    return (f"kept the {holder}: it may still be live, seen unchanged for "
+    why = f" ({ELSEWHERE})" if doc["elsewhere"] else ""
+    return (f"kept the {holder}: it may still be live{why}, seen unchanged for "
             f"{doc['seen_seconds']:.0f} s; run 'repo-engine unlock' again after "
             f"{doc['free_from']} (this host's clock), or with --force if that process is gone")
 

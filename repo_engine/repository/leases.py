@@ -105,6 +105,9 @@ PREFIX = "leases/"
 LEASE_SECONDS = 600.0
 SESSION, MAINT, VM = "session", "maintenance", "vm"
 UNREADABLE_HOST = "?"
+# why a record naming this host is judged as another host's (LeaseInfo.elsewhere), in a message
+ELSEWHERE = ("its record names this host but was written before its last boot, or on another "
+             "machine or container of its name: its pid is not judged here")
 # a lock taken by generations: `base` is "maintenance" or "vm-<hash of the VM name>"
 _LOCK_NAME = re.compile(r"leases/(?P<base>maintenance|vm-[0-9a-f]{32})-(?P<gen>[0-9a-f]{16})\.lock")
 _SESSION_NAME = re.compile(r"leases/[A-Za-z0-9_-]+-[0-9]+-[0-9a-f]{8}\.lease")
@@ -196,6 +199,13 @@ class LeaseInfo:
         (module doc, "Clocks": a host name and pid alone may be another machine's or another
         pid namespace's)."""
         return bool(self.cache) and self.cache == cache and self.host == socket.gethostname()
+
+    def elsewhere(self, cache: str) -> bool:
+        """Whether the record names this host but was written before its last boot, or on
+        another machine or container of its name (not through this host's cache `cache`):
+        judged as another host's, which a message must say (`ELSEWHERE`), as a user who finds
+        no such process here would expect it over at once."""
+        return self.host == socket.gethostname() and not self.ours(cache)
 
     def expired(self, at: datetime, grace: float = 0.0) -> bool:
         """Whether the lease ended more than `grace` seconds before `at`."""
@@ -523,10 +533,7 @@ def _when_free(info: LeaseInfo, free: datetime, cache: str) -> str:
     name judged as another host's, why (a user who finds no such process here would expect
     the lock taken at once)."""
     when = f"free from {on_this_clock(free)} on this host's clock unless renewed"
-    if info.host != socket.gethostname() or info.ours(cache):
-        return when
-    return (f"{when} (its record names this host but was written before its last boot, or on "
-            "another machine or container of its name: its pid is not judged here)")
+    return f"{when} ({ELSEWHERE})" if info.elsewhere(cache) else when
 
 
 def _held_by(store: Store, top: Found, free: str | None) -> LockedError:
@@ -610,13 +617,16 @@ class Kept:
     found: Found
     seen: datetime | None  # since when this host has seen it as it is (None: no cache)
     free: datetime | None  # from when it is over unless renewed (None: never)
+    elsewhere: bool  # LeaseInfo.elsewhere: it names this host, its pid not judged here
 
     def doc(self, at: datetime) -> dict:
-        """The record as `unlock` reports it, with how long it was seen unchanged and when it
-        can be removed ("" for never: only `unlock --force` removes it)."""
+        """The record as `unlock` reports it, with how long it was seen unchanged, when it can
+        be removed ("" for never: only `unlock --force` removes it) and whether it names this
+        host but was written elsewhere (LeaseInfo.elsewhere)."""
         seen_for = 0.0 if self.seen is None else round((at - self.seen).total_seconds(), 3)
         free = "" if self.free is None else iso(self.free)
-        return {**self.found.doc(), "seen_seconds": seen_for, "free_from": free}
+        return {**self.found.doc(), "seen_seconds": seen_for, "free_from": free,
+                "elsewhere": self.elsewhere}
 
 
 @dataclass
@@ -643,6 +653,6 @@ def clear_leases(store: Store, watch: Sightings | None,
         if force or f.info.of_dead(cache, dead) or (free is not None and free <= at):
             removed.append(f)
         else:
-            kept.append(Kept(f, seen.get(f.name), free))
+            kept.append(Kept(f, seen.get(f.name), free, f.info.elsewhere(cache)))
     store.delete(f.name for f in removed)
     return Cleared(removed, kept, at)

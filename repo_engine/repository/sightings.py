@@ -32,6 +32,7 @@ import json
 import math
 import time
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import pid_namespace
@@ -73,35 +74,47 @@ def age(raw: bytes | None) -> float | None:
     """Seconds since the note `raw` (`stamp`) was made; None when that is not known: no note,
     one of another form or of another boot, or no boot id (unlike a sighting's, an age must
     not come out short: a reboot that went unseen would)."""
+    noted, boot, reading = _read(raw), boot_id(), monotonic()
+    if noted is None or not boot or noted.boot != boot or not 0 <= noted.at <= reading:
+        return None
+    return reading - noted.at
+
+
+@dataclass(frozen=True)
+class _Note:
+    """A note of the current form (module doc), its sightings those well formed and not after
+    it."""
+
+    boot: str | None
+    at: float
+    seen: dict[str, float]
+
+
+def _read(raw: bytes | None) -> _Note | None:
+    """The note `raw`; None for none, or one of another form or damaged."""
     try:
         noted = json.loads(raw) if raw else {}
-        when = noted["at"] if noted.get("format") == FORMAT else None
+        at = noted["at"] if noted.get("format") == FORMAT else None
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
-    boot, reading = boot_id(), monotonic()
-    if (not boot or noted.get("boot") != boot or not isinstance(when, (int, float))
-            or not 0 <= when <= reading):
+    if not isinstance(at, (int, float)) or not math.isfinite(at):
         return None
-    return reading - when
+    seen = noted.get("seen")
+    seen = {name: when for name, when in seen.items()
+            if isinstance(name, str) and isinstance(when, (int, float))
+            and math.isfinite(when) and when <= at} if isinstance(seen, dict) else {}
+    boot = noted.get("boot")
+    return _Note(boot if isinstance(boot, str) else None, at, seen)
 
 
 def _notes(raw: bytes | None, boot: str, reading: float) -> dict[str, float]:
     """The sightings of `raw` as readings of this boot's clock, which reads `reading`: those
     of another boot moved to keep the seconds seen by its last note (module doc)."""
-    try:
-        noted = json.loads(raw) if raw else {}
-        if noted.get("format") != FORMAT:
-            return {}
-        last, seen = noted["at"], noted["seen"]
-        if not isinstance(last, (int, float)) or not math.isfinite(last):
-            return {}
-        same = noted.get("boot") == boot and last <= reading
-        moved = 0.0 if same else reading - last
-        return {name: when + moved for name, when in seen.items()
-                if isinstance(name, str) and isinstance(when, (int, float))
-                and math.isfinite(when) and when <= last}
-    except (ValueError, TypeError, KeyError, AttributeError):
+    noted = _read(raw)
+    if noted is None:
         return {}
+    moved = 0.0 if noted.boot == boot and noted.at <= reading else reading - noted.at
+    return {name: when + moved for name, when in noted.seen.items()}
 
 
 def note(raw: bytes | None, names: Collection[str], scope: str,
