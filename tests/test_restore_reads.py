@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -136,20 +137,24 @@ def test_requests_in_flight_are_decoded_a_few_at_a_time(many_packs, tmp_path, de
     path, model, point = many_packs
     decoding, most, lock = [0], [0], threading.Lock()
     with watched(path, gather=6) as repo:
-        real = repo.codec.decode
+        real = repo.codec.decoder
 
-        def decode(*args: object) -> bytes:
-            with lock:
-                decoding[0] += 1
-                most[0] = max(most[0], decoding[0])
-            try:
-                time.sleep(0.002)  # time for the other workers to come in, if they may
-                return real(*args)
-            finally:
+        def decoder() -> Callable[..., object]:
+            decode_one = real()
+
+            def decode(*args: object) -> object:
                 with lock:
-                    decoding[0] -= 1
+                    decoding[0] += 1
+                    most[0] = max(most[0], decoding[0])
+                try:
+                    time.sleep(0.002)  # time for the other workers to come in, if they may
+                    return decode_one(*args)
+                finally:
+                    with lock:
+                        decoding[0] -= 1
+            return decode
 
-        repo.codec.decode = decode
+        repo.codec.decoder = decoder
         restore_disk(repo, point, "sda", tmp_path / "out.img",
                      reads=ReadSettings(in_flight=6, max_request=256 * KIB, decoders=decoders))
         assert repo.store.most_outstanding >= 6

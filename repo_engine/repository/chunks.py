@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import blake3
 import zstandard
@@ -11,6 +12,8 @@ from ..errors import DamageError
 from .packs import CODEC_RAW, CODEC_ZSTD
 
 ZERO_REF = 0
+ChunkDecoder = Callable[[bytes | memoryview, int, int, bytes, memoryview | None],
+                        bytes | memoryview | None]
 # Store raw when zstd saves less than this share: decompressing for nothing costs restore time.
 MIN_SAVING = 1 / 32
 
@@ -58,36 +61,62 @@ class ChunkCodec:
         packed = self._compressor().multi_compress_to_buffer(chunks, threads=1)
         return [_stored_form(data, memoryview(packed[i])) for i, data in enumerate(chunks)]
 
+    def decoder(self) -> ChunkDecoder:
+        """`decode` for this thread as one call per chunk (blob, codec, raw length, chunk id,
+        `into`), without a reason for a chunk that fails its checks (None: `decode` gives it).
+        A restore decodes every chunk it writes: the per-chunk work of Python calls matters."""
+        dctx, key, keyed_hash = self._decompressor(), self._key, blake3.blake3
+
+        def decode(blob: bytes | memoryview, codec: int, raw_len: int, chunk_id: bytes,
+                   into: memoryview | None) -> bytes | memoryview | None:
+            try:
+                if codec == CODEC_ZSTD:
+                    data = _decompressed(dctx, blob, raw_len, into)
+                elif codec == CODEC_RAW:
+                    data = bytes(blob) if into is None or len(blob) > len(into) else \
+                        _copied(blob, into)
+                else:
+                    return None
+            except zstandard.ZstdError:
+                return None
+            if len(data) != raw_len or keyed_hash(data, key=key).digest() != chunk_id:
+                return None
+            return data
+        return decode
+
     def decode(self, blob: bytes | memoryview, codec: int, raw_len: int, chunk_id: bytes,
                where: str, into: memoryview | None = None) -> bytes | memoryview:
         """Decompress and check the result against its id; DamageError names `where`. With
         `into` (writable, at least `raw_len` bytes) the chunk is decoded there, not into a
         buffer of its own, and the view of it returned."""
-        try:
-            if codec == CODEC_ZSTD:
-                data = self._decompress(blob, raw_len, into)
-            elif codec == CODEC_RAW:
-                data = bytes(blob) if into is None or len(blob) > len(into) else \
-                    _copied(blob, into)
-            else:
-                raise DamageError(f"{where}: unknown chunk codec {codec}")
-        except zstandard.ZstdError as exc:
-            raise DamageError(f"{where}: chunk does not decompress ({exc})") from None
-        if len(data) != raw_len or self.chunk_id(data) != chunk_id:
-            raise DamageError(f"{where}: chunk content does not match its id (damaged data)")
+        data = self.decoder()(blob, codec, raw_len, chunk_id, into)
+        if data is None:
+            raise DamageError(f"{where}: {self._fault(blob, codec, raw_len)}")
         return data
 
-    def _decompress(self, blob: bytes | memoryview, raw_len: int,
-                    into: memoryview | None) -> bytes | memoryview:
-        if into is None or zstandard.frame_content_size(blob) != raw_len:
-            # (a frame that does not say it holds raw_len bytes is damaged: decoded on its
-            # own, it fails the length check)
-            return self._decompressor().decompress(blob, max_output_size=raw_len)
-        out, got = into[:raw_len], 0
-        with self._decompressor().stream_reader(blob) as reader:
-            while got < raw_len and (n := reader.readinto(out[got:])):
-                got += n
-        return out[:got]
+    def _fault(self, blob: bytes | memoryview, codec: int, raw_len: int) -> str:
+        """Why the chunk `decoder` refused is damaged."""
+        if codec not in (CODEC_ZSTD, CODEC_RAW):
+            return f"unknown chunk codec {codec}"
+        if codec == CODEC_ZSTD:
+            try:
+                self._decompressor().decompress(blob, max_output_size=raw_len)
+            except zstandard.ZstdError as exc:
+                return f"chunk does not decompress ({exc})"
+        return "chunk content does not match its id (damaged data)"
+
+
+def _decompressed(dctx: zstandard.ZstdDecompressor, blob: bytes | memoryview, raw_len: int,
+                  into: memoryview | None) -> bytes | memoryview:
+    if into is None or zstandard.frame_content_size(blob) != raw_len:
+        # (a frame that does not say it holds raw_len bytes is damaged: decoded on its own,
+        # it fails the length check)
+        return dctx.decompress(blob, max_output_size=raw_len)
+    out, got = into[:raw_len], 0
+    with dctx.stream_reader(blob) as reader:
+        while got < raw_len and (n := reader.readinto(out[got:])):
+            got += n
+    return out[:got]
 
 
 def _copied(blob: bytes | memoryview, into: memoryview) -> memoryview:

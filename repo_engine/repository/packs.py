@@ -58,7 +58,8 @@ import numpy as np
 
 from ..errors import DamageError, RepoError, TamperedError
 from .atomic import spool_name, write_all
-from .crypto.null import NULL_SEALER, PART_HEADER_SIZE, PART_TAG_SIZE, PartSealer, Sealer
+from .crypto.null import (NULL_SEALER, PART_HEADER_SIZE, PART_TAG_SIZE, PartOpener, PartSealer,
+                          Sealer)
 from .formats import PACK, PACK_TRAILER, SEALED_PACK, SEALED_PACK_TRAILER
 from .safefile import FILE_MODE, checked_name
 from .store import RangeReader, Store
@@ -436,6 +437,11 @@ class PackKeys:
         """The stored bytes of the chunk `chunk_id` whose blob `blob` was read at `offset` of
         pack `name` (TamperedError, naming `what`, when it fails authentication)."""
         return self.opener(name).open(offset, "chunk", chunk_id, blob, what)
+
+    def chunk_opener(self, name: str) -> PartOpener:
+        """`open` of the chunks of pack `name` as one call each, without a reason for those
+        that fail (None): `open` gives it (DamageError here when its header is damaged)."""
+        return self.opener(name).opener("chunk")
 
     def open_stream(self, name: str, offset: int, length: int) -> RangeReader:
         """Bytes [offset, offset + length) of pack `name`, to be read front to back. When the

@@ -40,7 +40,7 @@ from .blockmap import (BlockMap, MapBatch, MapStream, map_object, map_refs, open
                        read_map, resolve_windows, unique_nonzero, write_map)
 from .chunks import ChunkCodec
 from .config import RepoConfig, read_config, write_config
-from .crypto.null import NullSealer, Sealer
+from .crypto.null import NullSealer, PartOpener, Sealer
 from .index import Index, MapMissing, ParentGone
 from .journal import (Entry, ForgetOp, NothingToCommit, Op, PackOp, PointOp, RefsOp,
                       append)
@@ -374,6 +374,11 @@ class Repository:
         was read at `offset` of pack `name`; TamperedError naming `what` when it is not that
         chunk's blob of that place (packs.PackKeys)."""
         return self.pack_keys.open(name, offset, chunk_id, blob, what)
+
+    def chunk_opener(self, name: str) -> PartOpener:
+        """`open_chunk` of pack `name`'s chunks as one call each (offset, chunk id, blob): the
+        stored bytes, or None when the blob fails authentication (`open_chunk` says why)."""
+        return self.pack_keys.chunk_opener(name)
 
     def read_chunk_stream(self, name: str, offset: int, length: int) -> RangeReader:
         """Bytes [offset, offset + length) of pack `name`, to be read front to back in pieces

@@ -203,24 +203,42 @@ class _RunReader:
                       chunks["stored"].tolist(), chunks["codec"].tolist(), chunks["raw"].tolist(),
                       chunks["ref"].tolist(), range(0, 32 * whole, 32))
         ids, bounds = chunks["id"].tobytes(), self.plan.bounds
+        open_blob, decode = self._opener(name), self.repo.codec.decoder()
         batch = self.writer.batch()
         for c, (lo, stored, codec, raw, ref, at) in enumerate(columns, start=run.first_chunk):
-            chunk_id, what = ids[at:at + 32], f"pack {name} chunk ref {ref}"
+            chunk_id, blob = ids[at:at + 32], view[lo:lo + stored]
             if batch.full(raw):
                 self.writer.put(batch)
                 batch = self.writer.batch()
-            try:
-                blob = self.repo.open_chunk(name, run.start + lo, chunk_id, view[lo:lo + stored],
-                                            what)
-                data = self.repo.codec.decode(blob, codec, raw, chunk_id, what, batch.slot(raw))
-            except DamageError as exc:
-                done.damaged.append(c)
-                done.cause = done.cause or str(exc)
-                continue
+            slot = batch.slot(raw)
+            opened = open_blob(run.start + lo, chunk_id, blob)
+            data = None if opened is None else decode(opened, codec, raw, chunk_id, slot)
+            if data is None:  # damaged: the careful path says how (or finds it whole now)
+                try:
+                    data = self._decoded(name, run.start + lo, chunk_id, blob, codec, raw, ref,
+                                         slot)
+                except DamageError as exc:
+                    done.damaged.append(c)
+                    done.cause = done.cause or str(exc)
+                    continue
             blocks = self.plan.blocks_by_chunk[bounds[c]:bounds[c + 1]]
             batch.add(blocks, data)
             done.blocks += len(blocks)
         self.writer.put(batch)
+
+    def _opener(self, name: str) -> Callable[[int, bytes, memoryview], bytes | memoryview | None]:
+        """The chunk opener of pack `name`; when its key header is damaged, one that sends every
+        chunk down the careful path (which reports the header)."""
+        try:
+            return self.repo.chunk_opener(name)
+        except DamageError:
+            return _refused
+
+    def _decoded(self, name: str, offset: int, chunk_id: bytes, blob: memoryview, codec: int,
+                 raw: int, ref: int, slot: memoryview | None) -> bytes | memoryview:
+        what = f"pack {name} chunk ref {ref}"
+        return self.repo.codec.decode(self.repo.open_chunk(name, offset, chunk_id, blob, what),
+                                      codec, raw, chunk_id, what, slot)
 
     def _read_alone(self, run: ReadRun, name: str) -> tuple[bytes, int, str | None]:
         """The run's bytes with one request of its own, what of it is whole and why not."""
@@ -244,6 +262,10 @@ class _RunReader:
                     whole, cause)
         except ObjectDamaged as exc:  # changed again meanwhile
             return b"", 0, _pack_damage(name, exc)
+
+
+def _refused(position: int, name: bytes, sealed: bytes | memoryview) -> None:
+    return None
 
 
 def _pack_damage(name: str, exc: ObjectDamaged) -> str:

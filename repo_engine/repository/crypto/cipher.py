@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -59,6 +60,13 @@ def nonce(counter: int) -> bytes:
 
 
 def associated_data(kind: str, name: bytes, epoch: int) -> bytes:
+    return associated_data_of(kind, epoch)(name)
+
+
+def associated_data_of(kind: str, epoch: int) -> Callable[[bytes], bytes]:
+    """`associated_data` of `kind` and `epoch` as a function of the name, its fixed parts built
+    once (a restore opens every chunk it writes with one)."""
     assert kind in KINDS, kind
     k = kind.encode()
-    return bytes([len(k)]) + k + _NAME_LEN.pack(len(name)) + name + _EPOCH.pack(epoch)
+    head, tail, name_len = bytes([len(k)]) + k, _EPOCH.pack(epoch), _NAME_LEN.pack
+    return lambda name: head + name_len(len(name)) + name + tail

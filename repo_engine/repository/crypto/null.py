@@ -31,6 +31,14 @@ class PartSealer(Protocol):
 
     def open(self, position: int, kind: str, name: bytes, sealed: bytes, what: str) -> bytes: ...
 
+    def opener(self, kind: str) -> PartOpener: ...
+
+
+# opens one part of a kind (position, name, sealed bytes): its bytes, or None when it fails
+# authentication (`PartSealer.open` then says why). One call per part with the per-kind work
+# done once: a restore opens every chunk it writes.
+PartOpener = Callable[[int, bytes, bytes | memoryview], bytes | memoryview | None]
+
 
 class Sealer(Protocol):
     encrypted: bool  # for the format's flag field only
@@ -90,3 +98,10 @@ class _NullParts:
 
     def open(self, position: int, kind: str, name: bytes, sealed: bytes, what: str) -> bytes:
         return sealed
+
+    def opener(self, kind: str) -> PartOpener:
+        return _unsealed
+
+
+def _unsealed(position: int, name: bytes, sealed: bytes | memoryview) -> bytes | memoryview:
+    return sealed

@@ -42,8 +42,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ...errors import TamperedError
-from .cipher import SALT_SIZE, TAG_SIZE, associated_data, nonce, object_cipher
-from .null import PART_HEADER_SIZE, PART_TAG_SIZE, PartSealer
+from .cipher import SALT_SIZE, TAG_SIZE, associated_data, associated_data_of, nonce, object_cipher
+from .null import PART_HEADER_SIZE, PART_TAG_SIZE, PartOpener, PartSealer
 
 HEADER = struct.Struct("<I32s")
 assert HEADER.size == 4 + SALT_SIZE == PART_HEADER_SIZE and TAG_SIZE == PART_TAG_SIZE
@@ -157,10 +157,19 @@ class _EncryptedParts:
                                     associated_data(kind, name, self._epoch))
 
     def open(self, position: int, kind: str, name: bytes, sealed: bytes, what: str) -> bytes:
-        try:
-            return self._cipher.decrypt(nonce(position), sealed,
-                                        associated_data(kind, name, self._epoch))
-        except InvalidTag:
+        opened = self.opener(kind)(position, name, sealed)
+        if opened is None:
             raise _tampered(f"{what} at offset {position}", kind,
                             "fails authentication (its bytes were changed, cut, or moved from "
-                            "another place or chunk id)") from None
+                            "another place or chunk id)")
+        return opened
+
+    def opener(self, kind: str) -> PartOpener:
+        decrypt, ad = self._cipher.decrypt, associated_data_of(kind, self._epoch)
+
+        def open_part(position: int, name: bytes, sealed: bytes | memoryview) -> bytes | None:
+            try:
+                return decrypt(nonce(position), sealed, ad(name))
+            except InvalidTag:
+                return None
+        return open_part
