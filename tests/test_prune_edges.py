@@ -23,6 +23,7 @@ from repo_engine.repository.packs import (ENTRY, FOOTER, HEADER, PackWriter, pac
                                           read_trailer)
 from repo_engine.repository.repo import Repository
 from repo_engine.repository.store import ObjectDamaged
+from repo_engine.repository.store import local as local_module
 from repo_engine.repository.store.local import LocalStore
 from test_store_local import store  # noqa: F401  (the fixture)
 
@@ -68,6 +69,38 @@ def test_a_rerun_delete_syncs_the_directories_an_interrupted_one_removed_from(st
     store.delete(names)
     assert _inode(store.root / "packs" / "ab") in synced
     assert _inode(store.root / "points") in synced
+
+
+def test_a_threaded_delete_switches_threads_often_and_puts_the_interval_back(store, monkeypatch):
+    """While a threaded delete unlinks, the interpreter's thread switch interval is
+    DELETE_SWITCH (a thread back from its unlink waits that long at most for the GIL while the
+    command's thread computes); afterwards, whether the delete failed or not, it is what it
+    was."""
+    names = [f"packs/{i % 4:02x}/{i:04x}.pack" for i in range(300)]
+    for name in names:
+        store.put(name, b"p")
+    real_unlink, seen = local_module.unlink_from, []
+
+    def watching(directory: Path, files: list[str]) -> bool:
+        seen.append(sys.getswitchinterval())
+        return real_unlink(directory, files)
+
+    before = sys.getswitchinterval()
+    monkeypatch.setattr(local_module, "unlink_from", watching)
+    store.delete(names)
+    assert len(seen) > 1 and set(seen) == {local_module.DELETE_SWITCH}
+    assert sys.getswitchinterval() == before
+    assert not any(store.exists(name) for name in names)
+
+    def failing(directory: Path, files: list[str]) -> bool:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(local_module, "unlink_from", failing)
+    for name in names:
+        store.put(name, b"p")
+    with pytest.raises(OSError):
+        store.delete(names)
+    assert sys.getswitchinterval() == before
 
 
 # -- gc: dead maps' decrements summed per ref ---------------------------------------------------

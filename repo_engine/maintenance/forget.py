@@ -50,7 +50,7 @@ from ..repository.safefile import checked_name
 from .deleter import Deleter
 from .retention import Decision, Policy, PointInfo, apply_policy, parse_time
 
-REBASE_THREADS = 4  # VMs whose points forget rebases at once (rebased)
+REBASE_THREADS = 4  # VMs whose points forget rebases at once on object storage (rebased)
 T = TypeVar("T")
 
 
@@ -292,10 +292,13 @@ def rebased(repo: Repository, catalog: Catalog, gone: set[str]
     ancestor through its catalogued chain, to the same content), never from a map written
     here, so the maps are made durable together once all are computed (a MapBatch: one round of
     fsyncs, not two per map), before the commit that names them. A chain never leaves its VM,
-    so the VMs are worked on by up to REBASE_THREADS threads at once."""
+    so the VMs are worked on by up to REBASE_THREADS threads at once where map reads wait
+    (`Store.reads_wait`: object storage); a local store's are one thread's work, which holds the
+    interpreter throughout (threads only took turns at it: a first prune of 10,000 points
+    rebased in 1.4 s on four threads, 0.9 s on one)."""
     todo = list(catalog.built_on(gone).values())
     batch = repo.map_batch()
-    if len(todo) < 2:
+    if len(todo) < 2 or not repo.store.reads_wait:
         parts = [_rebased_vm(repo, batch, catalog, gone, ids) for ids in todo]
     else:
         with ThreadPoolExecutor(min(REBASE_THREADS, len(todo))) as pool:

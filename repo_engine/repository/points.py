@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import json
 import os
-from copy import copy
-from dataclasses import asdict, dataclass, field
+from copy import copy, deepcopy
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 
 import blake3
@@ -110,8 +110,19 @@ class PointRecord:
 
     def summary(self) -> dict:
         """The catalog record: everything but the VM configuration."""
-        doc = asdict(self)
+        doc = self.as_dict()
         doc.pop("config")
+        return doc
+
+    def as_dict(self) -> dict:
+        """`dataclasses.asdict` of the record for a format whose fields are JSON values: each
+        list and dict copied one level deep (their items are strings and numbers; the VM
+        configuration is copied whole), not walked item by item (a forget of most points
+        writes hundreds of records)."""
+        doc = {name: _copied(getattr(self, name)) for name in _POINT_FIELDS}
+        doc["config"] = deepcopy(self.config)
+        doc["disks"] = [{name: _copied(getattr(disk, name)) for name in _DISK_FIELDS}
+                        for disk in self.disks]
         return doc
 
     @classmethod
@@ -138,6 +149,12 @@ class PointRecord:
 
 
 _CONTAINERS = {"tags", "config", "notes", "counters", "damage"}  # PointRecord's lists and dicts
+_POINT_FIELDS = tuple(f.name for f in fields(PointRecord))
+_DISK_FIELDS = tuple(f.name for f in fields(DiskRecord))
+
+
+def _copied(value: object) -> object:
+    return copy(value) if isinstance(value, (list, dict)) else value
 
 
 def new_point_id(vm: str, when: str) -> str:
@@ -162,7 +179,7 @@ def write_point(store: Store, point: PointRecord, sealer: Sealer = NULL_SEALER) 
 
 def encoded_point(point: PointRecord, sealer: Sealer = NULL_SEALER) -> bytes:
     """The stored bytes of a point's manifest."""
-    payload = json.dumps(asdict(point), sort_keys=True).encode()
+    payload = json.dumps(point.as_dict(), sort_keys=True).encode()
     return seal(POINT, payload, _binding(sealer, point.id))
 
 

@@ -58,7 +58,7 @@ if TYPE_CHECKING:  # leases and checkpoints serve shared repositories only: impo
 SHARED_REFS = 1 << 32  # a shared repository's ref range per claim: one claim per backup
 SUBDIRS = ("packs", "maps", "points", "index", "locks", "tmp")
 INDEX_FILES = ("data.mdb", "lock.mdb")
-REWRITE_THREADS = 8  # manifests `rewrite_points` reads at once
+REWRITE_THREADS = 8  # manifests `rewrite_points` reads at once from object storage
 MAP_OPENS = 8  # maps of a chain opened at once (a request each on object storage)
 CHAIN_POINTS = 1 << 16  # records `chain` keeps made (then it starts again)
 
@@ -427,15 +427,13 @@ class Repository:
                        maps: dict[str, BlockMap]) -> list[PointRecord]:
         """`rewrite_point(point, disks=disks)` of each pair, oldest first, the catalog records in
         ONE transaction (all or none; a forget of most points rewrites hundreds). The next
-        generations' manifests (each read first by a few threads at once) are made durable
-        together before the transaction (Store.put_many), with the commit sequence each point
-        keeps (`_sealed_before`). `maps`: block maps, by name, that the caller still holds. A
-        shared repository commits each point in turn."""
+        generations' manifests (each read first, by a few threads at once where reads wait:
+        `Store.reads_wait`) are made durable together before the transaction (Store.put_many),
+        with the commit sequence each point keeps (`_sealed_before`). `maps`: block maps, by
+        name, that the caller still holds. A shared repository commits each point in turn."""
         if self.config.shared:
             return [self.rewrite_point(point, disks=disks) for point, disks in rewrites]
-        with ThreadPoolExecutor(max(1, min(REWRITE_THREADS, len(rewrites)))) as pool:
-            updated = list(pool.map(lambda pair: self.next_generation(pair[0], disks=pair[1]),
-                                    rewrites))
+        updated = self._next_generations(rewrites)
         self.store.put_many([(point_object(p.id), encoded_point(p, self.sealer))
                              for p in updated])
         # a kept disk's map (the old record names it, forget wrote it for no disk) keeps its
@@ -444,6 +442,18 @@ class Repository:
         self._commit_records([(new, self._maps_of(new, maps, {d.map for d in old.disks}))
                               for (old, _), new in zip(rewrites, updated)], _sealed_before)
         return updated
+
+    def _next_generations(self, rewrites: list[tuple[PointRecord, list[DiskRecord]]]
+                          ) -> list[PointRecord]:
+        """`next_generation(point, disks=disks)` of each pair. A local manifest is read in turn:
+        threads only took turns at the interpreter (the read, its JSON and its checks hold it)."""
+        def nxt(pair: tuple[PointRecord, list[DiskRecord]]) -> PointRecord:
+            return self.next_generation(pair[0], disks=pair[1])
+
+        if len(rewrites) < 2 or not self.store.reads_wait:
+            return list(map(nxt, rewrites))
+        with ThreadPoolExecutor(min(REWRITE_THREADS, len(rewrites))) as pool:
+            return list(pool.map(nxt, rewrites))
 
     def _maps_of(self, point: PointRecord, known: dict[str, BlockMap],
                  kept: frozenset[str] | set[str] = frozenset()) -> dict[str, BlockMap]:
