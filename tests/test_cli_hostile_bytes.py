@@ -122,6 +122,21 @@ def test_names_an_older_version_stored_are_shown_escaped_in_text_listings(tmp_pa
     assert (point["vm"], point["tags"]) == ("web\n1", ["a\u2028b", "night\x85ly"])
 
 
+def test_an_error_naming_a_name_an_older_version_stored_shows_it_escaped(tmp_path, capsys,
+                                                                        model, monkeypatch):
+    """An ambiguous point name lists the points it matches, with their VM names."""
+    repo, vm = tmp_path / "repo", "web\x1b]0;title\x07"
+    assert cli(capsys, "init", repo).code == 0
+    with monkeypatch.context() as older:
+        _unchecked_names(older)
+        for _ in range(2):
+            assert cli(capsys, "backup", "image", repo, "--vm", vm, "--disk",
+                       f"sda={model.path}").code == 0
+    result = cli(capsys, "show", repo, f"{vm}@2")
+    assert result.code == 2 and "matches 2 points: " in result.err
+    assert "(web\\x1b]0;title\\x07@" in result.err and "\x1b" not in result.err
+
+
 def test_a_key_label_an_older_version_stored_is_shown_escaped(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("REPO_ENGINE_PASSWORD", "correct horse")
     repo, new = tmp_path / "repo", tmp_path / "new.pass"

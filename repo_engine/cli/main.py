@@ -234,8 +234,12 @@ def _report(exc: BaseException, debug: bool) -> int:
         import traceback
 
         traceback.print_exception(exc, file=sys.stderr)
+    from ..units import shown
+
     text, code = error_line(exc)
-    click.echo(f"repo-engine: error: {' '.join(text.split())}", err=True)
+    # (a message may name what the repository holds: a VM name an older version stored with an
+    # escape sequence must not drive the terminal)
+    click.echo(f"repo-engine: error: {shown(' '.join(text.split()))}", err=True)
     return code
 
 
