@@ -89,8 +89,9 @@ def parse_seconds(text: str, option: str = "duration") -> float:
     return seconds
 
 
-# what would break a line of a text listing or drive the terminal: C0, DEL and C1 characters
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+# what would break a line of a text listing or drive the terminal: C0, DEL and C1 characters,
+# and the line and paragraph separators (line breaks to str.splitlines and JavaScript)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def control_character(text: str) -> str | None:
@@ -100,9 +101,15 @@ def control_character(text: str) -> str | None:
 
 
 def shown(text: str) -> str:
-    """`text` as a line of a text listing shows it: its control characters as \\xNN escapes (a
-    name stored before they were refused at input must not break the listing's lines)."""
-    return _CONTROL.sub(lambda c: f"\\x{ord(c[0]):02x}", text)
+    """`text` as a line of a text listing shows it: its control characters as \\xNN (\\uNNNN)
+    escapes (a name stored before they were refused at input must not break the listing's
+    lines)."""
+    return _CONTROL.sub(_escaped, text)
+
+
+def _escaped(found: re.Match[str]) -> str:
+    code = ord(found[0])
+    return f"\\x{code:02x}" if code <= 0xff else f"\\u{code:04x}"
 
 
 def is_text(value: str, *, ascii: bool = False) -> bool:

@@ -19,6 +19,7 @@ import vddk_ext
 from pyVmomi import vmodl
 
 from repo_engine.cli.main import cli as cli_group
+from repo_engine.units import control_character
 
 from helpers import MIB, DiskModel, cli, tree_digest
 from test_bad_input import setup  # noqa: F401 (a fixture)
@@ -236,6 +237,16 @@ def test_clicks_own_usage_errors_are_one_line(capsys, args, fragment, command):
     if command is not None:  # click knows the command it was parsing
         hint = " ".join(["repo-engine", command]) if command else "repo-engine"
         assert result.err.endswith(f" (see '{hint} --help')\n")
+
+
+@pytest.mark.parametrize("word", ["b\x1b]0;title\x07", "b\x9b2J", "b\x7fc"])
+def test_a_word_in_a_usage_error_cannot_drive_the_terminal(tmp_path, capsys, word):
+    """click names extra arguments as they were given: a control character among them (an
+    escape sequence setting the terminal's title, a C1 one) is shown escaped."""
+    result = cli(capsys, "points", tmp_path, "a", word)
+    assert result.code == 2 and result.err.count("\n") == 1
+    assert result.err.startswith("repo-engine: error: got unexpected extra arguments (a b\\")
+    assert control_character(result.err.rstrip("\n")) is None
 
 
 def _mount_tmpfs(size: str) -> Path:

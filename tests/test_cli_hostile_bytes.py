@@ -75,7 +75,7 @@ def test_key_labels_that_cannot_be_stored(tmp_path, capsys, monkeypatch):
     assert len(cli(capsys, "key", "list", repo, "--json").json()["slots"]) == 1
 
 
-@pytest.mark.parametrize("char", ["\n", "\r", "\x1b", "\x00", "\x7f", "\x85"])
+@pytest.mark.parametrize("char", ["\n", "\r", "\x1b", "\x00", "\x7f", "\x85", "\u2028", "\u2029"])
 @pytest.mark.parametrize("args, option", [
     (["backup", "image", "{repo}", "--vm", "web{c}1", "--disk", "d={img}"], "'--vm'"),
     (["backup", "image", "{repo}", "--vm", "v", "--disk", "sd{c}a={img}"], "--disk"),
@@ -110,16 +110,31 @@ def test_names_an_older_version_stored_are_shown_escaped_in_text_listings(tmp_pa
     with monkeypatch.context() as older:
         _unchecked_names(older)
         done = cli(capsys, "backup", "image", repo, "--vm", "web\n1", "--disk",
-                   f"sd\x1ba={model.path}", "--tag", "night\x85ly")
+                   f"sd\x1ba={model.path}", "--tag", "night\x85ly", "--tag", "a\u2028b")
         assert done.code == 0, done.err
     listed = cli(capsys, "points", repo).out.splitlines()
     assert len(listed) == 3 and listed[2] == "1 point"  # the header, one point, the count
-    assert "  web\\x0a1@" in listed[1] and listed[1].endswith("  night\\x85ly")
+    assert "  web\\x0a1@" in listed[1] and listed[1].endswith("  a\\u2028b,night\\x85ly")
     shown = cli(capsys, "show", repo, "web\n1@latest").out
-    assert "\n  vm: web\\x0a1\n" in shown and "\n  tags: night\\x85ly" in shown
+    assert "\n  vm: web\\x0a1\n" in shown and "\n  tags: a\\u2028b, night\\x85ly" in shown
     assert "\n  disk sd\\x1ba: " in shown and "\x1b" not in shown and "\x85" not in shown
     [point] = cli(capsys, "points", repo, "--json").json()["points"]
-    assert (point["vm"], point["tags"]) == ("web\n1", ["night\x85ly"])
+    assert (point["vm"], point["tags"]) == ("web\n1", ["a\u2028b", "night\x85ly"])
+
+
+def test_an_error_naming_a_name_an_older_version_stored_shows_it_escaped(tmp_path, capsys,
+                                                                        model, monkeypatch):
+    """An ambiguous point name lists the points it matches, with their VM names."""
+    repo, vm = tmp_path / "repo", "web\x1b]0;title\x07"
+    assert cli(capsys, "init", repo).code == 0
+    with monkeypatch.context() as older:
+        _unchecked_names(older)
+        for _ in range(2):
+            assert cli(capsys, "backup", "image", repo, "--vm", vm, "--disk",
+                       f"sda={model.path}").code == 0
+    result = cli(capsys, "show", repo, f"{vm}@2")
+    assert result.code == 2 and "matches 2 points: " in result.err
+    assert "(web\\x1b]0;title\\x07@" in result.err and "\x1b" not in result.err
 
 
 def test_a_key_label_an_older_version_stored_is_shown_escaped(tmp_path, capsys, monkeypatch):

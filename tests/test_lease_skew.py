@@ -135,6 +135,21 @@ def test_unlock_command_says_why_it_keeps_a_record_of_this_hosts_name(tmp_path, 
         other.check_leases()
 
 
+def test_unlock_command_shows_a_record_s_command_escaped(tmp_path, capsys, monkeypatch):
+    """A record's command is written by whichever host shares the store: a control character
+    in it (an escape sequence setting the terminal's title) is shown escaped, as a name in a
+    listing is."""
+    path = tmp_path / "repo"
+    store = Repository.init(path, shared=True).store
+    a = host(store, tmp_path, "a")
+    with a.lock(SHARED, "backup image web\x1b]0;title\x07"):
+        with as_host_b(monkeypatch):
+            result = cli(capsys, "unlock", path)
+        assert result.code == 0, result.err
+        assert "kept the lease of \"backup image web\\x1b]0;title\\x07\" (pid " in result.out
+        assert "\x1b" not in result.out and "\x07" not in result.out
+
+
 def test_a_crashed_holders_lock_is_taken_over_once_seen_unchanged_for_a_lease(store, tmp_path,
                                                                              monkeypatch):
     """The record names its holder's lease duration: the taker waits that long from its first

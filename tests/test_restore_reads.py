@@ -479,6 +479,29 @@ def test_a_chunk_decoded_into_a_slot_is_checked_as_one_decoded_alone():
                     codec.decode(blob_, kind, raw_len, chunk_id, "c", into)
 
 
+@pytest.mark.parametrize("claimed", [65_537, 1 << 40, (1 << 64) - 3])
+def test_a_frame_claiming_more_than_its_chunk_is_damage_not_an_allocation(claimed):
+    """zstd allocates the content size a frame's header claims: a damaged one claiming a
+    terabyte is refused as damage before that, the same with a slot as without."""
+    import struct
+
+    from repo_engine.repository.chunks import ChunkCodec
+    from repo_engine.repository.packs import CODEC_ZSTD
+
+    codec = ChunkCodec(b"k" * 32, 1)
+    raw = bytes(range(256)) * 256
+    blob, kind = codec.encode(raw)
+    assert kind == CODEC_ZSTD and blob[4] & 0x20  # one segment: the content size follows
+    # the header rewritten to claim `claimed` bytes in an 8-byte content size field
+    width = (1, 2, 4, 8)[blob[4] >> 6]
+    forged = blob[:4] + bytes([blob[4] | 0xC0]) + struct.pack("<Q", claimed) + \
+        blob[5 + width:]
+    for into in (None, memoryview(bytearray(len(raw)))):
+        with pytest.raises(DamageError,
+                           match=f"^c: chunk does not decompress \\(frame claims {claimed} "):
+            codec.decode(forged, kind, len(raw), codec.chunk_id(raw), "c", into)
+
+
 @pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("capacity", [MIB + 1000, MIB + 4096 + 512, MIB])
 def test_a_device_larger_than_the_disk_gets_the_disk_and_keeps_the_rest(tmp_path, direct,

@@ -65,7 +65,12 @@ def test_a_reboot_where_the_system_gives_no_boot_id_counts_no_more_than_was_seen
     json.dumps({"format": 2, "boot": "boot-1", "at": 4000.0, "seen": [1]}).encode(),
     json.dumps({"format": 2, "boot": "boot-1", "at": 4000.0, "seen": {"a": "old"}}).encode(),
     json.dumps({"format": 2, "boot": "boot-1", "at": 4000.0, "seen": {"a": 4500.0}}).encode(),
-    json.dumps({"format": 2, "boot": "boot-1", "seen": {"a": 1.0}}).encode()])
+    json.dumps({"format": 2, "boot": "boot-1", "seen": {"a": 1.0}}).encode(),
+    # integers too large for a float, a bool, nesting deeper than the parser goes
+    b'{"format": 2, "boot": "boot-1", "at": 1' + b"0" * 400 + b', "seen": {"a": 1.0}}',
+    b'{"format": 2, "boot": "boot-1", "at": 4000.0, "seen": {"a": -1' + b"0" * 400 + b"}}",
+    json.dumps({"format": 2, "boot": "boot-1", "at": 4000.0, "seen": {"a": True}}).encode(),
+    b'{"format": 2, "boot": "boot-1", "at": 4000.0, "seen": {"a": ' + b"[" * 100000 + b"}}"])
 def test_old_or_damaged_notes_start_again(clock, raw):
     new, seen = sightings.note(raw, ["a"], "", clock["reading"])
     assert seen == {"a": 0.0}
@@ -115,6 +120,12 @@ def test_a_stamp_has_an_age_in_its_boot_only(clock):
     assert sightings.age(None) is None and sightings.age(b"\0" * 8) is None
     clock["reading"], clock["boot"] = 9000.0, "boot-2"
     assert sightings.age(stamp) is None
+
+
+@pytest.mark.parametrize("at", [b"1" + b"0" * 400, b"true", b"[" * 100000])
+def test_a_damaged_stamp_has_no_age(clock, at):
+    raw = b'{"format": 2, "boot": "boot-1", "at": ' + at + b"}"
+    assert sightings.age(raw) is None
 
 
 def test_a_stamp_has_no_age_where_the_system_gives_no_boot_id(clock):

@@ -193,8 +193,12 @@ _HELP_AS_ERROR = getattr(click.exceptions, "NoArgsIsHelpError", ())
 def click_error_line(exc: click.ClickException) -> str:
     """click's own error (an unknown option, a missing argument, a bad value) as one line, its
     usage and help hint, two lines more in click, folded into where to look: `no such option
-    '--foo' (see 'repo-engine backup image --help')`."""
-    text = " ".join(exc.format_message().split()).removesuffix(".")
+    '--foo' (see 'repo-engine backup image --help')`. click quotes some of the words it names
+    (repr) but not all (extra arguments): their control characters are escaped, not sent to
+    the terminal."""
+    from ..units import shown
+
+    text = shown(" ".join(exc.format_message().split()).removesuffix("."))
     if re.match(r"[A-Z][a-z]*\b", text):  # click's sentence case, not a name (VM, S3)
         text = text[0].lower() + text[1:]
     ctx = getattr(exc, "ctx", None)
@@ -230,8 +234,12 @@ def _report(exc: BaseException, debug: bool) -> int:
         import traceback
 
         traceback.print_exception(exc, file=sys.stderr)
+    from ..units import shown
+
     text, code = error_line(exc)
-    click.echo(f"repo-engine: error: {' '.join(text.split())}", err=True)
+    # (a message may name what the repository holds: a VM name an older version stored with an
+    # escape sequence must not drive the terminal)
+    click.echo(f"repo-engine: error: {shown(' '.join(text.split()))}", err=True)
     return code
 
 

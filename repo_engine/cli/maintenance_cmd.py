@@ -549,8 +549,7 @@ def unlock(repo: RepoAddress, force: bool, as_json: bool) -> None:
         emit_json(report)
         return
     for doc in report.removed:
-        click.echo(f"removed the {_lock_kind(doc)} of \"{doc['command']}\" (pid {doc['pid']} "
-                   f"on {doc['host']})")
+        click.echo(f"removed the {_holder(doc)}")
     for doc in report.kept:
         if "free_from" in doc:  # a store's lease or lock that may still be live
             click.echo(_kept_line(doc))
@@ -564,7 +563,7 @@ def _kept_line(doc: dict) -> str:
     if doc["host"] == UNREADABLE_HOST:
         return (f"kept the {_lock_kind(doc)} {doc['file']}: it cannot be read, so it never ends; "
                 "if no repo-engine command on any host holds it, run 'repo-engine unlock --force'")
-    holder = f"{_lock_kind(doc)} of \"{doc['command']}\" (pid {doc['pid']} on {doc['host']})"
+    holder = _holder(doc)
     if not doc["free_from"]:  # no cache to time it in, or times that cannot be read
         return (f"kept the {holder}: this host cannot tell when it ends; if that process is "
                 "gone, run 'repo-engine unlock --force'")
@@ -572,6 +571,15 @@ def _kept_line(doc: dict) -> str:
     return (f"kept the {holder}: it may still be live{why}, seen unchanged for "
             f"{doc['seen_seconds']:.0f} s; run 'repo-engine unlock' again after "
             f"{doc['free_from']} (this host's clock), or with --force if that process is gone")
+
+
+def _holder(doc: dict) -> str:
+    """The lease or lock of a record as `unlock` names it; its command and host, written by
+    any host sharing the store, shown escaped."""
+    from ..units import shown
+
+    return (f"{_lock_kind(doc)} of \"{shown(doc['command'])}\" (pid {doc['pid']} on "
+            f"{shown(doc['host'])})")
 
 
 def _lock_kind(doc: dict) -> str:

@@ -100,7 +100,7 @@ class ChunkCodec:
             return f"unknown chunk codec {codec}"
         if codec == CODEC_ZSTD:
             try:
-                self._decompressor().decompress(blob, max_output_size=raw_len)
+                _decompressed(self._decompressor(), blob, raw_len, None)
             except zstandard.ZstdError as exc:
                 return f"chunk does not decompress ({exc})"
         return "chunk content does not match its id (damaged data)"
@@ -108,7 +108,10 @@ class ChunkCodec:
 
 def _decompressed(dctx: zstandard.ZstdDecompressor, blob: bytes | memoryview, raw_len: int,
                   into: memoryview | None) -> bytes | memoryview:
-    if into is None or zstandard.frame_content_size(blob) != raw_len:
+    size = zstandard.frame_content_size(blob)
+    if size > raw_len:  # zstd would allocate what the frame claims, a terabyte if it says so
+        raise zstandard.ZstdError(f"frame claims {size} bytes, more than the chunk's {raw_len}")
+    if into is None or size != raw_len:
         # (a frame that does not say it holds raw_len bytes is damaged: decoded on its own,
         # it fails the length check)
         return dctx.decompress(blob, max_output_size=raw_len)

@@ -94,17 +94,30 @@ def _read(raw: bytes | None) -> _Note | None:
     """The note `raw`; None for none, or one of another form or damaged."""
     try:
         noted = json.loads(raw) if raw else {}
-        at = noted["at"] if noted.get("format") == FORMAT else None
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
-    if not isinstance(at, (int, float)) or not math.isfinite(at):
+        at = _reading(noted["at"]) if noted.get("format") == FORMAT else None
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None  # RecursionError: a value nested deeper than the parser goes
+    if at is None:
         return None
     seen = noted.get("seen")
-    seen = {name: when for name, when in seen.items()
-            if isinstance(name, str) and isinstance(when, (int, float))
-            and math.isfinite(when) and when <= at} if isinstance(seen, dict) else {}
+    readings = ({name: _reading(when) for name, when in seen.items()}
+                if isinstance(seen, dict) else {})
+    seen = {name: when for name, when in readings.items()
+            if isinstance(name, str) and when is not None and when <= at}
     boot = noted.get("boot")
     return _Note(boot if isinstance(boot, str) else None, at, seen)
+
+
+def _reading(value: object) -> float | None:
+    """`value` as a finite clock reading; None for anything else (a string, a bool, an
+    integer too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        reading = float(value)
+    except OverflowError:
+        return None
+    return reading if math.isfinite(reading) else None
 
 
 def _notes(raw: bytes | None, boot: str, reading: float) -> dict[str, float]:
