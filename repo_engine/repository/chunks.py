@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 import blake3
 import zstandard
@@ -12,6 +13,7 @@ from ..errors import DamageError
 from .packs import CODEC_RAW, CODEC_ZSTD
 
 ZERO_REF = 0
+T = TypeVar("T")
 ChunkDecoder = Callable[[bytes | memoryview, int, int, bytes, memoryview | None],
                         bytes | memoryview | None]
 # Store raw when zstd saves less than this share: decompressing for nothing costs restore time.
@@ -36,17 +38,19 @@ class ChunkCodec:
     def chunk_id(self, data: bytes | memoryview) -> bytes:
         return blake3.blake3(data, key=self._key).digest()
 
+    def _of_thread(self, name: str, make: Callable[[], T]) -> T:
+        """This thread's `name` (zstd's contexts are not shared between threads), made once."""
+        made = getattr(self._local, name, None)
+        if made is None:
+            made = make()
+            setattr(self._local, name, made)
+        return made
+
     def _compressor(self) -> zstandard.ZstdCompressor:
-        comp = getattr(self._local, "comp", None)
-        if comp is None:
-            comp = self._local.comp = zstandard.ZstdCompressor(level=self._level)
-        return comp
+        return self._of_thread("comp", lambda: zstandard.ZstdCompressor(level=self._level))
 
     def _decompressor(self) -> zstandard.ZstdDecompressor:
-        dec = getattr(self._local, "dec", None)
-        if dec is None:
-            dec = self._local.dec = zstandard.ZstdDecompressor()
-        return dec
+        return self._of_thread("dec", zstandard.ZstdDecompressor)
 
     def encode(self, data: bytes | memoryview) -> tuple[bytes, int]:
         """Return (stored bytes, codec)."""
@@ -64,7 +68,11 @@ class ChunkCodec:
     def decoder(self) -> ChunkDecoder:
         """`decode` for this thread as one call per chunk (blob, codec, raw length, chunk id,
         `into`), without a reason for a chunk that fails its checks (None: `decode` gives it).
-        A restore decodes every chunk it writes: the per-chunk work of Python calls matters."""
+        A restore decodes every chunk it writes: the per-chunk work of Python calls matters.
+        Made once per thread: scrub and gc call `decode`, and so this, for every chunk."""
+        return self._of_thread("decoder", self._new_decoder)
+
+    def _new_decoder(self) -> ChunkDecoder:
         dctx, key, keyed_hash = self._decompressor(), self._key, blake3.blake3
 
         def decode(blob: bytes | memoryview, codec: int, raw_len: int, chunk_id: bytes,
