@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -355,3 +356,40 @@ def test_program_exit_code_and_single_line(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def _damage_index_pages(repo: Path) -> None:
+    """0xff over the node offsets of every page after the two meta pages: LMDB then reads nodes
+    past the end of the file, which the memory map turns into SIGBUS."""
+    data, page = repo / "index" / "data.mdb", 4096
+    with open(data, "r+b") as f:
+        for offset in range(2 * page, data.stat().st_size, page):
+            f.seek(offset + 16)
+            f.write(b"\xff" * 64)
+
+
+def test_a_fault_in_a_library_is_one_line_exit_3_and_its_advice_repairs(tmp_path, capsys, setup):
+    repo, model = setup
+    _damage_index_pages(repo)
+    # the test runner's faulthandler must not reach the program
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    for command in ("points", "verify"):
+        result = subprocess.run([sys.executable, "-m", "repo_engine", command, str(repo)],
+                                capture_output=True, text=True, env=env)
+        assert (result.returncode, result.stderr.count("\n")) == (3, 1), result.stderr
+        assert result.stderr.startswith("repo-engine: error: stopped by SIGBUS in a library")
+        assert "run 'repo-engine rebuild-index' on the repository" in result.stderr
+    assert cli(capsys, "rebuild-index", repo).code == 0
+    assert cli(capsys, "restore", repo, "v@latest", "--disk", "d", "--to",
+               tmp_path / "back.img").code == 0
+    assert (tmp_path / "back.img").read_bytes() == model.path.read_bytes()
+
+
+def test_debug_leaves_a_fault_to_faulthandler(tmp_path, setup):
+    """With --debug the Python stack of the faulting thread is what is printed (for a report)."""
+    repo, _ = setup
+    _damage_index_pages(repo)
+    result = subprocess.run([sys.executable, "-m", "repo_engine", "--debug", "points", str(repo)],
+                            capture_output=True, text=True)
+    assert result.returncode == -signal.SIGBUS
+    assert "Fatal Python error: Bus error" in result.stderr and "index.py" in result.stderr

@@ -915,3 +915,20 @@ def test_direct_flag_waits_for_another_threads_write_without_the_gil(tmp_path):
     if took < 0.1:
         pytest.skip(f"the write took {took:.3f} s: too short to tell")
     assert max(gaps) < took / 2, (max(gaps), took)
+
+
+@pytest.mark.parametrize("fault, name", [("os.abort()", "SIGABRT"),
+                                         ("ctypes.string_at(0)", "SIGSEGV")])
+def test_on_fatal_signal_writes_its_line_and_exits_with_its_code(fault, name):
+    program = ("import ctypes, os, vddk_ext\n"
+               "vddk_ext.on_fatal_signal('error: stopped by ', ' here\\n', 7)\n" + fault)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env)
+    assert (done.returncode, done.stderr) == (7, f"error: stopped by {name} here\n")
+
+
+@pytest.mark.parametrize("args, fragment", [(("h", "t", 256), "exit_code must be 0-255"),
+                                            (("h" * 2048, "t", 3), "head of the fatal-signal")])
+def test_on_fatal_signal_refuses_what_it_cannot_keep(args, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        vddk_ext.on_fatal_signal(*args)

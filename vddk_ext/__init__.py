@@ -25,6 +25,7 @@ try:
         Disk,
         DiskError,
         VixError,
+        on_fatal_signal,
         open_local,
         open_vddk,
         vddk_end_access,
@@ -58,7 +59,7 @@ def _exit_vddk() -> None:
 _atexit.register(_exit_vddk)
 
 __all__ = [
-    "API_VERSION", "Batch", "BlockReader", "Disk", "DiskError", "VixError", "open_local",
+    "API_VERSION", "Batch", "BlockReader", "Disk", "DiskError", "VixError", "on_fatal_signal", "open_local",
     "open_vddk", "vddk_end_access", "vddk_exit", "vddk_info", "vddk_init",
     "vddk_prepare_for_access",
     "VIX_E_FAIL", "VIX_E_INVALID_ARG", "VIX_E_FILE_NOT_FOUND", "VIX_E_NOT_SUPPORTED",

@@ -88,6 +88,8 @@ class Disk:
         tb: TracebackType | None,
     ) -> Literal[False]: ...
 
+def on_fatal_signal(head: str, tail: str, exit_code: int) -> None: ...
+
 def open_local(
     path: str | PathLike[str],
     *,

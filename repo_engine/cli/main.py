@@ -113,6 +113,30 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """repo-engine: deduplicating backup repository for virtual-machine disks."""
     if isinstance(ctx.obj, RunState):
         ctx.obj.debug = ctx.obj.debug or debug
+        _report_faults(ctx.obj.debug)
+
+
+# exit 3: the fault that reaches this in practice is a damaged page of the memory-mapped index
+_FAULT_HEAD = "repo-engine: error: stopped by "
+_FAULT_TAIL = (" in a library, most likely on a damaged page of the local index; run "
+               "'repo-engine rebuild-index' on the repository, then the command again (if it "
+               "happens again, run it with --debug and report it)\n")
+
+
+def _report_faults(debug: bool) -> None:
+    """A fault in C code (SIGBUS, SIGSEGV, abort) ends as one line and exit 3, not a core dump.
+    With --debug, or where faulthandler is on already (PYTHONFAULTHANDLER, a test runner), the
+    Python stacks of every thread are printed instead: what a bug report needs."""
+    import faulthandler
+
+    if faulthandler.is_enabled():
+        return
+    if not debug:
+        from vddk_ext import on_fatal_signal
+
+        on_fatal_signal(_FAULT_HEAD, _FAULT_TAIL, 3)
+    elif sys.__stderr__ is not None:  # (sys.stderr may be a capture with no file behind it)
+        faulthandler.enable(sys.__stderr__, all_threads=True)
 
 
 def os_error_text(exc: OSError) -> str:

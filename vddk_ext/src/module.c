@@ -1105,6 +1105,9 @@ static PyTypeObject BatchIterType = {
 static PyMethodDef module_methods[] = {
     {"open_local", (PyCFunction)(void (*)(void))open_local, METH_VARARGS | METH_KEYWORDS,
      "open_local(path, *, writable=False, create_size=None) -> Disk"},
+    {"on_fatal_signal", (PyCFunction)(void (*)(void))on_fatal_signal, METH_VARARGS | METH_KEYWORDS,
+     "on_fatal_signal(head, tail, exit_code): on SIGBUS, SIGSEGV, SIGABRT, SIGILL or SIGFPE, "
+     "write head + the signal's name + tail to stderr and _exit(exit_code)"},
     PYVDDK_METHODS
     {NULL, NULL, 0, NULL},
 };

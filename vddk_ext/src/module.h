@@ -36,6 +36,7 @@ PyObject *disk_wrap(bio_disk *d, PyObject *path, PyObject *transport);
 PyObject *raise_vix(const bio_error *e);
 void pyvddk_drain_log(void);   /* VDDK's queued log messages -> logging; keeps a pending error */
 int pyvddk_add_to_module(PyObject *m);
+PyObject *on_fatal_signal(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *pyvddk_open(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *pyvddk_init(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *pyvddk_exit(PyObject *module, PyObject *unused);
