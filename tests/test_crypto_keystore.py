@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from repo_engine.errors import TamperedError
+from repo_engine.errors import DamageError, TamperedError
 from repo_engine.repository.crypto import keystore
-from repo_engine.repository.crypto.keyring import keyring_object
+from repo_engine.repository.crypto.keyring import keyring_copy, keyring_object
 from repo_engine.repository.crypto.keys import (WrongPassphrase, change_passphrase, create,
                                                 removable, unlock)
 from repo_engine.repository.crypto.slots import passphrase_slot
@@ -35,7 +35,9 @@ def names(store) -> list[str]:
 
 def test_init_unlock_and_read_the_keyring(store):
     made = initialised(store)
-    assert names(store) == ["keys/keyring-0000000000000001", f"keys/slot-{made.slot.id}.slot"]
+    assert names(store) == ["keys/keyring-0000000000000001", "keys/keyring-0000000000000001.copy",
+                            f"keys/slot-{made.slot.id}.slot"]
+    assert store.get(keyring_copy(1), limit=1 << 20) == store.get(keyring_object(1), limit=1 << 20)
     slots, skipped = keystore.load_slots(store)
     assert (slots, skipped) == ([made.slot], [])
     ring_key = unlock(slots, b"pw").ring_key
@@ -85,7 +87,8 @@ def test_rotate_writes_a_new_generation_and_drops_the_old(store):
     before = made.keyring.sealer().seal("point", b"p", b"old point")
     rotated = keystore.rotate(store, made.ring_key, random=Stream(b"r"))
     assert rotated.generation == 2 and rotated.current == 2
-    assert names(store)[0] == "keys/keyring-0000000000000002"
+    assert [n for n in names(store) if "keyring" in n] == ["keys/keyring-0000000000000002",
+                                                          "keys/keyring-0000000000000002.copy"]
     assert keystore.generations(store) == [2]
     loaded = keystore.load_keyring(store, made.ring_key)
     assert loaded == rotated
@@ -125,7 +128,60 @@ def test_a_missing_or_moved_keyring_is_tampering(store):
     with pytest.raises(TamperedError, match="keyring-0000000000000002: sealed keyring fails "
                                             "authentication"):
         keystore.load_keyring(store, made.ring_key)
-    store.delete([keyring_object(1), keyring_object(2)])
+    store.delete([keyring_object(1), keyring_copy(1), keyring_object(2)])
     with pytest.raises(TamperedError, match="/keys: no keyring; the repository's keys were "
                                             "deleted"):
         keystore.load_keyring(store, made.ring_key)
+
+
+def _damage(store, name: str) -> None:
+    path = store.path_of(name)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("harm", ["damaged", "missing"])
+def test_a_keyring_record_damaged_or_missing_is_read_from_its_copy(store, harm):
+    made = initialised(store)
+    rotated = keystore.rotate(store, made.ring_key, random=Stream(b"r"))
+    if harm == "damaged":
+        _damage(store, keyring_object(2))
+    else:
+        store.delete([keyring_object(2)])
+    assert keystore.load_keyring(store, made.ring_key) == rotated
+    # the next change writes both records of a new generation, and the harm is gone with the old
+    again = keystore.rotate(store, made.ring_key, random=Stream(b"again"))
+    assert [n for n in names(store) if "keyring" in n] == ["keys/keyring-0000000000000003",
+                                                          "keys/keyring-0000000000000003.copy"]
+    assert keystore.load_keyring(store, made.ring_key) == again
+
+
+def test_a_damaged_copy_is_not_read_while_its_record_is_whole(store):
+    made = initialised(store)
+    _damage(store, keyring_copy(1))
+    assert keystore.load_keyring(store, made.ring_key) == made.keyring
+
+
+def test_both_records_damaged_is_the_records_own_error(store):
+    made = initialised(store)
+    _damage(store, keyring_object(1))
+    store.delete([keyring_copy(1)])
+    with pytest.raises(DamageError, match="keyring-0000000000000001: "):
+        keystore.load_keyring(store, made.ring_key)
+    _damage(store, keyring_object(1))  # whole again
+    store.put(keyring_copy(1), store.get(keyring_object(1), limit=1 << 20))
+    _damage(store, keyring_object(1))
+    _damage(store, keyring_copy(1))
+    with pytest.raises(DamageError, match="keyring-0000000000000001: keyring checksum"):
+        keystore.load_keyring(store, made.ring_key)
+
+
+def test_a_keyring_written_before_copies_existed_still_opens(store):
+    """A repository made before generations had copies: one record each."""
+    made = initialised(store)
+    store.delete([keyring_copy(1)])
+    assert keystore.load_keyring(store, made.ring_key) == made.keyring
+    rotated = keystore.rotate(store, made.ring_key, random=Stream(b"r"))
+    assert keystore.generations(store) == [2] and keystore.load_keyring(store,
+                                                                        made.ring_key) == rotated

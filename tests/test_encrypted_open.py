@@ -46,8 +46,9 @@ def opened(path, cache, passphrase=None):
 def test_init_stores_keys_and_config_and_no_cleartext_index(repo_path, tmp_path):
     names = sorted(p.relative_to(repo_path).as_posix() for p in repo_path.rglob("*")
                    if p.is_file())
-    assert names[0] == "config" and names[1] == "keys/keyring-0000000000000001"
-    assert names[2].startswith("keys/slot-") and len(names) == 3
+    assert names[:3] == ["config", "keys/keyring-0000000000000001",
+                         "keys/keyring-0000000000000001.copy"]
+    assert names[3].startswith("keys/slot-") and len(names) == 4
     data = (repo_path / "config").read_bytes()
     config = json.loads(unseal(ENCRYPTED_CONFIG, data, "config"))
     assert int.from_bytes(data[8:10], "little") == 3

@@ -314,7 +314,7 @@ def test_every_bit_flip_of_a_pack_is_refused_with_and_without_the_key(tmp_path):
         assert (unrefused, unfound) == ([], [])
 
 
-def test_keyless_scrub_reads_no_key_slot_and_writes_nothing(encrypted, tmp_path):
+def test_keyless_scrub_checks_key_records_as_stored_bytes_and_writes_nothing(encrypted, tmp_path):
     repo, point, _ = encrypted
     repo.write_checkpoint() if hasattr(repo, "write_checkpoint") else None
     with closing(open_stored(repo.location)) as stored_repo:
@@ -329,7 +329,9 @@ def test_keyless_scrub_reads_no_key_slot_and_writes_nothing(encrypted, tmp_path)
         assert report.objects["packs"] == len(pack_names(repo))
         assert report.objects["maps"] >= 1 and report.objects["points"] == 1
         assert report.objects["journal"] >= 1
-        assert read and not [n for n in read if n.startswith("keys/")]
+        keys = sorted(info.name for info in stored_repo.store.list("keys/"))
+        assert report.objects["keys"] == len(keys) == 3  # a slot, the keyring record and its copy
+        assert read and {n for n in read if n.startswith("keys/")} == set(keys)
         with pytest.raises(Exception, match="opened without its key"):
             stored_repo.store.put("points/x", b"x")
 
@@ -441,7 +443,7 @@ def test_keyless_scrub_json(encrypted, capsys):
     repo, _, _ = encrypted
     doc = cli(capsys, "scrub", "--no-key", "--json", repo.location).json()
     assert doc["ok"] is True and doc["damaged"] == [] and doc["chunks_checked"] == 46
-    assert set(doc["objects"]) == {"packs", "maps", "points", "journal"}
+    assert set(doc["objects"]) == {"keys", "packs", "maps", "points", "journal"}
 
 
 def test_scrub_finds_two_packs_of_one_size_swapped_in_an_unencrypted_repository(tmp_path):

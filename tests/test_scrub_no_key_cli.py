@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from helpers import cli
-from test_encryption_cli import backup, disk, encrypted, failure, ok, small_kdf  # noqa: F401
+from test_encryption_cli import (DISK, VM, backup, disk, encrypted, failure, ok,  # noqa: F401
+                                 small_kdf)
 
 
 def snapshot(repo: Path) -> dict[str, tuple[str, int]]:
@@ -35,12 +36,12 @@ def test_a_clean_repository_is_checked_without_a_passphrase_and_nothing_is_writt
     before = snapshot(backed_up), snapshot(cache)
     out = ok(capsys, "scrub", backed_up, "--no-key").out  # no passphrase source, no terminal
     assert "checked the stored bytes without the key" in out and "no damage found" in out
-    for kind in ("pack", "map", "point", "journal object"):
+    for kind in ("3 key records", "pack", "map", "point", "journal object"):
         assert kind in out
     assert (snapshot(backed_up), snapshot(cache)) == before
 
 
-@pytest.mark.parametrize("kind", ["packs", "maps", "journal"])
+@pytest.mark.parametrize("kind", ["keys", "packs", "maps", "journal"])
 def test_damage_in_any_kind_of_object_is_exit_code_3_naming_it(backed_up, capsys, kind):
     victim = next(p for p in sorted((backed_up / kind).rglob("*")) if p.is_file())
     data = bytearray(victim.read_bytes())
@@ -60,3 +61,24 @@ def test_what_it_refuses_is_exit_code_2_and_no_repository_is_1(backed_up, tmp_pa
     assert "run 'repo-engine scrub' without --no-key" in failure(capsys, 2, "scrub", plain,
                                                                  "--no-key")
     failure(capsys, 1, "scrub", tmp_path / "nothing-here", "--no-key")
+
+
+def test_a_damaged_keyring_record_is_found_the_copy_opens_and_a_rotation_writes_both_anew(
+        encrypted, tmp_path, capsys):  # noqa: F811
+    repo, pass_file = encrypted
+    model = disk(tmp_path)
+    backup(capsys, repo, model, "--passphrase-file", pass_file)
+    record = repo / "keys" / "keyring-0000000000000001"
+    data = bytearray(record.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    record.write_bytes(bytes(data))
+    err = failure(capsys, 3, "scrub", repo, "--no-key")
+    assert "keyring-0000000000000001: keyring checksum mismatch" in err
+    assert "run 'repo-engine key rotate' to write both anew" in err
+    ok(capsys, "restore", repo, f"{VM}@latest", "--disk", DISK, "--to", tmp_path / "back.img",
+       "--passphrase-file", pass_file)
+    assert (tmp_path / "back.img").read_bytes() == model.path.read_bytes()
+    ok(capsys, "key", "rotate", repo, "--passphrase-file", pass_file)
+    assert sorted(p.name for p in (repo / "keys").glob("keyring-*")) == [
+        "keyring-0000000000000002", "keyring-0000000000000002.copy"]
+    assert "no damage found" in ok(capsys, "scrub", repo, "--no-key").out

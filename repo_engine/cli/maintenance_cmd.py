@@ -428,7 +428,8 @@ def _scrub_stored(repo: RepoAddress, workers: int | None, as_json: bool) -> None
     if as_json:
         emit_json(report, ok=report.ok)
     else:
-        counts = ", ".join(plural(n, kind.rstrip("s") if kind != "journal" else "journal object")
+        named = {"journal": "journal object", "keys": "key record"}
+        counts = ", ".join(plural(n, named.get(kind, kind.rstrip("s")))
                            for kind, n in report.objects.items())
         click.echo(f"checked the stored bytes without the key: {counts}; "
                    f"{plural(report.chunks_checked, 'chunk')}, {human_bytes(report.bytes_read)} "

@@ -13,7 +13,10 @@ Checked, each object whole, in worker threads (BLAKE3 releases the GIL):
 
 A pack is read whole (bounded: larger than any pack can be is damage, not read).
 
-Key slots and the keyring are not read (nothing here may need them); neither the index nor any
+- a key slot, a keyring generation's record and its copy: the envelope, as above (their sealed
+  content needs the key; a damaged keyring record is read from the other one meanwhile).
+
+Neither the index nor any
 cache is opened, and no lock or lease is written: the objects checked are immutable, and one
 deleted by a gc meanwhile is counted as gone, not as damage. Authenticity (that the bytes are the
 repository's own and whole chunks of the right ids) needs the key: `scrub` with it.
@@ -33,14 +36,15 @@ from ..errors import DamageError, RepoError
 from ..repository.config import MAX_BLOCK
 from ..repository.envelope import CHECKSUM_SIZE
 from ..repository.envelope import HEADER as ENVELOPE
-from ..repository.formats import BLOCK_MAP, CHECKPOINT, JOURNAL, POINT, FileFormat
+from ..repository.crypto.keyring import KEYRING_PREFIX
+from ..repository.formats import BLOCK_MAP, CHECKPOINT, JOURNAL, KEYRING, POINT, SLOT, FileFormat
 from ..repository.location import StoredRepository
 from ..repository.packs import check_stored
 from ..repository.store import ObjectInfo, ObjectMissing, Store
 from ..units import mib_per_s
 
 READ_STEP = 8 << 20  # a map or checkpoint is hashed in reads of this size (it can be large)
-KINDS = ("packs", "maps", "points", "journal")
+KINDS = ("keys", "packs", "maps", "points", "journal")
 
 
 @dataclass
@@ -111,6 +115,9 @@ def _collect(report: StoredScrubReport, checked: _Checked) -> None:
 def _check(store: Store, kind: str, info: ObjectInfo, largest_pack: int) -> _Checked:
     what = f"{store.location}/{info.name}"
     try:
+        if kind == "keys":
+            _check_key_record(store, info, what)
+            return _Checked(kind, info.size)
         if kind != "packs":
             _check_summed(store, info, what, _FORMATS[kind] if kind != "journal" or
                           not info.name.endswith(".ckpt") else CHECKPOINT)
@@ -127,6 +134,19 @@ def _check(store: Store, kind: str, info: ObjectInfo, largest_pack: int) -> _Che
 
 
 _FORMATS: dict[str, FileFormat] = {"maps": BLOCK_MAP, "points": POINT, "journal": JOURNAL}
+
+
+def _check_key_record(store: Store, info: ObjectInfo, what: str) -> None:
+    if info.name.startswith(KEYRING_PREFIX):
+        try:
+            _check_summed(store, info, what, KEYRING)
+        except DamageError as exc:
+            raise DamageError(f"{exc}; the generation's other record is read instead: run "
+                              "'repo-engine key rotate' to write both anew") from None
+    elif info.name.endswith(".slot"):
+        _check_summed(store, info, what, SLOT)
+    else:
+        raise DamageError(f"{what}: not a key slot or keyring record")
 
 
 def _pack_name(obj: str) -> str:

@@ -1,6 +1,7 @@
 """The keyring: the chunk-id key and the data key of every epoch, sealed with K_ring.
 
-Object `keys/keyring-<generation as 16 hex>`: an envelope (envelope.py: magic KEYRING, version,
+Object `keys/keyring-<generation as 16 hex>`, and the same bytes as `keys/keyring-<generation as
+16 hex>.copy`: an envelope (envelope.py: magic KEYRING, version,
 length, payload, BLAKE3 checksum, so that a keyless scrub can check its stored bytes) whose
 payload is a sealed object (seal.py) under K_ring as epoch 0, kind "keyring", name = the
 generation as u64 LE: a keyring copied to another generation's name fails authentication. The
@@ -75,6 +76,12 @@ def new_keyring(config_digest: bytes, random: Random = os.urandom) -> Keyring:
 
 def keyring_object(generation: int) -> str:
     return f"{KEYRING_PREFIX}{generation:016x}"
+
+
+def keyring_copy(generation: int) -> str:
+    """The second record of a generation, the same bytes: one damaged object must not cost an
+    encrypted repository every key it has."""
+    return keyring_object(generation) + ".copy"
 
 
 def _ring_sealer(ring_key: bytes, random: Random = os.urandom) -> ObjectSealer:

@@ -1,6 +1,7 @@
 """Where the key records live in a store, and the write order that keeps each change crash-safe.
 
     keys/keyring-<16 hex generation>    keyring.py (newest generation wins)
+    keys/keyring-<16 hex generation>.copy   the same bytes, written after it
     keys/slot-<16 hex id>.slot          slots.py
 
 Write order: a new slot file is durable before the keyring generation that lists it, and a
@@ -10,7 +11,10 @@ new keyring generation made by `change_keyring` from the newest one, put-if-abse
 changing keys at once one writes generation g + 1, the other re-makes its change on g + 1 (which
 may refuse it) and writes g + 2; no lock is needed, local or on object storage. Older generations
 are deleted once the new one is durable; a crash in between leaves older generations that readers
-ignore and the next change deletes. A record whose name and content disagree (a slot copied
+ignore and the next change deletes. A generation is read from its copy when its record is missing
+or damaged: the record's put-if-absent decides which writer made the generation, so only that
+writer writes the copy (a crash before the copy leaves a generation with one record, until the
+next key change). A record whose name and content disagree (a slot copied
 under another id) is tampering.
 """
 
@@ -23,7 +27,8 @@ from dataclasses import replace
 
 from ...errors import RepoError, TamperedError
 from ..store import ObjectExists, ObjectMissing, Store
-from .keyring import KEYRING_PREFIX, Keyring, decode_keyring, encode_keyring, keyring_object
+from .keyring import (KEYRING_PREFIX, Keyring, decode_keyring, encode_keyring, keyring_copy,
+                      keyring_object)
 from .keys import RepositoryKeys
 from .null import MAX_SLOT_SIZE
 from .seal import Random
@@ -32,7 +37,7 @@ from .slots import Slot, decode_slot, encode_slot
 MAX_KEYRING_SIZE = 1 << 20
 CHANGE_ATTEMPTS = 5
 _SLOT_NAME = re.compile(r"keys/slot-([0-9a-f]{16})\.slot")
-_KEYRING_NAME = re.compile(re.escape(KEYRING_PREFIX) + r"([0-9a-f]{16})")
+_KEYRING_NAME = re.compile(re.escape(KEYRING_PREFIX) + r"([0-9a-f]{16})(?:\.copy)?")
 
 
 def save_slot(store: Store, slot: Slot) -> None:
@@ -65,8 +70,9 @@ def load_slots(store: Store) -> tuple[list[Slot], list[str]]:
 
 
 def generations(store: Store) -> list[int]:
-    return sorted(int(m[1], 16) for info in store.list(KEYRING_PREFIX)
-                  if (m := _KEYRING_NAME.fullmatch(info.name)))
+    """The generations with a record or a copy in `store`, oldest first."""
+    return sorted({int(m[1], 16) for info in store.list(KEYRING_PREFIX)
+                   if (m := _KEYRING_NAME.fullmatch(info.name))})
 
 
 def load_keyring(store: Store, ring_key: bytes) -> Keyring:
@@ -80,31 +86,44 @@ def load_keyring(store: Store, ring_key: bytes) -> Keyring:
         if not found:
             raise TamperedError(f"{store.location}/keys: no keyring; the repository's keys "
                                 "were deleted")
-        name = keyring_object(found[-1])
         try:
-            data = store.get(name, limit=MAX_KEYRING_SIZE)
+            return _read_generation(store, found[-1], ring_key)
         except ObjectMissing:
             if generations(store)[-1:] == found[-1:]:
                 raise
             continue
-        return decode_keyring(data, found[-1], ring_key, f"{store.location}/{name}")
     raise RepoError(f"{store.location}/keys: the keyring changed under {CHANGE_ATTEMPTS} "
                     "reads in a row (other hosts changing keys); try again")
 
 
+def _read_generation(store: Store, generation: int, ring_key: bytes) -> Keyring:
+    """Generation `generation` from its record, else from its copy; when neither reads, the
+    error of a damaged one before that of a missing one (ObjectMissing: both gone)."""
+    errors: list[RepoError] = []
+    for name in (keyring_object(generation), keyring_copy(generation)):
+        try:
+            return decode_keyring(store.get(name, limit=MAX_KEYRING_SIZE), generation, ring_key,
+                                  f"{store.location}/{name}")
+        except RepoError as exc:  # ObjectMissing is one
+            errors.append(exc)
+    raise next((e for e in errors if not isinstance(e, ObjectMissing)), errors[0])
+
+
 def save_keyring(store: Store, keyring: Keyring, ring_key: bytes,
                  random: Random = os.urandom) -> None:
-    """Write a new generation (ObjectExists when another writer made it first), then delete
-    the older ones."""
-    store.put(keyring_object(keyring.generation), encode_keyring(keyring, ring_key, random),
-              if_absent=True)
+    """Write a new generation (ObjectExists when another writer made it first) and its copy,
+    then delete the older ones."""
+    data = encode_keyring(keyring, ring_key, random)
+    store.put(keyring_object(keyring.generation), data, if_absent=True)
+    store.put(keyring_copy(keyring.generation), data)
     delete_older(store, keyring.generation)
 
 
 def delete_older(store: Store, generation: int) -> None:
-    """Delete the keyring generations before `generation` (a crash after a change may have
-    left them: an older one may hold a data key `key retire` dropped)."""
-    store.delete(keyring_object(g) for g in generations(store) if g < generation)
+    """Delete the keyring generations before `generation`, records and copies (a crash after a
+    change may have left them: an older one may hold a data key `key retire` dropped)."""
+    store.delete(name for g in generations(store) if g < generation
+                 for name in (keyring_object(g), keyring_copy(g)))
 
 
 def init_keys(store: Store, keys: RepositoryKeys, random: Random = os.urandom) -> None:
