@@ -908,9 +908,9 @@ def _live_chunks(repo: Repository, number: int) -> list[tuple[int, bytes, bytes,
                 continue
             chunk_id = e["id"].tobytes()
             what = f"pack {info.name} chunk ref {ref}"
-            blob = repo.open_chunk(info.name, offset, chunk_id,
-                                   data[offset:offset + int(e["stored"])], what)
-            repo.codec.decode(blob, int(e["codec"]), int(e["raw"]), chunk_id, what)
+            blob = repo.checked_chunk(info.name, offset, chunk_id,
+                                      data[offset:offset + int(e["stored"])], int(e["codec"]),
+                                      int(e["raw"]), what)
             out.append((ref, chunk_id, blob, int(e["raw"]), int(e["codec"])))
     return out
 

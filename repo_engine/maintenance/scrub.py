@@ -205,7 +205,6 @@ def _scrub_pack(repo: Repository, pack: PackInfo) -> _PackResult:
     with repo.index.env.begin() as txn:
         places = [txn.get(REF_KEY.pack(int(ref)), db=repo.index.refs)
                   for ref in entries["ref"].tolist()]
-    decode, open_chunk = repo.codec.decode, repo.open_chunk
     for e, rec in zip(entries, places):
         if rec is None:
             continue
@@ -215,8 +214,8 @@ def _scrub_pack(repo: Repository, pack: PackInfo) -> _PackResult:
             continue
         what = f"pack {pack.name} chunk ref {ref}"
         try:
-            decode(open_chunk(pack.name, offset, chunk_id, view[offset:offset + stored], what),
-                   codec, raw, chunk_id, what)
+            repo.checked_chunk(pack.name, offset, chunk_id, view[offset:offset + stored], codec,
+                               raw, what)
         except DamageError as exc:
             result.damaged[ref] = str(exc)
         result.checked += 1
@@ -407,9 +406,9 @@ def read_chunk(repo: Repository, ref: int) -> tuple[bytes, bytes, int, int] | No
     chunk_id, number, offset, stored, raw, codec = REF_REC.unpack(rec)
     try:
         name = repo.index.pack_info(number).name
-        blob = repo.open_chunk(name, offset, chunk_id,
-                               repo.read_chunk_range(name, offset, stored), f"ref {ref}")
-        repo.codec.decode(blob, codec, raw, chunk_id, f"ref {ref}")
+        blob = repo.checked_chunk(name, offset, chunk_id,
+                                  repo.read_chunk_range(name, offset, stored), codec, raw,
+                                  f"ref {ref}")
     except (RepoError, OSError):
         return None
     return chunk_id, blob, raw, codec

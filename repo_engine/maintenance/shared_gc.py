@@ -773,9 +773,9 @@ def _read_run(repo: Repository, name: str, rows: np.ndarray) -> list[bytes]:
     for row in rows:
         at, chunk_id = int(row["offset"]) - start, row["id"].tobytes()
         what = f"pack {name} chunk ref {int(row['ref'])}"
-        blob = repo.open_chunk(name, start + at, chunk_id, data[at:at + int(row["stored"])], what)
-        repo.codec.decode(blob, int(row["codec"]), int(row["raw"]), chunk_id, what)
-        out.append(blob)
+        out.append(repo.checked_chunk(name, start + at, chunk_id,
+                                      data[at:at + int(row["stored"])], int(row["codec"]),
+                                      int(row["raw"]), what))
     return out
 
 

@@ -375,6 +375,15 @@ class Repository:
         chunk's blob of that place (packs.PackKeys)."""
         return self.pack_keys.open(name, offset, chunk_id, blob, what)
 
+    def checked_chunk(self, name: str, offset: int, chunk_id: bytes, blob: bytes | memoryview,
+                      codec: int, raw: int, what: str) -> bytes | memoryview:
+        """The stored bytes of chunk `chunk_id` (what a pack writer takes to copy it), whose blob
+        `blob` was read at `offset` of pack `name`, once opened (`open_chunk`), decompressed and
+        hashed to its id (`codec.decode`); DamageError naming `what` saying which failed."""
+        stored = self.open_chunk(name, offset, chunk_id, blob, what)
+        self.codec.decode(stored, codec, raw, chunk_id, what)
+        return stored
+
     def chunk_opener(self, name: str) -> PartOpener:
         """`open_chunk` of pack `name`'s chunks as one call each (offset, chunk id, blob): the
         stored bytes, or None when the blob fails authentication (`open_chunk` says why)."""
