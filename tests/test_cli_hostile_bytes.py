@@ -130,8 +130,11 @@ def test_restore_image_shows_the_disk_key_and_target_escaped(tmp_path, capsys, m
         _unchecked_names(older)
         assert cli(capsys, "backup", "image", repo, "--vm", "v", "--disk",
                    f"sd\x9ba={model.path}").code == 0
-    result = cli(capsys, "restore", repo, "v@latest", "--disk", "sd\x9ba", "--to", target)
+    with monkeypatch.context() as terminal:  # stderr a terminal: a progress bar names the disk
+        terminal.setattr(sys.stderr, "isatty", lambda: True)
+        result = cli(capsys, "restore", repo, "v@latest", "--disk", "sd\x9ba", "--to", target)
     assert result.code == 0, result.err
+    assert "disk sd\\x9ba" in result.err and "\x9b" not in result.err
     assert result.out.startswith("restored disk sd\\x9ba of point ")
     assert "\\x1b[2J\\u2028.img: " in result.out and result.out.count("\n") == 1
     assert not {"\x1b", "\x9b", "\u2028"} & set(result.out)
