@@ -122,6 +122,25 @@ def test_names_an_older_version_stored_are_shown_escaped_in_text_listings(tmp_pa
     assert (point["vm"], point["tags"]) == ("web\n1", ["a\u2028b", "night\x85ly"])
 
 
+def test_restore_image_shows_the_disk_key_and_target_escaped(tmp_path, capsys, model,
+                                                            monkeypatch):
+    repo, target = tmp_path / "repo", tmp_path / "out\x1b[2J\u2028.img"
+    assert cli(capsys, "init", repo).code == 0
+    with monkeypatch.context() as older:
+        _unchecked_names(older)
+        assert cli(capsys, "backup", "image", repo, "--vm", "v", "--disk",
+                   f"sd\x9ba={model.path}").code == 0
+    with monkeypatch.context() as terminal:  # stderr a terminal: a progress bar names the disk
+        terminal.setattr(sys.stderr, "isatty", lambda: True)
+        result = cli(capsys, "restore", repo, "v@latest", "--disk", "sd\x9ba", "--to", target)
+    assert result.code == 0, result.err
+    assert "disk sd\\x9ba" in result.err and "\x9b" not in result.err
+    assert result.out.startswith("restored disk sd\\x9ba of point ")
+    assert "\\x1b[2J\\u2028.img: " in result.out and result.out.count("\n") == 1
+    assert not {"\x1b", "\x9b", "\u2028"} & set(result.out)
+    assert target.read_bytes() == model.copy_of_content()
+
+
 def test_an_error_naming_a_name_an_older_version_stored_shows_it_escaped(tmp_path, capsys,
                                                                         model, monkeypatch):
     """An ambiguous point name lists the points it matches, with their VM names."""

@@ -191,6 +191,27 @@ def test_a_flipped_bit_in_a_chunk_is_refused_by_restore_and_found_by_both_scrubs
     assert keyless.damaged[0].startswith(f"{repo.location}/{pack}: the chunk at offset {offset} ")
 
 
+def test_a_flipped_bit_in_a_pack_s_key_header_makes_scrub_count_its_every_chunk(encrypted):
+    """The salt the pack's keys derive from: its trailer fails authentication, so every chunk
+    the index places in the pack is damaged, and no chunk of another pack."""
+    repo, point, _ = encrypted
+    places = chunk_places(repo, point)
+    chunks: dict[str, int] = {}
+    for pack, _, _ in set(places):  # a chunk two blocks hold counts once
+        chunks[pack] = chunks.get(pack, 0) + 1
+    pack = max(chunks, key=lambda p: (chunks[p], p))
+    refs = {int(e["ref"]) for e in repo.read_trailer(Path(pack).stem)}
+    assert len(refs) == chunks[pack] > 1 and len(chunks) > 1
+    rewrite(repo, pack, flip(HEADER.size + 4 + 16))  # past the epoch, inside the salt
+    report = scrub(repo)
+    assert report.packs_scrubbed == len(pack_names(repo))
+    assert len(report.damaged) == len(refs) and {d["ref"] for d in report.damaged} == refs
+    assert all(Path(pack).stem in d["reason"] and "authentication" in d["reason"]
+               for d in report.damaged)
+    [affected] = report.affected
+    assert (affected.point, affected.blocks) == (point.id, [p for p, _, _ in places].count(pack))
+
+
 def swap_blobs(data: bytearray, a: tuple[int, int], b: tuple[int, int]) -> bytes:
     (oa, sa), (ob, sb) = a, b
     assert sa == sb

@@ -77,7 +77,9 @@ def test_flipped_bytes_found_by_scrub_and_healed(damaged_setup, tmp_path, capsys
     result = cli(capsys, "scrub", repo, "--json")
     assert result.code == 3
     doc = result.json()
-    assert len(doc["damaged"]) == 1
+    [damaged] = doc["damaged"]
+    assert damaged["reason"] == (f"pack {pack.stem} chunk ref {damaged['ref']}: chunk content "
+                                 "does not match its id (damaged data)")
     hit = {(a["point"], a["disk"]): a["extents"] for a in doc["affected"]}
     assert set(p for p, _ in hit) == set(a_points), "block 0 is shared by all of a's points"
     assert all(ext == [[0, BS]] for ext in hit.values())
@@ -108,6 +110,29 @@ def test_flipped_bytes_found_by_scrub_and_healed(damaged_setup, tmp_path, capsys
     assert cli(capsys, "gc", repo, "--max-unused", "0").code == 0
     assert_restores(capsys, repo, expected, list(expected), tmp_path)
     assert cli(capsys, "verify", repo).code == 0
+
+
+def test_gc_leaves_a_pack_holding_a_damaged_chunk_alone_and_names_it(damaged_setup, tmp_path,
+                                                                     capsys):
+    """The pack holding VM a's block 0 also held block 5 before day 1 changed it: once the
+    first point is forgotten it is partly used, and its repack finds block 0 damaged."""
+    repo, _models, expected = damaged_setup
+    a_points = points_of(expected, "a")
+    pack, offset, stored = place_of_block(repo, a_points[-1], 0)
+    assert place_of_block(repo, a_points[0], 5)[0] == pack
+    with open(pack, "r+b") as f:
+        f.seek(offset + stored // 2)
+        byte = f.read(1)
+        f.seek(offset + stored // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert cli(capsys, "forget", repo, a_points[0][:12]).code == 0
+    result = cli(capsys, "gc", repo, "--max-unused", "0", "--json")
+    assert result.code == 0, result.err
+    [skipped] = result.json()["damaged_packs_skipped"]
+    assert skipped.startswith(f"pack {pack.stem} chunk ref ")
+    assert skipped.endswith(": chunk content does not match its id (damaged data)")
+    assert pack.exists() and place_of_block(repo, a_points[-1], 0)[0] == pack
+    assert_restores(capsys, repo, expected, points_of(expected, "b"), tmp_path)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])

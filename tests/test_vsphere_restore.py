@@ -3,6 +3,8 @@ against the simulator (tests/vcsim) and the fake VDDK (tests/fake_vddk)."""
 
 from __future__ import annotations
 
+from pyVim.task import WaitForTask
+
 from helpers import KIB, MIB, disk_of
 from vcsim import find
 from vcsim.fixtures import BS, VM, make_env, pattern, vcsim_binary, vddk_libdir  # noqa: F401
@@ -70,6 +72,31 @@ def test_vms_lists_cbt_state_and_disks(env):
     assert vms[VM]["disks"][0]["change_id"]
     text = env.run("vsphere", "vms", *env.sim.args())
     assert text.code == 0 and "4 VMs" in text.out
+
+
+def test_text_output_shows_names_escaped(env):
+    """A VM name holding a C1 control (CSI) or a line separator reaches no terminal raw: not
+    in `vsphere vms`, nor in `restore vsphere`'s lines, which name the VM and its disk files."""
+    env.sim.write(VM, 0, pattern(40, 64 * KIB))
+    point = env.backup()["point"]["id"]
+    hostile = "web\x9b2J\u2028x"
+    with env.sim.session() as content:
+        WaitForTask(find(content, VM).Rename_Task(hostile))
+    env.power_off(hostile)
+    listed = env.run("vsphere", "vms", *env.sim.args())
+    assert listed.code == 0, listed.err
+    assert "web\\x9b2J\\u2028x  " in listed.out and listed.out.count("\n") == 6
+    in_place = env.run("restore", "vsphere", env.repo, point, *env.sim.args(), "--vddk-libdir",
+                       env.libdir, "--in-place")
+    assert in_place.code == 0, in_place.err
+    assert " in-place to VM web\\x9b2J\\u2028x (" in in_place.out
+    as_new = env.run("restore", "vsphere", env.repo, point, *env.sim.args(), "--vddk-libdir",
+                     env.libdir, "--as-new", "new\x9bvm\u2028", "--datastore", "LocalDS_0")
+    assert as_new.code == 0, as_new.err
+    assert " as-new to VM new\\x9bvm\\u2028 (" in as_new.out
+    assert "new\\x9bvm\\u2028/" in as_new.out.splitlines()[1]   # the disk's file
+    for out in (listed.out, in_place.out, as_new.out):
+        assert "\x9b" not in out and "\u2028" not in out
 
 
 def _args_without(env, option: str) -> list[str]:

@@ -201,10 +201,14 @@ class Progress:
         self.enabled = sys.stderr.isatty()
 
     def bar(self, label: str, total: int) -> Callable[[int], None]:
+        """A bar labelled `label` (shown escaped: it may name a disk)."""
+        from ..units import shown
+
         if not self.enabled or total <= 0:
             return lambda _n: None
         bar = self._stack.enter_context(click.progressbar(
-            length=total, label=label, file=sys.stderr, show_eta=True, show_percent=True))
+            length=total, label=shown(label), file=sys.stderr, show_eta=True,
+            show_percent=True))
         return bar.update
 
     def close(self) -> None:

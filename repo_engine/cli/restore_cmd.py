@@ -61,7 +61,7 @@ def restore_image(repo: RepoAddress, point: str, key: str, target: Path | None, 
       repo-engine restore /backup/repo 3f2a9c1d --disk sda --onto /images/sda.img --base web1@2026-11-24
     """
     from ..restore.restorer import restore_disk
-    from ..units import format_rate, plural
+    from ..units import format_rate, plural, shown
 
     if (target is None) == (onto is None):
         raise click.UsageError("give exactly one of --to PATH or --onto PATH")
@@ -76,7 +76,8 @@ def restore_image(repo: RepoAddress, point: str, key: str, target: Path | None, 
     if as_json:
         emit_json(summary)
         return
-    click.echo(f"restored disk {key} of point {summary.point[:8]} to {summary.target}: "
+    click.echo(f"restored disk {shown(key)} of point {summary.point[:8]} to "
+               f"{shown(summary.target)}: "
                f"{plural(summary.blocks_written, 'block')} written "
                f"({human_bytes(summary.bytes_written)}), "
                f"{plural(summary.zero_blocks, 'zero block')}, "

@@ -93,7 +93,7 @@ def vms(as_json: bool, **params: Any) -> None:
     """
     from ..sources.vsphere.connection import connect
     from ..sources.vsphere.inventory import list_vms
-    from ..units import plural
+    from ..units import plural, shown
 
     settings = _settings(params)
     password, _ = _password(settings, vddk=False)
@@ -106,8 +106,8 @@ def vms(as_json: bool, **params: Any) -> None:
     for vm in found:
         cbt = ("on" if vm["cbt_enabled"] else "off") if vm["cbt_supported"] else "unsupported"
         disks = ", ".join(f"{d['key']}:{human_bytes(d['capacity'])}" for d in vm["disks"])
-        click.echo(f"{vm['name']:30}  {vm['moref']:10}  {vm['power_state']:10}  {cbt:12}  "
-                   f"{disks}")
+        click.echo(f"{shown(vm['name']):30}  {shown(vm['moref']):10}  {vm['power_state']:10}  "
+                   f"{cbt:12}  {disks}")
     click.echo(plural(len(found), "VM"))
 
 
@@ -202,7 +202,7 @@ def restore_vsphere(repo: RepoAddress, point: str, in_place: bool, as_new: str |
     from ..sources.vsphere.inventory import find_vm
     from ..restore.vsphere import restore_as_new, restore_in_place
     from ..sources.vsphere.source import DataPlane
-    from ..units import plural
+    from ..units import plural, shown
 
     if in_place == bool(as_new):
         raise click.UsageError("give exactly one of --in-place or --as-new NAME")
@@ -228,11 +228,11 @@ def restore_vsphere(repo: RepoAddress, point: str, in_place: bool, as_new: str |
     if as_json:
         emit_json(result.as_dict())
         return
-    click.echo(f"restored point {result.point[:8]} {result.mode} to VM {result.vm} "
-               f"({result.moref})")
+    click.echo(f"restored point {result.point[:8]} {result.mode} to VM {shown(result.vm)} "
+               f"({shown(result.moref)})")
     for d in result.disks:
-        note = f"  ({d.note})" if d.note else ""
-        click.echo(f"  disk {d.key} {d.file}: {plural(d.blocks_written, 'block')} "
+        note = f"  ({shown(d.note)})" if d.note else ""
+        click.echo(f"  disk {shown(d.key)} {shown(d.file)}: {plural(d.blocks_written, 'block')} "
                    f"({human_bytes(d.bytes_written)}), {d.mode}{note}")
     for note in result.notes:
-        click.echo(f"  note: {note}")
+        click.echo(f"  note: {shown(note)}")

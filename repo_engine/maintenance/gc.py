@@ -896,7 +896,7 @@ def _live_chunks(repo: Repository, number: int) -> list[tuple[int, bytes, bytes,
     info = repo.index.pack_info(number)
     entries = repo.read_trailer(info.name)
     data = repo.read_pack(info.name, info.size)
-    out = []
+    out, check = [], repo.chunk_checker(info.name)
     with repo.index.env.begin() as txn:
         for e in entries:
             ref, offset = int(e["ref"]), int(e["offset"])
@@ -907,10 +907,8 @@ def _live_chunks(repo: Repository, number: int) -> list[tuple[int, bytes, bytes,
             if pack != number or off != offset:
                 continue
             chunk_id = e["id"].tobytes()
-            what = f"pack {info.name} chunk ref {ref}"
-            blob = repo.open_chunk(info.name, offset, chunk_id,
-                                   data[offset:offset + int(e["stored"])], what)
-            repo.codec.decode(blob, int(e["codec"]), int(e["raw"]), chunk_id, what)
+            blob = check(offset, chunk_id, data[offset:offset + int(e["stored"])],
+                         int(e["codec"]), int(e["raw"]), ref)
             out.append((ref, chunk_id, blob, int(e["raw"]), int(e["codec"])))
     return out
 

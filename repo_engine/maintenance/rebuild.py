@@ -289,9 +289,9 @@ def _put_packs(index: Index, packs: _Packs) -> None:
 
 def _decodes(repo: Repository, name: str, e: PackEntry) -> bool:
     try:
-        blob = repo.read_chunk_range(name, e.offset, e.stored)
-        blob = repo.open_chunk(name, e.offset, e.chunk_id, blob, f"pack {name}")
-        repo.codec.decode(blob, e.codec, e.raw, e.chunk_id, f"pack {name}")
+        repo.checked_chunk(name, e.offset, e.chunk_id,
+                           repo.read_chunk_range(name, e.offset, e.stored), e.codec, e.raw,
+                           f"pack {name}")
         return True
     except (RepoError, OSError):
         return False

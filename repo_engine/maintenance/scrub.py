@@ -201,22 +201,19 @@ def _scrub_pack(repo: Repository, pack: PackInfo) -> _PackResult:
         result.unreadable = str(exc)
         return result
     result.bytes_read = len(data)
-    view = memoryview(data)
-    with repo.index.env.begin() as txn:
-        places = [txn.get(REF_KEY.pack(int(ref)), db=repo.index.refs)
-                  for ref in entries["ref"].tolist()]
-    decode, open_chunk = repo.codec.decode, repo.open_chunk
-    for e, rec in zip(entries, places):
+    view, refs = memoryview(data), entries["ref"].tolist()
+    index = repo.index
+    with index.env.begin() as txn:
+        places = [txn.get(REF_KEY.pack(ref), db=index.refs) for ref in refs]
+    check = repo.chunk_checker(pack.name)
+    for ref, offset, rec in zip(refs, entries["offset"].tolist(), places):
         if rec is None:
             continue
-        ref, offset = int(e["ref"]), int(e["offset"])
         chunk_id, number, off, stored, raw, codec = REF_REC.unpack(rec)
         if number != pack.number or off != offset:
             continue
-        what = f"pack {pack.name} chunk ref {ref}"
         try:
-            decode(open_chunk(pack.name, offset, chunk_id, view[offset:offset + stored], what),
-                   codec, raw, chunk_id, what)
+            check(offset, chunk_id, view[offset:offset + stored], codec, raw, ref)
         except DamageError as exc:
             result.damaged[ref] = str(exc)
         result.checked += 1
@@ -407,9 +404,9 @@ def read_chunk(repo: Repository, ref: int) -> tuple[bytes, bytes, int, int] | No
     chunk_id, number, offset, stored, raw, codec = REF_REC.unpack(rec)
     try:
         name = repo.index.pack_info(number).name
-        blob = repo.open_chunk(name, offset, chunk_id,
-                               repo.read_chunk_range(name, offset, stored), f"ref {ref}")
-        repo.codec.decode(blob, codec, raw, chunk_id, f"ref {ref}")
+        blob = repo.checked_chunk(name, offset, chunk_id,
+                                  repo.read_chunk_range(name, offset, stored), codec, raw,
+                                  f"ref {ref}")
     except (RepoError, OSError):
         return None
     return chunk_id, blob, raw, codec

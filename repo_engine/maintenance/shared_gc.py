@@ -769,13 +769,11 @@ def _read_run(repo: Repository, name: str, rows: np.ndarray) -> list[bytes]:
     if len(data) != end - start:
         raise DamageError(f"pack {name} is shorter than the index says; run 'repo-engine "
                           "scrub'")
-    out = []
+    out, check = [], repo.chunk_checker(name)
     for row in rows:
-        at, chunk_id = int(row["offset"]) - start, row["id"].tobytes()
-        what = f"pack {name} chunk ref {int(row['ref'])}"
-        blob = repo.open_chunk(name, start + at, chunk_id, data[at:at + int(row["stored"])], what)
-        repo.codec.decode(blob, int(row["codec"]), int(row["raw"]), chunk_id, what)
-        out.append(blob)
+        at = int(row["offset"]) - start
+        out.append(check(start + at, row["id"].tobytes(), data[at:at + int(row["stored"])],
+                         int(row["codec"]), int(row["raw"]), int(row["ref"])))
     return out
 
 

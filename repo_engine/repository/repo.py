@@ -61,6 +61,9 @@ INDEX_FILES = ("data.mdb", "lock.mdb")
 REWRITE_THREADS = 8  # manifests `rewrite_points` reads at once from object storage
 MAP_OPENS = 8  # maps of a chain opened at once (a request each on object storage)
 CHAIN_POINTS = 1 << 16  # records `chain` keeps made (then it starts again)
+# the stored bytes of a chunk of one pack, checked: (offset, chunk id, blob, codec, raw length,
+# ref); DamageError when it is damaged (Repository.chunk_checker)
+ChunkCheck = Callable[[int, bytes, bytes | memoryview, int, int, int], bytes | memoryview]
 
 
 class Repository:
@@ -375,10 +378,42 @@ class Repository:
         chunk's blob of that place (packs.PackKeys)."""
         return self.pack_keys.open(name, offset, chunk_id, blob, what)
 
+    def checked_chunk(self, name: str, offset: int, chunk_id: bytes, blob: bytes | memoryview,
+                      codec: int, raw: int, what: str) -> bytes | memoryview:
+        """The stored bytes of chunk `chunk_id` (what a pack writer takes to copy it), whose blob
+        `blob` was read at `offset` of pack `name`, once opened (`open_chunk`), decompressed and
+        hashed to its id (`codec.decode`); DamageError naming `what` saying which failed."""
+        stored = self.open_chunk(name, offset, chunk_id, blob, what)
+        self.codec.decode(stored, codec, raw, chunk_id, what)
+        return stored
+
     def chunk_opener(self, name: str) -> PartOpener:
         """`open_chunk` of pack `name`'s chunks as one call each (offset, chunk id, blob): the
-        stored bytes, or None when the blob fails authentication (`open_chunk` says why)."""
-        return self.pack_keys.chunk_opener(name)
+        stored bytes, or None when the blob fails authentication (`open_chunk` says why). When
+        the pack's key header is damaged, one that refuses every chunk: `open_chunk` reports
+        the header for each."""
+        try:
+            return self.pack_keys.chunk_opener(name)
+        except DamageError:
+            return _refused
+
+    def chunk_checker(self, name: str) -> ChunkCheck:
+        """`checked_chunk` of pack `name`'s chunks as one call each (offset, chunk id, blob,
+        codec, raw length, ref), with the pack's opener and the calling thread's decoder bound
+        once (so it is for that thread alone): a scrub checks every chunk, and most are small.
+        Only a chunk that fails goes the careful way, `checked_chunk`, which says why, naming
+        the pack and the ref."""
+        open_blob, decode = self.chunk_opener(name), self.codec.decoder()
+        careful = self.checked_chunk
+
+        def check(offset: int, chunk_id: bytes, blob: bytes | memoryview, codec: int, raw: int,
+                  ref: int) -> bytes | memoryview:
+            stored = open_blob(offset, chunk_id, blob)
+            if stored is None or decode(stored, codec, raw, chunk_id, None) is None:
+                return careful(name, offset, chunk_id, blob, codec, raw,
+                               f"pack {name} chunk ref {ref}")
+            return stored
+        return check
 
     def read_chunk_stream(self, name: str, offset: int, length: int) -> RangeReader:
         """Bytes [offset, offset + length) of pack `name`, to be read front to back in pieces
@@ -720,6 +755,10 @@ class Repository:
 
     def disk_usage(self) -> int:
         return sum(info.size for info in self.objects("packs"))
+
+
+def _refused(position: int, name: bytes, sealed: bytes | memoryview) -> None:
+    return None
 
 
 def new_directory(path: Path, parents: bool) -> None:

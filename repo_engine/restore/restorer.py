@@ -203,7 +203,7 @@ class _RunReader:
                       chunks["stored"].tolist(), chunks["codec"].tolist(), chunks["raw"].tolist(),
                       chunks["ref"].tolist(), range(0, 32 * whole, 32))
         ids, bounds = chunks["id"].tobytes(), self.plan.bounds
-        open_blob, decode = self._opener(name), self.repo.codec.decoder()
+        open_blob, decode = self.repo.chunk_opener(name), self.repo.codec.decoder()
         batch = self.writer.batch()
         for c, (lo, stored, codec, raw, ref, at) in enumerate(columns, start=run.first_chunk):
             chunk_id, blob = ids[at:at + 32], view[lo:lo + stored]
@@ -225,14 +225,6 @@ class _RunReader:
             batch.add(blocks, data)
             done.blocks += len(blocks)
         self.writer.put(batch)
-
-    def _opener(self, name: str) -> Callable[[int, bytes, memoryview], bytes | memoryview | None]:
-        """The chunk opener of pack `name`; when its key header is damaged, one that sends every
-        chunk down the careful path (which reports the header)."""
-        try:
-            return self.repo.chunk_opener(name)
-        except DamageError:
-            return _refused
 
     def _decoded(self, name: str, offset: int, chunk_id: bytes, blob: memoryview, codec: int,
                  raw: int, ref: int, slot: memoryview | None) -> bytes | memoryview:
@@ -262,10 +254,6 @@ class _RunReader:
                     whole, cause)
         except ObjectDamaged as exc:  # changed again meanwhile
             return b"", 0, _pack_damage(name, exc)
-
-
-def _refused(position: int, name: bytes, sealed: bytes | memoryview) -> None:
-    return None
 
 
 def _pack_damage(name: str, exc: ObjectDamaged) -> str:
