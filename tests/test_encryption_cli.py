@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import stat
 from pathlib import Path
 
@@ -232,6 +233,24 @@ def test_an_unencrypted_repository_never_asks(tmp_path, capsys, monkeypatch):
                  ("recover", "--private-key", tmp_path / "k.pem")):
         failure(capsys, 1, "key", args[0], repo, *args[1:])
     assert not (tmp_path / "k.pem").exists()
+
+
+def test_an_encrypted_repository_replaced_by_an_unencrypted_one_is_refused(
+        tmp_path, capsys, monkeypatch, encrypted):
+    """Someone who can write the storage puts a new unencrypted repository where the encrypted
+    one was: this host neither reads nor writes cleartext there (exit code 3)."""
+    repo, pass_file = encrypted
+    model = disk(tmp_path)
+    shutil.rmtree(repo)
+    with monkeypatch.context() as elsewhere:  # the planted repository, made on another host
+        elsewhere.setenv("REPO_ENGINE_CACHE_DIR", str(tmp_path / "other-host"))
+        ok(capsys, "init", repo, "--no-encryption")
+    before = sorted(p for p in repo.rglob("*"))
+    for args in (("points", repo), ("backup", "image", repo, "--vm", VM, "--disk",
+                                    f"{DISK}={model.path}")):
+        err = failure(capsys, 3, *args, "--passphrase-file", pass_file)
+        assert "this host found an encrypted one there" in err and "restore it" in err
+    assert sorted(p for p in repo.rglob("*")) == before
 
 
 def test_key_add_list_passwd_and_remove(tmp_path, capsys, encrypted):
