@@ -20,7 +20,7 @@ import pytest
 
 from helpers import MIB, CliResult, DiskModel, cli, restore_bytes
 from repo_engine.cli import passphrase
-from repo_engine.repository.crypto import slots
+from repo_engine.repository.crypto import keystore, slots
 from s3cli import assert_one_line_error, s3_environment
 from test_crypto_keys import SMALL
 
@@ -481,3 +481,29 @@ def test_the_readme_encryption_commands_run_as_written(tmp_path, capsys, monkeyp
     monkeypatch.setenv(passphrase.FILE_ENV, str(paths["new.pass"]))
     assert restore_bytes(capsys, paths["/backup/repo"], "web1@latest", "sda",
                          tmp_path / "r.img") == model.copy_of_content()
+
+
+def test_a_key_change_growing_the_keyring_past_its_bound_is_refused_unwritten(
+        tmp_path, capsys, monkeypatch, encrypted):
+    """A keyring larger than readers accept, once the newest generation, would open for no
+    host: the change that would write it is refused, naming the way out."""
+    repo, pass_file = encrypted
+    keyring = repo / "keys" / "keyring-0000000000000001"
+    monkeypatch.setattr(keystore, "MAX_KEYRING_SIZE", len(keyring.read_bytes()) + 20)
+    new = secret_file(tmp_path, "new.pass", b"new passphrase")
+    for args in (("rotate",), ("add", "--new-passphrase-file", new)):
+        err = failure(capsys, 1, "key", *args, repo, "--passphrase-file", pass_file)
+        assert "more than a keyring may" in err and "'repo-engine key retire'" in err
+    assert sorted(p.name for p in (repo / "keys").iterdir())[0] == keyring.name
+    assert len(list((repo / "keys").iterdir())) == 2  # the keyring and the first slot
+    status = ok(capsys, "key", "status", repo, "--passphrase-file", pass_file, "--json").json()
+    assert (status["keyring_generation"], status["epochs"]) == (1, [1])
+
+
+def test_a_keyring_past_its_bound_is_refused_unread(tmp_path, capsys, encrypted):
+    """Its size is checked before a byte of it is held in memory (damage: exit code 3)."""
+    repo, pass_file = encrypted
+    planted = repo / "keys" / "keyring-0000000000000002"
+    planted.write_bytes(b"\0" * (keystore.MAX_KEYRING_SIZE + 1))
+    err = failure(capsys, 3, "key", "status", repo, "--passphrase-file", pass_file)
+    assert f"{planted.name} holds {keystore.MAX_KEYRING_SIZE + 1} bytes, more than" in err

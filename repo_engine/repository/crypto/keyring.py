@@ -16,6 +16,9 @@ plaintext is one JSON object, keys sorted, no spaces:
 |            | readable without the keys; a config that no longer matches is refused    |
 | slots      | {"<16 hex slot id>": "passphrase" or "recovery", ...}: the valid slots   |
 
+A keyring is at most keystore.MAX_KEYRING_SIZE bytes stored (some 14,000 epochs); a change that
+would make it larger is refused before it is written.
+
 Every key change (a slot added or removed, a passphrase changed, a rotation) is a new generation,
 written put-if-absent over the generation it was computed from: two writers cannot both make
 generation g + 1; the loser reloads, checks its change again on top of the winner's (refused

@@ -29,10 +29,15 @@ from .null import MAX_SLOT_SIZE
 from .seal import Random
 from .slots import Slot, decode_slot, encode_slot
 
-MAX_KEYRING_SIZE = 1 << 20
+MAX_KEYRING_SIZE = 1 << 20  # some 14,000 epochs: a writer refuses to grow past it
 CHANGE_ATTEMPTS = 5
 _SLOT_NAME = re.compile(r"keys/slot-([0-9a-f]{16})\.slot")
 _KEYRING_NAME = re.compile(re.escape(KEYRING_PREFIX) + r"([0-9a-f]{16})")
+
+
+class KeyringFull(RepoError):
+    """A key change would grow the keyring past MAX_KEYRING_SIZE, which no reader accepts
+    (exit code 1): nothing was written."""
 
 
 def save_slot(store: Store, slot: Slot) -> None:
@@ -95,9 +100,16 @@ def load_keyring(store: Store, ring_key: bytes) -> Keyring:
 def save_keyring(store: Store, keyring: Keyring, ring_key: bytes,
                  random: Random = os.urandom) -> None:
     """Write a new generation (ObjectExists when another writer made it first), then delete
-    the older ones."""
-    store.put(keyring_object(keyring.generation), encode_keyring(keyring, ring_key, random),
-              if_absent=True)
+    the older ones. One larger than readers accept is refused unwritten (KeyringFull): as the
+    newest generation it would lock every host out."""
+    data = encode_keyring(keyring, ring_key, random)
+    if len(data) > MAX_KEYRING_SIZE:
+        raise KeyringFull(f"{store.location}/keys: the keyring would hold {len(data)} bytes "
+                          f"({len(keyring.epochs)} key epochs, {len(keyring.slots)} slots), "
+                          f"more than a keyring may ({MAX_KEYRING_SIZE}); nothing was changed: "
+                          "run 'repo-engine key retire' to drop the old epochs' keys, and "
+                          "'repo-engine key remove' slots no longer used")
+    store.put(keyring_object(keyring.generation), data, if_absent=True)
     delete_older(store, keyring.generation)
 
 

@@ -32,7 +32,8 @@ from . import slots as slot_format
 from .access import unlock_store
 from .keyring import Keyring
 from .keys import Unlocked
-from .keystore import change_keyring, delete_slot, load_keyring, load_slots, save_slot
+from .keystore import (KeyringFull, change_keyring, delete_slot, load_keyring, load_slots,
+                       save_slot)
 from .null import Passphrase
 from .slots import Slot
 
@@ -115,7 +116,7 @@ class KeyManager:
         save_slot(self.store, slot)
         try:
             self._change(opened, change)
-        except keys.SlotRefused:
+        except (keys.SlotRefused, KeyringFull):
             delete_slot(self.store, slot)
             raise
         _put_back(self.store, slot)  # a removal may have deleted it while no keyring listed it
