@@ -21,6 +21,8 @@ import pytest
 from helpers import MIB, CliResult, DiskModel, cli, restore_bytes
 from repo_engine.cli import passphrase
 from repo_engine.repository.crypto import keystore, slots
+from repo_engine.repository.store import StoreUnreachable
+from repo_engine.repository.store.local import LocalStore
 from s3cli import assert_one_line_error, s3_environment
 from test_crypto_keys import SMALL
 
@@ -507,3 +509,43 @@ def test_a_keyring_past_its_bound_is_refused_unread(tmp_path, capsys, encrypted)
     planted.write_bytes(b"\0" * (keystore.MAX_KEYRING_SIZE + 1))
     err = failure(capsys, 3, "key", "status", repo, "--passphrase-file", pass_file)
     assert f"{planted.name} holds {keystore.MAX_KEYRING_SIZE + 1} bytes, more than" in err
+
+
+def test_export_recovery_keeps_no_key_that_opens_nothing(tmp_path, capsys, monkeypatch,
+                                                         encrypted):
+    """The private key is written before its slot: when the slot cannot be added, the key file
+    is deleted again, unless the keyring may list the slot (a write whose answer was lost)."""
+    repo, pass_file = encrypted
+    p = ("--passphrase-file", pass_file)
+    err = failure(capsys, 2, "key", "export-recovery", repo, "--out",
+                  tmp_path / "missing" / "recovery.pem")  # no passphrase given: none asked
+    assert "missing is not a directory" in err
+    out = tmp_path / "recovery.pem"
+    real_put = LocalStore.put
+
+    def failing(prefix: str, after: bool):
+        def put(self, name, data, **kwargs):
+            if after:
+                real_put(self, name, data, **kwargs)
+            if name.startswith(prefix):
+                raise StoreUnreachable(f"{name}: connection reset")
+            if not after:
+                real_put(self, name, data, **kwargs)
+        return put
+    with monkeypatch.context() as full:  # the change refused
+        keyring = repo / "keys" / "keyring-0000000000000001"
+        full.setattr(keystore, "MAX_KEYRING_SIZE", len(keyring.read_bytes()) + 20)
+        assert "more than a keyring may" in failure(capsys, 1, "key", "export-recovery", repo,
+                                                    "--out", out, *p)
+    assert not out.exists()
+    with monkeypatch.context() as down:  # the slot's file not stored
+        down.setattr(LocalStore, "put", failing("keys/slot-", after=False))
+        failure(capsys, 1, "key", "export-recovery", repo, "--out", out, *p)
+    assert not out.exists()
+    kinds = [s["kind"] for s in ok(capsys, "key", "list", repo, "--json").json()["slots"]]
+    assert kinds == ["passphrase"]
+    with monkeypatch.context() as lost:  # the keyring listing it written, the answer lost
+        lost.setattr(LocalStore, "put", failing("keys/keyring-", after=True))
+        failure(capsys, 1, "key", "export-recovery", repo, "--out", out, *p)
+    assert out.exists()
+    ok(capsys, "points", repo, "--key-file", out)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ...errors import UsageError
+from ...errors import RepoError, UsageError
 from ..atomic import write_atomic
 from ..store import ObjectExists, Store
 from . import keys
@@ -173,12 +173,27 @@ class KeyManager:
         return self._change(opened, lambda keyring: keyring.rotated())
 
     def export_recovery(self, opened: Opened, out: Path, label: str) -> Slot:
-        """Write a new recovery private key to `out` (owner-only, a new file), then its slot."""
+        """Write a new recovery private key to `out` (owner-only, a new file), then its slot;
+        the file is deleted again when the slot could not be added (a key that opens nothing
+        must not be kept as a way back in), unless the keyring may list it after all."""
         pem, slot = keys.export_recovery(opened.unlocked.ring_key, label=label, now=_now())
         try:
             write_atomic(out, pem, overwrite=False)
         except FileExistsError:
             raise UsageError(f"{out} already exists: a recovery key is never written over a "
                              "file; name a new file") from None
-        self._listed(opened, slot, lambda keyring: keys.with_slot(keyring, slot))
+        try:
+            self._listed(opened, slot, lambda keyring: keys.with_slot(keyring, slot))
+        except BaseException:
+            if self._surely_unlisted(opened, slot):
+                out.unlink(missing_ok=True)
+            raise
         return slot
+
+    def _surely_unlisted(self, opened: Opened, slot: Slot) -> bool:
+        """Whether the newest keyring is known not to list `slot`: False when it cannot be read
+        (a keyring write whose answer was lost may have listed it)."""
+        try:
+            return slot.id not in load_keyring(self.store, opened.unlocked.ring_key).slots
+        except (RepoError, OSError):
+            return False
