@@ -7,7 +7,7 @@ import pytest
 
 from repo_engine.errors import TamperedError
 from repo_engine.repository.crypto import keystore
-from repo_engine.repository.crypto.keyring import keyring_object
+from repo_engine.repository.crypto.keyring import EMPTIED, Keyring, keyring_object
 from repo_engine.repository.crypto.keys import (WrongPassphrase, change_passphrase, create,
                                                 removable, unlock)
 from repo_engine.repository.crypto.slots import passphrase_slot
@@ -80,16 +80,34 @@ def test_change_passphrase_then_remove_the_old_slot(store):
         keystore.save_slot(store, new)  # a slot is never overwritten
 
 
-def test_rotate_writes_a_new_generation_and_drops_the_old(store):
+def test_rotate_writes_a_new_generation_and_empties_the_old(store):
     made = initialised(store)
     before = made.keyring.sealer().seal("point", b"p", b"old point")
     rotated = keystore.rotate(store, made.ring_key, random=Stream(b"r"))
     assert rotated.generation == 2 and rotated.current == 2
-    assert names(store)[0] == "keys/keyring-0000000000000002"
-    assert keystore.generations(store) == [2]
+    assert keystore.generations(store) == [1, 2]
+    assert store.get(keyring_object(1), limit=1 << 20) == EMPTIED  # its keys gone, name kept
     loaded = keystore.load_keyring(store, made.ring_key)
     assert loaded == rotated
     assert loaded.sealer().open("point", b"p", before, "p") == b"old point"
+
+
+def test_a_late_writer_never_puts_a_generation_no_reader_sees(store):
+    """A writer read generation 1; before it writes 2, another host makes two key changes (2,
+    then 3, replacing 2): the late put of 2 must fail and the change be made again on 3, not
+    land under 2's name, freed, where readers (taking the newest) never look."""
+    made = initialised(store)
+    others: list[Keyring] = []
+
+    def change(keyring: Keyring) -> Keyring:
+        if not others:
+            others.extend(keystore.rotate(store, made.ring_key, random=Stream(name))
+                          for name in (b"a", b"b"))
+        return keyring.rotated(Stream(b"late"))
+    ours = keystore.change_keyring(store, made.ring_key, change)
+    assert [k.generation for k in others] == [2, 3]
+    assert ours.generation == 4 and sorted(ours.epochs) == [1, 2, 3, 4]
+    assert keystore.load_keyring(store, made.ring_key) == ours
 
 
 class RacingStore:

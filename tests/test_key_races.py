@@ -136,6 +136,38 @@ def test_a_rotation_racing_a_passphrase_change_loses_neither(two_passphrases, ca
     assert cli(capsys, "key", "status", repo, "--passphrase-file", first).code == 1
 
 
+def test_a_passwd_whose_keyring_write_is_late_is_made_again_on_the_newest(two_passphrases,
+                                                                          capsys, monkeypatch,
+                                                                          tmp_path):
+    """`key passwd` of slot Y read the keyring; before it writes its change, Y's holder on
+    another host removes slot X and rotates (two generations). The late change must be made
+    again on the newest generation: written under a name the others used and replaced, no
+    reader would see it, and deleting Y's file would leave the newest keyring listing Y alone
+    with no file, so that no passphrase opens."""
+    repo, first, second = two_passphrases
+    ids = slot_ids(capsys, repo)
+    real = manage.change_keyring
+    meanwhile: list[object] = []
+
+    def change_keyring(store, ring_key, change, *args):
+        def late(keyring):
+            if not meanwhile:
+                meanwhile.append(None)
+                with manager(repo) as other:
+                    meanwhile.append(other.remove(ids[""], lambda: b"second passphrase"))
+                    meanwhile.append(other.rotate(other.unlock(lambda: b"second passphrase")))
+            return change(keyring)
+        return real(store, ring_key, late, *args)
+    monkeypatch.setattr(manage, "change_keyring", change_keyring)
+    with manager(repo) as keys_of:
+        keys_of.change_passphrase(keys_of.unlock(lambda: b"second passphrase"), b"new one")
+    assert len(meanwhile) == 3
+    status = ok(capsys, "key", "status", repo, "--json", "--passphrase-file",
+                secret_file(tmp_path, "new.pass", b"new one")).json()
+    assert (status["epochs"], status["current_epoch"]) == ([1, 2], 2)
+    assert list(slot_ids(capsys, repo)) == ["second"]
+
+
 def test_a_slot_file_the_keyring_does_not_list_never_opens_and_key_remove_deletes_it(
         encrypted, tmp_path, capsys):  # noqa: F811
     """What a removal that crashed between the new keyring generation and the file's deletion

@@ -9,9 +9,10 @@ leaves a file the keyring does not list: it never opens the repository). Every k
 new keyring generation made by `change_keyring` from the newest one, put-if-absent: of two hosts
 changing keys at once one writes generation g + 1, the other re-makes its change on g + 1 (which
 may refuse it) and writes g + 2; no lock is needed, local or on object storage. Older generations
-are deleted once the new one is durable; a crash in between leaves older generations that readers
-ignore and the next change deletes. A record whose name and content disagree (a slot copied
-under another id) is tampering.
+are emptied (keyring.EMPTIED), never deleted, once the new one is durable: a late writer's
+put-if-absent of a name already used fails, whatever happened since; a crash in between leaves
+older generations that readers ignore and the next change empties. A record whose name and
+content disagree (a slot copied under another id) is tampering.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from dataclasses import replace
 
 from ...errors import RepoError, TamperedError
 from ..store import ObjectExists, ObjectMissing, Store
-from .keyring import KEYRING_PREFIX, Keyring, decode_keyring, encode_keyring, keyring_object
+from .keyring import (EMPTIED, KEYRING_PREFIX, Keyring, KeyringEmptied, decode_keyring,
+                      encode_keyring, keyring_object)
 from .keys import RepositoryKeys
 from .null import MAX_SLOT_SIZE
 from .seal import Random
@@ -70,16 +72,22 @@ def load_slots(store: Store) -> tuple[list[Slot], list[str]]:
 
 
 def generations(store: Store) -> list[int]:
-    return sorted(int(m[1], 16) for info in store.list(KEYRING_PREFIX)
-                  if (m := _KEYRING_NAME.fullmatch(info.name)))
+    return sorted(g for g, _size in _listed(store))
+
+
+def _listed(store: Store) -> list[tuple[int, int]]:
+    """(generation, stored size) of every keyring generation, emptied ones too."""
+    return [(int(m[1], 16), info.size) for info in store.list(KEYRING_PREFIX)
+            if (m := _KEYRING_NAME.fullmatch(info.name))]
 
 
 def load_keyring(store: Store, ring_key: bytes) -> Keyring:
     """The newest keyring generation (never an older one in its place: it may lack an epoch).
-    A generation deleted between the listing and the read was replaced by a newer one (another
-    host's key change): listed again. So is a listing that holds none: a listing is no snapshot
-    (a local one reads the directory, then looks at each file), and one racing a change can
-    miss both g (deleted since) and g + 1 (written since); only two in a row mean no keyring."""
+    A generation deleted or emptied between the listing and the read was replaced by a newer
+    one (another host's key change): listed again. So is a listing that holds none: a listing
+    is no snapshot (a local one reads the directory, then looks at each file), and one racing a
+    change can miss both g (deleted since) and g + 1 (written since); only two in a row mean no
+    keyring."""
     for _ in range(CHANGE_ATTEMPTS):
         found = generations(store) or generations(store)
         if not found:
@@ -87,12 +95,11 @@ def load_keyring(store: Store, ring_key: bytes) -> Keyring:
                                 "were deleted")
         name = keyring_object(found[-1])
         try:
-            data = store.get(name, limit=MAX_KEYRING_SIZE)
-        except ObjectMissing:
+            return decode_keyring(store.get(name, limit=MAX_KEYRING_SIZE), found[-1], ring_key,
+                                  f"{store.location}/{name}")
+        except (ObjectMissing, KeyringEmptied):
             if generations(store)[-1:] == found[-1:]:
                 raise
-            continue
-        return decode_keyring(data, found[-1], ring_key, f"{store.location}/{name}")
     raise RepoError(f"{store.location}/keys: the keyring changed under {CHANGE_ATTEMPTS} "
                     "reads in a row (other hosts changing keys); try again")
 
@@ -110,13 +117,15 @@ def save_keyring(store: Store, keyring: Keyring, ring_key: bytes,
                           "run 'repo-engine key retire' to drop the old epochs' keys, and "
                           "'repo-engine key remove' slots no longer used")
     store.put(keyring_object(keyring.generation), data, if_absent=True)
-    delete_older(store, keyring.generation)
+    empty_older(store, keyring.generation)
 
 
-def delete_older(store: Store, generation: int) -> None:
-    """Delete the keyring generations before `generation` (a crash after a change may have
-    left them: an older one may hold a data key `key retire` dropped)."""
-    store.delete(keyring_object(g) for g in generations(store) if g < generation)
+def empty_older(store: Store, generation: int) -> None:
+    """Empty the keyring generations before `generation` that still hold keys (a crash after a
+    change may have left them: an older one may hold a data key `key retire` dropped)."""
+    for older, size in _listed(store):
+        if older < generation and size != len(EMPTIED):
+            store.put(keyring_object(older), EMPTIED)
 
 
 def init_keys(store: Store, keys: RepositoryKeys, random: Random = os.urandom) -> None:
