@@ -13,7 +13,7 @@
   removed while no keyring listed it is put back when a change lists it meanwhile (`_put_back`).
 - New slot files are written before the generation that lists them, and before any slot they
   replace is deleted; a recovery key file is durable before its slot is written (a slot without
-  its private key would be useless, a key file without its slot is only a file to delete).
+  its private key would be useless), and deleted again when its slot could not be added.
 """
 
 from __future__ import annotations
