@@ -7,7 +7,7 @@ import pytest
 
 from repo_engine.errors import DamageError, TamperedError
 from repo_engine.repository.crypto import keystore
-from repo_engine.repository.crypto.keyring import keyring_copy, keyring_object
+from repo_engine.repository.crypto.keyring import EMPTIED, Keyring, keyring_copy, keyring_object
 from repo_engine.repository.crypto.keys import (WrongPassphrase, change_passphrase, create,
                                                 removable, unlock)
 from repo_engine.repository.crypto.slots import passphrase_slot
@@ -82,17 +82,37 @@ def test_change_passphrase_then_remove_the_old_slot(store):
         keystore.save_slot(store, new)  # a slot is never overwritten
 
 
-def test_rotate_writes_a_new_generation_and_drops_the_old(store):
+def test_rotate_writes_a_new_generation_and_empties_the_old(store):
     made = initialised(store)
     before = made.keyring.sealer().seal("point", b"p", b"old point")
     rotated = keystore.rotate(store, made.ring_key, random=Stream(b"r"))
     assert rotated.generation == 2 and rotated.current == 2
-    assert [n for n in names(store) if "keyring" in n] == ["keys/keyring-0000000000000002",
+    assert [n for n in names(store) if "keyring" in n] == ["keys/keyring-0000000000000001",
+                                                          "keys/keyring-0000000000000002",
                                                           "keys/keyring-0000000000000002.copy"]
-    assert keystore.generations(store) == [2]
+    assert keystore.generations(store) == [1, 2]
+    assert store.get(keyring_object(1), limit=1 << 20) == EMPTIED  # its keys gone, name kept
     loaded = keystore.load_keyring(store, made.ring_key)
     assert loaded == rotated
     assert loaded.sealer().open("point", b"p", before, "p") == b"old point"
+
+
+def test_a_late_writer_never_puts_a_generation_no_reader_sees(store):
+    """A writer read generation 1; before it writes 2, another host makes two key changes (2,
+    then 3, replacing 2): the late put of 2 must fail and the change be made again on 3, not
+    land under 2's name, freed, where readers (taking the newest) never look."""
+    made = initialised(store)
+    others: list[Keyring] = []
+
+    def change(keyring: Keyring) -> Keyring:
+        if not others:
+            others.extend(keystore.rotate(store, made.ring_key, random=Stream(name))
+                          for name in (b"a", b"b"))
+        return keyring.rotated(Stream(b"late"))
+    ours = keystore.change_keyring(store, made.ring_key, change)
+    assert [k.generation for k in others] == [2, 3]
+    assert ours.generation == 4 and sorted(ours.epochs) == [1, 2, 3, 4]
+    assert keystore.load_keyring(store, made.ring_key) == ours
 
 
 class RacingStore:
@@ -152,8 +172,10 @@ def test_a_keyring_record_damaged_or_missing_is_read_from_its_copy(store, harm):
     assert keystore.load_keyring(store, made.ring_key) == rotated
     # the next change writes both records of a new generation, and the harm is gone with the old
     again = keystore.rotate(store, made.ring_key, random=Stream(b"again"))
-    assert [n for n in names(store) if "keyring" in n] == ["keys/keyring-0000000000000003",
-                                                          "keys/keyring-0000000000000003.copy"]
+    assert [n for n in names(store) if "keyring" in n][-2:] == [
+        "keys/keyring-0000000000000003", "keys/keyring-0000000000000003.copy"]
+    assert [store.get(keyring_object(g), limit=1 << 20) for g in (1, 2)] == [EMPTIED] * 2
+    assert not [n for n in names(store) if n.endswith(".copy") and "0003" not in n]
     assert keystore.load_keyring(store, made.ring_key) == again
 
 
@@ -183,5 +205,5 @@ def test_a_keyring_written_before_copies_existed_still_opens(store):
     store.delete([keyring_copy(1)])
     assert keystore.load_keyring(store, made.ring_key) == made.keyring
     rotated = keystore.rotate(store, made.ring_key, random=Stream(b"r"))
-    assert keystore.generations(store) == [2] and keystore.load_keyring(store,
+    assert keystore.generations(store) == [1, 2] and keystore.load_keyring(store,
                                                                         made.ring_key) == rotated

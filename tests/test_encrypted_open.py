@@ -15,7 +15,7 @@ from repo_engine.repository.crypto.keys import WrongPassphrase, unlock
 from repo_engine.repository.crypto.seal import UnknownEpoch
 from repo_engine.repository.envelope import seal, unseal
 from repo_engine.repository.formats import ENCRYPTED_CONFIG
-from repo_engine.repository.location import init_repository, open_repository
+from repo_engine.repository.location import init_repository, open_key_manager, open_repository
 from repo_engine.repository.store.local import LocalStore
 from test_crypto_keys import SMALL
 
@@ -100,6 +100,23 @@ def test_a_config_swapped_for_an_unencrypted_one_is_refused_by_a_host_that_knew(
         with pytest.raises(TamperedError, match="this host knows it as encrypted"):
             open_repository(str(repo_path), cache_dir=tmp_path / "host", passphrase=ask)
         assert ask.calls == 0
+
+
+def test_a_config_of_another_id_swapped_in_unencrypted_is_refused_where_it_was_found(repo_path,
+                                                                                    tmp_path):
+    """The new config claims a repository id this host has no cache of: the location's mark,
+    made when the host first read the encrypted config, refuses it."""
+    with open_key_manager(str(repo_path), cache_dir=tmp_path / "host"):
+        pass  # `key list`: the config read, nothing unlocked
+    for shared in (True, False):
+        (repo_path / CONFIG_NAME).unlink()
+        write_config(LocalStore(repo_path), RepoConfig(repo_id="ab" * 16, chunk_key="00" * 32,
+                                                       shared=shared))
+        ask = asked()
+        with pytest.raises(TamperedError, match="this host found an encrypted one there"):
+            open_repository(str(repo_path), cache_dir=tmp_path / "host", passphrase=ask)
+        assert ask.calls == 0
+    assert not (tmp_path / "host" / ("ab" * 16)).exists()
 
 
 def test_an_epoch_another_host_rotated_in_is_read_after_one_reload(repo_path, tmp_path):

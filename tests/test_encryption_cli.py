@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import stat
 from pathlib import Path
 
@@ -19,7 +20,9 @@ import pytest
 
 from helpers import MIB, CliResult, DiskModel, cli, restore_bytes
 from repo_engine.cli import passphrase
-from repo_engine.repository.crypto import slots
+from repo_engine.repository.crypto import keystore, slots
+from repo_engine.repository.store import StoreUnreachable
+from repo_engine.repository.store.local import LocalStore
 from s3cli import assert_one_line_error, s3_environment
 from test_crypto_keys import SMALL
 
@@ -232,6 +235,24 @@ def test_an_unencrypted_repository_never_asks(tmp_path, capsys, monkeypatch):
                  ("recover", "--private-key", tmp_path / "k.pem")):
         failure(capsys, 1, "key", args[0], repo, *args[1:])
     assert not (tmp_path / "k.pem").exists()
+
+
+def test_an_encrypted_repository_replaced_by_an_unencrypted_one_is_refused(
+        tmp_path, capsys, monkeypatch, encrypted):
+    """Someone who can write the storage puts a new unencrypted repository where the encrypted
+    one was: this host neither reads nor writes cleartext there (exit code 3)."""
+    repo, pass_file = encrypted
+    model = disk(tmp_path)
+    shutil.rmtree(repo)
+    with monkeypatch.context() as elsewhere:  # the planted repository, made on another host
+        elsewhere.setenv("REPO_ENGINE_CACHE_DIR", str(tmp_path / "other-host"))
+        ok(capsys, "init", repo, "--no-encryption")
+    before = sorted(p for p in repo.rglob("*"))
+    for args in (("points", repo), ("backup", "image", repo, "--vm", VM, "--disk",
+                                    f"{DISK}={model.path}")):
+        err = failure(capsys, 3, *args, "--passphrase-file", pass_file)
+        assert "this host found an encrypted one there" in err and "restore it" in err
+    assert sorted(p for p in repo.rglob("*")) == before
 
 
 def test_key_add_list_passwd_and_remove(tmp_path, capsys, encrypted):
@@ -462,3 +483,69 @@ def test_the_readme_encryption_commands_run_as_written(tmp_path, capsys, monkeyp
     monkeypatch.setenv(passphrase.FILE_ENV, str(paths["new.pass"]))
     assert restore_bytes(capsys, paths["/backup/repo"], "web1@latest", "sda",
                          tmp_path / "r.img") == model.copy_of_content()
+
+
+def test_a_key_change_growing_the_keyring_past_its_bound_is_refused_unwritten(
+        tmp_path, capsys, monkeypatch, encrypted):
+    """A keyring larger than readers accept, once the newest generation, would open for no
+    host: the change that would write it is refused, naming the way out."""
+    repo, pass_file = encrypted
+    keyring = repo / "keys" / "keyring-0000000000000001"
+    monkeypatch.setattr(keystore, "MAX_KEYRING_SIZE", len(keyring.read_bytes()) + 20)
+    new = secret_file(tmp_path, "new.pass", b"new passphrase")
+    for args in (("rotate",), ("add", "--new-passphrase-file", new)):
+        err = failure(capsys, 1, "key", *args, repo, "--passphrase-file", pass_file)
+        assert "more than a keyring may" in err and "'repo-engine key retire'" in err
+    assert sorted(p.name for p in (repo / "keys").iterdir())[0] == keyring.name
+    assert len(list((repo / "keys").iterdir())) == 3  # the keyring, its copy, the first slot
+    status = ok(capsys, "key", "status", repo, "--passphrase-file", pass_file, "--json").json()
+    assert (status["keyring_generation"], status["epochs"]) == (1, [1])
+
+
+def test_a_keyring_past_its_bound_is_refused_unread(tmp_path, capsys, encrypted):
+    """Its size is checked before a byte of it is held in memory (damage: exit code 3)."""
+    repo, pass_file = encrypted
+    planted = repo / "keys" / "keyring-0000000000000002"
+    planted.write_bytes(b"\0" * (keystore.MAX_KEYRING_SIZE + 1))
+    err = failure(capsys, 3, "key", "status", repo, "--passphrase-file", pass_file)
+    assert f"{planted.name} holds {keystore.MAX_KEYRING_SIZE + 1} bytes, more than" in err
+
+
+def test_export_recovery_keeps_no_key_that_opens_nothing(tmp_path, capsys, monkeypatch,
+                                                         encrypted):
+    """The private key is written before its slot: when the slot cannot be added, the key file
+    is deleted again, unless the keyring may list the slot (a write whose answer was lost)."""
+    repo, pass_file = encrypted
+    p = ("--passphrase-file", pass_file)
+    err = failure(capsys, 2, "key", "export-recovery", repo, "--out",
+                  tmp_path / "missing" / "recovery.pem")  # no passphrase given: none asked
+    assert "missing is not a directory" in err
+    out = tmp_path / "recovery.pem"
+    real_put = LocalStore.put
+
+    def failing(prefix: str, after: bool):
+        def put(self, name, data, **kwargs):
+            if after:
+                real_put(self, name, data, **kwargs)
+            if name.startswith(prefix):
+                raise StoreUnreachable(f"{name}: connection reset")
+            if not after:
+                real_put(self, name, data, **kwargs)
+        return put
+    with monkeypatch.context() as full:  # the change refused
+        keyring = repo / "keys" / "keyring-0000000000000001"
+        full.setattr(keystore, "MAX_KEYRING_SIZE", len(keyring.read_bytes()) + 20)
+        assert "more than a keyring may" in failure(capsys, 1, "key", "export-recovery", repo,
+                                                    "--out", out, *p)
+    assert not out.exists()
+    with monkeypatch.context() as down:  # the slot's file not stored
+        down.setattr(LocalStore, "put", failing("keys/slot-", after=False))
+        failure(capsys, 1, "key", "export-recovery", repo, "--out", out, *p)
+    assert not out.exists()
+    kinds = [s["kind"] for s in ok(capsys, "key", "list", repo, "--json").json()["slots"]]
+    assert kinds == ["passphrase"]
+    with monkeypatch.context() as lost:  # the keyring listing it written, the answer lost
+        lost.setattr(LocalStore, "put", failing("keys/keyring-", after=True))
+        failure(capsys, 1, "key", "export-recovery", repo, "--out", out, *p)
+    assert out.exists()
+    ok(capsys, "points", repo, "--key-file", out)

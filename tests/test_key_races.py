@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import pytest
 
 from repo_engine.errors import RepoError
-from repo_engine.repository.crypto import keys, keystore, slots
+from repo_engine.repository.crypto import keys, keystore, manage, slots
 from repo_engine.repository.location import is_remote, open_key_manager
 from repo_engine.repository.store.s3_settings import load_s3_settings
 from repo_engine.repository.store import StoreUnreachable
@@ -136,6 +136,38 @@ def test_a_rotation_racing_a_passphrase_change_loses_neither(two_passphrases, ca
     assert cli(capsys, "key", "status", repo, "--passphrase-file", first).code == 1
 
 
+def test_a_passwd_whose_keyring_write_is_late_is_made_again_on_the_newest(two_passphrases,
+                                                                          capsys, monkeypatch,
+                                                                          tmp_path):
+    """`key passwd` of slot Y read the keyring; before it writes its change, Y's holder on
+    another host removes slot X and rotates (two generations). The late change must be made
+    again on the newest generation: written under a name the others used and replaced, no
+    reader would see it, and deleting Y's file would leave the newest keyring listing Y alone
+    with no file, so that no passphrase opens."""
+    repo, first, second = two_passphrases
+    ids = slot_ids(capsys, repo)
+    real = manage.change_keyring
+    meanwhile: list[object] = []
+
+    def change_keyring(store, ring_key, change, *args):
+        def late(keyring):
+            if not meanwhile:
+                meanwhile.append(None)
+                with manager(repo) as other:
+                    meanwhile.append(other.remove(ids[""], lambda: b"second passphrase"))
+                    meanwhile.append(other.rotate(other.unlock(lambda: b"second passphrase")))
+            return change(keyring)
+        return real(store, ring_key, late, *args)
+    monkeypatch.setattr(manage, "change_keyring", change_keyring)
+    with manager(repo) as keys_of:
+        keys_of.change_passphrase(keys_of.unlock(lambda: b"second passphrase"), b"new one")
+    assert len(meanwhile) == 3
+    status = ok(capsys, "key", "status", repo, "--json", "--passphrase-file",
+                secret_file(tmp_path, "new.pass", b"new one")).json()
+    assert (status["epochs"], status["current_epoch"]) == ([1, 2], 2)
+    assert list(slot_ids(capsys, repo)) == ["second"]
+
+
 def test_a_slot_file_the_keyring_does_not_list_never_opens_and_key_remove_deletes_it(
         encrypted, tmp_path, capsys):  # noqa: F811
     """What a removal that crashed between the new keyring generation and the file's deletion
@@ -208,3 +240,71 @@ def test_a_key_change_whose_keyring_write_errs_after_landing_keeps_the_new_slot(
             keys_of.change_passphrase(keys_of.unlock(lambda: b"correct horse"), b"new one")
     new = secret_file(tmp_path, "new.pass", b"new one")
     ok(capsys, "key", "status", repo, "--passphrase-file", new)
+
+
+def new_slot_id(keys_of, old: str) -> str:
+    return next(s.id for s in keys_of.slots().slots if s.id != old)
+
+
+def test_removing_a_new_slot_before_its_passwd_lists_it_leaves_the_new_passphrase_working(
+        encrypted, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """`key passwd` stored its new slot's file; `key remove` of that file (listed by no keyring
+    yet, so it changes no keyring) deletes it before the passwd writes the keyring that lists it
+    and drops the old slot: the new slot must keep its file, or no passphrase opens."""
+    repo, first = encrypted
+    real = manage.change_keyring
+    removed: list[object] = []
+
+    def change_keyring(*args):
+        if not removed:  # the passwd, its new slot stored
+            removed.append(None)
+            with manager(repo) as other:
+                old = other.unlock(lambda: b"correct horse").unlocked.slot.id
+                removed.append(other.remove(new_slot_id(other, old), lambda: b"correct horse"))
+        return real(*args)
+    monkeypatch.setattr(manage, "change_keyring", change_keyring)
+    with manager(repo) as keys_of:
+        keys_of.change_passphrase(keys_of.unlock(lambda: b"correct horse"), b"new one")
+    assert removed[1] is not None
+    ok(capsys, "key", "status", repo, "--passphrase-file",
+       secret_file(tmp_path, "new.pass", b"new one"))
+
+
+def test_removing_a_new_slot_while_its_passwd_lists_it_is_refused_and_keeps_it(
+        encrypted, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """The same removal, its keyring check made before the passwd's keyring write and its file
+    deletion after the passwd ended: the file is put back and the removal refused."""
+    repo, first = encrypted
+    saved, checked, changed = threading.Event(), threading.Event(), threading.Event()
+    real_change, real_delete = manage.change_keyring, manage.delete_slot
+    victim: list[str] = []
+
+    def change_keyring(*args):
+        if not saved.is_set():  # the passwd, its new slot stored
+            saved.set()
+            assert checked.wait(timeout=60)
+        return real_change(*args)
+
+    def delete_slot(store, slot):
+        if victim == [slot.id]:  # the removal, its keyring check made
+            checked.set()
+            assert changed.wait(timeout=60)
+        return real_delete(store, slot)
+    monkeypatch.setattr(manage, "change_keyring", change_keyring)
+    monkeypatch.setattr(manage, "delete_slot", delete_slot)
+
+    def passwd() -> None:
+        with manager(repo) as keys_of:
+            keys_of.change_passphrase(keys_of.unlock(lambda: b"correct horse"), b"new one")
+        changed.set()
+    thread = threading.Thread(target=passwd)
+    thread.start()
+    assert saved.wait(timeout=60)
+    with manager(repo) as other:
+        old = other.unlock(lambda: b"correct horse").unlocked.slot.id
+        victim.append(new_slot_id(other, old))
+        with pytest.raises(keys.SlotRefused, match="listed by another key change meanwhile"):
+            other.remove(victim[0], lambda: b"correct horse")
+    thread.join()
+    ok(capsys, "key", "status", repo, "--passphrase-file",
+       secret_file(tmp_path, "new.pass", b"new one"))

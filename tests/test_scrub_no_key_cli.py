@@ -80,5 +80,5 @@ def test_a_damaged_keyring_record_is_found_the_copy_opens_and_a_rotation_writes_
     assert (tmp_path / "back.img").read_bytes() == model.path.read_bytes()
     ok(capsys, "key", "rotate", repo, "--passphrase-file", pass_file)
     assert sorted(p.name for p in (repo / "keys").glob("keyring-*")) == [
-        "keyring-0000000000000002", "keyring-0000000000000002.copy"]
+        "keyring-0000000000000001", "keyring-0000000000000002", "keyring-0000000000000002.copy"]
     assert "no damage found" in ok(capsys, "scrub", repo, "--no-key").out

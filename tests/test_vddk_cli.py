@@ -220,3 +220,32 @@ def restore_bytes_subprocess(repo: Path, point: str, tmp_path: Path) -> bytes:
                        timeout=120)
     assert r.returncode == 0, r.stderr
     return target.read_bytes()
+
+
+def test_a_passphrase_piped_on_stdin_reaches_the_reexecuted_command(setup, tmp_path, capsys,
+                                                                    monkeypatch):
+    """A host that opened the repository before keeps a copy of its slot, so the command reads
+    the passphrase from stdin as it parses its arguments, before it re-executes itself: the
+    child, whose stdin is then empty, gets it through an inherited pipe."""
+    fake, _, disks = setup
+    monkeypatch.setenv("REPO_ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    repo = tmp_path / "encrypted"
+    (tmp_path / "repo.pass").write_bytes(b"correct horse\n")
+    for args in (("init", repo, "--encryption"), ("points", repo)):
+        result = cli(capsys, *args, "--passphrase-file", tmp_path / "repo.pass")
+        assert result.code == 0, result.err
+    env = dict(os.environ, FAKE_VDDK_REQUIRE_LD_PATH="1")
+    env.pop("LD_LIBRARY_PATH")
+    args = [str(a) for a in backup_args(fake, repo, passphrase_file="/dev/stdin")]
+    r = subprocess.run([sys.executable, "-m", "repo_engine", *args], env=env,
+                       input="correct horse\n", capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).parent.parent)
+    assert r.returncode == 0, r.stderr
+    point = json.loads(r.stdout)["point"]["id"]
+    env["REPO_ENGINE_PASSWORD"] = "correct horse"
+    target = tmp_path / "restored.img"
+    r = subprocess.run([sys.executable, "-m", "repo_engine", "restore", str(repo), point[:8],
+                        "--disk", "2000", "--to", str(target)], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert target.read_bytes() == disks["2000"].copy_of_content()

@@ -201,7 +201,8 @@ def vddk(repo: RepoAddress, vm: str, disks: tuple[str, ...], server: str, port: 
     if not vddk_libdir:
         raise click.UsageError("no VDDK directory: give --vddk-libdir DIR or set VDDK_LIBDIR")
     secret = SecretSource(password_file, password_env)
-    ensure_library_path(vddk_libdir, secret)   # may re-execute this command (never returns then)
+    # may re-execute this command (never returns then)
+    ensure_library_path(vddk_libdir, secret, repo.passphrase().held)
     connection = VddkConnection(
         server=server, port=port, user=user, password=read_secret(secret), vmx_spec=vmx_spec,
         thumbprint=thumbprint or server_thumbprint(server, port), snapshot=snapshot,

@@ -262,6 +262,9 @@ def export_recovery(repo: RepoAddress, out: Path, label: str) -> None:
     if out.exists() or out.is_symlink():
         raise UsageError(f"{out} already exists: a recovery key is never written over a file; "
                          "name a new file")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: {out.parent} is not a directory; name a file in an "
+                         "existing directory")
     with key_manager(repo) as manager:
         slot = manager.export_recovery(manager.unlock(repo.passphrase()), out, label)
     click.echo(f"wrote the recovery private key to {out}; added recovery slot {slot.id}")

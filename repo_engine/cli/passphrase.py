@@ -81,10 +81,18 @@ class PassphraseSource:
 
     def read(self, *, confirm: bool, environ: Mapping[str, str] | None = None) -> bytes:
         """`confirm`: a new repository's passphrase, asked twice on the terminal. Read once,
-        then kept."""
+        then kept; in a command that re-executed itself (cli/vddk_env.py), the one its parent
+        read."""
         if not self._read:
-            self._read.append(self._from_source(confirm, environ))
+            from .vddk_env import PASSPHRASE_FD, handed
+
+            self._read.append(handed(PASSPHRASE_FD) or self._from_source(confirm, environ))
         return self._read[0]
+
+    @property
+    def held(self) -> bytes | None:
+        """The passphrase, when it was read already."""
+        return self._read[0] if self._read else None
 
     def _from_source(self, confirm: bool, environ: Mapping[str, str] | None) -> bytes:
         environ = os.environ if environ is None else environ

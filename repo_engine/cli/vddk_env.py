@@ -8,7 +8,9 @@ The secret never travels on a command line or in the child's environment: the pa
 (from `--password-file` or the variable named by `--password-env`, which it then removes from
 the child's environment), writes it into a pipe, and the child inherits only the pipe's read end;
 `REPO_ENGINE_VDDK_SECRET_FD` names that descriptor number. Without a re-exec the secret is read
-directly.
+directly. The repository's passphrase, when the parent read it already (from a pipe such as
+`--passphrase-file /dev/stdin`, which the child could not read again), is handed over the same
+way, under `REPO_ENGINE_PASSPHRASE_FD`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..errors import UsageError
 
 REEXEC_MARK = "REPO_ENGINE_VDDK_REEXEC"
 SECRET_FD = "REPO_ENGINE_VDDK_SECRET_FD"
+PASSPHRASE_FD = "REPO_ENGINE_PASSPHRASE_FD"
 MAX_SECRET = 4096
 
 log = logging.getLogger("repo_engine.vddk")
@@ -83,25 +86,43 @@ def _check(secret: bytes) -> bytes:
     return secret
 
 
+def handed(name: str) -> bytes | None:
+    """What the re-executing parent wrote into the pipe whose descriptor the variable `name`
+    names (read once: the variable is removed), None when there is none."""
+    fd_text = os.environ.pop(name, None)
+    if fd_text is None or not os.environ.get(REEXEC_MARK):
+        return None
+    fd = int(fd_text)
+    chunks = []
+    try:
+        while chunk := os.read(fd, MAX_SECRET + 1):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _hand(env: dict[str, str], name: str, secret: bytes) -> None:
+    """`secret` in a pipe whose read end the child inherits, named by `env[name]`."""
+    read_end, write_end = os.pipe()
+    try:
+        os.write(write_end, secret)   # a few KiB at most: fits the pipe, never blocks
+    finally:
+        os.close(write_end)
+    os.set_inheritable(read_end, True)
+    env[name] = str(read_end)
+
+
 def read_secret(source: SecretSource) -> str:
     """The password: from the pipe a re-executing parent left, else from its source."""
-    fd_text = os.environ.pop(SECRET_FD, None)
-    if fd_text is not None and os.environ.get(REEXEC_MARK):
-        fd = int(fd_text)
-        chunks = []
-        try:
-            while chunk := os.read(fd, MAX_SECRET + 1):
-                chunks.append(chunk)
-        finally:
-            os.close(fd)
-        secret = b"".join(chunks)
-    else:
-        secret = _read_direct(source)
-    return _check(secret).decode()
+    secret = handed(SECRET_FD)
+    return _check(_read_direct(source) if secret is None else secret).decode()
 
 
-def ensure_library_path(libdir: str | os.PathLike[str], source: SecretSource) -> None:
-    """Re-execute this command with VDDK's library directory on LD_LIBRARY_PATH, if needed.
+def ensure_library_path(libdir: str | os.PathLike[str], source: SecretSource,
+                        passphrase: bytes | None = None) -> None:
+    """Re-execute this command with VDDK's library directory on LD_LIBRARY_PATH, if needed;
+    `passphrase`: the repository's, when it was read already (handed to the child).
 
     Returns when no re-exec is needed (already on the path, already re-executed, or not running
     as the repo-engine command, when it only warns); otherwise never returns.
@@ -120,13 +141,9 @@ def ensure_library_path(libdir: str | os.PathLike[str], source: SecretSource) ->
     old = env.get("LD_LIBRARY_PATH")
     env["LD_LIBRARY_PATH"] = f"{directory}:{old}" if old else str(directory)
     env[REEXEC_MARK] = "1"
-    read_end, write_end = os.pipe()
-    try:
-        os.write(write_end, secret)   # <= MAX_SECRET bytes: fits the pipe, never blocks
-    finally:
-        os.close(write_end)
-    os.set_inheritable(read_end, True)
-    env[SECRET_FD] = str(read_end)
+    _hand(env, SECRET_FD, secret)
+    if passphrase is not None:
+        _hand(env, PASSPHRASE_FD, passphrase)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -60,9 +60,10 @@ def _settings(params: dict[str, Any]) -> Any:
     return merge(params, params.get("config"))
 
 
-def _password(settings: Any, vddk: bool) -> tuple[str, str | None]:
-    """The password (re-executing first with VDDK on LD_LIBRARY_PATH when needed) and the
-    VDDK directory."""
+def _password(settings: Any, vddk: bool,
+              repo: RepoAddress | None = None) -> tuple[str, str | None]:
+    """The password (re-executing first with VDDK on LD_LIBRARY_PATH when needed, handing over
+    the passphrase of `repo` when it was read already) and the VDDK directory."""
     from .vddk_env import SecretSource, ensure_library_path, read_secret
 
     source = SecretSource(settings.password_file, settings.password_env)
@@ -71,7 +72,8 @@ def _password(settings: Any, vddk: bool) -> tuple[str, str | None]:
         raise click.UsageError("no VDDK directory: give --vddk-libdir DIR (or vddk-libdir= in "
                                "--config) or set VDDK_LIBDIR")
     if libdir:
-        ensure_library_path(libdir, source)   # may re-execute this command
+        ensure_library_path(libdir, source,   # may re-execute this command
+                            repo.passphrase().held if repo is not None else None)
     return read_secret(source), libdir
 
 
@@ -147,7 +149,7 @@ def backup_vsphere(repo: RepoAddress, as_json: bool, **params: Any) -> None:
     from .backup_cmd import report_backup
 
     settings = _settings(params)
-    password, libdir = _password(settings, vddk=True)
+    password, libdir = _password(settings, vddk=True, repo=repo)
     with open_repo(repo, shared=f"backup {settings.vm}") as repository, \
             connect(settings, password) as conn, Progress() as progress:
         vm = find_vm(conn.content, settings.vm, settings.vm_uuid)
@@ -212,7 +214,7 @@ def restore_vsphere(repo: RepoAddress, point: str, in_place: bool, as_new: str |
         raise click.UsageError("--datastore, --resource-pool and --folder go with --as-new")
     target = {"vm": params.pop("vm"), "vm_uuid": params.pop("vm_uuid")}
     settings = _settings(params)
-    password, libdir = _password(settings, vddk=True)
+    password, libdir = _password(settings, vddk=True, repo=repo)
     plane = DataPlane(settings.transports, libdir)
     with open_repo(repo, shared=f"restore {point}") as repository, \
             connect(settings, password) as conn:

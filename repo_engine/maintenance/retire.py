@@ -35,7 +35,7 @@ from ..repository.blockmap import BlockMap, map_object
 from ..repository.checkpoint import write_checkpoint
 from ..repository.crypto.access import RepositorySealer
 from ..repository.crypto.epochs import stored_epoch
-from ..repository.crypto.keystore import delete_older
+from ..repository.crypto.keystore import empty_older
 from ..repository.journal import RetireOp
 from ..repository.locks import MAINTENANCE
 from ..repository.points import PointRecord, point_object
@@ -78,7 +78,7 @@ def retire(repo: Repository, *, grace: float, reseal: Iterable[Resealer] = (),
         raise RepoError(f"{repo.store.location} is not encrypted: it has no key to retire")
     with repo.lock(MAINTENANCE, "key retire"):
         keyring = sealer.keyring
-        delete_older(repo.store, keyring.generation)  # left by a run that stopped at its end
+        empty_older(repo.store, keyring.generation)  # left by a run that stopped at its end
         old = frozenset(keyring.epochs) - {keyring.current}
         report = RetireReport(sorted(old), keyring.current,
                               gc=SharedGcReport(grace_seconds=grace))

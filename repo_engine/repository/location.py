@@ -17,8 +17,10 @@ An encrypted repository (`init` with `encryption`) is always shared too, local o
 and catalog then live in the store only as sealed journal entries, and this host's cleartext
 cache stays in the cache directory, never in the repository. Its keys are unlocked with a
 passphrase when it is opened (crypto/access.py). The cache directory of an encrypted repository
-holds the file ENCRYPTED_MARK: a config swapped in the store for an unencrypted one (which would
-make this host read planted cleartext and write cleartext) is refused when the mark is there.
+holds the file ENCRYPTED_MARK, and the cache base a mark for its location (opening.py,
+`encrypted_mark`), made when this host first reads its config: a config swapped in the store for
+an unencrypted one (which would make this host read planted cleartext and write cleartext) is
+refused when either mark is there, also when it claims another repository id.
 `init` refuses a prefix that holds any object, and opening a prefix that holds objects but no
 config says it is not a repository (rather than that nothing is there).
 
@@ -41,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import DamageError, NotARepository, RepoError, TamperedError, UsageError
 from .config import CONFIG_NAME, ENCRYPTION, RepoConfig, read_config
 from .crypto.null import Passphrase
-from .opening import CACHE_ENV, cache_base, is_remote, prepare
+from .opening import CACHE_ENV, cache_base, encrypted_mark, is_remote, prepare
 from .repo import Repository, new_directory
 from .safefile import DIR_MODE
 from .store import ObjectExists, Store, open_store
@@ -108,8 +110,9 @@ def _store_and_config(location: str, settings: Any,
     store = open_store(location, settings)
     config = _closing_on_error(store, _remote_config if is_remote(location) else _local_config,
                                store)
-    _closing_on_error(store, _refuse_downgrade, config, cache_base(cache_dir) / config.repo_id,
-                      store.location)
+    _closing_on_error(store, _refuse_downgrade, config, store.location, cache_dir)
+    if config.encryption:
+        _closing_on_error(store, _remember_encrypted, encrypted_mark(store.location, cache_dir))
     return store, config
 
 
@@ -152,8 +155,7 @@ def open_stored(location: str, *, settings: Any = None,
     store = open_store(location, settings)
     config = _closing_on_error(store, _remote_config if is_remote(location) else _local_config,
                                store)
-    _closing_on_error(store, _refuse_downgrade, config, cache_base(cache_dir) / config.repo_id,
-                      store.location)
+    _closing_on_error(store, _refuse_downgrade, config, store.location, cache_dir)
     if not config.encryption:
         store.close()
         raise UsageError(f"{location} is not encrypted: every check of it needs no key, so run "
@@ -191,8 +193,7 @@ def init_repository(location: str, *, settings: Any = None, cache_dir: Path | No
         if made is not None:
             made.rmdir()
         raise
-    return _closing_on_error(store, _create, store, config,
-                             cache_directory(config.repo_id, cache_dir), secret, kdf)
+    return _closing_on_error(store, _create, store, config, cache_dir, secret, kdf)
 
 
 def _closing_on_error(store: Store, fn: Any, *args: Any) -> Any:
@@ -243,17 +244,19 @@ def _refuse_used_prefix(store: Store) -> None:
                          "repository needs an empty prefix: choose another one")
 
 
-def _create(store: Store, config: RepoConfig, local: Path, passphrase: bytes | None,
-            kdf: Any) -> Repository:
+def _create(store: Store, config: RepoConfig, cache_dir: Path | None,
+            passphrase: bytes | None, kdf: Any) -> Repository:
     """A new shared repository; its config is written only if no other init got there first,
     after the keys of an encrypted one."""
+    local = cache_directory(config.repo_id, cache_dir)
     keys: dict[str, Any] = {}
     if config.encryption:
         from .crypto.access import create_keys  # an unencrypted repository never loads it
         assert passphrase is not None
         made = create_keys(store, config.digest, passphrase, **({"params": kdf} if kdf else {}))
         keys = {"sealer": made.sealer, "chunk_key": made.chunk_key}
-        _remember_encrypted(local)
+        _remember_encrypted(local / ENCRYPTED_MARK)
+        _remember_encrypted(encrypted_mark(store.location, cache_dir))
     try:
         return Repository.create(store, local, config, **keys)
     except ObjectExists:
@@ -273,19 +276,28 @@ def _open_keys(store: Store, config: RepoConfig, passphrase: Passphrase | None,
         raise RepoError(f"{store.location} is encrypted: its passphrase is needed to open it")
     from .crypto.access import open_keys  # an unencrypted repository never loads it
     keys = open_keys(store, config.digest, passphrase, pem, hint)
-    _remember_encrypted(local)
+    _remember_encrypted(local / ENCRYPTED_MARK)
     return {"sealer": keys.sealer, "chunk_key": keys.chunk_key}
 
 
-def _remember_encrypted(local: Path) -> None:
-    local.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    (local / ENCRYPTED_MARK).touch(mode=0o600)
+def _remember_encrypted(mark: Path) -> None:
+    mark.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    mark.touch(mode=0o600)
 
 
-def _refuse_downgrade(config: RepoConfig, cache: Path, location: str) -> None:
-    """Refuse a repository this host's cache knows as encrypted when its config no longer says
-    so."""
-    if not config.encryption and (cache / ENCRYPTED_MARK).exists():
+def _refuse_downgrade(config: RepoConfig, location: str, cache_dir: Path | None) -> None:
+    """Refuse an unencrypted config where this host found an encrypted repository: in the
+    repository of that id (its cache's mark) or at that location (a config with a new id)."""
+    if config.encryption:
+        return
+    cache = cache_base(cache_dir) / config.repo_id
+    if (cache / ENCRYPTED_MARK).exists():
         raise TamperedError(f"{location}/{CONFIG_NAME} says the repository is not encrypted, but "
                             f"this host knows it as encrypted (cache {cache}): the config was "
                             "replaced in the store; restore it from a copy")
+    mark = encrypted_mark(location, cache_dir)
+    if mark.exists():
+        raise TamperedError(f"{location}/{CONFIG_NAME} is the config of an unencrypted "
+                            f"repository, but this host found an encrypted one there (mark "
+                            f"{mark}): the config was replaced in the store; restore it from a "
+                            f"copy, or delete the mark if you replaced the repository yourself")

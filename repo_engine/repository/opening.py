@@ -18,6 +18,7 @@ from .crypto.null import Passphrase, asks
 
 S3_SCHEME = "s3://"
 CACHE_ENV = "REPO_ENGINE_CACHE_DIR"
+ENCRYPTED_MARKS = "encrypted"  # a directory of the cache base, beside the repositories' caches
 
 
 def is_remote(location: str) -> bool:
@@ -37,11 +38,20 @@ def cache_base(cache_dir: Path | None = None,
     return Path(xdg) / "repo-engine"
 
 
+def _canonical(location: str) -> str:
+    return location if is_remote(location) else os.path.abspath(location)
+
+
 def unlock_hint(location: str, cache_dir: Path | None = None) -> Path:
     """Where this host keeps a copy of the key slot that last opened `location` with a
     passphrase (crypto/ahead.py)."""
-    return ahead.hint_file(cache_base(cache_dir),
-                           location if is_remote(location) else os.path.abspath(location))
+    return ahead.hint_file(cache_base(cache_dir), _canonical(location))
+
+
+def encrypted_mark(location: str, cache_dir: Path | None = None) -> Path:
+    """The file that says this host found an encrypted repository at `location`: an
+    unencrypted config there is refused (location.py), whatever repository id it claims."""
+    return cache_base(cache_dir) / ENCRYPTED_MARKS / ahead.location_name(_canonical(location))
 
 
 def prepare(location: str, cache_dir: Path | None = None,

@@ -40,11 +40,15 @@ _pending: dict[tuple, Future] = {}  # by (scrypt parameters, salt, passphrase)
 _lock = threading.Lock()
 
 
+def location_name(location: str) -> str:
+    """A file name for `location` (32 hex digits) among this host's notes of locations."""
+    # a local path may hold bytes that are not UTF-8 (as surrogates): its bytes, as the OS has them
+    return blake3.blake3(os.fsencode(location)).hexdigest()[:32]
+
+
 def hint_file(base: Path, location: str) -> Path:
     """Where this host keeps the copy of the slot that last opened `location`."""
-    # a local path may hold bytes that are not UTF-8 (as surrogates): its bytes, as the OS has them
-    name = blake3.blake3(os.fsencode(location)).hexdigest()[:32]
-    return base / DIRECTORY / f"{name}.slot"
+    return base / DIRECTORY / f"{location_name(location)}.slot"
 
 
 def start(hint: Path, passphrase: Callable[[], bytes]) -> None:

@@ -17,11 +17,18 @@ plaintext is one JSON object, keys sorted, no spaces:
 |            | readable without the keys; a config that no longer matches is refused    |
 | slots      | {"<16 hex slot id>": "passphrase" or "recovery", ...}: the valid slots   |
 
+A keyring is at most keystore.MAX_KEYRING_SIZE bytes stored (some 14,000 epochs); a change that
+would make it larger is refused before it is written.
+
 Every key change (a slot added or removed, a passphrase changed, a rotation) is a new generation,
 written put-if-absent over the generation it was computed from: two writers cannot both make
 generation g + 1; the loser reloads, checks its change again on top of the winner's (refused
 when the winner took what it needed: the last passphrase slot, the slot it opened with) and
-retries. The newest generation wins; older ones are deleted once it is durable. A slot file the
+retries. The newest generation wins; older ones are emptied once it is durable: overwritten with
+the envelope of an empty payload (`EMPTIED`), their keys gone, their names kept. A name is never
+free again, so a writer that read generation g and is late cannot put its g + 1 after g + 1 was
+written and replaced: readers, taking the newest, would never see it, while the writer went on
+(deleting the slot file its change replaced) as if it had been made. A slot file the
 newest generation does not list (a removal that crashed before deleting it) never opens the
 repository. Rotation adds an epoch and never drops one: objects sealed under an old epoch stay
 readable until they are rewritten and the epoch is retired.
@@ -35,7 +42,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from ...errors import FormatError
+from ...errors import FormatError, TamperedError
 from ..envelope import seal as envelope_seal
 from ..envelope import unseal as envelope_unseal
 from ..formats import KEYRING
@@ -44,8 +51,13 @@ from .seal import RING_EPOCH, ObjectSealer, Random
 from .slots import PASSPHRASE, RECOVERY, valid_id
 
 KEYRING_PREFIX = "keys/keyring-"
+EMPTIED = envelope_seal(KEYRING, b"")  # what a replaced generation is overwritten with
 _GENERATION = struct.Struct("<Q")
 MAX_EPOCH = (1 << 32) - 1
+
+
+class KeyringEmptied(TamperedError):
+    """The generation read was emptied: replaced by a newer one meanwhile, else tampering."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,9 @@ def decode_keyring(data: bytes, generation: int, ring_key: bytes, what: str) -> 
     """The keyring of `generation` in the record `data`: checksum, then authentication
     (TamperedError), then its fields."""
     sealed = envelope_unseal(KEYRING, data, what)
+    if not sealed:
+        raise KeyringEmptied(f"{what}: an emptied keyring generation (one a newer generation "
+                             "replaced) is the newest: the newer ones were deleted")
     plaintext = _ring_sealer(ring_key).open("keyring", _GENERATION.pack(generation), sealed, what)
     try:
         fields = json.loads(plaintext)

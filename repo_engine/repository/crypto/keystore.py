@@ -10,12 +10,14 @@ leaves a file the keyring does not list: it never opens the repository). Every k
 new keyring generation made by `change_keyring` from the newest one, put-if-absent: of two hosts
 changing keys at once one writes generation g + 1, the other re-makes its change on g + 1 (which
 may refuse it) and writes g + 2; no lock is needed, local or on object storage. Older generations
-are deleted once the new one is durable; a crash in between leaves older generations that readers
-ignore and the next change deletes. A generation is read from its copy when its record is missing
-or damaged: the record's put-if-absent decides which writer made the generation, so only that
-writer writes the copy (a crash before the copy leaves a generation with one record, until the
-next key change). A record whose name and content disagree (a slot copied
-under another id) is tampering.
+are emptied (keyring.EMPTIED), never deleted, once the new one is durable: a late writer's
+put-if-absent of a name already used fails, whatever happened since; a crash in between leaves
+older generations that readers ignore and the next change empties. A generation is read from its
+copy when its record is missing or damaged (not when it was emptied: then it was replaced): the
+record's put-if-absent decides which writer made the generation, so only that writer writes the
+copy (a crash before the copy leaves a generation with one record, until the next key change);
+an older generation's copy is deleted when its record is emptied. A record whose name and
+content disagree (a slot copied under another id) is tampering.
 """
 
 from __future__ import annotations
@@ -27,17 +29,22 @@ from dataclasses import replace
 
 from ...errors import RepoError, TamperedError
 from ..store import ObjectExists, ObjectMissing, Store
-from .keyring import (KEYRING_PREFIX, Keyring, decode_keyring, encode_keyring, keyring_copy,
-                      keyring_object)
+from .keyring import (EMPTIED, KEYRING_PREFIX, Keyring, KeyringEmptied, decode_keyring,
+                      encode_keyring, keyring_copy, keyring_object)
 from .keys import RepositoryKeys
 from .null import MAX_SLOT_SIZE
 from .seal import Random
 from .slots import Slot, decode_slot, encode_slot
 
-MAX_KEYRING_SIZE = 1 << 20
+MAX_KEYRING_SIZE = 1 << 20  # some 14,000 epochs: a writer refuses to grow past it
 CHANGE_ATTEMPTS = 5
 _SLOT_NAME = re.compile(r"keys/slot-([0-9a-f]{16})\.slot")
-_KEYRING_NAME = re.compile(re.escape(KEYRING_PREFIX) + r"([0-9a-f]{16})(?:\.copy)?")
+_KEYRING_NAME = re.compile(re.escape(KEYRING_PREFIX) + r"([0-9a-f]{16})(\.copy)?")
+
+
+class KeyringFull(RepoError):
+    """A key change would grow the keyring past MAX_KEYRING_SIZE, which no reader accepts
+    (exit code 1): nothing was written."""
 
 
 def save_slot(store: Store, slot: Slot) -> None:
@@ -70,17 +77,23 @@ def load_slots(store: Store) -> tuple[list[Slot], list[str]]:
 
 
 def generations(store: Store) -> list[int]:
-    """The generations with a record or a copy in `store`, oldest first."""
-    return sorted({int(m[1], 16) for info in store.list(KEYRING_PREFIX)
-                   if (m := _KEYRING_NAME.fullmatch(info.name))})
+    """The generations with a record or a copy in `store`, emptied ones too, oldest first."""
+    return sorted({g for g, _copy, _size in _listed(store)})
+
+
+def _listed(store: Store) -> list[tuple[int, bool, int]]:
+    """(generation, whether it is the copy, stored size) of every keyring record and copy."""
+    return [(int(m[1], 16), bool(m[2]), info.size) for info in store.list(KEYRING_PREFIX)
+            if (m := _KEYRING_NAME.fullmatch(info.name))]
 
 
 def load_keyring(store: Store, ring_key: bytes) -> Keyring:
     """The newest keyring generation (never an older one in its place: it may lack an epoch).
-    A generation deleted between the listing and the read was replaced by a newer one (another
-    host's key change): listed again. So is a listing that holds none: a listing is no snapshot
-    (a local one reads the directory, then looks at each file), and one racing a change can
-    miss both g (deleted since) and g + 1 (written since); only two in a row mean no keyring."""
+    A generation deleted or emptied between the listing and the read was replaced by a newer
+    one (another host's key change): listed again. So is a listing that holds none: a listing
+    is no snapshot (a local one reads the directory, then looks at each file), and one racing a
+    change can miss both g (deleted since) and g + 1 (written since); only two in a row mean no
+    keyring."""
     for _ in range(CHANGE_ATTEMPTS):
         found = generations(store) or generations(store)
         if not found:
@@ -88,10 +101,9 @@ def load_keyring(store: Store, ring_key: bytes) -> Keyring:
                                 "were deleted")
         try:
             return _read_generation(store, found[-1], ring_key)
-        except ObjectMissing:
+        except (ObjectMissing, KeyringEmptied):
             if generations(store)[-1:] == found[-1:]:
                 raise
-            continue
     raise RepoError(f"{store.location}/keys: the keyring changed under {CHANGE_ATTEMPTS} "
                     "reads in a row (other hosts changing keys); try again")
 
@@ -104,6 +116,8 @@ def _read_generation(store: Store, generation: int, ring_key: bytes) -> Keyring:
         try:
             return decode_keyring(store.get(name, limit=MAX_KEYRING_SIZE), generation, ring_key,
                                   f"{store.location}/{name}")
+        except KeyringEmptied:
+            raise  # replaced by a newer generation: its copy is stale, or deleted
         except RepoError as exc:  # ObjectMissing is one
             errors.append(exc)
     raise next((e for e in errors if not isinstance(e, ObjectMissing)), errors[0])
@@ -112,18 +126,29 @@ def _read_generation(store: Store, generation: int, ring_key: bytes) -> Keyring:
 def save_keyring(store: Store, keyring: Keyring, ring_key: bytes,
                  random: Random = os.urandom) -> None:
     """Write a new generation (ObjectExists when another writer made it first) and its copy,
-    then delete the older ones."""
+    then empty the older ones. One larger than readers accept is refused unwritten
+    (KeyringFull): as the newest generation it would lock every host out."""
     data = encode_keyring(keyring, ring_key, random)
+    if len(data) > MAX_KEYRING_SIZE:
+        raise KeyringFull(f"{store.location}/keys: the keyring would hold {len(data)} bytes "
+                          f"({len(keyring.epochs)} key epochs, {len(keyring.slots)} slots), "
+                          f"more than a keyring may ({MAX_KEYRING_SIZE}); nothing was changed: "
+                          "run 'repo-engine key retire' to drop the old epochs' keys, and "
+                          "'repo-engine key remove' slots no longer used")
     store.put(keyring_object(keyring.generation), data, if_absent=True)
     store.put(keyring_copy(keyring.generation), data)
-    delete_older(store, keyring.generation)
+    empty_older(store, keyring.generation)
 
 
-def delete_older(store: Store, generation: int) -> None:
-    """Delete the keyring generations before `generation`, records and copies (a crash after a
-    change may have left them: an older one may hold a data key `key retire` dropped)."""
-    store.delete(name for g in generations(store) if g < generation
-                 for name in (keyring_object(g), keyring_copy(g)))
+def empty_older(store: Store, generation: int) -> None:
+    """Empty the keyring generations before `generation` that still hold keys, and delete their
+    copies (a crash after a change may have left them: an older one may hold a data key
+    `key retire` dropped)."""
+    listed = [(g, copy, size) for g, copy, size in _listed(store) if g < generation]
+    emptied = {g for g, copy, size in listed if not copy and size == len(EMPTIED)}
+    for older in sorted({g for g, _copy, _size in listed} - emptied):
+        store.put(keyring_object(older), EMPTIED)
+    store.delete(keyring_copy(g) for g, copy, _size in listed if copy)
 
 
 def init_keys(store: Store, keys: RepositoryKeys, random: Random = os.urandom) -> None:

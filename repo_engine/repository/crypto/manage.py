@@ -9,10 +9,11 @@
 - Every change is a new keyring generation written put-if-absent (keystore.change_keyring),
   checked again on the generation it is written over: a change racing another host's is re-made
   on top of it or refused (the slot that opened was removed meanwhile; the removal would leave no
-  passphrase slot). A change made by a slot the keyring no longer lists is refused.
+  passphrase slot). A change made by a slot the keyring no longer lists is refused. A slot file
+  removed while no keyring listed it is put back when a change lists it meanwhile (`_put_back`).
 - New slot files are written before the generation that lists them, and before any slot they
   replace is deleted; a recovery key file is durable before its slot is written (a slot without
-  its private key would be useless, a key file without its slot is only a file to delete).
+  its private key would be useless), and deleted again when its slot could not be added.
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ...errors import UsageError
+from ...errors import RepoError, UsageError
 from ..atomic import write_atomic
-from ..store import Store
+from ..store import ObjectExists, Store
 from . import keys
 from . import slots as slot_format
 from .access import unlock_store
 from .keyring import Keyring
 from .keys import Unlocked
-from .keystore import change_keyring, delete_slot, load_slots, save_slot
+from .keystore import (KeyringFull, change_keyring, delete_slot, load_keyring, load_slots,
+                       save_slot)
 from .null import Passphrase
 from .slots import Slot
 
@@ -53,6 +55,17 @@ class SlotList:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _put_back(store: Store, slot: Slot) -> None:
+    """`slot`'s file stored again unless it is there. A removal deletes a slot file no keyring
+    listed when it checked, then reads the keyring again; a change that lists a new slot stores
+    its file again after writing the keyring: whatever their order, one of the two sees the
+    other's write and the listed slot keeps its file."""
+    try:
+        save_slot(store, slot)
+    except ObjectExists:
+        pass
 
 
 class KeyManager:
@@ -103,9 +116,10 @@ class KeyManager:
         save_slot(self.store, slot)
         try:
             self._change(opened, change)
-        except keys.SlotRefused:
+        except (keys.SlotRefused, KeyringFull):
             delete_slot(self.store, slot)
             raise
+        _put_back(self.store, slot)  # a removal may have deleted it while no keyring listed it
 
     def add_passphrase(self, opened: Opened, new: bytes, label: str) -> Slot:
         slot = self._passphrase_slot(opened, new, label)
@@ -129,7 +143,21 @@ class KeyManager:
         listed = victim.id in opened.keyring.slots
         self._change(opened, lambda keyring: keys.without_slot(keyring, victim, listed=listed))
         delete_slot(self.store, victim)
+        self._not_listed_since(opened, victim)
         return victim
+
+    def _not_listed_since(self, opened: Opened, victim: Slot) -> None:
+        """Put `victim`'s file back, refused, when the newest keyring lists it after all: a
+        change that lists a new slot (`key passwd`, `key add`) may have been written between
+        this removal's keyring check and the file's deletion, and a listed slot without its
+        file opens nothing (with `key passwd` having dropped the old slot: no passphrase
+        would open the repository)."""
+        keyring = load_keyring(self.store, opened.unlocked.ring_key)
+        if victim.id in keyring.slots:
+            _put_back(self.store, victim)
+            raise keys.SlotRefused(f"key slot {victim.id} was listed by another key change "
+                                   f"meanwhile (keyring generation {keyring.generation}); it "
+                                   "was kept: see 'repo-engine key list', then remove it again")
 
     def change_passphrase(self, opened: Opened, new: bytes) -> Slot:
         """A slot for `new` (durable first) in place of the slot that opened, whose file is
@@ -145,12 +173,27 @@ class KeyManager:
         return self._change(opened, lambda keyring: keyring.rotated())
 
     def export_recovery(self, opened: Opened, out: Path, label: str) -> Slot:
-        """Write a new recovery private key to `out` (owner-only, a new file), then its slot."""
+        """Write a new recovery private key to `out` (owner-only, a new file), then its slot;
+        the file is deleted again when the slot could not be added (a key that opens nothing
+        must not be kept as a way back in), unless the keyring may list it after all."""
         pem, slot = keys.export_recovery(opened.unlocked.ring_key, label=label, now=_now())
         try:
             write_atomic(out, pem, overwrite=False)
         except FileExistsError:
             raise UsageError(f"{out} already exists: a recovery key is never written over a "
                              "file; name a new file") from None
-        self._listed(opened, slot, lambda keyring: keys.with_slot(keyring, slot))
+        try:
+            self._listed(opened, slot, lambda keyring: keys.with_slot(keyring, slot))
+        except BaseException:
+            if self._surely_unlisted(opened, slot):
+                out.unlink(missing_ok=True)
+            raise
         return slot
+
+    def _surely_unlisted(self, opened: Opened, slot: Slot) -> bool:
+        """Whether the newest keyring is known not to list `slot`: False when it cannot be read
+        (a keyring write whose answer was lost may have listed it)."""
+        try:
+            return slot.id not in load_keyring(self.store, opened.unlocked.ring_key).slots
+        except (RepoError, OSError):
+            return False
