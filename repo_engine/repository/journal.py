@@ -191,6 +191,13 @@ class NothingToCommit(Exception):
         self.result = result
 
 
+def manifest_key(point_id: str) -> str:
+    """How a sweep lists, among its `maps`, the manifest of point `point_id` it deletes (not
+    catalogued: a writer's that stalled past its lease, or a forgotten point's), and how the
+    cache notes it in `sweptmaps`: the id's 8 bytes and 24 zero bytes, 64 hex as a map name."""
+    return point_id + "00" * 24
+
+
 def new_plan_id() -> str:
     return os.urandom(8).hex()
 

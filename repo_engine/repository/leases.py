@@ -91,7 +91,7 @@ from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Protocol
 
-from ..errors import DamageError, FormatError, LockedError, RepoError
+from ..errors import DamageError, FormatError, LeaseLost, LockedError, RepoError
 from ..units import MAX_SECONDS
 from .envelope import read_sealed, write_sealed
 from .formats import LEASE
@@ -112,10 +112,6 @@ ELSEWHERE = ("its record names this host but was written before its last boot, o
 _LOCK_NAME = re.compile(r"leases/(?P<base>maintenance|vm-[0-9a-f]{32})-(?P<gen>[0-9a-f]{16})\.lock")
 _SESSION_NAME = re.compile(r"leases/[A-Za-z0-9_-]+-[0-9]+-[0-9a-f]{8}\.lease")
 SEEN_KEY = b"leases_seen"  # meta of a host's cache: when it first saw each record as it is
-
-
-class LeaseLost(RepoError):
-    """This command's lease or maintenance lock is no longer its own: it must stop writing."""
 
 
 def lease_seconds() -> float:
@@ -430,7 +426,7 @@ class Lease:
         except LeaseLost as exc:
             self.lost = str(exc)
             raise LeaseLost(f"{exc}; this {self.info.command!r} stops before it writes anything "
-                            "more: run it again") from None
+                            "more: run it again", str(exc)) from None
 
     def _still_highest(self) -> LeaseInfo | None:
         """LeaseLost when a higher generation of the lock exists; else our record as listed
