@@ -15,7 +15,8 @@ import pytest
 
 from helpers import (KIB, DiskModel, attach_shared, cli, move_clocks, shared_repo,
                      stopped_before_commit)
-from repo_engine.errors import DamageError, FormatError, RepoError
+from repo_engine import pause
+from repo_engine.errors import CommitStalled, DamageError, FormatError, RepoError
 from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import gc
@@ -90,6 +91,41 @@ def test_a_lease_renewed_after_it_expired_stays_lost(hosts, monkeypatch):
             a.repo.check_leases()
 
 
+def failing_backup(host: Host, vm: str, model: DiskModel
+                   ) -> tuple[threading.Thread, list[BaseException]]:
+    """`host` backs up `model` as `vm` in a thread (started); the list gets what it raised."""
+    failed: list[BaseException] = []
+
+    def backup() -> None:
+        try:
+            host.backup(vm, model)
+        except BaseException as exc:  # noqa: BLE001 (what the command reports)
+            failed.append(exc)
+
+    thread = threading.Thread(target=backup)
+    thread.start()
+    return thread, failed
+
+
+def sweep_past_a_paused_host(a: Host, paused: Host, monkeypatch) -> shared_gc.SharedGcReport:
+    """a's gc plans, then sweeps once it has seen `paused`'s leases unchanged past their span:
+    a's clocks move, `paused`'s do not (a VM its hypervisor paused sees no time pass, so its
+    own lease checks pass when it resumes)."""
+    move_clocks(monkeypatch, paused.repo.lease_seconds + 1, wall=("shared_gc",))
+    assert gc(a.repo, grace=0).plans_swept == 0  # the waits name paused's lease: seen from now
+    move_clocks(monkeypatch, 2 * paused.repo.lease_seconds + 2, wall=("shared_gc",))
+    swept = gc(a.repo, grace=0)
+    assert swept.plans_swept >= 1
+    paused.repo.check_leases()  # paused's clocks say its leases are fine
+    return swept
+
+
+def packs_entries_name(store) -> set[str]:
+    """The packs the journal's `pack` entries name."""
+    return {op.name for seq in journal.entry_seqs(store)
+            for op in journal.read_entry(store, seq).ops if isinstance(op, journal.PackOp)}
+
+
 def test_a_backup_suspended_past_its_lease_stores_no_point_naming_a_swept_pack(
         hosts, tmp_path, monkeypatch):
     """b's backup uploads a pack and is suspended before its journal entry; its lease expires;
@@ -100,16 +136,7 @@ def test_a_backup_suspended_past_its_lease_stores_no_point_naming_a_swept_pack(
     kept = a.backup("vm", model)
     content = model.copy_of_content()
     reached, go = stall_after_upload(b.repo, monkeypatch)
-    failed: list[BaseException] = []
-
-    def backup() -> None:
-        try:
-            b.backup("other", disk(tmp_path, "other", 22))
-        except BaseException as exc:  # noqa: BLE001 (what the command reports)
-            failed.append(exc)
-
-    thread = threading.Thread(target=backup)
-    thread.start()
+    thread, failed = failing_backup(b, "other", disk(tmp_path, "other", 22))
     assert reached.wait(60)
     uploaded = pack_bytes(a.repo.store)
     move_clocks(monkeypatch, b.repo.lease_seconds + 1, wall=("leases", "shared_gc"))
@@ -125,6 +152,63 @@ def test_a_backup_suspended_past_its_lease_stores_no_point_naming_a_swept_pack(
     thread.join(60)
     assert len(failed) == 1 and isinstance(failed[0], LeaseLost)
     restores_everything(root, tmp_path, {kept.id: content})
+
+
+def test_a_paused_vm_resumed_past_its_lease_indexes_no_pack_gc_swept(hosts, tmp_path,
+                                                                      monkeypatch):
+    """b's backup uploads a pack and its VM is paused (its clocks stop) before the pack's
+    journal entry; gc, seeing b's lease unchanged past its span, plans the pack no cache knows
+    and sweeps it. b resumes and its own lease checks pass: the sweep's note of the pack, found
+    caught up, refuses its entry (CommitStalled, one line). No entry names the deleted pack (no
+    host deduplicates against its chunks), no point is stored, and what a stored restores."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 23)
+    kept = a.backup("vm", model)
+    reached, go = stall_after_upload(b.repo, monkeypatch)
+    thread, failed = failing_backup(b, "other", disk(tmp_path, "other", 24))
+    assert reached.wait(60)
+    assert sweep_past_a_paused_host(a, b, monkeypatch).orphan_packs_deleted == 1
+    go.set()
+    thread.join(60)
+    assert len(failed) == 1 and isinstance(failed[0], CommitStalled), failed
+    message = str(failed[0])
+    assert message.startswith("the backup of 'other' stalled past its lease: gc deleted pack ")
+    assert message.endswith("; no restore point was stored: run the backup again")
+    assert "\n" not in message
+    packs = {i.name for i in a.repo.store.list("packs/")}
+    assert {pack_object(name) for name in packs_entries_name(a.repo.store)} <= packs
+    restores_everything(root, tmp_path, {kept.id: model.copy_of_content()})
+
+
+def test_a_point_whose_manifest_a_sweep_deletes_after_its_entry_is_never_committed(
+        hosts, tmp_path, monkeypatch):
+    """b backs up a copy of a's disk (every chunk and its map deduplicated: its manifest is all
+    it writes) and its VM is paused with the manifest written, before its entry. gc plans the
+    manifest no point names, sweeps it once b's lease is past its span, and is itself held up
+    between its sweep entry and the deletes. b resumes (its clocks saw no pause), loses its seq
+    to gc and writes its manifest again at the next: the sweep's note of the manifest refuses
+    the commit, so the deletes that follow leave no catalogued point without its manifest."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 25)
+    kept = a.backup("vm", model)
+    monkeypatch.setenv("REPO_ENGINE_PAUSE_DIR", str(tmp_path))
+    monkeypatch.setattr(pause, "_NAMES", frozenset({"repository.point_built"}))
+    thread, failed = failing_backup(b, "copy", model)
+    while not (tmp_path / "repository.point_built.reached").exists():
+        assert thread.is_alive()
+        threading.Event().wait(0.01)
+    held_up: list[list[str]] = []
+    monkeypatch.setattr(shared_gc, "_delete", lambda _repo, names: held_up.append(names))
+    assert sweep_past_a_paused_host(a, b, monkeypatch).manifests_deleted >= 1
+    (tmp_path / "repository.point_built.go").touch()
+    thread.join(60)
+    assert len(failed) == 1 and isinstance(failed[0], CommitStalled), failed
+    [manifest] = {name for names in held_up for name in names if name.startswith("points/")}
+    assert str(failed[0]) == (f"the backup of 'copy' stalled past its lease: gc deleted the "
+                              f"manifest of point {manifest[7:-6]}, not catalogued yet; no "
+                              "restore point was stored: run the backup again")
+    a.repo.store.delete([name for names in held_up for name in names])  # gc goes on
+    restores_everything(root, tmp_path, {kept.id: model.copy_of_content()})
 
 
 # -- a cache the journal does not back ---------------------------------------------------------
