@@ -34,7 +34,8 @@ only its own object after reading back its token. A lease whose renewal
 failed once, whose object is gone or replaced, or whose expiry passed on the holder's clock (or
 a duration since its last write began passed on its monotonic clock, which no setting of the
 clock moves: set back, it would stretch the lease past other hosts' waits) is lost:
-`check()`, called before every journal commit and every batch of deletes, raises LeaseLost, and
+`check()`, called before every attempt at a journal commit and every batch of deletes, raises
+LeaseLost (errors.py), and
 the command stops before it writes anything more. A maintenance holder's `check()` also fails when
 a higher generation of its lock exists (its lock expired and was taken over).
 
@@ -386,10 +387,14 @@ class Lease:
             if self.lost or self._stop.is_set():
                 return
             try:
-                self._unexpired()  # a holder suspended past its expiry resumes: gc may have
-                self._still_ours()  # swept what it wrote, renewing would hide that
-                renewed = replace(self.info, expires=iso(now() + timedelta(seconds=self.seconds)))
+                # read before the checks: a holder stopped between them and the write (the
+                # check's GET hung, the process or its VM stopped) renews its record after gc
+                # may have judged it ended and swept what it wrote; timed from this reading, the
+                # lease counts as written before the stop, so the next check finds it expired
                 written = monotonic()
+                self._unexpired(written)  # a holder suspended past its expiry resumes: gc may
+                self._still_ours()  # have swept what it wrote, renewing would hide that
+                renewed = replace(self.info, expires=iso(now() + timedelta(seconds=self.seconds)))
                 write_lease(self.store, self.name, renewed)
                 self.info, self._written = renewed, written
             except LeaseLost as exc:
@@ -404,8 +409,11 @@ class Lease:
             raise LeaseLost(f"{self._what()} was removed (by 'repo-engine unlock --force', or "
                             "as expired)")
 
-    def _unexpired(self) -> None:
-        if self.info.expired(now()) or monotonic() - self._written >= self.seconds:
+    def _unexpired(self, at: float | None = None) -> None:
+        """LeaseLost when the lease expired on this host's clock, or a duration passed since
+        its last write began by `at` (a reading of `monotonic`; None: now)."""
+        at = monotonic() if at is None else at
+        if self.info.expired(now()) or at - self._written >= self.seconds:
             raise LeaseLost(f"{self._what()} expired at {self.info.expires} on this host's "
                             f"clock, or {self.seconds:g} s after its last renewal, before it "
                             "could be renewed")

@@ -250,7 +250,7 @@ class Repository:
 
     def check_leases(self) -> None:
         """LeaseLost when a lease of a lock this process holds was lost: called before every
-        journal commit and every batch of deletes on a shared repository."""
+        attempt at a journal commit and every batch of deletes on a shared repository."""
         for held in self.held:
             held.check()
 
