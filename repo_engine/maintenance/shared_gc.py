@@ -22,7 +22,8 @@ gc cannot ask "who may still use this chunk?" directly. It asks the journal and 
    marks again (a waited backup may have committed a point using a doomed chunk: that chunk is
    live again and kept, and so is its pack), commits the `sweep` entry first (conditional on
    the head: a commit meanwhile makes gc catch up and mark again), and only then deletes the
-   objects, in batches, checking its leases before each.
+   objects, in batches, checking its leases before each. The entry names every object deleted
+   (`swept_op`): a writer that stalled past its lease, caught up, refuses to commit one.
 
 **Repack** (`repack=True`, `gc --repack`; otherwise only its cost is reported): on object
 storage a rewrite costs egress and PUTs, while dropping whole dead packs costs one batched

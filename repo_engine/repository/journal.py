@@ -31,10 +31,11 @@ applies (index_replay.py, `Index.apply_entry`):
 | `plan`   | PlanOp(plan, time, refs, packs, maps,      | `ids` entries of `refs` removed (no more |
 |          | objects): gc's candidates                  | dedup against them); plan kept in `plans`|
 | `waits`  | WaitsOp(plan, leases)                      | the plan's leases noted                  |
-| `sweep`  | SweepOp(plan, refs, packs, maps); `refs`   | refs and packs removed, maps noted in    |
-|          | lists every ref of a swept pack            | `sweptmaps`, the plan dropped; the plan's|
-|          |                                            | refs kept get `ids` back (not damaged or |
-|          |                                            | doomed by another plan)                  |
+| `sweep`  | SweepOp(plan, refs, packs, maps); `refs`   | refs and packs removed, packs and maps   |
+|          | lists every ref of a swept pack, `packs`   | noted in `sweptmaps`, the plan dropped;  |
+|          | every pack deleted (unindexed ones too),   | the plan's refs kept get `ids` back (not |
+|          | `maps` the manifests deleted too           | damaged or doomed by another plan)       |
+|          | (`manifest_key`)                           |                                          |
 | `quarantine` | QuarantineOp(refs, reasons): chunks    | out of `ids`, listed in `unfindable` and |
 |          | `scrub --repair` found damaged             | `quarantine`, until a `pack` op places   |
 |          |                                            | them again (a heal)                      |
@@ -47,7 +48,8 @@ cache caught up to seq - 1.
 
 `new_plan_id()` makes a plan id (16 hex); `Index.pending_plans()` lists the pending plans
 (PendingPlan: the op and the leases gc waits for); `Index.doomed_maps(names)` says which map
-names a pending plan or a sweep lists; `Index.missing_refs(refs)` which refs a sweep removed.
+names a pending plan or a sweep lists; `Index.missing_refs(refs)` which refs a sweep removed;
+`Index.swept(names)` which packs, maps and manifests (`manifest_key`) a sweep deleted.
 """
 
 from __future__ import annotations
