@@ -526,6 +526,9 @@ class Repository:
             old = self.index.get_record(txn, point.id)
         if gone:
             raise ParentGone(gone)
+        if self.index.swept([manifest_key(point.id)]):
+            raise CommitStalled(f"gc deleted the manifest of point {point.id}, not "
+                                "catalogued yet")
         renewed = self._renew_maps(point, maps)
         refs = np.unique(np.concatenate([unique_refs(b) for b in maps.values()] or
                                         [np.zeros(0, np.uint64)]))
@@ -533,9 +536,6 @@ class Repository:
         if len(swept):
             raise CommitStalled(f"gc removed {len(swept)} chunks point {point.id} uses "
                                 f"(ref {int(swept[0])}, ...)")
-        if self.index.swept([manifest_key(point.id)]):
-            raise CommitStalled(f"gc deleted the manifest of point {point.id}, not "
-                                "catalogued yet")
         newest = "" if old else max((r["time"] for r in self.index.points_records(point.vm)),
                                     default="")
         if renewed or written.seq != (old["seq"] if old else seq):
