@@ -211,6 +211,31 @@ def test_a_point_whose_manifest_a_sweep_deletes_after_its_entry_is_never_committ
     restores_everything(root, tmp_path, {kept.id: model.copy_of_content()})
 
 
+def test_a_commit_that_lost_its_seq_checks_its_leases_again_before_its_next_attempt(
+        hosts, tmp_path, monkeypatch):
+    """a's commit loses the race for its seq to b's, and meanwhile a's lease is lost (removed
+    here; a stall past it alike): the next attempt checks the lease again and commits nothing."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 26)
+    kept = a.backup("vm", model)
+    write = journal.write_entry
+    raced: list[int] = []
+
+    def racing(store, entry, *sealer):
+        if not raced and store is a.repo.store:
+            raced.append(entry.seq)
+            b.repo.commit_journal(lambda _seq: [journal.RefsOp(1 << 40, 1)])
+            leases.clear_leases(a.repo.store, None, force=True)
+        write(store, entry, *sealer)
+
+    monkeypatch.setattr(journal, "write_entry", racing)
+    with a.repo.lock(SHARED, "backup image other"):
+        with pytest.raises(LeaseLost, match="was removed"):
+            a.repo.reserve_refs(1)
+    assert raced and max(journal.entry_seqs(a.repo.store)) == raced[0]  # b's entry only
+    restores_everything(root, tmp_path, {kept.id: model.copy_of_content()})
+
+
 # -- a cache the journal does not back ---------------------------------------------------------
 def journal_names(root) -> set[str]:
     return {p.name for p in (root / "journal").iterdir()}

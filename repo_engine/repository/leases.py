@@ -35,9 +35,9 @@ failed once, whose object is gone or replaced, or whose expiry passed on the hol
 a duration since its last write began passed on its monotonic clock, which no setting of the
 clock moves: set back, it would stretch the lease past other hosts' waits) is lost:
 `check()`, called before every attempt at a journal commit and every batch of deletes, raises
-LeaseLost (errors.py), and
-the command stops before it writes anything more. A maintenance holder's `check()` also fails when
-a higher generation of its lock exists (its lock expired and was taken over).
+LeaseLost (errors.py), and the command stops before it writes anything more. A maintenance
+holder's `check()` also fails when a higher generation of its lock exists (its lock expired and
+was taken over).
 
 A lease that cannot be read counts as live and never expires: only `unlock --force` removes it.
 The lease duration is LEASE_SECONDS unless the environment sets REPO_ENGINE_LEASE_SECONDS.
