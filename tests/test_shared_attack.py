@@ -619,6 +619,23 @@ def test_a_backup_whose_clock_was_set_back_loads_the_checkpoint_compacted_past_i
     restores_everything(root, tmp_path, contents)
 
 
+def test_a_backup_whose_clocks_stood_still_loads_the_checkpoint_compacted_past_its_cache(
+        hosts, tmp_path, monkeypatch):
+    """b's backup is between two commits (its packs uploaded) when its VM is paused for over an
+    hour: on its clocks no time passed, so its cache looks fresh. Meanwhile a compacted the
+    journal past b's cache. b's next commit finds the entry its cache stopped at gone: it loads
+    the checkpoint and commits at the head (else it would take the gap for the head and commit
+    where no other host reads: its point lost to them, its packs planned as unknown objects)."""
+    root, a, b = hosts
+    contents, stalled, seq = checkpointed_past_a_stalled_backup(hosts, tmp_path, monkeypatch, 31)
+    assert compact(a.repo.store, a.repo.index, grace=0) == 0  # first seen now
+    move_clocks(monkeypatch, STALE_AFTER + 1, wall=("checkpoint",))  # a's clocks
+    assert compact(a.repo.store, a.repo.index, grace=0) == seq
+    monkeypatch.setattr(b.repo.index, "refreshed_ago", lambda: 0.0)  # b's clocks stood still
+    contents[stalled.finish().id] = stalled.model.copy_of_content()
+    restores_everything(root, tmp_path, contents)
+
+
 def test_a_gc_whose_clock_runs_ahead_never_sweeps_what_a_live_backup_uploaded(
         hosts, tmp_path, monkeypatch):
     """b's backup is live (its lease renewed on time by its own clock) with a pack uploaded

@@ -43,7 +43,7 @@ from .config import RepoConfig, read_config, write_config
 from .crypto.null import NullSealer, PartOpener, Sealer
 from .index import Index, MapMissing, ParentGone
 from .journal import (Entry, ForgetOp, NothingToCommit, Op, PackOp, PointOp, RefsOp,
-                      append, manifest_key)
+                      append, entry_object, manifest_key)
 from .locks import EXCLUSIVE, SHARED, RepoLock, is_stale, list_locks
 from .packs import FinishedPack, PackKeys, PackWriter, pack_object, read_trailer
 from .points import (DiskRecord, PointRecord, encoded_point, point_object, read_point,
@@ -269,9 +269,21 @@ class Repository:
         gives up), then apply the entry to the cache, so this host's next lookups see it.
         Maintenance commits its own ops this way, e.g.
         `repo.commit_journal(lambda seq: [PlanOp(new_plan_id(), now, refs, packs, maps, objs)])`."""
-        entry = append(self.store, self.refresh, partial(self._attempt, build), self.sealer)
+        entry = append(self.store, self._head, partial(self._attempt, build), self.sealer)
         self.index.apply_entry(entry)
         return entry
+
+    def _head(self) -> int:
+        """`refresh()` for a commit, with the entry it stopped at checked to be still in the
+        store (one HEAD): entries are compacted past a cache only once their checkpoint is an
+        hour old, which the cache's own age tells (checkpoint.catch_up), but not to a writer
+        whose clocks stood still meanwhile (a VM paused for hours). Without the check it would
+        take the compacted gap for the head and commit where no other host reads; with it, it
+        loads the checkpoint (`refresh(check=True)`) and commits at the head."""
+        head = self.refresh()
+        if head and not self.store.exists(entry_object(head)):
+            head = self.refresh(check=True)
+        return head
 
     def _attempt(self, build: Callable[[int], list[Op]], seq: int) -> list[Op]:
         """`build(seq)` for one attempt at `seq`, each after checking this process's leases
