@@ -48,3 +48,24 @@ class SourceError(RepoError):
 class TamperedError(DamageError):
     """A sealed (encrypted) object failed authentication: changed, truncated, moved to another
     name, or sealed with a key the keyring does not hold (exit code 3)."""
+
+
+class LeaseLost(RepoError):
+    """This command's lease or lock in a shared repository's store is no longer its own (it
+    stalled past its lease, or the store failed its renewal): gc may have deleted what it wrote,
+    so it stops before it writes anything more. `reason` says how it was lost."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+class CommitStalled(RepoError):
+    """A commit found, caught up with the journal, that gc swept an object it names (a pack, a
+    manifest, a chunk) while the writer stalled past its lease: nothing is committed. `what`
+    says what gc deleted."""
+
+    def __init__(self, what: str, message: str = "") -> None:
+        super().__init__(message or f"this command stalled past its lease: {what}; nothing "
+                         "naming it was committed: run the command again")
+        self.what = what

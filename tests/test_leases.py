@@ -230,6 +230,28 @@ def test_expiry_is_judged_by_the_holders_clock(store, tmp_path, monkeypatch):
             a.check_leases()
 
 
+def test_a_renewal_stopped_past_the_lease_between_its_check_and_its_write_stays_lost(
+        store, tmp_path, monkeypatch):
+    """The renewal thread checks the lease, then the process stops (SIGSTOP, a paused VM, the
+    read-back hung) for longer than the lease, then it writes the record anew: gc may have
+    swept meanwhile, so the command's next check must find the lease expired."""
+    a = host(store, tmp_path, "a")
+    with a.lock(SHARED, "backup image web1") as held:
+        [lease] = held.leases
+        read_back = lease._still_ours
+        steady = leases.monotonic
+
+        def stopped_while_reading_back(*args):
+            read_back(*args)
+            monkeypatch.setattr(leases, "monotonic", lambda: steady() + lease.seconds + 1)
+
+        monkeypatch.setattr(lease, "_still_ours", stopped_while_reading_back)
+        lease.renew()
+        monkeypatch.setattr(lease, "_still_ours", read_back)
+        with pytest.raises(LeaseLost, match="after its last renewal, before it could be renewed"):
+            a.check_leases()
+
+
 def test_unlock_removes_expired_leases_and_force_removes_live_ones(store, tmp_path,
                                                                    monkeypatch):
     a = host(store, tmp_path, "a")

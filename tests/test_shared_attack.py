@@ -15,7 +15,8 @@ import pytest
 
 from helpers import (KIB, DiskModel, attach_shared, cli, move_clocks, shared_repo,
                      stopped_before_commit)
-from repo_engine.errors import DamageError, FormatError, RepoError
+from repo_engine import pause
+from repo_engine.errors import CommitStalled, DamageError, FormatError, RepoError
 from repo_engine.maintenance import shared_gc
 from repo_engine.maintenance.forget import forget_points
 from repo_engine.maintenance.gc import gc
@@ -90,6 +91,41 @@ def test_a_lease_renewed_after_it_expired_stays_lost(hosts, monkeypatch):
             a.repo.check_leases()
 
 
+def failing_backup(host: Host, vm: str, model: DiskModel
+                   ) -> tuple[threading.Thread, list[BaseException]]:
+    """`host` backs up `model` as `vm` in a thread (started); the list gets what it raised."""
+    failed: list[BaseException] = []
+
+    def backup() -> None:
+        try:
+            host.backup(vm, model)
+        except BaseException as exc:  # noqa: BLE001 (what the command reports)
+            failed.append(exc)
+
+    thread = threading.Thread(target=backup)
+    thread.start()
+    return thread, failed
+
+
+def sweep_past_a_paused_host(a: Host, paused: Host, monkeypatch) -> shared_gc.SharedGcReport:
+    """a's gc plans, then sweeps once it has seen `paused`'s leases unchanged past their span:
+    a's clocks move, `paused`'s do not (a VM its hypervisor paused sees no time pass, so its
+    own lease checks pass when it resumes)."""
+    move_clocks(monkeypatch, paused.repo.lease_seconds + 1, wall=("shared_gc",))
+    assert gc(a.repo, grace=0).plans_swept == 0  # the waits name paused's lease: seen from now
+    move_clocks(monkeypatch, 2 * paused.repo.lease_seconds + 2, wall=("shared_gc",))
+    swept = gc(a.repo, grace=0)
+    assert swept.plans_swept >= 1
+    paused.repo.check_leases()  # paused's clocks say its leases are fine
+    return swept
+
+
+def packs_entries_name(store) -> set[str]:
+    """The packs the journal's `pack` entries name."""
+    return {op.name for seq in journal.entry_seqs(store)
+            for op in journal.read_entry(store, seq).ops if isinstance(op, journal.PackOp)}
+
+
 def test_a_backup_suspended_past_its_lease_stores_no_point_naming_a_swept_pack(
         hosts, tmp_path, monkeypatch):
     """b's backup uploads a pack and is suspended before its journal entry; its lease expires;
@@ -100,16 +136,7 @@ def test_a_backup_suspended_past_its_lease_stores_no_point_naming_a_swept_pack(
     kept = a.backup("vm", model)
     content = model.copy_of_content()
     reached, go = stall_after_upload(b.repo, monkeypatch)
-    failed: list[BaseException] = []
-
-    def backup() -> None:
-        try:
-            b.backup("other", disk(tmp_path, "other", 22))
-        except BaseException as exc:  # noqa: BLE001 (what the command reports)
-            failed.append(exc)
-
-    thread = threading.Thread(target=backup)
-    thread.start()
+    thread, failed = failing_backup(b, "other", disk(tmp_path, "other", 22))
     assert reached.wait(60)
     uploaded = pack_bytes(a.repo.store)
     move_clocks(monkeypatch, b.repo.lease_seconds + 1, wall=("leases", "shared_gc"))
@@ -125,6 +152,88 @@ def test_a_backup_suspended_past_its_lease_stores_no_point_naming_a_swept_pack(
     thread.join(60)
     assert len(failed) == 1 and isinstance(failed[0], LeaseLost)
     restores_everything(root, tmp_path, {kept.id: content})
+
+
+def test_a_paused_vm_resumed_past_its_lease_indexes_no_pack_gc_swept(hosts, tmp_path,
+                                                                      monkeypatch):
+    """b's backup uploads a pack and its VM is paused (its clocks stop) before the pack's
+    journal entry; gc, seeing b's lease unchanged past its span, plans the pack no cache knows
+    and sweeps it. b resumes and its own lease checks pass: the sweep's note of the pack, found
+    caught up, refuses its entry (CommitStalled, one line). No entry names the deleted pack (no
+    host deduplicates against its chunks), no point is stored, and what a stored restores."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 23)
+    kept = a.backup("vm", model)
+    reached, go = stall_after_upload(b.repo, monkeypatch)
+    thread, failed = failing_backup(b, "other", disk(tmp_path, "other", 24))
+    assert reached.wait(60)
+    assert sweep_past_a_paused_host(a, b, monkeypatch).orphan_packs_deleted == 1
+    go.set()
+    thread.join(60)
+    assert len(failed) == 1 and isinstance(failed[0], CommitStalled), failed
+    message = str(failed[0])
+    assert message.startswith("the backup of 'other' stalled past its lease: gc deleted pack ")
+    assert message.endswith("; no restore point was stored: run the backup again")
+    assert "\n" not in message
+    packs = {i.name for i in a.repo.store.list("packs/")}
+    assert {pack_object(name) for name in packs_entries_name(a.repo.store)} <= packs
+    restores_everything(root, tmp_path, {kept.id: model.copy_of_content()})
+
+
+def test_a_point_whose_manifest_a_sweep_deletes_after_its_entry_is_never_committed(
+        hosts, tmp_path, monkeypatch):
+    """b backs up a copy of a's disk (every chunk and its map deduplicated: its manifest is all
+    it writes) and its VM is paused with the manifest written, before its entry. gc plans the
+    manifest no point names, sweeps it once b's lease is past its span, and is itself held up
+    between its sweep entry and the deletes. b resumes (its clocks saw no pause), loses its seq
+    to gc and writes its manifest again at the next: the sweep's note of the manifest refuses
+    the commit, so the deletes that follow leave no catalogued point without its manifest."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 25)
+    kept = a.backup("vm", model)
+    monkeypatch.setenv("REPO_ENGINE_PAUSE_DIR", str(tmp_path))
+    monkeypatch.setattr(pause, "_NAMES", frozenset({"repository.point_built"}))
+    thread, failed = failing_backup(b, "copy", model)
+    while not (tmp_path / "repository.point_built.reached").exists():
+        assert thread.is_alive()
+        threading.Event().wait(0.01)
+    held_up: list[list[str]] = []
+    monkeypatch.setattr(shared_gc, "_delete", lambda _repo, names: held_up.append(names))
+    assert sweep_past_a_paused_host(a, b, monkeypatch).manifests_deleted >= 1
+    (tmp_path / "repository.point_built.go").touch()
+    thread.join(60)
+    assert len(failed) == 1 and isinstance(failed[0], CommitStalled), failed
+    [manifest] = {name for names in held_up for name in names if name.startswith("points/")}
+    assert str(failed[0]) == (f"the backup of 'copy' stalled past its lease: gc deleted the "
+                              f"manifest of point {manifest[7:-6]}, not catalogued yet; no "
+                              "restore point was stored: run the backup again")
+    a.repo.store.delete([name for names in held_up for name in names])  # gc goes on
+    restores_everything(root, tmp_path, {kept.id: model.copy_of_content()})
+
+
+def test_a_commit_that_lost_its_seq_checks_its_leases_again_before_its_next_attempt(
+        hosts, tmp_path, monkeypatch):
+    """a's commit loses the race for its seq to b's, and meanwhile a's lease is lost (removed
+    here; a stall past it alike): the next attempt checks the lease again and commits nothing."""
+    root, a, b = hosts
+    model = disk(tmp_path, "vm", 26)
+    kept = a.backup("vm", model)
+    write = journal.write_entry
+    raced: list[int] = []
+
+    def racing(store, entry, *sealer):
+        if not raced and store is a.repo.store:
+            raced.append(entry.seq)
+            b.repo.commit_journal(lambda _seq: [journal.RefsOp(1 << 40, 1)])
+            leases.clear_leases(a.repo.store, None, force=True)
+        write(store, entry, *sealer)
+
+    monkeypatch.setattr(journal, "write_entry", racing)
+    with a.repo.lock(SHARED, "backup image other"):
+        with pytest.raises(LeaseLost, match="was removed"):
+            a.repo.reserve_refs(1)
+    assert raced and max(journal.entry_seqs(a.repo.store)) == raced[0]  # b's entry only
+    restores_everything(root, tmp_path, {kept.id: model.copy_of_content()})
 
 
 # -- a cache the journal does not back ---------------------------------------------------------
@@ -506,6 +615,23 @@ def test_a_backup_whose_clock_was_set_back_loads_the_checkpoint_compacted_past_i
     # an hour passes, and the wall clock, set an hour back, shows none of it
     move_clocks(monkeypatch, STALE_AFTER + 1, skew=-(STALE_AFTER + 1), wall=("checkpoint",))
     assert compact(a.repo.store, a.repo.index, grace=0) == seq
+    contents[stalled.finish().id] = stalled.model.copy_of_content()
+    restores_everything(root, tmp_path, contents)
+
+
+def test_a_backup_whose_clocks_stood_still_loads_the_checkpoint_compacted_past_its_cache(
+        hosts, tmp_path, monkeypatch):
+    """b's backup is between two commits (its packs uploaded) when its VM is paused for over an
+    hour: on its clocks no time passed, so its cache looks fresh. Meanwhile a compacted the
+    journal past b's cache. b's next commit finds the entry its cache stopped at gone: it loads
+    the checkpoint and commits at the head (else it would take the gap for the head and commit
+    where no other host reads: its point lost to them, its packs planned as unknown objects)."""
+    root, a, b = hosts
+    contents, stalled, seq = checkpointed_past_a_stalled_backup(hosts, tmp_path, monkeypatch, 31)
+    assert compact(a.repo.store, a.repo.index, grace=0) == 0  # first seen now
+    move_clocks(monkeypatch, STALE_AFTER + 1, wall=("checkpoint",))  # a's clocks
+    assert compact(a.repo.store, a.repo.index, grace=0) == seq
+    monkeypatch.setattr(b.repo.index, "refreshed_ago", lambda: 0.0)  # b's clocks stood still
     contents[stalled.finish().id] = stalled.model.copy_of_content()
     restores_everything(root, tmp_path, contents)
 

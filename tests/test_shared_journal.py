@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import blake3
@@ -15,7 +16,8 @@ import pytest
 
 from helpers import MIB, DiskModel, attach_shared, move_clocks, shared_repo
 from repo_engine.backup.job import BackupOptions, backup_vm
-from repo_engine.errors import DamageError, FormatError, RepoError
+from repo_engine.errors import CommitStalled, DamageError, FormatError, RepoError
+from repo_engine.maintenance.shared_gc import swept_op
 from repo_engine.maintenance.rebuild import rebuild_cache
 from repo_engine.repository import checkpoint
 from repo_engine.repository.blockmap import BlockMap
@@ -24,7 +26,10 @@ from repo_engine.repository.checkpoint import (checkpoint_object, load_checkpoin
 from repo_engine.repository.envelope import seal
 from repo_engine.repository.formats import JOURNAL
 from repo_engine.repository.journal import (HEAD_LEN, Entry, PlanOp, SweepOp, WaitsOp,
-                                            entry_object, entry_seqs, new_plan_id)
+                                            entry_object, entry_seqs, manifest_key,
+                                            new_plan_id)
+from repo_engine.repository.packs import FinishedPack, pack_object
+from repo_engine.repository.points import point_object
 from repo_engine.repository.store.local import LocalStore
 from repo_engine.restore.restorer import restore_disk
 from repo_engine.sources.image import ImageDisk, image_snapshot
@@ -251,6 +256,37 @@ def test_plan_makes_refs_unfindable_and_sweep_removes_them(shared, tmp_path):
     with pytest.raises(RepoError, match="stalled past its lease"):
         host.commit_point(stalled, {point.disks[0].map: bmap})
     host.close()
+
+
+def test_a_sweeps_notes_of_an_unindexed_pack_and_a_manifest_reach_every_host(shared, tmp_path):
+    """A sweep that deleted a pack no cache indexed and a manifest no point named (a backup's
+    that stalled past its lease) notes both on every host, through the journal and through a
+    checkpoint: there a pack entry naming that pack, or the point's commit, is refused."""
+    point, content = back_up(shared, tmp_path, "vm", 14)
+    pack, late = "ef" * 32, replace(point, id="1" * 16, disks=list(point.disks))
+    objects = [pack_object(pack), point_object(late.id)]
+    plan = new_plan_id()
+    shared.commit_journal(lambda _seq: [PlanOp(plan, "t", np.zeros(0, np.uint64), [], [],
+                                               objects)])
+    shared.commit_journal(lambda _seq: [swept_op(plan, np.zeros(0, np.uint64), [], [],
+                                                 objects)])
+    replayed = fresh_host(tmp_path, "cache-replayed")
+    replayed.refresh()
+    write_checkpoint(shared.store, shared.index)
+    loaded = fresh_host(tmp_path, "cache-loaded")
+    loaded.refresh()  # an empty cache loads the newest checkpoint
+    assert loaded.index.journal_seq == replayed.index.journal_seq
+    for host in (shared, replayed, loaded):
+        assert host.index.swept({pack, manifest_key(late.id), "ab" * 32}) == {
+            pack, manifest_key(late.id)}
+        with pytest.raises(CommitStalled, match=f"gc deleted pack {pack}, uploaded and not"):
+            host.index_packs([FinishedPack(pack, 0, [])])
+        with pytest.raises(CommitStalled, match=f"gc deleted the manifest of point {late.id}"):
+            host.commit_point(late)
+        assert [p.id for p in host.points()] == [point.id]
+        assert restores(host, point, content, tmp_path)
+    replayed.close()
+    loaded.close()
 
 
 def test_a_commit_naming_a_doomed_map_writes_it_salted(shared, tmp_path):

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
+from ..pause import pause_point
 from ..repository.packs import FinishedPack, PackWriter, SealedPack
 from ..repository.repo import Repository
 
@@ -142,7 +143,10 @@ class _PackSink(threading.Thread):
             if self.error is not None or self.discard:
                 sealed.discard()  # the backup failed or ends: no point will name it
                 return
-            self._indexer.add(sealed.publish(self._repo.store))
+            published = sealed.publish(self._repo.store)
+            # durable, and named by no journal entry yet: gc finds it in no cache
+            pause_point("backup.packs_published")
+            self._indexer.add(published)
         except BaseException as exc:
             self._fail(exc)
         finally:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import DamageError, RepoError, SourceError
+from ..errors import CommitStalled, DamageError, LeaseLost, RepoError, SourceError
 from ..pause import pause_point
 from ..repository.blockmap import BlockMap
 from ..repository.index import ParentGone
@@ -212,6 +212,8 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
             pause_point("backup.before_commit")
             committing = point.id
             _commit(repo, point, step.stored, step.maps)
+        except (LeaseLost, CommitStalled) as exc:
+            raise _stalled(exc, snapshot.vm) from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise RepoError(f"the repository's filesystem is full ({exc.strerror}); "
@@ -227,6 +229,18 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
         if len(blocks):
             repo.index.clear_reread(snapshot.vm, key, blocks)
     return point
+
+
+def _stalled(exc: LeaseLost | CommitStalled, vm: str) -> RepoError:
+    """The one line of a backup that lost its lease, or whose commit found that gc swept what
+    it wrote: a shared repository's gc took it for dead (a process stopped, a VM paused, a long
+    hang) and may have deleted its packs, so nothing was committed that names them."""
+    if isinstance(exc, CommitStalled):
+        return CommitStalled(exc.what, f"the backup of {vm!r} stalled past its lease: "
+                             f"{exc.what}; no restore point was stored: run the backup again")
+    return LeaseLost(f"the backup of {vm!r} stalled past its lease ({exc.reason}): gc may have "
+                     "deleted what it wrote, so no restore point was stored: run the backup "
+                     "again", exc.reason)
 
 
 def _not_stored(repo: Repository, committing: str) -> str:

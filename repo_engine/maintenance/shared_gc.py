@@ -22,7 +22,8 @@ gc cannot ask "who may still use this chunk?" directly. It asks the journal and 
    marks again (a waited backup may have committed a point using a doomed chunk: that chunk is
    live again and kept, and so is its pack), commits the `sweep` entry first (conditional on
    the head: a commit meanwhile makes gc catch up and mark again), and only then deletes the
-   objects, in batches, checking its leases before each.
+   objects, in batches, checking its leases before each. The entry names every object deleted
+   (`swept_op`): a writer that stalled past its lease, caught up, refuses to commit one.
 
 **Repack** (`repack=True`, `gc --repack`; otherwise only its cost is reported): on object
 storage a rewrite costs egress and PUTs, while dropping whole dead packs costs one batched
@@ -64,7 +65,7 @@ from ..repository.checkpoint import checkpoint_due, compact, write_checkpoint
 from ..repository.index import Index
 from ..repository.index_records import PACK_KEY, REF_KEY, REF_REC, pack_fields
 from ..repository.journal import (NothingToCommit, PackOp, PendingPlan, PlanOp, SweepOp,
-                                   WaitsOp, new_plan_id)
+                                   WaitsOp, manifest_key, new_plan_id)
 from ..repository.leases import SESSION, Found, LeaseInfo, iso, list_leases, now, sighted
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import (FinishedPack, PackWriter, blob_bytes, pack_object,
@@ -469,7 +470,9 @@ def _sweep_ready(repo: Repository, marker: Marker, report: SharedGcReport, grace
 class _Doomed:
     """What a sweep deletes, decided with the cache caught up to the sweep's seq."""
 
-    op: SweepOp
+    op: SweepOp  # lists the objects below too: `swept_op`
+    packs: list[str]  # indexed packs
+    maps: list[str]
     objects: list[str]  # doomed store objects the cache still does not know
     freed: int  # bytes of the indexed packs deleted
     kept_refs: int
@@ -477,8 +480,22 @@ class _Doomed:
     stored: int  # stored bytes of the refs swept
 
     def names(self) -> list[str]:
-        return ([pack_object(n) for n in self.op.packs] + [map_object(n) for n in self.op.maps]
+        return ([pack_object(n) for n in self.packs] + [map_object(n) for n in self.maps]
                 + self.objects)
+
+
+def swept_op(plan: str, refs: np.ndarray, packs: list[str], maps: list[str],
+             objects: list[str]) -> SweepOp:
+    """The `sweep` entry of a sweep deleting `packs` (indexed), `maps` and the store `objects`
+    no cache knows (packs and manifests): it lists every pack it deletes in `packs` and every
+    manifest, as journal.manifest_key, in `maps`. Every cache notes them all as swept, so a
+    writer that stalled past its lease, caught up, refuses to commit a pack entry or a point
+    naming one (Repository.pack_ops, _point_ops) instead of naming an object gc deleted; a
+    repo-engine that knows no such notes drops the packs it does not place (none) and notes the
+    manifests as maps no writer names."""
+    orphans = [_stem(o) for o in objects if o.startswith("packs/")]
+    manifests = [manifest_key(_stem(o)) for o in objects if o.startswith("points/")]
+    return SweepOp(plan, refs, packs + orphans, maps + manifests)
 
 
 def _sweep(repo: Repository, marker: Marker, plan: PendingPlan,
@@ -500,8 +517,8 @@ def _sweep(repo: Repository, marker: Marker, plan: PendingPlan,
     report.stored_bytes_dropped += doomed.stored
     report.resurrected += doomed.kept_refs
     report.packs_kept_live += doomed.kept_packs
-    report.packs_deleted += len(doomed.op.packs)
-    report.maps_deleted += len(doomed.op.maps)
+    report.packs_deleted += len(doomed.packs)
+    report.maps_deleted += len(doomed.maps)
     report.manifests_deleted += sum(o.startswith("points/") for o in doomed.objects)
     report.orphan_packs_deleted += len(orphans)
     report.freed_bytes += doomed.freed + orphan_bytes
@@ -535,8 +552,8 @@ def _sweep_op(repo: Repository, marker: Marker, plan: PlanOp) -> _Doomed:
     gone_packs = [n for n in plan.packs if indexed.get(n) not in placing]
     maps = [n for n in plan.maps if n not in mark.maps]
     objects = [o for o in plan.objects if not _known(o, indexed, mark)]
-    refs = np.concatenate(swept or [np.zeros(0, np.uint64)])
-    return _Doomed(SweepOp(plan.plan, refs.astype(np.uint64, copy=False), gone_packs, maps),
+    refs = np.concatenate(swept or [np.zeros(0, np.uint64)]).astype(np.uint64, copy=False)
+    return _Doomed(swept_op(plan.plan, refs, gone_packs, maps, objects), gone_packs, maps,
                    objects,
                    freed=sum(packs.names[indexed[n]][1] for n in gone_packs if n in indexed),
                    kept_refs=kept_refs, kept_packs=len(plan.packs) - len(gone_packs),
@@ -545,12 +562,17 @@ def _sweep_op(repo: Repository, marker: Marker, plan: PlanOp) -> _Doomed:
 
 def _known(name: str, indexed: dict[str, int], mark: Mark) -> bool:
     """Whether the cache now knows a store object a plan found unknown."""
-    stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
+    stem = _stem(name)
     if name.startswith("packs/"):
         return stem in indexed
     if name.startswith("points/"):
         return stem in mark.catalogued
     return True  # not a kind a plan lists: never deleted
+
+
+def _stem(name: str) -> str:
+    """The pack name or point id of a store object's name."""
+    return name.rsplit("/", 1)[-1].split(".", 1)[0]
 
 
 def _delete(repo: Repository, names: list[str]) -> None:

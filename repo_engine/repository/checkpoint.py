@@ -25,7 +25,7 @@ over the stored bytes (a keyless scrub checks them); the tags and lengths stay r
 | `QUAR` | list of reasons, one per ref                   | quarantined refs u64[]            |
 | `PNTS` | list of catalog records                        | —                                 |
 | `PLAN` | plan, time, packs, maps, objects, leases       | refs u64[]                        |
-| `SWPT` | {}                                             | swept map names [32], then seqs u64[] |
+| `SWPT` | {}                                             | `sweptmaps` names [32], then seqs u64[] |
 | `END!` | records: how many came before (last)           | —                                 |
 
 A reader loads a checkpoint into the cache in one write transaction, which commits only after

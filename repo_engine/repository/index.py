@@ -69,7 +69,7 @@ counts are not kept (meta `counts` = 0: gc on a shared repository recounts). Tab
 | database  | key                  | value                                                      |
 |-----------|----------------------|------------------------------------------------------------|
 | plans     | plan id (16 hex)     | u32 JSON length, JSON {time, packs, maps, objects, leases}, refs u64[] |
-| sweptmaps | map name [32]        | u64: the seq of the entry that swept the map               |
+| sweptmaps | name [32]: a map, a pack, or a manifest (point id [8], 24 zero bytes) | u64: the seq of the entry that swept it |
 """
 
 from __future__ import annotations

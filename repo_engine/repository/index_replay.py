@@ -5,7 +5,7 @@ on top of the entry before it, and the pending plans and retired key epochs the 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import lmdb
 import numpy as np
@@ -82,8 +82,12 @@ class Replay:
         for name, delta in (("chunks", held), ("raw_bytes", raw_bytes),
                             ("stored_bytes", stored)):
             self._add(txn, name, -min(delta, self._get_u64(txn, name.encode(), self.meta)))
+        # every object the sweep deletes is noted, so that a writer that stalled past its lease
+        # learns it, caught up, before it commits anything naming one (Repository.pack_ops,
+        # _point_ops): its packs (those no cache knows too) and its maps and manifests
         for pack in op.packs:
             self._drop_pack(txn, bytes.fromhex(pack))
+            txn.put(bytes.fromhex(pack), U64.pack(seq), db=self.sweptmaps)
         for name in op.maps:
             txn.put(bytes.fromhex(name), U64.pack(seq), db=self.sweptmaps)
         txn.delete(op.plan.encode(), db=self.plans)
@@ -131,6 +135,12 @@ class Replay:
     def retired_epochs(self) -> set[int]:
         with self.env.begin() as txn:
             return self.retired_in(txn)
+
+    def swept(self, names: Collection[str]) -> set[str]:
+        """Those of `names` (64 hex: packs, maps, journal.manifest_key of manifests) a sweep
+        deleted."""
+        with self.env.begin() as txn:
+            return {n for n in names if txn.get(bytes.fromhex(n), db=self.sweptmaps) is not None}
 
     def doomed_maps(self, names: set[str]) -> set[str]:
         """Those of `names` that a pending plan or a sweep names: gc deletes, or may delete,

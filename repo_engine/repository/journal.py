@@ -31,10 +31,11 @@ applies (index_replay.py, `Index.apply_entry`):
 | `plan`   | PlanOp(plan, time, refs, packs, maps,      | `ids` entries of `refs` removed (no more |
 |          | objects): gc's candidates                  | dedup against them); plan kept in `plans`|
 | `waits`  | WaitsOp(plan, leases)                      | the plan's leases noted                  |
-| `sweep`  | SweepOp(plan, refs, packs, maps); `refs`   | refs and packs removed, maps noted in    |
-|          | lists every ref of a swept pack            | `sweptmaps`, the plan dropped; the plan's|
-|          |                                            | refs kept get `ids` back (not damaged or |
-|          |                                            | doomed by another plan)                  |
+| `sweep`  | SweepOp(plan, refs, packs, maps); `refs`   | refs and packs removed, packs and maps   |
+|          | lists every ref of a swept pack, `packs`   | noted in `sweptmaps`, the plan dropped;  |
+|          | every pack deleted (unindexed ones too),   | the plan's refs kept get `ids` back (not |
+|          | `maps` the manifests deleted too           | damaged or doomed by another plan)       |
+|          | (`manifest_key`)                           |                                          |
 | `quarantine` | QuarantineOp(refs, reasons): chunks    | out of `ids`, listed in `unfindable` and |
 |          | `scrub --repair` found damaged             | `quarantine`, until a `pack` op places   |
 |          |                                            | them again (a heal)                      |
@@ -47,7 +48,8 @@ cache caught up to seq - 1.
 
 `new_plan_id()` makes a plan id (16 hex); `Index.pending_plans()` lists the pending plans
 (PendingPlan: the op and the leases gc waits for); `Index.doomed_maps(names)` says which map
-names a pending plan or a sweep lists; `Index.missing_refs(refs)` which refs a sweep removed.
+names a pending plan or a sweep lists; `Index.missing_refs(refs)` which refs a sweep removed;
+`Index.swept(names)` which packs, maps and manifests (`manifest_key`) a sweep deleted.
 """
 
 from __future__ import annotations
@@ -189,6 +191,13 @@ class NothingToCommit(Exception):
     def __init__(self, result: object = None) -> None:
         super().__init__()
         self.result = result
+
+
+def manifest_key(point_id: str) -> str:
+    """How a sweep lists, among its `maps`, the manifest of point `point_id` it deletes (not
+    catalogued: a writer's that stalled past its lease, or a forgotten point's), and how the
+    cache notes it in `sweptmaps`: the id's 8 bytes and 24 zero bytes, 64 hex as a map name."""
+    return point_id + "00" * 24
 
 
 def new_plan_id() -> str:

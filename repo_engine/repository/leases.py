@@ -34,9 +34,10 @@ only its own object after reading back its token. A lease whose renewal
 failed once, whose object is gone or replaced, or whose expiry passed on the holder's clock (or
 a duration since its last write began passed on its monotonic clock, which no setting of the
 clock moves: set back, it would stretch the lease past other hosts' waits) is lost:
-`check()`, called before every journal commit and every batch of deletes, raises LeaseLost, and
-the command stops before it writes anything more. A maintenance holder's `check()` also fails when
-a higher generation of its lock exists (its lock expired and was taken over).
+`check()`, called before every attempt at a journal commit and every batch of deletes, raises
+LeaseLost (errors.py), and the command stops before it writes anything more. A maintenance
+holder's `check()` also fails when a higher generation of its lock exists (its lock expired and
+was taken over).
 
 A lease that cannot be read counts as live and never expires: only `unlock --force` removes it.
 The lease duration is LEASE_SECONDS unless the environment sets REPO_ENGINE_LEASE_SECONDS.
@@ -91,7 +92,7 @@ from datetime import datetime, timedelta, timezone
 from functools import partial
 from typing import Protocol
 
-from ..errors import DamageError, FormatError, LockedError, RepoError
+from ..errors import DamageError, FormatError, LeaseLost, LockedError, RepoError
 from ..units import MAX_SECONDS
 from .envelope import read_sealed, write_sealed
 from .formats import LEASE
@@ -112,10 +113,6 @@ ELSEWHERE = ("its record names this host but was written before its last boot, o
 _LOCK_NAME = re.compile(r"leases/(?P<base>maintenance|vm-[0-9a-f]{32})-(?P<gen>[0-9a-f]{16})\.lock")
 _SESSION_NAME = re.compile(r"leases/[A-Za-z0-9_-]+-[0-9]+-[0-9a-f]{8}\.lease")
 SEEN_KEY = b"leases_seen"  # meta of a host's cache: when it first saw each record as it is
-
-
-class LeaseLost(RepoError):
-    """This command's lease or maintenance lock is no longer its own: it must stop writing."""
 
 
 def lease_seconds() -> float:
@@ -390,10 +387,14 @@ class Lease:
             if self.lost or self._stop.is_set():
                 return
             try:
-                self._unexpired()  # a holder suspended past its expiry resumes: gc may have
-                self._still_ours()  # swept what it wrote, renewing would hide that
-                renewed = replace(self.info, expires=iso(now() + timedelta(seconds=self.seconds)))
+                # read before the checks: a holder stopped between them and the write (the
+                # check's GET hung, the process or its VM stopped) renews its record after gc
+                # may have judged it ended and swept what it wrote; timed from this reading, the
+                # lease counts as written before the stop, so the next check finds it expired
                 written = monotonic()
+                self._unexpired(written)  # a holder suspended past its expiry resumes: gc may
+                self._still_ours()  # have swept what it wrote, renewing would hide that
+                renewed = replace(self.info, expires=iso(now() + timedelta(seconds=self.seconds)))
                 write_lease(self.store, self.name, renewed)
                 self.info, self._written = renewed, written
             except LeaseLost as exc:
@@ -408,8 +409,11 @@ class Lease:
             raise LeaseLost(f"{self._what()} was removed (by 'repo-engine unlock --force', or "
                             "as expired)")
 
-    def _unexpired(self) -> None:
-        if self.info.expired(now()) or monotonic() - self._written >= self.seconds:
+    def _unexpired(self, at: float | None = None) -> None:
+        """LeaseLost when the lease expired on this host's clock, or a duration passed since
+        its last write began by `at` (a reading of `monotonic`; None: now)."""
+        at = monotonic() if at is None else at
+        if self.info.expired(now()) or at - self._written >= self.seconds:
             raise LeaseLost(f"{self._what()} expired at {self.info.expires} on this host's "
                             f"clock, or {self.seconds:g} s after its last renewal, before it "
                             "could be renewed")
@@ -430,7 +434,7 @@ class Lease:
         except LeaseLost as exc:
             self.lost = str(exc)
             raise LeaseLost(f"{exc}; this {self.info.command!r} stops before it writes anything "
-                            "more: run it again") from None
+                            "more: run it again", str(exc)) from None
 
     def _still_highest(self) -> LeaseInfo | None:
         """LeaseLost when a higher generation of the lock exists; else our record as listed

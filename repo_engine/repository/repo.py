@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 import numpy as np
 
-from ..errors import (DamageError, LockedError, NotARepository, PointNotFound, RepoError,
-                      UsageError)
+from ..errors import (CommitStalled, DamageError, LockedError, NotARepository, PointNotFound,
+                      RepoError, UsageError)
 from ..pause import pause_point
 from .blockmap import (BlockMap, MapBatch, MapStream, map_object, map_refs, open_map,
                        read_map, resolve_windows, unique_nonzero, write_map)
@@ -43,7 +43,7 @@ from .config import RepoConfig, read_config, write_config
 from .crypto.null import NullSealer, PartOpener, Sealer
 from .index import Index, MapMissing, ParentGone
 from .journal import (Entry, ForgetOp, NothingToCommit, Op, PackOp, PointOp, RefsOp,
-                      append)
+                      append, entry_object, manifest_key)
 from .locks import EXCLUSIVE, SHARED, RepoLock, is_stale, list_locks
 from .packs import FinishedPack, PackKeys, PackWriter, pack_object, read_trailer
 from .points import (DiskRecord, PointRecord, encoded_point, point_object, read_point,
@@ -250,7 +250,7 @@ class Repository:
 
     def check_leases(self) -> None:
         """LeaseLost when a lease of a lock this process holds was lost: called before every
-        journal commit and every batch of deletes on a shared repository."""
+        attempt at a journal commit and every batch of deletes on a shared repository."""
         for held in self.held:
             held.check()
 
@@ -269,16 +269,31 @@ class Repository:
         gives up), then apply the entry to the cache, so this host's next lookups see it.
         Maintenance commits its own ops this way, e.g.
         `repo.commit_journal(lambda seq: [PlanOp(new_plan_id(), now, refs, packs, maps, objs)])`."""
-        self.check_leases()
-        entry = append(self.store, self.refresh, partial(self._unretired, build), self.sealer)
+        entry = append(self.store, self._head, partial(self._attempt, build), self.sealer)
         self.index.apply_entry(entry)
         return entry
 
-    def _unretired(self, build: Callable[[int], list[Op]], seq: int) -> list[Op]:
-        """`build(seq)`, unless this process sealed something under a key epoch `key retire`
-        retired meanwhile (it opened the repository before the rotation): what it wrote would
-        become unreadable once the epoch's key is dropped, so none of it may be committed.
-        The entry itself is sealed under an epoch that is not retired (`Sealer.avoid`)."""
+    def _head(self) -> int:
+        """`refresh()` for a commit, with the entry it stopped at checked to be still in the
+        store (one HEAD): entries are compacted past a cache only once their checkpoint is an
+        hour old, which the cache's own age tells (checkpoint.catch_up), but not to a writer
+        whose clocks stood still meanwhile (a VM paused for hours). Without the check it would
+        take the compacted gap for the head and commit where no other host reads; with it, it
+        loads the checkpoint (`refresh(check=True)`) and commits at the head."""
+        head = self.refresh()
+        if head and not self.store.exists(entry_object(head)):
+            head = self.refresh(check=True)
+        return head
+
+    def _attempt(self, build: Callable[[int], list[Op]], seq: int) -> list[Op]:
+        """`build(seq)` for one attempt at `seq`, each after checking this process's leases
+        (an attempt that lost the race for its seq may have waited out its lease meanwhile: a
+        stall between attempts is caught as before the first), unless this process sealed
+        something under a key epoch `key retire` retired meanwhile (it opened the repository
+        before the rotation): what it wrote would become unreadable once the epoch's key is
+        dropped, so none of it may be committed. The entry itself is sealed under an epoch that
+        is not retired (`Sealer.avoid`)."""
+        self.check_leases()
         retired = self.index.retired_epochs()
         self.sealer.avoid(retired)
         retired &= self.sealer.sealed_epochs
@@ -320,10 +335,21 @@ class Repository:
         durable in the store) in the index; in a shared repository as one journal entry, so
         that packs published together cost one commit."""
         if self.config.shared:
-            self.commit_journal(lambda _seq: [PackOp.of(pack) for pack in packs])
+            self.commit_journal(partial(self.pack_ops, packs))
             return
         for pack in packs:
             self.index.commit_pack(pack)
+
+    def pack_ops(self, packs: list[FinishedPack], _seq: int) -> list[Op]:
+        """The `pack` ops of `packs`, with the cache caught up: CommitStalled when a sweep
+        deleted one (the writer stalled past its lease after publishing it, and gc found it in
+        no cache). Indexed all the same, it would place chunks that are gone, and other hosts
+        would deduplicate against them."""
+        swept = self.index.swept([pack.name for pack in packs])
+        if swept:
+            raise CommitStalled(f"gc deleted pack {min(swept)}, uploaded and not yet "
+                                "indexed")
+        return [PackOp.of(pack) for pack in packs]
 
     def reserve_refs(self, count: int) -> range:
         """Fresh refs for new chunks, never handed out before: `count` of them from the index's
@@ -501,27 +527,33 @@ class Repository:
                    seq: int) -> list[Op]:
         """The journal commit of `point` at `seq`, with the cache caught up to seq - 1: every
         parent still catalogued (else ParentGone), no map gc doomed or deleted (such a map is
-        written again, salted when doomed), no ref swept (the backup stalled past its lease);
-        then the manifest, with the point's commit sequence, durable before the entry."""
+        written again, salted when doomed), no ref swept and no manifest of the point swept
+        (else CommitStalled: the writer stalled past its lease); then the manifest, with the
+        point's commit sequence, durable before the entry. A sweep that took a seq before
+        `seq` may still be deleting what it swept: only what it noted tells (journal
+        `sweep`); one after it is built caught up to this entry, and keeps what it names."""
         with self.index.env.begin() as txn:  # the records it needs, not the whole catalog
             gone = {d.parent for d in point.disks
                     if d.parent and self.index.get_record(txn, d.parent) is None}
             old = self.index.get_record(txn, point.id)
         if gone:
             raise ParentGone(gone)
+        if self.index.swept([manifest_key(point.id)]):
+            raise CommitStalled(f"gc deleted the manifest of point {point.id}, not "
+                                "catalogued yet")
         renewed = self._renew_maps(point, maps)
         refs = np.unique(np.concatenate([unique_refs(b) for b in maps.values()] or
                                         [np.zeros(0, np.uint64)]))
         swept = self.index.missing_refs(refs)
         if len(swept):
-            raise RepoError(f"the backup stalled past its lease: gc removed {len(swept)} chunks "
-                            f"it uses (ref {int(swept[0])}, ...); no restore point was stored; "
-                            "run the backup again")
+            raise CommitStalled(f"gc removed {len(swept)} chunks point {point.id} uses "
+                                f"(ref {int(swept[0])}, ...)")
         newest = "" if old else max((r["time"] for r in self.index.points_records(point.vm)),
                                     default="")
         if renewed or written.seq != (old["seq"] if old else seq):
             _seal(self.store, point, old["seq"] if old else seq, newest, sealer=self.sealer)
             written.seq = point.seq
+        pause_point("repository.point_built")  # the manifest durable, the entry not written
         return [PointOp(point.summary())]
 
     def _renew_maps(self, point: PointRecord, maps: dict[str, BlockMap]) -> bool:
