@@ -22,6 +22,10 @@ and a queued pack file is deleted only when its name is not listed in `packnames
 
 A run, each step crash-safe (a rerun finishes it):
 
+0. Refuse, before anything is done, while a catalogued point's chain is broken (an ancestor not
+   catalogued: its manifest lost, then the index rebuilt): the lost
+   ancestor's map is counted by no record, so the chunks only it holds would look unused, yet
+   the map and those chunks are what mends the chain once its record is put back.
 1. Finish removals a forget left marked (forget.py).
 2. Apply owed decrements (incremental) or recount (full). Candidates = `gcq`. When the dead maps
    far outnumber the maps in use (a forget of most points: the first prune of a long history),
@@ -66,7 +70,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from ..errors import DamageError, LockedError, RepoError
+from ..errors import ChainBroken, DamageError, LockedError, RepoError
 from ..repository.store import ObjectDamaged, ObjectMissing
 from ..pause import pause_point
 from ..repository.index import CHECK_FAILED, PRESENT, U64, WRONG_SIZE, Index, lacks
@@ -82,8 +86,8 @@ from ..repository.seals import KEY, CountDamaged, seal_rows
 from . import forget
 from .deleter import Deleter
 from .forget import ForgetReport
-from .inventory import (count_damage, dead_tmp_files, dead_writes, list_store, remove_files,
-                        scan_sealed, sessions, trusted_unfindable, wait_for)
+from .inventory import (chain_gap, count_damage, dead_tmp_files, dead_writes, list_store,
+                        remove_files, scan_sealed, sessions, trusted_unfindable, wait_for)
 from .tally import ROWS, RefTable, Tally, read_ref_table, ref_rows, sealed_batches
 
 Tick = Callable[[str], None]
@@ -168,6 +172,7 @@ def forget_and_collect(repo: Repository, ids: list[str], *,
         return forget.forget_points(repo, ids, tick=tick), gc(repo)
     report = GcReport()
     with repo.lock(MAINTENANCE, "forget --prune") as lock, Deleter(repo.store) as deleter:
+        refuse_broken_chains(repo)  # before the forget: its prune would be refused
         forgotten = forget.forget_locked(repo, ids, tick=tick, deleter=deleter)
         started_gc = time.monotonic()
         collect(repo, lock.path, deleter, report)
@@ -182,6 +187,7 @@ def collect(repo: Repository, lock_path: Path, deleter: Deleter, report: GcRepor
     """A gc run (steps 1 to 7) for a caller holding the maintenance lock (its file:
     `lock_path`), its deletions through `deleter`."""
     placed: Placed = _no_places
+    refuse_broken_chains(repo)
     report.forgets_finished = len(forget.finish_pending(repo, deleter).removed)
     with repo.index.env.begin() as txn:
         trusted_unfindable(repo.index, txn)  # a doomed ref may have lost its listing
@@ -211,6 +217,30 @@ def collect(repo: Repository, lock_path: Path, deleter: Deleter, report: GcRepor
         report.waited_seconds += wait_for(repo, sessions(repo, lock_path),
                                           timeout=wait_timeout, tick=tick)
         _delete_dead_packs(repo, report, listed.pack_sizes, deleter)
+
+
+# -- step 0: chains whole ----------------------------------------------------------------------
+GC_ADVICE = ("gc deletes nothing while a chain is broken (chunks only the lost ancestor's map "
+             "holds would look unused): put its manifest back and run 'repo-engine "
+             "rebuild-index', or forget the points whose chain is broken ('repo-engine verify' "
+             "lists them)")
+
+
+def refuse_broken_chains(repo: Repository) -> None:
+    """ChainBroken when a catalogued point's chain lacks an ancestor (a manifest lost, then
+    the index rebuilt without it): that ancestor's map is no longer counted, and its chunks,
+    which the point still needs, would be collected. A map in use that cannot be read needs
+    no refusal: its counts stay (`gc --full`, which would recount without it, refuses). One
+    pass over the catalog, as the mark's."""
+    points = repo.points()
+    catalog = {p.id: p for p in points}
+    for point in points:
+        for disk in point.disks:
+            gap = chain_gap(catalog, point, disk.key)
+            if gap is not None:
+                cause = (f"has no disk {disk.key!r}" if gap in catalog else
+                         "is not in the catalog (its manifest is missing or damaged)")
+                raise ChainBroken(point.id, disk.key, gap, cause, GC_ADVICE)
 
 
 # -- step 2: counts -----------------------------------------------------------------------------

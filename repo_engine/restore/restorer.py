@@ -18,7 +18,7 @@ import numpy as np
 import vddk_ext
 
 from ..backup.extents import blocks_to_extents
-from ..errors import DamageError, PointNotFound, UsageError
+from ..errors import ChainBroken, DamageError, PointNotFound, UsageError
 from ..repository.blockmap import SEGMENT_BLOCKS, window_starts, zip_windows
 from ..repository.packs import pack_object
 from ..repository.locks import SHARED
@@ -618,6 +618,8 @@ def _naming(point: PointRecord, key: str) -> Iterator[None]:
     """Damage met (a missing block map, an index entry, ...) also names the point and disk."""
     try:
         yield
+    except ChainBroken:
+        raise  # names the point and disk already, and what to do instead
     except DamageError as exc:
         raise DamageError(f"{exc}; disk {key} of point {point.id[:8]} cannot be restored "
                           f"whole: {_REPAIR}") from None
