@@ -211,11 +211,13 @@ def collect(repo: Repository, lock_path: Path, deleter: Deleter, report: GcRepor
     report.candidates = len(listed.candidates)
     report.waited_seconds += wait_for(repo, sessions(repo, lock_path), timeout=wait_timeout,
                                       tick=tick)
+    repo.check_locks()  # the waits counted on our lock: another gc may hold one now
     _sweep(repo, listed, report, placed, deleter)
     _repack(repo, max_unused, report, tick)
     if _any_dead_pack(repo):
         report.waited_seconds += wait_for(repo, sessions(repo, lock_path),
                                           timeout=wait_timeout, tick=tick)
+        repo.check_locks()
         _delete_dead_packs(repo, report, listed.pack_sizes, deleter)
 
 
@@ -947,6 +949,7 @@ def _swap(repo: Repository, writer: PackWriter, old: list[int], report: GcReport
     """New pack durable first, then one transaction moves the refs and retires the old packs."""
     finished = writer.finish()
     index = repo.index
+    repo.check_locks()
     with index.write() as txn:
         number = index.new_pack_number(txn)
         live = stored = 0

@@ -248,6 +248,13 @@ class Repository:
         return any(held.kind == SHARED and any(lease.info.kind == SESSION for lease in held.leases)
                    for held in self.held)
 
+    def check_locks(self) -> None:
+        """LockedError when a lock this object holds was taken from it (RepoLock.check);
+        LeaseLost when a lease was lost: called before each commit."""
+        for lock in self._locks:
+            lock.check()
+        self.check_leases()
+
     def check_leases(self) -> None:
         """LeaseLost when a lease of a lock this process holds was lost: called before every
         journal commit and every batch of deletes on a shared repository."""
@@ -449,6 +456,7 @@ class Repository:
                     {name: unique_refs(bmap) for name, bmap in maps.items()})
                    for point, maps in points]
         for _attempt in range(10):
+            self.check_locks()
             try:
                 self.index.commit_points(commits, self.map_exists)
                 return
@@ -546,6 +554,7 @@ class Repository:
         catalogued point still names it as a parent: then False (the caller consolidates that
         child first). A point gone already counts as removed."""
         if not self.config.shared:
+            self.check_locks()
             return point_id in self.index.remove_childless({point_id})
         try:
             self.commit_journal(partial(self._forget_ops, point_id))
