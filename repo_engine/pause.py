@@ -25,7 +25,8 @@ from pathlib import Path
 # every pause point (`gc.waiting`: gc waits for a running session; `atomic.written`: a file or
 # batch is durable under its temporary names, not renamed yet)
 NAMES = ("repository.before_lock", "backup.before_commit", "gc.recount", "gc.sweep",
-         "gc.repacked", "gc.waiting", "verify.snapshot", "scrub.snapshot", "atomic.written")
+         "gc.repacked", "gc.waiting", "verify.snapshot", "scrub.snapshot", "atomic.written",
+         "restore.writing")
 
 _NAMES = frozenset(n for n in os.environ.get("REPO_ENGINE_PAUSE", "").split(",") if n)
 

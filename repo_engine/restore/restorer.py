@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import queue
@@ -18,7 +19,8 @@ import numpy as np
 import vddk_ext
 
 from ..backup.extents import blocks_to_extents
-from ..errors import ChainBroken, DamageError, PointNotFound, UsageError
+from ..errors import ChainBroken, DamageError, LockedError, PointNotFound, UsageError
+from ..pause import pause_point
 from ..repository.blockmap import SEGMENT_BLOCKS, window_starts, zip_windows
 from ..repository.packs import pack_object
 from ..repository.locks import SHARED
@@ -110,6 +112,28 @@ def _open_target(target: Path, capacity: int, *, onto: bool,
     staged = target.with_name(f".{target.name}.restore-{os.getpid()}-{os.urandom(4).hex()}")
     return (vddk_ext.open_local(str(staged), writable=True, create_size=capacity, direct=True),
             staged)
+
+
+@contextmanager
+def _exclusive(target: Path) -> Iterator[None]:
+    """An flock on an existing target (a file or a device) for the whole restore: a second
+    restore into it is refused instead of interleaving its blocks with ours, or its rename
+    with ours. A new file has nothing to lock: it is written under a temporary name."""
+    if _target_kind(target) == "new":
+        yield
+        return
+    # O_NONBLOCK: should the target have become a FIFO since it was checked, the open must
+    # not wait for a writer
+    fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"{target} is being written by another restore; wait for it to "
+                              "finish, or restore to another target") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _publish(staged: Path, target: Path) -> None:
@@ -473,12 +497,13 @@ def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *
     """Restore disk KEY of POINT to a new file, a block device, or (with `base`) onto a file that
     holds BASE's image, writing only the blocks that differ."""
     disk = _disk_of(point, key)
-    with repo.lock(SHARED, f"restore {point.vm}"):
+    with repo.lock(SHARED, f"restore {point.vm}"), _exclusive(target):
         onto = base if base is not None and not _onto_needs_whole(target, base, disk, force) \
             else None
         if onto is not None:
             _disk_of(onto, key)  # the base point has the disk
         device, staged = _open_target(target, disk.capacity, onto=base is not None, force=force)
+        pause_point("restore.writing")
         try:
             work = _Work(repo, point, disk, fresh=staged is not None, onto=onto)
             summary = _restore_through(repo, point, disk, work, device, target=str(target),
