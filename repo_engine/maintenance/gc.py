@@ -75,7 +75,7 @@ from ..repository.store import ObjectDamaged, ObjectMissing
 from ..pause import pause_point
 from ..repository.index import CHECK_FAILED, PRESENT, U64, WRONG_SIZE, Index, lacks
 from ..repository.index_records import (LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC,
-                                         REF_REC_DTYPE, ref_keys, refs_found)
+                                         REF_REC_DTYPE, pack_fields, ref_keys, refs_found)
 from ..repository.lmdbfile import sized_batches
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.blockmap import map_object
@@ -631,7 +631,7 @@ def _mark(repo: Repository, deleting: Collection[str] = ()) -> _Listed:
         # packnames) must not cost data
         named = {d["map"] for k, v in txn.cursor(db=index.points)
                  for d in index.record(k, v)["disks"]}
-        listed = {PACK_REC.unpack(v)[0].hex() for _, v in txn.cursor(db=index.packs)}
+        listed = {pack_fields(v)[0] for _, v in txn.cursor(db=index.packs)}
         maps = [n for n in maps if n not in named and not _map_used(txn, index, n)]
         manifests = [i for i in manifests
                      if point_object(i) not in deleting and not _point_known(txn, index, i)]

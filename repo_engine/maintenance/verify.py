@@ -242,7 +242,7 @@ def _check_tables(index: Index, snap: _Snapshot, report: VerifyReport) -> None:
     unfindable, damage = unfindable_refs(index, snap.txn)
     if damage:
         report.errors.append(damage)
-    for keys, values in batches(snap.txn, index.ids):
+    for keys, values in batches(snap.txn, index.ids, sized=("ids", 8)):
         ids = np.frombuffer(keys, "V32")
         refs = np.frombuffer(values, "<u8")
         pos, found = snap.table.find(refs)
