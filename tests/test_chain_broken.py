@@ -110,3 +110,22 @@ def test_verify_names_the_points_whose_ancestor_is_not_catalogued(damaged_setup,
     text = cli(capsys, "verify", repo)
     assert _one_line(text.err).endswith(
         "affected points: " + ", ".join(sorted(p[:8] for p in (child, newest))))
+
+
+@pytest.mark.parametrize("recount", [["rebuild-index"], ["verify", "--repair"]])
+def test_a_recount_meeting_a_damaged_map_queues_nothing_for_gc(damaged_setup, tmp_path, capsys,
+                                                                recount):
+    """The recount cannot tell which chunks the damaged map holds: it counts them 0, yet must
+    not queue them, or the next gc deletes what a fixed map would need."""
+    repo, _models, expected = damaged_setup
+    base = points_of(expected, "b")[0]
+    _damage(capsys, repo, base, "map damaged")
+    cli(capsys, recount[0], repo, *recount[1:])
+    before = tree_digest(repo / "packs")
+    done = cli(capsys, "gc", repo, "--json")
+    assert done.code == 0, done.err
+    assert done.json()["chunks_dropped"] == 0
+    assert tree_digest(repo / "packs") == before
+    for point in points_of(expected, "a"):
+        assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
+            == expected[point][1]

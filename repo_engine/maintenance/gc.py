@@ -547,8 +547,10 @@ def _replace_counts(index: Index, catalog: dict, use: dict[str, int], tally: Tal
                          np.array([use[n] for n in names], "<u8"))
         for refs, counts in tally.live():
             _put_sealed_rows(txn, index, "refcount", refs.astype(">u8").tobytes(), counts)
+        # a map that could not be read (a recount that tolerates it: rebuild-index, verify
+        # --repair) may hold any ref counted 0: none is a candidate until a recount reads all
         with txn.cursor(db=index.gcq) as cur:
-            for dead in tally.dead():
+            for dead in () if tally.errors else tally.dead():
                 cur.putmulti(((key, b"") for key in ref_keys(dead)), append=True)
         _write_packlive(txn, index, tally.table, next_pack)
         txn.put(b"counts", U64.pack(1), db=index.meta)
