@@ -129,3 +129,21 @@ def test_a_recount_meeting_a_damaged_map_queues_nothing_for_gc(damaged_setup, tm
     for point in points_of(expected, "a"):
         assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
             == expected[point][1]
+
+
+def test_a_backup_onto_a_broken_chain_stores_a_full_map(damaged_setup, tmp_path, capsys):
+    """The VM's newest point's chain lost its base: the next backup reads the disk as a first
+    one would and stores a full map, which owes nothing to the lost ancestor."""
+    repo, models, expected = damaged_setup
+    base, _child, newest = points_of(expected, "b")
+    _lose_manifest(capsys, repo, base)
+    done = cli(capsys, "backup", "image", repo, "--vm", "b", "--disk",
+               f"sda={models['b'].path}", "--json")
+    assert done.code == 0, done.err
+    disk = done.json()["point"]["disks"][0]
+    assert disk["kind"] == "full" and disk["parent"] is None
+    assert f"the chain of point {newest[:8]} is broken (ancestor {base[:8]} is lost): stored " \
+           "as a full map" in disk["note"]
+    point = done.json()["point"]["id"]
+    assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
+        == models["b"].content
