@@ -29,3 +29,25 @@ def test_two_restores_into_one_target_never_interleave(tmp_path, capsys):
         assert done.code == 0, done.err
         assert target.read_bytes() == content
         assert [p.name for p in tmp_path.glob(".target.img.restore-*")] == []
+
+
+def test_a_new_target_another_restore_created_meanwhile_is_not_replaced(tmp_path, capsys):
+    """Without --force a restore writes only a new file: one that appeared under the target's
+    name while it wrote its image (another restore's) is left as it is, and it fails."""
+    repo, model, expected = _repo_with_point(tmp_path, capsys)
+    (point, content), = expected.items()
+    target = tmp_path / "new.img"
+    first = Command(tmp_path, "restore", repo, point[:12], "--disk", "sda", "--to", target,
+                    pauses=("restore.writing",))
+    assert first.reached("restore.writing")
+    target.write_bytes(b"another restore's image")
+    first.release("restore.writing")
+    done = first.finish()
+    assert done.code == 1, done.err
+    assert done.err.strip() == f"repo-engine: error: {target} was created by another command " \
+        "during this restore and is left as it is; restore again with --force to replace it"
+    assert target.read_bytes() == b"another restore's image"
+    assert [p.name for p in tmp_path.glob(".new.img.restore-*")] == []
+    forced = cli(capsys, "restore", repo, point[:12], "--disk", "sda", "--to", target, "--force")
+    assert forced.code == 0, forced.err
+    assert target.read_bytes() == content

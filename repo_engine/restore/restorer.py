@@ -19,7 +19,8 @@ import numpy as np
 import vddk_ext
 
 from ..backup.extents import blocks_to_extents
-from ..errors import ChainBroken, DamageError, LockedError, PointNotFound, UsageError
+from ..errors import (ChainBroken, DamageError, LockedError, PointNotFound, RepoError,
+                      UsageError)
 from ..pause import pause_point
 from ..repository.blockmap import SEGMENT_BLOCKS, window_starts, zip_windows
 from ..repository.packs import pack_object
@@ -136,18 +137,37 @@ def _exclusive(target: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _publish(staged: Path, target: Path) -> None:
+def _publish(staged: Path, target: Path, *, replace: bool) -> None:
     """Replace `target` by the complete image in one rename (a failed restore leaves the old
-    file as it was); the target may have become something else meanwhile: check again."""
+    file as it was); the target may have become something else meanwhile: check again.
+    Without `replace` (no --force) only a new name is made (`_link_new`)."""
     try:
         if _target_kind(target) == "device":
             raise UsageError(f"{target} became a block device during the restore; nothing was "
                              "written to it")
-        os.replace(staged, target)
+        if replace:
+            os.replace(staged, target)
+        else:
+            _link_new(staged, target)
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def _link_new(staged: Path, target: Path) -> None:
+    """Name the image `target` only if nothing has that name: a file another command (a second
+    restore) created there while we wrote is not replaced. A filesystem without hard links
+    gets the rename."""
+    try:
+        os.link(staged, target, follow_symlinks=False)
+    except FileExistsError:
+        raise RepoError(f"{target} was created by another command during this restore and is "
+                        "left as it is; restore again with --force to replace it") from None
+    except OSError:
+        os.replace(staged, target)
+        return
+    staged.unlink()
 
 
 def _onto_needs_whole(target: Path, base: PointRecord, disk: DiskRecord, force: bool) -> bool:
@@ -515,7 +535,7 @@ def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *
         finally:
             device.close()
         if staged is not None:
-            _publish(staged, target)
+            _publish(staged, target, replace=force)
         return summary
 
 
