@@ -33,6 +33,22 @@ class DamageError(RepoError):
     exit_code = 3
 
 
+class ChainBroken(DamageError):
+    """A point's chain reaches an ancestor whose catalog record or block map is missing or
+    damaged: the point cannot be resolved (exit code 3). The message names the point, the disk,
+    the ancestor and the cause, then `advice`."""
+
+    RESTORE = ("restore a point older than {ancestor} or on another chain ('repo-engine verify' "
+               "names every point it breaks)")
+
+    def __init__(self, point: str, key: str, ancestor: str, cause: str,
+                 advice: str = RESTORE) -> None:
+        self.point, self.key, self.ancestor = point, key, ancestor
+        super().__init__(f"the chain of disk {key!r} at point {point[:8]} is broken: its "
+                         f"ancestor {ancestor[:8]} {cause}; "
+                         + advice.format(ancestor=ancestor[:8]))
+
+
 class PointNotFound(RepoError):
     """No restore point matches the given reference."""
 

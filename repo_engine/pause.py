@@ -25,10 +25,11 @@ from pathlib import Path
 # every pause point (`gc.waiting`: gc waits for a running session; `atomic.written`: a file or
 # batch is durable under its temporary names, not renamed yet; `backup.packs_published`: a pack
 # of a backup is in the store, no journal entry names it yet; `repository.point_built`: a
-# point's manifest is durable, its catalog entry not written yet)
+# point's manifest is durable, its catalog entry not written yet; `restore.writing`: a restore
+# holds its target and writes it)
 NAMES = ("repository.before_lock", "backup.before_commit", "backup.packs_published",
          "repository.point_built", "gc.recount", "gc.sweep", "gc.repacked", "gc.waiting",
-         "verify.snapshot", "scrub.snapshot", "atomic.written")
+         "verify.snapshot", "scrub.snapshot", "atomic.written", "restore.writing")
 
 _NAMES = frozenset(n for n in os.environ.get("REPO_ENGINE_PAUSE", "").split(",") if n)
 

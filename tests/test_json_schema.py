@@ -47,7 +47,7 @@ SCHEMAS = {
     "stats": {"points": int, "vms": int, "logical_bytes": int, "unique_raw_bytes": int,
               "stored_bytes": int, "pack_bytes": int, "chunks": int, "packs": int,
               "dedup_ratio": (*NUM, NULL), "compression_ratio": (*NUM, NULL),
-              "total_ratio": (*NUM, NULL)},
+              "total_ratio": (*NUM, NULL), "damaged_counters": [str]},
     "restore": {"point": str, "disk": str, "target": str, "capacity": int,
                 "blocks_written": int, "zero_blocks": int, "chunks_read": int,
                 "bytes_written": int, "seconds": NUM},
@@ -167,6 +167,7 @@ def test_empty_listings_are_versioned_objects_and_ratios_null(capsys, repo):
     stats = run_json(capsys, "stats", repo)
     check(stats, SCHEMAS["stats"], "stats")
     assert stats["dedup_ratio"] is None and stats["total_ratio"] is None
+    assert stats["damaged_counters"] == []
 
 
 def test_docs_describe_every_field():

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..errors import SourceError
+from ..errors import ChainBroken, SourceError
 from ..repository.blockmap import BlockMap, holds, nonzero_entries, sorted_unique
 from ..repository.lmdbfile import available_memory as meminfo_available
 from ..repository.points import MAX_CAPACITY, DiskRecord, PointRecord
@@ -144,18 +144,19 @@ def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice)
     nblocks = -(-disk.capacity // bs)
     parent = repo.latest_with_disk(vm, disk.key)
     if parent is None:
-        report = disk.allocated()
-        plan = DiskPlan(disk.key, disk.capacity, bs, None, None, None,
-                        np.zeros(0, np.uint64), ALLOCATED, report.note)
-        if report.extents is None:
-            return plan.as_full_read(report.note or "first backup, allocation unknown")
-        return replace(plan, read=_blocks_in(report.extents, bs, nblocks))
+        return _without_parent(disk, bs, nblocks, "")
+    try:
+        chain = repo.chain(parent, disk.key)
+    except ChainBroken as exc:  # a full map owes nothing to the lost ancestor
+        return _without_parent(disk, bs, nblocks, f"the chain of point {parent.id[:8]} is "
+                               f"broken (ancestor {exc.ancestor[:8]} is lost): stored as a "
+                               "full map")
     parent_disk = parent.disk(disk.key)
     assert parent_disk is not None
     report = disk.changes(Parent(parent_disk.cursor, parent_disk.capacity,
                                  lambda: repo.load_catalogued(parent.id).config))
-    plan = DiskPlan(disk.key, disk.capacity, bs, parent, parent_disk,
-                    repo.chain(parent, disk.key), np.zeros(0, np.uint64), CHANGED, report.note)
+    plan = DiskPlan(disk.key, disk.capacity, bs, parent, parent_disk, chain,
+                    np.zeros(0, np.uint64), CHANGED, report.note)
     if report.extents is None:
         return plan.as_full_read(report.note or "no change list: read everything, store only new")
     changed = _blocks_in(report.extents, bs, nblocks)
@@ -165,6 +166,18 @@ def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice)
         note = f"capacity changed from {parent_disk.capacity} to {disk.capacity} bytes"
         plan = replace(plan, note=join_notes(report.note, note))
     return replace(plan, read=changed)
+
+
+def _without_parent(disk: SourceDisk, bs: int, nblocks: int, why: str) -> DiskPlan:
+    """The plan of a disk backed up as if for the first time: its allocated blocks, else
+    every block; `why` it has no parent, when it has a point."""
+    report = disk.allocated()
+    note = join_notes(why, report.note) if why else report.note
+    plan = DiskPlan(disk.key, disk.capacity, bs, None, None, None, np.zeros(0, np.uint64),
+                    ALLOCATED, note)
+    if report.extents is None:
+        return plan.as_full_read(note or "first backup, allocation unknown")
+    return replace(plan, read=_blocks_in(report.extents, bs, nblocks))
 
 
 def audit_sample(plan: DiskPlan, percent: float, rng: np.random.Generator) -> np.ndarray:

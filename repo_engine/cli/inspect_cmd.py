@@ -123,3 +123,7 @@ def stats(repo: RepoAddress, as_json: bool) -> None:
                f"dedup ratio: {format_ratio(result.dedup_ratio)}  compression ratio: "
                f"{format_ratio(result.compression_ratio)}  overall: "
                f"{format_ratio(result.total_ratio)}")
+    if result.damaged_counters:
+        click.echo(f"damaged counters (shown at 0 where they went below it): "
+                   f"{', '.join(result.damaged_counters)}; 'repo-engine rebuild-index' counts "
+                   "them anew")

@@ -173,6 +173,7 @@ def finish_pending(repo: Repository, deleter: Deleter, *,
         rewrites, maps = rebased(repo, catalog, todo)
         repo.rewrite_points([(catalog[p.id], p.disks) for p in rewrites], maps)
         report.rewritten += [p.id for p in rewrites]
+        repo.check_locks()
         removed = repo.index.remove_childless(todo)
         deleter.submit([point_object(i) for i in removed])
         report.removed += sorted(removed, key=lambda i: catalog.order(i)

@@ -22,6 +22,10 @@ and a queued pack file is deleted only when its name is not listed in `packnames
 
 A run, each step crash-safe (a rerun finishes it):
 
+0. Refuse, before anything is done, while a catalogued point's chain is broken (an ancestor not
+   catalogued: its manifest lost, then the index rebuilt): the lost
+   ancestor's map is counted by no record, so the chunks only it holds would look unused, yet
+   the map and those chunks are what mends the chain once its record is put back.
 1. Finish removals a forget left marked (forget.py).
 2. Apply owed decrements (incremental) or recount (full). Candidates = `gcq`. When the dead maps
    far outnumber the maps in use (a forget of most points: the first prune of a long history),
@@ -66,12 +70,12 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from ..errors import DamageError, LockedError, RepoError
+from ..errors import ChainBroken, DamageError, LockedError, RepoError
 from ..repository.store import ObjectDamaged, ObjectMissing
 from ..pause import pause_point
 from ..repository.index import CHECK_FAILED, PRESENT, U64, WRONG_SIZE, Index, lacks
 from ..repository.index_records import (LIVE_REC, PACK_KEY, PACK_REC, REF_KEY, REF_REC,
-                                         REF_REC_DTYPE, ref_keys, refs_found)
+                                         REF_REC_DTYPE, pack_fields, ref_keys, refs_found)
 from ..repository.lmdbfile import sized_batches
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.blockmap import map_object
@@ -82,8 +86,8 @@ from ..repository.seals import KEY, CountDamaged, seal_rows
 from . import forget
 from .deleter import Deleter
 from .forget import ForgetReport
-from .inventory import (count_damage, dead_tmp_files, dead_writes, list_store, remove_files,
-                        scan_sealed, sessions, trusted_unfindable, wait_for)
+from .inventory import (chain_gap, count_damage, dead_tmp_files, dead_writes, list_store,
+                        remove_files, scan_sealed, sessions, trusted_unfindable, wait_for)
 from .tally import ROWS, RefTable, Tally, read_ref_table, ref_rows, sealed_batches
 
 Tick = Callable[[str], None]
@@ -168,6 +172,7 @@ def forget_and_collect(repo: Repository, ids: list[str], *,
         return forget.forget_points(repo, ids, tick=tick), gc(repo)
     report = GcReport()
     with repo.lock(MAINTENANCE, "forget --prune") as lock, Deleter(repo.store) as deleter:
+        refuse_broken_chains(repo)  # before the forget: its prune would be refused
         forgotten = forget.forget_locked(repo, ids, tick=tick, deleter=deleter)
         started_gc = time.monotonic()
         collect(repo, lock.path, deleter, report)
@@ -182,6 +187,7 @@ def collect(repo: Repository, lock_path: Path, deleter: Deleter, report: GcRepor
     """A gc run (steps 1 to 7) for a caller holding the maintenance lock (its file:
     `lock_path`), its deletions through `deleter`."""
     placed: Placed = _no_places
+    refuse_broken_chains(repo)
     report.forgets_finished = len(forget.finish_pending(repo, deleter).removed)
     with repo.index.env.begin() as txn:
         trusted_unfindable(repo.index, txn)  # a doomed ref may have lost its listing
@@ -205,12 +211,38 @@ def collect(repo: Repository, lock_path: Path, deleter: Deleter, report: GcRepor
     report.candidates = len(listed.candidates)
     report.waited_seconds += wait_for(repo, sessions(repo, lock_path), timeout=wait_timeout,
                                       tick=tick)
+    repo.check_locks()  # the waits counted on our lock: another gc may hold one now
     _sweep(repo, listed, report, placed, deleter)
     _repack(repo, max_unused, report, tick)
     if _any_dead_pack(repo):
         report.waited_seconds += wait_for(repo, sessions(repo, lock_path),
                                           timeout=wait_timeout, tick=tick)
+        repo.check_locks()
         _delete_dead_packs(repo, report, listed.pack_sizes, deleter)
+
+
+# -- step 0: chains whole ----------------------------------------------------------------------
+GC_ADVICE = ("gc deletes nothing while a chain is broken (chunks only the lost ancestor's map "
+             "holds would look unused): put its manifest back and run 'repo-engine "
+             "rebuild-index', or forget the points whose chain is broken ('repo-engine verify' "
+             "lists them)")
+
+
+def refuse_broken_chains(repo: Repository) -> None:
+    """ChainBroken when a catalogued point's chain lacks an ancestor (a manifest lost, then
+    the index rebuilt without it): that ancestor's map is no longer counted, and its chunks,
+    which the point still needs, would be collected. A map in use that cannot be read needs
+    no refusal: its counts stay (`gc --full`, which would recount without it, refuses). One
+    pass over the catalog, as the mark's."""
+    points = repo.points()
+    catalog = {p.id: p for p in points}
+    for point in points:
+        for disk in point.disks:
+            gap = chain_gap(catalog, point, disk.key)
+            if gap is not None:
+                cause = (f"has no disk {disk.key!r}" if gap in catalog else
+                         "is not in the catalog (its manifest is missing or damaged)")
+                raise ChainBroken(point.id, disk.key, gap, cause, GC_ADVICE)
 
 
 # -- step 2: counts -----------------------------------------------------------------------------
@@ -515,8 +547,10 @@ def _replace_counts(index: Index, catalog: dict, use: dict[str, int], tally: Tal
                          np.array([use[n] for n in names], "<u8"))
         for refs, counts in tally.live():
             _put_sealed_rows(txn, index, "refcount", refs.astype(">u8").tobytes(), counts)
+        # a map that could not be read (a recount that tolerates it: rebuild-index, verify
+        # --repair) may hold any ref counted 0: none is a candidate until a recount reads all
         with txn.cursor(db=index.gcq) as cur:
-            for dead in tally.dead():
+            for dead in () if tally.errors else tally.dead():
                 cur.putmulti(((key, b"") for key in ref_keys(dead)), append=True)
         _write_packlive(txn, index, tally.table, next_pack)
         txn.put(b"counts", U64.pack(1), db=index.meta)
@@ -599,7 +633,7 @@ def _mark(repo: Repository, deleting: Collection[str] = ()) -> _Listed:
         # packnames) must not cost data
         named = {d["map"] for k, v in txn.cursor(db=index.points)
                  for d in index.record(k, v)["disks"]}
-        listed = {PACK_REC.unpack(v)[0].hex() for _, v in txn.cursor(db=index.packs)}
+        listed = {pack_fields(v)[0] for _, v in txn.cursor(db=index.packs)}
         maps = [n for n in maps if n not in named and not _map_used(txn, index, n)]
         manifests = [i for i in manifests
                      if point_object(i) not in deleting and not _point_known(txn, index, i)]
@@ -917,6 +951,7 @@ def _swap(repo: Repository, writer: PackWriter, old: list[int], report: GcReport
     """New pack durable first, then one transaction moves the refs and retires the old packs."""
     finished = writer.finish()
     index = repo.index
+    repo.check_locks()
     with index.write() as txn:
         number = index.new_pack_number(txn)
         live = stored = 0

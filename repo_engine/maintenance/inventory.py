@@ -376,14 +376,28 @@ def _blocks_using(repo: Repository, point: PointRecord, key: str,
 
 def chain_maps(catalog: dict[str, PointRecord], point: PointRecord, key: str) -> list[str]:
     """Map names of a disk's chain, newest first; [] when the chain is broken."""
+    names, gap = _walk(catalog, point, key)
+    return [] if gap is not None else names
+
+
+def chain_gap(catalog: dict[str, PointRecord], point: PointRecord, key: str) -> str | None:
+    """The id of the ancestor where the chain of `point`'s disk `key` breaks: one `catalog`
+    lacks, or one without the disk ("?" for a chain that never ends); None when it is whole."""
+    return _walk(catalog, point, key)[1]
+
+
+def _walk(catalog: dict[str, PointRecord], point: PointRecord,
+          key: str) -> tuple[list[str], str | None]:
     names: list[str] = []
     current: PointRecord | None = point
+    current_id = point.id
     while current is not None:
         disk = current.disk(key)
         if disk is None or len(names) > 100000:
-            return []
+            return names, current_id if disk is None else "?"
         names.append(disk.map)
         if disk.kind == "full":
-            return names
+            return names, None
+        current_id = disk.parent or "?"
         current = catalog.get(disk.parent or "")
-    return []
+    return names, current_id

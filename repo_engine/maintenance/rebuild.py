@@ -11,7 +11,8 @@ Rebuild, under an exclusive lock:
 2. every manifest that checks out enters the catalog;
 3. map use and reference counts are recounted from the catalog; unused chunks are queued for gc;
 4. the old index directory is renamed away, the new one renamed into place, the old one removed.
-A crash leaves either the old index or none ("run rebuild-index" again). Lost on the way: scrub
+A crash leaves either the old index or none ("run rebuild-index" again), and leftovers
+(`index.rebuild-<pid>`, `index.old-<pid>`) the next rebuild removes first. Lost on the way: scrub
 times, quarantine notes, re-read requests and forgets that were not finished (their points come
 back, whole).
 
@@ -78,7 +79,7 @@ def rebuild_index(path: Path) -> RebuildReport:
     report = RebuildReport()
     with RepoLock(path / "locks", EXCLUSIVE, "rebuild-index"):
         work = path / f"index.rebuild-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
+        remove_leftovers(path)
         index = Index(work, create=True)
         repo = Repository(store, config, path, index)
         try:
@@ -100,7 +101,7 @@ def rebuild_cache(repo: Repository) -> RebuildReport:
     report = RebuildReport()
     with RepoLock(repo.locks_dir, EXCLUSIVE, "rebuild-index"):
         work = repo.path / f"index.rebuild-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
+        remove_leftovers(repo.path)
         index = Index(work, create=True)
         try:
             report.journal_seq = catch_up(repo.store, index, check=True, sealer=repo.sealer)
@@ -311,6 +312,18 @@ def _points(repo: Repository, report: RebuildReport) -> None:
             continue
         repo.index.put_point(point.id, point.summary())
         report.points += 1
+
+
+def remove_leftovers(path: Path) -> None:
+    """Remove what an interrupted rebuild left in `path`: its half-built index
+    (`index.rebuild-<pid>`, with its spill files) and the index it was replacing
+    (`index.old-<pid>`), each as large as an index. The caller holds the exclusive lock, so
+    none is a running rebuild's."""
+    for leftover in sorted([*path.glob("index.rebuild-*"), *path.glob("index.old-*")]):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def _swap(path: Path, work: Path) -> None:

@@ -22,6 +22,8 @@ class RepoStats:
     dedup_ratio: float | None
     compression_ratio: float | None
     total_ratio: float | None
+    # counters damage made wrong (shown as 0 when they went below it): rebuild-index recounts
+    damaged_counters: list[str]
 
 
 def repo_stats(repo: Repository) -> RepoStats:
@@ -35,4 +37,5 @@ def repo_stats(repo: Repository) -> RepoStats:
         dedup_ratio=ratio(logical, c["raw_bytes"]),
         compression_ratio=ratio(c["raw_bytes"], c["stored_bytes"]),
         total_ratio=ratio(logical, c["pack_bytes"]),
+        damaged_counters=repo.index.damaged_counters(),
     )

@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import RepoError
 from ..repository.blockmap import find_sorted
 from ..repository.index import Index
+from ..repository.index_records import RowDamaged
 from ..repository.lmdbfile import sized_batches
 from ..repository.repo import Repository
 from ..repository.seals import CHECK_SIZE, KEY, LISTS, PAYLOAD, marked_rows, mix, unsealed_rows
@@ -34,9 +35,12 @@ REF_ROW = np.dtype({"names": ["id", "pack", "offset", "stored", "raw", "codec"],
 
 
 def batches(txn: lmdb.Transaction, db: object, *, values: bool = True,
-            rows: int | None = None) -> Iterator[tuple[bytearray, bytearray]]:
+            rows: int | None = None,
+            sized: tuple[str, int] | None = None) -> Iterator[tuple[bytearray, bytearray]]:
     """A table's keys and values in key order, concatenated, `rows` rows (ROWS) at a time (not
-    copied into bytes: numpy reads them where they are)."""
+    copied into bytes: numpy reads them where they are). `sized`: (the table's name, its
+    values' size): a value of another size is RowDamaged, as parsed whole it would shift
+    every row after it."""
     rows = rows or ROWS
     cursor = txn.cursor(db=db)
     items = cursor.iternext(keys=True, values=values)
@@ -44,6 +48,8 @@ def batches(txn: lmdb.Transaction, db: object, *, values: bool = True,
         keys, vals, count = bytearray(), bytearray(), 0
         for item in items:
             if values:
+                if sized is not None and len(item[1]) != sized[1]:
+                    raise RowDamaged(sized[0], len(item[1]), sized[1])
                 keys += item[0]
                 vals += item[1]
             else:
@@ -60,7 +66,7 @@ def batches(txn: lmdb.Transaction, db: object, *, values: bool = True,
 
 def ref_rows(txn: lmdb.Transaction, index: Index) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The `refs` table in ref order, a batch at a time: (refs u64, rows REF_ROW)."""
-    for keys, values in batches(txn, index.refs):
+    for keys, values in batches(txn, index.refs, sized=("refs", REF_ROW.itemsize)):
         yield (np.frombuffer(keys, ">u8").astype(np.uint64),
                np.frombuffer(values, REF_ROW))
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import lmdb
 import numpy as np
 
-from ..errors import RepoError
+from ..errors import ChainBroken, RepoError
 from ..pause import pause_point
 from ..repository.blockmap import holds
 from ..repository.index import Index
@@ -36,8 +36,8 @@ from ..repository.locks import SHARED
 from ..repository.points import PointRecord
 from ..repository.repo import Repository
 from .gc import tally_drift
-from .inventory import (Affected, affected_by, chain_maps, count_damage, objects_under,
-                        scan_u64_keys, sealed_u64, unfindable_refs)
+from .inventory import (Affected, affected_by, chain_gap, chain_maps, count_damage,
+                        objects_under, scan_u64_keys, sealed_u64, unfindable_refs)
 from .tally import (REF_ROW, RefTable, Tally, batches, fingerprints, read_ref_table,
                     ref_rows)
 
@@ -146,7 +146,7 @@ def _checked(repo: Repository, snap: _Snapshot,
     tally = Tally(snap.table)
     tally.add_maps(repo, used)
     live = _Live(snap.table, tally.counts > 0, tally.extra()[0])
-    bad_maps = _check_chains(snap, tally.errors, report)
+    bad_maps = _check_chains(snap, tally.errors, report, bad_points)
     bad_refs = _check_refs(snap, live, report)
     bad_refs = np.union1d(bad_refs, _check_packs(repo, snap, report, tick))
     report.errors += [f"{damage}: gc would not trust the counts; run 'repo-engine gc --full' "
@@ -242,7 +242,7 @@ def _check_tables(index: Index, snap: _Snapshot, report: VerifyReport) -> None:
     unfindable, damage = unfindable_refs(index, snap.txn)
     if damage:
         report.errors.append(damage)
-    for keys, values in batches(snap.txn, index.ids):
+    for keys, values in batches(snap.txn, index.ids, sized=("ids", 8)):
         ids = np.frombuffer(keys, "V32")
         refs = np.frombuffer(values, "<u8")
         pos, found = snap.table.find(refs)
@@ -266,17 +266,22 @@ def _check_tables(index: Index, snap: _Snapshot, report: VerifyReport) -> None:
                              f"entries); {REBUILD}")
 
 
-def _check_chains(snap: _Snapshot, errors: dict[str, str], report: VerifyReport) -> set[str]:
-    """Every disk's chain resolves; `errors`: the maps in use that cannot be read."""
+def _check_chains(snap: _Snapshot, errors: dict[str, str], report: VerifyReport,
+                  broken: set[str]) -> set[str]:
+    """Every disk's chain resolves; `errors`: the maps in use that cannot be read. The points
+    whose chain lacks an ancestor are added to `broken`."""
     bad_maps: set[str] = set()
     for point in snap.catalog.values():
         for disk in point.disks:
-            chain = chain_maps(snap.catalog, point, disk.key)
-            if not chain:
-                report.errors.append(f"point {point.id} disk {disk.key}: chain is broken "
-                                     f"(parent {disk.parent} missing or lacks the disk)")
+            gap = chain_gap(snap.catalog, point, disk.key)
+            if gap is not None:
+                cause = (f"has no disk {disk.key!r}" if gap in snap.catalog else
+                         "is not in the catalog (its manifest is missing or damaged)")
+                report.errors.append(str(ChainBroken(point.id, disk.key, gap, cause)))
+                broken.add(point.id)
                 continue
-            bad_maps.update(name for name in chain if name in errors)
+            bad_maps.update(name for name in chain_maps(snap.catalog, point, disk.key)
+                            if name in errors)
     for name in sorted(bad_maps):
         report.errors.append(f"block map {name}: {errors[name]}")
     return bad_maps

@@ -112,6 +112,8 @@ FEW_POINTS = 64
 _VM_PAIR = re.compile(rb'"vm": ("(?:[^"\\]|\\.)*")')  # a record's raw `"vm": NAME`, NAME as JSON
 
 COUNTERS = ("chunks", "raw_bytes", "stored_bytes", "packs", "pack_bytes")
+COUNTER_MAX = 1 << 63  # a counter at or past it went below 0 (as a signed number): damage
+DAMAGED_COUNTER = b"damaged_counter:"  # meta key prefix: a counter `_add` took below 0
 MAINT_DBS = ("mapuse", "refcount", "deadmaps", "gcq", "packlive", "deadpacks", "forgetting",
              "scrubbed", "quarantine", "reread")
 JOURNAL_DBS = ("plans", "sweptmaps")
@@ -248,12 +250,28 @@ class Index(Replay, Unfindable, Upgrades):
     _get_u64 = staticmethod(get_u64)
 
     def _add(self, txn: lmdb.Transaction, key: str, delta: int) -> None:
+        """Add `delta` to counter `key`. A sum below 0 (damage lowered the counter, and gc
+        takes away more than it holds) is kept at 0 and the counter marked damaged
+        (`damaged_counters`), rather than failing the transaction it belongs to."""
         value = self._get_u64(txn, key.encode(), self.meta) + delta
-        txn.put(key.encode(), U64.pack(value), db=self.meta)
+        if value < 0:
+            txn.put(DAMAGED_COUNTER + key.encode(), b"", db=self.meta)
+        txn.put(key.encode(), U64.pack(max(value, 0)), db=self.meta)
 
     def counters(self) -> dict[str, int]:
+        """The COUNTERS; a damaged one (`damaged_counters`) as 0 when its value is past any a
+        repository reaches (2^63: it went below 0)."""
         with self.env.begin() as txn:
-            return {k: self._get_u64(txn, k.encode(), self.meta) for k in COUNTERS}
+            values = {k: self._get_u64(txn, k.encode(), self.meta) for k in COUNTERS}
+        return {k: 0 if v >= COUNTER_MAX else v for k, v in values.items()}
+
+    def damaged_counters(self) -> list[str]:
+        """The COUNTERS damage left wrong: marked by `_add` (taken below 0, kept at 0), or
+        holding a value past COUNTER_MAX. rebuild-index counts them anew."""
+        with self.env.begin() as txn:
+            return [k for k in COUNTERS
+                    if txn.get(DAMAGED_COUNTER + k.encode(), db=self.meta) is not None
+                    or self._get_u64(txn, k.encode(), self.meta) >= COUNTER_MAX]
 
     def reserve_refs(self, count: int) -> int:
         """Reserve `count` fresh refs; returns the first. Refs are never handed out twice."""

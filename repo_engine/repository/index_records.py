@@ -14,11 +14,34 @@ from ..errors import DamageError
 from .journal import PendingPlan, PlanOp
 from .seals import PAYLOAD
 
+class RowDamaged(DamageError):
+    """A row of an index table of the wrong size: its LMDB value cut short or extended."""
+
+    def __init__(self, table: str, size: int, expected: int) -> None:
+        super().__init__(f"the index's {table} table holds a row of {size} bytes where "
+                         f"{expected} belong: the index is damaged; run 'repo-engine "
+                         "rebuild-index' (it rebuilds the index from the packs and manifests)")
+
+
+class Row(struct.Struct):
+    """The fixed layout of one table's rows: `unpack` of a value of another size is damage
+    (RowDamaged, naming the table), never a struct.error."""
+
+    def __init__(self, fmt: str, table: str) -> None:
+        super().__init__(fmt)
+        self.table = table
+
+    def unpack(self, buffer: bytes | memoryview) -> tuple:  # type: ignore[override]
+        if len(buffer) != self.size:
+            raise RowDamaged(self.table, len(buffer), self.size)
+        return super().unpack(buffer)
+
+
 REF_KEY = struct.Struct(">Q")
 PACK_KEY = struct.Struct(">I")
-REF_REC = struct.Struct("<32sIQIIB")
-PACK_REC = struct.Struct("<32sQI")
-LIVE_REC = struct.Struct("<QQ")
+REF_REC = Row("<32sIQIIB", "refs")
+PACK_REC = Row("<32sQI", "packs")
+LIVE_REC = Row("<QQ", "packlive")
 
 LOCATION_DTYPE = np.dtype(
     [("ref", "<u8"), ("id", "V32"), ("pack", "<u4"), ("offset", "<u8"),

@@ -278,6 +278,22 @@ class RepoLock:
                     "'repo-engine unlock'"
                 )
 
+    def check(self) -> None:
+        """LockedError unless our lock file is still in place, the file we flocked: an
+        'unlock --force' removes it, and a command that took a conflicting lock since may be
+        writing what we are about to (a gc that no longer waits for us deletes what we would
+        commit). Called before each commit, so the holder fails instead of both writing."""
+        if self._fd < 0:
+            return  # released, or none taken (read-only filesystem)
+        try:
+            ours = os.path.samestat(os.fstat(self._fd), os.lstat(self.path))
+        except FileNotFoundError:
+            ours = False
+        if not ours:
+            raise LockedError(f"the lock of this command ({self.path.name}) was removed while "
+                              "it ran ('repo-engine unlock --force'); it stopped before "
+                              "committing anything more: run it again")
+
     @property
     def holding(self) -> bool:
         """Whether this lock is held: a lock file with our flock, not released yet."""

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 import numpy as np
 
-from ..errors import (CommitStalled, DamageError, LockedError, NotARepository, PointNotFound,
-                      RepoError, UsageError)
+from ..errors import (ChainBroken, CommitStalled, DamageError, LockedError, NotARepository,
+                      PointNotFound, RepoError, UsageError)
 from ..pause import pause_point
 from .blockmap import (BlockMap, MapBatch, MapStream, map_object, map_refs, open_map,
                        read_map, resolve_windows, unique_nonzero, write_map)
@@ -247,6 +247,13 @@ class Repository:
         from .leases import SESSION
         return any(held.kind == SHARED and any(lease.info.kind == SESSION for lease in held.leases)
                    for held in self.held)
+
+    def check_locks(self) -> None:
+        """LockedError when a lock this object holds was taken from it (RepoLock.check);
+        LeaseLost when a lease was lost: called before each commit."""
+        for lock in self._locks:
+            lock.check()
+        self.check_leases()
 
     def check_leases(self) -> None:
         """LeaseLost when a lease of a lock this process holds was lost: called before every
@@ -475,6 +482,7 @@ class Repository:
                     {name: unique_refs(bmap) for name, bmap in maps.items()})
                    for point, maps in points]
         for _attempt in range(10):
+            self.check_locks()
             try:
                 self.index.commit_points(commits, self.map_exists)
                 return
@@ -578,6 +586,7 @@ class Repository:
         catalogued point still names it as a parent: then False (the caller consolidates that
         child first). A point gone already counts as removed."""
         if not self.config.shared:
+            self.check_locks()
             return point_id in self.index.remove_childless({point_id})
         try:
             self.commit_journal(partial(self._forget_ops, point_id))
@@ -713,12 +722,47 @@ class Repository:
         is all ZERO; with `near` (sorted block numbers) only the windows holding them. Memory:
         one window and one segment of each map of the chain, whatever the disk's size."""
         chain = chain or self.chain(point, key)
-        streams = self._open_maps([name for name, _ in chain])
-        for (name, nblocks), stream in zip(chain, streams):
-            if stream.nblocks != nblocks:  # never size an array from an unchecked number
-                raise DamageError(f"block map {name} holds {stream.nblocks} blocks; its disk "
-                                  f"record says {nblocks}: the metadata is damaged")
-        return resolve_windows(streams, near)
+        with self._ancestors_named(point, key, chain):
+            streams = self._open_maps([name for name, _ in chain])
+            for (name, nblocks), stream in zip(chain, streams):
+                if stream.nblocks != nblocks:  # never size an array from an unchecked number
+                    raise DamageError(f"block map {name} holds {stream.nblocks} blocks; its "
+                                      f"disk record says {nblocks}: the metadata is damaged")
+        return self._windows_named(point, key, chain, resolve_windows(streams, near))
+
+    def _windows_named(self, point: PointRecord, key: str, chain: list[tuple[str, int]],
+                       windows: Iterator[tuple[int, np.ndarray]]
+                       ) -> Iterator[tuple[int, np.ndarray]]:
+        """`windows`, damage of an ancestor's map met while streaming them named (a large
+        map's segments are checked as they are read)."""
+        with self._ancestors_named(point, key, chain):
+            yield from windows
+
+    @contextmanager
+    def _ancestors_named(self, point: PointRecord, key: str,
+                         chain: list[tuple[str, int]]) -> Iterator[None]:
+        """Damage of a map of `chain` other than the point's own is ChainBroken, naming the
+        ancestor: every map's error names its object, so the map is found in the message."""
+        try:
+            yield
+        except ChainBroken:
+            raise
+        except DamageError as exc:
+            text = str(exc)
+            bad = next((name for name, _ in chain[:-1] if name in text), None)
+            if bad is None:
+                raise
+            raise ChainBroken(point.id, key, self._owner_of(point, key, bad),
+                              f"has a block map that cannot be read ({text})") from None
+
+    def _owner_of(self, point: PointRecord, key: str, name: str) -> str:
+        """The point of `point`'s chain whose disk `key` has map `name` ("?" when the chain
+        changed since)."""
+        try:
+            links = self.chain_links(point, key)
+        except RepoError:
+            return "?"
+        return next((owner for owner, mapped, _ in links if mapped == name), "?")
 
     def _open_maps(self, names: list[str]) -> list[MapStream]:
         """`open_map` of each map, together where reads wait (`Store.reads_wait`): on object
@@ -747,7 +791,12 @@ class Repository:
     def chain(self, point: PointRecord, key: str) -> list[tuple[str, int]]:
         """(map name, nblocks) of the chain of disk `key` at `point`, its FULL base first (to
         resolve it later through these maps: a forget may remove `point` meanwhile)."""
-        chain: list[tuple[str, int]] = []
+        return [(name, nblocks) for _, name, nblocks in self.chain_links(point, key)]
+
+    def chain_links(self, point: PointRecord, key: str) -> list[tuple[str, str, int]]:
+        """(point id, map name, nblocks) of each link of `chain`, its FULL base first.
+        ChainBroken when an ancestor is not catalogued or lacks the disk."""
+        links: list[tuple[str, str, int]] = []
         # a forget may have consolidated this point's chain since the caller read its record: the
         # current record resolves to the same content through maps that still exist
         with self.index.env.begin() as txn:  # one view of the catalog: the chain's records only
@@ -755,9 +804,11 @@ class Repository:
             current: PointRecord | None = catalogued or point
             while current is not None:
                 disk = current.disk(key)
+                if disk is None and current.id != point.id:
+                    raise ChainBroken(point.id, key, current.id, f"has no disk {key!r}")
                 if disk is None:
                     raise PointNotFound(f"point {current.id[:8]} has no disk {key!r}")
-                chain.append((disk.map, disk.nblocks))
+                links.append((current.id, disk.map, disk.nblocks))
                 if disk.kind == "full":
                     break
                 current = self._chain_record(txn, disk.parent or "")
@@ -766,9 +817,9 @@ class Repository:
                                         "forget removed it while this command ran")
                 if current is None:
                     self.points()  # a damaged record (its key flipped?) is reported as damage
-                    raise PointNotFound(f"the chain of disk {key!r} at point {point.id[:8]} is "
-                                        f"broken: parent {disk.parent} is not in the catalog")
-        return chain[::-1]
+                    raise ChainBroken(point.id, key, disk.parent or "?", "is not in the catalog "
+                                      "(its manifest is missing or damaged)")
+        return links[::-1]
 
     def _chain_record(self, txn: lmdb.Transaction, point_id: str) -> PointRecord | None:
         """`_record_in` for `chain`, which only reads the record: a catalog record the index

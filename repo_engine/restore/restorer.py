@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import queue
@@ -18,7 +19,9 @@ import numpy as np
 import vddk_ext
 
 from ..backup.extents import blocks_to_extents
-from ..errors import DamageError, PointNotFound, UsageError
+from ..errors import (ChainBroken, DamageError, LockedError, PointNotFound, RepoError,
+                      UsageError)
+from ..pause import pause_point
 from ..repository.blockmap import SEGMENT_BLOCKS, window_starts, zip_windows
 from ..repository.packs import pack_object
 from ..repository.locks import SHARED
@@ -112,18 +115,59 @@ def _open_target(target: Path, capacity: int, *, onto: bool,
             staged)
 
 
-def _publish(staged: Path, target: Path) -> None:
+@contextmanager
+def _exclusive(target: Path) -> Iterator[None]:
+    """An flock on an existing target (a file or a device) for the whole restore: a second
+    restore into it is refused instead of interleaving its blocks with ours, or its rename
+    with ours. A new file has nothing to lock: it is written under a temporary name."""
+    if _target_kind(target) == "new":
+        yield
+        return
+    # O_NONBLOCK: should the target have become a FIFO since it was checked, the open must
+    # not wait for a writer
+    fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"{target} is being written by another restore; wait for it to "
+                              "finish, or restore to another target") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _publish(staged: Path, target: Path, *, replace: bool) -> None:
     """Replace `target` by the complete image in one rename (a failed restore leaves the old
-    file as it was); the target may have become something else meanwhile: check again."""
+    file as it was); the target may have become something else meanwhile: check again.
+    Without `replace` (no --force) only a new name is made (`_link_new`)."""
     try:
         if _target_kind(target) == "device":
             raise UsageError(f"{target} became a block device during the restore; nothing was "
                              "written to it")
-        os.replace(staged, target)
+        if replace:
+            os.replace(staged, target)
+        else:
+            _link_new(staged, target)
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def _link_new(staged: Path, target: Path) -> None:
+    """Name the image `target` only if nothing has that name: a file another command (a second
+    restore) created there while we wrote is not replaced. A filesystem without hard links
+    gets the rename."""
+    try:
+        os.link(staged, target, follow_symlinks=False)
+    except FileExistsError:
+        raise RepoError(f"{target} was created by another command during this restore and is "
+                        "left as it is; restore again with --force to replace it") from None
+    except OSError:
+        os.replace(staged, target)
+        return
+    staged.unlink()
 
 
 def _onto_needs_whole(target: Path, base: PointRecord, disk: DiskRecord, force: bool) -> bool:
@@ -473,12 +517,13 @@ def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *
     """Restore disk KEY of POINT to a new file, a block device, or (with `base`) onto a file that
     holds BASE's image, writing only the blocks that differ."""
     disk = _disk_of(point, key)
-    with repo.lock(SHARED, f"restore {point.vm}"):
+    with repo.lock(SHARED, f"restore {point.vm}"), _exclusive(target):
         onto = base if base is not None and not _onto_needs_whole(target, base, disk, force) \
             else None
         if onto is not None:
             _disk_of(onto, key)  # the base point has the disk
         device, staged = _open_target(target, disk.capacity, onto=base is not None, force=force)
+        pause_point("restore.writing")
         try:
             work = _Work(repo, point, disk, fresh=staged is not None, onto=onto)
             summary = _restore_through(repo, point, disk, work, device, target=str(target),
@@ -490,7 +535,7 @@ def restore_disk(repo: Repository, point: PointRecord, key: str, target: Path, *
         finally:
             device.close()
         if staged is not None:
-            _publish(staged, target)
+            _publish(staged, target, replace=force)
         return summary
 
 
@@ -618,6 +663,8 @@ def _naming(point: PointRecord, key: str) -> Iterator[None]:
     """Damage met (a missing block map, an index entry, ...) also names the point and disk."""
     try:
         yield
+    except ChainBroken:
+        raise  # names the point and disk already, and what to do instead
     except DamageError as exc:
         raise DamageError(f"{exc}; disk {key} of point {point.id[:8]} cannot be restored "
                           f"whole: {_REPAIR}") from None

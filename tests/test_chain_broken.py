@@ -1,0 +1,149 @@
+"""A broken chain (an ancestor's manifest lost and the index rebuilt without it, or its block map
+missing or damaged): gc refuses and deletes nothing, restore and verify name the point and the
+ancestor (exit code 3), and the points the damage does not reach keep restoring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import cli, restore_bytes, tree_digest
+from test_maint_damage import damaged_setup, points_of  # noqa: F401 (a fixture)
+from repo_engine.repository.blockmap import map_object
+from repo_engine.repository.repo import Repository
+
+
+def _map_file(repo: Path, point: str) -> Path:
+    with Repository.open(repo) as opened:
+        name = opened.find_point(point[:12]).disks[0].map
+        return opened.store.path_of(map_object(name))
+
+
+def _lose_manifest(capsys, repo: Path, point: str) -> None:
+    """The manifest of `point` deleted, then the index rebuilt: the catalog lacks it."""
+    (repo / "points" / f"{point}.point").unlink()
+    assert cli(capsys, "rebuild-index", repo).code == 0
+
+
+def _damage(capsys, repo: Path, point: str, how: str) -> None:
+    if how == "manifest lost":
+        _lose_manifest(capsys, repo, point)
+        return
+    path = _map_file(repo, point)
+    if how == "map missing":
+        path.unlink()
+    else:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x55
+        path.write_bytes(bytes(data))
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("repo-engine: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["incremental", "full"])
+def test_gc_refuses_a_broken_chain_and_deletes_nothing(damaged_setup, capsys, full):
+    """The base's manifest lost and the index rebuilt: its map is counted by no record, so
+    the chunks only it holds (most of VM b's) would be collected."""
+    repo, _models, expected = damaged_setup
+    base, child, _newest = points_of(expected, "b")
+    _lose_manifest(capsys, repo, base)
+    before = tree_digest(repo / "packs") | tree_digest(repo / "maps")
+    result = cli(capsys, "gc", repo, *(["--full"] if full else []))
+    assert result.code == 3
+    line = _one_line(result.err)
+    assert f"at point {child[:8]} is broken: its ancestor {base[:8]} is not in the " \
+           "catalog" in line
+    assert "gc deletes nothing while a chain is broken" in line
+    assert tree_digest(repo / "packs") | tree_digest(repo / "maps") == before
+    forgotten = cli(capsys, "forget", repo, "--prune", points_of(expected, "a")[0][:12])
+    assert forgotten.code == 3, "forget --prune collects too: refused the same way"
+    assert tree_digest(repo / "packs") | tree_digest(repo / "maps") == before
+
+
+def test_gc_runs_again_once_the_broken_points_are_forgotten(damaged_setup, tmp_path, capsys):
+    repo, _models, expected = damaged_setup
+    base, child, newest = points_of(expected, "b")
+    _lose_manifest(capsys, repo, base)
+    assert cli(capsys, "forget", repo, child[:12], newest[:12]).code == 0
+    done = cli(capsys, "gc", repo, "--json")
+    assert done.code == 0, done.err
+    assert done.json()["chunks_dropped"] > 0  # b's chunks: no point uses them now
+    assert cli(capsys, "verify", repo).code == 0
+    for point in points_of(expected, "a"):
+        assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
+            == expected[point][1]
+
+
+@pytest.mark.parametrize("how", ["manifest lost", "map missing", "map damaged"])
+def test_restore_names_the_point_and_the_broken_ancestor(damaged_setup, tmp_path, capsys, how):
+    repo, _models, expected = damaged_setup
+    base, child, newest = points_of(expected, "b")
+    _damage(capsys, repo, base, how)
+    target = tmp_path / "out.img"
+    for point in (child, newest):
+        result = cli(capsys, "restore", repo, point[:12], "--disk", "sda", "--to", target)
+        assert result.code == 3, result.err
+        line = _one_line(result.err)
+        assert f"the chain of disk 'sda' at point {point[:8]} is broken: its ancestor " \
+               f"{base[:8]} " in line
+        assert f"restore a point older than {base[:8]} or on another chain" in line
+        assert not target.exists()
+    for point in points_of(expected, "a"):
+        assert restore_bytes(capsys, repo, point[:12], "sda", target) == expected[point][1]
+
+
+def test_verify_names_the_points_whose_ancestor_is_not_catalogued(damaged_setup, capsys):
+    repo, _models, expected = damaged_setup
+    base, child, newest = points_of(expected, "b")
+    _lose_manifest(capsys, repo, base)
+    result = cli(capsys, "verify", repo, "--json")
+    assert result.code == 3
+    report = result.json()
+    assert report["damaged_points"] == sorted([child, newest])
+    assert any(f"at point {newest[:8]} is broken: its ancestor {base[:8]} is not in the "
+               "catalog" in e for e in report["errors"])
+    text = cli(capsys, "verify", repo)
+    assert _one_line(text.err).endswith(
+        "affected points: " + ", ".join(sorted(p[:8] for p in (child, newest))))
+
+
+@pytest.mark.parametrize("recount", [["rebuild-index"], ["verify", "--repair"]])
+def test_a_recount_meeting_a_damaged_map_queues_nothing_for_gc(damaged_setup, tmp_path, capsys,
+                                                                recount):
+    """The recount cannot tell which chunks the damaged map holds: it counts them 0, yet must
+    not queue them, or the next gc deletes what a fixed map would need."""
+    repo, _models, expected = damaged_setup
+    base = points_of(expected, "b")[0]
+    _damage(capsys, repo, base, "map damaged")
+    cli(capsys, recount[0], repo, *recount[1:])
+    before = tree_digest(repo / "packs")
+    done = cli(capsys, "gc", repo, "--json")
+    assert done.code == 0, done.err
+    assert done.json()["chunks_dropped"] == 0
+    assert tree_digest(repo / "packs") == before
+    for point in points_of(expected, "a"):
+        assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
+            == expected[point][1]
+
+
+def test_a_backup_onto_a_broken_chain_stores_a_full_map(damaged_setup, tmp_path, capsys):
+    """The VM's newest point's chain lost its base: the next backup reads the disk as a first
+    one would and stores a full map, which owes nothing to the lost ancestor."""
+    repo, models, expected = damaged_setup
+    base, _child, newest = points_of(expected, "b")
+    _lose_manifest(capsys, repo, base)
+    done = cli(capsys, "backup", "image", repo, "--vm", "b", "--disk",
+               f"sda={models['b'].path}", "--json")
+    assert done.code == 0, done.err
+    disk = done.json()["point"]["disks"][0]
+    assert disk["kind"] == "full" and disk["parent"] is None
+    assert f"the chain of point {newest[:8]} is broken (ancestor {base[:8]} is lost): stored " \
+           "as a full map" in disk["note"]
+    point = done.json()["point"]["id"]
+    assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
+        == models["b"].content

@@ -1,0 +1,53 @@
+"""Two restores into one target (an existing file, a device): the second is refused while the
+first writes, so their blocks never interleave."""
+
+from __future__ import annotations
+
+from helpers import cli
+from race import Command
+from test_lock_taken import _repo_with_point
+
+
+def test_two_restores_into_one_target_never_interleave(tmp_path, capsys):
+    """The first restore holds an flock on the target (an existing file replaced with --force,
+    or one written in place with --onto): a second one into it is refused at once, and the
+    first writes its image whole."""
+    repo, model, expected = _repo_with_point(tmp_path, capsys)
+    (point, content), = expected.items()
+    target = tmp_path / "target.img"
+    for how in (["--to", target, "--force"], ["--onto", target, "--base", point[:12]]):
+        target.write_bytes(content if how[0] == "--onto" else b"old")
+        first = Command(tmp_path, "restore", repo, point[:12], "--disk", "sda", *how,
+                        pauses=("restore.writing",))
+        assert first.reached("restore.writing")
+        second = cli(capsys, "restore", repo, point[:12], "--disk", "sda", *how)
+        assert second.code == 1, second.err
+        assert second.err.strip() == f"repo-engine: error: {target} is being written by " \
+            "another restore; wait for it to finish, or restore to another target"
+        first.release("restore.writing")
+        done = first.finish()
+        assert done.code == 0, done.err
+        assert target.read_bytes() == content
+        assert [p.name for p in tmp_path.glob(".target.img.restore-*")] == []
+
+
+def test_a_new_target_another_restore_created_meanwhile_is_not_replaced(tmp_path, capsys):
+    """Without --force a restore writes only a new file: one that appeared under the target's
+    name while it wrote its image (another restore's) is left as it is, and it fails."""
+    repo, model, expected = _repo_with_point(tmp_path, capsys)
+    (point, content), = expected.items()
+    target = tmp_path / "new.img"
+    first = Command(tmp_path, "restore", repo, point[:12], "--disk", "sda", "--to", target,
+                    pauses=("restore.writing",))
+    assert first.reached("restore.writing")
+    target.write_bytes(b"another restore's image")
+    first.release("restore.writing")
+    done = first.finish()
+    assert done.code == 1, done.err
+    assert done.err.strip() == f"repo-engine: error: {target} was created by another command " \
+        "during this restore and is left as it is; restore again with --force to replace it"
+    assert target.read_bytes() == b"another restore's image"
+    assert [p.name for p in tmp_path.glob(".new.img.restore-*")] == []
+    forced = cli(capsys, "restore", repo, point[:12], "--disk", "sda", "--to", target, "--force")
+    assert forced.code == 0, forced.err
+    assert target.read_bytes() == content
