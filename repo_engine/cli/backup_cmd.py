@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import (STORED_TEXT, NumberRange, Progress, RepoAddress, disk_line, emit_json,
+from .common import (PORT, STORED_TEXT, NumberRange, Progress, RepoAddress, disk_line, emit_json,
                       json_option, open_repo, repo_argument)
 from .main import LazyGroup
 
@@ -151,7 +151,7 @@ def _datastore_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--disk", "disks", multiple=True, required=True, metavar="KEY=[DS] PATH.vmdk",
               help="A disk: its stable key (deviceKey) and datastore path. Repeatable.")
 @click.option("--server", required=True, help="vCenter or ESXi host.")
-@click.option("--port", type=click.IntRange(1, 65535), default=443, show_default=True,
+@click.option("--port", type=PORT, default=443, show_default=True,
               help="HTTPS port of the server.")
 @click.option("--user", required=True, help="User name, e.g. backup@vsphere.local.")
 @click.option("--password-file", type=click.Path(path_type=Path, dir_okay=False),

@@ -128,6 +128,32 @@ class NumberRange(click.FloatRange):
         return number
 
 
+class CappedInt(click.ParamType):
+    """A whole number from `low` to `high` (units.capped_int): every numeric option's type, so
+    that no option takes a count of 5,000 digits (a ValueError in Python) or one past what the
+    command can do."""
+
+    name = "integer"
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        from ..errors import UsageError
+        from ..units import capped_int
+
+        option = param.opts[0] if param is not None and param.opts else "value"
+        try:
+            return capped_int(value if isinstance(value, int) else str(value), option,
+                              self.low, self.high)
+        except UsageError as exc:
+            self.fail(str(exc).removeprefix(f"{option}: "), param, ctx)
+
+
+PORT = CappedInt(1, 65535)
+
+
 class StoredText(click.ParamType):
     """Text the repository stores (a VM name, a disk key, a tag, a slot label): an argument
     holding bytes that are not UTF-8 (Python carries them as surrogates) could not be written,

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .common import (STORED_TEXT, NumberRange, Progress, RepoAddress, emit_json, human_bytes,
+from .common import (PORT, STORED_TEXT, NumberRange, Progress, RepoAddress, emit_json, human_bytes,
                       json_option, open_repo, repo_argument)
 
 
@@ -26,7 +26,7 @@ def connection_options(fn: Callable) -> Callable:
                           "insecure, vm, vm-uuid, quiesce (true/false), transports, "
                           "vddk-libdir, tags (a list), audit; see docs/VSPHERE.md."),
         click.option("--server", help="vCenter or ESXi host."),
-        click.option("--port", type=click.IntRange(1, 65535), show_default="443",
+        click.option("--port", type=PORT, show_default="443",
                      help="HTTPS port of the server."),
         click.option("--user", help="User name, e.g. backup@vsphere.local."),
         click.option("--password-file", type=click.Path(path_type=Path, dir_okay=False),

@@ -1,0 +1,88 @@
+"""Every value a user gives is bounded: a number of 5,000 digits, a count past what a command can
+do, a duration of ten thousand years are each refused in one line with the usage exit code, the
+value cut in the message, and the repository left as it was."""
+
+from __future__ import annotations
+
+import pytest
+
+from repo_engine.units import SHOWN_MAX, capped_int, cut
+
+from helpers import cli, tree_digest
+from test_bad_input import _assert_one_line_error, setup  # noqa: F401 (a fixture)
+
+HUGE = "9" * 5000   # past Python's 4,300 digits for an integer text
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["forget", "{repo}", "--keep-last", HUGE], ["--keep-last", "(5000 characters)",
+                                                 "from -1 to 1000000"]),
+    (["forget", "{repo}", "--keep-daily", "1000001"], ["--keep-daily", "'1000001'"]),
+    (["forget", "{repo}", "--keep-weekly", "-2"], ["--keep-weekly", "'-2'"]),
+    (["forget", "{repo}", "--keep-within", f"{HUGE}d"], ["not a duration", "(5001 characters)"]),
+    (["forget", "{repo}", "--keep-within", "10000y"], ["the longest is 9999y"]),
+    (["forget", "{repo}", "--keep-within", "9999y1d"], ["the longest is 9999y"]),
+    (["scrub", "{repo}", "--workers", "257"], ["--workers", "from 1 to 256"]),
+    (["scrub", "{repo}", "--workers", HUGE], ["--workers", "(5000 characters)"]),
+    (["scrub", "{repo}", "--read-data-subset", f"{HUGE}/{HUGE}"], ["subset", "characters)"]),
+    (["scrub", "{repo}", "--max-duration", f"{HUGE}s"], ["too long"]),
+    (["gc", "{repo}", "--wait-timeout", "1e400"], ["--wait-timeout"]),
+    (["gc", "{repo}", "--grace", f"{HUGE}s"], ["--grace"]),
+    (["backup", "vddk", "{repo}", "--vm", "v", "--disk", "1=x", "--server", "s", "--user", "u",
+      "--vmx-spec", "m", "--port", HUGE], ["--port", "from 1 to 65535"]),
+])
+def test_a_value_past_its_bound_is_one_cut_line(setup, capsys, args, fragments):
+    repo, _ = setup
+    before = tree_digest(repo)
+    result = cli(capsys, *(a.replace("{repo}", str(repo)) for a in args))
+    _assert_one_line_error(result, 2, *fragments)
+    assert len(result.err) < 4 * SHOWN_MAX + 200, result.err
+    assert "Traceback" not in result.err and "internal error" not in result.err
+    assert tree_digest(repo) == before
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--pack-size", "2GiB"], ["pack size", "at most 1GiB"]),
+    (["--pack-size", f"{HUGE}KiB"], ["not a size", "(5003 characters)"]),
+    (["--max-chain", "1001"], ["--max-chain", "from 1 to 1000"]),
+    (["--max-chain", "0"], ["--max-chain", "from 1 to 1000"]),
+    (["--compression-level", HUGE], ["--compression-level", "from 1 to 19"]),
+    (["--compression-level", "20"], ["--compression-level", "from 1 to 19"]),
+    (["--block-size", "8MiB"], ["block size", "16KiB to 4MiB"]),
+])
+def test_init_refuses_settings_out_of_bounds_and_creates_nothing(tmp_path, capsys, args,
+                                                                 fragments):
+    result = cli(capsys, "init", tmp_path / "repo", *args)
+    _assert_one_line_error(result, 2, *fragments)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_init_takes_the_bounds_themselves(tmp_path, capsys):
+    result = cli(capsys, "init", tmp_path / "repo", "--pack-size", "1GiB", "--max-chain", "1000",
+                 "--compression-level", "19")
+    assert result.code == 0, result.err
+
+
+def test_forget_takes_the_longest_duration_and_the_largest_count(setup, capsys):
+    repo, _ = setup
+    result = cli(capsys, "forget", repo, "--keep-within", "9998y12mo", "--keep-last", "1000000",
+                 "--dry-run")
+    assert result.code == 0, result.err
+
+
+def test_an_overlong_word_of_any_message_is_cut(setup, capsys):
+    repo, _ = setup
+    result = cli(capsys, "points", repo, "x" * 1_000_000)
+    _assert_one_line_error(result, 2, "unexpected extra argument", "(1000002 characters)",
+                           "see 'repo-engine points --help'")
+    assert len(result.err) < 1000
+
+
+def test_capped_int_and_cut():
+    assert capped_int(" 7 ", "--n", 1, 10) == 7
+    assert capped_int("-1", "--n", -1, 10) == -1
+    for bad in ("11", "0", "x", "1.5", "", HUGE):
+        with pytest.raises(Exception, match="is not a whole number from 1 to 10"):
+            capped_int(bad, "--n", 1, 10)
+    assert cut("abc") == "abc"
+    assert cut("a" * 500) == "a" * SHOWN_MAX + "... (500 characters)"
