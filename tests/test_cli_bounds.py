@@ -86,3 +86,56 @@ def test_capped_int_and_cut():
             capped_int(bad, "--n", 1, 10)
     assert cut("abc") == "abc"
     assert cut("a" * 500) == "a" * SHOWN_MAX + "... (500 characters)"
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["backup", "image", "{repo}", "--vm", "", "--disk", "d={img}"], ["--vm", "empty name"]),
+    (["backup", "image", "{repo}", "--vm", "v", "--disk", "d={img}", "--tag", ""],
+     ["--tag", "empty name"]),
+    (["forget", "{repo}", "--vm", "", "--keep-last", "1"], ["--vm", "empty name"]),
+    (["forget", "{repo}", "--keep-tag", ""], ["--keep-tag", "empty name"]),
+    (["points", "{repo}", "--vm", ""], ["--vm", "empty name"]),
+    (["points", ""], ["REPO", "empty location"]),
+    (["init", ""], ["REPO", "empty location"]),
+])
+def test_an_empty_name_is_refused(setup, capsys, args, fragments):
+    repo, model = setup
+    before = tree_digest(repo)
+    result = cli(capsys, *(a.replace("{repo}", str(repo)).replace("{img}", str(model.path))
+                           for a in args))
+    _assert_one_line_error(result, 2, *fragments)
+    assert tree_digest(repo) == before
+
+
+def test_forget_of_a_vm_with_no_points_says_so(setup, capsys):
+    repo, _ = setup
+    before = tree_digest(repo)
+    result = cli(capsys, "forget", repo, "--vm", "nosuch", "--keep-last", "1")
+    _assert_one_line_error(result, 1, "no points of VM 'nosuch'", "repo-engine points")
+    assert tree_digest(repo) == before
+    assert cli(capsys, "forget", repo, "--vm", "v", "--keep-last", "1").code == 0
+
+
+def _vsphere_config(tmp_path, text: str):
+    path = tmp_path / "job.toml"
+    path.write_text('server = "vc"\nuser = "u"\npassword-env = "NO_SUCH_VARIABLE"\n' + text)
+    return path
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("port = 99999999999\n", ["port in", "from 1 to 65535"]),
+    ("port = 0\n", ["port in", "from 1 to 65535"]),
+    ('vm = "a\\u0007b"\n', ["vm in", "control character"]),
+    ('vm = ""\n', ["vm in", "empty name"]),
+    ('tags = ["ok", ""]\n', ["tags in", "empty name"]),
+    ("audit = 1000\n", ["audit in", "0<=x<=100"]),
+    ('password-file = "a\\u0000b"\n', ["password-file in", "NUL"]),
+])
+def test_a_vsphere_config_is_checked_as_the_options_are(setup, tmp_path, capsys, text,
+                                                        fragments):
+    repo, _ = setup
+    before = tree_digest(repo)
+    config = _vsphere_config(tmp_path, text)
+    result = cli(capsys, "backup", "vsphere", repo, "--config", config)
+    _assert_one_line_error(result, 2, "--config:", *fragments)
+    assert tree_digest(repo) == before

@@ -77,6 +77,9 @@ def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None
 def _address(ctx: click.Context, _param: click.Parameter, value: str) -> RepoAddress:
     from ..repository.opening import is_remote, prepare
 
+    if not value:  # the OS reads "" as no path; Path("") is the working directory
+        raise click.BadParameter("an empty location is refused; name a directory or "
+                                 "s3://BUCKET/PREFIX", param_hint="REPO")
     endpoint = ctx.meta.get(ENDPOINT_KEY)
     if endpoint and not is_remote(value):
         raise click.BadParameter("--endpoint applies to s3:// locations only",
@@ -158,18 +161,26 @@ class StoredText(click.ParamType):
     """Text the repository stores (a VM name, a disk key, a tag, a slot label): an argument
     holding bytes that are not UTF-8 (Python carries them as surrogates) could not be written,
     nor read back by another JSON reader; one holding a control character (a line break, an
-    escape) would break the text listings, one name a line, or drive the terminal."""
+    escape) would break the text listings, one name a line, or drive the terminal. An empty
+    name names nothing (`@latest` of no VM, a tag no listing shows); with `empty`, "" is taken
+    (a label that is optional). With `lookup` the text only finds what is stored (forget --vm):
+    a control character is let through, for a name an older version stored with one."""
 
     name = "text"
+
+    def __init__(self, empty: bool = False, lookup: bool = False) -> None:
+        self.empty, self.lookup = empty, lookup
 
     def convert(self, value: object, param: click.Parameter | None,
                 ctx: click.Context | None) -> str:
         from ..units import control_character, is_text
 
         text = str(value)
+        if not text and not self.empty:
+            self.fail("an empty name is refused", param, ctx)
         if not is_text(text):
             self.fail(f"{text!r} is not UTF-8 text", param, ctx)
-        control = control_character(text)
+        control = None if self.lookup else control_character(text)
         if control is not None:
             self.fail(f"{text!r} holds a control character (U+{ord(control):04X}), which would "
                       "break the lines of a listing", param, ctx)
@@ -177,6 +188,8 @@ class StoredText(click.ParamType):
 
 
 STORED_TEXT = StoredText()
+OPTIONAL_TEXT = StoredText(empty=True)
+LOOKUP_TEXT = StoredText(lookup=True)
 
 
 json_option = click.option("--json", "as_json", is_flag=True,

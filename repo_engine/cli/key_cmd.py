@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import UsageError
-from .common import (STORED_TEXT, Progress, RepoAddress, emit_json, json_option, open_repo,
+from .common import (OPTIONAL_TEXT, Progress, RepoAddress, emit_json, json_option, open_repo,
                      repo_argument, spinner)
 from .passphrase import new_passphrase, read_key_file
 
@@ -27,7 +27,7 @@ new_passphrase_option = click.option(
     "--new-passphrase-file", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
     help="File holding the new passphrase (one trailing newline is dropped); without it, the "
          "new passphrase is typed twice on the terminal.")
-label_option = click.option("--label", default="", show_default="none", type=STORED_TEXT,
+label_option = click.option("--label", default="", show_default="none", type=OPTIONAL_TEXT,
                             help="A note shown by 'key list' (at most 200 characters).")
 
 

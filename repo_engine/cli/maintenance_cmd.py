@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from ..units import MAX_SECONDS
-from .common import (CappedInt, NumberRange, Progress, emit_json, spinner, human_bytes,
+from .common import (LOOKUP_TEXT, CappedInt, NumberRange, Progress, emit_json, spinner, human_bytes,
                      json_option, open_repo, RepoAddress, repo_argument)
 
 
@@ -54,7 +54,7 @@ def _iso(when: datetime) -> str:
 @click.command()
 @repo_argument
 @click.argument("point_ids", nargs=-1, metavar="[POINT]...")
-@click.option("--vm", help="Apply the policy to this VM's points only.")
+@click.option("--vm", type=LOOKUP_TEXT, help="Apply the policy to this VM's points only.")
 @click.option("--keep-last", type=KEEP_COUNT, default=0, show_default=True, metavar="N",
               help="Keep the N newest points (-1: all).")
 @_keep_bucket("hourly", "hours")
@@ -66,7 +66,7 @@ def _iso(when: datetime) -> str:
               help="Keep points newer than the newest point minus DURATION: numbers with y "
                    "(years), mo (months), w (weeks), d (days), h (hours), e.g. 7d, 2w, 6mo, "
                    "1y6mo. A bare 'm' is refused as ambiguous.")
-@click.option("--keep-tag", "keep_tags", multiple=True,
+@click.option("--keep-tag", "keep_tags", multiple=True, type=LOOKUP_TEXT,
               help="Keep points with this tag. Repeatable.")
 @click.option("--allow-remove-latest", is_flag=True,
               help="Let the policy remove the newest point of a VM and disk set too (by default "
@@ -94,7 +94,7 @@ def forget(repo: RepoAddress, point_ids: tuple[str, ...], vm: str | None, keep_l
     """
     from ..maintenance.forget import ForgetReport, forget_points, policy_decisions
     from ..maintenance.retention import Policy, parse_within
-    from ..units import shown
+    from ..units import cut, shown
 
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly,
                     parse_within(keep_within) if keep_within else None, tuple(keep_tags))
@@ -113,6 +113,11 @@ def forget(repo: RepoAddress, point_ids: tuple[str, ...], vm: str | None, keep_l
         else:
             found = policy_decisions(repository, policy, vm,
                                      allow_remove_latest=allow_remove_latest)
+            if vm is not None and not found:
+                from ..errors import PointNotFound
+
+                raise PointNotFound(f"no points of VM {cut(vm)!r}; 'repo-engine points' lists "
+                                    "the points of every VM")
             decisions = [{"id": d.id, "vm": d.vm, "time": _iso(d.time), "keep": d.keep,
                           "reasons": list(d.reasons)} for d in found]
             remove = [d.id for d in found if not d.keep]

@@ -57,7 +57,27 @@ def data_options(fn: Callable) -> Callable:
 def _settings(params: dict[str, Any]) -> Any:
     from ..sources.vsphere.settings import merge
 
-    return merge(params, params.get("config"))
+    return merge(params, params.get("config"), check=_as_option)
+
+
+def _as_option(key: str, value: Any) -> Any:
+    """A config file's value checked by the command's own option of that name (`tags` by
+    --tag, each), as if it had been given on the command line: the same bounds, the same
+    refusals. A key the command has no option for is checked by its type alone."""
+    ctx = click.get_current_context()
+    flag = "--tag" if key == "tags" else f"--{key}"
+    param = next((p for p in ctx.command.params if flag in getattr(p, "opts", ())), None)
+    if param is None or isinstance(param.type, (click.types.StringParamType,
+                                                click.types.BoolParamType)):
+        return value
+    from ..errors import UsageError
+
+    try:
+        if key == "tags":
+            return [param.type.convert(item, param, ctx) for item in value]
+        return param.type.convert(value, param, ctx)
+    except click.BadParameter as exc:
+        raise UsageError(exc.message.removesuffix(".")) from None
 
 
 def _password(settings: Any, vddk: bool,
