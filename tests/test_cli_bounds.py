@@ -139,3 +139,45 @@ def test_a_vsphere_config_is_checked_as_the_options_are(setup, tmp_path, capsys,
     result = cli(capsys, "backup", "vsphere", repo, "--config", config)
     _assert_one_line_error(result, 2, "--config:", *fragments)
     assert tree_digest(repo) == before
+
+
+@pytest.mark.parametrize("option, where, fragments", [
+    ("--to", "{tmp}/nodir/x.img", ["{tmp}/nodir is not a directory", "existing directory"]),
+    ("--to", "{img}/x.img", ["{img} is not a directory"]),
+    ("--to", "{repo}/x.img", ["inside the repository {repo}", "outside it"]),
+    ("--to", "{repo}/packs/x.img", ["inside the repository"]),
+    ("--to", "{link}/x.img", ["inside the repository"]),
+    ("--onto", "{repo}/config", ["inside the repository"]),
+])
+def test_a_restore_target_in_no_directory_or_in_the_repository_is_refused(
+        setup, tmp_path, capsys, option, where, fragments):
+    repo, model = setup
+    (tmp_path / "link").symlink_to(repo)
+    names = {"{tmp}": str(tmp_path), "{img}": str(model.path), "{repo}": str(repo),
+             "{link}": str(tmp_path / "link")}
+
+    def fill(text: str) -> str:
+        for name, value in names.items():
+            text = text.replace(name, value)
+        return text
+
+    before = tree_digest(repo)
+    args = ["restore", repo, "v@latest", "--disk", "d", option, fill(where)]
+    if option == "--onto":
+        args += ["--base", "v@latest"]
+    result = cli(capsys, *args)
+    _assert_one_line_error(result, 2, option, *map(fill, fragments))
+    assert tree_digest(repo) == before
+
+
+def test_a_recovery_key_is_never_exported_into_the_repository(tmp_path, capsys):
+    repo = tmp_path / "repo"
+    secret = tmp_path / "pass"
+    secret.write_text("correct horse\n")
+    assert cli(capsys, "init", repo, "--encryption", "--passphrase-file", secret).code == 0
+    before = tree_digest(repo)
+    result = cli(capsys, "key", "export-recovery", repo, "--passphrase-file", secret,
+                 "--out", repo / "keys" / "recovery.pem")
+    _assert_one_line_error(result, 2, "--out", "inside the repository", "outside it")
+    assert tree_digest(repo) == before
+    assert not list(repo.rglob("*.pem"))

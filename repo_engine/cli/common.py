@@ -68,6 +68,27 @@ class RepoAddress:
                                key_file=key_file if key_file.given() else None)
 
 
+def check_output_file(path: Path, option: str, repo: RepoAddress) -> None:
+    """Refuse, before anything is read or asked, a file to write (`option`'s) in a directory
+    that does not exist, or inside the local repository REPO: a restored image or a recovery
+    key there would be stored beside the data it restores or opens (and a gc or scrub would
+    meet a file it does not know)."""
+    from ..errors import UsageError
+    from ..repository.opening import is_remote
+    from ..units import cut
+
+    shown_path = cut(str(path))
+    if not path.parent.is_dir():
+        raise UsageError(f"{option} {shown_path}: {cut(str(path.parent))} is not a directory; "
+                         "name a file in an existing directory")
+    if is_remote(repo.location):
+        return
+    root, where = Path(repo.location).resolve(), path.parent.resolve()
+    if where == root or root in where.parents:
+        raise UsageError(f"{option} {shown_path} is inside the repository {cut(repo.location)}; "
+                         "name a file outside it")
+
+
 def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None:
     """Keep an eager option's value for the REPO argument, which is processed after it."""
     assert param.name is not None
