@@ -181,3 +181,36 @@ def test_a_recovery_key_is_never_exported_into_the_repository(tmp_path, capsys):
     _assert_one_line_error(result, 2, "--out", "inside the repository", "outside it")
     assert tree_digest(repo) == before
     assert not list(repo.rglob("*.pem"))
+
+
+def _little_memory(monkeypatch, nbytes: int) -> None:
+    from repo_engine import memory
+
+    monkeypatch.setattr(memory, "available", lambda: nbytes)
+
+
+def test_a_change_list_that_would_not_fit_in_memory_is_refused_before_decoding(
+        setup, tmp_path, capsys, monkeypatch):
+    repo, model = setup
+    changes = tmp_path / "changes.json"
+    changes.write_text("[" + ",".join(["[0,65536]"] * 20_000) + "]")   # 200 KB, 4 MB decoded
+    _little_memory(monkeypatch, 4 * 1024 * 1024)
+    before = tree_digest(repo)
+    result = cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}",
+                 "--changed", f"d={changes}")
+    _assert_one_line_error(result, 2, f"decoding extents file {changes} needs about",
+                           "more than half the 4.0 MiB available", "merge its nearby extents")
+    assert tree_digest(repo) == before
+
+
+def test_an_audit_that_would_not_fit_in_memory_is_refused_and_stores_no_point(
+        setup, tmp_path, capsys, monkeypatch):
+    repo, model = setup
+    changes = tmp_path / "changes.json"
+    changes.write_text("[[0, 65536]]")
+    _little_memory(monkeypatch, 1024)
+    result = cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}",
+                 "--changed", f"d={changes}", "--audit", "100")
+    _assert_one_line_error(result, 2, "--audit 100 of disk d (31 blocks) needs about",
+                           "give a smaller --audit percentage")
+    assert len(cli(capsys, "points", repo, "--json").json()["points"]) == 1
