@@ -214,3 +214,23 @@ def test_an_audit_that_would_not_fit_in_memory_is_refused_and_stores_no_point(
     _assert_one_line_error(result, 2, "--audit 100 of disk d (31 blocks) needs about",
                            "give a smaller --audit percentage")
     assert len(cli(capsys, "points", repo, "--json").json()["points"]) == 1
+
+
+@pytest.mark.parametrize("command", [["points"], ["stats", "--json"], ["verify"],
+                                     ["rebuild-index"], ["unlock"], ["scrub", "--no-key"]])
+def test_a_repository_path_that_is_a_file_is_named_as_one(tmp_path, capsys, command):
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"not a repository")
+    result = cli(capsys, command[0], path, *command[1:])
+    _assert_one_line_error(result, 1, f"{path} is not a repo-engine repository: it is a file, "
+                                      "not a directory; check the path")
+    assert path.read_bytes() == b"not a repository"
+
+
+def test_init_under_a_file_says_it_is_a_file(tmp_path, capsys):
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"x")
+    for extra in ([], ["--parents"]):
+        result = cli(capsys, "init", path / "repo", *extra)
+        _assert_one_line_error(result, 2, f"{path} is a file, not a directory")
+    assert path.read_bytes() == b"x"
