@@ -234,3 +234,21 @@ def test_init_under_a_file_says_it_is_a_file(tmp_path, capsys):
         result = cli(capsys, "init", path / "repo", *extra)
         _assert_one_line_error(result, 2, f"{path} is a file, not a directory")
     assert path.read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["backup", "image", "{repo}", "--vm", "v" * 256, "--disk", "d={img}"],
+     ["--vm", "is 256 characters long; the longest name is 255"]),
+    (["backup", "image", "{repo}", "--vm", "v", "--disk", "k" * 100_000 + "={img}"],
+     ["disk key", "(100000 characters)", "the longest name is 255"]),
+    (["backup", "image", "{repo}", "--vm", "v", "--disk", "d={img}", "--tag", "t" * 300],
+     ["--tag", "the longest name is 255"]),
+])
+def test_a_name_past_255_characters_is_refused(setup, capsys, args, fragments):
+    repo, model = setup
+    before = tree_digest(repo)
+    result = cli(capsys, *(a.replace("{repo}", str(repo)).replace("{img}", str(model.path))
+                           for a in args))
+    _assert_one_line_error(result, 2, *fragments)
+    assert len(result.err) < 1000
+    assert tree_digest(repo) == before

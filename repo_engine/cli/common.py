@@ -178,6 +178,11 @@ class CappedInt(click.ParamType):
 PORT = CappedInt(1, 65535)
 
 
+# the longest name stored (vSphere's VM names stop at 80 characters): each is repeated in every
+# line of a listing and in every record of the catalog that names it
+MAX_NAME = 255
+
+
 class StoredText(click.ParamType):
     """Text the repository stores (a VM name, a disk key, a tag, a slot label): an argument
     holding bytes that are not UTF-8 (Python carries them as surrogates) could not be written,
@@ -194,11 +199,14 @@ class StoredText(click.ParamType):
 
     def convert(self, value: object, param: click.Parameter | None,
                 ctx: click.Context | None) -> str:
-        from ..units import control_character, is_text
+        from ..units import control_character, cut, is_text
 
         text = str(value)
         if not text and not self.empty:
-            self.fail("an empty name is refused", param, ctx)
+            self.fail("'' is empty: an empty name is refused", param, ctx)
+        if len(text) > MAX_NAME and not self.lookup:
+            self.fail(f"{cut(text)!r} is {len(text)} characters long; the longest name is "
+                      f"{MAX_NAME}", param, ctx)
         if not is_text(text):
             self.fail(f"{text!r} is not UTF-8 text", param, ctx)
         control = None if self.lookup else control_character(text)
