@@ -172,3 +172,9 @@ def test_settings_at_their_bounds_are_taken(tmp_path):
     text = ("[s3]\nmultipart_concurrency = 64\nmax_attempts = 100\nlist_page_size = 1000\n"
             "read_timeout = 3600\nmultipart_part_size = 67108864\n")
     assert load_s3_settings({}, {}, write_config(tmp_path, text)).max_attempts == 100
+
+
+@pytest.mark.parametrize("key", ["spool_dir", "ca_bundle", "region"])
+def test_a_nul_in_a_setting_is_refused(tmp_path, key):
+    with pytest.raises(StoreError, match=f"{key} must not hold a NUL character"):
+        load_s3_settings({}, {}, write_config(tmp_path, f'[s3]\n{key} = "a\\u0000b"\n'))

@@ -112,6 +112,8 @@ def _type_problems(s: S3Settings) -> list[str]:
         elif isinstance(value, str) and not is_text(value, ascii=f.name in _IN_HEADERS):
             problems.append(f"{f.name} must be {'ASCII' if f.name in _IN_HEADERS else 'UTF-8'} "
                             "text")
+        elif isinstance(value, str) and "\x00" in value:  # TOML can spell one; no path holds it
+            problems.append(f"{f.name} must not hold a NUL character")
     return problems
 
 
