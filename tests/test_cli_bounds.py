@@ -252,3 +252,25 @@ def test_a_name_past_255_characters_is_refused(setup, capsys, args, fragments):
     _assert_one_line_error(result, 2, *fragments)
     assert len(result.err) < 1000
     assert tree_digest(repo) == before
+
+
+def test_a_number_of_thousands_of_digits_in_an_input_file_is_one_line(setup, tmp_path, capsys,
+                                                                      monkeypatch):
+    repo, model = setup
+    before = tree_digest(repo)
+    changes = tmp_path / "changes.json"
+    changes.write_text(f"[[0, {HUGE}]]")
+    result = cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}",
+                 "--changed", f"d={changes}")
+    _assert_one_line_error(result, 2, f"extents file {changes} holds a number of thousands "
+                                      "of digits")
+    config = _vsphere_config(tmp_path, f"port = {HUGE}\n")
+    result = cli(capsys, "backup", "vsphere", repo, "--config", config)
+    _assert_one_line_error(result, 2, f"--config: {config} holds a number of thousands of digits")
+    settings = tmp_path / "s3.toml"
+    settings.write_text(f"[s3]\nmax_attempts = {HUGE}\n")
+    monkeypatch.setenv("REPO_ENGINE_S3_CONFIG", str(settings))
+    result = cli(capsys, "points", "s3://bucket/prefix")
+    _assert_one_line_error(result, 1, f"the S3 settings file {settings} holds a number of "
+                                      "thousands of digits")
+    assert tree_digest(repo) == before

@@ -166,6 +166,9 @@ def load_extents(path: Path, capacity: int) -> np.ndarray:
         raise UsageError(f"{what} cannot be read: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"{what} is not valid JSON ({exc})") from None
+    except ValueError:  # Python's guard against integers of thousands of digits
+        raise UsageError(f"{what} holds a number of thousands of digits, which no offset or "
+                         "length has") from None
     except RecursionError:
         raise UsageError(f"{what} is nested too deeply to be a change list "
                          f"(expected {SHAPES})") from None
