@@ -33,32 +33,22 @@ def parse_size(text: str | int) -> int:
     return number * (1024 ** _POWERS[unit])
 
 
-def capped_size(text: str | int, option: str, low: int, high: int) -> int:
-    """A size option (see parse_size) from `low` to `high` bytes."""
-    size = parse_size(text)
-    if not low <= size <= high:
-        raise UsageError(f"{option} {cut(str(text))}: give a size from {format_size(low)} to "
-                         f"{format_size(high)}")
-    return size
-
-
 _INT_RE = re.compile(r"\s*([-+]?)(\d+)\s*")
 
 
 def capped_int(text: str | int, option: str, low: int, high: int) -> int:
     """An integer option from `low` to `high`: a text of too many digits is refused before
     Python converts it (see MAX_DIGITS)."""
-    match = None if isinstance(text, int) else _INT_RE.fullmatch(text)
-    if isinstance(text, int):
-        number: int | None = text
-    elif match and len(match.group(2)) <= MAX_DIGITS:
-        number = int(match.group(1) + match.group(2))
-    else:
-        number = None
+    number = text if isinstance(text, int) else _whole_number(text)
     if number is None or not low <= number <= high:
         raise UsageError(f"{option}: {cut(str(text))!r} is not a whole number from {low} to "
                          f"{high}")
     return number
+
+
+def _whole_number(text: str) -> int | None:
+    match = _INT_RE.fullmatch(text)
+    return int(match[1] + match[2]) if match and len(match[2]) <= MAX_DIGITS else None
 
 
 # an error line names what it refused: a value longer than this (a 1 MB argument, a path of

@@ -208,11 +208,11 @@ class StoredText(click.ParamType):
             self.fail(f"{cut(text)!r} is {len(text)} characters long; the longest name is "
                       f"{MAX_NAME}", param, ctx)
         if not is_text(text):
-            self.fail(f"{text!r} is not UTF-8 text", param, ctx)
+            self.fail(f"{cut(text)!r} is not UTF-8 text", param, ctx)
         control = None if self.lookup else control_character(text)
         if control is not None:
-            self.fail(f"{text!r} holds a control character (U+{ord(control):04X}), which would "
-                      "break the lines of a listing", param, ctx)
+            self.fail(f"{cut(text)!r} holds a control character (U+{ord(control):04X}), which "
+                      "would break the lines of a listing", param, ctx)
         return text
 
 

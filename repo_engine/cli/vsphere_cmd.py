@@ -64,14 +64,14 @@ def _as_option(key: str, value: Any) -> Any:
     """A config file's value checked by the command's own option of that name (`tags` by
     --tag, each), as if it had been given on the command line: the same bounds, the same
     refusals. A key the command has no option for is checked by its type alone."""
+    from ..errors import UsageError
+
     ctx = click.get_current_context()
     flag = "--tag" if key == "tags" else f"--{key}"
     param = next((p for p in ctx.command.params if flag in getattr(p, "opts", ())), None)
     if param is None or isinstance(param.type, (click.types.StringParamType,
                                                 click.types.BoolParamType)):
         return value
-    from ..errors import UsageError
-
     try:
         if key == "tags":
             return [param.type.convert(item, param, ctx) for item in value]
