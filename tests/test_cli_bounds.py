@@ -274,3 +274,18 @@ def test_a_number_of_thousands_of_digits_in_an_input_file_is_one_line(setup, tmp
     _assert_one_line_error(result, 1, f"the S3 settings file {settings} holds a number of "
                                       "thousands of digits")
     assert tree_digest(repo) == before
+
+
+def test_a_point_takes_at_most_a_hundred_tags(setup, tmp_path, capsys):
+    repo, model = setup
+    before = tree_digest(repo)
+    tags = [a for i in range(101) for a in ("--tag", f"t{i}")]
+    result = cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}", *tags)
+    _assert_one_line_error(result, 2, "--tag", "101 tags given; a point takes at most 100")
+    config = _vsphere_config(tmp_path, f"tags = {[f't{i}' for i in range(101)]}\n")
+    result = cli(capsys, "backup", "vsphere", repo, "--config", config)
+    _assert_one_line_error(result, 2, "--config: tags in", "101 tags given")
+    assert tree_digest(repo) == before
+    result = cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}",
+                 *tags[:200])
+    assert result.code == 0, result.err

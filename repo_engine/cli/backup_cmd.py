@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .common import (PORT, STORED_TEXT, NumberRange, Progress, RepoAddress, disk_line, emit_json,
-                      json_option, open_repo, repo_argument)
+                     json_option, open_repo, repo_argument, tag_option)
 from .main import LazyGroup
 
 
@@ -45,8 +45,7 @@ def backup() -> None:
 @click.option("--changed", multiple=True, metavar="KEY=EXTENTS.json",
               help="Changed extents of a disk since its last backup: JSON [[offset, length], "
                    "...] or VMware's DiskChangeInfo as pyVmomi writes it.")
-@click.option("--tag", "tags", multiple=True, type=STORED_TEXT,
-              help="Tag the point. Repeatable.")
+@tag_option
 @click.option("--audit", "audit_percent", type=NumberRange(0, 100), default=0.0,
               show_default=True, metavar="PERCENT",
               help="Also re-read this percentage of blocks the change list calls unchanged and "
@@ -168,8 +167,7 @@ def _datastore_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--changed", multiple=True, metavar="KEY=EXTENTS.json",
               help="Changed extents of a disk since its last backup: JSON [[offset, length], "
                    "...] or VMware's DiskChangeInfo as pyVmomi writes it.")
-@click.option("--tag", "tags", multiple=True, type=STORED_TEXT,
-              help="Tag the point. Repeatable.")
+@tag_option
 @json_option
 def vddk(repo: RepoAddress, vm: str, disks: tuple[str, ...], server: str, port: int, user: str,
          password_file: Path | None, password_env: str | None, vmx_spec: str,

@@ -219,6 +219,20 @@ class StoredText(click.ParamType):
 STORED_TEXT = StoredText()
 OPTIONAL_TEXT = StoredText(empty=True)
 LOOKUP_TEXT = StoredText(lookup=True)
+# a point's tags are listed on its one line of `points`: a hundred is more than any policy needs
+MAX_TAGS = 100
+
+
+def few_tags(_ctx: click.Context | None, param: click.Parameter | None,
+             tags: tuple[str, ...]) -> tuple[str, ...]:
+    if len(tags) > MAX_TAGS:
+        raise click.BadParameter(f"{len(tags)} tags given; a point takes at most {MAX_TAGS}",
+                                 param=param)
+    return tags
+
+
+tag_option = click.option("--tag", "tags", multiple=True, type=STORED_TEXT, callback=few_tags,
+                          help=f"Tag the point. Repeatable, up to {MAX_TAGS} times.")
 
 
 json_option = click.option("--json", "as_json", is_flag=True,

@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from .common import (PORT, STORED_TEXT, NumberRange, Progress, RepoAddress, emit_json, human_bytes,
-                      json_option, open_repo, repo_argument)
+from .common import (PORT, STORED_TEXT, NumberRange, Progress, RepoAddress, emit_json, few_tags,
+                     human_bytes, json_option, open_repo, repo_argument, tag_option)
 
 
 def connection_options(fn: Callable) -> Callable:
@@ -74,7 +74,8 @@ def _as_option(key: str, value: Any) -> Any:
         return value
     try:
         if key == "tags":
-            return [param.type.convert(item, param, ctx) for item in value]
+            return list(few_tags(ctx, param, tuple(param.type.convert(item, param, ctx)
+                                                   for item in value)))
         return param.type.convert(value, param, ctx)
     except click.BadParameter as exc:
         raise UsageError(exc.message.removesuffix(".")) from None
@@ -141,8 +142,7 @@ def vms(as_json: bool, **params: Any) -> None:
 @click.option("--no-quiesce", is_flag=True, default=None,
               help="Do not quiesce the guest (crash-consistent point).")
 @data_options
-@click.option("--tag", "tags", multiple=True, type=STORED_TEXT,
-              help="Tag the point. Repeatable.")
+@tag_option
 @click.option("--audit", type=NumberRange(0, 100), metavar="PERCENT", show_default="0",
               help="Also re-read this percentage of blocks CBT calls unchanged and check them.")
 @json_option
