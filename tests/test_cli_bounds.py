@@ -289,3 +289,17 @@ def test_a_point_takes_at_most_a_hundred_tags(setup, tmp_path, capsys):
     result = cli(capsys, "backup", "image", repo, "--vm", "v", "--disk", f"d={model.path}",
                  *tags[:200])
     assert result.code == 0, result.err
+
+
+@pytest.mark.parametrize("command", [
+    ["vsphere", "vms", "--server", "vc", "--user", "u"],
+    ["backup", "vddk", "{repo}", "--vm", "v", "--disk", "1=[ds] v.vmdk", "--server", "vc",
+     "--user", "u", "--vmx-spec", "moref=vm-1", "--vddk-libdir", "{repo}"],
+])
+@pytest.mark.parametrize("name", ["", "A=B"])
+def test_a_password_variable_name_that_names_none_is_refused(setup, capsys, command, name):
+    repo, _ = setup
+    result = cli(capsys, *(a.replace("{repo}", str(repo)) for a in command),
+                 "--password-env", name)
+    _assert_one_line_error(result, 2, f"--password-env {name!r} is not the name of an "
+                                      "environment variable")
