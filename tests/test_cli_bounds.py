@@ -303,3 +303,15 @@ def test_a_password_variable_name_that_names_none_is_refused(setup, capsys, comm
                  "--password-env", name)
     _assert_one_line_error(result, 2, f"--password-env {name!r} is not the name of an "
                                       "environment variable")
+
+
+@pytest.mark.parametrize("args", [
+    ["backup", "vsphere", "{repo}", "--vm-uuid", ""],
+    ["restore", "vsphere", "{repo}", "v@latest", "--in-place", "--vm", ""],
+    ["restore", "vsphere", "{repo}", "v@latest", "--as-new", ""],
+])
+def test_an_empty_vsphere_name_is_refused_before_connecting(setup, capsys, args):
+    repo, _ = setup
+    result = cli(capsys, *(a.replace("{repo}", str(repo)) for a in args), "--server", "vc",
+                 "--user", "u", "--password-env", "NO_SUCH_VARIABLE", "--vddk-libdir", repo)
+    _assert_one_line_error(result, 2, "empty name is refused")

@@ -189,8 +189,9 @@ class StoredText(click.ParamType):
     nor read back by another JSON reader; one holding a control character (a line break, an
     escape) would break the text listings, one name a line, or drive the terminal. An empty
     name names nothing (`@latest` of no VM, a tag no listing shows); with `empty`, "" is taken
-    (a label that is optional). With `lookup` the text only finds what is stored (forget --vm):
-    a control character is let through, for a name an older version stored with one."""
+    (a label that is optional). With `lookup` the text is not stored, only looked up or handed
+    on (forget --vm, a vCenter VM's name): any length and control characters are let through,
+    for a name an older version stored with one or vCenter holds (shown escaped)."""
 
     name = "text"
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import click
 
-from .common import (PORT, STORED_TEXT, NumberRange, Progress, RepoAddress, emit_json, few_tags,
-                     human_bytes, json_option, open_repo, repo_argument, tag_option)
+from .common import (LOOKUP_TEXT, PORT, STORED_TEXT, NumberRange, Progress, RepoAddress,
+                     emit_json, few_tags, human_bytes, json_option, open_repo, repo_argument,
+                     tag_option)
 
 
 def connection_options(fn: Callable) -> Callable:
@@ -138,7 +139,8 @@ def vms(as_json: bool, **params: Any) -> None:
 @repo_argument
 @connection_options
 @click.option("--vm", type=STORED_TEXT, help="The VM's name.")
-@click.option("--vm-uuid", help="The VM's instance (or BIOS) UUID, instead of --vm.")
+@click.option("--vm-uuid", type=LOOKUP_TEXT,
+              help="The VM's instance (or BIOS) UUID, instead of --vm.")
 @click.option("--no-quiesce", is_flag=True, default=None,
               help="Do not quiesce the guest (crash-consistent point).")
 @data_options
@@ -191,9 +193,11 @@ def backup_vsphere(repo: RepoAddress, as_json: bool, **params: Any) -> None:
 @connection_options
 @click.option("--in-place", is_flag=True,
               help="Roll the (powered-off) VM back to POINT, writing only what differs.")
-@click.option("--vm", show_default="the point's VM", help="In place: the VM to roll back.")
-@click.option("--vm-uuid", help="In place: the VM's UUID, instead of --vm.")
-@click.option("--as-new", metavar="NAME", help="Create a new VM NAME from the point.")
+@click.option("--vm", type=LOOKUP_TEXT, show_default="the point's VM",
+              help="In place: the VM to roll back.")
+@click.option("--vm-uuid", type=LOOKUP_TEXT, help="In place: the VM's UUID, instead of --vm.")
+@click.option("--as-new", metavar="NAME", type=LOOKUP_TEXT,
+              help="Create a new VM NAME from the point.")
 @click.option("--datastore", help="As new: the datastore for the VM and its disks.")
 @click.option("--resource-pool", show_default="the datastore host's",
               help="As new: the resource pool.")
