@@ -315,3 +315,10 @@ def test_an_empty_vsphere_name_is_refused_before_connecting(setup, capsys, args)
     result = cli(capsys, *(a.replace("{repo}", str(repo)) for a in args), "--server", "vc",
                  "--user", "u", "--password-env", "NO_SUCH_VARIABLE", "--vddk-libdir", repo)
     _assert_one_line_error(result, 2, "empty name is refused")
+
+
+def test_a_settings_file_nested_too_deeply_is_named(setup, tmp_path, capsys):
+    repo, _ = setup
+    config = _vsphere_config(tmp_path, "tags = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    result = cli(capsys, "backup", "vsphere", repo, "--config", config)
+    _assert_one_line_error(result, 2, f"--config: {config} is nested too deeply")
