@@ -322,3 +322,16 @@ def test_a_settings_file_nested_too_deeply_is_named(setup, tmp_path, capsys):
     config = _vsphere_config(tmp_path, "tags = " + "[" * 100_000 + "]" * 100_000 + "\n")
     result = cli(capsys, "backup", "vsphere", repo, "--config", config)
     _assert_one_line_error(result, 2, f"--config: {config} is nested too deeply")
+
+
+def test_a_cache_inside_the_repository_is_refused(tmp_path, capsys):
+    """A shared repository's cache inside it would be every host's: one index for all."""
+    repo = tmp_path / "repo"
+    result = cli(capsys, "init", repo, "--shared", "--cache-dir", repo / "cache")
+    _assert_one_line_error(result, 2, "--cache-dir", "never inside the repository")
+    assert not repo.exists()
+    assert cli(capsys, "init", repo, "--shared", "--cache-dir", tmp_path / "cache").code == 0
+    before = tree_digest(repo)
+    result = cli(capsys, "points", repo, "--cache-dir", repo)
+    _assert_one_line_error(result, 2, "--cache-dir", "never inside the repository")
+    assert tree_digest(repo) == before

@@ -74,19 +74,25 @@ def check_output_file(path: Path, option: str, repo: RepoAddress) -> None:
     key there would be stored beside the data it restores or opens (and a gc or scrub would
     meet a file it does not know)."""
     from ..errors import UsageError
-    from ..repository.opening import is_remote
     from ..units import cut
 
     shown_path = cut(str(path))
     if not path.parent.is_dir():
         raise UsageError(f"{option} {shown_path}: {cut(str(path.parent))} is not a directory; "
                          "name a file in an existing directory")
-    if is_remote(repo.location):
-        return
-    root, where = Path(repo.location).resolve(), path.parent.resolve()
-    if where == root or root in where.parents:
+    if _inside(path.parent, repo.location):
         raise UsageError(f"{option} {shown_path} is inside the repository {cut(repo.location)}; "
                          "name a file outside it")
+
+
+def _inside(path: Path, location: str) -> bool:
+    """Whether `path` is the local repository at `location` or below it."""
+    from ..repository.opening import is_remote
+
+    if is_remote(location):
+        return False
+    root, where = Path(location).resolve(), path.resolve()
+    return where == root or root in where.parents
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None:
@@ -105,6 +111,10 @@ def _address(ctx: click.Context, _param: click.Parameter, value: str) -> RepoAdd
     if endpoint and not is_remote(value):
         raise click.BadParameter("--endpoint applies to s3:// locations only",
                                  param_hint="--endpoint")
+    cache_dir = ctx.meta.get(CACHE_DIR_KEY)
+    if cache_dir is not None and _inside(cache_dir, value):  # every host would share it
+        raise click.BadParameter("this host's cache is never inside the repository; name a "
+                                 "directory outside it", param_hint="--cache-dir")
     address = RepoAddress(value, endpoint, ctx.meta.get(CACHE_DIR_KEY),
                           ctx.meta.get(PASSPHRASE_FILE_KEY), ctx.meta.get(KEY_FILE_KEY))
     if not KeyFileSource(address.key_file).given():  # before the command loads the engine
