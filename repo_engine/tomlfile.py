@@ -29,3 +29,7 @@ def read_toml(path: Path) -> tuple[dict[str, Any], int]:
         return tomllib.loads(data.decode()), mode
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise NotToml(f"is not valid TOML: {exc}") from None
+    except ValueError:  # Python's guard against integers of thousands of digits
+        raise NotToml("holds a number of thousands of digits, which no setting takes") from None
+    except RecursionError:
+        raise NotToml("is nested too deeply to be a settings file") from None

@@ -17,15 +17,51 @@ _POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
 MIB = 1024 * 1024
 
 
+# Python refuses to read an integer of more than 4,300 digits (a ValueError, its guard against
+# quadratic conversions); no count or size a user means has more than this many
+MAX_DIGITS = 20
+
+
 def parse_size(text: str | int) -> int:
     """Parse '64KiB', '4M', '1048576' into bytes (binary multiples)."""
     if isinstance(text, int):
         return text
     match = _SIZE_RE.match(text)
-    if not match:
-        raise UsageError(f"not a size: {text!r} (examples: 65536, 64KiB, 4MiB)")
+    if not match or len(match.group(1)) > MAX_DIGITS:
+        raise UsageError(f"not a size: {cut(text)!r} (examples: 65536, 64KiB, 4MiB)")
     number, unit = int(match.group(1)), match.group(2).upper()
     return number * (1024 ** _POWERS[unit])
+
+
+_INT_RE = re.compile(r"\s*([-+]?)(\d+)\s*")
+
+
+def capped_int(text: str | int, option: str, low: int, high: int) -> int:
+    """An integer option from `low` to `high`: a text of too many digits is refused before
+    Python converts it (see MAX_DIGITS)."""
+    number = text if isinstance(text, int) else _whole_number(text)
+    if number is None or not low <= number <= high:
+        raise UsageError(f"{option}: {cut(str(text))!r} is not a whole number from {low} to "
+                         f"{high}")
+    return number
+
+
+def _whole_number(text: str) -> int | None:
+    match = _INT_RE.fullmatch(text)
+    return int(match[1] + match[2]) if match and len(match[2]) <= MAX_DIGITS else None
+
+
+# an error line names what it refused: a value longer than this (a 1 MB argument, a path of
+# 4,096 characters) is shown by its head and its length (and the line cuts any word of twice
+# this, a value no message cut)
+SHOWN_MAX = 100
+
+
+def cut(text: str, limit: int = SHOWN_MAX) -> str:
+    """`text`, or its first `limit` characters and how many there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 def format_size(n: float) -> str:

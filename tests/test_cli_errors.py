@@ -27,6 +27,7 @@ from test_bad_input import setup  # noqa: F401 (a fixture)
 
 REPO_OPEN = "repo_engine.repository.location.open_repository"
 KEYS_OPEN = "repo_engine.repository.location.open_key_manager"
+REPO_DIRECTORY = "repo_engine.maintenance.rebuild.check_repository_directory"
 
 # every leaf command, with arguments that pass option parsing, and the engine function it reaches
 # first (the fault is injected there)
@@ -57,8 +58,8 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
     "gc": (["gc", "{repo}"], REPO_OPEN),
     "verify": (["verify", "{repo}"], REPO_OPEN),
     "scrub": (["scrub", "{repo}"], REPO_OPEN),
-    "rebuild-index": (["rebuild-index", "{repo}"], "repo_engine.maintenance.rebuild.read_config"),
-    "unlock": (["unlock", "{repo}"], "repo_engine.maintenance.rebuild.read_config"),
+    "rebuild-index": (["rebuild-index", "{repo}"], REPO_DIRECTORY),
+    "unlock": (["unlock", "{repo}"], REPO_DIRECTORY),
     **{f"key {args[0]}": (["key", args[0], "{repo}", *args[1:]], KEYS_OPEN) for args in (
         ["list"], ["status"], ["add"], ["remove", "abcd"], ["passwd"], ["rotate"],
         ["export-recovery", "--out", "{tmp}/k.pem"], ["recover", "--private-key", "{img}"])},
@@ -181,10 +182,12 @@ def test_a_vsphere_config_that_is_no_toml(tmp_path, capsys, setup, content, frag
 
 
 def test_restore_into_a_missing_directory(tmp_path, capsys, setup):
+    """A usage error (exit 2), named before anything is read: no failed open of a temporary
+    file beside the target."""
     repo, _ = setup
     result = cli(capsys, "restore", repo, "v@latest", "--disk", "d", "--to",
                  tmp_path / "nosuchdir" / "x.img")
-    assert_one_line_error(result, 1, "nosuchdir")
+    assert_one_line_error(result, 2, "nosuchdir is not a directory")
 
 
 @pytest.mark.parametrize("force", [[], ["--force"]])

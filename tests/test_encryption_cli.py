@@ -187,10 +187,11 @@ def test_exactly_one_trailing_newline_is_dropped_and_empty_is_refused(tmp_path, 
 def test_missing_or_unreadable_passphrase_file_and_no_source(tmp_path, capsys, monkeypatch,
                                                             encrypted):
     repo, _ = encrypted
-    err = failure(capsys, 1, "points", repo, "--passphrase-file", tmp_path / "nowhere")
+    # a passphrase file that cannot be read is a bad input file: a usage error naming it
+    err = failure(capsys, 2, "points", repo, "--passphrase-file", tmp_path / "nowhere")
     assert f"--passphrase-file: cannot read the passphrase file {tmp_path / 'nowhere'}" in err
     monkeypatch.setenv(passphrase.FILE_ENV, str(tmp_path))  # a directory
-    err = failure(capsys, 1, "points", repo)
+    err = failure(capsys, 2, "points", repo)
     assert f"$REPO_ENGINE_PASSWORD_FILE: cannot read the passphrase file {tmp_path}" in err
     monkeypatch.delenv(passphrase.FILE_ENV)
     err = failure(capsys, 1, "points", repo)

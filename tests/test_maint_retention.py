@@ -162,9 +162,12 @@ def test_every_real_policy_keeps_the_newest_point(name, policy, expected):
                            if d.keep}
 
 
-def test_huge_durations_keep_everything():
-    for text in ("9999y", "99999999d", "12000m", "999999999999h"):
+def test_the_longest_durations_keep_everything_and_longer_ones_are_refused():
+    for text in ("9999y", "119988mo", "3000000d", "12000m", "70000000h"):
         assert kept(DAYS, Policy(within=parse_within(text))) == sorted(p.id for p in DAYS)
+    for text in ("10000y", "9999y1h", "99999999d", "999999999999h", "9" * 5000 + "d"):
+        with pytest.raises(UsageError, match="the longest is 9999y|not a duration"):
+            parse_within(text)
 
 
 def test_parse_within():

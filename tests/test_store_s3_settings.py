@@ -3,6 +3,7 @@ the S3 client library is imported only for an s3:// location."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def test_secret_in_a_file_others_can_read_is_refused(tmp_path):
     ("[s3]\nendpoint = \n", "is not valid TOML"),
     ('[s3]\nendpoint = "x:9000"\n', "must start with http:// or https://"),
     ('[s3]\naddressing_style = "dns"\n', "addressing_style must be one of path, virtual"),
-    ("[s3]\nmultipart_part_size = 1024\n", "multipart_part_size must be at least"),
+    ("[s3]\nmultipart_part_size = 1024\n", "multipart_part_size must be from 5242880"),
     ('[s3]\naccess_key_id = "AK"\n', "must be given together"),
     ("[s3]\nendpoint = 9000\n", "endpoint must be a string"),
     ('[s3]\nverify_tls = "no"\n', "verify_tls must be true or false"),
@@ -146,3 +147,34 @@ def test_s3_store_loads_botocore_alone():
             "[m for m in sys.modules if m.split('.')[0] in ('boto3', 's3transfer')])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['botocore'] []"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[s3]\nmultipart_part_size = 6442450944\n", "multipart_part_size must be from"),
+    ("[s3]\nmultipart_threshold = 6442450944\n", "multipart_threshold must be at least"),
+    ("[s3]\nmultipart_concurrency = 64\nmultipart_part_size = 1073741824\n"
+     "multipart_threshold = 1073741824\n", "held in memory at once"),
+    ("[s3]\nmultipart_concurrency = 65\n", "multipart_concurrency must be at most 64"),
+    ("[s3]\nmax_attempts = 1000000000\n", "max_attempts must be at most 100"),
+    ("[s3]\nlist_page_size = 1001\n", "list_page_size must be at most 1000"),
+    ("[s3]\nread_timeout = 1e300\n", "at most 3600 seconds"),
+    ("[s3]\nbackoff_cap = 3601\n", "at most 3600 seconds"),
+    ("[s3]\nmax_attempts = 99999999999999999999999\n", "max_attempts must be at most 100"),
+    (f'[s3]\nendpoint = "{"x" * 100_000}"\n', "(100000 characters)"),
+])
+def test_settings_past_their_bounds_are_refused(tmp_path, text, message):
+    with pytest.raises(StoreError, match=re.escape(message)) as excinfo:
+        load_s3_settings({}, {}, write_config(tmp_path, text))
+    assert "\n" not in str(excinfo.value) and len(str(excinfo.value)) < 1000
+
+
+def test_settings_at_their_bounds_are_taken(tmp_path):
+    text = ("[s3]\nmultipart_concurrency = 64\nmax_attempts = 100\nlist_page_size = 1000\n"
+            "read_timeout = 3600\nmultipart_part_size = 67108864\n")
+    assert load_s3_settings({}, {}, write_config(tmp_path, text)).max_attempts == 100
+
+
+@pytest.mark.parametrize("key", ["spool_dir", "ca_bundle", "region"])
+def test_a_nul_in_a_setting_is_refused(tmp_path, key):
+    with pytest.raises(StoreError, match=f"{key} must not hold a NUL character"):
+        load_s3_settings({}, {}, write_config(tmp_path, f'[s3]\n{key} = "a\\u0000b"\n'))

@@ -126,9 +126,11 @@ def test_backup_on_another_host_is_never_guessed_stale(setup):
                           timeout=TIMEOUT).returncode == 0
 
 
-# separators, a name too long for a file, non-ASCII and a no-break space (a control character
-# such as a newline, or a Unicode line separator, is refused at input)
-@pytest.mark.parametrize("vm", ["../../escape", "a/b", "x" * 2000, "\u00e9t\u00e9 \u00a0 vm"])
+# separators, a name too long for a file (the longest name taken, 255 characters, in 4-byte
+# UTF-8: 1,020 bytes), non-ASCII and a no-break space (a control character such as a newline,
+# or a Unicode line separator, is refused at input)
+@pytest.mark.parametrize("vm", ["../../escape", "a/b", "\U0001F600" * 255,
+                                "\u00e9t\u00e9 \u00a0 vm"])
 def test_any_vm_name_locks_inside_locks_dir(setup, capsys, vm):
     repo, small, _big = setup
     result = cli(capsys, "backup", "image", repo, "--vm", vm, "--disk", f"d={small}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
+from ..memory import require
 from ..units import format_size
 
 U64 = np.uint64
@@ -33,6 +34,10 @@ SHAPES = ("[[offset, length], ...] or VMware's DiskChangeInfo {startOffset, leng
 # wrong path) is refused before it takes every byte of memory. 1 GiB holds some 40 million
 # [offset, length] pairs, every other MiB of a 64 TiB disk changed (README, --changed).
 CHANGES_MAX = 1 << 30
+# What decoding costs beyond the text itself (held twice, as bytes and as str), measured on
+# CPython 3.11: an [offset, length] list with its integers some 200 bytes, a DiskChangeInfo
+# extent's dict some 500. A file of the most compact pairs takes 25 times its size.
+PAIR_COST, OBJECT_COST = 200, 512
 
 
 def _is_int(value: object) -> bool:
@@ -139,16 +144,31 @@ def _read_capped(path: Path, what: str) -> bytes:
     return data
 
 
+def _decoding_cost(data: bytes) -> int:
+    return 2 * len(data) + PAIR_COST * data.count(b"[") + OBJECT_COST * data.count(b"{")
+
+
+def _decoded(data: bytes, what: str) -> object:
+    """The JSON document in `data`, refused before decoding when it would not fit in memory."""
+    require(_decoding_cost(data), f"decoding {what}",
+            "merge its nearby extents into fewer, or back up without it (the disk is then read "
+            "whole and only new data stored)")
+    return json.loads(data.decode())
+
+
 def load_extents(path: Path, capacity: int) -> np.ndarray:
     what = f"extents file {path}"
     try:
-        doc = json.loads(_read_capped(path, what).decode())
+        doc = _decoded(_read_capped(path, what), what)
     except FileNotFoundError:
         raise UsageError(f"{what} does not exist") from None
     except OSError as exc:
         raise UsageError(f"{what} cannot be read: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"{what} is not valid JSON ({exc})") from None
+    except ValueError:  # Python's guard against integers of thousands of digits
+        raise UsageError(f"{what} holds a number of thousands of digits, which no offset or "
+                         "length has") from None
     except RecursionError:
         raise UsageError(f"{what} is nested too deeply to be a change list "
                          f"(expected {SHAPES})") from None

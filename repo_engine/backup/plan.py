@@ -10,10 +10,10 @@ import numpy as np
 
 from ..errors import ChainBroken, SourceError
 from ..repository.blockmap import BlockMap, holds, nonzero_entries, sorted_unique
-from ..repository.lmdbfile import available_memory as meminfo_available
+from ..memory import available as meminfo_available, require
 from ..repository.points import MAX_CAPACITY, DiskRecord, PointRecord
 from ..repository.repo import Repository
-from ..units import format_size
+from ..units import format_size, shown
 from .extents import as_extents, extents_to_blocks
 from .source import BlockDevice, Parent, SourceDisk
 
@@ -180,6 +180,14 @@ def _without_parent(disk: SourceDisk, bs: int, nblocks: int, why: str) -> DiskPl
     return replace(plan, read=_blocks_in(report.extents, bs, nblocks))
 
 
+# the bytes a block costs an audit: listing the disk (8 bytes a block), the unchanged ones and
+# the drawn permutation, as numpy's set operations copy them; or, for a small share, the draws
+def _require_audit(plan: DiskPlan, count: int, old_nblocks: int, percent: float) -> None:
+    need = 40 * old_nblocks if count * 4 > old_nblocks else 64 * count
+    require(need, f"--audit {percent:g} of disk {shown(plan.key)} ({count} blocks)",
+            "give a smaller --audit percentage")
+
+
 def audit_sample(plan: DiskPlan, percent: float, rng: np.random.Generator) -> np.ndarray:
     """A random `percent` share of the blocks the change list calls unchanged. A small share
     of a large disk is drawn without listing the disk's blocks (8 bytes a block)."""
@@ -188,6 +196,7 @@ def audit_sample(plan: DiskPlan, percent: float, rng: np.random.Generator) -> np
     count = int(round((old_nblocks - len(read)) * percent / 100))
     if count == 0:
         return np.zeros(0, dtype=np.uint64)
+    _require_audit(plan, count, old_nblocks, percent)
     if count * 4 > old_nblocks:
         unchanged = np.setdiff1d(np.arange(old_nblocks, dtype=np.uint64), read,
                                  assume_unique=True)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from .common import (STORED_TEXT, NumberRange, Progress, RepoAddress, disk_line, emit_json,
-                      json_option, open_repo, repo_argument)
+from .common import (PORT, STORED_TEXT, NumberRange, Progress, RepoAddress, disk_line, emit_json,
+                     json_option, open_repo, repo_argument, tag_option)
 from .main import LazyGroup
 
 
@@ -45,8 +45,7 @@ def backup() -> None:
 @click.option("--changed", multiple=True, metavar="KEY=EXTENTS.json",
               help="Changed extents of a disk since its last backup: JSON [[offset, length], "
                    "...] or VMware's DiskChangeInfo as pyVmomi writes it.")
-@click.option("--tag", "tags", multiple=True, type=STORED_TEXT,
-              help="Tag the point. Repeatable.")
+@tag_option
 @click.option("--audit", "audit_percent", type=NumberRange(0, 100), default=0.0,
               show_default=True, metavar="PERCENT",
               help="Also re-read this percentage of blocks the change list calls unchanged and "
@@ -151,7 +150,7 @@ def _datastore_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--disk", "disks", multiple=True, required=True, metavar="KEY=[DS] PATH.vmdk",
               help="A disk: its stable key (deviceKey) and datastore path. Repeatable.")
 @click.option("--server", required=True, help="vCenter or ESXi host.")
-@click.option("--port", type=click.IntRange(1, 65535), default=443, show_default=True,
+@click.option("--port", type=PORT, default=443, show_default=True,
               help="HTTPS port of the server.")
 @click.option("--user", required=True, help="User name, e.g. backup@vsphere.local.")
 @click.option("--password-file", type=click.Path(path_type=Path, dir_okay=False),
@@ -168,8 +167,7 @@ def _datastore_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 @click.option("--changed", multiple=True, metavar="KEY=EXTENTS.json",
               help="Changed extents of a disk since its last backup: JSON [[offset, length], "
                    "...] or VMware's DiskChangeInfo as pyVmomi writes it.")
-@click.option("--tag", "tags", multiple=True, type=STORED_TEXT,
-              help="Tag the point. Repeatable.")
+@tag_option
 @json_option
 def vddk(repo: RepoAddress, vm: str, disks: tuple[str, ...], server: str, port: int, user: str,
          password_file: Path | None, password_env: str | None, vmx_spec: str,

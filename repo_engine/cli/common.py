@@ -68,6 +68,33 @@ class RepoAddress:
                                key_file=key_file if key_file.given() else None)
 
 
+def check_output_file(path: Path, option: str, repo: RepoAddress) -> None:
+    """Refuse, before anything is read or asked, a file to write (`option`'s) in a directory
+    that does not exist, or inside the local repository REPO: a restored image or a recovery
+    key there would be stored beside the data it restores or opens (and a gc or scrub would
+    meet a file it does not know)."""
+    from ..errors import UsageError
+    from ..units import cut
+
+    shown_path = cut(str(path))
+    if not path.parent.is_dir():
+        raise UsageError(f"{option} {shown_path}: {cut(str(path.parent))} is not a directory; "
+                         "name a file in an existing directory")
+    if _inside(path.parent, repo.location):
+        raise UsageError(f"{option} {shown_path} is inside the repository {cut(repo.location)}; "
+                         "name a file outside it")
+
+
+def _inside(path: Path, location: str) -> bool:
+    """Whether `path` is the local repository at `location` or below it."""
+    from ..repository.opening import is_remote
+
+    if is_remote(location):
+        return False
+    root, where = Path(location).resolve(), path.resolve()
+    return where == root or root in where.parents
+
+
 def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None:
     """Keep an eager option's value for the REPO argument, which is processed after it."""
     assert param.name is not None
@@ -77,10 +104,17 @@ def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None
 def _address(ctx: click.Context, _param: click.Parameter, value: str) -> RepoAddress:
     from ..repository.opening import is_remote, prepare
 
+    if not value:  # the OS reads "" as no path; Path("") is the working directory
+        raise click.BadParameter("an empty location is refused; name a directory or "
+                                 "s3://BUCKET/PREFIX", param_hint="REPO")
     endpoint = ctx.meta.get(ENDPOINT_KEY)
     if endpoint and not is_remote(value):
         raise click.BadParameter("--endpoint applies to s3:// locations only",
                                  param_hint="--endpoint")
+    cache_dir = ctx.meta.get(CACHE_DIR_KEY)
+    if cache_dir is not None and _inside(cache_dir, value):  # every host would share it
+        raise click.BadParameter("this host's cache is never inside the repository; name a "
+                                 "directory outside it", param_hint="--cache-dir")
     address = RepoAddress(value, endpoint, ctx.meta.get(CACHE_DIR_KEY),
                           ctx.meta.get(PASSPHRASE_FILE_KEY), ctx.meta.get(KEY_FILE_KEY))
     if not KeyFileSource(address.key_file).given():  # before the command loads the engine
@@ -128,29 +162,88 @@ class NumberRange(click.FloatRange):
         return number
 
 
+class CappedInt(click.ParamType):
+    """A whole number from `low` to `high` (units.capped_int): every numeric option's type, so
+    that no option takes a count of 5,000 digits (a ValueError in Python) or one past what the
+    command can do."""
+
+    name = "integer"
+
+    def __init__(self, low: int, high: int) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        from ..errors import UsageError
+        from ..units import capped_int
+
+        option = param.opts[0] if param is not None and param.opts else "value"
+        try:
+            return capped_int(value if isinstance(value, int) else str(value), option,
+                              self.low, self.high)
+        except UsageError as exc:
+            self.fail(str(exc).removeprefix(f"{option}: "), param, ctx)
+
+
+PORT = CappedInt(1, 65535)
+
+
+# the longest name stored (vSphere's VM names stop at 80 characters): each is repeated in every
+# line of a listing and in every record of the catalog that names it
+MAX_NAME = 255
+
+
 class StoredText(click.ParamType):
     """Text the repository stores (a VM name, a disk key, a tag, a slot label): an argument
     holding bytes that are not UTF-8 (Python carries them as surrogates) could not be written,
     nor read back by another JSON reader; one holding a control character (a line break, an
-    escape) would break the text listings, one name a line, or drive the terminal."""
+    escape) would break the text listings, one name a line, or drive the terminal. An empty
+    name names nothing (`@latest` of no VM, a tag no listing shows); with `empty`, "" is taken
+    (a label that is optional). With `lookup` the text is not stored, only looked up or handed
+    on (forget --vm, a vCenter VM's name): any length and control characters are let through,
+    for a name an older version stored with one or vCenter holds (shown escaped)."""
 
     name = "text"
 
+    def __init__(self, empty: bool = False, lookup: bool = False) -> None:
+        self.empty, self.lookup = empty, lookup
+
     def convert(self, value: object, param: click.Parameter | None,
                 ctx: click.Context | None) -> str:
-        from ..units import control_character, is_text
+        from ..units import control_character, cut, is_text
 
         text = str(value)
+        if not text and not self.empty:
+            self.fail("'' is empty: an empty name is refused", param, ctx)
+        if len(text) > MAX_NAME and not self.lookup:
+            self.fail(f"{cut(text)!r} is {len(text)} characters long; the longest name is "
+                      f"{MAX_NAME}", param, ctx)
         if not is_text(text):
-            self.fail(f"{text!r} is not UTF-8 text", param, ctx)
-        control = control_character(text)
+            self.fail(f"{cut(text)!r} is not UTF-8 text", param, ctx)
+        control = None if self.lookup else control_character(text)
         if control is not None:
-            self.fail(f"{text!r} holds a control character (U+{ord(control):04X}), which would "
-                      "break the lines of a listing", param, ctx)
+            self.fail(f"{cut(text)!r} holds a control character (U+{ord(control):04X}), which "
+                      "would break the lines of a listing", param, ctx)
         return text
 
 
 STORED_TEXT = StoredText()
+OPTIONAL_TEXT = StoredText(empty=True)
+LOOKUP_TEXT = StoredText(lookup=True)
+# a point's tags are listed on its one line of `points`: a hundred is more than any policy needs
+MAX_TAGS = 100
+
+
+def few_tags(_ctx: click.Context | None, param: click.Parameter | None,
+             tags: tuple[str, ...]) -> tuple[str, ...]:
+    if len(tags) > MAX_TAGS:
+        raise click.BadParameter(f"{len(tags)} tags given; a point takes at most {MAX_TAGS}",
+                                 param=param)
+    return tags
+
+
+tag_option = click.option("--tag", "tags", multiple=True, type=STORED_TEXT, callback=few_tags,
+                          help=f"Tag the point. Repeatable, up to {MAX_TAGS} times.")
 
 
 json_option = click.option("--json", "as_json", is_flag=True,

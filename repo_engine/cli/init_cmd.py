@@ -6,19 +6,22 @@ from functools import partial
 
 import click
 
-from ..repository.config import DEFAULT_LEVEL, DEFAULT_MAX_CHAIN
-from .common import RepoAddress, repo_argument
+from ..repository.config import DEFAULT_LEVEL, DEFAULT_MAX_CHAIN, MAX_LEVEL, MAX_MAX_CHAIN
+from .common import CappedInt, RepoAddress, repo_argument
 
 
 @click.command()
 @repo_argument
 @click.option("--block-size", default="64KiB", show_default=True,
               help="Block (chunk) size, a power of two from 16KiB to 4MiB.")
-@click.option("--compression-level", default=DEFAULT_LEVEL, show_default=True, type=int,
+@click.option("--compression-level", default=DEFAULT_LEVEL, show_default=True,
+              type=CappedInt(1, MAX_LEVEL),
               help="zstd level for chunks, 1..19.")
-@click.option("--max-chain", default=DEFAULT_MAX_CHAIN, show_default=True, type=int,
-              help="Block maps per chain before a synthetic full.")
-@click.option("--pack-size", default="32MiB", show_default=True, help="Target pack file size.")
+@click.option("--max-chain", default=DEFAULT_MAX_CHAIN, show_default=True,
+              type=CappedInt(1, MAX_MAX_CHAIN),
+              help=f"Block maps per chain before a synthetic full, 1..{MAX_MAX_CHAIN}.")
+@click.option("--pack-size", default="32MiB", show_default=True,
+              help="Target pack file size, from the block size to 1GiB.")
 @click.option("--parents", is_flag=True,
               help="Also create REPO's missing parent directories (like mkdir -p).")
 @click.option("--shared", is_flag=True,

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import click
 
-from .common import (disk_line, emit_json, human_bytes, json_option, open_repo,
+from .common import (LOOKUP_TEXT, disk_line, emit_json, human_bytes, json_option, open_repo,
                       RepoAddress, repo_argument)
 
 
 @click.command()
 @repo_argument
-@click.option("--vm", help="Only this VM's points; without it, every VM's.")
+@click.option("--vm", type=LOOKUP_TEXT, help="Only this VM's points; without it, every VM's.")
 @json_option
 def points(repo: RepoAddress, vm: str | None, as_json: bool) -> None:
     """List restore points, oldest first.

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import UsageError
-from .common import (STORED_TEXT, Progress, RepoAddress, emit_json, json_option, open_repo,
-                     repo_argument, spinner)
+from .common import (OPTIONAL_TEXT, Progress, RepoAddress, check_output_file, emit_json,
+                     json_option, open_repo, repo_argument, spinner)
 from .passphrase import new_passphrase, read_key_file
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ new_passphrase_option = click.option(
     "--new-passphrase-file", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
     help="File holding the new passphrase (one trailing newline is dropped); without it, the "
          "new passphrase is typed twice on the terminal.")
-label_option = click.option("--label", default="", show_default="none", type=STORED_TEXT,
+label_option = click.option("--label", default="", show_default="none", type=OPTIONAL_TEXT,
                             help="A note shown by 'key list' (at most 200 characters).")
 
 
@@ -262,9 +262,7 @@ def export_recovery(repo: RepoAddress, out: Path, label: str) -> None:
     if out.exists() or out.is_symlink():
         raise UsageError(f"{out} already exists: a recovery key is never written over a file; "
                          "name a new file")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {out}: {out.parent} is not a directory; name a file in an "
-                         "existing directory")
+    check_output_file(out, "--out", repo)
     with key_manager(repo) as manager:
         slot = manager.export_recovery(manager.unlock(repo.passphrase()), out, label)
     click.echo(f"wrote the recovery private key to {out}; added recovery slot {slot.id}")

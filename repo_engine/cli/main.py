@@ -220,9 +220,7 @@ def click_error_line(exc: click.ClickException) -> str:
     '--foo' (see 'repo-engine backup image --help')`. click quotes some of the words it names
     (repr) but not all (extra arguments): their control characters are escaped, not sent to
     the terminal."""
-    from ..units import shown
-
-    text = shown(" ".join(exc.format_message().split()).removesuffix("."))
+    text = one_line(exc.format_message()).removesuffix(".")
     if re.match(r"[A-Z][a-z]*\b", text):  # click's sentence case, not a name (VM, S3)
         text = text[0].lower() + text[1:]
     ctx = getattr(exc, "ctx", None)
@@ -258,13 +256,18 @@ def _report(exc: BaseException, debug: bool) -> int:
         import traceback
 
         traceback.print_exception(exc, file=sys.stderr)
-    from ..units import shown
-
     text, code = error_line(exc)
-    # (a message may name what the repository holds: a VM name an older version stored with an
-    # escape sequence must not drive the terminal)
-    click.echo(f"repo-engine: error: {shown(' '.join(text.split()))}", err=True)
+    click.echo(f"repo-engine: error: {one_line(text)}", err=True)
     return code
+
+
+def one_line(text: str) -> str:
+    """An error message as the one line printed: its control characters escaped (it may name
+    what the repository holds: a VM name an older version stored with an escape sequence must
+    not drive the terminal) and each overlong word cut (it may quote a 1 MB argument)."""
+    from ..units import SHOWN_MAX, cut, shown
+
+    return " ".join(cut(shown(word), 2 * SHOWN_MAX) for word in text.split())
 
 
 # A command builds large acyclic structures in few steps (a catalog of 10,000 records decoded, a

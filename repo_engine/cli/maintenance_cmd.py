@@ -11,8 +11,9 @@ from pathlib import Path
 
 import click
 
-from .common import (NumberRange, Progress, emit_json, spinner, human_bytes, json_option, open_repo,
-                      RepoAddress, repo_argument)
+from ..units import MAX_SECONDS
+from .common import (LOOKUP_TEXT, CappedInt, NumberRange, Progress, emit_json, spinner, human_bytes,
+                     json_option, open_repo, RepoAddress, repo_argument)
 
 
 def _exit_damage(what: str) -> None:
@@ -31,9 +32,17 @@ def _months(_ctx: click.Context, _param: click.Parameter, text: str | None) -> s
     return text
 
 
+# a policy counts points: a million of any bucket keeps every point there will be (a million
+# days is 2,700 years); -1 is no limit
+KEEP_COUNT = CappedInt(-1, 1_000_000)
+# scrub's threads each hold a pack being checked (tens of MiB)
+WORKERS = CappedInt(1, 256)
+
+
 def _keep_bucket(bucket: str, buckets: str):  # type: ignore[no-untyped-def]
     """`--keep-daily N` and its siblings."""
-    return click.option(f"--keep-{bucket}", type=int, default=0, show_default=True, metavar="N",
+    return click.option(f"--keep-{bucket}", type=KEEP_COUNT, default=0, show_default=True,
+                        metavar="N",
                         help=f"Keep the newest point of each of the last N {buckets}.")
 
 
@@ -45,8 +54,8 @@ def _iso(when: datetime) -> str:
 @click.command()
 @repo_argument
 @click.argument("point_ids", nargs=-1, metavar="[POINT]...")
-@click.option("--vm", help="Apply the policy to this VM's points only.")
-@click.option("--keep-last", type=int, default=0, show_default=True, metavar="N",
+@click.option("--vm", type=LOOKUP_TEXT, help="Apply the policy to this VM's points only.")
+@click.option("--keep-last", type=KEEP_COUNT, default=0, show_default=True, metavar="N",
               help="Keep the N newest points (-1: all).")
 @_keep_bucket("hourly", "hours")
 @_keep_bucket("daily", "days")
@@ -57,7 +66,7 @@ def _iso(when: datetime) -> str:
               help="Keep points newer than the newest point minus DURATION: numbers with y "
                    "(years), mo (months), w (weeks), d (days), h (hours), e.g. 7d, 2w, 6mo, "
                    "1y6mo. A bare 'm' is refused as ambiguous.")
-@click.option("--keep-tag", "keep_tags", multiple=True,
+@click.option("--keep-tag", "keep_tags", multiple=True, type=LOOKUP_TEXT,
               help="Keep points with this tag. Repeatable.")
 @click.option("--allow-remove-latest", is_flag=True,
               help="Let the policy remove the newest point of a VM and disk set too (by default "
@@ -85,7 +94,7 @@ def forget(repo: RepoAddress, point_ids: tuple[str, ...], vm: str | None, keep_l
     """
     from ..maintenance.forget import ForgetReport, forget_points, policy_decisions
     from ..maintenance.retention import Policy, parse_within
-    from ..units import shown
+    from ..units import cut, shown
 
     policy = Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly,
                     parse_within(keep_within) if keep_within else None, tuple(keep_tags))
@@ -104,6 +113,11 @@ def forget(repo: RepoAddress, point_ids: tuple[str, ...], vm: str | None, keep_l
         else:
             found = policy_decisions(repository, policy, vm,
                                      allow_remove_latest=allow_remove_latest)
+            if vm is not None and not found:
+                from ..errors import PointNotFound
+
+                raise PointNotFound(f"no points of VM {cut(vm)!r}; 'repo-engine points' lists "
+                                    "the points of every VM")
             decisions = [{"id": d.id, "vm": d.vm, "time": _iso(d.time), "keep": d.keep,
                           "reasons": list(d.reasons)} for d in found]
             remove = [d.id for d in found if not d.keep]
@@ -267,7 +281,7 @@ def _echo_shared_gc(r: object) -> None:
               help="Shared repository: rewrite the packs over --max-unused (reads their used "
                    "chunks back); without it gc only drops wholly unused packs and reports "
                    "what a repack would cost. A local repository always repacks.")
-@click.option("--wait-timeout", type=NumberRange(min=0), default=None, metavar="SECONDS",
+@click.option("--wait-timeout", type=NumberRange(0, MAX_SECONDS), default=None, metavar="SECONDS",
               show_default="wait as long as it takes",
               help="Give up (safely) after waiting this long for running backups.")
 @click.option("--grace", metavar="DURATION", default=None, show_default="24h",
@@ -370,7 +384,7 @@ def _echo_affected(affected: list) -> None:
               help="Quarantine damaged chunks, heal them from good copies, make the next backup "
                    "re-read the affected blocks (that backup heals the points using them), mark "
                    "points that cannot heal yet as damaged.")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
+@click.option("--workers", type=WORKERS, default=None,
               show_default="the number of CPUs",
               help="Verification threads.")
 @click.option("--no-key", "no_key", is_flag=True,

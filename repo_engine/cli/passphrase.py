@@ -35,9 +35,9 @@ def read_passphrase_file(path: Path, option: str) -> bytes:
     try:
         with path.open("rb") as f:
             data = f.read(MAX_PASSPHRASE + 2)
-    except OSError as exc:
-        raise RepoError(f"{option}: cannot read the passphrase file {path}: "
-                        f"{exc.strerror or exc}") from None
+    except OSError as exc:  # a bad input file, as an extents file that cannot be read
+        raise UsageError(f"{option}: cannot read the passphrase file {path}: "
+                         f"{exc.strerror or exc}") from None
     return checked(data[:-1] if data.endswith(b"\n") else data, f"{option} {path}")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import (Progress, emit_json, human_bytes, json_option, open_repo,
+from .common import (Progress, check_output_file, emit_json, human_bytes, json_option, open_repo,
                       RepoAddress, repo_argument)
 from .main import LazyGroup
 
@@ -67,6 +67,9 @@ def restore_image(repo: RepoAddress, point: str, key: str, target: Path | None, 
         raise click.UsageError("give exactly one of --to PATH or --onto PATH")
     if (onto is None) != (base is None):
         raise click.UsageError("--onto and --base go together")
+    written = target if target is not None else onto
+    assert written is not None
+    check_output_file(written, "--to" if target is not None else "--onto", repo)
     with open_repo(repo, shared=f"restore {point}") as repository, Progress() as progress:
         chosen = repository.find_point(point)
         base_point = repository.find_point(base) if base else None

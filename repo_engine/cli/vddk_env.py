@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from ..units import cut
 
 REEXEC_MARK = "REPO_ENGINE_VDDK_REEXEC"
 SECRET_FD = "REPO_ENGINE_VDDK_SECRET_FD"
@@ -41,6 +42,9 @@ class SecretSource:
     def __post_init__(self) -> None:
         if (self.file is None) == (self.env is None):
             raise UsageError("give exactly one of --password-file FILE or --password-env VAR")
+        if self.env is not None and (not self.env or "=" in self.env or "\x00" in self.env):
+            raise UsageError(f"--password-env {cut(self.env)!r} is not the name of an "
+                             "environment variable (e.g. VC_PASSWORD)")
 
 
 def library_dir(libdir: str | os.PathLike[str]) -> Path:

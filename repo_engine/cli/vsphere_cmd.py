@@ -14,8 +14,9 @@ from typing import Any
 
 import click
 
-from .common import (STORED_TEXT, NumberRange, Progress, RepoAddress, emit_json, human_bytes,
-                      json_option, open_repo, repo_argument)
+from .common import (LOOKUP_TEXT, PORT, STORED_TEXT, NumberRange, Progress, RepoAddress,
+                     emit_json, few_tags, human_bytes, json_option, open_repo, repo_argument,
+                     tag_option)
 
 
 def connection_options(fn: Callable) -> Callable:
@@ -26,7 +27,7 @@ def connection_options(fn: Callable) -> Callable:
                           "insecure, vm, vm-uuid, quiesce (true/false), transports, "
                           "vddk-libdir, tags (a list), audit; see docs/VSPHERE.md."),
         click.option("--server", help="vCenter or ESXi host."),
-        click.option("--port", type=click.IntRange(1, 65535), show_default="443",
+        click.option("--port", type=PORT, show_default="443",
                      help="HTTPS port of the server."),
         click.option("--user", help="User name, e.g. backup@vsphere.local."),
         click.option("--password-file", type=click.Path(path_type=Path, dir_okay=False),
@@ -57,7 +58,28 @@ def data_options(fn: Callable) -> Callable:
 def _settings(params: dict[str, Any]) -> Any:
     from ..sources.vsphere.settings import merge
 
-    return merge(params, params.get("config"))
+    return merge(params, params.get("config"), check=_as_option)
+
+
+def _as_option(key: str, value: Any) -> Any:
+    """A config file's value checked by the command's own option of that name (`tags` by
+    --tag, each), as if it had been given on the command line: the same bounds, the same
+    refusals. A key the command has no option for is checked by its type alone."""
+    from ..errors import UsageError
+
+    ctx = click.get_current_context()
+    flag = "--tag" if key == "tags" else f"--{key}"
+    param = next((p for p in ctx.command.params if flag in getattr(p, "opts", ())), None)
+    if param is None or isinstance(param.type, (click.types.StringParamType,
+                                                click.types.BoolParamType)):
+        return value
+    try:
+        if key == "tags":
+            return list(few_tags(ctx, param, tuple(param.type.convert(item, param, ctx)
+                                                   for item in value)))
+        return param.type.convert(value, param, ctx)
+    except click.BadParameter as exc:
+        raise UsageError(exc.message.removesuffix(".")) from None
 
 
 def _password(settings: Any, vddk: bool,
@@ -117,12 +139,12 @@ def vms(as_json: bool, **params: Any) -> None:
 @repo_argument
 @connection_options
 @click.option("--vm", type=STORED_TEXT, help="The VM's name.")
-@click.option("--vm-uuid", help="The VM's instance (or BIOS) UUID, instead of --vm.")
+@click.option("--vm-uuid", type=LOOKUP_TEXT,
+              help="The VM's instance (or BIOS) UUID, instead of --vm.")
 @click.option("--no-quiesce", is_flag=True, default=None,
               help="Do not quiesce the guest (crash-consistent point).")
 @data_options
-@click.option("--tag", "tags", multiple=True, type=STORED_TEXT,
-              help="Tag the point. Repeatable.")
+@tag_option
 @click.option("--audit", type=NumberRange(0, 100), metavar="PERCENT", show_default="0",
               help="Also re-read this percentage of blocks CBT calls unchanged and check them.")
 @json_option
@@ -171,9 +193,11 @@ def backup_vsphere(repo: RepoAddress, as_json: bool, **params: Any) -> None:
 @connection_options
 @click.option("--in-place", is_flag=True,
               help="Roll the (powered-off) VM back to POINT, writing only what differs.")
-@click.option("--vm", show_default="the point's VM", help="In place: the VM to roll back.")
-@click.option("--vm-uuid", help="In place: the VM's UUID, instead of --vm.")
-@click.option("--as-new", metavar="NAME", help="Create a new VM NAME from the point.")
+@click.option("--vm", type=LOOKUP_TEXT, show_default="the point's VM",
+              help="In place: the VM to roll back.")
+@click.option("--vm-uuid", type=LOOKUP_TEXT, help="In place: the VM's UUID, instead of --vm.")
+@click.option("--as-new", metavar="NAME", type=LOOKUP_TEXT,
+              help="Create a new VM NAME from the point.")
 @click.option("--datastore", help="As new: the datastore for the VM and its disks.")
 @click.option("--resource-pool", show_default="the datastore host's",
               help="As new: the resource pool.")

@@ -44,7 +44,7 @@ from ..repository.locks import (EXCLUSIVE, SHARED, TORN_HOST, LockInfo, RepoLock
 from ..repository.packs import PackEntry
 from ..repository.points import read_point
 from ..repository.safefile import make_dir
-from ..repository.repo import Repository, check_layout
+from ..repository.repo import Repository, check_layout, check_repository_directory
 from ..repository.store import Store
 from ..repository.store.local import LocalStore
 from .gc import recount
@@ -67,6 +67,7 @@ class RebuildReport:
 
 def rebuild_index(path: Path) -> RebuildReport:
     started = time.monotonic()
+    check_repository_directory(path)
     store = LocalStore(path)
     config = read_config(store)
     check_layout(path)
@@ -346,6 +347,7 @@ def unlock(path: Path, *, force: bool = False) -> UnlockReport:
     Leases and store locks in the directory only with force: with no cache of this host's to
     time them on, none is known to be over (a shared repository's go through unlock_shared).
     Live leases of other hosts are running commands, no reason to refuse."""
+    check_repository_directory(path)
     store = LocalStore(path)
     if not store.exists(CONFIG_NAME):  # a damaged config does not stop unlock; none does
         read_config(store)  # raises NotARepository (or damage: not a regular file)

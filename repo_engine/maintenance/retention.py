@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 from ..errors import UsageError
+from ..units import MAX_DIGITS, cut
 
 BUCKETS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -64,18 +65,24 @@ class Within:
 
 
 _WITHIN_RE = re.compile(r"(\d+)(mo|[ymwdh])")
+# the longest --keep-within, as restic's: past it every date there is is within
+MAX_WITHIN_YEARS = 9999
+_HOURS = {"y": 12 * 31 * 24, "mo": 31 * 24, "w": 7 * 24, "d": 24, "h": 1}
 
 
 def parse_within(text: str) -> Within:
     """Parse `2y`, `6mo`, `3w`, `10d`, `12h` or combinations such as `1y6mo` (`m` is months
     too: the CLI refuses it before, as ambiguous)."""
     clean = text.strip().lower()
-    if not clean or _WITHIN_RE.sub("", clean):
-        raise UsageError(f"--keep-within: not a duration: {text!r} (examples: 7d, 2w, 6mo, "
+    found = _WITHIN_RE.findall(clean)
+    if not clean or _WITHIN_RE.sub("", clean) or any(len(n) > MAX_DIGITS for n, _ in found):
+        raise UsageError(f"--keep-within: not a duration: {cut(text)!r} (examples: 7d, 2w, 6mo, "
                          "1y6mo, 36h)")
     total = {"y": 0, "mo": 0, "w": 0, "d": 0, "h": 0}
-    for number, unit in _WITHIN_RE.findall(clean):
+    for number, unit in found:
         total["mo" if unit == "m" else unit] += int(number)
+    if sum(n * _HOURS[u] for u, n in total.items()) > MAX_WITHIN_YEARS * _HOURS["y"]:
+        raise UsageError(f"--keep-within {cut(text)}: the longest is {MAX_WITHIN_YEARS}y")
     return Within(total["y"], total["mo"], total["d"] + 7 * total["w"], total["h"])
 
 

@@ -60,7 +60,7 @@ from ..repository.journal import PackOp, QuarantineOp
 from ..repository.locks import MAINTENANCE, SHARED
 from ..repository.packs import FinishedPack
 from ..repository.repo import Repository
-from ..units import mib_per_s, parse_seconds, plural
+from ..units import MAX_DIGITS, cut, mib_per_s, parse_seconds, plural
 from .gc import less_live
 from .inventory import Affected, affected_by, refs_in_packs, scan_u64_keys
 
@@ -158,7 +158,7 @@ def parse_subset(text: str | None) -> tuple[str, float, int] | None:
     """`25%` or `25` -> ("percent", 25, 0); `2/7` -> ("slice", 2, 7)."""
     if not text:
         return None
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    match = re.fullmatch(rf"\s*(\d{{1,{MAX_DIGITS}}})\s*/\s*(\d{{1,{MAX_DIGITS}}})\s*", text)
     if match:
         n, t = int(match.group(1)), int(match.group(2))
         if not 1 <= n <= t:
@@ -166,7 +166,7 @@ def parse_subset(text: str | None) -> tuple[str, float, int] | None:
         return "slice", n, t
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%?\s*", text)
     if not match or not 0 < float(match.group(1)) <= 100:
-        raise UsageError(f"subset {text!r}: give PERCENT (0-100, e.g. 10%) or n/t (e.g. 1/7)")
+        raise UsageError(f"subset {cut(text)!r}: give PERCENT (0-100, e.g. 10%) or n/t (e.g. 1/7)")
     return "percent", float(match.group(1)), 0
 
 

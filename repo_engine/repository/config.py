@@ -3,7 +3,8 @@
 Fields: `repo_id` (hex, 16 bytes), `chunk_key` (hex, 32 bytes: the BLAKE3 key of chunk ids;
 empty in an encrypted repository, whose keyring holds it),
 `block_size` (bytes, power of two, 16 KiB..4 MiB), `compression_level` (zstd, 1..19), `max_chain`
-(maps per chain before a synthetic full), `pack_size` (target pack bytes), `created` (ISO time),
+(maps per chain before a synthetic full; 1..1000 at init), `pack_size` (target pack bytes; up to
+1 GiB at init), `created` (ISO time),
 `shared` (many hosts write the repository, through its journal; such a config is written with
 major version 2, which versions that know one writer refuse), `encryption` (empty, or
 ENCRYPTION: every object is sealed (repository/crypto/); such a repository is always shared and
@@ -36,8 +37,13 @@ DEFAULT_BLOCK = 64 * 1024
 # zstd 1, as Proxmox Backup Server uses: bench/README.md measures 2.7 % more bytes than level 3
 # for 10 % less backup time on a 2-core machine
 DEFAULT_LEVEL = 1
+MAX_LEVEL = 19
 DEFAULT_MAX_CHAIN = 30
 DEFAULT_PACK_SIZE = 32 * 1024 * 1024
+# Bounds a new repository is made within (one read before they existed keeps its settings): a
+# restore resolves up to max_chain maps, and a pack is written and repacked whole
+MAX_MAX_CHAIN = 1000
+MAX_PACK_SIZE = 1 << 30
 ENCRYPTION = "aes-256-gcm"  # the one scheme (repository/crypto/cipher.py)
 
 
@@ -61,8 +67,8 @@ class RepoConfig:
         bs = self.block_size
         if bs & (bs - 1) or not MIN_BLOCK <= bs <= MAX_BLOCK:
             raise UsageError(f"block size {bs} must be a power of two from 16KiB to 4MiB")
-        if not 1 <= self.compression_level <= 19:
-            raise UsageError(f"compression level {self.compression_level} must be 1..19")
+        if not 1 <= self.compression_level <= MAX_LEVEL:
+            raise UsageError(f"compression level {self.compression_level} must be 1..{MAX_LEVEL}")
         if self.max_chain < 1:
             raise UsageError(f"max chain {self.max_chain} must be at least 1")
         if not isinstance(self.shared, bool):
@@ -94,7 +100,15 @@ class RepoConfig:
             **settings,
         )
         config.validate()
+        config._check_new()
         return config
+
+    def _check_new(self) -> None:
+        if self.max_chain > MAX_MAX_CHAIN:
+            raise UsageError(f"max chain {self.max_chain} must be 1..{MAX_MAX_CHAIN}")
+        if self.pack_size > MAX_PACK_SIZE:
+            raise UsageError(f"pack size {self.pack_size} must be at most 1GiB "
+                             f"({MAX_PACK_SIZE} bytes)")
 
 
 def _payload(config: RepoConfig) -> bytes:

@@ -33,6 +33,7 @@ import lmdb
 import numpy as np
 
 from ..errors import DamageError
+from ..memory import available as available_memory
 
 U64 = struct.Struct("<Q")  # a counter's value in the index's tables
 MAGIC = 0xBEEFC0DE
@@ -122,18 +123,6 @@ def readahead_pays(path: Path) -> bool:
     except OSError:
         return True
     return available is None or size <= available // 2
-
-
-def available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def get_u64(txn: lmdb.Transaction, key: bytes, db: object) -> int:

@@ -44,7 +44,7 @@ from ..errors import DamageError, NotARepository, RepoError, TamperedError, Usag
 from .config import CONFIG_NAME, ENCRYPTION, RepoConfig, read_config
 from .crypto.null import Passphrase
 from .opening import CACHE_ENV, cache_base, encrypted_mark, is_remote, prepare
-from .repo import Repository, new_directory
+from .repo import Repository, check_repository_directory, new_directory
 from .safefile import DIR_MODE
 from .store import ObjectExists, Store, open_store
 from .store.local import LocalStore
@@ -206,9 +206,7 @@ def _closing_on_error(store: Store, fn: Any, *args: Any) -> Any:
 
 
 def _local_config(store: Store) -> RepoConfig:
-    if not Path(store.location).is_dir():
-        raise NotARepository(f"{store.location} is not a repo-engine repository (no such "
-                             f"directory); to create one: repo-engine init {store.location}")
+    check_repository_directory(Path(store.location))
     return read_config(store)
 
 

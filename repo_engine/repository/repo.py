@@ -48,7 +48,7 @@ from .locks import EXCLUSIVE, SHARED, RepoLock, is_stale, list_locks
 from .packs import FinishedPack, PackKeys, PackWriter, pack_object, read_trailer
 from .points import (DiskRecord, PointRecord, encoded_point, point_object, read_point,
                      write_point)
-from .safefile import DIR_MODE, check_dir, is_regular, make_dir
+from .safefile import DIR_MODE, check_dir, is_regular, kind_of, make_dir
 from .store import ObjectInfo, RangeReader, Store
 from .store.local import LocalStore
 
@@ -114,9 +114,7 @@ class Repository:
 
     @classmethod
     def open(cls, path: Path) -> "Repository":
-        if not path.is_dir():
-            raise NotARepository(f"{path} is not a repo-engine repository (no such directory); "
-                                 f"to create one: repo-engine init {path}")
+        check_repository_directory(path)
         store = LocalStore(path)
         return cls.attach(store, path, read_config(store))
 
@@ -850,11 +848,27 @@ def new_directory(path: Path, parents: bool) -> None:
     tree)."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise UsageError(f"{path} already exists and is not an empty directory")
-    if not parents and not path.absolute().parent.is_dir():
-        raise UsageError(f"cannot create {path}: the directory {path.absolute().parent} does "
+    parent = path.absolute().parent
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"cannot create {path}: {parent} is {kind_of(parent.stat().st_mode)}, "
+                         "not a directory; check the path")
+    if not parents and not parent.is_dir():
+        raise UsageError(f"cannot create {path}: the directory {parent} does "
                          "not exist (check the path, or give --parents to create it)")
     path.mkdir(mode=DIR_MODE, parents=parents, exist_ok=True)
     os.chmod(path, DIR_MODE)  # owner-only, like everything below it (safefile.py)
+
+
+def check_repository_directory(path: Path) -> None:
+    """Refuse a local repository path that is no directory, naming what it is: a missing one
+    can be created by init, a file or a FIFO cannot (init would refuse it too)."""
+    if path.is_dir():
+        return
+    if path.exists():
+        raise NotARepository(f"{path} is not a repo-engine repository: it is "
+                             f"{kind_of(path.stat().st_mode)}, not a directory; check the path")
+    raise NotARepository(f"{path} is not a repo-engine repository (no such directory); "
+                         f"to create one: repo-engine init {path}")
 
 
 def check_layout(path: Path) -> None:

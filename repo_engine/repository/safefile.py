@@ -38,11 +38,11 @@ JOURNAL_MAX = 1 << 30  # a sweep of millions of refs is 8 bytes each
 
 _KINDS = ((stat.S_ISLNK, "a symlink"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISDIR, "a directory"))
+          (stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a file"))
 
 
 def kind_of(mode: int) -> str:
-    """What a non-regular file is, in words ("a symlink", "a FIFO", ...)."""
+    """What a file is, in words ("a symlink", "a FIFO", ..., "a file")."""
     return next((word for test, word in _KINDS if test(mode)), "not a regular file")
 
 

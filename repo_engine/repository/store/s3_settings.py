@@ -24,12 +24,20 @@ from pathlib import Path
 from typing import Any
 
 from ...tomlfile import NotToml, read_toml
-from ...units import is_text
+from ...units import cut, is_text
 from . import StoreError
 
 MIB = 1 << 20
 MIN_PART_SIZE = 5 * MIB  # S3's smallest multipart part (all but the last)
+MAX_PART_SIZE = 5 << 30  # S3's largest part, and its largest single PUT
 MAX_PARTS = 10_000  # S3's largest part count
+# the parts in flight are held in memory, each whole
+MAX_PARTS_MEMORY = 4 << 30
+# a request waits at most this long, and a retry no longer before it is made
+MAX_WAIT = 3600.0
+# past these a setting is a mistake: requests retried for days, a thread per part by the
+# thousand, pages S3 never returns
+_MOST = {"multipart_concurrency": 64, "max_attempts": 100, "list_page_size": 1000}
 ADDRESSING_STYLES = ("path", "virtual")
 CONFIG_ENV = "REPO_ENGINE_S3_CONFIG"
 
@@ -104,18 +112,35 @@ def _type_problems(s: S3Settings) -> list[str]:
         elif isinstance(value, str) and not is_text(value, ascii=f.name in _IN_HEADERS):
             problems.append(f"{f.name} must be {'ASCII' if f.name in _IN_HEADERS else 'UTF-8'} "
                             "text")
+        elif isinstance(value, str) and "\x00" in value:  # TOML can spell one; no path holds it
+            problems.append(f"{f.name} must not hold a NUL character")
     return problems
 
 
 def _endpoint_problem(endpoint: str) -> str | None:
+    shown = repr(cut(endpoint))
     if not endpoint.startswith(("http://", "https://")):
-        return f"endpoint {endpoint!r} must start with http:// or https://"
+        return f"endpoint {shown} must start with http:// or https://"
     try:
         parts = urllib.parse.urlsplit(endpoint)
         parts.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError as exc:
-        return f"endpoint {endpoint!r} is not a valid URL ({exc})"
-    return None if parts.hostname else f"endpoint {endpoint!r} names no host"
+        return f"endpoint {shown} is not a valid URL ({exc})"
+    return None if parts.hostname else f"endpoint {shown} names no host"
+
+
+def _size_problems(s: S3Settings) -> list[str]:
+    problems = []
+    if not MIN_PART_SIZE <= s.multipart_part_size <= MAX_PART_SIZE:
+        problems.append(f"multipart_part_size must be from {MIN_PART_SIZE} (5 MiB) to "
+                        f"{MAX_PART_SIZE} (5 GiB)")
+    if not s.multipart_part_size <= s.multipart_threshold <= MAX_PART_SIZE:
+        problems.append("multipart_threshold must be at least multipart_part_size, at most "
+                        f"{MAX_PART_SIZE} (5 GiB)")
+    elif s.multipart_concurrency * s.multipart_part_size > MAX_PARTS_MEMORY:
+        problems.append("multipart_concurrency parts of multipart_part_size are held in memory "
+                        f"at once: at most {MAX_PARTS_MEMORY} bytes (4 GiB) together")
+    return problems
 
 
 def check_settings(s: S3Settings) -> None:
@@ -127,16 +152,16 @@ def check_settings(s: S3Settings) -> None:
     endpoint_problem = None if s.endpoint is None else _endpoint_problem(s.endpoint)
     if endpoint_problem is not None:
         problems.append(endpoint_problem)
-    if s.multipart_part_size < MIN_PART_SIZE:
-        problems.append(f"multipart_part_size must be at least {MIN_PART_SIZE} (5 MiB)")
-    if s.multipart_threshold < s.multipart_part_size:
-        problems.append("multipart_threshold must be at least multipart_part_size")
+    problems += _size_problems(s)
     if min(s.multipart_concurrency, s.max_attempts, s.list_page_size) < 1:
         problems.append("multipart_concurrency, max_attempts and list_page_size must be at "
                         "least 1")
+    problems += [f"{name} must be at most {most}" for name, most in _MOST.items()
+                 if getattr(s, name) > most]
     times = (s.backoff_base, s.backoff_cap, s.connect_timeout, s.read_timeout)
-    if not all(0 < t < math.inf for t in times):  # NaN too
-        problems.append("backoff_base, backoff_cap and the timeouts must be positive and finite")
+    if not all(0 < t <= MAX_WAIT for t in times):  # NaN and infinity too
+        problems.append("backoff_base, backoff_cap and the timeouts must be positive and finite, "
+                        f"at most {MAX_WAIT:.0f} seconds")
     if (s.access_key_id is None) != (s.secret_access_key is None):
         problems.append("access_key_id and secret_access_key must be given together")
     if problems:

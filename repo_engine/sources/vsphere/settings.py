@@ -19,6 +19,7 @@ line (keys as the long options, without the dashes):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,13 @@ class VSphereSettings:
     audit: float = 0.0
 
 
-def load_config(path: Path | None) -> dict[str, Any]:
-    """The config file's keys, checked against KEYS; {} without a file."""
+# a key's value checked as the command's option of that name checks it (the caller's, which
+# knows the options); returns the value to use, or raises UsageError
+Check = Callable[[str, Any], Any]
+
+
+def load_config(path: Path | None, check: Check | None = None) -> dict[str, Any]:
+    """The config file's keys, checked against KEYS and by `check`; {} without a file."""
     if path is None:
         return {}
     try:
@@ -72,9 +78,21 @@ def load_config(path: Path | None) -> dict[str, Any]:
                              f"(known: {', '.join(sorted(KEYS))})")
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise UsageError(f"--config: {key} in {path} has the wrong type ({value!r})")
+        # TOML can spell a NUL, no path, variable or name can hold one (the command line cannot)
+        if "\x00" in (value if isinstance(value, str) else ""):
+            raise UsageError(f"--config: {key} in {path} holds a NUL character")
+        if check is not None:
+            doc[key] = _checked(check, key, value, path)
     if "password-file" in doc:   # relative to the config file
         doc["password-file"] = str((Path(path).parent / doc["password-file"]).resolve())
     return doc
+
+
+def _checked(check: Check, key: str, value: Any, path: Path) -> Any:
+    try:
+        return check(key, value)
+    except UsageError as exc:
+        raise UsageError(f"--config: {key} in {path}: {exc}") from None
 
 
 def normalise_thumbprint(value: str) -> str:
@@ -87,9 +105,11 @@ def normalise_thumbprint(value: str) -> str:
     return ":".join(digits[i:i + 2] for i in range(0, 40, 2))
 
 
-def merge(cli: dict[str, Any], config_path: Path | None) -> VSphereSettings:
-    """Command-line values (None = not given) win over the config file's."""
-    doc = load_config(config_path)
+def merge(cli: dict[str, Any], config_path: Path | None,
+          check: Check | None = None) -> VSphereSettings:
+    """Command-line values (None = not given) win over the config file's (checked by
+    `check`, see load_config)."""
+    doc = load_config(config_path, check)
 
     def pick(option: str, key: str, default: Any = None) -> Any:
         value = cli.get(option)
