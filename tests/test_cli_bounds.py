@@ -99,12 +99,7 @@ def test_capped_int_and_cut():
     (["init", ""], ["REPO", "empty location"]),
 ])
 def test_an_empty_name_is_refused(setup, capsys, args, fragments):
-    repo, model = setup
-    before = tree_digest(repo)
-    result = cli(capsys, *(a.replace("{repo}", str(repo)).replace("{img}", str(model.path))
-                           for a in args))
-    _assert_one_line_error(result, 2, *fragments)
-    assert tree_digest(repo) == before
+    _refused_as_usage(setup, capsys, args, fragments)
 
 
 def test_forget_of_a_vm_with_no_points_says_so(setup, capsys):
@@ -245,13 +240,19 @@ def test_init_under_a_file_says_it_is_a_file(tmp_path, capsys):
      ["--tag", "the longest name is 255"]),
 ])
 def test_a_name_past_255_characters_is_refused(setup, capsys, args, fragments):
+    assert len(_refused_as_usage(setup, capsys, args, fragments).err) < 1000
+
+
+def _refused_as_usage(setup, capsys, args: list[str], fragments: list[str]):
+    """ARGS ({repo}, {img} filled in) end in a one-line usage error holding FRAGMENTS, the
+    repository untouched; the result."""
     repo, model = setup
     before = tree_digest(repo)
     result = cli(capsys, *(a.replace("{repo}", str(repo)).replace("{img}", str(model.path))
                            for a in args))
     _assert_one_line_error(result, 2, *fragments)
-    assert len(result.err) < 1000
     assert tree_digest(repo) == before
+    return result
 
 
 def test_a_number_of_thousands_of_digits_in_an_input_file_is_one_line(setup, tmp_path, capsys,
