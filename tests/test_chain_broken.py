@@ -147,3 +147,32 @@ def test_a_backup_onto_a_broken_chain_stores_a_full_map(damaged_setup, tmp_path,
     point = done.json()["point"]["id"]
     assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
         == models["b"].content
+
+
+def test_forget_prune_of_the_broken_points_themselves_runs(damaged_setup, tmp_path, capsys):
+    """What gc's refusal advises, in one command: once the points it names are forgotten no
+    chain is broken, so their forget --prune is not refused."""
+    repo, _models, expected = damaged_setup
+    base, child, newest = points_of(expected, "b")
+    _lose_manifest(capsys, repo, base)
+    done = cli(capsys, "forget", repo, "--prune", child[:12], newest[:12], "--json")
+    assert done.code == 0, done.err
+    assert cli(capsys, "verify", repo).code == 0
+    assert {p["id"] for p in cli(capsys, "points", repo, "--json").json()["points"]} \
+        == set(points_of(expected, "a"))
+    for point in points_of(expected, "a"):
+        assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
+            == expected[point][1]
+
+
+def test_forget_prune_is_refused_while_a_point_it_keeps_stays_broken(damaged_setup, capsys):
+    repo, _models, expected = damaged_setup
+    base, child, newest = points_of(expected, "b")
+    _lose_manifest(capsys, repo, base)
+    before = tree_digest(repo / "packs") | tree_digest(repo / "maps")
+    refused = cli(capsys, "forget", repo, "--prune", newest[:12])
+    assert refused.code == 3
+    assert f"at point {child[:8]} is broken" in _one_line(refused.err)
+    assert tree_digest(repo / "packs") | tree_digest(repo / "maps") == before
+    assert {p["id"] for p in cli(capsys, "points", repo, "--json").json()["points"]} \
+        == set(expected) - {base}
