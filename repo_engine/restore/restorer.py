@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
@@ -119,22 +120,39 @@ def _open_target(target: Path, capacity: int, *, onto: bool,
 def _exclusive(target: Path) -> Iterator[None]:
     """An flock on an existing target (a file or a device) for the whole restore: a second
     restore into it is refused instead of interleaving its blocks with ours, or its rename
-    with ours. A new file has nothing to lock: it is written under a temporary name."""
-    if _target_kind(target) == "new":
+    with ours. A new file has nothing to lock: it is written under a temporary name. A target
+    this process may not open, or whose filesystem cannot flock it, is restored unlocked, as
+    before there was a lock: the lock only guards against a second restore."""
+    kind = _target_kind(target)
+    fd = -1 if kind == "new" else _lockable(target, kind)
+    if fd < 0:
         yield
         return
-    # O_NONBLOCK: should the target have become a FIFO since it was checked, the open must
-    # not wait for a writer
-    fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise LockedError(f"{target} is being written by another restore; wait for it to "
                               "finish, or restore to another target") from None
+        except OSError:  # ENOLCK, EOPNOTSUPP: a filesystem without flock
+            pass
         yield
     finally:
         os.close(fd)
+
+
+def _lockable(target: Path, kind: str) -> int:
+    """A descriptor of `target` to flock, -1 when it cannot be opened. A file is opened for
+    writing where it may be: NFS emulates flock with byte-range locks, and grants an exclusive
+    one only on a descriptor open for writing (EBADF otherwise). O_NONBLOCK: should the target
+    have become a FIFO since it was checked, the open must not wait for a writer."""
+    for flags in ((os.O_RDWR, os.O_RDONLY) if kind == "file" else (os.O_RDONLY,)):
+        try:
+            return os.open(target, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY):
+                raise
+    return -1
 
 
 def _publish(staged: Path, target: Path, *, replace: bool) -> None:
