@@ -176,3 +176,30 @@ def test_forget_prune_is_refused_while_a_point_it_keeps_stays_broken(damaged_set
     assert tree_digest(repo / "packs") | tree_digest(repo / "maps") == before
     assert {p["id"] for p in cli(capsys, "points", repo, "--json").json()["points"]} \
         == set(expected) - {base}
+
+
+def test_a_forget_that_cannot_rewrite_a_broken_child_leaves_no_mark(damaged_setup, tmp_path,
+                                                                    capsys):
+    """Forgetting the point a broken chain runs through, its child kept: the child cannot be
+    rewritten. The forget fails (exit 3) saying what to forget instead, and leaves nothing
+    marked, or every later forget, of any VM, would fail the same way."""
+    repo, _models, expected = damaged_setup
+    base, child, newest = points_of(expected, "b")
+    _lose_manifest(capsys, repo, base)
+    refused = cli(capsys, "forget", repo, child[:12])
+    assert refused.code == 3
+    line = _one_line(refused.err)
+    assert f"its ancestor {base[:8]} is not in the catalog" in line
+    assert "forget the points built on them too" in line
+    assert {p["id"] for p in cli(capsys, "points", repo, "--json").json()["points"]} \
+        == set(expected) - {base}
+    a_first = points_of(expected, "a")[0]
+    assert cli(capsys, "forget", repo, a_first[:12]).code == 0
+    assert {p["id"] for p in cli(capsys, "points", repo, "--json").json()["points"]} \
+        == set(expected) - {base, a_first}
+    assert cli(capsys, "forget", repo, child[:12], newest[:12]).code == 0
+    assert cli(capsys, "gc", repo).code == 0
+    assert cli(capsys, "verify", repo).code == 0
+    for point in points_of(expected, "a")[1:]:
+        assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
+            == expected[point][1]
