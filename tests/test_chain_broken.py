@@ -60,6 +60,9 @@ def test_gc_refuses_a_broken_chain_and_deletes_nothing(damaged_setup, capsys, fu
            "catalog" in line
     assert "gc deletes nothing while a chain is broken" in line
     assert tree_digest(repo / "packs") | tree_digest(repo / "maps") == before
+    dry = cli(capsys, "gc", repo, "--dry-run")
+    assert dry.code == 3, "a dry run says what gc would do: refuse, not drop b's chunks"
+    assert _one_line(dry.err) == line
     forgotten = cli(capsys, "forget", repo, "--prune", points_of(expected, "a")[0][:12])
     assert forgotten.code == 3, "forget --prune collects too: refused the same way"
     assert tree_digest(repo / "packs") | tree_digest(repo / "maps") == before

@@ -152,6 +152,7 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
     report = GcReport(mode="full" if full else "incremental", dry_run=dry_run)
     if dry_run:
         with repo.lock(SHARED, "gc --dry-run"):  # a reader: the maps it reads stay
+            refuse_broken_chains(repo)  # as gc would: the lost map's chunks look unused
             _dry_run(repo, report, max_unused)
         report.seconds = round(time.monotonic() - started, 3)
         return report
