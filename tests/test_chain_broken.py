@@ -206,3 +206,30 @@ def test_a_forget_that_cannot_rewrite_a_broken_child_leaves_no_mark(damaged_setu
     for point in points_of(expected, "a")[1:]:
         assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
             == expected[point][1]
+
+
+@pytest.mark.parametrize("how", ["map missing", "map damaged"])
+def test_a_backup_on_an_unreadable_ancestor_map_says_how_to_back_up_again(
+        damaged_setup, tmp_path, capsys, how):
+    """The ancestor is catalogued but its map cannot be read: found only as the new map is
+    built on it, after the disk was read. Nothing is stored, and the line says what lets the
+    next backup run (not a restore's advice); done, it does."""
+    repo, models, expected = damaged_setup
+    base, child, newest = points_of(expected, "b")
+    _damage(capsys, repo, base, how)
+    models["b"].random_changes(2)
+    backup = ["backup", "image", repo, "--vm", "b", "--disk", f"sda={models['b'].path}",
+              "--json"]
+    refused = cli(capsys, *backup)
+    assert refused.code == 3
+    line = _one_line(refused.err)
+    assert f"its ancestor {base[:8]} has a block map that cannot be read" in line
+    assert "no restore point was stored: the backup builds on that chain; forget the points " \
+           "whose chain is broken" in line
+    assert len(cli(capsys, "points", repo, "--json").json()["points"]) == len(expected)
+    assert cli(capsys, "forget", repo, base[:12], child[:12], newest[:12]).code == 0
+    done = cli(capsys, *backup)
+    assert done.code == 0, done.err
+    point = done.json()["point"]["id"]
+    assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
+        == models["b"].content
