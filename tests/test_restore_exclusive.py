@@ -11,13 +11,15 @@ import pytest
 
 from helpers import cli
 from race import Command
+from repo_engine.restore import restorer
 from test_lock_taken import _repo_with_point
 
 
-def test_two_restores_into_one_target_never_interleave(tmp_path, capsys):
+def test_two_restores_into_one_target_never_interleave(tmp_path, capsys, monkeypatch):
     """The first restore holds an flock on the target (an existing file replaced with --force,
-    or one written in place with --onto): a second one into it is refused at once, and the
-    first writes its image whole."""
+    or one written in place with --onto): a second one into it is refused (once it waited
+    as for a brief holder), and the first writes its image whole."""
+    monkeypatch.setattr(restorer, "TARGET_LOCK_WAIT", 0.3)
     repo, model, expected = _repo_with_point(tmp_path, capsys)
     (point, content), = expected.items()
     target = tmp_path / "target.img"
@@ -94,3 +96,26 @@ def test_a_target_on_a_filesystem_with_other_flock_rules_is_restored(tmp_path, c
         done = cli(capsys, "restore", repo, point[:12], "--disk", "sda", *how)
         assert done.code == 0, done.err
         assert target.read_bytes() == content
+
+
+def test_a_brief_holder_of_the_targets_flock_is_waited_for(tmp_path, capsys, monkeypatch):
+    """udev holds a shared flock on a block device for a moment after each write to it (a
+    restore just before): a restore into it waits that moment out instead of being refused as
+    if another restore wrote it."""
+    repo, _model, expected = _repo_with_point(tmp_path, capsys)
+    (point, content), = expected.items()
+    target = tmp_path / "target.img"
+    target.write_bytes(b"old")
+    real, refusals = fcntl.flock, [3]
+
+    def briefly_held(fd: int, operation: int) -> None:
+        if refusals[0] and os.readlink(f"/proc/self/fd/{fd}") == str(target):
+            refusals[0] -= 1
+            raise BlockingIOError(errno.EWOULDBLOCK, os.strerror(errno.EWOULDBLOCK))
+        real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", briefly_held)
+    done = cli(capsys, "restore", repo, point[:12], "--disk", "sda", "--to", target, "--force")
+    assert done.code == 0, done.err
+    assert refusals == [0]
+    assert target.read_bytes() == content

@@ -41,6 +41,7 @@ DIRECT_WRITERS = 4  # writes in flight at once to a target written past the page
 KEPT_WINDOW_BYTES = 16 << 20  # resolved map windows a restore keeps from its first pass
 SHOWN_RANGES = 4  # damaged byte ranges a restore error lists (then a count of the others)
 SHOWN_PACKS = 2  # damaged packs it describes
+TARGET_LOCK_WAIT = 5.0  # seconds a restore waits for its target's flock (`_flock_soon`)
 _REPAIR = ("'repo-engine scrub --repair' finds all damage and heals what the next backup reads "
            "again")
 
@@ -129,16 +130,29 @@ def _exclusive(target: Path) -> Iterator[None]:
         yield
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockedError(f"{target} is being written by another restore; wait for it to "
-                              "finish, or restore to another target") from None
-        except OSError:  # ENOLCK, EOPNOTSUPP: a filesystem without flock
-            pass
+        _flock_soon(fd, target)
         yield
     finally:
         os.close(fd)
+
+
+def _flock_soon(fd: int, target: Path) -> None:
+    """Take the exclusive flock of `exclusive`, waiting up to TARGET_LOCK_WAIT seconds for a
+    brief holder: udev holds a shared flock on a block device while it handles the event a
+    close after writing raises (a restore just before this one), for a moment, not a restore's
+    length. LockedError when it is still held."""
+    deadline = time.monotonic() + TARGET_LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise LockedError(f"{target} is being written by another restore; wait for it "
+                                  "to finish, or restore to another target") from None
+            time.sleep(0.05)
+        except OSError:  # ENOLCK, EOPNOTSUPP: a filesystem without flock
+            return
 
 
 def _lockable(target: Path, kind: str) -> int:
