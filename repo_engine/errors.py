@@ -43,7 +43,7 @@ class ChainBroken(DamageError):
 
     def __init__(self, point: str, key: str, ancestor: str, cause: str,
                  advice: str = RESTORE) -> None:
-        self.point, self.key, self.ancestor = point, key, ancestor
+        self.point, self.key, self.ancestor, self.cause = point, key, ancestor, cause
         super().__init__(f"the chain of disk {key!r} at point {point[:8]} is broken: its "
                          f"ancestor {ancestor[:8]} {cause}; "
                          + advice.format(ancestor=ancestor[:8]))

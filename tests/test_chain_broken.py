@@ -60,6 +60,9 @@ def test_gc_refuses_a_broken_chain_and_deletes_nothing(damaged_setup, capsys, fu
            "catalog" in line
     assert "gc deletes nothing while a chain is broken" in line
     assert tree_digest(repo / "packs") | tree_digest(repo / "maps") == before
+    dry = cli(capsys, "gc", repo, "--dry-run")
+    assert dry.code == 3, "a dry run says what gc would do: refuse, not drop b's chunks"
+    assert _one_line(dry.err) == line
     forgotten = cli(capsys, "forget", repo, "--prune", points_of(expected, "a")[0][:12])
     assert forgotten.code == 3, "forget --prune collects too: refused the same way"
     assert tree_digest(repo / "packs") | tree_digest(repo / "maps") == before
@@ -144,6 +147,89 @@ def test_a_backup_onto_a_broken_chain_stores_a_full_map(damaged_setup, tmp_path,
     assert disk["kind"] == "full" and disk["parent"] is None
     assert f"the chain of point {newest[:8]} is broken (ancestor {base[:8]} is lost): stored " \
            "as a full map" in disk["note"]
+    point = done.json()["point"]["id"]
+    assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
+        == models["b"].content
+
+
+def test_forget_prune_of_the_broken_points_themselves_runs(damaged_setup, tmp_path, capsys):
+    """What gc's refusal advises, in one command: once the points it names are forgotten no
+    chain is broken, so their forget --prune is not refused."""
+    repo, _models, expected = damaged_setup
+    base, child, newest = points_of(expected, "b")
+    _lose_manifest(capsys, repo, base)
+    done = cli(capsys, "forget", repo, "--prune", child[:12], newest[:12], "--json")
+    assert done.code == 0, done.err
+    assert cli(capsys, "verify", repo).code == 0
+    assert {p["id"] for p in cli(capsys, "points", repo, "--json").json()["points"]} \
+        == set(points_of(expected, "a"))
+    for point in points_of(expected, "a"):
+        assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
+            == expected[point][1]
+
+
+def test_forget_prune_is_refused_while_a_point_it_keeps_stays_broken(damaged_setup, capsys):
+    repo, _models, expected = damaged_setup
+    base, child, newest = points_of(expected, "b")
+    _lose_manifest(capsys, repo, base)
+    before = tree_digest(repo / "packs") | tree_digest(repo / "maps")
+    refused = cli(capsys, "forget", repo, "--prune", newest[:12])
+    assert refused.code == 3
+    assert f"at point {child[:8]} is broken" in _one_line(refused.err)
+    assert tree_digest(repo / "packs") | tree_digest(repo / "maps") == before
+    assert {p["id"] for p in cli(capsys, "points", repo, "--json").json()["points"]} \
+        == set(expected) - {base}
+
+
+def test_a_forget_that_cannot_rewrite_a_broken_child_leaves_no_mark(damaged_setup, tmp_path,
+                                                                    capsys):
+    """Forgetting the point a broken chain runs through, its child kept: the child cannot be
+    rewritten. The forget fails (exit 3) saying what to forget instead, and leaves nothing
+    marked, or every later forget, of any VM, would fail the same way."""
+    repo, _models, expected = damaged_setup
+    base, child, newest = points_of(expected, "b")
+    _lose_manifest(capsys, repo, base)
+    refused = cli(capsys, "forget", repo, child[:12])
+    assert refused.code == 3
+    line = _one_line(refused.err)
+    assert f"its ancestor {base[:8]} is not in the catalog" in line
+    assert "forget the points built on them too" in line
+    assert {p["id"] for p in cli(capsys, "points", repo, "--json").json()["points"]} \
+        == set(expected) - {base}
+    a_first = points_of(expected, "a")[0]
+    assert cli(capsys, "forget", repo, a_first[:12]).code == 0
+    assert {p["id"] for p in cli(capsys, "points", repo, "--json").json()["points"]} \
+        == set(expected) - {base, a_first}
+    assert cli(capsys, "forget", repo, child[:12], newest[:12]).code == 0
+    assert cli(capsys, "gc", repo).code == 0
+    assert cli(capsys, "verify", repo).code == 0
+    for point in points_of(expected, "a")[1:]:
+        assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
+            == expected[point][1]
+
+
+@pytest.mark.parametrize("how", ["map missing", "map damaged"])
+def test_a_backup_on_an_unreadable_ancestor_map_says_how_to_back_up_again(
+        damaged_setup, tmp_path, capsys, how):
+    """The ancestor is catalogued but its map cannot be read: found only as the new map is
+    built on it, after the disk was read. Nothing is stored, and the line says what lets the
+    next backup run (not a restore's advice); done, it does."""
+    repo, models, expected = damaged_setup
+    base, child, newest = points_of(expected, "b")
+    _damage(capsys, repo, base, how)
+    models["b"].random_changes(2)
+    backup = ["backup", "image", repo, "--vm", "b", "--disk", f"sda={models['b'].path}",
+              "--json"]
+    refused = cli(capsys, *backup)
+    assert refused.code == 3
+    line = _one_line(refused.err)
+    assert f"its ancestor {base[:8]} has a block map that cannot be read" in line
+    assert "no restore point was stored: the backup builds on that chain; forget the points " \
+           "whose chain is broken" in line
+    assert len(cli(capsys, "points", repo, "--json").json()["points"]) == len(expected)
+    assert cli(capsys, "forget", repo, base[:12], child[:12], newest[:12]).code == 0
+    done = cli(capsys, *backup)
+    assert done.code == 0, done.err
     point = done.json()["point"]["id"]
     assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
         == models["b"].content

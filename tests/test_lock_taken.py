@@ -6,9 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from helpers import MIB, DiskModel, cli, restore_bytes
 from race import Command
+from repo_engine.errors import LockedError
+from repo_engine.repository import locks
+from repo_engine.repository.locks import MAINTENANCE
+from repo_engine.repository.repo import Repository
 
 
 def _repo_with_point(tmp_path: Path, capsys) -> tuple[Path, DiskModel, dict[str, bytes]]:
@@ -62,3 +67,20 @@ def test_gc_whose_lock_was_forced_away_stops_before_its_sweep(tmp_path, capsys):
     for point, content in expected.items():
         assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") == content
 
+
+
+def test_a_lock_in_place_is_ours_where_inode_numbers_change(tmp_path, monkeypatch):
+    """On a filesystem that gives a file other inode numbers from one look-up to the next (SMB
+    without the server's inode numbers) the lock file under our name, holding what we wrote,
+    is still ours: a long backup or gc is not failed as if 'unlock --force' had run. Removed,
+    it is not."""
+    repo = Repository.init(tmp_path / "repo")
+    try:
+        with repo.lock(MAINTENANCE, "gc") as lock:
+            monkeypatch.setattr(locks.os.path, "samestat", lambda a, b: False)
+            repo.check_locks()
+            lock.path.unlink()
+            with pytest.raises(LockedError, match="was removed while it ran"):
+                repo.check_locks()
+    finally:
+        repo.close()

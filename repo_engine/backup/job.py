@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import CommitStalled, DamageError, LeaseLost, RepoError, SourceError
+from ..errors import (ChainBroken, CommitStalled, DamageError, LeaseLost, RepoError,
+                      SourceError)
 from ..pause import pause_point
 from ..repository.blockmap import BlockMap
 from ..repository.index import ParentGone
@@ -214,6 +215,9 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
             _commit(repo, point, step.stored, step.maps)
         except (LeaseLost, CommitStalled) as exc:
             raise _stalled(exc, snapshot.vm) from None
+        except ChainBroken as exc:  # an ancestor's map the new map is built on cannot be read
+            raise ChainBroken(exc.point, exc.key, exc.ancestor, exc.cause,
+                              BACKUP_ADVICE) from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise RepoError(f"the repository's filesystem is full ({exc.strerror}); "
@@ -229,6 +233,11 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
         if len(blocks):
             repo.index.clear_reread(snapshot.vm, key, blocks)
     return point
+
+
+BACKUP_ADVICE = ("no restore point was stored: the backup builds on that chain; forget the points "
+                 "whose chain is broken ('repo-engine verify' lists them) and the next backup "
+                 "reads the disk as a first backup does")
 
 
 def _stalled(exc: LeaseLost | CommitStalled, vm: str) -> RepoError:

@@ -40,7 +40,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from ..errors import DamageError, LockedError, PointNotFound, RepoError, UsageError
+from ..errors import (ChainBroken, DamageError, LockedError, PointNotFound, RepoError,
+                      UsageError)
 from ..repository.blockmap import (BlockMap, MapBatch, delta_between, nonzero_entries,
                                    zip_windows)
 from ..repository.locks import MAINTENANCE
@@ -136,15 +137,36 @@ def forget_locked(repo: Repository, ids: list[str], *, deleter: Deleter,
             raise UsageError(f"point {point_id[:8]} is protected; 'unprotect' it first")
     if repo.config.shared:
         return _forget_shared(repo, ids, tick)
+    marked = set(ids) - set(pending(repo))
     mark_forgetting(repo, ids)
-    return finish_pending(repo, deleter, tick=tick, catalog=catalog)
+    try:
+        return finish_pending(repo, deleter, tick=tick, catalog=catalog)
+    except ChainBroken as exc:
+        # left marked, the points would make every later forget (of any VM) and gc fail the
+        # same way; unmarked, those not removed yet stay catalogued, and every point keeps
+        # resolving as it did (a rewritten child resolves to the same content)
+        unmark_forgetting(repo, marked)
+        raise ChainBroken(exc.point, exc.key, exc.ancestor, exc.cause, FORGET_ADVICE) from None
 
 
-def mark_forgetting(repo: Repository, ids: list[str]) -> None:
+FORGET_ADVICE = ("a point built on the points being forgotten cannot be rewritten without "
+                 "them, so they stay: forget the points built on them too, or put the lost "
+                 "ancestor's manifest back and run 'repo-engine rebuild-index' ('repo-engine "
+                 "verify' lists the points whose chain is broken)")
+
+
+def mark_forgetting(repo: Repository, ids: Iterable[str]) -> None:
     index = repo.index
     with index.write() as txn:
         for point_id in ids:
             txn.put(point_id.encode(), b"", db=index.forgetting)
+
+
+def unmark_forgetting(repo: Repository, ids: Iterable[str]) -> None:
+    index = repo.index
+    with index.write() as txn:
+        for point_id in ids:
+            txn.delete(point_id.encode(), db=index.forgetting)
 
 
 def pending(repo: Repository) -> list[str]:

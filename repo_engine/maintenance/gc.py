@@ -152,6 +152,7 @@ def gc(repo: Repository, *, full: bool = False, dry_run: bool = False, max_unuse
     report = GcReport(mode="full" if full else "incremental", dry_run=dry_run)
     if dry_run:
         with repo.lock(SHARED, "gc --dry-run"):  # a reader: the maps it reads stay
+            refuse_broken_chains(repo)  # as gc would: the lost map's chunks look unused
             _dry_run(repo, report, max_unused)
         report.seconds = round(time.monotonic() - started, 3)
         return report
@@ -172,7 +173,8 @@ def forget_and_collect(repo: Repository, ids: list[str], *,
         return forget.forget_points(repo, ids, tick=tick), gc(repo)
     report = GcReport()
     with repo.lock(MAINTENANCE, "forget --prune") as lock, Deleter(repo.store) as deleter:
-        refuse_broken_chains(repo)  # before the forget: its prune would be refused
+        # before the forget, judged as after it: a forget whose prune gc refuses is not done
+        refuse_broken_chains(repo, leaving=set(ids))
         forgotten = forget.forget_locked(repo, ids, tick=tick, deleter=deleter)
         started_gc = time.monotonic()
         collect(repo, lock.path, deleter, report)
@@ -228,15 +230,18 @@ GC_ADVICE = ("gc deletes nothing while a chain is broken (chunks only the lost a
              "lists them)")
 
 
-def refuse_broken_chains(repo: Repository) -> None:
+def refuse_broken_chains(repo: Repository, leaving: Collection[str] = ()) -> None:
     """ChainBroken when a catalogued point's chain lacks an ancestor (a manifest lost, then
     the index rebuilt without it): that ancestor's map is no longer counted, and its chunks,
     which the point still needs, would be collected. A map in use that cannot be read needs
     no refusal: its counts stay (`gc --full`, which would recount without it, refuses). One
-    pass over the catalog, as the mark's."""
+    pass over the catalog, as the mark's. The points `leaving` (a forget's, before it runs)
+    are not judged: forgetting every broken point is how the user mends the chains."""
     points = repo.points()
     catalog = {p.id: p for p in points}
     for point in points:
+        if point.id in leaving:
+            continue
         for disk in point.disks:
             gap = chain_gap(catalog, point, disk.key)
             if gap is not None:

@@ -212,8 +212,9 @@ class RepoLock:
         info = _holder(kind, command)
         self.path = locks_dir / f"{info.host}-{info.pid}-{os.urandom(4).hex()}.lock"
         self.note = ""
+        self._content = seal(LOCK, json.dumps(asdict(info)).encode())
         try:
-            self._fd = _create_flocked(self.path, seal(LOCK, json.dumps(asdict(info)).encode()))
+            self._fd = _create_flocked(self.path, self._content)
         except OSError as exc:
             if exc.errno != errno.EROFS:
                 raise
@@ -252,6 +253,7 @@ class RepoLock:
                               "run 'repo-engine unlock'") from None
             held = cls.__new__(cls)
             held.kind, held.path, held._fd, held.note, held.stale = SHARED, path, fd, "", stale
+            held._content = content
             return held
         raise LockedError(f"the lock of VM {vm!r} ({path}) keeps changing; try again")
 
@@ -279,20 +281,28 @@ class RepoLock:
                 )
 
     def check(self) -> None:
-        """LockedError unless our lock file is still in place, the file we flocked: an
+        """LockedError unless our lock file is still in place (`_in_place`): an
         'unlock --force' removes it, and a command that took a conflicting lock since may be
         writing what we are about to (a gc that no longer waits for us deletes what we would
         commit). Called before each commit, so the holder fails instead of both writing."""
         if self._fd < 0:
             return  # released, or none taken (read-only filesystem)
-        try:
-            ours = os.path.samestat(os.fstat(self._fd), os.lstat(self.path))
-        except FileNotFoundError:
-            ours = False
-        if not ours:
+        if not self._in_place():
             raise LockedError(f"the lock of this command ({self.path.name}) was removed while "
                               "it ran ('repo-engine unlock --force'); it stopped before "
                               "committing anything more: run it again")
+
+    def _in_place(self) -> bool:
+        """Whether our lock file still has its name: the file we flocked, or a file under that
+        name holding what we wrote. A name of ours is never made again once removed, and some
+        filesystems give one file other inode numbers from one look-up to the next (SMB mounted
+        without the server's inode numbers): the same inode alone would fail a live lock."""
+        try:
+            if os.path.samestat(os.fstat(self._fd), os.lstat(self.path)):
+                return True
+            return read_limited(self.path, LOCK_MAX) == self._content
+        except (FileNotFoundError, DamageError):  # gone, or no longer a regular file
+            return False
 
     @property
     def holding(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
@@ -40,6 +41,7 @@ DIRECT_WRITERS = 4  # writes in flight at once to a target written past the page
 KEPT_WINDOW_BYTES = 16 << 20  # resolved map windows a restore keeps from its first pass
 SHOWN_RANGES = 4  # damaged byte ranges a restore error lists (then a count of the others)
 SHOWN_PACKS = 2  # damaged packs it describes
+TARGET_LOCK_WAIT = 5.0  # seconds a restore waits for its target's flock (`_flock_soon`)
 _REPAIR = ("'repo-engine scrub --repair' finds all damage and heals what the next backup reads "
            "again")
 
@@ -119,22 +121,52 @@ def _open_target(target: Path, capacity: int, *, onto: bool,
 def _exclusive(target: Path) -> Iterator[None]:
     """An flock on an existing target (a file or a device) for the whole restore: a second
     restore into it is refused instead of interleaving its blocks with ours, or its rename
-    with ours. A new file has nothing to lock: it is written under a temporary name."""
-    if _target_kind(target) == "new":
+    with ours. A new file has nothing to lock: it is written under a temporary name. A target
+    this process may not open, or whose filesystem cannot flock it, is restored unlocked, as
+    before there was a lock: the lock only guards against a second restore."""
+    kind = _target_kind(target)
+    fd = -1 if kind == "new" else _lockable(target, kind)
+    if fd < 0:
         yield
         return
-    # O_NONBLOCK: should the target have become a FIFO since it was checked, the open must
-    # not wait for a writer
-    fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockedError(f"{target} is being written by another restore; wait for it to "
-                              "finish, or restore to another target") from None
+        _flock_soon(fd, target)
         yield
     finally:
         os.close(fd)
+
+
+def _flock_soon(fd: int, target: Path) -> None:
+    """Take the exclusive flock of `exclusive`, waiting up to TARGET_LOCK_WAIT seconds for a
+    brief holder: udev holds a shared flock on a block device while it handles the event a
+    close after writing raises (a restore just before this one), for a moment, not a restore's
+    length. LockedError when it is still held."""
+    deadline = time.monotonic() + TARGET_LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise LockedError(f"{target} is being written by another restore; wait for it "
+                                  "to finish, or restore to another target") from None
+            time.sleep(0.05)
+        except OSError:  # ENOLCK, EOPNOTSUPP: a filesystem without flock
+            return
+
+
+def _lockable(target: Path, kind: str) -> int:
+    """A descriptor of `target` to flock, -1 when it cannot be opened. A file is opened for
+    writing where it may be: NFS emulates flock with byte-range locks, and grants an exclusive
+    one only on a descriptor open for writing (EBADF otherwise). O_NONBLOCK: should the target
+    have become a FIFO since it was checked, the open must not wait for a writer."""
+    for flags in ((os.O_RDWR, os.O_RDONLY) if kind == "file" else (os.O_RDONLY,)):
+        try:
+            return os.open(target, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY):
+                raise
+    return -1
 
 
 def _publish(staged: Path, target: Path, *, replace: bool) -> None:
