@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from helpers import cli, restore_bytes, tree_digest
+from helpers import MIB, DiskModel, cli, restore_bytes, tree_digest, write_extents
 from race import Command
 from test_maint_damage import damaged_setup, points_of  # noqa: F401 (a fixture)
 from repo_engine.repository.blockmap import map_object
@@ -255,3 +256,30 @@ def test_a_map_damaged_while_a_backup_runs_fails_it_and_the_next_backup_runs(
     assert disk["kind"] == "full" and f"point {base[:8]} has a block map" in disk["note"]
     assert restore_bytes(capsys, repo, done.json()["point"]["id"][:12], "sda",
                          tmp_path / "r.img") == models["b"].content
+
+
+def test_a_backup_ending_a_chain_of_max_length_on_an_unreadable_map(tmp_path, capsys):
+    """The chain is as long as --max-chain allows, so the new map is a full one built on the
+    parent's content: its base's map found damaged while planning, the disk is read as on a
+    first backup instead of the parent's content being copied from the chain."""
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo, "--block-size", "16KiB", "--max-chain", "2").code == 0
+    model = DiskModel(tmp_path / "c.img", MIB, np.random.default_rng(5))
+    model.random_changes(4)
+    backup = ["backup", "image", repo, "--vm", "c", "--disk", f"sda={model.path}", "--json"]
+    points = []
+    for _ in range(2):
+        done = cli(capsys, *backup, "--changed",
+                   f"sda={write_extents(tmp_path / 'c.json', model.random_changes(2))}")
+        assert done.code == 0, done.err
+        points.append(done.json()["point"]["id"])
+    _damage(capsys, repo, points[0], "map damaged")
+    model.random_changes(2)
+    done = cli(capsys, *backup)
+    assert done.code == 0, done.err
+    disk = done.json()["point"]["disks"][0]
+    assert disk["kind"] == "full" and disk["read_mode"] == "allocated"
+    assert f"the chain of point {points[1][:8]} is broken: point {points[0][:8]} has a block " \
+           "map that cannot be read" in disk["note"]
+    assert restore_bytes(capsys, repo, done.json()["point"]["id"][:12], "sda",
+                         tmp_path / "r.img") == model.content
