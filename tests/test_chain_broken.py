@@ -1,14 +1,17 @@
 """A broken chain (an ancestor's manifest lost and the index rebuilt without it, or its block map
 missing or damaged): gc refuses and deletes nothing, restore and verify name the point and the
-ancestor (exit code 3), and the points the damage does not reach keep restoring."""
+ancestor (exit code 3), the points the damage does not reach keep restoring, and the VM's next
+backup stores a point that owes nothing to the broken chain."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from helpers import cli, restore_bytes, tree_digest
+from helpers import MIB, DiskModel, cli, restore_bytes, tree_digest, write_extents
+from race import Command
 from test_maint_damage import damaged_setup, points_of  # noqa: F401 (a fixture)
 from repo_engine.repository.blockmap import map_object
 from repo_engine.repository.repo import Repository
@@ -134,22 +137,37 @@ def test_a_recount_meeting_a_damaged_map_queues_nothing_for_gc(damaged_setup, tm
             == expected[point][1]
 
 
-def test_a_backup_onto_a_broken_chain_stores_a_full_map(damaged_setup, tmp_path, capsys):
-    """The VM's newest point's chain lost its base: the next backup reads the disk as a first
-    one would and stores a full map, which owes nothing to the lost ancestor."""
+@pytest.mark.parametrize("how", ["manifest lost", "map missing", "map damaged"])
+def test_a_backup_onto_a_broken_chain_stores_a_full_map(damaged_setup, tmp_path, capsys, how):
+    """The VM's newest point's chain lost its base, or the base's map cannot be read: found
+    while the backup plans, before it reads the disk, which it then reads as a first one would
+    and stores as a full map owing nothing to the broken chain."""
     repo, models, expected = damaged_setup
-    base, _child, newest = points_of(expected, "b")
-    _lose_manifest(capsys, repo, base)
+    base, child, newest = points_of(expected, "b")
+    _damage(capsys, repo, base, how)
+    models["b"].random_changes(2)
     done = cli(capsys, "backup", "image", repo, "--vm", "b", "--disk",
                f"sda={models['b'].path}", "--json")
     assert done.code == 0, done.err
     disk = done.json()["point"]["disks"][0]
-    assert disk["kind"] == "full" and disk["parent"] is None
-    assert f"the chain of point {newest[:8]} is broken (ancestor {base[:8]} is lost): stored " \
-           "as a full map" in disk["note"]
+    assert disk["kind"] == "full" and disk["parent"] is None and disk["read_mode"] == "allocated"
+    cause = "is not in the catalog" if how == "manifest lost" else \
+        "has a block map that cannot be read"
+    assert f"the chain of point {newest[:8]} is broken: point {base[:8]} {cause}" in disk["note"]
+    assert disk["note"].endswith("the disk was read as on a first backup and stored as a full map")
     point = done.json()["point"]["id"]
-    assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
-        == models["b"].content
+    target = tmp_path / "r.img"
+    assert restore_bytes(capsys, repo, point[:12], "sda", target) == models["b"].content
+    broken = [child, newest] if how == "manifest lost" else [base, child, newest]
+    assert cli(capsys, "verify", repo, "--json").json()["damaged_points"] == sorted(broken)
+    assert cli(capsys, "forget", repo, *(p[:12] for p in broken)).code == 0
+    collected = cli(capsys, "gc", repo, "--json")
+    assert collected.code == 0, collected.err
+    assert collected.json()["chunks_dropped"] > 0  # what only the forgotten points held
+    assert cli(capsys, "verify", repo).code == 0
+    assert restore_bytes(capsys, repo, point[:12], "sda", target) == models["b"].content
+    for other in points_of(expected, "a"):
+        assert restore_bytes(capsys, repo, other[:12], "sda", target) == expected[other][1]
 
 
 def test_forget_prune_of_the_broken_points_themselves_runs(damaged_setup, tmp_path, capsys):
@@ -208,28 +226,60 @@ def test_a_forget_that_cannot_rewrite_a_broken_child_leaves_no_mark(damaged_setu
             == expected[point][1]
 
 
-@pytest.mark.parametrize("how", ["map missing", "map damaged"])
-def test_a_backup_on_an_unreadable_ancestor_map_says_how_to_back_up_again(
-        damaged_setup, tmp_path, capsys, how):
-    """The ancestor is catalogued but its map cannot be read: found only as the new map is
-    built on it, after the disk was read. Nothing is stored, and the line says what lets the
-    next backup run (not a restore's advice); done, it does."""
+def test_a_map_damaged_while_a_backup_runs_fails_it_and_the_next_backup_runs(
+        damaged_setup, tmp_path, capsys):
+    """The chain was whole when the backup planned; before its commit the parent is forgotten
+    (the new map must become a full one, built on the parent's chain) and the base's map
+    damaged. Nothing is stored, the line says to back up again; done, that backup finds the
+    damage while it plans and stores a full map."""
     repo, models, expected = damaged_setup
-    base, child, newest = points_of(expected, "b")
-    _damage(capsys, repo, base, how)
+    base, _child, newest = points_of(expected, "b")
     models["b"].random_changes(2)
     backup = ["backup", "image", repo, "--vm", "b", "--disk", f"sda={models['b'].path}",
               "--json"]
-    refused = cli(capsys, *backup)
+    running = Command(tmp_path, *backup, pauses=("backup.before_commit",))
+    assert running.reached("backup.before_commit")
+    assert cli(capsys, "forget", repo, newest[:12]).code == 0
+    _damage(capsys, repo, base, "map damaged")
+    running.release("backup.before_commit")
+    refused = running.finish()
     assert refused.code == 3
     line = _one_line(refused.err)
     assert f"its ancestor {base[:8]} has a block map that cannot be read" in line
-    assert "no restore point was stored: the backup builds on that chain; forget the points " \
-           "whose chain is broken" in line
-    assert len(cli(capsys, "points", repo, "--json").json()["points"]) == len(expected)
-    assert cli(capsys, "forget", repo, base[:12], child[:12], newest[:12]).code == 0
+    assert "no restore point was stored: the map was damaged while the backup ran; run the " \
+           "backup again" in line
+    assert {p["id"] for p in cli(capsys, "points", repo, "--json").json()["points"]} \
+        == set(expected) - {newest}
     done = cli(capsys, *backup)
     assert done.code == 0, done.err
-    point = done.json()["point"]["id"]
-    assert restore_bytes(capsys, repo, point[:12], "sda", tmp_path / "r.img") \
-        == models["b"].content
+    disk = done.json()["point"]["disks"][0]
+    assert disk["kind"] == "full" and f"point {base[:8]} has a block map" in disk["note"]
+    assert restore_bytes(capsys, repo, done.json()["point"]["id"][:12], "sda",
+                         tmp_path / "r.img") == models["b"].content
+
+
+def test_a_backup_ending_a_chain_of_max_length_on_an_unreadable_map(tmp_path, capsys):
+    """The chain is as long as --max-chain allows, so the new map is a full one built on the
+    parent's content: its base's map found damaged while planning, the disk is read as on a
+    first backup instead of the parent's content being copied from the chain."""
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo, "--block-size", "16KiB", "--max-chain", "2").code == 0
+    model = DiskModel(tmp_path / "c.img", MIB, np.random.default_rng(5))
+    model.random_changes(4)
+    backup = ["backup", "image", repo, "--vm", "c", "--disk", f"sda={model.path}", "--json"]
+    points = []
+    for _ in range(2):
+        done = cli(capsys, *backup, "--changed",
+                   f"sda={write_extents(tmp_path / 'c.json', model.random_changes(2))}")
+        assert done.code == 0, done.err
+        points.append(done.json()["point"]["id"])
+    _damage(capsys, repo, points[0], "map damaged")
+    model.random_changes(2)
+    done = cli(capsys, *backup)
+    assert done.code == 0, done.err
+    disk = done.json()["point"]["disks"][0]
+    assert disk["kind"] == "full" and disk["read_mode"] == "allocated"
+    assert f"the chain of point {points[1][:8]} is broken: point {points[0][:8]} has a block " \
+           "map that cannot be read" in disk["note"]
+    assert restore_bytes(capsys, repo, done.json()["point"]["id"][:12], "sda",
+                         tmp_path / "r.img") == model.content

@@ -158,14 +158,14 @@ class _DiskBackup:
         # no map is held whole: a delta reads the parent's map only where blocks were read, a
         # full map holds the disk's non-ZERO entries (maps are 8 bytes a block of the disk)
         parent, parent_disk = plan.parent, plan.parent_disk
-        max_chain = self.repo.config.max_chain
-        if parent is None or parent_disk is None or parent_disk.links + 1 > max_chain:
+        if parent is None or parent_disk is None or \
+                not plan.delta_on_parent(self.repo.config.max_chain):
             bmap, logical = full_map(self.repo, plan, refs)
             kind, links, parent_id = "full", 1, None
         else:
             bmap, logical = delta_map(self.repo, plan, refs)
             kind, links, parent_id = "delta", parent_disk.links + 1, parent.id
-        self.stored[disk.key] = (plan, refs)
+        self.stored[disk.key] = (plan.settled(), refs)
         name = self.repo.write_map(bmap)
         self.maps[name] = bmap
         note = plan.note
@@ -215,7 +215,7 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
             _commit(repo, point, step.stored, step.maps)
         except (LeaseLost, CommitStalled) as exc:
             raise _stalled(exc, snapshot.vm) from None
-        except ChainBroken as exc:  # an ancestor's map the new map is built on cannot be read
+        except ChainBroken as exc:  # a map the plan read whole was damaged since (a race)
             raise ChainBroken(exc.point, exc.key, exc.ancestor, exc.cause,
                               BACKUP_ADVICE) from None
         except OSError as exc:
@@ -235,9 +235,9 @@ def backup_vm(repo: Repository, snapshot: VmSnapshot, options: BackupOptions, *,
     return point
 
 
-BACKUP_ADVICE = ("no restore point was stored: the backup builds on that chain; forget the points "
-                 "whose chain is broken ('repo-engine verify' lists them) and the next backup "
-                 "reads the disk as a first backup does")
+BACKUP_ADVICE = ("no restore point was stored: the map was damaged while the backup ran; run the "
+                 "backup again, which finds it before reading the disk and reads it as a first "
+                 "backup does ('repo-engine verify' lists the points whose chain is broken)")
 
 
 def _stalled(exc: LeaseLost | CommitStalled, vm: str) -> RepoError:

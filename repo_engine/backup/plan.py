@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..errors import ChainBroken, SourceError
+from ..errors import ChainBroken, DamageError, SourceError
 from ..repository.blockmap import BlockMap, holds, nonzero_entries, sorted_unique
 from ..memory import available as meminfo_available, require
 from ..repository.points import MAX_CAPACITY, DiskRecord, PointRecord
@@ -36,6 +36,12 @@ class DiskPlan:
     # blocks read although the change list calls them unchanged: `scrub --repair` found the
     # chunks they held damaged (cleared once the point is committed)
     rereads: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    # the parent's content the new map is built from, resolved while planning (its chain's maps
+    # are read whole once, before the disk is, so that one found unreadable still leaves a
+    # first backup's read): a DELTA's refs of `delta_blocks`, or a FULL map's non-ZERO
+    # (blocks, refs) below the disk's end
+    before: np.ndarray | None = None
+    parent_entries: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def nblocks(self) -> int:
@@ -59,7 +65,23 @@ class DiskPlan:
     def as_full_read(self, note: str) -> "DiskPlan":
         _check_full_read(self)
         return replace(self, read=np.arange(self.nblocks, dtype=np.uint64), mode=FULL_READ,
-                       note=note)
+                       note=note, before=None)
+
+    def delta_on_parent(self, max_chain: int) -> bool:
+        """Whether the new map is a DELTA on the parent (else a FULL map)."""
+        return self.parent_disk is not None and self.parent_disk.links + 1 <= max_chain
+
+    def delta_blocks(self) -> np.ndarray:
+        """The blocks whose parent refs a DELTA needs: those read and the disk's last one,
+        whose ref the logical size needs."""
+        ends = bool(len(self.read)) and int(self.read[-1]) == self.nblocks - 1
+        return (self.read if ends or not self.nblocks else
+                np.append(self.read, np.uint64(self.nblocks - 1)))
+
+    def settled(self) -> "DiskPlan":
+        """The plan as kept until the commit, without the parent's content read for its map
+        (memory: a commit that finds the parent forgotten resolves it again)."""
+        return replace(self, before=None, parent_entries=None)
 
 
 # memory a read of every block takes per block: the block list, the refs read, the new map's
@@ -122,7 +144,36 @@ def _resize_blocks(device: BlockDevice, old_capacity: int, capacity: int,
 
 
 def plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice) -> DiskPlan:
-    return _with_rereads(repo, vm, _plan_disk(repo, vm, disk, device))
+    """What to read of `disk`, with the parent's content its map needs read now: a map of the
+    parent's chain found missing or damaged before the disk is read turns the plan into a first
+    backup's, where after the read it could only fail the backup."""
+    plan = _with_rereads(repo, vm, _plan_disk(repo, vm, disk, device))
+    if plan.parent is None:
+        return plan
+    try:
+        return _with_parent_content(repo, plan)
+    except DamageError as exc:  # ChainBroken included: a full map owes nothing to the chain
+        why = _broken_chain(plan.parent, exc)
+        return _with_rereads(repo, vm, _without_parent(disk, plan.block_size, plan.nblocks, why))
+
+
+def _with_parent_content(repo: Repository, plan: DiskPlan) -> DiskPlan:
+    """`plan` with the parent's content its map is built from: reading it reads (and checks)
+    every map of the chain, which building the map needs anyway."""
+    if plan.delta_on_parent(repo.config.max_chain):
+        return replace(plan, before=parent_refs(repo, plan, plan.delta_blocks()))
+    return replace(plan, parent_entries=_parent_entries(repo, plan))
+
+
+def _broken_chain(parent: PointRecord, exc: DamageError) -> str:
+    """The note of a disk read as on a first backup because its parent's chain cannot be
+    resolved: which point breaks it, and how."""
+    if isinstance(exc, ChainBroken):
+        ancestor, cause = exc.ancestor, exc.cause
+    else:  # the parent's own map (an ancestor's is ChainBroken)
+        ancestor, cause = parent.id, f"has a block map that cannot be read ({exc})"
+    return (f"the chain of point {parent.id[:8]} is broken: point {ancestor[:8]} {cause}; the "
+            "disk was read as on a first backup and stored as a full map")
 
 
 def _with_rereads(repo: Repository, vm: str, plan: DiskPlan) -> DiskPlan:
@@ -148,9 +199,7 @@ def _plan_disk(repo: Repository, vm: str, disk: SourceDisk, device: BlockDevice)
     try:
         chain = repo.chain(parent, disk.key)
     except ChainBroken as exc:  # a full map owes nothing to the lost ancestor
-        return _without_parent(disk, bs, nblocks, f"the chain of point {parent.id[:8]} is "
-                               f"broken (ancestor {exc.ancestor[:8]} is lost): stored as a "
-                               "full map")
+        return _without_parent(disk, bs, nblocks, _broken_chain(parent, exc))
     parent_disk = parent.disk(disk.key)
     assert parent_disk is not None
     report = disk.changes(Parent(parent_disk.cursor, parent_disk.capacity,
@@ -224,9 +273,8 @@ def full_map(repo: Repository, plan: DiskPlan, refs: np.ndarray) -> tuple[BlockM
     range by range: memory grows with the disk's used blocks, not its size."""
     blocks, values = plan.read, refs
     if plan.parent is not None:
-        old_blocks, old_refs = nonzero_entries(
-            (first, window[:max(plan.nblocks - first, 0)])
-            for first, window in _parent_windows(repo, plan))
+        old_blocks, old_refs = (_parent_entries(repo, plan) if plan.parent_entries is None
+                                else plan.parent_entries)
         kept = ~holds(plan.read, old_blocks)
         blocks = np.concatenate([old_blocks[kept], plan.read])
         values = np.concatenate([old_refs[kept], refs])
@@ -238,15 +286,20 @@ def full_map(repo: Repository, plan: DiskPlan, refs: np.ndarray) -> tuple[BlockM
     return bmap, plan.map_bytes(len(bmap.refs), last)
 
 
+def _parent_entries(repo: Repository, plan: DiskPlan) -> tuple[np.ndarray, np.ndarray]:
+    """The parent's non-ZERO (blocks, refs) below the disk's end, its map streamed."""
+    return nonzero_entries((first, window[:max(plan.nblocks - first, 0)])
+                           for first, window in _parent_windows(repo, plan))
+
+
 def delta_map(repo: Repository, plan: DiskPlan, refs: np.ndarray) -> tuple[BlockMap, int]:
     """The DELTA on the parent of the blocks read (`refs` of `plan.read`) and the new content's
     logical bytes: the parent's map is read only where blocks were read (and at the disk's
     last block), so the cost grows with the change, not the disk."""
-    last = plan.nblocks - 1
-    # the read blocks (sorted, below the end) and the last one, whose ref the logical size needs
-    ends = bool(len(plan.read)) and int(plan.read[-1]) == last
-    asked = plan.read if ends or not plan.nblocks else np.append(plan.read, np.uint64(last))
-    before_all = parent_refs(repo, plan, asked)
+    ends = bool(len(plan.read)) and int(plan.read[-1]) == plan.nblocks - 1
+    asked = plan.delta_blocks()
+    before_all = parent_refs(repo, plan, asked) if plan.before is None else plan.before
+    assert len(before_all) == len(asked), "resolved for another read"
     before = before_all[:len(plan.read)]
     differs = before != refs
     count = (_parent_count(repo, plan) - int(np.count_nonzero(before))
