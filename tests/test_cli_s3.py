@@ -173,8 +173,8 @@ def test_missing_bucket(capsys, seaweedfs):
     err = failure(capsys, 1, "points", "s3://no-such-bucket-here/repo", "--endpoint",
                   seaweedfs.endpoint)
     assert "bucket 'no-such-bucket-here' does not exist" in err
-    err = failure(capsys, 1, "points", "s3://Bad_Bucket/repo", "--endpoint", seaweedfs.endpoint)
-    assert "is not a bucket name" in err
+    err = failure(capsys, 2, "points", "s3://Bad_Bucket/repo", "--endpoint", seaweedfs.endpoint)
+    assert "'Bad_Bucket' is not a bucket name" in err
 
 
 def test_endpoint_is_for_s3_locations_only(tmp_path, capsys, seaweedfs):
