@@ -272,7 +272,7 @@ def test_a_number_of_thousands_of_digits_in_an_input_file_is_one_line(setup, tmp
     settings.write_text(f"[s3]\nmax_attempts = {HUGE}\n")
     monkeypatch.setenv("REPO_ENGINE_S3_CONFIG", str(settings))
     result = cli(capsys, "points", "s3://bucket/prefix")
-    _assert_one_line_error(result, 1, f"the S3 settings file {settings} holds a number of "
+    _assert_one_line_error(result, 2, f"the S3 settings file {settings} holds a number of "
                                       "thousands of digits")
     assert tree_digest(repo) == before
 

@@ -181,6 +181,31 @@ def test_a_vsphere_config_that_is_no_toml(tmp_path, capsys, setup, content, frag
     assert_one_line_error(result, 2, f"--config: {config} {fragment}")
 
 
+@pytest.mark.parametrize("location, fragment", [
+    ("s3://", "s3://: '' is not a bucket name"),
+    ("s3://Bad_Bucket/repo", "'Bad_Bucket' is not a bucket name"),
+    ("s3://ok-bucket/a/../b", "s3://ok-bucket/a/../b: the prefix 'a/../b' is not a valid object"),
+    ("s3:/bucket/repo", "s3:/bucket/repo is neither a directory nor s3://BUCKET/PREFIX; write "
+                        "s3://BUCKET/PREFIX, or ./s3:/bucket/repo for a directory of that name"),
+    ("S3://bucket/repo", "S3://bucket/repo is neither a directory nor s3://BUCKET/PREFIX"),
+    ("ftp://host/repo", "ftp://host/repo is neither a directory nor s3://BUCKET/PREFIX"),
+])
+@pytest.mark.parametrize("command", [["init"], ["points"], ["key", "list"]])
+def test_a_malformed_location_is_a_usage_error_before_anything_is_opened(
+        tmp_path, capsys, monkeypatch, location, fragment, command):
+    """What the user typed is refused (exit 2) before a connection is tried, a directory of
+    that name made or a cache written."""
+    from repo_engine.repository.store import s3
+
+    def never(*_args: object) -> None:
+        raise AssertionError("a connection was tried")
+    monkeypatch.setattr(s3.S3Store, "__init__", never)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("REPO_ENGINE_CACHE_DIR", str(tmp_path / "cache"))
+    assert_one_line_error(cli(capsys, *command, location), 2, fragment)
+    assert not any(tmp_path.iterdir())
+
+
 def test_restore_into_a_missing_directory(tmp_path, capsys, setup):
     """A usage error (exit 2), named before anything is read: no failed open of a temporary
     file beside the target."""

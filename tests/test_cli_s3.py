@@ -140,8 +140,9 @@ def test_wrong_endpoint_and_unreachable_server(tmp_path, capsys, seaweedfs, s3_r
     master = f"http://127.0.0.1:{seaweedfs.ports['master.port']}"
     err = failure(capsys, 1, "points", s3_repo, "--endpoint", master)
     assert master in err
-    err = failure(capsys, 1, "points", s3_repo, "--endpoint", "s3.example.com")
-    assert "must start with http:// or https://" in err
+    err = failure(capsys, 2, "points", s3_repo, "--endpoint", "s3.example.com")  # a typo
+    assert ("endpoint 's3.example.com' must start with http:// or https:// (endpoint from the "
+            "command line)") in err
     for fault, text in (("hang", "did not answer get config in time"),
                         ("reset", "cannot reach the S3 endpoint")):
         proxy = FaultProxy(seaweedfs.ports["s3.port"])
@@ -173,8 +174,30 @@ def test_missing_bucket(capsys, seaweedfs):
     err = failure(capsys, 1, "points", "s3://no-such-bucket-here/repo", "--endpoint",
                   seaweedfs.endpoint)
     assert "bucket 'no-such-bucket-here' does not exist" in err
-    err = failure(capsys, 1, "points", "s3://Bad_Bucket/repo", "--endpoint", seaweedfs.endpoint)
-    assert "is not a bucket name" in err
+    err = failure(capsys, 2, "points", "s3://Bad_Bucket/repo", "--endpoint", seaweedfs.endpoint)
+    assert "'Bad_Bucket' is not a bucket name" in err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[s3]\nmax_attempts = 1000\n",
+     "bad S3 settings: max_attempts must be at most 100 (max_attempts from the S3 settings file "
+     "{path})"),
+    ('[s3]\naddressing_style = "dns"\n', "addressing_style must be one of path, virtual "
+                                         "(addressing_style from the S3 settings file {path})"),
+    ('[s3]\nendpont = "http://x"\n', "the S3 settings file {path}: unknown S3 setting endpont"),
+    ("[s3\n", "the S3 settings file {path} is not valid TOML"),
+])
+def test_a_bad_s3_settings_file_is_a_usage_error_naming_file_and_key(
+        tmp_path, capsys, monkeypatch, seaweedfs, s3_bucket, s3_repo, text, message):
+    ok(capsys, "init", s3_repo, "--no-encryption", "--endpoint", seaweedfs.endpoint)
+    before = bucket_objects(seaweedfs, s3_bucket, "site1/repo/")
+    settings = tmp_path / "s3.toml"
+    settings.write_text(text)
+    monkeypatch.setenv("REPO_ENGINE_S3_CONFIG", str(settings))
+    err = failure(capsys, 2, "backup", "image", s3_repo, "--endpoint", seaweedfs.endpoint,
+                  "--vm", "web1", "--disk", f"sda={disk(tmp_path, 1).path}")
+    assert message.format(path=settings) in err
+    assert bucket_objects(seaweedfs, s3_bucket, "site1/repo/") == before
 
 
 def test_endpoint_is_for_s3_locations_only(tmp_path, capsys, seaweedfs):

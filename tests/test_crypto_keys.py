@@ -19,13 +19,14 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from cryptography.hazmat.primitives.serialization import (Encoding, NoEncryption, PrivateFormat,
                                                           load_pem_private_key)
 
-from repo_engine.errors import DamageError, FormatError, RepoError, TamperedError
+from repo_engine.errors import (DamageError, FormatError, RepoError, TamperedError,
+                               UsageError)
 from repo_engine.repository.crypto import keys, slots
 from repo_engine.repository.crypto.keyring import (KEYRING, Keyring, decode_keyring,
                                                    encode_keyring, new_keyring)
-from repo_engine.repository.crypto.keys import (SlotRefused, WrongPassphrase, WrongRecoveryKey,
-                                                change_passphrase, create, export_recovery,
-                                                recover, removable, unlock)
+from repo_engine.repository.crypto.keys import (NotARecoveryKey, SlotRefused, WrongPassphrase,
+                                                WrongRecoveryKey, change_passphrase, create,
+                                                export_recovery, recover, removable, unlock)
 from repo_engine.repository.crypto.seal import UnknownEpoch
 from repo_engine.repository.crypto.slots import (ScryptParams, decode_slot, encode_slot,
                                                  passphrase_slot, recovery_slot)
@@ -277,9 +278,9 @@ def test_recovery_with_the_private_key_and_refusal_of_any_other():
                                                f"the repository's 1 recovery slots \\({slot.id} "
                                                "'vault'\\)"):
         recover([made.slot, slot], stranger, "other.pem")
-    with pytest.raises(WrongRecoveryKey, match="is a .*Ed25519PrivateKey, not the X25519"):
+    with pytest.raises(NotARecoveryKey, match="is a .*Ed25519PrivateKey, not the X25519"):
         recover([slot], pem_of(Ed25519PrivateKey.generate()), "ed.pem")
-    with pytest.raises(WrongRecoveryKey, match="^junk.pem is not an unencrypted PEM private key"):
+    with pytest.raises(NotARecoveryKey, match="^junk.pem is not an unencrypted PEM private key"):
         recover([slot], b"not a key", "junk.pem")
     with pytest.raises(WrongRecoveryKey, match=r"recovery slots \(none\)"):
         recover([made.slot], pem, "key.pem")
@@ -295,10 +296,10 @@ def test_a_recovery_key_file_reads_as_the_library_reads_it():
         assert keys.load_recovery_key(variant, "k").private_bytes_raw() == wanted
         assert recover([slot], variant, "k").ring_key == made.ring_key
     ed = pem_of(Ed25519PrivateKey.generate())   # the same shape, another algorithm
-    with pytest.raises(WrongRecoveryKey, match="is a .*Ed25519PrivateKey, not the X25519"):
+    with pytest.raises(NotARecoveryKey, match="is a .*Ed25519PrivateKey, not the X25519"):
         keys.load_recovery_key(ed, "ed.pem")
     cut = pem.replace(pem.splitlines()[1], pem.splitlines()[1][:-4])
-    with pytest.raises(WrongRecoveryKey, match="^cut.pem is not an unencrypted PEM private key"):
+    with pytest.raises(NotARecoveryKey, match="^cut.pem is not an unencrypted PEM private key"):
         keys.load_recovery_key(cut, "cut.pem")
 
 
@@ -315,3 +316,4 @@ def test_errors_are_repo_errors_with_their_exit_codes():
     assert issubclass(UnknownEpoch, TamperedError)
     for error in (WrongPassphrase, WrongRecoveryKey, SlotRefused):
         assert issubclass(error, RepoError) and error.exit_code == 1
+    assert issubclass(NotARecoveryKey, UsageError) and NotARecoveryKey.exit_code == 2

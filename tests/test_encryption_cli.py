@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import MIB, CliResult, DiskModel, cli, restore_bytes
+from helpers import MIB, CliResult, DiskModel, cli, restore_bytes, tree_digest
 from repo_engine.cli import passphrase
 from repo_engine.repository.crypto import keystore, slots
 from repo_engine.repository.store import StoreUnreachable
@@ -231,9 +231,11 @@ def test_an_unencrypted_repository_never_asks(tmp_path, capsys, monkeypatch):
     ok(capsys, "points", repo)
     err = failure(capsys, 1, "key", "list", repo)
     assert f"{repo} is not encrypted: it has no keys to manage" in err
+    kept = tmp_path / "kept.pem"  # read before the repository is opened: it must exist
+    kept.write_bytes(b"kept")
     for args in (("status",), ("add",), ("remove", "abcd"), ("passwd",), ("rotate",),
                  ("export-recovery", "--out", tmp_path / "k.pem"),
-                 ("recover", "--private-key", tmp_path / "k.pem")):
+                 ("recover", "--private-key", kept)):
         failure(capsys, 1, "key", args[0], repo, *args[1:])
     assert not (tmp_path / "k.pem").exists()
 
@@ -342,8 +344,9 @@ def test_export_recovery_then_recover_after_the_passphrase_is_lost(tmp_path, cap
 def test_a_key_file_opens_every_command_without_passphrase_or_kdf(tmp_path, capsys,
                                                                   monkeypatch, encrypted):
     """For unattended hosts: the recovery key file, by --key-file or $REPO_ENGINE_KEY_FILE,
-    opens backup, restore and listing with no passphrase given and no scrypt run; a wrong or
-    unreadable key file is one line (exit 1), and a passphrase source is not used instead."""
+    opens backup, restore and listing with no passphrase given and no scrypt run; a key that
+    opens no slot is one line (exit 1), a file that cannot be read or holds no such key a usage
+    error (exit 2), and a passphrase source is not used instead."""
     repo, pass_file = encrypted
     key_file = tmp_path / "host.pem"
     ok(capsys, "key", "export-recovery", repo, "--out", key_file, "--passphrase-file", pass_file)
@@ -365,10 +368,21 @@ def test_a_key_file_opens_every_command_without_passphrase_or_kdf(tmp_path, caps
     monkeypatch.setenv(passphrase.VALUE_ENV, "correct horse")  # not used in the key file's stead
     err = failure(capsys, 1, "points", repo, "--key-file", foreign)
     assert f"the private key in --key-file {foreign} opens none of the repository's" in err
-    err = failure(capsys, 1, "points", repo, "--key-file", pass_file)
-    assert f"--key-file {pass_file} is not an unencrypted PEM private key" in err
-    err = failure(capsys, 1, "points", repo, "--key-file", tmp_path / "gone.pem")
-    assert f"--key-file: cannot read {tmp_path / 'gone.pem'}" in err
+    before = tree_digest(repo)
+    err = failure(capsys, 2, "backup", "image", repo, "--vm", VM, "--disk",
+                  f"{DISK}={model.path}", "--key-file", pass_file)
+    assert err.startswith(f"repo-engine: error: --key-file {pass_file} is not an unencrypted "
+                          "PEM private key (")
+    assert err.endswith("; name the file 'repo-engine key export-recovery' wrote\n")
+    err = failure(capsys, 2, "points", repo, "--key-file", tmp_path / "gone.pem")
+    assert err == (f"repo-engine: error: --key-file: cannot read the key file "
+                   f"{tmp_path / 'gone.pem'}: No such file or directory; name the file "
+                   "'repo-engine key export-recovery' wrote\n")
+    monkeypatch.setenv(passphrase.KEY_FILE_ENV, str(tmp_path))
+    err = failure(capsys, 2, "points", repo)
+    assert f"$REPO_ENGINE_KEY_FILE: cannot read the key file {tmp_path}: Is a directory" in err
+    monkeypatch.delenv(passphrase.KEY_FILE_ENV)
+    assert tree_digest(repo) == before
     err = failure(capsys, 2, "key", "add", repo, "--key-file", key_file)
     assert "the key commands unlock with a passphrase, not --key-file" in err
 
@@ -376,10 +390,10 @@ def test_a_key_file_opens_every_command_without_passphrase_or_kdf(tmp_path, caps
 def test_recovery_key_errors(tmp_path, capsys, encrypted):
     repo, pass_file = encrypted
     fresh = ("--new-passphrase-file", secret_file(tmp_path, "fresh.pass", b"fresh\n"))
-    err = failure(capsys, 1, "key", "recover", repo, "--private-key", pass_file, *fresh)
+    err = failure(capsys, 2, "key", "recover", repo, "--private-key", pass_file, *fresh)
     assert f"{pass_file} is not an unencrypted PEM private key" in err
-    err = failure(capsys, 1, "key", "recover", repo, "--private-key", tmp_path / "none", *fresh)
-    assert f"--private-key: cannot read {tmp_path / 'none'}" in err
+    err = failure(capsys, 2, "key", "recover", repo, "--private-key", tmp_path / "none", *fresh)
+    assert f"--private-key: cannot read the key file {tmp_path / 'none'}" in err
     other = tmp_path / "other.pem"
     ok(capsys, "key", "export-recovery", repo, "--out", other, "--passphrase-file", pass_file)
     ok(capsys, "key", "remove", repo, "--passphrase-file", pass_file,

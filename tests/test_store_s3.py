@@ -17,8 +17,8 @@ import pytest
 
 from repo_engine.errors import DamageError
 from repo_engine.repository.atomic import SPOOL_DIR, host_id
-from repo_engine.repository.store import (ObjectExists, ObjectInfo, StoreAuthError, StoreError,
-                                          StoreUnreachable, open_store)
+from repo_engine.repository.store import (BadLocation, ObjectExists, ObjectInfo, StoreAuthError,
+                                          StoreError, StoreUnreachable, open_store)
 from repo_engine.repository.store import s3
 from repo_engine.repository.store.s3 import S3Store
 from repo_engine.repository.store.s3_settings import MIB, S3Settings
@@ -200,8 +200,9 @@ class TestErrors:
 
     @pytest.mark.parametrize("location", ["s3://", "s3://B/x", "s3://a/x", "s3://ok-bucket/a/../b"])
     def test_bad_location(self, location):
-        with pytest.raises(StoreError, match="not a (bucket|valid object) name"):
+        with pytest.raises(BadLocation, match="not a (bucket|valid object) name") as excinfo:
             S3Store(location, settings_for("http://127.0.0.1:1"))
+        assert excinfo.value.exit_code == 2
 
     def test_tls_certificate_checked(self, seaweedfs, s3_bucket):
         """The server's self-signed certificate: refused by default (one line, not retried),

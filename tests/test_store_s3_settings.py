@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from repo_engine.repository.store import StoreError
-from repo_engine.repository.store.s3_settings import MIB, S3Settings, load_s3_settings
+from repo_engine.repository.store.s3_settings import MIB, BadSettings, S3Settings, load_s3_settings
 
 ENV = {"AWS_ACCESS_KEY_ID": "AKENV", "AWS_SECRET_ACCESS_KEY": "env-secret",
        "AWS_ENDPOINT_URL": "http://env:9000", "AWS_REGION": "eu-west-3"}
@@ -73,9 +73,25 @@ def test_secret_in_a_file_others_can_read_is_refused(tmp_path):
     ('[s3]\naccess_key_id = "clé"\nsecret_access_key = "s"\n', "access_key_id must be ASCII"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, text, message):
-    with pytest.raises(StoreError, match=message) as excinfo:
+    with pytest.raises(BadSettings, match=message) as excinfo:
         load_s3_settings({}, {}, write_config(tmp_path, text))
     assert "\n" not in str(excinfo.value)
+    assert excinfo.value.exit_code == 2 and isinstance(excinfo.value, StoreError)
+
+
+def test_a_bad_value_is_named_with_where_it_was_set(tmp_path):
+    """The file and key, the environment variable or the command line: where to correct it."""
+    path = write_config(tmp_path, '[s3]\nmax_attempts = 0\naccess_key_id = "AK"\n')
+    with pytest.raises(BadSettings) as excinfo:
+        load_s3_settings({"endpoint": "x:1"}, {"AWS_REGION": "r", "AWS_ENDPOINT_URL": "y:1",
+                                               "AWS_SECRET_ACCESS_KEY": "s"}, path)
+    assert str(excinfo.value) == (
+        "bad S3 settings: endpoint 'x:1' must start with http:// or https:// (endpoint from the "
+        "command line); max_attempts must be at least 1 (max_attempts from the S3 settings file "
+        f"{path})")
+    with pytest.raises(BadSettings, match=r"must start with http:// or https:// \(endpoint from "
+                                          r"\$AWS_ENDPOINT_URL_S3\)$"):
+        load_s3_settings({}, {**ENV, "AWS_ENDPOINT_URL_S3": "y:1", "AWS_ENDPOINT_URL": "z"})
 
 
 def test_a_wrong_type_is_named_without_its_value(tmp_path):

@@ -103,10 +103,12 @@ def _remember(ctx: click.Context, param: click.Parameter, value: object) -> None
 
 def _address(ctx: click.Context, _param: click.Parameter, value: str) -> RepoAddress:
     from ..repository.opening import is_remote, prepare
+    from ..repository.store import check_location
 
     if not value:  # the OS reads "" as no path; Path("") is the working directory
         raise click.BadParameter("an empty location is refused; name a directory or "
                                  "s3://BUCKET/PREFIX", param_hint="REPO")
+    check_location(value)
     endpoint = ctx.meta.get(ENDPOINT_KEY)
     if endpoint and not is_remote(value):
         raise click.BadParameter("--endpoint applies to s3:// locations only",

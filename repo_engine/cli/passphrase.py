@@ -146,8 +146,9 @@ def read_key_file(path: Path, option: str) -> tuple[bytes, str]:
     try:
         with path.open("rb") as f:
             data = f.read(MAX_KEY_FILE + 1)
-    except OSError as exc:
-        raise RepoError(f"{option}: cannot read {path}: {exc.strerror or exc}") from None
+    except OSError as exc:  # a bad input file, as a passphrase file that cannot be read
+        raise UsageError(f"{option}: cannot read the key file {path}: {exc.strerror or exc}; "
+                         "name the file 'repo-engine key export-recovery' wrote") from None
     if len(data) > MAX_KEY_FILE:
         raise UsageError(f"{option} {path} is larger than any key file ({MAX_KEY_FILE} bytes)")
     return data, f"{option} {path}"

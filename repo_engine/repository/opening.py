@@ -15,8 +15,7 @@ from pathlib import Path
 
 from .crypto import ahead
 from .crypto.null import Passphrase, asks
-
-S3_SCHEME = "s3://"
+from .store import S3_SCHEME
 CACHE_ENV = "REPO_ENGINE_CACHE_DIR"
 ENCRYPTED_MARKS = "encrypted"  # a directory of the cache base, beside the repositories' caches
 

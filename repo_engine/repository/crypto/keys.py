@@ -29,7 +29,7 @@ from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from ...errors import RepoError
+from ...errors import RepoError, UsageError
 from .cipher import KEY_SIZE
 from .keyring import Keyring, new_keyring
 from .seal import Random
@@ -43,6 +43,11 @@ class WrongPassphrase(RepoError):
 
 class WrongRecoveryKey(RepoError):
     """The private key opens none of the repository's recovery slots (exit code 1)."""
+
+
+class NotARecoveryKey(UsageError):
+    """The file given as a recovery key holds no X25519 private key: the user named the wrong
+    file, which is not a wrong key (exit code 2)."""
 
 
 class SlotRefused(RepoError):
@@ -202,6 +207,9 @@ def _x25519_pkcs8(pem: bytes) -> bytes | None:
     return der[len(_X25519_PKCS8):]
 
 
+NAME_THE_KEY = "name the file 'repo-engine key export-recovery' wrote"
+
+
 def load_recovery_key(pem: bytes, what: str) -> X25519PrivateKey:
     raw = _x25519_pkcs8(pem)
     if raw is not None:
@@ -210,10 +218,11 @@ def load_recovery_key(pem: bytes, what: str) -> X25519PrivateKey:
     try:
         key = load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
-        raise WrongRecoveryKey(f"{what} is not an unencrypted PEM private key ({exc})") from None
+        raise NotARecoveryKey(f"{what} is not an unencrypted PEM private key ({exc}); "
+                              f"{NAME_THE_KEY}") from None
     if not isinstance(key, X25519PrivateKey):
-        raise WrongRecoveryKey(f"{what} is a {type(key).__name__.lstrip('_')}, not the X25519 "
-                               "private key 'repo-engine key export-recovery' wrote")
+        raise NotARecoveryKey(f"{what} is a {type(key).__name__.lstrip('_')}, not the X25519 "
+                              f"private key; {NAME_THE_KEY}")
     return key
 
 

@@ -29,13 +29,15 @@ home (`check_name`). What a store guarantees (docs/FORMAT.md, "Store"):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from ...errors import DamageError, RepoError
+from ...errors import DamageError, RepoError, UsageError
+from ...units import is_text
 
 
 class StoreError(RepoError):
@@ -199,10 +201,50 @@ def check_name(name: str, *, prefix: bool = False) -> str:
     return name
 
 
+class BadLocation(StoreError, UsageError):
+    """A location that is neither a directory nor a well-formed `s3://BUCKET/PREFIX`: what the
+    user typed, refused before any connection (exit code 2)."""
+
+
+S3_SCHEME = "s3://"
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+# what a URL starts with (`ftp://`, `s3:/`, `S3:`): never taken for a directory of that name
+_URL_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/|[sS]3:")
+
+
+def parse_s3_location(location: str) -> tuple[str, str]:
+    """(bucket, prefix) of `s3://BUCKET/PREFIX`; the prefix has no leading or trailing `/`."""
+    bucket, _, prefix = location.removeprefix(S3_SCHEME).partition("/")
+    prefix = prefix.strip("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise BadLocation(f"{location}: {bucket!r} is not a bucket name (3 to 63 lowercase "
+                          "letters, digits, '.' and '-'); the location is s3://BUCKET/PREFIX")
+    try:
+        if prefix:
+            check_name(prefix)
+    except StoreError as exc:
+        raise BadLocation(f"{location}: the prefix {exc}; the location is "
+                          "s3://BUCKET/PREFIX") from None
+    if not is_text(prefix):  # object keys are UTF-8
+        raise BadLocation(f"{location}: the prefix {prefix!r} is not UTF-8 text")
+    return bucket, prefix
+
+
+def check_location(location: str) -> None:
+    """Refuse a malformed location (BadLocation) before anything is opened: an `s3://` one
+    with a bad bucket or prefix, or one that looks like a URL of another kind."""
+    if location.startswith(S3_SCHEME):
+        parse_s3_location(location)
+    elif _URL_LIKE.match(location):
+        raise BadLocation(f"{location} is neither a directory nor s3://BUCKET/PREFIX; write "
+                          f"s3://BUCKET/PREFIX, or ./{location} for a directory of that name")
+
+
 def open_store(location: str, settings: Any = None) -> Store:
     """The store at `location`: `s3://BUCKET/PREFIX` is an S3-compatible bucket (its settings,
     endpoint and credentials, from `settings`), anything else a local directory."""
-    if location.startswith("s3://"):
+    check_location(location)
+    if location.startswith(S3_SCHEME):
         try:
             from . import s3
         except ImportError as exc:

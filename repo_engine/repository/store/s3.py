@@ -46,10 +46,10 @@ import botocore.session
 import botocore.exceptions as bexc
 import urllib3.exceptions
 
-from ...units import is_text
 from ..atomic import dead_spool_dirs, spool_dir_prefix
 from . import (ObjectDamaged, ObjectExists, ObjectInfo, ObjectMissing, PendingUpload, RangeReader,
-               ShortRead, StoreAuthError, StoreError, StoreUnreachable, TempFile, check_name)
+               ShortRead, StoreAuthError, StoreError, StoreUnreachable, TempFile, check_name,
+               parse_s3_location)
 from .s3_settings import MAX_PARTS, S3Settings, load_s3_settings
 
 T = TypeVar("T")
@@ -57,7 +57,6 @@ DELETE_BATCH = 1000  # DeleteObjects takes at most 1000 keys
 SKIP_PIECE = 1 << 20  # bytes of a streamed range read at once to be dropped
 COMPARE_PIECE = 1 << 20  # bytes compared at a time when a put checks what the store holds
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _RETRY_STATUS = frozenset({500, 502, 503, 504})
 _RETRY_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
                           "Throttling", "ThrottlingException"})
@@ -81,21 +80,6 @@ class RangeNotHonoured(StoreError):
 
 class UploadGone(StoreError):
     """A multipart upload no longer exists: completed, or aborted by someone else."""
-
-
-def parse_location(location: str) -> tuple[str, str]:
-    """(bucket, prefix) of `s3://BUCKET/PREFIX`; the prefix has no leading or trailing `/`."""
-    rest = location.removeprefix("s3://")
-    bucket, _, prefix = rest.partition("/")
-    prefix = prefix.strip("/")
-    if not _BUCKET.fullmatch(bucket):
-        raise StoreError(f"{location}: {bucket!r} is not a bucket name (3 to 63 lowercase "
-                         "letters, digits, '.' and '-'); the location is s3://BUCKET/PREFIX")
-    if prefix:
-        check_name(prefix)
-    if not is_text(prefix):  # object keys are UTF-8
-        raise StoreError(f"{location}: the prefix {prefix!r} is not UTF-8 text")
-    return bucket, prefix
 
 
 def one_line(text: str) -> str:
@@ -276,7 +260,7 @@ class S3Store:
     reads_wait = True  # each read is a request
 
     def __init__(self, location: str, settings: S3Settings | None = None) -> None:
-        self.bucket, self.prefix = parse_location(location)
+        self.bucket, self.prefix = parse_s3_location(location)
         self.location = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.settings = settings if settings is not None else load_s3_settings()
         if self.settings.access_key_id is None:

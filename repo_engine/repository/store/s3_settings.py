@@ -10,7 +10,8 @@ Sources, the first that sets a key wins:
    must not be readable by group or others;
 4. the defaults below.
 
-No secret is taken from the command line, and none appears in a repr or a message.
+No secret is taken from the command line, and none appears in a repr or a message. Settings
+that cannot be used are BadSettings, a usage error that names where each bad value was set.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from __future__ import annotations
 import math
 import os
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ...errors import UsageError
 from ...tomlfile import NotToml, read_toml
 from ...units import cut, is_text
 from . import StoreError
@@ -52,6 +54,19 @@ _ENVIRONMENT = {
 }
 _SECRETS = ("secret_access_key", "session_token")
 _IN_HEADERS = ("endpoint", "access_key_id", "session_token")  # sent as they are: ASCII
+
+
+Problem = tuple[tuple[str, ...], str]  # the keys a problem is about, and what is wrong
+
+
+class BadSettings(StoreError, UsageError):
+    """S3 settings that cannot be used: a settings file that cannot be read or parsed, an
+    unknown key, a value of the wrong type or out of its bounds. What the user gave, so a
+    usage error (exit code 2); `problems` are the values' own, when the values are at fault."""
+
+    def __init__(self, message: str, problems: list[Problem] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
 
 
 @dataclass(frozen=True)
@@ -96,7 +111,7 @@ _KINDS: dict[str, tuple[tuple[type, ...], str]] = {
     "int": ((int,), "an integer"), "float": ((int, float), "a number")}
 
 
-def _type_problems(s: S3Settings) -> list[str]:
+def _type_problems(s: S3Settings) -> list[Problem]:
     """The settings of the wrong type (the file's `endpoint = 9000`, `verify_tls = "no"`), each
     named without its value (it may be a secret)."""
     problems = []
@@ -108,12 +123,12 @@ def _type_problems(s: S3Settings) -> list[str]:
             continue
         # a bool is an int to Python, not to a settings file
         if not isinstance(value, kinds) or (isinstance(value, bool) and base != "bool"):
-            problems.append(f"{f.name} must be {words}")
+            problems.append(((f.name,), f"{f.name} must be {words}"))
         elif isinstance(value, str) and not is_text(value, ascii=f.name in _IN_HEADERS):
-            problems.append(f"{f.name} must be {'ASCII' if f.name in _IN_HEADERS else 'UTF-8'} "
-                            "text")
+            problems.append(((f.name,), f"{f.name} must be "
+                             f"{'ASCII' if f.name in _IN_HEADERS else 'UTF-8'} text"))
         elif isinstance(value, str) and "\x00" in value:  # TOML can spell one; no path holds it
-            problems.append(f"{f.name} must not hold a NUL character")
+            problems.append(((f.name,), f"{f.name} must not hold a NUL character"))
     return problems
 
 
@@ -129,43 +144,62 @@ def _endpoint_problem(endpoint: str) -> str | None:
     return None if parts.hostname else f"endpoint {shown} names no host"
 
 
-def _size_problems(s: S3Settings) -> list[str]:
-    problems = []
+_PARTS = ("multipart_part_size", "multipart_threshold", "multipart_concurrency")
+_TIMES = ("backoff_base", "backoff_cap", "connect_timeout", "read_timeout")
+_COUNTS = ("multipart_concurrency", "max_attempts", "list_page_size")
+_CREDENTIALS = ("access_key_id", "secret_access_key")
+
+
+def _size_problems(s: S3Settings) -> list[Problem]:
+    problems: list[Problem] = []
     if not MIN_PART_SIZE <= s.multipart_part_size <= MAX_PART_SIZE:
-        problems.append(f"multipart_part_size must be from {MIN_PART_SIZE} (5 MiB) to "
-                        f"{MAX_PART_SIZE} (5 GiB)")
+        problems.append((_PARTS[:1], f"multipart_part_size must be from {MIN_PART_SIZE} (5 MiB) "
+                                     f"to {MAX_PART_SIZE} (5 GiB)"))
     if not s.multipart_part_size <= s.multipart_threshold <= MAX_PART_SIZE:
-        problems.append("multipart_threshold must be at least multipart_part_size, at most "
-                        f"{MAX_PART_SIZE} (5 GiB)")
+        problems.append((_PARTS[:2], "multipart_threshold must be at least multipart_part_size, "
+                                     f"at most {MAX_PART_SIZE} (5 GiB)"))
     elif s.multipart_concurrency * s.multipart_part_size > MAX_PARTS_MEMORY:
-        problems.append("multipart_concurrency parts of multipart_part_size are held in memory "
-                        f"at once: at most {MAX_PARTS_MEMORY} bytes (4 GiB) together")
+        problems.append((_PARTS, "multipart_concurrency parts of multipart_part_size are held in "
+                                 f"memory at once: at most {MAX_PARTS_MEMORY} bytes (4 GiB) "
+                                 "together"))
+    return problems
+
+
+def _value_problems(s: S3Settings) -> list[Problem]:
+    """What is wrong with `s`, whose values are of the right types."""
+    problems: list[Problem] = []
+    if s.addressing_style not in (None, *ADDRESSING_STYLES):
+        problems.append((("addressing_style",), "addressing_style must be one of "
+                                                f"{', '.join(ADDRESSING_STYLES)}"))
+    endpoint_problem = None if s.endpoint is None else _endpoint_problem(s.endpoint)
+    if endpoint_problem is not None:
+        problems.append((("endpoint",), endpoint_problem))
+    problems += _size_problems(s)
+    problems += [((name,), f"{name} must be at least 1") for name in _COUNTS
+                 if getattr(s, name) < 1]
+    problems += [((name,), f"{name} must be at most {most}") for name, most in _MOST.items()
+                 if getattr(s, name) > most]
+    problems += [((name,), f"{name} must be positive and finite, at most {MAX_WAIT:.0f} seconds")
+                 for name in _TIMES if not 0 < getattr(s, name) <= MAX_WAIT]  # NaN, infinity too
+    if (s.access_key_id is None) != (s.secret_access_key is None):
+        problems.append((_CREDENTIALS, "access_key_id and secret_access_key must be given "
+                                       "together"))
     return problems
 
 
 def check_settings(s: S3Settings) -> None:
-    problems = _type_problems(s)
+    problems = _type_problems(s) or _value_problems(s)  # a bound of a wrong type is no bound
     if problems:
-        raise StoreError("bad S3 settings: " + "; ".join(problems))
-    if s.addressing_style not in (None, *ADDRESSING_STYLES):
-        problems.append(f"addressing_style must be one of {', '.join(ADDRESSING_STYLES)}")
-    endpoint_problem = None if s.endpoint is None else _endpoint_problem(s.endpoint)
-    if endpoint_problem is not None:
-        problems.append(endpoint_problem)
-    problems += _size_problems(s)
-    if min(s.multipart_concurrency, s.max_attempts, s.list_page_size) < 1:
-        problems.append("multipart_concurrency, max_attempts and list_page_size must be at "
-                        "least 1")
-    problems += [f"{name} must be at most {most}" for name, most in _MOST.items()
-                 if getattr(s, name) > most]
-    times = (s.backoff_base, s.backoff_cap, s.connect_timeout, s.read_timeout)
-    if not all(0 < t <= MAX_WAIT for t in times):  # NaN and infinity too
-        problems.append("backoff_base, backoff_cap and the timeouts must be positive and finite, "
-                        f"at most {MAX_WAIT:.0f} seconds")
-    if (s.access_key_id is None) != (s.secret_access_key is None):
-        problems.append("access_key_id and secret_access_key must be given together")
-    if problems:
-        raise StoreError("bad S3 settings: " + "; ".join(problems))
+        raise BadSettings(_message(problems), problems)
+
+
+def _message(problems: list[Problem], sources: Mapping[str, str] | None = None) -> str:
+    """One line: each problem, with where its keys were set when `sources` says (the settings
+    file, an environment variable, the command line): that is where to correct it."""
+    def where(keys: tuple[str, ...]) -> str:
+        named = [f"{key} from {sources[key]}" for key in keys if sources and key in sources]
+        return f" ({', '.join(named)})" if named else ""
+    return "bad S3 settings: " + "; ".join(text + where(keys) for keys, text in problems)
 
 
 def load_s3_settings(overrides: Mapping[str, Any] | None = None,
@@ -174,16 +208,22 @@ def load_s3_settings(overrides: Mapping[str, Any] | None = None,
     """The settings from overrides, environment and config file (see the module docstring)."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    def take(found: Mapping[str, Any], source: Callable[[str], str]) -> None:
+        values.update(found)
+        sources.update({key: source(key) for key in found})
     path = config_file or _default_config_file(environ)
     if path is not None:
-        values.update(_read_config_file(path))
-    values.update(_from_environment(environ))
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        take(_read_config_file(path), lambda _key: f"the S3 settings file {path}")
+    take(_from_environment(environ), lambda key: "$" + _set_variable(key, environ))
+    take({k: v for k, v in (overrides or {}).items() if v is not None},
+         lambda _key: "the command line")
     _check_keys(values, "settings")
     try:
         return replace(S3Settings(), **values)
-    except TypeError as exc:
-        raise StoreError(f"bad S3 settings: {exc}") from None
+    except BadSettings as exc:
+        raise BadSettings(_message(exc.problems, sources), exc.problems) from None
 
 
 def _default_config_file(environ: Mapping[str, str]) -> Path | None:
@@ -198,31 +238,33 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     try:
         doc, mode = read_toml(path)
     except OSError as exc:
-        raise StoreError(f"cannot read the S3 settings file {path}: {exc.strerror}") from None
+        raise BadSettings(f"cannot read the S3 settings file {path}: {exc.strerror}; name a "
+                          f"readable file in ${CONFIG_ENV}") from None
     except NotToml as exc:
-        raise StoreError(f"the S3 settings file {path} {exc}") from None
+        raise BadSettings(f"the S3 settings file {path} {exc}") from None
     table = doc.get("s3", {})
     if not isinstance(table, dict):
-        raise StoreError(f"the S3 settings file {path}: [s3] must be a table")
+        raise BadSettings(f"the S3 settings file {path}: [s3] must be a table")
     _check_keys(table, f"the S3 settings file {path}")
     if any(key in table for key in _SECRETS) and mode & 0o077:
-        raise StoreError(f"the S3 settings file {path} holds a secret and is readable by others; "
-                         f"run: chmod 600 {path}")
+        raise BadSettings(f"the S3 settings file {path} holds a secret and is readable by "
+                          f"others; run: chmod 600 {path}")
     return table
 
 
+def _set_variable(key: str, environ: Mapping[str, str]) -> str | None:
+    """The first environment variable of `key`'s that is set."""
+    return next((name for name in _ENVIRONMENT[key] if environ.get(name)), None)
+
+
 def _from_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    values = {}
-    for key, names in _ENVIRONMENT.items():
-        found = next((environ[n] for n in names if environ.get(n)), None)
-        if found is not None:
-            values[key] = found
-    return values
+    named = {key: _set_variable(key, environ) for key in _ENVIRONMENT}
+    return {key: environ[name] for key, name in named.items() if name is not None}
 
 
 def _check_keys(values: Mapping[str, Any], where: str) -> None:
     known = {f.name for f in fields(S3Settings)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise StoreError(f"{where}: unknown S3 setting {', '.join(unknown)} (known: "
-                         f"{', '.join(sorted(known))})")
+        raise BadSettings(f"{where}: unknown S3 setting {', '.join(unknown)} (known: "
+                          f"{', '.join(sorted(known))})")
