@@ -4,7 +4,6 @@ holders) a deletion must outlast, and which points a set of bad refs or maps aff
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping

@@ -33,7 +33,6 @@ no plaintext reachable; what it checks are the stored bytes (checksums) only.
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial

@@ -16,7 +16,6 @@ that cannot be used are BadSettings, a usage error that names where each bad val
 
 from __future__ import annotations
 
-import math
 import os
 import urllib.parse
 from collections.abc import Callable, Mapping
