@@ -451,8 +451,8 @@ class Index(Replay, Unfindable, Upgrades):
         use: Counter = Counter()
         refs: dict[str, np.ndarray] = {}
         with self.write() as txn:
-            for point_id, vm, seal, map_refs in commits:
-                use.update(self._commit_one(txn, point_id, vm, seal, map_refs, map_exists))
+            for point_id, vm, sealed, map_refs in commits:
+                use.update(self._commit_one(txn, point_id, vm, sealed, map_refs, map_exists))
                 refs.update(map_refs)
             self.change_map_use(txn, use, refs)
 
