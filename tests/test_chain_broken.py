@@ -36,10 +36,11 @@ def _damage(capsys, repo: Path, point: str, how: str) -> None:
     path = _map_file(repo, point)
     if how == "map missing":
         path.unlink()
-    else:
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0x55
-        path.write_bytes(bytes(data))
+        return
+    data = bytearray(path.read_bytes())
+    # a byte of the magic, of the major version (after the 8-byte magic), or of the body
+    data[{"map magic damaged": 0, "map version damaged": 8}.get(how, len(data) // 2)] ^= 0x55
+    path.write_bytes(bytes(data))
 
 
 def _one_line(err: str) -> str:
@@ -137,7 +138,8 @@ def test_a_recount_meeting_a_damaged_map_queues_nothing_for_gc(damaged_setup, tm
             == expected[point][1]
 
 
-@pytest.mark.parametrize("how", ["manifest lost", "map missing", "map damaged"])
+@pytest.mark.parametrize("how", ["manifest lost", "map missing", "map damaged",
+                                 "map magic damaged", "map version damaged"])
 def test_a_backup_onto_a_broken_chain_stores_a_full_map(damaged_setup, tmp_path, capsys, how):
     """The VM's newest point's chain lost its base, or the base's map cannot be read: found
     while the backup plans, before it reads the disk, which it then reads as a first one would
