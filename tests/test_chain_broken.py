@@ -15,6 +15,8 @@ from race import Command
 from test_maint_damage import damaged_setup, points_of  # noqa: F401 (a fixture)
 from repo_engine.repository.blockmap import map_object
 from repo_engine.repository.repo import Repository
+from repo_engine.repository.store import StoreError
+from repo_engine.repository.store.local import LocalStore
 
 
 def _map_file(repo: Path, point: str) -> Path:
@@ -36,10 +38,11 @@ def _damage(capsys, repo: Path, point: str, how: str) -> None:
     path = _map_file(repo, point)
     if how == "map missing":
         path.unlink()
-    else:
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0x55
-        path.write_bytes(bytes(data))
+        return
+    data = bytearray(path.read_bytes())
+    # a byte of the magic, of the major version (after the 8-byte magic), or of the body
+    data[{"map magic damaged": 0, "map version damaged": 8}.get(how, len(data) // 2)] ^= 0x55
+    path.write_bytes(bytes(data))
 
 
 def _one_line(err: str) -> str:
@@ -137,7 +140,8 @@ def test_a_recount_meeting_a_damaged_map_queues_nothing_for_gc(damaged_setup, tm
             == expected[point][1]
 
 
-@pytest.mark.parametrize("how", ["manifest lost", "map missing", "map damaged"])
+@pytest.mark.parametrize("how", ["manifest lost", "map missing", "map damaged",
+                                 "map magic damaged", "map version damaged"])
 def test_a_backup_onto_a_broken_chain_stores_a_full_map(damaged_setup, tmp_path, capsys, how):
     """The VM's newest point's chain lost its base, or the base's map cannot be read: found
     while the backup plans, before it reads the disk, which it then reads as a first one would
@@ -281,5 +285,40 @@ def test_a_backup_ending_a_chain_of_max_length_on_an_unreadable_map(tmp_path, ca
     assert disk["kind"] == "full" and disk["read_mode"] == "allocated"
     assert f"the chain of point {points[1][:8]} is broken: point {points[0][:8]} has a block " \
            "map that cannot be read" in disk["note"]
+    assert restore_bytes(capsys, repo, done.json()["point"]["id"][:12], "sda",
+                         tmp_path / "r.img") == model.content
+
+
+def test_a_store_failing_a_map_read_fails_the_backup_and_breaks_no_chain(tmp_path, capsys,
+                                                                         monkeypatch):
+    """A map read the store fails (what S3 answering 503 to the end of the retries becomes) is
+    no damage: the backup fails storing nothing, instead of reading the disk as a first backup
+    and storing a full map, and the next one is a delta on the same chain."""
+    repo = tmp_path / "repo"
+    assert cli(capsys, "init", repo, "--block-size", "16KiB").code == 0
+    model = DiskModel(tmp_path / "d.img", MIB, np.random.default_rng(6))
+    model.random_changes(4)
+    backup = ["backup", "image", repo, "--vm", "d", "--disk", f"sda={model.path}", "--json"]
+    first = cli(capsys, *backup)
+    assert first.code == 0, first.err
+    model.random_changes(2)
+    get_start = LocalStore.get_start
+
+    def failing(store: LocalStore, name: str, length: int) -> tuple[bytes, int]:
+        if name.startswith("maps/"):
+            raise StoreError(f"{store.location}: get {name}: the server kept failing (SlowDown)")
+        return get_start(store, name, length)
+    with monkeypatch.context() as patch:
+        patch.setattr(LocalStore, "get_start", failing)
+        refused = cli(capsys, *backup)
+    assert refused.code == 1
+    assert "the server kept failing (SlowDown); no restore point was stored" \
+        in _one_line(refused.err)
+    assert len(cli(capsys, "points", repo, "--json").json()["points"]) == 1
+    done = cli(capsys, *backup)
+    assert done.code == 0, done.err
+    disk = done.json()["point"]["disks"][0]
+    assert (disk["kind"], disk["parent"]) == ("delta", first.json()["point"]["id"])
+    assert "broken" not in disk["note"]
     assert restore_bytes(capsys, repo, done.json()["point"]["id"][:12], "sda",
                          tmp_path / "r.img") == model.content

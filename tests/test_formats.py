@@ -65,6 +65,25 @@ def test_block_map_golden():
     assert data[at:] == blake3.blake3(data[:at]).digest()
 
 
+@pytest.mark.parametrize("at, renamed, error, text", [
+    (8, True, FormatError, "block map format version 4 is not supported"),  # a newer map
+    (8, False, DamageError, "content does not match its name"),  # its version byte changed
+    (0, True, DamageError, "bad magic"),  # a map object is only ever one of ours
+])
+def test_a_block_map_header_refused_as_newer_only_when_its_bytes_are_its_name(
+        tmp_path, at, renamed, error, text):
+    (tmp_path / "tmp").mkdir()
+    store = LocalStore(tmp_path)
+    data = bytearray(encode(BlockMap.full(np.arange(1, 5, dtype=np.uint64))))
+    name = blake3.blake3(data).hexdigest()
+    data[at] = 4 if at == 8 else data[at] ^ 0x55
+    if renamed:
+        name = blake3.blake3(data).hexdigest()
+    store.put(map_object(name), bytes(data))
+    with pytest.raises(error, match=text):
+        open_map(store, name)
+
+
 # written by the version 1 encoder: FULL [0, 1, 2^64-1]; salted FULL [1]; DELTA on 5 blocks
 V1_MAPS = [
     ("52456d617000011a0100000000000000350000000000000000000000000000000300000000000000030000000000"

@@ -299,6 +299,15 @@ class _Source:
         return self.buffer + (self.store.get_range(self.obj, len(self.buffer), rest) if rest
                               else b"")
 
+    def named(self) -> bool:
+        """Whether the object's bytes hash to its name (all of them read again from the start;
+        what `read` hands out next is not changed)."""
+        hasher = blake3.blake3()
+        for offset in range(0, self.size, READ_AHEAD):
+            hasher.update(self.store.get_range(self.obj, offset,
+                                               min(READ_AHEAD, self.size - offset)))
+        return hasher.hexdigest() == self.name
+
     def read(self, n: int, what: str) -> bytes:
         if n > self.size - self.pos:
             raise DamageError(f"{what}: block map is truncated")
@@ -336,9 +345,15 @@ def open_map(store: Store, name: str, sealer: Sealer = NULL_SEALER) -> MapStream
     if not head:
         raise DamageError(f"{what}: truncated block map file ({size} bytes)")
     magic, major, _minor, flags, length = HEADER.unpack_from(head)
-    if magic != BLOCK_MAP.magic:
-        raise FormatError(f"{what}: not a block map file (bad magic)")
-    BLOCK_MAP.check_version(major, what)
+    if magic != BLOCK_MAP.magic:  # a map object is only ever one of ours
+        raise DamageError(f"{what}: not a block map file (bad magic): the map is damaged")
+    try:
+        BLOCK_MAP.check_version(major, what)
+    except FormatError:  # a newer repo-engine's map, unless its bytes are not its name's
+        if not source.named():
+            raise DamageError(f"{what}: block map content does not match its name "
+                              "(damaged)") from None
+        raise
     if size != HEADER.size + length + CHECKSUM_SIZE:
         raise DamageError(f"{what}: block map file has the wrong length (truncated or extended)")
     if major == BLOCK_MAP_V1.major or flags & SEALED or sealer.encrypted:
