@@ -187,6 +187,6 @@ def test_a_passphrase_in_the_environment_that_is_not_utf8(tmp_path, capsys, monk
 def test_an_s3_prefix_that_is_not_utf8():
     done = _program("points", f"s3://bucket/{NOT_UTF8}", "--endpoint", "http://127.0.0.1:9",
                     env=dict(os.environ))
-    assert (done.returncode, done.stdout) == (1, b"")
+    assert (done.returncode, done.stdout) == (2, b"")
     assert done.stderr == (b"repo-engine: error: s3://bucket/\\udcff: the prefix '\\udcff' is "
                            b"not UTF-8 text\n")
