@@ -85,3 +85,8 @@ class CommitStalled(RepoError):
         super().__init__(message or f"this command stalled past its lease: {what}; nothing "
                          "naming it was committed: run the command again")
         self.what = what
+
+
+# what a refused recovery key file's message asks for (the CLI's file check and the key's
+# parse both say it)
+NAME_THE_KEY = "name the file 'repo-engine key export-recovery' wrote"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import RepoError, UsageError
+from ..errors import NAME_THE_KEY, RepoError, UsageError
 
 FILE_ENV = "REPO_ENGINE_PASSWORD_FILE"
 VALUE_ENV = "REPO_ENGINE_PASSWORD"
@@ -148,7 +148,7 @@ def read_key_file(path: Path, option: str) -> tuple[bytes, str]:
             data = f.read(MAX_KEY_FILE + 1)
     except OSError as exc:  # a bad input file, as a passphrase file that cannot be read
         raise UsageError(f"{option}: cannot read the key file {path}: {exc.strerror or exc}; "
-                         "name the file 'repo-engine key export-recovery' wrote") from None
+                         f"{NAME_THE_KEY}") from None
     if len(data) > MAX_KEY_FILE:
         raise UsageError(f"{option} {path} is larger than any key file ({MAX_KEY_FILE} bytes)")
     return data, f"{option} {path}"

@@ -29,7 +29,7 @@ from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from ...errors import RepoError, UsageError
+from ...errors import NAME_THE_KEY, RepoError, UsageError
 from .cipher import KEY_SIZE
 from .keyring import Keyring, new_keyring
 from .seal import Random
@@ -205,9 +205,6 @@ def _x25519_pkcs8(pem: bytes) -> bytes | None:
     if len(der) != len(_X25519_PKCS8) + 32 or not der.startswith(_X25519_PKCS8):
         return None
     return der[len(_X25519_PKCS8):]
-
-
-NAME_THE_KEY = "name the file 'repo-engine key export-recovery' wrote"
 
 
 def load_recovery_key(pem: bytes, what: str) -> X25519PrivateKey:
